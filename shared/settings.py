@@ -1,0 +1,29 @@
+"""Connection and timing settings shared by every service, the CLI and the local stack.
+
+Read from the environment (prefix ``GANTRY_``) so that ``gantry up``, docker-compose and the test
+fixtures configure processes the same way.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Settings of one Gantry process; every field maps to ``GANTRY_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="GANTRY_", extra="ignore")
+
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL (JetStream enabled)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL, password included if any")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="seconds between worker heartbeats")
+    not_ready_after_s: float = Field(15.0, gt=0, description="heartbeat age after which a worker is NOT_READY")
+    reschedule_after_s: float = Field(30.0, gt=0, description="NOT_READY time after which instances move")
+    drain_timeout_s: float = Field(30.0, ge=0, description="longest a DRAINING instance waits to go idle")
+    profile: str = Field("default", description="placement profile name (enabled plugins and weights)")
+
+
+def load_settings() -> Settings:
+    """Settings from the current environment."""
+    return Settings()
