@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL (JetStream enabled)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL, password included if any")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="seconds between worker heartbeats")
-    not_ready_after_s: float = Field(15.0, gt=0, description="heartbeat age after which a worker is NOT_READY")
+    not_ready_after_s: float = Field(15.0, gt=0, description="heartbeat age that makes a worker NOT_READY")
     reschedule_after_s: float = Field(30.0, gt=0, description="NOT_READY time after which instances move")
     drain_timeout_s: float = Field(30.0, ge=0, description="longest a DRAINING instance waits to go idle")
     profile: str = Field("default", description="placement profile name (enabled plugins and weights)")
