@@ -1,0 +1,129 @@
+"""What every CLI command shares: connection settings, fail-fast connections and output helpers.
+
+Connection settings come from flags first, then ``GANTRY_*`` environment variables (the same
+``shared.settings.Settings`` the services read), then the defaults that ``gantry up`` listens on.
+Connections use a short timeout and no reconnect loop, so a stopped stack is reported in one line
+instead of a hang or a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+import nats
+import redis.asyncio as aioredis
+import typer
+from nats.aio.client import Client as NatsClient
+from pydantic import ValidationError
+from rich.console import Console
+
+from ops.cli.errors import CliError
+from shared.settings import Settings
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 2.0
+
+NatsUrl = Annotated[
+    str | None,
+    typer.Option("--nats-url", help="NATS URL [env GANTRY_NATS_URL, default nats://127.0.0.1:4222]"),
+]
+RedisUrl = Annotated[
+    str | None,
+    typer.Option("--redis-url", help="Redis URL [env GANTRY_REDIS_URL, default redis://127.0.0.1:6379/0]"),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of a table")]
+
+STACK_HINT = "is the stack running? start it with `gantry up` (or set --nats-url/--redis-url)"
+
+
+def load(nats_url: str | None = None, redis_url: str | None = None) -> Settings:
+    """Settings with any flag overrides applied; invalid environment values become a CliError."""
+    overrides: dict[str, Any] = {}
+    if nats_url:
+        overrides["nats_url"] = nats_url
+    if redis_url:
+        overrides["redis_url"] = redis_url
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise CliError(f"invalid setting GANTRY_{field.upper()}: {first['msg']}", exit_code=2) from None
+
+
+async def connect_nats(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -> NatsClient:
+    """A NATS connection, or a one-line CliError if the server cannot be reached quickly."""
+
+    async def _quiet(_: Exception) -> None:
+        return None
+
+    try:
+        return await asyncio.wait_for(
+            nats.connect(
+                settings.nats_url,
+                connect_timeout=max(1, int(timeout)),
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                error_cb=_quiet,
+            ),
+            timeout=timeout + 1,
+        )
+    except (TimeoutError, OSError, nats.errors.Error) as err:
+        raise CliError(f"cannot reach NATS at {settings.nats_url} ({_short(err)}): {STACK_HINT}") from None
+
+
+async def connect_redis(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -> aioredis.Redis:
+    """A Redis connection that answered PING, or a one-line CliError."""
+    client: aioredis.Redis = aioredis.from_url(
+        settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout + 3
+    )
+    try:
+        await client.ping()
+    except Exception as err:  # redis raises several unrelated types for "not there"
+        await client.aclose()
+        raise CliError(
+            f"cannot reach Redis at {_redact(settings.redis_url)} ({_short(err)}): {STACK_HINT}"
+        ) from None
+    return client
+
+
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run one command's coroutine; Ctrl-C ends it quietly with the conventional exit code."""
+    try:
+        return asyncio.run(_as_coro(coro_fn))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+async def _as_coro(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    return await coro_fn()
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` (msgspec structs, dicts, lists) as indented JSON on stdout."""
+    typer.echo(json.dumps(msgspec.to_builtins(data), indent=2, sort_keys=True))
+
+
+def console() -> Console:
+    """The console tables are printed on (wide enough not to wrap in captured output)."""
+    return Console(highlight=False, soft_wrap=False, width=max(120, Console().width))
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:120]
+
+
+def _redact(url: str) -> str:
+    """A Redis URL with its password hidden (passwords never go to a terminal or a log)."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,232 @@
+"""What the operator sees: a cluster snapshot and pure functions that turn it into tables.
+
+``ClusterSnapshot`` is built from the Redis state layer (see ``ops.cluster``) but is plain data, so
+``gantry top``, ``gantry workers`` and the tests render it without any server. Nothing here reads a
+clock: the snapshot carries the time it was taken.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from shared.core.placement.domain import GIB, Instance, InstanceState, ModelSpec, Worker, WorkerState
+
+HELD_STATES = frozenset(
+    {InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.RUNNING, InstanceState.DRAINING}
+)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A deployed model: its spec and how many replicas the operator asked for."""
+
+    name: str
+    desired: int
+    spec: ModelSpec | None = None
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """Everything the views show, read at one moment ``taken_at`` (unix seconds)."""
+
+    taken_at: float
+    workers: tuple[Worker, ...] = ()
+    worker_states: dict[str, WorkerState] = field(default_factory=dict)
+    instances: tuple[Instance, ...] = ()
+    models: tuple[ModelView, ...] = ()
+
+
+class GpuUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """One GPU as the operator sees it: reported use, Gantry's claims, what is left, who holds it."""
+
+    worker: str
+    index: int
+    product: str
+    total: int
+    used: int
+    claimed: int
+    free: int
+    schedulable: bool
+    models: tuple[str, ...]
+
+    @property
+    def fullness(self) -> float:
+        """The larger of reported use and claims, as a fraction of the GPU (0..1)."""
+        if self.total <= 0:
+            return 0.0
+        return min(1.0, max(self.used, self.claimed) / self.total)
+
+
+def gpu_holders(instances: Iterable[Instance]) -> dict[tuple[str, int], list[tuple[str, int]]]:
+    """(worker, gpu index) -> [(model, claimed bytes)] for every instance that holds GPUs."""
+    held: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
+    for inst in instances:
+        if inst.state not in HELD_STATES or inst.worker is None:
+            continue
+        for idx, claim in zip(inst.gpu_indexes, inst.vram_claims, strict=False):
+            held[(inst.worker, idx)].append((inst.model, claim))
+        for sub in inst.subordinates:
+            for idx, claim in zip(sub.gpu_indexes, sub.vram_claims, strict=False):
+                held[(sub.worker, idx)].append((inst.model, claim))
+    return held
+
+
+def gpu_usage(snapshot: ClusterSnapshot) -> list[GpuUsage]:
+    """Per-GPU used / claimed / free VRAM and holders, workers and GPUs in name/index order.
+
+    Free is what placement could still give: total minus the larger of the reported use and
+    Gantry's claims (use by processes Gantry does not manage still takes room).
+    """
+    held = gpu_holders(snapshot.instances)
+    rows: list[GpuUsage] = []
+    for worker in sorted(snapshot.workers, key=lambda w: w.name):
+        for gpu in sorted(worker.gpus, key=lambda g: g.index):
+            holders = held.get((worker.name, gpu.index), [])
+            claimed = sum(claim for _, claim in holders)
+            rows.append(
+                GpuUsage(
+                    worker=worker.name,
+                    index=gpu.index,
+                    product=gpu.product,
+                    total=gpu.vram_total,
+                    used=gpu.vram_used,
+                    claimed=claimed,
+                    free=max(0, gpu.vram_total - max(gpu.vram_used, claimed)),
+                    schedulable=gpu.schedulable and not worker.cordoned,
+                    models=tuple(sorted({model for model, _ in holders})),
+                )
+            )
+    return rows
+
+
+def state_counts(instances: Iterable[Instance]) -> Counter[str]:
+    """How many instances are in each state."""
+    return Counter(inst.state.value for inst in instances)
+
+
+def gib(size: int) -> str:
+    """Bytes as GiB with one decimal."""
+    return f"{size / GIB:.1f}"
+
+
+def clock(ts: float) -> str:
+    """A unix time as HH:MM:SS UTC."""
+    return time.strftime("%H:%M:%S", time.gmtime(ts))
+
+
+BAR_CELLS = 8
+
+
+def bar(fraction: float, cells: int = BAR_CELLS) -> Text:
+    """A fullness bar: filled blocks coloured by how full, then empty blocks."""
+    filled = round(fraction * cells)
+    colour = "green" if fraction < 0.5 else "yellow" if fraction < 0.9 else "red"
+    text = Text("█" * filled, style=colour)
+    text.append("░" * (cells - filled), style="dim")
+    return text
+
+
+STATE_STYLE = {
+    WorkerState.READY: "green",
+    WorkerState.NOT_READY: "red",
+    WorkerState.MAINTENANCE: "yellow",
+}
+
+
+def _gpu_cell(usage: GpuUsage) -> Text:
+    cell = bar(usage.fullness)
+    cell.append(f" {usage.fullness * 100:3.0f}%")
+    if not usage.schedulable:
+        cell.append("\ncordoned", style="yellow")
+    label = ",".join(usage.models) if usage.models else "-"
+    cell.append("\n" + label[:14], style="cyan" if usage.models else "dim")
+    return cell
+
+
+def summary_line(snapshot: ClusterSnapshot) -> Text:
+    """One line: workers by state, GPUs, models, instances by state, time."""
+    workers = Counter(state.value for state in snapshot.worker_states.values())
+    gpus = sum(len(w.gpus) for w in snapshot.workers)
+    counts = state_counts(snapshot.instances)
+    line = Text(f"gantry top  {clock(snapshot.taken_at)} UTC  ", style="bold")
+    line.append(f"workers {len(snapshot.workers)} ({workers.get('READY', 0)} ready)  ")
+    line.append(f"GPUs {gpus}  models {len(snapshot.models)}  instances ")
+    line.append(" ".join(f"{state}={n}" for state, n in sorted(counts.items())) or "none")
+    return line
+
+
+def workers_grid(snapshot: ClusterSnapshot) -> Table:
+    """One row per worker, one cell per GPU (fullness bar, percentage, model holding it)."""
+    usage = gpu_usage(snapshot)
+    by_worker: dict[str, list[GpuUsage]] = defaultdict(list)
+    for row in usage:
+        by_worker[row.worker].append(row)
+    width = max((len(w.gpus) for w in snapshot.workers), default=0)
+    table = Table(show_lines=True, expand=False)
+    table.add_column("WORKER", no_wrap=True)
+    table.add_column("STATE", no_wrap=True)
+    for i in range(width):
+        table.add_column(f"GPU{i}", no_wrap=True)
+    for worker in sorted(snapshot.workers, key=lambda w: w.name):
+        state = snapshot.worker_states.get(worker.name, WorkerState.NOT_READY)
+        product = worker.gpus[0].product if worker.gpus else ""
+        name = Text(worker.name, style="bold")
+        name.append(f"\n{product}", style="dim")
+        cells: list[RenderableType] = [_gpu_cell(u) for u in by_worker[worker.name]]
+        cells += [Text("")] * (width - len(cells))
+        table.add_row(name, Text(state.value, style=STATE_STYLE.get(state, "")), *cells)
+    return table
+
+
+def pending_table(snapshot: ClusterSnapshot) -> Table:
+    """Replicas that are not placed, with the latest reason the scheduler gave."""
+    table = Table(title="pending replicas", title_justify="left", expand=False)
+    table.add_column("MODEL", no_wrap=True)
+    table.add_column("INSTANCE", no_wrap=True)
+    table.add_column("REASON")
+    for inst in sorted(snapshot.instances, key=lambda i: (i.model, i.id)):
+        if inst.state is InstanceState.PENDING:
+            table.add_row(inst.model, inst.id, inst.reason or "waiting for placement")
+    return table
+
+
+def models_table(snapshot: ClusterSnapshot) -> Table:
+    """Per model: desired replicas and how many instances are in each state."""
+    table = Table(title="models", title_justify="left", expand=False)
+    for column in ("MODEL", "DESIRED", "RUNNING", "STARTING", "PENDING", "OTHER"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "MODEL" else "right")
+    for model in sorted(snapshot.models, key=lambda m: m.name):
+        counts = state_counts(i for i in snapshot.instances if i.model == model.name)
+        starting = counts["SCHEDULED"] + counts["STARTING"]
+        other = sum(counts.values()) - counts["RUNNING"] - starting - counts["PENDING"]
+        table.add_row(
+            model.name, str(model.desired), str(counts["RUNNING"]), str(starting),
+            str(counts["PENDING"]), str(other),
+        )
+    return table
+
+
+def render_top(snapshot: ClusterSnapshot) -> RenderableType:
+    """The whole `gantry top` screen for one snapshot."""
+    parts: list[RenderableType] = [summary_line(snapshot)]
+    if snapshot.workers:
+        parts.append(workers_grid(snapshot))
+    else:
+        parts.append(Text("no workers have reported yet", style="yellow"))
+    if snapshot.models:
+        parts.append(models_table(snapshot))
+    pending = pending_table(snapshot)
+    if pending.row_count:
+        parts.append(pending)
+    else:
+        parts.append(Text("no pending replicas", style="dim"))
+    parts.append(Text("Ctrl-C to quit", style="dim"))
+    return Group(*parts)

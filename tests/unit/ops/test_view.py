@@ -1,0 +1,148 @@
+"""`gantry top` and `gantry workers` render a cluster snapshot without any server."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from ops.view import (
+    ClusterSnapshot,
+    ModelView,
+    bar,
+    gpu_usage,
+    render_top,
+)
+from shared.core.placement.domain import (
+    GIB,
+    Gpu,
+    Instance,
+    InstanceState,
+    SubordinateWorker,
+    Worker,
+    WorkerState,
+)
+
+T0 = 1_700_000_000.0
+
+
+def h100(index: int, used: int = 0, schedulable: bool = True) -> Gpu:
+    return Gpu(index=index, product="H100-SXM-80GB", vram_total=80 * GIB, vram_used=used, schedulable=schedulable)
+
+
+def worker(name: str, gpus: int = 2, **kw: object) -> Worker:
+    return Worker(name=name, gpus=tuple(h100(i) for i in range(gpus)), last_heartbeat=T0, **kw)  # type: ignore[arg-type]
+
+
+def inst(iid: str, model: str, state: InstanceState, where: str | None = None, gpus: tuple[int, ...] = (),
+         claim: int = 72 * GIB, reason: str | None = None) -> Instance:
+    return Instance(id=iid, model=model, state=state, worker=where, gpu_indexes=gpus,
+                    vram_claims=tuple(claim for _ in gpus), reason=reason)
+
+
+def screen(snapshot: ClusterSnapshot, width: int = 160) -> str:
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None).print(render_top(snapshot))
+    return out.getvalue()
+
+
+def snapshot(**kw: object) -> ClusterSnapshot:
+    base: dict[str, object] = {
+        "taken_at": T0,
+        "workers": (worker("w1"), worker("w2")),
+        "worker_states": {"w1": WorkerState.READY, "w2": WorkerState.READY},
+    }
+    base.update(kw)
+    return ClusterSnapshot(**base)  # type: ignore[arg-type]
+
+
+def test_gpu_claimed_sums_the_instances_holding_it() -> None:
+    snap = snapshot(instances=(
+        inst("a", "emb", InstanceState.RUNNING, "w1", (0,), claim=10 * GIB),
+        inst("b", "rr", InstanceState.STARTING, "w1", (0,), claim=5 * GIB),
+    ))
+    w1g0 = gpu_usage(snap)[0]
+    assert (w1g0.worker, w1g0.index, w1g0.claimed) == ("w1", 0, 15 * GIB)
+    assert w1g0.models == ("emb", "rr")
+
+
+def test_pending_and_removed_instances_hold_no_gpu() -> None:
+    snap = snapshot(instances=(
+        inst("a", "m", InstanceState.PENDING, None, ()),
+        inst("b", "m", InstanceState.ERROR, "w1", (0,)),
+    ))
+    assert all(u.claimed == 0 and u.models == () for u in gpu_usage(snap))
+
+
+def test_free_vram_subtracts_the_larger_of_reported_use_and_claims() -> None:
+    busy = Worker(name="w1", gpus=(h100(0, used=30 * GIB),), last_heartbeat=T0)
+    snap = snapshot(workers=(busy,), instances=(inst("a", "m", InstanceState.RUNNING, "w1", (0,), 20 * GIB),))
+    assert gpu_usage(snap)[0].free == 50 * GIB
+
+
+def test_subordinate_gpus_count_for_their_own_worker() -> None:
+    multi = Instance(
+        id="x", model="big", state=InstanceState.RUNNING, worker="w1", gpu_indexes=(0,),
+        vram_claims=(70 * GIB,),
+        subordinates=(SubordinateWorker(worker="w2", gpu_indexes=(1,), vram_claims=(70 * GIB,)),),
+    )
+    usage = {(u.worker, u.index): u for u in gpu_usage(snapshot(instances=(multi,)))}
+    assert usage[("w2", 1)].claimed == 70 * GIB
+    assert usage[("w2", 1)].models == ("big",)
+
+
+def test_cordoned_worker_makes_every_gpu_unschedulable() -> None:
+    snap = snapshot(workers=(worker("w1", cordoned=True),))
+    assert not any(u.schedulable for u in gpu_usage(snap))
+
+
+@pytest.mark.parametrize(("fraction", "filled"), [(0.0, 0), (0.5, 4), (0.9, 7), (1.0, 8)])
+def test_bar_fills_in_proportion(fraction: float, filled: int) -> None:
+    assert bar(fraction).plain.count("█") == filled
+
+
+def test_top_shows_one_row_per_worker_with_a_cell_per_gpu_and_its_model() -> None:
+    text = screen(snapshot(
+        models=(ModelView("llama", 1),),
+        instances=(inst("a", "llama", InstanceState.RUNNING, "w2", (1,)),),
+    ))
+    assert "GPU0" in text and "GPU1" in text and "GPU2" not in text
+    w2_line = next(line for line in text.splitlines() if "w2" in line)
+    assert "READY" in w2_line and " 90%" in w2_line
+    assert "llama" in text
+
+
+def test_top_lists_pending_replicas_with_their_reason() -> None:
+    text = screen(snapshot(
+        models=(ModelView("huge", 1),),
+        instances=(inst("p1", "huge", InstanceState.PENDING, reason="no GPU has 300.0 GiB allocatable"),),
+    ))
+    assert "pending replicas" in text
+    assert "no GPU has 300.0 GiB allocatable" in text
+
+
+def test_top_says_so_when_nothing_is_pending_and_no_worker_reported() -> None:
+    text = screen(ClusterSnapshot(taken_at=T0))
+    assert "no workers have reported yet" in text
+    assert "no pending replicas" in text
+
+
+def test_top_marks_workers_not_ready_and_cordoned_gpus() -> None:
+    snap = snapshot(
+        workers=(worker("w1"), Worker(name="w2", gpus=(h100(0, schedulable=False),), last_heartbeat=T0)),
+        worker_states={"w1": WorkerState.NOT_READY, "w2": WorkerState.READY},
+    )
+    text = screen(snap)
+    assert "NOT_READY" in text
+    assert "cordoned" in text
+
+
+def test_top_header_counts_instances_by_state_at_the_snapshot_time() -> None:
+    text = screen(snapshot(instances=(
+        inst("a", "m", InstanceState.RUNNING, "w1", (0,)),
+        inst("b", "m", InstanceState.PENDING),
+    )))
+    header = text.splitlines()[0]
+    assert "22:13:20 UTC" in header
+    assert "PENDING=1" in header and "RUNNING=1" in header
