@@ -1,0 +1,66 @@
+"""Container health check: ``python -m ops.healthcheck SERVICE``.
+
+Healthy means the container's main process (pid 1) is the named service and both servers it depends
+on answer from inside the container with the container's own ``GANTRY_*`` settings. Exit 0 when
+healthy, 1 with a one-line reason otherwise (docker shows it in ``docker inspect``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from shared.settings import Settings
+
+
+def main_process_runs(service: str, proc: Path = Path("/proc/1/cmdline")) -> bool:
+    """True if pid 1's command line runs ``services.<service>``."""
+    try:
+        argv = proc.read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"services.{service}".encode() in argv
+
+
+async def servers_answer(settings: Settings, timeout: float = 3.0) -> str | None:
+    """None when NATS and Redis both answer, else why not."""
+    import nats
+    import redis.asyncio as aioredis
+
+    try:
+        nc = await asyncio.wait_for(
+            nats.connect(settings.nats_url, allow_reconnect=False, connect_timeout=int(timeout)), timeout
+        )
+        await nc.close()
+    except Exception as err:
+        return f"NATS unreachable: {err}"
+    client = aioredis.from_url(settings.redis_url, socket_connect_timeout=timeout)
+    try:
+        await client.ping()
+    except Exception as err:
+        return f"Redis unreachable: {err}"
+    finally:
+        await client.aclose()
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check one service; returns the process exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m ops.healthcheck SERVICE", file=sys.stderr)
+        return 2
+    service = args[0]
+    if not main_process_runs(service):
+        print(f"unhealthy: the main process is not services.{service}", file=sys.stderr)
+        return 1
+    problem = asyncio.run(servers_answer(Settings()))
+    if problem:
+        print(f"unhealthy: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The local-stack launcher: commands, environment and port handling (no services started here)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from ops.stack import (
+    LocalStack,
+    StackError,
+    WorkerFleet,
+    service_argv,
+    url_password,
+    url_port,
+    worker_argv,
+)
+from shared.settings import Settings
+
+COMMANDS = {"filter": ("python", "-m", "services.filter"), "workers": ("python", "-m", "services.workers")}
+
+
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [("nats://127.0.0.1:4333", 4333), ("nats://localhost", 4222), ("redis://:pw@10.0.0.1:7000/0", 7000)],
+)
+def test_url_port_reads_the_port_or_falls_back(url: str, port: int) -> None:
+    assert url_port(url, 4222) == port
+
+
+def test_url_password_comes_from_the_redis_url() -> None:
+    assert url_password("redis://:s3cret@127.0.0.1:6379/0") == "s3cret"
+    assert url_password("redis://127.0.0.1:6379/0") is None
+
+
+def test_service_argv_runs_python_as_this_interpreter() -> None:
+    assert service_argv("filter", COMMANDS) == [sys.executable, "-m", "services.filter"]
+
+
+def test_unknown_service_is_a_clear_error() -> None:
+    with pytest.raises(StackError, match="no service named 'nope'"):
+        service_argv("nope", COMMANDS)
+
+
+def test_worker_argv_passes_the_fleet_shape() -> None:
+    argv = worker_argv(WorkerFleet(count=3, gpus=4, gpu_type="A100-SXM4-80GB"), COMMANDS)
+    assert argv[3:] == ["--workers", "3", "--gpus", "4", "--gpu-type", "A100-SXM4-80GB"]
+
+
+def test_children_get_every_setting_as_a_gantry_variable(tmp_path: Path) -> None:
+    settings = Settings(nats_url="nats://127.0.0.1:1234")
+    env = LocalStack(settings, home=tmp_path).child_env()
+    assert env["GANTRY_NATS_URL"] == "nats://127.0.0.1:1234"
+    assert {f"GANTRY_{name.upper()}" for name in Settings.model_fields} <= set(env)
+
+
+def test_a_taken_port_stops_the_start_with_a_hint(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        stack = LocalStack(Settings(nats_url=f"nats://127.0.0.1:{port}"), home=tmp_path, services=())
+        with pytest.raises(StackError, match=f"NATS port {port} is already in use"):
+            stack.start()
