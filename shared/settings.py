@@ -22,6 +22,15 @@ class Settings(BaseSettings):
     reschedule_after_s: float = Field(30.0, gt=0, description="NOT_READY time after which instances move")
     drain_timeout_s: float = Field(30.0, ge=0, description="longest a DRAINING instance waits to go idle")
     profile: str = Field("default", description="placement profile name (enabled plugins and weights)")
+    # bus (JetStream) behaviour
+    ack_wait_s: float = Field(10.0, gt=0, description="JetStream ack wait before redelivery")
+    max_deliver: int = Field(6, ge=1, description="JetStream deliveries before a message is given up")
+    js_storage: str = Field("file", description="JetStream storage for Gantry streams: file | memory")
+    # placement commits
+    commit_retries: int = Field(5, ge=0, description="re-placements after refused commits before PENDING")
+    commit_backoff_s: float = Field(0.02, ge=0, description="base backoff between refused-commit retries")
+    batch_max: int = Field(64, ge=1, description="largest placement batch a service handles at once")
+    reconcile_interval_s: float = Field(1.0, gt=0, description="reconciler's liveness/drain check period")
 
 
 def load_settings() -> Settings:

@@ -1,0 +1,1 @@
+"""The message bus contract: subjects, message structs, stream configs and publish helpers."""

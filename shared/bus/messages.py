@@ -1,0 +1,281 @@
+"""Every payload that crosses a service boundary, as a msgspec struct with a schema version.
+
+Rules: fields are added with defaults, never renamed or retyped; ``v`` is the schema version of the
+message and a consumer rejects (dead-letters) a version newer than it knows. Domain types come from
+:mod:`shared.core.placement.domain` so the pipeline carries exactly what the core consumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+from shared.core.placement.domain import (
+    Candidate,
+    Decision,
+    FilterReport,
+    Instance,
+    InstanceState,
+    ModelFileState,
+    ModelSpec,
+    Reason,
+    Unschedulable,
+    Worker,
+)
+
+SCHEMA_VERSION = 1
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """Base of every bus message: carries the schema version."""
+
+    v: int = SCHEMA_VERSION
+
+
+# -- operator commands ----------------------------------------------------------------------------
+
+
+class ScaleCommand(Message, frozen=True, kw_only=True):
+    """Desired replicas of a model. ``spec`` is required the first time a model is named."""
+
+    model: str
+    replicas: int
+    spec: ModelSpec | None = None
+    request_id: str = ""  # dedupe id chosen by the sender (Nats-Msg-Id)
+
+
+class CordonCommand(Message, frozen=True, kw_only=True):
+    """Cordon (or uncordon) a whole worker, or one GPU of it when ``gpu_index`` is set."""
+
+    worker: str
+    cordoned: bool = True
+    gpu_index: int | None = None
+
+
+# -- worker reports ---------------------------------------------------------------------------------
+
+
+class WorkerRegistration(Message, frozen=True, kw_only=True):
+    """A worker's full inventory. ``worker.last_heartbeat`` is ignored: receivers stamp their own."""
+
+    worker: Worker
+
+
+class GpuUsage(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """VRAM in use on one GPU (every process, Gantry-managed or not)."""
+
+    index: int
+    vram_used: int
+
+
+class Heartbeat(Message, frozen=True, kw_only=True):
+    """Light liveness report: usage per GPU index and the instances the worker holds."""
+
+    worker: str
+    seq: int = 0
+    ram_used: int = 0
+    gpus: tuple[GpuUsage, ...] = ()
+    instances: tuple[str, ...] = ()
+
+
+class ModelFileUpdate(Message, frozen=True, kw_only=True):
+    """Readiness of one model source's files on one worker."""
+
+    worker: str
+    source: str
+    state: ModelFileState
+    progress: float = 0.0
+
+
+class InstanceStatus(Message, frozen=True, kw_only=True):
+    """A worker's report on one of its instances. ``deleted`` confirms removal."""
+
+    instance_id: str
+    worker: str
+    state: InstanceState
+    idle: bool = False  # while DRAINING: no request in flight any more
+    deleted: bool = False
+    message: str | None = None
+
+
+# -- placement pipeline -----------------------------------------------------------------------------
+
+
+class PlacementItem(msgspec.Struct, frozen=True, kw_only=True):
+    """One replica to place. ``attempt`` grows on every refused commit or retry."""
+
+    instance_id: str
+    model: str
+    attempt: int = 0
+    requested_at: float = 0.0  # wall-clock time the scale event that caused it arrived
+
+
+class PlacementRequest(Message, frozen=True, kw_only=True):
+    """A batch of replicas to place, with the specs of their models (requested)."""
+
+    batch_id: str
+    items: tuple[PlacementItem, ...]
+    specs: dict[str, ModelSpec]
+
+
+class ModelFilterResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Which workers survived the filter chain for one model, and the chain's reports."""
+
+    workers: tuple[str, ...]
+    reports: tuple[FilterReport, ...] = ()
+
+
+class PlacementFiltered(Message, frozen=True, kw_only=True):
+    """Filter output: survivors per model of a request."""
+
+    request: PlacementRequest
+    filtered: dict[str, ModelFilterResult]
+
+
+class ModelFitResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Candidates for one model (or why none fit)."""
+
+    candidates: tuple[Candidate, ...]
+    reports: tuple[FilterReport, ...] = ()
+    unschedulable: Unschedulable | None = None
+
+
+class PlacementFitted(Message, frozen=True, kw_only=True):
+    """Fitting output: candidates per model of a request."""
+
+    request: PlacementRequest
+    fitted: dict[str, ModelFitResult]
+
+
+class ItemOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """Scoring's verdict for one item: a decision, or why it cannot be placed now."""
+
+    item: PlacementItem
+    decision: Decision | None = None
+    unschedulable: Unschedulable | None = None
+
+
+class PlacementScored(Message, frozen=True, kw_only=True):
+    """Scoring output: one outcome per item, to be committed by the reconciler."""
+
+    batch_id: str
+    outcomes: tuple[ItemOutcome, ...]
+    specs: dict[str, ModelSpec] = {}
+
+
+# -- commands to workers ----------------------------------------------------------------------------
+
+
+class AssignInstance(Message, frozen=True, kw_only=True):
+    """Start an instance the reconciler committed to this worker."""
+
+    instance_id: str
+    model: str
+    source: str = ""
+    gpu_indexes: tuple[int, ...] = ()
+    vram_claims: tuple[int, ...] = ()
+
+
+class DrainInstance(Message, frozen=True, kw_only=True):
+    """Stop routing new requests to an instance; report ``idle`` when nothing is in flight."""
+
+    instance_id: str
+
+
+class DeleteInstance(Message, frozen=True, kw_only=True):
+    """Stop and remove an instance."""
+
+    instance_id: str
+
+
+# -- events -----------------------------------------------------------------------------------------
+
+
+class DecisionEvent(Message, frozen=True, kw_only=True):
+    """A replica was committed: where, with what score breakdown, after how many attempts."""
+
+    instance_id: str
+    model: str
+    worker: str
+    gpu_indexes: tuple[int, ...]
+    score: float
+    breakdown: dict[str, float]
+    attempt: int
+    latency_ms: float  # scale event in → committed
+    at: float
+
+
+class UnschedulableEvent(Message, frozen=True, kw_only=True):
+    """A replica stays PENDING: the core's message and per-plugin reasons."""
+
+    instance_id: str
+    model: str
+    message: str
+    reasons: tuple[Reason, ...] = ()
+    filters: tuple[FilterReport, ...] = ()
+    at: float
+
+
+class InstanceEvent(Message, frozen=True, kw_only=True):
+    """An instance changed: its full current record, or ``removed``."""
+
+    instance: Instance
+    removed: bool = False
+    at: float = 0.0
+
+
+class CordonEvent(Message, frozen=True, kw_only=True):
+    """Cordon state changed for a worker or one GPU."""
+
+    worker: str
+    cordoned: bool
+    gpu_index: int | None = None
+
+
+class ModelEvent(Message, frozen=True, kw_only=True):
+    """A model's desired replicas or spec changed."""
+
+    model: str
+    replicas: int
+    spec: ModelSpec | None = None
+
+
+class ErrorEvent(Message, frozen=True, kw_only=True):
+    """A message a service rejected (dead letter): which, where it came from, and why."""
+
+    service: str
+    subject: str
+    reason: str
+    payload: str = ""  # the first bytes of the rejected payload, for humans
+    at: float = 0.0
+
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """JSON bytes of a message."""
+    return _encoder.encode(msg)
+
+
+class MessageError(ValueError):
+    """A payload could not be decoded into the expected message (the reason is human-readable)."""
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    """Decode ``data`` as ``kind`` or raise MessageError with a one-line reason."""
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        msg: T = dec.decode(data)
+    except msgspec.DecodeError as exc:
+        raise MessageError(f"invalid {kind.__name__}: {exc}") from None
+    version = getattr(msg, "v", SCHEMA_VERSION)
+    if version > SCHEMA_VERSION:
+        raise MessageError(f"{kind.__name__} schema v{version} is newer than supported v{SCHEMA_VERSION}")
+    return msg

@@ -1,0 +1,99 @@
+"""JetStream streams and durable consumers of Gantry, and how to declare them idempotently."""
+
+from __future__ import annotations
+
+import contextlib
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from shared.bus import subjects
+from shared.settings import Settings
+
+STREAM_CMD = "GANTRY_CMD"
+STREAM_PIPE = "GANTRY_PIPE"
+STREAM_STATUS = "GANTRY_STATUS"
+STREAM_EVENTS = "GANTRY_EVENTS"
+STREAM_DLQ = "GANTRY_DLQ"
+ALL_STREAMS = (STREAM_CMD, STREAM_PIPE, STREAM_STATUS, STREAM_EVENTS, STREAM_DLQ)
+
+DUPLICATE_WINDOW_S = 120.0
+
+# Durable consumer names: replicas of a service share one, so JetStream spreads work between them.
+CONSUMER_SCALE = "reconciler-cmd"
+CONSUMER_FILTER = "filter"
+CONSUMER_FITTING = "fitting"
+CONSUMER_SCORING = "scoring"
+CONSUMER_COMMIT = "reconciler-commit"
+CONSUMER_STATUS = "reconciler-status"
+
+
+def stream_configs(settings: Settings) -> list[StreamConfig]:
+    """The five streams: durable commands, pipeline and status; replayable events and dead letters."""
+    storage = StorageType.MEMORY if settings.js_storage == "memory" else StorageType.FILE
+    return [
+        StreamConfig(
+            name=STREAM_CMD, subjects=[subjects.CMD_ALL], storage=storage,
+            retention=RetentionPolicy.LIMITS, max_age=24 * 3600, duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+        StreamConfig(
+            name=STREAM_PIPE, subjects=[subjects.PIPE_ALL], storage=storage,
+            retention=RetentionPolicy.LIMITS, max_age=600, duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+        StreamConfig(
+            name=STREAM_STATUS, subjects=[subjects.INSTANCE_STATUS], storage=storage,
+            retention=RetentionPolicy.LIMITS, max_age=3600, duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+        StreamConfig(
+            name=STREAM_EVENTS, subjects=[subjects.EVENTS_ALL], storage=storage,
+            retention=RetentionPolicy.LIMITS, max_age=3600, max_msgs=200_000,
+        ),
+        StreamConfig(
+            name=STREAM_DLQ, subjects=[subjects.DEAD_LETTER_ALL], storage=storage,
+            retention=RetentionPolicy.LIMITS, max_age=24 * 3600, max_msgs=100_000,
+        ),
+    ]
+
+
+def consumer_config(durable: str, subject: str, settings: Settings) -> ConsumerConfig:
+    """A durable pull consumer: explicit ack, bounded redelivery with growing backoff."""
+    backoff = [settings.ack_wait_s * (2**i) for i in range(max(1, settings.max_deliver - 1))]
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        backoff=backoff,
+        max_ack_pending=20_000,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    """Create the streams, or update them to this configuration (safe from several processes)."""
+    for cfg in stream_configs(settings):
+        try:
+            await js.stream_info(cfg.name or "")
+        except NotFoundError:
+            try:
+                await js.add_stream(cfg)
+                continue
+            except Exception:  # another process created it between our calls
+                pass
+        await js.update_stream(cfg)
+
+
+async def delete_streams(js: JetStreamContext) -> None:
+    """Remove every Gantry stream (tests and `gantry` resets start from nothing)."""
+    for name in ALL_STREAMS:
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(name)

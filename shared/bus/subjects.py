@@ -1,0 +1,77 @@
+"""Every NATS subject Gantry uses, declared once.
+
+Durable traffic (scale commands, the placement pipeline, instance status) lives on JetStream streams
+declared in :mod:`shared.bus.streams`; heartbeats, worker commands and events use core NATS (events are
+also captured by a stream so operators can replay them).
+"""
+
+from __future__ import annotations
+
+PREFIX = "gantry"
+
+# -- operator commands (JetStream, stream CMD) -------------------------------------------------------
+SCALE = f"{PREFIX}.cmd.scale"
+"""ScaleCommand: desired replicas of a model (with its spec when new or changed)."""
+CORDON = f"{PREFIX}.cmd.cordon"
+"""CordonCommand: cordon/uncordon a worker or one of its GPUs."""
+CMD_ALL = f"{PREFIX}.cmd.>"
+
+# -- worker reports --------------------------------------------------------------------------------
+REGISTER = f"{PREFIX}.worker.register"
+"""WorkerRegistration (core NATS): a worker's full inventory; sent at start and every few heartbeats."""
+HEARTBEAT = f"{PREFIX}.worker.heartbeat"
+"""Heartbeat (core NATS): light liveness + usage report."""
+MODEL_FILE = f"{PREFIX}.worker.files"
+"""ModelFileUpdate (core NATS): readiness of a model's files on a worker."""
+INSTANCE_STATUS = f"{PREFIX}.instance.status"
+"""InstanceStatus (JetStream, stream STATUS): a worker's report on one instance."""
+
+# -- placement pipeline (JetStream, stream PIPE) ---------------------------------------------------
+PLACEMENT_REQUESTED = f"{PREFIX}.placement.requested"
+PLACEMENT_FILTERED = f"{PREFIX}.placement.filtered"
+PLACEMENT_FITTED = f"{PREFIX}.placement.fitted"
+PLACEMENT_SCORED = f"{PREFIX}.placement.scored"
+PIPE_ALL = f"{PREFIX}.placement.>"
+
+# -- commands to one worker (core NATS; the reconciler re-sends from state, level-triggered) -------
+_WORKER_CMD = f"{PREFIX}.agent"
+
+
+def worker_assign(worker: str) -> str:
+    """AssignInstance for ``worker``: start this instance."""
+    return f"{_WORKER_CMD}.{worker}.assign"
+
+
+def worker_drain(worker: str) -> str:
+    """DrainInstance for ``worker``: stop taking requests, report when idle."""
+    return f"{_WORKER_CMD}.{worker}.drain"
+
+
+def worker_delete(worker: str) -> str:
+    """DeleteInstance for ``worker``: stop and remove this instance."""
+    return f"{_WORKER_CMD}.{worker}.delete"
+
+
+WORKER_CMD_ALL = f"{_WORKER_CMD}.*.*"
+
+# -- events (core NATS, captured by stream EVENTS) -------------------------------------------------
+EVENTS_ALL = f"{PREFIX}.events.>"
+EVENT_DECISION = f"{PREFIX}.events.decision"
+"""DecisionEvent: a replica was placed (committed) with its score breakdown."""
+EVENT_UNSCHEDULABLE = f"{PREFIX}.events.unschedulable"
+"""UnschedulableEvent: a replica stays PENDING, with the core's explanation."""
+EVENT_INSTANCE = f"{PREFIX}.events.instance"
+"""InstanceEvent: an instance was created, changed state, or was removed."""
+EVENT_CORDON = f"{PREFIX}.events.cordon"
+"""CordonEvent: cordon state changed (services update their snapshots)."""
+EVENT_MODEL = f"{PREFIX}.events.model"
+"""ModelEvent: desired replicas / spec of a model changed."""
+
+# -- dead letters (core NATS, captured by stream DLQ) ----------------------------------------------
+DEAD_LETTER = f"{PREFIX}.deadletter"
+DEAD_LETTER_ALL = f"{PREFIX}.deadletter.>"
+
+
+def dead_letter(service: str) -> str:
+    """Where ``service`` reports a message it rejected (ErrorEvent)."""
+    return f"{DEAD_LETTER}.{service}"

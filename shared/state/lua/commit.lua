@@ -1,0 +1,55 @@
+-- Commit a batch of placement decisions. Each item is atomic over all its GPUs (main and
+-- subordinates) and the RAM of every worker it touches: all claims are written or none.
+-- KEYS: 1 gpu_cap, 2 gpu_used, 3 ram_cap, 4 ram_used, 5 claims, 6 inst, 7 inst_state,
+--       8 inst_reason, 9 inst_worker
+-- ARGV: n, then per item: id, worker, record_json, nclaims, (kind, field, amount) * nclaims
+--       kind is "g" (GPU VRAM) or "r" (worker RAM); the claims spec is stored for release.
+-- Returns per item: "ok", "dup" (already committed: redelivery), "gone" (no longer PENDING)
+-- or "full:<field>" (no room: the decision is refused).
+local n = tonumber(ARGV[1])
+local pos = 2
+local out = {}
+for i = 1, n do
+  local id, worker, record = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
+  local nclaims = tonumber(ARGV[pos + 3])
+  local first = pos + 4
+  pos = first + 3 * nclaims
+  local verdict = nil
+  if redis.call("HEXISTS", KEYS[5], id) == 1 then
+    verdict = "dup"
+  elseif redis.call("HGET", KEYS[7], id) ~= "PENDING" then
+    verdict = "gone"
+  else
+    for c = 0, nclaims - 1 do
+      local kind, field = ARGV[first + 3 * c], ARGV[first + 3 * c + 1]
+      local amount = tonumber(ARGV[first + 3 * c + 2])
+      local capkey, usedkey = KEYS[1], KEYS[2]
+      if kind == "r" then capkey, usedkey = KEYS[3], KEYS[4] end
+      local cap = tonumber(redis.call("HGET", capkey, field) or "-1")
+      local used = tonumber(redis.call("HGET", usedkey, field) or "0")
+      if cap < 0 or used + amount > cap then
+        verdict = "full:" .. field
+        break
+      end
+    end
+  end
+  if verdict == nil then
+    local spec = {}
+    for c = 0, nclaims - 1 do
+      local kind, field = ARGV[first + 3 * c], ARGV[first + 3 * c + 1]
+      local amount = ARGV[first + 3 * c + 2]
+      local usedkey = KEYS[2]
+      if kind == "r" then usedkey = KEYS[4] end
+      redis.call("HINCRBY", usedkey, field, amount)
+      spec[#spec + 1] = kind .. "|" .. field .. "|" .. amount
+    end
+    redis.call("HSET", KEYS[5], id, table.concat(spec, ";"))
+    redis.call("HSET", KEYS[6], id, record)
+    redis.call("HSET", KEYS[7], id, "SCHEDULED")
+    redis.call("HSET", KEYS[9], id, worker)
+    redis.call("HDEL", KEYS[8], id)
+    verdict = "ok"
+  end
+  out[i] = verdict
+end
+return out

@@ -1,0 +1,388 @@
+"""Redis state layer.
+
+Layout (all keys under ``gantry:``): worker inventories, last-seen times and latest usage (fed by
+batched heartbeat writes; liveness is judged from the heartbeat age when read), cordons, model-file
+readiness, model specs and desired replicas, instances (placement record, state, reason, worker), and
+the claims ledger: per-GPU and per-worker-RAM capacity and claimed bytes plus each instance's claims.
+Every ledger mutation is one Lua script, so a commit over several GPUs is all-or-nothing and a
+redelivered commit is recognised (idempotent).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from shared.bus.messages import Heartbeat
+from shared.core.placement.domain import (
+    Gpu,
+    Instance,
+    InstanceState,
+    ModelFile,
+    ModelSpec,
+    Worker,
+)
+
+_LUA = Path(__file__).parent / "lua"
+P = "gantry:"
+
+
+class Keys:
+    """Redis key names (one place)."""
+
+    workers = P + "workers"  # name -> Worker JSON (inventory)
+    seen = P + "seen"  # name -> last heartbeat time (receiver clock)
+    usage = P + "usage"  # name -> latest Heartbeat JSON
+    cordon = P + "cordon"  # "worker" or "worker:gpu" -> "1"
+    files = P + "files"  # "source|worker" -> ModelFile JSON
+    models = P + "models"  # name -> ModelSpec JSON
+    desired = P + "desired"  # name -> replicas
+    inst = P + "inst"  # id -> Instance JSON (placement record; state lives in inst_state)
+    inst_state = P + "inst:state"
+    inst_reason = P + "inst:reason"
+    inst_worker = P + "inst:worker"
+    model_index = P + "model:"  # + model -> set of instance ids
+    lock = P + "lock:"  # + model -> converge lock token
+    gpu_cap = P + "gpu:cap"  # "worker:index" -> VRAM capacity
+    gpu_used = P + "gpu:used"  # "worker:index" -> claimed VRAM
+    ram_cap = P + "ram:cap"  # worker -> RAM capacity
+    ram_used = P + "ram:used"
+    claims = P + "claims"  # id -> "g|w:i|bytes;r|w|bytes"
+
+
+def gpu_field(worker: str, index: int) -> str:
+    """Ledger field of one GPU."""
+    return f"{worker}:{index}"
+
+
+@dataclass(frozen=True)
+class CommitItem:
+    """One decision to commit: the SCHEDULED record and every claim it makes."""
+
+    instance: Instance
+
+    def claims(self) -> list[tuple[str, str, int]]:
+        """(kind, field, bytes) for every GPU and worker RAM the instance claims."""
+        inst = self.instance
+        assert inst.worker is not None
+        out: list[tuple[str, str, int]] = [
+            ("g", gpu_field(inst.worker, i), c) for i, c in zip(inst.gpu_indexes, inst.vram_claims, strict=True)
+        ]
+        ram: dict[str, int] = {}
+        if inst.ram_claim:
+            ram[inst.worker] = inst.ram_claim
+        for sub in inst.subordinates:
+            out += [("g", gpu_field(sub.worker, i), c) for i, c in zip(sub.gpu_indexes, sub.vram_claims, strict=True)]
+            if sub.ram_claim:
+                ram[sub.worker] = ram.get(sub.worker, 0) + sub.ram_claim
+        out += [("r", w, b) for w, b in ram.items()]
+        return out
+
+
+_enc = msgspec.json.Encoder()
+_dec_worker = msgspec.json.Decoder(Worker)
+_dec_inst = msgspec.json.Decoder(Instance)
+_dec_spec = msgspec.json.Decoder(ModelSpec)
+_dec_file = msgspec.json.Decoder(ModelFile)
+_dec_beat = msgspec.json.Decoder(Heartbeat)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class StateStore:
+    """Typed access to Gantry's Redis state; every multi-key change is a Lua script."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.r = client
+        self._commit = client.register_script((_LUA / "commit.lua").read_text())
+        self._release = client.register_script((_LUA / "release.lua").read_text())
+        self._set_state = client.register_script((_LUA / "set_state.lua").read_text())
+        self._create = client.register_script((_LUA / "create_pending.lua").read_text())
+        self._mark = client.register_script((_LUA / "mark_state.lua").read_text())
+        self._unlock = client.register_script((_LUA / "unlock.lua").read_text())
+
+    @classmethod
+    def from_url(cls, url: str) -> StateStore:
+        """A store on a new connection pool to ``url``."""
+        return cls(aioredis.from_url(url))
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.r.aclose()
+
+    # -- workers ------------------------------------------------------------------------------------
+
+    async def register_workers(self, workers: Sequence[Worker]) -> None:
+        """Store inventories and (re)declare ledger capacity of every GPU and worker RAM."""
+        if not workers:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        inv: dict[str, bytes] = {}
+        caps: dict[str, int] = {}
+        rams: dict[str, int] = {}
+        for w in workers:
+            inv[w.name] = _enc.encode(w)
+            for g in w.gpus:
+                caps[gpu_field(w.name, g.index)] = g.vram_total
+            rams[w.name] = w.ram_total
+        pipe.hset(Keys.workers, mapping=inv)  # type: ignore[arg-type]
+        if caps:
+            pipe.hset(Keys.gpu_cap, mapping=caps)  # type: ignore[arg-type]
+        pipe.hset(Keys.ram_cap, mapping=rams)  # type: ignore[arg-type]
+        await pipe.execute()
+
+    async def record_heartbeats(self, beats: Sequence[tuple[Heartbeat, float]]) -> None:
+        """Batched write of (heartbeat, receive time): last-seen and latest usage, one round trip."""
+        if not beats:
+            return
+        seen = {hb.worker: repr(t) for hb, t in beats}
+        usage = {hb.worker: _enc.encode(hb) for hb, _ in beats}
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(Keys.seen, mapping=seen)  # type: ignore[arg-type]
+        pipe.hset(Keys.usage, mapping=usage)  # type: ignore[arg-type]
+        await pipe.execute()
+
+    async def workers(self) -> list[Worker]:
+        """Every known worker: inventory + last heartbeat + latest usage + cordons applied."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(Keys.workers)
+        pipe.hgetall(Keys.seen)
+        pipe.hgetall(Keys.usage)
+        pipe.hgetall(Keys.cordon)
+        inv, seen, usage, cordon = await pipe.execute()
+        cordoned = {_s(k) for k in cordon}
+        out = []
+        for name_b, raw in inv.items():
+            w = _dec_worker.decode(raw)
+            hb_raw = usage.get(name_b)
+            hb = _dec_beat.decode(hb_raw) if hb_raw else None
+            last = float(seen.get(name_b, 0.0) or 0.0)
+            out.append(apply_usage(w, hb, last, cordoned))
+        return sorted(out, key=lambda w: w.name)
+
+    async def worker_names(self) -> set[str]:
+        """Names of registered workers."""
+        return {_s(k) for k in await self.r.hkeys(Keys.workers)}
+
+    async def set_cordon(self, worker: str, cordoned: bool, gpu_index: int | None = None) -> None:
+        """Cordon or uncordon a worker (or one GPU of it)."""
+        field = worker if gpu_index is None else gpu_field(worker, gpu_index)
+        if cordoned:
+            await self.r.hset(Keys.cordon, field, "1")
+        else:
+            await self.r.hdel(Keys.cordon, field)
+
+    async def cordons(self) -> set[str]:
+        """Cordoned workers ("w") and GPUs ("w:i")."""
+        return {_s(k) for k in await self.r.hkeys(Keys.cordon)}
+
+    # -- model files -------------------------------------------------------------------------------
+
+    async def set_model_files(self, files: Iterable[ModelFile]) -> None:
+        """Record readiness of model files (batched)."""
+        mapping = {f"{f.source}|{f.worker}": _enc.encode(f) for f in files}
+        if mapping:
+            await self.r.hset(Keys.files, mapping=mapping)  # type: ignore[arg-type]
+
+    async def model_files(self) -> list[ModelFile]:
+        """Every known (source, worker) readiness."""
+        return [_dec_file.decode(v) for v in (await self.r.hgetall(Keys.files)).values()]
+
+    # -- models --------------------------------------------------------------------------------------
+
+    async def set_model(self, spec: ModelSpec | None, model: str, replicas: int) -> None:
+        """Store a model's spec (when given) and desired replicas."""
+        pipe = self.r.pipeline(transaction=True)
+        if spec is not None:
+            pipe.hset(Keys.models, model, _enc.encode(spec))
+        pipe.hset(Keys.desired, model, replicas)
+        await pipe.execute()
+
+    async def model(self, name: str) -> ModelSpec | None:
+        """The stored spec of a model, if known."""
+        raw = await self.r.hget(Keys.models, name)
+        return _dec_spec.decode(raw) if raw else None
+
+    async def models(self) -> dict[str, ModelSpec]:
+        """Every stored spec by model name."""
+        return {_s(k): _dec_spec.decode(v) for k, v in (await self.r.hgetall(Keys.models)).items()}
+
+    async def desired(self) -> dict[str, int]:
+        """Desired replicas by model name."""
+        return {_s(k): int(v) for k, v in (await self.r.hgetall(Keys.desired)).items()}
+
+    # -- instances -------------------------------------------------------------------------------------
+
+    async def instances(self, model: str | None = None) -> list[Instance]:
+        """Instances (of one model, or all), with their current state and reason."""
+        if model is None:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hgetall(Keys.inst)
+            pipe.hgetall(Keys.inst_state)
+            pipe.hgetall(Keys.inst_reason)
+            recs, states, reasons = await pipe.execute()
+            ids = list(recs)
+            raws = [recs[i] for i in ids]
+            sts = [states.get(i) for i in ids]
+            rs = [reasons.get(i) for i in ids]
+        else:
+            ids = sorted(await self.r.smembers(Keys.model_index + model))
+            if not ids:
+                return []
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hmget(Keys.inst, ids)
+            pipe.hmget(Keys.inst_state, ids)
+            pipe.hmget(Keys.inst_reason, ids)
+            raws, sts, rs = await pipe.execute()
+        out = []
+        for raw, st, reason in zip(raws, sts, rs, strict=True):
+            if raw is None or st is None:
+                continue
+            inst = _dec_inst.decode(raw)
+            out.append(
+                msgspec.structs.replace(
+                    inst, state=InstanceState(_s(st)), reason=_s(reason) if reason is not None else None
+                )
+            )
+        return sorted(out, key=lambda i: i.id)
+
+    async def instance(self, instance_id: str) -> Instance | None:
+        """One instance with its current state, or None."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(Keys.inst, instance_id)
+        pipe.hget(Keys.inst_state, instance_id)
+        pipe.hget(Keys.inst_reason, instance_id)
+        raw, st, reason = await pipe.execute()
+        if raw is None or st is None:
+            return None
+        inst = _dec_inst.decode(raw)
+        return msgspec.structs.replace(
+            inst, state=InstanceState(_s(st)), reason=_s(reason) if reason is not None else None
+        )
+
+    async def set_reasons(self, reasons: dict[str, str]) -> None:
+        """Keep the latest reason of PENDING instances (one round trip)."""
+        if reasons:
+            await self.r.hset(Keys.inst_reason, mapping=reasons)  # type: ignore[arg-type]
+
+    # -- converge lock and fenced writes --------------------------------------------------------------
+
+    async def lock_model(self, model: str, ttl_s: float = 5.0) -> str | None:
+        """Take the model's converge lock; a token, or None if another reconciler holds it."""
+        token = secrets.token_hex(8)
+        ok = await self.r.set(Keys.lock + model, token, nx=True, px=int(ttl_s * 1000))
+        return token if ok else None
+
+    async def unlock_model(self, model: str, token: str) -> None:
+        """Release the lock if still ours."""
+        await self._unlock(keys=[Keys.lock + model], args=[token])
+
+    async def create_pending(self, model: str, token: str, instances: Sequence[Instance]) -> bool:
+        """Create PENDING instances under the lock; False if the lock was lost (nothing written)."""
+        args: list[Any] = [token]
+        for inst in instances:
+            args += [inst.id, _enc.encode(inst)]
+        made = await self._create(
+            keys=[Keys.lock + model, Keys.model_index + model, Keys.inst, Keys.inst_state], args=args
+        )
+        return int(made) >= 0
+
+    async def mark_state(
+        self, model: str, token: str, state: InstanceState, allowed: Iterable[InstanceState], ids: Sequence[str]
+    ) -> int:
+        """Move ``ids`` currently in ``allowed`` states to ``state`` under the lock; -1 if lock lost."""
+        if not ids:
+            return 0
+        args = [token, state.value, ",".join(s.value for s in allowed), *ids]
+        return int(await self._mark(keys=[Keys.lock + model, Keys.inst_state], args=args))
+
+    # -- ledger ---------------------------------------------------------------------------------------
+
+    async def commit(self, items: Sequence[CommitItem]) -> list[str]:
+        """Commit decisions: per item "ok", "dup", "gone" or "full:<field>" (see commit.lua)."""
+        if not items:
+            return []
+        args: list[Any] = [len(items)]
+        for it in items:
+            claims = it.claims()
+            args += [it.instance.id, it.instance.worker, _enc.encode(it.instance), len(claims)]
+            for kind, field, amount in claims:
+                args += [kind, field, amount]
+        keys = [
+            Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap, Keys.ram_used, Keys.claims,
+            Keys.inst, Keys.inst_state, Keys.inst_reason, Keys.inst_worker,
+        ]
+        return [_s(v) for v in await self._commit(keys=keys, args=args)]
+
+    async def release(self, ids: Sequence[str], mode: str = "remove") -> int:
+        """Free the claims of ``ids`` (idempotent) and remove them, or set them to state ``mode``."""
+        if not ids:
+            return 0
+        keys = [
+            Keys.gpu_used, Keys.ram_used, Keys.claims, Keys.inst, Keys.inst_state,
+            Keys.inst_reason, Keys.inst_worker, Keys.model_index,
+        ]
+        return int(await self._release(keys=keys, args=[mode, *ids]))
+
+    async def set_state(self, instance_id: str, worker: str, state: InstanceState) -> InstanceState | None:
+        """Apply a worker's status report; the previous state, or None when ignored."""
+        keys = [Keys.inst_state, Keys.inst_worker]
+        prev = _s(await self._set_state(keys=keys, args=[instance_id, worker, state.value]))
+        return InstanceState(prev) if prev else None
+
+    async def ledger(self) -> dict[str, tuple[int, int]]:
+        """GPU field -> (claimed, capacity) for every GPU with a capacity."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(Keys.gpu_used)
+        pipe.hgetall(Keys.gpu_cap)
+        used, cap = await pipe.execute()
+        return {_s(k): (int(used.get(k, 0)), int(v)) for k, v in cap.items()}
+
+    async def overbooked(self) -> list[str]:
+        """GPUs whose claims exceed capacity (must always be empty)."""
+        return [f"{f}: {u} > {c}" for f, (u, c) in (await self.ledger()).items() if u > c]
+
+    async def claims_consistent(self) -> list[str]:
+        """GPUs whose claimed total differs from the sum of live instance claims (must be empty)."""
+        raw = await self.r.hgetall(Keys.claims)
+        total: dict[str, int] = {}
+        for spec in raw.values():
+            for part in _s(spec).split(";"):
+                kind, field, amount = part.split("|")
+                if kind == "g":
+                    total[field] = total.get(field, 0) + int(amount)
+        used = {_s(k): int(v) for k, v in (await self.r.hgetall(Keys.gpu_used)).items()}
+        fields = set(total) | {f for f, v in used.items() if v}
+        return [f"{f}: ledger {used.get(f, 0)} != claims {total.get(f, 0)}" for f in sorted(fields)
+                if used.get(f, 0) != total.get(f, 0)]
+
+
+def apply_usage(w: Worker, hb: Heartbeat | None, last: float, cordoned: set[str]) -> Worker:
+    """A worker's inventory overlaid with its latest usage, heartbeat time and cordons."""
+    used = {g.index: g.vram_used for g in hb.gpus} if hb else {}
+    gpus = tuple(
+        msgspec.structs.replace(
+            g,
+            vram_used=used.get(g.index, g.vram_used),
+            schedulable=g.schedulable and gpu_field(w.name, g.index) not in cordoned,
+        )
+        for g in w.gpus
+    )
+    return msgspec.structs.replace(
+        w,
+        gpus=gpus,
+        ram_used=hb.ram_used if hb else w.ram_used,
+        last_heartbeat=last,
+        cordoned=w.cordoned or w.name in cordoned,
+    )
+
+
+__all__ = ["CommitItem", "Gpu", "Keys", "StateStore", "apply_usage", "gpu_field"]

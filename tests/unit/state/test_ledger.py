@@ -1,0 +1,143 @@
+"""The claims ledger: one atomic compare-and-set over every GPU of a candidate, idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, SubordinateWorker, Worker
+from shared.state import CommitItem, StateStore
+
+
+def worker(name: str, gpus: int = 2, vram: int = 80 * GIB) -> Worker:
+    return Worker(
+        name=name, gpus=tuple(Gpu(index=i, vram_total=vram) for i in range(gpus)), ram_total=512 * GIB
+    )
+
+
+async def pending(store: StateStore, *ids: str, model: str = "m") -> None:
+    token = await store.lock_model(model)
+    assert token
+    await store.create_pending(model, token, [Instance(id=i, model=model) for i in ids])
+    await store.unlock_model(model, token)
+
+
+def placed(iid: str, w: str, gpus: tuple[int, ...], gib: int, subs: tuple[SubordinateWorker, ...] = ()) -> CommitItem:
+    return CommitItem(
+        Instance(
+            id=iid, model="m", state=InstanceState.SCHEDULED, worker=w, gpu_indexes=gpus,
+            vram_claims=tuple(gib * GIB for _ in gpus), subordinates=subs,
+        )
+    )
+
+
+async def test_commit_writes_claims_and_schedules_the_instance(store: StateStore) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a")
+    assert await store.commit([placed("a", "w1", (0, 1), 40)]) == ["ok"]
+    assert (await store.ledger())["w1:0"] == (40 * GIB, 80 * GIB)
+    inst = await store.instance("a")
+    assert inst is not None and inst.state is InstanceState.SCHEDULED and inst.worker == "w1"
+
+
+async def test_commit_is_refused_whole_when_any_gpu_lacks_room(store: StateStore) -> None:
+    await store.register_workers([worker("w1"), worker("w2")])
+    await pending(store, "a", "b")
+    assert await store.commit([placed("a", "w2", (1,), 50)]) == ["ok"]
+    sub = SubordinateWorker(worker="w2", gpu_indexes=(0, 1), vram_claims=(40 * GIB, 40 * GIB))
+    verdict = await store.commit([placed("b", "w1", (0, 1), 40, (sub,))])
+    assert verdict == ["full:w2:1"]
+    ledger = await store.ledger()
+    assert ledger["w1:0"][0] == 0 and ledger["w2:0"][0] == 0 and ledger["w2:1"][0] == 50 * GIB
+    inst = await store.instance("b")
+    assert inst is not None and inst.state is InstanceState.PENDING
+
+
+async def test_redelivered_commit_is_recognised_and_claims_once(store: StateStore) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a")
+    item = placed("a", "w1", (0,), 30)
+    assert await store.commit([item]) == ["ok"]
+    assert await store.commit([item]) == ["dup"]
+    assert (await store.ledger())["w1:0"][0] == 30 * GIB
+
+
+async def test_commit_of_a_removed_instance_is_gone(store: StateStore) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a")
+    await store.release(["a"])
+    assert await store.commit([placed("a", "w1", (0,), 30)]) == ["gone"]
+    assert (await store.ledger())["w1:0"][0] == 0
+
+
+async def test_commit_on_unknown_gpu_is_refused(store: StateStore) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a")
+    assert await store.commit([placed("a", "w1", (7,), 1)]) == ["full:w1:7"]
+
+
+async def test_release_is_idempotent_and_frees_every_gpu(store: StateStore) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a")
+    await store.commit([placed("a", "w1", (0, 1), 40)])
+    assert await store.release(["a"]) == 1
+    assert await store.release(["a"]) == 0
+    assert all(used == 0 for used, _ in (await store.ledger()).values())
+    assert await store.instance("a") is None
+    assert await store.instances("m") == []
+
+
+async def test_release_to_unreachable_keeps_the_record(store: StateStore) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a")
+    await store.commit([placed("a", "w1", (0,), 40)])
+    await store.release(["a"], mode=InstanceState.UNREACHABLE.value)
+    inst = await store.instance("a")
+    assert inst is not None and inst.state is InstanceState.UNREACHABLE
+    assert (await store.ledger())["w1:0"][0] == 0
+
+
+@pytest.mark.parametrize(
+    ("start", "report", "applied"),
+    [
+        (InstanceState.SCHEDULED, InstanceState.STARTING, True),
+        (InstanceState.STARTING, InstanceState.RUNNING, True),
+        (InstanceState.DRAINING, InstanceState.RUNNING, False),
+        (InstanceState.UNREACHABLE, InstanceState.RUNNING, False),
+    ],
+)
+async def test_status_reports_follow_allowed_transitions(
+    store: StateStore, start: InstanceState, report: InstanceState, applied: bool
+) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a")
+    await store.commit([placed("a", "w1", (0,), 10)])
+    await store.r.hset("gantry:inst:state", "a", start.value)
+    prev = await store.set_state("a", "w1", report)
+    assert (prev is not None) is applied
+
+
+async def test_status_report_from_another_worker_is_ignored(store: StateStore) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a")
+    await store.commit([placed("a", "w1", (0,), 10)])
+    assert await store.set_state("a", "w9", InstanceState.RUNNING) is None
+
+
+async def test_writes_under_a_lost_lock_are_refused(store: StateStore) -> None:
+    token = await store.lock_model("m", ttl_s=0.05)
+    assert token and await store.lock_model("m") is None
+    await asyncio.sleep(0.1)
+    assert not await store.create_pending("m", token, [Instance(id="x", model="m")])
+    assert await store.instances("m") == []
+
+
+async def test_concurrent_commits_never_overbook(store: StateStore) -> None:
+    await store.register_workers([worker("w1", gpus=1)])
+    ids = [f"i{n}" for n in range(40)]
+    await pending(store, *ids)
+    results = await asyncio.gather(*(store.commit([placed(i, "w1", (0,), 7)]) for i in ids))
+    assert sum(r == ["ok"] for r in results) == 11
+    assert await store.overbooked() == []
+    assert await store.claims_consistent() == []
