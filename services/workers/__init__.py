@@ -1,0 +1,1 @@
+"""Emulated GPU workers: heartbeats, model-file downloads and instance lifecycles without hardware."""

@@ -1,0 +1,238 @@
+"""A fleet of emulated GPU workers in one asyncio process.
+
+Each worker registers its inventory, heartbeats on core NATS (usage = what its instances claim), reports
+model files READY after a download delay, and drives assigned instances SCHEDULED → STARTING → RUNNING;
+it reports DRAINING instances idle right away (an emulated server has no requests) and deletes instances
+on command. One wildcard subscription serves every worker, so a thousand workers cost one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from shared.bus import subjects
+from shared.bus.messages import (
+    AssignInstance,
+    DeleteInstance,
+    DrainInstance,
+    GpuUsage,
+    Heartbeat,
+    InstanceStatus,
+    MessageError,
+    ModelFileUpdate,
+    WorkerRegistration,
+    decode,
+    encode,
+)
+from shared.core.placement.domain import GIB, Gpu, InstanceState, ModelFileState, Worker
+
+log = logging.getLogger("gantry.workers")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Shape and timing of an emulated fleet."""
+
+    count: int = 4
+    prefix: str = "w"
+    start_index: int = 0
+    gpus: int = 8
+    gpu_product: str = "H100-SXM-80GB"
+    gpu_vendor: str = "cuda"
+    vram_gib: float = 80.0
+    ram_gib: float = 1024.0
+    labels: dict[str, str] = field(default_factory=dict)
+    cluster: str = "default"
+    heartbeat_interval_s: float = 5.0
+    register_every: int = 10  # heartbeats between full re-registrations
+    download_delay_s: float = 0.5
+    start_delay_s: float = 0.2
+    ready_files: tuple[str, ...] = ()  # model sources already on disk at start
+
+
+@dataclass
+class EmulatedInstance:
+    """An instance as one emulated worker runs it."""
+
+    id: str
+    model: str
+    source: str
+    gpu_indexes: tuple[int, ...]
+    vram_claims: tuple[int, ...]
+    state: InstanceState = InstanceState.SCHEDULED
+
+
+@dataclass
+class EmulatedWorker:
+    """One emulated worker's inventory and what it runs."""
+
+    worker: Worker
+    instances: dict[str, EmulatedInstance] = field(default_factory=dict)
+    files: dict[str, ModelFileState] = field(default_factory=dict)
+    seq: int = 0
+
+    def heartbeat(self) -> Heartbeat:
+        """Current usage: each GPU's VRAM is what the instances on it claim."""
+        used = {g.index: 0 for g in self.worker.gpus}
+        for inst in self.instances.values():
+            for idx, claim in zip(inst.gpu_indexes, inst.vram_claims, strict=False):
+                if idx in used:
+                    used[idx] += claim
+        self.seq += 1
+        return Heartbeat(
+            worker=self.worker.name,
+            seq=self.seq,
+            ram_used=0,
+            gpus=tuple(GpuUsage(index=i, vram_used=u) for i, u in used.items()),
+            instances=tuple(sorted(self.instances)),
+        )
+
+
+def make_workers(cfg: FleetConfig) -> list[EmulatedWorker]:
+    """The fleet's workers, named ``<prefix><n>``."""
+    out = []
+    for n in range(cfg.start_index, cfg.start_index + cfg.count):
+        gpus = tuple(
+            Gpu(index=i, vendor=cfg.gpu_vendor, product=cfg.gpu_product, vram_total=int(cfg.vram_gib * GIB))
+            for i in range(cfg.gpus)
+        )
+        w = Worker(
+            name=f"{cfg.prefix}{n}", cluster=cfg.cluster, labels=dict(cfg.labels), gpus=gpus,
+            ram_total=int(cfg.ram_gib * GIB),
+        )
+        out.append(EmulatedWorker(worker=w, files=dict.fromkeys(cfg.ready_files, ModelFileState.READY)))
+    return out
+
+
+class Fleet:
+    """Runs emulated workers against a NATS server."""
+
+    def __init__(self, cfg: FleetConfig, nc: Client) -> None:
+        self.cfg = cfg
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.workers = {w.worker.name: w for w in make_workers(cfg)}
+        self.paused: set[str] = set()  # workers whose heartbeats are suppressed
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Subscribe to worker commands and register every worker."""
+        await self.nc.subscribe(subjects.WORKER_CMD_ALL, cb=self._on_command)
+        for w in self.workers.values():
+            await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
+        await self.nc.flush()
+
+    async def run(self) -> None:
+        """Heartbeat forever, spreading the fleet's heartbeats over the interval."""
+        await self.start()
+        beat = 0
+        while True:
+            t0 = time.monotonic()
+            names = list(self.workers)
+            chunk = max(1, len(names) // 10)
+            for i in range(0, len(names), chunk):
+                await self._beat(names[i : i + chunk], register=beat % self.cfg.register_every == 0)
+                await asyncio.sleep(self.cfg.heartbeat_interval_s / 10)
+            beat += 1
+            rest = self.cfg.heartbeat_interval_s - (time.monotonic() - t0)
+            if rest > 0:
+                await asyncio.sleep(rest)
+
+    async def _beat(self, names: list[str], register: bool) -> None:
+        for name in names:
+            if name in self.paused:
+                continue
+            w = self.workers[name]
+            if register:
+                await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
+            await self.nc.publish(subjects.HEARTBEAT, encode(w.heartbeat()))
+
+    async def _on_command(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        name, verb = parts[-2], parts[-1]
+        w = self.workers.get(name)
+        if w is None or name in self.paused:
+            return
+        try:
+            if verb == "assign":
+                self._spawn(self._assign(w, decode(msg.data, AssignInstance)))
+            elif verb == "drain":
+                self._spawn(self._drain(w, decode(msg.data, DrainInstance)))
+            elif verb == "delete":
+                self._spawn(self._delete(w, decode(msg.data, DeleteInstance)))
+        except MessageError as exc:
+            log.warning("worker %s ignored a bad %s command: %s", name, verb, exc)
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _status(self, w: EmulatedWorker, iid: str, state: InstanceState, **kw: object) -> None:
+        msg = InstanceStatus(instance_id=iid, worker=w.worker.name, state=state, **kw)  # type: ignore[arg-type]
+        tag = "deleted" if msg.deleted else ("idle" if msg.idle else state.value)
+        with contextlib.suppress(Exception):  # NATS briefly away: the next heartbeat shows the truth
+            await self.js.publish(
+                subjects.INSTANCE_STATUS, encode(msg), headers={"Nats-Msg-Id": f"{iid}:{w.worker.name}:{tag}"}
+            )
+
+    async def _assign(self, w: EmulatedWorker, cmd: AssignInstance) -> None:
+        if cmd.instance_id in w.instances:
+            return  # re-sent assignment: already running it
+        inst = EmulatedInstance(cmd.instance_id, cmd.model, cmd.source, cmd.gpu_indexes, cmd.vram_claims)
+        w.instances[inst.id] = inst
+        await self._status(w, inst.id, InstanceState.SCHEDULED)
+        if cmd.source and w.files.get(cmd.source) != ModelFileState.READY:
+            await self._download(w, cmd.source)
+        await asyncio.sleep(self.cfg.start_delay_s / 2)
+        if w.instances.get(inst.id) is not inst:
+            return
+        inst.state = InstanceState.STARTING
+        await self._status(w, inst.id, InstanceState.STARTING)
+        await asyncio.sleep(self.cfg.start_delay_s / 2)
+        if w.instances.get(inst.id) is not inst:
+            return
+        inst.state = InstanceState.RUNNING
+        await self._status(w, inst.id, InstanceState.RUNNING)
+
+    async def _download(self, w: EmulatedWorker, source: str) -> None:
+        if w.files.get(source) == ModelFileState.DOWNLOADING:
+            while w.files.get(source) == ModelFileState.DOWNLOADING:
+                await asyncio.sleep(0.05)
+            return
+        w.files[source] = ModelFileState.DOWNLOADING
+        upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.DOWNLOADING)
+        await self.nc.publish(subjects.MODEL_FILE, encode(upd))
+        await asyncio.sleep(self.cfg.download_delay_s)
+        w.files[source] = ModelFileState.READY
+        upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.READY, progress=1.0)
+        await self.nc.publish(subjects.MODEL_FILE, encode(upd))
+
+    async def _drain(self, w: EmulatedWorker, cmd: DrainInstance) -> None:
+        inst = w.instances.get(cmd.instance_id)
+        if inst is None:
+            return
+        inst.state = InstanceState.DRAINING
+        await self._status(w, inst.id, InstanceState.DRAINING, idle=True)
+
+    async def _delete(self, w: EmulatedWorker, cmd: DeleteInstance) -> None:
+        inst = w.instances.pop(cmd.instance_id, None)
+        if inst is not None:
+            await self._status(w, cmd.instance_id, inst.state, deleted=True)
+
+
+async def run_fleet(cfg: FleetConfig, nats_url: str) -> None:
+    """Connect and run the fleet until cancelled."""
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, pending_size=64 * 1024 * 1024)
+    try:
+        await Fleet(cfg, nc).run()
+    finally:
+        await nc.close()

@@ -1,0 +1,148 @@
+"""Keeps a service's in-memory ClusterSnapshot current from bus events (no Redis read per decision).
+
+A feed starts from the Redis state (``load``) and then applies registrations, heartbeats, model-file
+updates, instance events and cordon events as they arrive. It also tells its owner when the cluster
+changed in a way that can make PENDING replicas schedulable (a worker joined or recovered, resources
+were freed), which is what the reconciler retries on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+from shared.bus.messages import (
+    CordonEvent,
+    Heartbeat,
+    InstanceEvent,
+    ModelFileUpdate,
+    WorkerRegistration,
+)
+from shared.bus.validate import check_heartbeat, check_registration
+from shared.core.placement.domain import Instance, InstanceState, ModelFile, Worker
+from shared.core.placement.snapshot import ClusterSnapshot
+from shared.state.store import StateStore, apply_usage, gpu_field
+
+# Instances whose claims are live in the ledger (UNREACHABLE ones were released).
+HOLDING = frozenset(
+    {InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.RUNNING, InstanceState.DRAINING,
+     InstanceState.ERROR}
+)
+
+ChangeListener = Callable[[str], None]
+
+
+class SnapshotFeed:
+    """Applies bus events to a ClusterSnapshot; reports cluster changes to listeners."""
+
+    def __init__(self, snapshot: ClusterSnapshot) -> None:
+        self.snapshot = snapshot
+        self.inventory: dict[str, Worker] = {}
+        self.usage: dict[str, Heartbeat] = {}
+        self.last_seen: dict[str, float] = {}
+        self.cordons: set[str] = set()
+        self.instances: dict[str, Instance] = {}  # every known instance, any state
+        self.listeners: list[ChangeListener] = []
+
+    # -- bootstrap ------------------------------------------------------------------------------------
+
+    async def load(self, store: StateStore) -> None:
+        """Initial state from Redis (inventories, last heartbeats, usage, cordons, files, instances)."""
+        self.cordons = await store.cordons()
+        for w in await store.workers():
+            self.inventory[w.name] = w
+            self.last_seen[w.name] = w.last_heartbeat
+            self.snapshot.upsert_worker(w)
+        for f in await store.model_files():
+            self.snapshot.set_model_file(f)
+        for inst in await store.instances():
+            self._put_instance(inst)
+
+    # -- events ---------------------------------------------------------------------------------------
+
+    def on_register(self, reg: WorkerRegistration, now: float) -> str | None:
+        """Apply a registration; a reason if it is invalid."""
+        reason = check_registration(reg)
+        if reason:
+            return reason
+        name = reg.worker.name
+        joined = name not in self.inventory
+        self.inventory[name] = reg.worker
+        self.last_seen[name] = now
+        self._refresh(name)
+        if joined:
+            self._changed(f"worker {name} joined")
+        return None
+
+    def on_heartbeat(self, hb: Heartbeat, now: float) -> str | None:
+        """Apply a heartbeat; a reason if it is invalid (unknown worker or GPU)."""
+        reason = check_heartbeat(hb, self.inventory.get(hb.worker))
+        if reason:
+            return reason
+        was_ready = self.snapshot.state(hb.worker, now).value == "READY"
+        self.usage[hb.worker] = hb
+        self.last_seen[hb.worker] = now
+        self._refresh(hb.worker)
+        if not was_ready and not self.inventory[hb.worker].cordoned:
+            self._changed(f"worker {hb.worker} recovered")
+        return None
+
+    def on_file(self, upd: ModelFileUpdate) -> None:
+        """Apply a model-file readiness update."""
+        self.snapshot.set_model_file(
+            ModelFile(source=upd.source, worker=upd.worker, state=upd.state, progress=upd.progress)
+        )
+
+    def on_instance(self, ev: InstanceEvent) -> None:
+        """Apply an instance change; freed resources count as a cluster change."""
+        old = self.instances.get(ev.instance.id)
+        if ev.removed:
+            self.instances.pop(ev.instance.id, None)
+            self.snapshot.remove_instance(ev.instance.id)
+        else:
+            self._put_instance(ev.instance)
+        freed = old is not None and old.worker is not None and (
+            ev.removed or ev.instance.state not in HOLDING
+        )
+        if freed:
+            self._changed(f"resources freed by {ev.instance.id}")
+
+    def on_cordon(self, ev: CordonEvent) -> None:
+        """Apply a cordon change to the worker (or GPU)."""
+        field = ev.worker if ev.gpu_index is None else gpu_field(ev.worker, ev.gpu_index)
+        if ev.cordoned:
+            self.cordons.add(field)
+        else:
+            self.cordons.discard(field)
+            self._changed(f"{field} uncordoned")
+        self._refresh(ev.worker)
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _put_instance(self, inst: Instance) -> None:
+        self.instances[inst.id] = inst
+        if inst.worker is not None and inst.state in HOLDING:
+            self.snapshot.upsert_instance(inst)
+        else:
+            self.snapshot.remove_instance(inst.id)
+
+    def _refresh(self, name: str) -> None:
+        inv = self.inventory.get(name)
+        if inv is None:
+            return
+        w = apply_usage(inv, self.usage.get(name), self.last_seen.get(name, 0.0), self.cordons)
+        self.snapshot.upsert_worker(w)
+
+    def _changed(self, why: str) -> None:
+        for listener in self.listeners:
+            listener(why)
+
+    def worker(self, name: str) -> Worker | None:
+        """The snapshot's current record of a worker."""
+        return self.snapshot.worker(name)
+
+
+def replace_state(inst: Instance, state: InstanceState, reason: str | None = None) -> Instance:
+    """A copy of ``inst`` in ``state`` (reason kept unless given)."""
+    return msgspec.structs.replace(inst, state=state, reason=reason if reason is not None else inst.reason)

@@ -1,0 +1,61 @@
+"""Semantic checks of bus input beyond decoding: each returns a one-line reason, or None if valid."""
+
+from __future__ import annotations
+
+from shared.bus.messages import Heartbeat, ScaleCommand, WorkerRegistration
+from shared.core.placement.domain import ModelSpec, Worker
+
+_BAD_NAME_CHARS = set(":|; *>.\t\n")
+
+
+def bad_name(name: str) -> str | None:
+    """Worker and model names become subject tokens and ledger fields: keep them plain."""
+    if not name:
+        return "empty name"
+    if set(name) & _BAD_NAME_CHARS or len(name) > 200:
+        return f"invalid name {name!r}: no spaces, '.', ':', '|', ';', '*' or '>'"
+    return None
+
+
+def check_scale(cmd: ScaleCommand, known: ModelSpec | None) -> str | None:
+    """A scale command needs a sane name, replicas ≥ 0, and a spec unless the model is known."""
+    reason = bad_name(cmd.model)
+    if reason:
+        return f"scale: {reason}"
+    if cmd.replicas < 0:
+        return f"scale {cmd.model}: negative replicas ({cmd.replicas})"
+    if cmd.spec is not None and cmd.spec.name != cmd.model:
+        return f"scale {cmd.model}: spec is for model {cmd.spec.name!r}"
+    if cmd.spec is None and known is None:
+        return f"scale {cmd.model}: unknown model (send its spec with the first scale command)"
+    return None
+
+
+def check_registration(reg: WorkerRegistration) -> str | None:
+    """Inventory sanity: plain name, unique GPU indexes, non-negative sizes."""
+    w: Worker = reg.worker
+    reason = bad_name(w.name)
+    if reason:
+        return f"register: {reason}"
+    indexes = [g.index for g in w.gpus]
+    if len(set(indexes)) != len(indexes):
+        return f"register {w.name}: duplicate GPU indexes {indexes}"
+    for g in w.gpus:
+        if g.index < 0 or g.vram_total < 0 or g.vram_used < 0:
+            return f"register {w.name}: negative value on gpu{g.index}"
+    if w.ram_total < 0 or w.ram_used < 0:
+        return f"register {w.name}: negative RAM"
+    return None
+
+
+def check_heartbeat(hb: Heartbeat, inventory: Worker | None) -> str | None:
+    """A heartbeat must come from a registered worker and name only GPUs it registered."""
+    if inventory is None:
+        return f"heartbeat from unknown worker {hb.worker!r} (register first)"
+    known = {g.index for g in inventory.gpus}
+    unknown = [u.index for u in hb.gpus if u.index not in known]
+    if unknown:
+        return f"heartbeat from {hb.worker} for unknown GPUs {unknown} (registered: {sorted(known)})"
+    if hb.ram_used < 0 or any(u.vram_used < 0 for u in hb.gpus):
+        return f"heartbeat from {hb.worker}: negative usage"
+    return None
