@@ -1,0 +1,146 @@
+"""Pure decisions of the reconciler: desired vs actual, liveness, drains, commit retries, resync.
+
+Everything here is deterministic and clock-free (``now`` is passed in); the reconciler service only
+gathers inputs, calls these functions, and carries out the result over NATS and Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from shared.core.placement.domain import Instance, InstanceState
+
+# States that count towards a model's replicas: everything except replicas on their way out.
+ACTIVE = frozenset(
+    {
+        InstanceState.PENDING,
+        InstanceState.SCHEDULED,
+        InstanceState.STARTING,
+        InstanceState.RUNNING,
+        InstanceState.ERROR,
+    }
+)
+# States whose claims are held by a worker and that the worker should be running.
+ON_WORKER = frozenset({InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.RUNNING})
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """What converging one model needs: how many replicas to create, which to remove."""
+
+    create: int
+    remove: tuple[str, ...]
+
+
+def plan_scale(desired: int, instances: Sequence[Instance], removal_order: Sequence[str]) -> ScalePlan:
+    """Compare desired replicas with the active ones.
+
+    ``removal_order`` ranks placed instances lowest-keep-score first (the core's scale-down chain);
+    PENDING replicas go before any placed one since they hold nothing and serve nothing.
+    """
+    active = [i for i in instances if i.state in ACTIVE]
+    if len(active) < desired:
+        return ScalePlan(create=desired - len(active), remove=())
+    excess = len(active) - desired
+    if excess == 0:
+        return ScalePlan(create=0, remove=())
+    pending = sorted(i.id for i in active if i.state is InstanceState.PENDING)
+    active_ids = {i.id for i in active}
+    ranked = [i for i in removal_order if i in active_ids and i not in set(pending)]
+    rest = sorted(active_ids - set(pending) - set(ranked))
+    return ScalePlan(create=0, remove=tuple((pending + ranked + rest)[:excess]))
+
+
+def unreachable_instances(
+    instances: Iterable[Instance],
+    last_seen: Mapping[str, float],
+    now: float,
+    not_ready_after: float,
+    reschedule_after: float,
+) -> list[str]:
+    """Instances on workers NOT_READY for longer than ``reschedule_after`` (heartbeat age at ``now``).
+
+    A worker is NOT_READY from ``last_seen + not_ready_after``; its instances move once that has lasted
+    ``reschedule_after``. Subordinate workers count too: a gang instance fails with any of its workers.
+    """
+    limit = not_ready_after + reschedule_after
+    out = []
+    for inst in instances:
+        if inst.state not in ON_WORKER and inst.state is not InstanceState.ERROR:
+            continue
+        workers = ([inst.worker] if inst.worker else []) + [s.worker for s in inst.subordinates]
+        if any(now - last_seen.get(w, float("-inf")) > limit for w in workers):
+            out.append(inst.id)
+    return sorted(out)
+
+
+def drain_finished(started_at: float, idle: bool, now: float, drain_timeout: float) -> bool:
+    """A DRAINING instance is deleted once its worker reports it idle, or after the drain timeout."""
+    return idle or now - started_at >= drain_timeout
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Place the replica again after ``delay`` seconds (fresh state)."""
+
+    attempt: int
+    delay: float
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Stop retrying: the replica stays PENDING with ``reason`` until the cluster changes."""
+
+    reason: str
+
+
+def after_refusal(attempt: int, verdict: str, max_retries: int, backoff: float) -> Retry | GiveUp:
+    """What to do after the ledger refused a commit (``verdict`` is "full:<gpu>").
+
+    Exponential backoff with a deterministic per-attempt growth; bounded by ``max_retries``.
+    """
+    if attempt >= max_retries:
+        return GiveUp(f"commit refused {attempt + 1} times (last: {verdict}); waiting for the cluster to change")
+    return Retry(attempt=attempt + 1, delay=backoff * (2**attempt))
+
+
+@dataclass(frozen=True)
+class Resync:
+    """Level-triggered repairs from worker heartbeats: assignments to re-send, strays to delete."""
+
+    assign: tuple[str, ...]
+    delete: tuple[tuple[str, str], ...]  # (worker, instance id)
+
+
+def resync_workers(
+    instances: Mapping[str, Instance],
+    reported: Mapping[str, Sequence[str]],
+    committed_at: Mapping[str, float],
+    now: float,
+    grace: float,
+) -> Resync:
+    """Compare what workers say they run with what the state says they should.
+
+    ``reported`` holds each live worker's latest heartbeat instance list. An instance the state places
+    on a reporting worker but missing from its report for longer than ``grace`` after commit gets its
+    assignment re-sent (the original may have been lost with a crashed reconciler). An instance a worker
+    runs that the state does not place there (removed, or moved after UNREACHABLE) is deleted.
+    """
+    assign = []
+    delete = []
+    held: dict[str, set[str]] = {w: set(ids) for w, ids in reported.items()}
+    for inst in instances.values():
+        if inst.state not in ON_WORKER or inst.worker not in held:
+            continue
+        if inst.id not in held[inst.worker] and now - committed_at.get(inst.id, now) > grace:
+            assign.append(inst.id)
+    for worker, ids in held.items():
+        for iid in ids:
+            found = instances.get(iid)
+            on_it = found is not None and found.worker == worker and (
+                found.state in ON_WORKER or found.state in (InstanceState.DRAINING, InstanceState.ERROR)
+            )
+            if not on_it:
+                delete.append((worker, iid))
+    return Resync(assign=tuple(sorted(assign)), delete=tuple(sorted(delete)))

@@ -1,0 +1,93 @@
+"""The reconciler's pure decisions, table-driven."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.core.placement.domain import Instance, InstanceState, SubordinateWorker
+from shared.core.placement.reconcile import (
+    GiveUp,
+    Retry,
+    after_refusal,
+    drain_finished,
+    plan_scale,
+    resync_workers,
+    unreachable_instances,
+)
+
+S = InstanceState
+
+
+def inst(iid: str, state: InstanceState = S.RUNNING, worker: str | None = "w1", **kw: object) -> Instance:
+    return Instance(id=iid, model="m", state=state, worker=worker, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("desired", "states", "order", "create", "remove"),
+    [
+        (6, [], [], 6, ()),
+        (6, [S.RUNNING, S.RUNNING], [], 4, ()),
+        (2, [S.RUNNING] * 2, [], 0, ()),
+        (1, [S.RUNNING, S.RUNNING, S.PENDING], ["i0", "i1"], 0, ("i2", "i0")),
+        (0, [S.RUNNING, S.RUNNING], ["i1", "i0"], 0, ("i1", "i0")),
+        (2, [S.RUNNING, S.DRAINING, S.UNREACHABLE], [], 1, ()),
+    ],
+    ids=["from-zero", "grow", "steady", "pending-first", "core-order", "draining-not-counted"],
+)
+def test_plan_scale_compares_desired_with_active_replicas(
+    desired: int, states: list[InstanceState], order: list[str], create: int, remove: tuple[str, ...]
+) -> None:
+    instances = [inst(f"i{n}", s, None if s is S.PENDING else "w1") for n, s in enumerate(states)]
+    plan = plan_scale(desired, instances, order)
+    assert (plan.create, plan.remove) == (create, remove)
+
+
+@pytest.mark.parametrize(
+    ("age", "expected"),
+    [(1.0, []), (3.5, []), (4.5, ["a"])],
+    ids=["fresh", "not-ready-but-within-reschedule", "past-reschedule"],
+)
+def test_instances_move_after_not_ready_plus_reschedule_after(age: float, expected: list[str]) -> None:
+    got = unreachable_instances([inst("a")], {"w1": 10.0}, 10.0 + age, not_ready_after=1.0, reschedule_after=3.0)
+    assert got == expected
+
+
+def test_a_gang_instance_fails_with_any_subordinate_worker() -> None:
+    sub = SubordinateWorker(worker="w2", gpu_indexes=(0,), vram_claims=(1,))
+    got = unreachable_instances([inst("a", subordinates=(sub,))], {"w1": 100.0, "w2": 0.0}, 100.0, 1.0, 3.0)
+    assert got == ["a"]
+
+
+def test_pending_instances_are_never_unreachable() -> None:
+    assert unreachable_instances([inst("a", S.PENDING, None)], {}, 100.0, 1.0, 1.0) == []
+
+
+@pytest.mark.parametrize(
+    ("idle", "elapsed", "done"), [(True, 0.0, True), (False, 1.0, False), (False, 5.0, True)]
+)
+def test_drain_ends_when_idle_or_timed_out(idle: bool, elapsed: float, done: bool) -> None:
+    assert drain_finished(10.0, idle, 10.0 + elapsed, drain_timeout=5.0) is done
+
+
+def test_refused_commit_retries_with_growing_backoff_then_gives_up() -> None:
+    assert after_refusal(0, "full:w1:0", 3, 0.1) == Retry(attempt=1, delay=0.1)
+    assert after_refusal(2, "full:w1:0", 3, 0.1) == Retry(attempt=3, delay=0.4)
+    verdict = after_refusal(3, "full:w1:0", 3, 0.1)
+    assert isinstance(verdict, GiveUp) and "full:w1:0" in verdict.reason
+
+
+def test_resync_resends_lost_assignments_after_grace() -> None:
+    instances = {"a": inst("a", S.SCHEDULED), "b": inst("b", S.SCHEDULED)}
+    got = resync_workers(instances, {"w1": []}, {"a": 0.0, "b": 9.5}, now=10.0, grace=1.0)
+    assert got.assign == ("a",)
+
+
+def test_resync_deletes_instances_a_worker_should_not_run() -> None:
+    instances = {"a": inst("a", S.UNREACHABLE), "b": inst("b", S.RUNNING, "w2")}
+    got = resync_workers(instances, {"w1": ["a", "b", "c"]}, {}, now=10.0, grace=1.0)
+    assert got.delete == (("w1", "a"), ("w1", "b"), ("w1", "c"))
+
+
+def test_resync_ignores_workers_that_do_not_report() -> None:
+    got = resync_workers({"a": inst("a", S.RUNNING)}, {}, {"a": 0.0}, now=10.0, grace=1.0)
+    assert got.assign == () and got.delete == ()
