@@ -1,0 +1,193 @@
+"""KV block pool with a prefix cache, following vLLM v1's block pool semantics.
+
+Block 0 is the reserved null block. Free blocks sit in one LRU list (a doubly linked list over block ids,
+so a cache hit can take a block out of the middle in O(1)). Freeing a request appends its blocks in
+reverse order, so tail blocks are evicted before the prefix blocks other requests may share. Allocation
+pops from the head and only then forgets the popped block's hash (lazy eviction). Full blocks carry a
+chained hash ``h_i = H(h_{i-1}, content of block i)``; equal chains mean equal prefixes.
+"""
+
+from __future__ import annotations
+
+from shared.core.engine.request import Request
+
+
+class KVCache:
+    """Block pool + prefix-cache index for one engine (all layers share block ids, as in vLLM)."""
+
+    __slots__ = (
+        "_head",
+        "_nxt",
+        "_prev",
+        "block_hash",
+        "block_size",
+        "cached",
+        "enable_caching",
+        "num_blocks",
+        "num_free",
+        "ref_cnt",
+    )
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        if num_blocks < 2:
+            raise ValueError("num_blocks must be >= 2 (block 0 is reserved)")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        head = num_blocks  # sentinel node closing the circular free list
+        self._head = head
+        self._nxt = [*range(1, num_blocks), head, 1]
+        self._prev = [head, *range(0, num_blocks - 1), num_blocks - 1]
+        self._nxt[0] = self._prev[0] = 0  # block 0 never joins the free list
+        self._prev[1] = head
+        self.ref_cnt = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}
+        self.num_free = num_blocks - 1
+
+    # -- free list ------------------------------------------------------------------------------------
+    def _unlink(self, b: int) -> None:
+        nxt, prev = self._nxt, self._prev
+        p, n = prev[b], nxt[b]
+        nxt[p] = n
+        prev[n] = p
+        self.num_free -= 1
+
+    def _push_tail(self, b: int) -> None:
+        nxt, prev, head = self._nxt, self._prev, self._head
+        last = prev[head]
+        nxt[last] = b
+        prev[b] = last
+        nxt[b] = head
+        prev[head] = b
+        self.num_free += 1
+
+    def _pop_head(self) -> int:
+        b: int = self._nxt[self._head]
+        self._unlink(b)
+        h = self.block_hash[b]
+        if h is not None:  # lazy eviction: the block's cached content dies only now
+            if self.cached.get(h) == b:
+                del self.cached[h]
+            self.block_hash[b] = None
+        self.ref_cnt[b] = 1
+        return b
+
+    def free_list(self) -> list[int]:
+        """Free block ids from the eviction end (head) to the most recently freed (tail)."""
+        out: list[int] = []
+        b = self._nxt[self._head]
+        while b != self._head:
+            out.append(b)
+            b = self._nxt[b]
+        return out
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable blocks held by requests (cached-but-free blocks count as free)."""
+        return 1.0 - self.num_free / (self.num_blocks - 1)
+
+    @property
+    def num_used(self) -> int:
+        """Usable blocks held by requests."""
+        return self.num_blocks - 1 - self.num_free
+
+    # -- hashing --------------------------------------------------------------------------------------
+    def hash_at(self, req: Request, b: int) -> int:
+        """The chained hash of ``req``'s block ``b`` (computed lazily, then kept on the request)."""
+        hashes = req.block_hashes
+        bs = self.block_size
+        while len(hashes) <= b:
+            i = len(hashes)
+            parent = hashes[i - 1] if i else req.cache_salt
+            toks = req.all_token_ids
+            if toks is not None:
+                h = hash((parent, *toks[i * bs : (i + 1) * bs]))
+            elif req.prefix_ids is not None and (i + 1) * bs <= req.prompt_len:
+                # trace prefix ids are already chained: (id of the unit, block index) names the content
+                h = hash((req.prefix_ids[i * bs // req.prefix_unit], i))
+            else:
+                h = hash((parent, -1 - req.uid, i))  # content unique to this request
+            hashes.append(h)
+        return hashes[b]
+
+    # -- prefix cache ---------------------------------------------------------------------------------
+    def lookup(self, req: Request) -> list[int]:
+        """Longest chain of cached full blocks for ``req``'s tokens, never covering its last token."""
+        hits: list[int] = []
+        if not self.enable_caching:
+            return hits
+        cached = self.cached
+        for b in range((req.num_tokens - 1) // self.block_size):
+            blk = cached.get(self.hash_at(req, b))
+            if blk is None:
+                break
+            hits.append(blk)
+        return hits
+
+    def num_evictable(self, blocks: list[int]) -> int:
+        """How many of ``blocks`` sit in the free list (taking them shrinks the free pool)."""
+        ref = self.ref_cnt
+        return sum(1 for b in blocks if ref[b] == 0)
+
+    def take_hits(self, req: Request, hits: list[int]) -> None:
+        """Give ``req`` the cached blocks it hit (out of the free list if unreferenced)."""
+        ref = self.ref_cnt
+        for b in hits:
+            if ref[b] == 0:
+                self._unlink(b)
+            ref[b] += 1
+        req.block_ids.extend(hits)
+        req.num_cached_blocks = len(hits)
+
+    def allocate(self, req: Request, n: int) -> None:
+        """Append ``n`` fresh blocks to ``req`` (the caller checked ``n <= num_free``)."""
+        ids = req.block_ids
+        for _ in range(n):
+            ids.append(self._pop_head())
+
+    def cache_full_blocks(self, req: Request, num_computed: int) -> None:
+        """Register ``req``'s blocks that are full once ``num_computed`` tokens are computed."""
+        full = num_computed // self.block_size
+        start = req.num_cached_blocks
+        if full <= start:
+            return
+        cached, bh, ids = self.cached, self.block_hash, req.block_ids
+        for b in range(start, full):
+            h = self.hash_at(req, b)
+            blk = ids[b]
+            bh[blk] = h
+            if h not in cached:
+                cached[h] = blk
+        req.num_cached_blocks = full
+
+    def free(self, req: Request) -> None:
+        """Release ``req``'s blocks, tail first, into the LRU free list."""
+        ref = self.ref_cnt
+        for b in reversed(req.block_ids):
+            ref[b] -= 1
+            if ref[b] == 0:
+                self._push_tail(b)
+        req.block_ids = []
+        req.num_cached_blocks = 0
+
+    def check_consistency(self) -> list[str]:
+        """Invariant violations (for tests): free list vs ref counts vs the hash index."""
+        errs: list[str] = []
+        free = self.free_list()
+        if len(free) != self.num_free:
+            errs.append(f"free list length {len(free)} != num_free {self.num_free}")
+        if len(set(free)) != len(free):
+            errs.append("free list has duplicates")
+        if 0 in free:
+            errs.append("null block in free list")
+        for b in free:
+            if self.ref_cnt[b] != 0:
+                errs.append(f"free block {b} has ref {self.ref_cnt[b]}")
+        in_use = {b for b in range(1, self.num_blocks) if self.ref_cnt[b] > 0}
+        if len(in_use) + len(free) != self.num_blocks - 1:
+            errs.append("blocks neither free nor referenced")
+        for h, b in self.cached.items():
+            if self.block_hash[b] != h:
+                errs.append(f"cache index maps {h} to block {b} holding {self.block_hash[b]}")
+        return errs

@@ -1,0 +1,304 @@
+"""One ``schedule()`` step and the output update, following vLLM v1's scheduler (spec §2).
+
+There is no prefill/decode split: every step tries to bring each scheduled request's
+``num_computed_tokens`` up to ``num_tokens``, which covers chunked prefill, prefix hits and decode alike.
+The running pass goes first (with recompute preemption when the pool runs dry); the waiting pass admits
+new work only if nothing was preempted. This is the hot loop of every simulation: it touches each running
+request once with plain integer arithmetic and allocates only on block boundaries.
+"""
+
+from __future__ import annotations
+
+from shared.core.engine.config import SchedulerConfig
+from shared.core.engine.kv_cache import KVCache
+from shared.core.engine.queues import make_queue
+from shared.core.engine.request import FinishReason, Request, RequestStatus
+from shared.core.engine.stats import SchedulerCounters
+from shared.core.engine.stop import find_stop
+
+RUNNING = RequestStatus.RUNNING
+
+
+class StepOutput:
+    """What one ``schedule()`` decided, plus the aggregates the step-time model needs.
+
+    ``attn_work`` is Σ (q·c + q(q+1)/2) and ``kv_read`` is Σ (c + q) over scheduled chunks of q new
+    tokens on c already-computed ones.
+    """
+
+    __slots__ = ("attn_work", "kv_read", "num_scheduled", "num_tokens", "preempted", "sampling", "scheduled")
+
+    def __init__(self) -> None:
+        self.scheduled: list[Request] = []
+        self.num_scheduled: list[int] = []
+        self.preempted: list[Request] = []
+        self.sampling: list[Request] = []  # requests whose computed tokens reach num_tokens: they sample
+        self.num_tokens = 0
+        self.attn_work = 0
+        self.kv_read = 0
+
+    def pairs(self) -> list[tuple[str, int]]:
+        """``(request id, tokens)`` in scheduling order."""
+        return [(r.req_id, n) for r, n in zip(self.scheduled, self.num_scheduled, strict=True)]
+
+
+class Scheduler:
+    """Continuous-batching scheduler over a :class:`KVCache`; deterministic, no clock of its own."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        problems = config.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.config = config
+        self.kv = KVCache(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting = make_queue(config.policy)
+        self.running: list[Request] = []
+        self.counters = SchedulerCounters()
+        self._priority = config.policy == "priority"
+        self._max_model_len = config.model_len_limit
+        self._next_uid = 0
+
+    # -- intake ---------------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """Validate and enqueue a new request; raises ValueError for one the engine cannot serve."""
+        if req.prompt_len < 1:
+            raise ValueError(f"request {req.req_id}: empty prompt")
+        if req.max_tokens < 1:
+            raise ValueError(f"request {req.req_id}: max_tokens must be >= 1")
+        if req.prompt_len >= self._max_model_len:
+            raise ValueError(
+                f"request {req.req_id}: prompt of {req.prompt_len} tokens does not fit max_model_len "
+                f"{self._max_model_len}"
+            )
+        blocks = -(-(req.prompt_len + 1) // self.config.block_size)
+        if blocks > self.config.num_gpu_blocks - 1:
+            raise ValueError(
+                f"request {req.req_id}: needs {blocks} KV blocks, the pool has {self.config.num_gpu_blocks - 1}"
+            )
+        if req.uid < 0:
+            req.uid = self._next_uid
+        self._next_uid = max(self._next_uid, req.uid) + 1
+        finish_at, reason, stop = find_stop(req, self._max_model_len)
+        req.finish_at = finish_at
+        req.planned_finish = (reason, stop)
+        req.status = RequestStatus.WAITING
+        self.waiting.add(req)
+
+    def has_work(self) -> bool:
+        """True while any request is waiting or running."""
+        return bool(self.running) or len(self.waiting) > 0
+
+    # -- the step -------------------------------------------------------------------------------------
+    def schedule(self, now: float = 0.0) -> StepOutput:
+        """Decide one step: which requests compute how many tokens (spec §2.1-2.2)."""
+        cfg = self.config
+        kv = self.kv
+        bs = cfg.block_size
+        thr = cfg.long_prefill_token_threshold
+        mml = self._max_model_len
+        budget = cfg.max_num_batched_tokens
+        running = self.running
+        out = StepOutput()
+        sched, nums, sampling, preempted = out.scheduled, out.num_scheduled, out.sampling, out.preempted
+        attn = 0
+        kvread = 0
+
+        # running pass
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            c = req.num_computed_tokens
+            n = req.num_tokens - c
+            if 0 < thr < n:
+                n = thr
+            if n > budget:
+                n = budget
+            if n > mml - 1 - c:
+                n = mml - 1 - c
+            if n <= 0:
+                i += 1
+                continue
+            total = c + n
+            need = -(-total // bs) - len(req.block_ids)
+            if need > 0:
+                self_preempted = False
+                while need > kv.num_free:
+                    vi = self._victim_index()
+                    victim = running.pop(vi)
+                    if victim is req:
+                        self_preempted = True
+                    elif vi < i:  # priority victim already scheduled this step: give its tokens back
+                        i -= 1
+                        j = next(k for k, r in enumerate(sched) if r is victim)
+                        nv = nums[j]
+                        del sched[j], nums[j]
+                        budget += nv
+                        cv = victim.num_computed_tokens
+                        attn -= nv * (cv - nv) + nv * (nv + 1) // 2
+                        kvread -= cv
+                        if victim in sampling:
+                            sampling.remove(victim)
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if self_preempted:
+                        break
+                if self_preempted:
+                    break
+                kv.allocate(req, need)
+            if kv.enable_caching and total // bs > req.num_cached_blocks:
+                kv.cache_full_blocks(req, total)
+            sched.append(req)
+            nums.append(n)
+            budget -= n
+            attn += n * c + n * (n + 1) // 2
+            kvread += total
+            req.num_computed_tokens = total
+            if total == req.num_tokens:
+                sampling.append(req)
+            i += 1
+
+        # waiting pass
+        if not preempted:
+            budget, attn, kvread = self._admit(out, budget, attn, kvread, now)
+
+        out.num_tokens = cfg.max_num_batched_tokens - budget
+        out.attn_work = attn
+        out.kv_read = kvread
+        c_ = self.counters
+        c_.steps += 1
+        c_.scheduled_tokens += out.num_tokens
+        c_.preemptions += len(preempted)
+        return out
+
+    def _admit(self, out: StepOutput, budget: int, attn: int, kvread: int, now: float) -> tuple[int, int, int]:
+        cfg = self.config
+        kv = self.kv
+        bs = cfg.block_size
+        thr = cfg.long_prefill_token_threshold
+        mml = self._max_model_len
+        chunked = cfg.enable_chunked_prefill
+        running = self.running
+        waiting = self.waiting
+        counters = self.counters
+        while budget > 0 and len(running) < cfg.max_num_seqs and len(waiting) > 0:
+            req = waiting.peek()
+            hits = kv.lookup(req)
+            hit_tokens = len(hits) * bs
+            n = req.num_tokens - hit_tokens
+            if 0 < thr < n:
+                n = thr
+            if n > mml - 1 - hit_tokens:
+                n = mml - 1 - hit_tokens
+            if not chunked and n > budget:
+                break
+            if n > budget:
+                n = budget
+            evictable = kv.num_evictable(hits)
+            # admission reserves room for the whole current sequence, not just this chunk
+            if -(-req.num_tokens // bs) - len(hits) + evictable > kv.num_free:
+                break
+            total = hit_tokens + n
+            waiting.pop()
+            kv.take_hits(req, hits)
+            kv.allocate(req, -(-total // bs) - len(hits))
+            if kv.enable_caching and total // bs > req.num_cached_blocks:
+                kv.cache_full_blocks(req, total)
+            req.status = RUNNING
+            running.append(req)
+            if req.first_scheduled_time < 0:
+                req.first_scheduled_time = now
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = hit_tokens
+            if kv.enable_caching:
+                counters.prefix_queries += req.num_tokens
+                counters.prefix_hits += hit_tokens
+            out.scheduled.append(req)
+            out.num_scheduled.append(n)
+            budget -= n
+            attn += n * hit_tokens + n * (n + 1) // 2
+            kvread += total
+            req.num_computed_tokens = total
+            if total == req.num_tokens:
+                out.sampling.append(req)
+        return budget, attn, kvread
+
+    def _victim_index(self) -> int:
+        running = self.running
+        if not self._priority:
+            return len(running) - 1
+        best = 0
+        key = (running[0].priority, running[0].arrival_time, running[0].uid)
+        for k in range(1, len(running)):
+            r = running[k]
+            rk = (r.priority, r.arrival_time, r.uid)
+            if rk > key:
+                best, key = k, rk
+        return best
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.prepend(req)
+
+    # -- results --------------------------------------------------------------------------------------
+    def update_from_output(self, out: StepOutput, now: float) -> list[Request]:
+        """Sample one token for each request that computed all its tokens; return those that finished."""
+        finished: list[Request] = []
+        gen = 0
+        for req in out.sampling:
+            if req.status is not RUNNING:  # preempted after this output was scheduled
+                continue
+            k = req.num_output_tokens
+            toks = req.all_token_ids
+            if toks is not None:
+                s = req.sampled_token_ids
+                toks.append(s[k] if s is not None and k < len(s) else req.filler_token)
+            k += 1
+            gen += 1
+            req.num_output_tokens = k
+            req.num_tokens += 1
+            if req.first_token_time < 0:
+                req.first_token_time = now
+                self.counters.prompt_tokens += req.prompt_len
+            req.last_token_time = now
+            if k >= req.finish_at:
+                finished.append(req)
+        self.counters.generation_tokens += gen
+        if finished:
+            for req in finished:
+                self._finish(req, now, req.planned_finish[0], req.planned_finish[1])
+            self.running = [r for r in self.running if r.status is RUNNING]
+        return finished
+
+    def _finish(self, req: Request, now: float, reason: FinishReason, stop: int | None) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop
+        req.finish_time = now
+        c = self.counters
+        c.finished += 1
+        c.finished_by_reason[reason.value] = c.finished_by_reason.get(reason.value, 0) + 1
+
+    def abort(self, req: Request, now: float) -> None:
+        """Drop a request wherever it is (client went away); frees its blocks."""
+        if req.status is RUNNING:
+            self.running.remove(req)
+        elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(req)
+        else:
+            return
+        self._finish(req, now, FinishReason.ABORT, None)
+
+    # -- views ----------------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        """Requests in the waiting queue (new and preempted)."""
+        return len(self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """KV-cache usage in [0, 1]."""
+        return self.kv.usage
