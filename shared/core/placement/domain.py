@@ -102,6 +102,7 @@ class GpuSelector(msgspec.Struct, frozen=True, kw_only=True):
     gpu_ids: tuple[str, ...] = ()  # "worker:index"
     gpus_per_replica: int | None = None
     gpu_type: str | None = None  # product name, e.g. "H100-SXM-80GB"
+    labels: dict[str, str] = {}  # every label must equal the GPU's own label
 
 
 class GgufSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -225,3 +226,42 @@ class Unschedulable(msgspec.Struct, frozen=True, kw_only=True):
 
 
 PlacementResult = Decision | Unschedulable
+
+
+class ResourceRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What one replica needs, as estimated from its model spec (see ``requirements``)."""
+
+    vram: int  # V: bytes the replica's GPUs must provide together for a full offload
+    ram: int = 0  # RAM claimed on each worker of a GPU placement
+    gpu_memory_utilization: float = 0.0  # > 0: claim this fraction of every GPU used (vLLM, SGLang)
+    gpu_count: int | None = None  # world size asked for by parallel sizes or the GPU selector
+    attention_heads: int | None = None  # tensor-parallel sizes must divide these (when known)
+    vocab_size: int | None = None
+    gguf: GgufSpec | None = None  # per-layer sizes for partial offload / CPU placements
+    basis: str = ""  # how ``vram`` was obtained, for explanations
+
+
+class FilterResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Output of the filter chain: surviving worker names (sorted) and one report per filter run."""
+
+    model: str
+    survivors: tuple[str, ...]
+    reports: tuple[FilterReport, ...] = ()
+
+
+class FitResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Output of fitting: the winning strategy's candidates, or why nothing fits."""
+
+    model: str
+    candidates: tuple[Candidate, ...] = ()
+    strategy: str | None = None  # the strategy whose candidates these are
+    reasons: tuple[Reason, ...] = ()  # strategies skipped or failed, with why
+    message: str = ""  # best-effort explanation when nothing fits (spec §5)
+
+
+class ScaleDownEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One instance's keep-score on scale-down; the lowest are removed first."""
+
+    instance_id: str
+    score: float
+    breakdown: dict[str, float]

@@ -1,0 +1,71 @@
+"""Best-effort explanations (spec §5): what the replica needs and the best the cluster offers.
+
+Computed from the snapshot's columns over the workers that passed the filters, so the fast and the
+reference paths give the same words, and a full cluster is explained without visiting every GPU in Python.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.core.placement.context import PlacementContext, gpu_type_matches
+from shared.core.placement.domain import FilterReport
+from shared.core.placement.requirements import gib
+from shared.core.placement.snapshot import BoolArray
+
+
+def filters_message(reports: list[FilterReport] | tuple[FilterReport, ...]) -> str:
+    """Why no worker survived the filter chain, with the first drop reasons of the emptying filter."""
+    counts = ", ".join(f"{r.filter} kept {r.kept} of {r.total}" for r in reports)
+    last = next((r for r in reversed(reports) if r.dropped), None)
+    detail = ""
+    if last is not None:
+        shown = "; ".join(f"{d.subject}: {d.message}" for d in last.dropped[:3])
+        more = f" (+{len(last.dropped) - 3} more)" if len(last.dropped) > 3 else ""
+        detail = f" [{last.filter}: {shown}{more}]"
+    return f"no worker passed the filters: {counts}{detail}"
+
+
+def unfit_message(ctx: PlacementContext, survivors: BoolArray) -> str:
+    """``needs ≈V GiB VRAM per replica; largest allocatable GPU: …; k of n GPUs have the u% headroom``."""
+    snap, req = ctx.snapshot, ctx.req
+    rows = snap.rows
+    eligible = snap.g_exists[:rows] & survivors[:, None]
+    selector = ctx.model.gpu_selector
+    if selector is not None and selector.gpu_type:
+        codes = [c for c, (v, p) in enumerate(snap.type_names()) if gpu_type_matches(selector.gpu_type, v, p)]
+        eligible &= np.isin(snap.g_type[:rows], codes)
+    usable = eligible & snap.g_ok[:rows]
+    cordoned = int((eligible & ~snap.g_ok[:rows]).sum())
+    alloc, total = snap.g_alloc[:rows], snap.g_total[:rows]
+    parts = [f"needs ≈{gib(req.vram)} GiB VRAM per replica" + (f" and {gib(req.ram)} GiB RAM" if req.ram else "")]
+    if req.gpu_count and req.gpu_count > 1:
+        parts[0] += f" over {req.gpu_count} GPUs"
+    if usable.any():
+        masked = np.where(usable, alloc, np.iinfo(np.int64).min)
+        flat = int(np.argmax(masked))
+        r, s = divmod(flat, masked.shape[1])
+        best, best_total = int(alloc[r, s]), int(total[r, s])
+        pct = 100.0 * best / best_total if best_total else 0.0
+        where = f"{snap.name_of(r)}/gpu{int(snap.g_index[r, s])}"
+        parts.append(f"largest allocatable GPU: {gib(max(best, 0))} GiB ({where}, {pct:.0f}%)")
+        n = int(usable.sum())
+        u = req.gpu_memory_utilization
+        if u > 0:
+            headroom = int((usable & (alloc >= (total * u).astype(np.int64))).sum())
+            parts.append(f"{headroom} of {n} GPUs have the {u * 100:.0f}% utilization headroom")
+        if (req.gpu_count or 1) > 1 or best < req.vram:
+            per_worker = np.where(usable, np.maximum(alloc, 0), 0).sum(axis=1)
+            w = int(np.argmax(per_worker))
+            parts.append(
+                f"largest worker: {gib(int(per_worker[w]))} GiB allocatable over "
+                f"{int(usable[w].sum())} GPUs ({snap.name_of(w)})"
+            )
+    else:
+        parts.append(f"no schedulable GPU on the {int(survivors.sum())} workers that passed the filters")
+    if cordoned:
+        parts.append(f"{cordoned} GPUs cordoned")
+    if req.ram:
+        fits = int((survivors & (snap.w_ram_alloc[:rows] >= req.ram)).sum())
+        parts.append(f"{fits} of {int(survivors.sum())} workers have the RAM")
+    return "; ".join(parts)

@@ -1,0 +1,119 @@
+"""The fit-strategy plugin interface and the helpers strategies share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from shared.core.placement.context import PlacementContext
+from shared.core.placement.domain import Candidate, SubordinateWorker
+from shared.core.placement.requirements import ceil_div
+from shared.core.placement.snapshot import GpuView, WorkerView
+
+
+@dataclass
+class FitOutcome:
+    """Candidates a strategy found, and notes on why others did not fit."""
+
+    candidates: list[Candidate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class FitStrategy(ABC):
+    """Turns surviving workers into candidates, or explains why it could not."""
+
+    name: ClassVar[str]
+
+    def skip(self, ctx: PlacementContext) -> str | None:
+        """A reason this strategy does not apply to the model, or None."""
+        return None
+
+    @abstractmethod
+    def fit(self, ctx: PlacementContext, workers: Sequence[WorkerView]) -> FitOutcome:
+        """Every candidate this strategy yields over ``workers`` (sorted by name)."""
+
+
+def by_allocatable(gpus: Sequence[GpuView]) -> list[GpuView]:
+    """GPUs by allocatable VRAM, largest first; index breaks ties."""
+    return sorted(gpus, key=lambda g: (-g.allocatable, g.index))
+
+
+def type_groups(ctx: PlacementContext, view: WorkerView) -> list[list[GpuView]]:
+    """The worker's eligible GPUs grouped by (vendor, product): types are never mixed in a candidate."""
+    groups: dict[tuple[str, str], list[GpuView]] = {}
+    for gpu in view.gpus:
+        if ctx.gpu_eligible(gpu):
+            groups.setdefault(gpu.type_key, []).append(gpu)
+    return [groups[key] for key in sorted(groups)]
+
+
+def full_claims(ctx: PlacementContext, gpus: Sequence[GpuView]) -> tuple[int, ...] | None:
+    """Claims on ``gpus`` for a full offload of one replica, or None if they cannot hold it.
+
+    Utilisation backends claim ``floor(u × total)`` on every GPU, which must still be allocatable, and the
+    claims must cover V. Others split V evenly (tensor-parallel shards) and every GPU must hold its share.
+    """
+    req = ctx.req
+    if not gpus:
+        return None
+    if req.gpu_memory_utilization > 0:
+        claims = tuple(ctx.full_claim(g) for g in gpus)
+        if any(g.allocatable < c for g, c in zip(gpus, claims, strict=True)) or sum(claims) < req.vram:
+            return None
+        return claims
+    share = ceil_div(req.vram, len(gpus))
+    if any(g.allocatable < share for g in gpus):
+        return None
+    return tuple(share for _ in gpus)
+
+
+def qualifies(ctx: PlacementContext, gpu: GpuView) -> bool:
+    """Has the utilisation headroom (utilisation backends) or any room at all (others)."""
+    if ctx.req.gpu_memory_utilization > 0:
+        return gpu.allocatable >= ctx.full_claim(gpu)
+    return gpu.allocatable > 0
+
+
+def candidate(
+    worker: str,
+    gpus: Sequence[GpuView],
+    claims: Sequence[int],
+    ram: int,
+    strategy: str,
+    *,
+    subordinates: tuple[SubordinateWorker, ...] = (),
+    total_layers: int | None = None,
+    offload_layers: int | None = None,
+    overcommit: str | None = None,
+) -> Candidate:
+    """A candidate with GPU indexes in ascending order (claims kept parallel)."""
+    pairs = sorted(zip((g.index for g in gpus), claims, strict=True))
+    return Candidate(
+        worker=worker,
+        gpu_indexes=tuple(i for i, _ in pairs),
+        vram_claims=tuple(c for _, c in pairs),
+        ram_claim=ram,
+        subordinates=subordinates,
+        strategy=strategy,
+        total_layers=total_layers,
+        offload_layers=offload_layers,
+        overcommit=overcommit,
+    )
+
+
+def subordinate(worker: str, gpus: Sequence[GpuView], claims: Sequence[int], ram: int) -> SubordinateWorker:
+    """A subordinate share with GPU indexes in ascending order."""
+    pairs = sorted(zip((g.index for g in gpus), claims, strict=True))
+    return SubordinateWorker(
+        worker=worker,
+        gpu_indexes=tuple(i for i, _ in pairs),
+        vram_claims=tuple(c for _, c in pairs),
+        ram_claim=ram,
+    )
+
+
+def ram_short(ctx: PlacementContext, view: WorkerView, need: int) -> bool:
+    """The worker cannot give ``need`` bytes of RAM (0 always fits)."""
+    return need > 0 and view.ram_allocatable < need

@@ -1,0 +1,91 @@
+"""multi_worker: several workers with the same GPU count and type, each contributing all its GPUs."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from shared.core.placement.context import PlacementContext
+from shared.core.placement.fitting.base import (
+    FitOutcome,
+    FitStrategy,
+    candidate,
+    qualifies,
+    ram_short,
+    subordinate,
+)
+from shared.core.placement.requirements import ceil_div, tp_divisible
+from shared.core.placement.snapshot import GpuView, WorkerView
+
+
+class MultiWorker(FitStrategy):
+    """Distributed inference: feasible worker combinations, up to the profile's cap per GPU group."""
+
+    name = "multi_worker"
+
+    def skip(self, ctx: PlacementContext) -> str | None:
+        """Only when the model allows distributed inference and needs more than one GPU."""
+        if not ctx.model.distributed_inference_across_workers:
+            return "distributed inference across workers is not enabled for this model"
+        if ctx.req.gpu_count == 1:
+            return "the parallel sizes ask for 1 GPU"
+        return None
+
+    def _groups(
+        self, ctx: PlacementContext, workers: Sequence[WorkerView]
+    ) -> dict[tuple[int, str, str], list[WorkerView]]:
+        """Workers whose GPUs are all of one type, all eligible and all qualifying, by (count, type)."""
+        groups: dict[tuple[int, str, str], list[WorkerView]] = {}
+        for view in workers:
+            gpus = view.gpus
+            if not gpus or ram_short(ctx, view, ctx.req.ram):
+                continue
+            types = {g.type_key for g in gpus}
+            if len(types) != 1 or not all(ctx.gpu_eligible(g) and qualifies(ctx, g) for g in gpus):
+                continue
+            vendor, product = gpus[0].type_key
+            groups.setdefault((len(gpus), vendor, product), []).append(view)
+        return groups
+
+    def _claims(self, ctx: PlacementContext, gpus: Sequence[GpuView], share: int) -> tuple[int, ...]:
+        if ctx.req.gpu_memory_utilization > 0:
+            return tuple(ctx.full_claim(g) for g in gpus)
+        return tuple(share for _ in gpus)
+
+    def fit(self, ctx: PlacementContext, workers: Sequence[WorkerView]) -> FitOutcome:
+        """The smallest worker count per group that covers V (or meets the world size)."""
+        out = FitOutcome()
+        req = ctx.req
+        limit = ctx.profile.max_worker_combinations
+        for (per_worker, _, _), group in sorted(self._groups(ctx, workers).items()):
+            if len(group) < 2 or not tp_divisible(per_worker, req):
+                continue
+            if req.gpu_count is not None:
+                if req.gpu_count % per_worker or req.gpu_count // per_worker < 2:
+                    continue
+                sizes = [req.gpu_count // per_worker]
+            else:
+                sizes = list(range(2, len(group) + 1))
+            for m in sizes:
+                share = ceil_div(req.vram, m * per_worker)
+                kept = 0
+                for combo in itertools.combinations(group, m):
+                    claims = [self._claims(ctx, v.gpus, share) for v in combo]
+                    if sum(map(sum, claims)) < req.vram:
+                        continue
+                    if any(g.allocatable < c for v, cs in zip(combo, claims, strict=True)
+                           for g, c in zip(v.gpus, cs, strict=True)):
+                        continue
+                    main, rest = combo[0], combo[1:]
+                    subs = tuple(
+                        subordinate(v.name, v.gpus, cs, req.ram) for v, cs in zip(rest, claims[1:], strict=True)
+                    )
+                    out.candidates.append(
+                        candidate(main.name, main.gpus, claims[0], req.ram, self.name, subordinates=subs)
+                    )
+                    kept += 1
+                    if kept >= limit:
+                        break
+                if kept:
+                    break
+        return out

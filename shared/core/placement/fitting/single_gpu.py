@@ -1,0 +1,82 @@
+"""single_gpu: every GPU that holds one replica on its own is a candidate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.core.placement.context import PlacementContext, gpu_type_matches
+from shared.core.placement.fitting.base import FitOutcome, FitStrategy, candidate, full_claims, ram_short
+from shared.core.placement.snapshot import BoolArray, IntArray, WorkerView
+
+
+@dataclass
+class GpuBatch:
+    """Single-GPU candidates as columns: snapshot row and GPU slot of each, and its VRAM claim."""
+
+    rows: IntArray
+    slots: IntArray
+    claims: IntArray
+    ram_claim: int
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class SingleGpu(FitStrategy):
+    """One worker, one GPU."""
+
+    name = "single_gpu"
+
+    def skip(self, ctx: PlacementContext) -> str | None:
+        """Not when the parallel sizes ask for several GPUs."""
+        count = ctx.req.gpu_count
+        if count is not None and count > 1:
+            return f"the parallel sizes ask for {count} GPUs"
+        return None
+
+    def fit(self, ctx: PlacementContext, workers: Sequence[WorkerView]) -> FitOutcome:
+        """Reference path: visit every GPU of every worker."""
+        out = FitOutcome()
+        ram = ctx.req.ram
+        short = 0
+        for view in workers:
+            if ram_short(ctx, view, ram):
+                short += 1
+                continue
+            for gpu in view.gpus:
+                if not ctx.gpu_eligible(gpu):
+                    continue
+                claims = full_claims(ctx, [gpu])
+                if claims is not None:
+                    out.candidates.append(candidate(view.name, [gpu], claims, ram, self.name))
+        if short:
+            out.notes.append(f"{short} workers lack the {ram / (1 << 30):.2f} GiB RAM claim")
+        return out
+
+    def fit_batch(self, ctx: PlacementContext, survivors: BoolArray) -> GpuBatch | None:
+        """Fast path over the snapshot's columns; None when the model needs the reference path."""
+        selector = ctx.model.gpu_selector
+        if selector is not None and selector.labels:
+            return None
+        snap, req = ctx.snapshot, ctx.req
+        rows = snap.rows
+        workers_ok = survivors & (snap.w_ram_alloc[:rows] >= req.ram) if req.ram > 0 else survivors
+        ok = snap.g_ok[:rows] & workers_ok[:, None]
+        if selector is not None and selector.gpu_type:
+            wanted = selector.gpu_type
+            codes = [c for c, (v, p) in enumerate(snap.type_names()) if gpu_type_matches(wanted, v, p)]
+            ok &= np.isin(snap.g_type[:rows], codes)
+        alloc = snap.g_alloc[:rows]
+        if req.gpu_memory_utilization > 0:
+            claim = (snap.g_total[:rows] * req.gpu_memory_utilization).astype(np.int64)
+            ok &= (claim >= req.vram) & (alloc >= claim)
+            r, s = np.nonzero(ok)
+            claims = claim[r, s]
+        else:
+            ok &= alloc >= req.vram
+            r, s = np.nonzero(ok)
+            claims = np.full(len(r), req.vram, dtype=np.int64)
+        return GpuBatch(rows=r.astype(np.int64), slots=s.astype(np.int64), claims=claims, ram_claim=req.ram)

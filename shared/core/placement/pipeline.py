@@ -1,0 +1,440 @@
+"""The placement stages (filter → fit → score), their composition ``place``, and scale-down ranking.
+
+Every stage is pure and deterministic and returns a msgspec struct, so separate services can run the
+stages and pass the results on the bus. ``exhaustive=True`` runs the plain reference path (every plugin's
+scalar code, every worker and GPU visited); the default uses the snapshot's columns where a plugin offers
+a vectorised form. Property tests hold the two to the same decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.core.catalog.models import ModelArch
+from shared.core.placement.context import PlacementContext
+from shared.core.placement.domain import (
+    Candidate,
+    Decision,
+    FilterReport,
+    FilterResult,
+    FitResult,
+    GgufSpec,
+    Instance,
+    InstanceState,
+    ModelSpec,
+    Reason,
+    ResourceRequest,
+    ScaleDownEntry,
+    Unschedulable,
+)
+from shared.core.placement.explain import filters_message, unfit_message
+from shared.core.placement.filters import FILTERS
+from shared.core.placement.filters.gpu_selector import GpuSelectorFilter
+from shared.core.placement.fitting import FIT_STRATEGIES, GpuBatch
+from shared.core.placement.fitting.single_gpu import SingleGpu
+from shared.core.placement.profile import DEFAULT_PROFILE, Profile, ScorerConfig
+from shared.core.placement.requirements import estimate
+from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
+from shared.core.placement.scorers import SCORERS
+from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, FloatArray
+
+QUANTUM = 1e6  # scores are compared in millionths of a point: float noise never decides a tie
+
+
+def quantize(score: float) -> float:
+    """The comparison key of a score."""
+    return math.floor(score * QUANTUM + 0.5)
+
+
+def factor(cfg: ScorerConfig, natural_max: float) -> float:
+    """Multiplier applied to a scorer's raw score: weight, and rescaling to ``max_score``."""
+    scale = cfg.max_score / natural_max if cfg.max_score is not None else 1.0
+    return cfg.weight * scale
+
+
+# ------------------------------------------------------------------------------------------- filters
+
+
+def _missing_reasons(ctx: PlacementContext) -> list[Reason]:
+    return [
+        Reason(plugin=GpuSelectorFilter.name, subject=gpu_id, message="selected GPU is not in the cluster")
+        for gpu_id in GpuSelectorFilter.missing(ctx)
+    ]
+
+
+def _filter_reference(ctx: PlacementContext) -> tuple[list[str], list[FilterReport]]:
+    snap = ctx.snapshot
+    names = snap.worker_names()
+    reports: list[FilterReport] = []
+    for fname in ctx.profile.filters:
+        if not names:
+            break
+        plugin = FILTERS[fname]()
+        total = len(names)
+        extra = _missing_reasons(ctx) if fname == GpuSelectorFilter.name and plugin.active(ctx) else []
+        if not plugin.active(ctx):
+            reports.append(FilterReport(filter=fname, kept=total, total=total))
+            continue
+        kept: list[str] = []
+        dropped: list[Reason] = []
+        for name in names:
+            worker = snap.worker(name)
+            assert worker is not None
+            why = plugin.check(ctx, worker)
+            if why is None:
+                kept.append(name)
+            else:
+                dropped.append(Reason(plugin=fname, subject=name, message=why))
+        names = kept
+        reports.append(FilterReport(filter=fname, kept=len(kept), total=total, dropped=tuple(dropped + extra)))
+    return names, reports
+
+
+def _filter_fast(ctx: PlacementContext) -> tuple[BoolArray, list[FilterReport]]:
+    snap = ctx.snapshot
+    mask = snap.w_present[: snap.rows].copy()
+    reports: list[FilterReport] = []
+    for fname in ctx.profile.filters:
+        total = int(mask.sum())
+        if total == 0:
+            break
+        plugin = FILTERS[fname]()
+        if not plugin.active(ctx):
+            reports.append(FilterReport(filter=fname, kept=total, total=total))
+            continue
+        keep = plugin.keep_mask(ctx)
+        gone = np.flatnonzero(mask & ~keep)
+        dropped = []
+        for name in sorted(snap.name_of(int(r)) for r in gone):
+            worker = snap.worker(name)
+            assert worker is not None
+            dropped.append(Reason(plugin=fname, subject=name, message=plugin.check(ctx, worker) or "dropped"))
+        if fname == GpuSelectorFilter.name:
+            dropped += _missing_reasons(ctx)
+        mask &= keep
+        reports.append(FilterReport(filter=fname, kept=int(mask.sum()), total=total, dropped=tuple(dropped)))
+    return mask, reports
+
+
+def _names(snap: ClusterSnapshot, mask: BoolArray) -> list[str]:
+    return sorted(snap.name_of(int(r)) for r in np.flatnonzero(mask))
+
+
+def _mask(snap: ClusterSnapshot, names: Sequence[str]) -> BoolArray:
+    mask = np.zeros(snap.rows, dtype=np.bool_)
+    for name in names:
+        row = snap.row_of(name)
+        if row is not None:
+            mask[row] = True
+    return mask
+
+
+def run_filters(
+    snapshot: ClusterSnapshot,
+    model: ModelSpec,
+    now: float,
+    profile: Profile = DEFAULT_PROFILE,
+    *,
+    exhaustive: bool = False,
+) -> FilterResult:
+    """Run the profile's filter chain; survivors are sorted by name."""
+    ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile, now=now)
+    if exhaustive:
+        names, reports = _filter_reference(ctx)
+    else:
+        mask, reports = _filter_fast(ctx)
+        names = _names(snapshot, mask)
+    return FilterResult(model=model.name, survivors=tuple(names), reports=tuple(reports))
+
+
+# ------------------------------------------------------------------------------------------- fitting
+
+
+def _candidate_key(c: Candidate) -> tuple[str, tuple[int, ...], tuple[str, ...]]:
+    return (c.worker, c.gpu_indexes, tuple(s.worker for s in c.subordinates))
+
+
+@dataclass
+class _Fitted:
+    strategy: str | None = None
+    batch: GpuBatch | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    reasons: list[Reason] = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        return bool(self.candidates) or (self.batch is not None and len(self.batch) > 0)
+
+
+def _fit(ctx: PlacementContext, survivors: BoolArray, exhaustive: bool) -> _Fitted:
+    fitted = _Fitted()
+    names: list[str] | None = None
+    for sname in ctx.profile.fit_strategies:
+        strategy = FIT_STRATEGIES[sname]()
+        skip = "GPUs are selected explicitly" if ctx.selected_ids and sname != "manual" else strategy.skip(ctx)
+        if skip:
+            fitted.reasons.append(Reason(plugin=sname, subject="", message=f"skipped: {skip}"))
+            continue
+        if not exhaustive and isinstance(strategy, SingleGpu):
+            batch = strategy.fit_batch(ctx, survivors)
+            if batch is not None:
+                if len(batch):
+                    fitted.strategy, fitted.batch = sname, batch
+                    return fitted
+                fitted.reasons.append(Reason(plugin=sname, subject="", message="no candidates"))
+                continue
+        if names is None:
+            names = _names(ctx.snapshot, survivors)
+        outcome = strategy.fit(ctx, [ctx.view(n) for n in names])
+        if outcome.candidates:
+            fitted.strategy = sname
+            fitted.candidates = sorted(outcome.candidates, key=_candidate_key)
+            return fitted
+        fitted.reasons.append(Reason(plugin=sname, subject="", message="; ".join(outcome.notes) or "no candidates"))
+    return fitted
+
+
+def _batch_candidates(ctx: PlacementContext, batch: GpuBatch, strategy: str) -> list[Candidate]:
+    snap = ctx.snapshot
+    out = [
+        Candidate(
+            worker=snap.name_of(int(r)),
+            gpu_indexes=(int(snap.g_index[r, s]),),
+            vram_claims=(int(c),),
+            ram_claim=batch.ram_claim,
+            strategy=strategy,
+        )
+        for r, s, c in zip(batch.rows, batch.slots, batch.claims, strict=True)
+    ]
+    return sorted(out, key=_candidate_key)
+
+
+def run_fitting(
+    snapshot: ClusterSnapshot,
+    model: ModelSpec,
+    request: ResourceRequest,
+    survivors: Sequence[str],
+    profile: Profile = DEFAULT_PROFILE,
+    *,
+    exhaustive: bool = False,
+) -> FitResult:
+    """Try the profile's fit strategies in order over ``survivors``; the first with candidates wins.
+
+    When nothing fits, ``message`` is the spec §5 explanation and ``reasons`` say what each strategy did.
+    """
+    ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile, request=request)
+    mask = _mask(snapshot, survivors)
+    fitted = _fit(ctx, mask, exhaustive)
+    if not fitted.found:
+        return FitResult(model=model.name, reasons=tuple(fitted.reasons), message=unfit_message(ctx, mask))
+    candidates = fitted.candidates
+    if fitted.batch is not None:
+        candidates = _batch_candidates(ctx, fitted.batch, fitted.strategy or "")
+    return FitResult(
+        model=model.name, candidates=tuple(candidates), strategy=fitted.strategy, reasons=tuple(fitted.reasons)
+    )
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def _score_reference(
+    ctx: PlacementContext, candidates: Sequence[Candidate]
+) -> tuple[int, float, dict[str, float]]:
+    parts: list[tuple[str, list[float]]] = []
+    for cfg in ctx.profile.scorers:
+        scorer = SCORERS[cfg.name]()
+        k = factor(cfg, scorer.max_score)
+        parts.append((cfg.name, [raw * k for raw in scorer.score(ctx, candidates)]))
+    totals = []
+    for i in range(len(candidates)):
+        total = 0.0
+        for _, values in parts:
+            total = total + values[i]
+        totals.append(total)
+    best = min(range(len(candidates)), key=lambda i: (-quantize(totals[i]), _candidate_key(candidates[i])))
+    return best, totals[best], {name: values[best] for name, values in parts}
+
+
+def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, float, dict[str, float]] | None:
+    parts: list[tuple[str, FloatArray]] = []
+    for cfg in ctx.profile.scorers:
+        scorer = SCORERS[cfg.name]()
+        raw = scorer.score_batch(ctx, batch)
+        if raw is None:
+            return None
+        parts.append((cfg.name, raw * factor(cfg, scorer.max_score)))
+    total: FloatArray = np.zeros(len(batch), dtype=np.float64)
+    for _, values in parts:
+        total = total + values
+    keys = np.floor(total * QUANTUM + 0.5)
+    tied = np.flatnonzero(keys == keys.max())
+    if len(tied) == 1:
+        best = int(tied[0])
+    else:
+        snap = ctx.snapshot
+        rows, slots = batch.rows[tied], batch.slots[tied]
+        order = np.lexsort((snap.g_index[rows, slots], snap.ranks()[rows]))
+        best = int(tied[order[0]])
+    return best, float(total[best]), {name: float(values[best]) for name, values in parts}
+
+
+def run_scoring(
+    snapshot: ClusterSnapshot,
+    model: ModelSpec,
+    candidates: Sequence[Candidate],
+    profile: Profile = DEFAULT_PROFILE,
+    *,
+    filters: Sequence[FilterReport] = (),
+) -> Decision:
+    """Score ``candidates`` with the profile's scorers and pick the best (ties: worker name, GPU indexes)."""
+    if not candidates:
+        raise ValueError("run_scoring needs at least one candidate")
+    ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
+    ordered = sorted(candidates, key=_candidate_key)
+    best, total, breakdown = _score_reference(ctx, ordered)
+    return Decision(
+        model=model.name,
+        candidate=ordered[best],
+        score=total,
+        breakdown=breakdown,
+        filters=tuple(filters),
+        candidates_considered=len(ordered),
+    )
+
+
+# ------------------------------------------------------------------------------------------- place
+
+
+def requirements(
+    model: ModelSpec, arch: ModelArch | None = None, gguf: GgufSpec | None = None
+) -> ResourceRequest | Reason:
+    """The replica's resource request, or why it cannot be estimated (see ``requirements.estimate``)."""
+    return estimate(model, arch, gguf)
+
+
+def place(
+    snapshot: ClusterSnapshot,
+    model: ModelSpec,
+    now: float,
+    profile: Profile = DEFAULT_PROFILE,
+    *,
+    request: ResourceRequest | None = None,
+    arch: ModelArch | None = None,
+    gguf: GgufSpec | None = None,
+    exhaustive: bool = False,
+) -> Decision | Unschedulable:
+    """Place one replica: estimate, filter, fit and score; a Decision or an explained Unschedulable."""
+    if request is None:
+        estimated = estimate(model, arch, gguf)
+        if isinstance(estimated, Reason):
+            return Unschedulable(model=model.name, message=estimated.message, reasons=(estimated,))
+        request = estimated
+    ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile, now=now, request=request)
+    if exhaustive:
+        names, reports = _filter_reference(ctx)
+        survivors = _mask(snapshot, names)
+    else:
+        survivors, reports = _filter_fast(ctx)
+    if not survivors.any():
+        return Unschedulable(model=model.name, message=filters_message(reports), filters=tuple(reports))
+    fitted = _fit(ctx, survivors, exhaustive)
+    if not fitted.found:
+        return Unschedulable(
+            model=model.name,
+            message=unfit_message(ctx, survivors),
+            filters=tuple(reports),
+            reasons=tuple(fitted.reasons),
+        )
+    if fitted.batch is not None:
+        scored = _score_batch(ctx, fitted.batch)
+        if scored is not None:
+            best, total, breakdown = scored
+            batch = fitted.batch
+            r, s = int(batch.rows[best]), int(batch.slots[best])
+            chosen = Candidate(
+                worker=snapshot.name_of(r),
+                gpu_indexes=(int(snapshot.g_index[r, s]),),
+                vram_claims=(int(batch.claims[best]),),
+                ram_claim=batch.ram_claim,
+                strategy=fitted.strategy or "",
+            )
+            return Decision(
+                model=model.name,
+                candidate=chosen,
+                score=total,
+                breakdown=breakdown,
+                filters=tuple(reports),
+                candidates_considered=len(batch),
+            )
+        fitted.candidates = _batch_candidates(ctx, fitted.batch, fitted.strategy or "")
+    best, total, breakdown = _score_reference(ctx, fitted.candidates)
+    return Decision(
+        model=model.name,
+        candidate=fitted.candidates[best],
+        score=total,
+        breakdown=breakdown,
+        filters=tuple(reports),
+        candidates_considered=len(fitted.candidates),
+    )
+
+
+def instance_from_decision(
+    decision: Decision, instance_id: str, *, created_at: float = 0.0, state: InstanceState = InstanceState.SCHEDULED
+) -> Instance:
+    """The instance a committed decision creates (claims as decided)."""
+    c = decision.candidate
+    return Instance(
+        id=instance_id,
+        model=decision.model,
+        state=state,
+        worker=c.worker,
+        gpu_indexes=c.gpu_indexes,
+        vram_claims=c.vram_claims,
+        ram_claim=c.ram_claim,
+        subordinates=c.subordinates,
+        total_layers=c.total_layers,
+        offload_layers=c.offload_layers,
+        created_at=created_at,
+    )
+
+
+# ------------------------------------------------------------------------------------------- scale-down
+
+
+def scale_down_order(
+    snapshot: ClusterSnapshot,
+    model: ModelSpec,
+    now: float,
+    profile: Profile = DEFAULT_PROFILE,
+    instances: Sequence[Instance] | None = None,
+) -> tuple[ScaleDownEntry, ...]:
+    """Instances of ``model`` ranked for removal, lowest keep-score first.
+
+    Defaults to the snapshot's instances of the model that are not already DRAINING. Ties go to the newest
+    instance first (largest ``created_at``), then by id.
+    """
+    if instances is None:
+        instances = [i for i in snapshot.instances(model.name) if i.state != InstanceState.DRAINING]
+    items = sorted(instances, key=lambda i: i.id)
+    ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile, now=now)
+    parts: list[tuple[str, list[float]]] = []
+    for cfg in profile.scale_down_scorers:
+        scorer = SCALE_DOWN_SCORERS[cfg.name]()
+        k = factor(cfg, scorer.max_score)
+        parts.append((cfg.name, [raw * k for raw in scorer.score(ctx, items)]))
+    entries = []
+    for i, inst in enumerate(items):
+        total = 0.0
+        for _, values in parts:
+            total = total + values[i]
+        entries.append(
+            (quantize(total), -inst.created_at, inst.id,
+             ScaleDownEntry(instance_id=inst.id, score=total, breakdown={n: v[i] for n, v in parts}))
+        )
+    entries.sort(key=lambda e: (e[0], e[1], e[2]))
+    return tuple(e[3] for e in entries)

@@ -1,0 +1,100 @@
+"""Placement profiles: which filters, fit strategies and scorers run, in which order, with which weights.
+
+A profile is plain data (JSON or YAML); plugin names refer to the registries in ``filters``, ``fitting``,
+``scorers`` and ``scaledown``. ``validate_profile`` rejects unknown names with one clear message.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ScorerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """One enabled scorer: its contribution is ``raw × weight``, rescaled to ``max_score`` when set."""
+
+    name: str
+    weight: float = 1.0
+    max_score: float | None = None  # rescale the scorer's natural maximum to this value
+
+
+DEFAULT_FILTERS: tuple[str, ...] = ("cluster", "gpu_selector", "labels", "status", "backend", "local_path")
+DEFAULT_FIT_STRATEGIES: tuple[str, ...] = (
+    "manual",
+    "single_gpu",
+    "multi_gpu",
+    "multi_worker",
+    "partial_offload",
+    "cpu_only",
+)
+DEFAULT_SCORERS: tuple[ScorerConfig, ...] = (ScorerConfig(name="placement"), ScorerConfig(name="locality"))
+DEFAULT_SCALE_DOWN: tuple[ScorerConfig, ...] = (
+    ScorerConfig(name="status"),
+    ScorerConfig(name="offload_layers"),
+    ScorerConfig(name="placement"),
+)
+# Which device vendors each backend runs on ("cpu": workers without GPUs, or with CPU offloading).
+DEFAULT_BACKEND_SUPPORT: dict[str, tuple[str, ...]] = {
+    "vllm": ("cuda", "rocm"),
+    "sglang": ("cuda", "rocm"),
+    "llama-cpp": ("cuda", "rocm", "metal", "cpu"),
+    "custom": ("cuda", "rocm", "metal", "cpu"),
+}
+
+
+class Profile(msgspec.Struct, frozen=True, kw_only=True):
+    """The plugin chains placement runs, and their settings."""
+
+    name: str = "default"
+    filters: tuple[str, ...] = DEFAULT_FILTERS
+    fit_strategies: tuple[str, ...] = DEFAULT_FIT_STRATEGIES
+    scorers: tuple[ScorerConfig, ...] = DEFAULT_SCORERS
+    scale_down_scorers: tuple[ScorerConfig, ...] = DEFAULT_SCALE_DOWN
+    backend_support: dict[str, tuple[str, ...]] = msgspec.field(
+        default_factory=lambda: dict(DEFAULT_BACKEND_SUPPORT)
+    )
+    max_worker_combinations: int = 64  # multi-worker candidates kept per GPU group, in name order
+
+
+DEFAULT_PROFILE = Profile()
+
+
+def validate_profile(profile: Profile) -> Profile:
+    """Return ``profile`` if every plugin name is registered; raise ValueError naming the unknown ones."""
+    from shared.core.placement.filters import FILTERS
+    from shared.core.placement.fitting import FIT_STRATEGIES
+    from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
+    from shared.core.placement.scorers import SCORERS
+
+    problems = []
+    for kind, names, registry in (
+        ("filter", profile.filters, FILTERS),
+        ("fit strategy", profile.fit_strategies, FIT_STRATEGIES),
+        ("scorer", tuple(s.name for s in profile.scorers), SCORERS),
+        ("scale-down scorer", tuple(s.name for s in profile.scale_down_scorers), SCALE_DOWN_SCORERS),
+    ):
+        problems += [f"unknown {kind} {n!r} (known: {', '.join(sorted(registry))})" for n in names if n not in registry]
+    if profile.max_worker_combinations < 1:
+        problems.append("max_worker_combinations must be at least 1")
+    if problems:
+        raise ValueError(f"profile {profile.name!r}: " + "; ".join(problems))
+    return profile
+
+
+def profile_from_json(data: bytes | str) -> Profile:
+    """Decode and validate a JSON profile; raises ValueError on bad input."""
+    try:
+        return validate_profile(msgspec.json.decode(data, type=Profile))
+    except msgspec.ValidationError as err:
+        raise ValueError(f"invalid profile: {err}") from None
+    except msgspec.DecodeError as err:
+        raise ValueError(f"profile is not valid JSON: {err}") from None
+
+
+def profile_from_yaml(data: bytes | str) -> Profile:
+    """Decode and validate a YAML profile; raises ValueError on bad input."""
+    try:
+        return validate_profile(msgspec.yaml.decode(data, type=Profile))
+    except msgspec.ValidationError as err:
+        raise ValueError(f"invalid profile: {err}") from None
+    except msgspec.DecodeError as err:
+        raise ValueError(f"profile is not valid YAML: {err}") from None

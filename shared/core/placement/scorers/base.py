@@ -1,0 +1,64 @@
+"""The scale-up scorer interface, and formula helpers that work on floats and numpy arrays alike.
+
+The fast path scores single-GPU candidates as numpy columns; the reference path scores Candidate structs
+one by one. Both evaluate the same expressions in the same order, so they agree to the last bit.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+
+from shared.core.placement.context import PlacementContext
+from shared.core.placement.domain import Candidate
+from shared.core.placement.fitting.single_gpu import GpuBatch
+from shared.core.placement.snapshot import FloatArray, IntArray
+
+
+class Scorer(ABC):
+    """Gives every candidate a score in ``[0, max_score]``; higher is better."""
+
+    name: ClassVar[str]
+    max_score: ClassVar[float]
+
+    @abstractmethod
+    def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
+        """Reference: one score per candidate (normalisations may look at all of them)."""
+
+    def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray | None:
+        """Fast path over single-GPU candidates; None when not supported (the reference path is used)."""
+        return None
+
+
+def ratio(claim: int, allocatable: int) -> float:
+    """claim / allocatable; 0 for no claim, 1 when nothing is allocatable."""
+    if claim <= 0:
+        return 0.0
+    if allocatable <= 0:
+        return 1.0
+    return claim / allocatable
+
+
+def ratio_array(claim: IntArray, allocatable: IntArray) -> FloatArray:
+    """``ratio`` elementwise."""
+    safe = np.where(allocatable <= 0, 1, allocatable)
+    result: FloatArray = np.where(claim <= 0, 0.0, np.where(allocatable <= 0, 1.0, claim / safe))
+    return result
+
+
+def inv(value: float, lo: float, hi: float) -> float:
+    """1 at the low end of ``[lo, hi]``, 0 at the high end; 1 when the range is empty."""
+    if hi <= lo:
+        return 1.0
+    return 1.0 - (value - lo) / (hi - lo)
+
+
+def inv_array(values: IntArray, lo: int, hi: int) -> FloatArray:
+    """``inv`` elementwise for one range."""
+    if hi <= lo:
+        return np.ones(len(values), dtype=np.float64)
+    result: FloatArray = 1.0 - (values - lo) / (hi - lo)
+    return result

@@ -1,0 +1,31 @@
+"""placement (max 100): binpack or spread, as the model's placement strategy says."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shared.core.placement.context import PlacementContext
+from shared.core.placement.domain import Candidate, PlacementStrategy
+from shared.core.placement.fitting.single_gpu import GpuBatch
+from shared.core.placement.scorers.base import Scorer
+from shared.core.placement.scorers.binpack import Binpack
+from shared.core.placement.scorers.spread import Spread
+from shared.core.placement.snapshot import FloatArray
+
+
+class Placement(Scorer):
+    """Dispatches to the model's strategy; always enabled for scale-up in the default profile."""
+
+    name = "placement"
+    max_score = 100.0
+
+    def _pick(self, ctx: PlacementContext) -> Scorer:
+        return Binpack() if ctx.model.placement_strategy == PlacementStrategy.BINPACK else Spread()
+
+    def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
+        """Reference path."""
+        return self._pick(ctx).score(ctx, candidates)
+
+    def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray | None:
+        """Fast path."""
+        return self._pick(ctx).score_batch(ctx, batch)

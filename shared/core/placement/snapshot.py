@@ -1,0 +1,499 @@
+"""The in-memory cluster snapshot that placement reads, updated incrementally from events.
+
+Services keep one snapshot per process and apply heartbeats, instance changes and model-file readiness
+as they arrive; nothing is reloaded per decision. Besides the plain records, the snapshot keeps
+row-per-worker numpy columns (heartbeat, RAM allocatable, and a ``[worker, gpu slot]`` matrix of
+allocatable VRAM, totals, types and instance counts) so the fast path can judge 8,000 GPUs with a
+handful of vectorised operations. Every mutation refreshes the touched worker's row only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from shared.core.placement.domain import (
+    Instance,
+    ModelFile,
+    ModelFileState,
+    Worker,
+    WorkerState,
+)
+
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float64]
+
+
+class SnapshotConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Liveness thresholds and reserves the snapshot applies when deriving state."""
+
+    heartbeat_interval: float = 5.0
+    not_ready_after: float = 15.0  # heartbeat age (seconds) from which a worker is NOT_READY
+    vram_reserve: int = 0  # bytes kept free on every GPU
+    ram_reserve: int = 0  # bytes kept free on every worker
+
+
+@dataclass(frozen=True, slots=True)
+class GpuView:
+    """One GPU as placement sees it: reported facts plus derived allocatable VRAM."""
+
+    index: int
+    slot: int
+    vendor: str
+    product: str
+    total: int
+    allocatable: int
+    schedulable: bool
+    labels: dict[str, str]
+
+    @property
+    def type_key(self) -> tuple[str, str]:
+        """GPUs of different types are never mixed in one candidate."""
+        return (self.vendor, self.product)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """One worker as placement sees it (reference path)."""
+
+    name: str
+    worker: Worker
+    ram_allocatable: int
+    gpus: tuple[GpuView, ...]
+
+
+def _ndarray(shape: tuple[int, ...], dtype: type, fill: object = 0) -> npt.NDArray[np.generic]:
+    return np.full(shape, fill, dtype=dtype)
+
+
+class ClusterSnapshot:
+    """Workers, instances and model-file readiness, with derived allocatable resources.
+
+    Pure and clock-free: liveness is judged against the ``now`` each query passes in.
+    """
+
+    # Columns by worker row (and GPU slot); read by the fast path, written only by ``_refresh``.
+    w_present: BoolArray
+    w_heartbeat: FloatArray
+    w_cordoned: BoolArray
+    w_cluster: IntArray
+    w_ram_alloc: IntArray
+    w_gpus: IntArray
+    w_vendor_bits: IntArray
+    w_instances: IntArray
+    w_rank: IntArray
+    g_exists: BoolArray
+    g_ok: BoolArray
+    g_index: IntArray
+    g_total: IntArray
+    g_alloc: IntArray
+    g_type: IntArray
+    g_instances: IntArray
+    g_labelled: BoolArray
+
+    def __init__(self, config: SnapshotConfig | None = None) -> None:
+        self.config = config or SnapshotConfig()
+        self.version = 0  # bumped by every mutation
+        self._workers: dict[str, Worker] = {}
+        self._row: dict[str, int] = {}
+        self._names: list[str] = []
+        self._free: list[int] = []
+        self._slot: dict[str, dict[int, int]] = {}
+        self._instances: dict[str, Instance] = {}
+        self._by_model: dict[str, dict[str, Instance]] = {}
+        self._vram_claims: dict[str, dict[int, int]] = {}
+        self._ram_claims: dict[str, int] = {}
+        self._model_worker_count: dict[str, dict[str, int]] = {}
+        self._model_gpu_count: dict[str, dict[tuple[str, int], int]] = {}
+        self._worker_total: dict[str, int] = {}
+        self._gpu_total: dict[tuple[str, int], int] = {}
+        self._files: dict[str, dict[str, ModelFile]] = {}
+        self._codes: dict[str, dict[str, int]] = {"cluster": {}, "vendor": {}, "type": {}}
+        self._type_names: list[tuple[str, str]] = []
+        self._rank_dirty = True
+        self._cap = 0
+        self._gmax = 0
+        self._alloc_arrays(16, 8)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_parts(
+        cls,
+        workers: Iterable[Worker] = (),
+        instances: Iterable[Instance] = (),
+        model_files: Iterable[ModelFile] = (),
+        config: SnapshotConfig | None = None,
+    ) -> ClusterSnapshot:
+        """A snapshot holding the given records."""
+        snap = cls(config)
+        for worker in workers:
+            snap.upsert_worker(worker)
+        for instance in instances:
+            snap.upsert_instance(instance)
+        for model_file in model_files:
+            snap.set_model_file(model_file)
+        return snap
+
+    def _alloc_arrays(self, cap: int, gmax: int) -> None:
+        old_cap, old_g = self._cap, self._gmax
+        rows, cols = min(old_cap, cap), min(old_g, gmax)
+
+        def grow1(name: str, dtype: type, fill: object = 0) -> None:
+            new = _ndarray((cap,), dtype, fill)
+            if old_cap:
+                new[:rows] = getattr(self, name)[:rows]
+            setattr(self, name, new)
+
+        def grow2(name: str, dtype: type, fill: object = 0) -> None:
+            new = _ndarray((cap, gmax), dtype, fill)
+            if old_cap:
+                new[:rows, :cols] = getattr(self, name)[:rows, :cols]
+            setattr(self, name, new)
+
+        grow1("w_present", np.bool_, False)
+        grow1("w_heartbeat", np.float64, 0.0)
+        grow1("w_cordoned", np.bool_, False)
+        grow1("w_cluster", np.int64, -1)
+        grow1("w_ram_alloc", np.int64, 0)
+        grow1("w_gpus", np.int64, 0)
+        grow1("w_vendor_bits", np.int64, 0)
+        grow1("w_instances", np.int64, 0)
+        grow1("w_rank", np.int64, 0)
+        grow2("g_exists", np.bool_, False)
+        grow2("g_ok", np.bool_, False)  # exists and schedulable
+        grow2("g_index", np.int64, -1)
+        grow2("g_total", np.int64, 0)
+        grow2("g_alloc", np.int64, 0)
+        grow2("g_type", np.int64, -1)
+        grow2("g_instances", np.int64, 0)
+        grow2("g_labelled", np.bool_, False)
+        self._cap, self._gmax = cap, gmax
+
+    def _code(self, kind: str, value: str) -> int:
+        codes = self._codes[kind]
+        code = codes.get(value)
+        if code is None:
+            code = codes[value] = len(codes)
+        return code
+
+    def _type_code(self, vendor: str, product: str) -> int:
+        key = f"{vendor}\x00{product}"
+        known = len(self._codes["type"])
+        code = self._code("type", key)
+        if code == known:
+            self._type_names.append((vendor, product))
+        return code
+
+    # ---------------------------------------------------------------- workers
+
+    def upsert_worker(self, worker: Worker) -> None:
+        """Add a worker or replace it with its latest heartbeat."""
+        self.version += 1
+        name = worker.name
+        if name not in self._row:
+            if self._free:
+                row = self._free.pop()
+                self._names[row] = name
+            else:
+                row = len(self._names)
+                self._names.append(name)
+            if row >= self._cap:
+                self._alloc_arrays(max(16, self._cap * 2), self._gmax)
+            self._row[name] = row
+            self._rank_dirty = True
+        if len(worker.gpus) > self._gmax:
+            self._alloc_arrays(self._cap, len(worker.gpus))
+        self._workers[name] = worker
+        self._slot[name] = {gpu.index: slot for slot, gpu in enumerate(worker.gpus)}
+        self._refresh(name)
+
+    def remove_worker(self, name: str) -> None:
+        """Forget a worker (its instances' records stay until they are removed)."""
+        row = self._row.pop(name, None)
+        if row is None:
+            return
+        self.version += 1
+        del self._workers[name]
+        del self._slot[name]
+        self._names[row] = ""
+        self._free.append(row)
+        self.w_present[row] = False
+        self.g_exists[row, :] = False
+        self.g_ok[row, :] = False
+        self._rank_dirty = True
+
+    def _refresh(self, name: str) -> None:
+        """Recompute one worker's row of derived columns from its records."""
+        row = self._row.get(name)
+        if row is None:
+            return
+        worker = self._workers[name]
+        cfg = self.config
+        self.w_present[row] = True
+        self.w_heartbeat[row] = worker.last_heartbeat
+        self.w_cordoned[row] = worker.cordoned
+        self.w_cluster[row] = self._code("cluster", worker.cluster)
+        self.w_ram_alloc[row] = self.ram_allocatable_of(worker)
+        self.w_gpus[row] = len(worker.gpus)
+        self.w_instances[row] = self._worker_total.get(name, 0)
+        bits = 0
+        claims = self._vram_claims.get(name, {})
+        for slot, gpu in enumerate(worker.gpus):
+            bits |= 1 << self._code("vendor", gpu.vendor)
+            claim = claims.get(gpu.index, 0)
+            self.g_exists[row, slot] = True
+            self.g_ok[row, slot] = gpu.schedulable
+            self.g_index[row, slot] = gpu.index
+            self.g_total[row, slot] = gpu.vram_total
+            self.g_alloc[row, slot] = gpu.vram_total - max(claim, gpu.vram_used) - cfg.vram_reserve
+            self.g_type[row, slot] = self._type_code(gpu.vendor, gpu.product)
+            self.g_instances[row, slot] = self._gpu_total.get((name, gpu.index), 0)
+            self.g_labelled[row, slot] = bool(gpu.labels)
+        n = len(worker.gpus)
+        self.g_exists[row, n:] = False
+        self.g_ok[row, n:] = False
+        self.g_index[row, n:] = -1
+        self.w_vendor_bits[row] = bits
+
+    def ram_allocatable_of(self, worker: Worker) -> int:
+        """RAM total − max(Gantry claims, reported use) − reserve: external use counts, never below 0."""
+        claim = self._ram_claims.get(worker.name, 0)
+        return worker.ram_total - max(claim, worker.ram_used) - self.config.ram_reserve
+
+    # ---------------------------------------------------------------- instances
+
+    def upsert_instance(self, instance: Instance) -> None:
+        """Add an instance or replace it (e.g. a state change); claims and counts follow."""
+        self.version += 1
+        old = self._instances.get(instance.id)
+        touched: set[str] = set()
+        if old is not None:
+            touched |= self._apply(old, -1)
+        self._instances[instance.id] = instance
+        self._by_model.setdefault(instance.model, {})[instance.id] = instance
+        touched |= self._apply(instance, +1)
+        for name in touched:
+            self._refresh(name)
+
+    def remove_instance(self, instance_id: str) -> None:
+        """Forget an instance and release its claims."""
+        old = self._instances.pop(instance_id, None)
+        if old is None:
+            return
+        self.version += 1
+        by_model = self._by_model.get(old.model, {})
+        by_model.pop(instance_id, None)
+        if not by_model:
+            self._by_model.pop(old.model, None)
+        for name in self._apply(old, -1):
+            self._refresh(name)
+
+    @staticmethod
+    def _parts(instance: Instance) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int]]:
+        parts = []
+        if instance.worker:
+            parts.append((instance.worker, instance.gpu_indexes, instance.vram_claims, instance.ram_claim))
+        for sub in instance.subordinates:
+            parts.append((sub.worker, sub.gpu_indexes, sub.vram_claims, sub.ram_claim))
+        return parts
+
+    def _apply(self, instance: Instance, sign: int) -> set[str]:
+        """Add (+1) or remove (−1) an instance's claims and counts; returns the workers touched."""
+        touched: set[str] = set()
+        model_workers = self._model_worker_count.setdefault(instance.model, {})
+        model_gpus = self._model_gpu_count.setdefault(instance.model, {})
+        for worker, indexes, claims, ram in self._parts(instance):
+            vram = self._vram_claims.setdefault(worker, {})
+            for index, claim in zip(indexes, claims, strict=False):
+                vram[index] = vram.get(index, 0) + sign * claim
+            self._ram_claims[worker] = self._ram_claims.get(worker, 0) + sign * ram
+            if worker not in touched:
+                _bump(model_workers, worker, sign)
+                _bump(self._worker_total, worker, sign)
+            for index in set(indexes):
+                _bump(model_gpus, (worker, index), sign)
+                _bump(self._gpu_total, (worker, index), sign)
+            touched.add(worker)
+        return touched
+
+    # ---------------------------------------------------------------- model files
+
+    def set_model_file(self, model_file: ModelFile) -> None:
+        """Record the readiness of a model source's files on one worker."""
+        self.version += 1
+        self._files.setdefault(model_file.source, {})[model_file.worker] = model_file
+
+    def remove_model_file(self, source: str, worker: str) -> None:
+        """Forget a model source's files on one worker."""
+        self.version += 1
+        self._files.get(source, {}).pop(worker, None)
+
+    def model_file_ready(self, source: str, worker: str) -> bool:
+        """Whether ``source``'s files are READY on ``worker``."""
+        record = self._files.get(source, {}).get(worker)
+        return record is not None and record.state == ModelFileState.READY
+
+    def ready_file_workers(self, source: str) -> list[str]:
+        """Workers on which ``source``'s files are READY."""
+        return [w for w, f in self._files.get(source, {}).items() if f.state == ModelFileState.READY]
+
+    def model_files(self) -> list[ModelFile]:
+        """Every readiness record."""
+        return [f for per in self._files.values() for f in per.values()]
+
+    # ---------------------------------------------------------------- queries
+
+    def worker(self, name: str) -> Worker | None:
+        """The worker's latest record."""
+        return self._workers.get(name)
+
+    def worker_names(self) -> list[str]:
+        """Every worker name, sorted."""
+        return sorted(self._workers)
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def state(self, name: str, now: float) -> WorkerState:
+        """READY / NOT_READY / MAINTENANCE from the heartbeat age at ``now`` and the cordon flag."""
+        worker = self._workers.get(name)
+        if worker is None:
+            return WorkerState.NOT_READY
+        if worker.cordoned:
+            return WorkerState.MAINTENANCE
+        if now - worker.last_heartbeat < self.config.not_ready_after:
+            return WorkerState.READY
+        return WorkerState.NOT_READY
+
+    def instance(self, instance_id: str) -> Instance | None:
+        """An instance by id."""
+        return self._instances.get(instance_id)
+
+    def instances(self, model: str | None = None) -> list[Instance]:
+        """Instances (of one model), sorted by id."""
+        if model is None:
+            return sorted(self._instances.values(), key=lambda i: i.id)
+        return sorted(self._by_model.get(model, {}).values(), key=lambda i: i.id)
+
+    def gpu_claimed(self, name: str, index: int) -> int:
+        """VRAM Gantry instances claim on one GPU."""
+        return self._vram_claims.get(name, {}).get(index, 0)
+
+    def ram_claimed(self, name: str) -> int:
+        """RAM Gantry instances claim on one worker."""
+        return self._ram_claims.get(name, 0)
+
+    def gpu_allocatable(self, name: str, index: int) -> int:
+        """Allocatable VRAM of one GPU: total − claims − external use − reserve (may be negative)."""
+        row, slot = self._row[name], self._slot[name][index]
+        return int(self.g_alloc[row, slot])
+
+    def ram_allocatable(self, name: str) -> int:
+        """Allocatable RAM of one worker."""
+        return int(self.w_ram_alloc[self._row[name]])
+
+    def worker_counts(self, model: str, name: str) -> tuple[int, int]:
+        """(instances of ``model``, instances of other models) on a worker."""
+        current = self._model_worker_count.get(model, {}).get(name, 0)
+        return current, self._worker_total.get(name, 0) - current
+
+    def gpu_counts(self, model: str, name: str, index: int) -> tuple[int, int]:
+        """(instances of ``model``, instances of other models) on one GPU."""
+        current = self._model_gpu_count.get(model, {}).get((name, index), 0)
+        return current, self._gpu_total.get((name, index), 0) - current
+
+    def model_gpus(self, model: str) -> set[tuple[str, int]]:
+        """GPUs (worker, index) that instances of ``model`` already hold."""
+        return {key for key, n in self._model_gpu_count.get(model, {}).items() if n > 0}
+
+    def view(self, name: str) -> WorkerView:
+        """A worker with its GPUs' allocatable VRAM, for the reference path and explanations."""
+        worker = self._workers[name]
+        row = self._row[name]
+        gpus = tuple(
+            GpuView(
+                index=gpu.index,
+                slot=slot,
+                vendor=gpu.vendor,
+                product=gpu.product,
+                total=gpu.vram_total,
+                allocatable=int(self.g_alloc[row, slot]),
+                schedulable=gpu.schedulable,
+                labels=gpu.labels,
+            )
+            for slot, gpu in enumerate(worker.gpus)
+        )
+        return WorkerView(name=name, worker=worker, ram_allocatable=int(self.w_ram_alloc[row]), gpus=gpus)
+
+    # ---------------------------------------------------------------- fast-path support
+
+    @property
+    def rows(self) -> int:
+        """Rows in use (including freed ones, which are not present)."""
+        return len(self._names)
+
+    def row_of(self, name: str) -> int | None:
+        """The column row of a worker."""
+        return self._row.get(name)
+
+    def name_of(self, row: int) -> str:
+        """The worker name of a row."""
+        return self._names[row]
+
+    def code(self, kind: str, value: str) -> int | None:
+        """The integer code of a cluster / vendor / GPU type key, or None if never seen."""
+        return self._codes[kind].get(value)
+
+    def type_names(self) -> list[tuple[str, str]]:
+        """(vendor, product) of every GPU type code, by code."""
+        return list(self._type_names)
+
+    def ranks(self) -> IntArray:
+        """Each row's position in name order (for deterministic tie-breaks)."""
+        if self._rank_dirty:
+            order = sorted(range(len(self._names)), key=self._names.__getitem__)
+            ranks = np.empty(len(self._names), dtype=np.int64)
+            ranks[order] = np.arange(len(order), dtype=np.int64)
+            self.w_rank[: len(order)] = ranks
+            self._rank_dirty = False
+        return self.w_rank[: len(self._names)]
+
+    def model_count_columns(self, model: str) -> tuple[IntArray, IntArray]:
+        """Per-row and per-[row, slot] instance counts of ``model`` (fresh arrays)."""
+        n = len(self._names)
+        per_worker = np.zeros(n, dtype=np.int64)
+        per_gpu = np.zeros((n, self._gmax), dtype=np.int64)
+        for name, count in self._model_worker_count.get(model, {}).items():
+            row = self._row.get(name)
+            if row is not None and count:
+                per_worker[row] = count
+        for (name, index), count in self._model_gpu_count.get(model, {}).items():
+            row = self._row.get(name)
+            slot = self._slot.get(name, {}).get(index)
+            if row is not None and slot is not None and count:
+                per_gpu[row, slot] = count
+        return per_worker, per_gpu
+
+    def ready_file_rows(self, source: str) -> BoolArray:
+        """Per-row flag: ``source``'s files are READY there."""
+        flags = np.zeros(len(self._names), dtype=np.bool_)
+        for name in self.ready_file_workers(source):
+            row = self._row.get(name)
+            if row is not None:
+                flags[row] = True
+        return flags
+
+
+def _bump(counts: dict[str, int] | dict[tuple[str, int], int], key: object, delta: int) -> None:
+    store: dict[object, int] = counts  # type: ignore[assignment]
+    value = store.get(key, 0) + delta
+    if value:
+        store[key] = value
+    else:
+        store.pop(key, None)
