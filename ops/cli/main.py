@@ -14,6 +14,11 @@ import typer
 from ops.cli.errors import CliError
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "engine",
+    "stack",
+    "cluster",
+    "top",
+    "place",
 )
 
 app = typer.Typer(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from shared.core.engine.request import Request
 
+UNIQUE_TAG = 0x5EED_0F_B10C  # marks hashes of request-unique content (never collides with -1 == -2)
+
 
 class KVCache:
     """Block pool + prefix-cache index for one engine (all layers share block ids, as in vLLM)."""
@@ -107,7 +109,7 @@ class KVCache:
                 # trace prefix ids are already chained: (id of the unit, block index) names the content
                 h = hash((req.prefix_ids[i * bs // req.prefix_unit], i))
             else:
-                h = hash((parent, -1 - req.uid, i))  # content unique to this request
+                h = hash((parent, req.uid, i, UNIQUE_TAG))  # content unique to this request
             hashes.append(h)
         return hashes[b]
 

@@ -1,0 +1,140 @@
+"""``gantry simulate``: replay a trace on N emulated replicas in virtual time and report latencies."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ops.cli.errors import CliError
+from shared.catalog import UnknownGpuError, UnknownModelError, load_gpu_spec, load_model_arch
+from shared.core.engine import RooflineStepTime, SchedulerConfig
+from shared.core.engine.step_time import RooflineParams
+from shared.core.sim import ROUTERS, ClusterSpec, SimResult, make_router
+from shared.core.sim import simulate as run_sim
+from shared.traces import TRACES, TraceError, load_trace
+
+
+def build_cluster(
+    model: str, gpu: str, replicas: int, tp: int = 1, router: str = "rr", *, block_size: int = 16,
+    max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_mem_util: float = 0.9,
+    prefix_caching: bool = True,
+) -> ClusterSpec:
+    """A cluster of identical replicas from friendly catalogue names; raises ValueError on bad input."""
+    if router not in ROUTERS:
+        raise ValueError(f"unknown router {router!r}; known: {', '.join(ROUTERS)}")
+    if replicas < 1 or tp < 1:
+        raise ValueError("--replicas and --tp must be >= 1")
+    arch, spec = load_model_arch(model), load_gpu_spec(gpu)
+    step = RooflineStepTime(arch, spec, tp=tp, params=RooflineParams(gpu_mem_utilization=gpu_mem_util))
+    blocks = step.kv_capacity_blocks(block_size)
+    if blocks < 2:
+        raise ValueError(f"{arch.key} does not fit on {tp}x {spec.key}: no memory left for the KV cache")
+    cfg = SchedulerConfig(
+        block_size=block_size,
+        num_gpu_blocks=blocks + 1,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_prefix_caching=prefix_caching,
+        max_model_len=min(arch.max_position_embeddings or 1 << 30, blocks * block_size),
+    )
+    return ClusterSpec(replicas, cfg, step, router=lambda: make_router(router))
+
+
+def simulate(
+    trace: Annotated[str, typer.Option(help=f"trace name ({', '.join(TRACES)}) or a CSV/JSONL path")] = "azure-conv",
+    model: Annotated[str, typer.Option(help="model name from the catalogue (e.g. llama-3.1-8b)")] = "llama-3.1-8b",
+    gpu: Annotated[str, typer.Option(help="GPU name (e.g. H100-SXM-80GB)")] = "H100-SXM-80GB",
+    replicas: Annotated[int, typer.Option(help="number of replicas")] = 16,
+    tp: Annotated[int, typer.Option(help="tensor-parallel GPUs per replica")] = 1,
+    router: Annotated[str, typer.Option(help="rr (round robin) or least (least outstanding requests)")] = "rr",
+    time_scale: Annotated[float, typer.Option(help="divide arrival times by this (2 = twice the rate)")] = 1.0,
+    limit: Annotated[int | None, typer.Option(help="use only the first N requests")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="running-request cap per replica")] = 256,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="token budget per step")] = 8192,
+    no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    plot: Annotated[Path | None, typer.Option(help="write a PNG of latency over time here")] = None,
+) -> None:
+    """Replay a trace on N emulated replicas in virtual time; print TTFT/ITL/e2e, throughput, KV, preemptions."""
+    try:
+        spec = build_cluster(model, gpu, replicas, tp, router, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=max_num_batched_tokens, prefix_caching=not no_prefix_caching)
+        reqs = load_trace(trace, time_scale, limit)
+    except (UnknownModelError, UnknownGpuError, TraceError, ValueError) as err:
+        raise CliError(str(err), exit_code=2) from None
+    if not reqs:
+        raise CliError(f"trace {trace!r} has no requests", exit_code=2)
+    t0 = time.perf_counter()
+    result = run_sim(reqs, spec)
+    wall = time.perf_counter() - t0
+    summary = result.summary()
+    summary["setup"] = {"trace": trace, "model": model, "gpu": gpu, "replicas": replicas, "tp": tp,
+                        "router": router, "time_scale": time_scale,
+                        "kv_blocks_per_replica": spec.config.num_gpu_blocks - 1}
+    summary["wall_s"] = wall
+    summary["speedup_vs_real_time"] = float(summary["makespan_s"]) / wall  # type: ignore[arg-type]
+    if plot is not None:
+        write_plot(result, plot)
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(render(summary))
+
+
+def render(s: dict[str, object]) -> str:
+    """Human-readable summary."""
+    def ms(d: object) -> str:
+        assert isinstance(d, dict)
+        return "  ".join(f"{k} {v * 1000:8.1f}" for k, v in d.items())
+    setup = s["setup"]
+    assert isinstance(setup, dict)
+    thr, kv = s["throughput"], s["kv_usage"]
+    assert isinstance(thr, dict) and isinstance(kv, dict)
+    lines = [
+        f"{setup['model']} on {setup['replicas']}x {setup['gpu']} (tp {setup['tp']}), router {setup['router']}, "
+        f"trace {setup['trace']} x{setup['time_scale']}: {s['completed']}/{s['requests']} requests "
+        f"over {float(s['makespan_s']):.0f} s (simulated in {float(s['wall_s']):.1f} s, "  # type: ignore[arg-type]
+        f"{float(s['speedup_vs_real_time']):.0f}x real time)",  # type: ignore[arg-type]
+        f"  TTFT ms   {ms(s['ttft_s'])}",
+        f"  ITL ms    {ms(s['itl_s'])}",
+        f"  TPOT ms   {ms(s['tpot_s'])}",
+        f"  e2e ms    {ms(s['e2e_s'])}",
+        f"  queue ms  {ms(s['queue_s'])}",
+        f"  throughput {thr['requests_per_s']:.2f} req/s, {thr['output_tokens_per_s']:.0f} output tok/s, "
+        f"{thr['input_tokens_per_s']:.0f} input tok/s",
+        f"  KV usage mean (busy) {kv['mean_busy']:.1%}, max {kv['max']:.1%}; preemptions {s['preemptions']} "
+        f"({s['preempted_requests']} requests); prefix-cache hit rate {float(s['prefix_cache_hit_rate']):.1%}",  # type: ignore[arg-type]
+    ]
+    return "\n".join(lines)
+
+
+def write_plot(result: SimResult, path: Path) -> None:
+    """PNG: TTFT and e2e per request against arrival time, with a 60 s rolling median."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    done = [r for r in result.requests if r.finish_time >= 0]
+    t = np.array([r.arrival_time for r in done])
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for ax, vals, name in ((axes[0], [r.ttft for r in done], "TTFT"), (axes[1], [r.e2e for r in done], "e2e")):
+        v = np.array(vals)
+        ax.scatter(t, v, s=2, alpha=0.3)
+        bins = np.arange(0, (t.max() if t.size else 0) + 60, 60)
+        idx = np.digitize(t, bins)
+        med = [np.median(v[idx == i]) if np.any(idx == i) else np.nan for i in range(1, len(bins))]
+        ax.plot(bins[:-1] + 30, med, color="C1", label="60 s median")
+        ax.set_ylabel(f"{name} (s)")
+        ax.set_yscale("log")
+        ax.legend(loc="upper right")
+    axes[1].set_xlabel("arrival time (s)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

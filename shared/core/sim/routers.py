@@ -1,0 +1,67 @@
+"""Simple request routers for the simulator (the real endpoint picker is a separate component)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from shared.core.engine import Engine
+
+
+class Router(Protocol):
+    """Picks the replica for a request arriving at ``now``."""
+
+    needs_state: bool  # True: every replica must be advanced to ``now`` before ``pick``
+
+    def pick(self, engines: Sequence[Engine], now: float) -> int:
+        """Index of the chosen replica."""
+        ...
+
+
+class RoundRobin:
+    """Replicas in turn, blind to load."""
+
+    needs_state = False
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def pick(self, engines: Sequence[Engine], now: float) -> int:
+        """The next replica in turn."""
+        i = self._next % len(engines)
+        self._next = i + 1
+        return i
+
+
+def outstanding_at(engine: Engine, now: float) -> int:
+    """Requests a router would count on ``engine`` at ``now``: finishes of a step still running are unseen."""
+    n = engine.num_outstanding
+    if engine.last_step_end > now:
+        n += engine.last_step_finished
+    return n
+
+
+class LeastOutstanding:
+    """Fewest outstanding (waiting + running) requests; ties go to the lowest index."""
+
+    needs_state = True
+
+    def pick(self, engines: Sequence[Engine], now: float) -> int:
+        """The least loaded replica."""
+        best, best_n = 0, outstanding_at(engines[0], now)
+        for i in range(1, len(engines)):
+            n = outstanding_at(engines[i], now)
+            if n < best_n:
+                best, best_n = i, n
+        return best
+
+
+ROUTERS: dict[str, type[RoundRobin] | type[LeastOutstanding]] = {"rr": RoundRobin, "least": LeastOutstanding}
+
+
+def make_router(name: str) -> RoundRobin | LeastOutstanding:
+    """A router by registry name (``rr`` or ``least``)."""
+    try:
+        return ROUTERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown router {name!r}; known: {', '.join(ROUTERS)}") from None
