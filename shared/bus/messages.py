@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 import msgspec
 
 from shared.core.placement.domain import (
-    Candidate,
     Decision,
     FilterReport,
+    FilterResult,
+    FitResult,
     Instance,
     InstanceState,
     ModelFileState,
@@ -119,33 +120,18 @@ class PlacementRequest(Message, frozen=True, kw_only=True):
     specs: dict[str, ModelSpec]
 
 
-class ModelFilterResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Which workers survived the filter chain for one model, and the chain's reports."""
-
-    workers: tuple[str, ...]
-    reports: tuple[FilterReport, ...] = ()
-
-
 class PlacementFiltered(Message, frozen=True, kw_only=True):
-    """Filter output: survivors per model of a request."""
+    """Filter output: the core's FilterResult per model of the request (models with survivors only)."""
 
     request: PlacementRequest
-    filtered: dict[str, ModelFilterResult]
-
-
-class ModelFitResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Candidates for one model (or why none fit)."""
-
-    candidates: tuple[Candidate, ...]
-    reports: tuple[FilterReport, ...] = ()
-    unschedulable: Unschedulable | None = None
+    filtered: dict[str, FilterResult]
 
 
 class PlacementFitted(Message, frozen=True, kw_only=True):
-    """Fitting output: candidates per model of a request."""
+    """Fitting output: the core's FitResult per model (models with candidates only)."""
 
     request: PlacementRequest
-    fitted: dict[str, ModelFitResult]
+    fitted: dict[str, FitResult]
 
 
 class ItemOutcome(msgspec.Struct, frozen=True, kw_only=True):

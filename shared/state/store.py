@@ -54,6 +54,8 @@ class Keys:
     ram_cap = P + "ram:cap"  # worker -> RAM capacity
     ram_used = P + "ram:used"
     claims = P + "claims"  # id -> "g|w:i|bytes;r|w|bytes"
+    desired_seq = P + "desired:seq"  # model -> stream sequence of the scale command applied last
+    drains = P + "drains"  # id -> time DRAINING began
 
 
 def gpu_field(worker: str, index: int) -> str:
@@ -272,6 +274,45 @@ class StateStore:
         """Keep the latest reason of PENDING instances (one round trip)."""
         if reasons:
             await self.r.hset(Keys.inst_reason, mapping=reasons)  # type: ignore[arg-type]
+
+    async def apply_scale(self, model: str, replicas: int, spec: ModelSpec | None, seq: int) -> bool:
+        """Record desired replicas unless a later scale command (higher stream seq) was applied already.
+
+        Call under the model's converge lock: commands for one model may reach different replicas.
+        """
+        last = await self.r.hget(Keys.desired_seq, model)
+        if last is not None and int(last) > seq:
+            return False
+        pipe = self.r.pipeline(transaction=True)
+        if spec is not None:
+            pipe.hset(Keys.models, model, _enc.encode(spec))
+        pipe.hset(Keys.desired, model, replicas)
+        pipe.hset(Keys.desired_seq, model, seq)
+        await pipe.execute()
+        return True
+
+    async def desired_of(self, model: str) -> int:
+        """Desired replicas of one model (0 if unknown)."""
+        raw = await self.r.hget(Keys.desired, model)
+        return int(raw) if raw is not None else 0
+
+    async def mark_drains(self, ids: Sequence[str], at: float) -> None:
+        """Remember when instances began DRAINING (for the drain timeout)."""
+        if ids:
+            await self.r.hset(Keys.drains, mapping=dict.fromkeys(ids, repr(at)))  # type: ignore[arg-type]
+
+    async def drains(self) -> dict[str, float]:
+        """Instances DRAINING and since when."""
+        return {_s(k): float(v) for k, v in (await self.r.hgetall(Keys.drains)).items()}
+
+    async def forget_drains(self, ids: Sequence[str]) -> None:
+        """Drop drain bookkeeping of removed instances."""
+        if ids:
+            await self.r.hdel(Keys.drains, *ids)
+
+    async def try_lock(self, name: str, ttl_s: float) -> bool:
+        """A plain expiring lock (e.g. one reconciler replica runs a periodic check)."""
+        return bool(await self.r.set(P + "tlock:" + name, "1", nx=True, px=max(1, int(ttl_s * 1000))))
 
     # -- converge lock and fenced writes --------------------------------------------------------------
 

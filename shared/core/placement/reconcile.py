@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from shared.core.placement.domain import Instance, InstanceState
+from shared.core.placement.domain import Candidate, Instance, InstanceState
+from shared.core.placement.snapshot import ClusterSnapshot
 
 # States that count towards a model's replicas: everything except replicas on their way out.
 ACTIVE = frozenset(
@@ -144,3 +145,22 @@ def resync_workers(
             if not on_it:
                 delete.append((worker, iid))
     return Resync(assign=tuple(sorted(assign)), delete=tuple(sorted(delete)))
+
+
+def still_fits(snapshot: ClusterSnapshot, candidate: Candidate) -> bool:
+    """Whether every GPU (and worker RAM) of a candidate still has room in ``snapshot``.
+
+    Scoring replicas assume their own decisions into their snapshot before the commit comes back; a
+    candidate fitting computed earlier may have lost its room to such an assumption.
+    """
+    parts = [(candidate.worker, candidate.gpu_indexes, candidate.vram_claims, candidate.ram_claim)]
+    parts += [(s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim) for s in candidate.subordinates]
+    for worker, indexes, claims, ram in parts:
+        if snapshot.worker(worker) is None:
+            return False
+        for index, claim in zip(indexes, claims, strict=True):
+            if snapshot.gpu_allocatable(worker, index) < claim:
+                return False
+        if ram and snapshot.ram_allocatable(worker) < ram:
+            return False
+    return True

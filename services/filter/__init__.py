@@ -1,0 +1,1 @@
+"""Filter service: drops workers that cannot host a model for non-resource reasons."""

@@ -1,0 +1,83 @@
+"""Filter: PlacementRequest → PlacementFiltered (or straight to scored, Unschedulable, when none survive)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from faststream.nats import NatsMessage
+
+from shared.bus import streams, subjects
+from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementRequest, PlacementScored
+from shared.bus.runtime import pull_batch
+from shared.bus.service import PlacementService, run_batch
+from shared.core.placement import run_filters
+from shared.core.placement.domain import FilterResult, Unschedulable
+from shared.core.placement.explain import filters_message
+
+
+class FilterService(PlacementService):
+    """Runs the profile's filter chain on the in-memory snapshot."""
+
+    name = "filter"
+
+    def consumers(self) -> Sequence[tuple[str, str, str]]:
+        """Reads placement requests."""
+        return ((streams.STREAM_PIPE, streams.CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED),)
+
+    def wants_instances(self) -> bool:
+        """Filters look at workers only."""
+        return False
+
+    def register(self) -> None:
+        """Batched pull subscriber on placement.requested."""
+
+        @pull_batch(
+            self.broker, subjects.PLACEMENT_REQUESTED, streams.STREAM_PIPE, streams.CONSUMER_FILTER, self.settings
+        )
+        async def on_requested(body: list[bytes], msg: NatsMessage) -> None:
+            batch = await self.decode_batch(body, msg, PlacementRequest, subjects.PLACEMENT_REQUESTED)
+            await run_batch(
+                self, subjects.PLACEMENT_REQUESTED, [r for _, r in batch], lambda: self.handle([m for m, _ in batch])
+            )
+
+    async def handle(self, batch: Sequence[PlacementRequest]) -> None:
+        """Filter every model of every request; publish survivors, or the verdict when none survive."""
+        out = []
+        for req in batch:
+            passed, failed = self.filter_request(req)
+            if passed is not None:
+                out.append((subjects.PLACEMENT_FILTERED, passed, f"flt:{req.batch_id}"))
+            if failed is not None:
+                out.append((subjects.PLACEMENT_SCORED, failed, f"flt-none:{req.batch_id}"))
+        await self.bus.publish_js_many(out)
+
+    def filter_request(self, req: PlacementRequest) -> tuple[PlacementFiltered | None, PlacementScored | None]:
+        """Pure step over the snapshot: (survivors message, unschedulable outcomes)."""
+        now = self.clock()
+        results: dict[str, FilterResult] = {}
+        for model, spec in sorted(req.specs.items()):
+            results[model] = run_filters(self.snapshot, spec, now, self.profile)
+        items_by_model = defaultdict(list)
+        for item in req.items:
+            items_by_model[item.model].append(item)
+        ok = {m: r for m, r in results.items() if r.survivors}
+        kept = tuple(i for i in req.items if i.model in ok)
+        failed = []
+        for item in req.items:
+            res = results.get(item.model)
+            if res is None:
+                un = Unschedulable(model=item.model, message=f"no spec for model {item.model!r} in the request")
+            elif res.survivors:
+                continue
+            else:
+                un = Unschedulable(model=item.model, message=filters_message(res.reports), filters=res.reports)
+            failed.append(ItemOutcome(item=item, unschedulable=un))
+        passed = None
+        if kept:
+            sub = PlacementRequest(
+                batch_id=req.batch_id, items=kept, specs={m: s for m, s in req.specs.items() if m in ok}
+            )
+            passed = PlacementFiltered(request=sub, filtered=ok)
+        scored = PlacementScored(batch_id=req.batch_id, outcomes=tuple(failed)) if failed else None
+        return passed, scored

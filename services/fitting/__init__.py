@@ -1,0 +1,1 @@
+"""Fitting service: turns filter survivors into candidates (worker + GPUs + claims)."""

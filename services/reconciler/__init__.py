@@ -1,0 +1,1 @@
+"""Reconciler service: desired vs actual, commits, scale-down, worker loss, PENDING retries."""

@@ -1,0 +1,501 @@
+"""The reconciler: owns desired vs actual.
+
+Consumes scale/cordon commands, scored placement outcomes and instance status (JetStream), and worker
+reports (core NATS, written to Redis in batches by its state writer). Commits decisions with the
+ledger's atomic compare-and-set, re-places refused ones, drains and deletes on scale-down, replaces
+instances of lost workers and retries PENDING replicas when the cluster changes. Every decision it
+takes comes from the pure core (``shared.core.placement``); this module only moves data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import msgspec
+from faststream.nats import NatsMessage
+from nats.aio.msg import Msg
+
+from services.reconciler.writer import StateWriter
+from shared.bus import streams, subjects
+from shared.bus.messages import (
+    AssignInstance,
+    CordonCommand,
+    CordonEvent,
+    DecisionEvent,
+    DeleteInstance,
+    DrainInstance,
+    InstanceEvent,
+    InstanceStatus,
+    ItemOutcome,
+    MessageError,
+    ModelEvent,
+    PlacementItem,
+    PlacementRequest,
+    PlacementScored,
+    ScaleCommand,
+    UnschedulableEvent,
+    decode,
+)
+from shared.bus.runtime import pull_batch
+from shared.bus.service import PlacementService, guarded, run_batch
+from shared.bus.validate import bad_name, check_scale
+from shared.core.placement import scale_down_order
+from shared.core.placement.domain import Instance, InstanceState, ModelSpec, Unschedulable, WorkerState
+from shared.core.placement.reconcile import (
+    ACTIVE,
+    ON_WORKER,
+    GiveUp,
+    after_refusal,
+    drain_finished,
+    plan_scale,
+    resync_workers,
+    unreachable_instances,
+)
+from shared.state.store import CommitItem
+
+log = logging.getLogger("gantry.reconciler")
+
+
+class Reconciler(PlacementService):
+    """Desired-state loop and commit point of the placement pipeline."""
+
+    name = "reconciler"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.specs: dict[str, ModelSpec] = {}
+        self.requested: dict[str, float] = {}  # instance id -> when this process last requested it
+        self.seen_placed: dict[str, float] = {}  # instance id -> when first seen committed
+        self.changed = False
+        self.retry_epoch = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.writer = StateWriter(self)
+
+    def consumers(self) -> Sequence[tuple[str, str, str]]:
+        """Commands, scored outcomes and instance status."""
+        return (
+            (streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL),
+            (streams.STREAM_PIPE, streams.CONSUMER_COMMIT, subjects.PLACEMENT_SCORED),
+            (streams.STREAM_STATUS, streams.CONSUMER_STATUS, subjects.INSTANCE_STATUS),
+        )
+
+    def register(self) -> None:
+        """Pull subscribers for the three consumers."""
+        s = self.settings
+
+        @pull_batch(self.broker, subjects.CMD_ALL, streams.STREAM_CMD, streams.CONSUMER_SCALE, s)
+        async def on_commands(body: list[bytes], msg: NatsMessage) -> None:
+            await self.ready.wait()
+            raws: list[Msg] = msg.raw_message  # type: ignore[assignment]
+            for data, raw in zip(body, raws, strict=True):
+                await guarded(self, raw.subject, [raw], lambda d=data, r=raw: self.handle_command(d, r))
+
+        @pull_batch(self.broker, subjects.PLACEMENT_SCORED, streams.STREAM_PIPE, streams.CONSUMER_COMMIT, s)
+        async def on_scored(body: list[bytes], msg: NatsMessage) -> None:
+            batch = await self.decode_batch(body, msg, PlacementScored, subjects.PLACEMENT_SCORED)
+            raws = [r for _, r in batch]
+            await run_batch(self, subjects.PLACEMENT_SCORED, raws, lambda: self.handle_scored([m for m, _ in batch]))
+
+        @pull_batch(self.broker, subjects.INSTANCE_STATUS, streams.STREAM_STATUS, streams.CONSUMER_STATUS, s)
+        async def on_status(body: list[bytes], msg: NatsMessage) -> None:
+            batch = await self.decode_batch(body, msg, InstanceStatus, subjects.INSTANCE_STATUS)
+            raws = [r for _, r in batch]
+            await run_batch(self, subjects.INSTANCE_STATUS, raws, lambda: self.handle_status([m for m, _ in batch]))
+
+    async def started(self) -> None:
+        """Load specs, listen for cluster changes, start the state writer and the periodic checks."""
+        self.specs = await self.store.models()
+        self.feed.listeners.append(self._on_cluster_change)
+        self.writer.start()
+        self._spawn(self._tick_loop())
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_cluster_change(self, why: str) -> None:
+        self.changed = True
+
+    # ================================================================ commands
+
+    async def handle_command(self, data: bytes, raw: Msg) -> None:
+        """One scale or cordon command (in stream order within this replica)."""
+        if raw.subject == subjects.CORDON:
+            await self._cordon(data, raw)
+            return
+        try:
+            cmd = decode(data, ScaleCommand)
+        except MessageError as exc:
+            await self.bus.dead_letter(raw.subject, str(exc), data)
+            await raw.ack()
+            return
+        known = self.specs.get(cmd.model) or await self.store.model(cmd.model)
+        reason = check_scale(cmd, known)
+        if reason:
+            await self.bus.dead_letter(raw.subject, reason, data)
+            await raw.ack()
+            return
+        spec = cmd.spec or known
+        assert spec is not None
+        spec = msgspec.structs.replace(spec, replicas=cmd.replicas)
+        self.specs[cmd.model] = spec
+        meta = raw.metadata
+        arrived = meta.timestamp.timestamp() if meta.timestamp else self.clock()
+        await self.converge(cmd.model, scale=(cmd.replicas, spec, meta.sequence.stream), requested_at=arrived)
+        await raw.ack()
+
+    async def _cordon(self, data: bytes, raw: Msg) -> None:
+        try:
+            cmd = decode(data, CordonCommand)
+        except MessageError as exc:
+            await self.bus.dead_letter(raw.subject, str(exc), data)
+            await raw.ack()
+            return
+        reason = bad_name(cmd.worker)
+        if reason or cmd.worker not in self.feed.inventory:
+            why = reason or f"cordon: unknown worker {cmd.worker!r}"
+            await self.bus.dead_letter(raw.subject, why, data)
+            await raw.ack()
+            return
+        await self.store.set_cordon(cmd.worker, cmd.cordoned, cmd.gpu_index)
+        await self.bus.publish(
+            subjects.EVENT_CORDON, CordonEvent(worker=cmd.worker, cordoned=cmd.cordoned, gpu_index=cmd.gpu_index)
+        )
+        await raw.ack()
+
+    # ================================================================ converge
+
+    async def _lock(self, model: str) -> str:
+        for attempt in range(400):
+            token = await self.store.lock_model(model)
+            if token:
+                return token
+            await asyncio.sleep(min(0.05, 0.002 * (attempt + 1)))
+        raise TimeoutError(f"converge lock of {model} busy")
+
+    async def converge(
+        self,
+        model: str,
+        scale: tuple[int, ModelSpec, int] | None = None,
+        requested_at: float | None = None,
+    ) -> None:
+        """Bring one model's instances to its desired replicas (under the model's converge lock)."""
+        now = self.clock()
+        token = await self._lock(model)
+        try:
+            if scale is not None:
+                replicas, spec, seq = scale
+                if await self.store.apply_scale(model, replicas, spec, seq):
+                    await self.bus.publish(subjects.EVENT_MODEL, ModelEvent(model=model, replicas=replicas, spec=spec))
+            spec_now = self.specs.get(model) or await self.store.model(model)
+            if spec_now is None:
+                return
+            desired = await self.store.desired_of(model)
+            instances = await self.store.instances(model)
+            active = [i for i in instances if i.state in ACTIVE]
+            order: list[str] = []
+            if len(active) > desired:
+                placed = [i for i in active if i.worker is not None]
+                ranked = scale_down_order(self.snapshot, spec_now, now, self.profile, instances=placed)
+                order = [e.instance_id for e in ranked]
+            plan = plan_scale(desired, instances, order)
+            created = [
+                Instance(id=f"{model}-{secrets.token_hex(5)}", model=model, created_at=now)
+                for _ in range(plan.create)
+            ]
+            if created and not await self.store.create_pending(model, token, created):
+                raise TimeoutError(f"lost the converge lock of {model}")
+            await self._publish_instances(created)
+            await self._remove(model, token, [i for i in instances if i.id in set(plan.remove)], now)
+            pending = [i for i in instances if i.state is InstanceState.PENDING and i.id not in set(plan.remove)]
+            to_request = created + [i for i in pending if self._needs_request(i, now)]
+            await self.request(spec_now, to_request, requested_at if requested_at is not None else now)
+        finally:
+            await self.store.unlock_model(model, token)
+
+    def _needs_request(self, inst: Instance, now: float) -> bool:
+        # A PENDING replica with a reason waits for a cluster change; one without a reason is in flight
+        # unless this process has not requested it recently (e.g. a predecessor crashed mid-converge).
+        if inst.reason:
+            return False
+        last = self.requested.get(inst.id)
+        return last is None or now - last > 3 * self.settings.ack_wait_s
+
+    async def _remove(self, model: str, token: str, victims: Sequence[Instance], now: float) -> None:
+        pending = [i.id for i in victims if i.state is InstanceState.PENDING]
+        placed = [i for i in victims if i.state is not InstanceState.PENDING]
+        if pending:
+            await self.store.release(pending)
+            await self._publish_removed([i for i in victims if i.id in set(pending)])
+        if placed:
+            ids = [i.id for i in placed]
+            await self.store.mark_state(model, token, InstanceState.DRAINING, ACTIVE, ids)
+            await self.store.mark_drains(ids, now)
+            drained = [msgspec.structs.replace(i, state=InstanceState.DRAINING) for i in placed]
+            await self._publish_instances(drained)
+            for inst in placed:
+                assert inst.worker is not None
+                await self.bus.publish(subjects.worker_drain(inst.worker), DrainInstance(instance_id=inst.id))
+
+    async def request(
+        self, spec: ModelSpec, instances: Sequence[Instance], requested_at: float, attempt: int = 0
+    ) -> None:
+        """Publish placement requests for PENDING replicas, in batches (deduped by content)."""
+        if not instances:
+            return
+        now = self.clock()
+        items = [
+            PlacementItem(instance_id=i.id, model=spec.name, attempt=attempt, requested_at=requested_at)
+            for i in instances
+        ]
+        await self.publish_items(items, {spec.name: spec}, now)
+
+    async def publish_items(
+        self, items: Sequence[PlacementItem], specs: dict[str, ModelSpec], now: float, salt: str = ""
+    ) -> None:
+        """Chunk items into PlacementRequests; the Nats-Msg-Id hashes the chunk so a re-publish is dropped.
+
+        ``salt`` distinguishes a deliberate re-request of the same replicas (a retry round).
+        """
+        size = self.settings.batch_max
+        out = []
+        for start in range(0, len(items), size):
+            chunk = tuple(items[start : start + size])
+            key = salt + "|".join(f"{i.instance_id}:{i.attempt}" for i in chunk)
+            batch_id = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+            models = {i.model for i in chunk}
+            req = PlacementRequest(batch_id=batch_id, items=chunk, specs={m: specs[m] for m in models})
+            out.append((subjects.PLACEMENT_REQUESTED, req, f"req:{batch_id}"))
+            for i in chunk:
+                self.requested[i.instance_id] = now
+        await self.bus.publish_js_many(out)
+
+    # ================================================================ commits
+
+    async def handle_scored(self, batch: Sequence[PlacementScored]) -> None:
+        """Commit every decision of the batch with one Lua call; re-place refused ones; record PENDING."""
+        now = self.clock()
+        specs: dict[str, ModelSpec] = {}
+        for scored in batch:
+            specs.update(scored.specs)
+        decided: list[tuple[ItemOutcome, CommitItem]] = []
+        unplaced: list[ItemOutcome] = []
+        for scored in batch:
+            for out in scored.outcomes:
+                if out.decision is not None:
+                    decided.append((out, CommitItem(self._record(out))))
+                else:
+                    unplaced.append(out)
+        verdicts = await self.store.commit([c for _, c in decided])
+        committed: list[tuple[ItemOutcome, Instance]] = []
+        retries: list[PlacementItem] = []
+        for (out, item), verdict in zip(decided, verdicts, strict=True):
+            if verdict == "ok":
+                committed.append((out, item.instance))
+            elif verdict == "dup":
+                stored = await self.store.instance(item.instance.id)
+                if stored is not None and stored.worker is not None:
+                    await self._assign(stored, specs.get(stored.model) or self.specs.get(stored.model))
+            elif verdict.startswith("full:"):
+                cfg = self.settings
+                step = after_refusal(out.item.attempt, verdict, cfg.commit_retries, cfg.commit_backoff_s)
+                if isinstance(step, GiveUp):
+                    await self._pending(out.item, step.reason, None, now)
+                else:
+                    retries.append(msgspec.structs.replace(out.item, attempt=step.attempt))
+                    self._pending_event(out.item.instance_id, out.item.model, None)
+        for _, inst in committed:
+            await self._assign(inst, specs.get(inst.model) or self.specs.get(inst.model))
+            self.seen_placed[inst.id] = now
+        await self._publish_instances([inst for _, inst in committed])
+        for out, inst in committed:
+            assert out.decision is not None and inst.worker is not None
+            await self.bus.publish(
+                subjects.EVENT_DECISION,
+                DecisionEvent(
+                    instance_id=inst.id, model=inst.model, worker=inst.worker, gpu_indexes=inst.gpu_indexes,
+                    score=out.decision.score, breakdown=out.decision.breakdown, attempt=out.item.attempt,
+                    latency_ms=(now - out.item.requested_at) * 1000.0, at=now,
+                ),
+            )
+        for out in unplaced:
+            un = out.unschedulable
+            await self._pending(out.item, un.message if un else "unschedulable", un, now)
+        if retries:
+            await asyncio.sleep(self.settings.commit_backoff_s * (2 ** min(r.attempt for r in retries)) / 2)
+            known = {**self.specs, **specs}
+            await self.publish_items(retries, {r.model: known[r.model] for r in retries}, self.clock())
+
+    def _record(self, out: ItemOutcome) -> Instance:
+        d = out.decision
+        assert d is not None
+        c = d.candidate
+        return Instance(
+            id=out.item.instance_id, model=out.item.model, state=InstanceState.SCHEDULED, worker=c.worker,
+            gpu_indexes=c.gpu_indexes, vram_claims=c.vram_claims, ram_claim=c.ram_claim,
+            subordinates=c.subordinates, total_layers=c.total_layers, offload_layers=c.offload_layers,
+            created_at=out.item.requested_at,
+        )
+
+    async def _assign(self, inst: Instance, spec: ModelSpec | None) -> None:
+        assert inst.worker is not None
+        source = (spec.source or spec.name) if spec else inst.model
+        cmd = AssignInstance(
+            instance_id=inst.id, model=inst.model, source=source, gpu_indexes=inst.gpu_indexes,
+            vram_claims=inst.vram_claims,
+        )
+        await self.bus.publish(subjects.worker_assign(inst.worker), cmd)
+
+    async def _pending(self, item: PlacementItem, reason: str, un: object, now: float) -> None:
+        inst = await self.store.instance(item.instance_id)
+        if inst is None or inst.state is not InstanceState.PENDING:
+            return
+        await self.store.set_reasons({item.instance_id: reason})
+        self._pending_event(item.instance_id, item.model, reason)
+        u = un if isinstance(un, Unschedulable) else None
+        await self.bus.publish(
+            subjects.EVENT_UNSCHEDULABLE,
+            UnschedulableEvent(
+                instance_id=item.instance_id, model=item.model, message=reason,
+                reasons=u.reasons if u else (), filters=u.filters if u else (), at=now,
+            ),
+        )
+
+    def _pending_event(self, iid: str, model: str, reason: str | None) -> None:
+        # Tells scoring replicas to drop any assumed placement of this replica.
+        inst = Instance(id=iid, model=model, state=InstanceState.PENDING, reason=reason)
+        self._spawn(self.bus.publish(subjects.EVENT_INSTANCE, InstanceEvent(instance=inst, at=self.clock())))
+
+    async def _publish_instances(self, instances: Iterable[Instance]) -> None:
+        now = self.clock()
+        for inst in instances:
+            await self.bus.publish(subjects.EVENT_INSTANCE, InstanceEvent(instance=inst, at=now))
+
+    async def _publish_removed(self, instances: Iterable[Instance]) -> None:
+        now = self.clock()
+        for inst in instances:
+            await self.bus.publish(subjects.EVENT_INSTANCE, InstanceEvent(instance=inst, removed=True, at=now))
+
+    # ================================================================ status
+
+    async def handle_status(self, batch: Sequence[InstanceStatus]) -> None:
+        """Apply workers' instance reports: state changes, idle drains, deletion confirmations."""
+        for st in batch:
+            known = self.feed.instances.get(st.instance_id) or await self.store.instance(st.instance_id)
+            if known is None or known.worker != st.worker:
+                continue
+            if st.deleted:
+                if known.state in (InstanceState.DRAINING, InstanceState.UNREACHABLE):
+                    await self._delete([known], tell_worker=False)
+            elif st.idle:
+                if known.state is InstanceState.DRAINING:
+                    await self._delete([known], tell_worker=True)
+            else:
+                prev = await self.store.set_state(st.instance_id, st.worker, st.state)
+                if prev is not None:
+                    await self._publish_instances([msgspec.structs.replace(known, state=st.state)])
+
+    async def _delete(self, instances: Sequence[Instance], tell_worker: bool) -> None:
+        ids = [i.id for i in instances]
+        await self.store.release(ids)
+        await self.store.forget_drains(ids)
+        for inst in instances:
+            self.seen_placed.pop(inst.id, None)
+            self.requested.pop(inst.id, None)
+            if tell_worker and inst.worker:
+                await self.bus.publish(subjects.worker_delete(inst.worker), DeleteInstance(instance_id=inst.id))
+        await self._publish_removed(instances)
+
+    # ================================================================ periodic checks
+
+    async def _tick_loop(self) -> None:
+        interval = self.settings.reconcile_interval_s
+        n = 0
+        while True:
+            await asyncio.sleep(interval)
+            n += 1
+            try:
+                if await self.store.try_lock("tick", interval * 0.9):
+                    await self.tick(full=n % 10 == 0)
+            except Exception:
+                log.exception("reconciler tick failed")
+
+    async def tick(self, full: bool = False) -> None:
+        """Liveness, drain timeouts, level-triggered resync, PENDING retries on cluster change."""
+        now = self.clock()
+        s = self.settings
+        instances = dict(self.feed.instances)
+        lost = unreachable_instances(
+            instances.values(), self.feed.last_seen, now, s.not_ready_after_s, s.reschedule_after_s
+        )
+        if lost:
+            await self.store.release(lost, mode=InstanceState.UNREACHABLE.value)
+            moved = [msgspec.structs.replace(instances[i], state=InstanceState.UNREACHABLE) for i in lost]
+            await self._publish_instances(moved)
+            log.warning("replacing %d instances of lost workers", len(lost))
+            for model in sorted({instances[i].model for i in lost}):
+                await self.converge(model)
+        # Back from the dead: forget the stale copies (their claims were released already).
+        stale = [
+            i for i in instances.values()
+            if i.state is InstanceState.UNREACHABLE and i.worker
+            and self.snapshot.state(i.worker, now) is WorkerState.READY
+        ]
+        if stale:
+            await self._delete(stale, tell_worker=True)
+        drains = await self.store.drains()
+        done = [
+            instances[i] for i, t in drains.items()
+            if i in instances and drain_finished(t, False, now, s.drain_timeout_s)
+        ]
+        if done:
+            await self._delete(done, tell_worker=True)
+        await self._resync(instances, now)
+        if self.changed:
+            self.changed = False
+            await self.retry_pending(instances)
+        if full:
+            for model in sorted((await self.store.desired()).keys()):
+                await self.converge(model)
+
+    async def _resync(self, instances: dict[str, Instance], now: float) -> None:
+        reported = {
+            w: hb.instances for w, hb in self.feed.usage.items()
+            if self.snapshot.state(w, now) is WorkerState.READY
+        }
+        for iid, inst in instances.items():
+            if inst.state in ON_WORKER:
+                self.seen_placed.setdefault(iid, now)
+        grace = max(2.0, 3 * self.settings.heartbeat_interval_s)
+        fix = resync_workers(instances, reported, self.seen_placed, now, grace)
+        for iid in fix.assign:
+            inst = instances[iid]
+            await self._assign(inst, self.specs.get(inst.model))
+        for worker, iid in fix.delete:
+            with contextlib.suppress(Exception):
+                await self.bus.publish(subjects.worker_delete(worker), DeleteInstance(instance_id=iid))
+
+    async def retry_pending(self, instances: dict[str, Instance]) -> None:
+        """Re-request every PENDING replica that has a reason (the cluster changed since)."""
+        by_model: dict[str, list[Instance]] = defaultdict(list)
+        for inst in instances.values():
+            if inst.state is InstanceState.PENDING and inst.reason:
+                by_model[inst.model].append(inst)
+        if not by_model:
+            return
+        self.retry_epoch += 1
+        now = self.clock()
+        for model, pend in sorted(by_model.items()):
+            spec = self.specs.get(model) or await self.store.model(model)
+            if spec is None:
+                continue
+            items = [PlacementItem(instance_id=i.id, model=model, requested_at=now) for i in pend]
+            # A fresh dedupe id per retry round: the same replicas were requested before.
+            await self.publish_items(items, {model: spec}, now, salt=f"retry{self.retry_epoch}:{secrets.token_hex(4)}")

@@ -1,0 +1,115 @@
+"""The state writer: validates worker reports and writes them to Redis in batches.
+
+Runs inside the reconciler, subscribed with a queue group so that several reconciler replicas split
+the write load. Invalid reports (bad inventory, heartbeats from unknown workers or for unknown GPUs)
+are dead-lettered here, once, rather than by every service that reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from shared.bus import subjects
+from shared.bus.messages import Heartbeat, MessageError, ModelFileUpdate, WorkerRegistration, decode
+from shared.bus.runtime import core_sub
+from shared.bus.validate import bad_name, check_heartbeat, check_registration
+from shared.core.placement.domain import ModelFile, Worker
+
+if TYPE_CHECKING:
+    from shared.bus.service import PlacementService
+
+log = logging.getLogger("gantry.writer")
+QUEUE = "gantry-state-writer"
+
+
+class StateWriter:
+    """Buffers the latest report per worker and flushes them to Redis every ``flush_s``."""
+
+    def __init__(self, service: PlacementService, flush_s: float = 0.1) -> None:
+        self.service = service
+        self.flush_s = flush_s
+        self.registrations: dict[str, Worker] = {}
+        self.beats: dict[str, tuple[Heartbeat, float]] = {}
+        self.files: dict[tuple[str, str], ModelFile] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wire()
+
+    def _wire(self) -> None:
+        svc = self.service
+        broker = svc.broker
+
+        @core_sub(broker, subjects.REGISTER, queue=QUEUE)
+        async def on_register(body: bytes) -> None:
+            try:
+                reg = decode(body, WorkerRegistration)
+            except MessageError as exc:
+                await svc.bus.dead_letter(subjects.REGISTER, str(exc), body)
+                return
+            reason = check_registration(reg)
+            if reason:
+                await svc.bus.dead_letter(subjects.REGISTER, reason, body)
+                return
+            self.registrations[reg.worker.name] = reg.worker
+
+        @core_sub(broker, subjects.HEARTBEAT, queue=QUEUE)
+        async def on_heartbeat(body: bytes) -> None:
+            try:
+                hb = decode(body, Heartbeat)
+            except MessageError as exc:
+                await svc.bus.dead_letter(subjects.HEARTBEAT, str(exc), body)
+                return
+            inventory = self.registrations.get(hb.worker) or svc.feed.inventory.get(hb.worker)
+            reason = check_heartbeat(hb, inventory)
+            if reason:
+                await svc.bus.dead_letter(subjects.HEARTBEAT, reason, body)
+                return
+            self.beats[hb.worker] = (hb, svc.clock())
+
+        @core_sub(broker, subjects.MODEL_FILE, queue=QUEUE)
+        async def on_file(body: bytes) -> None:
+            try:
+                upd = decode(body, ModelFileUpdate)
+            except MessageError as exc:
+                await svc.bus.dead_letter(subjects.MODEL_FILE, str(exc), body)
+                return
+            reason = bad_name(upd.worker)
+            if reason:
+                await svc.bus.dead_letter(subjects.MODEL_FILE, f"model file: {reason}", body)
+                return
+            self.files[(upd.source, upd.worker)] = ModelFile(
+                source=upd.source, worker=upd.worker, state=upd.state, progress=upd.progress
+            )
+
+    def start(self) -> None:
+        """Begin flushing in the background."""
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_s)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("state writer flush failed (will retry)")
+
+    async def flush(self) -> None:
+        """Write everything buffered since the last flush (a few pipelined round trips)."""
+        store = self.service.store
+        regs, self.registrations = self.registrations, {}
+        beats, self.beats = self.beats, {}
+        files, self.files = self.files, {}
+        try:
+            await store.register_workers(list(regs.values()))
+            await store.record_heartbeats(list(beats.values()))
+            await store.set_model_files(files.values())
+        except Exception:
+            # Keep what we had (newer reports win) and retry on the next flush.
+            for k, v in regs.items():
+                self.registrations.setdefault(k, v)
+            for k2, b in beats.items():
+                self.beats.setdefault(k2, b)
+            for k3, f in files.items():
+                self.files.setdefault(k3, f)
+            raise

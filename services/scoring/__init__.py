@@ -1,0 +1,1 @@
+"""Scoring service: ranks candidates and picks one per replica."""

@@ -1,0 +1,97 @@
+"""Scoring: PlacementFitted → PlacementScored, one decision per replica.
+
+Replicas of a batch are scored one after another; each choice is *assumed* into this replica's snapshot
+(its claims and counts) before the next is scored, so a burst spreads instead of piling onto the one best
+GPU. Assumptions are replaced by the real record when the reconciler's instance event arrives, dropped
+when the commit is refused (a PENDING event), and expire after a while if neither comes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from faststream.nats import NatsMessage
+
+from shared.bus import streams, subjects
+from shared.bus.messages import ItemOutcome, PlacementFitted, PlacementScored
+from shared.bus.runtime import pull_batch
+from shared.bus.service import PlacementService, run_batch
+from shared.core.placement import instance_from_decision, run_scoring
+from shared.core.placement.domain import Instance, Unschedulable
+from shared.core.placement.reconcile import still_fits
+
+ASSUME_TTL_S = 10.0
+
+
+class ScoringService(PlacementService):
+    """Runs the profile's scorers and picks one candidate per replica."""
+
+    name = "scoring"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.assumed: dict[str, float] = {}  # instance id -> when assumed
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def consumers(self) -> Sequence[tuple[str, str, str]]:
+        """Reads fitting results."""
+        return ((streams.STREAM_PIPE, streams.CONSUMER_SCORING, subjects.PLACEMENT_FITTED),)
+
+    def register(self) -> None:
+        """Batched pull subscriber on placement.fitted."""
+
+        @pull_batch(
+            self.broker, subjects.PLACEMENT_FITTED, streams.STREAM_PIPE, streams.CONSUMER_SCORING, self.settings
+        )
+        async def on_fitted(body: list[bytes], msg: NatsMessage) -> None:
+            batch = await self.decode_batch(body, msg, PlacementFitted, subjects.PLACEMENT_FITTED)
+            await run_batch(
+                self, subjects.PLACEMENT_FITTED, [r for _, r in batch], lambda: self.handle([m for m, _ in batch])
+            )
+
+    async def handle(self, batch: Sequence[PlacementFitted]) -> None:
+        """Score every item; publish the outcomes for the reconciler to commit."""
+        self.expire_assumptions()
+        out = [
+            (subjects.PLACEMENT_SCORED, self.score(msg), f"score:{msg.request.batch_id}") for msg in batch
+        ]
+        await self.bus.publish_js_many(out)
+
+    def score(self, msg: PlacementFitted) -> PlacementScored:
+        """Pure step over the snapshot (plus this replica's assumptions)."""
+        req = msg.request
+        now = self.clock()
+        outcomes = []
+        for item in req.items:
+            spec = req.specs[item.model]
+            fit = msg.fitted[item.model]
+            live = [c for c in fit.candidates if still_fits(self.snapshot, c)]
+            if not live:
+                un = Unschedulable(
+                    model=item.model,
+                    message=f"all {len(fit.candidates)} candidates were taken while this replica was in flight",
+                )
+                outcomes.append(ItemOutcome(item=item, unschedulable=un))
+                continue
+            decision = run_scoring(self.snapshot, spec, live, self.profile)
+            self.assume(instance_from_decision(decision, item.instance_id, created_at=item.requested_at), now)
+            outcomes.append(ItemOutcome(item=item, decision=decision))
+        return PlacementScored(batch_id=req.batch_id, outcomes=tuple(outcomes), specs=req.specs)
+
+    def assume(self, instance: Instance, now: float) -> None:
+        """Count a decided (not yet committed) replica in the snapshot."""
+        if instance.id in self.feed.instances and self.feed.instances[instance.id].worker:
+            return  # already committed (a redelivery): the real record is there
+        self.snapshot.upsert_instance(instance)
+        self.assumed[instance.id] = now
+
+    def expire_assumptions(self) -> None:
+        """Drop assumptions whose commit never showed up."""
+        now = self.clock()
+        for iid, at in list(self.assumed.items()):
+            real = self.feed.instances.get(iid)
+            if real is not None and (real.worker is not None or real.state.value == "PENDING"):
+                del self.assumed[iid]  # the real record (or its refusal) has replaced the assumption
+            elif now - at > ASSUME_TTL_S:
+                del self.assumed[iid]
+                if real is None:
+                    self.snapshot.remove_instance(iid)

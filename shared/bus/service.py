@@ -1,0 +1,215 @@
+"""The common frame of a Gantry placement service: FastStream app, Redis store, snapshot feed.
+
+A service declares its JetStream consumers, subscribes its feed to the cluster events it needs, loads
+the snapshot from Redis once at start, and only then lets its pipeline handlers run (they wait on
+``ready``). Handlers decode raw bytes with msgspec; anything undecodable or invalid is dead-lettered and
+acked, so one bad message never blocks or kills the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+from faststream import FastStream
+from faststream.nats import NatsMessage
+from nats.aio.msg import Msg
+
+from shared.bus import subjects
+from shared.bus.feed import SnapshotFeed
+from shared.bus.messages import (
+    CordonEvent,
+    Heartbeat,
+    InstanceEvent,
+    MessageError,
+    ModelFileUpdate,
+    WorkerRegistration,
+    decode,
+)
+from shared.bus.runtime import Bus, core_sub, make_broker, nats_client, prepare
+from shared.core.placement.profile import DEFAULT_PROFILE, Profile, profile_from_json, profile_from_yaml
+from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
+from shared.settings import Settings
+from shared.state.store import StateStore
+
+log = logging.getLogger("gantry.service")
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class PlacementService:
+    """Shared wiring; subclasses add their pipeline subscribers in ``register``."""
+
+    name = "service"
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.broker = make_broker(settings)
+        self.app = FastStream(self.broker)
+        self.snapshot = ClusterSnapshot(
+            SnapshotConfig(
+                heartbeat_interval=settings.heartbeat_interval_s, not_ready_after=settings.not_ready_after_s
+            )
+        )
+        self.feed = SnapshotFeed(self.snapshot)
+        self.store = StateStore.from_url(settings.redis_url)
+        self.ready = asyncio.Event()
+        self.profile = load_profile(settings.profile)
+        self._bus: Bus | None = None
+        self.app.on_startup(self._declare)
+        self.app.after_startup(self._load)
+        self.app.on_shutdown(self.store.close)
+        self.wire_feed()
+        self.register()
+
+    # -- to override ----------------------------------------------------------------------------------
+
+    def consumers(self) -> Sequence[tuple[str, str, str]]:
+        """(stream, durable, subject) of the JetStream consumers this service reads."""
+        return ()
+
+    def register(self) -> None:
+        """Add the service's own subscribers."""
+
+    def wants_instances(self) -> bool:
+        """Whether the snapshot needs instance events (claims and counts)."""
+        return True
+
+    async def started(self) -> None:
+        """Called once the snapshot is loaded and handlers may run."""
+
+    # -- wiring ---------------------------------------------------------------------------------------
+
+    @property
+    def bus(self) -> Bus:
+        """Publishing side (available once the broker is connected)."""
+        if self._bus is None:
+            self._bus = Bus(nats_client(self.broker), self.name)
+        return self._bus
+
+    async def _declare(self) -> None:
+        import nats
+
+        nc = await nats.connect(self.settings.nats_url)
+        try:
+            await prepare(nc, self.settings, self.consumers())
+        finally:
+            await nc.close()
+
+    async def _load(self) -> None:
+        await self.feed.load(self.store)
+        self.ready.set()
+        await self.started()
+        log.info("%s ready: %d workers, %d instances", self.name, len(self.snapshot), len(self.feed.instances))
+
+    def wire_feed(self) -> None:
+        """Subscribe the snapshot feed to worker reports and cluster events (fan-out, no queue)."""
+        feed = self.feed
+
+        @core_sub(self.broker, subjects.REGISTER)
+        async def on_register(body: bytes) -> None:
+            reg = self._quiet_decode(body, WorkerRegistration)
+            if reg is not None:
+                feed.on_register(reg, self.clock())
+
+        @core_sub(self.broker, subjects.HEARTBEAT)
+        async def on_heartbeat(body: bytes) -> None:
+            hb = self._quiet_decode(body, Heartbeat)
+            if hb is not None:
+                feed.on_heartbeat(hb, self.clock())
+
+        @core_sub(self.broker, subjects.MODEL_FILE)
+        async def on_file(body: bytes) -> None:
+            upd = self._quiet_decode(body, ModelFileUpdate)
+            if upd is not None:
+                feed.on_file(upd)
+
+        @core_sub(self.broker, subjects.EVENT_CORDON)
+        async def on_cordon(body: bytes) -> None:
+            ev = self._quiet_decode(body, CordonEvent)
+            if ev is not None:
+                feed.on_cordon(ev)
+
+        if self.wants_instances():
+
+            @core_sub(self.broker, subjects.EVENT_INSTANCE)
+            async def on_instance(body: bytes) -> None:
+                ev = self._quiet_decode(body, InstanceEvent)
+                if ev is not None:
+                    feed.on_instance(ev)
+
+    @staticmethod
+    def _quiet_decode(body: bytes, kind: type[T]) -> T | None:
+        # Feed input is validated (and dead-lettered) once, by the reconciler's state writer.
+        try:
+            return decode(body, kind)
+        except MessageError:
+            return None
+
+    # -- helpers for pipeline handlers ----------------------------------------------------------------
+
+    async def decode_batch(
+        self, bodies: list[bytes], msg: NatsMessage, kind: type[T], subject: str
+    ) -> list[tuple[T, Msg]]:
+        """Decode a pulled batch; dead-letter and ack the undecodable ones, return the rest."""
+        await self.ready.wait()
+        out: list[tuple[T, Msg]] = []
+        raws: list[Msg] = msg.raw_message  # type: ignore[assignment]
+        for body, raw in zip(bodies, raws, strict=True):
+            try:
+                out.append((decode(body, kind), raw))
+            except MessageError as exc:
+                await self.bus.dead_letter(subject, str(exc), body)
+                await raw.ack()
+        return out
+
+
+async def ack_all(raws: Sequence[Msg]) -> None:
+    """Ack every message of a handled batch."""
+    await asyncio.gather(*(r.ack() for r in raws))
+
+
+async def guarded(
+    service: PlacementService, subject: str, raws: Sequence[Msg], work: Callable[[], Awaitable[Any]]
+) -> bool:
+    """Run a batch's work; True if it succeeded (the caller acks).
+
+    On an unexpected error (a bug, Redis away) the batch is nak'ed with a delay, so JetStream redelivers
+    it a bounded number of times; past ``max_deliver`` it is dead-lettered. The consumer keeps running.
+    """
+    try:
+        await work()
+        return True
+    except Exception as exc:
+        log.exception("%s failed a batch on %s", service.name, subject)
+        for raw in raws:
+            meta = raw.metadata
+            if meta.num_delivered is not None and meta.num_delivered >= service.settings.max_deliver:
+                reason = f"gave up after {meta.num_delivered} deliveries: {exc}"
+                await service.bus.dead_letter(subject, reason, raw.data)
+                await raw.ack()
+            else:
+                await raw.nak(delay=service.settings.ack_wait_s)
+        return False
+
+
+async def run_batch(
+    service: PlacementService, subject: str, raws: Sequence[Msg], work: Callable[[], Awaitable[Any]]
+) -> None:
+    """``guarded`` then ack the whole batch on success."""
+    if await guarded(service, subject, raws, work):
+        await ack_all(raws)
+
+
+def load_profile(name: str) -> Profile:
+    """The placement profile: ``default``, or a JSON/YAML file path."""
+    if name in ("", "default"):
+        return DEFAULT_PROFILE
+    path = Path(name)
+    data = path.read_bytes()
+    return profile_from_yaml(data) if path.suffix in (".yaml", ".yml") else profile_from_json(data)
