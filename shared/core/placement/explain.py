@@ -55,12 +55,9 @@ def unfit_message(ctx: PlacementContext, survivors: BoolArray) -> str:
             headroom = int((usable & (alloc >= (total * u).astype(np.int64))).sum())
             parts.append(f"{headroom} of {n} GPUs have the {u * 100:.0f}% utilization headroom")
         if (req.gpu_count or 1) > 1 or best < req.vram:
-            per_worker = np.where(usable, np.maximum(alloc, 0), 0).sum(axis=1)
-            w = int(np.argmax(per_worker))
-            parts.append(
-                f"largest worker: {gib(int(per_worker[w]))} GiB allocatable over "
-                f"{int(usable[w].sum())} GPUs ({snap.name_of(w)})"
-            )
+            best_worker = _best_worker(ctx, usable)
+            if best_worker:
+                parts.append(best_worker)
     else:
         parts.append(f"no schedulable GPU on the {int(survivors.sum())} workers that passed the filters")
     if cordoned:
@@ -69,3 +66,26 @@ def unfit_message(ctx: PlacementContext, survivors: BoolArray) -> str:
         fits = int((survivors & (snap.w_ram_alloc[:rows] >= req.ram)).sum())
         parts.append(f"{fits} of {int(survivors.sum())} workers have the RAM")
     return "; ".join(parts)
+
+
+def _best_worker(ctx: PlacementContext, usable: BoolArray) -> str:
+    """What the best single worker offers: claimable VRAM at the utilisation, or allocatable VRAM ("" if 0)."""
+    snap, req = ctx.snapshot, ctx.req
+    rows = snap.rows
+    alloc, total = snap.g_alloc[:rows], snap.g_total[:rows]
+    u = req.gpu_memory_utilization
+    if u > 0:
+        claim = (total * u).astype(np.int64)
+        offer = np.where(usable & (alloc >= claim), claim, 0)
+    else:
+        offer = np.where(usable, np.maximum(alloc, 0), 0)
+    ordered = -np.sort(-offer, axis=1)
+    if req.gpu_count:
+        ordered = ordered[:, : req.gpu_count]
+    sums = ordered.sum(axis=1)
+    w = int(np.argmax(sums))
+    if sums[w] <= 0:
+        return ""
+    n = int((ordered[w] > 0).sum())
+    kind = f"claimable at {u * 100:.0f}%" if u > 0 else "allocatable"
+    return f"best worker: {gib(int(sums[w]))} GiB {kind} over {n} GPUs ({snap.name_of(w)})"

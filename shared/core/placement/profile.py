@@ -26,7 +26,11 @@ DEFAULT_FIT_STRATEGIES: tuple[str, ...] = (
     "partial_offload",
     "cpu_only",
 )
-DEFAULT_SCORERS: tuple[ScorerConfig, ...] = (ScorerConfig(name="placement"), ScorerConfig(name="locality"))
+DEFAULT_SCORERS: tuple[ScorerConfig, ...] = (
+    ScorerConfig(name="placement"),
+    ScorerConfig(name="locality"),
+    ScorerConfig(name="worker_fill"),
+)
 DEFAULT_SCALE_DOWN: tuple[ScorerConfig, ...] = (
     ScorerConfig(name="status"),
     ScorerConfig(name="offload_layers"),

@@ -7,12 +7,14 @@ from shared.core.placement.scorers.binpack import Binpack
 from shared.core.placement.scorers.locality import Locality
 from shared.core.placement.scorers.placement import Placement
 from shared.core.placement.scorers.spread import Spread
+from shared.core.placement.scorers.worker_fill import WorkerFill
 
 SCORERS: dict[str, type[Scorer]] = {
     Placement.name: Placement,
     Binpack.name: Binpack,
     Spread.name: Spread,
     Locality.name: Locality,
+    WorkerFill.name: WorkerFill,
 }
 
 __all__ = ["SCORERS", "Scorer"]

@@ -1,0 +1,148 @@
+"""``gantry place``: a placement dry run over a scenario file (like ``nomad job plan``).
+
+Places N replicas one after another, each seeing the ones before, and prints one JSON document with the
+decision (or the unschedulable verdict and its reasons) per replica. Nothing is committed anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+
+from ops.cli.errors import CliError
+from shared.catalog import UnknownModelError, load_model_arch
+from shared.core.catalog.models import ModelArch
+from shared.core.placement import DEFAULT_PROFILE, Profile, place, profile_from_json, profile_from_yaml
+from shared.core.placement.domain import Decision, GgufSpec, ModelSpec, Reason
+from shared.core.placement.gguf_header import gguf_spec_from_reader
+from shared.core.placement.pipeline import instance_from_decision, requirements
+from shared.core.placement.requirements import gib
+from shared.core.placement.scenario import Scenario, ScenarioError, load_scenario
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``place``."""
+    app.command("place")(place_cmd)
+
+
+def _arch(model: ModelSpec) -> ModelArch | None:
+    for name in (model.catalog_model, model.name, model.source):
+        if name:
+            try:
+                return load_model_arch(name)
+            except UnknownModelError:
+                continue
+    if model.catalog_model:
+        raise CliError(f"catalog_model {model.catalog_model!r} is not in the model catalogue", exit_code=2)
+    return None
+
+
+def _gguf(model: ModelSpec, base: Path) -> GgufSpec | None:
+    """Per-layer sizes from the model's GGUF file header, when the file exists."""
+    if model.gguf is not None or not model.source.lower().endswith(".gguf"):
+        return None
+    path = Path(model.source)
+    if not path.is_absolute():
+        path = base / path
+    if not path.is_file():
+        return None
+    from gguf import GGUFReader
+
+    try:
+        return gguf_spec_from_reader(GGUFReader(path))
+    except (ValueError, OSError) as err:
+        raise CliError(f"cannot read GGUF header of {path}: {err}", exit_code=2) from None
+
+
+def _profile(path: Path | None, scenario: Scenario) -> Profile:
+    if path is None:
+        return scenario.profile or DEFAULT_PROFILE
+    try:
+        text = path.read_bytes()
+    except OSError as err:
+        raise CliError(f"cannot read profile {path}: {err.strerror}", exit_code=2) from None
+    try:
+        return profile_from_yaml(text) if path.suffix in (".yaml", ".yml") else profile_from_json(text)
+    except ValueError as err:
+        raise CliError(f"{path}: {err}", exit_code=2) from None
+
+
+def _decision_doc(number: int, d: Decision) -> dict[str, Any]:
+    c = d.candidate
+    where = f"{c.worker} gpu {list(c.gpu_indexes)}" if c.gpu_indexes else f"{c.worker} (CPU)"
+    for s in c.subordinates:
+        where += f" + {s.worker} gpu {list(s.gpu_indexes)}"
+    claims = ", ".join(f"{gib(v)}" for v in c.vram_claims)
+    summary = f"{where}: VRAM [{claims}] GiB, RAM {gib(c.ram_claim)} GiB, score {d.score:.2f} via {c.strategy}"
+    if c.offload_layers is not None:
+        summary += f", {c.offload_layers}/{c.total_layers} layers on GPU"
+    doc: dict[str, Any] = {"replica": number, "placed": True, "summary": summary}
+    doc.update(msgspec.to_builtins(c))
+    doc.update(
+        score=d.score,
+        breakdown=d.breakdown,
+        candidates_considered=d.candidates_considered,
+        filters=[f"{r.filter} kept {r.kept} of {r.total}" for r in d.filters],
+    )
+    return doc
+
+
+def place_cmd(
+    scenario: Annotated[Path, typer.Option("--scenario", help="scenario JSON file (see docs/placement.md)")],
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", min=1, help="replicas to place [default: the scenario's]")
+    ] = None,
+    profile: Annotated[Path | None, typer.Option("--profile", help="profile JSON/YAML file")] = None,
+    exhaustive: Annotated[
+        bool, typer.Option("--exhaustive", help="use the reference path (every worker and GPU visited)")
+    ] = False,
+) -> None:
+    """Dry-run placement: place replicas one after another and print the decisions as JSON."""
+    try:
+        data = scenario.read_bytes()
+    except OSError as err:
+        raise CliError(f"cannot read scenario {scenario}: {err.strerror}", exit_code=2) from None
+    try:
+        sc = load_scenario(data)
+    except ScenarioError as err:
+        raise CliError(f"{scenario}: {err}", exit_code=2) from None
+    prof = _profile(profile, sc)
+    model = sc.model
+    arch = _arch(model)
+    gguf = _gguf(model, scenario.parent)
+    request = requirements(model, arch, gguf)
+    count = replicas or sc.replicas or model.replicas or 1
+    snap = sc.snapshot()
+    now = sc.clock
+    out: list[dict[str, Any]] = []
+    placed = 0
+    for number in range(1, count + 1):
+        if isinstance(request, Reason):
+            out.append({"replica": number, "placed": False, "message": request.message,
+                        "reasons": [msgspec.to_builtins(request)]})
+            continue
+        result = place(snap, model, now, prof, request=request, exhaustive=exhaustive)
+        if isinstance(result, Decision):
+            placed += 1
+            out.append(_decision_doc(number, result))
+            snap.upsert_instance(instance_from_decision(result, f"{model.name}-dry-run-{number}", created_at=now))
+        else:
+            doc = {"replica": number, "placed": False}
+            doc.update(msgspec.to_builtins(result))
+            doc.pop("model", None)
+            out.append(doc)
+    document = {
+        "scenario": sc.description or scenario.name,
+        "model": model.name,
+        "now": now,
+        "profile": prof.name,
+        "request": None if isinstance(request, Reason) else msgspec.to_builtins(request),
+        "placed": placed,
+        "unschedulable": count - placed,
+        "replicas": out,
+    }
+    typer.echo(json.dumps(document, indent=2, ensure_ascii=False))

@@ -1,0 +1,63 @@
+"""worker_fill (max 1, beyond baseline): binpack models fill a started worker before opening another.
+
+The spec's binpack formula looks at one GPU; with utilisation claims every fresh GPU scores the same, so
+an empty worker and a half-used one tie. This scorer adds ``1 − Σ allocatable / Σ total`` over the
+candidate worker's GPUs (mean over a multi-worker candidate's workers). Spread models score 0 here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from shared.core.placement.context import PlacementContext
+from shared.core.placement.domain import Candidate, PlacementStrategy
+from shared.core.placement.fitting.single_gpu import GpuBatch
+from shared.core.placement.scorers.base import Scorer
+from shared.core.placement.snapshot import FloatArray
+
+MAX = 1.0
+
+
+def worker_fill(ctx: PlacementContext, name: str) -> float:
+    """Fraction of the worker's VRAM already taken (claims, external use, reserve)."""
+    gpus = ctx.view(name).gpus
+    total = sum(g.total for g in gpus)
+    if total <= 0:
+        return 0.0
+    free = sum(min(max(g.allocatable, 0), g.total) for g in gpus)
+    return (total - free) / total
+
+
+class WorkerFill(Scorer):
+    """Prefers the fullest worker for binpack models."""
+
+    name = "worker_fill"
+    max_score = MAX
+
+    def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
+        """Reference path."""
+        if ctx.model.placement_strategy != PlacementStrategy.BINPACK:
+            return [0.0 for _ in candidates]
+        out = []
+        for cand in candidates:
+            names = [cand.worker] + [s.worker for s in cand.subordinates]
+            out.append(MAX * sum(worker_fill(ctx, n) for n in names) / len(names))
+        return out
+
+    def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
+        """Fast path: per-row sums over the GPU columns."""
+        if ctx.model.placement_strategy != PlacementStrategy.BINPACK:
+            return np.zeros(len(batch), dtype=np.float64)
+        snap = ctx.snapshot
+        rows = np.unique(batch.rows)
+        exists = snap.g_exists[rows]
+        total = np.where(exists, snap.g_total[rows], 0)
+        free = np.where(exists, np.minimum(np.maximum(snap.g_alloc[rows], 0), snap.g_total[rows]), 0)
+        t, f = total.sum(axis=1), free.sum(axis=1)
+        fill = np.where(t > 0, (t - f) / np.where(t > 0, t, 1), 0.0)
+        per_row = np.zeros(snap.rows, dtype=np.float64)
+        per_row[rows] = fill
+        result: FloatArray = MAX * (0.0 + per_row[batch.rows]) / 1
+        return result
