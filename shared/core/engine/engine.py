@@ -184,8 +184,6 @@ class Engine:
         counters.steps += steps
         counters.scheduled_tokens += n * steps
         counters.generation_tokens += n * steps
-        for r in running:
-            r.last_token_time = t
         self.now = t
         self.last_step_end = t
         self.last_step_finished = 0

@@ -141,12 +141,15 @@ class KVCache:
             ref[b] += 1
         req.block_ids.extend(hits)
         req.num_cached_blocks = len(hits)
+        req.num_slots = len(req.block_ids) * self.block_size
+        req.next_full = (len(hits) + 1) * self.block_size
 
     def allocate(self, req: Request, n: int) -> None:
         """Append ``n`` fresh blocks to ``req`` (the caller checked ``n <= num_free``)."""
         ids = req.block_ids
         for _ in range(n):
             ids.append(self._pop_head())
+        req.num_slots = len(ids) * self.block_size
 
     def cache_full_blocks(self, req: Request, num_computed: int) -> None:
         """Register ``req``'s blocks that are full once ``num_computed`` tokens are computed."""
@@ -154,6 +157,7 @@ class KVCache:
         start = req.num_cached_blocks
         if full <= start:
             return
+        req.next_full = (full + 1) * self.block_size
         cached, bh, ids = self.cached, self.block_hash, req.block_ids
         for b in range(start, full):
             h = self.hash_at(req, b)
@@ -172,6 +176,8 @@ class KVCache:
                 self._push_tail(b)
         req.block_ids = []
         req.num_cached_blocks = 0
+        req.num_slots = 0
+        req.next_full = self.block_size
 
     def check_consistency(self) -> list[str]:
         """Invariant violations (for tests): free list vs ref counts vs the hash index."""

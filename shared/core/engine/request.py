@@ -55,7 +55,9 @@ class Request:
         "num_computed_tokens",
         "num_output_tokens",
         "num_preemptions",
+        "num_slots",
         "num_tokens",
+        "next_full",
         "planned_finish",
         "prefix_ids",
         "prefix_unit",
@@ -118,6 +120,8 @@ class Request:
         self.num_cached_tokens = -1  # set when first scheduled
         self.num_cached_blocks = 0  # leading blocks of block_ids already registered in the prefix cache
         self.num_preemptions = 0
+        self.num_slots = 0  # tokens the held blocks can store: len(block_ids) * block_size
+        self.next_full = 0  # computed-token count at which the next block becomes cacheable
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []
         self.finish_at = 0  # output length at which the request stops; set on admission
@@ -126,7 +130,7 @@ class Request:
         self.stop_reason: int | None = None
         self.first_scheduled_time = -1.0
         self.first_token_time = -1.0
-        self.last_token_time = -1.0
+        self.last_token_time = -1.0  # set with the first token and again at finish (kept off the hot path)
         self.finish_time = -1.0
 
     def __repr__(self) -> str:

@@ -104,8 +104,11 @@ class Scheduler:
         kvread = 0
 
         # running pass
+        caching = kv.enable_caching
+        last_pos = mml - 1  # a request never computes past max_model_len - 1 tokens
+        nrun = len(running)
         i = 0
-        while i < len(running) and budget > 0:
+        while i < nrun and budget > 0:
             req = running[i]
             c = req.num_computed_tokens
             n = req.num_tokens - c
@@ -113,18 +116,20 @@ class Scheduler:
                 n = thr
             if n > budget:
                 n = budget
-            if n > mml - 1 - c:
-                n = mml - 1 - c
+            total = c + n
+            if total > last_pos:
+                total = last_pos
+                n = total - c
             if n <= 0:
                 i += 1
                 continue
-            total = c + n
-            need = -(-total // bs) - len(req.block_ids)
-            if need > 0:
+            if total > req.num_slots:
+                need = -(-total // bs) - len(req.block_ids)
                 self_preempted = False
                 while need > kv.num_free:
                     vi = self._victim_index()
                     victim = running.pop(vi)
+                    nrun -= 1
                     if victim is req:
                         self_preempted = True
                     elif vi < i:  # priority victim already scheduled this step: give its tokens back
@@ -145,12 +150,15 @@ class Scheduler:
                 if self_preempted:
                     break
                 kv.allocate(req, need)
-            if kv.enable_caching and total // bs > req.num_cached_blocks:
+            if caching and total >= req.next_full:
                 kv.cache_full_blocks(req, total)
             sched.append(req)
             nums.append(n)
             budget -= n
-            attn += n * c + n * (n + 1) // 2
+            if n == 1:
+                attn += total
+            else:
+                attn += n * c + n * (n + 1) // 2
             kvread += total
             req.num_computed_tokens = total
             if total == req.num_tokens:
@@ -246,9 +254,10 @@ class Scheduler:
     def update_from_output(self, out: StepOutput, now: float) -> list[Request]:
         """Sample one token for each request that computed all its tokens; return those that finished."""
         finished: list[Request] = []
-        gen = 0
+        skipped = 0
         for req in out.sampling:
             if req.status is not RUNNING:  # preempted after this output was scheduled
+                skipped += 1
                 continue
             k = req.num_output_tokens
             toks = req.all_token_ids
@@ -256,16 +265,15 @@ class Scheduler:
                 s = req.sampled_token_ids
                 toks.append(s[k] if s is not None and k < len(s) else req.filler_token)
             k += 1
-            gen += 1
             req.num_output_tokens = k
             req.num_tokens += 1
-            if req.first_token_time < 0:
+            if k == 1:
                 req.first_token_time = now
+                req.last_token_time = now
                 self.counters.prompt_tokens += req.prompt_len
-            req.last_token_time = now
             if k >= req.finish_at:
                 finished.append(req)
-        self.counters.generation_tokens += gen
+        self.counters.generation_tokens += len(out.sampling) - skipped
         if finished:
             for req in finished:
                 self._finish(req, now, req.planned_finish[0], req.planned_finish[1])
@@ -278,6 +286,8 @@ class Scheduler:
         req.finish_reason = reason
         req.stop_reason = stop
         req.finish_time = now
+        if req.num_output_tokens:
+            req.last_token_time = now  # the last token is sampled in the finishing step
         c = self.counters
         c.finished += 1
         c.finished_by_reason[reason.value] = c.finished_by_reason.get(reason.value, 0) + 1
