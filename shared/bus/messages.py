@@ -237,6 +237,34 @@ class ErrorEvent(Message, frozen=True, kw_only=True):
     at: float = 0.0
 
 
+# -- model servers (core NATS; emulated engines and real ones publish the same shape) ----------------
+
+
+class EngineMetrics(Message, frozen=True, kw_only=True):
+    """A model server's load, pushed every 50-100 ms (routing spec §1, model-server protocol).
+
+    Figures follow vLLM's metric names: running/waiting requests, ``kv_cache_usage_perc`` in [0, 1],
+    the KV block size and count; counters are cumulative since the server started.
+    """
+
+    instance_id: str
+    model: str
+    url: str  # base URL of the OpenAI-compatible API
+    ts: float  # unix seconds when sampled
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage_perc: float
+    block_size: int
+    num_gpu_blocks: int
+    running_loras: list[str] = []
+    waiting_loras: list[str] = []
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
 T = TypeVar("T", bound=msgspec.Struct)
 
 _encoder = msgspec.json.Encoder()

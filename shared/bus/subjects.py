@@ -75,3 +75,14 @@ DEAD_LETTER_ALL = f"{PREFIX}.deadletter.>"
 def dead_letter(service: str) -> str:
     """Where ``service`` reports a message it rejected (ErrorEvent)."""
     return f"{DEAD_LETTER}.{service}"
+
+
+# -- model servers (core NATS) ---------------------------------------------------------------------
+ENGINE_METRICS = f"{PREFIX}.engine.metrics"
+"""EngineMetrics (core NATS): a model server's load, every 50-100 ms; one subject per instance below."""
+ENGINE_METRICS_ALL = f"{ENGINE_METRICS}.*"
+
+
+def engine_metrics(instance: str) -> str:
+    """Where the model server of ``instance`` publishes its EngineMetrics."""
+    return f"{ENGINE_METRICS}.{instance}"
