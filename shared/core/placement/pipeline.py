@@ -200,15 +200,16 @@ def _fit(ctx: PlacementContext, survivors: BoolArray, exhaustive: bool) -> _Fitt
 
 def _batch_candidates(ctx: PlacementContext, batch: GpuBatch, strategy: str) -> list[Candidate]:
     snap = ctx.snapshot
+    rows, slots = batch.positions()
     out = [
         Candidate(
             worker=snap.name_of(int(r)),
             gpu_indexes=(int(snap.g_index[r, s]),),
-            vram_claims=(int(c),),
+            vram_claims=(int(batch.claims[r, s]),),
             ram_claim=batch.ram_claim,
             strategy=strategy,
         )
-        for r, s, c in zip(batch.rows, batch.slots, batch.claims, strict=True)
+        for r, s in zip(rows, slots, strict=True)
     ]
     return sorted(out, key=_candidate_key)
 
@@ -260,7 +261,8 @@ def _score_reference(
     return best, totals[best], {name: values[best] for name, values in parts}
 
 
-def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, float, dict[str, float]] | None:
+def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, float, dict[str, float]] | None:
+    """(row, slot, total, breakdown) of the best single-GPU candidate, or None if a scorer has no fast path."""
     parts: list[tuple[str, FloatArray]] = []
     for cfg in ctx.profile.scorers:
         scorer = SCORERS[cfg.name]()
@@ -268,19 +270,22 @@ def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, float, di
         if raw is None:
             return None
         parts.append((cfg.name, raw * factor(cfg, scorer.max_score)))
-    total: FloatArray = np.zeros(len(batch), dtype=np.float64)
+    shape = batch.mask.shape
+    total: FloatArray = np.zeros(shape, dtype=np.float64)
     for _, values in parts:
         total = total + values
-    keys = np.floor(total * QUANTUM + 0.5)
+    keys = np.where(batch.mask, np.floor(total * QUANTUM + 0.5), -np.inf).ravel()
     tied = np.flatnonzero(keys == keys.max())
+    width = shape[1]
     if len(tied) == 1:
         best = int(tied[0])
     else:
         snap = ctx.snapshot
-        rows, slots = batch.rows[tied], batch.slots[tied]
-        order = np.lexsort((snap.g_index[rows, slots], snap.ranks()[rows]))
-        best = int(tied[order[0]])
-    return best, float(total[best]), {name: float(values[best]) for name, values in parts}
+        rows, slots = tied // width, tied % width
+        best = int(tied[np.lexsort((snap.g_index[rows, slots], snap.ranks()[rows]))[0]])
+    r, s = divmod(best, width)
+    breakdown = {name: float(np.broadcast_to(values, shape)[r, s]) for name, values in parts}
+    return r, s, float(total[r, s]), breakdown
 
 
 def run_scoring(
@@ -353,13 +358,12 @@ def place(
     if fitted.batch is not None:
         scored = _score_batch(ctx, fitted.batch)
         if scored is not None:
-            best, total, breakdown = scored
+            r, s, total, breakdown = scored
             batch = fitted.batch
-            r, s = int(batch.rows[best]), int(batch.slots[best])
             chosen = Candidate(
                 worker=snapshot.name_of(r),
                 gpu_indexes=(int(snapshot.g_index[r, s]),),
-                vram_claims=(int(batch.claims[best]),),
+                vram_claims=(int(batch.claims[r, s]),),
                 ram_claim=batch.ram_claim,
                 strategy=fitted.strategy or "",
             )

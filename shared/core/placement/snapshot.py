@@ -116,6 +116,7 @@ class ClusterSnapshot:
         self._codes: dict[str, dict[str, int]] = {"cluster": {}, "vendor": {}, "type": {}}
         self._type_names: list[tuple[str, str]] = []
         self._rank_dirty = True
+        self._claim_cache: dict[float, IntArray] = {}
         self._cap = 0
         self._gmax = 0
         self._alloc_arrays(16, 8)
@@ -210,6 +211,7 @@ class ClusterSnapshot:
         if len(worker.gpus) > self._gmax:
             self._alloc_arrays(self._cap, len(worker.gpus))
         self._workers[name] = worker
+        self._claim_cache.clear()  # totals may have changed
         self._slot[name] = {gpu.index: slot for slot, gpu in enumerate(worker.gpus)}
         self._refresh(name)
 
@@ -223,6 +225,7 @@ class ClusterSnapshot:
         del self._slot[name]
         self._names[row] = ""
         self._free.append(row)
+        self._claim_cache.clear()
         self.w_present[row] = False
         self.g_exists[row, :] = False
         self.g_ok[row, :] = False
@@ -463,6 +466,14 @@ class ClusterSnapshot:
             self.w_rank[: len(order)] = ranks
             self._rank_dirty = False
         return self.w_rank[: len(self._names)]
+
+    def claim_column(self, utilization: float) -> IntArray:
+        """``floor(utilization × total)`` per [row, slot] (cached until a worker changes)."""
+        cached = self._claim_cache.get(utilization)
+        if cached is None or cached.shape[0] != len(self._names):
+            cached = (self.g_total[: len(self._names)] * utilization).astype(np.int64)
+            self._claim_cache[utilization] = cached
+        return cached
 
     def model_count_columns(self, model: str) -> tuple[IntArray, IntArray]:
         """Per-row and per-[row, slot] instance counts of ``model`` (fresh arrays)."""

@@ -14,15 +14,27 @@ from shared.core.placement.snapshot import BoolArray, IntArray, WorkerView
 
 @dataclass
 class GpuBatch:
-    """Single-GPU candidates as columns: snapshot row and GPU slot of each, and its VRAM claim."""
+    """Single-GPU candidates in the snapshot's ``[row, slot]`` layout: which GPUs, and their VRAM claims.
 
-    rows: IntArray
-    slots: IntArray
+    Scorers return a score matrix of the same shape; values where ``mask`` is False are ignored.
+    """
+
+    mask: BoolArray
     claims: IntArray
     ram_claim: int
+    count: int
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.count
+
+    def worker_mask(self) -> BoolArray:
+        """Rows that hold at least one candidate."""
+        return np.asarray(self.mask.any(axis=1), dtype=np.bool_)
+
+    def positions(self) -> tuple[IntArray, IntArray]:
+        """(rows, slots) of the candidates, in row-major order."""
+        r, s = np.nonzero(self.mask)
+        return r.astype(np.int64), s.astype(np.int64)
 
 
 class SingleGpu(FitStrategy):
@@ -71,12 +83,10 @@ class SingleGpu(FitStrategy):
             ok &= np.isin(snap.g_type[:rows], codes)
         alloc = snap.g_alloc[:rows]
         if req.gpu_memory_utilization > 0:
-            claim = (snap.g_total[:rows] * req.gpu_memory_utilization).astype(np.int64)
-            ok &= (claim >= req.vram) & (alloc >= claim)
-            r, s = np.nonzero(ok)
-            claims = claim[r, s]
+            claim = snap.claim_column(req.gpu_memory_utilization)
+            ok &= claim >= req.vram
+            ok &= alloc >= claim
         else:
+            claim = np.broadcast_to(np.int64(req.vram), alloc.shape)
             ok &= alloc >= req.vram
-            r, s = np.nonzero(ok)
-            claims = np.full(len(r), req.vram, dtype=np.int64)
-        return GpuBatch(rows=r.astype(np.int64), slots=s.astype(np.int64), claims=claims, ram_claim=req.ram)
+        return GpuBatch(mask=ok, claims=claim, ram_claim=req.ram, count=int(np.count_nonzero(ok)))

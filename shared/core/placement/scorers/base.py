@@ -29,7 +29,8 @@ class Scorer(ABC):
         """Reference: one score per candidate (normalisations may look at all of them)."""
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray | None:
-        """Fast path over single-GPU candidates; None when not supported (the reference path is used)."""
+        """Fast path: a score matrix broadcastable to ``batch.mask`` (rows × GPU slots) for single-GPU
+        candidates; None when not supported (the reference path is used then)."""
         return None
 
 
@@ -42,7 +43,7 @@ def ratio(claim: int, allocatable: int) -> float:
     return claim / allocatable
 
 
-def ratio_array(claim: IntArray, allocatable: IntArray) -> FloatArray:
+def ratio_array(claim: IntArray | int, allocatable: IntArray) -> FloatArray:
     """``ratio`` elementwise."""
     safe = np.where(allocatable <= 0, 1, allocatable)
     result: FloatArray = np.where(claim <= 0, 0.0, np.where(allocatable <= 0, 1.0, claim / safe))

@@ -55,10 +55,10 @@ class Binpack(Scorer):
         return [binpack_score(ctx, c) for c in candidates]
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
-        """Fast path: the same formula over columns."""
+        """Fast path: the same formula over the ``[row, slot]`` columns."""
         snap = ctx.snapshot
-        ram_alloc = snap.w_ram_alloc[batch.rows]
-        ram_ratio = ratio_array(np.full(len(batch), batch.ram_claim, dtype=np.int64), ram_alloc)
-        vram_ratio = ratio_array(batch.claims, snap.g_alloc[batch.rows, batch.slots])
+        rows = snap.rows
+        ram_ratio = ratio_array(np.full(rows, batch.ram_claim, dtype=np.int64), snap.w_ram_alloc[:rows])[:, None]
+        vram_ratio = ratio_array(batch.claims, snap.g_alloc[:rows])
         result: FloatArray = np.minimum((ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0, MAX)
         return result

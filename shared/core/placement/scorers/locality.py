@@ -32,7 +32,7 @@ class Locality(Scorer):
         return out
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
-        """Fast path."""
-        ready = ctx.snapshot.ready_file_rows(ctx.source)[batch.rows].astype(np.int64)
-        result: FloatArray = MAX * ready / 1
+        """Fast path: one value per row, broadcast over its GPUs."""
+        ready = ctx.snapshot.ready_file_rows(ctx.source).astype(np.int64)
+        result: FloatArray = (MAX * ready / 1)[:, None]
         return result

@@ -15,7 +15,7 @@ from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer, inv, inv_array
-from shared.core.placement.snapshot import FloatArray, IntArray
+from shared.core.placement.snapshot import FloatArray
 
 MAX = 100.0
 
@@ -67,28 +67,23 @@ class Spread(Scorer):
         return out
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
-        """Fast path: counts as columns, the same expressions elementwise."""
+        """Fast path: W per row, G per [row, slot], the same expressions elementwise."""
         snap = ctx.snapshot
-        if len(batch) == 0:
-            return np.zeros(0, dtype=np.float64)
         rows = snap.rows
+        if len(batch) == 0:
+            return np.zeros(batch.mask.shape, dtype=np.float64)
         cur_w, cur_g = snap.model_count_columns(ctx.model.name)
         oth_w = snap.w_instances[:rows] - cur_w
-        in_batch = np.zeros(rows, dtype=np.bool_)
-        in_batch[batch.rows] = True
+        in_batch = batch.worker_mask()
         cw, ow = cur_w[in_batch], oth_w[in_batch]
         c_lo, c_hi, o_lo, o_hi = int(cw.min()), int(cw.max()), int(ow.min()), int(ow.max())
-        any_empty = c_lo == 0
-        current: IntArray = cur_w[batch.rows]
-        others: IntArray = oth_w[batch.rows]
-        inv_c = inv_array(current, c_lo, c_hi)
-        inv_o = inv_array(others, o_lo, o_hi)
-        if any_empty:
-            w = np.where(current == 0, 0.85 + 0.15 * inv_o, 0.45 + 0.35 * inv_c + 0.20 * inv_o)
+        inv_c = inv_array(cur_w, c_lo, c_hi)
+        inv_o = inv_array(oth_w, o_lo, o_hi)
+        if c_lo == 0:
+            w = np.where(cur_w == 0, 0.85 + 0.15 * inv_o, 0.45 + 0.35 * inv_c + 0.20 * inv_o)
         else:
             w = 0.50 + 0.25 * inv_c + 0.15 * inv_o
-        g_cur = cur_g[batch.rows, batch.slots]
-        g_oth = snap.g_instances[batch.rows, batch.slots] - g_cur
-        g = (1.0 / (1.0 + g_cur + 0.2 * g_oth)) / 1
-        result: FloatArray = 100.0 * (0.85 * w + 0.15 * g)
+        g_oth = snap.g_instances[:rows] - cur_g
+        g = (1.0 / (1.0 + cur_g + 0.2 * g_oth)) / 1
+        result: FloatArray = 100.0 * (0.85 * w[:, None] + 0.15 * g)
         return result

@@ -47,17 +47,15 @@ class WorkerFill(Scorer):
         return out
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
-        """Fast path: per-row sums over the GPU columns."""
-        if ctx.model.placement_strategy != PlacementStrategy.BINPACK:
-            return np.zeros(len(batch), dtype=np.float64)
+        """Fast path: per-row sums over the GPU columns, broadcast over the row's GPUs."""
         snap = ctx.snapshot
-        rows = np.unique(batch.rows)
-        exists = snap.g_exists[rows]
-        total = np.where(exists, snap.g_total[rows], 0)
-        free = np.where(exists, np.minimum(np.maximum(snap.g_alloc[rows], 0), snap.g_total[rows]), 0)
+        rows = snap.rows
+        if ctx.model.placement_strategy != PlacementStrategy.BINPACK:
+            return np.zeros((rows, 1), dtype=np.float64)
+        exists = snap.g_exists[:rows]
+        total = np.where(exists, snap.g_total[:rows], 0)
+        free = np.where(exists, np.minimum(np.maximum(snap.g_alloc[:rows], 0), snap.g_total[:rows]), 0)
         t, f = total.sum(axis=1), free.sum(axis=1)
         fill = np.where(t > 0, (t - f) / np.where(t > 0, t, 1), 0.0)
-        per_row = np.zeros(snap.rows, dtype=np.float64)
-        per_row[rows] = fill
-        result: FloatArray = MAX * (0.0 + per_row[batch.rows]) / 1
+        result: FloatArray = (MAX * (0.0 + fill) / 1)[:, None]
         return result

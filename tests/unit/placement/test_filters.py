@@ -1,0 +1,94 @@
+"""Filter chain (spec §4): each filter keeps or drops workers with a reason; the chain runs in order."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.core.placement.domain import Backend, GpuSelector, ModelSpec
+from shared.core.placement.filters import FILTERS
+from shared.core.placement.pipeline import run_filters
+from shared.core.placement.profile import DEFAULT_FILTERS
+from tests.unit.placement.helpers import NOW, ctx, gpu, snapshot, worker
+
+W_EDGE = worker("edge", cluster="edge")
+W_ZONE_A = worker("za", labels={"zone": "a", "tier": "gold"})
+W_ZONE_B = worker("zb", labels={"zone": "b"})
+W_STALE = worker("stale", last_heartbeat=NOW - 60)
+W_CORDONED = worker("cordoned", cordoned=True)
+W_CPU = worker("cpu", 0)
+W_ROCM = worker("rocm", [gpu(0, vendor="rocm", product="MI250")])
+W_METAL = worker("mac", [gpu(0, vendor="metal", product="M2")])
+W_A100 = worker("a100", [gpu(0, product="A100-SXM-80GB")])
+W_PATH = worker("haspath", local_paths=("/models/llama",))
+
+CASES = [
+    # (filter, model, worker, kept?, reason fragment)
+    ("cluster", ModelSpec(name="m"), worker("w"), True, ""),
+    ("cluster", ModelSpec(name="m"), W_EDGE, False, "cluster 'edge'"),
+    ("cluster", ModelSpec(name="m", cluster="edge"), W_EDGE, True, ""),
+    ("labels", ModelSpec(name="m", worker_selector={"zone": "a"}), W_ZONE_A, True, ""),
+    ("labels", ModelSpec(name="m", worker_selector={"zone": "a"}), W_ZONE_B, False, "zone='a' wanted"),
+    ("labels", ModelSpec(name="m", worker_selector={"tier": "gold"}), W_ZONE_B, False, "missing"),
+    ("labels", ModelSpec(name="m"), W_ZONE_B, True, ""),
+    ("status", ModelSpec(name="m"), worker("w"), True, ""),
+    ("status", ModelSpec(name="m"), W_STALE, False, "NOT_READY"),
+    ("status", ModelSpec(name="m"), W_CORDONED, False, "MAINTENANCE"),
+    ("backend", ModelSpec(name="m"), worker("w"), True, ""),
+    ("backend", ModelSpec(name="m"), W_ROCM, True, ""),
+    ("backend", ModelSpec(name="m"), W_METAL, False, "vllm runs on cuda, rocm"),
+    ("backend", ModelSpec(name="m"), W_CPU, False, "worker has cpu"),
+    ("backend", ModelSpec(name="m", backend=Backend.LLAMA_CPP), W_METAL, True, ""),
+    ("backend", ModelSpec(name="m", backend=Backend.LLAMA_CPP), W_CPU, True, ""),
+    ("gpu_selector", ModelSpec(name="m", gpu_selector=GpuSelector(gpu_ids=("w:0",))), worker("w"), True, ""),
+    ("gpu_selector", ModelSpec(name="m", gpu_selector=GpuSelector(gpu_ids=("x:0",))), worker("w"), False, "none of"),
+    ("gpu_selector", ModelSpec(name="m", gpu_selector=GpuSelector(gpu_type="H100")), worker("w"), True, ""),
+    ("gpu_selector", ModelSpec(name="m", gpu_selector=GpuSelector(gpu_type="H100")), W_A100, False, "no H100"),
+    ("gpu_selector", ModelSpec(name="m", gpu_selector=GpuSelector(gpu_type="a100-sxm-80gb")), W_A100, True, ""),
+    ("local_path", ModelSpec(name="m", source="/models/llama", gpu_selector=GpuSelector(gpu_ids=("haspath:0",))),
+     W_PATH, True, ""),
+    ("local_path", ModelSpec(name="m", source="/models/llama", gpu_selector=GpuSelector(gpu_ids=("w:0",))),
+     worker("w"), False, "not present"),
+    ("local_path", ModelSpec(name="m", source="/models/llama"), worker("w"), True, ""),  # no explicit GPUs
+]
+
+
+@pytest.mark.parametrize(("fname", "model", "w", "kept", "why"), CASES)
+def test_filter_keeps_or_drops_with_reason(fname, model, w, kept, why):
+    plugin = FILTERS[fname]()
+    c = ctx(snapshot(w), model)
+    reason = plugin.check(c, w) if plugin.active(c) else None
+    assert (reason is None) is kept
+    if not kept:
+        assert why in reason
+    if plugin.active(c):  # the vectorised mask agrees with the scalar check
+        assert bool(plugin.keep_mask(c)[c.snapshot.row_of(w.name)]) is kept
+
+
+def test_chain_runs_in_spec_order_and_reports_kept_of_total():
+    snap = snapshot(worker("ok"), W_EDGE, W_STALE, W_ZONE_B)
+    result = run_filters(snap, ModelSpec(name="m"), NOW)
+    assert [r.filter for r in result.reports] == list(DEFAULT_FILTERS)
+    assert [(r.kept, r.total) for r in result.reports] == [(3, 4), (3, 3), (3, 3), (2, 3), (2, 2), (2, 2)]
+    assert result.survivors == ("ok", "zb")
+    assert result.reports[0].dropped[0].subject == "edge"
+
+
+def test_chain_stops_when_nothing_is_left():
+    snap = snapshot(W_EDGE)
+    result = run_filters(snap, ModelSpec(name="m"), NOW)
+    assert [r.filter for r in result.reports] == ["cluster"]
+    assert result.survivors == ()
+
+
+def test_gpu_selector_reports_selected_gpus_missing_from_the_cluster():
+    model = ModelSpec(name="m", gpu_selector=GpuSelector(gpu_ids=("w:0", "w:7", "ghost:0")))
+    for exhaustive in (False, True):
+        result = run_filters(snapshot(worker("w")), model, NOW, exhaustive=exhaustive)
+        report = next(r for r in result.reports if r.filter == "gpu_selector")
+        assert {d.subject for d in report.dropped} == {"w:7", "ghost:0"}
+
+
+def test_fast_and_reference_filter_chains_agree():
+    snap = snapshot(worker("ok"), W_EDGE, W_STALE, W_ZONE_A, W_ZONE_B, W_CPU, W_METAL, W_CORDONED)
+    model = ModelSpec(name="m", worker_selector={"zone": "a"})
+    assert run_filters(snap, model, NOW) == run_filters(snap, model, NOW, exhaustive=True)

@@ -1,0 +1,156 @@
+"""Resource requirements (spec §3): explicit claims, V = W × 1.2 + overhead, utilisation, GGUF layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.catalog import load_model_arch
+from shared.core.placement.domain import GIB, Backend, Category, GgufSpec, GpuSelector, ModelSpec, Reason
+from shared.core.placement.gguf_header import gguf_spec_from_reader
+from shared.core.placement.parameters import find_parameter, world_size
+from shared.core.placement.requirements import (
+    estimate,
+    gguf_cpu_ram,
+    gguf_full_vram,
+    gguf_partial,
+    tp_divisible,
+    utilization,
+)
+
+LLAMA8 = load_model_arch("llama-3.1-8b")
+LLAMA70 = load_model_arch("llama-3.1-70b")
+
+
+def test_safetensors_estimate_is_weights_times_1_2_plus_2_gib_for_llms():
+    req = estimate(ModelSpec(name="llama-3.1-8b"), LLAMA8)
+    assert not isinstance(req, Reason)
+    weights = LLAMA8.params_total * 2  # bf16
+    assert req.vram == int(weights * 1.2) + 2 * GIB
+    assert req.attention_heads == 32 and req.vocab_size == 128256
+
+
+def test_non_llm_overhead_is_half_a_gib_and_claims_no_utilization():
+    req = estimate(ModelSpec(name="e", categories=(Category.EMBEDDING,), weight_bytes=10 * GIB))
+    assert not isinstance(req, Reason)
+    assert req.vram == 12 * GIB + GIB // 2
+    assert req.gpu_memory_utilization == 0.0
+
+
+def test_explicit_vram_claim_wins_over_the_catalogue():
+    req = estimate(ModelSpec(name="llama-3.1-8b", vram_claim=5 * GIB, ram_claim=GIB), LLAMA8)
+    assert not isinstance(req, Reason)
+    assert (req.vram, req.ram) == (5 * GIB, GIB)
+
+
+def test_unknown_weights_are_rejected_with_a_reason_never_zero():
+    req = estimate(ModelSpec(name="mystery"))
+    assert isinstance(req, Reason)
+    assert "size unknown" in req.message
+
+
+def test_gguf_without_layer_sizes_is_rejected():
+    req = estimate(ModelSpec(name="g", backend=Backend.LLAMA_CPP, source="x.gguf"))
+    assert isinstance(req, Reason)
+
+
+@pytest.mark.parametrize(
+    ("backend", "params", "categories", "expected"),
+    [
+        (Backend.VLLM, (), (Category.LLM,), 0.9),
+        (Backend.VLLM, ("--gpu-memory-utilization=0.8",), (Category.LLM,), 0.8),
+        (Backend.VLLM, ("--gpu-memory-utilization", "0.5"), (Category.SPEECH_TO_TEXT,), 0.5),
+        (Backend.VLLM, (), (Category.EMBEDDING,), 0.0),
+        (Backend.VLLM, (), (Category.RERANKER,), 0.0),
+        (Backend.SGLANG, (), (Category.LLM,), 0.85),
+        (Backend.SGLANG, ("--mem-fraction-static=0.7",), (Category.LLM,), 0.7),
+        (Backend.LLAMA_CPP, (), (Category.LLM,), 0.0),
+        (Backend.CUSTOM, (), (Category.LLM,), 0.0),
+    ],
+)
+def test_utilization_claims_by_backend_and_category(backend, params, categories, expected):
+    model = ModelSpec(name="m", backend=backend, backend_parameters=params, categories=categories)
+    assert utilization(model) == expected
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [((), None), (("--tensor-parallel-size=4",), 4), (("--tp", "2", "--pp=2"), 4),
+     (("--tensor-parallel-size=2", "--data-parallel-size=3"), 6)],
+)
+def test_world_size_multiplies_parallel_sizes(params, expected):
+    assert world_size(params) == expected
+
+
+def test_find_parameter_forms():
+    assert find_parameter(["--a=1"], ["a"]) == "1"
+    assert find_parameter(["--a", "2"], ["a"]) == "2"
+    assert find_parameter(["--flag", "--b=1"], ["flag"]) == ""
+    assert find_parameter(["--x=1"], ["a"]) is None
+
+
+def test_gpu_count_comes_from_the_gpu_selector_when_no_parallel_size_is_given():
+    req = estimate(ModelSpec(name="llama-3.1-8b", gpu_selector=GpuSelector(gpus_per_replica=2)), LLAMA8)
+    assert not isinstance(req, Reason)
+    assert req.gpu_count == 2
+
+
+@pytest.mark.parametrize(("size", "ok"), [(1, True), (2, True), (4, True), (8, True), (3, False), (6, False)])
+def test_tensor_parallel_size_must_divide_heads_and_vocabulary(size, ok):
+    req = estimate(ModelSpec(name="llama-3.1-70b"), LLAMA70)
+    assert not isinstance(req, Reason)
+    assert tp_divisible(size, req) is ok
+
+
+def test_invalid_tensor_parallel_parameter_is_rejected():
+    req = estimate(ModelSpec(name="llama-3.1-70b", backend_parameters=("--tensor-parallel-size=3",)), LLAMA70)
+    assert isinstance(req, Reason) and "does not divide" in req.message
+
+
+def test_non_numeric_parameter_is_rejected():
+    req = estimate(ModelSpec(name="m", weight_bytes=GIB, backend_parameters=("--tp=many",)))
+    assert isinstance(req, Reason)
+
+
+SPEC = GgufSpec(total_layers=10, layer_bytes=100, non_layer_bytes=50, kv_bytes_per_token_per_layer=2, context_size=10)
+
+
+def test_gguf_formulas_full_partial_and_cpu():
+    # per layer: 100 + 2 × 10 = 120 bytes
+    assert gguf_full_vram(SPEC) == 50 + 10 * 120
+    assert gguf_partial(SPEC, 4) == (4 * 120, 50 + 6 * 120)
+    assert gguf_cpu_ram(SPEC) == 50 + 10 * 120
+
+
+def test_gguf_context_size_parameter_overrides_the_spec():
+    req = estimate(ModelSpec(name="g", backend=Backend.LLAMA_CPP, gguf=SPEC, backend_parameters=("--ctx-size=20",)))
+    assert not isinstance(req, Reason)
+    assert req.gguf is not None and req.gguf.context_size == 20
+    assert req.vram == 50 + 10 * (100 + 2 * 20)
+
+
+def test_gguf_header_of_a_real_file_gives_layer_sizes(tmp_path: Path):
+    from gguf import GGUFReader, GGUFWriter
+
+    path = tmp_path / "tiny.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    for i in range(2):
+        writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((64, 64), dtype=np.float16))
+    writer.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    spec = gguf_spec_from_reader(GGUFReader(path))
+    assert spec.total_layers == 2
+    assert spec.layer_bytes == 64 * 64 * 2
+    assert spec.non_layer_bytes == 100 * 64 * 2
+    assert spec.kv_bytes_per_token_per_layer == 2 * 2 * 16 * 2  # K+V × kv heads × head dim × f16
+    assert spec.context_size == 4096
