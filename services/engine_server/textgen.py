@@ -1,0 +1,63 @@
+"""Text side of the emulated model: the shipped tokenizer, prompt templating and the 'sampler'.
+
+The emulated model samples whole space-prefixed words of the tokenizer's vocabulary, so the streamed
+text re-tokenizes to exactly the tokens counted in ``usage``. Without ``ignore_eos`` it ends with EOS
+after a seeded 'natural' length (uniform, mean ``mean_output_len``); the EOS token is not part of the text.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer
+
+from shared.assets.tokenizer import EOS_TOKEN, TOKENIZER_FILE
+
+MAX_PREGENERATED = 4096  # past this many tokens the model repeats one filler word
+
+
+class TextModel:
+    """Tokenizer plus a deterministic word sampler."""
+
+    def __init__(self, mean_output_len: int = 128) -> None:
+        self.tokenizer = Tokenizer.from_file(str(TOKENIZER_FILE))
+        eos = self.tokenizer.token_to_id(EOS_TOKEN)
+        if eos is None:
+            raise RuntimeError("shipped tokenizer has no EOS token")
+        self.eos_token_id: int = eos
+        self.mean_output_len = mean_output_len
+        words: list[int] = []
+        self.text: dict[int, str] = {}
+        for tok, tid in sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+            if tok.startswith("Ġ") and tok[1:].isalpha():
+                text = " " + tok[1:]
+                if self.tokenizer.encode(text).ids == [tid]:  # round-trips as exactly one token
+                    words.append(tid)
+                    self.text[tid] = text
+        self.words = words
+        self.filler = words[0]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        return list(self.tokenizer.encode(text).ids)
+
+    def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """Token ids of a chat rendered with a minimal template (role markers, then the assistant turn)."""
+        rendered = "".join(f"<|{role}|>\n{content}\n" for role, content in messages) + "<|assistant|>\n"
+        return self.encode(rendered)
+
+    def sample(self, seed: str, max_tokens: int, ignore_eos: bool) -> list[int]:
+        """The tokens this request will produce, in order (the engine applies the stop checks)."""
+        rng = random.Random(zlib.crc32(seed.encode()))
+        natural = rng.randint(1, max(2 * self.mean_output_len - 1, 1))
+        n = min(max_tokens, MAX_PREGENERATED)
+        if not ignore_eos and natural <= n:
+            return [*(rng.choice(self.words) for _ in range(natural - 1)), self.eos_token_id]
+        return [rng.choice(self.words) for _ in range(n)]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of sampled tokens (EOS yields nothing)."""
+        t = self.text
+        return "".join(t.get(i, "") for i in ids)

@@ -1,0 +1,1 @@
+"""Files shipped with the code (the emulator's tokenizer)."""
