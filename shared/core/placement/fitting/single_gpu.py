@@ -53,10 +53,8 @@ class SingleGpu(FitStrategy):
         """Reference path: visit every GPU of every worker."""
         out = FitOutcome()
         ram = ctx.req.ram
-        short = 0
         for view in workers:
             if ram_short(ctx, view, ram):
-                short += 1
                 continue
             for gpu in view.gpus:
                 if not ctx.gpu_eligible(gpu):
@@ -64,8 +62,6 @@ class SingleGpu(FitStrategy):
                 claims = full_claims(ctx, [gpu])
                 if claims is not None:
                     out.candidates.append(candidate(view.name, [gpu], claims, ram, self.name))
-        if short:
-            out.notes.append(f"{short} workers lack the {ram / (1 << 30):.2f} GiB RAM claim")
         return out
 
     def fit_batch(self, ctx: PlacementContext, survivors: BoolArray) -> GpuBatch | None:

@@ -1,0 +1,57 @@
+"""Profiles: plugin chains and weights as data (JSON/YAML), validated against the registries."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.core.placement.filters import FILTERS
+from shared.core.placement.fitting import FIT_STRATEGIES
+from shared.core.placement.profile import (
+    DEFAULT_PROFILE,
+    ScorerConfig,
+    profile_from_json,
+    profile_from_yaml,
+    validate_profile,
+)
+from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
+from shared.core.placement.scorers import SCORERS
+
+
+def test_default_profile_enables_the_spec_chains_in_order():
+    assert validate_profile(DEFAULT_PROFILE) is DEFAULT_PROFILE
+    assert DEFAULT_PROFILE.filters == ("cluster", "gpu_selector", "labels", "status", "backend", "local_path")
+    assert DEFAULT_PROFILE.fit_strategies[0] == "manual" and DEFAULT_PROFILE.fit_strategies[-1] == "cpu_only"
+
+
+def test_every_registered_plugin_is_named_after_its_registry_key():
+    for registry in (FILTERS, FIT_STRATEGIES, SCORERS, SCALE_DOWN_SCORERS):
+        for name, cls in registry.items():
+            assert cls.name == name
+
+
+def test_yaml_profile_loads_with_weights():
+    profile = profile_from_yaml(
+        "name: packed\nscorers:\n  - name: binpack\n    weight: 2\n  - {name: locality, max_score: 20}\n"
+    )
+    assert profile.scorers == (ScorerConfig(name="binpack", weight=2.0), ScorerConfig(name="locality", max_score=20.0))
+    assert profile.filters == DEFAULT_PROFILE.filters
+
+
+def test_json_profile_loads():
+    assert profile_from_json(b'{"name": "x", "fit_strategies": ["single_gpu"]}').fit_strategies == ("single_gpu",)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('{"filters": ["cluster", "nope"]}', "unknown filter 'nope'"),
+        ('{"scorers": [{"name": "magic"}]}', "unknown scorer 'magic'"),
+        ('{"max_worker_combinations": 0}', "at least 1"),
+        ('{"scorers": [{"weight": 1}]}', "invalid profile"),
+        ("{", "not valid JSON"),
+    ],
+)
+def test_bad_profiles_are_rejected_with_one_line(text, fragment):
+    with pytest.raises(ValueError, match=None) as err:
+        profile_from_json(text)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
