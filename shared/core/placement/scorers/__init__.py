@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shared.core.placement.scorers.base import Scorer
 from shared.core.placement.scorers.binpack import Binpack
+from shared.core.placement.scorers.fragmentation import Fragmentation
 from shared.core.placement.scorers.locality import Locality
 from shared.core.placement.scorers.placement import Placement
 from shared.core.placement.scorers.spread import Spread
@@ -15,6 +16,7 @@ SCORERS: dict[str, type[Scorer]] = {
     Spread.name: Spread,
     Locality.name: Locality,
     WorkerFill.name: WorkerFill,
+    Fragmentation.name: Fragmentation,
 }
 
 __all__ = ["SCORERS", "Scorer"]

@@ -27,6 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from shared.core.placement.context import PlacementContext
+from shared.core.placement.domain import Candidate, Instance
+from shared.core.placement.fitting.single_gpu import GpuBatch
+from shared.core.placement.scorers.base import Scorer
+from shared.core.placement.snapshot import ClusterSnapshot, WorkerView
+
 FULL_MILLI = 1000  # milli-GPU in one whole GPU
 
 IntArray = npt.NDArray[np.int64]
@@ -170,3 +176,152 @@ def score_from_increase(delta: float, max_score: float) -> float:
     """Map a fragmentation increase (GPUs) to a score in (0, max_score): smaller increase, higher."""
     # Clamp the exponent: a huge increase should score ~0, not overflow.
     return max_score / (1.0 + math.exp(min(max(delta, -50.0), 50.0)))
+
+
+# ------------------------------------------------------------------------------------------- plugin
+
+WINDOW = 1024  # the most recent instances the workload is learned from
+MAX = 100.0
+
+
+def _milli(value: int, total: int) -> int:
+    """``value`` bytes of a ``total``-byte GPU, in whole milli-GPU (rounded down, within 0..1000)."""
+    if total <= 0:
+        return 0
+    return min(max(value * FULL_MILLI // total, 0), FULL_MILLI)
+
+
+def instance_shape(snapshot: ClusterSnapshot, instance: Instance) -> ReplicaShape | None:
+    """The shape of a placed instance: its GPU count, largest per-GPU claim (milli) and RAM claim."""
+    if instance.worker is None:
+        return None
+    parts = [(instance.worker, instance.gpu_indexes, instance.vram_claims)]
+    parts += [(s.worker, s.gpu_indexes, s.vram_claims) for s in instance.subordinates]
+    gpus, milli = 0, 0
+    for name, indexes, claims in parts:
+        worker = snapshot.worker(name)
+        totals = {g.index: g.vram_total for g in worker.gpus} if worker is not None else {}
+        for index, claim in zip(indexes, claims, strict=False):
+            gpus += 1
+            total = totals.get(index, 0)
+            milli = max(milli, -(-claim * FULL_MILLI // total) if total > 0 else 0)
+    return ReplicaShape(gpus=gpus, milli=min(milli, FULL_MILLI), host=(instance.ram_claim,))
+
+
+def candidate_shape(ctx: PlacementContext, cand: Candidate) -> ReplicaShape:
+    """The shape of the request being placed, as one candidate would claim it."""
+    view = ctx.view(cand.worker)
+    totals = {g.index: g.total for g in view.gpus}
+    milli = max((-(-c * FULL_MILLI // totals[i]) for i, c in zip(cand.gpu_indexes, cand.vram_claims, strict=True)
+                 if totals.get(i, 0) > 0), default=0)
+    gpus = len(cand.gpu_indexes) + sum(len(s.gpu_indexes) for s in cand.subordinates)
+    return ReplicaShape(gpus=gpus, milli=min(milli, FULL_MILLI), host=(cand.ram_claim,))
+
+
+def worker_state(view: WorkerView, width: int) -> tuple[IntArray, IntArray]:
+    """(free milli per GPU slot, padded to ``width`` with -1; host free = (allocatable RAM,))."""
+    free = np.full(width, -1, dtype=np.int64)
+    for slot, gpu in enumerate(view.gpus):
+        if gpu.schedulable:
+            free[slot] = _milli(gpu.allocatable, gpu.total)
+    return free, np.array([max(view.ram_allocatable, 0)], dtype=np.int64)
+
+
+class Fragmentation(Scorer):
+    """Prefers the candidate that raises its workers' expected fragmentation the least.
+
+    The workload is learned from the snapshot's most recent instances (``WINDOW``), with the request
+    itself counted once, so a cold cluster still has one shape to protect. Scores are
+    ``100 x sigmoid(-increase)``, the increase in GPUs summed over the candidate's workers.
+    """
+
+    name = "fragmentation"
+    max_score = MAX
+
+    def workload(self, ctx: PlacementContext, first: Candidate | None) -> Workload:
+        """The learned workload plus the request's own shape."""
+        shapes = [s for s in (instance_shape(ctx.snapshot, i) for i in _recent(ctx.snapshot)) if s is not None]
+        if first is not None:
+            shapes.append(candidate_shape(ctx, first))
+        return Workload.learn(shapes)
+
+    def _delta(self, ctx: PlacementContext, cand: Candidate, work: Workload) -> float:
+        parts = [(cand.worker, cand.gpu_indexes, cand.vram_claims, cand.ram_claim)]
+        parts += [(s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim) for s in cand.subordinates]
+        arrays = work.arrays(host_dims=1)
+        delta = 0.0
+        for name, indexes, claims, ram in parts:
+            view = ctx.view(name)
+            width = max(len(view.gpus), 1)
+            free, host = worker_state(view, width)
+            after = free.copy()
+            by_index = {g.index: g for g in view.gpus}
+            for index, claim in zip(indexes, claims, strict=True):
+                gpu = by_index[index]
+                after[gpu.slot] = _milli(gpu.allocatable - claim, gpu.total)
+            access = type_access([_product(view)], work)
+            pair_free = np.stack([free, after])
+            pair_host = np.stack([host, host - ram])
+            frag = expected_fragmentation(pair_free, pair_host, np.repeat(access, 2, axis=0), arrays)
+            delta += float(frag[1] - frag[0])
+        return delta
+
+    def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
+        """Reference path."""
+        if not candidates:
+            return []
+        work = self.workload(ctx, min(candidates, key=_key))
+        return [score_from_increase(self._delta(ctx, c, work), MAX) for c in candidates]
+
+    def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
+        """Fast path: every single-GPU candidate of a worker at once (rows x slots)."""
+        snap = ctx.snapshot
+        rows, width = batch.mask.shape
+        out = np.zeros((rows, width), dtype=np.float64)
+        live = np.flatnonzero(batch.mask.any(axis=1))
+        if len(live) == 0:
+            return out
+        # The reference path learns from the lowest-named candidate; so must this one.
+        ranks = snap.ranks()
+        cand_rows, cand_slots = np.nonzero(batch.mask)
+        pick = int(np.lexsort((snap.g_index[cand_rows, cand_slots], ranks[cand_rows]))[0])
+        r0, s0 = int(cand_rows[pick]), int(cand_slots[pick])
+        first = Candidate(worker=snap.name_of(r0), gpu_indexes=(int(snap.g_index[r0, s0]),),
+                          vram_claims=(int(np.broadcast_to(batch.claims, batch.mask.shape)[r0, s0]),),
+                          ram_claim=batch.ram_claim)
+        work = self.workload(ctx, first)
+        arrays = work.arrays(host_dims=1)
+        total = snap.g_total[live]
+        ok = snap.g_ok[live]
+        alloc = snap.g_alloc[live]
+        safe = np.where(total > 0, total, 1)
+        free = np.where(ok, np.clip(alloc * FULL_MILLI // safe, 0, FULL_MILLI), -1)
+        claims = np.broadcast_to(batch.claims, batch.mask.shape)[live]
+        after_slot = np.where(ok, np.clip((alloc - claims) * FULL_MILLI // safe, 0, FULL_MILLI), -1)
+        host = np.maximum(snap.w_ram_alloc[live], 0)[:, None]
+        products = [snap.type_names()[t][1] if t >= 0 else "" for t in snap.g_type[live, 0]]
+        access = type_access(products, work)
+        before = expected_fragmentation(free, host, access, arrays)  # (L,)
+        # after[l, s, :] = free[l, :] with slot s replaced by after_slot[l, s]
+        eye = np.eye(width, dtype=bool)
+        after = np.where(eye[None, :, :], after_slot[:, :, None], free[:, None, :])
+        after_host = np.broadcast_to((host - batch.ram_claim)[:, None, :], (len(live), width, 1))
+        frag_after = expected_fragmentation(after, after_host, np.broadcast_to(access[:, None, :],
+                                            (len(live), width, access.shape[1])), arrays)
+        delta = frag_after - before[:, None]
+        out[live] = MAX / (1.0 + np.exp(np.clip(delta, -50.0, 50.0)))
+        return out
+
+
+def _key(c: Candidate) -> tuple[str, tuple[int, ...], tuple[str, ...]]:
+    return (c.worker, c.gpu_indexes, tuple(s.worker for s in c.subordinates))
+
+
+def _product(view: WorkerView) -> str:
+    return view.gpus[0].product if view.gpus else ""
+
+
+def _recent(snapshot: ClusterSnapshot, window: int = WINDOW) -> list[Instance]:
+    placed = [i for i in snapshot.instances() if i.worker is not None]
+    placed.sort(key=lambda i: (i.created_at, i.id))
+    return placed[-window:]
