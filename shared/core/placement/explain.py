@@ -11,7 +11,7 @@ import numpy as np
 from shared.core.placement.context import PlacementContext, gpu_type_matches
 from shared.core.placement.domain import FilterReport
 from shared.core.placement.requirements import gib
-from shared.core.placement.snapshot import BoolArray
+from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, IntArray
 
 
 def filters_message(reports: list[FilterReport] | tuple[FilterReport, ...]) -> str:
@@ -43,8 +43,7 @@ def unfit_message(ctx: PlacementContext, survivors: BoolArray) -> str:
         parts[0] += f" over {req.gpu_count} GPUs"
     if usable.any():
         masked = np.where(usable, alloc, np.iinfo(np.int64).min)
-        flat = int(np.argmax(masked))
-        r, s = divmod(flat, masked.shape[1])
+        r, s = _first_by_name(snap, masked)
         best, best_total = int(alloc[r, s]), int(total[r, s])
         pct = 100.0 * best / best_total if best_total else 0.0
         where = f"{snap.name_of(r)}/gpu{int(snap.g_index[r, s])}"
@@ -83,9 +82,16 @@ def _best_worker(ctx: PlacementContext, usable: BoolArray) -> str:
     if req.gpu_count:
         ordered = ordered[:, : req.gpu_count]
     sums = ordered.sum(axis=1)
-    w = int(np.argmax(sums))
+    w, _ = _first_by_name(snap, sums[:, None])
     if sums[w] <= 0:
         return ""
     n = int((ordered[w] > 0).sum())
     kind = f"claimable at {u * 100:.0f}%" if u > 0 else "allocatable"
     return f"best worker: {gib(int(sums[w]))} GiB {kind} over {n} GPUs ({snap.name_of(w)})"
+
+
+def _first_by_name(snap: ClusterSnapshot, values: IntArray) -> tuple[int, int]:
+    """(row, slot) of the maximum of a [row, slot] matrix; ties go to the first worker name, then GPU index."""
+    rows, slots = np.nonzero(values == values.max())
+    pick = np.lexsort((snap.g_index[rows, slots] if values.shape[1] > 1 else slots, snap.ranks()[rows]))[0]
+    return int(rows[pick]), int(slots[pick])

@@ -35,6 +35,7 @@ from shared.core.placement.explain import filters_message, unfit_message
 from shared.core.placement.filters import FILTERS
 from shared.core.placement.filters.gpu_selector import GpuSelectorFilter
 from shared.core.placement.fitting import FIT_STRATEGIES, GpuBatch
+from shared.core.placement.fitting.multi_gpu import GpuSetBatch, MultiGpu
 from shared.core.placement.fitting.single_gpu import SingleGpu
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile, ScorerConfig
 from shared.core.placement.requirements import estimate
@@ -161,7 +162,7 @@ def _candidate_key(c: Candidate) -> tuple[str, tuple[int, ...], tuple[str, ...]]
 @dataclass
 class _Fitted:
     strategy: str | None = None
-    batch: GpuBatch | None = None
+    batch: GpuBatch | GpuSetBatch | None = None
     candidates: list[Candidate] = field(default_factory=list)
     reasons: list[Reason] = field(default_factory=list)
 
@@ -179,7 +180,7 @@ def _fit(ctx: PlacementContext, survivors: BoolArray, exhaustive: bool) -> _Fitt
         if skip:
             fitted.reasons.append(Reason(plugin=sname, subject="", message=f"skipped: {skip}"))
             continue
-        if not exhaustive and isinstance(strategy, SingleGpu):
+        if not exhaustive and isinstance(strategy, SingleGpu | MultiGpu):
             batch = strategy.fit_batch(ctx, survivors)
             if batch is not None:
                 if len(batch):
@@ -198,7 +199,24 @@ def _fit(ctx: PlacementContext, survivors: BoolArray, exhaustive: bool) -> _Fitt
     return fitted
 
 
-def _batch_candidates(ctx: PlacementContext, batch: GpuBatch, strategy: str) -> list[Candidate]:
+def _set_candidates(ctx: PlacementContext, batch: GpuSetBatch, strategy: str) -> list[Candidate]:
+    snap = ctx.snapshot
+    out = [
+        Candidate(
+            worker=snap.name_of(int(r)),
+            gpu_indexes=tuple(int(i) for i in idx),
+            vram_claims=tuple(int(c) for c in claims),
+            ram_claim=batch.ram_claim,
+            strategy=strategy,
+        )
+        for r, idx, claims in zip(batch.rows, batch.indexes, batch.claims, strict=True)
+    ]
+    return sorted(out, key=_candidate_key)
+
+
+def _batch_candidates(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch, strategy: str) -> list[Candidate]:
+    if isinstance(batch, GpuSetBatch):
+        return _set_candidates(ctx, batch, strategy)
     snap = ctx.snapshot
     rows, slots = batch.positions()
     out = [
@@ -288,6 +306,29 @@ def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, floa
     return r, s, float(total[r, s]), breakdown
 
 
+def _score_sets(ctx: PlacementContext, batch: GpuSetBatch) -> tuple[int, float, dict[str, float]] | None:
+    """(candidate position, total, breakdown) of the best multi-GPU set, or None without a fast path."""
+    parts: list[tuple[str, FloatArray]] = []
+    for cfg in ctx.profile.scorers:
+        scorer = SCORERS[cfg.name]()
+        raw = scorer.score_sets(ctx, batch)
+        if raw is None:
+            return None
+        parts.append((cfg.name, raw * factor(cfg, scorer.max_score)))
+    total: FloatArray = np.zeros(len(batch), dtype=np.float64)
+    for _, values in parts:
+        total = total + values
+    keys = np.floor(total * QUANTUM + 0.5)
+    tied = np.flatnonzero(keys == keys.max())
+    if len(tied) == 1:
+        best = int(tied[0])
+    else:
+        ranks = ctx.snapshot.ranks()[batch.rows[tied]]
+        columns = [batch.indexes[tied, k] for k in reversed(range(batch.width))]
+        best = int(tied[np.lexsort((*columns, ranks))[0]])
+    return best, float(total[best]), {name: float(values[best]) for name, values in parts}
+
+
 def run_scoring(
     snapshot: ClusterSnapshot,
     model: ModelSpec,
@@ -355,7 +396,28 @@ def place(
             filters=tuple(reports),
             reasons=tuple(fitted.reasons),
         )
-    if fitted.batch is not None:
+    if isinstance(fitted.batch, GpuSetBatch):
+        sets = _score_sets(ctx, fitted.batch)
+        if sets is not None:
+            best, total, breakdown = sets
+            batch_sets = fitted.batch
+            chosen = Candidate(
+                worker=snapshot.name_of(int(batch_sets.rows[best])),
+                gpu_indexes=tuple(int(i) for i in batch_sets.indexes[best]),
+                vram_claims=tuple(int(c) for c in batch_sets.claims[best]),
+                ram_claim=batch_sets.ram_claim,
+                strategy=fitted.strategy or "",
+            )
+            return Decision(
+                model=model.name,
+                candidate=chosen,
+                score=total,
+                breakdown=breakdown,
+                filters=tuple(reports),
+                candidates_considered=len(batch_sets),
+            )
+        fitted.candidates = _batch_candidates(ctx, fitted.batch, fitted.strategy or "")
+    elif fitted.batch is not None:
         scored = _score_batch(ctx, fitted.batch)
         if scored is not None:
             r, s, total, breakdown = scored

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from shared.core.placement.context import PlacementContext
+import numpy as np
+
+from shared.core.placement.context import PlacementContext, gpu_type_matches
 from shared.core.placement.domain import Candidate
 from shared.core.placement.fitting.base import (
     FitOutcome,
@@ -16,8 +19,8 @@ from shared.core.placement.fitting.base import (
     ram_short,
     type_groups,
 )
-from shared.core.placement.requirements import tp_divisible
-from shared.core.placement.snapshot import WorkerView
+from shared.core.placement.requirements import ceil_div, tp_divisible
+from shared.core.placement.snapshot import BoolArray, IntArray, WorkerView
 
 
 class MultiGpu(FitStrategy):
@@ -57,3 +60,93 @@ class MultiGpu(FitStrategy):
             fewest = min(len(c.gpu_indexes) for c in found)
             out.candidates = [c for c in found if len(c.gpu_indexes) == fewest]
         return out
+
+    def fit_batch(self, ctx: PlacementContext, survivors: BoolArray) -> GpuSetBatch | None:
+        """Fast path (see ``fit_gpu_sets``)."""
+        return fit_gpu_sets(self, ctx, survivors)
+
+
+@dataclass
+class GpuSetBatch:
+    """Single-worker multi-GPU candidates as columns: one row per candidate worker, ``n`` GPUs each.
+
+    ``slots`` and ``indexes`` are in ascending GPU-index order (as in a Candidate); ``claims`` parallel.
+    """
+
+    rows: IntArray
+    slots: IntArray
+    indexes: IntArray
+    claims: IntArray
+    ram_claim: int
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def width(self) -> int:
+        """GPUs per candidate."""
+        return int(self.slots.shape[1])
+
+
+def fit_gpu_sets(strategy: MultiGpu, ctx: PlacementContext, survivors: BoolArray) -> GpuSetBatch | None:
+    """The multi_gpu strategy over the snapshot's columns; None when the reference path is needed.
+
+    Per worker, qualifying GPUs are sorted by allocatable VRAM (descending, then index) and the smallest
+    valid GPU count whose claims cover V is taken; only the candidates with the fewest GPUs are kept.
+    Workers whose eligible GPUs mix types, and GPU-label selectors, go to the reference path.
+    """
+    selector = ctx.model.gpu_selector
+    if selector is not None and selector.labels:
+        return None
+    snap, req = ctx.snapshot, ctx.req
+    rows = snap.rows
+    width = snap.g_ok.shape[1]
+    workers_ok = survivors & (snap.w_ram_alloc[:rows] >= req.ram) if req.ram > 0 else survivors
+    eligible = snap.g_ok[:rows] & workers_ok[:, None]
+    types = snap.g_type[:rows]
+    if selector is not None and selector.gpu_type:
+        wanted = selector.gpu_type
+        eligible &= np.isin(types, [c for c, (v, p) in enumerate(snap.type_names()) if gpu_type_matches(wanted, v, p)])
+    big = np.iinfo(np.int64).max
+    lo = np.where(eligible, types, big).min(axis=1)
+    hi = np.where(eligible, types, -1).max(axis=1)
+    if bool((eligible.any(axis=1) & (lo != hi)).any()):
+        return None
+    alloc = snap.g_alloc[:rows]
+    u = req.gpu_memory_utilization
+    if u > 0:
+        claim = snap.claim_column(u)
+        qual = eligible & (alloc >= claim)
+    else:
+        claim = alloc
+        qual = eligible & (alloc > 0)
+    index = snap.g_index[:rows]
+    key = np.where(qual, -alloc * 4096 + index, big)
+    order = np.argsort(key, axis=1, kind="stable")
+    count = qual.sum(axis=1)
+    sorted_alloc = np.take_along_axis(alloc, order, axis=1)
+    csum = np.cumsum(np.where(np.take_along_axis(qual, order, axis=1), np.take_along_axis(claim, order, axis=1), 0),
+                     axis=1)
+    found = np.zeros(rows, dtype=np.int64)
+    for n in strategy.sizes(ctx, width):
+        if u > 0:
+            ok = (count >= n) & (csum[:, n - 1] >= req.vram)
+        else:
+            ok = (count >= n) & (sorted_alloc[:, n - 1] >= ceil_div(req.vram, n))
+        found = np.where((found == 0) & ok, n, found)
+    cand = np.flatnonzero(found > 0)
+    if len(cand) == 0:
+        return GpuSetBatch(rows=cand, slots=np.zeros((0, 0), dtype=np.int64), indexes=np.zeros((0, 0), dtype=np.int64),
+                           claims=np.zeros((0, 0), dtype=np.int64), ram_claim=req.ram)
+    fewest = int(found[cand].min())
+    cand = cand[found[cand] == fewest]
+    slots = order[cand, :fewest]
+    idx = np.take_along_axis(index[cand], slots, axis=1)
+    by_index = np.argsort(idx, axis=1, kind="stable")
+    slots = np.take_along_axis(slots, by_index, axis=1)
+    idx = np.take_along_axis(idx, by_index, axis=1)
+    if u > 0:
+        claims = np.take_along_axis(claim[cand], slots, axis=1)
+    else:
+        claims = np.full(slots.shape, ceil_div(req.vram, fewest), dtype=np.int64)
+    return GpuSetBatch(rows=cand.astype(np.int64), slots=slots, indexes=idx, claims=claims, ram_claim=req.ram)

@@ -14,6 +14,7 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate
+from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.snapshot import FloatArray, IntArray
 
@@ -31,6 +32,10 @@ class Scorer(ABC):
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray | None:
         """Fast path: a score matrix broadcastable to ``batch.mask`` (rows × GPU slots) for single-GPU
         candidates; None when not supported (the reference path is used then)."""
+        return None
+
+    def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray | None:
+        """Fast path: one score per multi-GPU candidate of ``batch``; None when not supported."""
         return None
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate
+from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer, ratio, ratio_array
 from shared.core.placement.snapshot import FloatArray
@@ -61,4 +62,14 @@ class Binpack(Scorer):
         ram_ratio = ratio_array(np.full(rows, batch.ram_claim, dtype=np.int64), snap.w_ram_alloc[:rows])[:, None]
         vram_ratio = ratio_array(batch.claims, snap.g_alloc[:rows])
         result: FloatArray = np.minimum((ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0, MAX)
+        return result
+
+    def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
+        """Fast path for multi-GPU candidates: the maximum GPU score of each set."""
+        snap = ctx.snapshot
+        ram = np.full(len(batch), batch.ram_claim, dtype=np.int64)
+        ram_ratio = ratio_array(ram, snap.w_ram_alloc[batch.rows])[:, None]
+        vram_ratio = ratio_array(batch.claims, snap.g_alloc[batch.rows[:, None], batch.slots])
+        per_gpu = (ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0
+        result: FloatArray = np.minimum(per_gpu.max(axis=1), MAX)
         return result

@@ -8,6 +8,7 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate
+from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer
 from shared.core.placement.snapshot import FloatArray
@@ -35,4 +36,10 @@ class Locality(Scorer):
         """Fast path: one value per row, broadcast over its GPUs."""
         ready = ctx.snapshot.ready_file_rows(ctx.source).astype(np.int64)
         result: FloatArray = (MAX * ready / 1)[:, None]
+        return result
+
+    def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
+        """Fast path for multi-GPU candidates (one worker each)."""
+        ready = ctx.snapshot.ready_file_rows(ctx.source)[batch.rows].astype(np.int64)
+        result: FloatArray = MAX * ready / 1
         return result

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate, PlacementStrategy
+from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer
 from shared.core.placement.scorers.binpack import Binpack
@@ -29,3 +30,7 @@ class Placement(Scorer):
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray | None:
         """Fast path."""
         return self._pick(ctx).score_batch(ctx, batch)
+
+    def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray | None:
+        """Fast path for multi-GPU candidates."""
+        return self._pick(ctx).score_sets(ctx, batch)

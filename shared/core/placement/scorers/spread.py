@@ -13,9 +13,10 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate
+from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer, inv, inv_array
-from shared.core.placement.snapshot import FloatArray
+from shared.core.placement.snapshot import BoolArray, FloatArray, IntArray
 
 MAX = 100.0
 
@@ -66,24 +67,48 @@ class Spread(Scorer):
             out.append(100.0 * (0.85 * w + 0.15 * g))
         return out
 
-    def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
-        """Fast path: W per row, G per [row, slot], the same expressions elementwise."""
+    def _worker_factors(self, ctx: PlacementContext, in_batch: BoolArray) -> tuple[FloatArray, IntArray]:
+        """W for every row, normalised over the candidate rows, and this model's per-GPU counts."""
         snap = ctx.snapshot
         rows = snap.rows
-        if len(batch) == 0:
-            return np.zeros(batch.mask.shape, dtype=np.float64)
         cur_w, cur_g = snap.model_count_columns(ctx.model.name)
         oth_w = snap.w_instances[:rows] - cur_w
-        in_batch = batch.worker_mask()
         cw, ow = cur_w[in_batch], oth_w[in_batch]
         c_lo, c_hi, o_lo, o_hi = int(cw.min()), int(cw.max()), int(ow.min()), int(ow.max())
         inv_c = inv_array(cur_w, c_lo, c_hi)
         inv_o = inv_array(oth_w, o_lo, o_hi)
         if c_lo == 0:
-            w = np.where(cur_w == 0, 0.85 + 0.15 * inv_o, 0.45 + 0.35 * inv_c + 0.20 * inv_o)
+            w: FloatArray = np.where(cur_w == 0, 0.85 + 0.15 * inv_o, 0.45 + 0.35 * inv_c + 0.20 * inv_o)
         else:
             w = 0.50 + 0.25 * inv_c + 0.15 * inv_o
-        g_oth = snap.g_instances[:rows] - cur_g
+        return w, cur_g
+
+    def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
+        """Fast path: W per row, G per [row, slot], the same expressions elementwise."""
+        snap = ctx.snapshot
+        if len(batch) == 0:
+            return np.zeros(batch.mask.shape, dtype=np.float64)
+        w, cur_g = self._worker_factors(ctx, batch.worker_mask())
+        g_oth = snap.g_instances[: snap.rows] - cur_g
         g = (1.0 / (1.0 + cur_g + 0.2 * g_oth)) / 1
         result: FloatArray = 100.0 * (0.85 * w[:, None] + 0.15 * g)
+        return result
+
+    def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
+        """Fast path for multi-GPU candidates: G is the mean over the set, summed in GPU-index order."""
+        snap = ctx.snapshot
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float64)
+        in_batch = np.zeros(snap.rows, dtype=np.bool_)
+        in_batch[batch.rows] = True
+        w, cur_g = self._worker_factors(ctx, in_batch)
+        rows = batch.rows[:, None]
+        current = cur_g[rows, batch.slots]
+        others = snap.g_instances[rows, batch.slots] - current
+        factors = 1.0 / (1.0 + current + 0.2 * others)
+        total = np.zeros(len(batch), dtype=np.float64)
+        for k in range(batch.width):  # sequential, as Python's sum() adds them in the reference path
+            total = total + factors[:, k]
+        g = total / batch.width
+        result: FloatArray = 100.0 * (0.85 * w[batch.rows] + 0.15 * g)
         return result

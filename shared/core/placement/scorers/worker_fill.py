@@ -13,6 +13,7 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate, PlacementStrategy
+from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer
 from shared.core.placement.snapshot import FloatArray
@@ -46,16 +47,26 @@ class WorkerFill(Scorer):
             out.append(MAX * sum(worker_fill(ctx, n) for n in names) / len(names))
         return out
 
-    def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
-        """Fast path: per-row sums over the GPU columns, broadcast over the row's GPUs."""
+    def _fill_rows(self, ctx: PlacementContext) -> FloatArray:
         snap = ctx.snapshot
         rows = snap.rows
-        if ctx.model.placement_strategy != PlacementStrategy.BINPACK:
-            return np.zeros((rows, 1), dtype=np.float64)
         exists = snap.g_exists[:rows]
         total = np.where(exists, snap.g_total[:rows], 0)
         free = np.where(exists, np.minimum(np.maximum(snap.g_alloc[:rows], 0), snap.g_total[:rows]), 0)
         t, f = total.sum(axis=1), free.sum(axis=1)
-        fill = np.where(t > 0, (t - f) / np.where(t > 0, t, 1), 0.0)
-        result: FloatArray = (MAX * (0.0 + fill) / 1)[:, None]
+        fill: FloatArray = np.where(t > 0, (t - f) / np.where(t > 0, t, 1), 0.0)
+        return fill
+
+    def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
+        """Fast path: per-row sums over the GPU columns, broadcast over the row's GPUs."""
+        if ctx.model.placement_strategy != PlacementStrategy.BINPACK:
+            return np.zeros((ctx.snapshot.rows, 1), dtype=np.float64)
+        result: FloatArray = (MAX * (0.0 + self._fill_rows(ctx)) / 1)[:, None]
+        return result
+
+    def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
+        """Fast path for multi-GPU candidates (one worker each)."""
+        if ctx.model.placement_strategy != PlacementStrategy.BINPACK:
+            return np.zeros(len(batch), dtype=np.float64)
+        result: FloatArray = MAX * (0.0 + self._fill_rows(ctx)[batch.rows]) / 1
         return result
