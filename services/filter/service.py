@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from faststream.nats import NatsMessage
+from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
 from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementRequest, PlacementScored
-from shared.bus.runtime import pull_batch
-from shared.bus.service import PlacementService, run_batch
+from shared.bus.service import PlacementService
 from shared.core.placement import run_filters
 from shared.core.placement.domain import FilterResult, Unschedulable
 from shared.core.placement.explain import filters_message
@@ -32,14 +31,10 @@ class FilterService(PlacementService):
     def register(self) -> None:
         """Batched pull subscriber on placement.requested."""
 
-        @pull_batch(
-            self.broker, subjects.PLACEMENT_REQUESTED, streams.STREAM_PIPE, streams.CONSUMER_FILTER, self.settings
-        )
-        async def on_requested(body: list[bytes], msg: NatsMessage) -> None:
-            batch = await self.decode_batch(body, msg, PlacementRequest, subjects.PLACEMENT_REQUESTED)
-            await run_batch(
-                self, subjects.PLACEMENT_REQUESTED, [r for _, r in batch], lambda: self.handle([m for m, _ in batch])
-            )
+        async def on_requested(raws: list[Msg]) -> None:
+            await self.consume(raws, PlacementRequest, subjects.PLACEMENT_REQUESTED, self.handle)
+
+        self.pull(streams.STREAM_PIPE, streams.CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED, on_requested)
 
     async def handle(self, batch: Sequence[PlacementRequest]) -> None:
         """Filter every model of every request; publish survivors, or the verdict when none survive."""

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from faststream.nats import NatsMessage
+from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
 from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementFitted, PlacementRequest, PlacementScored
-from shared.bus.runtime import pull_batch
-from shared.bus.service import PlacementService, run_batch
+from shared.bus.service import PlacementService
 from shared.catalog import load_model_arch
 from shared.core.catalog.models import ModelArch
 from shared.core.placement import requirements, run_fitting
@@ -32,14 +31,10 @@ class FittingService(PlacementService):
     def register(self) -> None:
         """Batched pull subscriber on placement.filtered."""
 
-        @pull_batch(
-            self.broker, subjects.PLACEMENT_FILTERED, streams.STREAM_PIPE, streams.CONSUMER_FITTING, self.settings
-        )
-        async def on_filtered(body: list[bytes], msg: NatsMessage) -> None:
-            batch = await self.decode_batch(body, msg, PlacementFiltered, subjects.PLACEMENT_FILTERED)
-            await run_batch(
-                self, subjects.PLACEMENT_FILTERED, [r for _, r in batch], lambda: self.handle([m for m, _ in batch])
-            )
+        async def on_filtered(raws: list[Msg]) -> None:
+            await self.consume(raws, PlacementFiltered, subjects.PLACEMENT_FILTERED, self.handle)
+
+        self.pull(streams.STREAM_PIPE, streams.CONSUMER_FITTING, subjects.PLACEMENT_FILTERED, on_filtered)
 
     async def handle(self, batch: Sequence[PlacementFiltered]) -> None:
         """Fit every model of every message; publish candidates, or the verdict when nothing fits."""

@@ -18,7 +18,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 import msgspec
-from faststream.nats import NatsMessage
 from nats.aio.msg import Msg
 
 from services.reconciler.writer import StateWriter
@@ -42,8 +41,7 @@ from shared.bus.messages import (
     UnschedulableEvent,
     decode,
 )
-from shared.bus.runtime import pull_batch
-from shared.bus.service import PlacementService, guarded, run_batch
+from shared.bus.service import PlacementService, guarded
 from shared.bus.validate import bad_name, check_scale
 from shared.core.placement import scale_down_order
 from shared.core.placement.domain import Instance, InstanceState, ModelSpec, Unschedulable, WorkerState
@@ -86,27 +84,21 @@ class Reconciler(PlacementService):
         )
 
     def register(self) -> None:
-        """Pull subscribers for the three consumers."""
-        s = self.settings
+        """Pull loops for the three consumers."""
 
-        @pull_batch(self.broker, subjects.CMD_ALL, streams.STREAM_CMD, streams.CONSUMER_SCALE, s)
-        async def on_commands(body: list[bytes], msg: NatsMessage) -> None:
-            await self.ready.wait()
-            raws: list[Msg] = msg.raw_message  # type: ignore[assignment]
-            for data, raw in zip(body, raws, strict=True):
-                await guarded(self, raw.subject, [raw], lambda d=data, r=raw: self.handle_command(d, r))
+        async def on_commands(raws: list[Msg]) -> None:
+            for raw in raws:  # one by one: commands apply in stream order
+                await guarded(self, raw.subject, [raw], lambda r=raw: self.handle_command(r.data, r))
 
-        @pull_batch(self.broker, subjects.PLACEMENT_SCORED, streams.STREAM_PIPE, streams.CONSUMER_COMMIT, s)
-        async def on_scored(body: list[bytes], msg: NatsMessage) -> None:
-            batch = await self.decode_batch(body, msg, PlacementScored, subjects.PLACEMENT_SCORED)
-            raws = [r for _, r in batch]
-            await run_batch(self, subjects.PLACEMENT_SCORED, raws, lambda: self.handle_scored([m for m, _ in batch]))
+        async def on_scored(raws: list[Msg]) -> None:
+            await self.consume(raws, PlacementScored, subjects.PLACEMENT_SCORED, self.handle_scored)
 
-        @pull_batch(self.broker, subjects.INSTANCE_STATUS, streams.STREAM_STATUS, streams.CONSUMER_STATUS, s)
-        async def on_status(body: list[bytes], msg: NatsMessage) -> None:
-            batch = await self.decode_batch(body, msg, InstanceStatus, subjects.INSTANCE_STATUS)
-            raws = [r for _, r in batch]
-            await run_batch(self, subjects.INSTANCE_STATUS, raws, lambda: self.handle_status([m for m, _ in batch]))
+        async def on_status(raws: list[Msg]) -> None:
+            await self.consume(raws, InstanceStatus, subjects.INSTANCE_STATUS, self.handle_status)
+
+        self.pull(streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL, on_commands)
+        self.pull(streams.STREAM_PIPE, streams.CONSUMER_COMMIT, subjects.PLACEMENT_SCORED, on_scored)
+        self.pull(streams.STREAM_STATUS, streams.CONSUMER_STATUS, subjects.INSTANCE_STATUS, on_status)
 
     async def started(self) -> None:
         """Load specs, listen for cluster changes, start the state writer and the periodic checks."""

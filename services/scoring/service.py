@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from faststream.nats import NatsMessage
+from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
 from shared.bus.messages import ItemOutcome, PlacementFitted, PlacementScored
-from shared.bus.runtime import pull_batch
-from shared.bus.service import PlacementService, run_batch
+from shared.bus.service import PlacementService
 from shared.core.placement import instance_from_decision, run_scoring
 from shared.core.placement.domain import Instance, Unschedulable
 from shared.core.placement.reconcile import still_fits
@@ -39,14 +38,10 @@ class ScoringService(PlacementService):
     def register(self) -> None:
         """Batched pull subscriber on placement.fitted."""
 
-        @pull_batch(
-            self.broker, subjects.PLACEMENT_FITTED, streams.STREAM_PIPE, streams.CONSUMER_SCORING, self.settings
-        )
-        async def on_fitted(body: list[bytes], msg: NatsMessage) -> None:
-            batch = await self.decode_batch(body, msg, PlacementFitted, subjects.PLACEMENT_FITTED)
-            await run_batch(
-                self, subjects.PLACEMENT_FITTED, [r for _, r in batch], lambda: self.handle([m for m, _ in batch])
-            )
+        async def on_fitted(raws: list[Msg]) -> None:
+            await self.consume(raws, PlacementFitted, subjects.PLACEMENT_FITTED, self.handle)
+
+        self.pull(streams.STREAM_PIPE, streams.CONSUMER_SCORING, subjects.PLACEMENT_FITTED, on_fitted)
 
     async def handle(self, batch: Sequence[PlacementFitted]) -> None:
         """Score every item; publish the outcomes for the reconciler to commit."""

@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
 from faststream import AckPolicy
-from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats import NatsBroker
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, NoServersError
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from shared.bus import subjects
 from shared.bus.messages import ErrorEvent, encode
@@ -83,21 +85,37 @@ async def prepare(nc: Client, settings: Settings, consumers: Sequence[tuple[str,
 
 def make_broker(settings: Settings) -> NatsBroker:
     """A FastStream NATS broker with quiet per-message logging (it costs throughput)."""
-    return NatsBroker(settings.nats_url, log_level=logging.DEBUG, max_reconnect_attempts=-1)
+    quiet = logging.getLogger("gantry.faststream")
+    quiet.setLevel(logging.WARNING)
+    return NatsBroker(settings.nats_url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1)
 
 
-def pull_batch(
-    broker: NatsBroker, subject: str, stream: str, durable: str, settings: Settings, timeout: float = 0.005
-) -> Any:
-    """Register a batched pull subscriber (manual acks, raw bytes) bound to a pre-declared consumer."""
-    return broker.subscriber(
-        subject,
-        stream=JStream(stream, declare=False),
-        durable=durable,
-        pull_sub=PullSub(batch_size=settings.batch_max, timeout=timeout, batch=True),
-        ack_policy=AckPolicy.MANUAL,
-        decoder=raw_body,
-    )
+PullHandler = Callable[[list[Msg]], Awaitable[None]]
+
+
+async def pull_loop(
+    nc: Client, stream: str, durable: str, subject: str, batch: int, handler: PullHandler
+) -> None:
+    """Fetch from a durable pull consumer forever and hand each batch (raw messages) to ``handler``.
+
+    nats-py's ``fetch`` returns as soon as any message is available, so a lone message is not held back
+    waiting for a full batch; under load the batches fill up. Handlers ack (or nak) themselves: a batch
+    left unacked (a crash) is redelivered by JetStream after the ack wait.
+    """
+    js = nc.jetstream()
+    psub = await js.pull_subscribe(subject, durable=durable, stream=stream)
+    while True:
+        try:
+            msgs = await psub.fetch(batch=batch, timeout=1.0)
+        except TimeoutError:
+            continue
+        except (ConnectionClosedError, ServiceUnavailableError, NoServersError):
+            await asyncio.sleep(0.5)
+            continue
+        try:
+            await handler(msgs)
+        except Exception:  # the handler's own guard failed (e.g. NATS away while nak'ing): go on
+            log.exception("handler for %s failed; messages will be redelivered", subject)
 
 
 def core_sub(broker: NatsBroker, subject: str, queue: str = "") -> Any:

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import msgspec
 from faststream import FastStream
-from faststream.nats import NatsMessage
 from nats.aio.msg import Msg
 
 from shared.bus import subjects
@@ -31,7 +30,7 @@ from shared.bus.messages import (
     WorkerRegistration,
     decode,
 )
-from shared.bus.runtime import Bus, core_sub, make_broker, nats_client, prepare
+from shared.bus.runtime import Bus, PullHandler, core_sub, make_broker, nats_client, prepare, pull_loop
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile, profile_from_json, profile_from_yaml
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 from shared.settings import Settings
@@ -61,6 +60,8 @@ class PlacementService:
         self.ready = asyncio.Event()
         self.profile = load_profile(settings.profile)
         self._bus: Bus | None = None
+        self._pulls: list[tuple[str, str, str, PullHandler]] = []
+        self._loops: set[asyncio.Task[None]] = set()
         self.app.on_startup(self._declare)
         self.app.after_startup(self._load)
         self.app.on_shutdown(self.store.close)
@@ -105,7 +106,15 @@ class PlacementService:
         await self.feed.load(self.store)
         self.ready.set()
         await self.started()
+        nc = nats_client(self.broker)
+        for stream, durable, subject, handler in self._pulls:
+            task = asyncio.ensure_future(pull_loop(nc, stream, durable, subject, self.settings.batch_max, handler))
+            self._loops.add(task)
         log.info("%s ready: %d workers, %d instances", self.name, len(self.snapshot), len(self.feed.instances))
+
+    def pull(self, stream: str, durable: str, subject: str, handler: PullHandler) -> None:
+        """Consume a pre-declared durable pull consumer with ``handler`` once the snapshot is loaded."""
+        self._pulls.append((stream, durable, subject, handler))
 
     def wire_feed(self) -> None:
         """Subscribe the snapshot feed to worker reports and cluster events (fan-out, no queue)."""
@@ -153,20 +162,24 @@ class PlacementService:
 
     # -- helpers for pipeline handlers ----------------------------------------------------------------
 
-    async def decode_batch(
-        self, bodies: list[bytes], msg: NatsMessage, kind: type[T], subject: str
-    ) -> list[tuple[T, Msg]]:
+    async def decode_batch(self, raws: list[Msg], kind: type[T], subject: str) -> list[tuple[T, Msg]]:
         """Decode a pulled batch; dead-letter and ack the undecodable ones, return the rest."""
-        await self.ready.wait()
         out: list[tuple[T, Msg]] = []
-        raws: list[Msg] = msg.raw_message  # type: ignore[assignment]
-        for body, raw in zip(bodies, raws, strict=True):
+        for raw in raws:
             try:
-                out.append((decode(body, kind), raw))
+                out.append((decode(raw.data, kind), raw))
             except MessageError as exc:
-                await self.bus.dead_letter(subject, str(exc), body)
+                await self.bus.dead_letter(subject, str(exc), raw.data)
                 await raw.ack()
         return out
+
+    async def consume(
+        self, raws: list[Msg], kind: type[T], subject: str, work: Callable[[list[T]], Awaitable[Any]]
+    ) -> None:
+        """Decode a batch, run ``work`` on the valid messages, ack them (or nak on failure)."""
+        batch = await self.decode_batch(raws, kind, subject)
+        if batch:
+            await run_batch(self, subject, [r for _, r in batch], lambda: work([m for m, _ in batch]))
 
 
 async def ack_all(raws: Sequence[Msg]) -> None:

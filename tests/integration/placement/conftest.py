@@ -194,5 +194,5 @@ async def stack(
         await store.close()
         for log in sorted(tmp_path.glob("*.log")):
             text = log.read_text(errors="replace")
-            if "Traceback" in text:
-                print(f"==== {log.name}\n{text[-3000:]}")
+            if "Traceback" in text or "ERROR" in text:
+                print(f"==== {log.name}\n{text[-6000:]}")
