@@ -121,8 +121,8 @@ class Engine:
             fin = self.finish_step(out, start, d)
             if sink is not None and fin:
                 sink.extend(fin)
-            if not out.scheduled:
-                break  # nothing schedulable (cannot happen with a valid config); avoid spinning
+            if not out.scheduled and not out.preempted:
+                break  # stuck (no request fits even an empty pool); never spin
 
     def _fast_forward(self, t_limit: float) -> bool:
         s = self.scheduler
