@@ -10,6 +10,7 @@ Linux they also get SIGTERM if the launcher itself dies, so nothing is ever left
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ops.servers import ServerProcess, ServerStartError, start_nats, start_redis
+from shared.core.placement.domain import GIB
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
 
@@ -73,14 +75,32 @@ def service_argv(name: str, commands: Mapping[str, Sequence[str]] | None = None)
     return argv
 
 
-def worker_argv(fleet: WorkerFleet, commands: Mapping[str, Sequence[str]] | None = None) -> list[str]:
-    """The emulated-workers command with the fleet's shape as flags."""
+def worker_argv(fleet: WorkerFleet, base: Sequence[str] | None = None) -> list[str]:
+    """The emulated-workers command with the fleet's shape as flags (VRAM from the GPU catalogue)."""
+    if base is None:
+        from services import WORKERS_COMMAND
+
+        base = WORKERS_COMMAND
+    argv = list(base)
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
     return [
-        *service_argv(WORKERS_SERVICE, commands),
-        "--workers", str(fleet.count),
+        *argv,
+        "--count", str(fleet.count),
         "--gpus", str(fleet.gpus),
-        "--gpu-type", fleet.gpu_type,
+        "--gpu-product", fleet.gpu_type,
+        "--vram-gib", f"{gpu_vram_gib(fleet.gpu_type):g}",
     ]
+
+
+def gpu_vram_gib(gpu_type: str) -> float:
+    """Memory of a GPU product in GiB, from the reference GPU catalogue."""
+    from shared.catalog import UnknownGpuError, gpu_names, load_gpu_spec
+
+    try:
+        return load_gpu_spec(gpu_type).mem_bytes / GIB
+    except UnknownGpuError:
+        raise StackError(f"unknown GPU type {gpu_type!r} (known: {', '.join(gpu_names())})") from None
 
 
 def url_port(url: str, default: int) -> int:
@@ -131,6 +151,7 @@ class LocalStack:
     home: Path = field(default_factory=runtime_dir)
     services: tuple[str, ...] = PLACEMENT_SERVICES
     commands: Mapping[str, Sequence[str]] | None = None
+    workers_command: Sequence[str] | None = None
     nats: ServerProcess | None = None
     redis: ServerProcess | None = None
     children: list[Child] = field(default_factory=list)
@@ -146,8 +167,11 @@ class LocalStack:
             self.start_servers()
             for name in self.services:
                 self.spawn(name, service_argv(name, self.commands))
+            if self.services:
+                # Workers register once at start: they must find the services already listening.
+                asyncio.run(self.wait_services_ready())
             if self.fleet.count > 0:
-                self.spawn(WORKERS_SERVICE, worker_argv(self.fleet, self.commands))
+                self.spawn(WORKERS_SERVICE, worker_argv(self.fleet, self.workers_command))
             self._write_state()
         except BaseException:
             self.stop()
@@ -174,6 +198,49 @@ class LocalStack:
             )
         except ServerStartError as err:
             raise StackError(str(err)) from None
+
+    async def wait_services_ready(self, timeout: float = 60.0) -> None:
+        """Until every durable consumer of the services is pulling (or a child dies: StackError)."""
+        import nats
+        from nats.js.errors import NotFoundError
+
+        from shared.bus import streams
+
+        wanted = [
+            (streams.STREAM_PIPE, streams.CONSUMER_FILTER),
+            (streams.STREAM_PIPE, streams.CONSUMER_FITTING),
+            (streams.STREAM_PIPE, streams.CONSUMER_SCORING),
+            (streams.STREAM_PIPE, streams.CONSUMER_COMMIT),
+            (streams.STREAM_CMD, streams.CONSUMER_SCALE),
+            (streams.STREAM_STATUS, streams.CONSUMER_STATUS),
+        ]
+        nc = await nats.connect(self.settings.nats_url, connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            deadline = time.monotonic() + timeout
+            while wanted:
+                for child in self.dead_children():
+                    raise StackError(
+                        f"{child.name} exited with code {child.process.returncode} at start-up; "
+                        f"see {child.log_path}"
+                    )
+                if time.monotonic() > deadline:
+                    names = ", ".join(consumer for _, consumer in wanted)
+                    raise StackError(f"services not ready within {timeout:.0f}s (waiting for {names})")
+                still = []
+                for stream, consumer in wanted:
+                    try:
+                        info = await js.consumer_info(stream, consumer)
+                    except (NotFoundError, nats.errors.TimeoutError):
+                        still.append((stream, consumer))
+                        continue
+                    if not info.num_waiting:
+                        still.append((stream, consumer))
+                wanted = still
+                if wanted:
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
 
     def child_env(self) -> dict[str, str]:
         """The environment every child gets: this one plus the stack's GANTRY_* settings."""

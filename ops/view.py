@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import msgspec
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -122,7 +123,8 @@ def clock(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(ts))
 
 
-BAR_CELLS = 8
+BAR_CELLS = 5
+MODEL_CHARS = 10
 
 
 def bar(fraction: float, cells: int = BAR_CELLS) -> Text:
@@ -147,7 +149,9 @@ def _gpu_cell(usage: GpuUsage) -> Text:
     if not usage.schedulable:
         cell.append("\ncordoned", style="yellow")
     label = ",".join(usage.models) if usage.models else "-"
-    cell.append("\n" + label[:14], style="cyan" if usage.models else "dim")
+    if len(label) > MODEL_CHARS:
+        label = label[: MODEL_CHARS - 1] + "…"
+    cell.append("\n" + label, style="cyan" if usage.models else "dim")
     return cell
 
 
@@ -155,34 +159,34 @@ def summary_line(snapshot: ClusterSnapshot) -> Text:
     """One line: workers by state, GPUs, models, instances by state, time."""
     workers = Counter(state.value for state in snapshot.worker_states.values())
     gpus = sum(len(w.gpus) for w in snapshot.workers)
+    products = sorted({g.product for w in snapshot.workers for g in w.gpus if g.product})
     counts = state_counts(snapshot.instances)
     line = Text(f"gantry top  {clock(snapshot.taken_at)} UTC  ", style="bold")
     line.append(f"workers {len(snapshot.workers)} ({workers.get('READY', 0)} ready)  ")
-    line.append(f"GPUs {gpus}  models {len(snapshot.models)}  instances ")
+    kinds = f" ({', '.join(products)})" if products else ""
+    line.append(f"GPUs {gpus}{kinds}  models {len(snapshot.models)}  instances ")
     line.append(" ".join(f"{state}={n}" for state, n in sorted(counts.items())) or "none")
     return line
 
 
 def workers_grid(snapshot: ClusterSnapshot) -> Table:
-    """One row per worker, one cell per GPU (fullness bar, percentage, model holding it)."""
+    """One row per worker (name and state), one cell per GPU (fullness bar, percentage, its model)."""
     usage = gpu_usage(snapshot)
     by_worker: dict[str, list[GpuUsage]] = defaultdict(list)
     for row in usage:
         by_worker[row.worker].append(row)
     width = max((len(w.gpus) for w in snapshot.workers), default=0)
-    table = Table(show_lines=True, expand=False)
-    table.add_column("WORKER", no_wrap=True)
-    table.add_column("STATE", no_wrap=True)
+    table = Table(show_lines=True, expand=False, box=box.SQUARE, padding=(0, 1))
+    table.add_column("WORKER", no_wrap=True, min_width=9)
     for i in range(width):
-        table.add_column(f"GPU{i}", no_wrap=True)
+        table.add_column(f"GPU{i}", no_wrap=True, min_width=MODEL_CHARS)
     for worker in sorted(snapshot.workers, key=lambda w: w.name):
         state = snapshot.worker_states.get(worker.name, WorkerState.NOT_READY)
-        product = worker.gpus[0].product if worker.gpus else ""
         name = Text(worker.name, style="bold")
-        name.append(f"\n{product}", style="dim")
+        name.append(f"\n{state.value}", style=STATE_STYLE.get(state, ""))
         cells: list[RenderableType] = [_gpu_cell(u) for u in by_worker[worker.name]]
         cells += [Text("")] * (width - len(cells))
-        table.add_row(name, Text(state.value, style=STATE_STYLE.get(state, "")), *cells)
+        table.add_row(name, *cells)
     return table
 
 

@@ -9,13 +9,16 @@ instead of a hang or a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import nats
 import redis.asyncio as aioredis
+import redis.exceptions
 import typer
 from nats.aio.client import Client as NatsClient
 from pydantic import ValidationError
@@ -62,6 +65,9 @@ async def connect_nats(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -
     async def _quiet(_: Exception) -> None:
         return None
 
+    # nats-py keeps retrying a refused connection until its own timeout; a plain TCP probe first turns
+    # "nothing listens there" into an immediate, precise answer.
+    await _probe(settings.nats_url, 4222, "NATS", timeout)
     try:
         return await asyncio.wait_for(
             nats.connect(
@@ -77,6 +83,20 @@ async def connect_nats(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -
         raise CliError(f"cannot reach NATS at {settings.nats_url} ({_short(err)}): {STACK_HINT}") from None
 
 
+async def _probe(url: str, default_port: int, what: str, timeout: float) -> None:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError) as err:
+        reason = "connection refused" if isinstance(err, ConnectionRefusedError) else _short(err)
+        shown = _redact(url)
+        raise CliError(f"cannot reach {what} at {shown} ({reason}): {STACK_HINT}") from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 async def connect_redis(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -> aioredis.Redis:
     """A Redis connection that answered PING, or a one-line CliError."""
     client: aioredis.Redis = aioredis.from_url(
@@ -86,6 +106,8 @@ async def connect_redis(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) 
         await client.ping()
     except Exception as err:  # redis raises several unrelated types for "not there"
         await client.aclose()
+        if isinstance(err, ConnectionRefusedError | redis.exceptions.ConnectionError) and "111" in str(err):
+            err = ConnectionRefusedError("connection refused")
         raise CliError(
             f"cannot reach Redis at {_redact(settings.redis_url)} ({_short(err)}): {STACK_HINT}"
         ) from None

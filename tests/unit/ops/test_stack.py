@@ -19,7 +19,8 @@ from ops.stack import (
 )
 from shared.settings import Settings
 
-COMMANDS = {"filter": ("python", "-m", "services.filter"), "workers": ("python", "-m", "services.workers")}
+COMMANDS = {"filter": ("python", "-m", "services.filter")}
+WORKERS = ("python", "-m", "services.workers")
 
 
 @pytest.mark.parametrize(
@@ -44,9 +45,15 @@ def test_unknown_service_is_a_clear_error() -> None:
         service_argv("nope", COMMANDS)
 
 
-def test_worker_argv_passes_the_fleet_shape() -> None:
-    argv = worker_argv(WorkerFleet(count=3, gpus=4, gpu_type="A100-SXM4-80GB"), COMMANDS)
-    assert argv[3:] == ["--workers", "3", "--gpus", "4", "--gpu-type", "A100-SXM4-80GB"]
+def test_worker_argv_passes_the_fleet_shape_with_vram_from_the_gpu_catalogue() -> None:
+    argv = worker_argv(WorkerFleet(count=3, gpus=4, gpu_type="A100-SXM-40GB"), WORKERS)
+    assert argv[0] == sys.executable
+    assert argv[3:] == ["--count", "3", "--gpus", "4", "--gpu-product", "A100-SXM-40GB", "--vram-gib", "40"]
+
+
+def test_unknown_gpu_type_is_a_clear_error() -> None:
+    with pytest.raises(StackError, match="unknown GPU type 'Z9000'"):
+        worker_argv(WorkerFleet(count=1, gpu_type="Z9000"), WORKERS)
 
 
 def test_children_get_every_setting_as_a_gantry_variable(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def test_cordoned_worker_makes_every_gpu_unschedulable() -> None:
 
 @pytest.mark.parametrize(("fraction", "filled"), [(0.0, 0), (0.5, 4), (0.9, 7), (1.0, 8)])
 def test_bar_fills_in_proportion(fraction: float, filled: int) -> None:
-    assert bar(fraction).plain.count("█") == filled
+    assert bar(fraction, cells=8).plain.count("█") == filled
 
 
 def test_top_shows_one_row_per_worker_with_a_cell_per_gpu_and_its_model() -> None:
@@ -108,9 +108,10 @@ def test_top_shows_one_row_per_worker_with_a_cell_per_gpu_and_its_model() -> Non
         instances=(inst("a", "llama", InstanceState.RUNNING, "w2", (1,)),),
     ))
     assert "GPU0" in text and "GPU1" in text and "GPU2" not in text
-    w2_line = next(line for line in text.splitlines() if "w2" in line)
-    assert "READY" in w2_line and " 90%" in w2_line
-    assert "llama" in text
+    lines = text.splitlines()
+    row = next(i for i, line in enumerate(lines) if "│ w2" in line)
+    assert " 90%" in lines[row]
+    assert "READY" in lines[row + 1] and "llama" in lines[row + 1]
 
 
 def test_top_lists_pending_replicas_with_their_reason() -> None:

@@ -1,0 +1,429 @@
+"""Cluster commands: deploy, scale, models, instances, workers, explain, cordon, uncordon, events."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import nats.js.errors
+import typer
+from nats.aio.client import Client as NatsClient
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from rich.table import Table
+
+from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, print_json, run
+from ops.cli.errors import CliError
+from ops.cluster import (
+    deploy_files,
+    parse_target,
+    read_snapshot,
+    require_model,
+    require_worker,
+    scale_command,
+    send_cordon,
+    send_scale,
+    wait_for,
+)
+from ops.events import decode_event, event_json, event_model, format_event
+from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, state_counts
+from shared.bus import subjects
+from shared.bus.messages import CordonCommand, UnschedulableEvent
+from shared.bus.streams import STREAM_EVENTS
+from shared.core.placement.domain import Instance, InstanceState, WorkerState
+from shared.settings import Settings
+
+Wait = Annotated[bool, typer.Option("--wait", help="wait until every replica is RUNNING")]
+Timeout = Annotated[float, typer.Option(min=0, help="seconds --wait waits before giving up")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the cluster commands."""
+    for name, fn in (
+        ("deploy", deploy), ("scale", scale), ("models", models), ("instances", instances),
+        ("workers", workers), ("explain", explain), ("cordon", cordon), ("uncordon", uncordon),
+        ("events", events),
+    ):
+        app.command(name)(fn)
+
+
+# -- writes -----------------------------------------------------------------------------------------
+
+
+def deploy(
+    files: Annotated[list[Path], typer.Argument(help="model spec YAML file(s)", show_default=False)],
+    wait: Wait = False,
+    timeout: Timeout = 60.0,
+    nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Deploy (or update) models from spec files: replicas, placement strategy, selectors, ..."""
+    settings = load(nats_url, redis_url)
+
+    async def go() -> None:
+        specs = await deploy_files(settings, files)
+        for spec in specs:
+            typer.echo(f"deployed {spec.name}: {spec.replicas} replica(s), {spec.placement_strategy.value}")
+        if wait:
+            await _wait_running(settings, {s.name: s.replicas for s in specs}, timeout)
+
+    run(go)
+
+
+def scale(
+    model: Annotated[str, typer.Argument(help="a deployed model's name", show_default=False)],
+    replicas: Annotated[int, typer.Argument(min=0, help="desired replicas (0 removes all)", show_default=False)],
+    wait: Wait = False,
+    timeout: Timeout = 60.0,
+    nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Set the desired replicas of a deployed model."""
+    settings = load(nats_url, redis_url)
+
+    async def go() -> None:
+        redis = await connect_redis(settings)
+        try:
+            await require_model(redis, model)
+        finally:
+            await redis.aclose()
+        nc = await connect_nats(settings)
+        try:
+            await send_scale(nc, scale_command(model, replicas))
+        finally:
+            await nc.close()
+        typer.echo(f"scaling {model} to {replicas} replica(s)")
+        if wait:
+            await _wait_running(settings, {model: replicas}, timeout)
+
+    run(go)
+
+
+async def _wait_running(settings: Settings, wanted: dict[str, int], timeout: float) -> None:
+    """Until each model has exactly its desired replicas, all RUNNING; exit 1 with counts on timeout."""
+
+    def settled(snapshot: ClusterSnapshot) -> bool:
+        for model, count in wanted.items():
+            states = state_counts(i for i in snapshot.instances if i.model == model)
+            if states["RUNNING"] != count or sum(states.values()) != count:
+                return False
+        return True
+
+    redis = await connect_redis(settings)
+    try:
+        await wait_for(redis, settings, settled, timeout)
+    except TimeoutError:
+        snapshot = await read_snapshot(redis, settings)
+        for model, count in wanted.items():
+            states = state_counts(i for i in snapshot.instances if i.model == model)
+            seen = " ".join(f"{k}={v}" for k, v in sorted(states.items())) or "no instances"
+            typer.echo(f"{model}: wanted {count} RUNNING, have {seen}", err=True)
+        raise CliError(f"not settled within {timeout:g}s; `gantry explain MODEL` says why") from None
+    finally:
+        await redis.aclose()
+    for model, count in wanted.items():
+        typer.echo(f"{model}: {count}/{count} RUNNING")
+
+
+def cordon(
+    target: Annotated[str, typer.Argument(help="WORKER or WORKER:GPU-INDEX", show_default=False)],
+    timeout: Timeout = 10.0,
+    nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Stop placing new replicas on a worker, or on one GPU of it (running replicas stay)."""
+    _cordon(target, True, timeout, load(nats_url, redis_url))
+
+
+def uncordon(
+    target: Annotated[str, typer.Argument(help="WORKER or WORKER:GPU-INDEX", show_default=False)],
+    timeout: Timeout = 10.0,
+    nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Make a cordoned worker or GPU schedulable again."""
+    _cordon(target, False, timeout, load(nats_url, redis_url))
+
+
+def _cordon(target: str, cordoned: bool, timeout: float, settings: Settings) -> None:
+    worker, gpu = parse_target(target)
+
+    def applied(snapshot: ClusterSnapshot) -> bool:
+        w = next((w for w in snapshot.workers if w.name == worker), None)
+        if w is None:
+            return False
+        if gpu is None:
+            return w.cordoned == cordoned
+        return any(g.index == gpu and g.schedulable != cordoned for g in w.gpus)
+
+    async def go() -> None:
+        redis = await connect_redis(settings)
+        try:
+            await require_worker(redis, worker, gpu)
+            nc = await connect_nats(settings)
+            try:
+                await send_cordon(nc, CordonCommand(worker=worker, cordoned=cordoned, gpu_index=gpu))
+            finally:
+                await nc.close()
+            try:
+                await wait_for(redis, settings, applied, timeout)
+            except TimeoutError:
+                raise CliError(f"sent, but not applied within {timeout:g}s: is the reconciler running?") from None
+        finally:
+            await redis.aclose()
+        verb = "cordoned" if cordoned else "uncordoned"
+        typer.echo(f"{verb} {target}")
+
+    run(go)
+
+
+# -- reads ------------------------------------------------------------------------------------------
+
+
+async def _snapshot(settings: Settings, model: str | None = None) -> ClusterSnapshot:
+    redis = await connect_redis(settings)
+    try:
+        if model is not None:
+            await require_model(redis, model)
+        return await read_snapshot(redis, settings, model)
+    finally:
+        await redis.aclose()
+
+
+def models(json_out: JsonFlag = False, nats_url: NatsUrl = None, redis_url: RedisUrl = None) -> None:
+    """Deployed models: desired replicas and instances by state."""
+    snapshot = run(lambda: _snapshot(load(nats_url, redis_url)))
+    if json_out:
+        print_json([
+            {
+                "name": m.name, "desired": m.desired, "spec": m.spec,
+                "instances": dict(state_counts(i for i in snapshot.instances if i.model == m.name)),
+            }
+            for m in sorted(snapshot.models, key=lambda m: m.name)
+        ])
+        return
+    if not snapshot.models:
+        typer.echo("no models deployed; try `gantry deploy ops/demo/llama-3.1-8b.yaml`")
+        return
+    console().print(models_table(snapshot))
+
+
+def _instance_row(inst: Instance) -> dict[str, Any]:
+    return {
+        "id": inst.id, "model": inst.model, "state": inst.state.value, "worker": inst.worker,
+        "gpus": list(inst.gpu_indexes), "vram_claims": list(inst.vram_claims), "reason": inst.reason,
+        "subordinates": inst.subordinates,
+    }
+
+
+def instances(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="only this model's instances")] = None,
+    json_out: JsonFlag = False,
+    nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Instances (replicas): state, worker, GPUs and VRAM claims, and the reason when pending."""
+    snapshot = run(lambda: _snapshot(load(nats_url, redis_url), model))
+    rows = sorted(snapshot.instances, key=lambda i: (i.model, i.id))
+    if json_out:
+        print_json([_instance_row(i) for i in rows])
+        return
+    if not rows:
+        typer.echo("no instances")
+        return
+    table = Table()
+    for column in ("ID", "MODEL", "STATE", "WORKER", "GPUS", "VRAM/GPU GiB", "REASON"):
+        table.add_column(column, no_wrap=column != "REASON")
+    for inst in rows:
+        claims = ",".join(gib(c) for c in inst.vram_claims) or "-"
+        where = inst.worker or "-"
+        if inst.subordinates:
+            where += " +" + ",".join(s.worker for s in inst.subordinates)
+        table.add_row(
+            inst.id, inst.model, inst.state.value, where,
+            ",".join(str(g) for g in inst.gpu_indexes) or "-", claims, inst.reason or "",
+        )
+    console().print(table)
+
+
+def workers(json_out: JsonFlag = False, nats_url: NatsUrl = None, redis_url: RedisUrl = None) -> None:
+    """Workers and their GPUs: used / claimed / free VRAM per GPU, state and labels."""
+    snapshot = run(lambda: _snapshot(load(nats_url, redis_url)))
+    usage = gpu_usage(snapshot)
+    if json_out:
+        print_json([
+            {
+                "name": w.name, "state": snapshot.worker_states[w.name].value, "cluster": w.cluster,
+                "labels": w.labels, "cordoned": w.cordoned,
+                "heartbeat_age_s": round(snapshot.taken_at - w.last_heartbeat, 3),
+                "gpus": [u for u in usage if u.worker == w.name],
+            }
+            for w in sorted(snapshot.workers, key=lambda w: w.name)
+        ])
+        return
+    if not snapshot.workers:
+        typer.echo("no workers registered; start some with `gantry up --workers 4`")
+        return
+    table = Table()
+    sizes = ("TOTAL", "USED", "CLAIMED", "FREE")
+    for column in ("WORKER", "STATE", "LABELS", "GPU", "PRODUCT", *sizes, "MODELS"):
+        table.add_column(column, no_wrap=True, justify="right" if column in sizes else "left")
+    by_name = {w.name: w for w in snapshot.workers}
+    last = ""
+    for u in usage:
+        worker = by_name[u.worker]
+        first = u.worker != last
+        last = u.worker
+        state = snapshot.worker_states[u.worker]
+        labels = ",".join(f"{k}={v}" for k, v in sorted(worker.labels.items()))
+        gpu = f"{u.index}" + ("" if u.schedulable else " (cordoned)")
+        table.add_row(
+            u.worker if first else "", state.value if first else "", labels if first else "",
+            gpu, u.product, gib(u.total), gib(u.used), gib(u.claimed), gib(u.free), ",".join(u.models),
+        )
+    console().print(table)
+    counts = Counter(s.value for s in snapshot.worker_states.values())
+    typer.echo("VRAM in GiB; " + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+def explain(
+    model: Annotated[str, typer.Argument(help="a deployed model's name", show_default=False)],
+    json_out: JsonFlag = False,
+    nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Why a model's replicas are not all running: pending reasons and the scheduler's last verdict."""
+    settings = load(nats_url, redis_url)
+
+    async def go() -> tuple[ClusterSnapshot, UnschedulableEvent | None]:
+        snapshot = await _snapshot(settings, model)
+        nc = await connect_nats(settings)
+        try:
+            verdict = await last_unschedulable(nc, model)
+        finally:
+            await nc.close()
+        return snapshot, verdict
+
+    snapshot, verdict = run(go)
+    insts = [i for i in snapshot.instances if i.model == model]
+    desired = next((m.desired for m in snapshot.models if m.name == model), 0)
+    pending = [i for i in insts if i.state is InstanceState.PENDING]
+    counts = state_counts(insts)
+    if json_out:
+        print_json({
+            "model": model, "desired": desired, "instances": dict(counts),
+            "pending": [{"id": i.id, "reason": i.reason} for i in pending],
+            "last_unschedulable": verdict,
+        })
+        return
+    summary = " ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no instances"
+    typer.echo(f"{model}: desired {desired}; {summary}")
+    ready = sum(1 for s in snapshot.worker_states.values() if s is WorkerState.READY)
+    typer.echo(f"cluster: {ready}/{len(snapshot.workers)} workers READY")
+    if not pending:
+        running = counts["RUNNING"]
+        typer.echo(f"nothing is pending: {running}/{desired} RUNNING" + ("" if running == desired else
+                   " (the rest are being started or removed)"))
+        return
+    typer.echo(f"{len(pending)} replica(s) pending:")
+    for inst in pending:
+        typer.echo(f"  {inst.id}: {inst.reason or 'waiting for placement'}")
+    if verdict is not None:
+        typer.echo(f"latest verdict ({time.strftime('%H:%M:%S', time.gmtime(verdict.at))} UTC): {verdict.message}")
+        for report in verdict.filters:
+            typer.echo(f"  {report.filter}: kept {report.kept}/{report.total}")
+            for reason in report.dropped[:5]:
+                typer.echo(f"    {reason.subject or '(request)'}: {reason.message}")
+            if len(report.dropped) > 5:
+                typer.echo(f"    ... {len(report.dropped) - 5} more")
+        for reason in verdict.reasons[:10]:
+            typer.echo(f"  {reason.plugin} {reason.subject or '(request)'}: {reason.message}")
+
+
+EXPLAIN_SCAN = 5000  # unschedulable events searched, newest first, for a model's latest verdict
+
+
+async def last_unschedulable(nc: NatsClient, model: str, scan: int = EXPLAIN_SCAN) -> UnschedulableEvent | None:
+    """The newest UnschedulableEvent of ``model`` among the last ``scan`` such events in the stream."""
+    js = nc.jetstream()
+    try:
+        info = await js.stream_info(STREAM_EVENTS)
+    except nats.js.errors.NotFoundError:
+        return None
+    last = info.state.last_seq
+    if not info.state.messages:
+        return None
+    start = max(info.state.first_seq, last - scan + 1)
+    found: UnschedulableEvent | None = None
+    async for subject, data, _seq in _replay(js, subjects.EVENT_UNSCHEDULABLE, start, until=last):
+        event = decode_event(subject, data)
+        if isinstance(event, UnschedulableEvent) and event.model == model:
+            found = event
+    return found
+
+
+async def _replay(js: Any, subject: str, start: int, until: int | None, idle: float = 0.5) -> Any:
+    """(subject, data, stream seq) from ``start``; stops after ``until`` or ``idle`` s of silence."""
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+    sub = await js.subscribe(subject, ordered_consumer=True, config=config, stream=STREAM_EVENTS)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle)
+            except TimeoutError:
+                if until is not None:
+                    return
+                continue
+            seq = msg.metadata.sequence.stream
+            yield msg.subject, msg.data, seq
+            if until is not None and seq >= until:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+def events(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events until Ctrl-C")] = False,
+    last: Annotated[int, typer.Option(min=0, help="how many past events to show first")] = 20,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="only this model's events")] = None,
+    json_out: JsonFlag = False,
+    nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Placement decisions, unschedulable verdicts, instance and cordon changes, as they happen."""
+    settings = load(nats_url, redis_url)
+
+    async def go() -> None:
+        nc = await connect_nats(settings)
+        try:
+            await _print_events(nc, follow, last, model, json_out)
+        finally:
+            await nc.close()
+
+    with contextlib.suppress(typer.Exit):
+        run(go)  # Ctrl-C ends --follow: that is how it is meant to stop
+
+
+async def _print_events(nc: NatsClient, follow: bool, last: int, model: str | None, json_out: bool) -> None:
+    js = nc.jetstream()
+    try:
+        info = await js.stream_info(STREAM_EVENTS)
+    except nats.js.errors.NotFoundError:
+        raise CliError("no event stream yet: the services create it when they start (`gantry up`)") from None
+    end = info.state.last_seq
+    start = max(info.state.first_seq, end - last + 1) if last else end + 1
+    if not follow and (last == 0 or info.state.messages == 0):
+        return
+    out = console()
+    async for subject, data, _seq in _replay(js, subjects.EVENTS_ALL, start, until=None if follow else end):
+        event = decode_event(subject, data)
+        if event is None or (model is not None and event_model(event) != model):
+            continue
+        now = time.time()
+        if json_out:
+            typer.echo(event_json(subject, event, now).decode())
+        else:
+            out.print(format_event(event, now), markup=False, highlight=False)

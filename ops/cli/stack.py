@@ -1,0 +1,208 @@
+"""``gantry up`` and ``gantry down``: run the whole local stack in the foreground, stop it from elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from ops.cli.common import NatsUrl as NatsUrlOpt
+from ops.cli.common import RedisUrl, connect_redis, load
+from ops.cli.errors import CliError
+from ops.cluster import deploy_files, read_snapshot, wait_for
+from ops.stack import PLACEMENT_SERVICES, LocalStack, StackError, WorkerFleet, signal_running_stack
+from ops.view import ClusterSnapshot, models_table, state_counts
+from shared.core.placement.domain import InstanceState, WorkerState
+from shared.paths import REPO_ROOT, runtime_dir
+from shared.settings import Settings
+
+DEMO_DIR = REPO_ROOT / "ops" / "demo"
+RESTART_LIMIT = 5  # restarts of one child before the stack gives up on it (like a crash loop)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``up`` and ``down``."""
+    app.command("up")(up)
+    app.command("down")(down)
+
+
+def up(
+    workers: Annotated[int, typer.Option(min=0, help="emulated workers to start")] = 0,
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs per emulated worker")] = 8,
+    gpu_type: Annotated[str, typer.Option(help="GPU product of the emulated workers")] = "H100-SXM-80GB",
+    demo: Annotated[bool, typer.Option(help="deploy the example models in ops/demo and report")] = False,
+    fresh: Annotated[bool, typer.Option(help="wipe the stack's stored data (.gantry/) first")] = False,
+    exit_after: Annotated[
+        float | None, typer.Option(help="stop cleanly after this many seconds (scripts, trials)")
+    ] = None,
+    nats_url: NatsUrlOpt = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Start NATS, Redis, the four placement services and emulated workers; Ctrl-C stops everything."""
+    settings = load(nats_url, redis_url)
+    home = runtime_dir()
+    if fresh:
+        for sub in ("nats", "redis"):
+            shutil.rmtree(home / sub, ignore_errors=True)
+    out = Console(highlight=False)
+    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type), home=home)
+    out.print(f"starting NATS at {settings.nats_url} and Redis, data and logs in {_rel(home)}/")
+    signal.signal(signal.SIGTERM, _interrupt)  # `gantry down` and service managers stop us like Ctrl-C
+    try:
+        stack.start()
+    except StackError as err:
+        raise CliError(str(err)) from None
+    except KeyboardInterrupt:
+        out.print("stopped")
+        raise typer.Exit(130) from None
+    code = 0
+    try:
+        out.print(f"services: {', '.join(PLACEMENT_SERVICES)}; workers: {workers} × {gpus} {gpu_type}")
+        asyncio.run(_foreground(stack, settings, out, workers, demo, exit_after))
+    except KeyboardInterrupt:
+        pass
+    except CliError:
+        code = 1
+        raise
+    finally:
+        out.print("stopping the stack ...")
+        stack.stop()
+        out.print("stopped" if code == 0 else "stopped (after an error)")
+
+
+def down() -> None:
+    """Stop the stack a `gantry up` in another terminal is running (same as its Ctrl-C)."""
+    pid = signal_running_stack(runtime_dir(), signal.SIGINT)
+    if pid is None:
+        raise CliError("no running stack found (nothing recorded in .gantry/stack.json)")
+    typer.echo(f"asked gantry up (pid {pid}) to stop")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+async def _foreground(
+    stack: LocalStack, settings: Settings, out: Console, workers: int, demo: bool, exit_after: float | None
+) -> None:
+    started = time.monotonic()
+    redis = await connect_redis(settings, timeout=5)
+    try:
+        try:
+            ready = await wait_for(
+                redis, settings, lambda s: _ready_workers(s) >= workers, timeout=30, check=lambda: _check(stack)
+            )
+        except TimeoutError:
+            raise CliError(
+                f"the {workers} emulated workers did not all become READY within 30 s; "
+                f"see {_rel(stack.log_dir)}/workers.log and reconciler.log"
+            ) from None
+        out.print(f"stack is up: {_ready_workers(ready)} worker(s) READY")
+        if demo:
+            await _run_demo(stack, settings, redis, out)
+        out.print("Ctrl-C (or `gantry down`) stops everything; try `gantry top` in another terminal")
+        await _status_loop(stack, settings, redis, out, started, exit_after)
+    finally:
+        await redis.aclose()
+
+
+def _ready_workers(snapshot: ClusterSnapshot) -> int:
+    return sum(1 for state in snapshot.worker_states.values() if state is WorkerState.READY)
+
+
+def _check(stack: LocalStack) -> None:
+    """Fail the start-up if a server or service died: its log says why."""
+    if not stack.servers_alive():
+        raise CliError(f"a server exited; see {_rel(stack.home)}/nats/nats.log and redis/redis.log")
+    for child in stack.dead_children():
+        raise CliError(
+            f"{child.name} exited with code {child.process.returncode} at start-up; see {_rel(child.log_path)}"
+        )
+
+
+async def _run_demo(stack: LocalStack, settings: Settings, redis: object, out: Console) -> None:
+    files = sorted(DEMO_DIR.glob("*.yaml"))
+    specs = await deploy_files(settings, files)
+    for spec in specs:
+        out.print(f"deployed {spec.name}: {spec.replicas} replica(s), {spec.placement_strategy.value}")
+    wanted = {spec.name: spec.replicas for spec in specs}
+
+    def all_running(snapshot: ClusterSnapshot) -> bool:
+        running = state_counts(
+            i for i in snapshot.instances if i.model in wanted and i.state is InstanceState.RUNNING
+        )
+        return sum(running.values()) >= sum(wanted.values())
+
+    try:
+        snapshot = await wait_for(redis, settings, all_running, timeout=60, check=lambda: _check(stack))
+    except TimeoutError:
+        snapshot = await read_snapshot(redis, settings)  # type: ignore[arg-type]
+        out.print("[yellow]demo: not every replica is RUNNING after 60 s; see `gantry explain MODEL`[/]")
+    out.print(models_table(snapshot))
+    for inst in sorted(snapshot.instances, key=lambda i: (i.model, i.id)):
+        if inst.model in wanted:
+            gpus = ",".join(str(g) for g in inst.gpu_indexes)
+            where = f"{inst.worker} GPU {gpus}" if inst.worker else inst.reason or "not placed"
+            out.print(f"  {inst.model:<16} {inst.id:<28} {inst.state.value:<9} {where}")
+
+
+async def _status_loop(
+    stack: LocalStack, settings: Settings, redis: object, out: Console, started: float,
+    exit_after: float | None,
+) -> None:
+    restarts: dict[str, int] = {}
+    with Live(Text("..."), console=out, refresh_per_second=2, transient=True) as live:
+        last_plain = ""
+        while exit_after is None or time.monotonic() - started < exit_after:
+            _restart_dead(stack, restarts, out)
+            try:
+                snapshot = await read_snapshot(redis, settings)  # type: ignore[arg-type]
+                line = status_line(stack, snapshot)
+            except Exception as err:  # Redis hiccup: show it, keep the stack running
+                line = Text(f"status unavailable: {err}", style="yellow")
+            live.update(line)
+            content = line.plain.split("  ", 1)[-1]  # without the clock
+            if not out.is_terminal and content != last_plain:
+                out.print(line)  # logs and pipes get a line per change instead of a redraw
+                last_plain = content
+            await asyncio.sleep(1.0)
+
+
+def status_line(stack: LocalStack, snapshot: ClusterSnapshot) -> Text:
+    """One line: servers, services alive, workers ready, instances by state."""
+    alive = sum(1 for c in stack.children if c.alive())
+    counts = state_counts(snapshot.instances)
+    line = Text("● ", style="green" if alive == len(stack.children) else "red")
+    line.append(f"{time.strftime('%H:%M:%S')}  processes {alive}/{len(stack.children)}  ")
+    line.append(f"workers {_ready_workers(snapshot)}/{len(snapshot.workers)} ready  ")
+    line.append(f"models {len(snapshot.models)}  instances ")
+    line.append(" ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
+    return line
+
+
+def _restart_dead(stack: LocalStack, restarts: dict[str, int], out: Console) -> None:
+    """Restart crashed children (compose's `restart: unless-stopped`), up to RESTART_LIMIT each."""
+    for child in stack.dead_children():
+        count = restarts.get(child.name, 0)
+        stack.children.remove(child)
+        if count >= RESTART_LIMIT:
+            out.print(f"[red]{child.name} keeps crashing; not restarting it. See {_rel(child.log_path)}[/]")
+            continue
+        restarts[child.name] = count + 1
+        out.print(f"[yellow]{child.name} exited with code {child.process.returncode}; restarting[/]")
+        stack.spawn(child.name, child.argv)
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,234 @@
+"""The CLI's side of the bus: read cluster state through the state layer, publish declared commands.
+
+Reads go through ``shared.state.StateStore`` (the same Redis layer the services write); commands are
+the declared messages of ``shared.bus.messages`` published on the subjects of ``shared.bus.subjects``
+with a dedupe id, exactly as any other producer would send them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+
+import msgspec
+import msgspec.yaml
+import nats.errors
+import nats.js.errors
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NatsClient
+
+from ops.cli.common import connect_nats
+from ops.cli.errors import CliError
+from ops.view import ClusterSnapshot, ModelView
+from shared.bus import subjects
+from shared.bus.messages import CordonCommand, Message, ScaleCommand, encode
+from shared.bus.validate import check_scale
+from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, Worker, WorkerState
+from shared.settings import Settings
+from shared.state import StateStore
+
+# -- reading ----------------------------------------------------------------------------------------
+
+
+def worker_state(worker: Worker, now: float, not_ready_after: float) -> WorkerState:
+    """Spec §2: MAINTENANCE when cordoned, READY when the last heartbeat is young enough."""
+    if worker.cordoned:
+        return WorkerState.MAINTENANCE
+    if now - worker.last_heartbeat < not_ready_after:
+        return WorkerState.READY
+    return WorkerState.NOT_READY
+
+
+async def read_snapshot(
+    redis: aioredis.Redis, settings: Settings, model: str | None = None, now: float | None = None
+) -> ClusterSnapshot:
+    """Workers (with liveness at ``now``), instances and models, read from the state layer."""
+    store = StateStore(redis)
+    workers, instances, specs, desired = await asyncio.gather(
+        store.workers(), store.instances(model), store.models(), store.desired()
+    )
+    taken_at = time.time() if now is None else now
+    states = {w.name: worker_state(w, taken_at, settings.not_ready_after_s) for w in workers}
+    names = sorted(set(specs) | set(desired))
+    models = tuple(ModelView(name, desired.get(name, 0), specs.get(name)) for name in names)
+    return ClusterSnapshot(
+        taken_at=taken_at,
+        workers=tuple(workers),
+        worker_states=states,
+        instances=tuple(instances),
+        models=models,
+    )
+
+
+async def require_model(redis: aioredis.Redis, name: str) -> ModelSpec | None:
+    """The model's spec; a CliError naming the known models if Gantry has never heard of it."""
+    store = StateStore(redis)
+    spec, desired = await asyncio.gather(store.model(name), store.desired())
+    if spec is None and name not in desired:
+        known = ", ".join(sorted(desired)) or "none deployed yet"
+        raise CliError(f"unknown model {name!r} (known: {known}); deploy it with `gantry deploy FILE.yaml`")
+    return spec
+
+
+async def wait_for(
+    redis: aioredis.Redis,
+    settings: Settings,
+    predicate: Callable[[ClusterSnapshot], bool],
+    timeout: float,
+    check: Callable[[], None] | None = None,
+    interval: float = 0.25,
+) -> ClusterSnapshot:
+    """Poll the state until ``predicate`` holds; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check is not None:
+            check()
+        snapshot = await read_snapshot(redis, settings)
+        if predicate(snapshot):
+            return snapshot
+        if time.monotonic() >= deadline:
+            raise TimeoutError
+        await asyncio.sleep(interval)
+
+
+# -- model files ------------------------------------------------------------------------------------
+
+_NESTED = {"gpu_selector": GpuSelector, "gguf": GgufSpec}
+
+
+def _unknown_fields(data: dict[str, object]) -> list[str]:
+    """Keys the spec does not have (a typo such as ``replica:`` would otherwise be ignored)."""
+    known = {f.name for f in msgspec.structs.fields(ModelSpec)}
+    bad = [key for key in data if key not in known]
+    for key, kind in _NESTED.items():
+        nested = data.get(key)
+        if isinstance(nested, dict):
+            inner = {f.name for f in msgspec.structs.fields(kind)}
+            bad += [f"{key}.{k}" for k in nested if k not in inner]
+    return bad
+
+
+def load_spec(path: Path) -> ModelSpec:
+    """Read and validate a model spec file; a CliError with exit code 2 says what is wrong."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CliError(f"cannot read {path}: {err.strerror or err}", exit_code=2) from None
+    try:
+        data = msgspec.yaml.decode(raw)
+    except msgspec.DecodeError as err:
+        raise CliError(f"{path}: not valid YAML ({str(err).splitlines()[0]})", exit_code=2) from None
+    if not isinstance(data, dict):
+        raise CliError(f"{path}: a model spec must be a mapping of fields (name, source, ...)", exit_code=2)
+    unknown = _unknown_fields(data)
+    if unknown:
+        raise CliError(f"{path}: unknown field(s) {', '.join(unknown)}", exit_code=2)
+    try:
+        spec = msgspec.convert(data, ModelSpec)
+    except msgspec.ValidationError as err:
+        raise CliError(f"{path}: {err}", exit_code=2) from None
+    # The same check the reconciler applies, so a bad spec is refused here, not dead-lettered later.
+    problem = check_scale(ScaleCommand(model=spec.name, replicas=spec.replicas, spec=spec), known=None)
+    if problem:
+        raise CliError(f"{path}: {problem}", exit_code=2)
+    return spec
+
+
+# -- publishing -------------------------------------------------------------------------------------
+
+
+async def publish(nc: NatsClient, subject: str, message: Message, msg_id: str) -> int:
+    """Publish a command on JetStream with a dedupe id; its stream sequence number."""
+    js = nc.jetstream()
+    try:
+        ack = await js.publish(subject, encode(message), timeout=5, headers={"Nats-Msg-Id": msg_id})
+    except nats.errors.NoRespondersError:
+        raise CliError(
+            "no stream accepts Gantry commands yet: the services create it when they start "
+            "(is the stack running? `gantry up`)"
+        ) from None
+    except (nats.errors.TimeoutError, nats.js.errors.Error) as err:
+        raise CliError(f"the command was not accepted: {err}") from None
+    return int(ack.seq)
+
+
+def scale_command(model: str, replicas: int, spec: ModelSpec | None = None) -> ScaleCommand:
+    """A scale command with a fresh dedupe id."""
+    return ScaleCommand(model=model, replicas=replicas, spec=spec, request_id=f"cli-{uuid.uuid4().hex}")
+
+
+async def send_scale(nc: NatsClient, command: ScaleCommand) -> int:
+    """Publish a scale command (dedupe id = its request id)."""
+    return await publish(nc, subjects.SCALE, command, command.request_id)
+
+
+async def send_cordon(nc: NatsClient, command: CordonCommand) -> int:
+    """Publish a cordon command."""
+    return await publish(nc, subjects.CORDON, command, f"cli-{uuid.uuid4().hex}")
+
+
+async def deploy_files(settings: Settings, files: Iterable[Path]) -> list[ModelSpec]:
+    """Validate every file first, then publish one scale command per model (with its spec)."""
+    specs = [load_spec(path) for path in files]
+    nc = await connect_nats(settings)
+    try:
+        for spec in specs:
+            await send_scale(nc, scale_command(spec.name, spec.replicas, spec))
+    finally:
+        await nc.close()
+    return specs
+
+
+def parse_target(target: str) -> tuple[str, int | None]:
+    """``worker`` or ``worker:gpu-index`` -> (worker, index or None); exit 2 when malformed."""
+    worker, sep, index = target.rpartition(":")
+    if not sep:
+        return target, None
+    if not worker or not index.isdigit():
+        raise CliError(f"expected WORKER or WORKER:GPU-INDEX, got {target!r}", exit_code=2)
+    return worker, int(index)
+
+
+async def require_worker(redis: aioredis.Redis, name: str, gpu_index: int | None) -> None:
+    """A CliError when the worker (or that GPU of it) has never registered."""
+    workers = {w.name: w for w in await StateStore(redis).workers()}
+    worker = workers.get(name)
+    if worker is None:
+        known = ", ".join(sorted(workers)[:8]) + (" ..." if len(workers) > 8 else "")
+        raise CliError(f"unknown worker {name!r} (known: {known or 'none registered'})")
+    if gpu_index is not None and gpu_index not in {g.index for g in worker.gpus}:
+        raise CliError(f"worker {name!r} has no GPU {gpu_index} (it has {len(worker.gpus)})")
+
+
+async def with_both(
+    settings: Settings, fn: Callable[[NatsClient, aioredis.Redis], Awaitable[object]]
+) -> object:
+    """Run ``fn`` with a NATS and a Redis connection, closing both afterwards."""
+    from ops.cli.common import connect_redis
+
+    redis = await connect_redis(settings)
+    try:
+        nc = await connect_nats(settings)
+        try:
+            return await fn(nc, redis)
+        finally:
+            await nc.close()
+    finally:
+        await redis.aclose()
+
+
+def desired_of(snapshot: ClusterSnapshot, model: str) -> int:
+    """Desired replicas of ``model`` in a snapshot (0 when unknown)."""
+    return next((m.desired for m in snapshot.models if m.name == model), 0)
+
+
+def running_of(snapshot: ClusterSnapshot, models: Sequence[str]) -> dict[str, int]:
+    """RUNNING instance count per model."""
+    counts = dict.fromkeys(models, 0)
+    for inst in snapshot.instances:
+        if inst.model in counts and inst.state.value == "RUNNING":
+            counts[inst.model] += 1
+    return counts

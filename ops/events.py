@@ -1,0 +1,87 @@
+"""Decoding and one-line rendering of the events Gantry publishes (``gantry events``)."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+from shared.bus import subjects
+from shared.bus.messages import (
+    CordonEvent,
+    DecisionEvent,
+    InstanceEvent,
+    MessageError,
+    ModelEvent,
+    UnschedulableEvent,
+    decode,
+)
+
+EventMessage = DecisionEvent | UnschedulableEvent | InstanceEvent | CordonEvent | ModelEvent
+
+EVENT_TYPES: dict[str, type[EventMessage]] = {
+    subjects.EVENT_DECISION: DecisionEvent,
+    subjects.EVENT_UNSCHEDULABLE: UnschedulableEvent,
+    subjects.EVENT_INSTANCE: InstanceEvent,
+    subjects.EVENT_CORDON: CordonEvent,
+    subjects.EVENT_MODEL: ModelEvent,
+}
+
+
+def decode_event(subject: str, data: bytes) -> EventMessage | None:
+    """The typed event on ``subject``, or None for a subject or payload this CLI does not know."""
+    kind = EVENT_TYPES.get(subject)
+    if kind is None:
+        return None
+    try:
+        return decode(data, kind)
+    except MessageError:
+        return None
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(ts)) if ts else "--:--:--"
+
+
+def _gpus(indexes: tuple[int, ...]) -> str:
+    return ",".join(str(i) for i in indexes) or "-"
+
+
+def event_model(event: EventMessage) -> str:
+    """The model an event is about ('' for cordon events)."""
+    if isinstance(event, InstanceEvent):
+        return event.instance.model
+    if isinstance(event, CordonEvent):
+        return ""
+    return event.model
+
+
+def format_event(event: EventMessage, received_at: float) -> str:
+    """One human line per event; ``received_at`` stands in for events that carry no time."""
+    if isinstance(event, DecisionEvent):
+        parts = ", ".join(f"{k} {v:g}" for k, v in sorted(event.breakdown.items()))
+        return (
+            f"{_clock(event.at)} placed        {event.model} {event.instance_id} -> {event.worker} "
+            f"GPU {_gpus(event.gpu_indexes)}  score {event.score:g} ({parts})  "
+            f"{event.latency_ms:.1f} ms, attempt {event.attempt}"
+        )
+    if isinstance(event, UnschedulableEvent):
+        return f"{_clock(event.at)} unschedulable {event.model} {event.instance_id}: {event.message}"
+    if isinstance(event, InstanceEvent):
+        inst = event.instance
+        at = _clock(event.at or received_at)
+        if event.removed:
+            return f"{at} removed       {inst.model} {inst.id}"
+        where = f" on {inst.worker} GPU {_gpus(inst.gpu_indexes)}" if inst.worker else ""
+        why = f" ({inst.reason})" if inst.reason and inst.state.value == "PENDING" else ""
+        return f"{at} instance      {inst.model} {inst.id} {inst.state.value}{where}{why}"
+    if isinstance(event, CordonEvent):
+        target = event.worker if event.gpu_index is None else f"{event.worker}:{event.gpu_index}"
+        verb = "cordoned" if event.cordoned else "uncordoned"
+        return f"{_clock(received_at)} {verb:<13} {target}"
+    return f"{_clock(received_at)} model         {event.model} replicas={event.replicas}"
+
+
+def event_json(subject: str, event: EventMessage, received_at: float) -> bytes:
+    """One NDJSON line: the subject, the receive time and the event's own fields."""
+    return msgspec.json.encode({"subject": subject, "received_at": received_at, "event": event})

@@ -1,0 +1,146 @@
+"""docker-compose.yml runs what `gantry up` runs, configured like shared/settings.py says.
+
+No Docker engine runs on our machines, so the file is validated structurally: its services exist,
+their commands are the service commands and name importable modules, and every environment variable,
+port and password agrees with the settings module and with the server commands.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from ops.stack import PLACEMENT_SERVICES, WORKERS_SERVICE, LocalStack, WorkerFleet, worker_argv
+from services import SERVICE_COMMANDS, WORKERS_COMMAND
+from shared.paths import REPO_ROOT
+from shared.settings import Settings
+
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+GANTRY_SERVICES = (*PLACEMENT_SERVICES, WORKERS_SERVICE)
+PATH_VARIABLES = {"GANTRY_DATA_DIR", "GANTRY_HOME"}  # read by shared/paths.py, not by Settings
+INTERPOLATION = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` the way compose does (``$$`` is a literal ``$``)."""
+    env = env or {}
+    return INTERPOLATION.sub(lambda m: env.get(m.group(1), m.group(2) or ""), value).replace("$$", "$")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def env_of(compose: dict[str, Any], service: str) -> dict[str, str]:
+    return {k: interpolate(str(v)) for k, v in compose["services"][service]["environment"].items()}
+
+
+def test_compose_declares_servers_placement_services_and_workers(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"nats", "redis", *GANTRY_SERVICES}
+
+
+@pytest.mark.parametrize("service", PLACEMENT_SERVICES)
+def test_placement_service_command_is_the_one_gantry_up_runs(compose: dict[str, Any], service: str) -> None:
+    assert compose["services"][service]["command"] == list(SERVICE_COMMANDS[service])
+
+
+def test_workers_command_is_the_one_gantry_up_runs_for_the_same_fleet(compose: dict[str, Any]) -> None:
+    command = compose["services"][WORKERS_SERVICE]["command"]
+    fleet = WorkerFleet(
+        count=int(command[command.index("--count") + 1]),
+        gpus=int(command[command.index("--gpus") + 1]),
+        gpu_type=command[command.index("--gpu-product") + 1],
+    )
+    expected = worker_argv(fleet, WORKERS_COMMAND)
+    assert command == ["python", *expected[1:]]
+
+
+@pytest.mark.parametrize("service", GANTRY_SERVICES)
+def test_service_command_runs_an_importable_module(compose: dict[str, Any], service: str) -> None:
+    command = compose["services"][service]["command"]
+    assert command[:2] == ["python", "-m"]
+    spec = importlib.util.find_spec(command[2])
+    assert spec is not None, f"{command[2]} is not importable"
+    if spec.submodule_search_locations:  # a package runs through its __main__
+        assert importlib.util.find_spec(f"{command[2]}.__main__") is not None
+
+
+@pytest.mark.parametrize("service", GANTRY_SERVICES)
+def test_every_environment_variable_is_a_setting(compose: dict[str, Any], service: str) -> None:
+    fields = {f"GANTRY_{name.upper()}" for name in Settings.model_fields}
+    unknown = set(env_of(compose, service)) - fields - PATH_VARIABLES
+    assert not unknown, f"{service} sets variables Settings does not read: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("service", GANTRY_SERVICES)
+def test_environment_validates_as_settings(compose: dict[str, Any], service: str, monkeypatch) -> None:
+    for key, value in env_of(compose, service).items():
+        monkeypatch.setenv(key, value)
+    Settings()
+
+
+def test_services_get_the_same_variables_as_gantry_up_children(compose: dict[str, Any]) -> None:
+    stack_vars = {k for k in LocalStack(Settings(), home=Path("unused")).child_env() if k.startswith("GANTRY_")}
+    for service in GANTRY_SERVICES:
+        assert set(env_of(compose, service)) - PATH_VARIABLES == stack_vars - PATH_VARIABLES
+
+
+def test_nats_url_points_at_the_nats_service_port(compose: dict[str, Any]) -> None:
+    url = urlsplit(env_of(compose, "filter")["GANTRY_NATS_URL"])
+    command = compose["services"]["nats"]["command"]
+    assert url.hostname == "nats"
+    assert str(url.port) == command[command.index("-p") + 1]
+    assert f"{url.port}:{url.port}" in compose["services"]["nats"]["ports"]
+
+
+def test_nats_uses_the_repo_config_with_jetstream(compose: dict[str, Any]) -> None:
+    nats = compose["services"]["nats"]
+    command = nats["command"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"]}
+    config = mounted[command[command.index("-c") + 1]]
+    assert (REPO_ROOT / config).resolve() == (REPO_ROOT / "ops/config/nats.conf").resolve()
+    assert "jetstream" in (REPO_ROOT / config).read_text()
+    assert "-sd" in command
+
+
+def test_redis_url_carries_the_password_redis_requires(compose: dict[str, Any]) -> None:
+    url = urlsplit(env_of(compose, "reconciler")["GANTRY_REDIS_URL"])
+    command = [interpolate(str(part)) for part in compose["services"]["redis"]["command"]]
+    assert url.hostname == "redis"
+    assert str(url.port) == command[command.index("--port") + 1]
+    assert url.password and url.password == command[command.index("--requirepass") + 1]
+
+
+def test_redis_persists_with_append_only_file(compose: dict[str, Any]) -> None:
+    command = [str(part) for part in compose["services"]["redis"]["command"]]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in compose["services"]["redis"]["volumes"])
+
+
+@pytest.mark.parametrize("service", ["nats", "redis", *GANTRY_SERVICES])
+def test_every_service_has_a_health_check(compose: dict[str, Any], service: str) -> None:
+    test = compose["services"][service]["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL")
+    if test[:4] == ["CMD", "python", "-m", "ops.healthcheck"]:
+        assert test[4] == service
+
+
+@pytest.mark.parametrize("service", GANTRY_SERVICES)
+def test_gantry_services_wait_for_healthy_servers(compose: dict[str, Any], service: str) -> None:
+    depends = compose["services"][service]["depends_on"]
+    assert depends == {
+        "nats": {"condition": "service_healthy"},
+        "redis": {"condition": "service_healthy"},
+    }
+
+
+def test_image_build_file_exists(compose: dict[str, Any]) -> None:
+    build = compose["services"]["filter"]["build"]
+    assert (REPO_ROOT / build["context"] / build["dockerfile"]).is_file()
