@@ -24,14 +24,22 @@ from shared.core.engine import Engine, RooflineStepTime, SchedulerConfig
 from shared.core.engine.step_time import RooflineParams
 
 
+def set_nodelay(transport: asyncio.BaseTransport) -> bool:
+    """Disable Nagle's algorithm on a transport's TCP socket; False if it has none (e.g. a Unix socket)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return True
+    return False
+
+
 class NoDelayH11Protocol(H11Protocol):
     """HTTP/1.1 protocol that disables Nagle on every connection, so streamed tokens leave at once."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
         super().connection_made(transport)
 
 

@@ -1,0 +1,109 @@
+"""Pieces of the emulated model server that need no HTTP: runner, text model, metrics text, sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from services.engine_server.prometheus import RequestHistograms, render_metrics
+from services.engine_server.runner import EngineRunner, StreamItem
+from services.engine_server.server import set_nodelay
+from services.engine_server.textgen import TextModel
+from shared.core.engine import CalibratedStepTime, Engine, FinishReason, Request, SchedulerConfig
+
+MODEL = CalibratedStepTime(base_s=0.01, per_token_s=1e-5)
+
+
+def _engine() -> Engine:
+    return Engine(SchedulerConfig(num_gpu_blocks=100), MODEL, fast_forward=False)
+
+
+async def _drain(q: asyncio.Queue[StreamItem]) -> tuple[list[int], str | None]:
+    toks: list[int] = []
+    while True:
+        item = await q.get()
+        toks += item.token_ids
+        if item.finish_reason is not None:
+            return toks, item.finish_reason
+
+
+async def test_runner_streams_one_token_per_step_and_records_latencies() -> None:
+    runner = EngineRunner(_engine(), speedup=50.0)
+    runner.start()
+    streams = [runner.submit(Request(f"r{i}", [i] * 30, max_tokens=5 + i, ignore_eos=True)) for i in range(3)]
+    results = await asyncio.wait_for(asyncio.gather(*(_drain(s.queue) for s in streams)), 5)
+    await runner.stop()
+    assert [len(t) for t, _ in results] == [5, 6, 7]
+    assert {r for _, r in results} == {"length"}
+    assert runner.hists.ttft.total == 3 and runner.hists.e2e.total == 3
+    assert runner.hists.itl.total == 4 + 5 + 6
+    assert runner.engine.scheduler.kv.num_free == 99
+
+
+async def test_runner_sleeps_step_time_over_speedup() -> None:
+    runner = EngineRunner(_engine(), speedup=2.0)
+    runner.start()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    st = runner.submit(Request("r", [1] * 10, max_tokens=10, ignore_eos=True))
+    await asyncio.wait_for(_drain(st.queue), 5)
+    await runner.stop()
+    assert loop.time() - t0 >= 10 * 0.01 / 2 * 0.9
+
+
+async def test_an_aborted_request_ends_with_abort_and_frees_its_blocks() -> None:
+    runner = EngineRunner(_engine(), speedup=1.0)
+    runner.start()
+    st = runner.submit(Request("r", [1] * 40, max_tokens=1000, ignore_eos=True))
+    await st.queue.get()
+    runner.abort(st.req)
+    _, reason = await asyncio.wait_for(_drain(st.queue), 5)
+    await runner.stop()
+    assert reason == "abort" and st.req.finish_reason is FinishReason.ABORT
+    assert runner.engine.scheduler.kv.num_free == 99 and not runner.engine.has_work()
+
+
+def test_sampled_text_re_tokenizes_to_the_same_token_count() -> None:
+    tm = TextModel(mean_output_len=64)
+    toks = tm.sample("seed-1", 200, ignore_eos=True)
+    assert len(toks) == 200 and tm.eos_token_id not in toks
+    assert tm.encode(tm.detokenize(toks)) == toks
+
+
+def test_without_ignore_eos_the_model_ends_with_eos_at_a_seeded_length() -> None:
+    tm = TextModel(mean_output_len=8)
+    a, b = tm.sample("x", 1000, ignore_eos=False), tm.sample("x", 1000, ignore_eos=False)
+    assert a == b and a[-1] == tm.eos_token_id and len(a) <= 15
+
+
+def test_metrics_text_uses_vllm_names_and_cumulative_buckets() -> None:
+    h = RequestHistograms()
+    h.ttft.observe(0.03)
+    h.ttft.observe(3.0)
+    text = render_metrics(model_name="m", running=2, waiting=5, kv_usage=0.25, block_size=16, num_gpu_blocks=100,
+                          counters={"prefix_queries": 10, "prefix_hits": 4, "preemptions": 1, "prompt_tokens": 7,
+                                    "generation_tokens": 9},
+                          finished_by_reason={"length": 3}, hists=h)
+    assert 'vllm:num_requests_running{model_name="m"} 2' in text
+    assert 'vllm:num_requests_waiting{model_name="m"} 5' in text
+    assert 'vllm:kv_cache_usage_perc{model_name="m"} 0.25' in text
+    assert 'vllm:prefix_cache_hits_total{model_name="m"} 4' in text
+    assert 'vllm:request_success_total{model_name="m",finished_reason="length"} 3' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{model_name="m",le="0.04"} 1' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{model_name="m",le="+Inf"} 2' in text
+    assert 'num_gpu_blocks="100"' in text
+
+
+async def test_streaming_connections_disable_nagle() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+    try:
+        assert set_nodelay(writer.transport) is True
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
