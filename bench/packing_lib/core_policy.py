@@ -65,7 +65,6 @@ class TraceHostFilter(Filter):
         return self.allowed
 
 
-FILTERS.setdefault(TraceHostFilter.name, TraceHostFilter)
 
 
 def trace_workers(nodes: Nodes) -> list[Worker]:
@@ -113,6 +112,8 @@ class CorePolicy:
         if not np.array_equal(rows, np.arange(len(nodes))):
             raise RuntimeError("snapshot rows must follow the node order")
         TraceHostFilter.row_of = {n: i for i, n in enumerate(nodes.names)}
+        # Registered only when a trace replay runs, so the core's registry stays as shipped elsewhere.
+        FILTERS.setdefault(TraceHostFilter.name, TraceHostFilter)
         self.placed = 0
         self.current_model = ""
 

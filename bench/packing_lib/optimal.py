@@ -58,19 +58,24 @@ class Optimum:
 PRODUCTS: tuple[tuple[str, int], ...] = (("L4", 24), ("L40S", 48), ("H100-SXM-80GB", 80))
 
 
-def random_instance(seed: int, max_replicas: int = 30, max_workers: int = 8) -> Instance:
+def random_instance(seed: int, max_replicas: int = 30, max_workers: int = 8, mixed: bool = False) -> Instance:
     """A random instance known to fit: LLM replicas on whole GPUs mixed with small fractional models
     (embeddings, rerankers, small quantized models), like the trace's mix.
 
-    Replicas are generated into a hidden packing on a random subset of the workers (so at least one
-    packing exists and the optimum leaves workers empty), then shuffled into arrival order.
+    ``mixed=False``: one worker type per instance (a node pool); ``mixed=True``: every worker draws its
+    own GPU product and count. Replicas are generated into a hidden packing on a random subset of the
+    workers (so at least one packing exists and the optimum leaves workers empty), then shuffled into
+    arrival order.
     """
     rng = np.random.default_rng(seed)
     n_workers = int(rng.integers(2, max_workers + 1))
     workers = []
+    pool = PRODUCTS[int(rng.integers(len(PRODUCTS)))], int(rng.choice([1, 2, 4]))
     for w in range(n_workers):
-        product, gib = PRODUCTS[int(rng.integers(len(PRODUCTS)))]
-        gpus = int(rng.choice([1, 2, 4]))
+        (product, gib), gpus = pool
+        if mixed:
+            product, gib = PRODUCTS[int(rng.integers(len(PRODUCTS)))]
+            gpus = int(rng.choice([1, 2, 4]))
         workers.append(SmallWorker(name=f"w{w}", vram=(gib * GIB,) * gpus, ram=gpus * 64 * GIB,
                                    product=product))
     hidden = rng.permutation(n_workers)[: int(rng.integers(1, n_workers + 1))]
@@ -167,3 +172,69 @@ def check(instance: Instance, placements: list[Assignment | None]) -> int:
             raise ValueError(f"{rep.model} overcommits RAM of {instance.workers[w].name}")
         used.add(w)
     return len(used)
+
+
+def gantry_place(instance: Instance, strategy: str) -> list[Assignment | None]:
+    """Place the instance's replicas one after another with the placement core's ``place()``."""
+    from shared.core.placement import ClusterSnapshot, Profile, place
+    from shared.core.placement.domain import (
+        Category,
+        Decision,
+        Gpu,
+        ModelSpec,
+        PlacementStrategy,
+        ResourceRequest,
+        Worker,
+    )
+    from shared.core.placement.pipeline import instance_from_decision
+
+    from .core_policy import STRATEGY_SCORERS
+
+    workers = [
+        Worker(name=w.name, ram_total=w.ram,
+               gpus=tuple(Gpu(index=g, product=w.product, vram_total=v) for g, v in enumerate(w.vram)))
+        for w in instance.workers
+    ]
+    snap = ClusterSnapshot.from_parts(workers)
+    profile = Profile(name=strategy, scorers=STRATEGY_SCORERS[strategy],
+                      fit_strategies=("single_gpu", "multi_gpu"))
+    placement = PlacementStrategy.SPREAD if strategy == "spread" else PlacementStrategy.BINPACK
+    index = {w.name: i for i, w in enumerate(instance.workers)}
+    out: list[Assignment | None] = []
+    for n, rep in enumerate(instance.replicas):
+        model = ModelSpec(name=rep.model, categories=(Category.EMBEDDING,), placement_strategy=placement)
+        request = ResourceRequest(vram=rep.vram * rep.gpus, ram=rep.ram, gpu_count=rep.gpus, basis="instance")
+        result = place(snap, model, 0.0, profile, request=request)
+        if not isinstance(result, Decision):
+            out.append(None)
+            continue
+        snap.upsert_instance(instance_from_decision(result, f"i{n}", created_at=float(n)))
+        out.append((index[result.candidate.worker], result.candidate.gpu_indexes))
+    return out
+
+
+@dataclass(frozen=True)
+class OptimalityRow:
+    """One instance: the optimum and each strategy's worker count (None: left a replica unplaced)."""
+
+    seed: int
+    replicas: int
+    workers: int
+    optimum: int
+    proven: bool
+    used: dict[str, int | None]
+
+
+def evaluate(seed: int, strategies: tuple[str, ...], mixed: bool = False) -> OptimalityRow:
+    """Solve one random instance and place it with every strategy."""
+    instance = random_instance(seed, mixed=mixed)
+    best = solve(instance)
+    if best is None:
+        raise RuntimeError(f"instance {seed} has no packing, but it was generated from one")
+    used: dict[str, int | None] = {}
+    for strategy in strategies:
+        placements = gantry_place(instance, strategy)
+        count = check(instance, placements)
+        used[strategy] = count if all(p is not None for p in placements) else None
+    return OptimalityRow(seed=seed, replicas=len(instance.replicas), workers=len(instance.workers),
+                         optimum=best.workers, proven=best.proven, used=used)

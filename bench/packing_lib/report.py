@@ -1,0 +1,229 @@
+"""Plots and the Markdown report of bench/packing.py (regenerated entirely by that one command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .trace import POD_LISTS, VRAM_GIB
+
+COLORS = {"random": "tab:gray", "dot-product": "tab:orange", "best-fit": "tab:blue",
+          "fragmentation": "tab:green", "gantry-binpack": "tab:purple", "gantry-spread": "tab:brown"}
+
+
+def _mean_curve(runs: list[dict[str, Any]], key: str) -> Any:
+    width = min(len(r[key]) for r in runs)
+    return np.mean([r[key][:width] for r in runs], axis=0)
+
+
+def plot_curves(payload: dict[str, Any], path: Path) -> None:
+    """Unallocated GPUs vs arrived workload, one panel per pod list, one line per strategy."""
+    runs = payload["runs"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    for ax, trace in zip(axes.ravel(), POD_LISTS, strict=True):
+        for strategy in COLORS:
+            mine = [r for r in runs if r["trace"] == trace and r["strategy"] == strategy]
+            if not mine:
+                continue
+            y = _mean_curve(mine, "unallocated")
+            ax.plot(np.arange(len(y)), y, label=f"{strategy} ({len(mine)} seeds)", color=COLORS[strategy])
+        ax.set_title(f"{trace}")
+        ax.set_ylabel("unallocated GPUs")
+        ax.set_ylim(0, None)
+        ax.set_xlim(60, 130)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("arrived workload (% of cluster GPU capacity)")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Alibaba GPU trace (6,212 GPUs): unallocated GPUs as workload arrives (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_allocation(payload: dict[str, Any], path: Path) -> None:
+    """Allocated share vs arrived workload on the default pod list."""
+    runs = [r for r in payload["runs"] if r["trace"] == "default"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy in COLORS:
+        mine = [r for r in runs if r["strategy"] == strategy]
+        if mine:
+            y = 100 * _mean_curve(mine, "allocated_share")
+            ax.plot(np.arange(len(y)), y, label=strategy, color=COLORS[strategy])
+    ax.plot([0, 100], [0, 100], ":", color="black", lw=0.8)
+    ax.set_xlabel("arrived workload (% of GPU capacity)")
+    ax.set_ylabel("GPU capacity allocated (%)")
+    ax.set_title("default pod list: allocation ratio")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_optimality(payload: dict[str, Any], path: Path) -> None:
+    """Histogram of extra workers beyond the CP-SAT optimum, per strategy."""
+    rows = payload["optimality_rows"]
+    strategies = list(payload["optimality"]["share_within_one_worker_of_optimal"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = ["0", "1", "2", "3+", "unplaced"]
+    width = 0.8 / len(strategies)
+    for k, s in enumerate(strategies):
+        counts = [0] * len(bins)
+        for r in rows:
+            used = r["used"][s]
+            idx = 4 if used is None else min(used - r["optimum"], 3)
+            counts[max(idx, 0)] += 1
+        ax.bar(np.arange(len(bins)) + k * width, counts, width, label=s)
+    ax.set_xticks(np.arange(len(bins)) + width, bins)
+    ax.set_xlabel("extra workers beyond the optimum")
+    ax.set_ylabel("instances")
+    ax.set_title(f"{len(rows)} small instances (one worker type each) vs CP-SAT")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(payload: dict[str, Any]) -> str:
+    out = ["| pod list | strategy | unallocated @100% | unallocated @130% (mean) | min–max @130% | seeds "
+           "| paper @130% |", "|---|---|---:|---:|---:|---:|---:|"]
+    for line in payload["summary"]:
+        paper = line["paper_at_130"] if line["paper_at_130"] is not None else ""
+        out.append(f"| {line['trace']} | {line['strategy']} | {line['unallocated_gpus_at_100']:.1f} | "
+                   f"{line['unallocated_gpus_at_130']:.1f} | {line['min_at_130']:.0f}–{line['max_at_130']:.0f} | "
+                   f"{len(line['seeds'])} | {paper} |")
+    return "\n".join(out)
+
+
+def _opt_table(summary: dict[str, Any]) -> str:
+    out = ["| strategy | within one worker of optimal | optimal | instances with an unplaced replica | "
+           "mean extra workers (all placed) |", "|---|---:|---:|---:|---:|"]
+    for s, share in summary["share_within_one_worker_of_optimal"].items():
+        out.append(f"| {s} | {100 * share:.1f}% | {100 * summary['share_optimal'][s]:.1f}% | "
+                   f"{summary['instances_with_unplaced_replicas'][s]} | "
+                   f"{summary['mean_extra_workers_when_all_placed'][s]} |")
+    return "\n".join(out)
+
+
+def write(payload: dict[str, Any], out: Path) -> None:
+    """Write the PNGs and packing.md."""
+    plot_curves(payload, out / "packing.png")
+    plot_allocation(payload, out / "packing_allocation.png")
+    plot_optimality(payload, out / "packing_optimality.png")
+    seconds = {}
+    for r in payload["runs"]:
+        seconds.setdefault(r["strategy"], []).append(r["seconds"])
+    timing = ", ".join(f"{s} {np.median(v):.1f} s" for s, v in sorted(seconds.items()))
+    vram = ", ".join(f"{k} {v} GiB" for k, v in VRAM_GIB.items())
+    opt, mixed = payload["optimality"], payload["optimality_mixed"]
+    text = TEMPLATE.format(
+        table=_table(payload), opt_table=_opt_table(opt), mixed_table=_opt_table(mixed),
+        n=opt["instances"], proven=opt["proven_optimal"], n_mixed=mixed["instances"],
+        proven_mixed=mixed["proven_optimal"], elapsed=payload["elapsed_seconds"], timing=timing, vram=vram,
+    )
+    (out / "packing.md").write_text(text)
+
+
+TEMPLATE = """# Packing quality: Alibaba GPU trace and CP-SAT optima
+
+Generated by `.venv/bin/python bench/packing.py` (the whole report: JSON, PNGs and this page; it took
+{elapsed} s on the shared 2-core machine, two worker processes). Raw numbers: `packing.json`.
+
+## What is measured
+
+**Trace.** `../shared/data/alibaba_gpu_v2023` ("openb", the trace of the FGD paper: Weng et al., *Beware of
+Fragmentation: Scheduling GPU-Sharing Workloads with Fragmentation Gradient Descent*, USENIX ATC'23).
+Cluster: all 1,523 nodes of `openb_node_list_all_node.csv` (1,213 GPU nodes with 6,212 GPUs, and 310
+CPU-only nodes), each with its CPU, memory and GPUs. Pod lists: `default`, `gpushare40`, `multigpu20`,
+`gpuspec10`.
+
+**Replay (the paper's methodology, as its simulator's run scripts do it).** For each seed: the pod list
+plus pods drawn from it with replacement until the total GPU demand reaches 130% of the cluster's
+capacity, shuffled (`tune 1.3`, `shuffle-pod`). Pods are submitted one by one, no departures; a pod that
+fits nowhere is skipped and counted as failed. *Arrived workload* = GPU demand of the submitted pods
+(placed or not) over capacity. **Unallocated GPUs** = capacity − GPU demand of the placed pods, in GPUs
+(`gpu_milli × num_gpu / 1000` summed), read the first time arrived workload reaches 100% and 130%; this
+is how the paper's analysis scripts compute the allocation ratio (`used_gpu_milli / total`). It counts
+every idle GPU share, fragmented or not: at 130% arrived, almost all of it is stranded capacity.
+
+**Mapping to Gantry.** A node is a worker: its GPUs (product = trace GPU type; VRAM per type: {vram};
+G1/G2/G3 are undisclosed, the values are placeholders and do not affect the results, because every
+claim is a fraction of the GPU it lands on), RAM = node memory. A pod is a replica: `num_gpu` GPUs on one
+worker, each claiming `gpu_milli/1000` of that GPU's VRAM (whole-GPU pods claim whole GPUs; Gantry's
+utilisation-style claim), RAM = pod memory. A `gpu_spec` is a GPU-type constraint. **CPU and memory are
+respected**, as in the paper's simulator (its Kubernetes resource filter checks CPU and memory; its
+policies score CPU and GPU). CPU-only pods (`num_gpu = 0`) are replayed too: they take CPU and memory.
+
+**Strategies.**
+- `random`, `best-fit`, `dot-product`: the paper's baselines as its simulator scores them (integer node
+  scores 0–100, uniform choice among the top nodes; best fit = least `0.5·cpu_left/max_cpu +
+  0.5·gpu_left/max_gpu`; dot product of free and requested (CPU, GPU), smallest wins); a sharing pod goes
+  to the fullest GPU that fits it.
+- `fragmentation`: the new core scorer `shared/core/placement/scorers/fragmentation.py` (FGD's idea): the
+  candidate with the smallest increase of its node's *expected fragmentation* with respect to the workload
+  distribution, ties by worker name then GPU index (the core's rule). The workload is **learned online**
+  from the pods that arrived so far (sliding window of 4,096 requests, re-learned at 1, 2, 4, ... 512
+  arrivals, then every 1,024; the most frequent shapes covering 95% of requests), not given in advance
+  as in the paper. Each shape is (GPU count, milli-GPU per GPU, CPU and memory, allowed GPU types). The
+  replay calls the plugin's own kernels (`fragmentation_increase`) and caches each node's best candidate
+  per pod shape until that node changes.
+- `gantry-binpack`, `gantry-spread`: every decision is `shared.core.placement.place()` on a
+  `ClusterSnapshot` updated incrementally (one `upsert_instance` per placed pod), with the profile's
+  `placement` scorer (+ `worker_fill` for binpack). Gantry has no CPU dimension, so the trace's CPU
+  (and the multi-type `gpu_spec` constraints) are enforced by a bench-only filter plugin, `trace_host`,
+  added to the profile. A pod drawn twice is two replicas of one model (this matters for spread).
+
+## Results: unallocated GPUs (of 6,212; lower is better)
+
+{table}
+
+![unallocated GPUs vs arrived workload](packing.png)
+
+![allocation ratio, default pod list](packing_allocation.png)
+
+**Against the paper.** The ordering is reproduced on `default`: random leaves the most GPUs unallocated,
+dot product fewer, best fit fewer still, and the fragmentation-aware strategy the fewest. Our baselines
+strand fewer GPUs than the paper's (e.g. best fit ≈ 390 vs 430): the simulator's details we could not
+match exactly (its GPU choice for sharing pods, its other default Kubernetes score plugins, the exact
+inflation sampler) move absolute numbers by tens of GPUs; the gaps between strategies are of the same
+size and sign. Gantry's own `binpack` (spec §6 formula: fullest *GPU* by VRAM and RAM ratio) and `spread`
+ignore CPU, which this trace is often short of, and do not try to keep whole GPUs free for multi-GPU
+pods: both strand more than best fit here. `fragmentation` beats best fit on every pod list.
+
+Median seconds per replay run: {timing}.
+
+## Optimality: small instances against CP-SAT
+
+{n} random instances, each 2–8 workers of one type (a node pool: 1, 2 or 4 GPUs of L4 24 GiB, L40S 48 GiB or
+H100 80 GiB; 64 GiB RAM per GPU) and 5–30 replicas: half fractional models (1 GPU, 5–60% of its VRAM,
+2–16 GiB RAM), half LLM replicas on 1, 2 or 4 whole GPUs (90% of each). Replicas are generated into a hidden
+packing, so every instance is feasible. OR-Tools CP-SAT finds the fewest workers that host all replicas
+(3 s limit per instance; {proven} of {n} proven optimal, the others compared against the proven lower
+bound, which can only make a strategy look worse). Each strategy places the replicas one after another
+with `place()` (online, arrival order), like the reconciler does.
+
+{opt_table}
+
+![extra workers](packing_optimality.png)
+
+Second family, {n_mixed} instances where every worker draws its own type and GPU count ({proven_mixed}
+proven optimal). Spec §6 binpack scores the fullest *GPU*, so a small model lands on a fresh small GPU
+of an empty worker rather than on a half-used large one; that costs workers here:
+
+{mixed_table}
+
+## Rerun
+
+    .venv/bin/python bench/packing.py           # everything (this page, packing.json, PNGs)
+    .venv/bin/python bench/packing.py --quick   # smoke run, writes nothing
+
+Options: `--seeds N` (fast strategies, default 3), `--core-seeds N` (strategies through `place()`,
+default 1: ~30 s per run), `--instances N`, `--mixed-instances N`, `--jobs N`.
+"""
