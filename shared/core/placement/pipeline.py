@@ -100,7 +100,7 @@ def _filter_fast(ctx: PlacementContext) -> tuple[BoolArray, list[FilterReport]]:
     mask = snap.w_present[: snap.rows].copy()
     reports: list[FilterReport] = []
     for fname in ctx.profile.filters:
-        total = int(mask.sum())
+        total = int(np.count_nonzero(mask))
         if total == 0:
             break
         plugin = FILTERS[fname]()
@@ -108,7 +108,7 @@ def _filter_fast(ctx: PlacementContext) -> tuple[BoolArray, list[FilterReport]]:
             reports.append(FilterReport(filter=fname, kept=total, total=total))
             continue
         keep = plugin.keep_mask(ctx)
-        gone = np.flatnonzero(mask & ~keep)
+        gone = np.flatnonzero(mask > keep)
         dropped = []
         for name in sorted(snap.name_of(int(r)) for r in gone):
             worker = snap.worker(name)
@@ -117,7 +117,9 @@ def _filter_fast(ctx: PlacementContext) -> tuple[BoolArray, list[FilterReport]]:
         if fname == GpuSelectorFilter.name:
             dropped += _missing_reasons(ctx)
         mask &= keep
-        reports.append(FilterReport(filter=fname, kept=int(mask.sum()), total=total, dropped=tuple(dropped)))
+        reports.append(
+            FilterReport(filter=fname, kept=int(np.count_nonzero(mask)), total=total, dropped=tuple(dropped))
+        )
     return mask, reports
 
 
@@ -203,13 +205,15 @@ def _set_candidates(ctx: PlacementContext, batch: GpuSetBatch, strategy: str) ->
     snap = ctx.snapshot
     out = [
         Candidate(
-            worker=snap.name_of(int(r)),
-            gpu_indexes=tuple(int(i) for i in idx),
-            vram_claims=tuple(int(c) for c in claims),
+            worker=snap.name_of(r),
+            gpu_indexes=tuple(idx),
+            vram_claims=tuple(claims),
             ram_claim=batch.ram_claim,
             strategy=strategy,
         )
-        for r, idx, claims in zip(batch.rows, batch.indexes, batch.claims, strict=True)
+        for r, idx, claims in zip(
+            batch.rows.tolist(), batch.indexes.tolist(), batch.claims.tolist(), strict=True
+        )
     ]
     return sorted(out, key=_candidate_key)
 
@@ -219,15 +223,17 @@ def _batch_candidates(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch, stra
         return _set_candidates(ctx, batch, strategy)
     snap = ctx.snapshot
     rows, slots = batch.positions()
+    indexes = snap.g_index[rows, slots].tolist()
+    claims = np.broadcast_to(batch.claims, batch.mask.shape)[rows, slots].tolist()
     out = [
         Candidate(
-            worker=snap.name_of(int(r)),
-            gpu_indexes=(int(snap.g_index[r, s]),),
-            vram_claims=(int(batch.claims[r, s]),),
+            worker=snap.name_of(r),
+            gpu_indexes=(i,),
+            vram_claims=(c,),
             ram_claim=batch.ram_claim,
             strategy=strategy,
         )
-        for r, s in zip(rows, slots, strict=True)
+        for r, i, c in zip(rows.tolist(), indexes, claims, strict=True)
     ]
     return sorted(out, key=_candidate_key)
 
@@ -302,7 +308,7 @@ def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, floa
         rows, slots = tied // width, tied % width
         best = int(tied[np.lexsort((snap.g_index[rows, slots], snap.ranks()[rows]))[0]])
     r, s = divmod(best, width)
-    breakdown = {name: float(np.broadcast_to(values, shape)[r, s]) for name, values in parts}
+    breakdown = {name: float(values[r, s if values.shape[1] > 1 else 0]) for name, values in parts}
     return r, s, float(total[r, s]), breakdown
 
 
@@ -329,6 +335,63 @@ def _score_sets(ctx: PlacementContext, batch: GpuSetBatch) -> tuple[int, float, 
     return best, float(total[best]), {name: float(values[best]) for name, values in parts}
 
 
+def _score_candidates_fast(
+    ctx: PlacementContext, candidates: Sequence[Candidate]
+) -> tuple[Candidate, float, dict[str, float]] | None:
+    """Score a candidate list through the column fast path when its shape allows it, else None.
+
+    Allowed: every candidate on one worker of the snapshot, with the same GPU count (at least one), the
+    same RAM claim, no subordinates and no two candidates on the same GPU set.
+    """
+    snap = ctx.snapshot
+    first = candidates[0]
+    width = len(first.gpu_indexes)
+    if width == 0 or any(
+        c.subordinates or len(c.gpu_indexes) != width or c.ram_claim != first.ram_claim for c in candidates
+    ):
+        return None
+    rows: list[int] = []
+    slots: list[list[int]] = []
+    for c in candidates:
+        row = snap.row_of(c.worker)
+        slot_of = snap.slot_map(c.worker)
+        if row is None or slot_of is None or any(i not in slot_of for i in c.gpu_indexes):
+            return None
+        rows.append(row)
+        slots.append([slot_of[i] for i in c.gpu_indexes])
+    if width == 1:
+        mask = np.zeros((snap.rows, snap.g_ok.shape[1]), dtype=np.bool_)
+        claims = np.zeros(mask.shape, dtype=np.int64)
+        r_arr, s_arr = np.array(rows, dtype=np.int64), np.array([s[0] for s in slots], dtype=np.int64)
+        mask[r_arr, s_arr] = True
+        if int(np.count_nonzero(mask)) != len(candidates):
+            return None  # duplicates
+        claims[r_arr, s_arr] = [c.vram_claims[0] for c in candidates]
+        batch = GpuBatch(mask=mask, claims=claims, ram_claim=first.ram_claim, count=len(candidates))
+        scored = _score_batch(ctx, batch)
+        if scored is None:
+            return None
+        r, s, total, breakdown = scored
+        by_position = {(row, ss[0]): c for row, ss, c in zip(rows, slots, candidates, strict=True)}
+        return by_position[(r, s)], total, breakdown
+    if len(set(rows)) != len(rows):
+        return None  # several sets on one worker: the reference path ranks them
+    sets = GpuSetBatch(
+        rows=np.array(rows, dtype=np.int64),
+        slots=np.array(slots, dtype=np.int64),
+        indexes=np.array([c.gpu_indexes for c in candidates], dtype=np.int64),
+        claims=np.array([c.vram_claims for c in candidates], dtype=np.int64),
+        ram_claim=first.ram_claim,
+    )
+    if any(list(c.gpu_indexes) != sorted(c.gpu_indexes) for c in candidates):
+        return None
+    picked = _score_sets(ctx, sets)
+    if picked is None:
+        return None
+    best, total, breakdown = picked
+    return candidates[best], total, breakdown
+
+
 def run_scoring(
     snapshot: ClusterSnapshot,
     model: ModelSpec,
@@ -341,6 +404,17 @@ def run_scoring(
     if not candidates:
         raise ValueError("run_scoring needs at least one candidate")
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
+    fast = _score_candidates_fast(ctx, candidates)
+    if fast is not None:
+        chosen, total, breakdown = fast
+        return Decision(
+            model=model.name,
+            candidate=chosen,
+            score=total,
+            breakdown=breakdown,
+            filters=tuple(filters),
+            candidates_considered=len(candidates),
+        )
     ordered = sorted(candidates, key=_candidate_key)
     best, total, breakdown = _score_reference(ctx, ordered)
     return Decision(

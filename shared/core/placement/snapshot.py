@@ -445,6 +445,10 @@ class ClusterSnapshot:
         """The column row of a worker."""
         return self._row.get(name)
 
+    def slot_map(self, name: str) -> dict[int, int] | None:
+        """GPU index → column slot for one worker."""
+        return self._slot.get(name)
+
     def name_of(self, row: int) -> str:
         """The worker name of a row."""
         return self._names[row]

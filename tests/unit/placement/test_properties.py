@@ -23,7 +23,14 @@ from shared.core.placement.domain import (
     ResourceRequest,
     Worker,
 )
-from shared.core.placement.pipeline import instance_from_decision, place, requirements, run_filters, run_fitting
+from shared.core.placement.pipeline import (
+    instance_from_decision,
+    place,
+    requirements,
+    run_filters,
+    run_fitting,
+    run_scoring,
+)
 from shared.core.placement.snapshot import ClusterSnapshot
 
 NOW = 1000.0
@@ -126,6 +133,14 @@ def test_fast_path_gives_exactly_the_decision_of_the_exhaustive_reference(parts,
         assert fast == reference
         if not isinstance(fast, Decision):
             break
+        # the staged path the bus services run (filters → fitting → scoring) agrees too
+        req = requirements(model)
+        assert isinstance(req, ResourceRequest)
+        survivors = run_filters(snap, model, NOW).survivors
+        for exhaustive in (False, True):
+            candidates = run_fitting(snap, model, req, survivors, exhaustive=exhaustive).candidates
+            staged = run_scoring(snap, model, candidates)
+            assert (staged.candidate, staged.score, staged.breakdown) == (fast.candidate, fast.score, fast.breakdown)
         snap.upsert_instance(instance_from_decision(fast, f"new-{len(snap.instances())}"))
 
 
