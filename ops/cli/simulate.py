@@ -11,7 +11,7 @@ import typer
 
 from ops.cli.errors import CliError
 from shared.catalog import UnknownGpuError, UnknownModelError, load_gpu_spec, load_model_arch
-from shared.core.engine import RooflineStepTime, SchedulerConfig
+from shared.core.engine import CalibratedStepTime, RooflineStepTime, SchedulerConfig
 from shared.core.engine.step_time import RooflineParams
 from shared.core.sim import ROUTERS, ClusterSpec, SimResult, make_router
 from shared.core.sim import simulate as run_sim
@@ -21,7 +21,7 @@ from shared.traces import TRACES, TraceError, load_trace
 def build_cluster(
     model: str, gpu: str, replicas: int, tp: int = 1, router: str = "rr", *, block_size: int = 16,
     max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_mem_util: float = 0.9,
-    prefix_caching: bool = True,
+    prefix_caching: bool = True, calibration: tuple[float, float, float] | None = None,
 ) -> ClusterSpec:
     """A cluster of identical replicas from friendly catalogue names; raises ValueError on bad input."""
     if router not in ROUTERS:
@@ -41,6 +41,12 @@ def build_cluster(
         enable_prefix_caching=prefix_caching,
         max_model_len=min(arch.max_position_embeddings or 1 << 30, blocks * block_size),
     )
+    if calibration is not None:
+        ttft_ms, itl_ms, tok_s = calibration
+        if min(calibration) <= 0:
+            raise ValueError("calibration figures must be > 0")
+        cal = CalibratedStepTime.from_anchors(ttft_ms / 1000, 1024, itl_ms / 1000, tok_s, batch=256, context=1024)
+        return ClusterSpec(replicas, cfg, cal, router=lambda: make_router(router))
     return ClusterSpec(replicas, cfg, step, router=lambda: make_router(router))
 
 
@@ -56,13 +62,19 @@ def simulate(
     max_num_seqs: Annotated[int, typer.Option(help="running-request cap per replica")] = 256,
     max_num_batched_tokens: Annotated[int, typer.Option(help="token budget per step")] = 8192,
     no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching")] = False,
+    calibrated: Annotated[str | None, typer.Option(
+        help="use the calibrated step model instead of the roofline: 'TTFT_MS,ITL_MS,TOK_S' = TTFT of a 1k "
+             "prompt, ITL at batch 1, decode tokens/s at batch 256 (1k context), as measured on real hardware",
+    )] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of latency over time here")] = None,
 ) -> None:
     """Replay a trace on N emulated replicas in virtual time; print TTFT/ITL/e2e, throughput, KV, preemptions."""
     try:
+        cal = _parse_calibration(calibrated) if calibrated else None
         spec = build_cluster(model, gpu, replicas, tp, router, max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=max_num_batched_tokens, prefix_caching=not no_prefix_caching)
+                             max_num_batched_tokens=max_num_batched_tokens, prefix_caching=not no_prefix_caching,
+                             calibration=cal)
         reqs = load_trace(trace, time_scale, limit)
     except (UnknownModelError, UnknownGpuError, TraceError, ValueError) as err:
         raise CliError(str(err), exit_code=2) from None
@@ -74,6 +86,7 @@ def simulate(
     summary = result.summary()
     summary["setup"] = {"trace": trace, "model": model, "gpu": gpu, "replicas": replicas, "tp": tp,
                         "router": router, "time_scale": time_scale,
+                        "step_model": "calibrated" if calibrated else "roofline",
                         "kv_blocks_per_replica": spec.config.num_gpu_blocks - 1}
     summary["wall_s"] = wall
     summary["speedup_vs_real_time"] = float(summary["makespan_s"]) / wall  # type: ignore[arg-type]
@@ -83,6 +96,15 @@ def simulate(
         typer.echo(json.dumps(summary))
     else:
         typer.echo(render(summary))
+
+
+def _parse_calibration(text: str) -> tuple[float, float, float]:
+    parts = text.split(",")
+    try:
+        ttft, itl, toks = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--calibrated wants 'TTFT_MS,ITL_MS,TOK_S' (e.g. 27,7.5,12000), got {text!r}") from None
+    return ttft, itl, toks
 
 
 def render(s: dict[str, object]) -> str:
