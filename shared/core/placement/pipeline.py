@@ -43,6 +43,7 @@ from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
 from shared.core.placement.scorers import SCORERS
 from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, FloatArray
 
+_Scored = tuple[Candidate, float, dict[str, float]]  # chosen candidate, total score, breakdown
 QUANTUM = 1e6  # scores are compared in millionths of a point: float noise never decides a tie
 
 
@@ -293,7 +294,8 @@ def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, floa
         raw = scorer.score_batch(ctx, batch)
         if raw is None:
             return None
-        parts.append((cfg.name, raw * factor(cfg, scorer.max_score)))
+        k = factor(cfg, scorer.max_score)
+        parts.append((cfg.name, raw if k == 1.0 else raw * k))  # x × 1.0 is x: skipping it changes no bit
     shape = batch.mask.shape
     total: FloatArray = np.zeros(shape, dtype=np.float64)
     for _, values in parts:
@@ -335,9 +337,7 @@ def _score_sets(ctx: PlacementContext, batch: GpuSetBatch) -> tuple[int, float, 
     return best, float(total[best]), {name: float(values[best]) for name, values in parts}
 
 
-def _score_candidates_fast(
-    ctx: PlacementContext, candidates: Sequence[Candidate]
-) -> tuple[Candidate, float, dict[str, float]] | None:
+def _score_candidates_fast(ctx: PlacementContext, candidates: Sequence[Candidate]) -> _Scored | None:
     """Score a candidate list through the column fast path when its shape allows it, else None.
 
     Allowed: every candidate on one worker of the snapshot, with the same GPU count (at least one), the
@@ -404,27 +404,12 @@ def run_scoring(
     if not candidates:
         raise ValueError("run_scoring needs at least one candidate")
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
-    fast = _score_candidates_fast(ctx, candidates)
-    if fast is not None:
-        chosen, total, breakdown = fast
-        return Decision(
-            model=model.name,
-            candidate=chosen,
-            score=total,
-            breakdown=breakdown,
-            filters=tuple(filters),
-            candidates_considered=len(candidates),
-        )
-    ordered = sorted(candidates, key=_candidate_key)
-    best, total, breakdown = _score_reference(ctx, ordered)
-    return Decision(
-        model=model.name,
-        candidate=ordered[best],
-        score=total,
-        breakdown=breakdown,
-        filters=tuple(filters),
-        candidates_considered=len(ordered),
-    )
+    scored = _score_candidates_fast(ctx, candidates)
+    if scored is None:
+        ordered = sorted(candidates, key=_candidate_key)
+        best, total, breakdown = _score_reference(ctx, ordered)
+        scored = (ordered[best], total, breakdown)
+    return _decision(model, scored, filters, len(candidates))
 
 
 # ------------------------------------------------------------------------------------------- place
@@ -470,56 +455,57 @@ def place(
             filters=tuple(reports),
             reasons=tuple(fitted.reasons),
         )
+    scored = _pick_fast(ctx, fitted)
+    considered = len(fitted.batch) if fitted.batch is not None else len(fitted.candidates)
+    if scored is None:
+        if fitted.batch is not None:
+            fitted.candidates = _batch_candidates(ctx, fitted.batch, fitted.strategy or "")
+        best, total, breakdown = _score_reference(ctx, fitted.candidates)
+        scored = (fitted.candidates[best], total, breakdown)
+    return _decision(model, scored, reports, considered)
+
+
+def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> _Scored | None:
+    """The best candidate of a fast-path batch, or None when a scorer lacks the fast form."""
+    snap, strategy = ctx.snapshot, fitted.strategy or ""
     if isinstance(fitted.batch, GpuSetBatch):
         sets = _score_sets(ctx, fitted.batch)
-        if sets is not None:
-            best, total, breakdown = sets
-            batch_sets = fitted.batch
-            chosen = Candidate(
-                worker=snapshot.name_of(int(batch_sets.rows[best])),
-                gpu_indexes=tuple(int(i) for i in batch_sets.indexes[best]),
-                vram_claims=tuple(int(c) for c in batch_sets.claims[best]),
-                ram_claim=batch_sets.ram_claim,
-                strategy=fitted.strategy or "",
-            )
-            return Decision(
-                model=model.name,
-                candidate=chosen,
-                score=total,
-                breakdown=breakdown,
-                filters=tuple(reports),
-                candidates_considered=len(batch_sets),
-            )
-        fitted.candidates = _batch_candidates(ctx, fitted.batch, fitted.strategy or "")
-    elif fitted.batch is not None:
-        scored = _score_batch(ctx, fitted.batch)
-        if scored is not None:
-            r, s, total, breakdown = scored
-            batch = fitted.batch
-            chosen = Candidate(
-                worker=snapshot.name_of(r),
-                gpu_indexes=(int(snapshot.g_index[r, s]),),
-                vram_claims=(int(batch.claims[r, s]),),
-                ram_claim=batch.ram_claim,
-                strategy=fitted.strategy or "",
-            )
-            return Decision(
-                model=model.name,
-                candidate=chosen,
-                score=total,
-                breakdown=breakdown,
-                filters=tuple(reports),
-                candidates_considered=len(batch),
-            )
-        fitted.candidates = _batch_candidates(ctx, fitted.batch, fitted.strategy or "")
-    best, total, breakdown = _score_reference(ctx, fitted.candidates)
+        if sets is None:
+            return None
+        best, total, breakdown = sets
+        chosen = Candidate(
+            worker=snap.name_of(int(fitted.batch.rows[best])),
+            gpu_indexes=tuple(fitted.batch.indexes[best].tolist()),
+            vram_claims=tuple(fitted.batch.claims[best].tolist()),
+            ram_claim=fitted.batch.ram_claim,
+            strategy=strategy,
+        )
+        return chosen, total, breakdown
+    if fitted.batch is None:
+        return None
+    single = _score_batch(ctx, fitted.batch)
+    if single is None:
+        return None
+    r, s, total, breakdown = single
+    chosen = Candidate(
+        worker=snap.name_of(r),
+        gpu_indexes=(int(snap.g_index[r, s]),),
+        vram_claims=(int(np.broadcast_to(fitted.batch.claims, fitted.batch.mask.shape)[r, s]),),
+        ram_claim=fitted.batch.ram_claim,
+        strategy=strategy,
+    )
+    return chosen, total, breakdown
+
+
+def _decision(model: ModelSpec, scored: _Scored, filters: Sequence[FilterReport], considered: int) -> Decision:
+    chosen, total, breakdown = scored
     return Decision(
         model=model.name,
-        candidate=fitted.candidates[best],
+        candidate=chosen,
         score=total,
         breakdown=breakdown,
-        filters=tuple(reports),
-        candidates_considered=len(fitted.candidates),
+        filters=tuple(filters),
+        candidates_considered=considered,
     )
 
 

@@ -84,21 +84,21 @@ def validate_profile(profile: Profile) -> Profile:
     return profile
 
 
-def profile_from_json(data: bytes | str) -> Profile:
-    """Decode and validate a JSON profile; raises ValueError on bad input."""
+def _decode(data: bytes | str, fmt: str) -> Profile:
+    decode = msgspec.json.decode if fmt == "JSON" else msgspec.yaml.decode
     try:
-        return validate_profile(msgspec.json.decode(data, type=Profile))
+        return validate_profile(decode(data, type=Profile))
     except msgspec.ValidationError as err:
         raise ValueError(f"invalid profile: {err}") from None
     except msgspec.DecodeError as err:
-        raise ValueError(f"profile is not valid JSON: {err}") from None
+        raise ValueError(f"profile is not valid {fmt}: {err}") from None
+
+
+def profile_from_json(data: bytes | str) -> Profile:
+    """Decode and validate a JSON profile; raises ValueError on bad input."""
+    return _decode(data, "JSON")
 
 
 def profile_from_yaml(data: bytes | str) -> Profile:
     """Decode and validate a YAML profile; raises ValueError on bad input."""
-    try:
-        return validate_profile(msgspec.yaml.decode(data, type=Profile))
-    except msgspec.ValidationError as err:
-        raise ValueError(f"invalid profile: {err}") from None
-    except msgspec.DecodeError as err:
-        raise ValueError(f"profile is not valid YAML: {err}") from None
+    return _decode(data, "YAML")

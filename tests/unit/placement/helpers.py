@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import (
     GIB,
@@ -54,3 +58,24 @@ def ctx(snap: ClusterSnapshot, model: ModelSpec | None = None, req: ResourceRequ
         profile: Profile = DEFAULT_PROFILE, now: float = NOW) -> PlacementContext:
     """A placement context."""
     return PlacementContext(snapshot=snap, model=model or ModelSpec(name="m"), profile=profile, now=now, request=req)
+
+
+def write_gguf(path: Path, layers: int, layer_shape: tuple[int, int], dtype: type = np.float16,
+               other_shape: tuple[int, int] = (100, 64), embed: int = 64, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A real (tiny) GGUF file: a llama header and one tensor per layer plus one non-layer tensor."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(embed)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros(layer_shape, dtype=dtype))
+    writer.add_tensor("token_embd.weight", np.zeros(other_shape, dtype=dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -11,6 +11,7 @@ import pytest
 
 from ops.cli.main import main
 from shared.paths import REPO_ROOT
+from tests.unit.placement.helpers import write_gguf
 
 SCENARIOS = REPO_ROOT / "docs" / "scenarios" / "placement"
 
@@ -111,20 +112,7 @@ def test_missing_scenario_file_exits_2(capsys, tmp_path):
 
 
 def test_a_real_gguf_file_is_sized_from_its_header(capsys, tmp_path: Path):
-    from gguf import GGUFWriter
-
-    writer = GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
-    writer.add_block_count(4)
-    writer.add_context_length(2048)
-    writer.add_embedding_length(64)
-    writer.add_head_count(4)
-    for i in range(4):
-        writer.add_tensor(f"blk.{i}.ffn.weight", np.zeros((256, 256), dtype=np.float32))
-    writer.add_tensor("output.weight", np.zeros((64, 64), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(tmp_path / "tiny.gguf", layers=4, layer_shape=(256, 256), dtype=np.float32, other_shape=(64, 64))
     scenario = {"model": {"name": "tiny", "source": "tiny.gguf", "backend": "llama-cpp"},
                 "workers": [{"name": "w", "gpus": [{"index": 0, "vram_total": "1GiB"}], "ram_total": "4GiB"}]}
     (tmp_path / "s.json").write_text(json.dumps(scenario))

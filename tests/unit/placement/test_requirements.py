@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from shared.catalog import load_model_arch
@@ -19,6 +18,7 @@ from shared.core.placement.requirements import (
     tp_divisible,
     utilization,
 )
+from tests.unit.placement.helpers import write_gguf
 
 LLAMA8 = load_model_arch("llama-3.1-8b")
 LLAMA70 = load_model_arch("llama-3.1-70b")
@@ -132,22 +132,9 @@ def test_gguf_context_size_parameter_overrides_the_spec():
 
 
 def test_gguf_header_of_a_real_file_gives_layer_sizes(tmp_path: Path):
-    from gguf import GGUFReader, GGUFWriter
+    from gguf import GGUFReader
 
-    path = tmp_path / "tiny.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_block_count(2)
-    writer.add_context_length(4096)
-    writer.add_embedding_length(64)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    for i in range(2):
-        writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((64, 64), dtype=np.float16))
-    writer.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(tmp_path / "tiny.gguf", layers=2, layer_shape=(64, 64))
     spec = gguf_spec_from_reader(GGUFReader(path))
     assert spec.total_layers == 2
     assert spec.layer_bytes == 64 * 64 * 2

@@ -89,11 +89,11 @@ def candidate(
     overcommit: str | None = None,
 ) -> Candidate:
     """A candidate with GPU indexes in ascending order (claims kept parallel)."""
-    pairs = sorted(zip((g.index for g in gpus), claims, strict=True))
+    indexes, ordered = _by_index(gpus, claims)
     return Candidate(
         worker=worker,
-        gpu_indexes=tuple(i for i, _ in pairs),
-        vram_claims=tuple(c for _, c in pairs),
+        gpu_indexes=indexes,
+        vram_claims=ordered,
         ram_claim=ram,
         subordinates=subordinates,
         strategy=strategy,
@@ -105,13 +105,13 @@ def candidate(
 
 def subordinate(worker: str, gpus: Sequence[GpuView], claims: Sequence[int], ram: int) -> SubordinateWorker:
     """A subordinate share with GPU indexes in ascending order."""
+    indexes, ordered = _by_index(gpus, claims)
+    return SubordinateWorker(worker=worker, gpu_indexes=indexes, vram_claims=ordered, ram_claim=ram)
+
+
+def _by_index(gpus: Sequence[GpuView], claims: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     pairs = sorted(zip((g.index for g in gpus), claims, strict=True))
-    return SubordinateWorker(
-        worker=worker,
-        gpu_indexes=tuple(i for i, _ in pairs),
-        vram_claims=tuple(c for _, c in pairs),
-        ram_claim=ram,
-    )
+    return tuple(i for i, _ in pairs), tuple(c for _, c in pairs)
 
 
 def ram_short(ctx: PlacementContext, view: WorkerView, need: int) -> bool:
