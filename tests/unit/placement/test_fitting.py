@@ -240,3 +240,13 @@ def test_nothing_fits_gives_the_best_effort_message():
         "needs ≈19.00 GiB VRAM per replica; largest allocatable GPU: 20.00 GiB (w/gpu0, 83%)"
     )
     assert "0 of 2 GPUs have the 90% utilization headroom" in result.message
+
+
+def test_gguf_full_offload_splits_in_proportion_to_allocatable_vram():
+    w = worker("w", [gpu(0, total=24, used=12, product="L4"), gpu(1, total=24, product="L4")])
+    spec = GgufSpec(total_layers=30, layer_bytes=GIB, non_layer_bytes=0, kv_bytes_per_token_per_layer=0)
+    model = ModelSpec(name="g", backend=Backend.LLAMA_CPP, gguf=spec)
+    out = fit("multi_gpu", snapshot(w), request(30, gguf=spec), model)
+    # 12 + 24 GiB free: 30 GiB split 1 : 2
+    assert placements(out) == [("w", (0, 1))]
+    assert out.candidates[0].vram_claims == (10 * GIB, 20 * GIB)

@@ -12,6 +12,7 @@ from shared.core.placement.domain import (
     Backend,
     Category,
     Decision,
+    GgufSpec,
     Gpu,
     GpuSelector,
     Instance,
@@ -74,12 +75,17 @@ def clusters(draw: st.DrawFn) -> tuple[list[Worker], list[Instance], list[ModelF
 @st.composite
 def models(draw: st.DrawFn) -> ModelSpec:
     """Random model specs: vLLM LLMs, embeddings, TP sizes, selectors, strategies."""
-    kind = draw(st.sampled_from(["llm", "llm", "embedding", "tp2", "typed"]))
+    kind = draw(st.sampled_from(["llm", "llm", "embedding", "tp2", "typed", "gguf"]))
     strategy = draw(st.sampled_from(list(PlacementStrategy)))
     weights = draw(st.sampled_from([1, 5, 12, 30, 60])) * GIB
     selector = {"zone": "a"} if draw(st.integers(0, 4)) == 0 else {}
     base = {"name": "m", "source": "m", "weight_bytes": weights, "placement_strategy": strategy,
             "worker_selector": selector, "ram_claim": draw(st.sampled_from([0, 0, 16])) * GIB}
+    if kind == "gguf":
+        layers = GgufSpec(total_layers=draw(st.sampled_from([16, 40])), layer_bytes=draw(st.sampled_from([1, 2])) * GIB,
+                          non_layer_bytes=GIB, kv_bytes_per_token_per_layer=0)
+        return ModelSpec(name="m", source="m.gguf", backend=Backend.LLAMA_CPP, gguf=layers, placement_strategy=strategy,
+                         cpu_offloading=draw(st.booleans()))
     if kind == "embedding":
         return ModelSpec(categories=(Category.EMBEDDING,), **base)
     if kind == "tp2":

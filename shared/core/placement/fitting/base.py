@@ -53,7 +53,8 @@ def full_claims(ctx: PlacementContext, gpus: Sequence[GpuView]) -> tuple[int, ..
     """Claims on ``gpus`` for a full offload of one replica, or None if they cannot hold it.
 
     Utilisation backends claim ``floor(u × total)`` on every GPU, which must still be allocatable, and the
-    claims must cover V. Others split V evenly (tensor-parallel shards) and every GPU must hold its share.
+    claims must cover V. GGUF models split V in proportion to allocatable VRAM (llama.cpp's tensor split);
+    others split it evenly (tensor-parallel shards), and every GPU must hold its share.
     """
     req = ctx.req
     if not gpus:
@@ -63,6 +64,11 @@ def full_claims(ctx: PlacementContext, gpus: Sequence[GpuView]) -> tuple[int, ..
         if any(g.allocatable < c for g, c in zip(gpus, claims, strict=True)) or sum(claims) < req.vram:
             return None
         return claims
+    if req.gguf is not None:  # llama.cpp splits tensors in proportion to free VRAM
+        room = sum(max(g.allocatable, 0) for g in gpus)
+        if room < req.vram or any(g.allocatable <= 0 for g in gpus):
+            return None
+        return tuple(ceil_div(req.vram * g.allocatable, room) for g in gpus)
     share = ceil_div(req.vram, len(gpus))
     if any(g.allocatable < share for g in gpus):
         return None

@@ -99,6 +99,8 @@ def fit_gpu_sets(strategy: MultiGpu, ctx: PlacementContext, survivors: BoolArray
     if selector is not None and selector.labels:
         return None
     snap, req = ctx.snapshot, ctx.req
+    if req.gguf is not None and req.gpu_memory_utilization == 0:
+        return None  # proportional tensor split: the reference path sizes it
     rows = snap.rows
     width = snap.g_ok.shape[1]
     workers_ok = survivors & (snap.w_ram_alloc[:rows] >= req.ram) if req.ram > 0 else survivors
