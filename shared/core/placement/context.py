@@ -56,6 +56,8 @@ class PlacementContext:
         out: list[tuple[str, int]] = []
         for gpu_id in selector.gpu_ids:
             worker, _, index = gpu_id.rpartition(":")
+            if not worker or not index.isdigit():
+                continue  # reported by the gpu_selector filter, never fatal
             key = (worker, int(index))
             if key not in out:
                 out.append(key)

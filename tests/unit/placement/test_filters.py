@@ -92,3 +92,11 @@ def test_fast_and_reference_filter_chains_agree():
     snap = snapshot(worker("ok"), W_EDGE, W_STALE, W_ZONE_A, W_ZONE_B, W_CPU, W_METAL, W_CORDONED)
     model = ModelSpec(name="m", worker_selector={"zone": "a"})
     assert run_filters(snap, model, NOW) == run_filters(snap, model, NOW, exhaustive=True)
+
+
+def test_malformed_gpu_ids_are_reported_not_fatal():
+    model = ModelSpec(name="m", gpu_selector=GpuSelector(gpu_ids=("w:0", "nonsense", "w:x")))
+    result = run_filters(snapshot(worker("w")), model, NOW)
+    report = next(r for r in result.reports if r.filter == "gpu_selector")
+    assert {d.subject for d in report.dropped} == {"nonsense", "w:x"}
+    assert result.survivors == ("w",)

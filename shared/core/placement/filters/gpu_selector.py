@@ -58,7 +58,9 @@ class GpuSelectorFilter(Filter):
     @staticmethod
     def missing(ctx: PlacementContext) -> list[str]:
         """Selected GPU ids whose worker or GPU the cluster does not have."""
-        out = []
+        selector = ctx.model.gpu_selector
+        raw = selector.gpu_ids if selector is not None else ()
+        out = [g for g in raw if not g.rpartition(":")[0] or not g.rpartition(":")[2].isdigit()]
         for name, index in ctx.selected_ids:
             worker = ctx.snapshot.worker(name)
             if worker is None or all(g.index != index for g in worker.gpus):
