@@ -166,12 +166,21 @@ class Engine:
         t = self.now
         acc = sum_c + n
         steps = 0
+        # neighbouring decode steps nearly always land in the same histogram bin: count runs, not steps
+        counts = hist.counts
+        b_idx, b_lo, b_hi = 0, 1.0, 0.0
+        d_sum = 0.0
         while steps < k and t < t_limit:
             d = model(n, n, n, acc, acc)
-            hist.observe(d, n)
+            if not b_lo <= d < b_hi:
+                b_idx, b_lo, b_hi = hist.locate(d)
+            counts[b_idx] += n
+            d_sum += d
             t += d
             acc += n
             steps += 1
+        hist.sum += d_sum * n
+        hist.total += steps * n
         self._apply_decode_run(steps)
         usage1 = kv.usage
         span = t - self.now

@@ -74,6 +74,18 @@ class LogHistogram:
         self.sum += value * count
         self.total += count
 
+    def locate(self, value: float) -> tuple[int, float, float]:
+        """Bin index of ``value`` and the bin's [low, high) edges (for run-length observation)."""
+        if value <= self._lo:
+            return 0, 0.0, self._lo
+        i = int(math.log(value / self._lo) * self._inv_log) + 1
+        if i >= len(self.counts):
+            return len(self.counts) - 1, self._edge(len(self.counts) - 1), math.inf
+        return i, self._edge(i), self._edge(i + 1)
+
+    def _edge(self, i: int) -> float:
+        return self._lo * math.exp((i - 1) / self._inv_log)
+
     def merge(self, other: LogHistogram) -> None:
         """Add another histogram of the same shape."""
         for i, c in enumerate(other.counts):

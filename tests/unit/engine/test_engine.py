@@ -47,3 +47,15 @@ def test_run_until_executes_only_steps_that_start_before_the_limit() -> None:
     eng.run_until(0.05)
     assert eng.now >= 0.05
     assert eng.now - (0.01 + 1e-4) < 0.05
+
+
+def test_log_histogram_locate_agrees_with_observe() -> None:
+    from shared.core.engine.stats import LogHistogram
+
+    h = LogHistogram()
+    for v in (1e-6, 0.0071, 0.0072, 0.5, 3.0, 1e6):
+        i, lo, hi = h.locate(v)
+        before = list(h.counts)
+        h.observe(v)
+        assert [a - b for a, b in zip(h.counts, before, strict=True)].index(1) == i
+        assert lo <= v < hi or (i == 0 and v <= lo + 1e-5)
