@@ -35,6 +35,7 @@ from shared.core.placement.explain import filters_message, unfit_message
 from shared.core.placement.filters import FILTERS
 from shared.core.placement.filters.gpu_selector import GpuSelectorFilter
 from shared.core.placement.fitting import FIT_STRATEGIES, GpuBatch
+from shared.core.placement.fitting.cpu_only import CpuOnly, RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch, MultiGpu
 from shared.core.placement.fitting.single_gpu import SingleGpu
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile, ScorerConfig
@@ -165,7 +166,7 @@ def _candidate_key(c: Candidate) -> tuple[str, tuple[int, ...], tuple[str, ...]]
 @dataclass
 class _Fitted:
     strategy: str | None = None
-    batch: GpuBatch | GpuSetBatch | None = None
+    batch: GpuBatch | GpuSetBatch | RowBatch | None = None
     candidates: list[Candidate] = field(default_factory=list)
     reasons: list[Reason] = field(default_factory=list)
 
@@ -183,13 +184,14 @@ def _fit(ctx: PlacementContext, survivors: BoolArray, exhaustive: bool) -> _Fitt
         if skip:
             fitted.reasons.append(Reason(plugin=sname, subject="", message=f"skipped: {skip}"))
             continue
-        if not exhaustive and isinstance(strategy, SingleGpu | MultiGpu):
+        if not exhaustive and isinstance(strategy, SingleGpu | MultiGpu | CpuOnly):
             batch = strategy.fit_batch(ctx, survivors)
             if batch is not None:
                 if len(batch):
                     fitted.strategy, fitted.batch = sname, batch
                     return fitted
-                fitted.reasons.append(Reason(plugin=sname, subject="", message="no candidates"))
+                note = strategy.batch_note(ctx, survivors) if isinstance(strategy, CpuOnly) else "no candidates"
+                fitted.reasons.append(Reason(plugin=sname, subject="", message=note))
                 continue
         if names is None:
             names = _names(ctx.snapshot, survivors)
@@ -219,9 +221,23 @@ def _set_candidates(ctx: PlacementContext, batch: GpuSetBatch, strategy: str) ->
     return sorted(out, key=_candidate_key)
 
 
-def _batch_candidates(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch, strategy: str) -> list[Candidate]:
+def _row_candidates(ctx: PlacementContext, batch: RowBatch, strategy: str) -> list[Candidate]:
+    layers = batch.total_layers
+    out = [
+        Candidate(worker=ctx.snapshot.name_of(r), gpu_indexes=(), vram_claims=(), ram_claim=batch.ram_claim,
+                  strategy=strategy, total_layers=layers, offload_layers=0 if layers is not None else None)
+        for r in batch.rows.tolist()
+    ]
+    return sorted(out, key=_candidate_key)
+
+
+def _batch_candidates(
+    ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatch, strategy: str
+) -> list[Candidate]:
     if isinstance(batch, GpuSetBatch):
         return _set_candidates(ctx, batch, strategy)
+    if isinstance(batch, RowBatch):
+        return _row_candidates(ctx, batch, strategy)
     snap = ctx.snapshot
     rows, slots = batch.positions()
     indexes = snap.g_index[rows, slots].tolist()
@@ -314,12 +330,15 @@ def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, floa
     return r, s, float(total[r, s]), breakdown
 
 
-def _score_sets(ctx: PlacementContext, batch: GpuSetBatch) -> tuple[int, float, dict[str, float]] | None:
-    """(candidate position, total, breakdown) of the best multi-GPU set, or None without a fast path."""
+def _score_sets(
+    ctx: PlacementContext, batch: GpuSetBatch | RowBatch
+) -> tuple[int, float, dict[str, float]] | None:
+    """(candidate position, total, breakdown) of the best multi-GPU set or CPU-only worker, or None when a
+    scorer has no fast form."""
     parts: list[tuple[str, FloatArray]] = []
     for cfg in ctx.profile.scorers:
         scorer = SCORERS[cfg.name]()
-        raw = scorer.score_sets(ctx, batch)
+        raw = scorer.score_sets(ctx, batch) if isinstance(batch, GpuSetBatch) else scorer.score_rows(ctx, batch)
         if raw is None:
             return None
         parts.append((cfg.name, raw * factor(cfg, scorer.max_score)))
@@ -332,7 +351,8 @@ def _score_sets(ctx: PlacementContext, batch: GpuSetBatch) -> tuple[int, float, 
         best = int(tied[0])
     else:
         ranks = ctx.snapshot.ranks()[batch.rows[tied]]
-        columns = [batch.indexes[tied, k] for k in reversed(range(batch.width))]
+        width = batch.width if isinstance(batch, GpuSetBatch) else 0
+        columns = [batch.indexes[tied, k] for k in reversed(range(width))] if isinstance(batch, GpuSetBatch) else []
         best = int(tied[np.lexsort((*columns, ranks))[0]])
     return best, float(total[best]), {name: float(values[best]) for name, values in parts}
 
@@ -346,10 +366,18 @@ def _score_candidates_fast(ctx: PlacementContext, candidates: Sequence[Candidate
     snap = ctx.snapshot
     first = candidates[0]
     width = len(first.gpu_indexes)
-    if width == 0 or any(
-        c.subordinates or len(c.gpu_indexes) != width or c.ram_claim != first.ram_claim for c in candidates
-    ):
+    if any(c.subordinates or len(c.gpu_indexes) != width or c.ram_claim != first.ram_claim for c in candidates):
         return None
+    if width == 0:
+        cpu_rows = [snap.row_of(c.worker) for c in candidates]
+        if None in cpu_rows or len(set(cpu_rows)) != len(cpu_rows):
+            return None
+        picked_row = _score_sets(ctx, RowBatch(rows=np.array(cpu_rows, dtype=np.int64), ram_claim=first.ram_claim,
+                                                total_layers=first.total_layers))
+        if picked_row is None:
+            return None
+        best_row, total_row, breakdown_row = picked_row
+        return candidates[best_row], total_row, breakdown_row
     rows: list[int] = []
     slots: list[list[int]] = []
     for c in candidates:
@@ -468,6 +496,18 @@ def place(
 def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> _Scored | None:
     """The best candidate of a fast-path batch, or None when a scorer lacks the fast form."""
     snap, strategy = ctx.snapshot, fitted.strategy or ""
+    if isinstance(fitted.batch, RowBatch):
+        rows = _score_sets(ctx, fitted.batch)
+        if rows is None:
+            return None
+        best, total, breakdown = rows
+        layers = fitted.batch.total_layers
+        chosen = Candidate(
+            worker=snap.name_of(int(fitted.batch.rows[best])), gpu_indexes=(), vram_claims=(),
+            ram_claim=fitted.batch.ram_claim, strategy=strategy, total_layers=layers,
+            offload_layers=0 if layers is not None else None,
+        )
+        return chosen, total, breakdown
     if isinstance(fitted.batch, GpuSetBatch):
         sets = _score_sets(ctx, fitted.batch)
         if sets is None:

@@ -203,3 +203,25 @@ def test_manual_selection_never_gives_two_replicas_the_same_gpu(parts, replicas,
         assert all(f"{w}:{g}" in ids for w, g in taken)
         held += taken
         snap.upsert_instance(instance_from_decision(d, f"manual-{r}"))
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from([8, 16, 32, 64]), st.sampled_from([0, 4, 12]), st.integers(0, 2)),
+                min_size=1, max_size=8),
+       st.sampled_from(list(PlacementStrategy)), st.sampled_from([10, 20, 40]))
+def test_cpu_only_fast_path_matches_the_reference(specs, strategy, layers):
+    workers = [Worker(name=f"c{i}", ram_total=ram * GIB, ram_used=used * GIB, last_heartbeat=NOW)
+               for i, (ram, used, _) in enumerate(specs)]
+    instances = [Instance(id=f"x{i}-{k}", model="m" if k == 0 else "x", state=InstanceState.RUNNING,
+                          worker=f"c{i}", ram_claim=2 * GIB)
+                 for i, (_, _, n) in enumerate(specs) for k in range(n)]
+    snap = ClusterSnapshot.from_parts(workers, instances)
+    spec = GgufSpec(total_layers=layers, layer_bytes=GIB // 4, non_layer_bytes=GIB // 2, kv_bytes_per_token_per_layer=0)
+    model = ModelSpec(name="m", backend=Backend.LLAMA_CPP, gguf=spec, cpu_offloading=True, placement_strategy=strategy)
+    for r in range(3):
+        fast, reference = place(snap, model, NOW), place(snap, model, NOW, exhaustive=True)
+        assert fast == reference
+        if not isinstance(fast, Decision):
+            break
+        assert fast.candidate.strategy == "cpu_only"
+        snap.upsert_instance(instance_from_decision(fast, f"cpu-{r}"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.core.placement.fitting.base import FitOutcome, FitStrategy
-from shared.core.placement.fitting.cpu_only import CpuOnly
+from shared.core.placement.fitting.cpu_only import CpuOnly, RowBatch
 from shared.core.placement.fitting.manual import Manual
 from shared.core.placement.fitting.multi_gpu import MultiGpu
 from shared.core.placement.fitting.multi_worker import MultiWorker
@@ -19,4 +19,4 @@ FIT_STRATEGIES: dict[str, type[FitStrategy]] = {
     CpuOnly.name: CpuOnly,
 }
 
-__all__ = ["FIT_STRATEGIES", "FitOutcome", "FitStrategy", "GpuBatch"]
+__all__ = ["FIT_STRATEGIES", "FitOutcome", "FitStrategy", "GpuBatch", "RowBatch"]

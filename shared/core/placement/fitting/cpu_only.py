@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate
 from shared.core.placement.fitting.base import FitOutcome, FitStrategy
 from shared.core.placement.fitting.partial_offload import OFFLOAD_BACKENDS
 from shared.core.placement.requirements import gguf_cpu_ram, gib
-from shared.core.placement.snapshot import WorkerView
+from shared.core.placement.snapshot import BoolArray, IntArray, WorkerView
+
+
+@dataclass
+class RowBatch:
+    """CPU-only candidates as columns: the snapshot rows of the workers, all with the same RAM claim."""
+
+    rows: IntArray
+    ram_claim: int
+    total_layers: int | None
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 class CpuOnly(FitStrategy):
@@ -51,6 +66,22 @@ class CpuOnly(FitStrategy):
             if v.ram_allocatable >= need
         ]
         if not out.candidates:
-            best = max((v.ram_allocatable for v in workers), default=0)
-            out.notes.append(f"CPU only needs {gib(need)} GiB RAM; largest allocatable RAM {gib(best)} GiB")
+            out.notes.append(self._note(need, max((v.ram_allocatable for v in workers), default=0)))
         return out
+
+    @staticmethod
+    def _note(need: int, best: int) -> str:
+        return f"CPU only needs {gib(need)} GiB RAM; largest allocatable RAM {gib(best)} GiB"
+
+    def batch_note(self, ctx: PlacementContext, survivors: BoolArray) -> str:
+        """The reference path's note when no worker has the RAM, from the columns."""
+        ram = ctx.snapshot.w_ram_alloc[: ctx.snapshot.rows][survivors]
+        return self._note(self.ram_needed(ctx), int(ram.max()) if len(ram) else 0)
+
+    def fit_batch(self, ctx: PlacementContext, survivors: BoolArray) -> RowBatch:
+        """Fast path: survivors whose allocatable RAM holds the model."""
+        need = self.ram_needed(ctx)
+        snap = ctx.snapshot
+        rows = np.flatnonzero(survivors & (snap.w_ram_alloc[: snap.rows] >= need)).astype(np.int64)
+        spec = ctx.req.gguf
+        return RowBatch(rows=rows, ram_claim=need, total_layers=spec.total_layers if spec is not None else None)

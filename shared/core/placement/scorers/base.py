@@ -14,6 +14,7 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate
+from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.snapshot import FloatArray, IntArray
@@ -36,6 +37,10 @@ class Scorer(ABC):
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray | None:
         """Fast path: one score per multi-GPU candidate of ``batch``; None when not supported."""
+        return None
+
+    def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray | None:
+        """Fast path: one score per CPU-only candidate (worker row) of ``batch``; None when not supported."""
         return None
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate
+from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer, ratio, ratio_array
@@ -72,4 +73,10 @@ class Binpack(Scorer):
         vram_ratio = ratio_array(batch.claims, snap.g_alloc[batch.rows[:, None], batch.slots])
         per_gpu = (ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0
         result: FloatArray = np.minimum(per_gpu.max(axis=1), MAX)
+        return result
+
+    def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray:
+        """Fast path for CPU-only candidates: ``ram_claim/ram_alloc × 100``."""
+        ram = np.full(len(batch), batch.ram_claim, dtype=np.int64)
+        result: FloatArray = np.minimum(ratio_array(ram, ctx.snapshot.w_ram_alloc[batch.rows]) * 100.0, MAX)
         return result

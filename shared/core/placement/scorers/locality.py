@@ -8,6 +8,7 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate
+from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer
@@ -40,6 +41,12 @@ class Locality(Scorer):
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
         """Fast path for multi-GPU candidates (one worker each)."""
+        ready = ctx.snapshot.ready_file_rows(ctx.source)[batch.rows].astype(np.int64)
+        result: FloatArray = MAX * ready / 1
+        return result
+
+    def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray:
+        """Fast path for CPU-only candidates."""
         ready = ctx.snapshot.ready_file_rows(ctx.source)[batch.rows].astype(np.int64)
         result: FloatArray = MAX * ready / 1
         return result

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate, PlacementStrategy
+from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer
@@ -34,3 +35,7 @@ class Placement(Scorer):
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray | None:
         """Fast path for multi-GPU candidates."""
         return self._pick(ctx).score_sets(ctx, batch)
+
+    def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray | None:
+        """Fast path for CPU-only candidates."""
+        return self._pick(ctx).score_rows(ctx, batch)

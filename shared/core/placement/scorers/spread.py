@@ -13,6 +13,7 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate
+from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer, inv, inv_array
@@ -111,4 +112,14 @@ class Spread(Scorer):
             total = total + factors[:, k]
         g = total / batch.width
         result: FloatArray = 100.0 * (0.85 * w[batch.rows] + 0.15 * g)
+        return result
+
+    def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray:
+        """Fast path for CPU-only candidates: ``100 × W``."""
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float64)
+        in_batch = np.zeros(ctx.snapshot.rows, dtype=np.bool_)
+        in_batch[batch.rows] = True
+        w, _ = self._worker_factors(ctx, in_batch)
+        result: FloatArray = 100.0 * w[batch.rows]
         return result

@@ -13,6 +13,7 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate, PlacementStrategy
+from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer
@@ -66,6 +67,13 @@ class WorkerFill(Scorer):
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
         """Fast path for multi-GPU candidates (one worker each)."""
+        if ctx.model.placement_strategy != PlacementStrategy.BINPACK:
+            return np.zeros(len(batch), dtype=np.float64)
+        result: FloatArray = MAX * (0.0 + self._fill_rows(ctx)[batch.rows]) / 1
+        return result
+
+    def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray:
+        """Fast path for CPU-only candidates."""
         if ctx.model.placement_strategy != PlacementStrategy.BINPACK:
             return np.zeros(len(batch), dtype=np.float64)
         result: FloatArray = MAX * (0.0 + self._fill_rows(ctx)[batch.rows]) / 1
