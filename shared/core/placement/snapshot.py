@@ -117,6 +117,7 @@ class ClusterSnapshot:
         self._type_names: list[tuple[str, str]] = []
         self._rank_dirty = True
         self._claim_cache: dict[float, IntArray] = {}
+        self._count_cache: dict[str, tuple[IntArray, IntArray]] = {}  # per model, updated in place
         self._cap = 0
         self._gmax = 0
         self._alloc_arrays(16, 8)
@@ -175,6 +176,7 @@ class ClusterSnapshot:
         grow2("g_instances", np.int64, 0)
         grow2("g_labelled", np.bool_, False)
         self._cap, self._gmax = cap, gmax
+        self._count_cache.clear()
 
     def _code(self, kind: str, value: str) -> int:
         codes = self._codes[kind]
@@ -197,6 +199,9 @@ class ClusterSnapshot:
         """Add a worker or replace it with its latest heartbeat."""
         self.version += 1
         name = worker.name
+        new_slots = {gpu.index: slot for slot, gpu in enumerate(worker.gpus)}
+        if name not in self._row or self._slot.get(name) != new_slots:
+            self._count_cache.clear()  # rows or slots move: per-model columns are rebuilt on demand
         if name not in self._row:
             if self._free:
                 row = self._free.pop()
@@ -212,7 +217,7 @@ class ClusterSnapshot:
             self._alloc_arrays(self._cap, len(worker.gpus))
         self._workers[name] = worker
         self._claim_cache.clear()  # totals may have changed
-        self._slot[name] = {gpu.index: slot for slot, gpu in enumerate(worker.gpus)}
+        self._slot[name] = new_slots
         self._refresh(name)
 
     def remove_worker(self, name: str) -> None:
@@ -226,6 +231,7 @@ class ClusterSnapshot:
         self._names[row] = ""
         self._free.append(row)
         self._claim_cache.clear()
+        self._count_cache.clear()
         self.w_present[row] = False
         self.g_exists[row, :] = False
         self.g_ok[row, :] = False
@@ -316,12 +322,19 @@ class ClusterSnapshot:
             for index, claim in zip(indexes, claims, strict=False):
                 vram[index] = vram.get(index, 0) + sign * claim
             self._ram_claims[worker] = self._ram_claims.get(worker, 0) + sign * ram
+            cached = self._count_cache.get(instance.model)
+            row = self._row.get(worker)
             if worker not in touched:
                 _bump(model_workers, worker, sign)
                 _bump(self._worker_total, worker, sign)
+                if cached is not None and row is not None:
+                    cached[0][row] += sign
             for index in set(indexes):
                 _bump(model_gpus, (worker, index), sign)
                 _bump(self._gpu_total, (worker, index), sign)
+                slot = self._slot.get(worker, {}).get(index)
+                if cached is not None and row is not None and slot is not None:
+                    cached[1][row, slot] += sign
             touched.add(worker)
         return touched
 
@@ -480,7 +493,15 @@ class ClusterSnapshot:
         return cached
 
     def model_count_columns(self, model: str) -> tuple[IntArray, IntArray]:
-        """Per-row and per-[row, slot] instance counts of ``model`` (fresh arrays)."""
+        """Per-row and per-[row, slot] instance counts of ``model``: read-only, kept up to date in place."""
+        cached = self._count_cache.get(model)
+        if cached is not None and cached[0].shape[0] == len(self._names) and cached[1].shape[1] == self._gmax:
+            return cached
+        built = self._build_counts(model)
+        self._count_cache[model] = built
+        return built
+
+    def _build_counts(self, model: str) -> tuple[IntArray, IntArray]:
         n = len(self._names)
         per_worker = np.zeros(n, dtype=np.int64)
         per_gpu = np.zeros((n, self._gmax), dtype=np.int64)

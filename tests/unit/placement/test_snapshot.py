@@ -104,3 +104,22 @@ def test_model_file_readiness_is_recorded_per_source_and_worker():
     assert snap.model_file_ready("s", "w1") and not snap.model_file_ready("s", "w2")
     snap.remove_model_file("s", "w1")
     assert not snap.model_file_ready("s", "w1")
+
+
+def test_per_model_count_columns_stay_equal_to_a_rebuild_through_events():
+    snap = snapshot(worker("w1", 2), worker("w2", 2))
+    before = snap.model_count_columns("m")  # cached from here on, then updated in place
+    assert before[0].sum() == 0
+    snap.upsert_instance(instance("a", "m", "w1", (0, 1), claim=10))
+    snap.upsert_instance(instance("b", "m", "w2", (1,), claim=10))
+    snap.upsert_instance(instance("b", "m", "w1", (1,), claim=10))  # moved
+    snap.upsert_instance(instance("c", "x", "w2", (0,), claim=10))
+    snap.remove_instance("a")
+    snap.upsert_worker(worker("w2", 2))  # heartbeat: same GPUs, cache kept
+    for cached, rebuilt in zip(snap.model_count_columns("m"), snap._build_counts("m"), strict=True):
+        assert (cached == rebuilt).all()
+    snap.upsert_worker(worker("w3", 4))  # new row and wider GPU columns: rebuilt on demand
+    snap.upsert_instance(instance("d", "m", "w3", (3,), claim=10))
+    per_worker, per_gpu = snap.model_count_columns("m")
+    assert per_worker[snap.row_of("w3")] == 1 and per_gpu[snap.row_of("w3"), 3] == 1
+    assert per_worker[snap.row_of("w1")] == 1 and per_gpu[snap.row_of("w1"), 1] == 1
