@@ -8,6 +8,10 @@ candidate of every node is cached per pod shape and recomputed only for nodes wh
 
 The workload (distribution of replica shapes) is learned online from the pods that arrived so far
 (a sliding window), re-learned on a doubling schedule, then every ``relearn_every`` arrivals.
+
+``FragmentationFit.like_core()`` instead follows the plugin's own rule exactly (learn from the placed
+replicas plus the request, RAM as the only host resource, re-learn at every decision): a unit test holds
+its decisions equal to ``place()`` with the ``fragmentation`` profile.
 """
 
 from __future__ import annotations
@@ -32,8 +36,16 @@ from .cluster import FULL, ClusterState, PodShape
 TIE_DECIMALS = 9  # deltas equal to 1e-9 GPU are ties: never decide by float noise
 
 
-def replica_shape(shape: PodShape) -> ReplicaShape:
-    """The scorer's view of a pod: GPU count, per-GPU milli, (CPU, memory), allowed GPU types."""
+MIB = 1 << 20
+
+
+def replica_shape(shape: PodShape, core_view: bool = False) -> ReplicaShape:
+    """The scorer's view of a pod: GPU count, per-GPU milli, (CPU, memory), allowed GPU types.
+
+    ``core_view``: what the core plugin can see of a placed replica (no CPU, no type constraint).
+    """
+    if core_view:
+        return ReplicaShape(gpus=shape.num_gpu, milli=shape.gpu_milli, host=(shape.mem * MIB,))
     types = tuple(sorted(shape.spec.split("|"))) if shape.spec else ()
     return ReplicaShape(gpus=shape.num_gpu, milli=shape.gpu_milli, host=(shape.cpu, shape.mem),
                         gpu_types=types)
@@ -51,17 +63,26 @@ class FragmentationFit:
 
     name = "fragmentation"
 
-    def __init__(self, window: int = 4096, relearn_every: int = 1024, coverage: float = 0.95) -> None:
+    def __init__(self, window: int = 4096, relearn_every: int = 1024, coverage: float = 0.95,
+                 core_view: bool = False) -> None:
         self.window: deque[ReplicaShape] = deque(maxlen=window)
         self.relearn_every = relearn_every
         self.coverage = coverage
+        self.core_view = core_view
         self.arrivals = 0
         self.work: WorkloadArrays | None = None
         self.access: npt.NDArray[np.bool_] | None = None
         self.cache: dict[PodShape, _Entry] = {}
         self.name_rank: npt.NDArray[np.int64] | None = None
 
+    @classmethod
+    def like_core(cls, window: int = 1024) -> FragmentationFit:
+        """The plugin's exact rule (see the module docstring); slow, for checks on small inputs."""
+        return cls(window=window, relearn_every=1, coverage=1.0, core_view=True)
+
     def _due(self) -> bool:
+        if self.relearn_every == 1:
+            return True
         n = self.arrivals
         if n < self.relearn_every:
             return n & (n - 1) == 0  # 1, 2, 4, 8, ...
@@ -69,13 +90,17 @@ class FragmentationFit:
 
     def observe(self, state: ClusterState, shape: PodShape) -> None:
         """Record an arriving request and re-learn the workload when due."""
-        self.window.append(replica_shape(shape))
+        if not self.core_view:
+            self.window.append(replica_shape(shape))
         self.arrivals += 1
         if self.name_rank is None:
             self.name_rank = np.argsort(np.argsort(np.array(state.nodes.names)))
         if self.work is None or self._due():
-            workload = Workload.learn(self.window, self.coverage)
-            self.work = workload.arrays(host_dims=2)
+            recent = list(self.window)
+            if self.core_view:  # placed replicas, plus the request itself
+                recent.append(replica_shape(shape, core_view=True))
+            workload = Workload.learn(recent, self.coverage)
+            self.work = workload.arrays(host_dims=1 if self.core_view else 2)
             types = [state.nodes.type_names[t] if t >= 0 else "" for t in state.nodes.gpu_type]
             self.access = type_access(types, workload)
             self.cache.clear()
@@ -96,6 +121,8 @@ class FragmentationFit:
         assert self.name_rank is not None
         ties = np.flatnonzero(entry.delta == best)
         node = int(ties[np.argmin(self.name_rank[ties])])
+        if self.core_view:
+            self.window.append(replica_shape(shape, core_view=True))  # it will be placed
         if shape.num_gpu == 0:
             return node, ()
         if shape.shares_gpu:
@@ -129,8 +156,12 @@ class FragmentationFit:
                 take = whole & (np.cumsum(whole, axis=1) <= shape.num_gpu)
                 claim = np.where(take, FULL, 0).astype(np.int64)
         nodes = rows[cand_row]
-        host_free = np.stack([state.cpu_free[nodes], state.mem_free[nodes]], axis=1)
-        claim_host = np.broadcast_to(np.array([shape.cpu, shape.mem], dtype=np.int64), host_free.shape)
+        if self.core_view:
+            host_free = (state.mem_free[nodes] * MIB)[:, None]
+            claim_host = np.full_like(host_free, shape.mem * MIB)
+        else:
+            host_free = np.stack([state.cpu_free[nodes], state.mem_free[nodes]], axis=1)
+            claim_host = np.broadcast_to(np.array([shape.cpu, shape.mem], dtype=np.int64), host_free.shape)
         delta = fragmentation_increase(free[cand_row], host_free, claim, claim_host,
                                        self.access[nodes], self.work)
         delta = np.round(delta, TIE_DECIMALS)
