@@ -118,6 +118,7 @@ class ClusterSnapshot:
         self._rank_dirty = True
         self._claim_cache: dict[float, IntArray] = {}
         self._count_cache: dict[str, tuple[IntArray, IntArray]] = {}  # per model, updated in place
+        self._ready_cache: dict[str, BoolArray] = {}  # per model source
         self._cap = 0
         self._gmax = 0
         self._alloc_arrays(16, 8)
@@ -202,6 +203,7 @@ class ClusterSnapshot:
         new_slots = {gpu.index: slot for slot, gpu in enumerate(worker.gpus)}
         if name not in self._row or self._slot.get(name) != new_slots:
             self._count_cache.clear()  # rows or slots move: per-model columns are rebuilt on demand
+            self._ready_cache.clear()
         if name not in self._row:
             if self._free:
                 row = self._free.pop()
@@ -232,6 +234,7 @@ class ClusterSnapshot:
         self._free.append(row)
         self._claim_cache.clear()
         self._count_cache.clear()
+        self._ready_cache.clear()
         self.w_present[row] = False
         self.g_exists[row, :] = False
         self.g_ok[row, :] = False
@@ -344,11 +347,13 @@ class ClusterSnapshot:
         """Record the readiness of a model source's files on one worker."""
         self.version += 1
         self._files.setdefault(model_file.source, {})[model_file.worker] = model_file
+        self._ready_cache.pop(model_file.source, None)
 
     def remove_model_file(self, source: str, worker: str) -> None:
         """Forget a model source's files on one worker."""
         self.version += 1
         self._files.get(source, {}).pop(worker, None)
+        self._ready_cache.pop(source, None)
 
     def model_file_ready(self, source: str, worker: str) -> bool:
         """Whether ``source``'s files are READY on ``worker``."""
@@ -517,12 +522,16 @@ class ClusterSnapshot:
         return per_worker, per_gpu
 
     def ready_file_rows(self, source: str) -> BoolArray:
-        """Per-row flag: ``source``'s files are READY there."""
+        """Per-row flag: ``source``'s files are READY there (read-only, cached until the records change)."""
+        cached = self._ready_cache.get(source)
+        if cached is not None and cached.shape[0] == len(self._names):
+            return cached
         flags = np.zeros(len(self._names), dtype=np.bool_)
         for name in self.ready_file_workers(source):
             row = self._row.get(name)
             if row is not None:
                 flags[row] = True
+        self._ready_cache[source] = flags
         return flags
 
 

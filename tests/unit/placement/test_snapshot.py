@@ -102,8 +102,14 @@ def test_model_file_readiness_is_recorded_per_source_and_worker():
     snap.set_model_file(ModelFile(source="s", worker="w1", state=ModelFileState.READY))
     snap.set_model_file(ModelFile(source="s", worker="w2", state=ModelFileState.DOWNLOADING, progress=0.5))
     assert snap.model_file_ready("s", "w1") and not snap.model_file_ready("s", "w2")
+    assert snap.ready_file_rows("s").tolist() == [True, False]
+    snap.set_model_file(ModelFile(source="s", worker="w2", state=ModelFileState.READY))
+    assert snap.ready_file_rows("s").tolist() == [True, True]
     snap.remove_model_file("s", "w1")
     assert not snap.model_file_ready("s", "w1")
+    assert snap.ready_file_rows("s").tolist() == [False, True]
+    snap.upsert_worker(worker("w3"))
+    assert snap.ready_file_rows("s").tolist() == [False, True, False]
 
 
 def test_per_model_count_columns_stay_equal_to_a_rebuild_through_events():
