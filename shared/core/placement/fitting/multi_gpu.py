@@ -115,6 +115,9 @@ def fit_gpu_sets(strategy: MultiGpu, ctx: PlacementContext, survivors: BoolArray
     if bool((eligible.any(axis=1) & (lo != hi)).any()):
         return None
     alloc = snap.g_alloc[:rows]
+    index = snap.g_index[:rows]
+    if width > 256 or (rows and int(index.max()) >= 256) or (rows and int(np.abs(alloc).max()) >= 1 << 46):
+        return None  # outside the composite sort key's range
     u = req.gpu_memory_utilization
     if u > 0:
         claim = snap.claim_column(u)
@@ -122,13 +125,16 @@ def fit_gpu_sets(strategy: MultiGpu, ctx: PlacementContext, survivors: BoolArray
     else:
         claim = alloc
         qual = eligible & (alloc > 0)
-    index = snap.g_index[:rows]
-    key = np.where(qual, -alloc * 4096 + index, big)
-    order = np.argsort(key, axis=1, kind="stable")
-    count = qual.sum(axis=1)
-    sorted_alloc = np.take_along_axis(alloc, order, axis=1)
-    csum = np.cumsum(np.where(np.take_along_axis(qual, order, axis=1), np.take_along_axis(claim, order, axis=1), 0),
-                     axis=1)
+    # One sort orders every worker's qualifying GPUs by allocatable VRAM (descending), then GPU index;
+    # the key carries the index and the slot in its low bits.
+    slot_ids = np.arange(width, dtype=np.int64)[None, :]
+    ordered = np.sort(np.where(qual, -alloc * 65536 + index * 256 + slot_ids, big), axis=1)
+    valid = ordered != big
+    sorted_slot = np.where(valid, ordered & 0xFF, 0)
+    sorted_alloc = np.where(valid, -(ordered >> 16), 0)
+    count = valid.sum(axis=1)
+    all_rows = np.arange(rows, dtype=np.int64)[:, None]
+    csum = np.cumsum(np.where(valid, claim[all_rows, sorted_slot], 0), axis=1)
     found = np.zeros(rows, dtype=np.int64)
     for n in strategy.sizes(ctx, width):
         if u > 0:
@@ -138,17 +144,13 @@ def fit_gpu_sets(strategy: MultiGpu, ctx: PlacementContext, survivors: BoolArray
         found = np.where((found == 0) & ok, n, found)
     cand = np.flatnonzero(found > 0)
     if len(cand) == 0:
-        return GpuSetBatch(rows=cand, slots=np.zeros((0, 0), dtype=np.int64), indexes=np.zeros((0, 0), dtype=np.int64),
-                           claims=np.zeros((0, 0), dtype=np.int64), ram_claim=req.ram)
+        empty = np.zeros((0, 0), dtype=np.int64)
+        return GpuSetBatch(rows=cand.astype(np.int64), slots=empty, indexes=empty, claims=empty, ram_claim=req.ram)
     fewest = int(found[cand].min())
     cand = cand[found[cand] == fewest]
-    slots = order[cand, :fewest]
-    idx = np.take_along_axis(index[cand], slots, axis=1)
-    by_index = np.argsort(idx, axis=1, kind="stable")
-    slots = np.take_along_axis(slots, by_index, axis=1)
-    idx = np.take_along_axis(idx, by_index, axis=1)
-    if u > 0:
-        claims = np.take_along_axis(claim[cand], slots, axis=1)
-    else:
-        claims = np.full(slots.shape, ceil_div(req.vram, fewest), dtype=np.int64)
+    chosen = np.sort(ordered[cand, :fewest] & 0xFFFF, axis=1)  # (index, slot) pairs in GPU-index order
+    slots = chosen & 0xFF
+    idx = chosen >> 8
+    even = np.full(slots.shape, ceil_div(req.vram, fewest), dtype=np.int64)
+    claims = claim[cand[:, None], slots] if u > 0 else even
     return GpuSetBatch(rows=cand.astype(np.int64), slots=slots, indexes=idx, claims=claims, ram_claim=req.ram)
