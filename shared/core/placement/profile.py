@@ -57,6 +57,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         default_factory=lambda: dict(DEFAULT_BACKEND_SUPPORT)
     )
     max_worker_combinations: int = 64  # multi-worker candidates kept per GPU group, in name order
+    # backend → vendor → lowest GPU runtime version it runs on (e.g. {"vllm": {"cuda": "12.1"}})
+    min_runtime_version: dict[str, dict[str, str]] = {}
 
 
 DEFAULT_PROFILE = Profile()

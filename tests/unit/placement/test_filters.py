@@ -7,7 +7,7 @@ import pytest
 from shared.core.placement.domain import Backend, GpuSelector, ModelSpec
 from shared.core.placement.filters import FILTERS
 from shared.core.placement.pipeline import run_filters
-from shared.core.placement.profile import DEFAULT_FILTERS
+from shared.core.placement.profile import DEFAULT_FILTERS, Profile
 from tests.unit.placement.helpers import NOW, ctx, gpu, snapshot, worker
 
 W_EDGE = worker("edge", cluster="edge")
@@ -100,3 +100,17 @@ def test_malformed_gpu_ids_are_reported_not_fatal():
     report = next(r for r in result.reports if r.filter == "gpu_selector")
     assert {d.subject for d in report.dropped} == {"nonsense", "w:x"}
     assert result.survivors == ("w",)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "kept"), [("12.4", True), ("12.1", True), ("11.8", False), ("", True), ("12", False)]
+)
+def test_backend_filter_checks_the_minimum_runtime_version_from_the_profile(runtime, kept):
+    profile = Profile(min_runtime_version={"vllm": {"cuda": "12.1"}})
+    w = worker("w", [gpu(0, runtime_version=runtime)])
+    c = ctx(snapshot(w), ModelSpec(name="m"), profile=profile)
+    plugin = FILTERS["backend"]()
+    assert (plugin.check(c, w) is None) is kept
+    assert bool(plugin.keep_mask(c)[0]) is kept
+    if not kept:
+        assert "cuda ≥ 12.1" in plugin.check(c, w)
