@@ -135,6 +135,18 @@ def solve(instance: Instance, time_limit_s: float = 3.0) -> Optimum | None:
     for w in range(len(ws) - 1):
         if ws[w].vram == ws[w + 1].vram and ws[w].ram == ws[w + 1].ram:
             model.add(used[w] >= used[w + 1])  # identical workers: use the earlier one first
+    if all(wk.vram == ws[0].vram and wk.ram == ws[0].ram for wk in ws):
+        # Identical workers: number them by their lowest replica, so replica r sits on a worker <= r.
+        for r in range(len(rs)):
+            for w in range(r + 1, len(ws)):
+                model.add(on[r][w] == 0)
+    # Valid cuts that let CP-SAT prove optimality quickly: the used workers must hold the total VRAM
+    # and RAM, and replicas larger than half of the largest GPU cannot share a GPU with each other.
+    model.add(sum(sum(wk.vram) * used[w] for w, wk in enumerate(ws)) >= sum(r.vram * r.gpus for r in rs))
+    model.add(sum(wk.ram * used[w] for w, wk in enumerate(ws)) >= sum(r.ram for r in rs))
+    largest = max(v for wk in ws for v in wk.vram)
+    model.add(sum(len(wk.vram) * used[w] for w, wk in enumerate(ws))
+              >= sum(r.gpus for r in rs if 2 * r.vram > largest))
     model.minimize(sum(used))
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
