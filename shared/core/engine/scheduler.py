@@ -104,6 +104,7 @@ class Scheduler:
         kvread = 0
 
         # running pass
+        sched_append, nums_append, sampling_append = sched.append, nums.append, sampling.append
         caching = kv.enable_caching
         last_pos = mml - 1  # a request never computes past max_model_len - 1 tokens
         nrun = len(running)
@@ -111,7 +112,8 @@ class Scheduler:
         while i < nrun and budget > 0:
             req = running[i]
             c = req.num_computed_tokens
-            n = req.num_tokens - c
+            nt = req.num_tokens
+            n = nt - c
             if 0 < thr < n:
                 n = thr
             if n > budget:
@@ -139,8 +141,9 @@ class Scheduler:
                         del sched[j], nums[j]
                         budget += nv
                         cv = victim.num_computed_tokens
-                        attn -= nv * (cv - nv) + nv * (nv + 1) // 2
                         kvread -= cv
+                        if nv != 1:
+                            attn -= nv * (cv - nv) + nv * (nv + 1) // 2 - cv
                         if victim in sampling:
                             sampling.remove(victim)
                     self._preempt(victim)
@@ -152,18 +155,17 @@ class Scheduler:
                 kv.allocate(req, need)
             if caching and total >= req.next_full:
                 kv.cache_full_blocks(req, total)
-            sched.append(req)
-            nums.append(n)
+            sched_append(req)
+            nums_append(n)
             budget -= n
-            if n == 1:
-                attn += total
-            else:
-                attn += n * c + n * (n + 1) // 2
+            if n != 1:  # attention work of a chunk beyond what kv_read already counts (c + 1 for decode)
+                attn += n * c + n * (n + 1) // 2 - total
             kvread += total
             req.num_computed_tokens = total
-            if total == req.num_tokens:
-                sampling.append(req)
+            if total == nt:
+                sampling_append(req)
             i += 1
+        attn += kvread
 
         # waiting pass
         if not preempted:

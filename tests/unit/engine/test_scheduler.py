@@ -98,3 +98,15 @@ def test_config_problems_are_listed_not_raised_late() -> None:
     assert len(cfg.problems()) == 3
     with pytest.raises(ValueError, match="block_size"):
         make_scheduler(block_size=0)
+
+
+def test_step_aggregates_count_attention_and_kv_reads_per_chunk() -> None:
+    s = make_scheduler(max_num_batched_tokens=100)
+    a, b = Request("a", [1] * 10, max_tokens=5), Request("b", [2] * 300, max_tokens=5)
+    s.add_request(a)
+    s.add_request(b)
+    out = s.schedule()  # a: q=10 on c=0; b: q=90 on c=0
+    assert (out.attn_work, out.kv_read) == (10 * 11 // 2 + 90 * 91 // 2, 10 + 90)
+    s.update_from_output(out, 0.0)
+    out = s.schedule()  # a decodes (q=1, c=10); b: q=99 on c=90
+    assert (out.attn_work, out.kv_read) == ((10 + 1) + (99 * 90 + 99 * 100 // 2), 11 + 189)
