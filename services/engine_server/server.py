@@ -113,12 +113,45 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
     return app, runner
 
 
+def _uvicorn_config(app: FastAPI, opts: ServerOptions) -> uvicorn.Config:
+    return uvicorn.Config(app, host=opts.host, port=opts.port, http=NoDelayH11Protocol, log_level="warning",
+                          lifespan="on")
+
+
 def serve(opts: ServerOptions) -> None:
     """Run the server until interrupted."""
     app, _ = build(opts)
-    config = uvicorn.Config(app, host=opts.host, port=opts.port, http=NoDelayH11Protocol, log_level="warning",
-                            lifespan="on")
-    uvicorn.Server(config).run()
+    uvicorn.Server(_uvicorn_config(app, opts)).run()
+
+
+class EmbeddedServer:
+    """A server running as a task in the caller's event loop (e.g. one per instance of an emulated worker)."""
+
+    def __init__(self, opts: ServerOptions) -> None:
+        app, self.runner = build(opts)
+        self.url = f"http://{opts.host}:{opts.port}"
+        self._server = uvicorn.Server(_uvicorn_config(app, opts))
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        """Start serving; returns once the socket accepts connections."""
+        self._task = asyncio.create_task(self._server.serve())
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # re-raise why it could not start
+                raise RuntimeError(f"engine server at {self.url} stopped during start-up")
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"engine server at {self.url} did not start within {timeout_s} s")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        """Stop serving (open streams are closed) and wait for the task."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+        self._task = None
 
 
 def parse_args(argv: list[str] | None = None) -> ServerOptions:

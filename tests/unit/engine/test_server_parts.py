@@ -107,3 +107,21 @@ async def test_streaming_connections_disable_nagle() -> None:
         writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_an_embedded_server_answers_and_stops() -> None:
+    import httpx
+
+    from ops.servers import free_port
+    from services.engine_server.server import EmbeddedServer, ServerOptions
+
+    srv = EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=50, speedup=100.0))
+    await srv.start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            assert (await http.get("/health")).status_code == 200
+            r = await http.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True})
+            assert r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        await srv.stop()
+    assert srv.runner.engine.scheduler.counters.finished == 1
