@@ -308,6 +308,7 @@ class LocalStack:
             "pid": os.getpid(),
             "nats_url": self.settings.nats_url,
             "children": {c.name: c.process.pid for c in self.children},
+            "servers": {s.name: s.process.pid for s in (self.nats, self.redis) if s is not None},
         }
         (self.home / STATE_FILE).write_text(json.dumps(state, indent=2))
 

@@ -190,15 +190,23 @@ def workers_grid(snapshot: ClusterSnapshot) -> Table:
     return table
 
 
-def pending_table(snapshot: ClusterSnapshot) -> Table:
-    """Replicas that are not placed, with the latest reason the scheduler gave."""
-    table = Table(title="pending replicas", title_justify="left", expand=False)
-    table.add_column("MODEL", no_wrap=True)
-    table.add_column("INSTANCE", no_wrap=True)
-    table.add_column("REASON")
+def pending_groups(snapshot: ClusterSnapshot) -> list[tuple[str, str, list[str]]]:
+    """(model, reason, instance ids) for PENDING replicas, grouped: many replicas share one reason."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for inst in sorted(snapshot.instances, key=lambda i: (i.model, i.id)):
         if inst.state is InstanceState.PENDING:
-            table.add_row(inst.model, inst.id, inst.reason or "waiting for placement")
+            groups[(inst.model, inst.reason or "waiting for placement")].append(inst.id)
+    return [(model, reason, ids) for (model, reason), ids in sorted(groups.items())]
+
+
+def pending_table(snapshot: ClusterSnapshot) -> Table:
+    """Replicas that are not placed, per model and reason, with the latest reason the scheduler gave."""
+    table = Table(title="pending replicas", title_justify="left", expand=False)
+    table.add_column("MODEL", no_wrap=True)
+    table.add_column("PENDING", justify="right", no_wrap=True)
+    table.add_column("REASON")
+    for model, reason, ids in pending_groups(snapshot):
+        table.add_row(model, str(len(ids)), reason)
     return table
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +29,7 @@ from ops.cluster import (
     wait_for,
 )
 from ops.events import decode_event, event_json, event_model, format_event
-from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, state_counts
+from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, pending_groups, state_counts
 from shared.bus import subjects
 from shared.bus.messages import CordonCommand, UnschedulableEvent
 from shared.bus.streams import STREAM_EVENTS
@@ -328,8 +329,9 @@ def explain(
                    " (the rest are being started or removed)"))
         return
     typer.echo(f"{len(pending)} replica(s) pending:")
-    for inst in pending:
-        typer.echo(f"  {inst.id}: {inst.reason or 'waiting for placement'}")
+    for _, reason, ids in pending_groups(snapshot):
+        shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        typer.echo(f"  {shown}: {reason}")
     if verdict is not None:
         typer.echo(f"latest verdict ({time.strftime('%H:%M:%S', time.gmtime(verdict.at))} UTC): {verdict.message}")
         for report in verdict.filters:
@@ -364,10 +366,15 @@ async def last_unschedulable(nc: NatsClient, model: str, scan: int = EXPLAIN_SCA
     return found
 
 
-async def _replay(js: Any, subject: str, start: int, until: int | None, idle: float = 0.5) -> Any:
+async def _replay(
+    js: Any, subject: str, start: int, until: int | None, idle: float = 0.5,
+    on_ready: Callable[[], None] | None = None,
+) -> Any:
     """(subject, data, stream seq) from ``start``; stops after ``until`` or ``idle`` s of silence."""
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
     sub = await js.subscribe(subject, ordered_consumer=True, config=config, stream=STREAM_EVENTS)
+    if on_ready is not None:
+        on_ready()
     try:
         while True:
             try:
@@ -418,7 +425,13 @@ async def _print_events(nc: NatsClient, follow: bool, last: int, model: str | No
     if not follow and (last == 0 or info.state.messages == 0):
         return
     out = console()
-    async for subject, data, _seq in _replay(js, subjects.EVENTS_ALL, start, until=None if follow else end):
+
+    def following() -> None:
+        if follow:
+            typer.echo("following events; Ctrl-C to stop", err=True)
+
+    replay = _replay(js, subjects.EVENTS_ALL, start, until=None if follow else end, on_ready=following)
+    async for subject, data, _seq in replay:
         event = decode_event(subject, data)
         if event is None or (model is not None and event_model(event) != model):
             continue

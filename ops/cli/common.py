@@ -133,7 +133,7 @@ def print_json(data: Any) -> None:
 
 def console() -> Console:
     """The console tables are printed on (wide enough not to wrap in captured output)."""
-    return Console(highlight=False, soft_wrap=False, width=max(120, Console().width))
+    return Console(highlight=False, soft_wrap=True, width=max(120, Console().width))
 
 
 def _short(err: BaseException) -> str:

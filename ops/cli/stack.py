@@ -18,7 +18,14 @@ from ops.cli.common import NatsUrl as NatsUrlOpt
 from ops.cli.common import RedisUrl, connect_redis, load
 from ops.cli.errors import CliError
 from ops.cluster import deploy_files, read_snapshot, wait_for
-from ops.stack import PLACEMENT_SERVICES, LocalStack, StackError, WorkerFleet, signal_running_stack
+from ops.stack import (
+    PLACEMENT_SERVICES,
+    LocalStack,
+    StackError,
+    WorkerFleet,
+    gpu_vram_gib,
+    signal_running_stack,
+)
 from ops.view import ClusterSnapshot, models_table, state_counts
 from shared.core.placement.domain import InstanceState, WorkerState
 from shared.paths import REPO_ROOT, runtime_dir
@@ -48,6 +55,11 @@ def up(
 ) -> None:
     """Start NATS, Redis, the four placement services and emulated workers; Ctrl-C stops everything."""
     settings = load(nats_url, redis_url)
+    if workers:
+        try:
+            gpu_vram_gib(gpu_type)  # refuse a bad fleet before anything starts
+        except StackError as err:
+            raise CliError(str(err), exit_code=2) from None
     home = runtime_dir()
     if fresh:
         for sub in ("nats", "redis"):

@@ -1,0 +1,70 @@
+"""`gantry up` itself: a clean Ctrl-C shutdown of every process, and a clear refusal of taken ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from ops.servers import free_port
+from tests.integration.cli.conftest import GANTRY, Stack, spawn, stack_env
+
+pytestmark = pytest.mark.integration
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it has exited all the same.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_stops_servers_services_and_workers(tmp_path: Path) -> None:
+    env = stack_env(tmp_path, free_port(), free_port())
+    child = spawn(["up", "--workers", "1", "--gpus", "2"], env, timeout=90)
+    child.expect("stack is up: 1 worker\\(s\\) READY")
+    state = json.loads((tmp_path / "stack.json").read_text())
+    pids = [*state["children"].values(), *state["servers"].values()]
+    assert sorted(state["children"]) == ["filter", "fitting", "reconciler", "scoring", "workers"]
+    assert all(alive(pid) for pid in pids)
+    child.sendintr()
+    child.expect("stopping the stack", timeout=10)
+    child.expect("stopped", timeout=30)
+    child.expect(pexpect.EOF, timeout=10)
+    child.close()
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in pids if alive(pid)] == []
+    assert not (tmp_path / "stack.json").exists()
+    assert (tmp_path / "logs" / "reconciler.log").exists()
+    assert (tmp_path / "redis" / "appendonly.aof").exists() or (tmp_path / "redis" / "appendonlydir").exists()
+
+
+def test_up_refuses_ports_that_are_taken(stack: Stack, tmp_path: Path) -> None:
+    env = {**stack.env, "GANTRY_HOME": str(tmp_path)}
+    proc = subprocess.run([GANTRY, "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    port = stack.env["GANTRY_NATS_URL"].rsplit(":", 1)[1]
+    assert f"error: NATS port {port} is already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_up_rejects_an_unknown_gpu_type(tmp_path: Path) -> None:
+    env = stack_env(tmp_path, free_port(), free_port())
+    proc = subprocess.run(
+        [GANTRY, "up", "--workers", "1", "--gpu-type", "Z9000"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "unknown GPU type 'Z9000'" in proc.stderr
