@@ -76,6 +76,9 @@ def test_random_mixes_respect_budgets_and_leave_the_pool_clean(
         assert 0.0 <= s.kv_usage <= 1.0
         s.update_from_output(out, float(step) + 0.5)
         assert 0.0 <= s.kv_usage <= 1.0
+        assert s.kv.check_consistency() == []
+        for r in s.running:  # a running request holds exactly the blocks its computed tokens need
+            assert len(r.block_ids) == -(-r.num_computed_tokens // cfg.block_size)
         step += 1
     assert all(r.status is RequestStatus.FINISHED for r in reqs), "every request finishes"
     assert all(r.num_output_tokens == r.max_tokens for r in reqs)
