@@ -33,11 +33,11 @@ CONNECT_TIMEOUT_S = 2.0
 
 NatsUrl = Annotated[
     str | None,
-    typer.Option("--nats-url", help="NATS URL [env GANTRY_NATS_URL, default nats://127.0.0.1:4222]"),
+    typer.Option("--nats-url", help="NATS URL (env GANTRY_NATS_URL; default nats://127.0.0.1:4222)"),
 ]
 RedisUrl = Annotated[
     str | None,
-    typer.Option("--redis-url", help="Redis URL [env GANTRY_REDIS_URL, default redis://127.0.0.1:6379/0]"),
+    typer.Option("--redis-url", help="Redis URL (env GANTRY_REDIS_URL; default redis://127.0.0.1:6379/0)"),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of a table")]
 
