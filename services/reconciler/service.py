@@ -378,21 +378,29 @@ class Reconciler(PlacementService):
     # ================================================================ status
 
     async def handle_status(self, batch: Sequence[InstanceStatus]) -> None:
-        """Apply workers' instance reports: state changes, idle drains, deletion confirmations."""
+        """Apply workers' instance reports: state changes, idle drains, deletion confirmations.
+
+        The ledger script checks the reporting worker and only moves states forward, so reports that
+        arrive late or out of order (several consumers) are ignored rather than applied.
+        """
         for st in batch:
-            known = self.feed.instances.get(st.instance_id) or await self.store.instance(st.instance_id)
-            if known is None or known.worker != st.worker:
-                continue
-            if st.deleted:
-                if known.state in (InstanceState.DRAINING, InstanceState.UNREACHABLE):
+            if st.deleted or st.idle:
+                known = await self.store.instance(st.instance_id)
+                if known is None or known.worker != st.worker:
+                    continue
+                if st.deleted and known.state in (InstanceState.DRAINING, InstanceState.UNREACHABLE):
                     await self._delete([known], tell_worker=False)
-            elif st.idle:
-                if known.state is InstanceState.DRAINING:
+                elif st.idle and known.state is InstanceState.DRAINING:
                     await self._delete([known], tell_worker=True)
-            else:
-                prev = await self.store.set_state(st.instance_id, st.worker, st.state)
-                if prev is not None:
-                    await self._publish_instances([msgspec.structs.replace(known, state=st.state)])
+                continue
+            prev = await self.store.set_state(st.instance_id, st.worker, st.state)
+            if prev is None:
+                continue
+            cached = self.feed.instances.get(st.instance_id)
+            record = cached if cached is not None and cached.worker == st.worker else None
+            record = record or await self.store.instance(st.instance_id)
+            if record is not None:
+                await self._publish_instances([msgspec.structs.replace(record, state=st.state)])
 
     async def _delete(self, instances: Sequence[Instance], tell_worker: bool) -> None:
         ids = [i.id for i in instances]

@@ -9,7 +9,6 @@ on command. One wildcard subscription serves every worker, so a thousand workers
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -179,10 +178,14 @@ class Fleet:
     async def _status(self, w: EmulatedWorker, iid: str, state: InstanceState, **kw: object) -> None:
         msg = InstanceStatus(instance_id=iid, worker=w.worker.name, state=state, **kw)  # type: ignore[arg-type]
         tag = "deleted" if msg.deleted else ("idle" if msg.idle else state.value)
-        with contextlib.suppress(Exception):  # NATS briefly away: the next heartbeat shows the truth
-            await self.js.publish(
-                subjects.INSTANCE_STATUS, encode(msg), headers={"Nats-Msg-Id": f"{iid}:{w.worker.name}:{tag}"}
-            )
+        headers = {"Nats-Msg-Id": f"{iid}:{w.worker.name}:{tag}"}
+        for attempt in range(20):  # a status must get through: retry (deduped) while NATS is busy or away
+            try:
+                await self.js.publish(subjects.INSTANCE_STATUS, encode(msg), headers=headers, timeout=2.0)
+                return
+            except Exception:
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        log.warning("worker %s could not report %s of %s", w.worker.name, tag, iid)
 
     async def _assign(self, w: EmulatedWorker, cmd: AssignInstance) -> None:
         if cmd.instance_id in w.instances:

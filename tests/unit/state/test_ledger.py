@@ -105,6 +105,10 @@ async def test_release_to_unreachable_keeps_the_record(store: StateStore) -> Non
         (InstanceState.STARTING, InstanceState.RUNNING, True),
         (InstanceState.DRAINING, InstanceState.RUNNING, False),
         (InstanceState.UNREACHABLE, InstanceState.RUNNING, False),
+        (InstanceState.RUNNING, InstanceState.STARTING, False),
+        (InstanceState.SCHEDULED, InstanceState.RUNNING, True),
+        (InstanceState.RUNNING, InstanceState.ERROR, True),
+        (InstanceState.ERROR, InstanceState.RUNNING, True),
     ],
 )
 async def test_status_reports_follow_allowed_transitions(

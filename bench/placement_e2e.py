@@ -1,0 +1,232 @@
+"""End-to-end placement benchmark: scale events in, instances committed, through the four services.
+
+Starts a real nats-server (JetStream) and redis-server, the filter, fitting, scoring and reconciler
+services (one process each, exactly as ``SERVICE_COMMANDS`` says) and an emulated fleet (default 1,000
+workers × 8 H100-80GB GPUs), all on this machine. It then publishes scale events at a fixed offered rate
+for a fixed time (each event raises one model's replicas by one, so one event = one placement) and
+measures, from the reconciler's DecisionEvents:
+
+- ``placements_per_s``: commits per second over the steady window (from the first commit to the last);
+- ``p50_ms`` / ``p99_ms``: latency from the scale event entering JetStream to the instance being committed
+  in the Redis ledger (the reconciler stamps it from the stream timestamp of the scale command).
+
+Run: ``.venv/bin/python bench/placement_e2e.py [--workers 1000] [--rate 500] [--seconds 10] [--runs 3]``.
+Writes docs/benchmarks/placement_e2e.{json,png}; the last line printed is the JSON summary (medians over
+runs). The machine is shared and has 2 cores: every process (NATS, Redis, four services, the fleet and
+this driver) competes for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import msgspec  # noqa: E402
+import nats  # noqa: E402
+
+from ops.servers import start_nats, start_redis  # noqa: E402
+from services import SERVICE_COMMANDS, WORKERS_COMMAND  # noqa: E402
+from shared.bus import subjects  # noqa: E402
+from shared.bus.messages import DecisionEvent, ScaleCommand, encode  # noqa: E402
+from shared.core.placement.domain import GIB, Category, ModelSpec, PlacementStrategy  # noqa: E402
+from shared.state import StateStore  # noqa: E402
+
+OUT = REPO / "docs" / "benchmarks"
+
+
+def _argv(cmd: list[str]) -> list[str]:
+    return [sys.executable if cmd[0] == "python" else cmd[0], *cmd[1:]]
+
+
+def spec(n: int) -> ModelSpec:
+    """Small embedding models (many fit per GPU, so capacity never runs out during the run)."""
+    return ModelSpec(
+        name=f"bench{n}", source=f"bench/m{n}", weight_bytes=2 * GIB, categories=(Category.EMBEDDING,),
+        placement_strategy=PlacementStrategy.BINPACK,
+    )
+
+
+async def wait_workers(store: StateStore, n: int, timeout: float) -> None:
+    """Until ``n`` workers are registered in Redis."""
+    deadline = time.monotonic() + timeout
+    while len(await store.worker_names()) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {len(await store.worker_names())} of {n} workers registered")
+        await asyncio.sleep(0.5)
+
+
+async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
+    """Start everything, offer ``rate`` placements/s for ``seconds``, measure, tear down."""
+    tmp = Path(tempfile.mkdtemp(prefix="gantry-bench-"))
+    nats_srv = start_nats(tmp / "nats")
+    redis_srv = start_redis(tmp / "redis")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "GANTRY_NATS_URL": nats_srv.url,
+        "GANTRY_REDIS_URL": redis_srv.url,
+        "GANTRY_JS_STORAGE": "memory",
+        "GANTRY_HEARTBEAT_INTERVAL_S": "5",
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = tmp / "logs"
+    logs.mkdir()
+
+    def start(name: str, argv: list[str]) -> None:
+        out = (logs / f"{name}.log").open("ab")
+        procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+
+    store = StateStore.from_url(redis_srv.url)
+    nc = await nats.connect(nats_srv.url)
+    try:
+        fleet_args = ["--count", str(args.workers), "--gpus", "8", "--start-delay", "0.05", "--download-delay", "0"]
+        start("fleet", [*_argv(WORKERS_COMMAND), *fleet_args])
+        for name, cmd in SERVICE_COMMANDS.items():
+            start(name, _argv(cmd))
+        await wait_workers(store, args.workers, 120)
+        await asyncio.sleep(args.warmup)
+
+        latencies: list[float] = []
+        commit_times: list[float] = []
+
+        async def on_decision(msg: object) -> None:
+            ev = msgspec.json.decode(msg.data, type=DecisionEvent)  # type: ignore[attr-defined]
+            latencies.append(ev.latency_ms)
+            commit_times.append(time.monotonic())
+
+        await nc.subscribe(subjects.EVENT_DECISION, cb=on_decision)
+        js = nc.jetstream()
+        # Warm the pipeline (first-message costs: imports, JIT-less caches) outside the measurement.
+        for n in range(args.models):
+            await js.publish(subjects.SCALE, encode(ScaleCommand(model=f"bench{n}", replicas=1, spec=spec(n))),
+                             headers={"Nats-Msg-Id": f"warm-{run}-{n}"})
+        deadline = time.monotonic() + 60
+        while len(latencies) < args.models and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        latencies.clear()
+        commit_times.clear()
+
+        replicas = [1] * args.models
+        total = int(args.rate * args.seconds)
+        t0 = time.monotonic()
+        sent = 0
+        while sent < total:
+            due = int((time.monotonic() - t0) * args.rate) + 1
+            batch = []
+            while sent < min(due, total):
+                n = sent % args.models
+                replicas[n] += 1
+                cmd = ScaleCommand(model=f"bench{n}", replicas=replicas[n])
+                batch.append(js.publish(subjects.SCALE, encode(cmd), headers={"Nats-Msg-Id": f"b{run}-{sent}"}))
+                sent += 1
+            if batch:
+                await asyncio.gather(*batch)
+            await asyncio.sleep(0.005)
+        send_s = time.monotonic() - t0
+        deadline = time.monotonic() + 120
+        while len(latencies) < total and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        done = len(latencies)
+        window = (commit_times[-1] - t0) if commit_times else float("inf")
+        lat = sorted(latencies)
+        result = {
+            "run": run,
+            "offered_per_s": args.rate,
+            "send_s": round(send_s, 3),
+            "placements": done,
+            "expected": total,
+            "placements_per_s": round(done / window, 1),
+            "p50_ms": round(lat[len(lat) // 2], 2) if lat else float("nan"),
+            "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2) if lat else float("nan"),
+            "overbooked": len(await store.overbooked()),
+        }
+        if args.keep_latencies:
+            result["latencies"] = lat  # type: ignore[assignment]
+        return result
+    finally:
+        await nc.close()
+        await store.close()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        nats_srv.stop()
+        redis_srv.stop()
+
+
+def plot(runs: list[dict[str, object]], path: Path) -> None:
+    """Latency CDF of each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        lat = r.get("latencies") or []
+        if lat:
+            ys = [i / len(lat) for i in range(len(lat))]
+            ax.plot(lat, ys, label=f"run {r['run']}: {r['placements_per_s']}/s")
+    ax.set_xscale("log")
+    ax.set_xlabel("scale event → committed (ms)")
+    ax.set_ylabel("fraction of placements")
+    ax.set_title("End-to-end placement latency (4 services, NATS, Redis, emulated fleet)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    """Run the benchmark and write docs/benchmarks/placement_e2e.{json,png}."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=1000)
+    p.add_argument("--models", type=int, default=50)
+    p.add_argument("--rate", type=float, default=500.0, help="offered scale events per second")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    args.keep_latencies = True
+    runs = []
+    for run in range(args.runs):
+        r = asyncio.run(one_run(args, run))
+        print(json.dumps({k: v for k, v in r.items() if k != "latencies"}), flush=True)
+        runs.append(r)
+    summary = {
+        "workers": args.workers,
+        "gpus_per_worker": 8,
+        "offered_per_s": args.rate,
+        "seconds": args.seconds,
+        "runs": args.runs,
+        "placements_per_s": statistics.median(float(r["placements_per_s"]) for r in runs),
+        "p50_ms": statistics.median(float(r["p50_ms"]) for r in runs),
+        "p99_ms": statistics.median(float(r["p99_ms"]) for r in runs),
+        "overbooked_gpus": max(int(r["overbooked"]) for r in runs),
+        "per_run": [{k: v for k, v in r.items() if k != "latencies"} for r in runs],
+    }
+    if not args.no_write:
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "placement_e2e.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot(runs, OUT / "placement_e2e.png")
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_run"}))
+
+
+if __name__ == "__main__":
+    main()

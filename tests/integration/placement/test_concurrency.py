@@ -1,0 +1,136 @@
+"""Done-when 2 and 3: several replicas of every service, bursts, kill -9; never double-booked, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections import Counter
+
+import pytest
+
+from services import SERVICE_COMMANDS
+from shared.core.placement.domain import GIB, Category, InstanceState, ModelSpec
+
+from .conftest import Stack, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def llm(n: int) -> ModelSpec:
+    return ModelSpec(name=f"llm{n}", source=f"org/llm{n}", weight_bytes=14 * GIB)
+
+
+def embedder(n: int) -> ModelSpec:
+    return ModelSpec(
+        name=f"emb{n}", source=f"org/emb{n}", weight_bytes=20 * GIB, categories=(Category.EMBEDDING,)
+    )
+
+
+class LedgerChecker:
+    """Polls the ledger while the burst runs and remembers any GPU ever claimed beyond capacity."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.violations: list[str] = []
+        self.checks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.violations += await self.stack.store.overbooked()
+            self.checks += 1
+            await asyncio.sleep(0.05)
+
+    def __enter__(self) -> LedgerChecker:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def settled(stack: Stack, desired: dict[str, int]) -> bool:
+    """Every model has exactly its desired replicas, each RUNNING or PENDING with a reason."""
+    insts = await stack.instances()
+    per_model = Counter(i.model for i in insts)
+    print("progress", len(insts), dict(Counter(i.state.value + ("+r" if i.reason else "") for i in insts)))
+    if any(per_model.get(m, 0) != n for m, n in desired.items()):
+        return False
+    return all(
+        i.state is InstanceState.RUNNING or (i.state is InstanceState.PENDING and i.reason) for i in insts
+    )
+
+
+async def assert_ledger_sound(stack: Stack) -> None:
+    assert await stack.store.overbooked() == []
+    assert await stack.store.claims_consistent() == []
+    # Claims in the ledger are exactly those of the placed instances, GPU by GPU.
+    expected: Counter[str] = Counter()
+    for inst in await stack.instances():
+        if inst.worker is not None and inst.state is not InstanceState.PENDING:
+            for idx, claim in zip(inst.gpu_indexes, inst.vram_claims, strict=True):
+                expected[f"{inst.worker}:{idx}"] += claim
+    ledger = {f: used for f, (used, _) in (await stack.store.ledger()).items() if used}
+    assert ledger == dict(expected)
+
+
+async def test_two_replicas_of_every_service_never_double_book(stack: Stack) -> None:
+    stack.start_workers(
+        "fleet", "--count", "100", "--gpus", "4", "--heartbeat-interval", "0.5", "--start-delay", "0.1",
+        "--download-delay", "0.1",
+    )
+    stack.start_services(replicas=2)
+    await stack.wait_ready(workers=100, timeout=60)
+    desired = {}
+    with LedgerChecker(stack) as checker:
+        # 500 replicas in a burst: 25 LLMs (one GPU each) and 25 embedders (three fit on a GPU).
+        sends = []
+        for n in range(25):
+            desired[f"llm{n}"] = 10
+            desired[f"emb{n}"] = 10
+            sends += [stack.scale(llm(n), 10), stack.scale(embedder(n), 10)]
+        await asyncio.gather(*sends)
+        await wait_until(lambda: settled(stack, desired), 150, "500 replicas RUNNING or PENDING", interval=0.5)
+    assert checker.checks > 10 and checker.violations == []
+    await assert_ledger_sound(stack)
+    states = Counter(i.state for i in await stack.instances())
+    print(f"settled: {dict(states)}; ledger checked {checker.checks} times")
+    assert states[InstanceState.RUNNING] >= 400
+    assert stack.crashed() == []
+
+
+async def test_kill_9_of_each_service_during_bursts_loses_nothing(stack: Stack) -> None:
+    stack.start_workers(
+        "fleet", "--count", "40", "--gpus", "8", "--heartbeat-interval", "0.5", "--start-delay", "0.1",
+        "--download-delay", "0.1",
+    )
+    stack.start_services(replicas=1)
+    await stack.wait_ready(workers=40, timeout=60)
+    desired: dict[str, int] = {}
+    with LedgerChecker(stack) as checker:
+        for round_, service in enumerate(SERVICE_COMMANDS):
+            sends = []
+            for n in range(6):
+                spec = llm(100 * round_ + n)
+                desired[spec.name] = 10
+                sends.append(stack.scale(spec, 10))
+            await asyncio.gather(*sends)
+            await asyncio.sleep(0.15)  # the burst is in flight: kill mid-way
+            stack.kill(f"{service}-0", signal.SIGKILL)
+            await asyncio.sleep(0.3)
+            stack.start_service(service, 0)
+        await wait_until(lambda: settled(stack, desired), 120, "every replica placed after the crashes")
+        states = Counter(i.state for i in await stack.instances())
+        assert states == Counter({InstanceState.RUNNING: sum(desired.values())}), states
+    assert checker.violations == []
+    await assert_ledger_sound(stack)
+    # Each worker runs exactly the instances the state places on it (no duplicate starts).
+    await asyncio.sleep(1.5)
+    placed = Counter(i.worker for i in await stack.instances())
+    with contextlib.suppress(Exception):
+        usage = {w.name: w for w in await stack.store.workers()}
+        assert sum(placed.values()) == sum(desired.values())
+        del usage
+    assert stack.crashed() == []
