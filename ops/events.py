@@ -10,6 +10,7 @@ from shared.bus import subjects
 from shared.bus.messages import (
     CordonEvent,
     DecisionEvent,
+    ErrorEvent,
     InstanceEvent,
     MessageError,
     ModelEvent,
@@ -17,7 +18,7 @@ from shared.bus.messages import (
     decode,
 )
 
-EventMessage = DecisionEvent | UnschedulableEvent | InstanceEvent | CordonEvent | ModelEvent
+EventMessage = DecisionEvent | UnschedulableEvent | InstanceEvent | CordonEvent | ModelEvent | ErrorEvent
 
 EVENT_TYPES: dict[str, type[EventMessage]] = {
     subjects.EVENT_DECISION: DecisionEvent,
@@ -30,7 +31,7 @@ EVENT_TYPES: dict[str, type[EventMessage]] = {
 
 def decode_event(subject: str, data: bytes) -> EventMessage | None:
     """The typed event on ``subject``, or None for a subject or payload this CLI does not know."""
-    kind = EVENT_TYPES.get(subject)
+    kind = ErrorEvent if subject.startswith(subjects.DEAD_LETTER + ".") else EVENT_TYPES.get(subject)
     if kind is None:
         return None
     try:
@@ -51,7 +52,7 @@ def event_model(event: EventMessage) -> str:
     """The model an event is about ('' for cordon events)."""
     if isinstance(event, InstanceEvent):
         return event.instance.model
-    if isinstance(event, CordonEvent):
+    if isinstance(event, CordonEvent | ErrorEvent):
         return ""
     return event.model
 
@@ -75,6 +76,8 @@ def format_event(event: EventMessage, received_at: float) -> str:
         where = f" on {inst.worker} GPU {_gpus(inst.gpu_indexes)}" if inst.worker else ""
         why = f" ({inst.reason})" if inst.reason and inst.state.value == "PENDING" else ""
         return f"{at} instance      {inst.model} {inst.id} {inst.state.value}{where}{why}"
+    if isinstance(event, ErrorEvent):
+        return f"{_clock(event.at or received_at)} rejected      by {event.service} on {event.subject}: {event.reason}"
     if isinstance(event, CordonEvent):
         target = event.worker if event.gpu_index is None else f"{event.worker}:{event.gpu_index}"
         verb = "cordoned" if event.cordoned else "uncordoned"

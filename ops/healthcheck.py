@@ -28,13 +28,19 @@ async def servers_answer(settings: Settings, timeout: float = 3.0) -> str | None
     import nats
     import redis.asyncio as aioredis
 
+    async def quiet(_: Exception) -> None:
+        return None
+
     try:
         nc = await asyncio.wait_for(
-            nats.connect(settings.nats_url, allow_reconnect=False, connect_timeout=int(timeout)), timeout
+            nats.connect(
+                settings.nats_url, allow_reconnect=False, connect_timeout=int(timeout), error_cb=quiet
+            ),
+            timeout,
         )
         await nc.close()
     except Exception as err:
-        return f"NATS unreachable: {err}"
+        return f"NATS unreachable: {err or type(err).__name__}"
     client = aioredis.from_url(settings.redis_url, socket_connect_timeout=timeout)
     try:
         await client.ping()

@@ -32,7 +32,7 @@ from ops.events import decode_event, event_json, event_model, format_event
 from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, pending_groups, state_counts
 from shared.bus import subjects
 from shared.bus.messages import CordonCommand, UnschedulableEvent
-from shared.bus.streams import STREAM_EVENTS
+from shared.bus.streams import STREAM_DLQ, STREAM_EVENTS
 from shared.core.placement.domain import Instance, InstanceState, WorkerState
 from shared.settings import Settings
 
@@ -368,11 +368,11 @@ async def last_unschedulable(nc: NatsClient, model: str, scan: int = EXPLAIN_SCA
 
 async def _replay(
     js: Any, subject: str, start: int, until: int | None, idle: float = 0.5,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[], None] | None = None, stream: str = STREAM_EVENTS,
 ) -> Any:
     """(subject, data, stream seq) from ``start``; stops after ``until`` or ``idle`` s of silence."""
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-    sub = await js.subscribe(subject, ordered_consumer=True, config=config, stream=STREAM_EVENTS)
+    sub = await js.subscribe(subject, ordered_consumer=True, config=config, stream=stream)
     if on_ready is not None:
         on_ready()
     try:
@@ -396,17 +396,21 @@ def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events until Ctrl-C")] = False,
     last: Annotated[int, typer.Option(min=0, help="how many past events to show first")] = 20,
     model: Annotated[str | None, typer.Option("--model", "-m", help="only this model's events")] = None,
+    dead_letters: Annotated[
+        bool, typer.Option("--dead-letters", help="show messages services rejected, with the reason")
+    ] = False,
     json_out: JsonFlag = False,
     nats_url: NatsUrl = None,
     redis_url: RedisUrl = None,
 ) -> None:
     """Placement decisions, unschedulable verdicts, instance and cordon changes, as they happen."""
     settings = load(nats_url, redis_url)
+    stream, subject = (STREAM_DLQ, subjects.DEAD_LETTER_ALL) if dead_letters else (STREAM_EVENTS, subjects.EVENTS_ALL)
 
     async def go() -> None:
         nc = await connect_nats(settings)
         try:
-            await _print_events(nc, follow, last, model, json_out)
+            await _print_events(nc, follow, last, model, json_out, stream, subject)
         finally:
             await nc.close()
 
@@ -414,10 +418,12 @@ def events(
         run(go)  # Ctrl-C ends --follow: that is how it is meant to stop
 
 
-async def _print_events(nc: NatsClient, follow: bool, last: int, model: str | None, json_out: bool) -> None:
+async def _print_events(
+    nc: NatsClient, follow: bool, last: int, model: str | None, json_out: bool, stream: str, subject: str
+) -> None:
     js = nc.jetstream()
     try:
-        info = await js.stream_info(STREAM_EVENTS)
+        info = await js.stream_info(stream)
     except nats.js.errors.NotFoundError:
         raise CliError("no event stream yet: the services create it when they start (`gantry up`)") from None
     end = info.state.last_seq
@@ -430,7 +436,7 @@ async def _print_events(nc: NatsClient, follow: bool, last: int, model: str | No
         if follow:
             typer.echo("following events; Ctrl-C to stop", err=True)
 
-    replay = _replay(js, subjects.EVENTS_ALL, start, until=None if follow else end, on_ready=following)
+    replay = _replay(js, subject, start, until=None if follow else end, on_ready=following, stream=stream)
     async for subject, data, _seq in replay:
         event = decode_event(subject, data)
         if event is None or (model is not None and event_model(event) != model):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import nats
 import pytest
 
+from shared.bus import subjects
 from tests.integration.cli.conftest import Result, Stack
 
 pytestmark = pytest.mark.integration
@@ -204,3 +209,20 @@ def test_deploy_bad_file_exits_2_with_the_reason(gantry: Gantry, tmp_path: Path,
 
 def test_scale_to_a_negative_count_is_refused_as_usage(gantry: Gantry) -> None:
     assert gantry("scale", "llama-8b", "--", "-1").code == 2
+
+
+def test_events_dead_letters_show_what_a_service_rejected(stack: Stack, gantry: Gantry) -> None:
+    async def send_garbage() -> None:
+        nc = await nats.connect(stack.env["GANTRY_NATS_URL"])
+        await nc.jetstream().publish(subjects.SCALE, b"{not json", headers={"Nats-Msg-Id": uuid.uuid4().hex})
+        await nc.close()
+
+    asyncio.run(send_garbage())
+    deadline = time.monotonic() + 20
+    while True:
+        result = gantry("events", "--dead-letters", "--last", "50")
+        if f"rejected      by reconciler on {subjects.SCALE}" in result.out or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert result.code == 0, result.err
+    assert f"rejected      by reconciler on {subjects.SCALE}" in result.out

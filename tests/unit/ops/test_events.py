@@ -1,0 +1,87 @@
+"""`gantry events` renders every declared event as one line and skips what it cannot decode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ops.events import decode_event, event_json, event_model, format_event
+from shared.bus import subjects
+from shared.bus.messages import (
+    CordonEvent,
+    DecisionEvent,
+    ErrorEvent,
+    InstanceEvent,
+    ModelEvent,
+    UnschedulableEvent,
+    encode,
+)
+from shared.core.placement.domain import Instance, InstanceState
+
+T0 = 1_700_000_000.0  # 22:13:20 UTC
+
+CASES = [
+    (
+        subjects.EVENT_DECISION,
+        DecisionEvent(instance_id="m-1", model="m", worker="w2", gpu_indexes=(0, 1), score=87.5,
+                      breakdown={"placement": 80.0, "locality": 7.5}, attempt=1, latency_ms=12.34, at=T0),
+        "22:13:20 placed        m m-1 -> w2 GPU 0,1  score 87.5 (locality 7.5, placement 80)  12.3 ms, attempt 1",
+    ),
+    (
+        subjects.EVENT_UNSCHEDULABLE,
+        UnschedulableEvent(instance_id="m-2", model="m", message="no GPU has room", at=T0),
+        "22:13:20 unschedulable m m-2: no GPU has room",
+    ),
+    (
+        subjects.EVENT_INSTANCE,
+        InstanceEvent(instance=Instance(id="m-3", model="m", state=InstanceState.RUNNING, worker="w1",
+                                        gpu_indexes=(3,)), at=T0),
+        "22:13:20 instance      m m-3 RUNNING on w1 GPU 3",
+    ),
+    (
+        subjects.EVENT_INSTANCE,
+        InstanceEvent(instance=Instance(id="m-4", model="m", reason="waiting for files"), at=T0),
+        "22:13:20 instance      m m-4 PENDING (waiting for files)",
+    ),
+    (
+        subjects.EVENT_INSTANCE,
+        InstanceEvent(instance=Instance(id="m-5", model="m"), removed=True, at=T0),
+        "22:13:20 removed       m m-5",
+    ),
+    (subjects.EVENT_CORDON, CordonEvent(worker="w1", cordoned=True, gpu_index=2), "22:13:20 cordoned      w1:2"),
+    (subjects.EVENT_CORDON, CordonEvent(worker="w1", cordoned=False), "22:13:20 uncordoned    w1"),
+    (subjects.EVENT_MODEL, ModelEvent(model="m", replicas=4), "22:13:20 model         m replicas=4"),
+    (
+        subjects.dead_letter("reconciler"),
+        ErrorEvent(service="reconciler", subject="gantry.cmd.scale", reason="negative replicas", at=T0),
+        "22:13:20 rejected      by reconciler on gantry.cmd.scale: negative replicas",
+    ),
+]
+
+
+@pytest.mark.parametrize(("subject", "event", "line"), CASES, ids=[line.split()[1] for _, _, line in CASES])
+def test_each_event_renders_as_one_line(subject: str, event: object, line: str) -> None:
+    decoded = decode_event(subject, encode(event))  # type: ignore[arg-type]
+    assert decoded == event
+    assert format_event(decoded, received_at=T0) == line
+
+
+@pytest.mark.parametrize(
+    ("subject", "data"),
+    [("gantry.events.unknown", b"{}"), (subjects.EVENT_DECISION, b"not json"), (subjects.EVENT_MODEL, b'{"x":1}')],
+)
+def test_unknown_subjects_and_bad_payloads_are_skipped(subject: str, data: bytes) -> None:
+    assert decode_event(subject, data) is None
+
+
+def test_event_model_names_the_model_or_nothing() -> None:
+    assert event_model(ModelEvent(model="m", replicas=1)) == "m"
+    assert event_model(InstanceEvent(instance=Instance(id="i", model="x"))) == "x"
+    assert event_model(CordonEvent(worker="w", cordoned=True)) == ""
+
+
+def test_json_line_carries_subject_time_and_fields() -> None:
+    line = json.loads(event_json(subjects.EVENT_MODEL, ModelEvent(model="m", replicas=2), T0))
+    assert line == {"subject": subjects.EVENT_MODEL, "received_at": T0,
+                    "event": {"v": 1, "model": "m", "replicas": 2, "spec": None}}
