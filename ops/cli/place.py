@@ -94,7 +94,7 @@ def _decision_doc(number: int, d: Decision) -> dict[str, Any]:
 def place_cmd(
     scenario: Annotated[Path, typer.Option("--scenario", help="scenario JSON file (see docs/placement.md)")],
     replicas: Annotated[
-        int | None, typer.Option("--replicas", min=1, help="replicas to place [default: the scenario's]")
+        int | None, typer.Option("--replicas", min=1, help="replicas to place (default: the scenario's)")
     ] = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="profile JSON/YAML file")] = None,
     exhaustive: Annotated[

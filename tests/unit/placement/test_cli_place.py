@@ -123,3 +123,19 @@ def test_a_real_gguf_file_is_sized_from_its_header(capsys, tmp_path: Path):
     assert doc["request"]["gguf"]["total_layers"] == 4
     assert doc["request"]["gguf"]["layer_bytes"] == 256 * 256 * 4
     assert doc["replicas"][0]["placed"] is True
+
+
+def test_profile_file_changes_the_scorers(capsys, tmp_path):
+    profile = tmp_path / "packed.yaml"
+    profile.write_text("name: packed\nscorers:\n  - name: binpack\n  - name: worker_fill\n")
+    doc = place_doc(capsys, "01_spread_three_replicas", "--profile", str(profile))
+    assert doc["profile"] == "packed"
+    assert set(doc["replicas"][0]["breakdown"]) == {"binpack", "worker_fill"}
+
+
+def test_bad_profile_file_exits_2(capsys, tmp_path):
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("scorers:\n  - name: magic\n")
+    scenario = str(SCENARIOS / "01_spread_three_replicas.json")
+    code, _, err = run(capsys, "--scenario", scenario, "--profile", str(profile))
+    assert code == 2 and "unknown scorer 'magic'" in err and err.count("\n") == 1
