@@ -254,17 +254,26 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
             if chat:
                 yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
+            # token chunks are the hot path: a fixed JSON frame around the escaped text
+            head = json.dumps({"id": rid, "object": kind, "created": created, "model": model},
+                              separators=(",", ":"))[:-1].encode()
+            if chat:
+                pre, post = head + b',"choices":[{"index":0,"delta":{"content":', b'},"logprobs":null,'
+            else:
+                pre, post = head + b',"choices":[{"index":0,"text":', b',"logprobs":null,'
+            post += b'"finish_reason":null}]' + (b',"usage":null}' if include_usage else b"}")
+            eos = text.eos_token_id
             while True:
                 item = await st.queue.get()
-                visible = [t for t in item.token_ids if t != text.eos_token_id]
+                visible = [t for t in item.token_ids if t != eos]
+                # a client slower than the engine gets what accumulated in one chunk (as vLLM does)
+                while item.finish_reason is None and not st.queue.empty():
+                    item = st.queue.get_nowait()
+                    visible += [t for t in item.token_ids if t != eos]
                 produced += len(visible)
                 if visible:
-                    piece = text.detokenize(visible)
-                    if chat:
-                        yield chunk([{"index": 0, "delta": {"content": piece}, "logprobs": None,
-                                      "finish_reason": None}])
-                    else:
-                        yield chunk([{"index": 0, "text": piece, "logprobs": None, "finish_reason": None}])
+                    piece = json.dumps(text.detokenize(visible)).encode()
+                    yield b"data: " + pre + piece + post + b"\n\n"
                 if item.finish_reason is not None:
                     final: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": item.finish_reason}
                     if item.stop_reason is not None:

@@ -125,3 +125,31 @@ async def test_an_embedded_server_answers_and_stops() -> None:
     finally:
         await srv.stop()
     assert srv.runner.engine.scheduler.counters.finished == 1
+
+
+async def test_streamed_completion_chunks_are_openai_shaped_json() -> None:
+    import json
+
+    import httpx
+
+    from ops.servers import free_port
+    from services.engine_server.server import EmbeddedServer, ServerOptions
+
+    srv = EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=50, speedup=100.0))
+    await srv.start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            body = {"prompt": 'quote " and \\ backslash', "max_tokens": 5, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                lines = [ln[6:] async for ln in r.aiter_lines() if ln.startswith("data: ")]
+    finally:
+        await srv.stop()
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert len("".join(texts).split()) == 5
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    assert all(c["usage"] is None for c in chunks[:-1])
