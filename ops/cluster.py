@@ -96,7 +96,7 @@ async def wait_for(
 
 # -- model files ------------------------------------------------------------------------------------
 
-_NESTED = {"gpu_selector": GpuSelector, "gguf": GgufSpec}
+_NESTED: dict[str, type[msgspec.Struct]] = {"gpu_selector": GpuSelector, "gguf": GgufSpec}
 
 
 def _unknown_fields(data: dict[str, object]) -> list[str]:

@@ -35,9 +35,10 @@ def decode_event(subject: str, data: bytes) -> EventMessage | None:
     if kind is None:
         return None
     try:
-        return decode(data, kind)
+        event: EventMessage = decode(data, kind)  # type: ignore[assignment]  # kind is one of EventMessage
     except MessageError:
         return None
+    return event
 
 
 def _clock(ts: float) -> str:

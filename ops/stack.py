@@ -348,7 +348,7 @@ def signal_running_stack(home: Path | None = None, sig: int = signal.SIGINT) -> 
     state = read_state(home)
     if not state or not isinstance(state.get("pid"), int):
         return None
-    pid = int(state["pid"])  # type: ignore[call-overload]
+    pid: int = state["pid"]  # type: ignore[assignment]  # checked to be an int above
     try:
         os.kill(pid, sig)
     except ProcessLookupError:

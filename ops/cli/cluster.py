@@ -329,9 +329,9 @@ def explain(
                    " (the rest are being started or removed)"))
         return
     typer.echo(f"{len(pending)} replica(s) pending:")
-    for _, reason, ids in pending_groups(snapshot):
+    for _, why, ids in pending_groups(snapshot):
         shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
-        typer.echo(f"  {shown}: {reason}")
+        typer.echo(f"  {shown}: {why}")
     if verdict is not None:
         typer.echo(f"latest verdict ({time.strftime('%H:%M:%S', time.gmtime(verdict.at))} UTC): {verdict.message}")
         for report in verdict.filters:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import redis.asyncio as aioredis
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -140,7 +141,7 @@ def _check(stack: LocalStack) -> None:
         )
 
 
-async def _run_demo(stack: LocalStack, settings: Settings, redis: object, out: Console) -> None:
+async def _run_demo(stack: LocalStack, settings: Settings, redis: aioredis.Redis, out: Console) -> None:
     files = sorted(DEMO_DIR.glob("*.yaml"))
     specs = await deploy_files(settings, files)
     for spec in specs:
@@ -156,7 +157,7 @@ async def _run_demo(stack: LocalStack, settings: Settings, redis: object, out: C
     try:
         snapshot = await wait_for(redis, settings, all_running, timeout=60, check=lambda: _check(stack))
     except TimeoutError:
-        snapshot = await read_snapshot(redis, settings)  # type: ignore[arg-type]
+        snapshot = await read_snapshot(redis, settings)
         out.print("[yellow]demo: not every replica is RUNNING after 60 s; see `gantry explain MODEL`[/]")
     out.print(models_table(snapshot))
     for inst in sorted(snapshot.instances, key=lambda i: (i.model, i.id)):
@@ -167,7 +168,7 @@ async def _run_demo(stack: LocalStack, settings: Settings, redis: object, out: C
 
 
 async def _status_loop(
-    stack: LocalStack, settings: Settings, redis: object, out: Console, started: float,
+    stack: LocalStack, settings: Settings, redis: aioredis.Redis, out: Console, started: float,
     exit_after: float | None,
 ) -> None:
     restarts: dict[str, int] = {}
@@ -176,7 +177,7 @@ async def _status_loop(
         while exit_after is None or time.monotonic() - started < exit_after:
             _restart_dead(stack, restarts, out)
             try:
-                snapshot = await read_snapshot(redis, settings)  # type: ignore[arg-type]
+                snapshot = await read_snapshot(redis, settings)
                 line = status_line(stack, snapshot)
             except Exception as err:  # Redis hiccup: show it, keep the stack running
                 line = Text(f"status unavailable: {err}", style="yellow")
