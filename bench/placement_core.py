@@ -126,6 +126,7 @@ def run_case(workers: int, case: str, strategy: str, runs: int, n: int, exhausti
         "p50_us": round(med["p50"], 1), "p99_us": round(med["p99"], 1),
         "cpu_p50_us": round(med["cpu_p50"], 1), "cpu_p99_us": round(med["cpu_p99"], 1),
         "runs": runs, "decisions_per_run": n, "last_choice": where,
+        "loadavg_1m": round(os.getloadavg()[0], 2),  # wall tails on a shared machine follow the load
     }
 
 
@@ -136,8 +137,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for ax, key in zip(axes, ("p50_us", "p99_us"), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), sharey=True)
+    titles = {"p50_us": "wall p50", "p99_us": "wall p99", "cpu_p99_us": "thread CPU-time p99"}
+    for ax, key in zip(axes, titles, strict=True):
         series: dict[str, list[tuple[int, float]]] = {}
         for row in rows:
             label = f"{row['case']} {row['strategy']}" + (" (reference path)" if row["path"] == "reference" else "")
@@ -151,10 +153,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("workers (× 8 GPUs)")
-        ax.set_title(f"placement decision {key[:3]} (median of runs)")
+        ax.set_title(f"decision {titles[key]} (median of runs)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("milliseconds per decision")
-    axes[1].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    load = max(r.get("loadavg_1m", 0.0) for r in rows)
+    fig.suptitle(f"placement core, 2-core shared machine (1-min load average up to {load:.1f})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -184,8 +188,14 @@ def main() -> None:
         "bench": "placement_core",
         "target": {"workers": 1000, "case": "7b-single-gpu", "p50_us": TARGET_P50_US, "p99_us": TARGET_P99_US},
         "target_met": all(r["p50_us"] <= TARGET_P50_US and r["p99_us"] <= TARGET_P99_US for r in big),
-        "at_1000_workers": {f"{r['case']}/{r['strategy']}": {"p50_us": r["p50_us"], "p99_us": r["p99_us"]}
-                            for r in rows if r["workers"] == 1000 and r["path"] == "fast"},
+        # wall-clock tails include time the process spent preempted by other work on the machine
+        "target_met_on_cpu_time": all(
+            r["cpu_p50_us"] <= TARGET_P50_US and r["cpu_p99_us"] <= TARGET_P99_US for r in big
+        ),
+        "at_1000_workers": {
+            f"{r['case']}/{r['strategy']}": {k: r[k] for k in ("p50_us", "p99_us", "cpu_p50_us", "cpu_p99_us")}
+            for r in rows if r["workers"] == 1000 and r["path"] == "fast"
+        },
         "loadavg_1m_before": round(load_before, 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),
