@@ -314,7 +314,7 @@ def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, floa
         parts.append((cfg.name, raw if k == 1.0 else raw * k))  # x × 1.0 is x: skipping it changes no bit
     shape = batch.mask.shape
     total: FloatArray = np.zeros(shape, dtype=np.float64)
-    for _, values in parts:
+    for _, values in parts:  # 0.0 + a + b + ..., in profile order, as the reference path sums
         total = total + values
     keys = np.where(batch.mask, np.floor(total * QUANTUM + 0.5), -np.inf).ravel()
     tied = np.flatnonzero(keys == keys.max())

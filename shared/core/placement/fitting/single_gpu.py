@@ -23,13 +23,16 @@ class GpuBatch:
     claims: IntArray
     ram_claim: int
     count: int
+    _workers: BoolArray | None = None
 
     def __len__(self) -> int:
         return self.count
 
     def worker_mask(self) -> BoolArray:
-        """Rows that hold at least one candidate."""
-        return np.asarray(self.mask.any(axis=1), dtype=np.bool_)
+        """Rows that hold at least one candidate (computed once per batch)."""
+        if self._workers is None:
+            self._workers = np.asarray(self.mask.any(axis=1), dtype=np.bool_)
+        return self._workers
 
     def positions(self) -> tuple[IntArray, IntArray]:
         """(rows, slots) of the candidates, in row-major order."""
