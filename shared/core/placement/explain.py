@@ -16,6 +16,8 @@ from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, IntArray
 
 def filters_message(reports: list[FilterReport] | tuple[FilterReport, ...]) -> str:
     """Why no worker survived the filter chain, with the first drop reasons of the emptying filter."""
+    if not reports:
+        return "no workers in the cluster"
     counts = ", ".join(f"{r.filter} kept {r.kept} of {r.total}" for r in reports)
     last = next((r for r in reversed(reports) if r.dropped), None)
     detail = ""

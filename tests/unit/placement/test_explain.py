@@ -46,3 +46,10 @@ def test_decision_carries_its_score_breakdown_and_filter_reports():
     assert set(d.breakdown) == {"placement", "locality", "worker_fill"}
     assert d.score == sum(d.breakdown.values())
     assert len(d.filters) == 6 and d.candidates_considered == 2
+
+
+def test_an_empty_cluster_says_so():
+    from shared.core.placement.snapshot import ClusterSnapshot
+
+    verdict = place(ClusterSnapshot(), ModelSpec(name="m"), NOW, request=request(10))
+    assert isinstance(verdict, Unschedulable) and verdict.message == "no workers in the cluster"
