@@ -124,6 +124,7 @@ def plot(result: dict[str, object]) -> None:
 
 
 def main() -> None:
+    """Run both measurements, write the JSON and the plot, print the JSON last."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3, help="trace simulations to take the median of")
     args = ap.parse_args()

@@ -106,10 +106,12 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
 
     @app.get("/health")
     async def health() -> PlainTextResponse:
+        """Liveness: 200 while the server runs."""
         return PlainTextResponse("")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        """The one served model."""
         return {"object": "list", "data": [{
             "id": info.served_model_name, "object": "model", "created": info.created, "owned_by": "gantry",
             "root": info.model_path, "parent": None, "max_model_len": info.max_model_len,
@@ -117,6 +119,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
+        """Prometheus text under vLLM's metric names."""
         c = sched.counters
         body = render_metrics(
             model_name=info.served_model_name,
@@ -135,6 +138,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
 
     @app.get("/server_info")
     async def server_info() -> dict[str, Any]:
+        """SGLang-style server facts (routers probe ``model_path`` and capacities)."""
         cfg = sched.config
         return {
             "model_path": info.model_path, "tokenizer_path": info.model_path,
@@ -148,11 +152,13 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
 
     @app.get("/model_info")
     async def model_info() -> dict[str, Any]:
+        """SGLang-style model facts."""
         return {"model_path": info.model_path, "tokenizer_path": info.model_path, "is_generation": True,
                 "served_model_name": info.served_model_name}
 
     @app.get("/get_load")
     async def get_load() -> list[dict[str, int]]:
+        """SGLang-style load report, one entry per data-parallel rank (one here)."""
         return [{"dp_rank": 0, "num_reqs": len(sched.running) + sched.num_waiting,
                  "num_waiting_reqs": sched.num_waiting, "num_tokens": sched.kv.num_used * sched.config.block_size}]
 
@@ -178,6 +184,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
+        """OpenAI completions, streaming or not."""
         p = body.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
@@ -193,6 +200,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, http: HttpRequest) -> Any:
+        """OpenAI chat completions, streaming or not."""
         ids = text.chat_prompt([(m.role, m.text()) for m in body.messages])
         st = _submit(body, ids, "chatcmpl")
         if isinstance(st, JSONResponse):
