@@ -41,7 +41,7 @@ from shared.bus.messages import (
     UnschedulableEvent,
     decode,
 )
-from shared.bus.service import PlacementService, guarded
+from shared.bus.service import PlacementService, ack_all, guarded
 from shared.bus.validate import bad_name, check_scale
 from shared.core.placement import scale_down_order
 from shared.core.placement.domain import Instance, InstanceState, ModelSpec, Unschedulable, WorkerState
@@ -87,8 +87,7 @@ class Reconciler(PlacementService):
         """Pull loops for the three consumers."""
 
         async def on_commands(raws: list[Msg]) -> None:
-            for raw in raws:  # one by one: commands apply in stream order
-                await guarded(self, raw.subject, [raw], lambda r=raw: self.handle_command(r.data, r))
+            await self.handle_commands(raws)
 
         async def on_scored(raws: list[Msg]) -> None:
             await self.consume(raws, PlacementScored, subjects.PLACEMENT_SCORED, self.handle_scored)
@@ -117,31 +116,63 @@ class Reconciler(PlacementService):
 
     # ================================================================ commands
 
-    async def handle_command(self, data: bytes, raw: Msg) -> None:
-        """One scale or cordon command (in stream order within this replica)."""
-        if raw.subject == subjects.CORDON:
-            await self._cordon(data, raw)
-            return
+    async def handle_commands(self, raws: list[Msg]) -> None:
+        """A pulled batch of commands, in stream order.
+
+        Scale commands for one model are coalesced: the last one sets the desired replicas and one
+        converge creates every missing replica; the placement requests of the whole batch travel
+        together. Invalid commands are dead-lettered; a model whose converge fails is redelivered.
+        """
+        scales: dict[str, list[tuple[Msg, ScaleCommand, float]]] = {}
+        for raw in raws:
+            if raw.subject == subjects.CORDON:
+                await guarded(self, raw.subject, [raw], lambda r=raw: self._cordon(r.data, r))
+                continue
+            cmd = await self._valid_scale(raw)
+            if cmd is not None:
+                meta = raw.metadata
+                arrived = meta.timestamp.timestamp() if meta.timestamp else self.clock()
+                scales.setdefault(cmd.model, []).append((raw, cmd, arrived))
+        items: list[PlacementItem] = []
+        specs: dict[str, ModelSpec] = {}
+        done: list[Msg] = []
+        for model, cmds in scales.items():
+            last_raw, last, _ = cmds[-1]
+            spec = self.specs[model]
+            arrivals = [a for _, _, a in cmds]
+            scale = (last.replicas, spec, last_raw.metadata.sequence.stream)
+            batch_raws = [r for r, _, _ in cmds]
+
+            async def work(m: str = model, sc: tuple[int, ModelSpec, int] = scale, arr: list[float] = arrivals) -> None:
+                got, spec_now = await self.converge(m, scale=sc, arrivals=arr)
+                items.extend(got)
+                if spec_now is not None:
+                    specs[m] = spec_now
+
+            if await guarded(self, subjects.SCALE, batch_raws, work):
+                done += batch_raws
+        if items:
+            await self.publish_items(items, specs, self.clock())
+        await ack_all(done)
+
+    async def _valid_scale(self, raw: Msg) -> ScaleCommand | None:
+        """Decode and check a scale command; dead-letter (and ack) it when invalid."""
         try:
-            cmd = decode(data, ScaleCommand)
+            cmd = decode(raw.data, ScaleCommand)
         except MessageError as exc:
-            await self.bus.dead_letter(raw.subject, str(exc), data)
+            await self.bus.dead_letter(raw.subject, str(exc), raw.data)
             await raw.ack()
-            return
+            return None
         known = self.specs.get(cmd.model) or await self.store.model(cmd.model)
         reason = check_scale(cmd, known)
         if reason:
-            await self.bus.dead_letter(raw.subject, reason, data)
+            await self.bus.dead_letter(raw.subject, reason, raw.data)
             await raw.ack()
-            return
+            return None
         spec = cmd.spec or known
         assert spec is not None
-        spec = msgspec.structs.replace(spec, replicas=cmd.replicas)
-        self.specs[cmd.model] = spec
-        meta = raw.metadata
-        arrived = meta.timestamp.timestamp() if meta.timestamp else self.clock()
-        await self.converge(cmd.model, scale=(cmd.replicas, spec, meta.sequence.stream), requested_at=arrived)
-        await raw.ack()
+        self.specs[cmd.model] = msgspec.structs.replace(spec, replicas=cmd.replicas)
+        return cmd
 
     async def _cordon(self, data: bytes, raw: Msg) -> None:
         try:
@@ -176,9 +207,14 @@ class Reconciler(PlacementService):
         self,
         model: str,
         scale: tuple[int, ModelSpec, int] | None = None,
-        requested_at: float | None = None,
-    ) -> None:
-        """Bring one model's instances to its desired replicas (under the model's converge lock)."""
+        arrivals: Sequence[float] = (),
+    ) -> tuple[list[PlacementItem], ModelSpec | None]:
+        """Bring one model's instances to its desired replicas (under the model's converge lock).
+
+        Returns the placement items to request (new replicas, and PENDING ones whose request may have
+        been lost) and the model's spec; the caller publishes them. ``arrivals`` are the times the scale
+        events that asked for new replicas entered the bus (for latency accounting).
+        """
         now = self.clock()
         token = await self._lock(model)
         try:
@@ -188,7 +224,7 @@ class Reconciler(PlacementService):
                     await self.bus.publish(subjects.EVENT_MODEL, ModelEvent(model=model, replicas=replicas, spec=spec))
             spec_now = self.specs.get(model) or await self.store.model(model)
             if spec_now is None:
-                return
+                return [], None
             desired = await self.store.desired_of(model)
             instances = await self.store.instances(model)
             active = [i for i in instances if i.state in ACTIVE]
@@ -207,8 +243,14 @@ class Reconciler(PlacementService):
             await self._publish_instances(created)
             await self._remove(model, token, [i for i in instances if i.id in set(plan.remove)], now)
             pending = [i for i in instances if i.state is InstanceState.PENDING and i.id not in set(plan.remove)]
-            to_request = created + [i for i in pending if self._needs_request(i, now)]
-            await self.request(spec_now, to_request, requested_at if requested_at is not None else now)
+            again = [i for i in pending if self._needs_request(i, now)]
+            items = [
+                PlacementItem(instance_id=inst.id, model=model, requested_at=arrivals[min(k, len(arrivals) - 1)])
+                if arrivals else PlacementItem(instance_id=inst.id, model=model, requested_at=now)
+                for k, inst in enumerate(created)
+            ]
+            items += [PlacementItem(instance_id=i.id, model=model, requested_at=now) for i in again]
+            return items, spec_now
         finally:
             await self.store.unlock_model(model, token)
 
@@ -236,18 +278,17 @@ class Reconciler(PlacementService):
                 assert inst.worker is not None
                 await self.bus.publish(subjects.worker_drain(inst.worker), DrainInstance(instance_id=inst.id))
 
-    async def request(
-        self, spec: ModelSpec, instances: Sequence[Instance], requested_at: float, attempt: int = 0
-    ) -> None:
-        """Publish placement requests for PENDING replicas, in batches (deduped by content)."""
-        if not instances:
-            return
-        now = self.clock()
-        items = [
-            PlacementItem(instance_id=i.id, model=spec.name, attempt=attempt, requested_at=requested_at)
-            for i in instances
-        ]
-        await self.publish_items(items, {spec.name: spec}, now)
+    async def converge_and_request(self, models: Sequence[str]) -> None:
+        """Converge several models and publish their placement requests together."""
+        items: list[PlacementItem] = []
+        specs: dict[str, ModelSpec] = {}
+        for model in models:
+            got, spec = await self.converge(model)
+            items += got
+            if spec is not None:
+                specs[model] = spec
+        if items:
+            await self.publish_items(items, specs, self.clock())
 
     async def publish_items(
         self, items: Sequence[PlacementItem], specs: dict[str, ModelSpec], now: float, salt: str = ""
@@ -440,8 +481,7 @@ class Reconciler(PlacementService):
             moved = [msgspec.structs.replace(instances[i], state=InstanceState.UNREACHABLE) for i in lost]
             await self._publish_instances(moved)
             log.warning("replacing %d instances of lost workers", len(lost))
-            for model in sorted({instances[i].model for i in lost}):
-                await self.converge(model)
+            await self.converge_and_request(sorted({instances[i].model for i in lost}))
         # Back from the dead: forget the stale copies (their claims were released already).
         stale = [
             i for i in instances.values()
@@ -462,8 +502,7 @@ class Reconciler(PlacementService):
             self.changed = False
             await self.retry_pending(instances)
         if full:
-            for model in sorted((await self.store.desired()).keys()):
-                await self.converge(model)
+            await self.converge_and_request(sorted((await self.store.desired()).keys()))
 
     async def _resync(self, instances: dict[str, Instance], now: float) -> None:
         reported = {

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from shared.bus import subjects
-from shared.bus.messages import Heartbeat, MessageError, ModelFileUpdate, WorkerRegistration, decode
+from shared.bus.messages import Heartbeat, MessageError, ModelFileUpdate, SyncRequest, WorkerRegistration, decode
 from shared.bus.runtime import core_sub
 from shared.bus.validate import bad_name, check_heartbeat, check_registration
 from shared.core.placement.domain import ModelFile, Worker
@@ -34,6 +34,7 @@ class StateWriter:
         self.beats: dict[str, tuple[Heartbeat, float]] = {}
         self.files: dict[tuple[str, str], ModelFile] = {}
         self._task: asyncio.Task[None] | None = None
+        self._asked: dict[str, float] = {}
         self._wire()
 
     def _wire(self) -> None:
@@ -62,6 +63,8 @@ class StateWriter:
                 return
             inventory = self.registrations.get(hb.worker) or svc.feed.inventory.get(hb.worker)
             reason = check_heartbeat(hb, inventory)
+            if inventory is None and not bad_name(hb.worker):
+                await self.ask_to_register(hb.worker)
             if reason:
                 await svc.bus.dead_letter(subjects.HEARTBEAT, reason, body)
                 return
@@ -82,11 +85,21 @@ class StateWriter:
                 source=upd.source, worker=upd.worker, state=upd.state, progress=upd.progress
             )
 
+    async def ask_to_register(self, worker: str | None) -> None:
+        """Ask one worker (or all) to re-register; per worker at most once every few seconds."""
+        now = self.service.clock()
+        key = worker or "*"
+        if now - self._asked.get(key, float("-inf")) < 5.0:
+            return
+        self._asked[key] = now
+        await self.service.bus.publish(subjects.SYNC, SyncRequest(worker=worker))
+
     def start(self) -> None:
-        """Begin flushing in the background."""
+        """Ask every worker to register (we may have missed them), then flush in the background."""
         self._task = asyncio.ensure_future(self._loop())
 
     async def _loop(self) -> None:
+        await self.ask_to_register(None)
         while True:
             await asyncio.sleep(self.flush_s)
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
@@ -17,7 +18,7 @@ from shared.bus.messages import ItemOutcome, PlacementFitted, PlacementScored
 from shared.bus.service import PlacementService
 from shared.core.placement import instance_from_decision, run_scoring
 from shared.core.placement.domain import Instance, Unschedulable
-from shared.core.placement.reconcile import still_fits
+from shared.core.placement.reconcile import CandidateColumns, candidate_columns, fitting_mask, still_fits
 
 ASSUME_TTL_S = 10.0
 
@@ -26,10 +27,6 @@ class ScoringService(PlacementService):
     """Runs the profile's scorers and picks one candidate per replica."""
 
     name = "scoring"
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self.assumed: dict[str, float] = {}  # instance id -> when assumed
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Reads fitting results."""
@@ -56,10 +53,17 @@ class ScoringService(PlacementService):
         req = msg.request
         now = self.clock()
         outcomes = []
+        columns: dict[str, CandidateColumns | None] = {}
         for item in req.items:
             spec = req.specs[item.model]
             fit = msg.fitted[item.model]
-            live = [c for c in fit.candidates if still_fits(self.snapshot, c)]
+            if item.model not in columns:
+                columns[item.model] = candidate_columns(self.snapshot, fit.candidates)
+            cols = columns[item.model]
+            if cols is not None:
+                live = [fit.candidates[int(i)] for i in np.flatnonzero(fitting_mask(self.snapshot, cols))]
+            else:
+                live = [c for c in fit.candidates if still_fits(self.snapshot, c)]
             if not live:
                 un = Unschedulable(
                     model=item.model,
@@ -74,19 +78,11 @@ class ScoringService(PlacementService):
 
     def assume(self, instance: Instance, now: float) -> None:
         """Count a decided (not yet committed) replica in the snapshot."""
-        if instance.id in self.feed.instances and self.feed.instances[instance.id].worker:
+        known = self.feed.instances.get(instance.id)
+        if known is not None and known.worker is not None:
             return  # already committed (a redelivery): the real record is there
-        self.snapshot.upsert_instance(instance)
-        self.assumed[instance.id] = now
+        self.feed.assume(instance, now)
 
     def expire_assumptions(self) -> None:
         """Drop assumptions whose commit never showed up."""
-        now = self.clock()
-        for iid, at in list(self.assumed.items()):
-            real = self.feed.instances.get(iid)
-            if real is not None and (real.worker is not None or real.state.value == "PENDING"):
-                del self.assumed[iid]  # the real record (or its refusal) has replaced the assumption
-            elif now - at > ASSUME_TTL_S:
-                del self.assumed[iid]
-                if real is None:
-                    self.snapshot.remove_instance(iid)
+        self.feed.expire_assumptions(self.clock(), ASSUME_TTL_S)

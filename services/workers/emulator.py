@@ -27,6 +27,7 @@ from shared.bus.messages import (
     InstanceStatus,
     MessageError,
     ModelFileUpdate,
+    SyncRequest,
     WorkerRegistration,
     decode,
     encode,
@@ -125,6 +126,7 @@ class Fleet:
     async def start(self) -> None:
         """Subscribe to worker commands and register every worker."""
         await self.nc.subscribe(subjects.WORKER_CMD_ALL, cb=self._on_command)
+        await self.nc.subscribe(subjects.SYNC, cb=self._on_sync)
         for w in self.workers.values():
             await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
         await self.nc.flush()
@@ -153,6 +155,17 @@ class Fleet:
             if register:
                 await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
             await self.nc.publish(subjects.HEARTBEAT, encode(w.heartbeat()))
+
+    async def _on_sync(self, msg: Msg) -> None:
+        try:
+            req = decode(msg.data, SyncRequest)
+        except MessageError:
+            return
+        names = [req.worker] if req.worker else list(self.workers)
+        for name in names:
+            w = self.workers.get(name)
+            if w is not None and name not in self.paused:
+                await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
 
     async def _on_command(self, msg: Msg) -> None:
         parts = msg.subject.split(".")

@@ -44,6 +44,7 @@ class SnapshotFeed:
         self.cordons: set[str] = set()
         self.instances: dict[str, Instance] = {}  # every known instance, any state
         self.listeners: list[ChangeListener] = []
+        self.assumed: dict[str, float] = {}  # instance id -> when a decision was assumed (not committed yet)
 
     # -- bootstrap ------------------------------------------------------------------------------------
 
@@ -94,8 +95,29 @@ class SnapshotFeed:
             ModelFile(source=upd.source, worker=upd.worker, state=upd.state, progress=upd.progress)
         )
 
+    def assume(self, inst: Instance, now: float) -> None:
+        """Count a decided, not yet committed placement in the snapshot until its outcome is known."""
+        self.assumed[inst.id] = now
+        self.snapshot.upsert_instance(inst)
+
+    def expire_assumptions(self, now: float, ttl: float) -> None:
+        """Drop assumptions whose outcome never arrived (the commit message may have been lost)."""
+        for iid, at in list(self.assumed.items()):
+            if now - at > ttl:
+                del self.assumed[iid]
+                real = self.instances.get(iid)
+                if real is not None:
+                    self._put_instance(real)
+                else:
+                    self.snapshot.remove_instance(iid)
+
     def on_instance(self, ev: InstanceEvent) -> None:
         """Apply an instance change; freed resources count as a cluster change."""
+        at = self.assumed.get(ev.instance.id)
+        if at is not None:
+            if ev.instance.worker is None and not ev.removed and ev.at < at:
+                return  # the PENDING record from before our assumption: keep the assumption
+            del self.assumed[ev.instance.id]
         old = self.instances.get(ev.instance.id)
         if ev.removed:
             self.instances.pop(ev.instance.id, None)

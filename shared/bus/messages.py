@@ -63,6 +63,12 @@ class WorkerRegistration(Message, frozen=True, kw_only=True):
     worker: Worker
 
 
+class SyncRequest(Message, frozen=True, kw_only=True):
+    """Ask workers to send their WorkerRegistration now (``worker`` None: every worker)."""
+
+    worker: str | None = None
+
+
 class GpuUsage(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """VRAM in use on one GPU (every process, Gantry-managed or not)."""
 

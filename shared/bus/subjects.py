@@ -19,6 +19,8 @@ CMD_ALL = f"{PREFIX}.cmd.>"
 # -- worker reports --------------------------------------------------------------------------------
 REGISTER = f"{PREFIX}.worker.register"
 """WorkerRegistration (core NATS): a worker's full inventory; sent at start and every few heartbeats."""
+SYNC = f"{PREFIX}.worker.sync"
+"""SyncRequest (core NATS): asks workers (all, or one) to re-register now, e.g. when a reconciler starts."""
 HEARTBEAT = f"{PREFIX}.worker.heartbeat"
 """Heartbeat (core NATS): light liveness + usage report."""
 MODEL_FILE = f"{PREFIX}.worker.files"

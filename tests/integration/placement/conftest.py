@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 TIMINGS = {
     "GANTRY_HEARTBEAT_INTERVAL_S": "0.2",
-    "GANTRY_NOT_READY_AFTER_S": "0.6",
+    "GANTRY_NOT_READY_AFTER_S": "1.5",
     "GANTRY_RESCHEDULE_AFTER_S": "2",
     "GANTRY_DRAIN_TIMEOUT_S": "2",
     "GANTRY_ACK_WAIT_S": "2",

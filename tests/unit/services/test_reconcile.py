@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from shared.core.placement.domain import Instance, InstanceState, SubordinateWorker
+from shared.core.placement.domain import GIB, Candidate, Gpu, Instance, InstanceState, SubordinateWorker, Worker
 from shared.core.placement.reconcile import (
     GiveUp,
     Retry,
     after_refusal,
+    candidate_columns,
     drain_finished,
+    fitting_mask,
     plan_scale,
     resync_workers,
+    still_fits,
     unreachable_instances,
 )
+from shared.core.placement.snapshot import ClusterSnapshot
 
 S = InstanceState
 
@@ -91,3 +95,29 @@ def test_resync_deletes_instances_a_worker_should_not_run() -> None:
 def test_resync_ignores_workers_that_do_not_report() -> None:
     got = resync_workers({"a": inst("a", S.RUNNING)}, {}, {"a": 0.0}, now=10.0, grace=1.0)
     assert got.assign == () and got.delete == ()
+
+
+def _snapshot_with_claims() -> ClusterSnapshot:
+    gpus = tuple(Gpu(index=i, vram_total=80 * GIB) for i in range(2))
+    snap = ClusterSnapshot.from_parts(workers=[Worker(name="w1", gpus=gpus, ram_total=64 * GIB, last_heartbeat=1.0)])
+    snap.upsert_instance(inst("a", S.RUNNING, gpu_indexes=(0,), vram_claims=(70 * GIB,)))
+    return snap
+
+
+@pytest.mark.parametrize(
+    ("gpu", "claim", "ram", "fits"),
+    [(0, 10, 0, True), (0, 11, 0, False), (1, 80, 0, True), (1, 10, 65, False)],
+    ids=["room-left", "too-big-for-remainder", "empty-gpu", "short-of-ram"],
+)
+def test_still_fits_and_its_vectorised_form_agree(gpu: int, claim: int, ram: int, fits: bool) -> None:
+    snap = _snapshot_with_claims()
+    cand = Candidate(worker="w1", gpu_indexes=(gpu,), vram_claims=(claim * GIB,), ram_claim=ram * GIB)
+    assert still_fits(snap, cand) is fits
+    cols = candidate_columns(snap, [cand])
+    assert cols is not None and bool(fitting_mask(snap, cols)[0]) is fits
+
+
+def test_multi_gpu_candidates_have_no_columns() -> None:
+    snap = _snapshot_with_claims()
+    cand = Candidate(worker="w1", gpu_indexes=(0, 1), vram_claims=(1, 1))
+    assert candidate_columns(snap, [cand]) is None
