@@ -172,7 +172,7 @@ class LocalStack:
                 asyncio.run(self.wait_services_ready())
             if self.fleet.count > 0:
                 self.spawn(WORKERS_SERVICE, worker_argv(self.fleet, self.workers_command))
-            self._write_state()
+            self.write_state()
         except BaseException:
             self.stop()
             raise
@@ -301,7 +301,7 @@ class LocalStack:
         for child in self.children:
             yield child.process.pid
 
-    def _write_state(self) -> None:
+    def write_state(self) -> None:
         """Record the launcher's pid and URLs so `gantry down` can find this stack."""
         self.home.mkdir(parents=True, exist_ok=True)
         state = {

@@ -212,6 +212,7 @@ def _restart_dead(stack: LocalStack, restarts: dict[str, int], out: Console) -> 
         restarts[child.name] = count + 1
         out.print(f"[yellow]{child.name} exited with code {child.process.returncode}; restarting[/]")
         stack.spawn(child.name, child.argv)
+        stack.write_state()
 
 
 def _rel(path: Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -33,6 +34,22 @@ class Stack:
     process: pexpect.spawn
     startup_output: str
     home: Path
+    output_log: Path  # everything `gantry up` printed, kept current by a drain thread
+
+    def output(self) -> str:
+        """What `gantry up` has printed so far."""
+        return self.output_log.read_text(errors="replace")
+
+
+def drain(child: pexpect.spawn) -> None:
+    """Keep reading the child's terminal so its status line never blocks on a full pty buffer."""
+    while child.isalive():
+        try:
+            child.read_nonblocking(65536, timeout=0.5)
+        except pexpect.TIMEOUT:
+            continue
+        except (pexpect.EOF, OSError, ValueError):
+            return
 
 
 @dataclass
@@ -72,18 +89,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("gantry-home")
     env = stack_env(home, free_port(), free_port())
     child = spawn(["up", "--workers", "4", "--demo"], env, timeout=UP_TIMEOUT_S)
+    log = home / "up-output.txt"
+    child.logfile_read = log.open("w", encoding="utf-8")
     try:
         child.expect(r"Ctrl-C \(or `gantry down`\) stops everything")
     except (pexpect.EOF, pexpect.TIMEOUT):
         child.terminate(force=True)
         pytest.fail(f"gantry up did not come up:\n{child.before}")
-    up = Stack(env=env, process=child, startup_output=child.before, home=home)
+    up = Stack(env=env, process=child, startup_output=child.before, home=home, output_log=log)
+    reader = threading.Thread(target=drain, args=(child,), daemon=True)
+    reader.start()
     yield up
     down = run_cli(["down"], env)
-    child.expect(pexpect.EOF, timeout=30)
+    reader.join(timeout=40)
     child.close()
+    child.logfile_read.close()
     assert down.code == 0, down.err
-    assert child.exitstatus == 0, child.before
+    assert child.exitstatus == 0, up.output()[-2000:]
+    assert up.output().rstrip().endswith("stopped")
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> Result:

@@ -109,14 +109,21 @@ def test_explain_gives_the_schedulers_reason_for_a_model_that_cannot_fit(gantry:
     waited = gantry("scale", "huge", "1", "--wait", "--timeout", "3")
     assert waited.code == 1
     assert "not settled" in waited.err and "gantry explain" in waited.err
+    deadline = time.monotonic() + 30  # the verdict comes back through the pipeline: poll, bounded
+    while True:
+        as_json = json.loads(gantry("explain", "huge", "--json").out)
+        has_reason = bool(as_json["pending"]) and bool(as_json["pending"][0]["reason"])
+        if (as_json["last_unschedulable"] and has_reason) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert as_json["pending"][0]["reason"]
+    assert as_json["last_unschedulable"]["model"] == "huge"
     result = gantry("explain", "huge")
     assert result.code == 0, result.err
     assert "1 replica(s) pending" in result.out
     reason = result.out.split("pending:")[1].strip()
     assert reason and "waiting for placement" not in reason
-    as_json = json.loads(gantry("explain", "huge", "--json").out)
-    assert as_json["pending"][0]["reason"]
-    assert as_json["last_unschedulable"]["model"] == "huge"
+    assert "latest verdict" in result.out
     gantry("scale", "huge", "0")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -68,3 +69,16 @@ def test_up_rejects_an_unknown_gpu_type(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "unknown GPU type 'Z9000'" in proc.stderr
+
+
+def test_a_crashed_service_is_restarted(stack: Stack) -> None:
+    def scoring_pid() -> int:
+        return int(json.loads((stack.home / "stack.json").read_text())["children"]["scoring"])
+
+    killed = scoring_pid()
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while "scoring exited with code -9; restarting" not in stack.output() or scoring_pid() == killed:
+        assert time.monotonic() < deadline, stack.output()[-2000:]
+        time.sleep(0.2)
+    assert alive(scoring_pid())
