@@ -280,7 +280,7 @@ class LocalStack:
         """True while both servers run."""
         return bool(self.nats and self.nats.alive() and self.redis and self.redis.alive())
 
-    def stop(self, timeout: float = 8.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """Stop workers, then services (SIGTERM, then SIGKILL after ``timeout``), then the servers."""
         workers = [c for c in self.children if c.name == WORKERS_SERVICE]
         services = [c for c in self.children if c.name != WORKERS_SERVICE]
