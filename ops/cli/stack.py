@@ -56,6 +56,8 @@ def up(
 ) -> None:
     """Start NATS, Redis, the four placement services and emulated workers; Ctrl-C stops everything."""
     settings = load(nats_url, redis_url)
+    if demo and workers == 0:
+        raise CliError("--demo needs workers to place the demo models on: add --workers N", exit_code=2)
     if workers:
         try:
             gpu_vram_gib(gpu_type)  # refuse a bad fleet before anything starts

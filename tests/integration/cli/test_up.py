@@ -82,3 +82,11 @@ def test_a_crashed_service_is_restarted(stack: Stack) -> None:
         assert time.monotonic() < deadline, stack.output()[-2000:]
         time.sleep(0.2)
     assert alive(scoring_pid())
+
+
+def test_demo_without_workers_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    env = stack_env(tmp_path, free_port(), free_port())
+    proc = subprocess.run([GANTRY, "up", "--demo"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--demo needs workers" in proc.stderr
+    assert not (tmp_path / "logs").exists()
