@@ -45,6 +45,7 @@ class WorkerFleet:
     count: int = 0
     gpus: int = 8
     gpu_type: str = "H100-SXM-80GB"
+    labels: tuple[str, ...] = ()  # "key=value", given to every worker
 
 
 @dataclass
@@ -90,6 +91,7 @@ def worker_argv(fleet: WorkerFleet, base: Sequence[str] | None = None) -> list[s
         "--gpus", str(fleet.gpus),
         "--gpu-product", fleet.gpu_type,
         "--vram-gib", f"{gpu_vram_gib(fleet.gpu_type):g}",
+        *(arg for label in fleet.labels for arg in ("--label", label)),
     ]
 
 

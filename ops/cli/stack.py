@@ -46,6 +46,9 @@ def up(
     workers: Annotated[int, typer.Option(min=0, help="emulated workers to start")] = 0,
     gpus: Annotated[int, typer.Option(min=1, help="GPUs per emulated worker")] = 8,
     gpu_type: Annotated[str, typer.Option(help="GPU product of the emulated workers")] = "H100-SXM-80GB",
+    label: Annotated[
+        list[str] | None, typer.Option(help="label KEY=VALUE for every emulated worker (repeatable)")
+    ] = None,
     demo: Annotated[bool, typer.Option(help="deploy the example models in ops/demo and report")] = False,
     fresh: Annotated[bool, typer.Option(help="wipe the stack's stored data (.gantry/) first")] = False,
     exit_after: Annotated[
@@ -58,6 +61,10 @@ def up(
     settings = load(nats_url, redis_url)
     if demo and workers == 0:
         raise CliError("--demo needs workers to place the demo models on: add --workers N", exit_code=2)
+    labels = tuple(label or ())
+    bad = [item for item in labels if "=" not in item or item.startswith("=")]
+    if bad:
+        raise CliError(f"--label expects KEY=VALUE, got {bad[0]!r}", exit_code=2)
     if workers:
         try:
             gpu_vram_gib(gpu_type)  # refuse a bad fleet before anything starts
@@ -68,7 +75,7 @@ def up(
         for sub in ("nats", "redis"):
             shutil.rmtree(home / sub, ignore_errors=True)
     out = Console(highlight=False)
-    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type), home=home)
+    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels), home=home)
     out.print(f"starting NATS at {settings.nats_url} and Redis, data and logs in {_rel(home)}/")
     signal.signal(signal.SIGTERM, _interrupt)  # `gantry down` and service managers stop us like Ctrl-C
     try:

@@ -51,6 +51,11 @@ def test_worker_argv_passes_the_fleet_shape_with_vram_from_the_gpu_catalogue() -
     assert argv[3:] == ["--count", "3", "--gpus", "4", "--gpu-product", "A100-SXM-40GB", "--vram-gib", "40"]
 
 
+def test_worker_labels_are_passed_one_flag_each() -> None:
+    argv = worker_argv(WorkerFleet(count=1, labels=("zone=a", "tier=gold")), WORKERS)
+    assert argv[-4:] == ["--label", "zone=a", "--label", "tier=gold"]
+
+
 def test_unknown_gpu_type_is_a_clear_error() -> None:
     with pytest.raises(StackError, match="unknown GPU type 'Z9000'"):
         worker_argv(WorkerFleet(count=1, gpu_type="Z9000"), WORKERS)
