@@ -141,8 +141,8 @@ class CorePolicy:
     def representatives(self, feasible: npt.NDArray[np.bool_], model: str) -> npt.NDArray[np.bool_]:
         """Among feasible rows, the lowest-named worker of each class of identical workers.
 
-        Only for pods the core scores on its reference path (CPU-only and multi-GPU pods), to save
-        time: binpack, worker_fill and spread score a worker from its own state (allocatable VRAM and
+        Only for CPU-only pods, which the core scores on its reference path (one Candidate per
+        worker), to save time: binpack, worker_fill and spread score a worker from its own state (allocatable VRAM and
         RAM, GPU types, instance counts of this model and of others) and break ties by name, and spread
         normalizes over the min/max of those counts, so dropping the higher-named twins of a worker
         cannot change the decision.
@@ -168,7 +168,7 @@ class CorePolicy:
         host_ok = state.cpu_free >= shape.cpu
         if shape.spec and "|" in shape.spec:
             host_ok = host_ok & state.type_ok(shape)
-        if shape.num_gpu != 1 and self.strategy != "fragmentation":
+        if shape.num_gpu == 0 and self.strategy != "fragmentation":
             host_ok = self.representatives(host_ok & state.feasible(shape), model)
         TraceHostFilter.allowed = host_ok
         profile = self.cpu_profile if shape.num_gpu == 0 else self.gpu_profile

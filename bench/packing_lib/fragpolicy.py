@@ -63,12 +63,13 @@ class FragmentationFit:
 
     name = "fragmentation"
 
-    def __init__(self, window: int = 4096, relearn_every: int = 1024, coverage: float = 0.95,
-                 core_view: bool = False) -> None:
+    def __init__(self, window: int = 4096, relearn_every: int = 1024, coverage: float = 1.0,
+                 core_view: bool = False, tie_fullest: bool = False) -> None:
         self.window: deque[ReplicaShape] = deque(maxlen=window)
         self.relearn_every = relearn_every
         self.coverage = coverage
         self.core_view = core_view
+        self.tie_fullest = tie_fullest
         self.arrivals = 0
         self.work: WorkloadArrays | None = None
         self.access: npt.NDArray[np.bool_] | None = None
@@ -120,6 +121,9 @@ class FragmentationFit:
             return None
         assert self.name_rank is not None
         ties = np.flatnonzero(entry.delta == best)
+        if len(ties) > 1 and self.tie_fullest:
+            left = np.maximum(state.free[ties], 0).sum(axis=1)
+            ties = ties[left == left.min()]
         node = int(ties[np.argmin(self.name_rank[ties])])
         if self.core_view:
             self.window.append(replica_shape(shape, core_view=True))  # it will be placed
