@@ -170,16 +170,40 @@ async def send_cordon(nc: NatsClient, command: CordonCommand) -> int:
     return await publish(nc, subjects.CORDON, command, f"cli-{uuid.uuid4().hex}")
 
 
-async def deploy_files(settings: Settings, files: Iterable[Path]) -> list[ModelSpec]:
-    """Validate every file first, then publish one scale command per model (with its spec)."""
+async def deploy_files(settings: Settings, files: Iterable[Path], confirm_timeout: float = 15.0) -> list[ModelSpec]:
+    """Validate every file first, publish one scale command per model (with its spec), and return once
+    the reconciler has recorded every spec, so a `gantry scale` right after a deploy finds the model."""
+    from ops.cli.common import connect_redis
+
     specs = [load_spec(path) for path in files]
-    nc = await connect_nats(settings)
+    redis = await connect_redis(settings)
     try:
-        for spec in specs:
-            await send_scale(nc, scale_command(spec.name, spec.replicas, spec))
+        nc = await connect_nats(settings)
+        try:
+            for spec in specs:
+                await send_scale(nc, scale_command(spec.name, spec.replicas, spec))
+        finally:
+            await nc.close()
+        await _confirm_recorded(StateStore(redis), specs, confirm_timeout)
     finally:
-        await nc.close()
+        await redis.aclose()
     return specs
+
+
+async def _confirm_recorded(store: StateStore, specs: Sequence[ModelSpec], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = {spec.name: spec for spec in specs}
+    while waiting:
+        stored = await store.models()
+        waiting = {name: spec for name, spec in waiting.items() if stored.get(name) != spec}
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise CliError(
+                f"sent, but the reconciler has not recorded {', '.join(sorted(waiting))} within {timeout:g}s "
+                "(is it running? `gantry events --dead-letters` shows rejected commands)"
+            )
+        await asyncio.sleep(0.1)
 
 
 def parse_target(target: str) -> tuple[str, int | None]:
