@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import msgspec
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
@@ -12,6 +13,7 @@ from shared.bus.service import PlacementService
 from shared.catalog import load_model_arch
 from shared.core.catalog.models import ModelArch
 from shared.core.placement import requirements, run_fitting
+from shared.core.placement.columns import CandidateSet, fit_columns
 from shared.core.placement.domain import FitResult, ModelSpec, Reason, ResourceRequest, Unschedulable
 
 
@@ -22,6 +24,10 @@ class FittingService(PlacementService):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self._arch: dict[str, ModelArch | None] = {}
+        # (spec, survivors) -> (when, result). Candidates are a superset check, not a verdict: scoring
+        # re-checks each against its live snapshot and the ledger's compare-and-set has the last word,
+        # so reusing them for a fraction of a second only costs candidates that appeared meanwhile.
+        self._fits: dict[tuple[bytes, tuple[str, ...]], tuple[float, FitResult | CandidateSet]] = {}
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
@@ -57,10 +63,37 @@ class FittingService(PlacementService):
                 self._arch[key] = None
         return self._arch[key]
 
+    def fit_model(
+        self, spec: ModelSpec, request: ResourceRequest, survivors: tuple[str, ...]
+    ) -> FitResult | CandidateSet:
+        """The core's fitting for one model (columns when single-GPU), reused for ``fit_cache_s``."""
+        ttl = self.settings.fit_cache_s
+        if ttl <= 0:
+            return self._fit_now(spec, request, survivors)
+        now = self.clock()
+        key = (msgspec.json.encode(spec), survivors)
+        hit = self._fits.get(key)
+        if hit is not None and now - hit[0] < ttl:
+            return hit[1]
+        res = self._fit_now(spec, request, survivors)
+        if len(self._fits) > 256:
+            self._fits = {k: v for k, v in self._fits.items() if now - v[0] < ttl}
+        self._fits[key] = (now, res)
+        return res
+
+    def _fit_now(
+        self, spec: ModelSpec, request: ResourceRequest, survivors: tuple[str, ...]
+    ) -> FitResult | CandidateSet:
+        cols = fit_columns(self.snapshot, spec, request, survivors, self.profile)
+        if cols is not None:
+            return cols
+        return run_fitting(self.snapshot, spec, request, survivors, self.profile)
+
     def fit(self, msg: PlacementFiltered) -> tuple[PlacementFitted | None, PlacementScored | None]:
         """Pure step over the snapshot: (candidates message, unschedulable outcomes)."""
         req = msg.request
         results: dict[str, FitResult] = {}
+        columns: dict[str, CandidateSet] = {}
         verdicts: dict[str, Unschedulable] = {}
         for model, spec in sorted(req.specs.items()):
             flt = msg.filtered.get(model)
@@ -72,8 +105,11 @@ class FittingService(PlacementService):
                 verdicts[model] = Unschedulable(model=model, message=request.message, reasons=(request,))
                 continue
             assert isinstance(request, ResourceRequest)
-            res = run_fitting(self.snapshot, spec, request, flt.survivors, self.profile)
-            if res.candidates:
+            res = self.fit_model(spec, request, flt.survivors)
+            if isinstance(res, CandidateSet):
+                columns[model] = res
+                results[model] = FitResult(model=model, strategy=res.strategy)
+            elif res.candidates:
                 results[model] = res
             else:
                 verdicts[model] = Unschedulable(
@@ -85,6 +121,6 @@ class FittingService(PlacementService):
             sub = PlacementRequest(
                 batch_id=req.batch_id, items=kept, specs={m: s for m, s in req.specs.items() if m in results}
             )
-            fitted = PlacementFitted(request=sub, fitted=results)
+            fitted = PlacementFitted(request=sub, fitted=results, columns=columns)
         failed = tuple(ItemOutcome(item=i, unschedulable=verdicts[i.model]) for i in req.items if i.model in verdicts)
         return fitted, (PlacementScored(batch_id=req.batch_id, outcomes=failed) if failed else None)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
 from shared.bus.messages import ItemOutcome, PlacementFitted, PlacementScored
 from shared.bus.service import PlacementService
 from shared.core.placement import instance_from_decision, run_scoring
-from shared.core.placement.domain import Instance, Unschedulable
-from shared.core.placement.reconcile import CandidateColumns, candidate_columns, fitting_mask, still_fits
+from shared.core.placement.columns import Positions, as_candidates, locate, score_columns
+from shared.core.placement.domain import Candidate, Decision, Instance, ModelSpec, Unschedulable
+from shared.core.placement.reconcile import still_fits
 
 ASSUME_TTL_S = 10.0
 
@@ -53,28 +53,39 @@ class ScoringService(PlacementService):
         req = msg.request
         now = self.clock()
         outcomes = []
-        columns: dict[str, CandidateColumns | None] = {}
+        located: dict[str, Positions | None] = {}
         for item in req.items:
             spec = req.specs[item.model]
-            fit = msg.fitted[item.model]
-            if item.model not in columns:
-                columns[item.model] = candidate_columns(self.snapshot, fit.candidates)
-            cols = columns[item.model]
-            if cols is not None:
-                live = [fit.candidates[int(i)] for i in np.flatnonzero(fitting_mask(self.snapshot, cols))]
+            decision: Decision | None = None
+            considered = 0
+            cset = msg.columns.get(item.model)
+            if cset is not None:
+                if item.model not in located:
+                    located[item.model] = locate(self.snapshot, cset)
+                pos = located[item.model]
+                considered = len(cset)
+                if pos is not None:
+                    decision = score_columns(self.snapshot, spec, cset, pos, self.profile)
+                if decision is None:  # a worker unknown here, or a scorer without a fast form
+                    decision = self._reference(spec, as_candidates(cset))
             else:
-                live = [c for c in fit.candidates if still_fits(self.snapshot, c)]
-            if not live:
+                candidates = msg.fitted[item.model].candidates
+                considered = len(candidates)
+                decision = self._reference(spec, candidates)
+            if decision is None:
                 un = Unschedulable(
                     model=item.model,
-                    message=f"all {len(fit.candidates)} candidates were taken while this replica was in flight",
+                    message=f"all {considered} candidates were taken while this replica was in flight",
                 )
                 outcomes.append(ItemOutcome(item=item, unschedulable=un))
                 continue
-            decision = run_scoring(self.snapshot, spec, live, self.profile)
             self.assume(instance_from_decision(decision, item.instance_id, created_at=item.requested_at), now)
             outcomes.append(ItemOutcome(item=item, decision=decision))
         return PlacementScored(batch_id=req.batch_id, outcomes=tuple(outcomes), specs=req.specs)
+
+    def _reference(self, spec: ModelSpec, candidates: Sequence[Candidate]) -> Decision | None:
+        live = [c for c in candidates if still_fits(self.snapshot, c)]
+        return run_scoring(self.snapshot, spec, live, self.profile) if live else None
 
     def assume(self, instance: Instance, now: float) -> None:
         """Count a decided (not yet committed) replica in the snapshot."""

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from shared.core.placement.columns import CandidateSet
 from shared.core.placement.domain import (
     Decision,
     FilterReport,
@@ -134,10 +135,15 @@ class PlacementFiltered(Message, frozen=True, kw_only=True):
 
 
 class PlacementFitted(Message, frozen=True, kw_only=True):
-    """Fitting output: the core's FitResult per model (models with candidates only)."""
+    """Fitting output per model (models with candidates only).
+
+    Single-GPU candidates travel as ``columns`` (the core's compact CandidateSet; the model's FitResult
+    then has no candidates, only strategy and reasons); any other shape as FitResult candidates.
+    """
 
     request: PlacementRequest
     fitted: dict[str, FitResult]
+    columns: dict[str, CandidateSet] = {}
 
 
 class ItemOutcome(msgspec.Struct, frozen=True, kw_only=True):

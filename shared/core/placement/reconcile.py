@@ -9,9 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import numpy.typing as npt
-
 from shared.core.placement.domain import Candidate, Instance, InstanceState
 from shared.core.placement.snapshot import ClusterSnapshot
 
@@ -167,41 +164,3 @@ def still_fits(snapshot: ClusterSnapshot, candidate: Candidate) -> bool:
         if ram and snapshot.ram_allocatable(worker) < ram:
             return False
     return True
-
-
-@dataclass(frozen=True)
-class CandidateColumns:
-    """Single-GPU candidates as snapshot coordinates, to re-check room for many replicas cheaply."""
-
-    rows: npt.NDArray[np.int64]
-    slots: npt.NDArray[np.int64]
-    claims: npt.NDArray[np.int64]
-    ram: npt.NDArray[np.int64]
-
-
-def candidate_columns(snapshot: ClusterSnapshot, candidates: Sequence[Candidate]) -> CandidateColumns | None:
-    """Coordinates of single-GPU, single-worker candidates; None if any is of another shape or unknown."""
-    rows, slots, claims, ram = [], [], [], []
-    for c in candidates:
-        if len(c.gpu_indexes) != 1 or c.subordinates:
-            return None
-        row = snapshot.row_of(c.worker)
-        slot = (snapshot.slot_map(c.worker) or {}).get(c.gpu_indexes[0])
-        if row is None or slot is None:
-            return None
-        rows.append(row)
-        slots.append(slot)
-        claims.append(c.vram_claims[0])
-        ram.append(c.ram_claim)
-    return CandidateColumns(
-        rows=np.array(rows, dtype=np.int64), slots=np.array(slots, dtype=np.int64),
-        claims=np.array(claims, dtype=np.int64), ram=np.array(ram, dtype=np.int64),
-    )
-
-
-def fitting_mask(snapshot: ClusterSnapshot, cols: CandidateColumns) -> npt.NDArray[np.bool_]:
-    """Per candidate: does it still fit the snapshot (same rule as ``still_fits``, vectorised)?"""
-    vram_ok = snapshot.g_alloc[cols.rows, cols.slots] >= cols.claims
-    ram_ok = (cols.ram == 0) | (snapshot.w_ram_alloc[cols.rows] >= cols.ram)
-    present = snapshot.w_present[cols.rows]
-    return np.asarray(vram_ok & ram_ok & present, dtype=np.bool_)

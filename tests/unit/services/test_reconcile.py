@@ -9,9 +9,7 @@ from shared.core.placement.reconcile import (
     GiveUp,
     Retry,
     after_refusal,
-    candidate_columns,
     drain_finished,
-    fitting_mask,
     plan_scale,
     resync_workers,
     still_fits,
@@ -109,15 +107,7 @@ def _snapshot_with_claims() -> ClusterSnapshot:
     [(0, 10, 0, True), (0, 11, 0, False), (1, 80, 0, True), (1, 10, 65, False)],
     ids=["room-left", "too-big-for-remainder", "empty-gpu", "short-of-ram"],
 )
-def test_still_fits_and_its_vectorised_form_agree(gpu: int, claim: int, ram: int, fits: bool) -> None:
+def test_still_fits_checks_every_gpu_and_ram_against_the_snapshot(gpu: int, claim: int, ram: int, fits: bool) -> None:
     snap = _snapshot_with_claims()
     cand = Candidate(worker="w1", gpu_indexes=(gpu,), vram_claims=(claim * GIB,), ram_claim=ram * GIB)
     assert still_fits(snap, cand) is fits
-    cols = candidate_columns(snap, [cand])
-    assert cols is not None and bool(fitting_mask(snap, cols)[0]) is fits
-
-
-def test_multi_gpu_candidates_have_no_columns() -> None:
-    snap = _snapshot_with_claims()
-    cand = Candidate(worker="w1", gpu_indexes=(0, 1), vram_claims=(1, 1))
-    assert candidate_columns(snap, [cand]) is None

@@ -1,0 +1,92 @@
+"""The columnar fitting → scoring hop decides exactly what the core's candidate path decides."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.core.placement import ClusterSnapshot, requirements, run_fitting, run_scoring
+from shared.core.placement.columns import as_candidates, fit_columns, locate, score_columns
+from shared.core.placement.domain import (
+    GIB,
+    Category,
+    Gpu,
+    Instance,
+    InstanceState,
+    ModelSpec,
+    PlacementStrategy,
+    ResourceRequest,
+    Worker,
+)
+
+
+def cluster() -> ClusterSnapshot:
+    workers = [
+        Worker(
+            name=f"w{i}",
+            gpus=tuple(Gpu(index=g, vram_total=(24 if i % 3 == 0 else 80) * GIB) for g in range(4)),
+            ram_total=256 * GIB,
+            last_heartbeat=100.0,
+        )
+        for i in range(12)
+    ]
+    snap = ClusterSnapshot.from_parts(workers=workers)
+    for n, (w, g, gib) in enumerate([("w1", 0, 60), ("w1", 1, 30), ("w4", 2, 75), ("w7", 3, 10)]):
+        snap.upsert_instance(
+            Instance(id=f"x{n}", model="other", state=InstanceState.RUNNING, worker=w, gpu_indexes=(g,),
+                     vram_claims=(gib * GIB,))
+        )
+    return snap
+
+
+MODELS = [
+    ModelSpec(name="emb", weight_bytes=6 * GIB, categories=(Category.EMBEDDING,)),
+    ModelSpec(name="emb-bp", weight_bytes=6 * GIB, categories=(Category.EMBEDDING,),
+              placement_strategy=PlacementStrategy.BINPACK),
+    ModelSpec(name="llm", weight_bytes=14 * GIB),
+]
+
+
+@pytest.mark.parametrize("model", MODELS, ids=[m.name for m in MODELS])
+def test_columns_carry_the_same_candidates_and_pick_the_same_one(model: ModelSpec) -> None:
+    snap = cluster()
+    req = requirements(model)
+    assert isinstance(req, ResourceRequest)
+    names = snap.worker_names()
+    reference = run_fitting(snap, model, req, names)
+    cset = fit_columns(snap, model, req, names)
+    assert cset is not None
+    key = sorted((c.worker, c.gpu_indexes, c.vram_claims) for c in reference.candidates)
+    assert sorted((c.worker, c.gpu_indexes, c.vram_claims) for c in as_candidates(cset)) == key
+    pos = locate(snap, cset)
+    assert pos is not None
+    fast = score_columns(snap, model, cset, pos)
+    slow = run_scoring(snap, model, reference.candidates)
+    assert fast is not None and fast.candidate == slow.candidate
+    assert fast.score == pytest.approx(slow.score)
+
+
+def test_candidates_taken_since_fitting_are_skipped() -> None:
+    snap = cluster()
+    model = MODELS[2]
+    req = requirements(model)
+    assert isinstance(req, ResourceRequest)
+    cset = fit_columns(snap, model, req, snap.worker_names())
+    assert cset is not None
+    pos = locate(snap, cset)
+    assert pos is not None
+    first = score_columns(snap, model, cset, pos)
+    assert first is not None
+    c = first.candidate
+    snap.upsert_instance(Instance(id="mine", model=model.name, state=InstanceState.SCHEDULED, worker=c.worker,
+                                  gpu_indexes=c.gpu_indexes, vram_claims=c.vram_claims))
+    second = score_columns(snap, model, cset, pos)
+    assert second is not None and (second.candidate.worker, second.candidate.gpu_indexes) != (
+        c.worker, c.gpu_indexes)
+
+
+def test_nothing_fitting_gives_no_columns() -> None:
+    snap = cluster()
+    huge = ModelSpec(name="huge", vram_claim=500 * GIB)
+    req = requirements(huge)
+    assert isinstance(req, ResourceRequest)
+    assert fit_columns(snap, huge, req, snap.worker_names()) is None
