@@ -226,40 +226,39 @@ class Reconciler(PlacementService):
             if spec_now is None:
                 return [], None
             desired = await self.store.desired_of(model)
-            instances = await self.store.instances(model)
-            active = [i for i in instances if i.state in ACTIVE]
-            order: list[str] = []
-            if len(active) > desired:
-                placed = [i for i in active if i.worker is not None]
+            n_active, unrequested = await self.store.model_summary(model, ACTIVE)
+            removed: set[str] = set()
+            if n_active > desired:  # scale-down: the full records are needed to rank and drain
+                instances = await self.store.instances(model)
+                placed = [i for i in instances if i.state in ACTIVE and i.worker is not None]
                 ranked = scale_down_order(self.snapshot, spec_now, now, self.profile, instances=placed)
-                order = [e.instance_id for e in ranked]
-            plan = plan_scale(desired, instances, order)
+                plan = plan_scale(desired, instances, [e.instance_id for e in ranked])
+                removed = set(plan.remove)
+                await self._remove(model, token, [i for i in instances if i.id in removed], now)
+                create = plan.create
+            else:
+                create = desired - n_active
             created = [
-                Instance(id=f"{model}-{secrets.token_hex(5)}", model=model, created_at=now)
-                for _ in range(plan.create)
+                Instance(id=f"{model}-{secrets.token_hex(5)}", model=model, created_at=now) for _ in range(create)
             ]
             if created and not await self.store.create_pending(model, token, created):
                 raise TimeoutError(f"lost the converge lock of {model}")
             await self._publish_instances(created)
-            await self._remove(model, token, [i for i in instances if i.id in set(plan.remove)], now)
-            pending = [i for i in instances if i.state is InstanceState.PENDING and i.id not in set(plan.remove)]
-            again = [i for i in pending if self._needs_request(i, now)]
+            again = [i for i in unrequested if i not in removed and self._needs_request(i, now)]
             items = [
                 PlacementItem(instance_id=inst.id, model=model, requested_at=arrivals[min(k, len(arrivals) - 1)])
                 if arrivals else PlacementItem(instance_id=inst.id, model=model, requested_at=now)
                 for k, inst in enumerate(created)
             ]
-            items += [PlacementItem(instance_id=i.id, model=model, requested_at=now) for i in again]
+            items += [PlacementItem(instance_id=i, model=model, requested_at=now) for i in again]
             return items, spec_now
         finally:
             await self.store.unlock_model(model, token)
 
-    def _needs_request(self, inst: Instance, now: float) -> bool:
-        # A PENDING replica with a reason waits for a cluster change; one without a reason is in flight
-        # unless this process has not requested it recently (e.g. a predecessor crashed mid-converge).
-        if inst.reason:
-            return False
-        last = self.requested.get(inst.id)
+    def _needs_request(self, iid: str, now: float) -> bool:
+        # A PENDING replica without a reason is in flight, unless this process has not requested it
+        # recently (e.g. a predecessor crashed mid-converge). Those with a reason wait for a cluster change.
+        last = self.requested.get(iid)
         return last is None or now - last > 3 * self.settings.ack_wait_s
 
     async def _remove(self, model: str, token: str, victims: Sequence[Instance], now: float) -> None:

@@ -110,6 +110,7 @@ class StateStore:
         self._create = client.register_script((_LUA / "create_pending.lua").read_text())
         self._mark = client.register_script((_LUA / "mark_state.lua").read_text())
         self._unlock = client.register_script((_LUA / "unlock.lua").read_text())
+        self._summary = client.register_script((_LUA / "model_summary.lua").read_text())
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -255,6 +256,12 @@ class StateStore:
                 )
             )
         return sorted(out, key=lambda i: i.id)
+
+    async def model_summary(self, model: str, active: Iterable[InstanceState]) -> tuple[int, list[str]]:
+        """(replicas in ``active`` states, ids of PENDING replicas without a reason), counted in Redis."""
+        keys = [Keys.model_index + model, Keys.inst_state, Keys.inst_reason]
+        raw = await self._summary(keys=keys, args=[",".join(s.value for s in active)])
+        return int(raw[0]), sorted(_s(v) for v in raw[1:])
 
     async def instance(self, instance_id: str) -> Instance | None:
         """One instance with its current state, or None."""
