@@ -39,7 +39,7 @@ def test_deploy_validates_the_file_before_it_needs_the_stack(dead_env: dict[str,
     spec = tmp_path / "m.yaml"
     spec.write_text("name: m\nreplicas: 1\n")
     result = run_cli(["deploy", str(spec)], dead_env)
-    assert result.code == 1 and "cannot reach NATS" in result.err
+    assert result.code == 1 and "cannot reach" in result.err
     spec.write_text("name: m\nreplicas: -3\n")
     assert run_cli(["deploy", str(spec)], dead_env).code == 2
 
