@@ -237,16 +237,35 @@ class OptimalityRow:
     used: dict[str, int | None]
 
 
+def with_spare(instance: Instance) -> Instance:
+    """The instance plus one spare worker like its first, named to sort after the others.
+
+    The optimum never needs it (the instance was generated to fit its own workers), but an online
+    strategy that cannot fit everything into the ``n`` workers may use ``n + 1``: with the spare,
+    "within one worker of the optimum" is decided exactly (failing with ``n + 1`` workers means
+    needing more than ``optimum + 1``).
+    """
+    first = instance.workers[0]
+    spare = SmallWorker(name="x-spare", vram=first.vram, ram=first.ram, product=first.product)
+    return Instance(seed=instance.seed, workers=(*instance.workers, spare), replicas=instance.replicas)
+
+
 def evaluate(seed: int, strategies: tuple[str, ...], mixed: bool = False) -> OptimalityRow:
-    """Solve one random instance and place it with every strategy."""
+    """Solve one random instance and place it with every strategy.
+
+    One worker type per instance (``mixed=False``): strategies get one spare worker (``with_spare``).
+    Mixed worker types: no spare (a spare of one type could beat the optimum over the given workers),
+    so an unplaced replica counts as a miss.
+    """
     instance = random_instance(seed, mixed=mixed)
     best = solve(instance)
     if best is None:
         raise RuntimeError(f"instance {seed} has no packing, but it was generated from one")
+    offered = instance if mixed else with_spare(instance)
     used: dict[str, int | None] = {}
     for strategy in strategies:
-        placements = gantry_place(instance, strategy)
-        count = check(instance, placements)
+        placements = gantry_place(offered, strategy)
+        count = check(offered, placements)
         used[strategy] = count if all(p is not None for p in placements) else None
     return OptimalityRow(seed=seed, replicas=len(instance.replicas), workers=len(instance.workers),
                          optimum=best.workers, proven=best.proven, used=used)

@@ -246,15 +246,20 @@ H100 80 GiB; 64 GiB RAM per GPU) and 5–30 replicas: half fractional models (1 
 packing, so every instance is feasible. OR-Tools CP-SAT finds the fewest workers that host all replicas
 (3 s limit per instance; {proven} of {n} proven optimal, the others compared against the proven lower
 bound, which can only make a strategy look worse). Each strategy places the replicas one after another
-with `place()` (online, arrival order), like the reconciler does.
+with `place()` (online, in arrival order, as the reconciler does), on the instance's workers plus **one
+spare worker** of the same type, named to sort last. The optimum never needs the spare; a strategy that
+cannot place every replica even with it needs more than optimum + 1 workers, so "within one worker of
+the optimum" is decided exactly; such instances are counted in the "unplaced" column.
 
 {opt_table}
 
 ![extra workers](packing_optimality.png)
 
 Second family, {n_mixed} instances where every worker draws its own type and GPU count ({proven_mixed}
-proven optimal). Spec §6 binpack scores the fullest *GPU*, so a small model lands on a fresh small GPU
-of an empty worker rather than on a half-used large one; that costs workers here:
+proven optimal; no spare worker here, because a spare of one type could beat the optimum over the given
+workers, so an unplaced replica counts as a miss). Spec §6 binpack scores the fullest *GPU*, so a small
+model lands on a fresh small GPU of an empty worker rather than on a half-used large one; that costs
+workers here:
 
 {mixed_table}
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from bench.packing_lib.optimal import GIB, Instance, SmallReplica, SmallWorker, check, random_instance, solve
+from bench.packing_lib.optimal import (
+    GIB,
+    Instance,
+    SmallReplica,
+    SmallWorker,
+    check,
+    gantry_place,
+    random_instance,
+    solve,
+    with_spare,
+)
 
 
 def w(name: str, gpus: int = 1, gib: int = 80, ram: int = 512) -> SmallWorker:
@@ -48,3 +58,18 @@ def test_random_instances_always_have_a_packing():
         inst = random_instance(seed)
         assert 2 <= len(inst.workers) <= 8 and 5 <= len(inst.replicas) <= 30
         assert solve(inst, time_limit_s=3.0) is not None
+
+
+def test_the_spare_worker_copies_the_first_and_sorts_last():
+    inst = random_instance(5)
+    spared = with_spare(inst)
+    assert spared.workers[:-1] == inst.workers and spared.replicas == inst.replicas
+    spare = spared.workers[-1]
+    assert (spare.vram, spare.ram) == (inst.workers[0].vram, inst.workers[0].ram)
+    assert spare.name > max(w.name for w in inst.workers)
+
+
+def test_gantry_binpack_fills_one_worker_before_opening_the_next():
+    inst = Instance(seed=0, workers=(w("a", gpus=2), w("b", gpus=2)), replicas=(r(40), r(40), r(40), r(40)))
+    placements = gantry_place(inst, "binpack")
+    assert check(inst, placements) == 1
