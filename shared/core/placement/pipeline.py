@@ -263,30 +263,68 @@ def run_fitting(
     profile: Profile = DEFAULT_PROFILE,
     *,
     exhaustive: bool = False,
+    top: int | None = None,
 ) -> FitResult:
     """Try the profile's fit strategies in order over ``survivors``; the first with candidates wins.
 
     When nothing fits, ``message`` is the spec §5 explanation and ``reasons`` say what each strategy did.
+    With ``top``, only the ``top`` best candidates by the profile's scorers (over all candidates) are
+    returned: the shortlist always holds ``place``'s choice, and ``top=1`` is exactly that choice. Scorers
+    that normalise over the candidate set (spread) may rank a shortlist slightly differently when it is
+    re-scored. Without ``top``, large clusters yield thousands of candidates.
     """
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile, request=request)
     mask = _mask(snapshot, survivors)
     fitted = _fit(ctx, mask, exhaustive)
     if not fitted.found:
         return FitResult(model=model.name, reasons=tuple(fitted.reasons), message=unfit_message(ctx, mask))
-    candidates = fitted.candidates
-    if fitted.batch is not None:
+    if top is not None:
+        candidates = _top_candidates(ctx, fitted, max(top, 1), exhaustive)
+    elif fitted.batch is not None:
         candidates = _batch_candidates(ctx, fitted.batch, fitted.strategy or "")
+    else:
+        candidates = fitted.candidates
     return FitResult(
         model=model.name, candidates=tuple(candidates), strategy=fitted.strategy, reasons=tuple(fitted.reasons)
     )
 
 
+def _top_candidates(ctx: PlacementContext, fitted: _Fitted, top: int, exhaustive: bool) -> list[Candidate]:
+    """The ``top`` best candidates (score, then worker name and GPU indexes), in candidate-key order."""
+    snap, strategy, batch = ctx.snapshot, fitted.strategy or "", fitted.batch
+    totals = _batch_totals(ctx, batch) if batch is not None and not exhaustive else None
+    if batch is None or totals is None:
+        candidates = fitted.candidates if batch is None else _batch_candidates(ctx, batch, strategy)
+        _, scores = _reference_totals(ctx, candidates)
+        order = sorted(range(len(candidates)), key=lambda i: (-quantize(scores[i]), _candidate_key(candidates[i])))
+        return sorted((candidates[i] for i in order[:top]), key=_candidate_key)
+    _, total = totals
+    keys = np.floor(total * QUANTUM + 0.5)
+    if isinstance(batch, GpuBatch):
+        rows, slots = batch.positions()
+        pick = np.lexsort((snap.g_index[rows, slots], snap.ranks()[rows], -keys[rows, slots]))[:top]
+        mask = np.zeros_like(batch.mask)
+        mask[rows[pick], slots[pick]] = True
+        kept: GpuBatch | GpuSetBatch | RowBatch = GpuBatch(
+            mask=mask, claims=batch.claims, ram_claim=batch.ram_claim, count=len(pick)
+        )
+    else:
+        columns = [batch.indexes[:, k] for k in reversed(range(batch.width))] if isinstance(batch, GpuSetBatch) else []
+        pick = np.lexsort((*columns, snap.ranks()[batch.rows], -keys))[:top]
+        if isinstance(batch, GpuSetBatch):
+            kept = GpuSetBatch(rows=batch.rows[pick], slots=batch.slots[pick], indexes=batch.indexes[pick],
+                               claims=batch.claims[pick], ram_claim=batch.ram_claim)
+        else:
+            kept = RowBatch(rows=batch.rows[pick], ram_claim=batch.ram_claim, total_layers=batch.total_layers)
+    return _batch_candidates(ctx, kept, strategy)
+
+
 # ------------------------------------------------------------------------------------------- scoring
 
 
-def _score_reference(
+def _reference_totals(
     ctx: PlacementContext, candidates: Sequence[Candidate]
-) -> tuple[int, float, dict[str, float]]:
+) -> tuple[list[tuple[str, list[float]]], list[float]]:
     parts: list[tuple[str, list[float]]] = []
     for cfg in ctx.profile.scorers:
         scorer = SCORERS[cfg.name]()
@@ -298,24 +336,49 @@ def _score_reference(
         for _, values in parts:
             total = total + values[i]
         totals.append(total)
+    return parts, totals
+
+
+def _score_reference(
+    ctx: PlacementContext, candidates: Sequence[Candidate]
+) -> tuple[int, float, dict[str, float]]:
+    parts, totals = _reference_totals(ctx, candidates)
     best = min(range(len(candidates)), key=lambda i: (-quantize(totals[i]), _candidate_key(candidates[i])))
     return best, totals[best], {name: values[best] for name, values in parts}
 
 
-def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, float, dict[str, float]] | None:
-    """(row, slot, total, breakdown) of the best single-GPU candidate, or None if a scorer has no fast path."""
-    parts: list[tuple[str, FloatArray]] = []
+_Parts = list[tuple[str, FloatArray]]
+
+
+def _batch_totals(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatch) -> tuple[_Parts, FloatArray] | None:
+    """Each scorer's weighted scores and their sum over a fast-path batch; None if a scorer has no fast form."""
+    parts: _Parts = []
     for cfg in ctx.profile.scorers:
         scorer = SCORERS[cfg.name]()
-        raw = scorer.score_batch(ctx, batch)
+        if isinstance(batch, GpuBatch):
+            raw = scorer.score_batch(ctx, batch)
+        elif isinstance(batch, GpuSetBatch):
+            raw = scorer.score_sets(ctx, batch)
+        else:
+            raw = scorer.score_rows(ctx, batch)
         if raw is None:
             return None
         k = factor(cfg, scorer.max_score)
         parts.append((cfg.name, raw if k == 1.0 else raw * k))  # x × 1.0 is x: skipping it changes no bit
-    shape = batch.mask.shape
+    shape = batch.mask.shape if isinstance(batch, GpuBatch) else (len(batch),)
     total: FloatArray = np.zeros(shape, dtype=np.float64)
     for _, values in parts:  # 0.0 + a + b + ..., in profile order, as the reference path sums
         total = total + values
+    return parts, total
+
+
+def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, float, dict[str, float]] | None:
+    """(row, slot, total, breakdown) of the best single-GPU candidate, or None if a scorer has no fast path."""
+    totals = _batch_totals(ctx, batch)
+    if totals is None:
+        return None
+    parts, total = totals
+    shape = batch.mask.shape
     keys = np.where(batch.mask, np.floor(total * QUANTUM + 0.5), -np.inf).ravel()
     tied = np.flatnonzero(keys == keys.max())
     width = shape[1]
@@ -335,16 +398,10 @@ def _score_sets(
 ) -> tuple[int, float, dict[str, float]] | None:
     """(candidate position, total, breakdown) of the best multi-GPU set or CPU-only worker, or None when a
     scorer has no fast form."""
-    parts: list[tuple[str, FloatArray]] = []
-    for cfg in ctx.profile.scorers:
-        scorer = SCORERS[cfg.name]()
-        raw = scorer.score_sets(ctx, batch) if isinstance(batch, GpuSetBatch) else scorer.score_rows(ctx, batch)
-        if raw is None:
-            return None
-        parts.append((cfg.name, raw * factor(cfg, scorer.max_score)))
-    total: FloatArray = np.zeros(len(batch), dtype=np.float64)
-    for _, values in parts:
-        total = total + values
+    totals = _batch_totals(ctx, batch)
+    if totals is None:
+        return None
+    parts, total = totals
     keys = np.floor(total * QUANTUM + 0.5)
     tied = np.flatnonzero(keys == keys.max())
     if len(tied) == 1:

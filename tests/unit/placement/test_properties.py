@@ -144,9 +144,13 @@ def test_fast_path_gives_exactly_the_decision_of_the_exhaustive_reference(parts,
         assert isinstance(req, ResourceRequest)
         survivors = run_filters(snap, model, NOW).survivors
         for exhaustive in (False, True):
-            candidates = run_fitting(snap, model, req, survivors, exhaustive=exhaustive).candidates
-            staged = run_scoring(snap, model, candidates)
+            fit = run_fitting(snap, model, req, survivors, exhaustive=exhaustive)
+            staged = run_scoring(snap, model, fit.candidates)
             assert (staged.candidate, staged.score, staged.breakdown) == (fast.candidate, fast.score, fast.breakdown)
+            # a shortlist always holds place()'s choice; top=1 is exactly that choice
+            for top in (1, 3):
+                short = run_fitting(snap, model, req, survivors, exhaustive=exhaustive, top=top).candidates
+                assert len(short) <= top and fast.candidate in short
         snap.upsert_instance(instance_from_decision(fast, f"new-{len(snap.instances())}"))
 
 
