@@ -2,7 +2,7 @@
 
 The stack is exactly what an operator gets (real nats-server and redis-server, the four placement
 services and emulated workers as child processes), on free ports with a password on Redis, under a
-temporary GANTRY_HOME. It is started once per session and stopped with `gantry down`.
+temporary GANTRY_HOME. It is started once for this package and stopped with `gantry down`.
 """
 
 from __future__ import annotations
@@ -83,9 +83,10 @@ def spawn(args: list[str], env: dict[str, str], timeout: float = 30) -> pexpect.
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """`gantry up --workers 4 --demo`, ready once the demo has reported."""
+    """`gantry up --workers 4 --demo`, ready once the demo has reported; stopped after this package's
+    tests so it does not load the machine while the rest of the suite runs."""
     home = tmp_path_factory.mktemp("gantry-home")
     env = stack_env(home, free_port(), free_port())
     child = spawn(["up", "--workers", "4", "--demo"], env, timeout=UP_TIMEOUT_S)
