@@ -135,7 +135,7 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                 await asyncio.gather(*batch)
             await asyncio.sleep(0.005)
         send_s = time.monotonic() - t0
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + args.drain
         while len(latencies) < total and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         done = len(latencies)
@@ -192,8 +192,13 @@ def plot(runs: list[dict[str, object]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through one_run's cleanup (servers and services are stopped)
+
+
 def main() -> None:
     """Run the benchmark and write docs/benchmarks/placement_e2e.{json,png}."""
+    signal.signal(signal.SIGTERM, _terminate)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1000)
     p.add_argument("--models", type=int, default=50)
@@ -201,6 +206,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--drain", type=float, default=30.0, help="longest wait for the last commits after sending")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     args.keep_latencies = True
