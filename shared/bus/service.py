@@ -31,6 +31,7 @@ from shared.bus.messages import (
     decode,
 )
 from shared.bus.runtime import Bus, PullHandler, core_sub, make_broker, nats_client, prepare, pull_loop
+from shared.bus.streams import ALL_CONSUMERS
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile, profile_from_json, profile_from_yaml
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 from shared.settings import Settings
@@ -98,7 +99,8 @@ class PlacementService:
 
         nc = await nats.connect(self.settings.nats_url)
         try:
-            await prepare(nc, self.settings, self.consumers())
+            # Every consumer, not only ours: interest-retention streams drop what no consumer wants yet.
+            await prepare(nc, self.settings, ALL_CONSUMERS)
         finally:
             await nc.close()
 

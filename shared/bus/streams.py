@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -17,6 +18,8 @@ from nats.js.errors import NotFoundError
 
 from shared.bus import subjects
 from shared.settings import Settings
+
+log = logging.getLogger("gantry.bus")
 
 STREAM_CMD = "GANTRY_CMD"
 STREAM_PIPE = "GANTRY_PIPE"
@@ -44,21 +47,23 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             name=STREAM_CMD, subjects=[subjects.CMD_ALL], storage=storage,
             retention=RetentionPolicy.LIMITS, max_age=24 * 3600, duplicate_window=DUPLICATE_WINDOW_S,
         ),
+        # Interest retention: a pipeline message is gone once its one consumer acked it (candidate sets
+        # are large); every service declares every consumer at start, so nothing is published unseen.
         StreamConfig(
             name=STREAM_PIPE, subjects=[subjects.PIPE_ALL], storage=storage,
-            retention=RetentionPolicy.LIMITS, max_age=600, duplicate_window=DUPLICATE_WINDOW_S,
+            retention=RetentionPolicy.INTEREST, max_age=600, duplicate_window=DUPLICATE_WINDOW_S,
         ),
         StreamConfig(
             name=STREAM_STATUS, subjects=[subjects.INSTANCE_STATUS], storage=storage,
-            retention=RetentionPolicy.LIMITS, max_age=3600, duplicate_window=DUPLICATE_WINDOW_S,
+            retention=RetentionPolicy.INTEREST, max_age=3600, duplicate_window=DUPLICATE_WINDOW_S,
         ),
         StreamConfig(
             name=STREAM_EVENTS, subjects=[subjects.EVENTS_ALL], storage=storage,
-            retention=RetentionPolicy.LIMITS, max_age=3600, max_msgs=200_000,
+            retention=RetentionPolicy.LIMITS, max_age=3600, max_msgs=200_000, max_bytes=64 << 20,
         ),
         StreamConfig(
             name=STREAM_DLQ, subjects=[subjects.DEAD_LETTER_ALL], storage=storage,
-            retention=RetentionPolicy.LIMITS, max_age=24 * 3600, max_msgs=100_000,
+            retention=RetentionPolicy.LIMITS, max_age=24 * 3600, max_msgs=100_000, max_bytes=32 << 20,
         ),
     ]
 
@@ -89,7 +94,21 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
                 continue
             except Exception:  # another process created it between our calls
                 pass
-        await js.update_stream(cfg)
+        try:
+            await js.update_stream(cfg)
+        except Exception as exc:  # e.g. a retention change on an old stream: keep it, say so
+            log.warning("stream %s kept its existing configuration: %s", cfg.name, exc)
+
+
+ALL_CONSUMERS = (
+    (STREAM_CMD, CONSUMER_SCALE, subjects.CMD_ALL),
+    (STREAM_PIPE, CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED),
+    (STREAM_PIPE, CONSUMER_FITTING, subjects.PLACEMENT_FILTERED),
+    (STREAM_PIPE, CONSUMER_SCORING, subjects.PLACEMENT_FITTED),
+    (STREAM_PIPE, CONSUMER_COMMIT, subjects.PLACEMENT_SCORED),
+    (STREAM_STATUS, CONSUMER_STATUS, subjects.INSTANCE_STATUS),
+)
+"""Every durable consumer (stream, name, subject); each service declares all of them at start."""
 
 
 async def delete_streams(js: JetStreamContext) -> None:
