@@ -70,6 +70,7 @@ class Reconciler(PlacementService):
         self.requested: dict[str, float] = {}  # instance id -> when this process last requested it
         self.seen_placed: dict[str, float] = {}  # instance id -> when first seen committed
         self.changed = False
+        self.last_change = 0.0
         self.retry_epoch = 0
         self._tasks: set[asyncio.Task[None]] = set()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -113,6 +114,7 @@ class Reconciler(PlacementService):
 
     def _on_cluster_change(self, why: str) -> None:
         self.changed = True
+        self.last_change = self.clock()
 
     # ================================================================ commands
 
@@ -391,6 +393,8 @@ class Reconciler(PlacementService):
             return
         await self.store.set_reasons({item.instance_id: reason})
         self._pending_event(item.instance_id, item.model, reason)
+        if self.last_change > self.requested.get(item.instance_id, item.requested_at):
+            self.changed = True  # the verdict may predate a change we already saw: retry on the next tick
         u = un if isinstance(un, Unschedulable) else None
         await self.bus.publish(
             subjects.EVENT_UNSCHEDULABLE,

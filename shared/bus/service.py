@@ -27,6 +27,7 @@ from shared.bus.messages import (
     InstanceEvent,
     MessageError,
     ModelFileUpdate,
+    SyncRequest,
     WorkerRegistration,
     decode,
 )
@@ -63,6 +64,7 @@ class PlacementService:
         self._bus: Bus | None = None
         self._pulls: list[tuple[str, str, str, PullHandler]] = []
         self._loops: set[asyncio.Task[None]] = set()
+        self._asked: dict[str, float] = {}
         self.app.on_startup(self._declare)
         self.app.after_startup(self._load)
         self.app.on_shutdown(self.store.close)
@@ -106,6 +108,9 @@ class PlacementService:
 
     async def _load(self) -> None:
         await self.feed.load(self.store)
+        # Workers that registered before we subscribed are in Redis only if the writer saw them: ask all
+        # to register again so no worker is missing from this snapshot.
+        await self.bus.publish(subjects.SYNC, SyncRequest())
         self.ready.set()
         await self.started()
         nc = nats_client(self.broker)
@@ -131,8 +136,8 @@ class PlacementService:
         @core_sub(self.broker, subjects.HEARTBEAT)
         async def on_heartbeat(body: bytes) -> None:
             hb = self._quiet_decode(body, Heartbeat)
-            if hb is not None:
-                feed.on_heartbeat(hb, self.clock())
+            if hb is not None and feed.on_heartbeat(hb, self.clock()) and hb.worker not in feed.inventory:
+                await self._ask_to_register(hb.worker)
 
         @core_sub(self.broker, subjects.MODEL_FILE)
         async def on_file(body: bytes) -> None:
@@ -153,6 +158,12 @@ class PlacementService:
                 ev = self._quiet_decode(body, InstanceEvent)
                 if ev is not None:
                     feed.on_instance(ev)
+
+    async def _ask_to_register(self, worker: str) -> None:
+        now = self.clock()
+        if now - self._asked.get(worker, float("-inf")) >= 2.0:
+            self._asked[worker] = now
+            await self.bus.publish(subjects.SYNC, SyncRequest(worker=worker))
 
     @staticmethod
     def _quiet_decode(body: bytes, kind: type[T]) -> T | None:
