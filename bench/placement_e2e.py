@@ -119,41 +119,56 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
         commit_times.clear()
 
         replicas = [1] * args.models
-        total = int(args.rate * args.seconds)
-        t0 = time.monotonic()
-        sent = 0
-        while sent < total:
-            due = int((time.monotonic() - t0) * args.rate) + 1
-            batch = []
-            while sent < min(due, total):
-                n = sent % args.models
-                replicas[n] += 1
-                cmd = ScaleCommand(model=f"bench{n}", replicas=replicas[n])
-                batch.append(js.publish(subjects.SCALE, encode(cmd), headers={"Nats-Msg-Id": f"b{run}-{sent}"}))
-                sent += 1
-            if batch:
-                await asyncio.gather(*batch)
-            await asyncio.sleep(0.005)
-        send_s = time.monotonic() - t0
-        deadline = time.monotonic() + args.drain
-        while len(latencies) < total and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        done = len(latencies)
-        window = (commit_times[-1] - t0) if commit_times else float("inf")
-        lat = sorted(latencies)
-        result = {
+
+        async def phase(name: str, rate: float, seconds: float) -> dict[str, object]:
+            """Offer ``rate`` placements/s for ``seconds``; wait for the commits; summarise."""
+            latencies.clear()
+            commit_times.clear()
+            total = int(rate * seconds)
+            print(f"{name}: {total} placements offered at {rate}/s", file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            sent = 0
+            while sent < total:
+                due = int((time.monotonic() - t0) * rate) + 1
+                batch = []
+                while sent < min(due, total):
+                    n = sent % args.models
+                    replicas[n] += 1
+                    cmd = ScaleCommand(model=f"bench{n}", replicas=replicas[n])
+                    msg_id = f"{name}-{run}-{sent}"
+                    batch.append(js.publish(subjects.SCALE, encode(cmd), headers={"Nats-Msg-Id": msg_id}))
+                    sent += 1
+                if batch:
+                    await asyncio.gather(*batch)
+                await asyncio.sleep(0.005)
+            send_s = time.monotonic() - t0
+            deadline = time.monotonic() + args.drain
+            while len(latencies) < total and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            done = len(latencies)
+            window = (commit_times[-1] - t0) if commit_times else float("inf")
+            lat = sorted(latencies)
+            return {
+                "offered_per_s": rate,
+                "send_s": round(send_s, 3),
+                "placements": done,
+                "expected": total,
+                "placements_per_s": round(done / window, 1),
+                "p50_ms": round(lat[len(lat) // 2], 2) if lat else float("nan"),
+                "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2) if lat else float("nan"),
+                "latencies": lat,
+            }
+
+        light = await phase("light", args.light_rate, args.light_seconds)
+        full = await phase("target", args.rate, args.seconds)
+        result: dict[str, object] = {
             "run": run,
-            "offered_per_s": args.rate,
-            "send_s": round(send_s, 3),
-            "placements": done,
-            "expected": total,
-            "placements_per_s": round(done / window, 1),
-            "p50_ms": round(lat[len(lat) // 2], 2) if lat else float("nan"),
-            "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2) if lat else float("nan"),
+            **{k: v for k, v in full.items() if k != "latencies"},
+            "light_load": {k: v for k, v in light.items() if k != "latencies"},
             "overbooked": len(await store.overbooked()),
+            "latencies": full["latencies"],
+            "light_latencies": light["latencies"],
         }
-        if args.keep_latencies:
-            result["latencies"] = lat  # type: ignore[assignment]
         return result
     finally:
         await nc.close()
@@ -176,12 +191,17 @@ def plot(runs: list[dict[str, object]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in runs:
-        lat = r.get("latencies") or []
-        if lat:
-            ys = [i / len(lat) for i in range(len(lat))]
-            ax.plot(lat, ys, label=f"run {r['run']}: {r['placements_per_s']}/s")
+        light = r.get("light_load") or {}
+        for key, label, style in (
+            ("light_latencies", f"run {r['run']}, light load ({light.get('offered_per_s')}/s offered)", "--"),
+            ("latencies", f"run {r['run']}, {r['offered_per_s']}/s offered: {r['placements_per_s']}/s placed", "-"),
+        ):
+            lat = r.get(key) or []
+            if lat:
+                ys = [i / len(lat) for i in range(len(lat))]
+                ax.plot(lat, ys, style, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("scale event → committed (ms)")
     ax.set_ylabel("fraction of placements")
@@ -202,18 +222,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1000)
     p.add_argument("--models", type=int, default=50)
-    p.add_argument("--rate", type=float, default=500.0, help="offered scale events per second")
+    p.add_argument("--rate", type=float, default=500.0, help="offered scale events per second (the target)")
+    p.add_argument("--light-rate", type=float, default=25.0, help="offered rate of the light-load phase")
+    p.add_argument("--light-seconds", type=float, default=8.0)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--drain", type=float, default=30.0, help="longest wait for the last commits after sending")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
-    args.keep_latencies = True
     runs = []
     for run in range(args.runs):
         r = asyncio.run(one_run(args, run))
-        print(json.dumps({k: v for k, v in r.items() if k != "latencies"}), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if "latencies" not in k}), flush=True)
         runs.append(r)
     summary = {
         "workers": args.workers,
@@ -224,8 +245,13 @@ def main() -> None:
         "placements_per_s": statistics.median(float(r["placements_per_s"]) for r in runs),
         "p50_ms": statistics.median(float(r["p50_ms"]) for r in runs),
         "p99_ms": statistics.median(float(r["p99_ms"]) for r in runs),
+        "light_load": {
+            "offered_per_s": args.light_rate,
+            "p50_ms": statistics.median(float(r["light_load"]["p50_ms"]) for r in runs),  # type: ignore[index]
+            "p99_ms": statistics.median(float(r["light_load"]["p99_ms"]) for r in runs),  # type: ignore[index]
+        },
         "overbooked_gpus": max(int(r["overbooked"]) for r in runs),
-        "per_run": [{k: v for k, v in r.items() if k != "latencies"} for r in runs],
+        "per_run": [{k: v for k, v in r.items() if "latencies" not in k} for r in runs],
     }
     if not args.no_write:
         OUT.mkdir(parents=True, exist_ok=True)

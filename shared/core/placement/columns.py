@@ -78,7 +78,7 @@ def fit_columns(
     return CandidateSet(
         model=model.name,
         strategy=fitted.strategy or "",
-        workers=tuple(snapshot.name_of(int(r)) for r in distinct),
+        workers=tuple([snapshot.name_of(r) for r in distinct.tolist()]),
         worker_of=worker_of.astype("<i4").tobytes(),
         gpu_index=snapshot.g_index[rows, slots].astype("<i4").tobytes(),
         claim=batch.claims[rows, slots].astype("<i8").tobytes(),
