@@ -1,0 +1,97 @@
+"""Each pipeline stage's pure step over an in-memory snapshot (no broker started, no servers)."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import pytest
+
+from services.filter.service import FilterService
+from services.fitting.service import FittingService
+from services.scoring.service import ScoringService
+from shared.bus.messages import PlacementFiltered, PlacementItem, PlacementRequest
+from shared.core.placement.domain import GIB, Category, Gpu, ModelSpec, Worker
+from shared.settings import Settings
+
+NOW = 1000.0
+
+EMB = ModelSpec(name="emb", weight_bytes=6 * GIB, categories=(Category.EMBEDDING,))
+GOLD = ModelSpec(name="gold", weight_bytes=6 * GIB, worker_selector={"tier": "gold"})
+HUGE = ModelSpec(name="huge", vram_claim=500 * GIB)
+UNKNOWN_SIZE = ModelSpec(name="mystery")
+
+
+def workers() -> list[Worker]:
+    return [
+        Worker(name=f"w{i}", gpus=tuple(Gpu(index=g, vram_total=80 * GIB) for g in range(2)),
+               ram_total=256 * GIB, last_heartbeat=NOW - 1)
+        for i in range(4)
+    ]
+
+
+S = TypeVar("S", FilterService, FittingService, ScoringService)
+
+
+def stage(kind: type[S]) -> S:
+    svc = kind(Settings(), clock=lambda: NOW)
+    for w in workers():
+        svc.snapshot.upsert_worker(w)
+        svc.feed.inventory[w.name] = w
+    return svc
+
+
+def request(spec: ModelSpec, n: int) -> PlacementRequest:
+    items = tuple(PlacementItem(instance_id=f"{spec.name}-{k}", model=spec.name) for k in range(n))
+    return PlacementRequest(batch_id="b1", items=items, specs={spec.name: spec})
+
+
+def test_filter_passes_survivors_on() -> None:
+    passed, failed = stage(FilterService).filter_request(request(EMB, 2))
+    assert failed is None and passed is not None
+    assert passed.filtered["emb"].survivors == ("w0", "w1", "w2", "w3")
+
+
+def test_filter_sends_unschedulable_straight_to_scored_when_nothing_survives() -> None:
+    passed, failed = stage(FilterService).filter_request(request(GOLD, 1))
+    assert passed is None and failed is not None
+    (outcome,) = failed.outcomes
+    assert outcome.unschedulable is not None and outcome.unschedulable.filters
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [(HUGE, "GiB"), (UNKNOWN_SIZE, "size unknown")])
+def test_fitting_explains_what_cannot_be_placed(spec: ModelSpec, fragment: str) -> None:
+    svc = stage(FittingService)
+    flt = stage(FilterService).filter_request(request(spec, 1))[0]
+    assert flt is not None
+    fitted, failed = svc.fit(flt)
+    assert fitted == {} and failed is not None
+    un = failed.outcomes[0].unschedulable
+    assert un is not None and fragment in un.message
+
+
+def test_fitting_sends_single_gpu_candidates_as_columns() -> None:
+    flt = stage(FilterService).filter_request(request(EMB, 3))[0]
+    assert isinstance(flt, PlacementFiltered)
+    fitted, failed = stage(FittingService).fit(flt)
+    assert failed is None
+    assert len(fitted["emb"].columns["emb"]) == 8 and fitted["emb"].fitted["emb"].candidates == ()
+
+
+def test_scoring_spreads_a_batch_over_workers_by_assuming_each_choice() -> None:
+    flt = stage(FilterService).filter_request(request(EMB, 4))[0]
+    assert flt is not None
+    fitted, _ = stage(FittingService).fit(flt)
+    scored = stage(ScoringService).score(fitted["emb"])
+    chosen = [o.decision.candidate.worker for o in scored.outcomes if o.decision]
+    assert sorted(chosen) == ["w0", "w1", "w2", "w3"]
+
+
+def test_scoring_reports_replicas_whose_candidates_were_all_taken() -> None:
+    llm = ModelSpec(name="llm", weight_bytes=14 * GIB)  # 90% of a GPU each: 8 GPUs, 9 replicas
+    flt = stage(FilterService).filter_request(request(llm, 9))[0]
+    assert flt is not None
+    fitted, _ = stage(FittingService).fit(flt)
+    scored = stage(ScoringService).score(fitted["llm"])
+    assert sum(o.decision is not None for o in scored.outcomes) == 8
+    last = scored.outcomes[-1].unschedulable
+    assert last is not None and "taken while this replica was in flight" in last.message
