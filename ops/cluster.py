@@ -22,6 +22,7 @@ from nats.aio.client import Client as NatsClient
 
 from ops.cli.common import connect_nats
 from ops.cli.errors import CliError
+from ops.cli.inputs import read_input_file
 from ops.view import ClusterSnapshot, ModelView
 from shared.bus import subjects
 from shared.bus.messages import CordonCommand, Message, ScaleCommand, encode
@@ -113,10 +114,7 @@ def _unknown_fields(data: dict[str, object]) -> list[str]:
 
 def load_spec(path: Path) -> ModelSpec:
     """Read and validate a model spec file; a CliError with exit code 2 says what is wrong."""
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise CliError(f"cannot read {path}: {err.strerror or err}", exit_code=2) from None
+    raw = read_input_file(path, "spec")
     try:
         data = msgspec.yaml.decode(raw)
     except msgspec.DecodeError as err:

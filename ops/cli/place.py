@@ -14,6 +14,7 @@ import msgspec
 import typer
 
 from ops.cli.errors import CliError
+from ops.cli.inputs import read_input_file
 from shared.catalog import UnknownModelError, load_model_arch
 from shared.core.catalog.models import ModelArch
 from shared.core.placement import DEFAULT_PROFILE, Profile, place, profile_from_json, profile_from_yaml
@@ -61,10 +62,7 @@ def _gguf(model: ModelSpec, base: Path) -> GgufSpec | None:
 def _profile(path: Path | None, scenario: Scenario) -> Profile:
     if path is None:
         return scenario.profile or DEFAULT_PROFILE
-    try:
-        text = path.read_bytes()
-    except OSError as err:
-        raise CliError(f"cannot read profile {path}: {err.strerror}", exit_code=2) from None
+    text = read_input_file(path, "profile")
     try:
         return profile_from_yaml(text) if path.suffix in (".yaml", ".yml") else profile_from_json(text)
     except ValueError as err:
@@ -102,10 +100,7 @@ def place_cmd(
     ] = False,
 ) -> None:
     """Dry-run placement: place replicas one after another and print the decisions as JSON."""
-    try:
-        data = scenario.read_bytes()
-    except OSError as err:
-        raise CliError(f"cannot read scenario {scenario}: {err.strerror}", exit_code=2) from None
+    data = read_input_file(scenario, "scenario")
     try:
         sc = load_scenario(data)
     except ScenarioError as err:
