@@ -71,6 +71,7 @@ class Reconciler(PlacementService):
         self.seen_placed: dict[str, float] = {}  # instance id -> when first seen committed
         self.changed = False
         self.last_change = 0.0
+        self.retry_again_at = 0.0
         self.retry_epoch = 0
         self._tasks: set[asyncio.Task[None]] = set()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -113,6 +114,7 @@ class Reconciler(PlacementService):
         task.add_done_callback(self._tasks.discard)
 
     def _on_cluster_change(self, why: str) -> None:
+        log.info("cluster change: %s", why)
         self.changed = True
         self.last_change = self.clock()
 
@@ -321,15 +323,17 @@ class Reconciler(PlacementService):
             specs.update(scored.specs)
         decided: list[tuple[ItemOutcome, CommitItem]] = []
         unplaced: list[ItemOutcome] = []
+        retries: list[PlacementItem] = []
         for scored in batch:
             for out in scored.outcomes:
                 if out.decision is not None:
                     decided.append((out, CommitItem(self._record(out))))
+                elif out.retry:  # candidates went stale in flight: like a refused commit, place again
+                    await self._refused(out.item, out.unschedulable.message if out.unschedulable else "", retries, now)
                 else:
                     unplaced.append(out)
         verdicts = await self.store.commit([c for _, c in decided])
         committed: list[tuple[ItemOutcome, Instance]] = []
-        retries: list[PlacementItem] = []
         for (out, item), verdict in zip(decided, verdicts, strict=True):
             if verdict == "ok":
                 committed.append((out, item.instance))
@@ -338,13 +342,7 @@ class Reconciler(PlacementService):
                 if stored is not None and stored.worker is not None:
                     await self._assign(stored, specs.get(stored.model) or self.specs.get(stored.model))
             elif verdict.startswith("full:"):
-                cfg = self.settings
-                step = after_refusal(out.item.attempt, verdict, cfg.commit_retries, cfg.commit_backoff_s)
-                if isinstance(step, GiveUp):
-                    await self._pending(out.item, step.reason, None, now)
-                else:
-                    retries.append(msgspec.structs.replace(out.item, attempt=step.attempt))
-                    self._pending_event(out.item.instance_id, out.item.model, None)
+                await self._refused(out.item, verdict, retries, now)
         for _, inst in committed:
             await self._assign(inst, specs.get(inst.model) or self.specs.get(inst.model))
             self.seen_placed[inst.id] = now
@@ -365,7 +363,20 @@ class Reconciler(PlacementService):
         if retries:
             await asyncio.sleep(self.settings.commit_backoff_s * (2 ** min(r.attempt for r in retries)) / 2)
             known = {**self.specs, **specs}
-            await self.publish_items(retries, {r.model: known[r.model] for r in retries}, self.clock())
+            # A fresh dedupe id: the same (replica, attempt) may have been re-placed before (an earlier
+            # retry round), and JetStream would silently drop an identical id inside its window.
+            specs_now = {r.model: known[r.model] for r in retries}
+            await self.publish_items(retries, specs_now, self.clock(), salt=f"refused:{secrets.token_hex(4)}")
+
+    async def _refused(self, item: PlacementItem, why: str, retries: list[PlacementItem], now: float) -> None:
+        """A decision that could not be committed: re-place with fresh state (bounded), else PENDING."""
+        cfg = self.settings
+        step = after_refusal(item.attempt, why, cfg.commit_retries, cfg.commit_backoff_s)
+        if isinstance(step, GiveUp):
+            await self._pending(item, step.reason, None, now)
+        else:
+            retries.append(msgspec.structs.replace(item, attempt=step.attempt))
+            self._pending_event(item.instance_id, item.model, None)
 
     def _record(self, out: ItemOutcome) -> Instance:
         d = out.decision
@@ -502,7 +513,13 @@ class Reconciler(PlacementService):
             await self._delete(done, tell_worker=True)
         await self._resync(instances, now)
         if self.changed:
+            # Retry now, and once more a second later: other services may learn of the change (a worker
+            # joined) a moment after we do, and a verdict from their older snapshot must not stick.
             self.changed = False
+            self.retry_again_at = now + max(1.0, 2 * self.settings.reconcile_interval_s)
+            await self.retry_pending(instances)
+        elif self.retry_again_at and now >= self.retry_again_at:
+            self.retry_again_at = 0.0
             await self.retry_pending(instances)
         if full:
             await self.converge_and_request(sorted((await self.store.desired()).keys()))

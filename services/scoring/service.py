@@ -77,7 +77,7 @@ class ScoringService(PlacementService):
                     model=item.model,
                     message=f"all {considered} candidates were taken while this replica was in flight",
                 )
-                outcomes.append(ItemOutcome(item=item, unschedulable=un))
+                outcomes.append(ItemOutcome(item=item, unschedulable=un, retry=True))
                 continue
             self.assume(instance_from_decision(decision, item.instance_id, created_at=item.requested_at), now)
             outcomes.append(ItemOutcome(item=item, decision=decision))

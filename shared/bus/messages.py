@@ -152,6 +152,7 @@ class ItemOutcome(msgspec.Struct, frozen=True, kw_only=True):
     item: PlacementItem
     decision: Decision | None = None
     unschedulable: Unschedulable | None = None
+    retry: bool = False  # not a verdict on the cluster: the candidates went stale in flight; place again
 
 
 class PlacementScored(Message, frozen=True, kw_only=True):

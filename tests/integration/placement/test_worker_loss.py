@@ -57,3 +57,22 @@ async def test_lost_worker_instances_move_and_the_worker_returns(stack: Stack) -
     workers = await wait_until(lambda: running(stack, 5), 20, "5 RUNNING replicas")
     assert "x0" in workers, f"the recovered worker should take the new replica: {workers}"
     assert stack.crashed() == []
+
+
+async def test_pending_replica_is_placed_when_a_worker_joins(stack: Stack) -> None:
+    stack.start_workers("first", "--count", "1", "--gpus", "1", "--heartbeat-interval", "0.2")
+    stack.start_services()
+    await stack.wait_ready(workers=1)
+    await stack.scale(MODEL, 2)  # 90% of a GPU each: only one fits
+
+    async def one_pending_with_reason() -> str | None:
+        insts = await stack.instances("svc")
+        pend = [i for i in insts if i.state is InstanceState.PENDING and i.reason]
+        run = [i for i in insts if i.state is InstanceState.RUNNING]
+        return pend[0].reason if len(pend) == 1 and len(run) == 1 else None
+
+    reason = await wait_until(one_pending_with_reason, 20, "one RUNNING and one PENDING with a reason")
+    assert "GiB" in reason
+    stack.start_workers("late", "--count", "1", "--gpus", "1", "--prefix", "late", "--heartbeat-interval", "0.2")
+    workers = await wait_until(lambda: running(stack, 2), 20, "the PENDING replica placed on the new worker")
+    assert sorted(workers) == ["late0", "w0"]
