@@ -294,12 +294,17 @@ class Reconciler(PlacementService):
             await self.publish_items(items, specs, self.clock())
 
     async def publish_items(
-        self, items: Sequence[PlacementItem], specs: dict[str, ModelSpec], now: float, salt: str = ""
+        self, items: Sequence[PlacementItem], specs: dict[str, ModelSpec], now: float, salt: str | None = None
     ) -> None:
         """Chunk items into PlacementRequests; the Nats-Msg-Id hashes the chunk so a re-publish is dropped.
 
         ``salt`` distinguishes a deliberate re-request of the same replicas (a retry round).
         """
+        # Every request gets a fresh id: re-requesting the same replicas (after a crash, a refusal or a
+        # cluster change) must never be swallowed by JetStream's duplicate window; duplicates that do
+        # reach the pipeline are harmless (the commit recognises them). Downstream stages derive their
+        # ids from the batch id, so a redelivered stage input is deduplicated.
+        salt = salt if salt is not None else secrets.token_hex(6)
         size = self.settings.batch_max
         out = []
         for start in range(0, len(items), size):
