@@ -56,8 +56,6 @@ async def settled(stack: Stack, desired: dict[str, int]) -> bool:
     """Every model has exactly its desired replicas, each RUNNING or PENDING with a reason."""
     insts = await stack.instances()
     per_model = Counter(i.model for i in insts)
-    reasons = Counter(i.reason for i in insts if i.reason)
-    print("progress", len(insts), dict(Counter(i.state.value + ("+r" if i.reason else "") for i in insts)), reasons)
     if any(per_model.get(m, 0) != n for m, n in desired.items()):
         return False
     return all(
