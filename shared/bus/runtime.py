@@ -7,6 +7,7 @@ duplicate window; rejected input goes to the dead-letter subject as an ErrorEven
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -104,18 +105,24 @@ async def pull_loop(
     """
     js = nc.jetstream()
     psub = await js.pull_subscribe(subject, durable=durable, stream=stream)
-    while True:
-        try:
-            msgs = await psub.fetch(batch=batch, timeout=1.0)
-        except TimeoutError:
-            continue
-        except (ConnectionClosedError, ServiceUnavailableError, NoServersError):
-            await asyncio.sleep(0.5)
-            continue
-        try:
-            await handler(msgs)
-        except Exception:  # the handler's own guard failed (e.g. NATS away while nak'ing): go on
-            log.exception("handler for %s failed; messages will be redelivered", subject)
+    try:
+        while True:
+            try:
+                msgs = await psub.fetch(batch=batch, timeout=1.0)
+            except TimeoutError:
+                continue
+            except (ConnectionClosedError, ServiceUnavailableError, NoServersError):
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                await handler(msgs)
+            except Exception:  # the handler's own guard failed (e.g. NATS away while nak'ing): go on
+                log.exception("handler for %s failed; messages will be redelivered", subject)
+    finally:
+        # A cancelled fetch leaves the subscription's queue unjoined; the connection's drain at shutdown
+        # would wait on it forever. Unacked messages are redelivered after the ack wait.
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
 
 
 def core_sub(broker: NatsBroker, subject: str, queue: str = "") -> Any:

@@ -67,6 +67,7 @@ class PlacementService:
         self._asked: dict[str, float] = {}
         self.app.on_startup(self._declare)
         self.app.after_startup(self._load)
+        self.app.on_shutdown(self._stop_pull_loops)
         self.app.on_shutdown(self.store.close)
         self.wire_feed()
         self.register()
@@ -118,6 +119,13 @@ class PlacementService:
             task = asyncio.ensure_future(pull_loop(nc, stream, durable, subject, self.settings.batch_max, handler))
             self._loops.add(task)
         log.info("%s ready: %d workers, %d instances", self.name, len(self.snapshot), len(self.feed.instances))
+
+    async def _stop_pull_loops(self) -> None:
+        # The pull loops are our own tasks: the broker's drain waits on them forever unless they stop first.
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops.clear()
 
     def pull(self, stream: str, durable: str, subject: str, handler: PullHandler) -> None:
         """Consume a pre-declared durable pull consumer with ``handler`` once the snapshot is loaded."""
