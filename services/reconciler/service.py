@@ -42,7 +42,7 @@ from shared.bus.messages import (
     decode,
 )
 from shared.bus.service import PlacementService, ack_all, guarded
-from shared.bus.validate import bad_name, check_scale
+from shared.bus.validate import bad_worker_name, check_scale
 from shared.core.placement import scale_down_order
 from shared.core.placement.domain import Instance, InstanceState, ModelSpec, Unschedulable, WorkerState
 from shared.core.placement.reconcile import (
@@ -185,7 +185,7 @@ class Reconciler(PlacementService):
             await self.bus.dead_letter(raw.subject, str(exc), data)
             await raw.ack()
             return
-        reason = bad_name(cmd.worker)
+        reason = bad_worker_name(cmd.worker)
         if reason or cmd.worker not in self.feed.inventory:
             why = reason or f"cordon: unknown worker {cmd.worker!r}"
             await self.bus.dead_letter(raw.subject, why, data)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from shared.bus import subjects
 from shared.bus.messages import Heartbeat, MessageError, ModelFileUpdate, SyncRequest, WorkerRegistration, decode
 from shared.bus.runtime import core_sub
-from shared.bus.validate import bad_name, check_heartbeat, check_registration
+from shared.bus.validate import bad_worker_name, check_heartbeat, check_registration
 from shared.core.placement.domain import ModelFile, Worker
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class StateWriter:
                 return
             inventory = self.registrations.get(hb.worker) or svc.feed.inventory.get(hb.worker)
             reason = check_heartbeat(hb, inventory)
-            if inventory is None and not bad_name(hb.worker):
+            if inventory is None and not bad_worker_name(hb.worker):
                 await self.ask_to_register(hb.worker)
             if reason:
                 await svc.bus.dead_letter(subjects.HEARTBEAT, reason, body)
@@ -77,7 +77,7 @@ class StateWriter:
             except MessageError as exc:
                 await svc.bus.dead_letter(subjects.MODEL_FILE, str(exc), body)
                 return
-            reason = bad_name(upd.worker)
+            reason = bad_worker_name(upd.worker)
             if reason:
                 await svc.bus.dead_letter(subjects.MODEL_FILE, f"model file: {reason}", body)
                 return

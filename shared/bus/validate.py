@@ -5,21 +5,37 @@ from __future__ import annotations
 from shared.bus.messages import Heartbeat, ScaleCommand, WorkerRegistration
 from shared.core.placement.domain import ModelSpec, Worker
 
-_BAD_NAME_CHARS = set(":|; *>.\t\n")
+# Worker names become NATS subject tokens (commands to one worker), so they may not hold '.', '*' or '>';
+# model names never enter a subject, only ids and ledger fields joined by ':', '|' and ';'.
+_BAD_MODEL_CHARS = frozenset(":|; \t\n")
+_BAD_WORKER_CHARS = _BAD_MODEL_CHARS | frozenset(".*>")
+_MAX_NAME = 200
 
 
-def bad_name(name: str) -> str | None:
-    """Worker and model names become subject tokens and ledger fields: keep them plain."""
+def _bad(kind: str, name: str, forbidden: frozenset[str]) -> str | None:
     if not name:
-        return "empty name"
-    if set(name) & _BAD_NAME_CHARS or len(name) > 200:
-        return f"invalid name {name!r}: no spaces, '.', ':', '|', ';', '*' or '>'"
+        return f"empty {kind} name"
+    if len(name) > _MAX_NAME:
+        return f"invalid {kind} name {name[:40]!r}...: longer than {_MAX_NAME} characters"
+    if set(name) & forbidden:
+        shown = ", ".join(repr(c) for c in sorted(forbidden) if c.strip())
+        return f"invalid {kind} name {name!r}: no spaces or {shown}"
     return None
+
+
+def bad_model_name(name: str) -> str | None:
+    """A model name may hold dots (``llama-3.1-8b``) but no id or ledger separators."""
+    return _bad("model", name, _BAD_MODEL_CHARS)
+
+
+def bad_worker_name(name: str) -> str | None:
+    """A worker name is also a subject token: no dots or wildcards either."""
+    return _bad("worker", name, _BAD_WORKER_CHARS)
 
 
 def check_scale(cmd: ScaleCommand, known: ModelSpec | None) -> str | None:
     """A scale command needs a sane name, replicas ≥ 0, and a spec unless the model is known."""
-    reason = bad_name(cmd.model)
+    reason = bad_model_name(cmd.model)
     if reason:
         return f"scale: {reason}"
     if cmd.replicas < 0:
@@ -34,7 +50,7 @@ def check_scale(cmd: ScaleCommand, known: ModelSpec | None) -> str | None:
 def check_registration(reg: WorkerRegistration) -> str | None:
     """Inventory sanity: plain name, unique GPU indexes, non-negative sizes."""
     w: Worker = reg.worker
-    reason = bad_name(w.name)
+    reason = bad_worker_name(w.name)
     if reason:
         return f"register: {reason}"
     indexes = [g.index for g in w.gpus]

@@ -197,7 +197,7 @@ BAD_FILES = {
     "wrong-type": ("name: x\nreplicas: two\n", "Expected `int`, got `str` - at `$.replicas`"),
     "typo": ("name: x\nreplica: 2\n", "unknown field(s) replica"),
     "negative": ("name: x\nreplicas: -1\n", "negative replicas"),
-    "dotted-name": ("name: llama-3.1\n", "invalid name 'llama-3.1'"),
+    "separator-in-name": ("name: llama:3\n", "invalid model name 'llama:3'"),
     "bad-enum": ("name: x\nbackend: tensorrt\n", "Invalid enum value 'tensorrt'"),
 }
 

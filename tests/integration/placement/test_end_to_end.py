@@ -45,11 +45,11 @@ async def test_scale_up_down_and_selectors(stack: Stack) -> None:
     await wait_until(lambda: running_exactly(stack, "llama", 0), 30, "no llama replicas")
     assert all(used == 0 for used, _ in (await stack.store.ledger()).values())
 
-    # A label selector: only the gold workers qualify.
-    gold = ModelSpec(name="gold-model", source="x/gold", weight_bytes=8 * GIB, worker_selector={"tier": "gold"})
+    # A label selector: only the gold workers qualify (and model names may be dotted, like real ones).
+    gold = ModelSpec(name="gold-model-3.1", source="x/gold", weight_bytes=8 * GIB, worker_selector={"tier": "gold"})
     await stack.scale(gold, 3)
-    await wait_until(lambda: running_exactly(stack, "gold-model", 3), 30, "3 RUNNING gold replicas")
-    assert {i.worker for i in await stack.instances("gold-model")} <= {"g0", "g1"}
+    await wait_until(lambda: running_exactly(stack, gold.name, 3), 30, "3 RUNNING gold replicas")
+    assert {i.worker for i in await stack.instances(gold.name)} <= {"g0", "g1"}
 
     # An impossible model stays PENDING with the core's explanation.
     huge = ModelSpec(name="huge", source="x/huge", vram_claim=500 * GIB)
