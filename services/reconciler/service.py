@@ -32,14 +32,12 @@ from shared.bus.messages import (
     InstanceEvent,
     InstanceStatus,
     ItemOutcome,
-    MessageError,
     ModelEvent,
     PlacementItem,
     PlacementRequest,
     PlacementScored,
     ScaleCommand,
     UnschedulableEvent,
-    decode,
 )
 from shared.bus.service import PlacementService, ack_all, guarded
 from shared.bus.validate import bad_worker_name, check_scale
@@ -161,10 +159,8 @@ class Reconciler(PlacementService):
 
     async def _valid_scale(self, raw: Msg) -> ScaleCommand | None:
         """Decode and check a scale command; dead-letter (and ack) it when invalid."""
-        try:
-            cmd = decode(raw.data, ScaleCommand)
-        except MessageError as exc:
-            await self.bus.dead_letter(raw.subject, str(exc), raw.data)
+        cmd = await self.bus.decode_or_reject(raw.subject, raw.data, ScaleCommand)
+        if cmd is None:
             await raw.ack()
             return None
         known = self.specs.get(cmd.model) or await self.store.model(cmd.model)
@@ -179,10 +175,8 @@ class Reconciler(PlacementService):
         return cmd
 
     async def _cordon(self, data: bytes, raw: Msg) -> None:
-        try:
-            cmd = decode(data, CordonCommand)
-        except MessageError as exc:
-            await self.bus.dead_letter(raw.subject, str(exc), data)
+        cmd = await self.bus.decode_or_reject(raw.subject, data, CordonCommand)
+        if cmd is None:
             await raw.ack()
             return
         reason = bad_worker_name(cmd.worker)

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from shared.bus import subjects
-from shared.bus.messages import Heartbeat, MessageError, ModelFileUpdate, SyncRequest, WorkerRegistration, decode
+from shared.bus.messages import Heartbeat, ModelFileUpdate, SyncRequest, WorkerRegistration
 from shared.bus.runtime import core_sub
 from shared.bus.validate import bad_worker_name, check_heartbeat, check_registration
 from shared.core.placement.domain import ModelFile, Worker
@@ -43,10 +43,8 @@ class StateWriter:
 
         @core_sub(broker, subjects.REGISTER, queue=QUEUE)
         async def on_register(body: bytes) -> None:
-            try:
-                reg = decode(body, WorkerRegistration)
-            except MessageError as exc:
-                await svc.bus.dead_letter(subjects.REGISTER, str(exc), body)
+            reg = await svc.bus.decode_or_reject(subjects.REGISTER, body, WorkerRegistration)
+            if reg is None:
                 return
             reason = check_registration(reg)
             if reason:
@@ -56,10 +54,8 @@ class StateWriter:
 
         @core_sub(broker, subjects.HEARTBEAT, queue=QUEUE)
         async def on_heartbeat(body: bytes) -> None:
-            try:
-                hb = decode(body, Heartbeat)
-            except MessageError as exc:
-                await svc.bus.dead_letter(subjects.HEARTBEAT, str(exc), body)
+            hb = await svc.bus.decode_or_reject(subjects.HEARTBEAT, body, Heartbeat)
+            if hb is None:
                 return
             inventory = self.registrations.get(hb.worker) or svc.feed.inventory.get(hb.worker)
             reason = check_heartbeat(hb, inventory)
@@ -72,10 +68,8 @@ class StateWriter:
 
         @core_sub(broker, subjects.MODEL_FILE, queue=QUEUE)
         async def on_file(body: bytes) -> None:
-            try:
-                upd = decode(body, ModelFileUpdate)
-            except MessageError as exc:
-                await svc.bus.dead_letter(subjects.MODEL_FILE, str(exc), body)
+            upd = await svc.bus.decode_or_reject(subjects.MODEL_FILE, body, ModelFileUpdate)
+            if upd is None:
                 return
             reason = bad_worker_name(upd.worker)
             if reason:

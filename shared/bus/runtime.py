@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from faststream import AckPolicy
@@ -23,9 +23,11 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from shared.bus import subjects
-from shared.bus.messages import ErrorEvent, encode
+from shared.bus.messages import ErrorEvent, MessageError, decode, encode
 from shared.bus.streams import consumer_config, ensure_streams
 from shared.settings import Settings
+
+T = TypeVar("T", bound=msgspec.Struct)
 
 log = logging.getLogger("gantry.bus")
 
@@ -63,6 +65,14 @@ class Bus:
             payload=payload[:512].decode("utf-8", "replace"), at=time.time(),
         )
         await self.nc.publish(subjects.dead_letter(self.service), encode(event))
+
+    async def decode_or_reject(self, subject: str, body: bytes, kind: type[T]) -> T | None:
+        """The decoded message, or None after dead-lettering why it could not be decoded."""
+        try:
+            return decode(body, kind)
+        except MessageError as exc:
+            await self.dead_letter(subject, str(exc), body)
+            return None
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, durable: str, subject: str, settings: Settings) -> None:
