@@ -7,6 +7,7 @@ Each test gets a fresh Redis database and fresh JetStream streams, then starts t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -43,7 +44,8 @@ TIMINGS = {
     "GANTRY_JS_STORAGE": "memory",
 }
 
-_db_counter = iter(range(1, 15))
+# Redis has 16 databases; 0 is left to other tests. Each test flushes the one it gets, so reuse is safe.
+_db_counter = itertools.cycle(range(1, 16))
 
 
 def _argv(cmd: list[str]) -> list[str]:
