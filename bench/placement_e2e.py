@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import msgspec  # noqa: E402
 import nats  # noqa: E402
+import psutil  # noqa: E402
 
 from ops.servers import start_nats, start_redis  # noqa: E402
 from services import SERVICE_COMMANDS, WORKERS_COMMAND  # noqa: E402
@@ -81,12 +82,37 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
         "GANTRY_HEARTBEAT_INTERVAL_S": "5",
     }
     procs: list[subprocess.Popen[bytes]] = []
+    watched = {"nats": psutil.Process(nats_srv.process.pid), "redis": psutil.Process(redis_srv.process.pid),
+               "driver": psutil.Process()}
     logs = tmp / "logs"
     logs.mkdir()
 
     def start(name: str, argv: list[str]) -> None:
         out = (logs / f"{name}.log").open("ab")
         procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+        watched[name] = psutil.Process(procs[-1].pid)
+
+    def profile_services(phase: str, seconds: float) -> list[subprocess.Popen[bytes]]:
+        """py-spy every Python process of the stack for the phase (``--profile DIR``): collapsed stacks."""
+        if not args.profile:
+            return []
+        args.profile.mkdir(parents=True, exist_ok=True)
+        spies = []
+        for name, proc in watched.items():
+            if name in ("nats", "redis", "driver"):
+                continue
+            out = args.profile / f"{phase}-{name}.txt"
+            cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "-r", "50", "-d", str(int(seconds)), "-o", str(out),
+                   "-p", str(proc.pid)]
+            spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return spies
+
+    def cpu_seconds() -> dict[str, float]:
+        out = {}
+        for name, proc in watched.items():
+            t = proc.cpu_times()
+            out[name] = t.user + t.system
+        return out
 
     store = StateStore.from_url(redis_srv.url)
     nc = await nats.connect(nats_srv.url)
@@ -127,6 +153,8 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             total = int(rate * seconds)
             print(f"{name}: {total} placements offered at {rate}/s", file=sys.stderr, flush=True)
             t0 = time.monotonic()
+            cpu0 = cpu_seconds()
+            spies = profile_services(name, seconds)
             sent = 0
             while sent < total:
                 due = int((time.monotonic() - t0) * rate) + 1
@@ -146,6 +174,11 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             while len(latencies) < total and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             done = len(latencies)
+            cpu1 = cpu_seconds()
+            for spy in spies:
+                spy.wait()
+            # CPU milliseconds each process spent per placement: where the time goes, by process.
+            cpu_ms = {k: round((cpu1[k] - cpu0[k]) * 1000.0 / max(done, 1), 3) for k in cpu0}
             window = (commit_times[-1] - t0) if commit_times else float("inf")
             lat = sorted(latencies)
             return {
@@ -156,6 +189,7 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                 "placements_per_s": round(done / window, 1),
                 "p50_ms": round(lat[len(lat) // 2], 2) if lat else float("nan"),
                 "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2) if lat else float("nan"),
+                "cpu_ms_per_placement": cpu_ms,
                 "latencies": lat,
             }
 
@@ -230,6 +264,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--drain", type=float, default=30.0, help="longest wait for the last commits after sending")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--profile", type=Path, default=None, help="write py-spy collapsed stacks per process here")
     args = p.parse_args()
     runs = []
     for run in range(args.runs):

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from services.fitting.service import FittingService
-from shared.settings import load_settings
+from shared.bus.service import serve
 
 
 def main() -> None:
     """Run one fitting replica until stopped."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(FittingService(load_settings()).app.run())
+    serve(FittingService)
 
 
 if __name__ == "__main__":

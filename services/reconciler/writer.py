@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 from shared.bus import subjects
 from shared.bus.messages import Heartbeat, ModelFileUpdate, SyncRequest, WorkerRegistration
-from shared.bus.runtime import core_sub
 from shared.bus.validate import bad_worker_name, check_heartbeat, check_registration
 from shared.core.placement.domain import ModelFile, Worker
 
@@ -39,9 +38,7 @@ class StateWriter:
 
     def _wire(self) -> None:
         svc = self.service
-        broker = svc.broker
 
-        @core_sub(broker, subjects.REGISTER, queue=QUEUE)
         async def on_register(body: bytes) -> None:
             reg = await svc.bus.decode_or_reject(subjects.REGISTER, body, WorkerRegistration)
             if reg is None:
@@ -52,7 +49,6 @@ class StateWriter:
                 return
             self.registrations[reg.worker.name] = reg.worker
 
-        @core_sub(broker, subjects.HEARTBEAT, queue=QUEUE)
         async def on_heartbeat(body: bytes) -> None:
             hb = await svc.bus.decode_or_reject(subjects.HEARTBEAT, body, Heartbeat)
             if hb is None:
@@ -66,7 +62,6 @@ class StateWriter:
                 return
             self.beats[hb.worker] = (hb, svc.clock())
 
-        @core_sub(broker, subjects.MODEL_FILE, queue=QUEUE)
         async def on_file(body: bytes) -> None:
             upd = await svc.bus.decode_or_reject(subjects.MODEL_FILE, body, ModelFileUpdate)
             if upd is None:
@@ -78,6 +73,10 @@ class StateWriter:
             self.files[(upd.source, upd.worker)] = ModelFile(
                 source=upd.source, worker=upd.worker, state=upd.state, progress=upd.progress
             )
+
+        svc.listen(subjects.REGISTER, on_register, queue=QUEUE)
+        svc.listen(subjects.HEARTBEAT, on_heartbeat, queue=QUEUE)
+        svc.listen(subjects.MODEL_FILE, on_file, queue=QUEUE)
 
     async def ask_to_register(self, worker: str | None) -> None:
         """Ask one worker (or all) to re-register; per worker at most once every few seconds."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
+
+import uvloop
 
 from services.workers.emulator import FleetConfig, run_fleet
 from shared.settings import load_settings
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     logging.basicConfig(level=logging.WARNING)
     cfg = parse(argv)
-    asyncio.run(run_fleet(cfg, load_settings().nats_url))
+    uvloop.run(run_fleet(cfg, load_settings().nats_url))
 
 
 if __name__ == "__main__":
