@@ -73,6 +73,6 @@ class FilterService(PlacementService):
             sub = PlacementRequest(
                 batch_id=req.batch_id, items=kept, specs={m: s for m, s in req.specs.items() if m in ok}
             )
-            passed = PlacementFiltered(request=sub, filtered=ok)
+            passed = PlacementFiltered.of(sub, ok)
         scored = PlacementScored(batch_id=req.batch_id, outcomes=tuple(failed)) if failed else None
         return passed, scored

@@ -16,6 +16,8 @@ from shared.core.placement import requirements, run_fitting
 from shared.core.placement.columns import CandidateSet, fit_columns
 from shared.core.placement.domain import FitResult, ModelSpec, Reason, ResourceRequest, Unschedulable
 
+FITTED_WORKERS_PER_MESSAGE = 16_384
+
 
 class FittingService(PlacementService):
     """Runs the profile's fit strategies on the in-memory snapshot (claims included)."""
@@ -47,8 +49,8 @@ class FittingService(PlacementService):
         out = []
         for msg in batch:
             fitted, failed = self.fit(msg)
-            for model, one in fitted.items():
-                out.append((subjects.PLACEMENT_FITTED, one, f"fit:{msg.request.batch_id}:{model}"))
+            for one in fitted:
+                out.append((subjects.PLACEMENT_FITTED, one, f"fit:{one.request.batch_id}"))
             if failed is not None:
                 out.append((subjects.PLACEMENT_SCORED, failed, f"fit-none:{msg.request.batch_id}"))
         await self.bus.publish_js_many(out)
@@ -89,14 +91,14 @@ class FittingService(PlacementService):
             return cols
         return run_fitting(self.snapshot, spec, request, survivors, self.profile)
 
-    def fit(self, msg: PlacementFiltered) -> tuple[dict[str, PlacementFitted], PlacementScored | None]:
-        """Pure step over the snapshot: (candidates message per model, unschedulable outcomes)."""
+    def fit(self, msg: PlacementFiltered) -> tuple[list[PlacementFitted], PlacementScored | None]:
+        """Pure step over the snapshot: (candidate messages, unschedulable outcomes)."""
         req = msg.request
         results: dict[str, FitResult] = {}
         columns: dict[str, CandidateSet] = {}
         verdicts: dict[str, Unschedulable] = {}
         for model, spec in sorted(req.specs.items()):
-            flt = msg.filtered.get(model)
+            flt = msg.result(model)
             if flt is None:
                 verdicts[model] = Unschedulable(model=model, message="no filter result for this model")
                 continue
@@ -115,16 +117,36 @@ class FittingService(PlacementService):
                 verdicts[model] = Unschedulable(
                     model=model, message=res.message or "no candidate fits", filters=flt.reports, reasons=res.reasons
                 )
-        # One message per model: candidate sets are large (a 1,000-worker cluster: ~0.2 MB each), and
-        # NATS messages are bounded.
-        fitted = {}
-        for model, res in results.items():
-            sub = PlacementRequest(
-                batch_id=f"{req.batch_id}:{model}",
-                items=tuple(i for i in req.items if i.model == model),
-                specs={model: req.specs[model]},
-            )
-            cols = {model: columns[model]} if model in columns else {}
-            fitted[model] = PlacementFitted(request=sub, fitted={model: res}, columns=cols)
         failed = tuple(ItemOutcome(item=i, unschedulable=verdicts[i.model]) for i in req.items if i.model in verdicts)
-        return fitted, (PlacementScored(batch_id=req.batch_id, outcomes=failed) if failed else None)
+        scored = PlacementScored(batch_id=req.batch_id, outcomes=failed) if failed else None
+        return self.pack(req, results, columns), scored
+
+    def pack(
+        self, req: PlacementRequest, results: dict[str, FitResult], columns: dict[str, CandidateSet]
+    ) -> list[PlacementFitted]:
+        """Group models into messages of at most ``FITTED_WORKERS_PER_MESSAGE`` candidate workers.
+
+        A candidate set is cluster-sized (1,000 workers: ~20 kB), and NATS messages are bounded; one
+        message per model would cost one JetStream round trip per model instead.
+        """
+        groups: list[list[str]] = []
+        size = FITTED_WORKERS_PER_MESSAGE
+        for model in sorted(results):
+            weight = len(columns[model].workers) if model in columns else len(results[model].candidates)
+            if size + weight > FITTED_WORKERS_PER_MESSAGE:
+                groups.append([])
+                size = 0
+            groups[-1].append(model)
+            size += weight
+        out = []
+        for n, models in enumerate(groups):
+            sub = PlacementRequest(
+                batch_id=f"{req.batch_id}:{n}",
+                items=tuple(i for i in req.items if i.model in models),
+                specs={m: req.specs[m] for m in models},
+            )
+            out.append(PlacementFitted(
+                request=sub, fitted={m: results[m] for m in models},
+                columns={m: columns[m] for m in models if m in columns},
+            ))
+        return out

@@ -127,15 +127,44 @@ class PlacementRequest(Message, frozen=True, kw_only=True):
     specs: dict[str, ModelSpec]
 
 
+class FilteredModel(msgspec.Struct, frozen=True, kw_only=True):
+    """One model's filter outcome inside a PlacementFiltered: its survivor set (by position) and reports."""
+
+    survivors: int  # index into PlacementFiltered.survivor_sets
+    reports: tuple[FilterReport, ...] = ()
+
+
 class PlacementFiltered(Message, frozen=True, kw_only=True):
-    """Filter output: the core's FilterResult per model of the request (models with survivors only)."""
+    """Filter output: the core's FilterResult per model of the request (models with survivors only).
+
+    Survivor lists are cluster-sized and usually identical across the models of a request, so each
+    distinct list travels once in ``survivor_sets`` and models point at it.
+    """
 
     request: PlacementRequest
-    filtered: dict[str, FilterResult]
+    survivor_sets: tuple[tuple[str, ...], ...]
+    filtered: dict[str, FilteredModel]
+
+    @classmethod
+    def of(cls, request: PlacementRequest, results: dict[str, FilterResult]) -> PlacementFiltered:
+        """Pack FilterResults, each distinct survivor list once."""
+        sets: dict[tuple[str, ...], int] = {}
+        filtered = {
+            model: FilteredModel(survivors=sets.setdefault(res.survivors, len(sets)), reports=res.reports)
+            for model, res in results.items()
+        }
+        return cls(request=request, survivor_sets=tuple(sets), filtered=filtered)
+
+    def result(self, model: str) -> FilterResult | None:
+        """The core's FilterResult of one model, or None if the model was not filtered here."""
+        got = self.filtered.get(model)
+        if got is None:
+            return None
+        return FilterResult(model=model, survivors=self.survivor_sets[got.survivors], reports=got.reports)
 
 
 class PlacementFitted(Message, frozen=True, kw_only=True):
-    """Fitting output per model (models with candidates only).
+    """Fitting output for some models of a request (models with candidates only; large requests are split).
 
     Single-GPU candidates travel as ``columns`` (the core's compact CandidateSet; the model's FitResult
     then has no candidates, only strategy and reasons); any other shape as FitResult candidates.

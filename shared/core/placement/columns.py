@@ -2,11 +2,14 @@
 
 Materialising thousands of ``Candidate`` structs, encoding them and decoding them again costs far more
 than fitting and scoring themselves (1,000 workers × 8 GPUs: ~8,000 candidates, 1.4 MB of JSON). The
-columns carry exactly the same information (worker, GPU index, VRAM claim, RAM claim, strategy) and the
+columns carry exactly the same information (worker, GPU index, VRAM claim, RAM claim, strategy) in a few
+bytes per worker: one 64-bit mask of candidate GPU indexes per worker, and the VRAM claim once when every
+candidate claims the same (the common case: one model, one GPU type) or one per candidate otherwise. The
 scoring side rebuilds the core's ``GpuBatch`` from them directly, masked to what still fits its snapshot,
 then scores it with the core's vectorised scorers: the same decision ``run_scoring`` makes on the same
-candidates. Pure and clock-free, like the rest of the core. Multi-GPU, multi-worker and CPU placements keep
-the regular ``FitResult`` path (callers fall back when these functions return None).
+candidates. Pure and clock-free, like the rest of the core. Multi-GPU, multi-worker and CPU placements, and
+GPUs indexed 64 or above, keep the regular ``FitResult`` path (callers fall back when these functions
+return None).
 """
 
 from __future__ import annotations
@@ -26,34 +29,41 @@ from shared.core.placement.profile import DEFAULT_PROFILE, Profile
 from shared.core.placement.snapshot import ClusterSnapshot
 
 IntArray = npt.NDArray[np.int64]
+MASK_BITS = 64
 
 
 class CandidateSet(msgspec.Struct, frozen=True, kw_only=True):
-    """Single-GPU candidates of one model, column-wise: candidate k is GPU ``gpu_index[k]`` of worker
-    ``workers[worker_of[k]]`` claiming ``claim[k]`` bytes of VRAM (and ``ram_claim`` of RAM).
+    """Single-GPU candidates of one model, column-wise.
 
-    The columns are little-endian int32/int64 arrays as bytes: on the bus they cost a base64 copy
-    instead of one JSON number each, which is what makes 8,000 candidates cheap to send and read.
+    Worker ``workers[k]`` offers every GPU whose index is a set bit of ``gpus[k]`` (little-endian uint64
+    per worker). Candidates are ordered by worker, then GPU index; each claims ``claim`` bytes of VRAM, or
+    ``claims[i]`` (int64 per candidate) when the claims differ, and ``ram_claim`` bytes of RAM.
     """
 
     model: str
     strategy: str
     workers: tuple[str, ...]  # distinct worker names
-    worker_of: bytes  # int32 per candidate: index into ``workers``
-    gpu_index: bytes  # int32 per candidate
-    claim: bytes  # int64 per candidate
+    gpus: bytes  # uint64 per worker: bit i set = the GPU with index i is a candidate
+    claim: int = 0
+    claims: bytes = b""  # int64 per candidate when claims differ, else empty
     ram_claim: int = 0
 
+    def masks(self) -> npt.NDArray[np.uint64]:
+        """The per-worker GPU masks."""
+        return np.frombuffer(self.gpus, dtype="<u8")
+
     def __len__(self) -> int:
-        return len(self.claim) // 8
+        return int(np.bitwise_count(self.masks()).sum())
 
     def arrays(self) -> tuple[IntArray, IntArray, IntArray]:
-        """(worker_of, gpu_index, claim) as int64 arrays."""
-        return (
-            np.frombuffer(self.worker_of, dtype="<i4").astype(np.int64),
-            np.frombuffer(self.gpu_index, dtype="<i4").astype(np.int64),
-            np.frombuffer(self.claim, dtype="<i8").astype(np.int64),
-        )
+        """(worker position, GPU index, claim) per candidate, in candidate order."""
+        bits = (self.masks()[:, None] >> np.arange(MASK_BITS, dtype=np.uint64)) & np.uint64(1)
+        worker_of, gpu_index = np.nonzero(bits)
+        if self.claims:
+            claims = np.frombuffer(self.claims, dtype="<i8").astype(np.int64)
+        else:
+            claims = np.full(len(worker_of), self.claim, dtype=np.int64)
+        return worker_of.astype(np.int64), gpu_index.astype(np.int64), claims
 
 
 def fit_columns(
@@ -65,23 +75,32 @@ def fit_columns(
 ) -> CandidateSet | None:
     """Fitting's candidates as columns, when the winning strategy yields single-GPU candidates.
 
-    None when it does not (or nothing fits): the caller then runs ``run_fitting`` for candidates or the
-    explanation.
+    None when it does not (or nothing fits, or a candidate GPU's index does not fit a mask): the caller
+    then runs ``run_fitting`` for candidates or the explanation.
     """
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile, request=request)
     fitted = _fit(ctx, _mask(snapshot, survivors), False)
     batch = fitted.batch
     if not isinstance(batch, GpuBatch) or len(batch) == 0:
         return None
-    rows, slots = batch.positions()
-    distinct, worker_of = np.unique(rows, return_inverse=True)
+    rows = np.flatnonzero(batch.worker_mask())
+    mask = batch.mask[rows]
+    index = snapshot.g_index[rows]
+    if int(index[mask].max()) >= MASK_BITS:
+        return None
+    bit = np.left_shift(np.uint64(1), np.where(mask, index, 0).astype(np.uint64))
+    gpus = np.bitwise_or.reduce(np.where(mask, bit, np.uint64(0)), axis=1)
+    # Candidate order is (worker, GPU index); the snapshot's slots need not be in index order.
+    order = np.argsort(np.where(mask, index, MASK_BITS), axis=1, kind="stable")
+    claims_sorted = np.take_along_axis(batch.claims[rows], order, axis=1)[np.take_along_axis(mask, order, axis=1)]
+    uniform = bool((claims_sorted == claims_sorted[0]).all())
     return CandidateSet(
         model=model.name,
         strategy=fitted.strategy or "",
-        workers=tuple([snapshot.name_of(r) for r in distinct.tolist()]),
-        worker_of=worker_of.astype("<i4").tobytes(),
-        gpu_index=snapshot.g_index[rows, slots].astype("<i4").tobytes(),
-        claim=batch.claims[rows, slots].astype("<i8").tobytes(),
+        workers=tuple([snapshot.name_of(r) for r in rows.tolist()]),
+        gpus=gpus.astype("<u8").tobytes(),
+        claim=int(claims_sorted[0]) if uniform else 0,
+        claims=b"" if uniform else claims_sorted.astype("<i8").tobytes(),
         ram_claim=batch.ram_claim,
     )
 
@@ -97,18 +116,31 @@ class Positions:
 
 def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
     """Rows and slots of the candidates in ``snapshot``; None if a worker or GPU is unknown there."""
-    worker_rows = []
-    for name in cset.workers:
-        row = snapshot.row_of(name)
-        if row is None:
-            return None
-        worker_rows.append(row)
-    worker_of, gpu_index, claims = cset.arrays()
-    rows = np.asarray(worker_rows, dtype=np.int64)[worker_of]
-    match = snapshot.g_index[rows] == gpu_index[:, None]
-    if not bool(match.any(axis=1).all()):
+    row_of = snapshot.row_of
+    worker_rows = [row_of(name) for name in cset.workers]
+    if None in worker_rows:
         return None
-    return Positions(rows=rows, slots=match.argmax(axis=1).astype(np.int64), claims=claims)
+    rows = np.asarray(worker_rows, dtype=np.int64)
+    index = snapshot.g_index[rows]
+    masks = cset.masks()
+    known = np.bitwise_or.reduce(
+        np.where(index >= 0, np.left_shift(np.uint64(1), np.clip(index, 0, MASK_BITS - 1).astype(np.uint64)),
+                 np.uint64(0)), axis=1,
+    )
+    if bool(((masks & ~known) != 0).any()):
+        return None  # a candidate GPU this snapshot does not know
+    hit = (index >= 0) & ((masks[:, None] >> np.clip(index, 0, MASK_BITS - 1).astype(np.uint64)) & np.uint64(1)
+                          ).astype(np.bool_)
+    # Candidates in (worker, GPU index) order, to line up with per-candidate claims.
+    order = np.argsort(np.where(hit, index, MASK_BITS), axis=1, kind="stable")
+    hit_sorted = np.take_along_axis(hit, order, axis=1)
+    pos_w, k = np.nonzero(hit_sorted)
+    slots = order[pos_w, k]
+    if cset.claims:
+        claims = np.frombuffer(cset.claims, dtype="<i8").astype(np.int64)
+    else:
+        claims = np.full(len(pos_w), cset.claim, dtype=np.int64)
+    return Positions(rows=rows[pos_w], slots=slots.astype(np.int64), claims=claims)
 
 
 def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int) -> npt.NDArray[np.bool_]:

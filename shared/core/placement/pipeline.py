@@ -126,7 +126,7 @@ def _filter_fast(ctx: PlacementContext) -> tuple[BoolArray, list[FilterReport]]:
 
 
 def _names(snap: ClusterSnapshot, mask: BoolArray) -> list[str]:
-    return sorted(snap.name_of(int(r)) for r in np.flatnonzero(mask))
+    return snap.names_where(mask)
 
 
 def _mask(snap: ClusterSnapshot, names: Sequence[str]) -> BoolArray:

@@ -90,3 +90,47 @@ def test_nothing_fitting_gives_no_columns() -> None:
     req = requirements(huge)
     assert isinstance(req, ResourceRequest)
     assert fit_columns(snap, huge, req, snap.worker_names()) is None
+
+
+def test_equal_claims_travel_once_and_differing_claims_per_candidate() -> None:
+    snap = cluster()
+    for model, uniform in ((MODELS[0], True), (MODELS[2], False)):  # embedding: W-based; vLLM: a GPU fraction
+        req = requirements(model)
+        assert isinstance(req, ResourceRequest)
+        cset = fit_columns(snap, model, req, snap.worker_names())
+        assert cset is not None
+        assert (cset.claims == b"") is uniform
+        assert len(cset.gpus) == 8 * len(cset.workers)
+
+
+def test_gpus_listed_out_of_index_order_keep_their_own_claims() -> None:
+    sizes = {3: 24, 0: 80, 2: 48, 1: 80}  # inventory order is not index order
+    worker = Worker(name="w0", gpus=tuple(Gpu(index=i, vram_total=v * GIB) for i, v in sizes.items()),
+                    ram_total=256 * GIB, last_heartbeat=100.0)
+    snap = ClusterSnapshot.from_parts(workers=[worker])
+    model = MODELS[2]
+    req = requirements(model)
+    assert isinstance(req, ResourceRequest)
+    reference = run_fitting(snap, model, req, ["w0"])
+    cset = fit_columns(snap, model, req, ["w0"])
+    assert cset is not None and cset.claims
+    key = sorted((c.worker, c.gpu_indexes, c.vram_claims) for c in reference.candidates)
+    assert sorted((c.worker, c.gpu_indexes, c.vram_claims) for c in as_candidates(cset)) == key
+    pos = locate(snap, cset)
+    assert pos is not None
+    by_index = {int(snap.g_index[r, s]): int(c) for r, s, c in zip(pos.rows, pos.slots, pos.claims, strict=True)}
+    assert by_index == {c.gpu_indexes[0]: c.vram_claims[0] for c in reference.candidates}
+
+
+def test_a_gpu_unknown_to_the_scoring_snapshot_is_not_located() -> None:
+    snap = cluster()
+    model = MODELS[0]
+    req = requirements(model)
+    assert isinstance(req, ResourceRequest)
+    cset = fit_columns(snap, model, req, snap.worker_names())
+    assert cset is not None
+    fewer = ClusterSnapshot.from_parts(workers=[
+        Worker(name=f"w{i}", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=256 * GIB, last_heartbeat=100.0)
+        for i in range(12)
+    ])
+    assert locate(fewer, cset) is None

@@ -48,7 +48,8 @@ def request(spec: ModelSpec, n: int) -> PlacementRequest:
 def test_filter_passes_survivors_on() -> None:
     passed, failed = stage(FilterService).filter_request(request(EMB, 2))
     assert failed is None and passed is not None
-    assert passed.filtered["emb"].survivors == ("w0", "w1", "w2", "w3")
+    res = passed.result("emb")
+    assert res is not None and res.survivors == ("w0", "w1", "w2", "w3")
 
 
 def test_filter_sends_unschedulable_straight_to_scored_when_nothing_survives() -> None:
@@ -64,7 +65,7 @@ def test_fitting_explains_what_cannot_be_placed(spec: ModelSpec, fragment: str) 
     flt = stage(FilterService).filter_request(request(spec, 1))[0]
     assert flt is not None
     fitted, failed = svc.fit(flt)
-    assert fitted == {} and failed is not None
+    assert fitted == [] and failed is not None
     un = failed.outcomes[0].unschedulable
     assert un is not None and fragment in un.message
 
@@ -74,14 +75,15 @@ def test_fitting_sends_single_gpu_candidates_as_columns() -> None:
     assert isinstance(flt, PlacementFiltered)
     fitted, failed = stage(FittingService).fit(flt)
     assert failed is None
-    assert len(fitted["emb"].columns["emb"]) == 8 and fitted["emb"].fitted["emb"].candidates == ()
+    (msg,) = fitted
+    assert len(msg.columns["emb"]) == 8 and msg.fitted["emb"].candidates == ()
 
 
 def test_scoring_spreads_a_batch_over_workers_by_assuming_each_choice() -> None:
     flt = stage(FilterService).filter_request(request(EMB, 4))[0]
     assert flt is not None
     fitted, _ = stage(FittingService).fit(flt)
-    scored = stage(ScoringService).score(fitted["emb"])
+    scored = stage(ScoringService).score(fitted[0])
     chosen = [o.decision.candidate.worker for o in scored.outcomes if o.decision]
     assert sorted(chosen) == ["w0", "w1", "w2", "w3"]
 
@@ -91,7 +93,39 @@ def test_scoring_reports_replicas_whose_candidates_were_all_taken() -> None:
     flt = stage(FilterService).filter_request(request(llm, 9))[0]
     assert flt is not None
     fitted, _ = stage(FittingService).fit(flt)
-    scored = stage(ScoringService).score(fitted["llm"])
+    scored = stage(ScoringService).score(fitted[0])
     assert sum(o.decision is not None for o in scored.outcomes) == 8
     last = scored.outcomes[-1].unschedulable
     assert last is not None and "taken while this replica was in flight" in last.message
+
+
+def test_filter_sends_a_survivor_list_shared_by_several_models_once() -> None:
+    emb2 = ModelSpec(name="emb2", weight_bytes=6 * GIB, categories=(Category.EMBEDDING,))
+    items = (PlacementItem(instance_id="a", model="emb"), PlacementItem(instance_id="b", model="emb2"))
+    req = PlacementRequest(batch_id="b1", items=items, specs={"emb": EMB, "emb2": emb2})
+    passed, _ = stage(FilterService).filter_request(req)
+    assert passed is not None
+    assert passed.survivor_sets == (("w0", "w1", "w2", "w3"),)
+    first, second = passed.result("emb"), passed.result("emb2")
+    assert first is not None and second is not None
+    assert first.survivors == second.survivors == ("w0", "w1", "w2", "w3")
+
+
+def test_fitting_splits_many_models_over_messages_keeping_each_models_items_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import services.fitting.service as fitting
+
+    monkeypatch.setattr(fitting, "FITTED_WORKERS_PER_MESSAGE", 8)  # 4 workers per model: 2 models a message
+    specs = {f"m{k}": ModelSpec(name=f"m{k}", weight_bytes=6 * GIB, categories=(Category.EMBEDDING,))
+             for k in range(5)}
+    items = tuple(PlacementItem(instance_id=f"m{k}-{r}", model=f"m{k}") for k in range(5) for r in range(2))
+    flt, _ = stage(FilterService).filter_request(PlacementRequest(batch_id="b1", items=items, specs=specs))
+    assert flt is not None
+    fitted, failed = stage(FittingService).fit(flt)
+    assert failed is None
+    assert [sorted(m.columns) for m in fitted] == [["m0", "m1"], ["m2", "m3"], ["m4"]]
+    assert len({m.request.batch_id for m in fitted}) == 3
+    for msg in fitted:
+        assert {i.model for i in msg.request.items} == set(msg.columns) == set(msg.request.specs)
+    assert sorted(i.instance_id for m in fitted for i in m.request.items) == sorted(i.instance_id for i in items)
