@@ -102,7 +102,8 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             if name in ("nats", "redis", "driver"):
                 continue
             out = args.profile / f"{phase}-{name}.txt"
-            cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "-r", "50", "-d", str(int(seconds)), "-o", str(out),
+            spy = str(Path(sys.executable).parent / "py-spy")
+            cmd = [spy, "record", "--format", "raw", "-r", "50", "-d", str(int(seconds)), "-o", str(out),
                    "-p", str(proc.pid)]
             spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return spies
