@@ -53,7 +53,7 @@ from shared.core.placement.reconcile import (
     resync_workers,
     unreachable_instances,
 )
-from shared.state.store import CommitItem
+from shared.state.store import CommitItem, ScaleUp
 
 log = logging.getLogger("gantry.reconciler")
 
@@ -135,27 +135,82 @@ class Reconciler(PlacementService):
                 meta = raw.metadata
                 arrived = meta.timestamp.timestamp() if meta.timestamp else self.clock()
                 scales.setdefault(cmd.model, []).append((raw, cmd, arrived))
+        now = self.clock()
+        wanted = {
+            model: ScaleUp(model=model, replicas=cmds[-1][1].replicas, spec=self.specs[model],
+                           seq=cmds[-1][0].metadata.sequence.stream, created_at=now)
+            for model, cmds in scales.items()
+        }
+        arrivals = {model: [a for _, _, a in cmds] for model, cmds in scales.items()}
         items: list[PlacementItem] = []
         specs: dict[str, ModelSpec] = {}
+        slow: dict[str, ScaleUp] = {}
+        all_raws = [r for cmds in scales.values() for r, _, _ in cmds]
+
+        async def fast() -> None:
+            slow.update(await self.converge_fast(list(wanted.values()), arrivals, items, specs))
+
         done: list[Msg] = []
-        for model, cmds in scales.items():
-            last_raw, last, _ = cmds[-1]
-            spec = self.specs[model]
-            arrivals = [a for _, _, a in cmds]
-            scale = (last.replicas, spec, last_raw.metadata.sequence.stream)
-            batch_raws = [r for r, _, _ in cmds]
+        if all_raws and await guarded(self, subjects.SCALE, all_raws, fast):
+            failed: set[str] = set()
+            for model, up in slow.items():
 
-            async def work(m: str = model, sc: tuple[int, ModelSpec, int] = scale, arr: list[float] = arrivals) -> None:
-                got, spec_now = await self.converge(m, scale=sc, arrivals=arr)
-                items.extend(got)
-                if spec_now is not None:
-                    specs[m] = spec_now
+                async def work(m: str = model, u: ScaleUp = up) -> None:
+                    scale = (u.replicas, u.spec, u.seq) if u.replicas is not None and u.spec is not None else None
+                    got, spec_now = await self.converge(m, scale=scale, arrivals=arrivals.get(m, ()))
+                    items.extend(got)
+                    if spec_now is not None:
+                        specs[m] = spec_now
 
-            if await guarded(self, subjects.SCALE, batch_raws, work):
-                done += batch_raws
+                if not await guarded(self, subjects.SCALE, [r for r, _, _ in scales[model]], work):
+                    failed.add(model)
+            done = [r for model, cmds in scales.items() if model not in failed for r, _, _ in cmds]
         if items:
             await self.publish_items(items, specs, self.clock())
         await ack_all(done)
+
+    async def converge_fast(
+        self,
+        wanted: Sequence[ScaleUp],
+        arrivals: dict[str, list[float]],
+        items: list[PlacementItem],
+        specs: dict[str, ModelSpec],
+    ) -> dict[str, ScaleUp]:
+        """Converge many models in one atomic Redis call (scale commands recorded, missing replicas made).
+
+        Appends the placement items to request and the models' specs; returns the models left to the
+        locked path (``converge``): those being scaled down, by us (scale already recorded) or elsewhere.
+        """
+        now = self.clock()
+        slow: dict[str, ScaleUp] = {}
+        by_model = {w.model: w for w in wanted}
+        for res in await self.store.converge_up(wanted, ACTIVE):
+            up = by_model[res.model]
+            if res.status == "busy":
+                slow[res.model] = up
+                continue
+            if res.applied and up.replicas is not None:
+                await self.bus.publish(
+                    subjects.EVENT_MODEL, ModelEvent(model=res.model, replicas=up.replicas, spec=up.spec)
+                )
+            if res.status == "down":
+                slow[res.model] = ScaleUp(model=res.model)
+                continue
+            spec = self.specs.get(res.model) or await self.store.model(res.model)
+            if spec is None:
+                continue
+            specs[res.model] = spec
+            await self._publish_instances(res.created)
+            times = arrivals.get(res.model) or [now]
+            items += [
+                PlacementItem(instance_id=inst.id, model=res.model, requested_at=times[min(k, len(times) - 1)])
+                for k, inst in enumerate(res.created)
+            ]
+            items += [
+                PlacementItem(instance_id=i, model=res.model, requested_at=now)
+                for i in res.unrequested if self._needs_request(i, now)
+            ]
+        return slow
 
     async def _valid_scale(self, raw: Msg) -> ScaleCommand | None:
         """Decode and check a scale command; dead-letter (and ack) it when invalid."""
@@ -279,7 +334,9 @@ class Reconciler(PlacementService):
         """Converge several models and publish their placement requests together."""
         items: list[PlacementItem] = []
         specs: dict[str, ModelSpec] = {}
-        for model in models:
+        now = self.clock()
+        slow = await self.converge_fast([ScaleUp(model=m, created_at=now) for m in models], {}, items, specs)
+        for model in slow:
             got, spec = await self.converge(model)
             items += got
             if spec is not None:

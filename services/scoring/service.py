@@ -16,7 +16,7 @@ from shared.bus import streams, subjects
 from shared.bus.messages import ItemOutcome, PlacementFitted, PlacementScored
 from shared.bus.service import PlacementService
 from shared.core.placement import instance_from_decision, run_scoring
-from shared.core.placement.columns import Positions, as_candidates, locate, score_columns
+from shared.core.placement.columns import CandidateSet, Positions, as_candidates, locate, score_columns
 from shared.core.placement.domain import Candidate, Decision, Instance, ModelSpec, Unschedulable
 from shared.core.placement.reconcile import still_fits
 
@@ -27,6 +27,10 @@ class ScoringService(PlacementService):
     """Runs the profile's scorers and picks one candidate per replica."""
 
     name = "scoring"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self._located: dict[tuple[int, tuple[str, ...], bytes, bytes, int], Positions | None] = {}
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Reads fitting results."""
@@ -61,7 +65,7 @@ class ScoringService(PlacementService):
             cset = msg.columns.get(item.model)
             if cset is not None:
                 if item.model not in located:
-                    located[item.model] = locate(self.snapshot, cset)
+                    located[item.model] = self.locate(cset)
                 pos = located[item.model]
                 considered = len(cset)
                 if pos is not None:
@@ -82,6 +86,19 @@ class ScoringService(PlacementService):
             self.assume(instance_from_decision(decision, item.instance_id, created_at=item.requested_at), now)
             outcomes.append(ItemOutcome(item=item, decision=decision))
         return PlacementScored(batch_id=req.batch_id, outcomes=tuple(outcomes), specs=req.specs)
+
+    def locate(self, cset: CandidateSet) -> Positions | None:
+        """The candidates' positions in this snapshot, remembered while its rows stay put.
+
+        Consecutive messages carry the same candidate sets (fitting reuses its results briefly, and models
+        of one shape share them), and locating 8,000 GPUs costs more than scoring them.
+        """
+        key = (self.snapshot.layout, cset.workers, cset.gpus, cset.claims, cset.claim)
+        if key not in self._located:
+            if len(self._located) >= 256:
+                self._located.clear()
+            self._located[key] = locate(self.snapshot, cset)
+        return self._located[key]
 
     def _reference(self, spec: ModelSpec, candidates: Sequence[Candidate]) -> Decision | None:
         live = [c for c in candidates if still_fits(self.snapshot, c)]

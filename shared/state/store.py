@@ -87,6 +87,34 @@ class CommitItem:
         return out
 
 
+@dataclass(frozen=True)
+class ScaleUp:
+    """One model for ``converge_up``: its latest scale command (if any) and the clock for new records."""
+
+    model: str
+    replicas: int | None = None  # None: no scale command, converge to the stored desired replicas
+    spec: ModelSpec | None = None
+    seq: int = 0  # stream sequence of the scale command (a later applied one wins)
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScaleUpResult:
+    """What ``converge_up`` did for one model.
+
+    ``status`` is "ok" (replicas created as needed), "busy" (another reconciler holds the model's converge
+    lock: nothing done) or "down" (more active replicas than desired: the scale command was recorded,
+    removing replicas is left to the locked path).
+    """
+
+    model: str
+    status: str
+    applied: bool
+    desired: int
+    created: tuple[Instance, ...]
+    unrequested: tuple[str, ...]  # PENDING replicas without a reason (may need their request again)
+
+
 _enc = msgspec.json.Encoder()
 _dec_worker = msgspec.json.Decoder(Worker)
 _dec_inst = msgspec.json.Decoder(Instance)
@@ -111,6 +139,7 @@ class StateStore:
         self._mark = client.register_script((_LUA / "mark_state.lua").read_text())
         self._unlock = client.register_script((_LUA / "unlock.lua").read_text())
         self._summary = client.register_script((_LUA / "model_summary.lua").read_text())
+        self._converge_up = client.register_script((_LUA / "converge_up.lua").read_text())
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -333,6 +362,30 @@ class StateStore:
         """Release the lock if still ours."""
         await self._unlock(keys=[Keys.lock + model], args=[token])
 
+    async def converge_up(self, models: Sequence[ScaleUp], active: Iterable[InstanceState]) -> list[ScaleUpResult]:
+        """Record scale commands and create missing PENDING replicas for many models in one atomic call.
+
+        Instance ids are ``<model>-<random hex><counter>``; a model being scaled down elsewhere is skipped.
+        """
+        if not models:
+            return []
+        args: list[Any] = [",".join(s.value for s in active), Keys.lock, Keys.model_index, len(models)]
+        for m in models:
+            head, tail = _record_template(m.model, m.created_at)
+            spec = _enc.encode(m.spec) if m.spec is not None else b""
+            replicas = -1 if m.replicas is None else m.replicas
+            args += [m.model, replicas, spec, m.seq, f"{m.model}-{secrets.token_hex(4)}", head, tail]
+        keys = [Keys.desired, Keys.desired_seq, Keys.models, Keys.inst, Keys.inst_state, Keys.inst_reason]
+        raw = await self._converge_up(keys=keys, args=args)
+        out = []
+        for m, (status, applied, desired, created, unrequested) in zip(models, raw, strict=True):
+            out.append(ScaleUpResult(
+                model=m.model, status=_s(status), applied=bool(int(applied)), desired=int(desired),
+                created=tuple(Instance(id=_s(i), model=m.model, created_at=m.created_at) for i in created),
+                unrequested=tuple(sorted(_s(i) for i in unrequested)),
+            ))
+        return out
+
     async def create_pending(self, model: str, token: str, instances: Sequence[Instance]) -> bool:
         """Create PENDING instances under the lock; False if the lock was lost (nothing written)."""
         args: list[Any] = [token]
@@ -411,6 +464,17 @@ class StateStore:
         fields = set(total) | {f for f, v in used.items() if v}
         return [f"{f}: ledger {used.get(f, 0)} != claims {total.get(f, 0)}" for f in sorted(fields)
                 if used.get(f, 0) != total.get(f, 0)]
+
+
+_ID_MARK = "\x00"
+
+
+def _record_template(model: str, created_at: float) -> tuple[bytes, bytes]:
+    """A new PENDING record's JSON split around its id (the script splices each new id in)."""
+    raw = _enc.encode(Instance(id=_ID_MARK, model=model, created_at=created_at))
+    marker = _enc.encode(_ID_MARK)[1:-1]
+    head, _, tail = raw.partition(marker)
+    return head, tail
 
 
 def apply_usage(w: Worker, hb: Heartbeat | None, last: float, cordoned: set[str]) -> Worker:

@@ -97,7 +97,7 @@ def fit_columns(
     return CandidateSet(
         model=model.name,
         strategy=fitted.strategy or "",
-        workers=tuple([snapshot.name_of(r) for r in rows.tolist()]),
+        workers=tuple(snapshot.names_of(rows)),
         gpus=gpus.astype("<u8").tobytes(),
         claim=int(claims_sorted[0]) if uniform else 0,
         claims=b"" if uniform else claims_sorted.astype("<i8").tobytes(),
@@ -116,11 +116,9 @@ class Positions:
 
 def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
     """Rows and slots of the candidates in ``snapshot``; None if a worker or GPU is unknown there."""
-    row_of = snapshot.row_of
-    worker_rows = [row_of(name) for name in cset.workers]
-    if None in worker_rows:
+    rows = snapshot.rows_of(cset.workers)
+    if bool((rows < 0).any()):
         return None
-    rows = np.asarray(worker_rows, dtype=np.int64)
     index = snapshot.g_index[rows]
     masks = cset.masks()
     known = np.bitwise_or.reduce(

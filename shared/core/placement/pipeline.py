@@ -131,10 +131,8 @@ def _names(snap: ClusterSnapshot, mask: BoolArray) -> list[str]:
 
 def _mask(snap: ClusterSnapshot, names: Sequence[str]) -> BoolArray:
     mask = np.zeros(snap.rows, dtype=np.bool_)
-    for name in names:
-        row = snap.row_of(name)
-        if row is not None:
-            mask[row] = True
+    rows = snap.rows_of(tuple(names))
+    mask[rows[rows >= 0]] = True
     return mask
 
 

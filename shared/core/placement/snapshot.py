@@ -99,6 +99,8 @@ class ClusterSnapshot:
     def __init__(self, config: SnapshotConfig | None = None) -> None:
         self.config = config or SnapshotConfig()
         self.version = 0  # bumped by every mutation
+        self.layout = 0  # bumped whenever rows or slots move (positions computed before are stale)
+        self._rows_cache: dict[tuple[str, ...], IntArray] = {}
         self._workers: dict[str, Worker] = {}
         self._row: dict[str, int] = {}
         self._names: list[str] = []
@@ -179,6 +181,7 @@ class ClusterSnapshot:
         grow2("g_labelled", np.bool_, False)
         self._cap, self._gmax = cap, gmax
         self._count_cache.clear()
+        self._moved()
 
     def _code(self, kind: str, value: str) -> int:
         codes = self._codes[kind]
@@ -205,6 +208,7 @@ class ClusterSnapshot:
         if name not in self._row or self._slot.get(name) != new_slots:
             self._count_cache.clear()  # rows or slots move: per-model columns are rebuilt on demand
             self._ready_cache.clear()
+            self._moved()
         if name not in self._row:
             if self._free:
                 row = self._free.pop()
@@ -216,7 +220,7 @@ class ClusterSnapshot:
                 self._alloc_arrays(max(16, self._cap * 2), self._gmax)
             self._row[name] = row
             self._rank_dirty = True
-            self._by_name = None
+            self._moved()
         if len(worker.gpus) > self._gmax:
             self._alloc_arrays(self._cap, len(worker.gpus))
         self._workers[name] = worker
@@ -233,11 +237,11 @@ class ClusterSnapshot:
         del self._workers[name]
         del self._slot[name]
         self._names[row] = ""
-        self._by_name = None
         self._free.append(row)
         self._claim_cache.clear()
         self._count_cache.clear()
         self._ready_cache.clear()
+        self._moved()
         self.w_present[row] = False
         self.g_exists[row, :] = False
         self.g_ok[row, :] = False
@@ -482,12 +486,39 @@ class ClusterSnapshot:
         """(vendor, product) of every GPU type code, by code."""
         return list(self._type_names)
 
-    def names_where(self, mask: BoolArray) -> list[str]:
-        """Names of the rows set in ``mask``, sorted (one vectorised pass: filters hand on thousands)."""
+    def _moved(self) -> None:
+        self.layout += 1
+        self._rows_cache.clear()
+        self._by_name = None
+
+    def rows_of(self, names: tuple[str, ...]) -> IntArray:
+        """The row of each named worker (-1 if unknown here).
+
+        Survivor and candidate lists are cluster-sized and repeat from one decision to the next, so the
+        lookups are remembered until rows move.
+        """
+        rows = self._rows_cache.get(names)
+        if rows is None:
+            get = self._row.get
+            rows = np.fromiter((get(n, -1) for n in names), dtype=np.int64, count=len(names))
+            if len(self._rows_cache) >= 64:
+                self._rows_cache.clear()
+            self._rows_cache[names] = rows
+        return rows
+
+    def names_of(self, rows: IntArray) -> list[str]:
+        """The worker name of each row."""
+        return self._name_order()[1][rows].tolist()  # type: ignore[no-any-return]
+
+    def _name_order(self) -> tuple[IntArray, npt.NDArray[np.object_]]:
         if self._by_name is None:
             order = np.array(sorted(range(len(self._names)), key=self._names.__getitem__), dtype=np.int64)
             self._by_name = (order, np.array(self._names, dtype=object))
-        order, names = self._by_name
+        return self._by_name
+
+    def names_where(self, mask: BoolArray) -> list[str]:
+        """Names of the rows set in ``mask``, sorted (one vectorised pass: filters hand on thousands)."""
+        order, names = self._name_order()
         order = order[order < len(mask)]
         return names[order[mask[order]]].tolist()  # type: ignore[no-any-return]
 

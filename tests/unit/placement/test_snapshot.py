@@ -97,6 +97,29 @@ def test_removed_worker_rows_are_reused_and_columns_grow():
     assert len(snap) == 40
 
 
+def test_remembered_row_lookups_follow_workers_leaving_and_joining():
+    snap = snapshot(worker("a"), worker("b"))
+    names = ("a", "b", "c")
+    assert snap.rows_of(names).tolist() == [0, 1, -1]
+    layout = snap.layout
+    snap.upsert_worker(worker("a"))  # a heartbeat: nothing moves
+    assert snap.layout == layout
+    snap.remove_worker("a")
+    snap.upsert_worker(worker("c"))  # takes a's row
+    assert snap.layout > layout
+    assert snap.rows_of(names).tolist() == [-1, 1, 0]
+    assert snap.names_of(snap.rows_of(("b", "c"))) == ["b", "c"]
+
+
+def test_sorted_names_of_a_row_mask_follow_renames():
+    snap = snapshot(worker("m"), worker("a"), worker("z"))
+    mask = snap.w_present[: snap.rows].copy()
+    assert snap.names_where(mask) == ["a", "m", "z"]
+    snap.remove_worker("a")
+    snap.upsert_worker(worker("y"))
+    assert snap.names_where(snap.w_present[: snap.rows].copy()) == ["m", "y", "z"]
+
+
 def test_model_file_readiness_is_recorded_per_source_and_worker():
     snap = snapshot(worker("w1"), worker("w2"))
     snap.set_model_file(ModelFile(source="s", worker="w1", state=ModelFileState.READY))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import msgspec
 import pytest
 
 from services.filter.service import FilterService
@@ -129,3 +130,20 @@ def test_fitting_splits_many_models_over_messages_keeping_each_models_items_toge
     for msg in fitted:
         assert {i.model for i in msg.request.items} == set(msg.columns) == set(msg.request.specs)
     assert sorted(i.instance_id for m in fitted for i in m.request.items) == sorted(i.instance_id for i in items)
+
+
+def test_scoring_never_reuses_positions_after_a_worker_left() -> None:
+    flt = stage(FilterService).filter_request(request(EMB, 1))[0]
+    assert flt is not None
+    fitted, _ = stage(FittingService).fit(flt)
+    scoring = stage(ScoringService)
+    (first,) = scoring.score(fitted[0]).outcomes
+    assert first.decision is not None
+    gone = first.decision.candidate.worker
+    scoring.snapshot.remove_worker(gone)
+    scoring.snapshot.upsert_worker(Worker(name="w9", gpus=(Gpu(index=0, vram_total=80 * GIB),),
+                                          ram_total=256 * GIB, last_heartbeat=NOW - 1))  # takes the freed row
+    again = PlacementRequest(batch_id="b2", items=(PlacementItem(instance_id="emb-9", model="emb"),),
+                             specs={"emb": EMB})
+    (second,) = scoring.score(msgspec.structs.replace(fitted[0], request=again)).outcomes
+    assert second.decision is not None and second.decision.candidate.worker not in (gone, "w9")

@@ -1,0 +1,75 @@
+"""The one-call scale-up converge: scale commands recorded in order, missing replicas created atomically."""
+
+from __future__ import annotations
+
+import asyncio
+
+from shared.core.placement.domain import GIB, InstanceState, ModelSpec
+from shared.core.placement.reconcile import ACTIVE
+from shared.state import StateStore
+from shared.state.store import ScaleUp
+
+SPEC = ModelSpec(name="m", weight_bytes=2 * GIB)
+
+
+async def test_a_scale_command_creates_the_missing_replicas_as_pending(store: StateStore) -> None:
+    (res,) = await store.converge_up([ScaleUp(model="m", replicas=3, spec=SPEC, seq=1, created_at=5.0)], ACTIVE)
+    assert (res.status, res.applied, res.desired, len(res.created)) == ("ok", True, 3, 3)
+    stored = await store.instances("m")
+    assert sorted(i.id for i in stored) == sorted(i.id for i in res.created)
+    assert all(i.state is InstanceState.PENDING and i.created_at == 5.0 and i.model == "m" for i in stored)
+    assert await store.desired_of("m") == 3 and await store.model("m") == SPEC
+
+
+async def test_replicas_already_there_are_not_created_again(store: StateStore) -> None:
+    await store.converge_up([ScaleUp(model="m", replicas=2, spec=SPEC, seq=1)], ACTIVE)
+    (res,) = await store.converge_up([ScaleUp(model="m", replicas=3, spec=SPEC, seq=2)], ACTIVE)
+    assert len(res.created) == 1 and len(await store.instances("m")) == 3
+    (again,) = await store.converge_up([ScaleUp(model="m")], ACTIVE)
+    assert again.created == () and not again.applied and again.desired == 3
+
+
+async def test_pending_replicas_without_a_reason_are_reported_unrequested(store: StateStore) -> None:
+    (first,) = await store.converge_up([ScaleUp(model="m", replicas=2, spec=SPEC, seq=1)], ACTIVE)
+    await store.set_reasons({first.created[0].id: "no GPU"})
+    (res,) = await store.converge_up([ScaleUp(model="m")], ACTIVE)
+    assert res.unrequested == (first.created[1].id,)
+
+
+async def test_an_older_scale_command_does_not_undo_a_newer_one(store: StateStore) -> None:
+    await store.converge_up([ScaleUp(model="m", replicas=4, spec=SPEC, seq=9)], ACTIVE)
+    (res,) = await store.converge_up([ScaleUp(model="m", replicas=1, spec=SPEC, seq=3)], ACTIVE)
+    assert not res.applied and res.desired == 4 and res.status == "ok"
+
+
+async def test_scaling_down_is_left_to_the_locked_path(store: StateStore) -> None:
+    await store.converge_up([ScaleUp(model="m", replicas=3, spec=SPEC, seq=1)], ACTIVE)
+    (res,) = await store.converge_up([ScaleUp(model="m", replicas=1, spec=SPEC, seq=2)], ACTIVE)
+    assert (res.status, res.applied, res.desired, res.created) == ("down", True, 1, ())
+    assert len(await store.instances("m")) == 3
+
+
+async def test_a_model_locked_by_another_reconciler_is_left_alone(store: StateStore) -> None:
+    token = await store.lock_model("m")
+    assert token
+    (res,) = await store.converge_up([ScaleUp(model="m", replicas=2, spec=SPEC, seq=1)], ACTIVE)
+    assert (res.status, res.applied, res.created) == ("busy", False, ())
+    assert await store.desired_of("m") == 0 and await store.instances("m") == []
+
+
+async def test_models_of_one_call_are_converged_independently(store: StateStore) -> None:
+    other = ModelSpec(name="llama-3.1-8b", weight_bytes=2 * GIB)
+    got = await store.converge_up(
+        [ScaleUp(model="m", replicas=1, spec=SPEC, seq=1), ScaleUp(model=other.name, replicas=2, spec=other, seq=2)],
+        ACTIVE,
+    )
+    assert [(r.model, len(r.created)) for r in got] == [("m", 1), ("llama-3.1-8b", 2)]
+    assert all(i.id.startswith("llama-3.1-8b-") for i in got[1].created)
+
+
+async def test_concurrent_converges_never_create_more_than_desired(store: StateStore) -> None:
+    await store.converge_up([ScaleUp(model="m", replicas=5, spec=SPEC, seq=1)], ACTIVE)
+    await store.r.delete("gantry:model:m")  # pretend nothing exists yet: five racing reconcilers
+    await store.r.delete("gantry:inst", "gantry:inst:state")
+    await asyncio.gather(*(store.converge_up([ScaleUp(model="m")], ACTIVE) for _ in range(5)))
+    assert len(await store.instances("m")) == 5
