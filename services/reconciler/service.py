@@ -494,6 +494,7 @@ class Reconciler(PlacementService):
         The ledger script checks the reporting worker and only moves states forward, so reports that
         arrive late or out of order (several consumers) are ignored rather than applied.
         """
+        changes = [st for st in batch if not (st.deleted or st.idle)]
         for st in batch:
             if st.deleted or st.idle:
                 known = await self.store.instance(st.instance_id)
@@ -503,15 +504,17 @@ class Reconciler(PlacementService):
                     await self._delete([known], tell_worker=False)
                 elif st.idle and known.state is InstanceState.DRAINING:
                     await self._delete([known], tell_worker=True)
-                continue
-            prev = await self.store.set_state(st.instance_id, st.worker, st.state)
+        prevs = await self.store.set_states([(st.instance_id, st.worker, st.state) for st in changes])
+        moved = []
+        for st, prev in zip(changes, prevs, strict=True):
             if prev is None:
                 continue
             cached = self.feed.instances.get(st.instance_id)
             record = cached if cached is not None and cached.worker == st.worker else None
             record = record or await self.store.instance(st.instance_id)
             if record is not None:
-                await self._publish_instances([msgspec.structs.replace(record, state=st.state)])
+                moved.append(msgspec.structs.replace(record, state=st.state))
+        await self._publish_instances(moved)
 
     async def _delete(self, instances: Sequence[Instance], tell_worker: bool) -> None:
         ids = [i.id for i in instances]

@@ -435,9 +435,15 @@ class StateStore:
 
     async def set_state(self, instance_id: str, worker: str, state: InstanceState) -> InstanceState | None:
         """Apply a worker's status report; the previous state, or None when ignored."""
-        keys = [Keys.inst_state, Keys.inst_worker]
-        prev = _s(await self._set_state(keys=keys, args=[instance_id, worker, state.value]))
-        return InstanceState(prev) if prev else None
+        return (await self.set_states([(instance_id, worker, state)]))[0]
+
+    async def set_states(self, reports: Sequence[tuple[str, str, InstanceState]]) -> list[InstanceState | None]:
+        """Apply (instance id, worker, state) reports in order, in one call; each one's previous state or None."""
+        if not reports:
+            return []
+        args = [v for iid, worker, state in reports for v in (iid, worker, state.value)]
+        raw = await self._set_state(keys=[Keys.inst_state, Keys.inst_worker], args=args)
+        return [InstanceState(_s(p)) if _s(p) else None for p in raw]
 
     async def ledger(self) -> dict[str, tuple[int, int]]:
         """GPU field -> (claimed, capacity) for every GPU with a capacity."""

@@ -1,19 +1,25 @@
--- Apply a worker's status report to an instance, only if the instance is still on that worker and
--- the transition moves forward (reports may arrive out of order through several consumers; they never
+-- Apply workers' status reports to instances: each only if the instance is still on the reporting worker
+-- and the transition moves forward (reports may arrive out of order through several consumers; they never
 -- resurrect removed instances or undo DRAINING/UNREACHABLE).
 -- KEYS: 1 inst_state, 2 inst_worker
--- ARGV: id, worker, new_state
--- Returns the previous state, or "" when the report was ignored.
+-- ARGV: (id, worker, new_state) per report
+-- Returns per report the previous state, or "" when the report was ignored.
 local rank = {SCHEDULED = 1, STARTING = 2, RUNNING = 3}
-local cur = redis.call("HGET", KEYS[1], ARGV[1])
-if not cur then return "" end
-if redis.call("HGET", KEYS[2], ARGV[1]) ~= ARGV[2] then return "" end
-if cur == "DRAINING" or cur == "UNREACHABLE" or cur == "PENDING" then return "" end
-local new = ARGV[3]
-if cur == new then return "" end
-if new ~= "ERROR" and cur ~= "ERROR" then
-  local rc, rn = rank[cur], rank[new]
-  if rc == nil or rn == nil or rn < rc then return "" end
+local out = {}
+for i = 1, #ARGV, 3 do
+  local id, worker, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local cur = redis.call("HGET", KEYS[1], id)
+  local ok = cur and redis.call("HGET", KEYS[2], id) == worker
+    and cur ~= "DRAINING" and cur ~= "UNREACHABLE" and cur ~= "PENDING" and cur ~= new
+  if ok and new ~= "ERROR" and cur ~= "ERROR" then
+    local rc, rn = rank[cur], rank[new]
+    ok = rc ~= nil and rn ~= nil and rn >= rc
+  end
+  if ok then
+    redis.call("HSET", KEYS[1], id, new)
+    out[#out + 1] = cur
+  else
+    out[#out + 1] = ""
+  end
 end
-redis.call("HSET", KEYS[1], ARGV[1], new)
-return cur
+return out

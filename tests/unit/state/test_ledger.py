@@ -129,6 +129,18 @@ async def test_status_report_from_another_worker_is_ignored(store: StateStore) -
     assert await store.set_state("a", "w9", InstanceState.RUNNING) is None
 
 
+async def test_a_batch_of_status_reports_is_applied_in_order(store: StateStore) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a", "b")
+    await store.commit([placed("a", "w1", (0,), 10), placed("b", "w1", (1,), 10)])
+    prevs = await store.set_states([
+        ("a", "w1", InstanceState.STARTING), ("a", "w1", InstanceState.RUNNING),
+        ("b", "w1", InstanceState.RUNNING), ("b", "w1", InstanceState.STARTING), ("gone", "w1", InstanceState.RUNNING),
+    ])
+    assert prevs == [InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.SCHEDULED, None, None]
+    assert [(await store.instance(i)).state for i in "ab"] == [InstanceState.RUNNING] * 2  # type: ignore[union-attr]
+
+
 async def test_writes_under_a_lost_lock_are_refused(store: StateStore) -> None:
     token = await store.lock_model("m", ttl_s=0.05)
     assert token and await store.lock_model("m") is None
