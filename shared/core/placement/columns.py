@@ -90,28 +90,47 @@ def fit_columns(
         return None
     bit = np.left_shift(np.uint64(1), np.where(mask, index, 0).astype(np.uint64))
     gpus = np.bitwise_or.reduce(np.where(mask, bit, np.uint64(0)), axis=1)
-    # Candidate order is (worker, GPU index); the snapshot's slots need not be in index order.
-    order = np.argsort(np.where(mask, index, MASK_BITS), axis=1, kind="stable")
-    claims_sorted = np.take_along_axis(batch.claims[rows], order, axis=1)[np.take_along_axis(mask, order, axis=1)]
-    uniform = bool((claims_sorted == claims_sorted[0]).all())
+    claimed = batch.claims[rows]
+    picked = claimed[mask]
+    uniform = bool((picked == picked[0]).all())
+    if not uniform:  # per-candidate claims in candidate order: (worker, GPU index), whatever the slot order
+        order = np.argsort(np.where(mask, index, MASK_BITS), axis=1, kind="stable")
+        picked = np.take_along_axis(claimed, order, axis=1)[np.take_along_axis(mask, order, axis=1)]
     return CandidateSet(
         model=model.name,
         strategy=fitted.strategy or "",
         workers=tuple(snapshot.names_of(rows)),
         gpus=gpus.astype("<u8").tobytes(),
-        claim=int(claims_sorted[0]) if uniform else 0,
-        claims=b"" if uniform else claims_sorted.astype("<i8").tobytes(),
+        claim=int(picked[0]) if uniform else 0,
+        claims=b"" if uniform else picked.astype("<i8").tobytes(),
         ram_claim=batch.ram_claim,
     )
 
 
 @dataclass(frozen=True)
 class Positions:
-    """A CandidateSet located in one snapshot's ``[row, slot]`` layout."""
+    """A CandidateSet located in one snapshot's ``[row, slot]`` layout.
+
+    Besides the candidates' coordinates it keeps them as dense ``[row, slot]`` matrices (which GPUs, what
+    claim), the form the vectorised scorers take: built once per candidate set, so scoring each replica
+    only re-checks room.
+    """
 
     rows: IntArray
     slots: IntArray
     claims: IntArray
+    mask: npt.NDArray[np.bool_]
+    dense_claims: IntArray
+
+    @classmethod
+    def of(cls, snapshot: ClusterSnapshot, rows: IntArray, slots: IntArray, claims: IntArray) -> Positions:
+        """Coordinates plus their dense form over the snapshot's current rows."""
+        shape = (snapshot.rows, snapshot.g_ok.shape[1])
+        mask = np.zeros(shape, dtype=np.bool_)
+        dense = np.zeros(shape, dtype=np.int64)
+        mask[rows, slots] = True
+        dense[rows, slots] = claims
+        return cls(rows=rows, slots=slots, claims=claims, mask=mask, dense_claims=dense)
 
 
 def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
@@ -129,23 +148,24 @@ def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
         return None  # a candidate GPU this snapshot does not know
     hit = (index >= 0) & ((masks[:, None] >> np.clip(index, 0, MASK_BITS - 1).astype(np.uint64)) & np.uint64(1)
                           ).astype(np.bool_)
-    # Candidates in (worker, GPU index) order, to line up with per-candidate claims.
-    order = np.argsort(np.where(hit, index, MASK_BITS), axis=1, kind="stable")
-    hit_sorted = np.take_along_axis(hit, order, axis=1)
-    pos_w, k = np.nonzero(hit_sorted)
-    slots = order[pos_w, k]
-    if cset.claims:
-        claims = np.frombuffer(cset.claims, dtype="<i8").astype(np.int64)
-    else:
+    if not cset.claims:
+        pos_w, slots = np.nonzero(hit)
         claims = np.full(len(pos_w), cset.claim, dtype=np.int64)
-    return Positions(rows=rows[pos_w], slots=slots.astype(np.int64), claims=claims)
+    else:  # candidates in (worker, GPU index) order, to line up with the per-candidate claims
+        order = np.argsort(np.where(hit, index, MASK_BITS), axis=1, kind="stable")
+        pos_w, k = np.nonzero(np.take_along_axis(hit, order, axis=1))
+        slots = order[pos_w, k]
+        claims = np.frombuffer(cset.claims, dtype="<i8").astype(np.int64)
+    return Positions.of(snapshot, rows[pos_w], slots.astype(np.int64), claims)
 
 
 def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int) -> npt.NDArray[np.bool_]:
-    """Per candidate: is its worker present and does its GPU (and worker RAM) still have room?"""
-    ok = snapshot.w_present[pos.rows] & (snapshot.g_alloc[pos.rows, pos.slots] >= pos.claims)
+    """``[row, slot]``: a candidate whose worker is present and whose GPU (and worker RAM) still has room."""
+    n = pos.mask.shape[0]
+    live = snapshot.w_present[:n]
     if ram_claim:
-        ok &= snapshot.w_ram_alloc[pos.rows] >= ram_claim
+        live = live & (snapshot.w_ram_alloc[:n] >= ram_claim)
+    ok = pos.mask & (snapshot.g_alloc[:n] >= pos.dense_claims) & live[:, None]
     return np.asarray(ok, dtype=np.bool_)
 
 
@@ -160,16 +180,13 @@ def score_columns(
 
     None when none still fits or a configured scorer has no vectorised form (use ``run_scoring``).
     """
-    ok = still_fitting(snapshot, pos, cset.ram_claim)
-    count = int(ok.sum())
+    if pos.mask.shape != (snapshot.rows, snapshot.g_ok.shape[1]):
+        return None  # located before rows or slots moved: locate again
+    mask = still_fitting(snapshot, pos, cset.ram_claim)
+    count = int(np.count_nonzero(mask))
     if count == 0:
         return None
-    shape = (snapshot.rows, snapshot.g_ok.shape[1])
-    mask = np.zeros(shape, dtype=np.bool_)
-    claims = np.zeros(shape, dtype=np.int64)
-    rows, slots = pos.rows[ok], pos.slots[ok]
-    mask[rows, slots] = True
-    claims[rows, slots] = pos.claims[ok]
+    claims = pos.dense_claims
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
     scored = _score_batch(ctx, GpuBatch(mask=mask, claims=claims, ram_claim=cset.ram_claim, count=count))
     if scored is None:

@@ -382,10 +382,11 @@ def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, floa
     width = shape[1]
     if len(tied) == 1:
         best = int(tied[0])
-    else:
+    else:  # the first worker by name, then its lowest GPU index (one pass: an empty cluster ties everywhere)
         snap = ctx.snapshot
         rows, slots = tied // width, tied % width
-        best = int(tied[np.lexsort((snap.g_index[rows, slots], snap.ranks()[rows]))[0]])
+        order = (snap.ranks()[rows] << 32) + snap.g_index[rows, slots]
+        best = int(tied[np.argmin(order)])
     r, s = divmod(best, width)
     breakdown = {name: float(values[r, s if values.shape[1] > 1 else 0]) for name, values in parts}
     return r, s, float(total[r, s]), breakdown
