@@ -12,6 +12,7 @@ from shared.bus.messages import (
     DecisionEvent,
     ErrorEvent,
     InstanceEvent,
+    InstanceEvents,
     MessageError,
     ModelEvent,
     UnschedulableEvent,
@@ -20,25 +21,28 @@ from shared.bus.messages import (
 
 EventMessage = DecisionEvent | UnschedulableEvent | InstanceEvent | CordonEvent | ModelEvent | ErrorEvent
 
-EVENT_TYPES: dict[str, type[EventMessage]] = {
+EVENT_TYPES: dict[str, type[EventMessage | InstanceEvents]] = {
     subjects.EVENT_DECISION: DecisionEvent,
     subjects.EVENT_UNSCHEDULABLE: UnschedulableEvent,
-    subjects.EVENT_INSTANCE: InstanceEvent,
+    subjects.EVENT_INSTANCE: InstanceEvents,
     subjects.EVENT_CORDON: CordonEvent,
     subjects.EVENT_MODEL: ModelEvent,
 }
 
 
-def decode_event(subject: str, data: bytes) -> EventMessage | None:
-    """The typed event on ``subject``, or None for a subject or payload this CLI does not know."""
+def decode_events(subject: str, data: bytes) -> list[EventMessage]:
+    """The typed events of one message on ``subject`` (instance changes come in batches); none for a
+    subject or payload this CLI does not know."""
     kind = ErrorEvent if subject.startswith(subjects.DEAD_LETTER + ".") else EVENT_TYPES.get(subject)
     if kind is None:
-        return None
+        return []
     try:
-        event: EventMessage = decode(data, kind)  # type: ignore[assignment]  # kind is one of EventMessage
+        decoded = decode(data, kind)
     except MessageError:
-        return None
-    return event
+        return []
+    if isinstance(decoded, InstanceEvents):
+        return list(decoded.events)
+    return [decoded]  # type: ignore[list-item]  # kind is one of EventMessage
 
 
 def _clock(ts: float) -> str:

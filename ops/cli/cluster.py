@@ -28,7 +28,7 @@ from ops.cluster import (
     send_scale,
     wait_for,
 )
-from ops.events import decode_event, event_json, event_model, format_event
+from ops.events import decode_events, event_json, event_model, format_event
 from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, pending_groups, state_counts
 from shared.bus import subjects
 from shared.bus.messages import CordonCommand, UnschedulableEvent
@@ -360,9 +360,9 @@ async def last_unschedulable(nc: NatsClient, model: str, scan: int = EXPLAIN_SCA
     start = max(info.state.first_seq, last - scan + 1)
     found: UnschedulableEvent | None = None
     async for subject, data, _seq in _replay(js, subjects.EVENT_UNSCHEDULABLE, start, until=last):
-        event = decode_event(subject, data)
-        if isinstance(event, UnschedulableEvent) and event.model == model:
-            found = event
+        for event in decode_events(subject, data):
+            if isinstance(event, UnschedulableEvent) and event.model == model:
+                found = event
     return found
 
 
@@ -438,11 +438,11 @@ async def _print_events(
 
     replay = _replay(js, subject, start, until=None if follow else end, on_ready=following, stream=stream)
     async for subject, data, _seq in replay:
-        event = decode_event(subject, data)
-        if event is None or (model is not None and event_model(event) != model):
-            continue
-        now = time.time()
-        if json_out:
-            typer.echo(event_json(subject, event, now).decode())
-        else:
-            out.print(format_event(event, now), markup=False, highlight=False)
+        for event in decode_events(subject, data):
+            if model is not None and event_model(event) != model:
+                continue
+            now = time.time()
+            if json_out:
+                typer.echo(event_json(subject, event, now).decode())
+            else:
+                out.print(format_event(event, now), markup=False, highlight=False)

@@ -30,6 +30,7 @@ from shared.bus.messages import (
     DeleteInstance,
     DrainInstance,
     InstanceEvent,
+    InstanceEvents,
     InstanceStatus,
     ItemOutcome,
     ModelEvent,
@@ -474,17 +475,16 @@ class Reconciler(PlacementService):
     def _pending_event(self, iid: str, model: str, reason: str | None) -> None:
         # Tells scoring replicas to drop any assumed placement of this replica.
         inst = Instance(id=iid, model=model, state=InstanceState.PENDING, reason=reason)
-        self._spawn(self.bus.publish(subjects.EVENT_INSTANCE, InstanceEvent(instance=inst, at=self.clock())))
+        self._spawn(self._publish_instances([inst]))
 
-    async def _publish_instances(self, instances: Iterable[Instance]) -> None:
+    async def _publish_instances(self, instances: Iterable[Instance], removed: bool = False) -> None:
         now = self.clock()
-        for inst in instances:
-            await self.bus.publish(subjects.EVENT_INSTANCE, InstanceEvent(instance=inst, at=now))
+        events = tuple(InstanceEvent(instance=inst, removed=removed, at=now) for inst in instances)
+        if events:
+            await self.bus.publish(subjects.EVENT_INSTANCE, InstanceEvents(events=events))
 
     async def _publish_removed(self, instances: Iterable[Instance]) -> None:
-        now = self.clock()
-        for inst in instances:
-            await self.bus.publish(subjects.EVENT_INSTANCE, InstanceEvent(instance=inst, removed=True, at=now))
+        await self._publish_instances(instances, removed=True)
 
     # ================================================================ status
 

@@ -253,6 +253,16 @@ class InstanceEvent(Message, frozen=True, kw_only=True):
     at: float = 0.0
 
 
+class InstanceEvents(Message, frozen=True, kw_only=True):
+    """Instance changes in the order they happened: one message per batch the reconciler handled.
+
+    Every placement moves an instance through several states, and every service follows them; one
+    message per batch instead of per change keeps that fan-out from dominating the bus under load.
+    """
+
+    events: tuple[InstanceEvent, ...]
+
+
 class CordonEvent(Message, frozen=True, kw_only=True):
     """Cordon state changed for a worker or one GPU."""
 

@@ -24,7 +24,7 @@ from shared.bus.feed import SnapshotFeed
 from shared.bus.messages import (
     CordonEvent,
     Heartbeat,
-    InstanceEvent,
+    InstanceEvents,
     MessageError,
     ModelFileUpdate,
     SyncRequest,
@@ -169,9 +169,10 @@ class PlacementService:
         if self.wants_instances():
 
             async def on_instance(body: bytes) -> None:
-                ev = self._quiet_decode(body, InstanceEvent)
-                if ev is not None:
-                    feed.on_instance(ev)
+                batch = self._quiet_decode(body, InstanceEvents)
+                if batch is not None:
+                    for ev in batch.events:
+                        feed.on_instance(ev)
 
             self.listen(subjects.EVENT_INSTANCE, on_instance)
 

@@ -291,6 +291,11 @@ class ClusterSnapshot:
         """Add an instance or replace it (e.g. a state change); claims and counts follow."""
         self.version += 1
         old = self._instances.get(instance.id)
+        if old is not None and old.model == instance.model and self._parts(old) == self._parts(instance):
+            # A state change (STARTING → RUNNING): same claims and counts, nothing to recompute.
+            self._instances[instance.id] = instance
+            self._by_model[instance.model][instance.id] = instance
+            return
         touched: set[str] = set()
         if old is not None:
             touched |= self._apply(old, -1)

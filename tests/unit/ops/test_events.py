@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from ops.events import decode_event, event_json, event_model, format_event
+from ops.events import decode_events, event_json, event_model, format_event
 from shared.bus import subjects
 from shared.bus.messages import (
     CordonEvent,
     DecisionEvent,
     ErrorEvent,
     InstanceEvent,
+    InstanceEvents,
     ModelEvent,
     UnschedulableEvent,
     encode,
@@ -62,9 +63,16 @@ CASES = [
 
 @pytest.mark.parametrize(("subject", "event", "line"), CASES, ids=[line.split()[1] for _, _, line in CASES])
 def test_each_event_renders_as_one_line(subject: str, event: object, line: str) -> None:
-    decoded = decode_event(subject, encode(event))  # type: ignore[arg-type]
+    body = InstanceEvents(events=(event,)) if isinstance(event, InstanceEvent) else event
+    (decoded,) = decode_events(subject, encode(body))  # type: ignore[arg-type]
     assert decoded == event
     assert format_event(decoded, received_at=T0) == line
+
+
+def test_a_batch_of_instance_changes_reads_as_one_event_each_in_order() -> None:
+    changes = tuple(InstanceEvent(instance=Instance(id=f"m-{k}", model="m"), at=T0) for k in range(3))
+    decoded = decode_events(subjects.EVENT_INSTANCE, encode(InstanceEvents(events=changes)))
+    assert [e.instance.id for e in decoded] == ["m-0", "m-1", "m-2"]  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -72,7 +80,7 @@ def test_each_event_renders_as_one_line(subject: str, event: object, line: str) 
     [("gantry.events.unknown", b"{}"), (subjects.EVENT_DECISION, b"not json"), (subjects.EVENT_MODEL, b'{"x":1}')],
 )
 def test_unknown_subjects_and_bad_payloads_are_skipped(subject: str, data: bytes) -> None:
-    assert decode_event(subject, data) is None
+    assert decode_events(subject, data) == []
 
 
 def test_event_model_names_the_model_or_nothing() -> None:

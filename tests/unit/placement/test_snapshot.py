@@ -64,6 +64,15 @@ def test_instance_updates_and_removal_release_claims_and_counts():
     assert snap.instances() == []
 
 
+def test_a_state_change_keeps_claims_and_counts_and_records_the_state():
+    snap = snapshot(worker("w1", 2))
+    snap.upsert_instance(instance("i1", "a", "w1", (0,), claim=40, state=InstanceState.SCHEDULED))
+    snap.upsert_instance(instance("i1", "a", "w1", (0,), claim=40, state=InstanceState.RUNNING))
+    assert snap.gpu_allocatable("w1", 0) == 40 * GIB
+    assert snap.worker_counts("a", "w1") == (1, 0) and snap.gpu_counts("a", "w1", 0) == (1, 0)
+    assert [i.state for i in snap.instances()] == [InstanceState.RUNNING]
+
+
 def test_instance_arriving_before_its_worker_is_applied_when_the_worker_joins():
     snap = ClusterSnapshot()
     snap.upsert_instance(instance("i1", "a", "w1", (1,), claim=50))
