@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ import msgspec  # noqa: E402
 import nats  # noqa: E402
 import psutil  # noqa: E402
 
-from ops.servers import start_nats, start_redis  # noqa: E402
+from ops.servers import free_port, start_nats, start_redis  # noqa: E402
 from services import SERVICE_COMMANDS, WORKERS_COMMAND  # noqa: E402
 from shared.bus import subjects  # noqa: E402
 from shared.bus.messages import DecisionEvent, ScaleCommand, encode  # noqa: E402
@@ -71,7 +72,8 @@ async def wait_workers(store: StateStore, n: int, timeout: float) -> None:
 async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
     """Start everything, offer ``rate`` placements/s for ``seconds``, measure, tear down."""
     tmp = Path(tempfile.mkdtemp(prefix="gantry-bench-"))
-    nats_srv = start_nats(tmp / "nats")
+    monitor = free_port()
+    nats_srv = start_nats(tmp / "nats", monitor_port=monitor)
     redis_srv = start_redis(tmp / "redis")
     env = {
         **os.environ,
@@ -107,6 +109,12 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                    "-p", str(proc.pid)]
             spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return spies
+
+    def bus_counters() -> dict[str, int]:
+        """The NATS server's message and byte counters (its /varz monitoring endpoint)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/varz", timeout=5) as resp:
+            varz = json.load(resp)
+        return {k: int(varz[k]) for k in ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}
 
     def cpu_seconds() -> dict[str, float]:
         out = {}
@@ -155,6 +163,7 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             print(f"{name}: {total} placements offered at {rate}/s", file=sys.stderr, flush=True)
             t0 = time.monotonic()
             cpu0 = cpu_seconds()
+            bus0 = bus_counters()
             spies = profile_services(name, seconds)
             sent = 0
             while sent < total:
@@ -176,6 +185,7 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                 await asyncio.sleep(0.1)
             done = len(latencies)
             cpu1 = cpu_seconds()
+            bus1 = bus_counters()
             for spy in spies:
                 spy.wait()
             # CPU milliseconds each process spent per placement: where the time goes, by process.
@@ -191,6 +201,8 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                 "p50_ms": round(lat[len(lat) // 2], 2) if lat else float("nan"),
                 "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2) if lat else float("nan"),
                 "cpu_ms_per_placement": cpu_ms,
+                # NATS traffic per placement: how many messages (and bytes) one placement costs the bus.
+                "bus_per_placement": {k: round((bus1[k] - bus0[k]) / max(done, 1), 1) for k in bus0},
                 "latencies": lat,
             }
 

@@ -94,8 +94,10 @@ def find_binary(name: str) -> str:
     return found
 
 
-def start_nats(data_dir: Path, port: int | None = None, timeout: float = 15.0) -> ServerProcess:
-    """Start nats-server with JetStream storing under ``data_dir``."""
+def start_nats(
+    data_dir: Path, port: int | None = None, timeout: float = 15.0, monitor_port: int | None = None
+) -> ServerProcess:
+    """Start nats-server with JetStream storing under ``data_dir`` (HTTP monitoring on ``monitor_port``)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = data_dir / "nats.log"
@@ -106,6 +108,8 @@ def start_nats(data_dir: Path, port: int | None = None, timeout: float = 15.0) -
         "-p", str(port),
         "-sd", str(data_dir / "jetstream"),
     ]
+    if monitor_port:
+        cmd += ["-m", str(monitor_port)]
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     wait_for_port(port, proc, timeout, log)

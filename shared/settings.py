@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     commit_retries: int = Field(5, ge=0, description="re-placements after refused commits before PENDING")
     commit_backoff_s: float = Field(0.02, ge=0, description="base backoff between refused-commit retries")
     batch_max: int = Field(64, ge=1, description="largest placement batch a service handles at once")
+    status_linger_s: float = Field(
+        0.05, ge=0, description="reconciler waits this long for more worker status reports after a partial batch"
+    )
     reconcile_interval_s: float = Field(1.0, gt=0, description="reconciler's liveness/drain check period")
     fit_cache_s: float = Field(
         0.2, ge=0, description="fitting reuses a model's candidates this long (scoring re-checks them); 0: off"

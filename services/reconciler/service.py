@@ -98,7 +98,9 @@ class Reconciler(PlacementService):
 
         self.pull(streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL, on_commands)
         self.pull(streams.STREAM_PIPE, streams.CONSUMER_COMMIT, subjects.PLACEMENT_SCORED, on_scored)
-        self.pull(streams.STREAM_STATUS, streams.CONSUMER_STATUS, subjects.INSTANCE_STATUS, on_status)
+        # Status reports (several per placement) are not on the placement path: batch them up.
+        self.pull(streams.STREAM_STATUS, streams.CONSUMER_STATUS, subjects.INSTANCE_STATUS, on_status,
+                  linger=self.settings.status_linger_s)
 
     async def started(self) -> None:
         """Load specs, listen for cluster changes, start the state writer and the periodic checks."""

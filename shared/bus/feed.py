@@ -82,9 +82,13 @@ class SnapshotFeed:
         if reason:
             return reason
         was_ready = self.snapshot.state(hb.worker, now).value == "READY"
+        prev = self.usage.get(hb.worker)
         self.usage[hb.worker] = hb
         self.last_seen[hb.worker] = now
-        self._refresh(hb.worker)
+        if prev is not None and prev.gpus == hb.gpus and prev.ram_used == hb.ram_used:
+            self.snapshot.touch(hb.worker, now)  # most heartbeats: same usage, only the time moved
+        else:
+            self._refresh(hb.worker)
         if not was_ready and not self.inventory[hb.worker].cordoned:
             self._changed(f"worker {hb.worker} recovered")
         return None

@@ -99,13 +99,16 @@ PullHandler = Callable[[list[Msg]], Awaitable[None]]
 
 
 async def pull_loop(
-    nc: Client, stream: str, durable: str, subject: str, batch: int, handler: PullHandler
+    nc: Client, stream: str, durable: str, subject: str, batch: int, handler: PullHandler, linger: float = 0.0
 ) -> None:
     """Fetch from a durable pull consumer forever and hand each batch (raw messages) to ``handler``.
 
     nats-py's ``fetch`` returns as soon as any message is available, so a lone message is not held back
     waiting for a full batch; under load the batches fill up. Handlers ack (or nak) themselves: a batch
     left unacked (a crash) is redelivered by JetStream after the ack wait.
+
+    ``linger`` (seconds) waits after a batch that was not full, so that the next one gathers more: for
+    high-rate streams where a little delay is harmless, fewer, larger batches mean far fewer round trips.
     """
     js = nc.jetstream()
     psub = await js.pull_subscribe(subject, durable=durable, stream=stream)
@@ -122,6 +125,8 @@ async def pull_loop(
                 await handler(msgs)
             except Exception:  # the handler's own guard failed (e.g. NATS away while nak'ing): go on
                 log.exception("handler for %s failed; messages will be redelivered", subject)
+            if linger and len(msgs) < batch:
+                await asyncio.sleep(linger)
     finally:
         # A cancelled fetch leaves the subscription's queue unjoined; the connection's drain at shutdown
         # would wait on it forever. Unacked messages are redelivered after the ack wait.

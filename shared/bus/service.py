@@ -62,7 +62,7 @@ class PlacementService:
         self.ready = asyncio.Event()
         self.profile = load_profile(settings.profile)
         self._bus: Bus | None = None
-        self._pulls: list[tuple[str, str, str, PullHandler]] = []
+        self._pulls: list[tuple[str, str, str, PullHandler, float]] = []
         self._listens: list[tuple[str, str, RawHandler]] = []
         self._loops: set[asyncio.Task[None]] = set()
         self._asked: dict[str, float] = {}
@@ -118,8 +118,9 @@ class PlacementService:
         await self.bus.publish(subjects.SYNC, SyncRequest())
         self.ready.set()
         await self.started()
-        for stream, durable, subject, handler in self._pulls:
-            task = asyncio.ensure_future(pull_loop(nc, stream, durable, subject, self.settings.batch_max, handler))
+        for stream, durable, subject, handler, linger in self._pulls:
+            loop = pull_loop(nc, stream, durable, subject, self.settings.batch_max, handler, linger)
+            task = asyncio.ensure_future(loop)
             self._loops.add(task)
         log.info("%s ready: %d workers, %d instances", self.name, len(self.snapshot), len(self.feed.instances))
 
@@ -130,9 +131,10 @@ class PlacementService:
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
 
-    def pull(self, stream: str, durable: str, subject: str, handler: PullHandler) -> None:
-        """Consume a pre-declared durable pull consumer with ``handler`` once the snapshot is loaded."""
-        self._pulls.append((stream, durable, subject, handler))
+    def pull(self, stream: str, durable: str, subject: str, handler: PullHandler, linger: float = 0.0) -> None:
+        """Consume a pre-declared durable pull consumer with ``handler`` once the snapshot is loaded
+        (``linger``: see ``pull_loop``)."""
+        self._pulls.append((stream, durable, subject, handler, linger))
 
     def listen(self, subject: str, handler: RawHandler, queue: str = "") -> None:
         """Hand every core-NATS message on ``subject`` (raw bytes) to ``handler``, from the snapshot load on."""

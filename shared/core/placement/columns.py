@@ -30,27 +30,40 @@ from shared.core.placement.snapshot import ClusterSnapshot
 
 IntArray = npt.NDArray[np.int64]
 MASK_BITS = 64
+_MASK_TYPES = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+
+
+def _mask_type(highest_index: int) -> str:
+    """The narrowest mask type that holds bit ``highest_index``."""
+    for size, dtype in _MASK_TYPES.items():
+        if highest_index < 8 * size:
+            return dtype
+    raise ValueError(f"GPU index {highest_index} does not fit a mask")
 
 
 class CandidateSet(msgspec.Struct, frozen=True, kw_only=True):
     """Single-GPU candidates of one model, column-wise.
 
-    Worker ``workers[k]`` offers every GPU whose index is a set bit of ``gpus[k]`` (little-endian uint64
-    per worker). Candidates are ordered by worker, then GPU index; each claims ``claim`` bytes of VRAM, or
+    Worker ``workers[k]`` offers every GPU whose index is a set bit of ``gpus[k]``: one little-endian
+    unsigned integer per worker, as narrow as the highest candidate index allows (one byte for 8-GPU
+    workers). Candidates are ordered by worker, then GPU index; each claims ``claim`` bytes of VRAM, or
     ``claims[i]`` (int64 per candidate) when the claims differ, and ``ram_claim`` bytes of RAM.
     """
 
     model: str
     strategy: str
     workers: tuple[str, ...]  # distinct worker names
-    gpus: bytes  # uint64 per worker: bit i set = the GPU with index i is a candidate
+    gpus: bytes  # one mask per worker (len(gpus) // len(workers) bytes each): bit i = GPU index i
     claim: int = 0
     claims: bytes = b""  # int64 per candidate when claims differ, else empty
     ram_claim: int = 0
 
     def masks(self) -> npt.NDArray[np.uint64]:
         """The per-worker GPU masks."""
-        return np.frombuffer(self.gpus, dtype="<u8")
+        width = len(self.gpus) // max(len(self.workers), 1)
+        if width not in _MASK_TYPES:
+            raise ValueError(f"GPU masks of {width} bytes per worker")
+        return np.frombuffer(self.gpus, dtype=_MASK_TYPES[width]).astype(np.uint64)
 
     def __len__(self) -> int:
         return int(np.bitwise_count(self.masks()).sum())
@@ -100,7 +113,7 @@ def fit_columns(
         model=model.name,
         strategy=fitted.strategy or "",
         workers=tuple(snapshot.names_of(rows)),
-        gpus=gpus.astype("<u8").tobytes(),
+        gpus=gpus.astype(_mask_type(int(index[mask].max()))).tobytes(),
         claim=int(picked[0]) if uniform else 0,
         claims=b"" if uniform else picked.astype("<i8").tobytes(),
         ram_claim=batch.ram_claim,

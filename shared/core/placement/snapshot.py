@@ -228,6 +228,16 @@ class ClusterSnapshot:
         self._slot[name] = new_slots
         self._refresh(name)
 
+    def touch(self, name: str, last_heartbeat: float) -> None:
+        """A heartbeat that changed nothing but the time: only liveness moves (no row recompute)."""
+        worker = self._workers.get(name)
+        row = self._row.get(name)
+        if worker is None or row is None:
+            return
+        self.version += 1
+        self._workers[name] = msgspec.structs.replace(worker, last_heartbeat=last_heartbeat)
+        self.w_heartbeat[row] = last_heartbeat
+
     def remove_worker(self, name: str) -> None:
         """Forget a worker (its instances' records stay until they are removed)."""
         row = self._row.pop(name, None)

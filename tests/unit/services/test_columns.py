@@ -100,7 +100,7 @@ def test_equal_claims_travel_once_and_differing_claims_per_candidate() -> None:
         cset = fit_columns(snap, model, req, snap.worker_names())
         assert cset is not None
         assert (cset.claims == b"") is uniform
-        assert len(cset.gpus) == 8 * len(cset.workers)
+        assert len(cset.gpus) == len(cset.workers)  # 4 GPUs a worker: a one-byte mask each
 
 
 def test_gpus_listed_out_of_index_order_keep_their_own_claims() -> None:
@@ -120,6 +120,28 @@ def test_gpus_listed_out_of_index_order_keep_their_own_claims() -> None:
     assert pos is not None
     by_index = {int(snap.g_index[r, s]): int(c) for r, s, c in zip(pos.rows, pos.slots, pos.claims, strict=True)}
     assert by_index == {c.gpu_indexes[0]: c.vram_claims[0] for c in reference.candidates}
+
+
+@pytest.mark.parametrize(("index", "width"), [(7, 1), (8, 2), (31, 4), (63, 8)])
+def test_gpu_masks_are_as_wide_as_the_highest_candidate_index(index: int, width: int) -> None:
+    w = Worker(name="w0", gpus=(Gpu(index=0, vram_total=80 * GIB), Gpu(index=index, vram_total=80 * GIB)),
+               ram_total=256 * GIB, last_heartbeat=100.0)
+    snap = ClusterSnapshot.from_parts(workers=[w])
+    req = requirements(MODELS[0])
+    assert isinstance(req, ResourceRequest)
+    cset = fit_columns(snap, MODELS[0], req, ["w0"])
+    assert cset is not None and len(cset.gpus) == width
+    assert sorted(c.gpu_indexes for c in as_candidates(cset)) == [(0,), (index,)]
+    pos = locate(snap, cset)
+    assert pos is not None and sorted(int(snap.g_index[0, s]) for s in pos.slots) == [0, index]
+
+
+def test_a_gpu_indexed_past_the_widest_mask_takes_the_candidate_path() -> None:
+    w = Worker(name="w0", gpus=(Gpu(index=64, vram_total=80 * GIB),), ram_total=256 * GIB, last_heartbeat=100.0)
+    snap = ClusterSnapshot.from_parts(workers=[w])
+    req = requirements(MODELS[0])
+    assert isinstance(req, ResourceRequest)
+    assert fit_columns(snap, MODELS[0], req, ["w0"]) is None
 
 
 def test_a_gpu_unknown_to_the_scoring_snapshot_is_not_located() -> None:

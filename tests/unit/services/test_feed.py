@@ -1,0 +1,45 @@
+"""The snapshot feed applies worker reports to a service's in-memory snapshot."""
+
+from __future__ import annotations
+
+from shared.bus.feed import SnapshotFeed
+from shared.bus.messages import GpuUsage, Heartbeat, WorkerRegistration
+from shared.core.placement.domain import GIB, Gpu, Worker, WorkerState
+from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
+
+W = Worker(name="w1", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=256 * GIB)
+
+
+def feed() -> SnapshotFeed:
+    f = SnapshotFeed(ClusterSnapshot(SnapshotConfig(heartbeat_interval=5.0, not_ready_after=15.0)))
+    assert f.on_register(WorkerRegistration(worker=W), now=0.0) is None
+    return f
+
+
+def beat(used_gib: int, seq: int) -> Heartbeat:
+    return Heartbeat(worker="w1", seq=seq, gpus=(GpuUsage(index=0, vram_used=used_gib * GIB),))
+
+
+def test_a_heartbeat_with_new_usage_changes_what_is_allocatable() -> None:
+    f = feed()
+    f.on_heartbeat(beat(10, 1), now=1.0)
+    f.on_heartbeat(beat(30, 2), now=2.0)
+    assert f.snapshot.gpu_allocatable("w1", 0) == 50 * GIB
+
+
+def test_a_heartbeat_with_the_same_usage_keeps_the_worker_alive() -> None:
+    f = feed()
+    f.on_heartbeat(beat(10, 1), now=1.0)
+    f.on_heartbeat(beat(10, 2), now=14.0)
+    assert f.snapshot.state("w1", now=20.0) is WorkerState.READY  # judged from the second heartbeat
+    assert f.snapshot.gpu_allocatable("w1", 0) == 70 * GIB
+
+
+def test_a_silent_worker_that_beats_again_is_a_cluster_change() -> None:
+    f = feed()
+    seen: list[str] = []
+    f.listeners.append(seen.append)
+    f.on_heartbeat(beat(10, 1), now=1.0)
+    f.on_heartbeat(beat(10, 2), now=40.0)  # NOT_READY in between
+    assert seen and "recovered" in seen[-1]
+    assert f.snapshot.state("w1", now=41.0) is WorkerState.READY
