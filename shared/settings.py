@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     commit_retries: int = Field(5, ge=0, description="re-placements after refused commits before PENDING")
     commit_backoff_s: float = Field(0.02, ge=0, description="base backoff between refused-commit retries")
     batch_max: int = Field(64, ge=1, description="largest placement batch a service handles at once")
+    command_linger_s: float = Field(
+        0.01, ge=0, description="under load, the reconciler gathers scale commands this long into one batch"
+    )
     status_linger_s: float = Field(
         0.05, ge=0, description="reconciler waits this long for more worker status reports after a partial batch"
     )

@@ -96,7 +96,8 @@ class Reconciler(PlacementService):
         async def on_status(raws: list[Msg]) -> None:
             await self.consume(raws, InstanceStatus, subjects.INSTANCE_STATUS, self.handle_status)
 
-        self.pull(streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL, on_commands)
+        self.pull(streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL, on_commands,
+                  linger=self.settings.command_linger_s)
         self.pull(streams.STREAM_PIPE, streams.CONSUMER_COMMIT, subjects.PLACEMENT_SCORED, on_scored)
         # Status reports (several per placement) are not on the placement path: batch them up.
         self.pull(streams.STREAM_STATUS, streams.CONSUMER_STATUS, subjects.INSTANCE_STATUS, on_status,

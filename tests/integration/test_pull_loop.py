@@ -1,0 +1,51 @@
+"""The pull loop under a linger: lone messages go straight through, partial batches gather more."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
+
+from ops.servers import ServerProcess
+from shared.bus.runtime import pull_loop
+
+LINGER = 0.6
+
+
+async def test_a_lone_message_is_not_held_back_but_a_partial_batch_lingers(nats_server: ServerProcess) -> None:
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(name="LINGER", subjects=["linger.>"])
+    await js.add_consumer("LINGER", ConsumerConfig(durable_name="c", ack_wait=30))
+    handled: list[tuple[float, int]] = []
+
+    async def handler(msgs: list[Msg]) -> None:
+        handled.append((time.monotonic(), len(msgs)))
+        await asyncio.gather(*(m.ack() for m in msgs))
+
+    async def wait_for(n: int) -> None:
+        while len(handled) < n:
+            await asyncio.sleep(0.005)
+
+    await js.publish("linger.a", b"1")
+    await js.publish("linger.a", b"2")  # both waiting before the first fetch: a batch of two
+    loop = asyncio.ensure_future(pull_loop(nc, "LINGER", "c", "linger.>", 16, handler, linger=LINGER))
+    try:
+        await wait_for(1)
+        assert handled[0][1] == 2
+        sent = time.monotonic()
+        await js.publish("linger.a", b"3")  # after a partial batch: gathered for the linger first
+        await wait_for(2)
+        assert handled[1][0] - sent >= LINGER * 0.8
+
+        sent = time.monotonic()
+        await js.publish("linger.a", b"4")  # after a lone message: no wait
+        await wait_for(3)
+        assert handled[2][0] - sent < LINGER / 2
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await nc.close()
