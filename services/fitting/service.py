@@ -73,7 +73,9 @@ class FittingService(PlacementService):
         if ttl <= 0:
             return self._fit_now(spec, request, survivors)
         now = self.clock()
-        key = (msgspec.json.encode(spec), survivors)
+        # Each scale command changes the replica count, which fitting only reads as one-or-several
+        # (manual placement may overcommit a lone replica): keying on the exact count never hits.
+        key = (msgspec.json.encode(msgspec.structs.replace(spec, replicas=min(spec.replicas, 2))), survivors)
         hit = self._fits.get(key)
         if hit is not None and now - hit[0] < ttl:
             return hit[1]

@@ -147,3 +147,25 @@ def test_scoring_never_reuses_positions_after_a_worker_left() -> None:
                              specs={"emb": EMB})
     (second,) = scoring.score(msgspec.structs.replace(fitted[0], request=again)).outcomes
     assert second.decision is not None and second.decision.candidate.worker not in (gone, "w9")
+
+
+def test_fitting_reuses_a_models_candidates_across_scale_commands() -> None:
+    svc = stage(FittingService)
+    calls: list[str] = []
+    real = svc._fit_now
+
+    def counting(*args: object) -> object:
+        calls.append("fit")
+        return real(*args)  # type: ignore[arg-type]
+
+    svc._fit_now = counting  # type: ignore[method-assign]
+    for replicas in (3, 4, 5):
+        spec = msgspec.structs.replace(EMB, replicas=replicas)
+        flt, _ = stage(FilterService).filter_request(request(spec, 1))
+        assert flt is not None
+        svc.fit(flt)
+    assert calls == ["fit"]
+    flt, _ = stage(FilterService).filter_request(request(msgspec.structs.replace(EMB, replicas=1), 1))
+    assert flt is not None
+    svc.fit(flt)  # one replica may be placed differently (manual overcommit): not the same key
+    assert calls == ["fit", "fit"]
