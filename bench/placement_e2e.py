@@ -41,7 +41,7 @@ import psutil  # noqa: E402
 from ops.servers import free_port, start_nats, start_redis  # noqa: E402
 from services import SERVICE_COMMANDS, WORKERS_COMMAND  # noqa: E402
 from shared.bus import subjects  # noqa: E402
-from shared.bus.messages import DecisionEvent, ScaleCommand, encode  # noqa: E402
+from shared.bus.messages import DecisionEvents, ScaleCommand, encode  # noqa: E402
 from shared.core.placement.domain import GIB, Category, ModelSpec, PlacementStrategy  # noqa: E402
 from shared.state import StateStore  # noqa: E402
 
@@ -137,9 +137,11 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
         commit_times: list[float] = []
 
         async def on_decision(msg: object) -> None:
-            ev = msgspec.json.decode(msg.data, type=DecisionEvent)  # type: ignore[attr-defined]
-            latencies.append(ev.latency_ms)
-            commit_times.append(time.monotonic())
+            batch = msgspec.json.decode(msg.data, type=DecisionEvents)  # type: ignore[attr-defined]
+            now = time.monotonic()
+            for ev in batch.events:
+                latencies.append(ev.latency_ms)
+                commit_times.append(now)
 
         await nc.subscribe(subjects.EVENT_DECISION, cb=on_decision)
         js = nc.jetstream()

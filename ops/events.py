@@ -10,6 +10,7 @@ from shared.bus import subjects
 from shared.bus.messages import (
     CordonEvent,
     DecisionEvent,
+    DecisionEvents,
     ErrorEvent,
     InstanceEvent,
     InstanceEvents,
@@ -21,8 +22,8 @@ from shared.bus.messages import (
 
 EventMessage = DecisionEvent | UnschedulableEvent | InstanceEvent | CordonEvent | ModelEvent | ErrorEvent
 
-EVENT_TYPES: dict[str, type[EventMessage | InstanceEvents]] = {
-    subjects.EVENT_DECISION: DecisionEvent,
+EVENT_TYPES: dict[str, type[EventMessage | InstanceEvents | DecisionEvents]] = {
+    subjects.EVENT_DECISION: DecisionEvents,
     subjects.EVENT_UNSCHEDULABLE: UnschedulableEvent,
     subjects.EVENT_INSTANCE: InstanceEvents,
     subjects.EVENT_CORDON: CordonEvent,
@@ -31,8 +32,8 @@ EVENT_TYPES: dict[str, type[EventMessage | InstanceEvents]] = {
 
 
 def decode_events(subject: str, data: bytes) -> list[EventMessage]:
-    """The typed events of one message on ``subject`` (instance changes come in batches); none for a
-    subject or payload this CLI does not know."""
+    """The typed events of one message on ``subject`` (decisions and instance changes come in batches);
+    none for a subject or payload this CLI does not know."""
     kind = ErrorEvent if subject.startswith(subjects.DEAD_LETTER + ".") else EVENT_TYPES.get(subject)
     if kind is None:
         return []
@@ -40,7 +41,7 @@ def decode_events(subject: str, data: bytes) -> list[EventMessage]:
         decoded = decode(data, kind)
     except MessageError:
         return []
-    if isinstance(decoded, InstanceEvents):
+    if isinstance(decoded, InstanceEvents | DecisionEvents):
         return list(decoded.events)
     return [decoded]  # type: ignore[list-item]  # kind is one of EventMessage
 

@@ -27,6 +27,7 @@ from shared.bus.messages import (
     CordonCommand,
     CordonEvent,
     DecisionEvent,
+    DecisionEvents,
     DeleteInstance,
     DrainInstance,
     InstanceEvent,
@@ -407,16 +408,17 @@ class Reconciler(PlacementService):
             await self._assign(inst, specs.get(inst.model) or self.specs.get(inst.model))
             self.seen_placed[inst.id] = now
         await self._publish_instances([inst for _, inst in committed])
-        for out, inst in committed:
-            assert out.decision is not None and inst.worker is not None
-            await self.bus.publish(
-                subjects.EVENT_DECISION,
-                DecisionEvent(
-                    instance_id=inst.id, model=inst.model, worker=inst.worker, gpu_indexes=inst.gpu_indexes,
-                    score=out.decision.score, breakdown=out.decision.breakdown, attempt=out.item.attempt,
-                    latency_ms=(now - out.item.requested_at) * 1000.0, at=now,
-                ),
+        decisions = tuple(
+            DecisionEvent(
+                instance_id=inst.id, model=inst.model, worker=inst.worker or "", gpu_indexes=inst.gpu_indexes,
+                score=out.decision.score if out.decision else 0.0,
+                breakdown=out.decision.breakdown if out.decision else {}, attempt=out.item.attempt,
+                latency_ms=(now - out.item.requested_at) * 1000.0, at=now,
             )
+            for out, inst in committed
+        )
+        if decisions:
+            await self.bus.publish(subjects.EVENT_DECISION, DecisionEvents(events=decisions))
         for out in unplaced:
             un = out.unschedulable
             await self._pending(out.item, un.message if un else "unschedulable", un, now)

@@ -253,6 +253,12 @@ class InstanceEvent(Message, frozen=True, kw_only=True):
     at: float = 0.0
 
 
+class DecisionEvents(Message, frozen=True, kw_only=True):
+    """Replicas committed together (one message per batch of scored outcomes the reconciler committed)."""
+
+    events: tuple[DecisionEvent, ...]
+
+
 class InstanceEvents(Message, frozen=True, kw_only=True):
     """Instance changes in the order they happened: one message per batch the reconciler handled.
 

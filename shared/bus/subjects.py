@@ -59,7 +59,7 @@ WORKER_CMD_ALL = f"{_WORKER_CMD}.*.*"
 # -- events (core NATS, captured by stream EVENTS) -------------------------------------------------
 EVENTS_ALL = f"{PREFIX}.events.>"
 EVENT_DECISION = f"{PREFIX}.events.decision"
-"""DecisionEvent: a replica was placed (committed) with its score breakdown."""
+"""DecisionEvents: replicas were placed (committed), each with its score breakdown (a batch)."""
 EVENT_UNSCHEDULABLE = f"{PREFIX}.events.unschedulable"
 """UnschedulableEvent: a replica stays PENDING, with the core's explanation."""
 EVENT_INSTANCE = f"{PREFIX}.events.instance"

@@ -11,6 +11,7 @@ from shared.bus import subjects
 from shared.bus.messages import (
     CordonEvent,
     DecisionEvent,
+    DecisionEvents,
     ErrorEvent,
     InstanceEvent,
     InstanceEvents,
@@ -63,7 +64,11 @@ CASES = [
 
 @pytest.mark.parametrize(("subject", "event", "line"), CASES, ids=[line.split()[1] for _, _, line in CASES])
 def test_each_event_renders_as_one_line(subject: str, event: object, line: str) -> None:
-    body = InstanceEvents(events=(event,)) if isinstance(event, InstanceEvent) else event
+    body: object = event
+    if isinstance(event, InstanceEvent):
+        body = InstanceEvents(events=(event,))
+    elif isinstance(event, DecisionEvent):
+        body = DecisionEvents(events=(event,))
     (decoded,) = decode_events(subject, encode(body))  # type: ignore[arg-type]
     assert decoded == event
     assert format_event(decoded, received_at=T0) == line
