@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 import msgspec  # noqa: E402
 import nats  # noqa: E402
 import psutil  # noqa: E402
+import uvloop  # noqa: E402
 
 from ops.servers import free_port, start_nats, start_redis  # noqa: E402
 from services import SERVICE_COMMANDS, WORKERS_COMMAND  # noqa: E402
@@ -283,7 +284,7 @@ def main() -> None:
     args = p.parse_args()
     runs = []
     for run in range(args.runs):
-        r = asyncio.run(one_run(args, run))
+        r = uvloop.run(one_run(args, run))
         print(json.dumps({k: v for k, v in r.items() if "latencies" not in k}), flush=True)
         runs.append(r)
     summary = {

@@ -87,6 +87,8 @@ class ClusterSnapshot:
     w_vendor_bits: IntArray
     w_instances: IntArray
     w_rank: IntArray
+    w_vram_total: IntArray  # sum of the row's GPU totals
+    w_vram_free: IntArray  # sum of the row's GPU allocatable, each clamped to [0, total]
     g_exists: BoolArray
     g_ok: BoolArray
     g_index: IntArray
@@ -171,6 +173,8 @@ class ClusterSnapshot:
         grow1("w_vendor_bits", np.int64, 0)
         grow1("w_instances", np.int64, 0)
         grow1("w_rank", np.int64, 0)
+        grow1("w_vram_total", np.int64, 0)
+        grow1("w_vram_free", np.int64, 0)
         grow2("g_exists", np.bool_, False)
         grow2("g_ok", np.bool_, False)  # exists and schedulable
         grow2("g_index", np.int64, -1)
@@ -253,6 +257,8 @@ class ClusterSnapshot:
         self._ready_cache.clear()
         self._moved()
         self.w_present[row] = False
+        self.w_vram_total[row] = 0
+        self.w_vram_free[row] = 0
         self.g_exists[row, :] = False
         self.g_ok[row, :] = False
         self._rank_dirty = True
@@ -273,17 +279,23 @@ class ClusterSnapshot:
         self.w_instances[row] = self._worker_total.get(name, 0)
         bits = 0
         claims = self._vram_claims.get(name, {})
+        total = free = 0
         for slot, gpu in enumerate(worker.gpus):
             bits |= 1 << self._code("vendor", gpu.vendor)
             claim = claims.get(gpu.index, 0)
+            alloc = gpu.vram_total - max(claim, gpu.vram_used) - cfg.vram_reserve
+            total += gpu.vram_total
+            free += min(max(alloc, 0), gpu.vram_total)
             self.g_exists[row, slot] = True
             self.g_ok[row, slot] = gpu.schedulable
             self.g_index[row, slot] = gpu.index
             self.g_total[row, slot] = gpu.vram_total
-            self.g_alloc[row, slot] = gpu.vram_total - max(claim, gpu.vram_used) - cfg.vram_reserve
+            self.g_alloc[row, slot] = alloc
             self.g_type[row, slot] = self._type_code(gpu.vendor, gpu.product)
             self.g_instances[row, slot] = self._gpu_total.get((name, gpu.index), 0)
             self.g_labelled[row, slot] = bool(gpu.labels)
+        self.w_vram_total[row] = total
+        self.w_vram_free[row] = free
         n = len(worker.gpus)
         self.g_exists[row, n:] = False
         self.g_ok[row, n:] = False

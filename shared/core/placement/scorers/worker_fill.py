@@ -51,10 +51,7 @@ class WorkerFill(Scorer):
     def _fill_rows(self, ctx: PlacementContext) -> FloatArray:
         snap = ctx.snapshot
         rows = snap.rows
-        exists = snap.g_exists[:rows]
-        total = np.where(exists, snap.g_total[:rows], 0)
-        free = np.where(exists, np.minimum(np.maximum(snap.g_alloc[:rows], 0), snap.g_total[:rows]), 0)
-        t, f = total.sum(axis=1), free.sum(axis=1)
+        t, f = snap.w_vram_total[:rows], snap.w_vram_free[:rows]  # kept per row by the snapshot
         fill: FloatArray = np.where(t > 0, (t - f) / np.where(t > 0, t, 1), 0.0)
         return fill
 
