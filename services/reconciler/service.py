@@ -58,6 +58,9 @@ from shared.core.placement.reconcile import (
 from shared.state.store import CommitItem, ScaleUp
 
 log = logging.getLogger("gantry.reconciler")
+# Ticks between level-triggered resyncs (workers' reported instances against the ledger): a pass over
+# every instance, which at thousands of instances costs milliseconds of a tick every second otherwise.
+RESYNC_EVERY = 5
 
 
 class Reconciler(PlacementService):
@@ -542,12 +545,13 @@ class Reconciler(PlacementService):
             n += 1
             try:
                 if await self.store.try_lock("tick", interval * 0.9):
-                    await self.tick(full=n % 10 == 0)
+                    await self.tick(full=n % 10 == 0, resync=n % RESYNC_EVERY == 0)
             except Exception:
                 log.exception("reconciler tick failed")
 
-    async def tick(self, full: bool = False) -> None:
-        """Liveness, drain timeouts, level-triggered resync, PENDING retries on cluster change."""
+    async def tick(self, full: bool = False, resync: bool = True) -> None:
+        """Liveness, drain timeouts, level-triggered resync (when ``resync``), PENDING retries on cluster
+        change; ``full`` also re-converges every model."""
         now = self.clock()
         s = self.settings
         instances = dict(self.feed.instances)
@@ -575,7 +579,8 @@ class Reconciler(PlacementService):
         ]
         if done:
             await self._delete(done, tell_worker=True)
-        await self._resync(instances, now)
+        if resync:
+            await self._resync(instances, now)
         if self.changed:
             # Retry now, and once more a second later: other services may learn of the change (a worker
             # joined) a moment after we do, and a verdict from their older snapshot must not stick.
