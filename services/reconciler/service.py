@@ -286,26 +286,27 @@ class Reconciler(PlacementService):
             spec_now = self.specs.get(model) or await self.store.model(model)
             if spec_now is None:
                 return [], None
-            desired = await self.store.desired_of(model)
-            n_active, unrequested = await self.store.model_summary(model, ACTIVE)
+            # Scaling up (or staying) is the same atomic step as the lock-free path, fenced by our token.
+            (res,) = await self.store.converge_up([ScaleUp(model=model, created_at=now, lock_token=token)], ACTIVE)
+            if res.status == "busy":
+                raise TimeoutError(f"lost the converge lock of {model}")
+            created = list(res.created)
             removed: set[str] = set()
-            if n_active > desired:  # scale-down: the full records are needed to rank and drain
+            if res.status == "down":  # scale-down: the full records are needed to rank and drain
                 instances = await self.store.instances(model)
                 placed = [i for i in instances if i.state in ACTIVE and i.worker is not None]
                 ranked = scale_down_order(self.snapshot, spec_now, now, self.profile, instances=placed)
-                plan = plan_scale(desired, instances, [e.instance_id for e in ranked])
+                plan = plan_scale(res.desired, instances, [e.instance_id for e in ranked])
                 removed = set(plan.remove)
                 await self._remove(model, token, [i for i in instances if i.id in removed], now)
-                create = plan.create
-            else:
-                create = desired - n_active
-            created = [
-                Instance(id=f"{model}-{secrets.token_hex(5)}", model=model, created_at=now) for _ in range(create)
-            ]
-            if created and not await self.store.create_pending(model, token, created):
-                raise TimeoutError(f"lost the converge lock of {model}")
+                created = [
+                    Instance(id=f"{model}-{secrets.token_hex(5)}", model=model, created_at=now)
+                    for _ in range(plan.create)
+                ]
+                if created and not await self.store.create_pending(model, token, created):
+                    raise TimeoutError(f"lost the converge lock of {model}")
             await self._publish_instances(created)
-            again = [i for i in unrequested if i not in removed and self._needs_request(i, now)]
+            again = [i for i in res.unrequested if i not in removed and self._needs_request(i, now)]
             items = [
                 PlacementItem(instance_id=inst.id, model=model, requested_at=arrivals[min(k, len(arrivals) - 1)])
                 if arrivals else PlacementItem(instance_id=inst.id, model=model, requested_at=now)

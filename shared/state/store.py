@@ -96,6 +96,7 @@ class ScaleUp:
     spec: ModelSpec | None = None
     seq: int = 0  # stream sequence of the scale command (a later applied one wins)
     created_at: float = 0.0
+    lock_token: str = ""  # the model's converge lock, when the caller holds it
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,6 @@ class StateStore:
         self._create = client.register_script((_LUA / "create_pending.lua").read_text())
         self._mark = client.register_script((_LUA / "mark_state.lua").read_text())
         self._unlock = client.register_script((_LUA / "unlock.lua").read_text())
-        self._summary = client.register_script((_LUA / "model_summary.lua").read_text())
         self._converge_up = client.register_script((_LUA / "converge_up.lua").read_text())
 
     @classmethod
@@ -286,12 +286,6 @@ class StateStore:
             )
         return sorted(out, key=lambda i: i.id)
 
-    async def model_summary(self, model: str, active: Iterable[InstanceState]) -> tuple[int, list[str]]:
-        """(replicas in ``active`` states, ids of PENDING replicas without a reason), counted in Redis."""
-        keys = [Keys.model_index + model, Keys.inst_state, Keys.inst_reason]
-        raw = await self._summary(keys=keys, args=[",".join(s.value for s in active)])
-        return int(raw[0]), sorted(_s(v) for v in raw[1:])
-
     async def instance(self, instance_id: str) -> Instance | None:
         """One instance with its current state, or None."""
         pipe = self.r.pipeline(transaction=False)
@@ -365,7 +359,8 @@ class StateStore:
     async def converge_up(self, models: Sequence[ScaleUp], active: Iterable[InstanceState]) -> list[ScaleUpResult]:
         """Record scale commands and create missing PENDING replicas for many models in one atomic call.
 
-        Instance ids are ``<model>-<random hex><counter>``; a model being scaled down elsewhere is skipped.
+        Instance ids are ``<model>-<random hex><counter>``; a model locked by someone else (being scaled
+        down elsewhere, or a lock the caller lost) is skipped.
         """
         if not models:
             return []
@@ -374,7 +369,7 @@ class StateStore:
             head, tail = _record_template(m.model, m.created_at)
             spec = _enc.encode(m.spec) if m.spec is not None else b""
             replicas = -1 if m.replicas is None else m.replicas
-            args += [m.model, replicas, spec, m.seq, f"{m.model}-{secrets.token_hex(4)}", head, tail]
+            args += [m.model, replicas, spec, m.seq, f"{m.model}-{secrets.token_hex(4)}", head, tail, m.lock_token]
         keys = [Keys.desired, Keys.desired_seq, Keys.models, Keys.inst, Keys.inst_state, Keys.inst_reason]
         raw = await self._converge_up(keys=keys, args=args)
         out = []

@@ -1,11 +1,13 @@
 -- Converge several models towards their desired replicas in one atomic step, for the common case:
 -- record each model's scale command (unless a later one was applied) and create the missing replicas
--- as PENDING. A model whose converge lock is held (a scale-down in progress elsewhere) is left alone
--- ("busy"); one with more active replicas than desired is reported ("down"): both take the locked path.
+-- as PENDING. A model whose converge lock is held by someone else (a scale-down in progress elsewhere; or,
+-- when a lock token is given, a lock we no longer hold) is left alone ("busy"); one with more active
+-- replicas than desired is reported ("down"): removing replicas takes the locked path.
 -- KEYS: 1 desired, 2 desired_seq, 3 models, 4 inst, 5 inst_state, 6 inst_reason
 -- ARGV: active states (comma-separated), lock key prefix, model index prefix, n models, then per model:
 --       model, replicas (-1: no scale command), spec_json ("": keep), seq, id_prefix,
---       record_head, record_tail (a PENDING record is record_head .. id .. record_tail)
+--       record_head, record_tail (a PENDING record is record_head .. id .. record_tail),
+--       lock token ("": the caller holds no lock)
 -- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}}
 local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end
@@ -15,9 +17,10 @@ local out = {}
 local pos = 5
 for m = 1, n do
   local model, replicas, spec, seq = ARGV[pos], tonumber(ARGV[pos + 1]), ARGV[pos + 2], tonumber(ARGV[pos + 3])
-  local id_prefix, head, tail = ARGV[pos + 4], ARGV[pos + 5], ARGV[pos + 6]
-  pos = pos + 7
-  if redis.call("EXISTS", lock_prefix .. model) == 1 then
+  local id_prefix, head, tail, token = ARGV[pos + 4], ARGV[pos + 5], ARGV[pos + 6], ARGV[pos + 7]
+  pos = pos + 8
+  local held = redis.call("GET", lock_prefix .. model)
+  if (token == "" and held) or (token ~= "" and held ~= token) then
     out[m] = {"busy", 0, 0, {}, {}}
   else
     local applied = 0

@@ -73,3 +73,23 @@ async def test_concurrent_converges_never_create_more_than_desired(store: StateS
     await store.r.delete("gantry:inst", "gantry:inst:state")
     await asyncio.gather(*(store.converge_up([ScaleUp(model="m")], ACTIVE) for _ in range(5)))
     assert len(await store.instances("m")) == 5
+
+
+async def test_the_lock_holder_converges_and_a_lost_lock_writes_nothing(store: StateStore) -> None:
+    token = await store.lock_model("m")
+    assert token
+    await store.r.hset("gantry:desired", "m", 2)
+    (mine,) = await store.converge_up([ScaleUp(model="m", lock_token=token)], ACTIVE)
+    assert mine.status == "ok" and len(mine.created) == 2
+    await store.r.hset("gantry:desired", "m", 4)
+    (lost,) = await store.converge_up([ScaleUp(model="m", lock_token="not-ours")], ACTIVE)
+    assert lost.status == "busy" and len(await store.instances("m")) == 2
+
+
+async def test_active_replicas_are_counted_whatever_their_state(store: StateStore) -> None:
+    (first,) = await store.converge_up([ScaleUp(model="m", replicas=3, spec=SPEC, seq=1)], ACTIVE)
+    a, b, c = (i.id for i in first.created)
+    await store.r.hset("gantry:inst:state", mapping={a: "RUNNING", b: "DRAINING", c: "UNREACHABLE"})
+    (res,) = await store.converge_up([ScaleUp(model="m")], ACTIVE)
+    active = {s.value for s in ACTIVE}
+    assert len(res.created) == 3 - sum(s in active for s in ("RUNNING", "DRAINING", "UNREACHABLE"))

@@ -157,13 +157,3 @@ async def test_concurrent_commits_never_overbook(store: StateStore) -> None:
     assert sum(r == ["ok"] for r in results) == 11
     assert await store.overbooked() == []
     assert await store.claims_consistent() == []
-
-
-async def test_model_summary_counts_active_replicas_and_unrequested_pending(store: StateStore) -> None:
-    await store.register_workers([worker("w1")])
-    await pending(store, "a", "b", "c", "d")
-    await store.commit([placed("a", "w1", (0,), 10)])
-    await store.set_reasons({"b": "no room"})
-    await store.r.hset("gantry:inst:state", "d", "DRAINING")
-    active = [InstanceState.PENDING, InstanceState.SCHEDULED, InstanceState.RUNNING]
-    assert await store.model_summary("m", active) == (3, ["c"])
