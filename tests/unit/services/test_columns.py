@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.core.placement import ClusterSnapshot, requirements, run_fitting, run_scoring
-from shared.core.placement.columns import as_candidates, fit_columns, locate, score_columns
+from shared.core.placement.columns import CandidateSet, as_candidates, fit_columns, locate, score_columns
 from shared.core.placement.domain import (
     GIB,
     Category,
@@ -46,6 +46,18 @@ MODELS = [
 ]
 
 
+def request_of(model: ModelSpec) -> ResourceRequest:
+    req = requirements(model)
+    assert isinstance(req, ResourceRequest)
+    return req
+
+
+def columns_of(snap: ClusterSnapshot, model: ModelSpec, names: list[str] | None = None) -> CandidateSet:
+    cset = fit_columns(snap, model, request_of(model), snap.worker_names() if names is None else names)
+    assert cset is not None
+    return cset
+
+
 @pytest.mark.parametrize("model", MODELS, ids=[m.name for m in MODELS])
 def test_columns_carry_the_same_candidates_and_pick_the_same_one(model: ModelSpec) -> None:
     snap = cluster()
@@ -68,10 +80,7 @@ def test_columns_carry_the_same_candidates_and_pick_the_same_one(model: ModelSpe
 def test_candidates_taken_since_fitting_are_skipped() -> None:
     snap = cluster()
     model = MODELS[2]
-    req = requirements(model)
-    assert isinstance(req, ResourceRequest)
-    cset = fit_columns(snap, model, req, snap.worker_names())
-    assert cset is not None
+    cset = columns_of(snap, model)
     pos = locate(snap, cset)
     assert pos is not None
     first = score_columns(snap, model, cset, pos)
@@ -95,10 +104,7 @@ def test_nothing_fitting_gives_no_columns() -> None:
 def test_equal_claims_travel_once_and_differing_claims_per_candidate() -> None:
     snap = cluster()
     for model, uniform in ((MODELS[0], True), (MODELS[2], False)):  # embedding: W-based; vLLM: a GPU fraction
-        req = requirements(model)
-        assert isinstance(req, ResourceRequest)
-        cset = fit_columns(snap, model, req, snap.worker_names())
-        assert cset is not None
+        cset = columns_of(snap, model)
         assert (cset.claims == b"") is uniform
         assert len(cset.gpus) == len(cset.workers)  # 4 GPUs a worker: a one-byte mask each
 
@@ -127,10 +133,8 @@ def test_gpu_masks_are_as_wide_as_the_highest_candidate_index(index: int, width:
     w = Worker(name="w0", gpus=(Gpu(index=0, vram_total=80 * GIB), Gpu(index=index, vram_total=80 * GIB)),
                ram_total=256 * GIB, last_heartbeat=100.0)
     snap = ClusterSnapshot.from_parts(workers=[w])
-    req = requirements(MODELS[0])
-    assert isinstance(req, ResourceRequest)
-    cset = fit_columns(snap, MODELS[0], req, ["w0"])
-    assert cset is not None and len(cset.gpus) == width
+    cset = columns_of(snap, MODELS[0], ["w0"])
+    assert len(cset.gpus) == width
     assert sorted(c.gpu_indexes for c in as_candidates(cset)) == [(0,), (index,)]
     pos = locate(snap, cset)
     assert pos is not None and sorted(int(snap.g_index[0, s]) for s in pos.slots) == [0, index]
@@ -139,18 +143,11 @@ def test_gpu_masks_are_as_wide_as_the_highest_candidate_index(index: int, width:
 def test_a_gpu_indexed_past_the_widest_mask_takes_the_candidate_path() -> None:
     w = Worker(name="w0", gpus=(Gpu(index=64, vram_total=80 * GIB),), ram_total=256 * GIB, last_heartbeat=100.0)
     snap = ClusterSnapshot.from_parts(workers=[w])
-    req = requirements(MODELS[0])
-    assert isinstance(req, ResourceRequest)
-    assert fit_columns(snap, MODELS[0], req, ["w0"]) is None
+    assert fit_columns(snap, MODELS[0], request_of(MODELS[0]), ["w0"]) is None
 
 
 def test_a_gpu_unknown_to_the_scoring_snapshot_is_not_located() -> None:
-    snap = cluster()
-    model = MODELS[0]
-    req = requirements(model)
-    assert isinstance(req, ResourceRequest)
-    cset = fit_columns(snap, model, req, snap.worker_names())
-    assert cset is not None
+    cset = columns_of(cluster(), MODELS[0])
     fewer = ClusterSnapshot.from_parts(workers=[
         Worker(name=f"w{i}", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=256 * GIB, last_heartbeat=100.0)
         for i in range(12)
