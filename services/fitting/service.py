@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import msgspec
@@ -141,9 +142,12 @@ class FittingService(PlacementService):
             groups[-1].append(model)
             size += weight
         out = []
-        for n, models in enumerate(groups):
+        for models in groups:
+            # Named by content: a redelivered request may group models differently (candidates changed),
+            # and a reused id would make JetStream drop a group it never saw as a duplicate.
+            group = hashlib.blake2b(",".join(models).encode(), digest_size=6).hexdigest()
             sub = PlacementRequest(
-                batch_id=f"{req.batch_id}:{n}",
+                batch_id=f"{req.batch_id}:{group}",
                 items=tuple(i for i in req.items if i.model in models),
                 specs={m: req.specs[m] for m in models},
             )

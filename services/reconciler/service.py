@@ -61,6 +61,7 @@ log = logging.getLogger("gantry.reconciler")
 # Ticks between level-triggered resyncs (workers' reported instances against the ledger): a pass over
 # every instance, which at thousands of instances costs milliseconds of a tick every second otherwise.
 RESYNC_EVERY = 5
+EVENTS_PER_MESSAGE = 1000  # instance changes or decisions per events message (well under 1 MB)
 
 
 class Reconciler(PlacementService):
@@ -191,6 +192,12 @@ class Reconciler(PlacementService):
         """
         now = self.clock()
         slow: dict[str, ScaleUp] = {}
+        known: dict[str, ModelSpec] = {}
+        for w in wanted:  # a model without a spec cannot be requested: create nothing for it
+            spec = self.specs.get(w.model) or await self.store.model(w.model) or w.spec
+            if spec is not None:
+                known[w.model] = spec
+        wanted = [w for w in wanted if w.model in known]
         by_model = {w.model: w for w in wanted}
         for res in await self.store.converge_up(wanted, ACTIVE):
             up = by_model[res.model]
@@ -204,10 +211,7 @@ class Reconciler(PlacementService):
             if res.status == "down":
                 slow[res.model] = ScaleUp(model=res.model)
                 continue
-            spec = self.specs.get(res.model) or await self.store.model(res.model)
-            if spec is None:
-                continue
-            specs[res.model] = spec
+            specs[res.model] = known[res.model]
             await self._publish_instances(res.created)
             times = arrivals.get(res.model) or [now]
             items += [
@@ -421,8 +425,9 @@ class Reconciler(PlacementService):
             )
             for out, inst in committed
         )
-        if decisions:
-            await self.bus.publish(subjects.EVENT_DECISION, DecisionEvents(events=decisions))
+        for start in range(0, len(decisions), EVENTS_PER_MESSAGE):
+            batch = decisions[start : start + EVENTS_PER_MESSAGE]
+            await self.bus.publish(subjects.EVENT_DECISION, DecisionEvents(events=batch))
         for out in unplaced:
             un = out.unschedulable
             await self._pending(out.item, un.message if un else "unschedulable", un, now)
@@ -488,9 +493,10 @@ class Reconciler(PlacementService):
 
     async def _publish_instances(self, instances: Iterable[Instance], removed: bool = False) -> None:
         now = self.clock()
-        events = tuple(InstanceEvent(instance=inst, removed=removed, at=now) for inst in instances)
-        if events:
-            await self.bus.publish(subjects.EVENT_INSTANCE, InstanceEvents(events=events))
+        events = [InstanceEvent(instance=inst, removed=removed, at=now) for inst in instances]
+        for start in range(0, len(events), EVENTS_PER_MESSAGE):  # NATS messages are bounded
+            batch = tuple(events[start : start + EVENTS_PER_MESSAGE])
+            await self.bus.publish(subjects.EVENT_INSTANCE, InstanceEvents(events=batch))
 
     async def _publish_removed(self, instances: Iterable[Instance]) -> None:
         await self._publish_instances(instances, removed=True)

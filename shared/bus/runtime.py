@@ -17,7 +17,6 @@ import msgspec
 from faststream.nats import NatsBroker
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import ConnectionClosedError, NoServersError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -100,6 +99,7 @@ PullHandler = Callable[[list[Msg]], Awaitable[None]]
 
 JS_API = "$JS.API"
 PULL_EXPIRES_S = 5.0  # an open pull request lasts this long; an idle loop asks again after it
+PULL_IDLE_CHECK_S = 0.5  # how often an idle loop checks that its request is still outstanding
 
 
 async def pull_loop(
@@ -127,28 +127,41 @@ async def pull_loop(
 
     sub = await nc.subscribe(inbox, cb=on_message)
     left = 0  # messages the open request may still deliver
+    asked_at = float("-inf")
+    reconnects = nc.stats["reconnects"]
 
     async def ask() -> None:
-        nonlocal left
+        nonlocal left, asked_at, reconnects
         req = {"batch": batch, "expires": int(PULL_EXPIRES_S * 1e9)}
+        reconnects = nc.stats["reconnects"]
         try:
             await nc.publish(f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}", msgspec.json.encode(req), reply=inbox)
-            left = batch
-        except (ConnectionClosedError, NoServersError):
-            await asyncio.sleep(0.5)
+        except Exception as exc:  # NATS away, draining, buffer full: the idle check below asks again
+            log.warning("pull request for %s not sent: %s", subject, exc)
+            left = 0
+            return
+        left, asked_at = batch, time.monotonic()
+
+    def lost() -> bool:
+        # No request outstanding, a reconnect (the server forgot our request), or neither messages nor
+        # the expiry notice for longer than a request lives.
+        stale = time.monotonic() - asked_at > PULL_EXPIRES_S + 1.0
+        return left <= 0 or stale or nc.stats["reconnects"] != reconnects
 
     try:
         await ask()
         while True:
             try:
-                first = await asyncio.wait_for(arrived.get(), PULL_EXPIRES_S + 1.0)
-            except TimeoutError:  # neither messages nor the expiry notice: the request was lost (reconnect)
-                await ask()
+                first = await asyncio.wait_for(arrived.get(), PULL_IDLE_CHECK_S)
+            except TimeoutError:
+                if lost():
+                    await ask()
                 continue
             got = [first]
             while not arrived.empty() and len(got) < batch:
                 got.append(arrived.get_nowait())
             msgs = []
+            unavailable = False
             for msg in got:
                 status = JetStreamContext.is_status_msg(msg)
                 if not status:
@@ -156,7 +169,11 @@ async def pull_loop(
                     left -= 1
                 elif status in ("408", "409"):  # the request expired or was closed by the server
                     left = 0
-            if left <= 0:
+                elif status == "503":  # JetStream not answering (yet): ask again after a pause
+                    left, unavailable = 0, True
+            if unavailable:
+                await asyncio.sleep(0.5)
+            if lost():
                 await ask()
             if not msgs:
                 continue
@@ -169,6 +186,12 @@ async def pull_loop(
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+        # Delivered to us but not handled: hand them back now rather than after the ack wait.
+        while not arrived.empty():
+            msg = arrived.get_nowait()
+            if not JetStreamContext.is_status_msg(msg):
+                with contextlib.suppress(Exception):
+                    await msg.nak()
 
 
 RawHandler = Callable[[bytes], Awaitable[None]]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import nats
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
-from ops.servers import ServerProcess
-from shared.bus.runtime import pull_loop
+from ops.servers import ServerProcess, start_nats
+from shared.bus.runtime import PULL_EXPIRES_S, pull_loop
 
 LINGER = 0.6
 
@@ -49,3 +52,46 @@ async def test_a_lone_message_is_not_held_back_but_a_partial_batch_lingers(nats_
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
         await nc.close()
+
+
+async def test_the_loop_asks_again_after_the_server_restarts(tmp_path: Path) -> None:
+    srv = start_nats(tmp_path / "nats")
+    nc = await nats.connect(srv.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    js = nc.jetstream()
+    await js.add_stream(name="RESTART", subjects=["restart.>"])
+    await js.add_consumer("RESTART", ConsumerConfig(durable_name="c", ack_wait=30))
+    handled: list[bytes] = []
+
+    async def handler(msgs: list[Msg]) -> None:
+        handled.extend(m.data for m in msgs)
+        await asyncio.gather(*(m.ack() for m in msgs))
+
+    loop = asyncio.ensure_future(pull_loop(nc, "RESTART", "c", "restart.>", 16, handler))
+    try:
+        await js.publish("restart.a", b"before")
+        await wait_until(lambda: handled == [b"before"], 5)
+        srv.process.kill()  # the server forgets the open pull request
+        srv.process.wait()
+        srv = start_nats(tmp_path / "nats", port=srv.port)
+        await wait_until(lambda: nc.is_connected, 10)
+        for _ in range(50):  # JetStream answers a moment after the server accepts connections
+            try:
+                await js.publish("restart.a", b"after", timeout=0.5)
+                break
+            except nats.errors.TimeoutError:
+                continue
+        sent = time.monotonic()
+        await wait_until(lambda: handled == [b"before", b"after"], 10)
+        assert time.monotonic() - sent < PULL_EXPIRES_S  # not left waiting for the old request to expire
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await nc.close()
+        srv.stop()
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)

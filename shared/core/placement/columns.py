@@ -153,14 +153,13 @@ def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
         return None
     index = snapshot.g_index[rows]
     masks = cset.masks()
-    known = np.bitwise_or.reduce(
-        np.where(index >= 0, np.left_shift(np.uint64(1), np.clip(index, 0, MASK_BITS - 1).astype(np.uint64)),
-                 np.uint64(0)), axis=1,
-    )
+    # GPUs indexed past the mask width are never candidates (fitting sends those on the candidate path).
+    maskable = (index >= 0) & (index < MASK_BITS)
+    bit_of = np.where(maskable, index, 0).astype(np.uint64)
+    known = np.bitwise_or.reduce(np.where(maskable, np.left_shift(np.uint64(1), bit_of), np.uint64(0)), axis=1)
     if bool(((masks & ~known) != 0).any()):
         return None  # a candidate GPU this snapshot does not know
-    hit = (index >= 0) & ((masks[:, None] >> np.clip(index, 0, MASK_BITS - 1).astype(np.uint64)) & np.uint64(1)
-                          ).astype(np.bool_)
+    hit = maskable & ((masks[:, None] >> bit_of) & np.uint64(1)).astype(np.bool_)
     if not cset.claims:
         pos_w, slots = np.nonzero(hit)
         claims = np.full(len(pos_w), cset.claim, dtype=np.int64)

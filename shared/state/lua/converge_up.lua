@@ -49,8 +49,14 @@ for m = 1, n do
       out[m] = {"down", applied, desired, {}, unrequested}
     else
       local created = {}
+      local n = 0
       for k = 1, desired - count do
-        local id = string.format("%s%02x", id_prefix, k - 1)
+        local id = string.format("%s%02x", id_prefix, n)
+        while redis.call("HEXISTS", KEYS[4], id) == 1 do  -- a random prefix seen before: never overwrite
+          n = n + 1
+          id = string.format("%s%02x", id_prefix, n)
+        end
+        n = n + 1
         redis.call("HSET", KEYS[4], id, head .. id .. tail)
         redis.call("HSET", KEYS[5], id, "PENDING")
         redis.call("SADD", index, id)

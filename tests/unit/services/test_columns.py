@@ -153,3 +153,13 @@ def test_a_gpu_unknown_to_the_scoring_snapshot_is_not_located() -> None:
         for i in range(12)
     ])
     assert locate(fewer, cset) is None
+
+
+def test_a_gpu_indexed_past_the_mask_is_never_taken_for_a_candidate() -> None:
+    w = Worker(name="w0", gpus=(Gpu(index=63, vram_total=80 * GIB), Gpu(index=127, vram_total=80 * GIB)),
+               ram_total=256 * GIB, last_heartbeat=100.0)
+    snap = ClusterSnapshot.from_parts(workers=[w])
+    cset = CandidateSet(model="emb", strategy="single_gpu", workers=("w0",),
+                        gpus=(1 << 63).to_bytes(8, "little"), claim=6 * GIB)
+    pos = locate(snap, cset)
+    assert pos is not None and [int(snap.g_index[0, s]) for s in pos.slots] == [63]

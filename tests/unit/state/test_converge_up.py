@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from shared.core.placement.domain import GIB, InstanceState, ModelSpec
 from shared.core.placement.reconcile import ACTIVE
 from shared.state import StateStore
@@ -93,3 +95,17 @@ async def test_active_replicas_are_counted_whatever_their_state(store: StateStor
     (res,) = await store.converge_up([ScaleUp(model="m")], ACTIVE)
     active = {s.value for s in ACTIVE}
     assert len(res.created) == 3 - sum(s in active for s in ("RUNNING", "DRAINING", "UNREACHABLE"))
+
+
+async def test_a_repeated_id_prefix_never_overwrites_a_replica(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shared.state.store as module
+
+    monkeypatch.setattr(module.secrets, "token_hex", lambda n: "same")
+    (first,) = await store.converge_up([ScaleUp(model="m", replicas=2, spec=SPEC, seq=1)], ACTIVE)
+    await store.r.hset("gantry:inst:state", first.created[0].id, "RUNNING")
+    (second,) = await store.converge_up([ScaleUp(model="m", replicas=4, spec=SPEC, seq=2)], ACTIVE)
+    ids = [i.id for i in first.created + second.created]
+    assert len(set(ids)) == 4
+    assert (await store.instance(first.created[0].id)).state is InstanceState.RUNNING  # type: ignore[union-attr]
