@@ -16,23 +16,26 @@ from shared.bus.messages import (
     InstanceEvents,
     MessageError,
     ModelEvent,
+    ModelEvents,
     UnschedulableEvent,
     decode,
 )
 
 EventMessage = DecisionEvent | UnschedulableEvent | InstanceEvent | CordonEvent | ModelEvent | ErrorEvent
 
-EVENT_TYPES: dict[str, type[EventMessage | InstanceEvents | DecisionEvents]] = {
+BATCHES = (InstanceEvents, DecisionEvents, ModelEvents)  # subjects whose messages carry several events
+
+EVENT_TYPES: dict[str, type[EventMessage | InstanceEvents | DecisionEvents | ModelEvents]] = {
     subjects.EVENT_DECISION: DecisionEvents,
     subjects.EVENT_UNSCHEDULABLE: UnschedulableEvent,
     subjects.EVENT_INSTANCE: InstanceEvents,
     subjects.EVENT_CORDON: CordonEvent,
-    subjects.EVENT_MODEL: ModelEvent,
+    subjects.EVENT_MODEL: ModelEvents,
 }
 
 
 def decode_events(subject: str, data: bytes) -> list[EventMessage]:
-    """The typed events of one message on ``subject`` (decisions and instance changes come in batches);
+    """The typed events of one message on ``subject`` (decisions, instance and model changes come in batches);
     none for a subject or payload this CLI does not know."""
     kind = ErrorEvent if subject.startswith(subjects.DEAD_LETTER + ".") else EVENT_TYPES.get(subject)
     if kind is None:
@@ -41,7 +44,7 @@ def decode_events(subject: str, data: bytes) -> list[EventMessage]:
         decoded = decode(data, kind)
     except MessageError:
         return []
-    if isinstance(decoded, InstanceEvents | DecisionEvents):
+    if isinstance(decoded, BATCHES):
         return list(decoded.events)
     return [decoded]  # type: ignore[list-item]  # kind is one of EventMessage
 

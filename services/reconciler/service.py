@@ -35,6 +35,7 @@ from shared.bus.messages import (
     InstanceStatus,
     ItemOutcome,
     ModelEvent,
+    ModelEvents,
     PlacementItem,
     PlacementRequest,
     PlacementScored,
@@ -199,15 +200,14 @@ class Reconciler(PlacementService):
                 known[w.model] = spec
         wanted = [w for w in wanted if w.model in known]
         by_model = {w.model: w for w in wanted}
+        changed: list[ModelEvent] = []
         for res in await self.store.converge_up(wanted, ACTIVE):
             up = by_model[res.model]
             if res.status == "busy":
                 slow[res.model] = up
                 continue
             if res.applied and up.replicas is not None:
-                await self.bus.publish(
-                    subjects.EVENT_MODEL, ModelEvent(model=res.model, replicas=up.replicas, spec=up.spec)
-                )
+                changed.append(ModelEvent(model=res.model, replicas=up.replicas, spec=up.spec))
             if res.status == "down":
                 slow[res.model] = ScaleUp(model=res.model)
                 continue
@@ -222,6 +222,8 @@ class Reconciler(PlacementService):
                 PlacementItem(instance_id=i, model=res.model, requested_at=now)
                 for i in res.unrequested if self._needs_request(i, now)
             ]
+        if changed:
+            await self.bus.publish(subjects.EVENT_MODEL, ModelEvents(events=tuple(changed)))
         return slow
 
     async def _valid_scale(self, raw: Msg) -> ScaleCommand | None:
@@ -286,7 +288,8 @@ class Reconciler(PlacementService):
             if scale is not None:
                 replicas, spec, seq = scale
                 if await self.store.apply_scale(model, replicas, spec, seq):
-                    await self.bus.publish(subjects.EVENT_MODEL, ModelEvent(model=model, replicas=replicas, spec=spec))
+                    event = ModelEvent(model=model, replicas=replicas, spec=spec)
+                    await self.bus.publish(subjects.EVENT_MODEL, ModelEvents(events=(event,)))
             spec_now = self.specs.get(model) or await self.store.model(model)
             if spec_now is None:
                 return [], None

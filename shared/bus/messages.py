@@ -285,6 +285,13 @@ class ModelEvent(Message, frozen=True, kw_only=True):
     spec: ModelSpec | None = None
 
 
+
+class ModelEvents(Message, frozen=True, kw_only=True):
+    """Models whose desired replicas (or spec) changed, one message per command batch."""
+
+    events: tuple[ModelEvent, ...]
+
+
 class ErrorEvent(Message, frozen=True, kw_only=True):
     """A message a service rejected (dead letter): which, where it came from, and why."""
 

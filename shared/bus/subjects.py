@@ -67,7 +67,7 @@ EVENT_INSTANCE = f"{PREFIX}.events.instance"
 EVENT_CORDON = f"{PREFIX}.events.cordon"
 """CordonEvent: cordon state changed (services update their snapshots)."""
 EVENT_MODEL = f"{PREFIX}.events.model"
-"""ModelEvent: desired replicas / spec of a model changed."""
+"""ModelEvents: desired replicas / spec of models changed (a batch)."""
 
 # -- dead letters (core NATS, captured by stream DLQ) ----------------------------------------------
 DEAD_LETTER = f"{PREFIX}.deadletter"

@@ -16,6 +16,7 @@ from shared.bus.messages import (
     InstanceEvent,
     InstanceEvents,
     ModelEvent,
+    ModelEvents,
     UnschedulableEvent,
     encode,
 )
@@ -69,6 +70,8 @@ def test_each_event_renders_as_one_line(subject: str, event: object, line: str) 
         body = InstanceEvents(events=(event,))
     elif isinstance(event, DecisionEvent):
         body = DecisionEvents(events=(event,))
+    elif isinstance(event, ModelEvent):
+        body = ModelEvents(events=(event,))
     (decoded,) = decode_events(subject, encode(body))  # type: ignore[arg-type]
     assert decoded == event
     assert format_event(decoded, received_at=T0) == line
