@@ -29,8 +29,12 @@ from shared.core.placement.domain import (
 SCHEMA_VERSION = 1
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
-    """Base of every bus message: carries the schema version."""
+class Message(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=False):
+    """Base of every bus message: carries the schema version.
+
+    Messages are immutable values without reference cycles: ``gc=False`` keeps them out of the cycle
+    collector (as the core's domain structs).
+    """
 
     v: int = SCHEMA_VERSION
 
@@ -70,7 +74,7 @@ class SyncRequest(Message, frozen=True, kw_only=True):
     worker: str | None = None
 
 
-class GpuUsage(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+class GpuUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
     """VRAM in use on one GPU (every process, Gantry-managed or not)."""
 
     index: int
@@ -110,7 +114,7 @@ class InstanceStatus(Message, frozen=True, kw_only=True):
 # -- placement pipeline -----------------------------------------------------------------------------
 
 
-class PlacementItem(msgspec.Struct, frozen=True, kw_only=True):
+class PlacementItem(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One replica to place. ``attempt`` grows on every refused commit or retry."""
 
     instance_id: str
@@ -127,7 +131,7 @@ class PlacementRequest(Message, frozen=True, kw_only=True):
     specs: dict[str, ModelSpec]
 
 
-class FilteredModel(msgspec.Struct, frozen=True, kw_only=True):
+class FilteredModel(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One model's filter outcome inside a PlacementFiltered: its survivor set (by position) and reports."""
 
     survivors: int  # index into PlacementFiltered.survivor_sets
@@ -175,7 +179,7 @@ class PlacementFitted(Message, frozen=True, kw_only=True):
     columns: dict[str, CandidateSet] = {}
 
 
-class ItemOutcome(msgspec.Struct, frozen=True, kw_only=True):
+class ItemOutcome(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Scoring's verdict for one item: a decision, or why it cannot be placed now."""
 
     item: PlacementItem

@@ -41,7 +41,7 @@ def _mask_type(highest_index: int) -> str:
     raise ValueError(f"GPU index {highest_index} does not fit a mask")
 
 
-class CandidateSet(msgspec.Struct, frozen=True, kw_only=True):
+class CandidateSet(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Single-GPU candidates of one model, column-wise.
 
     Worker ``workers[k]`` offers every GPU whose index is a set bit of ``gpus[k]``: one little-endian

@@ -2,7 +2,9 @@
 
 Sizes are integers in bytes and times are seconds on the caller's clock (the core never reads one).
 These structs cross service boundaries as msgspec JSON, so fields are added with defaults, never
-renamed.
+renamed. They are immutable values that never form reference cycles, so they are kept out of Python's
+cycle collector (``gc=False``): services decode thousands a second, and every tracked object lengthens
+the collector's pauses.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class ModelFileState(StrEnum):
     ERROR = "ERROR"
 
 
-class Gpu(msgspec.Struct, frozen=True, kw_only=True):
+class Gpu(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One accelerator as its worker reports it."""
 
     index: int
@@ -82,7 +84,7 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     schedulable: bool = True  # False cordons this GPU alone
 
 
-class Worker(msgspec.Struct, frozen=True, kw_only=True):
+class Worker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A machine that runs model instances, as of its latest heartbeat."""
 
     name: str
@@ -96,7 +98,7 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True):
     local_paths: tuple[str, ...] = ()
 
 
-class GpuSelector(msgspec.Struct, frozen=True, kw_only=True):
+class GpuSelector(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """How a model asks for GPUs: explicit ids, a count, and/or a GPU type."""
 
     gpu_ids: tuple[str, ...] = ()  # "worker:index"
@@ -105,7 +107,7 @@ class GpuSelector(msgspec.Struct, frozen=True, kw_only=True):
     labels: dict[str, str] = {}  # every label must equal the GPU's own label
 
 
-class GgufSpec(msgspec.Struct, frozen=True, kw_only=True):
+class GgufSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Per-layer sizes of a GGUF model (from the file header, or given)."""
 
     total_layers: int
@@ -115,7 +117,7 @@ class GgufSpec(msgspec.Struct, frozen=True, kw_only=True):
     context_size: int = 8192
 
 
-class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
+class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A deployment: what to run, how many replicas, and where it may go."""
 
     name: str
@@ -139,7 +141,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     gguf: GgufSpec | None = None
 
 
-class SubordinateWorker(msgspec.Struct, frozen=True, kw_only=True):
+class SubordinateWorker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Another worker's share of a multi-worker instance."""
 
     worker: str
@@ -148,7 +150,7 @@ class SubordinateWorker(msgspec.Struct, frozen=True, kw_only=True):
     ram_claim: int = 0
 
 
-class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+class Candidate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One feasible placement of a replica, as produced by a fit strategy."""
 
     worker: str
@@ -162,7 +164,7 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     overcommit: str | None = None  # why this manual placement overcommits, if it does
 
 
-class Instance(msgspec.Struct, frozen=True, kw_only=True):
+class Instance(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One replica of a model and what it holds."""
 
     id: str
@@ -179,7 +181,7 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float = 0.0
 
 
-class ModelFile(msgspec.Struct, frozen=True, kw_only=True):
+class ModelFile(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Readiness of a model source's files on one worker."""
 
     source: str
@@ -188,7 +190,7 @@ class ModelFile(msgspec.Struct, frozen=True, kw_only=True):
     progress: float = 0.0
 
 
-class Reason(msgspec.Struct, frozen=True, kw_only=True):
+class Reason(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Why one plugin rejected one subject (a worker, a GPU, or the whole request)."""
 
     plugin: str
@@ -196,7 +198,7 @@ class Reason(msgspec.Struct, frozen=True, kw_only=True):
     message: str
 
 
-class FilterReport(msgspec.Struct, frozen=True, kw_only=True):
+class FilterReport(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What one filter did: kept k of n, and why it dropped each of the others."""
 
     filter: str
@@ -205,7 +207,7 @@ class FilterReport(msgspec.Struct, frozen=True, kw_only=True):
     dropped: tuple[Reason, ...] = ()
 
 
-class Decision(msgspec.Struct, frozen=True, kw_only=True):
+class Decision(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A chosen placement with its score breakdown and the chain's reports."""
 
     model: str
@@ -216,7 +218,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     candidates_considered: int = 0
 
 
-class Unschedulable(msgspec.Struct, frozen=True, kw_only=True):
+class Unschedulable(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Why a replica cannot be placed now: filter counts and the best-effort fit message."""
 
     model: str
@@ -228,7 +230,7 @@ class Unschedulable(msgspec.Struct, frozen=True, kw_only=True):
 PlacementResult = Decision | Unschedulable
 
 
-class ResourceRequest(msgspec.Struct, frozen=True, kw_only=True):
+class ResourceRequest(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What one replica needs, as estimated from its model spec (see ``requirements``)."""
 
     vram: int  # V: bytes the replica's GPUs must provide together for a full offload
@@ -241,7 +243,7 @@ class ResourceRequest(msgspec.Struct, frozen=True, kw_only=True):
     basis: str = ""  # how ``vram`` was obtained, for explanations
 
 
-class FilterResult(msgspec.Struct, frozen=True, kw_only=True):
+class FilterResult(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Output of the filter chain: surviving worker names (sorted) and one report per filter run."""
 
     model: str
@@ -249,7 +251,7 @@ class FilterResult(msgspec.Struct, frozen=True, kw_only=True):
     reports: tuple[FilterReport, ...] = ()
 
 
-class FitResult(msgspec.Struct, frozen=True, kw_only=True):
+class FitResult(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Output of fitting: the winning strategy's candidates, or why nothing fits."""
 
     model: str
@@ -259,7 +261,7 @@ class FitResult(msgspec.Struct, frozen=True, kw_only=True):
     message: str = ""  # best-effort explanation when nothing fits (spec §5)
 
 
-class ScaleDownEntry(msgspec.Struct, frozen=True, kw_only=True):
+class ScaleDownEntry(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One instance's keep-score on scale-down; the lowest are removed first."""
 
     instance_id: str
