@@ -16,6 +16,8 @@ measures, from the reconciler's DecisionEvents:
   placement costs the bus (``--profile DIR`` adds py-spy stacks of every service).
 
 Phases per run: light load (latency without queueing), the target rate, then the capacity probe.
+The emulated fleet and this driver run at a lower CPU priority (``nice`` 10; ``--same-priority`` turns
+that off): they stand in for machines and clients that are not this one.
 
 Run: ``.venv/bin/python bench/placement_e2e.py [--workers 1000] [--rate 500] [--seconds 10] [--runs 3]``.
 Writes docs/benchmarks/placement_e2e.{json,png}; the last line printed is the JSON summary (medians over
@@ -54,6 +56,7 @@ from shared.core.placement.domain import GIB, Category, ModelSpec, PlacementStra
 from shared.state import StateStore  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
+HARNESS_NICE = 10
 
 
 def _argv(cmd: list[str]) -> list[str]:
@@ -139,6 +142,11 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
         for name, cmd in SERVICE_COMMANDS.items():
             start(name, _argv(cmd))
         await wait_workers(store, args.workers, 120)
+        if not args.same_priority:
+            # The fleet and this driver stand in for 1,000 machines and for clients that are not this
+            # machine: they yield the CPU to the stack under test instead of competing with it.
+            os.setpriority(os.PRIO_PROCESS, procs[0].pid, HARNESS_NICE)
+            os.setpriority(os.PRIO_PROCESS, 0, HARNESS_NICE)
         await asyncio.sleep(args.warmup)
 
         latencies: list[float] = []
@@ -184,7 +192,9 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                     replicas[n] += 1
                     cmd = ScaleCommand(model=f"bench{n}", replicas=replicas[n])
                     msg_id = f"{name}-{run}-{sent}"
-                    batch.append(js.publish(subjects.SCALE, encode(cmd), headers={"Nats-Msg-Id": msg_id}))
+                    # Straight onto the stream's subject: JetStream stores it (deduped by the id) without a
+                    # publish acknowledgement per event for this driver to wait on and pay for.
+                    batch.append(nc.publish(subjects.SCALE, encode(cmd), headers={"Nats-Msg-Id": msg_id}))
                     sent += 1
                 if batch:
                     await asyncio.gather(*batch)
@@ -291,6 +301,8 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--drain", type=float, default=30.0, help="longest wait for the last commits after sending")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--same-priority", action="store_true",
+                   help="run the fleet and the driver at the services' CPU priority (default: lower)")
     p.add_argument("--profile", type=Path, default=None, help="write py-spy collapsed stacks per process here")
     args = p.parse_args()
     runs = []
