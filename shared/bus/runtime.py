@@ -115,9 +115,10 @@ async def pull_loop(
     at light load. Handlers ack (or nak) themselves: a batch left unacked (a crash) is redelivered by
     JetStream after the ack wait. ``subject`` names the consumer's filter (for logs).
 
-    ``linger`` (seconds) waits after a batch that was neither full nor a lone message, so that the next
-    one gathers more: under load, fewer and larger batches mean far fewer round trips for every stage
-    downstream, while a lone message (light load) is never held back.
+    ``linger`` (seconds): after a batch that was neither full nor a lone message, the next one starts no
+    sooner than ``linger`` after it did, so that it gathers more: under load, fewer and larger batches mean
+    far fewer round trips for every stage downstream, while a lone message (light load) is never held
+    back.
     """
     inbox = nc.new_inbox()
     arrived: asyncio.Queue[Msg] = asyncio.Queue()
@@ -177,12 +178,14 @@ async def pull_loop(
                 await ask()
             if not msgs:
                 continue
+            started = time.monotonic()
             try:
                 await handler(msgs)
             except Exception:  # the handler's own guard failed (e.g. NATS away while nak'ing): go on
                 log.exception("handler for %s failed; messages will be redelivered", subject)
-            if linger and 1 < len(msgs) < batch:
-                await asyncio.sleep(linger)
+            rest = linger - (time.monotonic() - started)  # at most one batch per linger period
+            if rest > 0 and 1 < len(msgs) < batch:
+                await asyncio.sleep(rest)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
