@@ -7,6 +7,7 @@ fullest GPU that still fits it; a whole-GPU pod takes the lowest-indexed free GP
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -67,43 +68,61 @@ class RandomFit:
         return node, tightest_gpu(state, node, shape)
 
 
-class BestFit:
+@dataclass(frozen=True)
+class _Free:
+    """Free CPU and GPU (milli) of the feasible nodes, with the cluster's largest node for scale."""
+
+    cpu: npt.NDArray[np.int64]
+    gpu: npt.NDArray[np.int64]
+    max_cpu: float
+    max_gpu: float
+
+
+class _NodeScoring:
+    """A policy that scores each feasible node in [0, 100] from its free CPU and GPU (each normalised by the
+    cluster's largest node) and picks uniformly among the top ones."""
+
+    name = ""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def choose(self, state: ClusterState, shape: PodShape) -> Choice | None:
+        """The best-scoring feasible node and its tightest GPUs."""
+        rows = np.flatnonzero(state.feasible(shape))
+        if len(rows) == 0:
+            return None
+        max_cpu = float(state.nodes.cpu.max())
+        max_gpu = float(FULL * state.nodes.gpus.max())
+        free = _Free(cpu=state.cpu_free[rows], gpu=_free_gpu_milli(state, rows), max_cpu=max_cpu, max_gpu=max_gpu)
+        scores = (self.score(free, shape) * 100).astype(np.int64)
+        node = _pick_top(scores, rows, self.rng)
+        return node, tightest_gpu(state, node, shape)
+
+    def score(self, free: _Free, shape: PodShape) -> npt.NDArray[np.float64]:
+        """Per feasible node: higher is better, within [0, 1]."""
+        raise NotImplementedError
+
+
+class BestFit(_NodeScoring):
     """Least remaining resources after placement: ``0.5 cpu_left/max_cpu + 0.5 gpu_left/max_gpu``."""
 
     name = "best-fit"
 
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def choose(self, state: ClusterState, shape: PodShape) -> Choice | None:
-        rows = np.flatnonzero(state.feasible(shape))
-        if len(rows) == 0:
-            return None
-        max_cpu = float(state.nodes.cpu.max())
-        max_gpu = float(FULL * state.nodes.gpus.max())
-        left = 0.5 * (state.cpu_free[rows] - shape.cpu) / max_cpu
-        left += 0.5 * (_free_gpu_milli(state, rows) - shape.demand) / max_gpu
-        scores = ((1.0 - left) * 100).astype(np.int64)
-        node = _pick_top(scores, rows, self.rng)
-        return node, tightest_gpu(state, node, shape)
+    def score(self, free: _Free, shape: PodShape) -> npt.NDArray[np.float64]:
+        """1 − the share of CPU and GPU left over."""
+        left = 0.5 * (free.cpu - shape.cpu) / free.max_cpu
+        left += 0.5 * (free.gpu - shape.demand) / free.max_gpu
+        return 1.0 - left  # type: ignore[no-any-return]
 
 
-class DotProduct:
+class DotProduct(_NodeScoring):
     """Tetris-style alignment: the smaller the dot product of free and requested (CPU, GPU), the better."""
 
     name = "dot-product"
 
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def choose(self, state: ClusterState, shape: PodShape) -> Choice | None:
-        rows = np.flatnonzero(state.feasible(shape))
-        if len(rows) == 0:
-            return None
-        max_cpu = float(state.nodes.cpu.max())
-        max_gpu = float(FULL * state.nodes.gpus.max())
-        dot = (state.cpu_free[rows] / max_cpu) * (shape.cpu / max_cpu)
-        dot += (_free_gpu_milli(state, rows) / max_gpu) * (shape.demand / max_gpu)
-        scores = ((1.0 - dot / 2) * 100).astype(np.int64)
-        node = _pick_top(scores, rows, self.rng)
-        return node, tightest_gpu(state, node, shape)
+    def score(self, free: _Free, shape: PodShape) -> npt.NDArray[np.float64]:
+        """1 − half the dot product of free and requested shares."""
+        dot = (free.cpu / free.max_cpu) * (shape.cpu / free.max_cpu)
+        dot += (free.gpu / free.max_gpu) * (shape.demand / free.max_gpu)
+        return 1.0 - dot / 2  # type: ignore[no-any-return]
