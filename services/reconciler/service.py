@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -166,8 +167,7 @@ class Reconciler(PlacementService):
             for model, up in slow.items():
 
                 async def work(m: str = model, u: ScaleUp = up) -> None:
-                    scale = (u.replicas, u.spec, u.seq) if u.replicas is not None and u.spec is not None else None
-                    got, spec_now = await self.converge(m, scale=scale, arrivals=arrivals.get(m, ()))
+                    got, spec_now = await self.converge(m, scale=u, arrivals=arrivals.get(m, ()))
                     items.extend(got)
                     if spec_now is not None:
                         specs[m] = spec_now
@@ -273,10 +273,11 @@ class Reconciler(PlacementService):
     async def converge(
         self,
         model: str,
-        scale: tuple[int, ModelSpec, int] | None = None,
+        scale: ScaleUp | None = None,
         arrivals: Sequence[float] = (),
     ) -> tuple[list[PlacementItem], ModelSpec | None]:
-        """Bring one model's instances to its desired replicas (under the model's converge lock).
+        """Bring one model's instances to its desired replicas (under the model's converge lock), applying
+        ``scale`` (its latest scale command) first.
 
         Returns the placement items to request (new replicas, and PENDING ones whose request may have
         been lost) and the model's spec; the caller publishes them. ``arrivals`` are the times the scale
@@ -285,18 +286,18 @@ class Reconciler(PlacementService):
         now = self.clock()
         token = await self._lock(model)
         try:
-            if scale is not None:
-                replicas, spec, seq = scale
-                if await self.store.apply_scale(model, replicas, spec, seq):
-                    event = ModelEvent(model=model, replicas=replicas, spec=spec)
-                    await self.bus.publish(subjects.EVENT_MODEL, ModelEvents(events=(event,)))
-            spec_now = self.specs.get(model) or await self.store.model(model)
+            spec_now = (scale.spec if scale else None) or self.specs.get(model) or await self.store.model(model)
             if spec_now is None:
                 return [], None
-            # Scaling up (or staying) is the same atomic step as the lock-free path, fenced by our token.
-            (res,) = await self.store.converge_up([ScaleUp(model=model, created_at=now, lock_token=token)], ACTIVE)
+            # The same atomic step as the lock-free path (scale command, then any missing replicas),
+            # fenced by our token.
+            step = dataclasses.replace(scale or ScaleUp(model=model), created_at=now, lock_token=token)
+            (res,) = await self.store.converge_up([step], ACTIVE)
             if res.status == "busy":
                 raise TimeoutError(f"lost the converge lock of {model}")
+            if res.applied and step.replicas is not None:
+                event = ModelEvent(model=model, replicas=step.replicas, spec=step.spec)
+                await self.bus.publish(subjects.EVENT_MODEL, ModelEvents(events=(event,)))
             created = list(res.created)
             removed: set[str] = set()
             if res.status == "down":  # scale-down: the full records are needed to rank and drain

@@ -305,27 +305,6 @@ class StateStore:
         if reasons:
             await self.r.hset(Keys.inst_reason, mapping=reasons)  # type: ignore[arg-type]
 
-    async def apply_scale(self, model: str, replicas: int, spec: ModelSpec | None, seq: int) -> bool:
-        """Record desired replicas unless a later scale command (higher stream seq) was applied already.
-
-        Call under the model's converge lock: commands for one model may reach different replicas.
-        """
-        last = await self.r.hget(Keys.desired_seq, model)
-        if last is not None and int(last) > seq:
-            return False
-        pipe = self.r.pipeline(transaction=True)
-        if spec is not None:
-            pipe.hset(Keys.models, model, _enc.encode(spec))
-        pipe.hset(Keys.desired, model, replicas)
-        pipe.hset(Keys.desired_seq, model, seq)
-        await pipe.execute()
-        return True
-
-    async def desired_of(self, model: str) -> int:
-        """Desired replicas of one model (0 if unknown)."""
-        raw = await self.r.hget(Keys.desired, model)
-        return int(raw) if raw is not None else 0
-
     async def mark_drains(self, ids: Sequence[str], at: float) -> None:
         """Remember when instances began DRAINING (for the drain timeout)."""
         if ids:
@@ -427,10 +406,6 @@ class StateStore:
             Keys.inst_reason, Keys.inst_worker, Keys.model_index,
         ]
         return int(await self._release(keys=keys, args=[mode, *ids]))
-
-    async def set_state(self, instance_id: str, worker: str, state: InstanceState) -> InstanceState | None:
-        """Apply a worker's status report; the previous state, or None when ignored."""
-        return (await self.set_states([(instance_id, worker, state)]))[0]
 
     async def set_states(self, reports: Sequence[tuple[str, str, InstanceState]]) -> list[InstanceState | None]:
         """Apply (instance id, worker, state) reports in order, in one call; each one's previous state or None."""

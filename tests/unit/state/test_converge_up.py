@@ -20,7 +20,7 @@ async def test_a_scale_command_creates_the_missing_replicas_as_pending(store: St
     stored = await store.instances("m")
     assert sorted(i.id for i in stored) == sorted(i.id for i in res.created)
     assert all(i.state is InstanceState.PENDING and i.created_at == 5.0 and i.model == "m" for i in stored)
-    assert await store.desired_of("m") == 3 and await store.model("m") == SPEC
+    assert (await store.desired()).get("m") == 3 and await store.model("m") == SPEC
 
 
 async def test_replicas_already_there_are_not_created_again(store: StateStore) -> None:
@@ -56,7 +56,7 @@ async def test_a_model_locked_by_another_reconciler_is_left_alone(store: StateSt
     assert token
     (res,) = await store.converge_up([ScaleUp(model="m", replicas=2, spec=SPEC, seq=1)], ACTIVE)
     assert (res.status, res.applied, res.created) == ("busy", False, ())
-    assert await store.desired_of("m") == 0 and await store.instances("m") == []
+    assert "m" not in await store.desired() and await store.instances("m") == []
 
 
 async def test_models_of_one_call_are_converged_independently(store: StateStore) -> None:

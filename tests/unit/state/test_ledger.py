@@ -118,7 +118,7 @@ async def test_status_reports_follow_allowed_transitions(
     await pending(store, "a")
     await store.commit([placed("a", "w1", (0,), 10)])
     await store.r.hset("gantry:inst:state", "a", start.value)
-    prev = await store.set_state("a", "w1", report)
+    (prev,) = await store.set_states([("a", "w1", report)])
     assert (prev is not None) is applied
 
 
@@ -126,7 +126,7 @@ async def test_status_report_from_another_worker_is_ignored(store: StateStore) -
     await store.register_workers([worker("w1")])
     await pending(store, "a")
     await store.commit([placed("a", "w1", (0,), 10)])
-    assert await store.set_state("a", "w9", InstanceState.RUNNING) is None
+    assert await store.set_states([("a", "w9", InstanceState.RUNNING)]) == [None]
 
 
 async def test_a_batch_of_status_reports_is_applied_in_order(store: StateStore) -> None:
