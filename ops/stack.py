@@ -208,14 +208,7 @@ class LocalStack:
 
         from shared.bus import streams
 
-        wanted = [
-            (streams.STREAM_PIPE, streams.CONSUMER_FILTER),
-            (streams.STREAM_PIPE, streams.CONSUMER_FITTING),
-            (streams.STREAM_PIPE, streams.CONSUMER_SCORING),
-            (streams.STREAM_PIPE, streams.CONSUMER_COMMIT),
-            (streams.STREAM_CMD, streams.CONSUMER_SCALE),
-            (streams.STREAM_STATUS, streams.CONSUMER_STATUS),
-        ]
+        wanted = [(stream, durable) for stream, durable, _ in streams.ALL_CONSUMERS]
         nc = await nats.connect(self.settings.nats_url, connect_timeout=5)
         try:
             js = nc.jetstream()

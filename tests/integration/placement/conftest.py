@@ -145,14 +145,7 @@ async def _count_at_least(names: Awaitable[set[str]], n: int) -> bool:
     return len(await names) >= n
 
 
-CONSUMERS = [
-    (streams.STREAM_CMD, streams.CONSUMER_SCALE),
-    (streams.STREAM_PIPE, streams.CONSUMER_FILTER),
-    (streams.STREAM_PIPE, streams.CONSUMER_FITTING),
-    (streams.STREAM_PIPE, streams.CONSUMER_SCORING),
-    (streams.STREAM_PIPE, streams.CONSUMER_COMMIT),
-    (streams.STREAM_STATUS, streams.CONSUMER_STATUS),
-]
+CONSUMERS = [(stream, durable) for stream, durable, _ in streams.ALL_CONSUMERS]
 
 
 async def wait_until(

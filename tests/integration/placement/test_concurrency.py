@@ -76,13 +76,18 @@ async def assert_ledger_sound(stack: Stack) -> None:
     assert ledger == dict(expected)
 
 
-async def test_two_replicas_of_every_service_never_double_book(stack: Stack) -> None:
+async def start(stack: Stack, workers: int, gpus: int, replicas: int) -> None:
+    """A fleet of quick workers and ``replicas`` of every service, ready."""
     stack.start_workers(
-        "fleet", "--count", "100", "--gpus", "4", "--heartbeat-interval", "0.5", "--start-delay", "0.1",
-        "--download-delay", "0.1",
+        "fleet", "--count", str(workers), "--gpus", str(gpus), "--heartbeat-interval", "0.5",
+        "--start-delay", "0.1", "--download-delay", "0.1",
     )
-    stack.start_services(replicas=2)
-    await stack.wait_ready(workers=100, timeout=60)
+    stack.start_services(replicas=replicas)
+    await stack.wait_ready(workers=workers, timeout=60)
+
+
+async def test_two_replicas_of_every_service_never_double_book(stack: Stack) -> None:
+    await start(stack, workers=100, gpus=4, replicas=2)
     desired = {}
     with LedgerChecker(stack) as checker:
         # 500 replicas in a burst: 25 LLMs (one GPU each) and 25 embedders (three fit on a GPU).
@@ -102,12 +107,7 @@ async def test_two_replicas_of_every_service_never_double_book(stack: Stack) -> 
 
 
 async def test_kill_9_of_each_service_during_bursts_loses_nothing(stack: Stack) -> None:
-    stack.start_workers(
-        "fleet", "--count", "40", "--gpus", "8", "--heartbeat-interval", "0.5", "--start-delay", "0.1",
-        "--download-delay", "0.1",
-    )
-    stack.start_services(replicas=1)
-    await stack.wait_ready(workers=40, timeout=60)
+    await start(stack, workers=40, gpus=8, replicas=1)
     desired: dict[str, int] = {}
     with LedgerChecker(stack) as checker:
         for round_, service in enumerate(SERVICE_COMMANDS):
