@@ -29,6 +29,7 @@ EVENT_TYPES: dict[str, type[EventMessage | InstanceEvents | DecisionEvents | Mod
     subjects.EVENT_DECISION: DecisionEvents,
     subjects.EVENT_UNSCHEDULABLE: UnschedulableEvent,
     subjects.EVENT_INSTANCE: InstanceEvents,
+    subjects.EVENT_INSTANCE_PROGRESS: InstanceEvents,
     subjects.EVENT_CORDON: CordonEvent,
     subjects.EVENT_MODEL: ModelEvents,
 }

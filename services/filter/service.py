@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
+from shared.bus.feed import Feed
 from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementRequest, PlacementScored
 from shared.bus.service import PlacementService
 from shared.core.placement import run_filters
@@ -24,9 +25,9 @@ class FilterService(PlacementService):
         """Reads placement requests."""
         return ((streams.STREAM_PIPE, streams.CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED),)
 
-    def wants_instances(self) -> bool:
+    def feeds(self) -> Feed:
         """Filters look at workers only."""
-        return False
+        return Feed.WORKERS_ONLY
 
     def register(self) -> None:
         """Batched pull subscriber on placement.requested."""

@@ -9,6 +9,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
+from shared.bus.feed import Feed
 from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementFitted, PlacementRequest, PlacementScored
 from shared.bus.service import PlacementService
 from shared.catalog import load_model_arch
@@ -32,6 +33,10 @@ class FittingService(PlacementService):
         # so reusing them for a fraction of a second only costs candidates that appeared meanwhile.
         self._fits: dict[tuple[bytes, tuple[str, ...]], tuple[float, FitResult | CandidateSet]] = {}
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def feeds(self) -> Feed:
+        """Claims decide what fits; file readiness and start-up progress do not."""
+        return Feed.CLAIMS
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Reads filter results."""

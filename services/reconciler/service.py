@@ -495,12 +495,14 @@ class Reconciler(PlacementService):
         inst = Instance(id=iid, model=model, state=InstanceState.PENDING, reason=reason)
         self._spawn(self._publish_instances([inst]))
 
-    async def _publish_instances(self, instances: Iterable[Instance], removed: bool = False) -> None:
+    async def _publish_instances(
+        self, instances: Iterable[Instance], removed: bool = False, subject: str = subjects.EVENT_INSTANCE
+    ) -> None:
         now = self.clock()
         events = [InstanceEvent(instance=inst, removed=removed, at=now) for inst in instances]
         for start in range(0, len(events), EVENTS_PER_MESSAGE):  # NATS messages are bounded
             batch = tuple(events[start : start + EVENTS_PER_MESSAGE])
-            await self.bus.publish(subjects.EVENT_INSTANCE, InstanceEvents(events=batch))
+            await self.bus.publish(subject, InstanceEvents(events=batch))
 
     async def _publish_removed(self, instances: Iterable[Instance]) -> None:
         await self._publish_instances(instances, removed=True)
@@ -524,7 +526,8 @@ class Reconciler(PlacementService):
                 elif st.idle and known.state is InstanceState.DRAINING:
                     await self._delete([known], tell_worker=True)
         prevs = await self.store.set_states([(st.instance_id, st.worker, st.state) for st in changes])
-        moved = []
+        moved: list[Instance] = []
+        started: list[Instance] = []
         for st, prev in zip(changes, prevs, strict=True):
             if prev is None:
                 continue
@@ -532,8 +535,10 @@ class Reconciler(PlacementService):
             record = cached if cached is not None and cached.worker == st.worker else None
             record = record or await self.store.instance(st.instance_id)
             if record is not None:
-                moved.append(msgspec.structs.replace(record, state=st.state))
+                progress = prev in ON_WORKER and st.state in ON_WORKER
+                (started if progress else moved).append(msgspec.structs.replace(record, state=st.state))
         await self._publish_instances(moved)
+        await self._publish_instances(started, subject=subjects.EVENT_INSTANCE_PROGRESS)
 
     async def _delete(self, instances: Sequence[Instance], tell_worker: bool) -> None:
         ids = [i.id for i in instances]

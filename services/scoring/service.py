@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
+from shared.bus.feed import Feed
 from shared.bus.messages import ItemOutcome, PlacementFitted, PlacementScored
 from shared.bus.service import PlacementService
 from shared.core.placement import instance_from_decision, run_scoring
@@ -31,6 +32,10 @@ class ScoringService(PlacementService):
     def __init__(self, *args: object, **kwargs: object) -> None:
         self._located: dict[tuple[int, tuple[str, ...], bytes, bytes, int], Positions | None] = {}
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def feeds(self) -> Feed:
+        """Claims and counts (spread, binpack) and file readiness (locality); not start-up progress."""
+        return Feed.CLAIMS | Feed.FILES
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Reads fitting results."""

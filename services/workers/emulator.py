@@ -1,7 +1,7 @@
 """A fleet of emulated GPU workers in one asyncio process.
 
 Each worker registers its inventory, heartbeats on core NATS (usage = what its instances claim), reports
-model files READY after a download delay, and drives assigned instances SCHEDULED → STARTING → RUNNING;
+model files READY after a download delay, and drives assigned (SCHEDULED) instances to STARTING, then RUNNING;
 it reports DRAINING instances idle right away (an emulated server has no requests) and deletes instances
 on command. One wildcard subscription serves every worker, so a thousand workers cost one connection.
 """
@@ -205,7 +205,7 @@ class Fleet:
             return  # re-sent assignment: already running it
         inst = EmulatedInstance(cmd.instance_id, cmd.model, cmd.source, cmd.gpu_indexes, cmd.vram_claims)
         w.instances[inst.id] = inst
-        await self._status(w, inst.id, InstanceState.SCHEDULED)
+        # No SCHEDULED report: the commit recorded that already. The first report is STARTING.
         if cmd.source and w.files.get(cmd.source) != ModelFileState.READY:
             await self._download(w, cmd.source)
         await asyncio.sleep(self.cfg.start_delay_s / 2)

@@ -8,6 +8,7 @@ were freed), which is what the reconciler retries on.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 
 import msgspec
@@ -31,6 +32,17 @@ HOLDING = frozenset(
 )
 
 ChangeListener = Callable[[str], None]
+
+
+class Feed(enum.Flag):
+    """Cluster events a service's snapshot may follow besides workers and cordons (always followed). Each
+    event fans out to every subscribed replica, so a service subscribes only to what its decisions read."""
+
+    WORKERS_ONLY = 0
+    FILES = enum.auto()  # model-file readiness (the locality scorer)
+    CLAIMS = enum.auto()  # instances placed, released or removed: what GPUs hold, and instance counts
+    PROGRESS = enum.auto()  # placed instances starting and running (their claims unchanged)
+    ALL = FILES | CLAIMS | PROGRESS
 
 
 class SnapshotFeed:

@@ -21,7 +21,7 @@ from faststream import FastStream
 from nats.aio.msg import Msg
 
 from shared.bus import subjects
-from shared.bus.feed import SnapshotFeed
+from shared.bus.feed import Feed, SnapshotFeed
 from shared.bus.messages import (
     CordonEvent,
     Heartbeat,
@@ -86,9 +86,9 @@ class PlacementService:
     def register(self) -> None:
         """Add the service's own subscribers."""
 
-    def wants_instances(self) -> bool:
-        """Whether the snapshot needs instance events (claims and counts)."""
-        return True
+    def feeds(self) -> Feed:
+        """The cluster events this service's snapshot follows (all of them unless narrowed)."""
+        return Feed.ALL
 
     async def started(self) -> None:
         """Called once the snapshot is loaded and handlers may run."""
@@ -173,11 +173,13 @@ class PlacementService:
             if ev is not None:
                 feed.on_cordon(ev)
 
+        wanted = self.feeds()
         self.listen(subjects.REGISTER, on_register)
         self.listen(subjects.HEARTBEAT, on_heartbeat)
-        self.listen(subjects.MODEL_FILE, on_file)
         self.listen(subjects.EVENT_CORDON, on_cordon)
-        if self.wants_instances():
+        if Feed.FILES in wanted:
+            self.listen(subjects.MODEL_FILE, on_file)
+        if Feed.CLAIMS in wanted:
 
             async def on_instance(body: bytes) -> None:
                 batch = self._quiet_decode(body, InstanceEvents)
@@ -185,7 +187,9 @@ class PlacementService:
                     for ev in batch.events:
                         feed.on_instance(ev)
 
-            self.listen(subjects.EVENT_INSTANCE, on_instance)
+            # One subscription for both instance subjects: their order between themselves is kept.
+            both = Feed.PROGRESS in wanted
+            self.listen(subjects.EVENT_INSTANCE_ALL if both else subjects.EVENT_INSTANCE, on_instance)
 
     async def _ask_to_register(self, worker: str) -> None:
         now = self.clock()

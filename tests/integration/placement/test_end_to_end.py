@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 
+from shared.bus import subjects
+from shared.bus.messages import InstanceEvents, decode
 from shared.core.placement.domain import GIB, InstanceState, ModelSpec
 
 from .conftest import Stack, wait_until
@@ -64,3 +67,25 @@ async def test_scale_up_down_and_selectors(stack: Stack) -> None:
     reason = await wait_until(pending_with_reason, 20, "huge PENDING with a reason")
     assert "GiB" in reason, reason
     assert stack.crashed() == []
+
+
+async def test_start_up_progress_travels_apart_from_what_instances_hold(stack: Stack) -> None:
+    seen: list[tuple[str, InstanceState]] = []
+
+    async def on_instances(msg: Any) -> None:
+        for ev in decode(msg.data, InstanceEvents).events:
+            seen.append((msg.subject, ev.instance.state))
+
+    await stack.nc.subscribe(subjects.EVENT_INSTANCE_ALL, cb=on_instances)
+    stack.start_workers("plain", "--count", "2", "--gpus", "2", "--prefix", "w", "--heartbeat-interval", "0.2")
+    stack.start_services()
+    await stack.wait_ready(workers=2)
+
+    await stack.scale(LLAMA, 2)
+    await wait_until(lambda: running_exactly(stack, "llama", 2), 30, "2 RUNNING llama replicas")
+    await stack.nc.flush()
+
+    progress = Counter(state for subject, state in seen if subject == subjects.EVENT_INSTANCE_PROGRESS)
+    changed = Counter(state for subject, state in seen if subject == subjects.EVENT_INSTANCE)
+    assert progress == {InstanceState.STARTING: 2, InstanceState.RUNNING: 2}
+    assert changed == {InstanceState.PENDING: 2, InstanceState.SCHEDULED: 2}
