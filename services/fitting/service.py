@@ -11,6 +11,7 @@ from nats.aio.msg import Msg
 from shared.bus import streams, subjects
 from shared.bus.feed import Feed
 from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementFitted, PlacementRequest, PlacementScored
+from shared.bus.names import NameLists
 from shared.bus.service import PlacementService
 from shared.catalog import load_model_arch
 from shared.core.catalog.models import ModelArch
@@ -32,6 +33,7 @@ class FittingService(PlacementService):
         # re-checks each against its live snapshot and the ledger's compare-and-set has the last word,
         # so reusing them for a fraction of a second only costs candidates that appeared meanwhile.
         self._fits: dict[tuple[bytes, tuple[str, ...]], tuple[float, FitResult | CandidateSet]] = {}
+        self.names = NameLists()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def feeds(self) -> Feed:
@@ -101,6 +103,7 @@ class FittingService(PlacementService):
 
     def fit(self, msg: PlacementFiltered) -> tuple[list[PlacementFitted], PlacementScored | None]:
         """Pure step over the snapshot: (candidate messages, unschedulable outcomes)."""
+        msg = msgspec.structs.replace(msg, survivor_sets=self.names.all(msg.survivor_sets))
         req = msg.request
         results: dict[str, FitResult] = {}
         columns: dict[str, CandidateSet] = {}
@@ -156,8 +159,7 @@ class FittingService(PlacementService):
                 items=tuple(i for i in req.items if i.model in models),
                 specs={m: req.specs[m] for m in models},
             )
-            out.append(PlacementFitted(
-                request=sub, fitted={m: results[m] for m in models},
-                columns={m: columns[m] for m in models if m in columns},
+            out.append(PlacementFitted.of(
+                sub, {m: results[m] for m in models}, {m: columns[m] for m in models if m in columns}
             ))
         return out

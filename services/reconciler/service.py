@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 
 from services.reconciler.writer import StateWriter
 from shared.bus import streams, subjects
+from shared.bus.feed import Feed
 from shared.bus.messages import (
     AssignInstance,
     CordonCommand,
@@ -82,6 +83,11 @@ class Reconciler(PlacementService):
         self._tasks: set[asyncio.Task[None]] = set()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.writer = StateWriter(self)
+
+    def feeds(self) -> Feed:
+        """Instance claims and states (scale-down ranks by state); file readiness goes to Redis through
+        the state writer's own subscription, not into this snapshot."""
+        return Feed.CLAIMS | Feed.PROGRESS
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Commands, scored outcomes and instance status."""
@@ -201,6 +207,7 @@ class Reconciler(PlacementService):
         wanted = [w for w in wanted if w.model in known]
         by_model = {w.model: w for w in wanted}
         changed: list[ModelEvent] = []
+        created: list[Instance] = []
         for res in await self.store.converge_up(wanted, ACTIVE):
             up = by_model[res.model]
             if res.status == "busy":
@@ -212,7 +219,7 @@ class Reconciler(PlacementService):
                 slow[res.model] = ScaleUp(model=res.model)
                 continue
             specs[res.model] = known[res.model]
-            await self._publish_instances(res.created)
+            created += res.created
             times = arrivals.get(res.model) or [now]
             items += [
                 PlacementItem(instance_id=inst.id, model=res.model, requested_at=times[min(k, len(times) - 1)])
@@ -222,6 +229,7 @@ class Reconciler(PlacementService):
                 PlacementItem(instance_id=i, model=res.model, requested_at=now)
                 for i in res.unrequested if self._needs_request(i, now)
             ]
+        await self._publish_instances(created)  # one message for the whole batch, not one per model
         if changed:
             await self.bus.publish(subjects.EVENT_MODEL, ModelEvents(events=tuple(changed)))
         return slow

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import msgspec
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
 from shared.bus.feed import Feed
 from shared.bus.messages import ItemOutcome, PlacementFitted, PlacementScored
+from shared.bus.names import NameLists
 from shared.bus.service import PlacementService
 from shared.core.placement import instance_from_decision, run_scoring
 from shared.core.placement.columns import CandidateSet, Positions, as_candidates, locate, score_columns
@@ -31,6 +33,7 @@ class ScoringService(PlacementService):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self._located: dict[tuple[int, tuple[str, ...], bytes, bytes, int], Positions | None] = {}
+        self.names = NameLists()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def feeds(self) -> Feed:
@@ -59,6 +62,7 @@ class ScoringService(PlacementService):
 
     def score(self, msg: PlacementFitted) -> PlacementScored:
         """Pure step over the snapshot (plus this replica's assumptions)."""
+        msg = msgspec.structs.replace(msg, worker_sets=self.names.all(msg.worker_sets))
         req = msg.request
         now = self.clock()
         outcomes = []
@@ -67,7 +71,7 @@ class ScoringService(PlacementService):
             spec = req.specs[item.model]
             decision: Decision | None = None
             considered = 0
-            cset = msg.columns.get(item.model)
+            cset = msg.candidate_set(item.model)
             if cset is not None:
                 if item.model not in located:
                     located[item.model] = self.locate(cset)

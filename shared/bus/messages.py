@@ -167,16 +167,55 @@ class PlacementFiltered(Message, frozen=True, kw_only=True):
         return FilterResult(model=model, survivors=self.survivor_sets[got.survivors], reports=got.reports)
 
 
+class FittedColumns(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One model's CandidateSet on the wire; its worker list is ``PlacementFitted.worker_sets[workers]``."""
+
+    strategy: str
+    workers: int
+    gpus: bytes
+    claim: int = 0
+    claims: bytes = b""
+    ram_claim: int = 0
+
+
 class PlacementFitted(Message, frozen=True, kw_only=True):
     """Fitting output for some models of a request (models with candidates only; large requests are split).
 
     Single-GPU candidates travel as ``columns`` (the core's compact CandidateSet; the model's FitResult
-    then has no candidates, only strategy and reasons); any other shape as FitResult candidates.
+    then has no candidates, only strategy and reasons); any other shape as FitResult candidates. Worker
+    lists are cluster-sized and mostly shared by the models of a message, so each distinct list travels
+    once in ``worker_sets`` (and decodes into one tuple the models share).
     """
 
     request: PlacementRequest
     fitted: dict[str, FitResult]
-    columns: dict[str, CandidateSet] = {}
+    worker_sets: tuple[tuple[str, ...], ...] = ()
+    columns: dict[str, FittedColumns] = {}
+
+    @classmethod
+    def of(
+        cls, request: PlacementRequest, fitted: dict[str, FitResult], columns: dict[str, CandidateSet]
+    ) -> PlacementFitted:
+        """Pack the candidates, each distinct worker list once."""
+        sets: dict[tuple[str, ...], int] = {}
+        packed = {
+            model: FittedColumns(
+                strategy=c.strategy, workers=sets.setdefault(c.workers, len(sets)), gpus=c.gpus, claim=c.claim,
+                claims=c.claims, ram_claim=c.ram_claim,
+            )
+            for model, c in columns.items()
+        }
+        return cls(request=request, fitted=fitted, worker_sets=tuple(sets), columns=packed)
+
+    def candidate_set(self, model: str) -> CandidateSet | None:
+        """The core's CandidateSet of one model, or None if its candidates are not columns."""
+        c = self.columns.get(model)
+        if c is None:
+            return None
+        return CandidateSet(
+            model=model, strategy=c.strategy, workers=self.worker_sets[c.workers], gpus=c.gpus, claim=c.claim,
+            claims=c.claims, ram_claim=c.ram_claim,
+        )
 
 
 class ItemOutcome(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -21,7 +21,7 @@ WORKERS = {subjects.REGISTER, subjects.HEARTBEAT, subjects.EVENT_CORDON}
         (FilterService, set()),
         (FittingService, {subjects.EVENT_INSTANCE}),
         (ScoringService, {subjects.EVENT_INSTANCE, subjects.MODEL_FILE}),
-        (Reconciler, {subjects.EVENT_INSTANCE_ALL, subjects.MODEL_FILE}),
+        (Reconciler, {subjects.EVENT_INSTANCE_ALL}),
     ],
 )
 def test_each_service_follows_only_the_cluster_events_its_decisions_read(

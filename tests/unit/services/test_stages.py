@@ -77,7 +77,8 @@ def test_fitting_sends_single_gpu_candidates_as_columns() -> None:
     fitted, failed = stage(FittingService).fit(flt)
     assert failed is None
     (msg,) = fitted
-    assert len(msg.columns["emb"]) == 8 and msg.fitted["emb"].candidates == ()
+    cset = msg.candidate_set("emb")
+    assert cset is not None and len(cset) == 8 and msg.fitted["emb"].candidates == ()
 
 
 def test_scoring_spreads_a_batch_over_workers_by_assuming_each_choice() -> None:
