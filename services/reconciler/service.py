@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -56,14 +57,22 @@ from shared.core.placement.reconcile import (
     drain_finished,
     plan_scale,
     resync_workers,
+    silent_workers,
     unreachable_instances,
 )
 from shared.state.store import CommitItem, ScaleUp
 
 log = logging.getLogger("gantry.reconciler")
-# Ticks between level-triggered resyncs (workers' reported instances against the ledger): a pass over
-# every instance, which at thousands of instances costs milliseconds of a tick every second otherwise.
-RESYNC_EVERY = 5
+# Each tick resyncs one shard of the workers (their reported instances against the ledger), so every
+# worker is compared once per RESYNC_SHARDS ticks and no tick compares them all: at thousands of
+# instances a full pass holds the event loop for milliseconds.
+RESYNC_SHARDS = 5
+ALL_SHARDS = -1
+
+
+def resync_shard_of(worker: str) -> int:
+    """The tick shard (of ``RESYNC_SHARDS``) that resyncs ``worker``: stable across processes."""
+    return zlib.crc32(worker.encode()) % RESYNC_SHARDS
 EVENTS_PER_MESSAGE = 1000  # instance changes or decisions per events message (well under 1 MB)
 
 
@@ -569,18 +578,23 @@ class Reconciler(PlacementService):
             n += 1
             try:
                 if await self.store.try_lock("tick", interval * 0.9):
-                    await self.tick(full=n % 10 == 0, resync=n % RESYNC_EVERY == 0)
+                    await self.tick(full=n % 10 == 0, resync_shard=n % RESYNC_SHARDS)
             except Exception:
                 log.exception("reconciler tick failed")
 
-    async def tick(self, full: bool = False, resync: bool = True) -> None:
-        """Liveness, drain timeouts, level-triggered resync (when ``resync``), PENDING retries on cluster
+    async def tick(self, full: bool = False, resync_shard: int | None = ALL_SHARDS) -> None:
+        """Liveness, drain timeouts, level-triggered resync of one shard of the workers (``resync_shard``
+        of ``RESYNC_SHARDS``; every worker for ``ALL_SHARDS``, none for None), PENDING retries on cluster
         change; ``full`` also re-converges every model."""
         now = self.clock()
         s = self.settings
-        instances = dict(self.feed.instances)
+        feed = self.feed
+        instances = dict(feed.instances)  # as of now: the awaits below let events change the feed's
+        # Only instances on silent workers can be lost: look at those, not at every instance.
+        silent = silent_workers(feed.on_worker, feed.last_seen, now, s.not_ready_after_s, s.reschedule_after_s)
+        suspects = sorted({i for w in silent for i in feed.on_worker.get(w, ()) if i in instances})
         lost = unreachable_instances(
-            instances.values(), self.feed.last_seen, now, s.not_ready_after_s, s.reschedule_after_s
+            [instances[i] for i in suspects], feed.last_seen, now, s.not_ready_after_s, s.reschedule_after_s
         )
         if lost:
             await self.store.release(lost, mode=InstanceState.UNREACHABLE.value)
@@ -589,8 +603,9 @@ class Reconciler(PlacementService):
             log.warning("replacing %d instances of lost workers", len(lost))
             await self.converge_and_request(sorted({instances[i].model for i in lost}))
         # Back from the dead: forget the stale copies (their claims were released already).
+        unreachable = [instances[i] for i in sorted(feed.unreachable) if i in instances]
         stale = [
-            i for i in instances.values()
+            i for i in unreachable
             if i.state is InstanceState.UNREACHABLE and i.worker
             and self.snapshot.state(i.worker, now) is WorkerState.READY
         ]
@@ -603,8 +618,8 @@ class Reconciler(PlacementService):
         ]
         if done:
             await self._delete(done, tell_worker=True)
-        if resync:
-            await self._resync(instances, now)
+        if resync_shard is not None:
+            await self._resync(instances, now, resync_shard)
         if self.changed:
             # Retry now, and once more a second later: other services may learn of the change (a worker
             # joined) a moment after we do, and a verdict from their older snapshot must not stick.
@@ -617,16 +632,21 @@ class Reconciler(PlacementService):
         if full:
             await self.converge_and_request(sorted((await self.store.desired()).keys()))
 
-    async def _resync(self, instances: dict[str, Instance], now: float) -> None:
+    async def _resync(self, instances: dict[str, Instance], now: float, shard: int) -> None:
+        feed = self.feed
         reported = {
-            w: hb.instances for w, hb in self.feed.usage.items()
-            if self.snapshot.state(w, now) is WorkerState.READY
+            w: hb.instances for w, hb in feed.usage.items()
+            if (shard == ALL_SHARDS or resync_shard_of(w) == shard)
+            and self.snapshot.state(w, now) is WorkerState.READY
         }
-        for iid, inst in instances.items():
+        # A worker that reports exactly the instances placed on it needs no repair: compare the others only.
+        off = {w: ids for w, ids in reported.items() if set(ids) != feed.running_on.get(w, set())}
+        mine = {i: instances[i] for w in off for i in feed.on_worker.get(w, ()) if i in instances}
+        for iid, inst in mine.items():
             if inst.state in ON_WORKER:
                 self.seen_placed.setdefault(iid, now)
         grace = max(2.0, 3 * self.settings.heartbeat_interval_s)
-        fix = resync_workers(instances, reported, self.seen_placed, now, grace)
+        fix = resync_workers(mine, off, self.seen_placed, now, grace)
         for iid in fix.assign:
             inst = instances[iid]
             await self._assign(inst, self.specs.get(inst.model))

@@ -22,6 +22,7 @@ from shared.bus.messages import (
 )
 from shared.bus.validate import check_heartbeat, check_registration
 from shared.core.placement.domain import Instance, InstanceState, ModelFile, Worker
+from shared.core.placement.reconcile import ON_WORKER
 from shared.core.placement.snapshot import ClusterSnapshot
 from shared.state.store import StateStore, apply_usage, gpu_field
 
@@ -55,6 +56,11 @@ class SnapshotFeed:
         self.last_seen: dict[str, float] = {}
         self.cordons: set[str] = set()
         self.instances: dict[str, Instance] = {}  # every known instance, any state
+        # Indexes for the reconciler's periodic checks (a pass over every instance each second stalls the
+        # event loop for milliseconds at thousands of instances):
+        self.on_worker: dict[str, set[str]] = {}  # worker -> instances placed on it (main or subordinate)
+        self.running_on: dict[str, set[str]] = {}  # worker -> its own SCHEDULED/STARTING/RUNNING instances
+        self.unreachable: set[str] = set()  # UNREACHABLE instances
         self.listeners: list[ChangeListener] = []
         self.assumed: dict[str, float] = {}  # instance id -> when a decision was assumed (not committed yet)
 
@@ -136,6 +142,8 @@ class SnapshotFeed:
             del self.assumed[ev.instance.id]
         old = self.instances.get(ev.instance.id)
         if ev.removed:
+            if old is not None:
+                self._index(old, add=False)
             self.instances.pop(ev.instance.id, None)
             self.snapshot.remove_instance(ev.instance.id)
         else:
@@ -159,11 +167,27 @@ class SnapshotFeed:
     # -- helpers --------------------------------------------------------------------------------------
 
     def _put_instance(self, inst: Instance) -> None:
+        old = self.instances.get(inst.id)
+        if old is not None:
+            self._index(old, add=False)
         self.instances[inst.id] = inst
+        self._index(inst, add=True)
         if inst.worker is not None and inst.state in HOLDING:
             self.snapshot.upsert_instance(inst)
         else:
             self.snapshot.remove_instance(inst.id)
+
+    def _index(self, inst: Instance, add: bool) -> None:
+        workers = ([inst.worker] if inst.worker else []) + [s.worker for s in inst.subordinates]
+        for w in workers:
+            _mark(self.on_worker, w, inst.id, add)
+        if inst.worker and inst.state in ON_WORKER:
+            _mark(self.running_on, inst.worker, inst.id, add)
+        if inst.state is InstanceState.UNREACHABLE:
+            if add:
+                self.unreachable.add(inst.id)
+            else:
+                self.unreachable.discard(inst.id)
 
     def _refresh(self, name: str) -> None:
         inv = self.inventory.get(name)
@@ -179,6 +203,17 @@ class SnapshotFeed:
     def worker(self, name: str) -> Worker | None:
         """The snapshot's current record of a worker."""
         return self.snapshot.worker(name)
+
+
+def _mark(index: dict[str, set[str]], key: str, iid: str, add: bool) -> None:
+    if add:
+        index.setdefault(key, set()).add(iid)
+        return
+    ids = index.get(key)
+    if ids is not None:
+        ids.discard(iid)
+        if not ids:
+            del index[key]
 
 
 def replace_state(inst: Instance, state: InstanceState, reason: str | None = None) -> Instance:

@@ -65,15 +65,27 @@ def unreachable_instances(
     A worker is NOT_READY from ``last_seen + not_ready_after``; its instances move once that has lasted
     ``reschedule_after``. Subordinate workers count too: a gang instance fails with any of its workers.
     """
-    limit = not_ready_after + reschedule_after
     out = []
     for inst in instances:
         if inst.state not in ON_WORKER and inst.state is not InstanceState.ERROR:
             continue
-        workers = ([inst.worker] if inst.worker else []) + [s.worker for s in inst.subordinates]
-        if any(now - last_seen.get(w, float("-inf")) > limit for w in workers):
+        if silent_workers(_workers_of(inst), last_seen, now, not_ready_after, reschedule_after):
             out.append(inst.id)
     return sorted(out)
+
+
+def silent_workers(
+    workers: Iterable[str], last_seen: Mapping[str, float], now: float, not_ready_after: float,
+    reschedule_after: float,
+) -> list[str]:
+    """The workers NOT_READY for longer than ``reschedule_after`` (never seen counts as silent), sorted:
+    their instances are the ones ``unreachable_instances`` moves."""
+    limit = not_ready_after + reschedule_after
+    return sorted(w for w in workers if now - last_seen.get(w, float("-inf")) > limit)
+
+
+def _workers_of(inst: Instance) -> list[str]:
+    return ([inst.worker] if inst.worker else []) + [s.worker for s in inst.subordinates]
 
 
 def drain_finished(started_at: float, idle: bool, now: float, drain_timeout: float) -> bool:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from shared.bus.feed import SnapshotFeed
-from shared.bus.messages import GpuUsage, Heartbeat, WorkerRegistration
-from shared.core.placement.domain import GIB, Gpu, Worker, WorkerState
+from shared.bus.messages import GpuUsage, Heartbeat, InstanceEvent, WorkerRegistration
+from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, SubordinateWorker, Worker, WorkerState
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 
 W = Worker(name="w1", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=256 * GIB)
@@ -43,3 +43,30 @@ def test_a_silent_worker_that_beats_again_is_a_cluster_change() -> None:
     f.on_heartbeat(beat(10, 2), now=40.0)  # NOT_READY in between
     assert seen and "recovered" in seen[-1]
     assert f.snapshot.state("w1", now=41.0) is WorkerState.READY
+
+
+def placed(state: InstanceState, **kw: object) -> InstanceEvent:
+    inst = Instance(id="i1", model="m", state=state, worker="w1", gpu_indexes=(0,), vram_claims=(GIB,), **kw)  # type: ignore[arg-type]
+    return InstanceEvent(instance=inst, at=1.0)
+
+
+def test_instances_are_indexed_by_the_workers_they_occupy() -> None:
+    f = feed()
+    sub = SubordinateWorker(worker="w2", gpu_indexes=(0,), vram_claims=(GIB,))
+    f.on_instance(placed(InstanceState.RUNNING, subordinates=(sub,)))
+    assert f.on_worker == {"w1": {"i1"}, "w2": {"i1"}}
+    assert f.running_on == {"w1": {"i1"}} and f.unreachable == set()
+
+
+def test_an_unreachable_instance_leaves_its_worker_running_set() -> None:
+    f = feed()
+    f.on_instance(placed(InstanceState.RUNNING))
+    f.on_instance(placed(InstanceState.UNREACHABLE))
+    assert f.running_on == {} and f.unreachable == {"i1"} and f.on_worker == {"w1": {"i1"}}
+
+
+def test_a_removed_instance_leaves_every_index() -> None:
+    f = feed()
+    f.on_instance(placed(InstanceState.UNREACHABLE))
+    f.on_instance(InstanceEvent(instance=placed(InstanceState.UNREACHABLE).instance, removed=True, at=2.0))
+    assert f.on_worker == {} and f.running_on == {} and f.unreachable == set()

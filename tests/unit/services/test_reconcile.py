@@ -12,6 +12,7 @@ from shared.core.placement.reconcile import (
     drain_finished,
     plan_scale,
     resync_workers,
+    silent_workers,
     still_fits,
     unreachable_instances,
 )
@@ -58,6 +59,17 @@ def test_a_gang_instance_fails_with_any_subordinate_worker() -> None:
     sub = SubordinateWorker(worker="w2", gpu_indexes=(0,), vram_claims=(1,))
     got = unreachable_instances([inst("a", subordinates=(sub,))], {"w1": 100.0, "w2": 0.0}, 100.0, 1.0, 3.0)
     assert got == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("last_seen", "expected"),
+    [({"w1": 96.5, "w2": 95.0}, ["w2"]), ({}, ["w1", "w2"]), ({"w1": 100.0, "w2": 100.0}, [])],
+    ids=["past-limit", "never-seen", "all-fresh"],
+)
+def test_silent_workers_are_those_past_not_ready_plus_reschedule_after(
+    last_seen: dict[str, float], expected: list[str]
+) -> None:
+    assert silent_workers(["w2", "w1"], last_seen, 100.0, not_ready_after=1.0, reschedule_after=3.0) == expected
 
 
 def test_pending_instances_are_never_unreachable() -> None:
