@@ -9,6 +9,7 @@
 --       record_head, record_tail (a PENDING record is record_head .. id .. record_tail),
 --       lock token ("": the caller holds no lock)
 -- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}}
+local CHUNK = 1000  -- ids per HMGET (unpack's stack limit is a few thousand)
 local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end
 local lock_prefix, index_prefix = ARGV[2], ARGV[3]
@@ -36,12 +37,19 @@ for m = 1, n do
     local desired = tonumber(redis.call("HGET", KEYS[1], model) or "0")
     local index = index_prefix .. model
     local count, unrequested = 0, {}
-    for _, id in ipairs(redis.call("SMEMBERS", index)) do
-      local st = redis.call("HGET", KEYS[5], id)
-      if st and active[st] then
-        count = count + 1
-        if st == "PENDING" and redis.call("HEXISTS", KEYS[6], id) == 0 then
-          unrequested[#unrequested + 1] = id
+    local ids = redis.call("SMEMBERS", index)
+    -- States fetched in chunks (one call per chunk rather than one per replica: a model's converge runs
+    -- on every scale command, and its cost grows with the model's replicas).
+    for first = 1, #ids, CHUNK do
+      local last = math.min(first + CHUNK - 1, #ids)
+      local states = redis.call("HMGET", KEYS[5], unpack(ids, first, last))
+      for k = first, last do
+        local id, st = ids[k], states[k - first + 1]
+        if st and active[st] then
+          count = count + 1
+          if st == "PENDING" and redis.call("HEXISTS", KEYS[6], id) == 0 then
+            unrequested[#unrequested + 1] = id
+          end
         end
       end
     end

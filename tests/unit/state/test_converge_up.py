@@ -38,6 +38,13 @@ async def test_pending_replicas_without_a_reason_are_reported_unrequested(store:
     assert res.unrequested == (first.created[1].id,)
 
 
+async def test_a_model_with_more_replicas_than_one_state_lookup_holds_is_counted_whole(store: StateStore) -> None:
+    (first,) = await store.converge_up([ScaleUp(model="m", replicas=2500, spec=SPEC, seq=1)], ACTIVE)
+    await store.set_reasons({i.id: "no GPU" for i in first.created[:2499]})
+    (res,) = await store.converge_up([ScaleUp(model="m", replicas=2501, spec=SPEC, seq=2)], ACTIVE)
+    assert len(res.created) == 1 and res.unrequested == (first.created[2499].id,)
+
+
 async def test_an_older_scale_command_does_not_undo_a_newer_one(store: StateStore) -> None:
     await store.converge_up([ScaleUp(model="m", replicas=4, spec=SPEC, seq=9)], ACTIVE)
     (res,) = await store.converge_up([ScaleUp(model="m", replicas=1, spec=SPEC, seq=3)], ACTIVE)
