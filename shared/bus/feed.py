@@ -106,7 +106,7 @@ class SnapshotFeed:
         if prev is not None and prev.gpus == hb.gpus and prev.ram_used == hb.ram_used:
             self.snapshot.touch(hb.worker, now)  # most heartbeats: same usage, only the time moved
         else:
-            self._refresh(hb.worker)
+            self._refresh(hb.worker, usage_only=True)
         if not was_ready and not self.inventory[hb.worker].cordoned:
             self._changed(f"worker {hb.worker} recovered")
         return None
@@ -189,12 +189,15 @@ class SnapshotFeed:
             else:
                 self.unreachable.discard(inst.id)
 
-    def _refresh(self, name: str) -> None:
+    def _refresh(self, name: str, usage_only: bool = False) -> None:
         inv = self.inventory.get(name)
         if inv is None:
             return
         w = apply_usage(inv, self.usage.get(name), self.last_seen.get(name, 0.0), self.cordons)
-        self.snapshot.upsert_worker(w)
+        if usage_only:  # a heartbeat: the inventory and cordons are those of the last full refresh
+            self.snapshot.update_usage(w)
+        else:
+            self.snapshot.upsert_worker(w)
 
     def _changed(self, why: str) -> None:
         for listener in self.listeners:

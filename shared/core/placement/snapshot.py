@@ -263,44 +263,65 @@ class ClusterSnapshot:
         self.g_ok[row, :] = False
         self._rank_dirty = True
 
+    def update_usage(self, worker: Worker) -> None:
+        """Replace a known worker's record after a heartbeat that moved only its usage (VRAM and RAM in use,
+        time): its inventory, labels and cordons are as before, so only the usage columns are recomputed.
+        An unknown worker is added whole."""
+        name = worker.name
+        if name not in self._row:
+            self.upsert_worker(worker)
+            return
+        self.version += 1
+        self._workers[name] = worker
+        self._refresh_usage(name)
+
     def _refresh(self, name: str) -> None:
         """Recompute one worker's row of derived columns from its records."""
         row = self._row.get(name)
         if row is None:
             return
         worker = self._workers[name]
-        cfg = self.config
-        self.w_present[row] = True
-        self.w_heartbeat[row] = worker.last_heartbeat
-        self.w_cordoned[row] = worker.cordoned
-        self.w_cluster[row] = self._code("cluster", worker.cluster)
-        self.w_ram_alloc[row] = self.ram_allocatable_of(worker)
-        self.w_gpus[row] = len(worker.gpus)
-        self.w_instances[row] = self._worker_total.get(name, 0)
         bits = 0
-        claims = self._vram_claims.get(name, {})
-        total = free = 0
+        total = 0
         for slot, gpu in enumerate(worker.gpus):
             bits |= 1 << self._code("vendor", gpu.vendor)
-            claim = claims.get(gpu.index, 0)
-            alloc = gpu.vram_total - max(claim, gpu.vram_used) - cfg.vram_reserve
             total += gpu.vram_total
-            free += min(max(alloc, 0), gpu.vram_total)
             self.g_exists[row, slot] = True
             self.g_ok[row, slot] = gpu.schedulable
             self.g_index[row, slot] = gpu.index
             self.g_total[row, slot] = gpu.vram_total
-            self.g_alloc[row, slot] = alloc
             self.g_type[row, slot] = self._type_code(gpu.vendor, gpu.product)
-            self.g_instances[row, slot] = self._gpu_total.get((name, gpu.index), 0)
             self.g_labelled[row, slot] = bool(gpu.labels)
+        self.w_present[row] = True
+        self.w_cordoned[row] = worker.cordoned
+        self.w_cluster[row] = self._code("cluster", worker.cluster)
+        self.w_gpus[row] = len(worker.gpus)
         self.w_vram_total[row] = total
-        self.w_vram_free[row] = free
         n = len(worker.gpus)
         self.g_exists[row, n:] = False
         self.g_ok[row, n:] = False
         self.g_index[row, n:] = -1
         self.w_vendor_bits[row] = bits
+        self._refresh_usage(name)
+
+    def _refresh_usage(self, name: str) -> None:
+        """Recompute the columns that claims, counts and reported usage move (most events change only
+        these: an instance placed or gone, a heartbeat), each GPU column as one row slice."""
+        row = self._row.get(name)
+        if row is None:
+            return
+        worker = self._workers[name]
+        gpus = worker.gpus
+        claims = self._vram_claims.get(name, {})
+        reserve = self.config.vram_reserve
+        alloc = [gpu.vram_total - max(claims.get(gpu.index, 0), gpu.vram_used) - reserve for gpu in gpus]
+        n = len(gpus)
+        self.g_alloc[row, :n] = alloc
+        self.g_instances[row, :n] = [self._gpu_total.get((name, gpu.index), 0) for gpu in gpus]
+        self.w_heartbeat[row] = worker.last_heartbeat
+        self.w_ram_alloc[row] = self.ram_allocatable_of(worker)
+        self.w_instances[row] = self._worker_total.get(name, 0)
+        self.w_vram_free[row] = sum(min(max(a, 0), gpu.vram_total) for a, gpu in zip(alloc, gpus, strict=True))
 
     def ram_allocatable_of(self, worker: Worker) -> int:
         """RAM total − max(Gantry claims, reported use) − reserve: external use counts, never below 0."""
@@ -325,7 +346,7 @@ class ClusterSnapshot:
         self._by_model.setdefault(instance.model, {})[instance.id] = instance
         touched |= self._apply(instance, +1)
         for name in touched:
-            self._refresh(name)
+            self._refresh_usage(name)
 
     def remove_instance(self, instance_id: str) -> None:
         """Forget an instance and release its claims."""
@@ -338,7 +359,7 @@ class ClusterSnapshot:
         if not by_model:
             self._by_model.pop(old.model, None)
         for name in self._apply(old, -1):
-            self._refresh(name)
+            self._refresh_usage(name)
 
     @staticmethod
     def _parts(instance: Instance) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int]]:

@@ -161,3 +161,24 @@ def test_per_model_count_columns_stay_equal_to_a_rebuild_through_events():
     per_worker, per_gpu = snap.model_count_columns("m")
     assert per_worker[snap.row_of("w3")] == 1 and per_gpu[snap.row_of("w3"), 3] == 1
     assert per_worker[snap.row_of("w1")] == 1 and per_gpu[snap.row_of("w1"), 1] == 1
+
+
+COLUMNS = ("w_heartbeat", "w_ram_alloc", "w_instances", "w_vram_free", "g_alloc", "g_instances", "g_total", "g_ok")
+
+
+def test_a_usage_only_update_leaves_the_columns_a_full_upsert_would():
+    before = worker("w1", [gpu(0), gpu(1)], ram_used=10)
+    after = worker("w1", [gpu(0, used=40), gpu(1, used=5)], ram_used=30, last_heartbeat=NOW + 5)
+    held = (instance("i", "m", "w1", (0,), claim=20),)
+    partial, full = snapshot(before, instances=held), snapshot(before, instances=held)
+    partial.update_usage(after)
+    full.upsert_worker(after)
+    for column in COLUMNS:
+        assert (getattr(partial, column) == getattr(full, column)).all(), column
+    assert partial.gpu_allocatable("w1", 0) == 40 * GIB and partial.worker("w1") == after
+
+
+def test_a_usage_update_for_an_unknown_worker_adds_it_whole():
+    snap = snapshot(worker("w1"))
+    snap.update_usage(worker("w2", [gpu(0, used=10)]))
+    assert snap.gpu_allocatable("w2", 0) == 70 * GIB and snap.state("w2", NOW) is WorkerState.READY

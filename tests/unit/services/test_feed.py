@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.bus.feed import SnapshotFeed
-from shared.bus.messages import GpuUsage, Heartbeat, InstanceEvent, WorkerRegistration
+from shared.bus.messages import CordonEvent, GpuUsage, Heartbeat, InstanceEvent, WorkerRegistration
 from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, SubordinateWorker, Worker, WorkerState
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 
@@ -25,6 +25,15 @@ def test_a_heartbeat_with_new_usage_changes_what_is_allocatable() -> None:
     f.on_heartbeat(beat(10, 1), now=1.0)
     f.on_heartbeat(beat(30, 2), now=2.0)
     assert f.snapshot.gpu_allocatable("w1", 0) == 50 * GIB
+
+
+def test_a_heartbeat_with_new_usage_keeps_a_cordon() -> None:
+    f = feed()
+    f.on_cordon(CordonEvent(worker="w1", cordoned=True))
+    f.on_heartbeat(beat(10, 1), now=1.0)
+    row = f.snapshot.row_of("w1")
+    assert row is not None and f.snapshot.w_cordoned[row]
+    assert f.snapshot.gpu_allocatable("w1", 0) == 70 * GIB
 
 
 def test_a_heartbeat_with_the_same_usage_keeps_the_worker_alive() -> None:
