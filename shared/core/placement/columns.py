@@ -172,12 +172,13 @@ def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
 
 
 def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int) -> npt.NDArray[np.bool_]:
-    """``[row, slot]``: a candidate whose worker is present and whose GPU (and worker RAM) still has room."""
+    """``[row, slot]``: a candidate whose worker is present and not cordoned, and whose GPU is schedulable
+    and (with the worker's RAM) still has room: what ``reconcile.still_fits`` checks, for every candidate."""
     n = pos.mask.shape[0]
-    live = snapshot.w_present[:n]
+    live = snapshot.w_present[:n] & ~snapshot.w_cordoned[:n]
     if ram_claim:
         live = live & (snapshot.w_ram_alloc[:n] >= ram_claim)
-    ok = pos.mask & (snapshot.g_alloc[:n] >= pos.dense_claims) & live[:, None]
+    ok = pos.mask & snapshot.g_ok[:n] & (snapshot.g_alloc[:n] >= pos.dense_claims) & live[:, None]
     return np.asarray(ok, dtype=np.bool_)
 
 

@@ -160,18 +160,22 @@ def resync_workers(
 
 
 def still_fits(snapshot: ClusterSnapshot, candidate: Candidate) -> bool:
-    """Whether every GPU (and worker RAM) of a candidate still has room in ``snapshot``.
+    """Whether every worker of a candidate is still known and not cordoned, and every GPU schedulable with
+    room (and worker RAM) in ``snapshot``.
 
     Scoring replicas assume their own decisions into their snapshot before the commit comes back; a
-    candidate fitting computed earlier may have lost its room to such an assumption.
+    candidate fitting computed earlier may have lost its room to such an assumption, or its worker or GPU
+    may have been cordoned since.
     """
     parts = [(candidate.worker, candidate.gpu_indexes, candidate.vram_claims, candidate.ram_claim)]
     parts += [(s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim) for s in candidate.subordinates]
     for worker, indexes, claims, ram in parts:
-        if snapshot.worker(worker) is None:
+        record = snapshot.worker(worker)
+        if record is None or record.cordoned:
             return False
+        schedulable = {g.index for g in record.gpus if g.schedulable}
         for index, claim in zip(indexes, claims, strict=True):
-            if snapshot.gpu_allocatable(worker, index) < claim:
+            if index not in schedulable or snapshot.gpu_allocatable(worker, index) < claim:
                 return False
         if ram and snapshot.ram_allocatable(worker) < ram:
             return False

@@ -123,3 +123,17 @@ def test_still_fits_checks_every_gpu_and_ram_against_the_snapshot(gpu: int, clai
     snap = _snapshot_with_claims()
     cand = Candidate(worker="w1", gpu_indexes=(gpu,), vram_claims=(claim * GIB,), ram_claim=ram * GIB)
     assert still_fits(snap, cand) is fits
+
+
+@pytest.mark.parametrize(
+    ("worker_cordoned", "gpu_schedulable", "fits"),
+    [(False, True, True), (True, True, False), (False, False, False)],
+    ids=["open", "worker-cordoned", "gpu-cordoned"],
+)
+def test_a_candidate_cordoned_since_fitting_no_longer_fits(
+    worker_cordoned: bool, gpu_schedulable: bool, fits: bool
+) -> None:
+    gpus = (Gpu(index=0, vram_total=80 * GIB, schedulable=gpu_schedulable),)
+    w = Worker(name="w1", gpus=gpus, ram_total=64 * GIB, last_heartbeat=1.0, cordoned=worker_cordoned)
+    snap = ClusterSnapshot.from_parts(workers=[w])
+    assert still_fits(snap, Candidate(worker="w1", gpu_indexes=(0,), vram_claims=(GIB,))) is fits

@@ -90,6 +90,19 @@ def test_scoring_spreads_a_batch_over_workers_by_assuming_each_choice() -> None:
     assert sorted(chosen) == ["w0", "w1", "w2", "w3"]
 
 
+def test_scoring_never_picks_a_worker_cordoned_after_fitting() -> None:
+    flt = stage(FilterService).filter_request(request(EMB, 4))[0]
+    assert flt is not None
+    fitted, _ = stage(FittingService).fit(flt)
+    scoring = stage(ScoringService)
+    w0 = scoring.snapshot.worker("w0")
+    assert w0 is not None
+    scoring.snapshot.upsert_worker(msgspec.structs.replace(w0, cordoned=True))
+    scored = scoring.score(fitted[0])
+    chosen = [o.decision.candidate.worker for o in scored.outcomes if o.decision]
+    assert "w0" not in chosen and len(chosen) == 4
+
+
 def test_scoring_reports_replicas_whose_candidates_were_all_taken() -> None:
     llm = ModelSpec(name="llm", weight_bytes=14 * GIB)  # 90% of a GPU each: 8 GPUs, 9 replicas
     flt = stage(FilterService).filter_request(request(llm, 9))[0]
