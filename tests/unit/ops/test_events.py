@@ -37,7 +37,7 @@ CASES = [
         "22:13:20 unschedulable m m-2: no GPU has room",
     ),
     (
-        subjects.EVENT_INSTANCE,
+        subjects.EVENT_INSTANCE_PROGRESS,
         InstanceEvent(instance=Instance(id="m-3", model="m", state=InstanceState.RUNNING, worker="w1",
                                         gpu_indexes=(3,)), at=T0),
         "22:13:20 instance      m m-3 RUNNING on w1 GPU 3",
