@@ -343,13 +343,18 @@ class StateStore:
         """
         if not models:
             return []
-        args: list[Any] = [",".join(s.value for s in active), Keys.lock, Keys.model_index, len(models)]
+        args: list[Any] = [",".join(s.value for s in active), len(models)]
+        keys = [Keys.desired, Keys.desired_seq, Keys.models, Keys.inst, Keys.inst_state, Keys.inst_reason]
         for m in models:
             head, tail = _record_template(m.model, m.created_at)
             spec = _enc.encode(m.spec) if m.spec is not None else b""
             replicas = -1 if m.replicas is None else m.replicas
-            args += [m.model, replicas, spec, m.seq, f"{m.model}-{secrets.token_hex(4)}", head, tail, m.lock_token]
-        keys = [Keys.desired, Keys.desired_seq, Keys.models, Keys.inst, Keys.inst_state, Keys.inst_reason]
+            prefix = f"{m.model}-{secrets.token_hex(4)}"
+            # The script splices ids into the record's JSON: the prefix goes in escaped (a model name may
+            # hold quotes or backslashes); the hex counter after it never needs escaping.
+            prefix_json = _enc.encode(prefix)[1:-1]
+            args += [m.model, replicas, spec, m.seq, prefix, prefix_json, head, tail, m.lock_token]
+            keys += [Keys.lock + m.model, Keys.model_index + m.model]
         raw = await self._converge_up(keys=keys, args=args)
         out = []
         for m, (status, applied, desired, created, unrequested) in zip(models, raw, strict=True):

@@ -3,24 +3,26 @@
 -- as PENDING. A model whose converge lock is held by someone else (a scale-down in progress elsewhere; or,
 -- when a lock token is given, a lock we no longer hold) is left alone ("busy"); one with more active
 -- replicas than desired is reported ("down"): removing replicas takes the locked path.
--- KEYS: 1 desired, 2 desired_seq, 3 models, 4 inst, 5 inst_state, 6 inst_reason
--- ARGV: active states (comma-separated), lock key prefix, model index prefix, n models, then per model:
---       model, replicas (-1: no scale command), spec_json ("": keep), seq, id_prefix,
---       record_head, record_tail (a PENDING record is record_head .. id .. record_tail),
---       lock token ("": the caller holds no lock)
+-- KEYS: 1 desired, 2 desired_seq, 3 models, 4 inst, 5 inst_state, 6 inst_reason, then per model:
+--       its converge lock, its instance index
+-- ARGV: active states (comma-separated), n models, then per model:
+--       model, replicas (-1: no scale command), spec_json ("": keep), seq, id_prefix, id_prefix_json (the
+--       prefix as it reads inside a JSON string), record_head, record_tail (a PENDING record is
+--       record_head .. id_prefix_json .. counter .. record_tail), lock token ("": the caller holds no lock)
 -- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}}
-local CHUNK = 1000  -- ids per HMGET (unpack's stack limit is a few thousand)
+local CHUNK = 1000  -- ids per HMGET: unpack() fails somewhere past 8,000 values
 local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end
-local lock_prefix, index_prefix = ARGV[2], ARGV[3]
-local n = tonumber(ARGV[4])
+local models = tonumber(ARGV[2])
 local out = {}
-local pos = 5
-for m = 1, n do
+local pos = 3
+for m = 1, models do
   local model, replicas, spec, seq = ARGV[pos], tonumber(ARGV[pos + 1]), ARGV[pos + 2], tonumber(ARGV[pos + 3])
-  local id_prefix, head, tail, token = ARGV[pos + 4], ARGV[pos + 5], ARGV[pos + 6], ARGV[pos + 7]
-  pos = pos + 8
-  local held = redis.call("GET", lock_prefix .. model)
+  local id_prefix, id_json, head, tail = ARGV[pos + 4], ARGV[pos + 5], ARGV[pos + 6], ARGV[pos + 7]
+  local token = ARGV[pos + 8]
+  local lock_key, index = KEYS[6 + 2 * m - 1], KEYS[6 + 2 * m]
+  pos = pos + 9
+  local held = redis.call("GET", lock_key)
   if (token == "" and held) or (token ~= "" and held ~= token) then
     out[m] = {"busy", 0, 0, {}, {}}
   else
@@ -35,20 +37,20 @@ for m = 1, n do
       end
     end
     local desired = tonumber(redis.call("HGET", KEYS[1], model) or "0")
-    local index = index_prefix .. model
     local count, unrequested = 0, {}
     local ids = redis.call("SMEMBERS", index)
-    -- States fetched in chunks (one call per chunk rather than one per replica: a model's converge runs
-    -- on every scale command, and its cost grows with the model's replicas).
+    -- States and reasons fetched a chunk at a time, not one call per replica: a model's converge runs on
+    -- every scale command, and its cost grows with the model's replicas.
     for first = 1, #ids, CHUNK do
       local last = math.min(first + CHUNK - 1, #ids)
       local states = redis.call("HMGET", KEYS[5], unpack(ids, first, last))
+      local reasons = redis.call("HMGET", KEYS[6], unpack(ids, first, last))
       for k = first, last do
-        local id, st = ids[k], states[k - first + 1]
+        local st = states[k - first + 1]
         if st and active[st] then
           count = count + 1
-          if st == "PENDING" and redis.call("HEXISTS", KEYS[6], id) == 0 then
-            unrequested[#unrequested + 1] = id
+          if st == "PENDING" and not reasons[k - first + 1] then
+            unrequested[#unrequested + 1] = ids[k]
           end
         end
       end
@@ -57,15 +59,16 @@ for m = 1, n do
       out[m] = {"down", applied, desired, {}, unrequested}
     else
       local created = {}
-      local n = 0
+      local counter = 0
       for k = 1, desired - count do
-        local id = string.format("%s%02x", id_prefix, n)
-        while redis.call("HEXISTS", KEYS[4], id) == 1 do  -- a random prefix seen before: never overwrite
-          n = n + 1
-          id = string.format("%s%02x", id_prefix, n)
+        local suffix = string.format("%02x", counter)
+        while redis.call("HEXISTS", KEYS[4], id_prefix .. suffix) == 1 do  -- a prefix seen before: never overwrite
+          counter = counter + 1
+          suffix = string.format("%02x", counter)
         end
-        n = n + 1
-        redis.call("HSET", KEYS[4], id, head .. id .. tail)
+        counter = counter + 1
+        local id = id_prefix .. suffix
+        redis.call("HSET", KEYS[4], id, head .. id_json .. suffix .. tail)
         redis.call("HSET", KEYS[5], id, "PENDING")
         redis.call("SADD", index, id)
         created[k] = id
