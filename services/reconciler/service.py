@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
+import itertools
 import logging
 import secrets
 import zlib
@@ -67,13 +67,13 @@ log = logging.getLogger("gantry.reconciler")
 # worker is compared once per RESYNC_SHARDS ticks and no tick compares them all: at thousands of
 # instances a full pass holds the event loop for milliseconds.
 RESYNC_SHARDS = 5
-ALL_SHARDS = -1
+FULL_EVERY = 10  # ticks between full re-converges of every model
+EVENTS_PER_MESSAGE = 1000  # instance changes or decisions per events message (well under 1 MB)
 
 
 def resync_shard_of(worker: str) -> int:
     """The tick shard (of ``RESYNC_SHARDS``) that resyncs ``worker``: stable across processes."""
     return zlib.crc32(worker.encode()) % RESYNC_SHARDS
-EVENTS_PER_MESSAGE = 1000  # instance changes or decisions per events message (well under 1 MB)
 
 
 class Reconciler(PlacementService):
@@ -88,7 +88,6 @@ class Reconciler(PlacementService):
         self.changed = False
         self.last_change = 0.0
         self.retry_again_at = 0.0
-        self.retry_epoch = 0
         self._tasks: set[asyncio.Task[None]] = set()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.writer = StateWriter(self)
@@ -149,7 +148,9 @@ class Reconciler(PlacementService):
 
         Scale commands for one model are coalesced: the last one sets the desired replicas and one
         converge creates every missing replica; the placement requests of the whole batch travel
-        together. Invalid commands are dead-lettered; a model whose converge fails is redelivered.
+        together. Invalid commands are dead-lettered. If the batch's one-call converge fails, every
+        command of the batch is redelivered; if a model's locked converge (scale-down) fails, that
+        model's commands are.
         """
         scales: dict[str, list[tuple[Msg, ScaleCommand, float]]] = {}
         for raw in raws:
@@ -378,24 +379,19 @@ class Reconciler(PlacementService):
         if items:
             await self.publish_items(items, specs, self.clock())
 
-    async def publish_items(
-        self, items: Sequence[PlacementItem], specs: dict[str, ModelSpec], now: float, salt: str | None = None
-    ) -> None:
-        """Chunk items into PlacementRequests; the Nats-Msg-Id hashes the chunk so a re-publish is dropped.
+    async def publish_items(self, items: Sequence[PlacementItem], specs: dict[str, ModelSpec], now: float) -> None:
+        """Chunk items into PlacementRequests, each under a fresh batch id.
 
-        ``salt`` distinguishes a deliberate re-request of the same replicas (a retry round).
+        Re-requesting the same replicas (after a crash, a refusal or a cluster change) must never be
+        swallowed by JetStream's duplicate window, so the id is random; duplicates that do reach the
+        pipeline are harmless (the commit recognises them). Downstream stages derive their ids from the
+        batch id, so a redelivered stage input is deduplicated.
         """
-        # Every request gets a fresh id: re-requesting the same replicas (after a crash, a refusal or a
-        # cluster change) must never be swallowed by JetStream's duplicate window; duplicates that do
-        # reach the pipeline are harmless (the commit recognises them). Downstream stages derive their
-        # ids from the batch id, so a redelivered stage input is deduplicated.
-        salt = salt if salt is not None else secrets.token_hex(6)
         size = self.settings.batch_max
         out = []
         for start in range(0, len(items), size):
             chunk = tuple(items[start : start + size])
-            key = salt + "|".join(f"{i.instance_id}:{i.attempt}" for i in chunk)
-            batch_id = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+            batch_id = secrets.token_hex(12)
             models = {i.model for i in chunk}
             req = PlacementRequest(batch_id=batch_id, items=chunk, specs={m: specs[m] for m in models})
             out.append((subjects.PLACEMENT_REQUESTED, req, f"req:{batch_id}"))
@@ -414,12 +410,14 @@ class Reconciler(PlacementService):
         decided: list[tuple[ItemOutcome, CommitItem]] = []
         unplaced: list[ItemOutcome] = []
         retries: list[PlacementItem] = []
+        back: list[Instance] = []  # PENDING again: one event message at the end, not one each
         for scored in batch:
             for out in scored.outcomes:
                 if out.decision is not None:
                     decided.append((out, CommitItem(self._record(out))))
                 elif out.retry:  # candidates went stale in flight: like a refused commit, place again
-                    await self._refused(out.item, out.unschedulable.message if out.unschedulable else "", retries, now)
+                    why = out.unschedulable.message if out.unschedulable else ""
+                    await self._refused(out.item, why, retries, back, now)
                 else:
                     unplaced.append(out)
         verdicts = await self.store.commit([c for _, c in decided])
@@ -432,7 +430,7 @@ class Reconciler(PlacementService):
                 if stored is not None and stored.worker is not None:
                     await self._assign(stored, specs.get(stored.model) or self.specs.get(stored.model))
             elif verdict.startswith("full:"):
-                await self._refused(out.item, verdict, retries, now)
+                await self._refused(out.item, verdict, retries, back, now)
         for _, inst in committed:
             await self._assign(inst, specs.get(inst.model) or self.specs.get(inst.model))
             self.seen_placed[inst.id] = now
@@ -446,29 +444,32 @@ class Reconciler(PlacementService):
             )
             for out, inst in committed
         )
-        for start in range(0, len(decisions), EVENTS_PER_MESSAGE):
-            batch = decisions[start : start + EVENTS_PER_MESSAGE]
-            await self.bus.publish(subjects.EVENT_DECISION, DecisionEvents(events=batch))
+        for start in range(0, len(decisions), EVENTS_PER_MESSAGE):  # NATS messages are bounded
+            chunk = decisions[start : start + EVENTS_PER_MESSAGE]
+            await self.bus.publish(subjects.EVENT_DECISION, DecisionEvents(events=chunk))
         for out in unplaced:
             un = out.unschedulable
-            await self._pending(out.item, un.message if un else "unschedulable", un, now)
+            await self._pending(out.item, un.message if un else "unschedulable", un, back, now)
+        # Tells scoring replicas to drop any assumed placement of these replicas.
+        await self._publish_instances(back)
         if retries:
             await asyncio.sleep(self.settings.commit_backoff_s * (2 ** min(r.attempt for r in retries)) / 2)
             known = {**self.specs, **specs}
-            # A fresh dedupe id: the same (replica, attempt) may have been re-placed before (an earlier
-            # retry round), and JetStream would silently drop an identical id inside its window.
-            specs_now = {r.model: known[r.model] for r in retries}
-            await self.publish_items(retries, specs_now, self.clock(), salt=f"refused:{secrets.token_hex(4)}")
+            await self.publish_items(retries, {r.model: known[r.model] for r in retries}, self.clock())
 
-    async def _refused(self, item: PlacementItem, why: str, retries: list[PlacementItem], now: float) -> None:
-        """A decision that could not be committed: re-place with fresh state (bounded), else PENDING."""
+    async def _refused(
+        self, item: PlacementItem, why: str, retries: list[PlacementItem], back: list[Instance], now: float
+    ) -> None:
+        """A decision that could not be committed: re-place with fresh state (bounded), else PENDING.
+
+        Either way the replica is PENDING again: its record joins ``back``."""
         cfg = self.settings
         step = after_refusal(item.attempt, why, cfg.commit_retries, cfg.commit_backoff_s)
         if isinstance(step, GiveUp):
-            await self._pending(item, step.reason, None, now)
+            await self._pending(item, step.reason, None, back, now)
         else:
             retries.append(msgspec.structs.replace(item, attempt=step.attempt))
-            self._pending_event(item.instance_id, item.model, None)
+            back.append(Instance(id=item.instance_id, model=item.model, state=InstanceState.PENDING))
 
     def _record(self, out: ItemOutcome) -> Instance:
         d = out.decision
@@ -490,12 +491,13 @@ class Reconciler(PlacementService):
         )
         await self.bus.publish(subjects.worker_assign(inst.worker), cmd)
 
-    async def _pending(self, item: PlacementItem, reason: str, un: object, now: float) -> None:
+    async def _pending(self, item: PlacementItem, reason: str, un: object, back: list[Instance], now: float) -> None:
+        """Keep an unplaceable replica PENDING with ``reason`` (its record joins ``back``) and say why."""
         inst = await self.store.instance(item.instance_id)
         if inst is None or inst.state is not InstanceState.PENDING:
             return
         await self.store.set_reasons({item.instance_id: reason})
-        self._pending_event(item.instance_id, item.model, reason)
+        back.append(Instance(id=item.instance_id, model=item.model, state=InstanceState.PENDING, reason=reason))
         if self.last_change > self.requested.get(item.instance_id, item.requested_at):
             self.changed = True  # the verdict may predate a change we already saw: retry on the next tick
         u = un if isinstance(un, Unschedulable) else None
@@ -506,11 +508,6 @@ class Reconciler(PlacementService):
                 reasons=u.reasons if u else (), filters=u.filters if u else (), at=now,
             ),
         )
-
-    def _pending_event(self, iid: str, model: str, reason: str | None) -> None:
-        # Tells scoring replicas to drop any assumed placement of this replica.
-        inst = Instance(id=iid, model=model, state=InstanceState.PENDING, reason=reason)
-        self._spawn(self._publish_instances([inst]))
 
     async def _publish_instances(
         self, instances: Iterable[Instance], removed: bool = False, subject: str = subjects.EVENT_INSTANCE
@@ -543,8 +540,7 @@ class Reconciler(PlacementService):
                 elif st.idle and known.state is InstanceState.DRAINING:
                     await self._delete([known], tell_worker=True)
         prevs = await self.store.set_states([(st.instance_id, st.worker, st.state) for st in changes])
-        moved: list[Instance] = []
-        started: list[Instance] = []
+        moved: list[tuple[str, Instance]] = []  # (subject, record), in report order
         for st, prev in zip(changes, prevs, strict=True):
             if prev is None:
                 continue
@@ -553,9 +549,12 @@ class Reconciler(PlacementService):
             record = record or await self.store.instance(st.instance_id)
             if record is not None:
                 progress = prev in ON_WORKER and st.state in ON_WORKER
-                (started if progress else moved).append(msgspec.structs.replace(record, state=st.state))
-        await self._publish_instances(moved)
-        await self._publish_instances(started, subject=subjects.EVENT_INSTANCE_PROGRESS)
+                subject = subjects.EVENT_INSTANCE_PROGRESS if progress else subjects.EVENT_INSTANCE
+                moved.append((subject, msgspec.structs.replace(record, state=st.state)))
+        # Runs of one subject at a time, in report order: STARTING then ERROR of one instance must reach
+        # followers of both subjects in that order.
+        for subject, run in itertools.groupby(moved, key=lambda pair: pair[0]):
+            await self._publish_instances([inst for _, inst in run], subject=subject)
 
     async def _delete(self, instances: Sequence[Instance], tell_worker: bool) -> None:
         ids = [i.id for i in instances]
@@ -572,20 +571,21 @@ class Reconciler(PlacementService):
 
     async def _tick_loop(self) -> None:
         interval = self.settings.reconcile_interval_s
-        n = 0
         while True:
             await asyncio.sleep(interval)
-            n += 1
+            # The tick number comes from the clock, not a local counter: the tick lock moves between
+            # replicas, and every worker's resync shard and the full converge must still come round.
+            n = int(self.clock() / interval)
             try:
                 if await self.store.try_lock("tick", interval * 0.9):
-                    await self.tick(full=n % 10 == 0, resync_shard=n % RESYNC_SHARDS)
+                    await self.tick(full=n % FULL_EVERY == 0, resync_shard=n % RESYNC_SHARDS)
             except Exception:
                 log.exception("reconciler tick failed")
 
-    async def tick(self, full: bool = False, resync_shard: int | None = ALL_SHARDS) -> None:
-        """Liveness, drain timeouts, level-triggered resync of one shard of the workers (``resync_shard``
-        of ``RESYNC_SHARDS``; every worker for ``ALL_SHARDS``, none for None), PENDING retries on cluster
-        change; ``full`` also re-converges every model."""
+    async def tick(self, full: bool = False, resync_shard: int | None = None) -> None:
+        """Liveness, drain timeouts, level-triggered resync (of the workers in ``resync_shard`` of
+        ``RESYNC_SHARDS``, or of all), PENDING retries on cluster change; ``full`` also re-converges every
+        model."""
         now = self.clock()
         s = self.settings
         feed = self.feed
@@ -604,11 +604,7 @@ class Reconciler(PlacementService):
             await self.converge_and_request(sorted({instances[i].model for i in lost}))
         # Back from the dead: forget the stale copies (their claims were released already).
         unreachable = [instances[i] for i in sorted(feed.unreachable) if i in instances]
-        stale = [
-            i for i in unreachable
-            if i.state is InstanceState.UNREACHABLE and i.worker
-            and self.snapshot.state(i.worker, now) is WorkerState.READY
-        ]
+        stale = [i for i in unreachable if i.worker and self.snapshot.state(i.worker, now) is WorkerState.READY]
         if stale:
             await self._delete(stale, tell_worker=True)
         drains = await self.store.drains()
@@ -618,10 +614,9 @@ class Reconciler(PlacementService):
         ]
         if done:
             await self._delete(done, tell_worker=True)
-        if resync_shard is not None:
-            await self._resync(instances, now, resync_shard)
+        await self._resync(instances, now, resync_shard)
         if self.changed:
-            # Retry now, and once more a second later: other services may learn of the change (a worker
+            # Retry now, and once more a tick or two later: other services may learn of the change (a worker
             # joined) a moment after we do, and a verdict from their older snapshot must not stick.
             self.changed = False
             self.retry_again_at = now + max(1.0, 2 * self.settings.reconcile_interval_s)
@@ -632,11 +627,11 @@ class Reconciler(PlacementService):
         if full:
             await self.converge_and_request(sorted((await self.store.desired()).keys()))
 
-    async def _resync(self, instances: dict[str, Instance], now: float, shard: int) -> None:
+    async def _resync(self, instances: dict[str, Instance], now: float, shard: int | None) -> None:
         feed = self.feed
         reported = {
             w: hb.instances for w, hb in feed.usage.items()
-            if (shard == ALL_SHARDS or resync_shard_of(w) == shard)
+            if (shard is None or resync_shard_of(w) == shard)
             and self.snapshot.state(w, now) is WorkerState.READY
         }
         # A worker that reports exactly the instances placed on it needs no repair: compare the others only.
@@ -662,12 +657,13 @@ class Reconciler(PlacementService):
                 by_model[inst.model].append(inst)
         if not by_model:
             return
-        self.retry_epoch += 1
         now = self.clock()
+        items: list[PlacementItem] = []
+        specs: dict[str, ModelSpec] = {}
         for model, pend in sorted(by_model.items()):
             spec = self.specs.get(model) or await self.store.model(model)
             if spec is None:
                 continue
-            items = [PlacementItem(instance_id=i.id, model=model, requested_at=now) for i in pend]
-            # A fresh dedupe id per retry round: the same replicas were requested before.
-            await self.publish_items(items, {model: spec}, now, salt=f"retry{self.retry_epoch}:{secrets.token_hex(4)}")
+            specs[model] = spec
+            items += [PlacementItem(instance_id=i.id, model=model, requested_at=now) for i in pend]
+        await self.publish_items(items, specs, now)
