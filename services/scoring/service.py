@@ -32,7 +32,8 @@ class ScoringService(PlacementService):
     name = "scoring"
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        self._located: dict[tuple[int, tuple[str, ...], bytes, bytes, int], Positions | None] = {}
+        self._located: dict[tuple[tuple[str, ...], bytes, bytes, int], Positions | None] = {}
+        self._located_layout = -1
         self.names = NameLists()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -102,7 +103,10 @@ class ScoringService(PlacementService):
         Consecutive messages carry the same candidate sets (fitting reuses its results briefly, and models
         of one shape share them), and locating 8,000 GPUs costs more than scoring them.
         """
-        key = (self.snapshot.layout, cset.workers, cset.gpus, cset.claims, cset.claim)
+        if self._located_layout != self.snapshot.layout:  # rows moved: every remembered position is stale
+            self._located.clear()
+            self._located_layout = self.snapshot.layout
+        key = (cset.workers, cset.gpus, cset.claims, cset.claim)
         if key not in self._located:
             if len(self._located) >= 256:
                 self._located.clear()

@@ -22,7 +22,7 @@ from shared.bus.messages import (
 )
 from shared.bus.validate import check_heartbeat, check_registration
 from shared.core.placement.domain import Instance, InstanceState, ModelFile, Worker
-from shared.core.placement.reconcile import ON_WORKER
+from shared.core.placement.reconcile import ON_WORKER, workers_of
 from shared.core.placement.snapshot import ClusterSnapshot
 from shared.state.store import StateStore, apply_usage, gpu_field
 
@@ -178,8 +178,7 @@ class SnapshotFeed:
             self.snapshot.remove_instance(inst.id)
 
     def _index(self, inst: Instance, add: bool) -> None:
-        workers = ([inst.worker] if inst.worker else []) + [s.worker for s in inst.subordinates]
-        for w in workers:
+        for w in workers_of(inst):
             _mark(self.on_worker, w, inst.id, add)
         if inst.worker and inst.state in ON_WORKER:
             _mark(self.running_on, inst.worker, inst.id, add)

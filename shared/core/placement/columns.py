@@ -124,26 +124,24 @@ def fit_columns(
 class Positions:
     """A CandidateSet located in one snapshot's ``[row, slot]`` layout.
 
-    Besides the candidates' coordinates it keeps them as dense ``[row, slot]`` matrices (which GPUs, what
-    claim), the form the vectorised scorers take: built once per candidate set, so scoring each replica
-    only re-checks room.
+    The candidates as dense ``[row, slot]`` matrices (which GPUs, what claim), the form the vectorised
+    scorers take: built once per candidate set, so scoring each replica only re-checks room. Valid while
+    the snapshot's ``layout`` is the one recorded here.
     """
 
-    rows: IntArray
-    slots: IntArray
-    claims: IntArray
+    layout: int
     mask: npt.NDArray[np.bool_]
     dense_claims: IntArray
 
     @classmethod
     def of(cls, snapshot: ClusterSnapshot, rows: IntArray, slots: IntArray, claims: IntArray) -> Positions:
-        """Coordinates plus their dense form over the snapshot's current rows."""
+        """The candidates at ``(rows[i], slots[i])`` claiming ``claims[i]``, densely over the current rows."""
         shape = (snapshot.rows, snapshot.g_ok.shape[1])
         mask = np.zeros(shape, dtype=np.bool_)
         dense = np.zeros(shape, dtype=np.int64)
         mask[rows, slots] = True
         dense[rows, slots] = claims
-        return cls(rows=rows, slots=slots, claims=claims, mask=mask, dense_claims=dense)
+        return cls(layout=snapshot.layout, mask=mask, dense_claims=dense)
 
 
 def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
@@ -193,8 +191,8 @@ def score_columns(
 
     None when none still fits or a configured scorer has no vectorised form (use ``run_scoring``).
     """
-    if pos.mask.shape != (snapshot.rows, snapshot.g_ok.shape[1]):
-        return None  # located before rows or slots moved: locate again
+    if pos.layout != snapshot.layout:
+        return None  # located before rows or slots moved (a reused row may now be another worker)
     mask = still_fitting(snapshot, pos, cset.ram_claim)
     count = int(np.count_nonzero(mask))
     if count == 0:

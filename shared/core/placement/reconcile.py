@@ -65,11 +65,12 @@ def unreachable_instances(
     A worker is NOT_READY from ``last_seen + not_ready_after``; its instances move once that has lasted
     ``reschedule_after``. Subordinate workers count too: a gang instance fails with any of its workers.
     """
+    limit = not_ready_after + reschedule_after
     out = []
     for inst in instances:
         if inst.state not in ON_WORKER and inst.state is not InstanceState.ERROR:
             continue
-        if silent_workers(_workers_of(inst), last_seen, now, not_ready_after, reschedule_after):
+        if any(_silent(w, last_seen, now, limit) for w in workers_of(inst)):
             out.append(inst.id)
     return sorted(out)
 
@@ -81,10 +82,15 @@ def silent_workers(
     """The workers NOT_READY for longer than ``reschedule_after`` (never seen counts as silent), sorted:
     their instances are the ones ``unreachable_instances`` moves."""
     limit = not_ready_after + reschedule_after
-    return sorted(w for w in workers if now - last_seen.get(w, float("-inf")) > limit)
+    return sorted(w for w in workers if _silent(w, last_seen, now, limit))
 
 
-def _workers_of(inst: Instance) -> list[str]:
+def _silent(worker: str, last_seen: Mapping[str, float], now: float, limit: float) -> bool:
+    return now - last_seen.get(worker, float("-inf")) > limit
+
+
+def workers_of(inst: Instance) -> list[str]:
+    """Every worker an instance occupies: its main worker, then its subordinates."""
     return ([inst.worker] if inst.worker else []) + [s.worker for s in inst.subordinates]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from shared.core.placement import ClusterSnapshot, requirements, run_fitting, run_scoring
@@ -93,6 +94,18 @@ def test_candidates_taken_since_fitting_are_skipped() -> None:
         c.worker, c.gpu_indexes)
 
 
+def test_positions_located_before_a_row_was_reused_are_never_scored() -> None:
+    gpus = tuple(Gpu(index=g, vram_total=80 * GIB) for g in range(2))
+    snap = ClusterSnapshot.from_parts(workers=[Worker(name="w1", gpus=gpus, ram_total=64 * GIB, last_heartbeat=100.0)])
+    model = ModelSpec(name="emb", weight_bytes=2 * GIB)
+    cset = columns_of(snap, model)
+    pos = locate(snap, cset)
+    assert pos is not None
+    snap.remove_worker("w1")
+    snap.upsert_worker(Worker(name="zz", gpus=gpus, ram_total=64 * GIB, last_heartbeat=100.0))  # takes w1's row
+    assert score_columns(snap, model, cset, pos) is None
+
+
 def test_nothing_fitting_gives_no_columns() -> None:
     snap = cluster()
     huge = ModelSpec(name="huge", vram_claim=500 * GIB)
@@ -124,7 +137,8 @@ def test_gpus_listed_out_of_index_order_keep_their_own_claims() -> None:
     assert sorted((c.worker, c.gpu_indexes, c.vram_claims) for c in as_candidates(cset)) == key
     pos = locate(snap, cset)
     assert pos is not None
-    by_index = {int(snap.g_index[r, s]): int(c) for r, s, c in zip(pos.rows, pos.slots, pos.claims, strict=True)}
+    rows, slots = np.nonzero(pos.mask)
+    by_index = {int(snap.g_index[r, s]): int(pos.dense_claims[r, s]) for r, s in zip(rows, slots, strict=True)}
     assert by_index == {c.gpu_indexes[0]: c.vram_claims[0] for c in reference.candidates}
 
 
@@ -137,7 +151,7 @@ def test_gpu_masks_are_as_wide_as_the_highest_candidate_index(index: int, width:
     assert len(cset.gpus) == width
     assert sorted(c.gpu_indexes for c in as_candidates(cset)) == [(0,), (index,)]
     pos = locate(snap, cset)
-    assert pos is not None and sorted(int(snap.g_index[0, s]) for s in pos.slots) == [0, index]
+    assert pos is not None and sorted(int(snap.g_index[0, s]) for s in np.nonzero(pos.mask[0])[0]) == [0, index]
 
 
 def test_a_gpu_indexed_past_the_widest_mask_takes_the_candidate_path() -> None:
@@ -162,4 +176,4 @@ def test_a_gpu_indexed_past_the_mask_is_never_taken_for_a_candidate() -> None:
     cset = CandidateSet(model="emb", strategy="single_gpu", workers=("w0",),
                         gpus=(1 << 63).to_bytes(8, "little"), claim=6 * GIB)
     pos = locate(snap, cset)
-    assert pos is not None and [int(snap.g_index[0, s]) for s in pos.slots] == [63]
+    assert pos is not None and [int(snap.g_index[0, s]) for s in np.nonzero(pos.mask[0])[0]] == [63]
