@@ -87,9 +87,11 @@ def dead_letter(service: str) -> str:
 # -- model servers (core NATS) ---------------------------------------------------------------------
 ENGINE_METRICS = f"{PREFIX}.engine.metrics"
 """EngineMetrics (core NATS): a model server's load, every 50-100 ms; one subject per instance below."""
-ENGINE_METRICS_ALL = f"{ENGINE_METRICS}.*"
+ENGINE_METRICS_ALL = f"{ENGINE_METRICS}.>"
+"""Every model server's metrics: ``>``, since an instance id holds its model's name, which may hold dots."""
 
 
 def engine_metrics(instance: str) -> str:
-    """Where the model server of ``instance`` publishes its EngineMetrics."""
+    """Where the model server of ``instance`` publishes its EngineMetrics (one token per dotted part of the
+    id: ``llama-3.1-8b-…`` spans three)."""
     return f"{ENGINE_METRICS}.{instance}"

@@ -5,10 +5,11 @@ from __future__ import annotations
 from shared.bus.messages import Heartbeat, ScaleCommand, WorkerRegistration
 from shared.core.placement.domain import ModelSpec, Worker
 
-# Worker names become NATS subject tokens (commands to one worker), so they may not hold '.', '*' or '>';
-# model names never enter a subject, only ids and ledger fields joined by ':', '|' and ';'.
-_BAD_MODEL_CHARS = frozenset(":|; \t\n")
-_BAD_WORKER_CHARS = _BAD_MODEL_CHARS | frozenset(".*>")
+# Worker names become NATS subject tokens (commands to one worker), so they may not hold '.', '*' or '>'.
+# Model names enter ids and ledger fields joined by ':', '|' and ';', and subjects through instance ids
+# (a model server's metrics): dots are fine there (more tokens), wildcards are not.
+_BAD_MODEL_CHARS = frozenset(":|; \t\n*>")
+_BAD_WORKER_CHARS = _BAD_MODEL_CHARS | frozenset(".")
 _MAX_NAME = 200
 
 

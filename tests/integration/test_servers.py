@@ -8,6 +8,7 @@ import nats
 import redis.asyncio as aioredis
 
 from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, start_nats
+from shared.bus import subjects
 
 
 async def test_nats_server_accepts_jetstream_publishes(nats_server: ServerProcess) -> None:
@@ -33,3 +34,14 @@ def test_a_colocated_nats_runs_on_the_cpus_it_is_given(tmp_path: Path) -> None:
         assert f"GOMAXPROCS={COLOCATED_NATS_CPUS}".encode() in environ
     finally:
         srv.stop()
+
+
+async def test_metrics_of_an_instance_of_a_dotted_model_reach_the_all_engines_subscription(
+    nats_server: ServerProcess,
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    sub = await nc.subscribe(subjects.ENGINE_METRICS_ALL)
+    await nc.publish(subjects.engine_metrics("llama-3.1-8b-1a2b3c4d00"), b"{}")
+    msg = await sub.next_msg(timeout=2.0)
+    assert msg.subject == subjects.engine_metrics("llama-3.1-8b-1a2b3c4d00")
+    await nc.close()
