@@ -2,8 +2,9 @@
 
 Survivor and candidate lists are cluster-sized (a name per worker) and repeat from message to message, and
 the stages key their caches on them (fitting's results, row lookups, located candidate sets). A freshly
-decoded list is a new tuple of new strings: every cache lookup would hash and compare a thousand strings.
-Swapping it for the first equal list seen makes those lookups identity hits.
+decoded list is a new tuple of new strings: every cache lookup would compute a thousand string hashes and
+compare a thousand strings. Swapped for the first equal list seen, a lookup reuses the strings' cached
+hashes and its equality check stops at identity.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Publish helpers and FastStream wiring shared by every Gantry service.
+"""Publishing, pull loops and raw subscriptions shared by every Gantry service (straight on nats-py).
 
 JetStream publishes carry a ``Nats-Msg-Id`` so a re-publish after a crash is dropped by the stream's
 duplicate window; rejected input goes to the dead-letter subject as an ErrorEvent.

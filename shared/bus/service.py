@@ -114,8 +114,8 @@ class PlacementService:
 
     async def _load(self) -> None:
         nc = nats_client(self.broker)
-        for subject, queue, handler in self._listens:
-            await listen(nc, subject, handler, queue)
+        for subject, queue, on_raw in self._listens:
+            await listen(nc, subject, on_raw, queue)
         await self.feed.load(self.store)
         # Workers that registered before we subscribed are in Redis only if the writer saw them: ask all
         # to register again so no worker is missing from this snapshot.
@@ -211,11 +211,11 @@ class PlacementService:
         """Decode a pulled batch; dead-letter and ack the undecodable ones, return the rest."""
         out: list[tuple[T, Msg]] = []
         for raw in raws:
-            try:
-                out.append((decode(raw.data, kind), raw))
-            except MessageError as exc:
-                await self.bus.dead_letter(subject, str(exc), raw.data)
+            msg = await self.bus.decode_or_reject(subject, raw.data, kind)
+            if msg is None:
                 await raw.ack()
+            else:
+                out.append((msg, raw))
         return out
 
     async def consume(

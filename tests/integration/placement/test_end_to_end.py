@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -83,9 +84,15 @@ async def test_start_up_progress_travels_apart_from_what_instances_hold(stack: S
 
     await stack.scale(LLAMA, 2)
     await wait_until(lambda: running_exactly(stack, "llama", 2), 30, "2 RUNNING llama replicas")
-    await stack.nc.flush()
 
-    progress = Counter(state for subject, state in seen if subject == subjects.EVENT_INSTANCE_PROGRESS)
-    changed = Counter(state for subject, state in seen if subject == subjects.EVENT_INSTANCE)
+    def of(subject: str) -> Counter[InstanceState]:
+        return Counter(state for on, state in seen if on == subject)
+
+    async def both_running() -> bool:  # the ledger moves before the event is published
+        return of(subjects.EVENT_INSTANCE_PROGRESS)[InstanceState.RUNNING] >= 2
+
+    await wait_until(both_running, 10, "RUNNING of both replicas on the progress subject")
+    await asyncio.sleep(0.5)  # anything published late (a duplicate, a stray subject) shows up too
+    progress, changed = of(subjects.EVENT_INSTANCE_PROGRESS), of(subjects.EVENT_INSTANCE)
     assert progress == {InstanceState.STARTING: 2, InstanceState.RUNNING: 2}
     assert changed[InstanceState.SCHEDULED] == 2 and set(changed) <= {InstanceState.PENDING, InstanceState.SCHEDULED}
