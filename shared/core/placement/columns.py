@@ -79,6 +79,19 @@ class CandidateSet(msgspec.Struct, frozen=True, kw_only=True, gc=False):
         return worker_of.astype(np.int64), gpu_index.astype(np.int64), claims
 
 
+def _index_masks(index: IntArray, selected: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint64]:
+    """Per row, the mask with bit ``index[row, slot]`` set for each selected slot (indexes below 64)."""
+    bit = np.left_shift(np.uint64(1), np.where(selected, index, 0).astype(np.uint64))
+    masks: npt.NDArray[np.uint64] = np.bitwise_or.reduce(np.where(selected, bit, np.uint64(0)), axis=1)
+    return masks
+
+
+def _index_order(index: IntArray, selected: npt.NDArray[np.bool_]) -> IntArray:
+    """Per row, the slots by GPU index, selected ones first: candidate order within a worker."""
+    order: IntArray = np.argsort(np.where(selected, index, MASK_BITS), axis=1, kind="stable")
+    return order
+
+
 def fit_columns(
     snapshot: ClusterSnapshot,
     model: ModelSpec,
@@ -99,21 +112,21 @@ def fit_columns(
     rows = np.flatnonzero(batch.worker_mask())
     mask = batch.mask[rows]
     index = snapshot.g_index[rows]
-    if int(index[mask].max()) >= MASK_BITS:
+    highest = int(index[mask].max())
+    if highest >= MASK_BITS:
         return None
-    bit = np.left_shift(np.uint64(1), np.where(mask, index, 0).astype(np.uint64))
-    gpus = np.bitwise_or.reduce(np.where(mask, bit, np.uint64(0)), axis=1)
+    gpus = _index_masks(index, mask)
     claimed = batch.claims[rows]
     picked = claimed[mask]
     uniform = bool((picked == picked[0]).all())
     if not uniform:  # per-candidate claims in candidate order: (worker, GPU index), whatever the slot order
-        order = np.argsort(np.where(mask, index, MASK_BITS), axis=1, kind="stable")
+        order = _index_order(index, mask)
         picked = np.take_along_axis(claimed, order, axis=1)[np.take_along_axis(mask, order, axis=1)]
     return CandidateSet(
         model=model.name,
         strategy=fitted.strategy or "",
         workers=tuple(snapshot.names_of(rows)),
-        gpus=gpus.astype(_mask_type(int(index[mask].max()))).tobytes(),
+        gpus=gpus.astype(_mask_type(highest)).tobytes(),
         claim=int(picked[0]) if uniform else 0,
         claims=b"" if uniform else picked.astype("<i8").tobytes(),
         ram_claim=batch.ram_claim,
@@ -153,16 +166,15 @@ def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
     masks = cset.masks()
     # GPUs indexed past the mask width are never candidates (fitting sends those on the candidate path).
     maskable = (index >= 0) & (index < MASK_BITS)
-    bit_of = np.where(maskable, index, 0).astype(np.uint64)
-    known = np.bitwise_or.reduce(np.where(maskable, np.left_shift(np.uint64(1), bit_of), np.uint64(0)), axis=1)
-    if bool(((masks & ~known) != 0).any()):
+    if bool(((masks & ~_index_masks(index, maskable)) != 0).any()):
         return None  # a candidate GPU this snapshot does not know
+    bit_of = np.where(maskable, index, 0).astype(np.uint64)
     hit = maskable & ((masks[:, None] >> bit_of) & np.uint64(1)).astype(np.bool_)
     if not cset.claims:
         pos_w, slots = np.nonzero(hit)
         claims = np.full(len(pos_w), cset.claim, dtype=np.int64)
     else:  # candidates in (worker, GPU index) order, to line up with the per-candidate claims
-        order = np.argsort(np.where(hit, index, MASK_BITS), axis=1, kind="stable")
+        order = _index_order(index, hit)
         pos_w, k = np.nonzero(np.take_along_axis(hit, order, axis=1))
         slots = order[pos_w, k]
         claims = np.frombuffer(cset.claims, dtype="<i8").astype(np.int64)
