@@ -101,8 +101,8 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
     logs.mkdir()
 
     def start(name: str, argv: list[str]) -> None:
-        out = (logs / f"{name}.log").open("ab")
-        procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+        with (logs / f"{name}.log").open("ab") as out:  # the child keeps its own descriptor
+            procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
         watched[name] = psutil.Process(procs[-1].pid)
 
     def profile_services(phase: str, seconds: float) -> list[subprocess.Popen[bytes]]:

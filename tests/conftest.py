@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
 
 from ops.servers import ServerProcess, start_nats, start_redis
+
+# Hypothesis is imported (and its modules assertion-rewritten by pytest) at collection, whatever subset runs.
+# Otherwise its pytest plugin imports a module at session end, after the integration tests, and pytest's
+# rewrite of it there intermittently failed with CPython 3.11's "AST constructor recursion depth mismatch".
 
 
 @pytest.fixture(scope="session")

@@ -66,8 +66,8 @@ class Stack:
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         """Start a process (logs under the test's tmp dir)."""
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        with (self.logs / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc
 
