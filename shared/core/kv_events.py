@@ -1,0 +1,90 @@
+"""KV-cache events: what an engine's prefix cache gained or lost, in vLLM's event schema.
+
+One home for the events the engine emulator emits and the routing core consumes (precise prefix
+scoring). The shape follows vLLM's ``vllm.distributed.kv_events`` (v0.33): a batch carries a timestamp
+and a list of events; ``BlockStored`` names the chained hashes of newly cached full blocks, the hash of
+the block before the first one (``None`` at the start of a sequence), their tokens, the block size and
+the LoRA adapter; ``BlockRemoved`` names evicted hashes; ``AllBlocksCleared`` says the cache was reset.
+vLLM encodes these with msgpack as tagged arrays (``array_like=True``, tag = the class name), which
+``encode_batch`` reproduces so a third-party consumer of vLLM's events can read Gantry's.
+
+The chained block hash is ``chain_hashes``: one function for the engine's cache and the router's
+prefix index, so a router hashing a request's tokens finds exactly the keys the engine reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+
+class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True, frozen=True):
+    """Base of the three event kinds (tagged by class name, as vLLM does)."""
+
+
+class BlockStored(KVCacheEvent, frozen=True):
+    """Full blocks entered the prefix cache, in sequence order."""
+
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+
+
+class BlockRemoved(KVCacheEvent, frozen=True):
+    """Blocks left the prefix cache (evicted or freed without a hash)."""
+
+    block_hashes: list[int]
+    medium: str | None = None
+
+
+class AllBlocksCleared(KVCacheEvent, frozen=True):
+    """The engine dropped every cached block (reset)."""
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
+    """Events of one engine step (or one flush), stamped with the engine's clock in seconds."""
+
+    ts: float
+    events: list[KVEvent]
+    data_parallel_rank: int | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(KVEventBatch)
+
+
+def encode_batch(batch: KVEventBatch) -> bytes:
+    """The batch in vLLM's msgpack wire form."""
+    return _encoder.encode(batch)
+
+
+def decode_batch(data: bytes) -> KVEventBatch:
+    """A batch from vLLM's msgpack wire form; raises ``msgspec.ValidationError`` or ``DecodeError``."""
+    return _decoder.decode(data)
+
+
+ROOT_HASH = 0  # parent of a sequence's first block when no cache salt is given
+
+
+def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_HASH) -> list[int]:
+    """Chained hashes of every *full* block of ``token_ids``: ``h_i = H(h_{i-1}, tokens of block i)``.
+
+    Python's tuple-of-int hash is the same in every process (``PYTHONHASHSEED`` salts only str and
+    bytes), so engines and routers in different processes agree. ``parent`` is the salt of the chain
+    (a cache salt or LoRA id), ``ROOT_HASH`` when none.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    out: list[int] = []
+    h = parent
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        h = hash((h, *token_ids[start : start + block_size]))
+        out.append(h)
+    return out
