@@ -10,7 +10,7 @@ import random
 from typing import Literal
 
 from shared.core.routing.domain import EndpointState, RouteRequest
-from shared.core.routing.hashing import BlockHashes, match_lazily
+from shared.core.routing.hashing import BlockHashes, match_either, match_lazily
 from shared.core.routing.state import PoolState
 
 PrefixSource = Literal["approximate", "precise", "hybrid"]
@@ -41,20 +41,29 @@ class Cycle:
 
     def matches(self, source: str) -> dict[int, int]:
         """Index slot → leading blocks of the prompt held there, per ``source`` (approximate: the router's
-        assumed state; precise: the engines' KV events; hybrid: the larger of the two)."""
+        assumed state; precise: the engines' KV events; hybrid: a block counts as held when either says so)."""
         m = self._matches.get(source)
         if m is None:
-            if source == "hybrid":
-                a, p = self.matches("approximate"), self.matches("precise")
-                m = dict(a)
-                for slot, n in p.items():
-                    if n > m.get(slot, 0):
-                        m[slot] = n
+            state = self.state
+            approx, precise = state.approx, state.precise
+            cands = state.pool_mask(self.request.model)
+            if source == "hybrid" and approx.masks and precise.masks:
+                m = match_either(approx, precise, self.chain, cands)
             else:
-                index = self.state.precise if source == "precise" else self.state.approx
-                m = match_lazily(index, self.chain, self.state.pool_mask(self.request.model)) if index.masks else {}
+                index = approx if source == "approximate" or (source == "hybrid" and approx.masks) else precise
+                m = match_lazily(index, self.chain, cands) if index.masks else {}
             self._matches[source] = m
         return m
+
+    def uncached_list(self, cands: list[EndpointState], source: str) -> list[int]:
+        """``uncached_tokens`` of every candidate, aligned with ``cands`` (one pass)."""
+        prompt = self.request.num_prompt_tokens
+        m = self.matches(source)
+        if not m:
+            return [prompt] * len(cands)
+        bs = self.state.config.block_size
+        get = m.get
+        return [prompt - (x if (x := get(st.slot, 0) * bs) < prompt else prompt) for st in cands]
 
     def matched_tokens(self, st: EndpointState, source: str) -> int:
         """Prompt tokens the endpoint is believed to hold (never more than the prompt)."""

@@ -3,8 +3,8 @@
 Token prompts use ``shared.core.kv_events.chain_hashes`` (the one hash engines and routers share), so
 the precise index finds exactly the keys the engines report in their KV events. Hashing is the dominant
 cost of a routing decision in Python (a 4,000-token prompt is 250 blocks of 16), so a match walks the
-chain in growing chunks and stops hashing where the longest match ends; the full chain is computed only
-when the decision is committed to the assumed-state index.
+chain in chunks of 32 blocks and stops hashing where the longest match ends; the full chain is computed
+only when the decision is committed to the assumed-state index.
 
 Text prompts (no tokenizer at hand) are cut into ``4 × block_size`` characters, as GIE v1.0's approximate
 prefix plugin does (64 characters ≈ 16 tokens); their keys only serve the approximate index.
@@ -12,12 +12,14 @@ prefix plugin does (64 characters ≈ 16 tokens); their keys only serve the appr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shared.core.kv_events import chain_hashes
 from shared.core.routing.domain import RouteRequest
-from shared.core.routing.prefix_index import PrefixIndex, spread
+from shared.core.routing.prefix_index import PrefixIndex, spread, walk
 
 CHARS_PER_TOKEN = 4
-FIRST_CHUNK = 16  # blocks hashed before the first look at the index; doubles each round
+CHUNK = 32  # blocks hashed per round of a match: hashing stops at most this far past the longest match
 
 
 def text_hashes(text: str, block_chars: int, parent: int) -> list[int]:
@@ -79,16 +81,43 @@ class BlockHashes:
 
 def match_lazily(index: PrefixIndex, chain: BlockHashes, candidates: int) -> dict[int, int]:
     """``PrefixIndex.match`` over a lazily hashed chain: slot → leading blocks held."""
+    return _match(index.masks.get, chain, candidates)
+
+
+def match_either(a: PrefixIndex, b: PrefixIndex, chain: BlockHashes, candidates: int) -> dict[int, int]:
+    """Like ``match_lazily`` where a block counts as held when either index says so (one walk)."""
+    ga, gb = a.masks.get, b.masks.get
     out: dict[int, int] = {}
     alive = candidates
     start = 0
-    step = FIRST_CHUNK
     total = chain.total
     while alive and start < total:
-        end = min(total, start + step)
-        alive = index.walk(chain.upto(end), start, end, alive, out)
+        end = min(total, start + CHUNK)
+        hashes = chain.upto(end)
+        for i in range(start, end):
+            h = hashes[i]
+            nxt = alive & (ga(h, 0) | gb(h, 0))
+            if nxt != alive:
+                if i:
+                    spread(out, alive & ~nxt, i)
+                alive = nxt
+                if not alive:
+                    return out
         start = end
-        step *= 2
+    if alive and start:
+        spread(out, alive, start)
+    return out
+
+
+def _match(get: Callable[[int, int], int], chain: BlockHashes, candidates: int) -> dict[int, int]:
+    out: dict[int, int] = {}
+    alive = candidates
+    start = 0
+    total = chain.total
+    while alive and start < total:
+        end = min(total, start + CHUNK)
+        alive = walk(get, chain.upto(end), start, end, alive, out)
+        start = end
     if alive and start:
         spread(out, alive, start)
     return out

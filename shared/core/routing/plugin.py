@@ -60,8 +60,9 @@ class Scorer(Plugin):
     """Rates endpoints in [0, 1]; higher is better."""
 
     @abstractmethod
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float]:
-        """One score per endpoint, aligned with ``cands``."""
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
+        """One score per endpoint, aligned with ``cands``; None when every endpoint scores the same (the
+        scorer cannot tell them apart for this request, so it adds nothing to the ranking)."""
 
 
 class Picker(Plugin):
@@ -72,10 +73,10 @@ class Picker(Plugin):
         """Indexes into ``cands`` (at least one when ``cands`` is not empty)."""
 
 
-def min_max(values: Sequence[float]) -> list[float]:
-    """``(max − v)/(max − min)``: 1 for the lowest value, 0 for the highest, all 1 when equal (GIE queue scorer)."""
+def min_max(values: Sequence[float]) -> list[float] | None:
+    """``(max − v)/(max − min)``: 1 for the lowest value, 0 for the highest; all equal (GIE: all 1) is None."""
     lo, hi = min(values), max(values)
     if hi <= lo:
-        return [1.0] * len(values)
-    span = hi - lo
-    return [(hi - v) / span for v in values]
+        return None
+    inv = 1.0 / (hi - lo)
+    return [(hi - v) * inv for v in values]

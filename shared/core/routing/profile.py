@@ -129,9 +129,16 @@ class Profile:
         totals = [0.0] * len(cands)
         for scorer, w in self.scorers:
             raw = scorer.score(cycle, cands)
-            # clamp to [0, 1]; NaN fails both comparisons and counts 0
-            totals = [t + w * (v if 0.0 <= v <= 1.0 else (1.0 if v > 1.0 else 0.0))
-                      for t, v in zip(totals, raw, strict=True)]
+            if raw is None:
+                continue
+            if len(raw) != len(cands):
+                raise ValueError(f"scorer {scorer.name!r} returned {len(raw)} scores for {len(cands)} endpoints")
+            s = sum(raw)
+            if s == s and min(raw) >= 0.0 and max(raw) <= 1.0:  # the usual case: nothing to clamp, no NaN
+                totals = [t + w * v for t, v in zip(totals, raw, strict=True)]
+            else:  # clamp to [0, 1]; NaN fails both comparisons and counts 0
+                totals = [t + w * (v if 0.0 <= v <= 1.0 else (1.0 if v > 1.0 else 0.0))
+                          for t, v in zip(totals, raw, strict=True)]
         order = self.picker.pick(cycle, cands, totals)
         if not order:
             return ProfileResult(self.name, (), reports=tuple(reports), refusal=f"{self.picker.name}: picked nothing",

@@ -1,9 +1,12 @@
 """The router: admission, the profile handler, shadow profiles and the commit of a decision.
 
 ``route(request, now)`` is the whole decision (pure; ``now`` is the caller's clock). On a decision it
-commits by default: the chosen endpoint is assumed to hold the prompt's blocks (approximate index), the
-request counts as in flight there with its uncached prompt tokens, and the acting plugins learn
-(``picked``). The caller then reports ``first_token`` and ``finished`` (idempotent), and feeds
+commits by default: the request counts as in flight on the chosen endpoint with its uncached prompt
+tokens, the acting plugins learn (``picked``), and the chosen endpoint is assumed to hold the prompt's
+blocks (approximate index). That last step (hashing the rest of the prompt, inserting up to
+``max_prefix_blocks`` hashes) is the most expensive part of a commit, so it is queued and applied by
+``flush()``, which a service calls after sending its reply (llm-d inserts from a goroutine for the same
+reason); ``route`` flushes first, so the next decision always sees it. The caller then reports ``first_token`` and ``finished`` (idempotent), and feeds
 ``update_metrics`` / ``apply_kv_events`` / ``set_endpoints`` as events arrive.
 """
 
@@ -72,6 +75,7 @@ class Router:
         self.last_cycle: Cycle | None = None
         self._flow_config = flow
         self._flows: dict[str, FlowController] = {}
+        self._pending: list[tuple[str, Cycle]] = []
 
     # -- events ---------------------------------------------------------------------------------------
     def set_endpoints(self, endpoints: list[Endpoint]) -> None:
@@ -142,6 +146,8 @@ class Router:
     # -- decisions ------------------------------------------------------------------------------------
     def route(self, request: RouteRequest, now: float, *, commit: bool = True, explain: bool = False) -> Outcome:
         """Decide where ``request`` goes at ``now``."""
+        if self._pending:
+            self.flush()
         pool = self.state.pool(request.model)
         if not pool:
             return Refusal(request.request_id, NO_ENDPOINT, f"no endpoint serves model {request.model!r}")
@@ -165,6 +171,12 @@ class Router:
             self.commit(cycle, decision)
         return decision
 
+    def flush(self) -> None:
+        """Apply queued assumed-state insertions (idempotent; ``route`` calls it first)."""
+        pending, self._pending = self._pending, []
+        for endpoint_id, cycle in pending:
+            self.state.remember(endpoint_id, cycle.chain.all())
+
     def _run_shadows(self, cycle: Cycle, pool: list, acting: str) -> None:  # type: ignore[type-arg]
         for prof in self._shadows:
             res = prof.run(cycle, pool, explain=True)
@@ -176,15 +188,14 @@ class Router:
         target = st.endpoints.get(decision.endpoint)
         if target is None:
             return
-        hashes = cycle.chain.all()
         if decision.prefill is not None:
             pf = st.endpoints[decision.prefill]
             st.dispatched(decision.request_id + PREFILL_SUFFIX, pf.id, cycle.uncached_tokens(pf, ACCOUNTING_SOURCE))
             st.dispatched(decision.request_id, target.id, 0)
-            st.remember(pf.id, hashes)
+            self._pending.append((pf.id, cycle))
         else:
             st.dispatched(decision.request_id, target.id, cycle.uncached_tokens(target, ACCOUNTING_SOURCE))
-        st.remember(target.id, hashes)
+        self._pending.append((target.id, cycle))
         for name, res in decision.results.items():
             if not res.endpoints:
                 continue

@@ -95,6 +95,7 @@ class PoolState:
         if step_model is not None:
             self.step_models[endpoint.id] = step_model
         self._prefill_rate.pop(endpoint.id, None)
+        st.prefill_rate = self.prefill_rate(st)
         return st
 
     def remove(self, endpoint_id: str) -> None:

@@ -88,4 +88,4 @@ def test_index_never_exceeds_capacity_per_endpoint_and_masks_agree(ops: list[tup
     for h, mask in idx.masks.items():
         assert mask != 0
         for slot in range(6):
-            assert bool(mask >> slot & 1) == (h in idx._lru.get(slot, {}))
+            assert bool(mask >> slot & 1) == idx.holds(slot, h)

@@ -71,6 +71,8 @@ def test_every_scorer_stays_within_0_and_1(specs: list, request: RouteRequest, w
     c = cycle(state, request)
     for name, cls in SCORERS.items():
         values = cls(name, cls.Params()).score(c, cands(state))
+        if values is None:
+            continue
         assert len(values) == len(specs)
         assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values), (name, values)
 
@@ -98,5 +100,6 @@ def test_the_assumed_state_index_is_bounded_by_capacity_times_endpoints(n: int, 
     for i in range(n):
         r.route(RouteRequest(str(i), "m", token_ids=[i] * prompt), NOW)
         r.finished(str(i))
+    r.flush()
     assert state.approx.entries() <= 64 * 3
     assert state.in_flight() == 0

@@ -100,6 +100,16 @@ def test_commit_counts_in_flight_until_first_token_and_finish_idempotently() -> 
     assert isinstance(second, Decision) and r.state.endpoints[second.endpoint].inflight_tokens == 0  # all cached
 
 
+def test_the_assumed_state_insertion_waits_for_flush_or_the_next_decision() -> None:
+    r = router(PREFIX_ONLY, pool(met(), met()))
+    r.route(req("a", tokens=320), NOW)
+    assert len(r.state.approx) == 0
+    r.flush()
+    assert len(r.state.approx) == 20
+    r.flush()
+    assert r.state.approx.entries() == 20
+
+
 def test_route_without_commit_changes_nothing() -> None:
     r = router(PREFIX_ONLY, pool(met(), met()))
     r.route(req("a", tokens=320), NOW, commit=False)

@@ -15,18 +15,20 @@ from shared.core.routing.scorers.token_load import TokenLoadParams
 from tests.unit.routing.helpers import cands, cycle, met, pool, req
 
 
-def score(name: str, state: object, request: object = None, params: object = None) -> list[float]:
+def score(name: str, state: object, request: object = None, params: object = None) -> list[float] | None:
+    """Rounded scores; None when the scorer says every endpoint scores the same."""
     cls = SCORERS[name]
     s = cls(name, params if params is not None else cls.Params())  # type: ignore[arg-type]
-    return [round(v, 6) for v in s.score(cycle(state, request), cands(state))]  # type: ignore[arg-type]
+    raw = s.score(cycle(state, request), cands(state))  # type: ignore[arg-type]
+    return None if raw is None else [round(v, 6) for v in raw]
 
 
 def test_queue_scorer_is_min_max_of_waiting() -> None:
     assert score("queue-scorer", pool(met(waiting=0), met(waiting=5), met(waiting=10))) == [1.0, 0.5, 0.0]
 
 
-def test_queue_scorer_gives_everyone_1_when_equal_and_missing_metrics_count_as_worst() -> None:
-    assert score("queue-scorer", pool(met(waiting=3), met(waiting=3))) == [1.0, 1.0]
+def test_queue_scorer_cannot_tell_equal_queues_apart_and_missing_metrics_count_as_worst() -> None:
+    assert score("queue-scorer", pool(met(waiting=3), met(waiting=3))) is None
     assert score("queue-scorer", pool(met(waiting=2), None, met(waiting=4))) == [1.0, 0.0, 0.0]
 
 
@@ -42,10 +44,10 @@ def test_running_requests_scorer_is_min_max_of_running() -> None:
     ((0, 2, 4), ActiveParams(), [1.0, 0.5, 0.0]),
     ((1, 2, 4), ActiveParams(idle_threshold=1), [1.0, 0.5, 0.0]),
     ((0, 2, 4), ActiveParams(max_busy_score=0.5), [1.0, 0.25, 0.0]),
-    ((0, 0), ActiveParams(), [1.0, 1.0]),
+    ((0, 0), ActiveParams(), None),
 ])
 def test_active_request_scorer_follows_llmd(counts: tuple[int, ...], params: ActiveParams,
-                                            expected: list[float]) -> None:
+                                            expected: list[float] | None) -> None:
     state = pool(*(met() for _ in counts))
     for i, c in enumerate(counts):
         state.endpoints[f"e{i}"].inflight_requests = c
@@ -81,14 +83,15 @@ def test_prefix_scorer_reads_the_chosen_index() -> None:
     assert score("prefix-cache-scorer", state, r, PrefixParams(source="approximate")) == [0.5, 0.0, 0.0]
     assert score("prefix-cache-scorer", state, r, PrefixParams(source="precise")) == [0.0, 1.0, 0.0]
     assert score("prefix-cache-scorer", state, r, PrefixParams(source="hybrid")) == [0.5, 1.0, 0.0]
-    assert score("prefix-cache-scorer", state, req(), PrefixParams()) == [0.0, 0.0, 0.0]
+    assert score("prefix-cache-scorer", state, req(), PrefixParams()) is None  # nothing to hash
+    assert score("prefix-cache-scorer", state, req(tokens=160, seed=5), PrefixParams()) is None  # no match anywhere
 
 
 def test_lora_affinity_table() -> None:
     state = pool(met(active_loras=("a",)), met(active_loras=("b",)), met(active_loras=("b", "c"), waiting_loras=("a",)),
                  met(active_loras=("b", "c")), None, max_loras=2)
     assert score("lora-affinity-scorer", state, req(lora="a")) == [1.0, 0.8, 0.6, 0.0, 0.0]
-    assert score("lora-affinity-scorer", state, req()) == [1.0] * 5
+    assert score("lora-affinity-scorer", state, req()) is None
 
 
 def test_no_hit_lru_spreads_cold_requests_and_is_neutral_for_warm_ones() -> None:
@@ -97,13 +100,13 @@ def test_no_hit_lru_spreads_cold_requests_and_is_neutral_for_warm_ones() -> None
     state = pool(met(), met(), met())
     s = NoHitLruScorer("n", NoHitParams(source="approximate"))
     cold = cycle(state, req(tokens=32, seed=9))
-    assert s.score(cold, cands(state)) == [1.0, 1.0, 1.0]
+    assert s.score(cold, cands(state)) is None  # nobody took a cold request yet
     s.picked(cold, state.endpoints["e1"])
     s.picked(cold, state.endpoints["e0"])
     assert s.score(cold, cands(state)) == [0.0, 1.0, 1.0]  # e2 never used; e1 least recent; e0 most recent
     state.remember("e2", cold.chain.all())
     warm = cycle(state, req(tokens=32, seed=9))
-    assert s.score(warm, cands(state)) == [0.5, 0.5, 0.5]
+    assert s.score(warm, cands(state)) is None  # neutral 0.5 everywhere
 
 
 def test_predicted_latency_uses_each_endpoints_own_gpu_model() -> None:
@@ -124,4 +127,4 @@ def test_predicted_latency_halves_endpoints_missing_the_slo() -> None:
     state.endpoints["e1"].inflight_tokens = 15_928  # one more second of prefill at the default rate
     r = req(tokens=1600, seed=5, slo_ttft_s=0.5)
     got = score("predicted-latency-scorer", state, r)
-    assert got[0] == 1.0 and got[1] == pytest.approx(0.5 * 1600 / (1600 + 15_928), abs=1e-6)
+    assert got is not None and got[0] == 1.0 and got[1] == pytest.approx(0.5 * 1600 / (1600 + 15_928), abs=1e-6)

@@ -15,4 +15,4 @@ class DrainingFilter(Filter):
 
     def filter(self, cycle: Cycle, cands: list[EndpointState]) -> list[EndpointState]:
         """Keep endpoints whose last report does not say draining."""
-        return [st for st in cands if st.metrics is None or not st.metrics.draining]
+        return [st for st in cands if (m := st.metrics) is None or not m.draining]

@@ -30,8 +30,7 @@ class AffinityParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 def estimated_ttft(cycle: Cycle, st: EndpointState, source: str) -> float:
     """Seconds to prefill what is queued on ``st`` plus this request's uncached tokens there."""
-    tokens = st.inflight_tokens + cycle.uncached_tokens(st, source)
-    return tokens / cycle.state.prefill_rate(st)
+    return (st.inflight_tokens + cycle.uncached_tokens(st, source)) / st.prefill_rate
 
 
 class PrefixAffinityFilter(Filter):

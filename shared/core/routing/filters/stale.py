@@ -41,7 +41,7 @@ class StaleMetricsFilter(Filter):
     def filter(self, cycle: Cycle, cands: list[EndpointState]) -> list[EndpointState]:
         """Keep endpoints whose metrics are at most the bound old."""
         oldest = cycle.now - self._bound(cycle)
-        return [st for st in cands if st.metrics is not None and st.metrics.ts >= oldest]
+        return [st for st in cands if (m := st.metrics) is not None and m.ts >= oldest]
 
     def why(self, cycle: Cycle) -> str:
         """States the bound."""

@@ -7,6 +7,7 @@ them on one endpoint (llm-d-router PR #2515 notes the opposite trade-off for rep
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
 import msgspec
@@ -37,10 +38,10 @@ class MaxScorePicker(Picker):
         n = len(totals)
         if n == 0:
             return []
+        floor = max(totals) - EPS
+        ties = [i for i, t in enumerate(totals) if t >= floor]
+        first = ties[cycle.rng.randrange(len(ties))] if len(ties) > 1 else ties[0]
         if k == 1:
-            best = max(totals)
-            ties = [i for i in range(n) if totals[i] >= best - EPS]
-            return [ties[cycle.rng.randrange(len(ties))] if len(ties) > 1 else ties[0]]
-        rnd = cycle.rng.random
-        order = sorted(range(n), key=lambda i: (-round(totals[i], 9), rnd()))
-        return order[:k]
+            return [first]
+        rest = heapq.nlargest(k, range(n), key=totals.__getitem__)
+        return [first, *[i for i in rest if i != first][: k - 1]]

@@ -37,7 +37,7 @@ class ActiveRequestScorer(Scorer):
             out.append(f"max_busy_score must be in [0, 1] (got {params.max_busy_score})")
         return out
 
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float]:
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
         """The llm-d formula over in-flight counts."""
         p = self.params
         assert isinstance(p, ActiveParams)
@@ -45,5 +45,5 @@ class ActiveRequestScorer(Scorer):
         top = max(counts)
         idle, busy = p.idle_threshold, p.max_busy_score
         if top <= 0:
-            return [1.0] * len(cands)
+            return None
         return [1.0 if c <= idle else (top - c) / top * busy for c in counts]

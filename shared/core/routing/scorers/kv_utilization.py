@@ -14,9 +14,5 @@ class KvUtilizationScorer(Scorer):
 
     def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float]:
         """``1 − kv_usage`` clamped to [0, 1]."""
-        out = []
-        for st in cands:
-            m = st.metrics
-            v = 1.0 - m.kv_usage if m is not None else 0.0
-            out.append(0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
-        return out
+        return [(1.0 - u if 0.0 <= (u := m.kv_usage) <= 1.0 else (0.0 if u > 1.0 else 1.0))
+                if (m := st.metrics) is not None else 0.0 for st in cands]

@@ -31,9 +31,9 @@ class LoraAffinityScorer(Scorer):
 
     type_name = "lora-affinity-scorer"
 
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float]:
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
         """The GIE table."""
         adapter = cycle.request.lora
         if not adapter:
-            return [1.0] * len(cands)
+            return None
         return [lora_score(st, adapter) for st in cands]

@@ -49,13 +49,13 @@ class NoHitLruScorer(Scorer):
         assert isinstance(self.params, NoHitParams)
         return not cycle.matches(self.params.source)
 
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float]:
-        """1 for never-used, else by recency; 0.5 for warm requests."""
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
+        """1 for never-used, else by recency; 0.5 for warm requests (None: the same for all)."""
         if not self._cold(cycle):
-            return [NEUTRAL] * len(cands)
+            return None
         recent = self._recent
         if not recent:
-            return [1.0] * len(cands)
+            return None
         rank = {eid: i for i, eid in enumerate(recent)}  # 0 = least recent
         top = max(len(rank) - 1, 1)
         out = []

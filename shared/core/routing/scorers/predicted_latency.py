@@ -30,13 +30,19 @@ class LatencyParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     source: str = "hybrid"
 
 
+def ttft(st: EndpointState, uncached: int) -> float:
+    """Seconds until a request with ``uncached`` prompt tokens there gets its first token on ``st``."""
+    b = st.endpoint.max_num_batched_tokens or 1
+    m = st.metrics
+    running = m.running if m is not None else 0
+    share = 1.0 - (running if running < b / 2 else b / 2) / b
+    tokens = st.inflight_tokens + uncached
+    return (tokens if tokens > 1 else 1) / (st.prefill_rate * share)
+
+
 def predicted_ttft(cycle: Cycle, st: EndpointState, source: str) -> float:
     """Seconds until the request's first token on ``st`` (formula above)."""
-    b = max(st.endpoint.max_num_batched_tokens, 1)
-    running = st.metrics.running if st.metrics is not None else 0
-    share = 1.0 - min(running, b / 2) / b
-    tokens = st.inflight_tokens + cycle.uncached_tokens(st, source)
-    return max(tokens, 1) / (cycle.state.prefill_rate(st) * share)
+    return ttft(st, cycle.uncached_tokens(st, source))
 
 
 class PredictedLatencyScorer(Scorer):
@@ -57,7 +63,15 @@ class PredictedLatencyScorer(Scorer):
         """``min TTFT / TTFT``, halved where the TTFT SLO would be missed."""
         assert isinstance(self.params, LatencyParams)
         src = self.params.source
-        ttfts = [predicted_ttft(cycle, st, src) for st in cands]
+        ttfts: list[float] = []
+        append = ttfts.append
+        for st, u in zip(cands, cycle.uncached_list(cands, src), strict=True):  # ``ttft`` inlined: the hot loop
+            b = st.endpoint.max_num_batched_tokens or 1
+            m = st.metrics
+            running = m.running if m is not None else 0
+            tokens = st.inflight_tokens + u
+            share = 1.0 - (running if running < b / 2 else b / 2) / b
+            append((tokens if tokens > 1 else 1) / (st.prefill_rate * share))
         best = min(ttfts)
         slo = cycle.request.slo_ttft_s
         out = [best / t for t in ttfts]

@@ -59,14 +59,16 @@ class PrefixCacheScorer(Scorer):
             out.append(f"scale_tokens must be >= 1 (got {params.scale_tokens})")
         return out
 
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float]:
-        """Matched share per endpoint."""
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
+        """Matched share per endpoint (None when nothing matches anywhere: all 0)."""
         p = self.params
         assert isinstance(p, PrefixParams)
         total = cycle.chain.total
         if total == 0:
-            return [0.0] * len(cands)
+            return None
         matches = cycle.matches(p.source)
+        if not matches:
+            return None
         if p.match_length_weight == 0.0:
             inv = 1.0 / total
             return [matches.get(st.slot, 0) * inv for st in cands]

@@ -15,8 +15,8 @@ class QueueScorer(Scorer):
 
     type_name = "queue-scorer"
 
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float]:
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
         """Min-max of ``waiting``."""
-        qs = [st.metrics.waiting if st.metrics is not None else -1 for st in cands]
+        qs = [m.waiting if (m := st.metrics) is not None else -1 for st in cands]
         worst = max(qs)
         return min_max([q if q >= 0 else worst for q in qs])

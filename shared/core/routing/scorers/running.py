@@ -12,8 +12,8 @@ class RunningRequestsScorer(Scorer):
 
     type_name = "running-requests-scorer"
 
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float]:
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
         """Min-max of ``running``; endpoints without metrics count as the busiest."""
-        rs = [st.metrics.running if st.metrics is not None else -1 for st in cands]
+        rs = [m.running if (m := st.metrics) is not None else -1 for st in cands]
         worst = max(rs)
         return min_max([r if r >= 0 else worst for r in rs])

@@ -41,9 +41,6 @@ class TokenLoadScorer(Scorer):
         p = self.params
         assert isinstance(p, TokenLoadParams)
         inv = 1.0 / p.queue_threshold_tokens
-        src = p.source
-        out = []
-        for st in cands:
-            load = (st.inflight_tokens + cycle.uncached_tokens(st, src)) * inv
-            out.append(1.0 - load if load < 1.0 else 0.0)
-        return out
+        unc = cycle.uncached_list(cands, p.source)
+        return [1.0 - x if (x := (st.inflight_tokens + u) * inv) < 1.0 else 0.0
+                for st, u in zip(cands, unc, strict=True)]
