@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from shared.core.engine import CalibratedStepTime  # noqa: E402
 from shared.core.kv_events import BlockStored, KVEventBatch, chain_hashes  # noqa: E402
-from shared.core.routing import Endpoint, EndpointMetrics, RouteRequest, Router, builtin_config  # noqa: E402
+from shared.core.routing import Endpoint, EndpointMetrics, Router, RouteRequest, builtin_config  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
 ENDPOINTS, TENANTS, PREFIX, PROMPT = 100, 200, 2048, 4000

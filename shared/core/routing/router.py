@@ -6,8 +6,9 @@ tokens, the acting plugins learn (``picked``), and the chosen endpoint is assume
 blocks (approximate index). That last step (hashing the rest of the prompt, inserting up to
 ``max_prefix_blocks`` hashes) is the most expensive part of a commit, so it is queued and applied by
 ``flush()``, which a service calls after sending its reply (llm-d inserts from a goroutine for the same
-reason); ``route`` flushes first, so the next decision always sees it. The caller then reports ``first_token`` and ``finished`` (idempotent), and feeds
-``update_metrics`` / ``apply_kv_events`` / ``set_endpoints`` as events arrive.
+reason); ``route`` flushes first, so the next decision always sees it. The caller then reports
+``first_token`` and ``finished`` (idempotent), and feeds ``update_metrics`` / ``apply_kv_events`` /
+``set_endpoints`` as events arrive.
 """
 
 from __future__ import annotations
