@@ -23,6 +23,7 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None
+    enable_kv_events: bool = False  # record BlockStored/BlockRemoved/AllBlocksCleared (vLLM's KV events)
 
     def problems(self) -> list[str]:
         """Every violated constraint, as readable sentences (empty when the config is usable)."""

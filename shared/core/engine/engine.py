@@ -16,6 +16,7 @@ from shared.core.engine.request import Request
 from shared.core.engine.scheduler import Scheduler, StepOutput
 from shared.core.engine.stats import LogHistogram
 from shared.core.engine.step_time import StepTimeModel
+from shared.core.kv_events import KVEventBatch
 
 
 @dataclass(slots=True)
@@ -68,6 +69,17 @@ class Engine:
         """Requests waiting or running."""
         s = self.scheduler
         return len(s.running) + len(s.waiting)
+
+    def take_kv_events(self, data_parallel_rank: int | None = None) -> KVEventBatch | None:
+        """KV-cache events since the last call, stamped with the end of the last step; None if there are none.
+
+        Call it after each step (real-time drivers) or after ``run_until`` (a fast-forwarded run of decode
+        steps reports its events in one batch).
+        """
+        events = self.scheduler.take_kv_events()
+        if not events:
+            return None
+        return KVEventBatch(ts=self.last_step_end, events=events, data_parallel_rank=data_parallel_rank)
 
     # -- stepping -------------------------------------------------------------------------------------
     def schedule_step(self) -> tuple[StepOutput, float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import IntEnum, StrEnum
 
+from shared.core.kv_events import ROOT_HASH, chain_root, lora_int_id
+
 
 class RequestStatus(IntEnum):
     """Where a request is in its life."""
@@ -46,8 +48,11 @@ class Request:
         "finish_time",
         "first_scheduled_time",
         "first_token_time",
+        "hash_root",
         "ignore_eos",
         "last_token_time",
+        "lora",
+        "lora_id",
         "max_tokens",
         "min_tokens",
         "next_full",
@@ -88,7 +93,8 @@ class Request:
         arrival_time: float = 0.0,
         sampled_token_ids: Sequence[int] | None = None,
         filler_token: int = 0,
-        cache_salt: int = 0,
+        cache_salt: int = ROOT_HASH,
+        lora: str | None = None,
         uid: int = -1,
     ) -> None:
         if prompt_token_ids is not None:
@@ -113,6 +119,9 @@ class Request:
         self.sampled_token_ids = list(sampled_token_ids) if sampled_token_ids is not None else None
         self.filler_token = filler_token
         self.cache_salt = cache_salt
+        self.lora = lora
+        self.lora_id = lora_int_id(lora) if lora is not None else None
+        self.hash_root = chain_root(cache_salt, self.lora_id)  # parent hash of the first block
         self.status = RequestStatus.WAITING
         self.num_tokens = self.prompt_len
         self.num_output_tokens = 0

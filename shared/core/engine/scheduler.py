@@ -15,6 +15,7 @@ from shared.core.engine.queues import make_queue
 from shared.core.engine.request import FinishReason, Request, RequestStatus
 from shared.core.engine.stats import SchedulerCounters
 from shared.core.engine.stop import find_stop
+from shared.core.kv_events import KVEvent
 
 RUNNING = RequestStatus.RUNNING
 
@@ -50,7 +51,9 @@ class Scheduler:
         if problems:
             raise ValueError("; ".join(problems))
         self.config = config
-        self.kv = KVCache(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCache(
+            config.num_gpu_blocks, config.block_size, config.enable_prefix_caching, config.enable_kv_events
+        )
         self.waiting = make_queue(config.policy)
         self.running: list[Request] = []
         self.counters = SchedulerCounters()
@@ -303,6 +306,14 @@ class Scheduler:
         else:
             return
         self._finish(req, now, FinishReason.ABORT, None)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's ``reset_prefix_cache``): only when no request holds a block."""
+        return self.kv.reset()
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """KV-cache events since the last call, in the order they happened (empty when events are off)."""
+        return self.kv.take_events()
 
     # -- views ----------------------------------------------------------------------------------------
     @property
