@@ -3,8 +3,12 @@
 There is no prefill/decode split: every step tries to bring each scheduled request's
 ``num_computed_tokens`` up to ``num_tokens``, which covers chunked prefill, prefix hits and decode alike.
 The running pass goes first (with recompute preemption when the pool runs dry); the waiting pass admits
-new work only if nothing was preempted. This is the hot loop of every simulation: it touches each running
-request once with plain integer arithmetic and allocates only on block boundaries.
+new work only if nothing was preempted. As in vLLM v0.33, ``long_prefill_token_threshold`` does not cap
+a request that is the only one running or waiting, and a request that is its own preemption victim
+(priority policy) does not end the running pass: the requests after it are still scheduled.
+
+This is the hot loop of every simulation: it touches each running request once with plain integer
+arithmetic and allocates only on block boundaries.
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ class Scheduler:
             c = req.num_computed_tokens
             nt = req.num_tokens
             n = nt - c
-            if 0 < thr < n:
+            if 0 < thr < n and (nrun > 1 or len(self.waiting) > 0):  # a lone request is never capped
                 n = thr
             if n > budget:
                 n = budget
@@ -154,7 +158,9 @@ class Scheduler:
                     if self_preempted:
                         break
                 if self_preempted:
-                    break
+                    # vLLM v0.33: go on with the requests after it (only priority can get here with any:
+                    # FCFS preempts the last running request); running[i] is now the next one
+                    continue
                 kv.allocate(req, need)
             if caching and total >= req.next_full:
                 kv.cache_full_blocks(req, total)
@@ -198,7 +204,7 @@ class Scheduler:
             hits = kv.lookup(req)
             hit_tokens = len(hits) * bs
             n = req.num_tokens - hit_tokens
-            if 0 < thr < n:
+            if 0 < thr < n and len(running) + len(waiting) > 1:  # a lone request is never capped
                 n = thr
             if n > mml - 1 - hit_tokens:
                 n = mml - 1 - hit_tokens
