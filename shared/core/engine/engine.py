@@ -43,9 +43,19 @@ class EngineStats:
 class Engine:
     """One emulated model server's engine."""
 
-    def __init__(self, config: SchedulerConfig, step_model: StepTimeModel, *, fast_forward: bool = True) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        step_model: StepTimeModel,
+        *,
+        fast_forward: bool = True,
+        lora_load_s: float = 0.0,
+    ) -> None:
+        if lora_load_s < 0:
+            raise ValueError("lora_load_s must be >= 0")
         self.scheduler = Scheduler(config)
         self.step_model = step_model
+        self.lora_load_s = lora_load_s  # a step that first uses an unloaded adapter waits this long per adapter
         self.fast_forward = fast_forward
         self.now = 0.0  # when the engine can start its next step
         self.stats = EngineStats()
@@ -88,6 +98,8 @@ class Engine:
         d = self.step_model.step_time(
             out.num_tokens, len(out.scheduled), len(out.sampling), out.attn_work, out.kv_read
         )
+        if out.lora_loads:
+            d += self.lora_load_s * len(out.lora_loads)
         return out, d
 
     def finish_step(self, out: StepOutput, start: float, duration: float) -> list[Request]:

@@ -17,7 +17,7 @@ from shared.core.engine.config import SchedulerConfig
 from shared.core.engine.kv_cache import KVCache
 from shared.core.engine.queues import make_queue
 from shared.core.engine.request import FinishReason, Request, RequestStatus
-from shared.core.engine.stats import SchedulerCounters
+from shared.core.engine.stats import LoraStats, SchedulerCounters
 from shared.core.engine.stop import find_stop
 from shared.core.kv_events import KVEvent
 
@@ -31,7 +31,16 @@ class StepOutput:
     tokens on c already-computed ones.
     """
 
-    __slots__ = ("attn_work", "kv_read", "num_scheduled", "num_tokens", "preempted", "sampling", "scheduled")
+    __slots__ = (
+        "attn_work",
+        "kv_read",
+        "lora_loads",
+        "num_scheduled",
+        "num_tokens",
+        "preempted",
+        "sampling",
+        "scheduled",
+    )
 
     def __init__(self) -> None:
         self.scheduled: list[Request] = []
@@ -41,6 +50,7 @@ class StepOutput:
         self.num_tokens = 0
         self.attn_work = 0
         self.kv_read = 0
+        self.lora_loads: list[str] = []  # adapters this step had to load before it could run
 
     def pairs(self) -> list[tuple[str, int]]:
         """``(request id, tokens)`` in scheduling order."""
@@ -64,6 +74,8 @@ class Scheduler:
         self._priority = config.policy == "priority"
         self._max_model_len = config.model_len_limit
         self._next_uid = 0
+        self.lora_running: dict[str, int] = {}  # adapter -> running requests using it
+        self.lora_loaded: dict[str, None] = {}  # adapters loaded, least recently admitted first
 
     # -- intake ---------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -82,6 +94,8 @@ class Scheduler:
             raise ValueError(
                 f"request {req.req_id}: needs {blocks} KV blocks, the pool has {self.config.num_gpu_blocks - 1}"
             )
+        if req.lora is not None and not self.config.max_loras:
+            raise ValueError(f"request {req.req_id}: LoRA adapter {req.lora!r} but LoRA is off (max_loras=0)")
         if req.uid < 0:
             req.uid = self._next_uid
         self._next_uid = max(self._next_uid, req.uid) + 1
@@ -199,8 +213,15 @@ class Scheduler:
         running = self.running
         waiting = self.waiting
         counters = self.counters
+        max_loras = cfg.max_loras
+        lora_running = self.lora_running
+        skipped: list[Request] = []
         while budget > 0 and len(running) < cfg.max_num_seqs and len(waiting) > 0:
             req = waiting.peek()
+            lora = req.lora
+            if lora is not None and lora not in lora_running and len(lora_running) >= max_loras:
+                skipped.append(waiting.pop())  # its adapter would exceed max_loras: later requests may go
+                continue
             hits = kv.lookup(req)
             hit_tokens = len(hits) * bs
             n = req.num_tokens - hit_tokens
@@ -224,6 +245,8 @@ class Scheduler:
                 kv.cache_full_blocks(req, total)
             req.status = RUNNING
             running.append(req)
+            if lora is not None:
+                self._lora_admit(lora, out)
             if req.first_scheduled_time < 0:
                 req.first_scheduled_time = now
             if req.num_cached_tokens < 0:
@@ -239,7 +262,35 @@ class Scheduler:
             req.num_computed_tokens = total
             if total == req.num_tokens:
                 out.sampling.append(req)
+        for req in reversed(skipped):  # back in front, in their order
+            waiting.prepend(req)
         return budget, attn, kvread
+
+    def _lora_admit(self, lora: str, out: StepOutput) -> None:
+        running = self.lora_running
+        running[lora] = running.get(lora, 0) + 1
+        loaded = self.lora_loaded
+        if lora in loaded:
+            del loaded[lora]  # re-inserted below as the most recently used
+        else:
+            out.lora_loads.append(lora)
+            if len(loaded) >= self.config.lora_cache_size:
+                # unload the least recently admitted adapter no running request uses
+                idle = next((a for a in loaded if a not in running), None)
+                if idle is not None:
+                    del loaded[idle]
+        loaded[lora] = None
+
+    def _lora_release(self, req: Request) -> None:
+        """``req`` (with an adapter) leaves the running set."""
+        lora = req.lora
+        assert lora is not None
+        running = self.lora_running
+        left = running[lora] - 1
+        if left:
+            running[lora] = left
+        else:
+            del running[lora]
 
     def _victim_index(self) -> int:
         running = self.running
@@ -255,6 +306,8 @@ class Scheduler:
         return best
 
     def _preempt(self, req: Request) -> None:
+        if req.lora is not None:
+            self._lora_release(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -287,6 +340,8 @@ class Scheduler:
         self.counters.generation_tokens += len(out.sampling) - skipped
         if finished:
             for req in finished:
+                if req.lora is not None:
+                    self._lora_release(req)
                 self._finish(req, now, req.planned_finish[0], req.planned_finish[1])
             self.running = [r for r in self.running if r.status is RUNNING]
         return finished
@@ -307,6 +362,8 @@ class Scheduler:
         """Drop a request wherever it is (client went away); frees its blocks."""
         if req.status is RUNNING:
             self.running.remove(req)
+            if req.lora is not None:
+                self._lora_release(req)
         elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(req)
         else:
@@ -322,6 +379,11 @@ class Scheduler:
         return self.kv.take_events()
 
     # -- views ----------------------------------------------------------------------------------------
+    def lora_stats(self) -> LoraStats:
+        """Adapters of running and of waiting requests (vLLM's ``lora_requests_info``)."""
+        waiting = {r.lora for r in self.waiting if r.lora is not None}
+        return LoraStats(sorted(self.lora_running), sorted(waiting), self.config.max_loras, sorted(self.lora_loaded))
+
     @property
     def num_waiting(self) -> int:
         """Requests in the waiting queue (new and preempted)."""

@@ -27,6 +27,16 @@ class SchedulerCounters:
     finished_by_reason: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class LoraStats:
+    """LoRA adapters in use: the labels of vLLM's ``vllm:lora_requests_info`` gauge, plus what is loaded."""
+
+    running: list[str]
+    waiting: list[str]
+    max_loras: int
+    loaded: list[str]
+
+
 class Histogram:
     """Cumulative-bucket histogram with weighted observations (Prometheus shape)."""
 

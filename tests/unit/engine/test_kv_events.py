@@ -42,7 +42,7 @@ def test_engine_block_hashes_equal_chain_hashes_of_the_tokens() -> None:
 
 
 def test_salt_and_lora_change_the_root_of_the_chain() -> None:
-    s = make_scheduler(enable_prefix_caching=True, enable_kv_events=True)
+    s = make_scheduler(enable_prefix_caching=True, enable_kv_events=True, max_loras=1)
     toks = list(range(64))
     a = Request("a", toks, max_tokens=1, cache_salt=7)
     b = Request("b", toks, max_tokens=1, lora="sql-adapter")
