@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from shared.core.roles import NodeRole
+
 Policy = Literal["fcfs", "priority"]
 POLICIES: tuple[str, ...] = ("fcfs", "priority")
 UNLIMITED_LEN = 1 << 40
@@ -26,6 +28,7 @@ class SchedulerConfig:
     enable_kv_events: bool = False  # record BlockStored/BlockRemoved/AllBlocksCleared (vLLM's KV events)
     max_loras: int = 0  # LoRA adapters one batch may use (vLLM's max_loras); 0 = LoRA off
     max_cpu_loras: int | None = None  # adapters kept loaded (vLLM's max_cpu_loras); default max_loras
+    role: NodeRole = NodeRole.MIXED  # P/D: prefill-only engines finish requests after their prefill
 
     def problems(self) -> list[str]:
         """Every violated constraint, as readable sentences (empty when the config is usable)."""

@@ -13,15 +13,23 @@ arithmetic and allocates only on block boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shared.core.engine.config import SchedulerConfig
 from shared.core.engine.kv_cache import KVCache
+from shared.core.engine.pd import KVHandoff
 from shared.core.engine.queues import make_queue
 from shared.core.engine.request import FinishReason, Request, RequestStatus
 from shared.core.engine.stats import LoraStats, SchedulerCounters
 from shared.core.engine.stop import find_stop
 from shared.core.kv_events import KVEvent
+from shared.core.roles import NodeRole
 
 RUNNING = RequestStatus.RUNNING
+
+
+def _no_transfer_time(num_tokens: int) -> float:
+    return 0.0
 
 
 class StepOutput:
@@ -76,6 +84,11 @@ class Scheduler:
         self._next_uid = 0
         self.lora_running: dict[str, int] = {}  # adapter -> running requests using it
         self.lora_loaded: dict[str, None] = {}  # adapters loaded, least recently admitted first
+        self._prefill_only = config.role is NodeRole.PREFILL
+        self.remote_wait: list[Request] = []  # P/D decode side: holding blocks, KV still on the way
+        self.sending: list[tuple[float, Request]] = []  # P/D prefill side: (release time, finished request)
+        self.kv_bytes_per_token = 0
+        self.kv_transfer_time: Callable[[int], float] = _no_transfer_time  # seconds to move n tokens' KV
 
     # -- intake ---------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -96,18 +109,52 @@ class Scheduler:
             )
         if req.lora is not None and not self.config.max_loras:
             raise ValueError(f"request {req.req_id}: LoRA adapter {req.lora!r} but LoRA is off (max_loras=0)")
+        if req.kv_pending and self._prefill_only:
+            raise ValueError(f"request {req.req_id}: remote prefill sent to a prefill-only engine")
         if req.uid < 0:
             req.uid = self._next_uid
         self._next_uid = max(self._next_uid, req.uid) + 1
         finish_at, reason, stop = find_stop(req, self._max_model_len)
+        if self._prefill_only and finish_at > 1:  # the prefill request ends with its first token
+            finish_at, reason, stop = 1, FinishReason.LENGTH, None
         req.finish_at = finish_at
         req.planned_finish = (reason, stop)
         req.status = RequestStatus.WAITING
         self.waiting.add(req)
 
     def has_work(self) -> bool:
-        """True while any request is waiting or running."""
-        return bool(self.running) or len(self.waiting) > 0
+        """True while any request is waiting, running or waiting for remote KV."""
+        return bool(self.running) or len(self.waiting) > 0 or bool(self.remote_wait)
+
+    def next_wakeup(self) -> float | None:
+        """Earliest time a KV transfer completes (a parked request becomes runnable or held blocks free up)."""
+        times = [r.kv_ready_at for r in self.remote_wait] + [t for t, _ in self.sending]
+        return min(times) if times else None
+
+    def _advance_transfers(self, now: float) -> None:
+        """Free blocks whose KV was sent; queue requests whose KV arrived (front of waiting, in order)."""
+        if self.sending:
+            keep: list[tuple[float, Request]] = []
+            for t, r in self.sending:
+                if t <= now:
+                    self.kv.free(r)
+                else:
+                    keep.append((t, r))
+            self.sending = keep
+        if self.remote_wait:
+            arrived = [r for r in self.remote_wait if r.kv_ready_at <= now]
+            if not arrived:
+                return
+            self.remote_wait = [r for r in self.remote_wait if r.kv_ready_at > now]
+            kv = self.kv
+            for r in arrived:
+                r.kv_pending = False
+                r.num_computed_tokens = r.num_tokens - 1  # the last prompt token is recomputed for its logits
+                if kv.enable_caching:
+                    kv.cache_full_blocks(r, r.num_computed_tokens)
+                r.status = RequestStatus.WAITING
+            for r in reversed(arrived):
+                self.waiting.prepend(r)
 
     # -- the step -------------------------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepOutput:
@@ -119,6 +166,8 @@ class Scheduler:
         mml = self._max_model_len
         budget = cfg.max_num_batched_tokens
         running = self.running
+        if self.remote_wait or self.sending:
+            self._advance_transfers(now)
         out = StepOutput()
         sched, nums, sampling, preempted = out.scheduled, out.num_scheduled, out.sampling, out.preempted
         attn = 0
@@ -222,6 +271,26 @@ class Scheduler:
             if lora is not None and lora not in lora_running and len(lora_running) >= max_loras:
                 skipped.append(waiting.pop())  # its adapter would exceed max_loras: later requests may go
                 continue
+            if req.kv_pending:  # P/D decode side: take blocks for the prompt and wait for its KV
+                if not self._park_for_remote_kv(req, now):
+                    break
+                continue
+            if req.block_ids:  # its remote KV arrived: only the last prompt token is left to compute
+                n = req.num_tokens - req.num_computed_tokens
+                c = req.num_computed_tokens
+                waiting.pop()
+                req.status = RUNNING
+                running.append(req)
+                if lora is not None:
+                    self._lora_admit(lora, out)
+                out.scheduled.append(req)
+                out.num_scheduled.append(n)
+                budget -= n
+                attn += n * c + n * (n + 1) // 2
+                kvread += c + n
+                req.num_computed_tokens = c + n
+                out.sampling.append(req)
+                continue
             hits = kv.lookup(req)
             hit_tokens = len(hits) * bs
             n = req.num_tokens - hit_tokens
@@ -265,6 +334,30 @@ class Scheduler:
         for req in reversed(skipped):  # back in front, in their order
             waiting.prepend(req)
         return budget, attn, kvread
+
+    def _park_for_remote_kv(self, req: Request, now: float) -> bool:
+        kv = self.kv
+        bs = self.config.block_size
+        hits = kv.lookup(req)
+        blocks = -(-req.num_tokens // bs)
+        if blocks - len(hits) + kv.num_evictable(hits) > kv.num_free:
+            return False
+        self.waiting.pop()
+        kv.take_hits(req, hits)
+        kv.allocate(req, blocks - len(hits))
+        local = len(hits) * bs
+        remote = req.num_tokens - local  # local prefix hits are not transferred
+        req.num_cached_tokens = local
+        req.num_computed_tokens = local
+        req.kv_ready_at = now + self.kv_transfer_time(remote)
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        if req.first_scheduled_time < 0:
+            req.first_scheduled_time = now
+        self.remote_wait.append(req)
+        c = self.counters
+        c.kv_transfers_in += 1
+        c.kv_bytes_in += remote * self.kv_bytes_per_token
+        return True
 
     def _lora_admit(self, lora: str, out: StepOutput) -> None:
         running = self.lora_running
@@ -347,7 +440,10 @@ class Scheduler:
         return finished
 
     def _finish(self, req: Request, now: float, reason: FinishReason, stop: int | None) -> None:
-        self.kv.free(req)
+        if self._prefill_only and reason is not FinishReason.ABORT:
+            self._hand_off(req, now)
+        else:
+            self.kv.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop
@@ -358,6 +454,16 @@ class Scheduler:
         c.finished += 1
         c.finished_by_reason[reason.value] = c.finished_by_reason.get(reason.value, 0) + 1
 
+    def _hand_off(self, req: Request, now: float) -> None:
+        """Prefill side: keep the blocks until the decode side has pulled the prompt's KV."""
+        n = req.prompt_len
+        nbytes = n * self.kv_bytes_per_token
+        req.kv_handoff = KVHandoff(req.req_id, n, nbytes, now, req.token_at(0))
+        self.sending.append((now + self.kv_transfer_time(n), req))
+        c = self.counters
+        c.kv_transfers_out += 1
+        c.kv_bytes_out += nbytes
+
     def abort(self, req: Request, now: float) -> None:
         """Drop a request wherever it is (client went away); frees its blocks."""
         if req.status is RUNNING:
@@ -366,6 +472,8 @@ class Scheduler:
                 self._lora_release(req)
         elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(req)
+        elif req.status is RequestStatus.WAITING_FOR_REMOTE_KVS:
+            self.remote_wait.remove(req)
         else:
             return
         self._finish(req, now, FinishReason.ABORT, None)
@@ -386,8 +494,8 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        """Requests in the waiting queue (new and preempted)."""
-        return len(self.waiting)
+        """Requests waiting: new, preempted, and parked for remote KV (vLLM counts those too)."""
+        return len(self.waiting) + len(self.remote_wait)
 
     @property
     def kv_usage(self) -> float:

@@ -25,6 +25,10 @@ class SchedulerCounters:
     prefix_hits: int = 0
     finished: int = 0
     finished_by_reason: dict[str, int] = field(default_factory=dict)
+    kv_transfers_out: int = 0  # P/D prefill side: prompts handed off, and their KV bytes
+    kv_bytes_out: int = 0
+    kv_transfers_in: int = 0  # P/D decode side: prompts whose KV was pulled from a prefill engine
+    kv_bytes_in: int = 0
 
 
 @dataclass(frozen=True, slots=True)
