@@ -15,6 +15,7 @@ from shared.core.engine import CalibratedStepTime, RooflineStepTime, SchedulerCo
 from shared.core.engine.step_time import RooflineParams
 from shared.core.sim import ROUTERS, ClusterSpec, SimResult, make_router
 from shared.core.sim import simulate as run_sim
+from shared.core.sim.routers import is_gantry
 from shared.traces import TRACES, TraceError, load_trace
 
 
@@ -24,8 +25,10 @@ def build_cluster(
     prefix_caching: bool = True, calibration: tuple[float, float, float] | None = None,
 ) -> ClusterSpec:
     """A cluster of identical replicas from friendly catalogue names; raises ValueError on bad input."""
-    if router not in ROUTERS:
-        raise ValueError(f"unknown router {router!r}; known: {', '.join(ROUTERS)}")
+    if router not in ROUTERS and not is_gantry(router):
+        raise ValueError(f"unknown router {router!r}; known: {', '.join(ROUTERS)}, gantry[:PROFILE]")
+    if is_gantry(router):
+        make_router(router)  # an unknown profile fails here, before any simulation
     if replicas < 1 or tp < 1:
         raise ValueError("--replicas and --tp must be >= 1")
     arch, spec = load_model_arch(model), load_gpu_spec(gpu)
@@ -39,6 +42,7 @@ def build_cluster(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=prefix_caching,
+        enable_kv_events=is_gantry(router),
         max_model_len=min(arch.max_position_embeddings or 1 << 30, blocks * block_size),
     )
     if calibration is not None:
@@ -56,7 +60,9 @@ def simulate(
     gpu: Annotated[str, typer.Option(help="GPU name (e.g. H100-SXM-80GB)")] = "H100-SXM-80GB",
     replicas: Annotated[int, typer.Option(help="number of replicas")] = 16,
     tp: Annotated[int, typer.Option(help="tensor-parallel GPUs per replica")] = 1,
-    router: Annotated[str, typer.Option(help="rr (round robin) or least (least outstanding requests)")] = "rr",
+    router: Annotated[str, typer.Option(
+        help="rr (round robin), least (least outstanding requests), or gantry[:PROFILE] (the routing core with a "
+             "built-in profile: default, gie, approx-prefix, precise-prefix, power-of-two, least-tokens)")] = "rr",
     time_scale: Annotated[float, typer.Option(help="divide arrival times by this (2 = twice the rate)")] = 1.0,
     limit: Annotated[int | None, typer.Option(help="use only the first N requests")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="running-request cap per replica")] = 256,

@@ -139,9 +139,15 @@ class PrefixIndex:
         if held is None:
             return
         clear = ~(1 << slot)
+        masks = self.masks
+        pop = held.pop
         for h in hashes:
-            if held.pop(h, None) is not None:
-                self._drop_bit(h, clear)
+            if pop(h, None) is not None:
+                m = masks.get(h, 0) & clear
+                if m:
+                    masks[h] = m
+                else:
+                    masks.pop(h, None)
 
     def clear(self, slot: int) -> None:
         """Forget everything ``slot`` held (engine reset, or the endpoint left the pool)."""

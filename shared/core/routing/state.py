@@ -159,13 +159,20 @@ class PoolState:
             return 0
         idx, slot = self.precise, st.slot
         cap = int(st.endpoint.num_gpu_blocks * self.config.precise_slack) or DEFAULT_CAPACITY
+        removed: list[int] = []  # engines send one BlockRemoved per evicted block: apply runs of them at once
         for ev in batch.events:
+            if isinstance(ev, BlockRemoved):
+                removed.extend(ev.block_hashes)
+                continue
+            if removed:
+                idx.remove(slot, removed)
+                removed = []
             if isinstance(ev, BlockStored):
                 idx.add(slot, ev.block_hashes, cap)
-            elif isinstance(ev, BlockRemoved):
-                idx.remove(slot, ev.block_hashes)
             elif isinstance(ev, AllBlocksCleared):
                 idx.clear(slot)
+        if removed:
+            idx.remove(slot, removed)
         return len(batch.events)
 
     def remember(self, endpoint_id: str, hashes: list[int]) -> None:
