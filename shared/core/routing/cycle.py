@@ -41,16 +41,18 @@ class Cycle:
 
     def matches(self, source: str) -> dict[int, int]:
         """Index slot → leading blocks of the prompt held there, per ``source`` (approximate: the router's
-        assumed state; precise: the engines' KV events; hybrid: a block counts as held when either says so)."""
+        assumed state; precise: the engines' KV events; hybrid: the KV events, plus the blocks of the most
+        recent decisions whose events cannot have arrived yet: the speculative index)."""
         m = self._matches.get(source)
         if m is None:
             state = self.state
-            approx, precise = state.approx, state.precise
+            precise = state.precise
+            assumed = state.approx if source == "approximate" else state.speculative
             cands = state.pool_mask(self.request.model)
-            if source == "hybrid" and approx.masks and precise.masks:
-                m = match_either(approx, precise, self.chain, cands)
+            if source == "hybrid" and assumed.masks and precise.masks:
+                m = match_either(assumed, precise, self.chain, cands)
             else:
-                index = approx if source == "approximate" or (source == "hybrid" and approx.masks) else precise
+                index = assumed if source == "approximate" or (source == "hybrid" and assumed.masks) else precise
                 m = match_lazily(index, self.chain, cands) if index.masks else {}
             self._matches[source] = m
         return m

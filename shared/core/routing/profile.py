@@ -59,6 +59,7 @@ class DataSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     block_size: int = 16
     max_prefix_blocks: int = 8192
     approx_capacity: int = 31_250
+    speculative_capacity: int = 8192
     precise_slack: float = 1.25
     staleness_s: float = 0.2
 

@@ -34,7 +34,6 @@ from shared.core.routing.saturation import UtilizationDetector
 from shared.core.routing.shadow import ShadowStats
 from shared.core.routing.state import DataConfig, PoolState
 
-ACCOUNTING_SOURCE = "hybrid"  # which index estimates a dispatched request's uncached tokens
 PREFILL_SUFFIX = "#prefill"  # in-flight key of a disaggregated request's prefill leg
 
 
@@ -44,7 +43,8 @@ class Router:
     def __init__(self, config: RouterConfig, state: PoolState | None = None, seed: int = 0) -> None:
         d = config.data
         data = DataConfig(block_size=d.block_size, max_prefix_blocks=d.max_prefix_blocks,
-                          approx_capacity=d.approx_capacity, precise_slack=d.precise_slack, staleness_s=d.staleness_s)
+                          approx_capacity=d.approx_capacity, speculative_capacity=d.speculative_capacity,
+                          precise_slack=d.precise_slack, staleness_s=d.staleness_s)
         problems = [f"data: {p}" for p in data.problems()]
         problems += [f"admission: {p}" for p in config.admission.detector.problems()]
         plugins, errs = build_plugins(config)
@@ -67,6 +67,14 @@ class Router:
         assert handler is not None
         self.config = config
         self.state = state if state is not None else PoolState(data)
+        sources = {getattr(p.params, "source", None) for p in plugins.values()}
+        sources |= {getattr(handler.params, "source", None)}
+        # feed only the assumed-state indexes some plugin reads (each costs an insertion per decision)
+        self.state.track_approx = "approximate" in sources
+        self.state.track_speculative = "hybrid" in sources
+        # the index that estimates a dispatched request's uncached tokens (in-flight token accounting)
+        self.accounting_source = ("hybrid" if self.state.track_speculative else
+                                  "approximate" if self.state.track_approx else "precise")
         self.profiles = profiles
         self.handler = handler
         self.detector = UtilizationDetector(config.admission.detector)
@@ -191,11 +199,12 @@ class Router:
             return
         if decision.prefill is not None:
             pf = st.endpoints[decision.prefill]
-            st.dispatched(decision.request_id + PREFILL_SUFFIX, pf.id, cycle.uncached_tokens(pf, ACCOUNTING_SOURCE))
+            uncached = cycle.uncached_tokens(pf, self.accounting_source)
+            st.dispatched(decision.request_id + PREFILL_SUFFIX, pf.id, uncached)
             st.dispatched(decision.request_id, target.id, 0)
             self._pending.append((pf.id, cycle))
         else:
-            st.dispatched(decision.request_id, target.id, cycle.uncached_tokens(target, ACCOUNTING_SOURCE))
+            st.dispatched(decision.request_id, target.id, cycle.uncached_tokens(target, self.accounting_source))
         self._pending.append((target.id, cycle))
         for name, res in decision.results.items():
             if not res.endpoints:

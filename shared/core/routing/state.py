@@ -28,6 +28,9 @@ class DataConfig:
     block_size: int = 16  # must equal the engines' block size for the precise index to match
     max_prefix_blocks: int = 8192  # cap on blocks hashed and indexed per request (131k tokens at 16)
     approx_capacity: int = DEFAULT_CAPACITY  # approximate index: blocks remembered per endpoint (LRU)
+    # speculative index (the "hybrid" source's stand-in for KV events not yet arrived): only the most recent
+    # decisions' blocks per endpoint (llm-d's speculativeIndexing keeps them 2 s; here: a small LRU)
+    speculative_capacity: int = 8192
     precise_slack: float = 1.25  # precise index: engine's num_gpu_blocks × this (guards lost removes)
     staleness_s: float = 0.2  # metrics older than this count as stale (GIE saturation detector)
 
@@ -40,6 +43,8 @@ class DataConfig:
             out.append(f"max_prefix_blocks must be >= 1 (got {self.max_prefix_blocks})")
         if self.approx_capacity < 1:
             out.append(f"approx_capacity must be >= 1 (got {self.approx_capacity})")
+        if self.speculative_capacity < 1:
+            out.append(f"speculative_capacity must be >= 1 (got {self.speculative_capacity})")
         if self.precise_slack < 1:
             out.append(f"precise_slack must be >= 1 (got {self.precise_slack})")
         if not self.staleness_s > 0:
@@ -67,6 +72,9 @@ class PoolState:
         self.endpoints: dict[str, EndpointState] = {}
         self.by_model: dict[str, list[EndpointState]] = {}
         self.approx = PrefixIndex(self.config.approx_capacity)
+        self.speculative = PrefixIndex(self.config.speculative_capacity)
+        self.track_approx = True  # which assumed-state indexes decisions feed (the router sets them from its plugins)
+        self.track_speculative = True
         self.precise = PrefixIndex(1 << 62)
         self.step_models: dict[str, StepTimeModel] = {}
         self._prefill_rate: dict[str, float] = {}
@@ -110,6 +118,7 @@ class PoolState:
             self.by_model.pop(st.endpoint.model, None)
         self._masks.pop(st.endpoint.model, None)
         self.approx.clear(st.slot)
+        self.speculative.clear(st.slot)
         self.precise.clear(st.slot)
         self._free_slots.append(st.slot)
         self.step_models.pop(endpoint_id, None)
@@ -179,7 +188,10 @@ class PoolState:
         """Assumed state: ``endpoint_id`` will hold ``hashes`` once it prefilled the request sent there."""
         st = self.endpoints.get(endpoint_id)
         if st is not None and hashes:
-            self.approx.add(st.slot, hashes)
+            if self.track_approx:
+                self.approx.add(st.slot, hashes)
+            if self.track_speculative:
+                self.speculative.add(st.slot, hashes)
 
     # -- in-flight accounting -------------------------------------------------------------------------
     def dispatched(self, request_id: str, endpoint_id: str, uncached_tokens: int) -> None:

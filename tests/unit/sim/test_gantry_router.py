@@ -79,3 +79,16 @@ def test_cli_unknown_profile_is_one_line(capsys: pytest.CaptureFixture[str]) -> 
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown router profile 'nope'" in err
+
+
+def test_router_replicas_share_engine_events_but_not_decisions() -> None:
+    g = GantryRouter("approx-prefix", replicas=2)
+    res = simulate(shared_prefix_trace(), ClusterSpec(4, CFG, MODEL, router=lambda: g))
+    assert res.summary()["completed"] == 240
+    a, b = g.routers
+    assert a.state.approx.entries() and b.state.approx.entries()
+    assert a.state.approx.masks != b.state.approx.masks  # each remembers only its own decisions
+    assert a.state.precise.masks == b.state.precise.masks  # both consumed every KV event
+    end = max(r.finish_time for r in res.requests)
+    g._observe(res.engines, end)
+    assert a.state.in_flight() == b.state.in_flight() == 0
