@@ -93,7 +93,8 @@ class EndpointMetrics:
 class EndpointState:
     """An endpoint with its latest metrics and the router's own in-flight accounting."""
 
-    __slots__ = ("endpoint", "id", "inflight_requests", "inflight_tokens", "metrics", "prefill_rate", "slot")
+    __slots__ = ("effective_rate", "endpoint", "id", "inflight_requests", "inflight_tokens", "metrics", "prefill_rate",
+                 "slot")
 
     def __init__(self, endpoint: Endpoint, slot: int) -> None:
         self.endpoint = endpoint
@@ -103,6 +104,7 @@ class EndpointState:
         self.inflight_requests = 0  # sent by this router and not yet seen finishing
         self.inflight_tokens = 0  # uncached prompt tokens sent and not yet prefilled (first token unseen)
         self.prefill_rate = 0.0  # peak prefill tokens/s (set by the pool state from the GPU's step-time model)
+        self.effective_rate = 0.0  # prefill tokens/s left beside the running decodes (refreshed with metrics)
 
     def __repr__(self) -> str:
         return f"EndpointState({self.id!r}, inflight={self.inflight_requests}/{self.inflight_tokens})"

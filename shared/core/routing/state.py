@@ -104,6 +104,7 @@ class PoolState:
             self.step_models[endpoint.id] = step_model
         self._prefill_rate.pop(endpoint.id, None)
         st.prefill_rate = self.prefill_rate(st)
+        st.effective_rate = effective_rate(st)
         return st
 
     def remove(self, endpoint_id: str) -> None:
@@ -159,6 +160,7 @@ class PoolState:
         if st.metrics is not None and metrics.ts < st.metrics.ts:
             return False
         st.metrics = metrics
+        st.effective_rate = effective_rate(st)
         return True
 
     def apply_kv_events(self, endpoint_id: str, batch: KVEventBatch) -> int:
@@ -247,3 +249,11 @@ class PoolState:
                 rate = b / max(model.step_time(b, 1, 1, b * (b + 1) // 2, b), 1e-9)
             self._prefill_rate[st.id] = rate
         return rate
+
+
+def effective_rate(st: EndpointState) -> float:
+    """Prefill tokens/s the endpoint has beside its running decodes: ``rate × (1 − min(running, B/2)/B)``
+    (each running request decodes one token of the step's ``B = max_num_batched_tokens`` budget)."""
+    b = st.endpoint.max_num_batched_tokens or 1
+    running = st.metrics.running if st.metrics is not None else 0
+    return st.prefill_rate * (1.0 - min(running, b / 2) / b)

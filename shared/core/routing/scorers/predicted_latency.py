@@ -31,13 +31,10 @@ class LatencyParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 def ttft(st: EndpointState, uncached: int) -> float:
-    """Seconds until a request with ``uncached`` prompt tokens there gets its first token on ``st``."""
-    b = st.endpoint.max_num_batched_tokens or 1
-    m = st.metrics
-    running = m.running if m is not None else 0
-    share = 1.0 - (running if running < b / 2 else b / 2) / b
+    """Seconds until a request with ``uncached`` prompt tokens there gets its first token on ``st``
+    (``effective_rate`` = rate × share, refreshed by the pool state with each state report)."""
     tokens = st.inflight_tokens + uncached
-    return (tokens if tokens > 1 else 1) / (st.prefill_rate * share)
+    return (tokens if tokens > 1 else 1) / st.effective_rate
 
 
 def predicted_ttft(cycle: Cycle, st: EndpointState, source: str) -> float:
@@ -63,15 +60,8 @@ class PredictedLatencyScorer(Scorer):
         """``min TTFT / TTFT``, halved where the TTFT SLO would be missed."""
         assert isinstance(self.params, LatencyParams)
         src = self.params.source
-        ttfts: list[float] = []
-        append = ttfts.append
-        for st, u in zip(cands, cycle.uncached_list(cands, src), strict=True):  # ``ttft`` inlined: the hot loop
-            b = st.endpoint.max_num_batched_tokens or 1
-            m = st.metrics
-            running = m.running if m is not None else 0
-            tokens = st.inflight_tokens + u
-            share = 1.0 - (running if running < b / 2 else b / 2) / b
-            append((tokens if tokens > 1 else 1) / (st.prefill_rate * share))
+        ttfts = [(x if (x := st.inflight_tokens + u) > 1 else 1) / st.effective_rate
+                 for st, u in zip(cands, cycle.uncached_list(cands, src), strict=True)]
         best = min(ttfts)
         slo = cycle.request.slo_ttft_s
         out = [best / t for t in ttfts]
