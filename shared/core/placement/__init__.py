@@ -22,14 +22,8 @@ from shared.core.placement.pipeline import (
     run_scoring,
     scale_down_order,
 )
-from shared.core.placement.profile import (
-    DEFAULT_PROFILE,
-    Profile,
-    ScorerConfig,
-    profile_from_json,
-    profile_from_yaml,
-    validate_profile,
-)
+from shared.core.placement.profile import DEFAULT_PROFILE, Profile, ScorerConfig
+from shared.core.placement.registry import profile_from_json, profile_from_yaml, validate_profile
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 
 __all__ = [
