@@ -12,6 +12,7 @@ from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementRequest
 from shared.core.placement import run_filters
 from shared.core.placement.domain import FilterResult, Unschedulable
 from shared.core.placement.explain import filters_message
+from shared.host.contract import Consumes, Emits
 from shared.host.feed import Feed
 from shared.host.service import PlacementService
 
@@ -20,6 +21,16 @@ class FilterService(PlacementService):
     """Runs the profile's filter chain on the in-memory snapshot."""
 
     name = "filter"
+    consumes = (
+        Consumes(subjects.PLACEMENT_REQUESTED, PlacementRequest, "replicas to place, with their models' specs",
+                 stream=streams.STREAM_PIPE, durable=streams.CONSUMER_FILTER),
+    )
+    emits = (
+        Emits(subjects.PLACEMENT_FILTERED, PlacementFiltered, "the workers that passed every filter, per model",
+              jetstream=True),
+        Emits(subjects.PLACEMENT_SCORED, PlacementScored, "replicas no worker passes: unschedulable, with why",
+              jetstream=True),
+    )
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Reads placement requests."""

@@ -16,6 +16,7 @@ from shared.catalog import load_model_arch
 from shared.core.catalog.models import ModelArch
 from shared.core.placement import requirements, run_fitting
 from shared.core.placement.domain import FitResult, ModelSpec, Reason, ResourceRequest, Unschedulable
+from shared.host.contract import Consumes, Emits
 from shared.host.feed import Feed
 from shared.host.service import PlacementService
 
@@ -26,6 +27,16 @@ class FittingService(PlacementService):
     """Runs the profile's fit strategies on the in-memory snapshot (claims included)."""
 
     name = "fitting"
+    consumes = (
+        Consumes(subjects.PLACEMENT_FILTERED, PlacementFiltered, "filter survivors per model",
+                 stream=streams.STREAM_PIPE, durable=streams.CONSUMER_FITTING),
+    )
+    emits = (
+        Emits(subjects.PLACEMENT_FITTED, PlacementFitted, "candidate placements per model (single-GPU ones as "
+              "columns)", jetstream=True),
+        Emits(subjects.PLACEMENT_SCORED, PlacementScored, "replicas nothing fits: unschedulable, with why",
+              jetstream=True),
+    )
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self._arch: dict[str, ModelArch | None] = {}
