@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
-from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementRequest, PlacementScored
+from shared.bus.messages import ItemOutcome, Message, PlacementFiltered, PlacementRequest, PlacementScored
 from shared.core.placement import run_filters
 from shared.core.placement.domain import FilterResult, Unschedulable
 from shared.core.placement.explain import filters_message
@@ -50,7 +50,7 @@ class FilterService(PlacementService):
 
     async def handle(self, batch: Sequence[PlacementRequest]) -> None:
         """Filter every model of every request; publish survivors, or the verdict when none survive."""
-        out = []
+        out: list[tuple[str, Message, str]] = []
         for req in batch:
             passed, failed = self.filter_request(req)
             if passed is not None:

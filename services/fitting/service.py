@@ -10,7 +10,14 @@ from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
 from shared.bus.columns import CandidateSet, fit_columns
-from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementFitted, PlacementRequest, PlacementScored
+from shared.bus.messages import (
+    ItemOutcome,
+    Message,
+    PlacementFiltered,
+    PlacementFitted,
+    PlacementRequest,
+    PlacementScored,
+)
 from shared.bus.names import NameLists
 from shared.catalog import load_model_arch
 from shared.core.catalog.models import ModelArch
@@ -65,7 +72,7 @@ class FittingService(PlacementService):
 
     async def handle(self, batch: Sequence[PlacementFiltered]) -> None:
         """Fit every model of every message; publish candidates, or the verdict when nothing fits."""
-        out = []
+        out: list[tuple[str, Message, str]] = []
         for msg in batch:
             fitted, failed = self.fit(msg)
             for one in fitted:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import secrets
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -134,8 +136,8 @@ class Reconciler(PlacementService):
         self.writer.start()
         self._spawn(self._tick_loop())
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -158,7 +160,7 @@ class Reconciler(PlacementService):
         scales: dict[str, list[tuple[Msg, ScaleCommand, float]]] = {}
         for raw in raws:
             if raw.subject == subjects.CORDON:
-                await guarded(self, raw.subject, [raw], lambda r=raw: self._cordon(r.data, r))
+                await guarded(self, raw.subject, [raw], functools.partial(self._cordon, raw.data, raw))
                 continue
             cmd = await self._valid_scale(raw)
             if cmd is not None:

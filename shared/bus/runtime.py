@@ -235,4 +235,4 @@ def nats_client(broker: NatsBroker) -> Client:
     """The broker's underlying nats-py connection (for deduped JetStream publishes)."""
     conn = broker.connection
     assert conn is not None, "broker not connected"
-    return conn  # type: ignore[no-any-return]
+    return conn

@@ -97,7 +97,8 @@ def json_schema(kind: type[msgspec.Struct]) -> dict[str, Any]:
     document holds one schema per message, self-contained)."""
     schema = msgspec.json.schema(kind)
     defs = schema.pop("$defs", {})
-    return _inline(schema, defs, ())
+    inlined: dict[str, Any] = _inline(schema, defs, ())
+    return inlined
 
 
 def _inline(node: Any, defs: dict[str, Any], seen: tuple[str, ...]) -> Any:
