@@ -92,3 +92,19 @@ def test_router_replicas_share_engine_events_but_not_decisions() -> None:
     end = max(r.finish_time for r in res.requests)
     g._observe(res.engines, end)
     assert a.state.in_flight() == b.state.in_flight() == 0
+
+
+def test_heterogeneous_pool_latency_predictor_favours_the_faster_gpus() -> None:
+    fast, slow = CalibratedStepTime(base_s=0.005, per_token_s=3e-5), CalibratedStepTime(base_s=0.01, per_token_s=2e-4)
+    trace = [TraceRequest(0.02 * i, 1000, 8) for i in range(300)]  # no shared prefixes: load only
+
+    def spec(router: object) -> ClusterSpec:
+        return ClusterSpec(4, CFG, fast, router=lambda: router, step_models=(fast, fast, slow, slow))  # type: ignore[arg-type,return-value]
+
+    from shared.core.sim import RoundRobin
+
+    rr = simulate(trace, spec(RoundRobin()))
+    gantry = simulate(trace, spec(GantryRouter("default")))
+    on_fast = sum(1 for k in gantry.assignment if k < 2)
+    assert on_fast > 0.6 * len(trace)  # rr gives them exactly half
+    assert gantry.summary()["ttft_s"]["p90"] < rr.summary()["ttft_s"]["p90"]  # type: ignore[index]
