@@ -17,6 +17,7 @@ from shared.core.placement.domain import (
     FilterReport,
     FilterResult,
     FitResult,
+    GpuUsage,
     Instance,
     InstanceState,
     ModelFileState,
@@ -72,13 +73,6 @@ class SyncRequest(Message, frozen=True, kw_only=True):
     """Ask workers to send their WorkerRegistration now (``worker`` None: every worker)."""
 
     worker: str | None = None
-
-
-class GpuUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
-    """VRAM in use on one GPU (every process, Gantry-managed or not)."""
-
-    index: int
-    vram_used: int
 
 
 class Heartbeat(Message, frozen=True, kw_only=True):

@@ -21,7 +21,6 @@ from faststream import FastStream
 from nats.aio.msg import Msg
 
 from shared.bus import subjects
-from shared.bus.feed import Feed, SnapshotFeed
 from shared.bus.messages import (
     CordonEvent,
     Heartbeat,
@@ -36,6 +35,7 @@ from shared.bus.runtime import Bus, PullHandler, RawHandler, listen, make_broker
 from shared.bus.streams import ALL_CONSUMERS
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile, profile_from_json, profile_from_yaml
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
+from shared.host.feed import Feed, SnapshotFeed
 from shared.settings import Settings, load_settings
 from shared.state.store import StateStore
 
