@@ -27,6 +27,7 @@ from ops.view import ClusterSnapshot, ModelView
 from shared.bus import subjects
 from shared.bus.messages import CordonCommand, Message, ScaleCommand, encode
 from shared.bus.validate import check_scale
+from shared.core.placement import lifecycle
 from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, Worker, WorkerState
 from shared.settings import Settings
 from shared.state import StateStore
@@ -35,12 +36,8 @@ from shared.state import StateStore
 
 
 def worker_state(worker: Worker, now: float, not_ready_after: float) -> WorkerState:
-    """Spec §2: MAINTENANCE when cordoned, READY when the last heartbeat is young enough."""
-    if worker.cordoned:
-        return WorkerState.MAINTENANCE
-    if now - worker.last_heartbeat < not_ready_after:
-        return WorkerState.READY
-    return WorkerState.NOT_READY
+    """Spec §2, as every service judges it (``lifecycle.worker_state``)."""
+    return lifecycle.worker_state(worker.cordoned, worker.last_heartbeat, now, not_ready_after)
 
 
 async def read_snapshot(
@@ -244,7 +241,7 @@ async def with_both(
 
 def desired_of(snapshot: ClusterSnapshot, model: str) -> int:
     """Desired replicas of ``model`` in a snapshot (0 when unknown)."""
-    return next((m.desired for m in snapshot.models if m.name == model), 0)
+    return lifecycle.desired_of({m.name: m.desired for m in snapshot.models}, model)
 
 
 def running_of(snapshot: ClusterSnapshot, models: Sequence[str]) -> dict[str, int]:

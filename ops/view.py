@@ -19,10 +19,10 @@ from rich.table import Table
 from rich.text import Text
 
 from shared.core.placement.domain import GIB, Instance, InstanceState, ModelSpec, Worker, WorkerState
+from shared.core.placement.lifecycle import HOLDS_GPUS
 
-HELD_STATES = frozenset(
-    {InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.RUNNING, InstanceState.DRAINING}
-)
+# What the ledger holds GPUs for (ERROR included: its claims stay until it is replaced).
+HELD_STATES = HOLDS_GPUS
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,13 @@ from shared.bus.messages import (
 )
 from shared.bus.validate import check_heartbeat, check_registration
 from shared.core.placement.domain import Instance, InstanceState, ModelFile, Worker
-from shared.core.placement.reconcile import ON_WORKER, workers_of
+from shared.core.placement.lifecycle import HOLDS_GPUS, ON_WORKER
+from shared.core.placement.reconcile import workers_of
 from shared.core.placement.snapshot import ClusterSnapshot
 from shared.state.store import StateStore, apply_usage, gpu_field
 
-# Instances whose claims are live in the ledger (UNREACHABLE ones were released).
-HOLDING = frozenset(
-    {InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.RUNNING, InstanceState.DRAINING,
-     InstanceState.ERROR}
-)
+# Instances whose claims are live in the ledger (the one set: see lifecycle).
+HOLDING = HOLDS_GPUS
 
 ChangeListener = Callable[[str], None]
 

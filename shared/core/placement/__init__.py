@@ -13,8 +13,8 @@ Public API (stable; additions only):
 - ``Profile`` / ``ScorerConfig`` / ``DEFAULT_PROFILE`` / ``profile_from_json`` / ``profile_from_yaml``
 """
 
+from shared.core.placement.lifecycle import instance_from_decision
 from shared.core.placement.pipeline import (
-    instance_from_decision,
     place,
     requirements,
     run_filters,

@@ -10,20 +10,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.core.placement.domain import Candidate, Instance, InstanceState
+from shared.core.placement.lifecycle import ACTIVE, KEPT_ON_WORKER, ON_WORKER
+from shared.core.placement.lifecycle import backoff as backoff_of
 from shared.core.placement.snapshot import ClusterSnapshot
-
-# States that count towards a model's replicas: everything except replicas on their way out.
-ACTIVE = frozenset(
-    {
-        InstanceState.PENDING,
-        InstanceState.SCHEDULED,
-        InstanceState.STARTING,
-        InstanceState.RUNNING,
-        InstanceState.ERROR,
-    }
-)
-# States whose claims are held by a worker and that the worker should be running.
-ON_WORKER = frozenset({InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.RUNNING})
 
 
 @dataclass(frozen=True)
@@ -121,7 +110,7 @@ def after_refusal(attempt: int, verdict: str, max_retries: int, backoff: float) 
     """
     if attempt >= max_retries:
         return GiveUp(f"commit refused {attempt + 1} times (last: {verdict}); waiting for the cluster to change")
-    return Retry(attempt=attempt + 1, delay=backoff * (2**attempt))
+    return Retry(attempt=attempt + 1, delay=backoff_of(backoff, attempt))
 
 
 @dataclass(frozen=True)
@@ -157,9 +146,7 @@ def resync_workers(
     for worker, ids in held.items():
         for iid in ids:
             found = instances.get(iid)
-            on_it = found is not None and found.worker == worker and (
-                found.state in ON_WORKER or found.state in (InstanceState.DRAINING, InstanceState.ERROR)
-            )
+            on_it = found is not None and found.worker == worker and found.state in KEPT_ON_WORKER
             if not on_it:
                 delete.append((worker, iid))
     return Resync(assign=tuple(sorted(assign)), delete=tuple(sorted(delete)))
@@ -186,3 +173,9 @@ def still_fits(snapshot: ClusterSnapshot, candidate: Candidate) -> bool:
         if ram and snapshot.ram_allocatable(worker) < ram:
             return False
     return True
+
+
+__all__ = [
+    "ACTIVE", "ON_WORKER", "GiveUp", "Resync", "Retry", "ScalePlan", "after_refusal", "drain_finished", "plan_scale",
+    "resync_workers", "silent_workers", "still_fits", "unreachable_instances", "workers_of",
+]

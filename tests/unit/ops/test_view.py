@@ -67,12 +67,25 @@ def test_gpu_claimed_sums_the_instances_holding_it() -> None:
     assert w1g0.models == ("emb", "rr")
 
 
-def test_pending_and_removed_instances_hold_no_gpu() -> None:
-    snap = snapshot(instances=(
-        inst("a", "m", InstanceState.PENDING, None, ()),
-        inst("b", "m", InstanceState.ERROR, "w1", (0,)),
-    ))
+@pytest.mark.parametrize("state", [InstanceState.PENDING, InstanceState.UNREACHABLE])
+def test_pending_and_released_instances_hold_no_gpu(state: InstanceState) -> None:
+    where, gpus = (None, ()) if state is InstanceState.PENDING else ("w1", (0,))
+    snap = snapshot(instances=(inst("a", "m", state, where, gpus),))
     assert all(u.claimed == 0 and u.models == () for u in gpu_usage(snap))
+
+
+def test_an_error_instance_holds_its_gpus_as_the_ledger_does() -> None:
+    # Its claims stay in the ledger until it is replaced: `gantry top` must not show them as free.
+    snap = snapshot(instances=(inst("b", "m", InstanceState.ERROR, "w1", (0,), claim=72 * GIB),))
+    w1g0 = gpu_usage(snap)[0]
+    assert (w1g0.claimed, w1g0.free, w1g0.models) == (72 * GIB, 8 * GIB, ("m",))
+
+
+def test_views_and_the_snapshot_feed_agree_on_which_states_hold_gpus() -> None:
+    from ops.view import HELD_STATES
+    from shared.host.feed import HOLDING
+
+    assert HELD_STATES == HOLDING
 
 
 def test_free_vram_subtracts_the_larger_of_reported_use_and_claims() -> None:
