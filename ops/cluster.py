@@ -28,7 +28,7 @@ from shared.bus import subjects
 from shared.bus.messages import CordonCommand, Message, ScaleCommand, encode
 from shared.bus.validate import check_scale
 from shared.core.placement import lifecycle
-from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, Worker, WorkerState
+from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, RestartPolicy, Worker, WorkerState
 from shared.settings import Settings
 from shared.state import StateStore
 
@@ -94,7 +94,7 @@ async def wait_for(
 
 # -- model files ------------------------------------------------------------------------------------
 
-_NESTED: dict[str, type[msgspec.Struct]] = {"gpu_selector": GpuSelector, "gguf": GgufSpec}
+_NESTED: dict[str, type[msgspec.Struct]] = {"gpu_selector": GpuSelector, "gguf": GgufSpec, "restart": RestartPolicy}
 
 
 def _unknown_fields(data: dict[str, object]) -> list[str]:
