@@ -152,6 +152,15 @@ class SnapshotFeed:
         if freed:
             self._changed(f"resources freed by {ev.instance.id}")
 
+    def on_worker_removed(self, name: str) -> None:
+        """Drop a worker that left the state (forgotten or removed by an operator) from every view."""
+        self.inventory.pop(name, None)
+        self.usage.pop(name, None)
+        self.last_seen.pop(name, None)
+        self.cordons = {c for c in self.cordons if c != name and not c.startswith(name + ":")}
+        if self.snapshot.worker(name) is not None:
+            self.snapshot.remove_worker(name)
+
     def on_cordon(self, ev: CordonEvent) -> None:
         """Apply a cordon change to the worker (or GPU)."""
         field = ev.worker if ev.gpu_index is None else gpu_field(ev.worker, ev.gpu_index)

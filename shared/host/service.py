@@ -29,6 +29,7 @@ from shared.bus.messages import (
     ModelFileUpdate,
     SyncRequest,
     WorkerRegistration,
+    WorkerRemovedEvent,
     decode,
 )
 from shared.bus.runtime import Bus, PullHandler, RawHandler, listen, make_broker, nats_client, prepare, pull_loop
@@ -173,10 +174,16 @@ class PlacementService:
             if ev is not None:
                 feed.on_cordon(ev)
 
+        async def on_worker_removed(body: bytes) -> None:
+            ev = self._quiet_decode(body, WorkerRemovedEvent)
+            if ev is not None:
+                feed.on_worker_removed(ev.worker)
+
         wanted = self.feeds()
         self.listen(subjects.REGISTER, on_register)
         self.listen(subjects.HEARTBEAT, on_heartbeat)
         self.listen(subjects.EVENT_CORDON, on_cordon)
+        self.listen(subjects.EVENT_WORKER_REMOVED, on_worker_removed)
         if Feed.FILES in wanted:
             self.listen(subjects.MODEL_FILE, on_file)
         if Feed.CLAIMS in wanted:
