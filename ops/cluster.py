@@ -25,10 +25,11 @@ from ops.cli.errors import CliError
 from ops.cli.inputs import read_input_file
 from ops.view import ClusterSnapshot, ModelView
 from shared.bus import subjects
-from shared.bus.messages import CordonCommand, Message, ScaleCommand, encode
+from shared.bus.messages import CordonCommand, Message, RemoveWorkerCommand, ScaleCommand, encode
 from shared.bus.validate import check_scale
 from shared.core.placement import lifecycle
 from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, RestartPolicy, Worker, WorkerState
+from shared.core.placement.planner import Cluster, Timings, WorkerRemoval, remove_worker
 from shared.settings import Settings
 from shared.state import StateStore
 
@@ -158,6 +159,18 @@ def scale_command(model: str, replicas: int, spec: ModelSpec | None = None) -> S
 async def send_scale(nc: NatsClient, command: ScaleCommand) -> int:
     """Publish a scale command (dedupe id = its request id)."""
     return await publish(nc, subjects.SCALE, command, command.request_id)
+
+
+async def send_remove_worker(nc: NatsClient, command: RemoveWorkerCommand) -> int:
+    """Publish a remove-worker command."""
+    return await publish(nc, subjects.REMOVE_WORKER, command, f"cli-{uuid.uuid4().hex}")
+
+
+def removal(snapshot: ClusterSnapshot, name: str, settings: Settings) -> WorkerRemoval | str:
+    """What removing ``name`` would do, or why not: the reconciler's own rule, checked before sending."""
+    cluster = Cluster(last_seen={w.name: w.last_heartbeat for w in snapshot.workers})
+    timings = Timings(not_ready_after=settings.not_ready_after_s)
+    return remove_worker(name, snapshot.instances, cluster, snapshot.taken_at, timings)
 
 
 async def send_cordon(nc: NatsClient, command: CordonCommand) -> int:
