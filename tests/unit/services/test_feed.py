@@ -88,3 +88,22 @@ def test_a_removed_instance_leaves_every_index() -> None:
     f.on_instance(placed(InstanceState.UNREACHABLE))
     f.on_instance(InstanceEvent(instance=placed(InstanceState.UNREACHABLE).instance, removed=True, at=2.0))
     assert f.on_worker == {} and f.running_on == {} and f.unreachable == set()
+
+
+def test_a_removed_worker_leaves_the_snapshot_and_may_join_again() -> None:
+    f = feed()
+    f.on_cordon(CordonEvent(worker="w1", cordoned=True, gpu_index=0))
+    f.on_heartbeat(beat(10, 1), now=1.0)
+    f.on_worker_removed("w1")
+    assert f.snapshot.worker("w1") is None and f.snapshot.worker_names() == []
+    assert "w1" not in f.inventory and "w1" not in f.last_seen and "w1" not in f.usage and not f.cordons
+    joined: list[str] = []
+    f.listeners.append(joined.append)
+    assert f.on_register(WorkerRegistration(worker=W), now=5.0) is None
+    assert joined == ["worker w1 joined"]
+
+
+def test_removing_an_unknown_worker_is_harmless() -> None:
+    f = feed()
+    f.on_worker_removed("nowhere")
+    assert f.snapshot.worker_names() == ["w1"]
