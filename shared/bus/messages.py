@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from shared.core.placement.columns import CandidateSet
+from shared.bus.columns import CandidateSet
 from shared.core.placement.domain import (
     Decision,
     FilterReport,

@@ -34,7 +34,8 @@ from shared.bus.messages import (
 )
 from shared.bus.runtime import Bus, PullHandler, RawHandler, listen, make_broker, nats_client, prepare, pull_loop
 from shared.bus.streams import ALL_CONSUMERS
-from shared.core.placement.profile import DEFAULT_PROFILE, Profile, profile_from_json, profile_from_yaml
+from shared.core.placement.profile import DEFAULT_PROFILE, Profile
+from shared.core.placement.registry import profile_from_json, profile_from_yaml
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 from shared.host.feed import Feed, SnapshotFeed
 from shared.settings import Settings, load_settings
