@@ -396,7 +396,7 @@ class MessageError(ValueError):
 
 
 def decode(data: bytes, kind: type[T]) -> T:
-    """Decode ``data`` as ``kind`` or raise MessageError with a one-line reason."""
+    """Decode ``data`` as ``kind`` or raise MessageError with a one-line reason (whatever the decoder raised)."""
     dec = _decoders.get(kind)
     if dec is None:
         dec = _decoders[kind] = msgspec.json.Decoder(kind)
@@ -404,6 +404,8 @@ def decode(data: bytes, kind: type[T]) -> T:
         msg: T = dec.decode(data)
     except msgspec.DecodeError as exc:
         raise MessageError(f"invalid {kind.__name__}: {exc}") from None
+    except Exception as exc:  # whatever else bytes can make the decoder raise (RecursionError on deep nesting)
+        raise MessageError(f"invalid {kind.__name__}: {type(exc).__name__}: {exc}") from None
     version = getattr(msg, "v", SCHEMA_VERSION)
     if version > SCHEMA_VERSION:
         raise MessageError(f"{kind.__name__} schema v{version} is newer than supported v{SCHEMA_VERSION}")
