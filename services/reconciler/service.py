@@ -396,7 +396,8 @@ class Reconciler(PlacementService):
                 # failures) is the tick's, which plans it again from the same state.
                 p = plan({model: want}, instances, self.cluster(), (), now, Book(), self.timings())
                 removed = set(p.remove) | set(p.drain)
-                await self._remove(model, token, [i for i in instances if i.id in removed], now)
+                by_id = {i.id: i for i in instances}
+                await self._remove(model, token, [by_id[i] for i in p.remove], [by_id[i] for i in p.drain], now)
                 created = [
                     Instance(id=f"{model}-{secrets.token_hex(5)}", model=model, created_at=now)
                     for _ in range(p.create.get(model, 0))
@@ -418,14 +419,15 @@ class Reconciler(PlacementService):
     def _needs_request(self, iid: str, now: float) -> bool:
         return needs_request(self.requested.get(iid), now, 3 * self.settings.ack_wait_s)
 
-    async def _remove(self, model: str, token: str, victims: Sequence[Instance], now: float) -> None:
-        pending = [i.id for i in victims if i.state is InstanceState.PENDING]
-        placed = [i for i in victims if i.state is not InstanceState.PENDING]
+    async def _remove(
+        self, model: str, token: str, pending: Sequence[Instance], placed: Sequence[Instance], now: float
+    ) -> None:
+        """Remove PENDING replicas outright and drain placed ones (under the model's lock)."""
         if pending:
-            await self.store.release(pending)
-            await self._publish_removed([i for i in victims if i.id in set(pending)])
-            for iid in pending:
-                self.retries.pop(iid, None)
+            await self.store.release([i.id for i in pending])
+            await self._publish_removed(pending)
+            for inst in pending:
+                self.retries.pop(inst.id, None)
         if placed:
             ids = [i.id for i in placed]
             await self.store.mark_state(model, token, InstanceState.DRAINING, ACTIVE, ids)
@@ -526,8 +528,7 @@ class Reconciler(PlacementService):
         back += await self._pending(p.pending, by_id, now)
         await self._publish_instances(back)
         if p.request:
-            # Refused commits wait their backoff (one sleep for the batch: the shortest), then go again.
-            await asyncio.sleep(min(a.delay for a in p.request))
+            await asyncio.sleep(p.request_delay())
             await self.request(p.request, self.clock())
 
     def _retry_of(self, iid: str, now: float) -> PendingRetry:

@@ -167,6 +167,11 @@ class Plan:
     dropped: tuple[str, ...] = ()  # forget their retry book entries
     forget_workers: tuple[str, ...] = ()
 
+    def request_delay(self) -> float:
+        """How long to wait before sending this plan's requests: refused commits of one batch wait together,
+        for the shortest of their backoffs (the others have waited about as long by the next refusal)."""
+        return min((a.delay for a in self.request), default=0.0)
+
     def going(self) -> set[str]:
         """Instances this plan takes away (removed, deleted, forgotten, lost)."""
         return set(self.remove) | set(self.delete) | set(self.forget) | set(self.unreachable)
@@ -233,14 +238,18 @@ def plan(
     ``cluster``'s liveness, the ``verdicts`` that arrived (commits, worker reports) and what the reconciler
     remembers (``book``). Pure: the same inputs give the same plan."""
     b = _Builder()
-    by_id = {i.id: i for i in instances}
-    _reports(b, [v for v in verdicts if isinstance(v, Report)], by_id, now)
-    _liveness(b, instances, cluster, now, timings)
-    _drains(b, instances, book, now, timings)
-    _failures(b, instances, desired, book, now)
+    by_state: dict[InstanceState, list[Instance]] = {}
+    for inst in instances:  # one pass; each step below reads only the states it is about
+        by_state.setdefault(inst.state, []).append(inst)
+    reports = [v for v in verdicts if isinstance(v, Report)]
+    if reports:
+        _reports(b, reports, {i.id: i for i in instances}, now)
+    _liveness(b, by_state, cluster, now, timings)
+    _drains(b, by_state.get(S.DRAINING, []), book, now, timings)
+    _failures(b, by_state.get(S.ERROR, []), desired, book, now)
     _scale(b, desired, instances)
     _commits(b, [v for v in verdicts if isinstance(v, Commit)], book, cluster, now, timings)
-    _pending_retries(b, instances, cluster, book, now, timings)
+    _pending_retries(b, by_state.get(S.PENDING, []), cluster, book, now, timings)
     _forget_workers(b, instances, cluster, now, timings)
     return b.build()
 
@@ -263,43 +272,47 @@ def _reports(b: _Builder, reports: Sequence[Report], by_id: Mapping[str, Instanc
             b.failures[known.id] = Failure(since=now, message=rep.message)
 
 
-def _liveness(b: _Builder, instances: Sequence[Instance], cluster: Cluster, now: float, t: Timings) -> None:
-    """Replicas on a worker silent past ``not_ready_after + reschedule_after`` are lost (and replaced); lost
-    replicas whose worker is back are deleted from it (their claims were released already)."""
+def _liveness(
+    b: _Builder, by_state: Mapping[InstanceState, Sequence[Instance]], cluster: Cluster, now: float, t: Timings
+) -> None:
+    """Replicas on a worker silent past ``not_ready_after + reschedule_after`` (or never heard) are lost and
+    replaced; lost replicas whose worker is back are deleted from it (their claims were released already)."""
     limit = t.not_ready_after + t.reschedule_after
-    for inst in instances:
-        if b.gone(inst.id):
-            continue
-        if inst.state in ON_WORKER or inst.state is S.ERROR:
-            if any(silent_for(cluster.last_seen.get(w), now) > limit for w in workers_of(inst)):
+    seen = cluster.last_seen
+    # Alive: heard within the limit. Checked per placed replica, so kept to one set lookup per worker.
+    alive = {w for w, at in seen.items() if now - at <= limit}
+    for state in ON_WORKER | {S.ERROR}:  # the order does not matter: the builder sorts
+        for inst in by_state.get(state, ()):
+            on_lost = (inst.worker is not None and inst.worker not in alive) or (
+                bool(inst.subordinates) and any(sub.worker not in alive for sub in inst.subordinates)
+            )
+            if on_lost and not b.gone(inst.id):
                 b.unreachable.add(inst.id)
                 b.converge.add(inst.model)
-        elif (
-            inst.state is S.UNREACHABLE
-            and inst.worker is not None
-            and cluster.state(inst.worker, now, t.not_ready_after) is WorkerState.READY
-        ):
+    for inst in by_state.get(S.UNREACHABLE, ()):
+        back = inst.worker is not None and cluster.state(inst.worker, now, t.not_ready_after) is WorkerState.READY
+        if back and not b.gone(inst.id):
             b.delete.add(inst.id)
 
 
-def _drains(b: _Builder, instances: Sequence[Instance], book: Book, now: float, t: Timings) -> None:
+def _drains(b: _Builder, draining: Sequence[Instance], book: Book, now: float, t: Timings) -> None:
     """A DRAINING replica is deleted once its drain times out (an idle report deletes it sooner)."""
-    for inst in instances:
+    for inst in draining:
         started = book.drains.get(inst.id)
-        if inst.state is not S.DRAINING or started is None or b.gone(inst.id):
+        if started is None or b.gone(inst.id):
             continue
         if drain_finished(started, False, now, t.drain_timeout):
             b.delete.add(inst.id)
 
 
 def _failures(
-    b: _Builder, instances: Sequence[Instance], desired: Mapping[str, Want], book: Book, now: float
+    b: _Builder, failed: Sequence[Instance], desired: Mapping[str, Want], book: Book, now: float
 ) -> None:
     """ERROR replicas are not serving: each is replaced once its model's restart delay has passed since it
     failed (grace, then exponential backoff per model); until then its reason says when."""
     due: dict[str, list[Instance]] = {}
-    for inst in instances:
-        if inst.state is not S.ERROR or b.gone(inst.id):
+    for inst in failed:
+        if b.gone(inst.id):
             continue
         failure = b.failures.get(inst.id) or book.failures.get(inst.id)
         if failure is None:
@@ -346,9 +359,12 @@ def _clock(at: float) -> str:
 def _scale(b: _Builder, desired: Mapping[str, Want], instances: Sequence[Instance]) -> None:
     """Desired vs active replicas per model (those this step takes away do not count): create the missing,
     remove PENDING ones first, then drain the placed ones the removal order ranks lowest."""
+    counted = {m for m, w in desired.items() if w.replicas is not None}
+    if not counted:
+        return
     by_model: dict[str, list[Instance]] = {}
     for inst in instances:
-        if not b.gone(inst.id):
+        if inst.model in counted and not b.gone(inst.id):
             by_model.setdefault(inst.model, []).append(inst)
     for model, want in sorted(desired.items()):
         if want.replicas is None:
@@ -405,12 +421,12 @@ def _wait_pending(b: _Builder, c: Commit, reason: str, book: Book, cluster: Clus
 
 
 def _pending_retries(
-    b: _Builder, instances: Sequence[Instance], cluster: Cluster, book: Book, now: float, t: Timings
+    b: _Builder, pending: Sequence[Instance], cluster: Cluster, book: Book, now: float, t: Timings
 ) -> None:
     """A PENDING replica with a reason is requested again when the cluster changed since it was last
     requested, or when its backoff has passed (the periodic flush: a change may have gone unseen)."""
-    for inst in instances:
-        if inst.state is not S.PENDING or not inst.reason or b.gone(inst.id) or inst.id in b.request:
+    for inst in pending:
+        if not inst.reason or b.gone(inst.id) or inst.id in b.request:
             continue
         if inst.id in b.pending:  # a verdict in this very step: its retry is booked already
             continue

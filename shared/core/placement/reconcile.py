@@ -1,4 +1,5 @@
-"""Pure decisions of the reconciler: desired vs actual, liveness, drains, commit retries, resync.
+"""Pure pieces of the reconciler's decisions: replica counts, drains, commit retries, resync (the planner,
+``planner.py``, composes them; worker liveness lives in ``lifecycle`` and the planner).
 
 Everything here is deterministic and clock-free (``now`` is passed in); the reconciler service only
 gathers inputs, calls these functions, and carries out the result over NATS and Redis.
@@ -6,7 +7,7 @@ gathers inputs, calls these functions, and carries out the result over NATS and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.core.placement.domain import Candidate, Instance, InstanceState
@@ -40,42 +41,6 @@ def plan_scale(desired: int, instances: Sequence[Instance], removal_order: Seque
     ranked = [i for i in removal_order if i in active_ids and i not in set(pending)]
     rest = sorted(active_ids - set(pending) - set(ranked))
     return ScalePlan(create=0, remove=tuple((pending + ranked + rest)[:excess]))
-
-
-def unreachable_instances(
-    instances: Iterable[Instance],
-    last_seen: Mapping[str, float],
-    now: float,
-    not_ready_after: float,
-    reschedule_after: float,
-) -> list[str]:
-    """Instances on workers NOT_READY for longer than ``reschedule_after`` (heartbeat age at ``now``).
-
-    A worker is NOT_READY from ``last_seen + not_ready_after``; its instances move once that has lasted
-    ``reschedule_after``. Subordinate workers count too: a gang instance fails with any of its workers.
-    """
-    limit = not_ready_after + reschedule_after
-    out = []
-    for inst in instances:
-        if inst.state not in ON_WORKER and inst.state is not InstanceState.ERROR:
-            continue
-        if any(_silent(w, last_seen, now, limit) for w in workers_of(inst)):
-            out.append(inst.id)
-    return sorted(out)
-
-
-def silent_workers(
-    workers: Iterable[str], last_seen: Mapping[str, float], now: float, not_ready_after: float,
-    reschedule_after: float,
-) -> list[str]:
-    """The workers NOT_READY for longer than ``reschedule_after`` (never seen counts as silent), sorted:
-    their instances are the ones ``unreachable_instances`` moves."""
-    limit = not_ready_after + reschedule_after
-    return sorted(w for w in workers if _silent(w, last_seen, now, limit))
-
-
-def _silent(worker: str, last_seen: Mapping[str, float], now: float, limit: float) -> bool:
-    return now - last_seen.get(worker, float("-inf")) > limit
 
 
 def workers_of(inst: Instance) -> list[str]:
@@ -177,5 +142,5 @@ def still_fits(snapshot: ClusterSnapshot, candidate: Candidate) -> bool:
 
 __all__ = [
     "ACTIVE", "ON_WORKER", "GiveUp", "Resync", "Retry", "ScalePlan", "after_refusal", "drain_finished", "plan_scale",
-    "resync_workers", "silent_workers", "still_fits", "unreachable_instances", "workers_of",
+    "resync_workers", "still_fits", "workers_of",
 ]

@@ -107,6 +107,10 @@ ROWS = [
         instances=running(1), cluster=silent("w1", age=8.5)),
     Row("a not-ready worker within reschedule_after keeps its replicas", {}, instances=running(1),
         cluster=silent("w1", age=6.0)),
+    Row("a replica on a worker never heard from is lost", {"unreachable": ("r0",), "converge": ("m",)},
+        instances=[inst("r0", worker="w7")]),
+    Row("pending replicas are never lost (they hold no worker)", {}, instances=[inst("p0", S.PENDING)],
+        cluster=Cluster(last_seen={})),
     Row("a gang replica is lost with any subordinate worker", {"unreachable": ("g",), "converge": ("m",)},
         instances=[inst("g", subordinates=(SubordinateWorker(worker="w2", gpu_indexes=(0,), vram_claims=(1,)),))],
         cluster=silent("w2", age=20.0)),
@@ -303,3 +307,11 @@ def test_removing_a_silent_worker_forgets_everything_placed_on_it() -> None:
     got = remove_worker("w9", insts, Cluster(last_seen={"w9": NOW - 100}), NOW, T)
     assert not isinstance(got, str)
     assert (got.forget, got.models) == (("a", "b"), ("m", "n"))
+
+
+def test_refused_commits_of_one_batch_wait_for_the_shortest_backoff() -> None:
+    verdicts = [Commit("a", "m", "full:w1:0", attempt=1), Commit("b", "m", "full:w1:1", attempt=0)]
+    got = plan({}, [], LIVE, verdicts, NOW, Book(), T)
+    assert [a.delay for a in got.request] == [1.0, 0.5]
+    assert got.request_delay() == 0.5
+    assert plan({}, [], LIVE, (), NOW, Book(), T).request_delay() == 0.0
