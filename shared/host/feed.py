@@ -84,12 +84,14 @@ class SnapshotFeed:
         if reason:
             return reason
         name = reg.worker.name
-        joined = name not in self.inventory
+        before = self.inventory.get(name)
         self.inventory[name] = reg.worker
         self.last_seen[name] = now
         self._refresh(name)
-        if joined:
+        if before is None:
             self._changed(f"worker {name} joined")
+        elif grew(before, reg.worker):
+            self._changed(f"inventory of {name} grew")
         return None
 
     def on_heartbeat(self, hb: Heartbeat, now: float) -> str | None:
@@ -212,6 +214,17 @@ class SnapshotFeed:
     def worker(self, name: str) -> Worker | None:
         """The snapshot's current record of a worker."""
         return self.snapshot.worker(name)
+
+
+def grew(before: Worker, after: Worker) -> bool:
+    """Whether a re-registration offers room the old inventory did not: more RAM, a new GPU, a larger or newly
+    schedulable GPU, or the worker's own cordon lifted."""
+    old = {g.index: g for g in before.gpus}
+    for g in after.gpus:
+        prev = old.get(g.index)
+        if prev is None or g.vram_total > prev.vram_total or (g.schedulable and not prev.schedulable):
+            return True
+    return after.ram_total > before.ram_total or (before.cordoned and not after.cordoned)
 
 
 def _mark(index: dict[str, set[str]], key: str, iid: str, add: bool) -> None:

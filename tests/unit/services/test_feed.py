@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import msgspec
+import pytest
+
 from shared.bus.messages import CordonEvent, Heartbeat, InstanceEvent, WorkerRegistration
 from shared.core.placement.domain import (
     GIB,
@@ -107,3 +110,22 @@ def test_removing_an_unknown_worker_is_harmless() -> None:
     f = feed()
     f.on_worker_removed("nowhere")
     assert f.snapshot.worker_names() == ["w1"]
+
+
+@pytest.mark.parametrize(
+    ("after", "changed"),
+    [
+        (W, False),
+        (msgspec.structs.replace(W, gpus=(*W.gpus, Gpu(index=1, vram_total=80 * GIB))), True),
+        (msgspec.structs.replace(W, gpus=(Gpu(index=0, vram_total=96 * GIB),)), True),
+        (msgspec.structs.replace(W, ram_total=512 * GIB), True),
+        (msgspec.structs.replace(W, gpus=(Gpu(index=0, vram_total=40 * GIB),)), False),
+    ],
+    ids=["same", "gpu-added", "gpu-larger", "more-ram", "shrank"],
+)
+def test_a_reregistration_that_grows_the_inventory_is_a_cluster_change(after: Worker, changed: bool) -> None:
+    f = feed()
+    seen: list[str] = []
+    f.listeners.append(seen.append)
+    assert f.on_register(WorkerRegistration(worker=after), now=1.0) is None
+    assert seen == (["inventory of w1 grew"] if changed else [])
