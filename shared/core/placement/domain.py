@@ -10,7 +10,7 @@ the collector's pauses.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import msgspec
 
@@ -153,6 +153,10 @@ class GgufSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     context_size: int = 8192
 
 
+# A policy delay: finite, not negative, at most a week (NaN fails both bounds).
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=7 * 24 * 3600.0)]
+
+
 class RestartMode(StrEnum):
     """Whether failed (ERROR) replicas of a model are replaced."""
 
@@ -169,10 +173,10 @@ class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """
 
     mode: RestartMode = RestartMode.ALWAYS
-    grace_s: float = 30.0
-    backoff_s: float = 10.0
-    max_backoff_s: float = 300.0
-    reset_after_s: float = 600.0
+    grace_s: Seconds = 30.0
+    backoff_s: Seconds = 10.0
+    max_backoff_s: Seconds = 300.0
+    reset_after_s: Seconds = 600.0
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -315,3 +315,13 @@ def test_refused_commits_of_one_batch_wait_for_the_shortest_backoff() -> None:
     assert [a.delay for a in got.request] == [1.0, 0.5]
     assert got.request_delay() == 0.5
     assert plan({}, [], LIVE, (), NOW, Book(), T).request_delay() == 0.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), 1e300], ids=["negative", "nan", "huge"])
+def test_a_restart_policy_delay_out_of_bounds_does_not_decode(bad: float) -> None:
+    import msgspec
+
+    from shared.core.placement.domain import ModelSpec
+
+    with pytest.raises(msgspec.ValidationError, match=r"restart\.grace_s"):
+        msgspec.convert({"name": "m", "restart": {"grace_s": bad}}, type=ModelSpec)
