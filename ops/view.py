@@ -213,15 +213,15 @@ def pending_table(snapshot: ClusterSnapshot) -> Table:
 def models_table(snapshot: ClusterSnapshot) -> Table:
     """Per model: desired replicas and how many instances are in each state."""
     table = Table(title="models", title_justify="left", expand=False)
-    for column in ("MODEL", "DESIRED", "RUNNING", "STARTING", "PENDING", "OTHER"):
+    for column in ("MODEL", "DESIRED", "RUNNING", "STARTING", "PENDING", "FAILED", "OTHER"):
         table.add_column(column, no_wrap=True, justify="left" if column == "MODEL" else "right")
     for model in sorted(snapshot.models, key=lambda m: m.name):
         counts = state_counts(i for i in snapshot.instances if i.model == model.name)
         starting = counts["SCHEDULED"] + counts["STARTING"]
-        other = sum(counts.values()) - counts["RUNNING"] - starting - counts["PENDING"]
+        other = sum(counts.values()) - counts["RUNNING"] - starting - counts["PENDING"] - counts["ERROR"]
         table.add_row(
             model.name, str(model.desired), str(counts["RUNNING"]), str(starting),
-            str(counts["PENDING"]), str(other),
+            str(counts["PENDING"]), str(counts["ERROR"]), str(other),
         )
     return table
 

@@ -160,3 +160,19 @@ def test_top_header_counts_instances_by_state_at_the_snapshot_time() -> None:
     header = text.splitlines()[0]
     assert "22:13:20 UTC" in header
     assert "PENDING=1" in header and "RUNNING=1" in header
+
+
+def test_the_models_table_counts_failed_replicas_apart_from_running_ones() -> None:
+    from ops.view import models_table
+
+    snap = snapshot(models=(ModelView("m", 2),), instances=(
+        inst("a", "m", InstanceState.RUNNING, "w1", (0,)), inst("b", "m", InstanceState.ERROR, "w2", (0,)),
+    ))
+    out = io.StringIO()
+    Console(file=out, width=160, color_system=None).print(models_table(snap))
+    header, row = [line for line in out.getvalue().splitlines() if "MODEL" in line or "│ m" in line]
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    columns = [c.strip() for c in header.strip("┃ ").split("┃")]
+    assert dict(zip(columns, cells, strict=True)) == {
+        "MODEL": "m", "DESIRED": "2", "RUNNING": "1", "STARTING": "0", "PENDING": "0", "FAILED": "1", "OTHER": "0",
+    }
