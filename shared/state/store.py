@@ -156,8 +156,10 @@ class StateStore:
 
     # -- workers ------------------------------------------------------------------------------------
 
-    async def register_workers(self, workers: Sequence[Worker]) -> None:
-        """Store inventories and (re)declare ledger capacity of every GPU and worker RAM."""
+    async def register_workers(self, workers: Sequence[Worker], seen_at: float | None = None) -> None:
+        """Store inventories and (re)declare ledger capacity of every GPU and worker RAM; with ``seen_at``, a
+        registration counts as hearing from the worker (so a worker that never heartbeats still ages, and is
+        not taken for silent since 1970)."""
         if not workers:
             return
         pipe = self.r.pipeline(transaction=False)
@@ -173,6 +175,8 @@ class StateStore:
         if caps:
             pipe.hset(Keys.gpu_cap, mapping=caps)  # type: ignore[arg-type]
         pipe.hset(Keys.ram_cap, mapping=rams)  # type: ignore[arg-type]
+        if seen_at is not None:
+            pipe.hset(Keys.seen, mapping=dict.fromkeys(inv, repr(seen_at)))
         await pipe.execute()
 
     async def record_heartbeats(self, beats: Sequence[tuple[UsageReport, float]]) -> None:

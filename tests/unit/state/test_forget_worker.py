@@ -59,3 +59,10 @@ async def test_failures_keep_the_first_report(store: StateStore) -> None:
     assert await store.failures() == {"a": (10.0, "OOM")}
     await store.forget_failures(["a"])
     assert await store.failures() == {}
+
+
+async def test_a_registration_counts_as_hearing_from_the_worker(store: StateStore) -> None:
+    await store.register_workers([worker("w1")], seen_at=500.0)
+    (w,) = await store.workers()
+    assert w.last_heartbeat == 500.0
+    assert await store.forget_worker("w1", cutoff=400.0) == "alive"
