@@ -172,9 +172,6 @@ class Plan:
         for the shortest of their backoffs (the others have waited about as long by the next refusal)."""
         return min((a.delay for a in self.request), default=0.0)
 
-    def going(self) -> set[str]:
-        """Instances this plan takes away (removed, deleted, forgotten, lost)."""
-        return set(self.remove) | set(self.delete) | set(self.forget) | set(self.unreachable)
 
 
 @dataclass
