@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
+from services.reconciler.contract import CONSUMES, EMITS
 from services.reconciler.writer import StateWriter
 from shared.bus import streams, subjects
 from shared.bus.messages import (
@@ -92,6 +93,8 @@ class Reconciler(PlacementService):
     """Desired-state loop and commit point of the placement pipeline."""
 
     name = "reconciler"
+    consumes = CONSUMES
+    emits = EMITS
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self.specs: dict[str, ModelSpec] = {}

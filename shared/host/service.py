@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 import nats.errors
@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from shared.bus import subjects
 from shared.bus.messages import (
     CordonEvent,
+    ErrorEvent,
     Heartbeat,
     InstanceEvents,
     MessageError,
@@ -47,6 +48,7 @@ from shared.bus.streams import ALL_CONSUMERS
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile
 from shared.core.placement.registry import profile_from_json, profile_from_yaml
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
+from shared.host.contract import Consumes, Contract, Emits, merge, subject_matches
 from shared.host.feed import Feed, SnapshotFeed
 from shared.settings import Settings, load_settings
 from shared.state.store import StateStore
@@ -59,9 +61,13 @@ GC_THRESHOLDS = (10_000, 20, 20)
 
 
 class PlacementService:
-    """Shared wiring; subclasses add their pipeline subscribers in ``register``."""
+    """Shared wiring; subclasses declare what they consume and emit (``consumes``, ``emits``: the contract,
+    see ``shared.host.contract``) and add their pipeline subscribers in ``register``."""
 
     name = "service"
+    description: ClassVar[str] = ""
+    consumes: ClassVar[tuple[Consumes, ...]] = ()
+    emits: ClassVar[tuple[Emits, ...]] = ()
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -89,6 +95,39 @@ class PlacementService:
         self.wire_feed()
         self.register()
 
+    # -- the contract ---------------------------------------------------------------------------------
+
+    def contract(self) -> Contract:
+        """Everything this service consumes and emits: its own declarations and the host's (the snapshot
+        feed's subscriptions, sync requests, dead letters)."""
+        return Contract(
+            service=self.name,
+            description=self.description or (type(self).__doc__ or "").strip(),
+            consumes=merge(self.consumes, self._feed_consumes()),
+            emits=merge(self.emits, self._host_emits()),
+        )
+
+    def _feed_consumes(self) -> tuple[Consumes, ...]:
+        wanted = self.feeds()
+        out = [
+            Consumes(subjects.REGISTER, WorkerRegistration, "worker inventories, into this replica's snapshot"),
+            Consumes(subjects.HEARTBEAT, Heartbeat, "worker liveness and usage, into this replica's snapshot"),
+            Consumes(subjects.EVENT_CORDON, CordonEvent, "cordon changes, into this replica's snapshot"),
+            Consumes(subjects.EVENT_WORKER_REMOVED, WorkerRemovedEvent, "workers that left: out of the snapshot"),
+        ]
+        if Feed.FILES in wanted:
+            out.append(Consumes(subjects.MODEL_FILE, ModelFileUpdate, "model-file readiness, into the snapshot"))
+        if Feed.CLAIMS in wanted:
+            subject = subjects.EVENT_INSTANCE_ALL if Feed.PROGRESS in wanted else subjects.EVENT_INSTANCE
+            out.append(Consumes(subject, InstanceEvents, "instance changes: what each GPU holds, replica counts"))
+        return tuple(out)
+
+    def _host_emits(self) -> tuple[Emits, ...]:
+        return (
+            Emits(subjects.SYNC, SyncRequest, "asks workers (one, or all at start) to register again"),
+            Emits(subjects.dead_letter(self.name), ErrorEvent, "a message this service rejected, and why"),
+        )
+
     # -- to override ----------------------------------------------------------------------------------
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
@@ -111,7 +150,7 @@ class PlacementService:
     def bus(self) -> Bus:
         """Publishing side (available once the broker is connected)."""
         if self._bus is None:
-            self._bus = Bus(nats_client(self.broker), self.name)
+            self._bus = Bus(nats_client(self.broker), self.name, declared=self.contract().emit_check())
         return self._bus
 
     async def _declare(self) -> None:
@@ -155,11 +194,17 @@ class PlacementService:
     def pull(self, stream: str, durable: str, subject: str, handler: PullHandler, linger: float = 0.0) -> None:
         """Consume a pre-declared durable pull consumer with ``handler`` once the snapshot is loaded
         (``linger``: see ``pull_loop``). A batch the handler fails on is handed to it again one message at a
-        time (``isolating``)."""
+        time (``isolating``). The consumer must be declared in ``consumes``."""
+        declared = [c for c in self.contract().consumes if (c.stream, c.durable) == (stream, durable)]
+        if not any(subject_matches(subject, c.subject) for c in declared):
+            raise ValueError(f"{self.name}: consumer {stream}/{durable} on {subject} is not declared in its contract")
         self._pulls.append((stream, durable, subject, isolating(self, subject, handler), linger))
 
     def listen(self, subject: str, handler: RawHandler, queue: str = "") -> None:
-        """Hand every core-NATS message on ``subject`` (raw bytes) to ``handler``, from the snapshot load on."""
+        """Hand every core-NATS message on ``subject`` (raw bytes) to ``handler``, from the snapshot load on.
+        The subject (and queue group) must be declared in ``consumes``."""
+        if not self.contract().consumed(subject, queue=queue):
+            raise ValueError(f"{self.name}: {subject} (queue {queue!r}) is not declared in its contract")
         self._listens.append((subject, queue, handler))
 
     def wire_feed(self) -> None:
