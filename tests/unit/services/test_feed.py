@@ -129,3 +129,34 @@ def test_a_reregistration_that_grows_the_inventory_is_a_cluster_change(after: Wo
     f.listeners.append(seen.append)
     assert f.on_register(WorkerRegistration(worker=after), now=1.0) is None
     assert seen == (["inventory of w1 grew"] if changed else [])
+
+
+def test_an_uncordon_is_a_cluster_change_and_a_cordon_is_not() -> None:
+    f = feed()
+    seen: list[str] = []
+    f.listeners.append(seen.append)
+    f.on_cordon(CordonEvent(worker="w1", cordoned=True, gpu_index=0))
+    assert seen == []
+    f.on_cordon(CordonEvent(worker="w1", cordoned=False, gpu_index=0))
+    assert seen == ["w1:0 uncordoned"]
+
+
+@pytest.mark.parametrize(
+    ("state", "removed", "changed"),
+    [
+        (InstanceState.RUNNING, True, True),
+        (InstanceState.UNREACHABLE, False, True),
+        (InstanceState.DRAINING, False, False),
+        (InstanceState.ERROR, False, False),
+    ],
+    ids=["removed", "released-unreachable", "draining-still-holds", "error-still-holds"],
+)
+def test_claims_released_are_a_cluster_change(state: InstanceState, removed: bool, changed: bool) -> None:
+    f = feed()
+    placed = Instance(id="a", model="m", state=InstanceState.RUNNING, worker="w1", gpu_indexes=(0,),
+                      vram_claims=(GIB,))
+    f.on_instance(InstanceEvent(instance=placed, at=1.0))
+    seen: list[str] = []
+    f.listeners.append(seen.append)
+    f.on_instance(InstanceEvent(instance=msgspec.structs.replace(placed, state=state), removed=removed, at=2.0))
+    assert seen == (["resources freed by a"] if changed else [])
