@@ -32,7 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shared.catalog import load_gpu_spec, load_model_arch  # noqa: E402
-from shared.core.engine.step_time import CALIBRATION_FILE, OperatorEfficiencies, RooflineStepTime  # noqa: E402
+from shared.core.engine.step_time import (  # noqa: E402
+    CALIBRATION_FILE,
+    OperatorEfficiencies,
+    RooflineParams,
+    RooflineStepTime,
+)
 
 TABLE = REPO / "tests" / "data" / "aic_llama3_8b_kernels.json"
 OUT = REPO / "docs" / "benchmarks"
@@ -174,6 +179,13 @@ def evaluate(system: str, eff: OperatorEfficiencies, pts: list[dict[str, Any]]) 
     return rows
 
 
+def uncalibrated_errors(system: str, pts: list[dict[str, Any]]) -> list[float]:
+    """Total kernel-time errors of the single-efficiency roofline of spec §4 (the model before calibration)."""
+    m = RooflineStepTime(load_model_arch(MODEL), load_gpu_spec(system), params=RooflineParams(calibrated=False))
+    host = m.eff.host_s
+    return [(m.step_time(*aggregates(p)) - host) * 1e3 / sum(p["ops_ms"].values()) - 1 for p in pts]
+
+
 def plot(evals: dict[str, list[dict[str, Any]]]) -> None:
     """Model vs table step time per GPU, the ±15% band shaded."""
     import matplotlib
@@ -229,7 +241,11 @@ def main() -> None:
         rows = evaluate(system, OperatorEfficiencies.from_dict(calib["gpus"][system]), pts)
         evals[system] = rows
         acc = [r for r in rows if r["acceptance"]]
+        before = uncalibrated_errors(system, pts)
+        before_acc = [e for e, r in zip(before, rows, strict=True) if r["acceptance"]]
         summary["systems"][system] = {
+            "uncalibrated_max_abs_error": round(max(abs(e) for e in before), 4),
+            "uncalibrated_acceptance_max_abs_error": round(max((abs(e) for e in before_acc), default=0.0), 4),
             "points": len(rows),
             "max_abs_error": round(max(abs(r["error"]) for r in rows), 4),
             "acceptance_points": len(acc),
