@@ -91,7 +91,7 @@ class Engine:
     def num_outstanding(self) -> int:
         """Requests waiting or running."""
         s = self.scheduler
-        return len(s.running) + len(s.waiting)
+        return len(s.running) + s.num_waiting
 
     def take_kv_events(self, data_parallel_rank: int | None = None) -> KVEventBatch | None:
         """KV-cache events since the last call, stamped with the end of the last step; None if there are none.
@@ -176,7 +176,7 @@ class Engine:
         cfg = s.config
         if n == 0 or n > cfg.max_num_batched_tokens:
             return False
-        if (len(s.waiting) and n < cfg.max_num_seqs) or s.remote_wait:
+        if (len(s.waiting) and n < cfg.max_num_seqs) or s.remote_wait or s.kv_ready:
             return False
         sum_c = 0
         left_min = 1 << 62
