@@ -18,7 +18,7 @@ from shared.core.roles import NodeRole
 def workloads(draw: st.DrawFn) -> tuple[SchedulerConfig, float, list[dict[str, Any]]]:
     bs = draw(st.sampled_from([2, 4, 16]))
     role = draw(st.sampled_from(list(NodeRole)))
-    reqs = []
+    reqs: list[dict[str, Any]] = []
     for i in range(draw(st.integers(1, 20))):
         plen = draw(st.integers(1, 80))
         family = draw(st.integers(0, 2))
