@@ -13,7 +13,8 @@
    ``shared/core/engine/step_calibration.json``, which the core loads.
 3. **Evaluate** the fitted model against every extracted point, per operator and in total, and flag the
    issue-14 acceptance points (H100 and A100: prefill 512-4k; decode batch 1-256 at 1k context and 1-32 at
-   4k, where the KV fits). Written to ``docs/benchmarks/step_time_calibration.{json,png}``.
+   4k, where the KV fits). Mixed steps (a prefill chunk beside decodes) are evaluated but not fitted.
+   Written to ``docs/benchmarks/step_time_calibration.{json,png}``.
 
 Run: ``.venv/bin/python bench/calibrate_step_time.py [--from-table] [--systems h100_sxm a100_sxm ...]``.
 The last line printed is the JSON summary. Deterministic: no timing involved.
@@ -47,6 +48,7 @@ SYSTEMS = ("h100_sxm", "a100_sxm", "h200_sxm", "b200_sxm", "l40s")
 PREFILL = (128, 256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 CONTEXTS = (128, 512, 1024, 2048, 4096, 8192)
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MIXED = [(ctx, gen, isl) for isl in (1024, 4096) for ctx in (256, 512, 1024, 2048) for gen in (16, 64, 128)]
 HOST_S = 0.3e-3  # assumption: per-step time outside kernels with CUDA graphs and async scheduling
 OPS = ("gemm", "logits", "attention", "elementwise")
 _GROUPS = {
@@ -89,6 +91,14 @@ def extract(systems: list[str]) -> dict[str, Any]:
                 ops = h.decode_step_per_op(bs, ctx, 2)
                 pts.append({"kind": "decode", "batch": bs, "tokens": bs, "context": ctx,
                             "ops_ms": _grouped(ops, "generation")})
+        for ctx_tokens, gen, isl in MIXED:
+            # a chunked-prefill step: ctx_tokens of prompts of length isl (aiconfigurator scales the attention of
+            # a whole isl prefill by ctx_tokens/isl) beside gen decodes at context isl
+            shared, ctx_attn, gen_attn = h.mixed_step_breakdown_per_op(ctx_tokens, gen, isl, 2)
+            ops_ms = _grouped(shared, "context")
+            ops_ms["attention"] = sum(float(o[1]) for o in (*ctx_attn, *gen_attn))
+            pts.append({"kind": "mixed", "batch": gen, "tokens": ctx_tokens + gen, "context": isl,
+                        "prefill_tokens": ctx_tokens, "ops_ms": ops_ms})
         out["systems"][system] = pts
         print(f"extracted {system}: {len(pts)} points", file=sys.stderr)
     return out
@@ -100,6 +110,9 @@ def aggregates(p: dict[str, Any]) -> tuple[int, int, int, int, int]:
         n = int(p["tokens"])
         return n, 1, 1, n * (n + 1) // 2, n
     b, c = int(p["batch"]), int(p["context"])
+    if p["kind"] == "mixed":  # the prefill part: its share of whole-prompt prefills, as aiconfigurator counts it
+        q = int(p["prefill_tokens"])
+        return q + b, b + 1, b + 1, b * (c + 1) + q * (c + 1) // 2, b * (c + 1) + q
     return b, b, b, b * (c + 1), b * (c + 1)
 
 
@@ -128,6 +141,7 @@ def fit(system: str, pts: list[dict[str, Any]]) -> OperatorEfficiencies:
     from scipy.optimize import least_squares
 
     values = dict(_START, host_s=HOST_S)
+    pts = [p for p in pts if p["kind"] != "mixed"]  # mixed steps are kept out of the fit: they validate it
     for names, ops in _FAMILIES.values():
 
         def residuals(x: Any, names: tuple[str, ...] = names, ops: tuple[str, ...] = ops) -> Any:
@@ -152,7 +166,7 @@ def fit(system: str, pts: list[dict[str, Any]]) -> OperatorEfficiencies:
 
 def acceptance(system: str, p: dict[str, Any]) -> bool:
     """Issue 14's points: H100/A100, prefill 512-4k, decode 1-256 at 1k and 1-32 at 4k, KV fitting in memory."""
-    if system not in ("h100_sxm", "a100_sxm"):
+    if system not in ("h100_sxm", "a100_sxm") or p["kind"] == "mixed":
         return False
     if p["kind"] == "prefill":
         return bool(512 <= p["tokens"] <= 4096)
@@ -195,7 +209,7 @@ def plot(evals: dict[str, list[dict[str, Any]]]) -> None:
 
     fig, axes = plt.subplots(1, len(evals), figsize=(4.2 * len(evals), 4), squeeze=False)
     for ax, (system, rows) in zip(axes[0], evals.items(), strict=True):
-        for kind, mark in (("prefill", "o"), ("decode", ".")):
+        for kind, mark in (("prefill", "o"), ("decode", "."), ("mixed", "+")):
             xs = [r["table_ms"] for r in rows if r["kind"] == kind]
             ys = [r["model_ms"] for r in rows if r["kind"] == kind]
             ax.loglog(xs, ys, mark, label=kind)
@@ -243,7 +257,10 @@ def main() -> None:
         acc = [r for r in rows if r["acceptance"]]
         before = uncalibrated_errors(system, pts)
         before_acc = [e for e, r in zip(before, rows, strict=True) if r["acceptance"]]
+        mixed = [abs(r["error"]) for r in rows if r["kind"] == "mixed"]
         summary["systems"][system] = {
+            "mixed_points": len(mixed),
+            "mixed_max_abs_error": round(max(mixed, default=0.0), 4),
             "uncalibrated_max_abs_error": round(max(abs(e) for e in before), 4),
             "uncalibrated_acceptance_max_abs_error": round(max((abs(e) for e in before_acc), default=0.0), 4),
             "points": len(rows),
