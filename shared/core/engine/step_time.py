@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from shared.core.catalog import GpuSpec, ModelArch
 from shared.core.catalog.models import dtype_bytes
@@ -41,6 +41,19 @@ class StepTimeModel(Protocol):
 
     def step_time(self, num_tokens: int, num_reqs: int, num_sampling: int, attn_work: int, kv_read: int) -> float:
         """Duration of a step with these aggregates."""
+        ...
+
+
+@runtime_checkable
+class SplitStepTime(Protocol):
+    """A model whose step time is ``fixed + a·attn_work + b·kv_read`` with ``fixed`` depending on the rest.
+
+    ``step_time`` must compute exactly ``split(...)[0] + a * attn_work + b * kv_read`` in that order, so a
+    fast-forwarded run of decode steps (same T, growing context) gets bit-identical times from one split.
+    """
+
+    def split(self, num_tokens: int, num_reqs: int, num_sampling: int) -> tuple[float, float, float]:
+        """``(fixed seconds, seconds per unit of attention work, seconds per KV token read)``."""
         ...
 
 
@@ -211,8 +224,7 @@ class RooflineStepTime:
         return {"gemm": gemm, "logits": logits, "attention": attn, "elementwise": ew, "allreduce": comm,
                 "host": self._ov}
 
-    def step_time(self, num_tokens: int, num_reqs: int, num_sampling: int, attn_work: int, kv_read: int) -> float:
-        """Duration of a step with these aggregates (seconds)."""
+    def _fixed(self, num_tokens: int, num_reqs: int, num_sampling: int) -> float:
         c = self._g_c * num_tokens
         m = self._g_m
         if self._n_exp:
@@ -227,9 +239,16 @@ class RooflineStepTime:
             t = (c**p + m**p) ** (1.0 / p)
             if num_sampling:
                 t += ((self._h_c * num_sampling) ** p + self._h_m**p) ** (1.0 / p)
-        t += self._a0 + self._a_seq * num_reqs + self._a_f * attn_work + self._a_kv * kv_read
-        t += self._e0 + self._e1 * num_tokens
+        t += self._a0 + self._a_seq * num_reqs + self._e0 + self._e1 * num_tokens
         return float(t + self._ar0 + self._ar_tok * num_tokens + self._ov)
+
+    def split(self, num_tokens: int, num_reqs: int, num_sampling: int) -> tuple[float, float, float]:
+        """``step_time = fixed + a·attn_work + b·kv_read`` (see :class:`SplitStepTime`)."""
+        return self._fixed(num_tokens, num_reqs, num_sampling), self._a_f, self._a_kv
+
+    def step_time(self, num_tokens: int, num_reqs: int, num_sampling: int, attn_work: int, kv_read: int) -> float:
+        """Duration of a step with these aggregates (seconds)."""
+        return self._fixed(num_tokens, num_reqs, num_sampling) + self._a_f * attn_work + self._a_kv * kv_read
 
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token takes over all layers (what a P/D hand-off moves per prompt token)."""
@@ -266,6 +285,10 @@ class CalibratedStepTime:
         step_big = batch / tokens_per_s
         per_kv = max(step_big - itl_s - per_token * (batch - 1), 0.0) / max(batch * context, 1)
         return cls(base_s=itl_s - per_token, per_token_s=per_token, per_kv_token_s=per_kv)
+
+    def split(self, num_tokens: int, num_reqs: int, num_sampling: int) -> tuple[float, float, float]:
+        """``step_time = fixed + 0·attn_work + per_kv_token_s·kv_read`` (see :class:`SplitStepTime`)."""
+        return self.base_s + self.per_token_s * num_tokens + self.per_seq_s * num_reqs, 0.0, self.per_kv_token_s
 
     def step_time(self, num_tokens: int, num_reqs: int, num_sampling: int, attn_work: int, kv_read: int) -> float:
         """Duration of a step with these aggregates (seconds)."""
