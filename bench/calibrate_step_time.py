@@ -274,9 +274,19 @@ def main() -> None:
         print(f"{system}: {summary['systems'][system]}", file=sys.stderr)
     CALIBRATION_FILE.write_text(json.dumps(calib, indent=2) + "\n")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "step_time_calibration.json").write_text(json.dumps({"summary": summary, "points": evals}, indent=1) + "\n")
+    (OUT / "step_time_calibration.json").write_text(_compact(summary, evals))
     plot(evals)
     print(json.dumps(summary))
+
+
+def _compact(summary: dict[str, Any], evals: dict[str, list[dict[str, Any]]]) -> str:
+    """The results JSON with the summary indented and one line per point (small, and diffs stay readable)."""
+    def lines(rows: list[dict[str, Any]]) -> str:
+        return ",\n".join("   " + json.dumps(r, separators=(",", ":")) for r in rows)
+
+    systems = ",\n".join(f"  {json.dumps(system)}: [\n{lines(rows)}\n  ]" for system, rows in evals.items())
+    head = json.dumps({"summary": summary}, indent=1)[:-2]
+    return head + ',\n "points": {\n' + systems + "\n }\n}\n"
 
 
 def vars_of(eff: OperatorEfficiencies) -> dict[str, float]:
