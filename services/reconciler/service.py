@@ -100,7 +100,6 @@ class Reconciler(PlacementService):
         self.specs: dict[str, ModelSpec] = {}
         self.requested: dict[str, float] = {}  # instance id -> when this process last requested it
         self.seen_placed: dict[str, float] = {}  # instance id -> when first seen committed
-        self.retries: dict[str, PendingRetry] = {}  # PENDING replicas with a verdict: when to ask again
         self.last_change = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -429,8 +428,6 @@ class Reconciler(PlacementService):
         if pending:
             await self.store.release([i.id for i in pending])
             await self._publish_removed(pending)
-            for inst in pending:
-                self.retries.pop(inst.id, None)
         if placed:
             ids = [i.id for i in placed]
             await self.store.mark_state(model, token, InstanceState.DRAINING, ACTIVE, ids)
@@ -509,7 +506,10 @@ class Reconciler(PlacementService):
         ledger = dict(zip((o.item.instance_id for o, _ in decided),
                           await self.store.commit([c for _, c in decided]), strict=True))
         verdicts = [_verdict(out, ledger) for out in outs]
-        book = Book(retries={v.instance_id: self._retry_of(v.instance_id, now) for v in verdicts})
+        # The shared retry book is read only for replicas that will wait (not on the path of a good commit).
+        waiting = [v.instance_id for v in verdicts if v.outcome not in ("ok", "dup", "gone")]
+        booked = await self.store.retries(waiting) if waiting else {}
+        book = Book(retries={i: self._retry_of(i, booked, now) for i in waiting})
         p = plan({}, [], self.cluster(), verdicts, now, book, self.timings())
         by_id = {out.item.instance_id: out for out in outs}
         records = {out.item.instance_id: c.instance for out, c in decided}
@@ -523,9 +523,7 @@ class Reconciler(PlacementService):
                 await self._assign(stored, specs.get(stored.model) or await self.spec_of(stored.model))
         await self._publish_instances(committed)
         await self._publish_decisions([(by_id[i.id], i) for i in committed], now)
-        for iid in p.dropped:
-            self.retries.pop(iid, None)
-        self.retries.update(p.retries)
+        await self._book(p.retries)
         # PENDING again: tells scoring replicas to drop any assumed placement of these replicas.
         back = [Instance(id=a.instance_id, model=a.model, state=InstanceState.PENDING) for a in p.request]
         back += await self._pending(p.pending, by_id, now)
@@ -534,11 +532,15 @@ class Reconciler(PlacementService):
             await asyncio.sleep(p.request_delay())
             await self.request(p.request, self.clock())
 
-    def _retry_of(self, iid: str, now: float) -> PendingRetry:
-        known = self.retries.get(iid)
+    def _retry_of(self, iid: str, stored: Mapping[str, tuple[int, float, float]], now: float) -> PendingRetry:
+        known = stored.get(iid)
         if known is not None:
-            return known
+            return PendingRetry(*known)
         return PendingRetry(attempts=0, next_at=now, requested_at=self.requested.get(iid, float("-inf")))
+
+    async def _book(self, retries: Mapping[str, PendingRetry]) -> None:
+        """Write the plan's retry entries to the book every reconciler replica shares (Redis)."""
+        await self.store.set_retries({i: (r.attempts, r.next_at, r.requested_at) for i, r in retries.items()})
 
     async def _publish_decisions(self, committed: Sequence[tuple[ItemOutcome, Instance]], now: float) -> None:
         decisions = tuple(
@@ -649,7 +651,6 @@ class Reconciler(PlacementService):
         for inst in instances:
             self.seen_placed.pop(inst.id, None)
             self.requested.pop(inst.id, None)
-            self.retries.pop(inst.id, None)
             if tell_worker and inst.worker:
                 await self.bus.publish(subjects.worker_delete(inst.worker), DeleteInstance(instance_id=inst.id))
         await self._publish_removed(instances)
@@ -674,9 +675,7 @@ class Reconciler(PlacementService):
         if fresh:
             await self.store.set_reasons(fresh)
             await self._publish_instances([msgspec.structs.replace(records[i], reason=why) for i, why in fresh.items()])
-        for iid in p.dropped:
-            self.retries.pop(iid, None)
-        self.retries.update(p.retries)
+        await self._book(p.retries)
         if p.request:
             await self.request(p.request, now)
         for worker in p.forget_workers:
@@ -710,13 +709,14 @@ class Reconciler(PlacementService):
             self.specs.update(await self.store.models())  # models another replica was told about
         records = dict(self.feed.instances)  # as of now: the awaits below let events change the feed's
         pending = {i for i, inst in records.items() if inst.state is InstanceState.PENDING}
-        self.retries = {i: r for i, r in self.retries.items() if i in pending}
+        retries = await self.store.retries()
+        await self.store.forget_retries([i for i in retries if i not in pending])  # placed or removed since
         failures, restarts = await self.store.failures(), await self.store.restarts()
         book = Book(
             drains=await self.store.drains(),
             failures={i: Failure(since=t, message=m) for i, (t, m) in failures.items()},
             restarts={m: Restarts(count=c, last_at=t) for m, (c, t) in restarts.items()},
-            retries=dict(self.retries),
+            retries={i: PendingRetry(*r) for i, r in retries.items() if i in pending},
         )
         desired = {m: Want(restart=spec.restart) for m, spec in self.specs.items()}
         p = plan(desired, list(records.values()), self.cluster(), (), now, book, self.timings())

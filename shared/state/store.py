@@ -59,6 +59,7 @@ class Keys:
     drains = P + "drains"  # id -> time DRAINING began
     failures = P + "failures"  # id -> {"since": time, "message": str} of ERROR instances
     restarts = P + "restarts"  # model -> {"count": n, "last_at": time} of recent failed-replica replacements
+    retries = P + "retries"  # id -> [attempts, next_at, requested_at] of PENDING replicas with a verdict
 
 
 def gpu_field(worker: str, index: int) -> str:
@@ -362,6 +363,31 @@ class StateStore:
             d = msgspec.json.decode(v)
             out[_s(k)] = (int(d["count"]), float(d["last_at"]))
         return out
+
+    async def set_retries(self, retries: dict[str, tuple[int, float, float]]) -> None:
+        """When each PENDING replica is next placed again (shared by every reconciler replica)."""
+        if retries:
+            mapping = {i: _enc.encode([a, n, r if r != float("-inf") else None]) for i, (a, n, r) in retries.items()}
+            await self.r.hset(Keys.retries, mapping=mapping)  # type: ignore[arg-type]
+
+    async def retries(self, ids: Sequence[str] | None = None) -> dict[str, tuple[int, float, float]]:
+        """The retry book (of ``ids``, or all): attempts, next time, last request time (-inf: never)."""
+        if ids is None:
+            raw = {_s(k): v for k, v in (await self.r.hgetall(Keys.retries)).items()}
+        elif ids:
+            raw = {i: v for i, v in zip(ids, await self.r.hmget(Keys.retries, list(ids)), strict=True) if v}
+        else:
+            raw = {}
+        out = {}
+        for iid, v in raw.items():
+            a, n, r = msgspec.json.decode(v)
+            out[iid] = (int(a), float(n), float("-inf") if r is None else float(r))
+        return out
+
+    async def forget_retries(self, ids: Sequence[str]) -> None:
+        """Drop retry bookkeeping of replicas no longer PENDING."""
+        if ids:
+            await self.r.hdel(Keys.retries, *ids)
 
     async def forget_worker(self, name: str, cutoff: float | None) -> str:
         """Remove a worker from the state in one step: "ok"; "alive" if heard after ``cutoff``; "holds" if

@@ -1,4 +1,4 @@
-"""Worker lifecycle in the state layer: a worker leaves Redis in one step, never under a live claim."""
+"""Worker and replica lifecycle in the state layer: forgetting workers (never under a live claim), failures, retries."""
 
 from __future__ import annotations
 
@@ -66,3 +66,12 @@ async def test_a_registration_counts_as_hearing_from_the_worker(store: StateStor
     (w,) = await store.workers()
     assert w.last_heartbeat == 500.0
     assert await store.forget_worker("w1", cutoff=400.0) == "alive"
+
+
+async def test_the_retry_book_round_trips_never_requested_as_minus_infinity(store: StateStore) -> None:
+    await store.set_retries({"a": (2, 10.0, 8.0), "b": (0, 5.0, float("-inf"))})
+    assert await store.retries() == {"a": (2, 10.0, 8.0), "b": (0, 5.0, float("-inf"))}
+    assert await store.retries(["b", "zz"]) == {"b": (0, 5.0, float("-inf"))}
+    assert await store.retries([]) == {}
+    await store.forget_retries(["a"])
+    assert set(await store.retries()) == {"b"}
