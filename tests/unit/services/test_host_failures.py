@@ -7,7 +7,7 @@ import nats.js.errors
 import pytest
 import redis.exceptions
 
-from shared.host.service import failure_reason, transient
+from shared.host.isolation import failure_reason, transient
 
 CASES: list[tuple[str, BaseException, bool]] = [
     ("redis unreachable", redis.exceptions.ConnectionError("Connection refused"), True),
