@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, ServerStartError, start_nats, start_redis
+from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, ServerStartError, free_port, start_nats, start_redis
 from shared.core.placement.domain import GIB
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
@@ -157,6 +157,8 @@ class LocalStack:
     nats: ServerProcess | None = None
     redis: ServerProcess | None = None
     children: list[Child] = field(default_factory=list)
+    # Each service's /metrics port: free ports, kept across restarts, so several stacks can coexist.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def log_dir(self) -> Path:
@@ -250,13 +252,16 @@ class LocalStack:
         """Start one child with its output in ``logs/<name>.log``."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
+        env = self.child_env()
+        if name in self.services:
+            env["GANTRY_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
         with log.open("ab") as out:
             out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
             out.flush()
             proc = subprocess.Popen(
                 argv,
                 cwd=REPO_ROOT,
-                env=self.child_env(),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -304,6 +309,7 @@ class LocalStack:
             "nats_url": self.settings.nats_url,
             "children": {c.name: c.process.pid for c in self.children},
             "servers": {s.name: s.process.pid for s in (self.nats, self.redis) if s is not None},
+            "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()},
         }
         (self.home / STATE_FILE).write_text(json.dumps(state, indent=2))
 

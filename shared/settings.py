@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     forget_after_s: float = Field(
         600.0, gt=0, description="a worker silent this long leaves the state (with its lost replicas)"
     )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="port of the service's Prometheus /metrics endpoint; 0: not served"
+    )
+    web_port: int = Field(
+        8470, ge=0, le=65535, description="port of the web view `gantry up` serves on 127.0.0.1; 0: none"
+    )
     fit_cache_s: float = Field(
         0.2, ge=0, description="fitting reuses a model's candidates this long (scoring re-checks them); 0: off"
     )

@@ -82,6 +82,7 @@ log = logging.getLogger("gantry.reconciler")
 RESYNC_SHARDS = 5
 FULL_EVERY = 10  # ticks between full re-converges of every model
 EVENTS_PER_MESSAGE = 1000  # instance changes or decisions per events message (well under 1 MB)
+NOT_REFUSED = frozenset({"ok", "dup", "gone", "unschedulable"})  # other commit verdicts: refused, placed again
 
 
 def resync_shard_of(worker: str) -> int:
@@ -95,6 +96,7 @@ class Reconciler(PlacementService):
     name = "reconciler"
     consumes = CONSUMES
     emits = EMITS
+    observes_stage = False  # the SLI is observed at the commit (_observe_commits), not per scored batch
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self.specs: dict[str, ModelSpec] = {}
@@ -514,6 +516,7 @@ class Reconciler(PlacementService):
         by_id = {out.item.instance_id: out for out in outs}
         records = {out.item.instance_id: c.instance for out, c in decided}
         committed = [records[i] for i in p.committed]
+        self._observe_commits([by_id[i.id] for i in committed], verdicts, now)
         for inst in committed:
             await self._assign(inst, specs.get(inst.model) or await self.spec_of(inst.model))
             self.seen_placed[inst.id] = now
@@ -531,6 +534,12 @@ class Reconciler(PlacementService):
         if p.request:
             await asyncio.sleep(p.request_delay())
             await self.request(p.request, self.clock())
+
+    def _observe_commits(self, committed: Sequence[ItemOutcome], verdicts: Sequence[Commit], now: float) -> None:
+        """The placement SLI (scale event -> committed) and the commits the ledger refused."""
+        self.metrics.stage_done((out.item.requested_at for out in committed), now)
+        self.metrics.committed.labels(self.name).inc(len(committed))
+        self.metrics.refused([v.outcome for v in verdicts if v.outcome not in NOT_REFUSED])
 
     def _retry_of(self, iid: str, stored: Mapping[str, tuple[int, float, float]], now: float) -> PendingRetry:
         known = stored.get(iid)
@@ -709,6 +718,7 @@ class Reconciler(PlacementService):
             self.specs.update(await self.store.models())  # models another replica was told about
         records = dict(self.feed.instances)  # as of now: the awaits below let events change the feed's
         pending = {i for i, inst in records.items() if inst.state is InstanceState.PENDING}
+        self.metrics.pending.labels(self.name).set(len(pending))
         retries = await self.store.retries()
         await self.store.forget_retries([i for i in retries if i not in pending])  # placed or removed since
         failures, restarts = await self.store.failures(), await self.store.restarts()

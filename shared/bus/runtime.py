@@ -37,8 +37,12 @@ class Bus:
     a publish on any other is logged as an error once per subject (the contract would be lying).
     """
 
-    def __init__(self, nc: Client, service: str, declared: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, nc: Client, service: str, declared: Callable[[str], bool] | None = None,
+        on_dead_letter: Callable[[str], None] | None = None,
+    ) -> None:
         self.nc = nc
+        self.on_dead_letter = on_dead_letter  # the service's metrics count rejections per subject
         self.js: JetStreamContext = nc.jetstream()
         self.service = service
         self.declared = declared
@@ -66,6 +70,8 @@ class Bus:
     async def dead_letter(self, subject: str, reason: str, payload: bytes = b"") -> None:
         """Report a rejected message on the dead-letter subject, and log it."""
         log.warning("%s rejected a message on %s: %s", self.service, subject, reason)
+        if self.on_dead_letter is not None:
+            self.on_dead_letter(subject)
         event = ErrorEvent(
             service=self.service, subject=subject, reason=reason,
             payload=payload[:512].decode("utf-8", "replace"), at=time.time(),

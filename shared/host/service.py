@@ -43,6 +43,7 @@ from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 from shared.host.contract import Consumes, Contract, Emits, merge, subject_matches
 from shared.host.feed import Feed, SnapshotFeed
 from shared.host.isolation import SplitBatch, ack_all, guarded, isolating, run_batch, settle, transient
+from shared.host.metrics import ServiceMetrics, requested_times
 from shared.settings import Settings, load_settings
 from shared.state.store import StateStore
 
@@ -61,6 +62,9 @@ class PlacementService:
     description: ClassVar[str] = ""
     consumes: ClassVar[tuple[Consumes, ...]] = ()
     emits: ClassVar[tuple[Emits, ...]] = ()
+    # The host observes the placement SLI when a batch of this service's stage is handled; the reconciler
+    # observes it itself, at the commit (not every scored replica is committed).
+    observes_stage: ClassVar[bool] = True
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -76,6 +80,7 @@ class PlacementService:
         self.store = StateStore.from_url(settings.redis_url)
         self.ready = asyncio.Event()
         self.profile = load_profile(settings.profile)
+        self.metrics = ServiceMetrics(self.name)
         self._bus: Bus | None = None
         self._pulls: list[tuple[str, str, str, PullHandler, float]] = []
         self._listens: list[tuple[str, str, RawHandler]] = []
@@ -85,6 +90,7 @@ class PlacementService:
         self.app.after_startup(self._load)
         self.app.on_shutdown(self._stop_pull_loops)
         self.app.on_shutdown(self.store.close)
+        self.app.on_shutdown(self._close_metrics)
         self.wire_feed()
         self.register()
 
@@ -143,7 +149,10 @@ class PlacementService:
     def bus(self) -> Bus:
         """Publishing side (available once the broker is connected)."""
         if self._bus is None:
-            self._bus = Bus(nats_client(self.broker), self.name, declared=self.contract().emit_check())
+            self._bus = Bus(
+                nats_client(self.broker), self.name, declared=self.contract().emit_check(),
+                on_dead_letter=self.metrics.dead_letter,
+            )
         return self._bus
 
     async def _declare(self) -> None:
@@ -157,6 +166,7 @@ class PlacementService:
             await nc.close()
 
     async def _load(self) -> None:
+        self.metrics.serve(self.settings.metrics_port)
         nc = nats_client(self.broker)
         for subject, queue, on_raw in self._listens:
             await listen(nc, subject, on_raw, queue)
@@ -177,6 +187,9 @@ class PlacementService:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
 
+    async def _close_metrics(self) -> None:
+        self.metrics.close()
+
     async def _stop_pull_loops(self) -> None:
         # The pull loops are our own tasks: the broker's drain waits on them forever unless they stop first.
         for task in self._loops:
@@ -191,7 +204,23 @@ class PlacementService:
         declared = [c for c in self.contract().consumes if (c.stream, c.durable) == (stream, durable)]
         if not any(subject_matches(subject, c.subject) for c in declared):
             raise ValueError(f"{self.name}: consumer {stream}/{durable} on {subject} is not declared in its contract")
-        self._pulls.append((stream, durable, subject, isolating(self, subject, handler), linger))
+        counted = self._counted(durable, subject, isolating(self, subject, handler))
+        self._pulls.append((stream, durable, subject, counted, linger))
+
+    def _counted(self, durable: str, subject: str, handler: PullHandler) -> PullHandler:
+        """``handler`` with its batches counted: messages per subject, batch size, the consumer's backlog."""
+        metrics = self.metrics
+
+        async def handle(raws: list[Msg]) -> None:
+            if raws:
+                try:
+                    backlog: int | None = raws[-1].metadata.num_pending
+                except Exception:  # a message without JetStream metadata (never from a pull consumer)
+                    backlog = None
+                metrics.batch_pulled(durable, subject, len(raws), backlog)
+            await handler(raws)
+
+        return handle
 
     def listen(self, subject: str, handler: RawHandler, queue: str = "") -> None:
         """Hand every core-NATS message on ``subject`` (raw bytes) to ``handler``, from the snapshot load on.
@@ -285,8 +314,15 @@ class PlacementService:
     ) -> None:
         """Decode a batch, run ``work`` on the valid messages, ack them (see ``guarded`` for failures)."""
         batch = await self.decode_batch(raws, kind, subject)
-        if batch:
-            await run_batch(self, subject, [r for _, r in batch], lambda: work([m for m, _ in batch]))
+        if not batch:
+            return
+        msgs = [r for _, r in batch]
+        if await guarded(self, subject, msgs, lambda: work([m for m, _ in batch])):
+            if self.observes_stage:
+                now = self.clock()
+                for message, _ in batch:
+                    self.metrics.stage_done(requested_times(message), now)
+            await ack_all(msgs)
 
 
 def serve(factory: Callable[[Settings], PlacementService]) -> None:

@@ -23,7 +23,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from ops.servers import ServerProcess
+from ops.servers import ServerProcess, free_port
 from services import SERVICE_COMMANDS, WORKERS_COMMAND
 from shared.bus import streams, subjects
 from shared.bus.messages import ErrorEvent, ScaleCommand, encode
@@ -62,18 +62,21 @@ class Stack:
     store: StateStore
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     dead_letters: list[ErrorEvent] = field(default_factory=list)
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # process name -> its /metrics port
     _seq: int = 0
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start a process (logs under the test's tmp dir)."""
         with (self.logs / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(argv, cwd=REPO, env=env or self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc
 
     def start_service(self, service: str, replica: int = 0) -> None:
-        """Start one replica of a placement service."""
-        self.start(f"{service}-{replica}", _argv(SERVICE_COMMANDS[service]))
+        """Start one replica of a placement service, its metrics on a free port of its own."""
+        name = f"{service}-{replica}"
+        port = self.metrics_ports.setdefault(name, free_port())
+        self.start(name, _argv(SERVICE_COMMANDS[service]), {**self.env, "GANTRY_METRICS_PORT": str(port)})
 
     def start_services(self, replicas: int = 1) -> None:
         """Start every placement service with ``replicas`` replicas each."""
