@@ -28,6 +28,7 @@ from ops.stack import (
     signal_running_stack,
 )
 from ops.view import ClusterSnapshot, models_table, state_counts
+from ops.web import WebView
 from shared.core.placement.domain import InstanceState, WorkerState
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
@@ -117,6 +118,7 @@ async def _foreground(
 ) -> None:
     started = time.monotonic()
     redis = await connect_redis(settings, timeout=5)
+    web: WebView | None = None
     try:
         try:
             ready = await wait_for(
@@ -128,12 +130,27 @@ async def _foreground(
                 f"see {_rel(stack.log_dir)}/workers.log and reconciler.log"
             ) from None
         out.print(f"stack is up: {_ready_workers(ready)} worker(s) READY")
+        web = _start_web(settings, out)
         if demo:
             await _run_demo(stack, settings, redis, out)
         out.print("Ctrl-C (or `gantry down`) stops everything; try `gantry top` in another terminal")
         await _status_loop(stack, settings, redis, out, started, exit_after)
     finally:
+        if web is not None:
+            web.stop()
         await redis.aclose()
+
+
+def _start_web(settings: Settings, out: Console) -> WebView | None:
+    """The web view on GANTRY_WEB_PORT (0: none); a taken port is reported and the stack runs on."""
+    if not settings.web_port:
+        return None
+    web = WebView(settings, settings.web_port)
+    if not web.start():
+        out.print(f"[yellow]web view not started: port {settings.web_port} is taken; set GANTRY_WEB_PORT[/]")
+        return None
+    out.print(f"web view: {web.url}")
+    return web
 
 
 def _ready_workers(snapshot: ClusterSnapshot) -> int:

@@ -61,10 +61,11 @@ class Result:
     err: str
 
 
-def stack_env(home: Path, nats_port: int, redis_port: int) -> dict[str, str]:
-    """The process environment for a stack (and its CLI) on the given ports."""
+def stack_env(home: Path, nats_port: int, redis_port: int, web_port: int = 0) -> dict[str, str]:
+    """The process environment for a stack (and its CLI) on the given ports (web view: 0, none)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GANTRY_")}
     env.update(
+        GANTRY_WEB_PORT=str(web_port),
         GANTRY_HOME=str(home),
         GANTRY_NATS_URL=f"nats://127.0.0.1:{nats_port}",
         GANTRY_REDIS_URL=f"redis://:cli-test-pw@127.0.0.1:{redis_port}/0",
@@ -88,7 +89,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`gantry up --workers 4 --demo`, ready once the demo has reported; stopped after this package's
     tests so it does not load the machine while the rest of the suite runs."""
     home = tmp_path_factory.mktemp("gantry-home")
-    env = stack_env(home, free_port(), free_port())
+    env = stack_env(home, free_port(), free_port(), web_port=free_port())
     child = spawn(["up", "--workers", "4", "--demo"], env, timeout=UP_TIMEOUT_S)
     log = home / "up-output.txt"
     child.logfile_read = log.open("w", encoding="utf-8")
