@@ -48,6 +48,7 @@ from shared.settings import Settings, load_settings
 from shared.state.store import StateStore
 
 log = logging.getLogger("gantry.service")
+APP_LOG = logging.getLogger("gantry.app")  # start and stop of the app (INFO), through the root handler
 T = TypeVar("T", bound=msgspec.Struct)
 # Young-generation collections every 10,000 allocations instead of 700: each decision allocates
 # thousands of short-lived objects, and collecting them 15x less often costs no memory worth counting.
@@ -70,7 +71,8 @@ class PlacementService:
         self.settings = settings
         self.clock = clock
         self.broker = make_broker(settings)
-        self.app = FastStream(self.broker)
+        # FastStream's own app logger always writes ANSI colour codes, into log files too: ours is plain.
+        self.app = FastStream(self.broker, logger=APP_LOG)
         self.snapshot = ClusterSnapshot(
             SnapshotConfig(
                 heartbeat_interval=settings.heartbeat_interval_s, not_ready_after=settings.not_ready_after_s
@@ -330,6 +332,7 @@ def serve(factory: Callable[[Settings], PlacementService]) -> None:
     import uvloop
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    APP_LOG.setLevel(logging.INFO)
     uvloop.run(factory(load_settings()).app.run())
 
 

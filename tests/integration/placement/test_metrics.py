@@ -59,6 +59,9 @@ async def test_each_service_shows_the_sli_histogram_after_a_scale(stack: Stack) 
         assert inf == count
         assert 0 < value(samples, f"{SLI}_sum", service=service, stage=stage) < 30 * count
         assert value(samples, HANDLED, service=service) >= 1, f"{service} counted no message"
+    for service in STAGES:  # logs are files here, not a terminal: plain text, no colour codes
+        log = (stack.logs / f"{service}-0.log").read_text()
+        assert "FastStream app started" in log and "\x1b[" not in log, log[:500]
     committed = scrape(stack.metrics_ports["reconciler-0"])
     assert value(committed, "gantry_placements_committed_total", service="reconciler") == 3
     assert value(committed, HANDLED, service="reconciler", subject=subjects.PLACEMENT_SCORED) >= 1
