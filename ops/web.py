@@ -45,7 +45,7 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:18px 0 6px}
 .fill{height:100%} .low{background:#2a9d4b} .mid{background:#e0a800} .high{background:#d6333f}
 .model{color:#1a5fb4;white-space:nowrap;overflow:hidden;text-overflow:ellipsis} .free{color:#999}
 table{border-collapse:collapse;background:#fff} td,th{border:1px solid #d5d9e0;padding:3px 8px;font-size:13px}
-th{background:#eef0f4;text-align:left} td.n{text-align:right}
+th{background:#eef0f4;text-align:left} td.n{text-align:right} td:first-child{white-space:nowrap}
 .events{font-family:ui-monospace,monospace;font-size:12px;background:#fff;border:1px solid #d5d9e0;
 padding:6px;white-space:pre;overflow-x:auto;margin:0}
 """

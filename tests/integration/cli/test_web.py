@@ -3,7 +3,7 @@
 Chromium renders the page (screenshot) and its DOM is checked for every worker, every GPU cell, the demo
 models with their counts and the event stream. Skipped, saying why, only where no Chromium is installed
 (Debian: ``apt-get install -y chromium``). ``GANTRY_WEB_SCREENSHOT=PATH`` also keeps the screenshot there
-(how ``docs/web-view.png`` is made).
+(how ``docs/web-view.png`` and ``docs/web-view-pending.png`` are made).
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import Stack
+from .conftest import Result, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -104,3 +106,34 @@ def test_page_refreshes_its_content_from_the_fragment(stack: Stack) -> None:
     assert 'id="summary"' in body and "<html" not in body
     _, _, page = get(web_url(stack))
     assert "fetch('/fragment'" in page
+
+
+def test_chromium_shows_cordons_and_pending_reasons(
+    stack: Stack, gantry: Callable[..., Result], tmp_path: Path
+) -> None:
+    chromium()  # skip before changing the stack when there is no browser
+    spec = tmp_path / "too-big.yaml"
+    spec.write_text(f"name: too-big\nsource: x/too-big\nreplicas: 2\nvram_claim: {5000 * 2**30}\n")
+    assert gantry("cordon", "w3:0").code == 0
+    assert gantry("deploy", str(spec)).code == 0
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            state = json.loads(get(web_url(stack) + "api/state")[2])
+            if any(p["model"] == "too-big" and len(p["instances"]) == 2 for p in state["pending"]):
+                break
+            assert time.monotonic() < deadline, state["pending"]
+            time.sleep(0.5)
+        shot = tmp_path / "web-view-pending.png"
+        run_chromium(["--window-size=1400,1100", f"--screenshot={shot}", web_url(stack)], tmp_path / "p1")
+        assert shot.exists() and shot.stat().st_size > 10_000
+        keep = os.environ.get("GANTRY_WEB_SCREENSHOT")
+        if keep:
+            shutil.copyfile(shot, Path(keep).with_name("web-view-pending.png"))
+        dom = run_chromium(["--virtual-time-budget=3000", "--dump-dom", web_url(stack)], tmp_path / "p2").stdout
+        card = re.search(r'data-worker="w3">(.*?)</div></div></div>', dom, re.S)
+        assert card and 'class="gpu cordoned" data-gpu="0"' in card.group(1)
+        assert re.search(r"<td>too-big</td><td class=\"?n\"?>2</td><td>[^<]*GiB", dom), "pending reason missing"
+    finally:
+        gantry("scale", "too-big", "0")
+        gantry("uncordon", "w3:0")
