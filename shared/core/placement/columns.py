@@ -57,6 +57,7 @@ class CandidateSet(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     claim: int = 0
     claims: bytes = b""  # int64 per candidate when claims differ, else empty
     ram_claim: int = 0
+    cpu_claim: int = 0  # milli-cores
 
     def masks(self) -> npt.NDArray[np.uint64]:
         """The per-worker GPU masks."""
@@ -130,6 +131,7 @@ def fit_columns(
         claim=int(picked[0]) if uniform else 0,
         claims=b"" if uniform else picked.astype("<i8").tobytes(),
         ram_claim=batch.ram_claim,
+        cpu_claim=batch.cpu_claim,
     )
 
 
@@ -181,13 +183,16 @@ def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
     return Positions.of(snapshot, rows[pos_w], slots.astype(np.int64), claims)
 
 
-def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int) -> npt.NDArray[np.bool_]:
+def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int, cpu_claim: int = 0
+                  ) -> npt.NDArray[np.bool_]:
     """``[row, slot]``: a candidate whose worker is present and not cordoned, and whose GPU is schedulable
     and (with the worker's RAM) still has room: what ``reconcile.still_fits`` checks, for every candidate."""
     n = pos.mask.shape[0]
     live = snapshot.w_present[:n] & ~snapshot.w_cordoned[:n]
     if ram_claim:
         live = live & (snapshot.w_ram_alloc[:n] >= ram_claim)
+    if cpu_claim:
+        live = live & (snapshot.w_cpu_alloc[:n] >= cpu_claim)
     ok = pos.mask & snapshot.g_ok[:n] & (snapshot.g_alloc[:n] >= pos.dense_claims) & live[:, None]
     return np.asarray(ok, dtype=np.bool_)
 
@@ -205,13 +210,14 @@ def score_columns(
     """
     if pos.layout != snapshot.layout:
         return None  # located before rows or slots moved (a reused row may now be another worker)
-    mask = still_fitting(snapshot, pos, cset.ram_claim)
+    mask = still_fitting(snapshot, pos, cset.ram_claim, cset.cpu_claim)
     count = int(np.count_nonzero(mask))
     if count == 0:
         return None
     claims = pos.dense_claims
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
-    scored = _score_batch(ctx, GpuBatch(mask=mask, claims=claims, ram_claim=cset.ram_claim, count=count))
+    scored = _score_batch(ctx, GpuBatch(mask=mask, claims=claims, ram_claim=cset.ram_claim, count=count,
+                                          cpu_claim=cset.cpu_claim))
     if scored is None:
         return None
     r, s, total, breakdown = scored
@@ -221,6 +227,7 @@ def score_columns(
         vram_claims=(int(claims[r, s]),),
         ram_claim=cset.ram_claim,
         strategy=cset.strategy,
+        cpu_claim=cset.cpu_claim,
     )
     return Decision(
         model=model.name, candidate=chosen, score=total, breakdown=breakdown, candidates_considered=count
@@ -233,7 +240,7 @@ def as_candidates(cset: CandidateSet) -> list[Candidate]:
     return [
         Candidate(
             worker=cset.workers[w], gpu_indexes=(g,), vram_claims=(c,), ram_claim=cset.ram_claim,
-            strategy=cset.strategy,
+            strategy=cset.strategy, cpu_claim=cset.cpu_claim,
         )
         for w, g, c in zip(worker_of.tolist(), gpu_index.tolist(), claims.tolist(), strict=True)
     ]

@@ -93,6 +93,9 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     gpus: tuple[Gpu, ...] = ()
     ram_total: int = 0
     ram_used: int = 0
+    # CPU in milli-cores (1000 = one core); 0 = not reported, and CPU is then not checked on this worker
+    cpu_total: int = 0
+    cpu_used: int = 0
     last_heartbeat: float = 0.0
     cordoned: bool = False
     local_paths: tuple[str, ...] = ()
@@ -135,6 +138,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     cpu_offloading: bool = False
     vram_claim: int | None = None  # explicit per-replica VRAM; wins over estimates
     ram_claim: int | None = None
+    cpu_claim: int | None = None  # milli-cores each worker of a replica needs
     weight_bytes: int | None = None  # W, when not derivable from a known config
     catalog_model: str | None = None  # key in the model-config catalogue, when the name is not one
     dtype: str = "bfloat16"
@@ -148,6 +152,7 @@ class SubordinateWorker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     gpu_indexes: tuple[int, ...]
     vram_claims: tuple[int, ...]  # parallel to gpu_indexes
     ram_claim: int = 0
+    cpu_claim: int = 0  # milli-cores
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -162,6 +167,7 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     total_layers: int | None = None
     offload_layers: int | None = None
     overcommit: str | None = None  # why this manual placement overcommits, if it does
+    cpu_claim: int = 0  # milli-cores on the main worker (subordinates carry their own)
 
 
 class Instance(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -179,6 +185,7 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     offload_layers: int | None = None
     reason: str | None = None  # why it is PENDING / ERROR
     created_at: float = 0.0
+    cpu_claim: int = 0  # milli-cores on the main worker
 
 
 class ModelFile(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -235,6 +242,7 @@ class ResourceRequest(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     vram: int  # V: bytes the replica's GPUs must provide together for a full offload
     ram: int = 0  # RAM claimed on each worker of a GPU placement
+    cpu: int = 0  # milli-cores claimed on each worker of a placement
     gpu_memory_utilization: float = 0.0  # > 0: claim this fraction of every GPU used (vLLM, SGLang)
     gpu_count: int | None = None  # world size asked for by parallel sizes or the GPU selector
     attention_heads: int | None = None  # tensor-parallel sizes must divide these (when known)

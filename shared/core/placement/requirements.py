@@ -122,6 +122,9 @@ def estimate(
             context_size=ctx_size,
         )
     ram = model.ram_claim or 0
+    cpu = model.cpu_claim or 0
+    if ram < 0 or cpu < 0:
+        return _reject("ram_claim and cpu_claim must not be negative")
     if model.vram_claim is not None:
         vram, basis = model.vram_claim, "explicit vram_claim"
     elif is_gguf(model):
@@ -155,6 +158,7 @@ def estimate(
     return ResourceRequest(
         vram=vram,
         ram=ram,
+        cpu=cpu,
         gpu_memory_utilization=gmu,
         gpu_count=size,
         attention_heads=heads,

@@ -11,7 +11,7 @@ from shared.core.placement.fitting.base import (
     FitStrategy,
     candidate,
     qualifies,
-    ram_short,
+    host_short,
     subordinate,
 )
 from shared.core.placement.requirements import ceil_div, tp_divisible
@@ -38,7 +38,7 @@ class MultiWorker(FitStrategy):
         groups: dict[tuple[int, str, str], list[WorkerView]] = {}
         for view in workers:
             gpus = view.gpus
-            if not gpus or ram_short(ctx, view, ctx.req.ram):
+            if not gpus or host_short(ctx, view, ctx.req.ram):
                 continue
             types = {g.type_key for g in gpus}
             if len(types) != 1 or not all(ctx.gpu_eligible(g) and qualifies(ctx, g) for g in gpus):
@@ -78,10 +78,10 @@ class MultiWorker(FitStrategy):
                         continue
                     main, rest = combo[0], combo[1:]
                     subs = tuple(
-                        subordinate(v.name, v.gpus, cs, req.ram) for v, cs in zip(rest, claims[1:], strict=True)
+                        subordinate(v.name, v.gpus, cs, req.ram, req.cpu) for v, cs in zip(rest, claims[1:], strict=True)
                     )
                     out.candidates.append(
-                        candidate(main.name, main.gpus, claims[0], req.ram, self.name, subordinates=subs)
+                        candidate(main.name, main.gpus, claims[0], req.ram, self.name, subordinates=subs, cpu=req.cpu)
                     )
                     kept += 1
                     if kept >= limit:
