@@ -57,8 +57,13 @@ class Category(StrEnum):
 
 
 class PlacementStrategy(StrEnum):
-    """Scale-up placement policy of a model."""
+    """Scale-up placement policy of a model.
 
+    ``spread`` and ``binpack`` are GPUStack's, decision for decision; ``auto`` (the default) is Gantry's:
+    the placement that strands the least GPU capacity, judged on GPUs, CPU and RAM together.
+    """
+
+    AUTO = "auto"
     SPREAD = "spread"
     BINPACK = "binpack"
 
@@ -130,7 +135,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     backend_parameters: tuple[str, ...] = ()  # e.g. ("--tensor-parallel-size=2",)
     categories: tuple[Category, ...] = (Category.LLM,)
     replicas: int = 1
-    placement_strategy: PlacementStrategy = PlacementStrategy.SPREAD
+    placement_strategy: PlacementStrategy = PlacementStrategy.AUTO
     cluster: str = "default"
     worker_selector: dict[str, str] = {}
     gpu_selector: GpuSelector | None = None

@@ -76,7 +76,7 @@ def _filter_reference(ctx: PlacementContext) -> tuple[list[str], list[FilterRepo
     for fname in ctx.profile.filters:
         if not names:
             break
-        plugin = FILTERS[fname]()
+        plugin = FILTERS[fname].configured(ctx.profile.filter_args.get(fname), "filter")
         total = len(names)
         extra = _missing_reasons(ctx) if fname == GpuSelectorFilter.name and plugin.active(ctx) else []
         if not plugin.active(ctx):
@@ -105,7 +105,7 @@ def _filter_fast(ctx: PlacementContext) -> tuple[BoolArray, list[FilterReport]]:
         total = int(np.count_nonzero(mask))
         if total == 0:
             break
-        plugin = FILTERS[fname]()
+        plugin = FILTERS[fname].configured(ctx.profile.filter_args.get(fname), "filter")
         if not plugin.active(ctx):
             reports.append(FilterReport(filter=fname, kept=total, total=total))
             continue
@@ -177,7 +177,7 @@ def _fit(ctx: PlacementContext, survivors: BoolArray, exhaustive: bool) -> _Fitt
     fitted = _Fitted()
     names: list[str] | None = None
     for sname in ctx.profile.fit_strategies:
-        strategy = FIT_STRATEGIES[sname]()
+        strategy = FIT_STRATEGIES[sname].configured(ctx.profile.fit_args.get(sname), "fit strategy")
         skip = "GPUs are selected explicitly" if ctx.selected_ids and sname != "manual" else strategy.skip(ctx)
         if skip:
             fitted.reasons.append(Reason(plugin=sname, subject="", message=f"skipped: {skip}"))
@@ -329,7 +329,7 @@ def _reference_totals(
 ) -> tuple[list[tuple[str, list[float]]], list[float]]:
     parts: list[tuple[str, list[float]]] = []
     for cfg in ctx.profile.scorers:
-        scorer = SCORERS[cfg.name]()
+        scorer = SCORERS[cfg.name].configured(cfg.args, "scorer")
         k = factor(cfg, scorer.max_score)
         parts.append((cfg.name, [raw * k for raw in scorer.score(ctx, candidates)]))
     totals = []
@@ -356,7 +356,7 @@ def _batch_totals(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatc
     """Each scorer's weighted scores and their sum over a fast-path batch; None if a scorer has no fast form."""
     parts: _Parts = []
     for cfg in ctx.profile.scorers:
-        scorer = SCORERS[cfg.name]()
+        scorer = SCORERS[cfg.name].configured(cfg.args, "scorer")
         if isinstance(batch, GpuBatch):
             raw = scorer.score_batch(ctx, batch)
         elif isinstance(batch, GpuSetBatch):
@@ -656,7 +656,7 @@ def scale_down_order(
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile, now=now)
     parts: list[tuple[str, list[float]]] = []
     for cfg in profile.scale_down_scorers:
-        scorer = SCALE_DOWN_SCORERS[cfg.name]()
+        scorer = SCALE_DOWN_SCORERS[cfg.name].configured(cfg.args, "scale-down scorer")
         k = factor(cfg, scorer.max_score)
         parts.append((cfg.name, [raw * k for raw in scorer.score(ctx, items)]))
     entries = []

@@ -1,10 +1,14 @@
 """Placement profiles: which filters, fit strategies and scorers run, in which order, with which weights.
 
 A profile is plain data (JSON or YAML); plugin names refer to the registries in ``filters``, ``fitting``,
-``scorers`` and ``scaledown``. ``validate_profile`` rejects unknown names with one clear message.
+``scorers`` and ``scaledown``. Plugin parameters are typed (each plugin's ``Args`` struct): scorers take
+``args`` in their ``ScorerConfig``, filters and fit strategies in ``filter_args`` / ``fit_args`` by name.
+``validate_profile`` rejects unknown names and invalid arguments with one clear message.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 
@@ -15,6 +19,7 @@ class ScorerConfig(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     weight: float = 1.0
     max_score: float | None = None  # rescale the scorer's natural maximum to this value
+    args: dict[str, Any] = {}  # the scorer's typed parameters (its ``Args`` struct), checked on load
 
 
 DEFAULT_FILTERS: tuple[str, ...] = ("cluster", "gpu_selector", "labels", "status", "backend", "local_path")
@@ -59,6 +64,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     max_worker_combinations: int = 64  # multi-worker candidates kept per GPU group, in name order
     # backend → vendor → lowest GPU runtime version it runs on (e.g. {"vllm": {"cuda": "12.1"}})
     min_runtime_version: dict[str, dict[str, str]] = {}
+    filter_args: dict[str, dict[str, Any]] = {}  # filter name → its typed parameters
+    fit_args: dict[str, dict[str, Any]] = {}  # fit strategy name → its typed parameters
 
 
 DEFAULT_PROFILE = Profile()
@@ -72,13 +79,24 @@ def validate_profile(profile: Profile) -> Profile:
     from shared.core.placement.scorers import SCORERS
 
     problems = []
-    for kind, names, registry in (
-        ("filter", profile.filters, FILTERS),
-        ("fit strategy", profile.fit_strategies, FIT_STRATEGIES),
-        ("scorer", tuple(s.name for s in profile.scorers), SCORERS),
-        ("scale-down scorer", tuple(s.name for s in profile.scale_down_scorers), SCALE_DOWN_SCORERS),
-    ):
-        problems += [f"unknown {kind} {n!r} (known: {', '.join(sorted(registry))})" for n in names if n not in registry]
+    chains: tuple[tuple[str, list[tuple[str, dict[str, Any]]], dict[str, Any]], ...] = (
+        ("filter", [(n, profile.filter_args.get(n, {})) for n in profile.filters], FILTERS),
+        ("fit strategy", [(n, profile.fit_args.get(n, {})) for n in profile.fit_strategies], FIT_STRATEGIES),
+        ("scorer", [(s.name, s.args) for s in profile.scorers], SCORERS),
+        ("scale-down scorer", [(s.name, s.args) for s in profile.scale_down_scorers], SCALE_DOWN_SCORERS),
+    )
+    for kind, configured, registry in chains:
+        for n, args in configured:
+            if n not in registry:
+                problems.append(f"unknown {kind} {n!r} (known: {', '.join(sorted(registry))})")
+                continue
+            try:
+                registry[n].decode(args, kind)
+            except ValueError as err:
+                problems.append(str(err))
+    for kind, given, chain in (("filter", profile.filter_args, profile.filters),
+                               ("fit strategy", profile.fit_args, profile.fit_strategies)):
+        problems += [f"args for {kind} {n!r}, which the profile does not run" for n in sorted(given) if n not in chain]
     if profile.max_worker_combinations < 1:
         problems.append("max_worker_combinations must be at least 1")
     if problems:

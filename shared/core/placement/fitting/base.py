@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate, SubordinateWorker
+from shared.core.placement.plugin_args import Configurable
 from shared.core.placement.requirements import ceil_div
 from shared.core.placement.snapshot import BoolArray, GpuView, WorkerView
 
@@ -21,7 +22,7 @@ class FitOutcome:
     notes: list[str] = field(default_factory=list)
 
 
-class FitStrategy(ABC):
+class FitStrategy(Configurable, ABC):
     """Turns surviving workers into candidates, or explains why it could not."""
 
     name: ClassVar[str]

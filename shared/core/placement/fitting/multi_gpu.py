@@ -15,9 +15,9 @@ from shared.core.placement.fitting.base import (
     by_allocatable,
     candidate,
     full_claims,
-    qualifies,
     host_rows,
     host_short,
+    qualifies,
     type_groups,
 )
 from shared.core.placement.requirements import ceil_div, tp_divisible

@@ -10,8 +10,8 @@ from shared.core.placement.fitting.base import (
     FitOutcome,
     FitStrategy,
     candidate,
-    qualifies,
     host_short,
+    qualifies,
     subordinate,
 )
 from shared.core.placement.requirements import ceil_div, tp_divisible
@@ -78,7 +78,8 @@ class MultiWorker(FitStrategy):
                         continue
                     main, rest = combo[0], combo[1:]
                     subs = tuple(
-                        subordinate(v.name, v.gpus, cs, req.ram, req.cpu) for v, cs in zip(rest, claims[1:], strict=True)
+                        subordinate(v.name, v.gpus, cs, req.ram, req.cpu)
+                        for v, cs in zip(rest, claims[1:], strict=True)
                     )
                     out.candidates.append(
                         candidate(main.name, main.gpus, claims[0], req.ram, self.name, subordinates=subs, cpu=req.cpu)

@@ -1,12 +1,17 @@
 """Fragmentation scorer: prefer the placement that strands the least GPU capacity for the workload.
 
 The idea follows "fragmentation gradient descent" (Weng et al., USENIX ATC'23). For a worker and one
-replica *shape* (GPU count, per-GPU share of a GPU, host demands such as RAM, allowed GPU types), the
+replica *shape* (GPU count, per-GPU share of a GPU, host demands: CPU and RAM, allowed GPU types), the
 worker's **fragment** is the free GPU capacity that shape cannot use: all of it when the shape cannot be
 placed on the worker at all, otherwise the free capacity of the GPUs too full to take one of its
 per-GPU parts. The worker's **expected fragmentation** weighs the fragment of every shape by how often
 the cluster sees that shape. A candidate scores by how little it raises the expected fragmentation of
 its worker(s): ``max_score x sigmoid(-delta)``, delta in GPUs.
+
+It is multi-resource by construction: a shape the worker's CPU or RAM can no longer host counts *all* of
+the worker's free GPU capacity as a fragment, so a placement that exhausts a worker's CPU or RAM while GPUs
+stay free there is charged for those GPUs (the stranding Tetris's dot-product alignment, Grandl et al.,
+SIGCOMM'14, tries to avoid by matching demand and free vectors; FGD measures it directly).
 
 Everything here is pure and deterministic. GPU capacity is counted in *milli-GPU* (per-mille of a GPU's
 VRAM, integers, so comparisons are exact); a GPU that does not exist is marked by a negative free value.
@@ -23,7 +28,9 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -31,7 +38,7 @@ from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate, Instance
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer
-from shared.core.placement.snapshot import ClusterSnapshot, WorkerView
+from shared.core.placement.snapshot import CPU_UNCHECKED, ClusterSnapshot, WorkerView
 
 FULL_MILLI = 1000  # milli-GPU in one whole GPU
 
@@ -45,8 +52,8 @@ class ReplicaShape:
     """What one replica asks for, as seen by the fragmentation measure.
 
     ``milli`` is the per-GPU claim in milli-GPU (1000 for a whole GPU); ``host`` the demands of the
-    worker's other resources, in the same order as the worker vectors given to the kernels (Gantry:
-    RAM bytes; the trace replay: CPU and memory); ``gpu_types`` the GPU products it accepts (empty: any).
+    worker's other resources, in the same order as the worker vectors given to the kernels (Gantry and
+    the trace replay: milli-cores, then RAM); ``gpu_types`` the GPU products it accepts (empty: any).
     """
 
     gpus: int
@@ -182,6 +189,18 @@ def score_from_increase(delta: float, max_score: float) -> float:
 
 WINDOW = 1024  # the most recent instances the workload is learned from
 MAX = 100.0
+HOST_DIMS = 2  # (milli-cores, RAM bytes)
+
+
+class FragmentationArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Parameters of the fragmentation scorer."""
+
+    window: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = WINDOW  # recent instances the workload is learned from
+
+
+def _host_free(cpu: int, ram: int) -> tuple[int, int]:
+    """A worker's free (milli-cores, RAM), never negative; an unreported CPU count never limits."""
+    return (max(min(cpu, CPU_UNCHECKED), 0), max(ram, 0))
 
 
 def _milli(value: int, total: int) -> int:
@@ -205,7 +224,7 @@ def instance_shape(snapshot: ClusterSnapshot, instance: Instance) -> ReplicaShap
             gpus += 1
             total = totals.get(index, 0)
             milli = max(milli, -(-claim * FULL_MILLI // total) if total > 0 else 0)
-    return ReplicaShape(gpus=gpus, milli=min(milli, FULL_MILLI), host=(instance.ram_claim,))
+    return ReplicaShape(gpus=gpus, milli=min(milli, FULL_MILLI), host=(instance.cpu_claim, instance.ram_claim))
 
 
 def candidate_shape(ctx: PlacementContext, cand: Candidate) -> ReplicaShape:
@@ -215,16 +234,16 @@ def candidate_shape(ctx: PlacementContext, cand: Candidate) -> ReplicaShape:
     milli = max((-(-c * FULL_MILLI // totals[i]) for i, c in zip(cand.gpu_indexes, cand.vram_claims, strict=True)
                  if totals.get(i, 0) > 0), default=0)
     gpus = len(cand.gpu_indexes) + sum(len(s.gpu_indexes) for s in cand.subordinates)
-    return ReplicaShape(gpus=gpus, milli=min(milli, FULL_MILLI), host=(cand.ram_claim,))
+    return ReplicaShape(gpus=gpus, milli=min(milli, FULL_MILLI), host=(cand.cpu_claim, cand.ram_claim))
 
 
 def worker_state(view: WorkerView, width: int) -> tuple[IntArray, IntArray]:
-    """(free milli per GPU slot, padded to ``width`` with -1; host free = (allocatable RAM,))."""
+    """(free milli per GPU slot, padded to ``width`` with -1; host free = (milli-cores, RAM) allocatable)."""
     free = np.full(width, -1, dtype=np.int64)
     for slot, gpu in enumerate(view.gpus):
         if gpu.schedulable:
             free[slot] = _milli(gpu.allocatable, gpu.total)
-    return free, np.array([max(view.ram_allocatable, 0)], dtype=np.int64)
+    return free, np.array(_host_free(view.cpu_allocatable, view.ram_allocatable), dtype=np.int64)
 
 
 class Fragmentation(Scorer):
@@ -237,20 +256,23 @@ class Fragmentation(Scorer):
 
     name = "fragmentation"
     max_score = MAX
+    Args = FragmentationArgs
 
     def workload(self, ctx: PlacementContext, first: Candidate | None) -> Workload:
         """The learned workload plus the request's own shape."""
-        shapes = [s for s in (instance_shape(ctx.snapshot, i) for i in _recent(ctx.snapshot)) if s is not None]
+        assert isinstance(self.args, FragmentationArgs)
+        recent = _recent(ctx.snapshot, self.args.window)
+        shapes = [s for s in (instance_shape(ctx.snapshot, i) for i in recent) if s is not None]
         if first is not None:
             shapes.append(candidate_shape(ctx, first))
         return Workload.learn(shapes)
 
     def _delta(self, ctx: PlacementContext, cand: Candidate, work: Workload) -> float:
-        parts = [(cand.worker, cand.gpu_indexes, cand.vram_claims, cand.ram_claim)]
-        parts += [(s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim) for s in cand.subordinates]
-        arrays = work.arrays(host_dims=1)
+        parts = [(cand.worker, cand.gpu_indexes, cand.vram_claims, cand.ram_claim, cand.cpu_claim)]
+        parts += [(s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim, s.cpu_claim) for s in cand.subordinates]
+        arrays = work.arrays(host_dims=HOST_DIMS)
         delta = 0.0
-        for name, indexes, claims, ram in parts:
+        for name, indexes, claims, ram, cpu in parts:
             view = ctx.view(name)
             width = max(len(view.gpus), 1)
             free, host = worker_state(view, width)
@@ -261,7 +283,7 @@ class Fragmentation(Scorer):
                 after[gpu.slot] = _milli(gpu.allocatable - claim, gpu.total)
             access = type_access([_product(view)], work)
             pair_free = np.stack([free, after])
-            pair_host = np.stack([host, host - ram])
+            pair_host = np.stack([host, host - np.array([cpu, ram], dtype=np.int64)])
             frag = expected_fragmentation(pair_free, pair_host, np.repeat(access, 2, axis=0), arrays)
             delta += float(frag[1] - frag[0])
         return delta
@@ -290,7 +312,7 @@ class Fragmentation(Scorer):
                           vram_claims=(int(np.broadcast_to(batch.claims, batch.mask.shape)[r0, s0]),),
                           ram_claim=batch.ram_claim)
         work = self.workload(ctx, first)
-        arrays = work.arrays(host_dims=1)
+        arrays = work.arrays(host_dims=HOST_DIMS)
         total = snap.g_total[live]
         ok = snap.g_ok[live]
         alloc = snap.g_alloc[live]
@@ -298,14 +320,16 @@ class Fragmentation(Scorer):
         free = np.where(ok, np.clip(alloc * FULL_MILLI // safe, 0, FULL_MILLI), -1)
         claims = np.broadcast_to(batch.claims, batch.mask.shape)[live]
         after_slot = np.where(ok, np.clip((alloc - claims) * FULL_MILLI // safe, 0, FULL_MILLI), -1)
-        host = np.maximum(snap.w_ram_alloc[live], 0)[:, None]
+        host = np.stack([np.clip(snap.w_cpu_alloc[live], 0, CPU_UNCHECKED), np.maximum(snap.w_ram_alloc[live], 0)],
+                        axis=1)
         products = [snap.type_names()[t][1] if t >= 0 else "" for t in snap.g_type[live, 0]]
         access = type_access(products, work)
         before = expected_fragmentation(free, host, access, arrays)  # (L,)
         # after[l, s, :] = free[l, :] with slot s replaced by after_slot[l, s]
         eye = np.eye(width, dtype=bool)
         after = np.where(eye[None, :, :], after_slot[:, :, None], free[:, None, :])
-        after_host = np.broadcast_to((host - batch.ram_claim)[:, None, :], (len(live), width, 1))
+        claim_host = np.array([batch.cpu_claim, batch.ram_claim], dtype=np.int64)
+        after_host = np.broadcast_to((host - claim_host)[:, None, :], (len(live), width, HOST_DIMS))
         frag_after = expected_fragmentation(after, after_host, np.broadcast_to(access[:, None, :],
                                             (len(live), width, access.shape[1])), arrays)
         delta = frag_after - before[:, None]
