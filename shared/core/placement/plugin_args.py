@@ -50,4 +50,4 @@ class Configurable:
         made = Configurable._made.get(key)
         if made is None:
             made = Configurable._made[key] = cls(cls.decode(raw, kind))
-        return made  # type: ignore[no-any-return]
+        return made
