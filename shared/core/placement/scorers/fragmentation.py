@@ -310,7 +310,7 @@ class Fragmentation(Scorer):
         r0, s0 = int(cand_rows[pick]), int(cand_slots[pick])
         first = Candidate(worker=snap.name_of(r0), gpu_indexes=(int(snap.g_index[r0, s0]),),
                           vram_claims=(int(np.broadcast_to(batch.claims, batch.mask.shape)[r0, s0]),),
-                          ram_claim=batch.ram_claim)
+                          ram_claim=batch.ram_claim, cpu_claim=batch.cpu_claim)
         work = self.workload(ctx, first)
         arrays = work.arrays(host_dims=HOST_DIMS)
         total = snap.g_total[live]
