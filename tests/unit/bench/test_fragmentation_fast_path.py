@@ -28,7 +28,8 @@ def restore_filters():
 
 def small_cluster() -> Nodes:
     names = tuple(f"node-{i:02d}" for i in (5, 3, 0, 7, 1, 6, 2, 4))  # not in name order on purpose
-    return Nodes(names=names, cpu=np.array([8, 16, 32, 12, 64, 16, 24, 20]) * 1000, mem=np.array([64, 64, 128, 128, 64, 32, 64, 128]) * 1024,
+    return Nodes(names=names, cpu=np.array([8, 16, 32, 12, 64, 16, 24, 20]) * 1000,
+                 mem=np.array([64, 64, 128, 128, 64, 32, 64, 128]) * 1024,
                  gpus=np.array([2, 4, 8, 2, 1, 0, 4, 8]), gpu_type=np.array([0, 0, 1, 1, 0, -1, 1, 0]),
                  type_names=("G2", "T4"))
 
