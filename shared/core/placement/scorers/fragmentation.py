@@ -36,6 +36,8 @@ import numpy.typing as npt
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate, Instance
+from shared.core.placement.fitting.cpu_only import RowBatch
+from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer
 from shared.core.placement.snapshot import CPU_UNCHECKED, ClusterSnapshot, WorkerView
@@ -185,6 +187,17 @@ def score_from_increase(delta: float, max_score: float) -> float:
     return max_score / (1.0 + math.exp(min(max(delta, -50.0), 50.0)))
 
 
+def scores_from_increases(delta: FloatArray) -> FloatArray:
+    """``score_from_increase`` over an array, as both of the plugin's paths compute it.
+
+    Increases and scores are rounded to 1e-9: the fast path's batched kernels and the reference path's
+    per-candidate ones sum in different orders, and the last bits must not tell them apart.
+    """
+    rounded = np.round(delta, 9)
+    result: FloatArray = np.round(MAX / (1.0 + np.exp(np.clip(rounded, -50.0, 50.0))), 9)
+    return result
+
+
 # ------------------------------------------------------------------------------------------- plugin
 
 WINDOW = 1024  # the most recent instances the workload is learned from
@@ -293,7 +306,8 @@ class Fragmentation(Scorer):
         if not candidates:
             return []
         work = self.workload(ctx, min(candidates, key=_key))
-        return [score_from_increase(self._delta(ctx, c, work), MAX) for c in candidates]
+        deltas = np.array([self._delta(ctx, c, work) for c in candidates], dtype=np.float64)
+        return [float(v) for v in scores_from_increases(deltas)]
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
         """Fast path: every single-GPU candidate of a worker at once (rows x slots)."""
@@ -333,8 +347,60 @@ class Fragmentation(Scorer):
         frag_after = expected_fragmentation(after, after_host, np.broadcast_to(access[:, None, :],
                                             (len(live), width, access.shape[1])), arrays)
         delta = frag_after - before[:, None]
-        out[live] = MAX / (1.0 + np.exp(np.clip(delta, -50.0, 50.0)))
+        out[live] = scores_from_increases(delta)
         return out
+
+
+    def _rows_state(self, ctx: PlacementContext, rows: IntArray, first: Candidate
+                    ) -> tuple[WorkloadArrays, IntArray, IntArray, BoolArray]:
+        """(workload arrays, free milli per slot, host free (milli-cores, RAM), type access) of ``rows``."""
+        snap = ctx.snapshot
+        work = self.workload(ctx, first)
+        total, alloc = snap.g_total[rows], snap.g_alloc[rows]
+        safe = np.where(total > 0, total, 1)
+        free = np.where(snap.g_ok[rows], np.clip(alloc * FULL_MILLI // safe, 0, FULL_MILLI), -1)
+        host = np.stack([np.clip(snap.w_cpu_alloc[rows], 0, CPU_UNCHECKED), np.maximum(snap.w_ram_alloc[rows], 0)],
+                        axis=1)
+        products = [snap.type_names()[t][1] if t >= 0 else "" for t in snap.g_type[rows, 0]]
+        return work.arrays(host_dims=HOST_DIMS), free, host, type_access(products, work)
+
+    def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
+        """Fast path for multi-GPU candidates (one set per worker): every worker's increase at once."""
+        snap = ctx.snapshot
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float64)
+        order = np.lexsort((*[batch.indexes[:, k] for k in reversed(range(batch.width))], snap.ranks()[batch.rows]))
+        f = int(order[0])
+        first = Candidate(worker=snap.name_of(int(batch.rows[f])), gpu_indexes=tuple(batch.indexes[f].tolist()),
+                          vram_claims=tuple(batch.claims[f].tolist()), ram_claim=batch.ram_claim,
+                          cpu_claim=batch.cpu_claim)
+        arrays, free, host, access = self._rows_state(ctx, batch.rows, first)
+        rows = batch.rows[:, None]
+        total = snap.g_total[rows, batch.slots]
+        taken = np.clip((snap.g_alloc[rows, batch.slots] - batch.claims) * FULL_MILLI // np.where(total > 0, total, 1),
+                        0, FULL_MILLI)
+        after = free.copy()
+        np.put_along_axis(after, batch.slots, taken, axis=1)
+        claim_host = np.array([batch.cpu_claim, batch.ram_claim], dtype=np.int64)
+        delta = (expected_fragmentation(after, host - claim_host, access, arrays)
+                 - expected_fragmentation(free, host, access, arrays))
+        result: FloatArray = scores_from_increases(delta)
+        return result
+
+    def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray:
+        """Fast path for CPU-only candidates: the increase that taking CPU and RAM there causes."""
+        snap = ctx.snapshot
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float64)
+        f = int(np.argmin(snap.ranks()[batch.rows]))
+        first = Candidate(worker=snap.name_of(int(batch.rows[f])), gpu_indexes=(), vram_claims=(),
+                          ram_claim=batch.ram_claim, cpu_claim=batch.cpu_claim)
+        arrays, free, host, access = self._rows_state(ctx, batch.rows, first)
+        claim_host = np.array([batch.cpu_claim, batch.ram_claim], dtype=np.int64)
+        delta = (expected_fragmentation(free, host - claim_host, access, arrays)
+                 - expected_fragmentation(free, host, access, arrays))
+        result: FloatArray = scores_from_increases(delta)
+        return result
 
 
 def _key(c: Candidate) -> tuple[str, tuple[int, ...], tuple[str, ...]]:
