@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.core.placement.scorers.fragmentation import (
+    HOST_WEIGHT,
     ReplicaShape,
     Workload,
     WorkloadArrays,
@@ -65,7 +66,8 @@ class FragmentationFit:
     name = "fragmentation"
 
     def __init__(self, window: int = 4096, relearn_every: int = 1024, coverage: float = 1.0,
-                 core_view: bool = False, tie_fullest: bool = False) -> None:
+                 core_view: bool = False, tie_fullest: bool = False, host_weight: float = 0.0) -> None:
+        self.host_weight = host_weight
         self.window: deque[ReplicaShape] = deque(maxlen=window)
         self.relearn_every = relearn_every
         self.coverage = coverage
@@ -78,9 +80,9 @@ class FragmentationFit:
         self.name_rank: npt.NDArray[np.int64] | None = None
 
     @classmethod
-    def like_core(cls, window: int = 1024) -> FragmentationFit:
+    def like_core(cls, window: int = 1024, host_weight: float = HOST_WEIGHT) -> FragmentationFit:
         """The plugin's exact rule (see the module docstring); slow, for checks on small inputs."""
-        return cls(window=window, relearn_every=1, coverage=1.0, core_view=True)
+        return cls(window=window, relearn_every=1, coverage=1.0, core_view=True, host_weight=host_weight)
 
     def _due(self) -> bool:
         if self.relearn_every == 1:
@@ -102,7 +104,7 @@ class FragmentationFit:
             if self.core_view:  # placed replicas, plus the request itself
                 recent.append(replica_shape(shape, core_view=True))
             workload = Workload.learn(recent, self.coverage)
-            self.work = workload.arrays(host_dims=2)
+            self.work = workload.arrays(host_dims=2, host_weight=self.host_weight)
             types = [state.nodes.type_names[t] if t >= 0 else "" for t in state.nodes.gpu_type]
             self.access = type_access(types, workload)
             self.cache.clear()

@@ -102,19 +102,26 @@ class Workload:
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def arrays(self, host_dims: int) -> WorkloadArrays:
-        """The workload as arrays, host demands padded with zeros to ``host_dims`` entries."""
+    def arrays(self, host_dims: int, host_weight: float = 0.0) -> WorkloadArrays:
+        """The workload as arrays, host demands padded with zeros to ``host_dims`` entries.
+
+        ``host_weight`` > 0 adds the host-stranding term to the expected fragmentation (see
+        ``expected_fragmentation``), with the workload's mean host demand per GPU as the exchange rate.
+        """
         host = np.zeros((len(self.shapes), host_dims), dtype=np.int64)
         for i, s in enumerate(self.shapes):
             if len(s.host) > host_dims:
                 raise ValueError(f"shape {s} has more host demands than the workers report ({host_dims})")
             host[i, : len(s.host)] = s.host
-        return WorkloadArrays(
-            gpus=np.array([s.gpus for s in self.shapes], dtype=np.int64),
-            milli=np.array([s.milli for s in self.shapes], dtype=np.int64),
-            host=host,
-            weights=np.array(self.weights, dtype=np.float64),
-        )
+        gpus = np.array([s.gpus for s in self.shapes], dtype=np.int64)
+        milli = np.array([s.milli for s in self.shapes], dtype=np.int64)
+        weights = np.array(self.weights, dtype=np.float64)
+        per_gpu = np.zeros(host_dims, dtype=np.float64)
+        if host_weight > 0 and len(self.shapes):
+            gpu_share = gpus * milli / FULL_MILLI  # GPUs' worth each shape takes
+            per_gpu = (weights[:, None] * host / gpu_share[:, None]).sum(axis=0) / weights.sum()
+        return WorkloadArrays(gpus=gpus, milli=milli, host=host, weights=weights, host_weight=host_weight,
+                              host_per_gpu=per_gpu)
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,8 @@ class WorkloadArrays:
     milli: IntArray  # (M,)
     host: IntArray  # (M, H)
     weights: FloatArray  # (M,)
+    host_weight: float = 0.0  # weight of the host-stranding term (0: FGD's measure alone)
+    host_per_gpu: FloatArray | None = None  # (H,) mean host demand per GPU of the workload
 
 
 def type_access(gpu_types: Sequence[str], workload: Workload) -> BoolArray:
@@ -147,6 +156,13 @@ def expected_fragmentation(
 
     ``free`` is (..., G) free milli-GPU per GPU slot (negative: no such GPU), ``host_free`` (..., H),
     ``access`` (..., M) from ``type_access``. Returns (...). Zero for an empty workload.
+
+    With ``work.host_weight`` > 0 it adds ``host_weight x`` the worker's *host-stranded GPUs*: free GPU
+    capacity beyond what its free CPU and RAM can back at the workload's mean host demand per GPU
+    (``max(0, free GPUs - min_h host_free_h / per_gpu_h)``). FGD's measure sees CPU only through whether
+    each shape still fits; this term also charges a placement that drains a worker's CPU below what its
+    free GPUs will need, before any single shape stops fitting (Tetris's multi-resource alignment idea,
+    Grandl et al., SIGCOMM'14, measured in GPUs).
     """
     gfree = np.maximum(free, 0)
     total = gfree.sum(axis=-1)  # (...)
@@ -159,6 +175,12 @@ def expected_fragmentation(
     stranded = np.where(usable, 0, gfree[..., None, :]).sum(axis=-1)  # (..., M)
     frag = np.where(placeable, stranded, total[..., None])
     result: FloatArray = (frag @ work.weights) / FULL_MILLI
+    if work.host_weight > 0 and work.host_per_gpu is not None:
+        per_gpu = work.host_per_gpu
+        dims = per_gpu > 0
+        if dims.any():
+            backed = (np.maximum(host_free[..., dims], 0) / per_gpu[dims]).min(axis=-1)  # GPUs the host can back
+            result = result + work.host_weight * np.maximum(total / FULL_MILLI - backed, 0.0)
     return result
 
 
@@ -203,12 +225,15 @@ def scores_from_increases(delta: FloatArray) -> FloatArray:
 WINDOW = 1024  # the most recent instances the workload is learned from
 MAX = 100.0
 HOST_DIMS = 2  # (milli-cores, RAM bytes)
+HOST_WEIGHT = 0.5  # trace replay (bench/packing.py): 0.3 and 1.0 both strand ~30 GPUs fewer than 0
 
 
 class FragmentationArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Parameters of the fragmentation scorer."""
 
     window: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = WINDOW  # recent instances the workload is learned from
+    # weight of the host-stranding term (GPUs left without CPU/RAM to back them); 0 is FGD's measure alone
+    host_weight: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = HOST_WEIGHT
 
 
 def _host_free(cpu: int, ram: int) -> tuple[int, int]:
@@ -271,6 +296,12 @@ class Fragmentation(Scorer):
     max_score = MAX
     Args = FragmentationArgs
 
+    @property
+    def host_weight(self) -> float:
+        """The host-stranding term's weight."""
+        assert isinstance(self.args, FragmentationArgs)
+        return self.args.host_weight
+
     def workload(self, ctx: PlacementContext, first: Candidate | None) -> Workload:
         """The learned workload plus the request's own shape."""
         assert isinstance(self.args, FragmentationArgs)
@@ -283,7 +314,7 @@ class Fragmentation(Scorer):
     def _delta(self, ctx: PlacementContext, cand: Candidate, work: Workload) -> float:
         parts = [(cand.worker, cand.gpu_indexes, cand.vram_claims, cand.ram_claim, cand.cpu_claim)]
         parts += [(s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim, s.cpu_claim) for s in cand.subordinates]
-        arrays = work.arrays(host_dims=HOST_DIMS)
+        arrays = work.arrays(host_dims=HOST_DIMS, host_weight=self.host_weight)
         delta = 0.0
         for name, indexes, claims, ram, cpu in parts:
             view = ctx.view(name)
@@ -326,7 +357,7 @@ class Fragmentation(Scorer):
                           vram_claims=(int(np.broadcast_to(batch.claims, batch.mask.shape)[r0, s0]),),
                           ram_claim=batch.ram_claim, cpu_claim=batch.cpu_claim)
         work = self.workload(ctx, first)
-        arrays = work.arrays(host_dims=HOST_DIMS)
+        arrays = work.arrays(host_dims=HOST_DIMS, host_weight=self.host_weight)
         total = snap.g_total[live]
         ok = snap.g_ok[live]
         alloc = snap.g_alloc[live]
@@ -362,7 +393,8 @@ class Fragmentation(Scorer):
         host = np.stack([np.clip(snap.w_cpu_alloc[rows], 0, CPU_UNCHECKED), np.maximum(snap.w_ram_alloc[rows], 0)],
                         axis=1)
         products = [snap.type_names()[t][1] if t >= 0 else "" for t in snap.g_type[rows, 0]]
-        return work.arrays(host_dims=HOST_DIMS), free, host, type_access(products, work)
+        arrays = work.arrays(host_dims=HOST_DIMS, host_weight=self.host_weight)
+        return arrays, free, host, type_access(products, work)
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
         """Fast path for multi-GPU candidates (one set per worker): every worker's increase at once."""
