@@ -484,7 +484,7 @@ class Reconciler(PlacementService):
             id=out.item.instance_id, model=out.item.model, state=InstanceState.SCHEDULED, worker=c.worker,
             gpu_indexes=c.gpu_indexes, vram_claims=c.vram_claims, ram_claim=c.ram_claim,
             subordinates=c.subordinates, total_layers=c.total_layers, offload_layers=c.offload_layers,
-            created_at=out.item.requested_at,
+            created_at=out.item.requested_at, cpu_claim=c.cpu_claim,
         )
 
     async def _assign(self, inst: Instance, spec: ModelSpec | None) -> None:
