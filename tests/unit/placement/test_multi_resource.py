@@ -14,7 +14,8 @@ from shared.core.placement.domain import (
     ResourceRequest,
     Unschedulable,
 )
-from shared.core.placement.pipeline import instance_from_decision, place
+from shared.core.placement.lifecycle import instance_from_decision
+from shared.core.placement.pipeline import place
 from shared.core.placement.profile import Profile, ScorerConfig
 from shared.core.placement.snapshot import CPU_UNCHECKED
 from tests.unit.placement.helpers import NOW, snapshot, worker
