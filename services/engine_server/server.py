@@ -68,8 +68,8 @@ class ServerOptions:
     gpu_mem_util: float = 0.9
 
 
-def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
-    """Engine, runner and app for ``opts`` (the runner starts with the app's lifespan)."""
+def build_engine(opts: ServerOptions, *, fast_forward: bool = False) -> Engine:
+    """The engine ``opts`` describe (the server's, or a virtual-time twin of it for benchmarks)."""
     arch, gpu = load_model_arch(opts.model), load_gpu_spec(opts.gpu)
     step = RooflineStepTime(arch, gpu, tp=opts.tp, params=RooflineParams(gpu_mem_utilization=opts.gpu_mem_util))
     blocks = opts.num_gpu_blocks or step.kv_capacity_blocks(opts.block_size) + 1
@@ -82,7 +82,14 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
         policy=opts.policy,  # type: ignore[arg-type]
         max_model_len=max_len,
     )
-    engine = Engine(cfg, step, fast_forward=False)
+    return Engine(cfg, step, fast_forward=fast_forward)
+
+
+def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
+    """Engine, runner and app for ``opts`` (the runner starts with the app's lifespan)."""
+    arch, gpu = load_model_arch(opts.model), load_gpu_spec(opts.gpu)
+    engine = build_engine(opts)
+    max_len = engine.scheduler.config.model_len_limit
     runner = EngineRunner(engine, speedup=opts.speedup)
     name = opts.served_model_name or arch.key
     url = f"http://{opts.host}:{opts.port}"
