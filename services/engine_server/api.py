@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.engine_server.prometheus import render_metrics
-from services.engine_server.runner import EngineRunner, Stream
+from services.engine_server.runner import CollectSink, EngineRunner
+from services.engine_server.sse import SseResponse, SseSink, usage
 from services.engine_server.textgen import TextModel
+from services.engine_server.writer import SocketWriter
 from shared.core.engine import Request
+
+OFFLOOP_TOKENIZE_CHARS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,9 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
     """The FastAPI app around a running :class:`EngineRunner`."""
     app = FastAPI(title="Gantry emulated model server")
     sched = runner.engine.scheduler
+    writer = SocketWriter()
+    app.state.writer = writer
+    runner.on_flush.append(writer.flush)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
@@ -133,6 +139,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
                       "generation_tokens": c.generation_tokens},
             finished_by_reason=c.finished_by_reason,
             hists=runner.hists,
+            lag=(runner.lag.last_s, runner.lag.max_s, runner.lag.resyncs, runner.lag.busy_s, runner.lag.steps),
         )
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -162,7 +169,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
         return [{"dp_rank": 0, "num_reqs": len(sched.running) + sched.num_waiting,
                  "num_waiting_reqs": sched.num_waiting, "num_tokens": sched.kv.num_used * sched.config.block_size}]
 
-    def _submit(body: _Common, prompt_ids: list[int], prefix: str) -> Stream | JSONResponse:
+    def _request(body: _Common, prompt_ids: list[int], prefix: str) -> Request | JSONResponse:
         rid = f"{prefix}-{uuid.uuid4().hex}"
         prompt_len = len(prompt_ids)
         limit = body.max_completion_tokens or body.max_tokens
@@ -171,131 +178,73 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
             return _error(400, f"prompt has {prompt_len} tokens; this model's maximum context is "
                                f"{info.max_model_len} tokens")
         max_tokens = min(limit, room) if limit else (room if prefix == "chatcmpl" else min(16, room))
-        req = Request(
+        return Request(
             rid, prompt_ids, max_tokens=max_tokens, min_tokens=body.min_tokens,
             stop_token_ids=body.stop_token_ids, eos_token_id=text.eos_token_id, ignore_eos=body.ignore_eos,
             priority=body.priority, sampled_token_ids=text.sample(rid, max_tokens, body.ignore_eos),
             filler_token=text.filler,
         )
-        try:
-            return runner.submit(req)
-        except ValueError as err:
-            return _error(400, str(err))
+
+    async def _encode(prompt: str) -> list[int]:
+        # long prompts are tokenized on a thread so the step loop keeps its deadlines
+        if len(prompt) < OFFLOOP_TOKENIZE_CHARS:
+            return text.encode(prompt)
+        return await asyncio.to_thread(text.encode, prompt)
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
+    async def completions(body: CompletionRequest) -> Any:
         """OpenAI completions, streaming or not."""
-        p = body.prompt
+        p: Any = body.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
                 return _error(400, "one prompt per request is supported")
-            p = p[0]  # type: ignore[assignment]
-        ids = text.encode(p) if isinstance(p, str) else [int(x) for x in p]  # type: ignore[union-attr]
+            p = p[0]
+        ids = await _encode(p) if isinstance(p, str) else [int(x) for x in p]
         if not ids:
             return _error(400, "prompt is empty")
-        st = _submit(body, ids, "cmpl")
-        if isinstance(st, JSONResponse):
-            return st
-        return await _respond(st, body, http, chat=False)
+        return await _serve(body, ids, "cmpl", chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatRequest, http: HttpRequest) -> Any:
+    async def chat(body: ChatRequest) -> Any:
         """OpenAI chat completions, streaming or not."""
-        ids = text.chat_prompt([(m.role, m.text()) for m in body.messages])
-        st = _submit(body, ids, "chatcmpl")
-        if isinstance(st, JSONResponse):
-            return st
-        return await _respond(st, body, http, chat=True)
+        rendered = text.render_chat([(m.role, m.text()) for m in body.messages])
+        return await _serve(body, await _encode(rendered), "chatcmpl", chat=True)
 
-    async def _respond(st: Stream, body: _Common, http: HttpRequest, chat: bool) -> Any:
+    async def _serve(body: _Common, ids: list[int], prefix: str, chat: bool) -> Any:
+        req = _request(body, ids, prefix)
+        if isinstance(req, JSONResponse):
+            return req
         model = body.model or info.served_model_name
         created = int(time.time())
+        sink: SseSink | CollectSink
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _sse(st, model, created, chat, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        pieces: list[int] = []
+            sink = SseSink(req.req_id, model, created, chat, include_usage, text.json_piece, text.eos_token_id)
+        else:
+            sink = CollectSink()
         try:
-            while True:
-                item = await st.queue.get()
-                pieces.extend(item.token_ids)
-                if item.finish_reason is not None:
-                    break
+            runner.submit(req, sink)
+        except ValueError as err:
+            return _error(400, str(err))
+        if isinstance(sink, SseSink):
+            return SseResponse(sink, lambda: runner.abort(req), writer)
+        try:
+            reason, stop_reason = await sink.done
         finally:
-            runner.abort(st.req)  # no-op once finished; frees the request if the client vanished
-        visible = [t for t in pieces if t != text.eos_token_id]
+            runner.abort(req)  # no-op once finished; frees the request if the client vanished
+        visible = [t for t in sink.token_ids if t != text.eos_token_id]
         content = text.detokenize(visible)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": item.finish_reason, "logprobs": None}
-        if item.stop_reason is not None:
-            choice["stop_reason"] = item.stop_reason
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+        if stop_reason is not None:
+            choice["stop_reason"] = stop_reason
         if chat:
             choice["message"] = {"role": "assistant", "content": content}
         else:
             choice["text"] = content
         return {
-            "id": st.req.req_id, "object": "chat.completion" if chat else "text_completion",
+            "id": req.req_id, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": model, "choices": [choice],
-            "usage": _usage(st, len(visible)),
+            "usage": usage(req, len(visible)),
         }
-
-    def _usage(st: Stream, completion: int) -> dict[str, Any]:
-        return {"prompt_tokens": st.req.prompt_len, "completion_tokens": completion,
-                "total_tokens": st.req.prompt_len + completion,
-                "prompt_tokens_details": {"cached_tokens": max(st.req.num_cached_tokens, 0)}}
-
-    async def _sse(st: Stream, model: str, created: int, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        rid = st.req.req_id
-
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
-            body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model,
-                                    "choices": choices}
-            if include_usage:
-                body["usage"] = usage
-            return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-
-        produced = 0
-        try:
-            if chat:
-                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            # token chunks are the hot path: a fixed JSON frame around the escaped text
-            head = json.dumps({"id": rid, "object": kind, "created": created, "model": model},
-                              separators=(",", ":"))[:-1].encode()
-            if chat:
-                pre, post = head + b',"choices":[{"index":0,"delta":{"content":', b'},"logprobs":null,'
-            else:
-                pre, post = head + b',"choices":[{"index":0,"text":', b',"logprobs":null,'
-            post += b'"finish_reason":null}]' + (b',"usage":null}' if include_usage else b"}")
-            eos = text.eos_token_id
-            while True:
-                item = await st.queue.get()
-                visible = [t for t in item.token_ids if t != eos]
-                # a client slower than the engine gets what accumulated in one chunk (as vLLM does)
-                while item.finish_reason is None and not st.queue.empty():
-                    item = st.queue.get_nowait()
-                    visible += [t for t in item.token_ids if t != eos]
-                produced += len(visible)
-                if visible:
-                    piece = json.dumps(text.detokenize(visible)).encode()
-                    yield b"data: " + pre + piece + post + b"\n\n"
-                if item.finish_reason is not None:
-                    final: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": item.finish_reason}
-                    if item.stop_reason is not None:
-                        final["stop_reason"] = item.stop_reason
-                    if chat:
-                        final["delta"] = {}
-                    else:
-                        final["text"] = ""
-                    yield chunk([final])
-                    break
-            if include_usage:
-                yield chunk([], _usage(st, produced))
-            yield b"data: [DONE]\n\n"
-        finally:
-            runner.abort(st.req)
 
     return app

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.core.engine import Request
 from shared.core.engine.stats import Histogram
+
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+_ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @dataclass(slots=True)
@@ -15,10 +19,24 @@ class RequestHistograms:
     itl: Histogram = field(default_factory=Histogram)
     e2e: Histogram = field(default_factory=Histogram)
     queue: Histogram = field(default_factory=Histogram)
-    prompt_len: Histogram = field(default_factory=lambda: Histogram(
-        (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)))
-    output_len: Histogram = field(default_factory=lambda: Histogram(
-        (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)))
+    prefill: Histogram = field(default_factory=Histogram)
+    decode: Histogram = field(default_factory=Histogram)
+    inference: Histogram = field(default_factory=Histogram)
+    tpot: Histogram = field(default_factory=Histogram)
+    prompt_len: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
+    output_len: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
+    iteration_tokens: Histogram = field(default_factory=lambda: Histogram(_ITERATION_BUCKETS))
+
+    def finished(self, req: Request, last_token_time: float) -> None:
+        """Per-request figures of a request that ended normally (vLLM's definitions)."""
+        self.e2e.observe(req.e2e)
+        self.prompt_len.observe(req.prompt_len)
+        self.output_len.observe(req.num_output_tokens)
+        if req.first_scheduled_time >= 0 and req.first_token_time >= 0:
+            self.inference.observe(last_token_time - req.first_scheduled_time)
+            self.decode.observe(last_token_time - req.first_token_time)
+            if req.num_output_tokens > 1:
+                self.tpot.observe((last_token_time - req.first_token_time) / (req.num_output_tokens - 1))
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -47,6 +65,7 @@ def render_metrics(
     counters: dict[str, int],
     finished_by_reason: dict[str, int],
     hists: RequestHistograms,
+    lag: tuple[float, float, int, float, int] = (0.0, 0.0, 0, 0.0, 0),
 ) -> str:
     """The ``/metrics`` body."""
     lab = {"model_name": model_name}
@@ -82,4 +101,10 @@ def render_metrics(
     _hist(lines, "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase.", hists.queue, lab)
     _hist(lines, "vllm:request_prompt_tokens", "Number of prefill tokens processed.", hists.prompt_len, lab)
     _hist(lines, "vllm:request_generation_tokens", "Number of generation tokens processed.", hists.output_len, lab)
+    gauge("gantry:engine_clock_lag_seconds", "Wall seconds the last step's tokens went out after their model time.",
+          lag[0])
+    gauge("gantry:engine_clock_lag_max_seconds", "Largest such lag since start.", lag[1])
+    counter("gantry:engine_clock_resyncs_total", "Steps that fell too far behind the emulated clock.", lag[2])
+    counter("gantry:engine_loop_busy_seconds_total", "Wall seconds the step loop spent working, not sleeping.", lag[3])
+    counter("gantry:engine_steps_total", "Engine steps run.", lag[4])
     return "\n".join(lines) + "\n"

@@ -9,14 +9,17 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.engine_server.api import ServerInfo, create_app
 from services.engine_server.publisher import publish_loop
 from services.engine_server.runner import EngineRunner
+from services.engine_server.sse import TRANSPORT_KEY
 from services.engine_server.textgen import TextModel
 from shared.assets.tokenizer import TOKENIZER_DIR
 from shared.catalog import load_gpu_spec, load_model_arch
@@ -36,7 +39,19 @@ def set_nodelay(transport: asyncio.BaseTransport) -> bool:
 
 
 class NoDelayH11Protocol(H11Protocol):
-    """HTTP/1.1 protocol that disables Nagle on every connection, so streamed tokens leave at once."""
+    """HTTP/1.1 protocol that disables Nagle on every connection, so streamed tokens leave at once, and hands
+    the connection's transport to the app (scope extension :data:`TRANSPORT_KEY`) so token streams can write
+    their chunks directly, one write per stream per engine step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        inner = self.app
+
+        async def with_transport(scope: Scope, receive: Receive, send: Send) -> None:
+            scope.setdefault("extensions", {})[TRANSPORT_KEY] = self.transport
+            await inner(scope, receive, send)
+
+        self.app = with_transport
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         set_nodelay(transport)
@@ -115,6 +130,7 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await pub
             await runner.stop()
+            app.state.writer.close()
 
     app.router.lifespan_context = lifespan
     return app, runner

@@ -6,7 +6,7 @@ import asyncio
 import socket
 
 from services.engine_server.prometheus import RequestHistograms, render_metrics
-from services.engine_server.runner import EngineRunner, StreamItem
+from services.engine_server.runner import CollectSink, EngineRunner
 from services.engine_server.server import set_nodelay
 from services.engine_server.textgen import TextModel
 from shared.core.engine import CalibratedStepTime, Engine, FinishReason, Request, SchedulerConfig
@@ -18,20 +18,18 @@ def _engine() -> Engine:
     return Engine(SchedulerConfig(num_gpu_blocks=100), MODEL, fast_forward=False)
 
 
-async def _drain(q: asyncio.Queue[StreamItem]) -> tuple[list[int], str | None]:
-    toks: list[int] = []
-    while True:
-        item = await q.get()
-        toks += item.token_ids
-        if item.finish_reason is not None:
-            return toks, item.finish_reason
+async def _drain(sink: CollectSink) -> tuple[list[int], str | None]:
+    reason, _ = await sink.done
+    return sink.token_ids, reason
 
 
 async def test_runner_streams_one_token_per_step_and_records_latencies() -> None:
     runner = EngineRunner(_engine(), speedup=50.0)
     runner.start()
-    streams = [runner.submit(Request(f"r{i}", [i] * 30, max_tokens=5 + i, ignore_eos=True)) for i in range(3)]
-    results = await asyncio.wait_for(asyncio.gather(*(_drain(s.queue) for s in streams)), 5)
+    sinks = [CollectSink() for _ in range(3)]
+    for i, sink in enumerate(sinks):
+        runner.submit(Request(f"r{i}", [i] * 30, max_tokens=5 + i, ignore_eos=True), sink)
+    results = await asyncio.wait_for(asyncio.gather(*(_drain(s) for s in sinks)), 5)
     await runner.stop()
     assert [len(t) for t, _ in results] == [5, 6, 7]
     assert {r for _, r in results} == {"length"}
@@ -45,8 +43,9 @@ async def test_runner_sleeps_step_time_over_speedup() -> None:
     runner.start()
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    st = runner.submit(Request("r", [1] * 10, max_tokens=10, ignore_eos=True))
-    await asyncio.wait_for(_drain(st.queue), 5)
+    sink = CollectSink()
+    runner.submit(Request("r", [1] * 10, max_tokens=10, ignore_eos=True), sink)
+    await asyncio.wait_for(_drain(sink), 5)
     await runner.stop()
     assert loop.time() - t0 >= 10 * 0.01 / 2 * 0.9
 
@@ -54,10 +53,12 @@ async def test_runner_sleeps_step_time_over_speedup() -> None:
 async def test_an_aborted_request_ends_with_abort_and_frees_its_blocks() -> None:
     runner = EngineRunner(_engine(), speedup=1.0)
     runner.start()
-    st = runner.submit(Request("r", [1] * 40, max_tokens=1000, ignore_eos=True))
-    await st.queue.get()
+    sink = CollectSink()
+    st = runner.submit(Request("r", [1] * 40, max_tokens=1000, ignore_eos=True), sink)
+    while not sink.token_ids:
+        await asyncio.sleep(0.001)
     runner.abort(st.req)
-    _, reason = await asyncio.wait_for(_drain(st.queue), 5)
+    _, reason = await asyncio.wait_for(_drain(sink), 5)
     await runner.stop()
     assert reason == "abort" and st.req.finish_reason is FinishReason.ABORT
     assert runner.engine.scheduler.kv.num_free == 99 and not runner.engine.has_work()
