@@ -11,10 +11,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.engine_server.prometheus import render_metrics
+from services.engine_server.prometheus import CONTENT_TYPE, EngineCollector, registry_for, render
 from services.engine_server.runner import CollectSink, EngineRunner
 from services.engine_server.sse import SseResponse, SseSink, usage
 from services.engine_server.textgen import TextModel
@@ -123,25 +123,12 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
             "root": info.model_path, "parent": None, "max_model_len": info.max_model_len,
         }]}
 
+    registry = registry_for(EngineCollector(runner, info.served_model_name))
+
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
+    async def metrics() -> Response:
         """Prometheus text under vLLM's metric names."""
-        c = sched.counters
-        body = render_metrics(
-            model_name=info.served_model_name,
-            running=len(sched.running),
-            waiting=sched.num_waiting,
-            kv_usage=sched.kv_usage,
-            block_size=sched.config.block_size,
-            num_gpu_blocks=sched.config.num_gpu_blocks,
-            counters={"prefix_queries": c.prefix_queries, "prefix_hits": c.prefix_hits,
-                      "preemptions": c.preemptions, "prompt_tokens": c.prompt_tokens,
-                      "generation_tokens": c.generation_tokens},
-            finished_by_reason=c.finished_by_reason,
-            hists=runner.hists,
-            lag=(runner.lag.last_s, runner.lag.max_s, runner.lag.resyncs, runner.lag.busy_s, runner.lag.steps),
-        )
-        return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(render(registry), media_type=CONTENT_TYPE)
 
     @app.get("/server_info")
     async def server_info() -> dict[str, Any]:

@@ -224,6 +224,8 @@ class EngineRunner:
                 hists.ttft.observe(t - req.arrival_time)
                 hists.queue.observe(req.queue_time)
                 hists.prefill.observe(t - req.first_scheduled_time)
+                if req.num_cached_tokens > 0:
+                    hists.cached_prompt_tokens += req.num_cached_tokens
             elif last == prev:
                 steady += 1  # decoded in the previous step too: same gap for all of these
             else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from services.engine_server.prometheus import RequestHistograms, render_metrics
+from services.engine_server.prometheus import EngineCollector, registry_for, render
 from services.engine_server.runner import CollectSink, EngineRunner
 from services.engine_server.server import set_nodelay
 from services.engine_server.textgen import TextModel
@@ -77,22 +77,34 @@ def test_without_ignore_eos_the_model_ends_with_eos_at_a_seeded_length() -> None
     assert a == b and a[-1] == tm.eos_token_id and len(a) <= 15
 
 
+def _scrape(runner: EngineRunner, model: str = "m") -> str:
+    return render(registry_for(EngineCollector(runner, model))).decode()
+
+
 def test_metrics_text_uses_vllm_names_and_cumulative_buckets() -> None:
-    h = RequestHistograms()
-    h.ttft.observe(0.03)
-    h.ttft.observe(3.0)
-    text = render_metrics(model_name="m", running=2, waiting=5, kv_usage=0.25, block_size=16, num_gpu_blocks=100,
-                          counters={"prefix_queries": 10, "prefix_hits": 4, "preemptions": 1, "prompt_tokens": 7,
-                                    "generation_tokens": 9},
-                          finished_by_reason={"length": 3}, hists=h)
-    assert 'vllm:num_requests_running{model_name="m"} 2' in text
-    assert 'vllm:num_requests_waiting{model_name="m"} 5' in text
-    assert 'vllm:kv_cache_usage_perc{model_name="m"} 0.25' in text
-    assert 'vllm:prefix_cache_hits_total{model_name="m"} 4' in text
-    assert 'vllm:request_success_total{model_name="m",finished_reason="length"} 3' in text
-    assert 'vllm:time_to_first_token_seconds_bucket{model_name="m",le="0.04"} 1' in text
-    assert 'vllm:time_to_first_token_seconds_bucket{model_name="m",le="+Inf"} 2' in text
+    runner = EngineRunner(_engine())
+    runner.hists.ttft.observe(0.03)
+    runner.hists.ttft.observe(3.0)
+    c = runner.engine.scheduler.counters
+    c.prefix_hits, c.finished_by_reason["length"] = 4, 3
+    text = _scrape(runner)
+    assert 'vllm:num_requests_running{engine="0",model_name="m"} 0.0' in text
+    assert 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.0' in text
+    assert 'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 4.0' in text
+    assert 'vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 3.0' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{engine="0",le="0.04",model_name="m"} 1.0' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 2.0' in text
     assert 'num_gpu_blocks="100"' in text
+
+
+def test_a_quote_and_backslash_in_the_model_name_are_escaped() -> None:
+    text = _scrape(EngineRunner(_engine()), model='my "quoted" \\ model')
+    line = next(ln for ln in text.splitlines() if ln.startswith("vllm:num_requests_waiting{"))
+    assert line == 'vllm:num_requests_waiting{engine="0",model_name="my \\"quoted\\" \\\\ model"} 0.0'
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert fams["vllm:num_requests_waiting"].samples[0].labels["model_name"] == 'my "quoted" \\ model'
 
 
 async def test_streaming_connections_disable_nagle() -> None:
