@@ -115,7 +115,7 @@ async def _run_streams(port: int, prompts: list[list[int]], tokens: int) -> list
     loop = asyncio.get_running_loop()
     clients: list[_Client] = []
     for p in prompts:
-        body = json.dumps({"model": "bench", "prompt": p, "max_tokens": tokens, "ignore_eos": True, "stream": True,
+        body = json.dumps({"prompt": p, "max_tokens": tokens, "ignore_eos": True, "stream": True,
                            "stream_options": {"include_usage": True}}).encode()
         head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.engine_server.prometheus import CONTENT_TYPE, EngineCollector, registry_for, render
+from services.engine_server.prometheus import CONTENT_TYPE, EngineCollector, LoraInfo, registry_for, render
 from services.engine_server.runner import CollectSink, EngineRunner
 from services.engine_server.sse import SseResponse, SseSink, usage
 from services.engine_server.textgen import TextModel
@@ -37,6 +37,8 @@ class ServerInfo:
     max_model_len: int
     url: str = ""
     created: int = 0  # unix seconds the server started
+    lora_modules: tuple[str, ...] = ()  # adapter names served beside the base model
+    instance_id: str = "engine-0"
 
 
 class StreamOptions(BaseModel):
@@ -57,7 +59,23 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
     priority: int = 0
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1)
+    best_of: int | None = None
+    logprobs: Any = None  # completions: int; chat: bool
+    top_logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    echo: bool = False
+    kv_transfer_params: dict[str, Any] | None = None  # vLLM P/D: set by the proxy
+
+    def unsupported(self) -> str | None:
+        """Why the emulated model cannot serve this request as asked (a 400), or None."""
+        if self.n > 1 or (self.best_of or 1) > 1:
+            return "n > 1 and best_of > 1 are not supported by this server: send one request per sample"
+        if self.logprobs not in (None, False) or self.top_logprobs or self.prompt_logprobs is not None:
+            return "logprobs are not supported by this server (the emulated model has no probabilities)"
+        if self.echo:
+            return "echo is not supported by this server"
+        return None
 
 
 class CompletionRequest(_Common):
@@ -90,10 +108,9 @@ class ChatRequest(_Common):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": status}},
-        status_code=status,
-    )
+    kind = "NotFoundError" if status == 404 else "BadRequestError" if status == 400 else "InternalServerError"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        status_code=status)
 
 
 def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastAPI:
@@ -118,12 +135,17 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         """The one served model."""
-        return {"object": "list", "data": [{
-            "id": info.served_model_name, "object": "model", "created": info.created, "owned_by": "gantry",
-            "root": info.model_path, "parent": None, "max_model_len": info.max_model_len,
-        }]}
+        base = {"id": info.served_model_name, "object": "model", "created": info.created, "owned_by": "gantry",
+                "root": info.model_path, "parent": None, "max_model_len": info.max_model_len}
+        adapters = [{**base, "id": name, "root": name, "parent": info.served_model_name}
+                    for name in info.lora_modules]
+        return {"object": "list", "data": [base, *adapters]}
 
-    registry = registry_for(EngineCollector(runner, info.served_model_name))
+    def lora_info() -> LoraInfo:
+        st = sched.lora_stats()
+        return LoraInfo(st.max_loras, tuple(st.running), tuple(st.waiting))
+
+    registry = registry_for(EngineCollector(runner, info.served_model_name, lora_info))
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -156,7 +178,22 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
         return [{"dp_rank": 0, "num_reqs": len(sched.running) + sched.num_waiting,
                  "num_waiting_reqs": sched.num_waiting, "num_tokens": sched.kv.num_used * sched.config.block_size}]
 
+    def _adapter(body: _Common) -> str | JSONResponse | None:
+        """The LoRA adapter a request names (None for the base model), or a 404 for an unknown model."""
+        if body.model is None or body.model == info.served_model_name:
+            return None
+        if body.model in info.lora_modules:
+            return body.model
+        return _error(404, f"The model `{body.model}` does not exist.")
+
     def _request(body: _Common, prompt_ids: list[int], prefix: str) -> Request | JSONResponse:
+        why = body.unsupported()
+        if why is not None:
+            return _error(400, why)
+        lora = _adapter(body)
+        if isinstance(lora, JSONResponse):
+            return lora
+        remote = bool(body.kv_transfer_params and body.kv_transfer_params.get("do_remote_prefill"))
         rid = f"{prefix}-{uuid.uuid4().hex}"
         prompt_len = len(prompt_ids)
         limit = body.max_completion_tokens or body.max_tokens
@@ -169,7 +206,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
             rid, prompt_ids, max_tokens=max_tokens, min_tokens=body.min_tokens,
             stop_token_ids=body.stop_token_ids, eos_token_id=text.eos_token_id, ignore_eos=body.ignore_eos,
             priority=body.priority, sampled_token_ids=text.sample(rid, max_tokens, body.ignore_eos),
-            filler_token=text.filler,
+            filler_token=text.filler, lora=lora, remote_prefill=remote,
         )
 
     async def _encode(prompt: str) -> list[int]:
@@ -201,7 +238,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
         req = _request(body, ids, prefix)
         if isinstance(req, JSONResponse):
             return req
-        model = body.model or info.served_model_name
+        model = req.lora or info.served_model_name
         created = int(time.time())
         sink: SseSink | CollectSink
         if body.stream:
@@ -228,10 +265,18 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
             choice["message"] = {"role": "assistant", "content": content}
         else:
             choice["text"] = content
-        return {
+        out: dict[str, Any] = {
             "id": req.req_id, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": model, "choices": [choice],
             "usage": usage(req, len(visible)),
         }
+        handoff = req.kv_handoff
+        if handoff is not None:  # a prefill engine: what the decode side needs to pull this request's KV
+            out["kv_transfer_params"] = {
+                "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": info.instance_id,
+                "remote_request_id": handoff.req_id, "remote_host": info.url, "num_tokens": handoff.num_tokens,
+                "num_bytes": handoff.num_bytes,
+            }
+        return out
 
     return app

@@ -172,6 +172,12 @@ class EngineRunner:
             start = eng.now
             w0 = self.clock()
             out, d = eng.schedule_step()
+            if not out.scheduled:
+                eng.finish_step(out, start, 0.0)
+                for flush in self.on_flush:
+                    flush()
+                await self._idle_until(eng.scheduler.next_wakeup())
+                continue
             deadline = self.t0 + (start + d) / self.speedup
             w1 = self.clock()
             self._in_flight_end = start + d
@@ -192,6 +198,18 @@ class EngineRunner:
             lag.record(w3 - deadline)
             lag.busy_s += (w1 - w0) + (w3 - w2)
             lag.steps += 1
+
+    async def _idle_until(self, wakeup: float | None) -> None:
+        """Nothing can run (every request waits for remote KV): sleep until a request comes or a transfer ends."""
+        self._wake.clear()
+        timeout = None if wakeup is None else max(self.t0 + wakeup / self.speedup - self.clock(), 0.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        now = self.model_now()
+        eng = self.engine
+        target = now if wakeup is None else min(now, wakeup)
+        if target > eng.now:
+            eng.now = target
 
     def _fell_behind(self, lag_s: float) -> None:
         lag = self.lag

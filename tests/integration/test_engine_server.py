@@ -104,7 +104,7 @@ async def test_metrics_show_running_waiting_and_kv_usage_move_under_load(
     client = AsyncOpenAI(base_url=f"{engine_server}/v1", api_key="none")
 
     async def one(i: int) -> int:
-        r = await client.completions.create(model="m", prompt=f"request {i} " * 40, max_tokens=120,
+        r = await client.completions.create(model="llama-3.1-8b-instruct", prompt=f"request {i} " * 40, max_tokens=120,
                                             extra_body={"ignore_eos": True})
         assert r.usage is not None
         return r.usage.completion_tokens
