@@ -56,11 +56,8 @@ class Publisher:
         self._kv_ready = asyncio.Event()
         self._nc: NatsClient | None = None
 
-    def take_kv_events(self) -> None:
-        """After a step: queue the engine's new KV events, if any (runs on the step loop; no I/O)."""
-        batch = self.runner.engine.take_kv_events()
-        if batch is None:
-            return
+    def queue_kv(self, batch: KVEventBatch) -> None:
+        """Queue one step's KV events for publishing (runs on the step loop; no I/O)."""
         if len(self.kv) >= MAX_KV_BACKLOG:
             self.kv.popleft()
             self.kv_dropped += 1

@@ -22,6 +22,7 @@ from services.engine_server.publisher import Publisher
 from services.engine_server.runner import EngineRunner
 from services.engine_server.sse import TRANSPORT_KEY
 from services.engine_server.textgen import TextModel
+from services.engine_server.zmq_events import ZmqKVPublisher
 from shared.assets.tokenizer import TOKENIZER_DIR
 from shared.catalog import load_gpu_spec, load_model_arch
 from shared.core.engine import Engine, KVLink, RooflineStepTime, SchedulerConfig
@@ -93,6 +94,8 @@ class ServerOptions:
     kv_link_gbps: float = 400.0  # KV transfer link between prefill and decode engines, Gbit/s
     kv_link_latency_s: float = 0.0
     kv_events: bool = True  # publish KV-cache events (with a NATS URL)
+    kv_events_zmq: str | None = None  # also on a ZMQ PUB socket bound here (vLLM's wire format)
+    kv_events_topic: str = ""
     access_log: bool = True
 
 
@@ -110,7 +113,8 @@ def build_engine(opts: ServerOptions, *, fast_forward: bool = False) -> Engine:
         block_size=opts.block_size, num_gpu_blocks=blocks, max_num_seqs=opts.max_num_seqs,
         max_num_batched_tokens=opts.max_num_batched_tokens, enable_prefix_caching=opts.enable_prefix_caching,
         policy=opts.policy,  # type: ignore[arg-type]
-        max_model_len=max_len, enable_kv_events=opts.kv_events and opts.nats_url is not None,
+        max_model_len=max_len,
+        enable_kv_events=(opts.kv_events and opts.nats_url is not None) or opts.kv_events_zmq is not None,
         max_loras=opts.max_loras, max_cpu_loras=opts.max_cpu_loras, role=NodeRole(opts.role),
     )
     link = KVLink(opts.kv_link_gbps * 1e9 / 8, opts.kv_link_latency_s) if opts.role != "mixed" else None
@@ -146,8 +150,18 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
     app = create_app(runner, TextModel(opts.mean_output_len), info)
     pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s) if opts.nats_url \
         else None
-    if pub is not None:
-        runner.on_flush.append(pub.take_kv_events)
+    zmq_pub = ZmqKVPublisher(opts.kv_events_zmq, opts.kv_events_topic) if opts.kv_events_zmq else None
+    kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
+    if zmq_pub is not None:
+        kv_sinks.append(zmq_pub.publish)
+    if kv_sinks:
+        def fan_out_kv_events() -> None:
+            batch = engine.take_kv_events()
+            if batch is not None:
+                for sink in kv_sinks:
+                    sink(batch)
+
+        runner.on_flush.append(fan_out_kv_events)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -164,6 +178,8 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
                     await task
             await runner.stop()
             app.state.writer.close()
+            if zmq_pub is not None:
+                zmq_pub.close()
 
     app.router.lifespan_context = lifespan
     return app, runner
@@ -236,6 +252,9 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--instance-id", default=d.instance_id)
     p.add_argument("--metrics-interval", type=float, default=d.metrics_interval_s, help="seconds between pushes")
     p.add_argument("--no-kv-events", action="store_true", help="do not publish KV-cache events on NATS")
+    p.add_argument("--kv-events-zmq", default=None, metavar="ENDPOINT",
+                   help="also publish KV events on a ZMQ PUB socket bound here, vLLM's format (e.g. tcp://*:5557)")
+    p.add_argument("--kv-events-topic", default="", help="ZMQ topic frame of KV events (vLLM's default: empty)")
     p.add_argument("--max-loras", type=int, default=d.max_loras, help="LoRA adapters per batch (0 = LoRA off)")
     p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded (default max-loras)")
     p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME[=PATH]",
@@ -259,7 +278,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         enable_prefix_caching=not a.no_prefix_caching, policy=a.policy, mean_output_len=a.mean_output_len,
         nats_url=a.nats_url, instance_id=a.instance_id, metrics_interval_s=a.metrics_interval,
-        kv_events=not a.no_kv_events, max_loras=a.max_loras, max_cpu_loras=a.max_cpu_loras, lora_modules=loras,
+        kv_events=not a.no_kv_events, kv_events_zmq=a.kv_events_zmq, kv_events_topic=a.kv_events_topic,
+        max_loras=a.max_loras, max_cpu_loras=a.max_cpu_loras, lora_modules=loras,
         lora_load_s=a.lora_load_time, role=a.role, kv_link_gbps=a.kv_link_gbps, kv_link_latency_s=a.kv_link_latency,
         access_log=not a.disable_uvicorn_access_log,
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
@@ -92,3 +94,33 @@ def test_lora_modules_without_max_loras_is_an_error() -> None:
 
     with pytest.raises(ValueError, match="max-loras"):
         build_engine(ServerOptions(lora_modules=("a",), num_gpu_blocks=50))
+
+
+async def test_kv_events_on_zmq_use_vllms_three_frame_wire_format() -> None:
+    zmq_asyncio = pytest.importorskip("zmq.asyncio")
+    import zmq
+
+    from shared.core.kv_events import BlockStored, chain_hashes, decode_batch
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    srv = EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=100, speedup=50.0, kv_events_zmq=endpoint,
+                                       kv_events_topic="kv@test", access_log=False))
+    await srv.start()
+    ctx = zmq_asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.connect(endpoint)
+        sub.setsockopt(zmq.SUBSCRIBE, b"kv@test")
+        await asyncio.sleep(0.3)  # a PUB socket drops what it sends before the subscription arrives
+        prompt = list(range(100, 148))
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            r = await http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "ignore_eos": True})
+            assert r.status_code == 200
+        topic, seq, payload = await asyncio.wait_for(sub.recv_multipart(), 5)
+    finally:
+        sub.close()
+        ctx.term()
+        await srv.stop()
+    assert topic == b"kv@test" and int.from_bytes(seq, "big") == 0 and len(seq) == 8
+    stored = [e for e in decode_batch(payload).events if isinstance(e, BlockStored)]
+    assert stored[0].block_hashes[:3] == chain_hashes(prompt, 16)
