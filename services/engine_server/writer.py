@@ -20,6 +20,9 @@ import queue
 import threading
 
 RETRY_S = 0.005  # how often backlogged (slow-reading) clients are retried
+INLINE_MAX = 32
+"""A step with at most this many writes sends them on the event loop's thread: waking the writer thread
+costs more than a few sends."""
 
 
 class Conn:
@@ -36,7 +39,7 @@ class Conn:
         self.flushed: asyncio.Future[None] = loop.create_future()
 
     def send(self, data: bytes) -> None:
-        """Write what the socket takes now; keep the rest (writer thread only)."""
+        """Write what the socket takes now; keep the rest (whoever holds the writer's lock)."""
         if self.dead:
             return
         if self.backlog:
@@ -52,7 +55,7 @@ class Conn:
         self.backlog = data[n:] if n < len(data) else b""
 
     def release(self) -> None:
-        """Close the descriptor and tell the event loop that everything is out (writer thread only)."""
+        """Close the descriptor and tell the event loop that everything is out."""
         with contextlib.suppress(OSError):
             os.close(self.fd)
         self.fd = -1
@@ -72,6 +75,7 @@ class SocketWriter:
         self.pending: list[tuple[Conn, bytes, bool]] = []  # (conn, bytes, last write of the stream)
         self._q: queue.SimpleQueue[list[tuple[Conn, bytes, bool]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # held by whoever is sending: the thread, or the loop for a small step
 
     def open(self, fd: int) -> Conn:
         """A connection for a dup of ``fd`` (the caller's descriptor stays its own)."""
@@ -83,10 +87,30 @@ class SocketWriter:
     def flush(self) -> None:
         """Hand this step's writes to the thread (one hand-off per step)."""
         pending = self.pending
-        if pending:
-            batch = pending.copy()
-            pending.clear()  # in place: every sink appends to this very list
-            self._q.put(batch)
+        if not pending:
+            return
+        if len(pending) <= INLINE_MAX and self._lock.acquire(blocking=False):
+            try:
+                rest = [(c, b"", last) for c, data, last in pending if self._send_inline(c, data, last)]
+            finally:
+                self._lock.release()
+            pending.clear()
+            if rest:
+                self._q.put(rest)  # slow readers: the thread keeps retrying them
+            return
+        batch = pending.copy()
+        pending.clear()  # in place: every sink appends to this very list
+        self._q.put(batch)
+
+    @staticmethod
+    def _send_inline(conn: Conn, data: bytes, last: bool) -> bool:
+        """Send now; True if the thread must take over (bytes left over)."""
+        conn.send(data)
+        if conn.backlog and not conn.dead:
+            return True
+        if last or conn.dead:
+            conn.release()
+        return False
 
     def close(self) -> None:
         """Stop the thread once what it was given is written."""
@@ -107,16 +131,17 @@ class SocketWriter:
                 for c in waiting:
                     c.release()
                 return
-            for conn, data, last in batch:
-                conn.send(data)
-                if last:
-                    conn.closing = True
-                if conn.backlog or conn.closing:
-                    waiting.add(conn)
-            for conn in list(waiting):
-                if conn.backlog:
-                    conn.send(b"")
-                if not conn.backlog or conn.dead:
-                    waiting.discard(conn)
-                    if conn.closing or conn.dead:
-                        conn.release()
+            with self._lock:
+                for conn, data, last in batch:
+                    conn.send(data)
+                    if last:
+                        conn.closing = True
+                    if conn.backlog or conn.closing:
+                        waiting.add(conn)
+                for conn in list(waiting):
+                    if conn.backlog:
+                        conn.send(b"")
+                    if not conn.backlog or conn.dead:
+                        waiting.discard(conn)
+                        if conn.closing or conn.dead:
+                            conn.release()
