@@ -218,12 +218,18 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> Any:
         """OpenAI completions, streaming or not."""
-        p: Any = body.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        p = body.prompt
+        one: str | list[int]
+        if isinstance(p, str):
+            one = p
+        elif p and isinstance(p[0], (str, list)):
             if len(p) != 1:
                 return _error(400, "one prompt per request is supported")
-            p = p[0]
-        ids = await _encode(p) if isinstance(p, str) else [int(x) for x in p]
+            first = p[0]
+            one = first if isinstance(first, str) else [int(x) for x in first]
+        else:  # token ids (validated as list[int])
+            one = [int(x) for x in p if isinstance(x, int)]
+        ids = await _encode(one) if isinstance(one, str) else one
         if not ids:
             return _error(400, "prompt is empty")
         return await _serve(body, ids, "cmpl", chat=False)

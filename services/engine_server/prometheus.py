@@ -9,51 +9,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared.core.engine import Request
+from services.engine_server.figures import ClockLag, RequestHistograms
+from shared.core.engine import Engine
 from shared.core.engine.stats import Histogram
 
-if TYPE_CHECKING:
-    from services.engine_server.runner import EngineRunner
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
-_ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-@dataclass(slots=True)
-class RequestHistograms:
-    """Per-request and per-step histograms (seconds of model time; token counts)."""
+class FigureSource(Protocol):
+    """What the collector reads: the runner's engine, histograms and clock lag."""
 
-    ttft: Histogram = field(default_factory=Histogram)
-    itl: Histogram = field(default_factory=Histogram)
-    e2e: Histogram = field(default_factory=Histogram)
-    queue: Histogram = field(default_factory=Histogram)
-    prefill: Histogram = field(default_factory=Histogram)
-    decode: Histogram = field(default_factory=Histogram)
-    inference: Histogram = field(default_factory=Histogram)
-    tpot: Histogram = field(default_factory=Histogram)
-    prompt_len: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
-    output_len: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
-    iteration_tokens: Histogram = field(default_factory=lambda: Histogram(_ITERATION_BUCKETS))
-    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache at first scheduling
-
-    def finished(self, req: Request, last_token_time: float) -> None:
-        """Per-request figures of a request that ended normally (vLLM's definitions)."""
-        self.e2e.observe(req.e2e)
-        self.prompt_len.observe(req.prompt_len)
-        self.output_len.observe(req.num_output_tokens)
-        if req.first_scheduled_time >= 0 and req.first_token_time >= 0:
-            self.inference.observe(last_token_time - req.first_scheduled_time)
-            self.decode.observe(last_token_time - req.first_token_time)
-            if req.num_output_tokens > 1:
-                self.tpot.observe((last_token_time - req.first_token_time) / (req.num_output_tokens - 1))
+    engine: Engine
+    hists: RequestHistograms
+    lag: ClockLag
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +62,7 @@ def _one(kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, d
 class EngineCollector(Collector):
     """Reads a runner's engine on every scrape and yields vLLM's metric families."""
 
-    def __init__(self, runner: EngineRunner, model_name: str, lora: Callable[[], LoraInfo] = LoraInfo) -> None:
+    def __init__(self, runner: FigureSource, model_name: str, lora: Callable[[], LoraInfo] = LoraInfo) -> None:
         self.runner = runner
         self.labels = {"model_name": model_name, "engine": "0"}
         self.lora = lora

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.engine_server.prometheus import RequestHistograms
+from services.engine_server.figures import ClockLag, RequestHistograms
 from shared.core.engine import Engine, FinishReason, Request, RequestStatus
 
 log = logging.getLogger("gantry.engine_server")
@@ -75,24 +75,6 @@ class Stream:
     sink: TokenSink
     last_token_time: float = -1.0
     done: bool = False
-
-
-@dataclass(slots=True)
-class ClockLag:
-    """How far token emission trails the emulated clock (wall seconds)."""
-
-    last_s: float = 0.0
-    max_s: float = 0.0
-    resyncs: int = 0  # steps that fell more than MAX_LAG_S behind and restarted the chain
-    busy_s: float = 0.0  # wall seconds the step loop spent working (not sleeping): its duty cycle
-    steps: int = 0
-    _warned_at: float = -1e9
-
-    def record(self, lag: float) -> None:
-        """Note one step's lag."""
-        self.last_s = lag
-        if lag > self.max_s:
-            self.max_s = lag
 
 
 class EngineRunner:
