@@ -20,6 +20,7 @@ from services.engine_server.sse import SseResponse, SseSink, usage
 from services.engine_server.textgen import TextModel
 from services.engine_server.writer import SocketWriter
 from shared.core.engine import Request
+from shared.core.roles import NodeRole
 
 OFFLOOP_TOKENIZE_CHARS = 8192
 
@@ -193,7 +194,10 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
         lora = _adapter(body)
         if isinstance(lora, JSONResponse):
             return lora
-        remote = bool(body.kv_transfer_params and body.kv_transfer_params.get("do_remote_prefill"))
+        # as vLLM without a KV connector, a server that is not a P/D decode engine prefills locally (a prefill
+        # engine refuses the request: the engine says why)
+        remote = bool(body.kv_transfer_params and body.kv_transfer_params.get("do_remote_prefill")) and (
+            sched.config.role is not NodeRole.MIXED)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         prompt_len = len(prompt_ids)
         limit = body.max_completion_tokens or body.max_tokens

@@ -124,3 +124,22 @@ async def test_kv_events_on_zmq_use_vllms_three_frame_wire_format() -> None:
     assert topic == b"kv@test" and int.from_bytes(seq, "big") == 0 and len(seq) == 8
     stored = [e for e in decode_batch(payload).events if isinstance(e, BlockStored)]
     assert stored[0].block_hashes[:3] == chain_hashes(prompt, 16)
+
+
+async def test_kv_transfer_params_are_ignored_by_a_mixed_server_and_refused_by_a_prefill_one() -> None:
+    body = {"prompt": [3] * 40, "max_tokens": 3, "ignore_eos": True,
+            "kv_transfer_params": {"do_remote_prefill": True, "num_bytes": 1}}
+    for role, status in (("mixed", 200), ("prefill", 400)):
+        srv = EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=100, speedup=50.0, role=role,
+                                           access_log=False))
+        await srv.start()
+        try:
+            async with httpx.AsyncClient(base_url=srv.url) as http:
+                r = await http.post("/v1/completions", json=body)
+        finally:
+            await srv.stop()
+        assert r.status_code == status, role
+        if status == 200:
+            assert r.json()["usage"]["completion_tokens"] == 3 and "kv_transfer_params" not in r.json()
+        else:
+            assert "prefill-only" in r.json()["error"]["message"]
