@@ -267,14 +267,15 @@ class Scheduler:
         waiting = self.waiting
         counters = self.counters
         max_loras = cfg.max_loras
-        lora_running = self.lora_running
+        # as vLLM: the adapters of the requests this step runs (not of running requests it skipped)
+        batch_loras = {r.lora for r in out.scheduled if r.lora is not None} if max_loras else set()
         if self.kv_ready:
-            budget, attn, kvread = self._admit_ready(out, budget, attn, kvread)
+            budget, attn, kvread = self._admit_ready(out, budget, attn, kvread, batch_loras)
         skipped: list[Request] = []
         while budget > 0 and len(running) < cfg.max_num_seqs and len(waiting) > 0:
             req = waiting.peek()
             lora = req.lora
-            if lora is not None and lora not in lora_running and len(lora_running) >= max_loras:
+            if lora is not None and lora not in batch_loras and len(batch_loras) >= max_loras:
                 skipped.append(waiting.pop())  # its adapter would exceed max_loras: later requests may go
                 continue
             if req.kv_pending:  # P/D decode side: take blocks for the prompt and wait for its KV
@@ -306,6 +307,7 @@ class Scheduler:
             running.append(req)
             if lora is not None:
                 self._lora_admit(lora, out)
+                batch_loras.add(lora)
             if req.first_scheduled_time < 0:
                 req.first_scheduled_time = now
             if req.num_cached_tokens < 0:
@@ -325,14 +327,16 @@ class Scheduler:
             waiting.prepend(req)
         return budget, attn, kvread
 
-    def _admit_ready(self, out: StepOutput, budget: int, attn: int, kvread: int) -> tuple[int, int, int]:
+    def _admit_ready(
+        self, out: StepOutput, budget: int, attn: int, kvread: int, batch_loras: set[str]
+    ) -> tuple[int, int, int]:
         """Run requests whose remote KV arrived: only their last prompt token is left to compute."""
         running = self.running
         max_seqs, max_loras = self.config.max_num_seqs, self.config.max_loras
         keep: list[Request] = []
         for req in self.kv_ready:
             lora = req.lora
-            blocked = lora is not None and lora not in self.lora_running and len(self.lora_running) >= max_loras
+            blocked = lora is not None and lora not in batch_loras and len(batch_loras) >= max_loras
             if budget <= 0 or len(running) >= max_seqs or blocked:
                 keep.append(req)
                 continue
@@ -344,6 +348,7 @@ class Scheduler:
             running.append(req)
             if lora is not None:
                 self._lora_admit(lora, out)
+                batch_loras.add(lora)
             out.scheduled.append(req)
             out.num_scheduled.append(n)
             budget -= n

@@ -8,11 +8,12 @@ ones), T = Σ q_i, S = sequences sampling, on ``tp`` GPUs::
 
     GEMMs      ((2·P_lin·T / (η_gf·F))^p + (b_w·P_lin / (η_gw·W))^p)^(1/p)      compute vs weight reads
     LM head    the same with V·d parameters and S rows
-    attention  L·(τ_attn + τ_seq·R) + 4·L·n_q·h·Σ(q_i·c_i + q_i(q_i+1)/2) / (η_af·F) + kv_tok·Σ(c_i + q_i) / (η_kv·W)
+    attention  L·(τ_attn + τ_seq·R + τ_pre·[a chunk has q > 1]) + 4·L·n_q·h·Σ(q_i·c_i + q_i(q_i+1)/2) / (η_af·F)
+               + kv_tok·Σ(c_i + q_i) / (η_kv·W)
     elem-wise  L·τ_ew + L·d·T·ε_ew                                             norms, activation, residual
     t          (GEMMs + LM head + attention) / tp + elem-wise + all-reduce(T, tp) + t_host
 
-with R the scheduled requests. The efficiencies (η_gf, η_gw, p, η_af, η_kv, τ_attn, τ_seq, τ_ew, ε_ew) are
+with R the scheduled requests. The efficiencies (η_gf, η_gw, p, η_af, η_kv, τ_attn, τ_seq, τ_pre, τ_ew, ε_ew) are
 per GPU, fitted by ``bench/calibrate_step_time.py`` to measured kernel tables (aiconfigurator-core's GEMM and attention
 collections, vLLM backend) and shipped in ``step_calibration.json``; a GPU without calibration falls back to
 the spec §4 efficiencies (η_f 0.6, η_w 0.7). ``t_host`` (scheduling, sampling, launch gaps that CUDA graphs
@@ -27,7 +28,7 @@ import math
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from shared.core.catalog import GpuSpec, ModelArch
 from shared.core.catalog.models import dtype_bytes
@@ -44,6 +45,19 @@ class StepTimeModel(Protocol):
         ...
 
 
+@runtime_checkable
+class SplitStepTime(Protocol):
+    """A model whose step time is ``fixed + a·attn_work + b·kv_read`` with ``fixed`` depending on the rest.
+
+    ``step_time`` must compute exactly ``split(...)[0] + a * attn_work + b * kv_read`` in that order, so a
+    fast-forwarded run of decode steps (same T, growing context) gets bit-identical times from one split.
+    """
+
+    def split(self, num_tokens: int, num_reqs: int, num_sampling: int) -> tuple[float, float, float]:
+        """``(fixed seconds, seconds per unit of attention work, seconds per KV token read)``."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class OperatorEfficiencies:
     """Per-GPU constants of the per-operator model (what ``bench/calibrate_step_time.py`` fits)."""
@@ -55,6 +69,7 @@ class OperatorEfficiencies:
     attn_kv: float = 0.7  # η of KV-cache reads (decode)
     attn_layer_s: float = 0.0  # fixed attention kernel time per layer (launch, tiny batches)
     attn_seq_s: float = 0.0  # attention time per sequence per layer (per-sequence work of the kernels)
+    attn_prefill_layer_s: float = 0.0  # extra per-layer floor of a step with a prefill chunk (q > 1)
     ew_layer_s: float = 0.0  # fixed element-wise time per layer (norms, activation, residual)
     ew_element_s: float = 0.0  # element-wise seconds per token per layer per hidden unit
     host_s: float = 0.5e-3  # per step outside the kernels (assumption, not in kernel tables)
@@ -105,6 +120,7 @@ class RooflineStepTime:
         "_a0",
         "_a_f",
         "_a_kv",
+        "_a_pre",
         "_a_seq",
         "_ar0",
         "_ar_tok",
@@ -176,6 +192,7 @@ class RooflineStepTime:
         self._sqrt = eff.gemm_p == 2.0
         self._a0 = layers * eff.attn_layer_s
         self._a_seq = layers * eff.attn_seq_s / tp
+        self._a_pre = layers * eff.attn_prefill_layer_s
         self._a_f = 4.0 * layers * model.num_q_heads * model.head_dim / (eff.attn_flops * flops)
         self._a_kv = model.kv_bytes_per_token(p.kv_dtype) / (eff.attn_kv * mem)
         self._e0 = layers * eff.ew_layer_s
@@ -206,13 +223,14 @@ class RooflineStepTime:
         gemm = self._blend(self._g_c * num_tokens, m) if num_tokens else 0.0
         logits = self._blend(self._h_c * num_sampling, self._h_m) if num_sampling else 0.0
         attn = self._a0 + self._a_seq * num_reqs + self._a_f * attn_work + self._a_kv * kv_read if num_tokens else 0.0
+        if attn_work > kv_read:  # some chunk computes more than one token: a prefill
+            attn += self._a_pre
         ew = self._e0 + self._e1 * num_tokens if num_tokens else 0.0
         comm = self._ar0 + self._ar_tok * num_tokens if num_tokens else 0.0
         return {"gemm": gemm, "logits": logits, "attention": attn, "elementwise": ew, "allreduce": comm,
                 "host": self._ov}
 
-    def step_time(self, num_tokens: int, num_reqs: int, num_sampling: int, attn_work: int, kv_read: int) -> float:
-        """Duration of a step with these aggregates (seconds)."""
+    def _fixed(self, num_tokens: int, num_reqs: int, num_sampling: int) -> float:
         c = self._g_c * num_tokens
         m = self._g_m
         if self._n_exp:
@@ -227,9 +245,19 @@ class RooflineStepTime:
             t = (c**p + m**p) ** (1.0 / p)
             if num_sampling:
                 t += ((self._h_c * num_sampling) ** p + self._h_m**p) ** (1.0 / p)
-        t += self._a0 + self._a_seq * num_reqs + self._a_f * attn_work + self._a_kv * kv_read
-        t += self._e0 + self._e1 * num_tokens
+        t += self._a0 + self._a_seq * num_reqs + self._e0 + self._e1 * num_tokens
         return float(t + self._ar0 + self._ar_tok * num_tokens + self._ov)
+
+    def split(self, num_tokens: int, num_reqs: int, num_sampling: int) -> tuple[float, float, float]:
+        """``step_time = fixed + a·attn_work + b·kv_read`` (see :class:`SplitStepTime`)."""
+        return self._fixed(num_tokens, num_reqs, num_sampling), self._a_f, self._a_kv
+
+    def step_time(self, num_tokens: int, num_reqs: int, num_sampling: int, attn_work: int, kv_read: int) -> float:
+        """Duration of a step with these aggregates (seconds)."""
+        t = self._fixed(num_tokens, num_reqs, num_sampling) + self._a_f * attn_work + self._a_kv * kv_read
+        # attn_work exceeds kv_read only when a chunk computes more than one token (never in a pure decode step,
+        # so the split stays exact for fast-forwarded runs)
+        return t + self._a_pre if attn_work > kv_read else t
 
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token takes over all layers (what a P/D hand-off moves per prompt token)."""
@@ -266,6 +294,10 @@ class CalibratedStepTime:
         step_big = batch / tokens_per_s
         per_kv = max(step_big - itl_s - per_token * (batch - 1), 0.0) / max(batch * context, 1)
         return cls(base_s=itl_s - per_token, per_token_s=per_token, per_kv_token_s=per_kv)
+
+    def split(self, num_tokens: int, num_reqs: int, num_sampling: int) -> tuple[float, float, float]:
+        """``step_time = fixed + 0·attn_work + per_kv_token_s·kv_read`` (see :class:`SplitStepTime`)."""
+        return self.base_s + self.per_token_s * num_tokens + self.per_seq_s * num_reqs, 0.0, self.per_kv_token_s
 
     def step_time(self, num_tokens: int, num_reqs: int, num_sampling: int, attn_work: int, kv_read: int) -> float:
         """Duration of a step with these aggregates (seconds)."""

@@ -117,3 +117,27 @@ def test_explicit_efficiencies_and_host_override_win() -> None:
     assert m.eff == eff
     m2 = RooflineStepTime(MODEL, load_gpu_spec("h100_sxm"), params=RooflineParams(host_s=2e-3))
     assert m2.eff.host_s == 2e-3 and m2.eff.gemm_flops == calibration_for("h100_sxm").gemm_flops  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("gpu", ["h100_sxm", "a30"])
+def test_the_split_gives_bit_identical_decode_step_times(gpu: str) -> None:
+    m = _model(gpu)
+    for n in (1, 7, 256):
+        fixed, per_attn, per_kv = m.split(n, n, n)
+        for acc in (n, 1000 * n, 123_457):
+            assert fixed + per_attn * acc + per_kv * acc == m.step_time(n, n, n, acc, acc)
+
+
+def test_fast_forwarding_with_the_calibrated_model_changes_no_time() -> None:
+    from shared.core.engine import Engine, Request, SchedulerConfig
+
+    runs = []
+    for ff in (False, True):
+        eng = Engine(SchedulerConfig(num_gpu_blocks=4000), _model("h100_sxm"), fast_forward=ff)
+        reqs = [Request(f"r{i}", [i] * (100 + 37 * i), max_tokens=50 + 13 * i, arrival_time=0.01 * i) for i in range(8)]
+        for r in reqs:
+            eng.run_until(r.arrival_time)
+            eng.add_request(r)
+        eng.run_until(float("inf"))
+        runs.append([(r.first_token_time, r.finish_time) for r in reqs])
+    assert runs[0] == runs[1]
