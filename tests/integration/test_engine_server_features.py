@@ -140,7 +140,9 @@ async def test_prefill_hands_off_to_decode_which_waits_for_the_kv_transfer(nats_
     assert first.json()["choices"][0]["finish_reason"] == "length"
     assert second.json()["usage"]["completion_tokens"] == 8
     assert took >= transfer
-    ttft_sum = float(re.search(r"^vllm:time_to_first_token_seconds_sum\{[^}]*\} (\S+)$", dec_metrics, re.M)[1])
+    m = re.search(r"^vllm:time_to_first_token_seconds_sum\{[^}]*\} (\S+)$", dec_metrics, re.M)
+    assert m is not None
+    ttft_sum = float(m[1])
     assert ttft_sum >= transfer
     assert pre_pushed[-1].role == "prefill" and dec_pushed[-1].role == "decode"
     assert any(m.num_requests_waiting_for_remote_kv == 1 for m in dec_pushed)

@@ -98,6 +98,6 @@ async def test_big_steps_go_through_the_thread_small_ones_inline_with_the_same_b
         assert all(g == expect + b"end" for g in got[1:])
     finally:
         writer.close()
-        for s, c in pairs:
-            s.close()
-            c.close()
+        for srv, cli in pairs:
+            srv.close()
+            cli.close()
