@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
+from nats.aio.msg import Msg
 from openai import AsyncOpenAI
 from tokenizers import Tokenizer
 
@@ -97,7 +98,7 @@ async def test_metrics_show_running_waiting_and_kv_usage_move_under_load(
     nc = await nats.connect(nats_server.url)
     pushed: list[EngineMetrics] = []
 
-    async def on_msg(msg: nats.aio.msg.Msg) -> None:
+    async def on_msg(msg: Msg) -> None:
         pushed.append(decode(msg.data, EngineMetrics))
 
     await nc.subscribe(subjects.engine_metrics("it-engine"), cb=on_msg)
