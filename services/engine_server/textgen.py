@@ -51,6 +51,11 @@ class TextModel:
         """Token ids of ``text``."""
         return list(self.tokenizer.encode(text).ids)
 
+    def encode_off_gil(self, text: str) -> list[int]:
+        """Token ids of ``text``, releasing the GIL meanwhile (``encode_batch`` does, ``encode`` does not):
+        for a worker thread, so the event loop runs while a long prompt is tokenized."""
+        return list(self.tokenizer.encode_batch([text])[0].ids)
+
     @staticmethod
     def render_chat(messages: Sequence[tuple[str, str]]) -> str:
         """A chat rendered with a minimal template (role markers, then the assistant turn)."""

@@ -166,3 +166,26 @@ async def test_streamed_completion_chunks_are_openai_shaped_json() -> None:
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     assert all(c["usage"] is None for c in chunks[:-1])
+
+
+async def test_long_prompts_are_tokenized_without_holding_up_the_event_loop() -> None:
+    import time
+
+    tm = TextModel()
+    text = "the quick brown fox jumps over the lazy dog " * 3000
+    assert tm.encode_off_gil(text) == tm.encode(text)
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        for _ in range(50):
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            gaps.append(time.perf_counter() - t)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.005)
+    t0 = time.perf_counter()
+    await asyncio.to_thread(tm.encode_off_gil, text)
+    took = time.perf_counter() - t0
+    await task
+    assert max(gaps) < took / 2  # the loop kept ticking while the thread tokenized
