@@ -162,3 +162,40 @@ async def test_a_client_that_hangs_up_mid_stream_is_aborted_and_frees_its_blocks
         assert sched.kv.num_free == 399
     finally:
         await srv.stop()
+
+
+async def test_a_sink_on_a_transport_writes_chunked_sse_frames_in_order() -> None:
+    from services.engine_server.sse import SseSink
+
+    tm = TextModel()
+    got: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
+    server = await asyncio.start_server(lambda r, w: got.set_result(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, client = await asyncio.open_connection("127.0.0.1", port)
+    srv_writer = await got
+    try:
+        sink = SseSink("cmpl-1", "m", 1, chat=False, include_usage=True, pieces=tm.json_piece, eos=tm.eos_token_id)
+        words = tm.words[:3]
+        assert sink.token(words[0])  # produced before the headers: kept, then written on attach
+        sink.attach(srv_writer.transport)
+        assert sink.token(words[1]) and sink.token(tm.eos_token_id) and sink.token(words[2])
+        sink.finish(Request("r", [1, 2], max_tokens=4), "stop", None)
+        assert sink.done.done()
+        raw = b""
+        while b"[DONE]" not in raw:
+            raw += await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        client.close()
+        srv_writer.close()
+        server.close()
+    body, rest = b"", raw
+    while rest:  # undo HTTP/1.1 chunked framing
+        size, _, rest = rest.partition(b"\r\n")
+        n = int(size, 16)
+        body, rest = body + rest[:n], rest[n + 2:]
+    events = [json.loads(e[6:]) for e in body.split(b"\n\n") if e.startswith(b"data: {")]
+    texts = [e["choices"][0]["text"] for e in events if e["choices"]]
+    assert "".join(texts) == tm.detokenize(words)
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert events[-1]["usage"]["completion_tokens"] == 3
+    assert body.endswith(b"data: [DONE]\n\n")
