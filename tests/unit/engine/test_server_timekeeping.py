@@ -199,3 +199,25 @@ async def test_a_sink_on_a_transport_writes_chunked_sse_frames_in_order() -> Non
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
     assert events[-1]["usage"]["completion_tokens"] == 3
     assert body.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+async def test_streams_work_over_both_http_parsers(protocol: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.engine_server import server as server_mod
+
+    if protocol == "h11":
+        monkeypatch.setattr(server_mod, "_http_protocol", lambda: server_mod.NoDelayH11Protocol)
+    srv = EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=200, speedup=100.0, access_log=False))
+    await srv.start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
+            body = {"max_tokens": 12, "ignore_eos": True, "stream": True}
+            results = await asyncio.gather(*(_stream_lines(http, {**body, "prompt": [i + 1] * 16}) for i in range(4)))
+            # the connection is reused after a stream: the server ended the chunked body properly
+            again = await _stream_lines(http, {**body, "prompt": [9] * 16})
+    finally:
+        await srv.stop()
+    for lines in [*results, again]:
+        assert lines[-1] == "[DONE]"
+        texts = [json.loads(x)["choices"][0]["text"] for x in lines[:-1]]
+        assert len("".join(texts).split()) == 12
