@@ -71,8 +71,8 @@ class TextModel:
         natural = rng.randint(1, max(2 * self.mean_output_len - 1, 1))
         n = min(max_tokens, MAX_PREGENERATED)
         if not ignore_eos and natural <= n:
-            return [*(rng.choice(self.words) for _ in range(natural - 1)), self.eos_token_id]
-        return [rng.choice(self.words) for _ in range(n)]
+            return [*rng.choices(self.words, k=natural - 1), self.eos_token_id]
+        return rng.choices(self.words, k=n)  # one call: a 4k-token answer costs 0.3 ms, not 3 ms
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of sampled tokens (EOS yields nothing)."""
