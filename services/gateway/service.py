@@ -1,0 +1,119 @@
+"""The picker process: the routing core kept current from NATS events, the ext_proc gRPC server, and the
+Envoy endpoint file (EDS) rewritten whenever the pool changes. Nothing is scraped per request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import nats
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from nats.aio.msg import Msg
+
+from services.gateway.epp import Picker
+from services.gateway.pool import PoolView, eds_document, metrics_of
+from shared.bus import subjects
+from shared.bus.messages import EngineKVEvents, EngineMetrics, MessageError, decode
+from shared.core.routing import Router, builtin_config
+
+log = logging.getLogger("gantry.gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayOptions:
+    """What ``python -m services.gateway`` accepts."""
+
+    nats_url: str
+    eds_path: Path
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 9002
+    profile: str = "default"
+    expire_s: float = 3.0
+    seed: int = 0
+
+
+def write_eds(path: Path, doc: dict[str, object]) -> None:
+    """Replace Envoy's endpoint file atomically (Envoy watches the directory for the move)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+class Gateway:
+    """One picker replica."""
+
+    def __init__(self, opts: GatewayOptions) -> None:
+        self.opts = opts
+        self.router = Router(builtin_config(opts.profile), seed=opts.seed)
+        self.pool = PoolView(expire_s=opts.expire_s)
+        self.picker = Picker(self.router, self.pool_addresses)
+        self._eds_version = 0
+        self._addresses: dict[str, str] = {}
+
+    def pool_addresses(self) -> dict[str, str]:
+        """Endpoint id → host:port."""
+        return self._addresses
+
+    def _pool_changed(self) -> None:
+        eps = list(self.pool.endpoints.values())
+        self.router.set_endpoints(eps)
+        self._addresses = {e.id: e.address for e in eps}
+        self._eds_version += 1
+        write_eds(self.opts.eds_path, eds_document(eps, self._eds_version))
+        log.info("pool: %s", sorted(self._addresses.items()))
+
+    async def _on_metrics(self, msg: Msg) -> None:
+        try:
+            m = decode(msg.data, EngineMetrics)
+            changed = self.pool.observe(m, time.time())
+        except (MessageError, ValueError) as err:
+            log.warning("gateway: bad engine metrics on %s: %s", msg.subject, err)
+            return
+        if changed:
+            self._pool_changed()
+        self.router.update_metrics(m.instance_id, metrics_of(m))
+
+    async def _on_kv(self, msg: Msg) -> None:
+        try:
+            ev = decode(msg.data, EngineKVEvents)
+        except MessageError as err:
+            log.warning("gateway: bad KV events on %s: %s", msg.subject, err)
+            return
+        self.router.apply_kv_events(ev.instance_id, ev.batch)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.opts.expire_s / 2))
+            if self.pool.expire(time.time()):
+                self._pool_changed()
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Serve until cancelled."""
+        write_eds(self.opts.eds_path, eds_document([], 0))
+        nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1)
+        await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._on_metrics)
+        await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._on_kv)
+        server = grpc.aio.server()
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
+        server.add_insecure_port(f"{self.opts.grpc_host}:{self.opts.grpc_port}")
+        await server.start()
+        expire = asyncio.create_task(self._expire_loop())
+        log.info("gantry EPP on %s:%d (profile %s)", self.opts.grpc_host, self.opts.grpc_port, self.opts.profile)
+        if ready is not None:
+            ready.set()
+        try:
+            await server.wait_for_termination()
+        finally:
+            expire.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expire
+            await server.stop(1.0)
+            with contextlib.suppress(Exception):
+                await nc.drain()
