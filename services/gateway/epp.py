@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,7 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from services.gateway.request import BadRequest, parse_request
+from services.gateway.request import BadRequest, Tokenize, parse_request
 from shared.core.routing import Decision, Router
 
 log = logging.getLogger("gantry.gateway")
@@ -72,8 +72,9 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
     """Gantry's endpoint picker over one routing core (owned by the service's event loop)."""
 
     def __init__(self, router: Router, addresses: Callable[[], dict[str, str]],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, tokenize: Tokenize | None = None) -> None:
         self.router = router
+        self.tokenize = tokenize
         self.addresses = addresses  # endpoint id -> host:port, from the pool view
         self.clock = clock
         self.counters = Counters()
@@ -82,7 +83,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         """The answer to a complete request body (pure apart from the router's own accounting)."""
         rid = headers.get(REQUEST_ID) or uuid.uuid4().hex
         try:
-            req, _stream = parse_request(rid, body, headers)
+            req, _stream = parse_request(rid, body, headers, self.tokenize)
         except BadRequest as err:
             self.counters.refused[400] = self.counters.refused.get(400, 0) + 1
             return immediate(400, str(err)), None
@@ -107,7 +108,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         return resp, out
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # gRPC's method name
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+                      context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.ProcessingResponse, None]:
         """One HTTP request's ext_proc stream."""
         headers: dict[str, str] = {}
         decision: Decision | None = None

@@ -1,11 +1,14 @@
 """Reading an OpenAI request for the picker: the JSON body and the protocol's headers → a ``RouteRequest``.
 
 Pure (no I/O). Bad input raises :class:`BadRequest` with a one-line reason, answered 400 by the picker.
+With a tokenizer, the prompt goes to the core as the token ids the engine will see (the chat rendered with
+the emulated engine's template), so its block hashes match the engines' KV events (precise prefix);
+without one, as text (approximate index only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -24,23 +27,32 @@ class BadRequest(ValueError):
     """The request cannot be routed as sent (answered 400)."""
 
 
+Tokenize = Callable[[str], list[int]]
+
+
+def render_chat(messages: list[tuple[str, str]]) -> str:
+    """A chat as the emulated engine renders it (role markers, then the assistant turn)."""
+    return "".join(f"<|{role}|>\n{content}\n" for role, content in messages) + "<|assistant|>\n"
+
+
 def _prompt_text(body: Mapping[str, Any]) -> str:
-    """The prompt as text: ``prompt`` (completions) or the concatenated message contents (chat)."""
+    """The prompt as text: ``prompt`` (completions) or the chat rendered with the engine's template."""
     if "messages" in body:
         msgs = body["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise BadRequest("'messages' must be a non-empty list")
-        parts: list[str] = []
+        parts: list[tuple[str, str]] = []
         for m in msgs:
             if not isinstance(m, dict):
                 raise BadRequest("each message must be an object")
-            content = m.get("content", "")
+            content = m.get("content") or ""
             if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                content = "".join(str(p.get("text", "")) for p in content
+                                  if isinstance(p, dict) and p.get("type", "text") == "text")
             if not isinstance(content, str):
                 raise BadRequest("message content must be a string or a list of parts")
-            parts.append(f"{m.get('role', '')}:{content}\n")
-        return "".join(parts)
+            parts.append((str(m.get("role", "")), content))
+        return render_chat(parts)
     prompt = body.get("prompt")
     if isinstance(prompt, list):
         prompt = "".join(p for p in prompt if isinstance(p, str))
@@ -49,7 +61,8 @@ def _prompt_text(body: Mapping[str, Any]) -> str:
     return prompt
 
 
-def parse_request(request_id: str, body: bytes, headers: Mapping[str, str]) -> tuple[RouteRequest, bool]:
+def parse_request(request_id: str, body: bytes, headers: Mapping[str, str],
+                  tokenize: Tokenize | None = None) -> tuple[RouteRequest, bool]:
     """The routing request and whether the client asked for a stream; raises BadRequest."""
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(f"body too large ({len(body)} bytes > {MAX_BODY_BYTES})")
@@ -69,7 +82,9 @@ def parse_request(request_id: str, body: bytes, headers: Mapping[str, str]) -> t
         raise BadRequest(f"{PRIORITY_HEADER} must be an integer") from None
     max_tokens = parsed.get("max_completion_tokens", parsed.get("max_tokens"))
     expected = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
-    req = RouteRequest(request_id=request_id, model=model, prompt=prompt, priority=priority,
+    ids = tokenize(prompt) if tokenize is not None else None
+    req = RouteRequest(request_id=request_id, model=model, prompt=None if ids else prompt, token_ids=ids or None,
+                       priority=priority,
                        tenant=headers.get(FAIRNESS_HEADER, ""), session=headers.get(SESSION_HEADER),
                        expected_output_tokens=expected)
     return req, bool(parsed.get("stream", False))

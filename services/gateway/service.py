@@ -16,9 +16,12 @@ import grpc
 import nats
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from nats.aio.msg import Msg
+from tokenizers import Tokenizer
 
 from services.gateway.epp import Picker
 from services.gateway.pool import PoolView, eds_document, metrics_of
+from services.gateway.request import Tokenize
+from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
 from shared.bus.messages import EngineKVEvents, EngineMetrics, MessageError, decode
 from shared.core.routing import Router, builtin_config
@@ -39,6 +42,16 @@ class GatewayOptions:
     seed: int = 0
 
 
+def shipped_tokenizer() -> Tokenize:
+    """Token ids with the emulated engines' tokenizer (the one they report as their model path)."""
+    tok = Tokenizer.from_file(str(TOKENIZER_FILE))
+
+    def tokenize(text: str) -> list[int]:
+        return list(tok.encode(text).ids)
+
+    return tokenize
+
+
 def write_eds(path: Path, doc: dict[str, object]) -> None:
     """Replace Envoy's endpoint file atomically (Envoy watches the directory for the move)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -53,7 +66,7 @@ class Gateway:
         self.opts = opts
         self.router = Router(builtin_config(opts.profile), seed=opts.seed)
         self.pool = PoolView(expire_s=opts.expire_s)
-        self.picker = Picker(self.router, self.pool_addresses)
+        self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer())
         self._eds_version = 0
         self._addresses: dict[str, str] = {}
 
