@@ -32,7 +32,7 @@ class EnvoyOptions:
 
     listen_port: int
     admin_port: int
-    epp_port: int
+    epp_port: int | tuple[int, ...]  # one picker, or several replicas (health-checked, round robin)
     eds_path: Path
     listen_host: str = "127.0.0.1"
     epp_host: str = "127.0.0.1"
@@ -41,6 +41,12 @@ class EnvoyOptions:
     idle_timeout_s: float = 60.0  # no byte either way
     epp_timeout_s: float = 5.0  # one ext_proc message
     retries: int = 2  # further entries of the fallback list
+    epp_health_interval_s: float = 0.25  # TCP health check of each picker replica
+
+    @property
+    def epp_ports(self) -> tuple[int, ...]:
+        """Every picker replica's gRPC port."""
+        return (self.epp_port,) if isinstance(self.epp_port, int) else self.epp_port
 
 
 def envoy_binary() -> Path:
@@ -76,6 +82,7 @@ def _ext_proc(o: EnvoyOptions) -> dict[str, Any]:
     return _typed(
         "envoy.filters.http.ext_proc", "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         grpc_service={"envoy_grpc": {"cluster_name": EPP_CLUSTER}, "timeout": f"{o.epp_timeout_s}s"},
+        # a replica that stopped answering is dropped from the rotation by the cluster's health checks
         failure_mode_allow=False,  # no picker, no routing: never send blind
         message_timeout=f"{o.epp_timeout_s}s",
         processing_mode={
@@ -117,7 +124,8 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
     h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
         "explicit_http_config": {"http2_protocol_options": {}}}}
-    sock = {"socket_address": {"address": o.epp_host, "port_value": o.epp_port}}
+    pickers = [{"endpoint": {"address": {"socket_address": {"address": o.epp_host, "port_value": port}}}}
+               for port in o.epp_ports]
     return {
         "node": {"id": "gantry-gateway", "cluster": "gantry"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": o.admin_port}}},
@@ -128,10 +136,18 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
                 "filter_chains": [{"filters": [hcm]}],
             }],
             "clusters": [
-                {"name": EPP_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
+                {"name": EPP_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
                  "typed_extension_protocol_options": h2,
-                 "load_assignment": {"cluster_name": EPP_CLUSTER,
-                                     "endpoints": [{"lb_endpoints": [{"endpoint": {"address": sock}}]}]}},
+                 "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": pickers}]},
+                 "health_checks": [{"timeout": "0.2s", "interval": f"{o.epp_health_interval_s}s",
+                                    "unhealthy_threshold": 1, "healthy_threshold": 1,
+                                    "no_traffic_interval": f"{o.epp_health_interval_s}s",
+                                    "tcp_health_check": {}}],
+                 # a connection refused marks the replica out at once, before the next health check
+                 "outlier_detection": {"consecutive_local_origin_failure": 1,
+                                       "split_external_local_origin_errors": True,
+                                       "interval": "1s", "base_ejection_time": "5s",
+                                       "max_ejection_percent": 100}},
                 {"name": ENGINES_CLUSTER, "type": "EDS", "connect_timeout": f"{o.connect_timeout_s}s",
                  "eds_cluster_config": {"eds_config": {
                      "path_config_source": {"path": str(o.eds_path),
