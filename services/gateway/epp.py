@@ -45,6 +45,7 @@ class Counters:
     refused: dict[int, int] = field(default_factory=dict)
     finished: int = 0
     first_tokens: int = 0
+    moved: int = 0  # served by a fallback endpoint
 
 
 def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
@@ -129,6 +130,8 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                     if decision is None:
                         return
                 elif kind == "response_headers":
+                    if decision is not None:
+                        self._served(decision, _headers(msg.response_headers).get(SERVED, ""))
                     mutation = pb.HeaderMutation(
                         set_headers=[_set_header(PICKED, ",".join(decision.endpoints))] if decision else [])
                     yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(
@@ -149,6 +152,14 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
             if decision is not None:  # ended one way or another (done, client gone, upstream failed)
                 self.router.finished(decision.request_id)
                 self.counters.finished += 1
+
+    def _served(self, decision: Decision, served: str) -> None:
+        """Charge the request to the endpoint that actually served it (Envoy may have walked the list)."""
+        actual = {a: e for e, a in self.addresses().items()}.get(served)
+        if actual is not None and actual != decision.endpoint and self.router.state.moved(decision.request_id,
+                                                                                           actual):
+            self.counters.moved += 1
+            log.info("request %s served by fallback %s (picked %s)", decision.request_id, actual, decision.endpoint)
 
     def _bodiless(self, headers: dict[str, str]) -> pb.ProcessingResponse:
         path = headers.get(":path", "")

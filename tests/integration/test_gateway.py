@@ -285,6 +285,8 @@ def test_killed_endpoint_falls_back_to_the_next_in_the_list(gateway: Gateway, en
     rerouted = [picked for _, picked, _ in results if picked.split(",")[0] == dead.instance]
     assert rerouted, f"the picker never chose the dead endpoint first: {results}"
     assert all(p.split(",")[1:] == [alive.instance] for p in rerouted)
+    # the picker saw where each rerouted request was served and moved its in-flight load there
+    assert gateway.log.read_text().count(f"served by fallback {alive.instance}") == len(rerouted)
     time.sleep(0.05)
     assert alive.requests_served() == before + len(results)
 

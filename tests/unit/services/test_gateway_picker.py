@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from ops.envoy import EnvoyOptions, envoy_config
 from services.engine_server.textgen import TextModel
-from services.gateway.epp import DESTINATION, METADATA_NS, PICKED, Picker
+from services.gateway.epp import DESTINATION, METADATA_NS, PICKED, SERVED, Picker
 from services.gateway.pool import PoolView, address_of, eds_document, metrics_of
 from services.gateway.request import BadRequest, parse_request
 from services.gateway.service import shipped_tokenizer
@@ -125,8 +125,9 @@ def body_msg(body: bytes) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
 
 
-def resp_headers() -> pb.ProcessingRequest:
-    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap()))
+def resp_headers(served: str = "") -> pb.ProcessingRequest:
+    hs = [base_pb2.HeaderValue(key=SERVED, raw_value=served.encode())] if served else []
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=hs)))
 
 
 def chunk(eos: bool = False) -> pb.ProcessingRequest:
@@ -177,6 +178,25 @@ async def test_inflight_counts_from_dispatch_through_first_chunk_to_end_of_strea
     with pytest.raises(StopAsyncIteration):
         await ex.gen.__anext__()
     assert st.inflight_requests == 0
+
+
+async def test_request_served_by_a_fallback_moves_its_load_there() -> None:
+    p, router = picker(report("a", 8001), report("b", 8002))
+    ex = Exchange(p)
+    await ex.send(headers_msg())
+    resp = await ex.send(body_msg(chat("y" * 400)))
+    first, second = resp.request_body.response.header_mutation.set_headers[0].header.raw_value.decode().split(",")
+    ids = {"127.0.0.1:8001": "a", "127.0.0.1:8002": "b"}
+    picked, fallback = router.state.endpoints[ids[first]], router.state.endpoints[ids[second]]
+    tokens = picked.inflight_tokens
+    await ex.send(resp_headers(served=second))  # Envoy could not reach the first
+    assert (picked.inflight_requests, picked.inflight_tokens) == (0, 0)
+    assert (fallback.inflight_requests, fallback.inflight_tokens) == (1, tokens)
+    assert p.counters.moved == 1
+    await ex.send(chunk(eos=True))
+    with pytest.raises(StopAsyncIteration):
+        await ex.gen.__anext__()
+    assert fallback.inflight_requests == 0 and fallback.inflight_tokens == 0
 
 
 async def test_client_gone_mid_stream_still_finishes_the_request() -> None:
