@@ -12,7 +12,9 @@ EDS file. The served endpoint goes back to the client in ``x-gateway-destination
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,13 +161,19 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
     }
 
 
+def ensure_eds(path: Path) -> None:
+    """An empty endpoint file if none exists yet: Envoy needs one at start; the picker rewrites it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(json.dumps({"version_info": "0", "resources": [{
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "cluster_name": ENGINES_CLUSTER, "endpoints": []}]}))
+
+
 def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> ServerProcess:
     """Write the config under ``workdir`` and start Envoy; returns once the listener accepts."""
     workdir.mkdir(parents=True, exist_ok=True)
-    if not o.eds_path.exists():  # the picker rewrites it; Envoy needs it at start
-        o.eds_path.write_text(json.dumps({"version_info": "0", "resources": [{
-            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-            "cluster_name": ENGINES_CLUSTER, "endpoints": []}]}))
+    ensure_eds(o.eds_path)
     cfg = workdir / "envoy.json"
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
     log = workdir / "envoy.log"
@@ -175,3 +183,26 @@ def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> Server
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT)
     wait_for_port(o.listen_port, proc, timeout, log)
     return ServerProcess("envoy", f"http://{o.listen_host}:{o.listen_port}", o.listen_port, proc, log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ops.envoy``: write the config for a running picker (or several) and exec Envoy."""
+    p = argparse.ArgumentParser(prog="python -m ops.envoy", description="Envoy in front of Gantry's picker")
+    p.add_argument("--listen-port", type=int, default=8080)
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--epp-port", type=int, action="append", required=True, help="a picker's gRPC port (repeat)")
+    p.add_argument("--eds-path", type=Path, required=True, help="the endpoint file the picker maintains")
+    p.add_argument("--workdir", type=Path, default=Path(".gantry/envoy"))
+    a = p.parse_args(argv)
+    o = EnvoyOptions(listen_port=a.listen_port, admin_port=a.admin_port, epp_port=tuple(a.epp_port),
+                     eds_path=a.eds_path.resolve())
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    ensure_eds(o.eds_path)
+    cfg = a.workdir / "envoy.json"
+    cfg.write_text(json.dumps(envoy_config(o), indent=1))
+    binary = str(envoy_binary())
+    os.execv(binary, [binary, "-c", str(cfg), "--log-level", "warn", "--concurrency", "1"])
+
+
+if __name__ == "__main__":
+    main()

@@ -109,6 +109,7 @@ class Gateway:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
+        self.opts.eds_path.parent.mkdir(parents=True, exist_ok=True)
         write_eds(self.opts.eds_path, eds_document([], 0))
         nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1)
         await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._on_metrics)

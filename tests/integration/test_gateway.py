@@ -315,3 +315,22 @@ def test_killed_picker_replica_requests_keep_flowing_through_the_others(gateway3
     # next 0.25 s health check); after that, every request goes through the two live replicas
     assert all(t < 1.0 for t, _, _ in failed), failed
     assert len(failed) <= 2, failed
+
+
+def test_openai_sdk_streams_through_the_gateway_unchanged(gateway: Gateway, engines: list[Engine]) -> None:
+    from openai import OpenAI
+
+    _wait_routable(gateway, len(engines))
+    client = OpenAI(base_url=f"{gateway.url}/v1", api_key="none")
+    assert [m.id for m in client.models.list()] == [MODEL]
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello there"}],
+                                            max_tokens=10, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    usage = None
+    pieces = []
+    for ev in stream:
+        if ev.usage:
+            usage = ev.usage
+        pieces += [c.delta.content or "" for c in ev.choices]
+    assert usage is not None and usage.completion_tokens == 10
+    assert "".join(pieces).strip()
