@@ -246,13 +246,14 @@ def main() -> None:
         "note": "shared 2-core machine; Python client on both paths; medians over runs",
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "gateway.json").write_text(json.dumps({**summary, "latency_runs": runs, "pick_runs": pick_runs},
+    name = "gateway" if a.rate == 100 else f"gateway_rate{a.rate:g}"  # the target's rate keeps the plain name
+    (OUT / f"{name}.json").write_text(json.dumps({**summary, "latency_runs": runs, "pick_runs": pick_runs},
                                                  indent=1))
-    plot(runs)
+    plot(runs, OUT / f"{name}.png", a.rate)
     print(json.dumps(summary))
 
 
-def plot(runs: list[dict[str, float]]) -> None:
+def plot(runs: list[dict[str, float]], path: Path, rate: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -263,10 +264,10 @@ def plot(runs: list[dict[str, float]]) -> None:
         ax.plot(xs, [r[key] for r in runs], style, label=key)
     ax.set_xlabel("run")
     ax.set_ylabel("latency (ms)")
-    ax.set_title("1-token chat completion at fixed rate: direct vs Envoy + Gantry EPP")
+    ax.set_title(f"1-token chat completion at {rate:g}/s: direct vs Envoy + Gantry EPP", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT / "gateway.png", dpi=100)
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
