@@ -23,7 +23,9 @@ from services.gateway.pool import PoolView, eds_document, metrics_of
 from services.gateway.request import Tokenize
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
-from shared.bus.messages import EngineKVEvents, EngineMetrics, MessageError, decode
+from shared.bus.messages import EngineKVEvents, EngineMetrics
+from shared.bus.runtime import Bus
+from shared.core.kv_events import AllBlocksCleared, KVEventBatch
 from shared.core.routing import Router, builtin_config
 
 log = logging.getLogger("gantry.gateway")
@@ -69,6 +71,8 @@ class Gateway:
         self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer())
         self._eds_version = 0
         self._addresses: dict[str, str] = {}
+        self._kv_seq: dict[str, int] = {}  # next KV message number expected per instance
+        self.bus: Bus | None = None
 
     def pool_addresses(self) -> dict[str, str]:
         """Endpoint id → host:port."""
@@ -83,28 +87,40 @@ class Gateway:
         log.info("pool: %s", sorted(self._addresses.items()))
 
     async def _on_metrics(self, msg: Msg) -> None:
+        assert self.bus is not None
+        m = await self.bus.decode_or_reject(msg.subject, msg.data, EngineMetrics)
+        if m is None:
+            return
         try:
-            m = decode(msg.data, EngineMetrics)
             changed = self.pool.observe(m, time.time())
-        except (MessageError, ValueError) as err:
-            log.warning("gateway: bad engine metrics on %s: %s", msg.subject, err)
+        except ValueError as err:  # an address Envoy could not dial
+            await self.bus.dead_letter(msg.subject, str(err), msg.data)
             return
         if changed:
             self._pool_changed()
         self.router.update_metrics(m.instance_id, metrics_of(m))
 
     async def _on_kv(self, msg: Msg) -> None:
-        try:
-            ev = decode(msg.data, EngineKVEvents)
-        except MessageError as err:
-            log.warning("gateway: bad KV events on %s: %s", msg.subject, err)
+        assert self.bus is not None
+        ev = await self.bus.decode_or_reject(msg.subject, msg.data, EngineKVEvents)
+        if ev is None:
             return
+        expected = self._kv_seq.get(ev.instance_id)
+        if expected is not None and ev.seq != expected:
+            # lost messages (or a restarted server numbering from 0): what we know of its cache is unsure
+            log.info("gateway: KV events of %s jumped from %d to %d; its precise index is rebuilt",
+                     ev.instance_id, expected, ev.seq)
+            self.router.apply_kv_events(ev.instance_id, KVEventBatch(ts=ev.batch.ts, events=[AllBlocksCleared()]))
+        self._kv_seq[ev.instance_id] = ev.seq + 1
         self.router.apply_kv_events(ev.instance_id, ev.batch)
 
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.opts.expire_s / 2))
-            if self.pool.expire(time.time()):
+            gone = self.pool.expire(time.time())
+            if gone:
+                for eid in gone:
+                    self._kv_seq.pop(eid, None)
                 self._pool_changed()
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -112,6 +128,7 @@ class Gateway:
         self.opts.eds_path.parent.mkdir(parents=True, exist_ok=True)
         write_eds(self.opts.eds_path, eds_document([], 0))
         nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1)
+        self.bus = Bus(nc, "gateway")
         await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._on_metrics)
         await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._on_kv)
         server = grpc.aio.server()

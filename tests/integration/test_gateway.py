@@ -334,3 +334,38 @@ def test_openai_sdk_streams_through_the_gateway_unchanged(gateway: Gateway, engi
         pieces += [c.delta.content or "" for c in ev.choices]
     assert usage is not None and usage.completion_tokens == 10
     assert "".join(pieces).strip()
+
+
+def test_forged_engine_reports_are_dead_lettered_and_routing_goes_on(gateway: Gateway, engines: list[Engine],
+                                                                     nats_server: ServerProcess) -> None:
+    from shared.bus.messages import ErrorEvent, decode
+
+    _wait_routable(gateway, len(engines))
+
+    async def forge() -> list[ErrorEvent]:
+        nc = await nats.connect(nats_server.url)
+        got: list[ErrorEvent] = []
+        sub = await nc.subscribe(subjects.dead_letter("gateway"))
+        bad_url = EngineMetrics(instance_id="forged", model=MODEL, url="http://nowhere", ts=time.time(),
+                                num_requests_running=0, num_requests_waiting=0, kv_cache_usage_perc=0.0,
+                                block_size=16, num_gpu_blocks=1)
+        for subject, payload in ((subjects.engine_metrics("x"), b"{not json"),
+                                 (subjects.engine_kv_events("x"), b'{"instance_id": 5}'),
+                                 (subjects.engine_metrics("forged"), encode(bad_url))):
+            await nc.publish(subject, payload)
+        await nc.flush()
+        deadline = time.monotonic() + 5
+        while len(got) < 3 and time.monotonic() < deadline:
+            try:
+                m = await sub.next_msg(timeout=0.5)
+            except TimeoutError:
+                continue
+            got.append(decode(m.data, ErrorEvent))
+        await nc.drain()
+        return got
+
+    events = asyncio.run(forge())
+    assert len(events) == 3 and all(e.service == "gateway" and e.reason for e in events)
+    assert any("host:port" in e.reason for e in events)
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("still routing", 2, False), timeout=10)
+    assert r.status_code == 200 and r.headers[SERVED] in {e.address for e in engines}
