@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shared.core.kv_events import chain_hashes
+from shared.core.kv_events import chain_hashes, chain_root, lora_int_id
 from shared.core.routing.domain import RouteRequest
 from shared.core.routing.prefix_index import PrefixIndex, spread, walk
 
@@ -41,6 +41,8 @@ class BlockHashes:
 
     def __init__(self, request: RouteRequest, block_size: int, max_blocks: int) -> None:
         self.block_size = block_size
+        # the engines chain a LoRA request from a per-adapter root (vLLM puts the adapter in the block keys)
+        self._parent = chain_root(request.cache_salt, lora_int_id(request.lora)) if request.lora else request.cache_salt
         self._tokens = None
         if request.block_hashes is not None:
             self._hashes = list(request.block_hashes[:max_blocks])
@@ -50,12 +52,11 @@ class BlockHashes:
             self._hashes = []
             self.total = min(len(request.token_ids) // block_size, max_blocks)
         elif request.prompt:
-            self._hashes = text_hashes(request.prompt, block_size * CHARS_PER_TOKEN, request.cache_salt)[:max_blocks]
+            self._hashes = text_hashes(request.prompt, block_size * CHARS_PER_TOKEN, self._parent)[:max_blocks]
             self.total = len(self._hashes)
         else:
             self._hashes = []
             self.total = 0
-        self._parent = request.cache_salt
 
 
     def upto(self, n: int) -> list[int]:

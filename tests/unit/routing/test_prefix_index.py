@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.core.kv_events import chain_hashes
+from shared.core.routing import RouteRequest
 from shared.core.routing.hashing import BlockHashes, match_lazily, text_hashes
 from shared.core.routing.prefix_index import PrefixIndex
 from tests.unit.routing.helpers import req
@@ -89,3 +90,15 @@ def test_index_never_exceeds_capacity_per_endpoint_and_masks_agree(ops: list[tup
         assert mask != 0
         for slot in range(6):
             assert bool(mask >> slot & 1) == idx.holds(slot, h)
+
+
+def test_lora_and_salted_requests_hash_like_the_engine() -> None:
+    from shared.core.engine import KVCache, Request
+
+    tokens = list(range(64))
+    for lora, salt in ((None, 0), ("adapter-a", 0), (None, 7), ("adapter-a", 7)):
+        eng = Request("e", tokens, max_tokens=1, cache_salt=salt, lora=lora)
+        kv = KVCache(2, 16)
+        engine_hashes = [kv.hash_at(eng, b) for b in range(4)]
+        ours = BlockHashes(RouteRequest("r", "m", token_ids=tokens, lora=lora, cache_salt=salt), 16, 100).all()
+        assert ours == engine_hashes
