@@ -18,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from nats.aio.msg import Msg
 from tokenizers import Tokenizer
 
+from services.gateway.contract import CONTRACT
 from services.gateway.epp import Picker
 from services.gateway.pool import PoolView, eds_document, metrics_of
 from services.gateway.request import Tokenize
@@ -128,7 +129,7 @@ class Gateway:
         self.opts.eds_path.parent.mkdir(parents=True, exist_ok=True)
         write_eds(self.opts.eds_path, eds_document([], 0))
         nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1)
-        self.bus = Bus(nc, "gateway")
+        self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
         await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._on_metrics)
         await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._on_kv)
         server = grpc.aio.server()
