@@ -82,7 +82,8 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
 
     def decide(self, body: bytes, headers: dict[str, str]) -> tuple[pb.ProcessingResponse, Decision | None]:
         """The answer to a complete request body (pure apart from the router's own accounting)."""
-        rid = headers.get(REQUEST_ID) or uuid.uuid4().hex
+        # the picker's own id: a client-chosen x-request-id could collide with another request in flight
+        rid = f"{headers.get(REQUEST_ID, '')[:64]}#{uuid.uuid4().hex}"
         try:
             req, _stream = parse_request(rid, body, headers, self.tokenize)
         except BadRequest as err:

@@ -199,6 +199,17 @@ async def test_request_served_by_a_fallback_moves_its_load_there() -> None:
     assert fallback.inflight_requests == 0 and fallback.inflight_tokens == 0
 
 
+async def test_two_requests_with_the_same_client_request_id_are_counted_apart() -> None:
+    p, router = picker(report("a", 8001))
+    one, two = Exchange(p), Exchange(p)
+    for ex in (one, two):
+        await ex.send(headers_msg(rid="same"))
+        await ex.send(body_msg(chat()))
+    assert router.state.endpoints["a"].inflight_requests == 2
+    await one.gen.aclose()
+    assert router.state.endpoints["a"].inflight_requests == 1
+
+
 async def test_client_gone_mid_stream_still_finishes_the_request() -> None:
     p, router = picker(report("a", 8001))
     ex = Exchange(p)
