@@ -46,16 +46,20 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:18px 0 6px}
 .model{color:#1a5fb4;white-space:nowrap;overflow:hidden;text-overflow:ellipsis} .free{color:#999}
 table{border-collapse:collapse;background:#fff} td,th{border:1px solid #d5d9e0;padding:3px 8px;font-size:13px}
 th{background:#eef0f4;text-align:left} td.n{text-align:right} td:first-child{white-space:nowrap}
+.error{color:#b00020;font-weight:bold}
 .events{font-family:ui-monospace,monospace;font-size:12px;background:#fff;border:1px solid #d5d9e0;
 padding:6px;white-space:pre;overflow-x:auto;margin:0}
 """
 
 SCRIPT = f"""
 async function refresh() {{
+  const content = document.getElementById('content');
   try {{
     const r = await fetch('/fragment', {{cache: 'no-store'}});
-    if (r.ok) document.getElementById('content').innerHTML = await r.text();
-  }} catch (e) {{}}
+    content.innerHTML = await r.text();  // a 503 says why the state cannot be read: never show stale data
+  }} catch (e) {{
+    content.innerHTML = '<p class="error" id="error">gantry up is not reachable (stopped?)</p>';
+  }}
 }}
 setInterval(refresh, {REFRESH_MS});
 """
@@ -235,21 +239,34 @@ def build_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Gantry", lifespan=lifespan, docs_url=None, redoc_url=None)
 
-    async def read() -> tuple[ClusterSnapshot, list[str]]:
-        snapshot, events = await asyncio.gather(reader.snapshot(), reader.events())
+    async def read() -> tuple[ClusterSnapshot, list[str]] | str:
+        """The state, or one line saying why it cannot be read (servers away: the page says so, no traceback
+        reaches the launcher's terminal)."""
+        try:
+            snapshot, events = await asyncio.gather(reader.snapshot(), reader.events())
+        except Exception as err:
+            return f"cluster state unavailable: {' '.join(str(err).split())[:200] or type(err).__name__}"
         return snapshot, events
 
+    def unavailable(why: str) -> HTMLResponse:
+        return HTMLResponse(f'<p class="error" id="error">{_e(why)}</p>', status_code=503)
+
     @app.get("/", response_class=HTMLResponse)
-    async def page() -> str:
-        return render_page(*await read())
+    async def page() -> HTMLResponse:
+        got = await read()
+        return unavailable(got) if isinstance(got, str) else HTMLResponse(render_page(*got))
 
     @app.get("/fragment", response_class=HTMLResponse)
-    async def fragment() -> str:
-        return render_content(*await read())
+    async def fragment() -> HTMLResponse:
+        got = await read()
+        return unavailable(got) if isinstance(got, str) else HTMLResponse(render_content(*got))
 
     @app.get("/api/state")
     async def api_state() -> JSONResponse:
-        return JSONResponse(state_json(*await read()))
+        got = await read()
+        if isinstance(got, str):
+            return JSONResponse({"error": got}, status_code=503)
+        return JSONResponse(state_json(*got))
 
     return app
 

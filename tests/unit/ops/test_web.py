@@ -72,3 +72,22 @@ def test_state_json_matches_the_page() -> None:
     assert state["pending"] == [{"model": "huge<x>", "reason": "needs 500 GiB & more", "instances": ["b-1", "b-2"]}]
     assert state["models"][1] == {"name": "small", "desired": 1, "states": {"RUNNING": 1}}
     assert state["events"] == ["e1"]
+
+
+def test_servers_away_give_a_one_line_503_not_a_traceback() -> None:
+    from fastapi.testclient import TestClient
+
+    from ops.servers import free_port
+    from ops.web import build_app
+    from shared.settings import Settings
+
+    closed = free_port()  # nothing listens there
+    settings = Settings(nats_url=f"nats://127.0.0.1:{closed}", redis_url=f"redis://127.0.0.1:{closed}/0")
+    with TestClient(build_app(settings)) as client:
+        for path in ("/", "/fragment"):
+            resp = client.get(path)
+            assert resp.status_code == 503
+            assert resp.text.startswith('<p class="error" id="error">cluster state unavailable: ')
+            assert "Traceback" not in resp.text
+        api = client.get("/api/state")
+        assert api.status_code == 503 and api.json()["error"].startswith("cluster state unavailable")
