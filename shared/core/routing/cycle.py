@@ -20,7 +20,7 @@ PREFIX_SOURCES: tuple[str, ...] = ("approximate", "precise", "hybrid")
 class Cycle:
     """One request being routed at ``now`` against ``state``."""
 
-    __slots__ = ("_chain", "_matches", "now", "request", "rng", "state")
+    __slots__ = ("_chain", "_lists", "_matches", "now", "request", "rng", "state")
 
     def __init__(self, request: RouteRequest, state: PoolState, now: float, rng: random.Random) -> None:
         self.request = request
@@ -29,6 +29,9 @@ class Cycle:
         self.rng = rng
         self._chain: BlockHashes | None = None
         self._matches: dict[str, dict[int, int]] = {}
+        # (source, id(cands)) → (cands, matched blocks of each): several scorers of a profile score the same
+        # candidate list; holding ``cands`` keeps its id from being reused within the cycle
+        self._lists: dict[tuple[str, int], tuple[list[EndpointState], list[int]]] = {}
 
     @property
     def chain(self) -> BlockHashes:
@@ -57,15 +60,24 @@ class Cycle:
             self._matches[source] = m
         return m
 
+    def matched_list(self, cands: list[EndpointState], source: str) -> list[int]:
+        """Leading blocks of the prompt each candidate holds, aligned with ``cands`` (computed once per list)."""
+        key = (source, id(cands))
+        hit = self._lists.get(key)
+        if hit is not None and hit[0] is cands:
+            return hit[1]
+        get = self.matches(source).get
+        out = [get(st.slot, 0) for st in cands]
+        self._lists[key] = (cands, out)
+        return out
+
     def uncached_list(self, cands: list[EndpointState], source: str) -> list[int]:
         """``uncached_tokens`` of every candidate, aligned with ``cands`` (one pass)."""
         prompt = self.request.num_prompt_tokens
-        m = self.matches(source)
-        if not m:
+        if not self.matches(source):
             return [prompt] * len(cands)
         bs = self.state.config.block_size
-        get = m.get
-        return [prompt - (x if (x := get(st.slot, 0) * bs) < prompt else prompt) for st in cands]
+        return [prompt - (x if (x := b * bs) < prompt else prompt) for b in self.matched_list(cands, source)]
 
     def matched_tokens(self, st: EndpointState, source: str) -> int:
         """Prompt tokens the endpoint is believed to hold (never more than the prompt)."""
