@@ -10,7 +10,7 @@ import random
 from typing import Literal
 
 from shared.core.routing.domain import EndpointState, RouteRequest
-from shared.core.routing.hashing import BlockHashes, match_either, match_lazily
+from shared.core.routing.hashing import BlockHashes, match_lazily
 from shared.core.routing.state import PoolState
 
 PrefixSource = Literal["approximate", "precise", "hybrid"]
@@ -53,7 +53,7 @@ class Cycle:
             assumed = state.approx if source == "approximate" else state.speculative
             cands = state.pool_mask(self.request.model)
             if source == "hybrid" and assumed.masks and precise.masks:
-                m = match_either(assumed, precise, self.chain, cands)
+                m = match_lazily(state.either, self.chain, cands)
             else:
                 index = assumed if source == "approximate" or (source == "hybrid" and assumed.masks) else precise
                 m = match_lazily(index, self.chain, cands) if index.masks else {}

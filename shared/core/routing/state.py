@@ -79,6 +79,7 @@ class PoolState:
         self.track_approx = True  # which assumed-state indexes decisions feed (the router sets them from its plugins)
         self.track_speculative = True
         self.precise = PrefixIndex(1 << 62)
+        self.either = self.speculative.mirror(self.precise)  # hybrid matches: one lookup per block
         self.step_models: dict[str, StepTimeModel] = {}
         self._prefill_rate: dict[str, float] = {}
         self._flights: dict[str, _Flight] = {}
