@@ -7,6 +7,8 @@ scorer and the token-load scorer of every profile of the cycle share one hashing
 from __future__ import annotations
 
 import random
+from itertools import repeat
+from operator import mul, sub
 from typing import Literal
 
 from shared.core.routing.domain import EndpointState, RouteRequest
@@ -77,7 +79,10 @@ class Cycle:
         if not self.matches(source):
             return [prompt] * len(cands)
         bs = self.state.config.block_size
-        return [prompt - (x if (x := b * bs) < prompt else prompt) for b in self.matched_list(cands, source)]
+        blocks = self.matched_list(cands, source)
+        if not blocks or max(blocks) * bs <= prompt:  # the usual case (hashes come from the prompt): no clamp needed, in C
+            return list(map(sub, repeat(prompt), map(mul, blocks, repeat(bs))))
+        return [prompt - (x if (x := b * bs) < prompt else prompt) for b in blocks]
 
     def matched_tokens(self, st: EndpointState, source: str) -> int:
         """Prompt tokens the endpoint is believed to hold (never more than the prompt)."""
