@@ -80,7 +80,7 @@ class Cycle:
             return [prompt] * len(cands)
         bs = self.state.config.block_size
         blocks = self.matched_list(cands, source)
-        if not blocks or max(blocks) * bs <= prompt:  # the usual case (hashes come from the prompt): no clamp needed, in C
+        if not blocks or max(blocks) * bs <= prompt:  # usual (hashes from the prompt): no clamp, in C
             return list(map(sub, repeat(prompt), map(mul, blocks, repeat(bs))))
         return [prompt - (x if (x := b * bs) < prompt else prompt) for b in blocks]
 
