@@ -429,7 +429,7 @@ class Reconciler(PlacementService):
                 stored = await self.store.instance(item.instance.id)
                 if stored is not None and stored.worker is not None:
                     await self._assign(stored, specs.get(stored.model) or self.specs.get(stored.model))
-            elif verdict.startswith("full:"):
+            elif verdict.startswith(("full:", "invalid:")):
                 await self._refused(out.item, verdict, retries, back, now)
         for _, inst in committed:
             await self._assign(inst, specs.get(inst.model) or self.specs.get(inst.model))

@@ -37,7 +37,14 @@ CASES = [
         subjects.SCALE,
         encode(ScaleCommand(model="ok-model", replicas=-3, spec=MODEL)),
         "reconciler",
-        "negative replicas",
+        "Expected `int` >= 0 - at `$.replicas`",
+    ),
+    (
+        "huge-replicas",  # issue 12 case 1: it used to make converge_up loop and brick Redis
+        subjects.SCALE,
+        b'{"model": "ok-model", "replicas": 123456789012345678901234567890123456789}',
+        "reconciler",
+        "invalid ScaleCommand",
     ),
     ("pipeline-garbage", subjects.PLACEMENT_REQUESTED, b"\x00\x01garbage", "filter", "invalid PlacementRequest"),
     ("cordon-unknown-worker", subjects.CORDON, b'{"worker": "nowhere"}', "reconciler", "unknown worker"),
