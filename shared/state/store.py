@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -36,7 +36,14 @@ from shared.core.placement.domain import (
 _LUA = Path(__file__).parent / "lua"
 P = "gantry:"
 log = logging.getLogger("gantry.state")
+R = TypeVar("R")
 CONVERGE_BUDGET = 500  # replicas one converge call creates at most: no script runs long, whatever the count
+SCRIPT_CHUNK = 1000  # instances or reports per script call: every other script's work is bounded by this
+
+
+def _chunks(seq: Sequence[Any], size: int = SCRIPT_CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
 
 
 class InvalidRecord(ValueError):
@@ -139,7 +146,7 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _load(dec: msgspec.json.Decoder[Any], raw: bytes, what: str) -> Any:
+def _load(dec: msgspec.json.Decoder[R], raw: bytes | str, what: str) -> R | None:
     """A stored record, or None (logged) when it is outside today's limits: a record stored before a limit
     existed (or written past this layer) must not crash every reader of the state."""
     try:
@@ -427,23 +434,31 @@ class StateStore:
         return out
 
     async def create_pending(self, model: str, token: str, instances: Sequence[Instance]) -> bool:
-        """Create PENDING instances under the lock; False if the lock was lost (nothing written)."""
-        args: list[Any] = [token]
-        for inst in instances:
-            args += [inst.id, _enc.encode(inst)]
-        made = await self._create(
-            keys=[Keys.lock + model, Keys.model_index + model, Keys.inst, Keys.inst_state], args=args
-        )
-        return int(made) >= 0
+        """Create PENDING instances under the lock (a chunk per call, each fenced by the lock); False if the
+        lock was lost (nothing written from then on)."""
+        for part in _chunks(instances) if instances else [()]:
+            args: list[Any] = [token]
+            for inst in part:
+                args += [inst.id, _enc.encode(inst)]
+            made = await self._create(
+                keys=[Keys.lock + model, Keys.model_index + model, Keys.inst, Keys.inst_state], args=args
+            )
+            if int(made) < 0:
+                return False
+        return True
 
     async def mark_state(
         self, model: str, token: str, state: InstanceState, allowed: Iterable[InstanceState], ids: Sequence[str]
     ) -> int:
         """Move ``ids`` currently in ``allowed`` states to ``state`` under the lock; -1 if lock lost."""
-        if not ids:
-            return 0
-        args = [token, state.value, ",".join(s.value for s in allowed), *ids]
-        return int(await self._mark(keys=[Keys.lock + model, Keys.inst_state], args=args))
+        changed = 0
+        for part in _chunks(ids):
+            args = [token, state.value, ",".join(s.value for s in allowed), *part]
+            got = int(await self._mark(keys=[Keys.lock + model, Keys.inst_state], args=args))
+            if got < 0:
+                return -1
+            changed += got
+        return changed
 
     # -- ledger ---------------------------------------------------------------------------------------
 
@@ -451,7 +466,7 @@ class StateStore:
         """Commit decisions: per item "ok", "dup", "gone", "full:<field>" (see commit.lua) or "invalid:<why>"
         (a record outside the limits: never written)."""
         verdicts: list[str | None] = [None] * len(items)
-        args: list[Any] = [0]
+        calls: list[list[Any]] = []  # one item's arguments each
         for n, it in enumerate(items):
             claims = it.claims()
             try:
@@ -459,36 +474,39 @@ class StateStore:
             except InvalidRecord as exc:
                 verdicts[n] = f"invalid:{exc}"
                 continue
-            args[0] += 1
-            args += [it.instance.id, it.instance.worker, record, len(claims)]
+            call: list[Any] = [it.instance.id, it.instance.worker, record, len(claims)]
             for kind, field, amount in claims:
-                args += [kind, field, amount]
-        if args[0]:
-            keys = [
-                Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap, Keys.ram_used, Keys.claims,
-                Keys.inst, Keys.inst_state, Keys.inst_reason, Keys.inst_worker,
-            ]
-            got = iter([_s(v) for v in await self._commit(keys=keys, args=args)])
-            verdicts = [v if v is not None else next(got) for v in verdicts]
-        return [v or "" for v in verdicts]
+                call += [kind, field, amount]
+            calls.append(call)
+        keys = [
+            Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap, Keys.ram_used, Keys.claims,
+            Keys.inst, Keys.inst_state, Keys.inst_reason, Keys.inst_worker,
+        ]
+        got: list[str] = []
+        for part in _chunks(calls):
+            args: list[Any] = [len(part)]
+            for call in part:
+                args += call
+            got += [_s(v) for v in await self._commit(keys=keys, args=args)]
+        answers = iter(got)
+        return [v if v is not None else next(answers) for v in verdicts]
 
     async def release(self, ids: Sequence[str], mode: str = "remove") -> int:
         """Free the claims of ``ids`` (idempotent) and remove them, or set them to state ``mode``."""
-        if not ids:
-            return 0
         keys = [
             Keys.gpu_used, Keys.ram_used, Keys.claims, Keys.inst, Keys.inst_state,
             Keys.inst_reason, Keys.inst_worker, Keys.model_index,
         ]
-        return int(await self._release(keys=keys, args=[mode, *ids]))
+        return sum([int(await self._release(keys=keys, args=[mode, *part])) for part in _chunks(ids)])
 
     async def set_states(self, reports: Sequence[tuple[str, str, InstanceState]]) -> list[InstanceState | None]:
         """Apply (instance id, worker, state) reports in order, in one call; each one's previous state or None."""
-        if not reports:
-            return []
-        args = [v for iid, worker, state in reports for v in (iid, worker, state.value)]
-        raw = await self._set_state(keys=[Keys.inst_state, Keys.inst_worker], args=args)
-        return [InstanceState(_s(p)) if _s(p) else None for p in raw]
+        out: list[InstanceState | None] = []
+        for part in _chunks(reports):
+            args = [v for iid, worker, state in part for v in (iid, worker, state.value)]
+            raw = await self._set_state(keys=[Keys.inst_state, Keys.inst_worker], args=args)
+            out += [InstanceState(_s(p)) if _s(p) else None for p in raw]
+        return out
 
     async def ledger(self) -> dict[str, tuple[int, int]]:
         """GPU field -> (claimed, capacity) for every GPU with a capacity."""
