@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
-from shared.bus.feed import Feed
 from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementRequest, PlacementScored
-from shared.bus.service import PlacementService
 from shared.core.placement import run_filters
 from shared.core.placement.domain import FilterResult, Unschedulable
 from shared.core.placement.explain import filters_message
+from shared.host.feed import Feed
+from shared.host.service import PlacementService
 
 
 class FilterService(PlacementService):

@@ -9,15 +9,15 @@ import msgspec
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
-from shared.bus.feed import Feed
+from shared.bus.columns import CandidateSet, fit_columns
 from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementFitted, PlacementRequest, PlacementScored
 from shared.bus.names import NameLists
-from shared.bus.service import PlacementService
 from shared.catalog import load_model_arch
 from shared.core.catalog.models import ModelArch
 from shared.core.placement import requirements, run_fitting
-from shared.core.placement.columns import CandidateSet, fit_columns
 from shared.core.placement.domain import FitResult, ModelSpec, Reason, ResourceRequest, Unschedulable
+from shared.host.feed import Feed
+from shared.host.service import PlacementService
 
 FITTED_WORKERS_PER_MESSAGE = 16_384
 

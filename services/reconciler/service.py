@@ -24,7 +24,6 @@ from nats.aio.msg import Msg
 
 from services.reconciler.writer import StateWriter
 from shared.bus import streams, subjects
-from shared.bus.feed import Feed
 from shared.bus.messages import (
     AssignInstance,
     CordonCommand,
@@ -45,7 +44,6 @@ from shared.bus.messages import (
     ScaleCommand,
     UnschedulableEvent,
 )
-from shared.bus.service import PlacementService, ack_all, guarded
 from shared.bus.validate import bad_worker_name, check_scale
 from shared.core.placement import scale_down_order
 from shared.core.placement.domain import Instance, InstanceState, ModelSpec, Unschedulable, WorkerState
@@ -60,6 +58,8 @@ from shared.core.placement.reconcile import (
     silent_workers,
     unreachable_instances,
 )
+from shared.host.feed import Feed
+from shared.host.service import PlacementService, ack_all, guarded
 from shared.state.store import CommitItem, ScaleUp
 
 log = logging.getLogger("gantry.reconciler")

@@ -17,7 +17,7 @@ from shared.bus.validate import bad_worker_name, check_heartbeat, check_registra
 from shared.core.placement.domain import ModelFile, Worker
 
 if TYPE_CHECKING:
-    from shared.bus.service import PlacementService
+    from shared.host.service import PlacementService
 
 log = logging.getLogger("gantry.writer")
 QUEUE = "gantry-state-writer"

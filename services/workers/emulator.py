@@ -22,7 +22,6 @@ from shared.bus.messages import (
     AssignInstance,
     DeleteInstance,
     DrainInstance,
-    GpuUsage,
     Heartbeat,
     InstanceStatus,
     MessageError,
@@ -32,7 +31,7 @@ from shared.bus.messages import (
     decode,
     encode,
 )
-from shared.core.placement.domain import GIB, Gpu, InstanceState, ModelFileState, Worker
+from shared.core.placement.domain import GIB, Gpu, GpuUsage, InstanceState, ModelFileState, Worker
 
 log = logging.getLogger("gantry.workers")
 

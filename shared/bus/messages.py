@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
+from shared.bus.columns import CandidateSet
 from shared.core.limits import (
     MAX_BATCH_ITEMS,
     MAX_GPUS_PER_WORKER,
@@ -26,16 +27,15 @@ from shared.core.limits import (
     Seq,
     Text,
     Time,
-    VramBytes,
     WorkerName,
 )
-from shared.core.placement.columns import CandidateSet
 from shared.core.placement.domain import (
     Decision,
     FilterReport,
     FilterResult,
     FitResult,
     GpuIndexes,
+    GpuUsage,
     Instance,
     InstanceState,
     ModelFileState,
@@ -92,13 +92,6 @@ class SyncRequest(Message, frozen=True, kw_only=True):
     """Ask workers to send their WorkerRegistration now (``worker`` None: every worker)."""
 
     worker: WorkerName | None = None
-
-
-class GpuUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
-    """VRAM in use on one GPU (every process, Gantry-managed or not)."""
-
-    index: GpuIndex
-    vram_used: VramBytes
 
 
 class Heartbeat(Message, frozen=True, kw_only=True):

@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
-from shared.bus.messages import Heartbeat
 from shared.core.limits import MAX_REPLICAS, bad_model_name
 from shared.core.placement.domain import (
     Gpu,
@@ -30,7 +29,9 @@ from shared.core.placement.domain import (
     InstanceState,
     ModelFile,
     ModelSpec,
+    UsageReport,
     Worker,
+    WorkerUsage,
 )
 
 _LUA = Path(__file__).parent / "lua"
@@ -55,7 +56,7 @@ class Keys:
 
     workers = P + "workers"  # name -> Worker JSON (inventory)
     seen = P + "seen"  # name -> last heartbeat time (receiver clock)
-    usage = P + "usage"  # name -> latest Heartbeat JSON
+    usage = P + "usage"  # name -> latest usage JSON (a heartbeat: WorkerUsage fields and more)
     cordon = P + "cordon"  # "worker" or "worker:gpu" -> "1"
     files = P + "files"  # "source|worker" -> ModelFile JSON
     models = P + "models"  # name -> ModelSpec JSON
@@ -139,7 +140,7 @@ _dec_worker = msgspec.json.Decoder(Worker)
 _dec_inst = msgspec.json.Decoder(Instance)
 _dec_spec = msgspec.json.Decoder(ModelSpec)
 _dec_file = msgspec.json.Decoder(ModelFile)
-_dec_beat = msgspec.json.Decoder(Heartbeat)
+_dec_usage = msgspec.json.Decoder(WorkerUsage)
 
 
 def _s(v: Any) -> str:
@@ -208,11 +209,13 @@ class StateStore:
         pipe.hset(Keys.ram_cap, mapping=rams)  # type: ignore[arg-type]
         await pipe.execute()
 
-    async def record_heartbeats(self, beats: Sequence[tuple[Heartbeat, float]]) -> None:
+    async def record_heartbeats(self, beats: Sequence[tuple[UsageReport, float]]) -> None:
         """Batched write of (heartbeat, receive time): last-seen and latest usage, one round trip."""
         if not beats:
             return
-        usage = {hb.worker: _checked(_dec_beat, _enc.encode(hb), f"heartbeat of {hb.worker[:64]!r}") for hb, _ in beats}
+        usage = {
+            hb.worker: _checked(_dec_usage, _enc.encode(hb), f"heartbeat of {hb.worker[:64]!r}") for hb, _ in beats
+        }
         seen = {hb.worker: repr(t) for hb, t in beats if math.isfinite(t)}
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(Keys.seen, mapping=seen)  # type: ignore[arg-type]
@@ -234,7 +237,7 @@ class StateStore:
             if w is None:
                 continue
             hb_raw = usage.get(name_b)
-            hb = _load(_dec_beat, hb_raw, "heartbeat") if hb_raw else None
+            hb = _load(_dec_usage, hb_raw, "heartbeat") if hb_raw else None
             last = float(seen.get(name_b, 0.0) or 0.0)
             out.append(apply_usage(w, hb, last, cordoned))
         return sorted(out, key=lambda w: w.name)
@@ -546,7 +549,7 @@ def _record_template(model: str, created_at: float) -> tuple[bytes, bytes]:
     return head, tail
 
 
-def apply_usage(w: Worker, hb: Heartbeat | None, last: float, cordoned: set[str]) -> Worker:
+def apply_usage(w: Worker, hb: UsageReport | None, last: float, cordoned: set[str]) -> Worker:
     """A worker's inventory overlaid with its latest usage, heartbeat time and cordons."""
     used = {g.index: g.vram_used for g in hb.gpus} if hb else {}
     gpus = tuple(

@@ -6,9 +6,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from shared.bus.feed import SnapshotFeed
 from shared.core.placement.domain import GIB, Gpu, Instance, ModelSpec, Worker
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
+from shared.host.feed import SnapshotFeed
 from shared.state import StateStore
 from shared.state.store import CommitItem, InvalidRecord
 

@@ -21,7 +21,6 @@ from faststream import FastStream
 from nats.aio.msg import Msg
 
 from shared.bus import subjects
-from shared.bus.feed import Feed, SnapshotFeed
 from shared.bus.messages import (
     CordonEvent,
     Heartbeat,
@@ -34,8 +33,10 @@ from shared.bus.messages import (
 )
 from shared.bus.runtime import Bus, PullHandler, RawHandler, listen, make_broker, nats_client, prepare, pull_loop
 from shared.bus.streams import ALL_CONSUMERS
-from shared.core.placement.profile import DEFAULT_PROFILE, Profile, profile_from_json, profile_from_yaml
+from shared.core.placement.profile import DEFAULT_PROFILE, Profile
+from shared.core.placement.registry import profile_from_json, profile_from_yaml
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
+from shared.host.feed import Feed, SnapshotFeed
 from shared.settings import Settings, load_settings
 from shared.state.store import StateStore
 
