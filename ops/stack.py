@@ -65,6 +65,14 @@ class Child:
         return self.process.poll() is None
 
 
+def command_argv(command: Sequence[str]) -> list[str]:
+    """``command`` with ``python`` bound to this interpreter."""
+    argv = list(command)
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return argv
+
+
 def service_argv(name: str, commands: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     """The argv of service ``name`` as docker-compose runs it, with ``python`` bound to this interpreter."""
     if commands is None:
@@ -73,10 +81,7 @@ def service_argv(name: str, commands: Mapping[str, Sequence[str]] | None = None)
         commands = SERVICE_COMMANDS
     if name not in commands:
         raise StackError(f"no service named {name!r} (known: {', '.join(sorted(commands))})")
-    argv = list(commands[name])
-    if argv and argv[0] in ("python", "python3"):
-        argv[0] = sys.executable
-    return argv
+    return command_argv(commands[name])
 
 
 def worker_argv(fleet: WorkerFleet, base: Sequence[str] | None = None) -> list[str]:
@@ -85,9 +90,7 @@ def worker_argv(fleet: WorkerFleet, base: Sequence[str] | None = None) -> list[s
         from services import WORKERS_COMMAND
 
         base = WORKERS_COMMAND
-    argv = list(base)
-    if argv and argv[0] in ("python", "python3"):
-        argv[0] = sys.executable
+    argv = command_argv(base)
     return [
         *argv,
         "--count", str(fleet.count),
