@@ -34,7 +34,7 @@ from shared.state.store import Keys, StateStore
 
 BIG = "x" * (1 << 20)
 NAMES = ["", "*", ">", "w.*", "gantry.>", 'w"0', "w'0", "../../etc/passwd", "w 0", "w0\n", "ｗ0", "$JS.API.x",
-         "-w0", "w0-", "a" * 64, "w:0", "w|0", "w;0", "\\", "null"]
+         "-w0", "w0-", "a" * 64, "w:0", "w|0", "w;0", "\\", "w0\r", "\nw0"]
 NUMBERS = [-1, -(2**63), 2**63, 2**64, 10**40, 123456789012345678901234567890123456789, MAX_REPLICAS + 1,
            MAX_GPU_VRAM + 1, MAX_WORKER_RAM + 1, 1.5, -0.5, float("inf"), float("-inf"), float("nan")]
 INDEXES = [-1, 1024, 2**40, 2**64, 0.5]

@@ -33,10 +33,11 @@ MIB = 1 << 20
 TIB = 1 << 40
 
 MAX_NAME_LENGTH = 63
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
-WORKER_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$"
+# \Z, not $: "$" also matches before a trailing newline, and "w0\n" is no name (found by bench/fuzz.py).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?\Z"
+WORKER_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\Z"
 MAX_ID_LENGTH = 128  # instance ids: a model name, a dash and a random suffix
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z"
 MAX_TEXT = 1024  # sources, paths, products, label values, messages
 MAX_LABELS = 64
 
