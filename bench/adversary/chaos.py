@@ -37,7 +37,15 @@ from nats.aio.client import Client
 from ops.stack import LocalStack, WorkerFleet
 from shared.bus import subjects
 from shared.bus.messages import CordonCommand, ScaleCommand, encode
-from shared.core.placement.domain import GIB, Category, GpuSelector, InstanceState, ModelSpec, PlacementStrategy
+from shared.core.placement.domain import (
+    GIB,
+    Category,
+    Decision,
+    GpuSelector,
+    InstanceState,
+    ModelSpec,
+    PlacementStrategy,
+)
 from shared.core.placement.pipeline import place
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 from shared.host.feed import SnapshotFeed
@@ -356,7 +364,7 @@ class Chaos:
                     running += 1
         room: list[str] = []
         if pend_models:
-            room = await self.room_for(pend_models)
+            room = await self.room_for(sorted(pend_models))
             problems += [f"PENDING while a worker has room: {r}" for r in room]
         return problems, room, (running, pending)
 
@@ -370,8 +378,8 @@ class Chaos:
         out = []
         for model in models:
             verdict = place(snapshot, specs[model], time.time())
-            if not hasattr(verdict, "message"):  # a Decision: there is room
-                out.append(f"{model} fits on {verdict.candidate.worker}")  # type: ignore[union-attr]
+            if isinstance(verdict, Decision):  # there is room
+                out.append(f"{model} fits on {verdict.candidate.worker}")
         return out
 
 

@@ -164,9 +164,11 @@ def malformed(base: dict[str, Any]) -> st.SearchStrategy[bytes]:
 def payloads(target: Target) -> st.SearchStrategy[bytes]:
     """Every hostile payload for one subject: malformed bytes, or the base with one validated field made hostile."""
     paths = sorted(target.fields, key=repr)
-    mutated = st.sampled_from(paths).flatmap(
-        lambda p: hostile(target.fields[p]).map(lambda v, p=p: _dump(_set(target.base, p, v)))
-    )
+
+    def mutate(path: tuple[Any, ...]) -> st.SearchStrategy[bytes]:
+        return hostile(target.fields[path]).map(lambda value: _dump(_set(target.base, path, value)))
+
+    mutated = st.sampled_from(paths).flatmap(mutate)
     return st.one_of(malformed(target.base), mutated, mutated, mutated)
 
 
@@ -178,7 +180,7 @@ def draw(strategy: st.SearchStrategy[Any], n: int, seed: int) -> list[Any]:
         from hypothesis.errors import StopTest
         from hypothesis.internal.conjecture.data import ConjectureData
 
-        out = []
+        out: list[Any] = []
         while len(out) < n:
             data = ConjectureData(random=rnd)
             with BuildContext(data, is_final=False, wrapped_test=None):  # type: ignore[arg-type]
@@ -236,19 +238,19 @@ async def junk(store: StateStore, workers: set[str], models: set[str]) -> list[s
     r = store.r
     out: list[str] = []
     for raw in await r.keys("gantry:*"):
-        key = raw.decode()
+        key = _text(raw)
         if key not in KNOWN_KEYS and not key.startswith(KNOWN_PREFIXES):
             out.append(f"unknown key {key[:80]!r}")
         elif key.startswith(Keys.model_index) and key[len(Keys.model_index):] not in models:
             out.append(f"index of unknown model {key[:80]!r}")
     for key, allowed in ((Keys.workers, workers), (Keys.seen, workers), (Keys.usage, workers), (Keys.ram_cap, workers),
                          (Keys.models, models), (Keys.desired, models)):
-        names = {k.decode() for k in await r.hkeys(key)}
+        names = {_text(k) for k in await r.hkeys(key)}
         out += [f"{key}: unknown {n[:80]!r}" for n in sorted(names - allowed)]
     inventory = {w.name: {g.index for g in w.gpus} for w in await store.workers()}
     gpus = {f"{w}:{i}" for w, idx in inventory.items() for i in idx}
     for key in (Keys.gpu_cap, Keys.gpu_used):
-        out += [f"{key}: unknown GPU {f[:80]!r}" for f in sorted({k.decode() for k in await r.hkeys(key)} - gpus)]
+        out += [f"{key}: unknown GPU {f[:80]!r}" for f in sorted({_text(k) for k in await r.hkeys(key)} - gpus)]
     cordons = await store.cordons()
     out += [f"cordon of unknown {c[:80]!r}" for c in sorted(cordons - workers - gpus)]
     for f in await store.model_files():
@@ -266,11 +268,15 @@ async def junk(store: StateStore, workers: set[str], models: set[str]) -> list[s
     return out
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def cpu_share(pids: dict[str, int], seconds: float) -> dict[str, float]:
     """CPU used by each process over ``seconds`` (1.0 = one core busy)."""
     import time
 
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     procs = {name: psutil.Process(pid) for name, pid in pids.items()}
     before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
