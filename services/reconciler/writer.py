@@ -11,6 +11,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from services.reconciler.contract import WRITER_QUEUE
 from shared.bus import subjects
 from shared.bus.messages import Heartbeat, ModelFileUpdate, SyncRequest, WorkerRegistration
 from shared.bus.validate import bad_worker_name, check_heartbeat, check_registration
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from shared.host.service import PlacementService
 
 log = logging.getLogger("gantry.writer")
-QUEUE = "gantry-state-writer"
+QUEUE = WRITER_QUEUE
 
 
 class StateWriter:

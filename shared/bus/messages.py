@@ -401,7 +401,7 @@ class MessageError(ValueError):
 
 
 def decode(data: bytes, kind: type[T]) -> T:
-    """Decode ``data`` as ``kind`` or raise MessageError with a one-line reason."""
+    """Decode ``data`` as ``kind`` or raise MessageError with a one-line reason (whatever the decoder raised)."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise MessageError(f"invalid {kind.__name__}: {len(data)} bytes, more than {MAX_MESSAGE_BYTES}")
     dec = _decoders.get(kind)
@@ -413,6 +413,8 @@ def decode(data: bytes, kind: type[T]) -> T:
         raise MessageError(f"invalid {kind.__name__}: {exc}") from None
     except RecursionError:  # unknown fields are skipped recursively: a hostile payload nests them deep
         raise MessageError(f"invalid {kind.__name__}: nested deeper than the decoder allows") from None
+    except Exception as exc:  # whatever else bytes can make the decoder raise
+        raise MessageError(f"invalid {kind.__name__}: {type(exc).__name__}: {exc}") from None
     version = getattr(msg, "v", SCHEMA_VERSION)
     if version > SCHEMA_VERSION:
         raise MessageError(f"{kind.__name__} schema v{version} is newer than supported v{SCHEMA_VERSION}")

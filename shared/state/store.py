@@ -359,7 +359,7 @@ class StateStore:
     async def mark_drains(self, ids: Sequence[str], at: float) -> None:
         """Remember when instances began DRAINING (for the drain timeout)."""
         if ids:
-            await self.r.hset(Keys.drains, mapping=dict.fromkeys(ids, repr(at)))  # type: ignore[arg-type]
+            await self.r.hset(Keys.drains, mapping=dict.fromkeys(ids, repr(at)))
 
     async def drains(self) -> dict[str, float]:
         """Instances DRAINING and since when."""
