@@ -412,7 +412,7 @@ def decode(data: bytes, kind: type[T]) -> T:
     except msgspec.DecodeError as exc:
         raise MessageError(f"invalid {kind.__name__}: {exc}") from None
     except RecursionError:  # unknown fields are skipped recursively: a hostile payload nests them deep
-        raise MessageError(f"invalid {kind.__name__}: nested deeper than the decoder allows") from None
+        raise MessageError(f"invalid {kind.__name__}: RecursionError: nested deeper than the decoder allows") from None
     except Exception as exc:  # whatever else bytes can make the decoder raise
         raise MessageError(f"invalid {kind.__name__}: {type(exc).__name__}: {exc}") from None
     version = getattr(msg, "v", SCHEMA_VERSION)
