@@ -40,6 +40,7 @@ from shared.bus.messages import (
     ModelFileUpdate,
     SyncRequest,
     WorkerRegistration,
+    WorkerRemovedEvent,
     decode,
 )
 from shared.bus.runtime import Bus, PullHandler, RawHandler, listen, make_broker, nats_client, prepare, pull_loop
@@ -112,6 +113,7 @@ class PlacementService:
             Consumes(subjects.REGISTER, WorkerRegistration, "worker inventories, into this replica's snapshot"),
             Consumes(subjects.HEARTBEAT, Heartbeat, "worker liveness and usage, into this replica's snapshot"),
             Consumes(subjects.EVENT_CORDON, CordonEvent, "cordon changes, into this replica's snapshot"),
+            Consumes(subjects.EVENT_WORKER_REMOVED, WorkerRemovedEvent, "workers that left: out of the snapshot"),
         ]
         if Feed.FILES in wanted:
             out.append(Consumes(subjects.MODEL_FILE, ModelFileUpdate, "model-file readiness, into the snapshot"))
@@ -229,10 +231,16 @@ class PlacementService:
             if ev is not None:
                 feed.on_cordon(ev)
 
+        async def on_worker_removed(body: bytes) -> None:
+            ev = self._quiet_decode(body, WorkerRemovedEvent)
+            if ev is not None:
+                feed.on_worker_removed(ev.worker)
+
         wanted = self.feeds()
         self.listen(subjects.REGISTER, on_register)
         self.listen(subjects.HEARTBEAT, on_heartbeat)
         self.listen(subjects.EVENT_CORDON, on_cordon)
+        self.listen(subjects.EVENT_WORKER_REMOVED, on_worker_removed)
         if Feed.FILES in wanted:
             self.listen(subjects.MODEL_FILE, on_file)
         if Feed.CLAIMS in wanted:

@@ -661,26 +661,6 @@ def _decision(model: ModelSpec, scored: _Scored, filters: Sequence[FilterReport]
     )
 
 
-def instance_from_decision(
-    decision: Decision, instance_id: str, *, created_at: float = 0.0, state: InstanceState = InstanceState.SCHEDULED
-) -> Instance:
-    """The instance a committed decision creates (claims as decided)."""
-    c = decision.candidate
-    return Instance(
-        id=instance_id,
-        model=decision.model,
-        state=state,
-        worker=c.worker,
-        gpu_indexes=c.gpu_indexes,
-        vram_claims=c.vram_claims,
-        ram_claim=c.ram_claim,
-        subordinates=c.subordinates,
-        total_layers=c.total_layers,
-        offload_layers=c.offload_layers,
-        created_at=created_at,
-    )
-
-
 # ------------------------------------------------------------------------------------------- scale-down
 
 
