@@ -539,7 +539,8 @@ def score_gpus(
     if scored is None:
         return None
     r, s, total, breakdown = scored
-    claim = int(np.broadcast_to(batch.claims, batch.mask.shape)[r, s])
+    claims = batch.claims
+    claim = int(claims[r, s] if claims.shape == batch.mask.shape else np.broadcast_to(claims, batch.mask.shape)[r, s])
     chosen = Candidate(
         worker=snapshot.name_of(r),
         gpu_indexes=(int(snapshot.g_index[r, s]),),
