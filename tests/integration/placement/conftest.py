@@ -57,16 +57,12 @@ class Stack:
     """
 
     launcher: LocalStack
+    env: dict[str, str]  # every child's environment; a test may change it before starting processes
     logs: Path
     nc: Client
     store: StateStore
     dead_letters: list[ErrorEvent] = field(default_factory=list)
     _seq: int = 0
-
-    @property
-    def env(self) -> dict[str, str]:
-        """The environment every child gets."""
-        return self.launcher.child_env()
 
     @property
     def procs(self) -> dict[str, subprocess.Popen[bytes]]:
@@ -186,7 +182,9 @@ async def stack(
     launcher = LocalStack(
         Settings(nats_url=nats_server.url, redis_url=redis_url, **TIMINGS), home=tmp_path, external_servers=True
     )
-    st = Stack(launcher=launcher, logs=launcher.log_dir, nc=nc, store=store)
+    env = launcher.child_env()
+    launcher.extra_env = env  # the same dict: what a test changes in ``stack.env`` reaches the next child
+    st = Stack(launcher=launcher, env=env, logs=launcher.log_dir, nc=nc, store=store)
 
     async def on_dead_letter(msg: Any) -> None:
         st.dead_letters.append(msgspec.json.decode(msg.data, type=ErrorEvent))
