@@ -310,8 +310,14 @@ class Reconciler(PlacementService):
             await raw.ack()
             return
         reason = bad_worker_name(cmd.worker)
-        if reason or cmd.worker not in self.feed.inventory:
+        inventory = self.feed.inventory.get(cmd.worker)
+        if reason or inventory is None:
             why = reason or f"cordon: unknown worker {cmd.worker!r}"
+        elif cmd.gpu_index is not None and cmd.gpu_index not in {g.index for g in inventory.gpus}:
+            why = f"cordon: worker {cmd.worker} has no GPU {cmd.gpu_index}"
+        else:
+            why = ""
+        if why:
             await self.bus.dead_letter(raw.subject, why, data)
             await raw.ack()
             return
@@ -510,6 +516,11 @@ class Reconciler(PlacementService):
         verdicts = [_verdict(out, ledger) for out in outs]
         # The shared retry book is read only for replicas that will wait (not on the path of a good commit).
         waiting = [v.instance_id for v in verdicts if v.outcome not in ("ok", "dup", "gone")]
+        if waiting:  # an outcome for a replica that is not PENDING (removed, or never existed: forged) is dropped
+            states = await self.store.states(waiting)
+            gone = {i for i in waiting if states.get(i) is not InstanceState.PENDING}
+            verdicts = [dataclasses.replace(v, outcome="gone") if v.instance_id in gone else v for v in verdicts]
+            waiting = [i for i in waiting if i not in gone]
         booked = await self.store.retries(waiting) if waiting else {}
         book = Book(retries={i: self._retry_of(i, booked, now) for i in waiting})
         p = plan({}, [], self.cluster(), verdicts, now, book, self.timings())
