@@ -2,6 +2,13 @@
 
 Read from the environment (prefix ``GANTRY_``) so that ``gantry up``, docker-compose and the test
 fixtures configure processes the same way.
+
+Input limits are not settings: they are part of the message schema, declared once in
+``shared/core/limits.py`` and enforced at every boundary. Their defaults, documented there and in
+docs/operations.md ("Input limits"): names of 1-63 characters (DNS-label-like), at most 10,000 replicas per
+model, 128 GPUs per worker, 4 TiB of VRAM per GPU, 256 TiB of RAM per worker, no negative claim, messages of
+8 MiB, spec files of 1 MiB; a converge call creates at most 500 replicas, any other script call touches at
+most 1,000 instances.
 """
 
 from __future__ import annotations

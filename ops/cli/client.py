@@ -22,11 +22,12 @@ from nats.aio.client import Client as NatsClient
 
 from ops.cli.common import connect_nats
 from ops.cli.errors import CliError
-from ops.cli.inputs import read_input_file
+from ops.cli.inputs import read_input_file, worker_name
 from ops.view import ClusterSnapshot, ModelView
 from shared.bus import subjects
 from shared.bus.messages import CordonCommand, Message, ScaleCommand, encode
 from shared.bus.validate import check_scale
+from shared.core.limits import MAX_GPU_INDEX
 from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, Worker, WorkerState
 from shared.settings import Settings
 from shared.state import StateStore
@@ -119,6 +120,8 @@ def load_spec(path: Path) -> ModelSpec:
         data = msgspec.yaml.decode(raw)
     except msgspec.DecodeError as err:
         raise CliError(f"{path}: not valid YAML ({str(err).splitlines()[0]})", exit_code=2) from None
+    except RecursionError:
+        raise CliError(f"{path}: nested deeper than a model spec can be", exit_code=2) from None
     if not isinstance(data, dict):
         raise CliError(f"{path}: a model spec must be a mapping of fields (name, source, ...)", exit_code=2)
     unknown = _unknown_fields(data)
@@ -208,10 +211,10 @@ def parse_target(target: str) -> tuple[str, int | None]:
     """``worker`` or ``worker:gpu-index`` -> (worker, index or None); exit 2 when malformed."""
     worker, sep, index = target.rpartition(":")
     if not sep:
-        return target, None
-    if not worker or not index.isdigit():
-        raise CliError(f"expected WORKER or WORKER:GPU-INDEX, got {target!r}", exit_code=2)
-    return worker, int(index)
+        return worker_name(target), None
+    if not worker or not index.isdigit() or len(index) > 4 or int(index) > MAX_GPU_INDEX:
+        raise CliError(f"expected WORKER or WORKER:GPU-INDEX (0..{MAX_GPU_INDEX}), got {target[:80]!r}", exit_code=2)
+    return worker_name(worker), int(index)
 
 
 async def require_worker(redis: aioredis.Redis, name: str, gpu_index: int | None) -> None:

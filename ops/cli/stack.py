@@ -25,7 +25,7 @@ from ops.stack import (
     StackError,
     WorkerFleet,
     gpu_vram_gib,
-    signal_running_stack,
+    stop_running_stack,
 )
 from ops.view import ClusterSnapshot, models_table, state_counts
 from shared.core.placement.domain import InstanceState, WorkerState
@@ -71,11 +71,16 @@ def up(
         except StackError as err:
             raise CliError(str(err), exit_code=2) from None
     home = runtime_dir()
+    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels), home=home)
+    try:
+        stack.preflight()  # the home's lock and free ports, before anything there is written or wiped
+    except StackError as err:
+        stack.stop()
+        raise CliError(str(err)) from None
     if fresh:
         for sub in ("nats", "redis"):
             shutil.rmtree(home / sub, ignore_errors=True)
     out = Console(highlight=False)
-    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels), home=home)
     out.print(f"starting NATS at {settings.nats_url} and Redis, data and logs in {_rel(home)}/")
     signal.signal(signal.SIGTERM, _interrupt)  # `gantry down` and service managers stop us like Ctrl-C
     try:
@@ -100,12 +105,17 @@ def up(
         out.print("stopped" if code == 0 else "stopped (after an error)")
 
 
-def down() -> None:
-    """Stop the stack a `gantry up` in another terminal is running (same as its Ctrl-C)."""
-    pid = signal_running_stack(runtime_dir(), signal.SIGINT)
-    if pid is None:
-        raise CliError("no running stack found (nothing recorded in .gantry/stack.json)")
-    typer.echo(f"asked gantry up (pid {pid}) to stop")
+def down(
+    timeout: Annotated[float, typer.Option(min=0, help="seconds to wait for the stack to stop")] = 60.0,
+) -> None:
+    """Stop the stack a `gantry up` runs, in the foreground of another terminal or in the background."""
+    got = stop_running_stack(runtime_dir(), timeout)
+    if got is None:
+        raise CliError("no running stack found (nothing live recorded in .gantry/stack.json)")
+    pid, stopped = got
+    if not stopped:
+        raise CliError(f"asked gantry up (pid {pid}) to stop; still running after {timeout:g}s")
+    typer.echo(f"stopped gantry up (pid {pid})")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -272,8 +272,14 @@ class Reconciler(PlacementService):
             await raw.ack()
             return
         reason = bad_worker_name(cmd.worker)
-        if reason or cmd.worker not in self.feed.inventory:
+        inventory = self.feed.inventory.get(cmd.worker)
+        if reason or inventory is None:
             why = reason or f"cordon: unknown worker {cmd.worker!r}"
+        elif cmd.gpu_index is not None and cmd.gpu_index not in {g.index for g in inventory.gpus}:
+            why = f"cordon: worker {cmd.worker} has no GPU {cmd.gpu_index}"
+        else:
+            why = ""
+        if why:
             await self.bus.dead_letter(raw.subject, why, data)
             await raw.ack()
             return
@@ -434,7 +440,7 @@ class Reconciler(PlacementService):
                 stored = await self.store.instance(item.instance.id)
                 if stored is not None and stored.worker is not None:
                     await self._assign(stored, specs.get(stored.model) or self.specs.get(stored.model))
-            elif verdict.startswith("full:"):
+            elif verdict.startswith(("full:", "invalid:")):
                 await self._refused(out.item, verdict, retries, back, now)
         for _, inst in committed:
             await self._assign(inst, specs.get(inst.model) or self.specs.get(inst.model))

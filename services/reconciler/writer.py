@@ -68,6 +68,8 @@ class StateWriter:
             if upd is None:
                 return
             reason = bad_worker_name(upd.worker)
+            if not reason and upd.worker not in self.registrations and upd.worker not in svc.feed.inventory:
+                reason = f"from unknown worker {upd.worker!r} (register first)"
             if reason:
                 await svc.bus.dead_letter(subjects.MODEL_FILE, f"model file: {reason}", body)
                 return

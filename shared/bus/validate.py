@@ -3,35 +3,10 @@
 from __future__ import annotations
 
 from shared.bus.messages import Heartbeat, ScaleCommand, WorkerRegistration
+from shared.core.limits import MAX_REPLICAS, bad_model_name, bad_worker_name
 from shared.core.placement.domain import ModelSpec, Worker
 
-# Worker names become NATS subject tokens (commands to one worker), so they may not hold '.', '*' or '>'.
-# Model names enter ids and ledger fields joined by ':', '|' and ';', and subjects through instance ids
-# (a model server's metrics): dots are fine there (more tokens), wildcards are not.
-_BAD_MODEL_CHARS = frozenset(":|; \t\n*>")
-_BAD_WORKER_CHARS = _BAD_MODEL_CHARS | frozenset(".")
-_MAX_NAME = 200
-
-
-def _bad(kind: str, name: str, forbidden: frozenset[str]) -> str | None:
-    if not name:
-        return f"empty {kind} name"
-    if len(name) > _MAX_NAME:
-        return f"invalid {kind} name {name[:40]!r}...: longer than {_MAX_NAME} characters"
-    if set(name) & forbidden:
-        shown = ", ".join(repr(c) for c in sorted(forbidden) if c.strip())
-        return f"invalid {kind} name {name!r}: no spaces or {shown}"
-    return None
-
-
-def bad_model_name(name: str) -> str | None:
-    """A model name may hold dots (``llama-3.1-8b``) but no id or ledger separators."""
-    return _bad("model", name, _BAD_MODEL_CHARS)
-
-
-def bad_worker_name(name: str) -> str | None:
-    """A worker name is also a subject token: no dots or wildcards either."""
-    return _bad("worker", name, _BAD_WORKER_CHARS)
+__all__ = ["bad_model_name", "bad_worker_name", "check_heartbeat", "check_registration", "check_scale"]
 
 
 def check_scale(cmd: ScaleCommand, known: ModelSpec | None) -> str | None:
@@ -41,6 +16,8 @@ def check_scale(cmd: ScaleCommand, known: ModelSpec | None) -> str | None:
         return f"scale: {reason}"
     if cmd.replicas < 0:
         return f"scale {cmd.model}: negative replicas ({cmd.replicas})"
+    if cmd.replicas > MAX_REPLICAS:
+        return f"scale {cmd.model}: {cmd.replicas} replicas, more than the limit of {MAX_REPLICAS}"
     if cmd.spec is not None and cmd.spec.name != cmd.model:
         return f"scale {cmd.model}: spec is for model {cmd.spec.name!r}"
     if cmd.spec is None and known is None:

@@ -14,7 +14,7 @@ from .conftest import TIMINGS, Stack, wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 MODEL = ModelSpec(name="svc", source="x/svc", weight_bytes=8 * GIB)
-RESCHEDULE_AFTER = float(TIMINGS["GANTRY_RESCHEDULE_AFTER_S"])
+RESCHEDULE_AFTER = float(TIMINGS["reschedule_after_s"])
 
 
 async def running(stack: Stack, n: int, avoid: str | None = None) -> list[str] | None:
