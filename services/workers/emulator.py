@@ -129,7 +129,7 @@ class Fleet:
         await self.nc.subscribe(subjects.WORKER_CMD_ALL, cb=self._on_command)
         await self.nc.subscribe(subjects.SYNC, cb=self._on_sync)
         for w in self.workers.values():
-            await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
+            await self._register(w)
         await self.nc.flush()
 
     async def run(self) -> None:
@@ -154,8 +154,8 @@ class Fleet:
                 continue
             w = self.workers[name]
             if register:
-                await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
-            await self.nc.publish(subjects.HEARTBEAT, encode(w.heartbeat()))
+                await self._register(w)
+            await self.nc.publish(subjects.worker_heartbeat(w.worker.name), encode(w.heartbeat()))
 
     async def _on_sync(self, msg: Msg) -> None:
         try:
@@ -166,7 +166,10 @@ class Fleet:
         for name in names:
             w = self.workers.get(name)
             if w is not None and name not in self.paused:
-                await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
+                await self._register(w)
+
+    async def _register(self, w: EmulatedWorker) -> None:
+        await self.nc.publish(subjects.worker_register(w.worker.name), encode(WorkerRegistration(worker=w.worker)))
 
     async def _on_command(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
@@ -195,7 +198,9 @@ class Fleet:
         headers = {"Nats-Msg-Id": f"{iid}:{w.worker.name}:{tag}"}
         for attempt in range(20):  # a status must get through: retry (deduped) while NATS is busy or away
             try:
-                await self.js.publish(subjects.INSTANCE_STATUS, encode(msg), headers=headers, timeout=2.0)
+                await self.js.publish(
+                    subjects.instance_status(w.worker.name), encode(msg), headers=headers, timeout=2.0
+                )
                 return
             except Exception:
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
@@ -227,11 +232,11 @@ class Fleet:
             return
         w.files[source] = ModelFileState.DOWNLOADING
         upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.DOWNLOADING)
-        await self.nc.publish(subjects.MODEL_FILE, encode(upd))
+        await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
         await asyncio.sleep(self.cfg.download_delay_s)
         w.files[source] = ModelFileState.READY
         upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.READY, progress=1.0)
-        await self.nc.publish(subjects.MODEL_FILE, encode(upd))
+        await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
 
     async def _drain(self, w: EmulatedWorker, cmd: DrainInstance) -> None:
         inst = w.instances.get(cmd.instance_id)

@@ -211,6 +211,20 @@ async def pull_loop(
 
 
 RawHandler = Callable[[bytes], Awaitable[None]]
+ReportHandler = Callable[[bytes, str], Awaitable[None]]
+"""A raw handler also told the concrete subject a message came on (worker reports: whose subject it was)."""
+
+
+async def listen_reports(nc: Client, subject: str, handler: ReportHandler, queue: str = "") -> None:
+    """Like ``listen``, handing ``handler`` each message's body and concrete subject."""
+
+    async def deliver(msg: Msg) -> None:
+        try:
+            await handler(msg.data, msg.subject)
+        except Exception:
+            log.exception("handler for %s failed", subject)
+
+    await nc.subscribe(subject, queue=queue, cb=deliver)
 
 
 async def listen(nc: Client, subject: str, handler: RawHandler, queue: str = "") -> None:
