@@ -28,8 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 from shared.bus import streams, subjects
 from shared.core.limits import bad_worker_name
 from shared.host.contract import Contract
+from shared.settings import CREDENTIALS_FILE, Settings
 
-CREDENTIALS_FILE = "credentials.json"
 NATS_AUTH_FILE = "nats-auth.conf"
 REDIS_CONF_FILE = "redis.conf"
 ADMIN = "admin"
@@ -82,9 +82,7 @@ def _stream_declaration() -> list[str]:
     return out
 
 
-def _settings() -> object:
-    from shared.settings import Settings
-
+def _settings() -> Settings:
     return Settings()
 
 
@@ -249,6 +247,13 @@ def with_userinfo(url: str, user: str, password: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     netloc = f"{user}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without user or secret (for state files and logs)."""
+    parts = urlsplit(url)
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 

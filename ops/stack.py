@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ops.auth import ADMIN, ENGINE, FLEET, Credentials, without_userinfo
 from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, ServerStartError, start_nats, start_redis
 from shared.core.placement.domain import GIB
 from shared.paths import REPO_ROOT, runtime_dir
@@ -208,6 +209,8 @@ class LocalStack:
     nats_monitor_port: int | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     wait_ready: bool = True  # start() waits until every service pulls before starting workers
+    auth: bool = True  # servers of our own start with an identity per role (ops.auth); off: anyone connects
+    credentials: Credentials | None = None  # the servers' identities (external servers: given by the caller)
     _lock: StackLock | None = None
     _wrote_state: bool = False
 
@@ -261,8 +264,11 @@ class LocalStack:
                 )
 
     def start_servers(self) -> None:
-        """Start NATS (JetStream) and Redis on the ports the settings name."""
+        """Start NATS (JetStream) and Redis on the ports the settings name (with the home's credentials,
+        generated on first use, unless ``auth`` is off)."""
         self.check_ports()
+        if self.auth and self.credentials is None:
+            self.credentials = Credentials.ensure(self.home)
         try:
             self.nats = self._start_nats()
             self.redis = self._start_redis()
@@ -272,13 +278,13 @@ class LocalStack:
     def _start_nats(self) -> ServerProcess:
         return start_nats(
             self.home / "nats", port=url_port(self.settings.nats_url, 4222), cpus=COLOCATED_NATS_CPUS,
-            monitor_port=self.nats_monitor_port,
+            monitor_port=self.nats_monitor_port, auth=self.credentials,
         )
 
     def _start_redis(self) -> ServerProcess:
         return start_redis(
             self.home / "redis", port=url_port(self.settings.redis_url, 6379),
-            password=url_password(self.settings.redis_url),
+            password=None if self.credentials else url_password(self.settings.redis_url), auth=self.credentials,
         )
 
     def kill_server(self, which: str, sig: int = signal.SIGKILL) -> None:
@@ -329,7 +335,7 @@ class LocalStack:
         from shared.bus import streams
 
         wanted = [(stream, durable) for stream, durable, _ in streams.ALL_CONSUMERS]
-        nc = await nats.connect(self.settings.nats_url, connect_timeout=5)
+        nc = await nats.connect(self.settings_for(ADMIN).nats_url, connect_timeout=5)
         try:
             js = nc.jetstream()
             deadline = time.monotonic() + timeout
@@ -357,10 +363,21 @@ class LocalStack:
         finally:
             await nc.close()
 
-    def child_env(self) -> dict[str, str]:
-        """The environment every child gets: this one plus the stack's GANTRY_* settings."""
+    def settings_for(self, identity: str | None) -> Settings:
+        """The stack's settings as ``identity`` (its user and secret in both URLs); unchanged without
+        credentials or identity."""
+        if self.credentials is None or identity is None:
+            return self.settings
+        return self.settings.model_copy(update={
+            "nats_url": self.credentials.url(self.settings.nats_url, identity),
+            "redis_url": self.credentials.url(self.settings.redis_url, identity),
+            "identity": identity,
+        })
+
+    def child_env(self, identity: str | None = None) -> dict[str, str]:
+        """The environment every child gets: this one plus the stack's GANTRY_* settings (as ``identity``)."""
         env = dict(os.environ)
-        for name, value in self.settings.model_dump().items():
+        for name, value in self.settings_for(identity).model_dump().items():
             env[f"GANTRY_{name.upper()}"] = str(value)
         env.update(self.extra_env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
@@ -377,7 +394,7 @@ class LocalStack:
             proc = subprocess.Popen(
                 argv,
                 cwd=REPO_ROOT,
-                env=self.child_env(),
+                env=self.child_env(identity_of(argv)),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -427,7 +444,7 @@ class LocalStack:
         self.home.mkdir(parents=True, exist_ok=True)
         state = {
             "pid": os.getpid(),
-            "nats_url": self.settings.nats_url,
+            "nats_url": without_userinfo(self.settings.nats_url),
             "children": {c.name: c.process.pid for c in self.children},
             "servers": {s.name: s.process.pid for s in (self.nats, self.redis) if s is not None},
         }
@@ -441,6 +458,19 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def identity_of(argv: Sequence[str]) -> str | None:
+    """The identity a child runs as, from the service module it runs (``-m services.<name>``); None for any
+    other command (it gets the stack's own settings)."""
+    argv = list(argv)
+    if "-m" not in argv or argv.index("-m") + 1 >= len(argv):
+        return None
+    module = argv[argv.index("-m") + 1]
+    if not module.startswith("services."):
+        return None
+    name = module.split(".")[1]
+    return {"workers": FLEET, "engine_server": ENGINE}.get(name, name)
 
 
 def _terminate(children: list[Child], timeout: float) -> None:

@@ -126,7 +126,9 @@ class Fleet:
 
     async def start(self) -> None:
         """Subscribe to worker commands and register every worker."""
-        await self.nc.subscribe(subjects.WORKER_CMD_ALL, cb=self._on_command)
+        # The command subjects the workers' contract declares (and the bus lets the fleet read), one each.
+        for command in (subjects.worker_assign("*"), subjects.worker_drain("*"), subjects.worker_delete("*")):
+            await self.nc.subscribe(command, cb=self._on_command)
         await self.nc.subscribe(subjects.SYNC, cb=self._on_sync)
         for w in self.workers.values():
             await self._register(w)
