@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING
 
 from services.reconciler.contract import WRITER_QUEUE
 from shared.bus import subjects
-from shared.bus.messages import Heartbeat, ModelFileUpdate, SyncRequest, WorkerRegistration
+from shared.bus.messages import Heartbeat, ModelFileUpdate, SyncRequest, WorkerRegistration, encode
 from shared.bus.validate import (
     bad_worker_name,
     check_heartbeat,
     check_inventory_change,
     check_registration,
-    claimed_vram,
     impersonation,
 )
 from shared.core.placement.domain import ModelFile, Worker
@@ -52,8 +51,6 @@ class StateWriter:
             if reg is None:
                 return
             reason = impersonation(reg.worker.name, sender) or check_registration(reg)
-            if not reason:
-                reason = self.inventory_change(reg.worker)
             if reason:
                 await svc.bus.dead_letter(subjects.REGISTER, reason, body)
                 return
@@ -94,14 +91,19 @@ class StateWriter:
         svc.listen_reports(subjects.HEARTBEAT, on_heartbeat, queue=QUEUE)
         svc.listen_reports(subjects.MODEL_FILE, on_file, queue=QUEUE)
 
-    def inventory_change(self, new: Worker) -> str | None:
-        """Why ``new`` may not replace the inventory its worker holds claims on, or None."""
-        svc = self.service
-        old = self.registrations.get(new.name) or svc.feed.inventory.get(new.name)
-        if old is None:
-            return None
-        held = (svc.feed.instances[i] for i in svc.feed.on_worker.get(new.name, ()) if i in svc.feed.instances)
-        return check_inventory_change(old, new, claimed_vram(new.name, held))
+    async def refuse_inventory_changes(self, regs: dict[str, Worker]) -> dict[str, Worker]:
+        """The registrations that keep every GPU their worker holds claims on (the ledger's view); the others
+        are dead-lettered with the reason and not written."""
+        held = await self.service.store.held(list(regs))
+        kept: dict[str, Worker] = {}
+        for name, new in regs.items():
+            old, claimed = held.get(name, (None, {}))
+            reason = check_inventory_change(old, new, claimed)
+            if reason:
+                await self.service.bus.dead_letter(subjects.REGISTER, reason, encode(WorkerRegistration(worker=new)))
+            else:
+                kept[name] = new
+        return kept
 
     async def ask_to_register(self, worker: str | None) -> None:
         """Ask one worker (or all) to re-register; per worker at most once every few seconds."""
@@ -132,6 +134,8 @@ class StateWriter:
         beats, self.beats = self.beats, {}
         files, self.files = self.files, {}
         try:
+            if regs:
+                regs = await self.refuse_inventory_changes(regs)
             await store.register_workers(list(regs.values()))
             await store.record_heartbeats(list(beats.values()))
             await store.set_model_files(files.values())

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from shared.bus.messages import Heartbeat, ScaleCommand, WorkerRegistration
 from shared.core.limits import MAX_REPLICAS, bad_model_name, bad_worker_name
-from shared.core.placement.domain import Instance, ModelSpec, Worker
+from shared.core.placement.domain import ModelSpec, Worker
 
 __all__ = [
     "bad_model_name", "bad_worker_name", "check_heartbeat", "check_inventory_change", "check_registration",
-    "check_scale", "claimed_vram", "impersonation",
+    "check_scale", "impersonation",
 ]
 
 
@@ -66,20 +66,6 @@ def impersonation(named: str, sender: str) -> str | None:
     if named != sender:
         return f"report for worker {named!r} sent on worker {sender!r}'s subject (impersonation refused)"
     return None
-
-
-def claimed_vram(worker: str, instances: Iterable[Instance]) -> dict[int, int]:
-    """VRAM bytes the given instances claim on each GPU of ``worker`` (as main or subordinate worker)."""
-    out: dict[int, int] = {}
-    for inst in instances:
-        if inst.worker == worker:
-            for index, claim in zip(inst.gpu_indexes, inst.vram_claims, strict=False):
-                out[index] = out.get(index, 0) + claim
-        for sub in inst.subordinates:
-            if sub.worker == worker:
-                for index, claim in zip(sub.gpu_indexes, sub.vram_claims, strict=False):
-                    out[index] = out.get(index, 0) + claim
-    return out
 
 
 def check_inventory_change(old: Worker | None, new: Worker, claimed: Mapping[int, int]) -> str | None:
