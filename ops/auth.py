@@ -313,7 +313,7 @@ def nats_config(base: str, creds: Credentials, tls: TlsFiles | None = None) -> s
 
 def redis_acl(creds: Credentials) -> str:
     """Redis configuration lines: protected mode, the default user off, one ACL user per identity with rights."""
-    lines = ["protected-mode yes", "user default off resetkeys -@all"]
+    lines = ["protected-mode yes", "user default off resetpass resetkeys -@all"]
     for identity in sorted(creds.secrets):
         rules = redis_rules(identity)
         if rules is not None:
@@ -345,6 +345,32 @@ def write_server_configs(creds: Credentials, home: Path, tls: TlsFiles | None = 
     write_private(nats_path, nats_config(NATS_CONFIG.read_text(), creds, tls))
     write_private(redis_path, redis_config(creds, tls))
     return ServerConfigs(nats_path, redis_path)
+
+
+COMPOSE_FILES = ("credentials.json", "nats.conf", "redis.conf")
+"""What ``python -m ops.auth compose`` writes for docker-compose's servers and services (one volume)."""
+
+
+def write_compose_secrets(out: Path) -> bool:
+    """Credentials and both servers' configurations for docker-compose, generated on first run into ``out`` (a
+    volume only Gantry's containers mount). Readable by every user of those containers (the services run as
+    ``nobody``, Redis as ``redis``). Returns False when they existed already (kept: idempotent)."""
+    from ops.servers import NATS_CONFIG
+
+    path = out / COMPOSE_FILES[0]
+    if path.exists():
+        Credentials.load(path)  # still readable, or AuthError
+        return False
+    creds = Credentials.generate()
+    texts = (
+        json.dumps({"identities": creds.secrets}, indent=2, sort_keys=True) + "\n",
+        nats_config(NATS_CONFIG.read_text(), creds),
+        redis_config(creds),
+    )
+    for name, text in reversed(list(zip(COMPOSE_FILES, texts, strict=True))):  # credentials last: the marker
+        write_private(out / name, text)
+        os.chmod(out / name, 0o644)
+    return True
 
 
 def permission_table(contracts: dict[str, Contract] | None = None) -> str:
@@ -380,9 +406,19 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("name")
     rot = sub.add_parser("rotate")
     rot.add_argument("identity", nargs="?")
+    comp = sub.add_parser("compose")
+    comp.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.cmd == "table":
         print(permission_table(), end="")
+        return 0
+    if args.cmd == "compose":
+        try:
+            made = write_compose_secrets(args.out)
+        except AuthError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"credentials {'generated' if made else 'kept'} in {args.out}")
         return 0
     home = runtime_dir()
     try:
