@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ops.auth import ADMIN, ENGINE, FLEET, Credentials, without_userinfo
+from ops.auth import ADMIN, ENGINE, FLEET, AuthError, Credentials, TlsFiles, without_userinfo
 from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, ServerStartError, start_nats, start_redis
 from shared.core.placement.domain import GIB
 from shared.paths import REPO_ROOT, runtime_dir
@@ -211,6 +211,8 @@ class LocalStack:
     wait_ready: bool = True  # start() waits until every service pulls before starting workers
     auth: bool = True  # servers of our own start with an identity per role (ops.auth); off: anyone connects
     credentials: Credentials | None = None  # the servers' identities (external servers: given by the caller)
+    tls: bool = False  # NATS over TLS with the home's CA and certificate (ops.tls; generated on first use)
+    _tls_files: TlsFiles | None = None
     _lock: StackLock | None = None
     _wrote_state: bool = False
 
@@ -269,6 +271,15 @@ class LocalStack:
         self.check_ports()
         if self.auth and self.credentials is None:
             self.credentials = Credentials.ensure(self.home)
+        if self.tls and self._tls_files is None:
+            from ops.tls import ensure_tls
+
+            try:
+                self._tls_files = ensure_tls(self.home)
+            except AuthError as err:
+                raise StackError(str(err)) from None
+            # Every client trusts the home's CA (the children through GANTRY_TLS_CA_FILE).
+            self.settings = self.settings.model_copy(update={"tls_ca_file": str(self._tls_files.ca)})
         try:
             self.nats = self._start_nats()
             self.redis = self._start_redis()
@@ -278,7 +289,7 @@ class LocalStack:
     def _start_nats(self) -> ServerProcess:
         return start_nats(
             self.home / "nats", port=url_port(self.settings.nats_url, 4222), cpus=COLOCATED_NATS_CPUS,
-            monitor_port=self.nats_monitor_port, auth=self.credentials,
+            monitor_port=self.nats_monitor_port, auth=self.credentials, tls=self._tls_files,
         )
 
     def _start_redis(self) -> ServerProcess:
@@ -333,9 +344,11 @@ class LocalStack:
         from nats.js.errors import NotFoundError
 
         from shared.bus import streams
+        from shared.bus.runtime import nats_options
 
         wanted = [(stream, durable) for stream, durable, _ in streams.ALL_CONSUMERS]
-        nc = await nats.connect(self.settings_for(ADMIN).nats_url, connect_timeout=5)
+        admin = self.settings_for(ADMIN)
+        nc = await nats.connect(admin.nats_url, connect_timeout=5, **nats_options(admin))
         try:
             js = nc.jetstream()
             deadline = time.monotonic() + timeout

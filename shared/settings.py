@@ -36,6 +36,9 @@ class Settings(BaseSettings):
         "", description="who this process is to NATS and Redis (ops.auth roles); with it, URLs without a user "
         "get the identity's secret from the credentials file"
     )
+    tls_ca_file: str = Field(
+        "", description="CA certificate (PEM) to trust for TLS to NATS (`gantry up --tls` writes .gantry/tls/ca.pem)"
+    )
     credentials_file: str = Field(
         "", description="credentials written by `gantry up` (default: .gantry/credentials.json); a Docker secret"
     )

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from ops.cli.errors import CliError
+from shared.bus.runtime import nats_options
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -79,6 +80,7 @@ async def connect_nats(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -
                 allow_reconnect=False,
                 max_reconnect_attempts=0,
                 error_cb=_quiet,
+                **nats_options(settings),
             ),
             timeout=timeout + 1,
         )

@@ -52,6 +52,7 @@ def up(
     ] = None,
     demo: Annotated[bool, typer.Option(help="deploy the example models in ops/demo and report")] = False,
     fresh: Annotated[bool, typer.Option(help="wipe the stack's stored data (.gantry/) first")] = False,
+    tls: Annotated[bool, typer.Option(help="NATS over TLS (a CA and certificate generated into .gantry/tls/)")] = False,
     exit_after: Annotated[
         float | None, typer.Option(help="stop cleanly after this many seconds (scripts, trials)")
     ] = None,
@@ -72,7 +73,7 @@ def up(
         except StackError as err:
             raise CliError(str(err), exit_code=2) from None
     home = runtime_dir()
-    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels), home=home)
+    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels), home=home, tls=tls)
     try:
         stack.preflight()  # the home's lock and free ports, before anything there is written or wiped
     except StackError as err:

@@ -253,9 +253,9 @@ class Fleet:
             await self._status(w, cmd.instance_id, inst.state, deleted=True)
 
 
-async def run_fleet(cfg: FleetConfig, nats_url: str) -> None:
-    """Connect and run the fleet until cancelled."""
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, pending_size=64 * 1024 * 1024)
+async def run_fleet(cfg: FleetConfig, nats_url: str, options: dict[str, Any] | None = None) -> None:
+    """Connect (with ``options``: TLS, see ``shared.bus.runtime.nats_options``) and run the fleet until cancelled."""
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, pending_size=64 * 1024 * 1024, **(options or {}))
     try:
         await Fleet(cfg, nc).run()
     finally:

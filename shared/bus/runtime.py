@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from faststream.nats import NatsBroker
+from faststream.security import BaseSecurity
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -100,11 +102,22 @@ async def prepare(nc: Client, settings: Settings, consumers: Sequence[tuple[str,
         await ensure_consumer(js, stream, durable, subject, settings)
 
 
+def nats_options(settings: Settings) -> dict[str, Any]:
+    """Options every Gantry NATS connection takes from the settings: the CA to trust when TLS is on."""
+    if not settings.tls_ca_file:
+        return {}
+    return {"tls": ssl.create_default_context(cafile=settings.tls_ca_file)}
+
+
 def make_broker(settings: Settings) -> NatsBroker:
     """A FastStream NATS broker with quiet per-message logging (it costs throughput)."""
     quiet = logging.getLogger("gantry.faststream")
     quiet.setLevel(logging.WARNING)
-    return NatsBroker(settings.nats_url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1)
+    tls = nats_options(settings).get("tls")
+    security = BaseSecurity(ssl_context=tls) if tls is not None else None  # FastStream's way to take a context
+    return NatsBroker(
+        settings.nats_url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1, security=security
+    )
 
 
 PullHandler = Callable[[list[Msg]], Awaitable[None]]

@@ -51,6 +51,7 @@ from shared.bus.runtime import (
     listen_reports,
     make_broker,
     nats_client,
+    nats_options,
     prepare,
     pull_loop,
 )
@@ -166,7 +167,7 @@ class PlacementService:
     async def _declare(self) -> None:
         import nats
 
-        nc = await nats.connect(self.settings.nats_url)
+        nc = await nats.connect(self.settings.nats_url, **nats_options(self.settings))
         try:
             # Every consumer, not only ours: interest-retention streams drop what no consumer wants yet.
             await prepare(nc, self.settings, ALL_CONSUMERS)
