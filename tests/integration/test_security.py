@@ -200,7 +200,7 @@ async def test_nobody_but_the_admin_flushes_configures_or_debugs_redis(
     client = redis_as(redis_server, credentials if identity else None, identity)
     try:
         with pytest.raises(redis.exceptions.RedisError, match=REFUSED):
-            await client.execute_command(*command)
+            await client.execute_command(*command)  # type: ignore[no-untyped-call]
     finally:
         await client.aclose()
 
