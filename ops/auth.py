@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from shared.bus import streams, subjects
+from shared.bus.runtime import inbox_prefix
 from shared.core.limits import bad_worker_name
 from shared.host.contract import Contract
 from shared.settings import CREDENTIALS_FILE, Settings
@@ -39,7 +40,6 @@ ENGINE = "engine_server"
 WORKER_PREFIX = "worker-"
 WRITERS = ("reconciler",)
 READERS = ("filter", "fitting", "scoring", CLI)
-INBOX = "_INBOX.>"
 JS = "$JS.API"
 ADMIN_ONLY_API = (
     f"{JS}.STREAM.PURGE.>", f"{JS}.STREAM.DELETE.>", f"{JS}.STREAM.MSG.DELETE.>", f"{JS}.CONSUMER.DELETE.>",
@@ -86,9 +86,14 @@ def _settings() -> Settings:
     return Settings()
 
 
-def contract_permissions(contract: Contract, declares_streams: bool = True) -> Permissions:
+def inbox(identity: str) -> str:
+    """The reply subjects ``identity`` may read: its own inboxes only (``shared.bus.runtime.inbox_prefix``)."""
+    return inbox_prefix(identity) + ".>"
+
+
+def contract_permissions(contract: Contract, declares_streams: bool = True, identity: str = "") -> Permissions:
     """NATS rights of a service: publish what it emits, subscribe to what it consumes on core NATS, pull
-    and ack only its own durable consumers, receive replies on inboxes."""
+    and ack only its own durable consumers, receive replies on its own inboxes."""
     publish = [e.subject for e in contract.emits]
     subscribe = [c.subject for c in contract.consumes if not c.stream]
     for c in contract.consumes:
@@ -96,7 +101,7 @@ def contract_permissions(contract: Contract, declares_streams: bool = True) -> P
             publish += [f"{JS}.CONSUMER.MSG.NEXT.{c.stream}.{c.durable}", f"$JS.ACK.{c.stream}.{c.durable}.>"]
     if declares_streams:
         publish += _stream_declaration()
-    return Permissions(_unique(publish), _unique([*subscribe, INBOX]), ADMIN_ONLY_API)
+    return Permissions(_unique(publish), _unique([*subscribe, inbox(identity or contract.service)]), ADMIN_ONLY_API)
 
 
 def bind_worker(pattern: str, worker: str) -> str:
@@ -106,10 +111,11 @@ def bind_worker(pattern: str, worker: str) -> str:
 
 def worker_permissions(contract: Contract, worker: str) -> Permissions:
     """A real worker agent's rights: its own reports and commands only (``*`` bound to its name)."""
-    base = contract_permissions(contract, declares_streams=False)
+    own = inbox(WORKER_PREFIX + worker)
+    base = contract_permissions(contract, declares_streams=False, identity=WORKER_PREFIX + worker)
     return Permissions(
         tuple(bind_worker(s, worker) for s in base.publish),
-        tuple(s if s == INBOX else bind_worker(s, worker) for s in base.subscribe),
+        tuple(s if s == own else bind_worker(s, worker) for s in base.subscribe),
         base.deny_publish,
     )
 
@@ -125,7 +131,7 @@ def cli_permissions() -> Permissions:
         *(f"{JS}.CONSUMER.INFO.{name}.>" for name in streams.ALL_STREAMS),
         "$JS.FC.>", "$JS.ACK.>",
     ]
-    return Permissions(_unique(publish), (f"{subjects.PREFIX}.>", INBOX), ADMIN_ONLY_API)
+    return Permissions(_unique(publish), (f"{subjects.PREFIX}.>", inbox(CLI)), ADMIN_ONLY_API)
 
 
 def role_contracts() -> dict[str, Contract]:
@@ -145,9 +151,9 @@ def permissions(identity: str, contracts: dict[str, Contract] | None = None) -> 
     if identity.startswith(WORKER_PREFIX):
         return worker_permissions(contracts[FLEET], identity.removeprefix(WORKER_PREFIX))
     if identity == FLEET:  # the emulator: one process standing in for every worker it runs
-        return contract_permissions(contracts[FLEET], declares_streams=False)
+        return contract_permissions(contracts[FLEET], declares_streams=False, identity=FLEET)
     if identity == ENGINE:
-        return contract_permissions(contracts[ENGINE], declares_streams=False)
+        return contract_permissions(contracts[ENGINE], declares_streams=False, identity=ENGINE)
     if identity in contracts:
         return contract_permissions(contracts[identity])
     raise AuthError(f"no identity named {identity!r}")

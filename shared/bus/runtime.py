@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 from faststream.nats import NatsBroker
@@ -102,21 +103,32 @@ async def prepare(nc: Client, settings: Settings, consumers: Sequence[tuple[str,
         await ensure_consumer(js, stream, durable, subject, settings)
 
 
+def inbox_prefix(identity: str) -> str:
+    """Where ``identity``'s replies arrive (JetStream acks, pull deliveries): under its own name, so that the bus
+    can let each identity read only its own replies (ops.auth)."""
+    return f"{INBOX}.{identity}" if identity else INBOX
+
+
 def nats_options(settings: Settings) -> dict[str, Any]:
-    """Options every Gantry NATS connection takes from the settings: the CA to trust when TLS is on."""
-    if not settings.tls_ca_file:
-        return {}
-    return {"tls": ssl.create_default_context(cafile=settings.tls_ca_file)}
+    """Options every Gantry NATS connection takes from the settings: its identity's reply inboxes, and the CA to
+    trust when TLS is on."""
+    identity = settings.identity or urlsplit(settings.nats_url).username or ""
+    options: dict[str, Any] = {"inbox_prefix": inbox_prefix(identity)}
+    if settings.tls_ca_file:
+        options["tls"] = ssl.create_default_context(cafile=settings.tls_ca_file)
+    return options
 
 
 def make_broker(settings: Settings) -> NatsBroker:
     """A FastStream NATS broker with quiet per-message logging (it costs throughput)."""
     quiet = logging.getLogger("gantry.faststream")
     quiet.setLevel(logging.WARNING)
-    tls = nats_options(settings).get("tls")
+    options = nats_options(settings)
+    tls = options.get("tls")
     security = BaseSecurity(ssl_context=tls) if tls is not None else None  # FastStream's way to take a context
     return NatsBroker(
-        settings.nats_url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1, security=security
+        settings.nats_url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1, security=security,
+        inbox_prefix=options["inbox_prefix"],
     )
 
 
@@ -124,6 +136,7 @@ PullHandler = Callable[[list[Msg]], Awaitable[None]]
 
 
 JS_API = "$JS.API"
+INBOX = "_INBOX"
 PULL_EXPIRES_S = 5.0  # an open pull request lasts this long; an idle loop asks again after it
 PULL_IDLE_CHECK_S = 0.5  # how often an idle loop checks that its request is still outstanding
 
