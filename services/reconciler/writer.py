@@ -136,7 +136,7 @@ class StateWriter:
         try:
             if regs:
                 regs = await self.refuse_inventory_changes(regs)
-            await store.register_workers(list(regs.values()))
+            await store.register_workers(list(regs.values()), seen_at=self.service.clock())
             await store.record_heartbeats(list(beats.values()))
             await store.set_model_files(files.values())
         except Exception:
