@@ -27,7 +27,7 @@ from ops.view import ClusterSnapshot, ModelView
 from shared.bus import subjects
 from shared.bus.messages import CordonCommand, Message, RemoveWorkerCommand, ScaleCommand, encode
 from shared.bus.validate import check_scale
-from shared.core.limits import MAX_GPU_INDEX
+from shared.core.limits import MAX_GPU_INDEX, MAX_REPLICAS, bad_model_name
 from shared.core.placement import lifecycle
 from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, RestartPolicy, Worker, WorkerState
 from shared.core.placement.planner import Cluster, Timings, WorkerRemoval, remove_worker
@@ -111,6 +111,17 @@ def _unknown_fields(data: dict[str, object]) -> list[str]:
     return bad
 
 
+def _plain_problem(data: dict[str, object]) -> str | None:
+    name, replicas = data.get("name"), data.get("replicas")
+    if isinstance(name, str) and (reason := bad_model_name(name)):
+        return reason
+    if isinstance(replicas, int) and replicas < 0:
+        return f"negative replicas ({replicas})"
+    if isinstance(replicas, int) and replicas > MAX_REPLICAS:
+        return f"{replicas} replicas, more than the limit of {MAX_REPLICAS}"
+    return None
+
+
 def load_spec(path: Path) -> ModelSpec:
     """Read and validate a model spec file; a CliError with exit code 2 says what is wrong."""
     raw = read_input_file(path, "spec")
@@ -125,6 +136,9 @@ def load_spec(path: Path) -> ModelSpec:
     unknown = _unknown_fields(data)
     if unknown:
         raise CliError(f"{path}: unknown field(s) {', '.join(unknown)}", exit_code=2)
+    problem = _plain_problem(data)  # the common mistakes in words, before the schema's own wording
+    if problem:
+        raise CliError(f"{path}: {problem}", exit_code=2)
     try:
         spec = msgspec.convert(data, ModelSpec)
     except msgspec.ValidationError as err:

@@ -74,7 +74,7 @@ class ScaleCommand(Message, frozen=True, kw_only=True):
 class RemoveWorkerCommand(Message, frozen=True, kw_only=True):
     """Forget a worker that is no longer heard from, with every replica placed on it (replaced elsewhere)."""
 
-    worker: str
+    worker: WorkerName
 
 
 class CordonCommand(Message, frozen=True, kw_only=True):
@@ -342,8 +342,8 @@ class CordonEvent(Message, frozen=True, kw_only=True):
 class WorkerRemovedEvent(Message, frozen=True, kw_only=True):
     """A worker left the state; every snapshot drops it."""
 
-    worker: str
-    reason: str = ""
+    worker: WorkerName
+    reason: Text = ""
 
 
 class ModelEvent(Message, frozen=True, kw_only=True):
@@ -425,7 +425,7 @@ def decode(data: bytes, kind: type[T]) -> T:
     except msgspec.DecodeError as exc:
         raise MessageError(f"invalid {kind.__name__}: {exc}") from None
     except RecursionError:  # unknown fields are skipped recursively: a hostile payload nests them deep
-        raise MessageError(f"invalid {kind.__name__}: nested deeper than the decoder allows") from None
+        raise MessageError(f"invalid {kind.__name__}: RecursionError: nested deeper than the decoder allows") from None
     except Exception as exc:  # whatever else bytes can make the decoder raise
         raise MessageError(f"invalid {kind.__name__}: {type(exc).__name__}: {exc}") from None
     version = getattr(msg, "v", SCHEMA_VERSION)
