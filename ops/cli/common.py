@@ -27,6 +27,7 @@ from rich.console import Console
 
 from ops.cli.errors import CliError
 from shared.bus.runtime import nats_options
+from shared.paths import runtime_dir
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -51,6 +52,9 @@ def load(nats_url: str | None = None, redis_url: str | None = None) -> Settings:
     overrides: dict[str, Any] = {}
     if not os.environ.get("GANTRY_IDENTITY"):
         overrides["identity"] = "cli"  # the operator's identity from `gantry up`'s credentials (ops.auth)
+    ca = runtime_dir() / "tls" / "ca.pem"  # `gantry up --tls`'s CA (harmless to a server without TLS)
+    if not os.environ.get("GANTRY_TLS_CA_FILE") and ca.exists():
+        overrides["tls_ca_file"] = str(ca)
     if nats_url:
         overrides["nats_url"] = nats_url
     if redis_url:
