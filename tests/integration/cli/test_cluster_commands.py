@@ -198,8 +198,8 @@ BAD_FILES = {
     "a-list": ("- name: x\n", "must be a mapping"),
     "wrong-type": ("name: x\nreplicas: two\n", "Expected `int`, got `str` - at `$.replicas`"),
     "typo": ("name: x\nreplica: 2\n", "unknown field(s) replica"),
-    "negative": ("name: x\nreplicas: -1\n", "Expected `int` >= 0 - at `$.replicas`"),
-    "separator-in-name": ("name: llama:3\n", "- at `$.name`"),
+    "negative": ("name: x\nreplicas: -1\n", "negative replicas"),
+    "separator-in-name": ("name: llama:3\n", "invalid model name 'llama:3'"),
     "bad-enum": ("name: x\nbackend: tensorrt\n", "Invalid enum value 'tensorrt'"),
 }
 

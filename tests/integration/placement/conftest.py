@@ -48,6 +48,20 @@ TIMINGS: dict[str, Any] = {
 _db_counter = itertools.cycle(range(1, 16))
 
 
+class _WriteThrough(dict[str, str]):
+    """A child environment whose assignments go to the launcher's extra environment too."""
+
+    def __init__(self, launcher: LocalStack) -> None:
+        super().__init__(launcher.child_env())
+        self._launcher = launcher
+
+    def __setitem__(self, key: str, value: str) -> None:
+        super().__setitem__(key, value)
+        extra = dict(self._launcher.extra_env)
+        extra[key] = value
+        self._launcher.extra_env = extra
+
+
 @dataclass
 class Stack:
     """A running placement stack and helpers to drive and inspect it.
@@ -65,8 +79,8 @@ class Stack:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment every child gets."""
-        return self.launcher.child_env()
+        """The environment every child gets; a variable set in it reaches the children started afterwards."""
+        return _WriteThrough(self.launcher)
 
     @property
     def procs(self) -> dict[str, subprocess.Popen[bytes]]:
