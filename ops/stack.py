@@ -393,6 +393,9 @@ class LocalStack:
         for name, value in self.settings_for(identity).model_dump().items():
             env[f"GANTRY_{name.upper()}"] = str(value)
         env.update(self.extra_env)
+        if identity is not None and self.credentials is not None:  # a child always runs as its own identity
+            own = self.settings_for(identity)
+            env.update(GANTRY_NATS_URL=own.nats_url, GANTRY_REDIS_URL=own.redis_url, GANTRY_IDENTITY=identity)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env

@@ -229,10 +229,9 @@ async def drained(nc: Client, consumers: Sequence[tuple[str, str]], timeout: flo
     return False
 
 
-KNOWN_KEYS = {Keys.workers, Keys.seen, Keys.usage, Keys.cordon, Keys.files, Keys.models, Keys.desired, Keys.inst,
-              Keys.inst_state, Keys.inst_reason, Keys.inst_worker, Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap,
-              Keys.ram_used, Keys.claims, Keys.desired_seq, Keys.drains}
-KNOWN_PREFIXES = (Keys.model_index, Keys.lock, "gantry:tlock:")
+_LAYOUT = [v for k, v in vars(Keys).items() if not k.startswith("_") and isinstance(v, str)]
+KNOWN_KEYS = {v for v in _LAYOUT if not v.endswith(":")}  # the state layer's layout, as declared
+KNOWN_PREFIXES = (*(v for v in _LAYOUT if v.endswith(":")), "gantry:tlock:")
 
 
 async def junk(store: StateStore, workers: set[str], models: set[str]) -> list[str]:
@@ -263,6 +262,9 @@ async def junk(store: StateStore, workers: set[str], models: set[str]) -> list[s
         out.append("a stored worker is outside the limits")
     if len(await store.instances()) != await r.hlen(Keys.inst):
         out.append("a stored instance is outside the limits")
+    ids = {_text(k) for k in await r.hkeys(Keys.inst)}
+    for key, allowed in ((Keys.retries, ids), (Keys.failures, ids), (Keys.restarts, models)):
+        out += [f"{key}: unknown {n[:80]!r}" for n in sorted({_text(k) for k in await r.hkeys(key)} - allowed)]
     for inst in await store.instances():
         if inst.model not in models or (inst.worker is not None and inst.worker not in workers):
             out.append(f"instance {inst.id[:80]!r} of unknown model or worker")

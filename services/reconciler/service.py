@@ -528,6 +528,11 @@ class Reconciler(PlacementService):
         verdicts = [_verdict(out, ledger) for out in outs]
         # The shared retry book is read only for replicas that will wait (not on the path of a good commit).
         waiting = [v.instance_id for v in verdicts if v.outcome not in ("ok", "dup", "gone")]
+        if waiting:  # an outcome for a replica that is not PENDING (removed, or never existed: forged) is dropped
+            states = await self.store.states(waiting)
+            gone = {i for i in waiting if states.get(i) is not InstanceState.PENDING}
+            verdicts = [dataclasses.replace(v, outcome="gone") if v.instance_id in gone else v for v in verdicts]
+            waiting = [i for i in waiting if i not in gone]
         booked = await self.store.retries(waiting) if waiting else {}
         book = Book(retries={i: self._retry_of(i, booked, now) for i in waiting})
         p = plan({}, [], self.cluster(), verdicts, now, book, self.timings())

@@ -357,6 +357,13 @@ class StateStore:
             )
         return sorted(out, key=lambda i: i.id)
 
+    async def states(self, ids: Sequence[str]) -> dict[str, InstanceState]:
+        """The current state of each of ``ids`` that exists (one round trip)."""
+        if not ids:
+            return {}
+        raw = await self.r.hmget(Keys.inst_state, list(ids))
+        return {i: InstanceState(_s(v)) for i, v in zip(ids, raw, strict=True) if v is not None}
+
     async def instance(self, instance_id: str) -> Instance | None:
         """One instance with its current state, or None."""
         pipe = self.r.pipeline(transaction=False)

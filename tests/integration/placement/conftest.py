@@ -48,20 +48,6 @@ TIMINGS: dict[str, Any] = {
 _db_counter = itertools.cycle(range(1, 16))
 
 
-class _WriteThrough(dict[str, str]):
-    """A child environment whose assignments go to the launcher's extra environment too."""
-
-    def __init__(self, launcher: LocalStack) -> None:
-        super().__init__(launcher.child_env())
-        self._launcher = launcher
-
-    def __setitem__(self, key: str, value: str) -> None:
-        super().__setitem__(key, value)
-        extra = dict(self._launcher.extra_env)
-        extra[key] = value
-        self._launcher.extra_env = extra
-
-
 @dataclass
 class Stack:
     """A running placement stack and helpers to drive and inspect it.
@@ -71,16 +57,12 @@ class Stack:
     """
 
     launcher: LocalStack
+    env: dict[str, str]  # every child's environment; a test may change it before starting processes
     logs: Path
     nc: Client
     store: StateStore
     dead_letters: list[ErrorEvent] = field(default_factory=list)
     _seq: int = 0
-
-    @property
-    def env(self) -> dict[str, str]:
-        """The environment every child gets; a variable set in it reaches the children started afterwards."""
-        return _WriteThrough(self.launcher)
 
     @property
     def procs(self) -> dict[str, subprocess.Popen[bytes]]:
@@ -201,7 +183,9 @@ async def stack(
         Settings(nats_url=nats_server.url, redis_url=redis_url, **TIMINGS), home=tmp_path, external_servers=True,
         credentials=nats_server.credentials,
     )
-    st = Stack(launcher=launcher, logs=launcher.log_dir, nc=nc, store=store)
+    env = launcher.child_env()
+    launcher.extra_env = env  # the same dict: what a test changes in ``stack.env`` reaches the next child
+    st = Stack(launcher=launcher, env=env, logs=launcher.log_dir, nc=nc, store=store)
 
     async def on_dead_letter(msg: Any) -> None:
         st.dead_letters.append(msgspec.json.decode(msg.data, type=ErrorEvent))

@@ -160,3 +160,13 @@ def test_an_inventory_change_under_claims_is_refused(
         assert reason is None
     else:
         assert reason is not None and fragment in reason and "holds claims" in reason
+
+
+def test_a_child_runs_as_its_identity_whatever_the_extra_environment(tmp_path: Path) -> None:
+    from ops.stack import LocalStack
+
+    stack = LocalStack(Settings(), home=tmp_path, credentials=Credentials.generate(),
+                       extra_env={"GANTRY_NATS_URL": "nats://admin:x@127.0.0.1:4222", "GANTRY_FORGET_AFTER_S": "6"})
+    env = stack.child_env("filter")
+    assert env["GANTRY_NATS_URL"].startswith("nats://filter:") and env["GANTRY_REDIS_URL"].startswith("redis://filter:")
+    assert env["GANTRY_IDENTITY"] == "filter" and env["GANTRY_FORGET_AFTER_S"] == "6"
