@@ -195,6 +195,7 @@ class FittedColumns(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     claim: int = 0
     claims: bytes = b""
     ram_claim: int = 0
+    cpu_claim: int = 0  # milli-cores
 
 
 class PlacementFitted(Message, frozen=True, kw_only=True):
@@ -220,7 +221,7 @@ class PlacementFitted(Message, frozen=True, kw_only=True):
         packed = {
             model: FittedColumns(
                 strategy=c.strategy, workers=sets.setdefault(c.workers, len(sets)), gpus=c.gpus, claim=c.claim,
-                claims=c.claims, ram_claim=c.ram_claim,
+                claims=c.claims, ram_claim=c.ram_claim, cpu_claim=c.cpu_claim,
             )
             for model, c in columns.items()
         }
@@ -233,7 +234,7 @@ class PlacementFitted(Message, frozen=True, kw_only=True):
             return None
         return CandidateSet(
             model=model, strategy=c.strategy, workers=self.worker_sets[c.workers], gpus=c.gpus, claim=c.claim,
-            claims=c.claims, ram_claim=c.ram_claim,
+            claims=c.claims, ram_claim=c.ram_claim, cpu_claim=c.cpu_claim,
         )
 
 

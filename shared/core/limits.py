@@ -47,6 +47,7 @@ MAX_GPU_INDEX = 1023
 MAX_GPUS_PER_REPLICA = 1024
 MAX_GPU_VRAM = 4 * TIB
 MAX_WORKER_RAM = 256 * TIB
+MAX_MILLICORES = 100_000_000  # CPU in milli-cores: 100,000 cores
 MAX_MODEL_BYTES = 1 << 52  # a replica's whole claim or a model's weights (MAX_GPUS_PER_REPLICA × MAX_GPU_VRAM)
 MAX_LAYERS = 100_000
 MAX_CONTEXT = 1 << 24
@@ -70,6 +71,7 @@ GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_INDEX)]
 GpuCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_GPUS_PER_REPLICA)]
 VramBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_VRAM)]
 RamBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKER_RAM)]
+MilliCores = Annotated[int, msgspec.Meta(ge=0, le=MAX_MILLICORES)]
 ModelBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_MODEL_BYTES)]
 Layers = Annotated[int, msgspec.Meta(ge=0, le=MAX_LAYERS)]
 Tokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)]

@@ -23,6 +23,7 @@ from shared.core.limits import (
     InstanceId,
     Labels,
     Layers,
+    MilliCores,
     ModelBytes,
     ModelName,
     RamBytes,
@@ -81,8 +82,13 @@ class Category(StrEnum):
 
 
 class PlacementStrategy(StrEnum):
-    """Scale-up placement policy of a model."""
+    """Scale-up placement policy of a model.
 
+    ``spread`` and ``binpack`` are GPUStack's, decision for decision; ``auto`` (the default) is Gantry's:
+    the placement that strands the least GPU capacity, judged on GPUs, CPU and RAM together.
+    """
+
+    AUTO = "auto"
     SPREAD = "spread"
     BINPACK = "binpack"
 
@@ -117,6 +123,9 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     gpus: Annotated[tuple[Gpu, ...], msgspec.Meta(max_length=MAX_GPUS_PER_WORKER)] = ()
     ram_total: RamBytes = 0
     ram_used: RamBytes = 0
+    # CPU in milli-cores (1000 = one core); 0 = not reported, and CPU is then not checked on this worker
+    cpu_total: MilliCores = 0
+    cpu_used: MilliCores = 0
     last_heartbeat: Time = 0.0
     cordoned: bool = False
     local_paths: Annotated[tuple[Text, ...], msgspec.Meta(max_length=MAX_LIST)] = ()
@@ -212,7 +221,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     backend_parameters: Annotated[tuple[Text, ...], msgspec.Meta(max_length=MAX_LIST)] = ()  # e.g. ("--tp=2",)
     categories: Annotated[tuple[Category, ...], msgspec.Meta(max_length=16)] = (Category.LLM,)
     replicas: Replicas = 1
-    placement_strategy: PlacementStrategy = PlacementStrategy.SPREAD
+    placement_strategy: PlacementStrategy = PlacementStrategy.AUTO
     cluster: Text = "default"
     worker_selector: Labels = {}
     gpu_selector: GpuSelector | None = None
@@ -220,6 +229,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     cpu_offloading: bool = False
     vram_claim: ModelBytes | None = None  # explicit per-replica VRAM; wins over estimates
     ram_claim: RamBytes | None = None
+    cpu_claim: MilliCores | None = None  # milli-cores each worker of a replica needs
     weight_bytes: ModelBytes | None = None  # W, when not derivable from a known config
     catalog_model: Text | None = None  # key in the model-config catalogue, when the name is not one
     dtype: Text = "bfloat16"
@@ -234,6 +244,7 @@ class SubordinateWorker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     gpu_indexes: GpuIndexes
     vram_claims: VramClaims  # parallel to gpu_indexes
     ram_claim: RamBytes = 0
+    cpu_claim: MilliCores = 0  # milli-cores
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -248,6 +259,7 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     total_layers: Layers | None = None
     offload_layers: Layers | None = None
     overcommit: str | None = None  # why this manual placement overcommits, if it does
+    cpu_claim: MilliCores = 0  # milli-cores on the main worker (subordinates carry their own)
 
 
 class Instance(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -265,6 +277,7 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     offload_layers: Layers | None = None
     reason: str | None = None  # why it is PENDING / ERROR
     created_at: Time = 0.0
+    cpu_claim: MilliCores = 0  # milli-cores on the main worker
 
 
 class ModelFile(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -321,6 +334,7 @@ class ResourceRequest(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     vram: int  # V: bytes the replica's GPUs must provide together for a full offload
     ram: int = 0  # RAM claimed on each worker of a GPU placement
+    cpu: int = 0  # milli-cores claimed on each worker of a placement
     gpu_memory_utilization: float = 0.0  # > 0: claim this fraction of every GPU used (vLLM, SGLang)
     gpu_count: int | None = None  # world size asked for by parallel sizes or the GPU selector
     attention_heads: int | None = None  # tensor-parallel sizes must divide these (when known)

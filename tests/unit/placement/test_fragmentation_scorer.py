@@ -153,3 +153,29 @@ def test_fast_path_and_reference_agree_on_every_candidate():
         assert isinstance(fast, Decision) and isinstance(slow, Decision)
         assert fast.candidate == slow.candidate
         assert fast.score == pytest.approx(slow.score)
+
+
+@pytest.mark.parametrize(
+    ("free", "cpu_free", "expected_extra"),
+    [
+        # 3 free GPUs, CPU for 1 (8 cores per GPU): 2 GPUs' worth stranded by CPU, times the weight 0.5.
+        ([1000, 1000, 1000, 0], 8000, 0.5 * 2.0),
+        # CPU for all three: nothing extra.
+        ([1000, 1000, 1000, 0], 24000, 0.0),
+        # No CPU at all: every free GPU (1.5) is host-stranded.
+        ([1000, 500, 0, 0], 0, 0.5 * 1.5),
+    ],
+)
+def test_host_weight_adds_the_gpus_a_workers_cpu_can_no_longer_back(free, cpu_free, expected_extra):
+    shape = ReplicaShape(gpus=1, milli=1000, host=(8000, 0))  # 8 cores per whole GPU
+    work = Workload(shapes=(shape,), weights=(1.0,))
+    access = type_access(["L4"], work)
+    host = np.array([[cpu_free, 10**12]])
+    plain = expected_fragmentation(np.array([free]), host, access, work.arrays(host_dims=2))[0]
+    weighted = expected_fragmentation(np.array([free]), host, access, work.arrays(host_dims=2, host_weight=0.5))[0]
+    assert weighted - plain == pytest.approx(expected_extra)
+
+
+def test_host_weight_zero_is_fgds_measure_alone():
+    profile = validate_profile(Profile(scorers=(ScorerConfig(name="fragmentation", args={"host_weight": 0}),)))
+    assert SCORERS["fragmentation"].configured(profile.scorers[0].args).host_weight == 0.0  # type: ignore[attr-defined]
