@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 
 from shared.bus.columns import CandidateSet
+from shared.core.kv_events import KVEventBatch
 from shared.core.limits import (
     MAX_BATCH_ITEMS,
     MAX_GPUS_PER_WORKER,
@@ -397,6 +398,24 @@ class EngineMetrics(Message, frozen=True, kw_only=True):
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    max_loras: int = 0  # LoRA slots per batch (vLLM's max_loras); 0 = LoRA off
+    role: str = "mixed"  # P/D role: prefill | decode | mixed (shared.core.roles.NodeRole)
+    num_requests_waiting_for_remote_kv: int = 0  # decode side: admitted, waiting for the prefill's KV
+    clock_lag_s: float = 0.0  # how far the emulated engine trails its clock (0 when it keeps time)
+
+
+class EngineKVEvents(Message, frozen=True, kw_only=True):
+    """A model server's KV-cache events since its previous message (vLLM's ``KVEventBatch``: blocks stored
+    with their chained hashes and parent, blocks removed, all cleared).
+
+    ``seq`` counts this instance's messages from 0 (restarting with the server): a consumer that sees a gap
+    lost events and should drop what it knows of this instance's cache (it is rebuilt as blocks are stored).
+    """
+
+    instance_id: str
+    model: str
+    seq: int
+    batch: KVEventBatch
 
 
 T = TypeVar("T", bound=msgspec.Struct)

@@ -9,8 +9,10 @@ handful of vectorised operations. Every mutation refreshes the touched worker's 
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -114,6 +116,12 @@ class ClusterSnapshot:
         self._free: list[int] = []
         self._slot: dict[str, dict[int, int]] = {}
         self._instances: dict[str, Instance] = {}
+        # (created_at, id) of every instance on a worker, oldest first: "the most recent placements" in
+        # O(window) instead of a sort of every instance per decision (the fragmentation scorer's workload)
+        self._placed: list[tuple[float, str]] = []
+        # Derived values a plugin may keep between decisions (e.g. replica shapes); dropped whenever a
+        # worker's inventory may have changed, since such values may read GPU totals.
+        self.memo: dict[str, Any] = {}
         self._by_model: dict[str, dict[str, Instance]] = {}
         self._vram_claims: dict[str, dict[int, int]] = {}
         self._ram_claims: dict[str, int] = {}
@@ -235,6 +243,7 @@ class ClusterSnapshot:
             self._alloc_arrays(self._cap, len(worker.gpus))
         self._workers[name] = worker
         self._claim_cache.clear()  # totals may have changed
+        self.memo.clear()
         self._slot[name] = new_slots
         self._refresh(name)
 
@@ -259,6 +268,7 @@ class ClusterSnapshot:
         self._names[row] = ""
         self._free.append(row)
         self._claim_cache.clear()
+        self.memo.clear()
         self._count_cache.clear()
         self._ready_cache.clear()
         self._moved()
@@ -347,6 +357,7 @@ class ClusterSnapshot:
         """Add an instance or replace it (e.g. a state change); claims and counts follow."""
         self.version += 1
         old = self._instances.get(instance.id)
+        self._track_placed(old, instance)
         if old is not None and old.model == instance.model and self._parts(old) == self._parts(instance):
             # A state change (STARTING → RUNNING): same claims and counts, nothing to recompute.
             self._instances[instance.id] = instance
@@ -361,12 +372,31 @@ class ClusterSnapshot:
         for name in touched:
             self._refresh_usage(name)
 
+    def _track_placed(self, old: Instance | None, new: Instance | None) -> None:
+        old_key = (old.created_at, old.id) if old is not None and old.worker is not None else None
+        new_key = (new.created_at, new.id) if new is not None and new.worker is not None else None
+        if old_key == new_key:
+            return
+        if old_key is not None:
+            i = bisect_left(self._placed, old_key)
+            if i < len(self._placed) and self._placed[i] == old_key:
+                del self._placed[i]
+        if new_key is not None:
+            insort(self._placed, new_key)
+
+    def recent_placed(self, window: int) -> list[Instance]:
+        """The ``window`` most recently created instances that sit on a worker, oldest first."""
+        if window <= 0:
+            return []
+        return [self._instances[i] for _, i in self._placed[-window:]]
+
     def remove_instance(self, instance_id: str) -> None:
         """Forget an instance and release its claims."""
         old = self._instances.pop(instance_id, None)
         if old is None:
             return
         self.version += 1
+        self._track_placed(old, None)
         by_model = self._by_model.get(old.model, {})
         by_model.pop(instance_id, None)
         if not by_model:

@@ -179,3 +179,53 @@ def test_host_weight_adds_the_gpus_a_workers_cpu_can_no_longer_back(free, cpu_fr
 def test_host_weight_zero_is_fgds_measure_alone():
     profile = validate_profile(Profile(scorers=(ScorerConfig(name="fragmentation", args={"host_weight": 0}),)))
     assert SCORERS["fragmentation"].configured(profile.scorers[0].args).host_weight == 0.0  # type: ignore[attr-defined]
+
+
+def test_single_slot_fragmentation_equals_the_full_state_computation_bit_for_bit() -> None:
+    import numpy as np
+
+    from shared.core.placement.scorers.fragmentation import (
+        ReplicaShape,
+        Workload,
+        expected_fragmentation,
+        single_slot_fragmentation,
+    )
+
+    rng = np.random.default_rng(7)
+    for host_weight in (0.0, 0.5):
+        rows, width = 40, 8
+        free = rng.integers(-1, 1001, size=(rows, width))
+        after_slot = np.where(free < 0, -1, np.maximum(free - rng.integers(0, 1001, size=(rows, width)), 0))
+        host = rng.integers(0, 64_000, size=(rows, 2))
+        work = Workload.learn([ReplicaShape(gpus=int(g), milli=int(m), host=(int(c), int(r)))
+                               for g, m, c, r in zip(rng.integers(1, 5, 30), rng.integers(1, 1001, 30),
+                                                     rng.integers(0, 8_000, 30), rng.integers(0, 16_000, 30),
+                                                     strict=True)])
+        arrays = work.arrays(host_dims=2, host_weight=host_weight)
+        access = rng.random((rows, len(work))) > 0.2
+        eye = np.eye(width, dtype=bool)
+        full = np.where(eye[None, :, :], after_slot[:, :, None], free[:, None, :])
+        expected = expected_fragmentation(full, np.broadcast_to(host[:, None, :], (rows, width, 2)),
+                                          np.broadcast_to(access[:, None, :], (rows, width, len(work))), arrays)
+        got = single_slot_fragmentation(free, after_slot, host, access, arrays)
+        assert np.array_equal(got, expected)
+
+
+def test_recent_placed_is_the_newest_instances_on_a_worker_oldest_first() -> None:
+    import msgspec
+
+    from shared.core.placement.domain import Instance, InstanceState
+    from shared.core.placement.snapshot import ClusterSnapshot
+
+    snap = ClusterSnapshot()
+    for k, t in enumerate([5.0, 1.0, 3.0, 4.0]):
+        snap.upsert_instance(Instance(id=f"i{k}", model="m", state=InstanceState.PENDING, created_at=t))
+    assert snap.recent_placed(10) == []  # none sits on a worker yet
+    for k in range(4):
+        inst = snap.instance(f"i{k}")
+        assert inst is not None
+        snap.upsert_instance(msgspec.structs.replace(inst, worker="w"))
+    snap.remove_instance("i3")
+    assert [i.id for i in snap.recent_placed(2)] == ["i2", "i0"]
+    assert [i.id for i in snap.recent_placed(10)] == ["i1", "i2", "i0"]
+
