@@ -76,8 +76,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     fleet = WorkerFleet(count=WORKERS, gpus=2, extra=("--heartbeat-interval", "0.5"))
     stack = LocalStack(settings, fleet, home=home, wait_ready=False)
     stack.start()
-    store = StateStore.from_url(settings.redis_url)
-    nc = await nats.connect(settings.nats_url)
+    admin = stack.settings_for("admin")  # the harness injects what no service identity may (auth is on)
+    store = StateStore.from_url(admin.redis_url)
+    nc = await nats.connect(admin.nats_url)
     rejected: Counter[str] = Counter()
 
     async def on_dead(msg: object) -> None:

@@ -52,6 +52,7 @@ from ops.servers import free_port  # noqa: E402
 from ops.stack import WORKERS_SERVICE, LocalStack, WorkerFleet  # noqa: E402
 from shared.bus import subjects  # noqa: E402
 from shared.bus.messages import DecisionEvents, ScaleCommand, encode  # noqa: E402
+from shared.bus.runtime import nats_options  # noqa: E402
 from shared.core.placement.domain import GIB, Category, ModelSpec, PlacementStrategy  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.state import StateStore  # noqa: E402
@@ -87,7 +88,8 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
     )
     fleet = WorkerFleet(count=args.workers, gpus=8, extra=("--start-delay", "0.05", "--download-delay", "0"))
     # The one way to start a stack (ops.stack), as `gantry up` does: servers, the four services, the fleet.
-    stack = LocalStack(settings, fleet, home=tmp, nats_monitor_port=monitor, wait_ready=False)
+    stack = LocalStack(settings, fleet, home=tmp, nats_monitor_port=monitor, wait_ready=False, auth=not args.no_auth,
+                       tls=args.tls)
     stack.start()
     assert stack.nats is not None and stack.redis is not None
     watched = {"nats": psutil.Process(stack.nats.process.pid), "redis": psutil.Process(stack.redis.process.pid),
@@ -124,8 +126,9 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             out[name] = t.user + t.system
         return out
 
-    store = StateStore.from_url(stack.settings.redis_url)
-    nc = await nats.connect(stack.settings.nats_url)
+    admin = stack.settings_for("admin")  # the driver stands in for the operator and reads everything
+    store = StateStore.from_url(admin.redis_url)
+    nc = await nats.connect(admin.nats_url, **nats_options(admin))
     try:
         await wait_workers(store, args.workers, 120)
         if not args.same_priority:
@@ -282,6 +285,8 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--drain", type=float, default=30.0, help="longest wait for the last commits after sending")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--no-auth", action="store_true", help="servers without identities (to measure what auth costs)")
+    p.add_argument("--tls", action="store_true", help="NATS over TLS (gantry up --tls)")
     p.add_argument("--same-priority", action="store_true",
                    help="run the fleet and the driver at the services' CPU priority (default: lower)")
     p.add_argument("--profile", type=Path, default=None, help="write py-spy collapsed stacks per process here")

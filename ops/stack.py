@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ops.auth import ADMIN, ENGINE, FLEET, AuthError, Credentials, TlsFiles, without_userinfo
 from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, ServerStartError, free_port, start_nats, start_redis
 from shared.core.placement.domain import GIB
 from shared.paths import REPO_ROOT, runtime_dir
@@ -210,6 +211,10 @@ class LocalStack:
     nats_monitor_port: int | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     wait_ready: bool = True  # start() waits until every service pulls before starting workers
+    auth: bool = True  # servers of our own start with an identity per role (ops.auth); off: anyone connects
+    credentials: Credentials | None = None  # the servers' identities (external servers: given by the caller)
+    tls: bool = False  # NATS over TLS with the home's CA and certificate (ops.tls; generated on first use)
+    _tls_files: TlsFiles | None = None
     _lock: StackLock | None = None
     _wrote_state: bool = False
 
@@ -263,8 +268,20 @@ class LocalStack:
                 )
 
     def start_servers(self) -> None:
-        """Start NATS (JetStream) and Redis on the ports the settings name."""
+        """Start NATS (JetStream) and Redis on the ports the settings name (with the home's credentials,
+        generated on first use, unless ``auth`` is off)."""
         self.check_ports()
+        if self.auth and self.credentials is None:
+            self.credentials = Credentials.ensure(self.home)
+        if self.tls and self._tls_files is None:
+            from ops.tls import ensure_tls
+
+            try:
+                self._tls_files = ensure_tls(self.home)
+            except AuthError as err:
+                raise StackError(str(err)) from None
+            # Every client trusts the home's CA (the children through GANTRY_TLS_CA_FILE).
+            self.settings = self.settings.model_copy(update={"tls_ca_file": str(self._tls_files.ca)})
         try:
             self.nats = self._start_nats()
             self.redis = self._start_redis()
@@ -274,13 +291,13 @@ class LocalStack:
     def _start_nats(self) -> ServerProcess:
         return start_nats(
             self.home / "nats", port=url_port(self.settings.nats_url, 4222), cpus=COLOCATED_NATS_CPUS,
-            monitor_port=self.nats_monitor_port,
+            monitor_port=self.nats_monitor_port, auth=self.credentials, tls=self._tls_files,
         )
 
     def _start_redis(self) -> ServerProcess:
         return start_redis(
             self.home / "redis", port=url_port(self.settings.redis_url, 6379),
-            password=url_password(self.settings.redis_url),
+            password=None if self.credentials else url_password(self.settings.redis_url), auth=self.credentials,
         )
 
     def kill_server(self, which: str, sig: int = signal.SIGKILL) -> None:
@@ -329,9 +346,11 @@ class LocalStack:
         from nats.js.errors import NotFoundError
 
         from shared.bus import streams
+        from shared.bus.runtime import nats_options
 
         wanted = [(stream, durable) for stream, durable, _ in streams.ALL_CONSUMERS]
-        nc = await nats.connect(self.settings.nats_url, connect_timeout=5)
+        admin = self.settings_for(ADMIN)
+        nc = await nats.connect(admin.nats_url, connect_timeout=5, **nats_options(admin))
         try:
             js = nc.jetstream()
             deadline = time.monotonic() + timeout
@@ -359,12 +378,26 @@ class LocalStack:
         finally:
             await nc.close()
 
-    def child_env(self) -> dict[str, str]:
-        """The environment every child gets: this one plus the stack's GANTRY_* settings."""
+    def settings_for(self, identity: str | None) -> Settings:
+        """The stack's settings as ``identity`` (its user and secret in both URLs); unchanged without
+        credentials or identity."""
+        if self.credentials is None or identity is None:
+            return self.settings
+        return self.settings.model_copy(update={
+            "nats_url": self.credentials.url(self.settings.nats_url, identity),
+            "redis_url": self.credentials.url(self.settings.redis_url, identity),
+            "identity": identity,
+        })
+
+    def child_env(self, identity: str | None = None) -> dict[str, str]:
+        """The environment every child gets: this one plus the stack's GANTRY_* settings (as ``identity``)."""
         env = dict(os.environ)
-        for name, value in self.settings.model_dump().items():
+        for name, value in self.settings_for(identity).model_dump().items():
             env[f"GANTRY_{name.upper()}"] = str(value)
         env.update(self.extra_env)
+        if identity is not None and self.credentials is not None:  # a child always runs as its own identity
+            own = self.settings_for(identity)
+            env.update(GANTRY_NATS_URL=own.nats_url, GANTRY_REDIS_URL=own.redis_url, GANTRY_IDENTITY=identity)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
@@ -373,7 +406,7 @@ class LocalStack:
         """Start one child with its output in ``logs/<name>.log``."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
-        env = self.child_env()
+        env = self.child_env(identity_of(argv))
         if name in self.services or name.rsplit("-", 1)[0] in self.services:  # "scoring" or "scoring-1"
             env["GANTRY_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
         with log.open("ab") as out:
@@ -432,7 +465,7 @@ class LocalStack:
         self.home.mkdir(parents=True, exist_ok=True)
         state = {
             "pid": os.getpid(),
-            "nats_url": self.settings.nats_url,
+            "nats_url": without_userinfo(self.settings.nats_url),
             "children": {c.name: c.process.pid for c in self.children},
             "servers": {s.name: s.process.pid for s in (self.nats, self.redis) if s is not None},
             "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()},
@@ -447,6 +480,19 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def identity_of(argv: Sequence[str]) -> str | None:
+    """The identity a child runs as, from the service module it runs (``-m services.<name>``); None for any
+    other command (it gets the stack's own settings)."""
+    argv = list(argv)
+    if "-m" not in argv or argv.index("-m") + 1 >= len(argv):
+        return None
+    module = argv[argv.index("-m") + 1]
+    if not module.startswith("services."):
+        return None
+    name = module.split(".")[1]
+    return {"workers": FLEET, "engine_server": ENGINE}.get(name, name)
 
 
 def _terminate(children: list[Child], timeout: float) -> None:

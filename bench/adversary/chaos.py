@@ -160,7 +160,7 @@ class Chaos:
         self.down: dict[str, float] = {}  # component -> time it may come back
         self.commands: list[Command] = []
         self.nc: Client | None = None
-        self.store = StateStore.from_url(stack.settings.redis_url)
+        self.store = StateStore.from_url(stack.settings_for("admin").redis_url)
         self.replicas = dict.fromkeys(MAX_REPLICAS, 0)
         self.specs_sent: set[str] = set()
         self._seq = 0
@@ -171,7 +171,8 @@ class Chaos:
             return None
 
         self.nc = await nats.connect(
-            self.stack.settings.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2,
+            self.stack.settings_for("admin").nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+            connect_timeout=2,
             error_cb=quiet,
         )
 

@@ -15,9 +15,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from ops.auth import CLI
 from ops.cli.client import deploy_files, read_snapshot, wait_for
 from ops.cli.common import NatsUrl as NatsUrlOpt
-from ops.cli.common import RedisUrl, connect_redis, load
+from ops.cli.common import RedisUrl, connect_redis, load, redact
 from ops.cli.errors import CliError
 from ops.stack import (
     PLACEMENT_SERVICES,
@@ -52,6 +53,7 @@ def up(
     ] = None,
     demo: Annotated[bool, typer.Option(help="deploy the example models in ops/demo and report")] = False,
     fresh: Annotated[bool, typer.Option(help="wipe the stack's stored data (.gantry/) first")] = False,
+    tls: Annotated[bool, typer.Option(help="NATS over TLS (a CA and certificate generated into .gantry/tls/)")] = False,
     exit_after: Annotated[
         float | None, typer.Option(help="stop cleanly after this many seconds (scripts, trials)")
     ] = None,
@@ -72,7 +74,7 @@ def up(
         except StackError as err:
             raise CliError(str(err), exit_code=2) from None
     home = runtime_dir()
-    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels), home=home)
+    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels), home=home, tls=tls)
     try:
         stack.preflight()  # the home's lock and free ports, before anything there is written or wiped
     except StackError as err:
@@ -82,7 +84,7 @@ def up(
         for sub in ("nats", "redis"):
             shutil.rmtree(home / sub, ignore_errors=True)
     out = Console(highlight=False)
-    out.print(f"starting NATS at {settings.nats_url} and Redis, data and logs in {_rel(home)}/")
+    out.print(f"starting NATS at {redact(settings.nats_url)} and Redis, data and logs in {_rel(home)}/")
     signal.signal(signal.SIGTERM, _interrupt)  # `gantry down` and service managers stop us like Ctrl-C
     try:
         stack.start()
@@ -91,6 +93,7 @@ def up(
     except KeyboardInterrupt:
         out.print("stopped")
         raise typer.Exit(130) from None
+    settings = stack.settings_for(CLI)  # credentials exist now (generated on the first `gantry up`)
     code = 0
     try:
         out.print(f"services: {', '.join(PLACEMENT_SERVICES)}; workers: {workers} × {gpus} {gpu_type}")

@@ -50,7 +50,8 @@ from shared.bus.messages import (
     UnschedulableEvent,
     WorkerRemovedEvent,
 )
-from shared.bus.validate import bad_worker_name, check_scale
+from shared.bus.subjects import INSTANCE_STATUS_WORKER_TOKEN as INSTANCE_STATUS_TOKEN
+from shared.bus.validate import bad_worker_name, check_scale, impersonation
 from shared.core.placement import scale_down_order
 from shared.core.placement.domain import Instance, InstanceState, ModelSpec, Unschedulable, WorkerState
 from shared.core.placement.lifecycle import ACTIVE, ON_WORKER, current_spec, instance_from_decision
@@ -72,7 +73,7 @@ from shared.core.placement.planner import (
 )
 from shared.core.placement.reconcile import resync_workers
 from shared.host.feed import Feed
-from shared.host.service import PlacementService, ack_all, guarded
+from shared.host.service import PlacementService, ack_all, guarded, run_batch
 from shared.state.store import CommitItem, ScaleUp
 
 log = logging.getLogger("gantry.reconciler")
@@ -130,7 +131,20 @@ class Reconciler(PlacementService):
             await self.consume(raws, PlacementScored, subjects.PLACEMENT_SCORED, self.handle_scored)
 
         async def on_status(raws: list[Msg]) -> None:
-            await self.consume(raws, InstanceStatus, subjects.INSTANCE_STATUS, self.handle_status)
+            batch = await self.decode_batch(raws, InstanceStatus, subjects.INSTANCE_STATUS)
+            honest = []
+            for st, raw in batch:
+                forged = impersonation(st.worker, subjects.reporting_worker(raw.subject, INSTANCE_STATUS_TOKEN))
+                if forged:  # a worker may report only on its own instances' subject
+                    await self.bus.dead_letter(subjects.INSTANCE_STATUS, forged, raw.data)
+                    await raw.term()
+                else:
+                    honest.append((st, raw))
+            if honest:
+                await run_batch(
+                    self, subjects.INSTANCE_STATUS, [r for _, r in honest],
+                    lambda: self.handle_status([m for m, _ in honest]),
+                )
 
         self.pull(streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL, on_commands,
                   linger=self.settings.command_linger_s)

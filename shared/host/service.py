@@ -35,7 +35,19 @@ from shared.bus.messages import (
     WorkerRemovedEvent,
     decode,
 )
-from shared.bus.runtime import Bus, PullHandler, RawHandler, listen, make_broker, nats_client, prepare, pull_loop
+from shared.bus.runtime import (
+    Bus,
+    PullHandler,
+    RawHandler,
+    ReportHandler,
+    listen,
+    listen_reports,
+    make_broker,
+    nats_client,
+    nats_options,
+    prepare,
+    pull_loop,
+)
 from shared.bus.streams import ALL_CONSUMERS
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile
 from shared.core.placement.registry import profile_from_json, profile_from_yaml
@@ -86,6 +98,7 @@ class PlacementService:
         self._bus: Bus | None = None
         self._pulls: list[tuple[str, str, str, PullHandler, float]] = []
         self._listens: list[tuple[str, str, RawHandler]] = []
+        self._reports: list[tuple[str, str, ReportHandler]] = []
         self._loops: set[asyncio.Task[None]] = set()
         self._asked: dict[str, float] = {}
         self.app.on_startup(self._declare)
@@ -160,7 +173,7 @@ class PlacementService:
     async def _declare(self) -> None:
         import nats
 
-        nc = await nats.connect(self.settings.nats_url)
+        nc = await nats.connect(self.settings.nats_url, **nats_options(self.settings))
         try:
             # Every consumer, not only ours: interest-retention streams drop what no consumer wants yet.
             await prepare(nc, self.settings, ALL_CONSUMERS)
@@ -172,6 +185,8 @@ class PlacementService:
         nc = nats_client(self.broker)
         for subject, queue, on_raw in self._listens:
             await listen(nc, subject, on_raw, queue)
+        for subject, queue, on_report in self._reports:
+            await listen_reports(nc, subject, on_report, queue)
         await self.feed.load(self.store)
         # Workers that registered before we subscribed are in Redis only if the writer saw them: ask all
         # to register again so no worker is missing from this snapshot.
@@ -231,23 +246,38 @@ class PlacementService:
             raise ValueError(f"{self.name}: {subject} (queue {queue!r}) is not declared in its contract")
         self._listens.append((subject, queue, handler))
 
+    def listen_reports(self, subject: str, handler: ReportHandler, queue: str = "") -> None:
+        """Like ``listen`` for worker reports: ``handler`` also gets the worker the subject speaks for (the
+        identity the bus let publish there), to drop a report whose payload names another worker."""
+        if not self.contract().consumed(subject, queue=queue):
+            raise ValueError(f"{self.name}: {subject} (queue {queue!r}) is not declared in its contract")
+
+        async def on_report(body: bytes, concrete: str) -> None:
+            await handler(body, subjects.reporting_worker(concrete))
+
+        self._reports.append((subject, queue, on_report))
+
     def wire_feed(self) -> None:
         """Subscribe the snapshot feed to worker reports and cluster events (fan-out, no queue)."""
         feed = self.feed
 
-        async def on_register(body: bytes) -> None:
+        # A report whose payload names another worker than its subject is forged: dropped here, dead-lettered
+        # once by the state writer.
+        async def on_register(body: bytes, sender: str) -> None:
             reg = self._quiet_decode(body, WorkerRegistration)
-            if reg is not None:
+            if reg is not None and reg.worker.name == sender:
                 feed.on_register(reg, self.clock())
 
-        async def on_heartbeat(body: bytes) -> None:
+        async def on_heartbeat(body: bytes, sender: str) -> None:
             hb = self._quiet_decode(body, Heartbeat)
-            if hb is not None and feed.on_heartbeat(hb, self.clock()) and hb.worker not in feed.inventory:
+            if hb is None or hb.worker != sender:
+                return
+            if feed.on_heartbeat(hb, self.clock()) and hb.worker not in feed.inventory:
                 await self._ask_to_register(hb.worker)
 
-        async def on_file(body: bytes) -> None:
+        async def on_file(body: bytes, sender: str) -> None:
             upd = self._quiet_decode(body, ModelFileUpdate)
-            if upd is not None:
+            if upd is not None and upd.worker == sender:
                 feed.on_file(upd)
 
         async def on_cordon(body: bytes) -> None:
@@ -261,12 +291,12 @@ class PlacementService:
                 feed.on_worker_removed(ev.worker)
 
         wanted = self.feeds()
-        self.listen(subjects.REGISTER, on_register)
-        self.listen(subjects.HEARTBEAT, on_heartbeat)
+        self.listen_reports(subjects.REGISTER, on_register)
+        self.listen_reports(subjects.HEARTBEAT, on_heartbeat)
         self.listen(subjects.EVENT_CORDON, on_cordon)
         self.listen(subjects.EVENT_WORKER_REMOVED, on_worker_removed)
         if Feed.FILES in wanted:
-            self.listen(subjects.MODEL_FILE, on_file)
+            self.listen_reports(subjects.MODEL_FILE, on_file)
         if Feed.CLAIMS in wanted:
 
             async def on_instance(body: bytes) -> None:

@@ -217,6 +217,20 @@ class StateStore:
             pipe.hset(Keys.seen, mapping=dict.fromkeys(inv, repr(seen_at)))
         await pipe.execute()
 
+    async def held(self, names: Sequence[str]) -> dict[str, tuple[Worker, dict[int, int]]]:
+        """Each stored worker's inventory and the VRAM the ledger holds claimed on each of its GPUs (workers not
+        stored yet are left out): what a new registration of theirs may not take away."""
+        if not names:
+            return {}
+        raws = await self.r.hmget(Keys.workers, list(names))
+        stored = [w for w in (_load(_dec_worker, raw, "worker") for raw in raws if raw) if w is not None]
+        fields = [gpu_field(w.name, g.index) for w in stored for g in w.gpus]
+        used = iter(await self.r.hmget(Keys.gpu_used, fields) if fields else [])
+        out: dict[str, tuple[Worker, dict[int, int]]] = {}
+        for w in stored:
+            out[w.name] = (w, {g.index: int(next(used) or 0) for g in w.gpus})
+        return out
+
     async def record_heartbeats(self, beats: Sequence[tuple[UsageReport, float]]) -> None:
         """Batched write of (heartbeat, receive time): last-seen and latest usage, one round trip."""
         if not beats:

@@ -185,7 +185,8 @@ async def stack(
     nc = await nats.connect(nats_server.url)
     await delete_streams(nc.jetstream())
     launcher = LocalStack(
-        Settings(nats_url=nats_server.url, redis_url=redis_url, **TIMINGS), home=tmp_path, external_servers=True
+        Settings(nats_url=nats_server.url, redis_url=redis_url, **TIMINGS), home=tmp_path, external_servers=True,
+        credentials=nats_server.credentials,
     )
     env = launcher.child_env()
     launcher.extra_env = env  # the same dict: what a test changes in ``stack.env`` reaches the next child

@@ -78,7 +78,7 @@ async def test_bad_heartbeats_are_dead_lettered_and_good_ones_still_recorded(sta
     stack.start_service("reconciler")
     await wait_until(lambda: stack.store.worker_names(), 20, "registered worker")
     for name, payload, fragment in HEARTBEATS:
-        await stack.nc.publish(subjects.HEARTBEAT, payload)
+        await stack.nc.publish(subjects.worker_heartbeat("stranger" if name == "unknown-worker" else "w0"), payload)
         await wait_until(lambda f=fragment: dead_letter_with(stack, "reconciler", f), 10, f"dead letter for {name}")
         # The writer keeps going: w0's next heartbeat is still recorded.
         before = (await stack.store.workers())[0].last_heartbeat
