@@ -29,7 +29,7 @@ from ops.stack import (
     stop_running_stack,
 )
 from ops.view import ClusterSnapshot, models_table, state_counts
-from ops.web import WebView
+from ops.cli.web import WebView
 from shared.core.placement.domain import InstanceState, WorkerState
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from ops.view import ClusterSnapshot, ModelView
-from ops.web import render_content, render_page, state_json
+from ops.cli.web import render_content, render_page, state_json
 from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, Worker, WorkerState
 
 T0 = 1_700_000_000.0
@@ -78,7 +78,7 @@ def test_servers_away_give_a_one_line_503_not_a_traceback() -> None:
     from fastapi.testclient import TestClient
 
     from ops.servers import free_port
-    from ops.web import build_app
+    from ops.cli.web import build_app
     from shared.settings import Settings
 
     closed = free_port()  # nothing listens there
