@@ -86,3 +86,34 @@ def admit(queue: Sequence[QueuedRequest], budget: PullBudget) -> int:
             break
         taken += 1
     return taken
+
+
+@dataclass(frozen=True, slots=True)
+class PullPlan:
+    """What to take from the head of a queue: ``count`` leading entries, of which ``expired`` are answered."""
+
+    count: int
+    expired: tuple[int, ...]  # positions (within the taken prefix) of requests past the TTL
+    missing: tuple[int, ...] = ()  # positions of ids without a request body (corrupt entries, taken away)
+
+
+def plan_pull(head: Sequence[QueuedRequest | None], budget: PullBudget, now: float, ttl_s: float) -> PullPlan:
+    """The prefix of ``head`` to take: expired requests always (to answer them), the rest by :func:`admit`.
+
+    The prefix ends just before the first live request that does not fit, so nothing jumps the queue.
+    """
+    live: list[QueuedRequest] = []
+    live_pos: list[int] = []
+    expired: list[int] = []
+    missing: list[int] = []
+    for i, req in enumerate(head):
+        if req is None:
+            missing.append(i)
+        elif now - req.arrival_s >= ttl_s:
+            expired.append(i)
+        else:
+            live.append(req)
+            live_pos.append(i)
+    n = admit(live, budget) if live else 0
+    end = live_pos[n] if n < len(live_pos) else len(head)
+    return PullPlan(end, tuple(i for i in expired if i < end), tuple(i for i in missing if i < end))
