@@ -274,6 +274,16 @@ class GlobalBroker:
         """Requests queued at a node (this one by default)."""
         return int(await self.r.llen(self.keys.req(node or self.node)))
 
+    async def queued_ids(self, node: str | None = None) -> list[str]:
+        """Ids queued at a node (this one by default), in order."""
+        return [_s(i) for i in await self.r.lrange(self.keys.req(node or self.node), 0, -1)]
+
+    async def results_of(self, node: str, limit: int = 500) -> list[Output]:
+        """Pop up to ``limit`` output chunks from any node's response list (an operator or a test reading the
+        answers of a node that died)."""
+        raw: list[bytes] | None = await self.r.lpop(self.keys.resp(node), limit)  # type: ignore[assignment]
+        return [_dec_out.decode(item) for item in raw or []]
+
     # -- steps ---------------------------------------------------------------------------------------
     async def _choose_victim(self) -> str | None:
         shards = self.params.load_shards_num

@@ -78,7 +78,7 @@ async def test_chunked_quota_takes_short_and_leaves_long_queued(broker: Factory)
     quota = ChunkedQuota(long_prefill_token_threshold=4, max_num_partial_prefills=2, max_long_partial_prefills=0)
     budget = PullBudget(available_blocks=100, block_size=4, reserved_output_blocks=0, batch=2, chunked=quota)
     assert [r.request_id for r in await me.get_requests(budget, now=1.0)] == ["short"]
-    assert [i.decode() for i in await me.r.lrange(me.keys.req("me"), 0, -1)] == ["long"]
+    assert await me.queued_ids() == ["long"]
 
 
 async def test_results_of_a_stolen_request_go_to_its_origin(broker: Factory) -> None:
@@ -142,7 +142,7 @@ async def test_a_dead_nodes_queued_and_inflight_requests_are_recovered(broker: F
     [flying] = await dead.get_requests(PullBudget(available_blocks=100, block_size=4, batch=1), now=0.0)
     assert await alive.recover_dead(now=2.0) == 0  # heartbeat 2 s old, expiry 3 s: still alive
     assert await alive.recover_dead(now=10.0) == 5
-    ids = [i.decode() for i in await client.lrange(alive.keys.req("alive"), 0, -1)]
+    ids = await alive.queued_ids()
     assert ids == [flying.request_id, "q1", "q2", "q3", "q4"]
     assert await client.zscore(alive.keys.nodes, "dead") is None
     assert await client.zscore(alive.keys.load("dead"), "dead") is None
@@ -172,7 +172,7 @@ async def test_a_restarted_node_gets_its_own_leftover_leases_back(broker: Factor
     await first.get_requests(BUDGET, now=0.0)
     again = broker("n1")
     assert await again.start(now=5.0) == 2
-    assert sorted(i.decode() for i in await client.lrange(again.keys.req("n1"), 0, -1)) == ["a", "b"]
+    assert sorted(await again.queued_ids()) == ["a", "b"]
     got = await again.get_requests(BUDGET, now=5.0)
     assert sorted(r.request_id for r in got) == ["a", "b"]
 
