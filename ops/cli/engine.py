@@ -11,6 +11,7 @@ import typer
 from ops.cli.errors import CliError
 from ops.cli.inputs import read_input_file
 from shared.core.engine.replay import ScenarioError, parse_scenario, replay
+from shared.core.engine.scenarios import first_divergence, random_scenario
 
 engine_app = typer.Typer(help="The emulated inference engine: scheduler replay and tools.", no_args_is_help=True)
 
@@ -35,3 +36,49 @@ def replay_cmd(
             typer.echo(json.dumps(record, separators=(", ", ": ")))
     except ScenarioError as err:
         raise CliError(f"{scenario}: {err}", exit_code=2) from None
+
+
+@engine_app.command("random-scenario")
+def random_scenario_cmd(
+    seed: Annotated[int, typer.Option("--seed", help="the scenario is a function of this seed")] = 0,
+) -> None:
+    """Print the seeded random scenario the differential harness uses (replay's schema)."""
+    import msgspec
+
+    typer.echo(msgspec.json.encode(random_scenario(seed)).decode())
+
+
+@engine_app.command("diff-vllm")
+def diff_vllm_cmd(
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="how many random scenarios")] = 200,
+    first_seed: Annotated[int, typer.Option("--first-seed", help="seed of the first scenario")] = 0,
+    model: Annotated[str, typer.Option("--model", help="model whose config vLLM loads")] = "facebook/opt-125m",
+) -> None:
+    """Replay seeded random scenarios through Gantry's and vLLM's schedulers; report where they differ.
+
+    Needs a CPU-only vLLM install (not a Gantry dependency). The last line is a JSON summary.
+    """
+    from ops.vllm_reference import VllmReplayer, vllm_missing
+
+    missing = vllm_missing()
+    if missing:
+        raise CliError(missing, exit_code=1)
+    agree = 0
+    by_field: dict[str, int] = {}
+    divergences: list[dict[str, object]] = []
+    for seed in range(first_seed, first_seed + seeds):
+        sc = random_scenario(seed)
+        try:
+            theirs = list(VllmReplayer(sc, model).replay())
+        except RuntimeError as err:
+            raise CliError(str(err)) from None
+        d = first_divergence(replay(sc), theirs)
+        if d is None:
+            agree += 1
+            continue
+        by_field[d.field] = by_field.get(d.field, 0) + 1
+        divergences.append({"seed": seed, "where": d.describe()})
+        typer.echo(f"seed {seed}: {d.describe()}")
+    summary = {"seeds": seeds, "agree": agree, "agreement": agree / seeds, "first_divergence_by_field": by_field,
+               "divergences": divergences[:50]}
+    typer.echo(json.dumps(summary))

@@ -14,6 +14,7 @@ prefix index, so a router hashing a request's tokens finds exactly the keys the 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import msgspec
@@ -71,6 +72,21 @@ def decode_batch(data: bytes) -> KVEventBatch:
 
 
 ROOT_HASH = 0  # parent of a sequence's first block when no cache salt is given
+_LORA_TAG = 0x10_5A  # keeps (salt, lora id) roots apart from any block hash of tokens
+
+
+def lora_int_id(name: str) -> int:
+    """A LoRA adapter's integer id, the same in every process (CRC-32 of its name, never 0)."""
+    return (zlib.crc32(name.encode()) & 0x7FFF_FFFF) or 1
+
+
+def chain_root(salt: int = ROOT_HASH, lora_id: int | None = None) -> int:
+    """Parent of a sequence's first block: the cache salt, mixed with the LoRA id when one is used.
+
+    vLLM puts the adapter and the salt in the block hash's extra keys, so the same tokens under two
+    adapters never share blocks; chaining from a per-adapter root gives the same separation.
+    """
+    return salt if lora_id is None else hash((salt, lora_id, _LORA_TAG))
 
 
 def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_HASH) -> list[int]:

@@ -4,6 +4,7 @@ cache and a step-time model standing in for the GPU. Pure and deterministic; tim
 from shared.core.engine.config import SchedulerConfig
 from shared.core.engine.engine import Engine, StepResult
 from shared.core.engine.kv_cache import KVCache
+from shared.core.engine.pd import KVHandoff, KVLink
 from shared.core.engine.request import FinishReason, Request, RequestStatus
 from shared.core.engine.scheduler import Scheduler, StepOutput
 from shared.core.engine.step_time import CalibratedStepTime, RooflineStepTime, StepTimeModel
@@ -13,6 +14,8 @@ __all__ = [
     "Engine",
     "FinishReason",
     "KVCache",
+    "KVHandoff",
+    "KVLink",
     "Request",
     "RequestStatus",
     "RooflineStepTime",

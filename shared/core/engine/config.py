@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from shared.core.roles import NodeRole
+
 Policy = Literal["fcfs", "priority"]
 POLICIES: tuple[str, ...] = ("fcfs", "priority")
 UNLIMITED_LEN = 1 << 40
@@ -23,6 +25,10 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None
+    enable_kv_events: bool = False  # record BlockStored/BlockRemoved/AllBlocksCleared (vLLM's KV events)
+    max_loras: int = 0  # LoRA adapters one batch may use (vLLM's max_loras); 0 = LoRA off
+    max_cpu_loras: int | None = None  # adapters kept loaded (vLLM's max_cpu_loras); default max_loras
+    role: NodeRole = NodeRole.MIXED  # P/D: prefill-only engines finish requests after their prefill
 
     def problems(self) -> list[str]:
         """Every violated constraint, as readable sentences (empty when the config is usable)."""
@@ -39,9 +45,18 @@ class SchedulerConfig:
             out.append(f"policy must be one of {', '.join(POLICIES)} (got {self.policy!r})")
         if self.long_prefill_token_threshold < 0:
             out.append(f"long_prefill_token_threshold must be >= 0 (got {self.long_prefill_token_threshold})")
+        if self.max_loras < 0:
+            out.append(f"max_loras must be >= 0 (got {self.max_loras})")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            out.append(f"max_cpu_loras must be >= max_loras (got {self.max_cpu_loras} < {self.max_loras})")
         if self.max_model_len is not None and self.max_model_len < 2:
             out.append(f"max_model_len must be >= 2 (got {self.max_model_len})")
         return out
+
+    @property
+    def lora_cache_size(self) -> int:
+        """Adapters kept loaded between uses (``max_cpu_loras``, at least ``max_loras``)."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
 
     @property
     def model_len_limit(self) -> int:

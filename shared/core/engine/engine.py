@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.core.engine.config import SchedulerConfig
+from shared.core.engine.pd import KVLink
 from shared.core.engine.request import Request
 from shared.core.engine.scheduler import Scheduler, StepOutput
 from shared.core.engine.stats import LogHistogram
 from shared.core.engine.step_time import StepTimeModel
+from shared.core.kv_events import KVEventBatch
 
 
 @dataclass(slots=True)
@@ -42,9 +44,31 @@ class EngineStats:
 class Engine:
     """One emulated model server's engine."""
 
-    def __init__(self, config: SchedulerConfig, step_model: StepTimeModel, *, fast_forward: bool = True) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        step_model: StepTimeModel,
+        *,
+        fast_forward: bool = True,
+        lora_load_s: float = 0.0,
+        kv_link: KVLink | None = None,
+        kv_bytes_per_token: int | None = None,
+    ) -> None:
+        if lora_load_s < 0:
+            raise ValueError("lora_load_s must be >= 0")
         self.scheduler = Scheduler(config)
+        self.kv_link = kv_link
+        if kv_bytes_per_token is None:  # the step model knows the model's KV size when it is a roofline
+            per_tok = getattr(step_model, "kv_bytes_per_token", None)
+            kv_bytes_per_token = int(per_tok()) if callable(per_tok) else 0
+        if kv_bytes_per_token < 0:
+            raise ValueError("kv_bytes_per_token must be >= 0")
+        self.scheduler.kv_bytes_per_token = kv_bytes_per_token
+        if kv_link is not None:
+            link, per = kv_link, kv_bytes_per_token
+            self.scheduler.kv_transfer_time = lambda n: link.transfer_s(n * per)
         self.step_model = step_model
+        self.lora_load_s = lora_load_s  # a step that first uses an unloaded adapter waits this long per adapter
         self.fast_forward = fast_forward
         self.now = 0.0  # when the engine can start its next step
         self.stats = EngineStats()
@@ -69,13 +93,30 @@ class Engine:
         s = self.scheduler
         return len(s.running) + len(s.waiting)
 
+    def take_kv_events(self, data_parallel_rank: int | None = None) -> KVEventBatch | None:
+        """KV-cache events since the last call, stamped with the end of the last step; None if there are none.
+
+        Call it after each step (real-time drivers) or after ``run_until`` (a fast-forwarded run of decode
+        steps reports its events in one batch).
+        """
+        events = self.scheduler.take_kv_events()
+        if not events:
+            return None
+        return KVEventBatch(ts=self.last_step_end, events=events, data_parallel_rank=data_parallel_rank)
+
     # -- stepping -------------------------------------------------------------------------------------
     def schedule_step(self) -> tuple[StepOutput, float]:
         """First half of a step (real-time drivers): decide the batch and return it with its duration."""
         out = self.scheduler.schedule(self.now)
+        if not out.scheduled:
+            # nothing to run (e.g. every request waits for remote KV): no forward pass, no time. A real-time
+            # driver then waits for a new request or until ``scheduler.next_wakeup()``.
+            return out, 0.0
         d = self.step_model.step_time(
             out.num_tokens, len(out.scheduled), len(out.sampling), out.attn_work, out.kv_read
         )
+        if out.lora_loads:
+            d += self.lora_load_s * len(out.lora_loads)
         return out, d
 
     def finish_step(self, out: StepOutput, start: float, duration: float) -> list[Request]:
@@ -122,7 +163,11 @@ class Engine:
             if sink is not None and fin:
                 sink.extend(fin)
             if not out.scheduled and not out.preempted:
-                break  # stuck (no request fits even an empty pool); never spin
+                t = s.next_wakeup()
+                if t is None:
+                    break  # stuck (no request fits even an empty pool); never spin
+                if t > self.now:  # idle until a KV transfer completes (P/D)
+                    self.now = t
 
     def _fast_forward(self, t_limit: float) -> bool:
         s = self.scheduler
@@ -131,7 +176,7 @@ class Engine:
         cfg = s.config
         if n == 0 or n > cfg.max_num_batched_tokens:
             return False
-        if len(s.waiting) and n < cfg.max_num_seqs:
+        if (len(s.waiting) and n < cfg.max_num_seqs) or s.remote_wait:
             return False
         sum_c = 0
         left_min = 1 << 62

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import IntEnum, StrEnum
 
+from shared.core.engine.pd import KVHandoff
+from shared.core.kv_events import ROOT_HASH, chain_root, lora_int_id
+
 
 class RequestStatus(IntEnum):
     """Where a request is in its life."""
@@ -13,6 +16,7 @@ class RequestStatus(IntEnum):
     RUNNING = 1
     PREEMPTED = 2  # back in the waiting queue after a recompute preemption
     FINISHED = 3
+    WAITING_FOR_REMOTE_KVS = 4  # decode side of P/D: blocks allocated, KV still crossing the link
 
 
 class FinishReason(StrEnum):
@@ -46,8 +50,14 @@ class Request:
         "finish_time",
         "first_scheduled_time",
         "first_token_time",
+        "hash_root",
         "ignore_eos",
+        "kv_handoff",
+        "kv_pending",
+        "kv_ready_at",
         "last_token_time",
+        "lora",
+        "lora_id",
         "max_tokens",
         "min_tokens",
         "next_full",
@@ -88,7 +98,9 @@ class Request:
         arrival_time: float = 0.0,
         sampled_token_ids: Sequence[int] | None = None,
         filler_token: int = 0,
-        cache_salt: int = 0,
+        cache_salt: int = ROOT_HASH,
+        lora: str | None = None,
+        remote_prefill: bool = False,
         uid: int = -1,
     ) -> None:
         if prompt_token_ids is not None:
@@ -113,6 +125,12 @@ class Request:
         self.sampled_token_ids = list(sampled_token_ids) if sampled_token_ids is not None else None
         self.filler_token = filler_token
         self.cache_salt = cache_salt
+        self.lora = lora
+        self.lora_id = lora_int_id(lora) if lora is not None else None
+        self.hash_root = chain_root(cache_salt, self.lora_id)  # parent hash of the first block
+        self.kv_pending = remote_prefill  # P/D decode side: the prompt's KV comes from a prefill engine
+        self.kv_ready_at = -1.0  # when that KV has arrived (set on admission)
+        self.kv_handoff: KVHandoff | None = None  # P/D prefill side: set when the request finishes
         self.status = RequestStatus.WAITING
         self.num_tokens = self.prompt_len
         self.num_output_tokens = 0

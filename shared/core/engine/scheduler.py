@@ -3,20 +3,33 @@
 There is no prefill/decode split: every step tries to bring each scheduled request's
 ``num_computed_tokens`` up to ``num_tokens``, which covers chunked prefill, prefix hits and decode alike.
 The running pass goes first (with recompute preemption when the pool runs dry); the waiting pass admits
-new work only if nothing was preempted. This is the hot loop of every simulation: it touches each running
-request once with plain integer arithmetic and allocates only on block boundaries.
+new work only if nothing was preempted. As in vLLM v0.33, ``long_prefill_token_threshold`` does not cap
+a request that is the only one running or waiting, and a request that is its own preemption victim
+(priority policy) does not end the running pass: the requests after it are still scheduled.
+
+This is the hot loop of every simulation: it touches each running request once with plain integer
+arithmetic and allocates only on block boundaries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shared.core.engine.config import SchedulerConfig
 from shared.core.engine.kv_cache import KVCache
+from shared.core.engine.pd import KVHandoff
 from shared.core.engine.queues import make_queue
 from shared.core.engine.request import FinishReason, Request, RequestStatus
-from shared.core.engine.stats import SchedulerCounters
+from shared.core.engine.stats import LoraStats, SchedulerCounters
 from shared.core.engine.stop import find_stop
+from shared.core.kv_events import KVEvent
+from shared.core.roles import NodeRole
 
 RUNNING = RequestStatus.RUNNING
+
+
+def _no_transfer_time(num_tokens: int) -> float:
+    return 0.0
 
 
 class StepOutput:
@@ -26,7 +39,16 @@ class StepOutput:
     tokens on c already-computed ones.
     """
 
-    __slots__ = ("attn_work", "kv_read", "num_scheduled", "num_tokens", "preempted", "sampling", "scheduled")
+    __slots__ = (
+        "attn_work",
+        "kv_read",
+        "lora_loads",
+        "num_scheduled",
+        "num_tokens",
+        "preempted",
+        "sampling",
+        "scheduled",
+    )
 
     def __init__(self) -> None:
         self.scheduled: list[Request] = []
@@ -36,6 +58,7 @@ class StepOutput:
         self.num_tokens = 0
         self.attn_work = 0
         self.kv_read = 0
+        self.lora_loads: list[str] = []  # adapters this step had to load before it could run
 
     def pairs(self) -> list[tuple[str, int]]:
         """``(request id, tokens)`` in scheduling order."""
@@ -50,13 +73,22 @@ class Scheduler:
         if problems:
             raise ValueError("; ".join(problems))
         self.config = config
-        self.kv = KVCache(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCache(
+            config.num_gpu_blocks, config.block_size, config.enable_prefix_caching, config.enable_kv_events
+        )
         self.waiting = make_queue(config.policy)
         self.running: list[Request] = []
         self.counters = SchedulerCounters()
         self._priority = config.policy == "priority"
         self._max_model_len = config.model_len_limit
         self._next_uid = 0
+        self.lora_running: dict[str, int] = {}  # adapter -> running requests using it
+        self.lora_loaded: dict[str, None] = {}  # adapters loaded, least recently admitted first
+        self._prefill_only = config.role is NodeRole.PREFILL
+        self.remote_wait: list[Request] = []  # P/D decode side: holding blocks, KV still on the way
+        self.sending: list[tuple[float, Request]] = []  # P/D prefill side: (release time, finished request)
+        self.kv_bytes_per_token = 0
+        self.kv_transfer_time: Callable[[int], float] = _no_transfer_time  # seconds to move n tokens' KV
 
     # -- intake ---------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -75,18 +107,54 @@ class Scheduler:
             raise ValueError(
                 f"request {req.req_id}: needs {blocks} KV blocks, the pool has {self.config.num_gpu_blocks - 1}"
             )
+        if req.lora is not None and not self.config.max_loras:
+            raise ValueError(f"request {req.req_id}: LoRA adapter {req.lora!r} but LoRA is off (max_loras=0)")
+        if req.kv_pending and self._prefill_only:
+            raise ValueError(f"request {req.req_id}: remote prefill sent to a prefill-only engine")
         if req.uid < 0:
             req.uid = self._next_uid
         self._next_uid = max(self._next_uid, req.uid) + 1
         finish_at, reason, stop = find_stop(req, self._max_model_len)
+        if self._prefill_only and finish_at > 1:  # the prefill request ends with its first token
+            finish_at, reason, stop = 1, FinishReason.LENGTH, None
         req.finish_at = finish_at
         req.planned_finish = (reason, stop)
         req.status = RequestStatus.WAITING
         self.waiting.add(req)
 
     def has_work(self) -> bool:
-        """True while any request is waiting or running."""
-        return bool(self.running) or len(self.waiting) > 0
+        """True while any request is waiting, running or waiting for remote KV."""
+        return bool(self.running) or len(self.waiting) > 0 or bool(self.remote_wait)
+
+    def next_wakeup(self) -> float | None:
+        """Earliest time a KV transfer completes (a parked request becomes runnable or held blocks free up)."""
+        times = [r.kv_ready_at for r in self.remote_wait] + [t for t, _ in self.sending]
+        return min(times) if times else None
+
+    def _advance_transfers(self, now: float) -> None:
+        """Free blocks whose KV was sent; queue requests whose KV arrived (front of waiting, in order)."""
+        if self.sending:
+            keep: list[tuple[float, Request]] = []
+            for t, r in self.sending:
+                if t <= now:
+                    self.kv.free(r)
+                else:
+                    keep.append((t, r))
+            self.sending = keep
+        if self.remote_wait:
+            arrived = [r for r in self.remote_wait if r.kv_ready_at <= now]
+            if not arrived:
+                return
+            self.remote_wait = [r for r in self.remote_wait if r.kv_ready_at > now]
+            kv = self.kv
+            for r in arrived:
+                r.kv_pending = False
+                r.num_computed_tokens = r.num_tokens - 1  # the last prompt token is recomputed for its logits
+                if kv.enable_caching:
+                    kv.cache_full_blocks(r, r.num_computed_tokens)
+                r.status = RequestStatus.WAITING
+            for r in reversed(arrived):
+                self.waiting.prepend(r)
 
     # -- the step -------------------------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepOutput:
@@ -98,6 +166,8 @@ class Scheduler:
         mml = self._max_model_len
         budget = cfg.max_num_batched_tokens
         running = self.running
+        if self.remote_wait or self.sending:
+            self._advance_transfers(now)
         out = StepOutput()
         sched, nums, sampling, preempted = out.scheduled, out.num_scheduled, out.sampling, out.preempted
         attn = 0
@@ -114,7 +184,7 @@ class Scheduler:
             c = req.num_computed_tokens
             nt = req.num_tokens
             n = nt - c
-            if 0 < thr < n:
+            if 0 < thr < n and (nrun > 1 or len(self.waiting) > 0):  # a lone request is never capped
                 n = thr
             if n > budget:
                 n = budget
@@ -151,7 +221,9 @@ class Scheduler:
                     if self_preempted:
                         break
                 if self_preempted:
-                    break
+                    # vLLM v0.33: go on with the requests after it (only priority can get here with any:
+                    # FCFS preempts the last running request); running[i] is now the next one
+                    continue
                 kv.allocate(req, need)
             if caching and total >= req.next_full:
                 kv.cache_full_blocks(req, total)
@@ -190,12 +262,39 @@ class Scheduler:
         running = self.running
         waiting = self.waiting
         counters = self.counters
+        max_loras = cfg.max_loras
+        lora_running = self.lora_running
+        skipped: list[Request] = []
         while budget > 0 and len(running) < cfg.max_num_seqs and len(waiting) > 0:
             req = waiting.peek()
+            lora = req.lora
+            if lora is not None and lora not in lora_running and len(lora_running) >= max_loras:
+                skipped.append(waiting.pop())  # its adapter would exceed max_loras: later requests may go
+                continue
+            if req.kv_pending:  # P/D decode side: take blocks for the prompt and wait for its KV
+                if not self._park_for_remote_kv(req, now):
+                    break
+                continue
+            if req.block_ids:  # its remote KV arrived: only the last prompt token is left to compute
+                n = req.num_tokens - req.num_computed_tokens
+                c = req.num_computed_tokens
+                waiting.pop()
+                req.status = RUNNING
+                running.append(req)
+                if lora is not None:
+                    self._lora_admit(lora, out)
+                out.scheduled.append(req)
+                out.num_scheduled.append(n)
+                budget -= n
+                attn += n * c + n * (n + 1) // 2
+                kvread += c + n
+                req.num_computed_tokens = c + n
+                out.sampling.append(req)
+                continue
             hits = kv.lookup(req)
             hit_tokens = len(hits) * bs
             n = req.num_tokens - hit_tokens
-            if 0 < thr < n:
+            if 0 < thr < n and len(running) + len(waiting) > 1:  # a lone request is never capped
                 n = thr
             if n > mml - 1 - hit_tokens:
                 n = mml - 1 - hit_tokens
@@ -215,6 +314,8 @@ class Scheduler:
                 kv.cache_full_blocks(req, total)
             req.status = RUNNING
             running.append(req)
+            if lora is not None:
+                self._lora_admit(lora, out)
             if req.first_scheduled_time < 0:
                 req.first_scheduled_time = now
             if req.num_cached_tokens < 0:
@@ -230,7 +331,59 @@ class Scheduler:
             req.num_computed_tokens = total
             if total == req.num_tokens:
                 out.sampling.append(req)
+        for req in reversed(skipped):  # back in front, in their order
+            waiting.prepend(req)
         return budget, attn, kvread
+
+    def _park_for_remote_kv(self, req: Request, now: float) -> bool:
+        kv = self.kv
+        bs = self.config.block_size
+        hits = kv.lookup(req)
+        blocks = -(-req.num_tokens // bs)
+        if blocks - len(hits) + kv.num_evictable(hits) > kv.num_free:
+            return False
+        self.waiting.pop()
+        kv.take_hits(req, hits)
+        kv.allocate(req, blocks - len(hits))
+        local = len(hits) * bs
+        remote = req.num_tokens - local  # local prefix hits are not transferred
+        req.num_cached_tokens = local
+        req.num_computed_tokens = local
+        req.kv_ready_at = now + self.kv_transfer_time(remote)
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        if req.first_scheduled_time < 0:
+            req.first_scheduled_time = now
+        self.remote_wait.append(req)
+        c = self.counters
+        c.kv_transfers_in += 1
+        c.kv_bytes_in += remote * self.kv_bytes_per_token
+        return True
+
+    def _lora_admit(self, lora: str, out: StepOutput) -> None:
+        running = self.lora_running
+        running[lora] = running.get(lora, 0) + 1
+        loaded = self.lora_loaded
+        if lora in loaded:
+            del loaded[lora]  # re-inserted below as the most recently used
+        else:
+            out.lora_loads.append(lora)
+            if len(loaded) >= self.config.lora_cache_size:
+                # unload the least recently admitted adapter no running request uses
+                idle = next((a for a in loaded if a not in running), None)
+                if idle is not None:
+                    del loaded[idle]
+        loaded[lora] = None
+
+    def _lora_release(self, req: Request) -> None:
+        """``req`` (with an adapter) leaves the running set."""
+        lora = req.lora
+        assert lora is not None
+        running = self.lora_running
+        left = running[lora] - 1
+        if left:
+            running[lora] = left
+        else:
+            del running[lora]
 
     def _victim_index(self) -> int:
         running = self.running
@@ -246,6 +399,8 @@ class Scheduler:
         return best
 
     def _preempt(self, req: Request) -> None:
+        if req.lora is not None:
+            self._lora_release(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -278,12 +433,17 @@ class Scheduler:
         self.counters.generation_tokens += len(out.sampling) - skipped
         if finished:
             for req in finished:
+                if req.lora is not None:
+                    self._lora_release(req)
                 self._finish(req, now, req.planned_finish[0], req.planned_finish[1])
             self.running = [r for r in self.running if r.status is RUNNING]
         return finished
 
     def _finish(self, req: Request, now: float, reason: FinishReason, stop: int | None) -> None:
-        self.kv.free(req)
+        if self._prefill_only and reason is not FinishReason.ABORT:
+            self._hand_off(req, now)
+        else:
+            self.kv.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop
@@ -294,21 +454,48 @@ class Scheduler:
         c.finished += 1
         c.finished_by_reason[reason.value] = c.finished_by_reason.get(reason.value, 0) + 1
 
+    def _hand_off(self, req: Request, now: float) -> None:
+        """Prefill side: keep the blocks until the decode side has pulled the prompt's KV."""
+        n = req.prompt_len
+        nbytes = n * self.kv_bytes_per_token
+        req.kv_handoff = KVHandoff(req.req_id, n, nbytes, now, req.token_at(0))
+        self.sending.append((now + self.kv_transfer_time(n), req))
+        c = self.counters
+        c.kv_transfers_out += 1
+        c.kv_bytes_out += nbytes
+
     def abort(self, req: Request, now: float) -> None:
         """Drop a request wherever it is (client went away); frees its blocks."""
         if req.status is RUNNING:
             self.running.remove(req)
+            if req.lora is not None:
+                self._lora_release(req)
         elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(req)
+        elif req.status is RequestStatus.WAITING_FOR_REMOTE_KVS:
+            self.remote_wait.remove(req)
         else:
             return
         self._finish(req, now, FinishReason.ABORT, None)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's ``reset_prefix_cache``): only when no request holds a block."""
+        return self.kv.reset()
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """KV-cache events since the last call, in the order they happened (empty when events are off)."""
+        return self.kv.take_events()
+
     # -- views ----------------------------------------------------------------------------------------
+    def lora_stats(self) -> LoraStats:
+        """Adapters of running and of waiting requests (vLLM's ``lora_requests_info``)."""
+        waiting = {r.lora for r in self.waiting if r.lora is not None}
+        return LoraStats(sorted(self.lora_running), sorted(waiting), self.config.max_loras, sorted(self.lora_loaded))
+
     @property
     def num_waiting(self) -> int:
-        """Requests in the waiting queue (new and preempted)."""
-        return len(self.waiting)
+        """Requests waiting: new, preempted, and parked for remote KV (vLLM counts those too)."""
+        return len(self.waiting) + len(self.remote_wait)
 
     @property
     def kv_usage(self) -> float:

@@ -25,6 +25,20 @@ class SchedulerCounters:
     prefix_hits: int = 0
     finished: int = 0
     finished_by_reason: dict[str, int] = field(default_factory=dict)
+    kv_transfers_out: int = 0  # P/D prefill side: prompts handed off, and their KV bytes
+    kv_bytes_out: int = 0
+    kv_transfers_in: int = 0  # P/D decode side: prompts whose KV was pulled from a prefill engine
+    kv_bytes_in: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LoraStats:
+    """LoRA adapters in use: the labels of vLLM's ``vllm:lora_requests_info`` gauge, plus what is loaded."""
+
+    running: list[str]
+    waiting: list[str]
+    max_loras: int
+    loaded: list[str]
 
 
 class Histogram:

@@ -111,6 +111,10 @@ class RooflineStepTime:
             m += self._m_exp * min(self._n_exp, num_tokens * self._topk)
         return (f if f > m else m) + self._ar0 + self._ar_tok * num_tokens + self._ov
 
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token takes over all layers (what a P/D hand-off moves per prompt token)."""
+        return self.model.kv_bytes_per_token(self.params.kv_dtype)
+
     def kv_capacity_blocks(self, block_size: int = 16) -> int:
         """KV blocks that fit: (utilization × VRAM − weights − activation reserve) / (B × kv_tok), over tp."""
         p, k = self.params, self.tp

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from shared.core.engine import Request, Scheduler, SchedulerConfig, StepOutput
@@ -44,6 +44,6 @@ def run_step(s: Scheduler, now: float = 0.0) -> StepOutput:
     return out
 
 
-def ids(reqs: Sequence[Request]) -> list[str]:
+def ids(reqs: Iterable[Request]) -> list[str]:
     """Request ids in order."""
     return [r.req_id for r in reqs]

@@ -1,0 +1,139 @@
+"""KV-cache events from the engine core, in vLLM's schema, keyed by the one chained block hash."""
+
+from __future__ import annotations
+
+from shared.core.engine import Engine, Request, SchedulerConfig
+from shared.core.engine.step_time import CalibratedStepTime
+from shared.core.kv_events import (
+    ROOT_HASH,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    chain_hashes,
+    chain_root,
+    decode_batch,
+    encode_batch,
+    lora_int_id,
+)
+from tests.unit.engine.conftest import make_scheduler, run_step
+
+STEP = CalibratedStepTime(base_s=0.01, per_token_s=1e-5)
+
+
+def stored(events: list[KVEvent]) -> list[BlockStored]:
+    return [e for e in events if isinstance(e, BlockStored)]
+
+
+def test_events_are_off_by_default() -> None:
+    s = make_scheduler(enable_prefix_caching=True)
+    s.add_request(Request("a", list(range(40)), max_tokens=2))
+    run_step(s)
+    assert s.take_kv_events() == []
+
+
+def test_engine_block_hashes_equal_chain_hashes_of_the_tokens() -> None:
+    s = make_scheduler(enable_prefix_caching=True, enable_kv_events=True)
+    toks = list(range(1000, 1100))
+    r = Request("a", toks, max_tokens=1)
+    s.add_request(r)
+    run_step(s)
+    assert r.block_hashes[:6] == chain_hashes(toks, 16, parent=ROOT_HASH)
+
+
+def test_salt_and_lora_change_the_root_of_the_chain() -> None:
+    s = make_scheduler(enable_prefix_caching=True, enable_kv_events=True, max_loras=1)
+    toks = list(range(64))
+    a = Request("a", toks, max_tokens=1, cache_salt=7)
+    b = Request("b", toks, max_tokens=1, lora="sql-adapter")
+    s.add_request(a)
+    s.add_request(b)
+    run_step(s)
+    assert a.block_hashes == chain_hashes(toks, 16, parent=7)
+    assert b.block_hashes == chain_hashes(toks, 16, parent=chain_root(ROOT_HASH, lora_int_id("sql-adapter")))
+    assert a.block_hashes[0] != b.block_hashes[0] != chain_hashes(toks, 16)[0]
+
+
+def test_prefill_reports_its_full_blocks_with_tokens_and_no_parent() -> None:
+    s = make_scheduler(enable_prefix_caching=True, enable_kv_events=True)
+    toks = list(range(40))
+    s.add_request(Request("a", toks, max_tokens=4))
+    run_step(s)
+    ev = s.take_kv_events()
+    assert ev == [BlockStored(chain_hashes(toks, 16), None, toks[:32], 16)]
+    assert s.take_kv_events() == []  # taken once
+
+
+def test_decode_filling_a_block_reports_it_with_its_parent() -> None:
+    s = make_scheduler(enable_prefix_caching=True, enable_kv_events=True)
+    toks = list(range(30))
+    r = Request("a", toks, max_tokens=5, sampled_token_ids=[90, 91, 92, 93, 94])
+    s.add_request(r)
+    run_step(s)
+    assert stored(s.take_kv_events())[0].block_hashes == chain_hashes(toks, 16)
+    run_step(s)  # computes token 30 (the first output): positions 0..30, block 1 not full yet
+    assert s.take_kv_events() == []
+    run_step(s)  # computes position 31: block 1 is full
+    full = [*toks, 90, 91]
+    assert s.take_kv_events() == [BlockStored([chain_hashes(full, 16)[1]], chain_hashes(toks, 16)[0], full[16:32], 16)]
+
+
+def test_evicting_a_cached_block_reports_its_hash() -> None:
+    s = make_scheduler(num_gpu_blocks=4, enable_prefix_caching=True, enable_kv_events=True)
+    a = list(range(33))
+    s.add_request(Request("a", a, max_tokens=1))
+    run_step(s)  # a: 3 blocks (2 hashed), finishes and frees them
+    s.take_kv_events()
+    s.add_request(Request("b", list(range(500, 540)), max_tokens=1))
+    run_step(s)
+    ev = s.take_kv_events()
+    removed = [e for e in ev if isinstance(e, BlockRemoved)]
+    # b needs 3 blocks: the unhashed tail of a first (no event), then a's two cached blocks, tail first
+    assert removed == [BlockRemoved([chain_hashes(a, 16)[1]]), BlockRemoved([chain_hashes(a, 16)[0]])]
+    assert ev.index(removed[0]) < ev.index(stored(ev)[0])
+
+
+def test_reset_clears_only_an_idle_cache_and_says_so() -> None:
+    s = make_scheduler(enable_prefix_caching=True, enable_kv_events=True)
+    r = Request("a", list(range(40)), max_tokens=3)
+    s.add_request(r)
+    run_step(s)
+    s.take_kv_events()
+    assert s.reset_prefix_cache() is False
+    assert s.take_kv_events() == []
+    while s.has_work():
+        run_step(s)
+    s.take_kv_events()
+    assert s.reset_prefix_cache() is True
+    assert s.take_kv_events() == [AllBlocksCleared()]
+    assert s.kv.cached == {} and s.kv.check_consistency() == []
+
+
+def test_engine_batches_carry_the_step_end_and_survive_vllm_wire_form() -> None:
+    eng = Engine(SchedulerConfig(enable_kv_events=True), STEP, fast_forward=False)
+    eng.add_request(Request("a", list(range(48)), max_tokens=2))
+    res = eng.step()
+    batch = eng.take_kv_events(data_parallel_rank=0)
+    assert batch is not None
+    assert batch.ts == res.start + res.duration
+    assert decode_batch(encode_batch(batch)) == batch
+    assert eng.take_kv_events() is None
+
+
+def _events_of_run(fast_forward: bool) -> list[KVEvent]:
+    cfg = SchedulerConfig(num_gpu_blocks=64, enable_kv_events=True, block_size=4)
+    eng = Engine(cfg, STEP, fast_forward=fast_forward)
+    for i in range(3):
+        eng.add_request(Request(f"r{i}", [i] * (10 + i), max_tokens=40 + 7 * i, sampled_token_ids=list(range(60))))
+    eng.run_until(1e9)
+    out: list[KVEvent] = []
+    while (b := eng.take_kv_events()) is not None:
+        out += b.events
+    return out
+
+
+def test_a_fast_forwarded_decode_run_reports_the_same_events_as_single_steps() -> None:
+    fast = _events_of_run(True)
+    slow = _events_of_run(False)
+    assert len(stored(slow)) > 10
+    assert fast == slow
