@@ -9,7 +9,15 @@ from shared.core.queueing.admission import ChunkedQuota, PullBudget, admit, requ
 from shared.core.queueing.local import DUPLICATE, LocalBroker
 from shared.core.queueing.params import SCHEDULER_NAMES, UNBOUNDED, ParamError, SchedulerParams, parse_duration
 from shared.core.queueing.request import ErrorCode, Output, PutAnswer, QueuedRequest, expiry_answer, is_expired
-from shared.core.queueing.splitwise import Assignment, NodeInfo, NodeLoad, assign, blurred_least_load, live_nodes
+from shared.core.queueing.splitwise import (
+    Assignment,
+    NodeInfo,
+    NodeLoad,
+    SplitRequest,
+    assign,
+    blurred_least_load,
+    live_nodes,
+)
 from shared.core.queueing.stealing import choose_victim, crc16_ccitt_false, load_shard, steal_size
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "PutAnswer",
     "QueuedRequest",
     "SchedulerParams",
+    "SplitRequest",
     "admit",
     "assign",
     "blurred_least_load",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from shared.core.queueing.request import QueuedRequest
 from shared.core.roles import NodeRole
 
 
@@ -137,3 +138,13 @@ class NodeLoad:
         for rid in gone:
             self.finish(rid)
         return gone
+
+
+class SplitRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A request as queued on an inference node in splitwise mode: where each phase runs, who answers."""
+
+    request: QueuedRequest
+    prefill: str
+    decode: str | None = None
+    protocol: str | None = None
+    front: str = ""  # the node holding the client connection (results go there)
