@@ -35,6 +35,7 @@ class LocalBroker:
         self._responses: dict[str, list[Output]] = {}
         self.expired_total = 0
         self.rejected_total = 0
+        self._unordered = False  # adopted requests may be older than the head: expiry scans the whole queue
 
     # -- the seed's interface -------------------------------------------------------------------------
     def put_requests(self, reqs: Sequence[QueuedRequest], now: float) -> list[PutAnswer]:
@@ -88,11 +89,37 @@ class LocalBroker:
                 self._held.pop(rid, None)
         return out
 
+    # -- moving work between nodes (global mode in virtual time; Redis does this in the real system) --------
+    def head(self, n: int) -> list[QueuedRequest]:
+        """The first ``n`` queued requests, left in place."""
+        return [self._queue[i] for i in range(min(n, len(self._queue)))]
+
+    def release(self, n: int) -> list[QueuedRequest]:
+        """Remove the first ``n`` queued requests for another node to serve (they stop counting here)."""
+        out = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+        for r in out:
+            del self._held[r.request_id]
+        return out
+
+    def adopt(self, reqs: Iterable[QueuedRequest]) -> int:
+        """Queue requests recovered from a dead node as they are: never refused, arrival kept; how many."""
+        n = 0
+        for r in reqs:
+            if r.request_id not in self._held:
+                self._held[r.request_id] = r
+                self._unordered = self._unordered or bool(self._queue)
+                self._queue.append(r)
+                n += 1
+        return n
+
     # -- more views -----------------------------------------------------------------------------------
     def expire(self, now: float) -> list[str]:
         """Answer every queued request past the TTL with an ``EXPIRED`` output; their ids."""
         ttl = self.params.ttl_s
-        if not self._queue or not is_expired(self._queue[0], now, ttl):
+        if not self._queue:
+            self._unordered = False
+            return []
+        if not self._unordered and not is_expired(self._queue[0], now, ttl):
             return []  # FIFO by acceptance time: the head is the oldest
         keep: deque[QueuedRequest] = deque()
         gone: list[str] = []

@@ -177,3 +177,21 @@ def test_fifo_order_is_kept_across_pulls() -> None:
 def test_a_bad_config_is_refused_at_construction() -> None:
     with pytest.raises(ParamError):
         LocalBroker(SchedulerParams(max_size=0))
+
+
+def test_released_requests_leave_the_queue_and_free_room() -> None:
+    b = LocalBroker(SchedulerParams(max_size=2))
+    b.put_requests([req("a"), req("b")], 0.0)
+    assert [r.request_id for r in b.head(5)] == ["a", "b"]
+    assert [r.request_id for r in b.release(1)] == ["a"]
+    assert b.held() == 1 and not b.has_request("a")
+    assert b.put_requests([req("c")], 0.0) == [("c", None)]
+
+
+def test_adopted_requests_keep_their_arrival_and_ignore_the_bound() -> None:
+    b = LocalBroker(SchedulerParams(max_size=1, ttl_s=10))
+    b.put_requests([req("mine")], 5.0)
+    old = QueuedRequest(request_id="rescued", prompt_len=1, max_tokens=1, arrival_s=1.0)
+    assert b.adopt([old, old]) == 1 and b.held() == 2
+    b.get_requests(PullBudget(available_blocks=0, block_size=16), 11.0)
+    assert b.get_results(11.0)["rescued"][0].error_code == ErrorCode.EXPIRED
