@@ -210,8 +210,10 @@ class _Sim:
             t_arr = trace[i].arrival_s if i < n else INF
             node, t_eng = None, INF
             for nd in self.nodes:
-                if nd.alive and not nd.stuck and nd.engine.has_work() and nd.engine.now < t_eng:
-                    node, t_eng = nd, nd.engine.now
+                if nd.alive and not nd.stuck:
+                    t_nd = self._next_time(nd)
+                    if t_nd < t_eng:
+                        node, t_eng = nd, t_nd
             t_hand = self.handoffs[0][0] if self.handoffs else INF
             t = min(t_arr, t_eng, t_hand, self.kill_at, self.recover_at)
             if t == INF:
@@ -272,18 +274,31 @@ class _Sim:
             return False
         return True
 
+    def _next_time(self, nd: _Node) -> float:
+        """When the node next has something to do: its next step, or the end of a KV send that blocks a pull."""
+        eng = nd.engine
+        if eng.has_work():
+            return eng.now
+        if nd.broker.unhandled() and nd.role is not NodeRole.DECODE:
+            wake = eng.scheduler.next_wakeup()
+            if wake is not None:
+                return max(eng.now, wake)
+        return INF
+
     def _step(self, nd: _Node) -> None:
         eng = nd.engine
+        eng.now = max(eng.now, self._next_time(nd))
         self._pull(nd, eng.now)
         res = eng.step()
-        if not res.output.scheduled and not res.output.preempted:
+        for r in res.finished:
+            self._finished(nd, r, eng.now)
+        added = self._pull(nd, eng.now)  # room this step freed (finished requests, KV sent)
+        if not res.output.scheduled and not res.output.preempted and not added:
             wake = eng.scheduler.next_wakeup()
             if wake is not None and wake > eng.now:
                 eng.now = wake
-            elif wake is None:
+            elif wake is None and eng.has_work():
                 nd.stuck = True
-        for r in res.finished:
-            self._finished(nd, r, eng.now)
         if self.spec.router_queue:
             self._dispatch_router(eng.now)
 
@@ -296,12 +311,13 @@ class _Sim:
                           max_num_batched_tokens=cfg.max_num_batched_tokens,
                           batch=cfg.max_num_seqs - len(s.running) - len(s.waiting))
 
-    def _pull(self, nd: _Node, t: float) -> None:
+    def _pull(self, nd: _Node, t: float) -> int:
+        """Hand the node's engine what fits from its queue (or stolen); how many requests it got."""
         if not nd.alive or nd.role is NodeRole.DECODE or len(nd.engine.scheduler.waiting):
-            return
+            return 0
         budget = self._budget(nd)
         if budget.empty:
-            return
+            return 0
         got = nd.broker.get_requests(budget, t)
         self._collect(nd, t)
         if not got and self.p.name == "global" and nd.broker.unhandled() == 0:
@@ -312,6 +328,7 @@ class _Sim:
             self._start(nd, Request(q.request_id, prompt_len=tr.prompt_len, prefix_ids=tr.prefix_ids,
                                     prefix_unit=tr.prefix_unit, max_tokens=max_tokens, ignore_eos=True,
                                     arrival_time=self.out[int(q.request_id)].arrival), t)
+        return len(got)
 
     def _steal(self, nd: _Node, budget: PullBudget, t: float) -> list[QueuedRequest]:
         peers = [(str(o.idx), float(o.broker.unhandled())) for o in self.nodes if not o.recovered and o is not nd]

@@ -120,3 +120,10 @@ def test_runs_are_deterministic() -> None:
     a = run("global", skew=0.8).summary()
     b = run("global", skew=0.8).summary()
     assert a == b
+
+
+def test_a_prefill_node_keeps_pulling_after_a_step_that_finished_everything() -> None:
+    link = KVLink(bandwidth_bytes_s=1e9, latency_s=1e-3)  # slow link: blocks stay held while the KV is sent
+    params = SchedulerParams(name="splitwise", ttl_s=1e6, sync_period_s=0.05, expire_period_s=1.0)
+    s = accounted(run("splitwise", prefill_nodes=1, kv_link=link, params=params, tr=trace(rate=60.0)))
+    assert s["completed"] == 600 and s["expired"] == 0
