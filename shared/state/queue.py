@@ -54,6 +54,27 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _decode_request(raw: object) -> QueuedRequest | None:
+    """A stored request body; None when absent or corrupt (the id is then taken away: nobody to answer)."""
+    if not isinstance(raw, bytes):
+        return None
+    try:
+        return _dec_req.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _decode_outputs(raws: Iterable[bytes]) -> list[Output]:
+    """Output chunks from a response list, skipping corrupt entries (they never stop a node)."""
+    out: list[Output] = []
+    for raw in raws:
+        try:
+            out.append(_dec_out.decode(raw))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class QueueKeys:
     """Key names of one topic."""
@@ -265,8 +286,7 @@ class GlobalBroker:
         n = limit or self.params.reader_batch_size
         raw: list[bytes] | None = await self.r.lpop(self.keys.resp(self.node), n)  # type: ignore[assignment]
         out: dict[str, list[Output]] = {}
-        for item in raw or []:
-            o = _dec_out.decode(item)
+        for o in _decode_outputs(raw or []):
             out.setdefault(o.request_id, []).append(o)
         return out
 
@@ -282,7 +302,7 @@ class GlobalBroker:
         """Pop up to ``limit`` output chunks from any node's response list (an operator or a test reading the
         answers of a node that died)."""
         raw: list[bytes] | None = await self.r.lpop(self.keys.resp(node), limit)  # type: ignore[assignment]
-        return [_dec_out.decode(item) for item in raw or []]
+        return _decode_outputs(raw or [])
 
     # -- steps ---------------------------------------------------------------------------------------
     async def _choose_victim(self) -> str | None:
@@ -306,7 +326,7 @@ class GlobalBroker:
             if not ids:
                 return None
             bodies = await self.r.hmget(k.body, ids)
-            head = [_dec_req.decode(b) if isinstance(b, bytes) else None for b in bodies]
+            head = [_decode_request(b) for b in bodies]
             plan = plan_pull(head, budget, t, self.params.ttl_s)
             if plan.count == 0:
                 return []

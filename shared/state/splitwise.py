@@ -97,7 +97,10 @@ class SplitwiseFront:
         raw: list[bytes] | None = await self.r.rpop(self.base + "resp:" + self.node, n)  # type: ignore[assignment]
         out: dict[str, list[Output]] = {}
         for item in raw or []:
-            o = _dec_out.decode(item)
+            try:
+                o = _dec_out.decode(item)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
             out.setdefault(o.request_id, []).append(o)
         return out
 
@@ -120,6 +123,7 @@ class SplitwiseNode:
         self._queue: deque[SplitRequest] = deque()
         self._serving: dict[str, SplitRequest] = {}
         self.expired = 0
+        self.corrupt = 0
 
     def _now(self, now: float | None) -> float:
         return self.clock() if now is None else now
@@ -138,7 +142,11 @@ class SplitwiseNode:
         raw: list[bytes] | None = await self.r.rpop(  # type: ignore[assignment]
             self.base + "req:" + self.node, max(budget.batch, 1) * 4)
         for item in raw or []:
-            sr = _dec_split.decode(item)
+            try:
+                sr = _dec_split.decode(item)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self.corrupt += 1  # nobody to answer: counted, never fatal
+                continue
             self._queue.append(sr)
             self.load.add(sr.request.request_id, sr.request.prompt_len, t)
         expired = [sr for sr in self._queue if is_expired(sr.request, t, self.params.ttl_s)]

@@ -195,3 +195,22 @@ def test_adopted_requests_keep_their_arrival_and_ignore_the_bound() -> None:
     assert b.adopt([old, old]) == 1 and b.held() == 2
     b.get_requests(PullBudget(available_blocks=0, block_size=16), 11.0)
     assert b.get_results(11.0)["rescued"][0].error_code == ErrorCode.EXPIRED
+
+
+def test_plan_pull_takes_expired_requests_along_and_stops_at_the_first_that_does_not_fit() -> None:
+    from shared.core.queueing.admission import plan_pull
+
+    old = QueuedRequest(request_id="old", prompt_len=10_000, max_tokens=1, arrival_s=0.0)
+    fits = QueuedRequest(request_id="fits", prompt_len=16, max_tokens=1, arrival_s=50.0)
+    big = QueuedRequest(request_id="big", prompt_len=10_000, max_tokens=1, arrival_s=50.0)
+    budget = PullBudget(available_blocks=10, block_size=16, reserved_output_blocks=0, batch=8)
+    plan = plan_pull([old, None, fits, big, fits], budget, now=60.0, ttl_s=30.0)
+    assert (plan.count, plan.expired, plan.missing) == (3, (0,), (1,))
+
+
+def test_plan_pull_takes_a_queue_of_only_expired_requests_whole() -> None:
+    from shared.core.queueing.admission import plan_pull
+
+    olds = [QueuedRequest(request_id=str(i), prompt_len=10**6, max_tokens=1, arrival_s=0.0) for i in range(3)]
+    plan = plan_pull(olds, PullBudget(available_blocks=10, block_size=16, batch=3), now=100.0, ttl_s=1.0)
+    assert (plan.count, plan.expired) == (3, (0, 1, 2))

@@ -205,3 +205,20 @@ async def test_malformed_requests_are_refused_in_the_answer(broker: Factory, bad
 def test_a_node_name_with_spaces_is_refused(client: aioredis.Redis) -> None:
     with pytest.raises(ValueError, match="node name"):
         GlobalBroker(client, PARAMS, "a b")
+
+
+async def test_a_corrupt_body_or_output_in_redis_never_stops_a_node(broker: Factory, client: aioredis.Redis) -> None:
+    me = broker("me")
+    await me.put_requests([req("bad"), req("good")], now=0.0)
+    await client.hset(me.keys.body, "bad", b"{not json")
+    got = await me.get_requests(BUDGET, now=1.0)
+    assert [r.request_id for r in got] == ["good"] and await me.queued() == 0
+    await client.rpush(me.keys.resp("me"), b"garbage", b'{"request_id": 5}')
+    await me.put_results([Output(request_id="good", seq=0, finished=True)])
+    assert list(await me.get_results()) == ["good"]
+
+
+async def test_a_huge_put_is_queued_in_bounded_chunks(broker: Factory) -> None:
+    me = broker("me")
+    answers = await me.put_requests([req(f"r{i}") for i in range(1200)], now=0.0)
+    assert all(why is None for _, why in answers) and await me.queued() == 1200

@@ -152,3 +152,16 @@ async def test_the_blurred_choice_spreads_requests_over_similar_prefill_nodes(cl
 def test_node_info_roundtrip() -> None:
     info = NodeInfo(node="x", role=NodeRole.DECODE, load=3, ts=1.0)
     assert msgspec.json.decode(msgspec.json.encode(info), type=NodeInfo) == info
+
+
+async def test_corrupt_queue_or_result_entries_are_skipped(client: aioredis.Redis) -> None:
+    m = node(client, "m", NodeRole.MIXED)
+    await m.report(now=0.0)
+    front = SplitwiseFront(client, PARAMS, "api")
+    await front.sync_cluster(now=0.0)
+    await client.lpush("gantry:sw:{fd}:req:m", b"{broken")
+    await front.put_requests([req("ok")], now=0.0)
+    assert [sr.request.request_id for sr in await m.get_requests(BUDGET, now=0.0)] == ["ok"] and m.corrupt == 1
+    await client.lpush("gantry:sw:{fd}:resp:api", b"junk")
+    await m.put_results([Output(request_id="ok", seq=0, finished=True)])
+    assert list(await front.get_results()) == ["ok"]
