@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone: sets up .venv (Python + pip only needed) and then
 #   ops/dev.sh up     -> starts the local stack (NATS, Redis, services, emulated workers) with the demo
-#   ops/dev.sh test   -> runs the whole test suite (lint, types, unit, integration)
+#   ops/dev.sh test   -> runs the whole test suite (lint, types, import layers, unit, integration)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -24,6 +24,7 @@ case "$cmd" in
   test)
     ruff check .
     mypy
+    lint-imports  # the layer contracts in pyproject.toml
     set +e
     python -m pytest -q "$@"
     rc=$?

@@ -1,6 +1,6 @@
 """What the operator sees: a cluster snapshot and pure functions that turn it into tables.
 
-``ClusterSnapshot`` is built from the Redis state layer (see ``ops.cluster``) but is plain data, so
+``ClusterSnapshot`` is built from the Redis state layer (see ``ops.cli.client``) but is plain data, so
 ``gantry top``, ``gantry workers`` and the tests render it without any server. Nothing here reads a
 clock: the snapshot carries the time it was taken.
 """

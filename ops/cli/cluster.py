@@ -15,9 +15,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from rich.table import Table
 
-from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, print_json, run
-from ops.cli.errors import CliError
-from ops.cluster import (
+from ops.cli.client import (
     deploy_files,
     parse_target,
     read_snapshot,
@@ -28,6 +26,8 @@ from ops.cluster import (
     send_scale,
     wait_for,
 )
+from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, print_json, run
+from ops.cli.errors import CliError
 from ops.events import decode_events, event_json, event_model, format_event
 from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, pending_groups, state_counts
 from shared.bus import subjects

@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from ops.cli.client import deploy_files, read_snapshot, wait_for
 from ops.cli.common import NatsUrl as NatsUrlOpt
 from ops.cli.common import RedisUrl, connect_redis, load
 from ops.cli.errors import CliError
-from ops.cluster import deploy_files, read_snapshot, wait_for
 from ops.stack import (
     PLACEMENT_SERVICES,
     LocalStack,

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from ops.cli.client import read_snapshot
 from ops.cli.common import NatsUrl, RedisUrl, connect_redis, load, run
-from ops.cluster import read_snapshot
 from ops.view import render_top
 from shared.settings import Settings
 

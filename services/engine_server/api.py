@@ -186,11 +186,17 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
     async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
         """OpenAI completions, streaming or not."""
         p = body.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        one: str | list[int]
+        if isinstance(p, str):
+            one = p
+        elif p and isinstance(p[0], (str, list)):
             if len(p) != 1:
                 return _error(400, "one prompt per request is supported")
-            p = p[0]  # type: ignore[assignment]
-        ids = text.encode(p) if isinstance(p, str) else [int(x) for x in p]  # type: ignore[union-attr]
+            first = p[0]
+            one = first if isinstance(first, str) else [int(x) for x in first]
+        else:  # token ids (validated as list[int])
+            one = [int(x) for x in p if isinstance(x, int)]
+        ids = text.encode(one) if isinstance(one, str) else one
         if not ids:
             return _error(400, "prompt is empty")
         st = _submit(body, ids, "cmpl")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.filter.service import FilterService
-from shared.bus.service import serve
+from shared.host.service import serve
 
 
 def main() -> None:

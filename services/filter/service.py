@@ -8,18 +8,29 @@ from collections.abc import Sequence
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
-from shared.bus.feed import Feed
-from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementRequest, PlacementScored
-from shared.bus.service import PlacementService
+from shared.bus.messages import ItemOutcome, Message, PlacementFiltered, PlacementRequest, PlacementScored
 from shared.core.placement import run_filters
 from shared.core.placement.domain import FilterResult, Unschedulable
 from shared.core.placement.explain import filters_message
+from shared.host.contract import Consumes, Emits
+from shared.host.feed import Feed
+from shared.host.service import PlacementService
 
 
 class FilterService(PlacementService):
     """Runs the profile's filter chain on the in-memory snapshot."""
 
     name = "filter"
+    consumes = (
+        Consumes(subjects.PLACEMENT_REQUESTED, PlacementRequest, "replicas to place, with their models' specs",
+                 stream=streams.STREAM_PIPE, durable=streams.CONSUMER_FILTER),
+    )
+    emits = (
+        Emits(subjects.PLACEMENT_FILTERED, PlacementFiltered, "the workers that passed every filter, per model",
+              jetstream=True),
+        Emits(subjects.PLACEMENT_SCORED, PlacementScored, "replicas no worker passes: unschedulable, with why",
+              jetstream=True),
+    )
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Reads placement requests."""
@@ -39,7 +50,7 @@ class FilterService(PlacementService):
 
     async def handle(self, batch: Sequence[PlacementRequest]) -> None:
         """Filter every model of every request; publish survivors, or the verdict when none survive."""
-        out = []
+        out: list[tuple[str, Message, str]] = []
         for req in batch:
             passed, failed = self.filter_request(req)
             if passed is not None:

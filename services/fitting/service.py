@@ -9,15 +9,23 @@ import msgspec
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
-from shared.bus.feed import Feed
-from shared.bus.messages import ItemOutcome, PlacementFiltered, PlacementFitted, PlacementRequest, PlacementScored
+from shared.bus.columns import CandidateSet, fit_columns
+from shared.bus.messages import (
+    ItemOutcome,
+    Message,
+    PlacementFiltered,
+    PlacementFitted,
+    PlacementRequest,
+    PlacementScored,
+)
 from shared.bus.names import NameLists
-from shared.bus.service import PlacementService
 from shared.catalog import load_model_arch
 from shared.core.catalog.models import ModelArch
 from shared.core.placement import requirements, run_fitting
-from shared.core.placement.columns import CandidateSet, fit_columns
 from shared.core.placement.domain import FitResult, ModelSpec, Reason, ResourceRequest, Unschedulable
+from shared.host.contract import Consumes, Emits
+from shared.host.feed import Feed
+from shared.host.service import PlacementService
 
 FITTED_WORKERS_PER_MESSAGE = 16_384
 
@@ -26,6 +34,16 @@ class FittingService(PlacementService):
     """Runs the profile's fit strategies on the in-memory snapshot (claims included)."""
 
     name = "fitting"
+    consumes = (
+        Consumes(subjects.PLACEMENT_FILTERED, PlacementFiltered, "filter survivors per model",
+                 stream=streams.STREAM_PIPE, durable=streams.CONSUMER_FITTING),
+    )
+    emits = (
+        Emits(subjects.PLACEMENT_FITTED, PlacementFitted, "candidate placements per model (single-GPU ones as "
+              "columns)", jetstream=True),
+        Emits(subjects.PLACEMENT_SCORED, PlacementScored, "replicas nothing fits: unschedulable, with why",
+              jetstream=True),
+    )
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self._arch: dict[str, ModelArch | None] = {}
@@ -54,7 +72,7 @@ class FittingService(PlacementService):
 
     async def handle(self, batch: Sequence[PlacementFiltered]) -> None:
         """Fit every model of every message; publish candidates, or the verdict when nothing fits."""
-        out = []
+        out: list[tuple[str, Message, str]] = []
         for msg in batch:
             fitted, failed = self.fit(msg)
             for one in fitted:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.reconciler.service import Reconciler
-from shared.bus.service import serve
+from shared.host.service import serve
 
 
 def main() -> None:

@@ -12,19 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import secrets
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
 
+from services.reconciler.contract import CONSUMES, EMITS
 from services.reconciler.writer import StateWriter
 from shared.bus import streams, subjects
-from shared.bus.feed import Feed
 from shared.bus.messages import (
     AssignInstance,
     CordonCommand,
@@ -45,7 +47,6 @@ from shared.bus.messages import (
     ScaleCommand,
     UnschedulableEvent,
 )
-from shared.bus.service import PlacementService, ack_all, guarded
 from shared.bus.validate import bad_worker_name, check_scale
 from shared.core.placement import scale_down_order
 from shared.core.placement.domain import Instance, InstanceState, ModelSpec, Unschedulable, WorkerState
@@ -60,6 +61,8 @@ from shared.core.placement.reconcile import (
     silent_workers,
     unreachable_instances,
 )
+from shared.host.feed import Feed
+from shared.host.service import PlacementService, ack_all, guarded
 from shared.state.store import CommitItem, ScaleUp
 
 log = logging.getLogger("gantry.reconciler")
@@ -80,6 +83,8 @@ class Reconciler(PlacementService):
     """Desired-state loop and commit point of the placement pipeline."""
 
     name = "reconciler"
+    consumes = CONSUMES
+    emits = EMITS
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self.specs: dict[str, ModelSpec] = {}
@@ -131,8 +136,8 @@ class Reconciler(PlacementService):
         self.writer.start()
         self._spawn(self._tick_loop())
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -155,7 +160,7 @@ class Reconciler(PlacementService):
         scales: dict[str, list[tuple[Msg, ScaleCommand, float]]] = {}
         for raw in raws:
             if raw.subject == subjects.CORDON:
-                await guarded(self, raw.subject, [raw], lambda r=raw: self._cordon(r.data, r))
+                await guarded(self, raw.subject, [raw], functools.partial(self._cordon, raw.data, raw))
                 continue
             cmd = await self._valid_scale(raw)
             if cmd is not None:

@@ -11,16 +11,17 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from services.reconciler.contract import WRITER_QUEUE
 from shared.bus import subjects
 from shared.bus.messages import Heartbeat, ModelFileUpdate, SyncRequest, WorkerRegistration
 from shared.bus.validate import bad_worker_name, check_heartbeat, check_registration
 from shared.core.placement.domain import ModelFile, Worker
 
 if TYPE_CHECKING:
-    from shared.bus.service import PlacementService
+    from shared.host.service import PlacementService
 
 log = logging.getLogger("gantry.writer")
-QUEUE = "gantry-state-writer"
+QUEUE = WRITER_QUEUE
 
 
 class StateWriter:

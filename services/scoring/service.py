@@ -14,14 +14,16 @@ import msgspec
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
-from shared.bus.feed import Feed
+from shared.bus.columns import CandidateSet, as_candidates, locate, score_columns
 from shared.bus.messages import ItemOutcome, PlacementFitted, PlacementScored
 from shared.bus.names import NameLists
-from shared.bus.service import PlacementService
 from shared.core.placement import instance_from_decision, run_scoring
-from shared.core.placement.columns import CandidateSet, Positions, as_candidates, locate, score_columns
 from shared.core.placement.domain import Candidate, Decision, Instance, ModelSpec, Unschedulable
+from shared.core.placement.fastpath import Positions
 from shared.core.placement.reconcile import still_fits
+from shared.host.contract import Consumes, Emits
+from shared.host.feed import Feed
+from shared.host.service import PlacementService
 
 ASSUME_TTL_S = 10.0
 
@@ -30,6 +32,14 @@ class ScoringService(PlacementService):
     """Runs the profile's scorers and picks one candidate per replica."""
 
     name = "scoring"
+    consumes = (
+        Consumes(subjects.PLACEMENT_FITTED, PlacementFitted, "candidate placements per model",
+                 stream=streams.STREAM_PIPE, durable=streams.CONSUMER_SCORING),
+    )
+    emits = (
+        Emits(subjects.PLACEMENT_SCORED, PlacementScored, "one decision (or why none) per replica, to commit",
+              jetstream=True),
+    )
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self._located: dict[tuple[tuple[str, ...], bytes, bytes, int], Positions | None] = {}

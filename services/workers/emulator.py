@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -22,7 +24,6 @@ from shared.bus.messages import (
     AssignInstance,
     DeleteInstance,
     DrainInstance,
-    GpuUsage,
     Heartbeat,
     InstanceStatus,
     MessageError,
@@ -32,7 +33,7 @@ from shared.bus.messages import (
     decode,
     encode,
 )
-from shared.core.placement.domain import GIB, Gpu, InstanceState, ModelFileState, Worker
+from shared.core.placement.domain import GIB, Gpu, GpuUsage, InstanceState, ModelFileState, Worker
 
 log = logging.getLogger("gantry.workers")
 
@@ -183,8 +184,8 @@ class Fleet:
         except MessageError as exc:
             log.warning("worker %s ignored a bad %s command: %s", name, verb, exc)
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

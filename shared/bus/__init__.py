@@ -1,1 +1,2 @@
-"""The message bus contract: subjects, message structs, stream configs and publish helpers."""
+"""The message bus contract: subjects, message structs, stream configs and wire helpers (no service frame:
+that is ``shared.host``, which builds on this package and the state layer)."""

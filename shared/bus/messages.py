@@ -11,12 +11,13 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from shared.core.placement.columns import CandidateSet
+from shared.bus.columns import CandidateSet
 from shared.core.placement.domain import (
     Decision,
     FilterReport,
     FilterResult,
     FitResult,
+    GpuUsage,
     Instance,
     InstanceState,
     ModelFileState,
@@ -72,13 +73,6 @@ class SyncRequest(Message, frozen=True, kw_only=True):
     """Ask workers to send their WorkerRegistration now (``worker`` None: every worker)."""
 
     worker: str | None = None
-
-
-class GpuUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
-    """VRAM in use on one GPU (every process, Gantry-managed or not)."""
-
-    index: int
-    vram_used: int
 
 
 class Heartbeat(Message, frozen=True, kw_only=True):
@@ -389,7 +383,7 @@ class MessageError(ValueError):
 
 
 def decode(data: bytes, kind: type[T]) -> T:
-    """Decode ``data`` as ``kind`` or raise MessageError with a one-line reason."""
+    """Decode ``data`` as ``kind`` or raise MessageError with a one-line reason (whatever the decoder raised)."""
     dec = _decoders.get(kind)
     if dec is None:
         dec = _decoders[kind] = msgspec.json.Decoder(kind)
@@ -397,6 +391,8 @@ def decode(data: bytes, kind: type[T]) -> T:
         msg: T = dec.decode(data)
     except msgspec.DecodeError as exc:
         raise MessageError(f"invalid {kind.__name__}: {exc}") from None
+    except Exception as exc:  # whatever else bytes can make the decoder raise (RecursionError on deep nesting)
+        raise MessageError(f"invalid {kind.__name__}: {type(exc).__name__}: {exc}") from None
     version = getattr(msg, "v", SCHEMA_VERSION)
     if version > SCHEMA_VERSION:
         raise MessageError(f"{kind.__name__} schema v{version} is newer than supported v{SCHEMA_VERSION}")

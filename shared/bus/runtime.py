@@ -31,19 +31,32 @@ log = logging.getLogger("gantry.bus")
 
 
 class Bus:
-    """A connected service's publishing side: core, JetStream (deduped) and dead letters."""
+    """A connected service's publishing side: core, JetStream (deduped) and dead letters.
 
-    def __init__(self, nc: Client, service: str) -> None:
+    ``declared`` (from the service's contract) says whether a subject is one the service declared it emits;
+    a publish on any other is logged as an error once per subject (the contract would be lying).
+    """
+
+    def __init__(self, nc: Client, service: str, declared: Callable[[str], bool] | None = None) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.service = service
+        self.declared = declared
+        self._undeclared: set[str] = set()
+
+    def _check(self, subject: str) -> None:
+        if self.declared is not None and subject not in self._undeclared and not self.declared(subject):
+            self._undeclared.add(subject)
+            log.error("%s publishes on %s, which its contract does not declare", self.service, subject)
 
     async def publish(self, subject: str, msg: msgspec.Struct) -> None:
         """Fire-and-forget on core NATS (heartbeats, worker commands, events)."""
+        self._check(subject)
         await self.nc.publish(subject, encode(msg))
 
     async def publish_js(self, subject: str, msg: msgspec.Struct, msg_id: str) -> None:
         """Durable publish; waits for the stream's ack. ``msg_id`` dedupes re-publishes."""
+        self._check(subject)
         await self.js.publish(subject, encode(msg), headers={"Nats-Msg-Id": msg_id})
 
     async def publish_js_many(self, items: Sequence[tuple[str, msgspec.Struct, str]]) -> None:
@@ -222,4 +235,4 @@ def nats_client(broker: NatsBroker) -> Client:
     """The broker's underlying nats-py connection (for deduped JetStream publishes)."""
     conn = broker.connection
     assert conn is not None, "broker not connected"
-    return conn  # type: ignore[no-any-return]
+    return conn

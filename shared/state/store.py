@@ -19,14 +19,15 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from shared.bus.messages import Heartbeat
 from shared.core.placement.domain import (
     Gpu,
     Instance,
     InstanceState,
     ModelFile,
     ModelSpec,
+    UsageReport,
     Worker,
+    WorkerUsage,
 )
 
 _LUA = Path(__file__).parent / "lua"
@@ -38,7 +39,7 @@ class Keys:
 
     workers = P + "workers"  # name -> Worker JSON (inventory)
     seen = P + "seen"  # name -> last heartbeat time (receiver clock)
-    usage = P + "usage"  # name -> latest Heartbeat JSON
+    usage = P + "usage"  # name -> latest usage JSON (a heartbeat: WorkerUsage fields and more)
     cordon = P + "cordon"  # "worker" or "worker:gpu" -> "1"
     files = P + "files"  # "source|worker" -> ModelFile JSON
     models = P + "models"  # name -> ModelSpec JSON
@@ -121,7 +122,7 @@ _dec_worker = msgspec.json.Decoder(Worker)
 _dec_inst = msgspec.json.Decoder(Instance)
 _dec_spec = msgspec.json.Decoder(ModelSpec)
 _dec_file = msgspec.json.Decoder(ModelFile)
-_dec_beat = msgspec.json.Decoder(Heartbeat)
+_dec_usage = msgspec.json.Decoder(WorkerUsage)
 
 
 def _s(v: Any) -> str:
@@ -171,7 +172,7 @@ class StateStore:
         pipe.hset(Keys.ram_cap, mapping=rams)  # type: ignore[arg-type]
         await pipe.execute()
 
-    async def record_heartbeats(self, beats: Sequence[tuple[Heartbeat, float]]) -> None:
+    async def record_heartbeats(self, beats: Sequence[tuple[UsageReport, float]]) -> None:
         """Batched write of (heartbeat, receive time): last-seen and latest usage, one round trip."""
         if not beats:
             return
@@ -195,7 +196,7 @@ class StateStore:
         for name_b, raw in inv.items():
             w = _dec_worker.decode(raw)
             hb_raw = usage.get(name_b)
-            hb = _dec_beat.decode(hb_raw) if hb_raw else None
+            hb = _dec_usage.decode(hb_raw) if hb_raw else None
             last = float(seen.get(name_b, 0.0) or 0.0)
             out.append(apply_usage(w, hb, last, cordoned))
         return sorted(out, key=lambda w: w.name)
@@ -308,7 +309,7 @@ class StateStore:
     async def mark_drains(self, ids: Sequence[str], at: float) -> None:
         """Remember when instances began DRAINING (for the drain timeout)."""
         if ids:
-            await self.r.hset(Keys.drains, mapping=dict.fromkeys(ids, repr(at)))  # type: ignore[arg-type]
+            await self.r.hset(Keys.drains, mapping=dict.fromkeys(ids, repr(at)))
 
     async def drains(self) -> dict[str, float]:
         """Instances DRAINING and since when."""
@@ -458,7 +459,7 @@ def _record_template(model: str, created_at: float) -> tuple[bytes, bytes]:
     return head, tail
 
 
-def apply_usage(w: Worker, hb: Heartbeat | None, last: float, cordoned: set[str]) -> Worker:
+def apply_usage(w: Worker, hb: UsageReport | None, last: float, cordoned: set[str]) -> Worker:
     """A worker's inventory overlaid with its latest usage, heartbeat time and cordons."""
     used = {g.index: g.vram_used for g in hb.gpus} if hb else {}
     gpus = tuple(

@@ -10,10 +10,16 @@ Public API (stable; additions only):
 - ``place(snapshot, model, now, profile, request=None, arch=None, gguf=None) -> Decision | Unschedulable``
 - ``scale_down_order(snapshot, model, now, profile, instances=None) -> tuple[ScaleDownEntry, ...]``
 - ``instance_from_decision(decision, instance_id, created_at=0.0) -> Instance``
+- fast path for single-GPU candidates (no ``Candidate`` built): ``fit_gpus(snapshot, model, request,
+  survivors, profile) -> GpuFit | None``, ``score_gpus(snapshot, model, fit, profile) -> Decision | None``;
+  located once and rescored per replica: ``Positions``, ``still_fitting``, ``score_positions``
 - ``Profile`` / ``ScorerConfig`` / ``DEFAULT_PROFILE`` / ``profile_from_json`` / ``profile_from_yaml``
 """
 
+from shared.core.placement.fastpath import Positions, score_positions, still_fitting
 from shared.core.placement.pipeline import (
+    GpuFit,
+    fit_gpus,
     instance_from_decision,
     place,
     requirements,
@@ -21,23 +27,21 @@ from shared.core.placement.pipeline import (
     run_fitting,
     run_scoring,
     scale_down_order,
+    score_gpus,
 )
-from shared.core.placement.profile import (
-    DEFAULT_PROFILE,
-    Profile,
-    ScorerConfig,
-    profile_from_json,
-    profile_from_yaml,
-    validate_profile,
-)
+from shared.core.placement.profile import DEFAULT_PROFILE, Profile, ScorerConfig
+from shared.core.placement.registry import profile_from_json, profile_from_yaml, validate_profile
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 
 __all__ = [
     "DEFAULT_PROFILE",
     "ClusterSnapshot",
+    "GpuFit",
+    "Positions",
     "Profile",
     "ScorerConfig",
     "SnapshotConfig",
+    "fit_gpus",
     "instance_from_decision",
     "place",
     "profile_from_json",
@@ -47,5 +51,8 @@ __all__ = [
     "run_fitting",
     "run_scoring",
     "scale_down_order",
+    "score_gpus",
+    "score_positions",
+    "still_fitting",
     "validate_profile",
 ]

@@ -10,6 +10,7 @@ the collector's pauses.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Protocol
 
 import msgspec
 
@@ -96,6 +97,41 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     last_heartbeat: float = 0.0
     cordoned: bool = False
     local_paths: tuple[str, ...] = ()
+
+
+class GpuUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
+    """VRAM in use on one GPU (every process, Gantry-managed or not)."""
+
+    index: int
+    vram_used: int
+
+
+class WorkerUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A worker's latest reported usage: RAM and VRAM per GPU index (what a heartbeat carries and the state
+    layer keeps; fields a heartbeat adds beyond these are ignored when read back)."""
+
+    worker: str
+    ram_used: int = 0
+    gpus: tuple[GpuUsage, ...] = ()
+
+
+class UsageReport(Protocol):
+    """Anything that reports a worker's usage (a WorkerUsage, or a heartbeat message on the bus)."""
+
+    @property
+    def worker(self) -> str:
+        """The reporting worker's name."""
+        ...
+
+    @property
+    def ram_used(self) -> int:
+        """Host RAM in use."""
+        ...
+
+    @property
+    def gpus(self) -> tuple[GpuUsage, ...]:
+        """VRAM in use per GPU index."""
+        ...
 
 
 class GpuSelector(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -496,6 +496,62 @@ def run_scoring(
     return _decision(model, scored, filters, len(candidates))
 
 
+# ------------------------------------------------------------------------------------------- fast path
+
+
+@dataclass(frozen=True)
+class GpuFit:
+    """Fitting's winning single-GPU candidates in the snapshot's ``[row, slot]`` layout (see ``fit_gpus``)."""
+
+    strategy: str
+    batch: GpuBatch
+
+
+def fit_gpus(
+    snapshot: ClusterSnapshot,
+    model: ModelSpec,
+    request: ResourceRequest,
+    survivors: Sequence[str],
+    profile: Profile = DEFAULT_PROFILE,
+) -> GpuFit | None:
+    """The candidates ``run_fitting`` would return, kept as a ``[row, slot]`` batch, when the winning strategy
+    yields single-GPU ones; None otherwise (nothing fits, or another shape: ``run_fitting`` then gives the
+    candidates or the explanation). No ``Candidate`` is built: that is what makes it fast."""
+    ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile, request=request)
+    fitted = _fit(ctx, _mask(snapshot, survivors), False)
+    if not isinstance(fitted.batch, GpuBatch) or len(fitted.batch) == 0:
+        return None
+    return GpuFit(strategy=fitted.strategy or "", batch=fitted.batch)
+
+
+def score_gpus(
+    snapshot: ClusterSnapshot, model: ModelSpec, fit: GpuFit, profile: Profile = DEFAULT_PROFILE
+) -> Decision | None:
+    """Pick one of single-GPU candidates: the decision ``run_scoring`` makes on the same candidates.
+
+    None when the batch is empty or a configured scorer has no vectorised form (use ``run_scoring``).
+    """
+    batch = fit.batch
+    if len(batch) == 0:
+        return None
+    ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
+    scored = _score_batch(ctx, batch)
+    if scored is None:
+        return None
+    r, s, total, breakdown = scored
+    claim = int(np.broadcast_to(batch.claims, batch.mask.shape)[r, s])
+    chosen = Candidate(
+        worker=snapshot.name_of(r),
+        gpu_indexes=(int(snapshot.g_index[r, s]),),
+        vram_claims=(claim,),
+        ram_claim=batch.ram_claim,
+        strategy=fit.strategy,
+    )
+    return Decision(
+        model=model.name, candidate=chosen, score=total, breakdown=breakdown, candidates_considered=len(batch)
+    )
+
+
 # ------------------------------------------------------------------------------------------- place
 
 

@@ -1,7 +1,8 @@
 """Placement profiles: which filters, fit strategies and scorers run, in which order, with which weights.
 
 A profile is plain data (JSON or YAML); plugin names refer to the registries in ``filters``, ``fitting``,
-``scorers`` and ``scaledown``. ``validate_profile`` rejects unknown names with one clear message.
+``scorers`` and ``scaledown``. This module holds the data only, so plugins may read a profile without
+importing the registries; ``registry`` loads a profile and checks it against them.
 """
 
 from __future__ import annotations
@@ -62,45 +63,3 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
 
 
 DEFAULT_PROFILE = Profile()
-
-
-def validate_profile(profile: Profile) -> Profile:
-    """Return ``profile`` if every plugin name is registered; raise ValueError naming the unknown ones."""
-    from shared.core.placement.filters import FILTERS
-    from shared.core.placement.fitting import FIT_STRATEGIES
-    from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
-    from shared.core.placement.scorers import SCORERS
-
-    problems = []
-    for kind, names, registry in (
-        ("filter", profile.filters, FILTERS),
-        ("fit strategy", profile.fit_strategies, FIT_STRATEGIES),
-        ("scorer", tuple(s.name for s in profile.scorers), SCORERS),
-        ("scale-down scorer", tuple(s.name for s in profile.scale_down_scorers), SCALE_DOWN_SCORERS),
-    ):
-        problems += [f"unknown {kind} {n!r} (known: {', '.join(sorted(registry))})" for n in names if n not in registry]
-    if profile.max_worker_combinations < 1:
-        problems.append("max_worker_combinations must be at least 1")
-    if problems:
-        raise ValueError(f"profile {profile.name!r}: " + "; ".join(problems))
-    return profile
-
-
-def _decode(data: bytes | str, fmt: str) -> Profile:
-    decode = msgspec.json.decode if fmt == "JSON" else msgspec.yaml.decode
-    try:
-        return validate_profile(decode(data, type=Profile))
-    except msgspec.ValidationError as err:
-        raise ValueError(f"invalid profile: {err}") from None
-    except msgspec.DecodeError as err:
-        raise ValueError(f"profile is not valid {fmt}: {err}") from None
-
-
-def profile_from_json(data: bytes | str) -> Profile:
-    """Decode and validate a JSON profile; raises ValueError on bad input."""
-    return _decode(data, "JSON")
-
-
-def profile_from_yaml(data: bytes | str) -> Profile:
-    """Decode and validate a YAML profile; raises ValueError on bad input."""
-    return _decode(data, "YAML")

@@ -12,7 +12,8 @@ from typing import Any
 import msgspec
 
 from shared.core.placement.domain import Instance, ModelFile, ModelSpec, Worker
-from shared.core.placement.profile import Profile, validate_profile
+from shared.core.placement.profile import Profile
+from shared.core.placement.registry import validate_profile
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 
 SIZE_FIELDS = frozenset({

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from shared.bus import subjects
-from shared.bus.messages import GpuUsage, Heartbeat, ScaleCommand, encode
-from shared.core.placement.domain import GIB, InstanceState, ModelSpec
+from shared.bus.messages import Heartbeat, ScaleCommand, encode
+from shared.core.placement.domain import GIB, GpuUsage, InstanceState, ModelSpec
 
 from .conftest import Stack, wait_until
 

@@ -10,7 +10,8 @@ import pytest
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import GIB, Candidate, Category, Decision, ModelSpec
 from shared.core.placement.pipeline import place
-from shared.core.placement.profile import Profile, ScorerConfig, validate_profile
+from shared.core.placement.profile import Profile, ScorerConfig
+from shared.core.placement.registry import validate_profile
 from shared.core.placement.scorers import SCORERS
 from shared.core.placement.scorers.fragmentation import (
     Fragmentation,

@@ -6,13 +6,8 @@ import pytest
 
 from shared.core.placement.filters import FILTERS
 from shared.core.placement.fitting import FIT_STRATEGIES
-from shared.core.placement.profile import (
-    DEFAULT_PROFILE,
-    ScorerConfig,
-    profile_from_json,
-    profile_from_yaml,
-    validate_profile,
-)
+from shared.core.placement.profile import DEFAULT_PROFILE, ScorerConfig
+from shared.core.placement.registry import profile_from_json, profile_from_yaml, validate_profile
 from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
 from shared.core.placement.scorers import SCORERS
 

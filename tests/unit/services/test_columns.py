@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shared.bus.columns import CandidateSet, as_candidates, fit_columns, locate, score_columns
 from shared.core.placement import ClusterSnapshot, requirements, run_fitting, run_scoring
-from shared.core.placement.columns import CandidateSet, as_candidates, fit_columns, locate, score_columns
 from shared.core.placement.domain import (
     GIB,
     Category,

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from shared.bus.feed import SnapshotFeed
-from shared.bus.messages import CordonEvent, GpuUsage, Heartbeat, InstanceEvent, WorkerRegistration
-from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, SubordinateWorker, Worker, WorkerState
+from shared.bus.messages import CordonEvent, Heartbeat, InstanceEvent, WorkerRegistration
+from shared.core.placement.domain import (
+    GIB,
+    Gpu,
+    GpuUsage,
+    Instance,
+    InstanceState,
+    SubordinateWorker,
+    Worker,
+    WorkerState,
+)
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
+from shared.host.feed import SnapshotFeed
 
 W = Worker(name="w1", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=256 * GIB)
 

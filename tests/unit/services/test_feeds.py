@@ -9,7 +9,7 @@ from services.fitting.service import FittingService
 from services.reconciler.service import Reconciler
 from services.scoring.service import ScoringService
 from shared.bus import subjects
-from shared.bus.service import PlacementService
+from shared.host.service import PlacementService
 from shared.settings import Settings
 
 WORKERS = {subjects.REGISTER, subjects.HEARTBEAT, subjects.EVENT_CORDON}

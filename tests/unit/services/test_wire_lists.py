@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from shared.bus.columns import CandidateSet
 from shared.bus.messages import PlacementFitted, PlacementRequest, decode, encode
 from shared.bus.names import NameLists
-from shared.core.placement.columns import CandidateSet
 from shared.core.placement.domain import FitResult
 
 WORKERS = tuple(f"w{i}" for i in range(4))

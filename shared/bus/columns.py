@@ -1,13 +1,13 @@
-"""Single-GPU candidates as columns: the compact form the fitting → scoring hop carries on the bus.
+"""Single-GPU candidates as columns: the wire form of the fitting → scoring hop.
 
 Materialising thousands of ``Candidate`` structs, encoding them and decoding them again costs far more
 than fitting and scoring themselves (1,000 workers × 8 GPUs: ~8,000 candidates, 1.4 MB of JSON). The
 columns carry exactly the same information (worker, GPU index, VRAM claim, RAM claim, strategy) in a few
 bytes per worker: one 64-bit mask of candidate GPU indexes per worker, and the VRAM claim once when every
-candidate claims the same (the common case: one model, one GPU type) or one per candidate otherwise. The
-scoring side rebuilds the core's ``GpuBatch`` from them directly, masked to what still fits its snapshot,
-then scores it with the core's vectorised scorers: the same decision ``run_scoring`` makes on the same
-candidates. Pure and clock-free, like the rest of the core. Multi-GPU, multi-worker and CPU placements, and
+candidate claims the same (the common case: one model, one GPU type) or one per candidate otherwise. This
+module only packs and unpacks: fitting packs the core's ``fit_gpus`` result, and the scoring side locates
+the columns in its own snapshot (the core's ``Positions``) and scores them with ``score_positions``: the
+same decision ``run_scoring`` makes on the same candidates. Multi-GPU, multi-worker and CPU placements, and
 GPUs indexed 64 or above, keep the regular ``FitResult`` path (callers fall back when these functions
 return None).
 """
@@ -15,16 +15,14 @@ return None).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate, Decision, ModelSpec, ResourceRequest
-from shared.core.placement.fitting import GpuBatch
-from shared.core.placement.pipeline import _fit, _mask, _score_batch
+from shared.core.placement.fastpath import Positions, score_positions
+from shared.core.placement.pipeline import fit_gpus
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile
 from shared.core.placement.snapshot import ClusterSnapshot
 
@@ -104,11 +102,10 @@ def fit_columns(
     None when it does not (or nothing fits, or a candidate GPU's index does not fit a mask): the caller
     then runs ``run_fitting`` for candidates or the explanation.
     """
-    ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile, request=request)
-    fitted = _fit(ctx, _mask(snapshot, survivors), False)
-    batch = fitted.batch
-    if not isinstance(batch, GpuBatch) or len(batch) == 0:
+    fitted = fit_gpus(snapshot, model, request, survivors, profile)
+    if fitted is None:
         return None
+    batch = fitted.batch
     rows = np.flatnonzero(batch.worker_mask())
     mask = batch.mask[rows]
     index = snapshot.g_index[rows]
@@ -124,37 +121,13 @@ def fit_columns(
         picked = np.take_along_axis(claimed, order, axis=1)[np.take_along_axis(mask, order, axis=1)]
     return CandidateSet(
         model=model.name,
-        strategy=fitted.strategy or "",
+        strategy=fitted.strategy,
         workers=tuple(snapshot.names_of(rows)),
         gpus=gpus.astype(_mask_type(highest)).tobytes(),
         claim=int(picked[0]) if uniform else 0,
         claims=b"" if uniform else picked.astype("<i8").tobytes(),
         ram_claim=batch.ram_claim,
     )
-
-
-@dataclass(frozen=True)
-class Positions:
-    """A CandidateSet located in one snapshot's ``[row, slot]`` layout.
-
-    The candidates as dense ``[row, slot]`` matrices (which GPUs, what claim), the form the vectorised
-    scorers take: built once per candidate set, so scoring each replica only re-checks room. Valid while
-    the snapshot's ``layout`` is the one recorded here.
-    """
-
-    layout: int
-    mask: npt.NDArray[np.bool_]
-    dense_claims: IntArray
-
-    @classmethod
-    def of(cls, snapshot: ClusterSnapshot, rows: IntArray, slots: IntArray, claims: IntArray) -> Positions:
-        """The candidates at ``(rows[i], slots[i])`` claiming ``claims[i]``, densely over the current rows."""
-        shape = (snapshot.rows, snapshot.g_ok.shape[1])
-        mask = np.zeros(shape, dtype=np.bool_)
-        dense = np.zeros(shape, dtype=np.int64)
-        mask[rows, slots] = True
-        dense[rows, slots] = claims
-        return cls(layout=snapshot.layout, mask=mask, dense_claims=dense)
 
 
 def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
@@ -181,17 +154,6 @@ def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
     return Positions.of(snapshot, rows[pos_w], slots.astype(np.int64), claims)
 
 
-def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int) -> npt.NDArray[np.bool_]:
-    """``[row, slot]``: a candidate whose worker is present and not cordoned, and whose GPU is schedulable
-    and (with the worker's RAM) still has room: what ``reconcile.still_fits`` checks, for every candidate."""
-    n = pos.mask.shape[0]
-    live = snapshot.w_present[:n] & ~snapshot.w_cordoned[:n]
-    if ram_claim:
-        live = live & (snapshot.w_ram_alloc[:n] >= ram_claim)
-    ok = pos.mask & snapshot.g_ok[:n] & (snapshot.g_alloc[:n] >= pos.dense_claims) & live[:, None]
-    return np.asarray(ok, dtype=np.bool_)
-
-
 def score_columns(
     snapshot: ClusterSnapshot,
     model: ModelSpec,
@@ -201,30 +163,10 @@ def score_columns(
 ) -> Decision | None:
     """Score the candidates that still fit and pick one, like ``run_scoring`` on the same candidates.
 
-    None when none still fits or a configured scorer has no vectorised form (use ``run_scoring``).
+    None when ``pos`` is stale, none still fits or a configured scorer has no vectorised form (use
+    ``run_scoring``).
     """
-    if pos.layout != snapshot.layout:
-        return None  # located before rows or slots moved (a reused row may now be another worker)
-    mask = still_fitting(snapshot, pos, cset.ram_claim)
-    count = int(np.count_nonzero(mask))
-    if count == 0:
-        return None
-    claims = pos.dense_claims
-    ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
-    scored = _score_batch(ctx, GpuBatch(mask=mask, claims=claims, ram_claim=cset.ram_claim, count=count))
-    if scored is None:
-        return None
-    r, s, total, breakdown = scored
-    chosen = Candidate(
-        worker=snapshot.name_of(r),
-        gpu_indexes=(int(snapshot.g_index[r, s]),),
-        vram_claims=(int(claims[r, s]),),
-        ram_claim=cset.ram_claim,
-        strategy=cset.strategy,
-    )
-    return Decision(
-        model=model.name, candidate=chosen, score=total, breakdown=breakdown, candidates_considered=count
-    )
+    return score_positions(snapshot, model, pos, cset.ram_claim, cset.strategy, profile)
 
 
 def as_candidates(cset: CandidateSet) -> list[Candidate]:

@@ -1,0 +1,57 @@
+"""What the reconciler consumes and emits (its part of the contract; the host adds the snapshot feed's)."""
+
+from __future__ import annotations
+
+from shared.bus import streams, subjects
+from shared.bus.messages import (
+    AssignInstance,
+    CordonCommand,
+    CordonEvent,
+    DecisionEvents,
+    DeleteInstance,
+    DrainInstance,
+    Heartbeat,
+    InstanceEvents,
+    InstanceStatus,
+    ModelEvents,
+    ModelFileUpdate,
+    PlacementRequest,
+    PlacementScored,
+    ScaleCommand,
+    UnschedulableEvent,
+    WorkerRegistration,
+)
+from shared.host.contract import Consumes, Emits
+
+WRITER_QUEUE = "gantry-state-writer"
+"""Queue group of the state writer: reconciler replicas split the worker reports they write to Redis."""
+
+CONSUMES = (
+    Consumes(subjects.SCALE, ScaleCommand, "desired replicas of a model (and its spec)",
+             stream=streams.STREAM_CMD, durable=streams.CONSUMER_SCALE),
+    Consumes(subjects.CORDON, CordonCommand, "cordon or uncordon a worker or one GPU",
+             stream=streams.STREAM_CMD, durable=streams.CONSUMER_SCALE),
+    Consumes(subjects.PLACEMENT_SCORED, PlacementScored, "decisions (or why none) to commit to the ledger",
+             stream=streams.STREAM_PIPE, durable=streams.CONSUMER_COMMIT),
+    Consumes(subjects.INSTANCE_STATUS, InstanceStatus, "workers' reports on their instances",
+             stream=streams.STREAM_STATUS, durable=streams.CONSUMER_STATUS),
+    Consumes(subjects.REGISTER, WorkerRegistration, "worker inventories, validated and written to Redis",
+             queue=WRITER_QUEUE),
+    Consumes(subjects.HEARTBEAT, Heartbeat, "worker liveness and usage, validated and written to Redis",
+             queue=WRITER_QUEUE),
+    Consumes(subjects.MODEL_FILE, ModelFileUpdate, "model-file readiness, written to Redis", queue=WRITER_QUEUE),
+)
+
+EMITS = (
+    Emits(subjects.PLACEMENT_REQUESTED, PlacementRequest, "replicas to place, with their models' specs",
+          jetstream=True),
+    Emits(subjects.worker_assign("*"), AssignInstance, "start a committed instance on this worker"),
+    Emits(subjects.worker_drain("*"), DrainInstance, "stop routing to an instance; report when idle"),
+    Emits(subjects.worker_delete("*"), DeleteInstance, "stop and remove an instance"),
+    Emits(subjects.EVENT_DECISION, DecisionEvents, "replicas committed, with their score breakdowns"),
+    Emits(subjects.EVENT_UNSCHEDULABLE, UnschedulableEvent, "a replica stays PENDING, and why"),
+    Emits(subjects.EVENT_INSTANCE, InstanceEvents, "instances created, placed, released or removed"),
+    Emits(subjects.EVENT_INSTANCE_PROGRESS, InstanceEvents, "placed instances starting and running"),
+    Emits(subjects.EVENT_MODEL, ModelEvents, "desired replicas or specs of models changed"),
+    Emits(subjects.EVENT_CORDON, CordonEvent, "cordon state of a worker or GPU changed"),
+)

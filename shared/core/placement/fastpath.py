@@ -1,0 +1,77 @@
+"""Single-GPU candidates located once, scored again and again as the snapshot changes.
+
+Fitting's candidates (``fit_gpus``) are placed once in a snapshot's ``[row, slot]`` layout as ``Positions``;
+each replica of a burst then only re-checks which of them still have room (``still_fitting``) and scores
+those (``score_positions``), without building or checking a single ``Candidate``. Property tests hold the
+result to ``run_scoring`` on the same candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.core.placement.domain import Decision, ModelSpec
+from shared.core.placement.fitting import GpuBatch
+from shared.core.placement.pipeline import GpuFit, score_gpus
+from shared.core.placement.profile import DEFAULT_PROFILE, Profile
+from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, IntArray
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Candidates located in one snapshot's ``[row, slot]`` layout.
+
+    The candidates as dense ``[row, slot]`` matrices (which GPUs, what claim), the form the vectorised
+    scorers take: built once per candidate set, so scoring each replica only re-checks room. Valid while
+    the snapshot's ``layout`` is the one recorded here.
+    """
+
+    layout: int
+    mask: BoolArray
+    dense_claims: IntArray
+
+    @classmethod
+    def of(cls, snapshot: ClusterSnapshot, rows: IntArray, slots: IntArray, claims: IntArray) -> Positions:
+        """The candidates at ``(rows[i], slots[i])`` claiming ``claims[i]``, densely over the current rows."""
+        shape = (snapshot.rows, snapshot.g_ok.shape[1])
+        mask = np.zeros(shape, dtype=np.bool_)
+        dense = np.zeros(shape, dtype=np.int64)
+        mask[rows, slots] = True
+        dense[rows, slots] = claims
+        return cls(layout=snapshot.layout, mask=mask, dense_claims=dense)
+
+
+def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int) -> BoolArray:
+    """``[row, slot]``: a candidate whose worker is present and not cordoned, and whose GPU is schedulable
+    and (with the worker's RAM) still has room: what ``reconcile.still_fits`` checks, for every candidate."""
+    n = pos.mask.shape[0]
+    live = snapshot.w_present[:n] & ~snapshot.w_cordoned[:n]
+    if ram_claim:
+        live = live & (snapshot.w_ram_alloc[:n] >= ram_claim)
+    ok = pos.mask & snapshot.g_ok[:n] & (snapshot.g_alloc[:n] >= pos.dense_claims) & live[:, None]
+    return np.asarray(ok, dtype=np.bool_)
+
+
+def score_positions(
+    snapshot: ClusterSnapshot,
+    model: ModelSpec,
+    pos: Positions,
+    ram_claim: int,
+    strategy: str,
+    profile: Profile = DEFAULT_PROFILE,
+) -> Decision | None:
+    """Score the located candidates that still fit and pick one, like ``run_scoring`` on the same candidates.
+
+    None when the positions are stale (rows or slots moved since they were located), none still fits, or a
+    configured scorer has no vectorised form (use ``run_scoring``).
+    """
+    if pos.layout != snapshot.layout:
+        return None  # located before rows or slots moved (a reused row may now be another worker)
+    mask = still_fitting(snapshot, pos, ram_claim)
+    count = int(np.count_nonzero(mask))
+    if count == 0:
+        return None
+    batch = GpuBatch(mask=mask, claims=pos.dense_claims, ram_claim=ram_claim, count=count)
+    return score_gpus(snapshot, model, GpuFit(strategy=strategy, batch=batch), profile)

@@ -1,0 +1,62 @@
+"""The plugin registries of every kind, and loading a profile checked against them.
+
+Above the plugins in the import order (plugins read ``profile``, the plain data; this module reads the
+plugins), so no plugin module ever needs a function-level import to reach a registry.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from shared.core.placement.filters import FILTERS
+from shared.core.placement.fitting import FIT_STRATEGIES
+from shared.core.placement.profile import Profile
+from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
+from shared.core.placement.scorers import SCORERS
+
+__all__ = [
+    "FILTERS",
+    "FIT_STRATEGIES",
+    "SCALE_DOWN_SCORERS",
+    "SCORERS",
+    "profile_from_json",
+    "profile_from_yaml",
+    "validate_profile",
+]
+
+
+def validate_profile(profile: Profile) -> Profile:
+    """Return ``profile`` if every plugin name is registered; raise ValueError naming the unknown ones."""
+    problems = []
+    for kind, names, registry in (
+        ("filter", profile.filters, FILTERS),
+        ("fit strategy", profile.fit_strategies, FIT_STRATEGIES),
+        ("scorer", tuple(s.name for s in profile.scorers), SCORERS),
+        ("scale-down scorer", tuple(s.name for s in profile.scale_down_scorers), SCALE_DOWN_SCORERS),
+    ):
+        problems += [f"unknown {kind} {n!r} (known: {', '.join(sorted(registry))})" for n in names if n not in registry]
+    if profile.max_worker_combinations < 1:
+        problems.append("max_worker_combinations must be at least 1")
+    if problems:
+        raise ValueError(f"profile {profile.name!r}: " + "; ".join(problems))
+    return profile
+
+
+def _decode(data: bytes | str, fmt: str) -> Profile:
+    decode = msgspec.json.decode if fmt == "JSON" else msgspec.yaml.decode
+    try:
+        return validate_profile(decode(data, type=Profile))
+    except msgspec.ValidationError as err:
+        raise ValueError(f"invalid profile: {err}") from None
+    except msgspec.DecodeError as err:
+        raise ValueError(f"profile is not valid {fmt}: {err}") from None
+
+
+def profile_from_json(data: bytes | str) -> Profile:
+    """Decode and validate a JSON profile; raises ValueError on bad input."""
+    return _decode(data, "JSON")
+
+
+def profile_from_yaml(data: bytes | str) -> Profile:
+    """Decode and validate a YAML profile; raises ValueError on bad input."""
+    return _decode(data, "YAML")
