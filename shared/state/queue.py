@@ -47,6 +47,8 @@ _dec_req = msgspec.json.Decoder(QueuedRequest)
 _dec_out = msgspec.json.Decoder(Output)
 PUT_CHUNK = 500  # requests per put script call
 RECOVER_CHUNK = 200  # ids moved per recovery call
+MAX_PULL = 512  # ids one pull looks at (a huge batch does not make one script call unbounded)
+DELIVER_CHUNK = 500  # output chunks per delivery script call
 TAKE_RETRIES = 3
 
 
@@ -277,7 +279,8 @@ class GlobalBroker:
                 continue
             by_origin.setdefault(req.origin, []).append(out)
         for origin, outs in by_origin.items():
-            refused += await self._deliver_to(origin, outs, t)
+            for i in range(0, len(outs), DELIVER_CHUNK):
+                refused += await self._deliver_to(origin, outs[i : i + DELIVER_CHUNK], t)
         self.stats.refused_results += len(refused)
         return refused
 
@@ -321,8 +324,9 @@ class GlobalBroker:
     async def _take_from(self, src: str, limit: int, budget: PullBudget, t: float) -> list[QueuedRequest] | None:
         """Take what fits from the head of ``src``'s list; None when the list is empty."""
         k = self.keys
+        limit = min(max(limit, 1), MAX_PULL)
         for _ in range(TAKE_RETRIES):
-            ids = [_s(i) for i in await self.r.lrange(k.req(src), 0, max(limit, 1) - 1)]
+            ids = [_s(i) for i in await self.r.lrange(k.req(src), 0, limit - 1)]
             if not ids:
                 return None
             bodies = await self.r.hmget(k.body, ids)

@@ -222,3 +222,13 @@ async def test_a_huge_put_is_queued_in_bounded_chunks(broker: Factory) -> None:
     me = broker("me")
     answers = await me.put_requests([req(f"r{i}") for i in range(1200)], now=0.0)
     assert all(why is None for _, why in answers) and await me.queued() == 1200
+
+
+async def test_a_huge_batch_is_served_in_bounded_pulls(broker: Factory) -> None:
+    me = broker("me")
+    await me.put_requests([req(f"r{i}") for i in range(700)], now=0.0)
+    huge = PullBudget(available_blocks=10**9, block_size=4, reserved_output_blocks=0, batch=10**9)
+    first = await me.get_requests(huge, now=1.0)
+    assert len(first) == 512 and await me.queued() == 188
+    assert await me.put_results([Output(request_id=r.request_id, seq=0, finished=True) for r in first]) == []
+    assert len(await me.get_results(limit=1000)) == 512
