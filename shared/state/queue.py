@@ -297,6 +297,10 @@ class GlobalBroker:
         """Requests queued at a node (this one by default)."""
         return int(await self.r.llen(self.keys.req(node or self.node)))
 
+    def serving(self) -> int:
+        """Requests this node holds leases on (taken, not yet finished)."""
+        return len(self._taken)
+
     async def queued_ids(self, node: str | None = None) -> list[str]:
         """Ids queued at a node (this one by default), in order."""
         return [_s(i) for i in await self.r.lrange(self.keys.req(node or self.node), 0, -1)]

@@ -66,6 +66,9 @@ async def test_a_node_killed_mid_run_loses_nothing_and_serves_nothing_twice(clie
         assert why is None
         ids.append(rid)
         if k == 150:
+            until = time.time() + 5
+            while nodes[0].serving() == 0 and time.time() < until:  # kill it while it holds leases
+                await asyncio.sleep(0.0005)
             tasks[0].cancel()  # n0 dies holding a queue and leases; its clients' answers land in its list
         await asyncio.sleep(0.001)
     assert await nodes[0].queued() > 0 or nodes[0].stats.taken_own > 0
