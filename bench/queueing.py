@@ -168,6 +168,13 @@ async def _serve(b: Any, stop: asyncio.Event, rng: random.Random, waits: list[fl
             await b.put_results([Output(request_id=r.request_id, seq=0, num_tokens=1, finished=True)])
 
 
+async def _when_serving(b: Any, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) until the node holds leases, so a kill catches requests in flight."""
+    until = time.time() + timeout_s
+    while b.serving() == 0 and time.time() < until:
+        await asyncio.sleep(0.0005)
+
+
 async def _realtime_once(url: str, mode: str, kill: bool, n: int, rate: float, seed: int) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
@@ -191,6 +198,7 @@ async def _realtime_once(url: str, mode: str, kill: bool, n: int, rate: float, s
         await origin.put_requests([QueuedRequest(request_id=rid, prompt_len=16, max_tokens=1, arrival_s=0.0)])
         ids.append(rid)
         if kill and k == n // 2:
+            await _when_serving(nodes[0])
             tasks[0].cancel()
         await asyncio.sleep(rng.expovariate(rate))
     finals: Counter[str] = Counter()
@@ -231,6 +239,79 @@ def realtime(runs: int, n: int, rate: float) -> dict[str, Any]:
             server.stop()
     return {"setup": {"nodes": NODES, "requests": n, "rate_rps": rate, "service_mean_s": 0.02, "skew": 0.8,
                       "runs": runs}, "rows": rows}
+
+
+async def _engines_once(url: str, mode: str, kill: bool, n: int, rate: float, seed: int) -> dict[str, Any]:
+    import redis.asyncio as aioredis
+
+    from services.engine_server.broker_node import BrokerNode
+    from shared.core.engine import Engine, SchedulerConfig
+    from shared.core.engine.step_time import CalibratedStepTime
+    from shared.state.queue import GlobalBroker
+
+    r = aioredis.from_url(url)
+    await r.flushdb()
+    params = SchedulerParams(name="global", topic=f"eng{seed}", min_load_score=2 if mode == "global" else 1e12,
+                             ttl_s=60, sync_period_s=0.05, expire_period_s=0.3)
+    cfg = SchedulerConfig(block_size=16, num_gpu_blocks=4000, max_num_seqs=4, max_num_batched_tokens=2048)
+    step = CalibratedStepTime(base_s=0.01, per_token_s=1e-6)
+    rng = random.Random(seed)
+    nodes = [BrokerNode(GlobalBroker(r, params, f"e{i}", rng=random.Random(seed * 10 + i)), Engine(cfg, step))
+             for i in range(NODES)]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(nd.run(stop)) for nd in nodes]
+    ids: list[str] = []
+    c0, t0 = time.process_time(), time.perf_counter()
+    for k in range(n):
+        dead0 = kill and k >= n // 2
+        origin = nodes[0] if rng.random() < 0.8 and not dead0 else nodes[1 + rng.randrange(NODES - 1)]
+        rid = f"r{k}"
+        await origin.broker.put_requests([QueuedRequest(request_id=rid, prompt_len=128, max_tokens=20,
+                                                        arrival_s=0.0)])
+        ids.append(rid)
+        if kill and k == n // 2:
+            await _when_serving(nodes[0].broker)
+            tasks[0].cancel()
+        await asyncio.sleep(rng.expovariate(rate))
+    finals: Counter[str] = Counter()
+    deadline = time.time() + 120
+    while time.time() < deadline and len(finals) < len(ids):
+        for nd in nodes:
+            for o in await nodes[1].broker.results_of(nd.broker.node):
+                if o.finished:
+                    finals[o.request_id] += 1
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    await r.aclose()
+    waits = sorted(w for nd in nodes for w in nd.queue_waits)
+
+    def q(p: float) -> float:
+        return waits[min(len(waits) - 1, int(p * len(waits)))] if waits else 0.0
+    return {"lost": len(set(ids) - set(finals)), "duplicated": sum(1 for v in finals.values() if v > 1),
+            "answered": len(finals), "queue_p50_s": q(0.5), "queue_p99_s": q(0.99),
+            "stolen": sum(nd.broker.stats.stolen for nd in nodes),
+            "recovered": sum(nd.broker.stats.recovered for nd in nodes), "wall_s": wall, "cpu_s": cpu}
+
+
+def realtime_engines(runs: int, n: int, rate: float) -> dict[str, Any]:
+    from ops.servers import start_redis
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_redis(Path(tmp))
+        try:
+            url = server.url.rsplit("/", 1)[0] + "/7"
+            rows: dict[str, Any] = {}
+            for name, mode, kill in (("local", "local", False), ("global", "global", False),
+                                     ("global, node 0 killed", "global", True)):
+                rs = [asyncio.run(_engines_once(url, mode, kill, n, rate, seed)) for seed in range(runs)]
+                rows[name] = median_rows(rs)
+        finally:
+            server.stop()
+    return {"setup": {"nodes": NODES, "requests": n, "rate_rps": rate, "skew": 0.8, "runs": runs,
+                      "engine": "emulated engine core, calibrated step 10 ms, max_num_seqs 4, 128-token prompts, "
+                                "20 output tokens (BrokerNode)"}, "rows": rows}
 
 
 # -- output -------------------------------------------------------------------------------------------------------
@@ -309,7 +390,12 @@ def report(result: dict[str, Any]) -> str:
         parts += [f"## 2. P/D vs aggregated: {tname}, {t['requests']} requests (virtual time)", "",
                   table(t["rows"], LAT), ""]
     parts += ["## 4. Real time on Redis (4 GlobalBroker nodes, one redis-server)", "",
-              f"Setup: {json.dumps(result['realtime']['setup'])}", "", table(result["realtime"]["rows"], RT), "",
+              f"Setup: {json.dumps(result['realtime']['setup'])}", "", table(result["realtime"]["rows"], RT), ""]
+    if "realtime_engines" in result:
+        parts += ["### 4b. The same with emulated engines pulling from the broker (`BrokerNode`)", "",
+                  f"Setup: {json.dumps(result['realtime_engines']['setup'])}", "",
+                  table(result["realtime_engines"]["rows"], RT), ""]
+    parts += [
               "## Verdicts", "", *[f"- {k}: {v}" for k, v in result["verdicts"].items()], "",
               "## Reading", "", *notes(result), ""]
     return "\n".join(parts)
@@ -370,6 +456,9 @@ def verdicts(result: dict[str, Any]) -> dict[str, Any]:
     rt_cut = rt["local"]["queue_p99_s"] / max(rt["global"]["queue_p99_s"], 1e-9)
     clean = all(r["lost"] == 0 and r["duplicated"] == 0 for n, r in rows.items() if n != "local, node 0 killed")
     rt_clean = all(r["lost"] == 0 and r["duplicated"] == 0 for r in rt.values())
+    if "realtime_engines" in result:
+        rte = result["realtime_engines"]["rows"]
+        rt_clean = rt_clean and all(r["lost"] == 0 and r["duplicated"] == 0 for r in rte.values())
     pd: dict[str, Any] = {}
     for tname, t in result["pd"]["traces"].items():
         agg = t["rows"]["aggregated (4 mixed)"]["goodput_rps"]
@@ -378,6 +467,10 @@ def verdicts(result: dict[str, Any]) -> dict[str, Any]:
                      "pd_ge_aggregated": t["rows"][best]["goodput_rps"] >= agg}
     return {"virtual_p99_queue_cut_global_vs_local": cut, "virtual_cut_ge_2x": cut >= 2.0,
             "realtime_p99_queue_cut_global_vs_local": rt_cut, "realtime_cut_ge_2x": rt_cut >= 2.0,
+            **({"realtime_engines_p99_queue_cut_global_vs_local":
+                result["realtime_engines"]["rows"]["local"]["queue_p99_s"]
+                / max(result["realtime_engines"]["rows"]["global"]["queue_p99_s"], 1e-9)}
+               if "realtime_engines" in result else {}),
             "no_loss_no_duplicate_global_incl_kill_virtual": clean, "no_loss_no_duplicate_realtime": rt_clean,
             "local_kill_lost": rows["local, node 0 killed"]["lost"], "pd": pd}
 
@@ -399,6 +492,7 @@ def main() -> None:
         "imbalance": imbalance(seeds, limit, scale=8.0),
         "pd": pd_split(seeds, limit, code_scale=8.0, decode_rate=60.0),
         "realtime": realtime(1 if args.quick else 3, 200 if args.quick else 600, rate=90.0),
+        "realtime_engines": realtime_engines(1 if args.quick else 3, 150 if args.quick else 400, rate=40.0),
         "machine": "shared 2-core VM, several agents running: real-time figures are noisy",
     }
     result["verdicts"] = verdicts(result)
