@@ -244,7 +244,7 @@ class GlobalBroker:
             args: list[Any] = [self.node, t, self.params.ttl_s]
             for _, r in chunk:
                 args += [r.request_id, _enc.encode(r)]
-            flags = await self._put(keys=[k.req(self.node), k.body, k.done, k.load(self.node)], args=args)
+            flags = await self._put(keys=[k.req(self.node), k.body, k.done, k.load(self.node), k.nodes], args=args)
             for (pos, r), ok in zip(chunk, flags, strict=True):
                 answers[pos] = (r.request_id, None if int(ok) else DUPLICATE)
                 self.stats.queued += int(ok)

@@ -1,6 +1,8 @@
 -- Queue requests on a node's list (global broker). An id already held (queued or being served) or finished
 -- within the TTL is refused. Also forgets finished ids older than the TTL, at most 100 per call.
--- KEYS: 1 own request list, 2 bodies, 3 done, 4 own load table
+-- A node that queues without ever having sent a heartbeat is entered in the node table (NX), so that its
+-- queue is recovered if it dies before its first heartbeat.
+-- KEYS: 1 own request list, 2 bodies, 3 done, 4 own load table, 5 nodes (heartbeat times)
 -- ARGV: node, now, ttl_s, then (id, request JSON) pairs
 -- Returns per request: 1 queued, 0 duplicate
 local node, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -18,5 +20,8 @@ for i = 4, #ARGV, 2 do
     out[#out + 1] = 1
   end
 end
-if queued > 0 then redis.call("ZINCRBY", KEYS[4], queued, node) end
+if queued > 0 then
+  redis.call("ZINCRBY", KEYS[4], queued, node)
+  redis.call("ZADD", KEYS[5], "NX", now, node)
+end
 return out

@@ -232,3 +232,10 @@ async def test_a_huge_batch_is_served_in_bounded_pulls(broker: Factory) -> None:
     assert len(first) == 512 and await me.queued() == 188
     assert await me.put_results([Output(request_id=r.request_id, seq=0, finished=True) for r in first]) == []
     assert len(await me.get_results(limit=1000)) == 512
+
+
+async def test_a_node_that_dies_before_its_first_heartbeat_is_still_recovered(broker: Factory) -> None:
+    ghost, alive = broker("ghost"), broker("alive")
+    await ghost.put_requests([req("g1"), req("g2")], now=0.0)
+    assert await alive.recover_dead(now=10.0) == 2
+    assert await alive.queued_ids() == ["g1", "g2"]
