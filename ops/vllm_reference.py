@@ -14,6 +14,7 @@ internals follows v0.11–v0.33 module paths; a moved name is reported as such, 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Iterator
 from typing import Any
@@ -59,13 +60,8 @@ class VllmReplayer:
         from vllm.v1.request import Request, RequestStatus
         from vllm.v1.structured_output import StructuredOutputManager
 
-        try:
-            from vllm.utils.hashing import sha256
-        except ImportError:  # older layout
-            from vllm.utils import sha256
-
         c = self.sc.config
-        max_model_len = c.max_model_len or 1 << 20
+        max_model_len = c.max_model_len or 2048  # the tiny model's own limit when the scenario sets none
         sched_cfg = SchedulerConfig(
             max_num_seqs=c.max_num_seqs,
             max_num_batched_tokens=c.max_num_batched_tokens,
@@ -91,20 +87,24 @@ class VllmReplayer:
         )
         cache_cfg.num_gpu_blocks = c.num_gpu_blocks
         vllm_cfg = VllmConfig(scheduler_config=sched_cfg, model_config=model_cfg, cache_config=cache_cfg)
-        kv_cfg = KVCacheConfig(
-            num_blocks=c.num_gpu_blocks,
-            kv_cache_tensors=[],
-            kv_cache_groups=[KVCacheGroupSpec(["layer"], FullAttentionSpec(c.block_size, 1, 1, torch.float32))],
-        )
-        init_none_hash(sha256)
-        self._hasher = get_request_block_hasher(c.block_size, sha256)
-        self._sched = Scheduler(
-            vllm_config=vllm_cfg,
-            kv_cache_config=kv_cfg,
-            log_stats=True,
-            structured_output_manager=StructuredOutputManager(vllm_cfg),
-            block_size=c.block_size,
-        )
+        try:  # older versions take a use_mla flag
+            spec = FullAttentionSpec(c.block_size, 1, 1, torch.float32, False)
+        except TypeError:
+            spec = FullAttentionSpec(c.block_size, 1, 1, torch.float32)
+        kv_cfg = KVCacheConfig(num_blocks=c.num_gpu_blocks, kv_cache_tensors=[],
+                               kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
+        init_none_hash(hash)  # as vLLM's scheduler tests do: any hash function gives the same schedule
+        self._hasher = get_request_block_hasher(c.block_size, hash)
+        kw: dict[str, Any] = {
+            "vllm_config": vllm_cfg,
+            "kv_cache_config": kv_cfg,
+            "log_stats": True,
+            "structured_output_manager": StructuredOutputManager(vllm_cfg),
+        }
+        try:
+            self._sched = Scheduler(**kw, block_size=c.block_size)
+        except TypeError:  # versions before the block_size argument
+            self._sched = Scheduler(**kw)
         self._Request, self._SamplingParams = Request, SamplingParams
         self._ModelRunnerOutput, self._Status = ModelRunnerOutput, RequestStatus
 
@@ -166,14 +166,17 @@ class VllmReplayer:
                     sampled.append([toks[k] if k < len(toks) else FILLER_TOKEN])
                 else:
                     sampled.append([])
-            mro = self._ModelRunnerOutput(
-                req_ids=req_ids,
-                req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
-                sampled_token_ids=sampled,
-                logprobs=None,
-                prompt_logprobs_dict={},
-                pooler_output=[],
-            )
+            offered = {
+                "req_ids": req_ids,
+                "req_id_to_index": {rid: i for i, rid in enumerate(req_ids)},
+                "sampled_token_ids": sampled,
+                "spec_token_ids": None,
+                "logprobs": None,
+                "prompt_logprobs_dict": {},
+                "pooler_output": [],
+            }
+            accepted = {f.name for f in dataclasses.fields(self._ModelRunnerOutput)}
+            mro = self._ModelRunnerOutput(**{k: v for k, v in offered.items() if k in accepted})
             engine_outputs = s.update_from_output(out, mro)
             finished: list[str] = []
             for eco in engine_outputs.values():

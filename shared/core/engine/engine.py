@@ -16,7 +16,7 @@ from shared.core.engine.pd import KVLink
 from shared.core.engine.request import Request
 from shared.core.engine.scheduler import Scheduler, StepOutput
 from shared.core.engine.stats import LogHistogram
-from shared.core.engine.step_time import StepTimeModel
+from shared.core.engine.step_time import SplitStepTime, StepTimeModel
 from shared.core.kv_events import KVEventBatch
 
 
@@ -68,6 +68,7 @@ class Engine:
             link, per = kv_link, kv_bytes_per_token
             self.scheduler.kv_transfer_time = lambda n: link.transfer_s(n * per)
         self.step_model = step_model
+        self._split = step_model.split if isinstance(step_model, SplitStepTime) else None
         self.lora_load_s = lora_load_s  # a step that first uses an unloaded adapter waits this long per adapter
         self.fast_forward = fast_forward
         self.now = 0.0  # when the engine can start its next step
@@ -91,7 +92,7 @@ class Engine:
     def num_outstanding(self) -> int:
         """Requests waiting or running."""
         s = self.scheduler
-        return len(s.running) + len(s.waiting)
+        return len(s.running) + s.num_waiting
 
     def take_kv_events(self, data_parallel_rank: int | None = None) -> KVEventBatch | None:
         """KV-cache events since the last call, stamped with the end of the last step; None if there are none.
@@ -176,7 +177,7 @@ class Engine:
         cfg = s.config
         if n == 0 or n > cfg.max_num_batched_tokens:
             return False
-        if (len(s.waiting) and n < cfg.max_num_seqs) or s.remote_wait:
+        if (len(s.waiting) and n < cfg.max_num_seqs) or s.remote_wait or s.kv_ready:
             return False
         sum_c = 0
         left_min = 1 << 62
@@ -205,6 +206,9 @@ class Engine:
                 return False
         # step times: every step is n decode tokens on a context that grows by n per step
         model = self.step_model.step_time
+        # the same floats as step_time, with the part that does not grow with the context computed once
+        split = self._split
+        fixed, per_attn, per_kv = split(n, n, n) if split is not None else (0.0, 0.0, 0.0)
         st = self.stats
         hist = st.itl
         usage0 = kv.usage
@@ -216,7 +220,7 @@ class Engine:
         b_idx, b_lo, b_hi = 0, 1.0, 0.0
         d_sum = 0.0
         while steps < k and t < t_limit:
-            d = model(n, n, n, acc, acc)
+            d = fixed + per_attn * acc + per_kv * acc if split is not None else model(n, n, n, acc, acc)
             if not b_lo <= d < b_hi:
                 b_idx, b_lo, b_hi = hist.locate(d)
             counts[b_idx] += n

@@ -86,6 +86,7 @@ class Scheduler:
         self.lora_loaded: dict[str, None] = {}  # adapters loaded, least recently admitted first
         self._prefill_only = config.role is NodeRole.PREFILL
         self.remote_wait: list[Request] = []  # P/D decode side: holding blocks, KV still on the way
+        self.kv_ready: list[Request] = []  # P/D decode side: KV arrived, waiting for a running slot (first)
         self.sending: list[tuple[float, Request]] = []  # P/D prefill side: (release time, finished request)
         self.kv_bytes_per_token = 0
         self.kv_transfer_time: Callable[[int], float] = _no_transfer_time  # seconds to move n tokens' KV
@@ -124,7 +125,7 @@ class Scheduler:
 
     def has_work(self) -> bool:
         """True while any request is waiting, running or waiting for remote KV."""
-        return bool(self.running) or len(self.waiting) > 0 or bool(self.remote_wait)
+        return bool(self.running) or len(self.waiting) > 0 or bool(self.remote_wait) or bool(self.kv_ready)
 
     def next_wakeup(self) -> float | None:
         """Earliest time a KV transfer completes (a parked request becomes runnable or held blocks free up)."""
@@ -132,7 +133,11 @@ class Scheduler:
         return min(times) if times else None
 
     def _advance_transfers(self, now: float) -> None:
-        """Free blocks whose KV was sent; queue requests whose KV arrived (front of waiting, in order)."""
+        """Free blocks whose KV was sent; move requests whose KV arrived to ``kv_ready``, in order.
+
+        Ready requests hold all their blocks, so they are admitted before the waiting queue: behind a
+        request that cannot get blocks they would hold blocks forever (a deadlock on a small pool).
+        """
         if self.sending:
             keep: list[tuple[float, Request]] = []
             for t, r in self.sending:
@@ -153,8 +158,7 @@ class Scheduler:
                 if kv.enable_caching:
                     kv.cache_full_blocks(r, r.num_computed_tokens)
                 r.status = RequestStatus.WAITING
-            for r in reversed(arrived):
-                self.waiting.prepend(r)
+            self.kv_ready.extend(arrived)
 
     # -- the step -------------------------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepOutput:
@@ -263,33 +267,20 @@ class Scheduler:
         waiting = self.waiting
         counters = self.counters
         max_loras = cfg.max_loras
-        lora_running = self.lora_running
+        # as vLLM: the adapters of the requests this step runs (not of running requests it skipped)
+        batch_loras = {r.lora for r in out.scheduled if r.lora is not None} if max_loras else set()
+        if self.kv_ready:
+            budget, attn, kvread = self._admit_ready(out, budget, attn, kvread, batch_loras)
         skipped: list[Request] = []
         while budget > 0 and len(running) < cfg.max_num_seqs and len(waiting) > 0:
             req = waiting.peek()
             lora = req.lora
-            if lora is not None and lora not in lora_running and len(lora_running) >= max_loras:
+            if lora is not None and lora not in batch_loras and len(batch_loras) >= max_loras:
                 skipped.append(waiting.pop())  # its adapter would exceed max_loras: later requests may go
                 continue
             if req.kv_pending:  # P/D decode side: take blocks for the prompt and wait for its KV
                 if not self._park_for_remote_kv(req, now):
                     break
-                continue
-            if req.block_ids:  # its remote KV arrived: only the last prompt token is left to compute
-                n = req.num_tokens - req.num_computed_tokens
-                c = req.num_computed_tokens
-                waiting.pop()
-                req.status = RUNNING
-                running.append(req)
-                if lora is not None:
-                    self._lora_admit(lora, out)
-                out.scheduled.append(req)
-                out.num_scheduled.append(n)
-                budget -= n
-                attn += n * c + n * (n + 1) // 2
-                kvread += c + n
-                req.num_computed_tokens = c + n
-                out.sampling.append(req)
                 continue
             hits = kv.lookup(req)
             hit_tokens = len(hits) * bs
@@ -316,6 +307,7 @@ class Scheduler:
             running.append(req)
             if lora is not None:
                 self._lora_admit(lora, out)
+                batch_loras.add(lora)
             if req.first_scheduled_time < 0:
                 req.first_scheduled_time = now
             if req.num_cached_tokens < 0:
@@ -333,6 +325,39 @@ class Scheduler:
                 out.sampling.append(req)
         for req in reversed(skipped):  # back in front, in their order
             waiting.prepend(req)
+        return budget, attn, kvread
+
+    def _admit_ready(
+        self, out: StepOutput, budget: int, attn: int, kvread: int, batch_loras: set[str]
+    ) -> tuple[int, int, int]:
+        """Run requests whose remote KV arrived: only their last prompt token is left to compute."""
+        running = self.running
+        max_seqs, max_loras = self.config.max_num_seqs, self.config.max_loras
+        keep: list[Request] = []
+        for req in self.kv_ready:
+            lora = req.lora
+            blocked = lora is not None and lora not in batch_loras and len(batch_loras) >= max_loras
+            if budget <= 0 or len(running) >= max_seqs or blocked:
+                keep.append(req)
+                continue
+            c = req.num_computed_tokens
+            n = req.num_tokens - c
+            if n > budget:
+                n = budget
+            req.status = RUNNING
+            running.append(req)
+            if lora is not None:
+                self._lora_admit(lora, out)
+                batch_loras.add(lora)
+            out.scheduled.append(req)
+            out.num_scheduled.append(n)
+            budget -= n
+            attn += n * c + n * (n + 1) // 2
+            kvread += c + n
+            req.num_computed_tokens = c + n
+            if c + n == req.num_tokens:
+                out.sampling.append(req)
+        self.kv_ready = keep
         return budget, attn, kvread
 
     def _park_for_remote_kv(self, req: Request, now: float) -> bool:
@@ -470,6 +495,8 @@ class Scheduler:
             self.running.remove(req)
             if req.lora is not None:
                 self._lora_release(req)
+        elif req in self.kv_ready:
+            self.kv_ready.remove(req)
         elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(req)
         elif req.status is RequestStatus.WAITING_FOR_REMOTE_KVS:
@@ -489,13 +516,13 @@ class Scheduler:
     # -- views ----------------------------------------------------------------------------------------
     def lora_stats(self) -> LoraStats:
         """Adapters of running and of waiting requests (vLLM's ``lora_requests_info``)."""
-        waiting = {r.lora for r in self.waiting if r.lora is not None}
+        waiting = {r.lora for r in (*self.waiting, *self.remote_wait, *self.kv_ready) if r.lora is not None}
         return LoraStats(sorted(self.lora_running), sorted(waiting), self.config.max_loras, sorted(self.lora_loaded))
 
     @property
     def num_waiting(self) -> int:
         """Requests waiting: new, preempted, and parked for remote KV (vLLM counts those too)."""
-        return len(self.waiting) + len(self.remote_wait)
+        return len(self.waiting) + len(self.remote_wait) + len(self.kv_ready)
 
     @property
     def kv_usage(self) -> float:

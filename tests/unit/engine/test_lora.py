@@ -91,3 +91,15 @@ def test_the_least_recently_used_idle_adapter_is_unloaded_when_the_cache_is_full
         loads += out.lora_loads
     assert loads == ["a", "b", "c", "a"]  # c unloaded a; b was still loaded when b2 came
     assert list(s.lora_loaded) == ["b", "a"]  # least recently admitted first
+
+
+def test_only_adapters_of_requests_run_this_step_count_against_max_loras() -> None:
+    # vLLM counts the adapters of the requests its running pass scheduled; a running request with nothing to
+    # compute this step (its output not back yet) does not hold an adapter slot
+    s = make_scheduler(max_loras=1)
+    s.add_request(lreq("a1", "a"))
+    s.schedule()  # a1 prefills; its sampled token has not come back
+    s.add_request(lreq("b1", "b"))
+    out = s.schedule()
+    assert counts(out) == {"b1": 10}
+    assert s.lora_stats().running == ["a", "b"]
