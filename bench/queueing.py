@@ -57,7 +57,7 @@ MODEL, GPU, NODES = "llama-3.1-8b", "H100-SXM-80GB", 4
 SLO_TTFT_S, SLO_TPOT_S = 2.0, 0.1
 LINK = KVLink(bandwidth_bytes_s=50e9, latency_s=1e-3)
 KV_NOTE = ("a 2,048-token prompt (the code trace's mean) is 2,048 x 128 KiB = 268 MB, 5.4 ms at 50 GB/s plus "
-           "1 ms latency, against ~51 ms for its prefill on one H100 (roofline)")
+           "1 ms latency, against ~42 ms for its prefill on one H100 (step-time model)")
 
 
 def pick(s: dict[str, Any]) -> dict[str, Any]:
