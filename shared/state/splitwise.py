@@ -40,6 +40,7 @@ _enc = msgspec.json.Encoder()
 _dec_split = msgspec.json.Decoder(SplitRequest)
 _dec_out = msgspec.json.Decoder(Output)
 NO_NODES = "no live prefill and decode (or mixed) node in the topic"
+DUPLICATE = "duplicated request_id"
 
 
 def _base(topic: str) -> str:
@@ -58,6 +59,7 @@ class SplitwiseFront:
         self.rng = rng or random.Random()
         self.clock = clock
         self.cluster: list[NodeInfo] = []
+        self._open: dict[str, QueuedRequest] = {}  # requests queued and not yet finished, by id
 
     async def sync_cluster(self, now: float | None = None) -> list[NodeInfo]:
         """Read heartbeats; keep nodes with a known role and a heartbeat younger than the expiry."""
@@ -84,15 +86,24 @@ class SplitwiseFront:
             item = _enc.encode(SplitRequest(request=msgspec.structs.replace(r, arrival_s=t, origin=self.node),
                                             prefill=a.prefill, decode=a.decode, protocol=a.protocol,
                                             front=self.node))
+            if r.request_id in self._open:
+                answers.append((r.request_id, DUPLICATE))
+                continue
             if a.decode is not None:
                 pipe.lpush(self.base + "req:" + a.decode, item)
             pipe.lpush(self.base + "req:" + a.prefill, item)
+            self._open[r.request_id] = msgspec.structs.replace(r, arrival_s=t, origin=self.node)
             answers.append((r.request_id, None))
         await pipe.execute()
         return answers
 
-    async def get_results(self, limit: int | None = None) -> dict[str, list[Output]]:
-        """Output chunks for this front's clients, by request id."""
+    async def get_results(self, limit: int | None = None, now: float | None = None) -> dict[str, list[Output]]:
+        """Output chunks for this front's clients, by request id.
+
+        A request with no final chunk ``scheduler_ttl`` after it was queued (its node died holding it, or it is
+        stuck) is answered ``EXPIRED`` here and forgotten: later chunks for it are dropped, never delivered twice.
+        """
+        t = self.clock() if now is None else now
         n = limit or self.params.reader_batch_size
         raw: list[bytes] | None = await self.r.rpop(self.base + "resp:" + self.node, n)  # type: ignore[assignment]
         out: dict[str, list[Output]] = {}
@@ -101,8 +112,20 @@ class SplitwiseFront:
                 o = _dec_out.decode(item)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
+            if o.request_id not in self._open:
+                continue  # answered already (finished, or expired here)
             out.setdefault(o.request_id, []).append(o)
+            if o.finished:
+                del self._open[o.request_id]
+        for rid, req in list(self._open.items()):
+            if is_expired(req, t, self.params.ttl_s):
+                del self._open[rid]
+                out.setdefault(rid, []).append(expiry_answer(req, t, self.params.ttl_s, self.node))
         return out
+
+    def open_requests(self) -> int:
+        """Requests queued by this front and not answered yet."""
+        return len(self._open)
 
 
 class SplitwiseNode:

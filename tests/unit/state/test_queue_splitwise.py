@@ -122,7 +122,7 @@ async def test_the_stream_starts_on_prefill_and_ends_on_decode_at_the_front(clie
     await d.get_requests(BUDGET, now=0.0)
     await p.put_results([Output(request_id="a", seq=0, num_tokens=1, finished=True)])
     await d.put_results([Output(request_id="a", seq=1, num_tokens=1), Output(request_id="a", seq=2, finished=True)])
-    chunks = (await front.get_results())["a"]
+    chunks = (await front.get_results(now=0.0))["a"]
     assert [(o.seq, o.finished, o.served_by) for o in chunks] == [(0, False, "p"), (1, False, "d"), (2, True, "d")]
     assert p.load.load == 0 and d.load.load == 0
 
@@ -134,7 +134,7 @@ async def test_an_expired_request_is_answered_to_the_front(client: aioredis.Redi
     await front.sync_cluster(now=0.0)
     await front.put_requests([req("late")], now=0.0)
     assert await m.get_requests(BUDGET, now=100.0) == []
-    [answer] = (await front.get_results())["late"]
+    [answer] = (await front.get_results(now=0.0))["late"]
     assert answer.finished and answer.error_code == ErrorCode.EXPIRED and m.load.load == 0
 
 
@@ -164,4 +164,25 @@ async def test_corrupt_queue_or_result_entries_are_skipped(client: aioredis.Redi
     assert [sr.request.request_id for sr in await m.get_requests(BUDGET, now=0.0)] == ["ok"] and m.corrupt == 1
     await client.lpush("gantry:sw:{fd}:resp:api", b"junk")
     await m.put_results([Output(request_id="ok", seq=0, finished=True)])
-    assert list(await front.get_results()) == ["ok"]
+    assert list(await front.get_results(now=0.0)) == ["ok"]
+
+
+async def test_a_request_whose_node_died_is_answered_expired_by_the_front_once(client: aioredis.Redis) -> None:
+    m = node(client, "m", NodeRole.MIXED)
+    await m.report(now=0.0)
+    front = SplitwiseFront(client, PARAMS, "api")
+    await front.sync_cluster(now=0.0)
+    await front.put_requests([req("orphan")], now=0.0)
+    await m.get_requests(BUDGET, now=1.0)  # taken into the node's memory; the node then dies
+    assert await front.get_results(now=99.0) == {} and front.open_requests() == 1
+    [answer] = (await front.get_results(now=100.0))["orphan"]
+    assert answer.finished and answer.error_code == ErrorCode.EXPIRED and front.open_requests() == 0
+    await m.put_results([Output(request_id="orphan", seq=0, finished=True)])  # a zombie's late answer
+    assert await front.get_results(now=101.0) == {}
+
+
+async def test_the_front_refuses_an_id_it_is_still_serving(client: aioredis.Redis) -> None:
+    await node(client, "m", NodeRole.MIXED).report(now=0.0)
+    front = SplitwiseFront(client, PARAMS, "api")
+    await front.sync_cluster(now=0.0)
+    assert await front.put_requests([req("x"), req("x")], now=0.0) == [("x", None), ("x", "duplicated request_id")]
