@@ -77,6 +77,11 @@ def _decode_outputs(raws: Iterable[bytes]) -> list[Output]:
     return out
 
 
+def redis_client(params: SchedulerParams) -> aioredis.Redis:
+    """A client for ``scheduler_host/port/db/password`` (global and splitwise modes)."""
+    return aioredis.Redis(host=params.host, port=params.port, db=params.db, password=params.password or None)
+
+
 @dataclass(frozen=True, slots=True)
 class QueueKeys:
     """Key names of one topic."""

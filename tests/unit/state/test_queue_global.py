@@ -239,3 +239,22 @@ async def test_a_node_that_dies_before_its_first_heartbeat_is_still_recovered(br
     await ghost.put_requests([req("g1"), req("g2")], now=0.0)
     assert await alive.recover_dead(now=10.0) == 2
     assert await alive.queued_ids() == ["g1", "g2"]
+
+
+async def test_the_seed_connection_parameters_reach_redis(redis_server: ServerProcess) -> None:
+    from urllib.parse import urlparse
+
+    from shared.state.queue import redis_client
+
+    u = urlparse(redis_server.url)
+    params = SchedulerParams.from_mapping({"scheduler_name": "global", "scheduler_host": u.hostname or "",
+                                           "scheduler_port": u.port or 0, "scheduler_db": 9,
+                                           "scheduler_password": u.password or ""})
+    r = redis_client(params)
+    try:
+        b = GlobalBroker(r, params, "solo")
+        await r.flushdb()
+        assert await b.put_requests([req("a")], now=0.0) == [("a", None)]
+        assert await b.queued() == 1
+    finally:
+        await r.aclose()
