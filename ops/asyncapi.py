@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ops.contract import CONTRACT as CLI
 from services.engine_server.contract import CONTRACT as ENGINE_SERVER
 from services.filter.service import FilterService
 from services.fitting.service import FittingService
@@ -27,10 +28,11 @@ OUT = REPO_ROOT / "docs" / "asyncapi.json"
 
 
 def contracts() -> list[Contract]:
-    """Every service's contract: the placement services' as their host builds it, then the others."""
+    """Every party's contract: the CLI, the placement services' as their host builds it, workers, model
+    servers."""
     settings = Settings(profile="default")  # declarations do not depend on connection settings
     hosted = [kind(settings).contract() for kind in (Reconciler, FilterService, FittingService, ScoringService)]
-    return [*hosted, WORKERS, ENGINE_SERVER]
+    return [CLI, *hosted, WORKERS, ENGINE_SERVER]
 
 
 def document() -> dict[str, Any]:

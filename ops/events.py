@@ -18,10 +18,13 @@ from shared.bus.messages import (
     ModelEvent,
     ModelEvents,
     UnschedulableEvent,
+    WorkerRemovedEvent,
     decode,
 )
 
-EventMessage = DecisionEvent | UnschedulableEvent | InstanceEvent | CordonEvent | ModelEvent | ErrorEvent
+EventMessage = (
+    DecisionEvent | UnschedulableEvent | InstanceEvent | CordonEvent | ModelEvent | ErrorEvent | WorkerRemovedEvent
+)
 
 BATCHES = (InstanceEvents, DecisionEvents, ModelEvents)  # subjects whose messages carry several events
 
@@ -32,6 +35,7 @@ EVENT_TYPES: dict[str, type[EventMessage | InstanceEvents | DecisionEvents | Mod
     subjects.EVENT_INSTANCE_PROGRESS: InstanceEvents,
     subjects.EVENT_CORDON: CordonEvent,
     subjects.EVENT_MODEL: ModelEvents,
+    subjects.EVENT_WORKER_REMOVED: WorkerRemovedEvent,
 }
 
 
@@ -62,7 +66,7 @@ def event_model(event: EventMessage) -> str:
     """The model an event is about ('' for cordon events)."""
     if isinstance(event, InstanceEvent):
         return event.instance.model
-    if isinstance(event, CordonEvent | ErrorEvent):
+    if isinstance(event, CordonEvent | ErrorEvent | WorkerRemovedEvent):
         return ""
     return event.model
 
@@ -84,10 +88,12 @@ def format_event(event: EventMessage, received_at: float) -> str:
         if event.removed:
             return f"{at} removed       {inst.model} {inst.id}"
         where = f" on {inst.worker} GPU {_gpus(inst.gpu_indexes)}" if inst.worker else ""
-        why = f" ({inst.reason})" if inst.reason and inst.state.value == "PENDING" else ""
+        why = f" ({inst.reason})" if inst.reason and inst.state.value in ("PENDING", "ERROR") else ""
         return f"{at} instance      {inst.model} {inst.id} {inst.state.value}{where}{why}"
     if isinstance(event, ErrorEvent):
         return f"{_clock(event.at or received_at)} rejected      by {event.service} on {event.subject}: {event.reason}"
+    if isinstance(event, WorkerRemovedEvent):
+        return f"{_clock(received_at)} worker gone   {event.worker}" + (f" ({event.reason})" if event.reason else "")
     if isinstance(event, CordonEvent):
         target = event.worker if event.gpu_index is None else f"{event.worker}:{event.gpu_index}"
         verb = "cordoned" if event.cordoned else "uncordoned"

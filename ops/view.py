@@ -19,10 +19,10 @@ from rich.table import Table
 from rich.text import Text
 
 from shared.core.placement.domain import GIB, Instance, InstanceState, ModelSpec, Worker, WorkerState
+from shared.core.placement.lifecycle import HOLDS_GPUS
 
-HELD_STATES = frozenset(
-    {InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.RUNNING, InstanceState.DRAINING}
-)
+# What the ledger holds GPUs for (ERROR included: its claims stay until it is replaced).
+HELD_STATES = HOLDS_GPUS
 
 
 @dataclass(frozen=True)
@@ -213,15 +213,15 @@ def pending_table(snapshot: ClusterSnapshot) -> Table:
 def models_table(snapshot: ClusterSnapshot) -> Table:
     """Per model: desired replicas and how many instances are in each state."""
     table = Table(title="models", title_justify="left", expand=False)
-    for column in ("MODEL", "DESIRED", "RUNNING", "STARTING", "PENDING", "OTHER"):
+    for column in ("MODEL", "DESIRED", "RUNNING", "STARTING", "PENDING", "FAILED", "OTHER"):
         table.add_column(column, no_wrap=True, justify="left" if column == "MODEL" else "right")
     for model in sorted(snapshot.models, key=lambda m: m.name):
         counts = state_counts(i for i in snapshot.instances if i.model == model.name)
         starting = counts["SCHEDULED"] + counts["STARTING"]
-        other = sum(counts.values()) - counts["RUNNING"] - starting - counts["PENDING"]
+        other = sum(counts.values()) - counts["RUNNING"] - starting - counts["PENDING"] - counts["ERROR"]
         table.add_row(
             model.name, str(model.desired), str(counts["RUNNING"]), str(starting),
-            str(counts["PENDING"]), str(other),
+            str(counts["PENDING"]), str(counts["ERROR"]), str(other),
         )
     return table
 

@@ -37,6 +37,15 @@ class Settings(BaseSettings):
         0.05, ge=0, description="reconciler waits this long for more worker status reports after a partial batch"
     )
     reconcile_interval_s: float = Field(1.0, gt=0, description="reconciler's liveness/drain check period")
+    pending_retry_s: float = Field(
+        1.0, gt=0, description="a PENDING replica is placed again this long after its verdict, doubling each time"
+    )
+    pending_retry_max_s: float = Field(
+        8.0, gt=0, description="longest wait between two placements of a PENDING replica (the periodic flush)"
+    )
+    forget_after_s: float = Field(
+        600.0, gt=0, description="a worker silent this long leaves the state (with its lost replicas)"
+    )
     fit_cache_s: float = Field(
         0.2, ge=0, description="fitting reuses a model's candidates this long (scoring re-checks them); 0: off"
     )

@@ -198,7 +198,7 @@ def gantry_place(instance: Instance, strategy: str) -> list[Assignment | None]:
         ResourceRequest,
         Worker,
     )
-    from shared.core.placement.pipeline import instance_from_decision
+    from shared.core.placement.lifecycle import instance_from_decision
 
     from .core_policy import STRATEGY_SCORERS
 

@@ -25,9 +25,11 @@ from ops.cli.errors import CliError
 from ops.cli.inputs import read_input_file
 from ops.view import ClusterSnapshot, ModelView
 from shared.bus import subjects
-from shared.bus.messages import CordonCommand, Message, ScaleCommand, encode
+from shared.bus.messages import CordonCommand, Message, RemoveWorkerCommand, ScaleCommand, encode
 from shared.bus.validate import check_scale
-from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, Worker, WorkerState
+from shared.core.placement import lifecycle
+from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, RestartPolicy, Worker, WorkerState
+from shared.core.placement.planner import Cluster, Timings, WorkerRemoval, remove_worker
 from shared.settings import Settings
 from shared.state import StateStore
 
@@ -35,12 +37,8 @@ from shared.state import StateStore
 
 
 def worker_state(worker: Worker, now: float, not_ready_after: float) -> WorkerState:
-    """Spec §2: MAINTENANCE when cordoned, READY when the last heartbeat is young enough."""
-    if worker.cordoned:
-        return WorkerState.MAINTENANCE
-    if now - worker.last_heartbeat < not_ready_after:
-        return WorkerState.READY
-    return WorkerState.NOT_READY
+    """Spec §2, as every service judges it (``lifecycle.worker_state``)."""
+    return lifecycle.worker_state(worker.cordoned, worker.last_heartbeat, now, not_ready_after)
 
 
 async def read_snapshot(
@@ -97,7 +95,7 @@ async def wait_for(
 
 # -- model files ------------------------------------------------------------------------------------
 
-_NESTED: dict[str, type[msgspec.Struct]] = {"gpu_selector": GpuSelector, "gguf": GgufSpec}
+_NESTED: dict[str, type[msgspec.Struct]] = {"gpu_selector": GpuSelector, "gguf": GgufSpec, "restart": RestartPolicy}
 
 
 def _unknown_fields(data: dict[str, object]) -> list[str]:
@@ -161,6 +159,18 @@ def scale_command(model: str, replicas: int, spec: ModelSpec | None = None) -> S
 async def send_scale(nc: NatsClient, command: ScaleCommand) -> int:
     """Publish a scale command (dedupe id = its request id)."""
     return await publish(nc, subjects.SCALE, command, command.request_id)
+
+
+async def send_remove_worker(nc: NatsClient, command: RemoveWorkerCommand) -> int:
+    """Publish a remove-worker command."""
+    return await publish(nc, subjects.REMOVE_WORKER, command, f"cli-{uuid.uuid4().hex}")
+
+
+def removal(snapshot: ClusterSnapshot, name: str, settings: Settings) -> WorkerRemoval | str:
+    """What removing ``name`` would do, or why not: the reconciler's own rule, checked before sending."""
+    cluster = Cluster(last_seen={w.name: w.last_heartbeat for w in snapshot.workers})
+    timings = Timings(not_ready_after=settings.not_ready_after_s)
+    return remove_worker(name, snapshot.instances, cluster, snapshot.taken_at, timings)
 
 
 async def send_cordon(nc: NatsClient, command: CordonCommand) -> int:
@@ -244,7 +254,7 @@ async def with_both(
 
 def desired_of(snapshot: ClusterSnapshot, model: str) -> int:
     """Desired replicas of ``model`` in a snapshot (0 when unknown)."""
-    return next((m.desired for m in snapshot.models if m.name == model), 0)
+    return lifecycle.desired_of({m.name: m.desired for m in snapshot.models}, model)
 
 
 def running_of(snapshot: ClusterSnapshot, models: Sequence[str]) -> dict[str, int]:

@@ -17,12 +17,15 @@ from rich.table import Table
 
 from ops.cli.client import (
     deploy_files,
+    desired_of,
     parse_target,
     read_snapshot,
+    removal,
     require_model,
     require_worker,
     scale_command,
     send_cordon,
+    send_remove_worker,
     send_scale,
     wait_for,
 )
@@ -31,8 +34,9 @@ from ops.cli.errors import CliError
 from ops.events import decode_events, event_json, event_model, format_event
 from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, pending_groups, state_counts
 from shared.bus import subjects
-from shared.bus.messages import CordonCommand, UnschedulableEvent
+from shared.bus.messages import CordonCommand, RemoveWorkerCommand, UnschedulableEvent
 from shared.bus.streams import STREAM_DLQ, STREAM_EVENTS
+from shared.bus.validate import bad_worker_name
 from shared.core.placement.domain import Instance, InstanceState, WorkerState
 from shared.settings import Settings
 
@@ -44,10 +48,13 @@ def register(app: typer.Typer) -> None:
     """Add the cluster commands."""
     for name, fn in (
         ("deploy", deploy), ("scale", scale), ("models", models), ("instances", instances),
-        ("workers", workers), ("explain", explain), ("cordon", cordon), ("uncordon", uncordon),
-        ("events", events),
+        ("explain", explain), ("cordon", cordon), ("uncordon", uncordon), ("events", events),
     ):
         app.command(name)(fn)
+    group = typer.Typer(invoke_without_command=True, no_args_is_help=False)
+    group.callback()(workers)
+    group.command("remove")(workers_remove)
+    app.add_typer(group, name="workers")
 
 
 # -- writes -----------------------------------------------------------------------------------------
@@ -180,6 +187,45 @@ def _cordon(target: str, cordoned: bool, timeout: float, settings: Settings) -> 
     run(go)
 
 
+def workers_remove(
+    name: Annotated[str, typer.Argument(help="a worker that is gone for good", show_default=False)],
+    timeout: Timeout = 10.0,
+    nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Forget a worker that is no longer heard from; its replicas are replaced elsewhere. A live worker is
+    refused: stop it first (it would register again)."""
+    settings = load(nats_url, redis_url)
+    bad = bad_worker_name(name)
+    if bad:
+        raise CliError(bad, exit_code=2)
+
+    async def go() -> int:
+        redis = await connect_redis(settings)
+        try:
+            snapshot = await read_snapshot(redis, settings)
+            step = removal(snapshot, name, settings)
+            if isinstance(step, str):
+                raise CliError(step)
+            nc = await connect_nats(settings)
+            try:
+                await send_remove_worker(nc, RemoveWorkerCommand(worker=name))
+            finally:
+                await nc.close()
+            try:
+                await wait_for(redis, settings, lambda s: all(w.name != name for w in s.workers), timeout)
+            except TimeoutError:
+                raise CliError(
+                    f"sent, but {name} was not removed within {timeout:g}s: see `gantry events --dead-letters`"
+                ) from None
+            return len(step.forget)
+        finally:
+            await redis.aclose()
+
+    count = run(go)
+    typer.echo(f"removed {name}" + (f"; {count} replica record(s) on it are replaced elsewhere" if count else ""))
+
+
 # -- reads ------------------------------------------------------------------------------------------
 
 
@@ -249,8 +295,12 @@ def instances(
     console().print(table)
 
 
-def workers(json_out: JsonFlag = False, nats_url: NatsUrl = None, redis_url: RedisUrl = None) -> None:
-    """Workers and their GPUs: used / claimed / free VRAM per GPU, state and labels."""
+def workers(
+    ctx: typer.Context, json_out: JsonFlag = False, nats_url: NatsUrl = None, redis_url: RedisUrl = None
+) -> None:
+    """Workers and their GPUs: used / claimed / free VRAM per GPU, state and labels (`remove` forgets one)."""
+    if ctx.invoked_subcommand is not None:
+        return
     snapshot = run(lambda: _snapshot(load(nats_url, redis_url)))
     usage = gpu_usage(snapshot)
     if json_out:
@@ -309,13 +359,15 @@ def explain(
 
     snapshot, verdict = run(go)
     insts = [i for i in snapshot.instances if i.model == model]
-    desired = next((m.desired for m in snapshot.models if m.name == model), 0)
+    desired = desired_of(snapshot, model)
     pending = [i for i in insts if i.state is InstanceState.PENDING]
+    failed = [i for i in insts if i.state is InstanceState.ERROR]
     counts = state_counts(insts)
     if json_out:
         print_json({
             "model": model, "desired": desired, "instances": dict(counts),
             "pending": [{"id": i.id, "reason": i.reason} for i in pending],
+            "failed": [{"id": i.id, "worker": i.worker, "reason": i.reason} for i in failed],
             "last_unschedulable": verdict,
         })
         return
@@ -323,6 +375,10 @@ def explain(
     typer.echo(f"{model}: desired {desired}; {summary}")
     ready = sum(1 for s in snapshot.worker_states.values() if s is WorkerState.READY)
     typer.echo(f"cluster: {ready}/{len(snapshot.workers)} workers READY")
+    if failed:
+        typer.echo(f"{len(failed)} replica(s) failed (not serving):")
+        for inst in failed:
+            typer.echo(f"  {inst.id} on {inst.worker}: {inst.reason or 'ERROR; replacement not planned yet'}")
     if not pending:
         running = counts["RUNNING"]
         typer.echo(f"nothing is pending: {running}/{desired} RUNNING" + ("" if running == desired else

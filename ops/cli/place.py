@@ -20,7 +20,8 @@ from shared.core.catalog.models import ModelArch
 from shared.core.placement import DEFAULT_PROFILE, Profile, place, profile_from_json, profile_from_yaml
 from shared.core.placement.domain import Decision, GgufSpec, ModelSpec, Reason
 from shared.core.placement.gguf_header import gguf_spec_from_reader
-from shared.core.placement.pipeline import instance_from_decision, requirements
+from shared.core.placement.lifecycle import instance_from_decision
+from shared.core.placement.pipeline import requirements
 from shared.core.placement.requirements import gib
 from shared.core.placement.scenario import Scenario, ScenarioError, load_scenario
 

@@ -17,9 +17,11 @@ from shared.bus.messages import (
     ModelFileUpdate,
     PlacementRequest,
     PlacementScored,
+    RemoveWorkerCommand,
     ScaleCommand,
     UnschedulableEvent,
     WorkerRegistration,
+    WorkerRemovedEvent,
 )
 from shared.host.contract import Consumes, Emits
 
@@ -30,6 +32,8 @@ CONSUMES = (
     Consumes(subjects.SCALE, ScaleCommand, "desired replicas of a model (and its spec)",
              stream=streams.STREAM_CMD, durable=streams.CONSUMER_SCALE),
     Consumes(subjects.CORDON, CordonCommand, "cordon or uncordon a worker or one GPU",
+             stream=streams.STREAM_CMD, durable=streams.CONSUMER_SCALE),
+    Consumes(subjects.REMOVE_WORKER, RemoveWorkerCommand, "forget a worker that is gone, and what it held",
              stream=streams.STREAM_CMD, durable=streams.CONSUMER_SCALE),
     Consumes(subjects.PLACEMENT_SCORED, PlacementScored, "decisions (or why none) to commit to the ledger",
              stream=streams.STREAM_PIPE, durable=streams.CONSUMER_COMMIT),
@@ -54,4 +58,5 @@ EMITS = (
     Emits(subjects.EVENT_INSTANCE_PROGRESS, InstanceEvents, "placed instances starting and running"),
     Emits(subjects.EVENT_MODEL, ModelEvents, "desired replicas or specs of models changed"),
     Emits(subjects.EVENT_CORDON, CordonEvent, "cordon state of a worker or GPU changed"),
+    Emits(subjects.EVENT_WORKER_REMOVED, WorkerRemovedEvent, "a worker left the state (forgotten or removed)"),
 )

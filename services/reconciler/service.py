@@ -4,7 +4,9 @@ Consumes scale/cordon commands, scored placement outcomes and instance status (J
 reports (core NATS, written to Redis in batches by its state writer). Commits decisions with the
 ledger's atomic compare-and-set, re-places refused ones, drains and deletes on scale-down, replaces
 instances of lost workers and retries PENDING replicas when the cluster changes. Every decision it
-takes comes from the pure core (``shared.core.placement``); this module only moves data.
+takes comes from the pure core: the reconcile planner (``shared.core.placement.planner``) says what to do
+after every commit batch, status batch, scale-down and tick, and this module gathers its inputs and applies
+its plans over NATS and Redis.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import itertools
 import logging
 import secrets
 import zlib
-from collections import defaultdict
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -44,23 +45,32 @@ from shared.bus.messages import (
     PlacementItem,
     PlacementRequest,
     PlacementScored,
+    RemoveWorkerCommand,
     ScaleCommand,
     UnschedulableEvent,
+    WorkerRemovedEvent,
 )
 from shared.bus.validate import bad_worker_name, check_scale
 from shared.core.placement import scale_down_order
 from shared.core.placement.domain import Instance, InstanceState, ModelSpec, Unschedulable, WorkerState
-from shared.core.placement.reconcile import (
-    ACTIVE,
-    ON_WORKER,
-    GiveUp,
-    after_refusal,
-    drain_finished,
-    plan_scale,
-    resync_workers,
-    silent_workers,
-    unreachable_instances,
+from shared.core.placement.lifecycle import ACTIVE, ON_WORKER, current_spec, instance_from_decision
+from shared.core.placement.planner import (
+    Ask,
+    Book,
+    Cluster,
+    Commit,
+    Failure,
+    PendingRetry,
+    Plan,
+    Report,
+    Restarts,
+    Timings,
+    Want,
+    needs_request,
+    plan,
+    remove_worker,
 )
+from shared.core.placement.reconcile import resync_workers
 from shared.host.feed import Feed
 from shared.host.service import PlacementService, ack_all, guarded
 from shared.state.store import CommitItem, ScaleUp
@@ -90,9 +100,7 @@ class Reconciler(PlacementService):
         self.specs: dict[str, ModelSpec] = {}
         self.requested: dict[str, float] = {}  # instance id -> when this process last requested it
         self.seen_placed: dict[str, float] = {}  # instance id -> when first seen committed
-        self.changed = False
-        self.last_change = 0.0
-        self.retry_again_at = 0.0
+        self.last_change = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.writer = StateWriter(self)
@@ -143,8 +151,33 @@ class Reconciler(PlacementService):
 
     def _on_cluster_change(self, why: str) -> None:
         log.info("cluster change: %s", why)
-        self.changed = True
         self.last_change = self.clock()
+
+    # ================================================================ planner inputs
+
+    def timings(self) -> Timings:
+        """The planner's view of the settings."""
+        s = self.settings
+        return Timings(
+            not_ready_after=s.not_ready_after_s, reschedule_after=s.reschedule_after_s,
+            drain_timeout=s.drain_timeout_s, forget_after=s.forget_after_s, commit_retries=s.commit_retries,
+            commit_backoff=s.commit_backoff_s, pending_retry=s.pending_retry_s,
+            pending_retry_max=s.pending_retry_max_s,
+        )
+
+    def cluster(self) -> Cluster:
+        """Worker liveness and the latest cluster change, as this process's feed knows them."""
+        feed = self.feed
+        return Cluster(
+            last_seen=dict(feed.last_seen),
+            cordoned=frozenset(c for c in feed.cordons if ":" not in c),
+            changed_at=self.last_change,
+        )
+
+    async def spec_of(self, model: str, command: ModelSpec | None = None) -> ModelSpec | None:
+        """The model's current spec (``lifecycle.current_spec``'s one precedence; Redis read only if needed)."""
+        spec = current_spec(command, self.specs.get(model))
+        return spec if spec is not None else current_spec(stored=await self.store.model(model))
 
     # ================================================================ commands
 
@@ -161,6 +194,9 @@ class Reconciler(PlacementService):
         for raw in raws:
             if raw.subject == subjects.CORDON:
                 await guarded(self, raw.subject, [raw], functools.partial(self._cordon, raw.data, raw))
+                continue
+            if raw.subject == subjects.REMOVE_WORKER:
+                await guarded(self, raw.subject, [raw], functools.partial(self._remove_worker, raw.data, raw))
                 continue
             cmd = await self._valid_scale(raw)
             if cmd is not None:
@@ -216,7 +252,7 @@ class Reconciler(PlacementService):
         slow: dict[str, ScaleUp] = {}
         known: dict[str, ModelSpec] = {}
         for w in wanted:  # a model without a spec cannot be requested: create nothing for it
-            spec = self.specs.get(w.model) or await self.store.model(w.model) or w.spec
+            spec = await self.spec_of(w.model, w.spec)
             if spec is not None:
                 known[w.model] = spec
         wanted = [w for w in wanted if w.model in known]
@@ -255,13 +291,13 @@ class Reconciler(PlacementService):
         if cmd is None:
             await raw.ack()
             return None
-        known = self.specs.get(cmd.model) or await self.store.model(cmd.model)
+        known = await self.spec_of(cmd.model)
         reason = check_scale(cmd, known)
         if reason:
             await self.bus.dead_letter(raw.subject, reason, raw.data)
             await raw.ack()
             return None
-        spec = cmd.spec or known
+        spec = current_spec(cmd.spec, known)
         assert spec is not None
         self.specs[cmd.model] = msgspec.structs.replace(spec, replicas=cmd.replicas)
         return cmd
@@ -282,6 +318,35 @@ class Reconciler(PlacementService):
             subjects.EVENT_CORDON, CordonEvent(worker=cmd.worker, cordoned=cmd.cordoned, gpu_index=cmd.gpu_index)
         )
         await raw.ack()
+
+    async def _remove_worker(self, data: bytes, raw: Msg) -> None:
+        """``gantry workers remove``: the core says whether and what; a refusal is dead-lettered with why."""
+        cmd = await self.bus.decode_or_reject(raw.subject, data, RemoveWorkerCommand)
+        if cmd is None:
+            await raw.ack()
+            return
+        now = self.clock()
+        bad = bad_worker_name(cmd.worker)
+        step = bad or remove_worker(cmd.worker, list(self.feed.instances.values()), self.cluster(), now, self.timings())
+        if isinstance(step, str):
+            await self.bus.dead_letter(raw.subject, f"workers remove: {step}", data)
+            await raw.ack()
+            return
+        records = [self.feed.instances[i] for i in step.forget if i in self.feed.instances]
+        await self._delete(records, tell_worker=False)
+        outcome = await self.store.forget_worker(cmd.worker, cutoff=now - self.settings.not_ready_after_s)
+        if outcome == "holds":  # a commit raced the release: redeliver and try again
+            raise RuntimeError(f"worker {cmd.worker} still holds claims")
+        if outcome == "alive":
+            await self.bus.dead_letter(raw.subject, f"workers remove: worker {cmd.worker} came back", data)
+        else:
+            await self._announce_removed(cmd.worker, "removed by an operator")
+            await self.converge_and_request(list(step.models))
+        await raw.ack()
+
+    async def _announce_removed(self, worker: str, reason: str) -> None:
+        self.feed.on_worker_removed(worker)
+        await self.bus.publish(subjects.EVENT_WORKER_REMOVED, WorkerRemovedEvent(worker=worker, reason=reason))
 
     # ================================================================ converge
 
@@ -309,7 +374,7 @@ class Reconciler(PlacementService):
         now = self.clock()
         token = await self._lock(model)
         try:
-            spec_now = (scale.spec if scale else None) or self.specs.get(model) or await self.store.model(model)
+            spec_now = await self.spec_of(model, scale.spec if scale else None)
             if spec_now is None:
                 return [], None
             # The same atomic step as the lock-free path (scale command, then any missing replicas),
@@ -327,12 +392,17 @@ class Reconciler(PlacementService):
                 instances = await self.store.instances(model)
                 placed = [i for i in instances if i.state in ACTIVE and i.worker is not None]
                 ranked = scale_down_order(self.snapshot, spec_now, now, self.profile, instances=placed)
-                plan = plan_scale(res.desired, instances, [e.instance_id for e in ranked])
-                removed = set(plan.remove)
-                await self._remove(model, token, [i for i in instances if i.id in removed], now)
+                want = Want(replicas=res.desired, restart=spec_now.restart,
+                            removal_order=tuple(e.instance_id for e in ranked))
+                # Only the scale part is applied under the lock; the rest of this plan (liveness, drains,
+                # failures) is the tick's, which plans it again from the same state.
+                p = plan({model: want}, instances, self.cluster(), (), now, Book(), self.timings())
+                removed = set(p.remove) | set(p.drain)
+                by_id = {i.id: i for i in instances}
+                await self._remove(model, token, [by_id[i] for i in p.remove], [by_id[i] for i in p.drain], now)
                 created = [
                     Instance(id=f"{model}-{secrets.token_hex(5)}", model=model, created_at=now)
-                    for _ in range(plan.create)
+                    for _ in range(p.create.get(model, 0))
                 ]
                 if created and not await self.store.create_pending(model, token, created):
                     raise TimeoutError(f"lost the converge lock of {model}")
@@ -349,17 +419,15 @@ class Reconciler(PlacementService):
             await self.store.unlock_model(model, token)
 
     def _needs_request(self, iid: str, now: float) -> bool:
-        # A PENDING replica without a reason is in flight, unless this process has not requested it
-        # recently (e.g. a predecessor crashed mid-converge). Those with a reason wait for a cluster change.
-        last = self.requested.get(iid)
-        return last is None or now - last > 3 * self.settings.ack_wait_s
+        return needs_request(self.requested.get(iid), now, 3 * self.settings.ack_wait_s)
 
-    async def _remove(self, model: str, token: str, victims: Sequence[Instance], now: float) -> None:
-        pending = [i.id for i in victims if i.state is InstanceState.PENDING]
-        placed = [i for i in victims if i.state is not InstanceState.PENDING]
+    async def _remove(
+        self, model: str, token: str, pending: Sequence[Instance], placed: Sequence[Instance], now: float
+    ) -> None:
+        """Remove PENDING replicas outright and drain placed ones (under the model's lock)."""
         if pending:
-            await self.store.release(pending)
-            await self._publish_removed([i for i in victims if i.id in set(pending)])
+            await self.store.release([i.id for i in pending])
+            await self._publish_removed(pending)
         if placed:
             ids = [i.id for i in placed]
             await self.store.mark_state(model, token, InstanceState.DRAINING, ACTIVE, ids)
@@ -372,6 +440,8 @@ class Reconciler(PlacementService):
 
     async def converge_and_request(self, models: Sequence[str]) -> None:
         """Converge several models and publish their placement requests together."""
+        if not models:
+            return
         items: list[PlacementItem] = []
         specs: dict[str, ModelSpec] = {}
         now = self.clock()
@@ -404,42 +474,75 @@ class Reconciler(PlacementService):
                 self.requested[i.instance_id] = now
         await self.bus.publish_js_many(out)
 
+    async def request(self, asks: Sequence[Ask], now: float) -> None:
+        """Publish the plan's placement requests (a model without a known spec cannot be requested)."""
+        items: list[PlacementItem] = []
+        specs: dict[str, ModelSpec] = {}
+        for ask in asks:
+            spec = specs.get(ask.model) or await self.spec_of(ask.model)
+            if spec is None:
+                continue
+            specs[ask.model] = spec
+            items.append(PlacementItem(instance_id=ask.instance_id, model=ask.model, requested_at=now,
+                                       attempt=ask.attempt))
+        if items:
+            await self.publish_items(items, specs, now)
+
     # ================================================================ commits
 
     async def handle_scored(self, batch: Sequence[PlacementScored]) -> None:
-        """Commit every decision of the batch with one Lua call; re-place refused ones; record PENDING."""
+        """Commit every decision of the batch with one Lua call, then apply the planner's verdicts: assign
+        the committed, re-send redelivered ones, drop those gone, re-place refused ones, record PENDING."""
         now = self.clock()
         specs: dict[str, ModelSpec] = {}
         for scored in batch:
             specs.update(scored.specs)
-        decided: list[tuple[ItemOutcome, CommitItem]] = []
-        unplaced: list[ItemOutcome] = []
-        retries: list[PlacementItem] = []
-        back: list[Instance] = []  # PENDING again: one event message at the end, not one each
-        for scored in batch:
-            for out in scored.outcomes:
-                if out.decision is not None:
-                    decided.append((out, CommitItem(self._record(out))))
-                elif out.retry:  # candidates went stale in flight: like a refused commit, place again
-                    why = out.unschedulable.message if out.unschedulable else ""
-                    await self._refused(out.item, why, retries, back, now)
-                else:
-                    unplaced.append(out)
-        verdicts = await self.store.commit([c for _, c in decided])
-        committed: list[tuple[ItemOutcome, Instance]] = []
-        for (out, item), verdict in zip(decided, verdicts, strict=True):
-            if verdict == "ok":
-                committed.append((out, item.instance))
-            elif verdict == "dup":
-                stored = await self.store.instance(item.instance.id)
-                if stored is not None and stored.worker is not None:
-                    await self._assign(stored, specs.get(stored.model) or self.specs.get(stored.model))
-            elif verdict.startswith("full:"):
-                await self._refused(out.item, verdict, retries, back, now)
-        for _, inst in committed:
-            await self._assign(inst, specs.get(inst.model) or self.specs.get(inst.model))
+        outs = [out for scored in batch for out in scored.outcomes]
+        decided = [
+            (out, CommitItem(instance_from_decision(out.decision, out.item.instance_id,
+                                                    created_at=out.item.requested_at)))
+            for out in outs if out.decision is not None
+        ]
+        ledger = dict(zip((o.item.instance_id for o, _ in decided),
+                          await self.store.commit([c for _, c in decided]), strict=True))
+        verdicts = [_verdict(out, ledger) for out in outs]
+        # The shared retry book is read only for replicas that will wait (not on the path of a good commit).
+        waiting = [v.instance_id for v in verdicts if v.outcome not in ("ok", "dup", "gone")]
+        booked = await self.store.retries(waiting) if waiting else {}
+        book = Book(retries={i: self._retry_of(i, booked, now) for i in waiting})
+        p = plan({}, [], self.cluster(), verdicts, now, book, self.timings())
+        by_id = {out.item.instance_id: out for out in outs}
+        records = {out.item.instance_id: c.instance for out, c in decided}
+        committed = [records[i] for i in p.committed]
+        for inst in committed:
+            await self._assign(inst, specs.get(inst.model) or await self.spec_of(inst.model))
             self.seen_placed[inst.id] = now
-        await self._publish_instances([inst for _, inst in committed])
+        for iid in p.assign:  # a redelivered commit: the stored record is the one placed
+            stored = await self.store.instance(iid)
+            if stored is not None and stored.worker is not None:
+                await self._assign(stored, specs.get(stored.model) or await self.spec_of(stored.model))
+        await self._publish_instances(committed)
+        await self._publish_decisions([(by_id[i.id], i) for i in committed], now)
+        await self._book(p.retries)
+        # PENDING again: tells scoring replicas to drop any assumed placement of these replicas.
+        back = [Instance(id=a.instance_id, model=a.model, state=InstanceState.PENDING) for a in p.request]
+        back += await self._pending(p.pending, by_id, now)
+        await self._publish_instances(back)
+        if p.request:
+            await asyncio.sleep(p.request_delay())
+            await self.request(p.request, self.clock())
+
+    def _retry_of(self, iid: str, stored: Mapping[str, tuple[int, float, float]], now: float) -> PendingRetry:
+        known = stored.get(iid)
+        if known is not None:
+            return PendingRetry(*known)
+        return PendingRetry(attempts=0, next_at=now, requested_at=self.requested.get(iid, float("-inf")))
+
+    async def _book(self, retries: Mapping[str, PendingRetry]) -> None:
+        """Write the plan's retry entries to the book every reconciler replica shares (Redis)."""
+        await self.store.set_retries({i: (r.attempts, r.next_at, r.requested_at) for i, r in retries.items()})
+
+    async def _publish_decisions(self, committed: Sequence[tuple[ItemOutcome, Instance]], now: float) -> None:
         decisions = tuple(
             DecisionEvent(
                 instance_id=inst.id, model=inst.model, worker=inst.worker or "", gpu_indexes=inst.gpu_indexes,
@@ -452,40 +555,6 @@ class Reconciler(PlacementService):
         for start in range(0, len(decisions), EVENTS_PER_MESSAGE):  # NATS messages are bounded
             chunk = decisions[start : start + EVENTS_PER_MESSAGE]
             await self.bus.publish(subjects.EVENT_DECISION, DecisionEvents(events=chunk))
-        for out in unplaced:
-            un = out.unschedulable
-            await self._pending(out.item, un.message if un else "unschedulable", un, back, now)
-        # Tells scoring replicas to drop any assumed placement of these replicas.
-        await self._publish_instances(back)
-        if retries:
-            await asyncio.sleep(self.settings.commit_backoff_s * (2 ** min(r.attempt for r in retries)) / 2)
-            known = {**self.specs, **specs}
-            await self.publish_items(retries, {r.model: known[r.model] for r in retries}, self.clock())
-
-    async def _refused(
-        self, item: PlacementItem, why: str, retries: list[PlacementItem], back: list[Instance], now: float
-    ) -> None:
-        """A decision that could not be committed: re-place with fresh state (bounded), else PENDING.
-
-        Either way the replica is PENDING again: its record joins ``back``."""
-        cfg = self.settings
-        step = after_refusal(item.attempt, why, cfg.commit_retries, cfg.commit_backoff_s)
-        if isinstance(step, GiveUp):
-            await self._pending(item, step.reason, None, back, now)
-        else:
-            retries.append(msgspec.structs.replace(item, attempt=step.attempt))
-            back.append(Instance(id=item.instance_id, model=item.model, state=InstanceState.PENDING))
-
-    def _record(self, out: ItemOutcome) -> Instance:
-        d = out.decision
-        assert d is not None
-        c = d.candidate
-        return Instance(
-            id=out.item.instance_id, model=out.item.model, state=InstanceState.SCHEDULED, worker=c.worker,
-            gpu_indexes=c.gpu_indexes, vram_claims=c.vram_claims, ram_claim=c.ram_claim,
-            subordinates=c.subordinates, total_layers=c.total_layers, offload_layers=c.offload_layers,
-            created_at=out.item.requested_at,
-        )
 
     async def _assign(self, inst: Instance, spec: ModelSpec | None) -> None:
         assert inst.worker is not None
@@ -496,23 +565,28 @@ class Reconciler(PlacementService):
         )
         await self.bus.publish(subjects.worker_assign(inst.worker), cmd)
 
-    async def _pending(self, item: PlacementItem, reason: str, un: object, back: list[Instance], now: float) -> None:
-        """Keep an unplaceable replica PENDING with ``reason`` (its record joins ``back``) and say why."""
-        inst = await self.store.instance(item.instance_id)
-        if inst is None or inst.state is not InstanceState.PENDING:
-            return
-        await self.store.set_reasons({item.instance_id: reason})
-        back.append(Instance(id=item.instance_id, model=item.model, state=InstanceState.PENDING, reason=reason))
-        if self.last_change > self.requested.get(item.instance_id, item.requested_at):
-            self.changed = True  # the verdict may predate a change we already saw: retry on the next tick
-        u = un if isinstance(un, Unschedulable) else None
-        await self.bus.publish(
-            subjects.EVENT_UNSCHEDULABLE,
-            UnschedulableEvent(
-                instance_id=item.instance_id, model=item.model, message=reason,
-                reasons=u.reasons if u else (), filters=u.filters if u else (), at=now,
-            ),
-        )
+    async def _pending(
+        self, reasons: Mapping[str, str], outs: Mapping[str, ItemOutcome], now: float
+    ) -> list[Instance]:
+        """Record why replicas stay PENDING (those still PENDING) and say so; their records, for the caller."""
+        back: list[Instance] = []
+        for iid, reason in reasons.items():
+            inst = await self.store.instance(iid)
+            if inst is None or inst.state is not InstanceState.PENDING:
+                continue
+            await self.store.set_reasons({iid: reason})
+            back.append(Instance(id=iid, model=inst.model, state=InstanceState.PENDING, reason=reason))
+            out = outs.get(iid)
+            u = out.unschedulable if out is not None and not out.retry else None
+            await self.bus.publish(
+                subjects.EVENT_UNSCHEDULABLE,
+                UnschedulableEvent(
+                    instance_id=iid, model=inst.model, message=reason,
+                    reasons=u.reasons if isinstance(u, Unschedulable) else (),
+                    filters=u.filters if isinstance(u, Unschedulable) else (), at=now,
+                ),
+            )
+        return back
 
     async def _publish_instances(
         self, instances: Iterable[Instance], removed: bool = False, subject: str = subjects.EVENT_INSTANCE
@@ -529,21 +603,27 @@ class Reconciler(PlacementService):
     # ================================================================ status
 
     async def handle_status(self, batch: Sequence[InstanceStatus]) -> None:
-        """Apply workers' instance reports: state changes, idle drains, deletion confirmations.
-
-        The ledger script checks the reporting worker and only moves states forward, so reports that
-        arrive late or out of order (several consumers) are ignored rather than applied.
-        """
+        """Apply workers' instance reports: the planner decides on deletions, idle drains and failures; state
+        changes go through the ledger script, which checks the reporting worker and only moves states
+        forward, so reports that arrive late or out of order (several consumers) are ignored."""
+        now = self.clock()
+        reports = [
+            Report(instance_id=st.instance_id, worker=st.worker, state=st.state, idle=st.idle, deleted=st.deleted,
+                   message=st.message or "")
+            for st in batch
+        ]
+        known: dict[str, Instance] = {}
+        for rep in reports:
+            if rep.deleted or rep.idle or rep.state is InstanceState.ERROR:
+                record = self.feed.instances.get(rep.instance_id)
+                if record is None or record.worker != rep.worker:
+                    record = await self.store.instance(rep.instance_id)
+                if record is not None:
+                    known[record.id] = record
         changes = [st for st in batch if not (st.deleted or st.idle)]
-        for st in batch:
-            if st.deleted or st.idle:
-                known = await self.store.instance(st.instance_id)
-                if known is None or known.worker != st.worker:
-                    continue
-                if st.deleted and known.state in (InstanceState.DRAINING, InstanceState.UNREACHABLE):
-                    await self._delete([known], tell_worker=False)
-                elif st.idle and known.state is InstanceState.DRAINING:
-                    await self._delete([known], tell_worker=True)
+        if known:
+            await self.apply(plan({}, list(known.values()), self.cluster(), reports, now, Book(), self.timings()),
+                             known, now)
         prevs = await self.store.set_states([(st.instance_id, st.worker, st.state) for st in changes])
         moved: list[tuple[str, Instance]] = []  # (subject, record), in report order
         for st, prev in zip(changes, prevs, strict=True):
@@ -563,14 +643,47 @@ class Reconciler(PlacementService):
 
     async def _delete(self, instances: Sequence[Instance], tell_worker: bool) -> None:
         ids = [i.id for i in instances]
+        if not ids:
+            return
         await self.store.release(ids)
         await self.store.forget_drains(ids)
+        await self.store.forget_failures(ids)
         for inst in instances:
             self.seen_placed.pop(inst.id, None)
             self.requested.pop(inst.id, None)
             if tell_worker and inst.worker:
                 await self.bus.publish(subjects.worker_delete(inst.worker), DeleteInstance(instance_id=inst.id))
         await self._publish_removed(instances)
+
+    # ================================================================ applying a plan
+
+    async def apply(self, p: Plan, records: Mapping[str, Instance], now: float) -> None:
+        """Carry out a plan made over ``records`` (lost replicas, deletions, failures and their replacements,
+        PENDING retries, forgotten workers). Scale-up creation goes through the atomic converge."""
+        if p.unreachable:
+            await self.store.release(list(p.unreachable), mode=InstanceState.UNREACHABLE.value)
+            moved = [msgspec.structs.replace(records[i], state=InstanceState.UNREACHABLE) for i in p.unreachable]
+            await self._publish_instances(moved)
+            log.warning("replacing %d instances of lost workers", len(p.unreachable))
+        await self._delete([records[i] for i in p.delete if i in records], tell_worker=True)
+        await self._delete([records[i] for i in p.forget if i in records], tell_worker=False)
+        if p.failures:
+            await self.store.record_failures({i: (f.since, f.message) for i, f in p.failures.items()})
+        if p.restarts:
+            await self.store.set_restarts({m: (r.count, r.last_at) for m, r in p.restarts.items()})
+        fresh = {i: why for i, why in p.reasons.items() if i in records and records[i].reason != why}
+        if fresh:
+            await self.store.set_reasons(fresh)
+            await self._publish_instances([msgspec.structs.replace(records[i], reason=why) for i, why in fresh.items()])
+        await self._book(p.retries)
+        if p.request:
+            await self.request(p.request, now)
+        for worker in p.forget_workers:
+            outcome = await self.store.forget_worker(worker, cutoff=now - self.settings.forget_after_s)
+            if outcome == "ok":
+                log.warning("forgot worker %s (silent for over %.0f s)", worker, self.settings.forget_after_s)
+                await self._announce_removed(worker, f"silent for over {self.settings.forget_after_s:.0f} s")
+        await self.converge_and_request(list(p.converge))
 
     # ================================================================ periodic checks
 
@@ -588,47 +701,29 @@ class Reconciler(PlacementService):
                 log.exception("reconciler tick failed")
 
     async def tick(self, full: bool = False, resync_shard: int | None = None) -> None:
-        """Liveness, drain timeouts, level-triggered resync (of the workers in ``resync_shard`` of
-        ``RESYNC_SHARDS``, or of all), PENDING retries on cluster change; ``full`` also re-converges every
-        model."""
+        """One planner step over every known instance (liveness, drain timeouts, failed replicas, PENDING
+        retries, forgotten workers), then the level-triggered resync (of the workers in ``resync_shard`` of
+        ``RESYNC_SHARDS``, or of all); ``full`` also re-converges every model."""
         now = self.clock()
-        s = self.settings
-        feed = self.feed
-        instances = dict(feed.instances)  # as of now: the awaits below let events change the feed's
-        # Only instances on silent workers can be lost: look at those, not at every instance.
-        silent = silent_workers(feed.on_worker, feed.last_seen, now, s.not_ready_after_s, s.reschedule_after_s)
-        suspects = sorted({i for w in silent for i in feed.on_worker.get(w, ()) if i in instances})
-        lost = unreachable_instances(
-            [instances[i] for i in suspects], feed.last_seen, now, s.not_ready_after_s, s.reschedule_after_s
+        if full:
+            self.specs.update(await self.store.models())  # models another replica was told about
+        records = dict(self.feed.instances)  # as of now: the awaits below let events change the feed's
+        pending = {i for i, inst in records.items() if inst.state is InstanceState.PENDING}
+        retries = await self.store.retries()
+        await self.store.forget_retries([i for i in retries if i not in pending])  # placed or removed since
+        failures, restarts = await self.store.failures(), await self.store.restarts()
+        book = Book(
+            drains=await self.store.drains(),
+            failures={i: Failure(since=t, message=m) for i, (t, m) in failures.items()},
+            restarts={m: Restarts(count=c, last_at=t) for m, (c, t) in restarts.items()},
+            retries={i: PendingRetry(*r) for i, r in retries.items() if i in pending},
         )
-        if lost:
-            await self.store.release(lost, mode=InstanceState.UNREACHABLE.value)
-            moved = [msgspec.structs.replace(instances[i], state=InstanceState.UNREACHABLE) for i in lost]
-            await self._publish_instances(moved)
-            log.warning("replacing %d instances of lost workers", len(lost))
-            await self.converge_and_request(sorted({instances[i].model for i in lost}))
-        # Back from the dead: forget the stale copies (their claims were released already).
-        unreachable = [instances[i] for i in sorted(feed.unreachable) if i in instances]
-        stale = [i for i in unreachable if i.worker and self.snapshot.state(i.worker, now) is WorkerState.READY]
-        if stale:
-            await self._delete(stale, tell_worker=True)
-        drains = await self.store.drains()
-        done = [
-            instances[i] for i, t in drains.items()
-            if i in instances and drain_finished(t, False, now, s.drain_timeout_s)
-        ]
-        if done:
-            await self._delete(done, tell_worker=True)
-        await self._resync(instances, now, resync_shard)
-        if self.changed:
-            # Retry now, and once more a tick or two later: other services may learn of the change (a worker
-            # joined) a moment after we do, and a verdict from their older snapshot must not stick.
-            self.changed = False
-            self.retry_again_at = now + max(1.0, 2 * self.settings.reconcile_interval_s)
-            await self.retry_pending(instances)
-        elif self.retry_again_at and now >= self.retry_again_at:
-            self.retry_again_at = 0.0
-            await self.retry_pending(instances)
+        desired = {m: Want(restart=spec.restart) for m, spec in self.specs.items()}
+        p = plan(desired, list(records.values()), self.cluster(), (), now, book, self.timings())
+        await self.apply(p, records, now)
+        if stale := [i for i in failures if i not in records]:
+            await self.store.forget_failures(stale)
+        await self._resync(records, now, resync_shard)
         if full:
             await self.converge_and_request(sorted((await self.store.desired()).keys()))
 
@@ -649,26 +744,17 @@ class Reconciler(PlacementService):
         fix = resync_workers(mine, off, self.seen_placed, now, grace)
         for iid in fix.assign:
             inst = instances[iid]
-            await self._assign(inst, self.specs.get(inst.model))
+            await self._assign(inst, await self.spec_of(inst.model))
         for worker, iid in fix.delete:
             with contextlib.suppress(Exception):
                 await self.bus.publish(subjects.worker_delete(worker), DeleteInstance(instance_id=iid))
 
-    async def retry_pending(self, instances: dict[str, Instance]) -> None:
-        """Re-request every PENDING replica that has a reason (the cluster changed since)."""
-        by_model: dict[str, list[Instance]] = defaultdict(list)
-        for inst in instances.values():
-            if inst.state is InstanceState.PENDING and inst.reason:
-                by_model[inst.model].append(inst)
-        if not by_model:
-            return
-        now = self.clock()
-        items: list[PlacementItem] = []
-        specs: dict[str, ModelSpec] = {}
-        for model, pend in sorted(by_model.items()):
-            spec = self.specs.get(model) or await self.store.model(model)
-            if spec is None:
-                continue
-            specs[model] = spec
-            items += [PlacementItem(instance_id=i.id, model=model, requested_at=now) for i in pend]
-        await self.publish_items(items, specs, now)
+
+def _verdict(out: ItemOutcome, ledger: Mapping[str, str]) -> Commit:
+    """The planner's input for one scored outcome: the ledger's verdict, or the pipeline's."""
+    item = out.item
+    if out.decision is not None:
+        return Commit(item.instance_id, item.model, ledger[item.instance_id], attempt=item.attempt)
+    message = out.unschedulable.message if out.unschedulable else ""
+    outcome = "stale" if out.retry else "unschedulable"
+    return Commit(item.instance_id, item.model, outcome, attempt=item.attempt, reason=message)

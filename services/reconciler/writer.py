@@ -108,7 +108,7 @@ class StateWriter:
         beats, self.beats = self.beats, {}
         files, self.files = self.files, {}
         try:
-            await store.register_workers(list(regs.values()))
+            await store.register_workers(list(regs.values()), seen_at=self.service.clock())
             await store.record_heartbeats(list(beats.values()))
             await store.set_model_files(files.values())
         except Exception:

@@ -52,6 +52,12 @@ class ScaleCommand(Message, frozen=True, kw_only=True):
     request_id: str = ""  # dedupe id chosen by the sender (Nats-Msg-Id)
 
 
+class RemoveWorkerCommand(Message, frozen=True, kw_only=True):
+    """Forget a worker that is no longer heard from, with every replica placed on it (replaced elsewhere)."""
+
+    worker: str
+
+
 class CordonCommand(Message, frozen=True, kw_only=True):
     """Cordon (or uncordon) a whole worker, or one GPU of it when ``gpu_index`` is set."""
 
@@ -312,6 +318,13 @@ class CordonEvent(Message, frozen=True, kw_only=True):
     worker: str
     cordoned: bool
     gpu_index: int | None = None
+
+
+class WorkerRemovedEvent(Message, frozen=True, kw_only=True):
+    """A worker left the state; every snapshot drops it."""
+
+    worker: str
+    reason: str = ""
 
 
 class ModelEvent(Message, frozen=True, kw_only=True):

@@ -14,6 +14,8 @@ SCALE = f"{PREFIX}.cmd.scale"
 """ScaleCommand: desired replicas of a model (with its spec when new or changed)."""
 CORDON = f"{PREFIX}.cmd.cordon"
 """CordonCommand: cordon/uncordon a worker or one of its GPUs."""
+REMOVE_WORKER = f"{PREFIX}.cmd.worker.remove"
+"""RemoveWorkerCommand: forget a silent worker and everything placed on it (``gantry workers remove``)."""
 CMD_ALL = f"{PREFIX}.cmd.>"
 
 # -- worker reports --------------------------------------------------------------------------------
@@ -72,6 +74,8 @@ EVENT_INSTANCE_ALL = f"{PREFIX}.events.instance.>"
 EVENT_CORDON = f"{PREFIX}.events.cordon"
 """CordonEvent: cordon state changed (services update their snapshots)."""
 EVENT_MODEL = f"{PREFIX}.events.model"
+EVENT_WORKER_REMOVED = f"{PREFIX}.events.worker.removed"
+"""WorkerRemovedEvent: a worker left the state (silent past forget_after, or removed by an operator)."""
 """ModelEvents: desired replicas / spec of models changed (a batch)."""
 
 # -- dead letters (core NATS, captured by stream DLQ) ----------------------------------------------

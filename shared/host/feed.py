@@ -22,15 +22,13 @@ from shared.bus.messages import (
 )
 from shared.bus.validate import check_heartbeat, check_registration
 from shared.core.placement.domain import Instance, InstanceState, ModelFile, Worker
-from shared.core.placement.reconcile import ON_WORKER, workers_of
+from shared.core.placement.lifecycle import HOLDS_GPUS, ON_WORKER
+from shared.core.placement.reconcile import workers_of
 from shared.core.placement.snapshot import ClusterSnapshot
 from shared.state.store import StateStore, apply_usage, gpu_field
 
-# Instances whose claims are live in the ledger (UNREACHABLE ones were released).
-HOLDING = frozenset(
-    {InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.RUNNING, InstanceState.DRAINING,
-     InstanceState.ERROR}
-)
+# Instances whose claims are live in the ledger (the one set: see lifecycle).
+HOLDING = HOLDS_GPUS
 
 ChangeListener = Callable[[str], None]
 
@@ -86,12 +84,14 @@ class SnapshotFeed:
         if reason:
             return reason
         name = reg.worker.name
-        joined = name not in self.inventory
+        before = self.inventory.get(name)
         self.inventory[name] = reg.worker
         self.last_seen[name] = now
         self._refresh(name)
-        if joined:
+        if before is None:
             self._changed(f"worker {name} joined")
+        elif grew(before, reg.worker):
+            self._changed(f"inventory of {name} grew")
         return None
 
     def on_heartbeat(self, hb: Heartbeat, now: float) -> str | None:
@@ -154,6 +154,15 @@ class SnapshotFeed:
         if freed:
             self._changed(f"resources freed by {ev.instance.id}")
 
+    def on_worker_removed(self, name: str) -> None:
+        """Drop a worker that left the state (forgotten or removed by an operator) from every view."""
+        self.inventory.pop(name, None)
+        self.usage.pop(name, None)
+        self.last_seen.pop(name, None)
+        self.cordons = {c for c in self.cordons if c != name and not c.startswith(name + ":")}
+        if self.snapshot.worker(name) is not None:
+            self.snapshot.remove_worker(name)
+
     def on_cordon(self, ev: CordonEvent) -> None:
         """Apply a cordon change to the worker (or GPU)."""
         field = ev.worker if ev.gpu_index is None else gpu_field(ev.worker, ev.gpu_index)
@@ -205,6 +214,17 @@ class SnapshotFeed:
     def worker(self, name: str) -> Worker | None:
         """The snapshot's current record of a worker."""
         return self.snapshot.worker(name)
+
+
+def grew(before: Worker, after: Worker) -> bool:
+    """Whether a re-registration offers room the old inventory did not: more RAM, a new GPU, a larger or newly
+    schedulable GPU, or the worker's own cordon lifted."""
+    old = {g.index: g for g in before.gpus}
+    for g in after.gpus:
+        prev = old.get(g.index)
+        if prev is None or g.vram_total > prev.vram_total or (g.schedulable and not prev.schedulable):
+            return True
+    return after.ram_total > before.ram_total or (before.cordoned and not after.cordoned)
 
 
 def _mark(index: dict[str, set[str]], key: str, iid: str, add: bool) -> None:

@@ -57,6 +57,9 @@ class Keys:
     claims = P + "claims"  # id -> "g|w:i|bytes;r|w|bytes"
     desired_seq = P + "desired:seq"  # model -> stream sequence of the scale command applied last
     drains = P + "drains"  # id -> time DRAINING began
+    failures = P + "failures"  # id -> {"since": time, "message": str} of ERROR instances
+    restarts = P + "restarts"  # model -> {"count": n, "last_at": time} of recent failed-replica replacements
+    retries = P + "retries"  # id -> [attempts, next_at, requested_at] of PENDING replicas with a verdict
 
 
 def gpu_field(worker: str, index: int) -> str:
@@ -141,6 +144,7 @@ class StateStore:
         self._mark = client.register_script((_LUA / "mark_state.lua").read_text())
         self._unlock = client.register_script((_LUA / "unlock.lua").read_text())
         self._converge_up = client.register_script((_LUA / "converge_up.lua").read_text())
+        self._forget_worker = client.register_script((_LUA / "forget_worker.lua").read_text())
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -153,8 +157,10 @@ class StateStore:
 
     # -- workers ------------------------------------------------------------------------------------
 
-    async def register_workers(self, workers: Sequence[Worker]) -> None:
-        """Store inventories and (re)declare ledger capacity of every GPU and worker RAM."""
+    async def register_workers(self, workers: Sequence[Worker], seen_at: float | None = None) -> None:
+        """Store inventories and (re)declare ledger capacity of every GPU and worker RAM; with ``seen_at``, a
+        registration counts as hearing from the worker (so a worker that never heartbeats still ages, and is
+        not taken for silent since 1970)."""
         if not workers:
             return
         pipe = self.r.pipeline(transaction=False)
@@ -170,6 +176,8 @@ class StateStore:
         if caps:
             pipe.hset(Keys.gpu_cap, mapping=caps)  # type: ignore[arg-type]
         pipe.hset(Keys.ram_cap, mapping=rams)  # type: ignore[arg-type]
+        if seen_at is not None:
+            pipe.hset(Keys.seen, mapping=dict.fromkeys(inv, repr(seen_at)))
         await pipe.execute()
 
     async def record_heartbeats(self, beats: Sequence[tuple[UsageReport, float]]) -> None:
@@ -320,6 +328,79 @@ class StateStore:
         if ids:
             await self.r.hdel(Keys.drains, *ids)
 
+    async def record_failures(self, failures: dict[str, tuple[float, str]]) -> None:
+        """Remember when (and why) instances went ERROR; the first report wins (redeliveries keep it)."""
+        if not failures:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for iid, (since, message) in failures.items():
+            pipe.hsetnx(Keys.failures, iid, _enc.encode({"since": since, "message": message}))
+        await pipe.execute()
+
+    async def failures(self) -> dict[str, tuple[float, str]]:
+        """ERROR instances: (since, message)."""
+        out = {}
+        for k, v in (await self.r.hgetall(Keys.failures)).items():
+            d = msgspec.json.decode(v)
+            out[_s(k)] = (float(d["since"]), str(d.get("message", "")))
+        return out
+
+    async def forget_failures(self, ids: Sequence[str]) -> None:
+        """Drop failure bookkeeping of removed instances."""
+        if ids:
+            await self.r.hdel(Keys.failures, *ids)
+
+    async def set_restarts(self, restarts: dict[str, tuple[int, float]]) -> None:
+        """Per model: how many failed replicas were replaced lately, the last one when."""
+        if restarts:
+            mapping = {m: _enc.encode({"count": c, "last_at": t}) for m, (c, t) in restarts.items()}
+            await self.r.hset(Keys.restarts, mapping=mapping)  # type: ignore[arg-type]
+
+    async def restarts(self) -> dict[str, tuple[int, float]]:
+        """Per model: (count, last replacement time)."""
+        out = {}
+        for k, v in (await self.r.hgetall(Keys.restarts)).items():
+            d = msgspec.json.decode(v)
+            out[_s(k)] = (int(d["count"]), float(d["last_at"]))
+        return out
+
+    async def set_retries(self, retries: dict[str, tuple[int, float, float]]) -> None:
+        """When each PENDING replica is next placed again (shared by every reconciler replica)."""
+        if retries:
+            mapping = {i: _enc.encode([a, n, r if r != float("-inf") else None]) for i, (a, n, r) in retries.items()}
+            await self.r.hset(Keys.retries, mapping=mapping)  # type: ignore[arg-type]
+
+    async def retries(self, ids: Sequence[str] | None = None) -> dict[str, tuple[int, float, float]]:
+        """The retry book (of ``ids``, or all): attempts, next time, last request time (-inf: never)."""
+        if ids is None:
+            raw = {_s(k): v for k, v in (await self.r.hgetall(Keys.retries)).items()}
+        elif ids:
+            raw = {i: v for i, v in zip(ids, await self.r.hmget(Keys.retries, list(ids)), strict=True) if v}
+        else:
+            raw = {}
+        out = {}
+        for iid, v in raw.items():
+            a, n, r = msgspec.json.decode(v)
+            out[iid] = (int(a), float(n), float("-inf") if r is None else float(r))
+        return out
+
+    async def forget_retries(self, ids: Sequence[str]) -> None:
+        """Drop retry bookkeeping of replicas no longer PENDING."""
+        if ids:
+            await self.r.hdel(Keys.retries, *ids)
+
+    async def forget_worker(self, name: str, cutoff: float | None) -> str:
+        """Remove a worker from the state in one step: "ok"; "alive" if heard after ``cutoff``; "holds" if
+        claims remain on it (release its instances first). ``cutoff`` None skips the liveness check."""
+        raw = await self.r.hget(Keys.workers, name)
+        gpus = [gpu_field(name, g.index) for g in _dec_worker.decode(raw).gpus] if raw else []
+        files = [_s(k) async for k, _ in self.r.hscan_iter(Keys.files, match=_glob_escape("|" + name), count=1000)]
+        files = [f for f in files if f.rsplit("|", 1)[-1] == name]
+        keys = [Keys.workers, Keys.seen, Keys.usage, Keys.cordon, Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap,
+                Keys.ram_used, Keys.files]
+        args: list[Any] = [name, "" if cutoff is None else repr(cutoff), len(gpus), *gpus, *files]
+        return _s(await self._forget_worker(keys=keys, args=args))
+
     async def try_lock(self, name: str, ttl_s: float) -> bool:
         """A plain expiring lock (e.g. one reconciler replica runs a periodic check)."""
         return bool(await self.r.set(P + "tlock:" + name, "1", nx=True, px=max(1, int(ttl_s * 1000))))
@@ -446,6 +527,11 @@ class StateStore:
         fields = set(total) | {f for f, v in used.items() if v}
         return [f"{f}: ledger {used.get(f, 0)} != claims {total.get(f, 0)}" for f in sorted(fields)
                 if used.get(f, 0) != total.get(f, 0)]
+
+
+def _glob_escape(suffix: str) -> str:
+    """A HSCAN pattern matching fields that end with ``suffix`` literally."""
+    return "*" + "".join("\\" + ch if ch in "*?[]\\" else ch for ch in suffix)
 
 
 _ID_MARK = "\x00"

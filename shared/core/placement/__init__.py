@@ -17,10 +17,10 @@ Public API (stable; additions only):
 """
 
 from shared.core.placement.fastpath import Positions, score_positions, still_fitting
+from shared.core.placement.lifecycle import instance_from_decision
 from shared.core.placement.pipeline import (
     GpuFit,
     fit_gpus,
-    instance_from_decision,
     place,
     requirements,
     run_filters,

@@ -10,7 +10,7 @@ the collector's pauses.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import msgspec
 
@@ -153,6 +153,32 @@ class GgufSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     context_size: int = 8192
 
 
+# A policy delay: finite, not negative, at most a week (NaN fails both bounds).
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=7 * 24 * 3600.0)]
+
+
+class RestartMode(StrEnum):
+    """Whether failed (ERROR) replicas of a model are replaced."""
+
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """How a model's failed replicas are replaced (kube's restartPolicy + CrashLoopBackOff, Nomad's reschedule).
+
+    An ERROR replica is replaced ``grace_s`` after it failed; each further replacement of the model waits
+    ``backoff_s × 2^(n-1)`` more, up to ``max_backoff_s``; the count starts again after ``reset_after_s``
+    without a replacement.
+    """
+
+    mode: RestartMode = RestartMode.ALWAYS
+    grace_s: Seconds = 30.0
+    backoff_s: Seconds = 10.0
+    max_backoff_s: Seconds = 300.0
+    reset_after_s: Seconds = 600.0
+
+
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A deployment: what to run, how many replicas, and where it may go."""
 
@@ -175,6 +201,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     catalog_model: str | None = None  # key in the model-config catalogue, when the name is not one
     dtype: str = "bfloat16"
     gguf: GgufSpec | None = None
+    restart: RestartPolicy = RestartPolicy()  # what happens to failed (ERROR) replicas
 
 
 class SubordinateWorker(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -539,7 +539,8 @@ def score_gpus(
     if scored is None:
         return None
     r, s, total, breakdown = scored
-    claim = int(np.broadcast_to(batch.claims, batch.mask.shape)[r, s])
+    claims = batch.claims
+    claim = int(claims[r, s] if claims.shape == batch.mask.shape else np.broadcast_to(claims, batch.mask.shape)[r, s])
     chosen = Candidate(
         worker=snapshot.name_of(r),
         gpu_indexes=(int(snapshot.g_index[r, s]),),
@@ -658,26 +659,6 @@ def _decision(model: ModelSpec, scored: _Scored, filters: Sequence[FilterReport]
         breakdown=breakdown,
         filters=tuple(filters),
         candidates_considered=considered,
-    )
-
-
-def instance_from_decision(
-    decision: Decision, instance_id: str, *, created_at: float = 0.0, state: InstanceState = InstanceState.SCHEDULED
-) -> Instance:
-    """The instance a committed decision creates (claims as decided)."""
-    c = decision.candidate
-    return Instance(
-        id=instance_id,
-        model=decision.model,
-        state=state,
-        worker=c.worker,
-        gpu_indexes=c.gpu_indexes,
-        vram_claims=c.vram_claims,
-        ram_claim=c.ram_claim,
-        subordinates=c.subordinates,
-        total_layers=c.total_layers,
-        offload_layers=c.offload_layers,
-        created_at=created_at,
     )
 
 

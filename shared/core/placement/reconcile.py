@@ -1,4 +1,5 @@
-"""Pure decisions of the reconciler: desired vs actual, liveness, drains, commit retries, resync.
+"""Pure pieces of the reconciler's decisions: replica counts, drains, commit retries, resync (the planner,
+``planner.py``, composes them; worker liveness lives in ``lifecycle`` and the planner).
 
 Everything here is deterministic and clock-free (``now`` is passed in); the reconciler service only
 gathers inputs, calls these functions, and carries out the result over NATS and Redis.
@@ -6,24 +7,13 @@ gathers inputs, calls these functions, and carries out the result over NATS and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.core.placement.domain import Candidate, Instance, InstanceState
+from shared.core.placement.lifecycle import ACTIVE, KEPT_ON_WORKER, ON_WORKER
+from shared.core.placement.lifecycle import backoff as backoff_of
 from shared.core.placement.snapshot import ClusterSnapshot
-
-# States that count towards a model's replicas: everything except replicas on their way out.
-ACTIVE = frozenset(
-    {
-        InstanceState.PENDING,
-        InstanceState.SCHEDULED,
-        InstanceState.STARTING,
-        InstanceState.RUNNING,
-        InstanceState.ERROR,
-    }
-)
-# States whose claims are held by a worker and that the worker should be running.
-ON_WORKER = frozenset({InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.RUNNING})
 
 
 @dataclass(frozen=True)
@@ -51,42 +41,6 @@ def plan_scale(desired: int, instances: Sequence[Instance], removal_order: Seque
     ranked = [i for i in removal_order if i in active_ids and i not in set(pending)]
     rest = sorted(active_ids - set(pending) - set(ranked))
     return ScalePlan(create=0, remove=tuple((pending + ranked + rest)[:excess]))
-
-
-def unreachable_instances(
-    instances: Iterable[Instance],
-    last_seen: Mapping[str, float],
-    now: float,
-    not_ready_after: float,
-    reschedule_after: float,
-) -> list[str]:
-    """Instances on workers NOT_READY for longer than ``reschedule_after`` (heartbeat age at ``now``).
-
-    A worker is NOT_READY from ``last_seen + not_ready_after``; its instances move once that has lasted
-    ``reschedule_after``. Subordinate workers count too: a gang instance fails with any of its workers.
-    """
-    limit = not_ready_after + reschedule_after
-    out = []
-    for inst in instances:
-        if inst.state not in ON_WORKER and inst.state is not InstanceState.ERROR:
-            continue
-        if any(_silent(w, last_seen, now, limit) for w in workers_of(inst)):
-            out.append(inst.id)
-    return sorted(out)
-
-
-def silent_workers(
-    workers: Iterable[str], last_seen: Mapping[str, float], now: float, not_ready_after: float,
-    reschedule_after: float,
-) -> list[str]:
-    """The workers NOT_READY for longer than ``reschedule_after`` (never seen counts as silent), sorted:
-    their instances are the ones ``unreachable_instances`` moves."""
-    limit = not_ready_after + reschedule_after
-    return sorted(w for w in workers if _silent(w, last_seen, now, limit))
-
-
-def _silent(worker: str, last_seen: Mapping[str, float], now: float, limit: float) -> bool:
-    return now - last_seen.get(worker, float("-inf")) > limit
 
 
 def workers_of(inst: Instance) -> list[str]:
@@ -121,7 +75,7 @@ def after_refusal(attempt: int, verdict: str, max_retries: int, backoff: float) 
     """
     if attempt >= max_retries:
         return GiveUp(f"commit refused {attempt + 1} times (last: {verdict}); waiting for the cluster to change")
-    return Retry(attempt=attempt + 1, delay=backoff * (2**attempt))
+    return Retry(attempt=attempt + 1, delay=backoff_of(backoff, attempt))
 
 
 @dataclass(frozen=True)
@@ -157,9 +111,7 @@ def resync_workers(
     for worker, ids in held.items():
         for iid in ids:
             found = instances.get(iid)
-            on_it = found is not None and found.worker == worker and (
-                found.state in ON_WORKER or found.state in (InstanceState.DRAINING, InstanceState.ERROR)
-            )
+            on_it = found is not None and found.worker == worker and found.state in KEPT_ON_WORKER
             if not on_it:
                 delete.append((worker, iid))
     return Resync(assign=tuple(sorted(assign)), delete=tuple(sorted(delete)))
@@ -186,3 +138,9 @@ def still_fits(snapshot: ClusterSnapshot, candidate: Candidate) -> bool:
         if ram and snapshot.ram_allocatable(worker) < ram:
             return False
     return True
+
+
+__all__ = [
+    "ACTIVE", "ON_WORKER", "GiveUp", "Resync", "Retry", "ScalePlan", "after_refusal", "drain_finished", "plan_scale",
+    "resync_workers", "still_fits", "workers_of",
+]

@@ -23,6 +23,7 @@ from shared.core.placement.domain import (
     Worker,
     WorkerState,
 )
+from shared.core.placement.lifecycle import worker_state
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -441,11 +442,7 @@ class ClusterSnapshot:
         worker = self._workers.get(name)
         if worker is None:
             return WorkerState.NOT_READY
-        if worker.cordoned:
-            return WorkerState.MAINTENANCE
-        if now - worker.last_heartbeat < self.config.not_ready_after:
-            return WorkerState.READY
-        return WorkerState.NOT_READY
+        return worker_state(worker.cordoned, worker.last_heartbeat, now, self.config.not_ready_after)
 
     def instance(self, instance_id: str) -> Instance | None:
         """An instance by id."""

@@ -101,3 +101,12 @@ def test_json_line_carries_subject_time_and_fields() -> None:
     line = json.loads(event_json(subjects.EVENT_MODEL, ModelEvent(model="m", replicas=2), T0))
     assert line == {"subject": subjects.EVENT_MODEL, "received_at": T0,
                     "event": {"v": 1, "model": "m", "replicas": 2, "spec": None}}
+
+
+def test_a_removed_worker_is_one_line_about_no_model() -> None:
+    from shared.bus.messages import WorkerRemovedEvent, encode
+    from shared.bus.subjects import EVENT_WORKER_REMOVED
+
+    (event,) = decode_events(EVENT_WORKER_REMOVED, encode(WorkerRemovedEvent(worker="x0", reason="silent")))
+    assert event_model(event) == ""
+    assert format_event(event, 0.0) == "--:--:-- worker gone   x0 (silent)"

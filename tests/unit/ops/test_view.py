@@ -67,12 +67,25 @@ def test_gpu_claimed_sums_the_instances_holding_it() -> None:
     assert w1g0.models == ("emb", "rr")
 
 
-def test_pending_and_removed_instances_hold_no_gpu() -> None:
-    snap = snapshot(instances=(
-        inst("a", "m", InstanceState.PENDING, None, ()),
-        inst("b", "m", InstanceState.ERROR, "w1", (0,)),
-    ))
+@pytest.mark.parametrize("state", [InstanceState.PENDING, InstanceState.UNREACHABLE])
+def test_pending_and_released_instances_hold_no_gpu(state: InstanceState) -> None:
+    where, gpus = (None, ()) if state is InstanceState.PENDING else ("w1", (0,))
+    snap = snapshot(instances=(inst("a", "m", state, where, gpus),))
     assert all(u.claimed == 0 and u.models == () for u in gpu_usage(snap))
+
+
+def test_an_error_instance_holds_its_gpus_as_the_ledger_does() -> None:
+    # Its claims stay in the ledger until it is replaced: `gantry top` must not show them as free.
+    snap = snapshot(instances=(inst("b", "m", InstanceState.ERROR, "w1", (0,), claim=72 * GIB),))
+    w1g0 = gpu_usage(snap)[0]
+    assert (w1g0.claimed, w1g0.free, w1g0.models) == (72 * GIB, 8 * GIB, ("m",))
+
+
+def test_views_and_the_snapshot_feed_agree_on_which_states_hold_gpus() -> None:
+    from ops.view import HELD_STATES
+    from shared.host.feed import HOLDING
+
+    assert HELD_STATES == HOLDING
 
 
 def test_free_vram_subtracts_the_larger_of_reported_use_and_claims() -> None:
@@ -147,3 +160,19 @@ def test_top_header_counts_instances_by_state_at_the_snapshot_time() -> None:
     header = text.splitlines()[0]
     assert "22:13:20 UTC" in header
     assert "PENDING=1" in header and "RUNNING=1" in header
+
+
+def test_the_models_table_counts_failed_replicas_apart_from_running_ones() -> None:
+    from ops.view import models_table
+
+    snap = snapshot(models=(ModelView("m", 2),), instances=(
+        inst("a", "m", InstanceState.RUNNING, "w1", (0,)), inst("b", "m", InstanceState.ERROR, "w2", (0,)),
+    ))
+    out = io.StringIO()
+    Console(file=out, width=160, color_system=None).print(models_table(snap))
+    header, row = [line for line in out.getvalue().splitlines() if "MODEL" in line or "│ m" in line]
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    columns = [c.strip() for c in header.strip("┃ ").split("┃")]
+    assert dict(zip(columns, cells, strict=True)) == {
+        "MODEL": "m", "DESIRED": "2", "RUNNING": "1", "STARTING": "0", "PENDING": "0", "FAILED": "1", "OTHER": "0",
+    }

@@ -24,8 +24,8 @@ from shared.core.placement.domain import (
     ResourceRequest,
     Worker,
 )
+from shared.core.placement.lifecycle import instance_from_decision
 from shared.core.placement.pipeline import (
-    instance_from_decision,
     place,
     requirements,
     run_filters,

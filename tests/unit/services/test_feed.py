@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import msgspec
+import pytest
+
 from shared.bus.messages import CordonEvent, Heartbeat, InstanceEvent, WorkerRegistration
 from shared.core.placement.domain import (
     GIB,
@@ -88,3 +91,72 @@ def test_a_removed_instance_leaves_every_index() -> None:
     f.on_instance(placed(InstanceState.UNREACHABLE))
     f.on_instance(InstanceEvent(instance=placed(InstanceState.UNREACHABLE).instance, removed=True, at=2.0))
     assert f.on_worker == {} and f.running_on == {} and f.unreachable == set()
+
+
+def test_a_removed_worker_leaves_the_snapshot_and_may_join_again() -> None:
+    f = feed()
+    f.on_cordon(CordonEvent(worker="w1", cordoned=True, gpu_index=0))
+    f.on_heartbeat(beat(10, 1), now=1.0)
+    f.on_worker_removed("w1")
+    assert f.snapshot.worker("w1") is None and f.snapshot.worker_names() == []
+    assert "w1" not in f.inventory and "w1" not in f.last_seen and "w1" not in f.usage and not f.cordons
+    joined: list[str] = []
+    f.listeners.append(joined.append)
+    assert f.on_register(WorkerRegistration(worker=W), now=5.0) is None
+    assert joined == ["worker w1 joined"]
+
+
+def test_removing_an_unknown_worker_is_harmless() -> None:
+    f = feed()
+    f.on_worker_removed("nowhere")
+    assert f.snapshot.worker_names() == ["w1"]
+
+
+@pytest.mark.parametrize(
+    ("after", "changed"),
+    [
+        (W, False),
+        (msgspec.structs.replace(W, gpus=(*W.gpus, Gpu(index=1, vram_total=80 * GIB))), True),
+        (msgspec.structs.replace(W, gpus=(Gpu(index=0, vram_total=96 * GIB),)), True),
+        (msgspec.structs.replace(W, ram_total=512 * GIB), True),
+        (msgspec.structs.replace(W, gpus=(Gpu(index=0, vram_total=40 * GIB),)), False),
+    ],
+    ids=["same", "gpu-added", "gpu-larger", "more-ram", "shrank"],
+)
+def test_a_reregistration_that_grows_the_inventory_is_a_cluster_change(after: Worker, changed: bool) -> None:
+    f = feed()
+    seen: list[str] = []
+    f.listeners.append(seen.append)
+    assert f.on_register(WorkerRegistration(worker=after), now=1.0) is None
+    assert seen == (["inventory of w1 grew"] if changed else [])
+
+
+def test_an_uncordon_is_a_cluster_change_and_a_cordon_is_not() -> None:
+    f = feed()
+    seen: list[str] = []
+    f.listeners.append(seen.append)
+    f.on_cordon(CordonEvent(worker="w1", cordoned=True, gpu_index=0))
+    assert seen == []
+    f.on_cordon(CordonEvent(worker="w1", cordoned=False, gpu_index=0))
+    assert seen == ["w1:0 uncordoned"]
+
+
+@pytest.mark.parametrize(
+    ("state", "removed", "changed"),
+    [
+        (InstanceState.RUNNING, True, True),
+        (InstanceState.UNREACHABLE, False, True),
+        (InstanceState.DRAINING, False, False),
+        (InstanceState.ERROR, False, False),
+    ],
+    ids=["removed", "released-unreachable", "draining-still-holds", "error-still-holds"],
+)
+def test_claims_released_are_a_cluster_change(state: InstanceState, removed: bool, changed: bool) -> None:
+    f = feed()
+    placed = Instance(id="a", model="m", state=InstanceState.RUNNING, worker="w1", gpu_indexes=(0,),
+                      vram_claims=(GIB,))
+    f.on_instance(InstanceEvent(instance=placed, at=1.0))
+    seen: list[str] = []
+    f.listeners.append(seen.append)
+    f.on_instance(InstanceEvent(instance=msgspec.structs.replace(placed, state=state), removed=removed, at=2.0))
+    assert seen == (["resources freed by a"] if changed else [])

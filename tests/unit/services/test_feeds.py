@@ -12,7 +12,7 @@ from shared.bus import subjects
 from shared.host.service import PlacementService
 from shared.settings import Settings
 
-WORKERS = {subjects.REGISTER, subjects.HEARTBEAT, subjects.EVENT_CORDON}
+WORKERS = {subjects.REGISTER, subjects.HEARTBEAT, subjects.EVENT_CORDON, subjects.EVENT_WORKER_REMOVED}
 
 
 @pytest.mark.parametrize(

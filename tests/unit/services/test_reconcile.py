@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.core.placement.domain import GIB, Candidate, Gpu, Instance, InstanceState, SubordinateWorker, Worker
+from shared.core.placement.domain import GIB, Candidate, Gpu, Instance, InstanceState, Worker
 from shared.core.placement.reconcile import (
     GiveUp,
     Retry,
@@ -12,9 +12,7 @@ from shared.core.placement.reconcile import (
     drain_finished,
     plan_scale,
     resync_workers,
-    silent_workers,
     still_fits,
-    unreachable_instances,
 )
 from shared.core.placement.snapshot import ClusterSnapshot
 
@@ -43,37 +41,6 @@ def test_plan_scale_compares_desired_with_active_replicas(
     instances = [inst(f"i{n}", s, None if s is S.PENDING else "w1") for n, s in enumerate(states)]
     plan = plan_scale(desired, instances, order)
     assert (plan.create, plan.remove) == (create, remove)
-
-
-@pytest.mark.parametrize(
-    ("age", "expected"),
-    [(1.0, []), (3.5, []), (4.5, ["a"])],
-    ids=["fresh", "not-ready-but-within-reschedule", "past-reschedule"],
-)
-def test_instances_move_after_not_ready_plus_reschedule_after(age: float, expected: list[str]) -> None:
-    got = unreachable_instances([inst("a")], {"w1": 10.0}, 10.0 + age, not_ready_after=1.0, reschedule_after=3.0)
-    assert got == expected
-
-
-def test_a_gang_instance_fails_with_any_subordinate_worker() -> None:
-    sub = SubordinateWorker(worker="w2", gpu_indexes=(0,), vram_claims=(1,))
-    got = unreachable_instances([inst("a", subordinates=(sub,))], {"w1": 100.0, "w2": 0.0}, 100.0, 1.0, 3.0)
-    assert got == ["a"]
-
-
-@pytest.mark.parametrize(
-    ("last_seen", "expected"),
-    [({"w1": 96.5, "w2": 95.0}, ["w2"]), ({}, ["w1", "w2"]), ({"w1": 100.0, "w2": 100.0}, [])],
-    ids=["past-limit", "never-seen", "all-fresh"],
-)
-def test_silent_workers_are_those_past_not_ready_plus_reschedule_after(
-    last_seen: dict[str, float], expected: list[str]
-) -> None:
-    assert silent_workers(["w2", "w1"], last_seen, 100.0, not_ready_after=1.0, reschedule_after=3.0) == expected
-
-
-def test_pending_instances_are_never_unreachable() -> None:
-    assert unreachable_instances([inst("a", S.PENDING, None)], {}, 100.0, 1.0, 1.0) == []
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,178 @@
+"""Poison isolation for pulled batches: one bad message is dead-lettered alone, the others are handled and acked.
+
+The decoded messages of a pulled batch are handled as one batch for speed. If handling the batch raises,
+the batch is handled again one message at a time (``isolating``), so whatever one message raises (KeyError,
+IndexError, OverflowError, RecursionError, anything) it alone is dead-lettered with the reason and
+terminated, while the others are handled and acked. Only a failure of the infrastructure itself (NATS or
+Redis away or busy, a lock not obtained in time: ``transient``) sends messages back for a later redelivery,
+a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import nats.errors
+import nats.js.errors
+import redis.exceptions
+from nats.aio.msg import Msg
+
+from shared.bus.runtime import Bus, PullHandler
+from shared.settings import Settings
+
+log = logging.getLogger("gantry.service")
+
+
+class Hosted(Protocol):
+    """What failure handling needs of a service: its name, settings and bus."""
+
+    @property
+    def name(self) -> str:
+        """The service's name (dead letters say who rejected a message)."""
+        ...
+
+    @property
+    def settings(self) -> Settings:
+        """Its settings (``max_deliver``, ``ack_wait_s``)."""
+        ...
+
+    @property
+    def bus(self) -> Bus:
+        """Its publishing side (dead letters)."""
+        ...
+
+
+class SplitBatch(Exception):
+    """Handling a batch of several messages failed on something other than the infrastructure: the pull
+    loop's ``isolating`` wrapper hands the batch's messages to the handler again one at a time."""
+
+
+# Failures of the infrastructure, not of a message: NATS or Redis away or busy, a lock not obtained in time
+# (builtin TimeoutError and ConnectionError are OSErrors). Anything else a handler raises is the message's.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.FlushTimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.TimeoutError,
+    nats.js.errors.ServiceUnavailableError,
+)
+_TRANSIENT_REDIS_REPLIES = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of NATS or Redis (retry later) rather than of the message handled."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(_TRANSIENT_REDIS_REPLIES)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a dead letter: the exception's type and message (bounded)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:400]}" if text else type(exc).__name__
+
+
+async def settle(service: Hosted, subject: str, raws: Sequence[Msg], exc: BaseException) -> None:
+    """Decide the fate of messages whose handling raised ``exc``.
+
+    A transient failure: nak with a delay, so JetStream redelivers them (past ``max_deliver`` deliveries
+    they are dead-lettered and terminated instead). Anything else: the messages are poison, dead-lettered
+    with the reason and terminated (callers pass a single message unless the failure is transient).
+    """
+    for raw in raws:
+        if raw.is_acked:
+            continue
+        if transient(exc):
+            meta = raw.metadata
+            if meta.num_delivered is None or meta.num_delivered < service.settings.max_deliver:
+                await raw.nak(delay=service.settings.ack_wait_s)
+                continue
+            reason = f"gave up after {meta.num_delivered} deliveries: {failure_reason(exc)}"
+        else:
+            reason = f"handling failed: {failure_reason(exc)}"
+        await service.bus.dead_letter(subject, reason, raw.data)
+        await raw.term()
+
+
+async def ack_all(raws: Sequence[Msg]) -> None:
+    """Ack every message of a handled batch (those not already acked or terminated)."""
+    for raw in raws:  # an ack only queues bytes for the connection's flusher: no task per ack needed
+        if not raw.is_acked:
+            await raw.ack()
+
+
+async def guarded(
+    service: Hosted, subject: str, raws: Sequence[Msg], work: Callable[[], Awaitable[Any]]
+) -> bool:
+    """Run the work of ``raws``; True if it succeeded (the caller acks).
+
+    On a transient failure (NATS or Redis away) the messages are nak'ed with a delay (``settle``), and the
+    consumer keeps running. On any other failure a lone message is dead-lettered and terminated; for
+    several, ``SplitBatch`` is raised so that ``isolating`` handles each message again on its own.
+    """
+    try:
+        await work()
+        return True
+    except Exception as exc:
+        if len(raws) > 1 and not transient(exc):
+            log.warning("%s failed a batch of %d on %s (%s): handling each alone", service.name, len(raws),
+                        subject, failure_reason(exc))
+            raise SplitBatch(failure_reason(exc)) from exc
+        log.exception("%s failed on %s", service.name, subject)
+        await settle(service, subject, raws, exc)
+        return False
+
+
+async def run_batch(
+    service: Hosted, subject: str, raws: Sequence[Msg], work: Callable[[], Awaitable[Any]]
+) -> None:
+    """``guarded`` then ack the whole batch on success."""
+    if await guarded(service, subject, raws, work):
+        await ack_all(raws)
+
+
+def isolating(service: Hosted, subject: str, handler: PullHandler) -> PullHandler:
+    """``handler`` for pulled batches, with poison isolation: if it fails on a batch of several messages
+    (``SplitBatch``, or anything it let escape), each message it has not settled yet is handed to it again on
+    its own; whatever a lone message still raises settles that message alone (``settle``)."""
+
+    async def handle(raws: list[Msg]) -> None:
+        try:
+            await handler(raws)
+            return
+        except Exception as exc:
+            if len(raws) == 1:
+                await _settle_escaped(service, subject, raws[0], exc)
+                return
+            if transient(exc):  # NATS or Redis away: every message would fail alone too; retry them later
+                log.warning("%s: a batch on %s failed: %s", service.name, subject, failure_reason(exc))
+                await settle(service, subject, raws, exc)
+                return
+            if not isinstance(exc, SplitBatch):
+                log.warning("%s: a batch on %s raised %s: handling each message alone", service.name, subject,
+                            failure_reason(exc))
+        for raw in raws:
+            if raw.is_acked:
+                continue  # handled before the failure (acked), or settled already (dead-lettered)
+            try:
+                await handler([raw])
+            except Exception as exc:
+                await _settle_escaped(service, subject, raw, exc)
+
+    return handle
+
+
+async def _settle_escaped(service: Hosted, subject: str, raw: Msg, exc: BaseException) -> None:
+    cause = exc.__cause__ if isinstance(exc, SplitBatch) and exc.__cause__ is not None else exc
+    log.error("%s: a message on %s raised %s", service.name, subject, failure_reason(cause))
+    await settle(service, subject, [raw], cause)
