@@ -15,17 +15,26 @@ from shared.core.engine import CalibratedStepTime, RooflineStepTime, SchedulerCo
 from shared.core.engine.step_time import RooflineParams
 from shared.core.sim import ROUTERS, ClusterSpec, SimResult, make_router
 from shared.core.sim import simulate as run_sim
+from shared.core.sim.gantry import make_gantry
+from shared.core.sim.routers import Router, is_gantry
 from shared.traces import TRACES, TraceError, load_trace
 
 
 def build_cluster(
     model: str, gpu: str, replicas: int, tp: int = 1, router: str = "rr", *, block_size: int = 16,
     max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_mem_util: float = 0.9,
-    prefix_caching: bool = True, calibration: tuple[float, float, float] | None = None,
+    prefix_caching: bool = True, calibration: tuple[float, float, float] | None = None, router_replicas: int = 1,
 ) -> ClusterSpec:
     """A cluster of identical replicas from friendly catalogue names; raises ValueError on bad input."""
-    if router not in ROUTERS:
-        raise ValueError(f"unknown router {router!r}; known: {', '.join(ROUTERS)}")
+    if router not in ROUTERS and not is_gantry(router):
+        raise ValueError(f"unknown router {router!r}; known: {', '.join(ROUTERS)}, gantry[:PROFILE]")
+    if router_replicas < 1:
+        raise ValueError("--router-replicas must be >= 1")
+    def make() -> Router:
+        return make_router(router) if router_replicas == 1 else make_gantry(router, router_replicas)
+
+    if is_gantry(router):
+        make()  # an unknown profile fails here, before any simulation
     if replicas < 1 or tp < 1:
         raise ValueError("--replicas and --tp must be >= 1")
     arch, spec = load_model_arch(model), load_gpu_spec(gpu)
@@ -39,6 +48,7 @@ def build_cluster(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=prefix_caching,
+        enable_kv_events=is_gantry(router),
         max_model_len=min(arch.max_position_embeddings or 1 << 30, blocks * block_size),
     )
     if calibration is not None:
@@ -46,8 +56,8 @@ def build_cluster(
         if min(calibration) <= 0:
             raise ValueError("calibration figures must be > 0")
         cal = CalibratedStepTime.from_anchors(ttft_ms / 1000, 1024, itl_ms / 1000, tok_s, batch=256, context=1024)
-        return ClusterSpec(replicas, cfg, cal, router=lambda: make_router(router))
-    return ClusterSpec(replicas, cfg, step, router=lambda: make_router(router))
+        return ClusterSpec(replicas, cfg, cal, router=make)
+    return ClusterSpec(replicas, cfg, step, router=make)
 
 
 def simulate(
@@ -56,7 +66,11 @@ def simulate(
     gpu: Annotated[str, typer.Option(help="GPU name (e.g. H100-SXM-80GB)")] = "H100-SXM-80GB",
     replicas: Annotated[int, typer.Option(help="number of replicas")] = 16,
     tp: Annotated[int, typer.Option(help="tensor-parallel GPUs per replica")] = 1,
-    router: Annotated[str, typer.Option(help="rr (round robin) or least (least outstanding requests)")] = "rr",
+    router: Annotated[str, typer.Option(
+        help="rr (round robin), least (least outstanding requests), or gantry[:PROFILE] (the routing core with a "
+             "built-in profile: default, gie, approx-prefix, precise-prefix, power-of-two, least-tokens)")] = "rr",
+    router_replicas: Annotated[int, typer.Option(
+        help="gantry routers in front of the replicas (HA gateways behind a round-robin balancer)")] = 1,
     time_scale: Annotated[float, typer.Option(help="divide arrival times by this (2 = twice the rate)")] = 1.0,
     limit: Annotated[int | None, typer.Option(help="use only the first N requests")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="running-request cap per replica")] = 256,
@@ -86,7 +100,7 @@ def simulate(
         cal = _parse_calibration(calibrated) if calibrated else None
         spec = build_cluster(model, gpu, replicas, tp, router, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens, prefix_caching=not no_prefix_caching,
-                             calibration=cal)
+                             calibration=cal, router_replicas=router_replicas)
         reqs = load_trace(trace, time_scale, limit)
     except (UnknownModelError, UnknownGpuError, TraceError, ValueError) as err:
         raise CliError(str(err), exit_code=2) from None
@@ -109,7 +123,7 @@ def simulate(
     wall = time.perf_counter() - t0
     summary = result.summary()
     summary["setup"] = {"trace": trace, "model": model, "gpu": gpu, "replicas": replicas, "tp": tp,
-                        "router": router, "time_scale": time_scale,
+                        "router": router, "router_replicas": router_replicas, "time_scale": time_scale,
                         "step_model": "calibrated" if calibrated else "roofline",
                         "kv_blocks_per_replica": spec.config.num_gpu_blocks - 1}
     summary["wall_s"] = wall

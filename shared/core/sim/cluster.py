@@ -27,6 +27,9 @@ class ClusterSpec:
     step_model: StepTimeModel
     router: Callable[[], Router] = RoundRobin
     fast_forward: bool = True
+    # per replica (heterogeneous pools): overrides of ``config`` / ``step_model`` by index
+    configs: tuple[SchedulerConfig, ...] = ()
+    step_models: tuple[StepTimeModel, ...] = ()
 
 
 @dataclass(slots=True)
@@ -37,6 +40,7 @@ class SimResult:
     rejected: list[tuple[int, str]]
     engines: list[Engine]
     assignment: list[int] = field(default_factory=list)
+    router: Router | None = None
 
     def summary(self) -> dict[str, object]:
         """Percentiles, throughput, KV usage, preemptions and prefix hits, as plain JSON-able values."""
@@ -91,7 +95,9 @@ class SimResult:
 
 def simulate(trace: Sequence[TraceRequest], spec: ClusterSpec) -> SimResult:
     """Replay ``trace`` (sorted by arrival) on ``spec.replicas`` engines in virtual time."""
-    engines = [Engine(spec.config, spec.step_model, fast_forward=spec.fast_forward) for _ in range(spec.replicas)]
+    engines = [Engine(spec.configs[k] if k < len(spec.configs) else spec.config,
+                      spec.step_models[k] if k < len(spec.step_models) else spec.step_model,
+                      fast_forward=spec.fast_forward) for k in range(spec.replicas)]
     router = spec.router()
     requests: list[Request] = []
     rejected: list[tuple[int, str]] = []
@@ -101,9 +107,6 @@ def simulate(trace: Sequence[TraceRequest], spec: ClusterSpec) -> SimResult:
         if router.needs_state:
             for e in engines:
                 e.run_until(t)
-        k = router.pick(engines, t)
-        eng = engines[k]
-        eng.run_until(t)
         req = Request(
             str(i),
             prompt_len=tr.prompt_len,
@@ -114,13 +117,20 @@ def simulate(trace: Sequence[TraceRequest], spec: ClusterSpec) -> SimResult:
             arrival_time=t,
             uid=i,
         )
+        k = router.pick(engines, t, req)
+        if isinstance(k, str):  # the router refused it (e.g. 429 shed): counted, never silently lost
+            rejected.append((i, k))
+            continue
+        eng = engines[k]
+        eng.run_until(t)
         try:
             eng.add_request(req)
         except ValueError as err:
             rejected.append((i, str(err)))
+            router.failed(req)
             continue
         requests.append(req)
         assignment.append(k)
     for e in engines:
         e.run_until(float("inf"))
-    return SimResult(requests, rejected, engines, assignment)
+    return SimResult(requests, rejected, engines, assignment, router)

@@ -1,0 +1,77 @@
+"""Per-request scratch space of one routing cycle: what several plugins need is computed once.
+
+The chain of block hashes and each index's match are memoised here, so the affinity filter, the prefix
+scorer and the token-load scorer of every profile of the cycle share one hashing pass and one walk.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from shared.core.routing.domain import EndpointState, RouteRequest
+from shared.core.routing.hashing import BlockHashes, match_either, match_lazily
+from shared.core.routing.state import PoolState
+
+PrefixSource = Literal["approximate", "precise", "hybrid"]
+PREFIX_SOURCES: tuple[str, ...] = ("approximate", "precise", "hybrid")
+
+
+class Cycle:
+    """One request being routed at ``now`` against ``state``."""
+
+    __slots__ = ("_chain", "_matches", "now", "request", "rng", "state")
+
+    def __init__(self, request: RouteRequest, state: PoolState, now: float, rng: random.Random) -> None:
+        self.request = request
+        self.state = state
+        self.now = now
+        self.rng = rng
+        self._chain: BlockHashes | None = None
+        self._matches: dict[str, dict[int, int]] = {}
+
+    @property
+    def chain(self) -> BlockHashes:
+        """The request's chained block hashes (lazily computed)."""
+        c = self._chain
+        if c is None:
+            cfg = self.state.config
+            c = self._chain = BlockHashes(self.request, cfg.block_size, cfg.max_prefix_blocks)
+        return c
+
+    def matches(self, source: str) -> dict[int, int]:
+        """Index slot → leading blocks of the prompt held there, per ``source`` (approximate: the router's
+        assumed state; precise: the engines' KV events; hybrid: the KV events, plus the blocks of the most
+        recent decisions whose events cannot have arrived yet: the speculative index)."""
+        m = self._matches.get(source)
+        if m is None:
+            state = self.state
+            precise = state.precise
+            assumed = state.approx if source == "approximate" else state.speculative
+            cands = state.pool_mask(self.request.model)
+            if source == "hybrid" and assumed.masks and precise.masks:
+                m = match_either(assumed, precise, self.chain, cands)
+            else:
+                index = assumed if source == "approximate" or (source == "hybrid" and assumed.masks) else precise
+                m = match_lazily(index, self.chain, cands) if index.masks else {}
+            self._matches[source] = m
+        return m
+
+    def uncached_list(self, cands: list[EndpointState], source: str) -> list[int]:
+        """``uncached_tokens`` of every candidate, aligned with ``cands`` (one pass)."""
+        prompt = self.request.num_prompt_tokens
+        m = self.matches(source)
+        if not m:
+            return [prompt] * len(cands)
+        bs = self.state.config.block_size
+        get = m.get
+        return [prompt - (x if (x := get(st.slot, 0) * bs) < prompt else prompt) for st in cands]
+
+    def matched_tokens(self, st: EndpointState, source: str) -> int:
+        """Prompt tokens the endpoint is believed to hold (never more than the prompt)."""
+        blocks = self.matches(source).get(st.slot, 0)
+        return min(blocks * self.state.config.block_size, self.request.num_prompt_tokens)
+
+    def uncached_tokens(self, st: EndpointState, source: str) -> int:
+        """Prompt tokens the endpoint would have to prefill for this request."""
+        return self.request.num_prompt_tokens - self.matched_tokens(st, source)

@@ -1,0 +1,164 @@
+"""What the routing core decides about: a request, the endpoints of its pool and their latest state, and
+the answer (a decision with an ordered fallback list, or a refusal with a reason and an HTTP-like code).
+
+Codes follow the GIE endpoint-picker protocol (``../shared/research/routing.md`` §1.1): 503 when no
+endpoint can serve, 429 when a sheddable request is dropped under saturation, 504 when a request waited
+in flow control past its TTL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.core.roles import NodeRole
+
+NO_ENDPOINT = 503
+SHED = 429
+EXPIRED = 504
+QUEUE_FULL = 429
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """One request to place on an endpoint.
+
+    Prompt content comes as ``token_ids`` (hashed with the engines' chained block hash), as precomputed
+    ``block_hashes`` (engine-consistent keys, e.g. from a gateway that already hashed, or a trace replay)
+    with ``prompt_tokens``, or as ``prompt`` text (hashed in character blocks for the approximate index
+    only). ``priority < 0`` marks sheddable traffic (GIE v1.0 ``InferenceObjective``).
+    """
+
+    request_id: str
+    model: str
+    token_ids: tuple[int, ...] | list[int] | None = None
+    prompt: str | None = None
+    block_hashes: tuple[int, ...] | list[int] | None = None
+    prompt_tokens: int | None = None
+    priority: int = 0
+    tenant: str = ""
+    session: str | None = None
+    lora: str | None = None
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    cache_salt: int = 0
+    expected_output_tokens: int | None = None
+
+    @property
+    def sheddable(self) -> bool:
+        """True for priority < 0 (may be refused with 429 when the pool is saturated)."""
+        return self.priority < 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt length in tokens: given, counted, or estimated from text (about 4 characters a token)."""
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens
+        if self.token_ids is not None:
+            return len(self.token_ids)
+        if self.prompt is not None:
+            return max(1, len(self.prompt) // 4)
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A routable model server, as placement knows it: where, what, on which GPU, which role."""
+
+    id: str
+    model: str
+    address: str = ""
+    role: NodeRole = NodeRole.MIXED
+    gpu: str = ""
+    tp: int = 1
+    block_size: int = 16
+    num_gpu_blocks: int = 0
+    max_loras: int = 0
+    adapters: frozenset[str] = frozenset()  # LoRA adapters this server can load
+    max_num_batched_tokens: int = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointMetrics:
+    """The engine's own state report (model-server protocol; vLLM metric names in brackets)."""
+
+    ts: float  # when the engine sampled it (seconds, the router's clock domain)
+    waiting: int = 0  # num_requests_waiting
+    running: int = 0  # num_requests_running
+    kv_usage: float = 0.0  # kv_cache_usage_perc, 0..1
+    active_loras: tuple[str, ...] = ()  # lora_requests_info running_lora_adapters
+    waiting_loras: tuple[str, ...] = ()  # lora_requests_info waiting_lora_adapters
+    draining: bool = False
+
+
+class EndpointState:
+    """An endpoint with its latest metrics and the router's own in-flight accounting."""
+
+    __slots__ = ("effective_rate", "endpoint", "id", "inflight_requests", "inflight_tokens", "metrics", "prefill_rate",
+                 "slot")
+
+    def __init__(self, endpoint: Endpoint, slot: int) -> None:
+        self.endpoint = endpoint
+        self.id = endpoint.id
+        self.slot = slot  # bit position in the prefix indexes
+        self.metrics: EndpointMetrics | None = None
+        self.inflight_requests = 0  # sent by this router and not yet seen finishing
+        self.inflight_tokens = 0  # uncached prompt tokens sent and not yet prefilled (first token unseen)
+        self.prefill_rate = 0.0  # peak prefill tokens/s (set by the pool state from the GPU's step-time model)
+        self.effective_rate = 0.0  # prefill tokens/s left beside the running decodes (refreshed with metrics)
+
+    def __repr__(self) -> str:
+        return f"EndpointState({self.id!r}, inflight={self.inflight_requests}/{self.inflight_tokens})"
+
+
+@dataclass(frozen=True, slots=True)
+class FilterReport:
+    """What one filter dropped in one profile run, and why."""
+
+    filter: str
+    dropped: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileResult:
+    """One profile's answer: endpoints in preference order (empty when refused), and its reasons."""
+
+    profile: str
+    endpoints: tuple[str, ...]
+    scores: tuple[float, ...] = ()
+    reports: tuple[FilterReport, ...] = ()
+    refusal: str = ""
+    code: int = 0
+    all_scores: dict[str, float] = field(default_factory=dict)  # every candidate's total (explain mode)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where to send the request: ``endpoints[0]`` first, the rest as ordered fallbacks.
+
+    ``prefill`` is the prefill endpoint when the request is disaggregated (P/D), else None.
+    """
+
+    request_id: str
+    endpoints: tuple[str, ...]
+    profile: str
+    prefill: str | None = None
+    results: dict[str, ProfileResult] = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> str:
+        """The chosen endpoint."""
+        return self.endpoints[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """No endpoint for this request: a code (503 / 429 / 504) and a one-line reason."""
+
+    request_id: str
+    code: int
+    reason: str
+    results: dict[str, ProfileResult] = field(default_factory=dict)
+
+
+Outcome = Decision | Refusal

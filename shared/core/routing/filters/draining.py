@@ -1,0 +1,18 @@
+"""draining-filter: endpoints that announced they are draining (scale-down, upgrade) take no new work."""
+
+from __future__ import annotations
+
+from shared.core.routing.cycle import Cycle
+from shared.core.routing.domain import EndpointState
+from shared.core.routing.plugin import Filter
+
+
+class DrainingFilter(Filter):
+    """Drops draining endpoints."""
+
+    type_name = "draining-filter"
+    reason = "draining"
+
+    def filter(self, cycle: Cycle, cands: list[EndpointState]) -> list[EndpointState]:
+        """Keep endpoints whose last report does not say draining."""
+        return [st for st in cands if (m := st.metrics) is None or not m.draining]

@@ -1,0 +1,197 @@
+"""Flow control: requests wait in the router instead of being dropped, and leave in a fair order.
+
+Modelled on llm-d router flow control (``../shared/research/routing.md`` §1.6) and Dynamo's router queue:
+
+1. **priority bands**: strictly higher priority first;
+2. **fairness between tenants** within a band: ``round-robin`` (each tenant with work in turn) or
+   ``global-strict`` (the band's single best head, ignoring tenants);
+3. **ordering within a tenant**: ``fcfs`` (arrival order) or ``edf`` (earliest deadline first: arrival +
+   TTFT SLO when given, else the TTL);
+4. **bounds**: at most ``max_queued`` requests and ``max_queued_per_band`` per band; over them a request is
+   refused at once (429, "queue full"), never silently dropped; a request still queued ``ttl_s`` after it
+   arrived is answered with an expiry (504) by ``expire``.
+
+Dispatch happens when the saturation detector shows headroom (late binding: the request is routed only
+when it leaves the queue, so it sees fresh scores). Pure: time is passed in.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+
+from shared.core.routing.domain import EXPIRED, QUEUE_FULL, Refusal, RouteRequest
+
+
+class FlowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Bounds and policies (TTL in seconds: the seed's 900 s default)."""
+
+    max_queued: int = 10_000
+    max_queued_per_band: int = 5_000
+    ttl_s: float = 900.0
+    ordering: Literal["fcfs", "edf"] = "fcfs"
+    fairness: Literal["round-robin", "global-strict"] = "round-robin"
+
+    def problems(self) -> list[str]:
+        """Invalid settings as sentences."""
+        out = []
+        if self.max_queued < 0 or self.max_queued_per_band < 0:
+            out.append("max_queued and max_queued_per_band must be >= 0")
+        if not self.ttl_s > 0:
+            out.append(f"ttl_s must be > 0 (got {self.ttl_s})")
+        return out
+
+
+@dataclass(order=True, slots=True)
+class _Item:
+    key: tuple[float, int]  # ordering key within the tenant queue (deadline or arrival, then sequence)
+    seq: int = field(compare=False)
+    request: RouteRequest = field(compare=False)
+    enqueued_at: float = field(compare=False)
+    expires_at: float = field(compare=False)
+    band: int = field(compare=False)
+    tenant: str = field(compare=False)
+    live: bool = field(default=True, compare=False)
+
+
+class _TenantQueue:
+    __slots__ = ("edf", "heap", "items")
+
+    def __init__(self, edf: bool) -> None:
+        self.edf = edf
+        self.items: deque[_Item] = deque()
+        self.heap: list[_Item] = []
+
+    def push(self, it: _Item) -> None:
+        if self.edf:
+            heapq.heappush(self.heap, it)
+        else:
+            self.items.append(it)
+
+    def _clean(self) -> None:
+        if self.edf:
+            while self.heap and not self.heap[0].live:
+                heapq.heappop(self.heap)
+        else:
+            while self.items and not self.items[0].live:
+                self.items.popleft()
+
+    def head(self) -> _Item | None:
+        self._clean()
+        if self.edf:
+            return self.heap[0] if self.heap else None
+        return self.items[0] if self.items else None
+
+    def pop(self) -> _Item:
+        self._clean()
+        return heapq.heappop(self.heap) if self.edf else self.items.popleft()
+
+
+class FlowController:
+    """Queues of one pool: bands → tenants → ordered requests."""
+
+    def __init__(self, config: FlowConfig | None = None) -> None:
+        self.config = config or FlowConfig()
+        problems = self.config.problems()
+        if problems:
+            raise ValueError("flow control: " + "; ".join(problems))
+        self._bands: dict[int, OrderedDict[str, _TenantQueue]] = {}
+        self._band_size: dict[int, int] = {}
+        self._expiry: list[tuple[float, int, _Item]] = []
+        self._ids: dict[str, _Item] = {}
+        self._seq = 0
+        self._size = 0
+
+    def __len__(self) -> int:
+        """Requests waiting."""
+        return self._size
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._ids
+
+    def enqueue(self, request: RouteRequest, now: float) -> Refusal | None:
+        """Queue ``request``; a refusal (429) when a bound is reached. A request id already queued is ignored."""
+        if request.request_id in self._ids:
+            return None
+        cfg = self.config
+        band = request.priority
+        if self._size >= cfg.max_queued:
+            return Refusal(request.request_id, QUEUE_FULL, f"flow control: queue full ({cfg.max_queued} waiting)")
+        if self._band_size.get(band, 0) >= cfg.max_queued_per_band:
+            return Refusal(request.request_id, QUEUE_FULL,
+                           f"flow control: priority band {band} full ({cfg.max_queued_per_band} waiting)")
+        self._seq += 1
+        expires = now + cfg.ttl_s
+        edf = cfg.ordering == "edf"
+        deadline = now + request.slo_ttft_s if request.slo_ttft_s is not None else expires
+        it = _Item((deadline if edf else now, self._seq), self._seq, request, now, expires, band, request.tenant)
+        tenants = self._bands.setdefault(band, OrderedDict())
+        q = tenants.get(request.tenant)
+        if q is None:
+            q = tenants[request.tenant] = _TenantQueue(edf)
+        q.push(it)
+        heapq.heappush(self._expiry, (expires, it.seq, it))
+        self._ids[request.request_id] = it
+        self._band_size[band] = self._band_size.get(band, 0) + 1
+        self._size += 1
+        return None
+
+    def _take(self, it: _Item) -> RouteRequest:
+        it.live = False
+        del self._ids[it.request.request_id]
+        self._band_size[it.band] -= 1
+        self._size -= 1
+        return it.request
+
+    def pop(self) -> RouteRequest | None:
+        """The next request to dispatch (None when empty): highest band, then fairness, then ordering."""
+        for band in sorted(self._bands, reverse=True):
+            tenants = self._bands[band]
+            if self.config.fairness == "round-robin":
+                for tenant in list(tenants):
+                    q = tenants[tenant]
+                    head = q.head()
+                    tenants.move_to_end(tenant)  # this tenant had its turn (or is empty)
+                    if head is None:
+                        del tenants[tenant]
+                        continue
+                    return self._take(q.pop())
+            else:
+                best: tuple[tuple[float, int], str] | None = None
+                for tenant, q in list(tenants.items()):
+                    head = q.head()
+                    if head is None:
+                        del tenants[tenant]
+                    elif best is None or head.key < best[0]:
+                        best = (head.key, tenant)
+                if best is not None:
+                    return self._take(tenants[best[1]].pop())
+            if not tenants:
+                del self._bands[band]
+        return None
+
+    def cancel(self, request_id: str) -> bool:
+        """Remove a queued request (client went away); False when it is not queued."""
+        it = self._ids.get(request_id)
+        if it is None:
+            return False
+        self._take(it)
+        return True
+
+    def expire(self, now: float) -> list[Refusal]:
+        """Answer every request queued for ``ttl_s`` or longer with an expiry (504)."""
+        out: list[Refusal] = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, _, it = heapq.heappop(heap)
+            if not it.live:
+                continue
+            self._take(it)
+            waited = now - it.enqueued_at
+            out.append(Refusal(it.request.request_id, EXPIRED,
+                               f"flow control: waited {waited:.1f} s, over the {self.config.ttl_s:g} s TTL"))
+        return out

@@ -1,0 +1,20 @@
+"""Parameters shared by the pickers: how many endpoints to return (the first, then fallbacks)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class PickParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``max_endpoints``: length of the answer (GIE ``maxNumOfEndpoints``, default 1); the proxy tries them
+    in order, so k > 1 is the top-k fallback list."""
+
+    max_endpoints: int = 1
+
+
+def check_pick(params: msgspec.Struct) -> list[str]:
+    """``max_endpoints >= 1``."""
+    assert isinstance(params, PickParams)
+    if params.max_endpoints < 1:
+        return [f"max_endpoints must be >= 1 (got {params.max_endpoints})"]
+    return []

@@ -1,0 +1,47 @@
+"""max-score-picker (GIE): the highest total wins; ties are broken at random (a seeded RNG, so a replayed
+run decides the same way), and with ``max_endpoints = k`` the top k in score order are the fallback list.
+
+Random ties matter: under a burst every request sees the same stale scores, and a fixed tie order piles
+them on one endpoint (llm-d-router PR #2515 notes the opposite trade-off for reproducibility).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+import msgspec
+
+from shared.core.routing.cycle import Cycle
+from shared.core.routing.domain import EndpointState
+from shared.core.routing.pickers.common import PickParams, check_pick
+from shared.core.routing.plugin import Picker
+
+EPS = 1e-9
+
+
+class MaxScorePicker(Picker):
+    """Best total first, random among equals."""
+
+    type_name = "max-score-picker"
+    Params = PickParams
+
+    @classmethod
+    def check(cls, params: msgspec.Struct) -> list[str]:
+        """``max_endpoints >= 1``."""
+        return check_pick(params)
+
+    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Sequence[float]) -> list[int]:
+        """Indexes by descending total, ties shuffled."""
+        assert isinstance(self.params, PickParams)
+        k = self.params.max_endpoints
+        n = len(totals)
+        if n == 0:
+            return []
+        floor = max(totals) - EPS
+        ties = [i for i, t in enumerate(totals) if t >= floor]
+        first = ties[cycle.rng.randrange(len(ties))] if len(ties) > 1 else ties[0]
+        if k == 1:
+            return [first]
+        rest = heapq.nlargest(k, range(n), key=totals.__getitem__)
+        return [first, *[i for i in rest if i != first][: k - 1]]

@@ -1,0 +1,259 @@
+"""The pool as the router sees it: endpoints from placement, their latest metrics, the router's own
+in-flight accounting and the two prefix indexes. Updated from events (metrics, KV events, dispatches,
+first tokens, finishes); never scraped per request. Pure: every time is passed in.
+
+In-flight accounting follows llm-d's ``inflight-load-producer`` and Dynamo's active blocks: a request's
+uncached prompt tokens count on its endpoint from dispatch to its first token (prefill done), the request
+itself until it finishes. It is what keeps a burst from piling onto the endpoint whose 50 ms-old metrics
+look idlest (llm-d-router #298, #1599). Every update is idempotent per request id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from shared.core.engine.step_time import StepTimeModel
+from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from shared.core.routing.domain import Endpoint, EndpointMetrics, EndpointState
+from shared.core.routing.prefix_index import DEFAULT_CAPACITY, PrefixIndex
+
+DEFAULT_PREFILL_TOKENS_PER_S = 15_928.0  # llm-d peakPrefillThroughput default (Qwen-32B on H100)
+
+
+@dataclass(frozen=True, slots=True)
+class DataConfig:
+    """Settings of the data layer (shared by every profile of a router)."""
+
+    block_size: int = 16  # must equal the engines' block size for the precise index to match
+    max_prefix_blocks: int = 8192  # cap on blocks hashed and indexed per request (131k tokens at 16)
+    approx_capacity: int = DEFAULT_CAPACITY  # approximate index: blocks remembered per endpoint (LRU)
+    # speculative index (the "hybrid" source's stand-in for KV events not yet arrived): only the most recent
+    # decisions' blocks per endpoint (llm-d's speculativeIndexing keeps them 2 s; here: a small LRU)
+    speculative_capacity: int = 8192
+    precise_slack: float = 1.25  # precise index: engine's num_gpu_blocks × this (guards lost removes)
+    staleness_s: float = 0.2  # metrics older than this count as stale (GIE saturation detector)
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, as sentences."""
+        out = []
+        if self.block_size < 1:
+            out.append(f"block_size must be >= 1 (got {self.block_size})")
+        if self.max_prefix_blocks < 1:
+            out.append(f"max_prefix_blocks must be >= 1 (got {self.max_prefix_blocks})")
+        if self.approx_capacity < 1:
+            out.append(f"approx_capacity must be >= 1 (got {self.approx_capacity})")
+        if self.speculative_capacity < 1:
+            out.append(f"speculative_capacity must be >= 1 (got {self.speculative_capacity})")
+        if self.precise_slack < 1:
+            out.append(f"precise_slack must be >= 1 (got {self.precise_slack})")
+        if not self.staleness_s > 0:
+            out.append(f"staleness_s must be > 0 (got {self.staleness_s})")
+        return out
+
+
+class _Flight:
+    __slots__ = ("endpoint", "prefilled", "tokens")
+
+    def __init__(self, endpoint: str, tokens: int) -> None:
+        self.endpoint = endpoint
+        self.tokens = tokens
+        self.prefilled = False
+
+
+class PoolState:
+    """Endpoints, metrics, in-flight load and prefix indexes of every model a router serves."""
+
+    def __init__(self, config: DataConfig | None = None) -> None:
+        self.config = config or DataConfig()
+        problems = self.config.problems()
+        if problems:
+            raise ValueError("data layer: " + "; ".join(problems))
+        self.endpoints: dict[str, EndpointState] = {}
+        self.by_model: dict[str, list[EndpointState]] = {}
+        self.approx = PrefixIndex(self.config.approx_capacity)
+        self.speculative = PrefixIndex(self.config.speculative_capacity)
+        self.track_approx = True  # which assumed-state indexes decisions feed (the router sets them from its plugins)
+        self.track_speculative = True
+        self.precise = PrefixIndex(1 << 62)
+        self.step_models: dict[str, StepTimeModel] = {}
+        self._prefill_rate: dict[str, float] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._masks: dict[str, int] = {}
+
+    # -- endpoints ------------------------------------------------------------------------------------
+    def upsert(self, endpoint: Endpoint, step_model: StepTimeModel | None = None) -> EndpointState:
+        """Add an endpoint, or replace its static description (metrics, load and cache knowledge kept)."""
+        st = self.endpoints.get(endpoint.id)
+        if st is not None and st.endpoint.model != endpoint.model:
+            self.remove(endpoint.id)
+            st = None
+        if st is None:
+            slot = self._free_slots.pop() if self._free_slots else self._next_slot
+            if slot == self._next_slot:
+                self._next_slot += 1
+            st = EndpointState(endpoint, slot)
+            self.endpoints[endpoint.id] = st
+            self.by_model.setdefault(endpoint.model, []).append(st)
+            self._masks.pop(endpoint.model, None)
+        else:
+            st.endpoint = endpoint
+        if step_model is not None:
+            self.step_models[endpoint.id] = step_model
+        self._prefill_rate.pop(endpoint.id, None)
+        st.prefill_rate = self.prefill_rate(st)
+        st.effective_rate = effective_rate(st)
+        return st
+
+    def remove(self, endpoint_id: str) -> None:
+        """Forget an endpoint: its cache knowledge and in-flight requests go with it."""
+        st = self.endpoints.pop(endpoint_id, None)
+        if st is None:
+            return
+        pool = self.by_model.get(st.endpoint.model, [])
+        if st in pool:
+            pool.remove(st)
+        if not pool:
+            self.by_model.pop(st.endpoint.model, None)
+        self._masks.pop(st.endpoint.model, None)
+        self.approx.clear(st.slot)
+        self.speculative.clear(st.slot)
+        self.precise.clear(st.slot)
+        self._free_slots.append(st.slot)
+        self.step_models.pop(endpoint_id, None)
+        self._prefill_rate.pop(endpoint_id, None)
+        for rid in [rid for rid, f in self._flights.items() if f.endpoint == endpoint_id]:
+            del self._flights[rid]
+
+    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
+        """Make the pool exactly ``endpoints`` (placement's RUNNING instances)."""
+        wanted = {e.id: e for e in endpoints}
+        for eid in [eid for eid in self.endpoints if eid not in wanted]:
+            self.remove(eid)
+        for e in wanted.values():
+            cur = self.endpoints.get(e.id)
+            if cur is None or cur.endpoint != e:
+                self.upsert(e)
+
+    def pool(self, model: str) -> list[EndpointState]:
+        """Endpoints serving ``model`` (the base model name), in arrival order."""
+        return self.by_model.get(model, [])
+
+    def pool_mask(self, model: str) -> int:
+        """Bitmask of the index slots of ``model``'s endpoints."""
+        mask = self._masks.get(model)
+        if mask is None:
+            mask = 0
+            for st in self.by_model.get(model, ()):
+                mask |= 1 << st.slot
+            self._masks[model] = mask
+        return mask
+
+    # -- signals --------------------------------------------------------------------------------------
+    def update_metrics(self, endpoint_id: str, metrics: EndpointMetrics) -> bool:
+        """Record a state report; an unknown endpoint or a report older than the one held is ignored."""
+        st = self.endpoints.get(endpoint_id)
+        if st is None:
+            return False
+        if st.metrics is not None and metrics.ts < st.metrics.ts:
+            return False
+        st.metrics = metrics
+        st.effective_rate = effective_rate(st)
+        return True
+
+    def apply_kv_events(self, endpoint_id: str, batch: KVEventBatch) -> int:
+        """Apply an engine's KV events to the precise index; returns the events applied (0: unknown endpoint)."""
+        st = self.endpoints.get(endpoint_id)
+        if st is None:
+            return 0
+        idx, slot = self.precise, st.slot
+        cap = int(st.endpoint.num_gpu_blocks * self.config.precise_slack) or DEFAULT_CAPACITY
+        removed: list[int] = []  # engines send one BlockRemoved per evicted block: apply runs of them at once
+        for ev in batch.events:
+            if isinstance(ev, BlockRemoved):
+                removed.extend(ev.block_hashes)
+                continue
+            if removed:
+                idx.remove(slot, removed)
+                removed = []
+            if isinstance(ev, BlockStored):
+                idx.add(slot, ev.block_hashes, cap)
+            elif isinstance(ev, AllBlocksCleared):
+                idx.clear(slot)
+        if removed:
+            idx.remove(slot, removed)
+        return len(batch.events)
+
+    def remember(self, endpoint_id: str, hashes: list[int]) -> None:
+        """Assumed state: ``endpoint_id`` will hold ``hashes`` once it prefilled the request sent there."""
+        st = self.endpoints.get(endpoint_id)
+        if st is not None and hashes:
+            if self.track_approx:
+                self.approx.add(st.slot, hashes)
+            if self.track_speculative:
+                self.speculative.add(st.slot, hashes)
+
+    # -- in-flight accounting -------------------------------------------------------------------------
+    def dispatched(self, request_id: str, endpoint_id: str, uncached_tokens: int) -> None:
+        """The request was sent to ``endpoint_id`` with this many prompt tokens to prefill there."""
+        st = self.endpoints.get(endpoint_id)
+        if st is None or request_id in self._flights:
+            return
+        tokens = max(int(uncached_tokens), 0)
+        self._flights[request_id] = _Flight(endpoint_id, tokens)
+        st.inflight_requests += 1
+        st.inflight_tokens += tokens
+
+    def first_token(self, request_id: str) -> None:
+        """The request's first token arrived: its prefill no longer loads the endpoint."""
+        f = self._flights.get(request_id)
+        if f is None or f.prefilled:
+            return
+        f.prefilled = True
+        st = self.endpoints.get(f.endpoint)
+        if st is not None:
+            st.inflight_tokens -= f.tokens
+
+    def finished(self, request_id: str) -> None:
+        """The request ended (done, failed or cancelled)."""
+        self.first_token(request_id)
+        f = self._flights.pop(request_id, None)
+        if f is None:
+            return
+        st = self.endpoints.get(f.endpoint)
+        if st is not None:
+            st.inflight_requests -= 1
+
+    def in_flight(self) -> int:
+        """Requests dispatched and not yet finished."""
+        return len(self._flights)
+
+    # -- derived --------------------------------------------------------------------------------------
+    def is_stale(self, st: EndpointState, now: float) -> bool:
+        """No metrics, or metrics older than the staleness bound."""
+        m = st.metrics
+        return m is None or now - m.ts > self.config.staleness_s
+
+    def prefill_rate(self, st: EndpointState) -> float:
+        """Peak prefill tokens/s of the endpoint: one full chunk of ``max_num_batched_tokens`` from an empty
+        context on its own GPU's step-time model (llm-d's default constant when no model is known)."""
+        rate = self._prefill_rate.get(st.id)
+        if rate is None:
+            model = self.step_models.get(st.id)
+            if model is None:
+                rate = DEFAULT_PREFILL_TOKENS_PER_S
+            else:
+                b = max(st.endpoint.max_num_batched_tokens, 1)
+                rate = b / max(model.step_time(b, 1, 1, b * (b + 1) // 2, b), 1e-9)
+            self._prefill_rate[st.id] = rate
+        return rate
+
+
+def effective_rate(st: EndpointState) -> float:
+    """Prefill tokens/s the endpoint has beside its running decodes: ``rate × (1 − min(running, B/2)/B)``
+    (each running request decodes one token of the step's ``B = max_num_batched_tokens`` budget)."""
+    b = st.endpoint.max_num_batched_tokens or 1
+    running = st.metrics.running if st.metrics is not None else 0
+    return st.prefill_rate * (1.0 - min(running, b / 2) / b)

@@ -1,0 +1,104 @@
+"""The bounded prefix index: longest gap-free match per endpoint, LRU bound, removals, lazy hashing."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.core.kv_events import chain_hashes
+from shared.core.routing import RouteRequest
+from shared.core.routing.hashing import BlockHashes, match_lazily, text_hashes
+from shared.core.routing.prefix_index import PrefixIndex
+from tests.unit.routing.helpers import req
+
+ALL = 0b111
+
+
+def test_match_counts_leading_blocks_per_endpoint() -> None:
+    idx = PrefixIndex()
+    idx.add(0, [1, 2, 3])
+    idx.add(1, [1, 2])
+    idx.add(2, [9])
+    assert idx.match([1, 2, 3, 4], ALL) == {0: 3, 1: 2}
+
+
+def test_a_block_after_a_gap_does_not_count() -> None:
+    idx = PrefixIndex()
+    idx.add(0, [1, 3])
+    assert idx.match([1, 2, 3], ALL) == {0: 1}
+
+
+def test_match_ignores_endpoints_outside_the_candidates() -> None:
+    idx = PrefixIndex()
+    idx.add(0, [1, 2])
+    idx.add(1, [1, 2])
+    assert idx.match([1, 2], 0b10) == {1: 2}
+
+
+def test_lru_evicts_the_least_recently_used_block_of_that_endpoint_only() -> None:
+    idx = PrefixIndex(capacity=3)
+    idx.add(0, [1, 2, 3])
+    idx.add(1, [1])
+    idx.add(0, [1])  # touch 1: now 2 is the oldest of endpoint 0
+    idx.add(0, [4])
+    assert idx.match([1], ALL) == {0: 1, 1: 1}
+    assert idx.masks.get(2) is None
+    assert idx.blocks_of(0) == 3
+
+
+def test_remove_and_clear_forget_blocks() -> None:
+    idx = PrefixIndex()
+    idx.add(0, [1, 2])
+    idx.add(1, [1, 2])
+    idx.remove(0, [2, 99])
+    assert idx.match([1, 2], ALL) == {0: 1, 1: 2}
+    idx.clear(1)
+    assert idx.match([1, 2], ALL) == {0: 1}
+    assert idx.entries() == 1
+
+
+def test_lazy_match_equals_full_match_and_hashes_only_what_it_needs() -> None:
+    r = req(tokens=4000, seed=3)
+    full = chain_hashes(list(r.token_ids or ()), 16)
+    idx = PrefixIndex()
+    idx.add(0, full[:10])
+    chain = BlockHashes(r, 16, 10_000)
+    assert match_lazily(idx, chain, 1) == {0: 10} == idx.match(full, 1)
+    assert chain.computed < 50  # first chunk 16, then 32: stops at the first miss
+    assert chain.all() == full
+
+
+def test_text_hashes_are_stable_and_chained() -> None:
+    a = text_hashes("x" * 200, 64, 0)
+    assert len(a) == 3
+    assert a == text_hashes("x" * 200 + "tail", 64, 0)
+    assert text_hashes("y" + "x" * 199, 64, 0)[1] != a[1]  # chained: a different first block changes the rest
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(0, 5), st.lists(st.integers(0, 40), max_size=30)), max_size=60),
+       cap=st.integers(1, 20))
+def test_index_never_exceeds_capacity_per_endpoint_and_masks_agree(ops: list[tuple[int, list[int]]], cap: int) -> None:
+    idx = PrefixIndex(capacity=cap)
+    for slot, hashes in ops:
+        idx.add(slot, hashes)
+    for slot in range(6):
+        assert idx.blocks_of(slot) <= cap
+    assert idx.entries() <= 6 * cap
+    assert len(idx) <= idx.entries()
+    for h, mask in idx.masks.items():
+        assert mask != 0
+        for slot in range(6):
+            assert bool(mask >> slot & 1) == idx.holds(slot, h)
+
+
+def test_lora_and_salted_requests_hash_like_the_engine() -> None:
+    from shared.core.engine import KVCache, Request
+
+    tokens = list(range(64))
+    for lora, salt in ((None, 0), ("adapter-a", 0), (None, 7), ("adapter-a", 7)):
+        eng = Request("e", tokens, max_tokens=1, cache_salt=salt, lora=lora)
+        kv = KVCache(2, 16)
+        engine_hashes = [kv.hash_at(eng, b) for b in range(4)]
+        ours = BlockHashes(RouteRequest("r", "m", token_ids=tokens, lora=lora, cache_salt=salt), 16, 100).all()
+        assert ours == engine_hashes

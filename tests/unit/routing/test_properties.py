@@ -1,0 +1,105 @@
+"""Properties over random pools and requests: scores stay in [0, 1], every answer has endpoints or a reason,
+and the approximate index stays bounded however much traffic it sees."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.core.engine import CalibratedStepTime
+from shared.core.routing import (
+    DataConfig,
+    Decision,
+    Endpoint,
+    EndpointMetrics,
+    PoolState,
+    Refusal,
+    Router,
+    RouteRequest,
+    builtin_config,
+    builtin_names,
+)
+from shared.core.routing.scorers import SCORERS
+from tests.unit.routing.helpers import NOW, cands, cycle
+
+metrics = st.one_of(st.none(), st.builds(
+    EndpointMetrics,
+    ts=st.floats(NOW - 2, NOW),
+    waiting=st.integers(0, 500),
+    running=st.integers(0, 600),
+    kv_usage=st.floats(0, 1.2, allow_nan=False),
+    active_loras=st.lists(st.sampled_from("abc"), max_size=2).map(tuple),
+    waiting_loras=st.lists(st.sampled_from("abc"), max_size=2).map(tuple),
+    draining=st.booleans(),
+))
+endpoint_specs = st.lists(st.tuples(metrics, st.integers(0, 50), st.integers(0, 2_000_000), st.booleans()),
+                          min_size=1, max_size=12)
+requests = st.builds(
+    RouteRequest,
+    request_id=st.text(min_size=1, max_size=6),
+    model=st.just("m"),
+    token_ids=st.one_of(st.none(), st.lists(st.integers(0, 3), max_size=200)),
+    priority=st.integers(-2, 2),
+    lora=st.one_of(st.none(), st.sampled_from("abc")),
+    slo_ttft_s=st.one_of(st.none(), st.floats(0.01, 10)),
+)
+
+
+def build(specs: list[tuple[EndpointMetrics | None, int, int, bool]]) -> PoolState:
+    state = PoolState(DataConfig(approx_capacity=64))
+    for i, (m, inflight, tokens, modelled) in enumerate(specs):
+        step = CalibratedStepTime(base_s=0.001 * (i + 1), per_token_s=1e-5 * (i + 1)) if modelled else None
+        state.upsert(Endpoint(id=f"e{i}", model="m", max_loras=i % 3, adapters=frozenset("ab"[: i % 3])), step)
+        if m is not None:
+            state.update_metrics(f"e{i}", m)
+        state.endpoints[f"e{i}"].inflight_requests = inflight
+        state.endpoints[f"e{i}"].inflight_tokens = tokens
+    return state
+
+
+@settings(max_examples=80, deadline=None)
+@given(specs=endpoint_specs, request=requests, warm=st.integers(0, 12))
+def test_every_scorer_stays_within_0_and_1(specs: list, request: RouteRequest, warm: int) -> None:  # type: ignore[type-arg]
+    state = build(specs)
+    c = cycle(state, request)
+    hashes = c.chain.all()
+    for i in range(min(warm, len(specs))):
+        state.remember(f"e{i}", hashes[: i + 1])
+        state.precise.add(state.endpoints[f"e{i}"].slot, hashes[:i])
+    c = cycle(state, request)
+    for name, cls in SCORERS.items():
+        values = cls(name, cls.Params()).score(c, cands(state))
+        if values is None:
+            continue
+        assert len(values) == len(specs)
+        assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values), (name, values)
+
+
+@settings(max_examples=80, deadline=None)
+@given(specs=endpoint_specs, reqs=st.lists(requests, min_size=1, max_size=8),
+       profile=st.sampled_from(builtin_names()), seed=st.integers(0, 3))
+def test_never_an_empty_answer_without_a_reason(specs: list, reqs: list[RouteRequest], profile: str,  # type: ignore[type-arg]
+                                                  seed: int) -> None:
+    r = Router(builtin_config(profile), build(specs), seed)
+    for request in reqs:
+        out = r.route(request, NOW)
+        if isinstance(out, Decision):
+            assert out.endpoints and all(e in r.state.endpoints for e in out.endpoints)
+            assert len(set(out.endpoints)) == len(out.endpoints)
+        else:
+            assert isinstance(out, Refusal) and out.reason and out.code in (429, 503)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 300), prompt=st.integers(16, 2000))
+def test_the_assumed_state_index_is_bounded_by_capacity_times_endpoints(n: int, prompt: int) -> None:
+    state = build([(EndpointMetrics(ts=NOW), 0, 0, False)] * 3)
+    r = Router(builtin_config("approx-prefix"), state)
+    for i in range(n):
+        r.route(RouteRequest(str(i), "m", token_ids=[i] * prompt), NOW)
+        r.finished(str(i))
+    r.flush()
+    assert state.approx.entries() <= 64 * 3
+    assert state.in_flight() == 0

@@ -1,0 +1,177 @@
+"""The router end to end: config validation, admission, commit (assumed state, in-flight), P/D, shadow."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from shared.core.roles import NodeRole
+from shared.core.routing import NO_ENDPOINT, SHED, Decision, Refusal, builtin_config, builtin_names
+from shared.core.routing.router import Router
+from tests.unit.routing.helpers import NOW, met, pool, req, router
+
+PREFIX_ONLY = """
+plugins:
+  - {type: prefix-cache-scorer}
+  - {type: queue-scorer}
+profiles:
+  - name: p
+    plugins: [{ref: prefix-cache-scorer, weight: 3}, {ref: queue-scorer, weight: 2}]
+"""
+
+
+@pytest.mark.parametrize(("yaml", "fragment"), [
+    ("plugins: [{type: nope}]", "unknown type 'nope'"),
+    ("plugins: [{type: queue-scorer, parameters: {x: 1}}]", "unknown field `x`"),
+    ("plugins: [{type: token-load-scorer, parameters: {queue_threshold_tokens: many}}]",
+     "plugin 'token-load-scorer' (token-load-scorer): Expected `int`"),
+    ("plugins: [{type: prefix-cache-scorer, parameters: {source: exact}}]", "source must be one of"),
+    ("plugins: [{type: queue-scorer}]\nprofiles: [{name: p, plugins: [{ref: q}]}]", "no plugin named 'q'"),
+    ("plugins: [{type: queue-scorer}]\nprofiles: [{name: p, plugins: [{ref: queue-scorer, weight: -1}]}]",
+     "weight of 'queue-scorer' must be >= 0"),
+    ("plugins: [{type: random-picker}, {type: max-score-picker}]", "one picker allowed"),
+    ("plugins: [{type: queue-scorer}]\nshadow: [x]", "shadow: no profile named 'x'"),
+    ("plugins: [{type: queue-scorer}]\nhandler: {type: pd}", "no profile named 'decode'"),
+    ("plugins: [{type: queue-scorer}]\ndata: {block_size: 0}", "block_size must be >= 1"),
+])
+def test_bad_configs_fail_at_load_with_a_clear_message(yaml: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match="router config") as err:
+        router(yaml)
+    assert fragment in str(err.value)
+
+
+def test_not_yaml_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="not valid YAML"):
+        router("plugins: [")
+
+
+def test_every_builtin_profile_loads() -> None:
+    assert {"default", "gie", "approx-prefix", "precise-prefix", "power-of-two"} <= set(builtin_names())
+    for name in builtin_names():
+        Router(builtin_config(name))
+    with pytest.raises(ValueError, match="known: "):
+        builtin_config("nope")
+
+
+def test_unknown_model_is_refused_503() -> None:
+    r = router(PREFIX_ONLY, pool(met()))
+    out = r.route(req(model="other"), NOW)
+    assert isinstance(out, Refusal) and out.code == NO_ENDPOINT and "other" in out.reason
+
+
+def test_sheddable_request_is_shed_429_when_the_pool_is_saturated_others_still_routed() -> None:
+    r = router(PREFIX_ONLY, pool(met(waiting=9), met(kv=0.95)))
+    shed = r.route(req("s", priority=-1), NOW)
+    assert isinstance(shed, Refusal) and shed.code == SHED and "saturated" in shed.reason
+    assert isinstance(r.route(req("c", priority=0), NOW), Decision)
+
+
+def test_filters_emptying_the_pool_refuse_with_each_filters_reason() -> None:
+    state = pool(met(ts=NOW - 5), met(ts=NOW - 5))
+    r = Router(builtin_config("default"), state)
+    out = r.route(req(), NOW)
+    assert isinstance(out, Refusal) and out.code == NO_ENDPOINT
+    assert "stale-metrics-filter" in out.reason and "older than 200 ms" in out.reason
+    assert out.results["default"].reports[0].dropped == ("e0", "e1")
+
+
+def test_a_decision_is_remembered_so_the_next_same_prefix_request_sticks() -> None:
+    r = router(PREFIX_ONLY, pool(met(), met(), met()))
+    first = r.route(req("a", tokens=320, seed=1), NOW)
+    assert isinstance(first, Decision)
+    for i in range(5):
+        again = r.route(req(f"b{i}", tokens=320, seed=1), NOW)
+        assert isinstance(again, Decision) and again.endpoint == first.endpoint
+
+
+def test_commit_counts_in_flight_until_first_token_and_finish_idempotently() -> None:
+    r = router(PREFIX_ONLY, pool(met(), met()))
+    d = r.route(req("a", tokens=320, seed=1), NOW)
+    assert isinstance(d, Decision)
+    st = r.state.endpoints[d.endpoint]
+    assert (st.inflight_requests, st.inflight_tokens) == (1, 320)
+    r.first_token("a")
+    r.first_token("a")
+    assert (st.inflight_requests, st.inflight_tokens) == (1, 0)
+    r.finished("a")
+    r.finished("a")
+    assert (st.inflight_requests, st.inflight_tokens) == (0, 0)
+    second = r.route(req("b", tokens=320, seed=1), NOW)
+    assert isinstance(second, Decision) and r.state.endpoints[second.endpoint].inflight_tokens == 0  # all cached
+
+
+def test_the_assumed_state_insertion_waits_for_flush_or_the_next_decision() -> None:
+    r = router(PREFIX_ONLY, pool(met(), met()))
+    r.route(req("a", tokens=320), NOW)
+    assert len(r.state.approx) == 0
+    r.flush()
+    assert len(r.state.approx) == 20
+    r.flush()
+    assert r.state.approx.entries() == 20
+
+
+def test_route_without_commit_changes_nothing() -> None:
+    r = router(PREFIX_ONLY, pool(met(), met()))
+    r.route(req("a", tokens=320), NOW, commit=False)
+    assert r.state.in_flight() == 0 and len(r.state.approx) == 0
+
+
+def test_kv_events_drive_the_precise_index() -> None:
+    precise = "{type: prefix-cache-scorer, parameters: {source: precise}}"
+    yaml = PREFIX_ONLY.replace("{type: prefix-cache-scorer}", precise)
+    r = router(yaml, pool(met(), met()))
+    request = req("a", tokens=64, seed=3)
+    from shared.core.kv_events import chain_hashes
+
+    hashes = chain_hashes(list(request.token_ids or ()), 16)
+    r.apply_kv_events("e1", KVEventBatch(ts=NOW, events=[BlockStored(hashes, None, [], 16)]))
+    assert r.route(request, NOW, commit=False).endpoint == "e1"  # type: ignore[union-attr]
+    r.apply_kv_events("e1", KVEventBatch(ts=NOW, events=[BlockRemoved(hashes[:1])]))
+    assert r.state.precise.match(hashes, 0b11) == {}
+    r.apply_kv_events("e0", KVEventBatch(ts=NOW, events=[BlockStored(hashes, None, [], 16), AllBlocksCleared()]))
+    assert len(r.state.precise) == 3  # e1 still holds blocks 1..3; e0 cleared
+    assert r.apply_kv_events("unknown", KVEventBatch(ts=NOW, events=[AllBlocksCleared()])) == 0
+
+
+PD = """
+plugins:
+  - {type: role-filter, name: prefill-role, parameters: {phase: prefill}}
+  - {type: role-filter, name: decode-role, parameters: {phase: decode}}
+  - {type: queue-scorer}
+profiles:
+  - {name: prefill, plugins: [{ref: prefill-role}, {ref: queue-scorer}]}
+  - {name: decode, plugins: [{ref: decode-role}, {ref: queue-scorer}]}
+handler: {type: pd, parameters: {non_cached_tokens: 100}}
+"""
+
+
+def test_pd_handler_disaggregates_long_uncached_prompts_only() -> None:
+    state = pool(met(), met(), roles=(NodeRole.PREFILL, NodeRole.DECODE))
+    r = router(PD, state)
+    long = r.route(req("l", tokens=320, seed=1), NOW)
+    assert isinstance(long, Decision) and (long.endpoint, long.prefill) == ("e1", "e0")
+    assert state.endpoints["e0"].inflight_tokens == 320 and state.endpoints["e1"].inflight_requests == 1
+    r.first_token("l")
+    assert state.endpoints["e0"].inflight_requests == 0
+    short = r.route(req("s", tokens=64, seed=2), NOW)
+    assert isinstance(short, Decision) and short.prefill is None
+
+
+def test_shadow_profile_scores_without_acting_and_exports_disagreement() -> None:
+    yaml = """
+plugins:
+  - {type: queue-scorer}
+  - {type: kv-cache-utilization-scorer}
+profiles:
+  - {name: by-queue, plugins: [{ref: queue-scorer}]}
+  - {name: by-kv, plugins: [{ref: kv-cache-utilization-scorer}]}
+handler: {type: single, parameters: {profile: by-queue}}
+shadow: [by-kv]
+"""
+    r = router(yaml, pool(met(waiting=0, kv=0.9), met(waiting=4, kv=0.1)))
+    out = r.route(req("a"), NOW)
+    assert isinstance(out, Decision) and out.endpoint == "e0"
+    stats = r.shadow_stats["by-kv"].export()
+    assert stats["disagreement_rate"] == 1.0
+    assert stats["score_delta_mean"] == pytest.approx(0.9 - 0.1)
+    assert r.state.endpoints["e1"].inflight_requests == 0

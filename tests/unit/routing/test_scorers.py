@@ -1,0 +1,130 @@
+"""Scorers against hand-computed values (one table per plugin)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.core.engine import CalibratedStepTime
+from shared.core.routing import Endpoint
+from shared.core.routing.scorers import SCORERS
+from shared.core.routing.scorers.active_requests import ActiveParams
+from shared.core.routing.scorers.no_hit_lru import NoHitParams
+from shared.core.routing.scorers.predicted_latency import LatencyParams, predicted_ttft
+from shared.core.routing.scorers.prefix import PrefixParams, prefix_score
+from shared.core.routing.scorers.token_load import TokenLoadParams
+from tests.unit.routing.helpers import cands, cycle, met, pool, req
+
+
+def score(name: str, state: object, request: object = None, params: object = None) -> list[float] | None:
+    """Rounded scores; None when the scorer says every endpoint scores the same."""
+    cls = SCORERS[name]
+    s = cls(name, params if params is not None else cls.Params())  # type: ignore[arg-type]
+    raw = s.score(cycle(state, request), cands(state))  # type: ignore[arg-type]
+    return None if raw is None else [round(v, 6) for v in raw]
+
+
+def test_queue_scorer_is_min_max_of_waiting() -> None:
+    assert score("queue-scorer", pool(met(waiting=0), met(waiting=5), met(waiting=10))) == [1.0, 0.5, 0.0]
+
+
+def test_queue_scorer_cannot_tell_equal_queues_apart_and_missing_metrics_count_as_worst() -> None:
+    assert score("queue-scorer", pool(met(waiting=3), met(waiting=3))) is None
+    assert score("queue-scorer", pool(met(waiting=2), None, met(waiting=4))) == [1.0, 0.0, 0.0]
+
+
+def test_kv_utilization_scorer_is_one_minus_usage() -> None:
+    assert score("kv-cache-utilization-scorer", pool(met(kv=0.25), met(kv=1.0), None)) == [0.75, 0.0, 0.0]
+
+
+def test_running_requests_scorer_is_min_max_of_running() -> None:
+    assert score("running-requests-scorer", pool(met(running=4), met(running=8), met(running=6))) == [1.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize(("counts", "params", "expected"), [
+    ((0, 2, 4), ActiveParams(), [1.0, 0.5, 0.0]),
+    ((1, 2, 4), ActiveParams(idle_threshold=1), [1.0, 0.5, 0.0]),
+    ((0, 2, 4), ActiveParams(max_busy_score=0.5), [1.0, 0.25, 0.0]),
+    ((0, 0), ActiveParams(), None),
+])
+def test_active_request_scorer_follows_llmd(counts: tuple[int, ...], params: ActiveParams,
+                                            expected: list[float] | None) -> None:
+    state = pool(*(met() for _ in counts))
+    for i, c in enumerate(counts):
+        state.endpoints[f"e{i}"].inflight_requests = c
+    assert score("active-request-scorer", state, params=params) == expected
+
+
+def test_token_load_scorer_counts_in_flight_plus_this_requests_uncached_tokens() -> None:
+    state = pool(met(), met())
+    r = req(tokens=320, seed=2)  # 20 blocks
+    state.remember("e0", cycle(state, r).chain.all()[:10])  # e0 holds 160 tokens
+    state.endpoints["e1"].inflight_tokens = 680
+    p = TokenLoadParams(queue_threshold_tokens=1000, source="approximate")
+    assert score("token-load-scorer", state, r, p) == [1 - 160 / 1000, 1 - (680 + 320) / 1000]
+
+
+@pytest.mark.parametrize(("matched", "total", "w", "expected"), [
+    (5, 10, 0.0, 0.5),
+    (0, 10, 0.0, 0.0),
+    (10, 10, 0.0, 1.0),
+    (256, 512, 0.5, 0.5 * 0.5 ** 2 + 0.5 * 0.5),  # 4096 of 8192 tokens: length term 0.5² ...
+    (1024, 1024, 1.0, 1.0),
+])
+def test_prefix_score_formula(matched: int, total: int, w: float, expected: float) -> None:
+    assert prefix_score(matched, total, 16, w, 8192) == pytest.approx(expected)
+
+
+def test_prefix_scorer_reads_the_chosen_index() -> None:
+    state = pool(met(), met(), met())
+    r = req(tokens=160, seed=4)
+    hashes = cycle(state, r).chain.all()
+    state.remember("e0", hashes[:5])
+    state.precise.add(state.endpoints["e1"].slot, hashes)
+    assert score("prefix-cache-scorer", state, r, PrefixParams(source="approximate")) == [0.5, 0.0, 0.0]
+    assert score("prefix-cache-scorer", state, r, PrefixParams(source="precise")) == [0.0, 1.0, 0.0]
+    assert score("prefix-cache-scorer", state, r, PrefixParams(source="hybrid")) == [0.5, 1.0, 0.0]
+    assert score("prefix-cache-scorer", state, req(), PrefixParams()) is None  # nothing to hash
+    assert score("prefix-cache-scorer", state, req(tokens=160, seed=5), PrefixParams()) is None  # no match anywhere
+
+
+def test_lora_affinity_table() -> None:
+    state = pool(met(active_loras=("a",)), met(active_loras=("b",)), met(active_loras=("b", "c"), waiting_loras=("a",)),
+                 met(active_loras=("b", "c")), None, max_loras=2)
+    assert score("lora-affinity-scorer", state, req(lora="a")) == [1.0, 0.8, 0.6, 0.0, 0.0]
+    assert score("lora-affinity-scorer", state, req()) is None
+
+
+def test_no_hit_lru_spreads_cold_requests_and_is_neutral_for_warm_ones() -> None:
+    from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
+
+    state = pool(met(), met(), met())
+    s = NoHitLruScorer("n", NoHitParams(source="approximate"))
+    cold = cycle(state, req(tokens=32, seed=9))
+    assert s.score(cold, cands(state)) is None  # nobody took a cold request yet
+    s.picked(cold, state.endpoints["e1"])
+    s.picked(cold, state.endpoints["e0"])
+    assert s.score(cold, cands(state)) == [0.0, 1.0, 1.0]  # e2 never used; e1 least recent; e0 most recent
+    state.remember("e2", cold.chain.all())
+    warm = cycle(state, req(tokens=32, seed=9))
+    assert s.score(warm, cands(state)) is None  # neutral 0.5 everywhere
+
+
+def test_predicted_latency_uses_each_endpoints_own_gpu_model() -> None:
+    state = pool(met(), met())
+    fast, slow = CalibratedStepTime(base_s=0.0, per_token_s=1e-4), CalibratedStepTime(base_s=0.0, per_token_s=4e-4)
+    state.upsert(Endpoint(id="e0", model="m", max_num_batched_tokens=1000), slow)
+    state.upsert(Endpoint(id="e1", model="m", max_num_batched_tokens=1000), fast)
+    r = req(tokens=1000, seed=5)
+    c = cycle(state, r)
+    # rate = 1000 tokens / (1000 × per_token): 2,500 and 10,000 tok/s; TTFT = 1000 / rate
+    assert predicted_ttft(c, state.endpoints["e0"], "hybrid") == pytest.approx(0.4)
+    assert predicted_ttft(c, state.endpoints["e1"], "hybrid") == pytest.approx(0.1)
+    assert score("predicted-latency-scorer", state, r, LatencyParams()) == [0.25, 1.0]
+
+
+def test_predicted_latency_halves_endpoints_missing_the_slo() -> None:
+    state = pool(met(), met())
+    state.endpoints["e1"].inflight_tokens = 15_928  # one more second of prefill at the default rate
+    r = req(tokens=1600, seed=5, slo_ttft_s=0.5)
+    got = score("predicted-latency-scorer", state, r)
+    assert got is not None and got[0] == 1.0 and got[1] == pytest.approx(0.5 * 1600 / (1600 + 15_928), abs=1e-6)
