@@ -11,9 +11,11 @@ queueing vs node-side stealing. Virtual time for all three, plus a short real-ti
    512-1,024, Poisson arrivals), each on 4 mixed nodes (splitwise front over mixed nodes = aggregated) and on
    1P+3D, 2P+2D, 3P+1D with a 50 GB/s KV link (KV bytes from the model: 128 KiB per token for Llama-3.1-8B bf16).
 3. **Router-side vs node-side queueing** (virtual time, the imbalanced pattern of 1): neither, node-side stealing
-   (global), a router-side FCFS queue that dispatches only to a node with headroom (preferring the node the
-   request would have gone to), and both. The router-side queue is the bench's own simple FCFS flow control in
-   the brokered simulator (the routing core's flow control had not landed on main when this was written).
+   (global), a router-side queue that dispatches only while a node has headroom (preferring the node the
+   request would have gone to), and both. The router-side queue is the routing core's flow control
+   (``shared/core/routing/flow_control.py``: one tenant, one priority band, FCFS, the broker's TTL) driven by
+   the brokered simulator's headroom check; the figures equal those of the plain FCFS queue used before it
+   landed (same order, no bound reached).
 4. **Real time on Redis** (short): 4 ``GlobalBroker`` nodes as asyncio tasks on one real redis-server, each
    serving one request at a time for an exponential service time (mean 20 ms), 80 % of arrivals at node 0;
    ``local`` (stealing disabled by an unreachable ``min_load_score``) vs ``global``, and ``global`` with node 0
@@ -419,7 +421,7 @@ def notes(result: dict[str, Any]) -> list[str]:
         f"{lk['lost']:.0f}. The global queue p99 rises to {gk['queue_p99_s']:.1f} s: the recovered in-flight "
         f"requests (~{100 * gk['recovered'] / 3000:.0f} % of the trace) waited the expiry plus a re-run on a cluster "
         f"one node short. Local's lower latency after the kill counts only the survivors.",
-        f"- Router-side FCFS queue vs node-side stealing: both remove the imbalance (queue p99 "
+        f"- Router-side queue (the routing core's flow control, FCFS) vs node-side stealing: both remove the imbalance (queue p99 "
         f"{rq['queue_p99_s'] * 1000:.0f} ms vs {glo['queue_p99_s'] * 1000:.0f} ms; TTFT p99 "
         f"{rq['ttft_p99_s'] * 1000:.0f} vs {glo['ttft_p99_s'] * 1000:.0f} ms). The router queue dispatches only to "
         f"a node with headroom, so node queues never build and stealing has nothing to do when both run "

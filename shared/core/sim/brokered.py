@@ -10,9 +10,10 @@ stays stealable until its heartbeat expires (``expire_period_s``), then the lowe
 recovers its queued and in-flight requests (the in-flight ones restart from scratch; a client would get no
 chunk twice, see ``shared/state/queue.py``). In ``splitwise`` the front assigns nodes by blurred least load
 from a view of the nodes' loads refreshed every ``sync_period_s``; prefill engines hand the KV to decode
-engines over a :class:`KVLink`. The router-side queue (``router_queue``) holds requests centrally and
-dispatches one to a node only while that node has headroom (empty broker queue, empty engine waiting queue,
-free blocks): the preferred (origin) node when it has room, else the least-loaded one with room.
+engines over a :class:`KVLink`. The router-side queue (``router_queue``) is the routing core's flow control
+(one tenant, one band, FCFS, the broker's TTL): a request leaves it only while some node has headroom (empty
+broker queue, empty engine waiting queue, free blocks) and goes to the preferred (origin) node when it has
+room, else to the least-loaded one with room.
 
 Every trace request ends as exactly one of completed, expired, rejected or lost; the result counts them.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +44,8 @@ from shared.core.queueing import (
     steal_size,
 )
 from shared.core.roles import NodeRole
+from shared.core.routing.domain import RouteRequest
+from shared.core.routing.flow_control import FlowConfig, FlowController
 from shared.core.sim.workload import TraceRequest
 
 INF = math.inf
@@ -191,7 +193,9 @@ class _Sim:
             eng = Engine(cfg, spec.step_model, fast_forward=False, kv_link=spec.kv_link)
             self.nodes.append(_Node(k, role, eng, LocalBroker(self.p, node=str(k))))
         self.out = [Outcome(i, tr.arrival_s, tr.prompt_len, tr.output_len) for i, tr in enumerate(trace)]
-        self.central: deque[QueuedRequest] = deque()
+        # router-side queue: the routing core's flow control (one tenant, one band, FCFS, the broker's TTL)
+        self.flow = FlowController(FlowConfig(ttl_s=self.p.ttl_s, max_queued=1 << 30, max_queued_per_band=1 << 30))
+        self.held: dict[str, QueuedRequest] = {}
         self.decode_of: dict[str, int] = {}
         self.handoffs: list[tuple[float, int, int, Request]] = []  # (ready_at, seq, decode node, request)
         self.view: list[NodeInfo] = []
@@ -242,8 +246,14 @@ class _Sim:
         q = QueuedRequest(request_id=str(i), prompt_len=tr.prompt_len, max_tokens=tr.output_len, arrival_s=t,
                           origin=str(origin))
         if self.spec.router_queue:
-            self.central.append(q)
-            self._dispatch_router(t)
+            refusal = self.flow.enqueue(RouteRequest(request_id=q.request_id, model="sim",
+                                                     prompt_tokens=q.prompt_len), t)
+            if refusal is not None:
+                o = self.out[i]
+                o.status, o.reason, o.finals = "rejected", refusal.reason, o.finals + 1
+            else:
+                self.held[q.request_id] = q
+                self._dispatch_router(t)
         elif self.p.name == "splitwise":
             self._front(q, t)
         else:
@@ -426,22 +436,20 @@ class _Sim:
                 and not self._budget(nd).empty)
 
     def _dispatch_router(self, t: float) -> None:
-        while self.central:
-            q = self.central[0]
-            if t - q.arrival_s >= self.p.ttl_s:
-                self.central.popleft()
-                o = self.out[int(q.request_id)]
-                o.status, o.reason, o.finals = "expired", "expired in the router queue", o.finals + 1
-                continue
+        for refusal in self.flow.expire(t):
+            self.held.pop(refusal.request_id, None)
+            o = self.out[int(refusal.request_id)]
+            o.status, o.reason, o.finals = "expired", refusal.reason, o.finals + 1
+        while len(self.flow):
+            room = [nd for nd in self.nodes if self._has_room(nd)]
+            if not room:
+                return
+            rr = self.flow.pop()
+            if rr is None:
+                return
+            q = self.held.pop(rr.request_id)
             pref = self.nodes[int(q.origin)]
-            if self._has_room(pref):
-                target = pref
-            else:
-                room = [nd for nd in self.nodes if self._has_room(nd)]
-                if not room:
-                    return
-                target = min(room, key=lambda nd: (nd.engine.num_outstanding, nd.idx))
-            self.central.popleft()
+            target = pref if pref in room else min(room, key=lambda nd: (nd.engine.num_outstanding, nd.idx))
             if self._put(target, q, t):
                 self._pull(target, t)
 
@@ -482,9 +490,9 @@ class _Sim:
                 continue  # what a dead, unrecovered node held is lost (marked so when it died)
             nd.broker.expire(INF)
             self._collect(nd, INF)
-        for q in self.central:
-            o = self.out[int(q.request_id)]
-            o.status, o.reason, o.finals = "expired", "never dispatched", o.finals + 1
+        for rid in self.held:
+            o = self.out[int(rid)]
+            o.status, o.reason, o.finals = "expired", "never dispatched by the router queue", o.finals + 1
 
 
 def _with_role(cfg: SchedulerConfig, role: NodeRole) -> SchedulerConfig:

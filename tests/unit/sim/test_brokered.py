@@ -127,3 +127,9 @@ def test_a_prefill_node_keeps_pulling_after_a_step_that_finished_everything() ->
     params = SchedulerParams(name="splitwise", ttl_s=1e6, sync_period_s=0.05, expire_period_s=1.0)
     s = accounted(run("splitwise", prefill_nodes=1, kv_link=link, params=params, tr=trace(rate=60.0)))
     assert s["completed"] == 600 and s["expired"] == 0
+
+
+def test_the_router_queue_answers_expiry_from_the_routing_cores_flow_control() -> None:
+    params = SchedulerParams(name="local", ttl_s=0.5)
+    s = accounted(run("local", skew=1.0, router_queue=True, params=params, tr=trace(rate=200.0)))
+    assert int(s["expired"]) > 0 and s["completed"] + s["expired"] == 600  # type: ignore[operator, call-overload]
