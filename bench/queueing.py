@@ -421,7 +421,8 @@ def notes(result: dict[str, Any]) -> list[str]:
         f"{lk['lost']:.0f}. The global queue p99 rises to {gk['queue_p99_s']:.1f} s: the recovered in-flight "
         f"requests (~{100 * gk['recovered'] / 3000:.0f} % of the trace) waited the expiry plus a re-run on a cluster "
         f"one node short. Local's lower latency after the kill counts only the survivors.",
-        f"- Router-side queue (the routing core's flow control, FCFS) vs node-side stealing: both remove the imbalance (queue p99 "
+        f"- Router-side queue (the routing core's flow control, FCFS) vs node-side stealing: both remove the "
+        f"imbalance (queue p99 "
         f"{rq['queue_p99_s'] * 1000:.0f} ms vs {glo['queue_p99_s'] * 1000:.0f} ms; TTFT p99 "
         f"{rq['ttft_p99_s'] * 1000:.0f} vs {glo['ttft_p99_s'] * 1000:.0f} ms). The router queue dispatches only to "
         f"a node with headroom, so node queues never build and stealing has nothing to do when both run "
