@@ -31,8 +31,10 @@ from packing_lib.optimal import OptimalityRow, evaluate
 from packing_lib.replay import replay
 from packing_lib.trace import POD_LISTS, inflate, load_nodes, load_pods
 
+from shared.core.placement.scorers.fragmentation import HOST_WEIGHT
+
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
-FAST_STRATEGIES = ("random", "best-fit", "dot-product", "fragmentation")
+FAST_STRATEGIES = ("random", "best-fit", "dot-product", "fragmentation", "fragmentation-host", "gantry-default")
 CORE_STRATEGIES = ("gantry-binpack", "gantry-spread")
 OPT_STRATEGIES = ("binpack", "spread", "fragmentation")
 # The paper's numbers at 130% arrived on the default pod list (unallocated GPUs of 6,212).
@@ -48,7 +50,13 @@ def make_policy(strategy: str, seed: int, nodes: Any) -> Policy:
     if strategy == "dot-product":
         return DotProduct(seed)
     if strategy == "fragmentation":
-        return FragmentationFit()
+        return FragmentationFit()  # FGD's measure alone (host_weight 0), the paper's policy
+    if strategy == "fragmentation-host":
+        return FragmentationFit(host_weight=HOST_WEIGHT)
+    if strategy == "gantry-default":
+        # The default profile's scorer with its own learning source (placed replicas + the request, the
+        # 1,024 most recent), re-learnt every 256 arrivals instead of at every decision (see packing.md).
+        return FragmentationFit(window=1024, relearn_every=256, core_view=True, host_weight=HOST_WEIGHT)
     return CorePolicy(strategy.removeprefix("gantry-"), nodes)
 
 

@@ -1,6 +1,6 @@
 """Placement-core decision latency on synthetic clusters (10, 100, 1,000 workers × 8 × 80 GiB GPUs).
 
-Cases: a 7B single-GPU model and a 70B tensor-parallel-4 model, under spread and under binpack, on a
+Cases: a 7B single-GPU model and a 70B tensor-parallel-4 model, under spread, binpack and auto (the default), on a
 cluster with seeded random existing allocations (other models' instances, external VRAM use, cordoned
 GPUs, stale workers). Each decision is timed in-process (wall and thread CPU time); between decisions the
 chosen replica is committed and removed again, so the snapshot's incremental updates run as in a service.
@@ -175,7 +175,7 @@ def main() -> None:
     rows = []
     for workers in SIZES:
         for case in CASES:
-            for strategy in ("spread", "binpack"):
+            for strategy in ("spread", "binpack", "auto"):  # auto: the default (fragmentation, issue 19)
                 row = run_case(workers, case, strategy, runs, n, exhaustive=False)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -2,13 +2,14 @@
 
 Mapping (documented in docs/benchmarks/packing.md):
 
-- node → Worker: its GPUs (product = trace GPU type, VRAM from ``trace.VRAM_GIB``), RAM = node memory.
+- node → Worker: its GPUs (product = trace GPU type, VRAM from ``trace.VRAM_GIB``), RAM = node memory,
+  CPU = node CPU (milli-cores, as the trace gives it).
 - pod → one replica of the model named after the pod (a pod drawn twice = two replicas of one model).
   Its ``ResourceRequest`` claims ``gpu_milli/1000`` of every GPU it uses (the core's utilisation claim),
-  on ``num_gpu`` GPUs of one worker; RAM = pod memory. A single-type ``gpu_spec`` becomes the model's
+  on ``num_gpu`` GPUs of one worker; RAM = pod memory, CPU = pod CPU. A single-type ``gpu_spec`` becomes the model's
   ``GpuSelector.gpu_type``. CPU-only pods are CPU-only replicas (``cpu_only`` fit strategy).
-- The trace's CPU dimension, which Gantry does not model, and multi-type ``gpu_spec`` constraints are
-  enforced by one bench-only filter plugin (``trace_host``) added to the profile.
+- Multi-type ``gpu_spec`` constraints, which Gantry's GPU selector does not express, are enforced by one
+  bench-only filter plugin (``trace_host``) added to the profile. CPU and memory are the core's own checks.
 
 The ClusterSnapshot is updated incrementally: one ``upsert_instance`` per placed pod.
 """
@@ -20,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from shared.core.placement import ClusterSnapshot, Profile, ScorerConfig, place
+from shared.core.placement import DEFAULT_PROFILE, ClusterSnapshot, Profile, ScorerConfig, place
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import (
     Backend,
@@ -47,7 +48,7 @@ GIB = 1 << 30
 
 
 class TraceHostFilter(Filter):
-    """Bench-only filter: the trace pod's CPU demand and multi-type GPU constraint, per worker row.
+    """Bench-only filter: the trace pod's multi-type GPU constraint, per worker row.
 
     The harness sets ``allowed`` (one flag per snapshot row) before each ``place()`` call.
     """
@@ -57,8 +58,8 @@ class TraceHostFilter(Filter):
     row_of: ClassVar[dict[str, int]] = {}
 
     def check(self, ctx: PlacementContext, worker: Worker) -> str | None:
-        """Drop workers without the CPU (or GPU type) the pod asks for."""
-        return None if self.allowed[self.row_of[worker.name]] else "not enough free CPU or wrong GPU type"
+        """Drop workers without a GPU type the pod accepts."""
+        return None if self.allowed[self.row_of[worker.name]] else "wrong GPU type"
 
     def keep_mask(self, ctx: PlacementContext) -> npt.NDArray[np.bool_]:
         """The harness-computed flags."""
@@ -76,7 +77,7 @@ def trace_workers(nodes: Nodes) -> list[Worker]:
             product = nodes.type_names[int(nodes.gpu_type[i])]
             total = VRAM_GIB[product] * GIB
             gpus = tuple(Gpu(index=g, product=product, vram_total=total) for g in range(int(nodes.gpus[i])))
-        out.append(Worker(name=name, gpus=gpus, ram_total=int(nodes.mem[i]) * MIB))
+        out.append(Worker(name=name, gpus=gpus, ram_total=int(nodes.mem[i]) * MIB, cpu_total=int(nodes.cpu[i])))
     return out
 
 
@@ -90,6 +91,7 @@ def _profile(strategy: str, scorers: tuple[ScorerConfig, ...], cpu: bool) -> Pro
 
 
 STRATEGY_SCORERS: dict[str, tuple[ScorerConfig, ...]] = {
+    "default": DEFAULT_PROFILE.scorers,  # with models naming no strategy: the 'auto' strategy
     "binpack": (ScorerConfig(name="placement"), ScorerConfig(name="worker_fill")),
     "spread": (ScorerConfig(name="placement"),),
     "fragmentation": (ScorerConfig(name="fragmentation"),),
@@ -105,8 +107,8 @@ class CorePolicy:
         scorers = STRATEGY_SCORERS[strategy]
         self.gpu_profile = _profile(strategy, scorers, cpu=False)
         self.cpu_profile = _profile(strategy, scorers, cpu=True)
-        placement = PlacementStrategy.SPREAD if strategy == "spread" else PlacementStrategy.BINPACK
-        self.placement = placement
+        self.placement = {"spread": PlacementStrategy.SPREAD, "binpack": PlacementStrategy.BINPACK}.get(
+            strategy, PlacementStrategy.AUTO)
         self.snapshot = ClusterSnapshot.from_parts(trace_workers(nodes))
         rows = np.array([self.snapshot.row_of(n) for n in nodes.names], dtype=np.int64)
         if not np.array_equal(rows, np.arange(len(nodes))):
@@ -134,8 +136,8 @@ class CorePolicy:
         """Claims: ``gpu_milli/1000`` of each of ``num_gpu`` GPUs, and the pod's memory as RAM."""
         ram = shape.mem * MIB
         if shape.num_gpu == 0:
-            return ResourceRequest(vram=0, ram=ram, basis="trace pod (CPU only)")
-        return ResourceRequest(vram=1, ram=ram, gpu_memory_utilization=shape.gpu_milli / FULL,
+            return ResourceRequest(vram=0, ram=ram, cpu=shape.cpu, basis="trace pod (CPU only)")
+        return ResourceRequest(vram=1, ram=ram, cpu=shape.cpu, gpu_memory_utilization=shape.gpu_milli / FULL,
                                gpu_count=shape.num_gpu, basis="trace pod")
 
     def representatives(self, feasible: npt.NDArray[np.bool_], model: str) -> npt.NDArray[np.bool_]:
@@ -165,10 +167,10 @@ class CorePolicy:
 
     def decide(self, state: ClusterState, shape: PodShape, model: str) -> Decision | None:
         """The core's decision for one pod, or None when it is unschedulable."""
-        host_ok = state.cpu_free >= shape.cpu
+        host_ok = np.ones(len(state.nodes), dtype=bool)
         if shape.spec and "|" in shape.spec:
             host_ok = host_ok & state.type_ok(shape)
-        if shape.num_gpu == 0 and self.strategy != "fragmentation":
+        if shape.num_gpu == 0 and self.strategy in ("binpack", "spread"):
             host_ok = self.representatives(host_ok & state.feasible(shape), model)
         TraceHostFilter.allowed = host_ok
         profile = self.cpu_profile if shape.num_gpu == 0 else self.gpu_profile
@@ -184,7 +186,7 @@ class CorePolicy:
         self.placed += 1
         self.snapshot.upsert_instance(Instance(
             id=f"i{self.placed}", model=model, state=InstanceState.RUNNING, worker=c.worker,
-            gpu_indexes=c.gpu_indexes, vram_claims=c.vram_claims, ram_claim=c.ram_claim,
+            gpu_indexes=c.gpu_indexes, vram_claims=c.vram_claims, ram_claim=c.ram_claim, cpu_claim=c.cpu_claim,
             created_at=float(self.placed),
         ))
         row = self.snapshot.row_of(c.worker)

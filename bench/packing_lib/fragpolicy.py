@@ -10,8 +10,9 @@ The workload (distribution of replica shapes) is learned online from the pods th
 (a sliding window), re-learned on a doubling schedule, then every ``relearn_every`` arrivals.
 
 ``FragmentationFit.like_core()`` instead follows the plugin's own rule exactly (learn from the placed
-replicas plus the request, RAM as the only host resource, re-learn at every decision): a unit test holds
-its decisions equal to ``place()`` with the ``fragmentation`` profile.
+replicas plus the request, CPU and RAM as host resources, no GPU-type constraint in the learned shapes,
+re-learn at every decision): a unit test holds its decisions equal to ``place()`` with the
+``fragmentation`` profile and with the default profile (models naming no strategy).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.core.placement.scorers.fragmentation import (
+    HOST_WEIGHT,
     ReplicaShape,
     Workload,
     WorkloadArrays,
@@ -42,10 +44,10 @@ MIB = 1 << 20
 def replica_shape(shape: PodShape, core_view: bool = False) -> ReplicaShape:
     """The scorer's view of a pod: GPU count, per-GPU milli, (CPU, memory), allowed GPU types.
 
-    ``core_view``: what the core plugin can see of a placed replica (no CPU, no type constraint).
+    ``core_view``: what the core plugin can see of a placed replica (CPU and RAM bytes, no type constraint).
     """
     if core_view:
-        return ReplicaShape(gpus=shape.num_gpu, milli=shape.gpu_milli, host=(shape.mem * MIB,))
+        return ReplicaShape(gpus=shape.num_gpu, milli=shape.gpu_milli, host=(shape.cpu, shape.mem * MIB))
     types = tuple(sorted(shape.spec.split("|"))) if shape.spec else ()
     return ReplicaShape(gpus=shape.num_gpu, milli=shape.gpu_milli, host=(shape.cpu, shape.mem),
                         gpu_types=types)
@@ -64,7 +66,8 @@ class FragmentationFit:
     name = "fragmentation"
 
     def __init__(self, window: int = 4096, relearn_every: int = 1024, coverage: float = 1.0,
-                 core_view: bool = False, tie_fullest: bool = False) -> None:
+                 core_view: bool = False, tie_fullest: bool = False, host_weight: float = 0.0) -> None:
+        self.host_weight = host_weight
         self.window: deque[ReplicaShape] = deque(maxlen=window)
         self.relearn_every = relearn_every
         self.coverage = coverage
@@ -77,9 +80,9 @@ class FragmentationFit:
         self.name_rank: npt.NDArray[np.int64] | None = None
 
     @classmethod
-    def like_core(cls, window: int = 1024) -> FragmentationFit:
+    def like_core(cls, window: int = 1024, host_weight: float = HOST_WEIGHT) -> FragmentationFit:
         """The plugin's exact rule (see the module docstring); slow, for checks on small inputs."""
-        return cls(window=window, relearn_every=1, coverage=1.0, core_view=True)
+        return cls(window=window, relearn_every=1, coverage=1.0, core_view=True, host_weight=host_weight)
 
     def _due(self) -> bool:
         if self.relearn_every == 1:
@@ -101,7 +104,7 @@ class FragmentationFit:
             if self.core_view:  # placed replicas, plus the request itself
                 recent.append(replica_shape(shape, core_view=True))
             workload = Workload.learn(recent, self.coverage)
-            self.work = workload.arrays(host_dims=1 if self.core_view else 2)
+            self.work = workload.arrays(host_dims=2, host_weight=self.host_weight)
             types = [state.nodes.type_names[t] if t >= 0 else "" for t in state.nodes.gpu_type]
             self.access = type_access(types, workload)
             self.cache.clear()
@@ -161,8 +164,8 @@ class FragmentationFit:
                 claim = np.where(take, FULL, 0).astype(np.int64)
         nodes = rows[cand_row]
         if self.core_view:
-            host_free = (state.mem_free[nodes] * MIB)[:, None]
-            claim_host = np.full_like(host_free, shape.mem * MIB)
+            host_free = np.stack([state.cpu_free[nodes], state.mem_free[nodes] * MIB], axis=1)
+            claim_host = np.broadcast_to(np.array([shape.cpu, shape.mem * MIB], dtype=np.int64), host_free.shape)
         else:
             host_free = np.stack([state.cpu_free[nodes], state.mem_free[nodes]], axis=1)
             claim_host = np.broadcast_to(np.array([shape.cpu, shape.mem], dtype=np.int64), host_free.shape)

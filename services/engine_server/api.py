@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.engine_server.prometheus import render_metrics
-from services.engine_server.runner import EngineRunner, Stream
+from services.engine_server.prometheus import CONTENT_TYPE, EngineCollector, LoraInfo, registry_for, render
+from services.engine_server.runner import CollectSink, EngineRunner
+from services.engine_server.sse import SseResponse, SseSink, usage
 from services.engine_server.textgen import TextModel
+from services.engine_server.writer import SocketWriter
 from shared.core.engine import Request
+from shared.core.roles import NodeRole
+
+OFFLOOP_TOKENIZE_CHARS = 1024  # about 1-3 ms of tokenizing on this machine
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,8 @@ class ServerInfo:
     max_model_len: int
     url: str = ""
     created: int = 0  # unix seconds the server started
+    lora_modules: tuple[str, ...] = ()  # adapter names served beside the base model
+    instance_id: str = "engine-0"
 
 
 class StreamOptions(BaseModel):
@@ -54,7 +60,23 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
     priority: int = 0
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1)
+    best_of: int | None = None
+    logprobs: Any = None  # completions: int; chat: bool
+    top_logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    echo: bool = False
+    kv_transfer_params: dict[str, Any] | None = None  # vLLM P/D: set by the proxy
+
+    def unsupported(self) -> str | None:
+        """Why the emulated model cannot serve this request as asked (a 400), or None."""
+        if self.n > 1 or (self.best_of or 1) > 1:
+            return "n > 1 and best_of > 1 are not supported by this server: send one request per sample"
+        if self.logprobs not in (None, False) or self.top_logprobs or self.prompt_logprobs is not None:
+            return "logprobs are not supported by this server (the emulated model has no probabilities)"
+        if self.echo:
+            return "echo is not supported by this server"
+        return None
 
 
 class CompletionRequest(_Common):
@@ -87,16 +109,18 @@ class ChatRequest(_Common):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": status}},
-        status_code=status,
-    )
+    kind = "NotFoundError" if status == 404 else "BadRequestError" if status == 400 else "InternalServerError"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        status_code=status)
 
 
 def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastAPI:
     """The FastAPI app around a running :class:`EngineRunner`."""
     app = FastAPI(title="Gantry emulated model server")
     sched = runner.engine.scheduler
+    writer = SocketWriter()
+    app.state.writer = writer
+    runner.on_flush.append(writer.flush)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
@@ -112,29 +136,22 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         """The one served model."""
-        return {"object": "list", "data": [{
-            "id": info.served_model_name, "object": "model", "created": info.created, "owned_by": "gantry",
-            "root": info.model_path, "parent": None, "max_model_len": info.max_model_len,
-        }]}
+        base = {"id": info.served_model_name, "object": "model", "created": info.created, "owned_by": "gantry",
+                "root": info.model_path, "parent": None, "max_model_len": info.max_model_len}
+        adapters = [{**base, "id": name, "root": name, "parent": info.served_model_name}
+                    for name in info.lora_modules]
+        return {"object": "list", "data": [base, *adapters]}
+
+    def lora_info() -> LoraInfo:
+        st = sched.lora_stats()
+        return LoraInfo(st.max_loras, tuple(st.running), tuple(st.waiting))
+
+    registry = registry_for(EngineCollector(runner, info.served_model_name, lora_info))
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
+    async def metrics() -> Response:
         """Prometheus text under vLLM's metric names."""
-        c = sched.counters
-        body = render_metrics(
-            model_name=info.served_model_name,
-            running=len(sched.running),
-            waiting=sched.num_waiting,
-            kv_usage=sched.kv_usage,
-            block_size=sched.config.block_size,
-            num_gpu_blocks=sched.config.num_gpu_blocks,
-            counters={"prefix_queries": c.prefix_queries, "prefix_hits": c.prefix_hits,
-                      "preemptions": c.preemptions, "prompt_tokens": c.prompt_tokens,
-                      "generation_tokens": c.generation_tokens},
-            finished_by_reason=c.finished_by_reason,
-            hists=runner.hists,
-        )
-        return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(render(registry), media_type=CONTENT_TYPE)
 
     @app.get("/server_info")
     async def server_info() -> dict[str, Any]:
@@ -162,7 +179,25 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
         return [{"dp_rank": 0, "num_reqs": len(sched.running) + sched.num_waiting,
                  "num_waiting_reqs": sched.num_waiting, "num_tokens": sched.kv.num_used * sched.config.block_size}]
 
-    def _submit(body: _Common, prompt_ids: list[int], prefix: str) -> Stream | JSONResponse:
+    def _adapter(body: _Common) -> str | JSONResponse | None:
+        """The LoRA adapter a request names (None for the base model), or a 404 for an unknown model."""
+        if body.model is None or body.model == info.served_model_name:
+            return None
+        if body.model in info.lora_modules:
+            return body.model
+        return _error(404, f"The model `{body.model}` does not exist.")
+
+    def _request(body: _Common, prompt_ids: list[int], prefix: str) -> Request | JSONResponse:
+        why = body.unsupported()
+        if why is not None:
+            return _error(400, why)
+        lora = _adapter(body)
+        if isinstance(lora, JSONResponse):
+            return lora
+        # as vLLM without a KV connector, a server that is not a P/D decode engine prefills locally (a prefill
+        # engine refuses the request: the engine says why)
+        remote = bool(body.kv_transfer_params and body.kv_transfer_params.get("do_remote_prefill")) and (
+            sched.config.role is not NodeRole.MIXED)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         prompt_len = len(prompt_ids)
         limit = body.max_completion_tokens or body.max_tokens
@@ -171,19 +206,21 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
             return _error(400, f"prompt has {prompt_len} tokens; this model's maximum context is "
                                f"{info.max_model_len} tokens")
         max_tokens = min(limit, room) if limit else (room if prefix == "chatcmpl" else min(16, room))
-        req = Request(
+        return Request(
             rid, prompt_ids, max_tokens=max_tokens, min_tokens=body.min_tokens,
             stop_token_ids=body.stop_token_ids, eos_token_id=text.eos_token_id, ignore_eos=body.ignore_eos,
             priority=body.priority, sampled_token_ids=text.sample(rid, max_tokens, body.ignore_eos),
-            filler_token=text.filler,
+            filler_token=text.filler, lora=lora, remote_prefill=remote,
         )
-        try:
-            return runner.submit(req)
-        except ValueError as err:
-            return _error(400, str(err))
+
+    async def _encode(prompt: str) -> list[int]:
+        # long prompts are tokenized on a thread so the step loop keeps its deadlines
+        if len(prompt) < OFFLOOP_TOKENIZE_CHARS:
+            return text.encode(prompt)
+        return await asyncio.to_thread(text.encode_off_gil, prompt)
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
+    async def completions(body: CompletionRequest) -> Any:
         """OpenAI completions, streaming or not."""
         p = body.prompt
         one: str | list[int]
@@ -196,112 +233,60 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> FastA
             one = first if isinstance(first, str) else [int(x) for x in first]
         else:  # token ids (validated as list[int])
             one = [int(x) for x in p if isinstance(x, int)]
-        ids = text.encode(one) if isinstance(one, str) else one
+        ids = await _encode(one) if isinstance(one, str) else one
         if not ids:
             return _error(400, "prompt is empty")
-        st = _submit(body, ids, "cmpl")
-        if isinstance(st, JSONResponse):
-            return st
-        return await _respond(st, body, http, chat=False)
+        return await _serve(body, ids, "cmpl", chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatRequest, http: HttpRequest) -> Any:
+    async def chat(body: ChatRequest) -> Any:
         """OpenAI chat completions, streaming or not."""
-        ids = text.chat_prompt([(m.role, m.text()) for m in body.messages])
-        st = _submit(body, ids, "chatcmpl")
-        if isinstance(st, JSONResponse):
-            return st
-        return await _respond(st, body, http, chat=True)
+        rendered = text.render_chat([(m.role, m.text()) for m in body.messages])
+        return await _serve(body, await _encode(rendered), "chatcmpl", chat=True)
 
-    async def _respond(st: Stream, body: _Common, http: HttpRequest, chat: bool) -> Any:
-        model = body.model or info.served_model_name
+    async def _serve(body: _Common, ids: list[int], prefix: str, chat: bool) -> Any:
+        req = _request(body, ids, prefix)
+        if isinstance(req, JSONResponse):
+            return req
+        model = req.lora or info.served_model_name
         created = int(time.time())
+        sink: SseSink | CollectSink
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _sse(st, model, created, chat, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        pieces: list[int] = []
+            sink = SseSink(req.req_id, model, created, chat, include_usage, text.json_piece, text.eos_token_id)
+        else:
+            sink = CollectSink()
         try:
-            while True:
-                item = await st.queue.get()
-                pieces.extend(item.token_ids)
-                if item.finish_reason is not None:
-                    break
+            runner.submit(req, sink)
+        except ValueError as err:
+            return _error(400, str(err))
+        if isinstance(sink, SseSink):
+            return SseResponse(sink, lambda: runner.abort(req), writer)
+        try:
+            reason, stop_reason = await sink.done
         finally:
-            runner.abort(st.req)  # no-op once finished; frees the request if the client vanished
-        visible = [t for t in pieces if t != text.eos_token_id]
+            runner.abort(req)  # no-op once finished; frees the request if the client vanished
+        visible = [t for t in sink.token_ids if t != text.eos_token_id]
         content = text.detokenize(visible)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": item.finish_reason, "logprobs": None}
-        if item.stop_reason is not None:
-            choice["stop_reason"] = item.stop_reason
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+        if stop_reason is not None:
+            choice["stop_reason"] = stop_reason
         if chat:
             choice["message"] = {"role": "assistant", "content": content}
         else:
             choice["text"] = content
-        return {
-            "id": st.req.req_id, "object": "chat.completion" if chat else "text_completion",
+        out: dict[str, Any] = {
+            "id": req.req_id, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": model, "choices": [choice],
-            "usage": _usage(st, len(visible)),
+            "usage": usage(req, len(visible)),
         }
-
-    def _usage(st: Stream, completion: int) -> dict[str, Any]:
-        return {"prompt_tokens": st.req.prompt_len, "completion_tokens": completion,
-                "total_tokens": st.req.prompt_len + completion,
-                "prompt_tokens_details": {"cached_tokens": max(st.req.num_cached_tokens, 0)}}
-
-    async def _sse(st: Stream, model: str, created: int, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        rid = st.req.req_id
-
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
-            body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model,
-                                    "choices": choices}
-            if include_usage:
-                body["usage"] = usage
-            return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-
-        produced = 0
-        try:
-            if chat:
-                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            # token chunks are the hot path: a fixed JSON frame around the escaped text
-            head = json.dumps({"id": rid, "object": kind, "created": created, "model": model},
-                              separators=(",", ":"))[:-1].encode()
-            if chat:
-                pre, post = head + b',"choices":[{"index":0,"delta":{"content":', b'},"logprobs":null,'
-            else:
-                pre, post = head + b',"choices":[{"index":0,"text":', b',"logprobs":null,'
-            post += b'"finish_reason":null}]' + (b',"usage":null}' if include_usage else b"}")
-            eos = text.eos_token_id
-            while True:
-                item = await st.queue.get()
-                visible = [t for t in item.token_ids if t != eos]
-                # a client slower than the engine gets what accumulated in one chunk (as vLLM does)
-                while item.finish_reason is None and not st.queue.empty():
-                    item = st.queue.get_nowait()
-                    visible += [t for t in item.token_ids if t != eos]
-                produced += len(visible)
-                if visible:
-                    piece = json.dumps(text.detokenize(visible)).encode()
-                    yield b"data: " + pre + piece + post + b"\n\n"
-                if item.finish_reason is not None:
-                    final: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": item.finish_reason}
-                    if item.stop_reason is not None:
-                        final["stop_reason"] = item.stop_reason
-                    if chat:
-                        final["delta"] = {}
-                    else:
-                        final["text"] = ""
-                    yield chunk([final])
-                    break
-            if include_usage:
-                yield chunk([], _usage(st, produced))
-            yield b"data: [DONE]\n\n"
-        finally:
-            runner.abort(st.req)
+        handoff = req.kv_handoff
+        if handoff is not None:  # a prefill engine: what the decode side needs to pull this request's KV
+            out["kv_transfer_params"] = {
+                "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": info.instance_id,
+                "remote_request_id": handoff.req_id, "remote_host": info.url, "num_tokens": handoff.num_tokens,
+                "num_bytes": handoff.num_bytes,
+            }
+        return out
 
     return app

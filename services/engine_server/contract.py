@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.bus import subjects
-from shared.bus.messages import EngineMetrics
+from shared.bus.messages import EngineKVEvents, EngineMetrics
 from shared.host.contract import Contract, Emits
 
 CONTRACT = Contract(
@@ -13,5 +13,7 @@ CONTRACT = Contract(
     emits=(
         Emits(subjects.ENGINE_METRICS_ALL, EngineMetrics, "running/waiting requests and KV-cache use, every "
               "50-100 ms, on gantry.engine.metrics.<instance id>"),
+        Emits(subjects.ENGINE_KV_EVENTS_ALL, EngineKVEvents, "KV-cache events (vLLM's schema) after each step "
+              "that changed the prefix cache, numbered per instance, on gantry.engine.kv.<instance id>"),
     ),
 )

@@ -1,85 +1,138 @@
-"""Prometheus text exposition of the server's figures under vLLM's metric names."""
+"""Prometheus exposition of the server's figures under vLLM's metric names (v1 engine, ``vllm/v1/metrics``).
+
+The hot path keeps its own cheap counters and histograms (one ITL observation per step for all streams
+that decoded in it); a :class:`EngineCollector` turns them into metric families when ``/metrics`` is read,
+and prometheus-client writes the text (names, label escaping, cumulative buckets).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.engine_server.figures import ClockLag, RequestHistograms
+from shared.core.engine import Engine
 from shared.core.engine.stats import Histogram
 
-
-@dataclass(slots=True)
-class RequestHistograms:
-    """Per-request latency histograms (seconds of model time)."""
-
-    ttft: Histogram = field(default_factory=Histogram)
-    itl: Histogram = field(default_factory=Histogram)
-    e2e: Histogram = field(default_factory=Histogram)
-    queue: Histogram = field(default_factory=Histogram)
-    prompt_len: Histogram = field(default_factory=lambda: Histogram(
-        (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)))
-    output_len: Histogram = field(default_factory=lambda: Histogram(
-        (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)))
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _labels(labels: dict[str, str]) -> str:
-    return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+class FigureSource(Protocol):
+    """What the collector reads: the runner's engine, histograms and clock lag."""
+
+    engine: Engine
+    hists: RequestHistograms
+    lag: ClockLag
 
 
-def _hist(lines: list[str], name: str, help_: str, h: Histogram, labels: dict[str, str]) -> None:
-    lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+@dataclass(frozen=True, slots=True)
+class LoraInfo:
+    """What ``vllm:lora_requests_info`` reports: the slot count and adapters running / waiting."""
+
+    max_lora: int = 0
+    running: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
+
+
+def _histogram(name: str, doc: str, h: Histogram, labels: dict[str, str]) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=list(labels))
     acc = 0
+    buckets: list[tuple[str, float]] = []
     for bound, count in zip(h.bounds, h.counts, strict=False):
         acc += count
-        lines.append(f"{name}_bucket{_labels({**labels, 'le': repr(float(bound))})} {acc}")
-    lines.append(f"{name}_bucket{_labels({**labels, 'le': '+Inf'})} {h.total}")
-    lines.append(f"{name}_sum{_labels(labels)} {h.sum}")
-    lines.append(f"{name}_count{_labels(labels)} {h.total}")
+        buckets.append((repr(float(bound)), acc))
+    buckets.append(("+Inf", h.total))
+    fam.add_metric(list(labels.values()), buckets, h.sum)
+    return fam
 
 
-def render_metrics(
-    *,
-    model_name: str,
-    running: int,
-    waiting: int,
-    kv_usage: float,
-    block_size: int,
-    num_gpu_blocks: int,
-    counters: dict[str, int],
-    finished_by_reason: dict[str, int],
-    hists: RequestHistograms,
-) -> str:
+def _one(kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, doc: str, value: float,
+         labels: dict[str, str]) -> Metric:
+    fam = kind(name, doc, labels=list(labels))
+    fam.add_metric(list(labels.values()), value)
+    return fam
+
+
+class EngineCollector(Collector):
+    """Reads a runner's engine on every scrape and yields vLLM's metric families."""
+
+    def __init__(self, runner: FigureSource, model_name: str, lora: Callable[[], LoraInfo] = LoraInfo) -> None:
+        self.runner = runner
+        self.labels = {"model_name": model_name, "engine": "0"}
+        self.lora = lora
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family, from the engine's current state."""
+        r, lab = self.runner, self.labels
+        s = r.engine.scheduler
+        c, h, lag = s.counters, r.hists, r.lag
+        g, k = GaugeMetricFamily, CounterMetricFamily
+        yield _one(g, "vllm:num_requests_running", "Number of requests in model execution batches.",
+                   len(s.running), lab)
+        yield _one(g, "vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting, lab)
+        yield _one(g, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_usage, lab)
+        yield _one(g, "vllm:gpu_cache_usage_perc", "GPU KV-cache usage (pre-v0.10 name). 1 means 100 percent.",
+                   s.kv_usage, lab)
+        cfg = s.config
+        yield _one(g, "vllm:cache_config_info", "Information of the KV cache config.", 1,
+                   {**lab, "block_size": str(cfg.block_size), "num_gpu_blocks": str(cfg.num_gpu_blocks),
+                    "enable_prefix_caching": str(cfg.enable_prefix_caching)})
+        lo = self.lora()
+        yield _one(g, "vllm:lora_requests_info", "Running stats on LoRA requests (value: when sampled).",
+                   time.time(), {"max_lora": str(lo.max_lora), "running_lora_adapters": ",".join(lo.running),
+                                 "waiting_lora_adapters": ",".join(lo.waiting)})
+        yield _one(k, "vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", c.prefix_queries, lab)
+        yield _one(k, "vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", c.prefix_hits, lab)
+        yield _one(k, "vllm:num_preemptions", "Cumulative number of preemptions.", c.preemptions, lab)
+        yield _one(k, "vllm:prompt_tokens", "Number of prefill tokens processed.", c.prompt_tokens, lab)
+        yield _one(k, "vllm:generation_tokens", "Number of generation tokens processed.", c.generation_tokens, lab)
+        yield _one(k, "vllm:prompt_tokens_cached", "Prompt tokens served from the prefix cache.",
+                   h.cached_prompt_tokens, lab)
+        done = k("vllm:request_success", "Count of successfully processed requests.",
+                 labels=[*lab, "finished_reason"])
+        for reason in ("stop", "length", "abort"):
+            done.add_metric([*lab.values(), reason], c.finished_by_reason.get(reason, 0))
+        yield done
+        for name, doc, hist in (
+            ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", h.ttft),
+            ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", h.itl),
+            ("vllm:time_per_output_token_seconds", "Histogram of time per output token (pre-v0.11 name).", h.itl),
+            ("vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.",
+             h.tpot),
+            ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", h.e2e),
+            ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", h.queue),
+            ("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", h.prefill),
+            ("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", h.decode),
+            ("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
+             h.inference),
+            ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", h.prompt_len),
+            ("vllm:request_generation_tokens", "Number of generation tokens processed.", h.output_len),
+            ("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", h.iteration_tokens),
+        ):
+            yield _histogram(name, doc, hist, lab)
+        yield _one(g, "gantry:engine_clock_lag_seconds",
+                   "Wall seconds the last step's tokens went out after their emulated time.", lag.last_s, lab)
+        yield _one(g, "gantry:engine_clock_lag_max_seconds", "Largest such lag since start.", lag.max_s, lab)
+        yield _one(k, "gantry:engine_clock_resyncs", "Steps that fell too far behind the emulated clock to catch up.",
+                   lag.resyncs, lab)
+        yield _one(k, "gantry:engine_loop_busy_seconds", "Wall seconds the step loop spent working, not sleeping.",
+                   lag.busy_s, lab)
+        yield _one(k, "gantry:engine_steps", "Engine steps run.", lag.steps, lab)
+
+
+def registry_for(collector: EngineCollector) -> CollectorRegistry:
+    """A registry of its own per server (several embedded servers may share a process)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+    return reg
+
+
+def render(registry: CollectorRegistry) -> bytes:
     """The ``/metrics`` body."""
-    lab = {"model_name": model_name}
-    lines: list[str] = []
-
-    def gauge(name: str, help_: str, value: float, labels: dict[str, str] = lab) -> None:
-        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name}{_labels(labels)} {value}"])
-
-    def counter(name: str, help_: str, value: float) -> None:
-        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name}{_labels(lab)} {value}"])
-
-    gauge("vllm:num_requests_running", "Number of requests in model execution batches.", running)
-    gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", waiting)
-    gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv_usage)
-    gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage (pre-v0.10 name). 1 means 100 percent.", kv_usage)
-    gauge("vllm:cache_config_info", "Information of the KV cache config.", 1,
-          {**lab, "block_size": str(block_size), "num_gpu_blocks": str(num_gpu_blocks)})
-    counter("vllm:prefix_cache_queries_total", "Prefix cache queries, in tokens.", counters["prefix_queries"])
-    counter("vllm:prefix_cache_hits_total", "Prefix cache hits, in tokens.", counters["prefix_hits"])
-    counter("vllm:num_preemptions_total", "Cumulative number of preemptions.", counters["preemptions"])
-    counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", counters["prompt_tokens"])
-    counter("vllm:generation_tokens_total", "Number of generation tokens processed.", counters["generation_tokens"])
-    lines += ["# HELP vllm:request_success_total Count of successfully processed requests.",
-              "# TYPE vllm:request_success_total counter"]
-    for reason in ("stop", "length", "abort"):
-        lines.append(f"vllm:request_success_total{_labels({**lab, 'finished_reason': reason})} "
-                     f"{finished_by_reason.get(reason, 0)}")
-    _hist(lines, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", hists.ttft, lab)
-    _hist(lines, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", hists.itl, lab)
-    _hist(lines, "vllm:time_per_output_token_seconds", "Histogram of time per output token (old name).",
-          hists.itl, lab)
-    _hist(lines, "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", hists.e2e, lab)
-    _hist(lines, "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase.", hists.queue, lab)
-    _hist(lines, "vllm:request_prompt_tokens", "Number of prefill tokens processed.", hists.prompt_len, lab)
-    _hist(lines, "vllm:request_generation_tokens", "Number of generation tokens processed.", hists.output_len, lab)
-    return "\n".join(lines) + "\n"
+    return generate_latest(registry)

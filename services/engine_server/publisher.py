@@ -1,55 +1,123 @@
-"""Pushes the server's load on NATS every 50-100 ms (routing spec §1, model-server protocol)."""
+"""Pushes the server's state on NATS (routing spec §1, model-server protocol): its load every 50-100 ms
+(EngineMetrics) and its KV-cache events after every step that changed the prefix cache (EngineKVEvents).
+
+The step loop only queues KV batches (:meth:`Publisher.take_kv_events` runs after each step); a task sends
+them, numbered, so the loop never waits on NATS. While NATS is unreachable, at most ``MAX_KV_BACKLOG``
+batches wait; older ones are dropped and the numbering shows the gap to consumers.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import deque
 
 import nats
 from nats.aio.client import Client as NatsClient
 
 from services.engine_server.runner import EngineRunner
 from shared.bus import subjects
-from shared.bus.messages import EngineMetrics, encode
+from shared.bus.messages import EngineKVEvents, EngineMetrics, encode
+from shared.core.kv_events import KVEventBatch
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gantry.engine_server")
+
+MAX_KV_BACKLOG = 10_000
 
 
 def snapshot(runner: EngineRunner, instance_id: str, model: str, url: str) -> EngineMetrics:
     """The current figures as a bus message."""
     s = runner.engine.scheduler
     c = s.counters
+    lora = s.lora_stats()
     return EngineMetrics(
         instance_id=instance_id, model=model, url=url, ts=time.time(),
         num_requests_running=len(s.running), num_requests_waiting=s.num_waiting,
         kv_cache_usage_perc=s.kv_usage, block_size=s.config.block_size, num_gpu_blocks=s.config.num_gpu_blocks,
+        running_loras=list(lora.running), waiting_loras=list(lora.waiting), max_loras=lora.max_loras,
         prefix_cache_queries=c.prefix_queries, prefix_cache_hits=c.prefix_hits, num_preemptions=c.preemptions,
-        prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens,
+        prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens, role=s.config.role.value,
+        num_requests_waiting_for_remote_kv=len(s.remote_wait), clock_lag_s=max(runner.lag.last_s, 0.0),
     )
 
 
-async def publish_loop(
-    runner: EngineRunner, nats_url: str, instance_id: str, model: str, url: str, interval_s: float = 0.075
-) -> None:
-    """Connect (retrying) and publish EngineMetrics until cancelled; a NATS outage never stops serving."""
-    subject = subjects.engine_metrics(instance_id)
-    nc: NatsClient | None = None
-    try:
-        while True:
-            if nc is None or not nc.is_connected:
-                try:
-                    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=-1)
-                except Exception as err:
-                    log.warning("metrics publisher: cannot reach NATS at %s: %s", nats_url, err)
-                    nc = None
-                    await asyncio.sleep(1.0)
-                    continue
+class Publisher:
+    """One server's NATS publisher: metrics on a timer, KV events as steps make them."""
+
+    def __init__(self, runner: EngineRunner, nats_url: str, instance_id: str, model: str, url: str,
+                 interval_s: float = 0.075) -> None:
+        self.runner, self.nats_url, self.instance_id = runner, nats_url, instance_id
+        self.model, self.url, self.interval_s = model, url, interval_s
+        self.kv: deque[KVEventBatch] = deque()
+        self.kv_seq = 0  # number of the next KV message
+        self.kv_dropped = 0
+        self._kv_ready = asyncio.Event()
+        self._nc: NatsClient | None = None
+
+    def queue_kv(self, batch: KVEventBatch) -> None:
+        """Queue one step's KV events for publishing (runs on the step loop; no I/O)."""
+        if len(self.kv) >= MAX_KV_BACKLOG:
+            self.kv.popleft()
+            self.kv_dropped += 1
+            self.kv_seq += 1  # the dropped batch keeps its number: consumers see the gap
+        self.kv.append(batch)
+        self._kv_ready.set()
+
+    async def run(self) -> None:
+        """Connect (retrying) and publish until cancelled; a NATS outage never stops serving."""
+        tasks = [asyncio.create_task(self._metrics_loop()), asyncio.create_task(self._kv_loop())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            if self._nc is not None and self._nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await self._nc.drain()
+
+    async def _client(self) -> NatsClient:
+        while self._nc is None or not self._nc.is_connected:
+            if self._nc is not None and self._nc.is_reconnecting:
+                await asyncio.sleep(0.1)
+                continue
             try:
-                await nc.publish(subject, encode(snapshot(runner, instance_id, model, url)))
+                self._nc = await nats.connect(self.nats_url, connect_timeout=2, max_reconnect_attempts=-1)
             except Exception as err:
-                log.warning("metrics publisher: publish failed: %s", err)
-            await asyncio.sleep(interval_s)
-    finally:
-        if nc is not None and nc.is_connected:
-            await nc.drain()
+                log.warning("publisher: cannot reach NATS at %s: %s", self.nats_url, err)
+                await asyncio.sleep(1.0)
+        return self._nc
+
+    async def _metrics_loop(self) -> None:
+        subject = subjects.engine_metrics(self.instance_id)
+        while True:
+            nc = await self._client()
+            try:
+                await nc.publish(subject, encode(snapshot(self.runner, self.instance_id, self.model, self.url)))
+            except Exception as err:
+                log.warning("publisher: metrics publish failed: %s", err)
+            await asyncio.sleep(self.interval_s)
+
+    async def _kv_loop(self) -> None:
+        subject = subjects.engine_kv_events(self.instance_id)
+        while True:
+            if not self.kv:
+                self._kv_ready.clear()
+                await self._kv_ready.wait()
+                continue
+            nc = await self._client()
+            batch = self.kv[0]
+            msg = EngineKVEvents(instance_id=self.instance_id, model=self.model, seq=self.kv_seq, batch=batch)
+            try:
+                await nc.publish(subject, encode(msg))
+            except Exception as err:
+                log.warning("publisher: KV events publish failed (will retry): %s", err)
+                await asyncio.sleep(0.1)
+                continue
+            if self.kv and self.kv[0] is batch:
+                self.kv.popleft()
+                self.kv_seq += 1

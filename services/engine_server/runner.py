@@ -1,38 +1,78 @@
 """Drives one :class:`Engine` in real time: sleeps ``t_step / speedup`` per step, streams tokens out.
 
 The engine's clock is model time: ``(monotonic − start) × speedup``. Requests, aborts and metrics reads
-happen between steps, never inside one (aborts that arrive mid-step are applied after it).
+happen between steps, never inside one (aborts that arrive mid-step are applied after it). A request that
+arrives while a step is in flight joins the next step at the earliest, which starts when the in-flight one
+ends; if the loop is late (the in-flight step's end has passed in wall time), the request arrives, in the
+engine's clock, at that end: the engine's clock is then behind the wall clock and says so (lag metric).
+
+Tokens leave in one pass per step: the loop hands each sampled token to its stream's :class:`TokenSink`,
+which (for an HTTP stream) writes the pre-encoded SSE chunk straight to the connection. No task wakes up per
+token; the HTTP handler of a stream wakes once at the start and once at the end.
+
+When the process cannot keep up (CPU-starved, or too many streams), steps end later in wall time than the
+model says: the **emulated-clock lag** (wall time of a step's token emission minus its model deadline) is
+recorded, and a warning is logged when a step falls more than ``MAX_LAG_S`` behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from services.engine_server.prometheus import RequestHistograms
+from services.engine_server.figures import ClockLag, RequestHistograms
 from shared.core.engine import Engine, FinishReason, Request, RequestStatus
 
-MAX_LAG_S = 0.010
+log = logging.getLogger("gantry.engine_server")
+
+MAX_LAG_S = 0.100
+"""Wall seconds the loop may trail the emulated clock and still catch up (running the late steps back to back,
+so the average token rate stays the model's); beyond it the chain restarts at 'now' and that time is lost."""
+WARN_EVERY_S = 10.0
+
+
+class TokenSink(Protocol):
+    """Where one request's tokens go (an HTTP stream, a collector, a test)."""
+
+    def token(self, token_id: int) -> bool:
+        """Take one sampled token; False when the consumer is gone (the request is then aborted)."""
+        ...
+
+    def finish(self, req: Request, reason: str, stop_reason: int | None) -> None:
+        """The request ended (stop, length or abort)."""
+        ...
 
 
 @dataclass(slots=True)
-class StreamItem:
-    """New tokens for one request, and its finish reason once it is done."""
+class CollectSink:
+    """Collects a request's tokens and resolves ``done`` at the end (non-streaming responses, tests)."""
 
-    token_ids: list[int]
-    finish_reason: str | None = None
-    stop_reason: int | None = None
+    token_ids: list[int] = field(default_factory=list)
+    done: asyncio.Future[tuple[str, int | None]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def token(self, token_id: int) -> bool:
+        """Keep the token."""
+        self.token_ids.append(token_id)
+        return True
+
+    def finish(self, req: Request, reason: str, stop_reason: int | None) -> None:
+        """Resolve ``done`` with the finish and stop reasons."""
+        if not self.done.done():
+            self.done.set_result((reason, stop_reason))
 
 
 @dataclass(slots=True)
 class Stream:
-    """A client's view of one request."""
+    """One request in flight and where its tokens go."""
 
     req: Request
-    queue: asyncio.Queue[StreamItem] = field(default_factory=asyncio.Queue)
+    sink: TokenSink
     last_token_time: float = -1.0
     done: bool = False
 
@@ -49,10 +89,14 @@ class EngineRunner:
         self.t0 = clock()
         self.streams: dict[str, Stream] = {}
         self.hists = RequestHistograms()
+        self.lag = ClockLag()
         self._wake = asyncio.Event()
         self._aborts: list[Request] = []
         self._task: asyncio.Task[None] | None = None
         self._next_uid = 0
+        self._in_flight_end = -1.0  # model time the in-flight step ends; -1 while no step is in flight
+        self._prev_end = -1.0  # model time the previous step's tokens went out
+        self.on_flush: list[Callable[[], None]] = []  # run after each step's tokens were handed to the sinks
 
     def model_now(self) -> float:
         """Current model time (seconds since start, times ``speedup``)."""
@@ -70,13 +114,15 @@ class EngineRunner:
                 await self._task
             self._task = None
 
-    def submit(self, req: Request) -> Stream:
+    def submit(self, req: Request, sink: TokenSink) -> Stream:
         """Enqueue ``req`` arriving now; raises ValueError if the engine cannot serve it."""
-        req.arrival_time = self.model_now()
+        now = self.model_now()
+        end = self._in_flight_end
+        req.arrival_time = end if 0 <= end < now else now  # never before the step it can first join
         req.uid = self._next_uid
-        self._next_uid += 1
         self.engine.add_request(req)
-        st = Stream(req)
+        self._next_uid += 1
+        st = Stream(req, sink)
         self.streams[req.req_id] = st
         self._wake.set()
         return st
@@ -103,31 +149,93 @@ class EngineRunner:
             # MAX_LAG_S of wall time (overload) resynchronises, and then its steps honestly start late.
             now = self.model_now()
             if eng.now < now - MAX_LAG_S * self.speedup:
+                self._fell_behind((now - eng.now) / self.speedup)
                 eng.now = now
             start = eng.now
+            w0 = self.clock()
             out, d = eng.schedule_step()
-            delay = self.t0 + (start + d) / self.speedup - self.clock()
-            await asyncio.sleep(delay if delay > 0 else 0)
+            if not out.scheduled:
+                eng.finish_step(out, start, 0.0)
+                for flush in self.on_flush:
+                    flush()
+                await self._idle_until(eng.scheduler.next_wakeup())
+                continue
+            deadline = self.t0 + (start + d) / self.speedup
+            w1 = self.clock()
+            self._in_flight_end = start + d
+            try:
+                await asyncio.sleep(deadline - w1 if deadline > w1 else 0)
+            finally:
+                self._in_flight_end = -1.0
+            w2 = self.clock()
             finished = eng.finish_step(out, start, d)
             self._emit(out.sampling, start + d)
             for req in finished:
                 self._close(req)
+            for flush in self.on_flush:
+                flush()
+            self.hists.iteration_tokens.observe(out.num_tokens)
+            w3 = self.clock()
+            lag = self.lag
+            lag.record(w3 - deadline)
+            lag.busy_s += (w1 - w0) + (w3 - w2)
+            lag.steps += 1
+
+    async def _idle_until(self, wakeup: float | None) -> None:
+        """Nothing can run (every request waits for remote KV): sleep until a request comes or a transfer ends."""
+        self._wake.clear()
+        timeout = None if wakeup is None else max(self.t0 + wakeup / self.speedup - self.clock(), 0.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        now = self.model_now()
+        eng = self.engine
+        target = now if wakeup is None else min(now, wakeup)
+        if target > eng.now:
+            eng.now = target
+
+    def _fell_behind(self, lag_s: float) -> None:
+        lag = self.lag
+        lag.resyncs += 1
+        lag.record(lag_s)
+        wall = self.clock()
+        if wall - lag._warned_at >= WARN_EVERY_S:
+            lag._warned_at = wall
+            log.warning(
+                "engine loop fell %.1f ms behind the emulated clock with %d streams (%d times so far): "
+                "this process cannot keep up, and clients see slower tokens than the model",
+                1e3 * lag_s, len(self.streams), lag.resyncs,
+            )
 
     def _emit(self, sampled: list[Request], t: float) -> None:
         streams, hists = self.streams, self.hists
+        prev, steady = self._prev_end, 0
+        gone: list[Request] = []
+        running, finished = RequestStatus.RUNNING, RequestStatus.FINISHED
         for req in sampled:
             st = streams.get(req.req_id)
-            if st is None or req.status not in (RequestStatus.RUNNING, RequestStatus.FINISHED):
+            if st is None or (req.status is not running and req.status is not finished):
                 continue
             toks = req.all_token_ids
             assert toks is not None
-            st.queue.put_nowait(StreamItem([toks[-1]]))
-            if st.last_token_time < 0:
+            if not st.sink.token(toks[-1]):
+                gone.append(req)
+            last = st.last_token_time
+            if last < 0:
                 hists.ttft.observe(t - req.arrival_time)
                 hists.queue.observe(req.queue_time)
+                hists.prefill.observe(t - req.first_scheduled_time)
+                if req.num_cached_tokens > 0:
+                    hists.cached_prompt_tokens += req.num_cached_tokens
+            elif last == prev:
+                steady += 1  # decoded in the previous step too: same gap for all of these
             else:
-                hists.itl.observe(t - st.last_token_time)
+                hists.itl.observe(t - last)
             st.last_token_time = t
+        if steady:
+            hists.itl.observe(t - prev, steady)
+        self._prev_end = t
+        for req in gone:
+            self.abort(req)
 
     def _close(self, req: Request) -> None:
         st = self.streams.pop(req.req_id, None)
@@ -135,11 +243,9 @@ class EngineRunner:
             return
         st.done = True
         reason = req.finish_reason or FinishReason.LENGTH
-        st.queue.put_nowait(StreamItem([], reason.value, req.stop_reason))
         if reason is not FinishReason.ABORT:
-            self.hists.e2e.observe(req.e2e)
-            self.hists.prompt_len.observe(req.prompt_len)
-            self.hists.output_len.observe(req.num_output_tokens)
+            self.hists.finished(req, st.last_token_time)
+        st.sink.finish(req, reason.value, req.stop_reason)
 
     def _apply_aborts(self) -> None:
         aborts, self._aborts = self._aborts, []
@@ -147,3 +253,5 @@ class EngineRunner:
         for req in aborts:
             self.engine.scheduler.abort(req, now)
             self._close(req)
+        for flush in self.on_flush:
+            flush()

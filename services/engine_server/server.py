@@ -5,23 +5,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.engine_server.api import ServerInfo, create_app
-from services.engine_server.publisher import publish_loop
+from services.engine_server.publisher import Publisher
 from services.engine_server.runner import EngineRunner
+from services.engine_server.sse import TRANSPORT_KEY
 from services.engine_server.textgen import TextModel
+from services.engine_server.zmq_events import ZmqKVPublisher
 from shared.assets.tokenizer import TOKENIZER_DIR
 from shared.catalog import load_gpu_spec, load_model_arch
-from shared.core.engine import Engine, RooflineStepTime, SchedulerConfig
+from shared.core.engine import Engine, KVLink, RooflineStepTime, SchedulerConfig
 from shared.core.engine.step_time import RooflineParams
+from shared.core.roles import NodeRole
+
+log = logging.getLogger("gantry.engine_server")
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> bool:
@@ -35,12 +43,51 @@ def set_nodelay(transport: asyncio.BaseTransport) -> bool:
     return False
 
 
+def _with_transport(protocol: Any) -> None:
+    """Wrap ``protocol.app`` so each request's scope carries the connection's transport (:data:`TRANSPORT_KEY`)."""
+    inner = protocol.app
+
+    async def with_transport(scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault("extensions", {})[TRANSPORT_KEY] = protocol.transport
+        await inner(scope, receive, send)
+
+    protocol.app = with_transport
+
+
 class NoDelayH11Protocol(H11Protocol):
-    """HTTP/1.1 protocol that disables Nagle on every connection, so streamed tokens leave at once."""
+    """HTTP/1.1 protocol (h11) that disables Nagle on every connection, so streamed tokens leave at once, and
+    hands the connection's transport to the app (scope extension :data:`TRANSPORT_KEY`) so token streams can
+    write their chunks directly, one write per stream per engine step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _with_transport(self)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         set_nodelay(transport)
         super().connection_made(transport)
+
+
+def _http_protocol() -> type[asyncio.Protocol]:
+    """The httptools-based protocol when httptools is installed (its C parser takes a request in for less CPU
+    than h11), else the h11 one; both with TCP_NODELAY and the transport in the scope."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # pragma: no cover - depends on the install
+        return NoDelayH11Protocol
+
+    class NoDelayHttpToolsProtocol(HttpToolsProtocol):
+        """As :class:`NoDelayH11Protocol`, on httptools."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            _with_transport(self)
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            set_nodelay(transport)
+            super().connection_made(transport)
+
+    return NoDelayHttpToolsProtocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,60 +113,113 @@ class ServerOptions:
     instance_id: str = "engine-0"
     metrics_interval_s: float = 0.075
     gpu_mem_util: float = 0.9
+    max_loras: int = 0
+    max_cpu_loras: int | None = None
+    lora_modules: tuple[str, ...] = ()
+    lora_load_s: float = 0.05
+    role: str = "mixed"  # prefill | decode | mixed (P/D disaggregation)
+    kv_link_gbps: float = 400.0  # KV transfer link between prefill and decode engines, Gbit/s
+    kv_link_latency_s: float = 0.0
+    kv_events: bool = True  # publish KV-cache events (with a NATS URL)
+    kv_events_zmq: str | None = None  # also on a ZMQ PUB socket bound here (vLLM's wire format)
+    kv_events_topic: str = ""
+    access_log: bool = True
 
 
-def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
-    """Engine, runner and app for ``opts`` (the runner starts with the app's lifespan)."""
+def build_engine(opts: ServerOptions, *, fast_forward: bool = False) -> Engine:
+    """The engine ``opts`` describe (the server's, or a virtual-time twin of it for benchmarks)."""
     arch, gpu = load_model_arch(opts.model), load_gpu_spec(opts.gpu)
     step = RooflineStepTime(arch, gpu, tp=opts.tp, params=RooflineParams(gpu_mem_utilization=opts.gpu_mem_util))
     blocks = opts.num_gpu_blocks or step.kv_capacity_blocks(opts.block_size) + 1
     if blocks < 2:
         raise ValueError(f"{arch.key} does not fit on {opts.tp}x {gpu.key}: no memory left for the KV cache")
     max_len = opts.max_model_len or min(arch.max_position_embeddings or 1 << 30, (blocks - 1) * opts.block_size)
+    if opts.lora_modules and opts.max_loras < 1:
+        raise ValueError("--lora-modules needs --max-loras >= 1")
     cfg = SchedulerConfig(
         block_size=opts.block_size, num_gpu_blocks=blocks, max_num_seqs=opts.max_num_seqs,
         max_num_batched_tokens=opts.max_num_batched_tokens, enable_prefix_caching=opts.enable_prefix_caching,
         policy=opts.policy,  # type: ignore[arg-type]
         max_model_len=max_len,
+        enable_kv_events=(opts.kv_events and opts.nats_url is not None) or opts.kv_events_zmq is not None,
+        max_loras=opts.max_loras, max_cpu_loras=opts.max_cpu_loras, role=NodeRole(opts.role),
     )
-    engine = Engine(cfg, step, fast_forward=False)
+    link = KVLink(opts.kv_link_gbps * 1e9 / 8, opts.kv_link_latency_s) if opts.role != "mixed" else None
+    return Engine(cfg, step, fast_forward=fast_forward, lora_load_s=opts.lora_load_s, kv_link=link)
+
+
+def startup_line(opts: ServerOptions, info: ServerInfo, engine: Engine) -> str:
+    """What the server says when it is up (one line, as vLLM's "Starting vLLM API server ... on ...")."""
+    cfg = engine.scheduler.config
+    extra = ""
+    if opts.max_loras:
+        extra += f", max_loras {opts.max_loras}, adapters [{', '.join(opts.lora_modules)}]"
+    if opts.role != "mixed":
+        extra += f", P/D role {opts.role}, KV link {opts.kv_link_gbps:g} Gbit/s"
+    return (f"Gantry emulated model server {info.instance_id}: serving {info.served_model_name!r} (emulating "
+            f"{info.catalog_model} on {opts.tp}x {info.gpu}, speedup {opts.speedup:g}) at {info.url}; "
+            f"{cfg.num_gpu_blocks} KV blocks of {cfg.block_size} tokens, max_model_len {info.max_model_len}, "
+            f"max_num_seqs {cfg.max_num_seqs}{extra}"
+            + (f"; publishing on NATS {opts.nats_url}" if opts.nats_url else ""))
+
+
+def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
+    """Engine, runner and app for ``opts`` (the runner starts with the app's lifespan)."""
+    arch, gpu = load_model_arch(opts.model), load_gpu_spec(opts.gpu)
+    engine = build_engine(opts)
+    max_len = engine.scheduler.config.model_len_limit
     runner = EngineRunner(engine, speedup=opts.speedup)
     name = opts.served_model_name or arch.key
     url = f"http://{opts.host}:{opts.port}"
     info = ServerInfo(served_model_name=name, model_path=str(TOKENIZER_DIR), catalog_model=arch.key,
                       gpu=gpu.key, tp=opts.tp, speedup=opts.speedup, max_model_len=max_len, url=url,
-                      created=int(time.time()))
+                      created=int(time.time()), lora_modules=opts.lora_modules, instance_id=opts.instance_id)
     app = create_app(runner, TextModel(opts.mean_output_len), info)
+    pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s) if opts.nats_url \
+        else None
+    zmq_pub = ZmqKVPublisher(opts.kv_events_zmq, opts.kv_events_topic) if opts.kv_events_zmq else None
+    kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
+    if zmq_pub is not None:
+        kv_sinks.append(zmq_pub.publish)
+    if kv_sinks:
+        def fan_out_kv_events() -> None:
+            batch = engine.take_kv_events()
+            if batch is not None:
+                for sink in kv_sinks:
+                    sink(batch)
+
+        runner.on_flush.append(fan_out_kv_events)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         runner.t0 = runner.clock()
         runner.start()
-        pub = None
-        if opts.nats_url:
-            pub = asyncio.create_task(
-                publish_loop(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s)
-            )
+        task = asyncio.create_task(pub.run()) if pub is not None else None
+        log.info("%s", startup_line(opts, info, engine))
         try:
             yield
         finally:
-            if pub is not None:
-                pub.cancel()
+            if task is not None:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await pub
+                    await task
             await runner.stop()
+            app.state.writer.close()
+            if zmq_pub is not None:
+                zmq_pub.close()
 
     app.router.lifespan_context = lifespan
     return app, runner
 
 
 def _uvicorn_config(app: FastAPI, opts: ServerOptions) -> uvicorn.Config:
-    return uvicorn.Config(app, host=opts.host, port=opts.port, http=NoDelayH11Protocol, log_level="warning",
-                          lifespan="on")
+    return uvicorn.Config(app, host=opts.host, port=opts.port, http=_http_protocol(), log_level="info",
+                          access_log=opts.access_log, lifespan="on")
 
 
 def serve(opts: ServerOptions) -> None:
     """Run the server until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     app, _ = build(opts)
     uvicorn.Server(_uvicorn_config(app, opts)).run()
 
@@ -178,13 +278,35 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--nats-url", default=None, help="publish EngineMetrics on this NATS server")
     p.add_argument("--instance-id", default=d.instance_id)
     p.add_argument("--metrics-interval", type=float, default=d.metrics_interval_s, help="seconds between pushes")
+    p.add_argument("--no-kv-events", action="store_true", help="do not publish KV-cache events on NATS")
+    p.add_argument("--kv-events-zmq", default=None, metavar="ENDPOINT",
+                   help="also publish KV events on a ZMQ PUB socket bound here, vLLM's format (e.g. tcp://*:5557)")
+    p.add_argument("--kv-events-topic", default="", help="ZMQ topic frame of KV events (vLLM's default: empty)")
+    p.add_argument("--max-loras", type=int, default=d.max_loras, help="LoRA adapters per batch (0 = LoRA off)")
+    p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded (default max-loras)")
+    p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME[=PATH]",
+                   help="adapters served beside the base model (vLLM's NAME=PATH form; the path is ignored)")
+    p.add_argument("--lora-load-time", type=float, default=d.lora_load_s, help="seconds to load an adapter")
+    p.add_argument("--role", choices=["mixed", "prefill", "decode"], default=d.role,
+                   help="P/D disaggregation: prefill-only or decode-only engine")
+    p.add_argument("--kv-link-gbps", type=float, default=d.kv_link_gbps,
+                   help="P/D: KV transfer bandwidth between prefill and decode engines (Gbit/s)")
+    p.add_argument("--kv-link-latency", type=float, default=d.kv_link_latency_s, help="P/D: seconds per transfer")
+    p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no access log line per request")
     a = p.parse_args(argv)
     if a.speedup <= 0:
         p.error("--speedup must be > 0")
+    if a.kv_link_gbps <= 0 or a.kv_link_latency < 0 or a.lora_load_time < 0:
+        p.error("--kv-link-gbps must be > 0, --kv-link-latency and --lora-load-time >= 0")
+    loras = tuple(dict.fromkeys(m.split("=", 1)[0] for m in a.lora_modules))
     return ServerOptions(
         host=a.host, port=a.port, model=a.model, served_model_name=a.served_model_name, gpu=a.gpu, tp=a.tp,
         speedup=a.speedup, block_size=a.block_size, num_gpu_blocks=a.num_gpu_blocks, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         enable_prefix_caching=not a.no_prefix_caching, policy=a.policy, mean_output_len=a.mean_output_len,
         nats_url=a.nats_url, instance_id=a.instance_id, metrics_interval_s=a.metrics_interval,
+        kv_events=not a.no_kv_events, kv_events_zmq=a.kv_events_zmq, kv_events_topic=a.kv_events_topic,
+        max_loras=a.max_loras, max_cpu_loras=a.max_cpu_loras, lora_modules=loras,
+        lora_load_s=a.lora_load_time, role=a.role, kv_link_gbps=a.kv_link_gbps, kv_link_latency_s=a.kv_link_latency,
+        access_log=not a.disable_uvicorn_access_log,
     )

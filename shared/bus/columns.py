@@ -55,6 +55,7 @@ class CandidateSet(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     claim: int = 0
     claims: bytes = b""  # int64 per candidate when claims differ, else empty
     ram_claim: int = 0
+    cpu_claim: int = 0  # milli-cores
 
     def masks(self) -> npt.NDArray[np.uint64]:
         """The per-worker GPU masks."""
@@ -127,6 +128,7 @@ def fit_columns(
         claim=int(picked[0]) if uniform else 0,
         claims=b"" if uniform else picked.astype("<i8").tobytes(),
         ram_claim=batch.ram_claim,
+        cpu_claim=batch.cpu_claim,
     )
 
 
@@ -166,7 +168,7 @@ def score_columns(
     None when ``pos`` is stale, none still fits or a configured scorer has no vectorised form (use
     ``run_scoring``).
     """
-    return score_positions(snapshot, model, pos, cset.ram_claim, cset.strategy, profile)
+    return score_positions(snapshot, model, pos, cset.ram_claim, cset.strategy, profile, cset.cpu_claim)
 
 
 def as_candidates(cset: CandidateSet) -> list[Candidate]:
@@ -175,7 +177,7 @@ def as_candidates(cset: CandidateSet) -> list[Candidate]:
     return [
         Candidate(
             worker=cset.workers[w], gpu_indexes=(g,), vram_claims=(c,), ram_claim=cset.ram_claim,
-            strategy=cset.strategy,
+            strategy=cset.strategy, cpu_claim=cset.cpu_claim,
         )
         for w, g, c in zip(worker_of.tolist(), gpu_index.tolist(), claims.tolist(), strict=True)
     ]

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from shared.bus.columns import CandidateSet
+from shared.core.kv_events import KVEventBatch
 from shared.core.placement.domain import (
     Decision,
     FilterReport,
@@ -176,6 +177,7 @@ class FittedColumns(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     claim: int = 0
     claims: bytes = b""
     ram_claim: int = 0
+    cpu_claim: int = 0  # milli-cores
 
 
 class PlacementFitted(Message, frozen=True, kw_only=True):
@@ -201,7 +203,7 @@ class PlacementFitted(Message, frozen=True, kw_only=True):
         packed = {
             model: FittedColumns(
                 strategy=c.strategy, workers=sets.setdefault(c.workers, len(sets)), gpus=c.gpus, claim=c.claim,
-                claims=c.claims, ram_claim=c.ram_claim,
+                claims=c.claims, ram_claim=c.ram_claim, cpu_claim=c.cpu_claim,
             )
             for model, c in columns.items()
         }
@@ -214,7 +216,7 @@ class PlacementFitted(Message, frozen=True, kw_only=True):
             return None
         return CandidateSet(
             model=model, strategy=c.strategy, workers=self.worker_sets[c.workers], gpus=c.gpus, claim=c.claim,
-            claims=c.claims, ram_claim=c.ram_claim,
+            claims=c.claims, ram_claim=c.ram_claim, cpu_claim=c.cpu_claim,
         )
 
 
@@ -378,6 +380,24 @@ class EngineMetrics(Message, frozen=True, kw_only=True):
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    max_loras: int = 0  # LoRA slots per batch (vLLM's max_loras); 0 = LoRA off
+    role: str = "mixed"  # P/D role: prefill | decode | mixed (shared.core.roles.NodeRole)
+    num_requests_waiting_for_remote_kv: int = 0  # decode side: admitted, waiting for the prefill's KV
+    clock_lag_s: float = 0.0  # how far the emulated engine trails its clock (0 when it keeps time)
+
+
+class EngineKVEvents(Message, frozen=True, kw_only=True):
+    """A model server's KV-cache events since its previous message (vLLM's ``KVEventBatch``: blocks stored
+    with their chained hashes and parent, blocks removed, all cleared).
+
+    ``seq`` counts this instance's messages from 0 (restarting with the server): a consumer that sees a gap
+    lost events and should drop what it knows of this instance's cache (it is rebuilt as blocks are stored).
+    """
+
+    instance_id: str
+    model: str
+    seq: int
+    batch: KVEventBatch
 
 
 T = TypeVar("T", bound=msgspec.Struct)

@@ -99,3 +99,14 @@ def engine_metrics(instance: str) -> str:
     """Where the model server of ``instance`` publishes its EngineMetrics (one token per dotted part of the
     id: ``llama-3.1-8b-…`` spans three)."""
     return f"{ENGINE_METRICS}.{instance}"
+
+
+ENGINE_KV_EVENTS = f"{PREFIX}.engine.kv"
+"""EngineKVEvents (core NATS): a model server's KV-cache events (vLLM's schema), per step; one subject per
+instance below. Numbered per instance, so a consumer sees a gap and rebuilds that instance's index."""
+ENGINE_KV_EVENTS_ALL = f"{ENGINE_KV_EVENTS}.>"
+
+
+def engine_kv_events(instance: str) -> str:
+    """Where the model server of ``instance`` publishes its KV-cache events."""
+    return f"{ENGINE_KV_EVENTS}.{instance}"

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
+from nats.aio.msg import Msg
 from openai import AsyncOpenAI
 from tokenizers import Tokenizer
 
@@ -97,14 +98,14 @@ async def test_metrics_show_running_waiting_and_kv_usage_move_under_load(
     nc = await nats.connect(nats_server.url)
     pushed: list[EngineMetrics] = []
 
-    async def on_msg(msg: nats.aio.msg.Msg) -> None:
+    async def on_msg(msg: Msg) -> None:
         pushed.append(decode(msg.data, EngineMetrics))
 
     await nc.subscribe(subjects.engine_metrics("it-engine"), cb=on_msg)
     client = AsyncOpenAI(base_url=f"{engine_server}/v1", api_key="none")
 
     async def one(i: int) -> int:
-        r = await client.completions.create(model="m", prompt=f"request {i} " * 40, max_tokens=120,
+        r = await client.completions.create(model="llama-3.1-8b-instruct", prompt=f"request {i} " * 40, max_tokens=120,
                                             extra_body={"ignore_eos": True})
         assert r.usage is not None
         return r.usage.completion_tokens

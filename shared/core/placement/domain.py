@@ -58,8 +58,13 @@ class Category(StrEnum):
 
 
 class PlacementStrategy(StrEnum):
-    """Scale-up placement policy of a model."""
+    """Scale-up placement policy of a model.
 
+    ``spread`` and ``binpack`` are GPUStack's, decision for decision; ``auto`` (the default) is Gantry's:
+    the placement that strands the least GPU capacity, judged on GPUs, CPU and RAM together.
+    """
+
+    AUTO = "auto"
     SPREAD = "spread"
     BINPACK = "binpack"
 
@@ -94,6 +99,9 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     gpus: tuple[Gpu, ...] = ()
     ram_total: int = 0
     ram_used: int = 0
+    # CPU in milli-cores (1000 = one core); 0 = not reported, and CPU is then not checked on this worker
+    cpu_total: int = 0
+    cpu_used: int = 0
     last_heartbeat: float = 0.0
     cordoned: bool = False
     local_paths: tuple[str, ...] = ()
@@ -189,7 +197,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     backend_parameters: tuple[str, ...] = ()  # e.g. ("--tensor-parallel-size=2",)
     categories: tuple[Category, ...] = (Category.LLM,)
     replicas: int = 1
-    placement_strategy: PlacementStrategy = PlacementStrategy.SPREAD
+    placement_strategy: PlacementStrategy = PlacementStrategy.AUTO
     cluster: str = "default"
     worker_selector: dict[str, str] = {}
     gpu_selector: GpuSelector | None = None
@@ -197,6 +205,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     cpu_offloading: bool = False
     vram_claim: int | None = None  # explicit per-replica VRAM; wins over estimates
     ram_claim: int | None = None
+    cpu_claim: int | None = None  # milli-cores each worker of a replica needs
     weight_bytes: int | None = None  # W, when not derivable from a known config
     catalog_model: str | None = None  # key in the model-config catalogue, when the name is not one
     dtype: str = "bfloat16"
@@ -211,6 +220,7 @@ class SubordinateWorker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     gpu_indexes: tuple[int, ...]
     vram_claims: tuple[int, ...]  # parallel to gpu_indexes
     ram_claim: int = 0
+    cpu_claim: int = 0  # milli-cores
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -225,6 +235,7 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     total_layers: int | None = None
     offload_layers: int | None = None
     overcommit: str | None = None  # why this manual placement overcommits, if it does
+    cpu_claim: int = 0  # milli-cores on the main worker (subordinates carry their own)
 
 
 class Instance(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -242,6 +253,7 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     offload_layers: int | None = None
     reason: str | None = None  # why it is PENDING / ERROR
     created_at: float = 0.0
+    cpu_claim: int = 0  # milli-cores on the main worker
 
 
 class ModelFile(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -298,6 +310,7 @@ class ResourceRequest(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     vram: int  # V: bytes the replica's GPUs must provide together for a full offload
     ram: int = 0  # RAM claimed on each worker of a GPU placement
+    cpu: int = 0  # milli-cores claimed on each worker of a placement
     gpu_memory_utilization: float = 0.0  # > 0: claim this fraction of every GPU used (vLLM, SGLang)
     gpu_count: int | None = None  # world size asked for by parallel sizes or the GPU selector
     attention_heads: int | None = None  # tensor-parallel sizes must divide these (when known)

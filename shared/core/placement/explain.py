@@ -10,6 +10,7 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext, gpu_type_matches
 from shared.core.placement.domain import FilterReport
+from shared.core.placement.fitting.multi_worker import MultiWorker
 from shared.core.placement.requirements import gib
 from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, IntArray
 
@@ -61,6 +62,10 @@ def unfit_message(ctx: PlacementContext, survivors: BoolArray) -> str:
                 parts.append(best_worker)
     else:
         parts.append(f"no schedulable GPU on the {int(survivors.sum())} workers that passed the filters")
+    if ctx.model.distributed_inference_across_workers and req.gpu_count != 1:
+        note = MultiWorker.configured().closest(ctx, [ctx.view(n) for n in snap.names_where(survivors)])
+        if note:
+            parts.append(note)
     if cordoned:
         parts.append(f"{cordoned} GPUs cordoned")
     if req.ram:

@@ -43,13 +43,16 @@ class Positions:
         return cls(layout=snapshot.layout, mask=mask, dense_claims=dense)
 
 
-def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int) -> BoolArray:
+def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int, cpu_claim: int = 0) -> BoolArray:
     """``[row, slot]``: a candidate whose worker is present and not cordoned, and whose GPU is schedulable
-    and (with the worker's RAM) still has room: what ``reconcile.still_fits`` checks, for every candidate."""
+    and (with the worker's RAM and CPU) still has room: what ``reconcile.still_fits`` checks, for every
+    candidate."""
     n = pos.mask.shape[0]
     live = snapshot.w_present[:n] & ~snapshot.w_cordoned[:n]
     if ram_claim:
         live = live & (snapshot.w_ram_alloc[:n] >= ram_claim)
+    if cpu_claim:
+        live = live & (snapshot.w_cpu_alloc[:n] >= cpu_claim)
     ok = pos.mask & snapshot.g_ok[:n] & (snapshot.g_alloc[:n] >= pos.dense_claims) & live[:, None]
     return np.asarray(ok, dtype=np.bool_)
 
@@ -61,6 +64,7 @@ def score_positions(
     ram_claim: int,
     strategy: str,
     profile: Profile = DEFAULT_PROFILE,
+    cpu_claim: int = 0,
 ) -> Decision | None:
     """Score the located candidates that still fit and pick one, like ``run_scoring`` on the same candidates.
 
@@ -69,9 +73,9 @@ def score_positions(
     """
     if pos.layout != snapshot.layout:
         return None  # located before rows or slots moved (a reused row may now be another worker)
-    mask = still_fitting(snapshot, pos, ram_claim)
+    mask = still_fitting(snapshot, pos, ram_claim, cpu_claim)
     count = int(np.count_nonzero(mask))
     if count == 0:
         return None
-    batch = GpuBatch(mask=mask, claims=pos.dense_claims, ram_claim=ram_claim, count=count)
+    batch = GpuBatch(mask=mask, claims=pos.dense_claims, ram_claim=ram_claim, count=count, cpu_claim=cpu_claim)
     return score_gpus(snapshot, model, GpuFit(strategy=strategy, batch=batch), profile)

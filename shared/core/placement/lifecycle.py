@@ -73,6 +73,7 @@ def instance_from_decision(
         total_layers=c.total_layers,
         offload_layers=c.offload_layers,
         created_at=created_at,
+        cpu_claim=c.cpu_claim,
     )
 
 

@@ -76,7 +76,7 @@ def _filter_reference(ctx: PlacementContext) -> tuple[list[str], list[FilterRepo
     for fname in ctx.profile.filters:
         if not names:
             break
-        plugin = FILTERS[fname]()
+        plugin = FILTERS[fname].configured(ctx.profile.filter_args.get(fname), "filter")
         total = len(names)
         extra = _missing_reasons(ctx) if fname == GpuSelectorFilter.name and plugin.active(ctx) else []
         if not plugin.active(ctx):
@@ -105,7 +105,7 @@ def _filter_fast(ctx: PlacementContext) -> tuple[BoolArray, list[FilterReport]]:
         total = int(np.count_nonzero(mask))
         if total == 0:
             break
-        plugin = FILTERS[fname]()
+        plugin = FILTERS[fname].configured(ctx.profile.filter_args.get(fname), "filter")
         if not plugin.active(ctx):
             reports.append(FilterReport(filter=fname, kept=total, total=total))
             continue
@@ -177,7 +177,7 @@ def _fit(ctx: PlacementContext, survivors: BoolArray, exhaustive: bool) -> _Fitt
     fitted = _Fitted()
     names: list[str] | None = None
     for sname in ctx.profile.fit_strategies:
-        strategy = FIT_STRATEGIES[sname]()
+        strategy = FIT_STRATEGIES[sname].configured(ctx.profile.fit_args.get(sname), "fit strategy")
         skip = "GPUs are selected explicitly" if ctx.selected_ids and sname != "manual" else strategy.skip(ctx)
         if skip:
             fitted.reasons.append(Reason(plugin=sname, subject="", message=f"skipped: {skip}"))
@@ -211,6 +211,7 @@ def _set_candidates(ctx: PlacementContext, batch: GpuSetBatch, strategy: str) ->
             vram_claims=tuple(claims),
             ram_claim=batch.ram_claim,
             strategy=strategy,
+            cpu_claim=batch.cpu_claim,
         )
         for r, idx, claims in zip(
             batch.rows.tolist(), batch.indexes.tolist(), batch.claims.tolist(), strict=True
@@ -223,7 +224,8 @@ def _row_candidates(ctx: PlacementContext, batch: RowBatch, strategy: str) -> li
     layers = batch.total_layers
     out = [
         Candidate(worker=ctx.snapshot.name_of(r), gpu_indexes=(), vram_claims=(), ram_claim=batch.ram_claim,
-                  strategy=strategy, total_layers=layers, offload_layers=0 if layers is not None else None)
+                  strategy=strategy, total_layers=layers, offload_layers=0 if layers is not None else None,
+                  cpu_claim=batch.cpu_claim)
         for r in batch.rows.tolist()
     ]
     return sorted(out, key=_candidate_key)
@@ -247,6 +249,7 @@ def _batch_candidates(
             vram_claims=(c,),
             ram_claim=batch.ram_claim,
             strategy=strategy,
+            cpu_claim=batch.cpu_claim,
         )
         for r, i, c in zip(rows.tolist(), indexes, claims, strict=True)
     ]
@@ -304,16 +307,17 @@ def _top_candidates(ctx: PlacementContext, fitted: _Fitted, top: int, exhaustive
         mask = np.zeros_like(batch.mask)
         mask[rows[pick], slots[pick]] = True
         kept: GpuBatch | GpuSetBatch | RowBatch = GpuBatch(
-            mask=mask, claims=batch.claims, ram_claim=batch.ram_claim, count=len(pick)
+            mask=mask, claims=batch.claims, ram_claim=batch.ram_claim, count=len(pick), cpu_claim=batch.cpu_claim
         )
     else:
         columns = [batch.indexes[:, k] for k in reversed(range(batch.width))] if isinstance(batch, GpuSetBatch) else []
         pick = np.lexsort((*columns, snap.ranks()[batch.rows], -keys))[:top]
         if isinstance(batch, GpuSetBatch):
             kept = GpuSetBatch(rows=batch.rows[pick], slots=batch.slots[pick], indexes=batch.indexes[pick],
-                               claims=batch.claims[pick], ram_claim=batch.ram_claim)
+                               claims=batch.claims[pick], ram_claim=batch.ram_claim, cpu_claim=batch.cpu_claim)
         else:
-            kept = RowBatch(rows=batch.rows[pick], ram_claim=batch.ram_claim, total_layers=batch.total_layers)
+            kept = RowBatch(rows=batch.rows[pick], ram_claim=batch.ram_claim, total_layers=batch.total_layers,
+                            cpu_claim=batch.cpu_claim)
     return _batch_candidates(ctx, kept, strategy)
 
 
@@ -325,7 +329,7 @@ def _reference_totals(
 ) -> tuple[list[tuple[str, list[float]]], list[float]]:
     parts: list[tuple[str, list[float]]] = []
     for cfg in ctx.profile.scorers:
-        scorer = SCORERS[cfg.name]()
+        scorer = SCORERS[cfg.name].configured(cfg.args, "scorer")
         k = factor(cfg, scorer.max_score)
         parts.append((cfg.name, [raw * k for raw in scorer.score(ctx, candidates)]))
     totals = []
@@ -352,7 +356,7 @@ def _batch_totals(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatc
     """Each scorer's weighted scores and their sum over a fast-path batch; None if a scorer has no fast form."""
     parts: _Parts = []
     for cfg in ctx.profile.scorers:
-        scorer = SCORERS[cfg.name]()
+        scorer = SCORERS[cfg.name].configured(cfg.args, "scorer")
         if isinstance(batch, GpuBatch):
             raw = scorer.score_batch(ctx, batch)
         elif isinstance(batch, GpuSetBatch):
@@ -422,14 +426,15 @@ def _score_candidates_fast(ctx: PlacementContext, candidates: Sequence[Candidate
     snap = ctx.snapshot
     first = candidates[0]
     width = len(first.gpu_indexes)
-    if any(c.subordinates or len(c.gpu_indexes) != width or c.ram_claim != first.ram_claim for c in candidates):
+    if any(c.subordinates or len(c.gpu_indexes) != width or c.ram_claim != first.ram_claim
+           or c.cpu_claim != first.cpu_claim for c in candidates):
         return None
     if width == 0:
         cpu_rows = [snap.row_of(c.worker) for c in candidates]
         if None in cpu_rows or len(set(cpu_rows)) != len(cpu_rows):
             return None
         picked_row = _score_sets(ctx, RowBatch(rows=np.array(cpu_rows, dtype=np.int64), ram_claim=first.ram_claim,
-                                                total_layers=first.total_layers))
+                                                total_layers=first.total_layers, cpu_claim=first.cpu_claim))
         if picked_row is None:
             return None
         best_row, total_row, breakdown_row = picked_row
@@ -451,7 +456,8 @@ def _score_candidates_fast(ctx: PlacementContext, candidates: Sequence[Candidate
         if int(np.count_nonzero(mask)) != len(candidates):
             return None  # duplicates
         claims[r_arr, s_arr] = [c.vram_claims[0] for c in candidates]
-        batch = GpuBatch(mask=mask, claims=claims, ram_claim=first.ram_claim, count=len(candidates))
+        batch = GpuBatch(mask=mask, claims=claims, ram_claim=first.ram_claim, count=len(candidates),
+                         cpu_claim=first.cpu_claim)
         scored = _score_batch(ctx, batch)
         if scored is None:
             return None
@@ -466,6 +472,7 @@ def _score_candidates_fast(ctx: PlacementContext, candidates: Sequence[Candidate
         indexes=np.array([c.gpu_indexes for c in candidates], dtype=np.int64),
         claims=np.array([c.vram_claims for c in candidates], dtype=np.int64),
         ram_claim=first.ram_claim,
+        cpu_claim=first.cpu_claim,
     )
     if any(list(c.gpu_indexes) != sorted(c.gpu_indexes) for c in candidates):
         return None
@@ -547,6 +554,7 @@ def score_gpus(
         vram_claims=(claim,),
         ram_claim=batch.ram_claim,
         strategy=fit.strategy,
+        cpu_claim=batch.cpu_claim,
     )
     return Decision(
         model=model.name, candidate=chosen, score=total, breakdown=breakdown, candidates_considered=len(batch)
@@ -618,7 +626,7 @@ def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> _Scored | None:
         chosen = Candidate(
             worker=snap.name_of(int(fitted.batch.rows[best])), gpu_indexes=(), vram_claims=(),
             ram_claim=fitted.batch.ram_claim, strategy=strategy, total_layers=layers,
-            offload_layers=0 if layers is not None else None,
+            offload_layers=0 if layers is not None else None, cpu_claim=fitted.batch.cpu_claim,
         )
         return chosen, total, breakdown
     if isinstance(fitted.batch, GpuSetBatch):
@@ -632,6 +640,7 @@ def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> _Scored | None:
             vram_claims=tuple(fitted.batch.claims[best].tolist()),
             ram_claim=fitted.batch.ram_claim,
             strategy=strategy,
+            cpu_claim=fitted.batch.cpu_claim,
         )
         return chosen, total, breakdown
     if fitted.batch is None:
@@ -646,6 +655,7 @@ def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> _Scored | None:
         vram_claims=(int(np.broadcast_to(fitted.batch.claims, fitted.batch.mask.shape)[r, s]),),
         ram_claim=fitted.batch.ram_claim,
         strategy=strategy,
+        cpu_claim=fitted.batch.cpu_claim,
     )
     return chosen, total, breakdown
 
@@ -683,7 +693,7 @@ def scale_down_order(
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile, now=now)
     parts: list[tuple[str, list[float]]] = []
     for cfg in profile.scale_down_scorers:
-        scorer = SCALE_DOWN_SCORERS[cfg.name]()
+        scorer = SCALE_DOWN_SCORERS[cfg.name].configured(cfg.args, "scale-down scorer")
         k = factor(cfg, scorer.max_score)
         parts.append((cfg.name, [raw * k for raw in scorer.score(ctx, items)]))
     entries = []

@@ -1,11 +1,15 @@
 """Placement profiles: which filters, fit strategies and scorers run, in which order, with which weights.
 
 A profile is plain data (JSON or YAML); plugin names refer to the registries in ``filters``, ``fitting``,
-``scorers`` and ``scaledown``. This module holds the data only, so plugins may read a profile without
-importing the registries; ``registry`` loads a profile and checks it against them.
+``scorers`` and ``scaledown``. Plugin parameters are typed (each plugin's ``Args`` struct): scorers take
+``args`` in their ``ScorerConfig``, filters and fit strategies in ``filter_args`` / ``fit_args`` by name.
+This module holds the data only, so plugins may read a profile without importing the registries;
+``registry`` loads a profile and checks names and arguments against them.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 
@@ -16,6 +20,7 @@ class ScorerConfig(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     weight: float = 1.0
     max_score: float | None = None  # rescale the scorer's natural maximum to this value
+    args: dict[str, Any] = {}  # the scorer's typed parameters (its ``Args`` struct), checked on load
 
 
 DEFAULT_FILTERS: tuple[str, ...] = ("cluster", "gpu_selector", "labels", "status", "backend", "local_path")
@@ -60,6 +65,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     max_worker_combinations: int = 64  # multi-worker candidates kept per GPU group, in name order
     # backend → vendor → lowest GPU runtime version it runs on (e.g. {"vllm": {"cuda": "12.1"}})
     min_runtime_version: dict[str, dict[str, str]] = {}
+    filter_args: dict[str, dict[str, Any]] = {}  # filter name → its typed parameters
+    fit_args: dict[str, dict[str, Any]] = {}  # fit strategy name → its typed parameters
 
 
 DEFAULT_PROFILE = Profile()

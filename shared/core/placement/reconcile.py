@@ -125,9 +125,10 @@ def still_fits(snapshot: ClusterSnapshot, candidate: Candidate) -> bool:
     candidate fitting computed earlier may have lost its room to such an assumption, or its worker or GPU
     may have been cordoned since.
     """
-    parts = [(candidate.worker, candidate.gpu_indexes, candidate.vram_claims, candidate.ram_claim)]
-    parts += [(s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim) for s in candidate.subordinates]
-    for worker, indexes, claims, ram in parts:
+    parts = [(candidate.worker, candidate.gpu_indexes, candidate.vram_claims, candidate.ram_claim,
+              candidate.cpu_claim)]
+    parts += [(s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim, s.cpu_claim) for s in candidate.subordinates]
+    for worker, indexes, claims, ram, cpu in parts:
         record = snapshot.worker(worker)
         if record is None or record.cordoned:
             return False
@@ -136,6 +137,8 @@ def still_fits(snapshot: ClusterSnapshot, candidate: Candidate) -> bool:
             if index not in schedulable or snapshot.gpu_allocatable(worker, index) < claim:
                 return False
         if ram and snapshot.ram_allocatable(worker) < ram:
+            return False
+        if cpu and snapshot.cpu_allocatable(worker) < cpu:
             return False
     return True
 

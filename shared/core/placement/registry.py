@@ -6,6 +6,8 @@ plugins), so no plugin module ever needs a function-level import to reach a regi
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from shared.core.placement.filters import FILTERS
@@ -26,15 +28,27 @@ __all__ = [
 
 
 def validate_profile(profile: Profile) -> Profile:
-    """Return ``profile`` if every plugin name is registered; raise ValueError naming the unknown ones."""
+    """Return ``profile`` if every plugin name is registered and every plugin's args decode into its typed
+    ``Args``; raise ValueError naming every problem."""
     problems = []
-    for kind, names, registry in (
-        ("filter", profile.filters, FILTERS),
-        ("fit strategy", profile.fit_strategies, FIT_STRATEGIES),
-        ("scorer", tuple(s.name for s in profile.scorers), SCORERS),
-        ("scale-down scorer", tuple(s.name for s in profile.scale_down_scorers), SCALE_DOWN_SCORERS),
-    ):
-        problems += [f"unknown {kind} {n!r} (known: {', '.join(sorted(registry))})" for n in names if n not in registry]
+    chains: tuple[tuple[str, list[tuple[str, dict[str, Any]]], dict[str, Any]], ...] = (
+        ("filter", [(n, profile.filter_args.get(n, {})) for n in profile.filters], FILTERS),
+        ("fit strategy", [(n, profile.fit_args.get(n, {})) for n in profile.fit_strategies], FIT_STRATEGIES),
+        ("scorer", [(s.name, s.args) for s in profile.scorers], SCORERS),
+        ("scale-down scorer", [(s.name, s.args) for s in profile.scale_down_scorers], SCALE_DOWN_SCORERS),
+    )
+    for kind, configured, registry in chains:
+        for n, args in configured:
+            if n not in registry:
+                problems.append(f"unknown {kind} {n!r} (known: {', '.join(sorted(registry))})")
+                continue
+            try:
+                registry[n].decode(args, kind)
+            except ValueError as err:
+                problems.append(str(err))
+    for kind, given, chain in (("filter", profile.filter_args, profile.filters),
+                               ("fit strategy", profile.fit_args, profile.fit_strategies)):
+        problems += [f"args for {kind} {n!r}, which the profile does not run" for n in sorted(given) if n not in chain]
     if profile.max_worker_combinations < 1:
         problems.append("max_worker_combinations must be at least 1")
     if problems:

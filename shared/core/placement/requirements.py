@@ -84,6 +84,17 @@ def tp_divisible(size: int, request: ResourceRequest) -> bool:
     return not (request.vocab_size is not None and request.vocab_size % size)
 
 
+def derived_gpus_per_replica(gpu_ids: tuple[str, ...], replicas: int) -> int:
+    """GPUs per replica when GPUs are selected by id but no count is given, as GPUStack derives it: the
+    largest power of two not above ``selected GPUs // replicas`` (GPUStack's ``set_model_gpus_per_replica``;
+    parallel sizes in the backend parameters win over it). Duplicate ids count once; at least 1."""
+    per = len(set(gpu_ids)) // max(replicas, 1)
+    size = 1
+    while size * 2 <= per:
+        size *= 2
+    return size
+
+
 def _reject(message: str) -> Reason:
     return Reason(plugin=PLUGIN, subject="", message=message)
 
@@ -110,6 +121,8 @@ def estimate(
     selector = model.gpu_selector
     if size is None and selector is not None and selector.gpus_per_replica:
         size = selector.gpus_per_replica
+    elif size is None and selector is not None and selector.gpu_ids:
+        size = derived_gpus_per_replica(selector.gpu_ids, model.replicas)
     heads = arch.num_q_heads if arch else None
     vocab = arch.vocab_size if arch else None
     layers = model.gguf or gguf
@@ -122,6 +135,9 @@ def estimate(
             context_size=ctx_size,
         )
     ram = model.ram_claim or 0
+    cpu = model.cpu_claim or 0
+    if ram < 0 or cpu < 0:
+        return _reject("ram_claim and cpu_claim must not be negative")
     if model.vram_claim is not None:
         vram, basis = model.vram_claim, "explicit vram_claim"
     elif is_gguf(model):
@@ -155,6 +171,7 @@ def estimate(
     return ResourceRequest(
         vram=vram,
         ram=ram,
+        cpu=cpu,
         gpu_memory_utilization=gmu,
         gpu_count=size,
         attention_heads=heads,

@@ -9,8 +9,10 @@ handful of vectorised operations. Every mutation refreshes the touched worker's 
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -28,6 +30,7 @@ from shared.core.placement.lifecycle import worker_state
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
+CPU_UNCHECKED = 1 << 62  # allocatable milli-cores of a worker that reports no CPU count: never short
 
 
 class SnapshotConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +69,7 @@ class WorkerView:
     worker: Worker
     ram_allocatable: int
     gpus: tuple[GpuView, ...]
+    cpu_allocatable: int = CPU_UNCHECKED  # milli-cores
 
 
 def _ndarray(shape: tuple[int, ...], dtype: type, fill: object = 0) -> npt.NDArray[np.generic]:
@@ -84,6 +88,7 @@ class ClusterSnapshot:
     w_cordoned: BoolArray
     w_cluster: IntArray
     w_ram_alloc: IntArray
+    w_cpu_alloc: IntArray  # milli-cores; CPU_UNCHECKED where the worker reports no CPU count
     w_gpus: IntArray
     w_vendor_bits: IntArray
     w_instances: IntArray
@@ -111,9 +116,16 @@ class ClusterSnapshot:
         self._free: list[int] = []
         self._slot: dict[str, dict[int, int]] = {}
         self._instances: dict[str, Instance] = {}
+        # (created_at, id) of every instance on a worker, oldest first: "the most recent placements" in
+        # O(window) instead of a sort of every instance per decision (the fragmentation scorer's workload)
+        self._placed: list[tuple[float, str]] = []
+        # Derived values a plugin may keep between decisions (e.g. replica shapes); dropped whenever a
+        # worker's inventory may have changed, since such values may read GPU totals.
+        self.memo: dict[str, Any] = {}
         self._by_model: dict[str, dict[str, Instance]] = {}
         self._vram_claims: dict[str, dict[int, int]] = {}
         self._ram_claims: dict[str, int] = {}
+        self._cpu_claims: dict[str, int] = {}
         self._model_worker_count: dict[str, dict[str, int]] = {}
         self._model_gpu_count: dict[str, dict[tuple[str, int], int]] = {}
         self._worker_total: dict[str, int] = {}
@@ -170,6 +182,7 @@ class ClusterSnapshot:
         grow1("w_cordoned", np.bool_, False)
         grow1("w_cluster", np.int64, -1)
         grow1("w_ram_alloc", np.int64, 0)
+        grow1("w_cpu_alloc", np.int64, CPU_UNCHECKED)
         grow1("w_gpus", np.int64, 0)
         grow1("w_vendor_bits", np.int64, 0)
         grow1("w_instances", np.int64, 0)
@@ -230,6 +243,7 @@ class ClusterSnapshot:
             self._alloc_arrays(self._cap, len(worker.gpus))
         self._workers[name] = worker
         self._claim_cache.clear()  # totals may have changed
+        self.memo.clear()
         self._slot[name] = new_slots
         self._refresh(name)
 
@@ -254,6 +268,7 @@ class ClusterSnapshot:
         self._names[row] = ""
         self._free.append(row)
         self._claim_cache.clear()
+        self.memo.clear()
         self._count_cache.clear()
         self._ready_cache.clear()
         self._moved()
@@ -321,6 +336,7 @@ class ClusterSnapshot:
         self.g_instances[row, :n] = [self._gpu_total.get((name, gpu.index), 0) for gpu in gpus]
         self.w_heartbeat[row] = worker.last_heartbeat
         self.w_ram_alloc[row] = self.ram_allocatable_of(worker)
+        self.w_cpu_alloc[row] = self.cpu_allocatable_of(worker)
         self.w_instances[row] = self._worker_total.get(name, 0)
         self.w_vram_free[row] = sum(min(max(a, 0), gpu.vram_total) for a, gpu in zip(alloc, gpus, strict=True))
 
@@ -329,12 +345,19 @@ class ClusterSnapshot:
         claim = self._ram_claims.get(worker.name, 0)
         return worker.ram_total - max(claim, worker.ram_used) - self.config.ram_reserve
 
+    def cpu_allocatable_of(self, worker: Worker) -> int:
+        """CPU total − max(Gantry claims, reported use), in milli-cores; CPU_UNCHECKED when not reported."""
+        if worker.cpu_total <= 0:
+            return CPU_UNCHECKED
+        return worker.cpu_total - max(self._cpu_claims.get(worker.name, 0), worker.cpu_used)
+
     # ---------------------------------------------------------------- instances
 
     def upsert_instance(self, instance: Instance) -> None:
         """Add an instance or replace it (e.g. a state change); claims and counts follow."""
         self.version += 1
         old = self._instances.get(instance.id)
+        self._track_placed(old, instance)
         if old is not None and old.model == instance.model and self._parts(old) == self._parts(instance):
             # A state change (STARTING → RUNNING): same claims and counts, nothing to recompute.
             self._instances[instance.id] = instance
@@ -349,12 +372,31 @@ class ClusterSnapshot:
         for name in touched:
             self._refresh_usage(name)
 
+    def _track_placed(self, old: Instance | None, new: Instance | None) -> None:
+        old_key = (old.created_at, old.id) if old is not None and old.worker is not None else None
+        new_key = (new.created_at, new.id) if new is not None and new.worker is not None else None
+        if old_key == new_key:
+            return
+        if old_key is not None:
+            i = bisect_left(self._placed, old_key)
+            if i < len(self._placed) and self._placed[i] == old_key:
+                del self._placed[i]
+        if new_key is not None:
+            insort(self._placed, new_key)
+
+    def recent_placed(self, window: int) -> list[Instance]:
+        """The ``window`` most recently created instances that sit on a worker, oldest first."""
+        if window <= 0:
+            return []
+        return [self._instances[i] for _, i in self._placed[-window:]]
+
     def remove_instance(self, instance_id: str) -> None:
         """Forget an instance and release its claims."""
         old = self._instances.pop(instance_id, None)
         if old is None:
             return
         self.version += 1
+        self._track_placed(old, None)
         by_model = self._by_model.get(old.model, {})
         by_model.pop(instance_id, None)
         if not by_model:
@@ -363,12 +405,13 @@ class ClusterSnapshot:
             self._refresh_usage(name)
 
     @staticmethod
-    def _parts(instance: Instance) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int]]:
+    def _parts(instance: Instance) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int, int]]:
         parts = []
         if instance.worker:
-            parts.append((instance.worker, instance.gpu_indexes, instance.vram_claims, instance.ram_claim))
+            parts.append((instance.worker, instance.gpu_indexes, instance.vram_claims, instance.ram_claim,
+                          instance.cpu_claim))
         for sub in instance.subordinates:
-            parts.append((sub.worker, sub.gpu_indexes, sub.vram_claims, sub.ram_claim))
+            parts.append((sub.worker, sub.gpu_indexes, sub.vram_claims, sub.ram_claim, sub.cpu_claim))
         return parts
 
     def _apply(self, instance: Instance, sign: int) -> set[str]:
@@ -376,11 +419,13 @@ class ClusterSnapshot:
         touched: set[str] = set()
         model_workers = self._model_worker_count.setdefault(instance.model, {})
         model_gpus = self._model_gpu_count.setdefault(instance.model, {})
-        for worker, indexes, claims, ram in self._parts(instance):
+        for worker, indexes, claims, ram, cpu in self._parts(instance):
             vram = self._vram_claims.setdefault(worker, {})
             for index, claim in zip(indexes, claims, strict=False):
                 vram[index] = vram.get(index, 0) + sign * claim
             self._ram_claims[worker] = self._ram_claims.get(worker, 0) + sign * ram
+            if cpu:
+                self._cpu_claims[worker] = self._cpu_claims.get(worker, 0) + sign * cpu
             cached = self._count_cache.get(instance.model)
             row = self._row.get(worker)
             if worker not in touched:
@@ -471,6 +516,14 @@ class ClusterSnapshot:
         """Allocatable RAM of one worker."""
         return int(self.w_ram_alloc[self._row[name]])
 
+    def cpu_allocatable(self, name: str) -> int:
+        """Allocatable milli-cores of one worker (CPU_UNCHECKED when it reports no CPU count)."""
+        return int(self.w_cpu_alloc[self._row[name]])
+
+    def cpu_claimed(self, name: str) -> int:
+        """Milli-cores Gantry instances claim on one worker."""
+        return self._cpu_claims.get(name, 0)
+
     def worker_counts(self, model: str, name: str) -> tuple[int, int]:
         """(instances of ``model``, instances of other models) on a worker."""
         current = self._model_worker_count.get(model, {}).get(name, 0)
@@ -502,7 +555,8 @@ class ClusterSnapshot:
             )
             for slot, gpu in enumerate(worker.gpus)
         )
-        return WorkerView(name=name, worker=worker, ram_allocatable=int(self.w_ram_alloc[row]), gpus=gpus)
+        return WorkerView(name=name, worker=worker, ram_allocatable=int(self.w_ram_alloc[row]), gpus=gpus,
+                          cpu_allocatable=int(self.w_cpu_alloc[row]))
 
     # ---------------------------------------------------------------- fast-path support
 

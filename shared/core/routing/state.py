@@ -206,6 +206,23 @@ class PoolState:
         st.inflight_requests += 1
         st.inflight_tokens += tokens
 
+    def moved(self, request_id: str, endpoint_id: str) -> bool:
+        """The request was served by ``endpoint_id`` instead (the proxy walked the fallback list): its load
+        moves there, uncached tokens included. False when the request or the endpoint is unknown."""
+        f = self._flights.get(request_id)
+        st = self.endpoints.get(endpoint_id)
+        if f is None or st is None or f.endpoint == endpoint_id:
+            return False
+        old = self.endpoints.get(f.endpoint)
+        pending = 0 if f.prefilled else f.tokens
+        if old is not None:
+            old.inflight_requests -= 1
+            old.inflight_tokens -= pending
+        f.endpoint = endpoint_id
+        st.inflight_requests += 1
+        st.inflight_tokens += pending
+        return True
+
     def first_token(self, request_id: str) -> None:
         """The request's first token arrived: its prefill no longer loads the endpoint."""
         f = self._flights.get(request_id)

@@ -1,7 +1,9 @@
 """The replay's fast path of the fragmentation strategy makes the placement core's decisions.
 
 With the plugin's own learning rule (``FragmentationFit.like_core``), every decision on a small random
-trace equals ``place()`` with the ``fragmentation`` profile on an incrementally updated ClusterSnapshot.
+trace equals ``place()`` on an incrementally updated ClusterSnapshot, with the ``fragmentation`` profile and
+with the default profile (models that name no strategy get the multi-resource fragmentation scorer). CPU is
+scarce on purpose, so the CPU dimension decides some placements.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def restore_filters():
 
 def small_cluster() -> Nodes:
     names = tuple(f"node-{i:02d}" for i in (5, 3, 0, 7, 1, 6, 2, 4))  # not in name order on purpose
-    return Nodes(names=names, cpu=np.full(8, 10**6), mem=np.array([64, 64, 128, 128, 64, 32, 64, 128]) * 1024,
+    return Nodes(names=names, cpu=np.array([8, 16, 32, 12, 64, 16, 24, 20]) * 1000,
+                 mem=np.array([64, 64, 128, 128, 64, 32, 64, 128]) * 1024,
                  gpus=np.array([2, 4, 8, 2, 1, 0, 4, 8]), gpu_type=np.array([0, 0, 1, 1, 0, -1, 1, 0]),
                  type_names=("G2", "T4"))
 
@@ -37,7 +40,7 @@ def random_pods(n: int, seed: int) -> Pods:
     num_gpu = np.array([1, 1, 2, 0])[kinds]
     milli = np.where(kinds == 0, rng.choice([250, 300, 470, 500, 810], size=n), np.where(kinds == 3, 0, 1000))
     names = tuple(f"pod-{int(i)}" for i in rng.integers(0, n // 2, size=n))
-    return Pods(names=names, cpu=np.zeros(n, dtype=np.int64), mem=rng.choice([1024, 4096, 16384], size=n),
+    return Pods(names=names, cpu=rng.choice([0, 1000, 4000, 8000], size=n), mem=rng.choice([1024, 4096, 16384], size=n),
                 num_gpu=num_gpu, gpu_milli=milli, spec=("",) * n)
 
 
@@ -54,10 +57,10 @@ class Recorder:
         return choice
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_fast_path_decisions_equal_the_cores(restore_filters, seed):
+@pytest.mark.parametrize(("seed", "strategy"), [(1, "fragmentation"), (2, "fragmentation"), (3, "default")])
+def test_fast_path_decisions_equal_the_cores(restore_filters, seed, strategy):
     nodes, pods = small_cluster(), random_pods(120, seed)
-    core = CorePolicy("fragmentation", nodes)
+    core = CorePolicy(strategy, nodes)
 
     def name_model(i: int) -> None:
         core.current_model = pods.names[i]

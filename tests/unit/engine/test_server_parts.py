@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from services.engine_server.prometheus import RequestHistograms, render_metrics
-from services.engine_server.runner import EngineRunner, StreamItem
+from services.engine_server.prometheus import EngineCollector, registry_for, render
+from services.engine_server.runner import CollectSink, EngineRunner
 from services.engine_server.server import set_nodelay
 from services.engine_server.textgen import TextModel
 from shared.core.engine import CalibratedStepTime, Engine, FinishReason, Request, SchedulerConfig
@@ -18,20 +18,18 @@ def _engine() -> Engine:
     return Engine(SchedulerConfig(num_gpu_blocks=100), MODEL, fast_forward=False)
 
 
-async def _drain(q: asyncio.Queue[StreamItem]) -> tuple[list[int], str | None]:
-    toks: list[int] = []
-    while True:
-        item = await q.get()
-        toks += item.token_ids
-        if item.finish_reason is not None:
-            return toks, item.finish_reason
+async def _drain(sink: CollectSink) -> tuple[list[int], str | None]:
+    reason, _ = await sink.done
+    return sink.token_ids, reason
 
 
 async def test_runner_streams_one_token_per_step_and_records_latencies() -> None:
     runner = EngineRunner(_engine(), speedup=50.0)
     runner.start()
-    streams = [runner.submit(Request(f"r{i}", [i] * 30, max_tokens=5 + i, ignore_eos=True)) for i in range(3)]
-    results = await asyncio.wait_for(asyncio.gather(*(_drain(s.queue) for s in streams)), 5)
+    sinks = [CollectSink() for _ in range(3)]
+    for i, sink in enumerate(sinks):
+        runner.submit(Request(f"r{i}", [i] * 30, max_tokens=5 + i, ignore_eos=True), sink)
+    results = await asyncio.wait_for(asyncio.gather(*(_drain(s) for s in sinks)), 5)
     await runner.stop()
     assert [len(t) for t, _ in results] == [5, 6, 7]
     assert {r for _, r in results} == {"length"}
@@ -45,8 +43,9 @@ async def test_runner_sleeps_step_time_over_speedup() -> None:
     runner.start()
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    st = runner.submit(Request("r", [1] * 10, max_tokens=10, ignore_eos=True))
-    await asyncio.wait_for(_drain(st.queue), 5)
+    sink = CollectSink()
+    runner.submit(Request("r", [1] * 10, max_tokens=10, ignore_eos=True), sink)
+    await asyncio.wait_for(_drain(sink), 5)
     await runner.stop()
     assert loop.time() - t0 >= 10 * 0.01 / 2 * 0.9
 
@@ -54,10 +53,12 @@ async def test_runner_sleeps_step_time_over_speedup() -> None:
 async def test_an_aborted_request_ends_with_abort_and_frees_its_blocks() -> None:
     runner = EngineRunner(_engine(), speedup=1.0)
     runner.start()
-    st = runner.submit(Request("r", [1] * 40, max_tokens=1000, ignore_eos=True))
-    await st.queue.get()
+    sink = CollectSink()
+    st = runner.submit(Request("r", [1] * 40, max_tokens=1000, ignore_eos=True), sink)
+    while not sink.token_ids:
+        await asyncio.sleep(0.001)
     runner.abort(st.req)
-    _, reason = await asyncio.wait_for(_drain(st.queue), 5)
+    _, reason = await asyncio.wait_for(_drain(sink), 5)
     await runner.stop()
     assert reason == "abort" and st.req.finish_reason is FinishReason.ABORT
     assert runner.engine.scheduler.kv.num_free == 99 and not runner.engine.has_work()
@@ -76,22 +77,34 @@ def test_without_ignore_eos_the_model_ends_with_eos_at_a_seeded_length() -> None
     assert a == b and a[-1] == tm.eos_token_id and len(a) <= 15
 
 
+def _scrape(runner: EngineRunner, model: str = "m") -> str:
+    return render(registry_for(EngineCollector(runner, model))).decode()
+
+
 def test_metrics_text_uses_vllm_names_and_cumulative_buckets() -> None:
-    h = RequestHistograms()
-    h.ttft.observe(0.03)
-    h.ttft.observe(3.0)
-    text = render_metrics(model_name="m", running=2, waiting=5, kv_usage=0.25, block_size=16, num_gpu_blocks=100,
-                          counters={"prefix_queries": 10, "prefix_hits": 4, "preemptions": 1, "prompt_tokens": 7,
-                                    "generation_tokens": 9},
-                          finished_by_reason={"length": 3}, hists=h)
-    assert 'vllm:num_requests_running{model_name="m"} 2' in text
-    assert 'vllm:num_requests_waiting{model_name="m"} 5' in text
-    assert 'vllm:kv_cache_usage_perc{model_name="m"} 0.25' in text
-    assert 'vllm:prefix_cache_hits_total{model_name="m"} 4' in text
-    assert 'vllm:request_success_total{model_name="m",finished_reason="length"} 3' in text
-    assert 'vllm:time_to_first_token_seconds_bucket{model_name="m",le="0.04"} 1' in text
-    assert 'vllm:time_to_first_token_seconds_bucket{model_name="m",le="+Inf"} 2' in text
+    runner = EngineRunner(_engine())
+    runner.hists.ttft.observe(0.03)
+    runner.hists.ttft.observe(3.0)
+    c = runner.engine.scheduler.counters
+    c.prefix_hits, c.finished_by_reason["length"] = 4, 3
+    text = _scrape(runner)
+    assert 'vllm:num_requests_running{engine="0",model_name="m"} 0.0' in text
+    assert 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.0' in text
+    assert 'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 4.0' in text
+    assert 'vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 3.0' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{engine="0",le="0.04",model_name="m"} 1.0' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 2.0' in text
     assert 'num_gpu_blocks="100"' in text
+
+
+def test_a_quote_and_backslash_in_the_model_name_are_escaped() -> None:
+    text = _scrape(EngineRunner(_engine()), model='my "quoted" \\ model')
+    line = next(ln for ln in text.splitlines() if ln.startswith("vllm:num_requests_waiting{"))
+    assert line == 'vllm:num_requests_waiting{engine="0",model_name="my \\"quoted\\" \\\\ model"} 0.0'
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert fams["vllm:num_requests_waiting"].samples[0].labels["model_name"] == 'my "quoted" \\ model'
 
 
 async def test_streaming_connections_disable_nagle() -> None:
@@ -153,3 +166,26 @@ async def test_streamed_completion_chunks_are_openai_shaped_json() -> None:
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     assert all(c["usage"] is None for c in chunks[:-1])
+
+
+async def test_long_prompts_are_tokenized_without_holding_up_the_event_loop() -> None:
+    import time
+
+    tm = TextModel()
+    text = "the quick brown fox jumps over the lazy dog " * 3000
+    assert tm.encode_off_gil(text) == tm.encode(text)
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        for _ in range(50):
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            gaps.append(time.perf_counter() - t)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.005)
+    t0 = time.perf_counter()
+    await asyncio.to_thread(tm.encode_off_gil, text)
+    took = time.perf_counter() - t0
+    await task
+    assert max(gaps) < took / 2  # the loop kept ticking while the thread tokenized

@@ -58,6 +58,7 @@ EXPECTATIONS = {
     and all(len(g) == 2 for _, g in gpus(d)) and d["placed"] == 3,
     "15_embedding_claims_what_it_needs": lambda d: gpus(d) == [("w1", (0,))] * 3,
     "16_model_file_locality": lambda d: workers(d) == ["w3"] and d["replicas"][0]["breakdown"]["locality"] == 5.0,
+    "17_cpu_exhausted_worker_avoided": lambda d: gpus(d) == [("w2", (1,))],
     "fragmentation-keeps-gpu-pairs-free": lambda d: gpus(d) == [("w-b", (1,))] * 2 and d["profile"] == "fragmentation",
 }
 

@@ -53,3 +53,35 @@ def test_an_empty_cluster_says_so():
 
     verdict = place(ClusterSnapshot(), ModelSpec(name="m"), NOW, request=request(10))
     assert isinstance(verdict, Unschedulable) and verdict.message == "no workers in the cluster"
+
+
+def test_multi_worker_shortfall_names_the_closest_combination_and_what_it_lacked():
+    snap = snapshot(
+        worker("w1", [gpu(0), gpu(1)]),
+        worker("w2", [gpu(0), gpu(1, used=20)]),  # gpu1 lacks the 90% headroom
+        worker("w3", [gpu(0, total=48, product="L40S")]),  # another GPU group, offering less
+    )
+    model = ModelSpec(name="m", distributed_inference_across_workers=True)
+    verdict = place(snap, model, NOW, request=request(300, u=0.9))
+    assert isinstance(verdict, Unschedulable)
+    assert (
+        "closest multi-worker combination: w1 + w2 (2 × 2 H100-SXM-80GB) offers 216.00 of 300.00 GiB VRAM; "
+        "lacks: 84.00 GiB VRAM short; w2/gpu1 lacks the 90% headroom"
+    ) in verdict.message
+    multi = next(r for r in verdict.reasons if r.plugin == "multi_worker")
+    assert "closest multi-worker combination: w1 + w2" in multi.message
+
+
+def test_multi_worker_explanation_names_a_missing_worker_for_the_world_size():
+    snap = snapshot(worker("w1", [gpu(0), gpu(1)]), worker("w2", [gpu(0), gpu(1)], ram=8))
+    model = ModelSpec(name="m", distributed_inference_across_workers=True)
+    verdict = place(snap, model, NOW, request=request(200, u=0.9, count=6, ram=16))
+    assert isinstance(verdict, Unschedulable)
+    assert "closest multi-worker combination: w1 + w2 (2 × 2 H100-SXM-80GB)" in verdict.message
+    assert "only 2 worker(s) with 2 H100-SXM-80GB GPUs each" in verdict.message
+
+
+def test_no_multi_worker_note_when_the_model_is_not_distributed():
+    snap = snapshot(worker("w1", [gpu(0), gpu(1)]), worker("w2", [gpu(0), gpu(1)]))
+    verdict = place(snap, ModelSpec(name="m"), NOW, request=request(300, u=0.9))
+    assert isinstance(verdict, Unschedulable) and "multi-worker" not in verdict.message

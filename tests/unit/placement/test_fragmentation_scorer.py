@@ -153,3 +153,79 @@ def test_fast_path_and_reference_agree_on_every_candidate():
         assert isinstance(fast, Decision) and isinstance(slow, Decision)
         assert fast.candidate == slow.candidate
         assert fast.score == pytest.approx(slow.score)
+
+
+@pytest.mark.parametrize(
+    ("free", "cpu_free", "expected_extra"),
+    [
+        # 3 free GPUs, CPU for 1 (8 cores per GPU): 2 GPUs' worth stranded by CPU, times the weight 0.5.
+        ([1000, 1000, 1000, 0], 8000, 0.5 * 2.0),
+        # CPU for all three: nothing extra.
+        ([1000, 1000, 1000, 0], 24000, 0.0),
+        # No CPU at all: every free GPU (1.5) is host-stranded.
+        ([1000, 500, 0, 0], 0, 0.5 * 1.5),
+    ],
+)
+def test_host_weight_adds_the_gpus_a_workers_cpu_can_no_longer_back(free, cpu_free, expected_extra):
+    shape = ReplicaShape(gpus=1, milli=1000, host=(8000, 0))  # 8 cores per whole GPU
+    work = Workload(shapes=(shape,), weights=(1.0,))
+    access = type_access(["L4"], work)
+    host = np.array([[cpu_free, 10**12]])
+    plain = expected_fragmentation(np.array([free]), host, access, work.arrays(host_dims=2))[0]
+    weighted = expected_fragmentation(np.array([free]), host, access, work.arrays(host_dims=2, host_weight=0.5))[0]
+    assert weighted - plain == pytest.approx(expected_extra)
+
+
+def test_host_weight_zero_is_fgds_measure_alone():
+    profile = validate_profile(Profile(scorers=(ScorerConfig(name="fragmentation", args={"host_weight": 0}),)))
+    assert SCORERS["fragmentation"].configured(profile.scorers[0].args).host_weight == 0.0  # type: ignore[attr-defined]
+
+
+def test_single_slot_fragmentation_equals_the_full_state_computation_bit_for_bit() -> None:
+    import numpy as np
+
+    from shared.core.placement.scorers.fragmentation import (
+        ReplicaShape,
+        Workload,
+        expected_fragmentation,
+        single_slot_fragmentation,
+    )
+
+    rng = np.random.default_rng(7)
+    for host_weight in (0.0, 0.5):
+        rows, width = 40, 8
+        free = rng.integers(-1, 1001, size=(rows, width))
+        after_slot = np.where(free < 0, -1, np.maximum(free - rng.integers(0, 1001, size=(rows, width)), 0))
+        host = rng.integers(0, 64_000, size=(rows, 2))
+        work = Workload.learn([ReplicaShape(gpus=int(g), milli=int(m), host=(int(c), int(r)))
+                               for g, m, c, r in zip(rng.integers(1, 5, 30), rng.integers(1, 1001, 30),
+                                                     rng.integers(0, 8_000, 30), rng.integers(0, 16_000, 30),
+                                                     strict=True)])
+        arrays = work.arrays(host_dims=2, host_weight=host_weight)
+        access = rng.random((rows, len(work))) > 0.2
+        eye = np.eye(width, dtype=bool)
+        full = np.where(eye[None, :, :], after_slot[:, :, None], free[:, None, :])
+        expected = expected_fragmentation(full, np.broadcast_to(host[:, None, :], (rows, width, 2)),
+                                          np.broadcast_to(access[:, None, :], (rows, width, len(work))), arrays)
+        got = single_slot_fragmentation(free, after_slot, host, access, arrays)
+        assert np.array_equal(got, expected)
+
+
+def test_recent_placed_is_the_newest_instances_on_a_worker_oldest_first() -> None:
+    import msgspec
+
+    from shared.core.placement.domain import Instance, InstanceState
+    from shared.core.placement.snapshot import ClusterSnapshot
+
+    snap = ClusterSnapshot()
+    for k, t in enumerate([5.0, 1.0, 3.0, 4.0]):
+        snap.upsert_instance(Instance(id=f"i{k}", model="m", state=InstanceState.PENDING, created_at=t))
+    assert snap.recent_placed(10) == []  # none sits on a worker yet
+    for k in range(4):
+        inst = snap.instance(f"i{k}")
+        assert inst is not None
+        snap.upsert_instance(msgspec.structs.replace(inst, worker="w"))
+    snap.remove_instance("i3")
+    assert [i.id for i in snap.recent_placed(2)] == ["i2", "i0"]
+    assert [i.id for i in snap.recent_placed(10)] == ["i1", "i2", "i0"]
+

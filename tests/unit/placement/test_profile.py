@@ -50,3 +50,39 @@ def test_bad_profiles_are_rejected_with_one_line(text, fragment):
     with pytest.raises(ValueError, match=None) as err:
         profile_from_json(text)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('{"scorers": [{"name": "binpack", "args": {"cpu_wieght": 1}}]}',
+         "scorer 'binpack': invalid args: Object contains unknown field `cpu_wieght`"),
+        ('{"scorers": [{"name": "binpack", "args": {"cpu_weight": "lots"}}]}',
+         "scorer 'binpack': invalid args: Expected `float`, got `str` - at `$.cpu_weight`"),
+        ('{"scorers": [{"name": "binpack", "args": {"cpu_weight": -1}}]}', "Expected `float` >= 0.0"),
+        ('{"scorers": [{"name": "fragmentation", "args": {"window": 0}}]}', "scorer 'fragmentation': invalid args"),
+        ('{"scorers": [{"name": "locality", "args": {"anything": 1}}]}', "scorer 'locality': invalid args"),
+        ('{"filter_args": {"labels": {"x": 1}}}', "filter 'labels': invalid args"),
+        ('{"fit_args": {"single_gpu": {"x": 1}}}', "fit strategy 'single_gpu': invalid args"),
+        ('{"filters": ["cluster"], "filter_args": {"status": {}}}', "args for filter 'status', which the profile"),
+        ('{"scale_down_scorers": [{"name": "status", "args": {"x": 1}}]}', "scale-down scorer 'status': invalid"),
+    ],
+)
+def test_plugin_args_are_typed_and_checked_when_the_profile_loads(text, fragment):
+    with pytest.raises(ValueError) as err:
+        profile_from_json(text)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_plugin_declares_typed_args_that_default_cleanly():
+    for registry in (FILTERS, FIT_STRATEGIES, SCORERS, SCALE_DOWN_SCORERS):
+        for plugin in registry.values():
+            assert plugin.configured().args == plugin.Args()
+
+
+def test_valid_plugin_args_load_and_reach_the_plugin():
+    profile = profile_from_yaml(b"scorers:\n  - name: binpack\n    args: {cpu_weight: 2.5}\n"
+                                b"  - name: fragmentation\n    args: {window: 64}\n")
+    binpack, fragmentation = (SCORERS[s.name].configured(s.args) for s in profile.scorers)
+    assert binpack.args.cpu_weight == 2.5  # type: ignore[attr-defined]
+    assert fragmentation.args.window == 64  # type: ignore[attr-defined]

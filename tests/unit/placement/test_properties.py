@@ -57,6 +57,7 @@ def clusters(draw: st.DrawFn) -> tuple[list[Worker], list[Instance], list[ModelF
         workers.append(Worker(
             name=name, gpus=gpus, ram_total=draw(st.sampled_from([32, 256])) * GIB,
             ram_used=draw(st.sampled_from([0, 8])) * GIB,
+            cpu_total=draw(st.sampled_from([0, 16, 64])) * 1000, cpu_used=draw(st.sampled_from([0, 0, 6])) * 1000,
             last_heartbeat=NOW - draw(st.sampled_from([0, 1, 2, 30])),
             cordoned=draw(st.integers(0, 9)) == 0,
             labels={"zone": draw(st.sampled_from(["a", "b"]))},
@@ -66,7 +67,7 @@ def clusters(draw: st.DrawFn) -> tuple[list[Worker], list[Instance], list[ModelF
                 claim = draw(st.sampled_from([5, 10, int(size * 0.9)])) * GIB
                 instances.append(Instance(id=f"i{name}-{gpu.index}", model=draw(st.sampled_from(["m", "x", "y"])),
                                           state=InstanceState.RUNNING, worker=name, gpu_indexes=(gpu.index,),
-                                          vram_claims=(claim,)))
+                                          vram_claims=(claim,), cpu_claim=draw(st.sampled_from([0, 4000]))))
         if draw(st.booleans()):
             files.append(ModelFile(source="m", worker=name, state=ModelFileState.READY))
     return workers, instances, files
@@ -80,7 +81,8 @@ def models(draw: st.DrawFn) -> ModelSpec:
     weights = draw(st.sampled_from([1, 5, 12, 30, 60])) * GIB
     selector = {"zone": "a"} if draw(st.integers(0, 4)) == 0 else {}
     base = {"name": "m", "source": "m", "weight_bytes": weights, "placement_strategy": strategy,
-            "worker_selector": selector, "ram_claim": draw(st.sampled_from([0, 0, 16])) * GIB}
+            "worker_selector": selector, "ram_claim": draw(st.sampled_from([0, 0, 16])) * GIB,
+            "cpu_claim": draw(st.sampled_from([None, 0, 4000, 12000]))}
     if kind == "gguf":
         layers = GgufSpec(total_layers=draw(st.sampled_from([16, 40])), layer_bytes=draw(st.sampled_from([1, 2])) * GIB,
                           non_layer_bytes=GIB, kv_bytes_per_token_per_layer=0)
@@ -112,11 +114,12 @@ def test_no_candidate_claims_more_than_a_gpus_allocatable_vram(parts, model):
     survivors = run_filters(snap, model, NOW).survivors
     for exhaustive in (False, True):
         for cand in run_fitting(snap, model, req, survivors, exhaustive=exhaustive).candidates:
-            shares = [(cand.worker, cand.gpu_indexes, cand.vram_claims, cand.ram_claim)]
-            shares += [(s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim) for s in cand.subordinates]
-            for name, indexes, claims, ram in shares:
+            shares = [(cand.worker, cand.gpu_indexes, cand.vram_claims, cand.ram_claim, cand.cpu_claim)]
+            shares += [(s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim, s.cpu_claim) for s in cand.subordinates]
+            for name, indexes, claims, ram, cpu in shares:
                 assert cand.overcommit is None
                 assert ram == 0 or ram <= snap.ram_allocatable(name)
+                assert cpu == 0 or cpu <= snap.cpu_allocatable(name)
                 for index, claim in zip(indexes, claims, strict=True):
                     assert claim <= snap.gpu_allocatable(name, index)
 

@@ -141,3 +141,35 @@ def test_gguf_header_of_a_real_file_gives_layer_sizes(tmp_path: Path):
     assert spec.non_layer_bytes == 100 * 64 * 2
     assert spec.kv_bytes_per_token_per_layer == 2 * 2 * 16 * 2  # K+V × kv heads × head dim × f16
     assert spec.context_size == 4096
+
+
+@pytest.mark.parametrize(
+    ("ids", "replicas", "params", "per_replica", "expected"),
+    [
+        (("w:0", "w:1"), 1, (), None, 2),  # GPUStack: 2 selected GPUs, 1 replica → 2 GPUs
+        (("w:0", "w:1", "w:2"), 1, (), None, 2),  # the largest power of two not above 3
+        (("a:0", "a:1", "b:0", "b:1"), 2, (), None, 2),
+        (tuple(f"w:{i}" for i in range(8)), 1, (), None, 8),
+        (("w:0",), 1, (), None, 1),
+        (("w:0", "w:1"), 4, (), None, 1),  # fewer GPUs than replicas: one each
+        (("w:0", "w:0", "w:1"), 1, (), None, 2),  # a duplicate id counts once
+        (("w:0", "w:1"), 1, (), 1, 1),  # an explicit count wins
+        (("w:0", "w:1", "w:2", "w:3"), 1, ("--tensor-parallel-size=2",), None, 2),  # parallel sizes win
+    ],
+)
+def test_gpus_per_replica_derive_from_manual_selection_as_gpustack_does(ids, replicas, params, per_replica, expected):
+    model = ModelSpec(name="m", weight_bytes=GIB, replicas=replicas, backend_parameters=params,
+                      gpu_selector=GpuSelector(gpu_ids=ids, gpus_per_replica=per_replica))
+    req = estimate(model)
+    assert not isinstance(req, Reason)
+    assert req.gpu_count == expected
+
+
+def test_two_selected_gpus_and_one_replica_place_one_replica_on_both():
+    from shared.core.placement.domain import Decision
+    from shared.core.placement.pipeline import place
+    from tests.unit.placement.helpers import NOW, snapshot, worker
+
+    model = ModelSpec(name="m", weight_bytes=GIB, gpu_selector=GpuSelector(gpu_ids=("w1:0", "w1:1")))
+    decision = place(snapshot(worker("w1", 4)), model, NOW)
+    assert isinstance(decision, Decision) and decision.candidate.gpu_indexes == (0, 1)

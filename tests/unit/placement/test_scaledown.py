@@ -9,7 +9,7 @@ from shared.core.placement.pipeline import scale_down_order
 from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
 from tests.unit.placement.helpers import NOW, ctx, instance, snapshot, worker
 
-SPREAD = ModelSpec(name="m")
+SPREAD = ModelSpec(name="m", placement_strategy=PlacementStrategy.SPREAD)
 BINPACK = ModelSpec(name="m", placement_strategy=PlacementStrategy.BINPACK)
 
 

@@ -175,3 +175,25 @@ shadow: [by-kv]
     assert stats["disagreement_rate"] == 1.0
     assert stats["score_delta_mean"] == pytest.approx(0.9 - 0.1)
     assert r.state.endpoints["e1"].inflight_requests == 0
+
+
+@pytest.mark.parametrize("prefilled", [False, True])
+def test_a_request_moved_to_a_fallback_carries_its_load_there(prefilled: bool) -> None:
+    st = pool(met(), met())
+    st.dispatched("r", "e0", 100)
+    if prefilled:
+        st.first_token("r")
+    assert st.moved("r", "e1")
+    a, b = st.endpoints["e0"], st.endpoints["e1"]
+    assert (a.inflight_requests, a.inflight_tokens) == (0, 0)
+    assert (b.inflight_requests, b.inflight_tokens) == (1, 0 if prefilled else 100)
+    st.finished("r")
+    assert (b.inflight_requests, b.inflight_tokens) == (0, 0)
+
+
+@pytest.mark.parametrize(("rid", "to"), [("unknown", "e1"), ("r", "nowhere"), ("r", "e0")])
+def test_moving_an_unknown_request_or_to_an_unknown_or_same_endpoint_changes_nothing(rid: str, to: str) -> None:
+    st = pool(met(), met())
+    st.dispatched("r", "e0", 10)
+    assert not st.moved(rid, to)
+    assert st.endpoints["e0"].inflight_requests == 1 and st.endpoints["e1"].inflight_requests == 0

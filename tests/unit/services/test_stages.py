@@ -11,7 +11,7 @@ from services.filter.service import FilterService
 from services.fitting.service import FittingService
 from services.scoring.service import ScoringService
 from shared.bus.messages import PlacementFiltered, PlacementItem, PlacementRequest
-from shared.core.placement.domain import GIB, Category, Gpu, ModelSpec, Worker
+from shared.core.placement.domain import GIB, Category, Gpu, ModelSpec, PlacementStrategy, Worker
 from shared.settings import Settings
 
 NOW = 1000.0
@@ -82,7 +82,8 @@ def test_fitting_sends_single_gpu_candidates_as_columns() -> None:
 
 
 def test_scoring_spreads_a_batch_over_workers_by_assuming_each_choice() -> None:
-    flt = stage(FilterService).filter_request(request(EMB, 4))[0]
+    spread = msgspec.structs.replace(EMB, placement_strategy=PlacementStrategy.SPREAD)
+    flt = stage(FilterService).filter_request(request(spread, 4))[0]
     assert flt is not None
     fitted, _ = stage(FittingService).fit(flt)
     scored = stage(ScoringService).score(fitted[0])

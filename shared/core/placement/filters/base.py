@@ -9,10 +9,11 @@ import numpy as np
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Worker
+from shared.core.placement.plugin_args import Configurable
 from shared.core.placement.snapshot import BoolArray
 
 
-class Filter(ABC):
+class Filter(Configurable, ABC):
     """Drops workers that cannot host the model for a non-resource reason, saying why."""
 
     name: ClassVar[str]

@@ -9,8 +9,9 @@ from typing import ClassVar
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate, SubordinateWorker
+from shared.core.placement.plugin_args import Configurable
 from shared.core.placement.requirements import ceil_div
-from shared.core.placement.snapshot import GpuView, WorkerView
+from shared.core.placement.snapshot import BoolArray, GpuView, WorkerView
 
 
 @dataclass
@@ -21,7 +22,7 @@ class FitOutcome:
     notes: list[str] = field(default_factory=list)
 
 
-class FitStrategy(ABC):
+class FitStrategy(Configurable, ABC):
     """Turns surviving workers into candidates, or explains why it could not."""
 
     name: ClassVar[str]
@@ -93,6 +94,7 @@ def candidate(
     total_layers: int | None = None,
     offload_layers: int | None = None,
     overcommit: str | None = None,
+    cpu: int = 0,
 ) -> Candidate:
     """A candidate with GPU indexes in ascending order (claims kept parallel)."""
     indexes, ordered = _by_index(gpus, claims)
@@ -106,13 +108,15 @@ def candidate(
         total_layers=total_layers,
         offload_layers=offload_layers,
         overcommit=overcommit,
+        cpu_claim=cpu,
     )
 
 
-def subordinate(worker: str, gpus: Sequence[GpuView], claims: Sequence[int], ram: int) -> SubordinateWorker:
+def subordinate(worker: str, gpus: Sequence[GpuView], claims: Sequence[int], ram: int, cpu: int = 0
+                ) -> SubordinateWorker:
     """A subordinate share with GPU indexes in ascending order."""
     indexes, ordered = _by_index(gpus, claims)
-    return SubordinateWorker(worker=worker, gpu_indexes=indexes, vram_claims=ordered, ram_claim=ram)
+    return SubordinateWorker(worker=worker, gpu_indexes=indexes, vram_claims=ordered, ram_claim=ram, cpu_claim=cpu)
 
 
 def _by_index(gpus: Sequence[GpuView], claims: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -120,6 +124,17 @@ def _by_index(gpus: Sequence[GpuView], claims: Sequence[int]) -> tuple[tuple[int
     return tuple(i for i, _ in pairs), tuple(c for _, c in pairs)
 
 
-def ram_short(ctx: PlacementContext, view: WorkerView, need: int) -> bool:
-    """The worker cannot give ``need`` bytes of RAM (0 always fits)."""
-    return need > 0 and view.ram_allocatable < need
+def host_short(ctx: PlacementContext, view: WorkerView, need: int) -> bool:
+    """The worker cannot give ``need`` bytes of RAM or the request's milli-cores (0 always fits)."""
+    cpu = ctx.req.cpu
+    return (need > 0 and view.ram_allocatable < need) or (cpu > 0 and view.cpu_allocatable < cpu)
+
+
+def host_rows(ctx: PlacementContext, survivors: BoolArray) -> BoolArray:
+    """Fast path of ``host_short``: survivors with the request's RAM and CPU."""
+    snap, req = ctx.snapshot, ctx.req
+    rows = snap.rows
+    ok = survivors & (snap.w_ram_alloc[:rows] >= req.ram) if req.ram > 0 else survivors
+    if req.cpu > 0:
+        ok = ok & (snap.w_cpu_alloc[:rows] >= req.cpu)
+    return ok

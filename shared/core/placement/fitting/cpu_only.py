@@ -22,6 +22,7 @@ class RowBatch:
     rows: IntArray
     ram_claim: int
     total_layers: int | None
+    cpu_claim: int = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -61,9 +62,10 @@ class CpuOnly(FitStrategy):
                 strategy=self.name,
                 total_layers=layers,
                 offload_layers=0 if layers is not None else None,
+                cpu_claim=ctx.req.cpu,
             )
             for v in workers
-            if v.ram_allocatable >= need
+            if v.ram_allocatable >= need and v.cpu_allocatable >= ctx.req.cpu
         ]
         if not out.candidates:
             out.notes.append(self._note(need, max((v.ram_allocatable for v in workers), default=0)))
@@ -82,6 +84,10 @@ class CpuOnly(FitStrategy):
         """Fast path: survivors whose allocatable RAM holds the model."""
         need = self.ram_needed(ctx)
         snap = ctx.snapshot
-        rows = np.flatnonzero(survivors & (snap.w_ram_alloc[: snap.rows] >= need)).astype(np.int64)
+        ok = survivors & (snap.w_ram_alloc[: snap.rows] >= need)
+        if ctx.req.cpu > 0:
+            ok &= snap.w_cpu_alloc[: snap.rows] >= ctx.req.cpu
+        rows = np.flatnonzero(ok).astype(np.int64)
         spec = ctx.req.gguf
-        return RowBatch(rows=rows, ram_claim=need, total_layers=spec.total_layers if spec is not None else None)
+        return RowBatch(rows=rows, ram_claim=need, total_layers=spec.total_layers if spec is not None else None,
+                        cpu_claim=ctx.req.cpu)

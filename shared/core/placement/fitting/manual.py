@@ -11,7 +11,7 @@ from shared.core.placement.fitting.base import (
     FitStrategy,
     by_allocatable,
     candidate,
-    ram_short,
+    host_short,
     subordinate,
 )
 from shared.core.placement.requirements import ceil_div, gib
@@ -85,7 +85,7 @@ class Manual(FitStrategy):
         if sum(map(sum, claims)) < ctx.req.vram:
             return False
         for (view, gpus), cs in zip(option, claims, strict=True):
-            if ram_short(ctx, view, ctx.req.ram):
+            if host_short(ctx, view, ctx.req.ram):
                 return False
             if any(g.allocatable < c for g, c in zip(gpus, cs, strict=True)):
                 return False
@@ -94,8 +94,10 @@ class Manual(FitStrategy):
     def _candidate(self, ctx: PlacementContext, option: Option, claims: list[tuple[int, ...]],
                    overcommit: str | None) -> Candidate:
         (main, gpus), rest = option[0], option[1:]
-        subs = tuple(subordinate(v.name, g, c, ctx.req.ram) for (v, g), c in zip(rest, claims[1:], strict=True))
-        return candidate(main.name, gpus, claims[0], ctx.req.ram, self.name, subordinates=subs, overcommit=overcommit)
+        req = ctx.req
+        subs = tuple(subordinate(v.name, g, c, req.ram, req.cpu) for (v, g), c in zip(rest, claims[1:], strict=True))
+        return candidate(main.name, gpus, claims[0], req.ram, self.name, subordinates=subs, overcommit=overcommit,
+                         cpu=req.cpu)
 
     def fit(self, ctx: PlacementContext, workers: Sequence[WorkerView]) -> FitOutcome:
         """Fitting options become candidates; if none fits, a single-replica model overcommits the best."""

@@ -15,8 +15,9 @@ from shared.core.placement.fitting.base import (
     by_allocatable,
     candidate,
     full_claims,
+    host_rows,
+    host_short,
     qualifies,
-    ram_short,
     type_groups,
 )
 from shared.core.placement.requirements import ceil_div, tp_divisible
@@ -47,14 +48,14 @@ class MultiGpu(FitStrategy):
         ram = ctx.req.ram
         found: list[Candidate] = []
         for view in workers:
-            if ram_short(ctx, view, ram):
+            if host_short(ctx, view, ram):
                 continue
             for group in type_groups(ctx, view):
                 ordered = by_allocatable([g for g in group if qualifies(ctx, g)])
                 for n in self.sizes(ctx, len(ordered)):
                     claims = full_claims(ctx, ordered[:n])
                     if claims is not None:
-                        found.append(candidate(view.name, ordered[:n], claims, ram, self.name))
+                        found.append(candidate(view.name, ordered[:n], claims, ram, self.name, cpu=ctx.req.cpu))
                         break
         if found:
             fewest = min(len(c.gpu_indexes) for c in found)
@@ -78,6 +79,7 @@ class GpuSetBatch:
     indexes: IntArray
     claims: IntArray
     ram_claim: int
+    cpu_claim: int = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -103,7 +105,7 @@ def fit_gpu_sets(strategy: MultiGpu, ctx: PlacementContext, survivors: BoolArray
         return None  # proportional tensor split: the reference path sizes it
     rows = snap.rows
     width = snap.g_ok.shape[1]
-    workers_ok = survivors & (snap.w_ram_alloc[:rows] >= req.ram) if req.ram > 0 else survivors
+    workers_ok = host_rows(ctx, survivors)
     eligible = snap.g_ok[:rows] & workers_ok[:, None]
     types = snap.g_type[:rows]
     if selector is not None and selector.gpu_type:
@@ -145,7 +147,8 @@ def fit_gpu_sets(strategy: MultiGpu, ctx: PlacementContext, survivors: BoolArray
     cand = np.flatnonzero(found > 0)
     if len(cand) == 0:
         empty = np.zeros((0, 0), dtype=np.int64)
-        return GpuSetBatch(rows=cand.astype(np.int64), slots=empty, indexes=empty, claims=empty, ram_claim=req.ram)
+        return GpuSetBatch(rows=cand.astype(np.int64), slots=empty, indexes=empty, claims=empty, ram_claim=req.ram,
+                           cpu_claim=req.cpu)
     fewest = int(found[cand].min())
     cand = cand[found[cand] == fewest]
     chosen = np.sort(ordered[cand, :fewest] & 0xFFFF, axis=1)  # (index, slot) pairs in GPU-index order
@@ -153,4 +156,5 @@ def fit_gpu_sets(strategy: MultiGpu, ctx: PlacementContext, survivors: BoolArray
     idx = chosen >> 8
     even = np.full(slots.shape, ceil_div(req.vram, fewest), dtype=np.int64)
     claims = claim[cand[:, None], slots] if u > 0 else even
-    return GpuSetBatch(rows=cand.astype(np.int64), slots=slots, indexes=idx, claims=claims, ram_claim=req.ram)
+    return GpuSetBatch(rows=cand.astype(np.int64), slots=slots, indexes=idx, claims=claims, ram_claim=req.ram,
+                       cpu_claim=req.cpu)

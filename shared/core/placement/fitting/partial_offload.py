@@ -58,11 +58,12 @@ class PartialOffload(FitStrategy):
                     continue
                 _, ram = gguf_partial(spec, k)
                 ram += ctx.req.ram
-                if view.ram_allocatable < ram:
+                if view.ram_allocatable < ram or (ctx.req.cpu > 0 and view.cpu_allocatable < ctx.req.cpu):
                     continue
                 claims = [c * per_layer for c in counts]
                 found.append(
-                    candidate(view.name, gpus, claims, ram, self.name, total_layers=spec.total_layers, offload_layers=k)
+                    candidate(view.name, gpus, claims, ram, self.name, total_layers=spec.total_layers, offload_layers=k,
+                              cpu=ctx.req.cpu)
                 )
         if found:
             most = max(c.offload_layers or 0 for c in found)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.core.placement.context import PlacementContext, gpu_type_matches
-from shared.core.placement.fitting.base import FitOutcome, FitStrategy, candidate, full_claims, ram_short
+from shared.core.placement.fitting.base import FitOutcome, FitStrategy, candidate, full_claims, host_rows, host_short
 from shared.core.placement.snapshot import BoolArray, IntArray, WorkerView
 
 
@@ -23,6 +23,7 @@ class GpuBatch:
     claims: IntArray
     ram_claim: int
     count: int
+    cpu_claim: int = 0
     _workers: BoolArray | None = None
 
     def __len__(self) -> int:
@@ -57,14 +58,14 @@ class SingleGpu(FitStrategy):
         out = FitOutcome()
         ram = ctx.req.ram
         for view in workers:
-            if ram_short(ctx, view, ram):
+            if host_short(ctx, view, ram):
                 continue
             for gpu in view.gpus:
                 if not ctx.gpu_eligible(gpu):
                     continue
                 claims = full_claims(ctx, [gpu])
                 if claims is not None:
-                    out.candidates.append(candidate(view.name, [gpu], claims, ram, self.name))
+                    out.candidates.append(candidate(view.name, [gpu], claims, ram, self.name, cpu=ctx.req.cpu))
         return out
 
     def fit_batch(self, ctx: PlacementContext, survivors: BoolArray) -> GpuBatch | None:
@@ -74,7 +75,7 @@ class SingleGpu(FitStrategy):
             return None
         snap, req = ctx.snapshot, ctx.req
         rows = snap.rows
-        workers_ok = survivors & (snap.w_ram_alloc[:rows] >= req.ram) if req.ram > 0 else survivors
+        workers_ok = host_rows(ctx, survivors)
         ok = snap.g_ok[:rows] & workers_ok[:, None]
         if selector is not None and selector.gpu_type:
             wanted = selector.gpu_type
@@ -88,4 +89,5 @@ class SingleGpu(FitStrategy):
         else:
             claim = np.broadcast_to(np.int64(req.vram), alloc.shape)
             ok &= alloc >= req.vram
-        return GpuBatch(mask=ok, claims=claim, ram_claim=req.ram, count=int(np.count_nonzero(ok)))
+        return GpuBatch(mask=ok, claims=claim, ram_claim=req.ram, count=int(np.count_nonzero(ok)),
+                        cpu_claim=req.cpu)

@@ -8,9 +8,10 @@ from typing import ClassVar
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Instance
+from shared.core.placement.plugin_args import Configurable
 
 
-class ScaleDownScorer(ABC):
+class ScaleDownScorer(Configurable, ABC):
     """Scores how much an instance is worth keeping, in ``[0, max_score]``."""
 
     name: ClassVar[str]

@@ -45,7 +45,8 @@ class PlacementKeep(ScaleDownScorer):
 
     def score(self, ctx: PlacementContext, instances: Sequence[Instance]) -> list[float]:
         """Per instance."""
-        if ctx.model.placement_strategy == PlacementStrategy.BINPACK:
+        # auto packs like binpack: removing replicas from the emptiest workers frees whole GPUs first
+        if ctx.model.placement_strategy in (PlacementStrategy.BINPACK, PlacementStrategy.AUTO):
             return [fullness(ctx, i) for i in instances]
         snap, model = ctx.snapshot, ctx.model.name
         crowd_w = [snap.worker_counts(model, i.worker)[0] if i.worker else 0 for i in instances]

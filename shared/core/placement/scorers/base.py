@@ -17,10 +17,11 @@ from shared.core.placement.domain import Candidate
 from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
+from shared.core.placement.plugin_args import Configurable
 from shared.core.placement.snapshot import FloatArray, IntArray
 
 
-class Scorer(ABC):
+class Scorer(Configurable, ABC):
     """Gives every candidate a score in ``[0, max_score]``; higher is better."""
 
     name: ClassVar[str]

@@ -2,12 +2,17 @@
 
 Per GPU ``(ram_claim/ram_alloc × 100 × 1 + vram_claim/vram_alloc × 100 × 2) / 3``, maximum over the
 candidate's GPUs; CPU-only ``ram_claim/ram_alloc × 100``; multi-worker ``(5·main + Σ subordinates)/(5 + n)``.
+That is GPUStack's formula, and what a model naming ``binpack`` gets. A profile may configure the scorer
+with ``cpu_weight > 0`` to weigh the CPU ratio in as well (``(ram·1 + cpu·c + vram·2) / (3 + c)``), so a
+worker whose CPU the replica would nearly exhaust counts as fuller.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
+import msgspec
 import numpy as np
 
 from shared.core.placement.context import PlacementContext
@@ -16,10 +21,21 @@ from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer, ratio, ratio_array
-from shared.core.placement.snapshot import FloatArray
+from shared.core.placement.snapshot import FloatArray, IntArray
 
 MAX = 100.0
 MAIN_WEIGHT = 5
+
+
+class BinpackArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Parameters of binpack; the default is GPUStack's formula exactly."""
+
+    cpu_weight: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 0.0
+
+
+def _cpu_term(score: FloatArray | float, cpu_ratio: FloatArray | float, weight: float) -> FloatArray | float:
+    """Blend the CPU ratio into a (ram·1 + vram·2)/3 score: ``(3·score + cpu·100·w) / (3 + w)``."""
+    return (score * 3.0 + cpu_ratio * 100.0 * weight) / (3.0 + weight)
 
 
 def gpu_score(ram_ratio: float, vram_ratio: float) -> float:
@@ -27,22 +43,29 @@ def gpu_score(ram_ratio: float, vram_ratio: float) -> float:
     return (ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0
 
 
-def worker_score(ctx: PlacementContext, worker: str, indexes: Sequence[int], claims: Sequence[int], ram: int) -> float:
+def worker_score(ctx: PlacementContext, worker: str, indexes: Sequence[int], claims: Sequence[int], ram: int,
+                 cpu: int = 0, cpu_weight: float = 0.0) -> float:
     """A worker's share of a candidate, scored against current allocatable resources."""
     snap = ctx.snapshot
     ram_ratio = ratio(ram, snap.ram_allocatable(worker))
     if not indexes:
-        return min(ram_ratio * 100.0, MAX)
-    pairs = zip(indexes, claims, strict=True)
-    return min(max(gpu_score(ram_ratio, ratio(c, snap.gpu_allocatable(worker, i))) for i, c in pairs), MAX)
+        score = ram_ratio * 100.0
+    else:
+        pairs = zip(indexes, claims, strict=True)
+        score = max(gpu_score(ram_ratio, ratio(c, snap.gpu_allocatable(worker, i))) for i, c in pairs)
+    if cpu_weight > 0:
+        score = float(_cpu_term(score, ratio(cpu, snap.cpu_allocatable(worker)), cpu_weight))
+    return min(score, MAX)
 
 
-def binpack_score(ctx: PlacementContext, cand: Candidate) -> float:
+def binpack_score(ctx: PlacementContext, cand: Candidate, cpu_weight: float = 0.0) -> float:
     """Binpack score of one candidate."""
-    main = worker_score(ctx, cand.worker, cand.gpu_indexes, cand.vram_claims, cand.ram_claim)
+    main = worker_score(ctx, cand.worker, cand.gpu_indexes, cand.vram_claims, cand.ram_claim, cand.cpu_claim,
+                        cpu_weight)
     if not cand.subordinates:
         return main
-    subs = [worker_score(ctx, s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim) for s in cand.subordinates]
+    subs = [worker_score(ctx, s.worker, s.gpu_indexes, s.vram_claims, s.ram_claim, s.cpu_claim, cpu_weight)
+            for s in cand.subordinates]
     return min((MAIN_WEIGHT * main + sum(subs)) / (MAIN_WEIGHT + len(subs)), MAX)
 
 
@@ -51,10 +74,27 @@ class Binpack(Scorer):
 
     name = "binpack"
     max_score = MAX
+    Args = BinpackArgs
+
+    @property
+    def cpu_weight(self) -> float:
+        """The CPU ratio's weight (0: GPUStack's formula)."""
+        assert isinstance(self.args, BinpackArgs)
+        return self.args.cpu_weight
+
+    def _with_cpu(self, score: FloatArray, cpu_claim: int, alloc: IntArray) -> FloatArray:
+        w = self.cpu_weight
+        if w <= 0:
+            return score
+        cpu_ratio = ratio_array(np.full(len(alloc), cpu_claim, dtype=np.int64), alloc)
+        if score.ndim == 2:
+            cpu_ratio = cpu_ratio[:, None]
+        blended: FloatArray = np.asarray(_cpu_term(score, cpu_ratio, w), dtype=np.float64)
+        return blended
 
     def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
         """Reference path."""
-        return [binpack_score(ctx, c) for c in candidates]
+        return [binpack_score(ctx, c, self.cpu_weight) for c in candidates]
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
         """Fast path: the same formula over the ``[row, slot]`` columns."""
@@ -62,7 +102,9 @@ class Binpack(Scorer):
         rows = snap.rows
         ram_ratio = ratio_array(np.full(rows, batch.ram_claim, dtype=np.int64), snap.w_ram_alloc[:rows])[:, None]
         vram_ratio = ratio_array(batch.claims, snap.g_alloc[:rows])
-        result: FloatArray = np.minimum((ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0, MAX)
+        per_slot = self._with_cpu((ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0, batch.cpu_claim,
+                                  snap.w_cpu_alloc[:rows])
+        result: FloatArray = np.minimum(per_slot, MAX)
         return result
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
@@ -72,11 +114,14 @@ class Binpack(Scorer):
         ram_ratio = ratio_array(ram, snap.w_ram_alloc[batch.rows])[:, None]
         vram_ratio = ratio_array(batch.claims, snap.g_alloc[batch.rows[:, None], batch.slots])
         per_gpu = (ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0
-        result: FloatArray = np.minimum(per_gpu.max(axis=1), MAX)
+        best = self._with_cpu(per_gpu.max(axis=1), batch.cpu_claim, snap.w_cpu_alloc[batch.rows])
+        result: FloatArray = np.minimum(best, MAX)
         return result
 
     def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray:
         """Fast path for CPU-only candidates: ``ram_claim/ram_alloc × 100``."""
         ram = np.full(len(batch), batch.ram_claim, dtype=np.int64)
-        result: FloatArray = np.minimum(ratio_array(ram, ctx.snapshot.w_ram_alloc[batch.rows]) * 100.0, MAX)
+        score = self._with_cpu(ratio_array(ram, ctx.snapshot.w_ram_alloc[batch.rows]) * 100.0, batch.cpu_claim,
+                               ctx.snapshot.w_cpu_alloc[batch.rows])
+        result: FloatArray = np.minimum(score, MAX)
         return result

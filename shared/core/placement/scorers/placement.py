@@ -1,4 +1,5 @@
-"""placement (max 100): binpack or spread, as the model's placement strategy says."""
+"""placement (max 100): the model's placement strategy: GPUStack's binpack or spread when the model names
+one (exactly their formulas), else Gantry's default, the multi-resource fragmentation scorer."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer
 from shared.core.placement.scorers.binpack import Binpack
+from shared.core.placement.scorers.fragmentation import Fragmentation
 from shared.core.placement.scorers.spread import Spread
 from shared.core.placement.snapshot import FloatArray
 
@@ -22,7 +24,12 @@ class Placement(Scorer):
     max_score = 100.0
 
     def _pick(self, ctx: PlacementContext) -> Scorer:
-        return Binpack() if ctx.model.placement_strategy == PlacementStrategy.BINPACK else Spread()
+        strategy = ctx.model.placement_strategy
+        if strategy == PlacementStrategy.BINPACK:
+            return Binpack.configured()
+        if strategy == PlacementStrategy.SPREAD:
+            return Spread.configured()
+        return Fragmentation.configured()
 
     def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
         """Reference path."""

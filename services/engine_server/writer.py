@@ -1,0 +1,147 @@
+"""A thread that writes streamed token chunks to client sockets, beside the step loop.
+
+Sending a small TCP segment on loopback costs several µs of kernel time per token (the kernel also runs the
+receiver's side and wakes it up); at hundreds of streams that alone fills the event-loop thread's step. The
+step loop therefore only encodes: each step's chunks go to this thread in one hand-off, and the thread does
+the ``send`` calls, which release the GIL, so the kernel's share runs on the other core.
+
+Each stream writes to its own ``dup`` of the connection's socket, so the descriptor stays valid (and cannot
+be reused by another connection) even if the server closes its own after a disconnect. The server wrote the
+response headers before, and writes the end of the chunked body after :attr:`Conn.flushed` resolves, so the
+bytes on the wire stay in order. A slow client's unsent bytes wait in its own backlog; the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import threading
+
+RETRY_S = 0.005  # how often backlogged (slow-reading) clients are retried
+INLINE_MAX = 32
+"""A step with at most this many writes sends them on the event loop's thread: waking the writer thread
+costs more than a few sends."""
+
+
+class Conn:
+    """One stream's socket as the writer thread sees it."""
+
+    __slots__ = ("_loop", "backlog", "closing", "dead", "fd", "flushed")
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.fd = fd
+        self.backlog = b""
+        self.dead = False  # the peer went away (read by the step loop: the request is then aborted)
+        self.closing = False  # its last bytes were handed over
+        self._loop = loop
+        self.flushed: asyncio.Future[None] = loop.create_future()
+
+    def send(self, data: bytes) -> None:
+        """Write what the socket takes now; keep the rest (whoever holds the writer's lock)."""
+        if self.dead:
+            return
+        if self.backlog:
+            data = self.backlog + data
+        try:
+            n = os.write(self.fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.dead = True
+            self.backlog = b""
+            return
+        self.backlog = data[n:] if n < len(data) else b""
+
+    def release(self) -> None:
+        """Close the descriptor and tell the event loop that everything is out."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = -1
+        with contextlib.suppress(RuntimeError):  # the loop may already be closed at shutdown
+            self._loop.call_soon_threadsafe(_resolve, self.flushed)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class SocketWriter:
+    """Collects a step's writes on the event loop (``pending``) and sends them from a thread (``flush``)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Conn, bytes, bool]] = []  # (conn, bytes, last write of the stream)
+        self._q: queue.SimpleQueue[list[tuple[Conn, bytes, bool]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # held by whoever is sending: the thread, or the loop for a small step
+
+    def open(self, fd: int) -> Conn:
+        """A connection for a dup of ``fd`` (the caller's descriptor stays its own)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sse-writer", daemon=True)
+            self._thread.start()
+        return Conn(os.dup(fd), asyncio.get_running_loop())
+
+    def flush(self) -> None:
+        """Hand this step's writes to the thread (one hand-off per step)."""
+        pending = self.pending
+        if not pending:
+            return
+        if len(pending) <= INLINE_MAX and self._lock.acquire(blocking=False):
+            try:
+                rest = [(c, b"", last) for c, data, last in pending if self._send_inline(c, data, last)]
+            finally:
+                self._lock.release()
+            pending.clear()
+            if rest:
+                self._q.put(rest)  # slow readers: the thread keeps retrying them
+            return
+        batch = pending.copy()
+        pending.clear()  # in place: every sink appends to this very list
+        self._q.put(batch)
+
+    @staticmethod
+    def _send_inline(conn: Conn, data: bytes, last: bool) -> bool:
+        """Send now; True if the thread must take over (bytes left over)."""
+        conn.send(data)
+        if conn.backlog and not conn.dead:
+            return True
+        if last or conn.dead:
+            conn.release()
+        return False
+
+    def close(self) -> None:
+        """Stop the thread once what it was given is written."""
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        waiting: set[Conn] = set()  # backlogged or closing with a backlog
+        q = self._q
+        while True:
+            try:
+                batch = q.get(timeout=RETRY_S) if waiting else q.get()
+            except queue.Empty:
+                batch = []
+            if batch is None:
+                for c in waiting:
+                    c.release()
+                return
+            with self._lock:
+                for conn, data, last in batch:
+                    conn.send(data)
+                    if last:
+                        conn.closing = True
+                    if conn.backlog or conn.closing:
+                        waiting.add(conn)
+                for conn in list(waiting):
+                    if conn.backlog:
+                        conn.send(b"")
+                    if not conn.backlog or conn.dead:
+                        waiting.discard(conn)
+                        if conn.closing or conn.dead:
+                            conn.release()

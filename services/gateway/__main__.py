@@ -1,0 +1,41 @@
+"""``python -m services.gateway``: run one Gantry endpoint picker (Envoy ext_proc server)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from services.gateway.service import Gateway, GatewayOptions
+from shared.core.routing import builtin_names
+
+
+def parse_args(argv: list[str] | None = None) -> GatewayOptions:
+    """Options from the command line."""
+    p = argparse.ArgumentParser(prog="python -m services.gateway", description=__doc__)
+    p.add_argument("--nats-url", required=True)
+    p.add_argument("--eds-path", required=True, type=Path, help="Envoy endpoint file to maintain")
+    p.add_argument("--grpc-host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=9002)
+    p.add_argument("--profile", default="default", choices=builtin_names())
+    p.add_argument("--expire-s", type=float, default=3.0, help="drop an endpoint silent this long")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    return GatewayOptions(nats_url=a.nats_url, eds_path=a.eds_path, grpc_host=a.grpc_host, grpc_port=a.grpc_port,
+                          profile=a.profile, expire_s=a.expire_s, seed=a.seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse options and serve."""
+    opts = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if opts.expire_s <= 0:
+        print("error: --expire-s must be > 0", file=sys.stderr)
+        sys.exit(2)
+    asyncio.run(Gateway(opts).run())
+
+
+if __name__ == "__main__":
+    main()

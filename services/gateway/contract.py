@@ -1,0 +1,23 @@
+"""What the gateway's endpoint picker reads and writes on the bus (its data plane is Envoy ext_proc, see
+docs/gateway.md)."""
+
+from __future__ import annotations
+
+from shared.bus import subjects
+from shared.bus.messages import EngineKVEvents, EngineMetrics, ErrorEvent
+from shared.host.contract import Consumes, Contract, Emits
+
+CONTRACT = Contract(
+    service="gateway",
+    description="Gantry's endpoint picker behind Envoy: routes each request with the routing core, keeping its "
+                "pool and load from the model servers' own reports (every replica reads every report).",
+    consumes=(
+        Consumes(subjects.ENGINE_METRICS_ALL, EngineMetrics, "the pool (an engine joins with its first report, "
+                 "leaves when silent) and each engine's load"),
+        Consumes(subjects.ENGINE_KV_EVENTS_ALL, EngineKVEvents, "the precise prefix index; a gap in an engine's "
+                 "numbering clears what is known of its cache"),
+    ),
+    emits=(
+        Emits(subjects.dead_letter("gateway"), ErrorEvent, "an engine report it rejected, and why"),
+    ),
+)

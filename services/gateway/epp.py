@@ -1,0 +1,181 @@
+"""The ext_proc servicer: one gRPC stream per HTTP request (GIE endpoint picker protocol).
+
+Request headers pass; the buffered request body is parsed and the routing core decides. The answer goes
+out as the ``x-gateway-destination-endpoint`` header and as dynamic metadata
+``envoy.lb/x-gateway-destination-endpoint`` (``ip:port[,ip:port...]``: the ordered fallback list Envoy walks
+on retry), or as an immediate 503 (no endpoint) / 429 (shed) / 400 (bad request). On the way back the
+response headers and each streamed body chunk are acknowledged at once (nothing is buffered); the first
+chunk marks prefill done, the end of the stream marks the request finished (in-flight accounting).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import msgspec
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from services.gateway.request import BadRequest, Tokenize, parse_request
+from shared.core.routing import Decision, Router
+
+log = logging.getLogger("gantry.gateway")
+
+DESTINATION = "x-gateway-destination-endpoint"
+SERVED = "x-gateway-destination-endpoint-served"
+METADATA_NS = "envoy.lb"
+PICKED = "x-gantry-endpoints"
+"""Response header naming the picker's ordered list (for operators and tests: compare with ``SERVED``)."""
+REQUEST_ID = "x-request-id"
+
+
+@dataclass
+class Counters:
+    """What the picker did (exported for tests and ``gantry``)."""
+
+    picks: int = 0
+    refused: dict[int, int] = field(default_factory=dict)
+    finished: int = 0
+    first_tokens: int = 0
+    moved: int = 0  # served by a fallback endpoint
+
+
+def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in msg.headers.headers:
+        out[h.key.lower()] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return out
+
+
+def _set_header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+                                      append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+
+
+def immediate(code: int, message: str) -> pb.ProcessingResponse:
+    """An immediate HTTP answer with an OpenAI-style error body."""
+    body = msgspec.json.encode({"error": {"message": message, "type": "gateway_error", "code": code}})
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=code),
+        headers=pb.HeaderMutation(set_headers=[_set_header("content-type", "application/json")]),
+        body=body, details=message[:200]))
+
+
+class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
+    """Gantry's endpoint picker over one routing core (owned by the service's event loop)."""
+
+    def __init__(self, router: Router, addresses: Callable[[], dict[str, str]],
+                 clock: Callable[[], float] = time.time, tokenize: Tokenize | None = None) -> None:
+        self.router = router
+        self.tokenize = tokenize
+        self.addresses = addresses  # endpoint id -> host:port, from the pool view
+        self.clock = clock
+        self.counters = Counters()
+
+    def decide(self, body: bytes, headers: dict[str, str]) -> tuple[pb.ProcessingResponse, Decision | None]:
+        """The answer to a complete request body (pure apart from the router's own accounting)."""
+        # the picker's own id: a client-chosen x-request-id could collide with another request in flight
+        rid = f"{headers.get(REQUEST_ID, '')[:64]}#{uuid.uuid4().hex}"
+        try:
+            req, _stream = parse_request(rid, body, headers, self.tokenize)
+        except BadRequest as err:
+            self.counters.refused[400] = self.counters.refused.get(400, 0) + 1
+            return immediate(400, str(err)), None
+        out = self.router.route(req, self.clock())
+        if not isinstance(out, Decision):
+            self.counters.refused[out.code] = self.counters.refused.get(out.code, 0) + 1
+            return immediate(out.code, out.reason), None
+        addr = self.addresses()
+        targets = [addr[e] for e in out.endpoints if e in addr]
+        if not targets:  # the core knows an endpoint the pool view just dropped: never send blind
+            self.router.finished(rid)
+            return immediate(503, "chosen endpoints have no address"), None
+        value = ",".join(targets)
+        meta = struct_pb2.Struct()
+        meta.update({METADATA_NS: {DESTINATION: value}})
+        self.counters.picks += 1
+        resp = pb.ProcessingResponse(
+            request_body=pb.BodyResponse(response=pb.CommonResponse(
+                header_mutation=pb.HeaderMutation(set_headers=[_set_header(DESTINATION, value)]),
+                clear_route_cache=False)),
+            dynamic_metadata=meta)
+        return resp, out
+
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # gRPC's method name
+                      context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.ProcessingResponse, None]:
+        """One HTTP request's ext_proc stream."""
+        headers: dict[str, str] = {}
+        decision: Decision | None = None
+        first = True
+        try:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("request")
+                if kind == "request_headers":
+                    headers = _headers(msg.request_headers)
+                    if msg.request_headers.end_of_stream:
+                        yield self._bodiless(headers)
+                        return
+                    yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+                elif kind == "request_body":
+                    resp, decision = self.decide(msg.request_body.body, headers)
+                    yield resp
+                    self.router.flush()  # deferred assumed-state insertions, after the answer left
+                    if decision is None:
+                        return
+                elif kind == "response_headers":
+                    if decision is not None:
+                        self._served(decision, _headers(msg.response_headers).get(SERVED, ""))
+                    mutation = pb.HeaderMutation(
+                        set_headers=[_set_header(PICKED, ",".join(decision.endpoints))] if decision else [])
+                    yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+                        response=pb.CommonResponse(header_mutation=mutation)))
+                    if msg.response_headers.end_of_stream:
+                        return
+                elif kind == "response_body":
+                    if first and decision is not None:
+                        first = False
+                        self.router.first_token(decision.request_id)
+                        self.counters.first_tokens += 1
+                    yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+                    if msg.response_body.end_of_stream:
+                        return
+                else:  # trailers (not requested) or unknown: acknowledge
+                    yield self._ack(kind)
+        finally:
+            if decision is not None:  # ended one way or another (done, client gone, upstream failed)
+                self.router.finished(decision.request_id)
+                self.counters.finished += 1
+
+    def _served(self, decision: Decision, served: str) -> None:
+        """Charge the request to the endpoint that actually served it (Envoy may have walked the list)."""
+        actual = {a: e for e, a in self.addresses().items()}.get(served)
+        if actual is not None and actual != decision.endpoint and self.router.state.moved(decision.request_id,
+                                                                                           actual):
+            self.counters.moved += 1
+            log.info("request %s served by fallback %s (picked %s)", decision.request_id, actual, decision.endpoint)
+
+    def _bodiless(self, headers: dict[str, str]) -> pb.ProcessingResponse:
+        path = headers.get(":path", "")
+        if headers.get(":method") == "GET" and path.split("?")[0] == "/v1/models":
+            models = sorted({ep.endpoint.model for ep in self.router.state.endpoints.values()})
+            body = msgspec.json.encode({"object": "list", "data": [
+                {"id": m, "object": "model", "owned_by": "gantry"} for m in models]})
+            return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+                status=http_status_pb2.HttpStatus(code=200),
+                headers=pb.HeaderMutation(set_headers=[_set_header("content-type", "application/json")]),
+                body=body))
+        return immediate(400, f"{headers.get(':method', '?')} {path}: a JSON body naming the model is required")
+
+    @staticmethod
+    def _ack(kind: str | None) -> pb.ProcessingResponse:
+        if kind == "request_trailers":
+            return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())

@@ -1,0 +1,90 @@
+"""Reading an OpenAI request for the picker: the JSON body and the protocol's headers → a ``RouteRequest``.
+
+Pure (no I/O). Bad input raises :class:`BadRequest` with a one-line reason, answered 400 by the picker.
+With a tokenizer, the prompt goes to the core as the token ids the engine will see (the chat rendered with
+the emulated engine's template), so its block hashes match the engines' KV events (precise prefix);
+without one, as text (approximate index only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from shared.core.routing import RouteRequest
+
+PRIORITY_HEADER = "x-gantry-priority"
+"""Integer priority of the request (< 0: sheddable, GIE v1.0 ``InferenceObjective.priority`` semantics)."""
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+"""Tenant for flow control (GIE flow-control fairness id)."""
+SESSION_HEADER = "x-session-id"
+MAX_BODY_BYTES = 32 << 20
+
+
+class BadRequest(ValueError):
+    """The request cannot be routed as sent (answered 400)."""
+
+
+Tokenize = Callable[[str], list[int]]
+
+
+def render_chat(messages: list[tuple[str, str]]) -> str:
+    """A chat as the emulated engine renders it (role markers, then the assistant turn)."""
+    return "".join(f"<|{role}|>\n{content}\n" for role, content in messages) + "<|assistant|>\n"
+
+
+def _prompt_text(body: Mapping[str, Any]) -> str:
+    """The prompt as text: ``prompt`` (completions) or the chat rendered with the engine's template."""
+    if "messages" in body:
+        msgs = body["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise BadRequest("'messages' must be a non-empty list")
+        parts: list[tuple[str, str]] = []
+        for m in msgs:
+            if not isinstance(m, dict):
+                raise BadRequest("each message must be an object")
+            content = m.get("content") or ""
+            if isinstance(content, list):  # content parts: keep the text ones
+                content = "".join(str(p.get("text", "")) for p in content
+                                  if isinstance(p, dict) and p.get("type", "text") == "text")
+            if not isinstance(content, str):
+                raise BadRequest("message content must be a string or a list of parts")
+            parts.append((str(m.get("role", "")), content))
+        return render_chat(parts)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        prompt = "".join(p for p in prompt if isinstance(p, str))
+    if not isinstance(prompt, str):
+        raise BadRequest("the body needs 'messages' (chat) or a string 'prompt' (completions)")
+    return prompt
+
+
+def parse_request(request_id: str, body: bytes, headers: Mapping[str, str],
+                  tokenize: Tokenize | None = None) -> tuple[RouteRequest, bool]:
+    """The routing request and whether the client asked for a stream; raises BadRequest."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(f"body too large ({len(body)} bytes > {MAX_BODY_BYTES})")
+    try:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError as err:
+        raise BadRequest(f"body is not JSON: {err}") from None
+    if not isinstance(parsed, dict):
+        raise BadRequest("body must be a JSON object")
+    model = parsed.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string")
+    prompt = _prompt_text(parsed)
+    try:
+        priority = int(headers.get(PRIORITY_HEADER, "0"))
+    except ValueError:
+        raise BadRequest(f"{PRIORITY_HEADER} must be an integer") from None
+    max_tokens = parsed.get("max_completion_tokens", parsed.get("max_tokens"))
+    expected = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
+    ids = tokenize(prompt) if tokenize is not None else None
+    req = RouteRequest(request_id=request_id, model=model, prompt=None if ids else prompt, token_ids=ids or None,
+                       priority=priority,
+                       tenant=headers.get(FAIRNESS_HEADER, ""), session=headers.get(SESSION_HEADER),
+                       expected_output_tokens=expected)
+    return req, bool(parsed.get("stream", False))

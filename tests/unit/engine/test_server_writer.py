@@ -1,0 +1,103 @@
+"""The socket writer: a slow reader keeps its bytes in its own backlog, others go on; a gone peer marks the
+connection dead; a stream's last bytes resolve ``flushed`` only once they are all out."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from services.engine_server.writer import INLINE_MAX, SocketWriter
+
+
+def _pair(bufsize: int = 4096) -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+    a.setblocking(False)
+    return a, b
+
+
+def _drain(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+async def test_a_slow_reader_keeps_a_backlog_and_gets_everything_in_order_once_it_reads() -> None:
+    writer = SocketWriter()
+    slow_srv, slow_cli = _pair()
+    fast_srv, fast_cli = _pair(1 << 20)
+    slow, fast = writer.open(slow_srv.fileno()), writer.open(fast_srv.fileno())
+    try:
+        payload = [bytes([65 + i % 26]) * 1000 for i in range(200)]  # far more than the socket buffers hold
+        for i, p in enumerate(payload):
+            writer.pending.append((slow, p, i == len(payload) - 1))
+            writer.pending.append((fast, b"x", False))
+            writer.flush()
+        await asyncio.sleep(0.05)
+        got_fast = _drain(fast_cli)
+        assert got_fast == b"x" * 200  # the slow reader held nobody up
+        assert not slow.flushed.done()  # its last bytes are still waiting
+        got = b""
+        for _ in range(400):
+            got += _drain(slow_cli)
+            if slow.flushed.done():
+                break
+            await asyncio.sleep(0.01)
+        got += _drain(slow_cli)
+        assert slow.flushed.done() and got == b"".join(payload)
+    finally:
+        writer.close()
+        for s in (slow_srv, slow_cli, fast_srv, fast_cli):
+            s.close()
+
+
+async def test_a_peer_that_is_gone_marks_the_connection_dead() -> None:
+    writer = SocketWriter()
+    srv, cli = _pair()
+    conn = writer.open(srv.fileno())
+    cli.close()
+    try:
+        for _ in range(3):
+            writer.pending.append((conn, b"data", False))
+            writer.flush()
+            await asyncio.sleep(0.01)
+        assert conn.dead
+        writer.pending.append((conn, b"end", True))
+        writer.flush()
+        await asyncio.wait_for(conn.flushed, 2)
+    finally:
+        writer.close()
+        srv.close()
+
+
+async def test_big_steps_go_through_the_thread_small_ones_inline_with_the_same_bytes() -> None:
+    writer = SocketWriter()
+    pairs = [_pair(1 << 16) for _ in range(INLINE_MAX + 8)]
+    conns = [writer.open(s.fileno()) for s, _ in pairs]
+    try:
+        for k in (1, INLINE_MAX + 8):  # a small step, then a big one
+            for c in conns[:k]:
+                writer.pending.append((c, b"t%d;" % k, False))
+            writer.flush()
+        for c in conns:
+            writer.pending.append((c, b"end", True))
+        writer.flush()
+        await asyncio.wait_for(asyncio.gather(*(c.flushed for c in conns)), 5)
+        got = [_drain(cli) for _, cli in pairs]
+        expect = b"t%d;" % (INLINE_MAX + 8)
+        assert got[0] == b"t1;" + expect + b"end"
+        assert all(g == expect + b"end" for g in got[1:])
+    finally:
+        writer.close()
+        for srv, cli in pairs:
+            srv.close()
+            cli.close()

@@ -1,0 +1,252 @@
+"""The gateway's picker without a network: the OpenAI body read as a routing request, the pool built from
+engine reports, and the ext_proc exchange of one HTTP request driven message by message (protocol in, protocol
+out, the routing core's in-flight accounting checked at each step)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from ops.envoy import EnvoyOptions, envoy_config
+from services.engine_server.textgen import TextModel
+from services.gateway.epp import DESTINATION, METADATA_NS, PICKED, SERVED, Picker
+from services.gateway.pool import PoolView, address_of, eds_document, metrics_of
+from services.gateway.request import BadRequest, parse_request
+from services.gateway.service import shipped_tokenizer
+from shared.bus.messages import EngineMetrics
+from shared.core.routing import Router, builtin_config
+
+NOW = 1_000.0
+
+
+def report(instance: str, port: int, waiting: int = 0, model: str = "m", ts: float = NOW) -> EngineMetrics:
+    return EngineMetrics(instance_id=instance, model=model, url=f"http://127.0.0.1:{port}", ts=ts,
+                         num_requests_running=0, num_requests_waiting=waiting, kv_cache_usage_perc=0.0,
+                         block_size=16, num_gpu_blocks=1000)
+
+
+def chat(prompt: str = "hello", model: str = "m", **extra: Any) -> bytes:
+    return msgspec.json.encode({"model": model, "messages": [{"role": "user", "content": prompt}], **extra})
+
+
+# -- the request ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("body", "why"), [
+    (b"{oops", "not JSON"),
+    (b"[1]", "JSON object"),
+    (b'{"model": ""}', "'model'"),
+    (b'{"model": "m"}', "'messages'"),
+    (b'{"model": "m", "messages": []}', "non-empty"),
+    (b'{"model": "m", "messages": ["x"]}', "object"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": 5}]}', "string"),
+])
+def test_unroutable_bodies_are_refused_with_a_reason(body: bytes, why: str) -> None:
+    with pytest.raises(BadRequest, match=why):
+        parse_request("r", body, {})
+
+
+def test_priority_header_must_be_an_integer() -> None:
+    with pytest.raises(BadRequest, match="x-gantry-priority"):
+        parse_request("r", chat(), {"x-gantry-priority": "high"})
+
+
+def test_negative_priority_is_sheddable_and_stream_flag_is_read() -> None:
+    req, stream = parse_request("r", chat(stream=True, max_tokens=7), {"x-gantry-priority": "-1"})
+    assert req.sheddable and stream and req.expected_output_tokens == 7 and req.model == "m"
+
+
+def test_chat_tokens_are_exactly_what_the_emulated_engine_tokenizes() -> None:
+    text = TextModel()
+    msgs = [("system", "be brief"), ("user", "why is the sky blue?")]
+    body = msgspec.json.encode({"model": "m", "messages": [{"role": r, "content": c} for r, c in msgs]})
+    req, _ = parse_request("r", body, {}, shipped_tokenizer())
+    assert list(req.token_ids or []) == text.chat_prompt(msgs)
+
+
+# -- the pool -----------------------------------------------------------------------------------------------
+def test_pool_joins_on_first_report_and_expires_silent_endpoints() -> None:
+    view = PoolView(expire_s=2.0)
+    assert view.observe(report("a", 8001), NOW)
+    assert not view.observe(report("a", 8001), NOW + 1)  # same endpoint: no change
+    assert view.observe(report("b", 8002), NOW + 2)
+    assert view.expire(NOW + 3.5) == ["a"]  # silent 2.5 s; b only 1.5 s
+    assert view.by_address() == {"127.0.0.1:8002": "b"}
+
+
+def test_engine_url_without_a_port_is_rejected() -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        address_of("http://engine")
+
+
+def test_eds_document_lists_every_endpoint_address() -> None:
+    view = PoolView()
+    view.observe(report("a", 8001), NOW)
+    view.observe(report("b", 8002), NOW)
+    doc = eds_document(list(view.endpoints.values()), 3)
+    lb = doc["resources"][0]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in lb] == [8001, 8002]
+    assert doc["version_info"] == "3"
+
+
+def test_envoy_config_routes_on_the_picker_list_and_streams_responses() -> None:
+    from pathlib import Path
+    cfg = envoy_config(EnvoyOptions(listen_port=1, admin_port=2, epp_port=3, eds_path=Path("/x/e.json")))
+    text = msgspec.json.encode(cfg).decode()
+    assert '"response_body_mode":"STREAMED"' in text and '"request_body_mode":"BUFFERED"' in text
+    assert '"receiving_namespaces":{"untyped":["envoy.lb"]}' in text
+    assert "override_host" in text and DESTINATION in text
+
+
+# -- the ext_proc exchange -------------------------------------------------------------------------------
+def picker(*reports: EngineMetrics) -> tuple[Picker, Router]:
+    router = Router(builtin_config("default"))
+    view = PoolView()
+    for r in reports:
+        view.observe(r, NOW)
+    router.set_endpoints(list(view.endpoints.values()))
+    for r in reports:
+        router.update_metrics(r.instance_id, metrics_of(r))
+    addrs = {e.id: e.address for e in view.endpoints.values()}
+    return Picker(router, lambda: addrs, clock=lambda: NOW + 0.01), router
+
+
+def headers_msg(rid: str = "req-1", eos: bool = False) -> pb.ProcessingRequest:
+    hs = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in
+          ((":method", "POST"), (":path", "/v1/chat/completions"), ("x-request-id", rid))]
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=hs),
+                                                               end_of_stream=eos))
+
+
+def body_msg(body: bytes) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
+
+
+def resp_headers(served: str = "") -> pb.ProcessingRequest:
+    hs = [base_pb2.HeaderValue(key=SERVED, raw_value=served.encode())] if served else []
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=hs)))
+
+
+def chunk(eos: bool = False) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=b"data: {}\n\n", end_of_stream=eos))
+
+
+class Exchange:
+    """Envoy's side of one ext_proc stream, sent one message at a time."""
+
+    def __init__(self, p: Picker) -> None:
+        self.inbox: list[pb.ProcessingRequest] = []
+        self.gen = p.Process(self._iter(), None)
+
+    async def _iter(self) -> AsyncIterator[pb.ProcessingRequest]:
+        while self.inbox:
+            yield self.inbox.pop(0)
+
+    async def send(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        self.inbox.append(msg)
+        return await self.gen.__anext__()
+
+
+async def test_decision_goes_out_as_header_and_envoy_lb_metadata_with_the_fallback_list() -> None:
+    p, _ = picker(report("a", 8001), report("b", 8002))
+    ex = Exchange(p)
+    assert (await ex.send(headers_msg())).HasField("request_headers")
+    resp = await ex.send(body_msg(chat()))
+    dest = resp.request_body.response.header_mutation.set_headers[0]
+    assert dest.header.key == DESTINATION
+    value = dest.header.raw_value.decode()
+    assert sorted(value.split(",")) == ["127.0.0.1:8001", "127.0.0.1:8002"]  # chosen first, then the fallback
+    assert resp.dynamic_metadata.fields[METADATA_NS].struct_value.fields[DESTINATION].string_value == value
+
+
+async def test_inflight_counts_from_dispatch_through_first_chunk_to_end_of_stream() -> None:
+    p, router = picker(report("a", 8001))
+    ex = Exchange(p)
+    await ex.send(headers_msg())
+    await ex.send(body_msg(chat("x" * 400)))
+    st = router.state.endpoints["a"]
+    assert st.inflight_requests == 1 and st.inflight_tokens > 0
+    picked = (await ex.send(resp_headers())).response_headers.response.header_mutation.set_headers[0]
+    assert picked.header.key == PICKED and picked.header.raw_value == b"a"
+    await ex.send(chunk())
+    assert st.inflight_requests == 1 and st.inflight_tokens == 0  # prefill done, still decoding
+    await ex.send(chunk())
+    await ex.send(chunk(eos=True))
+    with pytest.raises(StopAsyncIteration):
+        await ex.gen.__anext__()
+    assert st.inflight_requests == 0
+
+
+async def test_request_served_by_a_fallback_moves_its_load_there() -> None:
+    p, router = picker(report("a", 8001), report("b", 8002))
+    ex = Exchange(p)
+    await ex.send(headers_msg())
+    resp = await ex.send(body_msg(chat("y" * 400)))
+    first, second = resp.request_body.response.header_mutation.set_headers[0].header.raw_value.decode().split(",")
+    ids = {"127.0.0.1:8001": "a", "127.0.0.1:8002": "b"}
+    picked, fallback = router.state.endpoints[ids[first]], router.state.endpoints[ids[second]]
+    tokens = picked.inflight_tokens
+    await ex.send(resp_headers(served=second))  # Envoy could not reach the first
+    assert (picked.inflight_requests, picked.inflight_tokens) == (0, 0)
+    assert (fallback.inflight_requests, fallback.inflight_tokens) == (1, tokens)
+    assert p.counters.moved == 1
+    await ex.send(chunk(eos=True))
+    with pytest.raises(StopAsyncIteration):
+        await ex.gen.__anext__()
+    assert fallback.inflight_requests == 0 and fallback.inflight_tokens == 0
+
+
+async def test_two_requests_with_the_same_client_request_id_are_counted_apart() -> None:
+    p, router = picker(report("a", 8001))
+    one, two = Exchange(p), Exchange(p)
+    for ex in (one, two):
+        await ex.send(headers_msg(rid="same"))
+        await ex.send(body_msg(chat()))
+    assert router.state.endpoints["a"].inflight_requests == 2
+    await one.gen.aclose()
+    assert router.state.endpoints["a"].inflight_requests == 1
+
+
+async def test_client_gone_mid_stream_still_finishes_the_request() -> None:
+    p, router = picker(report("a", 8001))
+    ex = Exchange(p)
+    await ex.send(headers_msg())
+    await ex.send(body_msg(chat()))
+    await ex.send(resp_headers())
+    await ex.send(chunk())
+    await ex.gen.aclose()  # Envoy closed the stream: the HTTP request is over
+    assert router.state.endpoints["a"].inflight_requests == 0
+
+
+@pytest.mark.parametrize(("reports", "body", "headers", "code"), [
+    ((), chat(), {}, 503),  # no endpoint at all
+    ((report("a", 8001),), chat(model="other"), {}, 503),  # none for this model
+    ((report("a", 8001, waiting=50),), chat(), {"x-gantry-priority": "-1"}, 429),  # sheddable, saturated
+    ((report("a", 8001),), b"{bad", {}, 400),
+])
+async def test_refusals_are_immediate_responses_with_the_protocol_codes(
+        reports: tuple[EngineMetrics, ...], body: bytes, headers: dict[str, str], code: int) -> None:
+    p, router = picker(*reports)
+    hs = headers_msg()
+    for k, v in headers.items():
+        hs.request_headers.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
+    ex = Exchange(p)
+    await ex.send(hs)
+    resp = await ex.send(body_msg(body))
+    assert resp.immediate_response.status.code == code
+    assert msgspec.json.decode(resp.immediate_response.body)["error"]["code"] == code
+    assert all(st.inflight_requests == 0 for st in router.state.endpoints.values())
+
+
+async def test_models_listing_is_answered_by_the_picker() -> None:
+    p, _ = picker(report("a", 8001, model="m1"), report("b", 8002, model="m2"))
+    ex = Exchange(p)
+    hs = headers_msg(eos=True)
+    hs.request_headers.headers.headers[0].raw_value = b"GET"
+    hs.request_headers.headers.headers[1].raw_value = b"/v1/models"
+    resp = await ex.send(hs)
+    assert resp.immediate_response.status.code == 200
+    assert [m["id"] for m in msgspec.json.decode(resp.immediate_response.body)["data"]] == ["m1", "m2"]
