@@ -48,19 +48,17 @@ import nats  # noqa: E402
 import psutil  # noqa: E402
 import uvloop  # noqa: E402
 
-from ops.servers import COLOCATED_NATS_CPUS, free_port, start_nats, start_redis  # noqa: E402
-from services import SERVICE_COMMANDS, WORKERS_COMMAND  # noqa: E402
+from ops.servers import free_port  # noqa: E402
+from ops.stack import WORKERS_SERVICE, LocalStack, WorkerFleet  # noqa: E402
 from shared.bus import subjects  # noqa: E402
 from shared.bus.messages import DecisionEvents, ScaleCommand, encode  # noqa: E402
+from shared.bus.runtime import nats_options  # noqa: E402
 from shared.core.placement.domain import GIB, Category, ModelSpec, PlacementStrategy  # noqa: E402
+from shared.settings import Settings  # noqa: E402
 from shared.state import StateStore  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
 HARNESS_NICE = 10
-
-
-def _argv(cmd: list[str]) -> list[str]:
-    return [sys.executable if cmd[0] == "python" else cmd[0], *cmd[1:]]
 
 
 def spec(n: int) -> ModelSpec:
@@ -84,26 +82,20 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
     """Start everything, offer ``rate`` placements/s for ``seconds``, measure, tear down."""
     tmp = Path(tempfile.mkdtemp(prefix="gantry-bench-"))
     monitor = free_port()
-    nats_srv = start_nats(tmp / "nats", monitor_port=monitor, cpus=COLOCATED_NATS_CPUS)
-    redis_srv = start_redis(tmp / "redis")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "GANTRY_NATS_URL": nats_srv.url,
-        "GANTRY_REDIS_URL": redis_srv.url,
-        "GANTRY_JS_STORAGE": "memory",
-        "GANTRY_HEARTBEAT_INTERVAL_S": "5",
-    }
-    procs: list[subprocess.Popen[bytes]] = []
-    watched = {"nats": psutil.Process(nats_srv.process.pid), "redis": psutil.Process(redis_srv.process.pid),
+    settings = Settings(
+        nats_url=f"nats://127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        js_storage="memory", heartbeat_interval_s=5.0,
+    )
+    fleet = WorkerFleet(count=args.workers, gpus=8, extra=("--start-delay", "0.05", "--download-delay", "0"))
+    # The one way to start a stack (ops.stack), as `gantry up` does: servers, the four services, the fleet.
+    stack = LocalStack(settings, fleet, home=tmp, nats_monitor_port=monitor, wait_ready=False, auth=not args.no_auth,
+                       tls=args.tls)
+    stack.start()
+    assert stack.nats is not None and stack.redis is not None
+    watched = {"nats": psutil.Process(stack.nats.process.pid), "redis": psutil.Process(stack.redis.process.pid),
                "driver": psutil.Process()}
-    logs = tmp / "logs"
-    logs.mkdir()
-
-    def start(name: str, argv: list[str]) -> None:
-        with (logs / f"{name}.log").open("ab") as out:  # the child keeps its own descriptor
-            procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
-        watched[name] = psutil.Process(procs[-1].pid)
+    for child in stack.children:
+        watched["fleet" if child.name == WORKERS_SERVICE else child.name] = psutil.Process(child.process.pid)
 
     def profile_services(phase: str, seconds: float) -> list[subprocess.Popen[bytes]]:
         """py-spy every Python process of the stack for the phase (``--profile DIR``): collapsed stacks."""
@@ -134,18 +126,15 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             out[name] = t.user + t.system
         return out
 
-    store = StateStore.from_url(redis_srv.url)
-    nc = await nats.connect(nats_srv.url)
+    admin = stack.settings_for("admin")  # the driver stands in for the operator and reads everything
+    store = StateStore.from_url(admin.redis_url)
+    nc = await nats.connect(admin.nats_url, **nats_options(admin))
     try:
-        fleet_args = ["--count", str(args.workers), "--gpus", "8", "--start-delay", "0.05", "--download-delay", "0"]
-        start("fleet", [*_argv(WORKERS_COMMAND), *fleet_args])
-        for name, cmd in SERVICE_COMMANDS.items():
-            start(name, _argv(cmd))
         await wait_workers(store, args.workers, 120)
         if not args.same_priority:
             # The fleet and this driver stand in for 1,000 machines and for clients that are not this
             # machine: they yield the CPU to the stack under test instead of competing with it.
-            os.setpriority(os.PRIO_PROCESS, procs[0].pid, HARNESS_NICE)
+            os.setpriority(os.PRIO_PROCESS, stack.child(WORKERS_SERVICE).process.pid, HARNESS_NICE)
             os.setpriority(os.PRIO_PROCESS, 0, HARNESS_NICE)
         await asyncio.sleep(args.warmup)
 
@@ -245,15 +234,7 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
     finally:
         await nc.close()
         await store.close()
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        nats_srv.stop()
-        redis_srv.stop()
+        stack.stop(timeout=10)
 
 
 def plot(runs: list[dict[str, object]], path: Path) -> None:
@@ -304,6 +285,8 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--drain", type=float, default=30.0, help="longest wait for the last commits after sending")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--no-auth", action="store_true", help="servers without identities (to measure what auth costs)")
+    p.add_argument("--tls", action="store_true", help="NATS over TLS (gantry up --tls)")
     p.add_argument("--same-priority", action="store_true",
                    help="run the fleet and the driver at the services' CPU priority (default: lower)")
     p.add_argument("--profile", type=Path, default=None, help="write py-spy collapsed stacks per process here")

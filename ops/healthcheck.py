@@ -28,13 +28,16 @@ async def servers_answer(settings: Settings, timeout: float = 3.0) -> str | None
     import nats
     import redis.asyncio as aioredis
 
+    from shared.bus.runtime import nats_options
+
     async def quiet(_: Exception) -> None:
         return None
 
     try:
         nc = await asyncio.wait_for(
             nats.connect(
-                settings.nats_url, allow_reconnect=False, connect_timeout=int(timeout), error_cb=quiet
+                settings.nats_url, allow_reconnect=False, connect_timeout=int(timeout), error_cb=quiet,
+                **nats_options(settings),
             ),
             timeout,
         )

@@ -15,6 +15,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ops.auth import Credentials, TlsFiles
 
 NATS_CONFIG = Path(__file__).parent / "config" / "nats.conf"
 
@@ -32,6 +36,8 @@ class ServerProcess:
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    credentials: Credentials | None = None
+    tls: TlsFiles | None = None
 
     def alive(self) -> bool:
         """True while the process has not exited."""
@@ -104,16 +110,23 @@ COLOCATED_NATS_CPUS = 1
 
 def start_nats(
     data_dir: Path, port: int | None = None, timeout: float = 15.0, monitor_port: int | None = None,
-    cpus: int | None = None,
+    cpus: int | None = None, auth: Credentials | None = None, tls: TlsFiles | None = None,
 ) -> ServerProcess:
     """Start nats-server with JetStream storing under ``data_dir`` (HTTP monitoring on ``monitor_port``;
-    ``cpus``: the Go scheduler's processors, GOMAXPROCS, when NATS shares the machine)."""
+    ``cpus``: the Go scheduler's processors, GOMAXPROCS, when NATS shares the machine). With ``auth``, only
+    its identities may connect, each with its own rights (``ops.auth``); the URL returned is the admin's."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = data_dir / "nats.log"
+    config = NATS_CONFIG
+    if auth is not None:
+        from ops.auth import NATS_AUTH_FILE, nats_config, write_private
+
+        config = data_dir / NATS_AUTH_FILE
+        write_private(config, nats_config(NATS_CONFIG.read_text(), auth, tls))
     cmd = [
         find_binary("nats-server"),
-        "-c", str(NATS_CONFIG),
+        "-c", str(config),
         "-a", "127.0.0.1",
         "-p", str(port),
         "-sd", str(data_dir / "jetstream"),
@@ -124,18 +137,30 @@ def start_nats(
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     wait_for_port(port, proc, timeout, log)
-    return ServerProcess("nats", f"nats://127.0.0.1:{port}", port, proc, log)
+    scheme = "tls" if tls is not None else "nats"
+    url = f"{scheme}://127.0.0.1:{port}"
+    if auth is not None:
+        url = auth.url(url, "admin")
+    return ServerProcess("nats", url, port, proc, log, auth, tls)
 
 
 def start_redis(
-    data_dir: Path, port: int | None = None, password: str | None = None, timeout: float = 15.0
+    data_dir: Path, port: int | None = None, password: str | None = None, timeout: float = 15.0,
+    auth: Credentials | None = None,
 ) -> ServerProcess:
-    """Start redis-server with append-only persistence under ``data_dir``."""
+    """Start redis-server with append-only persistence under ``data_dir``. With ``auth``: protected mode,
+    the default user off and one ACL user per identity (``ops.auth``); the URL returned is the admin's."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = data_dir / "redis.log"
-    cmd = [
-        find_binary("redis-server"),
+    cmd = [find_binary("redis-server")]
+    if auth is not None:
+        from ops.auth import REDIS_CONF_FILE, redis_config, write_private
+
+        config = data_dir / REDIS_CONF_FILE
+        write_private(config, redis_config(auth))
+        cmd.append(str(config))  # a configuration file must come first
+    cmd += [
         "--bind", "127.0.0.1",
         "--port", str(port),
         "--dir", str(data_dir),
@@ -147,5 +172,7 @@ def start_redis(
         cmd += ["--requirepass", password]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_port(port, proc, timeout, log)
-    auth = f":{password}@" if password else ""
-    return ServerProcess("redis", f"redis://{auth}127.0.0.1:{port}/0", port, proc, log)
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+    if auth is not None:
+        url = auth.url(url, "admin")
+    return ServerProcess("redis", url, port, proc, log, auth)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, ServerStartError, start_nats, start_redis
+from ops.auth import ADMIN, ENGINE, FLEET, AuthError, Credentials, TlsFiles, without_userinfo
+from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, ServerStartError, free_port, start_nats, start_redis
 from shared.core.placement.domain import GIB
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
@@ -32,6 +34,7 @@ from shared.settings import Settings
 PLACEMENT_SERVICES: tuple[str, ...] = ("filter", "fitting", "scoring", "reconciler")
 WORKERS_SERVICE = "workers"
 STATE_FILE = "stack.json"
+LOCK_FILE = "up.lock"
 
 
 class StackError(RuntimeError):
@@ -46,6 +49,7 @@ class WorkerFleet:
     gpus: int = 8
     gpu_type: str = "H100-SXM-80GB"
     labels: tuple[str, ...] = ()  # "key=value", given to every worker
+    extra: tuple[str, ...] = ()  # more flags of the emulated-workers command (timings, name prefix)
 
 
 @dataclass
@@ -62,6 +66,14 @@ class Child:
         return self.process.poll() is None
 
 
+def command_argv(command: Sequence[str]) -> list[str]:
+    """``command`` with ``python`` bound to this interpreter."""
+    argv = list(command)
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return argv
+
+
 def service_argv(name: str, commands: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     """The argv of service ``name`` as docker-compose runs it, with ``python`` bound to this interpreter."""
     if commands is None:
@@ -70,10 +82,7 @@ def service_argv(name: str, commands: Mapping[str, Sequence[str]] | None = None)
         commands = SERVICE_COMMANDS
     if name not in commands:
         raise StackError(f"no service named {name!r} (known: {', '.join(sorted(commands))})")
-    argv = list(commands[name])
-    if argv and argv[0] in ("python", "python3"):
-        argv[0] = sys.executable
-    return argv
+    return command_argv(commands[name])
 
 
 def worker_argv(fleet: WorkerFleet, base: Sequence[str] | None = None) -> list[str]:
@@ -82,9 +91,7 @@ def worker_argv(fleet: WorkerFleet, base: Sequence[str] | None = None) -> list[s
         from services import WORKERS_COMMAND
 
         base = WORKERS_COMMAND
-    argv = list(base)
-    if argv and argv[0] in ("python", "python3"):
-        argv[0] = sys.executable
+    argv = command_argv(base)
     return [
         *argv,
         "--count", str(fleet.count),
@@ -92,6 +99,7 @@ def worker_argv(fleet: WorkerFleet, base: Sequence[str] | None = None) -> list[s
         "--gpu-product", fleet.gpu_type,
         "--vram-gib", f"{gpu_vram_gib(fleet.gpu_type):g}",
         *(arg for label in fleet.labels for arg in ("--label", label)),
+        *fleet.extra,
     ]
 
 
@@ -144,9 +152,48 @@ def _die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # type: ignore[attr-defined]
 
 
+class StackLock:
+    """The launcher's lock on a stack home (``flock``): one ``gantry up`` per home, taken before anything
+    there is written or wiped, held for the launcher's life, released by the kernel if it dies."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or StackError naming the launcher that holds it."""
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StackError(
+                f"another `gantry up` (pid {holder}) runs a stack in {self.path.parent}; stop it with `gantry down`"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock up (the file stays: removing it would race another launcher taking it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 @dataclass
 class LocalStack:
-    """Starts and stops the whole local stack; use as a context manager or call start()/stop()."""
+    """Starts and stops a whole stack; use as a context manager or call start()/stop().
+
+    The one way to start a stack: ``gantry up``, the integration fixtures and the benchmarks all use it.
+    ``external_servers`` uses NATS and Redis already running at the settings' URLs (test fixtures share
+    one pair per session); otherwise the stack starts its own. Services run ``replicas`` processes each
+    (named ``<service>`` for one, ``<service>-<n>`` for several).
+    """
 
     settings: Settings
     fleet: WorkerFleet = field(default_factory=WorkerFleet)
@@ -157,21 +204,40 @@ class LocalStack:
     nats: ServerProcess | None = None
     redis: ServerProcess | None = None
     children: list[Child] = field(default_factory=list)
+    # Each service's /metrics port: free ports, kept across restarts, so several stacks can coexist.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    replicas: int = 1
+    external_servers: bool = False
+    nats_monitor_port: int | None = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    wait_ready: bool = True  # start() waits until every service pulls before starting workers
+    auth: bool = True  # servers of our own start with an identity per role (ops.auth); off: anyone connects
+    credentials: Credentials | None = None  # the servers' identities (external servers: given by the caller)
+    tls: bool = False  # NATS over TLS with the home's CA and certificate (ops.tls; generated on first use)
+    _tls_files: TlsFiles | None = None
+    _lock: StackLock | None = None
+    _wrote_state: bool = False
 
     @property
     def log_dir(self) -> Path:
         """Where every child's stdout/stderr goes."""
         return self.home / "logs"
 
+    def preflight(self) -> None:
+        """Take the home's lock, then check the ports: before anything in the home is written or wiped."""
+        if self._lock is None:
+            self._lock = StackLock(self.home)
+        self._lock.acquire()
+        if not self.external_servers:
+            self.check_ports()
+
     def start(self) -> LocalStack:
         """Servers first, then services, then workers; on any failure, stop what started and raise."""
         try:
-            self.start_servers()
-            for name in self.services:
-                self.spawn(name, service_argv(name, self.commands))
-            if self.services:
-                # Workers register once at start: they must find the services already listening.
-                asyncio.run(self.wait_services_ready())
+            self.preflight()
+            if not self.external_servers:
+                self.start_servers()
+            self.start_services()
             if self.fleet.count > 0:
                 self.spawn(WORKERS_SERVICE, worker_argv(self.fleet, self.workers_command))
             self.write_state()
@@ -180,26 +246,99 @@ class LocalStack:
             raise
         return self
 
-    def start_servers(self) -> None:
-        """Start NATS (JetStream) and Redis on the ports the settings name."""
-        nats_port = url_port(self.settings.nats_url, 4222)
-        redis_port = url_port(self.settings.redis_url, 6379)
+    def start_services(self) -> None:
+        """Every service, ``replicas`` processes each; with ``wait_ready``, until all of them pull."""
+        for name in self.services:
+            for n in range(self.replicas):
+                self.spawn(name if self.replicas == 1 else f"{name}-{n}", service_argv(name, self.commands))
+        if self.services and self.wait_ready:
+            # Workers register once at start: they must find the services already listening.
+            asyncio.run(self.wait_services_ready())
+
+    def check_ports(self) -> None:
+        """StackError if NATS's or Redis's port is taken (another stack, most likely)."""
         for what, port, env in (
-            ("NATS", nats_port, "GANTRY_NATS_URL"),
-            ("Redis", redis_port, "GANTRY_REDIS_URL"),
+            ("NATS", url_port(self.settings.nats_url, 4222), "GANTRY_NATS_URL"),
+            ("Redis", url_port(self.settings.redis_url, 6379), "GANTRY_REDIS_URL"),
         ):
             if port_in_use(port):
                 raise StackError(
                     f"{what} port {port} is already in use (another `gantry up`?); "
                     f"stop it with `gantry down` or choose another port with {env}"
                 )
+
+    def start_servers(self) -> None:
+        """Start NATS (JetStream) and Redis on the ports the settings name (with the home's credentials,
+        generated on first use, unless ``auth`` is off)."""
+        self.check_ports()
+        if self.auth and self.credentials is None:
+            self.credentials = Credentials.ensure(self.home)
+        if self.tls and self._tls_files is None:
+            from ops.tls import ensure_tls
+
+            try:
+                self._tls_files = ensure_tls(self.home)
+            except AuthError as err:
+                raise StackError(str(err)) from None
+            # Every client trusts the home's CA (the children through GANTRY_TLS_CA_FILE).
+            self.settings = self.settings.model_copy(update={"tls_ca_file": str(self._tls_files.ca)})
         try:
-            self.nats = start_nats(self.home / "nats", port=nats_port, cpus=COLOCATED_NATS_CPUS)
-            self.redis = start_redis(
-                self.home / "redis", port=redis_port, password=url_password(self.settings.redis_url)
-            )
+            self.nats = self._start_nats()
+            self.redis = self._start_redis()
         except ServerStartError as err:
             raise StackError(str(err)) from None
+
+    def _start_nats(self) -> ServerProcess:
+        return start_nats(
+            self.home / "nats", port=url_port(self.settings.nats_url, 4222), cpus=COLOCATED_NATS_CPUS,
+            monitor_port=self.nats_monitor_port, auth=self.credentials, tls=self._tls_files,
+        )
+
+    def _start_redis(self) -> ServerProcess:
+        return start_redis(
+            self.home / "redis", port=url_port(self.settings.redis_url, 6379),
+            password=None if self.credentials else url_password(self.settings.redis_url), auth=self.credentials,
+        )
+
+    def kill_server(self, which: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to NATS or Redis ("nats" | "redis") and wait for it to exit (chaos tests)."""
+        server = self.nats if which == "nats" else self.redis
+        if server is not None and server.alive():
+            server.process.send_signal(sig)
+            server.process.wait(10)
+
+    def restart_server(self, which: str) -> None:
+        """Start NATS or Redis again on its port and data (after ``kill_server``)."""
+        if which == "nats":
+            self.nats = self._start_nats()
+        else:
+            self.redis = self._start_redis()
+        self.write_state()
+
+    def child(self, name: str) -> Child:
+        """The running (or last) child called ``name``."""
+        for child in reversed(self.children):
+            if child.name == name:
+                return child
+        raise KeyError(name)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to child ``name``; for SIGKILL/SIGTERM, wait for it to exit."""
+        proc = self.child(name).process
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            proc.wait(10)
+
+    def restart(self, name: str) -> Child:
+        """Start child ``name`` again with the same command (after it exited or was killed)."""
+        old = self.child(name)
+        if old.alive():
+            raise StackError(f"{name} is still running")
+        self.children.remove(old)
+        child = self.spawn(name, old.argv)
+        self.write_state()
+        return child
 
     async def wait_services_ready(self, timeout: float = 60.0) -> None:
         """Until every durable consumer of the services is pulling (or a child dies: StackError)."""
@@ -207,9 +346,11 @@ class LocalStack:
         from nats.js.errors import NotFoundError
 
         from shared.bus import streams
+        from shared.bus.runtime import nats_options
 
         wanted = [(stream, durable) for stream, durable, _ in streams.ALL_CONSUMERS]
-        nc = await nats.connect(self.settings.nats_url, connect_timeout=5)
+        admin = self.settings_for(ADMIN)
+        nc = await nats.connect(admin.nats_url, connect_timeout=5, **nats_options(admin))
         try:
             js = nc.jetstream()
             deadline = time.monotonic() + timeout
@@ -237,11 +378,26 @@ class LocalStack:
         finally:
             await nc.close()
 
-    def child_env(self) -> dict[str, str]:
-        """The environment every child gets: this one plus the stack's GANTRY_* settings."""
+    def settings_for(self, identity: str | None) -> Settings:
+        """The stack's settings as ``identity`` (its user and secret in both URLs); unchanged without
+        credentials or identity."""
+        if self.credentials is None or identity is None:
+            return self.settings
+        return self.settings.model_copy(update={
+            "nats_url": self.credentials.url(self.settings.nats_url, identity),
+            "redis_url": self.credentials.url(self.settings.redis_url, identity),
+            "identity": identity,
+        })
+
+    def child_env(self, identity: str | None = None) -> dict[str, str]:
+        """The environment every child gets: this one plus the stack's GANTRY_* settings (as ``identity``)."""
         env = dict(os.environ)
-        for name, value in self.settings.model_dump().items():
+        for name, value in self.settings_for(identity).model_dump().items():
             env[f"GANTRY_{name.upper()}"] = str(value)
+        env.update(self.extra_env)
+        if identity is not None and self.credentials is not None:  # a child always runs as its own identity
+            own = self.settings_for(identity)
+            env.update(GANTRY_NATS_URL=own.nats_url, GANTRY_REDIS_URL=own.redis_url, GANTRY_IDENTITY=identity)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
@@ -250,13 +406,16 @@ class LocalStack:
         """Start one child with its output in ``logs/<name>.log``."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
+        env = self.child_env(identity_of(argv))
+        if name in self.services or name.rsplit("-", 1)[0] in self.services:  # "scoring" or "scoring-1"
+            env["GANTRY_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
         with log.open("ab") as out:
             out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
             out.flush()
             proc = subprocess.Popen(
                 argv,
                 cwd=REPO_ROOT,
-                env=self.child_env(),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -281,12 +440,17 @@ class LocalStack:
         services = [c for c in self.children if c.name != WORKERS_SERVICE]
         for group in (workers, services):
             _terminate(group, timeout)
-        for server in (self.redis, self.nats):
-            if server is not None:
-                server.stop()
+        if not self.external_servers:
+            for server in (self.redis, self.nats):
+                if server is not None:
+                    server.stop()
         self.children.clear()
-        with contextlib.suppress(OSError):
-            (self.home / STATE_FILE).unlink()
+        if self._wrote_state:  # only the stack that wrote the state file removes it: never a running one's
+            with contextlib.suppress(OSError):
+                (self.home / STATE_FILE).unlink()
+            self._wrote_state = False
+        if self._lock is not None:
+            self._lock.release()
 
     def pids(self) -> Iterator[int]:
         """Every process id of the stack (servers and children)."""
@@ -301,17 +465,34 @@ class LocalStack:
         self.home.mkdir(parents=True, exist_ok=True)
         state = {
             "pid": os.getpid(),
-            "nats_url": self.settings.nats_url,
+            "nats_url": without_userinfo(self.settings.nats_url),
             "children": {c.name: c.process.pid for c in self.children},
             "servers": {s.name: s.process.pid for s in (self.nats, self.redis) if s is not None},
+            "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()},
         }
-        (self.home / STATE_FILE).write_text(json.dumps(state, indent=2))
+        tmp = self.home / f".{STATE_FILE}.{os.getpid()}"
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.home / STATE_FILE)  # readers never see half a file
+        self._wrote_state = True
 
     def __enter__(self) -> LocalStack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def identity_of(argv: Sequence[str]) -> str | None:
+    """The identity a child runs as, from the service module it runs (``-m services.<name>``); None for any
+    other command (it gets the stack's own settings)."""
+    argv = list(argv)
+    if "-m" not in argv or argv.index("-m") + 1 >= len(argv):
+        return None
+    module = argv[argv.index("-m") + 1]
+    if not module.startswith("services."):
+        return None
+    name = module.split(".")[1]
+    return {"workers": FLEET, "engine_server": ENGINE}.get(name, name)
 
 
 def _terminate(children: list[Child], timeout: float) -> None:
@@ -338,14 +519,50 @@ def read_state(home: Path | None = None) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def signal_running_stack(home: Path | None = None, sig: int = signal.SIGINT) -> int | None:
-    """Send ``sig`` to the launcher recorded in the state file; its pid, or None if none runs."""
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` runs (a zombie has exited: it only waits for its parent to reap it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def running_launcher(home: Path | None = None) -> int | None:
+    """The pid of the live ``gantry up`` recorded in the state file, or None."""
     state = read_state(home)
-    if not state or not isinstance(state.get("pid"), int):
+    pid = state.get("pid") if state else None
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
         return None
-    pid: int = state["pid"]  # type: ignore[assignment]  # checked to be an int above
+    return pid
+
+
+def signal_running_stack(home: Path | None = None, sig: int = signal.SIGTERM) -> int | None:
+    """Send ``sig`` to the launcher recorded in the state file; its pid, or None if none runs."""
+    pid = running_launcher(home)
+    if pid is None:
+        return None
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
         return None
     return pid
+
+
+def stop_running_stack(home: Path | None = None, timeout: float = 60.0) -> tuple[int, bool] | None:
+    """SIGTERM the running launcher (a foreground or a background ``gantry up``: a background job ignores
+    SIGINT) and wait for it to exit; (pid, stopped in time), or None if no stack runs."""
+    pid = signal_running_stack(home, signal.SIGTERM)
+    if pid is None:
+        return None
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return pid, False
+        time.sleep(0.1)
+    return pid, True

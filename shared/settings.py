@@ -2,12 +2,27 @@
 
 Read from the environment (prefix ``GANTRY_``) so that ``gantry up``, docker-compose and the test
 fixtures configure processes the same way.
+
+Input limits are not settings: they are part of the message schema, declared once in
+``shared/core/limits.py`` and enforced at every boundary. Their defaults, documented there and in
+docs/operations.md ("Input limits"): names of 1-63 characters (DNS-label-like), at most 10,000 replicas per
+model, 128 GPUs per worker, 4 TiB of VRAM per GPU, 256 TiB of RAM per worker, no negative claim, messages of
+8 MiB, spec files of 1 MiB; a converge call creates at most 500 replicas, any other script call touches at
+most 1,000 instances.
 """
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.paths import runtime_dir
+
+CREDENTIALS_FILE = "credentials.json"
 
 
 class Settings(BaseSettings):
@@ -17,6 +32,16 @@ class Settings(BaseSettings):
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL (JetStream enabled)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL, password included if any")
+    identity: str = Field(
+        "", description="who this process is to NATS and Redis (ops.auth roles); with it, URLs without a user "
+        "get the identity's secret from the credentials file"
+    )
+    tls_ca_file: str = Field(
+        "", description="CA certificate (PEM) to trust for TLS to NATS (`gantry up --tls` writes .gantry/tls/ca.pem)"
+    )
+    credentials_file: str = Field(
+        "", description="credentials written by `gantry up` (default: .gantry/credentials.json); a Docker secret"
+    )
     heartbeat_interval_s: float = Field(5.0, gt=0, description="seconds between worker heartbeats")
     not_ready_after_s: float = Field(15.0, gt=0, description="heartbeat age that makes a worker NOT_READY")
     reschedule_after_s: float = Field(30.0, gt=0, description="NOT_READY time after which instances move")
@@ -46,9 +71,43 @@ class Settings(BaseSettings):
     forget_after_s: float = Field(
         600.0, gt=0, description="a worker silent this long leaves the state (with its lost replicas)"
     )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="port of the service's Prometheus /metrics endpoint; 0: not served"
+    )
+    web_port: int = Field(
+        8470, ge=0, le=65535, description="port of the web view `gantry up` serves on 127.0.0.1; 0: none"
+    )
     fit_cache_s: float = Field(
         0.2, ge=0, description="fitting reuses a model's candidates this long (scoring re-checks them); 0: off"
     )
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Settings:
+        # URLs that name a user keep it (explicit wins); otherwise the identity's secret from the file.
+        if not self.identity:
+            return self
+        secret = _secret(Path(self.credentials_file) if self.credentials_file else runtime_dir() / CREDENTIALS_FILE,
+                         self.identity)
+        if secret is not None:
+            self.nats_url = _with_user(self.nats_url, self.identity, secret)
+            self.redis_url = _with_user(self.redis_url, self.identity, secret)
+        return self
+
+
+def _secret(path: Path, identity: str) -> str | None:
+    try:
+        found = json.loads(path.read_text()).get("identities", {}).get(identity)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _with_user(url: str, user: str, secret: str) -> str:
+    parts = urlsplit(url)
+    if parts.username or not parts.hostname:
+        return url
+    netloc = f"{user}:{secret}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def load_settings() -> Settings:

@@ -8,6 +8,7 @@ from pathlib import Path
 import hypothesis  # noqa: F401  (see below)
 import pytest
 
+from ops.auth import Credentials
 from ops.servers import ServerProcess, start_nats, start_redis
 
 # Hypothesis is imported (and its modules assertion-rewritten by pytest) at collection, whatever subset runs.
@@ -15,17 +16,28 @@ from ops.servers import ServerProcess, start_nats, start_redis
 # rewrite of it there intermittently failed with CPython 3.11's "AST constructor recursion depth mismatch".
 
 
+SECURITY_WORKERS = ("w0", "w1", "w2")
+"""Worker agents with their own identities on the session's servers (the security tests speak as them)."""
+
+
 @pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def credentials() -> Credentials:
+    """The session servers' identities: every role, and the agents of ``SECURITY_WORKERS`` (auth is on, as in
+    every stack; ``server.url`` is the admin's)."""
+    return Credentials.generate(workers=SECURITY_WORKERS)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory, credentials: Credentials) -> Iterator[ServerProcess]:
     """A real nats-server with JetStream, shared by the session (tests use distinct subjects/streams)."""
-    server = start_nats(Path(tmp_path_factory.mktemp("nats")))
+    server = start_nats(Path(tmp_path_factory.mktemp("nats")), auth=credentials)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory, credentials: Credentials) -> Iterator[ServerProcess]:
     """A real redis-server, shared by the session."""
-    server = start_redis(Path(tmp_path_factory.mktemp("redis")))
+    server = start_redis(Path(tmp_path_factory.mktemp("redis")), auth=credentials)
     yield server
     server.stop()

@@ -22,11 +22,12 @@ from nats.aio.client import Client as NatsClient
 
 from ops.cli.common import connect_nats
 from ops.cli.errors import CliError
-from ops.cli.inputs import read_input_file
+from ops.cli.inputs import read_input_file, worker_name
 from ops.view import ClusterSnapshot, ModelView
 from shared.bus import subjects
 from shared.bus.messages import CordonCommand, Message, RemoveWorkerCommand, ScaleCommand, encode
 from shared.bus.validate import check_scale
+from shared.core.limits import MAX_GPU_INDEX, MAX_REPLICAS, bad_model_name
 from shared.core.placement import lifecycle
 from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, RestartPolicy, Worker, WorkerState
 from shared.core.placement.planner import Cluster, Timings, WorkerRemoval, remove_worker
@@ -110,6 +111,17 @@ def _unknown_fields(data: dict[str, object]) -> list[str]:
     return bad
 
 
+def _plain_problem(data: dict[str, object]) -> str | None:
+    name, replicas = data.get("name"), data.get("replicas")
+    if isinstance(name, str) and (reason := bad_model_name(name)):
+        return reason
+    if isinstance(replicas, int) and replicas < 0:
+        return f"negative replicas ({replicas})"
+    if isinstance(replicas, int) and replicas > MAX_REPLICAS:
+        return f"{replicas} replicas, more than the limit of {MAX_REPLICAS}"
+    return None
+
+
 def load_spec(path: Path) -> ModelSpec:
     """Read and validate a model spec file; a CliError with exit code 2 says what is wrong."""
     raw = read_input_file(path, "spec")
@@ -117,11 +129,16 @@ def load_spec(path: Path) -> ModelSpec:
         data = msgspec.yaml.decode(raw)
     except msgspec.DecodeError as err:
         raise CliError(f"{path}: not valid YAML ({str(err).splitlines()[0]})", exit_code=2) from None
+    except RecursionError:
+        raise CliError(f"{path}: nested deeper than a model spec can be", exit_code=2) from None
     if not isinstance(data, dict):
         raise CliError(f"{path}: a model spec must be a mapping of fields (name, source, ...)", exit_code=2)
     unknown = _unknown_fields(data)
     if unknown:
         raise CliError(f"{path}: unknown field(s) {', '.join(unknown)}", exit_code=2)
+    problem = _plain_problem(data)  # the common mistakes in words, before the schema's own wording
+    if problem:
+        raise CliError(f"{path}: {problem}", exit_code=2)
     try:
         spec = msgspec.convert(data, ModelSpec)
     except msgspec.ValidationError as err:
@@ -218,10 +235,10 @@ def parse_target(target: str) -> tuple[str, int | None]:
     """``worker`` or ``worker:gpu-index`` -> (worker, index or None); exit 2 when malformed."""
     worker, sep, index = target.rpartition(":")
     if not sep:
-        return target, None
-    if not worker or not index.isdigit():
-        raise CliError(f"expected WORKER or WORKER:GPU-INDEX, got {target!r}", exit_code=2)
-    return worker, int(index)
+        return worker_name(target), None
+    if not worker or not index.isdigit() or len(index) > 4 or int(index) > MAX_GPU_INDEX:
+        raise CliError(f"expected WORKER or WORKER:GPU-INDEX (0..{MAX_GPU_INDEX}), got {target[:80]!r}", exit_code=2)
+    return worker_name(worker), int(index)
 
 
 async def require_worker(redis: aioredis.Redis, name: str, gpu_index: int | None) -> None:

@@ -31,6 +31,7 @@ from ops.cli.client import (
 )
 from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, print_json, run
 from ops.cli.errors import CliError
+from ops.cli.inputs import model_name, replica_count
 from ops.events import decode_events, event_json, event_model, format_event
 from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, pending_groups, state_counts
 from shared.bus import subjects
@@ -89,6 +90,8 @@ def scale(
     redis_url: RedisUrl = None,
 ) -> None:
     """Set the desired replicas of a deployed model."""
+    model_name(model)
+    replica_count(replicas)
     settings = load(nats_url, redis_url)
 
     async def go() -> None:
@@ -272,6 +275,8 @@ def instances(
     redis_url: RedisUrl = None,
 ) -> None:
     """Instances (replicas): state, worker, GPUs and VRAM claims, and the reason when pending."""
+    if model is not None:
+        model_name(model)
     snapshot = run(lambda: _snapshot(load(nats_url, redis_url), model))
     rows = sorted(snapshot.instances, key=lambda i: (i.model, i.id))
     if json_out:
@@ -346,6 +351,7 @@ def explain(
     redis_url: RedisUrl = None,
 ) -> None:
     """Why a model's replicas are not all running: pending reasons and the scheduler's last verdict."""
+    model_name(model)
     settings = load(nats_url, redis_url)
 
     async def go() -> tuple[ClusterSnapshot, UnschedulableEvent | None]:
@@ -460,6 +466,8 @@ def events(
     redis_url: RedisUrl = None,
 ) -> None:
     """Placement decisions, unschedulable verdicts, instance and cordon changes, as they happen."""
+    if model is not None:
+        model_name(model)
     settings = load(nats_url, redis_url)
     stream, subject = (STREAM_DLQ, subjects.DEAD_LETTER_ALL) if dead_letters else (STREAM_EVENTS, subjects.EVENTS_ALL)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
@@ -25,6 +26,8 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from ops.cli.errors import CliError
+from shared.bus.runtime import nats_options
+from shared.paths import runtime_dir
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -47,6 +50,11 @@ STACK_HINT = "is the stack running? start it with `gantry up` (or set --nats-url
 def load(nats_url: str | None = None, redis_url: str | None = None) -> Settings:
     """Settings with any flag overrides applied; invalid environment values become a CliError."""
     overrides: dict[str, Any] = {}
+    if not os.environ.get("GANTRY_IDENTITY"):
+        overrides["identity"] = "cli"  # the operator's identity from `gantry up`'s credentials (ops.auth)
+    ca = runtime_dir() / "tls" / "ca.pem"  # `gantry up --tls`'s CA (harmless to a server without TLS)
+    if not os.environ.get("GANTRY_TLS_CA_FILE") and ca.exists():
+        overrides["tls_ca_file"] = str(ca)
     if nats_url:
         overrides["nats_url"] = nats_url
     if redis_url:
@@ -76,11 +84,12 @@ async def connect_nats(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -
                 allow_reconnect=False,
                 max_reconnect_attempts=0,
                 error_cb=_quiet,
+                **nats_options(settings),
             ),
             timeout=timeout + 1,
         )
     except (TimeoutError, OSError, nats.errors.Error) as err:
-        raise CliError(f"cannot reach NATS at {settings.nats_url} ({_short(err)}): {STACK_HINT}") from None
+        raise CliError(f"cannot reach NATS at {redact(settings.nats_url)} ({_short(err)}): {STACK_HINT}") from None
 
 
 async def _probe(url: str, default_port: int, what: str, timeout: float) -> None:
@@ -90,7 +99,7 @@ async def _probe(url: str, default_port: int, what: str, timeout: float) -> None
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     except (OSError, TimeoutError) as err:
         reason = "connection refused" if isinstance(err, ConnectionRefusedError) else _short(err)
-        shown = _redact(url)
+        shown = redact(url)
         raise CliError(f"cannot reach {what} at {shown} ({reason}): {STACK_HINT}") from None
     writer.close()
     with contextlib.suppress(OSError):
@@ -109,7 +118,7 @@ async def connect_redis(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) 
         if isinstance(err, ConnectionRefusedError | redis.exceptions.ConnectionError) and "111" in str(err):
             err = ConnectionRefusedError("connection refused")
         raise CliError(
-            f"cannot reach Redis at {_redact(settings.redis_url)} ({_short(err)}): {STACK_HINT}"
+            f"cannot reach Redis at {redact(settings.redis_url)} ({_short(err)}): {STACK_HINT}"
         ) from None
     return client
 
@@ -141,8 +150,8 @@ def _short(err: BaseException) -> str:
     return text.splitlines()[0][:120]
 
 
-def _redact(url: str) -> str:
-    """A Redis URL with its password hidden (passwords never go to a terminal or a log)."""
+def redact(url: str) -> str:
+    """A server URL with its password hidden (passwords never go to a terminal or a log)."""
     if "@" not in url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)

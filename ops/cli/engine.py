@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ops.cli.errors import CliError
-from ops.cli.inputs import read_input_file
+from ops.cli.inputs import MAX_SCENARIO_BYTES, read_input_file
 from shared.core.engine.replay import ScenarioError, parse_scenario, replay
 from shared.core.engine.scenarios import first_divergence, random_scenario
 
@@ -29,7 +29,7 @@ def replay_cmd(
     scenario: Annotated[Path, typer.Option("--scenario", help="scenario JSON file (see docs/engine.md)")],
 ) -> None:
     """Replay a scenario through the scheduler; print one JSON line per step."""
-    data = read_input_file(scenario, "scenario")
+    data = read_input_file(scenario, "scenario", MAX_SCENARIO_BYTES)
     try:
         sc = parse_scenario(data)
         for record in replay(sc):

@@ -1,15 +1,58 @@
-"""Reading the files a user names on the command line (scenarios, specs, profiles)."""
+"""What a user types or names on the command line, checked against the limits before anything is sent.
+
+Files (scenarios, specs, profiles) are read only up to a size limit; names follow the grammar of
+``shared.core.limits``; counts stay within its bounds. Each failure is a one-line CliError with exit code 2.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ops.cli.errors import CliError
+from shared.core.limits import MAX_REPLICAS, MAX_SPEC_BYTES, MIB, bad_model_name, bad_worker_name
+
+MAX_SCENARIO_BYTES = 64 * MIB  # scenarios carry request lists: larger than a spec, still read whole
 
 
-def read_input_file(path: Path, what: str) -> bytes:
-    """The file's bytes, or a CliError with exit code 2 naming ``what`` could not be read and why."""
+def read_input_file(path: Path, what: str, limit: int = MAX_SPEC_BYTES) -> bytes:
+    """The file's bytes (at most ``limit``), or a CliError with exit code 2 saying what is wrong."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)  # never more than the limit in memory, whatever the file's size
     except OSError as err:
         raise CliError(f"cannot read {what} {path}: {err.strerror or err}", exit_code=2) from None
+    if len(data) > limit:
+        raise CliError(f"{what} {path} is larger than the limit of {_size(limit)}", exit_code=2)
+    return data
+
+
+def model_name(name: str) -> str:
+    """``name`` if it is a valid model name, else a CliError (exit 2)."""
+    reason = bad_model_name(name)
+    if reason:
+        raise CliError(reason, exit_code=2)
+    return name
+
+
+def worker_name(name: str) -> str:
+    """``name`` if it is a valid worker name, else a CliError (exit 2)."""
+    reason = bad_worker_name(name)
+    if reason:
+        raise CliError(reason, exit_code=2)
+    return name
+
+
+def replica_count(replicas: int) -> int:
+    """``replicas`` if within 0..MAX_REPLICAS, else a CliError (exit 2)."""
+    if not 0 <= replicas <= MAX_REPLICAS:
+        raise CliError(f"replicas must be between 0 and {MAX_REPLICAS}, got {_short_int(replicas)}", exit_code=2)
+    return replicas
+
+
+def _short_int(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
+
+
+def _size(n: int) -> str:
+    return f"{n // MIB} MiB" if n >= MIB else f"{n} bytes"

@@ -14,7 +14,7 @@ import msgspec
 import typer
 
 from ops.cli.errors import CliError
-from ops.cli.inputs import read_input_file
+from ops.cli.inputs import MAX_SCENARIO_BYTES, read_input_file
 from shared.catalog import UnknownModelError, load_model_arch
 from shared.core.catalog.models import ModelArch
 from shared.core.placement import DEFAULT_PROFILE, Profile, place, profile_from_json, profile_from_yaml
@@ -101,7 +101,7 @@ def place_cmd(
     ] = False,
 ) -> None:
     """Dry-run placement: place replicas one after another and print the decisions as JSON."""
-    data = read_input_file(scenario, "scenario")
+    data = read_input_file(scenario, "scenario", MAX_SCENARIO_BYTES)
     try:
         sc = load_scenario(data)
     except ScenarioError as err:

@@ -15,9 +15,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from ops.auth import CLI
 from ops.cli.client import deploy_files, read_snapshot, wait_for
 from ops.cli.common import NatsUrl as NatsUrlOpt
-from ops.cli.common import RedisUrl, connect_redis, load
+from ops.cli.common import RedisUrl, connect_redis, load, redact
 from ops.cli.errors import CliError
 from ops.stack import (
     PLACEMENT_SERVICES,
@@ -25,9 +26,10 @@ from ops.stack import (
     StackError,
     WorkerFleet,
     gpu_vram_gib,
-    signal_running_stack,
+    stop_running_stack,
 )
 from ops.view import ClusterSnapshot, models_table, state_counts
+from ops.web import WebView
 from shared.core.placement.domain import InstanceState, WorkerState
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
@@ -51,6 +53,7 @@ def up(
     ] = None,
     demo: Annotated[bool, typer.Option(help="deploy the example models in ops/demo and report")] = False,
     fresh: Annotated[bool, typer.Option(help="wipe the stack's stored data (.gantry/) first")] = False,
+    tls: Annotated[bool, typer.Option(help="NATS over TLS (a CA and certificate generated into .gantry/tls/)")] = False,
     exit_after: Annotated[
         float | None, typer.Option(help="stop cleanly after this many seconds (scripts, trials)")
     ] = None,
@@ -71,12 +74,17 @@ def up(
         except StackError as err:
             raise CliError(str(err), exit_code=2) from None
     home = runtime_dir()
+    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels), home=home, tls=tls)
+    try:
+        stack.preflight()  # the home's lock and free ports, before anything there is written or wiped
+    except StackError as err:
+        stack.stop()
+        raise CliError(str(err)) from None
     if fresh:
         for sub in ("nats", "redis"):
             shutil.rmtree(home / sub, ignore_errors=True)
     out = Console(highlight=False)
-    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels), home=home)
-    out.print(f"starting NATS at {settings.nats_url} and Redis, data and logs in {_rel(home)}/")
+    out.print(f"starting NATS at {redact(settings.nats_url)} and Redis, data and logs in {_rel(home)}/")
     signal.signal(signal.SIGTERM, _interrupt)  # `gantry down` and service managers stop us like Ctrl-C
     try:
         stack.start()
@@ -85,6 +93,7 @@ def up(
     except KeyboardInterrupt:
         out.print("stopped")
         raise typer.Exit(130) from None
+    settings = stack.settings_for(CLI)  # credentials exist now (generated on the first `gantry up`)
     code = 0
     try:
         out.print(f"services: {', '.join(PLACEMENT_SERVICES)}; workers: {workers} × {gpus} {gpu_type}")
@@ -100,12 +109,17 @@ def up(
         out.print("stopped" if code == 0 else "stopped (after an error)")
 
 
-def down() -> None:
-    """Stop the stack a `gantry up` in another terminal is running (same as its Ctrl-C)."""
-    pid = signal_running_stack(runtime_dir(), signal.SIGINT)
-    if pid is None:
-        raise CliError("no running stack found (nothing recorded in .gantry/stack.json)")
-    typer.echo(f"asked gantry up (pid {pid}) to stop")
+def down(
+    timeout: Annotated[float, typer.Option(min=0, help="seconds to wait for the stack to stop")] = 60.0,
+) -> None:
+    """Stop the stack a `gantry up` runs, in the foreground of another terminal or in the background."""
+    got = stop_running_stack(runtime_dir(), timeout)
+    if got is None:
+        raise CliError("no running stack found (nothing live recorded in .gantry/stack.json)")
+    pid, stopped = got
+    if not stopped:
+        raise CliError(f"asked gantry up (pid {pid}) to stop; still running after {timeout:g}s")
+    typer.echo(f"stopped gantry up (pid {pid})")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -117,6 +131,7 @@ async def _foreground(
 ) -> None:
     started = time.monotonic()
     redis = await connect_redis(settings, timeout=5)
+    web: WebView | None = None
     try:
         try:
             ready = await wait_for(
@@ -128,12 +143,27 @@ async def _foreground(
                 f"see {_rel(stack.log_dir)}/workers.log and reconciler.log"
             ) from None
         out.print(f"stack is up: {_ready_workers(ready)} worker(s) READY")
+        web = _start_web(settings, out)
         if demo:
             await _run_demo(stack, settings, redis, out)
         out.print("Ctrl-C (or `gantry down`) stops everything; try `gantry top` in another terminal")
         await _status_loop(stack, settings, redis, out, started, exit_after)
     finally:
+        if web is not None:
+            web.stop()
         await redis.aclose()
+
+
+def _start_web(settings: Settings, out: Console) -> WebView | None:
+    """The web view on GANTRY_WEB_PORT (0: none); a taken port is reported and the stack runs on."""
+    if not settings.web_port:
+        return None
+    web = WebView(settings, settings.web_port)
+    if not web.start():
+        out.print(f"[yellow]web view not started: port {settings.web_port} is taken; set GANTRY_WEB_PORT[/]")
+        return None
+    out.print(f"web view: {web.url}")
+    return web
 
 
 def _ready_workers(snapshot: ClusterSnapshot) -> int:

@@ -50,7 +50,8 @@ from shared.bus.messages import (
     UnschedulableEvent,
     WorkerRemovedEvent,
 )
-from shared.bus.validate import bad_worker_name, check_scale
+from shared.bus.subjects import INSTANCE_STATUS_WORKER_TOKEN as INSTANCE_STATUS_TOKEN
+from shared.bus.validate import bad_worker_name, check_scale, impersonation
 from shared.core.placement import scale_down_order
 from shared.core.placement.domain import Instance, InstanceState, ModelSpec, Unschedulable, WorkerState
 from shared.core.placement.lifecycle import ACTIVE, ON_WORKER, current_spec, instance_from_decision
@@ -72,7 +73,7 @@ from shared.core.placement.planner import (
 )
 from shared.core.placement.reconcile import resync_workers
 from shared.host.feed import Feed
-from shared.host.service import PlacementService, ack_all, guarded
+from shared.host.service import PlacementService, ack_all, guarded, run_batch
 from shared.state.store import CommitItem, ScaleUp
 
 log = logging.getLogger("gantry.reconciler")
@@ -82,6 +83,7 @@ log = logging.getLogger("gantry.reconciler")
 RESYNC_SHARDS = 5
 FULL_EVERY = 10  # ticks between full re-converges of every model
 EVENTS_PER_MESSAGE = 1000  # instance changes or decisions per events message (well under 1 MB)
+NOT_REFUSED = frozenset({"ok", "dup", "gone", "unschedulable"})  # other commit verdicts: refused, placed again
 
 
 def resync_shard_of(worker: str) -> int:
@@ -95,6 +97,7 @@ class Reconciler(PlacementService):
     name = "reconciler"
     consumes = CONSUMES
     emits = EMITS
+    observes_stage = False  # the SLI is observed at the commit (_observe_commits), not per scored batch
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self.specs: dict[str, ModelSpec] = {}
@@ -128,7 +131,20 @@ class Reconciler(PlacementService):
             await self.consume(raws, PlacementScored, subjects.PLACEMENT_SCORED, self.handle_scored)
 
         async def on_status(raws: list[Msg]) -> None:
-            await self.consume(raws, InstanceStatus, subjects.INSTANCE_STATUS, self.handle_status)
+            batch = await self.decode_batch(raws, InstanceStatus, subjects.INSTANCE_STATUS)
+            honest = []
+            for st, raw in batch:
+                forged = impersonation(st.worker, subjects.reporting_worker(raw.subject, INSTANCE_STATUS_TOKEN))
+                if forged:  # a worker may report only on its own instances' subject
+                    await self.bus.dead_letter(subjects.INSTANCE_STATUS, forged, raw.data)
+                    await raw.term()
+                else:
+                    honest.append((st, raw))
+            if honest:
+                await run_batch(
+                    self, subjects.INSTANCE_STATUS, [r for _, r in honest],
+                    lambda: self.handle_status([m for m, _ in honest]),
+                )
 
         self.pull(streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL, on_commands,
                   linger=self.settings.command_linger_s)
@@ -308,8 +324,14 @@ class Reconciler(PlacementService):
             await raw.ack()
             return
         reason = bad_worker_name(cmd.worker)
-        if reason or cmd.worker not in self.feed.inventory:
+        inventory = self.feed.inventory.get(cmd.worker)
+        if reason or inventory is None:
             why = reason or f"cordon: unknown worker {cmd.worker!r}"
+        elif cmd.gpu_index is not None and cmd.gpu_index not in {g.index for g in inventory.gpus}:
+            why = f"cordon: worker {cmd.worker} has no GPU {cmd.gpu_index}"
+        else:
+            why = ""
+        if why:
             await self.bus.dead_letter(raw.subject, why, data)
             await raw.ack()
             return
@@ -508,12 +530,18 @@ class Reconciler(PlacementService):
         verdicts = [_verdict(out, ledger) for out in outs]
         # The shared retry book is read only for replicas that will wait (not on the path of a good commit).
         waiting = [v.instance_id for v in verdicts if v.outcome not in ("ok", "dup", "gone")]
+        if waiting:  # an outcome for a replica that is not PENDING (removed, or never existed: forged) is dropped
+            states = await self.store.states(waiting)
+            gone = {i for i in waiting if states.get(i) is not InstanceState.PENDING}
+            verdicts = [dataclasses.replace(v, outcome="gone") if v.instance_id in gone else v for v in verdicts]
+            waiting = [i for i in waiting if i not in gone]
         booked = await self.store.retries(waiting) if waiting else {}
         book = Book(retries={i: self._retry_of(i, booked, now) for i in waiting})
         p = plan({}, [], self.cluster(), verdicts, now, book, self.timings())
         by_id = {out.item.instance_id: out for out in outs}
         records = {out.item.instance_id: c.instance for out, c in decided}
         committed = [records[i] for i in p.committed]
+        self._observe_commits([by_id[i.id] for i in committed], verdicts, now)
         for inst in committed:
             await self._assign(inst, specs.get(inst.model) or await self.spec_of(inst.model))
             self.seen_placed[inst.id] = now
@@ -531,6 +559,12 @@ class Reconciler(PlacementService):
         if p.request:
             await asyncio.sleep(p.request_delay())
             await self.request(p.request, self.clock())
+
+    def _observe_commits(self, committed: Sequence[ItemOutcome], verdicts: Sequence[Commit], now: float) -> None:
+        """The placement SLI (scale event -> committed) and the commits the ledger refused."""
+        self.metrics.stage_done((out.item.requested_at for out in committed), now)
+        self.metrics.committed.labels(self.name).inc(len(committed))
+        self.metrics.refused([v.outcome for v in verdicts if v.outcome not in NOT_REFUSED])
 
     def _retry_of(self, iid: str, stored: Mapping[str, tuple[int, float, float]], now: float) -> PendingRetry:
         known = stored.get(iid)
@@ -709,6 +743,7 @@ class Reconciler(PlacementService):
             self.specs.update(await self.store.models())  # models another replica was told about
         records = dict(self.feed.instances)  # as of now: the awaits below let events change the feed's
         pending = {i for i, inst in records.items() if inst.state is InstanceState.PENDING}
+        self.metrics.pending.labels(self.name).set(len(pending))
         retries = await self.store.retries()
         await self.store.forget_retries([i for i in retries if i not in pending])  # placed or removed since
         failures, restarts = await self.store.failures(), await self.store.restarts()

@@ -13,8 +13,14 @@ from typing import TYPE_CHECKING
 
 from services.reconciler.contract import WRITER_QUEUE
 from shared.bus import subjects
-from shared.bus.messages import Heartbeat, ModelFileUpdate, SyncRequest, WorkerRegistration
-from shared.bus.validate import bad_worker_name, check_heartbeat, check_registration
+from shared.bus.messages import Heartbeat, ModelFileUpdate, SyncRequest, WorkerRegistration, encode
+from shared.bus.validate import (
+    bad_worker_name,
+    check_heartbeat,
+    check_inventory_change,
+    check_registration,
+    impersonation,
+)
 from shared.core.placement.domain import ModelFile, Worker
 
 if TYPE_CHECKING:
@@ -40,19 +46,23 @@ class StateWriter:
     def _wire(self) -> None:
         svc = self.service
 
-        async def on_register(body: bytes) -> None:
+        async def on_register(body: bytes, sender: str) -> None:
             reg = await svc.bus.decode_or_reject(subjects.REGISTER, body, WorkerRegistration)
             if reg is None:
                 return
-            reason = check_registration(reg)
+            reason = impersonation(reg.worker.name, sender) or check_registration(reg)
             if reason:
                 await svc.bus.dead_letter(subjects.REGISTER, reason, body)
                 return
             self.registrations[reg.worker.name] = reg.worker
 
-        async def on_heartbeat(body: bytes) -> None:
+        async def on_heartbeat(body: bytes, sender: str) -> None:
             hb = await svc.bus.decode_or_reject(subjects.HEARTBEAT, body, Heartbeat)
             if hb is None:
+                return
+            forged = impersonation(hb.worker, sender)
+            if forged:
+                await svc.bus.dead_letter(subjects.HEARTBEAT, forged, body)
                 return
             inventory = self.registrations.get(hb.worker) or svc.feed.inventory.get(hb.worker)
             reason = check_heartbeat(hb, inventory)
@@ -63,11 +73,13 @@ class StateWriter:
                 return
             self.beats[hb.worker] = (hb, svc.clock())
 
-        async def on_file(body: bytes) -> None:
+        async def on_file(body: bytes, sender: str) -> None:
             upd = await svc.bus.decode_or_reject(subjects.MODEL_FILE, body, ModelFileUpdate)
             if upd is None:
                 return
-            reason = bad_worker_name(upd.worker)
+            reason = impersonation(upd.worker, sender) or bad_worker_name(upd.worker)
+            if not reason and upd.worker not in self.registrations and upd.worker not in svc.feed.inventory:
+                reason = f"from unknown worker {upd.worker!r} (register first)"
             if reason:
                 await svc.bus.dead_letter(subjects.MODEL_FILE, f"model file: {reason}", body)
                 return
@@ -75,9 +87,23 @@ class StateWriter:
                 source=upd.source, worker=upd.worker, state=upd.state, progress=upd.progress
             )
 
-        svc.listen(subjects.REGISTER, on_register, queue=QUEUE)
-        svc.listen(subjects.HEARTBEAT, on_heartbeat, queue=QUEUE)
-        svc.listen(subjects.MODEL_FILE, on_file, queue=QUEUE)
+        svc.listen_reports(subjects.REGISTER, on_register, queue=QUEUE)
+        svc.listen_reports(subjects.HEARTBEAT, on_heartbeat, queue=QUEUE)
+        svc.listen_reports(subjects.MODEL_FILE, on_file, queue=QUEUE)
+
+    async def refuse_inventory_changes(self, regs: dict[str, Worker]) -> dict[str, Worker]:
+        """The registrations that keep every GPU their worker holds claims on (the ledger's view); the others
+        are dead-lettered with the reason and not written."""
+        held = await self.service.store.held(list(regs))
+        kept: dict[str, Worker] = {}
+        for name, new in regs.items():
+            old, claimed = held.get(name, (None, {}))
+            reason = check_inventory_change(old, new, claimed)
+            if reason:
+                await self.service.bus.dead_letter(subjects.REGISTER, reason, encode(WorkerRegistration(worker=new)))
+            else:
+                kept[name] = new
+        return kept
 
     async def ask_to_register(self, worker: str | None) -> None:
         """Ask one worker (or all) to re-register; per worker at most once every few seconds."""
@@ -108,6 +134,8 @@ class StateWriter:
         beats, self.beats = self.beats, {}
         files, self.files = self.files, {}
         try:
+            if regs:
+                regs = await self.refuse_inventory_changes(regs)
             await store.register_workers(list(regs.values()), seen_at=self.service.clock())
             await store.record_heartbeats(list(beats.values()))
             await store.set_model_files(files.values())

@@ -8,6 +8,7 @@ import logging
 import uvloop
 
 from services.workers.emulator import FleetConfig, run_fleet
+from shared.bus.runtime import nats_options
 from shared.settings import load_settings
 
 
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     logging.basicConfig(level=logging.WARNING)
     cfg = parse(argv)
-    uvloop.run(run_fleet(cfg, load_settings().nats_url))
+    settings = load_settings()
+    uvloop.run(run_fleet(cfg, settings.nats_url, nats_options(settings)))
 
 
 if __name__ == "__main__":

@@ -126,10 +126,12 @@ class Fleet:
 
     async def start(self) -> None:
         """Subscribe to worker commands and register every worker."""
-        await self.nc.subscribe(subjects.WORKER_CMD_ALL, cb=self._on_command)
+        # The command subjects the workers' contract declares (and the bus lets the fleet read), one each.
+        for command in (subjects.worker_assign("*"), subjects.worker_drain("*"), subjects.worker_delete("*")):
+            await self.nc.subscribe(command, cb=self._on_command)
         await self.nc.subscribe(subjects.SYNC, cb=self._on_sync)
         for w in self.workers.values():
-            await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
+            await self._register(w)
         await self.nc.flush()
 
     async def run(self) -> None:
@@ -154,8 +156,8 @@ class Fleet:
                 continue
             w = self.workers[name]
             if register:
-                await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
-            await self.nc.publish(subjects.HEARTBEAT, encode(w.heartbeat()))
+                await self._register(w)
+            await self.nc.publish(subjects.worker_heartbeat(w.worker.name), encode(w.heartbeat()))
 
     async def _on_sync(self, msg: Msg) -> None:
         try:
@@ -166,7 +168,10 @@ class Fleet:
         for name in names:
             w = self.workers.get(name)
             if w is not None and name not in self.paused:
-                await self.nc.publish(subjects.REGISTER, encode(WorkerRegistration(worker=w.worker)))
+                await self._register(w)
+
+    async def _register(self, w: EmulatedWorker) -> None:
+        await self.nc.publish(subjects.worker_register(w.worker.name), encode(WorkerRegistration(worker=w.worker)))
 
     async def _on_command(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
@@ -195,7 +200,9 @@ class Fleet:
         headers = {"Nats-Msg-Id": f"{iid}:{w.worker.name}:{tag}"}
         for attempt in range(20):  # a status must get through: retry (deduped) while NATS is busy or away
             try:
-                await self.js.publish(subjects.INSTANCE_STATUS, encode(msg), headers=headers, timeout=2.0)
+                await self.js.publish(
+                    subjects.instance_status(w.worker.name), encode(msg), headers=headers, timeout=2.0
+                )
                 return
             except Exception:
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
@@ -227,11 +234,11 @@ class Fleet:
             return
         w.files[source] = ModelFileState.DOWNLOADING
         upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.DOWNLOADING)
-        await self.nc.publish(subjects.MODEL_FILE, encode(upd))
+        await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
         await asyncio.sleep(self.cfg.download_delay_s)
         w.files[source] = ModelFileState.READY
         upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.READY, progress=1.0)
-        await self.nc.publish(subjects.MODEL_FILE, encode(upd))
+        await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
 
     async def _drain(self, w: EmulatedWorker, cmd: DrainInstance) -> None:
         inst = w.instances.get(cmd.instance_id)
@@ -246,9 +253,9 @@ class Fleet:
             await self._status(w, cmd.instance_id, inst.state, deleted=True)
 
 
-async def run_fleet(cfg: FleetConfig, nats_url: str) -> None:
-    """Connect and run the fleet until cancelled."""
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, pending_size=64 * 1024 * 1024)
+async def run_fleet(cfg: FleetConfig, nats_url: str, options: dict[str, Any] | None = None) -> None:
+    """Connect (with ``options``: TLS, see ``shared.bus.runtime.nats_options``) and run the fleet until cancelled."""
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, pending_size=64 * 1024 * 1024, **(options or {}))
     try:
         await Fleet(cfg, nc).run()
     finally:

@@ -7,17 +7,35 @@ message and a consumer rejects (dead-letters) a version newer than it knows. Dom
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
 from shared.bus.columns import CandidateSet
 from shared.core.kv_events import KVEventBatch
+from shared.core.limits import (
+    MAX_BATCH_ITEMS,
+    MAX_GPUS_PER_WORKER,
+    MAX_INSTANCES_PER_WORKER,
+    MAX_MESSAGE_BYTES,
+    Attempt,
+    Fraction,
+    GpuIndex,
+    InstanceId,
+    ModelName,
+    RamBytes,
+    Replicas,
+    Seq,
+    Text,
+    Time,
+    WorkerName,
+)
 from shared.core.placement.domain import (
     Decision,
     FilterReport,
     FilterResult,
     FitResult,
+    GpuIndexes,
     GpuUsage,
     Instance,
     InstanceState,
@@ -25,6 +43,7 @@ from shared.core.placement.domain import (
     ModelSpec,
     Reason,
     Unschedulable,
+    VramClaims,
     Worker,
 )
 
@@ -47,24 +66,24 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknow
 class ScaleCommand(Message, frozen=True, kw_only=True):
     """Desired replicas of a model. ``spec`` is required the first time a model is named."""
 
-    model: str
-    replicas: int
+    model: ModelName
+    replicas: Replicas
     spec: ModelSpec | None = None
-    request_id: str = ""  # dedupe id chosen by the sender (Nats-Msg-Id)
+    request_id: Text = ""  # dedupe id chosen by the sender (Nats-Msg-Id)
 
 
 class RemoveWorkerCommand(Message, frozen=True, kw_only=True):
     """Forget a worker that is no longer heard from, with every replica placed on it (replaced elsewhere)."""
 
-    worker: str
+    worker: WorkerName
 
 
 class CordonCommand(Message, frozen=True, kw_only=True):
     """Cordon (or uncordon) a whole worker, or one GPU of it when ``gpu_index`` is set."""
 
-    worker: str
+    worker: WorkerName
     cordoned: bool = True
-    gpu_index: int | None = None
+    gpu_index: GpuIndex | None = None
 
 
 # -- worker reports ---------------------------------------------------------------------------------
@@ -79,37 +98,37 @@ class WorkerRegistration(Message, frozen=True, kw_only=True):
 class SyncRequest(Message, frozen=True, kw_only=True):
     """Ask workers to send their WorkerRegistration now (``worker`` None: every worker)."""
 
-    worker: str | None = None
+    worker: WorkerName | None = None
 
 
 class Heartbeat(Message, frozen=True, kw_only=True):
     """Light liveness report: usage per GPU index and the instances the worker holds."""
 
-    worker: str
-    seq: int = 0
-    ram_used: int = 0
-    gpus: tuple[GpuUsage, ...] = ()
-    instances: tuple[str, ...] = ()
+    worker: WorkerName
+    seq: Seq = 0
+    ram_used: RamBytes = 0
+    gpus: Annotated[tuple[GpuUsage, ...], msgspec.Meta(max_length=MAX_GPUS_PER_WORKER)] = ()
+    instances: Annotated[tuple[InstanceId, ...], msgspec.Meta(max_length=MAX_INSTANCES_PER_WORKER)] = ()
 
 
 class ModelFileUpdate(Message, frozen=True, kw_only=True):
     """Readiness of one model source's files on one worker."""
 
-    worker: str
-    source: str
+    worker: WorkerName
+    source: Text
     state: ModelFileState
-    progress: float = 0.0
+    progress: Fraction = 0.0
 
 
 class InstanceStatus(Message, frozen=True, kw_only=True):
     """A worker's report on one of its instances. ``deleted`` confirms removal."""
 
-    instance_id: str
-    worker: str
+    instance_id: InstanceId
+    worker: WorkerName
     state: InstanceState
     idle: bool = False  # while DRAINING: no request in flight any more
     deleted: bool = False
-    message: str | None = None
+    message: Text | None = None
 
 
 # -- placement pipeline -----------------------------------------------------------------------------
@@ -118,18 +137,18 @@ class InstanceStatus(Message, frozen=True, kw_only=True):
 class PlacementItem(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One replica to place. ``attempt`` grows on every refused commit or retry."""
 
-    instance_id: str
-    model: str
-    attempt: int = 0
-    requested_at: float = 0.0  # wall-clock time the scale event that caused it arrived
+    instance_id: InstanceId
+    model: ModelName
+    attempt: Attempt = 0
+    requested_at: Time = 0.0  # wall-clock time the scale event that caused it arrived
 
 
 class PlacementRequest(Message, frozen=True, kw_only=True):
     """A batch of replicas to place, with the specs of their models (requested)."""
 
-    batch_id: str
-    items: tuple[PlacementItem, ...]
-    specs: dict[str, ModelSpec]
+    batch_id: Text
+    items: Annotated[tuple[PlacementItem, ...], msgspec.Meta(max_length=MAX_BATCH_ITEMS)]
+    specs: Annotated[dict[ModelName, ModelSpec], msgspec.Meta(max_length=MAX_BATCH_ITEMS)]
 
 
 class FilteredModel(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -232,9 +251,9 @@ class ItemOutcome(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 class PlacementScored(Message, frozen=True, kw_only=True):
     """Scoring output: one outcome per item, to be committed by the reconciler."""
 
-    batch_id: str
-    outcomes: tuple[ItemOutcome, ...]
-    specs: dict[str, ModelSpec] = {}
+    batch_id: Text
+    outcomes: Annotated[tuple[ItemOutcome, ...], msgspec.Meta(max_length=MAX_BATCH_ITEMS)]
+    specs: Annotated[dict[ModelName, ModelSpec], msgspec.Meta(max_length=MAX_BATCH_ITEMS)] = {}
 
 
 # -- commands to workers ----------------------------------------------------------------------------
@@ -243,23 +262,23 @@ class PlacementScored(Message, frozen=True, kw_only=True):
 class AssignInstance(Message, frozen=True, kw_only=True):
     """Start an instance the reconciler committed to this worker."""
 
-    instance_id: str
-    model: str
-    source: str = ""
-    gpu_indexes: tuple[int, ...] = ()
-    vram_claims: tuple[int, ...] = ()
+    instance_id: InstanceId
+    model: ModelName
+    source: Text = ""
+    gpu_indexes: GpuIndexes = ()
+    vram_claims: VramClaims = ()
 
 
 class DrainInstance(Message, frozen=True, kw_only=True):
     """Stop routing new requests to an instance; report ``idle`` when nothing is in flight."""
 
-    instance_id: str
+    instance_id: InstanceId
 
 
 class DeleteInstance(Message, frozen=True, kw_only=True):
     """Stop and remove an instance."""
 
-    instance_id: str
+    instance_id: InstanceId
 
 
 # -- events -----------------------------------------------------------------------------------------
@@ -295,7 +314,7 @@ class InstanceEvent(Message, frozen=True, kw_only=True):
 
     instance: Instance
     removed: bool = False
-    at: float = 0.0
+    at: Time = 0.0
 
 
 class DecisionEvents(Message, frozen=True, kw_only=True):
@@ -311,31 +330,30 @@ class InstanceEvents(Message, frozen=True, kw_only=True):
     message per batch instead of per change keeps that fan-out from dominating the bus under load.
     """
 
-    events: tuple[InstanceEvent, ...]
+    events: Annotated[tuple[InstanceEvent, ...], msgspec.Meta(max_length=MAX_BATCH_ITEMS)]
 
 
 class CordonEvent(Message, frozen=True, kw_only=True):
     """Cordon state changed for a worker or one GPU."""
 
-    worker: str
+    worker: WorkerName
     cordoned: bool
-    gpu_index: int | None = None
+    gpu_index: GpuIndex | None = None
 
 
 class WorkerRemovedEvent(Message, frozen=True, kw_only=True):
     """A worker left the state; every snapshot drops it."""
 
-    worker: str
-    reason: str = ""
+    worker: WorkerName
+    reason: Text = ""
 
 
 class ModelEvent(Message, frozen=True, kw_only=True):
     """A model's desired replicas or spec changed."""
 
-    model: str
-    replicas: int
+    model: ModelName
+    replicas: Replicas
     spec: ModelSpec | None = None
-
 
 
 class ModelEvents(Message, frozen=True, kw_only=True):
@@ -417,6 +435,8 @@ class MessageError(ValueError):
 
 def decode(data: bytes, kind: type[T]) -> T:
     """Decode ``data`` as ``kind`` or raise MessageError with a one-line reason (whatever the decoder raised)."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"invalid {kind.__name__}: {len(data)} bytes, more than {MAX_MESSAGE_BYTES}")
     dec = _decoders.get(kind)
     if dec is None:
         dec = _decoders[kind] = msgspec.json.Decoder(kind)
@@ -424,7 +444,9 @@ def decode(data: bytes, kind: type[T]) -> T:
         msg: T = dec.decode(data)
     except msgspec.DecodeError as exc:
         raise MessageError(f"invalid {kind.__name__}: {exc}") from None
-    except Exception as exc:  # whatever else bytes can make the decoder raise (RecursionError on deep nesting)
+    except RecursionError:  # unknown fields are skipped recursively: a hostile payload nests them deep
+        raise MessageError(f"invalid {kind.__name__}: RecursionError: nested deeper than the decoder allows") from None
+    except Exception as exc:  # whatever else bytes can make the decoder raise
         raise MessageError(f"invalid {kind.__name__}: {type(exc).__name__}: {exc}") from None
     version = getattr(msg, "v", SCHEMA_VERSION)
     if version > SCHEMA_VERSION:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 from faststream.nats import NatsBroker
+from faststream.security import BaseSecurity
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -37,8 +40,12 @@ class Bus:
     a publish on any other is logged as an error once per subject (the contract would be lying).
     """
 
-    def __init__(self, nc: Client, service: str, declared: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, nc: Client, service: str, declared: Callable[[str], bool] | None = None,
+        on_dead_letter: Callable[[str], None] | None = None,
+    ) -> None:
         self.nc = nc
+        self.on_dead_letter = on_dead_letter  # the service's metrics count rejections per subject
         self.js: JetStreamContext = nc.jetstream()
         self.service = service
         self.declared = declared
@@ -66,6 +73,8 @@ class Bus:
     async def dead_letter(self, subject: str, reason: str, payload: bytes = b"") -> None:
         """Report a rejected message on the dead-letter subject, and log it."""
         log.warning("%s rejected a message on %s: %s", self.service, subject, reason)
+        if self.on_dead_letter is not None:
+            self.on_dead_letter(subject)
         event = ErrorEvent(
             service=self.service, subject=subject, reason=reason,
             payload=payload[:512].decode("utf-8", "replace"), at=time.time(),
@@ -100,17 +109,40 @@ async def prepare(nc: Client, settings: Settings, consumers: Sequence[tuple[str,
         await ensure_consumer(js, stream, durable, subject, settings)
 
 
+def inbox_prefix(identity: str) -> str:
+    """Where ``identity``'s replies arrive (JetStream acks, pull deliveries): under its own name, so that the bus
+    can let each identity read only its own replies (ops.auth)."""
+    return f"{INBOX}.{identity}" if identity else INBOX
+
+
+def nats_options(settings: Settings) -> dict[str, Any]:
+    """Options every Gantry NATS connection takes from the settings: its identity's reply inboxes, and the CA to
+    trust when TLS is on."""
+    identity = settings.identity or urlsplit(settings.nats_url).username or ""
+    options: dict[str, Any] = {"inbox_prefix": inbox_prefix(identity)}
+    if settings.tls_ca_file:
+        options["tls"] = ssl.create_default_context(cafile=settings.tls_ca_file)
+    return options
+
+
 def make_broker(settings: Settings) -> NatsBroker:
     """A FastStream NATS broker with quiet per-message logging (it costs throughput)."""
     quiet = logging.getLogger("gantry.faststream")
     quiet.setLevel(logging.WARNING)
-    return NatsBroker(settings.nats_url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1)
+    options = nats_options(settings)
+    tls = options.get("tls")
+    security = BaseSecurity(ssl_context=tls) if tls is not None else None  # FastStream's way to take a context
+    return NatsBroker(
+        settings.nats_url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1, security=security,
+        inbox_prefix=options["inbox_prefix"],
+    )
 
 
 PullHandler = Callable[[list[Msg]], Awaitable[None]]
 
 
 JS_API = "$JS.API"
+INBOX = "_INBOX"
 PULL_EXPIRES_S = 5.0  # an open pull request lasts this long; an idle loop asks again after it
 PULL_IDLE_CHECK_S = 0.5  # how often an idle loop checks that its request is still outstanding
 
@@ -211,6 +243,20 @@ async def pull_loop(
 
 
 RawHandler = Callable[[bytes], Awaitable[None]]
+ReportHandler = Callable[[bytes, str], Awaitable[None]]
+"""A raw handler also told the concrete subject a message came on (worker reports: whose subject it was)."""
+
+
+async def listen_reports(nc: Client, subject: str, handler: ReportHandler, queue: str = "") -> None:
+    """Like ``listen``, handing ``handler`` each message's body and concrete subject."""
+
+    async def deliver(msg: Msg) -> None:
+        try:
+            await handler(msg.data, msg.subject)
+        except Exception:
+            log.exception("handler for %s failed", subject)
+
+    await nc.subscribe(subject, queue=queue, cb=deliver)
 
 
 async def listen(nc: Client, subject: str, handler: RawHandler, queue: str = "") -> None:

@@ -19,16 +19,52 @@ REMOVE_WORKER = f"{PREFIX}.cmd.worker.remove"
 CMD_ALL = f"{PREFIX}.cmd.>"
 
 # -- worker reports --------------------------------------------------------------------------------
-REGISTER = f"{PREFIX}.worker.register"
-"""WorkerRegistration (core NATS): a worker's full inventory; sent at start and every few heartbeats."""
-SYNC = f"{PREFIX}.worker.sync"
+# Every report carries its worker's name as a subject token, so that the bus itself can let a worker's
+# identity publish only its own reports (NATS per-subject permissions, docs/security.md); the state writer
+# and the snapshot feeds drop a report whose payload names another worker than its subject.
+_WORKER = f"{PREFIX}.worker"
+WORKER_TOKEN = 2
+"""Index of the worker's name among the dot-separated tokens of a worker report subject."""
+
+
+def worker_register(worker: str) -> str:
+    """WorkerRegistration (core NATS) of ``worker``: its full inventory; sent at start and every few heartbeats."""
+    return f"{_WORKER}.{worker}.register"
+
+
+def worker_heartbeat(worker: str) -> str:
+    """Heartbeat (core NATS) of ``worker``: light liveness + usage report."""
+    return f"{_WORKER}.{worker}.heartbeat"
+
+
+def worker_files(worker: str) -> str:
+    """ModelFileUpdate (core NATS) of ``worker``: readiness of a model's files there."""
+    return f"{_WORKER}.{worker}.files"
+
+
+def instance_status(worker: str) -> str:
+    """InstanceStatus (JetStream, stream STATUS): ``worker``'s report on one of its instances."""
+    return f"{PREFIX}.instance.status.{worker}"
+
+
+REGISTER = worker_register("*")
+"""Every worker's registrations (subscriptions)."""
+HEARTBEAT = worker_heartbeat("*")
+"""Every worker's heartbeats (subscriptions)."""
+MODEL_FILE = worker_files("*")
+"""Every worker's model-file reports (subscriptions)."""
+INSTANCE_STATUS = instance_status("*")
+"""Every worker's instance reports (the STATUS stream and its consumer)."""
+INSTANCE_STATUS_WORKER_TOKEN = 3
+SYNC = f"{_WORKER}.sync"
 """SyncRequest (core NATS): asks workers (all, or one) to re-register now, e.g. when a reconciler starts."""
-HEARTBEAT = f"{PREFIX}.worker.heartbeat"
-"""Heartbeat (core NATS): light liveness + usage report."""
-MODEL_FILE = f"{PREFIX}.worker.files"
-"""ModelFileUpdate (core NATS): readiness of a model's files on a worker."""
-INSTANCE_STATUS = f"{PREFIX}.instance.status"
-"""InstanceStatus (JetStream, stream STATUS): a worker's report on one instance."""
+
+
+def reporting_worker(subject: str, token: int = WORKER_TOKEN) -> str:
+    """The worker a report's subject speaks for ('' if the subject has no such token)."""
+    parts = subject.split(".")
+    return parts[token] if len(parts) > token else ""
+
 
 # -- placement pipeline (JetStream, stream PIPE) ---------------------------------------------------
 PLACEMENT_REQUESTED = f"{PREFIX}.placement.requested"

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from shared.bus.messages import Heartbeat, ScaleCommand, WorkerRegistration
+from shared.core.limits import MAX_REPLICAS, bad_model_name, bad_worker_name
 from shared.core.placement.domain import ModelSpec, Worker
 
-# Worker names become NATS subject tokens (commands to one worker), so they may not hold '.', '*' or '>'.
-# Model names enter ids and ledger fields joined by ':', '|' and ';', and subjects through instance ids
-# (a model server's metrics): dots are fine there (more tokens), wildcards are not.
-_BAD_MODEL_CHARS = frozenset(":|; \t\n*>")
-_BAD_WORKER_CHARS = _BAD_MODEL_CHARS | frozenset(".")
-_MAX_NAME = 200
-
-
-def _bad(kind: str, name: str, forbidden: frozenset[str]) -> str | None:
-    if not name:
-        return f"empty {kind} name"
-    if len(name) > _MAX_NAME:
-        return f"invalid {kind} name {name[:40]!r}...: longer than {_MAX_NAME} characters"
-    if set(name) & forbidden:
-        shown = ", ".join(repr(c) for c in sorted(forbidden) if c.strip())
-        return f"invalid {kind} name {name!r}: no spaces or {shown}"
-    return None
-
-
-def bad_model_name(name: str) -> str | None:
-    """A model name may hold dots (``llama-3.1-8b``) but no id or ledger separators."""
-    return _bad("model", name, _BAD_MODEL_CHARS)
-
-
-def bad_worker_name(name: str) -> str | None:
-    """A worker name is also a subject token: no dots or wildcards either."""
-    return _bad("worker", name, _BAD_WORKER_CHARS)
+__all__ = [
+    "bad_model_name", "bad_worker_name", "check_heartbeat", "check_inventory_change", "check_registration",
+    "check_scale", "impersonation",
+]
 
 
 def check_scale(cmd: ScaleCommand, known: ModelSpec | None) -> str | None:
@@ -41,6 +21,8 @@ def check_scale(cmd: ScaleCommand, known: ModelSpec | None) -> str | None:
         return f"scale: {reason}"
     if cmd.replicas < 0:
         return f"scale {cmd.model}: negative replicas ({cmd.replicas})"
+    if cmd.replicas > MAX_REPLICAS:
+        return f"scale {cmd.model}: {cmd.replicas} replicas, more than the limit of {MAX_REPLICAS}"
     if cmd.spec is not None and cmd.spec.name != cmd.model:
         return f"scale {cmd.model}: spec is for model {cmd.spec.name!r}"
     if cmd.spec is None and known is None:
@@ -75,4 +57,31 @@ def check_heartbeat(hb: Heartbeat, inventory: Worker | None) -> str | None:
         return f"heartbeat from {hb.worker} for unknown GPUs {unknown} (registered: {sorted(known)})"
     if hb.ram_used < 0 or any(u.vram_used < 0 for u in hb.gpus):
         return f"heartbeat from {hb.worker}: negative usage"
+    return None
+
+
+def impersonation(named: str, sender: str) -> str | None:
+    """A worker report must name the worker whose subject it came on: the bus lets an identity publish
+    only on its own worker's subjects, so a payload naming another worker is a forgery."""
+    if named != sender:
+        return f"report for worker {named!r} sent on worker {sender!r}'s subject (impersonation refused)"
+    return None
+
+
+def check_inventory_change(old: Worker | None, new: Worker, claimed: Mapping[int, int]) -> str | None:
+    """A worker holding claims may not change what it claimed on: a GPU that holds claims must stay, with
+    the same VRAM, until its instances are gone (Nomad and the kubelet refuse the same for a node in use).
+    A new worker, or GPUs without claims, may change freely."""
+    if old is None:
+        return None
+    before = {g.index: g.vram_total for g in old.gpus}
+    after = {g.index: g.vram_total for g in new.gpus}
+    for index in sorted(i for i, claim in claimed.items() if claim > 0):
+        if index not in after:
+            return f"register {new.name}: gpu{index} holds claims ({claimed[index]} B) but left the inventory"
+        if index in before and after[index] != before[index]:
+            return (f"register {new.name}: gpu{index} VRAM changed from {before[index]} to {after[index]} B "
+                    f"while it holds claims ({claimed[index]} B)")
+    if new.ram_total < old.ram_total and claimed:
+        return f"register {new.name}: RAM shrank from {old.ram_total} to {new.ram_total} B while it holds claims"
     return None

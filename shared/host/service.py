@@ -35,7 +35,19 @@ from shared.bus.messages import (
     WorkerRemovedEvent,
     decode,
 )
-from shared.bus.runtime import Bus, PullHandler, RawHandler, listen, make_broker, nats_client, prepare, pull_loop
+from shared.bus.runtime import (
+    Bus,
+    PullHandler,
+    RawHandler,
+    ReportHandler,
+    listen,
+    listen_reports,
+    make_broker,
+    nats_client,
+    nats_options,
+    prepare,
+    pull_loop,
+)
 from shared.bus.streams import ALL_CONSUMERS
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile
 from shared.core.placement.registry import profile_from_json, profile_from_yaml
@@ -43,10 +55,12 @@ from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 from shared.host.contract import Consumes, Contract, Emits, merge, subject_matches
 from shared.host.feed import Feed, SnapshotFeed
 from shared.host.isolation import SplitBatch, ack_all, guarded, isolating, run_batch, settle, transient
+from shared.host.metrics import ServiceMetrics, requested_times
 from shared.settings import Settings, load_settings
 from shared.state.store import StateStore
 
 log = logging.getLogger("gantry.service")
+APP_LOG = logging.getLogger("gantry.app")  # start and stop of the app (INFO), through the root handler
 T = TypeVar("T", bound=msgspec.Struct)
 # Young-generation collections every 10,000 allocations instead of 700: each decision allocates
 # thousands of short-lived objects, and collecting them 15x less often costs no memory worth counting.
@@ -61,12 +75,16 @@ class PlacementService:
     description: ClassVar[str] = ""
     consumes: ClassVar[tuple[Consumes, ...]] = ()
     emits: ClassVar[tuple[Emits, ...]] = ()
+    # The host observes the placement SLI when a batch of this service's stage is handled; the reconciler
+    # observes it itself, at the commit (not every scored replica is committed).
+    observes_stage: ClassVar[bool] = True
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.clock = clock
         self.broker = make_broker(settings)
-        self.app = FastStream(self.broker)
+        # FastStream's own app logger always writes ANSI colour codes, into log files too: ours is plain.
+        self.app = FastStream(self.broker, logger=APP_LOG)
         self.snapshot = ClusterSnapshot(
             SnapshotConfig(
                 heartbeat_interval=settings.heartbeat_interval_s, not_ready_after=settings.not_ready_after_s
@@ -76,15 +94,18 @@ class PlacementService:
         self.store = StateStore.from_url(settings.redis_url)
         self.ready = asyncio.Event()
         self.profile = load_profile(settings.profile)
+        self.metrics = ServiceMetrics(self.name)
         self._bus: Bus | None = None
         self._pulls: list[tuple[str, str, str, PullHandler, float]] = []
         self._listens: list[tuple[str, str, RawHandler]] = []
+        self._reports: list[tuple[str, str, ReportHandler]] = []
         self._loops: set[asyncio.Task[None]] = set()
         self._asked: dict[str, float] = {}
         self.app.on_startup(self._declare)
         self.app.after_startup(self._load)
         self.app.on_shutdown(self._stop_pull_loops)
         self.app.on_shutdown(self.store.close)
+        self.app.on_shutdown(self._close_metrics)
         self.wire_feed()
         self.register()
 
@@ -143,13 +164,16 @@ class PlacementService:
     def bus(self) -> Bus:
         """Publishing side (available once the broker is connected)."""
         if self._bus is None:
-            self._bus = Bus(nats_client(self.broker), self.name, declared=self.contract().emit_check())
+            self._bus = Bus(
+                nats_client(self.broker), self.name, declared=self.contract().emit_check(),
+                on_dead_letter=self.metrics.dead_letter,
+            )
         return self._bus
 
     async def _declare(self) -> None:
         import nats
 
-        nc = await nats.connect(self.settings.nats_url)
+        nc = await nats.connect(self.settings.nats_url, **nats_options(self.settings))
         try:
             # Every consumer, not only ours: interest-retention streams drop what no consumer wants yet.
             await prepare(nc, self.settings, ALL_CONSUMERS)
@@ -157,9 +181,12 @@ class PlacementService:
             await nc.close()
 
     async def _load(self) -> None:
+        self.metrics.serve(self.settings.metrics_port)
         nc = nats_client(self.broker)
         for subject, queue, on_raw in self._listens:
             await listen(nc, subject, on_raw, queue)
+        for subject, queue, on_report in self._reports:
+            await listen_reports(nc, subject, on_report, queue)
         await self.feed.load(self.store)
         # Workers that registered before we subscribed are in Redis only if the writer saw them: ask all
         # to register again so no worker is missing from this snapshot.
@@ -177,6 +204,9 @@ class PlacementService:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
 
+    async def _close_metrics(self) -> None:
+        self.metrics.close()
+
     async def _stop_pull_loops(self) -> None:
         # The pull loops are our own tasks: the broker's drain waits on them forever unless they stop first.
         for task in self._loops:
@@ -191,7 +221,23 @@ class PlacementService:
         declared = [c for c in self.contract().consumes if (c.stream, c.durable) == (stream, durable)]
         if not any(subject_matches(subject, c.subject) for c in declared):
             raise ValueError(f"{self.name}: consumer {stream}/{durable} on {subject} is not declared in its contract")
-        self._pulls.append((stream, durable, subject, isolating(self, subject, handler), linger))
+        counted = self._counted(durable, subject, isolating(self, subject, handler))
+        self._pulls.append((stream, durable, subject, counted, linger))
+
+    def _counted(self, durable: str, subject: str, handler: PullHandler) -> PullHandler:
+        """``handler`` with its batches counted: messages per subject, batch size, the consumer's backlog."""
+        metrics = self.metrics
+
+        async def handle(raws: list[Msg]) -> None:
+            if raws:
+                try:
+                    backlog: int | None = raws[-1].metadata.num_pending
+                except Exception:  # a message without JetStream metadata (never from a pull consumer)
+                    backlog = None
+                metrics.batch_pulled(durable, subject, len(raws), backlog)
+            await handler(raws)
+
+        return handle
 
     def listen(self, subject: str, handler: RawHandler, queue: str = "") -> None:
         """Hand every core-NATS message on ``subject`` (raw bytes) to ``handler``, from the snapshot load on.
@@ -200,23 +246,38 @@ class PlacementService:
             raise ValueError(f"{self.name}: {subject} (queue {queue!r}) is not declared in its contract")
         self._listens.append((subject, queue, handler))
 
+    def listen_reports(self, subject: str, handler: ReportHandler, queue: str = "") -> None:
+        """Like ``listen`` for worker reports: ``handler`` also gets the worker the subject speaks for (the
+        identity the bus let publish there), to drop a report whose payload names another worker."""
+        if not self.contract().consumed(subject, queue=queue):
+            raise ValueError(f"{self.name}: {subject} (queue {queue!r}) is not declared in its contract")
+
+        async def on_report(body: bytes, concrete: str) -> None:
+            await handler(body, subjects.reporting_worker(concrete))
+
+        self._reports.append((subject, queue, on_report))
+
     def wire_feed(self) -> None:
         """Subscribe the snapshot feed to worker reports and cluster events (fan-out, no queue)."""
         feed = self.feed
 
-        async def on_register(body: bytes) -> None:
+        # A report whose payload names another worker than its subject is forged: dropped here, dead-lettered
+        # once by the state writer.
+        async def on_register(body: bytes, sender: str) -> None:
             reg = self._quiet_decode(body, WorkerRegistration)
-            if reg is not None:
+            if reg is not None and reg.worker.name == sender:
                 feed.on_register(reg, self.clock())
 
-        async def on_heartbeat(body: bytes) -> None:
+        async def on_heartbeat(body: bytes, sender: str) -> None:
             hb = self._quiet_decode(body, Heartbeat)
-            if hb is not None and feed.on_heartbeat(hb, self.clock()) and hb.worker not in feed.inventory:
+            if hb is None or hb.worker != sender:
+                return
+            if feed.on_heartbeat(hb, self.clock()) and hb.worker not in feed.inventory:
                 await self._ask_to_register(hb.worker)
 
-        async def on_file(body: bytes) -> None:
+        async def on_file(body: bytes, sender: str) -> None:
             upd = self._quiet_decode(body, ModelFileUpdate)
-            if upd is not None:
+            if upd is not None and upd.worker == sender:
                 feed.on_file(upd)
 
         async def on_cordon(body: bytes) -> None:
@@ -230,12 +291,12 @@ class PlacementService:
                 feed.on_worker_removed(ev.worker)
 
         wanted = self.feeds()
-        self.listen(subjects.REGISTER, on_register)
-        self.listen(subjects.HEARTBEAT, on_heartbeat)
+        self.listen_reports(subjects.REGISTER, on_register)
+        self.listen_reports(subjects.HEARTBEAT, on_heartbeat)
         self.listen(subjects.EVENT_CORDON, on_cordon)
         self.listen(subjects.EVENT_WORKER_REMOVED, on_worker_removed)
         if Feed.FILES in wanted:
-            self.listen(subjects.MODEL_FILE, on_file)
+            self.listen_reports(subjects.MODEL_FILE, on_file)
         if Feed.CLAIMS in wanted:
 
             async def on_instance(body: bytes) -> None:
@@ -285,8 +346,15 @@ class PlacementService:
     ) -> None:
         """Decode a batch, run ``work`` on the valid messages, ack them (see ``guarded`` for failures)."""
         batch = await self.decode_batch(raws, kind, subject)
-        if batch:
-            await run_batch(self, subject, [r for _, r in batch], lambda: work([m for m, _ in batch]))
+        if not batch:
+            return
+        msgs = [r for _, r in batch]
+        if await guarded(self, subject, msgs, lambda: work([m for m, _ in batch])):
+            if self.observes_stage:
+                now = self.clock()
+                for message, _ in batch:
+                    self.metrics.stage_done(requested_times(message), now)
+            await ack_all(msgs)
 
 
 def serve(factory: Callable[[Settings], PlacementService]) -> None:
@@ -294,6 +362,7 @@ def serve(factory: Callable[[Settings], PlacementService]) -> None:
     import uvloop
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    APP_LOG.setLevel(logging.INFO)
     uvloop.run(factory(load_settings()).app.run())
 
 

@@ -10,15 +10,19 @@ redelivered commit is recognised (idempotent).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
 
+from shared.core.limits import MAX_REPLICAS, bad_model_name
 from shared.core.placement.domain import (
     Gpu,
     Instance,
@@ -32,6 +36,19 @@ from shared.core.placement.domain import (
 
 _LUA = Path(__file__).parent / "lua"
 P = "gantry:"
+log = logging.getLogger("gantry.state")
+R = TypeVar("R")
+CONVERGE_BUDGET = 500  # replicas one converge call creates at most: no script runs long, whatever the count
+SCRIPT_CHUNK = 1000  # instances or reports per script call: every other script's work is bounded by this
+
+
+def _chunks(seq: Sequence[Any], size: int = SCRIPT_CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+class InvalidRecord(ValueError):
+    """A record outside the limits of ``shared.core.limits``: the state layer refuses to store it."""
 
 
 class Keys:
@@ -118,6 +135,7 @@ class ScaleUpResult:
     desired: int
     created: tuple[Instance, ...]
     unrequested: tuple[str, ...]  # PENDING replicas without a reason (may need their request again)
+    more: bool = False  # the call's creation budget ran out before this model had all its replicas
 
 
 _enc = msgspec.json.Encoder()
@@ -130,6 +148,25 @@ _dec_usage = msgspec.json.Decoder(WorkerUsage)
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _load(dec: msgspec.json.Decoder[R], raw: bytes | str, what: str) -> R | None:
+    """A stored record, or None (logged) when it is outside today's limits: a record stored before a limit
+    existed (or written past this layer) must not crash every reader of the state."""
+    try:
+        return dec.decode(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        log.warning("ignoring a stored %s outside the limits: %s", what, exc)
+        return None
+
+
+def _checked(dec: msgspec.json.Decoder[Any], raw: bytes, what: str) -> bytes:
+    """``raw`` if it decodes within the limits, else InvalidRecord: nothing outside them is stored."""
+    try:
+        dec.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidRecord(f"refusing to store {what}: {exc}") from None
+    return raw
 
 
 class StateStore:
@@ -168,7 +205,7 @@ class StateStore:
         caps: dict[str, int] = {}
         rams: dict[str, int] = {}
         for w in workers:
-            inv[w.name] = _enc.encode(w)
+            inv[w.name] = _checked(_dec_worker, _enc.encode(w), f"worker {w.name[:64]!r}")
             for g in w.gpus:
                 caps[gpu_field(w.name, g.index)] = g.vram_total
             rams[w.name] = w.ram_total
@@ -180,12 +217,28 @@ class StateStore:
             pipe.hset(Keys.seen, mapping=dict.fromkeys(inv, repr(seen_at)))
         await pipe.execute()
 
+    async def held(self, names: Sequence[str]) -> dict[str, tuple[Worker, dict[int, int]]]:
+        """Each stored worker's inventory and the VRAM the ledger holds claimed on each of its GPUs (workers not
+        stored yet are left out): what a new registration of theirs may not take away."""
+        if not names:
+            return {}
+        raws = await self.r.hmget(Keys.workers, list(names))
+        stored = [w for w in (_load(_dec_worker, raw, "worker") for raw in raws if raw) if w is not None]
+        fields = [gpu_field(w.name, g.index) for w in stored for g in w.gpus]
+        used = iter(await self.r.hmget(Keys.gpu_used, fields) if fields else [])
+        out: dict[str, tuple[Worker, dict[int, int]]] = {}
+        for w in stored:
+            out[w.name] = (w, {g.index: int(next(used) or 0) for g in w.gpus})
+        return out
+
     async def record_heartbeats(self, beats: Sequence[tuple[UsageReport, float]]) -> None:
         """Batched write of (heartbeat, receive time): last-seen and latest usage, one round trip."""
         if not beats:
             return
-        seen = {hb.worker: repr(t) for hb, t in beats}
-        usage = {hb.worker: _enc.encode(hb) for hb, _ in beats}
+        usage = {
+            hb.worker: _checked(_dec_usage, _enc.encode(hb), f"heartbeat of {hb.worker[:64]!r}") for hb, _ in beats
+        }
+        seen = {hb.worker: repr(t) for hb, t in beats if math.isfinite(t)}
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(Keys.seen, mapping=seen)  # type: ignore[arg-type]
         pipe.hset(Keys.usage, mapping=usage)  # type: ignore[arg-type]
@@ -202,9 +255,11 @@ class StateStore:
         cordoned = {_s(k) for k in cordon}
         out = []
         for name_b, raw in inv.items():
-            w = _dec_worker.decode(raw)
+            w = _load(_dec_worker, raw, "worker")
+            if w is None:
+                continue
             hb_raw = usage.get(name_b)
-            hb = _dec_usage.decode(hb_raw) if hb_raw else None
+            hb = _load(_dec_usage, hb_raw, "heartbeat") if hb_raw else None
             last = float(seen.get(name_b, 0.0) or 0.0)
             out.append(apply_usage(w, hb, last, cordoned))
         return sorted(out, key=lambda w: w.name)
@@ -229,36 +284,41 @@ class StateStore:
 
     async def set_model_files(self, files: Iterable[ModelFile]) -> None:
         """Record readiness of model files (batched)."""
-        mapping = {f"{f.source}|{f.worker}": _enc.encode(f) for f in files}
+        mapping = {f"{f.source}|{f.worker}": _checked(_dec_file, _enc.encode(f), "model file") for f in files}
         if mapping:
             await self.r.hset(Keys.files, mapping=mapping)  # type: ignore[arg-type]
 
     async def model_files(self) -> list[ModelFile]:
         """Every known (source, worker) readiness."""
-        return [_dec_file.decode(v) for v in (await self.r.hgetall(Keys.files)).values()]
+        got = (_load(_dec_file, v, "model file") for v in (await self.r.hgetall(Keys.files)).values())
+        return [f for f in got if f is not None]
 
     # -- models --------------------------------------------------------------------------------------
 
     async def set_model(self, spec: ModelSpec | None, model: str, replicas: int) -> None:
         """Store a model's spec (when given) and desired replicas."""
+        if bad_model_name(model) or not 0 <= replicas <= MAX_REPLICAS:
+            raise InvalidRecord(f"refusing to store model {model[:64]!r} with {replicas} replicas")
         pipe = self.r.pipeline(transaction=True)
         if spec is not None:
-            pipe.hset(Keys.models, model, _enc.encode(spec))
+            pipe.hset(Keys.models, model, _checked(_dec_spec, _enc.encode(spec), f"spec of {model!r}"))
         pipe.hset(Keys.desired, model, replicas)
         await pipe.execute()
 
     async def model(self, name: str) -> ModelSpec | None:
         """The stored spec of a model, if known."""
         raw = await self.r.hget(Keys.models, name)
-        return _dec_spec.decode(raw) if raw else None
+        return _load(_dec_spec, raw, "model spec") if raw else None
 
     async def models(self) -> dict[str, ModelSpec]:
         """Every stored spec by model name."""
-        return {_s(k): _dec_spec.decode(v) for k, v in (await self.r.hgetall(Keys.models)).items()}
+        got = {_s(k): _load(_dec_spec, v, "model spec") for k, v in (await self.r.hgetall(Keys.models)).items()}
+        return {k: v for k, v in got.items() if v is not None}
 
     async def desired(self) -> dict[str, int]:
         """Desired replicas by model name."""
-        return {_s(k): int(v) for k, v in (await self.r.hgetall(Keys.desired)).items()}
+        raw = await self.r.hgetall(Keys.desired)
+        return {_s(k): min(max(int(v), 0), MAX_REPLICAS) for k, v in raw.items() if _s(v).lstrip("-").isdigit()}
 
     # -- instances -------------------------------------------------------------------------------------
 
@@ -287,13 +347,22 @@ class StateStore:
         for raw, st, reason in zip(raws, sts, rs, strict=True):
             if raw is None or st is None:
                 continue
-            inst = _dec_inst.decode(raw)
+            inst = _load(_dec_inst, raw, "instance")
+            if inst is None:
+                continue
             out.append(
                 msgspec.structs.replace(
                     inst, state=InstanceState(_s(st)), reason=_s(reason) if reason is not None else None
                 )
             )
         return sorted(out, key=lambda i: i.id)
+
+    async def states(self, ids: Sequence[str]) -> dict[str, InstanceState]:
+        """The current state of each of ``ids`` that exists (one round trip)."""
+        if not ids:
+            return {}
+        raw = await self.r.hmget(Keys.inst_state, list(ids))
+        return {i: InstanceState(_s(v)) for i, v in zip(ids, raw, strict=True) if v is not None}
 
     async def instance(self, instance_id: str) -> Instance | None:
         """One instance with its current state, or None."""
@@ -304,7 +373,9 @@ class StateStore:
         raw, st, reason = await pipe.execute()
         if raw is None or st is None:
             return None
-        inst = _dec_inst.decode(raw)
+        inst = _load(_dec_inst, raw, "instance")
+        if inst is None:
+            return None
         return msgspec.structs.replace(
             inst, state=InstanceState(_s(st)), reason=_s(reason) if reason is not None else None
         )
@@ -425,7 +496,27 @@ class StateStore:
         """
         if not models:
             return []
-        args: list[Any] = [",".join(s.value for s in active), len(models)]
+        for m in models:
+            problem = bad_model_name(m.model) or (
+                None if m.replicas is None or 0 <= m.replicas <= MAX_REPLICAS
+                else f"replicas of {m.model} out of range: {m.replicas} (0..{MAX_REPLICAS})"
+            )
+            if problem:
+                raise InvalidRecord(problem)
+        results = {m.model: r for m, r in zip(models, await self._converge_once(models, active), strict=True)}
+        # Each call creates at most CONVERGE_BUDGET replicas: go on for the models left short.
+        while short := [m for m in models if results[m.model].more]:
+            again = [dataclasses.replace(m, replicas=None, spec=None) for m in short]
+            for m, res in zip(short, await self._converge_once(again, active), strict=True):
+                prev = results[m.model]
+                results[m.model] = dataclasses.replace(
+                    res, applied=prev.applied, created=prev.created + res.created,
+                    unrequested=tuple(sorted(set(prev.unrequested) | set(res.unrequested))),
+                )
+        return [results[m.model] for m in models]
+
+    async def _converge_once(self, models: Sequence[ScaleUp], active: Iterable[InstanceState]) -> list[ScaleUpResult]:
+        args: list[Any] = [",".join(s.value for s in active), len(models), CONVERGE_BUDGET, MAX_REPLICAS]
         keys = [Keys.desired, Keys.desired_seq, Keys.models, Keys.inst, Keys.inst_state, Keys.inst_reason]
         for m in models:
             head, tail = _record_template(m.model, m.created_at)
@@ -439,68 +530,88 @@ class StateStore:
             keys += [Keys.lock + m.model, Keys.model_index + m.model]
         raw = await self._converge_up(keys=keys, args=args)
         out = []
-        for m, (status, applied, desired, created, unrequested) in zip(models, raw, strict=True):
+        for m, (status, applied, desired, created, unrequested, more) in zip(models, raw, strict=True):
             out.append(ScaleUpResult(
                 model=m.model, status=_s(status), applied=bool(int(applied)), desired=int(desired),
                 created=tuple(Instance(id=_s(i), model=m.model, created_at=m.created_at) for i in created),
-                unrequested=tuple(sorted(_s(i) for i in unrequested)),
+                unrequested=tuple(sorted(_s(i) for i in unrequested)), more=bool(int(more)),
             ))
         return out
 
     async def create_pending(self, model: str, token: str, instances: Sequence[Instance]) -> bool:
-        """Create PENDING instances under the lock; False if the lock was lost (nothing written)."""
-        args: list[Any] = [token]
-        for inst in instances:
-            args += [inst.id, _enc.encode(inst)]
-        made = await self._create(
-            keys=[Keys.lock + model, Keys.model_index + model, Keys.inst, Keys.inst_state], args=args
-        )
-        return int(made) >= 0
+        """Create PENDING instances under the lock (a chunk per call, each fenced by the lock); False if the
+        lock was lost (nothing written from then on)."""
+        for part in _chunks(instances) if instances else [()]:
+            args: list[Any] = [token]
+            for inst in part:
+                args += [inst.id, _enc.encode(inst)]
+            made = await self._create(
+                keys=[Keys.lock + model, Keys.model_index + model, Keys.inst, Keys.inst_state], args=args
+            )
+            if int(made) < 0:
+                return False
+        return True
 
     async def mark_state(
         self, model: str, token: str, state: InstanceState, allowed: Iterable[InstanceState], ids: Sequence[str]
     ) -> int:
         """Move ``ids`` currently in ``allowed`` states to ``state`` under the lock; -1 if lock lost."""
-        if not ids:
-            return 0
-        args = [token, state.value, ",".join(s.value for s in allowed), *ids]
-        return int(await self._mark(keys=[Keys.lock + model, Keys.inst_state], args=args))
+        changed = 0
+        for part in _chunks(ids):
+            args = [token, state.value, ",".join(s.value for s in allowed), *part]
+            got = int(await self._mark(keys=[Keys.lock + model, Keys.inst_state], args=args))
+            if got < 0:
+                return -1
+            changed += got
+        return changed
 
     # -- ledger ---------------------------------------------------------------------------------------
 
     async def commit(self, items: Sequence[CommitItem]) -> list[str]:
-        """Commit decisions: per item "ok", "dup", "gone" or "full:<field>" (see commit.lua)."""
-        if not items:
-            return []
-        args: list[Any] = [len(items)]
-        for it in items:
+        """Commit decisions: per item "ok", "dup", "gone", "full:<field>" (see commit.lua) or "invalid:<why>"
+        (a record outside the limits: never written)."""
+        verdicts: list[str | None] = [None] * len(items)
+        calls: list[list[Any]] = []  # one item's arguments each
+        for n, it in enumerate(items):
             claims = it.claims()
-            args += [it.instance.id, it.instance.worker, _enc.encode(it.instance), len(claims)]
+            try:
+                record = _checked(_dec_inst, _enc.encode(it.instance), f"instance {it.instance.id[:64]!r}")
+            except InvalidRecord as exc:
+                verdicts[n] = f"invalid:{exc}"
+                continue
+            call: list[Any] = [it.instance.id, it.instance.worker, record, len(claims)]
             for kind, field, amount in claims:
-                args += [kind, field, amount]
+                call += [kind, field, amount]
+            calls.append(call)
         keys = [
             Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap, Keys.ram_used, Keys.claims,
             Keys.inst, Keys.inst_state, Keys.inst_reason, Keys.inst_worker,
         ]
-        return [_s(v) for v in await self._commit(keys=keys, args=args)]
+        got: list[str] = []
+        for part in _chunks(calls):
+            args: list[Any] = [len(part)]
+            for call in part:
+                args += call
+            got += [_s(v) for v in await self._commit(keys=keys, args=args)]
+        answers = iter(got)
+        return [v if v is not None else next(answers) for v in verdicts]
 
     async def release(self, ids: Sequence[str], mode: str = "remove") -> int:
         """Free the claims of ``ids`` (idempotent) and remove them, or set them to state ``mode``."""
-        if not ids:
-            return 0
         keys = [
             Keys.gpu_used, Keys.ram_used, Keys.claims, Keys.inst, Keys.inst_state,
             Keys.inst_reason, Keys.inst_worker, Keys.model_index,
         ]
-        return int(await self._release(keys=keys, args=[mode, *ids]))
+        return sum([int(await self._release(keys=keys, args=[mode, *part])) for part in _chunks(ids)])
 
     async def set_states(self, reports: Sequence[tuple[str, str, InstanceState]]) -> list[InstanceState | None]:
         """Apply (instance id, worker, state) reports in order, in one call; each one's previous state or None."""
-        if not reports:
-            return []
-        args = [v for iid, worker, state in reports for v in (iid, worker, state.value)]
-        raw = await self._set_state(keys=[Keys.inst_state, Keys.inst_worker], args=args)
-        return [InstanceState(_s(p)) if _s(p) else None for p in raw]
+        out: list[InstanceState | None] = []
+        for part in _chunks(reports):
+            args = [v for iid, worker, state in part for v in (iid, worker, state.value)]
+            raw = await self._set_state(keys=[Keys.inst_state, Keys.inst_worker], args=args)
+            out += [InstanceState(_s(p)) if _s(p) else None for p in raw]
+        return out
 
     async def ledger(self) -> dict[str, tuple[int, int]]:
         """GPU field -> (claimed, capacity) for every GPU with a capacity."""

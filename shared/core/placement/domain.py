@@ -14,7 +14,31 @@ from typing import Annotated, Protocol
 
 import msgspec
 
+from shared.core.limits import (
+    MAX_GPUS_PER_REPLICA,
+    MAX_GPUS_PER_WORKER,
+    MAX_LIST,
+    GpuCount,
+    GpuIndex,
+    InstanceId,
+    Labels,
+    Layers,
+    MilliCores,
+    ModelBytes,
+    ModelName,
+    RamBytes,
+    Replicas,
+    Text,
+    Time,
+    Tokens,
+    VramBytes,
+    WorkerName,
+)
+
 GIB = 1 << 30
+# Lists of a placement, bounded like the GPUs they name.
+GpuIndexes = Annotated[tuple[GpuIndex, ...], msgspec.Meta(max_length=MAX_GPUS_PER_REPLICA)]
+VramClaims = Annotated[tuple[VramBytes, ...], msgspec.Meta(max_length=MAX_GPUS_PER_REPLICA)]
 
 
 class WorkerState(StrEnum):
@@ -80,47 +104,47 @@ class ModelFileState(StrEnum):
 class Gpu(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One accelerator as its worker reports it."""
 
-    index: int
-    vendor: str = "cuda"  # cuda | rocm | metal | cpu ...
-    product: str = ""  # e.g. H100-SXM-80GB
-    vram_total: int
-    vram_used: int = 0  # reported by the worker: every process, Gantry-managed or not
-    runtime_version: str = ""
-    labels: dict[str, str] = {}
+    index: GpuIndex
+    vendor: Text = "cuda"  # cuda | rocm | metal | cpu ...
+    product: Text = ""  # e.g. H100-SXM-80GB
+    vram_total: VramBytes
+    vram_used: VramBytes = 0  # reported by the worker: every process, Gantry-managed or not
+    runtime_version: Text = ""
+    labels: Labels = {}
     schedulable: bool = True  # False cordons this GPU alone
 
 
 class Worker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A machine that runs model instances, as of its latest heartbeat."""
 
-    name: str
-    cluster: str = "default"
-    labels: dict[str, str] = {}
-    gpus: tuple[Gpu, ...] = ()
-    ram_total: int = 0
-    ram_used: int = 0
+    name: WorkerName
+    cluster: Text = "default"
+    labels: Labels = {}
+    gpus: Annotated[tuple[Gpu, ...], msgspec.Meta(max_length=MAX_GPUS_PER_WORKER)] = ()
+    ram_total: RamBytes = 0
+    ram_used: RamBytes = 0
     # CPU in milli-cores (1000 = one core); 0 = not reported, and CPU is then not checked on this worker
-    cpu_total: int = 0
-    cpu_used: int = 0
-    last_heartbeat: float = 0.0
+    cpu_total: MilliCores = 0
+    cpu_used: MilliCores = 0
+    last_heartbeat: Time = 0.0
     cordoned: bool = False
-    local_paths: tuple[str, ...] = ()
+    local_paths: Annotated[tuple[Text, ...], msgspec.Meta(max_length=MAX_LIST)] = ()
 
 
 class GpuUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
     """VRAM in use on one GPU (every process, Gantry-managed or not)."""
 
-    index: int
-    vram_used: int
+    index: GpuIndex
+    vram_used: VramBytes
 
 
 class WorkerUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A worker's latest reported usage: RAM and VRAM per GPU index (what a heartbeat carries and the state
     layer keeps; fields a heartbeat adds beyond these are ignored when read back)."""
 
-    worker: str
-    ram_used: int = 0
-    gpus: tuple[GpuUsage, ...] = ()
+    worker: WorkerName
+    ram_used: RamBytes = 0
+    gpus: Annotated[tuple[GpuUsage, ...], msgspec.Meta(max_length=MAX_GPUS_PER_WORKER)] = ()
 
 
 class UsageReport(Protocol):
@@ -145,20 +169,20 @@ class UsageReport(Protocol):
 class GpuSelector(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """How a model asks for GPUs: explicit ids, a count, and/or a GPU type."""
 
-    gpu_ids: tuple[str, ...] = ()  # "worker:index"
-    gpus_per_replica: int | None = None
-    gpu_type: str | None = None  # product name, e.g. "H100-SXM-80GB"
-    labels: dict[str, str] = {}  # every label must equal the GPU's own label
+    gpu_ids: Annotated[tuple[Text, ...], msgspec.Meta(max_length=MAX_LIST)] = ()  # "worker:index"
+    gpus_per_replica: GpuCount | None = None
+    gpu_type: Text | None = None  # product name, e.g. "H100-SXM-80GB"
+    labels: Labels = {}  # every label must equal the GPU's own label
 
 
 class GgufSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Per-layer sizes of a GGUF model (from the file header, or given)."""
 
-    total_layers: int
-    layer_bytes: int
-    non_layer_bytes: int
-    kv_bytes_per_token_per_layer: int
-    context_size: int = 8192
+    total_layers: Layers
+    layer_bytes: ModelBytes
+    non_layer_bytes: ModelBytes
+    kv_bytes_per_token_per_layer: ModelBytes
+    context_size: Tokens = 8192
 
 
 # A policy delay: finite, not negative, at most a week (NaN fails both bounds).
@@ -190,25 +214,25 @@ class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A deployment: what to run, how many replicas, and where it may go."""
 
-    name: str
-    source: str = ""  # hub repo id or local path; a ".gguf" file marks a GGUF model
+    name: ModelName
+    source: Text = ""  # hub repo id or local path; a ".gguf" file marks a GGUF model
     backend: Backend = Backend.VLLM
-    backend_version: str = ""
-    backend_parameters: tuple[str, ...] = ()  # e.g. ("--tensor-parallel-size=2",)
-    categories: tuple[Category, ...] = (Category.LLM,)
-    replicas: int = 1
+    backend_version: Text = ""
+    backend_parameters: Annotated[tuple[Text, ...], msgspec.Meta(max_length=MAX_LIST)] = ()  # e.g. ("--tp=2",)
+    categories: Annotated[tuple[Category, ...], msgspec.Meta(max_length=16)] = (Category.LLM,)
+    replicas: Replicas = 1
     placement_strategy: PlacementStrategy = PlacementStrategy.AUTO
-    cluster: str = "default"
-    worker_selector: dict[str, str] = {}
+    cluster: Text = "default"
+    worker_selector: Labels = {}
     gpu_selector: GpuSelector | None = None
     distributed_inference_across_workers: bool = False
     cpu_offloading: bool = False
-    vram_claim: int | None = None  # explicit per-replica VRAM; wins over estimates
-    ram_claim: int | None = None
-    cpu_claim: int | None = None  # milli-cores each worker of a replica needs
-    weight_bytes: int | None = None  # W, when not derivable from a known config
-    catalog_model: str | None = None  # key in the model-config catalogue, when the name is not one
-    dtype: str = "bfloat16"
+    vram_claim: ModelBytes | None = None  # explicit per-replica VRAM; wins over estimates
+    ram_claim: RamBytes | None = None
+    cpu_claim: MilliCores | None = None  # milli-cores each worker of a replica needs
+    weight_bytes: ModelBytes | None = None  # W, when not derivable from a known config
+    catalog_model: Text | None = None  # key in the model-config catalogue, when the name is not one
+    dtype: Text = "bfloat16"
     gguf: GgufSpec | None = None
     restart: RestartPolicy = RestartPolicy()  # what happens to failed (ERROR) replicas
 
@@ -216,51 +240,51 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 class SubordinateWorker(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Another worker's share of a multi-worker instance."""
 
-    worker: str
-    gpu_indexes: tuple[int, ...]
-    vram_claims: tuple[int, ...]  # parallel to gpu_indexes
-    ram_claim: int = 0
-    cpu_claim: int = 0  # milli-cores
+    worker: WorkerName
+    gpu_indexes: GpuIndexes
+    vram_claims: VramClaims  # parallel to gpu_indexes
+    ram_claim: RamBytes = 0
+    cpu_claim: MilliCores = 0  # milli-cores
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One feasible placement of a replica, as produced by a fit strategy."""
 
-    worker: str
-    gpu_indexes: tuple[int, ...]
-    vram_claims: tuple[int, ...]  # parallel to gpu_indexes
-    ram_claim: int = 0
-    subordinates: tuple[SubordinateWorker, ...] = ()
+    worker: WorkerName
+    gpu_indexes: GpuIndexes
+    vram_claims: VramClaims  # parallel to gpu_indexes
+    ram_claim: RamBytes = 0
+    subordinates: Annotated[tuple[SubordinateWorker, ...], msgspec.Meta(max_length=MAX_GPUS_PER_REPLICA)] = ()
     strategy: str = ""  # the fit strategy that produced it
-    total_layers: int | None = None
-    offload_layers: int | None = None
+    total_layers: Layers | None = None
+    offload_layers: Layers | None = None
     overcommit: str | None = None  # why this manual placement overcommits, if it does
-    cpu_claim: int = 0  # milli-cores on the main worker (subordinates carry their own)
+    cpu_claim: MilliCores = 0  # milli-cores on the main worker (subordinates carry their own)
 
 
 class Instance(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One replica of a model and what it holds."""
 
-    id: str
-    model: str
+    id: InstanceId
+    model: ModelName
     state: InstanceState = InstanceState.PENDING
-    worker: str | None = None
-    gpu_indexes: tuple[int, ...] = ()
-    vram_claims: tuple[int, ...] = ()
-    ram_claim: int = 0
-    subordinates: tuple[SubordinateWorker, ...] = ()
-    total_layers: int | None = None
-    offload_layers: int | None = None
+    worker: WorkerName | None = None
+    gpu_indexes: GpuIndexes = ()
+    vram_claims: VramClaims = ()
+    ram_claim: RamBytes = 0
+    subordinates: Annotated[tuple[SubordinateWorker, ...], msgspec.Meta(max_length=MAX_GPUS_PER_REPLICA)] = ()
+    total_layers: Layers | None = None
+    offload_layers: Layers | None = None
     reason: str | None = None  # why it is PENDING / ERROR
-    created_at: float = 0.0
-    cpu_claim: int = 0  # milli-cores on the main worker
+    created_at: Time = 0.0
+    cpu_claim: MilliCores = 0  # milli-cores on the main worker
 
 
 class ModelFile(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Readiness of a model source's files on one worker."""
 
-    source: str
-    worker: str
+    source: Text
+    worker: WorkerName
     state: ModelFileState
     progress: float = 0.0
 

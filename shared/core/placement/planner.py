@@ -72,7 +72,8 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Commit:
-    """The ledger's verdict on one decision: "ok", "dup", "gone", "full:<gpu>"; or the pipeline's: "stale"
+    """The ledger's verdict on one decision: "ok", "dup", "gone", "full:<gpu>", "invalid:<why>" (a record outside
+    the limits, refused like a full GPU); or the pipeline's: "stale"
     (its candidates were taken in flight) or "unschedulable" (``reason`` says why)."""
 
     instance_id: str
@@ -392,7 +393,7 @@ def _commits(
             b.dropped.add(c.instance_id)
         elif c.outcome == "gone":
             b.dropped.add(c.instance_id)
-        elif c.outcome.startswith("full:") or c.outcome == "stale":
+        elif c.outcome.startswith(("full:", "invalid:")) or c.outcome == "stale":
             why = c.outcome if c.outcome != "stale" else (c.reason or "candidates taken in flight")
             step = after_refusal(c.attempt, why, t.commit_retries, t.commit_backoff)
             if isinstance(step, GiveUp):

@@ -7,10 +7,12 @@ scorer and the token-load scorer of every profile of the cycle share one hashing
 from __future__ import annotations
 
 import random
+from itertools import repeat
+from operator import mul, sub
 from typing import Literal
 
 from shared.core.routing.domain import EndpointState, RouteRequest
-from shared.core.routing.hashing import BlockHashes, match_either, match_lazily
+from shared.core.routing.hashing import BlockHashes, match_lazily
 from shared.core.routing.state import PoolState
 
 PrefixSource = Literal["approximate", "precise", "hybrid"]
@@ -20,7 +22,7 @@ PREFIX_SOURCES: tuple[str, ...] = ("approximate", "precise", "hybrid")
 class Cycle:
     """One request being routed at ``now`` against ``state``."""
 
-    __slots__ = ("_chain", "_matches", "now", "request", "rng", "state")
+    __slots__ = ("_chain", "_lists", "_matches", "now", "request", "rng", "state")
 
     def __init__(self, request: RouteRequest, state: PoolState, now: float, rng: random.Random) -> None:
         self.request = request
@@ -29,6 +31,9 @@ class Cycle:
         self.rng = rng
         self._chain: BlockHashes | None = None
         self._matches: dict[str, dict[int, int]] = {}
+        # (source, id(cands)) → (cands, matched blocks of each): several scorers of a profile score the same
+        # candidate list; holding ``cands`` keeps its id from being reused within the cycle
+        self._lists: dict[tuple[str, int], tuple[list[EndpointState], list[int]]] = {}
 
     @property
     def chain(self) -> BlockHashes:
@@ -50,22 +55,34 @@ class Cycle:
             assumed = state.approx if source == "approximate" else state.speculative
             cands = state.pool_mask(self.request.model)
             if source == "hybrid" and assumed.masks and precise.masks:
-                m = match_either(assumed, precise, self.chain, cands)
+                m = match_lazily(state.either, self.chain, cands)
             else:
                 index = assumed if source == "approximate" or (source == "hybrid" and assumed.masks) else precise
                 m = match_lazily(index, self.chain, cands) if index.masks else {}
             self._matches[source] = m
         return m
 
+    def matched_list(self, cands: list[EndpointState], source: str) -> list[int]:
+        """Leading blocks of the prompt each candidate holds, aligned with ``cands`` (computed once per list)."""
+        key = (source, id(cands))
+        hit = self._lists.get(key)
+        if hit is not None and hit[0] is cands:
+            return hit[1]
+        get = self.matches(source).get
+        out = [get(st.slot, 0) for st in cands]
+        self._lists[key] = (cands, out)
+        return out
+
     def uncached_list(self, cands: list[EndpointState], source: str) -> list[int]:
         """``uncached_tokens`` of every candidate, aligned with ``cands`` (one pass)."""
         prompt = self.request.num_prompt_tokens
-        m = self.matches(source)
-        if not m:
+        if not self.matches(source):
             return [prompt] * len(cands)
         bs = self.state.config.block_size
-        get = m.get
-        return [prompt - (x if (x := get(st.slot, 0) * bs) < prompt else prompt) for st in cands]
+        blocks = self.matched_list(cands, source)
+        if not blocks or max(blocks) * bs <= prompt:  # usual (hashes from the prompt): no clamp, in C
+            return list(map(sub, repeat(prompt), map(mul, blocks, repeat(bs))))
+        return [prompt - (x if (x := b * bs) < prompt else prompt) for b in blocks]
 
     def matched_tokens(self, st: EndpointState, source: str) -> int:
         """Prompt tokens the endpoint is believed to hold (never more than the prompt)."""

@@ -80,9 +80,10 @@ class BlockHashes:
         return len(self._hashes)
 
 
-def match_lazily(index: PrefixIndex, chain: BlockHashes, candidates: int) -> dict[int, int]:
-    """``PrefixIndex.match`` over a lazily hashed chain: slot → leading blocks held."""
-    return _match(index.masks.get, chain, candidates)
+def match_lazily(index: PrefixIndex | dict[int, int], chain: BlockHashes, candidates: int) -> dict[int, int]:
+    """``PrefixIndex.match`` over a lazily hashed chain (or over a ``hash → mask`` dict such as two indexes'
+    union): slot → leading blocks held."""
+    return _match((index.masks if isinstance(index, PrefixIndex) else index).get, chain, candidates)
 
 
 def match_either(a: PrefixIndex, b: PrefixIndex, chain: BlockHashes, candidates: int) -> dict[int, int]:

@@ -32,7 +32,7 @@ LOG_SLACK = 4  # the touch log may hold this many times the live entries (plus a
 class PrefixIndex:
     """hash → bitmask of endpoint slots, with a bounded, generation-ordered set of hashes per slot."""
 
-    __slots__ = ("_gen", "_held", "_log", "_logged", "capacity", "masks")
+    __slots__ = ("_gen", "_held", "_log", "_logged", "capacity", "masks", "partner", "union")
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
@@ -43,6 +43,30 @@ class PrefixIndex:
         self._log: dict[int, deque[tuple[int, Sequence[int]]]] = {}  # slot → (generation, hashes), oldest first
         self._logged: dict[int, int] = {}
         self._gen = 0
+        # optional: a dict shared with a partner index holding, per hash, the OR of both indexes' masks, so
+        # a match over "either index" is one lookup per block instead of two (see ``mirror``)
+        self.union: dict[int, int] | None = None
+        self.partner: PrefixIndex | None = None
+
+    def mirror(self, partner: PrefixIndex) -> dict[int, int]:
+        """Keep, from now on, ``hash → self's mask | partner's mask`` in one dict both update; returns it."""
+        union: dict[int, int] = {}
+        for idx in (self, partner):
+            for h, m in idx.masks.items():
+                union[h] = union.get(h, 0) | m
+        self.union = partner.union = union
+        self.partner, partner.partner = partner, self
+        return union
+
+    def _unset(self, h: int) -> None:
+        """Refresh the union entry of ``h`` after a bit of it was cleared here."""
+        union, partner = self.union, self.partner
+        if union is not None and partner is not None:
+            m = self.masks.get(h, 0) | partner.masks.get(h, 0)
+            if m:
+                union[h] = m
+            else:
+                union.pop(h, None)
 
     def __len__(self) -> int:
         """Distinct hashes held by at least one endpoint."""
@@ -86,6 +110,11 @@ class PrefixIndex:
             bit = 1 << slot
             for h in new:
                 masks[h] = get(h, 0) | bit
+            union = self.union
+            if union is not None:
+                uget = union.get
+                for h in new:
+                    union[h] = uget(h, 0) | bit
         cap = self.capacity if capacity is None else min(capacity, self.capacity)
         if len(held) > cap:
             self._evict(slot, held, cap)
@@ -99,6 +128,8 @@ class PrefixIndex:
             masks[h] = m
         else:
             masks.pop(h, None)
+        if self.union is not None:
+            self._unset(h)
 
     def _evict(self, slot: int, held: dict[int, int], cap: int) -> None:
         log = self._log[slot]
@@ -141,6 +172,7 @@ class PrefixIndex:
         clear = ~(1 << slot)
         masks = self.masks
         pop = held.pop
+        mirrored = self.union is not None
         for h in hashes:
             if pop(h, None) is not None:
                 m = masks.get(h, 0) & clear
@@ -148,6 +180,8 @@ class PrefixIndex:
                     masks[h] = m
                 else:
                     masks.pop(h, None)
+                if mirrored:
+                    self._unset(h)
 
     def clear(self, slot: int) -> None:
         """Forget everything ``slot`` held (engine reset, or the endpoint left the pool)."""

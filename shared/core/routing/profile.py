@@ -11,6 +11,8 @@ the configuration loads; the error names the plugin and the field.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
+from operator import add, mul
 from typing import Any, Literal
 
 import msgspec
@@ -136,7 +138,7 @@ class Profile:
                 raise ValueError(f"scorer {scorer.name!r} returned {len(raw)} scores for {len(cands)} endpoints")
             s = sum(raw)
             if s == s and min(raw) >= 0.0 and max(raw) <= 1.0:  # the usual case: nothing to clamp, no NaN
-                totals = [t + w * v for t, v in zip(totals, raw, strict=True)]
+                totals = list(map(add, totals, map(mul, raw, repeat(w))))  # t + v·w, in C
             else:  # clamp to [0, 1]; NaN fails both comparisons and counts 0
                 totals = [t + w * (v if 0.0 <= v <= 1.0 else (1.0 if v > 1.0 else 0.0))
                           for t, v in zip(totals, raw, strict=True)]

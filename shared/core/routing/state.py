@@ -10,13 +10,16 @@ look idlest (llm-d-router #298, #1599). Every update is idempotent per request i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from shared.core.engine.step_time import StepTimeModel
 from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from shared.core.routing.domain import Endpoint, EndpointMetrics, EndpointState
 from shared.core.routing.prefix_index import DEFAULT_CAPACITY, PrefixIndex
+
+T = TypeVar("T")
 
 DEFAULT_PREFILL_TOKENS_PER_S = 15_928.0  # llm-d peakPrefillThroughput default (Qwen-32B on H100)
 
@@ -76,12 +79,17 @@ class PoolState:
         self.track_approx = True  # which assumed-state indexes decisions feed (the router sets them from its plugins)
         self.track_speculative = True
         self.precise = PrefixIndex(1 << 62)
+        self.either = self.speculative.mirror(self.precise)  # hybrid matches: one lookup per block
         self.step_models: dict[str, StepTimeModel] = {}
         self._prefill_rate: dict[str, float] = {}
         self._flights: dict[str, _Flight] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._masks: dict[str, int] = {}
+        # values derived from the endpoints and their reported metrics only (not from in-flight load or the
+        # indexes), computed once per change of those instead of per decision; see ``memo``
+        self.version = 0
+        self._memo: dict[object, object] = {}
 
     # -- endpoints ------------------------------------------------------------------------------------
     def upsert(self, endpoint: Endpoint, step_model: StepTimeModel | None = None) -> EndpointState:
@@ -100,6 +108,7 @@ class PoolState:
             self._masks.pop(endpoint.model, None)
         else:
             st.endpoint = endpoint
+        self._changed()
         if step_model is not None:
             self.step_models[endpoint.id] = step_model
         self._prefill_rate.pop(endpoint.id, None)
@@ -112,6 +121,7 @@ class PoolState:
         st = self.endpoints.pop(endpoint_id, None)
         if st is None:
             return
+        self._changed()
         pool = self.by_model.get(st.endpoint.model, [])
         if st in pool:
             pool.remove(st)
@@ -161,7 +171,21 @@ class PoolState:
             return False
         st.metrics = metrics
         st.effective_rate = effective_rate(st)
+        self._changed()
         return True
+
+    def _changed(self) -> None:
+        self.version += 1
+        if self._memo:
+            self._memo = {}
+
+    def memo(self, key: object, compute: Callable[[], T]) -> T:
+        """``compute()``, cached until the next endpoint or metrics change (it must read nothing else)."""
+        try:
+            return self._memo[key]  # type: ignore[return-value]
+        except KeyError:
+            v = self._memo[key] = compute()
+            return v
 
     def apply_kv_events(self, endpoint_id: str, batch: KVEventBatch) -> int:
         """Apply an engine's KV events to the precise index; returns the events applied (0: unknown endpoint)."""

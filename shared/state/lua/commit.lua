@@ -5,7 +5,8 @@
 -- ARGV: n, then per item: id, worker, record_json, nclaims, (kind, field, amount) * nclaims
 --       kind is "g" (GPU VRAM) or "r" (worker RAM); the claims spec is stored for release.
 -- Returns per item: "ok", "dup" (already committed: redelivery), "gone" (no longer PENDING)
--- or "full:<field>" (no room: the decision is refused).
+-- "full:<field>" (no room: the decision is refused) or "invalid:<field>" (a negative or non-integer amount,
+-- which the layers above refuse already: never written to the ledger).
 local n = tonumber(ARGV[1])
 local pos = 2
 local out = {}
@@ -25,6 +26,10 @@ for i = 1, n do
       local amount = tonumber(ARGV[first + 3 * c + 2])
       local capkey, usedkey = KEYS[1], KEYS[2]
       if kind == "r" then capkey, usedkey = KEYS[3], KEYS[4] end
+      if amount == nil or amount < 0 or amount ~= math.floor(amount) then
+        verdict = "invalid:" .. field
+        break
+      end
       local cap = tonumber(redis.call("HGET", capkey, field) or "-1")
       local used = tonumber(redis.call("HGET", usedkey, field) or "0")
       if cap < 0 or used + amount > cap then

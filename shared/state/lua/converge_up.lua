@@ -5,17 +5,27 @@
 -- replicas than desired is reported ("down"): removing replicas takes the locked path.
 -- KEYS: 1 desired, 2 desired_seq, 3 models, 4 inst, 5 inst_state, 6 inst_reason, then per model:
 --       its converge lock, its instance index
--- ARGV: active states (comma-separated), n models, then per model:
+-- Work per call is bounded whatever the counts say: desired replicas above max_replicas are refused before
+-- anything is written (a stored one is read as max_replicas), and at most `budget` replicas are created per
+-- call over all models; a model left short says so (`more` = 1) and the caller calls again.
+-- ARGV: active states (comma-separated), n models, budget, max_replicas, then per model:
 --       model, replicas (-1: no scale command), spec_json ("": keep), seq, id_prefix, id_prefix_json (the
 --       prefix as it reads inside a JSON string), record_head, record_tail (a PENDING record is
 --       record_head .. id_prefix_json .. counter .. record_tail), lock token ("": the caller holds no lock)
--- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}}
+-- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}, more (0/1)}
 local CHUNK = 1000  -- ids per HMGET: unpack() fails somewhere past 8,000 values
 local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end
 local models = tonumber(ARGV[2])
+local budget, max_replicas = tonumber(ARGV[3]), tonumber(ARGV[4])
 local out = {}
-local pos = 3
+local pos = 5
+for m = 1, models do  -- validate every model before any write: an error must leave nothing half done
+  local replicas = tonumber(ARGV[pos + 1 + 9 * (m - 1)])
+  if replicas == nil or replicas > max_replicas or replicas ~= math.floor(replicas) then
+    return redis.error_reply("converge_up: replicas out of range for " .. ARGV[pos + 9 * (m - 1)])
+  end
+end
 for m = 1, models do
   local model, replicas, spec, seq = ARGV[pos], tonumber(ARGV[pos + 1]), ARGV[pos + 2], tonumber(ARGV[pos + 3])
   local id_prefix, id_json, head, tail = ARGV[pos + 4], ARGV[pos + 5], ARGV[pos + 6], ARGV[pos + 7]
@@ -24,7 +34,7 @@ for m = 1, models do
   pos = pos + 9
   local held = redis.call("GET", lock_key)
   if (token == "" and held) or (token ~= "" and held ~= token) then
-    out[m] = {"busy", 0, 0, {}, {}}
+    out[m] = {"busy", 0, 0, {}, {}, 0}
   else
     local applied = 0
     if replicas >= 0 then
@@ -36,7 +46,7 @@ for m = 1, models do
         applied = 1
       end
     end
-    local desired = tonumber(redis.call("HGET", KEYS[1], model) or "0")
+    local desired = math.min(tonumber(redis.call("HGET", KEYS[1], model) or "0") or 0, max_replicas)
     local count, unrequested = 0, {}
     local ids = redis.call("SMEMBERS", index)
     -- States and reasons fetched a chunk at a time, not one call per replica: a model's converge runs on
@@ -56,11 +66,13 @@ for m = 1, models do
       end
     end
     if count > desired then
-      out[m] = {"down", applied, desired, {}, unrequested}
+      out[m] = {"down", applied, desired, {}, unrequested, 0}
     else
       local created = {}
       local counter = 0
-      for k = 1, desired - count do
+      local make = math.min(desired - count, budget)
+      budget = budget - make
+      for k = 1, make do
         local suffix = string.format("%02x", counter)
         while redis.call("HEXISTS", KEYS[4], id_prefix .. suffix) == 1 do  -- a prefix seen before: never overwrite
           counter = counter + 1
@@ -73,7 +85,9 @@ for m = 1, models do
         redis.call("SADD", index, id)
         created[k] = id
       end
-      out[m] = {"ok", applied, desired, created, unrequested}
+      local more = 0
+      if count + make < desired then more = 1 end
+      out[m] = {"ok", applied, desired, created, unrequested, more}
     end
   end
 end

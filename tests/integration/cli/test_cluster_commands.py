@@ -12,7 +12,9 @@ from pathlib import Path
 import nats
 import pytest
 
+from ops.auth import Credentials
 from shared.bus import subjects
+from shared.settings import CREDENTIALS_FILE
 from tests.integration.cli.conftest import Result, Stack
 
 pytestmark = pytest.mark.integration
@@ -220,7 +222,8 @@ def test_scale_to_a_negative_count_is_refused_as_usage(gantry: Gantry) -> None:
 
 def test_events_dead_letters_show_what_a_service_rejected(stack: Stack, gantry: Gantry) -> None:
     async def send_garbage() -> None:
-        nc = await nats.connect(stack.env["GANTRY_NATS_URL"])
+        admin = Credentials.load(stack.home / CREDENTIALS_FILE).url(stack.env["GANTRY_NATS_URL"], "admin")
+        nc = await nats.connect(admin)
         await nc.jetstream().publish(subjects.SCALE, b"{not json", headers={"Nats-Msg-Id": uuid.uuid4().hex})
         await nc.close()
 

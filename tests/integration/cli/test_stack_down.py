@@ -45,7 +45,8 @@ def test_deploy_validates_the_file_before_it_needs_the_stack(dead_env: dict[str,
 
 
 def test_redis_password_never_reaches_the_terminal(dead_env: dict[str, str]) -> None:
-    result = run_cli(["models"], dead_env)
+    env = {**dead_env, "GANTRY_REDIS_URL": dead_env["GANTRY_REDIS_URL"].replace("//", "//cli:cli-test-pw@", 1)}
+    result = run_cli(["models"], env)
     assert "cli-test-pw" not in result.err and ":***@" in result.err
 
 

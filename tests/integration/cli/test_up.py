@@ -90,3 +90,45 @@ def test_demo_without_workers_is_refused_before_anything_starts(tmp_path: Path) 
     assert proc.returncode == 2
     assert "--demo needs workers" in proc.stderr
     assert not (tmp_path / "logs").exists()
+
+
+# -- launcher safety (issue 12, case 9) ------------------------------------------------------------------
+
+
+def test_a_second_up_on_the_same_home_is_refused_and_leaves_the_running_stack_alone(stack: Stack) -> None:
+    before = (stack.home / "stack.json").read_text()
+    proc = subprocess.run([GANTRY, "up"], env=stack.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "another `gantry up`" in proc.stderr and "Traceback" not in proc.stderr
+    assert (stack.home / "stack.json").read_text() == before  # `gantry down` still finds the stack
+
+
+def test_fresh_beside_a_running_stack_is_refused_and_wipes_nothing(stack: Stack) -> None:
+    data = sorted(str(p) for sub in ("nats", "redis") for p in (stack.home / sub).rglob("*"))
+    assert data
+    proc = subprocess.run([GANTRY, "up", "--fresh"], env=stack.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert sorted(str(p) for sub in ("nats", "redis") for p in (stack.home / sub).rglob("*")) == data
+    assert json.loads((stack.home / "stack.json").read_text())["pid"] == stack.process.pid
+
+
+def test_down_stops_an_up_running_in_the_background(tmp_path: Path) -> None:
+    env = stack_env(tmp_path, free_port(), free_port())
+    # A script's `gantry up &` ignores SIGINT (the shell set it so): down must still stop it.
+    proc = subprocess.Popen(
+        [GANTRY, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "stops everything" in line:
+                break
+        down = subprocess.run([GANTRY, "down"], env=env, capture_output=True, text=True, timeout=90)
+        assert down.returncode == 0, down.stderr
+        assert f"stopped gantry up (pid {proc.pid})" in down.stdout
+        assert proc.wait(5) == 0
+        assert not (tmp_path / "stack.json").exists()
+    finally:
+        proc.kill()
+        proc.wait()

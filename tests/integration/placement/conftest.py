@@ -1,17 +1,17 @@
 """The placement stack as real processes against the session's real nats-server and redis-server.
 
 Each test gets a fresh Redis database and fresh JetStream streams, then starts the services exactly as
-``SERVICE_COMMANDS`` says (optionally several replicas each) and emulated workers, with short timings.
+``SERVICE_COMMANDS`` says (optionally several replicas each) and emulated workers, with short timings,
+through ``ops.stack.LocalStack``: the same launcher as ``gantry up`` and the benchmarks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,72 +24,82 @@ import pytest
 from nats.aio.client import Client
 
 from ops.servers import ServerProcess
-from services import SERVICE_COMMANDS, WORKERS_COMMAND
+from ops.stack import PLACEMENT_SERVICES, LocalStack, command_argv, service_argv
+from services import WORKERS_COMMAND
 from shared.bus import streams, subjects
 from shared.bus.messages import ErrorEvent, ScaleCommand, encode
 from shared.bus.streams import delete_streams
 from shared.core.placement.domain import Instance, InstanceState, ModelSpec
+from shared.settings import Settings
 from shared.state import StateStore
 
-REPO = Path(__file__).resolve().parents[3]
-
-TIMINGS = {
-    "GANTRY_HEARTBEAT_INTERVAL_S": "0.2",
-    "GANTRY_NOT_READY_AFTER_S": "1.5",
-    "GANTRY_RESCHEDULE_AFTER_S": "2",
-    "GANTRY_DRAIN_TIMEOUT_S": "2",
-    "GANTRY_ACK_WAIT_S": "2",
-    "GANTRY_MAX_DELIVER": "6",
-    "GANTRY_RECONCILE_INTERVAL_S": "0.25",
-    "GANTRY_JS_STORAGE": "memory",
+TIMINGS: dict[str, Any] = {
+    "heartbeat_interval_s": 0.2,
+    "not_ready_after_s": 1.5,
+    "reschedule_after_s": 2,
+    "drain_timeout_s": 2,
+    "ack_wait_s": 2,
+    "max_deliver": 6,
+    "reconcile_interval_s": 0.25,
+    "js_storage": "memory",
 }
 
 # Redis has 16 databases; 0 is left to other tests. Each test flushes the one it gets, so reuse is safe.
 _db_counter = itertools.cycle(range(1, 16))
 
 
-def _argv(cmd: list[str]) -> list[str]:
-    return [sys.executable if cmd[0] == "python" else cmd[0], *cmd[1:]]
-
-
 @dataclass
 class Stack:
-    """A running placement stack and helpers to drive and inspect it."""
+    """A running placement stack and helpers to drive and inspect it.
 
-    env: dict[str, str]
+    Its processes are started by ``ops.stack.LocalStack`` (the one way to start a stack) on the session's
+    servers; each child is named as the test refers to it (``filter-0``, ``fleet``, ...).
+    """
+
+    launcher: LocalStack
+    env: dict[str, str]  # every child's environment; a test may change it before starting processes
     logs: Path
     nc: Client
     store: StateStore
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     dead_letters: list[ErrorEvent] = field(default_factory=list)
     _seq: int = 0
 
+    @property
+    def metrics_ports(self) -> dict[str, int]:
+        """Each service process's /metrics port, by process name (``filter-0``, ...)."""
+        return self.launcher.metrics_ports
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen[bytes]]:
+        """Every process started, by name (the latest of a name)."""
+        return {c.name: c.process for c in self.launcher.children}
+
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         """Start a process (logs under the test's tmp dir)."""
-        with (self.logs / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.procs[name] = proc
-        return proc
+        return self.launcher.spawn(name, argv).process
 
     def start_service(self, service: str, replica: int = 0) -> None:
         """Start one replica of a placement service."""
-        self.start(f"{service}-{replica}", _argv(SERVICE_COMMANDS[service]))
+        name = f"{service}-{replica}"
+        with contextlib.suppress(KeyError):  # a restart: the stack forgets the dead one
+            old = self.launcher.child(name)
+            if not old.alive():
+                self.launcher.children.remove(old)
+        self.start(name, service_argv(service))
 
     def start_services(self, replicas: int = 1) -> None:
         """Start every placement service with ``replicas`` replicas each."""
-        for service in SERVICE_COMMANDS:
+        for service in PLACEMENT_SERVICES:
             for r in range(replicas):
                 self.start_service(service, r)
 
     def start_workers(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         """Start an emulated worker fleet process."""
-        return self.start(name, [*_argv(WORKERS_COMMAND), *args])
+        return self.start(name, [*command_argv(WORKERS_COMMAND), *args])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send a signal to one of the stack's processes."""
-        self.procs[name].send_signal(sig)
-        if sig in (signal.SIGKILL, signal.SIGTERM):
-            self.procs[name].wait(10)
+        self.launcher.kill(name, sig)
 
     def stop_all(self) -> None:
         """Stop every process the stack started."""
@@ -99,6 +109,7 @@ class Stack:
                 proc.kill()
         for proc in self.procs.values():
             proc.wait(10)
+        self.launcher.stop()
 
     def crashed(self) -> list[str]:
         """Services that exited on their own (a bug)."""
@@ -173,9 +184,13 @@ async def stack(
     await store.r.flushdb()
     nc = await nats.connect(nats_server.url)
     await delete_streams(nc.jetstream())
-    env = {**os.environ, **TIMINGS, "GANTRY_NATS_URL": nats_server.url, "GANTRY_REDIS_URL": redis_url}
-    env["PYTHONPATH"] = str(REPO)
-    st = Stack(env=env, logs=tmp_path, nc=nc, store=store)
+    launcher = LocalStack(
+        Settings(nats_url=nats_server.url, redis_url=redis_url, **TIMINGS), home=tmp_path, external_servers=True,
+        credentials=nats_server.credentials,
+    )
+    env = launcher.child_env()
+    launcher.extra_env = env  # the same dict: what a test changes in ``stack.env`` reaches the next child
+    st = Stack(launcher=launcher, env=env, logs=launcher.log_dir, nc=nc, store=store)
 
     async def on_dead_letter(msg: Any) -> None:
         st.dead_letters.append(msgspec.json.decode(msg.data, type=ErrorEvent))
@@ -187,7 +202,7 @@ async def stack(
         st.stop_all()
         await nc.close()
         await store.close()
-        for log in sorted(tmp_path.glob("*.log")):
+        for log in sorted(st.logs.glob("*.log")):
             text = log.read_text(errors="replace")
             if "Traceback" in text or "ERROR" in text:
                 print(f"==== {log.name}\n{text[-6000:]}")

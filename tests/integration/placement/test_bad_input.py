@@ -37,7 +37,14 @@ CASES = [
         subjects.SCALE,
         encode(ScaleCommand(model="ok-model", replicas=-3, spec=MODEL)),
         "reconciler",
-        "negative replicas",
+        "Expected `int` >= 0 - at `$.replicas`",
+    ),
+    (
+        "huge-replicas",  # issue 12 case 1: it used to make converge_up loop and brick Redis
+        subjects.SCALE,
+        b'{"model": "ok-model", "replicas": 123456789012345678901234567890123456789}',
+        "reconciler",
+        "invalid ScaleCommand",
     ),
     ("pipeline-garbage", subjects.PLACEMENT_REQUESTED, b"\x00\x01garbage", "filter", "invalid PlacementRequest"),
     ("cordon-unknown-worker", subjects.CORDON, b'{"worker": "nowhere"}', "reconciler", "unknown worker"),
@@ -48,7 +55,8 @@ async def test_bad_input_is_dead_lettered_and_valid_work_continues(stack: Stack)
     stack.start_workers("fleet", "--count", "3", "--gpus", "2", "--heartbeat-interval", "0.2")
     stack.start_services()
     await stack.wait_ready(workers=3)
-    for replicas, (name, subject, data, service, fragment) in enumerate(CASES, start=1):
+    for n, (name, subject, data, service, fragment) in enumerate(CASES, start=1):
+        replicas = n if n <= 6 else n - 6  # the fleet has 6 GPUs: past them, valid work is a scale-down
         await publish_js(stack, subject, data, f"bad-{name}")
         await wait_until(lambda s=service, f=fragment: dead_letter_with(stack, s, f), 15, f"dead letter for {name}")
         # A valid command right after is processed.
@@ -70,7 +78,7 @@ async def test_bad_heartbeats_are_dead_lettered_and_good_ones_still_recorded(sta
     stack.start_service("reconciler")
     await wait_until(lambda: stack.store.worker_names(), 20, "registered worker")
     for name, payload, fragment in HEARTBEATS:
-        await stack.nc.publish(subjects.HEARTBEAT, payload)
+        await stack.nc.publish(subjects.worker_heartbeat("stranger" if name == "unknown-worker" else "w0"), payload)
         await wait_until(lambda f=fragment: dead_letter_with(stack, "reconciler", f), 10, f"dead letter for {name}")
         # The writer keeps going: w0's next heartbeat is still recorded.
         before = (await stack.store.workers())[0].last_heartbeat

@@ -10,13 +10,15 @@ import pytest
 
 from shared.bus import subjects
 from shared.bus.messages import InstanceEvents, decode
-from shared.core.placement.domain import GIB, InstanceState, ModelSpec
+from shared.core.placement.domain import GIB, InstanceState, ModelSpec, PlacementStrategy
 
 from .conftest import Stack, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-LLAMA = ModelSpec(name="llama", source="meta/llama-8b", weight_bytes=16 * GIB)
+LLAMA = ModelSpec(
+    name="llama", source="meta/llama-8b", weight_bytes=16 * GIB, placement_strategy=PlacementStrategy.SPREAD
+)
 
 
 async def running_exactly(stack: Stack, model: str, n: int) -> bool:

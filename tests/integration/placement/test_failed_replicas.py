@@ -33,7 +33,7 @@ async def running(stack: Stack, n: int) -> list[str] | None:
 async def fail(stack: Stack, iid: str, worker: str, message: str) -> None:
     """What a worker sends when its model server dies: an ERROR report on the status stream."""
     report = InstanceStatus(instance_id=iid, worker=worker, state=InstanceState.ERROR, message=message)
-    await stack.nc.jetstream().publish(subjects.INSTANCE_STATUS, encode(report),
+    await stack.nc.jetstream().publish(subjects.instance_status(worker), encode(report),
                                        headers={"Nats-Msg-Id": f"{iid}:{worker}:ERROR:{time.time()}"})
 
 

@@ -12,14 +12,15 @@ import pytest
 
 from shared.bus import subjects
 from shared.bus.messages import WorkerRemovedEvent
-from shared.core.placement.domain import GIB, InstanceState, ModelSpec
+from shared.core.placement.domain import GIB, InstanceState, ModelSpec, PlacementStrategy
 from tests.integration.cli.conftest import run_cli
 
 from .conftest import Stack, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-MODEL = ModelSpec(name="svc", source="x/svc", weight_bytes=8 * GIB)
+# These tests rely on replicas spreading over empty workers, so the model names spread (the default packs).
+MODEL = ModelSpec(name="svc", source="x/svc", weight_bytes=8 * GIB, placement_strategy=PlacementStrategy.SPREAD)
 
 
 async def running_off(stack: Stack, n: int, worker: str) -> bool:

@@ -35,7 +35,7 @@ def test_a_hosted_service_consumes_exactly_what_it_declares(kind: type[Placement
     svc = kind(Settings())
     contract = svc.contract()
     pulled = {(stream, durable) for stream, durable, _, _, _ in svc._pulls}
-    listened = {(subject, queue) for subject, queue, _ in svc._listens}
+    listened = {(subject, queue) for subject, queue, _ in [*svc._listens, *svc._reports]}
     assert pulled == {(c.stream, c.durable) for c in contract.consumes if c.stream}
     assert listened == {(c.subject, c.queue) for c in contract.consumes if not c.stream}
     declared_consumers = {(stream, durable) for stream, durable, _ in svc.consumers()}

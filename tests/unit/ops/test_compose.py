@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from ops.auth import COMPOSE_FILES, permissions, write_compose_secrets
 from ops.stack import PLACEMENT_SERVICES, WORKERS_SERVICE, LocalStack, WorkerFleet, worker_argv
 from services import SERVICE_COMMANDS, WORKERS_COMMAND
 from shared.paths import REPO_ROOT
@@ -43,7 +44,7 @@ def env_of(compose: dict[str, Any], service: str) -> dict[str, str]:
 
 
 def test_compose_declares_servers_placement_services_and_workers(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"nats", "redis", *GANTRY_SERVICES}
+    assert set(compose["services"]) == {"credentials", "nats", "redis", *GANTRY_SERVICES}
 
 
 @pytest.mark.parametrize("service", PLACEMENT_SERVICES)
@@ -97,9 +98,53 @@ def test_connection_and_liveness_settings_are_pinned(compose: dict[str, Any], se
     assert {f"GANTRY_{name.upper()}" for name in PINNED} <= set(env_of(compose, service))
 
 
-def test_services_share_one_environment(compose: dict[str, Any]) -> None:
-    envs = [env_of(compose, service) for service in GANTRY_SERVICES]
+def test_services_share_one_environment_but_their_identity(compose: dict[str, Any]) -> None:
+    envs = [{k: v for k, v in env_of(compose, s).items() if k != "GANTRY_IDENTITY"} for s in GANTRY_SERVICES]
     assert all(env == envs[0] for env in envs)
+
+
+@pytest.mark.parametrize("service", GANTRY_SERVICES)
+def test_each_service_speaks_as_its_own_identity(compose: dict[str, Any], service: str) -> None:
+    identity = env_of(compose, service)["GANTRY_IDENTITY"]
+    assert identity == service
+    assert permissions(identity).publish  # a role ops.auth knows and grants rights to
+
+
+def test_no_secret_is_written_in_the_compose_file() -> None:
+    text = COMPOSE.read_text()
+    assert "requirepass" not in text and "gantry-dev" not in text and "password" not in text.lower()
+    for service in ("filter", "reconciler"):
+        url = urlsplit(env_of(yaml.safe_load(text), service)["GANTRY_REDIS_URL"])
+        assert url.password is None and url.username is None
+
+
+def test_published_ports_listen_on_loopback_only(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_credentials_are_generated_into_the_volume_servers_and_services_read(compose: dict[str, Any]) -> None:
+    job = compose["services"]["credentials"]
+    assert job["command"][:4] == ["python", "-m", "ops.auth", "compose"]
+    out = job["command"][job["command"].index("--out") + 1]
+    volume = next(v.split(":")[0] for v in job["volumes"] if v.split(":")[1] == out)
+    for name in ("nats", "redis", *GANTRY_SERVICES):
+        mounts = {v.split(":")[0]: v.split(":")[1] for v in compose["services"][name]["volumes"]}
+        assert mounts.get(volume) == out, f"{name} does not mount the credentials volume at {out}"
+    assert env_of(compose, "filter")["GANTRY_CREDENTIALS_FILE"] == f"{out}/{COMPOSE_FILES[0]}"
+    for server in ("nats", "redis"):
+        assert compose["services"][server]["depends_on"]["credentials"]["condition"] == (
+            "service_completed_successfully")
+
+
+def test_compose_secrets_are_generated_once(tmp_path: Path) -> None:
+    assert write_compose_secrets(tmp_path)
+    first = (tmp_path / COMPOSE_FILES[0]).read_text()
+    assert not write_compose_secrets(tmp_path)
+    assert (tmp_path / COMPOSE_FILES[0]).read_text() == first
+    assert "authorization" in (tmp_path / "nats.conf").read_text()
+    assert "user default off" in (tmp_path / "redis.conf").read_text()
 
 
 def test_gantry_up_children_get_the_same_variables(compose: dict[str, Any]) -> None:
@@ -112,25 +157,25 @@ def test_nats_url_points_at_the_nats_service_port(compose: dict[str, Any]) -> No
     command = compose["services"]["nats"]["command"]
     assert url.hostname == "nats"
     assert str(url.port) == command[command.index("-p") + 1]
-    assert f"{url.port}:{url.port}" in compose["services"]["nats"]["ports"]
+    assert f"127.0.0.1:{url.port}:{url.port}" in compose["services"]["nats"]["ports"]
 
 
-def test_nats_uses_the_repo_config_with_jetstream(compose: dict[str, Any]) -> None:
-    nats = compose["services"]["nats"]
-    command = nats["command"]
-    mounted = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"]}
-    config = mounted[command[command.index("-c") + 1]]
-    assert (REPO_ROOT / config).resolve() == (REPO_ROOT / "ops/config/nats.conf").resolve()
-    assert "jetstream" in (REPO_ROOT / config).read_text()
+def test_nats_uses_the_repo_config_with_jetstream_and_authorization(compose: dict[str, Any], tmp_path: Path) -> None:
+    command = compose["services"]["nats"]["command"]
+    assert command[command.index("-c") + 1] == "/secrets/nats.conf"
+    write_compose_secrets(tmp_path)
+    rendered = (tmp_path / "nats.conf").read_text()
+    assert (REPO_ROOT / "ops/config/nats.conf").read_text().strip() in rendered
+    assert "jetstream" in rendered and "authorization" in rendered
     assert "-sd" in command
 
 
-def test_redis_url_carries_the_password_redis_requires(compose: dict[str, Any]) -> None:
+def test_redis_starts_with_the_generated_acl(compose: dict[str, Any]) -> None:
     url = urlsplit(env_of(compose, "reconciler")["GANTRY_REDIS_URL"])
     command = [interpolate(str(part)) for part in compose["services"]["redis"]["command"]]
     assert url.hostname == "redis"
     assert str(url.port) == command[command.index("--port") + 1]
-    assert url.password and url.password == command[command.index("--requirepass") + 1]
+    assert command[1] == "/secrets/redis.conf"  # a configuration file must come first
 
 
 def test_redis_persists_with_append_only_file(compose: dict[str, Any]) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,10 @@ from ops.stack import (
     LocalStack,
     StackError,
     WorkerFleet,
+    running_launcher,
     service_argv,
+    signal_running_stack,
+    stop_running_stack,
     url_password,
     url_port,
     worker_argv,
@@ -76,3 +84,55 @@ def test_a_taken_port_stops_the_start_with_a_hint(tmp_path: Path) -> None:
         stack = LocalStack(Settings(nats_url=f"nats://127.0.0.1:{port}"), home=tmp_path, services=())
         with pytest.raises(StackError, match=f"NATS port {port} is already in use"):
             stack.start()
+
+
+# -- launcher safety (issue 12, case 9) ------------------------------------------------------------------
+
+
+def test_a_second_launcher_on_the_same_home_is_refused_before_it_writes_anything(tmp_path: Path) -> None:
+    first = LocalStack(Settings(), home=tmp_path, services=(), external_servers=True)
+    first.preflight()
+    try:
+        second = LocalStack(Settings(), home=tmp_path, services=(), external_servers=True)
+        with pytest.raises(StackError, match=f"another `gantry up` \\(pid {os.getpid()}\\)"):
+            second.preflight()
+    finally:
+        first.stop()
+    LocalStack(Settings(), home=tmp_path, services=(), external_servers=True).preflight()  # free again
+
+
+def test_a_refused_stack_leaves_the_running_stacks_state_file_alone(tmp_path: Path) -> None:
+    state = tmp_path / "stack.json"
+    state.write_text('{"pid": 1, "nats_url": "nats://127.0.0.1:4222"}')
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        stack = LocalStack(Settings(nats_url=f"nats://127.0.0.1:{port}"), home=tmp_path, services=())
+        with pytest.raises(StackError, match="already in use"):
+            stack.start()
+    assert state.read_text() == '{"pid": 1, "nats_url": "nats://127.0.0.1:4222"}'
+
+
+def test_down_stops_a_launcher_that_ignores_sigint(tmp_path: Path) -> None:
+    # A `gantry up &` from a script ignores SIGINT (the shell set it so): down must use SIGTERM and wait.
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ok', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ok\n"
+        (tmp_path / "stack.json").write_text(json.dumps({"pid": proc.pid}))
+        assert signal_running_stack(tmp_path, signal.SIGINT) == proc.pid
+        time.sleep(0.2)
+        assert proc.poll() is None  # SIGINT alone did nothing: that was the bug
+        assert stop_running_stack(tmp_path, timeout=10) == (proc.pid, True)
+        assert proc.wait(1) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_down_with_a_dead_launcher_recorded_finds_no_stack(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (tmp_path / "stack.json").write_text(json.dumps({"pid": proc.pid}))
+    assert running_launcher(tmp_path) is None and stop_running_stack(tmp_path) is None

@@ -183,6 +183,8 @@ ROWS = [
         verdicts=[Commit("p0", "m", "gone")]),
     Row("a refused commit is placed again after the backoff",
         {"request": (Ask("p0", "m", attempt=1, delay=0.5),)}, verdicts=[Commit("p0", "m", "full:w1:0")]),
+    Row("a commit the state layer refused as outside the limits is placed again like a refused one",
+        {"request": (Ask("p0", "m", attempt=1, delay=0.5),)}, verdicts=[Commit("p0", "m", "invalid:claims")]),
     Row("each refusal doubles the backoff", {"request": (Ask("p0", "m", attempt=2, delay=1.0),)},
         verdicts=[Commit("p0", "m", "full:w1:0", attempt=1)]),
     Row("stale candidates are re-placed like a refused commit",

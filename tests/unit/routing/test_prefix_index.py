@@ -102,3 +102,35 @@ def test_lora_and_salted_requests_hash_like_the_engine() -> None:
         engine_hashes = [kv.hash_at(eng, b) for b in range(4)]
         ours = BlockHashes(RouteRequest("r", "m", token_ids=tokens, lora=lora, cache_salt=salt), 16, 100).all()
         assert ours == engine_hashes
+
+
+_OPS = st.lists(st.tuples(st.sampled_from(["a-add", "b-add", "a-rm", "b-rm", "a-clear", "b-clear"]),
+                          st.integers(0, 3), st.lists(st.integers(0, 12), max_size=6)), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_OPS)
+def test_mirrored_union_is_always_the_or_of_both_indexes(ops: list[tuple[str, int, list[int]]]) -> None:
+    a, b = PrefixIndex(capacity=5), PrefixIndex()
+    union = a.mirror(b)
+    for op, slot, hashes in ops:
+        idx = a if op[0] == "a" else b
+        if op.endswith("add"):
+            idx.add(slot, hashes)
+        elif op.endswith("rm"):
+            idx.remove(slot, hashes)
+        else:
+            idx.clear(slot)
+        expected = {h: a.masks.get(h, 0) | b.masks.get(h, 0) for h in a.masks.keys() | b.masks.keys()}
+        assert union == expected
+
+
+def test_hybrid_match_over_the_union_equals_matching_either_index() -> None:
+    spec, precise = PrefixIndex(), PrefixIndex()
+    union = spec.mirror(precise)
+    spec.add(0, [1, 2])
+    precise.add(0, [3])
+    precise.add(1, [1, 2, 3, 4])
+    spec.add(2, [1])
+    chain = BlockHashes(RouteRequest("r", "m", block_hashes=[1, 2, 3, 4, 5]), 16, 100)
+    assert match_lazily(union, chain, ALL) == {0: 3, 1: 4, 2: 1}

@@ -28,5 +28,5 @@ def test_each_service_follows_only_the_cluster_events_its_decisions_read(
     kind: type[PlacementService], extra: set[str]
 ) -> None:
     svc = kind(Settings())
-    fan_out = {subject for subject, queue, _ in svc._listens if not queue}
+    fan_out = {subject for subject, queue, _ in [*svc._listens, *svc._reports] if not queue}
     assert fan_out == WORKERS | extra

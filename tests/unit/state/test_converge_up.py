@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.exceptions
 
+from shared.core.limits import MAX_REPLICAS
 from shared.core.placement.domain import GIB, InstanceState, ModelSpec
 from shared.core.placement.reconcile import ACTIVE
 from shared.state import StateStore
-from shared.state.store import ScaleUp
+from shared.state.store import CONVERGE_BUDGET, InvalidRecord, ScaleUp, _record_template
 
 SPEC = ModelSpec(name="m", weight_bytes=2 * GIB)
 
@@ -46,13 +48,58 @@ async def test_a_model_with_more_replicas_than_one_lookup_can_hold_is_counted_wh
     assert len(res.created) == 1 and res.unrequested == (first.created[8499].id,)
 
 
-@pytest.mark.parametrize("name", ['quote"d', "back\\slash", "tab\tbed"])
-async def test_replicas_of_a_model_whose_name_needs_json_escaping_read_back_whole(store: StateStore, name: str) -> None:
-    spec = ModelSpec(name=name, weight_bytes=2 * GIB)
-    (res,) = await store.converge_up([ScaleUp(model=name, replicas=2, spec=spec, seq=1)], ACTIVE)
-    stored = await store.instances(name)
-    assert sorted(i.id for i in stored) == sorted(i.id for i in res.created)
-    assert all(i.model == name and i.id.startswith(f"{name}-") for i in stored)
+@pytest.mark.parametrize("name", ['quote"d', "back\\slash", "tab\tbed", "../../etc/passwd", "x" * 64])
+async def test_a_model_name_outside_the_grammar_is_refused_before_anything_is_written(
+    store: StateStore, name: str
+) -> None:
+    with pytest.raises(InvalidRecord):
+        await store.converge_up([ScaleUp(model=name, replicas=2, seq=1)], ACTIVE)
+    assert await store.r.keys("*") == []
+
+
+@pytest.mark.parametrize("replicas", [MAX_REPLICAS + 1, 10**9, 123456789012345678901234567890123456789, -2])
+async def test_a_replica_count_outside_the_limit_is_refused_before_anything_is_written(
+    store: StateStore, replicas: int
+) -> None:
+    with pytest.raises(InvalidRecord):
+        await store.converge_up([ScaleUp(model="m", replicas=replicas, spec=SPEC, seq=1)], ACTIVE)
+    assert await store.r.keys("*") == []
+
+
+async def test_the_script_itself_refuses_a_count_past_the_limit_and_writes_nothing(store: StateStore) -> None:
+    # Defence in depth: a caller that skips the Python check still cannot make the script loop.
+    head, tail = _record_template("m", 0.0)
+    args = ["PENDING", 2, CONVERGE_BUDGET, MAX_REPLICAS, "ok", 1, b"", 1, "ok-1", "ok-1", head, tail, "",
+            "m", 10**9, b"", 1, "m-1", "m-1", head, tail, ""]
+    keys = ["gantry:desired", "gantry:desired:seq", "gantry:models", "gantry:inst", "gantry:inst:state",
+            "gantry:inst:reason", "gantry:lock:ok", "gantry:model:ok", "gantry:lock:m", "gantry:model:m"]
+    with pytest.raises(redis.exceptions.ResponseError, match="replicas out of range"):
+        await store._converge_up(keys=keys, args=args)
+    assert await store.r.keys("*") == []
+
+
+async def test_a_stored_count_past_the_limit_converges_to_the_limit_in_bounded_calls(store: StateStore) -> None:
+    await store.r.hset("gantry:desired", "m", 10**12)  # written before the limit existed
+    calls = 0
+    real = store._converge_once
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    store._converge_once = counted  # type: ignore[method-assign]
+    (res,) = await store.converge_up([ScaleUp(model="m")], ACTIVE)
+    assert res.desired == MAX_REPLICAS and len(res.created) == MAX_REPLICAS
+    assert calls == -(-MAX_REPLICAS // CONVERGE_BUDGET)
+    assert (await store.desired())["m"] == MAX_REPLICAS
+
+
+async def test_one_call_creates_at_most_its_budget_and_says_more_is_needed(store: StateStore) -> None:
+    got = await store._converge_once([ScaleUp(model="m", replicas=CONVERGE_BUDGET + 7, spec=SPEC, seq=1)], ACTIVE)
+    assert len(got[0].created) == CONVERGE_BUDGET and got[0].more
+    (rest,) = await store.converge_up([ScaleUp(model="m")], ACTIVE)
+    assert len(rest.created) == 7 and not rest.more
 
 
 async def test_an_older_scale_command_does_not_undo_a_newer_one(store: StateStore) -> None:

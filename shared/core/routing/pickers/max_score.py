@@ -7,7 +7,6 @@ them on one endpoint (llm-d-router PR #2515 notes the opposite trade-off for rep
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 import msgspec
@@ -43,5 +42,6 @@ class MaxScorePicker(Picker):
         first = ties[cycle.rng.randrange(len(ties))] if len(ties) > 1 else ties[0]
         if k == 1:
             return [first]
-        rest = heapq.nlargest(k, range(n), key=totals.__getitem__)
+        # sorted(..., reverse=True)[:k] is heapq.nlargest's documented equivalent, and faster for ~100 endpoints
+        rest = sorted(range(n), key=totals.__getitem__, reverse=True)[:k]
         return [first, *[i for i in rest if i != first][: k - 1]]

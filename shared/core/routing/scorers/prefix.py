@@ -14,6 +14,9 @@ A request without hashable content scores 0 everywhere.
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import mul
+
 import msgspec
 
 from shared.core.routing.cycle import PREFIX_SOURCES, Cycle
@@ -70,8 +73,7 @@ class PrefixCacheScorer(Scorer):
         if not matches:
             return None
         if p.match_length_weight == 0.0:
-            inv = 1.0 / total
-            return [matches.get(st.slot, 0) * inv for st in cands]
+            return list(map(mul, cycle.matched_list(cands, p.source), repeat(1.0 / total)))
         bs = cycle.state.config.block_size
-        return [prefix_score(matches.get(st.slot, 0), total, bs, p.match_length_weight, p.scale_tokens)
-                for st in cands]
+        return [prefix_score(b, total, bs, p.match_length_weight, p.scale_tokens)
+                for b in cycle.matched_list(cands, p.source)]

@@ -17,6 +17,18 @@ class QueueScorer(Scorer):
 
     def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
         """Min-max of ``waiting``."""
-        qs = [m.waiting if (m := st.metrics) is not None else -1 for st in cands]
-        worst = max(qs)
-        return min_max([q if q >= 0 else worst for q in qs])
+        pool = cycle.state.pool(cycle.request.model)
+        waiting = cycle.state.memo(("waiting", cycle.request.model), lambda: {
+            st: (m.waiting if (m := st.metrics) is not None else -1) for st in pool})
+        if cands is pool:  # nothing filtered: the normalised scores depend on the reports only
+            return cycle.state.memo(("queue-score", cycle.request.model),
+                                    lambda: min_max(_with_worst(list(map(waiting.__getitem__, pool)))))
+        return min_max(_with_worst(list(map(waiting.__getitem__, cands))))
+
+
+def _with_worst(qs: list[int]) -> list[int]:
+    """Endpoints without metrics (-1) count as the longest queue seen."""
+    if min(qs) >= 0:
+        return qs
+    worst = max(qs)
+    return [q if q >= 0 else worst for q in qs]

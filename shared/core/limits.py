@@ -1,0 +1,108 @@
+"""Input limits of Gantry, declared once: every boundary (CLI, bus decode, state layer, Lua) enforces these.
+
+The bounds are physical (no GPU has 4 TiB of memory, no machine 256 TiB of RAM) or protective (no model
+needs more than ``MAX_REPLICAS`` replicas, and a count without a bound lets one command make Redis loop).
+They are attached to the domain and message structs as msgspec ``Meta`` constraints (the annotated types
+below), so a payload that decodes is within them: the services never see a negative claim, a GPU of
+2**64 bytes or a name that would break a NATS subject, an instance id or a ledger field.
+
+Why each number (``docs/operations.md`` lists them for operators):
+
+- names are DNS-label-like: 1-63 letters, digits, ``-``, ``_`` (and ``.`` in model names, as in
+  ``llama-3.1-8b``), starting and ending with a letter or digit. Worker names are NATS subject tokens
+  (no dot); model names enter instance ids, subjects and ledger fields (no ``:``, ``|``, ``;``, ``*``,
+  ``>``, spaces, slashes or quotes);
+- ``MAX_REPLICAS``: replicas of one model; converge work per Redis call is chunked below it anyway;
+- ``MAX_GPUS_PER_WORKER`` / ``MAX_GPU_INDEX``: a worker's GPUs (an NVL72 rack as one worker still fits);
+- ``MAX_GPU_VRAM``, ``MAX_WORKER_RAM``, ``MAX_MODEL_BYTES``: bytes, far above any real device or model,
+  far below where sums over a worker or a model overflow a 64-bit column;
+- ``MAX_MESSAGE_BYTES``: NATS ``max_payload`` (``ops/config/nats.conf``); ``MAX_SPEC_BYTES``: a spec file;
+- nesting depth: unknown JSON fields are skipped by the decoder, which recurses; anything deeper than
+  the interpreter allows is refused as invalid (never a RecursionError).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import msgspec
+
+KIB = 1 << 10
+MIB = 1 << 20
+TIB = 1 << 40
+
+MAX_NAME_LENGTH = 63
+# \Z, not $: "$" also matches before a trailing newline, and "w0\n" is no name (found by bench/fuzz.py).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?\Z"
+WORKER_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\Z"
+MAX_ID_LENGTH = 128  # instance ids: a model name, a dash and a random suffix
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z"
+MAX_TEXT = 1024  # sources, paths, products, label values, messages
+MAX_LABELS = 64
+
+MAX_REPLICAS = 10_000
+MAX_GPUS_PER_WORKER = 128
+MAX_GPU_INDEX = 1023
+MAX_GPUS_PER_REPLICA = 1024
+MAX_GPU_VRAM = 4 * TIB
+MAX_WORKER_RAM = 256 * TIB
+MAX_MILLICORES = 100_000_000  # CPU in milli-cores: 100,000 cores
+MAX_MODEL_BYTES = 1 << 52  # a replica's whole claim or a model's weights (MAX_GPUS_PER_REPLICA × MAX_GPU_VRAM)
+MAX_LAYERS = 100_000
+MAX_CONTEXT = 1 << 24
+MAX_ATTEMPTS = 1_000_000
+MAX_TIME = 1e11  # seconds since the epoch (year 5138): times are finite and non-negative
+MAX_SCORE = 1e15
+MAX_INSTANCES_PER_WORKER = 10_000
+MAX_BATCH_ITEMS = 20_000  # items, outcomes or events in one message
+MAX_LIST = 10_000  # any other list in a message (GPU ids, local paths, parameters)
+
+MAX_MESSAGE_BYTES = 8 * MIB
+MAX_SPEC_BYTES = 1 * MIB
+
+ModelName = Annotated[str, msgspec.Meta(pattern=MODEL_NAME_PATTERN, max_length=MAX_NAME_LENGTH)]
+WorkerName = Annotated[str, msgspec.Meta(pattern=WORKER_NAME_PATTERN, max_length=MAX_NAME_LENGTH)]
+InstanceId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, max_length=MAX_ID_LENGTH)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+Labels = Annotated[dict[Text, Text], msgspec.Meta(max_length=MAX_LABELS)]
+Replicas = Annotated[int, msgspec.Meta(ge=0, le=MAX_REPLICAS)]
+GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_INDEX)]
+GpuCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_GPUS_PER_REPLICA)]
+VramBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_VRAM)]
+RamBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKER_RAM)]
+MilliCores = Annotated[int, msgspec.Meta(ge=0, le=MAX_MILLICORES)]
+ModelBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_MODEL_BYTES)]
+Layers = Annotated[int, msgspec.Meta(ge=0, le=MAX_LAYERS)]
+Tokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)]
+Attempt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPTS)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+Time = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TIME)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Score = Annotated[float, msgspec.Meta(ge=-MAX_SCORE, le=MAX_SCORE)]
+Millis = Annotated[float, msgspec.Meta(ge=-MAX_TIME, le=MAX_TIME)]
+
+
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+_WORKER_NAME = re.compile(WORKER_NAME_PATTERN)
+_GRAMMAR = "1-63 letters, digits, '-' or '_'{dots}, starting and ending with a letter or digit"
+
+
+def _bad_name(kind: str, name: str, pattern: re.Pattern[str], dots: bool) -> str | None:
+    if not name:
+        return f"empty {kind} name"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"invalid {kind} name {name[:40]!r}...: longer than {MAX_NAME_LENGTH} characters"
+    if not pattern.match(name):
+        return f"invalid {kind} name {name!r}: " + _GRAMMAR.format(dots=", '.'" if dots else "")
+    return None
+
+
+def bad_model_name(name: str) -> str | None:
+    """Why ``name`` is not a model name (it may hold dots, as ``llama-3.1-8b``), or None."""
+    return _bad_name("model", name, _MODEL_NAME, dots=True)
+
+
+def bad_worker_name(name: str) -> str | None:
+    """Why ``name`` is not a worker name (also a NATS subject token: no dots), or None."""
+    return _bad_name("worker", name, _WORKER_NAME, dots=False)

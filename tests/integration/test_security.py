@@ -1,0 +1,223 @@
+"""Authentication and least privilege on the real servers (issue 13): who may connect, publish, subscribe,
+purge and write, with the identities and rights of ``ops.auth`` that every stack runs with."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import nats.errors
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from ops.auth import Credentials, without_userinfo
+from ops.servers import ServerProcess
+from shared.bus import subjects
+
+pytestmark = pytest.mark.asyncio
+REFUSED = r"permission|authenticat|NOAUTH|invalid username-password"  # Redis's refusals, never a success
+
+
+class Session:
+    """A connection as one identity, recording the permission errors the server sends it."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: Client | None = None
+
+    async def connect(self, url: str) -> Client:
+        async def on_error(err: Exception) -> None:
+            self.errors.append(str(err))
+
+        self.nc = await nats.connect(url, error_cb=on_error, allow_reconnect=False, connect_timeout=3)
+        return self.nc
+
+    def violated(self, subject: str) -> bool:
+        return any("permissions violation" in e.lower() and subject in e for e in self.errors)
+
+
+@pytest.fixture
+async def admin(nats_server: ServerProcess) -> AsyncIterator[Client]:
+    nc = await nats.connect(nats_server.url)
+    yield nc
+    await nc.close()
+
+
+async def as_identity(server: ServerProcess, credentials: Credentials, identity: str) -> Session:
+    session = Session()
+    await session.connect(credentials.url(server.url, identity))
+    return session
+
+
+async def received(
+    admin: Client, subject: str, publish: Client, publish_subject: str, expect: int = 0
+) -> list[Msg]:
+    """What ``admin`` (allowed everything) sees on ``subject`` after ``publish`` sent one message (waiting up
+    to 5 s for ``expect`` messages, else 0.3 s)."""
+    got: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        got.append(msg)
+
+    sub = await admin.subscribe(subject, cb=keep)
+    await admin.flush()
+    await publish.publish(publish_subject, b"{}")
+    await publish.flush()
+    await asyncio.sleep(0.3)
+    for _ in range(50):
+        if len(got) >= expect:
+            break
+        await asyncio.sleep(0.1)
+    await admin.flush()
+    await sub.unsubscribe()
+    return got
+
+
+async def test_an_anonymous_client_cannot_connect_to_nats(nats_server: ServerProcess) -> None:
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(without_userinfo(nats_server.url), allow_reconnect=False, connect_timeout=3)
+
+
+async def test_a_wrong_secret_cannot_connect_to_nats(nats_server: ServerProcess, credentials: Credentials) -> None:
+    forged = nats_server.url.replace(credentials.password("admin"), "guessed")
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(forged, allow_reconnect=False, connect_timeout=3)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [subjects.SCALE, subjects.CORDON, subjects.worker_heartbeat("w2"), subjects.worker_register("w2"),
+     subjects.worker_files("w2"), subjects.instance_status("w2"), subjects.worker_assign("w1"),
+     subjects.PLACEMENT_SCORED],
+)
+async def test_a_worker_cannot_publish_commands_or_speak_for_another_worker(
+    nats_server: ServerProcess, credentials: Credentials, admin: Client, subject: str
+) -> None:
+    worker = await as_identity(nats_server, credentials, "worker-w1")
+    assert worker.nc is not None
+    try:
+        assert await received(admin, subject, worker.nc, subject) == []
+        assert worker.violated(subject)
+    finally:
+        await worker.nc.close()
+
+
+@pytest.mark.parametrize(
+    "subject", [subjects.worker_heartbeat("w1"), subjects.worker_register("w1"), subjects.instance_status("w1")]
+)
+async def test_a_worker_publishes_its_own_reports(
+    nats_server: ServerProcess, credentials: Credentials, admin: Client, subject: str
+) -> None:
+    worker = await as_identity(nats_server, credentials, "worker-w1")
+    assert worker.nc is not None
+    try:
+        assert len(await received(admin, subject, worker.nc, subject, expect=1)) == 1
+        assert worker.errors == []
+    finally:
+        await worker.nc.close()
+
+
+async def test_a_worker_cannot_read_another_workers_assignments(
+    nats_server: ServerProcess, credentials: Credentials, admin: Client
+) -> None:
+    worker = await as_identity(nats_server, credentials, "worker-w1")
+    assert worker.nc is not None
+    got: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        got.append(msg)
+
+    try:
+        for subject in (subjects.worker_assign("w2"), subjects.worker_assign("*"), "gantry.agent.>", ">"):
+            await worker.nc.subscribe(subject, cb=keep)
+        await worker.nc.flush()
+        await asyncio.sleep(0.2)
+        await admin.publish(subjects.worker_assign("w2"), b"{}")
+        await admin.flush()
+        await asyncio.sleep(0.3)
+        assert got == []
+        assert worker.violated(subjects.worker_assign("w2"))
+        # Its own assignments do arrive.
+        await worker.nc.subscribe(subjects.worker_assign("w1"), cb=keep)
+        await worker.nc.flush()
+        await admin.publish(subjects.worker_assign("w1"), b"{}")
+        await admin.flush()
+        await asyncio.sleep(0.3)
+        assert [m.subject for m in got] == [subjects.worker_assign("w1")]
+    finally:
+        await worker.nc.close()
+
+
+@pytest.mark.parametrize("identity", ["filter", "fitting", "scoring", "reconciler", "cli", "workers",
+                                      "engine_server", "worker-w0"])
+async def test_no_identity_but_the_admin_can_purge_or_delete_a_stream(
+    nats_server: ServerProcess, credentials: Credentials, admin: Client, identity: str
+) -> None:
+    stream = f"SEC_{uuid.uuid4().hex[:8].upper()}"
+    js = admin.jetstream()
+    await js.add_stream(name=stream, subjects=[f"sec.{stream}.>"])
+    await js.publish(f"sec.{stream}.x", b"kept")
+    session = await as_identity(nats_server, credentials, identity)
+    assert session.nc is not None
+    try:
+        for api in (f"$JS.API.STREAM.PURGE.{stream}", f"$JS.API.STREAM.DELETE.{stream}"):
+            with pytest.raises(nats.errors.Error):  # refused by the server: no reply ever comes
+                await session.nc.request(api, b"", timeout=0.5)
+        assert (await js.stream_info(stream)).state.messages == 1
+    finally:
+        await session.nc.close()
+        await js.delete_stream(stream)  # the admin may
+
+
+def redis_as(server: ServerProcess, credentials: Credentials | None, identity: str = "") -> aioredis.Redis:
+    url = credentials.url(server.url, identity) if credentials else without_userinfo(server.url)
+    return aioredis.from_url(url)
+
+
+@pytest.mark.parametrize("identity", ["", "filter", "fitting", "scoring", "cli", "workers", "worker-w0"])
+async def test_only_the_writer_can_write_the_ledger_capacity(
+    redis_server: ServerProcess, credentials: Credentials, identity: str
+) -> None:
+    client = redis_as(redis_server, credentials if identity else None, identity)
+    try:
+        with pytest.raises(redis.exceptions.RedisError, match=REFUSED):
+            await client.hset("gantry:gpu:cap", "w0:0", str(1 << 50))
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("identity", ["", "filter", "reconciler", "cli"])
+@pytest.mark.parametrize("command", [("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "SET", "dir", "/tmp"),
+                                     ("DEBUG", "SLEEP", "0"), ("SCRIPT", "FLUSH"), ("KEYS", "*")])
+async def test_nobody_but_the_admin_flushes_configures_or_debugs_redis(
+    redis_server: ServerProcess, credentials: Credentials, identity: str, command: tuple[str, ...]
+) -> None:
+    client = redis_as(redis_server, credentials if identity else None, identity)
+    try:
+        with pytest.raises(redis.exceptions.RedisError, match=REFUSED):
+            await client.execute_command(*command)  # type: ignore[no-untyped-call]
+    finally:
+        await client.aclose()
+
+
+async def test_the_reconciler_writes_and_a_reader_reads_gantry_keys_only(
+    redis_server: ServerProcess, credentials: Credentials
+) -> None:
+    writer, reader = redis_as(redis_server, credentials, "reconciler"), redis_as(redis_server, credentials, "filter")
+    key = f"gantry:sec:{uuid.uuid4().hex}"
+    try:
+        await writer.hset(key, "a", "1")
+        assert await reader.hget(key, "a") == b"1"
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await writer.set("not-gantry", "1")
+    finally:
+        admin = aioredis.from_url(redis_server.url)
+        await admin.delete(key)
+        await admin.aclose()
+        await writer.aclose()
+        await reader.aclose()

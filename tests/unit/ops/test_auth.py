@@ -1,0 +1,172 @@
+"""Identities and least privilege (ops.auth): rights derived from the declarations, credentials files, settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ops.auth import (
+    ADMIN,
+    ADMIN_ONLY_API,
+    ROLES,
+    AuthError,
+    Credentials,
+    nats_authorization,
+    permission_table,
+    permissions,
+    redis_acl,
+    redis_rules,
+    role_contracts,
+)
+from ops.stack import identity_of
+from services import SERVICE_COMMANDS, WORKERS_COMMAND
+from shared.bus import subjects
+from shared.bus.validate import check_inventory_change, impersonation
+from shared.core.placement.domain import GIB, Gpu, Worker
+from shared.host.contract import subject_matches
+from shared.paths import REPO_ROOT
+from shared.settings import Settings
+
+
+def covered(subject: str, allowed: tuple[str, ...]) -> bool:
+    return any(subject_matches(pattern, subject) or pattern == subject for pattern in allowed)
+
+
+@pytest.mark.parametrize("identity", ["filter", "fitting", "scoring", "reconciler", "workers", "engine_server"])
+def test_a_service_may_publish_exactly_what_its_contract_emits(identity: str) -> None:
+    contract = role_contracts()[identity]
+    perms = permissions(identity)
+    gantry = {p for p in perms.publish if p.startswith(subjects.PREFIX + ".")}
+    assert gantry == {e.subject for e in contract.emits}
+    assert {c.subject for c in contract.consumes if not c.stream} <= set(perms.subscribe)
+
+
+@pytest.mark.parametrize("identity", [r for r in ROLES if r != ADMIN] + ["worker-w7"])
+def test_no_identity_but_the_admin_may_purge_or_delete(identity: str) -> None:
+    perms = permissions(identity)
+    assert set(ADMIN_ONLY_API) <= set(perms.deny_publish)
+    assert not any("PURGE" in p or ".DELETE." in p for p in perms.publish)
+
+
+def test_a_worker_agent_speaks_only_for_itself() -> None:
+    perms = permissions("worker-w7")
+    assert set(perms.publish) == {subjects.worker_register("w7"), subjects.worker_heartbeat("w7"),
+                                  subjects.worker_files("w7"), subjects.instance_status("w7")}
+    assert not covered(subjects.worker_heartbeat("w8"), perms.publish)
+    assert not covered(subjects.SCALE, perms.publish)
+    assert not covered(subjects.worker_assign("w8"), perms.subscribe)
+    assert covered(subjects.worker_assign("w7"), perms.subscribe)
+
+
+def test_an_unknown_identity_is_refused() -> None:
+    with pytest.raises(AuthError):
+        permissions("mallory")
+
+
+@pytest.mark.parametrize("identity", ["filter", "fitting", "scoring", "cli"])
+def test_readers_get_no_write_in_redis(identity: str) -> None:
+    rules = redis_rules(identity)
+    assert rules is not None and "+@write" not in rules and "-@dangerous" in rules and "~gantry:*" in rules
+
+
+def test_only_the_reconciler_writes_and_workers_get_no_redis_user() -> None:
+    assert "+@write" in (redis_rules("reconciler") or "")
+    assert redis_rules("workers") is None and redis_rules("worker-w0") is None and redis_rules("engine_server") is None
+
+
+def test_redis_default_user_is_off_and_protected_mode_on() -> None:
+    acl = redis_acl(Credentials.generate())
+    assert "protected-mode yes" in acl and "user default off resetpass" in acl
+
+
+def test_nats_configuration_has_no_anonymous_user() -> None:
+    text = nats_authorization(Credentials.generate(workers=["w0"]))
+    assert "no_auth_user" not in text and '"worker-w0"' in text
+
+
+def test_the_documented_table_is_the_shipped_one() -> None:
+    doc = (REPO_ROOT / "docs" / "security.md").read_text()
+    start, end = "<!-- permission-table:start -->\n", "\n<!-- permission-table:end -->"
+    assert doc[doc.index(start) + len(start):doc.index(end)].strip() == permission_table().strip()
+
+
+def test_credentials_are_private_and_generated_once(tmp_path: Path) -> None:
+    first = Credentials.ensure(tmp_path)
+    path = tmp_path / "credentials.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert Credentials.ensure(tmp_path).secrets == first.secrets
+    assert set(ROLES) <= set(first.secrets)
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", '{"identities": {"a": 1}}', '{"other": {}}'])
+def test_a_malformed_credentials_file_is_a_clear_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / "credentials.json").write_text(text)
+    with pytest.raises(AuthError, match="cannot read credentials"):
+        Credentials.load(tmp_path / "credentials.json")
+
+
+def test_a_bad_worker_name_gets_no_identity() -> None:
+    with pytest.raises(AuthError):
+        Credentials().add_worker("w0.>")
+
+
+def test_settings_take_the_identitys_secret_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"identities": {"cli": "s3cret"}}))
+    settings = Settings(identity="cli", credentials_file=str(path))
+    assert settings.nats_url == "nats://cli:s3cret@127.0.0.1:4222"
+    assert settings.redis_url == "redis://cli:s3cret@127.0.0.1:6379/0"
+    explicit = Settings(identity="cli", credentials_file=str(path), nats_url="nats://me:mine@h:1")
+    assert explicit.nats_url == "nats://me:mine@h:1"  # a user in the URL wins
+
+
+def test_each_child_runs_as_the_service_it_runs() -> None:
+    for name, argv in SERVICE_COMMANDS.items():
+        assert identity_of(argv) == name
+    assert identity_of(WORKERS_COMMAND) == "workers"
+    assert identity_of(["python", "-m", "services.engine_server"]) == "engine_server"
+    assert identity_of(["python", "script.py"]) is None
+
+
+def test_a_report_naming_another_worker_is_impersonation() -> None:
+    assert impersonation("w0", "w0") is None
+    assert "impersonation refused" in (impersonation("w0", "w1") or "")
+
+
+def _worker(*vram_gib: int, ram: int = 1 << 40) -> Worker:
+    return Worker(name="w0", gpus=tuple(Gpu(index=i, vram_total=v * GIB) for i, v in enumerate(vram_gib)),
+                  ram_total=ram)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "claimed", "fragment"),
+    [
+        (None, _worker(240), {0: 70 * GIB}, None),  # a new worker registers freely
+        (_worker(80), _worker(80), {0: 70 * GIB}, None),  # the same inventory again
+        (_worker(80, 80), _worker(80, 240), {0: 70 * GIB}, None),  # a GPU without claims may change
+        (_worker(80), _worker(240), {0: 70 * GIB}, "VRAM changed"),
+        (_worker(80), _worker(40), {0: 30 * GIB}, "VRAM changed"),
+        (_worker(80, 80), _worker(80), {1: 10 * GIB}, "left the inventory"),
+        (_worker(80, ram=1 << 40), _worker(80, ram=1 << 30), {0: GIB}, "RAM shrank"),
+    ],
+)
+def test_an_inventory_change_under_claims_is_refused(
+    old: Worker | None, new: Worker, claimed: dict[int, int], fragment: str | None
+) -> None:
+    reason = check_inventory_change(old, new, claimed)
+    if fragment is None:
+        assert reason is None
+    else:
+        assert reason is not None and fragment in reason and "holds claims" in reason
+
+
+def test_a_child_runs_as_its_identity_whatever_the_extra_environment(tmp_path: Path) -> None:
+    from ops.stack import LocalStack
+
+    stack = LocalStack(Settings(), home=tmp_path, credentials=Credentials.generate(),
+                       extra_env={"GANTRY_NATS_URL": "nats://admin:x@127.0.0.1:4222", "GANTRY_FORGET_AFTER_S": "6"})
+    env = stack.child_env("filter")
+    assert env["GANTRY_NATS_URL"].startswith("nats://filter:") and env["GANTRY_REDIS_URL"].startswith("redis://filter:")
+    assert env["GANTRY_IDENTITY"] == "filter" and env["GANTRY_FORGET_AFTER_S"] == "6"

@@ -1,0 +1,87 @@
+"""Hostile command-line input is refused in one line with exit code 2, before anything is read in full or
+sent (issue 12, cases 1 and 8): huge counts, huge files, names outside the grammar."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+
+from ops.cli.main import main
+from ops.servers import free_port
+from shared.core.limits import MAX_REPLICAS, MAX_SPEC_BYTES
+
+
+@pytest.fixture
+def no_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings that point at ports nothing listens on: any command that got as far as connecting fails 1."""
+    monkeypatch.setenv("GANTRY_NATS_URL", f"nats://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("GANTRY_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+
+
+def gantry(*args: str) -> tuple[int, str]:
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, err.getvalue()
+
+
+def refused(args: tuple[str, ...], says: str) -> None:
+    code, err = gantry(*args)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert says in err, err
+
+
+@pytest.mark.usefixtures("no_stack")
+@pytest.mark.parametrize(
+    "replicas", ["123456789012345678901234567890123456789", "1000000000", str(MAX_REPLICAS + 1)]
+)
+def test_scale_refuses_a_count_past_the_limit(replicas: str) -> None:
+    refused(("scale", "llama-8b", replicas), f"replicas must be between 0 and {MAX_REPLICAS}")
+
+
+@pytest.mark.usefixtures("no_stack")
+@pytest.mark.parametrize(
+    "args",
+    [("scale", "../../etc/passwd", "1"), ("explain", "m*"), ("instances", "--model", 'a"b'),
+     ("events", "--model", "a b")],
+    ids=["scale", "explain", "instances", "events"],
+)
+def test_model_names_outside_the_grammar_are_refused(args: tuple[str, ...]) -> None:
+    refused(args, "invalid model name")
+
+
+@pytest.mark.usefixtures("no_stack")
+@pytest.mark.parametrize("target", ["../w0", "w.0", "w>", "w0:99999999999999"])
+def test_cordon_targets_outside_the_grammar_are_refused(target: str) -> None:
+    code, err = gantry("cordon", target)
+    assert code == 2 and err.count("\n") == 1, err
+
+
+@pytest.mark.usefixtures("no_stack")
+def test_a_spec_file_past_the_size_limit_is_refused_without_reading_it(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as out:  # sparse: 100 MB on paper, nothing on disk
+        out.write(b"name: m\n")
+        out.truncate(100 * 1024 * 1024)
+    refused(("deploy", str(big)), f"larger than the limit of {MAX_SPEC_BYTES // (1 << 20)} MiB")
+
+
+@pytest.mark.usefixtures("no_stack")
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [("name: m\nreplicas: 1000000000\n", "replicas"), ("name: m\nvram_claim: -85899345920\n", "vram_claim"),
+     ("name: ../../etc/passwd\n", "name"), ("name: m\nworker_selector: " + "[" * 3000 + "]" * 3000 + "\n", "m")],
+    ids=["replicas", "negative-claim", "name", "deep"],
+)
+def test_a_spec_outside_the_limits_is_refused(tmp_path: Path, body: str, says: str) -> None:
+    spec = tmp_path / "m.yaml"
+    spec.write_text(body)
+    refused(("deploy", str(spec)), says)

@@ -1,0 +1,64 @@
+"""The Grafana dashboard in ops/grafana/ loads, and every panel queries metrics the services declare."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.host.metrics import ServiceMetrics, declared_names
+
+DASHBOARDS = sorted((Path(__file__).resolve().parents[3] / "ops" / "grafana").glob("*.json"))
+METRIC = re.compile(r"\b(gantry_[a-z0-9_]+)")
+
+
+def load(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def exprs(dashboard: dict[str, Any]) -> list[str]:
+    return [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", ())]
+
+
+def test_there_is_a_dashboard() -> None:
+    assert DASHBOARDS, "no dashboard JSON in ops/grafana/"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_is_a_grafana_dashboard(path: Path) -> None:
+    dash = load(path)
+    assert dash["title"] and dash["uid"] and isinstance(dash["schemaVersion"], int)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in dash["panels"]:
+        assert panel["title"] and panel["type"] in {"timeseries", "stat", "gauge", "table", "heatmap", "bargauge"}
+        assert {"h", "w", "x", "y"} <= set(panel["gridPos"])
+        assert panel["targets"], f"panel {panel['title']!r} queries nothing"
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs))
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_every_expression_names_only_declared_metrics(path: Path) -> None:
+    declared = declared_names()
+    for expr in exprs(load(path)):
+        named = set(METRIC.findall(expr))
+        assert named, f"no Gantry metric in {expr!r}"
+        assert named <= declared, f"undeclared metric(s) {named - declared} in {expr!r}"
+
+
+def test_every_declared_metric_has_a_panel() -> None:
+    shown = {name for path in DASHBOARDS for expr in exprs(load(path)) for name in METRIC.findall(expr)}
+    families = {m.name for m in ServiceMetrics("any").registry.collect()}
+    for family in families:
+        assert any(name.startswith(family) for name in shown), f"{family} is on no dashboard panel"
+
+
+def test_an_unknown_metric_is_caught() -> None:
+    # The check above must be able to fail: a typo'd name is not among the declared ones.
+    assert "gantry_placement_sli_duration_second_bucket" not in declared_names()
+    assert "gantry_placement_sli_duration_seconds_bucket" in declared_names()
