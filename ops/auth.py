@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from ops.config import NATS_CONFIG
 from shared.bus import streams, subjects
 from shared.bus.runtime import inbox_prefix
 from shared.core.limits import bad_worker_name
@@ -345,8 +346,6 @@ class ServerConfigs:
 
 def write_server_configs(creds: Credentials, home: Path, tls: TlsFiles | None = None) -> ServerConfigs:
     """Render both servers' configurations into ``home`` (0600: they hold the secrets)."""
-    from ops.servers import NATS_CONFIG
-
     nats_path, redis_path = home / NATS_AUTH_FILE, home / REDIS_CONF_FILE
     write_private(nats_path, nats_config(NATS_CONFIG.read_text(), creds, tls))
     write_private(redis_path, redis_config(creds, tls))
@@ -361,8 +360,6 @@ def write_compose_secrets(out: Path) -> bool:
     """Credentials and both servers' configurations for docker-compose, generated on first run into ``out`` (a
     volume only Gantry's containers mount). Readable by every user of those containers (the services run as
     ``nobody``, Redis as ``redis``). Returns False when they existed already (kept: idempotent)."""
-    from ops.servers import NATS_CONFIG
-
     path = out / COMPOSE_FILES[0]
     if path.exists():
         Credentials.load(path)  # still readable, or AuthError

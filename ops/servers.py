@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ops.config import NATS_CONFIG
+
 if TYPE_CHECKING:
     from ops.auth import Credentials, TlsFiles
 
-NATS_CONFIG = Path(__file__).parent / "config" / "nats.conf"
 
 
 class ServerStartError(RuntimeError):

@@ -20,6 +20,7 @@ from ops.cli.client import deploy_files, read_snapshot, wait_for
 from ops.cli.common import NatsUrl as NatsUrlOpt
 from ops.cli.common import RedisUrl, connect_redis, load, redact
 from ops.cli.errors import CliError
+from ops.cli.web import WebView
 from ops.stack import (
     PLACEMENT_SERVICES,
     LocalStack,
@@ -29,7 +30,6 @@ from ops.stack import (
     stop_running_stack,
 )
 from ops.view import ClusterSnapshot, models_table, state_counts
-from ops.web import WebView
 from shared.core.placement.domain import InstanceState, WorkerState
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings

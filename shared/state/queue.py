@@ -77,9 +77,11 @@ def _decode_outputs(raws: Iterable[bytes]) -> list[Output]:
     return out
 
 
-def redis_client(params: SchedulerParams) -> aioredis.Redis:
-    """A client for ``scheduler_host/port/db/password`` (global and splitwise modes)."""
-    return aioredis.Redis(host=params.host, port=params.port, db=params.db, password=params.password or None)
+def redis_client(params: SchedulerParams, username: str | None = None) -> aioredis.Redis:
+    """A client for ``scheduler_host/port/db/password`` (global and splitwise modes); ``username`` for a Redis
+    with ACL users (the seed's table has no user: the default user is meant when it is None)."""
+    return aioredis.Redis(host=params.host, port=params.port, db=params.db, password=params.password or None,
+                          username=username)
 
 
 @dataclass(frozen=True, slots=True)

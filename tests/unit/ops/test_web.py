@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
+from ops.cli.web import render_content, render_page, state_json
 from ops.view import ClusterSnapshot, ModelView
-from ops.web import render_content, render_page, state_json
 from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, Worker, WorkerState
 
 T0 = 1_700_000_000.0
@@ -77,8 +77,8 @@ def test_state_json_matches_the_page() -> None:
 def test_servers_away_give_a_one_line_503_not_a_traceback() -> None:
     from fastapi.testclient import TestClient
 
+    from ops.cli.web import build_app
     from ops.servers import free_port
-    from ops.web import build_app
     from shared.settings import Settings
 
     closed = free_port()  # nothing listens there

@@ -250,7 +250,7 @@ async def test_the_seed_connection_parameters_reach_redis(redis_server: ServerPr
     params = SchedulerParams.from_mapping({"scheduler_name": "global", "scheduler_host": u.hostname or "",
                                            "scheduler_port": u.port or 0, "scheduler_db": 9,
                                            "scheduler_password": u.password or ""})
-    r = redis_client(params)
+    r = redis_client(params, username=u.username)
     try:
         b = GlobalBroker(r, params, "solo")
         await r.flushdb()
