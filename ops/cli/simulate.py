@@ -82,6 +82,18 @@ def simulate(
     )] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of latency over time here")] = None,
+    broker: Annotated[str | None, typer.Option(help="request broker per replica: local, global or splitwise")] = None,
+    scheduler: Annotated[list[str] | None, typer.Option(
+        help="broker parameter KEY=VALUE by the seed's name, durations in seconds or with a unit "
+             "(e.g. scheduler_ttl=30s, scheduler_max_size=64); repeatable")] = None,
+    skew: Annotated[float | None, typer.Option(help="share of arrivals landing on replica 0 (broker runs)")] = None,
+    prefill_nodes: Annotated[int, typer.Option(help="splitwise: replicas that prefill (the rest decode)")] = 0,
+    kv_gbps: Annotated[float, typer.Option(help="splitwise: KV link bandwidth, GB/s")] = 50.0,
+    router_queue: Annotated[bool, typer.Option("--router-queue", help="hold requests at the router until a "
+                                               "replica has headroom (broker runs)")] = False,
+    kill: Annotated[str | None, typer.Option(help="NODE@SECONDS: that replica dies then (broker runs)")] = None,
+    slo_ttft_ms: Annotated[float, typer.Option(help="goodput SLO on TTFT (broker runs)")] = 2000.0,
+    slo_tpot_ms: Annotated[float, typer.Option(help="goodput SLO on time per output token (broker runs)")] = 100.0,
 ) -> None:
     """Replay a trace on N emulated replicas in virtual time; print TTFT/ITL/e2e, throughput, KV, preemptions."""
     try:
@@ -94,6 +106,18 @@ def simulate(
         raise CliError(str(err), exit_code=2) from None
     if not reqs:
         raise CliError(f"trace {trace!r} has no requests", exit_code=2)
+    if broker is not None:
+        from ops.cli.simulate_broker import parse_kill, parse_scheduler_options, render_brokered, run_brokered
+
+        try:
+            params = parse_scheduler_options(scheduler or [], broker)
+            bs = run_brokered(reqs, spec, params, skew=skew, prefill_nodes=prefill_nodes, kv_gbps=kv_gbps,
+                              router_queue=router_queue, kill=parse_kill(kill), slo_ttft_s=slo_ttft_ms / 1000,
+                              slo_tpot_s=slo_tpot_ms / 1000)
+        except ValueError as err:
+            raise CliError(str(err), exit_code=2) from None
+        typer.echo(json.dumps(bs) if as_json else render_brokered(bs))
+        return
     t0 = time.perf_counter()
     result = run_sim(reqs, spec)
     wall = time.perf_counter() - t0

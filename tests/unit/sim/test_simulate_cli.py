@@ -50,3 +50,37 @@ def test_bad_simulate_input_exits_2_with_one_line(
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize("broker_args", [
+    ["--broker", "local", "--skew", "0.8"],
+    ["--broker", "global", "--skew", "0.8", "--kill", "0@5", "--scheduler", "scheduler_expire_period=2s",
+     "--scheduler", "scheduler_sync_period=500ms"],
+    ["--broker", "splitwise", "--prefill-nodes", "1"],
+    ["--broker", "local", "--router-queue"],
+])
+def test_simulate_with_a_broker_accounts_for_every_request(broker_args: list[str]) -> None:
+    res = CliRunner().invoke(app, ["simulate", "--trace", "azure-conv", "--replicas", "2", "--limit", "200",
+                                   "--json", *broker_args])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.output)
+    assert s["completed"] + s["expired"] + s["rejected"] + s["lost"] == 200 and s["duplicated"] == 0
+    assert s["broker"]["mode"] == broker_args[1]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--broker", "fancy"], "scheduler_name must be one of"),
+    (["--broker", "local", "--scheduler", "scheduler_ttl=-3"], "scheduler_ttl"),
+    (["--broker", "local", "--scheduler", "ttl"], "KEY=VALUE"),
+    (["--broker", "local", "--scheduler", "scheduler_nope=1"], "unknown parameter"),
+    (["--broker", "global", "--kill", "x"], "--kill wants NODE@SECONDS"),
+    (["--broker", "local", "--prefill-nodes", "1"], "prefill_nodes needs scheduler_name splitwise"),
+    (["--broker", "splitwise", "--kv-gbps", "0"], "--kv-gbps"),
+])
+def test_bad_broker_options_exit_2_with_one_line(args: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--limit", "10", "--replicas", "2", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err

@@ -1,0 +1,75 @@
+"""What the broker holds and answers: queued requests, output chunks, and the explicit error answers."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a request was answered without being served (HTTP-like codes, as FastDeploy's 500 for expiry)."""
+
+    EXPIRED = 408  # waited longer than scheduler_ttl in the broker
+    REJECTED = 429  # the broker was full (scheduler_max_size)
+    INVALID = 400  # malformed request (empty id, negative lengths...)
+    DUPLICATE = 409  # the id is already held
+
+
+class QueuedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One request as the broker holds it; ``arrival_s`` is when the broker accepted it (TTL counts from it).
+
+    ``origin`` is the node that holds the client connection: results go back there whoever serves it.
+    """
+
+    request_id: str
+    prompt_len: int
+    max_tokens: int
+    arrival_s: float
+    origin: str = ""
+    priority: int = 0
+
+    def problem(self) -> str | None:
+        """Why the request cannot be queued, or None."""
+        if not self.request_id or len(self.request_id) > 256:
+            return "request_id must be 1..256 characters"
+        if self.prompt_len < 0:
+            return f"prompt_len must be >= 0 (got {self.prompt_len})"
+        if self.max_tokens < 1:
+            return f"max_tokens must be >= 1 (got {self.max_tokens})"
+        return None
+
+
+class Output(msgspec.Struct, frozen=True, kw_only=True):
+    """One chunk of a request's answer: ``seq`` counts chunks from 0; ``finished`` closes the stream.
+
+    An error answer (expired, rejected) is a single finished chunk with ``error_code`` set.
+    """
+
+    request_id: str
+    seq: int
+    num_tokens: int = 0
+    finished: bool = False
+    error_code: int = 0
+    error: str = ""
+    served_by: str = ""
+
+    @property
+    def failed(self) -> bool:
+        """True for an error answer."""
+        return self.error_code != 0
+
+
+def expiry_answer(req: QueuedRequest, now: float, ttl_s: float, node: str = "") -> Output:
+    """The explicit answer to a request that waited past the TTL."""
+    waited = now - req.arrival_s
+    return Output(request_id=req.request_id, seq=0, finished=True, error_code=ErrorCode.EXPIRED,
+                  error=f"expired: waited {waited:.3f} s in the queue, scheduler_ttl is {ttl_s:g} s", served_by=node)
+
+
+def is_expired(req: QueuedRequest, now: float, ttl_s: float) -> bool:
+    """True once the request has waited ``ttl_s`` seconds or more."""
+    return now - req.arrival_s >= ttl_s
+
+
+PutAnswer = tuple[str, str | None]  # (request id, None when accepted, else why not): the seed's put_requests answer
