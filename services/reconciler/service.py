@@ -723,7 +723,9 @@ class Reconciler(PlacementService):
 
     async def _tick_loop(self) -> None:
         interval = self.settings.reconcile_interval_s
-        while True:
+        # The loop also ends on the app's shutdown flag: a cancellation that arrives inside a client's own
+        # timeout can come back as a TimeoutError (CPython 3.11), which the handler below would swallow.
+        while not self.app_stopping:
             await asyncio.sleep(interval)
             # The tick number comes from the clock, not a local counter: the tick lock moves between
             # replicas, and every worker's resync shard and the full converge must still come round.
@@ -732,6 +734,8 @@ class Reconciler(PlacementService):
                 if await self.store.try_lock("tick", interval * 0.9):
                     await self.tick(full=n % FULL_EVERY == 0, resync_shard=n % RESYNC_SHARDS)
             except Exception:
+                if _cancelling():  # a client library turned our cancellation into its own error: stop
+                    raise
                 log.exception("reconciler tick failed")
 
     async def tick(self, full: bool = False, resync_shard: int | None = None) -> None:
@@ -783,6 +787,12 @@ class Reconciler(PlacementService):
         for worker, iid in fix.delete:
             with contextlib.suppress(Exception):
                 await self.bus.publish(subjects.worker_delete(worker), DeleteInstance(instance_id=iid))
+
+
+def _cancelling() -> bool:
+    """True when the running task has been asked to stop (shutdown), whatever a library raised instead."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _verdict(out: ItemOutcome, ledger: Mapping[str, str]) -> Commit:

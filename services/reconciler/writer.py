@@ -125,6 +125,9 @@ class StateWriter:
             try:
                 await self.flush()
             except Exception:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # shutdown, reported by a library as its own error
+                    raise
                 log.exception("state writer flush failed (will retry)")
 
     async def flush(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -103,6 +104,8 @@ class PlacementService:
         self._asked: dict[str, float] = {}
         self.app.on_startup(self._declare)
         self.app.after_startup(self._load)
+        self.app_stopping = False  # set first thing at shutdown: background loops check it
+        self.app.on_shutdown(self._mark_stopping)
         self.app.on_shutdown(self._stop_pull_loops)
         self.app.on_shutdown(self.store.close)
         self.app.on_shutdown(self._close_metrics)
@@ -203,6 +206,9 @@ class PlacementService:
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
+
+    async def _mark_stopping(self) -> None:
+        self.app_stopping = True
 
     async def _close_metrics(self) -> None:
         self.metrics.close()
@@ -363,7 +369,32 @@ def serve(factory: Callable[[Settings], PlacementService]) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     APP_LOG.setLevel(logging.INFO)
-    uvloop.run(factory(load_settings()).app.run())
+    uvloop.run(_run_then_settle(factory(load_settings())))
+
+
+SETTLE_S = 2.0  # how long background tasks get to finish their cancellation at shutdown
+
+
+async def _run_then_settle(service: PlacementService) -> None:
+    """Run the app; once it has shut down, cancel what is left with a bound.
+
+    A background task (tick, flush, feed) whose client library turns a cancellation into its own error can
+    ignore it and loop; the event loop's close would then wait forever. Such a task is named in the log and
+    the process exits anyway: its shutdown hooks have run, so nothing is left unacked or unflushed.
+    """
+    await service.app.run()
+    me = asyncio.current_task()
+    rest = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for task in rest:
+        task.cancel()
+    if not rest:
+        return
+    _, stuck = await asyncio.wait(rest, timeout=SETTLE_S)
+    if stuck:
+        log.error("shutdown: %d task(s) ignored cancellation: %s", len(stuck),
+                  ", ".join(sorted(t.get_coro().__qualname__ for t in stuck)))  # type: ignore[union-attr]
+        logging.shutdown()
+        os._exit(0)
 
 
 def load_profile(name: str) -> Profile:
