@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -119,13 +120,49 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             varz = json.load(resp)
         return {k: int(varz[k]) for k in ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}
 
+    def bus_by_process() -> dict[str, dict[str, int]]:
+        """Messages each watched process sent (in) and received (out), from the server's /connz, its
+        connections matched to processes by their local ports."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/connz?limit=1024", timeout=5) as resp:
+            conns = json.load(resp)["connections"]
+        owner: dict[int, str] = {}
+        for name, proc in watched.items():
+            if name in ("nats", "redis"):
+                continue
+            with contextlib.suppress(psutil.Error):
+                for c in proc.net_connections(kind="tcp"):
+                    if c.raddr and c.raddr.port == stack_nats_port:
+                        owner[c.laddr.port] = name
+        out: dict[str, dict[str, int]] = {}
+        for c in conns:
+            who = owner.get(int(c.get("port", 0)), "other")
+            row = out.setdefault(who, {"in_msgs": 0, "out_msgs": 0, "in_bytes": 0, "out_bytes": 0})
+            for k in row:
+                row[k] += int(c.get(k, 0))
+        return out
+
+    def batches() -> dict[str, float]:
+        """Pulled batches so far per service and subject (each service's gantry_batch_size_count)."""
+        out: dict[str, float] = {}
+        for name, port in stack.metrics_ports.items():
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics", timeout=5
+            ) as resp:
+                for line in resp.read().decode().splitlines():
+                    if line.startswith("gantry_batch_size_count{"):
+                        subject = line.split('subject="', 1)[1].split('"', 1)[0]
+                        out[f"{name}:{subject}"] = float(line.rsplit(" ", 1)[1])
+        return out
+
     def cpu_seconds() -> dict[str, float]:
         out = {}
         for name, proc in watched.items():
             t = proc.cpu_times()
             out[name] = t.user + t.system
+            out[f"{name}.sys"] = t.system
         return out
 
+    stack_nats_port = int(settings.nats_url.rsplit(":", 1)[1])
     admin = stack.settings_for("admin")  # the driver stands in for the operator and reads everything
     store = StateStore.from_url(admin.redis_url)
     nc = await nats.connect(admin.nats_url, **nats_options(admin))
@@ -171,6 +208,8 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             t0 = time.monotonic()
             cpu0 = cpu_seconds()
             bus0 = bus_counters()
+            conn0 = bus_by_process()
+            batches0 = batches()
             spies = profile_services(name, seconds)
             sent = 0
             while sent < total:
@@ -195,10 +234,14 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             done = len(latencies)
             cpu1 = cpu_seconds()
             bus1 = bus_counters()
+            conn1 = bus_by_process()
+            batches1 = batches()
             for spy in spies:
                 spy.wait()
             # CPU milliseconds each process spent per placement: where the time goes, by process.
-            cpu_ms = {k: round((cpu1[k] - cpu0[k]) * 1000.0 / max(done, 1), 3) for k in cpu0}
+            cpu_ms = {k: round((cpu1[k] - cpu0[k]) * 1000.0 / max(done, 1), 3) for k in cpu0 if "." not in k}
+            # The kernel's share (system time: sockets, wake-ups), per process.
+            sys_ms = {k[:-4]: round((cpu1[k] - cpu0[k]) * 1000.0 / max(done, 1), 3) for k in cpu0 if "." in k}
             # Decisions arrive in batches that share one arrival time: the first batch opens the window
             # and does not count in it.
             first = commit_times.count(commit_times[0]) if commit_times else 0
@@ -213,8 +256,21 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                 "p50_ms": round(lat[len(lat) // 2], 2) if lat else float("nan"),
                 "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2) if lat else float("nan"),
                 "cpu_ms_per_placement": cpu_ms,
+                "cpu_ms_total": round(sum(cpu_ms.values()), 3),
+                "system_ms_per_placement": sys_ms,
                 # NATS traffic per placement: how many messages (and bytes) one placement costs the bus.
                 "bus_per_placement": {k: round((bus1[k] - bus0[k]) / max(done, 1), 1) for k in bus0},
+                # Messages each process sent to (in) and got from (out) the server per placement.
+                "msgs_per_placement": {
+                    who: [round((row["in_msgs"] - conn0.get(who, {}).get("in_msgs", 0)) / max(done, 1), 2),
+                          round((row["out_msgs"] - conn0.get(who, {}).get("out_msgs", 0)) / max(done, 1), 2)]
+                    for who, row in sorted(conn1.items())
+                },
+                # Placements per pulled batch, per stage: fewer, fuller batches cost less per placement.
+                "placements_per_batch": {
+                    k: round(done / (v - batches0.get(k, 0.0)), 2) for k, v in sorted(batches1.items())
+                    if v > batches0.get(k, 0.0)
+                },
                 "latencies": lat,
             }
 
