@@ -13,7 +13,10 @@ measures, from the reconciler's DecisionEvents:
 - ``capacity_per_s``: commits per second when offered more than the stack can take (``--capacity-rate``),
   the most it sustains on this machine;
 - ``cpu_ms_per_placement`` and ``bus_per_placement``: where the time goes, per process, and what one
-  placement costs the bus (``--profile DIR`` adds py-spy stacks of every service).
+  placement costs the bus (``--profile DIR`` adds py-spy stacks of every service); ``cpu_ms_total`` sums the
+  processes, ``system_ms_per_placement`` is the kernel's share, ``msgs_per_placement`` the messages each
+  process sent to and got from the server (its /connz), ``placements_per_batch`` how full each stage's pulled
+  batches were (its /metrics): a stage's fixed cost per batch is paid that many times less per placement.
 
 Phases per run: light load (latency without queueing), the target rate, then the capacity probe.
 The emulated fleet and this driver run at a lower CPU priority (``nice`` 10; ``--same-priority`` turns
