@@ -632,8 +632,13 @@ class ClusterSnapshot:
     def _name_order(self) -> tuple[IntArray, npt.NDArray[np.object_]]:
         if self._by_name is None:
             order = np.array(sorted(range(len(self._names)), key=self._names.__getitem__), dtype=np.int64)
+            order.flags.writeable = False
             self._by_name = (order, np.array(self._names, dtype=object))
         return self._by_name
+
+    def name_order(self) -> IntArray:
+        """Every row (freed ones too, named "") in worker-name order: read-only, kept until rows move."""
+        return self._name_order()[0]
 
     def names_where(self, mask: BoolArray) -> list[str]:
         """Names of the rows set in ``mask``, sorted (one vectorised pass: filters hand on thousands)."""
@@ -656,6 +661,7 @@ class ClusterSnapshot:
         cached = self._claim_cache.get(utilization)
         if cached is None or cached.shape[0] != len(self._names):
             cached = (self.g_total[: len(self._names)] * utilization).astype(np.int64)
+            cached.flags.writeable = False  # shared by every decision until a worker changes
             self._claim_cache[utilization] = cached
         return cached
 

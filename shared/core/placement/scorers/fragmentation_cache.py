@@ -64,18 +64,22 @@ class WindowCounts:
         if keys == self.keys:
             return
         old, new = set(self.keys), set(keys)
+        delta: Counter[ReplicaShape] = Counter()
         for key in old - new:
             shape = self.shapes.pop(key)
             if shape is not None:
-                self.counts[shape] -= 1
-                if self.counts[shape] == 0:
-                    del self.counts[shape]
+                delta[shape] -= 1
         for key in new - old:
             shape = self.shapes[key] = shape_of(key[1])
             if shape is not None:
-                self.counts[shape] += 1
+                delta[shape] += 1
         self.keys = list(keys)
-        self.learned.clear()
+        for shape, change in delta.items():
+            if change:
+                self.learned.clear()  # the distribution moved (not when a shape left and an equal one came)
+                self.counts[shape] += change
+                if self.counts[shape] == 0:
+                    del self.counts[shape]
 
     def workload(self, request: ReplicaShape, host_weight: float) -> tuple[Workload, WorkloadArrays]:
         """The workload learned from the window plus the request's shape, and its arrays."""
@@ -106,14 +110,17 @@ def free_milli(snap: ClusterSnapshot, rows: IntArray | slice, claims: IntArray |
     if claims is not None:
         alloc = alloc - claims
     safe = np.where(total > 0, total, 1)
-    free: IntArray = np.where(snap.g_ok[rows], np.clip(alloc * FULL_MILLI // safe, 0, FULL_MILLI), -1)
+    milli = np.minimum(np.maximum(alloc * FULL_MILLI // safe, 0), FULL_MILLI)  # np.clip, without its overhead
+    free: IntArray = np.where(snap.g_ok[rows], milli, -1)
     return free
 
 
 def host_free(snap: ClusterSnapshot, rows: IntArray | slice) -> IntArray:
     """(milli-cores, RAM) allocatable of ``rows``, never negative; an unreported CPU count never limits."""
-    host: IntArray = np.stack([np.clip(snap.w_cpu_alloc[rows], 0, CPU_UNCHECKED),
-                               np.maximum(snap.w_ram_alloc[rows], 0)], axis=1)
+    cpu = snap.w_cpu_alloc[rows]
+    host: IntArray = np.empty((len(cpu), HOST_DIMS), dtype=np.int64)
+    host[:, 0] = np.minimum(np.maximum(cpu, 0), CPU_UNCHECKED)
+    host[:, 1] = np.maximum(snap.w_ram_alloc[rows], 0)
     return host
 
 
@@ -121,18 +128,6 @@ def products(snap: ClusterSnapshot, rows: IntArray | slice) -> list[str]:
     """The GPU product of each row (its first GPU's; "" without GPUs)."""
     names = snap.type_names()
     return [names[t][1] if t >= 0 else "" for t in snap.g_type[rows, 0].tolist()]
-
-
-def _weights(shapes: list[ReplicaShape], work: Workload) -> FloatArray | None:
-    """The workload's weights in the memo's column order; None if a workload shape has no column."""
-    column = {s: k for k, s in enumerate(shapes)}
-    w = np.zeros(len(shapes), dtype=np.float64)
-    for shape, weight in zip(work.shapes, work.weights, strict=True):
-        k = column.get(shape)
-        if k is None:
-            return None
-        w[k] = weight
-    return w
 
 
 def _expected(frag: FloatArray, total: IntArray, backed: FloatArray | None, w: FloatArray,
@@ -144,10 +139,49 @@ def _expected(frag: FloatArray, total: IntArray, backed: FloatArray | None, w: F
     return result
 
 
-def _columns(shapes: list[ReplicaShape]) -> tuple[Workload, WorkloadArrays]:
-    """A workload over the memo's shapes (weights unused: fragments are unweighted)."""
-    work = Workload(shapes=tuple(shapes), weights=tuple(1.0 for _ in shapes))
-    return work, work.arrays(host_dims=HOST_DIMS)
+ClaimsToken = tuple[str, object]
+
+
+def _claims_token(claims: IntArray) -> ClaimsToken | None:
+    """What identifies a claim matrix without reading it: its value when it is one value broadcast, the
+    object itself when read-only (the snapshot's claim columns are); None when it must be compared."""
+    if claims.size and not any(claims.strides):
+        return ("value", int(claims.flat[0]))
+    if not claims.flags.writeable and claims.base is None:
+        return ("array", claims)
+    return None
+
+
+def _same_claims(a: ClaimsToken | None, b: ClaimsToken | None) -> bool:
+    if a is None or b is None or a[0] != b[0]:
+        return False
+    return a[1] is b[1] if a[0] == "array" else a[1] == b[1]
+
+
+class Columns:
+    """A memo's shape columns: a workload over them (weights unused: fragments are unweighted), and the
+    weights of the last workload served in column order."""
+
+    def __init__(self, shapes: list[ReplicaShape]) -> None:
+        self.index = {s: k for k, s in enumerate(shapes)}
+        self.work = Workload(shapes=tuple(shapes), weights=tuple(1.0 for _ in shapes))
+        self.arrays = self.work.arrays(host_dims=HOST_DIMS)
+        self._served: tuple[Workload, FloatArray | None] | None = None
+
+    def weights_for(self, work: Workload) -> FloatArray | None:
+        """``work``'s weights in column order; None if a shape of it has no column, or too many columns
+        are of shapes gone from the workload (then the memo is rebuilt)."""
+        if self._served is not None and self._served[0] is work:
+            return self._served[1]
+        w: FloatArray | None = np.zeros(len(self.index), dtype=np.float64)
+        for shape, weight in zip(work.shapes, work.weights, strict=True):
+            k = self.index.get(shape)
+            if k is None or len(self.index) > 2 * len(work.shapes) + 8:
+                w = None
+                break
+            w[k] = weight  # type: ignore[index]
+        self._served = (work, w)
+        return w
 
 
 class SingleGpuMemo:
@@ -157,12 +191,17 @@ class SingleGpuMemo:
         self.layout = snap.layout
         self.claim_host = np.array(claim_host, dtype=np.int64)
         self.shapes = list(shapes)
+        self.columns = Columns(shapes)
         rows, width = snap.rows, snap.g_ok.shape[1]
         self.products = products(snap, slice(0, rows))
         self.stamp = np.full(rows, -2, dtype=np.int64)  # never a row's stamp: every row starts stale
+        # the raw inputs of each row's fragments, as last computed (every row is computed on the first use)
+        self.built = False
+        self.claims_token: ClaimsToken | None = None  # what ``claims`` was last compared with
         self.claims = np.zeros((rows, width), dtype=np.int64)
-        self.free = np.zeros((rows, width), dtype=np.int64)
-        self.after = np.zeros((rows, width), dtype=np.int64)
+        self.alloc = np.zeros((rows, width), dtype=np.int64)
+        self.cpu = np.zeros(rows, dtype=np.int64)
+        self.ram = np.zeros(rows, dtype=np.int64)
         self.host = np.zeros((rows, HOST_DIMS), dtype=np.int64)
         self.frag_before = np.zeros((rows, len(shapes)), dtype=np.float64)
         self.total_before = np.zeros(rows, dtype=np.int64)
@@ -174,34 +213,52 @@ class SingleGpuMemo:
     def fits(self, snap: ClusterSnapshot, work: Workload) -> bool:
         """Whether this memo can serve ``work`` on the snapshot as it is now."""
         return (self.layout == snap.layout and self.stamp.shape[0] == snap.rows
-                and set(work.shapes) <= set(self.shapes) and len(self.shapes) <= 2 * len(work.shapes) + 8)
+                and self.columns.weights_for(work) is not None)
 
     def refresh(self, snap: ClusterSnapshot, claims: IntArray) -> IntArray:
-        """Recompute the rows whose state or claim moved; returns them."""
+        """Recompute the rows whose state or claim moved; returns those whose inputs changed."""
         rows = self.stamp.shape[0]
         stamp = snap.w_stamp[:rows]
-        stale = stamp != self.stamp
-        stale |= (claims != self.claims).any(axis=1)
-        moved = np.flatnonzero(stale)
+        moved = np.flatnonzero(stamp != self.stamp)
+        token = _claims_token(claims)
+        if not _same_claims(token, self.claims_token):
+            other_claims = claims != self.claims
+            if other_claims.any():  # (a flat test: a per-row reduction costs more than the rest of a decision)
+                moved = np.union1d(moved, np.flatnonzero(rows_any(other_claims)))
+            self.claims_token = token
         if len(moved) == 0:
             return moved
-        self.claims[moved] = claims[moved]
-        free = self.free[moved] = free_milli(snap, moved)
-        after = self.after[moved] = free_milli(snap, moved, claims[moved])
-        host = self.host[moved] = host_free(snap, moved)
-        work, arrays = _columns(self.shapes)
+        self.stamp[moved] = stamp[moved]
+        # A row whose usage and claim are as kept (a replica placed and gone again, a usage report that
+        # moved nothing) keeps its fragments; GPU totals and flags change only with the inventory, which
+        # drops the memo.
+        alloc, cpu, ram = snap.g_alloc[moved], snap.w_cpu_alloc[moved], snap.w_ram_alloc[moved]
+        row_claims = claims[moved]
+        changed = ((alloc != self.alloc[moved]).any(axis=1) | (row_claims != self.claims[moved]).any(axis=1)
+                   | (cpu != self.cpu[moved]) | (ram != self.ram[moved]))
+        if self.built and not changed.all():
+            moved, alloc, cpu, ram, row_claims = (moved[changed], alloc[changed], cpu[changed], ram[changed],
+                                                  row_claims[changed])
+            if len(moved) == 0:
+                return np.zeros(0, dtype=np.int64)
+        self.alloc[moved], self.cpu[moved], self.ram[moved], self.claims[moved] = alloc, cpu, ram, row_claims
+        free = free_milli(snap, moved)
+        after = free_milli(snap, moved, row_claims)
+        host = host_free(snap, moved)
+        self.host[moved] = host
+        self.built = True
+        work, arrays = self.columns.work, self.columns.arrays
         access = type_access([self.products[r] for r in moved.tolist()], work)
         frag, total = shape_fragments(free, host, access, arrays)
         self.frag_before[moved], self.total_before[moved] = frag, total
         frag_a, total_a = single_slot_fragments(free, after, host - self.claim_host, access, arrays)
         self.frag_after[moved], self.total_after[moved] = frag_a, total_a
-        self.stamp[moved] = stamp[moved]
         return moved
 
     def score(self, snap: ClusterSnapshot, claims: IntArray, work: Workload, arrays: WorkloadArrays) -> FloatArray:
         """Scores of every single-GPU claim (rows × slots) under ``work``; read-only, valid until the next call."""
         moved = self.refresh(snap, claims)
-        w = _weights(self.shapes, work)
+        w = self.columns.weights_for(work)
         assert w is not None  # ``fits`` checked the columns
         per_gpu = arrays.host_per_gpu
         key = (w.tobytes(), arrays.host_weight, b"" if per_gpu is None else per_gpu.tobytes())
@@ -244,6 +301,7 @@ class GpuSetMemo:
         self.layout = snap.layout
         self.claim_host = np.array(claim_host, dtype=np.int64)
         self.shapes = list(shapes)
+        self.columns = Columns(shapes)
         rows = snap.rows
         self.products = products(snap, slice(0, rows))
         self.stamp = np.full(rows, -2, dtype=np.int64)
@@ -258,7 +316,7 @@ class GpuSetMemo:
     def fits(self, snap: ClusterSnapshot, work: Workload) -> bool:
         """Whether this memo can serve ``work`` on the snapshot as it is now."""
         return (self.layout == snap.layout and self.stamp.shape[0] == snap.rows
-                and set(work.shapes) <= set(self.shapes) and len(self.shapes) <= 2 * len(work.shapes) + 8)
+                and self.columns.weights_for(work) is not None)
 
     def score(self, snap: ClusterSnapshot, rows: IntArray, slots: IntArray, claims: IntArray, work: Workload,
               arrays: WorkloadArrays) -> FloatArray:
@@ -275,13 +333,13 @@ class GpuSetMemo:
             after_free = free.copy()
             np.put_along_axis(after_free, s, taken, axis=1)
             host = self.host[r] = host_free(snap, r)
-            col_work, col_arrays = _columns(self.shapes)
+            col_work, col_arrays = self.columns.work, self.columns.arrays
             access = type_access([self.products[x] for x in r.tolist()], col_work)
             self.frag_before[r], self.total_before[r] = shape_fragments(free, host, access, col_arrays)
             self.frag_after[r], self.total_after[r] = shape_fragments(after_free, host - self.claim_host, access,
                                                                        col_arrays)
             self.slots[r], self.claims[r], self.stamp[r] = s, claims[moved], snap.w_stamp[r]
-        w = _weights(self.shapes, work)
+        w = self.columns.weights_for(work)
         assert w is not None
         host_now = self.host[rows]
         after = _expected(self.frag_after[rows], self.total_after[rows],
@@ -307,10 +365,31 @@ def gpu_set_memo(snap: ClusterSnapshot, width: int, claim_host: tuple[int, int],
 
 def first_rows_candidate(snap: ClusterSnapshot, mask: BoolArray) -> tuple[int, int] | None:
     """(row, slot) of the first single-GPU candidate in name order, then GPU index; None without any."""
-    live = np.flatnonzero(mask.any(axis=1))
-    if len(live) == 0:
+    order = snap.name_order()
+    if len(order) != mask.shape[0]:
+        order = order[order < mask.shape[0]]
+    by_name = rows_any(mask)[order]
+    if len(by_name) == 0:
         return None
-    row = int(live[np.argmin(snap.ranks()[live])])
-    slots = np.flatnonzero(mask[row])
-    slot = int(slots[np.argmin(snap.g_index[row, slots])])
+    first = int(np.argmax(by_name))
+    if not by_name[first]:
+        return None
+    row = int(order[first])
+    flags, indexes = mask[row].tolist(), snap.g_index[row].tolist()
+    slot = min((indexes[s], s) for s, flag in enumerate(flags) if flag)[1]
     return row, slot
+
+
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def rows_any(mask: BoolArray) -> BoolArray:
+    """``mask.any(axis=1)``, reading each row of up to 8 flags as one integer when the layout allows.
+
+    numpy's per-row reduction over a short axis costs ~7x a flat pass; rows of 8 GPU slots are 8 bytes.
+    """
+    width = mask.shape[1]
+    word = _WORDS.get(width)
+    if word is not None and mask.dtype == np.bool_ and mask.flags.c_contiguous:
+        return np.asarray(mask.view(word).ravel() != 0, dtype=np.bool_)
+    return np.asarray(mask.any(axis=1), dtype=np.bool_)
