@@ -187,12 +187,14 @@ class Fragmentation(Scorer):
         deltas = np.array([self._delta(ctx, c, work) for c in candidates], dtype=np.float64)
         return [float(v) for v in scores_from_increases(deltas)]
 
-    def fast_workload(self, snap: ClusterSnapshot, request: ReplicaShape) -> tuple[Workload, WorkloadArrays]:
-        """``workload`` for the fast paths: the same distribution, kept up to date from the window's changes."""
+    def fast_workload(self, snap: ClusterSnapshot, gpus: int, milli: int, host: tuple[int, int]
+                      ) -> tuple[Workload, WorkloadArrays]:
+        """``workload`` for the fast paths (the request's shape given by its fields): the same distribution,
+        kept up to date from the window's changes."""
         assert isinstance(self.args, FragmentationArgs)
         counts = window_counts(snap, self.args.window)
         counts.sync(snap, lambda instance_id: _shape_of(snap, instance_id))
-        return counts.workload(request, self.host_weight)
+        return counts.workload(gpus, milli, host, self.host_weight)
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
         """Fast path: every single-GPU candidate (rows x slots), from fragments kept between decisions."""
@@ -200,16 +202,17 @@ class Fragmentation(Scorer):
         first = first_rows_candidate(snap, batch.mask)
         if first is None:
             return np.zeros(batch.mask.shape, dtype=np.float64)
-        claims = np.broadcast_to(batch.claims, batch.mask.shape)
+        claims = batch.claims
+        if claims.shape != batch.mask.shape:
+            claims = np.broadcast_to(claims, batch.mask.shape)
         # The reference path learns from the lowest-named candidate's shape; so must this one.
         r0, s0 = first
-        request = ReplicaShape(gpus=1, milli=_ceil_milli([int(claims[r0, s0])], [int(snap.g_total[r0, s0])]),
-                               host=(batch.cpu_claim, batch.ram_claim))
-        work, arrays = self.fast_workload(snap, request)
+        host = (batch.cpu_claim, batch.ram_claim)
+        work, arrays = self.fast_workload(snap, 1, _ceil_milli([int(claims[r0, s0])], [int(snap.g_total[r0, s0])]),
+                                          host)
         if len(work) == 0:
             return scores_from_increases(np.zeros(batch.mask.shape, dtype=np.float64))
-        memo = single_gpu_memo(snap, (batch.cpu_claim, batch.ram_claim), work)
-        return memo.score(snap, claims, work, arrays)
+        return single_gpu_memo(snap, host, work).score(snap, claims, work, arrays)
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
         """Fast path for multi-GPU candidates (one set per worker), from fragments kept between decisions."""
@@ -217,11 +220,8 @@ class Fragmentation(Scorer):
         if len(batch) == 0:
             return np.zeros(0, dtype=np.float64)
         f = int(np.argmin(snap.ranks()[batch.rows]))  # one set per worker: the first by name is the first
-        request = ReplicaShape(gpus=batch.width,
-                               milli=_ceil_milli(batch.claims[f].tolist(), snap.g_total[batch.rows[f],
-                                                                                        batch.slots[f]].tolist()),
-                               host=(batch.cpu_claim, batch.ram_claim))
-        work, arrays = self.fast_workload(snap, request)
+        milli = _ceil_milli(batch.claims[f].tolist(), snap.g_total[batch.rows[f], batch.slots[f]].tolist())
+        work, arrays = self.fast_workload(snap, batch.width, milli, (batch.cpu_claim, batch.ram_claim))
         if len(work) == 0:
             return scores_from_increases(np.zeros(len(batch), dtype=np.float64))
         memo = gpu_set_memo(snap, batch.width, (batch.cpu_claim, batch.ram_claim), work)

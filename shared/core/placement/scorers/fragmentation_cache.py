@@ -56,7 +56,8 @@ class WindowCounts:
     keys: list[PlacedKey] = field(default_factory=list)
     shapes: dict[PlacedKey, ReplicaShape | None] = field(default_factory=dict)
     counts: Counter[ReplicaShape] = field(default_factory=Counter)
-    learned: dict[tuple[ReplicaShape, float], tuple[Workload, WorkloadArrays]] = field(default_factory=dict)
+    learned: dict[tuple[int, int, tuple[int, int], float], tuple[Workload, WorkloadArrays]] = field(
+        default_factory=dict)
 
     def sync(self, snap: ClusterSnapshot, shape_of: Callable[[str], ReplicaShape | None]) -> None:
         """Count the keys that entered the window and uncount those that left it."""
@@ -81,17 +82,19 @@ class WindowCounts:
                 if self.counts[shape] == 0:
                     del self.counts[shape]
 
-    def workload(self, request: ReplicaShape, host_weight: float) -> tuple[Workload, WorkloadArrays]:
+    def workload(self, gpus: int, milli: int, host: tuple[int, int], host_weight: float
+                 ) -> tuple[Workload, WorkloadArrays]:
         """The workload learned from the window plus the request's shape, and its arrays."""
-        hit = self.learned.get((request, host_weight))
+        key = (gpus, milli, host, host_weight)  # plain values: hashed in C, unlike a ReplicaShape
+        hit = self.learned.get(key)
         if hit is None:
             counts = Counter(self.counts)
-            counts[request] += 1
+            counts[ReplicaShape(gpus=gpus, milli=milli, host=host)] += 1
             work = Workload.from_counts(counts)
             hit = (work, work.arrays(host_dims=HOST_DIMS, host_weight=host_weight))
             if len(self.learned) >= _MEMOS:
                 self.learned.clear()
-            self.learned[(request, host_weight)] = hit
+            self.learned[key] = hit
         return hit
 
 
@@ -208,6 +211,7 @@ class SingleGpuMemo:
         self.frag_after = np.zeros((rows, width, len(shapes)), dtype=np.float64)
         self.total_after = np.zeros((rows, width), dtype=np.int64)
         self.scored_for: tuple[bytes, float, bytes] | None = None  # the weighting ``scores`` were made with
+        self.scored_with: tuple[FloatArray, WorkloadArrays] | None = None  # the objects that carried it
         self.scores = np.zeros((rows, width), dtype=np.float64)
 
     def fits(self, snap: ClusterSnapshot, work: Workload) -> bool:
@@ -260,9 +264,13 @@ class SingleGpuMemo:
         moved = self.refresh(snap, claims)
         w = self.columns.weights_for(work)
         assert w is not None  # ``fits`` checked the columns
-        per_gpu = arrays.host_per_gpu
-        key = (w.tobytes(), arrays.host_weight, b"" if per_gpu is None else per_gpu.tobytes())
-        if self.scored_for != key or len(moved) > len(self.stamp) // 4:
+        if self.scored_with is None or self.scored_with[0] is not w or self.scored_with[1] is not arrays:
+            per_gpu = arrays.host_per_gpu
+            key = (w.tobytes(), arrays.host_weight, b"" if per_gpu is None else per_gpu.tobytes())
+            if key != self.scored_for:
+                moved = np.arange(len(self.stamp), dtype=np.int64)
+            self.scored_for, self.scored_with = key, (w, arrays)
+        if len(moved) > len(self.stamp) // 4:
             rows: IntArray | slice = slice(None)
         elif len(moved):
             rows = moved
@@ -276,7 +284,6 @@ class SingleGpuMemo:
         self.scores.flags.writeable = True
         self.scores[rows] = scores_from_increases(after - before[:, None])
         self.scores.flags.writeable = False
-        self.scored_for = key
         return self.scores
 
 
@@ -294,7 +301,7 @@ def single_gpu_memo(snap: ClusterSnapshot, claim_host: tuple[int, int], work: Wo
 
 
 class GpuSetMemo:
-    """Kept fragments of each row's multi-GPU candidate set, for one (GPU count, CPU, RAM) request."""
+    """Kept fragments and scores of each row's multi-GPU candidate set, for one (GPU count, CPU, RAM) request."""
 
     def __init__(self, snap: ClusterSnapshot, width: int, claim_host: tuple[int, int],
                  shapes: list[ReplicaShape]) -> None:
@@ -305,47 +312,81 @@ class GpuSetMemo:
         rows = snap.rows
         self.products = products(snap, slice(0, rows))
         self.stamp = np.full(rows, -2, dtype=np.int64)
+        # the raw inputs of each row's fragments, as last computed (slot -1: never computed)
         self.slots = np.full((rows, width), -1, dtype=np.int64)
         self.claims = np.zeros((rows, width), dtype=np.int64)
+        self.alloc = np.zeros((rows, snap.g_ok.shape[1]), dtype=np.int64)
+        self.cpu = np.zeros(rows, dtype=np.int64)
+        self.ram = np.zeros(rows, dtype=np.int64)
         self.host = np.zeros((rows, HOST_DIMS), dtype=np.int64)
         self.frag_before = np.zeros((rows, len(shapes)), dtype=np.float64)
         self.total_before = np.zeros(rows, dtype=np.int64)
         self.frag_after = np.zeros((rows, len(shapes)), dtype=np.float64)
         self.total_after = np.zeros(rows, dtype=np.int64)
+        self.scores = np.zeros(rows, dtype=np.float64)
+        self.scored = np.zeros(rows, dtype=np.bool_)  # ``scores`` holds the row's score under ``scored_for``
+        self.scored_for: tuple[bytes, float, bytes] | None = None
+        self.scored_with: tuple[FloatArray, WorkloadArrays] | None = None
 
     def fits(self, snap: ClusterSnapshot, work: Workload) -> bool:
         """Whether this memo can serve ``work`` on the snapshot as it is now."""
         return (self.layout == snap.layout and self.stamp.shape[0] == snap.rows
                 and self.columns.weights_for(work) is not None)
 
+    def _refresh(self, snap: ClusterSnapshot, rows: IntArray, slots: IntArray, claims: IntArray) -> None:
+        """Recompute the fragments of the rows whose state, set or claim moved."""
+        other_set = (self.slots[rows] != slots) | (self.claims[rows] != claims)
+        stale = (snap.w_stamp[rows] != self.stamp[rows]) | rows_any(other_set)
+        moved = np.flatnonzero(stale)
+        if len(moved) == 0:
+            return
+        r, s, c = rows[moved], slots[moved], claims[moved]
+        self.stamp[r] = snap.w_stamp[r]
+        alloc, cpu, ram = snap.g_alloc[r], snap.w_cpu_alloc[r], snap.w_ram_alloc[r]
+        # As for single GPUs: a row back to the inputs it had (a replica placed and gone again) keeps all.
+        changed = rows_any((alloc != self.alloc[r]) | ((s != self.slots[r]) | (c != self.claims[r])).any(
+            axis=1, keepdims=True)) | (cpu != self.cpu[r]) | (ram != self.ram[r])
+        if not changed.all():
+            r, s, c, alloc, cpu, ram = r[changed], s[changed], c[changed], alloc[changed], cpu[changed], ram[changed]
+            if len(r) == 0:
+                return
+        self.slots[r], self.claims[r], self.alloc[r], self.cpu[r], self.ram[r] = s, c, alloc, cpu, ram
+        free = free_milli(snap, r)
+        total = snap.g_total[r[:, None], s]
+        taken = np.clip((snap.g_alloc[r[:, None], s] - c) * FULL_MILLI // np.where(total > 0, total, 1),
+                        0, FULL_MILLI)
+        after_free = free.copy()
+        np.put_along_axis(after_free, s, taken, axis=1)
+        host = self.host[r] = host_free(snap, r)
+        col_work, col_arrays = self.columns.work, self.columns.arrays
+        access = type_access([self.products[x] for x in r.tolist()], col_work)
+        self.frag_before[r], self.total_before[r] = shape_fragments(free, host, access, col_arrays)
+        self.frag_after[r], self.total_after[r] = shape_fragments(after_free, host - self.claim_host, access,
+                                                                   col_arrays)
+        self.scored[r] = False
+
     def score(self, snap: ClusterSnapshot, rows: IntArray, slots: IntArray, claims: IntArray, work: Workload,
               arrays: WorkloadArrays) -> FloatArray:
         """Scores of the candidate sets (row ``rows[i]`` takes ``claims[i]`` on ``slots[i]``) under ``work``."""
-        stale = ((snap.w_stamp[rows] != self.stamp[rows]) | (self.slots[rows] != slots).any(axis=1)
-                 | (self.claims[rows] != claims).any(axis=1))
-        moved = np.flatnonzero(stale)
-        if len(moved):
-            r, s = rows[moved], slots[moved]
-            free = free_milli(snap, r)
-            total = snap.g_total[r[:, None], s]
-            taken = np.clip((snap.g_alloc[r[:, None], s] - claims[moved]) * FULL_MILLI // np.where(total > 0, total, 1),
-                            0, FULL_MILLI)
-            after_free = free.copy()
-            np.put_along_axis(after_free, s, taken, axis=1)
-            host = self.host[r] = host_free(snap, r)
-            col_work, col_arrays = self.columns.work, self.columns.arrays
-            access = type_access([self.products[x] for x in r.tolist()], col_work)
-            self.frag_before[r], self.total_before[r] = shape_fragments(free, host, access, col_arrays)
-            self.frag_after[r], self.total_after[r] = shape_fragments(after_free, host - self.claim_host, access,
-                                                                       col_arrays)
-            self.slots[r], self.claims[r], self.stamp[r] = s, claims[moved], snap.w_stamp[r]
+        self._refresh(snap, rows, slots, claims)
         w = self.columns.weights_for(work)
-        assert w is not None
-        host_now = self.host[rows]
-        after = _expected(self.frag_after[rows], self.total_after[rows],
-                          host_backed(host_now - self.claim_host, arrays), w, arrays)
-        before = _expected(self.frag_before[rows], self.total_before[rows], host_backed(host_now, arrays), w, arrays)
-        result: FloatArray = scores_from_increases(after - before)
+        assert w is not None  # ``fits`` checked the columns
+        if self.scored_with is None or self.scored_with[0] is not w or self.scored_with[1] is not arrays:
+            per_gpu = arrays.host_per_gpu
+            key = (w.tobytes(), arrays.host_weight, b"" if per_gpu is None else per_gpu.tobytes())
+            if key != self.scored_for:
+                self.scored[:] = False
+            self.scored_for, self.scored_with = key, (w, arrays)
+        todo = rows[~self.scored[rows]]
+        if len(todo):
+            host_now = self.host[todo]
+            after = _expected(self.frag_after[todo], self.total_after[todo],
+                              host_backed(host_now - self.claim_host, arrays), w, arrays)
+            before = _expected(self.frag_before[todo], self.total_before[todo], host_backed(host_now, arrays), w,
+                               arrays)
+            self.scores[todo] = scores_from_increases(after - before)
+            self.scored[todo] = True
+        result: FloatArray = self.scores[rows]
         return result
 
 
