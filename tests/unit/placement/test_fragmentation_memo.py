@@ -131,3 +131,22 @@ def test_rows_any_equals_numpys_per_row_any_for_every_width():
         mask = rng.random((50, width)) < 0.1
         assert np.array_equal(rows_any(mask), mask.any(axis=1))
         assert np.array_equal(rows_any(mask[:, ::-1]), mask[:, ::-1].any(axis=1))  # not contiguous
+
+
+@given(st.lists(st.integers(0, 40), unique=True), st.lists(st.integers(0, 40), unique=True))
+def test_window_change_lists_exactly_the_keys_that_left_and_came(old, new):
+    from shared.core.placement.scorers.fragmentation_cache import window_change
+
+    def keys(xs: list[int]) -> list[tuple[float, str, int]]:
+        return sorted((float(x), f"i{x}", x) for x in xs)
+
+    left, came = window_change(keys(old), keys(new))
+    assert sorted(left) == keys(sorted(set(old) - set(new)))
+    assert sorted(came) == keys(sorted(set(new) - set(old)))
+
+
+def test_window_change_of_a_slid_window_is_its_ends():
+    from shared.core.placement.scorers.fragmentation_cache import window_change
+
+    old = [(float(k), f"i{k}", k) for k in range(10)]
+    assert window_change(old, [*old[2:], (11.0, "i11", 11)]) == (old[:2], [(11.0, "i11", 11)])

@@ -22,6 +22,7 @@ reference path's on random clusters and event sequences.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,13 +65,13 @@ class WindowCounts:
         keys = snap.placed_window(self.window)
         if keys == self.keys:
             return
-        old, new = set(self.keys), set(keys)
+        left, came = window_change(self.keys, keys)
         delta: Counter[ReplicaShape] = Counter()
-        for key in old - new:
+        for key in left:
             shape = self.shapes.pop(key)
             if shape is not None:
                 delta[shape] -= 1
-        for key in new - old:
+        for key in came:
             shape = self.shapes[key] = shape_of(key[1])
             if shape is not None:
                 delta[shape] += 1
@@ -96,6 +97,21 @@ class WindowCounts:
                 self.learned.clear()
             self.learned[key] = hit
         return hit
+
+
+def window_change(old: list[PlacedKey], new: list[PlacedKey]) -> tuple[list[PlacedKey], list[PlacedKey]]:
+    """(keys that left, keys that came) between two sorted windows of distinct keys.
+
+    A window that only slid (the oldest left, the newest came: every placement in a busy cluster) is
+    recognised with one binary search and one list comparison; anything else goes through sets.
+    """
+    if old and new:
+        i = bisect_left(old, new[0])  # old[:i] are older than all of new
+        kept = len(old) - i
+        if kept <= len(new) and old[i:] == new[:kept]:
+            return old[:i], new[kept:]
+    old_set, new_set = set(old), set(new)
+    return [k for k in old if k not in new_set], [k for k in new if k not in old_set]
 
 
 def window_counts(snap: ClusterSnapshot, window: int) -> WindowCounts:
