@@ -47,6 +47,7 @@ from shared.core.placement.snapshot import CPU_UNCHECKED, ClusterSnapshot, Place
 
 HOST_DIMS = 2  # (milli-cores, RAM bytes)
 _MEMOS = 4  # memos kept per kind (one per request host claim and GPU count in use)
+_LARGE = 32 << 20  # bytes of one memo's largest array from which it is the only memo of its kind kept
 
 
 @dataclass
@@ -310,7 +311,7 @@ def single_gpu_memo(snap: ClusterSnapshot, claim_host: tuple[int, int], work: Wo
     if memo is None or not memo.fits(snap, work):
         keep = [] if memo is None or memo.layout != snap.layout else [s for s in memo.shapes if s in work.shapes]
         shapes = keep + [s for s in work.shapes if s not in keep]
-        if len(memos) >= _MEMOS:
+        if len(memos) >= _MEMOS or _large(snap, shapes):
             memos.clear()
         memo = memos[claim_host] = SingleGpuMemo(snap, claim_host, shapes)
     return memo
@@ -414,10 +415,15 @@ def gpu_set_memo(snap: ClusterSnapshot, width: int, claim_host: tuple[int, int],
     if memo is None or not memo.fits(snap, work):
         keep = [] if memo is None or memo.layout != snap.layout else [s for s in memo.shapes if s in work.shapes]
         shapes = keep + [s for s in work.shapes if s not in keep]
-        if len(memos) >= _MEMOS:
+        if len(memos) >= _MEMOS or _large(snap, shapes):
             memos.clear()
         memo = memos[key] = GpuSetMemo(snap, width, claim_host, shapes)
     return memo
+
+
+def _large(snap: ClusterSnapshot, shapes: list[ReplicaShape]) -> bool:
+    """Whether a memo over ``shapes`` is large (a workload of hundreds of distinct shapes): keep it alone."""
+    return bool(snap.rows * int(snap.g_ok.shape[1]) * len(shapes) * 8 >= _LARGE)
 
 
 def first_rows_candidate(snap: ClusterSnapshot, mask: BoolArray) -> tuple[int, int] | None:
