@@ -13,11 +13,12 @@ change) and brought up to date from what moved since the last decision:
   while the workload stays the same, and for every row (one matrix product) when it moves.
 - ``GpuSetMemo``: the same for multi-GPU candidates (one GPU set per worker), per candidate set.
 
-Shapes are columns; a shape new to the workload adds its column for every row (rare: the workload is a
-distribution over a few shapes), and columns of shapes gone from it weigh zero until the memo is rebuilt.
+Shapes are columns. A shape new to the workload rebuilds the memo (every row once: rare, the workload is a
+distribution over a few shapes); columns of shapes gone from it weigh zero until too many of them do. A
+row whose raw inputs (allocatable VRAM, CPU, RAM, claims) are back to what was kept keeps its fragments.
 Weighting sums the columns in the memo's order, not the workload's; scores are rounded to 1e-9 GPU for
-exactly this reason (``scores_from_increases``), and a property test holds the decisions equal to the
-reference path's on random clusters and event sequences.
+exactly this reason (``scores_from_increases``), and property tests hold the decisions equal to the
+reference path's on random clusters and event sequences (tests/unit/placement/test_fragmentation_memo.py).
 """
 
 from __future__ import annotations
