@@ -24,7 +24,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def place_doc(capsys: pytest.CaptureFixture[str], name: str, *extra: str) -> dict[str, Any]:
-    code, out, err = run(capsys, "--scenario", str(SCENARIOS / f"{name}.json"), *extra)
+    code, out, err = run(capsys, "--scenario", str(SCENARIOS / f"{name}.json"), "--json", *extra)
     assert code == 0, err
     return json.loads(out)
 
@@ -118,7 +118,7 @@ def test_a_real_gguf_file_is_sized_from_its_header(capsys, tmp_path: Path):
     scenario = {"model": {"name": "tiny", "source": "tiny.gguf", "backend": "llama-cpp"},
                 "workers": [{"name": "w", "gpus": [{"index": 0, "vram_total": "1GiB"}], "ram_total": "4GiB"}]}
     (tmp_path / "s.json").write_text(json.dumps(scenario))
-    code, out, err = run(capsys, "--scenario", str(tmp_path / "s.json"))
+    code, out, err = run(capsys, "--scenario", str(tmp_path / "s.json"), "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["request"]["gguf"]["total_layers"] == 4
