@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Awaitable, Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -71,7 +73,7 @@ def load(nats_url: str | None = None, redis_url: str | None = None) -> Settings:
 
 async def connect_nats(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -> NatsClient:
     """A NATS connection, or a one-line CliError if the server cannot be reached quickly."""
-    import nats
+    nats = import_nats(settings.nats_url)
 
     from shared.bus.connection import nats_options
 
@@ -95,6 +97,22 @@ async def connect_nats(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -
         )
     except (TimeoutError, OSError, nats.errors.Error) as err:
         raise CliError(f"cannot reach NATS at {redact(settings.nats_url)} ({_short(err)}): {STACK_HINT}") from None
+
+
+def import_nats(url: str) -> ModuleType:
+    """The nats package; unless ``url`` is a websocket URL, without its optional websocket transport, whose
+    aiohttp import is a third of a CLI call's CPU. aiohttp stays importable for anything else afterwards."""
+    if "nats" in sys.modules or urlsplit(url).scheme in ("ws", "wss") or "aiohttp" in sys.modules:
+        import nats
+
+        return nats
+    sys.modules["aiohttp"] = None  # type: ignore[assignment]  # nats.aio.transport then skips it
+    try:
+        import nats
+        import nats.js
+    finally:
+        del sys.modules["aiohttp"]
+    return nats
 
 
 async def _probe(url: str, default_port: int, what: str, timeout: float) -> None:

@@ -146,7 +146,7 @@ def place_cmd(
 
 def human_lines(document: dict[str, Any], reasons_shown: int = 5) -> list[str]:
     """The dry run in words: what one replica needs, then one line per replica (where, or why not)."""
-    lines = [f"{document['scenario']}: model {document['model']}, profile {document['profile']}"]
+    lines = [f"model {document['model']}, profile {document['profile']} ({document['scenario']})"]
     request = document["request"]
     if request is not None:
         gpus = request.get("gpu_count") or 1

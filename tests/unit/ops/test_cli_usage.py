@@ -150,21 +150,31 @@ def test_catalog_filters_by_a_fragment() -> None:
 
 
 HEAVY = ("numpy", "faststream", "fastapi", "aiohttp", "ops.stack", "ops.cli.web", "ops.cli.simulate",
-         "shared.core.sim", "shared.bus.columns", "shared.core.placement.pipeline")
-READ_COMMANDS = {"models": ["models"], "workers": ["workers"], "instances": ["instances"]}
+         "shared.core.sim", "shared.core.placement.pipeline", "shared.bus.runtime")
+# what each read command imports after it is looked up (the modules its body imports where it runs)
+READ_COMMANDS = {
+    "models": "",
+    "workers": "",
+    "instances": "",
+    "explain": "from ops.cli.common import import_nats; import_nats('nats://127.0.0.1:1')\n"
+               "import nats.js.errors, ops.events, shared.bus.messages, shared.bus.streams\n",
+    "events": "from ops.cli.common import import_nats; import_nats('nats://127.0.0.1:1')\n"
+              "import nats.js.api, nats.js.errors, ops.events, shared.bus.streams\n",
+}
 
 
 @pytest.mark.parametrize("command", sorted(READ_COMMANDS))
 def test_a_read_command_loads_no_heavy_module(command: str) -> None:
-    """What `gantry models|workers|instances` imports before it connects (the fast CLI's budget): no numpy,
-    no simulator, no web server, no service framework."""
+    """What `gantry models|workers|instances|explain|events` imports (the fast CLI's budget): no numpy, no
+    simulator, no web server, no service framework, no websocket client."""
     probe = (
         "import sys\n"
         "from ops.cli.main import app\n"
         "import typer.main\n"
         "group = typer.main.get_command(app)\n"
         f"group.get_command(None, {command!r})\n"
-        "import ops.cli.client, ops.cli.common, shared.state, shared.settings, redis.asyncio\n"
+        "import ops.cli.client, ops.cli.common, shared.state, shared.settings, redis.asyncio, rich.table\n"
+        f"{READ_COMMANDS[command]}"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,

@@ -140,3 +140,20 @@ def test_bad_profile_file_exits_2(capsys, tmp_path):
     scenario = str(SCENARIOS / "01_spread_three_replicas.json")
     code, _, err = run(capsys, "--scenario", scenario, "--profile", str(profile))
     assert code == 2 and "unknown scorer 'magic'" in err and err.count("\n") == 1
+
+
+def test_place_prints_words_by_default_and_json_with_the_flag(capsys):
+    code, out, err = run(capsys, "--scenario", str(SCENARIOS / "01_spread_three_replicas.json"))
+    assert code == 0, err
+    assert not out.lstrip().startswith("{")
+    lines = out.splitlines()
+    assert lines[1].startswith("each replica needs ") and "GiB VRAM" in lines[1]
+    assert [line.split(":")[0] for line in lines[2:5]] == ["replica 1", "replica 2", "replica 3"]
+    assert lines[-1] == "placed 3 of 3; nothing committed (dry run)"
+
+
+def test_place_says_why_a_replica_is_unschedulable(capsys):
+    code, out, err = run(capsys, "--scenario", str(SCENARIOS / "09_nothing_fits.json"))
+    assert code == 0, err
+    assert "replica 1: unschedulable: " in out
+    assert out.splitlines()[-1].startswith("placed 0 of ")
