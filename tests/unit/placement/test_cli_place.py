@@ -38,6 +38,7 @@ def gpus(doc: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
 
 
 EXPECTATIONS = {
+    "18_spread_balanced": lambda d: workers(d) == ["w1", "w2", "w3"],
     "01_spread_three_replicas": lambda d: len(set(workers(d))) == 3 == d["placed"],
     "02_binpack_fills_a_worker": lambda d: workers(d) == ["w2", "w2", "w2"],
     "03_external_vram_use": lambda d: gpus(d) == [("w2", (0,))],
@@ -157,3 +158,25 @@ def test_place_says_why_a_replica_is_unschedulable(capsys):
     assert code == 0, err
     assert "replica 1: unschedulable: " in out
     assert out.splitlines()[-1].startswith("placed 0 of ")
+
+
+def test_default_spread_counts_replicas_and_puts_the_first_on_the_fullest_worker(capsys, tmp_path):
+    """What worker_balance is for (GPUStack's spread, the default): w0 is 6/8 used but holds fewer replicas."""
+    scenario = json.loads((SCENARIOS / "18_spread_balanced.json").read_text())
+    del scenario["profile"]
+    (tmp_path / "s.json").write_text(json.dumps(scenario))
+    code, out, err = run(capsys, "--scenario", str(tmp_path / "s.json"), "--json")
+    assert code == 0, err
+    assert workers(json.loads(out))[0] == "w0"
+
+
+def test_the_shipped_spread_balanced_profile_balances_total_use(capsys):
+    profile = REPO_ROOT / "ops" / "config" / "spread-balanced.yaml"
+    code, out, err = run(capsys, "--scenario", str(SCENARIOS / "18_spread_balanced.json"), "--json",
+                         "--profile", str(profile))
+    assert code == 0, err
+    assert workers(json.loads(out)) == ["w1", "w2", "w3"]
+
+
+def test_worker_balance_reference_and_fast_paths_agree(capsys):
+    assert place_doc(capsys, "18_spread_balanced") == place_doc(capsys, "18_spread_balanced", "--exhaustive")
