@@ -3,14 +3,18 @@ own time and ``--last N`` events, the dead-letter view when there are none."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pexpect
+import pyte
 import pytest
 
-from tests.integration.cli.conftest import Result
+from tests.integration.cli.conftest import GANTRY, Result, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +94,32 @@ def test_dead_letters_view_says_so_when_there_are_none(gantry: Gantry) -> None:
     result = gantry("events", "--dead-letters", "--model", "zz-none")
     assert result.code == 0, result.err
     assert result.out.strip() == "no dead letters: no message was rejected for zz-none"
+
+
+def test_top_fits_an_80x24_terminal_and_draws_at_once(stack: Stack) -> None:
+    child = pexpect.spawn(GANTRY, ["top", "--interval", "0.5"], env=stack.env, encoding="utf-8",
+                          codec_errors="replace", dimensions=(24, 80), timeout=30)
+    screen = pyte.Screen(80, 24)
+    stream = pyte.Stream(screen)
+    started = time.monotonic()
+    first_drawn: float | None = None
+    try:
+        deadline = started + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(pexpect.TIMEOUT):
+                stream.feed(child.read_nonblocking(65536, timeout=0.3))
+            lines = [line.rstrip() for line in screen.display]
+            if first_drawn is None and any(line.startswith("gantry top") for line in lines):
+                first_drawn = time.monotonic() - started
+            if all(any(line.startswith(f"w{i} ") and "READY" in line for line in lines) for i in range(4)) \
+                    and any(line.startswith("model llama-70b") for line in lines):
+                break
+        else:
+            raise AssertionError("top never drew the cluster:\n" + "\n".join(screen.display))
+        assert lines[0].startswith("gantry top "), "\n".join(lines)  # nothing scrolled off the top
+        assert any(line == "Ctrl-C to quit" for line in lines)
+        assert first_drawn is not None and first_drawn < 10
+    finally:
+        child.sendintr()
+        child.expect(pexpect.EOF, timeout=15)
+        child.close()

@@ -181,3 +181,13 @@ def test_a_read_command_loads_no_heavy_module(command: str) -> None:
                           env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"heavy modules loaded: {done.stdout.strip()}"
+
+
+def test_status_without_a_stack_says_so_in_one_line_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GANTRY_HOME", str(tmp_path))
+    code, out, err = gantry("status")
+    assert code == 1
+    assert out.startswith("gantry up: not running from ")
+    assert err.startswith("error: cannot reach NATS") and err.count("\n") == 1
