@@ -76,3 +76,12 @@ def test_a_documented_command_exists_with_its_options(doc: str, line: str) -> No
         pytest.fail(f"{doc}: `{line}`: {command.name} has no subcommand {rest[0]!r}")
     unknown = sorted({opt for opt in OPTION.findall(" ".join(rest)) if opt not in option_names(command)})
     assert not unknown, f"{doc}: `{line}`: {command.name} has no option {', '.join(unknown)}"
+
+
+def test_the_readme_shows_the_quick_unit_test_command_and_the_full_suite() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    lines = [line.split("#")[0].strip() for block in FENCE.findall(readme) for line in block.splitlines()]
+    quick = [line for line in lines if "pytest" in line and "tests/unit" in line.split()]
+    assert quick, "the README names no quick unit-test command"
+    assert (REPO_ROOT / "tests" / "unit").is_dir()
+    assert "bash ops/dev.sh test" in lines
