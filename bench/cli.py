@@ -49,6 +49,8 @@ def stack_env(home: Path) -> dict[str, str]:
         GANTRY_NATS_URL=f"nats://127.0.0.1:{free_port()}", GANTRY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
         PYTHONPATH=str(REPO),
     )
+    if "GANTRY_DATA_DIR" in os.environ:  # the reference data (model catalogue), when not at ../shared/data
+        env["GANTRY_DATA_DIR"] = os.environ["GANTRY_DATA_DIR"]
     return env
 
 
