@@ -141,6 +141,7 @@ def main() -> None:
             for n, (name, argv) in enumerate({**COMMANDS, **FLOORS}.items(), 1):
                 progress(f"[{n}/{len(COMMANDS) + len(FLOORS) + 1}] gantry {' '.join(argv)} x {args.runs}")
                 commands[name] = measure([GANTRY, *argv], env, args.runs)
+                progress(f"    median wall {commands[name]['wall_median_s']} s, CPU {commands[name]['cpu_median_s']} s")
             progress(f"[{len(COMMANDS) + len(FLOORS) + 1}/{len(COMMANDS) + len(FLOORS) + 1}] python -c pass")
             commands["python"] = measure([sys.executable, "-c", "pass"], env, args.runs)
             load_after = round(os.getloadavg()[0], 2)
