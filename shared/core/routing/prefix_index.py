@@ -21,9 +21,11 @@ compacted when it grows past four times the live entries, so it is bounded too.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
-from operator import itemgetter
+from itertools import accumulate, repeat
+from operator import and_, itemgetter, neg
 
 DEFAULT_CAPACITY = 31_250
 LOG_SLACK = 4  # the touch log may hold this many times the live entries (plus a constant) before compaction
@@ -211,16 +213,29 @@ class PrefixIndex:
 def walk(get: Callable[[int, int], int], hashes: Sequence[int], start: int, end: int, alive: int,
          out: dict[int, int]) -> int:
     """Continue a match over ``hashes[start:end]`` with ``get(hash, 0) → mask``: slots that stop matching at
-    block i get ``out[slot] = i``; returns the slots still matching every block up to ``end``."""
-    for i in range(start, end):
-        nxt = alive & get(hashes[i], 0)
-        if nxt != alive:
-            if i:
-                spread(out, alive & ~nxt, i)
-            alive = nxt
-            if not alive:
-                return 0
-    return alive
+    block i get ``out[slot] = i``; returns the slots still matching every block up to ``end``.
+
+    The running AND of the masks is computed in C (``map`` + ``accumulate``); it only ever loses bits, so as
+    an int it never grows, and each point where it drops is found by bisection instead of a Python loop
+    over every block."""
+    if start >= end:
+        return alive
+    acc = list(accumulate(map(get, hashes[start:end], repeat(0)), and_, initial=alive))
+    last = acc[-1]
+    if last == alive:  # the usual chunk: every candidate still matching holds every block
+        return alive
+    n = len(acc)
+    j = 0
+    cur = alive
+    while cur != last:
+        # acc[j] == cur: the first index whose value is below it (acc is non-increasing: -acc ascends)
+        j = bisect_right(acc, -cur, j, n, key=neg)
+        nxt = acc[j]
+        i = start + j - 1  # acc[j] is the AND after block start + j - 1: dropped slots matched that many
+        if i:
+            spread(out, cur & ~nxt, i)
+        cur = nxt
+    return last
 
 
 def spread(out: dict[int, int], mask: int, value: int) -> None:
