@@ -24,8 +24,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
-from itertools import accumulate, repeat
-from operator import and_, itemgetter, neg
+from itertools import accumulate, filterfalse, repeat
+from operator import and_, itemgetter, neg, or_
 
 DEFAULT_CAPACITY = 31_250
 LOG_SLACK = 4  # the touch log may hold this many times the live entries (plus a constant) before compaction
@@ -101,22 +101,19 @@ class PrefixIndex:
             held = self._held[slot] = {}
             self._log[slot] = deque()
             self._logged[slot] = 0
-        new = [h for h in hashes if h not in held]
+        new = list(filterfalse(held.__contains__, hashes))
         self._gen += 1
         held.update(dict.fromkeys(hashes, self._gen))
         self._log[slot].append((self._gen, hashes))
         self._logged[slot] += len(hashes)
         if new:
+            # mask |= bit for each new hash, in C (a repeated hash reads its own update: OR is idempotent)
+            bits = repeat(1 << slot)
             masks = self.masks
-            get = masks.get
-            bit = 1 << slot
-            for h in new:
-                masks[h] = get(h, 0) | bit
+            masks.update(zip(new, map(or_, map(masks.get, new, repeat(0)), bits), strict=True))
             union = self.union
             if union is not None:
-                uget = union.get
-                for h in new:
-                    union[h] = uget(h, 0) | bit
+                union.update(zip(new, map(or_, map(union.get, new, repeat(0)), bits), strict=True))
         cap = self.capacity if capacity is None else min(capacity, self.capacity)
         if len(held) > cap:
             self._evict(slot, held, cap)
