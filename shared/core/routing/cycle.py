@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from itertools import repeat
-from operator import attrgetter, mul, sub
+from operator import mul, sub
 from typing import Literal
 
 from shared.core.routing.domain import EndpointState, RouteRequest
@@ -17,7 +17,6 @@ from shared.core.routing.state import PoolState
 
 PrefixSource = Literal["approximate", "precise", "hybrid"]
 PREFIX_SOURCES: tuple[str, ...] = ("approximate", "precise", "hybrid")
-SLOT = attrgetter("slot")
 
 
 class Cycle:
@@ -69,7 +68,8 @@ class Cycle:
         hit = self._lists.get(key)
         if hit is not None and hit[0] is cands:
             return hit[1]
-        out = list(map(self.matches(source).get, map(SLOT, cands), repeat(0)))  # in C
+        get = self.matches(source).get
+        out = [get(st.slot, 0) for st in cands]
         self._lists[key] = (cands, out)
         return out
 

@@ -21,11 +21,9 @@ compacted when it grows past four times the live entries, so it is bounded too.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
-from itertools import accumulate, filterfalse, repeat
-from operator import and_, itemgetter, neg, or_
+from operator import itemgetter
 
 DEFAULT_CAPACITY = 31_250
 LOG_SLACK = 4  # the touch log may hold this many times the live entries (plus a constant) before compaction
@@ -101,19 +99,22 @@ class PrefixIndex:
             held = self._held[slot] = {}
             self._log[slot] = deque()
             self._logged[slot] = 0
-        new = list(filterfalse(held.__contains__, hashes))
+        new = [h for h in hashes if h not in held]
         self._gen += 1
         held.update(dict.fromkeys(hashes, self._gen))
         self._log[slot].append((self._gen, hashes))
         self._logged[slot] += len(hashes)
         if new:
-            # mask |= bit for each new hash, in C (a repeated hash reads its own update: OR is idempotent)
-            bits = repeat(1 << slot)
             masks = self.masks
-            masks.update(zip(new, map(or_, map(masks.get, new, repeat(0)), bits), strict=True))
+            get = masks.get
+            bit = 1 << slot
+            for h in new:
+                masks[h] = get(h, 0) | bit
             union = self.union
             if union is not None:
-                union.update(zip(new, map(or_, map(union.get, new, repeat(0)), bits), strict=True))
+                uget = union.get
+                for h in new:
+                    union[h] = uget(h, 0) | bit
         cap = self.capacity if capacity is None else min(capacity, self.capacity)
         if len(held) > cap:
             self._evict(slot, held, cap)
@@ -210,29 +211,16 @@ class PrefixIndex:
 def walk(get: Callable[[int, int], int], hashes: Sequence[int], start: int, end: int, alive: int,
          out: dict[int, int]) -> int:
     """Continue a match over ``hashes[start:end]`` with ``get(hash, 0) → mask``: slots that stop matching at
-    block i get ``out[slot] = i``; returns the slots still matching every block up to ``end``.
-
-    The running AND of the masks is computed in C (``map`` + ``accumulate``); it only ever loses bits, so as
-    an int it never grows, and each point where it drops is found by bisection instead of a Python loop
-    over every block."""
-    if start >= end:
-        return alive
-    acc = list(accumulate(map(get, hashes[start:end], repeat(0)), and_, initial=alive))
-    last = acc[-1]
-    if last == alive:  # the usual chunk: every candidate still matching holds every block
-        return alive
-    n = len(acc)
-    j = 0
-    cur = alive
-    while cur != last:
-        # acc[j] == cur: the first index whose value is below it (acc is non-increasing: -acc ascends)
-        j = bisect_right(acc, -cur, j, n, key=neg)
-        nxt = acc[j]
-        i = start + j - 1  # acc[j] is the AND after block start + j - 1: dropped slots matched that many
-        if i:
-            spread(out, cur & ~nxt, i)
-        cur = nxt
-    return last
+    block i get ``out[slot] = i``; returns the slots still matching every block up to ``end``."""
+    for i in range(start, end):
+        nxt = alive & get(hashes[i], 0)
+        if nxt != alive:
+            if i:
+                spread(out, alive & ~nxt, i)
+            alive = nxt
+            if not alive:
+                return 0
+    return alive
 
 
 def spread(out: dict[int, int], mask: int, value: int) -> None:

@@ -15,9 +15,6 @@ is explicitly unsupported for heterogeneous pools; a per-endpoint model handles 
 
 from __future__ import annotations
 
-from itertools import repeat
-from operator import add, attrgetter, truediv
-
 import msgspec
 
 from shared.core.routing.cycle import PREFIX_SOURCES, Cycle
@@ -25,8 +22,6 @@ from shared.core.routing.domain import EndpointState
 from shared.core.routing.plugin import Scorer
 
 MISS_FACTOR = 0.5
-INFLIGHT_TOKENS = attrgetter("inflight_tokens")
-EFFECTIVE_RATE = attrgetter("effective_rate")
 
 
 class LatencyParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -65,12 +60,11 @@ class PredictedLatencyScorer(Scorer):
         """``min TTFT / TTFT``, halved where the TTFT SLO would be missed."""
         assert isinstance(self.params, LatencyParams)
         src = self.params.source
-        # ttft() of every candidate, in C: max(in-flight + uncached, 1) / effective rate
-        tokens = map(add, map(INFLIGHT_TOKENS, cands), cycle.uncached_list(cands, src))
-        ttfts = list(map(truediv, map(max, tokens, repeat(1)), map(EFFECTIVE_RATE, cands)))
+        ttfts = [(x if (x := st.inflight_tokens + u) > 1 else 1) / st.effective_rate
+                 for st, u in zip(cands, cycle.uncached_list(cands, src), strict=True)]
         best = min(ttfts)
         slo = cycle.request.slo_ttft_s
-        out = list(map(truediv, repeat(best), ttfts))
+        out = [best / t for t in ttfts]
         if slo is not None:
             out = [s * MISS_FACTOR if t > slo else s for s, t in zip(out, ttfts, strict=True)]
         return out
