@@ -186,7 +186,7 @@ def _probe(url: str, timeout: float = 60, need_served: bool = False) -> None:
 
 
 @contextmanager
-def gantry_front(nats_url: str, replicas: int, workdir: Path) -> Iterator[Front]:
+def gantry_front(nats_url: str, replicas: int, workdir: Path, staleness_s: float = STALENESS_S) -> Iterator[Front]:
     """Envoy + ``replicas`` Gantry pickers."""
     eds = workdir / "eds" / "engines.json"
     eds.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ def gantry_front(nats_url: str, replicas: int, workdir: Path) -> Iterator[Front]
             for port in ports:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "services.gateway", "--nats-url", nats_url, "--eds-path", str(eds),
-                     "--grpc-port", str(port), "--staleness-s", str(STALENESS_S)],
+                     "--grpc-port", str(port), "--staleness-s", str(staleness_s)],
                     cwd=REPO, stdout=fh, stderr=subprocess.STDOUT))
         envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=ports,
                                          eds_path=eds), workdir / "envoy")
@@ -368,12 +368,13 @@ def cpu_seconds(pids: list[int]) -> float:
 
 # -- one run -------------------------------------------------------------------------------------------
 
-def one_run(setup: str, w: Workload, nats_url: str, blocks: int, workdir: Path) -> dict[str, Any]:
+def one_run(setup: str, w: Workload, nats_url: str, blocks: int, workdir: Path,
+            staleness_s: float = STALENESS_S) -> dict[str, Any]:
     """Fresh engines, the router, the workload; the figures."""
     reqs = requests_of(w)
     with engines(nats_url, 3, blocks, workdir) as eng:
         if setup.startswith("gantry"):
-            front = gantry_front(nats_url, 3 if setup == "gantry-3" else 1, workdir / setup)
+            front = gantry_front(nats_url, 3 if setup == "gantry-3" else 1, workdir / setup, staleness_s)
         else:
             front = sglang_front(eng.urls, setup.split("-", 1)[1], workdir)
         with front as f:
@@ -395,6 +396,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--blocks", type=int, default=3200, help="KV blocks (16 tokens) per engine")
+    p.add_argument("--staleness-s", type=float, default=STALENESS_S, help="the pickers' metrics staleness bound")
     p.add_argument("--out", default="gateway_vs_sglang", help="file stem under docs/benchmarks/")
     a = p.parse_args()
     setups = [s for s in a.setups.split(",") if s]
@@ -411,7 +413,8 @@ def main() -> None:
             for g in groups:
                 w = Workload(groups=g, rate=a.rate, seconds=a.seconds, max_tokens=a.max_tokens, seed=run)
                 for setup in setups:
-                    row = {"run": run, **one_run(setup, w, nats.url, a.blocks, tmp), "load1": psutil.getloadavg()[0]}
+                    row = {"run": run, **one_run(setup, w, nats.url, a.blocks, tmp, a.staleness_s),
+                           "load1": psutil.getloadavg()[0]}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     finally:
@@ -419,6 +422,7 @@ def main() -> None:
     summary = summarize(rows, setups, groups)
     summary.update({"bench": "gateway_vs_sglang", "rate": a.rate, "seconds": a.seconds, "runs": a.runs,
                     "max_tokens": a.max_tokens, "blocks_per_engine": a.blocks, "engines": 3,
+                    "picker_staleness_s": a.staleness_s,
                     "load1_at_start": load0,
                     "note": "shared 2-core machine; server-side figures from the engines' own metrics; "
                             "medians over runs (each run: its own seed, fresh engines)"})

@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cluster",
     "top",
     "place",
+    "gateway",
 )
 
 app = typer.Typer(
