@@ -13,15 +13,18 @@ one engine's cache, prefix caching on, KV events on NATS); in front of them, one
 
 Workload (identical request list for every router): ``--groups`` prefix groups, each a ~1,000-token system
 prompt; each request picks a group uniformly at random, adds a unique ~70-token question and asks for
-``--max-tokens`` streamed tokens (``ignore_eos``), Poisson arrivals at ``--rate`` requests/s for
+``--max-tokens`` tokens (``ignore_eos``; not streamed unless ``--stream``: a streamed answer costs the
+picker one ext_proc round trip per chunk, and on this overloaded host (load ~25) a CPU-starved picker
+then missed Envoy's 5 s message timeout: 504s), Poisson arrivals at ``--rate`` requests/s for
 ``--seconds``. Engines are restarted before every run (cold caches).
 
 Measured on the server side, identically for both routers (the engines' own Prometheus figures, the
 difference before/after the run, summed over the 3 engines): prefix-cache hit rate = hit tokens / queried
 tokens (``vllm:prefix_cache_hits`` / ``vllm:prefix_cache_queries``), TTFT p50/p90 from the
 ``vllm:time_to_first_token_seconds`` histogram (linear inside a bucket, as Prometheus' histogram_quantile)
-and its exact mean (sum / count). Beside them, client-side: errors (non-200, broken stream), client TTFT,
-throughput, and the router processes' CPU seconds.
+and its exact mean (sum / count). Beside them, client-side: errors (non-200, broken stream), client
+latency (``client_ttft``: the first streamed chunk, or the whole answer when not streamed), throughput,
+and the router processes' CPU seconds.
 
 Run: ``.venv/bin/python bench/gateway_vs_sglang.py`` (defaults: groups 32 and 128, 10 req/s for 40 s,
 3 runs). Prints one JSON line per run and a summary JSON line last; writes
@@ -76,6 +79,7 @@ class Workload:
     prefix_words: int = 220  # ~1,000 tokens with the shipped tokenizer
     question_words: int = 16  # ~70 tokens
     seed: int = 0
+    stream: bool = False
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -95,7 +99,7 @@ def requests_of(w: Workload) -> list[tuple[float, dict[str, Any]]]:
         if t >= w.seconds:
             return out
         g = rng.randrange(w.groups)
-        body = {"model": MODEL, "max_tokens": w.max_tokens, "ignore_eos": True, "stream": True,
+        body = {"model": MODEL, "max_tokens": w.max_tokens, "ignore_eos": True, "stream": w.stream,
                 "messages": [{"role": "system", "content": prefixes[g]},
                              {"role": "user", "content": f"question {i}: " + _words(rng, w.question_words)}]}
         out.append((t, body))
@@ -317,21 +321,25 @@ async def drive(url: str, reqs: list[tuple[float, dict[str, Any]]]) -> dict[str,
                     if r.status_code != 200:
                         errors.append(f"{r.status_code} {(await r.aread())[:120]!r}")
                         return
-                    done = False
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: "):
-                            continue
-                        if line == "data: [DONE]":
-                            done = True
-                            break
-                        if '"content":"' in line and '"content":""' not in line:
-                            n += 1
-                            if first is None:
-                                first = time.perf_counter() - t0
-                if not done:
-                    errors.append("stream ended without [DONE]")
-                    return
-            except httpx.HTTPError as err:
+                    if not body.get("stream"):
+                        n = json.loads(await r.aread())["usage"]["completion_tokens"]
+                        first = time.perf_counter() - t0  # the whole answer: e2e for a non-streamed request
+                    else:
+                        done = False
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: "):
+                                continue
+                            if line == "data: [DONE]":
+                                done = True
+                                break
+                            if '"content":"' in line and '"content":""' not in line:
+                                n += 1
+                                if first is None:
+                                    first = time.perf_counter() - t0
+                        if not done:
+                            errors.append("stream ended without [DONE]")
+                            return
+            except (httpx.HTTPError, ValueError, KeyError) as err:
                 errors.append(f"{type(err).__name__}: {err}")
                 return
             tokens += n
@@ -394,6 +402,8 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=10.0)
     p.add_argument("--seconds", type=float, default=40.0)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--stream", action="store_true", help="streamed requests (client TTFT = first chunk); default: "
+                   "non-streamed (client figure = e2e), which spares the picker one ext_proc message per chunk")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--blocks", type=int, default=3200, help="KV blocks (16 tokens) per engine")
     p.add_argument("--staleness-s", type=float, default=STALENESS_S, help="the pickers' metrics staleness bound")
@@ -411,7 +421,8 @@ def main() -> None:
     try:
         for run in range(a.runs):
             for g in groups:
-                w = Workload(groups=g, rate=a.rate, seconds=a.seconds, max_tokens=a.max_tokens, seed=run)
+                w = Workload(groups=g, rate=a.rate, seconds=a.seconds, max_tokens=a.max_tokens, seed=run,
+                             stream=a.stream)
                 for setup in setups:
                     row = {"run": run, **one_run(setup, w, nats.url, a.blocks, tmp, a.staleness_s),
                            "load1": psutil.getloadavg()[0]}
@@ -422,7 +433,7 @@ def main() -> None:
     summary = summarize(rows, setups, groups)
     summary.update({"bench": "gateway_vs_sglang", "rate": a.rate, "seconds": a.seconds, "runs": a.runs,
                     "max_tokens": a.max_tokens, "blocks_per_engine": a.blocks, "engines": 3,
-                    "picker_staleness_s": a.staleness_s,
+                    "picker_staleness_s": a.staleness_s, "stream": a.stream,
                     "load1_at_start": load0,
                     "note": "shared 2-core machine; server-side figures from the engines' own metrics; "
                             "medians over runs (each run: its own seed, fresh engines)"})

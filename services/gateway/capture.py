@@ -14,6 +14,7 @@ Pure apart from :class:`TraceWriter`, which appends lines to a file.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from array import array
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import IO
 
 import msgspec
+
+log = logging.getLogger("gantry.gateway")
 
 BLOCK = 512  # Mooncake's prefix unit (shared.traces.load_mooncake reads ids as 512-token blocks)
 _MASK = (1 << 63) - 1
@@ -109,6 +112,7 @@ class TraceWriter:
         self.salt = salt
         self.written = 0
         self.skipped = 0
+        self.failed = 0  # lines lost to write errors
         self._fh: IO[bytes] = path.open("ab")
         self._enc = msgspec.json.Encoder()
 
@@ -122,10 +126,19 @@ class TraceWriter:
         if rec is None:
             self.skipped += 1
             return
-        self._fh.write(self._enc.encode(rec) + b"\n")
-        self._fh.flush()
+        try:
+            self._fh.write(self._enc.encode(rec) + b"\n")
+            self._fh.flush()
+        except (OSError, ValueError) as err:  # a full disk (or a closed file) must not break routing
+            self.failed += 1
+            if self.failed == 1:
+                log.warning("trace capture to %s failed (%s); routing goes on, lines are dropped", self.path, err)
+            return
         self.written += 1
 
     def close(self) -> None:
         """Close the file."""
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError as err:
+            log.warning("closing the trace %s failed: %s", self.path, err)

@@ -129,3 +129,14 @@ async def test_picker_writes_one_line_per_finished_request_and_the_loader_reads_
     assert [(r.output_len, r.arrival_s) for r in reqs] == [(4, 1.0), (9, 1.0)]
     assert reqs[0].prompt_len > 600 and len(reqs[0].prefix_ids or ()) == 2  # chat template + 600 chars
     assert p.capturing == {}  # nothing kept once the streams ended
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_write_error_loses_the_line_not_the_picker() -> None:
+    w = TraceWriter(Path("/dev/full"), start=0.0)  # every flush fails: no space left on device
+    p = w.begin(1.0, "m", [1, 2, 3])
+    p.status = 200
+    p.output.usage = 2
+    w.finish(p)
+    assert (w.written, w.failed) == (0, 1)
+    w.close()
