@@ -407,6 +407,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--blocks", type=int, default=3200, help="KV blocks (16 tokens) per engine")
     p.add_argument("--staleness-s", type=float, default=STALENESS_S, help="the pickers' metrics staleness bound")
+    p.add_argument("--from-rows", type=Path, default=None,
+                   help="no run: summarize the per-run JSON lines a previous run printed (e.g. an interrupted one)")
     p.add_argument("--out", default="gateway_vs_sglang", help="file stem under docs/benchmarks/")
     a = p.parse_args()
     setups = [s for s in a.setups.split(",") if s]
@@ -414,6 +416,10 @@ def main() -> None:
     if unknown:
         p.error(f"unknown setups {unknown}; known: {', '.join(SETUPS)}")
     groups = [int(g) for g in a.groups.split(",") if g]
+    if a.from_rows is not None:
+        rows = [json.loads(line) for line in a.from_rows.read_text().splitlines() if line.startswith('{"run"')]
+        write(rows, setups, groups, a, psutil.getloadavg()[0])
+        return
     tmp = Path(tempfile.mkdtemp(prefix="gantry-bench-gvs-"))
     nats = start_nats(tmp / "nats")
     rows: list[dict[str, Any]] = []
@@ -430,8 +436,15 @@ def main() -> None:
                     rows.append(row)
     finally:
         nats.stop()
+    write(rows, setups, groups, a, load0)
+
+
+def write(rows: list[dict[str, Any]], setups: list[str], groups: list[int], a: argparse.Namespace,
+          load0: float) -> None:
+    """The summary: JSON and PNG under docs/benchmarks/, and the last JSON line printed."""
+    runs = len({r["run"] for r in rows})
     summary = summarize(rows, setups, groups)
-    summary.update({"bench": "gateway_vs_sglang", "rate": a.rate, "seconds": a.seconds, "runs": a.runs,
+    summary.update({"bench": "gateway_vs_sglang", "rate": a.rate, "seconds": a.seconds, "runs": runs,
                     "max_tokens": a.max_tokens, "blocks_per_engine": a.blocks, "engines": 3,
                     "picker_staleness_s": a.staleness_s, "stream": a.stream,
                     "load1_at_start": load0,
