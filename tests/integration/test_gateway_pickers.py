@@ -111,3 +111,38 @@ def test_gantry_gateway_without_nats_says_so_in_one_line(tmp_path: Path) -> None
                           f"nats://127.0.0.1:{free_port()}"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:")
+
+
+def test_the_demo_gateway_routes_a_chat_completion_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from ops.servers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ops.gateway_demo", "--port", str(port), "--engines", "2",
+                             "--workdir", str(tmp_path / "demo")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 180
+        while not any("Ctrl-C" in ln for ln in lines):
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, "".join(lines)
+            lines.append(line)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 4  # NATS, 2 engines, the picker, Envoy
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                       json={"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert r.status_code == 200 and r.headers["x-gantry-endpoints"].startswith("engine-")
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"left running: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,7 +1,8 @@
 """no-hit-lru-scorer (llm-d): spreads *new* prefixes. For a cold request (no endpoint holds any of its
-blocks; with ``cold_below`` > 0, also when the best holder has less than that fraction of its blocks) endpoints that never took a cold request score 1.0, the others by recency of their last cold
-request, linearly from 1 (least recent) down to 0 (most recent); warm requests score a neutral 0.5.
-The recency list holds at most ``lru_size`` endpoints (llm-d 1024) and learns only from acted decisions.
+blocks; with ``cold_below`` > 0, also when the best holder has less than that fraction of its blocks)
+endpoints that never took a cold request score 1.0, the others by recency of their last cold request,
+linearly from 1 (least recent) down to 0 (most recent); warm requests score a neutral 0.5. The recency
+list holds at most ``lru_size`` endpoints (llm-d 1024) and learns only from acted decisions.
 
 Why ``cold_below``: with llm-d's rule a prompt is cold only when no block at all is cached anywhere, but chat
 prompts share their first block(s) (the template, a common preamble), so after the first requests nothing is
