@@ -20,6 +20,8 @@ and mean ITL ≤ 50 ms; refused and unfinished requests count as failures), pref
 side: cached prompt tokens / prompt tokens), per-endpoint balance (coefficient of variation of
 requests and busy time) and requests lost (offered − completed − refused with a reason).
 
+``--trace FILE --workloads trace`` replays a trace file instead (a gateway capture, Mooncake JSONL).
+
 ``--router-replicas N`` puts N independent gantry routers (HA gateway replicas) round robin in front.
 
 Run: ``.venv/bin/python bench/routing_quality.py [--quick]``. Writes docs/benchmarks/routing_quality.{json,png};
@@ -115,6 +117,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=44.0)
     ap.add_argument("--routers", default=",".join(ROUTERS))
     ap.add_argument("--workloads", default="mooncake,shared-prefix")
+    ap.add_argument("--trace", default=None, help="a trace file (e.g. captured by the gateway's --capture): "
+                    "replayed as the workload 'trace' (add it to --workloads)")
     ap.add_argument("--requests", type=int, default=4000, help="requests per workload (Mooncake has 3,993)")
     args = ap.parse_args()
     n = 600 if args.quick else args.requests
@@ -122,6 +126,11 @@ def main() -> None:
         "mooncake": lambda: load_trace("mooncake", args.mooncake_scale, limit=n),
         "shared-prefix": lambda: shared_prefix(args.tenants, args.rate, n, seed=1),
     }
+    if args.trace:
+        workloads["trace"] = lambda: load_trace(args.trace, limit=n)
+    unknown = [w for w in args.workloads.split(",") if w not in workloads]
+    if unknown:
+        ap.error(f"unknown workloads {unknown} (known: {', '.join(workloads)}; 'trace' needs --trace)")
     results: dict[str, dict[str, Any]] = {}
     for wl in args.workloads.split(","):
         trace = workloads[wl]()

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "top": "top",
     "place": "place",
     "engine": "engine", "simulate": "engine",
+    "gateway": "gateway",
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 

@@ -22,9 +22,16 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     p.add_argument("--profile", default="default", choices=builtin_names())
     p.add_argument("--expire-s", type=float, default=3.0, help="drop an endpoint silent this long")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--staleness-s", type=float, default=None,
+                   help="engine reports older than this count as stale (default: the profile's, 0.2 s)")
+    p.add_argument("--capture", type=Path, default=None,
+                   help="append every routed request to this JSONL trace (Mooncake-style; `gantry simulate` "
+                        "replays it)")
+    p.add_argument("--capture-salt", default="", help="key of the trace's prefix-block hashes")
     a = p.parse_args(argv)
     return GatewayOptions(nats_url=a.nats_url, eds_path=a.eds_path, grpc_host=a.grpc_host, grpc_port=a.grpc_port,
-                          profile=a.profile, expire_s=a.expire_s, seed=a.seed)
+                          profile=a.profile, expire_s=a.expire_s, seed=a.seed, staleness_s=a.staleness_s,
+                          capture=a.capture, capture_salt=a.capture_salt)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if opts.expire_s <= 0:
         print("error: --expire-s must be > 0", file=sys.stderr)
+        sys.exit(2)
+    if opts.staleness_s is not None and not opts.staleness_s > 0:
+        print("error: --staleness-s must be > 0", file=sys.stderr)
         sys.exit(2)
     asyncio.run(Gateway(opts).run())
 

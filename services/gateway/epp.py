@@ -24,6 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from services.gateway.capture import Pending, TraceWriter
 from services.gateway.request import BadRequest, Tokenize, parse_request
 from shared.core.routing import Decision, Router
 
@@ -73,12 +74,15 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
     """Gantry's endpoint picker over one routing core (owned by the service's event loop)."""
 
     def __init__(self, router: Router, addresses: Callable[[], dict[str, str]],
-                 clock: Callable[[], float] = time.time, tokenize: Tokenize | None = None) -> None:
+                 clock: Callable[[], float] = time.time, tokenize: Tokenize | None = None,
+                 capture: TraceWriter | None = None) -> None:
         self.router = router
         self.tokenize = tokenize
         self.addresses = addresses  # endpoint id -> host:port, from the pool view
         self.clock = clock
         self.counters = Counters()
+        self.capture = capture  # record routed requests as a replayable trace
+        self.capturing: dict[str, Pending] = {}  # request id -> its trace line in the making
 
     def decide(self, body: bytes, headers: dict[str, str]) -> tuple[pb.ProcessingResponse, Decision | None]:
         """The answer to a complete request body (pure apart from the router's own accounting)."""
@@ -89,7 +93,8 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         except BadRequest as err:
             self.counters.refused[400] = self.counters.refused.get(400, 0) + 1
             return immediate(400, str(err)), None
-        out = self.router.route(req, self.clock())
+        now = self.clock()
+        out = self.router.route(req, now)
         if not isinstance(out, Decision):
             self.counters.refused[out.code] = self.counters.refused.get(out.code, 0) + 1
             return immediate(out.code, out.reason), None
@@ -102,6 +107,8 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         meta = struct_pb2.Struct()
         meta.update({METADATA_NS: {DESTINATION: value}})
         self.counters.picks += 1
+        if self.capture is not None and req.token_ids:
+            self.capturing[rid] = self.capture.begin(now, req.model, req.token_ids)
         resp = pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(set_headers=[_set_header(DESTINATION, value)]),
@@ -132,7 +139,11 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                         return
                 elif kind == "response_headers":
                     if decision is not None:
-                        self._served(decision, _headers(msg.response_headers).get(SERVED, ""))
+                        got = _headers(msg.response_headers)
+                        self._served(decision, got.get(SERVED, ""))
+                        if (pending := self.capturing.get(decision.request_id)) is not None:
+                            code = got.get(":status", "")
+                            pending.status = int(code) if code.isdigit() else 0
                     mutation = pb.HeaderMutation(
                         set_headers=[_set_header(PICKED, ",".join(decision.endpoints))] if decision else [])
                     yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(
@@ -144,6 +155,8 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                         first = False
                         self.router.first_token(decision.request_id)
                         self.counters.first_tokens += 1
+                    if decision is not None and (pending := self.capturing.get(decision.request_id)) is not None:
+                        pending.output.feed(msg.response_body.body)
                     yield pb.ProcessingResponse(response_body=pb.BodyResponse())
                     if msg.response_body.end_of_stream:
                         return
@@ -153,6 +166,9 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
             if decision is not None:  # ended one way or another (done, client gone, upstream failed)
                 self.router.finished(decision.request_id)
                 self.counters.finished += 1
+                pending = self.capturing.pop(decision.request_id, None)
+                if pending is not None and self.capture is not None:
+                    self.capture.finish(pending)
 
     def _served(self, decision: Decision, served: str) -> None:
         """Charge the request to the endpoint that actually served it (Envoy may have walked the list)."""

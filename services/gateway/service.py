@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import msgspec
 import nats
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from nats.aio.msg import Msg
 from tokenizers import Tokenizer
 
+from services.gateway.capture import TraceWriter
 from services.gateway.contract import CONTRACT
 from services.gateway.epp import Picker
 from services.gateway.pool import eds_document
@@ -26,7 +28,7 @@ from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
 from shared.bus.messages import EngineKVEvents, EngineMetrics
 from shared.bus.runtime import Bus
-from shared.core.routing import Endpoint, Router, builtin_config
+from shared.core.routing import Endpoint, Router, RouterConfig, builtin_config
 from shared.host.engine_feed import EngineFeed
 
 log = logging.getLogger("gantry.gateway")
@@ -43,6 +45,9 @@ class GatewayOptions:
     profile: str = "default"
     expire_s: float = 3.0
     seed: int = 0
+    staleness_s: float | None = None  # override of the profile's metrics staleness bound (data and detector)
+    capture: Path | None = None  # write the routed traffic here as a replayable trace (JSONL)
+    capture_salt: str = ""  # keys the prefix-block hashes of the trace
 
 
 def shipped_tokenizer() -> Tokenize:
@@ -53,6 +58,21 @@ def shipped_tokenizer() -> Tokenize:
         return list(tok.encode(text).ids)
 
     return tokenize
+
+
+def router_config(profile: str, staleness_s: float | None = None) -> RouterConfig:
+    """A built-in profile, with the metrics staleness bound replaced when given (a loaded host's engines
+    report late: a bound below their real reporting gap turns every pick into a 503)."""
+    cfg = builtin_config(profile)
+    if staleness_s is None:
+        return cfg
+    if not staleness_s > 0:
+        raise ValueError(f"staleness must be > 0 s (got {staleness_s})")
+    adm = cfg.admission
+    return msgspec.structs.replace(
+        cfg, data=msgspec.structs.replace(cfg.data, staleness_s=staleness_s),
+        admission=msgspec.structs.replace(adm, detector=msgspec.structs.replace(adm.detector,
+                                                                                staleness_s=staleness_s)))
 
 
 def write_eds(path: Path, doc: dict[str, object]) -> None:
@@ -67,10 +87,12 @@ class Gateway:
 
     def __init__(self, opts: GatewayOptions) -> None:
         self.opts = opts
-        self.router = Router(builtin_config(opts.profile), seed=opts.seed)
+        self.router = Router(router_config(opts.profile, opts.staleness_s), seed=opts.seed)
         self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed)
         self.pool = self.feed.pool
-        self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer())
+        self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
+                        if opts.capture is not None else None)
+        self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer(), capture=self.capture)
         self._eds_version = 0
         self.bus: Bus | None = None
 
@@ -126,5 +148,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await expire
             await server.stop(1.0)
+            if self.capture is not None:
+                self.capture.close()
             with contextlib.suppress(Exception):
                 await nc.drain()

@@ -105,7 +105,7 @@ class Gateway:
         return self.pickers[0]
 
 
-def _gateway(nats_url: str, tmp_path: Path, replicas: int) -> Iterator[Gateway]:
+def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str) -> Iterator[Gateway]:
     eds = tmp_path / "eds" / "engines.json"
     eds.parent.mkdir()
     ports = tuple(free_port() for _ in range(replicas))
@@ -115,7 +115,8 @@ def _gateway(nats_url: str, tmp_path: Path, replicas: int) -> Iterator[Gateway]:
         for port in ports:
             pickers.append(subprocess.Popen(
                 [sys.executable, "-m", "services.gateway", "--nats-url", nats_url, "--eds-path", str(eds),
-                 "--grpc-port", str(port), "--expire-s", "2"], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT))
+                 "--grpc-port", str(port), "--expire-s", "2", *extra], cwd=REPO, stdout=fh,
+                stderr=subprocess.STDOUT))
     envoy = None
     try:
         opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=ports, eds_path=eds)
@@ -138,16 +139,20 @@ def gateway3(nats_server: ServerProcess, tmp_path: Path) -> Iterator[Gateway]:
     yield from _gateway(nats_server.url, tmp_path, 3)
 
 
-@pytest.fixture
-def engines(nats_server: ServerProcess, tmp_path: Path) -> Iterator[list[Engine]]:
+def _engines(nats_url: str, tmp_path: Path, n: int, *extra: str) -> Iterator[list[Engine]]:
     started: list[Engine] = []
     try:
-        for i in range(2):
-            started.append(_start_engine(nats_server.url, f"gw-engine-{i}", tmp_path))
+        for i in range(n):
+            started.append(_start_engine(nats_url, f"gw-engine-{i}", tmp_path, *extra))
         yield started
     finally:
         for e in started:
             _stop(e.proc)
+
+
+@pytest.fixture
+def engines(nats_server: ServerProcess, tmp_path: Path) -> Iterator[list[Engine]]:
+    yield from _engines(nats_server.url, tmp_path, 2)
 
 
 def _chat(prompt: str, max_tokens: int = 8, stream: bool = True) -> dict[str, object]:

@@ -109,6 +109,36 @@ def test_no_hit_lru_spreads_cold_requests_and_is_neutral_for_warm_ones() -> None
     assert s.score(warm, cands(state)) is None  # neutral 0.5 everywhere
 
 
+def test_no_hit_lru_with_cold_below_treats_a_shared_template_block_as_cold() -> None:
+    from shared.core.routing.domain import RouteRequest
+    from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
+
+    state = pool(met(), met(), met())
+    template = [7] * 16  # one block every chat prompt shares
+
+    def chat(group: int) -> RouteRequest:
+        return RouteRequest(f"g{group}", "m", token_ids=template + [group * 1000 + i for i in range(144)])
+
+    first = cycle(state, chat(1))
+    state.remember("e0", first.chain.all())  # e0 holds group 1, so the template block too
+    llm_d = NoHitLruScorer("n", NoHitParams(source="approximate"))
+    ours = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3))
+    for s in (llm_d, ours):
+        s.picked(cycle(state), state.endpoints["e1"])  # a cold request went to e1 earlier
+        s.picked(cycle(state), state.endpoints["e0"])  # and then one to e0
+    new_group = cycle(state, chat(2))  # 1 of its 10 blocks is cached on e0: warm for llm-d's rule
+    assert llm_d.score(new_group, cands(state)) is None
+    assert ours.score(new_group, cands(state)) == [0.0, 1.0, 1.0]  # spread: e0 took the last cold one
+    assert ours.score(cycle(state, chat(1)), cands(state)) is None  # group 1 itself is warm (10 of 10)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_no_hit_lru_cold_below_is_a_fraction(bad: float) -> None:
+    from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
+
+    assert NoHitLruScorer.check(NoHitParams(cold_below=bad))
+
+
 def test_predicted_latency_uses_each_endpoints_own_gpu_model() -> None:
     state = pool(met(), met())
     fast, slow = CalibratedStepTime(base_s=0.0, per_token_s=1e-4), CalibratedStepTime(base_s=0.0, per_token_s=4e-4)

@@ -1,7 +1,14 @@
 """no-hit-lru-scorer (llm-d): spreads *new* prefixes. For a cold request (no endpoint holds any of its
-blocks) endpoints that never took a cold request score 1.0, the others by recency of their last cold
-request, linearly from 1 (least recent) down to 0 (most recent); warm requests score a neutral 0.5.
-The recency list holds at most ``lru_size`` endpoints (llm-d 1024) and learns only from acted decisions.
+blocks; with ``cold_below`` > 0, also when the best holder has less than that fraction of its blocks)
+endpoints that never took a cold request score 1.0, the others by recency of their last cold request,
+linearly from 1 (least recent) down to 0 (most recent); warm requests score a neutral 0.5. The recency
+list holds at most ``lru_size`` endpoints (llm-d 1024) and learns only from acted decisions.
+
+Why ``cold_below``: with llm-d's rule a prompt is cold only when no block at all is cached anywhere, but chat
+prompts share their first block(s) (the template, a common preamble), so after the first requests nothing is
+cold and new prefixes are no longer spread (seen on the gateway bench: 128 prefix groups piled onto one of 3
+engines and evicted each other). sglang-router's cache_aware treats a match below ``cache_threshold`` (0.3)
+as new for the same reason.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ NEUTRAL = 0.5
 
 
 class NoHitParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """``lru_size``: endpoints remembered; ``source``: the index that decides "cold"."""
+    """``lru_size``: endpoints remembered; ``source``: the index that decides "cold"; ``cold_below``: a request
+    is also cold when its best holder has less than this fraction of its blocks (0: only when none has any)."""
 
     lru_size: int = 1024
     source: str = "hybrid"
+    cold_below: float = 0.0
 
 
 class NoHitLruScorer(Scorer):
@@ -41,13 +50,19 @@ class NoHitLruScorer(Scorer):
         out = []
         if params.lru_size < 1:
             out.append(f"lru_size must be >= 1 (got {params.lru_size})")
+        if not 0 <= params.cold_below <= 1:
+            out.append(f"cold_below must be in [0, 1] (got {params.cold_below})")
         if params.source not in PREFIX_SOURCES:
             out.append(f"source must be one of {', '.join(PREFIX_SOURCES)} (got {params.source!r})")
         return out
 
     def _cold(self, cycle: Cycle) -> bool:
         assert isinstance(self.params, NoHitParams)
-        return not cycle.matches(self.params.source)
+        m = cycle.matches(self.params.source)
+        if not m:
+            return True
+        below, total = self.params.cold_below, cycle.chain.total
+        return below > 0 and total > 0 and max(m.values()) < below * total
 
     def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
         """1 for never-used, else by recency; 0.5 for warm requests (None: the same for all)."""

@@ -1,0 +1,123 @@
+"""``python -m ops.gateway_demo``: a gateway to try on a laptop, in the foreground until Ctrl-C.
+
+Starts its own NATS (no auth, a free port), ``--engines`` emulated model servers, one Gantry endpoint picker
+and Envoy listening on ``--port``; prints how to send a chat completion and how to watch it routed with
+``gantry gateway``. Logs go under ``--workdir``. Everything it started stops on Ctrl-C (or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from ops.envoy import EnvoyOptions, start_envoy
+from ops.servers import ServerProcess, ServerStartError, free_port, start_nats
+
+MODEL = "demo-model"
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise ServerStartError(f"{proc.args!r} exited with {proc.returncode}")
+        time.sleep(0.2)
+    raise ServerStartError(f"{url} did not come up in {timeout:.0f} s")
+
+
+def _wait_routable(url: str, picker: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    """Until the picker answers through Envoy with the model in its pool (then a moment for the endpoint
+    file it wrote to reach Envoy)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            models = httpx.get(f"{url}/v1/models", timeout=2)
+            if models.status_code == 200 and MODEL in models.text:
+                time.sleep(0.5)
+                return
+        except httpx.TransportError:
+            pass
+        if picker.poll() is not None:
+            raise ServerStartError(f"the picker exited with {picker.returncode}")
+        time.sleep(0.3)
+    raise ServerStartError(f"the gateway at {url} did not become routable in {timeout:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start the demo gateway and wait for Ctrl-C."""
+    p = argparse.ArgumentParser(prog="python -m ops.gateway_demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--port", type=int, default=8080, help="Envoy's listener (the OpenAI endpoint)")
+    p.add_argument("--engines", type=int, default=3, help="emulated model servers")
+    p.add_argument("--workdir", type=Path, default=Path(".gantry/gateway-demo"))
+    p.add_argument("--capture", type=Path, default=None, help="also record the routed traffic as a trace here")
+    a = p.parse_args(argv)
+    if not 1 <= a.engines <= 16:
+        p.error("--engines must be between 1 and 16")
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    servers: list[ServerProcess] = []
+
+    def stop(_sig: int = 0, _frame: FrameType | None = None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        nats = start_nats(a.workdir / "nats")
+        servers.append(nats)
+        logs = (a.workdir / "processes.log").open("ab")
+        for i in range(a.engines):
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "services.engine_server", "--port", str(port), "--served-model-name", MODEL,
+                 "--nats-url", nats.url, "--instance-id", f"engine-{i}", "--disable-uvicorn-access-log"],
+                stdout=logs, stderr=subprocess.STDOUT))
+            _wait(f"http://127.0.0.1:{port}/health", procs[-1])
+        eds = (a.workdir / "eds" / "engines.json").resolve()
+        epp = free_port()
+        extra = ["--capture", str(a.capture)] if a.capture else []
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "services.gateway", "--nats-url", nats.url, "--eds-path", str(eds),
+             "--grpc-port", str(epp), *extra], stdout=logs, stderr=subprocess.STDOUT))
+        servers.append(start_envoy(EnvoyOptions(listen_port=a.port, admin_port=free_port(), epp_port=epp,
+                                                eds_path=eds), a.workdir / "envoy"))
+        _wait_routable(f"http://127.0.0.1:{a.port}", procs[-1])
+        print(f"gateway on http://127.0.0.1:{a.port} (model {MODEL!r}, {a.engines} emulated engines)\n"
+              f"  curl -s localhost:{a.port}/v1/chat/completions -H 'content-type: application/json' \\\n"
+              f"    -d '{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'\n"
+              f"  gantry gateway --nats-url {nats.url} --watch\n"
+              f"Ctrl-C stops everything (logs in {a.workdir})", flush=True)
+        while all(pr.poll() is None for pr in procs) and all(s.alive() for s in servers):
+            time.sleep(0.5)
+        print("a process of the demo exited; stopping", file=sys.stderr)
+    except ServerStartError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for pr in procs:
+            if pr.poll() is None:
+                pr.terminate()
+        for pr in procs:
+            try:
+                pr.wait(5)
+            except subprocess.TimeoutExpired:
+                pr.kill()
+        for s in reversed(servers):
+            s.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``gantry gateway``: rows built from the model servers' reports (load, KV usage, hit rate since start and
+over the last frame)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from ops.cli.gateway import rows_of, table_of
+from shared.bus.messages import EngineMetrics
+
+
+def report(iid: str, hits: int, queries: int, model: str = "m", ts: float = 100.0, running: int = 0,
+           waiting: int = 0) -> EngineMetrics:
+    return EngineMetrics(instance_id=iid, model=model, url=f"http://127.0.0.1:80{iid[-1]}", ts=ts,
+                         num_requests_running=running, num_requests_waiting=waiting, kv_cache_usage_perc=0.25,
+                         block_size=16, num_gpu_blocks=100, prefix_cache_hits=hits, prefix_cache_queries=queries,
+                         prompt_tokens=queries, generation_tokens=7)
+
+
+def test_hit_rate_since_start_and_over_the_last_frame() -> None:
+    rows = rows_of({"e1": report("e1", 90, 100)}, {"e1": report("e1", 10, 50)}, now=100.5)
+    (r,) = rows
+    assert r.hit_rate == 0.9 and r.recent_hit_rate == 80 / 50
+    assert r.address == "127.0.0.1:801" and abs(r.age_s - 0.5) < 1e-9
+
+
+def test_an_endpoint_that_queried_nothing_shows_no_rate_rather_than_zero() -> None:
+    (r,) = rows_of({"e1": report("e1", 0, 0)}, {}, now=100.0)
+    assert r.hit_rate is None and r.recent_hit_rate is None
+
+
+def test_a_restarted_server_has_no_recent_rate_instead_of_a_negative_one() -> None:
+    (r,) = rows_of({"e1": report("e1", 5, 10)}, {"e1": report("e1", 50, 100)}, now=100.0)
+    assert r.recent_hit_rate is None and r.hit_rate == 0.5
+
+
+def test_rows_are_sorted_by_model_then_endpoint_and_report_age_is_never_negative() -> None:
+    latest = {"e2": report("e2", 0, 0, model="b"), "e1": report("e1", 0, 0, model="b"),
+              "e3": report("e3", 0, 0, model="a", ts=200.0)}
+    assert [(r.model, r.instance) for r in rows_of(latest, {}, now=100.0)] == [("a", "e3"), ("b", "e1"), ("b", "e2")]
+    assert all(r.age_s >= 0 for r in rows_of(latest, {}, now=100.0))
+
+
+def test_table_shows_load_and_hit_rate_per_endpoint_and_says_when_nothing_reported() -> None:
+    con = Console(width=200, record=True)
+    con.print(table_of(rows_of({"e1": report("e1", 3, 4, running=2, waiting=1)}, {}, now=100.0)))
+    text = con.export_text()
+    assert "e1" in text and "75.0%" in text and "25%" in text
+    con = Console(width=200, record=True)
+    con.print(table_of([]))
+    assert "no model server reported" in con.export_text()

@@ -1,0 +1,29 @@
+"""The picker's options: the staleness bound override and bad values refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.gateway.__main__ import parse_args
+from services.gateway.service import router_config
+from shared.core.routing import builtin_config
+
+
+def test_staleness_override_sets_the_data_layer_and_the_saturation_detector() -> None:
+    cfg = router_config("default", 3.0)
+    assert cfg.data.staleness_s == 3.0 and cfg.admission.detector.staleness_s == 3.0
+    assert router_config("default") == builtin_config("default")
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_a_staleness_bound_that_is_not_positive_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match="staleness"):
+        router_config("default", bad)
+
+
+def test_capture_options_are_read() -> None:
+    opts = parse_args(["--nats-url", "nats://x:1", "--eds-path", "e.json", "--capture", "t.jsonl",
+                       "--capture-salt", "s", "--staleness-s", "2"])
+    assert opts.capture == Path("t.jsonl") and opts.capture_salt == "s" and opts.staleness_s == 2.0
