@@ -3,13 +3,15 @@
 -- (another writer stored one in between); refused ("held:<field>") if a GPU whose capacity would leave or
 -- change, or the worker's RAM below what is claimed, carries claims now. Otherwise the inventory, the GPU
 -- capacities (those of GPUs that left are removed), the RAM capacity and the seen time are written, and the
--- store's registration revision moves past both its last value and the server clock in microseconds (so it
--- keeps growing after a restart that lost the last writes).
+-- store's registration revision moves past both its last value and the writer's clock (seen_at) in microseconds
+-- (so it keeps growing after a Redis restart that lost the last writes).
 -- KEYS: 1 workers, 2 gpu_cap, 3 gpu_used, 4 ram_cap, 5 ram_used, 6 seen, 7 revision
 -- ARGV: seen_at ("" leaves seen alone), then per worker: name, expected stored JSON ("*": any, "-": none),
 --       new JSON, RAM total, n GPUs, (field, capacity) * n
 -- Returns per worker: the revision stored (a decimal string), "stale" or "held:<field>".
 local seen_at = ARGV[1]
+local now_us = 0
+if seen_at ~= "" then now_us = math.floor(tonumber(seen_at) * 1000000) end
 local pos = 2
 local out = {}
 while pos <= #ARGV do
@@ -65,9 +67,7 @@ while pos <= #ARGV do
     end
     redis.call("HSET", KEYS[4], name, ram_total)
     if seen_at ~= "" then redis.call("HSET", KEYS[6], name, seen_at) end
-    local t = redis.call("TIME")
-    local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    local rev = math.max(now, tonumber(redis.call("GET", KEYS[7]) or "0") + 1)
+    local rev = math.max(now_us, tonumber(redis.call("GET", KEYS[7]) or "0") + 1)
     verdict = string.format("%.0f", rev)
     redis.call("SET", KEYS[7], verdict)
   end

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import msgspec
 
+from shared.bus.messages import WorkerRegisteredEvent
 from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, Worker
+from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
+from shared.host.feed import SnapshotFeed
 from shared.state import CommitItem, StateStore
 from shared.state.store import Keys
 
@@ -77,3 +80,30 @@ async def test_a_registration_counts_as_hearing_from_the_worker(store: StateStor
     await store.register_workers([worker(80)], seen_at=500.0)
     (stored,) = await store.workers()
     assert stored.last_heartbeat == 500.0 and msgspec.structs.replace(stored, last_heartbeat=0.0) == worker(80)
+
+
+def feed() -> SnapshotFeed:
+    return SnapshotFeed(ClusterSnapshot(SnapshotConfig(heartbeat_interval=5.0, not_ready_after=15.0)))
+
+
+async def test_a_snapshot_loaded_after_registrations_ignores_their_announcements_but_not_newer_ones(
+    store: StateStore,
+) -> None:
+    old = int((await store.register_workers([worker(80, 80)]))["w1"])  # announced before this service started
+    f = feed()
+    await f.load(store)
+    assert len(f.inventory["w1"].gpus) == 2
+    f.on_registered(WorkerRegisteredEvent(worker=worker(80, 80, 80), revision=old), now=1.0)  # late duplicate
+    assert len(f.inventory["w1"].gpus) == 2
+    new = int((await store.register_workers([worker(80)]))["w1"])
+    f.on_registered(WorkerRegisteredEvent(worker=worker(80), revision=new), now=2.0)
+    assert len(f.inventory["w1"].gpus) == 1
+
+
+async def test_an_announcement_newer_than_the_load_wins_over_the_loaded_record(store: StateStore) -> None:
+    await store.register_workers([worker(80, 80)])
+    f = feed()
+    # Applied while the load was under way (the subscription starts first): the load must not undo it.
+    f.on_registered(WorkerRegisteredEvent(worker=worker(80), revision=await store.registration_revision() + 1), 1.0)
+    await f.load(store)
+    assert len(f.inventory["w1"].gpus) == 1
