@@ -128,6 +128,12 @@ def targets(worker: str, model: ModelSpec, instance: Instance) -> list[Target]:
                {("worker",): name, ("gpu_index",): index}),
         Target(subjects.EVENT_WORKER_REMOVED, {"worker": worker, "reason": "forged"},
                {("worker",): name, ("reason",): text}),
+        # A forged announcement of a stored inventory: the base's revision is older than any store, so even its
+        # schema-valid variants are ignored by the snapshots (see WorkerRegisteredEvent).
+        Target(subjects.EVENT_WORKER_REGISTERED, {**reg, "revision": 1},
+               {("worker", "name"): name, ("worker", "gpus", 0, "vram_total"): count,
+                ("worker", "gpus", 0, "index"): index, ("worker", "ram_total"): count, ("worker", "gpus"): lst,
+                ("revision",): frac}),
         Target(subjects.worker_assign(worker), {"instance_id": instance.id, "model": model.name,
                                                 "gpu_indexes": [0], "vram_claims": [GIB]},
                {("vram_claims", 0): count, ("gpu_indexes", 0): index, ("instance_id",): name, ("model",): name,

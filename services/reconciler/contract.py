@@ -20,6 +20,7 @@ from shared.bus.messages import (
     RemoveWorkerCommand,
     ScaleCommand,
     UnschedulableEvent,
+    WorkerRegisteredEvent,
     WorkerRegistration,
     WorkerRemovedEvent,
 )
@@ -59,4 +60,6 @@ EMITS = (
     Emits(subjects.EVENT_MODEL, ModelEvents, "desired replicas or specs of models changed"),
     Emits(subjects.EVENT_CORDON, CordonEvent, "cordon state of a worker or GPU changed"),
     Emits(subjects.EVENT_WORKER_REMOVED, WorkerRemovedEvent, "a worker left the state (forgotten or removed)"),
+    Emits(subjects.EVENT_WORKER_REGISTERED, WorkerRegisteredEvent,
+          "a worker's inventory as stored (the snapshots follow these, not raw registrations)"),
 )

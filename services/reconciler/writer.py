@@ -2,7 +2,9 @@
 
 Runs inside the reconciler, subscribed with a queue group so that several reconciler replicas split
 the write load. Invalid reports (bad inventory, heartbeats from unknown workers or for unknown GPUs)
-are dead-lettered here, once, rather than by every service that reads them.
+are dead-lettered here, once, rather than by every service that reads them. A registration is stored only if
+it keeps what its worker holds claims on; what was stored is announced (``WorkerRegisteredEvent``) and every
+snapshot follows those announcements, so the services, Redis and the ledger hold one inventory per worker.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from services.reconciler.contract import WRITER_QUEUE
 from shared.bus import subjects
-from shared.bus.messages import Heartbeat, ModelFileUpdate, SyncRequest, WorkerRegistration, encode
+from shared.bus.messages import (
+    Heartbeat,
+    ModelFileUpdate,
+    SyncRequest,
+    WorkerRegisteredEvent,
+    WorkerRegistration,
+    encode,
+)
 from shared.bus.validate import (
     bad_worker_name,
     check_heartbeat,
@@ -28,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gantry.writer")
 QUEUE = WRITER_QUEUE
+STORE_ROUNDS = 3  # checks of one registration against what is stored, when other writers or commits move first
 
 
 class StateWriter:
@@ -64,10 +74,13 @@ class StateWriter:
             if forged:
                 await svc.bus.dead_letter(subjects.HEARTBEAT, forged, body)
                 return
-            inventory = self.registrations.get(hb.worker) or svc.feed.inventory.get(hb.worker)
-            reason = check_heartbeat(hb, inventory)
-            if inventory is None and not bad_worker_name(hb.worker):
-                await self.ask_to_register(hb.worker)
+            # Checked against the stored inventory (which the feed follows), or a registration not stored yet.
+            stored, pending = svc.feed.inventory.get(hb.worker), self.registrations.get(hb.worker)
+            reason = check_heartbeat(hb, stored)
+            if reason and pending is not None and check_heartbeat(hb, pending) is None:
+                reason = None
+            if unlike_stored(hb, stored) and not bad_worker_name(hb.worker):
+                await self.ask_to_register(hb.worker)  # its own registration repairs what is stored of it
             if reason:
                 await svc.bus.dead_letter(subjects.HEARTBEAT, reason, body)
                 return
@@ -91,19 +104,51 @@ class StateWriter:
         svc.listen_reports(subjects.HEARTBEAT, on_heartbeat, queue=QUEUE)
         svc.listen_reports(subjects.MODEL_FILE, on_file, queue=QUEUE)
 
-    async def refuse_inventory_changes(self, regs: dict[str, Worker]) -> dict[str, Worker]:
-        """The registrations that keep every GPU their worker holds claims on (the ledger's view); the others
-        are dead-lettered with the reason and not written."""
-        held = await self.service.store.held(list(regs))
-        kept: dict[str, Worker] = {}
-        for name, new in regs.items():
-            old, claimed = held.get(name, (None, {}))
-            reason = check_inventory_change(old, new, claimed)
-            if reason:
-                await self.service.bus.dead_letter(subjects.REGISTER, reason, encode(WorkerRegistration(worker=new)))
-            else:
-                kept[name] = new
-        return kept
+    async def store_registrations(self, regs: dict[str, Worker]) -> dict[str, int]:
+        """Store the registrations that keep every GPU and the RAM their worker holds claims on (the ledger's view);
+        dead-letter the others with the reason. Each change is checked against the stored record and stored only
+        over that record, atomically with the ledger's claims (``StateStore.register_workers``); when another
+        writer or a commit moved first, it is checked again. Returns the revision of each stored inventory."""
+        store, pending, out = self.service.store, dict(regs), {}
+        verdicts: dict[str, str] = {}
+        for _ in range(STORE_ROUNDS):
+            held = await store.held(list(pending))
+            checked: dict[str, Worker] = {}
+            for name, new in pending.items():
+                h = held.get(name)
+                reason = check_inventory_change(h.worker, new, h.gpus, h.ram) if h is not None else None
+                if reason:
+                    await self.refuse(new, reason)
+                else:
+                    checked[name] = new
+            expected = {name: held[name].raw if name in held else None for name in checked}
+            verdicts = await store.register_workers(list(checked.values()), self.service.clock(), expected)
+            out.update({name: int(v) for name, v in verdicts.items() if v.isdigit()})
+            pending = {name: checked[name] for name, v in verdicts.items() if not v.isdigit()}
+            if not pending:
+                return out
+        for name, worker in pending.items():
+            if verdicts[name] == "stale":  # still racing another writer: the next flush tries again
+                self.registrations.setdefault(name, worker)
+            else:  # claims the stored record does not show (outside today's limits): never under a live claim
+                await self.refuse(worker, f"register {name}: {verdicts[name].removeprefix('held:')} holds claims")
+        return out
+
+    async def refuse(self, worker: Worker, reason: str) -> None:
+        """Dead-letter a registration the state keeps out."""
+        await self.service.bus.dead_letter(subjects.REGISTER, reason, encode(WorkerRegistration(worker=worker)))
+
+    async def announce(self, regs: dict[str, Worker], revisions: dict[str, int]) -> None:
+        """Tell every snapshot what was stored (the feeds follow these events, not raw registrations). One that
+        cannot be sent is stored and announced again at the next flush, under a newer revision."""
+        for name, revision in revisions.items():
+            try:
+                await self.service.bus.publish(
+                    subjects.EVENT_WORKER_REGISTERED, WorkerRegisteredEvent(worker=regs[name], revision=revision)
+                )
+            except Exception as exc:
+                log.warning("registration of %s stored, not announced (again at the next flush): %s", name, exc)
+                self.registrations.setdefault(name, regs[name])
 
     async def ask_to_register(self, worker: str | None) -> None:
         """Ask one worker (or all) to re-register; per worker at most once every few seconds."""
@@ -137,9 +182,7 @@ class StateWriter:
         beats, self.beats = self.beats, {}
         files, self.files = self.files, {}
         try:
-            if regs:
-                regs = await self.refuse_inventory_changes(regs)
-            await store.register_workers(list(regs.values()), seen_at=self.service.clock())
+            revisions = await self.store_registrations(regs) if regs else {}
             await store.record_heartbeats(list(beats.values()))
             await store.set_model_files(files.values())
         except Exception:
@@ -151,3 +194,12 @@ class StateWriter:
             for k3, f in files.items():
                 self.files.setdefault(k3, f)
             raise
+        await self.announce(regs, revisions)
+
+
+def unlike_stored(hb: Heartbeat, stored: Worker | None) -> bool:
+    """Whether a heartbeat speaks of a worker, or of GPUs, that the stored inventory does not have."""
+    if stored is None:
+        return True
+    known = {g.index for g in stored.gpus}
+    return any(u.index not in known for u in hb.gpus)

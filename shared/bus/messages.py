@@ -350,6 +350,18 @@ class WorkerRemovedEvent(Message, frozen=True, kw_only=True):
     reason: Text = ""
 
 
+class WorkerRegisteredEvent(Message, frozen=True, kw_only=True):
+    """A worker's inventory as the state writer stored it, with the store's revision of it.
+
+    Revisions grow with every store of any worker (``StateStore.register_workers``): a snapshot applies an event
+    only if it is newer than what it holds of that worker, so duplicates, redeliveries and events from several
+    writer replicas arriving out of order leave it at the latest stored inventory.
+    """
+
+    worker: Worker
+    revision: Seq
+
+
 class ModelEvent(Message, frozen=True, kw_only=True):
     """A model's desired replicas or spec changed."""
 

@@ -110,9 +110,12 @@ EVENT_INSTANCE_ALL = f"{PREFIX}.events.instance.>"
 EVENT_CORDON = f"{PREFIX}.events.cordon"
 """CordonEvent: cordon state changed (services update their snapshots)."""
 EVENT_MODEL = f"{PREFIX}.events.model"
+"""ModelEvents: desired replicas / spec of models changed (a batch)."""
 EVENT_WORKER_REMOVED = f"{PREFIX}.events.worker.removed"
 """WorkerRemovedEvent: a worker left the state (silent past forget_after, or removed by an operator)."""
-"""ModelEvents: desired replicas / spec of models changed (a batch)."""
+EVENT_WORKER_REGISTERED = f"{PREFIX}.events.worker.registered"
+"""WorkerRegisteredEvent: the state writer stored a worker's inventory (after refusing changes under claims);
+every snapshot follows these, never raw registrations, so feeds, Redis and the ledger agree on it."""
 
 # -- dead letters (core NATS, captured by stream DLQ) ----------------------------------------------
 DEAD_LETTER = f"{PREFIX}.deadletter"

@@ -68,10 +68,13 @@ def impersonation(named: str, sender: str) -> str | None:
     return None
 
 
-def check_inventory_change(old: Worker | None, new: Worker, claimed: Mapping[int, int]) -> str | None:
+def check_inventory_change(
+    old: Worker | None, new: Worker, claimed: Mapping[int, int], ram_claimed: int = 0
+) -> str | None:
     """A worker holding claims may not change what it claimed on: a GPU that holds claims must stay, with
-    the same VRAM, until its instances are gone (Nomad and the kubelet refuse the same for a node in use).
-    A new worker, or GPUs without claims, may change freely."""
+    the same VRAM, until its instances are gone (Nomad and the kubelet refuse the same for a node in use), and its
+    RAM may not fall below what is claimed of it. A new worker, or GPUs without claims, may change freely (so a
+    worker's own next registration always repairs an inventory that was wrong while nothing was placed on it)."""
     if old is None:
         return None
     before = {g.index: g.vram_total for g in old.gpus}
@@ -82,6 +85,7 @@ def check_inventory_change(old: Worker | None, new: Worker, claimed: Mapping[int
         if index in before and after[index] != before[index]:
             return (f"register {new.name}: gpu{index} VRAM changed from {before[index]} to {after[index]} B "
                     f"while it holds claims ({claimed[index]} B)")
-    if new.ram_total < old.ram_total and claimed:
-        return f"register {new.name}: RAM shrank from {old.ram_total} to {new.ram_total} B while it holds claims"
+    if new.ram_total < ram_claimed:
+        return (f"register {new.name}: RAM shrank from {old.ram_total} to {new.ram_total} B while it holds claims "
+                f"({ram_claimed} B)")
     return None

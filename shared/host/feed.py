@@ -1,7 +1,8 @@
 """Keeps a service's in-memory ClusterSnapshot current from bus events (no Redis read per decision).
 
-A feed starts from the Redis state (``load``) and then applies registrations, heartbeats, model-file
-updates, instance events and cordon events as they arrive. It also tells its owner when the cluster
+A feed starts from the Redis state (``load``) and then applies the inventories the state writer stored (its
+announcements, never raw registrations), heartbeats, model-file updates, instance events and cordon events as
+they arrive. It also tells its owner when the cluster
 changed in a way that can make PENDING replicas schedulable (a worker joined or recovered, resources
 were freed), which is what the reconciler retries on.
 """
@@ -18,6 +19,7 @@ from shared.bus.messages import (
     Heartbeat,
     InstanceEvent,
     ModelFileUpdate,
+    WorkerRegisteredEvent,
     WorkerRegistration,
 )
 from shared.bus.validate import check_heartbeat, check_registration
@@ -61,13 +63,22 @@ class SnapshotFeed:
         self.unreachable: set[str] = set()  # UNREACHABLE instances
         self.listeners: list[ChangeListener] = []
         self.assumed: dict[str, float] = {}  # instance id -> when a decision was assumed (not committed yet)
+        # Revision of each worker's inventory held here (kept when a worker leaves, so that a late announcement
+        # cannot bring it back), and of the state loaded at start.
+        self.revisions: dict[str, int] = {}
+        self.loaded_revision = 0
 
     # -- bootstrap ------------------------------------------------------------------------------------
 
     async def load(self, store: StateStore) -> None:
         """Initial state from Redis (inventories, last heartbeats, usage, cordons, files, instances)."""
         self.cordons = await store.cordons()
+        # Read first: every inventory stored up to this revision is in what follows, so announcements up to it
+        # are old news, while a newer one (even if it arrived during the load) wins over the loaded record.
+        self.loaded_revision = await store.registration_revision()
         for w in await store.workers():
+            if self.revisions.get(w.name, 0) > self.loaded_revision:
+                continue
             self.inventory[w.name] = w
             self.last_seen[w.name] = w.last_heartbeat
             self.snapshot.upsert_worker(w)
@@ -78,19 +89,23 @@ class SnapshotFeed:
 
     # -- events ---------------------------------------------------------------------------------------
 
-    def on_register(self, reg: WorkerRegistration, now: float) -> str | None:
-        """Apply a registration; a reason if it is invalid."""
-        reason = check_registration(reg)
+    def on_registered(self, ev: WorkerRegisteredEvent, now: float) -> str | None:
+        """Apply an inventory the state writer stored, unless this snapshot holds that one or a newer one
+        (duplicates and announcements overtaken by a newer store are ignored); a reason if it is invalid."""
+        reason = check_registration(WorkerRegistration(worker=ev.worker))
         if reason:
             return reason
-        name = reg.worker.name
+        name = ev.worker.name
+        if ev.revision <= max(self.revisions.get(name, 0), self.loaded_revision):
+            return None
+        self.revisions[name] = ev.revision
         before = self.inventory.get(name)
-        self.inventory[name] = reg.worker
+        self.inventory[name] = ev.worker
         self.last_seen[name] = now
         self._refresh(name)
         if before is None:
             self._changed(f"worker {name} joined")
-        elif grew(before, reg.worker):
+        elif grew(before, ev.worker):
             self._changed(f"inventory of {name} grew")
         return None
 

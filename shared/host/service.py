@@ -32,7 +32,7 @@ from shared.bus.messages import (
     MessageError,
     ModelFileUpdate,
     SyncRequest,
-    WorkerRegistration,
+    WorkerRegisteredEvent,
     WorkerRemovedEvent,
     decode,
 )
@@ -128,7 +128,8 @@ class PlacementService:
     def _feed_consumes(self) -> tuple[Consumes, ...]:
         wanted = self.feeds()
         out = [
-            Consumes(subjects.REGISTER, WorkerRegistration, "worker inventories, into this replica's snapshot"),
+            Consumes(subjects.EVENT_WORKER_REGISTERED, WorkerRegisteredEvent,
+                     "worker inventories as stored, into this replica's snapshot"),
             Consumes(subjects.HEARTBEAT, Heartbeat, "worker liveness and usage, into this replica's snapshot"),
             Consumes(subjects.EVENT_CORDON, CordonEvent, "cordon changes, into this replica's snapshot"),
             Consumes(subjects.EVENT_WORKER_REMOVED, WorkerRemovedEvent, "workers that left: out of the snapshot"),
@@ -266,12 +267,14 @@ class PlacementService:
         """Subscribe the snapshot feed to worker reports and cluster events (fan-out, no queue)."""
         feed = self.feed
 
+        # Inventories as the state writer stored them (it alone checks a registration against the ledger).
+        async def on_registered(body: bytes) -> None:
+            ev = self._quiet_decode(body, WorkerRegisteredEvent)
+            if ev is not None:
+                feed.on_registered(ev, self.clock())
+
         # A report whose payload names another worker than its subject is forged: dropped here, dead-lettered
         # once by the state writer.
-        async def on_register(body: bytes, sender: str) -> None:
-            reg = self._quiet_decode(body, WorkerRegistration)
-            if reg is not None and reg.worker.name == sender:
-                feed.on_register(reg, self.clock())
 
         async def on_heartbeat(body: bytes, sender: str) -> None:
             hb = self._quiet_decode(body, Heartbeat)
@@ -296,7 +299,7 @@ class PlacementService:
                 feed.on_worker_removed(ev.worker)
 
         wanted = self.feeds()
-        self.listen_reports(subjects.REGISTER, on_register)
+        self.listen(subjects.EVENT_WORKER_REGISTERED, on_registered)
         self.listen_reports(subjects.HEARTBEAT, on_heartbeat)
         self.listen(subjects.EVENT_CORDON, on_cordon)
         self.listen(subjects.EVENT_WORKER_REMOVED, on_worker_removed)

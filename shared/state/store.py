@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +79,7 @@ class Keys:
     failures = P + "failures"  # id -> {"since": time, "message": str} of ERROR instances
     restarts = P + "restarts"  # model -> {"count": n, "last_at": time} of recent failed-replica replacements
     retries = P + "retries"  # id -> [attempts, next_at, requested_at] of PENDING replicas with a verdict
+    registered = P + "workers:rev"  # revision of the last stored inventory (any worker): grows with every store
 
 
 def gpu_field(worker: str, index: int) -> str:
@@ -115,6 +116,17 @@ class CommitItem:
         out += [("r", w, b) for w, b in ram.items()]
         out += [("c", w, m) for w, m in cpu.items()]
         return out
+
+
+@dataclass(frozen=True)
+class Held:
+    """A stored worker as a re-registration must respect it: its record (``worker`` None when it is outside
+    today's limits), the exact stored bytes (to store a change only over them) and its live claims."""
+
+    worker: Worker | None
+    raw: bytes
+    gpus: dict[int, int]  # GPU index -> VRAM claimed
+    ram: int  # RAM claimed
 
 
 @dataclass(frozen=True)
@@ -191,6 +203,7 @@ class StateStore:
         self._unlock = client.register_script((_LUA / "unlock.lua").read_text())
         self._converge_up = client.register_script((_LUA / "converge_up.lua").read_text())
         self._forget_worker = client.register_script((_LUA / "forget_worker.lua").read_text())
+        self._register = client.register_script((_LUA / "register.lua").read_text())
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -203,51 +216,62 @@ class StateStore:
 
     # -- workers ------------------------------------------------------------------------------------
 
-    async def register_workers(self, workers: Sequence[Worker], seen_at: float | None = None) -> None:
-        """Store inventories and (re)declare ledger capacity of every GPU and worker RAM; with ``seen_at``, a
-        registration counts as hearing from the worker (so a worker that never heartbeats still ages, and is
-        not taken for silent since 1970)."""
-        if not workers:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        inv: dict[str, bytes] = {}
-        caps: dict[str, int] = {}
-        rams: dict[str, int] = {}
-        cpus: dict[str, int] = {}
-        uncounted: list[str] = []  # workers without a CPU count: their CPU claims are never refused
-        for w in workers:
-            inv[w.name] = _checked(_dec_worker, _enc.encode(w), f"worker {w.name[:64]!r}")
-            for g in w.gpus:
-                caps[gpu_field(w.name, g.index)] = g.vram_total
-            rams[w.name] = w.ram_total
-            if w.cpu_total > 0:
-                cpus[w.name] = w.cpu_total
-            else:
-                uncounted.append(w.name)
-        pipe.hset(Keys.workers, mapping=inv)  # type: ignore[arg-type]
-        if caps:
-            pipe.hset(Keys.gpu_cap, mapping=caps)  # type: ignore[arg-type]
-        pipe.hset(Keys.ram_cap, mapping=rams)  # type: ignore[arg-type]
-        if cpus:
-            pipe.hset(Keys.cpu_cap, mapping=cpus)  # type: ignore[arg-type]
-        if uncounted:
-            pipe.hdel(Keys.cpu_cap, *uncounted)
-        if seen_at is not None:
-            pipe.hset(Keys.seen, mapping=dict.fromkeys(inv, repr(seen_at)))
-        await pipe.execute()
+    async def register_workers(
+        self, workers: Sequence[Worker], seen_at: float | None = None,
+        expected: Mapping[str, bytes | None] | None = None,
+    ) -> dict[str, str]:
+        """Store inventories and their ledger capacity (GPUs that left lose theirs), each worker in one step; with
+        ``seen_at``, a registration counts as hearing from the worker (so a worker that never heartbeats still
+        ages, and is not taken for silent since 1970).
 
-    async def held(self, names: Sequence[str]) -> dict[str, tuple[Worker, dict[int, int]]]:
-        """Each stored worker's inventory and the VRAM the ledger holds claimed on each of its GPUs (workers not
-        stored yet are left out): what a new registration of theirs may not take away."""
+        Per worker the verdict: the revision stored (decimal), "stale" when ``expected`` names the stored record
+        the change was checked against (None: none) and another is stored now, or "held:<field>" when a GPU's
+        capacity would leave or change, or the RAM fall below its claims, under a live claim (never written).
+        """
+        if not workers:
+            return {}
+        keys = [Keys.workers, Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap, Keys.ram_used, Keys.seen, Keys.registered,
+                Keys.cpu_cap, Keys.cpu_used]
+        out: dict[str, str] = {}
+        for part in _chunks(workers, SCRIPT_CHUNK // 10):  # up to MAX_GPUS_PER_WORKER fields each
+            args: list[Any] = ["" if seen_at is None else repr(seen_at)]
+            for w in part:
+                record = _checked(_dec_worker, _enc.encode(w), f"worker {w.name[:64]!r}")
+                want = "*" if expected is None or w.name not in expected else (expected[w.name] or b"-")
+                args += [w.name, want, record, w.ram_total, max(w.cpu_total, 0), len(w.gpus)]
+                for g in w.gpus:
+                    args += [gpu_field(w.name, g.index), g.vram_total]
+            verdicts = await self._register(keys=keys, args=args)
+            out.update({w.name: _s(v) for w, v in zip(part, verdicts, strict=True)})
+        return out
+
+    async def registration_revision(self) -> int:
+        """The revision of the last inventory stored: every stored inventory up to it is in ``workers()`` read
+        after this call."""
+        return int(await self.r.get(Keys.registered) or 0)
+
+    async def held(self, names: Sequence[str]) -> dict[str, Held]:
+        """Each stored worker's record and what the ledger holds claimed on its GPUs and RAM (workers not stored
+        yet are left out): what a new registration of theirs may not take away."""
         if not names:
             return {}
         raws = await self.r.hmget(Keys.workers, list(names))
-        stored = [w for w in (_load(_dec_worker, raw, "worker") for raw in raws if raw) if w is not None]
-        fields = [gpu_field(w.name, g.index) for w in stored for g in w.gpus]
-        used = iter(await self.r.hmget(Keys.gpu_used, fields) if fields else [])
-        out: dict[str, tuple[Worker, dict[int, int]]] = {}
-        for w in stored:
-            out[w.name] = (w, {g.index: int(next(used) or 0) for g in w.gpus})
+        stored = {name: raw for name, raw in zip(names, raws, strict=True) if raw}
+        if not stored:
+            return {}
+        workers = {name: _load(_dec_worker, raw, "worker") for name, raw in stored.items()}
+        fields = [gpu_field(w.name, g.index) for w in workers.values() if w is not None for g in w.gpus]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(Keys.gpu_used, fields or ["-"])
+        pipe.hmget(Keys.ram_used, list(stored))
+        gpu_used, ram_used = await pipe.execute()
+        used = iter(gpu_used)
+        out: dict[str, Held] = {}
+        for (name, raw), ram in zip(stored.items(), ram_used, strict=True):
+            w = workers[name]
+            gpus = {g.index: int(next(used) or 0) for g in w.gpus} if w is not None else {}
+            record = raw if isinstance(raw, bytes) else raw.encode()
+            out[name] = Held(worker=w, raw=record, gpus=gpus, ram=int(ram or 0))
         return out
 
     async def record_heartbeats(self, beats: Sequence[tuple[UsageReport, float]]) -> None:
@@ -695,4 +719,4 @@ def apply_usage(w: Worker, hb: UsageReport | None, last: float, cordoned: set[st
     )
 
 
-__all__ = ["CommitItem", "Gpu", "Keys", "StateStore", "apply_usage", "gpu_field"]
+__all__ = ["CommitItem", "Gpu", "Held", "Keys", "StateStore", "apply_usage", "gpu_field"]

@@ -24,13 +24,6 @@ async def running(stack: Stack, n: int) -> bool:
     return len(insts) == n and all(i.state is InstanceState.RUNNING for i in insts)
 
 
-# Known defect, open in issues 12 and 13: a schema-valid forged registration that drops an unclaimed GPU is
-# stored by the state writer while the services' feeds (which apply raw registrations, not the writer's
-# verdicts) and the real worker's heartbeats still show the GPU, so the ledger keeps that GPU's capacity for an
-# inventory without it ("gantry:gpu:cap: unknown GPU 'w0:1'"). Dropping the capacity instead strands replicas
-# (commits refused "full:w0:1"). The fix is for feeds to follow the writer's stored inventory. Not strict, so
-# the day it passes it says so (XPASS) instead of failing the suite.
-@pytest.mark.xfail(reason="forged registrations: writer and feeds disagree on a worker's inventory", strict=False)
 async def test_a_thousand_hostile_payloads_per_subject_leave_the_stack_alive_clean_and_working(stack: Stack) -> None:
     stack.start_workers("fleet", "--count", "2", "--gpus", "2", "--heartbeat-interval", "0.2")
     stack.start_services()

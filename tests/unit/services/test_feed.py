@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from shared.bus.messages import CordonEvent, Heartbeat, InstanceEvent, WorkerRegistration
+from shared.bus.messages import CordonEvent, Heartbeat, InstanceEvent, WorkerRegisteredEvent
 from shared.core.placement.domain import (
     GIB,
     Gpu,
@@ -22,9 +22,13 @@ from shared.host.feed import SnapshotFeed
 W = Worker(name="w1", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=256 * GIB)
 
 
+def stored(worker: Worker, revision: int) -> WorkerRegisteredEvent:
+    return WorkerRegisteredEvent(worker=worker, revision=revision)
+
+
 def feed() -> SnapshotFeed:
     f = SnapshotFeed(ClusterSnapshot(SnapshotConfig(heartbeat_interval=5.0, not_ready_after=15.0)))
-    assert f.on_register(WorkerRegistration(worker=W), now=0.0) is None
+    assert f.on_registered(stored(W, 1), now=0.0) is None
     return f
 
 
@@ -102,7 +106,7 @@ def test_a_removed_worker_leaves_the_snapshot_and_may_join_again() -> None:
     assert "w1" not in f.inventory and "w1" not in f.last_seen and "w1" not in f.usage and not f.cordons
     joined: list[str] = []
     f.listeners.append(joined.append)
-    assert f.on_register(WorkerRegistration(worker=W), now=5.0) is None
+    assert f.on_registered(stored(W, 2), now=5.0) is None
     assert joined == ["worker w1 joined"]
 
 
@@ -127,7 +131,7 @@ def test_a_reregistration_that_grows_the_inventory_is_a_cluster_change(after: Wo
     f = feed()
     seen: list[str] = []
     f.listeners.append(seen.append)
-    assert f.on_register(WorkerRegistration(worker=after), now=1.0) is None
+    assert f.on_registered(stored(after, 2), now=1.0) is None
     assert seen == (["inventory of w1 grew"] if changed else [])
 
 
@@ -160,3 +164,40 @@ def test_claims_released_are_a_cluster_change(state: InstanceState, removed: boo
     f.listeners.append(seen.append)
     f.on_instance(InstanceEvent(instance=msgspec.structs.replace(placed, state=state), removed=removed, at=2.0))
     assert seen == (["resources freed by a"] if changed else [])
+
+
+TWO = msgspec.structs.replace(W, gpus=(*W.gpus, Gpu(index=1, vram_total=80 * GIB)))
+
+
+def test_an_announcement_older_than_the_inventory_held_is_ignored() -> None:
+    f = feed()
+    assert f.on_registered(stored(TWO, 3), now=1.0) is None
+    assert f.on_registered(stored(W, 2), now=2.0) is None  # a slower writer replica's older store
+    assert [g.index for g in f.inventory["w1"].gpus] == [0, 1]
+    assert f.snapshot.gpu_allocatable("w1", 1) == 80 * GIB
+
+
+def test_a_duplicate_announcement_changes_nothing() -> None:
+    f = feed()
+    seen: list[str] = []
+    f.listeners.append(seen.append)
+    assert f.on_registered(stored(TWO, 2), now=1.0) is None
+    assert f.on_registered(stored(TWO, 2), now=9.0) is None
+    assert seen == ["inventory of w1 grew"] and f.last_seen["w1"] == 1.0
+
+
+def test_a_worker_that_left_is_not_brought_back_by_a_late_announcement() -> None:
+    f = feed()
+    f.on_worker_removed("w1")
+    assert f.on_registered(stored(W, 1), now=2.0) is None
+    assert f.snapshot.worker("w1") is None
+    assert f.on_registered(stored(W, 5), now=3.0) is None  # a new store: it registered again
+    assert f.snapshot.worker("w1") is not None
+
+
+def test_an_inventory_that_drops_a_gpu_drops_it_from_the_snapshot() -> None:
+    f = feed()
+    f.on_registered(stored(TWO, 2), now=1.0)
+    f.on_registered(stored(W, 3), now=2.0)
+    worker = f.snapshot.worker("w1")
+    assert worker is not None and [g.index for g in worker.gpus] == [0]

@@ -12,7 +12,7 @@ from shared.bus import subjects
 from shared.host.service import PlacementService
 from shared.settings import Settings
 
-WORKERS = {subjects.REGISTER, subjects.HEARTBEAT, subjects.EVENT_CORDON, subjects.EVENT_WORKER_REMOVED}
+WORKERS = {subjects.EVENT_WORKER_REGISTERED, subjects.HEARTBEAT, subjects.EVENT_CORDON, subjects.EVENT_WORKER_REMOVED}
 
 
 @pytest.mark.parametrize(
@@ -30,3 +30,4 @@ def test_each_service_follows_only_the_cluster_events_its_decisions_read(
     svc = kind(Settings())
     fan_out = {subject for subject, queue, _ in [*svc._listens, *svc._reports] if not queue}
     assert fan_out == WORKERS | extra
+    assert subjects.REGISTER not in fan_out  # raw registrations reach only the state writer (queue group)

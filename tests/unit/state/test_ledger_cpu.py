@@ -79,3 +79,13 @@ async def test_a_worker_holding_cpu_claims_is_not_forgotten(store: StateStore) -
     await store.release(["a"])
     assert await store.forget_worker("w1", None) == "ok"
     assert await store.r.hget("gantry:cpu:cap", "w1") is None
+
+
+async def test_a_registration_may_not_shrink_the_cpu_below_its_claims_in_the_same_step(store: StateStore) -> None:
+    await store.register_workers([cpu_worker("w1", cores=16)])
+    await pending(store, "a")
+    assert await store.commit([on_gpu("a", "w1", 0, 6)]) == ["ok"]
+    assert await store.register_workers([cpu_worker("w1", cores=4)]) == {"w1": "held:cpu:w1"}
+    assert int(await store.r.hget("gantry:cpu:cap", "w1") or 0) == 16_000
+    assert (await store.register_workers([cpu_worker("w1", cores=8)]))["w1"].isdigit()
+    assert int(await store.r.hget("gantry:cpu:cap", "w1") or 0) == 8_000
