@@ -521,25 +521,31 @@ class Reconciler(PlacementService):
             specs.update(scored.specs)
         outs = [out for scored in batch for out in scored.outcomes]
         decided = [
-            (out, CommitItem(instance_from_decision(out.decision, out.item.instance_id,
-                                                    created_at=out.item.requested_at)))
-            for out in outs if out.decision is not None
+            (k, CommitItem(instance_from_decision(out.decision, out.item.instance_id,
+                                                  created_at=out.item.requested_at)))
+            for k, out in enumerate(outs) if out.decision is not None
         ]
-        ledger = dict(zip((o.item.instance_id for o, _ in decided),
-                          await self.store.commit([c for _, c in decided]), strict=True))
-        verdicts = [_verdict(out, ledger) for out in outs]
+        # Keyed by position, not instance id: a replica requested twice has two outcomes in a batch, and only the
+        # first decision of it the ledger took is "ok" (the next is "dup").
+        ledger = dict(zip((k for k, _ in decided), await self.store.commit([c for _, c in decided]), strict=True))
+        verdicts = [_verdict(out, ledger.get(k, "")) for k, out in enumerate(outs)]
         # The shared retry book is read only for replicas that will wait (not on the path of a good commit).
-        waiting = [v.instance_id for v in verdicts if v.outcome not in ("ok", "dup", "gone")]
+        waiting = sorted({v.instance_id for v in verdicts if v.outcome not in ("ok", "dup", "gone")})
         if waiting:  # an outcome for a replica that is not PENDING (removed, or never existed: forged) is dropped
             states = await self.store.states(waiting)
             gone = {i for i in waiting if states.get(i) is not InstanceState.PENDING}
-            verdicts = [dataclasses.replace(v, outcome="gone") if v.instance_id in gone else v for v in verdicts]
+            # Only the waiting verdicts: the ledger's "ok" for the same replica in this batch stands (the replica
+            # is not PENDING because that very commit placed it).
+            verdicts = [dataclasses.replace(v, outcome="gone") if v.instance_id in gone
+                        and v.outcome not in ("ok", "dup") else v for v in verdicts]
             waiting = [i for i in waiting if i not in gone]
         booked = await self.store.retries(waiting) if waiting else {}
         book = Book(retries={i: self._retry_of(i, booked, now) for i in waiting})
         p = plan({}, [], self.cluster(), verdicts, now, book, self.timings())
         by_id = {out.item.instance_id: out for out in outs}
-        records = {out.item.instance_id: c.instance for out, c in decided}
+        placed = [k for k, _ in decided if ledger[k] == "ok"]
+        by_id.update({outs[k].item.instance_id: outs[k] for k in placed})  # the outcome the ledger took
+        records = {c.instance.id: c.instance for k, c in decided if ledger[k] == "ok"}
         committed = [records[i] for i in p.committed]
         self._observe_commits([by_id[i.id] for i in committed], verdicts, now)
         for inst in committed:
@@ -795,11 +801,11 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _verdict(out: ItemOutcome, ledger: Mapping[str, str]) -> Commit:
-    """The planner's input for one scored outcome: the ledger's verdict, or the pipeline's."""
+def _verdict(out: ItemOutcome, ledger: str) -> Commit:
+    """The planner's input for one scored outcome: the ledger's verdict on its decision, or the pipeline's."""
     item = out.item
     if out.decision is not None:
-        return Commit(item.instance_id, item.model, ledger[item.instance_id], attempt=item.attempt)
+        return Commit(item.instance_id, item.model, ledger, attempt=item.attempt)
     message = out.unschedulable.message if out.unschedulable else ""
     outcome = "stale" if out.retry else "unschedulable"
     return Commit(item.instance_id, item.model, outcome, attempt=item.attempt, reason=message)

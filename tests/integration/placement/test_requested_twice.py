@@ -1,0 +1,74 @@
+"""Issue 12 Done-when 2: a replica requested twice is committed once and started, never left SCHEDULED.
+
+A reconciler that restarts requests again every PENDING replica it has no record of requesting, while the
+pipeline may still carry the first request (JetStream redelivers it). Both come back to the commit point, in
+one pulled batch now and then: the first as a decision, the second as another decision or as "candidates
+taken in flight" (scoring assumed the first decision). The chaos bench met it after rounds that killed NATS and
+the reconciler: the stale outcome made the commit step read the replica's state, find it no longer PENDING
+(its own commit had just placed it) and drop the replica's verdicts as "removed in flight", the "ok" with them.
+The ledger held the claims, no worker was told, no process heard of the placement, and the replica stayed
+SCHEDULED until the next reconciler restart.
+
+The real reconciler and an emulated worker against real NATS and Redis; the two outcomes are published as one
+scored message, so they are one batch whatever the timing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.bus import subjects
+from shared.bus.messages import ItemOutcome, PlacementItem, PlacementScored, encode
+from shared.core.placement.domain import GIB, Candidate, Decision, InstanceState, ModelSpec, Unschedulable
+
+from .conftest import Stack, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+SPEC = ModelSpec(name="twice", source="x/twice", weight_bytes=GIB)
+
+
+def decision(gpu: int) -> Decision:
+    candidate = Candidate(worker="w0", gpu_indexes=(gpu,), vram_claims=(2 * GIB,), strategy="single_gpu")
+    return Decision(model=SPEC.name, candidate=candidate, score=1.0, breakdown={})
+
+
+def stale() -> Unschedulable:
+    return Unschedulable(model=SPEC.name, message="all 2 candidates were taken while this replica was in flight")
+
+
+# The second outcome of the replica, next to a decision for GPU 0 that the ledger takes.
+SECOND = {
+    "stale": lambda item: ItemOutcome(item=item, unschedulable=stale(), retry=True),
+    "another-decision": lambda item: ItemOutcome(item=item, decision=decision(1)),
+}
+
+
+async def pending_replica(stack: Stack) -> str | None:
+    insts = await stack.instances(SPEC.name)
+    return insts[0].id if len(insts) == 1 and insts[0].state is InstanceState.PENDING else None
+
+
+@pytest.mark.parametrize("second", sorted(SECOND))
+async def test_a_replica_with_two_outcomes_in_one_batch_runs_where_the_ledger_placed_it(
+    stack: Stack, second: str
+) -> None:
+    stack.start_workers("fleet", "--count", "1", "--gpus", "2", "--heartbeat-interval", "0.2")
+    stack.start_service("reconciler")  # no filter, fitting or scoring: the test is the pipeline
+    await stack.wait_ready(workers=1)
+    await stack.scale(SPEC, 1)
+    iid = await wait_until(lambda: pending_replica(stack), 15, "the PENDING replica")
+
+    item = PlacementItem(instance_id=iid, model=SPEC.name)
+    outcomes = (ItemOutcome(item=item, decision=decision(0)), SECOND[second](item))
+    scored = PlacementScored(batch_id="twice", outcomes=outcomes, specs={SPEC.name: SPEC})
+    await stack.nc.jetstream().publish(subjects.PLACEMENT_SCORED, encode(scored), headers={"Nats-Msg-Id": "twice"})
+
+    async def running() -> bool:
+        insts = await stack.instances(SPEC.name)
+        return [(i.state, i.worker, i.gpu_indexes) for i in insts] == [(InstanceState.RUNNING, "w0", (0,))]
+
+    await wait_until(running, 10, "the replica RUNNING on w0:0 (the decision the ledger took)")
+    ledger = await stack.store.ledger()
+    assert ledger["w0:0"][0] == 2 * GIB and ledger["w0:1"][0] == 0, ledger
+    assert stack.crashed() == []
