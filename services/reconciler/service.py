@@ -551,11 +551,15 @@ class Reconciler(PlacementService):
         for inst in committed:
             await self._assign(inst, specs.get(inst.model) or await self.spec_of(inst.model))
             self.seen_placed[inst.id] = now
+        resent: list[Instance] = []
         for iid in p.assign:  # a redelivered commit: the stored record is the one placed
             stored = await self.store.instance(iid)
             if stored is not None and stored.worker is not None:
                 await self._assign(stored, specs.get(stored.model) or await self.spec_of(stored.model))
-        await self._publish_instances(committed)
+                resent.append(stored)
+        # The placement's own event may have died with the process that committed it: said again, so that no
+        # feed keeps the replica PENDING (this one's resync would take the re-sent replica for a stray and delete it).
+        await self._publish_instances([*committed, *resent])
         await self._publish_decisions([(by_id[i.id], i) for i in committed], now)
         await self._book(p.retries)
         # PENDING again: tells scoring replicas to drop any assumed placement of these replicas.

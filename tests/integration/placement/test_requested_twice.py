@@ -20,6 +20,8 @@ import pytest
 from shared.bus import subjects
 from shared.bus.messages import ItemOutcome, PlacementItem, PlacementScored, encode
 from shared.core.placement.domain import GIB, Candidate, Decision, InstanceState, ModelSpec, Unschedulable
+from shared.core.placement.lifecycle import instance_from_decision
+from shared.state.store import CommitItem
 
 from .conftest import Stack, wait_until
 
@@ -49,21 +51,25 @@ async def pending_replica(stack: Stack) -> str | None:
     return insts[0].id if len(insts) == 1 and insts[0].state is InstanceState.PENDING else None
 
 
-@pytest.mark.parametrize("second", sorted(SECOND))
-async def test_a_replica_with_two_outcomes_in_one_batch_runs_where_the_ledger_placed_it(
-    stack: Stack, second: str
-) -> None:
-    stack.start_workers("fleet", "--count", "1", "--gpus", "2", "--heartbeat-interval", "0.2")
-    stack.start_service("reconciler")  # no filter, fitting or scoring: the test is the pipeline
+async def a_pending_replica(stack: Stack) -> str:
+    """A worker w0 (2 GPUs), the reconciler alone (the test is the pipeline), one PENDING replica: its id.
+
+    The worker takes 3 s to download the model, so the reconciler's resync sees it run the replica (in its
+    heartbeats) twice or more before its first status report: any feed that missed the placement shows."""
+    stack.start_workers("fleet", "--count", "1", "--gpus", "2", "--heartbeat-interval", "0.2", "--download-delay", "3")
+    stack.start_service("reconciler")
     await stack.wait_ready(workers=1)
     await stack.scale(SPEC, 1)
-    iid = await wait_until(lambda: pending_replica(stack), 15, "the PENDING replica")
+    iid: str = await wait_until(lambda: pending_replica(stack), 15, "the PENDING replica")
+    return iid
 
-    item = PlacementItem(instance_id=iid, model=SPEC.name)
-    outcomes = (ItemOutcome(item=item, decision=decision(0)), SECOND[second](item))
+
+async def publish_scored(stack: Stack, *outcomes: ItemOutcome) -> None:
     scored = PlacementScored(batch_id="twice", outcomes=outcomes, specs={SPEC.name: SPEC})
     await stack.nc.jetstream().publish(subjects.PLACEMENT_SCORED, encode(scored), headers={"Nats-Msg-Id": "twice"})
 
+
+async def runs_on_w0_gpu0(stack: Stack) -> None:
     async def running() -> bool:
         insts = await stack.instances(SPEC.name)
         return [(i.state, i.worker, i.gpu_indexes) for i in insts] == [(InstanceState.RUNNING, "w0", (0,))]
@@ -72,3 +78,24 @@ async def test_a_replica_with_two_outcomes_in_one_batch_runs_where_the_ledger_pl
     ledger = await stack.store.ledger()
     assert ledger["w0:0"][0] == 2 * GIB and ledger["w0:1"][0] == 0, ledger
     assert stack.crashed() == []
+
+
+@pytest.mark.parametrize("second", sorted(SECOND))
+async def test_a_replica_with_two_outcomes_in_one_batch_runs_where_the_ledger_placed_it(
+    stack: Stack, second: str
+) -> None:
+    iid = await a_pending_replica(stack)
+    item = PlacementItem(instance_id=iid, model=SPEC.name)
+    await publish_scored(stack, ItemOutcome(item=item, decision=decision(0)), SECOND[second](item))
+    await runs_on_w0_gpu0(stack)
+
+
+async def test_a_redelivered_commit_whose_placement_was_never_announced_runs(stack: Stack) -> None:
+    # A reconciler committed the decision and died before telling anyone: the ledger holds it, no feed saw it.
+    # The redelivered outcome is a duplicate; re-sending the assignment alone would let the survivor's resync
+    # take the replica on w0 for a stray (its feed says PENDING) and delete it.
+    iid = await a_pending_replica(stack)
+    item = PlacementItem(instance_id=iid, model=SPEC.name)
+    assert await stack.store.commit([CommitItem(instance_from_decision(decision(0), iid))]) == ["ok"]
+    await publish_scored(stack, ItemOutcome(item=item, decision=decision(0)))
+    await runs_on_w0_gpu0(stack)
