@@ -68,6 +68,7 @@ from shared.core.placement.planner import (
     Timings,
     Want,
     needs_request,
+    overdue_pending,
     plan,
     remove_worker,
 )
@@ -774,7 +775,25 @@ class Reconciler(PlacementService):
             await self.store.forget_failures(stale)
         await self._resync(records, now, resync_shard)
         if full:
+            await self._announce_stale(overdue_pending(list(records.values()), self.requested, now,
+                                                       3 * self.settings.ack_wait_s))
             await self.converge_and_request(sorted((await self.store.desired()).keys()))
+
+    async def _announce_stale(self, ids: Sequence[str]) -> None:
+        """Of replicas the feed shows PENDING, announce again those the store holds otherwise (placed, or gone):
+        the event of that change was lost, and every feed (this one first) takes the stored record."""
+        if not ids:
+            return
+        states = await self.store.states(ids)
+        stale = [i for i in ids if states.get(i) is not InstanceState.PENDING]
+        if not stale:
+            return
+        log.warning("%d replicas PENDING in this feed are not in the store (event lost): announcing them", len(stale))
+        found = [inst for inst in [await self.store.instance(i) for i in stale] if inst is not None]
+        await self._publish_instances(found)
+        known = {i.id for i in found}
+        feed = self.feed.instances
+        await self._publish_removed([feed[i] for i in stale if i not in known and i in feed])
 
     async def _resync(self, instances: dict[str, Instance], now: float, shard: int | None) -> None:
         feed = self.feed

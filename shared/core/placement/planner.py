@@ -519,3 +519,16 @@ def needs_request(last_requested: float | None, now: float, timeout: float) -> b
     """A PENDING replica without a reason is in flight, unless this process has not requested it within
     ``timeout`` (its request, or the process that sent it, may have been lost)."""
     return last_requested is None or now - last_requested > timeout
+
+
+def overdue_pending(
+    instances: Sequence[Instance], requested: Mapping[str, float], now: float, timeout: float
+) -> tuple[str, ...]:
+    """PENDING replicas (in flight or waiting) that this process has not requested within ``timeout``: the ones
+    whose record to check against the stored state. A placement whose event was lost (NATS died with it in
+    flight) leaves a feed showing the replica PENDING for good: nothing re-requests it (the store says it is
+    placed), and nothing re-sends its assignment (the resync compares workers with the feed)."""
+    return tuple(sorted(
+        i.id for i in instances
+        if i.state is S.PENDING and needs_request(requested.get(i.id), now, timeout)
+    ))

@@ -28,6 +28,7 @@ from shared.core.placement.planner import (
     Verdict,
     Want,
     needs_request,
+    overdue_pending,
     plan,
     remove_worker,
     restart_delay,
@@ -344,3 +345,12 @@ def test_a_restart_policy_delay_out_of_bounds_does_not_decode(bad: float) -> Non
 
     with pytest.raises(msgspec.ValidationError, match=r"restart\.grace_s"):
         msgspec.convert({"name": "m", "restart": {"grace_s": bad}}, type=ModelSpec)
+
+
+def test_pending_replicas_not_requested_within_the_timeout_are_the_ones_checked_against_the_store() -> None:
+    insts = [
+        inst("fresh", S.PENDING), inst("quiet", S.PENDING), inst("waiting", S.PENDING, reason="no room"),
+        inst("never", S.PENDING), inst("placed", S.SCHEDULED),
+    ]
+    requested = {"fresh": NOW - 1, "quiet": NOW - 31, "waiting": NOW - 40, "placed": NOW - 100}
+    assert overdue_pending(insts, requested, NOW, 30.0) == ("never", "quiet", "waiting")

@@ -1,16 +1,20 @@
-"""Issue 12 Done-when 2: a replica requested twice is committed once and started, never left SCHEDULED.
+"""Issue 12 Done-when 2: a placed replica is never left SCHEDULED, whichever message about it was lost.
 
-A reconciler that restarts requests again every PENDING replica it has no record of requesting, while the
-pipeline may still carry the first request (JetStream redelivers it). Both come back to the commit point, in
-one pulled batch now and then: the first as a decision, the second as another decision or as "candidates
-taken in flight" (scoring assumed the first decision). The chaos bench met it after rounds that killed NATS and
-the reconciler: the stale outcome made the commit step read the replica's state, find it no longer PENDING
-(its own commit had just placed it) and drop the replica's verdicts as "removed in flight", the "ok" with them.
-The ledger held the claims, no worker was told, no process heard of the placement, and the replica stayed
-SCHEDULED until the next reconciler restart.
+The chaos bench (kill -9 of NATS and the reconciler among others) left a replica SCHEDULED past 30 s in about one
+round of ten. Found in a stuck run: a reconciler that restarts requests again every PENDING replica it has no
+record of requesting, while the pipeline may still carry the first request (JetStream redelivers it). Both come
+back to the commit point, in one pulled batch now and then: the first as a decision, the second as another
+decision or as "candidates taken in flight" (scoring assumed the first decision). The stale outcome made the
+commit step read the replica's state, find it no longer PENDING (its own commit had just placed it) and drop the
+replica's verdicts as "removed in flight", the "ok" with them: the ledger held the claims, no worker was told, no
+feed heard of the placement, and the replica stayed SCHEDULED until the next reconciler restart.
 
-The real reconciler and an emulated worker against real NATS and Redis; the two outcomes are published as one
-scored message, so they are one batch whatever the timing.
+The same end (a feed showing PENDING what the store has placed) follows from any lost placement event: a
+reconciler killed between its commit and its announcement, or NATS killed with the event in flight.
+
+The real reconciler and an emulated worker against real NATS and Redis; the test plays the pipeline (outcomes
+published as one scored message, so they are one batch whatever the timing) or the dead reconciler (a commit
+written straight to the ledger).
 """
 
 from __future__ import annotations
@@ -69,12 +73,12 @@ async def publish_scored(stack: Stack, *outcomes: ItemOutcome) -> None:
     await stack.nc.jetstream().publish(subjects.PLACEMENT_SCORED, encode(scored), headers={"Nats-Msg-Id": "twice"})
 
 
-async def runs_on_w0_gpu0(stack: Stack) -> None:
+async def runs_on_w0_gpu0(stack: Stack, timeout: float = 10) -> None:
     async def running() -> bool:
         insts = await stack.instances(SPEC.name)
         return [(i.state, i.worker, i.gpu_indexes) for i in insts] == [(InstanceState.RUNNING, "w0", (0,))]
 
-    await wait_until(running, 10, "the replica RUNNING on w0:0 (the decision the ledger took)")
+    await wait_until(running, timeout, "the replica RUNNING on w0:0 (the decision the ledger took)")
     ledger = await stack.store.ledger()
     assert ledger["w0:0"][0] == 2 * GIB and ledger["w0:1"][0] == 0, ledger
     assert stack.crashed() == []
@@ -99,3 +103,12 @@ async def test_a_redelivered_commit_whose_placement_was_never_announced_runs(sta
     assert await stack.store.commit([CommitItem(instance_from_decision(decision(0), iid))]) == ["ok"]
     await publish_scored(stack, ItemOutcome(item=item, decision=decision(0)))
     await runs_on_w0_gpu0(stack)
+
+
+async def test_a_placement_whose_event_was_lost_is_announced_again_and_its_assignment_sent(stack: Stack) -> None:
+    # A reconciler committed the decision and its outcome was acked, but the placement event and the assignment
+    # died with NATS: nothing will be redelivered. The survivor's feed shows the replica PENDING long after it
+    # last requested it, checks the store, and announces the stored record; its resync then sends the assignment.
+    iid = await a_pending_replica(stack)
+    assert await stack.store.commit([CommitItem(instance_from_decision(decision(0), iid))]) == ["ok"]
+    await runs_on_w0_gpu0(stack, timeout=30)
