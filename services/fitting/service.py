@@ -19,7 +19,7 @@ from shared.bus.messages import (
     PlacementScored,
 )
 from shared.bus.names import NameLists
-from shared.catalog import load_model_arch
+from shared.catalog import resolve_arch
 from shared.core.catalog.models import ModelArch
 from shared.core.placement import requirements, run_fitting
 from shared.core.placement.domain import FitResult, ModelSpec, Reason, ResourceRequest, Unschedulable
@@ -46,7 +46,7 @@ class FittingService(PlacementService):
     )
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        self._arch: dict[str, ModelArch | None] = {}
+        self._arch: dict[tuple[str | None, str, str], ModelArch | None] = {}
         # (spec, survivors) -> (when, result). Candidates are a superset check, not a verdict: scoring
         # re-checks each against its live snapshot and the ledger's compare-and-set has the last word,
         # so reusing them for a fraction of a second only costs candidates that appeared meanwhile.
@@ -82,13 +82,11 @@ class FittingService(PlacementService):
         await self.bus.publish_js_many(out)
 
     def arch(self, spec: ModelSpec) -> ModelArch | None:
-        """The catalogue architecture of a model, if the catalogue knows it (cached)."""
-        key = spec.catalog_model or spec.name
+        """The catalogue architecture of a model by ``catalog_model``, name or ``source`` (HF id), if the
+        catalogue knows one (cached); without it the estimate needs weight_bytes or a claim."""
+        key = (spec.catalog_model, spec.name, spec.source)
         if key not in self._arch:
-            try:
-                self._arch[key] = load_model_arch(key)
-            except Exception:  # not in the catalogue: the estimate then needs weight_bytes or a claim
-                self._arch[key] = None
+            self._arch[key] = resolve_arch(spec)
         return self._arch[key]
 
     def fit_model(

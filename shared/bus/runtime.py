@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import msgspec
 import nats.errors
@@ -26,6 +24,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shared.bus import subjects
+from shared.bus.connection import inbox_prefix as inbox_prefix  # re-exported: callers import it from here
+from shared.bus.connection import nats_options as nats_options  # re-exported
 from shared.bus.messages import ErrorEvent, MessageError, decode, encode
 from shared.bus.streams import consumer_config, ensure_streams
 from shared.settings import Settings
@@ -136,22 +136,6 @@ async def prepare(nc: Client, settings: Settings, consumers: Sequence[tuple[str,
         await ensure_consumer(js, stream, durable, subject, settings)
 
 
-def inbox_prefix(identity: str) -> str:
-    """Where ``identity``'s replies arrive (JetStream acks, pull deliveries): under its own name, so that the bus
-    can let each identity read only its own replies (ops.auth)."""
-    return f"{INBOX}.{identity}" if identity else INBOX
-
-
-def nats_options(settings: Settings) -> dict[str, Any]:
-    """Options every Gantry NATS connection takes from the settings: its identity's reply inboxes, and the CA to
-    trust when TLS is on."""
-    identity = settings.identity or urlsplit(settings.nats_url).username or ""
-    options: dict[str, Any] = {"inbox_prefix": inbox_prefix(identity)}
-    if settings.tls_ca_file:
-        options["tls"] = ssl.create_default_context(cafile=settings.tls_ca_file)
-    return options
-
-
 def make_broker(settings: Settings) -> NatsBroker:
     """A FastStream NATS broker with quiet per-message logging (it costs throughput)."""
     quiet = logging.getLogger("gantry.faststream")
@@ -169,7 +153,6 @@ PullHandler = Callable[[list[Msg]], Awaitable[None]]
 
 
 JS_API = "$JS.API"
-INBOX = "_INBOX"
 PULL_EXPIRES_S = 5.0  # an open pull request lasts this long; an idle loop asks again after it
 PULL_IDLE_CHECK_S = 0.5  # how often an idle loop checks that its request is still outstanding
 

@@ -14,6 +14,7 @@ from nats.js.api import ConsumerConfig
 
 from ops.servers import ServerProcess, start_nats
 from shared.bus.runtime import PULL_EXPIRES_S, pull_loop
+from shared.host.tasks import cancel_until_done
 
 LINGER = 0.6
 
@@ -49,8 +50,7 @@ async def test_a_lone_message_is_not_held_back_but_a_partial_batch_lingers(nats_
         await wait_for(3)
         assert handled[2][0] - sent < LINGER / 2
     finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
+        await cancel_until_done([loop])
         await nc.close()
 
 
@@ -111,8 +111,7 @@ async def test_the_loop_asks_again_after_the_server_restarts(tmp_path: Path) -> 
         await wait_until(lambda: handled == [b"before", b"after"], 10)
         assert time.monotonic() - sent < PULL_EXPIRES_S  # not left waiting for the old request to expire
     finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
+        await cancel_until_done([loop])
         await nc.close()
         srv.stop()
 
