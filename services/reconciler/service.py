@@ -68,6 +68,7 @@ from shared.core.placement.planner import (
     Timings,
     Want,
     needs_request,
+    overdue_pending,
     plan,
     remove_worker,
 )
@@ -521,35 +522,45 @@ class Reconciler(PlacementService):
             specs.update(scored.specs)
         outs = [out for scored in batch for out in scored.outcomes]
         decided = [
-            (out, CommitItem(instance_from_decision(out.decision, out.item.instance_id,
-                                                    created_at=out.item.requested_at)))
-            for out in outs if out.decision is not None
+            (k, CommitItem(instance_from_decision(out.decision, out.item.instance_id,
+                                                  created_at=out.item.requested_at)))
+            for k, out in enumerate(outs) if out.decision is not None
         ]
-        ledger = dict(zip((o.item.instance_id for o, _ in decided),
-                          await self.store.commit([c for _, c in decided]), strict=True))
-        verdicts = [_verdict(out, ledger) for out in outs]
+        # Keyed by position, not instance id: a replica requested twice has two outcomes in a batch, and only the
+        # first decision of it the ledger took is "ok" (the next is "dup").
+        ledger = dict(zip((k for k, _ in decided), await self.store.commit([c for _, c in decided]), strict=True))
+        verdicts = [_verdict(out, ledger.get(k, "")) for k, out in enumerate(outs)]
         # The shared retry book is read only for replicas that will wait (not on the path of a good commit).
-        waiting = [v.instance_id for v in verdicts if v.outcome not in ("ok", "dup", "gone")]
+        waiting = sorted({v.instance_id for v in verdicts if v.outcome not in ("ok", "dup", "gone")})
         if waiting:  # an outcome for a replica that is not PENDING (removed, or never existed: forged) is dropped
             states = await self.store.states(waiting)
             gone = {i for i in waiting if states.get(i) is not InstanceState.PENDING}
-            verdicts = [dataclasses.replace(v, outcome="gone") if v.instance_id in gone else v for v in verdicts]
+            # Only the waiting verdicts: the ledger's "ok" for the same replica in this batch stands (the replica
+            # is not PENDING because that very commit placed it).
+            verdicts = [dataclasses.replace(v, outcome="gone") if v.instance_id in gone
+                        and v.outcome not in ("ok", "dup") else v for v in verdicts]
             waiting = [i for i in waiting if i not in gone]
         booked = await self.store.retries(waiting) if waiting else {}
         book = Book(retries={i: self._retry_of(i, booked, now) for i in waiting})
         p = plan({}, [], self.cluster(), verdicts, now, book, self.timings())
         by_id = {out.item.instance_id: out for out in outs}
-        records = {out.item.instance_id: c.instance for out, c in decided}
+        placed = [k for k, _ in decided if ledger[k] == "ok"]
+        by_id.update({outs[k].item.instance_id: outs[k] for k in placed})  # the outcome the ledger took
+        records = {c.instance.id: c.instance for k, c in decided if ledger[k] == "ok"}
         committed = [records[i] for i in p.committed]
         self._observe_commits([by_id[i.id] for i in committed], verdicts, now)
         for inst in committed:
             await self._assign(inst, specs.get(inst.model) or await self.spec_of(inst.model))
             self.seen_placed[inst.id] = now
+        resent: list[Instance] = []
         for iid in p.assign:  # a redelivered commit: the stored record is the one placed
             stored = await self.store.instance(iid)
             if stored is not None and stored.worker is not None:
                 await self._assign(stored, specs.get(stored.model) or await self.spec_of(stored.model))
-        await self._publish_instances(committed)
+                resent.append(stored)
+        # The placement's own event may have died with the process that committed it: said again, so that no
+        # feed keeps the replica PENDING (this one's resync would take the re-sent replica for a stray and delete it).
+        await self._publish_instances([*committed, *resent])
         await self._publish_decisions([(by_id[i.id], i) for i in committed], now)
         await self._book(p.retries)
         # PENDING again: tells scoring replicas to drop any assumed placement of these replicas.
@@ -764,7 +775,25 @@ class Reconciler(PlacementService):
             await self.store.forget_failures(stale)
         await self._resync(records, now, resync_shard)
         if full:
+            await self._announce_stale(overdue_pending(list(records.values()), self.requested, now,
+                                                       3 * self.settings.ack_wait_s))
             await self.converge_and_request(sorted((await self.store.desired()).keys()))
+
+    async def _announce_stale(self, ids: Sequence[str]) -> None:
+        """Of replicas the feed shows PENDING, announce again those the store holds otherwise (placed, or gone):
+        the event of that change was lost, and every feed (this one first) takes the stored record."""
+        if not ids:
+            return
+        states = await self.store.states(ids)
+        stale = [i for i in ids if states.get(i) is not InstanceState.PENDING]
+        if not stale:
+            return
+        log.warning("%d replicas PENDING in this feed are not in the store (event lost): announcing them", len(stale))
+        found = [inst for inst in [await self.store.instance(i) for i in stale] if inst is not None]
+        await self._publish_instances(found)
+        known = {i.id for i in found}
+        feed = self.feed.instances
+        await self._publish_removed([feed[i] for i in stale if i not in known and i in feed])
 
     async def _resync(self, instances: dict[str, Instance], now: float, shard: int | None) -> None:
         feed = self.feed
@@ -795,11 +824,11 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _verdict(out: ItemOutcome, ledger: Mapping[str, str]) -> Commit:
-    """The planner's input for one scored outcome: the ledger's verdict, or the pipeline's."""
+def _verdict(out: ItemOutcome, ledger: str) -> Commit:
+    """The planner's input for one scored outcome: the ledger's verdict on its decision, or the pipeline's."""
     item = out.item
     if out.decision is not None:
-        return Commit(item.instance_id, item.model, ledger[item.instance_id], attempt=item.attempt)
+        return Commit(item.instance_id, item.model, ledger, attempt=item.attempt)
     message = out.unschedulable.message if out.unschedulable else ""
     outcome = "stale" if out.retry else "unschedulable"
     return Commit(item.instance_id, item.model, outcome, attempt=item.attempt, reason=message)

@@ -383,8 +383,12 @@ def _commits(
 ) -> None:
     """Every verdict has a branch: ok commits; dup re-sends the assignment; gone forgets (the replica was
     removed in flight); refused and stale re-place with backoff until the bound, then wait PENDING;
-    unschedulable waits PENDING with its reason, retried later (see ``_pending_retries``)."""
-    for c in commits:
+    unschedulable waits PENDING with its reason, retried later (see ``_pending_retries``).
+
+    A replica requested twice (its first request outlived a reconciler restart) can have several outcomes in
+    one batch: the one that placed it wins (ok, else dup), and its other verdicts are void, or the replica
+    would be both committed and placed again."""
+    for c in _placing_first(commits):
         if c.outcome == "ok":
             b.committed.add(c.instance_id)
             b.dropped.add(c.instance_id)
@@ -404,6 +408,26 @@ def _commits(
             _wait_pending(b, c, c.reason or "unschedulable", book, cluster, now, t)
         else:
             raise ValueError(f"unknown commit verdict {c.outcome!r} for {c.instance_id}")
+
+
+PLACING = ("ok", "dup")  # verdicts that leave the replica placed, strongest first
+
+
+def _placing_first(commits: Sequence[Commit]) -> list[Commit]:
+    """A placed replica's strongest placing verdict alone; every verdict of the others, in order."""
+    placed: dict[str, Commit] = {}
+    for c in commits:
+        if not _known(c.outcome):  # even beside a placing verdict: never a silent drop
+            raise ValueError(f"unknown commit verdict {c.outcome!r} for {c.instance_id}")
+        if c.outcome in PLACING:
+            known = placed.get(c.instance_id)
+            if known is None or PLACING.index(c.outcome) < PLACING.index(known.outcome):
+                placed[c.instance_id] = c
+    return [c for c in commits if placed.get(c.instance_id, c) is c]
+
+
+def _known(outcome: str) -> bool:
+    return outcome in (*PLACING, "gone", "stale", "unschedulable") or outcome.startswith(("full:", "invalid:"))
 
 
 def _wait_pending(b: _Builder, c: Commit, reason: str, book: Book, cluster: Cluster, now: float, t: Timings) -> None:
@@ -495,3 +519,16 @@ def needs_request(last_requested: float | None, now: float, timeout: float) -> b
     """A PENDING replica without a reason is in flight, unless this process has not requested it within
     ``timeout`` (its request, or the process that sent it, may have been lost)."""
     return last_requested is None or now - last_requested > timeout
+
+
+def overdue_pending(
+    instances: Sequence[Instance], requested: Mapping[str, float], now: float, timeout: float
+) -> tuple[str, ...]:
+    """PENDING replicas (in flight or waiting) that this process has not requested within ``timeout``: the ones
+    whose record to check against the stored state. A placement whose event was lost (NATS died with it in
+    flight) leaves a feed showing the replica PENDING for good: nothing re-requests it (the store says it is
+    placed), and nothing re-sends its assignment (the resync compares workers with the feed)."""
+    return tuple(sorted(
+        i.id for i in instances
+        if i.state is S.PENDING and needs_request(requested.get(i.id), now, timeout)
+    ))

@@ -28,6 +28,7 @@ from shared.core.placement.planner import (
     Verdict,
     Want,
     needs_request,
+    overdue_pending,
     plan,
     remove_worker,
     restart_delay,
@@ -204,6 +205,22 @@ ROWS = [
         cluster=Cluster(last_seen=LIVE.last_seen, changed_at=NOW - 1),
         verdicts=[Commit("p0", "m", "unschedulable", reason="no room")],
         book=Book(retries={"p0": PR(attempts=0, next_at=NOW + 5, requested_at=NOW - 2)})),
+    # A replica requested twice (the first request outlived a reconciler restart) has two outcomes in one batch.
+    Row("a replica committed in a batch is not placed again for its other, stale outcome",
+        {"committed": ("p0",), "dropped": ("p0",)},
+        verdicts=[Commit("p0", "m", "ok"), Commit("p0", "m", "stale", reason="taken")]),
+    Row("a replica committed in a batch is committed whatever the order of its outcomes",
+        {"committed": ("p0",), "dropped": ("p0",)},
+        verdicts=[Commit("p0", "m", "unschedulable", reason="no room"), Commit("p0", "m", "ok")]),
+    Row("a replica committed in a batch is not also re-sent for its second decision",
+        {"committed": ("p0",), "dropped": ("p0",)},
+        verdicts=[Commit("p0", "m", "ok"), Commit("p0", "m", "dup")]),
+    Row("a redelivered commit beside a refused second decision re-sends the assignment only",
+        {"assign": ("p0",), "dropped": ("p0",)},
+        verdicts=[Commit("p0", "m", "full:w1:0"), Commit("p0", "m", "dup")]),
+    Row("a commit in a batch leaves the other replicas' verdicts alone",
+        {"committed": ("p0",), "dropped": ("p0",), "request": (Ask("p1", "m", attempt=1, delay=0.5),)},
+        verdicts=[Commit("p0", "m", "ok"), Commit("p1", "m", "stale", reason="taken")]),
     # ---------------------------------------------------------------- PENDING liveness
     Row("a pending replica is retried when the cluster changed since its request",
         {"request": (Ask("p0", "m"),), "retries": {"p0": PR(attempts=2, next_at=NOW + 4.0, requested_at=NOW)}},
@@ -278,9 +295,10 @@ def test_plan_is_deterministic_and_does_not_depend_on_input_order() -> None:
     assert a == b
 
 
-def test_an_unknown_commit_verdict_is_an_error_not_a_silent_drop() -> None:
+@pytest.mark.parametrize("beside", [(), (Commit("p0", "m", "ok"),)], ids=["alone", "beside-a-commit"])
+def test_an_unknown_commit_verdict_is_an_error_not_a_silent_drop(beside: tuple[Commit, ...]) -> None:
     with pytest.raises(ValueError, match="unknown commit verdict"):
-        plan({}, [], LIVE, [Commit("p0", "m", "maybe")], NOW, Book(), T)
+        plan({}, [], LIVE, [*beside, Commit("p0", "m", "maybe")], NOW, Book(), T)
 
 
 @pytest.mark.parametrize(("count", "delay"), [(0, 10.0), (1, 30.0), (2, 50.0), (3, 90.0), (9, 110.0)])
@@ -327,3 +345,12 @@ def test_a_restart_policy_delay_out_of_bounds_does_not_decode(bad: float) -> Non
 
     with pytest.raises(msgspec.ValidationError, match=r"restart\.grace_s"):
         msgspec.convert({"name": "m", "restart": {"grace_s": bad}}, type=ModelSpec)
+
+
+def test_pending_replicas_not_requested_within_the_timeout_are_the_ones_checked_against_the_store() -> None:
+    insts = [
+        inst("fresh", S.PENDING), inst("quiet", S.PENDING), inst("waiting", S.PENDING, reason="no room"),
+        inst("never", S.PENDING), inst("placed", S.SCHEDULED),
+    ]
+    requested = {"fresh": NOW - 1, "quiet": NOW - 31, "waiting": NOW - 40, "placed": NOW - 100}
+    assert overdue_pending(insts, requested, NOW, 30.0) == ("never", "quiet", "waiting")
