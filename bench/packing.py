@@ -129,6 +129,21 @@ def optimality_summary(rows: list[OptimalityRow], family: str) -> dict[str, Any]
     return out
 
 
+def check(args: argparse.Namespace) -> None:
+    """Replay only some pod lists and strategies (``--seeds`` seeds each) and print their summary lines."""
+    pod_lists = args.pod_lists.split(",") if args.pod_lists else list(POD_LISTS)
+    strategies = args.strategies.split(",") if args.strategies else [*CORE_STRATEGIES, *FAST_STRATEGIES]
+    unknown = sorted(set(pod_lists) - set(POD_LISTS)) + sorted(set(strategies) - {*CORE_STRATEGIES, *FAST_STRATEGIES})
+    if unknown:
+        raise SystemExit(f"unknown pod list or strategy: {', '.join(unknown)}")
+    limit = 600 if args.quick else None
+    jobs = [(t, s, 42 + i, limit) for t in pod_lists for s in strategies for i in range(args.seeds)]
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        runs = list(pool.map(run_trace, jobs))
+    for line in summarize(runs):
+        print(json.dumps(line), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run everything, print JSON lines, write the report."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 600 pods, 10 instances")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--report-only", action="store_true", help="rewrite packing.md and PNGs from packing.json")
+    parser.add_argument("--pod-lists", help="comma-separated pod lists only (a check: prints, writes nothing)")
+    parser.add_argument("--strategies", help="comma-separated strategies only (a check: prints, writes nothing)")
     args = parser.parse_args(argv)
+    if args.pod_lists or args.strategies:
+        check(args)
+        return
     if args.report_only:
         report.write(json.loads((args.out / "packing.json").read_text()), args.out)
         return

@@ -4,6 +4,8 @@ Cases: a 7B single-GPU model and a 70B tensor-parallel-4 model, under spread, bi
 cluster with seeded random existing allocations (other models' instances, external VRAM use, cordoned
 GPUs, stale workers). Each decision is timed in-process (wall and thread CPU time); between decisions the
 chosen replica is committed and removed again, so the snapshot's incremental updates run as in a service.
+Two more rows keep every replica (``between_decisions: kept``): the cluster fills and the default's learned
+workload moves with each decision, so its kept state is refreshed as in a busy service.
 Every case is measured in several runs; the reported p50/p99 are the medians over runs.
 
 Run: ``.venv/bin/python bench/placement_core.py [--quick]``. Prints one JSON line per case and a final
@@ -48,6 +50,11 @@ CASES = {
     "70b-tp4": ("llama-3.1-70b", ("--tensor-parallel-size=4",)),
 }
 TARGET_P50_US, TARGET_P99_US = 1000.0, 3000.0
+# The default strategy's decision before issue 19 (binpack), as this bench recorded it at 00072e6 (load ~2-3).
+BASELINE = {
+    "7b-single-gpu": {"strategy": "binpack", "p50_us": 279.4, "cpu_p50_us": 280.9, "commit": "00072e6"},
+    "70b-tp4": {"strategy": "binpack", "p50_us": 990.7, "cpu_p50_us": 994.3, "commit": "00072e6"},
+}
 
 
 def cluster(workers: int, seed: int) -> ClusterSnapshot:
@@ -81,9 +88,10 @@ def pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
-def measure(snap: ClusterSnapshot, model: ModelSpec, req: ResourceRequest, n: int, exhaustive: bool
-            ) -> tuple[list[float], list[float], str]:
-    """Wall and CPU seconds of ``n`` decisions; each chosen replica is committed then removed (untimed)."""
+def measure(snap: ClusterSnapshot, model: ModelSpec, req: ResourceRequest, n: int, exhaustive: bool,
+            keep: bool = False, tag: str = "") -> tuple[list[float], list[float], str]:
+    """Wall and CPU seconds of ``n`` decisions; each chosen replica is committed then removed (untimed), or
+    committed and kept (``keep``: the cluster fills and the learned workload moves with every decision)."""
     walls, cpus = [], []
     where = ""
     for k in range(n):
@@ -93,14 +101,16 @@ def measure(snap: ClusterSnapshot, model: ModelSpec, req: ResourceRequest, n: in
         cpus.append(time.thread_time() - c0)
         if isinstance(result, Decision):
             where = f"{result.candidate.worker}:{list(result.candidate.gpu_indexes)}"
-            snap.upsert_instance(instance_from_decision(result, f"bench-{k}"))
-            snap.remove_instance(f"bench-{k}")
+            snap.upsert_instance(instance_from_decision(result, f"bench-{tag}{k}", created_at=NOW + k))
+            if not keep:
+                snap.remove_instance(f"bench-{tag}{k}")
         else:
             where = "unschedulable"
     return walls, cpus, where
 
 
-def run_case(workers: int, case: str, strategy: str, runs: int, n: int, exhaustive: bool) -> dict[str, Any]:
+def run_case(workers: int, case: str, strategy: str, runs: int, n: int, exhaustive: bool, keep: bool = False
+             ) -> dict[str, Any]:
     """Median over ``runs`` of the per-run percentiles."""
     model_name, params = CASES[case]
     model = ModelSpec(name=model_name, backend_parameters=params, placement_strategy=PlacementStrategy(strategy))
@@ -112,8 +122,8 @@ def run_case(workers: int, case: str, strategy: str, runs: int, n: int, exhausti
         snap = cluster(workers, seed=1000 * workers + r)
         gc.collect()
         gc.freeze()  # the snapshot is long-lived state: keep it out of collections, as a service would
-        measure(snap, model, req, max(3, n // 20), exhaustive)  # warm-up
-        walls, cpus, where = measure(snap, model, req, n, exhaustive)
+        measure(snap, model, req, max(3, n // 20), exhaustive, keep, "warm-")  # warm-up
+        walls, cpus, where = measure(snap, model, req, n, exhaustive, keep)
         gc.unfreeze()
         walls.sort()
         cpus.sort()
@@ -123,6 +133,7 @@ def run_case(workers: int, case: str, strategy: str, runs: int, n: int, exhausti
     return {
         "workers": workers, "gpus": workers * 8, "case": case, "strategy": strategy,
         "path": "reference" if exhaustive else "fast",
+        "between_decisions": "kept" if keep else "undone",
         "p50_us": round(med["p50"], 1), "p99_us": round(med["p99"], 1),
         "cpu_p50_us": round(med["cpu_p50"], 1), "cpu_p99_us": round(med["cpu_p99"], 1),
         "runs": runs, "decisions_per_run": n, "last_choice": where,
@@ -179,6 +190,10 @@ def main() -> None:
                 row = run_case(workers, case, strategy, runs, n, exhaustive=False)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    for case in CASES:  # the default strategy when every replica stays: the learned workload moves each time
+        row = run_case(1000, case, "auto", runs, n, exhaustive=False, keep=True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     for workers in (10, 100, 1000):  # the plain reference path, for comparison (fewer decisions)
         row = run_case(workers, "7b-single-gpu", "spread", min(runs, 3), 10 if workers == 1000 else 30, exhaustive=True)
         rows.append(row)
@@ -193,8 +208,16 @@ def main() -> None:
             r["cpu_p50_us"] <= TARGET_P50_US and r["cpu_p99_us"] <= TARGET_P99_US for r in big
         ),
         "at_1000_workers": {
-            f"{r['case']}/{r['strategy']}": {k: r[k] for k in ("p50_us", "p99_us", "cpu_p50_us", "cpu_p99_us")}
+            f"{r['case']}/{r['strategy']}" + ("/kept" if r["between_decisions"] == "kept" else ""):
+            {k: r[k] for k in ("p50_us", "p99_us", "cpu_p50_us", "cpu_p99_us")}
             for r in rows if r["workers"] == 1000 and r["path"] == "fast"
+        },
+        # issue 19: the default (auto) within 10 % of the default before it (binpack), same 1,000-worker cases
+        "baseline": BASELINE,
+        "default_vs_baseline_p50": {
+            r["case"]: round(r["p50_us"] / BASELINE[r["case"]]["p50_us"], 3)
+            for r in rows if r["workers"] == 1000 and r["path"] == "fast" and r["strategy"] == "auto"
+            and r["between_decisions"] == "undone"
         },
         "loadavg_1m_before": round(load_before, 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),

@@ -13,7 +13,10 @@ measures, from the reconciler's DecisionEvents:
 - ``capacity_per_s``: commits per second when offered more than the stack can take (``--capacity-rate``),
   the most it sustains on this machine;
 - ``cpu_ms_per_placement`` and ``bus_per_placement``: where the time goes, per process, and what one
-  placement costs the bus (``--profile DIR`` adds py-spy stacks of every service).
+  placement costs the bus (``--profile DIR`` adds py-spy stacks of every service); ``cpu_ms_total`` sums the
+  processes, ``system_ms_per_placement`` is the kernel's share, ``msgs_per_placement`` the messages each
+  process sent to and got from the server (its /connz), ``placements_per_batch`` how full each stage's pulled
+  batches were (its /metrics): a stage's fixed cost per batch is paid that many times less per placement.
 
 Phases per run: light load (latency without queueing), the target rate, then the capacity probe.
 The emulated fleet and this driver run at a lower CPU priority (``nice`` 10; ``--same-priority`` turns
@@ -29,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -51,7 +56,7 @@ import uvloop  # noqa: E402
 from ops.servers import free_port  # noqa: E402
 from ops.stack import WORKERS_SERVICE, LocalStack, WorkerFleet  # noqa: E402
 from shared.bus import subjects  # noqa: E402
-from shared.bus.messages import DecisionEvents, ScaleCommand, encode  # noqa: E402
+from shared.bus.messages import ScaleCommand, encode  # noqa: E402
 from shared.bus.runtime import nats_options  # noqa: E402
 from shared.core.placement.domain import GIB, Category, ModelSpec, PlacementStrategy  # noqa: E402
 from shared.settings import Settings  # noqa: E402
@@ -59,6 +64,17 @@ from shared.state import StateStore  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
 HARNESS_NICE = 10
+
+
+class _Latency(msgspec.Struct):
+    latency_ms: float
+
+
+class _Decisions(msgspec.Struct):
+    """The one field of DecisionEvents this driver reads: decoding whole decisions (breakdowns, names) cost the
+    driver, a stand-in for clients that are not the stack, more CPU than the stack's own decode."""
+
+    events: list[_Latency]
 
 
 def spec(n: int) -> ModelSpec:
@@ -119,13 +135,49 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             varz = json.load(resp)
         return {k: int(varz[k]) for k in ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}
 
+    def bus_by_process() -> dict[str, dict[str, int]]:
+        """Messages each watched process sent (in) and received (out), from the server's /connz, its
+        connections matched to processes by their local ports."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/connz?limit=1024", timeout=5) as resp:
+            conns = json.load(resp)["connections"]
+        owner: dict[int, str] = {}
+        for name, proc in watched.items():
+            if name in ("nats", "redis"):
+                continue
+            with contextlib.suppress(psutil.Error):
+                for c in proc.net_connections(kind="tcp"):
+                    if c.raddr and c.raddr.port == stack_nats_port:
+                        owner[c.laddr.port] = name
+        out: dict[str, dict[str, int]] = {}
+        for c in conns:
+            who = owner.get(int(c.get("port", 0)), "other")
+            row = out.setdefault(who, {"in_msgs": 0, "out_msgs": 0, "in_bytes": 0, "out_bytes": 0})
+            for k in row:
+                row[k] += int(c.get(k, 0))
+        return out
+
+    def batches() -> dict[str, float]:
+        """Pulled batches so far per service and subject (each service's gantry_batch_size_count)."""
+        out: dict[str, float] = {}
+        for name, port in stack.metrics_ports.items():
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics", timeout=5
+            ) as resp:
+                for line in resp.read().decode().splitlines():
+                    if line.startswith("gantry_batch_size_count{"):
+                        subject = line.split('subject="', 1)[1].split('"', 1)[0]
+                        out[f"{name}:{subject}"] = float(line.rsplit(" ", 1)[1])
+        return out
+
     def cpu_seconds() -> dict[str, float]:
         out = {}
         for name, proc in watched.items():
             t = proc.cpu_times()
             out[name] = t.user + t.system
+            out[f"{name}.sys"] = t.system
         return out
 
+    stack_nats_port = int(settings.nats_url.rsplit(":", 1)[1])
     admin = stack.settings_for("admin")  # the driver stands in for the operator and reads everything
     store = StateStore.from_url(admin.redis_url)
     nc = await nats.connect(admin.nats_url, **nats_options(admin))
@@ -140,9 +192,10 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
 
         latencies: list[float] = []
         commit_times: list[float] = []
+        decisions = msgspec.json.Decoder(_Decisions)
 
         async def on_decision(msg: object) -> None:
-            batch = msgspec.json.decode(msg.data, type=DecisionEvents)  # type: ignore[attr-defined]
+            batch = decisions.decode(msg.data)  # type: ignore[attr-defined]
             now = time.monotonic()
             for ev in batch.events:
                 latencies.append(ev.latency_ms)
@@ -171,6 +224,8 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             t0 = time.monotonic()
             cpu0 = cpu_seconds()
             bus0 = bus_counters()
+            conn0 = bus_by_process()
+            batches0 = batches()
             spies = profile_services(name, seconds)
             sent = 0
             while sent < total:
@@ -195,10 +250,14 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             done = len(latencies)
             cpu1 = cpu_seconds()
             bus1 = bus_counters()
+            conn1 = bus_by_process()
+            batches1 = batches()
             for spy in spies:
                 spy.wait()
             # CPU milliseconds each process spent per placement: where the time goes, by process.
-            cpu_ms = {k: round((cpu1[k] - cpu0[k]) * 1000.0 / max(done, 1), 3) for k in cpu0}
+            cpu_ms = {k: round((cpu1[k] - cpu0[k]) * 1000.0 / max(done, 1), 3) for k in cpu0 if "." not in k}
+            # The kernel's share (system time: sockets, wake-ups), per process.
+            sys_ms = {k[:-4]: round((cpu1[k] - cpu0[k]) * 1000.0 / max(done, 1), 3) for k in cpu0 if "." in k}
             # Decisions arrive in batches that share one arrival time: the first batch opens the window
             # and does not count in it.
             first = commit_times.count(commit_times[0]) if commit_times else 0
@@ -213,8 +272,21 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                 "p50_ms": round(lat[len(lat) // 2], 2) if lat else float("nan"),
                 "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2) if lat else float("nan"),
                 "cpu_ms_per_placement": cpu_ms,
+                "cpu_ms_total": round(sum(cpu_ms.values()), 3),
+                "system_ms_per_placement": sys_ms,
                 # NATS traffic per placement: how many messages (and bytes) one placement costs the bus.
                 "bus_per_placement": {k: round((bus1[k] - bus0[k]) / max(done, 1), 1) for k in bus0},
+                # Messages each process sent to (in) and got from (out) the server per placement.
+                "msgs_per_placement": {
+                    who: [round((row["in_msgs"] - conn0.get(who, {}).get("in_msgs", 0)) / max(done, 1), 2),
+                          round((row["out_msgs"] - conn0.get(who, {}).get("out_msgs", 0)) / max(done, 1), 2)]
+                    for who, row in sorted(conn1.items())
+                },
+                # Placements per pulled batch, per stage: fewer, fuller batches cost less per placement.
+                "placements_per_batch": {
+                    k: round(done / (v - batches0.get(k, 0.0)), 2) for k, v in sorted(batches1.items())
+                    if v > batches0.get(k, 0.0)
+                },
                 "latencies": lat,
             }
 
@@ -235,6 +307,8 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
         await nc.close()
         await store.close()
         stack.stop(timeout=10)
+        if not args.keep:  # servers' data and the services' logs: a run leaves nothing behind unless asked
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plot(runs: list[dict[str, object]], path: Path) -> None:
@@ -289,6 +363,7 @@ def main() -> None:
     p.add_argument("--tls", action="store_true", help="NATS over TLS (gantry up --tls)")
     p.add_argument("--same-priority", action="store_true",
                    help="run the fleet and the driver at the services' CPU priority (default: lower)")
+    p.add_argument("--keep", action="store_true", help="keep each run's directory (servers' data, services' logs)")
     p.add_argument("--profile", type=Path, default=None, help="write py-spy collapsed stacks per process here")
     args = p.parse_args()
     runs = []

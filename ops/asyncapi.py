@@ -17,6 +17,7 @@ from services.engine_server.contract import CONTRACT as ENGINE_SERVER
 from services.filter.service import FilterService
 from services.fitting.service import FittingService
 from services.gateway.contract import CONTRACT as GATEWAY
+from services.picker.contract import CONTRACT as PICKER
 from services.reconciler.service import Reconciler
 from services.scoring.service import ScoringService
 from services.workers.contract import CONTRACT as WORKERS
@@ -30,10 +31,10 @@ OUT = REPO_ROOT / "docs" / "asyncapi.json"
 
 def contracts() -> list[Contract]:
     """Every party's contract: the CLI, the placement services' as their host builds it, workers, model
-    servers, the gateway's picker."""
+    servers, the gateway's picker, the NATS picker."""
     settings = Settings(profile="default")  # declarations do not depend on connection settings
     hosted = [kind(settings).contract() for kind in (Reconciler, FilterService, FittingService, ScoringService)]
-    return [CLI, *hosted, WORKERS, ENGINE_SERVER, GATEWAY]
+    return [CLI, *hosted, WORKERS, ENGINE_SERVER, GATEWAY, PICKER]
 
 
 def document() -> dict[str, Any]:

@@ -38,6 +38,7 @@ ADMIN = "admin"
 CLI = "cli"
 FLEET = "workers"
 ENGINE = "engine_server"
+PICKER = "picker"
 WORKER_PREFIX = "worker-"
 WRITERS = ("reconciler",)
 READERS = ("filter", "fitting", "scoring", CLI)
@@ -61,6 +62,7 @@ class Permissions:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
     deny_publish: tuple[str, ...] = ()
+    responds: bool = False  # may answer the requests it receives (NATS ``allow_responses``), whatever the inbox
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
@@ -155,6 +157,9 @@ def permissions(identity: str, contracts: dict[str, Contract] | None = None) -> 
         return contract_permissions(contracts[FLEET], declares_streams=False, identity=FLEET)
     if identity == ENGINE:
         return contract_permissions(contracts[ENGINE], declares_streams=False, identity=ENGINE)
+    if identity == PICKER:  # a request/reply service: it answers into its requesters' inboxes, nothing else
+        base = contract_permissions(contracts[PICKER], declares_streams=False, identity=PICKER)
+        return Permissions(base.publish, base.subscribe, base.deny_publish, responds=True)
     if identity in contracts:
         return contract_permissions(contracts[identity])
     raise AuthError(f"no identity named {identity!r}")
@@ -174,7 +179,7 @@ def redis_rules(identity: str) -> str | None:
 
 
 PLACEMENT_ROLES = ("filter", "fitting", "scoring", "reconciler")
-ROLES = (ADMIN, CLI, *PLACEMENT_ROLES, FLEET, ENGINE)
+ROLES = (ADMIN, CLI, *PLACEMENT_ROLES, FLEET, ENGINE, PICKER)
 
 
 @dataclass
@@ -289,10 +294,12 @@ def nats_authorization(creds: Credentials, contracts: dict[str, Contract] | None
         publish = f"allow: [{', '.join(map(_quote, perms.publish))}]"
         if perms.deny_publish:
             publish += f", deny: [{', '.join(map(_quote, perms.deny_publish))}]"
+        responses = "      allow_responses: true\n" if perms.responds else ""
         users.append(
             f"    {{user: {_quote(identity)}, password: {_quote(creds.password(identity))}, permissions: {{\n"
             f"      publish: {{{publish}}}\n"
             f"      subscribe: {{allow: [{', '.join(map(_quote, perms.subscribe))}]}}\n"
+            f"{responses}"
             f"    }}}}"
         )
     return "authorization {\n  users = [\n" + "\n".join(users) + "\n  ]\n}\n"

@@ -13,7 +13,8 @@ fi
 if [ ! -f "$stamp" ]; then
   echo "installing Gantry and its dependencies into $VENV (the first time takes a few minutes) ..." >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+  # not quiet: pip names each package as it downloads and installs it (minutes of silence looked like a hang)
+  "$VENV/bin/python" -m pip install --progress-bar on -e ".[dev]"
   rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"

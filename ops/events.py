@@ -71,8 +71,9 @@ def event_model(event: EventMessage) -> str:
     return event.model
 
 
-def format_event(event: EventMessage, received_at: float) -> str:
-    """One human line per event; ``received_at`` stands in for events that carry no time."""
+def format_event(event: EventMessage, stored_at: float) -> str:
+    """One human line per event; ``stored_at`` (when the stream stored the message: its publish time) stands in
+    for events that carry no time of their own."""
     if isinstance(event, DecisionEvent):
         parts = ", ".join(f"{k} {v:g}" for k, v in sorted(event.breakdown.items()))
         return (
@@ -84,23 +85,23 @@ def format_event(event: EventMessage, received_at: float) -> str:
         return f"{_clock(event.at)} unschedulable {event.model} {event.instance_id}: {event.message}"
     if isinstance(event, InstanceEvent):
         inst = event.instance
-        at = _clock(event.at or received_at)
+        at = _clock(event.at or stored_at)
         if event.removed:
             return f"{at} removed       {inst.model} {inst.id}"
         where = f" on {inst.worker} GPU {_gpus(inst.gpu_indexes)}" if inst.worker else ""
         why = f" ({inst.reason})" if inst.reason and inst.state.value in ("PENDING", "ERROR") else ""
         return f"{at} instance      {inst.model} {inst.id} {inst.state.value}{where}{why}"
     if isinstance(event, ErrorEvent):
-        return f"{_clock(event.at or received_at)} rejected      by {event.service} on {event.subject}: {event.reason}"
+        return f"{_clock(event.at or stored_at)} rejected      by {event.service} on {event.subject}: {event.reason}"
     if isinstance(event, WorkerRemovedEvent):
-        return f"{_clock(received_at)} worker gone   {event.worker}" + (f" ({event.reason})" if event.reason else "")
+        return f"{_clock(stored_at)} worker gone   {event.worker}" + (f" ({event.reason})" if event.reason else "")
     if isinstance(event, CordonEvent):
         target = event.worker if event.gpu_index is None else f"{event.worker}:{event.gpu_index}"
         verb = "cordoned" if event.cordoned else "uncordoned"
-        return f"{_clock(received_at)} {verb:<13} {target}"
-    return f"{_clock(received_at)} model         {event.model} replicas={event.replicas}"
+        return f"{_clock(stored_at)} {verb:<13} {target}"
+    return f"{_clock(stored_at)} model         {event.model} replicas={event.replicas}"
 
 
-def event_json(subject: str, event: EventMessage, received_at: float) -> bytes:
-    """One NDJSON line: the subject, the receive time and the event's own fields."""
-    return msgspec.json.encode({"subject": subject, "received_at": received_at, "event": event})
+def event_json(subject: str, event: EventMessage, stored_at: float) -> bytes:
+    """One NDJSON line: the subject, when the stream stored it (the event's publish time) and the event's fields."""
+    return msgspec.json.encode({"subject": subject, "stored_at": stored_at, "event": event})

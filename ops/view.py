@@ -226,8 +226,30 @@ def models_table(snapshot: ClusterSnapshot) -> Table:
     return table
 
 
-def render_top(snapshot: ClusterSnapshot) -> RenderableType:
-    """The whole `gantry top` screen for one snapshot."""
+def render_top(snapshot: ClusterSnapshot, width: int = 160, height: int | None = None) -> RenderableType:
+    """The whole `gantry top` screen for one snapshot: the full grid when ``width`` holds it, else compact
+    cells (one line per worker), cut to ``height`` lines when given."""
+    if width >= full_grid_width(snapshot):
+        full = _full_top(snapshot)
+        if height is None or _height(full, width) <= height:
+            return full
+    return compact_top(snapshot, width, height or 10_000)
+
+
+def _height(renderable: RenderableType, width: int) -> int:
+    """Lines ``renderable`` takes at ``width`` columns."""
+    from rich.console import Console
+
+    return len(Console(width=width, color_system=None).render_lines(renderable, pad=False))
+
+
+def full_grid_width(snapshot: ClusterSnapshot) -> int:
+    """Columns the full grid needs (worker column, then one cell per GPU, with borders)."""
+    gpus = max((len(w.gpus) for w in snapshot.workers), default=0)
+    return 12 + (MODEL_CHARS + 3) * gpus + 1
+
+
+def _full_top(snapshot: ClusterSnapshot) -> RenderableType:
     parts: list[RenderableType] = [summary_line(snapshot)]
     if snapshot.workers:
         parts.append(workers_grid(snapshot))
@@ -242,3 +264,99 @@ def render_top(snapshot: ClusterSnapshot) -> RenderableType:
         parts.append(Text("no pending replicas", style="dim"))
     parts.append(Text("Ctrl-C to quit", style="dim"))
     return Group(*parts)
+
+
+TAGS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+FULLNESS_GLYPHS = " ▁▂▃▄▅▆▇█"
+
+
+def model_tags(snapshot: ClusterSnapshot) -> dict[str, str]:
+    """A one-letter tag per model holding a GPU (``*`` past 26), in name order: the compact cells' legend."""
+    names = sorted({m for u in gpu_usage(snapshot) for m in u.models})
+    return {name: TAGS[i] if i < len(TAGS) else "*" for i, name in enumerate(names)}
+
+
+def _compact_cell(usage: GpuUsage, tags: dict[str, str]) -> Text:
+    """Three columns per GPU: the model's tag (``+`` when several share it, ``.`` when free), a fullness glyph,
+    a space; yellow ``x`` replaces the tag on a cordoned GPU."""
+    fullness = min(max(usage.fullness, 0.0), 1.0)
+    colour = "green" if fullness < 0.5 else "yellow" if fullness < 0.9 else "red"
+    if not usage.schedulable:
+        tag, style = "x", "yellow"
+    elif not usage.models:
+        tag, style = ".", "dim"
+    else:
+        tag, style = (tags[usage.models[0]] if len(usage.models) == 1 else "+"), "cyan"
+    cell = Text(tag, style=style)
+    cell.append(FULLNESS_GLYPHS[round(fullness * (len(FULLNESS_GLYPHS) - 1))] or " ", style=colour)
+    cell.append(" ")
+    return cell
+
+
+def _fit(line: Text, width: int) -> Text:
+    line.truncate(width, overflow="ellipsis")
+    return line
+
+
+def compact_top(snapshot: ClusterSnapshot, width: int = 80, height: int = 24) -> Group:
+    """`gantry top` for a small terminal: every line within ``width`` cells, at most ``height`` lines. Workers
+    are one line each (a tag and a fullness glyph per GPU, legend below), models one line each; when the
+    screen is short, workers past the room left are summed up in one line, then pending reasons are cut."""
+    usage = gpu_usage(snapshot)
+    tags = model_tags(snapshot)
+    by_worker: dict[str, list[GpuUsage]] = defaultdict(list)
+    for row in usage:
+        by_worker[row.worker].append(row)
+    head = [_fit(compact_summary(snapshot), width)]
+    workers: list[Text] = []
+    for w in sorted(snapshot.workers, key=lambda w: w.name):
+        state = snapshot.worker_states.get(w.name, WorkerState.NOT_READY)
+        line = Text(f"{w.name[:10]:<10} ", style="bold")
+        line.append(f"{_STATE_SHORT.get(state, '?'):<6}", style=STATE_STYLE.get(state, ""))
+        for u in by_worker[w.name]:
+            line.append_text(_compact_cell(u, tags))
+        workers.append(_fit(line, width))
+    if not workers:
+        workers = [Text("no workers have reported yet", style="yellow")]
+    legend = "  ".join(f"{tag}={name}" for name, tag in tags.items())
+    legend_line = _fit(Text(f"GPU cells: tag+fullness, .=free x=cordoned  {legend}", style="dim"), width)
+    models = [_fit(Text(_model_line(snapshot, m)), width) for m in sorted(snapshot.models, key=lambda m: m.name)]
+    pending = [
+        _fit(Text(f"pending {model} x{len(ids)}: {reason}", style="yellow"), width)
+        for model, reason, ids in pending_groups(snapshot)
+    ] or [Text("no pending replicas", style="dim")]
+    footer = Text("Ctrl-C to quit", style="dim")
+    room = max(height - 3, 3)  # less the summary, legend and footer lines
+    models = _cut(models, max(1, room // 3), "model(s); `gantry models`", width)
+    pending = _cut(pending, max(1, room // 4), "pending reason(s); `gantry explain MODEL`", width)
+    workers = _cut(workers, max(1, room - len(models) - len(pending)), "worker(s); `gantry workers`", width)
+    lines = [*head, *workers, legend_line, *models, *pending, footer]
+    return Group(*lines[:height])
+
+
+def _cut(lines: list[Text], room: int, what: str, width: int) -> list[Text]:
+    """``lines`` if they fit in ``room``, else the first ``room - 1`` and a line counting the rest."""
+    if len(lines) <= room:
+        return lines
+    kept = lines[: room - 1]
+    return [*kept, _fit(Text(f"... {len(lines) - len(kept)} more {what}", style="dim"), width)]
+
+
+_STATE_SHORT = {WorkerState.READY: "READY", WorkerState.NOT_READY: "DOWN", WorkerState.MAINTENANCE: "MAINT"}
+
+
+def compact_summary(snapshot: ClusterSnapshot) -> Text:
+    """The summary line, short: time, workers ready, GPUs, instances by state."""
+    ready = sum(1 for s in snapshot.worker_states.values() if s is WorkerState.READY)
+    gpus = sum(len(w.gpus) for w in snapshot.workers)
+    counts = state_counts(snapshot.instances)
+    line = Text(f"gantry top {clock(snapshot.taken_at)}  ", style="bold")
+    line.append(f"workers {ready}/{len(snapshot.workers)} ready  GPUs {gpus}  ")
+    line.append(" ".join(f"{state}={n}" for state, n in sorted(counts.items())) or "no instances")
+    return line
+
+
+def _model_line(snapshot: ClusterSnapshot, model: ModelView) -> str:
+    counts = state_counts(i for i in snapshot.instances if i.model == model.name)
+    parts = [f"{counts[k]} {k.lower()}" for k in ("RUNNING", "STARTING", "SCHEDULED", "PENDING", "ERROR") if counts[k]]
+    return f"model {model.name}: desired {model.desired}; " + (", ".join(parts) or "no replicas")

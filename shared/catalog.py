@@ -11,6 +11,7 @@ import json
 import re
 from functools import cache
 from pathlib import Path
+from typing import Protocol
 
 from shared.core.catalog import GpuSpec, ModelArch, arch_from_config, gpu_spec_from_row
 from shared.paths import data_dir
@@ -75,6 +76,37 @@ def load_model_arch(name: str) -> ModelArch:
             f"unknown model {name!r}: not in the catalogue ({len(archs)} models; e.g. {', '.join(list(archs)[:4])})"
         )
     return archs[key]
+
+
+def model_archs() -> list[ModelArch]:
+    """Every catalogue architecture, by key."""
+    archs = _models()[0]
+    return [archs[key] for key in sorted(archs)]
+
+
+class SpecNames(Protocol):
+    """The names a model spec offers the catalogue (``ModelSpec`` has them)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def catalog_model(self) -> str | None: ...
+
+
+def resolve_arch(spec: SpecNames) -> ModelArch | None:
+    """A spec's architecture: by ``catalog_model`` when set (and only by it), else by the name users know,
+    the spec's ``name`` or its ``source`` (a Hugging Face id such as ``Qwen/Qwen3-8B``); None when none is
+    in the catalogue."""
+    names = (spec.catalog_model,) if spec.catalog_model else (spec.name, spec.source)
+    for name in names:
+        if name:
+            try:
+                return load_model_arch(name)
+            except UnknownModelError:
+                continue
+    return None
 
 
 def _gpu_aliases(spec: GpuSpec) -> list[str]:

@@ -56,10 +56,12 @@ class Settings(BaseSettings):
     commit_backoff_s: float = Field(0.02, ge=0, description="base backoff between refused-commit retries")
     batch_max: int = Field(64, ge=1, description="largest placement batch a service handles at once")
     command_linger_s: float = Field(
-        0.01, ge=0, description="under load, the reconciler gathers scale commands this long into one batch"
+        0.02, ge=0, description="while scale commands keep coming, the reconciler takes a batch of them at most "
+        "this often (each batch costs one round of every pipeline stage); a lone command is never held back"
     )
     status_linger_s: float = Field(
-        0.05, ge=0, description="reconciler waits this long for more worker status reports after a partial batch"
+        0.05, ge=0, description="while worker status reports keep coming, the reconciler takes a batch of them at "
+        "most this often"
     )
     reconcile_interval_s: float = Field(1.0, gt=0, description="reconciler's liveness/drain check period")
     pending_retry_s: float = Field(

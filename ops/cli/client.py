@@ -8,31 +8,32 @@ with a dedupe id, exactly as any other producer would send them.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
-import msgspec.yaml
-import nats.errors
-import nats.js.errors
-import redis.asyncio as aioredis
-from nats.aio.client import Client as NatsClient
 
 from ops.cli.common import connect_nats
 from ops.cli.errors import CliError
 from ops.cli.inputs import read_input_file, worker_name
 from ops.view import ClusterSnapshot, ModelView
 from shared.bus import subjects
-from shared.bus.messages import CordonCommand, Message, RemoveWorkerCommand, ScaleCommand, encode
-from shared.bus.validate import check_scale
 from shared.core.limits import MAX_GPU_INDEX, MAX_REPLICAS, bad_model_name
 from shared.core.placement import lifecycle
 from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, RestartPolicy, Worker, WorkerState
-from shared.core.placement.planner import Cluster, Timings, WorkerRemoval, remove_worker
-from shared.settings import Settings
 from shared.state import StateStore
+
+if TYPE_CHECKING:  # the bus messages load numpy (columns): only commands that send one import them
+    import redis.asyncio as aioredis
+    from nats.aio.client import Client as NatsClient
+
+    from shared.bus.messages import CordonCommand, Message, RemoveWorkerCommand, ScaleCommand
+    from shared.core.placement.planner import WorkerRemoval
+    from shared.settings import Settings
 
 # -- reading ----------------------------------------------------------------------------------------
 
@@ -122,13 +123,37 @@ def _plain_problem(data: dict[str, object]) -> str | None:
     return None
 
 
+_MARK = re.compile(r'^\s*in ".*", line (\d+), column (\d+)$')
+
+
+def yaml_problem(path: Path, message: str) -> str:
+    """A YAML parser message (several lines, marks as ``in "...", line L, column C``) as one line that leads
+    with ``FILE:LINE:COLUMN`` (editors jump there) and names the problem at the last mark."""
+    problem, where = "", None
+    for line in message.splitlines():
+        mark = _MARK.match(line)
+        if mark:
+            where = (int(mark.group(1)), int(mark.group(2)))
+        elif line.strip():
+            problem = line.strip()
+    if where is None:
+        return f"{path}: not valid YAML ({problem or 'unreadable'})"
+    row, col = where
+    return f"{path}:{row}:{col}: not valid YAML: {problem} (line {row}, column {col})"
+
+
 def load_spec(path: Path) -> ModelSpec:
     """Read and validate a model spec file; a CliError with exit code 2 says what is wrong."""
+    import msgspec.yaml
+
+    from shared.bus.messages import ScaleCommand
+    from shared.bus.validate import check_scale
+
     raw = read_input_file(path, "spec")
     try:
         data = msgspec.yaml.decode(raw)
     except msgspec.DecodeError as err:
-        raise CliError(f"{path}: not valid YAML ({str(err).splitlines()[0]})", exit_code=2) from None
+        raise CliError(yaml_problem(path, str(err)), exit_code=2) from None
     except RecursionError:
         raise CliError(f"{path}: nested deeper than a model spec can be", exit_code=2) from None
     if not isinstance(data, dict):
@@ -147,7 +172,24 @@ def load_spec(path: Path) -> ModelSpec:
     problem = check_scale(ScaleCommand(model=spec.name, replicas=spec.replicas, spec=spec), known=None)
     if problem:
         raise CliError(f"{path}: {problem}", exit_code=2)
+    problem = unsizable(spec)
+    if problem:
+        raise CliError(f"{path}: {problem}", exit_code=2)
     return spec
+
+
+def unsizable(spec: ModelSpec) -> str | None:
+    """Why placement could never size ``spec`` (it would stay PENDING forever), with the fix; None if it can."""
+    from shared.catalog import resolve_arch
+    from shared.core.placement.domain import Reason
+    from shared.core.placement.pipeline import requirements
+
+    arch = resolve_arch(spec)
+    if spec.catalog_model and arch is None:
+        return (f"catalog_model {spec.catalog_model!r} is not in the model catalogue "
+                "(`gantry catalog` lists the keys)")
+    reason = requirements(spec, arch)
+    return reason.message if isinstance(reason, Reason) else None
 
 
 # -- publishing -------------------------------------------------------------------------------------
@@ -155,6 +197,11 @@ def load_spec(path: Path) -> ModelSpec:
 
 async def publish(nc: NatsClient, subject: str, message: Message, msg_id: str) -> int:
     """Publish a command on JetStream with a dedupe id; its stream sequence number."""
+    import nats.errors
+    import nats.js.errors
+
+    from shared.bus.messages import encode
+
     js = nc.jetstream()
     try:
         ack = await js.publish(subject, encode(message), timeout=5, headers={"Nats-Msg-Id": msg_id})
@@ -170,6 +217,8 @@ async def publish(nc: NatsClient, subject: str, message: Message, msg_id: str) -
 
 def scale_command(model: str, replicas: int, spec: ModelSpec | None = None) -> ScaleCommand:
     """A scale command with a fresh dedupe id."""
+    from shared.bus.messages import ScaleCommand
+
     return ScaleCommand(model=model, replicas=replicas, spec=spec, request_id=f"cli-{uuid.uuid4().hex}")
 
 
@@ -185,6 +234,8 @@ async def send_remove_worker(nc: NatsClient, command: RemoveWorkerCommand) -> in
 
 def removal(snapshot: ClusterSnapshot, name: str, settings: Settings) -> WorkerRemoval | str:
     """What removing ``name`` would do, or why not: the reconciler's own rule, checked before sending."""
+    from shared.core.placement.planner import Cluster, Timings, remove_worker
+
     cluster = Cluster(last_seen={w.name: w.last_heartbeat for w in snapshot.workers})
     timings = Timings(not_ready_after=settings.not_ready_after_s)
     return remove_worker(name, snapshot.instances, cluster, snapshot.taken_at, timings)

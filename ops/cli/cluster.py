@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
-import nats.js.errors
 import typer
-from nats.aio.client import Client as NatsClient
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from rich.table import Table
 
 from ops.cli.client import (
@@ -31,15 +29,17 @@ from ops.cli.client import (
 )
 from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, print_json, run
 from ops.cli.errors import CliError
-from ops.cli.inputs import model_name, replica_count
-from ops.events import decode_events, event_json, event_model, format_event
+from ops.cli.inputs import event_count, model_name, replica_count
 from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, pending_groups, state_counts
 from shared.bus import subjects
-from shared.bus.messages import CordonCommand, RemoveWorkerCommand, UnschedulableEvent
-from shared.bus.streams import STREAM_DLQ, STREAM_EVENTS
-from shared.bus.validate import bad_worker_name
+from shared.core.limits import bad_worker_name
 from shared.core.placement.domain import Instance, InstanceState, WorkerState
-from shared.settings import Settings
+
+if TYPE_CHECKING:  # NATS and the bus messages (numpy) load only in the commands that use them (issue 17)
+    from nats.aio.client import Client as NatsClient
+
+    from shared.bus.messages import UnschedulableEvent
+    from shared.settings import Settings
 
 Wait = Annotated[bool, typer.Option("--wait", help="wait until every replica is RUNNING")]
 Timeout = Annotated[float, typer.Option(min=0, help="seconds --wait waits before giving up")]
@@ -48,10 +48,12 @@ Timeout = Annotated[float, typer.Option(min=0, help="seconds --wait waits before
 def register(app: typer.Typer) -> None:
     """Add the cluster commands."""
     for name, fn in (
-        ("deploy", deploy), ("scale", scale), ("models", models), ("instances", instances),
+        ("deploy", deploy), ("delete", delete), ("models", models), ("instances", instances),
         ("explain", explain), ("cordon", cordon), ("uncordon", uncordon), ("events", events),
     ):
         app.command(name)(fn)
+    # `gantry scale m -1` must reach the range check ("replicas must be between ..."), not read as an option
+    app.command("scale", context_settings={"ignore_unknown_options": True})(scale)
     group = typer.Typer(invoke_without_command=True, no_args_is_help=False)
     group.callback()(workers)
     group.command("remove")(workers_remove)
@@ -83,7 +85,7 @@ def deploy(
 
 def scale(
     model: Annotated[str, typer.Argument(help="a deployed model's name", show_default=False)],
-    replicas: Annotated[int, typer.Argument(min=0, help="desired replicas (0 removes all)", show_default=False)],
+    replicas: Annotated[int, typer.Argument(help="desired replicas (0 removes all)", show_default=False)],
     wait: Wait = False,
     timeout: Timeout = 60.0,
     nats_url: NatsUrl = None,
@@ -108,6 +110,43 @@ def scale(
         typer.echo(f"scaling {model} to {replicas} replica(s)")
         if wait:
             await _wait_running(settings, {model: replicas}, timeout)
+
+    run(go)
+
+
+def delete(
+    model: Annotated[str, typer.Argument(help="a deployed model's name", show_default=False)],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until every replica is gone")] = True,
+    timeout: Timeout = 60.0,
+    nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Remove a model: every replica is stopped and its GPUs freed; `gantry models` no longer lists it.
+    Its spec stays recorded, so `gantry deploy FILE` (or `gantry scale MODEL N`) brings it back."""
+    model_name(model)
+    settings = load(nats_url, redis_url)
+
+    async def go() -> None:
+        redis = await connect_redis(settings)
+        try:
+            await require_model(redis, model)
+            nc = await connect_nats(settings)
+            try:
+                await send_scale(nc, scale_command(model, 0))
+            finally:
+                await nc.close()
+            if not wait:
+                typer.echo(f"deleting {model}: its replicas are being stopped")
+                return
+            try:
+                await wait_for(redis, settings, lambda s: all(i.model != model for i in s.instances), timeout)
+            except TimeoutError:
+                left = sum(1 for i in (await read_snapshot(redis, settings, model)).instances)
+                raise CliError(f"{model}: {left} replica(s) still stopping after {timeout:g}s; "
+                               "`gantry instances -m MODEL` shows them") from None
+        finally:
+            await redis.aclose()
+        typer.echo(f"deleted {model}")
 
     run(go)
 
@@ -173,6 +212,8 @@ def _cordon(target: str, cordoned: bool, timeout: float, settings: Settings) -> 
         redis = await connect_redis(settings)
         try:
             await require_worker(redis, worker, gpu)
+            from shared.bus.messages import CordonCommand
+
             nc = await connect_nats(settings)
             try:
                 await send_cordon(nc, CordonCommand(worker=worker, cordoned=cordoned, gpu_index=gpu))
@@ -210,6 +251,8 @@ def workers_remove(
             step = removal(snapshot, name, settings)
             if isinstance(step, str):
                 raise CliError(step)
+            from shared.bus.messages import RemoveWorkerCommand
+
             nc = await connect_nats(settings)
             try:
                 await send_remove_worker(nc, RemoveWorkerCommand(worker=name))
@@ -242,9 +285,16 @@ async def _snapshot(settings: Settings, model: str | None = None) -> ClusterSnap
         await redis.aclose()
 
 
-def models(json_out: JsonFlag = False, nats_url: NatsUrl = None, redis_url: RedisUrl = None) -> None:
+def models(
+    show_all: Annotated[bool, typer.Option("--all", help="also list deleted models (0 desired, no replicas)")] = False,
+    json_out: JsonFlag = False,
+    nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
+) -> None:
     """Deployed models: desired replicas and instances by state."""
     snapshot = run(lambda: _snapshot(load(nats_url, redis_url)))
+    if not show_all:
+        snapshot = without_deleted(snapshot)
     if json_out:
         print_json([
             {
@@ -258,6 +308,13 @@ def models(json_out: JsonFlag = False, nats_url: NatsUrl = None, redis_url: Redi
         typer.echo("no models deployed; try `gantry deploy ops/demo/llama-3.1-8b.yaml`")
         return
     console().print(models_table(snapshot))
+
+
+def without_deleted(snapshot: ClusterSnapshot) -> ClusterSnapshot:
+    """The snapshot without models that were deleted: nothing desired and no replica left."""
+    live = {i.model for i in snapshot.instances}
+    kept = tuple(m for m in snapshot.models if m.desired > 0 or m.name in live)
+    return dataclasses.replace(snapshot, models=kept)
 
 
 def _instance_row(inst: Instance) -> dict[str, Any]:
@@ -407,10 +464,17 @@ def explain(
 
 
 EXPLAIN_SCAN = 5000  # unschedulable events searched, newest first, for a model's latest verdict
+EVENTS_SCAN = 100_000  # messages `events --last N` reads back at most to find N events
 
 
 async def last_unschedulable(nc: NatsClient, model: str, scan: int = EXPLAIN_SCAN) -> UnschedulableEvent | None:
     """The newest UnschedulableEvent of ``model`` among the last ``scan`` such events in the stream."""
+    import nats.js.errors
+
+    from ops.events import decode_events
+    from shared.bus.messages import UnschedulableEvent
+    from shared.bus.streams import STREAM_EVENTS
+
     js = nc.jetstream()
     try:
         info = await js.stream_info(STREAM_EVENTS)
@@ -421,18 +485,29 @@ async def last_unschedulable(nc: NatsClient, model: str, scan: int = EXPLAIN_SCA
         return None
     start = max(info.state.first_seq, last - scan + 1)
     found: UnschedulableEvent | None = None
-    async for subject, data, _seq in _replay(js, subjects.EVENT_UNSCHEDULABLE, start, until=last):
-        for event in decode_events(subject, data):
+    async for stored in _replay(js, subjects.EVENT_UNSCHEDULABLE, start, until=last, stream=STREAM_EVENTS):
+        for event in decode_events(stored.subject, stored.data):
             if isinstance(event, UnschedulableEvent) and event.model == model:
                 found = event
     return found
 
 
+class Stored(NamedTuple):
+    """One message read back from a stream: its subject, payload, sequence and the time the stream stored it."""
+
+    subject: str
+    data: bytes
+    seq: int
+    at: float
+
+
 async def _replay(
-    js: Any, subject: str, start: int, until: int | None, idle: float = 0.5,
-    on_ready: Callable[[], None] | None = None, stream: str = STREAM_EVENTS,
-) -> Any:
-    """(subject, data, stream seq) from ``start``; stops after ``until`` or ``idle`` s of silence."""
+    js: Any, subject: str, start: int, until: int | None, stream: str, idle: float = 0.5,
+    on_ready: Callable[[], None] | None = None,
+) -> AsyncIterator[Stored]:
+    """Messages from ``start``; stops after ``until`` or, without it, never (``idle`` s per wait)."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
     sub = await js.subscribe(subject, ordered_consumer=True, config=config, stream=stream)
     if on_ready is not None:
@@ -445,8 +520,9 @@ async def _replay(
                 if until is not None:
                     return
                 continue
-            seq = msg.metadata.sequence.stream
-            yield msg.subject, msg.data, seq
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            yield Stored(msg.subject, msg.data, seq, meta.timestamp.timestamp())
             if until is not None and seq >= until:
                 return
     finally:
@@ -456,7 +532,7 @@ async def _replay(
 
 def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events until Ctrl-C")] = False,
-    last: Annotated[int, typer.Option(min=0, help="how many past events to show first")] = 20,
+    last: Annotated[int, typer.Option(help="how many past events to show first (0: none)")] = 20,
     model: Annotated[str | None, typer.Option("--model", "-m", help="only this model's events")] = None,
     dead_letters: Annotated[
         bool, typer.Option("--dead-letters", help="show messages services rejected, with the reason")
@@ -465,18 +541,26 @@ def events(
     nats_url: NatsUrl = None,
     redis_url: RedisUrl = None,
 ) -> None:
-    """Placement decisions, unschedulable verdicts, instance and cordon changes, as they happen."""
+    """Placement decisions, unschedulable verdicts, instance and cordon changes, each with its own time."""
     if model is not None:
         model_name(model)
+    event_count(last)
     settings = load(nats_url, redis_url)
-    stream, subject = (STREAM_DLQ, subjects.DEAD_LETTER_ALL) if dead_letters else (STREAM_EVENTS, subjects.EVENTS_ALL)
 
     async def go() -> None:
+        from shared.bus.streams import STREAM_DLQ, STREAM_EVENTS
+
+        stream, subject = (
+            (STREAM_DLQ, subjects.DEAD_LETTER_ALL) if dead_letters else (STREAM_EVENTS, subjects.EVENTS_ALL)
+        )
         nc = await connect_nats(settings)
         try:
-            await _print_events(nc, follow, last, model, json_out, stream, subject)
+            shown = await _print_events(nc, follow, last, model, json_out, stream, subject)
         finally:
             await nc.close()
+        if not shown and not json_out and last:
+            what = "dead letters: no message was rejected" if dead_letters else "events yet"
+            typer.echo(f"no {what}" + (f" for {model}" if model else ""))
 
     with contextlib.suppress(typer.Exit):
         run(go)  # Ctrl-C ends --follow: that is how it is meant to stop
@@ -484,29 +568,50 @@ def events(
 
 async def _print_events(
     nc: NatsClient, follow: bool, last: int, model: str | None, json_out: bool, stream: str, subject: str
-) -> None:
+) -> int:
+    """Print the last ``last`` events (events, not messages: a batch message holds several), then follow."""
+    import nats.js.errors
+
+    from ops.events import decode_events, event_json, event_model, format_event
+
     js = nc.jetstream()
     try:
         info = await js.stream_info(stream)
     except nats.js.errors.NotFoundError:
         raise CliError("no event stream yet: the services create it when they start (`gantry up`)") from None
-    end = info.state.last_seq
-    start = max(info.state.first_seq, end - last + 1) if last else end + 1
-    if not follow and (last == 0 or info.state.messages == 0):
-        return
+    first, end = info.state.first_seq, info.state.last_seq
     out = console()
 
-    def following() -> None:
-        if follow:
-            typer.echo("following events; Ctrl-C to stop", err=True)
+    def show(stored: Stored, event: Any) -> None:
+        if json_out:
+            typer.echo(event_json(stored.subject, event, stored.at).decode())
+        else:
+            out.print(format_event(event, stored.at), markup=False, highlight=False)
 
-    replay = _replay(js, subject, start, until=None if follow else end, on_ready=following, stream=stream)
-    async for subject, data, _seq in replay:
-        for event in decode_events(subject, data):
-            if model is not None and event_model(event) != model:
-                continue
-            now = time.time()
-            if json_out:
-                typer.echo(event_json(subject, event, now).decode())
-            else:
-                out.print(format_event(event, now), markup=False, highlight=False)
+    def matching(stored: Stored) -> list[Any]:
+        return [e for e in decode_events(stored.subject, stored.data) if model is None or event_model(e) == model]
+
+    history: list[tuple[Stored, Any]] = []
+    window = last
+    while last and info.state.messages and end >= first:
+        start = max(first, end - window + 1)
+        history = [
+            (stored, e) async for stored in _replay(js, subject, start, until=end, stream=stream)
+            for e in matching(stored)
+        ]
+        if len(history) >= last or start == first or window >= EVENTS_SCAN:
+            break
+        window = min(window * 4, EVENTS_SCAN)  # filtered or undecodable messages: read further back
+    history = history[-last:] if last else []
+    for stored, event in history:
+        show(stored, event)
+    if not follow:
+        return len(history)
+
+    def following() -> None:
+        typer.echo("following events; Ctrl-C to stop", err=True)
+
+    async for stored in _replay(js, subject, end + 1, until=None, stream=stream, on_ready=following):
+        for event in matching(stored):
+            show(stored, event)
+    return len(history)

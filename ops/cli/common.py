@@ -12,23 +12,23 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-import msgspec
-import nats
-import redis.asyncio as aioredis
-import redis.exceptions
 import typer
-from nats.aio.client import Client as NatsClient
-from pydantic import ValidationError
-from rich.console import Console
 
 from ops.cli.errors import CliError
-from shared.bus.runtime import nats_options
 from shared.paths import runtime_dir
-from shared.settings import Settings
+
+if TYPE_CHECKING:  # imported where used: a CLI call loads only what its command needs (issue 17)
+    import redis.asyncio as aioredis
+    from nats.aio.client import Client as NatsClient
+    from rich.console import Console
+
+    from shared.settings import Settings
 
 T = TypeVar("T")
 
@@ -49,6 +49,10 @@ STACK_HINT = "is the stack running? start it with `gantry up` (or set --nats-url
 
 def load(nats_url: str | None = None, redis_url: str | None = None) -> Settings:
     """Settings with any flag overrides applied; invalid environment values become a CliError."""
+    from pydantic import ValidationError
+
+    from shared.settings import Settings
+
     overrides: dict[str, Any] = {}
     if not os.environ.get("GANTRY_IDENTITY"):
         overrides["identity"] = "cli"  # the operator's identity from `gantry up`'s credentials (ops.auth)
@@ -69,6 +73,9 @@ def load(nats_url: str | None = None, redis_url: str | None = None) -> Settings:
 
 async def connect_nats(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -> NatsClient:
     """A NATS connection, or a one-line CliError if the server cannot be reached quickly."""
+    nats = import_nats(settings.nats_url)
+
+    from shared.bus.connection import nats_options
 
     async def _quiet(_: Exception) -> None:
         return None
@@ -92,6 +99,22 @@ async def connect_nats(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -
         raise CliError(f"cannot reach NATS at {redact(settings.nats_url)} ({_short(err)}): {STACK_HINT}") from None
 
 
+def import_nats(url: str) -> ModuleType:
+    """The nats package; unless ``url`` is a websocket URL, without its optional websocket transport, whose
+    aiohttp import is a third of a CLI call's CPU. aiohttp stays importable for anything else afterwards."""
+    if "nats" in sys.modules or urlsplit(url).scheme in ("ws", "wss") or "aiohttp" in sys.modules:
+        import nats
+
+        return nats
+    sys.modules["aiohttp"] = None  # type: ignore[assignment]  # nats.aio.transport then skips it
+    try:
+        import nats
+        import nats.js
+    finally:
+        del sys.modules["aiohttp"]
+    return nats
+
+
 async def _probe(url: str, default_port: int, what: str, timeout: float) -> None:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or default_port
@@ -108,6 +131,9 @@ async def _probe(url: str, default_port: int, what: str, timeout: float) -> None
 
 async def connect_redis(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -> aioredis.Redis:
     """A Redis connection that answered PING, or a one-line CliError."""
+    import redis.asyncio as aioredis
+    import redis.exceptions
+
     client: aioredis.Redis = aioredis.from_url(
         settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout + 3
     )
@@ -137,11 +163,15 @@ async def _as_coro(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 def print_json(data: Any) -> None:
     """Print ``data`` (msgspec structs, dicts, lists) as indented JSON on stdout."""
+    import msgspec
+
     typer.echo(json.dumps(msgspec.to_builtins(data), indent=2, sort_keys=True))
 
 
 def console() -> Console:
     """The console tables are printed on (wide enough not to wrap in captured output)."""
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=True, width=max(120, Console().width))
 
 

@@ -12,6 +12,7 @@ from ops.cli.errors import CliError
 from shared.core.limits import MAX_REPLICAS, MAX_SPEC_BYTES, MIB, bad_model_name, bad_worker_name
 
 MAX_SCENARIO_BYTES = 64 * MIB  # scenarios carry request lists: larger than a spec, still read whole
+MAX_EVENTS_SHOWN = 100_000  # `events --last`: past events read back and printed at most
 
 
 def read_input_file(path: Path, what: str, limit: int = MAX_SPEC_BYTES) -> bytes:
@@ -56,3 +57,10 @@ def _short_int(value: int) -> str:
 
 def _size(n: int) -> str:
     return f"{n // MIB} MiB" if n >= MIB else f"{n} bytes"
+
+
+def event_count(count: int) -> int:
+    """``count`` if within 0..MAX_EVENTS_SHOWN, else a CliError (exit 2)."""
+    if not 0 <= count <= MAX_EVENTS_SHOWN:
+        raise CliError(f"--last must be between 0 and {MAX_EVENTS_SHOWN}, got {_short_int(count)}", exit_code=2)
+    return count

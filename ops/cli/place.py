@@ -15,7 +15,7 @@ import typer
 
 from ops.cli.errors import CliError
 from ops.cli.inputs import MAX_SCENARIO_BYTES, read_input_file
-from shared.catalog import UnknownModelError, load_model_arch
+from shared.catalog import resolve_arch
 from shared.core.catalog.models import ModelArch
 from shared.core.placement import DEFAULT_PROFILE, Profile, place, profile_from_json, profile_from_yaml
 from shared.core.placement.domain import Decision, GgufSpec, ModelSpec, Reason
@@ -32,15 +32,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _arch(model: ModelSpec) -> ModelArch | None:
-    for name in (model.catalog_model, model.name, model.source):
-        if name:
-            try:
-                return load_model_arch(name)
-            except UnknownModelError:
-                continue
-    if model.catalog_model:
+    """The architecture placement itself would use (``shared.catalog.resolve_arch``)."""
+    arch = resolve_arch(model)
+    if model.catalog_model and arch is None:
         raise CliError(f"catalog_model {model.catalog_model!r} is not in the model catalogue", exit_code=2)
-    return None
+    return arch
 
 
 def _gguf(model: ModelSpec, base: Path) -> GgufSpec | None:
@@ -99,8 +95,9 @@ def place_cmd(
     exhaustive: Annotated[
         bool, typer.Option("--exhaustive", help="use the reference path (every worker and GPU visited)")
     ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the full decision document as JSON")] = False,
 ) -> None:
-    """Dry-run placement: place replicas one after another and print the decisions as JSON."""
+    """Dry-run placement: place replicas one after another and print where each went, or why not."""
     data = read_input_file(scenario, "scenario", MAX_SCENARIO_BYTES)
     try:
         sc = load_scenario(data)
@@ -141,4 +138,33 @@ def place_cmd(
         "unschedulable": count - placed,
         "replicas": out,
     }
-    typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    if json_out:
+        typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        typer.echo("\n".join(human_lines(document)))
+
+
+def human_lines(document: dict[str, Any], reasons_shown: int = 5) -> list[str]:
+    """The dry run in words: what one replica needs, then one line per replica (where, or why not)."""
+    lines = [f"model {document['model']}, profile {document['profile']} ({document['scenario']})"]
+    request = document["request"]
+    if request is not None:
+        gpus = request.get("gpu_count") or 1
+        lines.append(f"each replica needs {gib(request['vram'])} GiB VRAM on {gpus} GPU(s), "
+                     f"RAM {gib(request['ram'])} GiB")
+    for doc in document["replicas"]:
+        if doc["placed"]:
+            lines.append(f"replica {doc['replica']}: {doc['summary']}")
+            continue
+        lines.append(f"replica {doc['replica']}: unschedulable: {doc.get('message', '')}")
+        for f in doc.get("filters", []):
+            if f["kept"] < f["total"]:
+                lines.append(f"  filter {f['filter']} kept {f['kept']} of {f['total']}")
+        reasons = doc.get("reasons", [])
+        for r in reasons[:reasons_shown]:
+            lines.append(f"  {r['plugin']} {r['subject'] or '(request)'}: {r['message']}")
+        if len(reasons) > reasons_shown:
+            lines.append(f"  ... {len(reasons) - reasons_shown} more (--json shows all)")
+    total = document["placed"] + document["unschedulable"]
+    lines.append(f"placed {document['placed']} of {total}; nothing committed (dry run)")
+    return lines

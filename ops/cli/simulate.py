@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -94,6 +96,8 @@ def simulate(
     kill: Annotated[str | None, typer.Option(help="NODE@SECONDS: that replica dies then (broker runs)")] = None,
     slo_ttft_ms: Annotated[float, typer.Option(help="goodput SLO on TTFT (broker runs)")] = 2000.0,
     slo_tpot_ms: Annotated[float, typer.Option(help="goodput SLO on time per output token (broker runs)")] = 100.0,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", help="a progress bar on stderr (default: when stderr is a terminal)")] = None,
 ) -> None:
     """Replay a trace on N emulated replicas in virtual time; print TTFT/ITL/e2e, throughput, KV, preemptions."""
     try:
@@ -119,7 +123,8 @@ def simulate(
         typer.echo(json.dumps(bs) if as_json else render_brokered(bs))
         return
     t0 = time.perf_counter()
-    result = run_sim(reqs, spec)
+    with progress_bar(len(reqs), progress) as report:
+        result = run_sim(reqs, spec, progress=report)
     wall = time.perf_counter() - t0
     summary = result.summary()
     summary["setup"] = {"trace": trace, "model": model, "gpu": gpu, "replicas": replicas, "tp": tp,
@@ -134,6 +139,28 @@ def simulate(
         typer.echo(json.dumps(summary))
     else:
         typer.echo(render(summary))
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, wanted: bool | None) -> Iterator[Callable[[int, int], None] | None]:
+    """A ``progress(done, total)`` callback drawing a bar on stderr, or None when not wanted (default: only
+    when stderr is a terminal, so pipes and scripts get clean output)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not (console.is_terminal if wanted is None else wanted):
+        yield None
+        return
+    columns = (TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("simulate", total=total)
+
+        def report(done: int, _total: int) -> None:
+            bar.update(task, completed=done)
+
+        yield report
 
 
 def _parse_calibration(text: str) -> tuple[float, float, float]:

@@ -215,8 +215,8 @@ class Reader:
             return []
         lines: list[str] = []
         start = max(info.state.first_seq, end - count + 1)  # messages, each one event or a batch of them
-        async for subject, data, _seq in _replay(js, subjects.EVENTS_ALL, start, until=end, idle=0.3):
-            lines += [format_event(ev, time.time()) for ev in decode_events(subject, data)]
+        async for stored in _replay(js, subjects.EVENTS_ALL, start, until=end, stream=STREAM_EVENTS, idle=0.3):
+            lines += [format_event(ev, stored.at) for ev in decode_events(stored.subject, stored.data)]
         return lines[-count:][::-1]
 
     async def close(self) -> None:

@@ -21,6 +21,7 @@ from services.engine_server.runner import EngineRunner
 from shared.bus import subjects
 from shared.bus.messages import EngineKVEvents, EngineMetrics, encode
 from shared.core.kv_events import KVEventBatch
+from shared.host.tasks import cancel_until_done
 
 log = logging.getLogger("gantry.engine_server")
 
@@ -71,11 +72,7 @@ class Publisher:
         try:
             await asyncio.gather(*tasks)
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            await cancel_until_done(tasks)  # nats-py's requests can lose one cancel() on Python 3.11
             if self._nc is not None and self._nc.is_connected:
                 with contextlib.suppress(Exception):
                     await self._nc.drain()

@@ -28,6 +28,7 @@ from shared.catalog import load_gpu_spec, load_model_arch
 from shared.core.engine import Engine, KVLink, RooflineStepTime, SchedulerConfig
 from shared.core.engine.step_time import RooflineParams
 from shared.core.roles import NodeRole
+from shared.host.tasks import cancel_until_done
 
 log = logging.getLogger("gantry.engine_server")
 
@@ -200,9 +201,7 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
             yield
         finally:
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_until_done([task])
             await runner.stop()
             app.state.writer.close()
             if zmq_pub is not None:

@@ -19,7 +19,7 @@ from shared.bus.messages import (
     PlacementScored,
 )
 from shared.bus.names import NameLists
-from shared.catalog import load_model_arch
+from shared.catalog import resolve_arch
 from shared.core.catalog.models import ModelArch
 from shared.core.placement import requirements, run_fitting
 from shared.core.placement.domain import FitResult, ModelSpec, Reason, ResourceRequest, Unschedulable
@@ -46,7 +46,7 @@ class FittingService(PlacementService):
     )
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        self._arch: dict[str, ModelArch | None] = {}
+        self._arch: dict[tuple[str | None, str, str], ModelArch | None] = {}
         # (spec, survivors) -> (when, result). Candidates are a superset check, not a verdict: scoring
         # re-checks each against its live snapshot and the ledger's compare-and-set has the last word,
         # so reusing them for a fraction of a second only costs candidates that appeared meanwhile.
@@ -82,13 +82,11 @@ class FittingService(PlacementService):
         await self.bus.publish_js_many(out)
 
     def arch(self, spec: ModelSpec) -> ModelArch | None:
-        """The catalogue architecture of a model, if the catalogue knows it (cached)."""
-        key = spec.catalog_model or spec.name
+        """The catalogue architecture of a model by ``catalog_model``, name or ``source`` (HF id), if the
+        catalogue knows one (cached); without it the estimate needs weight_bytes or a claim."""
+        key = (spec.catalog_model, spec.name, spec.source)
         if key not in self._arch:
-            try:
-                self._arch[key] = load_model_arch(key)
-            except Exception:  # not in the catalogue: the estimate then needs weight_bytes or a claim
-                self._arch[key] = None
+            self._arch[key] = resolve_arch(spec)
         return self._arch[key]
 
     def fit_model(
@@ -99,12 +97,10 @@ class FittingService(PlacementService):
         if ttl <= 0:
             return self._fit_now(spec, request, survivors)
         now = self.clock()
-        # Each scale command changes the replica count, which fitting only reads as one-or-several
-        # (manual placement may overcommit a lone replica): keying on the exact count never hits.
-        key = (msgspec.json.encode(msgspec.structs.replace(spec, replicas=min(spec.replicas, 2))), survivors)
+        key = (fit_key(spec, request), survivors)
         hit = self._fits.get(key)
-        if hit is not None and now - hit[0] < ttl:
-            return hit[1]
+        if hit is not None and now - hit[0] < ttl and (shared := _shared(hit[1], spec.name)) is not None:
+            return shared
         res = self._fit_now(spec, request, survivors)
         if len(self._fits) > 256:
             self._fits = {k: v for k, v in self._fits.items() if now - v[0] < ttl}
@@ -181,3 +177,28 @@ class FittingService(PlacementService):
                 sub, {m: results[m] for m in models}, {m: columns[m] for m in models if m in columns}
             ))
         return out
+
+
+def fit_key(spec: ModelSpec, request: ResourceRequest) -> bytes:
+    """What fitting's result depends on: the resource request and the spec without what fitting never reads.
+
+    Models of one shape (same request, backend, selectors, offloading) share candidates, whatever their names
+    and sources: the name is read only to find a manual placement's own GPUs (kept then), the source only
+    through the request (its size, GGUF layers). Each scale command changes the replica count, which fitting
+    only reads as one-or-several (manual placement may overcommit a lone replica).
+    """
+    manual = spec.gpu_selector is not None
+    shape = msgspec.structs.replace(
+        spec, name=spec.name if manual else "", source="", replicas=min(spec.replicas, 2), catalog_model=None,
+    )
+    return msgspec.json.encode((shape, request))
+
+
+def _shared(res: FitResult | CandidateSet, model: str) -> FitResult | CandidateSet | None:
+    """Another model's fitting result as ``model``'s own; None for an explanation of why nothing fits (its
+    words may name the model it was written for)."""
+    if res.model == model:
+        return res
+    if isinstance(res, FitResult) and not res.candidates:
+        return None
+    return msgspec.structs.replace(res, model=model)

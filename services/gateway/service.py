@@ -20,14 +20,14 @@ from tokenizers import Tokenizer
 
 from services.gateway.contract import CONTRACT
 from services.gateway.epp import Picker
-from services.gateway.pool import PoolView, eds_document, metrics_of
+from services.gateway.pool import eds_document
 from services.gateway.request import Tokenize
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
 from shared.bus.messages import EngineKVEvents, EngineMetrics
 from shared.bus.runtime import Bus
-from shared.core.kv_events import AllBlocksCleared, KVEventBatch
-from shared.core.routing import Router, builtin_config
+from shared.core.routing import Endpoint, Router, builtin_config
+from shared.host.engine_feed import EngineFeed
 
 log = logging.getLogger("gantry.gateway")
 
@@ -68,24 +68,19 @@ class Gateway:
     def __init__(self, opts: GatewayOptions) -> None:
         self.opts = opts
         self.router = Router(builtin_config(opts.profile), seed=opts.seed)
-        self.pool = PoolView(expire_s=opts.expire_s)
+        self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed)
+        self.pool = self.feed.pool
         self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer())
         self._eds_version = 0
-        self._addresses: dict[str, str] = {}
-        self._kv_seq: dict[str, int] = {}  # next KV message number expected per instance
         self.bus: Bus | None = None
 
     def pool_addresses(self) -> dict[str, str]:
         """Endpoint id → host:port."""
-        return self._addresses
+        return self.feed.addresses
 
-    def _pool_changed(self) -> None:
-        eps = list(self.pool.endpoints.values())
-        self.router.set_endpoints(eps)
-        self._addresses = {e.id: e.address for e in eps}
+    def _pool_changed(self, eps: list[Endpoint]) -> None:
         self._eds_version += 1
         write_eds(self.opts.eds_path, eds_document(eps, self._eds_version))
-        log.info("pool: %s", sorted(self._addresses.items()))
 
     async def _on_metrics(self, msg: Msg) -> None:
         assert self.bus is not None
@@ -93,36 +88,20 @@ class Gateway:
         if m is None:
             return
         try:
-            changed = self.pool.observe(m, time.time())
+            self.feed.on_metrics(m, time.time())
         except ValueError as err:  # an address Envoy could not dial
             await self.bus.dead_letter(msg.subject, str(err), msg.data)
-            return
-        if changed:
-            self._pool_changed()
-        self.router.update_metrics(m.instance_id, metrics_of(m))
 
     async def _on_kv(self, msg: Msg) -> None:
         assert self.bus is not None
         ev = await self.bus.decode_or_reject(msg.subject, msg.data, EngineKVEvents)
-        if ev is None:
-            return
-        expected = self._kv_seq.get(ev.instance_id)
-        if expected is not None and ev.seq != expected:
-            # lost messages (or a restarted server numbering from 0): what we know of its cache is unsure
-            log.info("gateway: KV events of %s jumped from %d to %d; its precise index is rebuilt",
-                     ev.instance_id, expected, ev.seq)
-            self.router.apply_kv_events(ev.instance_id, KVEventBatch(ts=ev.batch.ts, events=[AllBlocksCleared()]))
-        self._kv_seq[ev.instance_id] = ev.seq + 1
-        self.router.apply_kv_events(ev.instance_id, ev.batch)
+        if ev is not None:
+            self.feed.on_kv(ev)
 
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.opts.expire_s / 2))
-            gone = self.pool.expire(time.time())
-            if gone:
-                for eid in gone:
-                    self._kv_seq.pop(eid, None)
-                self._pool_changed()
+            self.feed.expire(time.time())
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""

@@ -77,17 +77,17 @@ class ScoringService(PlacementService):
         req = msg.request
         now = self.clock()
         outcomes = []
-        located: dict[str, Positions | None] = {}
+        # Per model, once for all its items: its candidate set, where they are in this snapshot, how many.
+        located: dict[str, tuple[CandidateSet | None, Positions | None, int]] = {}
         for item in req.items:
             spec = req.specs[item.model]
             decision: Decision | None = None
             considered = 0
-            cset = msg.candidate_set(item.model)
+            if item.model not in located:
+                found = msg.candidate_set(item.model)
+                located[item.model] = (found, None, 0) if found is None else (found, self.locate(found), len(found))
+            cset, pos, considered = located[item.model]
             if cset is not None:
-                if item.model not in located:
-                    located[item.model] = self.locate(cset)
-                pos = located[item.model]
-                considered = len(cset)
                 if pos is not None:
                     decision = score_columns(self.snapshot, spec, cset, pos, self.profile)
                 if decision is None:  # a worker unknown here, or a scorer without a fast form

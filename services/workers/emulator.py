@@ -33,6 +33,7 @@ from shared.bus.messages import (
     decode,
     encode,
 )
+from shared.bus.runtime import js_publish
 from shared.core.placement.domain import GIB, Gpu, GpuUsage, InstanceState, ModelFileState, Worker
 
 log = logging.getLogger("gantry.workers")
@@ -119,7 +120,6 @@ class Fleet:
     def __init__(self, cfg: FleetConfig, nc: Client) -> None:
         self.cfg = cfg
         self.nc = nc
-        self.js = nc.jetstream()
         self.workers = {w.worker.name: w for w in make_workers(cfg)}
         self.paused: set[str] = set()  # workers whose heartbeats are suppressed
         self._tasks: set[asyncio.Task[None]] = set()
@@ -197,12 +197,10 @@ class Fleet:
     async def _status(self, w: EmulatedWorker, iid: str, state: InstanceState, **kw: object) -> None:
         msg = InstanceStatus(instance_id=iid, worker=w.worker.name, state=state, **kw)  # type: ignore[arg-type]
         tag = "deleted" if msg.deleted else ("idle" if msg.idle else state.value)
-        headers = {"Nats-Msg-Id": f"{iid}:{w.worker.name}:{tag}"}
+        msg_id = f"{iid}:{w.worker.name}:{tag}"
         for attempt in range(20):  # a status must get through: retry (deduped) while NATS is busy or away
             try:
-                await self.js.publish(
-                    subjects.instance_status(w.worker.name), encode(msg), headers=headers, timeout=2.0
-                )
+                await js_publish(self.nc, subjects.instance_status(w.worker.name), encode(msg), msg_id, timeout=2.0)
                 return
             except Exception:
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))

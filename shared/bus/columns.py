@@ -15,18 +15,23 @@ return None).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
-import numpy as np
-import numpy.typing as npt
 
 from shared.core.placement.domain import Candidate, Decision, ModelSpec, ResourceRequest
-from shared.core.placement.fastpath import Positions, score_positions
-from shared.core.placement.pipeline import fit_gpus
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile
-from shared.core.placement.snapshot import ClusterSnapshot
 
-IntArray = npt.NDArray[np.int64]
+if TYPE_CHECKING:
+    # numpy and the core's fast path load where the columns are packed or unpacked, not where a message module
+    # is imported: a CLI that only decodes events must not pay for them (issue 17, read commands within 0.5 s)
+    import numpy as np
+    import numpy.typing as npt
+
+    from shared.core.placement.fastpath import Positions
+    from shared.core.placement.snapshot import ClusterSnapshot
+
+    IntArray = npt.NDArray[np.int64]
 MASK_BITS = 64
 _MASK_TYPES = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
@@ -59,16 +64,22 @@ class CandidateSet(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     def masks(self) -> npt.NDArray[np.uint64]:
         """The per-worker GPU masks."""
+        import numpy as np
+
         width = len(self.gpus) // max(len(self.workers), 1)
         if width not in _MASK_TYPES:
             raise ValueError(f"GPU masks of {width} bytes per worker")
         return np.frombuffer(self.gpus, dtype=_MASK_TYPES[width]).astype(np.uint64)
 
     def __len__(self) -> int:
+        import numpy as np
+
         return int(np.bitwise_count(self.masks()).sum())
 
     def arrays(self) -> tuple[IntArray, IntArray, IntArray]:
         """(worker position, GPU index, claim) per candidate, in candidate order."""
+        import numpy as np
+
         bits = (self.masks()[:, None] >> np.arange(MASK_BITS, dtype=np.uint64)) & np.uint64(1)
         worker_of, gpu_index = np.nonzero(bits)
         if self.claims:
@@ -80,6 +91,8 @@ class CandidateSet(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 def _index_masks(index: IntArray, selected: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint64]:
     """Per row, the mask with bit ``index[row, slot]`` set for each selected slot (indexes below 64)."""
+    import numpy as np
+
     bit = np.left_shift(np.uint64(1), np.where(selected, index, 0).astype(np.uint64))
     masks: npt.NDArray[np.uint64] = np.bitwise_or.reduce(np.where(selected, bit, np.uint64(0)), axis=1)
     return masks
@@ -87,6 +100,8 @@ def _index_masks(index: IntArray, selected: npt.NDArray[np.bool_]) -> npt.NDArra
 
 def _index_order(index: IntArray, selected: npt.NDArray[np.bool_]) -> IntArray:
     """Per row, the slots by GPU index, selected ones first: candidate order within a worker."""
+    import numpy as np
+
     order: IntArray = np.argsort(np.where(selected, index, MASK_BITS), axis=1, kind="stable")
     return order
 
@@ -103,6 +118,10 @@ def fit_columns(
     None when it does not (or nothing fits, or a candidate GPU's index does not fit a mask): the caller
     then runs ``run_fitting`` for candidates or the explanation.
     """
+    import numpy as np
+
+    from shared.core.placement.pipeline import fit_gpus
+
     fitted = fit_gpus(snapshot, model, request, survivors, profile)
     if fitted is None:
         return None
@@ -134,6 +153,10 @@ def fit_columns(
 
 def locate(snapshot: ClusterSnapshot, cset: CandidateSet) -> Positions | None:
     """Rows and slots of the candidates in ``snapshot``; None if a worker or GPU is unknown there."""
+    import numpy as np
+
+    from shared.core.placement.fastpath import Positions
+
     rows = snapshot.rows_of(cset.workers)
     if bool((rows < 0).any()):
         return None
@@ -168,6 +191,8 @@ def score_columns(
     None when ``pos`` is stale, none still fits or a configured scorer has no vectorised form (use
     ``run_scoring``).
     """
+    from shared.core.placement.fastpath import score_positions
+
     return score_positions(snapshot, model, pos, cset.ram_claim, cset.strategy, profile, cset.cpu_claim)
 
 

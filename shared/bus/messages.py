@@ -16,8 +16,10 @@ from shared.core.kv_events import KVEventBatch
 from shared.core.limits import (
     MAX_BATCH_ITEMS,
     MAX_GPUS_PER_WORKER,
+    MAX_ID_LENGTH,
     MAX_INSTANCES_PER_WORKER,
     MAX_MESSAGE_BYTES,
+    MAX_TIME,
     Attempt,
     Fraction,
     GpuIndex,
@@ -417,6 +419,63 @@ class EngineKVEvents(Message, frozen=True, kw_only=True):
     seq: int
     batch: KVEventBatch
 
+
+
+# -- the picker's request/reply protocol (core NATS; seed 002's "replacement scheduler" interface) -----
+
+MAX_PROMPT_TOKENS = 1 << 20  # token ids in one pick request (the message size bound applies too)
+TokenIds = Annotated[list[Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]], msgspec.Meta(max_length=MAX_PROMPT_TOKENS)]
+RequestIds = Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]],
+                       msgspec.Meta(max_length=MAX_BATCH_ITEMS)]
+
+
+class PickItem(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=False):
+    """One request to place: its id (unique among the caller's requests in flight), the base model, the prompt
+    as token ids (the engines' tokenizer; matched against their KV events) or as text (approximate prefix
+    only), and the routing core's request attributes (priority < 0 is sheddable)."""
+
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+    model: ModelName
+    token_ids: TokenIds | None = None
+    prompt: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_BYTES)] | None = None
+    priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
+    tenant: Text = ""
+    lora: Text | None = None
+    slo_ttft_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_TIME)] | None = None
+    cache_salt: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)] = 0
+
+
+class PickRequest(Message, frozen=True, kw_only=True):
+    """One or more requests to place (request/reply: the reply is a ``PickReply``, answers in the same order)."""
+
+    picks: Annotated[list[PickItem], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
+class PickAnswer(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=False):
+    """Where one request goes: ``endpoints`` (instance ids) and their ``addresses`` (host:port), first choice
+    then fallbacks; or no endpoint, with ``code`` (503 none can serve, 429 shed) and ``reason``."""
+
+    request_id: str
+    endpoints: list[str] = []
+    addresses: list[str] = []
+    prefill: str | None = None  # P/D: the endpoint that prefills, when disaggregated
+    code: int = 200
+    reason: str = ""
+
+
+class PickReply(Message, frozen=True, kw_only=True):
+    """The answers to a ``PickRequest``, in its order; ``error`` alone when the request was rejected as a whole."""
+
+    answers: list[PickAnswer] = []
+    error: str = ""
+
+
+class PickProgress(Message, frozen=True, kw_only=True):
+    """Requests whose first token arrived and requests that ended (any way), for the pickers' in-flight
+    accounting; every picker replica reads it and ignores ids it did not place (idempotent)."""
+
+    first_token: RequestIds = []
+    finished: RequestIds = []
 
 T = TypeVar("T", bound=msgspec.Struct)
 

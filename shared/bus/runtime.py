@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import msgspec
+import nats.errors
+import nats.js.errors
 from faststream.nats import NatsBroker
 from faststream.security import BaseSecurity
 from nats.aio.client import Client
@@ -24,6 +24,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shared.bus import subjects
+from shared.bus.connection import inbox_prefix as inbox_prefix  # re-exported: callers import it from here
+from shared.bus.connection import nats_options as nats_options  # re-exported
 from shared.bus.messages import ErrorEvent, MessageError, decode, encode
 from shared.bus.streams import consumer_config, ensure_streams
 from shared.settings import Settings
@@ -64,7 +66,7 @@ class Bus:
     async def publish_js(self, subject: str, msg: msgspec.Struct, msg_id: str) -> None:
         """Durable publish; waits for the stream's ack. ``msg_id`` dedupes re-publishes."""
         self._check(subject)
-        await self.js.publish(subject, encode(msg), headers={"Nats-Msg-Id": msg_id})
+        await js_publish(self.nc, subject, encode(msg), msg_id)
 
     async def publish_js_many(self, items: Sequence[tuple[str, msgspec.Struct, str]]) -> None:
         """Several durable publishes in flight at once (one round trip of latency, not n)."""
@@ -90,6 +92,31 @@ class Bus:
             return None
 
 
+class _PubAck(msgspec.Struct):
+    """The one part of JetStream's publish acknowledgement a publisher needs: whether it is an error."""
+
+    error: dict[str, Any] | None = None
+
+
+_pub_ack = msgspec.json.Decoder(_PubAck)
+JS_PUBLISH_TIMEOUT_S = 5.0
+
+
+async def js_publish(
+    nc: Client, subject: str, payload: bytes, msg_id: str, timeout: float = JS_PUBLISH_TIMEOUT_S
+) -> None:
+    """Publish to a stream and wait until it is stored (deduped by ``msg_id``): what nats-py's
+    ``JetStreamContext.publish`` does, raising the same errors, without building a PubAck from stdlib JSON
+    for every message (publishers only need to know it was stored)."""
+    try:
+        reply = await nc.request(subject, payload, timeout=timeout, headers={"Nats-Msg-Id": msg_id})
+    except nats.errors.NoRespondersError:
+        raise nats.js.errors.NoStreamResponseError from None
+    ack = _pub_ack.decode(reply.data)
+    if ack.error is not None:
+        raise nats.js.errors.APIError.from_error(ack.error)
+
+
 async def ensure_consumer(js: JetStreamContext, stream: str, durable: str, subject: str, settings: Settings) -> None:
     """Create a durable pull consumer with Gantry's ack/redelivery policy if it does not exist."""
     try:
@@ -109,22 +136,6 @@ async def prepare(nc: Client, settings: Settings, consumers: Sequence[tuple[str,
         await ensure_consumer(js, stream, durable, subject, settings)
 
 
-def inbox_prefix(identity: str) -> str:
-    """Where ``identity``'s replies arrive (JetStream acks, pull deliveries): under its own name, so that the bus
-    can let each identity read only its own replies (ops.auth)."""
-    return f"{INBOX}.{identity}" if identity else INBOX
-
-
-def nats_options(settings: Settings) -> dict[str, Any]:
-    """Options every Gantry NATS connection takes from the settings: its identity's reply inboxes, and the CA to
-    trust when TLS is on."""
-    identity = settings.identity or urlsplit(settings.nats_url).username or ""
-    options: dict[str, Any] = {"inbox_prefix": inbox_prefix(identity)}
-    if settings.tls_ca_file:
-        options["tls"] = ssl.create_default_context(cafile=settings.tls_ca_file)
-    return options
-
-
 def make_broker(settings: Settings) -> NatsBroker:
     """A FastStream NATS broker with quiet per-message logging (it costs throughput)."""
     quiet = logging.getLogger("gantry.faststream")
@@ -142,7 +153,6 @@ PullHandler = Callable[[list[Msg]], Awaitable[None]]
 
 
 JS_API = "$JS.API"
-INBOX = "_INBOX"
 PULL_EXPIRES_S = 5.0  # an open pull request lasts this long; an idle loop asks again after it
 PULL_IDLE_CHECK_S = 0.5  # how often an idle loop checks that its request is still outstanding
 
@@ -160,10 +170,12 @@ async def pull_loop(
     at light load. Handlers ack (or nak) themselves: a batch left unacked (a crash) is redelivered by
     JetStream after the ack wait. ``subject`` names the consumer's filter (for logs).
 
-    ``linger`` (seconds): after a batch that was neither full nor a lone message, the next one starts no
-    sooner than ``linger`` after it did, so that it gathers more: under load, fewer and larger batches mean
-    far fewer round trips for every stage downstream, while a lone message (light load) is never held
-    back.
+    ``linger`` (seconds): while messages keep coming, the next batch starts no sooner than ``linger`` after
+    the previous one did, so that it gathers more: under load, fewer and larger batches mean far fewer
+    round trips (and wake-ups) for every stage downstream. Messages keep coming when the previous batch
+    was partial but not lone, or when it started less than ``linger`` after the one before it (a steady
+    stream of lone messages: 500 a second would otherwise make 500 batches). A lone message after a quiet
+    period (light load) is never held back.
     """
     inbox = nc.new_inbox()
     arrived: asyncio.Queue[Msg] = asyncio.Queue()
@@ -194,6 +206,14 @@ async def pull_loop(
         stale = time.monotonic() - asked_at > PULL_EXPIRES_S + 1.0
         return left <= 0 or stale or nc.stats["reconnects"] != reconnects
 
+    last_start = prev_start = float("-inf")  # when the last two batches started
+    last_size = 0
+
+    def flowing(size: int) -> bool:
+        # Messages keep coming: the last batch gathered several (but not a full batch), or it followed the
+        # one before it within a linger period.
+        return size > 1 or 1 < last_size < batch or last_start - prev_start < linger
+
     try:
         await ask()
         while True:
@@ -223,14 +243,25 @@ async def pull_loop(
                 await ask()
             if not msgs:
                 continue
-            started = time.monotonic()
+            if linger > 0 and len(msgs) < batch and flowing(len(msgs)):
+                rest = linger - (time.monotonic() - last_start)  # at most one batch per linger period
+                if rest > 0:
+                    await asyncio.sleep(rest)
+                    while not arrived.empty() and len(msgs) < batch:
+                        more = arrived.get_nowait()
+                        status = JetStreamContext.is_status_msg(more)
+                        if not status:
+                            msgs.append(more)
+                            left -= 1
+                        elif status in ("408", "409", "503"):
+                            left = 0
+                    if lost():
+                        await ask()
+            prev_start, last_start, last_size = last_start, time.monotonic(), len(msgs)
             try:
                 await handler(msgs)
             except Exception:  # the handler's own guard failed (e.g. NATS away while nak'ing): go on
                 log.exception("handler for %s failed; messages will be redelivered", subject)
-            rest = linger - (time.monotonic() - started)  # at most one batch per linger period
-            if rest > 0 and 1 < len(msgs) < batch:
-                await asyncio.sleep(rest)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()

@@ -146,3 +146,12 @@ ENGINE_KV_EVENTS_ALL = f"{ENGINE_KV_EVENTS}.>"
 def engine_kv_events(instance: str) -> str:
     """Where the model server of ``instance`` publishes its KV-cache events."""
     return f"{ENGINE_KV_EVENTS}.{instance}"
+
+
+# -- the endpoint picker (core NATS request/reply) --------------------------------------------------
+PICK = f"{PREFIX}.picker.pick"
+"""PickRequest → PickReply (request/reply): where each request goes. Picker replicas share it as a queue group."""
+PICK_QUEUE = "picker"
+"""The picker replicas' queue group on ``PICK`` (each request answered by one replica)."""
+PICK_PROGRESS = f"{PREFIX}.picker.progress"
+"""PickProgress (core NATS, every replica): first tokens and ends of picked requests (in-flight accounting)."""

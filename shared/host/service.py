@@ -57,6 +57,7 @@ from shared.host.contract import Consumes, Contract, Emits, merge, subject_match
 from shared.host.feed import Feed, SnapshotFeed
 from shared.host.isolation import SplitBatch, ack_all, guarded, isolating, run_batch, settle, transient
 from shared.host.metrics import ServiceMetrics, requested_times
+from shared.host.tasks import cancel_until_done
 from shared.settings import Settings, load_settings
 from shared.state.store import StateStore
 
@@ -215,9 +216,7 @@ class PlacementService:
 
     async def _stop_pull_loops(self) -> None:
         # The pull loops are our own tasks: the broker's drain waits on them forever unless they stop first.
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await cancel_until_done(self._loops)
         self._loops.clear()
 
     def pull(self, stream: str, durable: str, subject: str, handler: PullHandler, linger: float = 0.0) -> None:
@@ -385,11 +384,9 @@ async def _run_then_settle(service: PlacementService) -> None:
     await service.app.run()
     me = asyncio.current_task()
     rest = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-    for task in rest:
-        task.cancel()
     if not rest:
         return
-    _, stuck = await asyncio.wait(rest, timeout=SETTLE_S)
+    stuck = await cancel_until_done(rest, timeout=SETTLE_S)
     if stuck:
         log.error("shutdown: %d task(s) ignored cancellation: %s", len(stuck),
                   ", ".join(sorted(t.get_coro().__qualname__ for t in stuck)))  # type: ignore[union-attr]

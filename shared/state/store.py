@@ -71,7 +71,9 @@ class Keys:
     gpu_used = P + "gpu:used"  # "worker:index" -> claimed VRAM
     ram_cap = P + "ram:cap"  # worker -> RAM capacity
     ram_used = P + "ram:used"
-    claims = P + "claims"  # id -> "g|w:i|bytes;r|w|bytes"
+    cpu_cap = P + "cpu:cap"  # worker -> milli-cores (absent: the worker reports no CPU count, never short)
+    cpu_used = P + "cpu:used"  # worker -> claimed milli-cores
+    claims = P + "claims"  # id -> "g|w:i|bytes;r|w|bytes;c|w|milli-cores"
     desired_seq = P + "desired:seq"  # model -> stream sequence of the scale command applied last
     drains = P + "drains"  # id -> time DRAINING began
     failures = P + "failures"  # id -> {"since": time, "message": str} of ERROR instances
@@ -91,20 +93,27 @@ class CommitItem:
     instance: Instance
 
     def claims(self) -> list[tuple[str, str, int]]:
-        """(kind, field, bytes) for every GPU and worker RAM the instance claims."""
+        """(kind, field, amount) for every GPU (VRAM bytes), worker RAM (bytes) and worker CPU (milli-cores)
+        the instance claims."""
         inst = self.instance
         assert inst.worker is not None
         out: list[tuple[str, str, int]] = [
             ("g", gpu_field(inst.worker, i), c) for i, c in zip(inst.gpu_indexes, inst.vram_claims, strict=True)
         ]
         ram: dict[str, int] = {}
+        cpu: dict[str, int] = {}
         if inst.ram_claim:
             ram[inst.worker] = inst.ram_claim
+        if inst.cpu_claim:
+            cpu[inst.worker] = inst.cpu_claim
         for sub in inst.subordinates:
             out += [("g", gpu_field(sub.worker, i), c) for i, c in zip(sub.gpu_indexes, sub.vram_claims, strict=True)]
             if sub.ram_claim:
                 ram[sub.worker] = ram.get(sub.worker, 0) + sub.ram_claim
+            if sub.cpu_claim:
+                cpu[sub.worker] = cpu.get(sub.worker, 0) + sub.cpu_claim
         out += [("r", w, b) for w, b in ram.items()]
+        out += [("c", w, m) for w, m in cpu.items()]
         return out
 
 
@@ -204,15 +213,25 @@ class StateStore:
         inv: dict[str, bytes] = {}
         caps: dict[str, int] = {}
         rams: dict[str, int] = {}
+        cpus: dict[str, int] = {}
+        uncounted: list[str] = []  # workers without a CPU count: their CPU claims are never refused
         for w in workers:
             inv[w.name] = _checked(_dec_worker, _enc.encode(w), f"worker {w.name[:64]!r}")
             for g in w.gpus:
                 caps[gpu_field(w.name, g.index)] = g.vram_total
             rams[w.name] = w.ram_total
+            if w.cpu_total > 0:
+                cpus[w.name] = w.cpu_total
+            else:
+                uncounted.append(w.name)
         pipe.hset(Keys.workers, mapping=inv)  # type: ignore[arg-type]
         if caps:
             pipe.hset(Keys.gpu_cap, mapping=caps)  # type: ignore[arg-type]
         pipe.hset(Keys.ram_cap, mapping=rams)  # type: ignore[arg-type]
+        if cpus:
+            pipe.hset(Keys.cpu_cap, mapping=cpus)  # type: ignore[arg-type]
+        if uncounted:
+            pipe.hdel(Keys.cpu_cap, *uncounted)
         if seen_at is not None:
             pipe.hset(Keys.seen, mapping=dict.fromkeys(inv, repr(seen_at)))
         await pipe.execute()
@@ -468,7 +487,7 @@ class StateStore:
         files = [_s(k) async for k, _ in self.r.hscan_iter(Keys.files, match=_glob_escape("|" + name), count=1000)]
         files = [f for f in files if f.rsplit("|", 1)[-1] == name]
         keys = [Keys.workers, Keys.seen, Keys.usage, Keys.cordon, Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap,
-                Keys.ram_used, Keys.files]
+                Keys.ram_used, Keys.files, Keys.cpu_cap, Keys.cpu_used]
         args: list[Any] = [name, "" if cutoff is None else repr(cutoff), len(gpus), *gpus, *files]
         return _s(await self._forget_worker(keys=keys, args=args))
 
@@ -585,7 +604,7 @@ class StateStore:
             calls.append(call)
         keys = [
             Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap, Keys.ram_used, Keys.claims,
-            Keys.inst, Keys.inst_state, Keys.inst_reason, Keys.inst_worker,
+            Keys.inst, Keys.inst_state, Keys.inst_reason, Keys.inst_worker, Keys.cpu_cap, Keys.cpu_used,
         ]
         got: list[str] = []
         for part in _chunks(calls):
@@ -600,7 +619,7 @@ class StateStore:
         """Free the claims of ``ids`` (idempotent) and remove them, or set them to state ``mode``."""
         keys = [
             Keys.gpu_used, Keys.ram_used, Keys.claims, Keys.inst, Keys.inst_state,
-            Keys.inst_reason, Keys.inst_worker, Keys.model_index,
+            Keys.inst_reason, Keys.inst_worker, Keys.model_index, Keys.cpu_used,
         ]
         return sum([int(await self._release(keys=keys, args=[mode, *part])) for part in _chunks(ids)])
 

@@ -14,6 +14,7 @@ from nats.js.api import ConsumerConfig
 
 from ops.servers import ServerProcess, start_nats
 from shared.bus.runtime import PULL_EXPIRES_S, pull_loop
+from shared.host.tasks import cancel_until_done
 
 LINGER = 0.6
 
@@ -48,6 +49,32 @@ async def test_a_lone_message_is_not_held_back_but_a_partial_batch_lingers(nats_
         await js.publish("linger.a", b"4")  # after a lone message: no wait
         await wait_for(3)
         assert handled[2][0] - sent < LINGER / 2
+    finally:
+        await cancel_until_done([loop])
+        await nc.close()
+
+
+async def test_a_steady_stream_of_lone_messages_is_gathered_once_per_linger(nats_server: ServerProcess) -> None:
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(name="STEADY", subjects=["steady.>"])
+    await js.add_consumer("STEADY", ConsumerConfig(durable_name="c", ack_wait=30))
+    linger, gap, count = 0.3, 0.05, 12
+    handled: list[int] = []
+
+    async def handler(msgs: list[Msg]) -> None:
+        handled.append(len(msgs))
+        await asyncio.gather(*(m.ack() for m in msgs))
+
+    loop = asyncio.ensure_future(pull_loop(nc, "STEADY", "c", "steady.>", 16, handler, linger=linger))
+    try:
+        for k in range(count):  # one at a time, each handled long before the next arrives
+            await js.publish("steady.a", str(k).encode())
+            await asyncio.sleep(gap)
+        await wait_until(lambda: sum(handled) == count, 5)
+        # 0.6 s of messages: two lone ones open the stream, then one batch per linger period at most
+        assert len(handled) <= 2 + int(count * gap / linger) + 1
+        assert max(handled) > 1
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
@@ -84,8 +111,7 @@ async def test_the_loop_asks_again_after_the_server_restarts(tmp_path: Path) -> 
         await wait_until(lambda: handled == [b"before", b"after"], 10)
         assert time.monotonic() - sent < PULL_EXPIRES_S  # not left waiting for the old request to expire
     finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
+        await cancel_until_done([loop])
         await nc.close()
         srv.stop()
 

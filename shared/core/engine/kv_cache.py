@@ -7,7 +7,7 @@ so they are reused first) and hashed ones to the *back*, so tail blocks are evic
 blocks other requests may share (vLLM v0.33 ``BlockPool.free_blocks``); with caching off every block goes
 to the back. Allocation pops from the head and only then forgets the popped block's hash (lazy eviction).
 
-Full blocks carry a chained hash ``h_i = H(h_{i-1}, content of block i)``; for token-id requests it is
+Full blocks carry a chained hash ``h_i = h_{i-1} XOR H(i, content of block i)``; for token-id requests it is
 exactly :func:`shared.core.kv_events.chain_hashes` from the request's root (its cache salt, or
 ``ROOT_HASH``), so a router hashing the same tokens finds the engine's keys. The same content computed
 twice gives two blocks with one hash: the index keeps both (the oldest answers lookups) and evicting one
@@ -18,7 +18,7 @@ KV-event schema; with them off the hot path pays one ``is None`` test per newly 
 from __future__ import annotations
 
 from shared.core.engine.request import Request
-from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, block_hash, chain_hashes
 
 UNIQUE_TAG = 0x5EED_0F_B10C  # marks hashes of request-unique content (never collides with -1 == -2)
 
@@ -153,7 +153,12 @@ class KVCache:
             parent = hashes[i - 1] if i else req.hash_root
             toks = req.all_token_ids
             if toks is not None:
-                h = hash((parent, *toks[i * bs : (i + 1) * bs]))
+                # every missing block up to b in one C-level pass (the same values block by block)
+                got = chain_hashes(toks[i * bs : (b + 1) * bs], bs, parent, i)
+                if got:
+                    hashes.extend(got)
+                    continue
+                h = block_hash(parent, i, toks[i * bs : (i + 1) * bs])  # a partial block (never cached)
             elif req.prefix_ids is not None and (i + 1) * bs <= req.prompt_len:
                 # trace prefix ids are already chained: (id of the unit, block index) names the content
                 h = hash((req.prefix_ids[i * bs // req.prefix_unit], i))

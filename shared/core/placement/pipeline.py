@@ -370,7 +370,7 @@ def _batch_totals(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatc
     shape = batch.mask.shape if isinstance(batch, GpuBatch) else (len(batch),)
     total: FloatArray = np.zeros(shape, dtype=np.float64)
     for _, values in parts:  # 0.0 + a + b + ..., in profile order, as the reference path sums
-        total = total + values
+        np.add(total, values, out=total)  # the same sums, without a new array per scorer
     return parts, total
 
 

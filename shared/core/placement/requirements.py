@@ -158,8 +158,9 @@ def estimate(
             basis = f"catalogue {arch.key} at {model.dtype} ({dtype_bytes(model.dtype):g} B/param)"
         else:
             return _reject(
-                f"model size unknown: {model.name!r} is not in the model catalogue and has no weight_bytes "
-                "or vram_claim; refusing to guess"
+                f"model size unknown: neither {model.name!r} nor its source {model.source!r} is in the model "
+                "catalogue and it has no weight_bytes or vram_claim; refusing to guess (fix: a `source` or "
+                "`catalog_model` from `gantry catalog`, or `weight_bytes`)"
             )
         vram = weight_estimate(weights, model)
     if tp is not None and (

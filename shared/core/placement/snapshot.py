@@ -31,6 +31,7 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
 CPU_UNCHECKED = 1 << 62  # allocatable milli-cores of a worker that reports no CPU count: never short
+PlacedKey = tuple[float, str, int]  # (created_at, instance id, record serial)
 
 
 class SnapshotConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,6 +96,7 @@ class ClusterSnapshot:
     w_rank: IntArray
     w_vram_total: IntArray  # sum of the row's GPU totals
     w_vram_free: IntArray  # sum of the row's GPU allocatable, each clamped to [0, total]
+    w_stamp: IntArray  # the snapshot version at the row's last recompute: values derived from a row stay valid
     g_exists: BoolArray
     g_ok: BoolArray
     g_index: IntArray
@@ -116,9 +118,13 @@ class ClusterSnapshot:
         self._free: list[int] = []
         self._slot: dict[str, dict[int, int]] = {}
         self._instances: dict[str, Instance] = {}
-        # (created_at, id) of every instance on a worker, oldest first: "the most recent placements" in
-        # O(window) instead of a sort of every instance per decision (the fragmentation scorer's workload)
-        self._placed: list[tuple[float, str]] = []
+        # (created_at, id, serial) of every instance on a worker, oldest first: "the most recent placements"
+        # in O(window) instead of a sort of every instance per decision (the fragmentation scorer's
+        # workload). Each new record of an instance's claims gets a new serial, so two equal windows of keys
+        # hold the same records: a consumer can keep what it derived from a window until the keys change.
+        self._placed: list[PlacedKey] = []
+        self._placed_key: dict[str, PlacedKey] = {}
+        self._placed_serial = 0
         # Derived values a plugin may keep between decisions (e.g. replica shapes); dropped whenever a
         # worker's inventory may have changed, since such values may read GPU totals.
         self.memo: dict[str, Any] = {}
@@ -189,6 +195,7 @@ class ClusterSnapshot:
         grow1("w_rank", np.int64, 0)
         grow1("w_vram_total", np.int64, 0)
         grow1("w_vram_free", np.int64, 0)
+        grow1("w_stamp", np.int64, -1)
         grow2("g_exists", np.bool_, False)
         grow2("g_ok", np.bool_, False)  # exists and schedulable
         grow2("g_index", np.int64, -1)
@@ -273,6 +280,7 @@ class ClusterSnapshot:
         self._ready_cache.clear()
         self._moved()
         self.w_present[row] = False
+        self.w_stamp[row] = self.version
         self.w_vram_total[row] = 0
         self.w_vram_free[row] = 0
         self.g_exists[row, :] = False
@@ -339,6 +347,7 @@ class ClusterSnapshot:
         self.w_cpu_alloc[row] = self.cpu_allocatable_of(worker)
         self.w_instances[row] = self._worker_total.get(name, 0)
         self.w_vram_free[row] = sum(min(max(a, 0), gpu.vram_total) for a, gpu in zip(alloc, gpus, strict=True))
+        self.w_stamp[row] = self.version
 
     def ram_allocatable_of(self, worker: Worker) -> int:
         """RAM total − max(Gantry claims, reported use) − reserve: external use counts, never below 0."""
@@ -357,8 +366,10 @@ class ClusterSnapshot:
         """Add an instance or replace it (e.g. a state change); claims and counts follow."""
         self.version += 1
         old = self._instances.get(instance.id)
-        self._track_placed(old, instance)
-        if old is not None and old.model == instance.model and self._parts(old) == self._parts(instance):
+        same_parts = old is not None and self._parts(old) == self._parts(instance)
+        if not same_parts or old is None or old.created_at != instance.created_at:
+            self._track_placed(instance.id, instance)
+        if old is not None and old.model == instance.model and same_parts:
             # A state change (STARTING → RUNNING): same claims and counts, nothing to recompute.
             self._instances[instance.id] = instance
             self._by_model[instance.model][instance.id] = instance
@@ -372,23 +383,32 @@ class ClusterSnapshot:
         for name in touched:
             self._refresh_usage(name)
 
-    def _track_placed(self, old: Instance | None, new: Instance | None) -> None:
-        old_key = (old.created_at, old.id) if old is not None and old.worker is not None else None
-        new_key = (new.created_at, new.id) if new is not None and new.worker is not None else None
-        if old_key == new_key:
-            return
+    def _track_placed(self, instance_id: str, new: Instance | None) -> None:
+        """Drop the instance's entry in the creation-ordered list; a new entry (a new serial) for ``new``."""
+        old_key = self._placed_key.pop(instance_id, None)
         if old_key is not None:
             i = bisect_left(self._placed, old_key)
             if i < len(self._placed) and self._placed[i] == old_key:
                 del self._placed[i]
-        if new_key is not None:
-            insort(self._placed, new_key)
+        if new is not None and new.worker is not None:
+            self._placed_serial += 1
+            key = (new.created_at, instance_id, self._placed_serial)
+            self._placed_key[instance_id] = key
+            insort(self._placed, key)
 
     def recent_placed(self, window: int) -> list[Instance]:
         """The ``window`` most recently created instances that sit on a worker, oldest first."""
+        return [self._instances[i] for _, i, _ in self.placed_window(window)]
+
+    def placed_window(self, window: int) -> list[PlacedKey]:
+        """Keys of the ``window`` most recently created instances on a worker, oldest first.
+
+        Equal lists mean the same instance records (a record whose claims changed has a new key), so a
+        value derived from a window's records may be kept until this list changes.
+        """
         if window <= 0:
             return []
-        return [self._instances[i] for _, i in self._placed[-window:]]
+        return self._placed[-window:]
 
     def remove_instance(self, instance_id: str) -> None:
         """Forget an instance and release its claims."""
@@ -396,7 +416,7 @@ class ClusterSnapshot:
         if old is None:
             return
         self.version += 1
-        self._track_placed(old, None)
+        self._track_placed(instance_id, None)
         by_model = self._by_model.get(old.model, {})
         by_model.pop(instance_id, None)
         if not by_model:
@@ -612,8 +632,13 @@ class ClusterSnapshot:
     def _name_order(self) -> tuple[IntArray, npt.NDArray[np.object_]]:
         if self._by_name is None:
             order = np.array(sorted(range(len(self._names)), key=self._names.__getitem__), dtype=np.int64)
+            order.flags.writeable = False
             self._by_name = (order, np.array(self._names, dtype=object))
         return self._by_name
+
+    def name_order(self) -> IntArray:
+        """Every row (freed ones too, named "") in worker-name order: read-only, kept until rows move."""
+        return self._name_order()[0]
 
     def names_where(self, mask: BoolArray) -> list[str]:
         """Names of the rows set in ``mask``, sorted (one vectorised pass: filters hand on thousands)."""
@@ -636,6 +661,7 @@ class ClusterSnapshot:
         cached = self._claim_cache.get(utilization)
         if cached is None or cached.shape[0] != len(self._names):
             cached = (self.g_total[: len(self._names)] * utilization).astype(np.int64)
+            cached.flags.writeable = False  # shared by every decision until a worker changes
             self._claim_cache[utilization] = cached
         return cached
 

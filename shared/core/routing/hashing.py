@@ -67,7 +67,7 @@ class BlockHashes:
         if have < n and self._tokens is not None:
             bs = self.block_size
             parent = hashes[-1] if have else self._parent
-            hashes.extend(chain_hashes(self._tokens[have * bs : n * bs], bs, parent))
+            hashes.extend(chain_hashes(self._tokens[have * bs : n * bs], bs, parent, have))
         return hashes
 
     def all(self) -> list[int]:

@@ -108,6 +108,8 @@ class Profile:
         self.filters = filters
         self.scorers = scorers
         self.picker = picker
+        # the plugins that learn from decisions (override ``picked``): the commit calls only these
+        self.learners = [p for p in self.plugins if type(p).picked is not Plugin.picked]
 
     @property
     def plugins(self) -> list[Plugin]:

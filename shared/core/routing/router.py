@@ -212,7 +212,7 @@ class Router:
             chosen = st.endpoints.get(res.endpoints[0])
             if chosen is None:
                 continue
-            for plugin in self.profiles[name].plugins:
+            for plugin in self.profiles[name].learners:
                 plugin.picked(cycle, chosen)
 
 

@@ -93,8 +93,13 @@ class SimResult:
         }
 
 
-def simulate(trace: Sequence[TraceRequest], spec: ClusterSpec) -> SimResult:
-    """Replay ``trace`` (sorted by arrival) on ``spec.replicas`` engines in virtual time."""
+def simulate(
+    trace: Sequence[TraceRequest], spec: ClusterSpec, progress: Callable[[int, int], None] | None = None
+) -> SimResult:
+    """Replay ``trace`` (sorted by arrival) on ``spec.replicas`` engines in virtual time; ``progress(done,
+    total)`` is called about every 1 % of the arrivals and once when every request has finished (the caller
+    shows it; the simulation itself does no I/O)."""
+    stride = max(1, len(trace) // 100)
     engines = [Engine(spec.configs[k] if k < len(spec.configs) else spec.config,
                       spec.step_models[k] if k < len(spec.step_models) else spec.step_model,
                       fast_forward=spec.fast_forward) for k in range(spec.replicas)]
@@ -103,6 +108,8 @@ def simulate(trace: Sequence[TraceRequest], spec: ClusterSpec) -> SimResult:
     rejected: list[tuple[int, str]] = []
     assignment: list[int] = []
     for i, tr in enumerate(trace):
+        if progress is not None and i % stride == 0:
+            progress(i, len(trace))
         t = tr.arrival_s
         if router.needs_state:
             for e in engines:
@@ -133,4 +140,6 @@ def simulate(trace: Sequence[TraceRequest], spec: ClusterSpec) -> SimResult:
         assignment.append(k)
     for e in engines:
         e.run_until(float("inf"))
+    if progress is not None:
+        progress(len(trace), len(trace))
     return SimResult(requests, rejected, engines, assignment, router)

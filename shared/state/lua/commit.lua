@@ -1,9 +1,10 @@
 -- Commit a batch of placement decisions. Each item is atomic over all its GPUs (main and
--- subordinates) and the RAM of every worker it touches: all claims are written or none.
+-- subordinates) and the RAM and CPU of every worker it touches: all claims are written or none.
 -- KEYS: 1 gpu_cap, 2 gpu_used, 3 ram_cap, 4 ram_used, 5 claims, 6 inst, 7 inst_state,
---       8 inst_reason, 9 inst_worker
+--       8 inst_reason, 9 inst_worker, 10 cpu_cap, 11 cpu_used
 -- ARGV: n, then per item: id, worker, record_json, nclaims, (kind, field, amount) * nclaims
---       kind is "g" (GPU VRAM) or "r" (worker RAM); the claims spec is stored for release.
+--       kind is "g" (GPU VRAM), "r" (worker RAM) or "c" (worker milli-cores); the claims spec is stored for
+--       release. A worker without a CPU capacity reports no CPU count: its CPU claims are counted, never refused.
 -- Returns per item: "ok", "dup" (already committed: redelivery), "gone" (no longer PENDING)
 -- "full:<field>" (no room: the decision is refused) or "invalid:<field>" (a negative or non-integer amount,
 -- which the layers above refuse already: never written to the ledger).
@@ -26,11 +27,14 @@ for i = 1, n do
       local amount = tonumber(ARGV[first + 3 * c + 2])
       local capkey, usedkey = KEYS[1], KEYS[2]
       if kind == "r" then capkey, usedkey = KEYS[3], KEYS[4] end
+      if kind == "c" then capkey, usedkey = KEYS[10], KEYS[11] end
       if amount == nil or amount < 0 or amount ~= math.floor(amount) then
         verdict = "invalid:" .. field
         break
       end
-      local cap = tonumber(redis.call("HGET", capkey, field) or "-1")
+      local raw = redis.call("HGET", capkey, field)
+      local cap = -1
+      if raw then cap = tonumber(raw) elseif kind == "c" then cap = math.huge end
       local used = tonumber(redis.call("HGET", usedkey, field) or "0")
       if cap < 0 or used + amount > cap then
         verdict = "full:" .. field
@@ -45,6 +49,7 @@ for i = 1, n do
       local amount = ARGV[first + 3 * c + 2]
       local usedkey = KEYS[2]
       if kind == "r" then usedkey = KEYS[4] end
+      if kind == "c" then usedkey = KEYS[11] end
       redis.call("HINCRBY", usedkey, field, amount)
       spec[#spec + 1] = kind .. "|" .. field .. "|" .. amount
     end

@@ -49,20 +49,25 @@ for m = 1, models do
     local desired = math.min(tonumber(redis.call("HGET", KEYS[1], model) or "0") or 0, max_replicas)
     local count, unrequested = 0, {}
     local ids = redis.call("SMEMBERS", index)
-    -- States and reasons fetched a chunk at a time, not one call per replica: a model's converge runs on
-    -- every scale command, and its cost grows with the model's replicas.
+    -- States fetched a chunk at a time, not one call per replica: a model's converge runs on every scale
+    -- command, and its cost grows with the model's replicas. Reasons only of the PENDING ones (few).
+    local pending = {}
     for first = 1, #ids, CHUNK do
       local last = math.min(first + CHUNK - 1, #ids)
       local states = redis.call("HMGET", KEYS[5], unpack(ids, first, last))
-      local reasons = redis.call("HMGET", KEYS[6], unpack(ids, first, last))
       for k = first, last do
         local st = states[k - first + 1]
         if st and active[st] then
           count = count + 1
-          if st == "PENDING" and not reasons[k - first + 1] then
-            unrequested[#unrequested + 1] = ids[k]
-          end
+          if st == "PENDING" then pending[#pending + 1] = ids[k] end
         end
+      end
+    end
+    for first = 1, #pending, CHUNK do
+      local last = math.min(first + CHUNK - 1, #pending)
+      local reasons = redis.call("HMGET", KEYS[6], unpack(pending, first, last))
+      for k = first, last do
+        if not reasons[k - first + 1] then unrequested[#unrequested + 1] = pending[k] end
       end
     end
     if count > desired then

@@ -1,6 +1,6 @@
 -- Release the claims of instances, idempotently, and either remove them or set a new state.
 -- KEYS: 1 gpu_used, 2 ram_used, 3 claims, 4 inst, 5 inst_state, 6 inst_reason, 7 inst_worker,
---       8 model_index_prefix (the model's set is <prefix><model>)
+--       8 model_index_prefix (the model's set is <prefix><model>), 9 cpu_used
 -- ARGV: mode ("remove" | state name), then instance ids.
 -- Returns the number of instances whose claims were released.
 local released = 0
@@ -12,6 +12,7 @@ for i = 2, #ARGV do
       local kind, field, amount = string.match(part, "^(%a)|(.+)|(%-?%d+)$")
       local usedkey = KEYS[1]
       if kind == "r" then usedkey = KEYS[2] end
+      if kind == "c" then usedkey = KEYS[9] end
       redis.call("HINCRBY", usedkey, field, -tonumber(amount))
     end
     redis.call("HDEL", KEYS[3], id)

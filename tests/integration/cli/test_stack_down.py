@@ -37,7 +37,7 @@ def test_command_reports_the_stack_is_not_running(dead_env: dict[str, str], args
 
 def test_deploy_validates_the_file_before_it_needs_the_stack(dead_env: dict[str, str], tmp_path: Path) -> None:
     spec = tmp_path / "m.yaml"
-    spec.write_text("name: m\nreplicas: 1\n")
+    spec.write_text("name: m\nsource: Qwen/Qwen3-8B\nreplicas: 1\n")  # valid and sizable: only the stack is missing
     result = run_cli(["deploy", str(spec)], dead_env)
     assert result.code == 1 and "cannot reach" in result.err
     spec.write_text("name: m\nreplicas: -3\n")

@@ -10,6 +10,7 @@ from shared.core.kv_events import (
     BlockRemoved,
     BlockStored,
     KVEvent,
+    block_hash,
     chain_hashes,
     chain_root,
     decode_batch,
@@ -39,6 +40,28 @@ def test_engine_block_hashes_equal_chain_hashes_of_the_tokens() -> None:
     s.add_request(r)
     run_step(s)
     assert r.block_hashes[:6] == chain_hashes(toks, 16, parent=ROOT_HASH)
+
+
+def test_a_chain_extended_in_pieces_equals_the_chain_hashed_at_once() -> None:
+    toks = list(range(5000, 5000 + 16 * 40 + 7))  # 40 full blocks and a partial one (never hashed)
+    whole = chain_hashes(toks, 16)
+    assert len(whole) == 40
+    pieces = chain_hashes(toks[: 16 * 13], 16)
+    pieces += chain_hashes(toks[16 * 13 : 16 * 32], 16, parent=pieces[-1], start=13)
+    pieces += [block_hash(pieces[-1], 32, toks[16 * 32 : 16 * 33])]
+    pieces += chain_hashes(toks[16 * 33 :], 16, parent=pieces[-1], start=33)
+    assert pieces == whole
+
+
+def test_each_hash_names_the_whole_prefix_not_only_its_block() -> None:
+    a = list(range(64))
+    b = [*range(16, 32), *range(0, 16), *range(32, 64)]  # the first two blocks swapped
+    c = [99, *range(1, 64)]  # first block differs
+    ha, hb, hc = chain_hashes(a, 16), chain_hashes(b, 16), chain_hashes(c, 16)
+    assert len(set(ha)) == 4
+    assert all(x != y for x, y in zip(ha, hb, strict=True))
+    assert all(x != y for x, y in zip(ha, hc, strict=True))
+    assert chain_hashes(a, 16, parent=1) != ha
 
 
 def test_salt_and_lora_change_the_root_of_the_chain() -> None:

@@ -170,3 +170,16 @@ def test_a_child_runs_as_its_identity_whatever_the_extra_environment(tmp_path: P
     env = stack.child_env("filter")
     assert env["GANTRY_NATS_URL"].startswith("nats://filter:") and env["GANTRY_REDIS_URL"].startswith("redis://filter:")
     assert env["GANTRY_IDENTITY"] == "filter" and env["GANTRY_FORGET_AFTER_S"] == "6"
+
+
+def test_the_picker_answers_requests_but_publishes_nothing_else_than_dead_letters() -> None:
+    perms = permissions("picker")
+    assert perms.responds
+    assert {p for p in perms.publish if p.startswith(subjects.PREFIX + ".")} == {subjects.dead_letter("picker")}
+    assert covered(subjects.PICK, perms.subscribe) and covered(subjects.engine_kv_events("m-1"), perms.subscribe)
+    assert not covered(subjects.SCALE, perms.publish)
+    conf = nats_authorization(Credentials.generate())
+    picker_block = conf[conf.index('user: "picker"'):]
+    picker_block = picker_block[:picker_block.index("}}")]
+    assert "allow_responses: true" in picker_block
+    assert conf.count("allow_responses") == 1

@@ -8,6 +8,7 @@ port and password agrees with the settings module and with the server commands.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,17 @@ def env_of(compose: dict[str, Any], service: str) -> dict[str, str]:
     return {k: interpolate(str(v)) for k, v in compose["services"][service]["environment"].items()}
 
 
+METRICS_PROFILE = {"prometheus", "grafana"}
+
+
 def test_compose_declares_servers_placement_services_and_workers(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"credentials", "nats", "redis", *GANTRY_SERVICES}
+    default = {name for name, svc in compose["services"].items() if not svc.get("profiles")}
+    assert default == {"credentials", "nats", "redis", *GANTRY_SERVICES}
+
+
+def test_the_metrics_profile_adds_prometheus_and_grafana_only(compose: dict[str, Any]) -> None:
+    profiled = {name: svc["profiles"] for name, svc in compose["services"].items() if svc.get("profiles")}
+    assert profiled == {name: ["metrics"] for name in METRICS_PROFILE}
 
 
 @pytest.mark.parametrize("service", PLACEMENT_SERVICES)
@@ -195,7 +205,7 @@ def test_every_service_has_a_health_check(compose: dict[str, Any], service: str)
 @pytest.mark.parametrize("service", GANTRY_SERVICES)
 def test_gantry_services_wait_for_healthy_servers(compose: dict[str, Any], service: str) -> None:
     depends = compose["services"][service]["depends_on"]
-    assert depends == {
+    assert {"nats": depends["nats"], "redis": depends["redis"]} == {
         "nats": {"condition": "service_healthy"},
         "redis": {"condition": "service_healthy"},
     }
@@ -204,3 +214,97 @@ def test_gantry_services_wait_for_healthy_servers(compose: dict[str, Any], servi
 def test_image_build_file_exists(compose: dict[str, Any]) -> None:
     build = compose["services"]["filter"]["build"]
     assert (REPO_ROOT / build["context"] / build["dockerfile"]).is_file()
+
+
+# -- start order (issue 17: compose workers did not wait for the services) ----------------------------------
+
+
+def depends(compose: dict[str, Any], service: str) -> dict[str, str]:
+    deps = compose["services"][service].get("depends_on", {})
+    assert isinstance(deps, dict), f"{service}: depends_on must name a condition per service"
+    return {name: dep["condition"] for name, dep in deps.items()}
+
+
+def test_workers_start_once_every_placement_service_is_healthy(compose: dict[str, Any]) -> None:
+    deps = depends(compose, WORKERS_SERVICE)
+    assert {s: deps.get(s) for s in (*PLACEMENT_SERVICES, "nats", "redis")} == dict.fromkeys(
+        (*PLACEMENT_SERVICES, "nats", "redis"), "service_healthy"
+    )
+
+
+def test_servers_wait_for_their_credentials(compose: dict[str, Any]) -> None:
+    for server in ("nats", "redis"):
+        assert depends(compose, server) == {"credentials": "service_completed_successfully"}
+
+
+def test_whatever_is_waited_on_as_healthy_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    for name in compose["services"]:
+        for dep, condition in depends(compose, name).items():
+            assert dep in compose["services"], f"{name} depends on unknown {dep}"
+            if condition == "service_healthy":
+                assert compose["services"][dep].get("healthcheck"), f"{name} waits on {dep}, which has no healthcheck"
+
+
+def test_the_start_order_has_no_cycle(compose: dict[str, Any]) -> None:
+    order: list[str] = []
+    pending = {name: set(depends(compose, name)) for name in compose["services"]}
+    while pending:
+        ready = sorted(name for name, deps in pending.items() if deps <= set(order))
+        assert ready, f"dependency cycle among {sorted(pending)}"
+        order += ready
+        for name in ready:
+            del pending[name]
+    assert order.index(WORKERS_SERVICE) > max(order.index(s) for s in PLACEMENT_SERVICES)
+
+
+def test_a_default_service_never_waits_on_a_profiled_one(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        if not svc.get("profiles"):
+            assert not set(depends(compose, name)) & METRICS_PROFILE, f"{name} would need --profile metrics"
+
+
+# -- the metrics profile: Prometheus scrapes every service's /metrics, Grafana shows the dashboards --------------
+
+
+def host_mounts(compose: dict[str, Any], service: str) -> dict[str, str]:
+    """container path -> host path (repository-relative) of a service's bind mounts."""
+    mounts = {}
+    for volume in compose["services"][service].get("volumes", []):
+        host, container = str(volume).split(":")[:2]
+        if host.startswith("./"):
+            mounts[container] = host[2:]
+    return mounts
+
+
+def test_prometheus_scrapes_every_placement_service_on_its_metrics_port(compose: dict[str, Any]) -> None:
+    config_path = host_mounts(compose, "prometheus")["/etc/prometheus/prometheus.yml"]
+    config = yaml.safe_load((REPO_ROOT / config_path).read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    ports = {s: env_of(compose, s)["GANTRY_METRICS_PORT"] for s in PLACEMENT_SERVICES}
+    assert targets == {f"{s}:{port}" for s, port in ports.items()}
+    assert all(job["metrics_path"] == "/metrics" for job in config["scrape_configs"])
+
+
+def test_grafana_is_provisioned_with_prometheus_and_every_dashboard(compose: dict[str, Any]) -> None:
+    mounts = host_mounts(compose, "grafana")
+    provisioning = REPO_ROOT / mounts["/etc/grafana/provisioning"]
+    sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert [(d["type"], d["url"], d["isDefault"]) for d in sources] == [
+        ("prometheus", "http://prometheus:9090", True)
+    ]
+    prometheus_ports = compose["services"]["prometheus"]["ports"]
+    assert any(str(p).endswith(":9090") for p in prometheus_ports)
+    providers = yaml.safe_load((provisioning / "dashboards" / "gantry.yml").read_text())["providers"]
+    dashboards_in = {p["options"]["path"] for p in providers}
+    assert len(dashboards_in) == 1
+    dashboards_dir = REPO_ROOT / mounts[dashboards_in.pop()]
+    dashboards = sorted(dashboards_dir.glob("*.json"))
+    assert dashboards and all(json.loads(d.read_text())["uid"] for d in dashboards)
+    home = env_of(compose, "grafana")["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (dashboards_dir / Path(home).name).is_file()
+
+
+def test_grafana_writes_no_secret_and_admits_viewers_only(compose: dict[str, Any]) -> None:
+    env = env_of(compose, "grafana")
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert not any("PASSWORD" in key for key in env)

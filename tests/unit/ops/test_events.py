@@ -74,7 +74,7 @@ def test_each_event_renders_as_one_line(subject: str, event: object, line: str) 
         body = ModelEvents(events=(event,))
     (decoded,) = decode_events(subject, encode(body))  # type: ignore[arg-type]
     assert decoded == event
-    assert format_event(decoded, received_at=T0) == line
+    assert format_event(decoded, stored_at=T0) == line
 
 
 def test_a_batch_of_instance_changes_reads_as_one_event_each_in_order() -> None:
@@ -99,7 +99,7 @@ def test_event_model_names_the_model_or_nothing() -> None:
 
 def test_json_line_carries_subject_time_and_fields() -> None:
     line = json.loads(event_json(subjects.EVENT_MODEL, ModelEvent(model="m", replicas=2), T0))
-    assert line == {"subject": subjects.EVENT_MODEL, "received_at": T0,
+    assert line == {"subject": subjects.EVENT_MODEL, "stored_at": T0,
                     "event": {"v": 1, "model": "m", "replicas": 2, "spec": None}}
 
 

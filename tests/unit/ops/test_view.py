@@ -176,3 +176,57 @@ def test_the_models_table_counts_failed_replicas_apart_from_running_ones() -> No
     assert dict(zip(columns, cells, strict=True)) == {
         "MODEL": "m", "DESIRED": "2", "RUNNING": "1", "STARTING": "0", "PENDING": "0", "FAILED": "1", "OTHER": "0",
     }
+
+
+def tour_snapshot(workers: int = 4, gpus: int = 8) -> ClusterSnapshot:
+    """The README tour's shape: 8-GPU workers, a 4-GPU model on some, an 8B model, pending replicas with a long
+    reason and a cordoned GPU."""
+    ws = tuple(
+        Worker(name=f"w{i}", gpus=tuple(h100(g, schedulable=not (i == 3 and g == 7)) for g in range(gpus)),
+               last_heartbeat=T0)
+        for i in range(workers)
+    )
+    insts = [inst(f"llama-70b-{i}", "llama-70b", InstanceState.RUNNING, f"w{i}", (1, 2, 3, 4)) for i in range(workers)]
+    insts += [inst(f"llama-8b-{i}", "llama-8b", InstanceState.RUNNING, f"w{i}", (0,)) for i in range(3)]
+    long_reason = "needs ≈159.70 GiB VRAM per replica over 4 GPUs; largest allocatable GPU: 80.00 GiB " * 3
+    insts += [inst(f"llama-70b-p{i}", "llama-70b", InstanceState.PENDING, reason=long_reason) for i in range(4)]
+    return snapshot(
+        workers=ws, worker_states={w.name: WorkerState.READY for w in ws}, instances=tuple(insts),
+        models=(ModelView("llama-70b", workers + 4, None), ModelView("llama-8b", 3, None)),
+    )
+
+
+def rendered_lines(snap: ClusterSnapshot, width: int, height: int) -> list[str]:
+    out = io.StringIO()
+    Console(file=out, width=width, height=height, color_system=None).print(render_top(snap, width, height))
+    return out.getvalue().rstrip("\n").split("\n")
+
+
+@pytest.mark.parametrize("workers", [1, 4, 12, 64])
+def test_top_fits_an_80x24_terminal(workers: int) -> None:
+    lines = rendered_lines(tour_snapshot(workers), 80, 23)
+    assert len(lines) <= 23
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    assert lines[0].startswith("gantry top ") and lines[-1] == "Ctrl-C to quit"
+
+
+def test_compact_top_shows_every_worker_that_fits_and_counts_the_rest() -> None:
+    lines = rendered_lines(tour_snapshot(64), 80, 23)
+    worker_lines = [line for line in lines if line.startswith("w") and " READY " in line]
+    assert 10 <= len(worker_lines) < 64
+    assert any(line.startswith(f"... {64 - len(worker_lines)} more worker(s)") for line in lines)
+
+
+def test_compact_cells_tag_the_model_and_mark_free_and_cordoned_gpus() -> None:
+    lines = rendered_lines(tour_snapshot(4), 80, 23)
+    w0, w3 = (next(line for line in lines if line.startswith(f"{w} ")).split("READY", 1)[1].split()
+              for w in ("w0", "w3"))
+    assert w0[0][0] == "B" and all(c[0] == "A" for c in w0[1:5])  # A=llama-70b, B=llama-8b (by name)
+    assert w3[0] == "." and w3[-1] == "x"  # free, cordoned
+    assert "A=llama-70b" in "\n".join(lines) and "B=llama-8b" in "\n".join(lines)
+    assert any(line.startswith("pending llama-70b x4: needs") for line in lines)
+
+
+def test_a_wide_terminal_keeps_the_full_grid() -> None:
+    lines = rendered_lines(tour_snapshot(4), 160, 60)
+    assert any("GPU7" in line for line in lines)

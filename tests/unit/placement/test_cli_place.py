@@ -24,7 +24,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def place_doc(capsys: pytest.CaptureFixture[str], name: str, *extra: str) -> dict[str, Any]:
-    code, out, err = run(capsys, "--scenario", str(SCENARIOS / f"{name}.json"), *extra)
+    code, out, err = run(capsys, "--scenario", str(SCENARIOS / f"{name}.json"), "--json", *extra)
     assert code == 0, err
     return json.loads(out)
 
@@ -38,6 +38,7 @@ def gpus(doc: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
 
 
 EXPECTATIONS = {
+    "18_spread_balanced": lambda d: workers(d) == ["w1", "w2", "w3"],
     "01_spread_three_replicas": lambda d: len(set(workers(d))) == 3 == d["placed"],
     "02_binpack_fills_a_worker": lambda d: workers(d) == ["w2", "w2", "w2"],
     "03_external_vram_use": lambda d: gpus(d) == [("w2", (0,))],
@@ -118,7 +119,7 @@ def test_a_real_gguf_file_is_sized_from_its_header(capsys, tmp_path: Path):
     scenario = {"model": {"name": "tiny", "source": "tiny.gguf", "backend": "llama-cpp"},
                 "workers": [{"name": "w", "gpus": [{"index": 0, "vram_total": "1GiB"}], "ram_total": "4GiB"}]}
     (tmp_path / "s.json").write_text(json.dumps(scenario))
-    code, out, err = run(capsys, "--scenario", str(tmp_path / "s.json"))
+    code, out, err = run(capsys, "--scenario", str(tmp_path / "s.json"), "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["request"]["gguf"]["total_layers"] == 4
@@ -140,3 +141,42 @@ def test_bad_profile_file_exits_2(capsys, tmp_path):
     scenario = str(SCENARIOS / "01_spread_three_replicas.json")
     code, _, err = run(capsys, "--scenario", scenario, "--profile", str(profile))
     assert code == 2 and "unknown scorer 'magic'" in err and err.count("\n") == 1
+
+
+def test_place_prints_words_by_default_and_json_with_the_flag(capsys):
+    code, out, err = run(capsys, "--scenario", str(SCENARIOS / "01_spread_three_replicas.json"))
+    assert code == 0, err
+    assert not out.lstrip().startswith("{")
+    lines = out.splitlines()
+    assert lines[1].startswith("each replica needs ") and "GiB VRAM" in lines[1]
+    assert [line.split(":")[0] for line in lines[2:5]] == ["replica 1", "replica 2", "replica 3"]
+    assert lines[-1] == "placed 3 of 3; nothing committed (dry run)"
+
+
+def test_place_says_why_a_replica_is_unschedulable(capsys):
+    code, out, err = run(capsys, "--scenario", str(SCENARIOS / "09_nothing_fits.json"))
+    assert code == 0, err
+    assert "replica 1: unschedulable: " in out
+    assert out.splitlines()[-1].startswith("placed 0 of ")
+
+
+def test_default_spread_counts_replicas_and_puts_the_first_on_the_fullest_worker(capsys, tmp_path):
+    """What worker_balance is for (GPUStack's spread, the default): w0 is 6/8 used but holds fewer replicas."""
+    scenario = json.loads((SCENARIOS / "18_spread_balanced.json").read_text())
+    del scenario["profile"]
+    (tmp_path / "s.json").write_text(json.dumps(scenario))
+    code, out, err = run(capsys, "--scenario", str(tmp_path / "s.json"), "--json")
+    assert code == 0, err
+    assert workers(json.loads(out))[0] == "w0"
+
+
+def test_the_shipped_spread_balanced_profile_balances_total_use(capsys):
+    profile = REPO_ROOT / "ops" / "config" / "spread-balanced.yaml"
+    code, out, err = run(capsys, "--scenario", str(SCENARIOS / "18_spread_balanced.json"), "--json",
+                         "--profile", str(profile))
+    assert code == 0, err
+    assert workers(json.loads(out)) == ["w1", "w2", "w3"]
+
+
+def test_worker_balance_reference_and_fast_paths_agree(capsys):
+    assert place_doc(capsys, "18_spread_balanced") == place_doc(capsys, "18_spread_balanced", "--exhaustive")

@@ -134,3 +134,30 @@ def test_hybrid_match_over_the_union_equals_matching_either_index() -> None:
     spec.add(2, [1])
     chain = BlockHashes(RouteRequest("r", "m", block_hashes=[1, 2, 3, 4, 5]), 16, 100)
     assert match_lazily(union, chain, ALL) == {0: 3, 1: 4, 2: 1}
+
+
+def _reference_match(held: dict[int, set[int]], hashes: list[int], candidates: int) -> dict[int, int]:
+    """Block by block, per slot: the leading blocks it holds without a gap (0 is left out)."""
+    out = {}
+    for slot, blocks in held.items():
+        if not candidates >> slot & 1:
+            continue
+        n = 0
+        while n < len(hashes) and hashes[n] in blocks:
+            n += 1
+        if n:
+            out[slot] = n
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.integers(0, 9), st.sets(st.integers(0, 40), max_size=40), max_size=10),
+       st.lists(st.integers(0, 40), max_size=90), st.integers(0, 1023))
+def test_the_bisecting_walk_matches_block_by_block(held: dict[int, set[int]], hashes: list[int],
+                                                   candidates: int) -> None:
+    idx = PrefixIndex()
+    for slot, blocks in held.items():
+        idx.add(slot, sorted(blocks))
+    assert idx.match(hashes, candidates) == _reference_match(held, hashes, candidates)
+    chain = BlockHashes(RouteRequest("r", "m", block_hashes=hashes), 16, 8192)  # chunked (32 blocks a round)
+    assert match_lazily(idx, chain, candidates) == _reference_match(held, hashes, candidates)

@@ -16,6 +16,7 @@ from services.engine_server.broker_node import BrokerNode
 from shared.core.engine import Engine, SchedulerConfig
 from shared.core.engine.step_time import CalibratedStepTime
 from shared.core.queueing import Output, QueuedRequest, SchedulerParams
+from shared.host.tasks import cancel_until_done
 from shared.state.queue import GlobalBroker
 
 PARAMS = SchedulerParams(name="global", topic="engines", min_load_score=2, ttl_s=60, sync_period_s=0.05,
@@ -83,8 +84,7 @@ async def test_a_killed_engine_node_loses_nothing(client: aioredis.Redis) -> Non
             until = time.time() + 5
             while nodes[0].broker.serving() == 0 and time.time() < until:  # kill it while requests run in it
                 await asyncio.sleep(0.0005)
-            tasks[0].cancel()  # dies with requests running in its engine and queued in its list
-            await asyncio.gather(tasks[0], return_exceptions=True)
+            await cancel_until_done(tasks[:1], every=0.05)  # dies with requests running and queued in its list
             flying = await client.scard(nodes[0].broker.keys.inflight("e0"))
         await asyncio.sleep(0.002)
     answers = await collect(nodes, ids, 60)

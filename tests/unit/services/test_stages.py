@@ -10,7 +10,7 @@ import pytest
 from services.filter.service import FilterService
 from services.fitting.service import FittingService
 from services.scoring.service import ScoringService
-from shared.bus.messages import PlacementFiltered, PlacementItem, PlacementRequest
+from shared.bus.messages import PlacementFiltered, PlacementFitted, PlacementItem, PlacementRequest, PlacementScored
 from shared.core.placement.domain import GIB, Category, Gpu, ModelSpec, PlacementStrategy, Worker
 from shared.settings import Settings
 
@@ -184,3 +184,63 @@ def test_fitting_reuses_a_models_candidates_across_scale_commands() -> None:
     assert flt is not None
     svc.fit(flt)  # one replica may be placed differently (manual overcommit): not the same key
     assert calls == ["fit", "fit"]
+
+
+def counted_fits(svc: FittingService) -> list[str]:
+    calls: list[str] = []
+    real = svc._fit_now
+
+    def counting(*args: object) -> object:
+        calls.append("fit")
+        return real(*args)  # type: ignore[arg-type]
+
+    svc._fit_now = counting  # type: ignore[method-assign]
+    return calls
+
+
+def fit_alone(svc: FittingService, spec: ModelSpec) -> PlacementFitted | PlacementScored:
+    flt, _ = stage(FilterService).filter_request(request(spec, 1))
+    assert flt is not None
+    fitted, failed = svc.fit(flt)
+    if failed is not None:
+        return failed
+    (one,) = fitted
+    return one
+
+
+def test_models_of_one_shape_share_fittings_candidates_under_their_own_names() -> None:
+    svc = stage(FittingService)
+    calls = counted_fits(svc)
+    twin = msgspec.structs.replace(EMB, name="emb-twin", source="org/other-weights")
+    first, second = fit_alone(svc, EMB), fit_alone(svc, twin)
+    assert calls == ["fit"]
+    assert isinstance(first, PlacementFitted) and isinstance(second, PlacementFitted)
+    one, two = first.candidate_set("emb"), second.candidate_set("emb-twin")
+    assert one is not None and two is not None and two.model == "emb-twin"
+    assert (one.workers, one.gpus, one.claim) == (two.workers, two.gpus, two.claim)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"weight_bytes": 12 * GIB},  # another request
+        {"cpu_offloading": True},
+        {"distributed_inference_across_workers": True},
+    ],
+)
+def test_models_of_another_shape_are_fitted_on_their_own(change: dict[str, object]) -> None:
+    svc = stage(FittingService)
+    calls = counted_fits(svc)
+    fit_alone(svc, EMB)
+    fit_alone(svc, msgspec.structs.replace(EMB, name="other", **change))
+    assert calls == ["fit", "fit"]
+
+
+def test_an_explanation_of_why_nothing_fits_is_never_lent_to_another_model() -> None:
+    svc = stage(FittingService)
+    calls = counted_fits(svc)
+    huge_twin = msgspec.structs.replace(HUGE, name="huge-twin")
+    first, second = fit_alone(svc, HUGE), fit_alone(svc, huge_twin)
+    assert calls == ["fit", "fit"]
+    assert isinstance(first, PlacementScored) and isinstance(second, PlacementScored)
+    assert second.outcomes[0].item.model == "huge-twin"

@@ -84,3 +84,19 @@ def test_bad_broker_options_exit_2_with_one_line(args: list[str], message: str,
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_simulate_shows_a_progress_bar_on_stderr_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "--trace", "mooncake", "--replicas", "1", "--limit", "200", "--json", "--progress"])
+    out, err = capsys.readouterr()
+    assert done.value.code == 0, err
+    assert json.loads(out)["completed"] == 200  # stdout stays the summary alone
+    assert "simulating" in err and "200/200" in err
+
+
+def test_simulate_draws_no_bar_into_a_pipe_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "--trace", "mooncake", "--replicas", "1", "--limit", "50", "--json"])
+    _, err = capsys.readouterr()
+    assert done.value.code == 0 and "simulating" not in err

@@ -8,6 +8,7 @@ from shared.core.placement.scorers.fragmentation import Fragmentation
 from shared.core.placement.scorers.locality import Locality
 from shared.core.placement.scorers.placement import Placement
 from shared.core.placement.scorers.spread import Spread
+from shared.core.placement.scorers.worker_balance import WorkerBalance
 from shared.core.placement.scorers.worker_fill import WorkerFill
 
 SCORERS: dict[str, type[Scorer]] = {
@@ -16,6 +17,7 @@ SCORERS: dict[str, type[Scorer]] = {
     Spread.name: Spread,
     Locality.name: Locality,
     WorkerFill.name: WorkerFill,
+    WorkerBalance.name: WorkerBalance,
     Fragmentation.name: Fragmentation,
 }
 

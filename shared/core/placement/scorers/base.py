@@ -56,8 +56,9 @@ def ratio(claim: int, allocatable: int) -> float:
 
 def ratio_array(claim: IntArray | int, allocatable: IntArray) -> FloatArray:
     """``ratio`` elementwise."""
-    safe = np.where(allocatable <= 0, 1, allocatable)
-    result: FloatArray = np.where(claim <= 0, 0.0, np.where(allocatable <= 0, 1.0, claim / safe))
+    none = allocatable <= 0
+    safe = np.where(none, 1, allocatable)
+    result: FloatArray = np.where(claim <= 0, 0.0, np.where(none, 1.0, claim / safe))
     return result
 
 

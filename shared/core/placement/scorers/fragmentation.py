@@ -24,15 +24,11 @@ code as a single decision does.
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Annotated
 
 import msgspec
 import numpy as np
-import numpy.typing as npt
 
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Candidate, Instance
@@ -40,237 +36,43 @@ from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer
+from shared.core.placement.scorers.fragmentation_cache import (
+    HOST_DIMS,
+    first_rows_candidate,
+    free_milli,
+    gpu_set_memo,
+    host_free,
+    products,
+    single_gpu_memo,
+    window_counts,
+)
+from shared.core.placement.scorers.fragmentation_kernels import (
+    FULL_MILLI,
+    MAX,
+    BoolArray,
+    FloatArray,
+    IntArray,
+    ReplicaShape,
+    Workload,
+    WorkloadArrays,
+    expected_fragmentation,
+    fragmentation_increase,
+    score_from_increase,
+    scores_from_increases,
+    single_slot_fragmentation,
+    type_access,
+)
 from shared.core.placement.snapshot import CPU_UNCHECKED, ClusterSnapshot, WorkerView
 
-FULL_MILLI = 1000  # milli-GPU in one whole GPU
-
-IntArray = npt.NDArray[np.int64]
-FloatArray = npt.NDArray[np.float64]
-BoolArray = npt.NDArray[np.bool_]
-
-
-@dataclass(frozen=True, order=True)
-class ReplicaShape:
-    """What one replica asks for, as seen by the fragmentation measure.
-
-    ``milli`` is the per-GPU claim in milli-GPU (1000 for a whole GPU); ``host`` the demands of the
-    worker's other resources, in the same order as the worker vectors given to the kernels (Gantry and
-    the trace replay: milli-cores, then RAM); ``gpu_types`` the GPU products it accepts (empty: any).
-    """
-
-    gpus: int
-    milli: int
-    host: tuple[int, ...] = ()
-    gpu_types: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A distribution over replica shapes (weights sum to 1), as arrays for the kernels."""
-
-    shapes: tuple[ReplicaShape, ...]
-    weights: tuple[float, ...]
-
-    @staticmethod
-    def learn(recent: Iterable[ReplicaShape], coverage: float = 1.0) -> Workload:
-        """The frequency of each GPU-using shape among ``recent`` requests.
-
-        Shapes are ranked by count (ties by shape, for determinism) and the most frequent ones that
-        together cover ``coverage`` of the requests are kept and renormalized: rare shapes add cost to
-        every decision and barely move the expectation. Requests without GPUs are ignored: they
-        cannot use GPU capacity, so they cannot make it a fragment.
-        """
-        if not 0.0 < coverage <= 1.0:
-            raise ValueError("coverage must be in (0, 1]")
-        counts = Counter(s for s in recent if s.gpus > 0 and s.milli > 0)
-        total = sum(counts.values())
-        if total == 0:
-            return Workload(shapes=(), weights=())
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        kept: list[tuple[ReplicaShape, int]] = []
-        covered = 0
-        for shape, count in ranked:
-            if covered >= coverage * total:
-                break
-            kept.append((shape, count))
-            covered += count
-        return Workload(
-            shapes=tuple(s for s, _ in kept),
-            weights=tuple(c / covered for _, c in kept),
-        )
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def arrays(self, host_dims: int, host_weight: float = 0.0) -> WorkloadArrays:
-        """The workload as arrays, host demands padded with zeros to ``host_dims`` entries.
-
-        ``host_weight`` > 0 adds the host-stranding term to the expected fragmentation (see
-        ``expected_fragmentation``), with the workload's mean host demand per GPU as the exchange rate.
-        """
-        host = np.zeros((len(self.shapes), host_dims), dtype=np.int64)
-        for i, s in enumerate(self.shapes):
-            if len(s.host) > host_dims:
-                raise ValueError(f"shape {s} has more host demands than the workers report ({host_dims})")
-            host[i, : len(s.host)] = s.host
-        gpus = np.array([s.gpus for s in self.shapes], dtype=np.int64)
-        milli = np.array([s.milli for s in self.shapes], dtype=np.int64)
-        weights = np.array(self.weights, dtype=np.float64)
-        per_gpu = np.zeros(host_dims, dtype=np.float64)
-        if host_weight > 0 and len(self.shapes):
-            gpu_share = gpus * milli / FULL_MILLI  # GPUs' worth each shape takes
-            per_gpu = (weights[:, None] * host / gpu_share[:, None]).sum(axis=0) / weights.sum()
-        return WorkloadArrays(gpus=gpus, milli=milli, host=host, weights=weights, host_weight=host_weight,
-                              host_per_gpu=per_gpu)
-
-
-@dataclass(frozen=True)
-class WorkloadArrays:
-    """Column arrays of a workload: M shapes."""
-
-    gpus: IntArray  # (M,)
-    milli: IntArray  # (M,)
-    host: IntArray  # (M, H)
-    weights: FloatArray  # (M,)
-    host_weight: float = 0.0  # weight of the host-stranding term (0: FGD's measure alone)
-    host_per_gpu: FloatArray | None = None  # (H,) mean host demand per GPU of the workload
-
-
-def type_access(gpu_types: Sequence[str], workload: Workload) -> BoolArray:
-    """(N, M): whether each worker's GPU product is accepted by each shape."""
-    out = np.ones((len(gpu_types), len(workload)), dtype=bool)
-    for m, shape in enumerate(workload.shapes):
-        if shape.gpu_types:
-            allowed = set(shape.gpu_types)
-            out[:, m] = [t in allowed for t in gpu_types]
-    return out
-
-
-def expected_fragmentation(
-    free: IntArray,
-    host_free: IntArray,
-    access: BoolArray,
-    work: WorkloadArrays,
-) -> FloatArray:
-    """Expected fragmentation, in GPUs, of each worker state.
-
-    ``free`` is (..., G) free milli-GPU per GPU slot (negative: no such GPU), ``host_free`` (..., H),
-    ``access`` (..., M) from ``type_access``. Returns (...). Zero for an empty workload.
-
-    With ``work.host_weight`` > 0 it adds ``host_weight x`` the worker's *host-stranded GPUs*: free GPU
-    capacity beyond what its free CPU and RAM can back at the workload's mean host demand per GPU
-    (``max(0, free GPUs - min_h host_free_h / per_gpu_h)``). FGD's measure sees CPU only through whether
-    each shape still fits; this term also charges a placement that drains a worker's CPU below what its
-    free GPUs will need, before any single shape stops fitting (Tetris's multi-resource alignment idea,
-    Grandl et al., SIGCOMM'14, measured in GPUs).
-    """
-    gfree = np.maximum(free, 0)
-    total = gfree.sum(axis=-1)  # (...)
-    if work.weights.size == 0:
-        return np.zeros(total.shape, dtype=np.float64)
-    usable = free[..., None, :] >= work.milli[:, None]  # (..., M, G)
-    fits_gpu = usable.sum(axis=-1) >= work.gpus  # (..., M)
-    fits_host = (host_free[..., None, :] >= work.host).all(axis=-1)  # (..., M)
-    placeable = fits_gpu & fits_host & access
-    stranded = np.where(usable, 0, gfree[..., None, :]).sum(axis=-1)  # (..., M)
-    frag = np.where(placeable, stranded, total[..., None])
-    result: FloatArray = (frag @ work.weights) / FULL_MILLI
-    if work.host_weight > 0 and work.host_per_gpu is not None:
-        per_gpu = work.host_per_gpu
-        dims = per_gpu > 0
-        if dims.any():
-            backed = (np.maximum(host_free[..., dims], 0) / per_gpu[dims]).min(axis=-1)  # GPUs the host can back
-            result = result + work.host_weight * np.maximum(total / FULL_MILLI - backed, 0.0)
-    return result
-
-
-def fragmentation_increase(
-    free: IntArray,
-    host_free: IntArray,
-    claim_milli: IntArray,
-    claim_host: IntArray,
-    access: BoolArray,
-    work: WorkloadArrays,
-) -> FloatArray:
-    """How much each candidate raises its worker's expected fragmentation, in GPUs.
-
-    Candidates are rows: ``free``/``claim_milli`` (C, G) (the claim on each GPU slot, zero where the
-    candidate takes nothing), ``host_free``/``claim_host`` (C, H), ``access`` (C, M).
-    """
-    before = expected_fragmentation(free, host_free, access, work)
-    after = expected_fragmentation(free - claim_milli, host_free - claim_host, access, work)
-    delta: FloatArray = after - before
-    return delta
-
-
-def single_slot_fragmentation(
-    free: IntArray,
-    after_slot: IntArray,
-    host_after: IntArray,
-    access: BoolArray,
-    work: WorkloadArrays,
-) -> FloatArray:
-    """(L, S): ``expected_fragmentation`` of each worker with slot ``s`` alone set to ``after_slot[l, s]``.
-
-    Equal, bit for bit, to building every (L, S, G) state and calling ``expected_fragmentation`` on it
-    (a test holds them equal), but in O(L x S x M) instead of O(L x S x M x G): only one slot changes, so
-    the per-shape usable count, stranded capacity and total move by that slot's terms alone. The
-    fragments are integers, so the sums are exact and the final weighting sees the same values.
-    ``host_after`` (L, H) is the host's free resources after the claim.
-    """
-    rows, width = after_slot.shape
-    gfree = np.maximum(free, 0)  # (L, G)
-    total = gfree.sum(axis=-1)  # (L,)
-    if work.weights.size == 0:
-        return np.zeros((rows, width), dtype=np.float64)
-    milli = work.milli  # (M,)
-    usable = free[:, None, :] >= milli[None, :, None]  # (L, M, G)
-    count = usable.sum(axis=-1)  # (L, M)
-    stranded = np.where(usable, 0, gfree[:, None, :]).sum(axis=-1)  # (L, M)
-    old = free[:, :width]  # (L, S): the slot's value before
-    old_free = np.maximum(old, 0)
-    new_free = np.maximum(after_slot, 0)
-    old_ok = old[:, :, None] >= milli  # (L, S, M)
-    new_ok = after_slot[:, :, None] >= milli
-    count_after = count[:, None, :] - old_ok + new_ok
-    stranded_after = (stranded[:, None, :] - np.where(old_ok, 0, old_free[:, :, None])
-                      + np.where(new_ok, 0, new_free[:, :, None]))
-    total_after = total[:, None] - old_free + new_free  # (L, S)
-    fits_host = (host_after[:, None, :] >= work.host).all(axis=-1)  # (L, M)
-    placeable = (count_after >= work.gpus) & (fits_host & access)[:, None, :]
-    frag = np.where(placeable, stranded_after, total_after[:, :, None])
-    result: FloatArray = (frag @ work.weights) / FULL_MILLI
-    if work.host_weight > 0 and work.host_per_gpu is not None:
-        per_gpu = work.host_per_gpu
-        dims = per_gpu > 0
-        if dims.any():
-            backed = (np.maximum(host_after[:, dims], 0) / per_gpu[dims]).min(axis=-1)  # (L,)
-            result = result + work.host_weight * np.maximum(total_after / FULL_MILLI - backed[:, None], 0.0)
-    return result
-
-
-def score_from_increase(delta: float, max_score: float) -> float:
-    """Map a fragmentation increase (GPUs) to a score in (0, max_score): smaller increase, higher."""
-    # Clamp the exponent: a huge increase should score ~0, not overflow.
-    return max_score / (1.0 + math.exp(min(max(delta, -50.0), 50.0)))
-
-
-def scores_from_increases(delta: FloatArray) -> FloatArray:
-    """``score_from_increase`` over an array, as both of the plugin's paths compute it.
-
-    Increases and scores are rounded to 1e-9: the fast path's batched kernels and the reference path's
-    per-candidate ones sum in different orders, and the last bits must not tell them apart.
-    """
-    rounded = np.round(delta, 9)
-    result: FloatArray = np.round(MAX / (1.0 + np.exp(np.clip(rounded, -50.0, 50.0))), 9)
-    return result
-
+__all__ = [  # the kernels, re-exported: the trace replay and the tests import them from here
+    "FULL_MILLI", "HOST_WEIGHT", "MAX", "Fragmentation", "FragmentationArgs", "ReplicaShape", "Workload",
+    "WorkloadArrays", "expected_fragmentation", "fragmentation_increase", "score_from_increase",
+    "scores_from_increases", "single_slot_fragmentation", "type_access",
+]
 
 # ------------------------------------------------------------------------------------------- plugin
 
 WINDOW = 1024  # the most recent instances the workload is learned from
-MAX = 100.0
-HOST_DIMS = 2  # (milli-cores, RAM bytes)
 HOST_WEIGHT = 0.5  # trace replay (bench/packing.py): 0.3 and 1.0 both strand ~30 GPUs fewer than 0
 
 
@@ -385,79 +187,53 @@ class Fragmentation(Scorer):
         deltas = np.array([self._delta(ctx, c, work) for c in candidates], dtype=np.float64)
         return [float(v) for v in scores_from_increases(deltas)]
 
-    def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
-        """Fast path: every single-GPU candidate of a worker at once (rows x slots)."""
-        snap = ctx.snapshot
-        rows, width = batch.mask.shape
-        out = np.zeros((rows, width), dtype=np.float64)
-        live = np.flatnonzero(batch.mask.any(axis=1))
-        if len(live) == 0:
-            return out
-        # The reference path learns from the lowest-named candidate; so must this one.
-        ranks = snap.ranks()
-        cand_rows, cand_slots = np.nonzero(batch.mask)
-        pick = int(np.lexsort((snap.g_index[cand_rows, cand_slots], ranks[cand_rows]))[0])
-        r0, s0 = int(cand_rows[pick]), int(cand_slots[pick])
-        first = Candidate(worker=snap.name_of(r0), gpu_indexes=(int(snap.g_index[r0, s0]),),
-                          vram_claims=(int(np.broadcast_to(batch.claims, batch.mask.shape)[r0, s0]),),
-                          ram_claim=batch.ram_claim, cpu_claim=batch.cpu_claim)
-        work = self.workload(ctx, first)
-        arrays = work.arrays(host_dims=HOST_DIMS, host_weight=self.host_weight)
-        total = snap.g_total[live]
-        ok = snap.g_ok[live]
-        alloc = snap.g_alloc[live]
-        safe = np.where(total > 0, total, 1)
-        free = np.where(ok, np.clip(alloc * FULL_MILLI // safe, 0, FULL_MILLI), -1)
-        claims = np.broadcast_to(batch.claims, batch.mask.shape)[live]
-        after_slot = np.where(ok, np.clip((alloc - claims) * FULL_MILLI // safe, 0, FULL_MILLI), -1)
-        host = np.stack([np.clip(snap.w_cpu_alloc[live], 0, CPU_UNCHECKED), np.maximum(snap.w_ram_alloc[live], 0)],
-                        axis=1)
-        products = [snap.type_names()[t][1] if t >= 0 else "" for t in snap.g_type[live, 0]]
-        access = type_access(products, work)
-        before = expected_fragmentation(free, host, access, arrays)  # (L,)
-        claim_host = np.array([batch.cpu_claim, batch.ram_claim], dtype=np.int64)
-        frag_after = single_slot_fragmentation(free, after_slot, host - claim_host, access, arrays)
-        delta = frag_after - before[:, None]
-        out[live] = scores_from_increases(delta)
-        return out
+    def fast_workload(self, snap: ClusterSnapshot, gpus: int, milli: int, host: tuple[int, int]
+                      ) -> tuple[Workload, WorkloadArrays]:
+        """``workload`` for the fast paths (the request's shape given by its fields): the same distribution,
+        kept up to date from the window's changes."""
+        assert isinstance(self.args, FragmentationArgs)
+        counts = window_counts(snap, self.args.window)
+        counts.sync(snap, lambda instance_id: _shape_of(snap, instance_id))
+        return counts.workload(gpus, milli, host, self.host_weight)
 
+    def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
+        """Fast path: every single-GPU candidate (rows x slots), from fragments kept between decisions."""
+        snap = ctx.snapshot
+        first = first_rows_candidate(snap, batch.mask)
+        if first is None:
+            return np.zeros(batch.mask.shape, dtype=np.float64)
+        claims = batch.claims
+        if claims.shape != batch.mask.shape:
+            claims = np.broadcast_to(claims, batch.mask.shape)
+        # The reference path learns from the lowest-named candidate's shape; so must this one.
+        r0, s0 = first
+        host = (batch.cpu_claim, batch.ram_claim)
+        work, arrays = self.fast_workload(snap, 1, _ceil_milli([int(claims[r0, s0])], [int(snap.g_total[r0, s0])]),
+                                          host)
+        if len(work) == 0:
+            return scores_from_increases(np.zeros(batch.mask.shape, dtype=np.float64))
+        return single_gpu_memo(snap, host, work).score(snap, claims, work, arrays)
+
+    def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
+        """Fast path for multi-GPU candidates (one set per worker), from fragments kept between decisions."""
+        snap = ctx.snapshot
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float64)
+        f = int(np.argmin(snap.ranks()[batch.rows]))  # one set per worker: the first by name is the first
+        milli = _ceil_milli(batch.claims[f].tolist(), snap.g_total[batch.rows[f], batch.slots[f]].tolist())
+        work, arrays = self.fast_workload(snap, batch.width, milli, (batch.cpu_claim, batch.ram_claim))
+        if len(work) == 0:
+            return scores_from_increases(np.zeros(len(batch), dtype=np.float64))
+        memo = gpu_set_memo(snap, batch.width, (batch.cpu_claim, batch.ram_claim), work)
+        return memo.score(snap, batch.rows, batch.slots, batch.claims, work, arrays)
 
     def _rows_state(self, ctx: PlacementContext, rows: IntArray, first: Candidate
                     ) -> tuple[WorkloadArrays, IntArray, IntArray, BoolArray]:
         """(workload arrays, free milli per slot, host free (milli-cores, RAM), type access) of ``rows``."""
         snap = ctx.snapshot
         work = self.workload(ctx, first)
-        total, alloc = snap.g_total[rows], snap.g_alloc[rows]
-        safe = np.where(total > 0, total, 1)
-        free = np.where(snap.g_ok[rows], np.clip(alloc * FULL_MILLI // safe, 0, FULL_MILLI), -1)
-        host = np.stack([np.clip(snap.w_cpu_alloc[rows], 0, CPU_UNCHECKED), np.maximum(snap.w_ram_alloc[rows], 0)],
-                        axis=1)
-        products = [snap.type_names()[t][1] if t >= 0 else "" for t in snap.g_type[rows, 0]]
         arrays = work.arrays(host_dims=HOST_DIMS, host_weight=self.host_weight)
-        return arrays, free, host, type_access(products, work)
-
-    def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
-        """Fast path for multi-GPU candidates (one set per worker): every worker's increase at once."""
-        snap = ctx.snapshot
-        if len(batch) == 0:
-            return np.zeros(0, dtype=np.float64)
-        order = np.lexsort((*[batch.indexes[:, k] for k in reversed(range(batch.width))], snap.ranks()[batch.rows]))
-        f = int(order[0])
-        first = Candidate(worker=snap.name_of(int(batch.rows[f])), gpu_indexes=tuple(batch.indexes[f].tolist()),
-                          vram_claims=tuple(batch.claims[f].tolist()), ram_claim=batch.ram_claim,
-                          cpu_claim=batch.cpu_claim)
-        arrays, free, host, access = self._rows_state(ctx, batch.rows, first)
-        rows = batch.rows[:, None]
-        total = snap.g_total[rows, batch.slots]
-        taken = np.clip((snap.g_alloc[rows, batch.slots] - batch.claims) * FULL_MILLI // np.where(total > 0, total, 1),
-                        0, FULL_MILLI)
-        after = free.copy()
-        np.put_along_axis(after, batch.slots, taken, axis=1)
-        claim_host = np.array([batch.cpu_claim, batch.ram_claim], dtype=np.int64)
-        delta = (expected_fragmentation(after, host - claim_host, access, arrays)
-                 - expected_fragmentation(free, host, access, arrays))
-        result: FloatArray = scores_from_increases(delta)
-        return result
+        return arrays, free_milli(snap, rows), host_free(snap, rows), type_access(products(snap, rows), work)
 
     def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray:
         """Fast path for CPU-only candidates: the increase that taking CPU and RAM there causes."""
@@ -508,3 +284,14 @@ def _recent_shapes(snapshot: ClusterSnapshot, window: int) -> list[ReplicaShape]
         if hit[1] is not None:
             out.append(hit[1])
     return out
+
+
+def _shape_of(snapshot: ClusterSnapshot, instance_id: str) -> ReplicaShape | None:
+    instance = snapshot.instance(instance_id)
+    return None if instance is None else instance_shape(snapshot, instance)
+
+
+def _ceil_milli(claims: Sequence[int], totals: Sequence[int]) -> int:
+    """The largest per-GPU claim in whole milli-GPU, rounded up (as ``candidate_shape``), at most 1000."""
+    milli = max((-(-c * FULL_MILLI // t) for c, t in zip(claims, totals, strict=True) if t > 0), default=0)
+    return min(milli, FULL_MILLI)

@@ -65,7 +65,11 @@ class PrefixAffinityFilter(Filter):
             return cands
         matches = cycle.matches(p.source)
         need = p.threshold * total
-        sticky = [st for st in cands if matches.get(st.slot, 0) >= need]
+        # the matches name only the few endpoints holding some of the prompt: look there, not at every candidate
+        held = {slot for slot, blocks in matches.items() if blocks >= need}
+        if not held:
+            return cands
+        sticky = [st for st in cands if st.slot in held]
         if not sticky or len(sticky) == len(cands):
             return cands
         best_sticky = min(estimated_ttft(cycle, st, p.source) for st in sticky)

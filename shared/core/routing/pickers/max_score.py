@@ -38,10 +38,18 @@ class MaxScorePicker(Picker):
         if n == 0:
             return []
         floor = max(totals) - EPS
-        ties = [i for i, t in enumerate(totals) if t >= floor]
-        first = ties[cycle.rng.randrange(len(ties))] if len(ties) > 1 else ties[0]
         if k == 1:
-            return [first]
-        # sorted(..., reverse=True)[:k] is heapq.nlargest's documented equivalent, and faster for ~100 endpoints
-        rest = sorted(range(n), key=totals.__getitem__, reverse=True)[:k]
-        return [first, *[i for i in rest if i != first][: k - 1]]
+            ties = [i for i, t in enumerate(totals) if t >= floor]
+            return [ties[cycle.rng.randrange(len(ties))] if len(ties) > 1 else ties[0]]
+        # one sort serves both: the ties lead the descending order (sorted(..., reverse=True)[:k] is
+        # heapq.nlargest's documented equivalent, and faster for ~100 endpoints)
+        order = sorted(range(n), key=totals.__getitem__, reverse=True)
+        m = 1
+        while m < n and totals[order[m]] >= floor:
+            m += 1
+        if m > 1:
+            ties = sorted(order[:m])  # index order, as the seeded draw expects
+            first = ties[cycle.rng.randrange(m)]
+        else:
+            first = order[0]
+        return [first, *[i for i in order[:k] if i != first][: k - 1]]

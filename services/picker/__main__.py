@@ -1,0 +1,52 @@
+"""``python -m services.picker``: run one Gantry endpoint picker answering pick requests on NATS."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from services.picker.service import PickerOptions, PickerService
+from shared.core.routing import builtin_names
+
+
+def parse_args(argv: list[str] | None = None) -> PickerOptions:
+    """Options from the command line."""
+    p = argparse.ArgumentParser(prog="python -m services.picker", description=__doc__)
+    p.add_argument("--nats-url", required=True)
+    p.add_argument("--profile", default="default", choices=builtin_names())
+    p.add_argument("--expire-s", type=float, default=3.0, help="drop an endpoint silent this long")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if not a.expire_s > 0:
+        p.error("--expire-s must be > 0")
+    return PickerOptions(nats_url=a.nats_url, profile=a.profile, expire_s=a.expire_s, seed=a.seed)
+
+
+async def _serve(opts: PickerOptions) -> None:
+    task = asyncio.ensure_future(PickerService(opts).run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse options and serve until SIGTERM/SIGINT."""
+    opts = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio works too
+        asyncio.run(_serve(opts))
+    else:
+        uvloop.run(_serve(opts))
+
+
+if __name__ == "__main__":
+    main()

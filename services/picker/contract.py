@@ -1,0 +1,29 @@
+"""What the NATS picker reads and writes on the bus."""
+
+from __future__ import annotations
+
+from shared.bus import subjects
+from shared.bus.messages import EngineKVEvents, EngineMetrics, ErrorEvent, PickProgress, PickRequest
+from shared.host.contract import Consumes, Contract, Emits
+
+SERVICE = "picker"
+
+CONTRACT = Contract(
+    service=SERVICE,
+    description="Gantry's endpoint picker on NATS: answers pick requests (request/reply, replicas in one queue "
+                "group) with the routing core, its pool, load and prefix cache kept from the model servers' own "
+                "reports; the reply goes to the requester's inbox.",
+    consumes=(
+        Consumes(subjects.PICK, PickRequest, "requests to place (one or more per message); the reply, a PickReply "
+                 "in the same order, goes to the request's inbox", queue=subjects.PICK_QUEUE),
+        Consumes(subjects.PICK_PROGRESS, PickProgress, "first tokens and ends of placed requests: in-flight "
+                 "accounting (every replica)"),
+        Consumes(subjects.ENGINE_METRICS_ALL, EngineMetrics, "the pool (an engine joins with its first report, "
+                 "leaves when silent) and each engine's load"),
+        Consumes(subjects.ENGINE_KV_EVENTS_ALL, EngineKVEvents, "the precise prefix index; a gap in an engine's "
+                 "numbering clears what is known of its cache"),
+    ),
+    emits=(
+        Emits(subjects.dead_letter(SERVICE), ErrorEvent, "a pick request or engine report it rejected, and why"),
+    ),
+)

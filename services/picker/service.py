@@ -1,0 +1,158 @@
+"""The picker process: the routing core kept current from NATS events (``shared.host.engine_feed``) and a
+request/reply subscription answering ``PickRequest``s. Bad input is dead-lettered (and answered with an
+error when it has a reply inbox); nothing a requester sends can stop the service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from services.picker.answer import answer
+from services.picker.contract import CONTRACT
+from shared.bus import subjects
+from shared.bus.messages import EngineKVEvents, EngineMetrics, PickProgress, PickReply, PickRequest, encode
+from shared.bus.runtime import Bus, inbox_prefix
+from shared.core.routing import Router, builtin_config
+from shared.host.engine_feed import EngineFeed
+
+log = logging.getLogger("gantry.picker")
+
+
+@dataclass(frozen=True, slots=True)
+class PickerOptions:
+    """What ``python -m services.picker`` accepts."""
+
+    nats_url: str
+    profile: str = "default"
+    expire_s: float = 3.0
+    seed: int = 0
+
+
+@dataclass
+class PickerCounters:
+    """What the picker did (logged at exit; read by tests)."""
+
+    messages: int = 0
+    picks: int = 0
+    refused: dict[int, int] = field(default_factory=dict)
+    rejected: int = 0
+
+
+class PickerService:
+    """One picker replica."""
+
+    def __init__(self, opts: PickerOptions, clock: Callable[[], float] = time.time) -> None:
+        self.opts = opts
+        self.clock = clock
+        self.router = Router(builtin_config(opts.profile), seed=opts.seed)
+        self.feed = EngineFeed(self.router, opts.expire_s)
+        self.counters = PickerCounters()
+        self.bus: Bus | None = None
+
+    async def on_pick(self, msg: Msg) -> None:
+        """Answer a pick request; a malformed one is dead-lettered and answered with the reason."""
+        assert self.bus is not None
+        self.counters.messages += 1
+        req = await self.bus.decode_or_reject(msg.subject, msg.data, PickRequest)
+        if req is None:
+            self.counters.rejected += 1
+            if msg.reply:
+                await msg.respond(encode(PickReply(error="invalid PickRequest (details on the dead-letter subject)")))
+            return
+        now = self.clock()
+        addresses = self.feed.addresses
+        answers = [answer(self.router, item, addresses, now) for item in req.picks]
+        for a in answers:
+            if a.code == 200:
+                self.counters.picks += 1
+            else:
+                self.counters.refused[a.code] = self.counters.refused.get(a.code, 0) + 1
+        if msg.reply:
+            await msg.respond(encode(PickReply(answers=answers)))
+        self.router.flush()  # the assumed-state insertions, after the reply left
+
+    async def on_progress(self, msg: Msg) -> None:
+        """First tokens and ends of placed requests (ids this replica did not place are ignored)."""
+        assert self.bus is not None
+        p = await self.bus.decode_or_reject(msg.subject, msg.data, PickProgress)
+        if p is None:
+            return
+        for rid in p.first_token:
+            self.router.first_token(rid)
+        for rid in p.finished:
+            self.router.finished(rid)
+
+    async def on_metrics(self, msg: Msg) -> None:
+        """An engine's state report (joins it to the pool)."""
+        assert self.bus is not None
+        m = await self.bus.decode_or_reject(msg.subject, msg.data, EngineMetrics)
+        if m is None:
+            return
+        try:
+            self.feed.on_metrics(m, self.clock())
+        except ValueError as err:  # an address nobody could dial
+            await self.bus.dead_letter(msg.subject, str(err), msg.data)
+
+    async def on_kv(self, msg: Msg) -> None:
+        """An engine's KV-cache events."""
+        assert self.bus is not None
+        ev = await self.bus.decode_or_reject(msg.subject, msg.data, EngineKVEvents)
+        if ev is not None:
+            self.feed.on_kv(ev)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.opts.expire_s / 2))
+            self.feed.expire(self.clock())
+
+    def _guarded(self, handler: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
+        async def deliver(msg: Msg) -> None:
+            try:
+                await handler(msg)
+            except Exception as exc:  # a bug on some input must not end the subscription: report it
+                log.exception("picker: handling a message on %s failed", msg.subject)
+                if self.bus is not None:
+                    with contextlib.suppress(Exception):
+                        await self.bus.dead_letter(msg.subject, f"{type(exc).__name__}: {exc}", msg.data)
+                        if msg.reply and msg.subject == subjects.PICK:
+                            await msg.respond(encode(PickReply(error=f"internal error: {type(exc).__name__}")))
+
+        return deliver
+
+    async def connect(self) -> Client:
+        """Connect and subscribe; returns the connection."""
+        identity = urlsplit(self.opts.nats_url).username or ""
+        nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1, inbox_prefix=inbox_prefix(identity))
+        self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
+        await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._guarded(self.on_metrics))
+        await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._guarded(self.on_kv))
+        await nc.subscribe(subjects.PICK_PROGRESS, cb=self._guarded(self.on_progress))
+        await nc.subscribe(subjects.PICK, queue=subjects.PICK_QUEUE, cb=self._guarded(self.on_pick))
+        await nc.flush()
+        return nc
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Serve until cancelled."""
+        nc = await self.connect()
+        expire = asyncio.create_task(self._expire_loop())
+        log.info("gantry picker on %s (profile %s)", subjects.PICK, self.opts.profile)
+        if ready is not None:
+            ready.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            expire.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expire
+            log.info("picker: %s", self.counters)
+            with contextlib.suppress(Exception):
+                await nc.drain()

@@ -1,0 +1,122 @@
+"""A routing core kept current from the model servers' own reports (model-server protocol, routing spec §1).
+
+Shared by every picker front (the gateway's Envoy ext_proc server, the NATS request/reply picker): an engine
+joins the pool with its first ``EngineMetrics`` and leaves when silent for ``expire_s`` (a killed server stops
+reporting; the routing core's staleness filter keeps it out of decisions long before that); its load comes
+from the same reports and its cache from its ``EngineKVEvents``, numbered per instance so that a gap (lost
+messages, a restarted server) clears what is known of that cache. Pure apart from the router it feeds:
+messages and ``now`` come in. Nothing is scraped per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from shared.bus.messages import EngineKVEvents, EngineMetrics
+from shared.core.kv_events import AllBlocksCleared, KVEventBatch
+from shared.core.roles import NodeRole
+from shared.core.routing import Endpoint, EndpointMetrics, Router
+
+log = logging.getLogger("gantry.picker")
+
+
+def address_of(url: str) -> str:
+    """``host:port`` of an engine's base URL (what a proxy dials); raises ValueError without a port."""
+    parts = urlsplit(url)
+    if not parts.hostname or parts.port is None:
+        raise ValueError(f"engine url {url!r} has no host:port")
+    return f"{parts.hostname}:{parts.port}"
+
+
+def endpoint_of(msg: EngineMetrics) -> Endpoint:
+    """The routable endpoint an engine's report describes."""
+    try:
+        role = NodeRole(msg.role)
+    except ValueError:
+        role = NodeRole.MIXED
+    return Endpoint(id=msg.instance_id, model=msg.model, address=address_of(msg.url), role=role,
+                    block_size=msg.block_size, num_gpu_blocks=msg.num_gpu_blocks, max_loras=msg.max_loras)
+
+
+def metrics_of(msg: EngineMetrics) -> EndpointMetrics:
+    """The routing core's view of an engine's load."""
+    return EndpointMetrics(ts=msg.ts, waiting=msg.num_requests_waiting, running=msg.num_requests_running,
+                           kv_usage=msg.kv_cache_usage_perc, active_loras=tuple(msg.running_loras),
+                           waiting_loras=tuple(msg.waiting_loras))
+
+
+@dataclass
+class PoolView:
+    """Endpoints heard from recently, keyed by instance id."""
+
+    expire_s: float = 3.0
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    last_heard: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, msg: EngineMetrics, now: float) -> bool:
+        """Record a report; True when the endpoint set changed (joined, or moved/changed)."""
+        ep = endpoint_of(msg)
+        self.last_heard[ep.id] = now
+        changed = self.endpoints.get(ep.id) != ep
+        self.endpoints[ep.id] = ep
+        return changed
+
+    def expire(self, now: float) -> list[str]:
+        """Drop endpoints silent for longer than ``expire_s``; returns their ids."""
+        gone = [eid for eid, t in self.last_heard.items() if now - t > self.expire_s]
+        for eid in gone:
+            del self.last_heard[eid]
+            del self.endpoints[eid]
+        return gone
+
+    def by_address(self) -> dict[str, str]:
+        """Endpoint id of each ``host:port``."""
+        return {ep.address: ep.id for ep in self.endpoints.values()}
+
+
+class EngineFeed:
+    """The pool view and the router it feeds; ``on_pool`` hears of every change of the endpoint set."""
+
+    def __init__(self, router: Router, expire_s: float = 3.0,
+                 on_pool: Callable[[list[Endpoint]], None] | None = None) -> None:
+        self.router = router
+        self.pool = PoolView(expire_s=expire_s)
+        self.on_pool = on_pool
+        self.addresses: dict[str, str] = {}  # endpoint id → host:port
+        self._kv_seq: dict[str, int] = {}  # next KV message number expected per instance
+
+    def _changed(self) -> None:
+        eps = list(self.pool.endpoints.values())
+        self.router.set_endpoints(eps)
+        self.addresses = {e.id: e.address for e in eps}
+        log.info("pool: %s", sorted(self.addresses.items()))
+        if self.on_pool is not None:
+            self.on_pool(eps)
+
+    def on_metrics(self, m: EngineMetrics, now: float) -> None:
+        """An engine's state report; raises ValueError (nothing changed) when its URL has no host:port."""
+        if self.pool.observe(m, now):
+            self._changed()
+        self.router.update_metrics(m.instance_id, metrics_of(m))
+
+    def on_kv(self, ev: EngineKVEvents) -> None:
+        """An engine's KV events (a gap in its numbering first clears what is known of its cache)."""
+        expected = self._kv_seq.get(ev.instance_id)
+        if expected is not None and ev.seq != expected:
+            log.info("KV events of %s jumped from %d to %d; its precise index is rebuilt",
+                     ev.instance_id, expected, ev.seq)
+            self.router.apply_kv_events(ev.instance_id, KVEventBatch(ts=ev.batch.ts, events=[AllBlocksCleared()]))
+        self._kv_seq[ev.instance_id] = ev.seq + 1
+        self.router.apply_kv_events(ev.instance_id, ev.batch)
+
+    def expire(self, now: float) -> list[str]:
+        """Drop silent engines (their KV numbering too); returns their ids."""
+        gone = self.pool.expire(now)
+        if gone:
+            for eid in gone:
+                self._kv_seq.pop(eid, None)
+            self._changed()
+        return gone

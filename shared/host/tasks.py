@@ -1,0 +1,36 @@
+"""Stopping background tasks for certain, although one ``cancel()`` may be lost.
+
+On Python 3.11, ``asyncio.wait_for`` returns the inner result instead of raising when the cancellation arrives
+in the same loop turn as the awaited operation completes (fixed in 3.12 by rebuilding it on
+``asyncio.timeout``). Client libraries call it on their hot paths (redis-py wraps every socket write in it
+when a socket timeout is set), so a loop cancelled once may simply run on; whoever then awaits it waits
+forever. ``cancel_until_done`` repeats the cancellation until each task has ended or the bound has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+RECANCEL_S = 0.5  # a task still running this long after a cancel gets another one
+
+
+async def cancel_until_done(tasks: Iterable[asyncio.Task[Any]], timeout: float | None = None,
+                            every: float = RECANCEL_S) -> set[asyncio.Task[Any]]:
+    """Cancel ``tasks`` and keep cancelling those still running every ``every`` seconds until all have ended
+    or ``timeout`` (None: no bound) has passed; returns the tasks still running (empty when all ended).
+
+    The interval leaves a task that honours its cancellation time to finish its cleanup undisturbed.
+    """
+    pending = {t for t in tasks if not t.done()}
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while pending:
+        for task in pending:
+            task.cancel()
+        wait = every if deadline is None else min(every, deadline - loop.time())
+        if wait <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=wait)
+    return pending

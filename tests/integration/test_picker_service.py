@@ -1,0 +1,179 @@
+"""The NATS picker end to end: the service process (``python -m services.picker``, as the ``picker`` identity
+with its least-privilege rights) on a real nats-server, engine reports and KV events published on the engines'
+subjects, picks asked by request/reply. Picks follow the KV events; bad requests are dead-lettered and answered
+with an error while the service keeps answering."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client
+
+from ops.servers import ServerProcess
+from shared.bus import subjects
+from shared.bus.messages import (
+    EngineKVEvents,
+    EngineMetrics,
+    ErrorEvent,
+    PickItem,
+    PickProgress,
+    PickReply,
+    PickRequest,
+    decode,
+    encode,
+)
+from shared.core.kv_events import BlockStored, KVEventBatch, chain_hashes
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "pick-model"
+ENGINES = ("pick-model-e0", "pick-model-e1", "pick-model-e2")
+
+
+@pytest.fixture(scope="module")
+def picker(nats_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+    """One picker process for the module: every bad input below hits the same service, which must survive all."""
+    assert nats_server.credentials is not None
+    url = nats_server.credentials.url(nats_server.url, "picker")
+    log = tmp_path_factory.mktemp("picker") / "picker.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "services.picker", "--nats-url", url], cwd=REPO,
+                                stdout=fh, stderr=subprocess.STDOUT)
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    print(log.read_text()[-3000:])
+
+
+def metrics(instance: str, i: int) -> EngineMetrics:
+    return EngineMetrics(instance_id=instance, model=MODEL, url=f"http://127.0.0.1:{18000 + i}", ts=time.time(),
+                         num_requests_running=2, num_requests_waiting=0, kv_cache_usage_perc=0.1, block_size=16,
+                         num_gpu_blocks=4000)
+
+
+@contextlib.asynccontextmanager
+async def engines(nc: Client) -> AsyncIterator[None]:
+    """The three engines report every 50 ms, as model servers do."""
+
+    async def report() -> None:
+        while True:
+            for i, inst in enumerate(ENGINES):
+                await nc.publish(subjects.engine_metrics(inst), encode(metrics(inst, i)))
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(report())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def pick(nc: Client, payload: bytes, timeout: float = 5.0) -> PickReply:
+    reply = await nc.request(subjects.PICK, payload, timeout=timeout)
+    return decode(reply.data, PickReply)
+
+
+async def until_pool_ready(nc: Client) -> None:
+    """Picks answer 503 until the picker has heard every engine (its first reports)."""
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            r = await pick(nc, encode(PickRequest(picks=[PickItem(request_id="probe", model=MODEL, token_ids=[1])])),
+                           timeout=1)
+            if r.answers and r.answers[0].code == 200:
+                await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=["probe"])))
+                await asyncio.sleep(0.3)  # every engine reported by now (they report together)
+                return
+        assert time.monotonic() < deadline, "the picker never answered with an endpoint"
+        await asyncio.sleep(0.1)
+
+
+async def announce(nc: Client, instance: str, seq: int, tokens: list[int]) -> None:
+    batch = KVEventBatch(ts=time.time(), events=[BlockStored(chain_hashes(tokens, 16), None, tokens, 16)])
+    await nc.publish(subjects.engine_kv_events(instance),
+                     encode(EngineKVEvents(instance_id=instance, model=MODEL, seq=seq, batch=batch)))
+    await nc.flush()
+
+
+def test_a_request_lands_where_kv_events_announced_its_prefix(nats_server: ServerProcess,
+                                                               picker: subprocess.Popen[bytes]) -> None:
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        async with engines(nc):
+            await until_pool_ready(nc)
+            prompts = {inst: [7_000 * (k + 1) + t for t in range(640)] for k, inst in enumerate(ENGINES)}
+            for inst in ("pick-model-e2", "pick-model-e1"):
+                await announce(nc, inst, 0, prompts[inst])
+            await asyncio.sleep(0.3)
+            for round_ in range(3):  # several times: the assumed state of earlier picks must not move it
+                for inst in ("pick-model-e2", "pick-model-e1"):
+                    tail = [900_000 + round_ * 100 + t for t in range(32)]
+                    item = PickItem(request_id=f"r-{inst}-{round_}", model=MODEL, token_ids=prompts[inst] + tail)
+                    r = await pick(nc, encode(PickRequest(picks=[item])))
+                    assert r.error == ""
+                    assert r.answers[0].endpoints[0] == inst, r.answers
+                    assert r.answers[0].addresses[0] == f"127.0.0.1:{18000 + ENGINES.index(inst)}"
+            # several requests in one message: answers in order
+            items = [PickItem(request_id=f"m-{inst}", model=MODEL, token_ids=prompts[inst])
+                     for inst in ("pick-model-e1", "pick-model-e2")]
+            r = await pick(nc, encode(PickRequest(picks=items)))
+            assert [a.request_id for a in r.answers] == ["m-pick-model-e1", "m-pick-model-e2"]
+            assert [a.endpoints[0] for a in r.answers] == ["pick-model-e1", "pick-model-e2"]
+            # an unknown model is refused with a reason, not dropped
+            r = await pick(nc, encode(PickRequest(picks=[PickItem(request_id="x", model="other", token_ids=[1])])))
+            assert r.answers[0].code == 503 and "other" in r.answers[0].reason
+        await nc.drain()
+
+    asyncio.run(main())
+    assert picker.poll() is None
+
+
+@pytest.mark.parametrize("payload", [
+    b"not json",
+    b"{}",
+    b'{"picks": []}',
+    b'{"picks": [{"request_id": "a", "model": "pick-model", "token_ids": [-1, 2]}]}',
+    b'{"picks": [{"request_id": "", "model": "pick-model"}]}',
+    b'{"picks": [{"request_id": "a", "model": "../etc", "token_ids": [1]}]}',
+    msgspec.json.encode({"picks": [{"request_id": "a", "model": MODEL, "token_ids": "x" * 100}]}),
+    b"[" * 100_000,
+])
+def test_a_bad_request_is_dead_lettered_and_answered_and_the_service_keeps_picking(
+        nats_server: ServerProcess, picker: subprocess.Popen[bytes], payload: bytes) -> None:
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        dead: asyncio.Queue[ErrorEvent] = asyncio.Queue()
+
+        async def on_dead(msg: nats.aio.msg.Msg) -> None:
+            await dead.put(decode(msg.data, ErrorEvent))
+
+        await nc.subscribe(subjects.dead_letter("picker"), cb=on_dead)
+        async with engines(nc):
+            await until_pool_ready(nc)
+            r = await pick(nc, payload)
+            assert r.error and not r.answers
+            ev = await asyncio.wait_for(dead.get(), 5)
+            assert ev.service == "picker" and ev.subject == subjects.PICK and ev.reason
+            await nc.publish(subjects.PICK, payload)  # without a reply inbox too
+            ev = await asyncio.wait_for(dead.get(), 5)
+            r = await pick(nc, encode(PickRequest(picks=[PickItem(request_id="after", model=MODEL, token_ids=[5])])))
+            assert r.answers[0].code == 200
+        await nc.drain()
+
+    asyncio.run(main())
+    assert picker.poll() is None

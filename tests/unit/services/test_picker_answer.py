@@ -1,0 +1,53 @@
+"""The NATS picker's translation between pick messages and the routing core (the service's pure part)."""
+
+from __future__ import annotations
+
+from services.picker.answer import answer, route_request
+from shared.bus.messages import PickItem, PickReply, PickRequest, decode, encode
+from shared.core.routing import Endpoint, EndpointMetrics, Router, builtin_config
+
+NOW = 50.0
+
+
+def router(*ids: str) -> Router:
+    r = Router(builtin_config("default"), seed=0)
+    r.set_endpoints([Endpoint(id=i, model="m", address=f"10.0.0.{k}:8000") for k, i in enumerate(ids)])
+    for i in ids:
+        r.update_metrics(i, EndpointMetrics(ts=NOW))
+    return r
+
+
+def test_an_item_becomes_the_cores_request_field_by_field() -> None:
+    item = PickItem(request_id="a", model="m", token_ids=[1, 2], priority=-1, tenant="t", lora="l",
+                    slo_ttft_s=0.5, cache_salt=7)
+    rr = route_request(item)
+    assert (rr.request_id, rr.model, list(rr.token_ids or ()), rr.priority, rr.tenant, rr.lora, rr.slo_ttft_s,
+            rr.cache_salt) == ("a", "m", [1, 2], -1, "t", "l", 0.5, 7)
+
+
+def test_a_decision_answers_endpoints_with_their_addresses_in_order() -> None:
+    r = router("e0", "e1")
+    a = answer(r, PickItem(request_id="a", model="m", token_ids=list(range(64))), {"e0": "h0:1", "e1": "h1:1"}, NOW)
+    assert a.code == 200 and len(a.endpoints) == 2
+    assert a.addresses == [{"e0": "h0:1", "e1": "h1:1"}[e] for e in a.endpoints]
+    assert r.state.in_flight() == 1
+
+
+def test_an_endpoint_without_address_is_left_out_and_none_left_is_503_with_its_load_released() -> None:
+    r = router("e0")
+    a = answer(r, PickItem(request_id="a", model="m", token_ids=[1]), {}, NOW)
+    assert (a.code, a.endpoints, a.reason) == (503, [], "chosen endpoints have no address")
+    assert r.state.in_flight() == 0
+
+
+def test_a_refusal_keeps_the_cores_code_and_reason() -> None:
+    a = answer(router("e0"), PickItem(request_id="a", model="other", token_ids=[1]), {"e0": "h:1"}, NOW)
+    assert a.code == 503 and "other" in a.reason
+    stale = answer(router("e0"), PickItem(request_id="b", model="m", token_ids=[1]), {"e0": "h:1"}, NOW + 10)
+    assert stale.code == 503 and "stale" in stale.reason
+
+
+def test_the_messages_round_trip_and_bounds_hold() -> None:
+    req = PickRequest(picks=[PickItem(request_id="a", model="m", token_ids=[0, 2**32 - 1])])
+    assert decode(encode(req), PickRequest) == req
+    assert decode(encode(PickReply(error="x")), PickReply).error == "x"
