@@ -6,23 +6,55 @@ scenario's block count, synchronous scheduling), feeds the scenario's requests a
 plays the model by returning each request's next scripted token whenever its computed tokens reach its
 length, and records every step in the same shape as ``shared.core.engine.replay.replay``.
 
-It needs a CPU-only vLLM install (``pip install vllm`` with the CPU wheel) and the tiny model's config
-(``facebook/opt-125m`` by default; pass a local path to work offline). vLLM is not a dependency of
-Gantry and is not installed in CI: ``vllm_missing()`` says why the harness cannot run. The import of vLLM
-internals follows v0.11–v0.33 module paths; a moved name is reported as such, never silently skipped.
+It needs a CPU-only vLLM install (``bash ops/vllm_cpu_env.sh``). vLLM's ``ModelConfig`` reads a model's
+``config.json``; by default the harness writes a tiny Llama-shaped one to a temporary directory (the model's
+shape plays no part in scheduling), so it runs offline; ``model`` may name another local path or hub id.
+vLLM is not a dependency of Gantry and is not installed in CI: ``vllm_missing()`` says why the harness
+cannot run. The import of vLLM internals follows v0.11–v0.33 module paths; a moved name is reported as
+such, never silently skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import inspect
+import json
+import os
+import pickle
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from shared.core.engine.replay import RequestSpec, Scenario
 
 FILLER_TOKEN = 0  # what the emulator samples past a request's scripted outputs
 EOS_TOKEN = 1 << 20  # never sampled; requests ignore EOS anyway
+TINY_MODEL = "tiny-llama"  # the default: a config written on first use (see ``tiny_model_dir``)
+_TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 1, "vocab_size": 8192,
+    "max_position_embeddings": 1 << 16, "rms_norm_eps": 1e-5, "torch_dtype": "float16", "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+_tiny_dir: Path | None = None
+
+
+def _block_hash(obj: Any) -> bytes:
+    """Bytes, as recent versions need (they append the group id's bytes); older ones take any hashable."""
+    return hashlib.sha256(pickle.dumps(obj, protocol=5)).digest()
+
+
+def tiny_model_dir() -> Path:
+    """A directory holding a tiny Llama ``config.json`` (written once per process)."""
+    global _tiny_dir
+    if _tiny_dir is None:
+        d = Path(tempfile.mkdtemp(prefix="gantry-vllm-tiny-"))
+        (d / "config.json").write_text(json.dumps(_TINY_CONFIG))
+        _tiny_dir = d
+    return _tiny_dir
 
 
 def vllm_missing() -> str | None:
@@ -30,7 +62,7 @@ def vllm_missing() -> str | None:
     if importlib.util.find_spec("vllm") is None:
         return (
             "vLLM is not installed: the differential harness needs vLLM's real scheduler "
-            "(a CPU-only install is enough: pip install vllm --extra-index-url https://download.pytorch.org/whl/cpu)"
+            "(a CPU-only venv is enough: bash ops/vllm_cpu_env.sh, then run with its python)"
         )
     return None
 
@@ -38,18 +70,22 @@ def vllm_missing() -> str | None:
 class VllmReplayer:
     """One vLLM ``Scheduler`` configured like a scenario; ``replay`` yields per-step records."""
 
-    def __init__(self, sc: Scenario, model: str = "facebook/opt-125m") -> None:
+    def __init__(self, sc: Scenario, model: str = TINY_MODEL) -> None:
         missing = vllm_missing()
         if missing:
             raise RuntimeError(missing)
         self.sc = sc
-        self.model = model
+        self.model = str(tiny_model_dir()) if model == TINY_MODEL else model
         try:
             self._build()
         except (ImportError, AttributeError, TypeError) as err:
             raise RuntimeError(f"this vLLM version's scheduler API differs from what the harness knows: {err}") from err
 
     def _build(self) -> None:
+        # vLLM picks its platform from the build or the device it finds; the scheduler needs no device, so
+        # say CPU (the CUDA-built wheel would otherwise fail to infer one)
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         import torch
         from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
         from vllm.sampling_params import SamplingParams
@@ -62,6 +98,9 @@ class VllmReplayer:
 
         c = self.sc.config
         max_model_len = c.max_model_len or 2048  # the tiny model's own limit when the scenario sets none
+        sched_kw: dict[str, Any] = {}
+        if "is_encoder_decoder" in inspect.signature(SchedulerConfig).parameters:  # v0.2x and later
+            sched_kw["is_encoder_decoder"] = False
         sched_cfg = SchedulerConfig(
             max_num_seqs=c.max_num_seqs,
             max_num_batched_tokens=c.max_num_batched_tokens,
@@ -70,10 +109,11 @@ class VllmReplayer:
             enable_chunked_prefill=c.enable_chunked_prefill,
             policy=c.policy,
             async_scheduling=False,
+            **sched_kw,
         )
         model_cfg = ModelConfig(
             model=self.model,
-            trust_remote_code=True,
+            trust_remote_code=False,
             dtype="float16",
             seed=42,
             skip_tokenizer_init=True,
@@ -87,14 +127,17 @@ class VllmReplayer:
         )
         cache_cfg.num_gpu_blocks = c.num_gpu_blocks
         vllm_cfg = VllmConfig(scheduler_config=sched_cfg, model_config=model_cfg, cache_config=cache_cfg)
-        try:  # older versions take a use_mla flag
-            spec = FullAttentionSpec(c.block_size, 1, 1, torch.float32, False)
+        try:  # keyword-only in recent versions
+            spec = FullAttentionSpec(block_size=c.block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
         except TypeError:
-            spec = FullAttentionSpec(c.block_size, 1, 1, torch.float32)
+            try:  # older versions take a use_mla flag
+                spec = FullAttentionSpec(c.block_size, 1, 1, torch.float32, False)
+            except TypeError:
+                spec = FullAttentionSpec(c.block_size, 1, 1, torch.float32)
         kv_cfg = KVCacheConfig(num_blocks=c.num_gpu_blocks, kv_cache_tensors=[],
                                kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
-        init_none_hash(hash)  # as vLLM's scheduler tests do: any hash function gives the same schedule
-        self._hasher = get_request_block_hasher(c.block_size, hash)
+        init_none_hash(_block_hash)  # any collision-free hash gives the same schedule
+        self._hasher = get_request_block_hasher(c.block_size, _block_hash)
         kw: dict[str, Any] = {
             "vllm_config": vllm_cfg,
             "kv_cache_config": kv_cfg,
@@ -106,20 +149,23 @@ class VllmReplayer:
         except TypeError:  # versions before the block_size argument
             self._sched = Scheduler(**kw)
         self._Request, self._SamplingParams = Request, SamplingParams
+        self._request_takes_eos = "eos_token_id" in inspect.signature(Request).parameters
         self._ModelRunnerOutput, self._Status = ModelRunnerOutput, RequestStatus
 
     def _request(self, spec: RequestSpec, step: int) -> Any:
         params = self._SamplingParams(ignore_eos=True, max_tokens=spec.max_tokens)
-        return self._Request(
-            request_id=spec.id,
-            prompt_token_ids=list(spec.prompt_token_ids),
-            sampling_params=params,
-            pooling_params=None,
-            eos_token_id=EOS_TOKEN,
-            arrival_time=float(step),
-            priority=spec.priority,
-            block_hasher=self._hasher,
-        )
+        kw: dict[str, Any] = {
+            "request_id": spec.id,
+            "prompt_token_ids": list(spec.prompt_token_ids),
+            "sampling_params": params,
+            "pooling_params": None,
+            "arrival_time": float(step),
+            "priority": spec.priority,
+            "block_hasher": self._hasher,
+        }
+        if self._request_takes_eos:  # older versions; newer ones keep EOS in the sampling params
+            kw["eos_token_id"] = EOS_TOKEN
+        return self._Request(**kw)
 
     def replay(self) -> Iterator[dict[str, Any]]:
         """Step records: ``{step, scheduled, preempted, num_running, num_waiting, kv_blocks_used, finished}``."""

@@ -10,6 +10,7 @@ import typer
 
 from ops.cli.errors import CliError
 from ops.cli.inputs import MAX_SCENARIO_BYTES, read_input_file
+from ops.vllm_reference import TINY_MODEL
 from shared.core.engine.replay import ScenarioError, parse_scenario, replay
 from shared.core.engine.scenarios import first_divergence, random_scenario
 
@@ -52,7 +53,9 @@ def random_scenario_cmd(
 def diff_vllm_cmd(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="how many random scenarios")] = 200,
     first_seed: Annotated[int, typer.Option("--first-seed", help="seed of the first scenario")] = 0,
-    model: Annotated[str, typer.Option("--model", help="model whose config vLLM loads")] = "facebook/opt-125m",
+    model: Annotated[str, typer.Option("--model", help="model whose config vLLM loads (default: a tiny local one)")] = (
+        TINY_MODEL
+    ),
 ) -> None:
     """Replay seeded random scenarios through Gantry's and vLLM's schedulers; report where they differ.
 

@@ -47,7 +47,7 @@ def random_scenario(seed: int) -> Scenario:
     budget = rng.choice((16, 32, 64, 128, 256, 512))
     if not chunked:
         budget = max(budget, max_model_len)
-    thr = rng.choice((0, 0, 8, 16, 64))
+    thr = min(rng.choice((0, 0, 8, 16, 64)), max_model_len)  # vLLM refuses a threshold above max_model_len
     config = ConfigSpec(
         block_size=bs,
         num_gpu_blocks=blocks_longest + 1 + rng.randrange(0, 3 * blocks_longest),

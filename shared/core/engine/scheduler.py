@@ -414,11 +414,12 @@ class Scheduler:
         running = self.running
         if not self._priority:
             return len(running) - 1
+        # vLLM v0.33: max(running, key=(priority, arrival_time)); a tie keeps the earliest in running order
         best = 0
-        key = (running[0].priority, running[0].arrival_time, running[0].uid)
+        key = (running[0].priority, running[0].arrival_time)
         for k in range(1, len(running)):
             r = running[k]
-            rk = (r.priority, r.arrival_time, r.uid)
+            rk = (r.priority, r.arrival_time)
             if rk > key:
                 best, key = k, rk
         return best

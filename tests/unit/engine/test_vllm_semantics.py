@@ -94,6 +94,19 @@ def test_priority_self_preemption_goes_on_with_the_remaining_running_requests() 
     assert low.status is RequestStatus.PREEMPTED and ids(s.waiting) == ["low"]
 
 
+def test_priority_victim_ties_go_to_the_earliest_in_running_order() -> None:
+    # vLLM v0.33 takes max(running, key=(priority, arrival_time)): equal keys keep the first, whatever the ids
+    s = make_scheduler(num_gpu_blocks=4, max_num_batched_tokens=200, max_num_seqs=2, policy="priority")
+    first = Request("first", [1] * 16, max_tokens=20, priority=1, arrival_time=0.0)
+    second = Request("second", [2] * 16, max_tokens=20, priority=1, arrival_time=0.0)
+    s.add_request(first)
+    s.add_request(second)
+    assert counts(run_step(s)) == {"first": 16, "second": 16}
+    assert ids(s.running) == ["first", "second"] and s.kv.num_free == 1
+    out = run_step(s)  # first takes the last block; second needs one too: the victim is first, not second
+    assert ids(out.preempted) == ["first"] and counts(out) == {"second": 1}
+
+
 # -- 4. several blocks may hold one hash; evicting one removes only that block id ------------------------
 
 
