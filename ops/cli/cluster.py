@@ -513,6 +513,10 @@ async def _replay(
     if on_ready is not None:
         on_ready()
     try:
+        # A bounded read ends as soon as the consumer has nothing left that matches ``subject``: ``until`` is the
+        # stream's last sequence over all subjects, which a filtered read may never reach (that cost one ``idle``).
+        if until is not None and (await sub.consumer_info()).num_pending == 0:
+            return
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle)
@@ -523,7 +527,7 @@ async def _replay(
             meta = msg.metadata
             seq = meta.sequence.stream
             yield Stored(msg.subject, msg.data, seq, meta.timestamp.timestamp())
-            if until is not None and seq >= until:
+            if until is not None and (seq >= until or meta.num_pending == 0):
                 return
     finally:
         with contextlib.suppress(Exception):
