@@ -11,15 +11,17 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
-from rich import box
-from rich.console import Group, RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from shared.core.placement.domain import GIB, Instance, InstanceState, ModelSpec, Worker, WorkerState
 from shared.core.placement.lifecycle import HOLDS_GPUS
+
+if TYPE_CHECKING:  # rich loads where a table is drawn: `explain` and `--json` never pay for it (issue 17)
+    from rich.console import Group, RenderableType
+    from rich.table import Table
+    from rich.text import Text
 
 # What the ledger holds GPUs for (ERROR included: its claims stay until it is replaced).
 HELD_STATES = HOLDS_GPUS
@@ -129,6 +131,8 @@ MODEL_CHARS = 10
 
 def bar(fraction: float, cells: int = BAR_CELLS) -> Text:
     """A fullness bar: filled blocks coloured by how full, then empty blocks."""
+    from rich.text import Text
+
     filled = round(fraction * cells)
     colour = "green" if fraction < 0.5 else "yellow" if fraction < 0.9 else "red"
     text = Text("█" * filled, style=colour)
@@ -157,6 +161,8 @@ def _gpu_cell(usage: GpuUsage) -> Text:
 
 def summary_line(snapshot: ClusterSnapshot) -> Text:
     """One line: workers by state, GPUs, models, instances by state, time."""
+    from rich.text import Text
+
     workers = Counter(state.value for state in snapshot.worker_states.values())
     gpus = sum(len(w.gpus) for w in snapshot.workers)
     products = sorted({g.product for w in snapshot.workers for g in w.gpus if g.product})
@@ -171,6 +177,10 @@ def summary_line(snapshot: ClusterSnapshot) -> Text:
 
 def workers_grid(snapshot: ClusterSnapshot) -> Table:
     """One row per worker (name and state), one cell per GPU (fullness bar, percentage, its model)."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     usage = gpu_usage(snapshot)
     by_worker: dict[str, list[GpuUsage]] = defaultdict(list)
     for row in usage:
@@ -201,6 +211,8 @@ def pending_groups(snapshot: ClusterSnapshot) -> list[tuple[str, str, list[str]]
 
 def pending_table(snapshot: ClusterSnapshot) -> Table:
     """Replicas that are not placed, per model and reason, with the latest reason the scheduler gave."""
+    from rich.table import Table
+
     table = Table(title="pending replicas", title_justify="left", expand=False)
     table.add_column("MODEL", no_wrap=True)
     table.add_column("PENDING", justify="right", no_wrap=True)
@@ -212,6 +224,8 @@ def pending_table(snapshot: ClusterSnapshot) -> Table:
 
 def models_table(snapshot: ClusterSnapshot) -> Table:
     """Per model: desired replicas and how many instances are in each state."""
+    from rich.table import Table
+
     table = Table(title="models", title_justify="left", expand=False)
     for column in ("MODEL", "DESIRED", "RUNNING", "STARTING", "PENDING", "FAILED", "OTHER"):
         table.add_column(column, no_wrap=True, justify="left" if column == "MODEL" else "right")
@@ -250,6 +264,9 @@ def full_grid_width(snapshot: ClusterSnapshot) -> int:
 
 
 def _full_top(snapshot: ClusterSnapshot) -> RenderableType:
+    from rich.console import Group
+    from rich.text import Text
+
     parts: list[RenderableType] = [summary_line(snapshot)]
     if snapshot.workers:
         parts.append(workers_grid(snapshot))
@@ -279,6 +296,8 @@ def model_tags(snapshot: ClusterSnapshot) -> dict[str, str]:
 def _compact_cell(usage: GpuUsage, tags: dict[str, str]) -> Text:
     """Three columns per GPU: the model's tag (``+`` when several share it, ``.`` when free), a fullness glyph,
     a space; yellow ``x`` replaces the tag on a cordoned GPU."""
+    from rich.text import Text
+
     fullness = min(max(usage.fullness, 0.0), 1.0)
     colour = "green" if fullness < 0.5 else "yellow" if fullness < 0.9 else "red"
     if not usage.schedulable:
@@ -302,6 +321,9 @@ def compact_top(snapshot: ClusterSnapshot, width: int = 80, height: int = 24) ->
     """`gantry top` for a small terminal: every line within ``width`` cells, at most ``height`` lines. Workers
     are one line each (a tag and a fullness glyph per GPU, legend below), models one line each; when the
     screen is short, workers past the room left are summed up in one line, then pending reasons are cut."""
+    from rich.console import Group
+    from rich.text import Text
+
     usage = gpu_usage(snapshot)
     tags = model_tags(snapshot)
     by_worker: dict[str, list[GpuUsage]] = defaultdict(list)
@@ -336,6 +358,8 @@ def compact_top(snapshot: ClusterSnapshot, width: int = 80, height: int = 24) ->
 
 def _cut(lines: list[Text], room: int, what: str, width: int) -> list[Text]:
     """``lines`` if they fit in ``room``, else the first ``room - 1`` and a line counting the rest."""
+    from rich.text import Text
+
     if len(lines) <= room:
         return lines
     kept = lines[: room - 1]
@@ -347,6 +371,8 @@ _STATE_SHORT = {WorkerState.READY: "READY", WorkerState.NOT_READY: "DOWN", Worke
 
 def compact_summary(snapshot: ClusterSnapshot) -> Text:
     """The summary line, short: time, workers ready, GPUs, instances by state."""
+    from rich.text import Text
+
     ready = sum(1 for s in snapshot.worker_states.values() if s is WorkerState.READY)
     gpus = sum(len(w.gpus) for w in snapshot.workers)
     counts = state_counts(snapshot.instances)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
-from rich.table import Table
 
 from ops.cli.client import (
     deploy_files,
@@ -342,6 +341,8 @@ def instances(
     if not rows:
         typer.echo("no instances")
         return
+    from rich.table import Table
+
     table = Table()
     for column in ("ID", "MODEL", "STATE", "WORKER", "GPUS", "VRAM/GPU GiB", "REASON"):
         table.add_column(column, no_wrap=column != "REASON")
@@ -379,6 +380,8 @@ def workers(
     if not snapshot.workers:
         typer.echo("no workers registered; start some with `gantry up --workers 4`")
         return
+    from rich.table import Table
+
     table = Table()
     sizes = ("TOTAL", "USED", "CLAIMED", "FREE")
     for column in ("WORKER", "STATE", "LABELS", "GPU", "PRODUCT", *sizes, "MODELS"):

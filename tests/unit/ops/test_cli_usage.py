@@ -183,6 +183,25 @@ def test_a_read_command_loads_no_heavy_module(command: str) -> None:
     assert done.stdout.strip() == "", f"heavy modules loaded: {done.stdout.strip()}"
 
 
+@pytest.mark.parametrize("command", ["explain", "events"])
+def test_a_command_that_prints_no_table_loads_no_rich(command: str) -> None:
+    """`explain` and `events` print plain lines: the table library (~50 ms of imports) stays unloaded."""
+    probe = (
+        "import sys\n"
+        "from ops.cli.main import app\n"
+        "import typer.main\n"
+        "group = typer.main.get_command(app)\n"
+        f"group.get_command(None, {command!r})\n"
+        "import ops.cli.client, ops.cli.common, shared.state, shared.settings, redis.asyncio\n"
+        f"{READ_COMMANDS[command]}"
+        "print(','.join(m for m in sys.modules if m == 'rich' or m.startswith('rich.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+                          env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"rich loaded: {done.stdout.strip()}"
+
+
 def test_status_without_a_stack_says_so_in_one_line_and_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
