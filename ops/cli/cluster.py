@@ -480,11 +480,12 @@ async def last_unschedulable(nc: NatsClient, model: str, scan: int = EXPLAIN_SCA
 
     js = nc.jetstream()
     try:
-        info = await js.stream_info(STREAM_EVENTS)
+        # the per-subject count comes with the same reply: no verdict stored means no consumer to create
+        info = await js.stream_info(STREAM_EVENTS, subjects_filter=subjects.EVENT_UNSCHEDULABLE)
     except nats.js.errors.NotFoundError:
         return None
     last = info.state.last_seq
-    if not info.state.messages:
+    if not info.state.messages or not (info.state.subjects or {}).get(subjects.EVENT_UNSCHEDULABLE):
         return None
     start = max(info.state.first_seq, last - scan + 1)
     found: UnschedulableEvent | None = None
