@@ -26,10 +26,9 @@ from services.gateway.pool import eds_document
 from services.gateway.request import Tokenize
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
-from shared.bus.messages import EngineKVEvents, EngineMetrics
 from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, Router, RouterConfig, builtin_config
-from shared.host.engine_feed import EngineFeed
+from shared.host.engine_feed import EngineFeed, expire_forever, take_kv_events, take_metrics
 
 log = logging.getLogger("gantry.gateway")
 
@@ -106,24 +105,11 @@ class Gateway:
 
     async def _on_metrics(self, msg: Msg) -> None:
         assert self.bus is not None
-        m = await self.bus.decode_or_reject(msg.subject, msg.data, EngineMetrics)
-        if m is None:
-            return
-        try:
-            self.feed.on_metrics(m, time.time())
-        except ValueError as err:  # an address Envoy could not dial
-            await self.bus.dead_letter(msg.subject, str(err), msg.data)
+        await take_metrics(self.feed, self.bus, msg, time.time())
 
     async def _on_kv(self, msg: Msg) -> None:
         assert self.bus is not None
-        ev = await self.bus.decode_or_reject(msg.subject, msg.data, EngineKVEvents)
-        if ev is not None:
-            self.feed.on_kv(ev)
-
-    async def _expire_loop(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.opts.expire_s / 2))
-            self.feed.expire(time.time())
+        await take_kv_events(self.feed, self.bus, msg)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
@@ -137,7 +123,7 @@ class Gateway:
         pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
         server.add_insecure_port(f"{self.opts.grpc_host}:{self.opts.grpc_port}")
         await server.start()
-        expire = asyncio.create_task(self._expire_loop())
+        expire = asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, time.time))
         log.info("gantry EPP on %s:%d (profile %s)", self.opts.grpc_host, self.opts.grpc_port, self.opts.profile)
         if ready is not None:
             ready.set()

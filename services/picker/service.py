@@ -19,10 +19,10 @@ from nats.aio.msg import Msg
 from services.picker.answer import answer
 from services.picker.contract import CONTRACT
 from shared.bus import subjects
-from shared.bus.messages import EngineKVEvents, EngineMetrics, PickProgress, PickReply, PickRequest, encode
+from shared.bus.messages import PickProgress, PickReply, PickRequest, encode
 from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.routing import Router, builtin_config
-from shared.host.engine_feed import EngineFeed
+from shared.host.engine_feed import EngineFeed, expire_forever, take_kv_events, take_metrics
 
 log = logging.getLogger("gantry.picker")
 
@@ -94,25 +94,12 @@ class PickerService:
     async def on_metrics(self, msg: Msg) -> None:
         """An engine's state report (joins it to the pool)."""
         assert self.bus is not None
-        m = await self.bus.decode_or_reject(msg.subject, msg.data, EngineMetrics)
-        if m is None:
-            return
-        try:
-            self.feed.on_metrics(m, self.clock())
-        except ValueError as err:  # an address nobody could dial
-            await self.bus.dead_letter(msg.subject, str(err), msg.data)
+        await take_metrics(self.feed, self.bus, msg, self.clock())
 
     async def on_kv(self, msg: Msg) -> None:
         """An engine's KV-cache events."""
         assert self.bus is not None
-        ev = await self.bus.decode_or_reject(msg.subject, msg.data, EngineKVEvents)
-        if ev is not None:
-            self.feed.on_kv(ev)
-
-    async def _expire_loop(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.opts.expire_s / 2))
-            self.feed.expire(self.clock())
+        await take_kv_events(self.feed, self.bus, msg)
 
     def _guarded(self, handler: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
         async def deliver(msg: Msg) -> None:
@@ -143,7 +130,7 @@ class PickerService:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
         nc = await self.connect()
-        expire = asyncio.create_task(self._expire_loop())
+        expire = asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, self.clock))
         log.info("gantry picker on %s (profile %s)", subjects.PICK, self.opts.profile)
         if ready is not None:
             ready.set()

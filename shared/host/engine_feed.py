@@ -10,12 +10,16 @@ messages and ``now`` come in. Nothing is scraped per request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from nats.aio.msg import Msg
+
 from shared.bus.messages import EngineKVEvents, EngineMetrics
+from shared.bus.runtime import Bus
 from shared.core.kv_events import AllBlocksCleared, KVEventBatch
 from shared.core.roles import NodeRole
 from shared.core.routing import Endpoint, EndpointMetrics, Router
@@ -120,3 +124,29 @@ class EngineFeed:
                 self._kv_seq.pop(eid, None)
             self._changed()
         return gone
+
+
+async def take_metrics(feed: EngineFeed, bus: Bus, msg: Msg, now: float) -> None:
+    """An engine's state report off the bus into ``feed``; an undecodable one or an address nobody could dial
+    goes to the dead letters."""
+    m = await bus.decode_or_reject(msg.subject, msg.data, EngineMetrics)
+    if m is None:
+        return
+    try:
+        feed.on_metrics(m, now)
+    except ValueError as err:
+        await bus.dead_letter(msg.subject, str(err), msg.data)
+
+
+async def take_kv_events(feed: EngineFeed, bus: Bus, msg: Msg) -> None:
+    """An engine's KV-cache events off the bus into ``feed`` (undecodable ones go to the dead letters)."""
+    ev = await bus.decode_or_reject(msg.subject, msg.data, EngineKVEvents)
+    if ev is not None:
+        feed.on_kv(ev)
+
+
+async def expire_forever(feed: EngineFeed, expire_s: float, clock: Callable[[], float]) -> None:
+    """Drop silent engines from ``feed`` until cancelled (checked at least every second)."""
+    while True:
+        await asyncio.sleep(min(1.0, expire_s / 2))
+        feed.expire(clock())

@@ -283,8 +283,7 @@ class SingleGpuMemo:
         w = self.columns.weights_for(work)
         assert w is not None  # ``fits`` checked the columns
         if self.scored_with is None or self.scored_with[0] is not w or self.scored_with[1] is not arrays:
-            per_gpu = arrays.host_per_gpu
-            key = (w.tobytes(), arrays.host_weight, b"" if per_gpu is None else per_gpu.tobytes())
+            key = _scoring_key(w, arrays)
             if key != self.scored_for:
                 moved = np.arange(len(self.stamp), dtype=np.int64)
             self.scored_for, self.scored_with = key, (w, arrays)
@@ -390,8 +389,7 @@ class GpuSetMemo:
         w = self.columns.weights_for(work)
         assert w is not None  # ``fits`` checked the columns
         if self.scored_with is None or self.scored_with[0] is not w or self.scored_with[1] is not arrays:
-            per_gpu = arrays.host_per_gpu
-            key = (w.tobytes(), arrays.host_weight, b"" if per_gpu is None else per_gpu.tobytes())
+            key = _scoring_key(w, arrays)
             if key != self.scored_for:
                 self.scored[:] = False
             self.scored_for, self.scored_with = key, (w, arrays)
@@ -457,3 +455,10 @@ def rows_any(mask: BoolArray) -> BoolArray:
     if word is not None and mask.dtype == np.bool_ and mask.flags.c_contiguous:
         return np.asarray(mask.view(word).ravel() != 0, dtype=np.bool_)
     return np.asarray(mask.any(axis=1), dtype=np.bool_)
+
+
+def _scoring_key(weights: FloatArray, arrays: WorkloadArrays) -> tuple[bytes, float, bytes]:
+    """What scores depend on besides the rows: the workload's weights and the host-stranding terms (by value,
+    so an equal workload rebuilt keeps the scores)."""
+    per_gpu = arrays.host_per_gpu
+    return weights.tobytes(), arrays.host_weight, b"" if per_gpu is None else per_gpu.tobytes()
