@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.adversary.chaos import ChaosConfig, RoundResult, run_chaos  # noqa: E402
+from bench.progress import Progress, add_flag  # noqa: E402
 from ops.servers import free_port  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
@@ -86,12 +87,16 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--gpus", type=int, default=4)
     p.add_argument("--no-write", action="store_true")
+    add_flag(p)
     args = p.parse_args()
     cfg = ChaosConfig(workers=args.workers, gpus=args.gpus, round_s=args.round_seconds, quiesce_s=args.quiesce,
                       seed=args.seed)
     home = Path(tempfile.mkdtemp(prefix="gantry-chaos-"))
     t0 = time.monotonic()
-    results = asyncio.run(run_chaos(home, cfg, args.rounds, free_port(), free_port()))
+    bar = Progress(args.rounds, "chaos rounds", force=args.progress)
+    bar.show("starting the stack")
+    results = asyncio.run(run_chaos(home, cfg, args.rounds, free_port(), free_port(),
+                                    on_round=lambda n: bar.step(f"round {n} done")))
     summary = totals(results, cfg)
     summary["wall_s"] = round(time.monotonic() - t0, 1)
     for r in results:

@@ -43,6 +43,7 @@ import psutil  # type: ignore[import-untyped]
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.progress import add_flag, progress  # noqa: E402
 from ops.servers import free_port  # noqa: E402
 from services.engine_server.server import ServerOptions, build_engine  # noqa: E402
 from shared.core.engine import Request  # noqa: E402
@@ -261,6 +262,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256, help="output tokens per stream")
     ap.add_argument("--streams", default="16,64,256")
     ap.add_argument("--no-write", action="store_true", help="print only (do not overwrite docs/benchmarks)")
+    add_flag(ap)
     args = ap.parse_args()
     counts = [int(x) for x in args.streams.split(",")]
     opts = ServerOptions(port=free_port(), max_num_seqs=max(256, *counts))
@@ -275,7 +277,7 @@ def main() -> None:
     try:
         _wait_up(opts.port, server)
         proc = psutil.Process(server.pid)
-        for k in range(args.runs):
+        for k in progress(range(args.runs), args.runs, "engine_server runs", args.progress):
             row = [one_run(opts.port, proc, opts, n, args.tokens, seed=1000 * k + n) for n in counts]
             runs.append(row)
             for r in row:

@@ -29,6 +29,7 @@ import nats  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
 
 from bench.adversary.fuzz import cpu_share, drained, draw, junk, payloads, publish_all, targets  # noqa: E402
+from bench.progress import Progress, add_flag  # noqa: E402
 from ops.servers import free_port  # noqa: E402
 from ops.stack import WORKERS_SERVICE, LocalStack, WorkerFleet  # noqa: E402
 from shared.bus import streams, subjects  # noqa: E402
@@ -94,12 +95,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         (inst,) = await store.instances(MODEL.name)
         assert inst.worker is not None
         per_subject: dict[str, dict[str, float]] = {}
-        for n, target in enumerate(targets(inst.worker, MODEL, inst)):
+        subjects_ = targets(inst.worker, MODEL, inst)
+        bar = Progress(len(subjects_), "fuzz subjects", force=args.progress)
+        for n, target in enumerate(subjects_):
+            bar.show(target.subject)
             t0 = time.monotonic()
             bodies = draw(payloads(target), args.per_subject, seed=args.seed * 1000 + n)
             t1 = time.monotonic()
             sent = await publish_all(nc, target, bodies, tag=f"{args.seed}-{n}")
             ok = await drained(nc, CONSUMERS, timeout=600)
+            bar.step(target.subject)
             per_subject[target.subject] = {
                 "payloads": len(bodies), "mbytes": round(sent / 1e6, 2), "draw_s": round(t1 - t0, 2),
                 "handled_s": round(time.monotonic() - t1, 2), "drained": ok,
@@ -163,6 +168,7 @@ def main() -> None:
     p.add_argument("--per-subject", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true")
+    add_flag(p)
     args = p.parse_args()
     t0 = time.monotonic()
     result = asyncio.run(run(args))

@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.progress import add_flag, progress  # noqa: E402
 from ops.envoy import SERVED, EnvoyOptions, start_envoy  # noqa: E402
 from ops.servers import free_port, start_nats  # noqa: E402
 
@@ -159,6 +160,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--drive-picks", type=int, default=0, help=argparse.SUPPRESS)
+    add_flag(p)
     a = p.parse_args()
     if a.drive_picks:
         drive_picks(a.drive_picks, a.streams, a.seconds)
@@ -196,7 +198,7 @@ def main() -> None:
                 raise RuntimeError("gateway never routed a request")
             time.sleep(0.2)
         runs: list[dict[str, float]] = []
-        for run in range(a.runs):
+        for run in progress(range(a.runs), a.runs, "gateway runs (direct vs via Envoy)", a.progress):
             res: dict[str, float] = {}
             for name, url in (("direct", direct), ("gateway", envoy.url)):
                 lat, err = asyncio.run(open_loop(url, a.rate, a.seconds, run * 100_000))
@@ -210,7 +212,7 @@ def main() -> None:
             runs.append(res)
         pick_runs: list[dict[str, float]] = []
         ps = psutil.Process(picker.pid)
-        for run in range(a.runs):
+        for run in progress(range(a.runs), a.runs, "gateway picker runs", a.progress):
             c0 = ps.cpu_times()
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--drive-picks", str(epp_port), "--streams",

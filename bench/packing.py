@@ -31,6 +31,7 @@ from packing_lib.optimal import OptimalityRow, evaluate
 from packing_lib.replay import replay
 from packing_lib.trace import POD_LISTS, inflate, load_nodes, load_pods
 
+from bench.progress import add_flag, progress
 from shared.core.placement.scorers.fragmentation import HOST_WEIGHT
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite packing.md and PNGs from packing.json")
     parser.add_argument("--pod-lists", help="comma-separated pod lists only (a check: prints, writes nothing)")
     parser.add_argument("--strategies", help="comma-separated strategies only (a check: prints, writes nothing)")
+    add_flag(parser)
     args = parser.parse_args(argv)
     if args.pod_lists or args.strategies:
         check(args)
@@ -177,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         trace_futures = [pool.submit(run_trace, j) for j in jobs]
         opt_futures = [pool.submit(run_optimality, (s, False)) for s in range(n_inst)]
         mixed_futures = [pool.submit(run_optimality, (10_000 + s, True)) for s in range(n_mixed)]
+        every = [*trace_futures, *opt_futures, *mixed_futures]
+        for future in progress(every, len(every), "packing replays and optimality instances", args.progress):
+            future.result()  # in submission order: a step is one result in
         runs = [f.result() for f in trace_futures]
         rows = [f.result() for f in opt_futures]
         mixed_rows = [f.result() for f in mixed_futures]

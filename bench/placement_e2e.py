@@ -53,6 +53,7 @@ import nats  # noqa: E402
 import psutil  # noqa: E402
 import uvloop  # noqa: E402
 
+from bench.progress import add_flag, progress  # noqa: E402
 from ops.servers import free_port  # noqa: E402
 from ops.stack import WORKERS_SERVICE, LocalStack, WorkerFleet  # noqa: E402
 from shared.bus import subjects  # noqa: E402
@@ -365,9 +366,10 @@ def main() -> None:
                    help="run the fleet and the driver at the services' CPU priority (default: lower)")
     p.add_argument("--keep", action="store_true", help="keep each run's directory (servers' data, services' logs)")
     p.add_argument("--profile", type=Path, default=None, help="write py-spy collapsed stacks per process here")
+    add_flag(p)
     args = p.parse_args()
     runs = []
-    for run in range(args.runs):
+    for run in progress(range(args.runs), args.runs, "placement_e2e runs", args.progress):
         r = uvloop.run(one_run(args, run))
         print(json.dumps({k: v for k, v in r.items() if "latencies" not in k}), flush=True)
         runs.append(r)

@@ -47,6 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.progress import Progress, add_flag  # noqa: E402
 from ops.cli.simulate import build_cluster  # noqa: E402
 from shared.core.engine import KVLink  # noqa: E402
 from shared.core.queueing import Output, PullBudget, QueuedRequest, SchedulerParams  # noqa: E402
@@ -482,6 +483,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests and seeds (a smoke run)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the stored JSON")
+    add_flag(ap)
     args = ap.parse_args()
     if args.report_only:
         stored = json.loads((OUT / "queueing.json").read_text())
@@ -491,11 +493,18 @@ def main() -> None:
         return
     seeds = [0] if args.quick else [0, 1, 2]
     limit = 600 if args.quick else 3000
+    bar = Progress(4, "queueing phases", force=args.progress)
+    bar.show("imbalance")
+    phases: dict[str, Any] = {"imbalance": imbalance(seeds, limit, scale=8.0)}
+    bar.step("pd split")
+    phases["pd"] = pd_split(seeds, limit, code_scale=8.0, decode_rate=60.0)
+    bar.step("real time (pool emulators)")
+    phases["realtime"] = realtime(1 if args.quick else 3, 200 if args.quick else 600, rate=90.0)
+    bar.step("real time (engine servers)")
+    phases["realtime_engines"] = realtime_engines(1 if args.quick else 3, 150 if args.quick else 400, rate=40.0)
+    bar.step()
     result: dict[str, Any] = {
-        "imbalance": imbalance(seeds, limit, scale=8.0),
-        "pd": pd_split(seeds, limit, code_scale=8.0, decode_rate=60.0),
-        "realtime": realtime(1 if args.quick else 3, 200 if args.quick else 600, rate=90.0),
-        "realtime_engines": realtime_engines(1 if args.quick else 3, 150 if args.quick else 400, rate=40.0),
+        **phases,
         "machine": "shared 2-core VM, several agents running: real-time figures are noisy",
     }
     result["verdicts"] = verdicts(result)

@@ -43,6 +43,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.progress import add_flag, progress  # noqa: E402
 from ops.cli.simulate import build_cluster  # noqa: E402
 from shared.core.sim import TraceRequest, make_router, simulate  # noqa: E402
 from shared.core.sim.gantry import GantryRouter  # noqa: E402
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="a trace file (e.g. captured by the gateway's --capture): "
                     "replayed as the workload 'trace' (add it to --workloads)")
     ap.add_argument("--requests", type=int, default=4000, help="requests per workload (Mooncake has 3,993)")
+    add_flag(ap)
     args = ap.parse_args()
     n = 600 if args.quick else args.requests
     workloads = {
@@ -132,7 +134,8 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown workloads {unknown} (known: {', '.join(workloads)}; 'trace' needs --trace)")
     results: dict[str, dict[str, Any]] = {}
-    for wl in args.workloads.split(","):
+    names = args.workloads.split(",")
+    for wl in progress(names, len(names), "routing_quality workloads", args.progress):
         trace = workloads[wl]()
         results[wl] = {}
         for router in args.routers.split(","):

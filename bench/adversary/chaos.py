@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,8 +401,12 @@ def chaos_stack(home: Path, cfg: ChaosConfig, nats_port: int, redis_port: int) -
     return LocalStack(chaos_settings(nats_port, redis_port), fleet, home=home)
 
 
-async def run_chaos(home: Path, cfg: ChaosConfig, rounds: int, nats_port: int, redis_port: int) -> list[RoundResult]:
-    """Start a chaos stack, wait for the fleet, run ``rounds`` rounds, stop; each round's result."""
+async def run_chaos(
+    home: Path, cfg: ChaosConfig, rounds: int, nats_port: int, redis_port: int,
+    on_round: Callable[[int], None] | None = None,
+) -> list[RoundResult]:
+    """Start a chaos stack, wait for the fleet, run ``rounds`` rounds, stop; each round's result (``on_round``
+    is told each round's number as it ends: the bench's progress)."""
     stack = await asyncio.to_thread(chaos_stack(home, cfg, nats_port, redis_port).start)
     chaos = Chaos(stack, cfg)
     try:
@@ -412,7 +416,12 @@ async def run_chaos(home: Path, cfg: ChaosConfig, rounds: int, nats_port: int, r
             if time.monotonic() > deadline:
                 raise RuntimeError("the fleet did not register")
             await asyncio.sleep(0.2)
-        return [await chaos.run_round(n) for n in range(rounds)]
+        results = []
+        for n in range(rounds):
+            results.append(await chaos.run_round(n))
+            if on_round is not None:
+                on_round(n)
+        return results
     finally:
         await chaos.close()
         await asyncio.to_thread(stack.stop, 10.0)

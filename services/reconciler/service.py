@@ -105,6 +105,7 @@ class Reconciler(PlacementService):
         self.requested: dict[str, float] = {}  # instance id -> when this process last requested it
         self.seen_placed: dict[str, float] = {}  # instance id -> when first seen committed
         self.last_change = float("-inf")
+        self.listening_since = float("-inf")  # set at start: heartbeats before it went unheard here
         self._tasks: set[asyncio.Task[None]] = set()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.writer = StateWriter(self)
@@ -156,6 +157,9 @@ class Reconciler(PlacementService):
 
     async def started(self) -> None:
         """Load specs, listen for cluster changes, start the state writer and the periodic checks."""
+        # Heartbeats are subscribed to by now; the seen times loaded from Redis may be stale (this process's
+        # writer stores them), so silence is counted from here at the earliest.
+        self.listening_since = self.clock()
         self.specs = await self.store.models()
         self.feed.listeners.append(self._on_cluster_change)
         self.writer.start()
@@ -189,6 +193,7 @@ class Reconciler(PlacementService):
             last_seen=dict(feed.last_seen),
             cordoned=frozenset(c for c in feed.cordons if ":" not in c),
             changed_at=self.last_change,
+            listening_since=self.listening_since,
         )
 
     async def spec_of(self, model: str, command: ModelSpec | None = None) -> ModelSpec | None:

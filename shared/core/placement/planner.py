@@ -56,11 +56,20 @@ class Want:
 class Cluster:
     """What the planner needs of the cluster: every known worker's last heartbeat and cordon, and when the
     latest change that can make room happened (a worker joined, recovered or was uncordoned, claims were
-    released, inventory grew)."""
+    released, inventory grew), and since when the deciding process has been listening for heartbeats."""
 
     last_seen: Mapping[str, float] = field(default_factory=dict)
     cordoned: frozenset[str] = frozenset()
     changed_at: float = -INF
+    # A worker's silence counts from this time at the earliest: before it, this process heard no heartbeats
+    # and the stored last-seen times went stale (the state writer that records them restarts with it), so
+    # after a restart a live worker is not taken for lost before it has had the time to be heard.
+    listening_since: float = -INF
+
+    def silent(self, worker: str, now: float) -> float:
+        """Seconds ``worker`` has been silent as this process can tell (infinite when it was never heard)."""
+        seen = self.last_seen.get(worker)
+        return silent_for(None if seen is None else max(seen, self.listening_since), now)
 
     def state(self, worker: str, now: float, not_ready_after: float) -> WorkerState:
         """The worker's liveness as every process judges it (an unknown worker is NOT_READY)."""
@@ -276,9 +285,8 @@ def _liveness(
     """Replicas on a worker silent past ``not_ready_after + reschedule_after`` (or never heard) are lost and
     replaced; lost replicas whose worker is back are deleted from it (their claims were released already)."""
     limit = t.not_ready_after + t.reschedule_after
-    seen = cluster.last_seen
     # Alive: heard within the limit. Checked per placed replica, so kept to one set lookup per worker.
-    alive = {w for w, at in seen.items() if now - at <= limit}
+    alive = {w for w in cluster.last_seen if cluster.silent(w, now) <= limit}
     for state in ON_WORKER | {S.ERROR}:  # the order does not matter: the builder sorts
         for inst in by_state.get(state, ()):
             on_lost = (inst.worker is not None and inst.worker not in alive) or (
@@ -464,7 +472,7 @@ def _pending_retries(
 def _forget_workers(b: _Builder, instances: Sequence[Instance], cluster: Cluster, now: float, t: Timings) -> None:
     """A worker silent past ``forget_after`` leaves the state once nothing placed on it holds claims: its lost
     (UNREACHABLE) records go with it."""
-    old = {w for w, seen in cluster.last_seen.items() if silent_for(seen, now) > t.forget_after}
+    old = {w for w in cluster.last_seen if cluster.silent(w, now) > t.forget_after}
     if not old:
         return
     holding: set[str] = set()
