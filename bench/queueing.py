@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from shared.core.engine import KVLink  # noqa: E402
 from shared.core.queueing import Output, PullBudget, QueuedRequest, SchedulerParams  # noqa: E402
 from shared.core.sim import BrokeredSpec, ClusterSpec, simulate_brokered  # noqa: E402
 from shared.core.sim.workload import TraceRequest  # noqa: E402
+from shared.host.tasks import cancel_until_done  # noqa: E402
 from shared.traces import load_trace  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
@@ -171,6 +173,52 @@ async def _serve(b: Any, stop: asyncio.Event, rng: random.Random, waits: list[fl
             await b.put_results([Output(request_id=r.request_id, seq=0, num_tokens=1, finished=True)])
 
 
+Once = Callable[[str, str, bool, int, float, int], Awaitable[dict[str, Any]]]
+
+
+def _modes_on_redis(once: Once, runs: int, n: int, rate: float) -> dict[str, Any]:
+    """Medians of ``runs`` runs of ``once`` per mode (local, global, global with node 0 killed) on one Redis."""
+    from ops.servers import start_redis
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_redis(Path(tmp))
+        try:
+            url = server.url.rsplit("/", 1)[0] + "/7"
+            rows: dict[str, Any] = {}
+            for name, mode, kill in (("local", "local", False), ("global", "global", False),
+                                     ("global, node 0 killed", "global", True)):
+                rows[name] = median_rows([asyncio.run(once(url, mode, kill, n, rate, seed)) for seed in range(runs)])
+        finally:
+            server.stop()
+    return rows
+
+
+async def _finals(brokers: list[Any], reader: Any, expected: int) -> Counter[str]:
+    """Final answers per request id, read from every origin's result list (bounded wait)."""
+    finals: Counter[str] = Counter()
+    deadline = time.time() + 120
+    while time.time() < deadline and len(finals) < expected:
+        for b in brokers:
+            for o in await reader.results_of(b.node):
+                if o.finished:
+                    finals[o.request_id] += 1
+        await asyncio.sleep(0.05)
+    return finals
+
+
+def _accounting(ids: list[str], finals: Counter[str], waits: list[float], brokers: list[Any], wall: float,
+                cpu: float) -> dict[str, Any]:
+    """Request-id accounting (lost, duplicated) and queue-wait quantiles of one run."""
+    ordered = sorted(waits)
+
+    def q(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else 0.0
+    return {"lost": len(set(ids) - set(finals)), "duplicated": sum(1 for v in finals.values() if v > 1),
+            "answered": len(finals), "queue_p50_s": q(0.5), "queue_p99_s": q(0.99),
+            "stolen": sum(b.stats.stolen for b in brokers), "recovered": sum(b.stats.recovered for b in brokers),
+            "wall_s": wall, "cpu_s": cpu}
+
+
 async def _when_serving(b: Any, timeout_s: float = 5.0) -> None:
     """Wait (bounded) until the node holds leases, so a kill catches requests in flight."""
     until = time.time() + timeout_s
@@ -202,44 +250,18 @@ async def _realtime_once(url: str, mode: str, kill: bool, n: int, rate: float, s
         ids.append(rid)
         if kill and k == n // 2:
             await _when_serving(nodes[0])
-            tasks[0].cancel()
+            await cancel_until_done(tasks[:1], every=0.05)
         await asyncio.sleep(rng.expovariate(rate))
-    finals: Counter[str] = Counter()
-    deadline = time.time() + 120
-    while time.time() < deadline and len(finals) < len(ids):
-        for b in nodes:
-            for o in await nodes[1].results_of(b.node):
-                if o.finished:
-                    finals[o.request_id] += 1
-        await asyncio.sleep(0.05)
+    finals = await _finals(nodes, nodes[1], len(ids))
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     await r.aclose()
-    all_waits = sorted(w for ws in waits for w in ws)
-
-    def q(p: float) -> float:
-        return all_waits[min(len(all_waits) - 1, int(p * len(all_waits)))] if all_waits else 0.0
-    return {"lost": len(set(ids) - set(finals)), "duplicated": sum(1 for v in finals.values() if v > 1),
-            "answered": len(finals), "queue_p50_s": q(0.5), "queue_p99_s": q(0.99),
-            "stolen": sum(b.stats.stolen for b in nodes), "recovered": sum(b.stats.recovered for b in nodes),
-            "wall_s": wall, "cpu_s": cpu}
+    return _accounting(ids, finals, [w for ws in waits for w in ws], nodes, wall, cpu)
 
 
 def realtime(runs: int, n: int, rate: float) -> dict[str, Any]:
-    from ops.servers import start_redis
-
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_redis(Path(tmp))
-        try:
-            url = server.url.rsplit("/", 1)[0] + "/7"
-            rows: dict[str, Any] = {}
-            for name, mode, kill in (("local", "local", False), ("global", "global", False),
-                                     ("global, node 0 killed", "global", True)):
-                rs = [asyncio.run(_realtime_once(url, mode, kill, n, rate, seed)) for seed in range(runs)]
-                rows[name] = median_rows(rs)
-        finally:
-            server.stop()
+    rows = _modes_on_redis(_realtime_once, runs, n, rate)
     return {"setup": {"nodes": NODES, "requests": n, "rate_rps": rate, "service_mean_s": 0.02, "skew": 0.8,
                       "runs": runs}, "rows": rows}
 
@@ -274,44 +296,19 @@ async def _engines_once(url: str, mode: str, kill: bool, n: int, rate: float, se
         ids.append(rid)
         if kill and k == n // 2:
             await _when_serving(nodes[0].broker)
-            tasks[0].cancel()
+            await cancel_until_done(tasks[:1], every=0.05)
         await asyncio.sleep(rng.expovariate(rate))
-    finals: Counter[str] = Counter()
-    deadline = time.time() + 120
-    while time.time() < deadline and len(finals) < len(ids):
-        for nd in nodes:
-            for o in await nodes[1].broker.results_of(nd.broker.node):
-                if o.finished:
-                    finals[o.request_id] += 1
-        await asyncio.sleep(0.05)
+    brokers = [nd.broker for nd in nodes]
+    finals = await _finals(brokers, brokers[1], len(ids))
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     await r.aclose()
-    waits = sorted(w for nd in nodes for w in nd.queue_waits)
-
-    def q(p: float) -> float:
-        return waits[min(len(waits) - 1, int(p * len(waits)))] if waits else 0.0
-    return {"lost": len(set(ids) - set(finals)), "duplicated": sum(1 for v in finals.values() if v > 1),
-            "answered": len(finals), "queue_p50_s": q(0.5), "queue_p99_s": q(0.99),
-            "stolen": sum(nd.broker.stats.stolen for nd in nodes),
-            "recovered": sum(nd.broker.stats.recovered for nd in nodes), "wall_s": wall, "cpu_s": cpu}
+    return _accounting(ids, finals, [w for nd in nodes for w in nd.queue_waits], brokers, wall, cpu)
 
 
 def realtime_engines(runs: int, n: int, rate: float) -> dict[str, Any]:
-    from ops.servers import start_redis
-
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_redis(Path(tmp))
-        try:
-            url = server.url.rsplit("/", 1)[0] + "/7"
-            rows: dict[str, Any] = {}
-            for name, mode, kill in (("local", "local", False), ("global", "global", False),
-                                     ("global, node 0 killed", "global", True)):
-                rs = [asyncio.run(_engines_once(url, mode, kill, n, rate, seed)) for seed in range(runs)]
-                rows[name] = median_rows(rs)
-        finally:
-            server.stop()
+    rows = _modes_on_redis(_engines_once, runs, n, rate)
     return {"setup": {"nodes": NODES, "requests": n, "rate_rps": rate, "skew": 0.8, "runs": runs,
                       "engine": "emulated engine core, calibrated step 10 ms, max_num_seqs 4, 128-token prompts, "
                                 "20 output tokens (BrokerNode)"}, "rows": rows}
