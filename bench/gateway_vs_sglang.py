@@ -56,7 +56,7 @@ import psutil  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from ops.envoy import SERVED, EnvoyOptions, start_envoy  # noqa: E402
-from ops.servers import ServerProcess, free_port, start_nats  # noqa: E402
+from ops.servers import ServerProcess, free_port, start_nats, stop_processes, wait_http  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
 MODEL = "bench-model"
@@ -108,33 +108,6 @@ def requests_of(w: Workload) -> list[tuple[float, dict[str, Any]]]:
 
 # -- processes -----------------------------------------------------------------------------------------
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not come up")
-        time.sleep(0.2)
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-
-
 @dataclass
 class Engines:
     """The emulated engine servers of one run."""
@@ -159,10 +132,10 @@ def engines(nats_url: str, n: int, blocks: int, logdir: Path) -> Iterator[Engine
                     cwd=REPO, stdout=fh, stderr=subprocess.STDOUT))
             urls.append(f"http://127.0.0.1:{port}")
         for url, p in zip(urls, procs, strict=True):
-            _wait_http(f"{url}/health", p)
+            wait_http(f"{url}/health", p)
         yield Engines(urls, procs)
     finally:
-        _stop(procs)
+        stop_processes(procs)
 
 
 @dataclass
@@ -212,7 +185,7 @@ def gantry_front(nats_url: str, replicas: int, workdir: Path, staleness_s: float
     finally:
         if envoy is not None:
             envoy.stop()
-        _stop(procs)
+        stop_processes(procs)
 
 
 @contextmanager
@@ -229,7 +202,7 @@ def sglang_front(engine_urls: list[str], policy: str, workdir: Path) -> Iterator
         _probe(url)
         yield Front(url, [proc.pid])
     finally:
-        _stop([proc])
+        stop_processes([proc])
 
 
 # -- server-side figures -------------------------------------------------------------------------------

@@ -18,23 +18,9 @@ from types import FrameType
 import httpx
 
 from ops.envoy import EnvoyOptions, start_envoy
-from ops.servers import ServerProcess, ServerStartError, free_port, start_nats
+from ops.servers import ServerProcess, ServerStartError, free_port, start_nats, stop_processes, wait_http
 
 MODEL = "demo-model"
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise ServerStartError(f"{proc.args!r} exited with {proc.returncode}")
-        time.sleep(0.2)
-    raise ServerStartError(f"{url} did not come up in {timeout:.0f} s")
 
 
 def _wait_routable(url: str, picker: subprocess.Popen[bytes], timeout: float = 90) -> None:
@@ -83,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                 [sys.executable, "-m", "services.engine_server", "--port", str(port), "--served-model-name", MODEL,
                  "--nats-url", nats.url, "--instance-id", f"engine-{i}", "--disable-uvicorn-access-log"],
                 stdout=logs, stderr=subprocess.STDOUT))
-            _wait(f"http://127.0.0.1:{port}/health", procs[-1])
+            wait_http(f"http://127.0.0.1:{port}/health", procs[-1])
         eds = (a.workdir / "eds" / "engines.json").resolve()
         epp = free_port()
         extra = ["--capture", str(a.capture)] if a.capture else []
@@ -107,14 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        for pr in procs:
-            if pr.poll() is None:
-                pr.terminate()
-        for pr in procs:
-            try:
-                pr.wait(5)
-            except subprocess.TimeoutExpired:
-                pr.kill()
+        stop_processes(procs)
         for s in reversed(servers):
             s.stop()
 

@@ -177,3 +177,33 @@ def start_redis(
     if auth is not None:
         url = auth.url(url, "admin")
     return ServerProcess("redis", url, port, proc, log, auth)
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Until ``url`` answers below 500; raises ServerStartError when ``proc`` exits first or time runs out."""
+    import httpx  # only the callers that start HTTP servers pay for it
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise ServerStartError(f"{proc.args!r} exited with {proc.returncode}")
+        time.sleep(0.2)
+    raise ServerStartError(f"{url} did not come up in {timeout:.0f} s")
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
+    """SIGTERM every process still running, then wait for each; one that ignores it past ``grace_s`` is killed."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(grace_s)
