@@ -23,6 +23,8 @@ async def cancel_until_done(tasks: Iterable[asyncio.Task[Any]], timeout: float |
 
     The interval leaves a task that honours its cancellation time to finish its cleanup undisturbed.
     """
+    if not every > 0:
+        raise ValueError(f"the re-cancel interval must be > 0 s (got {every})")
     pending = {t for t in tasks if not t.done()}
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout

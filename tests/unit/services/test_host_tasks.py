@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
+
+import pytest
 
 from shared.host.tasks import cancel_until_done
 
@@ -66,3 +69,12 @@ async def test_tasks_already_done_and_an_empty_list_return_at_once() -> None:
     await done
     assert await cancel_until_done([done]) == set()
     assert await cancel_until_done([]) == set()
+
+
+@pytest.mark.parametrize("every", [0.0, -1.0, math.nan])
+async def test_an_interval_that_is_not_positive_is_refused_before_anything_is_cancelled(every: float) -> None:
+    task = asyncio.create_task(asyncio.sleep(3600))
+    with pytest.raises(ValueError, match="interval"):
+        await cancel_until_done([task], every=every)
+    assert not task.done()
+    task.cancel()
