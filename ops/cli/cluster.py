@@ -519,8 +519,12 @@ async def _replay(
     try:
         # A bounded read ends as soon as the consumer has nothing left that matches ``subject``: ``until`` is the
         # stream's last sequence over all subjects, which a filtered read may never reach (that cost one ``idle``).
-        if until is not None and (await sub.consumer_info()).num_pending == 0:
-            return
+        # Pushed messages already waiting in the client count as delivered, not pending: nothing matches only
+        # when none is pending and none was delivered.
+        if until is not None:
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
+                return
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle)
