@@ -47,6 +47,9 @@ class StateWriter:
         self.service = service
         self.flush_s = flush_s
         self.registrations: dict[str, Worker] = {}
+        # registrations a newer one of the same worker replaced before a flush: never stored, but still judged, so
+        # a bad one is dead-lettered although its worker's genuine registration came right after it
+        self.superseded: list[Worker] = []
         self.beats: dict[str, tuple[Heartbeat, float]] = {}
         self.files: dict[tuple[str, str], ModelFile] = {}
         self._task: asyncio.Task[None] | None = None
@@ -64,6 +67,9 @@ class StateWriter:
             if reason:
                 await svc.bus.dead_letter(subjects.REGISTER, reason, body)
                 return
+            replaced = self.registrations.get(reg.worker.name)
+            if replaced is not None and replaced != reg.worker:
+                self.superseded.append(replaced)
             self.registrations[reg.worker.name] = reg.worker
 
         async def on_heartbeat(body: bytes, sender: str) -> None:
@@ -134,6 +140,17 @@ class StateWriter:
                 await self.refuse(worker, f"register {name}: {verdicts[name].removeprefix('held:')} holds claims")
         return out
 
+    async def judge_superseded(self, workers: list[Worker]) -> None:
+        """Dead-letter each replaced registration that would have been refused against the stored record."""
+        if not workers:
+            return
+        held = await self.service.store.held(list(dict.fromkeys(w.name for w in workers)))
+        for new in workers:
+            h = held.get(new.name)
+            reason = check_inventory_change(h.worker, new, h.gpus, h.ram) if h is not None else None
+            if reason:
+                await self.refuse(new, reason)
+
     async def refuse(self, worker: Worker, reason: str) -> None:
         """Dead-letter a registration the state keeps out."""
         await self.service.bus.dead_letter(subjects.REGISTER, reason, encode(WorkerRegistration(worker=worker)))
@@ -179,9 +196,11 @@ class StateWriter:
         """Write everything buffered since the last flush (a few pipelined round trips)."""
         store = self.service.store
         regs, self.registrations = self.registrations, {}
+        superseded, self.superseded = self.superseded, []
         beats, self.beats = self.beats, {}
         files, self.files = self.files, {}
         try:
+            await self.judge_superseded(superseded)
             revisions = await self.store_registrations(regs) if regs else {}
             await store.record_heartbeats(list(beats.values()))
             await store.set_model_files(files.values())
@@ -189,6 +208,7 @@ class StateWriter:
             # Keep what we had (newer reports win) and retry on the next flush.
             for k, v in regs.items():
                 self.registrations.setdefault(k, v)
+            self.superseded[:0] = superseded
             for k2, b in beats.items():
                 self.beats.setdefault(k2, b)
             for k3, f in files.items():

@@ -130,6 +130,24 @@ async def test_a_worker_cannot_change_a_gpu_it_holds_claims_on(stack: Stack) -> 
         await nc.close()
 
 
+async def test_a_forged_registration_followed_at_once_by_the_genuine_one_is_still_dead_lettered(stack: Stack) -> None:
+    await start(stack)
+    await stack.scale(BIG, 2)
+    await wait_until(lambda: settled(stack, "big", 2, 0), 30, "2 RUNNING")
+    real = Worker(name="w0", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=1024 * GIB)
+    nc, _ = await connect_as(stack, "worker-w0")
+    try:
+        # both land in one writer batch: the genuine one replaces the forged one there, which must not hide it
+        await nc.publish(subjects.worker_register("w0"), encode(WorkerRegistration(worker=huge_worker("w0"))))
+        await nc.publish(subjects.worker_register("w0"), encode(WorkerRegistration(worker=real)))
+        await nc.flush()
+        await wait_until(lambda: _dead_letter(stack, "while it holds claims"), 10, "inventory-change dead letter")
+        assert await stack.store.r.hget(Keys.gpu_cap, gpu_field("w0", 0)) == str(80 * GIB).encode()
+        assert await stack.store.overbooked() == []
+    finally:
+        await nc.close()
+
+
 async def test_a_direct_redis_write_of_the_ledger_is_refused(stack: Stack) -> None:
     await start(stack)
     creds: Credentials | None = stack.launcher.credentials
