@@ -13,16 +13,12 @@ most 1,000 instances.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.paths import runtime_dir
+from shared.envsettings import CREDENTIALS_FILE, credentials_path, identity_secret, with_user
 
-CREDENTIALS_FILE = "credentials.json"
+__all__ = ["CREDENTIALS_FILE", "Settings", "load_settings"]
 
 
 class Settings(BaseSettings):
@@ -88,28 +84,11 @@ class Settings(BaseSettings):
         # URLs that name a user keep it (explicit wins); otherwise the identity's secret from the file.
         if not self.identity:
             return self
-        secret = _secret(Path(self.credentials_file) if self.credentials_file else runtime_dir() / CREDENTIALS_FILE,
-                         self.identity)
+        secret = identity_secret(credentials_path(self.credentials_file), self.identity)
         if secret is not None:
-            self.nats_url = _with_user(self.nats_url, self.identity, secret)
-            self.redis_url = _with_user(self.redis_url, self.identity, secret)
+            self.nats_url = with_user(self.nats_url, self.identity, secret)
+            self.redis_url = with_user(self.redis_url, self.identity, secret)
         return self
-
-
-def _secret(path: Path, identity: str) -> str | None:
-    try:
-        found = json.loads(path.read_text()).get("identities", {}).get(identity)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return found if isinstance(found, str) else None
-
-
-def _with_user(url: str, user: str, secret: str) -> str:
-    parts = urlsplit(url)
-    if parts.username or not parts.hostname:
-        return url
-    netloc = f"{user}:{secret}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def load_settings() -> Settings:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from ops.cli.common import connect_nats
+from ops.cli.connect import connect_nats
 from ops.cli.errors import CliError
 from ops.cli.inputs import read_input_file, worker_name
 from ops.view import ClusterSnapshot, ModelView
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the bus messages load numpy (columns): only commands that s
     import redis.asyncio as aioredis
     from nats.aio.client import Client as NatsClient
 
+    from ops.cli.connect import AnySettings
     from shared.bus.messages import CordonCommand, Message, RemoveWorkerCommand, ScaleCommand
     from shared.core.placement.planner import WorkerRemoval
     from shared.settings import Settings
@@ -44,7 +45,7 @@ def worker_state(worker: Worker, now: float, not_ready_after: float) -> WorkerSt
 
 
 async def read_snapshot(
-    redis: aioredis.Redis, settings: Settings, model: str | None = None, now: float | None = None
+    redis: aioredis.Redis, settings: AnySettings, model: str | None = None, now: float | None = None
 ) -> ClusterSnapshot:
     """Workers (with liveness at ``now``), instances and models, read from the state layer."""
     store = StateStore(redis)
@@ -249,7 +250,7 @@ async def send_cordon(nc: NatsClient, command: CordonCommand) -> int:
 async def deploy_files(settings: Settings, files: Iterable[Path], confirm_timeout: float = 15.0) -> list[ModelSpec]:
     """Validate every file first, publish one scale command per model (with its spec), and return once
     the reconciler has recorded every spec, so a `gantry scale` right after a deploy finds the model."""
-    from ops.cli.common import connect_redis
+    from ops.cli.connect import connect_redis
 
     specs = [load_spec(path) for path in files]
     redis = await connect_redis(settings)
@@ -307,7 +308,7 @@ async def with_both(
     settings: Settings, fn: Callable[[NatsClient, aioredis.Redis], Awaitable[object]]
 ) -> object:
     """Run ``fn`` with a NATS and a Redis connection, closing both afterwards."""
-    from ops.cli.common import connect_redis
+    from ops.cli.connect import connect_redis
 
     redis = await connect_redis(settings)
     try:

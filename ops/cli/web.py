@@ -197,8 +197,8 @@ class Reader:
         """The newest ``count`` events of the event stream, newest first, formatted as `gantry events` does."""
         import nats.js.errors
 
-        from ops.cli.cluster import _replay
         from ops.cli.common import connect_nats
+        from ops.cli.reads import _replay
         from ops.events import decode_events, format_event
         from shared.bus import subjects
         from shared.bus.streams import STREAM_EVENTS
