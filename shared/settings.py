@@ -1,7 +1,8 @@
 """Connection and timing settings shared by every service, the CLI and the local stack.
 
 Read from the environment (prefix ``GANTRY_``) so that ``gantry up``, docker-compose and the test
-fixtures configure processes the same way.
+fixtures configure processes the same way. ``shared.envsettings`` reads the same fields without pydantic for
+the CLI's read commands (a unit test holds the two declarations equal): a field added here goes there too.
 
 Input limits are not settings: they are part of the message schema, declared once in
 ``shared/core/limits.py`` and enforced at every boundary. Their defaults, documented there and in

@@ -26,7 +26,7 @@ from ops.cli.client import (
 from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, run
 from ops.cli.errors import CliError, Interrupted
 from ops.cli.inputs import event_count, model_name, replica_count
-from ops.cli.reads import Stored, _replay
+from ops.cli.reads import Stored, replay
 from ops.view import ClusterSnapshot, state_counts
 from shared.bus import subjects
 from shared.core.limits import bad_worker_name
@@ -390,7 +390,7 @@ async def _print_events(
     while last and info.state.messages and end >= first:
         start = max(first, end - window + 1)
         history = [
-            (stored, e) async for stored in _replay(js, subject, start, until=end, stream=stream)
+            (stored, e) async for stored in replay(js, subject, start, until=end, stream=stream)
             for e in matching(stored)
         ]
         if len(history) >= last or start == first or window >= EVENTS_SCAN:
@@ -405,7 +405,7 @@ async def _print_events(
     def following() -> None:
         typer.echo("following events; Ctrl-C to stop", err=True)
 
-    async for stored in _replay(js, subject, end + 1, until=None, stream=stream, on_ready=following):
+    async for stored in replay(js, subject, end + 1, until=None, stream=stream, on_ready=following):
         for event in matching(stored):
             show(stored, event)
     return len(history)

@@ -226,7 +226,7 @@ async def last_unschedulable(nc: NatsClient, model: str, scan: int = EXPLAIN_SCA
         return None
     start = max(info.state.first_seq, last - scan + 1)
     found: UnschedulableEvent | None = None
-    async for stored in _replay(js, subjects.EVENT_UNSCHEDULABLE, start, until=last, stream=STREAM_EVENTS):
+    async for stored in replay(js, subjects.EVENT_UNSCHEDULABLE, start, until=last, stream=STREAM_EVENTS):
         for event in decode_events(stored.subject, stored.data):
             if isinstance(event, UnschedulableEvent) and event.model == model:
                 found = event
@@ -242,7 +242,7 @@ class Stored(NamedTuple):
     at: float
 
 
-async def _replay(
+async def replay(
     js: Any, subject: str, start: int, until: int | None, stream: str, idle: float = 0.5,
     on_ready: Callable[[], None] | None = None,
 ) -> AsyncIterator[Stored]:
