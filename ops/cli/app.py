@@ -16,9 +16,9 @@ from typer._click import core as click
 from typer._click import exceptions as click_errors
 from typer.core import TyperGroup
 
-from ops.cli.connect import echo
 from ops.cli.errors import CliError
 from ops.cli.main import COMMANDS
+from ops.cli.output import echo
 
 
 class LazyGroup(TyperGroup):

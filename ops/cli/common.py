@@ -16,7 +16,6 @@ from ops.cli.connect import (
     connect_redis,
     connection_settings,
     console,
-    echo,
     import_nats,
     load,
     print_json,
@@ -24,6 +23,7 @@ from ops.cli.connect import (
     run_async,
 )
 from ops.cli.errors import Interrupted
+from ops.cli.output import echo
 
 __all__ = [
     "CONNECT_TIMEOUT_S", "STACK_HINT", "JsonFlag", "NatsUrl", "RedisUrl", "connect_nats", "connect_redis",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from ops.cli.errors import CliError, Interrupted
+from ops.cli.output import echo
 from shared.paths import runtime_dir
 
 if TYPE_CHECKING:  # imported where used: a CLI call loads only what its command needs (issue 17)
@@ -171,19 +172,6 @@ def run_async(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 async def _as_coro(coro_fn: Callable[[], Awaitable[T]]) -> T:
     return await coro_fn()
-
-
-def echo(text: str, err: bool = False) -> None:
-    """``typer.echo(text, err=err)``: plain ASCII text is written and flushed as typer would, without loading
-    typer; anything else (non-ASCII, escape codes, which typer strips off a non-terminal) goes through typer."""
-    if text.isascii() and "\x1b" not in text:
-        stream = sys.stderr if err else sys.stdout
-        stream.write(text + "\n")
-        stream.flush()
-        return
-    import typer
-
-    typer.echo(text, err=err)
 
 
 def print_json(data: Any) -> None:

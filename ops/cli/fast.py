@@ -15,22 +15,20 @@ import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from ops.cli.connect import echo
 from ops.cli.errors import CliError, Interrupted
+from ops.cli.output import echo
 
 URL_OPTIONS = {"--nats-url": "nats_url", "--redis-url": "redis_url"}
 
 
-@dataclass(frozen=True)
-class Syntax:
+class Syntax(NamedTuple):
     """What one read command accepts: flags, options that take a value, and its positional arguments."""
 
     run: str  # the function of ops.cli.reads
-    flags: dict[str, str] = field(default_factory=dict)  # option -> parameter set to True
-    values: dict[str, str] = field(default_factory=dict)  # option -> parameter that takes the next word
+    flags: dict[str, str]  # option -> parameter set to True
+    values: dict[str, str]  # option -> parameter that takes the next word
     arguments: tuple[str, ...] = ()  # parameters filled, in order, by the words that are not options
 
 

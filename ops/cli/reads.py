@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ops.cli.client import desired_of, read_snapshot, require_model
-from ops.cli.connect import connect_nats, connect_redis, connection_settings, console, echo, print_json, run_async
+from ops.cli.connect import connect_nats, connect_redis, connection_settings, console, print_json, run_async
 from ops.cli.inputs import model_name
+from ops.cli.output import echo
 from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, pending_groups, state_counts
 from shared.bus import subjects
 from shared.core.placement.domain import Instance, InstanceState, WorkerState
