@@ -7,13 +7,12 @@ with a dedupe id, exactly as any other producer would send them.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
@@ -32,6 +31,7 @@ if TYPE_CHECKING:  # the bus messages load numpy (columns): only commands that s
     from nats.aio.client import Client as NatsClient
 
     from ops.cli.connect import AnySettings
+    from ops.cli.redis_reader import RedisReader
     from shared.bus.messages import CordonCommand, Message, RemoveWorkerCommand, ScaleCommand
     from shared.core.placement.planner import WorkerRemoval
     from shared.settings import Settings
@@ -45,13 +45,13 @@ def worker_state(worker: Worker, now: float, not_ready_after: float) -> WorkerSt
 
 
 async def read_snapshot(
-    redis: aioredis.Redis, settings: AnySettings, model: str | None = None, now: float | None = None
+    redis: aioredis.Redis | RedisReader, settings: AnySettings, model: str | None = None, now: float | None = None
 ) -> ClusterSnapshot:
     """Workers (with liveness at ``now``), instances and models, read from the state layer."""
-    store = StateStore(redis)
-    workers, instances, specs, desired = await asyncio.gather(
-        store.workers(), store.instances(model), store.models(), store.desired()
-    )
+    store = _store(redis)
+    # one after the other (not gathered): the read commands run this without an event loop (ops.cli.reads)
+    workers, instances = await store.workers(), await store.instances(model)
+    specs, desired = await store.models(), await store.desired()
     taken_at = time.time() if now is None else now
     states = {w.name: worker_state(w, taken_at, settings.not_ready_after_s) for w in workers}
     names = sorted(set(specs) | set(desired))
@@ -65,10 +65,15 @@ async def read_snapshot(
     )
 
 
-async def require_model(redis: aioredis.Redis, name: str) -> ModelSpec | None:
+def _store(redis: aioredis.Redis | RedisReader) -> StateStore:
+    # A RedisReader has the read calls of redis.asyncio.Redis that StateStore's reads make (ops.cli.redis_reader).
+    return StateStore(cast("aioredis.Redis", redis))
+
+
+async def require_model(redis: aioredis.Redis | RedisReader, name: str) -> ModelSpec | None:
     """The model's spec; a CliError naming the known models if Gantry has never heard of it."""
-    store = StateStore(redis)
-    spec, desired = await asyncio.gather(store.model(name), store.desired())
+    store = _store(redis)
+    spec, desired = await store.model(name), await store.desired()
     if spec is None and name not in desired:
         known = ", ".join(sorted(desired)) or "none deployed yet"
         raise CliError(f"unknown model {name!r} (known: {known}); deploy it with `gantry deploy FILE.yaml`")
@@ -93,6 +98,8 @@ async def wait_for(
             return snapshot
         if time.monotonic() >= deadline:
             raise TimeoutError
+        import asyncio
+
         await asyncio.sleep(interval)
 
 
@@ -280,6 +287,8 @@ async def _confirm_recorded(store: StateStore, specs: Sequence[ModelSpec], timeo
                 f"sent, but the reconciler has not recorded {', '.join(sorted(waiting))} within {timeout:g}s "
                 "(is it running? `gantry events --dead-letters` shows rejected commands)"
             )
+        import asyncio
+
         await asyncio.sleep(0.1)
 
 

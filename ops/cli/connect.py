@@ -10,7 +10,6 @@ runs on this module alone (issue 17: read commands within 0.5 s).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -80,6 +79,8 @@ def connection_settings(nats_url: str | None = None, redis_url: str | None = Non
 
 async def connect_nats(settings: AnySettings, timeout: float = CONNECT_TIMEOUT_S) -> NatsClient:
     """A NATS connection, or a one-line CliError if the server cannot be reached quickly."""
+    import asyncio
+
     nats = import_nats(settings.nats_url)
 
     from shared.bus.connection import nats_options
@@ -123,6 +124,8 @@ def import_nats(url: str) -> ModuleType:
 
 
 async def _probe(url: str, default_port: int, what: str, timeout: float) -> None:
+    import asyncio
+
     parts = urlsplit(url)
     try:
         host, port = parts.hostname or "127.0.0.1", parts.port or default_port
@@ -164,6 +167,8 @@ async def connect_redis(settings: AnySettings, timeout: float = CONNECT_TIMEOUT_
 
 def run_async(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run one command's coroutine; Ctrl-C becomes ``Interrupted`` (the caller exits 130)."""
+    import asyncio
+
     try:
         return asyncio.run(_as_coro(coro_fn))
     except KeyboardInterrupt:

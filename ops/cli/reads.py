@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ops.cli.client import desired_of, read_snapshot, require_model
-from ops.cli.connect import connect_nats, connect_redis, connection_settings, console, print_json, run_async
+from ops.cli.connect import (
+    CONNECT_TIMEOUT_S,
+    connect_nats,
+    connect_redis,
+    connection_settings,
+    console,
+    print_json,
+    run_async,
+)
 from ops.cli.inputs import model_name
 from ops.cli.output import echo
 from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, pending_groups, state_counts
@@ -23,28 +31,53 @@ from shared.bus import subjects
 from shared.core.placement.domain import Instance, InstanceState, WorkerState
 
 if TYPE_CHECKING:  # NATS and the bus messages load only in the commands that use them (issue 17)
+    import redis.asyncio as aioredis
     from nats.aio.client import Client as NatsClient
 
     from ops.cli.connect import AnySettings
+    from ops.cli.redis_reader import RedisReader
     from shared.bus.messages import UnschedulableEvent
 
 
 # -- reads ------------------------------------------------------------------------------------------
 
 
+def read_cluster(settings: AnySettings, model: str | None = None) -> ClusterSnapshot:
+    """The snapshot the read commands show (of one model: a CliError if it is unknown), read over a blocking
+    RedisReader when it can (no redis-py, no event loop: half of a call's work), else through redis-py, which
+    then also gives the error when Redis cannot be read."""
+    from ops.cli import redis_reader
+
+    try:
+        reader = redis_reader.RedisReader.connect(settings.redis_url, CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S + 3)
+    except redis_reader.ReaderFailed:
+        return run_async(lambda: _snapshot(settings, model))
+    try:
+        return redis_reader.run(_read(reader, settings, model))
+    except redis_reader.ReaderFailed:
+        pass  # read again below, through redis-py
+    finally:
+        reader.close()
+    return run_async(lambda: _snapshot(settings, model))
+
+
 async def _snapshot(settings: AnySettings, model: str | None = None) -> ClusterSnapshot:
     redis = await connect_redis(settings)
     try:
-        if model is not None:
-            await require_model(redis, model)
-        return await read_snapshot(redis, settings, model)
+        return await _read(redis, settings, model)
     finally:
         await redis.aclose()
 
 
+async def _read(redis: aioredis.Redis | RedisReader, settings: AnySettings, model: str | None) -> ClusterSnapshot:
+    if model is not None:
+        await require_model(redis, model)
+    return await read_snapshot(redis, settings, model)
+
+
 def models(show_all: bool, json_out: bool, nats_url: str | None, redis_url: str | None) -> None:
     """`gantry models`: deployed models, desired replicas and instances by state."""
-    snapshot = run_async(lambda: _snapshot(connection_settings(nats_url, redis_url)))
+    snapshot = read_cluster(connection_settings(nats_url, redis_url))
     if not show_all:
         snapshot = without_deleted(snapshot)
     if json_out:
@@ -81,7 +114,7 @@ def instances(model: str | None, json_out: bool, nats_url: str | None, redis_url
     """`gantry instances`: state, worker, GPUs and VRAM claims of each replica, and the reason when pending."""
     if model is not None:
         model_name(model)
-    snapshot = run_async(lambda: _snapshot(connection_settings(nats_url, redis_url), model))
+    snapshot = read_cluster(connection_settings(nats_url, redis_url), model)
     rows = sorted(snapshot.instances, key=lambda i: (i.model, i.id))
     if json_out:
         print_json([_instance_row(i) for i in rows])
@@ -108,7 +141,7 @@ def instances(model: str | None, json_out: bool, nats_url: str | None, redis_url
 
 def workers(json_out: bool, nats_url: str | None, redis_url: str | None) -> None:
     """`gantry workers`: workers and their GPUs, used / claimed / free VRAM per GPU, state and labels."""
-    snapshot = run_async(lambda: _snapshot(connection_settings(nats_url, redis_url)))
+    snapshot = read_cluster(connection_settings(nats_url, redis_url))
     usage = gpu_usage(snapshot)
     if json_out:
         print_json([
@@ -153,16 +186,16 @@ def explain(model: str, json_out: bool, nats_url: str | None, redis_url: str | N
     model_name(model)
     settings = connection_settings(nats_url, redis_url)
 
-    async def go() -> tuple[ClusterSnapshot, UnschedulableEvent | None]:
-        snapshot = await _snapshot(settings, model)
+    snapshot = read_cluster(settings, model)
+
+    async def latest() -> UnschedulableEvent | None:
         nc = await connect_nats(settings)
         try:
-            verdict = await last_unschedulable(nc, model)
+            return await last_unschedulable(nc, model)
         finally:
             await nc.close()
-        return snapshot, verdict
 
-    snapshot, verdict = run_async(go)
+    verdict = run_async(latest)
     insts = [i for i in snapshot.instances if i.model == model]
     desired = desired_of(snapshot, model)
     pending = [i for i in insts if i.state is InstanceState.PENDING]
