@@ -6,7 +6,7 @@ four placement services, emulated workers) under a temporary GANTRY_HOME on free
 floors) as a fresh process ``--runs`` times after one warm-up (which caches the bytecode, as an operator's first
 call does), and reports the median wall time and the median CPU time (user + system of the child) of each. Every
 run must exit 0. Beside them, the import time of each command (``python -X importtime``: the sum over top-level
-imports, the least of three runs), which a shared machine disturbs least.
+imports, the least of five runs), which a shared machine disturbs least.
 
 Run: ``.venv/bin/python bench/cli.py [--runs 9]``. Writes docs/benchmarks/cli.{json,png}; the last line printed
 is the JSON summary. On a shared machine compare CPU beside wall: wall includes waiting for a core.
@@ -91,7 +91,7 @@ def measure(argv: list[str], env: dict[str, str], runs: int) -> dict[str, float]
     }
 
 
-def import_time(argv: list[str], env: dict[str, str], tries: int = 3) -> float:
+def import_time(argv: list[str], env: dict[str, str], tries: int = 5) -> float:
     """Seconds ``argv`` spends importing (``-X importtime``, top-level imports summed), least of ``tries`` runs."""
     if argv[0] == GANTRY:  # the console script is a Python file: this interpreter with the flag runs the same call
         command = [sys.executable, "-X", "importtime", *argv]
