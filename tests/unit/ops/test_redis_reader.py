@@ -133,6 +133,14 @@ async def test_an_error_reply_is_left_to_redis_py(store: StateStore, reader: Red
         reader.call(("HGETALL", Keys.inst + "-not-a-hash"))  # WRONGTYPE
 
 
+def test_a_call_it_does_not_offer_is_left_to_redis_py(reader: RedisReader) -> None:
+    with pytest.raises(ReaderFailed):
+        reader.hkeys("k")
+    with pytest.raises(ReaderFailed):
+        reader.pipeline(transaction=False).hkeys("k")
+    assert not hasattr(reader, "__wrapped__")
+
+
 def test_a_read_that_waits_on_anything_else_is_refused() -> None:
     async def suspends() -> None:
         import asyncio
