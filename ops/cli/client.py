@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -49,9 +49,9 @@ async def read_snapshot(
 ) -> ClusterSnapshot:
     """Workers (with liveness at ``now``), instances and models, read from the state layer."""
     store = _store(redis)
-    # one after the other (not gathered): the read commands run this without an event loop (ops.cli.reads)
-    workers, instances = await store.workers(), await store.instances(model)
-    specs, desired = await store.models(), await store.desired()
+    workers, instances, specs, desired = await _all(
+        redis, store.workers(), store.instances(model), store.models(), store.desired()
+    )
     taken_at = time.time() if now is None else now
     states = {w.name: worker_state(w, taken_at, settings.not_ready_after_s) for w in workers}
     names = sorted(set(specs) | set(desired))
@@ -70,10 +70,23 @@ def _store(redis: aioredis.Redis | RedisReader) -> StateStore:
     return StateStore(cast("aioredis.Redis", redis))
 
 
+async def _all(redis: aioredis.Redis | RedisReader, *reads: Awaitable[Any]) -> list[Any]:
+    """The results of ``reads``: gathered on redis-py, so that a cancel (Ctrl-C in `gantry up`'s status loop) ends
+    them at once, never reaching into redis-py, which can turn it into an error a caller would catch; one after
+    the other on a RedisReader, which runs without an event loop (the read commands' fast path)."""
+    if getattr(redis, "blocking", False):
+        return [await read for read in reads]
+    import asyncio
+
+    return list(await asyncio.gather(*reads))
+
+
 async def require_model(redis: aioredis.Redis | RedisReader, name: str) -> ModelSpec | None:
     """The model's spec; a CliError naming the known models if Gantry has never heard of it."""
     store = _store(redis)
-    spec, desired = await store.model(name), await store.desired()
+    found = await _all(redis, store.model(name), store.desired())
+    spec: ModelSpec | None = found[0]
+    desired: dict[str, int] = found[1]
     if spec is None and name not in desired:
         known = ", ".join(sorted(desired)) or "none deployed yet"
         raise CliError(f"unknown model {name!r} (known: {known}); deploy it with `gantry deploy FILE.yaml`")

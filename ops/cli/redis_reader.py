@@ -30,6 +30,8 @@ class ReaderFailed(Exception):
 class RedisReader:
     """Blocking RESP2 connection offering the read calls ``StateStore`` makes, as awaitables that never suspend."""
 
+    blocking = True  # its reads are awaited one after another, never gathered (no event loop runs them)
+
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._in = sock.makefile("rb")
