@@ -250,6 +250,10 @@ def _uvicorn_config(app: FastAPI, opts: ServerOptions) -> uvicorn.Config:
 def serve(opts: ServerOptions) -> None:
     """Run the server until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    # no log format here or in uvicorn's names a source line, thread or process: skip looking them up for each
+    # record (the logging HOWTO's "Optimization"); the access log writes one record per request
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     app, _ = build(opts)
     QuietServer(_uvicorn_config(app, opts)).run()
 

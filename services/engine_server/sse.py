@@ -26,6 +26,7 @@ TRANSPORT_KEY = "gantry.transport"
 """ASGI scope extension holding the connection's asyncio transport."""
 
 _DONE = b"data: [DONE]\n\n"
+_compact = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=...) builds an encoder per call
 
 
 def usage(req: Request, completion: int) -> dict[str, Any]:
@@ -55,8 +56,7 @@ class SseSink:
         self._pending: list[tuple[Conn, bytes, bool]] = []
         self._frames: list[bytes] = []
         self._event: asyncio.Event | None = None
-        head = json.dumps({"id": rid, "object": self.kind, "created": created, "model": model},
-                          separators=(",", ":"))[:-1].encode()
+        head = _compact({"id": rid, "object": self.kind, "created": created, "model": model})[:-1].encode()
         if chat:
             pre, post = head + b',"choices":[{"index":0,"delta":{"content":', b'},"logprobs":null,'
         else:
@@ -125,7 +125,7 @@ class SseSink:
                                 "choices": choices}
         if self.include_usage:
             body["usage"] = use
-        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+        return b"data: " + _compact(body).encode() + b"\n\n"
 
     def _write(self, data: bytes) -> None:
         t = self._transport
