@@ -1,4 +1,4 @@
-"""Drives one :class:`Engine` in real time: sleeps ``t_step / speedup`` per step, streams tokens out.
+"""Drives one :class:`Engine` in real time: each step lasts ``t_step / speedup``, then its tokens stream out.
 
 The engine's clock is model time: ``(monotonic − start) × speedup``. Requests, aborts and metrics reads
 happen between steps, never inside one (aborts that arrive mid-step are applied after it). A request that
@@ -6,9 +6,12 @@ arrives while a step is in flight joins the next step at the earliest, which sta
 ends; if the loop is late (the in-flight step's end has passed in wall time), the request arrives, in the
 engine's clock, at that end: the engine's clock is then behind the wall clock and says so (lag metric).
 
-Tokens leave in one pass per step: the loop hands each sampled token to its stream's :class:`TokenSink`,
-which (for an HTTP stream) writes the pre-encoded SSE chunk straight to the connection. No task wakes up per
-token; the HTTP handler of a stream wakes once at the start and once at the end.
+Steps are a chain of event-loop timer callbacks: a step is scheduled, a timer is armed for its end, and
+that callback emits the step's tokens and schedules the next step at once, so a busy engine costs one
+event-loop wake-up per step and no task, future or sleep. Tokens leave in one pass per step: the callback
+hands each sampled token to its stream's :class:`TokenSink`, which (for an HTTP stream) writes the
+pre-encoded SSE chunk straight to the connection. No task wakes up per token; the HTTP handler of a stream
+wakes once at the start and once at the end.
 
 When the process cannot keep up (CPU-starved, or too many streams), steps end later in wall time than the
 model says: the **emulated-clock lag** (wall time of a step's token emission minus its model deadline) is
