@@ -205,8 +205,7 @@ def drive_picks(port: int, streams: int, seconds: float) -> None:
                         await call.read()
                         done += 1
                     await q.put(None)  # the HTTP request ended: Envoy closes its side
-                    await call.wait_for_connection()
-                    await call
+                    await call.code()  # ...and the picker ends the stream
             await asyncio.gather(*(worker(w) for w in range(streams)))
         print(json.dumps({"done": done, "refused": refused}), flush=True)
 

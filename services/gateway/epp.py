@@ -111,7 +111,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
             return immediate(503, "chosen endpoints have no address"), None
         value = ",".join(targets)
         meta = struct_pb2.Struct()
-        meta.update({METADATA_NS: {DESTINATION: value}})
+        meta.fields[METADATA_NS].struct_value.fields[DESTINATION].string_value = value  # Struct.update: 3x slower
         self.counters.picks += 1
         if self.capture is not None and req.token_ids:
             self.capturing[rid] = self.capture.begin(now, req.model, req.token_ids)
