@@ -42,6 +42,9 @@ PICKED = "x-gantry-endpoints"
 REQUEST_ID = REQUEST_ID_HEADER
 EVENT_STREAM = "text/event-stream"
 _STREAM_BODY = json_format.ParseDict(STREAMED_RESPONSE_MODE, processing_mode_pb2.ProcessingMode())
+# the plain acknowledgements, built once (never mutated: gRPC only serializes them)
+_HEADERS_ACK = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_CHUNK_ACK = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
 
 @dataclass
@@ -136,7 +139,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                     if msg.request_headers.end_of_stream:
                         yield self._bodiless(headers)
                         return
-                    yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+                    yield _HEADERS_ACK
                 elif kind == "request_body":
                     resp, decision = self.decide(msg.request_body.body, headers)
                     yield resp
@@ -171,7 +174,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                         self.counters.first_tokens += 1
                     if decision is not None and (pending := self.capturing.get(decision.request_id)) is not None:
                         pending.output.feed(msg.response_body.body)
-                    yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+                    yield _CHUNK_ACK
                     if msg.response_body.end_of_stream:
                         return
                 else:  # trailers (not requested) or unknown: acknowledge
