@@ -23,6 +23,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from shared.core.limits import MAX_REPLICAS, bad_model_name
+from shared.state.resp import fast_packing
 from shared.core.placement.domain import (
     Gpu,
     Instance,
@@ -208,7 +209,7 @@ class StateStore:
     @classmethod
     def from_url(cls, url: str) -> StateStore:
         """A store on a new connection pool to ``url``."""
-        return cls(aioredis.from_url(url))
+        return cls(fast_packing(aioredis.from_url(url)))
 
     async def close(self) -> None:
         """Close the connection pool."""
