@@ -9,7 +9,7 @@ from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
 from shared.bus.messages import ItemOutcome, Message, PlacementFiltered, PlacementRequest, PlacementScored
-from shared.core.placement import run_filters
+from shared.core.placement import filter_rows
 from shared.core.placement.domain import FilterResult, Unschedulable
 from shared.core.placement.explain import filters_message
 from shared.host.contract import Consumes, Emits
@@ -63,8 +63,16 @@ class FilterService(PlacementService):
         """Pure step over the snapshot: (survivors message, unschedulable outcomes)."""
         now = self.clock()
         results: dict[str, FilterResult] = {}
+        # Models of one request mostly keep the same workers: each distinct survivor mask is named once (a
+        # cluster-sized tuple), and the models sharing it share that tuple.
+        named: dict[bytes, tuple[str, ...]] = {}
         for model, spec in sorted(req.specs.items()):
-            results[model] = run_filters(self.snapshot, spec, now, self.profile)
+            mask, reports = filter_rows(self.snapshot, spec, now, self.profile)
+            key = mask.tobytes()
+            survivors = named.get(key)
+            if survivors is None:
+                survivors = named[key] = tuple(self.snapshot.names_where(mask))
+            results[model] = FilterResult(model=spec.name, survivors=survivors, reports=reports)
         items_by_model = defaultdict(list)
         for item in req.items:
             items_by_model[item.model].append(item)

@@ -175,10 +175,14 @@ class PlacementFiltered(Message, frozen=True, kw_only=True):
     def of(cls, request: PlacementRequest, results: dict[str, FilterResult]) -> PlacementFiltered:
         """Pack FilterResults, each distinct survivor list once."""
         sets: dict[tuple[str, ...], int] = {}
-        filtered = {
-            model: FilteredModel(survivors=sets.setdefault(res.survivors, len(sets)), reports=res.reports)
-            for model, res in results.items()
-        }
+        # One list object shared by several models is hashed once (a cluster-sized tuple hashes every name).
+        by_id: dict[int, int] = {}
+        filtered = {}
+        for model, res in results.items():
+            k = by_id.get(id(res.survivors))
+            if k is None:
+                k = by_id[id(res.survivors)] = sets.setdefault(res.survivors, len(sets))
+            filtered[model] = FilteredModel(survivors=k, reports=res.reports)
         return cls(request=request, survivor_sets=tuple(sets), filtered=filtered)
 
     def result(self, model: str) -> FilterResult | None:
@@ -221,13 +225,16 @@ class PlacementFitted(Message, frozen=True, kw_only=True):
     ) -> PlacementFitted:
         """Pack the candidates, each distinct worker list once."""
         sets: dict[tuple[str, ...], int] = {}
-        packed = {
-            model: FittedColumns(
-                strategy=c.strategy, workers=sets.setdefault(c.workers, len(sets)), gpus=c.gpus, claim=c.claim,
-                claims=c.claims, ram_claim=c.ram_claim, cpu_claim=c.cpu_claim,
+        by_id: dict[int, int] = {}  # as in PlacementFiltered.of: a shared list object is hashed once
+        packed = {}
+        for model, c in columns.items():
+            k = by_id.get(id(c.workers))
+            if k is None:
+                k = by_id[id(c.workers)] = sets.setdefault(c.workers, len(sets))
+            packed[model] = FittedColumns(
+                strategy=c.strategy, workers=k, gpus=c.gpus, claim=c.claim, claims=c.claims, ram_claim=c.ram_claim,
+                cpu_claim=c.cpu_claim,
             )
-            for model, c in columns.items()
-        }
         return cls(request=request, fitted=fitted, worker_sets=tuple(sets), columns=packed)
 
     def candidate_set(self, model: str) -> CandidateSet | None:
