@@ -12,7 +12,7 @@ from shared.bus.messages import (
     DrainInstance,
     Heartbeat,
     InstanceEvents,
-    InstanceStatus,
+    InstanceReports,
     ModelEvents,
     ModelFileUpdate,
     PlacementRequest,
@@ -38,7 +38,8 @@ CONSUMES = (
              stream=streams.STREAM_CMD, durable=streams.CONSUMER_SCALE),
     Consumes(subjects.PLACEMENT_SCORED, PlacementScored, "decisions (or why none) to commit to the ledger",
              stream=streams.STREAM_PIPE, durable=streams.CONSUMER_COMMIT),
-    Consumes(subjects.INSTANCE_STATUS, InstanceStatus, "workers' reports on their instances",
+    Consumes(subjects.INSTANCE_STATUS, InstanceReports, "workers' reports on their instances (a lone InstanceStatus "
+             "is read as a report of one)",
              stream=streams.STREAM_STATUS, durable=streams.CONSUMER_STATUS),
     Consumes(subjects.REGISTER, WorkerRegistration, "worker inventories, validated and written to Redis",
              queue=WRITER_QUEUE),

@@ -38,8 +38,10 @@ from shared.bus.messages import (
     DrainInstance,
     InstanceEvent,
     InstanceEvents,
+    InstanceReports,
     InstanceStatus,
     ItemOutcome,
+    MessageError,
     ModelEvent,
     ModelEvents,
     PlacementItem,
@@ -49,6 +51,7 @@ from shared.bus.messages import (
     ScaleCommand,
     UnschedulableEvent,
     WorkerRemovedEvent,
+    decode,
 )
 from shared.bus.subjects import INSTANCE_STATUS_WORKER_TOKEN as INSTANCE_STATUS_TOKEN
 from shared.bus.validate import bad_worker_name, check_scale, impersonation
@@ -74,7 +77,7 @@ from shared.core.placement.planner import (
 )
 from shared.core.placement.reconcile import resync_workers
 from shared.host.feed import Feed
-from shared.host.service import PlacementService, ack_all, guarded, run_batch
+from shared.host.service import PlacementService, ack_all, guarded, run_batch, settle
 from shared.state.store import CommitItem, ScaleUp
 
 log = logging.getLogger("gantry.reconciler")
@@ -133,19 +136,27 @@ class Reconciler(PlacementService):
             await self.consume(raws, PlacementScored, subjects.PLACEMENT_SCORED, self.handle_scored)
 
         async def on_status(raws: list[Msg]) -> None:
-            batch = await self.decode_batch(raws, InstanceStatus, subjects.INSTANCE_STATUS)
-            honest = []
-            for st, raw in batch:
-                forged = impersonation(st.worker, subjects.reporting_worker(raw.subject, INSTANCE_STATUS_TOKEN))
+            honest: list[tuple[tuple[InstanceStatus, ...], Msg]] = []
+            for raw in raws:
+                try:
+                    reports = await self._status_reports(raw)
+                except Exception as exc:  # never expected (decode reports everything as MessageError): isolate
+                    await settle(self, subjects.INSTANCE_STATUS, [raw], exc)
+                    continue
+                if reports is None:
+                    await raw.term()
+                    continue
+                sender = subjects.reporting_worker(raw.subject, INSTANCE_STATUS_TOKEN)
+                forged = next((why for st in reports if (why := impersonation(st.worker, sender))), "")
                 if forged:  # a worker may report only on its own instances' subject
                     await self.bus.dead_letter(subjects.INSTANCE_STATUS, forged, raw.data)
                     await raw.term()
                 else:
-                    honest.append((st, raw))
+                    honest.append((reports, raw))
             if honest:
                 await run_batch(
                     self, subjects.INSTANCE_STATUS, [r for _, r in honest],
-                    lambda: self.handle_status([m for m, _ in honest]),
+                    lambda: self.handle_status([st for reports, _ in honest for st in reports]),
                 )
 
         self.pull(streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL, on_commands,
@@ -154,6 +165,19 @@ class Reconciler(PlacementService):
         # Status reports (several per placement) are not on the placement path: batch them up.
         self.pull(streams.STREAM_STATUS, streams.CONSUMER_STATUS, subjects.INSTANCE_STATUS, on_status,
                   linger=self.settings.status_linger_s)
+
+    async def _status_reports(self, raw: Msg) -> tuple[InstanceStatus, ...] | None:
+        """A status message's reports (several, or a lone ``InstanceStatus``); None after dead-lettering why it
+        is neither."""
+        try:
+            return decode(raw.data, InstanceReports).reports
+        except MessageError as batch_error:
+            try:
+                return (decode(raw.data, InstanceStatus),)
+            except MessageError as single_error:  # why, in the words of the shape it was meant to have
+                why = batch_error if b'"reports"' in raw.data else single_error
+                await self.bus.dead_letter(subjects.INSTANCE_STATUS, str(why), raw.data)
+                return None
 
     async def started(self) -> None:
         """Load specs, listen for cluster changes, start the state writer and the periodic checks."""

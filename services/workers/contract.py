@@ -8,7 +8,7 @@ from shared.bus.messages import (
     DeleteInstance,
     DrainInstance,
     Heartbeat,
-    InstanceStatus,
+    InstanceReports,
     ModelFileUpdate,
     SyncRequest,
     WorkerRegistration,
@@ -28,6 +28,7 @@ CONTRACT = Contract(
         Emits(subjects.REGISTER, WorkerRegistration, "the worker's full inventory"),
         Emits(subjects.HEARTBEAT, Heartbeat, "liveness, usage per GPU, instances held"),
         Emits(subjects.MODEL_FILE, ModelFileUpdate, "readiness of a model's files on this worker"),
-        Emits(subjects.INSTANCE_STATUS, InstanceStatus, "an instance's state (deduplicated by id)", jetstream=True),
+        Emits(subjects.INSTANCE_STATUS, InstanceReports, "instances' states, those reported at one moment together "
+              "(deduplicated by content)", jetstream=True),
     ),
 )

@@ -133,6 +133,14 @@ class InstanceStatus(Message, frozen=True, kw_only=True):
     message: Text | None = None
 
 
+class InstanceReports(Message, frozen=True, kw_only=True):
+    """Several of one worker's reports made at the same moment (instances assigned together start together):
+    one durable message and one acknowledgement instead of one per instance. A lone ``InstanceStatus`` on the
+    status subject is still read as a report of one."""
+
+    reports: Annotated[tuple[InstanceStatus, ...], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
 # -- placement pipeline -----------------------------------------------------------------------------
 
 

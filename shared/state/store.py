@@ -23,7 +23,6 @@ import msgspec
 import redis.asyncio as aioredis
 
 from shared.core.limits import MAX_REPLICAS, bad_model_name
-from shared.state.resp import fast_packing
 from shared.core.placement.domain import (
     Gpu,
     Instance,
@@ -34,6 +33,7 @@ from shared.core.placement.domain import (
     Worker,
     WorkerUsage,
 )
+from shared.state.resp import fast_packing
 
 _LUA = Path(__file__).parent / "lua"
 P = "gantry:"
