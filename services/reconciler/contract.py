@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shared.bus import streams, subjects
 from shared.bus.messages import (
-    AssignInstance,
+    AssignInstances,
     CordonCommand,
     CordonEvent,
     DecisionEvents,
@@ -51,7 +51,8 @@ CONSUMES = (
 EMITS = (
     Emits(subjects.PLACEMENT_REQUESTED, PlacementRequest, "replicas to place, with their models' specs",
           jetstream=True),
-    Emits(subjects.worker_assign("*"), AssignInstance, "start a committed instance on this worker"),
+    Emits(subjects.worker_assign("*"), AssignInstances, "start the instances committed to this worker (a lone "
+          "AssignInstance for one)"),
     Emits(subjects.worker_drain("*"), DrainInstance, "stop routing to an instance; report when idle"),
     Emits(subjects.worker_delete("*"), DeleteInstance, "stop and remove an instance"),
     Emits(subjects.EVENT_DECISION, DecisionEvents, "replicas committed, with their score breakdowns"),

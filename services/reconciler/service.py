@@ -20,6 +20,7 @@ import logging
 import secrets
 import zlib
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -30,6 +31,7 @@ from services.reconciler.writer import StateWriter
 from shared.bus import streams, subjects
 from shared.bus.messages import (
     AssignInstance,
+    AssignInstances,
     CordonCommand,
     CordonEvent,
     DecisionEvent,
@@ -211,10 +213,12 @@ class Reconciler(PlacementService):
         )
 
     def cluster(self) -> Cluster:
-        """Worker liveness and the latest cluster change, as this process's feed knows them."""
+        """Worker liveness and the latest cluster change, as this process's feed knows them: a read-only view of
+        the feed's last-seen times (no copy of a thousand entries per commit batch), so a plan is made from it
+        right away, before the next await lets heartbeats move them."""
         feed = self.feed
         return Cluster(
-            last_seen=dict(feed.last_seen),
+            last_seen=MappingProxyType(feed.last_seen),
             cordoned=frozenset(c for c in feed.cordons if ":" not in c),
             changed_at=self.last_change,
             listening_since=self.listening_since,
@@ -578,8 +582,8 @@ class Reconciler(PlacementService):
         records = {c.instance.id: c.instance for k, c in decided if ledger[k] == "ok"}
         committed = [records[i] for i in p.committed]
         self._observe_commits([by_id[i.id] for i in committed], verdicts, now)
+        await self._assign_all([(inst, specs.get(inst.model) or await self.spec_of(inst.model)) for inst in committed])
         for inst in committed:
-            await self._assign(inst, specs.get(inst.model) or await self.spec_of(inst.model))
             self.seen_placed[inst.id] = now
         resent: list[Instance] = []
         for iid in p.assign:  # a redelivered commit: the stored record is the one placed
@@ -631,13 +635,21 @@ class Reconciler(PlacementService):
             await self.bus.publish(subjects.EVENT_DECISION, DecisionEvents(events=chunk))
 
     async def _assign(self, inst: Instance, spec: ModelSpec | None) -> None:
-        assert inst.worker is not None
-        source = (spec.source or spec.name) if spec else inst.model
-        cmd = AssignInstance(
-            instance_id=inst.id, model=inst.model, source=source, gpu_indexes=inst.gpu_indexes,
-            vram_claims=inst.vram_claims,
-        )
-        await self.bus.publish(subjects.worker_assign(inst.worker), cmd)
+        await self._assign_all([(inst, spec)])
+
+    async def _assign_all(self, placed: Sequence[tuple[Instance, ModelSpec | None]]) -> None:
+        """Tell each worker what to start: one message per worker (``AssignInstances`` when several)."""
+        by_worker: dict[str, list[AssignInstance]] = {}
+        for inst, spec in placed:
+            assert inst.worker is not None
+            source = (spec.source or spec.name) if spec else inst.model
+            by_worker.setdefault(inst.worker, []).append(AssignInstance(
+                instance_id=inst.id, model=inst.model, source=source, gpu_indexes=inst.gpu_indexes,
+                vram_claims=inst.vram_claims,
+            ))
+        for worker, cmds in by_worker.items():
+            msg = cmds[0] if len(cmds) == 1 else AssignInstances(instances=tuple(cmds))
+            await self.bus.publish(subjects.worker_assign(worker), msg)
 
     async def _pending(
         self, reasons: Mapping[str, str], outs: Mapping[str, ItemOutcome], now: float

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shared.bus import subjects
 from shared.bus.messages import (
-    AssignInstance,
+    AssignInstances,
     DeleteInstance,
     DrainInstance,
     Heartbeat,
@@ -19,7 +19,8 @@ CONTRACT = Contract(
     service="workers",
     description="GPU workers (emulated in dev): report inventory, usage and instances; run what they are told.",
     consumes=(
-        Consumes(subjects.worker_assign("*"), AssignInstance, "start an instance (the token is the worker name)"),
+        Consumes(subjects.worker_assign("*"), AssignInstances, "start instances (the token is the worker name; a "
+                 "lone AssignInstance is an assignment of one)"),
         Consumes(subjects.worker_drain("*"), DrainInstance, "stop routing new requests to an instance"),
         Consumes(subjects.worker_delete("*"), DeleteInstance, "stop and remove an instance"),
         Consumes(subjects.SYNC, SyncRequest, "register again now (every worker, or the one named)"),

@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from shared.bus import subjects
 from shared.bus.messages import (
     AssignInstance,
+    AssignInstances,
     DeleteInstance,
     DrainInstance,
     Heartbeat,
@@ -185,7 +186,8 @@ class Fleet:
             return
         try:
             if verb == "assign":
-                self._spawn(self._assign(w, decode(msg.data, AssignInstance)))
+                for cmd in _assignments(msg.data):
+                    self._spawn(self._assign(w, cmd))
             elif verb == "drain":
                 self._spawn(self._drain(w, decode(msg.data, DrainInstance)))
             elif verb == "delete":
@@ -274,6 +276,17 @@ class Fleet:
         inst = w.instances.pop(cmd.instance_id, None)
         if inst is not None:
             await self._status(w, cmd.instance_id, inst.state, deleted=True)
+
+
+def _assignments(data: bytes) -> tuple[AssignInstance, ...]:
+    """The instances an assign message names: several (``AssignInstances``) or one (``AssignInstance``)."""
+    try:
+        return decode(data, AssignInstances).instances
+    except MessageError as several:
+        try:
+            return (decode(data, AssignInstance),)
+        except MessageError as one:
+            raise (several if b'"instances"' in data else one) from None
 
 
 def _tag(msg: InstanceStatus) -> str:

@@ -286,6 +286,13 @@ class AssignInstance(Message, frozen=True, kw_only=True):
     vram_claims: VramClaims = ()
 
 
+class AssignInstances(Message, frozen=True, kw_only=True):
+    """Several instances committed to one worker at once (one message instead of one per instance); a lone
+    ``AssignInstance`` on the assign subject is still read as an assignment of one."""
+
+    instances: Annotated[tuple[AssignInstance, ...], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
 class DrainInstance(Message, frozen=True, kw_only=True):
     """Stop routing new requests to an instance; report ``idle`` when nothing is in flight."""
 
