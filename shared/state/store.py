@@ -212,7 +212,9 @@ class StateStore:
         """A store on a new connection pool to ``url``."""
         import redis.asyncio as aioredis
 
-        return cls(aioredis.from_url(url))
+        from shared.state.resp import fast_packing  # needs redis-py too: loaded only where a store connects
+
+        return cls(fast_packing(aioredis.from_url(url)))
 
     async def close(self) -> None:
         """Close the connection pool."""
