@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from shared.core.engine.step_time import StepTimeModel
 from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from shared.core.routing.domain import Endpoint, EndpointMetrics, EndpointState
+from shared.core.routing.domain import Endpoint, EndpointMetrics, EndpointState, PoolColumns
 from shared.core.routing.prefix_index import DEFAULT_CAPACITY, PrefixIndex
 
 T = TypeVar("T")
@@ -86,6 +86,7 @@ class PoolState:
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._masks: dict[str, int] = {}
+        self._columns: dict[str, PoolColumns] = {}  # built on demand, dropped when a pool's membership changes
         # values derived from the endpoints and their reported metrics only (not from in-flight load or the
         # indexes), computed once per change of those instead of per decision; see ``memo``
         self.version = 0
@@ -106,6 +107,7 @@ class PoolState:
             self.endpoints[endpoint.id] = st
             self.by_model.setdefault(endpoint.model, []).append(st)
             self._masks.pop(endpoint.model, None)
+            self._columns.pop(endpoint.model, None)
         else:
             st.endpoint = endpoint
         self._changed()
@@ -128,6 +130,8 @@ class PoolState:
         if not pool:
             self.by_model.pop(st.endpoint.model, None)
         self._masks.pop(st.endpoint.model, None)
+        self._columns.pop(st.endpoint.model, None)
+        st.attach(None)
         self.approx.clear(st.slot)
         self.speculative.clear(st.slot)
         self.precise.clear(st.slot)
@@ -160,6 +164,16 @@ class PoolState:
                 mask |= 1 << st.slot
             self._masks[model] = mask
         return mask
+
+    def columns(self, model: str) -> PoolColumns:
+        """``model``'s pool load as arrays aligned with ``pool(model)`` (kept current by the endpoints)."""
+        cols = self._columns.get(model)
+        if cols is None:
+            members = self.by_model.get(model)
+            if members is None:
+                return PoolColumns([])
+            cols = self._columns[model] = PoolColumns(members)
+        return cols
 
     # -- signals --------------------------------------------------------------------------------------
     def update_metrics(self, endpoint_id: str, metrics: EndpointMetrics) -> bool:
