@@ -46,7 +46,7 @@ class Cycle:
         c = self._chain
         if c is None:
             cfg = self.state.config
-            c = self._chain = BlockHashes(self.request, cfg.block_size, cfg.max_prefix_blocks)
+            c = self._chain = BlockHashes(self.request, cfg.block_size, cfg.max_prefix_blocks, self.state.chunk_memo)
         return c
 
     def matches(self, source: str) -> dict[int, int]:

@@ -12,7 +12,7 @@ prefix plugin does (64 characters ≈ 16 tokens); their keys only serve the appr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from shared.core.kv_events import chain_hashes, chain_root, lora_int_id
 from shared.core.routing.domain import RouteRequest
@@ -34,13 +34,57 @@ def text_hashes(text: str, block_chars: int, parent: int) -> list[int]:
     return out
 
 
+class ChunkMemo:
+    """The chained hashes of recently hashed prompt chunks (``CHUNK`` blocks), keyed by the hash before the
+    chunk, its position and a few of its tokens, kept with the chunk's tokens: a prompt repeating a seen
+    prefix (a system prompt, a conversation's earlier turns) reuses them after a token-for-token comparison
+    instead of hashing again.
+
+    The hashing a match needs grows with the prefix the candidates hold, and a held prefix is content the
+    router has seen before: that is where this memo pays. At most ``capacity`` chunks, least recently used
+    dropped first (each holds its ``CHUNK × block_size`` token references and ``CHUNK`` hashes).
+    """
+
+    __slots__ = ("_chunks", "capacity", "hits", "misses")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"chunk memo capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._chunks: dict[tuple[int, ...], tuple[Sequence[int], list[int]]] = {}  # oldest first
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def hashes(self, tokens: Sequence[int], block_size: int, parent: int, start: int) -> list[int]:
+        """``chain_hashes(tokens, block_size, parent, start)``, from the memo when these tokens were hashed
+        after this parent at this position."""
+        # the parent names the prefix before the chunk (the root, the same for all, before the first one),
+        # three of its tokens tell contents apart; the tokens must then match one for one
+        key = (parent, start, tokens[0], tokens[len(tokens) // 2], tokens[-1]) if tokens else (parent, start)
+        chunks = self._chunks
+        got = chunks.pop(key, None)
+        if got is not None and got[0] == tokens:
+            self.hits += 1
+        else:
+            self.misses += 1
+            got = (tokens, chain_hashes(tokens, block_size, parent, start))
+            if len(chunks) >= self.capacity:
+                del chunks[next(iter(chunks))]
+        chunks[key] = got  # (re)inserted last: most recent
+        return got[1]
+
+
 class BlockHashes:
     """The chain of one request at one block size, extended on demand."""
 
-    __slots__ = ("_hashes", "_parent", "_tokens", "block_size", "total")
+    __slots__ = ("_hashes", "_memo", "_parent", "_tokens", "block_size", "total")
 
-    def __init__(self, request: RouteRequest, block_size: int, max_blocks: int) -> None:
+    def __init__(self, request: RouteRequest, block_size: int, max_blocks: int, memo: ChunkMemo | None = None) -> None:
         self.block_size = block_size
+        self._memo = memo
         # the engines chain a LoRA request from a per-adapter root (vLLM puts the adapter in the block keys)
         self._parent = chain_root(request.cache_salt, lora_int_id(request.lora)) if request.lora else request.cache_salt
         self._tokens = None
@@ -58,21 +102,36 @@ class BlockHashes:
             self._hashes = []
             self.total = 0
 
-
     def upto(self, n: int) -> list[int]:
-        """The chain with at least ``min(n, total)`` hashes computed (the list may hold more)."""
+        """The chain with at least ``min(n, total)`` hashes computed (the list may hold more); whole chunks
+        come from the memo when it holds them (a match hashes this way)."""
+        return self._extend(n, self._memo)
+
+    def all(self) -> list[int]:
+        """Every hash of the chain (the rest hashed at once, past the memo: after the prefix a match walked,
+        the prompt is mostly its own, and its chunks would only push shared ones out)."""
+        return self._extend(self.total, None)[: self.total]
+
+    def _extend(self, n: int, memo: ChunkMemo | None) -> list[int]:
         hashes = self._hashes
         have = len(hashes)
         n = min(n, self.total)
-        if have < n and self._tokens is not None:
-            bs = self.block_size
+        tokens = self._tokens
+        if have >= n or tokens is None:
+            return hashes
+        bs = self.block_size
+        if memo is None or not isinstance(tokens, list | tuple):
+            hashes.extend(chain_hashes(tokens[have * bs : n * bs], bs, hashes[-1] if have else self._parent, have))
+            return hashes
+        while have < n:
+            # whole chunks on CHUNK boundaries go through the memo; a partial one (the prompt's end) is hashed
+            end = min(n, have - have % CHUNK + CHUNK)
             parent = hashes[-1] if have else self._parent
-            hashes.extend(chain_hashes(self._tokens[have * bs : n * bs], bs, parent, have))
+            piece = tokens[have * bs : end * bs]
+            hashes.extend(memo.hashes(piece, bs, parent, have) if end - have == CHUNK else
+                          chain_hashes(piece, bs, parent, have))
+            have = end
         return hashes
-
-    def all(self) -> list[int]:
-        """Every hash of the chain."""
-        return self.upto(self.total)[: self.total]
 
     @property
     def computed(self) -> int:

@@ -64,6 +64,7 @@ class DataSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     speculative_capacity: int = 8192
     precise_slack: float = 1.25
     staleness_s: float = 0.2
+    hash_memo_chunks: int = 2048
 
 
 class AdmissionSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -131,7 +131,7 @@ def test_column_scores_equal_the_per_endpoint_formulas(specs: list, request: Rou
             assert list(on_pool) == list(on_copy), name
     lat = SCORERS["predicted-latency-scorer"]("p", LatencyParams()).score(c, whole)
     ttfts = [predicted_ttft(c, e, "hybrid") for e in whole]
-    assert list(lat) == [min(ttfts) / t if request.slo_ttft_s is None or t <= request.slo_ttft_s
+    assert lat is not None and list(lat) == [min(ttfts) / t if request.slo_ttft_s is None or t <= request.slo_ttft_s
                          else min(ttfts) / t * 0.5 for t in ttfts]
     total = c.chain.total
     prefix = SCORERS["prefix-cache-scorer"]("p", PrefixParams(source="hybrid")).score(c, whole)
