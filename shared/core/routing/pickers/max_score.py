@@ -16,6 +16,7 @@ from shared.core.routing.pickers.common import PickParams, check_pick
 from shared.core.routing.plugin import Picker, Scores
 
 EPS = 1e-9
+TOP_BY_ARGMAX = 8  # fallback lists up to this long are found by repeated argmax, longer ones by a sort
 
 
 class MaxScorePicker(Picker):
@@ -43,7 +44,16 @@ class MaxScorePicker(Picker):
         first = int(np.flatnonzero(ge)[cycle.rng.randrange(m)]) if m > 1 else top  # ties in index order
         if k == 1:
             return [first]
-        # descending total, equal totals in index order (a stable sort of the negated totals: what
-        # sorted(range(n), key=totals.__getitem__, reverse=True) gives), the chosen tie first
-        order = np.argsort(-t, kind="stable")[:k].tolist()
+        # descending total, equal totals in index order (what sorted(range(n), key=totals.__getitem__,
+        # reverse=True) gives), the chosen tie first; argmax returns the first of equal maxima, so k rounds of
+        # it on a copy with each winner set to -inf are that order's first k (cheaper than sorting 100)
+        if k > TOP_BY_ARGMAX or not t[t.argmin()] > -np.inf:
+            order = np.argsort(-t, kind="stable")[:k].tolist()
+        else:
+            c = t.copy()
+            order = []
+            for _ in range(min(k, n)):
+                i = int(c.argmax())
+                order.append(i)
+                c[i] = -np.inf
         return [first, *[i for i in order if i != first][: k - 1]]

@@ -67,7 +67,11 @@ class PredictedLatencyScorer(Scorer):
         tokens = inflight + prompt  # uncached = the whole prompt, but where some of it is held:
         idx, blocks = cycle.holders(cands, src)
         if len(idx):
-            tokens[idx] -= np.minimum(blocks * cycle.state.config.block_size, prompt)
+            bs = cycle.state.config.block_size
+            held = blocks * bs
+            if cycle.chain.total * bs > prompt:  # hashes given with a shorter prompt: never more than all of it
+                held = np.minimum(held, prompt)
+            tokens[idx] -= held
         ttfts: npt.NDArray[np.float64] = np.maximum(tokens, 1.0, out=tokens) / rate
         out: npt.NDArray[np.float64] = ttfts[ttfts.argmin()] / ttfts  # (argmin: min() without its overhead)
         slo = cycle.request.slo_ttft_s
