@@ -215,3 +215,34 @@ def test_router_hash_memo_can_be_turned_off_and_is_checked() -> None:
     assert PoolState().chunk_memo is not None
     with pytest.raises(ValueError, match="hash_memo_chunks"):
         PoolState(DataConfig(hash_memo_chunks=-1))
+
+
+def test_a_match_probes_the_first_unseen_chunk_before_hashing_all_of_it() -> None:
+    memo = ChunkMemo(64)
+    shared = list(range(5000, 5000 + 2048))  # 128 blocks
+    idx = PrefixIndex()
+    first = RouteRequest("a", "m", token_ids=shared + [1] * 1000)
+    idx.add(0, chain_hashes(list(first.token_ids or ()), 16)[:128])  # an endpoint holds the shared part
+    for seen in range(2):
+        chain = BlockHashes(RouteRequest("b", "m", token_ids=shared + [2 + seen] * 1000), 16, 10_000, memo)
+        assert match_lazily(idx, chain, 1) == {0: 128}
+        assert chain.computed == 128 + 8  # the divergent chunk: its first 8 blocks told the match where it ends
+    assert memo.hits == 4  # the second prompt reused the four shared chunks
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompts=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 1500)), min_size=1, max_size=8),
+       held=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 120)), max_size=6))
+def test_matches_with_the_memo_equal_full_matches(prompts: list[tuple[int, int]],
+                                                  held: list[tuple[int, int, int]]) -> None:
+    memo = ChunkMemo(16)
+    idx = PrefixIndex()
+    base = {g: [g] * 1100 for g in range(3)}
+    for slot, group, blocks in held:  # endpoints holding some of a group's shared part and a tail
+        idx.add(slot, chain_hashes(base[group] + list(range(900)), 16)[:blocks])
+    for group, tail in prompts:
+        tokens = base[group] + list(range(tail))
+        chain = BlockHashes(RouteRequest("r", "m", token_ids=tokens), 16, 10_000, memo)
+        full = chain_hashes(tokens, 16)
+        assert match_lazily(idx, chain, 0b1111) == idx.match(full, 0b1111)
+        assert chain.all() == full
