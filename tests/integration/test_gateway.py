@@ -144,7 +144,8 @@ def gateway(nats_server: ServerProcess, tmp_path: Path) -> Iterator[Gateway]:
 
 @pytest.fixture
 def gateway3(nats_server: ServerProcess, tmp_path: Path) -> Iterator[Gateway]:
-    yield from _gateway(nats_server.url, tmp_path, 3)
+    # a late engine report (loaded host) must not be mistaken for a picker failure: staleness bound 2 s
+    yield from _gateway(nats_server.url, tmp_path, 3, "--staleness-s", "2")
 
 
 def _engines(nats_url: str, tmp_path: Path, n: int, *extra: str) -> Iterator[list[Engine]]:

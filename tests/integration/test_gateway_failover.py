@@ -43,6 +43,8 @@ if _SKIP:
     pytestmark.append(pytest.mark.skip(reason=_SKIP))
 
 CONCURRENCY = 6
+# engines on this shared host report late under load; these tests are about pickers dying, not staleness
+PICKER_ARGS = ("--staleness-s", "2")
 STORM_S = 4.0
 
 
@@ -115,7 +117,7 @@ def _kill(proc_of: Callable[[], list[object]]) -> Callable[[], None]:
 def _report(outcomes: list[Outcome]) -> str:
     bad = [o for o in outcomes if not o.complete]
     return (f"{len(outcomes)} requests, {len(bad)} failed: "
-            f"{[(round(o.start, 3), round(o.end, 3), o.status, o.detail) for o in bad]}")
+            f"{[(round(o.start, 3), round(o.end, 3), o.status, o.detail[:100]) for o in bad[:8]]}")
 
 
 @pytest.fixture
@@ -125,12 +127,12 @@ def engines(nats_server: ServerProcess, tmp_path: Path) -> Iterator[list[Engine]
 
 @pytest.fixture
 def fail_open(nats_server: ServerProcess, tmp_path: Path) -> Iterator[Gateway]:
-    yield from _gateway(nats_server.url, tmp_path, 3, failure_mode=FailureMode.FAIL_OPEN)
+    yield from _gateway(nats_server.url, tmp_path, 3, *PICKER_ARGS, failure_mode=FailureMode.FAIL_OPEN)
 
 
 @pytest.fixture
 def fail_close(nats_server: ServerProcess, tmp_path: Path) -> Iterator[Gateway]:
-    yield from _gateway(nats_server.url, tmp_path, 3, failure_mode=FailureMode.FAIL_CLOSE)
+    yield from _gateway(nats_server.url, tmp_path, 3, *PICKER_ARGS, failure_mode=FailureMode.FAIL_CLOSE)
 
 
 def _ready(gw: Gateway, engines: list[Engine]) -> None:

@@ -132,6 +132,29 @@ def test_no_hit_lru_with_cold_below_treats_a_shared_template_block_as_cold() -> 
     assert ours.score(cycle(state, chat(1)), cands(state)) is None  # group 1 itself is warm (10 of 10)
 
 
+@pytest.mark.parametrize(("holder", "prefer", "expected"), [
+    ("e1", True, [0.5, 1.0, 0.0]),  # e1 shares a leading block with the new group: it leads
+    ("e1", False, [1.0, 0.5, 0.0]),  # plain recency (llm-d)
+    ("e2", True, [1.0, 0.5, 0.0]),  # the holder took the last cold request itself: spreading wins
+])
+def test_no_hit_lru_prefers_a_partial_holder_unless_it_took_the_last_cold_request(
+        holder: str, prefer: bool, expected: list[float]) -> None:
+    from shared.core.routing.domain import RouteRequest
+    from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
+
+    state = pool(met(), met(), met())
+    family = [7] * 16  # the one leading block a family of prompts shares
+
+    def chat(group: int) -> RouteRequest:
+        return RouteRequest(f"g{group}", "m", token_ids=family + [group * 1000 + i for i in range(144)])
+
+    state.remember(holder, cycle(state, chat(1)).chain.all())
+    s = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3, prefer_partial=prefer))
+    for eid in ("e0", "e1", "e2"):  # each took a cold request: e0 least recently, e2 last
+        s.picked(cycle(state), state.endpoints[eid])
+    assert s.score(cycle(state, chat(2)), cands(state)) == expected  # group 2: 1 of 10 blocks cached: cold
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5])
 def test_no_hit_lru_cold_below_is_a_fraction(bad: float) -> None:
     from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
