@@ -127,8 +127,10 @@ def _model_to_metadata() -> dict[str, Any]:
 
 def _epp_retry_policy(o: EnvoyOptions) -> dict[str, Any]:
     """Retries of an ext_proc stream on another replica. Envoy buffers what it sent on the stream, so a
-    stream refused at connect, or reset before the picker sent anything back (its process died while
-    deciding), is replayed whole on another replica; after the picker's first answer nothing is retried."""
+    stream refused at connect (the replica is gone but not yet ejected), or reset before the picker's first
+    answer, is replayed whole on another replica; once the picker has answered the request headers nothing
+    is retried (a replica dying while it decides on the body fails that one request, or, FailOpen, lets
+    Envoy route it)."""
     return {"retry_on": "connect-failure,refused-stream,reset,unavailable", "num_retries": o.epp_retries,
             "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
             "retry_host_predicate": [_typed("envoy.retry_host_predicates.previous_hosts",

@@ -106,6 +106,12 @@ class Gateway:
         text = httpx.get(f"http://127.0.0.1:{self.admin_port}/clusters", timeout=5).text
         return re.findall(r"^gantry_epp::[\d.:]+::health_flags::(\S+)$", text, re.M)
 
+    def envoy_stats(self, prefix: str) -> dict[str, int]:
+        """Envoy's counters whose names start with ``prefix`` (admin API)."""
+        text = httpx.get(f"http://127.0.0.1:{self.admin_port}/stats", params={"filter": f"^{prefix}"},
+                         timeout=5).text
+        return {k: int(v) for k, v in re.findall(r"^(\S+): (\d+)$", text, re.M)}
+
     @property
     def picker(self) -> subprocess.Popen[bytes]:
         return self.pickers[0]
@@ -324,7 +330,9 @@ def test_killed_picker_replica_requests_keep_flowing_through_the_others(gateway3
 
     results = asyncio.run(drive())
     failed = [(round(t, 2), code, why) for t, code, why in results if code != 200]
-    print("requests refused after the picker kill:", failed)
+    stats = gateway3.envoy_stats("cluster.gantry_epp.")
+    print("requests refused after the picker kill:", failed, {k: v for k, v in stats.items()
+                                                              if "retry" in k or "ejections_enforced_total" in k})
     # a stream that cannot reach the dead replica is retried on a live one, and the first refused connection
     # ejects it: not one request fails (test_gateway_failover.py kills replicas mid-stream)
     assert not failed, failed

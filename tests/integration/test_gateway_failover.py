@@ -114,6 +114,13 @@ def _kill(proc_of: Callable[[], list[object]]) -> Callable[[], None]:
     return kill
 
 
+def _epp_stats(gw: Gateway) -> dict[str, int]:
+    """Envoy's retries of ext_proc streams and ejections of picker replicas (printed beside the outcome)."""
+    return {k.removeprefix("cluster.gantry_epp."): v for k, v in gw.envoy_stats("cluster.gantry_epp.").items()
+            if k.endswith(("upstream_rq_retry", "upstream_rq_retry_success", "ejections_enforced_total",
+                           "upstream_cx_connect_fail"))}
+
+
 def _report(outcomes: list[Outcome]) -> str:
     bad = [o for o in outcomes if not o.complete]
     return (f"{len(outcomes)} requests, {len(bad)} failed: "
@@ -152,7 +159,7 @@ def test_fail_open_a_picker_killed_mid_stream_fails_no_request(fail_open: Gatewa
     _ready(fail_open, engines)
     outcomes, _ = storm(fail_open.url, _kill(lambda: [fail_open.pickers[0]]),
                         kill_after=random.uniform(0.8, 1.6))
-    print(_report(outcomes))
+    print(_report(outcomes), _epp_stats(fail_open))
     assert fail_open.pickers[0].poll() is not None  # it really died, mid-storm
     assert sum(o.start > 0 for o in outcomes) >= 10  # requests kept coming after the kill
     assert all(o.complete for o in outcomes), _report(outcomes)
@@ -163,7 +170,7 @@ def test_fail_close_only_streams_the_killed_picker_held_fail(fail_close: Gateway
     _ready(fail_close, engines)
     outcomes, _ = storm(fail_close.url, _kill(lambda: [fail_close.pickers[0]]),
                         kill_after=random.uniform(0.8, 1.6))
-    print(_report(outcomes))
+    print(_report(outcomes), _epp_stats(fail_close))
     assert fail_close.pickers[0].poll() is not None
     after = [o for o in outcomes if o.start > 0]
     assert len(after) >= 10
