@@ -1,4 +1,4 @@
-"""Drives one :class:`Engine` in real time: sleeps ``t_step / speedup`` per step, streams tokens out.
+"""Drives one :class:`Engine` in real time: each step lasts ``t_step / speedup``, then its tokens stream out.
 
 The engine's clock is model time: ``(monotonic − start) × speedup``. Requests, aborts and metrics reads
 happen between steps, never inside one (aborts that arrive mid-step are applied after it). A request that
@@ -6,9 +6,12 @@ arrives while a step is in flight joins the next step at the earliest, which sta
 ends; if the loop is late (the in-flight step's end has passed in wall time), the request arrives, in the
 engine's clock, at that end: the engine's clock is then behind the wall clock and says so (lag metric).
 
-Tokens leave in one pass per step: the loop hands each sampled token to its stream's :class:`TokenSink`,
-which (for an HTTP stream) writes the pre-encoded SSE chunk straight to the connection. No task wakes up per
-token; the HTTP handler of a stream wakes once at the start and once at the end.
+Steps are a chain of event-loop timer callbacks: a step is scheduled, a timer is armed for its end, and
+that callback emits the step's tokens and schedules the next step at once, so a busy engine costs one
+event-loop wake-up per step and no task, future or sleep. Tokens leave in one pass per step: the callback
+hands each sampled token to its stream's :class:`TokenSink`, which (for an HTTP stream) writes the
+pre-encoded SSE chunk straight to the connection. No task wakes up per token; the HTTP handler of a stream
+wakes once at the start and once at the end.
 
 When the process cannot keep up (CPU-starved, or too many streams), steps end later in wall time than the
 model says: the **emulated-clock lag** (wall time of a step's token emission minus its model deadline) is
@@ -18,7 +21,6 @@ recorded, and a warning is logged when a step falls more than ``MAX_LAG_S`` behi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.engine_server.figures import ClockLag, RequestHistograms
-from shared.core.engine import Engine, FinishReason, Request, RequestStatus
+from shared.core.engine import Engine, FinishReason, Request, RequestStatus, StepOutput
 
 log = logging.getLogger("gantry.engine_server")
 
@@ -90,9 +92,12 @@ class EngineRunner:
         self.streams: dict[str, Stream] = {}
         self.hists = RequestHistograms()
         self.lag = ClockLag()
-        self._wake = asyncio.Event()
         self._aborts: list[Request] = []
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.Handle | None = None  # the one callback pending: a step's end, a wake-up or a kick
+        self._step: tuple[StepOutput, float, float, float, float] | None = None  # in flight: out, start, d, ...
+        self._parked = False  # nothing could run although requests wait (remote KV): the clock catches up on wake
+        self._idle_wakeup: float | None = None  # while parked: when the next KV transfer completes (model time)
         self._next_uid = 0
         self._in_flight_end = -1.0  # model time the in-flight step ends; -1 while no step is in flight
         self._prev_end = -1.0  # model time the previous step's tokens went out
@@ -103,16 +108,19 @@ class EngineRunner:
         return (self.clock() - self.t0) * self.speedup
 
     def start(self) -> None:
-        """Start the step loop on the running event loop."""
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="engine-loop")
+        """Start stepping on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._kick()
 
     async def stop(self) -> None:
-        """Stop the step loop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop stepping (a step in flight is dropped: its tokens never go out)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._loop = None
+        self._step = None
+        self._parked = False
+        self._in_flight_end = -1.0
 
     def submit(self, req: Request, sink: TokenSink) -> Stream:
         """Enqueue ``req`` arriving now; raises ValueError if the engine cannot serve it."""
@@ -124,7 +132,7 @@ class EngineRunner:
         self._next_uid += 1
         st = Stream(req, sink)
         self.streams[req.req_id] = st
-        self._wake.set()
+        self._kick()
         return st
 
     def abort(self, req: Request) -> None:
@@ -133,65 +141,96 @@ class EngineRunner:
         if st is None or st.done:
             return
         self._aborts.append(req)
-        self._wake.set()
+        self._kick()
 
-    async def _loop(self) -> None:
-        eng = self.engine
-        while True:
-            if self._aborts:
-                self._apply_aborts()
-            if not eng.has_work():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            # Busy steps chain back to back in model time and the sleeps aim at absolute deadlines, so timer
-            # overshoot is caught up on the next step; only a loop that falls behind by more than
-            # MAX_LAG_S of wall time (overload) resynchronises, and then its steps honestly start late.
+    # -- the step chain ---------------------------------------------------------------------------------
+    # One callback per step, at its end: the end of a step emits its tokens and starts the next one at once.
+    # No task or future per step: a wake-up of the event loop costs tens of µs of CPU on a shared VM, and an
+    # asyncio.sleep added a task switch and a future on top of the timer.
+    def _kick(self) -> None:
+        """Work may have arrived: start a step soon unless one is in flight or already due."""
+        loop = self._loop
+        if loop is None or self._step is not None:
+            return
+        handle = self._handle
+        if handle is not None:
+            if not self._parked:
+                return  # a kick is already pending
+            handle.cancel()  # parked on a KV transfer: a new request may run before it completes
+        self._handle = loop.call_soon(self._wake_up)
+
+    def _wake_up(self) -> None:
+        """End of an idle wait (a request came, or a KV transfer completed): catch the clock up, then step."""
+        self._handle = None
+        if self._parked:
+            self._parked = False
+            wakeup, self._idle_wakeup = self._idle_wakeup, None
             now = self.model_now()
-            if eng.now < now - MAX_LAG_S * self.speedup:
-                self._fell_behind((now - eng.now) / self.speedup)
-                eng.now = now
-            start = eng.now
-            w0 = self.clock()
-            out, d = eng.schedule_step()
-            if not out.scheduled:
-                eng.finish_step(out, start, 0.0)
-                for flush in self.on_flush:
-                    flush()
-                await self._idle_until(eng.scheduler.next_wakeup())
-                continue
-            deadline = self.t0 + (start + d) / self.speedup
-            w1 = self.clock()
-            self._in_flight_end = start + d
-            try:
-                await asyncio.sleep(deadline - w1 if deadline > w1 else 0)
-            finally:
-                self._in_flight_end = -1.0
-            w2 = self.clock()
-            finished = eng.finish_step(out, start, d)
-            self._emit(out.sampling, start + d)
-            for req in finished:
-                self._close(req)
+            eng = self.engine
+            target = now if wakeup is None else min(now, wakeup)
+            if target > eng.now:
+                eng.now = target
+        self._begin()
+
+    def _begin(self) -> None:
+        """Apply aborts, then schedule the next step and arm the timer for its end (or go idle)."""
+        if self._aborts:
+            self._apply_aborts()
+        eng = self.engine
+        if not eng.has_work():
+            return  # idle until submit() kicks
+        # Busy steps chain back to back in model time and the timers aim at absolute deadlines, so timer
+        # overshoot is caught up on the next step; only a loop that falls behind by more than MAX_LAG_S of
+        # wall time (overload) resynchronises, and then its steps honestly start late.
+        now = self.model_now()
+        if eng.now < now - MAX_LAG_S * self.speedup:
+            self._fell_behind((now - eng.now) / self.speedup)
+            eng.now = now
+        start = eng.now
+        w0 = self.clock()
+        out, d = eng.schedule_step()
+        loop = self._loop
+        assert loop is not None
+        if not out.scheduled:
+            eng.finish_step(out, start, 0.0)
             for flush in self.on_flush:
                 flush()
-            self.hists.iteration_tokens.observe(out.num_tokens)
-            w3 = self.clock()
-            lag = self.lag
-            lag.record(w3 - deadline)
-            lag.busy_s += (w1 - w0) + (w3 - w2)
-            lag.steps += 1
+            # nothing can run (every request waits for remote KV): park until a request comes or a transfer ends
+            wakeup = eng.scheduler.next_wakeup()
+            self._parked = True
+            if wakeup is not None:
+                self._idle_wakeup = wakeup
+                self._handle = loop.call_later(max(self.t0 + wakeup / self.speedup - self.clock(), 0.0),
+                                               self._wake_up)
+            return
+        deadline = self.t0 + (start + d) / self.speedup
+        w1 = self.clock()
+        self._in_flight_end = start + d
+        self._step = (out, start, d, deadline, w1 - w0)
+        self._handle = loop.call_later(deadline - w1 if deadline > w1 else 0.0, self._end)
 
-    async def _idle_until(self, wakeup: float | None) -> None:
-        """Nothing can run (every request waits for remote KV): sleep until a request comes or a transfer ends."""
-        self._wake.clear()
-        timeout = None if wakeup is None else max(self.t0 + wakeup / self.speedup - self.clock(), 0.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        now = self.model_now()
-        eng = self.engine
-        target = now if wakeup is None else min(now, wakeup)
-        if target > eng.now:
-            eng.now = target
+    def _end(self) -> None:
+        """The in-flight step's time is up: its tokens go out, finished requests close, the next step starts."""
+        step = self._step
+        assert step is not None
+        self._handle = None
+        self._in_flight_end = -1.0
+        out, start, d, deadline, busy = step
+        w2 = self.clock()
+        finished = self.engine.finish_step(out, start, d)
+        self._emit(out.sampling, start + d)
+        for req in finished:
+            self._close(req)
+        for flush in self.on_flush:
+            flush()
+        self.hists.iteration_tokens.observe(out.num_tokens)
+        w3 = self.clock()
+        lag = self.lag
+        lag.record(w3 - deadline)
+        lag.busy_s += busy + (w3 - w2)
+        lag.steps += 1
+        self._step = None  # only now: an abort raised while emitting must not kick a second chain
+        self._begin()
 
     def _fell_behind(self, lag_s: float) -> None:
         lag = self.lag

@@ -26,6 +26,7 @@ TRANSPORT_KEY = "gantry.transport"
 """ASGI scope extension holding the connection's asyncio transport."""
 
 _DONE = b"data: [DONE]\n\n"
+_compact = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=...) builds an encoder per call
 
 
 def usage(req: Request, completion: int) -> dict[str, Any]:
@@ -38,8 +39,8 @@ def usage(req: Request, completion: int) -> dict[str, Any]:
 class SseSink:
     """One streamed request: encodes its tokens as OpenAI chunks and writes them out (a TokenSink)."""
 
-    __slots__ = ("_conn", "_event", "_frames", "_head", "_pending", "_tail", "_transport", "chat", "created", "done",
-                 "eos", "include_usage", "kind", "model", "pieces", "produced", "rid")
+    __slots__ = ("_conn", "_event", "_fixed", "_frames", "_head", "_pending", "_tail", "_transport", "chat", "created",
+                 "done", "eos", "include_usage", "kind", "model", "pieces", "produced", "rid")
 
     def __init__(self, rid: str, model: str, created: int, chat: bool, include_usage: bool,
                  pieces: Callable[[int], bytes], eos: int) -> None:
@@ -55,8 +56,7 @@ class SseSink:
         self._pending: list[tuple[Conn, bytes, bool]] = []
         self._frames: list[bytes] = []
         self._event: asyncio.Event | None = None
-        head = json.dumps({"id": rid, "object": self.kind, "created": created, "model": model},
-                          separators=(",", ":"))[:-1].encode()
+        head = _compact({"id": rid, "object": self.kind, "created": created, "model": model})[:-1].encode()
         if chat:
             pre, post = head + b',"choices":[{"index":0,"delta":{"content":', b'},"logprobs":null,'
         else:
@@ -64,6 +64,7 @@ class SseSink:
         post += b'"finish_reason":null}]' + (b',"usage":null}' if include_usage else b"}")
         self._head = b"data: " + pre
         self._tail = post + b"\n\n"
+        self._fixed = len(self._head) + len(self._tail)  # a token's frame is this plus its text
         if chat:
             self._write(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}]))
@@ -77,8 +78,9 @@ class SseSink:
                 return False
             if token_id != self.eos:
                 self.produced += 1
-                frame = self._head + self.pieces(token_id) + self._tail
-                self._pending.append((conn, b"%x\r\n%b\r\n" % (len(frame), frame), False))
+                piece = self.pieces(token_id)
+                self._pending.append((conn, b"%x\r\n%b%b%b\r\n" % (self._fixed + len(piece), self._head, piece,
+                                                                        self._tail), False))
             return True
         t = self._transport
         if t is not None and t.is_closing():
@@ -123,7 +125,7 @@ class SseSink:
                                 "choices": choices}
         if self.include_usage:
             body["usage"] = use
-        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+        return b"data: " + _compact(body).encode() + b"\n\n"
 
     def _write(self, data: bytes) -> None:
         t = self._transport

@@ -113,6 +113,9 @@ class RooflineParams:
     host_s: float | None = None
 
 
+_FIXED_MEMO_MAX = 4096
+
+
 class RooflineStepTime:
     """The per-operator roofline step-time model for one model on ``tp`` GPUs of one type."""
 
@@ -126,6 +129,7 @@ class RooflineStepTime:
         "_ar_tok",
         "_e0",
         "_e1",
+        "_fixed_memo",
         "_g_c",
         "_g_exp",
         "_g_m",
@@ -155,6 +159,7 @@ class RooflineStepTime:
             raise ValueError("tp must be >= 1")
         p = params or RooflineParams()
         self.model, self.gpu, self.tp, self.params = model, gpu, tp, p
+        self._fixed_memo: dict[tuple[int, int, int], float] = {}
         eff = efficiencies or (calibration_for(gpu.key) if p.calibrated else None)
         if eff is None:
             eff = OperatorEfficiencies(
@@ -231,6 +236,18 @@ class RooflineStepTime:
                 "host": self._ov}
 
     def _fixed(self, num_tokens: int, num_reqs: int, num_sampling: int) -> float:
+        # a real-time driver asks for the same batch shape step after step (decode): remember the last few
+        # thousand shapes rather than redo the powers and roots
+        key = (num_tokens, num_reqs, num_sampling)
+        memo = self._fixed_memo
+        t = memo.get(key)
+        if t is None:
+            if len(memo) >= _FIXED_MEMO_MAX:
+                memo.clear()
+            t = memo[key] = self._fixed_uncached(num_tokens, num_reqs, num_sampling)
+        return t
+
+    def _fixed_uncached(self, num_tokens: int, num_reqs: int, num_sampling: int) -> float:
         c = self._g_c * num_tokens
         m = self._g_m
         if self._n_exp:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import openai
@@ -143,3 +145,104 @@ async def test_kv_transfer_params_are_ignored_by_a_mixed_server_and_refused_by_a
             assert r.json()["usage"]["completion_tokens"] == 3 and "kv_transfer_params" not in r.json()
         else:
             assert "prefill-only" in r.json()["error"]["message"]
+
+
+def _count_short_way(app: Any) -> list[str]:
+    """Record each request the short way hands to an endpoint (FastAPI calls the endpoints unwrapped)."""
+    calls: list[str] = []
+    for path, (model, endpoint) in list(app.fast_routes.items()):
+        async def counted(body: Any, endpoint: Any = endpoint, path: str = path) -> Any:
+            calls.append(path)
+            return await endpoint(body)
+        app.fast_routes[path] = (model, counted)
+    return calls
+
+
+_BAD_BODIES: list[tuple[str, str, bytes, str, str]] = [
+    # (path, content type, body, what the 400 names, case)
+    ("/v1/completions", "application/json", b'{"prompt": [1, 2', "JSON decode error", "truncated JSON"),
+    ("/v1/completions", "application/json", b'{"prompt": [1, 2], "max_tokens": 0}', "max_tokens", "max_tokens 0"),
+    ("/v1/completions", "application/json", b'{"max_tokens": 3}', "prompt: Field required", "no prompt"),
+    ("/v1/completions", "application/json", b'{"prompt": {"a": 1}}', "prompt", "prompt of the wrong type"),
+    ("/v1/completions", "application/json", b'[1, 2, 3]', "valid dictionary", "not an object"),
+    ("/v1/completions", "application/json", b"\xff\xfe{", "error parsing the body", "not UTF-8"),
+    ("/v1/completions", "text/plain", b'{"prompt": [1, 2], "max_tokens": 2}', "valid dictionary", "not JSON typed"),
+    ("/v1/chat/completions", "application/json", b'{"messages": []}', "messages", "no messages"),
+    ("/v1/chat/completions", "application/json", b'{"messages": [{"content": "x"}]}', "role", "message without role"),
+]
+
+
+@pytest.mark.parametrize(("path", "ctype", "body", "names", "case"), _BAD_BODIES, ids=[b[-1] for b in _BAD_BODIES])
+async def test_a_bad_generation_request_gets_the_same_clear_400_as_through_fastapi(
+    path: str, ctype: str, body: bytes, names: str, case: str
+) -> None:
+    from fastapi import FastAPI
+
+    from services.engine_server.server import build
+
+    app, runner = build(ServerOptions(num_gpu_blocks=50, speedup=50.0))
+    short_way = _count_short_way(app)
+    runner.start()
+    try:
+        async def post(asgi: Any) -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://t") as http:
+                return await http.post(path, content=body, headers={"content-type": ctype})
+
+        got = await post(app)
+        fastapi_only = await post(lambda s, r, snd: FastAPI.__call__(app, s, r, snd))  # the short way skipped
+    finally:
+        await runner.stop()
+        app.state.writer.close()
+    assert got.status_code == 400 and short_way == [], case
+    assert got.json() == fastapi_only.json(), case
+    said = got.json()
+    assert names in (said["error"]["message"] if "error" in said else said["detail"]), case
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_valid_generation_requests_answer_alike_by_the_short_way_and_through_fastapi(
+    path: str, stream: bool
+) -> None:
+    from fastapi import FastAPI
+
+    from services.engine_server.server import build
+
+    app, runner = build(ServerOptions(num_gpu_blocks=50, speedup=50.0, served_model_name="m",
+                                      enable_prefix_caching=False))  # the second request must not hit the cache
+    body: dict[str, Any] = {"max_tokens": 4, "ignore_eos": True, "stream": stream, "model": "m",
+                            "stream_options": {"include_usage": True} if stream else None}
+    body |= {"messages": [{"role": "user", "content": "hi there"}]} if "chat" in path else {"prompt": "hi there"}
+    short_way = _count_short_way(app)
+    runner.start()
+    try:
+        async def post(asgi: Any) -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://t") as http:
+                return await http.post(path, json=body)
+
+        got = await post(app)
+        fastapi_only = await post(lambda s, r, snd: FastAPI.__call__(app, s, r, snd))
+    finally:
+        await runner.stop()
+        app.state.writer.close()
+    assert got.status_code == fastapi_only.status_code == 200
+    assert short_way == [path]  # the first went the short way, the second through FastAPI
+    assert got.headers["content-type"] == fastapi_only.headers["content-type"]
+
+    def shape(r: httpx.Response) -> Any:
+        """The answer without its id and creation time."""
+        if not stream:
+            return {k: v for k, v in r.json().items() if k not in ("id", "created")}
+        events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+        return [e if e == "[DONE]" else {k: v for k, v in json.loads(e).items() if k not in ("id", "created")}
+                for e in events]
+
+    a, b = shape(got), shape(fastapi_only)
+    if stream:
+        assert len(a) == len(b) and a[-1] == b[-1] == "[DONE]"
+        assert [e["choices"][0]["finish_reason"] if e["choices"] else None for e in a[:-1]] == \
+            [e["choices"][0]["finish_reason"] if e["choices"] else None for e in b[:-1]]
+        assert a[-2]["usage"] == b[-2]["usage"]
+    else:
+        assert a.keys() == b.keys() and a["usage"] == b["usage"] and a["model"] == b["model"] == "m"
+        assert a["choices"][0]["finish_reason"] == b["choices"][0]["finish_reason"] == "length"

@@ -221,3 +221,38 @@ async def test_streams_work_over_both_http_parsers(protocol: str, monkeypatch: p
         assert lines[-1] == "[DONE]"
         texts = [json.loads(x)["choices"][0]["text"] for x in lines[:-1]]
         assert len("".join(texts).split()) == 12
+
+
+class _GoneAfterFirst(CollectSink):
+    """A client that hangs up as its first token is written."""
+
+    def token(self, token_id: int) -> bool:
+        super().token(token_id)
+        return False
+
+
+async def test_a_client_gone_while_a_step_emits_does_not_start_a_second_step_chain() -> None:
+    runner = _runner(speedup=1.0)
+    runner.start()
+    stays, leaves, late = CollectSink(), _GoneAfterFirst(), CollectSink()
+    runner.submit(Request("a", [1] * 20, max_tokens=6, ignore_eos=True), stays)
+    runner.submit(Request("b", [2] * 20, max_tokens=6, ignore_eos=True), leaves)
+    assert (await asyncio.wait_for(leaves.done, 5))[0] == "abort"
+    runner.submit(Request("c", [3] * 20, max_tokens=3, ignore_eos=True), late)  # a kick while a step is in flight
+    await asyncio.wait_for(asyncio.gather(stays.done, late.done), 5)
+    await runner.stop()
+    assert len(leaves.token_ids) == 1 and len(stays.token_ids) == 6 and len(late.token_ids) == 3
+    assert runner.lag.steps == 6  # c rode along a's steps; no step ran twice or in parallel
+
+
+async def test_a_stopped_runner_runs_no_more_steps() -> None:
+    runner = _runner(speedup=1.0)
+    runner.start()
+    sink = CollectSink()
+    runner.submit(Request("a", [1] * 20, max_tokens=50, ignore_eos=True), sink)
+    while not sink.token_ids:
+        await asyncio.sleep(0.005)
+    await runner.stop()
+    steps = runner.lag.steps
+    await asyncio.sleep(3 * STEP_S)
+    assert runner.lag.steps == steps and not sink.done.done()
