@@ -5,7 +5,8 @@ four placement services, emulated workers) under a temporary GANTRY_HOME on free
 ``gantry models``, ``workers``, ``instances``, ``explain llama-8b`` (and ``--version`` and a bare interpreter as
 floors) as a fresh process ``--runs`` times after one warm-up (which caches the bytecode, as an operator's first
 call does), and reports the median wall time and the median CPU time (user + system of the child) of each. Every
-run must exit 0.
+run must exit 0. Beside them, the import time of each command (``python -X importtime``: the sum over top-level
+imports, the least of five runs), which a shared machine disturbs least.
 
 Run: ``.venv/bin/python bench/cli.py [--runs 9]``. Writes docs/benchmarks/cli.{json,png}; the last line printed
 is the JSON summary. On a shared machine compare CPU beside wall: wall includes waiting for a core.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +42,7 @@ COMMANDS: dict[str, list[str]] = {
 }
 FLOORS: dict[str, list[str]] = {"--version": ["--version"]}
 UP_TIMEOUT_S = 240.0
+TOP_IMPORT = re.compile(r"^import time:\s+\d+ \|\s+(\d+) \| \S", re.MULTILINE)  # a top-level import: no indent
 
 
 def stack_env(home: Path) -> dict[str, str]:
@@ -77,14 +80,28 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 def measure(argv: list[str], env: dict[str, str], runs: int) -> dict[str, float]:
-    """Medians (and spread) of ``runs`` timed runs after one warm-up."""
+    """Medians (and spread) of ``runs`` timed runs after one warm-up, and the import time."""
     timed(argv, env)
     samples = [timed(argv, env) for _ in range(runs)]
     walls, cpus = [w for w, _ in samples], [c for _, c in samples]
     return {
         "wall_median_s": round(statistics.median(walls), 3), "wall_min_s": round(min(walls), 3),
         "wall_max_s": round(max(walls), 3), "cpu_median_s": round(statistics.median(cpus), 3),
+        "import_s": import_time(argv, env),
     }
+
+
+def import_time(argv: list[str], env: dict[str, str], tries: int = 5) -> float:
+    """Seconds ``argv`` spends importing (``-X importtime``, top-level imports summed), least of ``tries`` runs."""
+    if argv[0] == GANTRY:  # the console script is a Python file: this interpreter with the flag runs the same call
+        command = [sys.executable, "-X", "importtime", *argv]
+    else:
+        command = [argv[0], "-X", "importtime", *argv[1:]]
+    best = float("inf")
+    for _ in range(tries):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        best = min(best, sum(int(m.group(1)) for m in TOP_IMPORT.finditer(done.stderr)) / 1e6)
+    return round(best, 3)
 
 
 def start_stack(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -144,7 +161,9 @@ def main() -> None:
             for n, (name, argv) in enumerate({**COMMANDS, **FLOORS}.items(), 1):
                 progress(f"[{n}/{len(COMMANDS) + len(FLOORS) + 1}] gantry {' '.join(argv)} x {args.runs}")
                 commands[name] = measure([GANTRY, *argv], env, args.runs)
-                progress(f"    median wall {commands[name]['wall_median_s']} s, CPU {commands[name]['cpu_median_s']} s")
+                got = commands[name]
+                progress(f"    median wall {got['wall_median_s']} s, CPU {got['cpu_median_s']} s, "
+                         f"imports {got['import_s']} s")
             progress(f"[{len(COMMANDS) + len(FLOORS) + 1}/{len(COMMANDS) + len(FLOORS) + 1}] python -c pass")
             commands["python"] = measure([sys.executable, "-c", "pass"], env, args.runs)
             load_after = round(os.getloadavg()[0], 2)
@@ -164,8 +183,8 @@ def main() -> None:
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "cli.json").write_text(json.dumps(result, indent=2) + "\n")
         plot(result, OUT / "cli.png")
-    summary = {name: [c["wall_median_s"], c["cpu_median_s"]] for name, c in commands.items()}
-    print(json.dumps({"bench": "cli", "wall_cpu_median_s": summary, "worst_read_wall_median_s": worst,
+    summary = {name: [c["wall_median_s"], c["cpu_median_s"], c["import_s"]] for name, c in commands.items()}
+    print(json.dumps({"bench": "cli", "wall_cpu_median_import_s": summary, "worst_read_wall_median_s": worst,
                       "meets_target": worst <= TARGET_S, "load": [load_before, load_after]}))
 
 

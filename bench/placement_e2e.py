@@ -125,7 +125,10 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                 continue
             out = args.profile / f"{phase}-{name}.txt"
             spy = str(Path(sys.executable).parent / "py-spy")
-            cmd = [spy, "record", "--format", "raw", "-r", "50", "-d", str(int(seconds)), "-o", str(out),
+            # --gil: only samples holding the GIL (on CPU in Python); without it, idle waits in the event loop
+            # and the metrics thread's select() are sampled as if they were work.
+            cmd = [spy, "record", "--format", "raw", "--gil", "--nonblocking", "-r", "100", "-d", str(int(seconds)),
+                   "-o", str(out),
                    "-p", str(proc.pid)]
             spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return spies

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
+from services.gateway.protocol import STREAMED_RESPONSE_MODE, processing_mode
 
 ENGINES_CLUSTER = "gantry_engines"  # same name as services.gateway.pool.ENGINES_CLUSTER
 EPP_CLUSTER = "gantry_epp"
 DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
+EXT_PROC = "envoy.filters.http.ext_proc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,7 @@ class EnvoyOptions:
     epp_timeout_s: float = 5.0  # one ext_proc message
     retries: int = 2  # further entries of the fallback list
     epp_health_interval_s: float = 0.25  # TCP health check of each picker replica
+    access_log: Path | None = None  # one line of phase timings per request (TIMING_FIELDS), for benchmarks
 
     @property
     def epp_ports(self) -> tuple[int, ...]:
@@ -82,17 +85,15 @@ def _lb_policy() -> dict[str, Any]:
 
 def _ext_proc(o: EnvoyOptions) -> dict[str, Any]:
     return _typed(
-        "envoy.filters.http.ext_proc", "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        EXT_PROC, "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         grpc_service={"envoy_grpc": {"cluster_name": EPP_CLUSTER}, "timeout": f"{o.epp_timeout_s}s"},
         # a replica that stopped answering is dropped from the rotation by the cluster's health checks
         failure_mode_allow=False,  # no picker, no routing: never send blind
         message_timeout=f"{o.epp_timeout_s}s",
-        processing_mode={
-            "request_header_mode": "SEND", "request_body_mode": "BUFFERED",  # a request body is small JSON
-            "request_trailer_mode": "SKIP",
-            "response_header_mode": "SEND", "response_body_mode": "STREAMED",  # chunks pass as they come
-            "response_trailer_mode": "SKIP",
-        },
+        # each message Envoy waits for is a picker round trip on the request's path: see
+        # services.gateway.protocol for what is sent and why (the response body only when the picker asks)
+        processing_mode=processing_mode(),
+        allow_mode_override=True, allowed_override_modes=[STREAMED_RESPONSE_MODE],
         metadata_options={"receiving_namespaces": {"untyped": ["envoy.lb"]}},
     )
 
@@ -113,6 +114,25 @@ def _route(o: EnvoyOptions) -> dict[str, Any]:
     }
 
 
+TIMING_FIELDS = {  # where a request's time goes, in microseconds, as Envoy saw it
+    "total": "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%",
+    "to_upstream": "%COMMON_DURATION(DS_RX_BEG:US_TX_BEG:us)%",  # client's first byte -> sent to the engine
+    "upstream": "%COMMON_DURATION(US_TX_BEG:US_RX_END:us)%",  # engine: first byte sent -> last byte back
+    "to_client": "%COMMON_DURATION(US_RX_END:DS_TX_END:us)%",  # engine's last byte -> client's last byte
+    "epp_request_headers": "%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_header_latency_us)%",
+    "epp_request_body": "%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_body_total_latency_us)%",
+    "epp_response_headers": "%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:response_header_latency_us)%",
+    "epp_response_body": "%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:response_body_total_latency_us)%",
+    "status": "%RESPONSE_CODE%",
+}
+
+
+def _access_log(path: Path) -> list[dict[str, Any]]:
+    fmt = " ".join(TIMING_FIELDS.values()) + "\n"
+    return [_typed("envoy.access_loggers.file", "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                   path=str(path), log_format={"text_format_source": {"inline_string": fmt}})]
+
+
 def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
     """The bootstrap config (v3 API) as a JSON-able dict."""
     hcm = _typed(
@@ -122,6 +142,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
         route_config={"name": "gantry", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [_route(o)]}]},
         http_filters=[_ext_proc(o), _typed("envoy.filters.http.router",
                                            "envoy.extensions.filters.http.router.v3.Router")],
+        **({"access_log": _access_log(o.access_log)} if o.access_log is not None else {}),
     )
     h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

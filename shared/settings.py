@@ -1,7 +1,8 @@
 """Connection and timing settings shared by every service, the CLI and the local stack.
 
 Read from the environment (prefix ``GANTRY_``) so that ``gantry up``, docker-compose and the test
-fixtures configure processes the same way.
+fixtures configure processes the same way. ``shared.envsettings`` reads the same fields without pydantic for
+the CLI's read commands (a unit test holds the two declarations equal): a field added here goes there too.
 
 Input limits are not settings: they are part of the message schema, declared once in
 ``shared/core/limits.py`` and enforced at every boundary. Their defaults, documented there and in
@@ -13,16 +14,12 @@ most 1,000 instances.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.paths import runtime_dir
+from shared.envsettings import CREDENTIALS_FILE, credentials_path, identity_secret, with_user
 
-CREDENTIALS_FILE = "credentials.json"
+__all__ = ["CREDENTIALS_FILE", "Settings", "load_settings"]
 
 
 class Settings(BaseSettings):
@@ -88,28 +85,11 @@ class Settings(BaseSettings):
         # URLs that name a user keep it (explicit wins); otherwise the identity's secret from the file.
         if not self.identity:
             return self
-        secret = _secret(Path(self.credentials_file) if self.credentials_file else runtime_dir() / CREDENTIALS_FILE,
-                         self.identity)
+        secret = identity_secret(credentials_path(self.credentials_file), self.identity)
         if secret is not None:
-            self.nats_url = _with_user(self.nats_url, self.identity, secret)
-            self.redis_url = _with_user(self.redis_url, self.identity, secret)
+            self.nats_url = with_user(self.nats_url, self.identity, secret)
+            self.redis_url = with_user(self.redis_url, self.identity, secret)
         return self
-
-
-def _secret(path: Path, identity: str) -> str | None:
-    try:
-        found = json.loads(path.read_text()).get("identities", {}).get(identity)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return found if isinstance(found, str) else None
-
-
-def _with_user(url: str, user: str, secret: str) -> str:
-    parts = urlsplit(url)
-    if parts.username or not parts.hostname:
-        return url
-    netloc = f"{user}:{secret}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def load_settings() -> Settings:

@@ -7,17 +7,16 @@ with a dedupe id, exactly as any other producer would send them.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
-from ops.cli.common import connect_nats
+from ops.cli.connect import connect_nats
 from ops.cli.errors import CliError
 from ops.cli.inputs import read_input_file, worker_name
 from ops.view import ClusterSnapshot, ModelView
@@ -31,6 +30,8 @@ if TYPE_CHECKING:  # the bus messages load numpy (columns): only commands that s
     import redis.asyncio as aioredis
     from nats.aio.client import Client as NatsClient
 
+    from ops.cli.connect import AnySettings
+    from ops.cli.redis_reader import RedisReader
     from shared.bus.messages import CordonCommand, Message, RemoveWorkerCommand, ScaleCommand
     from shared.core.placement.planner import WorkerRemoval
     from shared.settings import Settings
@@ -44,12 +45,12 @@ def worker_state(worker: Worker, now: float, not_ready_after: float) -> WorkerSt
 
 
 async def read_snapshot(
-    redis: aioredis.Redis, settings: Settings, model: str | None = None, now: float | None = None
+    redis: aioredis.Redis | RedisReader, settings: AnySettings, model: str | None = None, now: float | None = None
 ) -> ClusterSnapshot:
     """Workers (with liveness at ``now``), instances and models, read from the state layer."""
-    store = StateStore(redis)
-    workers, instances, specs, desired = await asyncio.gather(
-        store.workers(), store.instances(model), store.models(), store.desired()
+    store = _store(redis)
+    workers, instances, specs, desired = await _all(
+        redis, store.workers(), store.instances(model), store.models(), store.desired()
     )
     taken_at = time.time() if now is None else now
     states = {w.name: worker_state(w, taken_at, settings.not_ready_after_s) for w in workers}
@@ -64,10 +65,28 @@ async def read_snapshot(
     )
 
 
-async def require_model(redis: aioredis.Redis, name: str) -> ModelSpec | None:
+def _store(redis: aioredis.Redis | RedisReader) -> StateStore:
+    # A RedisReader has the read calls of redis.asyncio.Redis that StateStore's reads make (ops.cli.redis_reader).
+    return StateStore(cast("aioredis.Redis", redis))
+
+
+async def _all(redis: aioredis.Redis | RedisReader, *reads: Awaitable[Any]) -> list[Any]:
+    """The results of ``reads``: gathered on redis-py, so that a cancel (Ctrl-C in `gantry up`'s status loop) ends
+    them at once, never reaching into redis-py, which can turn it into an error a caller would catch; one after
+    the other on a RedisReader, which runs without an event loop (the read commands' fast path)."""
+    if getattr(redis, "blocking", False):
+        return [await read for read in reads]
+    import asyncio
+
+    return list(await asyncio.gather(*reads))
+
+
+async def require_model(redis: aioredis.Redis | RedisReader, name: str) -> ModelSpec | None:
     """The model's spec; a CliError naming the known models if Gantry has never heard of it."""
-    store = StateStore(redis)
-    spec, desired = await asyncio.gather(store.model(name), store.desired())
+    store = _store(redis)
+    found = await _all(redis, store.model(name), store.desired())
+    spec: ModelSpec | None = found[0]
+    desired: dict[str, int] = found[1]
     if spec is None and name not in desired:
         known = ", ".join(sorted(desired)) or "none deployed yet"
         raise CliError(f"unknown model {name!r} (known: {known}); deploy it with `gantry deploy FILE.yaml`")
@@ -92,6 +111,8 @@ async def wait_for(
             return snapshot
         if time.monotonic() >= deadline:
             raise TimeoutError
+        import asyncio
+
         await asyncio.sleep(interval)
 
 
@@ -249,7 +270,7 @@ async def send_cordon(nc: NatsClient, command: CordonCommand) -> int:
 async def deploy_files(settings: Settings, files: Iterable[Path], confirm_timeout: float = 15.0) -> list[ModelSpec]:
     """Validate every file first, publish one scale command per model (with its spec), and return once
     the reconciler has recorded every spec, so a `gantry scale` right after a deploy finds the model."""
-    from ops.cli.common import connect_redis
+    from ops.cli.connect import connect_redis
 
     specs = [load_spec(path) for path in files]
     redis = await connect_redis(settings)
@@ -279,6 +300,8 @@ async def _confirm_recorded(store: StateStore, specs: Sequence[ModelSpec], timeo
                 f"sent, but the reconciler has not recorded {', '.join(sorted(waiting))} within {timeout:g}s "
                 "(is it running? `gantry events --dead-letters` shows rejected commands)"
             )
+        import asyncio
+
         await asyncio.sleep(0.1)
 
 
@@ -307,7 +330,7 @@ async def with_both(
     settings: Settings, fn: Callable[[NatsClient, aioredis.Redis], Awaitable[object]]
 ) -> object:
     """Run ``fn`` with a NATS and a Redis connection, closing both afterwards."""
-    from ops.cli.common import connect_redis
+    from ops.cli.connect import connect_redis
 
     redis = await connect_redis(settings)
     try:

@@ -1,38 +1,36 @@
-"""What every CLI command shares: connection settings, fail-fast connections and output helpers.
-
-Connection settings come from flags first, then ``GANTRY_*`` environment variables (the same
-``shared.settings.Settings`` the services read), then the defaults that ``gantry up`` listens on.
-Connections use a short timeout and no reconnect loop, so a stopped stack is reported in one line
-instead of a hang or a traceback.
+"""What every CLI command shares: its connection options, and (from ``ops.cli.connect``, which has no typer)
+settings, fail-fast connections and output helpers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import os
-import sys
 from collections.abc import Awaitable, Callable
-from types import ModuleType
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Annotated, TypeVar
 
 import typer
 
-from ops.cli.errors import CliError
-from shared.paths import runtime_dir
+from ops.cli.connect import (
+    CONNECT_TIMEOUT_S,
+    STACK_HINT,
+    connect_nats,
+    connect_redis,
+    connection_settings,
+    console,
+    import_nats,
+    load,
+    print_json,
+    redact,
+    run_async,
+)
+from ops.cli.errors import Interrupted
+from ops.cli.output import echo
 
-if TYPE_CHECKING:  # imported where used: a CLI call loads only what its command needs (issue 17)
-    import redis.asyncio as aioredis
-    from nats.aio.client import Client as NatsClient
-    from rich.console import Console
-
-    from shared.settings import Settings
+__all__ = [
+    "CONNECT_TIMEOUT_S", "STACK_HINT", "JsonFlag", "NatsUrl", "RedisUrl", "connect_nats", "connect_redis",
+    "connection_settings", "console", "echo", "import_nats", "load", "print_json", "redact", "run",
+]
 
 T = TypeVar("T")
-
-CONNECT_TIMEOUT_S = 2.0
 
 NatsUrl = Annotated[
     str | None,
@@ -44,147 +42,10 @@ RedisUrl = Annotated[
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of a table")]
 
-STACK_HINT = "is the stack running? start it with `gantry up` (or set --nats-url/--redis-url)"
-
-
-def load(nats_url: str | None = None, redis_url: str | None = None) -> Settings:
-    """Settings with any flag overrides applied; invalid environment values become a CliError."""
-    from pydantic import ValidationError
-
-    from shared.settings import Settings
-
-    overrides: dict[str, Any] = {}
-    if not os.environ.get("GANTRY_IDENTITY"):
-        overrides["identity"] = "cli"  # the operator's identity from `gantry up`'s credentials (ops.auth)
-    ca = runtime_dir() / "tls" / "ca.pem"  # `gantry up --tls`'s CA (harmless to a server without TLS)
-    if not os.environ.get("GANTRY_TLS_CA_FILE") and ca.exists():
-        overrides["tls_ca_file"] = str(ca)
-    if nats_url:
-        overrides["nats_url"] = nats_url
-    if redis_url:
-        overrides["redis_url"] = redis_url
-    try:
-        return Settings(**overrides)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise CliError(f"invalid setting GANTRY_{field.upper()}: {first['msg']}", exit_code=2) from None
-
-
-async def connect_nats(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -> NatsClient:
-    """A NATS connection, or a one-line CliError if the server cannot be reached quickly."""
-    nats = import_nats(settings.nats_url)
-
-    from shared.bus.connection import nats_options
-
-    async def _quiet(_: Exception) -> None:
-        return None
-
-    # nats-py keeps retrying a refused connection until its own timeout; a plain TCP probe first turns
-    # "nothing listens there" into an immediate, precise answer.
-    await _probe(settings.nats_url, 4222, "NATS", timeout)
-    try:
-        return await asyncio.wait_for(
-            nats.connect(
-                settings.nats_url,
-                connect_timeout=max(1, int(timeout)),
-                allow_reconnect=False,
-                max_reconnect_attempts=0,
-                error_cb=_quiet,
-                **nats_options(settings),
-            ),
-            timeout=timeout + 1,
-        )
-    except (TimeoutError, OSError, nats.errors.Error) as err:
-        raise CliError(f"cannot reach NATS at {redact(settings.nats_url)} ({_short(err)}): {STACK_HINT}") from None
-
-
-def import_nats(url: str) -> ModuleType:
-    """The nats package; unless ``url`` is a websocket URL, without its optional websocket transport, whose
-    aiohttp import is a third of a CLI call's CPU. aiohttp stays importable for anything else afterwards."""
-    if "nats" in sys.modules or urlsplit(url).scheme in ("ws", "wss") or "aiohttp" in sys.modules:
-        import nats
-
-        return nats
-    sys.modules["aiohttp"] = None  # type: ignore[assignment]  # nats.aio.transport then skips it
-    try:
-        import nats
-        import nats.js
-    finally:
-        del sys.modules["aiohttp"]
-    return nats
-
-
-async def _probe(url: str, default_port: int, what: str, timeout: float) -> None:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError) as err:
-        reason = "connection refused" if isinstance(err, ConnectionRefusedError) else _short(err)
-        shown = redact(url)
-        raise CliError(f"cannot reach {what} at {shown} ({reason}): {STACK_HINT}") from None
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-
-
-async def connect_redis(settings: Settings, timeout: float = CONNECT_TIMEOUT_S) -> aioredis.Redis:
-    """A Redis connection that answered PING, or a one-line CliError."""
-    import redis.asyncio as aioredis
-    import redis.exceptions
-
-    client: aioredis.Redis = aioredis.from_url(
-        settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout + 3
-    )
-    try:
-        await client.ping()
-    except Exception as err:  # redis raises several unrelated types for "not there"
-        await client.aclose()
-        if isinstance(err, ConnectionRefusedError | redis.exceptions.ConnectionError) and "111" in str(err):
-            err = ConnectionRefusedError("connection refused")
-        raise CliError(
-            f"cannot reach Redis at {redact(settings.redis_url)} ({_short(err)}): {STACK_HINT}"
-        ) from None
-    return client
-
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run one command's coroutine; Ctrl-C ends it quietly with the conventional exit code."""
     try:
-        return asyncio.run(_as_coro(coro_fn))
-    except KeyboardInterrupt:
+        return run_async(coro_fn)
+    except Interrupted:
         raise typer.Exit(130) from None
-
-
-async def _as_coro(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    return await coro_fn()
-
-
-def print_json(data: Any) -> None:
-    """Print ``data`` (msgspec structs, dicts, lists) as indented JSON on stdout."""
-    import msgspec
-
-    typer.echo(json.dumps(msgspec.to_builtins(data), indent=2, sort_keys=True))
-
-
-def console() -> Console:
-    """The console tables are printed on (wide enough not to wrap in captured output)."""
-    from rich.console import Console
-
-    return Console(highlight=False, soft_wrap=True, width=max(120, Console().width))
-
-
-def _short(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:120]
-
-
-def redact(url: str) -> str:
-    """A server URL with its password hidden (passwords never go to a terminal or a log)."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0] if ":" in creds else ""
-    return f"{scheme}://{user}:***@{host}"

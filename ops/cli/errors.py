@@ -9,3 +9,7 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command: it ends quietly with exit code 130."""

@@ -1,124 +1,38 @@
-"""The ``gantry`` command line: one Typer app, one module per command group, each loaded only when used.
+"""The ``gantry`` console script: the read commands' fast path first, the Typer app (``ops.cli.app``) otherwise.
 
-``COMMANDS`` names every command and the module whose ``register(app)`` adds it; a call imports that one
-module, so ``gantry models`` never pays for the simulator, the web view or the stack launcher (issue 17:
-read commands within 0.5 s). Errors the user can act on, usage mistakes included, are printed as one line
-(``error: ...``) with a non-zero exit code, never as a traceback or a box.
+``gantry models``, ``workers``, ``instances`` and ``explain`` with plain options run without loading typer or
+pydantic (``ops.cli.fast``; issue 17: read commands within 0.5 s, and typer with its parameter handling was
+a third of a call). Every other command line, help, a usage mistake or anything the fast path does not read
+exactly as typer would, goes to the Typer app, which runs the same command functions.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import Annotated, Any
-
-import typer
-from typer._click import core as click
-from typer._click import exceptions as click_errors
-from typer.core import TyperGroup
-
-from ops.cli.errors import CliError
-
-# command -> module under ops/cli that registers it (a module may register several commands)
-COMMANDS: dict[str, str] = {
-    "up": "stack", "down": "stack", "status": "status",
-    "deploy": "cluster", "scale": "cluster", "delete": "cluster", "models": "cluster", "instances": "cluster",
-    "workers": "cluster", "explain": "cluster", "cordon": "cluster", "uncordon": "cluster", "events": "cluster",
-    "catalog": "catalog",
-    "top": "top",
-    "place": "place",
-    "engine": "engine", "simulate": "engine",
-    "gateway": "gateway",
-}
-COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
-
-
-class LazyGroup(TyperGroup):
-    """A command group that imports a command's module the first time the command is looked up."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        """Every command, in the order of ``COMMANDS`` (the help page's order)."""
-        return list(COMMANDS)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        """The command, building its module's commands on first use."""
-        if cmd_name not in self.commands and cmd_name in COMMANDS:
-            self._load(COMMANDS[cmd_name])
-        return self.commands.get(cmd_name)
-
-    def _load(self, module: str) -> None:
-        sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-        importlib.import_module(f"ops.cli.{module}").register(sub)
-        built = typer.main.get_group(sub)
-        for name, command in built.commands.items():
-            self.commands.setdefault(name, command)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"gantry {version()}")
-        raise typer.Exit()
-
-
-def version() -> str:
-    """The installed package's version (the source tree's when run from a checkout)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("gantry")
-    except PackageNotFoundError:
-        import tomllib
-
-        from shared.paths import REPO_ROOT
-
-        return str(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"])
-
-
-app = typer.Typer(
-    name="gantry",
-    cls=LazyGroup,
-    help="Gantry: placement and request scheduling for LLM inference clusters.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-
-
-@app.callback()
-def _root(
-    show_version: Annotated[
-        bool, typer.Option("--version", is_eager=True, callback=_version, help="print the version and exit")
-    ] = False,
-) -> None:
-    """Gantry: placement and request scheduling for LLM inference clusters."""
-
-
-def usage_line(err: click_errors.UsageError) -> str:
-    """A usage mistake as one line: click's message plus where to read the command's options."""
-    message = " ".join(err.format_message().split())
-    where = err.ctx.command_path if err.ctx is not None else "gantry"
-    return f"error: {message} (see `{where} --help`)"
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    try:
-        code: Any = app(args=argv, prog_name="gantry", standalone_mode=False)
-    except CliError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except click_errors.UsageError as err:
-        typer.echo(usage_line(err), err=True)
-        sys.exit(err.exit_code)
-    except click_errors.ClickException as err:
-        typer.echo(f"error: {' '.join(err.format_message().split())}", err=True)
-        sys.exit(err.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)  # like click's standalone mode: always an exit status
+    """Console-script entry point: runs ``argv`` (``sys.argv[1:]`` when None) and exits with its status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    from ops.cli.fast import dispatch
+
+    code = dispatch(args)
+    if code is None:
+        from ops.cli.app import run_app
+
+        code = run_app(args)
+    sys.exit(code)
+
+
+def __getattr__(name: str) -> Any:
+    # The Typer app and its helpers, for callers that knew them here (tests, docs checks); loading them costs
+    # the typer import, so only on use.
+    if name in ("app", "usage_line", "version", "LazyGroup", "COMMANDS"):
+        from ops.cli import app as typer_app
+
+        return getattr(typer_app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -197,8 +197,8 @@ class Reader:
         """The newest ``count`` events of the event stream, newest first, formatted as `gantry events` does."""
         import nats.js.errors
 
-        from ops.cli.cluster import _replay
         from ops.cli.common import connect_nats
+        from ops.cli.reads import replay
         from ops.events import decode_events, format_event
         from shared.bus import subjects
         from shared.bus.streams import STREAM_EVENTS
@@ -215,7 +215,7 @@ class Reader:
             return []
         lines: list[str] = []
         start = max(info.state.first_seq, end - count + 1)  # messages, each one event or a batch of them
-        async for stored in _replay(js, subjects.EVENTS_ALL, start, until=end, stream=STREAM_EVENTS, idle=0.3):
+        async for stored in replay(js, subjects.EVENTS_ALL, start, until=end, stream=STREAM_EVENTS, idle=0.3):
             lines += [format_event(ev, stored.at) for ev in decode_events(stored.subject, stored.data)]
         return lines[-count:][::-1]
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+import msgspec
 from nats.aio.msg import Msg
 
 from shared.bus import streams, subjects
 from shared.bus.messages import ItemOutcome, Message, PlacementFiltered, PlacementRequest, PlacementScored
-from shared.core.placement import run_filters
-from shared.core.placement.domain import FilterResult, Unschedulable
+from shared.core.placement import filter_rows
+from shared.core.placement.domain import FilterReport, FilterResult, ModelSpec, Unschedulable
 from shared.core.placement.explain import filters_message
+from shared.core.placement.filters.local_path import is_local_path
+from shared.core.placement.snapshot import BoolArray
 from shared.host.contract import Consumes, Emits
 from shared.host.feed import Feed
 from shared.host.service import PlacementService
@@ -63,8 +66,22 @@ class FilterService(PlacementService):
         """Pure step over the snapshot: (survivors message, unschedulable outcomes)."""
         now = self.clock()
         results: dict[str, FilterResult] = {}
+        # Models of one request mostly keep the same workers: each distinct survivor mask is named once (a
+        # cluster-sized tuple), and the models sharing it share that tuple.
+        named: dict[bytes, tuple[str, ...]] = {}
+        # Models of one shape get one verdict: the snapshot and the clock stand still for the whole request.
+        shaped: dict[bytes, tuple[BoolArray, tuple[FilterReport, ...]]] = {}
         for model, spec in sorted(req.specs.items()):
-            results[model] = run_filters(self.snapshot, spec, now, self.profile)
+            shape = filter_key(spec)
+            hit = shaped.get(shape)
+            if hit is None:
+                hit = shaped[shape] = filter_rows(self.snapshot, spec, now, self.profile)
+            mask, reports = hit
+            key = mask.tobytes()
+            survivors = named.get(key)
+            if survivors is None:
+                survivors = named[key] = tuple(self.snapshot.names_where(mask))
+            results[model] = FilterResult(model=spec.name, survivors=survivors, reports=reports)
         items_by_model = defaultdict(list)
         for item in req.items:
             items_by_model[item.model].append(item)
@@ -88,3 +105,11 @@ class FilterService(PlacementService):
             passed = PlacementFiltered.of(sub, ok)
         scored = PlacementScored(batch_id=req.batch_id, outcomes=tuple(failed)) if failed else None
         return passed, scored
+
+
+def filter_key(spec: ModelSpec) -> bytes:
+    """What a filter verdict depends on in a spec: all of it but the name, the replica count and a source that
+    is not a local path. No filter reads a model's name or replica count, and only the local-path filter reads
+    its source (tests/unit/services/test_filter_key.py holds every registered filter to this)."""
+    source = spec.source if is_local_path(spec.source) else ""
+    return msgspec.json.encode(msgspec.structs.replace(spec, name="", replicas=0, source=source))

@@ -13,13 +13,11 @@ from typing import Any
 
 import msgspec
 
+from services.gateway.protocol import FAIRNESS_HEADER, PRIORITY_HEADER, SESSION_HEADER
 from shared.core.routing import RouteRequest
 
-PRIORITY_HEADER = "x-gantry-priority"
-"""Integer priority of the request (< 0: sheddable, GIE v1.0 ``InferenceObjective.priority`` semantics)."""
-FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
-"""Tenant for flow control (GIE flow-control fairness id)."""
-SESSION_HEADER = "x-session-id"
+__all__ = ["FAIRNESS_HEADER", "PRIORITY_HEADER", "SESSION_HEADER", "BadRequest", "Tokenize", "parse_request",
+           "render_chat"]
 MAX_BODY_BYTES = 32 << 20
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shared.bus import streams, subjects
 from shared.bus.messages import (
-    AssignInstance,
+    AssignInstances,
     CordonCommand,
     CordonEvent,
     DecisionEvents,
@@ -12,7 +12,7 @@ from shared.bus.messages import (
     DrainInstance,
     Heartbeat,
     InstanceEvents,
-    InstanceStatus,
+    InstanceReports,
     ModelEvents,
     ModelFileUpdate,
     PlacementRequest,
@@ -38,7 +38,8 @@ CONSUMES = (
              stream=streams.STREAM_CMD, durable=streams.CONSUMER_SCALE),
     Consumes(subjects.PLACEMENT_SCORED, PlacementScored, "decisions (or why none) to commit to the ledger",
              stream=streams.STREAM_PIPE, durable=streams.CONSUMER_COMMIT),
-    Consumes(subjects.INSTANCE_STATUS, InstanceStatus, "workers' reports on their instances",
+    Consumes(subjects.INSTANCE_STATUS, InstanceReports, "workers' reports on their instances (a lone InstanceStatus "
+             "is read as a report of one)",
              stream=streams.STREAM_STATUS, durable=streams.CONSUMER_STATUS),
     Consumes(subjects.REGISTER, WorkerRegistration, "worker inventories, validated and written to Redis",
              queue=WRITER_QUEUE),
@@ -50,7 +51,8 @@ CONSUMES = (
 EMITS = (
     Emits(subjects.PLACEMENT_REQUESTED, PlacementRequest, "replicas to place, with their models' specs",
           jetstream=True),
-    Emits(subjects.worker_assign("*"), AssignInstance, "start a committed instance on this worker"),
+    Emits(subjects.worker_assign("*"), AssignInstances, "start the instances committed to this worker (a lone "
+          "AssignInstance for one)"),
     Emits(subjects.worker_drain("*"), DrainInstance, "stop routing to an instance; report when idle"),
     Emits(subjects.worker_delete("*"), DeleteInstance, "stop and remove an instance"),
     Emits(subjects.EVENT_DECISION, DecisionEvents, "replicas committed, with their score breakdowns"),

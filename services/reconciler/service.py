@@ -20,6 +20,7 @@ import logging
 import secrets
 import zlib
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -30,6 +31,7 @@ from services.reconciler.writer import StateWriter
 from shared.bus import streams, subjects
 from shared.bus.messages import (
     AssignInstance,
+    AssignInstances,
     CordonCommand,
     CordonEvent,
     DecisionEvent,
@@ -38,8 +40,10 @@ from shared.bus.messages import (
     DrainInstance,
     InstanceEvent,
     InstanceEvents,
+    InstanceReports,
     InstanceStatus,
     ItemOutcome,
+    MessageError,
     ModelEvent,
     ModelEvents,
     PlacementItem,
@@ -49,6 +53,7 @@ from shared.bus.messages import (
     ScaleCommand,
     UnschedulableEvent,
     WorkerRemovedEvent,
+    decode,
 )
 from shared.bus.subjects import INSTANCE_STATUS_WORKER_TOKEN as INSTANCE_STATUS_TOKEN
 from shared.bus.validate import bad_worker_name, check_scale, impersonation
@@ -74,7 +79,7 @@ from shared.core.placement.planner import (
 )
 from shared.core.placement.reconcile import resync_workers
 from shared.host.feed import Feed
-from shared.host.service import PlacementService, ack_all, guarded, run_batch
+from shared.host.service import PlacementService, ack_all, guarded, run_batch, settle
 from shared.state.store import CommitItem, ScaleUp
 
 log = logging.getLogger("gantry.reconciler")
@@ -133,19 +138,27 @@ class Reconciler(PlacementService):
             await self.consume(raws, PlacementScored, subjects.PLACEMENT_SCORED, self.handle_scored)
 
         async def on_status(raws: list[Msg]) -> None:
-            batch = await self.decode_batch(raws, InstanceStatus, subjects.INSTANCE_STATUS)
-            honest = []
-            for st, raw in batch:
-                forged = impersonation(st.worker, subjects.reporting_worker(raw.subject, INSTANCE_STATUS_TOKEN))
+            honest: list[tuple[tuple[InstanceStatus, ...], Msg]] = []
+            for raw in raws:
+                try:
+                    reports = await self._status_reports(raw)
+                except Exception as exc:  # never expected (decode reports everything as MessageError): isolate
+                    await settle(self, subjects.INSTANCE_STATUS, [raw], exc)
+                    continue
+                if reports is None:
+                    await raw.term()
+                    continue
+                sender = subjects.reporting_worker(raw.subject, INSTANCE_STATUS_TOKEN)
+                forged = next((why for st in reports if (why := impersonation(st.worker, sender))), "")
                 if forged:  # a worker may report only on its own instances' subject
                     await self.bus.dead_letter(subjects.INSTANCE_STATUS, forged, raw.data)
                     await raw.term()
                 else:
-                    honest.append((st, raw))
+                    honest.append((reports, raw))
             if honest:
                 await run_batch(
                     self, subjects.INSTANCE_STATUS, [r for _, r in honest],
-                    lambda: self.handle_status([m for m, _ in honest]),
+                    lambda: self.handle_status([st for reports, _ in honest for st in reports]),
                 )
 
         self.pull(streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL, on_commands,
@@ -154,6 +167,19 @@ class Reconciler(PlacementService):
         # Status reports (several per placement) are not on the placement path: batch them up.
         self.pull(streams.STREAM_STATUS, streams.CONSUMER_STATUS, subjects.INSTANCE_STATUS, on_status,
                   linger=self.settings.status_linger_s)
+
+    async def _status_reports(self, raw: Msg) -> tuple[InstanceStatus, ...] | None:
+        """A status message's reports (several, or a lone ``InstanceStatus``); None after dead-lettering why it
+        is neither."""
+        try:
+            return decode(raw.data, InstanceReports).reports
+        except MessageError as batch_error:
+            try:
+                return (decode(raw.data, InstanceStatus),)
+            except MessageError as single_error:  # why, in the words of the shape it was meant to have
+                why = batch_error if b'"reports"' in raw.data else single_error
+                await self.bus.dead_letter(subjects.INSTANCE_STATUS, str(why), raw.data)
+                return None
 
     async def started(self) -> None:
         """Load specs, listen for cluster changes, start the state writer and the periodic checks."""
@@ -187,10 +213,12 @@ class Reconciler(PlacementService):
         )
 
     def cluster(self) -> Cluster:
-        """Worker liveness and the latest cluster change, as this process's feed knows them."""
+        """Worker liveness and the latest cluster change, as this process's feed knows them: a read-only view of
+        the feed's last-seen times (no copy of a thousand entries per commit batch), so a plan is made from it
+        right away, before the next await lets heartbeats move them."""
         feed = self.feed
         return Cluster(
-            last_seen=dict(feed.last_seen),
+            last_seen=MappingProxyType(feed.last_seen),
             cordoned=frozenset(c for c in feed.cordons if ":" not in c),
             changed_at=self.last_change,
             listening_since=self.listening_since,
@@ -554,8 +582,8 @@ class Reconciler(PlacementService):
         records = {c.instance.id: c.instance for k, c in decided if ledger[k] == "ok"}
         committed = [records[i] for i in p.committed]
         self._observe_commits([by_id[i.id] for i in committed], verdicts, now)
+        await self._assign_all([(inst, specs.get(inst.model) or await self.spec_of(inst.model)) for inst in committed])
         for inst in committed:
-            await self._assign(inst, specs.get(inst.model) or await self.spec_of(inst.model))
             self.seen_placed[inst.id] = now
         resent: list[Instance] = []
         for iid in p.assign:  # a redelivered commit: the stored record is the one placed
@@ -607,13 +635,21 @@ class Reconciler(PlacementService):
             await self.bus.publish(subjects.EVENT_DECISION, DecisionEvents(events=chunk))
 
     async def _assign(self, inst: Instance, spec: ModelSpec | None) -> None:
-        assert inst.worker is not None
-        source = (spec.source or spec.name) if spec else inst.model
-        cmd = AssignInstance(
-            instance_id=inst.id, model=inst.model, source=source, gpu_indexes=inst.gpu_indexes,
-            vram_claims=inst.vram_claims,
-        )
-        await self.bus.publish(subjects.worker_assign(inst.worker), cmd)
+        await self._assign_all([(inst, spec)])
+
+    async def _assign_all(self, placed: Sequence[tuple[Instance, ModelSpec | None]]) -> None:
+        """Tell each worker what to start: one message per worker (``AssignInstances`` when several)."""
+        by_worker: dict[str, list[AssignInstance]] = {}
+        for inst, spec in placed:
+            assert inst.worker is not None
+            source = (spec.source or spec.name) if spec else inst.model
+            by_worker.setdefault(inst.worker, []).append(AssignInstance(
+                instance_id=inst.id, model=inst.model, source=source, gpu_indexes=inst.gpu_indexes,
+                vram_claims=inst.vram_claims,
+            ))
+        for worker, cmds in by_worker.items():
+            msg = cmds[0] if len(cmds) == 1 else AssignInstances(instances=tuple(cmds))
+            await self.bus.publish(subjects.worker_assign(worker), msg)
 
     async def _pending(
         self, reasons: Mapping[str, str], outs: Mapping[str, ItemOutcome], now: float

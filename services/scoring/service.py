@@ -77,21 +77,22 @@ class ScoringService(PlacementService):
         req = msg.request
         now = self.clock()
         outcomes = []
-        # Per model, once for all its items: its candidate set, where they are in this snapshot, how many.
-        located: dict[str, tuple[CandidateSet | None, Positions | None, int]] = {}
+        # Per model, once for all its items: its candidate set and where they are in this snapshot.
+        located: dict[str, tuple[CandidateSet | None, Positions | None]] = {}
         for item in req.items:
             spec = req.specs[item.model]
             decision: Decision | None = None
             considered = 0
             if item.model not in located:
                 found = msg.candidate_set(item.model)
-                located[item.model] = (found, None, 0) if found is None else (found, self.locate(found), len(found))
-            cset, pos, considered = located[item.model]
+                located[item.model] = (found, None) if found is None else (found, self.locate(found))
+            cset, pos = located[item.model]
             if cset is not None:
                 if pos is not None:
                     decision = score_columns(self.snapshot, spec, cset, pos, self.profile)
                 if decision is None:  # a worker unknown here, or a scorer without a fast form
                     decision = self._reference(spec, as_candidates(cset))
+                considered = len(cset) if decision is None else 0  # counted for the explanation only
             else:
                 candidates = msg.fitted[item.model].candidates
                 considered = len(candidates)

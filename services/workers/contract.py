@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from shared.bus import subjects
 from shared.bus.messages import (
-    AssignInstance,
+    AssignInstances,
     DeleteInstance,
     DrainInstance,
     Heartbeat,
-    InstanceStatus,
+    InstanceReports,
     ModelFileUpdate,
     SyncRequest,
     WorkerRegistration,
@@ -19,7 +19,8 @@ CONTRACT = Contract(
     service="workers",
     description="GPU workers (emulated in dev): report inventory, usage and instances; run what they are told.",
     consumes=(
-        Consumes(subjects.worker_assign("*"), AssignInstance, "start an instance (the token is the worker name)"),
+        Consumes(subjects.worker_assign("*"), AssignInstances, "start instances (the token is the worker name; a "
+                 "lone AssignInstance is an assignment of one)"),
         Consumes(subjects.worker_drain("*"), DrainInstance, "stop routing new requests to an instance"),
         Consumes(subjects.worker_delete("*"), DeleteInstance, "stop and remove an instance"),
         Consumes(subjects.SYNC, SyncRequest, "register again now (every worker, or the one named)"),
@@ -28,6 +29,7 @@ CONTRACT = Contract(
         Emits(subjects.REGISTER, WorkerRegistration, "the worker's full inventory"),
         Emits(subjects.HEARTBEAT, Heartbeat, "liveness, usage per GPU, instances held"),
         Emits(subjects.MODEL_FILE, ModelFileUpdate, "readiness of a model's files on this worker"),
-        Emits(subjects.INSTANCE_STATUS, InstanceStatus, "an instance's state (deduplicated by id)", jetstream=True),
+        Emits(subjects.INSTANCE_STATUS, InstanceReports, "instances' states, those reported at one moment together "
+              "(deduplicated by content)", jetstream=True),
     ),
 )

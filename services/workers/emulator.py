@@ -9,6 +9,7 @@ on command. One wildcard subscription serves every worker, so a thousand workers
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -22,9 +23,11 @@ from nats.aio.msg import Msg
 from shared.bus import subjects
 from shared.bus.messages import (
     AssignInstance,
+    AssignInstances,
     DeleteInstance,
     DrainInstance,
     Heartbeat,
+    InstanceReports,
     InstanceStatus,
     MessageError,
     ModelFileUpdate,
@@ -123,6 +126,8 @@ class Fleet:
         self.workers = {w.worker.name: w for w in make_workers(cfg)}
         self.paused: set[str] = set()  # workers whose heartbeats are suppressed
         self._tasks: set[asyncio.Task[None]] = set()
+        # per worker: reports made this moment, not sent yet, and what each of their makers waits on
+        self._outbox: dict[str, list[tuple[InstanceStatus, asyncio.Future[None]]]] = {}
 
     async def start(self) -> None:
         """Subscribe to worker commands and register every worker."""
@@ -181,7 +186,8 @@ class Fleet:
             return
         try:
             if verb == "assign":
-                self._spawn(self._assign(w, decode(msg.data, AssignInstance)))
+                for cmd in _assignments(msg.data):
+                    self._spawn(self._assign(w, cmd))
             elif verb == "drain":
                 self._spawn(self._drain(w, decode(msg.data, DrainInstance)))
             elif verb == "delete":
@@ -195,16 +201,37 @@ class Fleet:
         task.add_done_callback(self._tasks.discard)
 
     async def _status(self, w: EmulatedWorker, iid: str, state: InstanceState, **kw: object) -> None:
+        """Report on one instance; returns once the report is stored (or given up on). Reports a worker makes
+        at the same moment (instances assigned together reach STARTING together) travel as one message."""
         msg = InstanceStatus(instance_id=iid, worker=w.worker.name, state=state, **kw)  # type: ignore[arg-type]
-        tag = "deleted" if msg.deleted else ("idle" if msg.idle else state.value)
-        msg_id = f"{iid}:{w.worker.name}:{tag}"
-        for attempt in range(20):  # a status must get through: retry (deduped) while NATS is busy or away
-            try:
-                await js_publish(self.nc, subjects.instance_status(w.worker.name), encode(msg), msg_id, timeout=2.0)
-                return
-            except Exception:
-                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
-        log.warning("worker %s could not report %s of %s", w.worker.name, tag, iid)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        box = self._outbox.setdefault(w.worker.name, [])
+        box.append((msg, done))
+        if len(box) == 1:  # the first of this moment's reports: send them all once the moment is over
+            asyncio.get_running_loop().call_soon(self._spawn, self._send_reports(w.worker.name))
+        await done
+
+    async def _send_reports(self, worker: str) -> None:
+        batch = self._outbox.pop(worker, [])
+        if not batch:
+            return
+        reports = tuple(msg for msg, _ in batch)
+        tags = [f"{m.instance_id}:{_tag(m)}" for m in reports]
+        # Named by content: a re-send after a lost acknowledgement is dropped by the stream's duplicate window.
+        msg_id = f"{worker}:" + hashlib.blake2b("|".join(tags).encode(), digest_size=12).hexdigest()
+        payload = encode(InstanceReports(reports=reports))
+        try:
+            for attempt in range(20):  # a status must get through: retry (deduped) while NATS is busy or away
+                try:
+                    await js_publish(self.nc, subjects.instance_status(worker), payload, msg_id, timeout=2.0)
+                    return
+                except Exception:
+                    await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+            log.warning("worker %s could not report %s", worker, ", ".join(tags))
+        finally:
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
     async def _assign(self, w: EmulatedWorker, cmd: AssignInstance) -> None:
         if cmd.instance_id in w.instances:
@@ -249,6 +276,21 @@ class Fleet:
         inst = w.instances.pop(cmd.instance_id, None)
         if inst is not None:
             await self._status(w, cmd.instance_id, inst.state, deleted=True)
+
+
+def _assignments(data: bytes) -> tuple[AssignInstance, ...]:
+    """The instances an assign message names: several (``AssignInstances``) or one (``AssignInstance``)."""
+    try:
+        return decode(data, AssignInstances).instances
+    except MessageError as several:
+        try:
+            return (decode(data, AssignInstance),)
+        except MessageError as one:
+            raise (several if b'"instances"' in data else one) from None
+
+
+def _tag(msg: InstanceStatus) -> str:
+    return "deleted" if msg.deleted else ("idle" if msg.idle else msg.state.value)
 
 
 async def run_fleet(cfg: FleetConfig, nats_url: str, options: dict[str, Any] | None = None) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
+    from shared.envsettings import EnvSettings
     from shared.settings import Settings
 
 INBOX = "_INBOX"
@@ -22,7 +23,7 @@ def inbox_prefix(identity: str) -> str:
     return f"{INBOX}.{identity}" if identity else INBOX
 
 
-def nats_options(settings: Settings) -> dict[str, Any]:
+def nats_options(settings: Settings | EnvSettings) -> dict[str, Any]:
     """Options every Gantry NATS connection takes from the settings: its identity's reply inboxes, and the CA to
     trust when TLS is on."""
     identity = settings.identity or urlsplit(settings.nats_url).username or ""

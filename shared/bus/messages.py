@@ -133,6 +133,14 @@ class InstanceStatus(Message, frozen=True, kw_only=True):
     message: Text | None = None
 
 
+class InstanceReports(Message, frozen=True, kw_only=True):
+    """Several of one worker's reports made at the same moment (instances assigned together start together):
+    one durable message and one acknowledgement instead of one per instance. A lone ``InstanceStatus`` on the
+    status subject is still read as a report of one."""
+
+    reports: Annotated[tuple[InstanceStatus, ...], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
 # -- placement pipeline -----------------------------------------------------------------------------
 
 
@@ -175,10 +183,14 @@ class PlacementFiltered(Message, frozen=True, kw_only=True):
     def of(cls, request: PlacementRequest, results: dict[str, FilterResult]) -> PlacementFiltered:
         """Pack FilterResults, each distinct survivor list once."""
         sets: dict[tuple[str, ...], int] = {}
-        filtered = {
-            model: FilteredModel(survivors=sets.setdefault(res.survivors, len(sets)), reports=res.reports)
-            for model, res in results.items()
-        }
+        # One list object shared by several models is hashed once (a cluster-sized tuple hashes every name).
+        by_id: dict[int, int] = {}
+        filtered = {}
+        for model, res in results.items():
+            k = by_id.get(id(res.survivors))
+            if k is None:
+                k = by_id[id(res.survivors)] = sets.setdefault(res.survivors, len(sets))
+            filtered[model] = FilteredModel(survivors=k, reports=res.reports)
         return cls(request=request, survivor_sets=tuple(sets), filtered=filtered)
 
     def result(self, model: str) -> FilterResult | None:
@@ -221,13 +233,16 @@ class PlacementFitted(Message, frozen=True, kw_only=True):
     ) -> PlacementFitted:
         """Pack the candidates, each distinct worker list once."""
         sets: dict[tuple[str, ...], int] = {}
-        packed = {
-            model: FittedColumns(
-                strategy=c.strategy, workers=sets.setdefault(c.workers, len(sets)), gpus=c.gpus, claim=c.claim,
-                claims=c.claims, ram_claim=c.ram_claim, cpu_claim=c.cpu_claim,
+        by_id: dict[int, int] = {}  # as in PlacementFiltered.of: a shared list object is hashed once
+        packed = {}
+        for model, c in columns.items():
+            k = by_id.get(id(c.workers))
+            if k is None:
+                k = by_id[id(c.workers)] = sets.setdefault(c.workers, len(sets))
+            packed[model] = FittedColumns(
+                strategy=c.strategy, workers=k, gpus=c.gpus, claim=c.claim, claims=c.claims, ram_claim=c.ram_claim,
+                cpu_claim=c.cpu_claim,
             )
-            for model, c in columns.items()
-        }
         return cls(request=request, fitted=fitted, worker_sets=tuple(sets), columns=packed)
 
     def candidate_set(self, model: str) -> CandidateSet | None:
@@ -269,6 +284,13 @@ class AssignInstance(Message, frozen=True, kw_only=True):
     source: Text = ""
     gpu_indexes: GpuIndexes = ()
     vram_claims: VramClaims = ()
+
+
+class AssignInstances(Message, frozen=True, kw_only=True):
+    """Several instances committed to one worker at once (one message instead of one per instance); a lone
+    ``AssignInstance`` on the assign subject is still read as an assignment of one."""
+
+    instances: Annotated[tuple[AssignInstance, ...], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
 
 
 class DrainInstance(Message, frozen=True, kw_only=True):

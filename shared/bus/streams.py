@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -17,7 +18,9 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from shared.bus import subjects
-from shared.settings import Settings
+
+if TYPE_CHECKING:  # annotations only: `gantry explain` and `events` read stream names without pydantic
+    from shared.settings import Settings
 
 log = logging.getLogger("gantry.bus")
 

@@ -17,10 +17,9 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
-import redis.asyncio as aioredis
 
 from shared.core.limits import MAX_REPLICAS, bad_model_name
 from shared.core.placement.domain import (
@@ -33,6 +32,9 @@ from shared.core.placement.domain import (
     Worker,
     WorkerUsage,
 )
+
+if TYPE_CHECKING:  # the client is passed in: the CLI's read commands read through a lighter one (ops.cli)
+    import redis.asyncio as aioredis
 
 _LUA = Path(__file__).parent / "lua"
 P = "gantry:"
@@ -208,7 +210,11 @@ class StateStore:
     @classmethod
     def from_url(cls, url: str) -> StateStore:
         """A store on a new connection pool to ``url``."""
-        return cls(aioredis.from_url(url))
+        import redis.asyncio as aioredis
+
+        from shared.state.resp import fast_packing  # needs redis-py too: loaded only where a store connects
+
+        return cls(fast_packing(aioredis.from_url(url)))
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -99,6 +99,7 @@ class Gateway:
     pickers: list[subprocess.Popen[bytes]]
     envoy: ServerProcess
     log: Path
+    admin: str = ""  # Envoy's admin URL (its stats)
 
     @property
     def picker(self) -> subprocess.Popen[bytes]:
@@ -121,7 +122,7 @@ def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str) -> Itera
     try:
         opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=ports, eds_path=eds)
         envoy = start_envoy(opts, tmp_path / "envoy")
-        yield Gateway(envoy.url, pickers, envoy, log)
+        yield Gateway(envoy.url, pickers, envoy, log, f"http://127.0.0.1:{opts.admin_port}")
     finally:
         if envoy is not None:
             envoy.stop()
@@ -377,3 +378,24 @@ def test_forged_engine_reports_are_dead_lettered_and_routing_goes_on(gateway: Ga
     assert any("host:port" in e.reason for e in events)
     r = httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("still routing", 2, False), timeout=10)
     assert r.status_code == 200 and r.headers[SERVED] in {e.address for e in engines}
+
+
+def _messages_to_picker(gw: Gateway) -> int:
+    stats = httpx.get(f"{gw.admin}/stats", params={"filter": "ext_proc.stream_msgs_sent"}, timeout=5).text
+    return sum(int(line.rsplit(" ", 1)[1]) for line in stats.splitlines() if line.strip())
+
+
+def test_only_a_streamed_answer_passes_its_chunks_through_the_picker(gateway: Gateway,
+                                                                     engines: list[Engine]) -> None:
+    _wait_routable(gateway, len(engines))
+    before = _messages_to_picker(gateway)
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("whole answer", 8, False), timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    after_json = _messages_to_picker(gateway)
+    assert after_json - before == 3  # request headers, body, response headers: no round trip for the body
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=_chat("streamed answer", 8),
+                      timeout=30) as s:
+        chunks = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert len(chunks) >= 9
+    # the picker asked for this body (first chunk = prefill done): its chunks went through it too
+    assert _messages_to_picker(gateway) - after_json > 3

@@ -4,7 +4,8 @@ Public API (stable; additions only):
 
 - ``ClusterSnapshot`` / ``SnapshotConfig``: in-memory cluster state updated from events.
 - ``requirements(model, arch=None, gguf=None) -> ResourceRequest | Reason``
-- ``run_filters(snapshot, model, now, profile) -> FilterResult``
+- ``run_filters(snapshot, model, now, profile) -> FilterResult``; its fast path with the survivors as a row mask:
+  ``filter_rows(snapshot, model, now, profile) -> (mask, reports)``
 - ``run_fitting(snapshot, model, request, survivors, profile) -> FitResult``
 - ``run_scoring(snapshot, model, candidates, profile, filters=()) -> Decision``
 - ``place(snapshot, model, now, profile, request=None, arch=None, gguf=None) -> Decision | Unschedulable``
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from shared.core.placement.lifecycle import instance_from_decision
     from shared.core.placement.pipeline import (
         GpuFit,
+        filter_rows,
         fit_gpus,
         place,
         requirements,
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
 _LAZY: dict[str, str] = {
     "Positions": "fastpath", "score_positions": "fastpath", "still_fitting": "fastpath",
     "instance_from_decision": "lifecycle",
-    "GpuFit": "pipeline", "fit_gpus": "pipeline", "place": "pipeline", "requirements": "pipeline",
+    "GpuFit": "pipeline", "filter_rows": "pipeline", "fit_gpus": "pipeline", "place": "pipeline",
+    "requirements": "pipeline",
     "run_filters": "pipeline", "run_fitting": "pipeline", "run_scoring": "pipeline",
     "scale_down_order": "pipeline", "score_gpus": "pipeline",
     "DEFAULT_PROFILE": "profile", "Profile": "profile", "ScorerConfig": "profile",
@@ -89,6 +92,7 @@ __all__ = [
     "Profile",
     "ScorerConfig",
     "SnapshotConfig",
+    "filter_rows",
     "fit_gpus",
     "instance_from_decision",
     "place",

@@ -154,6 +154,15 @@ def run_filters(
     return FilterResult(model=model.name, survivors=tuple(names), reports=tuple(reports))
 
 
+def filter_rows(
+    snapshot: ClusterSnapshot, model: ModelSpec, now: float, profile: Profile = DEFAULT_PROFILE
+) -> tuple[BoolArray, tuple[FilterReport, ...]]:
+    """``run_filters``' fast path with the survivors left as a mask over the snapshot's rows (their names:
+    ``ClusterSnapshot.names_where``): a caller filtering many models names each distinct mask once."""
+    mask, reports = _filter_fast(PlacementContext(snapshot=snapshot, model=model, profile=profile, now=now))
+    return mask, tuple(reports)
+
+
 # ------------------------------------------------------------------------------------------- fitting
 
 

@@ -71,6 +71,17 @@ class Cluster:
         seen = self.last_seen.get(worker)
         return silent_for(None if seen is None else max(seen, self.listening_since), now)
 
+    def heard_within(self, limit: float, now: float) -> set[str]:
+        """The known workers with ``silent(w, now) <= limit``: the same arithmetic in one pass (the planner asks
+        it of every worker each tick)."""
+        since = self.listening_since
+        return {w for w, seen in self.last_seen.items() if now - max(seen, since) <= limit}
+
+    def silent_over(self, limit: float, now: float) -> set[str]:
+        """The known workers with ``silent(w, now) > limit``, in one pass."""
+        since = self.listening_since
+        return {w for w, seen in self.last_seen.items() if now - max(seen, since) > limit}
+
     def state(self, worker: str, now: float, not_ready_after: float) -> WorkerState:
         """The worker's liveness as every process judges it (an unknown worker is NOT_READY)."""
         seen = self.last_seen.get(worker)
@@ -286,7 +297,7 @@ def _liveness(
     replaced; lost replicas whose worker is back are deleted from it (their claims were released already)."""
     limit = t.not_ready_after + t.reschedule_after
     # Alive: heard within the limit. Checked per placed replica, so kept to one set lookup per worker.
-    alive = {w for w in cluster.last_seen if cluster.silent(w, now) <= limit}
+    alive = cluster.heard_within(limit, now)
     for state in ON_WORKER | {S.ERROR}:  # the order does not matter: the builder sorts
         for inst in by_state.get(state, ()):
             on_lost = (inst.worker is not None and inst.worker not in alive) or (
@@ -472,7 +483,7 @@ def _pending_retries(
 def _forget_workers(b: _Builder, instances: Sequence[Instance], cluster: Cluster, now: float, t: Timings) -> None:
     """A worker silent past ``forget_after`` leaves the state once nothing placed on it holds claims: its lost
     (UNREACHABLE) records go with it."""
-    old = {w for w in cluster.last_seen if cluster.silent(w, now) > t.forget_after}
+    old = cluster.silent_over(t.forget_after, now)
     if not old:
         return
     holding: set[str] = set()

@@ -112,8 +112,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert up.output().rstrip().endswith("stopped")
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> Result:
-    """Run the CLI in this process (fast) with ``env`` as the environment; exit code and output."""
+def run_cli(args: list[str], env: dict[str, str], entry: Callable[[list[str]], object] = main) -> Result:
+    """Run the CLI (``entry``: the console script's ``main``) in this process (fast) with ``env`` as the
+    environment; exit code and output."""
     out, err = io.StringIO(), io.StringIO()
     saved = dict(os.environ)
     os.environ.clear()
@@ -121,7 +122,8 @@ def run_cli(args: list[str], env: dict[str, str]) -> Result:
     code = 0
     try:
         with redirect_stdout(out), redirect_stderr(err):
-            main(args)
+            returned = entry(args)
+        code = returned if isinstance(returned, int) else 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared.core.placement.domain import Instance, InstanceState, RestartMode, RestartPolicy, SubordinateWorker
 from shared.core.placement.planner import (
@@ -362,3 +364,16 @@ def test_pending_replicas_not_requested_within_the_timeout_are_the_ones_checked_
     ]
     requested = {"fresh": NOW - 1, "quiet": NOW - 31, "waiting": NOW - 40, "placed": NOW - 100}
     assert overdue_pending(insts, requested, NOW, 30.0) == ("never", "quiet", "waiting")
+
+
+@given(
+    seen=st.dictionaries(st.sampled_from([f"w{i}" for i in range(8)]),
+                         st.floats(allow_nan=True, allow_infinity=True), max_size=8),
+    since=st.floats(allow_nan=False), now=st.floats(allow_nan=False), limit=st.floats(allow_nan=False),
+)
+def test_one_pass_liveness_sets_are_the_per_worker_silence_comparisons(
+    seen: dict[str, float], since: float, now: float, limit: float
+) -> None:
+    cluster = Cluster(last_seen=seen, listening_since=since)
+    assert cluster.heard_within(limit, now) == {w for w in seen if cluster.silent(w, now) <= limit}
+    assert cluster.silent_over(limit, now) == {w for w in seen if cluster.silent(w, now) > limit}

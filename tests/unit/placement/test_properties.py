@@ -26,6 +26,7 @@ from shared.core.placement.domain import (
 )
 from shared.core.placement.lifecycle import instance_from_decision
 from shared.core.placement.pipeline import (
+    filter_rows,
     place,
     requirements,
     run_filters,
@@ -122,6 +123,16 @@ def test_no_candidate_claims_more_than_a_gpus_allocatable_vram(parts, model):
                 assert cpu == 0 or cpu <= snap.cpu_allocatable(name)
                 for index, claim in zip(indexes, claims, strict=True):
                     assert claim <= snap.gpu_allocatable(name, index)
+
+
+@SETTINGS
+@given(clusters(), models())
+def test_the_filter_mask_names_exactly_the_survivors_and_reports_of_run_filters(parts, model):
+    snap = build(parts)
+    mask, reports = filter_rows(snap, model, NOW)
+    expected = run_filters(snap, model, NOW)
+    assert tuple(snap.names_where(mask)) == expected.survivors
+    assert reports == expected.reports
 
 
 @SETTINGS

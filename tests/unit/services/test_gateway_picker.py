@@ -11,17 +11,20 @@ import msgspec
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import json_format
 
 from ops.envoy import EnvoyOptions, envoy_config
 from services.engine_server.textgen import TextModel
 from services.gateway.epp import DESTINATION, METADATA_NS, PICKED, SERVED, Picker
 from services.gateway.pool import PoolView, address_of, eds_document, metrics_of
+from services.gateway.protocol import STREAMED_RESPONSE_MODE
 from services.gateway.request import BadRequest, parse_request
 from services.gateway.service import shipped_tokenizer
 from shared.bus.messages import EngineMetrics
 from shared.core.routing import Router, builtin_config
 
 NOW = 1_000.0
+SSE = "text/event-stream"
 
 
 def report(instance: str, port: int, waiting: int = 0, model: str = "m", ts: float = NOW) -> EngineMetrics:
@@ -92,13 +95,28 @@ def test_eds_document_lists_every_endpoint_address() -> None:
     assert doc["version_info"] == "3"
 
 
-def test_envoy_config_routes_on_the_picker_list_and_streams_responses() -> None:
+def _envoy_config() -> dict[str, Any]:
     from pathlib import Path
-    cfg = envoy_config(EnvoyOptions(listen_port=1, admin_port=2, epp_port=3, eds_path=Path("/x/e.json")))
-    text = msgspec.json.encode(cfg).decode()
-    assert '"response_body_mode":"STREAMED"' in text and '"request_body_mode":"BUFFERED"' in text
+    return envoy_config(EnvoyOptions(listen_port=1, admin_port=2, epp_port=3, eds_path=Path("/x/e.json")))
+
+
+def test_envoy_config_routes_on_the_picker_list_and_streams_responses() -> None:
+    text = msgspec.json.encode(_envoy_config()).decode()
+    assert '"request_body_mode":"BUFFERED"' in text
     assert '"receiving_namespaces":{"untyped":["envoy.lb"]}' in text
     assert "override_host" in text and DESTINATION in text
+
+
+def _hcm(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]  # type: ignore[no-any-return]
+
+
+def test_envoy_skips_the_response_body_unless_the_picker_overrides_with_the_mode_it_allows() -> None:
+    ext_proc = _hcm(_envoy_config())["http_filters"][0]["typed_config"]
+    assert ext_proc["processing_mode"]["response_body_mode"] == "NONE"
+    assert ext_proc["allow_mode_override"] is True
+    assert ext_proc["allowed_override_modes"] == [STREAMED_RESPONSE_MODE]
+    assert STREAMED_RESPONSE_MODE["response_body_mode"] == "STREAMED"
 
 
 # -- the ext_proc exchange -------------------------------------------------------------------------------
@@ -125,8 +143,9 @@ def body_msg(body: bytes) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
 
 
-def resp_headers(served: str = "") -> pb.ProcessingRequest:
-    hs = [base_pb2.HeaderValue(key=SERVED, raw_value=served.encode())] if served else []
+def resp_headers(served: str = "", content_type: str = "") -> pb.ProcessingRequest:
+    hs = [base_pb2.HeaderValue(key=k, raw_value=v.encode())
+          for k, v in ((SERVED, served), ("content-type", content_type)) if v]
     return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=hs)))
 
 
@@ -169,7 +188,7 @@ async def test_inflight_counts_from_dispatch_through_first_chunk_to_end_of_strea
     await ex.send(body_msg(chat("x" * 400)))
     st = router.state.endpoints["a"]
     assert st.inflight_requests == 1 and st.inflight_tokens > 0
-    picked = (await ex.send(resp_headers())).response_headers.response.header_mutation.set_headers[0]
+    picked = (await ex.send(resp_headers(content_type=SSE))).response_headers.response.header_mutation.set_headers[0]
     assert picked.header.key == PICKED and picked.header.raw_value == b"a"
     await ex.send(chunk())
     assert st.inflight_requests == 1 and st.inflight_tokens == 0  # prefill done, still decoding
@@ -189,7 +208,7 @@ async def test_request_served_by_a_fallback_moves_its_load_there() -> None:
     ids = {"127.0.0.1:8001": "a", "127.0.0.1:8002": "b"}
     picked, fallback = router.state.endpoints[ids[first]], router.state.endpoints[ids[second]]
     tokens = picked.inflight_tokens
-    await ex.send(resp_headers(served=second))  # Envoy could not reach the first
+    await ex.send(resp_headers(served=second, content_type=SSE))  # Envoy could not reach the first
     assert (picked.inflight_requests, picked.inflight_tokens) == (0, 0)
     assert (fallback.inflight_requests, fallback.inflight_tokens) == (1, tokens)
     assert p.counters.moved == 1
@@ -215,7 +234,7 @@ async def test_client_gone_mid_stream_still_finishes_the_request() -> None:
     ex = Exchange(p)
     await ex.send(headers_msg())
     await ex.send(body_msg(chat()))
-    await ex.send(resp_headers())
+    await ex.send(resp_headers(content_type=SSE))
     await ex.send(chunk())
     await ex.gen.aclose()  # Envoy closed the stream: the HTTP request is over
     assert router.state.endpoints["a"].inflight_requests == 0
@@ -250,3 +269,29 @@ async def test_models_listing_is_answered_by_the_picker() -> None:
     resp = await ex.send(hs)
     assert resp.immediate_response.status.code == 200
     assert [m["id"] for m in msgspec.json.decode(resp.immediate_response.body)["data"]] == ["m1", "m2"]
+
+
+async def test_a_json_answer_is_not_streamed_through_the_picker_and_ends_with_the_http_request() -> None:
+    p, router = picker(report("a", 8001))
+    ex = Exchange(p)
+    await ex.send(headers_msg())
+    await ex.send(body_msg(chat()))
+    answer = await ex.send(resp_headers(served="127.0.0.1:8001", content_type="application/json"))
+    assert not answer.HasField("mode_override")  # Envoy skips the body: no round trip per chunk
+    # the engine sent the whole answer: off its load at once, before Envoy ends the stream with the request
+    assert router.state.endpoints["a"].inflight_requests == 0 and p.counters.finished == 0
+    with pytest.raises(StopAsyncIteration):
+        await ex.gen.__anext__()
+    assert p.counters.finished == 1 and router.state.in_flight() == 0
+
+
+async def test_a_streamed_answer_asks_envoy_for_its_chunks_to_see_the_first_token() -> None:
+    p, router = picker(report("a", 8001))
+    ex = Exchange(p)
+    await ex.send(headers_msg())
+    await ex.send(body_msg(chat("x" * 400)))
+    answer = await ex.send(resp_headers(content_type="text/event-stream; charset=utf-8"))
+    assert json_format.MessageToDict(answer.mode_override, preserving_proto_field_name=True) == \
+        STREAMED_RESPONSE_MODE
+    await ex.send(chunk())
+    assert router.state.endpoints["a"].inflight_tokens == 0  # prefill done at the first chunk

@@ -21,6 +21,7 @@ from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer, ratio, ratio_array
+from shared.core.placement.scorers.binpack_memo import row_scores
 from shared.core.placement.snapshot import FloatArray, IntArray
 
 MAX = 100.0
@@ -97,15 +98,21 @@ class Binpack(Scorer):
         return [binpack_score(ctx, c, self.cpu_weight) for c in candidates]
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
-        """Fast path: the same formula over the ``[row, slot]`` columns."""
+        """Fast path: the same formula over the ``[row, slot]`` columns (rows that did not move since the last
+        decision keep their scores: ``binpack_memo``)."""
         snap = ctx.snapshot
-        rows = snap.rows
-        ram_ratio = ratio_array(np.full(rows, batch.ram_claim, dtype=np.int64), snap.w_ram_alloc[:rows])[:, None]
-        vram_ratio = ratio_array(batch.claims, snap.g_alloc[:rows])
-        per_slot = self._with_cpu((ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0, batch.cpu_claim,
-                                  snap.w_cpu_alloc[:rows])
-        result: FloatArray = np.minimum(per_slot, MAX)
-        return result
+        ram, cpu = batch.ram_claim, batch.cpu_claim
+
+        def score(rows: IntArray | slice, claims: IntArray) -> FloatArray:
+            ram_alloc = snap.w_ram_alloc[rows]
+            ram_ratio = ratio_array(np.full(len(ram_alloc), ram, dtype=np.int64), ram_alloc)[:, None]
+            vram_ratio = ratio_array(claims, snap.g_alloc[rows])
+            per_slot = self._with_cpu((ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0, cpu,
+                                      snap.w_cpu_alloc[rows])
+            result: FloatArray = np.minimum(per_slot, MAX)
+            return result
+
+        return row_scores(snap, batch.claims, (ram, cpu, self.cpu_weight), score)
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
         """Fast path for multi-GPU candidates: the maximum GPU score of each set."""

@@ -1,0 +1,37 @@
+"""What Envoy's ext_proc filter and Gantry's picker agree on, declared once for both sides (``ops.envoy``
+writes it into Envoy's config, ``services.gateway.epp`` reads and answers by it). Plain data, no imports.
+
+Each ext_proc message Envoy waits for is one picker round trip added to the request's latency, so the
+exchange is cut to what the picker needs:
+
+- the request headers, then the buffered body (the decision). Envoy holds the headers until the body's
+  answer, so the destination is set before its router picks a host. (Skipping the headers message and
+  sending them as attributes with the body saves a round trip, but then Envoy's router picks a host before
+  the picker has answered: tried, and requests landed round robin.)
+- the response headers, once (the endpoint that served; the picker's list as a response header). The
+  response body is skipped unless the picker asks for it per request with a mode override: for a streamed
+  answer (its first chunk marks prefill done) or when the picker records a trace (output length). A whole
+  (JSON) answer is finished on the engine when its headers come back.
+- the end of the HTTP request ends the ext_proc stream (Envoy holds it open until then).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REQUEST_ID_HEADER = "x-request-id"
+PRIORITY_HEADER = "x-gantry-priority"
+"""Integer priority of the request (< 0: sheddable, GIE v1.0 ``InferenceObjective.priority`` semantics)."""
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+"""Tenant for flow control (GIE flow-control fairness id)."""
+SESSION_HEADER = "x-session-id"
+
+
+def processing_mode(response_body: str = "NONE") -> dict[str, Any]:
+    """An ext_proc ``ProcessingMode`` (proto JSON): request headers and buffered body, response headers."""
+    return {"request_header_mode": "SEND", "request_body_mode": "BUFFERED", "request_trailer_mode": "SKIP",
+            "response_header_mode": "SEND", "response_body_mode": response_body, "response_trailer_mode": "SKIP"}
+
+
+STREAMED_RESPONSE_MODE = processing_mode(response_body="STREAMED")
+"""The override the picker sends with its response-headers answer when it needs the response body."""

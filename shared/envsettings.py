@@ -1,0 +1,150 @@
+"""``shared.settings.Settings`` read without pydantic, for short-lived clients (issue 17: `gantry models` and the
+other read commands answer within 0.5 s; pydantic and pydantic-settings alone cost ~0.1 s of imports).
+
+``read`` takes the same ``GANTRY_*`` variables (names case-insensitive, unknown ones ignored, keyword overrides
+first) and the same credentials rule, but accepts a value only when its meaning is plain: any text for a text
+field, an ordinary decimal within the field's bounds for a number. For anything else it answers None and the
+caller builds ``Settings``, which then gives its own value or its own validation error: both ways agree on every
+value this module accepts. ``EnvSettings`` declares Settings' fields again (names, defaults, bounds); a unit
+test holds the two equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from shared.paths import runtime_dir
+
+CREDENTIALS_FILE = "credentials.json"
+PREFIX = "GANTRY_"
+_INT = re.compile(r"(0|[1-9][0-9]{0,8})")
+_FLOAT = re.compile(r"(0|[1-9][0-9]{0,8})(\.[0-9]{1,9})?")
+
+
+def _gt0() -> dict[str, float]:
+    return {"gt": 0}
+
+
+def _ge0() -> dict[str, float]:
+    return {"ge": 0}
+
+
+@dataclass(frozen=True)
+class EnvSettings:
+    """The fields of ``shared.settings.Settings`` (see there what each means), with the same defaults and bounds."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    identity: str = ""
+    tls_ca_file: str = ""
+    credentials_file: str = ""
+    heartbeat_interval_s: float = field(default=5.0, metadata=_gt0())
+    not_ready_after_s: float = field(default=15.0, metadata=_gt0())
+    reschedule_after_s: float = field(default=30.0, metadata=_gt0())
+    drain_timeout_s: float = field(default=30.0, metadata=_ge0())
+    profile: str = "default"
+    ack_wait_s: float = field(default=10.0, metadata=_gt0())
+    max_deliver: int = field(default=6, metadata={"ge": 1})
+    js_storage: str = "file"
+    commit_retries: int = field(default=5, metadata=_ge0())
+    commit_backoff_s: float = field(default=0.02, metadata=_ge0())
+    batch_max: int = field(default=64, metadata={"ge": 1})
+    command_linger_s: float = field(default=0.02, metadata=_ge0())
+    status_linger_s: float = field(default=0.05, metadata=_ge0())
+    reconcile_interval_s: float = field(default=1.0, metadata=_gt0())
+    pending_retry_s: float = field(default=1.0, metadata=_gt0())
+    pending_retry_max_s: float = field(default=8.0, metadata=_gt0())
+    forget_after_s: float = field(default=600.0, metadata=_gt0())
+    metrics_port: int = field(default=0, metadata={"ge": 0, "le": 65535})
+    web_port: int = field(default=8470, metadata={"ge": 0, "le": 65535})
+    fit_cache_s: float = field(default=0.2, metadata=_ge0())
+
+
+FIELDS: dict[str, dataclasses.Field[object]] = {f.name: f for f in dataclasses.fields(EnvSettings)}
+
+
+def read(overrides: Mapping[str, object], environ: Mapping[str, str] | None = None) -> EnvSettings | None:
+    """The settings from ``overrides`` then the environment, or None when a value is not plainly valid (then
+    ``Settings`` decides). ``overrides`` are trusted values of the right type, as ``Settings(**overrides)``."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    seen: set[str] = set()
+    for key, text in env.items():
+        name = key.lower()
+        if not name.startswith(PREFIX.lower()):
+            continue
+        name = name[len(PREFIX):]
+        if name in seen:  # the same field spelt in two cases: Settings picks one, leave it to Settings
+            return None
+        seen.add(name)
+        if name in FIELDS and name not in overrides:
+            value = _plain(FIELDS[name], text)
+            if value is None:
+                return None
+            values[name] = value
+    values.update(overrides)
+    try:
+        return with_credentials(EnvSettings(**values))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _plain(spec: dataclasses.Field[object], text: str) -> object | None:
+    """``text`` as the field's value if it is plainly one within the bounds, else None."""
+    kind = spec.type
+    if kind == "str":
+        return text
+    pattern, convert = (_INT, int) if kind == "int" else (_FLOAT, float)
+    if not pattern.fullmatch(text):
+        return None
+    value = convert(text)
+    bounds = spec.metadata
+    if ("gt" in bounds and not value > bounds["gt"]) or ("ge" in bounds and not value >= bounds["ge"]):
+        return None
+    if "le" in bounds and not value <= bounds["le"]:
+        return None
+    return value
+
+
+def with_credentials(settings: EnvSettings) -> EnvSettings:
+    """Settings whose URLs carry the identity's secret from the credentials file (``Settings`` does the same)."""
+    if not settings.identity:
+        return settings
+    secret = identity_secret(credentials_path(settings.credentials_file), settings.identity)
+    if secret is None:
+        return settings
+    return dataclasses.replace(
+        settings,
+        nats_url=with_user(settings.nats_url, settings.identity, secret),
+        redis_url=with_user(settings.redis_url, settings.identity, secret),
+    )
+
+
+def credentials_path(credentials_file: str) -> Path:
+    """The credentials file a process reads: the configured one, else the one `gantry up` writes."""
+    return Path(credentials_file) if credentials_file else runtime_dir() / CREDENTIALS_FILE
+
+
+def identity_secret(path: Path, identity: str) -> str | None:
+    """``identity``'s secret in the credentials file at ``path``; None when the file or the entry is missing."""
+    try:
+        found = json.loads(path.read_text()).get("identities", {}).get(identity)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def with_user(url: str, user: str, secret: str) -> str:
+    """``url`` with ``user:secret`` as its credentials, unless it names a user already or has no host."""
+    parts = urlsplit(url)
+    if parts.username or not parts.hostname:
+        return url
+    netloc = f"{user}:{secret}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
