@@ -8,7 +8,8 @@ the server's engine (same options, same prompts, arrivals at the clients' send o
 GPU would take. Both are taken over the same token indices of each stream: those every stream decoded
 together (after the last stream's first token, before the first stream's last), because the ramp while
 requests arrive depends on how quickly the server parses them, not on whether it keeps time; the error over
-whole requests is reported beside it. The server's CPU time (user + system, from psutil) divided by the
+whole requests is reported beside it. The server's CPU time (all its threads' run time, in ns, from
+``/proc/<pid>/task/*/schedstat``; psutil's tick counts where that is missing) divided by the
 tokens streamed gives CPU µs per streamed token. The server's ``gantry:engine_clock_lag_seconds`` figures are
 read after each run.
 
