@@ -245,7 +245,7 @@ def main() -> None:
         procs.append(picker)
         access_log = tmp / "envoy" / "access.log"
         envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=epp_port,
-                                         eds_path=eds, access_log=access_log), tmp / "envoy")
+                                         eds_path=eds, timing_log=access_log), tmp / "envoy")
         deadline = time.monotonic() + 30
         while True:  # until the pool reached the picker and the EDS file reached Envoy
             try:

@@ -13,8 +13,9 @@ The commit's assumed-state insertion (hashing the rest of the prompt, inserting 
 ``perf_counter`` (wall) and ``thread_time`` (CPU).
 
 Cases: ``default`` (the target: default profile), ``default-prehashed`` (the same with the block hashes
-supplied by the caller, i.e. the core without hashing), ``gie`` (queue 2 / KV 2 / approximate prefix 3),
-``hash-only`` (``chain_hashes`` of the 4,000 tokens, for scale).
+supplied by the caller, i.e. the core without hashing), ``default-no-memo`` (the same without the router's
+memo of hashed prompt chunks, ``data.hash_memo_chunks: 0``: every decision hashes as far as its match goes),
+``gie`` (queue 2 / KV 2 / approximate prefix 3), ``hash-only`` (``chain_hashes`` of the 4,000 tokens, for scale).
 
 Run: ``.venv/bin/python bench/routing_core.py [--runs N] [--decisions N]``. Prints one JSON line per case
 and a final summary line; writes docs/benchmarks/routing_core.{json,png}. The machine is shared (2 cores,
@@ -97,6 +98,8 @@ def run_case(case: str, seed: int, decisions: int) -> dict[str, float]:
     in-flight accounting spreads them as in a service; metrics are re-reported every 50 decisions."""
     profile = {"gie": "gie"}.get(case, "default")
     r = make_router(profile, seed)
+    if case == "default-no-memo":
+        r.state.chunk_memo = None
     warm(r, seed, 2000)
     r.flush()
     reqs = requests(seed, decisions)
@@ -140,11 +143,76 @@ def run_case(case: str, seed: int, decisions: int) -> dict[str, float]:
             "endpoints_used": float(len({e.id for e in r.state.pool("m") if r.state.approx.blocks_of(e.slot)}))}
 
 
+class Stopwatch:
+    """Exclusive time per stage: a stage's time excludes the stages it calls (a stack of open stages)."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+        self._stack: list[list[float]] = []  # [start, time taken by nested stages]
+
+    def wrap(self, label: str, fn: Any) -> Any:
+        """``fn`` timed as ``label``."""
+        def timed(*args: Any, **kw: Any) -> Any:
+            frame = [time.perf_counter(), 0.0]
+            self._stack.append(frame)
+            try:
+                return fn(*args, **kw)
+            finally:
+                took = time.perf_counter() - frame[0]
+                self._stack.pop()
+                self.spent[label] = self.spent.get(label, 0.0) + took - frame[1]
+                if self._stack:
+                    self._stack[-1][1] += took
+        return timed
+
+
+def stages(seed: int, decisions: int) -> dict[str, float]:
+    """Median µs per decision of each stage of the default profile (exclusive wall time, timer cost included):
+    hashing, prefix-index lookup, each filter, each scorer, the profile's combination of scores, the picker,
+    the commit, and the rest of ``route`` (admission, cycle, result objects)."""
+    import shared.core.routing.hashing as hashing
+
+    r = make_router("default", seed)
+    warm(r, seed, 2000)
+    r.flush()
+    sw = Stopwatch()
+    prof = r.handler.profile  # type: ignore[attr-defined]
+    for f in prof.filters:
+        f.filter = sw.wrap(f"filter {f.name}", f.filter)
+    for sc, _ in prof.scorers:
+        sc.score = sw.wrap(f"scorer {sc.name}", sc.score)
+    prof.picker.pick = sw.wrap("picker", prof.picker.pick)
+    prof.combine = sw.wrap("combine scores", prof.combine)
+    r.commit = sw.wrap("commit", r.commit)  # type: ignore[method-assign]
+    route = sw.wrap("route (rest)", r.route)
+    saved = hashing.BlockHashes._extend, hashing._match
+    hashing.BlockHashes._extend = sw.wrap("hashing", hashing.BlockHashes._extend)  # type: ignore[method-assign]
+    hashing._match = sw.wrap("prefix lookup", hashing._match)
+    per: dict[str, list[float]] = {}
+    reqs = requests(seed, decisions)
+    try:
+        for i, req in enumerate(reqs):
+            sw.spent = {}
+            route(req, NOW)
+            for k, v in sw.spent.items():
+                per.setdefault(k, []).append(v * 1e6)
+            per.setdefault("total", []).append(sum(sw.spent.values()) * 1e6)
+            r.flush()
+            if i >= WINDOW // 4:
+                r.first_token(reqs[i - WINDOW // 4].request_id)
+            if i >= WINDOW:
+                r.finished(reqs[i - WINDOW].request_id)
+    finally:
+        hashing.BlockHashes._extend, hashing._match = saved  # type: ignore[method-assign]
+    return {k: statistics.median(v + [0.0] * (decisions - len(v))) for k, v in per.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--decisions", type=int, default=2000)
-    ap.add_argument("--cases", default="default,default-prehashed,gie,hash-only")
+    ap.add_argument("--cases", default="default,default-prehashed,default-no-memo,gie,hash-only")
+    ap.add_argument("--stages", action="store_true", help="also print the default profile's per-stage breakdown")
     args = ap.parse_args()
     results: dict[str, Any] = {}
     for case in args.cases.split(","):
@@ -152,6 +220,12 @@ def main() -> None:
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         results[case] = {"median": med, "runs": runs}
         print(json.dumps({"case": case, **{k: round(v, 1) for k, v in med.items()}}), flush=True)
+    if args.stages:
+        runs = [stages(seed, args.decisions) for seed in range(args.runs)]
+        results["stages"] = {"median": {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]},
+                             "runs": runs}
+        print(json.dumps({"case": "stages", **{k: round(v, 1) for k, v in results["stages"]["median"].items()}}),
+              flush=True)
     d = results.get("default", {}).get("median", {})
     summary = {
         "bench": "routing_core", "endpoints": ENDPOINTS, "prompt_tokens": PROMPT, "runs": args.runs,
@@ -175,7 +249,7 @@ def plot(results: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(results)
+    cases = [c for c in results if c != "stages"]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.27
     for j, (key, label) in enumerate((("p50_us", "p50 wall"), ("p99_us", "p99 wall"), ("cpu_p50_us", "p50 CPU"))):

@@ -8,6 +8,17 @@ on retry: that is how the fallback list works. (An ``ORIGINAL_DST`` cluster with
 on the header too, but to one host only, so a retry would go back to the dead endpoint.) The override
 policy only sends to hosts the cluster knows, so the picker maintains the cluster's endpoints in a watched
 EDS file. The served endpoint goes back to the client in ``x-gateway-destination-endpoint-served``.
+
+When no picker answers (all replicas down, or the one holding the request's ext_proc stream died),
+``FailureMode`` decides, with the meaning of GIE's ``InferencePool.spec.endpointPickerRef.failureMode``
+(api v1): ``FailClose`` refuses the request, ``FailOpen`` forwards it to an endpoint of Envoy's own choosing.
+Envoy's choice is model-aware: ``json_to_metadata`` copies the body's ``model`` into ``envoy.lb/model``
+and the override policy's fallback is a subset load balancer over the endpoints' ``envoy.lb/model``
+metadata (the EDS file carries it), so a fallback never lands on a server of another model. Either way a
+dead replica costs as little as Envoy allows: each ext_proc stream that cannot connect or is reset before
+the picker's first answer is retried on another replica, a refused connection ejects the replica at
+once (outlier detection on local-origin errors), and an active gRPC health check takes out replicas that
+are down or stalled.
 """
 
 from __future__ import annotations
@@ -16,7 +27,8 @@ import argparse
 import json
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +40,17 @@ EPP_CLUSTER = "gantry_epp"
 DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
 EXT_PROC = "envoy.filters.http.ext_proc"
+MODEL_KEY = "model"  # envoy.lb/model: the request's model, for the fallback's subset choice
+ACCESS_LOG_FORMAT = ("[%START_TIME%] %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% "
+                     "%RESPONSE_CODE_DETAILS% %UPSTREAM_HOST% %DURATION%ms x-request-id=%REQ(X-REQUEST-ID)%\n")
+
+
+class FailureMode(StrEnum):
+    """What Envoy does with a request when no picker answers it (GIE InferencePool v1,
+    ``endpointPickerRef.failureMode``; GIE's default is FailClose)."""
+
+    FAIL_CLOSE = "FailClose"  # refuse it (500): no decision, no routing
+    FAIL_OPEN = "FailOpen"  # forward it to an endpoint serving its model, chosen by Envoy (round robin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +68,12 @@ class EnvoyOptions:
     idle_timeout_s: float = 60.0  # no byte either way
     epp_timeout_s: float = 5.0  # one ext_proc message
     retries: int = 2  # further entries of the fallback list
-    epp_health_interval_s: float = 0.25  # TCP health check of each picker replica
-    access_log: Path | None = None  # one line of phase timings per request (TIMING_FIELDS), for benchmarks
+    epp_health_interval_s: float = 0.25  # active health check of each picker replica
+    epp_health_timeout_s: float = 1.0  # a replica this slow to answer its health check counts as down
+    epp_retries: int = 2  # an ext_proc stream refused or reset before its first answer: other replicas tried
+    failure_mode: FailureMode = FailureMode.FAIL_CLOSE
+    access_log: Path | None = None  # one line per request: code, response flags and details, upstream
+    timing_log: Path | None = None  # one line of phase timings per request (TIMING_FIELDS), for benchmarks
 
     @property
     def epp_ports(self) -> tuple[int, ...]:
@@ -73,22 +100,54 @@ def _typed(name: str, type_url: str, **config: Any) -> dict[str, Any]:
 def _lb_policy() -> dict[str, Any]:
     round_robin = _typed("envoy.load_balancing_policies.round_robin",
                          "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin")
+    # no picker's list (fail-open): round robin among the endpoints of the request's model, never another's
+    by_model = _typed(
+        "envoy.load_balancing_policies.subset", "envoy.extensions.load_balancing_policies.subset.v3.Subset",
+        subset_selectors=[{"keys": [MODEL_KEY]}], fallback_policy="NO_FALLBACK",
+        allow_redundant_keys=True,  # envoy.lb also holds the picker's list when there is one
+        subset_lb_policy={"policies": [{"typed_extension_config": round_robin}]},
+    )
     override = _typed(
         "envoy.load_balancing_policies.override_host",
         "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
         override_host_sources=[{"metadata": {"key": "envoy.lb", "path": [{"key": DESTINATION}]}},
                                {"header": DESTINATION}],
-        fallback_policy={"policies": [{"typed_extension_config": round_robin}]},
+        fallback_policy={"policies": [{"typed_extension_config": by_model}]},
     )
     return {"policies": [{"typed_extension_config": override}]}
+
+
+def _model_to_metadata() -> dict[str, Any]:
+    """The body's ``model`` as ``envoy.lb/model`` (what the fallback's subset choice reads)."""
+    return _typed(
+        "envoy.filters.http.json_to_metadata",
+        "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+        request_rules={"rules": [{"selectors": [{"key": MODEL_KEY}],
+                                  "on_present": {"metadata_namespace": "envoy.lb", "key": MODEL_KEY,
+                                                 "type": "STRING"}}]},
+    )
+
+
+def _epp_retry_policy(o: EnvoyOptions) -> dict[str, Any]:
+    """Retries of an ext_proc stream on another replica. Envoy buffers what it sent on the stream, so a
+    stream refused at connect (the replica is gone but not yet ejected), or reset before the picker's first
+    answer, is replayed whole on another replica; once the picker has answered the request headers nothing
+    is retried (a replica dying while it decides on the body fails that one request, or, FailOpen, lets
+    Envoy route it)."""
+    return {"retry_on": "connect-failure,refused-stream,reset,unavailable", "num_retries": o.epp_retries,
+            "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+            "retry_host_predicate": [_typed("envoy.retry_host_predicates.previous_hosts",
+                                            "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")],
+            "host_selection_retry_max_attempts": 5}
 
 
 def _ext_proc(o: EnvoyOptions) -> dict[str, Any]:
     return _typed(
         EXT_PROC, "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        grpc_service={"envoy_grpc": {"cluster_name": EPP_CLUSTER}, "timeout": f"{o.epp_timeout_s}s"},
+        grpc_service={"envoy_grpc": {"cluster_name": EPP_CLUSTER}, "timeout": f"{o.epp_timeout_s}s",
+                      "retry_policy": _epp_retry_policy(o)},
         # a replica that stopped answering is dropped from the rotation by the cluster's health checks
-        failure_mode_allow=False,  # no picker, no routing: never send blind
+        failure_mode_allow=o.failure_mode is FailureMode.FAIL_OPEN,
         message_timeout=f"{o.epp_timeout_s}s",
         # each message Envoy waits for is a picker round trip on the request's path: see
         # services.gateway.protocol for what is sent and why (the response body only when the picker asks)
@@ -127,10 +186,43 @@ TIMING_FIELDS = {  # where a request's time goes, in microseconds, as Envoy saw 
 }
 
 
-def _access_log(path: Path) -> list[dict[str, Any]]:
+def _timing_log(path: Path) -> dict[str, Any]:
     fmt = " ".join(TIMING_FIELDS.values()) + "\n"
-    return [_typed("envoy.access_loggers.file", "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                   path=str(path), log_format={"text_format_source": {"inline_string": fmt}})]
+    return _typed("envoy.access_loggers.file", "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                  path=str(path), log_format={"text_format_source": {"inline_string": fmt}})
+
+
+def _access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
+    logs = [] if o.timing_log is None else [_timing_log(o.timing_log)]
+    if o.access_log is not None:
+        logs.append(_typed("envoy.access_loggers.file", "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                           path=str(o.access_log),
+                           log_format={"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}))
+    return logs
+
+
+def _epp_cluster(o: EnvoyOptions) -> dict[str, Any]:
+    """The picker replicas: gRPC health-checked, ejected on a refused connection, round robin."""
+    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+    pickers = [{"endpoint": {"address": {"socket_address": {"address": o.epp_host, "port_value": port}}}}
+               for port in o.epp_ports]
+    every = f"{o.epp_health_interval_s}s"
+    return {
+        "name": EPP_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
+        "typed_extension_protocol_options": h2,
+        "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": pickers}]},
+        # grpc.health.v1 on the picker's own event loop: a stalled picker fails it, not only a dead one;
+        # two misses in a row take a replica out, one success brings it back
+        "health_checks": [{"timeout": f"{o.epp_health_timeout_s}s", "interval": every,
+                           "unhealthy_threshold": 2, "healthy_threshold": 1, "no_traffic_interval": every,
+                           "unhealthy_interval": every, "grpc_health_check": {}}],
+        # a refused connection marks the replica out at once, before the next health check
+        "outlier_detection": {"consecutive_local_origin_failure": 1, "split_external_local_origin_errors": True,
+                              "enforcing_consecutive_local_origin_failure": 100,
+                              "interval": "1s", "base_ejection_time": "5s", "max_ejection_percent": 100},
+    }
 
 
 def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
@@ -140,15 +232,10 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="gantry", codec_type="AUTO",
         route_config={"name": "gantry", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [_route(o)]}]},
-        http_filters=[_ext_proc(o), _typed("envoy.filters.http.router",
-                                           "envoy.extensions.filters.http.router.v3.Router")],
-        **({"access_log": _access_log(o.access_log)} if o.access_log is not None else {}),
+        http_filters=[_model_to_metadata(), _ext_proc(o),
+                      _typed("envoy.filters.http.router", "envoy.extensions.filters.http.router.v3.Router")],
+        access_log=_access_log(o),
     )
-    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}}}}
-    pickers = [{"endpoint": {"address": {"socket_address": {"address": o.epp_host, "port_value": port}}}}
-               for port in o.epp_ports]
     return {
         "node": {"id": "gantry-gateway", "cluster": "gantry"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": o.admin_port}}},
@@ -159,18 +246,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
                 "filter_chains": [{"filters": [hcm]}],
             }],
             "clusters": [
-                {"name": EPP_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
-                 "typed_extension_protocol_options": h2,
-                 "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": pickers}]},
-                 "health_checks": [{"timeout": "0.2s", "interval": f"{o.epp_health_interval_s}s",
-                                    "unhealthy_threshold": 1, "healthy_threshold": 1,
-                                    "no_traffic_interval": f"{o.epp_health_interval_s}s",
-                                    "tcp_health_check": {}}],
-                 # a connection refused marks the replica out at once, before the next health check
-                 "outlier_detection": {"consecutive_local_origin_failure": 1,
-                                       "split_external_local_origin_errors": True,
-                                       "interval": "1s", "base_ejection_time": "5s",
-                                       "max_ejection_percent": 100}},
+                _epp_cluster(o),
                 {"name": ENGINES_CLUSTER, "type": "EDS", "connect_timeout": f"{o.connect_timeout_s}s",
                  "eds_cluster_config": {"eds_config": {
                      "path_config_source": {"path": str(o.eds_path),
@@ -192,8 +268,11 @@ def ensure_eds(path: Path) -> None:
 
 
 def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> ServerProcess:
-    """Write the config under ``workdir`` and start Envoy; returns once the listener accepts."""
+    """Write the config under ``workdir`` and start Envoy; returns once the listener accepts. Unless told
+    otherwise, the access log goes to ``workdir/access.log``."""
     workdir.mkdir(parents=True, exist_ok=True)
+    if o.access_log is None:
+        o = replace(o, access_log=workdir / "access.log")
     ensure_eds(o.eds_path)
     cfg = workdir / "envoy.json"
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
@@ -214,9 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epp-port", type=int, action="append", required=True, help="a picker's gRPC port (repeat)")
     p.add_argument("--eds-path", type=Path, required=True, help="the endpoint file the picker maintains")
     p.add_argument("--workdir", type=Path, default=Path(".gantry/envoy"))
+    p.add_argument("--failure-mode", choices=[m.value for m in FailureMode], default=FailureMode.FAIL_CLOSE.value,
+                   help="no picker answers: FailClose refuses the request, FailOpen sends it to a server of its "
+                        "model chosen by Envoy (GIE endpointPickerRef.failureMode)")
     a = p.parse_args(argv)
     o = EnvoyOptions(listen_port=a.listen_port, admin_port=a.admin_port, epp_port=tuple(a.epp_port),
-                     eds_path=a.eds_path.resolve())
+                     eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
+                     access_log=(a.workdir / "access.log").resolve())
     a.workdir.mkdir(parents=True, exist_ok=True)
     ensure_eds(o.eds_path)
     cfg = a.workdir / "envoy.json"

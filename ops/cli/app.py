@@ -1,6 +1,6 @@
 """The ``gantry`` command line as one Typer app, one module per command group, each loaded only when used.
 
-``COMMANDS`` (``ops.cli.main``) names every command and the module whose ``register(app)`` adds it; a call
+``COMMANDS`` names every command and the module whose ``register(app)`` adds it; a call
 imports that one module, so ``gantry deploy`` never pays for the simulator, the web view or the stack launcher.
 Errors the user can act on, usage mistakes included, are printed as one line (``error: ...``) with a non-zero
 exit code, never as a traceback or a box.
@@ -17,8 +17,19 @@ from typer._click import exceptions as click_errors
 from typer.core import TyperGroup
 
 from ops.cli.errors import CliError
-from ops.cli.main import COMMANDS
 from ops.cli.output import echo
+
+# command -> module under ops/cli that registers it (a module may register several commands)
+COMMANDS: dict[str, str] = {
+    "up": "stack", "down": "stack", "status": "status",
+    "deploy": "cluster", "scale": "cluster", "delete": "cluster", "models": "cluster", "instances": "cluster",
+    "workers": "cluster", "explain": "cluster", "cordon": "cluster", "uncordon": "cluster", "events": "cluster",
+    "catalog": "catalog",
+    "top": "top",
+    "place": "place",
+    "engine": "engine", "simulate": "engine",
+    "gateway": "gateway",
+}
 
 
 class LazyGroup(TyperGroup):

@@ -11,19 +11,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-# command -> module under ops/cli that registers it (a module may register several commands)
-COMMANDS: dict[str, str] = {
-    "up": "stack", "down": "stack", "status": "status",
-    "deploy": "cluster", "scale": "cluster", "delete": "cluster", "models": "cluster", "instances": "cluster",
-    "workers": "cluster", "explain": "cluster", "cordon": "cluster", "uncordon": "cluster", "events": "cluster",
-    "catalog": "catalog",
-    "top": "top",
-    "place": "place",
-    "engine": "engine", "simulate": "engine",
-    "gateway": "gateway",
-}
-COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
-
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs ``argv`` (``sys.argv[1:]`` when None) and exits with its status."""
@@ -41,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 def __getattr__(name: str) -> Any:
     # The Typer app and its helpers, for callers that knew them here (tests, docs checks); loading them costs
     # the typer import, so only on use.
-    if name in ("app", "usage_line", "version", "LazyGroup"):
+    if name in ("app", "usage_line", "version", "LazyGroup", "COMMANDS"):
         from ops.cli import app as typer_app
 
         return getattr(typer_app, name)

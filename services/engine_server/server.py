@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from services.engine_server.access_log import log_config
 from services.engine_server.api import ServerInfo, create_app
 from services.engine_server.publisher import Publisher
 from services.engine_server.runner import EngineRunner
@@ -244,7 +245,7 @@ class QuietServer(uvicorn.Server):
 
 def _uvicorn_config(app: FastAPI, opts: ServerOptions) -> uvicorn.Config:
     return uvicorn.Config(app, host=opts.host, port=opts.port, http=_http_protocol(), log_level="info",
-                          access_log=opts.access_log, lifespan="on")
+                          access_log=opts.access_log, lifespan="on", log_config=log_config())
 
 
 def serve(opts: ServerOptions) -> None:

@@ -39,8 +39,9 @@ def usage(req: Request, completion: int) -> dict[str, Any]:
 class SseSink:
     """One streamed request: encodes its tokens as OpenAI chunks and writes them out (a TokenSink)."""
 
-    __slots__ = ("_conn", "_event", "_fixed", "_frames", "_head", "_pending", "_tail", "_transport", "chat", "created",
-                 "done", "eos", "include_usage", "kind", "model", "pieces", "produced", "rid")
+    __slots__ = ("_conn", "_event", "_fixed", "_frames", "_head", "_pending", "_pre", "_tail", "_tail_crlf",
+                 "_transport", "chat", "created", "done", "eos", "include_usage", "kind", "model", "pieces", "produced",
+                 "rid")
 
     def __init__(self, rid: str, model: str, created: int, chat: bool, include_usage: bool,
                  pieces: Callable[[int], bytes], eos: int) -> None:
@@ -65,6 +66,10 @@ class SseSink:
         self._head = b"data: " + pre
         self._tail = post + b"\n\n"
         self._fixed = len(self._head) + len(self._tail)  # a token's frame is this plus its text
+        self._tail_crlf = self._tail + b"\r\n"
+        # the chunk-size line and the frame's head for each length of token text (a handful of lengths): a
+        # token's HTTP chunk is then two concatenations, about half the CPU of formatting four parts
+        self._pre: dict[int, bytes] = {}
         if chat:
             self._write(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}]))
@@ -79,8 +84,11 @@ class SseSink:
             if token_id != self.eos:
                 self.produced += 1
                 piece = self.pieces(token_id)
-                self._pending.append((conn, b"%x\r\n%b%b%b\r\n" % (self._fixed + len(piece), self._head, piece,
-                                                                        self._tail), False))
+                n = len(piece)
+                pre = self._pre.get(n)
+                if pre is None:
+                    pre = self._pre[n] = b"%x\r\n%b" % (self._fixed + n, self._head)
+                self._pending.append((conn, pre + piece + self._tail_crlf, False))
             return True
         t = self._transport
         if t is not None and t.is_closing():

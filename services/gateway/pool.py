@@ -24,7 +24,9 @@ def eds_document(endpoints: list[Endpoint], version: int) -> dict[str, Any]:
     lb = []
     for ep in sorted(endpoints, key=lambda e: e.address):
         host, port = ep.address.rsplit(":", 1)
-        lb.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}})
+        lb.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}},
+                   # the fail-open fallback chooses among the endpoints of the request's model by this
+                   "metadata": {"filter_metadata": {"envoy.lb": {"model": ep.model}}}})
     return {
         "version_info": str(version),
         "resources": [{

@@ -74,9 +74,24 @@ def router_config(profile: str, staleness_s: float | None = None) -> RouterConfi
                                                                                 staleness_s=staleness_s)))
 
 
+HEALTH_SERVICE = "grpc.health.v1.Health"
+_SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse{status: SERVING}, encoded by hand (one varint)
+
+
+def health_handler() -> grpc.GenericRpcHandler:
+    """``grpc.health.v1.Health/Check`` answered SERVING from the picker's own event loop, so Envoy's active
+    health check fails when the loop stalls as well as when the process is gone."""
+
+    async def check(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+        return _SERVING
+
+    return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(
+        check, request_deserializer=bytes, response_serializer=bytes)})
+
+
 def write_eds(path: Path, doc: dict[str, object]) -> None:
     """Replace Envoy's endpoint file atomically (Envoy watches the directory for the move)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # replicas sharing the file never share a temp
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
 
@@ -114,13 +129,15 @@ class Gateway:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
         self.opts.eds_path.parent.mkdir(parents=True, exist_ok=True)
-        write_eds(self.opts.eds_path, eds_document([], 0))
+        if not self.opts.eds_path.exists():  # a replica (re)starting beside others must not empty their pool
+            write_eds(self.opts.eds_path, eds_document([], 0))
         nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1)
         self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
         await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._on_metrics)
         await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._on_kv)
         server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
+        server.add_generic_rpc_handlers((health_handler(),))
         server.add_insecure_port(f"{self.opts.grpc_host}:{self.opts.grpc_port}")
         await server.start()
         expire = asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, time.time))

@@ -11,7 +11,10 @@ from itertools import repeat
 from operator import mul, sub
 from typing import Literal
 
-from shared.core.routing.domain import EndpointState, RouteRequest
+import numpy as np
+import numpy.typing as npt
+
+from shared.core.routing.domain import EndpointState, PoolColumns, RouteRequest
 from shared.core.routing.hashing import BlockHashes, match_lazily
 from shared.core.routing.state import PoolState
 
@@ -22,7 +25,7 @@ PREFIX_SOURCES: tuple[str, ...] = ("approximate", "precise", "hybrid")
 class Cycle:
     """One request being routed at ``now`` against ``state``."""
 
-    __slots__ = ("_chain", "_lists", "_matches", "now", "request", "rng", "state")
+    __slots__ = ("_chain", "_holders", "_lists", "_matches", "now", "request", "rng", "state")
 
     def __init__(self, request: RouteRequest, state: PoolState, now: float, rng: random.Random) -> None:
         self.request = request
@@ -34,6 +37,8 @@ class Cycle:
         # (source, id(cands)) → (cands, matched blocks of each): several scorers of a profile score the same
         # candidate list; holding ``cands`` keeps its id from being reused within the cycle
         self._lists: dict[tuple[str, int], tuple[list[EndpointState], list[int]]] = {}
+        self._holders: dict[tuple[str, int], tuple[list[EndpointState], npt.NDArray[np.intp],
+                                                   npt.NDArray[np.float64]]] = {}
 
     @property
     def chain(self) -> BlockHashes:
@@ -41,7 +46,7 @@ class Cycle:
         c = self._chain
         if c is None:
             cfg = self.state.config
-            c = self._chain = BlockHashes(self.request, cfg.block_size, cfg.max_prefix_blocks)
+            c = self._chain = BlockHashes(self.request, cfg.block_size, cfg.max_prefix_blocks, self.state.chunk_memo)
         return c
 
     def matches(self, source: str) -> dict[int, int]:
@@ -72,6 +77,44 @@ class Cycle:
         out = [get(st.slot, 0) for st in cands]
         self._lists[key] = (cands, out)
         return out
+
+    def pool_columns(self, cands: list[EndpointState]) -> PoolColumns | None:
+        """The pool's columns when ``cands`` is the whole pool (nothing filtered: the usual case), else None."""
+        model = self.request.model
+        if cands is self.state.pool(model):
+            return self.state.columns(model)
+        return None
+
+    def load_arrays(self, cands: list[EndpointState]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """In-flight uncached tokens and effective prefill rate of each candidate, as arrays aligned with
+        ``cands`` (the pool's own columns, read-only, when ``cands`` is the pool)."""
+        cols = self.pool_columns(cands)
+        if cols is not None:
+            return cols.tokens, cols.rate
+        n = len(cands)
+        return (np.fromiter((st.inflight_tokens for st in cands), np.float64, n),
+                np.fromiter((st.effective_rate for st in cands), np.float64, n))
+
+    def holders(self, cands: list[EndpointState], source: str) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+        """The candidates holding some of the prompt: their indexes in ``cands`` and the leading blocks each
+        holds (computed once per list). A match names only the endpoints holding the prompt's first block,
+        so scorers set those few entries instead of computing every candidate's."""
+        key = (source, id(cands))
+        hit = self._holders.get(key)
+        if hit is not None and hit[0] is cands:
+            return hit[1], hit[2]
+        m = self.matches(source)
+        cols = self.pool_columns(cands)
+        if cols is not None:  # every slot of a match belongs to the pool (the pool is the match's candidate mask)
+            idx = cols.table[np.fromiter(m, np.intp, len(m))]
+            blocks = np.fromiter(m.values(), np.float64, len(m))
+        else:
+            where = {st.slot: i for i, st in enumerate(cands)}
+            pairs = [(where[slot], b) for slot, b in m.items() if slot in where]
+            idx = np.array([i for i, _ in pairs], dtype=np.intp)
+            blocks = np.array([b for _, b in pairs], dtype=np.float64)
+        self._holders[key] = (cands, idx, blocks)
+        return idx, blocks
 
     def uncached_list(self, cands: list[EndpointState], source: str) -> list[int]:
         """``uncached_tokens`` of every candidate, aligned with ``cands`` (one pass)."""

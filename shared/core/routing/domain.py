@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from shared.core.roles import NodeRole
 
 NO_ENDPOINT = 503
@@ -90,11 +93,38 @@ class EndpointMetrics:
     draining: bool = False
 
 
+class PoolColumns:
+    """A pool's load figures as float arrays aligned with its endpoint list (``PoolState.columns``).
+
+    The latency and prefix scorers read whole columns with a few numpy operations instead of walking 100
+    endpoint objects in Python; ``EndpointState`` writes through to its column, so the two never differ.
+    """
+
+    __slots__ = ("members", "position", "rate", "table", "tokens")
+
+    def __init__(self, members: list[EndpointState]) -> None:
+        n = len(members)
+        self.members = members  # the pool list itself: a candidate list that *is* it reads these columns
+        self.tokens: npt.NDArray[np.float64] = np.fromiter((st.inflight_tokens for st in members), np.float64, n)
+        self.rate: npt.NDArray[np.float64] = np.fromiter((st.effective_rate for st in members), np.float64, n)
+        self.position = {st.slot: i for i, st in enumerate(members)}  # index slot → position in the pool
+        self.table = position_table(self.position)
+        for i, st in enumerate(members):
+            st.attach(self, i)
+
+
+def position_table(position: dict[int, int]) -> npt.NDArray[np.intp]:
+    """``position`` (slot → index) as an array indexed by slot, -1 where a slot is not there."""
+    table = np.full(max(position, default=-1) + 1, -1, dtype=np.intp)
+    table[list(position)] = list(position.values())
+    return table
+
+
 class EndpointState:
     """An endpoint with its latest metrics and the router's own in-flight accounting."""
 
-    __slots__ = ("effective_rate", "endpoint", "id", "inflight_requests", "inflight_tokens", "metrics", "prefill_rate",
-                 "slot")
+    __slots__ = ("_cols", "_pos", "_rate", "_tokens", "endpoint", "id", "inflight_requests", "metrics",
+                 "prefill_rate", "slot")
 
     def __init__(self, endpoint: Endpoint, slot: int) -> None:
         self.endpoint = endpoint
@@ -102,9 +132,38 @@ class EndpointState:
         self.slot = slot  # bit position in the prefix indexes
         self.metrics: EndpointMetrics | None = None
         self.inflight_requests = 0  # sent by this router and not yet seen finishing
-        self.inflight_tokens = 0  # uncached prompt tokens sent and not yet prefilled (first token unseen)
+        self._cols: PoolColumns | None = None
+        self._pos = 0
+        self._tokens = 0  # uncached prompt tokens sent and not yet prefilled (first token unseen)
         self.prefill_rate = 0.0  # peak prefill tokens/s (set by the pool state from the GPU's step-time model)
-        self.effective_rate = 0.0  # prefill tokens/s left beside the running decodes (refreshed with metrics)
+        self._rate = 0.0  # prefill tokens/s left beside the running decodes (refreshed with metrics)
+
+    def attach(self, cols: PoolColumns | None, pos: int = 0) -> None:
+        """Mirror this endpoint's load into ``cols`` at ``pos`` from now on (None: detach)."""
+        self._cols = cols
+        self._pos = pos
+
+    @property
+    def inflight_tokens(self) -> int:
+        """Uncached prompt tokens sent by this router and not yet prefilled (first token unseen)."""
+        return self._tokens
+
+    @inflight_tokens.setter
+    def inflight_tokens(self, value: int) -> None:
+        self._tokens = value
+        if self._cols is not None:
+            self._cols.tokens[self._pos] = value
+
+    @property
+    def effective_rate(self) -> float:
+        """Prefill tokens/s left beside the running decodes (refreshed with each state report)."""
+        return self._rate
+
+    @effective_rate.setter
+    def effective_rate(self, value: float) -> None:
+        self._rate = value
+        if self._cols is not None:
+            self._cols.rate[self._pos] = value
 
     def __repr__(self) -> str:
         return f"EndpointState({self.id!r}, inflight={self.inflight_requests}/{self.inflight_tokens})"

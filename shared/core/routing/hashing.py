@@ -12,7 +12,7 @@ prefix plugin does (64 characters ≈ 16 tokens); their keys only serve the appr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from shared.core.kv_events import chain_hashes, chain_root, lora_int_id
 from shared.core.routing.domain import RouteRequest
@@ -20,6 +20,7 @@ from shared.core.routing.prefix_index import PrefixIndex, spread, walk
 
 CHARS_PER_TOKEN = 4
 CHUNK = 32  # blocks hashed per round of a match: hashing stops at most this far past the longest match
+PROBE = 8  # blocks of a chunk the memo does not hold that a match hashes before the rest
 
 
 def text_hashes(text: str, block_chars: int, parent: int) -> list[int]:
@@ -34,13 +35,74 @@ def text_hashes(text: str, block_chars: int, parent: int) -> list[int]:
     return out
 
 
+class ChunkMemo:
+    """The chained hashes of recently hashed prompt chunks (``CHUNK`` blocks), keyed by the hash before the
+    chunk, its position and a few of its tokens, kept with the chunk's tokens: a prompt repeating a seen
+    prefix (a system prompt, a conversation's earlier turns) reuses them after a token-for-token comparison
+    instead of hashing again.
+
+    The hashing a match needs grows with the prefix the candidates hold, and a held prefix is content the
+    router has seen before: that is where this memo pays. At most ``capacity`` chunks, least recently used
+    dropped first (each holds its ``CHUNK × block_size`` token references and ``CHUNK`` hashes).
+    """
+
+    __slots__ = ("_chunks", "capacity", "hits", "misses")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"chunk memo capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._chunks: dict[tuple[int, ...], tuple[Sequence[int], list[int]]] = {}  # oldest first
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @staticmethod
+    def _key(tokens: Sequence[int], parent: int, start: int) -> tuple[int, ...]:
+        # the parent names the prefix before the chunk (the root, the same for all, before the first one),
+        # three of its tokens tell contents apart; the tokens must then match one for one
+        return (parent, start, tokens[0], tokens[len(tokens) // 2], tokens[-1]) if tokens else (parent, start)
+
+    def get(self, tokens: Sequence[int], parent: int, start: int) -> list[int] | None:
+        """The chunk's hashes when these tokens were hashed after this parent at this position, else None."""
+        key = self._key(tokens, parent, start)
+        got = self._chunks.pop(key, None)
+        if got is None or got[0] != tokens:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._chunks[key] = got  # reinserted last: most recent
+        return got[1]
+
+    def put(self, tokens: Sequence[int], parent: int, start: int, hashes: list[int]) -> None:
+        """Remember a chunk's hashes (the least recently used chunk goes when full)."""
+        chunks = self._chunks
+        key = self._key(tokens, parent, start)
+        chunks.pop(key, None)
+        if len(chunks) >= self.capacity:
+            del chunks[next(iter(chunks))]
+        chunks[key] = (tokens, hashes)
+
+    def hashes(self, tokens: Sequence[int], block_size: int, parent: int, start: int) -> list[int]:
+        """``chain_hashes(tokens, block_size, parent, start)``, from the memo when it holds them."""
+        got = self.get(tokens, parent, start)
+        if got is None:
+            got = chain_hashes(tokens, block_size, parent, start)
+            self.put(tokens, parent, start, got)
+        return got
+
+
 class BlockHashes:
     """The chain of one request at one block size, extended on demand."""
 
-    __slots__ = ("_hashes", "_parent", "_tokens", "block_size", "total")
+    __slots__ = ("_hashes", "_memo", "_parent", "_probed", "_tokens", "block_size", "total")
 
-    def __init__(self, request: RouteRequest, block_size: int, max_blocks: int) -> None:
+    def __init__(self, request: RouteRequest, block_size: int, max_blocks: int, memo: ChunkMemo | None = None) -> None:
         self.block_size = block_size
+        self._memo = memo
+        self._probed: tuple[Sequence[int], int, int] | None = None  # a chunk hashed only in part so far
         # the engines chain a LoRA request from a per-adapter root (vLLM puts the adapter in the block keys)
         self._parent = chain_root(request.cache_salt, lora_int_id(request.lora)) if request.lora else request.cache_salt
         self._tokens = None
@@ -58,21 +120,57 @@ class BlockHashes:
             self._hashes = []
             self.total = 0
 
-
     def upto(self, n: int) -> list[int]:
-        """The chain with at least ``min(n, total)`` hashes computed (the list may hold more)."""
+        """The chain with at least ``min(n, total)`` hashes computed (the list may hold more); whole chunks
+        come from the memo when it holds them."""
+        return self._extend(n, self._memo, probe=False)
+
+    def reach(self, n: int) -> list[int]:
+        """Like ``upto``, but a whole chunk the memo does not hold is hashed ``PROBE`` blocks first and the
+        chain returned short of ``n``: a match mostly ends in the first chunk the router has not seen
+        (where a prompt leaves the prefix it shares), so its other blocks are hashed only if asked again."""
+        return self._extend(n, self._memo, probe=True)
+
+    def all(self) -> list[int]:
+        """Every hash of the chain (the rest hashed at once, past the memo: after the prefix a match walked,
+        the prompt is mostly its own, and its chunks would only push shared ones out)."""
+        return self._extend(self.total, None, probe=False)[: self.total]
+
+    def _extend(self, n: int, memo: ChunkMemo | None, probe: bool) -> list[int]:
         hashes = self._hashes
         have = len(hashes)
         n = min(n, self.total)
-        if have < n and self._tokens is not None:
-            bs = self.block_size
+        tokens = self._tokens
+        if have >= n or tokens is None:
+            return hashes
+        bs = self.block_size
+        if memo is None or not isinstance(tokens, list | tuple):
+            hashes.extend(chain_hashes(tokens[have * bs : n * bs], bs, hashes[-1] if have else self._parent, have))
+            return hashes
+        while have < n:
+            # whole chunks on CHUNK boundaries go through the memo; a partial one (the prompt's end, or the
+            # rest of a probed chunk) is hashed, and a probed chunk completed here is remembered
+            end = min(n, have - have % CHUNK + CHUNK)
             parent = hashes[-1] if have else self._parent
-            hashes.extend(chain_hashes(self._tokens[have * bs : n * bs], bs, parent, have))
+            piece = tokens[have * bs : end * bs]
+            if end - have == CHUNK:
+                got = memo.get(piece, parent, have)
+                if got is None:
+                    if probe:
+                        self._probed = (piece, parent, have)
+                        hashes.extend(chain_hashes(piece[: PROBE * bs], bs, parent, have))
+                        return hashes
+                    got = chain_hashes(piece, bs, parent, have)
+                    memo.put(piece, parent, have, got)
+                hashes.extend(got)
+            else:
+                hashes.extend(chain_hashes(piece, bs, parent, have))
+                p = self._probed
+                if p is not None and end == p[2] + CHUNK:
+                    memo.put(p[0], p[1], p[2], hashes[p[2] : end])
+                    self._probed = None
+            have = end
         return hashes
-
-    def all(self) -> list[int]:
-        """Every hash of the chain."""
-        return self.upto(self.total)[: self.total]
 
     @property
     def computed(self) -> int:
@@ -117,8 +215,10 @@ def _match(get: Callable[[int, int], int], chain: BlockHashes, candidates: int) 
     start = 0
     total = chain.total
     while alive and start < total:
-        end = min(total, start + CHUNK)
-        alive = walk(get, chain.upto(end), start, end, alive, out)
+        end = min(total, start - start % CHUNK + CHUNK)  # to the next chunk boundary, where the memo keys are
+        hashes = chain.reach(end)
+        end = min(end, len(hashes))
+        alive = walk(get, hashes, start, end, alive, out)
         start = end
     if alive and start:
         spread(out, alive, start)

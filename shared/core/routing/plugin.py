@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 from shared.core.routing.cycle import Cycle
 from shared.core.routing.domain import NO_ENDPOINT, EndpointState
+
+Scores: TypeAlias = Sequence[float] | npt.NDArray[np.float64]
+"""One value per candidate: a list, or a float array (what the column-reading scorers return)."""
 
 
 class NoParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -59,8 +64,12 @@ class Filter(Plugin):
 class Scorer(Plugin):
     """Rates endpoints in [0, 1]; higher is better."""
 
+    # True when the formula cannot leave [0, 1] nor give NaN (``test_every_scorer_stays_within_0_and_1`` checks
+    # every registered scorer), so a profile adds its scores without the clamp pass; others are clamped
+    bounded: ClassVar[bool] = False
+
     @abstractmethod
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> Scores | None:
         """One score per endpoint, aligned with ``cands``; None when every endpoint scores the same (the
         scorer cannot tell them apart for this request, so it adds nothing to the ranking)."""
 
@@ -69,7 +78,7 @@ class Picker(Plugin):
     """Chooses from scored endpoints; returns candidate indexes in preference order."""
 
     @abstractmethod
-    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Sequence[float]) -> list[int]:
+    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Scores) -> list[int]:
         """Indexes into ``cands`` (at least one when ``cands`` is not empty)."""
 
 

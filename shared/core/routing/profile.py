@@ -11,11 +11,11 @@ the configuration loads; the error names the plugin and the field.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import repeat
-from operator import add, mul
 from typing import Any, Literal
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 from shared.core.routing.cycle import Cycle
 from shared.core.routing.domain import EndpointState, FilterReport, ProfileResult
@@ -64,6 +64,7 @@ class DataSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     speculative_capacity: int = 8192
     precise_slack: float = 1.25
     staleness_s: float = 0.2
+    hash_memo_chunks: int = 2048
 
 
 class AdmissionSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -131,28 +132,40 @@ class Profile:
                                          refusal=f"{f.name}: every endpoint dropped ({f.why(cycle)})",
                                          code=f.refusal_code)
                 cands = kept
-        totals = [0.0] * len(cands)
-        for scorer, w in self.scorers:
-            raw = scorer.score(cycle, cands)
-            if raw is None:
-                continue
-            if len(raw) != len(cands):
-                raise ValueError(f"scorer {scorer.name!r} returned {len(raw)} scores for {len(cands)} endpoints")
-            s = sum(raw)
-            if s == s and min(raw) >= 0.0 and max(raw) <= 1.0:  # the usual case: nothing to clamp, no NaN
-                totals = list(map(add, totals, map(mul, raw, repeat(w))))  # t + v·w, in C
-            else:  # clamp to [0, 1]; NaN fails both comparisons and counts 0
-                totals = [t + w * (v if 0.0 <= v <= 1.0 else (1.0 if v > 1.0 else 0.0))
-                          for t, v in zip(totals, raw, strict=True)]
+        totals = self.combine(cycle, cands)
         order = self.picker.pick(cycle, cands, totals)
         if not order:
             return ProfileResult(self.name, (), reports=tuple(reports), refusal=f"{self.picker.name}: picked nothing",
                                  code=503)
+        ids = tuple(cands[i].id for i in order)
+        scores = tuple(float(totals[i]) for i in order)
         if explain:
-            ids = tuple(cands[i].id for i in order)
-            return ProfileResult(self.name, ids, tuple(totals[i] for i in order), tuple(reports),
-                                 all_scores={st.id: t for st, t in zip(cands, totals, strict=True)})
-        return ProfileResult(self.name, tuple(cands[i].id for i in order), tuple(totals[i] for i in order))
+            return ProfileResult(self.name, ids, scores, tuple(reports),
+                                 all_scores=dict(zip([st.id for st in cands], totals.tolist(), strict=True)))
+        return ProfileResult(self.name, ids, scores)
+
+    def combine(self, cycle: Cycle, cands: list[EndpointState]) -> npt.NDArray[np.float64]:
+        """Σ weight × score per candidate, each score clamped to [0, 1] (NaN counts 0), scorers in profile order.
+
+        Float arrays: every candidate's total is the same sum, in the same order, as the scalar formula."""
+        n = len(cands)
+        totals: npt.NDArray[np.float64] | None = None
+        if n:
+            for scorer, w in self.scorers:
+                raw = scorer.score(cycle, cands)
+                if raw is None:
+                    continue
+                if len(raw) != n:
+                    raise ValueError(f"scorer {scorer.name!r} returned {len(raw)} scores for {n} endpoints")
+                v = np.asarray(raw, dtype=np.float64)
+                # (argmin/argmax: the reductions without min()/max()'s overhead; both land on a NaN, which fails both)
+                if not scorer.bounded and not (v[v.argmin()] >= 0.0 and v[v.argmax()] <= 1.0):
+                    v = np.where(v > 1.0, 1.0, np.where(v >= 0.0, v, 0.0))
+                if totals is None:
+                    totals = v * w  # a new array: the scorer's own (perhaps memoised) one is never written
+                else:
+                    totals += v * w
+        return totals if totals is not None else np.zeros(n)
 
 
 def _convert_params(spec: PluginSpec, cls: type[Plugin]) -> tuple[msgspec.Struct | None, list[str]]:

@@ -44,7 +44,8 @@ class Router:
         d = config.data
         data = DataConfig(block_size=d.block_size, max_prefix_blocks=d.max_prefix_blocks,
                           approx_capacity=d.approx_capacity, speculative_capacity=d.speculative_capacity,
-                          precise_slack=d.precise_slack, staleness_s=d.staleness_s)
+                          precise_slack=d.precise_slack, staleness_s=d.staleness_s,
+                          hash_memo_chunks=d.hash_memo_chunks)
         problems = [f"data: {p}" for p in data.problems()]
         problems += [f"admission: {p}" for p in config.admission.detector.problems()]
         plugins, errs = build_plugins(config)

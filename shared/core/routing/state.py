@@ -16,7 +16,8 @@ from typing import TypeVar
 
 from shared.core.engine.step_time import StepTimeModel
 from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from shared.core.routing.domain import Endpoint, EndpointMetrics, EndpointState
+from shared.core.routing.domain import Endpoint, EndpointMetrics, EndpointState, PoolColumns
+from shared.core.routing.hashing import ChunkMemo
 from shared.core.routing.prefix_index import DEFAULT_CAPACITY, PrefixIndex
 
 T = TypeVar("T")
@@ -36,6 +37,9 @@ class DataConfig:
     speculative_capacity: int = 8192
     precise_slack: float = 1.25  # precise index: engine's num_gpu_blocks × this (guards lost removes)
     staleness_s: float = 0.2  # metrics older than this count as stale (GIE saturation detector)
+    # prompt chunks (32 blocks) whose hashes are remembered for prompts that repeat them (0: off); see
+    # ``hashing.ChunkMemo``: 2,048 chunks of 16-token blocks are about 1M tokens, some 40 MB at most
+    hash_memo_chunks: int = 2048
 
     def problems(self) -> list[str]:
         """Every invalid setting, as sentences."""
@@ -50,6 +54,8 @@ class DataConfig:
             out.append(f"speculative_capacity must be >= 1 (got {self.speculative_capacity})")
         if self.precise_slack < 1:
             out.append(f"precise_slack must be >= 1 (got {self.precise_slack})")
+        if self.hash_memo_chunks < 0:
+            out.append(f"hash_memo_chunks must be >= 0 (got {self.hash_memo_chunks})")
         if not self.staleness_s > 0:
             out.append(f"staleness_s must be > 0 (got {self.staleness_s})")
         return out
@@ -79,6 +85,7 @@ class PoolState:
         self.track_approx = True  # which assumed-state indexes decisions feed (the router sets them from its plugins)
         self.track_speculative = True
         self.precise = PrefixIndex(1 << 62)
+        self.chunk_memo = ChunkMemo(self.config.hash_memo_chunks) if self.config.hash_memo_chunks else None
         self.either = self.speculative.mirror(self.precise)  # hybrid matches: one lookup per block
         self.step_models: dict[str, StepTimeModel] = {}
         self._prefill_rate: dict[str, float] = {}
@@ -86,6 +93,7 @@ class PoolState:
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._masks: dict[str, int] = {}
+        self._columns: dict[str, PoolColumns] = {}  # built on demand, dropped when a pool's membership changes
         # values derived from the endpoints and their reported metrics only (not from in-flight load or the
         # indexes), computed once per change of those instead of per decision; see ``memo``
         self.version = 0
@@ -106,6 +114,7 @@ class PoolState:
             self.endpoints[endpoint.id] = st
             self.by_model.setdefault(endpoint.model, []).append(st)
             self._masks.pop(endpoint.model, None)
+            self._columns.pop(endpoint.model, None)
         else:
             st.endpoint = endpoint
         self._changed()
@@ -128,6 +137,8 @@ class PoolState:
         if not pool:
             self.by_model.pop(st.endpoint.model, None)
         self._masks.pop(st.endpoint.model, None)
+        self._columns.pop(st.endpoint.model, None)
+        st.attach(None)
         self.approx.clear(st.slot)
         self.speculative.clear(st.slot)
         self.precise.clear(st.slot)
@@ -160,6 +171,16 @@ class PoolState:
                 mask |= 1 << st.slot
             self._masks[model] = mask
         return mask
+
+    def columns(self, model: str) -> PoolColumns:
+        """``model``'s pool load as arrays aligned with ``pool(model)`` (kept current by the endpoints)."""
+        cols = self._columns.get(model)
+        if cols is None:
+            members = self.by_model.get(model)
+            if members is None:
+                return PoolColumns([])
+            cols = self._columns[model] = PoolColumns(members)
+        return cols
 
     # -- signals --------------------------------------------------------------------------------------
     def update_metrics(self, endpoint_id: str, metrics: EndpointMetrics) -> bool:

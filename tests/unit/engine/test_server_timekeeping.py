@@ -256,3 +256,19 @@ async def test_a_stopped_runner_runs_no_more_steps() -> None:
     steps = runner.lag.steps
     await asyncio.sleep(3 * STEP_S)
     assert runner.lag.steps == steps and not sink.done.done()
+
+
+def test_the_benchmark_counts_server_cpu_finer_than_clock_ticks() -> None:
+    import os
+    import time
+
+    import psutil  # type: ignore[import-untyped]
+
+    from bench.engine_server import server_cpu_s
+
+    proc = psutil.Process(os.getpid())
+    a, k0 = server_cpu_s(proc), time.process_time()
+    while time.process_time() - k0 < 0.05:
+        pass
+    spent, k = server_cpu_s(proc) - a, time.process_time() - k0
+    assert 0.5 * k <= spent <= 2 * k + 0.02  # this process's own busy loop, seen through the same counter

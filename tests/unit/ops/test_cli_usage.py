@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ops.cli.main import COMMANDS, main
+from ops.cli.app import COMMANDS
+from ops.cli.main import main
 from ops.servers import free_port
 from shared.paths import REPO_ROOT
 

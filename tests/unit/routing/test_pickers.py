@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.core.routing.pickers import PICKERS
 from shared.core.routing.pickers.common import PickParams
@@ -54,3 +58,23 @@ def test_power_of_two_fallbacks_follow_by_score() -> None:
 def test_random_picker_returns_distinct_endpoints() -> None:
     got = picks("random-picker", [0.0] * 5, k=3)
     assert len(set(got)) == 3
+
+
+def reference_max_score(totals: list[float], k: int, rng: random.Random) -> list[int]:
+    """The picker's rule written out on lists: ties in index order, one drawn; then the rest by score."""
+    floor = max(totals) - 1e-9
+    order = sorted(range(len(totals)), key=totals.__getitem__, reverse=True)
+    ties = sorted(i for i in order if totals[i] >= floor)
+    first = ties[rng.randrange(len(ties))] if len(ties) > 1 else ties[0]
+    return [first, *[i for i in order[:k] if i != first]][:k]
+
+
+@settings(max_examples=200, deadline=None)
+@given(totals=st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.5, 3.0, 3.0 + 1e-12, float("-inf")]) | st.floats(0, 8),
+                       min_size=1, max_size=30),
+       k=st.integers(1, 12), seed=st.integers(0, 5))
+def test_max_score_equals_its_rule_written_on_lists(totals: list[float], k: int, seed: int) -> None:
+    if max(totals) == float("-inf"):
+        return
+    expected = reference_max_score(totals, k, random.Random(seed))
+    assert picks("max-score-picker", totals, k=k, seed=seed) == expected

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.core.kv_events import chain_hashes
 from shared.core.routing import RouteRequest
-from shared.core.routing.hashing import BlockHashes, match_lazily, text_hashes
+from shared.core.routing.hashing import BlockHashes, ChunkMemo, match_lazily, text_hashes
 from shared.core.routing.prefix_index import PrefixIndex
 from tests.unit.routing.helpers import req
 
@@ -161,3 +162,87 @@ def test_the_bisecting_walk_matches_block_by_block(held: dict[int, set[int]], ha
     assert idx.match(hashes, candidates) == _reference_match(held, hashes, candidates)
     chain = BlockHashes(RouteRequest("r", "m", block_hashes=hashes), 16, 8192)  # chunked (32 blocks a round)
     assert match_lazily(idx, chain, candidates) == _reference_match(held, hashes, candidates)
+
+
+def test_chunk_memo_gives_the_chain_hashes_and_reuses_a_repeated_prefix() -> None:
+    memo = ChunkMemo(64)
+    shared = list(range(1000, 1000 + 2048))  # 128 blocks: four whole chunks
+    a = RouteRequest("a", "m", token_ids=shared + [7] * 1000)
+    b = RouteRequest("b", "m", token_ids=shared + [9] * 1000)
+    for r in (a, b):
+        chain = BlockHashes(r, 16, 10_000, memo)
+        assert chain.upto(190) == chain_hashes(list(r.token_ids or ()), 16)  # 190 blocks: 5 whole chunks + 30
+    assert memo.hits == 4 and memo.misses == 5 + 1  # b reuses the four shared chunks, hashes its fifth
+    assert BlockHashes(b, 16, 10_000, memo).all() == chain_hashes(list(b.token_ids or ()), 16)
+
+
+def test_chunk_memo_compares_tokens_so_a_key_collision_only_costs_a_miss() -> None:
+    memo = ChunkMemo(8)
+    first = [5] + [1] * 255 + [2] + [1] * 254 + [3]  # first, middle and last tokens of its first chunk: 5, 2, 3
+    other = [5] + [4] * 255 + [2] + [4] * 254 + [3]  # the same three, different contents
+    for tokens in (first, other, first):
+        r = RouteRequest("r", "m", token_ids=tokens)
+        assert BlockHashes(r, 16, 100, memo).upto(32) == chain_hashes(tokens, 16)
+    assert memo.hits == 0 and memo.misses == 3
+
+
+def test_chunk_memo_and_salted_roots_never_mix_chains() -> None:
+    memo = ChunkMemo(8)
+    tokens = list(range(600))
+    for salt, lora in ((0, None), (7, None), (0, "adapter-a"), (0, None)):
+        r = RouteRequest("r", "m", token_ids=tokens, cache_salt=salt, lora=lora)
+        assert BlockHashes(r, 16, 100, memo).upto(32) == BlockHashes(r, 16, 100).upto(32)
+    assert memo.hits == 1  # only the repeat of the unsalted request
+
+
+@settings(max_examples=50, deadline=None)
+@given(prompts=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 900)), min_size=1, max_size=12),
+       capacity=st.integers(1, 6))
+def test_chunk_memo_is_bounded_and_never_changes_a_chain(prompts: list[tuple[int, int]], capacity: int) -> None:
+    memo = ChunkMemo(capacity)
+    for group, tail in prompts:  # prompts of a few groups: a 1,100-token shared part, then their own tokens
+        tokens = [group] * 1100 + list(range(tail))
+        r = RouteRequest("r", "m", token_ids=tokens)
+        got = BlockHashes(r, 16, 10_000, memo).upto(10_000)
+        assert got == chain_hashes(tokens, 16)
+        assert len(memo) <= capacity
+
+
+def test_router_hash_memo_can_be_turned_off_and_is_checked() -> None:
+    from shared.core.routing import DataConfig, PoolState
+
+    assert PoolState(DataConfig(hash_memo_chunks=0)).chunk_memo is None
+    assert PoolState().chunk_memo is not None
+    with pytest.raises(ValueError, match="hash_memo_chunks"):
+        PoolState(DataConfig(hash_memo_chunks=-1))
+
+
+def test_a_match_probes_the_first_unseen_chunk_before_hashing_all_of_it() -> None:
+    memo = ChunkMemo(64)
+    shared = list(range(5000, 5000 + 2048))  # 128 blocks
+    idx = PrefixIndex()
+    first = RouteRequest("a", "m", token_ids=shared + [1] * 1000)
+    idx.add(0, chain_hashes(list(first.token_ids or ()), 16)[:128])  # an endpoint holds the shared part
+    for seen in range(2):
+        chain = BlockHashes(RouteRequest("b", "m", token_ids=shared + [2 + seen] * 1000), 16, 10_000, memo)
+        assert match_lazily(idx, chain, 1) == {0: 128}
+        assert chain.computed == 128 + 8  # the divergent chunk: its first 8 blocks told the match where it ends
+    assert memo.hits == 4  # the second prompt reused the four shared chunks
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompts=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 1500)), min_size=1, max_size=8),
+       held=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 120)), max_size=6))
+def test_matches_with_the_memo_equal_full_matches(prompts: list[tuple[int, int]],
+                                                  held: list[tuple[int, int, int]]) -> None:
+    memo = ChunkMemo(16)
+    idx = PrefixIndex()
+    base = {g: [g] * 1100 for g in range(3)}
+    for slot, group, blocks in held:  # endpoints holding some of a group's shared part and a tail
+        idx.add(slot, chain_hashes(base[group] + list(range(900)), 16)[:blocks])
+    for group, tail in prompts:
+        tokens = base[group] + list(range(tail))
+        chain = BlockHashes(RouteRequest("r", "m", token_ids=tokens), 16, 10_000, memo)
+        full = chain_hashes(tokens, 16)
+        assert match_lazily(idx, chain, 0b1111) == idx.match(full, 0b1111)
+        assert chain.all() == full

@@ -22,6 +22,8 @@ from shared.core.routing import (
     builtin_names,
 )
 from shared.core.routing.scorers import SCORERS
+from shared.core.routing.scorers.predicted_latency import LatencyParams, predicted_ttft
+from shared.core.routing.scorers.prefix import PrefixParams
 from tests.unit.routing.helpers import NOW, cands, cycle
 
 metrics = st.one_of(st.none(), st.builds(
@@ -103,3 +105,55 @@ def test_the_assumed_state_index_is_bounded_by_capacity_times_endpoints(n: int, 
     r.flush()
     assert state.approx.entries() <= 64 * 3
     assert state.in_flight() == 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(specs=endpoint_specs, request=requests, warm=st.integers(0, 12), bumps=st.lists(
+    st.tuples(st.integers(0, 11), st.integers(0, 100_000)), max_size=6))
+def test_column_scores_equal_the_per_endpoint_formulas(specs: list, request: RouteRequest, warm: int,  # type: ignore[type-arg]
+                                                       bumps: list[tuple[int, int]]) -> None:
+    state = build(specs)
+    hashes = cycle(state, request).chain.all()
+    for i in range(min(warm, len(specs))):
+        state.remember(f"e{i}", hashes[: i + 1])
+        state.precise.add(state.endpoints[f"e{i}"].slot, hashes[:i])
+    whole = state.pool("m")
+    state.columns("m")  # built now: later load changes must reach it
+    for i, tokens in bumps:
+        if i < len(specs):
+            state.endpoints[f"e{i}"].inflight_tokens = tokens
+    c = cycle(state, request)
+    for name, cls in SCORERS.items():
+        on_pool = cls(name, cls.Params()).score(c, whole)  # the pool itself: column path
+        on_copy = cls(name, cls.Params()).score(c, list(whole))  # a filtered-looking list: per-endpoint path
+        assert (on_pool is None) == (on_copy is None), name
+        if on_pool is not None and on_copy is not None:
+            assert list(on_pool) == list(on_copy), name
+    lat = SCORERS["predicted-latency-scorer"]("p", LatencyParams()).score(c, whole)
+    ttfts = [predicted_ttft(c, e, "hybrid") for e in whole]
+    assert lat is not None and list(lat) == [min(ttfts) / t if request.slo_ttft_s is None or t <= request.slo_ttft_s
+                         else min(ttfts) / t * 0.5 for t in ttfts]
+    total = c.chain.total
+    prefix = SCORERS["prefix-cache-scorer"]("p", PrefixParams(source="hybrid")).score(c, whole)
+    if prefix is not None:
+        assert list(prefix) == [c.matches("hybrid").get(e.slot, 0) / total for e in whole]
+
+
+def test_columns_follow_every_load_change_and_pool_change() -> None:
+    state = build([(EndpointMetrics(ts=NOW), 0, 0, True)] * 3)
+    cols = state.columns("m")
+    state.dispatched("r1", "e1", 300)
+    state.endpoints["e2"].inflight_tokens = 70
+    state.update_metrics("e0", EndpointMetrics(ts=NOW + 1, running=400))
+    assert cols.tokens.tolist() == [0, 300, 70]
+    assert cols.rate.tolist() == [e.effective_rate for e in state.pool("m")]
+    state.first_token("r1")
+    assert cols.tokens.tolist() == [0, 0, 70]
+    state.remove("e0")
+    state.upsert(Endpoint(id="e9", model="m"))
+    now = state.columns("m")
+    assert now is not cols and now.members is state.pool("m")
+    assert now.tokens.tolist() == [0, 70, 0]
+    assert now.position == {e.slot: i for i, e in enumerate(state.pool("m"))}
+    state.endpoints["e1"].inflight_tokens = 5
+    assert now.tokens.tolist() == [5, 70, 0]

@@ -132,6 +132,29 @@ def test_no_hit_lru_with_cold_below_treats_a_shared_template_block_as_cold() -> 
     assert ours.score(cycle(state, chat(1)), cands(state)) is None  # group 1 itself is warm (10 of 10)
 
 
+@pytest.mark.parametrize(("holder", "prefer", "expected"), [
+    ("e1", True, [0.5, 1.0, 0.0]),  # e1 shares a leading block with the new group: it leads
+    ("e1", False, [1.0, 0.5, 0.0]),  # plain recency (llm-d)
+    ("e2", True, [1.0, 0.5, 0.0]),  # the holder took the last cold request itself: spreading wins
+])
+def test_no_hit_lru_prefers_a_partial_holder_unless_it_took_the_last_cold_request(
+        holder: str, prefer: bool, expected: list[float]) -> None:
+    from shared.core.routing.domain import RouteRequest
+    from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
+
+    state = pool(met(), met(), met())
+    family = [7] * 16  # the one leading block a family of prompts shares
+
+    def chat(group: int) -> RouteRequest:
+        return RouteRequest(f"g{group}", "m", token_ids=family + [group * 1000 + i for i in range(144)])
+
+    state.remember(holder, cycle(state, chat(1)).chain.all())
+    s = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3, prefer_partial=prefer))
+    for eid in ("e0", "e1", "e2"):  # each took a cold request: e0 least recently, e2 last
+        s.picked(cycle(state), state.endpoints[eid])
+    assert s.score(cycle(state, chat(2)), cands(state)) == expected  # group 2: 1 of 10 blocks cached: cold
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5])
 def test_no_hit_lru_cold_below_is_a_fraction(bad: float) -> None:
     from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
@@ -158,3 +181,31 @@ def test_predicted_latency_halves_endpoints_missing_the_slo() -> None:
     r = req(tokens=1600, seed=5, slo_ttft_s=0.5)
     got = score("predicted-latency-scorer", state, r)
     assert got is not None and got[0] == 1.0 and got[1] == pytest.approx(0.5 * 1600 / (1600 + 15_928), abs=1e-6)
+
+
+def test_no_hit_lru_does_not_prefer_a_partial_holder_whose_cache_is_nearly_full() -> None:
+    from shared.core.routing.domain import RouteRequest
+    from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
+
+    state = pool(met(), met(), met())
+    family = [7] * 16
+
+    def chat(group: int) -> RouteRequest:
+        return RouteRequest(f"g{group}", "m", token_ids=family + [group * 1000 + i for i in range(144)])
+
+    for i in range(3):  # engines of 100 KV blocks
+        state.upsert(Endpoint(id=f"e{i}", model="m", num_gpu_blocks=100))
+    state.remember("e1", cycle(state, chat(1)).chain.all())
+    e1 = state.endpoints["e1"]
+    state.precise.add(e1.slot, list(range(10**6, 10**6 + 90)))  # its KV events: 90 of its 100 blocks cached
+    s = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3))
+    for eid in ("e0", "e1", "e2"):
+        s.picked(cycle(state), state.endpoints[eid])
+    assert s.score(cycle(state, chat(2)), cands(state)) == [1.0, 0.5, 0.0]  # plain recency: spreading wins
+
+
+@pytest.mark.parametrize("room", [0.0, -0.5, 1.5])
+def test_no_hit_lru_partial_room_is_a_fraction(room: float) -> None:
+    from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
+
+    assert NoHitLruScorer.check(NoHitParams(partial_room=room))

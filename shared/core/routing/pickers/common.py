@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
+import numpy as np
+
+from shared.core.routing.plugin import Scores
 
 
 class PickParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -18,3 +23,8 @@ def check_pick(params: msgspec.Struct) -> list[str]:
     if params.max_endpoints < 1:
         return [f"max_endpoints must be >= 1 (got {params.max_endpoints})"]
     return []
+
+
+def as_floats(totals: Scores) -> Sequence[float]:
+    """Totals as Python floats (a profile hands over an array; scalar arithmetic then stays Python's)."""
+    return totals.tolist() if isinstance(totals, np.ndarray) else totals

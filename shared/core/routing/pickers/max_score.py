@@ -7,16 +7,16 @@ them on one endpoint (llm-d-router PR #2515 notes the opposite trade-off for rep
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import msgspec
+import numpy as np
 
 from shared.core.routing.cycle import Cycle
 from shared.core.routing.domain import EndpointState
 from shared.core.routing.pickers.common import PickParams, check_pick
-from shared.core.routing.plugin import Picker
+from shared.core.routing.plugin import Picker, Scores
 
 EPS = 1e-9
+TOP_BY_ARGMAX = 8  # fallback lists up to this long are found by repeated argmax, longer ones by a sort
 
 
 class MaxScorePicker(Picker):
@@ -30,26 +30,30 @@ class MaxScorePicker(Picker):
         """``max_endpoints >= 1``."""
         return check_pick(params)
 
-    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Sequence[float]) -> list[int]:
+    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Scores) -> list[int]:
         """Indexes by descending total, ties shuffled."""
         assert isinstance(self.params, PickParams)
         k = self.params.max_endpoints
-        n = len(totals)
+        t = np.asarray(totals, dtype=np.float64)
+        n = len(t)
         if n == 0:
             return []
-        floor = max(totals) - EPS
+        top = int(t.argmax())  # the first best (argmax: max() without the reduction's overhead)
+        ge = t >= t[top] - EPS
+        m = int(np.count_nonzero(ge))
+        first = int(np.flatnonzero(ge)[cycle.rng.randrange(m)]) if m > 1 else top  # ties in index order
         if k == 1:
-            ties = [i for i, t in enumerate(totals) if t >= floor]
-            return [ties[cycle.rng.randrange(len(ties))] if len(ties) > 1 else ties[0]]
-        # one sort serves both: the ties lead the descending order (sorted(..., reverse=True)[:k] is
-        # heapq.nlargest's documented equivalent, and faster for ~100 endpoints)
-        order = sorted(range(n), key=totals.__getitem__, reverse=True)
-        m = 1
-        while m < n and totals[order[m]] >= floor:
-            m += 1
-        if m > 1:
-            ties = sorted(order[:m])  # index order, as the seeded draw expects
-            first = ties[cycle.rng.randrange(m)]
+            return [first]
+        # descending total, equal totals in index order (what sorted(range(n), key=totals.__getitem__,
+        # reverse=True) gives), the chosen tie first; argmax returns the first of equal maxima, so k rounds of
+        # it on a copy with each winner set to -inf are that order's first k (cheaper than sorting 100)
+        if k > TOP_BY_ARGMAX or not t[t.argmin()] > -np.inf:
+            order = np.argsort(-t, kind="stable")[:k].tolist()
         else:
-            first = order[0]
-        return [first, *[i for i in order[:k] if i != first][: k - 1]]
+            c = t.copy()
+            order = []
+            for _ in range(min(k, n)):
+                i = int(c.argmax())
+                order.append(i)
+                c[i] = -np.inf
+        return [first, *[i for i in order if i != first][: k - 1]]

@@ -5,14 +5,12 @@ rest follow by score as fallbacks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import msgspec
 
 from shared.core.routing.cycle import Cycle
 from shared.core.routing.domain import EndpointState
-from shared.core.routing.pickers.common import PickParams, check_pick
-from shared.core.routing.plugin import Picker
+from shared.core.routing.pickers.common import PickParams, as_floats, check_pick
+from shared.core.routing.plugin import Picker, Scores
 
 
 class PowerOfTwoPicker(Picker):
@@ -26,9 +24,10 @@ class PowerOfTwoPicker(Picker):
         """``max_endpoints >= 1``."""
         return check_pick(params)
 
-    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Sequence[float]) -> list[int]:
+    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Scores) -> list[int]:
         """The better of two random indexes (ties: the first drawn), then the rest by score."""
         assert isinstance(self.params, PickParams)
+        totals = as_floats(totals)
         n = len(totals)
         if n == 1:
             return [0]

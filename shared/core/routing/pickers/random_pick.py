@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import msgspec
 
 from shared.core.routing.cycle import Cycle
 from shared.core.routing.domain import EndpointState
 from shared.core.routing.pickers.common import PickParams, check_pick
-from shared.core.routing.plugin import Picker
+from shared.core.routing.plugin import Picker, Scores
 
 
 class RandomPicker(Picker):
@@ -23,7 +21,7 @@ class RandomPicker(Picker):
         """``max_endpoints >= 1``."""
         return check_pick(params)
 
-    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Sequence[float]) -> list[int]:
+    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Scores) -> list[int]:
         """A random sample of ``max_endpoints`` indexes."""
         assert isinstance(self.params, PickParams)
         return cycle.rng.sample(range(len(totals)), min(self.params.max_endpoints, len(totals)))

@@ -5,14 +5,12 @@ taking the best (GIE #1411: max-score hot-spots).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import msgspec
 
 from shared.core.routing.cycle import Cycle
 from shared.core.routing.domain import EndpointState
-from shared.core.routing.pickers.common import PickParams, check_pick
-from shared.core.routing.plugin import Picker
+from shared.core.routing.pickers.common import PickParams, as_floats, check_pick
+from shared.core.routing.plugin import Picker, Scores
 
 
 class WeightedRandomPicker(Picker):
@@ -26,9 +24,10 @@ class WeightedRandomPicker(Picker):
         """``max_endpoints >= 1``."""
         return check_pick(params)
 
-    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Sequence[float]) -> list[int]:
+    def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Scores) -> list[int]:
         """A-Res keys, highest first."""
         assert isinstance(self.params, PickParams)
+        totals = as_floats(totals)
         rnd = cycle.rng.random
         positive = [i for i, s in enumerate(totals) if s > 0]
         if not positive:

@@ -16,10 +16,12 @@ is explicitly unsupported for heterogeneous pools; a per-endpoint model handles 
 from __future__ import annotations
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 from shared.core.routing.cycle import PREFIX_SOURCES, Cycle
 from shared.core.routing.domain import EndpointState
-from shared.core.routing.plugin import Scorer
+from shared.core.routing.plugin import Scorer, Scores
 
 MISS_FACTOR = 0.5
 
@@ -56,15 +58,23 @@ class PredictedLatencyScorer(Scorer):
             return [f"source must be one of {', '.join(PREFIX_SOURCES)} (got {params.source!r})"]
         return []
 
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float]:
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> Scores:
         """``min TTFT / TTFT``, halved where the TTFT SLO would be missed."""
         assert isinstance(self.params, LatencyParams)
         src = self.params.source
-        ttfts = [(x if (x := st.inflight_tokens + u) > 1 else 1) / st.effective_rate
-                 for st, u in zip(cands, cycle.uncached_list(cands, src), strict=True)]
-        best = min(ttfts)
+        inflight, rate = cycle.load_arrays(cands)
+        prompt = cycle.request.num_prompt_tokens
+        tokens = inflight + prompt  # uncached = the whole prompt, but where some of it is held:
+        idx, blocks = cycle.holders(cands, src)
+        if len(idx):
+            bs = cycle.state.config.block_size
+            held = blocks * bs
+            if cycle.chain.total * bs > prompt:  # hashes given with a shorter prompt: never more than all of it
+                held = np.minimum(held, prompt)
+            tokens[idx] -= held
+        ttfts: npt.NDArray[np.float64] = np.maximum(tokens, 1.0, out=tokens) / rate
+        out: npt.NDArray[np.float64] = ttfts[ttfts.argmin()] / ttfts  # (argmin: min() without its overhead)
         slo = cycle.request.slo_ttft_s
-        out = [best / t for t in ttfts]
         if slo is not None:
-            out = [s * MISS_FACTOR if t > slo else s for s, t in zip(out, ttfts, strict=True)]
+            out[ttfts > slo] *= MISS_FACTOR
         return out

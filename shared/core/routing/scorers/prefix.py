@@ -14,14 +14,12 @@ A request without hashable content scores 0 everywhere.
 
 from __future__ import annotations
 
-from itertools import repeat
-from operator import mul
-
 import msgspec
+import numpy as np
 
 from shared.core.routing.cycle import PREFIX_SOURCES, Cycle
 from shared.core.routing.domain import EndpointState
-from shared.core.routing.plugin import Scorer
+from shared.core.routing.plugin import Scorer, Scores
 
 
 class PrefixParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -48,6 +46,7 @@ class PrefixCacheScorer(Scorer):
 
     type_name = "prefix-cache-scorer"
     Params = PrefixParams
+    bounded = True  # matched blocks never exceed the prompt's
 
     @classmethod
     def check(cls, params: msgspec.Struct) -> list[str]:
@@ -62,18 +61,20 @@ class PrefixCacheScorer(Scorer):
             out.append(f"scale_tokens must be >= 1 (got {params.scale_tokens})")
         return out
 
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> Scores | None:
         """Matched share per endpoint (None when nothing matches anywhere: all 0)."""
         p = self.params
         assert isinstance(p, PrefixParams)
         total = cycle.chain.total
         if total == 0:
             return None
-        matches = cycle.matches(p.source)
-        if not matches:
+        if not cycle.matches(p.source):
             return None
+        out = np.zeros(len(cands))  # the few holders are set; 0 elsewhere is the formula for 0 blocks
+        idx, blocks = cycle.holders(cands, p.source)
         if p.match_length_weight == 0.0:
-            return list(map(mul, cycle.matched_list(cands, p.source), repeat(1.0 / total)))
-        bs = cycle.state.config.block_size
-        return [prefix_score(b, total, bs, p.match_length_weight, p.scale_tokens)
-                for b in cycle.matched_list(cands, p.source)]
+            out[idx] = blocks * (1.0 / total)
+        else:
+            bs = cycle.state.config.block_size
+            out[idx] = [prefix_score(int(b), total, bs, p.match_length_weight, p.scale_tokens) for b in blocks]
+        return out

@@ -1,0 +1,114 @@
+"""The generated Envoy config: what a picker failure does (GIE failure modes), how a dead or stalled picker
+replica is taken out, and the model-aware fallback the fail-open mode relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ops.envoy import EPP_CLUSTER, MODEL_KEY, EnvoyOptions, FailureMode, envoy_config, main
+from services.gateway.pool import eds_document
+from shared.core.routing import Endpoint
+
+
+def _cfg(**kw: Any) -> dict[str, Any]:
+    return envoy_config(EnvoyOptions(listen_port=1, admin_port=2, epp_port=(3, 4), eds_path=Path("/x/e.json"), **kw))
+
+
+def _filters(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(_hcm(cfg)["http_filters"])
+
+
+def _ext_proc(cfg: dict[str, Any]) -> dict[str, Any]:
+    return next(f["typed_config"] for f in _filters(cfg) if f["name"] == "envoy.filters.http.ext_proc")
+
+
+def _cluster(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in cfg["static_resources"]["clusters"] if c["name"] == name)
+
+
+@pytest.mark.parametrize(("mode", "allow"), [(FailureMode.FAIL_CLOSE, False), (FailureMode.FAIL_OPEN, True)])
+def test_failure_mode_decides_whether_envoy_may_route_without_a_picker(mode: FailureMode, allow: bool) -> None:
+    assert _ext_proc(_cfg(failure_mode=mode))["failure_mode_allow"] is allow
+
+
+def test_fail_close_is_the_default_as_in_gie() -> None:
+    assert EnvoyOptions(listen_port=1, admin_port=2, epp_port=3, eds_path=Path("e")).failure_mode is \
+        FailureMode.FAIL_CLOSE
+    assert [m.value for m in FailureMode] == ["FailClose", "FailOpen"]  # GIE's spelling
+
+
+def test_an_ext_proc_stream_refused_or_reset_before_its_answer_is_retried_on_another_replica() -> None:
+    retry = _ext_proc(_cfg(epp_retries=3))["grpc_service"]["retry_policy"]
+    assert retry["num_retries"] == 3
+    assert {"connect-failure", "reset", "unavailable"} <= set(retry["retry_on"].split(","))
+    assert retry["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+
+
+def test_picker_replicas_are_grpc_health_checked_and_ejected_on_a_refused_connection() -> None:
+    epp = _cluster(_cfg(epp_health_interval_s=0.1), EPP_CLUSTER)
+    hc = epp["health_checks"][0]
+    assert "grpc_health_check" in hc and hc["interval"] == "0.1s" and hc["no_traffic_interval"] == "0.1s"
+    od = epp["outlier_detection"]
+    assert od["split_external_local_origin_errors"] and od["consecutive_local_origin_failure"] == 1
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"]
+            for e in epp["load_assignment"]["endpoints"][0]["lb_endpoints"]] == [3, 4]
+
+
+def test_the_fallback_without_a_picker_list_stays_within_the_request_model() -> None:
+    cfg = _cfg()
+    names = [f["name"] for f in _filters(cfg)]
+    assert names.index("envoy.filters.http.json_to_metadata") < names.index("envoy.filters.http.ext_proc")
+    override = _cluster(cfg, "gantry_engines")["load_balancing_policy"]["policies"][0]["typed_extension_config"]
+    subset = override["typed_config"]["fallback_policy"]["policies"][0]["typed_extension_config"]["typed_config"]
+    assert subset["subset_selectors"] == [{"keys": [MODEL_KEY]}]
+    assert subset["fallback_policy"] == "NO_FALLBACK"  # no server of that model: refused, not sent elsewhere
+
+
+def test_eds_endpoints_carry_their_model_for_the_fallback() -> None:
+    doc = eds_document([Endpoint(id="a", address="127.0.0.1:8001", model="m1")], 1)
+    ep = doc["resources"][0]["endpoints"][0]["lb_endpoints"][0]
+    assert ep["metadata"]["filter_metadata"]["envoy.lb"] == {MODEL_KEY: "m1"}
+
+
+def _hcm(cfg: dict[str, Any]) -> dict[str, Any]:
+    return dict(cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"])
+
+
+def test_access_log_records_response_flags_and_details_when_asked() -> None:
+    assert _hcm(_cfg())["access_log"] == []
+    fmt = str(_hcm(_cfg(access_log=Path("/x/a.log")))["access_log"])
+    assert "%RESPONSE_FLAGS%" in fmt and "%RESPONSE_CODE_DETAILS%" in fmt and "/x/a.log" in fmt
+
+
+def test_cli_refuses_an_unknown_failure_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--epp-port", "1", "--eds-path", "e.json", "--failure-mode", "FailSometimes"])
+    assert exit_.value.code == 2 and "FailSometimes" in capsys.readouterr().err
+
+
+def test_the_picker_answers_grpc_health_checks_serving() -> None:
+    import asyncio
+
+    import grpc
+
+    from ops.servers import free_port
+    from services.gateway.service import HEALTH_SERVICE, health_handler
+
+    async def ask() -> bytes:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((health_handler(),))
+        port = free_port()
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                check = ch.unary_unary(f"/{HEALTH_SERVICE}/Check", request_serializer=bytes,
+                                       response_deserializer=bytes)
+                return bytes(await check(b"", timeout=5))
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(ask()) == b"\x08\x01"  # HealthCheckResponse{status: SERVING}
