@@ -13,7 +13,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 
-from ops.envoy import EnvoyOptions, envoy_config
+from ops.envoy import EXT_PROC, EnvoyOptions, envoy_config
 from services.engine_server.textgen import TextModel
 from services.gateway.epp import DESTINATION, METADATA_NS, PICKED, SERVED, Picker
 from services.gateway.pool import PoolView, address_of, eds_document, metrics_of
@@ -112,7 +112,7 @@ def _hcm(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_envoy_skips_the_response_body_unless_the_picker_overrides_with_the_mode_it_allows() -> None:
-    ext_proc = _hcm(_envoy_config())["http_filters"][0]["typed_config"]
+    ext_proc = next(f["typed_config"] for f in _hcm(_envoy_config())["http_filters"] if f["name"] == EXT_PROC)
     assert ext_proc["processing_mode"]["response_body_mode"] == "NONE"
     assert ext_proc["allow_mode_override"] is True
     assert ext_proc["allowed_override_modes"] == [STREAMED_RESPONSE_MODE]
