@@ -66,14 +66,17 @@ def test_kept_row_scores_decide_as_the_reference_after_any_event_sequence(parts,
 def test_located_candidates_rescored_replica_after_replica_decide_as_run_scoring(parts, model, replicas):
     """The scoring service's loop: candidates located once, each replica assumed before the next is scored."""
     from shared.core.placement.lifecycle import instance_from_decision
-    from shared.core.placement.pipeline import requirements, run_filters, run_fitting
+    from shared.core.placement.pipeline import fit_gpus, requirements, run_filters, run_fitting
 
     snap = build(parts)
     model = _binpack(model)
     req = requirements(model)
     if not isinstance(req, ResourceRequest):
         return
-    fit = run_fitting(snap, model, req, run_filters(snap, model, NOW).survivors)
+    survivors = run_filters(snap, model, NOW).survivors
+    if fit_gpus(snap, model, req, survivors) is None:
+        return  # not a single-GPU batch (e.g. partial offload's layer split): the service takes the candidate path
+    fit = run_fitting(snap, model, req, survivors)
     singles = [c for c in fit.candidates if len(c.gpu_indexes) == 1 and not c.subordinates]
     if not singles or len(singles) != len(fit.candidates):
         return
