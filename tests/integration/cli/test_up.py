@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,17 +37,24 @@ def test_ctrl_c_stops_servers_services_and_workers(tmp_path: Path) -> None:
     child.expect("stack is up: 1 worker\\(s\\) READY")
     state = json.loads((tmp_path / "stack.json").read_text())
     pids = [*state["children"].values(), *state["servers"].values()]
-    assert sorted(state["children"]) == ["filter", "fitting", "reconciler", "scoring", "workers"]
-    assert all(alive(pid) for pid in pids)
-    child.sendintr()
-    child.expect("stopping the stack", timeout=10)
-    child.expect("stopped", timeout=30)
-    child.expect(pexpect.EOF, timeout=10)
-    child.close()
-    deadline = time.monotonic() + 5
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert [pid for pid in pids if alive(pid)] == []
+    try:
+        assert sorted(state["children"]) == ["filter", "fitting", "reconciler", "scoring", "workers"]
+        assert all(alive(pid) for pid in pids)
+        child.sendintr()
+        child.expect("stopping the stack", timeout=10)
+        child.expect("stopped", timeout=30)
+        child.expect(pexpect.EOF, timeout=10)
+        child.close()
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [pid for pid in pids if alive(pid)] == []
+    finally:  # a failed run must not leave its servers behind for the rest of the suite
+        child.close(force=True)
+        for pid in pids:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     assert not (tmp_path / "stack.json").exists()
     assert (tmp_path / "logs" / "reconciler.log").exists()
     assert (tmp_path / "redis" / "appendonly.aof").exists() or (tmp_path / "redis" / "appendonlydir").exists()
