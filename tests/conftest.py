@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,12 @@ from ops.servers import ServerProcess, start_nats, start_redis
 # Hypothesis is imported (and its modules assertion-rewritten by pytest) at collection, whatever subset runs.
 # Otherwise its pytest plugin imports a module at session end, after the integration tests, and pytest's
 # rewrite of it there intermittently failed with CPython 3.11's "AST constructor recursion depth mismatch".
+
+# A shell without job control starts background commands with SIGINT ignored, and an ignored signal stays
+# ignored across exec: run that way (nohup, a backgrounded CI runner), every `gantry up`, `top` or demo the
+# tests start would shrug off the Ctrl-C the tests send it. The suite restores the default for its children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 SECURITY_WORKERS = ("w0", "w1", "w2")
