@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from types import FrameType
 
-import httpx
-
 from ops.envoy import EnvoyOptions, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port, start_nats, stop_processes, wait_http
 
@@ -26,19 +24,8 @@ MODEL = "demo-model"
 def _wait_routable(url: str, picker: subprocess.Popen[bytes], timeout: float = 90) -> None:
     """Until the picker answers through Envoy with the model in its pool (then a moment for the endpoint
     file it wrote to reach Envoy)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            models = httpx.get(f"{url}/v1/models", timeout=2)
-            if models.status_code == 200 and MODEL in models.text:
-                time.sleep(0.5)
-                return
-        except httpx.TransportError:
-            pass
-        if picker.poll() is not None:
-            raise ServerStartError(f"the picker exited with {picker.returncode}")
-        time.sleep(0.3)
-    raise ServerStartError(f"the gateway at {url} did not become routable in {timeout:.0f} s")
+    wait_http(f"{url}/v1/models", picker, timeout, ready=lambda r: r.status_code == 200 and MODEL in r.text)
+    time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,10 @@ from typing import TYPE_CHECKING
 from ops.config import NATS_CONFIG
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import httpx
+
     from ops.auth import Credentials, TlsFiles
 
 
@@ -179,14 +183,17 @@ def start_redis(
     return ServerProcess("redis", url, port, proc, log, auth)
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    """Until ``url`` answers below 500; raises ServerStartError when ``proc`` exits first or time runs out."""
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60,
+              ready: Callable[[httpx.Response], bool] | None = None) -> None:
+    """Until ``url`` answers below 500 (and ``ready`` accepts the answer, when given); raises ServerStartError
+    when ``proc`` exits first or time runs out."""
     import httpx  # only the callers that start HTTP servers pay for it
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=1).status_code < 500:
+            resp = httpx.get(url, timeout=2)
+            if resp.status_code < 500 and (ready is None or ready(resp)):
                 return
         except httpx.TransportError:
             pass
