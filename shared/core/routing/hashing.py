@@ -12,6 +12,7 @@ prefix plugin does (64 characters ≈ 16 tokens); their keys only serve the appr
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 
 from shared.core.kv_events import chain_hashes, chain_root, lora_int_id
@@ -43,7 +44,12 @@ class ChunkMemo:
 
     The hashing a match needs grows with the prefix the candidates hold, and a held prefix is content the
     router has seen before: that is where this memo pays. At most ``capacity`` chunks, least recently used
-    dropped first (each holds its ``CHUNK × block_size`` token references and ``CHUNK`` hashes).
+    dropped first (each holds its ``CHUNK × block_size`` tokens packed as 64-bit integers and ``CHUNK`` hashes).
+
+    Why packed: comparing two lists of distinct int objects costs a rich comparison per token (more than
+    hashing them on CPython 3.11), while packing the request's tokens reads each once and the comparison
+    is then one ``memcmp`` over a compact buffer, not a walk over another request's scattered ints. A chunk
+    holding a token outside the signed 64-bit range is never memoised (it is hashed every time).
     """
 
     __slots__ = ("_chunks", "capacity", "hits", "misses")
@@ -52,7 +58,7 @@ class ChunkMemo:
         if capacity < 1:
             raise ValueError(f"chunk memo capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self._chunks: dict[tuple[int, ...], tuple[Sequence[int], list[int]]] = {}  # oldest first
+        self._chunks: dict[tuple[int, ...], tuple[bytes, list[int]]] = {}  # oldest first
         self.hits = 0
         self.misses = 0
 
@@ -69,7 +75,7 @@ class ChunkMemo:
         """The chunk's hashes when these tokens were hashed after this parent at this position, else None."""
         key = self._key(tokens, parent, start)
         got = self._chunks.pop(key, None)
-        if got is None or got[0] != tokens:
+        if got is None or got[0] != _pack(tokens):
             self.misses += 1
             return None
         self.hits += 1
@@ -78,12 +84,15 @@ class ChunkMemo:
 
     def put(self, tokens: Sequence[int], parent: int, start: int, hashes: list[int]) -> None:
         """Remember a chunk's hashes (the least recently used chunk goes when full)."""
+        packed = _pack(tokens)
+        if packed is None:
+            return
         chunks = self._chunks
         key = self._key(tokens, parent, start)
         chunks.pop(key, None)
         if len(chunks) >= self.capacity:
             del chunks[next(iter(chunks))]
-        chunks[key] = (tokens, hashes)
+        chunks[key] = (packed, hashes)
 
     def hashes(self, tokens: Sequence[int], block_size: int, parent: int, start: int) -> list[int]:
         """``chain_hashes(tokens, block_size, parent, start)``, from the memo when it holds them."""
@@ -92,6 +101,23 @@ class ChunkMemo:
             got = chain_hashes(tokens, block_size, parent, start)
             self.put(tokens, parent, start, got)
         return got
+
+
+_PACKERS: dict[int, struct.Struct] = {}  # token count → its packer (chunks have one or two lengths)
+
+
+def _pack(tokens: Sequence[int]) -> bytes | None:
+    """``tokens`` as little-endian signed 64-bit integers; None when one does not fit (or is not an int)."""
+    n = len(tokens)
+    packer = _PACKERS.get(n)
+    if packer is None:
+        packer = struct.Struct(f"<{n}q")
+        if len(_PACKERS) < 64:
+            _PACKERS[n] = packer
+    try:
+        return packer.pack(*tokens)
+    except (struct.error, TypeError):
+        return None
 
 
 class BlockHashes:
