@@ -66,16 +66,25 @@ class ChunkMemo:
         return len(self._chunks)
 
     @staticmethod
-    def _key(tokens: Sequence[int], parent: int, start: int) -> tuple[int, ...]:
+    def _key(tokens: Sequence[int], parent: int, start: int, lo: int = 0, hi: int | None = None) -> tuple[int, ...]:
         # the parent names the prefix before the chunk (the root, the same for all, before the first one),
         # three of its tokens tell contents apart; the tokens must then match one for one
-        return (parent, start, tokens[0], tokens[len(tokens) // 2], tokens[-1]) if tokens else (parent, start)
+        if hi is None:
+            hi = len(tokens)
+        if hi <= lo:
+            return (parent, start)
+        return (parent, start, tokens[lo], tokens[lo + (hi - lo) // 2], tokens[hi - 1])
 
     def get(self, tokens: Sequence[int], parent: int, start: int) -> list[int] | None:
         """The chunk's hashes when these tokens were hashed after this parent at this position, else None."""
-        key = self._key(tokens, parent, start)
+        return self.lookup(tokens, 0, len(tokens), parent, start)
+
+    def lookup(self, tokens: Sequence[int], lo: int, hi: int, parent: int, start: int) -> list[int] | None:
+        """``get(tokens[lo:hi], parent, start)`` without copying the chunk unless its key is held (a prompt's
+        first unseen chunk, where a match mostly ends, is then read only as far as it is hashed)."""
+        key = self._key(tokens, parent, start, lo, hi)
         got = self._chunks.pop(key, None)
-        if got is None or got[0] != _pack(tokens):
+        if got is None or got[0] != _pack(tokens[lo:hi]):
             self.misses += 1
             return None
         self.hits += 1
@@ -128,7 +137,7 @@ class BlockHashes:
     def __init__(self, request: RouteRequest, block_size: int, max_blocks: int, memo: ChunkMemo | None = None) -> None:
         self.block_size = block_size
         self._memo = memo
-        self._probed: tuple[Sequence[int], int, int] | None = None  # a chunk hashed only in part so far
+        self._probed: tuple[int, int] | None = None  # (parent, first block) of a chunk hashed only in part so far
         # the engines chain a LoRA request from a per-adapter root (vLLM puts the adapter in the block keys)
         self._parent = chain_root(request.cache_salt, lora_int_id(request.lora)) if request.lora else request.cache_salt
         self._tokens = None
@@ -178,22 +187,23 @@ class BlockHashes:
             # rest of a probed chunk) is hashed, and a probed chunk completed here is remembered
             end = min(n, have - have % CHUNK + CHUNK)
             parent = hashes[-1] if have else self._parent
-            piece = tokens[have * bs : end * bs]
             if end - have == CHUNK:
-                got = memo.get(piece, parent, have)
+                lo, hi = have * bs, end * bs
+                got = memo.lookup(tokens, lo, hi, parent, have)
                 if got is None:
                     if probe:
-                        self._probed = (piece, parent, have)
-                        hashes.extend(chain_hashes(piece[: PROBE * bs], bs, parent, have))
+                        self._probed = (parent, have)
+                        hashes.extend(chain_hashes(tokens[lo : lo + PROBE * bs], bs, parent, have))
                         return hashes
+                    piece = tokens[lo:hi]
                     got = chain_hashes(piece, bs, parent, have)
                     memo.put(piece, parent, have, got)
                 hashes.extend(got)
             else:
-                hashes.extend(chain_hashes(piece, bs, parent, have))
+                hashes.extend(chain_hashes(tokens[have * bs : end * bs], bs, parent, have))
                 p = self._probed
-                if p is not None and end == p[2] + CHUNK:
-                    memo.put(p[0], p[1], p[2], hashes[p[2] : end])
+                if p is not None and end == p[1] + CHUNK:
+                    memo.put(tokens[p[1] * bs : end * bs], p[0], p[1], hashes[p[1] : end])
                     self._probed = None
             have = end
         return hashes
