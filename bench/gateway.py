@@ -392,27 +392,33 @@ def main() -> None:
         name = a.out or ("gateway_floor" if a.floor else "gateway" if a.rate == 100 else f"gateway_rate{a.rate:g}")
         (OUT / f"{name}.json").write_text(json.dumps({**summary, "latency_runs": runs, "pick_runs": pick_runs},
                                                      indent=1))
-        plot(runs, OUT / f"{name}.png", a.rate, list(paths))
+        plot(runs, OUT / f"{name}.png", a.rate, a.floor)
     print(json.dumps(summary))
 
 
-def plot(runs: list[dict[str, float]], path: Path, rate: float, paths: list[str]) -> None:
+def plot(runs: list[dict[str, float]], path: Path, rate: float, floor: bool) -> None:
+    """Per run: both paths' latencies; with the floor, each path's added latency over direct instead."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = range(len(runs))
-    for q, marker in (("p50", "o"), ("p99", "s")):
-        for name, line in zip(paths, ("-", ":", "-.", "--"), strict=False):
-            ax.plot(xs, [r[f"{name}_{q}_ms"] for r in runs], marker + line, label=f"{name}_{q}_ms")
+    if floor:
+        series = [(f"{key}_{q}_ms", label) for q in ("p50", "p99") for key, label in (
+            ("envoy_added", f"Envoy alone {q}"), ("noop_added", f"+ no-op ext_proc {q}"),
+            ("added", f"+ Gantry picker {q}"))]
+        title = f"added over direct, 1-token chat at {rate:g}/s per path"
+    else:
+        series = [(f"{name}_{q}_ms", f"{name}_{q}_ms") for q in ("p50", "p99") for name in ("direct", "gateway")]
+        title = f"1-token chat completion at {rate:g}/s: direct vs Envoy + Gantry EPP"
+    for i, (key, label) in enumerate(series):
+        ax.plot(xs, [r[key] for r in runs], ("o" if i < len(series) // 2 else "s") + "-", label=label)
     ax.set_xlabel("run")
     ax.set_ylabel("latency (ms)")
-    title = "direct vs Envoy + Gantry EPP" if len(paths) == 2 else "direct, Envoy, + no-op ext_proc, + Gantry EPP"
-    ax.set_title(f"1-token chat completion at {rate:g}/s each: {title}", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
 
 if __name__ == "__main__":
     main()
