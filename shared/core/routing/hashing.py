@@ -12,6 +12,7 @@ prefix plugin does (64 characters ≈ 16 tokens); their keys only serve the appr
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 
 from shared.core.kv_events import chain_hashes, chain_root, lora_int_id
@@ -43,7 +44,12 @@ class ChunkMemo:
 
     The hashing a match needs grows with the prefix the candidates hold, and a held prefix is content the
     router has seen before: that is where this memo pays. At most ``capacity`` chunks, least recently used
-    dropped first (each holds its ``CHUNK × block_size`` token references and ``CHUNK`` hashes).
+    dropped first (each holds its ``CHUNK × block_size`` tokens packed as 64-bit integers and ``CHUNK`` hashes).
+
+    Why packed: comparing two lists of distinct int objects costs a rich comparison per token (more than
+    hashing them on CPython 3.11), while packing the request's tokens reads each once and the comparison
+    is then one ``memcmp`` over a compact buffer, not a walk over another request's scattered ints. A chunk
+    holding a token outside the signed 64-bit range is never memoised (it is hashed every time).
     """
 
     __slots__ = ("_chunks", "capacity", "hits", "misses")
@@ -52,7 +58,7 @@ class ChunkMemo:
         if capacity < 1:
             raise ValueError(f"chunk memo capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self._chunks: dict[tuple[int, ...], tuple[Sequence[int], list[int]]] = {}  # oldest first
+        self._chunks: dict[tuple[int, ...], tuple[bytes, list[int]]] = {}  # oldest first
         self.hits = 0
         self.misses = 0
 
@@ -60,16 +66,25 @@ class ChunkMemo:
         return len(self._chunks)
 
     @staticmethod
-    def _key(tokens: Sequence[int], parent: int, start: int) -> tuple[int, ...]:
+    def _key(tokens: Sequence[int], parent: int, start: int, lo: int = 0, hi: int | None = None) -> tuple[int, ...]:
         # the parent names the prefix before the chunk (the root, the same for all, before the first one),
         # three of its tokens tell contents apart; the tokens must then match one for one
-        return (parent, start, tokens[0], tokens[len(tokens) // 2], tokens[-1]) if tokens else (parent, start)
+        if hi is None:
+            hi = len(tokens)
+        if hi <= lo:
+            return (parent, start)
+        return (parent, start, tokens[lo], tokens[lo + (hi - lo) // 2], tokens[hi - 1])
 
     def get(self, tokens: Sequence[int], parent: int, start: int) -> list[int] | None:
         """The chunk's hashes when these tokens were hashed after this parent at this position, else None."""
-        key = self._key(tokens, parent, start)
+        return self.lookup(tokens, 0, len(tokens), parent, start)
+
+    def lookup(self, tokens: Sequence[int], lo: int, hi: int, parent: int, start: int) -> list[int] | None:
+        """``get(tokens[lo:hi], parent, start)`` without copying the chunk unless its key is held (a prompt's
+        first unseen chunk, where a match mostly ends, is then read only as far as it is hashed)."""
+        key = self._key(tokens, parent, start, lo, hi)
         got = self._chunks.pop(key, None)
-        if got is None or got[0] != tokens:
+        if got is None or got[0] != _pack(tokens[lo:hi]):
             self.misses += 1
             return None
         self.hits += 1
@@ -78,12 +93,15 @@ class ChunkMemo:
 
     def put(self, tokens: Sequence[int], parent: int, start: int, hashes: list[int]) -> None:
         """Remember a chunk's hashes (the least recently used chunk goes when full)."""
+        packed = _pack(tokens)
+        if packed is None:
+            return
         chunks = self._chunks
         key = self._key(tokens, parent, start)
         chunks.pop(key, None)
         if len(chunks) >= self.capacity:
             del chunks[next(iter(chunks))]
-        chunks[key] = (tokens, hashes)
+        chunks[key] = (packed, hashes)
 
     def hashes(self, tokens: Sequence[int], block_size: int, parent: int, start: int) -> list[int]:
         """``chain_hashes(tokens, block_size, parent, start)``, from the memo when it holds them."""
@@ -94,6 +112,23 @@ class ChunkMemo:
         return got
 
 
+_PACKERS: dict[int, struct.Struct] = {}  # token count → its packer (chunks have one or two lengths)
+
+
+def _pack(tokens: Sequence[int]) -> bytes | None:
+    """``tokens`` as little-endian signed 64-bit integers; None when one does not fit (or is not an int)."""
+    n = len(tokens)
+    packer = _PACKERS.get(n)
+    if packer is None:
+        packer = struct.Struct(f"<{n}q")
+        if len(_PACKERS) < 64:
+            _PACKERS[n] = packer
+    try:
+        return packer.pack(*tokens)
+    except (struct.error, TypeError):
+        return None
+
+
 class BlockHashes:
     """The chain of one request at one block size, extended on demand."""
 
@@ -102,7 +137,7 @@ class BlockHashes:
     def __init__(self, request: RouteRequest, block_size: int, max_blocks: int, memo: ChunkMemo | None = None) -> None:
         self.block_size = block_size
         self._memo = memo
-        self._probed: tuple[Sequence[int], int, int] | None = None  # a chunk hashed only in part so far
+        self._probed: tuple[int, int] | None = None  # (parent, first block) of a chunk hashed only in part so far
         # the engines chain a LoRA request from a per-adapter root (vLLM puts the adapter in the block keys)
         self._parent = chain_root(request.cache_salt, lora_int_id(request.lora)) if request.lora else request.cache_salt
         self._tokens = None
@@ -152,22 +187,23 @@ class BlockHashes:
             # rest of a probed chunk) is hashed, and a probed chunk completed here is remembered
             end = min(n, have - have % CHUNK + CHUNK)
             parent = hashes[-1] if have else self._parent
-            piece = tokens[have * bs : end * bs]
             if end - have == CHUNK:
-                got = memo.get(piece, parent, have)
+                lo, hi = have * bs, end * bs
+                got = memo.lookup(tokens, lo, hi, parent, have)
                 if got is None:
                     if probe:
-                        self._probed = (piece, parent, have)
-                        hashes.extend(chain_hashes(piece[: PROBE * bs], bs, parent, have))
+                        self._probed = (parent, have)
+                        hashes.extend(chain_hashes(tokens[lo : lo + PROBE * bs], bs, parent, have))
                         return hashes
+                    piece = tokens[lo:hi]
                     got = chain_hashes(piece, bs, parent, have)
                     memo.put(piece, parent, have, got)
                 hashes.extend(got)
             else:
-                hashes.extend(chain_hashes(piece, bs, parent, have))
+                hashes.extend(chain_hashes(tokens[have * bs : end * bs], bs, parent, have))
                 p = self._probed
-                if p is not None and end == p[2] + CHUNK:
-                    memo.put(p[0], p[1], p[2], hashes[p[2] : end])
+                if p is not None and end == p[1] + CHUNK:
+                    memo.put(tokens[p[1] * bs : end * bs], p[0], p[1], hashes[p[1] : end])
                     self._probed = None
             have = end
         return hashes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -246,3 +248,43 @@ def test_matches_with_the_memo_equal_full_matches(prompts: list[tuple[int, int]]
         full = chain_hashes(tokens, 16)
         assert match_lazily(idx, chain, 0b1111) == idx.match(full, 0b1111)
         assert chain.all() == full
+
+
+def test_chunk_memo_hashes_tokens_beyond_64_bits_every_time_and_never_stores_them() -> None:
+    memo = ChunkMemo(8)
+    tokens = [1 << 70, *range(1, 600)]  # the first chunk cannot be packed as 64-bit integers
+    for _ in range(2):
+        r = RouteRequest("r", "m", token_ids=tokens)
+        assert BlockHashes(r, 16, 100, memo).upto(32) == chain_hashes(tokens, 16)[:32]
+    assert memo.hits == 0 and len(memo) == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_routers_with_and_without_the_hash_memo_decide_alike(seed: int) -> None:
+    """The memo only saves hashing: on a seeded pool and workload (tenants sharing prefixes that end on and
+    off chunk boundaries, KV events of where requests went), every decision equals the memo-less router's."""
+    from shared.core.kv_events import BlockStored, KVEventBatch
+    from shared.core.routing import Endpoint, EndpointMetrics, Router, builtin_config
+
+    rng = random.Random(seed)
+    routers = [Router(builtin_config("default"), seed=seed) for _ in range(2)]
+    routers[1].state.chunk_memo = None
+    for i in range(12):
+        m = EndpointMetrics(ts=0.0, waiting=rng.randrange(3), running=rng.randrange(40), kv_usage=rng.random() * 0.6)
+        for r in routers:
+            r.state.upsert(Endpoint(id=f"e{i}", model="m", address=f"h{i}:1", num_gpu_blocks=4000))
+            r.update_metrics(f"e{i}", m)
+    prefixes = [[t * 7919 + k for k in range(rng.choice((512, 700, 1024, 1500)))] for t in range(6)]
+    for n in range(150):
+        tokens = rng.choice(prefixes) + [rng.randrange(50_000) for _ in range(rng.randrange(0, 900))]
+        outs = [r.route(RouteRequest(f"q{n}", "m", token_ids=list(tokens)), 0.0) for r in routers]
+        assert outs[0] == outs[1]
+        target = getattr(outs[0], "endpoint", None)
+        for r in routers:
+            if target is not None and n % 3:  # some decisions' KV events arrive, others only assumed
+                r.apply_kv_events(target, KVEventBatch(ts=0.0, events=[BlockStored(chain_hashes(tokens, 16), None,
+                                                                                   [], 16)]))
+            if n >= 8:
+                r.finished(f"q{n - 8}")
+    memo = routers[0].state.chunk_memo
+    assert memo is not None and memo.hits > 0  # the memo did serve chunks
