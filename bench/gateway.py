@@ -19,9 +19,20 @@ these requests (request headers, buffered body, response headers, the end of the
 ``--streams`` concurrent streams for ``--seconds``; picks/s = completed decisions / s, with the
 picker's CPU microseconds per pick beside.
 
-Run: ``.venv/bin/python bench/gateway.py [--rate 100] [--seconds 10] [--runs 3]``. Prints JSON lines, the
-last one the summary; writes docs/benchmarks/gateway.{json,png}. The machine is shared (2 cores, several
-agents): figures are medians over runs and noisy; the load average is reported with each run.
+Floor (``--floor``): what limits the added latency before Gantry decides anything. Two more paths join the
+same interleaved run, each at ``--rate``: ``envoy``, the same Envoy config without the ext_proc filter
+(Envoy alone: its listener, body-to-metadata filter, router and load-balancing policy), and ``noop``, the
+same config against ``bench/noop_ext_proc.py``, a grpcio asyncio ext_proc server on uvloop that answers each
+message of the same exchange at once with the picker's mutation for a fixed endpoint (the same engine
+server). So three added latencies (p50, p99, vs direct) come out of one window: Envoy alone, Envoy + a
+do-nothing Python ext_proc server, Envoy + Gantry's picker; with the CPU microseconds per request of the
+ext_proc process (no-op server, picker) and of each Envoy. The engine then serves four paths' requests.
+
+Run: ``.venv/bin/python bench/gateway.py [--rate 100] [--seconds 10] [--runs 3] [--floor]``. Prints JSON
+lines, the last one the summary; writes docs/benchmarks/<stem>.{json,png} (``--out`` stem; default
+``gateway``, ``gateway_rate<r>`` at another rate, ``gateway_floor`` with ``--floor``) unless ``--no-write``.
+The machine is shared (2 cores, several agents): figures are medians over runs and noisy; the load average
+is reported with each run.
 """
 
 from __future__ import annotations
@@ -46,10 +57,11 @@ import psutil  # noqa: E402
 
 from bench.progress import add_flag, progress  # noqa: E402
 from ops.envoy import SERVED, TIMING_FIELDS, EnvoyOptions, start_envoy  # noqa: E402
-from ops.servers import free_port, start_nats  # noqa: E402
+from ops.servers import ServerProcess, free_port, start_nats  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
 MODEL = "bench-model"
+WARM = 20  # untimed requests per path before each run (connections and processes warmed)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -127,7 +139,7 @@ async def interleaved(ports: dict[str, int], rate: float, seconds: float, offset
         elif code != 200:
             errors[name] += 1
     names = list(ports)
-    for i in range(20):  # warm the connections and both processes
+    for i in range(WARM):  # warm the connections and both processes
         for name in names:
             await one(name, offset + 10_000_000 + i, keep=False)
     errors = dict.fromkeys(ports, 0)
@@ -143,6 +155,21 @@ async def interleaved(ports: dict[str, int], rate: float, seconds: float, offset
     for c in clients.values():
         c.close()
     return lat, errors
+
+
+def _until_routed(url: str, what: str, timeout: float = 30) -> None:
+    """Wait until a request through this Envoy is served by an engine (its served-endpoint header set)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = httpx.post(f"{url}/v1/chat/completions", json=body(0), timeout=5)
+            if r.status_code == 200 and r.headers.get(SERVED):
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} never routed a request")
+        time.sleep(0.2)
 
 
 def phases(log: Path) -> dict[str, float]:
@@ -218,6 +245,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--streams", type=int, default=32)
+    p.add_argument("--floor", action="store_true",
+                   help="also Envoy alone and Envoy + a do-nothing ext_proc server, interleaved in the same run")
+    p.add_argument("--out", default="", help="file stem under docs/benchmarks/ (default: by rate and --floor)")
+    p.add_argument("--no-write", action="store_true", help="print only (do not write docs/benchmarks)")
     p.add_argument("--drive-picks", type=int, default=0, help=argparse.SUPPRESS)
     add_flag(p)
     a = p.parse_args()
@@ -227,7 +258,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gantry-bench-gw-"))
     procs: list[subprocess.Popen[bytes]] = []
     nats = start_nats(tmp / "nats")
-    envoy = None
+    envoys: list[ServerProcess] = []
     try:
         eport = free_port()
         procs.append(subprocess.Popen(
@@ -246,39 +277,70 @@ def main() -> None:
         access_log = tmp / "envoy" / "access.log"
         envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=epp_port,
                                          eds_path=eds, timing_log=access_log), tmp / "envoy")
-        deadline = time.monotonic() + 30
-        while True:  # until the pool reached the picker and the EDS file reached Envoy
-            try:
-                r = httpx.post(f"{envoy.url}/v1/chat/completions", json=body(0), timeout=5)
-                if r.status_code == 200 and r.headers.get(SERVED):
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("gateway never routed a request")
-            time.sleep(0.2)
-        runs: list[dict[str, float]] = []
+        envoys.append(envoy)
+        _until_routed(envoy.url, "gateway")  # the pool reached the picker and the EDS file reached Envoy
+        paths = {"direct": eport, "gateway": envoy.port}
         watched = {"picker": psutil.Process(picker.pid), "envoy": psutil.Process(envoy.process.pid),
                    "engine": psutil.Process(procs[0].pid), "client": psutil.Process()}
-        for run in progress(range(a.runs), a.runs, "gateway runs (direct vs via Envoy)", a.progress):
+        timing_logs = {"": access_log}  # key prefix -> Envoy timing log
+        ext_procs = {"picker": "gateway"}  # ext_proc process -> the path it serves
+        if a.floor:
+            noop_port = free_port()
+            noop = subprocess.Popen(
+                [sys.executable, str(REPO / "bench" / "noop_ext_proc.py"), "--port", str(noop_port),
+                 "--destination", f"127.0.0.1:{eport}", "--endpoint-id", "bench-0"],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(noop)
+            noop_log = tmp / "envoy-noop" / "access.log"
+            # the same config and EDS file; only the ext_proc server differs
+            envoy_noop = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(),
+                                                  epp_port=noop_port, eds_path=eds, timing_log=noop_log),
+                                     tmp / "envoy-noop")
+            envoys.append(envoy_noop)
+            # the same config without the ext_proc filter (its picker cluster, health-checked, stays)
+            envoy_plain = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(),
+                                                   epp_port=noop_port, eds_path=eds, ext_proc=False),
+                                      tmp / "envoy-plain")
+            envoys.append(envoy_plain)
+            _until_routed(envoy_noop.url, "envoy + no-op ext_proc")
+            _until_routed(envoy_plain.url, "envoy alone")
+            # interleaving order: each path follows a different one, the real picker last as before
+            paths = {"direct": eport, "envoy": envoy_plain.port, "noop": envoy_noop.port, "gateway": envoy.port}
+            watched.update({"noop": psutil.Process(noop.pid), "envoy_noop": psutil.Process(envoy_noop.process.pid),
+                            "envoy_plain": psutil.Process(envoy_plain.process.pid)})
+            timing_logs["noop_"] = noop_log
+            ext_procs["noop"] = "noop"
+        runs: list[dict[str, float]] = []
+        for run in progress(range(a.runs), a.runs, f"gateway runs ({', '.join(paths)})", a.progress):
             time.sleep(1.5)  # Envoy flushes its access log about once a second: the last run's lines are out
-            access_log.write_text("")
+            for log in timing_logs.values():
+                log.write_text("")
             cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in watched.items()}
             t0 = time.perf_counter()
-            lat, err = asyncio.run(interleaved({"direct": eport, "gateway": envoy.port}, a.rate, a.seconds,
-                                               run * 100_000))
+            lat, err = asyncio.run(interleaved(paths, a.rate, a.seconds, run * 100_000))
             wall = time.perf_counter() - t0
+            cpu = {k: sum(p.cpu_times()[:2]) - cpu0[k] for k, p in watched.items()}
             res: dict[str, float] = {"load_avg_1m": os.getloadavg()[0]}
-            for name in ("direct", "gateway"):
+            for name in paths:
                 res[f"{name}_p50_ms"] = pct(lat[name], 0.5)
                 res[f"{name}_p99_ms"] = pct(lat[name], 0.99)
                 res[f"{name}_errors"] = err[name]
                 res[f"{name}_n"] = len(lat[name])
-            res["added_p50_ms"] = res["gateway_p50_ms"] - res["direct_p50_ms"]
-            res["added_p99_ms"] = res["gateway_p99_ms"] - res["direct_p99_ms"]
-            res.update({f"cpu_pct_{k}": (sum(p.cpu_times()[:2]) - cpu0[k]) / wall * 100 for k, p in watched.items()})
+            for name in paths:  # the real picker's figures keep their old names
+                if name != "direct":
+                    key = "added" if name == "gateway" else f"{name}_added"
+                    res[f"{key}_p50_ms"] = res[f"{name}_p50_ms"] - res["direct_p50_ms"]
+                    res[f"{key}_p99_ms"] = res[f"{name}_p99_ms"] - res["direct_p99_ms"]
+            res.update({f"cpu_pct_{k}": c / wall * 100 for k, c in cpu.items()})
+            for proc_name, path in ext_procs.items():  # the warm-up requests are in the CPU window too
+                served = len(lat[path]) + err[path] + WARM
+                res[f"{proc_name}_cpu_us_per_req"] = cpu[proc_name] / served * 1e6
+            if a.floor:
+                for env_name, path in (("envoy", "gateway"), ("envoy_noop", "noop"), ("envoy_plain", "envoy")):
+                    res[f"{env_name}_cpu_us_per_req"] = cpu[env_name] / (len(lat[path]) + err[path] + WARM) * 1e6
             time.sleep(1.5)
-            res.update(phases(access_log))
+            for prefix, log in timing_logs.items():
+                res.update({prefix + k: v for k, v in phases(log).items()})
             print(json.dumps({"run": run, **{k: round(v, 3) for k, v in res.items()}}), flush=True)
             runs.append(res)
         pick_runs: list[dict[str, float]] = []
@@ -298,8 +360,8 @@ def main() -> None:
             print(json.dumps({"picks_run": run, **{k: round(v, 2) for k, v in pr.items()}}), flush=True)
             pick_runs.append(pr)
     finally:
-        if envoy is not None:
-            envoy.stop()
+        for env in envoys:
+            env.stop()
         for pr_ in procs:
             pr_.terminate()
             try:
@@ -316,32 +378,47 @@ def main() -> None:
         **{k: med(runs, k) for k in runs[0] if all(k in r for r in runs)},
         **{k: med(pick_runs, k) for k in ("picks_per_s", "picker_cpu_us_per_pick", "refused")},
         "target_added_p50_ms": 1.0, "target_added_p99_ms": 3.0,
-        "note": "shared 2-core machine; the same lean client on both paths, interleaved; medians over runs",
+        "note": "shared 2-core machine; the same lean client on every path, interleaved; medians over runs",
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    name = "gateway" if a.rate == 100 else f"gateway_rate{a.rate:g}"  # the target's rate keeps the plain name
-    (OUT / f"{name}.json").write_text(json.dumps({**summary, "latency_runs": runs, "pick_runs": pick_runs},
-                                                 indent=1))
-    plot(runs, OUT / f"{name}.png", a.rate)
+    if a.floor:
+        summary["floor"] = {label: {"added_p50_ms": summary[f"{key}_p50_ms"], "added_p99_ms": summary[f"{key}_p99_ms"]}
+                            for label, key in (("envoy_alone", "envoy_added"), ("envoy_noop_ext_proc", "noop_added"),
+                                               ("envoy_gantry_picker", "added"))}
+        summary["floor"]["envoy_noop_ext_proc"]["ext_proc_cpu_us_per_req"] = summary["noop_cpu_us_per_req"]
+        summary["floor"]["envoy_gantry_picker"]["ext_proc_cpu_us_per_req"] = summary["picker_cpu_us_per_req"]
+    if not a.no_write:
+        OUT.mkdir(parents=True, exist_ok=True)
+        # the target's rate keeps the plain name
+        name = a.out or ("gateway_floor" if a.floor else "gateway" if a.rate == 100 else f"gateway_rate{a.rate:g}")
+        (OUT / f"{name}.json").write_text(json.dumps({**summary, "latency_runs": runs, "pick_runs": pick_runs},
+                                                     indent=1))
+        plot(runs, OUT / f"{name}.png", a.rate, a.floor)
     print(json.dumps(summary))
 
 
-def plot(runs: list[dict[str, float]], path: Path, rate: float) -> None:
+def plot(runs: list[dict[str, float]], path: Path, rate: float, floor: bool) -> None:
+    """Per run: both paths' latencies; with the floor, each path's added latency over direct instead."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = range(len(runs))
-    for key, style in (("direct_p50_ms", "o-"), ("gateway_p50_ms", "o--"), ("direct_p99_ms", "s-"),
-                       ("gateway_p99_ms", "s--")):
-        ax.plot(xs, [r[key] for r in runs], style, label=key)
+    if floor:
+        series = [(f"{key}_{q}_ms", label) for q in ("p50", "p99") for key, label in (
+            ("envoy_added", f"Envoy alone {q}"), ("noop_added", f"+ no-op ext_proc {q}"),
+            ("added", f"+ Gantry picker {q}"))]
+        title = f"added over direct, 1-token chat at {rate:g}/s per path"
+    else:
+        series = [(f"{name}_{q}_ms", f"{name}_{q}_ms") for q in ("p50", "p99") for name in ("direct", "gateway")]
+        title = f"1-token chat completion at {rate:g}/s: direct vs Envoy + Gantry EPP"
+    for i, (key, label) in enumerate(series):
+        ax.plot(xs, [r[key] for r in runs], ("o" if i < len(series) // 2 else "s") + "-", label=label)
     ax.set_xlabel("run")
     ax.set_ylabel("latency (ms)")
-    ax.set_title(f"1-token chat completion at {rate:g}/s: direct vs Envoy + Gantry EPP", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
 
 if __name__ == "__main__":
     main()

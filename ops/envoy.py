@@ -74,6 +74,7 @@ class EnvoyOptions:
     failure_mode: FailureMode = FailureMode.FAIL_CLOSE
     access_log: Path | None = None  # one line per request: code, response flags and details, upstream
     timing_log: Path | None = None  # one line of phase timings per request (TIMING_FIELDS), for benchmarks
+    ext_proc: bool = True  # False: no picker in the filter chain (benchmarks: what Envoy alone adds)
 
     @property
     def epp_ports(self) -> tuple[int, ...]:
@@ -232,7 +233,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="gantry", codec_type="AUTO",
         route_config={"name": "gantry", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [_route(o)]}]},
-        http_filters=[_model_to_metadata(), _ext_proc(o),
+        http_filters=[_model_to_metadata(), *([_ext_proc(o)] if o.ext_proc else []),
                       _typed("envoy.filters.http.router", "envoy.extensions.filters.http.router.v3.Router")],
         access_log=_access_log(o),
     )

@@ -112,3 +112,10 @@ def test_the_picker_answers_grpc_health_checks_serving() -> None:
             await server.stop(None)
 
     assert asyncio.run(ask()) == b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+
+
+def test_without_ext_proc_only_the_picker_filter_is_left_out() -> None:
+    with_picker = [f["name"] for f in _filters(_cfg())]
+    alone = [f["name"] for f in _filters(_cfg(ext_proc=False))]
+    assert "envoy.filters.http.ext_proc" in with_picker
+    assert alone == [n for n in with_picker if n != "envoy.filters.http.ext_proc"]
