@@ -78,3 +78,19 @@ def test_max_score_equals_its_rule_written_on_lists(totals: list[float], k: int,
         return
     expected = reference_max_score(totals, k, random.Random(seed))
     assert picks("max-score-picker", totals, k=k, seed=seed) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(totals=st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0, 3.0 + 1e-12, float("-inf")]) | st.floats(0, 8),
+                       min_size=1, max_size=30),
+       k=st.integers(1, 12), seed=st.integers(0, 5))
+def test_max_score_draws_from_the_rng_only_for_ties(totals: list[float], k: int, seed: int) -> None:
+    # the router's RNG is shared by the decisions that follow: a draw more or less changes them
+    if max(totals) == float("-inf"):
+        return
+    state = pool(*(met() for _ in totals))
+    c = cycle(state, seed=seed)
+    PICKERS["max-score-picker"]("max-score-picker", PickParams(max_endpoints=k)).pick(c, cands(state), totals)
+    ref = random.Random(seed)
+    reference_max_score(totals, k, ref)
+    assert c.rng.random() == ref.random()

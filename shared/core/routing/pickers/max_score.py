@@ -39,21 +39,27 @@ class MaxScorePicker(Picker):
         if n == 0:
             return []
         top = int(t.argmax())  # the first best (argmax: max() without the reduction's overhead)
+        # descending total, equal totals in index order (what sorted(range(n), key=totals.__getitem__,
+        # reverse=True) gives), the chosen tie first; argmax returns the first of equal maxima, so k rounds of
+        # it on a copy with each winner set to -inf are that order's first k (cheaper than sorting 100)
+        order: list[int] | None = None
+        if 1 < k <= TOP_BY_ARGMAX and t[t.argmin()] > -np.inf:  # (no NaN, no -inf: argmax rounds are exact)
+            c = t.copy()
+            c[top] = -np.inf  # the first round's argmax is ``top``, found above
+            order = [top]
+            for _ in range(min(k, n) - 1):
+                i = int(c.argmax())
+                order.append(i)
+                c[i] = -np.inf
+            # the runner-up tells whether the best is tied: usually not, and then the order is the answer
+            # (no tie mask, no draw from the RNG, as below when the count of ties is 1)
+            if n == 1 or t[order[1]] < t[top] - EPS:
+                return order
         ge = t >= t[top] - EPS
         m = int(np.count_nonzero(ge))
         first = int(np.flatnonzero(ge)[cycle.rng.randrange(m)]) if m > 1 else top  # ties in index order
         if k == 1:
             return [first]
-        # descending total, equal totals in index order (what sorted(range(n), key=totals.__getitem__,
-        # reverse=True) gives), the chosen tie first; argmax returns the first of equal maxima, so k rounds of
-        # it on a copy with each winner set to -inf are that order's first k (cheaper than sorting 100)
-        if k > TOP_BY_ARGMAX or not t[t.argmin()] > -np.inf:
+        if order is None:
             order = np.argsort(-t, kind="stable")[:k].tolist()
-        else:
-            c = t.copy()
-            order = []
-            for _ in range(min(k, n)):
-                i = int(c.argmax())
-                order.append(i)
-                c[i] = -np.inf
         return [first, *[i for i in order if i != first][: k - 1]]

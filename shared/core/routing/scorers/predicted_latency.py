@@ -72,9 +72,13 @@ class PredictedLatencyScorer(Scorer):
             if cycle.chain.total * bs > prompt:  # hashes given with a shorter prompt: never more than all of it
                 held = np.minimum(held, prompt)
             tokens[idx] -= held
-        ttfts: npt.NDArray[np.float64] = np.maximum(tokens, 1.0, out=tokens) / rate
-        out: npt.NDArray[np.float64] = ttfts[ttfts.argmin()] / ttfts  # (argmin: min() without its overhead)
+        # in place on ``tokens`` (a fresh array): the same values as new arrays, two allocations fewer
+        ttfts: npt.NDArray[np.float64] = np.maximum(tokens, 1.0, out=tokens)
+        ttfts /= rate
         slo = cycle.request.slo_ttft_s
-        if slo is not None:
-            out[ttfts > slo] *= MISS_FACTOR
+        miss = ttfts > slo if slo is not None else None
+        # (argmin: min() without its overhead)
+        out: npt.NDArray[np.float64] = np.divide(ttfts[ttfts.argmin()], ttfts, out=ttfts)
+        if miss is not None:
+            out[miss] *= MISS_FACTOR
         return out
