@@ -82,6 +82,7 @@ def test_a_captured_gateway_trace_replays_in_simulate_with_the_same_requests_and
     _wait_routable(gw, len(engines))
     sent = [_send(gw.url, i) for i in range(15)]
     _stop(gw.picker)  # the picker flushes each line as its request ends; stopping it closes the file
+    assert gw.picker.returncode == 0  # SIGTERM is a graceful stop: open requests end (and are written) first
 
     got = load_trace(str(trace))  # the loader `gantry simulate` uses for a .jsonl path
     warmup = len(got) - len(sent)  # _wait_routable's probe requests were routed (and captured) too, first
