@@ -80,6 +80,8 @@ class Cluster:
     def silent_over(self, limit: float, now: float) -> set[str]:
         """The known workers with ``silent(w, now) > limit``, in one pass."""
         since = self.listening_since
+        if now - since <= limit:  # silence counts from ``since`` at the earliest: none is longer than this
+            return set()
         return {w for w, seen in self.last_seen.items() if now - max(seen, since) > limit}
 
     def state(self, worker: str, now: float, not_ready_after: float) -> WorkerState:
@@ -296,16 +298,17 @@ def _liveness(
     """Replicas on a worker silent past ``not_ready_after + reschedule_after`` (or never heard) are lost and
     replaced; lost replicas whose worker is back are deleted from it (their claims were released already)."""
     limit = t.not_ready_after + t.reschedule_after
-    # Alive: heard within the limit. Checked per placed replica, so kept to one set lookup per worker.
-    alive = cluster.heard_within(limit, now)
-    for state in ON_WORKER | {S.ERROR}:  # the order does not matter: the builder sorts
-        for inst in by_state.get(state, ()):
-            on_lost = (inst.worker is not None and inst.worker not in alive) or (
-                bool(inst.subordinates) and any(sub.worker not in alive for sub in inst.subordinates)
-            )
-            if on_lost and not b.gone(inst.id):
-                b.unreachable.add(inst.id)
-                b.converge.add(inst.model)
+    placed = [inst for state in ON_WORKER | {S.ERROR} for inst in by_state.get(state, ())]
+    # Alive: heard within the limit. Checked per placed replica, so kept to one set lookup per worker; a step
+    # without placed replicas (a commit batch's) needs no pass over every worker.
+    alive = cluster.heard_within(limit, now) if placed else set()
+    for inst in placed:  # the order does not matter: the builder sorts
+        on_lost = (inst.worker is not None and inst.worker not in alive) or (
+            bool(inst.subordinates) and any(sub.worker not in alive for sub in inst.subordinates)
+        )
+        if on_lost and not b.gone(inst.id):
+            b.unreachable.add(inst.id)
+            b.converge.add(inst.model)
     for inst in by_state.get(S.UNREACHABLE, ()):
         back = inst.worker is not None and cluster.state(inst.worker, now, t.not_ready_after) is WorkerState.READY
         if back and not b.gone(inst.id):
