@@ -75,14 +75,15 @@ class Cluster:
         """The known workers with ``silent(w, now) <= limit``: the same arithmetic in one pass (the planner asks
         it of every worker each tick)."""
         since = self.listening_since
-        return {w for w, seen in self.last_seen.items() if now - max(seen, since) <= limit}
+        # ``since if since > seen else seen`` is ``max(seen, since)`` (NaN included) without a call per worker.
+        return {w for w, seen in self.last_seen.items() if now - (since if since > seen else seen) <= limit}
 
     def silent_over(self, limit: float, now: float) -> set[str]:
         """The known workers with ``silent(w, now) > limit``, in one pass."""
         since = self.listening_since
         if now - since <= limit:  # silence counts from ``since`` at the earliest: none is longer than this
             return set()
-        return {w for w, seen in self.last_seen.items() if now - max(seen, since) > limit}
+        return {w for w, seen in self.last_seen.items() if now - (since if since > seen else seen) > limit}
 
     def state(self, worker: str, now: float, not_ready_after: float) -> WorkerState:
         """The worker's liveness as every process judges it (an unknown worker is NOT_READY)."""

@@ -369,7 +369,9 @@ def test_pending_replicas_not_requested_within_the_timeout_are_the_ones_checked_
 @given(
     seen=st.dictionaries(st.sampled_from([f"w{i}" for i in range(8)]),
                          st.floats(allow_nan=True, allow_infinity=True), max_size=8),
-    since=st.floats(allow_nan=False), now=st.floats(allow_nan=False), limit=st.floats(allow_nan=False),
+    # Any since (NaN too), and one recent enough that no silence can exceed the limit (the one-pass shortcut).
+    since=st.floats() | st.floats(-1e6, 1e6), now=st.floats(allow_nan=False) | st.floats(-1e6, 1e6),
+    limit=st.floats(allow_nan=False) | st.floats(0, 1e6),
 )
 def test_one_pass_liveness_sets_are_the_per_worker_silence_comparisons(
     seen: dict[str, float], since: float, now: float, limit: float
@@ -377,3 +379,13 @@ def test_one_pass_liveness_sets_are_the_per_worker_silence_comparisons(
     cluster = Cluster(last_seen=seen, listening_since=since)
     assert cluster.heard_within(limit, now) == {w for w in seen if cluster.silent(w, now) <= limit}
     assert cluster.silent_over(limit, now) == {w for w in seen if cluster.silent(w, now) > limit}
+
+
+def test_workers_count_as_silent_past_the_limit_only_once_listening_for_longer_than_it() -> None:
+    seen = {"old": NOW - 10_000.0, "fresh": NOW - 1.0}
+    listening = Cluster(last_seen=seen, listening_since=NOW - 600.0)
+    assert listening.silent_over(600.0, NOW) == set()  # silence counts from listening_since at the earliest
+    assert listening.heard_within(600.0, NOW) == {"old", "fresh"}
+    longer = Cluster(last_seen=seen, listening_since=NOW - 600.5)
+    assert longer.silent_over(600.0, NOW) == {"old"}
+    assert longer.heard_within(600.0, NOW) == {"fresh"}
