@@ -338,15 +338,28 @@ class ClusterSnapshot:
         gpus = worker.gpus
         claims = self._vram_claims.get(name, {})
         reserve = self.config.vram_reserve
-        alloc = [gpu.vram_total - max(claims.get(gpu.index, 0), gpu.vram_used) - reserve for gpu in gpus]
+        counted = self._gpu_total.get
+        # One pass per GPU, without min()/max() calls: this runs on every placement, release and usage change
+        # in each service that follows claims. alloc = total − max(claim, used) − reserve; free adds the
+        # allocatable VRAM clamped to [0, total].
+        alloc: list[int] = []
+        counts: list[int] = []
+        free = 0
+        for gpu in gpus:
+            total, used, claim = gpu.vram_total, gpu.vram_used, claims.get(gpu.index, 0)
+            a = total - (claim if claim > used else used) - reserve
+            alloc.append(a)
+            counts.append(counted((name, gpu.index), 0))
+            a = a if a > 0 else 0
+            free += a if a < total else total
         n = len(gpus)
         self.g_alloc[row, :n] = alloc
-        self.g_instances[row, :n] = [self._gpu_total.get((name, gpu.index), 0) for gpu in gpus]
+        self.g_instances[row, :n] = counts
         self.w_heartbeat[row] = worker.last_heartbeat
         self.w_ram_alloc[row] = self.ram_allocatable_of(worker)
         self.w_cpu_alloc[row] = self.cpu_allocatable_of(worker)
         self.w_instances[row] = self._worker_total.get(name, 0)
-        self.w_vram_free[row] = sum(min(max(a, 0), gpu.vram_total) for a, gpu in zip(alloc, gpus, strict=True))
+        self.w_vram_free[row] = free
         self.w_stamp[row] = self.version
 
     def ram_allocatable_of(self, worker: Worker) -> int:
