@@ -192,10 +192,11 @@ class SnapshotFeed:
 
     def _put_instance(self, inst: Instance) -> None:
         old = self.instances.get(inst.id)
-        if old is not None:
-            self._index(old, add=False)
+        if old is None or _index_key(old) != _index_key(inst):  # most changes (STARTING → RUNNING) keep it
+            if old is not None:
+                self._index(old, add=False)
+            self._index(inst, add=True)
         self.instances[inst.id] = inst
-        self._index(inst, add=True)
         if inst.worker is not None and inst.state in HOLDING:
             self.snapshot.upsert_instance(inst)
         else:
@@ -240,6 +241,12 @@ def grew(before: Worker, after: Worker) -> bool:
         if prev is None or g.vram_total > prev.vram_total or (g.schedulable and not prev.schedulable):
             return True
     return after.ram_total > before.ram_total or (before.cordoned and not after.cordoned)
+
+
+def _index_key(inst: Instance) -> tuple[object, ...]:
+    """What decides an instance's entries in the feed's indexes (see ``_index``): equal keys, equal entries."""
+    state = inst.state
+    return inst.worker, inst.subordinates, state in ON_WORKER, state is InstanceState.UNREACHABLE
 
 
 def _mark(index: dict[str, set[str]], key: str, iid: str, add: bool) -> None:

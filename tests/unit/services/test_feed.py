@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared.bus.messages import CordonEvent, Heartbeat, InstanceEvent, WorkerRegisteredEvent
 from shared.core.placement.domain import (
@@ -201,3 +203,30 @@ def test_an_inventory_that_drops_a_gpu_drops_it_from_the_snapshot() -> None:
     f.on_registered(stored(W, 3), now=2.0)
     worker = f.snapshot.worker("w1")
     assert worker is not None and [g.index for g in worker.gpus] == [0]
+
+
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["i1", "i2"]),
+            st.sampled_from(list(InstanceState)),
+            st.sampled_from([None, "w1", "w2"]),
+            st.booleans(),  # with a subordinate on w3
+            st.booleans(),  # removed
+        ),
+        max_size=12,
+    )
+)
+def test_the_instance_indexes_always_equal_a_rebuild_from_the_instances(
+    steps: list[tuple[str, InstanceState, str | None, bool, bool]],
+) -> None:
+    f = feed()
+    for t, (iid, state, worker, sub, removed) in enumerate(steps):
+        subs = (SubordinateWorker(worker="w3", gpu_indexes=(0,), vram_claims=(GIB,)),) if sub and worker else ()
+        inst = Instance(id=iid, model="m", state=state, worker=worker, gpu_indexes=(0,) if worker else (),
+                        vram_claims=(GIB,) if worker else (), subordinates=subs)
+        f.on_instance(InstanceEvent(instance=inst, removed=removed, at=float(t)))
+    rebuilt = SnapshotFeed(f.snapshot)
+    for inst in f.instances.values():
+        rebuilt._index(inst, add=True)
+    assert (f.on_worker, f.running_on, f.unreachable) == (rebuilt.on_worker, rebuilt.running_on, rebuilt.unreachable)
