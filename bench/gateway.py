@@ -56,7 +56,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.progress import add_flag, progress  # noqa: E402
-from ops.envoy import SERVED, TIMING_FIELDS, EnvoyOptions, start_envoy  # noqa: E402
+from ops.envoy import TIMING_FIELDS, EnvoyOptions, start_envoy, wait_routed  # noqa: E402
 from ops.servers import ServerProcess, free_port, start_nats  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
@@ -155,21 +155,6 @@ async def interleaved(ports: dict[str, int], rate: float, seconds: float, offset
     for c in clients.values():
         c.close()
     return lat, errors
-
-
-def _until_routed(url: str, what: str, timeout: float = 30) -> None:
-    """Wait until a request through this Envoy is served by an engine (its served-endpoint header set)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            r = httpx.post(f"{url}/v1/chat/completions", json=body(0), timeout=5)
-            if r.status_code == 200 and r.headers.get(SERVED):
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} never routed a request")
-        time.sleep(0.2)
 
 
 def phases(log: Path) -> dict[str, float]:
@@ -278,7 +263,7 @@ def main() -> None:
         envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=epp_port,
                                          eds_path=eds, timing_log=access_log), tmp / "envoy")
         envoys.append(envoy)
-        _until_routed(envoy.url, "gateway")  # the pool reached the picker and the EDS file reached Envoy
+        wait_routed(envoy.url, MODEL)  # the pool reached the picker and the EDS file reached Envoy
         paths = {"direct": eport, "gateway": envoy.port}
         watched = {"picker": psutil.Process(picker.pid), "envoy": psutil.Process(envoy.process.pid),
                    "engine": psutil.Process(procs[0].pid), "client": psutil.Process()}
@@ -302,8 +287,8 @@ def main() -> None:
                                                    epp_port=noop_port, eds_path=eds, ext_proc=False),
                                       tmp / "envoy-plain")
             envoys.append(envoy_plain)
-            _until_routed(envoy_noop.url, "envoy + no-op ext_proc")
-            _until_routed(envoy_plain.url, "envoy alone")
+            wait_routed(envoy_noop.url, MODEL)
+            wait_routed(envoy_plain.url, MODEL)
             # interleaving order: each path follows a different one, the real picker last as before
             paths = {"direct": eport, "envoy": envoy_plain.port, "noop": envoy_noop.port, "gateway": envoy.port}
             watched.update({"noop": psutil.Process(noop.pid), "envoy_noop": psutil.Process(envoy_noop.process.pid),

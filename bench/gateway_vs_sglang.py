@@ -55,7 +55,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from ops.envoy import SERVED, EnvoyOptions, start_envoy  # noqa: E402
+from ops.envoy import EnvoyOptions, start_envoy, wait_routed  # noqa: E402
 from ops.servers import ServerProcess, free_port, start_nats, stop_processes, wait_http  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
@@ -146,22 +146,6 @@ class Front:
     pids: list[int]
 
 
-def _probe(url: str, timeout: float = 60, need_served: bool = False) -> None:
-    """Until a request through the router succeeds (pool known, endpoints loaded)."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "probe"}], "max_tokens": 1}
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
-            if r.status_code == 200 and (not need_served or r.headers.get(SERVED)):
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"router at {url} never routed a request")
-        time.sleep(0.3)
-
-
 @contextmanager
 def gantry_front(nats_url: str, replicas: int, workdir: Path, staleness_s: float = STALENESS_S) -> Iterator[Front]:
     """Envoy + ``replicas`` Gantry pickers."""
@@ -179,7 +163,7 @@ def gantry_front(nats_url: str, replicas: int, workdir: Path, staleness_s: float
                     cwd=REPO, stdout=fh, stderr=subprocess.STDOUT))
         envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=ports,
                                          eds_path=eds), workdir / "envoy")
-        _probe(envoy.url, need_served=True)
+        wait_routed(envoy.url, MODEL, timeout=60)
         time.sleep(1.0)  # every replica has heard every engine
         yield Front(envoy.url, [p.pid for p in procs] + [envoy.process.pid])
     finally:
@@ -199,7 +183,7 @@ def sglang_front(engine_urls: list[str], policy: str, workdir: Path) -> Iterator
              "--worker-urls", *engine_urls], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        _probe(url)
+        wait_routed(url, MODEL, timeout=60, need_served=False)
         yield Front(url, [proc.pid])
     finally:
         stop_processes([proc])

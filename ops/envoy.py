@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -285,6 +286,26 @@ def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> Server
     wait_for_port(o.listen_port, proc, timeout, log)
     return ServerProcess("envoy", f"http://{o.listen_host}:{o.listen_port}", o.listen_port, proc, log)
 
+
+
+def wait_routed(url: str, model: str, timeout: float = 30, need_served: bool = True) -> None:
+    """Until a one-token chat completion through the router at ``url`` succeeds (with ``need_served``: and
+    Envoy names the engine that served it), i.e. the pool reached the picker and its endpoints reached Envoy;
+    raises RuntimeError when ``timeout`` passes first."""
+    import httpx  # only the callers that drive HTTP pay for it
+
+    body = {"model": model, "messages": [{"role": "user", "content": "probe"}], "max_tokens": 1}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+            if r.status_code == 200 and (not need_served or r.headers.get(SERVED)):
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the router at {url} never routed a request")
+        time.sleep(0.2)
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m ops.envoy``: write the config for a running picker (or several) and exec Envoy."""
