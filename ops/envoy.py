@@ -287,7 +287,6 @@ def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> Server
     return ServerProcess("envoy", f"http://{o.listen_host}:{o.listen_port}", o.listen_port, proc, log)
 
 
-
 def wait_routed(url: str, model: str, timeout: float = 30, need_served: bool = True) -> None:
     """Until a one-token chat completion through the router at ``url`` succeeds (with ``need_served``: and
     Envoy names the engine that served it), i.e. the pool reached the picker and its endpoints reached Envoy;
@@ -306,6 +305,7 @@ def wait_routed(url: str, model: str, timeout: float = 30, need_served: bool = T
         if time.monotonic() > deadline:
             raise RuntimeError(f"the router at {url} never routed a request")
         time.sleep(0.2)
+
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m ops.envoy``: write the config for a running picker (or several) and exec Envoy."""

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import uvloop
 
 from services.gateway.service import Gateway, GatewayOptions
 from shared.core.routing import builtin_names
+from shared.host.tasks import run_until_signalled
 
 
 def parse_args(argv: list[str] | None = None) -> GatewayOptions:
@@ -38,17 +36,6 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                           capture=a.capture, capture_salt=a.capture_salt)
 
 
-async def _serve(opts: GatewayOptions) -> None:
-    # SIGTERM (an orchestrator's stop) ends the picker gracefully: the gRPC server gets its grace period, so a
-    # request whose answer already left still runs its end (in-flight count, its trace line) before the exit.
-    task = asyncio.ensure_future(Gateway(opts).run())
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse options and serve until SIGTERM/SIGINT."""
     opts = parse_args(argv)
@@ -61,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     # on uvloop, as the other services: 10-13% less picker CPU per pick than asyncio's own loop (bench/gateway.py
     # picks driver, A/B in one window)
-    uvloop.run(_serve(opts))
+    uvloop.run(run_until_signalled(Gateway(opts).run()))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 
 from services.picker.service import PickerOptions, PickerService
 from shared.core.routing import builtin_names
+from shared.host.tasks import run_until_signalled
 
 
 def parse_args(argv: list[str] | None = None) -> PickerOptions:
@@ -26,15 +25,6 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
     return PickerOptions(nats_url=a.nats_url, profile=a.profile, expire_s=a.expire_s, seed=a.seed)
 
 
-async def _serve(opts: PickerOptions) -> None:
-    task = asyncio.ensure_future(PickerService(opts).run())
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse options and serve until SIGTERM/SIGINT."""
     opts = parse_args(argv)
@@ -43,9 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio works too
-        asyncio.run(_serve(opts))
+        asyncio.run(run_until_signalled(PickerService(opts).run()))
     else:
-        uvloop.run(_serve(opts))
+        uvloop.run(run_until_signalled(PickerService(opts).run()))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ forever. ``cancel_until_done`` repeats the cancellation until each task has ende
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+import signal
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 RECANCEL_S = 0.5  # a task still running this long after a cancel gets another one
@@ -36,3 +38,14 @@ async def cancel_until_done(tasks: Iterable[asyncio.Task[Any]], timeout: float |
             break
         _, pending = await asyncio.wait(pending, timeout=wait)
     return pending
+
+
+async def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` until it ends or SIGTERM/SIGINT arrives; a signal cancels it, so its ``finally`` blocks
+    (a server's grace period, closing files) run before the process exits 0, as an orchestrator's stop expects."""
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

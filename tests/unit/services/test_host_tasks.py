@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import signal
+import time
 
 import pytest
 
-from shared.host.tasks import cancel_until_done
+from shared.host.tasks import cancel_until_done, run_until_signalled
 
 
 async def _loop_on_wait_for(futures: list[asyncio.Future[int]], rounds: list[int]) -> None:
@@ -78,3 +81,31 @@ async def test_an_interval_that_is_not_positive_is_refused_before_anything_is_ca
         await cancel_until_done([task], every=every)
     assert not task.done()
     task.cancel()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_cancels_the_service_and_its_cleanup_runs_before_the_return(sig: signal.Signals) -> None:
+    cleaned: list[str] = []
+
+    async def service() -> None:
+        try:
+            os.kill(os.getpid(), sig)
+            await asyncio.sleep(30)  # only the signal's cancellation ends this in time
+        finally:
+            await asyncio.sleep(0)  # cleanup may still await (a server's grace period)
+            cleaned.append("closed")
+
+    async def main() -> float:
+        start = time.monotonic()
+        await run_until_signalled(service())
+        return time.monotonic() - start
+
+    assert asyncio.run(main()) < 5 and cleaned == ["closed"]
+
+
+def test_a_service_that_fails_by_itself_raises_its_error_and_is_not_taken_for_a_stop() -> None:
+    async def service() -> None:
+        raise RuntimeError("bus lost")
+
+    with pytest.raises(RuntimeError, match="bus lost"):
+        asyncio.run(run_until_signalled(service()))
