@@ -116,6 +116,9 @@ def main() -> None:
     ap.add_argument("--mooncake-scale", type=float, default=3.0)
     ap.add_argument("--tenants", type=int, default=400)
     ap.add_argument("--rate", type=float, default=44.0)
+    ap.add_argument("--out", default=None, help="file stem under docs/benchmarks (default routing_quality, "
+                    "or routing_quality_Nrouters)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the shared-prefix workload's arrivals and tenants")
     ap.add_argument("--routers", default=",".join(ROUTERS))
     ap.add_argument("--workloads", default="mooncake,shared-prefix")
     ap.add_argument("--trace", default=None, help="a trace file (e.g. captured by the gateway's --capture): "
@@ -126,7 +129,7 @@ def main() -> None:
     n = 600 if args.quick else args.requests
     workloads = {
         "mooncake": lambda: load_trace("mooncake", args.mooncake_scale, limit=n),
-        "shared-prefix": lambda: shared_prefix(args.tenants, args.rate, n, seed=1),
+        "shared-prefix": lambda: shared_prefix(args.tenants, args.rate, n, seed=args.seed),
     }
     if args.trace:
         workloads["trace"] = lambda: load_trace(args.trace, limit=n)
@@ -150,7 +153,8 @@ def main() -> None:
                               "wall_s": round(r["sim_wall_s"], 1)}), flush=True)
     summary = summarize(results, args)
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = "routing_quality" if args.router_replicas == 1 else f"routing_quality_{args.router_replicas}routers"
+    stem = args.out or ("routing_quality" if args.router_replicas == 1
+                        else f"routing_quality_{args.router_replicas}routers")
     (OUT / f"{stem}.json").write_text(json.dumps({**summary, "detail": results}, indent=1))
     plot(results, OUT / f"{stem}.png")
     print(json.dumps(summary))
@@ -180,7 +184,8 @@ def summarize(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
         checks[wl] = c
     return {"bench": "routing_quality", "replicas": args.replicas, "router_replicas": args.router_replicas,
             "requests": args.requests, "mooncake_scale": args.mooncake_scale,
-            "tenants": args.tenants, "rate": args.rate, "slo": {"ttft_s": SLO_TTFT_S, "itl_s": SLO_ITL_S},
+            "tenants": args.tenants, "rate": args.rate, "seed": args.seed,
+            "slo": {"ttft_s": SLO_TTFT_S, "itl_s": SLO_ITL_S},
             "checks": checks,
             "table": {wl: {r: {"ttft_p90": v["ttft_s"]["p90"], "hit": v["prefix_cache_hit_rate"],
                                "goodput": v["goodput"]["fraction"]} for r, v in rs.items()}

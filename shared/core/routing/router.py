@@ -71,8 +71,12 @@ class Router:
         sources = {getattr(p.params, "source", None) for p in plugins.values()}
         sources |= {getattr(handler.params, "source", None)}
         # feed only the assumed-state indexes some plugin reads (each costs an insertion per decision)
-        self.state.track_approx = "approximate" in sources
-        self.state.track_speculative = "hybrid" in sources
+        hybrid = "hybrid" in sources
+        self.state.track_speculative = hybrid
+        # the hybrid source falls back on the decision memory for prompts no engine reports; a speculative
+        # index as large as that memory already holds the same decisions, so only a smaller one needs it
+        self.state.hybrid_fallback = hybrid and self.state.speculative.capacity < self.state.approx.capacity
+        self.state.track_approx = "approximate" in sources or self.state.hybrid_fallback
         # the index that estimates a dispatched request's uncached tokens (in-flight token accounting)
         self.accounting_source = ("hybrid" if self.state.track_speculative else
                                   "approximate" if self.state.track_approx else "precise")

@@ -84,6 +84,7 @@ class PoolState:
         self.speculative = PrefixIndex(self.config.speculative_capacity)
         self.track_approx = True  # which assumed-state indexes decisions feed (the router sets them from its plugins)
         self.track_speculative = True
+        self.hybrid_fallback = False  # hybrid matches fall back on the approximate index (see ``Cycle.matches``)
         self.precise = PrefixIndex(1 << 62)
         self.chunk_memo = ChunkMemo(self.config.hash_memo_chunks) if self.config.hash_memo_chunks else None
         self.either = self.speculative.mirror(self.precise)  # hybrid matches: one lookup per block

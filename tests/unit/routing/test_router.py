@@ -197,3 +197,11 @@ def test_moving_an_unknown_request_or_to_an_unknown_or_same_endpoint_changes_not
     st.dispatched("r", "e0", 10)
     assert not st.moved(rid, to)
     assert st.endpoints["e0"].inflight_requests == 1 and st.endpoints["e1"].inflight_requests == 0
+
+
+@pytest.mark.parametrize(("profile", "fallback"), [("precise-prefix", True), ("default", False),
+                                                   ("approx-prefix", False)])
+def test_only_a_hybrid_index_smaller_than_the_decision_memory_falls_back_on_it(profile: str, fallback: bool) -> None:
+    r = Router(builtin_config(profile))
+    assert r.state.hybrid_fallback is fallback
+    assert r.state.track_approx is (fallback or profile == "approx-prefix")

@@ -87,6 +87,28 @@ def test_prefix_scorer_reads_the_chosen_index() -> None:
     assert score("prefix-cache-scorer", state, req(tokens=160, seed=5), PrefixParams()) is None  # no match anywhere
 
 
+def test_hybrid_falls_back_on_the_decision_memory_when_no_engine_reports_the_prompt() -> None:
+    state = pool(met(), met(), met())
+    r = req(tokens=160, seed=4)
+    state.track_speculative = False  # the recent-decision window has moved past this decision
+    state.remember("e0", cycle(state, r).chain.all()[:5])
+    hybrid = PrefixParams(source="hybrid")
+    assert score("prefix-cache-scorer", state, r, hybrid) is None  # no fallback: nothing known anywhere
+    state.hybrid_fallback = True
+    assert score("prefix-cache-scorer", state, r, hybrid) == [0.5, 0.0, 0.0]
+
+
+def test_hybrid_fallback_yields_to_an_engine_that_reports_the_prompt() -> None:
+    state = pool(met(), met(), met())
+    r = req(tokens=160, seed=4)
+    hashes = cycle(state, r).chain.all()
+    state.track_speculative = False
+    state.remember("e0", hashes)  # sent to e0 long ago; e0 evicted it since, e1 computed it
+    state.precise.add(state.endpoints["e1"].slot, hashes[:4])
+    state.hybrid_fallback = True
+    assert score("prefix-cache-scorer", state, r, PrefixParams(source="hybrid")) == [0.0, 0.4, 0.0]
+
+
 def test_lora_affinity_table() -> None:
     state = pool(met(active_loras=("a",)), met(active_loras=("b",)), met(active_loras=("b", "c"), waiting_loras=("a",)),
                  met(active_loras=("b", "c")), None, max_loras=2)
