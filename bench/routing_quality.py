@@ -32,6 +32,7 @@ simulation speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -67,10 +68,15 @@ def shared_prefix(tenants: int, rate: float, n: int, seed: int) -> list[TraceReq
     return out
 
 
-def run(router: str, trace: list[TraceRequest], replicas: int, router_replicas: int) -> dict[str, Any]:
-    """One simulation; the figures above."""
+def run(router: str, trace: list[TraceRequest], replicas: int, router_replicas: int,
+        router_seed: int = 0) -> dict[str, Any]:
+    """One simulation; the figures above. ``router_seed`` seeds the gantry routers' tie-breaks."""
     spec = build_cluster("llama-3.1-8b", "H100-SXM-80GB", replicas, router=router,
                          router_replicas=router_replicas if router.startswith("gantry") else 1)
+    if router_seed and router.startswith("gantry"):
+        profile = router.partition(":")[2] or "default"
+        spec = dataclasses.replace(spec, router=lambda: GantryRouter(profile, seed=router_seed,
+                                                                     replicas=router_replicas))
     t0 = time.perf_counter()
     res = simulate(trace, spec)
     wall = time.perf_counter() - t0
@@ -118,6 +124,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=44.0)
     ap.add_argument("--out", default=None, help="file stem under docs/benchmarks (default routing_quality, "
                     "or routing_quality_Nrouters)")
+    ap.add_argument("--router-seed", type=int, default=0, help="seed of the gantry routers' random tie-breaks")
     ap.add_argument("--seed", type=int, default=1, help="seed of the shared-prefix workload's arrivals and tenants")
     ap.add_argument("--routers", default=",".join(ROUTERS))
     ap.add_argument("--workloads", default="mooncake,shared-prefix")
@@ -143,7 +150,7 @@ def main() -> None:
         results[wl] = {}
         for router in args.routers.split(","):
             make_router(router)  # fail fast on a bad name
-            r = run(router, trace, args.replicas, args.router_replicas)
+            r = run(router, trace, args.replicas, args.router_replicas, args.router_seed)
             results[wl][router] = r
             print(json.dumps({"workload": wl, "router": router, "ttft_p50": round(r["ttft_s"]["p50"], 3),
                               "ttft_p90": round(r["ttft_s"]["p90"], 3), "ttft_p99": round(r["ttft_s"]["p99"], 3),
@@ -184,7 +191,7 @@ def summarize(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
         checks[wl] = c
     return {"bench": "routing_quality", "replicas": args.replicas, "router_replicas": args.router_replicas,
             "requests": args.requests, "mooncake_scale": args.mooncake_scale,
-            "tenants": args.tenants, "rate": args.rate, "seed": args.seed,
+            "tenants": args.tenants, "rate": args.rate, "seed": args.seed, "router_seed": args.router_seed,
             "slo": {"ttft_s": SLO_TTFT_S, "itl_s": SLO_ITL_S},
             "checks": checks,
             "table": {wl: {r: {"ttft_p90": v["ttft_s"]["p90"], "hit": v["prefix_cache_hit_rate"],
