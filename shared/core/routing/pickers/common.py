@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import msgspec
 import numpy as np
 
-from shared.core.routing.plugin import Scores
+from shared.core.routing.plugin import Picker, Scores
 
 
 class PickParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -28,3 +28,21 @@ def check_pick(params: msgspec.Struct) -> list[str]:
 def as_floats(totals: Scores) -> Sequence[float]:
     """Totals as Python floats (a profile hands over an array; scalar arithmetic then stays Python's)."""
     return totals.tolist() if isinstance(totals, np.ndarray) else totals
+
+
+class CountPicker(Picker):
+    """A picker whose only parameter is how many endpoints it returns (every built-in picker)."""
+
+    Params = PickParams
+
+    @classmethod
+    def check(cls, params: msgspec.Struct) -> list[str]:
+        """``max_endpoints >= 1``."""
+        return check_pick(params)
+
+    @property
+    def max_endpoints(self) -> int:
+        """Length of the answer."""
+        p = self.params
+        assert isinstance(p, PickParams)
+        return p.max_endpoints

@@ -7,33 +7,24 @@ them on one endpoint (llm-d-router PR #2515 notes the opposite trade-off for rep
 
 from __future__ import annotations
 
-import msgspec
 import numpy as np
 
 from shared.core.routing.cycle import Cycle
 from shared.core.routing.domain import EndpointState
-from shared.core.routing.pickers.common import PickParams, check_pick
-from shared.core.routing.plugin import Picker, Scores
+from shared.core.routing.pickers.common import CountPicker
+from shared.core.routing.plugin import Scores
 
 EPS = 1e-9
 TOP_BY_ARGMAX = 8  # fallback lists up to this long are found by repeated argmax, longer ones by a sort
 
 
-class MaxScorePicker(Picker):
+class MaxScorePicker(CountPicker):
     """Best total first, random among equals."""
 
     type_name = "max-score-picker"
-    Params = PickParams
-
-    @classmethod
-    def check(cls, params: msgspec.Struct) -> list[str]:
-        """``max_endpoints >= 1``."""
-        return check_pick(params)
-
     def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Scores) -> list[int]:
         """Indexes by descending total, ties shuffled."""
-        assert isinstance(self.params, PickParams)
-        k = self.params.max_endpoints
+        k = self.max_endpoints
         t = np.asarray(totals, dtype=np.float64)
         n = len(t)
         if n == 0:

@@ -5,35 +5,25 @@ rest follow by score as fallbacks.
 
 from __future__ import annotations
 
-import msgspec
-
 from shared.core.routing.cycle import Cycle
 from shared.core.routing.domain import EndpointState
-from shared.core.routing.pickers.common import PickParams, as_floats, check_pick
-from shared.core.routing.plugin import Picker, Scores
+from shared.core.routing.pickers.common import CountPicker, as_floats
+from shared.core.routing.plugin import Scores
 
 
-class PowerOfTwoPicker(Picker):
+class PowerOfTwoPicker(CountPicker):
     """Best of two random endpoints."""
 
     type_name = "power-of-two-picker"
-    Params = PickParams
-
-    @classmethod
-    def check(cls, params: msgspec.Struct) -> list[str]:
-        """``max_endpoints >= 1``."""
-        return check_pick(params)
-
     def pick(self, cycle: Cycle, cands: list[EndpointState], totals: Scores) -> list[int]:
         """The better of two random indexes (ties: the first drawn), then the rest by score."""
-        assert isinstance(self.params, PickParams)
         totals = as_floats(totals)
         n = len(totals)
         if n == 1:
             return [0]
         a, b = cycle.rng.sample(range(n), 2)
         first = b if totals[b] > totals[a] else a
-        k = self.params.max_endpoints
+        k = self.max_endpoints
         if k == 1:
             return [first]
         rest = sorted((i for i in range(n) if i != first), key=lambda i: -totals[i])
