@@ -68,6 +68,8 @@ def parse_request(request_id: str, body: bytes, headers: Mapping[str, str],
         parsed = msgspec.json.decode(body)
     except msgspec.DecodeError as err:
         raise BadRequest(f"body is not JSON: {err}") from None
+    except RecursionError:  # nesting deeper than the decoder allows: the client's error, not the picker's
+        raise BadRequest("body is not JSON the picker can read: nested too deep") from None
     if not isinstance(parsed, dict):
         raise BadRequest("body must be a JSON object")
     model = parsed.get("model")

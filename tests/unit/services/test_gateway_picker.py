@@ -260,6 +260,16 @@ async def test_refusals_are_immediate_responses_with_the_protocol_codes(
     assert all(st.inflight_requests == 0 for st in router.state.endpoints.values())
 
 
+async def test_a_body_nested_deeper_than_the_decoder_allows_is_refused_400_not_a_broken_stream() -> None:
+    p, router = picker(report("a", 8001))
+    ex = Exchange(p)
+    await ex.send(headers_msg())
+    resp = await ex.send(body_msg(b'{"model": "m", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"))
+    assert resp.immediate_response.status.code == 400
+    assert "nested too deep" in msgspec.json.decode(resp.immediate_response.body)["error"]["message"]
+    assert router.state.in_flight() == 0
+
+
 async def test_models_listing_is_answered_by_the_picker() -> None:
     p, _ = picker(report("a", 8001, model="m1"), report("b", 8002, model="m2"))
     ex = Exchange(p)
