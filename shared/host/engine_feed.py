@@ -101,7 +101,13 @@ class EngineFeed:
             self.on_pool(eps)
 
     def on_metrics(self, m: EngineMetrics, now: float) -> None:
-        """An engine's state report; raises ValueError (nothing changed) when its URL has no host:port."""
+        """An engine's state report; raises ValueError (nothing changed) when its URL has no host:port or it
+        is stamped more than ``expire_s`` ahead of ``now``."""
+        if m.ts - now > self.pool.expire_s:
+            # the core keeps the newest report and ignores older ones: one stamped far ahead would freeze the
+            # endpoint's load and keep it looking fresh (never stale) until the clocks met, however long
+            raise ValueError(f"report of {m.instance_id} stamped {m.ts - now:.1f} s ahead of this picker's clock "
+                             f"(more than {self.pool.expire_s:g} s): clocks out of sync")
         if self.pool.observe(m, now):
             self._changed()
         self.router.update_metrics(m.instance_id, metrics_of(m))

@@ -215,7 +215,8 @@ class PoolState:
         if st is None:
             return 0
         idx, slot = self.precise, st.slot
-        cap = int(st.endpoint.num_gpu_blocks * self.config.precise_slack) or DEFAULT_CAPACITY
+        blocks = st.endpoint.num_gpu_blocks  # 0 (or a nonsensical negative): not reported, the default bound
+        cap = int(blocks * self.config.precise_slack) if blocks > 0 else DEFAULT_CAPACITY
         removed: list[int] = []  # engines send one BlockRemoved per evicted block: apply runs of them at once
         for ev in batch.events:
             if isinstance(ev, BlockRemoved):
