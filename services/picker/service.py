@@ -16,10 +16,10 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from services.picker.answer import answer
+from services.picker.answer import answer, read_picks
 from services.picker.contract import CONTRACT
 from shared.bus import subjects
-from shared.bus.messages import PickProgress, PickReply, PickRequest, encode
+from shared.bus.messages import MessageError, PickProgress, PickReply, encode
 from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.routing import Router, builtin_config
 from shared.host.engine_feed import EngineFeed, expire_forever, take_kv_events, take_metrics
@@ -62,15 +62,22 @@ class PickerService:
         """Answer a pick request; a malformed one is dead-lettered and answered with the reason."""
         assert self.bus is not None
         self.counters.messages += 1
-        req = await self.bus.decode_or_reject(msg.subject, msg.data, PickRequest)
-        if req is None:
+        try:
+            items = read_picks(msg.data)
+        except MessageError as exc:
+            await self.bus.dead_letter(msg.subject, str(exc), msg.data)
             self.counters.rejected += 1
             if msg.reply:
                 await msg.respond(encode(PickReply(error="invalid PickRequest (details on the dead-letter subject)")))
             return
+        bad = [(i, it) for i, it in enumerate(items) if isinstance(it, str)]
+        if bad:  # the valid items are still answered; the bad ones get BAD_ITEM with their reason
+            i, why = bad[0]
+            await self.bus.dead_letter(msg.subject, f"{len(bad)} of {len(items)} picks invalid; item {i}: {why}",
+                                       msg.data)
         now = self.clock()
         addresses = self.feed.addresses
-        answers = [answer(self.router, item, addresses, now) for item in req.picks]
+        answers = [answer(self.router, item, addresses, now) for item in items]
         for a in answers:
             if a.code == 200:
                 self.counters.picks += 1

@@ -493,7 +493,8 @@ class PickRequest(Message, frozen=True, kw_only=True):
 
 class PickAnswer(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=False):
     """Where one request goes: ``endpoints`` (instance ids) and their ``addresses`` (host:port), first choice
-    then fallbacks; or no endpoint, with ``code`` (503 none can serve, 429 shed) and ``reason``."""
+    then fallbacks; or no endpoint, with ``code`` (503 none can serve, 429 shed, 400 this item could not be read:
+its ``request_id`` is then empty) and ``reason``."""
 
     request_id: str
     endpoints: list[str] = []

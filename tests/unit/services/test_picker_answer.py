@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from services.picker.answer import answer, route_request
-from shared.bus.messages import PickItem, PickReply, PickRequest, decode, encode
+import msgspec
+import pytest
+
+from services.picker.answer import BAD_ITEM, answer, read_picks, route_request
+from shared.bus.messages import MessageError, PickItem, PickReply, PickRequest, decode, encode
 from shared.core.routing import Endpoint, EndpointMetrics, Router, builtin_config
 
 NOW = 50.0
@@ -51,3 +54,24 @@ def test_the_messages_round_trip_and_bounds_hold() -> None:
     req = PickRequest(picks=[PickItem(request_id="a", model="m", token_ids=[0, 2**32 - 1])])
     assert decode(encode(req), PickRequest) == req
     assert decode(encode(PickReply(error="x")), PickReply).error == "x"
+
+
+def test_a_bad_item_is_read_as_its_reason_and_the_items_beside_it_as_items() -> None:
+    ok = {"request_id": "a", "model": "m", "token_ids": [1]}
+    items = read_picks(msgspec.json.encode({"picks": [ok, {"request_id": "b", "model": "m", "token_ids": [-1]}, ok]}))
+    assert items[0] == items[2] == PickItem(request_id="a", model="m", token_ids=[1])
+    assert isinstance(items[1], str) and "token_ids" in items[1]
+
+
+def test_a_bad_item_is_answered_with_its_reason_and_routes_nothing() -> None:
+    r = router("e0")
+    a = answer(r, "invalid PickItem: Expected `int` >= 0", {"e0": "h:1"}, NOW)
+    assert (a.code, a.reason, a.endpoints) == (BAD_ITEM, "invalid PickItem: Expected `int` >= 0", [])
+    assert r.state.in_flight() == 0
+
+
+@pytest.mark.parametrize("body", [b"{}", b'{"picks": []}', b'{"picks": 5}', b"nope",
+                                  b'{"v": 99, "picks": [{"request_id": "a", "model": "m"}]}'])
+def test_a_message_unreadable_as_a_whole_is_still_refused_whole(body: bytes) -> None:
+    with pytest.raises(MessageError):
+        read_picks(body)
