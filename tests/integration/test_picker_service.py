@@ -17,6 +17,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from ops.servers import ServerProcess
 from shared.bus import subjects
@@ -156,7 +157,7 @@ def test_a_bad_request_is_dead_lettered_and_answered_and_the_service_keeps_picki
         nc = await nats.connect(nats_server.url)
         dead: asyncio.Queue[ErrorEvent] = asyncio.Queue()
 
-        async def on_dead(msg: nats.aio.msg.Msg) -> None:
+        async def on_dead(msg: Msg) -> None:
             await dead.put(decode(msg.data, ErrorEvent))
 
         await nc.subscribe(subjects.dead_letter("picker"), cb=on_dead)
