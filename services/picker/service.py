@@ -35,6 +35,10 @@ class PickerOptions:
     profile: str = "default"
     expire_s: float = 3.0
     seed: int = 0
+    # a request's end arrives as a PickProgress on core NATS (at most once) from a caller that may never send
+    # it: past these, the request stops counting as in flight (its load and memory released)
+    flight_ttl_s: float = 1800.0
+    max_in_flight: int = 100_000
 
 
 @dataclass
@@ -108,6 +112,19 @@ class PickerService:
         assert self.bus is not None
         await take_kv_events(self.feed, self.bus, msg)
 
+    def expire_flights(self) -> int:
+        """Let go of requests whose end was never heard (see ``PickerOptions.flight_ttl_s``); returns how many."""
+        gone = self.router.expire_flights(self.clock(), self.opts.flight_ttl_s, self.opts.max_in_flight)
+        if gone:
+            log.warning("picker: %d requests in flight with no end reported (oldest %s) no longer count", len(gone),
+                        gone[0])
+        return len(gone)
+
+    async def _expire_flights_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.expire_flights()
+
     def _guarded(self, handler: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
         async def deliver(msg: Msg) -> None:
             try:
@@ -138,15 +155,17 @@ class PickerService:
         """Serve until cancelled."""
         nc = await self.connect()
         expire = asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, self.clock))
+        flights = asyncio.create_task(self._expire_flights_forever())
         log.info("gantry picker on %s (profile %s)", subjects.PICK, self.opts.profile)
         if ready is not None:
             ready.set()
         try:
             await asyncio.Event().wait()
         finally:
-            expire.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expire
+            for task in (expire, flights):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             log.info("picker: %s", self.counters)
             with contextlib.suppress(Exception):
                 await nc.drain()

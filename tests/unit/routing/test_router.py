@@ -205,3 +205,22 @@ def test_only_a_hybrid_index_smaller_than_the_decision_memory_falls_back_on_it(p
     r = Router(builtin_config(profile))
     assert r.state.hybrid_fallback is fallback
     assert r.state.track_approx is (fallback or profile == "approx-prefix")
+
+
+def test_a_request_whose_end_is_never_reported_stops_loading_its_endpoint_after_the_max_age() -> None:
+    r = router(PREFIX_ONLY, pool(met()))
+    r.route(req("lost", tokens=64), NOW)
+    r.route(req("young", tokens=64), NOW + 50)
+    assert r.expire_flights(NOW + 60, max_age_s=30, keep=100) == ["lost"]
+    assert r.state.in_flight() == 1 and r.state.endpoints["e0"].inflight_requests == 1
+    r.finished("lost")  # its end, reported late, changes nothing
+    assert r.state.endpoints["e0"].inflight_requests == 1
+
+
+def test_past_the_in_flight_bound_the_oldest_requests_are_let_go_first() -> None:
+    r = router(PREFIX_ONLY, pool(met()))
+    for i in range(5):
+        r.route(req(f"r{i}", tokens=16), NOW + i)
+    assert r.expire_flights(NOW + 5, max_age_s=3600, keep=2) == ["r0", "r1", "r2"]
+    st = r.state.endpoints["e0"]
+    assert (r.state.in_flight(), st.inflight_requests) == (2, 2)

@@ -75,3 +75,16 @@ def test_a_bad_item_is_answered_with_its_reason_and_routes_nothing() -> None:
 def test_a_message_unreadable_as_a_whole_is_still_refused_whole(body: bytes) -> None:
     with pytest.raises(MessageError):
         read_picks(body)
+
+
+def test_the_picker_service_lets_go_of_requests_whose_end_never_came_after_its_flight_ttl() -> None:
+    from services.picker.service import PickerOptions, PickerService
+
+    clock = [NOW]
+    svc = PickerService(PickerOptions(nats_url="nats://unused", flight_ttl_s=60.0), clock=lambda: clock[0])
+    svc.router = router("e0")
+    answer(svc.router, PickItem(request_id="a", model="m", token_ids=[1]), {"e0": "h:1"}, NOW)
+    clock[0] = NOW + 59
+    assert svc.expire_flights() == 0
+    clock[0] = NOW + 61
+    assert svc.expire_flights() == 1 and svc.router.state.in_flight() == 0
