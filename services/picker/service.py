@@ -19,12 +19,14 @@ from nats.aio.msg import Msg
 from services.picker.answer import answer, read_picks
 from services.picker.contract import CONTRACT
 from shared.bus import subjects
-from shared.bus.messages import MessageError, PickProgress, PickReply, encode
+from shared.bus.messages import MessageError, PickAnswer, PickProgress, PickReply, encode
 from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.routing import Router, builtin_config
 from shared.host.engine_feed import EngineFeed, expire_forever, take_kv_events, take_metrics
 
 log = logging.getLogger("gantry.picker")
+
+PICK_CHUNK = 256  # picks routed between two yields to the event loop (~25 ms at ~100 µs a pick)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +81,14 @@ class PickerService:
             i, why = bad[0]
             await self.bus.dead_letter(msg.subject, f"{len(bad)} of {len(items)} picks invalid; item {i}: {why}",
                                        msg.data)
-        now = self.clock()
-        addresses = self.feed.addresses
-        answers = [answer(self.router, item, addresses, now) for item in items]
+        answers: list[PickAnswer] = []
+        for start in range(0, len(items), PICK_CHUNK):
+            if start:
+                # a message may hold 20,000 picks (~2 s of routing): let the engines' reports and the pool's
+                # expiry run between chunks, or every endpoint looks stale, then silent, and leaves the pool
+                await asyncio.sleep(0)
+            now, addresses = self.clock(), self.feed.addresses
+            answers += [answer(self.router, item, addresses, now) for item in items[start:start + PICK_CHUNK]]
         for a in answers:
             if a.code == 200:
                 self.counters.picks += 1

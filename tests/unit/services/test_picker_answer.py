@@ -1,12 +1,18 @@
-"""The NATS picker's translation between pick messages and the routing core (the service's pure part)."""
+"""The NATS picker: its translation between pick messages and the routing core, and how the service answers."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from services.picker.answer import BAD_ITEM, answer, read_picks, route_request
+from services.picker.service import PICK_CHUNK, PickerOptions, PickerService
 from shared.bus.messages import MessageError, PickItem, PickReply, PickRequest, decode, encode
+from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, EndpointMetrics, Router, builtin_config
 
 NOW = 50.0
@@ -78,8 +84,6 @@ def test_a_message_unreadable_as_a_whole_is_still_refused_whole(body: bytes) -> 
 
 
 def test_the_picker_service_lets_go_of_requests_whose_end_never_came_after_its_flight_ttl() -> None:
-    from services.picker.service import PickerOptions, PickerService
-
     clock = [NOW]
     svc = PickerService(PickerOptions(nats_url="nats://unused", flight_ttl_s=60.0), clock=lambda: clock[0])
     svc.router = router("e0")
@@ -88,3 +92,37 @@ def test_the_picker_service_lets_go_of_requests_whose_end_never_came_after_its_f
     assert svc.expire_flights() == 0
     clock[0] = NOW + 61
     assert svc.expire_flights() == 1 and svc.router.state.in_flight() == 0
+
+
+async def test_a_large_pick_message_lets_the_other_handlers_run_while_it_is_answered() -> None:
+    svc = PickerService(PickerOptions(nats_url="nats://unused"), clock=lambda: NOW)
+    svc.router = router("e0")
+    svc.feed.addresses = {"e0": "h:1"}
+    svc.bus = cast(Bus, object())  # a valid message dead-letters nothing
+    replies: list[bytes] = []
+
+    class FakeMsg:
+        subject, reply = "gantry.picker.pick", "inbox"
+        data = encode(PickRequest(picks=[PickItem(request_id=f"r{i}", model="m", token_ids=[i]) for i in range(1000)]))
+
+        async def respond(self, data: bytes) -> None:
+            replies.append(data)
+
+    ticks = 0
+
+    async def other_handler() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other_handler())
+    await asyncio.sleep(0)
+    before = ticks
+    await svc.on_pick(cast(Msg, FakeMsg()))
+    during = ticks - before
+    task.cancel()
+    assert during >= 1000 // PICK_CHUNK
+    reply = decode(replies[0], PickReply)
+    assert [a.request_id for a in reply.answers] == [f"r{i}" for i in range(1000)]
+    assert all(a.code == 200 for a in reply.answers)
