@@ -4,6 +4,8 @@ out, the routing core's in-flight accounting checked at each step)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +17,7 @@ from google.protobuf import json_format
 
 from ops.envoy import EXT_PROC, EnvoyOptions, envoy_config
 from services.engine_server.textgen import TextModel
-from services.gateway.epp import DESTINATION, METADATA_NS, PICKED, SERVED, Picker
+from services.gateway.epp import DESTINATION, METADATA_NS, OFFLOOP_TOKENIZE_CHARS, PICKED, SERVED, Picker
 from services.gateway.pool import PoolView, address_of, eds_document, metrics_of
 from services.gateway.protocol import STREAMED_RESPONSE_MODE
 from services.gateway.request import BadRequest, parse_request
@@ -268,6 +270,33 @@ async def test_a_body_nested_deeper_than_the_decoder_allows_is_refused_400_not_a
     assert resp.immediate_response.status.code == 400
     assert "nested too deep" in msgspec.json.decode(resp.immediate_response.body)["error"]["message"]
     assert router.state.in_flight() == 0
+
+
+async def test_a_long_prompt_is_tokenized_off_the_event_loop_so_other_streams_go_on() -> None:
+    p, router = picker(report("a", 8001))
+    tokenizer = shipped_tokenizer()
+
+    def slow_tokenize(text: str) -> list[int]:
+        time.sleep(0.2)  # a large body: ~1 s a MB with the shipped tokenizer
+        return tokenizer(text)
+
+    p.tokenize = slow_tokenize
+    ticks = 0
+
+    async def other_stream() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(other_stream())
+    await asyncio.sleep(0)
+    before = ticks
+    resp, decision = await p.decide(chat("word " * (OFFLOOP_TOKENIZE_CHARS // 5 + 1)), {})
+    during = ticks - before
+    task.cancel()
+    assert during >= 5 and decision is not None and resp.HasField("request_body")
+    assert router.state.endpoints["a"].inflight_tokens > OFFLOOP_TOKENIZE_CHARS // 5  # routed on its token ids
 
 
 async def test_models_listing_is_answered_by_the_picker() -> None:
