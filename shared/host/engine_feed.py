@@ -113,7 +113,12 @@ class EngineFeed:
         self.router.update_metrics(m.instance_id, metrics_of(m))
 
     def on_kv(self, ev: EngineKVEvents) -> None:
-        """An engine's KV events (a gap in its numbering first clears what is known of its cache)."""
+        """An engine's KV events (a gap in its numbering first clears what is known of its cache); events of an
+        engine not in the pool (it has not reported its load yet, or has left) are dropped."""
+        if ev.instance_id not in self.pool.endpoints:
+            # numbering kept only for members: ids that never join (or left) would otherwise each leave an
+            # entry behind forever (the core drops their events anyway)
+            return
         expected = self._kv_seq.get(ev.instance_id)
         if expected is not None and ev.seq != expected:
             log.info("KV events of %s jumped from %d to %d; its precise index is rebuilt",

@@ -84,3 +84,22 @@ def test_a_non_positive_block_count_bounds_the_precise_index_by_the_default_not_
     router.apply_kv_events("e1", KVEventBatch(ts=NOW, events=[
         BlockStored(block_hashes=[11, 12, 13], parent_block_hash=None, token_ids=[], block_size=16)]))
     assert router.state.precise.blocks_of(router.state.endpoints["e1"].slot) == 3
+
+
+def test_kv_events_of_engines_not_in_the_pool_leave_nothing_behind() -> None:
+    feed = EngineFeed(Router(builtin_config("default")), expire_s=3.0)
+    for i in range(1000):
+        feed.on_kv(EngineKVEvents(instance_id=f"ghost-{i}", model="m", seq=0, batch=KVEventBatch(ts=NOW, events=[])))
+    assert feed._kv_seq == {}
+
+
+def test_kv_events_of_a_pool_member_are_numbered_and_a_gap_clears_its_index() -> None:
+    router = Router(builtin_config("default"))
+    feed = EngineFeed(router, expire_s=3.0)
+    feed.on_metrics(report(), NOW)
+    stored = BlockStored(block_hashes=[1, 2], parent_block_hash=None, token_ids=[], block_size=16)
+    feed.on_kv(EngineKVEvents(instance_id="e1", model="m", seq=0, batch=KVEventBatch(ts=NOW, events=[stored])))
+    slot = router.state.endpoints["e1"].slot
+    assert router.state.precise.blocks_of(slot) == 2
+    feed.on_kv(EngineKVEvents(instance_id="e1", model="m", seq=5, batch=KVEventBatch(ts=NOW, events=[])))
+    assert router.state.precise.blocks_of(slot) == 0
