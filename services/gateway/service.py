@@ -104,7 +104,7 @@ class Gateway:
     def __init__(self, opts: GatewayOptions) -> None:
         self.opts = opts
         self.router = Router(router_config(opts.profile, opts.staleness_s), seed=opts.seed)
-        self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed)
+        self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed, ip_only=True)
         self.pool = self.feed.pool
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)

@@ -11,6 +11,7 @@ messages and ``now`` come in. Nothing is scraped per request.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,8 +86,11 @@ class EngineFeed:
     """The pool view and the router it feeds; ``on_pool`` hears of every change of the endpoint set."""
 
     def __init__(self, router: Router, expire_s: float = 3.0,
-                 on_pool: Callable[[list[Endpoint]], None] | None = None) -> None:
+                 on_pool: Callable[[list[Endpoint]], None] | None = None, ip_only: bool = False) -> None:
         self.router = router
+        # Envoy's file-based EDS takes IP addresses only, and one host name in the file makes it reject the
+        # whole update (the pool then freezes for every engine): the gateway admits IP literals only
+        self.ip_only = ip_only
         self.pool = PoolView(expire_s=expire_s)
         self.on_pool = on_pool
         self.addresses: dict[str, str] = {}  # endpoint id → host:port
@@ -101,8 +105,15 @@ class EngineFeed:
             self.on_pool(eps)
 
     def on_metrics(self, m: EngineMetrics, now: float) -> None:
-        """An engine's state report; raises ValueError (nothing changed) when its URL has no host:port or it
-        is stamped more than ``expire_s`` ahead of ``now``."""
+        """An engine's state report; raises ValueError (nothing changed) when its URL has no host:port (or no IP
+        address, with ``ip_only``) or it is stamped more than ``expire_s`` ahead of ``now``."""
+        if self.ip_only:
+            host = address_of(m.url).rsplit(":", 1)[0]
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"engine url {m.url!r}: this picker's Envoy dials IP addresses only (a host name "
+                                 f"in its endpoint file makes it reject every pool update)") from None
         if m.ts - now > self.pool.expire_s:
             # the core keeps the newest report and ignores older ones: one stamped far ahead would freeze the
             # endpoint's load and keep it looking fresh (never stale) until the clocks met, however long

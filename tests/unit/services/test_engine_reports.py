@@ -103,3 +103,14 @@ def test_kv_events_of_a_pool_member_are_numbered_and_a_gap_clears_its_index() ->
     assert router.state.precise.blocks_of(slot) == 2
     feed.on_kv(EngineKVEvents(instance_id="e1", model="m", seq=5, batch=KVEventBatch(ts=NOW, events=[])))
     assert router.state.precise.blocks_of(slot) == 0
+
+
+def test_the_gateway_feed_refuses_an_engine_url_naming_a_host_that_envoys_endpoint_file_cannot_take() -> None:
+    pools: list[list[Endpoint]] = []
+    feed = EngineFeed(Router(builtin_config("default")), on_pool=pools.append, ip_only=True)
+    with pytest.raises(ValueError, match="IP addresses only"):
+        feed.on_metrics(msgspec.structs.replace(report(), url="http://gpu-node-3:8000"), NOW)
+    assert pools == [] and feed.addresses == {}
+    feed.on_metrics(msgspec.structs.replace(report(), instance_id="e2", url="http://[::1]:8002"), NOW)
+    feed.on_metrics(report(), NOW)
+    assert feed.addresses == {"e2": "::1:8002", "e1": "127.0.0.1:8001"}
