@@ -68,13 +68,18 @@ class PickerService:
         """Answer a pick request; a malformed one is dead-lettered and answered with the reason."""
         assert self.bus is not None
         self.counters.messages += 1
+        if not msg.reply:
+            # routing it would count its picks in flight on their endpoints (until --flight-ttl-s) for requests
+            # nobody can send: the answer has nowhere to go
+            await self.bus.dead_letter(msg.subject, "pick request without a reply inbox: nothing routed", msg.data)
+            self.counters.rejected += 1
+            return
         try:
             items = read_picks(msg.data)
         except MessageError as exc:
             await self.bus.dead_letter(msg.subject, str(exc), msg.data)
             self.counters.rejected += 1
-            if msg.reply:
-                await msg.respond(encode(PickReply(error="invalid PickRequest (details on the dead-letter subject)")))
+            await msg.respond(encode(PickReply(error="invalid PickRequest (details on the dead-letter subject)")))
             return
         bad = [(i, it) for i, it in enumerate(items) if isinstance(it, str)]
         if bad:  # the valid items are still answered; the bad ones get BAD_ITEM with their reason
@@ -94,8 +99,7 @@ class PickerService:
                 self.counters.picks += 1
             else:
                 self.counters.refused[a.code] = self.counters.refused.get(a.code, 0) + 1
-        if msg.reply:
-            await msg.respond(encode(PickReply(answers=answers)))
+        await msg.respond(encode(PickReply(answers=answers)))
         self.router.flush()  # the assumed-state insertions, after the reply left
 
     async def on_progress(self, msg: Msg) -> None:

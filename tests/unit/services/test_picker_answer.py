@@ -126,3 +126,22 @@ async def test_a_large_pick_message_lets_the_other_handlers_run_while_it_is_answ
     reply = decode(replies[0], PickReply)
     assert [a.request_id for a in reply.answers] == [f"r{i}" for i in range(1000)]
     assert all(a.code == 200 for a in reply.answers)
+
+
+async def test_a_pick_request_without_a_reply_inbox_is_dead_lettered_and_nothing_is_counted_in_flight() -> None:
+    svc = PickerService(PickerOptions(nats_url="nats://unused"), clock=lambda: NOW)
+    svc.router = router("e0")
+    svc.feed.addresses = {"e0": "h:1"}
+    dead: list[str] = []
+
+    class FakeBus:
+        async def dead_letter(self, subject: str, reason: str, payload: bytes = b"") -> None:
+            dead.append(reason)
+
+    class NoInbox:
+        subject, reply = "gantry.picker.pick", ""
+        data = encode(PickRequest(picks=[PickItem(request_id="a", model="m", token_ids=[1])]))
+
+    svc.bus = cast(Bus, FakeBus())
+    await svc.on_pick(cast(Msg, NoInbox()))
+    assert svc.router.state.in_flight() == 0 and dead and "reply inbox" in dead[0]
