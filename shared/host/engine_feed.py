@@ -29,11 +29,13 @@ log = logging.getLogger("gantry.picker")
 
 
 def address_of(url: str) -> str:
-    """``host:port`` of an engine's base URL (what a proxy dials); raises ValueError without a port."""
+    """``host:port`` of an engine's base URL (what a proxy dials; an IPv6 host in brackets, or ``::1:8000``
+    would read as host ``::1:8000`` without a port); raises ValueError without a port."""
     parts = urlsplit(url)
     if not parts.hostname or parts.port is None:
         raise ValueError(f"engine url {url!r} has no host:port")
-    return f"{parts.hostname}:{parts.port}"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port}"
 
 
 def endpoint_of(msg: EngineMetrics) -> Endpoint:
@@ -108,7 +110,7 @@ class EngineFeed:
         """An engine's state report; raises ValueError (nothing changed) when its URL has no host:port (or no IP
         address, with ``ip_only``) or it is stamped more than ``expire_s`` ahead of ``now``."""
         if self.ip_only:
-            host = address_of(m.url).rsplit(":", 1)[0]
+            host = address_of(m.url).rsplit(":", 1)[0].strip("[]")
             try:
                 ipaddress.ip_address(host)
             except ValueError:

@@ -113,4 +113,4 @@ def test_the_gateway_feed_refuses_an_engine_url_naming_a_host_that_envoys_endpoi
     assert pools == [] and feed.addresses == {}
     feed.on_metrics(msgspec.structs.replace(report(), instance_id="e2", url="http://[::1]:8002"), NOW)
     feed.on_metrics(report(), NOW)
-    assert feed.addresses == {"e2": "::1:8002", "e1": "127.0.0.1:8001"}
+    assert feed.addresses == {"e2": "[::1]:8002", "e1": "127.0.0.1:8001"}

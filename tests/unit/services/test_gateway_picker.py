@@ -87,6 +87,14 @@ def test_engine_url_without_a_port_is_rejected() -> None:
         address_of("http://engine")
 
 
+def test_an_ipv6_engine_is_dialled_in_brackets_and_listed_bare_in_the_endpoint_file() -> None:
+    assert address_of("http://[fd00::5]:8001") == "[fd00::5]:8001"  # "fd00::5:8001" names no port
+    view = PoolView()
+    view.observe(msgspec.structs.replace(report("a", 8001), url="http://[fd00::5]:8001"), NOW)
+    sock = eds_document(list(view.endpoints.values()), 1)["resources"][0]["endpoints"][0]["lb_endpoints"][0]
+    assert sock["endpoint"]["address"]["socket_address"] == {"address": "fd00::5", "port_value": 8001}
+
+
 def test_eds_document_lists_every_endpoint_address() -> None:
     view = PoolView()
     view.observe(report("a", 8001), NOW)
