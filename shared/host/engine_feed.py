@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from shared.bus.messages import EngineKVEvents, EngineMetrics
 from shared.bus.runtime import Bus
 from shared.core.kv_events import AllBlocksCleared, KVEventBatch
+from shared.core.limits import MAX_POOL_ENDPOINTS
 from shared.core.roles import NodeRole
 from shared.core.routing import Endpoint, EndpointMetrics, Router
 
@@ -62,10 +63,14 @@ class PoolView:
     expire_s: float = 3.0
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     last_heard: dict[str, float] = field(default_factory=dict)
+    max_endpoints: int = MAX_POOL_ENDPOINTS
 
     def observe(self, msg: EngineMetrics, now: float) -> bool:
-        """Record a report; True when the endpoint set changed (joined, or moved/changed)."""
+        """Record a report; True when the endpoint set changed (joined, or moved/changed). Raises ValueError
+        (nothing recorded) for a newcomer when the pool already holds ``max_endpoints``."""
         ep = endpoint_of(msg)
+        if ep.id not in self.endpoints and len(self.endpoints) >= self.max_endpoints:
+            raise ValueError(f"pool full ({self.max_endpoints} model servers): {ep.id} not admitted")
         self.last_heard[ep.id] = now
         changed = self.endpoints.get(ep.id) != ep
         self.endpoints[ep.id] = ep

@@ -114,3 +114,16 @@ def test_the_gateway_feed_refuses_an_engine_url_naming_a_host_that_envoys_endpoi
     feed.on_metrics(msgspec.structs.replace(report(), instance_id="e2", url="http://[::1]:8002"), NOW)
     feed.on_metrics(report(), NOW)
     assert feed.addresses == {"e2": "[::1]:8002", "e1": "127.0.0.1:8001"}
+
+
+def test_past_the_pool_bound_a_new_instance_is_refused_and_the_members_keep_reporting() -> None:
+    feed = EngineFeed(Router(builtin_config("default")))
+    feed.pool.max_endpoints = 2
+    feed.on_metrics(report(), NOW)
+    feed.on_metrics(msgspec.structs.replace(report(), instance_id="e2"), NOW)
+    with pytest.raises(ValueError, match="pool full"):
+        feed.on_metrics(msgspec.structs.replace(report(), instance_id="e3"), NOW)
+    feed.on_metrics(report(ts=NOW + 0.1, waiting=4), NOW + 0.1)
+    assert sorted(feed.addresses) == ["e1", "e2"] and "e3" not in feed.pool.last_heard
+    metrics = feed.router.state.endpoints["e1"].metrics
+    assert metrics is not None and metrics.waiting == 4
