@@ -64,6 +64,18 @@ def test_negative_priority_is_sheddable_and_stream_flag_is_read() -> None:
     assert req.sheddable and stream and req.expected_output_tokens == 7 and req.model == "m"
 
 
+@pytest.mark.parametrize("prompt", [[5, 6, 7], [[5, 6, 7]]])
+def test_a_prompt_of_token_ids_is_routed_on_those_ids(prompt: list[Any]) -> None:
+    req, _ = parse_request("r", msgspec.json.encode({"model": "m", "prompt": prompt}), {}, shipped_tokenizer())
+    assert list(req.token_ids or []) == [5, 6, 7] and req.prompt is None
+
+
+@pytest.mark.parametrize("prompt", [[-1, 2], [1, 1 << 32], [1, 1 << 70], [[3, -4]]])
+def test_prompt_token_ids_no_tokenizer_makes_are_a_bad_request(prompt: list[Any]) -> None:
+    with pytest.raises(BadRequest, match="token ids"):
+        parse_request("r", msgspec.json.encode({"model": "m", "prompt": prompt}), {})
+
+
 def test_chat_tokens_are_exactly_what_the_emulated_engine_tokenizes() -> None:
     text = TextModel()
     msgs = [("system", "be brief"), ("user", "why is the sky blue?")]
