@@ -28,7 +28,8 @@ log = logging.getLogger("gantry.gateway")
 
 BLOCK = 512  # Mooncake's prefix unit (shared.traces.load_mooncake reads ids as 512-token blocks)
 _MASK = (1 << 63) - 1
-_USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# at most 18 digits: int() of a longer run (an upstream's garbage) raised inside the stream's handler
+_USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,18})(?!\d)')
 _CARRY = 64  # bytes of the previous chunk kept so a pattern split across chunks is still found
 # a streamed chunk carrying generated text (chat, completions): the key, then a non-empty string
 _TEXT = re.compile(rb'"(?:content|text)":"[^"]')

@@ -12,6 +12,8 @@ the ext_proc stream, which Envoy holds open until the HTTP request ends, marks t
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -41,6 +43,7 @@ PICKED = "x-gantry-endpoints"
 """Response header naming the picker's ordered list (for operators and tests: compare with ``SERVED``)."""
 REQUEST_ID = REQUEST_ID_HEADER
 EVENT_STREAM = "text/event-stream"
+OFFLOOP_TOKENIZE_CHARS = 16_384  # a prompt this long is tokenized on a worker thread (~5 ms and more inline)
 _STREAM_BODY = json_format.ParseDict(STREAMED_RESPONSE_MODE, processing_mode_pb2.ProcessingMode())
 # the plain acknowledgements, built once (never mutated: gRPC only serializes them)
 _HEADERS_ACK = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
@@ -93,12 +96,20 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         self.capture = capture  # record routed requests as a replayable trace
         self.capturing: dict[str, Pending] = {}  # request id -> its trace line in the making
 
-    def decide(self, body: bytes, headers: dict[str, str]) -> tuple[pb.ProcessingResponse, Decision | None]:
-        """The answer to a complete request body (pure apart from the router's own accounting)."""
+    async def decide(self, body: bytes, headers: dict[str, str]) -> tuple[pb.ProcessingResponse, Decision | None]:
+        """The answer to a complete request body (pure apart from the router's own accounting; a long prompt is
+        tokenized on a worker thread)."""
         # the picker's own id: a client-chosen x-request-id could collide with another request in flight
         rid = f"{headers.get(REQUEST_ID, '')[:64]}#{uuid.uuid4().hex}"
         try:
-            req, _stream = parse_request(rid, body, headers, self.tokenize)
+            req, _stream = parse_request(rid, body, headers)
+            if self.tokenize is not None and req.prompt:
+                # tokenizing costs ~1 s a MB here: on the event loop, one large body stalled every other stream
+                # (Envoy's message timeout, stale engine reports); the shipped tokenizer frees the GIL for these
+                ids = (self.tokenize(req.prompt) if len(req.prompt) < OFFLOOP_TOKENIZE_CHARS
+                       else await asyncio.to_thread(self.tokenize, req.prompt))
+                if ids:
+                    req = dataclasses.replace(req, prompt=None, token_ids=ids)
         except BadRequest as err:
             self.counters.refused[400] = self.counters.refused.get(400, 0) + 1
             return immediate(400, str(err)), None
@@ -141,7 +152,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                         return
                     yield _HEADERS_ACK
                 elif kind == "request_body":
-                    resp, decision = self.decide(msg.request_body.body, headers)
+                    resp, decision = await self.decide(msg.request_body.body, headers)
                     yield resp
                     self.router.flush()  # deferred assumed-state insertions, after the answer left
                     if decision is None:

@@ -24,6 +24,7 @@ def eds_document(endpoints: list[Endpoint], version: int) -> dict[str, Any]:
     lb = []
     for ep in sorted(endpoints, key=lambda e: e.address):
         host, port = ep.address.rsplit(":", 1)
+        host = host.strip("[]")  # an IPv6 address: bracketed in host:port, bare in a socket address
         lb.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}},
                    # the fail-open fallback chooses among the endpoints of the request's model by this
                    "metadata": {"filter_metadata": {"envoy.lb": {"model": ep.model}}}})

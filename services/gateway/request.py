@@ -33,8 +33,23 @@ def render_chat(messages: list[tuple[str, str]]) -> str:
     return "".join(f"<|{role}|>\n{content}\n" for role, content in messages) + "<|assistant|>\n"
 
 
-def _prompt_text(body: Mapping[str, Any]) -> str:
-    """The prompt as text: ``prompt`` (completions) or the chat rendered with the engine's template."""
+MAX_TOKEN_ID = 1 << 32  # token ids are below this (the pick protocol's bound; no vocabulary comes near it)
+
+
+def _token_ids(prompt: list[Any]) -> list[int] | None:
+    """A completions prompt given as token ids (``[ids]`` or ``[[ids]]``, as the engines accept), or None when it
+    is not one; raises BadRequest for ids no tokenizer makes."""
+    one = prompt[0] if len(prompt) == 1 and isinstance(prompt[0], list) else prompt
+    if not one or not all(type(t) is int for t in one):  # bool is an int subclass, and no token id
+        return None
+    if not all(0 <= t < MAX_TOKEN_ID for t in one):
+        raise BadRequest(f"prompt token ids must be integers in [0, {MAX_TOKEN_ID})")
+    return one
+
+
+def _prompt_text(body: Mapping[str, Any]) -> str | list[int]:
+    """The prompt as text: ``prompt`` (completions) or the chat rendered with the engine's template; a
+    completions prompt of token ids as those ids (they were routed as an empty prompt)."""
     if "messages" in body:
         msgs = body["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -53,6 +68,9 @@ def _prompt_text(body: Mapping[str, Any]) -> str:
         return render_chat(parts)
     prompt = body.get("prompt")
     if isinstance(prompt, list):
+        ids = _token_ids(prompt)
+        if ids is not None:
+            return ids
         prompt = "".join(p for p in prompt if isinstance(p, str))
     if not isinstance(prompt, str):
         raise BadRequest("the body needs 'messages' (chat) or a string 'prompt' (completions)")
@@ -68,6 +86,8 @@ def parse_request(request_id: str, body: bytes, headers: Mapping[str, str],
         parsed = msgspec.json.decode(body)
     except msgspec.DecodeError as err:
         raise BadRequest(f"body is not JSON: {err}") from None
+    except RecursionError:  # nesting deeper than the decoder allows: the client's error, not the picker's
+        raise BadRequest("body is not JSON the picker can read: nested too deep") from None
     if not isinstance(parsed, dict):
         raise BadRequest("body must be a JSON object")
     model = parsed.get("model")
@@ -80,7 +100,11 @@ def parse_request(request_id: str, body: bytes, headers: Mapping[str, str],
         raise BadRequest(f"{PRIORITY_HEADER} must be an integer") from None
     max_tokens = parsed.get("max_completion_tokens", parsed.get("max_tokens"))
     expected = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
-    ids = tokenize(prompt) if tokenize is not None else None
+    if isinstance(prompt, list):
+        ids: list[int] | None = prompt
+        prompt = ""
+    else:
+        ids = tokenize(prompt) if tokenize is not None else None
     req = RouteRequest(request_id=request_id, model=model, prompt=None if ids else prompt, token_ids=ids or None,
                        priority=priority,
                        tenant=headers.get(FAIRNESS_HEADER, ""), session=headers.get(SESSION_HEADER),

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from services.gateway.capture import TraceWriter
 from services.gateway.contract import CONTRACT
-from services.gateway.epp import Picker
+from services.gateway.epp import OFFLOOP_TOKENIZE_CHARS, Picker
 from services.gateway.pool import eds_document
 from services.gateway.request import Tokenize
 from shared.assets.tokenizer import TOKENIZER_FILE
@@ -54,6 +54,8 @@ def shipped_tokenizer() -> Tokenize:
     tok = Tokenizer.from_file(str(TOKENIZER_FILE))
 
     def tokenize(text: str) -> list[int]:
+        if len(text) >= OFFLOOP_TOKENIZE_CHARS:  # called on a worker thread: encode_batch frees the GIL
+            return list(tok.encode_batch([text])[0].ids)
         return list(tok.encode(text).ids)
 
     return tokenize
@@ -102,7 +104,7 @@ class Gateway:
     def __init__(self, opts: GatewayOptions) -> None:
         self.opts = opts
         self.router = Router(router_config(opts.profile, opts.staleness_s), seed=opts.seed)
-        self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed)
+        self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed, ip_only=True)
         self.pool = self.feed.pool
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)

@@ -19,10 +19,19 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
     p.add_argument("--profile", default="default", choices=builtin_names())
     p.add_argument("--expire-s", type=float, default=3.0, help="drop an endpoint silent this long")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flight-ttl-s", type=float, default=1800.0,
+                   help="a picked request whose end was never reported stops counting as in flight after this long")
+    p.add_argument("--max-in-flight", type=int, default=100_000,
+                   help="requests counted in flight at most (past it the oldest stop counting)")
     a = p.parse_args(argv)
     if not a.expire_s > 0:
         p.error("--expire-s must be > 0")
-    return PickerOptions(nats_url=a.nats_url, profile=a.profile, expire_s=a.expire_s, seed=a.seed)
+    if not a.flight_ttl_s > 0:
+        p.error("--flight-ttl-s must be > 0")
+    if a.max_in_flight < 1:
+        p.error("--max-in-flight must be >= 1")
+    return PickerOptions(nats_url=a.nats_url, profile=a.profile, expire_s=a.expire_s, seed=a.seed,
+                         flight_ttl_s=a.flight_ttl_s, max_in_flight=a.max_in_flight)
 
 
 def main(argv: list[str] | None = None) -> None:

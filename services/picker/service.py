@@ -16,15 +16,17 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from services.picker.answer import answer
+from services.picker.answer import answer, read_picks
 from services.picker.contract import CONTRACT
 from shared.bus import subjects
-from shared.bus.messages import PickProgress, PickReply, PickRequest, encode
+from shared.bus.messages import MessageError, PickAnswer, PickProgress, PickReply, encode
 from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.routing import Router, builtin_config
 from shared.host.engine_feed import EngineFeed, expire_forever, take_kv_events, take_metrics
 
 log = logging.getLogger("gantry.picker")
+
+PICK_CHUNK = 256  # picks routed between two yields to the event loop (~25 ms at ~100 µs a pick)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,10 @@ class PickerOptions:
     profile: str = "default"
     expire_s: float = 3.0
     seed: int = 0
+    # a request's end arrives as a PickProgress on core NATS (at most once) from a caller that may never send
+    # it: past these, the request stops counting as in flight (its load and memory released)
+    flight_ttl_s: float = 1800.0
+    max_in_flight: int = 100_000
 
 
 @dataclass
@@ -62,22 +68,38 @@ class PickerService:
         """Answer a pick request; a malformed one is dead-lettered and answered with the reason."""
         assert self.bus is not None
         self.counters.messages += 1
-        req = await self.bus.decode_or_reject(msg.subject, msg.data, PickRequest)
-        if req is None:
+        if not msg.reply:
+            # routing it would count its picks in flight on their endpoints (until --flight-ttl-s) for requests
+            # nobody can send: the answer has nowhere to go
+            await self.bus.dead_letter(msg.subject, "pick request without a reply inbox: nothing routed", msg.data)
             self.counters.rejected += 1
-            if msg.reply:
-                await msg.respond(encode(PickReply(error="invalid PickRequest (details on the dead-letter subject)")))
             return
-        now = self.clock()
-        addresses = self.feed.addresses
-        answers = [answer(self.router, item, addresses, now) for item in req.picks]
+        try:
+            items = read_picks(msg.data)
+        except MessageError as exc:
+            await self.bus.dead_letter(msg.subject, str(exc), msg.data)
+            self.counters.rejected += 1
+            await msg.respond(encode(PickReply(error="invalid PickRequest (details on the dead-letter subject)")))
+            return
+        bad = [(i, it) for i, it in enumerate(items) if isinstance(it, str)]
+        if bad:  # the valid items are still answered; the bad ones get BAD_ITEM with their reason
+            i, why = bad[0]
+            await self.bus.dead_letter(msg.subject, f"{len(bad)} of {len(items)} picks invalid; item {i}: {why}",
+                                       msg.data)
+        answers: list[PickAnswer] = []
+        for start in range(0, len(items), PICK_CHUNK):
+            if start:
+                # a message may hold 20,000 picks (~2 s of routing): let the engines' reports and the pool's
+                # expiry run between chunks, or every endpoint looks stale, then silent, and leaves the pool
+                await asyncio.sleep(0)
+            now, addresses = self.clock(), self.feed.addresses
+            answers += [answer(self.router, item, addresses, now) for item in items[start:start + PICK_CHUNK]]
         for a in answers:
             if a.code == 200:
                 self.counters.picks += 1
             else:
                 self.counters.refused[a.code] = self.counters.refused.get(a.code, 0) + 1
-        if msg.reply:
-            await msg.respond(encode(PickReply(answers=answers)))
+        await msg.respond(encode(PickReply(answers=answers)))
         self.router.flush()  # the assumed-state insertions, after the reply left
 
     async def on_progress(self, msg: Msg) -> None:
@@ -100,6 +122,19 @@ class PickerService:
         """An engine's KV-cache events."""
         assert self.bus is not None
         await take_kv_events(self.feed, self.bus, msg)
+
+    def expire_flights(self) -> int:
+        """Let go of requests whose end was never heard (see ``PickerOptions.flight_ttl_s``); returns how many."""
+        gone = self.router.expire_flights(self.clock(), self.opts.flight_ttl_s, self.opts.max_in_flight)
+        if gone:
+            log.warning("picker: %d requests in flight with no end reported (oldest %s) no longer count", len(gone),
+                        gone[0])
+        return len(gone)
+
+    async def _expire_flights_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.expire_flights()
 
     def _guarded(self, handler: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
         async def deliver(msg: Msg) -> None:
@@ -131,15 +166,17 @@ class PickerService:
         """Serve until cancelled."""
         nc = await self.connect()
         expire = asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, self.clock))
+        flights = asyncio.create_task(self._expire_flights_forever())
         log.info("gantry picker on %s (profile %s)", subjects.PICK, self.opts.profile)
         if ready is not None:
             ready.set()
         try:
             await asyncio.Event().wait()
         finally:
-            expire.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expire
+            for task in (expire, flights):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             log.info("picker: %s", self.counters)
             with contextlib.suppress(Exception):
                 await nc.drain()

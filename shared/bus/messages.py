@@ -18,12 +18,16 @@ from shared.core.limits import (
     MAX_GPUS_PER_WORKER,
     MAX_ID_LENGTH,
     MAX_INSTANCES_PER_WORKER,
+    MAX_LIST,
     MAX_MESSAGE_BYTES,
     MAX_TIME,
     Attempt,
+    BlockSize,
+    Count,
     Fraction,
     GpuIndex,
     InstanceId,
+    KvBlocks,
     ModelName,
     RamBytes,
     Replicas,
@@ -415,29 +419,31 @@ class EngineMetrics(Message, frozen=True, kw_only=True):
     """A model server's load, pushed every 50-100 ms (routing spec §1, model-server protocol).
 
     Figures follow vLLM's metric names: running/waiting requests, ``kv_cache_usage_perc`` in [0, 1],
-    the KV block size and count; counters are cumulative since the server started.
+    the KV block size and count; counters are cumulative since the server started. Every figure is
+    bounded (``shared.core.limits``): the pickers route on them and size the server's prefix index from
+    ``num_gpu_blocks``, so a negative queue, a usage of 7 or a far-off time is dead-lettered, not believed.
     """
 
-    instance_id: str
-    model: str
-    url: str  # base URL of the OpenAI-compatible API
-    ts: float  # unix seconds when sampled
-    num_requests_running: int
-    num_requests_waiting: int
-    kv_cache_usage_perc: float
-    block_size: int
-    num_gpu_blocks: int
-    running_loras: list[str] = []
-    waiting_loras: list[str] = []
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    max_loras: int = 0  # LoRA slots per batch (vLLM's max_loras); 0 = LoRA off
-    role: str = "mixed"  # P/D role: prefill | decode | mixed (shared.core.roles.NodeRole)
-    num_requests_waiting_for_remote_kv: int = 0  # decode side: admitted, waiting for the prefill's KV
-    clock_lag_s: float = 0.0  # how far the emulated engine trails its clock (0 when it keeps time)
+    instance_id: InstanceId
+    model: Text
+    url: Text  # base URL of the OpenAI-compatible API
+    ts: Time  # unix seconds when sampled
+    num_requests_running: Count
+    num_requests_waiting: Count
+    kv_cache_usage_perc: Fraction
+    block_size: BlockSize
+    num_gpu_blocks: KvBlocks
+    running_loras: Annotated[list[Text], msgspec.Meta(max_length=MAX_LIST)] = []
+    waiting_loras: Annotated[list[Text], msgspec.Meta(max_length=MAX_LIST)] = []
+    prefix_cache_queries: Count = 0
+    prefix_cache_hits: Count = 0
+    num_preemptions: Count = 0
+    prompt_tokens: Count = 0
+    generation_tokens: Count = 0
+    max_loras: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIST)] = 0  # LoRA slots per batch (vLLM: max_loras); 0 = off
+    role: Text = "mixed"  # P/D role: prefill | decode | mixed (shared.core.roles.NodeRole)
+    num_requests_waiting_for_remote_kv: Count = 0  # decode side: admitted, waiting for the prefill's KV
+    clock_lag_s: Time = 0.0  # how far the emulated engine trails its clock (0 when it keeps time)
 
 
 class EngineKVEvents(Message, frozen=True, kw_only=True):
@@ -448,9 +454,9 @@ class EngineKVEvents(Message, frozen=True, kw_only=True):
     lost events and should drop what it knows of this instance's cache (it is rebuilt as blocks are stored).
     """
 
-    instance_id: str
-    model: str
-    seq: int
+    instance_id: InstanceId
+    model: Text
+    seq: Seq
     batch: KVEventBatch
 
 
@@ -487,7 +493,8 @@ class PickRequest(Message, frozen=True, kw_only=True):
 
 class PickAnswer(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=False):
     """Where one request goes: ``endpoints`` (instance ids) and their ``addresses`` (host:port), first choice
-    then fallbacks; or no endpoint, with ``code`` (503 none can serve, 429 shed) and ``reason``."""
+    then fallbacks; or no endpoint, with ``code`` (503 none can serve, 429 shed, 400 this item could not be read:
+its ``request_id`` is then empty) and ``reason``."""
 
     request_id: str
     endpoints: list[str] = []

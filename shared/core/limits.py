@@ -16,6 +16,12 @@ Why each number (``docs/operations.md`` lists them for operators):
 - ``MAX_GPUS_PER_WORKER`` / ``MAX_GPU_INDEX``: a worker's GPUs (an NVL72 rack as one worker still fits);
 - ``MAX_GPU_VRAM``, ``MAX_WORKER_RAM``, ``MAX_MODEL_BYTES``: bytes, far above any real device or model,
   far below where sums over a worker or a model overflow a 64-bit column;
+- ``MAX_POOL_ENDPOINTS``: model servers in one picker's pool: every server is a bit of every prefix-index
+  mask and a member of every pool rebuild, so an unbounded stream of new instance ids would grow both without
+  end; 10,000 is ``MAX_REPLICAS`` (a deployment far larger is sharded over gateways anyway);
+- ``MAX_KV_BLOCKS``: a model server's KV-cache blocks; an H200's 141 GB holds ~4.4M tokens of the
+  smallest real KV footprint (~32 KB a token), i.e. ~275k 16-token blocks: 16M is far above, and it bounds
+  what a router's precise prefix index holds for one server (it sizes that index from the report);
 - ``MAX_MESSAGE_BYTES``: NATS ``max_payload`` (``ops/config/nats.conf``); ``MAX_SPEC_BYTES``: a spec file;
 - nesting depth: unknown JSON fields are skipped by the decoder, which recurses; anything deeper than
   the interpreter allows is refused as invalid (never a RecursionError).
@@ -56,6 +62,8 @@ MAX_TIME = 1e11  # seconds since the epoch (year 5138): times are finite and non
 MAX_SCORE = 1e15
 MAX_INSTANCES_PER_WORKER = 10_000
 MAX_BATCH_ITEMS = 20_000  # items, outcomes or events in one message
+MAX_POOL_ENDPOINTS = 10_000  # model servers one picker routes over (all models); more reports are refused
+MAX_KV_BLOCKS = 1 << 24  # KV blocks one model server reports (a router indexes up to ~1.25x this per server)
 MAX_LIST = 10_000  # any other list in a message (GPU ids, local paths, parameters)
 
 MAX_MESSAGE_BYTES = 8 * MIB
@@ -77,6 +85,9 @@ Layers = Annotated[int, msgspec.Meta(ge=0, le=MAX_LAYERS)]
 Tokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)]
 Attempt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPTS)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]  # a non-negative counter (requests, tokens)
+KvBlocks = Annotated[int, msgspec.Meta(ge=0, le=MAX_KV_BLOCKS)]  # 0: not reported
+BlockSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)]
 Time = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TIME)]
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Score = Annotated[float, msgspec.Meta(ge=-MAX_SCORE, le=MAX_SCORE)]

@@ -11,6 +11,7 @@ messages and ``now`` come in. Nothing is scraped per request.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from nats.aio.msg import Msg
 from shared.bus.messages import EngineKVEvents, EngineMetrics
 from shared.bus.runtime import Bus
 from shared.core.kv_events import AllBlocksCleared, KVEventBatch
+from shared.core.limits import MAX_POOL_ENDPOINTS
 from shared.core.roles import NodeRole
 from shared.core.routing import Endpoint, EndpointMetrics, Router
 
@@ -28,11 +30,13 @@ log = logging.getLogger("gantry.picker")
 
 
 def address_of(url: str) -> str:
-    """``host:port`` of an engine's base URL (what a proxy dials); raises ValueError without a port."""
+    """``host:port`` of an engine's base URL (what a proxy dials; an IPv6 host in brackets, or ``::1:8000``
+    would read as host ``::1:8000`` without a port); raises ValueError without a port."""
     parts = urlsplit(url)
     if not parts.hostname or parts.port is None:
         raise ValueError(f"engine url {url!r} has no host:port")
-    return f"{parts.hostname}:{parts.port}"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port}"
 
 
 def endpoint_of(msg: EngineMetrics) -> Endpoint:
@@ -59,10 +63,14 @@ class PoolView:
     expire_s: float = 3.0
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     last_heard: dict[str, float] = field(default_factory=dict)
+    max_endpoints: int = MAX_POOL_ENDPOINTS
 
     def observe(self, msg: EngineMetrics, now: float) -> bool:
-        """Record a report; True when the endpoint set changed (joined, or moved/changed)."""
+        """Record a report; True when the endpoint set changed (joined, or moved/changed). Raises ValueError
+        (nothing recorded) for a newcomer when the pool already holds ``max_endpoints``."""
         ep = endpoint_of(msg)
+        if ep.id not in self.endpoints and len(self.endpoints) >= self.max_endpoints:
+            raise ValueError(f"pool full ({self.max_endpoints} model servers): {ep.id} not admitted")
         self.last_heard[ep.id] = now
         changed = self.endpoints.get(ep.id) != ep
         self.endpoints[ep.id] = ep
@@ -85,8 +93,11 @@ class EngineFeed:
     """The pool view and the router it feeds; ``on_pool`` hears of every change of the endpoint set."""
 
     def __init__(self, router: Router, expire_s: float = 3.0,
-                 on_pool: Callable[[list[Endpoint]], None] | None = None) -> None:
+                 on_pool: Callable[[list[Endpoint]], None] | None = None, ip_only: bool = False) -> None:
         self.router = router
+        # Envoy's file-based EDS takes IP addresses only, and one host name in the file makes it reject the
+        # whole update (the pool then freezes for every engine): the gateway admits IP literals only
+        self.ip_only = ip_only
         self.pool = PoolView(expire_s=expire_s)
         self.on_pool = on_pool
         self.addresses: dict[str, str] = {}  # endpoint id → host:port
@@ -101,13 +112,31 @@ class EngineFeed:
             self.on_pool(eps)
 
     def on_metrics(self, m: EngineMetrics, now: float) -> None:
-        """An engine's state report; raises ValueError (nothing changed) when its URL has no host:port."""
+        """An engine's state report; raises ValueError (nothing changed) when its URL has no host:port (or no IP
+        address, with ``ip_only``) or it is stamped more than ``expire_s`` ahead of ``now``."""
+        if self.ip_only:
+            host = address_of(m.url).rsplit(":", 1)[0].strip("[]")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"engine url {m.url!r}: this picker's Envoy dials IP addresses only (a host name "
+                                 f"in its endpoint file makes it reject every pool update)") from None
+        if m.ts - now > self.pool.expire_s:
+            # the core keeps the newest report and ignores older ones: one stamped far ahead would freeze the
+            # endpoint's load and keep it looking fresh (never stale) until the clocks met, however long
+            raise ValueError(f"report of {m.instance_id} stamped {m.ts - now:.1f} s ahead of this picker's clock "
+                             f"(more than {self.pool.expire_s:g} s): clocks out of sync")
         if self.pool.observe(m, now):
             self._changed()
         self.router.update_metrics(m.instance_id, metrics_of(m))
 
     def on_kv(self, ev: EngineKVEvents) -> None:
-        """An engine's KV events (a gap in its numbering first clears what is known of its cache)."""
+        """An engine's KV events (a gap in its numbering first clears what is known of its cache); events of an
+        engine not in the pool (it has not reported its load yet, or has left) are dropped."""
+        if ev.instance_id not in self.pool.endpoints:
+            # numbering kept only for members: ids that never join (or left) would otherwise each leave an
+            # entry behind forever (the core drops their events anyway)
+            return
         expected = self._kv_seq.get(ev.instance_id)
         if expected is not None and ev.seq != expected:
             log.info("KV events of %s jumped from %d to %d; its precise index is rebuilt",

@@ -17,6 +17,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from ops.servers import ServerProcess
 from shared.bus import subjects
@@ -147,10 +148,7 @@ def test_a_request_lands_where_kv_events_announced_its_prefix(nats_server: Serve
     b"not json",
     b"{}",
     b'{"picks": []}',
-    b'{"picks": [{"request_id": "a", "model": "pick-model", "token_ids": [-1, 2]}]}',
-    b'{"picks": [{"request_id": "", "model": "pick-model"}]}',
-    b'{"picks": [{"request_id": "a", "model": "../etc", "token_ids": [1]}]}',
-    msgspec.json.encode({"picks": [{"request_id": "a", "model": MODEL, "token_ids": "x" * 100}]}),
+    b'{"picks": 5}',
     b"[" * 100_000,
 ])
 def test_a_bad_request_is_dead_lettered_and_answered_and_the_service_keeps_picking(
@@ -159,7 +157,7 @@ def test_a_bad_request_is_dead_lettered_and_answered_and_the_service_keeps_picki
         nc = await nats.connect(nats_server.url)
         dead: asyncio.Queue[ErrorEvent] = asyncio.Queue()
 
-        async def on_dead(msg: nats.aio.msg.Msg) -> None:
+        async def on_dead(msg: Msg) -> None:
             await dead.put(decode(msg.data, ErrorEvent))
 
         await nc.subscribe(subjects.dead_letter("picker"), cb=on_dead)
@@ -173,6 +171,34 @@ def test_a_bad_request_is_dead_lettered_and_answered_and_the_service_keeps_picki
             ev = await asyncio.wait_for(dead.get(), 5)
             r = await pick(nc, encode(PickRequest(picks=[PickItem(request_id="after", model=MODEL, token_ids=[5])])))
             assert r.answers[0].code == 200
+        await nc.drain()
+
+    asyncio.run(main())
+    assert picker.poll() is None
+
+
+@pytest.mark.parametrize("bad", [
+    {"request_id": "bad", "model": MODEL, "token_ids": [-1, 2]},
+    {"request_id": "", "model": MODEL},
+    {"request_id": "bad", "model": "../etc", "token_ids": [1]},
+    {"request_id": "bad", "model": MODEL, "token_ids": "x" * 100},
+    "not an item",
+])
+def test_a_bad_item_is_answered_400_and_dead_lettered_and_the_valid_items_beside_it_are_picked(
+        nats_server: ServerProcess, picker: subprocess.Popen[bytes], bad: object) -> None:
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        dead = await nc.subscribe(subjects.dead_letter("picker"))
+        async with engines(nc):
+            await until_pool_ready(nc)
+            good = [{"request_id": f"ok-{i}", "model": MODEL, "token_ids": [i, 1, 2]} for i in range(2)]
+            r = await pick(nc, msgspec.json.encode({"picks": [good[0], bad, good[1]]}))
+            assert not r.error
+            assert [(a.request_id, a.code) for a in r.answers] == [("ok-0", 200), ("", 400), ("ok-1", 200)]
+            assert r.answers[1].reason and r.answers[0].endpoints and r.answers[2].endpoints
+            ev = decode((await dead.next_msg(timeout=5)).data, ErrorEvent)
+            assert ev.subject == subjects.PICK and "1 of 3 picks invalid; item 1" in ev.reason
+            await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=["ok-0", "ok-1"])))
         await nc.drain()
 
     asyncio.run(main())

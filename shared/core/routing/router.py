@@ -115,6 +115,11 @@ class Router:
         self.state.finished(request_id + PREFILL_SUFFIX)
         self.state.finished(request_id)
 
+    def expire_flights(self, now: float, max_age_s: float, keep: int) -> list[str]:
+        """Count as finished the requests in flight longer than ``max_age_s`` and the oldest past ``keep``
+        (their ends were lost or never reported); returns their ids (a P/D prefill leg under its own key)."""
+        return self.state.expire_flights(now - max_age_s, keep)
+
     # -- flow control ---------------------------------------------------------------------------------
     def flow(self, model: str) -> FlowController:
         """The queues of ``model``'s pool."""
@@ -205,11 +210,12 @@ class Router:
         if decision.prefill is not None:
             pf = st.endpoints[decision.prefill]
             uncached = cycle.uncached_tokens(pf, self.accounting_source)
-            st.dispatched(decision.request_id + PREFILL_SUFFIX, pf.id, uncached)
-            st.dispatched(decision.request_id, target.id, 0)
+            st.dispatched(decision.request_id + PREFILL_SUFFIX, pf.id, uncached, cycle.now)
+            st.dispatched(decision.request_id, target.id, 0, cycle.now)
             self._pending.append((pf.id, cycle))
         else:
-            st.dispatched(decision.request_id, target.id, cycle.uncached_tokens(target, self.accounting_source))
+            st.dispatched(decision.request_id, target.id, cycle.uncached_tokens(target, self.accounting_source),
+                          cycle.now)
         self._pending.append((target.id, cycle))
         for name, res in decision.results.items():
             if not res.endpoints:

@@ -62,12 +62,13 @@ class DataConfig:
 
 
 class _Flight:
-    __slots__ = ("endpoint", "prefilled", "tokens")
+    __slots__ = ("endpoint", "prefilled", "since", "tokens")
 
-    def __init__(self, endpoint: str, tokens: int) -> None:
+    def __init__(self, endpoint: str, tokens: int, since: float) -> None:
         self.endpoint = endpoint
         self.tokens = tokens
         self.prefilled = False
+        self.since = since  # when it was dispatched (flights are held in dispatch order)
 
 
 class PoolState:
@@ -215,7 +216,8 @@ class PoolState:
         if st is None:
             return 0
         idx, slot = self.precise, st.slot
-        cap = int(st.endpoint.num_gpu_blocks * self.config.precise_slack) or DEFAULT_CAPACITY
+        blocks = st.endpoint.num_gpu_blocks  # 0 (or a nonsensical negative): not reported, the default bound
+        cap = int(blocks * self.config.precise_slack) if blocks > 0 else DEFAULT_CAPACITY
         removed: list[int] = []  # engines send one BlockRemoved per evicted block: apply runs of them at once
         for ev in batch.events:
             if isinstance(ev, BlockRemoved):
@@ -242,13 +244,13 @@ class PoolState:
                 self.speculative.add(st.slot, hashes)
 
     # -- in-flight accounting -------------------------------------------------------------------------
-    def dispatched(self, request_id: str, endpoint_id: str, uncached_tokens: int) -> None:
-        """The request was sent to ``endpoint_id`` with this many prompt tokens to prefill there."""
+    def dispatched(self, request_id: str, endpoint_id: str, uncached_tokens: int, now: float = 0.0) -> None:
+        """The request was sent to ``endpoint_id`` at ``now`` with this many prompt tokens to prefill there."""
         st = self.endpoints.get(endpoint_id)
         if st is None or request_id in self._flights:
             return
         tokens = max(int(uncached_tokens), 0)
-        self._flights[request_id] = _Flight(endpoint_id, tokens)
+        self._flights[request_id] = _Flight(endpoint_id, tokens, now)
         st.inflight_requests += 1
         st.inflight_tokens += tokens
 
@@ -288,6 +290,20 @@ class PoolState:
         st = self.endpoints.get(f.endpoint)
         if st is not None:
             st.inflight_requests -= 1
+
+    def expire_flights(self, before: float, keep: int) -> list[str]:
+        """Count as finished every request dispatched before ``before``, and the oldest past ``keep`` in flight;
+        returns their ids. For callers told of ends by messages that can be lost (core NATS delivers at most
+        once) or never sent: without it such a request loads its endpoint, and holds memory, forever."""
+        excess = len(self._flights) - keep
+        gone: list[str] = []
+        for rid, f in self._flights.items():  # dispatch order: oldest first
+            if f.since >= before and len(gone) >= excess:
+                break
+            gone.append(rid)
+        for rid in gone:
+            self.finished(rid)
+        return gone
 
     def in_flight(self) -> int:
         """Requests dispatched and not yet finished."""

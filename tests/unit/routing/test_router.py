@@ -205,3 +205,49 @@ def test_only_a_hybrid_index_smaller_than_the_decision_memory_falls_back_on_it(p
     r = Router(builtin_config(profile))
     assert r.state.hybrid_fallback is fallback
     assert r.state.track_approx is (fallback or profile == "approx-prefix")
+
+
+def test_a_request_whose_end_is_never_reported_stops_loading_its_endpoint_after_the_max_age() -> None:
+    r = router(PREFIX_ONLY, pool(met()))
+    r.route(req("lost", tokens=64), NOW)
+    r.route(req("young", tokens=64), NOW + 50)
+    assert r.expire_flights(NOW + 60, max_age_s=30, keep=100) == ["lost"]
+    assert r.state.in_flight() == 1 and r.state.endpoints["e0"].inflight_requests == 1
+    r.finished("lost")  # its end, reported late, changes nothing
+    assert r.state.endpoints["e0"].inflight_requests == 1
+
+
+def test_past_the_in_flight_bound_the_oldest_requests_are_let_go_first() -> None:
+    r = router(PREFIX_ONLY, pool(met()))
+    for i in range(5):
+        r.route(req(f"r{i}", tokens=16), NOW + i)
+    assert r.expire_flights(NOW + 5, max_age_s=3600, keep=2) == ["r0", "r1", "r2"]
+    st = r.state.endpoints["e0"]
+    assert (r.state.in_flight(), st.inflight_requests) == (2, 2)
+
+
+def test_a_second_request_under_an_id_in_flight_is_counted_once_and_its_ends_never_go_below_zero() -> None:
+    r = router(PREFIX_ONLY, pool(met(), met()))
+    r.route(req("dup", tokens=64, seed=1), NOW)
+    r.route(req("dup", tokens=64, seed=2), NOW)  # another caller's request under the same id
+    assert r.state.in_flight() == 1 and sum(st.inflight_requests for st in r.state.endpoints.values()) == 1
+    for _ in range(3):
+        r.first_token("dup")
+        r.finished("dup")
+    assert all((st.inflight_requests, st.inflight_tokens) == (0, 0) for st in r.state.endpoints.values())
+
+
+def test_an_endpoint_leaving_with_requests_in_flight_takes_their_load_and_their_late_ends_change_nothing() -> None:
+    state = pool(met(), met())
+    r = router(PREFIX_ONLY, state)
+    state.dispatched("on-e0", "e0", 100, NOW)
+    state.dispatched("on-e1", "e1", 100, NOW)
+    e0, e1 = state.endpoints["e0"].endpoint, state.endpoints["e1"].endpoint
+    r.set_endpoints([e1])
+    assert not state.moved("on-e1", "e0")  # a fallback to the endpoint that left is not followed
+    r.first_token("on-e0")
+    r.finished("on-e0")
+    assert state.in_flight() == 1 and (state.endpoints["e1"].inflight_requests, state.endpoints["e1"].inflight_tokens) \
+        == (1, 100)
+    r.set_endpoints([e0, e1])  # it comes back: with nothing in flight, nothing negative
+    assert (state.endpoints["e0"].inflight_requests, state.endpoints["e0"].inflight_tokens) == (0, 0)

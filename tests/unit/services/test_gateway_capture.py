@@ -62,6 +62,13 @@ def test_without_usage_streamed_text_chunks_are_counted_once_each() -> None:
     assert c.usage is None and c.tokens == 9
 
 
+def test_a_usage_count_too_long_to_be_real_is_ignored_not_raised() -> None:
+    c = OutputCounter()
+    c.feed(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')
+    c.feed(b'data: {"usage":{"completion_tokens":' + b"9" * 5000 + b"}}\n\n")
+    assert c.usage is None and c.tokens == 1
+
+
 def test_non_streamed_completion_counts_from_its_usage() -> None:
     c = OutputCounter()
     c.feed(b'{"choices":[{"text":"abc"}],"usage":{"prompt_tokens":5,"completion_tokens":3}}')

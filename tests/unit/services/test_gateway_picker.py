@@ -4,6 +4,8 @@ out, the routing core's in-flight accounting checked at each step)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +17,7 @@ from google.protobuf import json_format
 
 from ops.envoy import EXT_PROC, EnvoyOptions, envoy_config
 from services.engine_server.textgen import TextModel
-from services.gateway.epp import DESTINATION, METADATA_NS, PICKED, SERVED, Picker
+from services.gateway.epp import DESTINATION, METADATA_NS, OFFLOOP_TOKENIZE_CHARS, PICKED, SERVED, Picker
 from services.gateway.pool import PoolView, address_of, eds_document, metrics_of
 from services.gateway.protocol import STREAMED_RESPONSE_MODE
 from services.gateway.request import BadRequest, parse_request
@@ -62,6 +64,18 @@ def test_negative_priority_is_sheddable_and_stream_flag_is_read() -> None:
     assert req.sheddable and stream and req.expected_output_tokens == 7 and req.model == "m"
 
 
+@pytest.mark.parametrize("prompt", [[5, 6, 7], [[5, 6, 7]]])
+def test_a_prompt_of_token_ids_is_routed_on_those_ids(prompt: list[Any]) -> None:
+    req, _ = parse_request("r", msgspec.json.encode({"model": "m", "prompt": prompt}), {}, shipped_tokenizer())
+    assert list(req.token_ids or []) == [5, 6, 7] and req.prompt is None
+
+
+@pytest.mark.parametrize("prompt", [[-1, 2], [1, 1 << 32], [1, 1 << 70], [[3, -4]]])
+def test_prompt_token_ids_no_tokenizer_makes_are_a_bad_request(prompt: list[Any]) -> None:
+    with pytest.raises(BadRequest, match="token ids"):
+        parse_request("r", msgspec.json.encode({"model": "m", "prompt": prompt}), {})
+
+
 def test_chat_tokens_are_exactly_what_the_emulated_engine_tokenizes() -> None:
     text = TextModel()
     msgs = [("system", "be brief"), ("user", "why is the sky blue?")]
@@ -83,6 +97,14 @@ def test_pool_joins_on_first_report_and_expires_silent_endpoints() -> None:
 def test_engine_url_without_a_port_is_rejected() -> None:
     with pytest.raises(ValueError, match="host:port"):
         address_of("http://engine")
+
+
+def test_an_ipv6_engine_is_dialled_in_brackets_and_listed_bare_in_the_endpoint_file() -> None:
+    assert address_of("http://[fd00::5]:8001") == "[fd00::5]:8001"  # "fd00::5:8001" names no port
+    view = PoolView()
+    view.observe(msgspec.structs.replace(report("a", 8001), url="http://[fd00::5]:8001"), NOW)
+    sock = eds_document(list(view.endpoints.values()), 1)["resources"][0]["endpoints"][0]["lb_endpoints"][0]
+    assert sock["endpoint"]["address"]["socket_address"] == {"address": "fd00::5", "port_value": 8001}
 
 
 def test_eds_document_lists_every_endpoint_address() -> None:
@@ -258,6 +280,43 @@ async def test_refusals_are_immediate_responses_with_the_protocol_codes(
     assert resp.immediate_response.status.code == code
     assert msgspec.json.decode(resp.immediate_response.body)["error"]["code"] == code
     assert all(st.inflight_requests == 0 for st in router.state.endpoints.values())
+
+
+async def test_a_body_nested_deeper_than_the_decoder_allows_is_refused_400_not_a_broken_stream() -> None:
+    p, router = picker(report("a", 8001))
+    ex = Exchange(p)
+    await ex.send(headers_msg())
+    resp = await ex.send(body_msg(b'{"model": "m", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"))
+    assert resp.immediate_response.status.code == 400
+    assert "nested too deep" in msgspec.json.decode(resp.immediate_response.body)["error"]["message"]
+    assert router.state.in_flight() == 0
+
+
+async def test_a_long_prompt_is_tokenized_off_the_event_loop_so_other_streams_go_on() -> None:
+    p, router = picker(report("a", 8001))
+    tokenizer = shipped_tokenizer()
+
+    def slow_tokenize(text: str) -> list[int]:
+        time.sleep(0.2)  # a large body: ~1 s a MB with the shipped tokenizer
+        return tokenizer(text)
+
+    p.tokenize = slow_tokenize
+    ticks = 0
+
+    async def other_stream() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(other_stream())
+    await asyncio.sleep(0)
+    before = ticks
+    resp, decision = await p.decide(chat("word " * (OFFLOOP_TOKENIZE_CHARS // 5 + 1)), {})
+    during = ticks - before
+    task.cancel()
+    assert during >= 5 and decision is not None and resp.HasField("request_body")
+    assert router.state.endpoints["a"].inflight_tokens > OFFLOOP_TOKENIZE_CHARS // 5  # routed on its token ids
 
 
 async def test_models_listing_is_answered_by_the_picker() -> None:

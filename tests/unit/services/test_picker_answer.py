@@ -1,9 +1,18 @@
-"""The NATS picker's translation between pick messages and the routing core (the service's pure part)."""
+"""The NATS picker: its translation between pick messages and the routing core, and how the service answers."""
 
 from __future__ import annotations
 
-from services.picker.answer import answer, route_request
-from shared.bus.messages import PickItem, PickReply, PickRequest, decode, encode
+import asyncio
+from typing import cast
+
+import msgspec
+import pytest
+from nats.aio.msg import Msg
+
+from services.picker.answer import BAD_ITEM, answer, read_picks, route_request
+from services.picker.service import PICK_CHUNK, PickerOptions, PickerService
+from shared.bus.messages import MessageError, PickItem, PickReply, PickRequest, decode, encode
+from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, EndpointMetrics, Router, builtin_config
 
 NOW = 50.0
@@ -51,3 +60,88 @@ def test_the_messages_round_trip_and_bounds_hold() -> None:
     req = PickRequest(picks=[PickItem(request_id="a", model="m", token_ids=[0, 2**32 - 1])])
     assert decode(encode(req), PickRequest) == req
     assert decode(encode(PickReply(error="x")), PickReply).error == "x"
+
+
+def test_a_bad_item_is_read_as_its_reason_and_the_items_beside_it_as_items() -> None:
+    ok = {"request_id": "a", "model": "m", "token_ids": [1]}
+    items = read_picks(msgspec.json.encode({"picks": [ok, {"request_id": "b", "model": "m", "token_ids": [-1]}, ok]}))
+    assert items[0] == items[2] == PickItem(request_id="a", model="m", token_ids=[1])
+    assert isinstance(items[1], str) and "token_ids" in items[1]
+
+
+def test_a_bad_item_is_answered_with_its_reason_and_routes_nothing() -> None:
+    r = router("e0")
+    a = answer(r, "invalid PickItem: Expected `int` >= 0", {"e0": "h:1"}, NOW)
+    assert (a.code, a.reason, a.endpoints) == (BAD_ITEM, "invalid PickItem: Expected `int` >= 0", [])
+    assert r.state.in_flight() == 0
+
+
+@pytest.mark.parametrize("body", [b"{}", b'{"picks": []}', b'{"picks": 5}', b"nope",
+                                  b'{"v": 99, "picks": [{"request_id": "a", "model": "m"}]}'])
+def test_a_message_unreadable_as_a_whole_is_still_refused_whole(body: bytes) -> None:
+    with pytest.raises(MessageError):
+        read_picks(body)
+
+
+def test_the_picker_service_lets_go_of_requests_whose_end_never_came_after_its_flight_ttl() -> None:
+    clock = [NOW]
+    svc = PickerService(PickerOptions(nats_url="nats://unused", flight_ttl_s=60.0), clock=lambda: clock[0])
+    svc.router = router("e0")
+    answer(svc.router, PickItem(request_id="a", model="m", token_ids=[1]), {"e0": "h:1"}, NOW)
+    clock[0] = NOW + 59
+    assert svc.expire_flights() == 0
+    clock[0] = NOW + 61
+    assert svc.expire_flights() == 1 and svc.router.state.in_flight() == 0
+
+
+async def test_a_large_pick_message_lets_the_other_handlers_run_while_it_is_answered() -> None:
+    svc = PickerService(PickerOptions(nats_url="nats://unused"), clock=lambda: NOW)
+    svc.router = router("e0")
+    svc.feed.addresses = {"e0": "h:1"}
+    svc.bus = cast(Bus, object())  # a valid message dead-letters nothing
+    replies: list[bytes] = []
+
+    class FakeMsg:
+        subject, reply = "gantry.picker.pick", "inbox"
+        data = encode(PickRequest(picks=[PickItem(request_id=f"r{i}", model="m", token_ids=[i]) for i in range(1000)]))
+
+        async def respond(self, data: bytes) -> None:
+            replies.append(data)
+
+    ticks = 0
+
+    async def other_handler() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other_handler())
+    await asyncio.sleep(0)
+    before = ticks
+    await svc.on_pick(cast(Msg, FakeMsg()))
+    during = ticks - before
+    task.cancel()
+    assert during >= 1000 // PICK_CHUNK
+    reply = decode(replies[0], PickReply)
+    assert [a.request_id for a in reply.answers] == [f"r{i}" for i in range(1000)]
+    assert all(a.code == 200 for a in reply.answers)
+
+
+async def test_a_pick_request_without_a_reply_inbox_is_dead_lettered_and_nothing_is_counted_in_flight() -> None:
+    svc = PickerService(PickerOptions(nats_url="nats://unused"), clock=lambda: NOW)
+    svc.router = router("e0")
+    svc.feed.addresses = {"e0": "h:1"}
+    dead: list[str] = []
+
+    class FakeBus:
+        async def dead_letter(self, subject: str, reason: str, payload: bytes = b"") -> None:
+            dead.append(reason)
+
+    class NoInbox:
+        subject, reply = "gantry.picker.pick", ""
+        data = encode(PickRequest(picks=[PickItem(request_id="a", model="m", token_ids=[1])]))
+
+    svc.bus = cast(Bus, FakeBus())
+    await svc.on_pick(cast(Msg, NoInbox()))
+    assert svc.router.state.in_flight() == 0 and dead and "reply inbox" in dead[0]
