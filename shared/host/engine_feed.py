@@ -131,13 +131,20 @@ class EngineFeed:
         self.router.update_metrics(m.instance_id, metrics_of(m))
 
     def on_kv(self, ev: EngineKVEvents) -> None:
-        """An engine's KV events (a gap in its numbering first clears what is known of its cache); events of an
-        engine not in the pool (it has not reported its load yet, or has left) are dropped."""
+        """An engine's KV events (a gap in its numbering first clears what is known of its cache, a message
+        numbered below the next one expected is a repeat and changes nothing, one numbered 0 is a restarted
+        server); events of an engine not in the pool (it has not reported its load yet, or has left) are
+        dropped."""
         if ev.instance_id not in self.pool.endpoints:
             # numbering kept only for members: ids that never join (or left) would otherwise each leave an
             # entry behind forever (the core drops their events anyway)
             return
         expected = self._kv_seq.get(ev.instance_id)
+        if expected is not None and 0 < ev.seq < expected:
+            # a message already applied (a redelivery or a replay): applying it again would not be a gap but a
+            # step back, and would make the next real message look like one; a restarted server counts from 0
+            log.debug("KV events %d of %s already applied (next is %d): ignored", ev.seq, ev.instance_id, expected)
+            return
         if expected is not None and ev.seq != expected:
             log.info("KV events of %s jumped from %d to %d; its precise index is rebuilt",
                      ev.instance_id, expected, ev.seq)

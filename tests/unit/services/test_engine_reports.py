@@ -105,6 +105,32 @@ def test_kv_events_of_a_pool_member_are_numbered_and_a_gap_clears_its_index() ->
     assert router.state.precise.blocks_of(slot) == 0
 
 
+def kv(seq: int, *hashes: int) -> EngineKVEvents:
+    """Engine e1's KV message ``seq`` storing ``hashes`` (none: an empty batch)."""
+    events = [BlockStored(block_hashes=list(hashes), parent_block_hash=None, token_ids=[], block_size=16)]
+    return EngineKVEvents(instance_id="e1", model="m", seq=seq, batch=KVEventBatch(ts=NOW, events=events if hashes
+                                                                                     else []))
+
+
+def test_a_repeated_kv_events_message_changes_nothing_and_the_next_one_is_not_taken_for_a_gap() -> None:
+    router = Router(builtin_config("default"))
+    feed = EngineFeed(router, expire_s=3.0)
+    feed.on_metrics(report(), NOW)
+    for m in (kv(0, 1), kv(1, 2), kv(2, 3), kv(1, 2), kv(2, 3), kv(3, 4)):  # 1 and 2 delivered twice
+        feed.on_kv(m)
+    assert router.state.precise.blocks_of(router.state.endpoints["e1"].slot) == 4
+
+
+def test_kv_events_numbered_from_0_again_are_a_restarted_server_and_clear_its_index() -> None:
+    router = Router(builtin_config("default"))
+    feed = EngineFeed(router, expire_s=3.0)
+    feed.on_metrics(report(), NOW)
+    for m in (kv(0, 1), kv(1, 2), kv(0, 7)):
+        feed.on_kv(m)
+    slot = router.state.endpoints["e1"].slot
+    assert router.state.precise.blocks_of(slot) == 1 and router.state.precise.holds(slot, 7)
+
+
 def test_the_gateway_feed_refuses_an_engine_url_naming_a_host_that_envoys_endpoint_file_cannot_take() -> None:
     pools: list[list[Endpoint]] = []
     feed = EngineFeed(Router(builtin_config("default")), on_pool=pools.append, ip_only=True)
