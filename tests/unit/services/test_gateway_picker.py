@@ -4,7 +4,6 @@ out, the routing core's in-flight accounting checked at each step)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +23,7 @@ from services.gateway.request import BadRequest, parse_request
 from services.gateway.service import shipped_tokenizer
 from shared.bus.messages import EngineMetrics
 from shared.core.routing import Router, builtin_config
+from tests.unit.services.loop_turns import loop_turns
 
 NOW = 1_000.0
 SSE = "text/event-stream"
@@ -301,21 +301,9 @@ async def test_a_long_prompt_is_tokenized_off_the_event_loop_so_other_streams_go
         return tokenizer(text)
 
     p.tokenize = slow_tokenize
-    ticks = 0
-
-    async def other_stream() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
-
-    task = asyncio.create_task(other_stream())
-    await asyncio.sleep(0)
-    before = ticks
-    resp, decision = await p.decide(chat("word " * (OFFLOOP_TOKENIZE_CHARS // 5 + 1)), {})
-    during = ticks - before
-    task.cancel()
-    assert during >= 5 and decision is not None and resp.HasField("request_body")
+    async with loop_turns(0.01) as other_stream:
+        resp, decision = await p.decide(chat("word " * (OFFLOOP_TOKENIZE_CHARS // 5 + 1)), {})
+    assert other_stream.count >= 5 and decision is not None and resp.HasField("request_body")
     assert router.state.endpoints["a"].inflight_tokens > OFFLOOP_TOKENIZE_CHARS // 5  # routed on its token ids
 
 

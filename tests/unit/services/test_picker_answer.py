@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import cast
 
 import msgspec
@@ -14,6 +13,7 @@ from services.picker.service import PICK_CHUNK, PickerOptions, PickerService
 from shared.bus.messages import MessageError, PickItem, PickReply, PickRequest, decode, encode
 from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, EndpointMetrics, Router, builtin_config
+from tests.unit.services.loop_turns import loop_turns
 
 NOW = 50.0
 
@@ -108,21 +108,9 @@ async def test_a_large_pick_message_lets_the_other_handlers_run_while_it_is_answ
         async def respond(self, data: bytes) -> None:
             replies.append(data)
 
-    ticks = 0
-
-    async def other_handler() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(other_handler())
-    await asyncio.sleep(0)
-    before = ticks
-    await svc.on_pick(cast(Msg, FakeMsg()))
-    during = ticks - before
-    task.cancel()
-    assert during >= 1000 // PICK_CHUNK
+    async with loop_turns() as other_handler:
+        await svc.on_pick(cast(Msg, FakeMsg()))
+    assert other_handler.count >= 1000 // PICK_CHUNK
     reply = decode(replies[0], PickReply)
     assert [a.request_id for a in reply.answers] == [f"r{i}" for i in range(1000)]
     assert all(a.code == 200 for a in reply.answers)
