@@ -13,7 +13,6 @@ the ext_proc stream, which Envoy holds open until the HTTP request ends, marks t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -31,7 +30,7 @@ from google.protobuf import json_format, struct_pb2
 
 from services.gateway.capture import Pending, TraceWriter
 from services.gateway.protocol import REQUEST_ID_HEADER, STREAMED_RESPONSE_MODE
-from services.gateway.request import BadRequest, Tokenize, parse_request
+from services.gateway.request import BadRequest, Tokenize, parse_request, tokenized
 from shared.core.routing import Decision, Router
 
 log = logging.getLogger("gantry.gateway")
@@ -103,13 +102,11 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         rid = f"{headers.get(REQUEST_ID, '')[:64]}#{uuid.uuid4().hex}"
         try:
             req, _stream = parse_request(rid, body, headers)
-            if self.tokenize is not None and req.prompt:
+            if self.tokenize is not None:
                 # tokenizing costs ~1 s a MB here: on the event loop, one large body stalled every other stream
                 # (Envoy's message timeout, stale engine reports); the shipped tokenizer frees the GIL for these
-                ids = (self.tokenize(req.prompt) if len(req.prompt) < OFFLOOP_TOKENIZE_CHARS
-                       else await asyncio.to_thread(self.tokenize, req.prompt))
-                if ids:
-                    req = dataclasses.replace(req, prompt=None, token_ids=ids)
+                req = (tokenized(req, self.tokenize) if len(req.prompt or "") < OFFLOOP_TOKENIZE_CHARS
+                       else await asyncio.to_thread(tokenized, req, self.tokenize))
         except BadRequest as err:
             self.counters.refused[400] = self.counters.refused.get(400, 0) + 1
             return immediate(400, str(err)), None

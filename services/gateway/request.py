@@ -8,6 +8,7 @@ without one, as text (approximate index only).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from services.gateway.protocol import FAIRNESS_HEADER, PRIORITY_HEADER, SESSION_
 from shared.core.routing import RouteRequest
 
 __all__ = ["FAIRNESS_HEADER", "PRIORITY_HEADER", "SESSION_HEADER", "BadRequest", "Tokenize", "parse_request",
-           "render_chat"]
+           "render_chat", "tokenized"]
 MAX_BODY_BYTES = 32 << 20
 
 
@@ -77,9 +78,9 @@ def _prompt_text(body: Mapping[str, Any]) -> str | list[int]:
     return prompt
 
 
-def parse_request(request_id: str, body: bytes, headers: Mapping[str, str],
-                  tokenize: Tokenize | None = None) -> tuple[RouteRequest, bool]:
-    """The routing request and whether the client asked for a stream; raises BadRequest."""
+def parse_request(request_id: str, body: bytes, headers: Mapping[str, str]) -> tuple[RouteRequest, bool]:
+    """The routing request (a text prompt still untokenized: ``tokenized``) and whether the client asked for a
+    stream; raises BadRequest."""
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(f"body too large ({len(body)} bytes > {MAX_BODY_BYTES})")
     try:
@@ -100,13 +101,18 @@ def parse_request(request_id: str, body: bytes, headers: Mapping[str, str],
         raise BadRequest(f"{PRIORITY_HEADER} must be an integer") from None
     max_tokens = parsed.get("max_completion_tokens", parsed.get("max_tokens"))
     expected = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
-    if isinstance(prompt, list):
-        ids: list[int] | None = prompt
-        prompt = ""
-    else:
-        ids = tokenize(prompt) if tokenize is not None else None
-    req = RouteRequest(request_id=request_id, model=model, prompt=None if ids else prompt, token_ids=ids or None,
+    ids, text = (prompt, None) if isinstance(prompt, list) else (None, prompt)
+    req = RouteRequest(request_id=request_id, model=model, prompt=text, token_ids=ids,
                        priority=priority,
                        tenant=headers.get(FAIRNESS_HEADER, ""), session=headers.get(SESSION_HEADER),
                        expected_output_tokens=expected)
     return req, bool(parsed.get("stream", False))
+
+
+def tokenized(req: RouteRequest, tokenize: Tokenize) -> RouteRequest:
+    """``req`` with its text prompt replaced by the engines' token ids (unchanged when it has no text, or the
+    text yields no tokens)."""
+    if not req.prompt:
+        return req
+    ids = tokenize(req.prompt)
+    return dataclasses.replace(req, prompt=None, token_ids=ids) if ids else req

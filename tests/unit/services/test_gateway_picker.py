@@ -19,7 +19,7 @@ from services.engine_server.textgen import TextModel
 from services.gateway.epp import DESTINATION, METADATA_NS, OFFLOOP_TOKENIZE_CHARS, PICKED, SERVED, Picker
 from services.gateway.pool import PoolView, address_of, eds_document, metrics_of
 from services.gateway.protocol import STREAMED_RESPONSE_MODE
-from services.gateway.request import BadRequest, parse_request
+from services.gateway.request import BadRequest, parse_request, tokenized
 from services.gateway.service import shipped_tokenizer
 from shared.bus.messages import EngineMetrics
 from shared.core.routing import Router, builtin_config
@@ -66,7 +66,8 @@ def test_negative_priority_is_sheddable_and_stream_flag_is_read() -> None:
 
 @pytest.mark.parametrize("prompt", [[5, 6, 7], [[5, 6, 7]]])
 def test_a_prompt_of_token_ids_is_routed_on_those_ids(prompt: list[Any]) -> None:
-    req, _ = parse_request("r", msgspec.json.encode({"model": "m", "prompt": prompt}), {}, shipped_tokenizer())
+    req, _ = parse_request("r", msgspec.json.encode({"model": "m", "prompt": prompt}), {})
+    assert tokenized(req, shipped_tokenizer()) is req  # nothing left to tokenize
     assert list(req.token_ids or []) == [5, 6, 7] and req.prompt is None
 
 
@@ -80,8 +81,8 @@ def test_chat_tokens_are_exactly_what_the_emulated_engine_tokenizes() -> None:
     text = TextModel()
     msgs = [("system", "be brief"), ("user", "why is the sky blue?")]
     body = msgspec.json.encode({"model": "m", "messages": [{"role": r, "content": c} for r, c in msgs]})
-    req, _ = parse_request("r", body, {}, shipped_tokenizer())
-    assert list(req.token_ids or []) == text.chat_prompt(msgs)
+    req, _ = parse_request("r", body, {})
+    assert list(tokenized(req, shipped_tokenizer()).token_ids or []) == text.chat_prompt(msgs)
 
 
 # -- the pool -----------------------------------------------------------------------------------------------
