@@ -84,8 +84,8 @@ ModelBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_MODEL_BYTES)]
 Layers = Annotated[int, msgspec.Meta(ge=0, le=MAX_LAYERS)]
 Tokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)]
 Attempt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPTS)]
-Seq = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]  # a non-negative counter (requests, tokens)
+Seq = Count  # a message's number in its sender's sequence
 KvBlocks = Annotated[int, msgspec.Meta(ge=0, le=MAX_KV_BLOCKS)]  # 0: not reported
 BlockSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)]
 Time = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TIME)]

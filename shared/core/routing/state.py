@@ -244,7 +244,7 @@ class PoolState:
                 self.speculative.add(st.slot, hashes)
 
     # -- in-flight accounting -------------------------------------------------------------------------
-    def dispatched(self, request_id: str, endpoint_id: str, uncached_tokens: int, now: float = 0.0) -> None:
+    def dispatched(self, request_id: str, endpoint_id: str, uncached_tokens: int, now: float) -> None:
         """The request was sent to ``endpoint_id`` at ``now`` with this many prompt tokens to prefill there."""
         st = self.endpoints.get(endpoint_id)
         if st is None or request_id in self._flights:

@@ -142,7 +142,7 @@ def test_column_scores_equal_the_per_endpoint_formulas(specs: list, request: Rou
 def test_columns_follow_every_load_change_and_pool_change() -> None:
     state = build([(EndpointMetrics(ts=NOW), 0, 0, True)] * 3)
     cols = state.columns("m")
-    state.dispatched("r1", "e1", 300)
+    state.dispatched("r1", "e1", 300, NOW)
     state.endpoints["e2"].inflight_tokens = 70
     state.update_metrics("e0", EndpointMetrics(ts=NOW + 1, running=400))
     assert cols.tokens.tolist() == [0, 300, 70]

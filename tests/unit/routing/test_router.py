@@ -180,7 +180,7 @@ shadow: [by-kv]
 @pytest.mark.parametrize("prefilled", [False, True])
 def test_a_request_moved_to_a_fallback_carries_its_load_there(prefilled: bool) -> None:
     st = pool(met(), met())
-    st.dispatched("r", "e0", 100)
+    st.dispatched("r", "e0", 100, NOW)
     if prefilled:
         st.first_token("r")
     assert st.moved("r", "e1")
@@ -194,7 +194,7 @@ def test_a_request_moved_to_a_fallback_carries_its_load_there(prefilled: bool) -
 @pytest.mark.parametrize(("rid", "to"), [("unknown", "e1"), ("r", "nowhere"), ("r", "e0")])
 def test_moving_an_unknown_request_or_to_an_unknown_or_same_endpoint_changes_nothing(rid: str, to: str) -> None:
     st = pool(met(), met())
-    st.dispatched("r", "e0", 10)
+    st.dispatched("r", "e0", 10, NOW)
     assert not st.moved(rid, to)
     assert st.endpoints["e0"].inflight_requests == 1 and st.endpoints["e1"].inflight_requests == 0
 
