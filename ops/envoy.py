@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
-from services.gateway.protocol import STREAMED_RESPONSE_MODE, processing_mode
+from services.gateway.protocol import (
+    FAIRNESS_HEADER,
+    PRIORITY_HEADER,
+    REQUEST_ID_HEADER,
+    SESSION_HEADER,
+    STREAMED_RESPONSE_MODE,
+    processing_mode,
+)
 
 ENGINES_CLUSTER = "gantry_engines"  # same name as services.gateway.pool.ENGINES_CLUSTER
 EPP_CLUSTER = "gantry_epp"
@@ -42,6 +49,7 @@ DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
 EXT_PROC = "envoy.filters.http.ext_proc"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+PICKER_HEADERS = (REQUEST_ID_HEADER, PRIORITY_HEADER, FAIRNESS_HEADER, SESSION_HEADER)  # what the picker reads
 HEALTH_PATH = "/health"  # the ext_authz picker's health check (answered on its event loop)
 MODEL_KEY = "model"  # envoy.lb/model: the request's model, for the fallback's subset choice
 ACCESS_LOG_FORMAT = ("[%START_TIME%] %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% "
@@ -183,6 +191,8 @@ def _ext_authz(o: EnvoyOptions) -> dict[str, Any]:
                           "allowed_client_headers": {"patterns": [{"exact": "content-type"}]}}},
         with_request_body={"max_request_bytes": o.max_body_bytes, "allow_partial_message": False,
                            "pack_as_bytes": True},
+        # by default only the method, path, host and length go to the check; the picker reads these too
+        allowed_headers={"patterns": [{"exact": h} for h in PICKER_HEADERS]},
         failure_mode_allow=o.failure_mode is FailureMode.FAIL_OPEN,
         transport_api_version="V3",
     )

@@ -142,6 +142,8 @@ def test_the_ext_authz_transport_sends_body_and_headers_in_one_http_check_and_fo
     # the header the engines cluster's override_host policy reads goes upstream with the allowed request
     allowed = authz["http_service"]["authorization_response"]["allowed_upstream_headers"]["patterns"]
     assert {"exact": DESTINATION} in allowed
+    sent = {p["exact"] for p in authz["allowed_headers"]["patterns"]}
+    assert {"x-request-id", "x-gantry-priority", "x-gateway-inference-fairness-id", "x-session-id"} <= sent
     assert names.index("envoy.filters.http.ext_authz") < names.index("envoy.filters.http.router")
 
 
