@@ -19,14 +19,20 @@ these requests (request headers, buffered body, response headers, the end of the
 ``--streams`` concurrent streams for ``--seconds``; picks/s = completed decisions / s, with the
 picker's CPU microseconds per pick beside.
 
-Floor (``--floor``): what limits the added latency before Gantry decides anything. Two more paths join the
-same interleaved run, each at ``--rate``: ``envoy``, the same Envoy config without the ext_proc filter
-(Envoy alone: its listener, body-to-metadata filter, router and load-balancing policy), and ``noop``, the
-same config against ``bench/noop_ext_proc.py``, a grpcio asyncio ext_proc server on uvloop that answers each
-message of the same exchange at once with the picker's mutation for a fixed endpoint (the same engine
-server). So three added latencies (p50, p99, vs direct) come out of one window: Envoy alone, Envoy + a
-do-nothing Python ext_proc server, Envoy + Gantry's picker; with the CPU microseconds per request of the
-ext_proc process (no-op server, picker) and of each Envoy. The engine then serves four paths' requests.
+Floor (``--floor``): what limits the added latency before Gantry decides anything, and what a cheaper
+Envoy -> Python hop would leave. More paths join the same interleaved run, each at ``--rate`` (choose them
+with ``--floor-paths``; default ``envoy,noop,authz,gateway``; each adds ``--rate`` requests/s to the
+machine): ``envoy``, the same Envoy config without a picker filter (Envoy alone: its listener,
+body-to-metadata filter, router and load-balancing policy); ``noop``, the same config against
+``bench/noop_ext_proc.py``, a grpcio asyncio ext_proc server on uvloop that answers each message of the
+picker's exchange at once with the picker's mutation for a fixed endpoint (the same engine server);
+``onemsg``, the same do-nothing server sent only the buffered request body (one message per request; Envoy
+accepts the mode, but its router then picks a host before the answer, so it cannot route); ``authz``,
+Envoy's ``ext_authz`` filter (``http_service``, request body buffered) against ``bench/noop_authz.py``, a
+do-nothing asyncio HTTP/1.1 server answering 200 and the destination header; ``authzpick``, the same hop
+with Gantry's picker deciding (``bench/authz_picker.py``); ``gateway``, the product path. Each path reports
+its added latency (p50, p99, vs direct), the CPU microseconds per request of its picker process and of its
+Envoy, and Envoy's phase timings (``<path>_to_upstream_us``: client's first byte to the engine).
 
 Run: ``.venv/bin/python bench/gateway.py [--rate 100] [--seconds 10] [--runs 3] [--floor]``. Prints JSON
 lines, the last one the summary; writes docs/benchmarks/<stem>.{json,png} (``--out`` stem; default
@@ -46,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +63,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.progress import add_flag, progress  # noqa: E402
-from ops.envoy import TIMING_FIELDS, EnvoyOptions, start_envoy, wait_routed  # noqa: E402
+from ops.envoy import TIMING_FIELDS, EnvoyOptions, PickerTransport, start_envoy, wait_routed  # noqa: E402
 from ops.servers import ServerProcess, free_port, start_nats  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
@@ -224,6 +231,79 @@ def drive_picks(port: int, streams: int, seconds: float) -> None:
     asyncio.run(run())
 
 
+FLOOR_LABELS = {  # floor path -> its name in the summary
+    "envoy": "envoy_alone",
+    "noop": "envoy_noop_ext_proc",  # the picker's 3-message exchange against a do-nothing grpcio server
+    "onemsg": "envoy_noop_ext_proc_body_only",  # ext_proc with only the buffered body sent: 1 message
+    "authz": "envoy_noop_ext_authz_http",  # ext_authz over HTTP/1.1 to a do-nothing asyncio server
+    "authzpick": "envoy_picker_ext_authz_http",  # the same hop, Gantry's picker deciding (bench/authz_picker.py)
+}
+ONE_MESSAGE_MODE = {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "request_trailer_mode": "SKIP",
+                    "response_header_mode": "SKIP", "response_body_mode": "NONE", "response_trailer_mode": "SKIP"}
+
+
+@dataclass
+class Floor:
+    """The floor paths' ports, watched processes, timing logs and do-nothing servers."""
+
+    paths: dict[str, int] = field(default_factory=dict)
+    watched: dict[str, psutil.Process] = field(default_factory=dict)
+    timing_logs: dict[str, Path] = field(default_factory=dict)
+    servers: dict[str, str] = field(default_factory=dict)  # do-nothing server's name -> the path it serves
+
+
+def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
+                procs: list[subprocess.Popen[bytes]], which: list[str], nats_url: str) -> Floor:
+    """Start the floor paths' do-nothing servers and Envoys (the same config and EDS file as the gateway;
+    only the picker's transport and server differ)."""
+    dest = f"127.0.0.1:{eport}"
+    out = Floor()
+
+    def server(script: str, *extra: str) -> tuple[int, subprocess.Popen[bytes]]:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, str(REPO / "bench" / script), "--port", str(port), *extra], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        return port, proc
+
+    own_eds = tmp / "eds-authzpick" / "engines.json"  # that picker's own endpoint file (same engine)
+    scripts = {  # Envoy alone keeps a (health-checked, unused) picker cluster
+        "envoy": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
+        "noop": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
+        "onemsg": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
+        "authz": ("noop_authz.py", "--destination", dest),
+        "authzpick": ("authz_picker.py", "--nats-url", nats_url, "--eds-path", str(own_eds),
+                      "--grpc-port", str(free_port())),
+    }
+    ports: dict[str, int] = {}
+    for path in which:  # a server per path: its CPU per request is that path's own
+        ports[path], proc = server(*scripts[path])
+        if path != "envoy":
+            out.watched[path] = psutil.Process(proc.pid)
+            out.servers[path] = path
+    options = {  # path -> its Envoy
+        # the same config without the ext_proc filter (its picker cluster, health-checked, stays)
+        "envoy": dict(epp_port=ports.get("envoy", 0), ext_proc=False),
+        "noop": dict(epp_port=ports.get("noop", 0)),
+        # one message per request (the buffered request body)
+        "onemsg": dict(epp_port=ports.get("onemsg", 0), ext_proc_mode=ONE_MESSAGE_MODE),
+        "authz": dict(epp_port=ports.get("authz", 0), transport=PickerTransport.EXT_AUTHZ),
+        "authzpick": dict(epp_port=ports.get("authzpick", 0), transport=PickerTransport.EXT_AUTHZ, eds_path=own_eds),
+    }
+    for path in which:
+        extra = options[path]
+        log = tmp / f"envoy-{path}" / "timing.log"
+        extra.setdefault("eds_path", eds)
+        env = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(),
+                                       timing_log=log, **extra), tmp / f"envoy-{path}")  # type: ignore[arg-type]
+        envoys.append(env)
+        wait_routed(env.url, MODEL)
+        out.paths[path] = env.port
+        out.watched[f"envoy_{path}"] = psutil.Process(env.process.pid)
+        out.timing_logs[f"{path}_"] = log
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rate", type=float, default=100.0)
@@ -232,6 +312,9 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--floor", action="store_true",
                    help="also Envoy alone and Envoy + a do-nothing ext_proc server, interleaved in the same run")
+    p.add_argument("--floor-paths", default="envoy,noop,authz,gateway",
+                   help=f"which paths join direct in a --floor run (of {','.join(FLOOR_LABELS)},gateway); each adds "
+                        "--rate requests/s")
     p.add_argument("--out", default="", help="file stem under docs/benchmarks/ (default: by rate and --floor)")
     p.add_argument("--no-write", action="store_true", help="print only (do not write docs/benchmarks)")
     p.add_argument("--drive-picks", type=int, default=0, help=argparse.SUPPRESS)
@@ -270,31 +353,17 @@ def main() -> None:
         timing_logs = {"": access_log}  # key prefix -> Envoy timing log
         ext_procs = {"picker": "gateway"}  # ext_proc process -> the path it serves
         if a.floor:
-            noop_port = free_port()
-            noop = subprocess.Popen(
-                [sys.executable, str(REPO / "bench" / "noop_ext_proc.py"), "--port", str(noop_port),
-                 "--destination", f"127.0.0.1:{eport}", "--endpoint-id", "bench-0"],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(noop)
-            noop_log = tmp / "envoy-noop" / "access.log"
-            # the same config and EDS file; only the ext_proc server differs
-            envoy_noop = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(),
-                                                  epp_port=noop_port, eds_path=eds, timing_log=noop_log),
-                                     tmp / "envoy-noop")
-            envoys.append(envoy_noop)
-            # the same config without the ext_proc filter (its picker cluster, health-checked, stays)
-            envoy_plain = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(),
-                                                   epp_port=noop_port, eds_path=eds, ext_proc=False),
-                                      tmp / "envoy-plain")
-            envoys.append(envoy_plain)
-            wait_routed(envoy_noop.url, MODEL)
-            wait_routed(envoy_plain.url, MODEL)
-            # interleaving order: each path follows a different one, the real picker last as before
-            paths = {"direct": eport, "envoy": envoy_plain.port, "noop": envoy_noop.port, "gateway": envoy.port}
-            watched.update({"noop": psutil.Process(noop.pid), "envoy_noop": psutil.Process(envoy_noop.process.pid),
-                            "envoy_plain": psutil.Process(envoy_plain.process.pid)})
-            timing_logs["noop_"] = noop_log
-            ext_procs["noop"] = "noop"
+            which = a.floor_paths.split(",")
+            floor = start_floor(tmp, eport, eds, envoys, procs, [p for p in which if p != "gateway"],
+                                nats.url)
+            # interleaving order: each path follows a different one, the real picker last as before; without
+            # it (not listed) the floor paths alone share the machine
+            paths = {"direct": eport, **floor.paths, **({"gateway": envoy.port} if "gateway" in which else {})}
+            if "gateway" not in which:
+                del ext_procs["picker"]
+            watched.update(floor.watched)
+            timing_logs.update(floor.timing_logs)
+            ext_procs.update(floor.servers)
         runs: list[dict[str, float]] = []
         for run in progress(range(a.runs), a.runs, f"gateway runs ({', '.join(paths)})", a.progress):
             time.sleep(1.5)  # Envoy flushes its access log about once a second: the last run's lines are out
@@ -321,8 +390,12 @@ def main() -> None:
                 served = len(lat[path]) + err[path] + WARM
                 res[f"{proc_name}_cpu_us_per_req"] = cpu[proc_name] / served * 1e6
             if a.floor:
-                for env_name, path in (("envoy", "gateway"), ("envoy_noop", "noop"), ("envoy_plain", "envoy")):
-                    res[f"{env_name}_cpu_us_per_req"] = cpu[env_name] / (len(lat[path]) + err[path] + WARM) * 1e6
+                for path in paths:
+                    if (env_name := f"envoy_{path}") in cpu:
+                        res[f"{env_name}_cpu_us_per_req"] = cpu[env_name] / (len(lat[path]) + err[path] + WARM) * 1e6
+                if "gateway" in paths:
+                    res["envoy_gateway_cpu_us_per_req"] = cpu["envoy"] / (len(lat["gateway"]) + err["gateway"]
+                                                                          + WARM) * 1e6
             time.sleep(1.5)
             for prefix, log in timing_logs.items():
                 res.update({prefix + k: v for k, v in phases(log).items()})
@@ -330,7 +403,8 @@ def main() -> None:
             runs.append(res)
         pick_runs: list[dict[str, float]] = []
         ps = psutil.Process(picker.pid)
-        for run in progress(range(a.runs), a.runs, "gateway picker runs", a.progress):
+        pick_count = a.runs if "gateway" in paths else 0  # a floor-only run leaves the picker out
+        for run in progress(range(pick_count), pick_count, "gateway picker runs", a.progress):
             c0 = ps.cpu_times()
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--drive-picks", str(epp_port), "--streams",
@@ -361,16 +435,23 @@ def main() -> None:
     summary = {
         "bench": "gateway", "rate": a.rate, "seconds": a.seconds, "runs": a.runs, "streams": a.streams,
         **{k: med(runs, k) for k in runs[0] if all(k in r for r in runs)},
-        **{k: med(pick_runs, k) for k in ("picks_per_s", "picker_cpu_us_per_pick", "refused")},
+        **{k: med(pick_runs, k) for k in ("picks_per_s", "picker_cpu_us_per_pick", "refused") if pick_runs},
         "target_added_p50_ms": 1.0, "target_added_p99_ms": 3.0,
         "note": "shared 2-core machine; the same lean client on every path, interleaved; medians over runs",
     }
     if a.floor:
-        summary["floor"] = {label: {"added_p50_ms": summary[f"{key}_p50_ms"], "added_p99_ms": summary[f"{key}_p99_ms"]}
-                            for label, key in (("envoy_alone", "envoy_added"), ("envoy_noop_ext_proc", "noop_added"),
-                                               ("envoy_gantry_picker", "added"))}
-        summary["floor"]["envoy_noop_ext_proc"]["ext_proc_cpu_us_per_req"] = summary["noop_cpu_us_per_req"]
-        summary["floor"]["envoy_gantry_picker"]["ext_proc_cpu_us_per_req"] = summary["picker_cpu_us_per_req"]
+        keys = [*((FLOOR_LABELS[p], f"{p}_added") for p in FLOOR_LABELS), ("envoy_gantry_picker", "added")]
+        summary["floor"] = {label: {"added_p50_ms": summary.get(f"{key}_p50_ms"),
+                                    "added_p99_ms": summary.get(f"{key}_p99_ms")} for label, key in keys}
+        for path, label in FLOOR_LABELS.items():
+            if f"{path}_added_p50_ms" not in summary:
+                del summary["floor"][label]
+            elif f"{path}_cpu_us_per_req" in summary:
+                summary["floor"][label]["ext_proc_cpu_us_per_req"] = summary[f"{path}_cpu_us_per_req"]
+        if "added_p50_ms" in summary:
+            summary["floor"]["envoy_gantry_picker"]["ext_proc_cpu_us_per_req"] = summary["picker_cpu_us_per_req"]
+        else:
+            del summary["floor"]["envoy_gantry_picker"]
     if not a.no_write:
         OUT.mkdir(parents=True, exist_ok=True)
         # the target's rate keeps the plain name
@@ -390,8 +471,8 @@ def plot(runs: list[dict[str, float]], path: Path, rate: float, floor: bool) -> 
     xs = range(len(runs))
     if floor:
         series = [(f"{key}_{q}_ms", label) for q in ("p50", "p99") for key, label in (
-            ("envoy_added", f"Envoy alone {q}"), ("noop_added", f"+ no-op ext_proc {q}"),
-            ("added", f"+ Gantry picker {q}"))]
+            *((f"{p}_added", f"{FLOOR_LABELS[p]} {q}") for p in FLOOR_LABELS if f"{p}_added_p50_ms" in runs[0]),
+            *((("added", f"Gantry picker {q}"),) if "added_p50_ms" in runs[0] else ()))]
         title = f"added over direct, 1-token chat at {rate:g}/s per path"
     else:
         series = [(f"{name}_{q}_ms", f"{name}_{q}_ms") for q in ("p50", "p99") for name in ("direct", "gateway")]

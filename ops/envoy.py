@@ -34,16 +34,33 @@ from pathlib import Path
 from typing import Any
 
 from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
-from services.gateway.protocol import STREAMED_RESPONSE_MODE, processing_mode
+from services.gateway.protocol import (
+    FAIRNESS_HEADER,
+    PRIORITY_HEADER,
+    REQUEST_ID_HEADER,
+    SESSION_HEADER,
+    STREAMED_RESPONSE_MODE,
+    processing_mode,
+)
 
 ENGINES_CLUSTER = "gantry_engines"  # same name as services.gateway.pool.ENGINES_CLUSTER
 EPP_CLUSTER = "gantry_epp"
 DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
 EXT_PROC = "envoy.filters.http.ext_proc"
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+PICKER_HEADERS = (REQUEST_ID_HEADER, PRIORITY_HEADER, FAIRNESS_HEADER, SESSION_HEADER)  # what the picker reads
+HEALTH_PATH = "/health"  # the ext_authz picker's health check (answered on its event loop)
 MODEL_KEY = "model"  # envoy.lb/model: the request's model, for the fallback's subset choice
 ACCESS_LOG_FORMAT = ("[%START_TIME%] %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% "
                      "%RESPONSE_CODE_DETAILS% %UPSTREAM_HOST% %DURATION%ms x-request-id=%REQ(X-REQUEST-ID)%\n")
+
+
+class PickerTransport(StrEnum):
+    """How Envoy asks the picker: gRPC ``ext_proc`` streams, or one plain HTTP/1.1 ``ext_authz`` check."""
+
+    EXT_PROC = "ext_proc"
+    EXT_AUTHZ = "ext_authz"
 
 
 class FailureMode(StrEnum):
@@ -76,6 +93,9 @@ class EnvoyOptions:
     access_log: Path | None = None  # one line per request: code, response flags and details, upstream
     timing_log: Path | None = None  # one line of phase timings per request (TIMING_FIELDS), for benchmarks
     ext_proc: bool = True  # False: no picker in the filter chain (benchmarks: what Envoy alone adds)
+    transport: PickerTransport = PickerTransport.EXT_PROC
+    ext_proc_mode: dict[str, Any] | None = None  # another ProcessingMode (benchmarks: cheaper exchanges)
+    max_body_bytes: int = 8 << 20  # ext_authz: the largest request body buffered for the picker
 
     @property
     def epp_ports(self) -> tuple[int, ...]:
@@ -153,10 +173,35 @@ def _ext_proc(o: EnvoyOptions) -> dict[str, Any]:
         message_timeout=f"{o.epp_timeout_s}s",
         # each message Envoy waits for is a picker round trip on the request's path: see
         # services.gateway.protocol for what is sent and why (the response body only when the picker asks)
-        processing_mode=processing_mode(),
+        processing_mode=o.ext_proc_mode or processing_mode(),
         allow_mode_override=True, allowed_override_modes=[STREAMED_RESPONSE_MODE],
         metadata_options={"receiving_namespaces": {"untyped": ["envoy.lb"]}},
     )
+
+
+def _ext_authz(o: EnvoyOptions) -> dict[str, Any]:
+    """The picker as an HTTP authorization service: headers and buffered body in one HTTP/1.1 request; a 200
+    answer's destination header goes upstream, any other answer goes to the client as it is."""
+    return _typed(
+        EXT_AUTHZ, "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        http_service={"server_uri": {"uri": "http://gantry-picker", "cluster": EPP_CLUSTER,
+                                     "timeout": f"{o.epp_timeout_s}s"},
+                      "authorization_response": {
+                          "allowed_upstream_headers": {"patterns": [{"exact": DESTINATION}]},
+                          "allowed_client_headers": {"patterns": [{"exact": "content-type"}]}}},
+        with_request_body={"max_request_bytes": o.max_body_bytes, "allow_partial_message": False,
+                           "pack_as_bytes": True},
+        # by default only the method, path, host and length go to the check; the picker reads these too
+        allowed_headers={"patterns": [{"exact": h} for h in PICKER_HEADERS]},
+        failure_mode_allow=o.failure_mode is FailureMode.FAIL_OPEN,
+        transport_api_version="V3",
+    )
+
+
+def _picker_filter(o: EnvoyOptions) -> list[dict[str, Any]]:
+    if not o.ext_proc:
+        return []
+    return [_ext_authz(o) if o.transport is PickerTransport.EXT_AUTHZ else _ext_proc(o)]
 
 
 def _route(o: EnvoyOptions) -> dict[str, Any]:
@@ -205,21 +250,26 @@ def _access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
 
 def _epp_cluster(o: EnvoyOptions) -> dict[str, Any]:
     """The picker replicas: gRPC health-checked, ejected on a refused connection, round robin."""
-    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    # gRPC (ext_proc) needs HTTP/2; the ext_authz picker speaks HTTP/1.1 over kept-alive connections
+    http: dict[str, Any] = {"http2_protocol_options": {}} if o.transport is PickerTransport.EXT_PROC else {
+        "http_protocol_options": {}}
+    protocol = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}}}}
+        "explicit_http_config": http}}
+    check: dict[str, Any] = ({"grpc_health_check": {}} if o.transport is PickerTransport.EXT_PROC
+                             else {"http_health_check": {"path": HEALTH_PATH}})
     pickers = [{"endpoint": {"address": {"socket_address": {"address": o.epp_host, "port_value": port}}}}
                for port in o.epp_ports]
     every = f"{o.epp_health_interval_s}s"
     return {
         "name": EPP_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
-        "typed_extension_protocol_options": h2,
+        "typed_extension_protocol_options": protocol,
         "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": pickers}]},
         # grpc.health.v1 on the picker's own event loop: a stalled picker fails it, not only a dead one;
         # two misses in a row take a replica out, one success brings it back
         "health_checks": [{"timeout": f"{o.epp_health_timeout_s}s", "interval": every,
                            "unhealthy_threshold": 2, "healthy_threshold": 1, "no_traffic_interval": every,
-                           "unhealthy_interval": every, "grpc_health_check": {}}],
+                           "unhealthy_interval": every, **check}],
         # a refused connection marks the replica out at once, before the next health check
         "outlier_detection": {"consecutive_local_origin_failure": 1, "split_external_local_origin_errors": True,
                               "enforcing_consecutive_local_origin_failure": 100,
@@ -234,7 +284,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="gantry", codec_type="AUTO",
         route_config={"name": "gantry", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [_route(o)]}]},
-        http_filters=[_model_to_metadata(), *([_ext_proc(o)] if o.ext_proc else []),
+        http_filters=[_model_to_metadata(), *_picker_filter(o),
                       _typed("envoy.filters.http.router", "envoy.extensions.filters.http.router.v3.Router")],
         access_log=_access_log(o),
     )

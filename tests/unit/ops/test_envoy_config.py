@@ -8,7 +8,17 @@ from typing import Any
 
 import pytest
 
-from ops.envoy import EPP_CLUSTER, MODEL_KEY, EnvoyOptions, FailureMode, envoy_config, main
+from ops.envoy import (
+    DESTINATION,
+    EPP_CLUSTER,
+    HEALTH_PATH,
+    MODEL_KEY,
+    EnvoyOptions,
+    FailureMode,
+    PickerTransport,
+    envoy_config,
+    main,
+)
 from services.gateway.pool import eds_document
 from shared.core.routing import Endpoint
 
@@ -119,3 +129,38 @@ def test_without_ext_proc_only_the_picker_filter_is_left_out() -> None:
     alone = [f["name"] for f in _filters(_cfg(ext_proc=False))]
     assert "envoy.filters.http.ext_proc" in with_picker
     assert alone == [n for n in with_picker if n != "envoy.filters.http.ext_proc"]
+
+
+def test_the_ext_authz_transport_sends_body_and_headers_in_one_http_check_and_forwards_the_destination() -> None:
+    cfg = _cfg(transport=PickerTransport.EXT_AUTHZ, max_body_bytes=1024)
+    names = [f["name"] for f in _filters(cfg)]
+    assert "envoy.filters.http.ext_authz" in names and "envoy.filters.http.ext_proc" not in names
+    authz = next(f["typed_config"] for f in _filters(cfg) if f["name"] == "envoy.filters.http.ext_authz")
+    assert authz["http_service"]["server_uri"]["cluster"] == EPP_CLUSTER
+    assert authz["with_request_body"] == {"max_request_bytes": 1024, "allow_partial_message": False,
+                                          "pack_as_bytes": True}
+    # the header the engines cluster's override_host policy reads goes upstream with the allowed request
+    allowed = authz["http_service"]["authorization_response"]["allowed_upstream_headers"]["patterns"]
+    assert {"exact": DESTINATION} in allowed
+    sent = {p["exact"] for p in authz["allowed_headers"]["patterns"]}
+    assert {"x-request-id", "x-gantry-priority", "x-gateway-inference-fairness-id", "x-session-id"} <= sent
+    assert names.index("envoy.filters.http.ext_authz") < names.index("envoy.filters.http.router")
+
+
+def test_the_ext_authz_picker_cluster_speaks_http1_and_is_health_checked_over_http() -> None:
+    epp = _cluster(_cfg(transport=PickerTransport.EXT_AUTHZ), EPP_CLUSTER)
+    proto = epp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http_protocol_options" in proto["explicit_http_config"]
+    assert epp["health_checks"][0]["http_health_check"] == {"path": HEALTH_PATH}
+
+
+@pytest.mark.parametrize("failure_mode", list(FailureMode))
+def test_the_ext_authz_transport_keeps_the_failure_mode(failure_mode: FailureMode) -> None:
+    cfg = _cfg(transport=PickerTransport.EXT_AUTHZ, failure_mode=failure_mode)
+    authz = next(f["typed_config"] for f in _filters(cfg) if f["name"] == "envoy.filters.http.ext_authz")
+    assert authz["failure_mode_allow"] is (failure_mode is FailureMode.FAIL_OPEN)
+
+
+def test_another_processing_mode_replaces_the_pickers_exchange() -> None:
+    mode = {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED"}
+    assert _ext_proc(_cfg(ext_proc_mode=mode))["processing_mode"] == mode

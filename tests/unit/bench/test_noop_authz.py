@@ -1,0 +1,57 @@
+"""The bench's do-nothing ext_authz server (``bench/gateway.py --floor``): every check Envoy sends over a
+kept-alive HTTP/1.1 connection is answered, in order, with the destination header Envoy routes on."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench.noop_authz import OneByOne, answer, content_length
+
+
+def test_the_answer_allows_the_request_and_names_its_destination() -> None:
+    assert answer("127.0.0.1:8001") == (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
+                                        b"x-gateway-destination-endpoint: 127.0.0.1:8001\r\n\r\n")
+
+
+def test_content_length_is_read_case_insensitively_and_absent_means_no_body() -> None:
+    assert content_length(b"POST /x HTTP/1.1\r\nContent-Length: 12") == 12
+    assert content_length(b"GET /health HTTP/1.1\r\nhost: a") == 0
+
+
+async def test_requests_on_one_connection_are_answered_in_order_even_when_split_across_reads() -> None:
+    seen: list[bytes] = []
+
+    def reply(head: bytes, body: bytes) -> bytes:
+        seen.append(body)
+        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(reply), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        first = b"POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello"
+        second = b"POST /b HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc"
+        writer.write(first[:20])  # the head arrives in pieces, then the rest with the next request
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(first[20:] + second)
+        got = b""
+        while got.count(b"\r\n\r\n") < 2 or not got.endswith(b"abc"):
+            got += await asyncio.wait_for(reader.read(1024), 5)
+        writer.close()
+    assert seen == [b"hello", b"abc"]
+    assert got.index(b"hello") < got.index(b"abc")
+
+
+async def test_an_awaited_answer_is_written_when_it_is_ready() -> None:
+    async def later(_head: bytes, _body: bytes) -> bytes:
+        await asyncio.sleep(0.01)
+        return b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(later), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 204")
+        writer.close()
