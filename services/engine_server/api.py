@@ -332,7 +332,8 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
         sink: SseSink | CollectSink
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            sink = SseSink(req.req_id, model, created, chat, include_usage, text.json_piece, text.eos_token_id)
+            sink = SseSink(req.req_id, model, created, chat, include_usage, text.json_piece, text.eos_token_id,
+                          text.json_pieces)
         else:
             sink = CollectSink()
         try:

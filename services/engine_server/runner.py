@@ -177,12 +177,12 @@ class EngineRunner:
         if self._aborts:
             self._apply_aborts()
         eng = self.engine
-        if not eng.has_work():
+        if not eng.scheduler.has_work():
             return  # idle until submit() kicks
         # Busy steps chain back to back in model time and the timers aim at absolute deadlines, so timer
         # overshoot is caught up on the next step; only a loop that falls behind by more than MAX_LAG_S of
         # wall time (overload) resynchronises, and then its steps honestly start late.
-        now = self.model_now()
+        now = (self.clock() - self.t0) * self.speedup  # model_now(), written out: this runs every step
         if eng.now < now - MAX_LAG_S * self.speedup:
             self._fell_behind((now - eng.now) / self.speedup)
             eng.now = now
@@ -226,7 +226,9 @@ class EngineRunner:
         self.hists.iteration_tokens.observe(out.num_tokens)
         w3 = self.clock()
         lag = self.lag
-        lag.record(w3 - deadline)
+        late = lag.last_s = w3 - deadline  # ClockLag.record, written out: this runs every step
+        if late > lag.max_s:
+            lag.max_s = late
         lag.busy_s += busy + (w3 - w2)
         lag.steps += 1
         self._step = None  # only now: an abort raised while emitting must not kick a second chain
@@ -250,9 +252,11 @@ class EngineRunner:
         prev, steady = self._prev_end, 0
         gone: list[Request] = []
         running, finished = RequestStatus.RUNNING, RequestStatus.FINISHED
+        get = streams.get
         for req in sampled:
-            st = streams.get(req.req_id)
-            if st is None or (req.status is not running and req.status is not finished):
+            st = get(req.req_id)
+            status = req.status
+            if st is None or (status is not running and status is not finished):
                 continue
             toks = req.all_token_ids
             assert toks is not None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.responses import Response
@@ -39,16 +39,19 @@ def usage(req: Request, completion: int) -> dict[str, Any]:
 class SseSink:
     """One streamed request: encodes its tokens as OpenAI chunks and writes them out (a TokenSink)."""
 
-    __slots__ = ("_conn", "_event", "_fixed", "_frames", "_head", "_pending", "_pre", "_tail", "_tail_crlf",
-                 "_transport", "chat", "created", "done", "eos", "include_usage", "kind", "model", "pieces", "produced",
-                 "rid")
+    __slots__ = ("_conn", "_event", "_fixed", "_frames", "_head", "_pending", "_piece_of", "_pre", "_tail",
+                 "_tail_crlf", "_transport", "chat", "created", "done", "eos", "include_usage", "kind", "model",
+                 "pieces", "produced", "rid")
 
     def __init__(self, rid: str, model: str, created: int, chat: bool, include_usage: bool,
-                 pieces: Callable[[int], bytes], eos: int) -> None:
+                 pieces: Callable[[int], bytes], eos: int, table: Mapping[int, bytes] | None = None) -> None:
         self.rid, self.model, self.created, self.chat = rid, model, created, chat
         self.include_usage = include_usage
         self.kind = kind_of(chat)
         self.pieces = pieces
+        # the pieces of common tokens looked up in C (``table.get``), ``pieces`` only for the others: one
+        # Python call less per streamed token
+        self._piece_of: Callable[[int], bytes | None] = table.get if table is not None else pieces
         self.eos = eos
         self.produced = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -83,7 +86,9 @@ class SseSink:
                 return False
             if token_id != self.eos:
                 self.produced += 1
-                piece = self.pieces(token_id)
+                piece = self._piece_of(token_id)
+                if piece is None:
+                    piece = self.pieces(token_id)
                 n = len(piece)
                 pre = self._pre.get(n)
                 if pre is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tokenizers import Tokenizer
 
@@ -41,6 +41,11 @@ class TextModel:
         self.filler = words[0]
         # each word's text as a JSON string literal: streaming a token is then a lookup, not an escape
         self._json: dict[int, bytes] = {tid: json.dumps(self.text[tid]).encode() for tid in words}
+
+    @property
+    def json_pieces(self) -> Mapping[int, bytes]:
+        """Every word's JSON string literal by token id (what :meth:`json_piece` gives for those ids)."""
+        return self._json
 
     def json_piece(self, token_id: int) -> bytes:
         """The token's text as a JSON string literal (``b'" word"'``); EOS and unknown ids give ``b'""'``."""

@@ -125,6 +125,8 @@ class SocketWriter:
                 except OSError:
                     conn.dead = True
                     n = len(data)
+                if n == len(data) and not last:
+                    continue  # the common case: all of it went, the stream goes on
                 if n < len(data):
                     conn.backlog = data[n:]
             if conn.backlog and not conn.dead:

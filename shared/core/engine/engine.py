@@ -10,6 +10,7 @@ exactly (same step times, same block allocation order, same hashes) without buil
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from shared.core.engine.config import SchedulerConfig
 from shared.core.engine.pd import KVLink
@@ -18,6 +19,8 @@ from shared.core.engine.scheduler import Scheduler, StepOutput
 from shared.core.engine.stats import LogHistogram
 from shared.core.engine.step_time import SplitStepTime, StepTimeModel
 from shared.core.kv_events import KVEventBatch
+
+_OUTPUT_TOKENS = attrgetter("num_output_tokens")
 
 
 @dataclass(slots=True)
@@ -130,10 +133,9 @@ class Engine:
         st.kv_usage_integral += usage * duration
         if usage > st.kv_usage_max:
             st.kv_usage_max = usage
-        decode = 0
-        for r in out.sampling:
-            if r.num_output_tokens:
-                decode += 1
+        sampling = out.sampling
+        # requests past their first token (counted in C: this runs every step)
+        decode = len(sampling) - list(map(_OUTPUT_TOKENS, sampling)).count(0) if sampling else 0
         if decode:
             st.itl.observe(duration, decode)
         finished = s.update_from_output(out, end)

@@ -33,39 +33,21 @@ class WaitingQueue(Protocol):
     def __iter__(self) -> Iterator[Request]: ...
 
 
-class FcfsQueue:
-    """First come, first served; preempted requests jump to the front."""
+class FcfsQueue(deque[Request]):
+    """First come, first served; preempted requests jump to the front.
 
-    __slots__ = ("_q",)
+    A deque itself, so ``len`` (asked several times per step by the scheduler) is a C call rather than a
+    Python method; the queue operations are the deque's own."""
 
-    def __init__(self) -> None:
-        self._q: deque[Request] = deque()
+    __slots__ = ()
 
-    def add(self, req: Request) -> None:
-        """Append at the back."""
-        self._q.append(req)
-
-    def prepend(self, req: Request) -> None:
-        """Insert at the front."""
-        self._q.appendleft(req)
+    add = deque.append  # at the back
+    prepend = deque.appendleft  # at the front
+    pop = deque.popleft  # the front request
 
     def peek(self) -> Request:
         """The front request."""
-        return self._q[0]
-
-    def pop(self) -> Request:
-        """Remove the front request."""
-        return self._q.popleft()
-
-    def remove(self, req: Request) -> None:
-        """Drop ``req`` wherever it is."""
-        self._q.remove(req)
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._q)
+        return self[0]
 
 
 class PriorityQueue:

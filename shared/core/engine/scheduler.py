@@ -188,6 +188,17 @@ class Scheduler:
             c = req.num_computed_tokens
             nt = req.num_tokens
             n = nt - c
+            if n == 1 and nt <= last_pos and nt <= req.num_slots and (nt < req.next_full or not caching):
+                # a plain decode (one token, room in its blocks, no block filling up): what the general path
+                # below does for n = 1 (budget >= 1 here), in half the bytecodes; most steps are only these
+                sched_append(req)
+                nums_append(1)
+                budget -= 1
+                kvread += nt
+                req.num_computed_tokens = nt
+                sampling_append(req)
+                i += 1
+                continue
             if 0 < thr < n and (nrun > 1 or len(self.waiting) > 0):  # a lone request is never capped
                 n = thr
             if n > budget:
@@ -243,8 +254,8 @@ class Scheduler:
             i += 1
         attn += kvread
 
-        # waiting pass
-        if not preempted:
+        # waiting pass (skipped outright when nothing waits: the common decode step)
+        if not preempted and (len(self.waiting) or self.kv_ready):
             budget, attn, kvread = self._admit(out, budget, attn, kvread, now)
 
         out.num_tokens = cfg.max_num_batched_tokens - budget

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 # vLLM's default latency buckets (seconds), used for the Prometheus histograms.
@@ -54,15 +55,9 @@ class Histogram:
 
     def observe(self, value: float, count: int = 1) -> None:
         """Record ``count`` observations of ``value``."""
-        lo, hi = 0, len(self.bounds)
-        bounds = self.bounds
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if value <= bounds[mid]:
-                hi = mid
-            else:
-                lo = mid + 1
-        self.counts[lo] += count
+        # the first bucket whose bound is >= value (Prometheus' ``le``), found in C: the step loop observes
+        # a few of these per step
+        self.counts[bisect_left(self.bounds, value)] += count
         self.sum += value * count
         self.total += count
 
