@@ -6,7 +6,8 @@ with cold caches after each ~7 ms sleep), so a change of a few % to the step's P
 ``/dev/null``) are driven by hand, and a tracer counts the bytecodes and Python calls of each steady step (all
 streams decoding, none finishing). The count is deterministic, so an A/B of two worktrees needs one run each.
 
-Run: ``.venv/bin/python bench/engine_step_ops.py [--streams 16,64,256]``; the last line is the JSON summary.
+Run: ``.venv/bin/python bench/engine_step_ops.py [--streams 16,64,256]``; writes
+docs/benchmarks/engine_step_ops.{json,png} (``--no-write``: print only); the last line is the JSON summary.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from services.engine_server.textgen import TextModel  # noqa: E402
 from services.engine_server.writer import Conn, SocketWriter  # noqa: E402
 from shared.core.engine import Request  # noqa: E402
 
+OUT = REPO / "docs" / "benchmarks"
 PROMPT_LEN = 128
 TOKENS = 120  # per stream: long enough for 100 steady steps after the prefill
 
@@ -96,10 +98,28 @@ async def count_steady_steps(streams: int, text: TextModel) -> tuple[int, OpCoun
         os.close(null)
 
 
+def plot(rows: list[dict[str, Any]]) -> None:
+    """Bytecodes per token and Python calls per step, one bar each per concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [str(r["streams"]) for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.bar(labels, [r["bytecodes_per_token"] for r in rows])
+    left.set(xlabel="concurrent streams", ylabel="bytecodes per streamed token", title="step loop work per token")
+    right.bar(labels, [r["python_calls_per_step"] for r in rows], color="tab:orange")
+    right.set(xlabel="concurrent streams", ylabel="Python calls per step", title="calls per steady step")
+    fig.tight_layout()
+    fig.savefig(OUT / "engine_step_ops.png", dpi=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", default="16,64,256")
     ap.add_argument("--top", type=int, default=8, help="functions listed per concurrency")
+    ap.add_argument("--no-write", action="store_true", help="print only (do not overwrite docs/benchmarks)")
     args = ap.parse_args()
     text = TextModel()
     rows = []
@@ -112,7 +132,12 @@ def main() -> None:
         rows.append(row)
         print(f"{n:4d} streams: {row['bytecodes_per_token']:.0f} bytecodes per token, "
               f"{row['python_calls_per_step']:.0f} Python calls per step ({steps} steady steps)", file=sys.stderr)
-    print(json.dumps({"bench": "engine_step_ops", "rows": rows}))
+    result = {"bench": "engine_step_ops", "rows": rows}
+    if not args.no_write:
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "engine_step_ops.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot(rows)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
