@@ -606,13 +606,14 @@ class StateStore:
             prefix_json = _enc.encode(prefix)[1:-1]
             args += [m.model, replicas, spec, m.seq, prefix, prefix_json, head, tail, m.lock_token]
             keys += [Keys.lock + m.model, Keys.model_index + m.model]
-        raw = await self._converge_up(keys=keys, args=args)
+        # One JSON string (see the script): an empty Lua table reads as {}, whose iteration is empty too.
+        raw = msgspec.json.decode(await self._converge_up(keys=keys, args=args))
         out = []
         for m, (status, applied, desired, created, unrequested, more) in zip(models, raw, strict=True):
             out.append(ScaleUpResult(
-                model=m.model, status=_s(status), applied=bool(int(applied)), desired=int(desired),
-                created=tuple(Instance(id=_s(i), model=m.model, created_at=m.created_at) for i in created),
-                unrequested=tuple(sorted(_s(i) for i in unrequested)), more=bool(int(more)),
+                model=m.model, status=str(status), applied=bool(int(applied)), desired=int(desired),
+                created=tuple(Instance(id=str(i), model=m.model, created_at=m.created_at) for i in created),
+                unrequested=tuple(sorted(str(i) for i in unrequested)), more=bool(int(more)),
             ))
         return out
 

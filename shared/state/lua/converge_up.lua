@@ -14,7 +14,9 @@
 --       model, replicas (-1: no scale command), spec_json ("": keep), seq, id_prefix, id_prefix_json (the
 --       prefix as it reads inside a JSON string), record_head, record_tail (a PENDING record is
 --       record_head .. id_prefix_json .. counter .. record_tail), lock token ("": the caller holds no lock)
--- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}, more (0/1)}
+-- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}, more (0/1)},
+-- all as one JSON string (an empty list reads {}): Redis 6 sends a nested script reply in one socket write per
+-- nested table, about three per model; a string goes in one.
 local CHUNK = 1000  -- ids per HMGET: unpack() fails somewhere past 8,000 values
 local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end
@@ -122,4 +124,4 @@ for m = 1, models do
     end
   end
 end
-return out
+return cjson.encode(out)
