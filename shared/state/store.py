@@ -32,6 +32,7 @@ from shared.core.placement.domain import (
     Worker,
     WorkerUsage,
 )
+from shared.core.placement.lifecycle import ACTIVE
 
 if TYPE_CHECKING:  # the client is passed in: the CLI's read commands read through a lighter one (ops.cli)
     import redis.asyncio as aioredis
@@ -68,6 +69,11 @@ class Keys:
     inst_reason = P + "inst:reason"
     inst_worker = P + "inst:worker"
     model_index = P + "model:"  # + model -> set of instance ids
+    # + model -> its active replicas (``lifecycle.ACTIVE`` states): the converge counts them without reading
+    # every replica's state; every script that moves a state keeps it in step (``_tracking_lib``)
+    model_active = P + "model-active:"
+    model_pending = P + "model-pending:"  # + model -> ids that may be PENDING (a superset, pruned by the converge)
+    model_tracked = P + "model-tracked"  # model -> "1" once its two sets above are kept (built at its first converge)
     lock = P + "lock:"  # + model -> converge lock token
     gpu_cap = P + "gpu:cap"  # "worker:index" -> VRAM capacity
     gpu_used = P + "gpu:used"  # "worker:index" -> claimed VRAM
@@ -82,6 +88,26 @@ class Keys:
     restarts = P + "restarts"  # model -> {"count": n, "last_at": time} of recent failed-replica replacements
     retries = P + "retries"  # id -> [attempts, next_at, requested_at] of PENDING replicas with a verdict
     registered = P + "workers:rev"  # revision of the last stored inventory (any worker): grows with every store
+
+
+def _tracking_lib() -> str:
+    """Lua prepended to every script that creates, moves or removes instance states: ``track`` keeps a model's
+    active and PENDING sets in step with one instance's new state (nil: removed); ``model_of`` reads the model
+    of a stored record."""
+    active = ", ".join(f'["{s.value}"] = true' for s in sorted(ACTIVE, key=lambda s: s.value))
+    return f"""local ACTIVE_STATES = {{{active}}}
+local ACTIVE_PREFIX, PENDING_PREFIX, TRACKED = "{Keys.model_active}", "{Keys.model_pending}", "{Keys.model_tracked}"
+local function track(model, id, new)
+  if new and ACTIVE_STATES[new] then redis.call("SADD", ACTIVE_PREFIX .. model, id)
+  else redis.call("SREM", ACTIVE_PREFIX .. model, id) end
+  if new == "PENDING" then redis.call("SADD", PENDING_PREFIX .. model, id)
+  else redis.call("SREM", PENDING_PREFIX .. model, id) end
+end
+local function model_of(record)
+  if not record then return nil end
+  return cjson.decode(record)["model"]
+end
+"""
 
 
 def gpu_field(worker: str, index: int) -> str:
@@ -198,12 +224,13 @@ class StateStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self.r = client
         self._commit = client.register_script((_LUA / "commit.lua").read_text())
-        self._release = client.register_script((_LUA / "release.lua").read_text())
-        self._set_state = client.register_script((_LUA / "set_state.lua").read_text())
-        self._create = client.register_script((_LUA / "create_pending.lua").read_text())
-        self._mark = client.register_script((_LUA / "mark_state.lua").read_text())
+        tracking = _tracking_lib()  # scripts that move instance states keep the per-model sets in step
+        self._release = client.register_script(tracking + (_LUA / "release.lua").read_text())
+        self._set_state = client.register_script(tracking + (_LUA / "set_state.lua").read_text())
+        self._create = client.register_script(tracking + (_LUA / "create_pending.lua").read_text())
+        self._mark = client.register_script(tracking + (_LUA / "mark_state.lua").read_text())
         self._unlock = client.register_script((_LUA / "unlock.lua").read_text())
-        self._converge_up = client.register_script((_LUA / "converge_up.lua").read_text())
+        self._converge_up = client.register_script(tracking + (_LUA / "converge_up.lua").read_text())
         self._forget_worker = client.register_script((_LUA / "forget_worker.lua").read_text())
         self._register = client.register_script((_LUA / "register.lua").read_text())
 
@@ -545,6 +572,8 @@ class StateStore:
         """
         if not models:
             return []
+        if frozenset(active) != ACTIVE:  # the per-model active sets every script keeps count lifecycle.ACTIVE
+            raise ValueError("converge_up counts the lifecycle's ACTIVE states only")
         for m in models:
             problem = bad_model_name(m.model) or (
                 None if m.replicas is None or 0 <= m.replicas <= MAX_REPLICAS
@@ -577,13 +606,14 @@ class StateStore:
             prefix_json = _enc.encode(prefix)[1:-1]
             args += [m.model, replicas, spec, m.seq, prefix, prefix_json, head, tail, m.lock_token]
             keys += [Keys.lock + m.model, Keys.model_index + m.model]
-        raw = await self._converge_up(keys=keys, args=args)
+        # One JSON string (see the script): an empty Lua table reads as {}, whose iteration is empty too.
+        raw = msgspec.json.decode(await self._converge_up(keys=keys, args=args))
         out = []
         for m, (status, applied, desired, created, unrequested, more) in zip(models, raw, strict=True):
             out.append(ScaleUpResult(
-                model=m.model, status=_s(status), applied=bool(int(applied)), desired=int(desired),
-                created=tuple(Instance(id=_s(i), model=m.model, created_at=m.created_at) for i in created),
-                unrequested=tuple(sorted(_s(i) for i in unrequested)), more=bool(int(more)),
+                model=m.model, status=str(status), applied=bool(int(applied)), desired=int(desired),
+                created=tuple(Instance(id=str(i), model=m.model, created_at=m.created_at) for i in created),
+                unrequested=tuple(sorted(str(i) for i in unrequested)), more=bool(int(more)),
             ))
         return out
 
@@ -591,7 +621,7 @@ class StateStore:
         """Create PENDING instances under the lock (a chunk per call, each fenced by the lock); False if the
         lock was lost (nothing written from then on)."""
         for part in _chunks(instances) if instances else [()]:
-            args: list[Any] = [token]
+            args: list[Any] = [token, model]
             for inst in part:
                 args += [inst.id, _enc.encode(inst)]
             made = await self._create(
@@ -607,7 +637,7 @@ class StateStore:
         """Move ``ids`` currently in ``allowed`` states to ``state`` under the lock; -1 if lock lost."""
         changed = 0
         for part in _chunks(ids):
-            args = [token, state.value, ",".join(s.value for s in allowed), *part]
+            args = [token, state.value, ",".join(s.value for s in allowed), model, *part]
             got = int(await self._mark(keys=[Keys.lock + model, Keys.inst_state], args=args))
             if got < 0:
                 return -1
@@ -658,7 +688,7 @@ class StateStore:
         out: list[InstanceState | None] = []
         for part in _chunks(reports):
             args = [v for iid, worker, state in part for v in (iid, worker, state.value)]
-            raw = await self._set_state(keys=[Keys.inst_state, Keys.inst_worker], args=args)
+            raw = await self._set_state(keys=[Keys.inst_state, Keys.inst_worker, Keys.inst], args=args)
             out += [InstanceState(_s(p)) if _s(p) else None for p in raw]
         return out
 

@@ -5,6 +5,8 @@
 -- replicas than desired is reported ("down"): removing replicas takes the locked path.
 -- KEYS: 1 desired, 2 desired_seq, 3 models, 4 inst, 5 inst_state, 6 inst_reason, then per model:
 --       its converge lock, its instance index
+-- A model's replicas are counted from its active set (kept by every script that moves a state: the tracking
+-- prelude, ACTIVE_PREFIX and its siblings, comes from shared/state/store.py), built at its first converge.
 -- Work per call is bounded whatever the counts say: desired replicas above max_replicas are refused before
 -- anything is written (a stored one is read as max_replicas), and at most `budget` replicas are created per
 -- call over all models; a model left short says so (`more` = 1) and the caller calls again.
@@ -12,7 +14,9 @@
 --       model, replicas (-1: no scale command), spec_json ("": keep), seq, id_prefix, id_prefix_json (the
 --       prefix as it reads inside a JSON string), record_head, record_tail (a PENDING record is
 --       record_head .. id_prefix_json .. counter .. record_tail), lock token ("": the caller holds no lock)
--- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}, more (0/1)}
+-- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}, more (0/1)},
+-- all as one JSON string (an empty list reads {}): Redis 6 sends a nested script reply in one socket write per
+-- nested table, about three per model; a string goes in one.
 local CHUNK = 1000  -- ids per HMGET: unpack() fails somewhere past 8,000 values
 local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end
@@ -48,20 +52,43 @@ for m = 1, models do
     end
     local desired = math.min(tonumber(redis.call("HGET", KEYS[1], model) or "0") or 0, max_replicas)
     local count, unrequested = 0, {}
-    local ids = redis.call("SMEMBERS", index)
-    -- States fetched a chunk at a time, not one call per replica: a model's converge runs on every scale
-    -- command, and its cost grows with the model's replicas. Reasons only of the PENDING ones (few).
+    local active_key, pending_key = ACTIVE_PREFIX .. model, PENDING_PREFIX .. model
     local pending = {}
-    for first = 1, #ids, CHUNK do
-      local last = math.min(first + CHUNK - 1, #ids)
-      local states = redis.call("HMGET", KEYS[5], unpack(ids, first, last))
-      for k = first, last do
-        local st = states[k - first + 1]
-        if st and active[st] then
-          count = count + 1
-          if st == "PENDING" then pending[#pending + 1] = ids[k] end
+    if redis.call("HEXISTS", TRACKED, model) == 1 then
+      -- The model's active set is its replica count (every script that moves a state keeps it): no read of every
+      -- replica's state, whose cost grew with the model. Its PENDING set may hold replicas placed since: checked
+      -- here (few: those in flight) and pruned.
+      count = redis.call("SCARD", active_key)
+      local ids = redis.call("SMEMBERS", pending_key)
+      for first = 1, #ids, CHUNK do
+        local last = math.min(first + CHUNK - 1, #ids)
+        local states = redis.call("HMGET", KEYS[5], unpack(ids, first, last))
+        for k = first, last do
+          if states[k - first + 1] == "PENDING" then
+            pending[#pending + 1] = ids[k]
+          else
+            redis.call("SREM", pending_key, ids[k])
+          end
         end
       end
+    else
+      -- The model's first converge since these sets exist (state stored before them): count by reading every
+      -- replica's state once, and build the sets from it.
+      redis.call("DEL", active_key, pending_key)
+      local ids = redis.call("SMEMBERS", index)
+      for first = 1, #ids, CHUNK do
+        local last = math.min(first + CHUNK - 1, #ids)
+        local states = redis.call("HMGET", KEYS[5], unpack(ids, first, last))
+        for k = first, last do
+          local st = states[k - first + 1]
+          if st and active[st] then
+            count = count + 1
+            track(model, ids[k], st)
+            if st == "PENDING" then pending[#pending + 1] = ids[k] end
+          end
+        end
+      end
+      redis.call("HSET", TRACKED, model, "1")
     end
     for first = 1, #pending, CHUNK do
       local last = math.min(first + CHUNK - 1, #pending)
@@ -88,6 +115,7 @@ for m = 1, models do
         redis.call("HSET", KEYS[4], id, head .. id_json .. suffix .. tail)
         redis.call("HSET", KEYS[5], id, "PENDING")
         redis.call("SADD", index, id)
+        track(model, id, "PENDING")
         created[k] = id
       end
       local more = 0
@@ -96,4 +124,4 @@ for m = 1, models do
     end
   end
 end
-return out
+return cjson.encode(out)

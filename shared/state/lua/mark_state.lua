@@ -1,15 +1,16 @@
 -- Set instances to a state (e.g. DRAINING) fenced by the model's converge lock token; only
 -- instances currently in one of the allowed states change.
 -- KEYS: 1 lock key, 2 inst_state
--- ARGV: token, new_state, allowed_states (comma-separated), then ids
+-- ARGV: token, new_state, allowed_states (comma-separated), model, then ids (the model's)
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return -1 end
 local allowed = {}
 for s in string.gmatch(ARGV[3], "[^,]+") do allowed[s] = true end
 local changed = 0
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local cur = redis.call("HGET", KEYS[2], ARGV[i])
   if cur and allowed[cur] then
     redis.call("HSET", KEYS[2], ARGV[i], ARGV[2])
+    track(ARGV[4], ARGV[i], ARGV[2])
     changed = changed + 1
   end
 end

@@ -19,10 +19,10 @@ for i = 2, #ARGV do
     released = released + 1
   end
   if ARGV[1] == "remove" then
-    local record = redis.call("HGET", KEYS[4], id)
-    if record then
-      local model = cjson.decode(record)["model"]
+    local model = model_of(redis.call("HGET", KEYS[4], id))
+    if model then
       redis.call("SREM", KEYS[8] .. model, id)
+      track(model, id, nil)
     end
     redis.call("HDEL", KEYS[4], id)
     redis.call("HDEL", KEYS[5], id)
@@ -30,6 +30,8 @@ for i = 2, #ARGV do
     redis.call("HDEL", KEYS[7], id)
   elseif redis.call("HEXISTS", KEYS[5], id) == 1 then
     redis.call("HSET", KEYS[5], id, ARGV[1])
+    local model = model_of(redis.call("HGET", KEYS[4], id))
+    if model then track(model, id, ARGV[1]) end
   end
 end
 return released

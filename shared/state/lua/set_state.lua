@@ -1,7 +1,8 @@
 -- Apply workers' status reports to instances: each only if the instance is still on the reporting worker
 -- and the transition moves forward (reports may arrive out of order through several consumers; they never
 -- resurrect removed instances or undo DRAINING/UNREACHABLE).
--- KEYS: 1 inst_state, 2 inst_worker
+-- KEYS: 1 inst_state, 2 inst_worker, 3 inst (read only when a report moves an instance out of the active states,
+--       or into PENDING: its model's sets follow)
 -- ARGV: (id, worker, new_state) per report
 -- Returns per report the previous state, or "" when the report was ignored.
 local rank = {SCHEDULED = 1, STARTING = 2, RUNNING = 3}
@@ -17,6 +18,10 @@ for i = 1, #ARGV, 3 do
   end
   if ok then
     redis.call("HSET", KEYS[1], id, new)
+    if ACTIVE_STATES[cur] ~= ACTIVE_STATES[new] or new == "PENDING" then
+      local model = model_of(redis.call("HGET", KEYS[3], id))
+      if model then track(model, id, new) end
+    end
     out[#out + 1] = cur
   else
     out[#out + 1] = ""

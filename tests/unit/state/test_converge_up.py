@@ -8,10 +8,10 @@ import pytest
 import redis.exceptions
 
 from shared.core.limits import MAX_REPLICAS
-from shared.core.placement.domain import GIB, InstanceState, ModelSpec
+from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, ModelSpec, Worker
 from shared.core.placement.reconcile import ACTIVE
 from shared.state import StateStore
-from shared.state.store import CONVERGE_BUDGET, InvalidRecord, ScaleUp, _record_template
+from shared.state.store import CONVERGE_BUDGET, CommitItem, InvalidRecord, ScaleUp, _record_template
 
 SPEC = ModelSpec(name="m", weight_bytes=2 * GIB)
 
@@ -135,7 +135,8 @@ async def test_models_of_one_call_are_converged_independently(store: StateStore)
 
 async def test_concurrent_converges_never_create_more_than_desired(store: StateStore) -> None:
     await store.converge_up([ScaleUp(model="m", replicas=5, spec=SPEC, seq=1)], ACTIVE)
-    await store.r.delete("gantry:model:m")  # pretend nothing exists yet: five racing reconcilers
+    # pretend nothing exists yet: five racing reconcilers
+    await store.r.delete("gantry:model:m", "gantry:model-active:m", "gantry:model-pending:m")
     await store.r.delete("gantry:inst", "gantry:inst:state")
     await asyncio.gather(*(store.converge_up([ScaleUp(model="m")], ACTIVE) for _ in range(5)))
     assert len(await store.instances("m")) == 5
@@ -155,10 +156,62 @@ async def test_the_lock_holder_converges_and_a_lost_lock_writes_nothing(store: S
 async def test_active_replicas_are_counted_whatever_their_state(store: StateStore) -> None:
     (first,) = await store.converge_up([ScaleUp(model="m", replicas=3, spec=SPEC, seq=1)], ACTIVE)
     a, b, c = (i.id for i in first.created)
-    await store.r.hset("gantry:inst:state", mapping={a: "RUNNING", b: "DRAINING", c: "UNREACHABLE"})
+    await running(store, a)
+    token = await store.lock_model("m")
+    assert token
+    await store.mark_state("m", token, InstanceState.DRAINING, ACTIVE, [b])
+    await store.unlock_model("m", token)
+    await store.release([c], mode=InstanceState.UNREACHABLE.value)
     (res,) = await store.converge_up([ScaleUp(model="m")], ACTIVE)
     active = {s.value for s in ACTIVE}
     assert len(res.created) == 3 - sum(s in active for s in ("RUNNING", "DRAINING", "UNREACHABLE"))
+
+
+async def test_state_stored_before_the_count_was_kept_is_counted_at_the_first_converge(store: StateStore) -> None:
+    (first,) = await store.converge_up([ScaleUp(model="m", replicas=3, spec=SPEC, seq=1)], ACTIVE)
+    a, b, _ = (i.id for i in first.created)
+    await store.r.hset("gantry:inst:state", mapping={a: "RUNNING", b: "DRAINING"})  # written by an older version
+    await store.r.delete("gantry:model-active:m", "gantry:model-pending:m", "gantry:model-tracked")
+    (res,) = await store.converge_up([ScaleUp(model="m")], ACTIVE)
+    assert len(res.created) == 1 and set(res.unrequested) == {first.created[2].id}
+    (again,) = await store.converge_up([ScaleUp(model="m")], ACTIVE)
+    assert again.created == ()
+
+
+async def test_the_kept_count_follows_every_state_change(store: StateStore) -> None:
+    # Each script that moves a state keeps the model's active set; it must always equal a count of the states.
+    (first,) = await store.converge_up([ScaleUp(model="m", replicas=6, spec=SPEC, seq=1)], ACTIVE)
+    ids = [i.id for i in first.created]
+    await running(store, ids[0], ids[1], ids[2])
+    await store.set_states([(ids[1], "w1", InstanceState.ERROR)])  # ERROR: still active
+    await store.set_states([(ids[1], "w1", InstanceState.DRAINING)])  # out of ERROR: no longer
+    token = await store.lock_model("m")
+    assert token
+    await store.mark_state("m", token, InstanceState.DRAINING, ACTIVE, [ids[2], ids[3]])
+    await store.create_pending("m", token, [Instance(id="m-extra", model="m")])
+    await store.unlock_model("m", token)
+    await store.release([ids[4]])
+    await store.release([ids[5]], mode=InstanceState.UNREACHABLE.value)
+    states = {i.id: i.state for i in await store.instances("m")}
+    counted = {i for i, s in states.items() if s in ACTIVE}
+    assert {i.decode() for i in await store.r.smembers("gantry:model-active:m")} == counted == {ids[0], "m-extra"}
+    (res,) = await store.converge_up([ScaleUp(model="m", replicas=3, spec=SPEC, seq=2)], ACTIVE)
+    assert len(res.created) == 1 and res.unrequested == ("m-extra",)
+
+
+async def running(store: StateStore, *ids: str) -> None:
+    """Commit PENDING replicas onto worker w1 (one GPU each) and report them RUNNING."""
+    w1 = Worker(name="w1", gpus=tuple(Gpu(index=i, vram_total=80 * GIB) for i in range(8)), ram_total=512 * GIB)
+    await store.register_workers([w1])
+    used = {g for i in ids if (inst := await store.instance(i)) is not None for g in inst.gpu_indexes}
+    free = [g for g in range(8) if g not in used]
+    items = [
+        CommitItem(Instance(id=i, model="m", state=InstanceState.SCHEDULED, worker="w1", gpu_indexes=(g,),
+                            vram_claims=(GIB,)))
+        for i, g in zip(ids, free, strict=False)
+    ]
+    assert await store.commit(items) == ["ok"] * len(ids)
+    await store.set_states([(i, "w1", InstanceState.RUNNING) for i in ids])
 
 
 async def test_a_repeated_id_prefix_never_overwrites_a_replica(
