@@ -26,9 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.adversary.chaos import ChaosConfig, RoundResult, run_chaos  # noqa: E402
 from bench.progress import Progress, add_flag  # noqa: E402
+from bench.results import save  # noqa: E402
 from ops.servers import free_port  # noqa: E402
-
-OUT = REPO / "docs" / "benchmarks"
 
 
 def totals(results: list[RoundResult], cfg: ChaosConfig) -> dict[str, object]:
@@ -102,11 +101,8 @@ def main() -> None:
     for r in results:
         print(json.dumps(r.summary()), file=sys.stderr)
     if not args.no_write:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "chaos.json").write_text(
-            json.dumps({"summary": summary, "rounds": [r.summary() for r in results]}, indent=2) + "\n"
-        )
-        plot(results, OUT / "chaos.png", cfg.quiesce_s)
+        save("chaos", {"summary": summary, "rounds": [r.summary() for r in results]},
+             lambda png: plot(results, png, cfg.quiesce_s))
     print(json.dumps(summary))
 
 

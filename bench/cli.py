@@ -28,9 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.results import save  # noqa: E402
 from ops.servers import free_port  # noqa: E402
 
-OUT = REPO / "docs" / "benchmarks"
 GANTRY = str(Path(sys.executable).parent / "gantry")
 TARGET_S = 0.5
 READY = "Ctrl-C (or `gantry down`) stops everything"
@@ -180,9 +180,7 @@ def main() -> None:
         "worst_read_wall_median_s": worst, "meets_target": worst <= TARGET_S,
     }
     if not args.no_write:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "cli.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, OUT / "cli.png")
+        save("cli", result, lambda png: plot(result, png))
     summary = {name: [c["wall_median_s"], c["cpu_median_s"], c["import_s"]] for name, c in commands.items()}
     print(json.dumps({"bench": "cli", "wall_cpu_median_import_s": summary, "worst_read_wall_median_s": worst,
                       "meets_target": worst <= TARGET_S, "load": [load_before, load_after]}))

@@ -45,11 +45,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.progress import add_flag, progress  # noqa: E402
+from bench.results import save  # noqa: E402
 from ops.servers import free_port  # noqa: E402
 from services.engine_server.server import ServerOptions, build_engine  # noqa: E402
 from shared.core.engine import Request  # noqa: E402
 
-OUT = REPO / "docs" / "benchmarks"
 PROMPT_LEN = 128
 _USAGE = re.compile(rb'"completion_tokens":(\d+)')
 _TOKEN_MARK = b'"text":" '  # a chunk carrying at least one (space-prefixed) word
@@ -234,7 +234,7 @@ def _median_rows(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     return rows
 
 
-def plot(rows: list[dict[str, float]]) -> None:
+def plot(rows: list[dict[str, float]], png: Path) -> None:
     """TPOT error and CPU per token against concurrency."""
     import matplotlib
 
@@ -256,7 +256,7 @@ def plot(rows: list[dict[str, float]]) -> None:
     b.legend()
     fig.suptitle("One emulated model server process, speedup 1 (medians; shared 2-core machine)")
     fig.tight_layout()
-    fig.savefig(OUT / "engine_server.png", dpi=100)
+    fig.savefig(png, dpi=100)
 
 
 def _wait_up(port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -322,9 +322,7 @@ def main() -> None:
         "max_cpu_us_per_token": max(r["cpu_us_per_token"] for r in rows),
     }
     if not args.no_write:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "engine_server.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot(rows)
+        save("engine_server", result, lambda png: plot(rows, png))
     print(json.dumps(result))
 
 

@@ -26,6 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.results import save  # noqa: E402
 from services.engine_server.runner import EngineRunner  # noqa: E402
 from services.engine_server.server import ServerOptions, build_engine  # noqa: E402
 from services.engine_server.sse import SseSink  # noqa: E402
@@ -33,7 +34,6 @@ from services.engine_server.textgen import TextModel  # noqa: E402
 from services.engine_server.writer import Conn, SocketWriter  # noqa: E402
 from shared.core.engine import Request  # noqa: E402
 
-OUT = REPO / "docs" / "benchmarks"
 PROMPT_LEN = 128
 TOKENS = 120  # per stream: long enough for 100 steady steps after the prefill
 
@@ -98,7 +98,7 @@ async def count_steady_steps(streams: int, text: TextModel) -> tuple[int, OpCoun
         os.close(null)
 
 
-def plot(rows: list[dict[str, Any]]) -> None:
+def plot(rows: list[dict[str, Any]], png: Path) -> None:
     """Bytecodes per token and Python calls per step, one bar each per concurrency."""
     import matplotlib
 
@@ -112,7 +112,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
     right.bar(labels, [r["python_calls_per_step"] for r in rows], color="tab:orange")
     right.set(xlabel="concurrent streams", ylabel="Python calls per step", title="calls per steady step")
     fig.tight_layout()
-    fig.savefig(OUT / "engine_step_ops.png", dpi=100)
+    fig.savefig(png, dpi=100)
 
 
 def main() -> None:
@@ -134,9 +134,7 @@ def main() -> None:
               f"{row['python_calls_per_step']:.0f} Python calls per step ({steps} steady steps)", file=sys.stderr)
     result = {"bench": "engine_step_ops", "rows": rows}
     if not args.no_write:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "engine_step_ops.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot(rows)
+        save("engine_step_ops", result, lambda png: plot(rows, png))
     print(json.dumps(result))
 
 

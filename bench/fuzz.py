@@ -30,6 +30,7 @@ from nats.aio.client import Client  # noqa: E402
 
 from bench.adversary.fuzz import cpu_share, drained, draw, junk, payloads, publish_all, targets  # noqa: E402
 from bench.progress import Progress, add_flag  # noqa: E402
+from bench.results import save  # noqa: E402
 from ops.servers import free_port  # noqa: E402
 from ops.stack import WORKERS_SERVICE, LocalStack, WorkerFleet  # noqa: E402
 from shared.bus import streams, subjects  # noqa: E402
@@ -38,7 +39,6 @@ from shared.core.placement.domain import GIB, InstanceState, ModelSpec  # noqa: 
 from shared.settings import Settings  # noqa: E402
 from shared.state import StateStore  # noqa: E402
 
-OUT = REPO / "docs" / "benchmarks"
 MODEL = ModelSpec(name="fz", source="x/fz", weight_bytes=8 * GIB)
 WORKERS = 2
 CONSUMERS = [(stream, durable) for stream, durable, _ in streams.ALL_CONSUMERS]
@@ -174,9 +174,7 @@ def main() -> None:
     result = asyncio.run(run(args))
     result["wall_s"] = round(time.monotonic() - t0, 1)
     if not args.no_write:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "fuzz.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, OUT / "fuzz.png")
+        save("fuzz", result, lambda png: plot(result, png))
     summary = {k: result[k] for k in ("per_subject_payloads", "subjects", "crashed", "junk_count",
                                       "max_idle_cpu_cores", "converge_after_s", "wall_s")}
     dead = result["dead_letters"]

@@ -54,6 +54,7 @@ import psutil  # noqa: E402
 import uvloop  # noqa: E402
 
 from bench.progress import add_flag, progress  # noqa: E402
+from bench.results import save  # noqa: E402
 from ops.servers import free_port  # noqa: E402
 from ops.stack import WORKERS_SERVICE, LocalStack, WorkerFleet  # noqa: E402
 from shared.bus import subjects  # noqa: E402
@@ -63,7 +64,6 @@ from shared.core.placement.domain import GIB, Category, ModelSpec, PlacementStra
 from shared.settings import Settings  # noqa: E402
 from shared.state import StateStore  # noqa: E402
 
-OUT = REPO / "docs" / "benchmarks"
 HARNESS_NICE = 10
 
 
@@ -396,9 +396,7 @@ def main() -> None:
         "per_run": [{k: v for k, v in r.items() if "latencies" not in k} for r in runs],
     }
     if not args.no_write:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "placement_e2e.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot(runs, OUT / "placement_e2e.png")
+        save("placement_e2e", summary, lambda png: plot(runs, png))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_run"}))
 
 

@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.progress import add_flag, progress  # noqa: E402
+from bench.results import save  # noqa: E402
 from bench.routing_quality import run, shared_prefix  # noqa: E402
 from shared.traces import load_trace  # noqa: E402
 
-OUT = REPO / "docs" / "benchmarks"
 PROFILES = ("gantry:approx-prefix", "gantry:precise-prefix")
 FIGURES = ("ttft_p90", "hit", "ttft_p99", "goodput")
 
@@ -84,9 +84,7 @@ def main() -> None:
     summary = {"bench": "routing_seeds", "requests": n, "seeds": seeds,
                "checks": {wl: compare(runs) for wl, runs in detail.items()}}
     if not args.no_write:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "routing_seeds.json").write_text(json.dumps({**summary, "detail": detail}, indent=1))
-        plot(detail, OUT / "routing_seeds.png")
+        save("routing_seeds", {**summary, "detail": detail}, lambda png: plot(detail, png))
     print(json.dumps(summary))
 
 
