@@ -26,10 +26,11 @@ def answer(destination: str) -> bytes:
 
 
 def content_length(head: bytes) -> int:
-    """The ``content-length`` of a request head (0 when absent)."""
+    """The ``content-length`` of a request head (0 when absent, -1 when it is not a non-negative integer)."""
     for line in head.split(b"\r\n")[1:]:
         if line[:15].lower() == b"content-length:":
-            return int(line[15:])
+            value = line[15:].strip()
+            return int(value) if value.isdigit() and len(value) <= 12 else -1
     return 0
 
 
@@ -52,7 +53,13 @@ class OneByOne(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         while (end := self.buf.find(b"\r\n\r\n")) >= 0:
-            need = end + 4 + content_length(self.buf[:end])
+            length = content_length(self.buf[:end])
+            if length < 0:  # a malformed head: nothing after it can be framed, so the connection goes
+                self.buf = b""
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            need = end + 4 + length
             if len(self.buf) < need:
                 return  # the body is still coming
             head, body, self.buf = self.buf[:end], self.buf[end + 4:need], self.buf[need:]

@@ -177,12 +177,12 @@ class EngineRunner:
         if self._aborts:
             self._apply_aborts()
         eng = self.engine
-        if not eng.scheduler.has_work():
+        if not eng.has_work():
             return  # idle until submit() kicks
         # Busy steps chain back to back in model time and the timers aim at absolute deadlines, so timer
         # overshoot is caught up on the next step; only a loop that falls behind by more than MAX_LAG_S of
         # wall time (overload) resynchronises, and then its steps honestly start late.
-        now = (self.clock() - self.t0) * self.speedup  # model_now(), written out: this runs every step
+        now = self.model_now()
         if eng.now < now - MAX_LAG_S * self.speedup:
             self._fell_behind((now - eng.now) / self.speedup)
             eng.now = now
@@ -226,9 +226,7 @@ class EngineRunner:
         self.hists.iteration_tokens.observe(out.num_tokens)
         w3 = self.clock()
         lag = self.lag
-        late = lag.last_s = w3 - deadline  # ClockLag.record, written out: this runs every step
-        if late > lag.max_s:
-            lag.max_s = late
+        lag.record(w3 - deadline)
         lag.busy_s += busy + (w3 - w2)
         lag.steps += 1
         self._step = None  # only now: an abort raised while emitting must not kick a second chain

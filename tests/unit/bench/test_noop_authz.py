@@ -18,6 +18,29 @@ def test_content_length_is_read_case_insensitively_and_absent_means_no_body() ->
     assert content_length(b"GET /health HTTP/1.1\r\nhost: a") == 0
 
 
+def test_a_negative_huge_or_garbled_content_length_is_malformed() -> None:
+    for value in (b"-5", b"12abc", b"", b"9" * 40):
+        assert content_length(b"POST /x HTTP/1.1\r\ncontent-length: " + value) == -1
+
+
+async def test_a_malformed_head_closes_the_connection_without_an_answer() -> None:
+    seen: list[bytes] = []
+
+    def reply(head: bytes, body: bytes) -> bytes:
+        seen.append(body)
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(reply), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /a HTTP/1.1\r\ncontent-length: -3\r\n\r\nabc")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(1024), 5) == b""  # closed, nothing answered
+        writer.close()
+    assert seen == []
+
+
 async def test_requests_on_one_connection_are_answered_in_order_even_when_split_across_reads() -> None:
     seen: list[bytes] = []
 
