@@ -18,6 +18,14 @@
 -- all as one JSON string (an empty list reads {}): Redis 6 sends a nested script reply in one socket write per
 -- nested table, about three per model; a string goes in one.
 local CHUNK = 1000  -- ids per HMGET: unpack() fails somewhere past 8,000 values
+-- Calls visit(id, value) for each of ids with its field of hash `key`, read a chunk at a time.
+local function each_field(key, ids, visit)
+  for first = 1, #ids, CHUNK do
+    local last = math.min(first + CHUNK - 1, #ids)
+    local values = redis.call("HMGET", key, unpack(ids, first, last))
+    for k = first, last do visit(ids[k], values[k - first + 1]) end
+  end
+end
 local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end
 local models = tonumber(ARGV[2])
@@ -59,44 +67,29 @@ for m = 1, models do
       -- replica's state, whose cost grew with the model. Its PENDING set may hold replicas placed since: checked
       -- here (few: those in flight) and pruned.
       count = redis.call("SCARD", active_key)
-      local ids = redis.call("SMEMBERS", pending_key)
-      for first = 1, #ids, CHUNK do
-        local last = math.min(first + CHUNK - 1, #ids)
-        local states = redis.call("HMGET", KEYS[5], unpack(ids, first, last))
-        for k = first, last do
-          if states[k - first + 1] == "PENDING" then
-            pending[#pending + 1] = ids[k]
-          else
-            redis.call("SREM", pending_key, ids[k])
-          end
+      each_field(KEYS[5], redis.call("SMEMBERS", pending_key), function(id, st)
+        if st == "PENDING" then
+          pending[#pending + 1] = id
+        else
+          redis.call("SREM", pending_key, id)
         end
-      end
+      end)
     else
       -- The model's first converge since these sets exist (state stored before them): count by reading every
       -- replica's state once, and build the sets from it.
       redis.call("DEL", active_key, pending_key)
-      local ids = redis.call("SMEMBERS", index)
-      for first = 1, #ids, CHUNK do
-        local last = math.min(first + CHUNK - 1, #ids)
-        local states = redis.call("HMGET", KEYS[5], unpack(ids, first, last))
-        for k = first, last do
-          local st = states[k - first + 1]
-          if st and active[st] then
-            count = count + 1
-            track(model, ids[k], st)
-            if st == "PENDING" then pending[#pending + 1] = ids[k] end
-          end
+      each_field(KEYS[5], redis.call("SMEMBERS", index), function(id, st)
+        if st and active[st] then
+          count = count + 1
+          track(model, id, st)
+          if st == "PENDING" then pending[#pending + 1] = id end
         end
-      end
+      end)
       redis.call("HSET", TRACKED, model, "1")
     end
-    for first = 1, #pending, CHUNK do
-      local last = math.min(first + CHUNK - 1, #pending)
-      local reasons = redis.call("HMGET", KEYS[6], unpack(pending, first, last))
-      for k = first, last do
-        if not reasons[k - first + 1] then unrequested[#unrequested + 1] = pending[k] end
-      end
-    end
+    each_field(KEYS[6], pending, function(id, reason)
+      if not reason then unrequested[#unrequested + 1] = id end
+    end)
     if count > desired then
       out[m] = {"down", applied, desired, {}, unrequested, 0}
     else
