@@ -48,6 +48,15 @@ async def test_a_model_with_more_replicas_than_one_lookup_can_hold_is_counted_wh
     assert len(res.created) == 1 and res.unrequested == (first.created[8499].id,)
 
 
+async def test_a_large_model_stored_before_the_count_was_kept_is_rebuilt_whole(store: StateStore) -> None:
+    (first,) = await store.converge_up([ScaleUp(model="m", replicas=8500, spec=SPEC, seq=1)], ACTIVE)
+    assert len(first.created) == 8500
+    await store.r.delete("gantry:model-active:m", "gantry:model-pending:m", "gantry:model-tracked")
+    (res,) = await store.converge_up([ScaleUp(model="m", replicas=8501, spec=SPEC, seq=2)], ACTIVE)
+    assert len(res.created) == 1 and len(res.unrequested) == 8500
+    assert await store.r.scard("gantry:model-active:m") == 8501
+
+
 @pytest.mark.parametrize("name", ['quote"d', "back\\slash", "tab\tbed", "../../etc/passwd", "x" * 64])
 async def test_a_model_name_outside_the_grammar_is_refused_before_anything_is_written(
     store: StateStore, name: str
