@@ -320,6 +320,9 @@ def main() -> None:
     p.add_argument("--drive-picks", type=int, default=0, help=argparse.SUPPRESS)
     add_flag(p)
     a = p.parse_args()
+    unknown = set(a.floor_paths.split(",")) - {*FLOOR_LABELS, "gateway"}
+    if unknown:
+        p.error(f"--floor-paths: unknown path(s) {', '.join(sorted(unknown))} (of {','.join(FLOOR_LABELS)},gateway)")
     if a.drive_picks:
         drive_picks(a.drive_picks, a.streams, a.seconds)
         return
