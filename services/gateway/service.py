@@ -77,7 +77,7 @@ def router_config(profile: str, staleness_s: float | None = None) -> RouterConfi
 
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
-_SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse{status: SERVING}, encoded by hand (one varint)
+SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse{status: SERVING}, encoded by hand (one varint)
 
 
 def health_handler() -> grpc.GenericRpcHandler:
@@ -85,7 +85,7 @@ def health_handler() -> grpc.GenericRpcHandler:
     health check fails when the loop stalls as well as when the process is gone."""
 
     async def check(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
-        return _SERVING
+        return SERVING
 
     return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(
         check, request_deserializer=bytes, response_serializer=bytes)})
