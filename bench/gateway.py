@@ -26,6 +26,9 @@ machine): ``envoy``, the same Envoy config without a picker filter (Envoy alone:
 body-to-metadata filter, router and load-balancing policy); ``noop``, the same config against
 ``bench/noop_ext_proc.py``, a grpcio asyncio ext_proc server on uvloop that answers each message of the
 picker's exchange at once with the picker's mutation for a fixed endpoint (the same engine server);
+``noopsync``, ``nooprw``, ``nooptuned``, the same do-nothing exchange on grpcio's synchronous server (a
+thread pool), on grpc.aio with ``context.read()``/``write()`` instead of async iterators, and on grpc.aio
+with the channel options of ``noop_ext_proc.TUNED_OPTIONS`` (is the ext_proc transport itself cheaper?);
 ``onemsg``, the same do-nothing server sent only the buffered request body (one message per request; Envoy
 accepts the mode, but its router then picks a host before the answer, so it cannot route); ``authz``,
 Envoy's ``ext_authz`` filter (``http_service``, request body buffered) against ``bench/noop_authz.py``, a
