@@ -32,8 +32,9 @@ with the channel options of ``noop_ext_proc.TUNED_OPTIONS`` (is the ext_proc tra
 ``onemsg``, the same do-nothing server sent only the buffered request body (one message per request; Envoy
 accepts the mode, but its router then picks a host before the answer, so it cannot route); ``authz``,
 Envoy's ``ext_authz`` filter (``http_service``, request body buffered) against ``bench/noop_authz.py``, a
-do-nothing asyncio HTTP/1.1 server answering 200 and the destination header; ``authzpick``, the same hop
-with Gantry's picker deciding (``bench/authz_picker.py``); ``gateway``, the product path. Each path reports
+do-nothing asyncio HTTP/1.1 server answering 200 and the destination header; ``authzgw``, the product picker
+on its ext_authz transport (``python -m services.gateway --transport ext_authz``: the same hop with the real
+decision, request ends from Envoy's gRPC access log); ``gateway``, the product path (ext_proc). Each path reports
 its added latency (p50, p99, vs direct), the CPU microseconds per request of its picker process and of its
 Envoy, and Envoy's phase timings (``<path>_to_upstream_us``: client's first byte to the engine).
 
@@ -242,7 +243,7 @@ FLOOR_LABELS = {  # floor path -> its name in the summary
     "nooptuned": "envoy_noop_ext_proc_tuned",  # grpc.aio with channel options cut (noop_ext_proc.TUNED_OPTIONS)
     "onemsg": "envoy_noop_ext_proc_body_only",  # ext_proc with only the buffered body sent: 1 message
     "authz": "envoy_noop_ext_authz_http",  # ext_authz over HTTP/1.1 to a do-nothing asyncio server
-    "authzpick": "envoy_picker_ext_authz_http",  # the same hop, Gantry's picker deciding (bench/authz_picker.py)
+    "authzgw": "envoy_gantry_picker_ext_authz",  # the product picker on its ext_authz transport
 }
 ONE_MESSAGE_MODE = {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "request_trailer_mode": "SKIP",
                     "response_header_mode": "SKIP", "response_body_mode": "NONE", "response_trailer_mode": "SKIP"}
@@ -267,12 +268,14 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
 
     def server(script: str, *extra: str) -> tuple[int, subprocess.Popen[bytes]]:
         port = free_port()
-        proc = subprocess.Popen([sys.executable, str(REPO / "bench" / script), "--port", str(port), *extra], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        argv = ([sys.executable, "-m", "services.gateway", "--http-port", str(port), *extra] if script == "-m"
+                else [sys.executable, str(REPO / "bench" / script), "--port", str(port), *extra])
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(proc)
         return port, proc
 
-    own_eds = tmp / "eds-authzpick" / "engines.json"  # that picker's own endpoint file (same engine)
+    own_eds = tmp / "eds-authzgw" / "engines.json"  # that picker's own endpoint file (same engine)
+    als_port = free_port()
     scripts = {  # Envoy alone keeps a (health-checked, unused) picker cluster
         "envoy": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
         "noop": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
@@ -280,8 +283,8 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         **{f"noop{style}": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0", "--style", style)
            for style in ("sync", "rw", "tuned")},
         "authz": ("noop_authz.py", "--destination", dest),
-        "authzpick": ("authz_picker.py", "--nats-url", nats_url, "--eds-path", str(own_eds),
-                      "--grpc-port", str(free_port())),
+        "authzgw": ("-m", "--transport", "ext_authz", "--nats-url", nats_url, "--eds-path", str(own_eds),
+                    "--grpc-port", str(als_port)),
     }
     ports: dict[str, int] = {}
     for path in which:  # a server per path: its CPU per request is that path's own
@@ -297,7 +300,8 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         # one message per request (the buffered request body)
         "onemsg": dict(epp_port=ports.get("onemsg", 0), ext_proc_mode=ONE_MESSAGE_MODE),
         "authz": dict(epp_port=ports.get("authz", 0), transport=PickerTransport.EXT_AUTHZ),
-        "authzpick": dict(epp_port=ports.get("authzpick", 0), transport=PickerTransport.EXT_AUTHZ, eds_path=own_eds),
+        "authzgw": dict(epp_port=ports.get("authzgw", 0), transport=PickerTransport.EXT_AUTHZ, eds_path=own_eds,
+                        als_port=als_port),
     }
     for path in which:
         extra = options[path]

@@ -36,6 +36,9 @@ from typing import Any
 from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
 from services.gateway.protocol import (
     FAIRNESS_HEADER,
+    HEALTH_PATH,
+    MODELS_PATH,
+    PICK_ID_HEADER,
     PRIORITY_HEADER,
     REQUEST_ID_HEADER,
     SESSION_HEADER,
@@ -49,8 +52,8 @@ DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
 EXT_PROC = "envoy.filters.http.ext_proc"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+PICKED = "x-gantry-endpoints"  # same name as services.gateway.epp.PICKED
 PICKER_HEADERS = (REQUEST_ID_HEADER, PRIORITY_HEADER, FAIRNESS_HEADER, SESSION_HEADER)  # what the picker reads
-HEALTH_PATH = "/health"  # the ext_authz picker's health check (answered on its event loop)
 MODEL_KEY = "model"  # envoy.lb/model: the request's model, for the fallback's subset choice
 ACCESS_LOG_FORMAT = ("[%START_TIME%] %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% "
                      "%RESPONSE_CODE_DETAILS% %UPSTREAM_HOST% %DURATION%ms x-request-id=%REQ(X-REQUEST-ID)%\n")
@@ -96,11 +99,18 @@ class EnvoyOptions:
     transport: PickerTransport = PickerTransport.EXT_PROC
     ext_proc_mode: dict[str, Any] | None = None  # another ProcessingMode (benchmarks: cheaper exchanges)
     max_body_bytes: int = 8 << 20  # ext_authz: the largest request body buffered for the picker
+    als_port: int | tuple[int, ...] = ()  # ext_authz: each picker replica's gRPC access-log port (same order)
+    als_flush_s: float = 0.01  # ext_authz: how long Envoy batches access-log entries before sending them
 
     @property
     def epp_ports(self) -> tuple[int, ...]:
         """Every picker replica's gRPC port."""
         return (self.epp_port,) if isinstance(self.epp_port, int) else self.epp_port
+
+    @property
+    def als_ports(self) -> tuple[int, ...]:
+        """Every picker replica's gRPC access-log port (ext_authz transport)."""
+        return (self.als_port,) if isinstance(self.als_port, int) else self.als_port
 
 
 def envoy_binary() -> Path:
@@ -187,13 +197,17 @@ def _ext_authz(o: EnvoyOptions) -> dict[str, Any]:
         http_service={"server_uri": {"uri": "http://gantry-picker", "cluster": EPP_CLUSTER,
                                      "timeout": f"{o.epp_timeout_s}s"},
                       "authorization_response": {
-                          "allowed_upstream_headers": {"patterns": [{"exact": DESTINATION}]},
-                          "allowed_client_headers": {"patterns": [{"exact": "content-type"}]}}},
+                          # the destination for override_host; the pick id for the access log's entry
+                          "allowed_upstream_headers": {"patterns": [{"exact": DESTINATION},
+                                                                    {"exact": PICK_ID_HEADER}]},
+                          "allowed_client_headers": {"patterns": [{"exact": "content-type"}]},
+                          "allowed_client_headers_on_success": {"patterns": [{"exact": PICKED}]}}},
         with_request_body={"max_request_bytes": o.max_body_bytes, "allow_partial_message": False,
                            "pack_as_bytes": True},
         # by default only the method, path, host and length go to the check; the picker reads these too
         allowed_headers={"patterns": [{"exact": h} for h in PICKER_HEADERS]},
         failure_mode_allow=o.failure_mode is FailureMode.FAIL_OPEN,
+        status_on_error={"code": 500},  # FailClose refuses as the ext_proc filter does (its default is 403)
         transport_api_version="V3",
     )
 
@@ -202,6 +216,20 @@ def _picker_filter(o: EnvoyOptions) -> list[dict[str, Any]]:
     if not o.ext_proc:
         return []
     return [_ext_authz(o) if o.transport is PickerTransport.EXT_AUTHZ else _ext_proc(o)]
+
+
+def _models_route() -> dict[str, Any]:
+    """ext_authz: ``GET /v1/models`` answered by a picker replica as an ordinary upstream, unchecked."""
+    return {"match": {"path": MODELS_PATH}, "route": {"cluster": EPP_CLUSTER},
+            "typed_per_filter_config": {EXT_AUTHZ: {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                "disabled": True}}}
+
+
+def _routes(o: EnvoyOptions) -> list[dict[str, Any]]:
+    if o.ext_proc and o.transport is PickerTransport.EXT_AUTHZ:
+        return [_models_route(), _route(o)]
+    return [_route(o)]
 
 
 def _route(o: EnvoyOptions) -> dict[str, Any]:
@@ -239,8 +267,41 @@ def _timing_log(path: Path) -> dict[str, Any]:
                   path=str(path), log_format={"text_format_source": {"inline_string": fmt}})
 
 
+def _als_cluster(i: int) -> str:
+    return f"gantry_als_{i}"
+
+
+def _grpc_access_logs(o: EnvoyOptions) -> list[dict[str, Any]]:
+    """ext_authz: every request's end to every picker replica over one long-lived gRPC stream each, entries
+    batched for ``als_flush_s``. Each replica ends the requests it routed and ignores the others' (the check
+    went to one replica, round robin; a replica cannot tell which)."""
+    if not (o.ext_proc and o.transport is PickerTransport.EXT_AUTHZ):
+        return []
+    return [_typed("envoy.access_loggers.http_grpc",
+                   "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                   common_config={"log_name": "gantry", "transport_api_version": "V3",
+                                  "grpc_service": {"envoy_grpc": {"cluster_name": _als_cluster(i)}},
+                                  "buffer_flush_interval": f"{o.als_flush_s}s", "buffer_size_bytes": 16384},
+                   additional_request_headers_to_log=[PICK_ID_HEADER])
+            for i in range(len(o.als_ports))]
+
+
+def _als_clusters(o: EnvoyOptions) -> list[dict[str, Any]]:
+    if not (o.ext_proc and o.transport is PickerTransport.EXT_AUTHZ):
+        return []
+    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+    return [{"name": _als_cluster(i), "type": "STATIC", "connect_timeout": "0.25s",
+             "typed_extension_protocol_options": h2,
+             "load_assignment": {"cluster_name": _als_cluster(i), "endpoints": [{"lb_endpoints": [
+                 {"endpoint": {"address": {"socket_address": {"address": o.epp_host, "port_value": port}}}}]}]}}
+            for i, port in enumerate(o.als_ports)]
+
+
 def _access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
     logs = [] if o.timing_log is None else [_timing_log(o.timing_log)]
+    logs += _grpc_access_logs(o)
     if o.access_log is not None:
         logs.append(_typed("envoy.access_loggers.file", "envoy.extensions.access_loggers.file.v3.FileAccessLog",
                            path=str(o.access_log),
@@ -283,7 +344,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
         "envoy.filters.network.http_connection_manager",
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="gantry", codec_type="AUTO",
-        route_config={"name": "gantry", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [_route(o)]}]},
+        route_config={"name": "gantry", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": _routes(o)}]},
         http_filters=[_model_to_metadata(), *_picker_filter(o),
                       _typed("envoy.filters.http.router", "envoy.extensions.filters.http.router.v3.Router")],
         access_log=_access_log(o),
@@ -299,6 +360,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
             }],
             "clusters": [
                 _epp_cluster(o),
+                *_als_clusters(o),
                 {"name": ENGINES_CLUSTER, "type": "EDS", "connect_timeout": f"{o.connect_timeout_s}s",
                  "eds_cluster_config": {"eds_config": {
                      "path_config_source": {"path": str(o.eds_path),
@@ -362,7 +424,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ops.envoy", description="Envoy in front of Gantry's picker")
     p.add_argument("--listen-port", type=int, default=8080)
     p.add_argument("--admin-port", type=int, default=9901)
-    p.add_argument("--epp-port", type=int, action="append", required=True, help="a picker's gRPC port (repeat)")
+    p.add_argument("--epp-port", type=int, action="append", required=True,
+                   help="a picker's gRPC port, or with --transport ext_authz its HTTP port (repeat)")
+    p.add_argument("--transport", choices=[t.value for t in PickerTransport], default=PickerTransport.EXT_PROC.value)
+    p.add_argument("--als-port", type=int, action="append", default=[],
+                   help="ext_authz: a picker's gRPC port for the access log (repeat, in --epp-port's order)")
     p.add_argument("--eds-path", type=Path, required=True, help="the endpoint file the picker maintains")
     p.add_argument("--workdir", type=Path, default=Path(".gantry/envoy"))
     p.add_argument("--failure-mode", choices=[m.value for m in FailureMode], default=FailureMode.FAIL_CLOSE.value,
@@ -371,7 +437,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     o = EnvoyOptions(listen_port=a.listen_port, admin_port=a.admin_port, epp_port=tuple(a.epp_port),
                      eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
-                     access_log=(a.workdir / "access.log").resolve())
+                     access_log=(a.workdir / "access.log").resolve(), transport=PickerTransport(a.transport),
+                     als_port=tuple(a.als_port))
+    if o.transport is PickerTransport.EXT_AUTHZ and len(o.als_ports) != len(o.epp_ports):
+        p.error("--transport ext_authz needs one --als-port per --epp-port")
     a.workdir.mkdir(parents=True, exist_ok=True)
     ensure_eds(o.eds_path)
     cfg = a.workdir / "envoy.json"

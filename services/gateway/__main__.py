@@ -1,4 +1,4 @@
-"""``python -m services.gateway``: run one Gantry endpoint picker (Envoy ext_proc server)."""
+"""``python -m services.gateway``: run one Gantry endpoint picker (Envoy ext_proc or ext_authz server)."""
 
 from __future__ import annotations
 
@@ -30,10 +30,17 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                    help="append every routed request to this JSONL trace (Mooncake-style; `gantry simulate` "
                         "replays it)")
     p.add_argument("--capture-salt", default="", help="key of the trace's prefix-block hashes")
+    p.add_argument("--transport", choices=("ext_proc", "ext_authz"), default="ext_proc",
+                   help="how Envoy asks: ext_proc gRPC streams (GIE protocol), or one HTTP/1.1 ext_authz check per "
+                        "request on --http-port with request ends from Envoy's gRPC access log on --grpc-port")
+    p.add_argument("--http-port", type=int, default=9003, help="ext_authz checks, /health and /v1/models")
     a = p.parse_args(argv)
+    if a.transport == "ext_authz" and a.capture is not None:
+        p.error("--capture needs --transport ext_proc (the output length is read from the response body)")
     return GatewayOptions(nats_url=a.nats_url, eds_path=a.eds_path, grpc_host=a.grpc_host, grpc_port=a.grpc_port,
                           profile=a.profile, expire_s=a.expire_s, seed=a.seed, staleness_s=a.staleness_s,
-                          capture=a.capture, capture_salt=a.capture_salt)
+                          capture=a.capture, capture_salt=a.capture_salt, transport=a.transport,
+                          http_port=a.http_port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,13 +72,34 @@ def _set_header(key: str, value: str) -> base_pb2.HeaderValueOption:
                                       append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
 
 
+def error_body(code: int, message: str) -> bytes:
+    """An OpenAI-style error body (both transports answer refusals with it)."""
+    return msgspec.json.encode({"error": {"message": message, "type": "gateway_error", "code": code}})
+
+
 def immediate(code: int, message: str) -> pb.ProcessingResponse:
     """An immediate HTTP answer with an OpenAI-style error body."""
-    body = msgspec.json.encode({"error": {"message": message, "type": "gateway_error", "code": code}})
+    body = error_body(code, message)
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=code),
         headers=pb.HeaderMutation(set_headers=[_set_header("content-type", "application/json")]),
         body=body, details=message[:200]))
+
+
+@dataclass(frozen=True, slots=True)
+class Picked:
+    """A routed request: the core's decision and the ``ip:port[,ip:port...]`` list Envoy walks."""
+
+    decision: Decision
+    destination: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request answered by the picker itself: 400 (bad request), 429 (shed) or 503 (no endpoint)."""
+
+    code: int
+    message: str
 
 
 class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
@@ -95,9 +116,10 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         self.capture = capture  # record routed requests as a replayable trace
         self.capturing: dict[str, Pending] = {}  # request id -> its trace line in the making
 
-    async def decide(self, body: bytes, headers: dict[str, str]) -> tuple[pb.ProcessingResponse, Decision | None]:
-        """The answer to a complete request body (pure apart from the router's own accounting; a long prompt is
-        tokenized on a worker thread)."""
+    async def pick(self, body: bytes, headers: dict[str, str]) -> Picked | Refusal:
+        """The decision on a complete request body, whatever the transport (pure apart from the router's own
+        accounting; a long prompt is tokenized on a worker thread). A decision is in flight until
+        ``router.finished``; the caller flushes the router once its answer has left."""
         # the picker's own id: a client-chosen x-request-id could collide with another request in flight
         rid = f"{headers.get(REQUEST_ID, '')[:64]}#{uuid.uuid4().hex}"
         try:
@@ -108,30 +130,53 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                 req = (tokenized(req, self.tokenize) if len(req.prompt or "") < OFFLOOP_TOKENIZE_CHARS
                        else await asyncio.to_thread(tokenized, req, self.tokenize))
         except BadRequest as err:
-            self.counters.refused[400] = self.counters.refused.get(400, 0) + 1
-            return immediate(400, str(err)), None
+            return self._refused(400, str(err))
         now = self.clock()
         out = self.router.route(req, now)
         if not isinstance(out, Decision):
-            self.counters.refused[out.code] = self.counters.refused.get(out.code, 0) + 1
-            return immediate(out.code, out.reason), None
+            return self._refused(out.code, out.reason)
         addr = self.addresses()
         targets = [addr[e] for e in out.endpoints if e in addr]
         if not targets:  # the core knows an endpoint the pool view just dropped: never send blind
             self.router.finished(rid)
-            return immediate(503, "chosen endpoints have no address"), None
-        value = ",".join(targets)
-        meta = struct_pb2.Struct()
-        meta.fields[METADATA_NS].struct_value.fields[DESTINATION].string_value = value  # Struct.update: 3x slower
+            return self._refused(503, "chosen endpoints have no address")
         self.counters.picks += 1
         if self.capture is not None and req.token_ids:
             self.capturing[rid] = self.capture.begin(now, req.model, req.token_ids)
+        return Picked(out, ",".join(targets))
+
+    def _refused(self, code: int, message: str) -> Refusal:
+        self.counters.refused[code] = self.counters.refused.get(code, 0) + 1
+        return Refusal(code, message)
+
+    async def decide(self, body: bytes, headers: dict[str, str]) -> tuple[pb.ProcessingResponse, Decision | None]:
+        """The ext_proc answer to a complete request body (``pick``, as a ProcessingResponse)."""
+        got = await self.pick(body, headers)
+        if isinstance(got, Refusal):
+            return immediate(got.code, got.message), None
+        meta = struct_pb2.Struct()
+        # Struct.update: 3x slower
+        meta.fields[METADATA_NS].struct_value.fields[DESTINATION].string_value = got.destination
         resp = pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(
-                header_mutation=pb.HeaderMutation(set_headers=[_set_header(DESTINATION, value)]),
+                header_mutation=pb.HeaderMutation(set_headers=[_set_header(DESTINATION, got.destination)]),
                 clear_route_cache=False)),
             dynamic_metadata=meta)
-        return resp, out
+        return resp, got.decision
+
+    def served(self, decision: Decision, served: str) -> None:
+        """Charge the request to the endpoint that actually served it (Envoy may have walked the list)."""
+        actual = {a: e for e, a in self.addresses().items()}.get(served)
+        if actual is not None and actual != decision.endpoint and self.router.state.moved(decision.request_id,
+                                                                                           actual):
+            self.counters.moved += 1
+            log.info("request %s served by fallback %s (picked %s)", decision.request_id, actual, decision.endpoint)
+
+    def models(self) -> bytes:
+        """The ``GET /v1/models`` answer: the models of the endpoints the picker knows."""
+        models = sorted({ep.endpoint.model for ep in self.router.state.endpoints.values()})
+        return msgspec.json.encode({"object": "list", "data": [
+            {"id": m, "object": "model", "owned_by": "gantry"} for m in models]})
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # gRPC's method name
                       context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.ProcessingResponse, None]:
@@ -157,7 +202,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                 elif kind == "response_headers":
                     got = _headers(msg.response_headers)
                     if decision is not None:
-                        self._served(decision, got.get(SERVED, ""))
+                        self.served(decision, got.get(SERVED, ""))
                         if (pending := self.capturing.get(decision.request_id)) is not None:
                             code = got.get(":status", "")
                             pending.status = int(code) if code.isdigit() else 0
@@ -195,20 +240,10 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                 if pending is not None and self.capture is not None:
                     self.capture.finish(pending)
 
-    def _served(self, decision: Decision, served: str) -> None:
-        """Charge the request to the endpoint that actually served it (Envoy may have walked the list)."""
-        actual = {a: e for e, a in self.addresses().items()}.get(served)
-        if actual is not None and actual != decision.endpoint and self.router.state.moved(decision.request_id,
-                                                                                           actual):
-            self.counters.moved += 1
-            log.info("request %s served by fallback %s (picked %s)", decision.request_id, actual, decision.endpoint)
-
     def _bodiless(self, headers: dict[str, str]) -> pb.ProcessingResponse:
         path = headers.get(":path", "")
         if headers.get(":method") == "GET" and path.split("?")[0] == "/v1/models":
-            models = sorted({ep.endpoint.model for ep in self.router.state.endpoints.values()})
-            body = msgspec.json.encode({"object": "list", "data": [
-                {"id": m, "object": "model", "owned_by": "gantry"} for m in models]})
+            body = self.models()
             return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
                 status=http_status_pb2.HttpStatus(code=200),
                 headers=pb.HeaderMutation(set_headers=[_set_header("content-type", "application/json")]),

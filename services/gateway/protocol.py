@@ -25,6 +25,12 @@ PRIORITY_HEADER = "x-gantry-priority"
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 """Tenant for flow control (GIE flow-control fairness id)."""
 SESSION_HEADER = "x-session-id"
+PICK_ID_HEADER = "x-gantry-pick-id"
+"""ext_authz transport: the picker's id of a routed request, set on the upstream request by the check's answer
+and read back from Envoy's access log (``services.gateway.authz``)."""
+HEALTH_PATH = "/health"  # ext_authz transport: Envoy's active health check of the picker's HTTP port
+MODELS_PATH = "/v1/models"  # ext_authz transport: routed to the picker's HTTP port, unchecked
+STATS_PATH = "/stats"  # ext_authz transport: the picker's counters and in-flight books (direct clients only)
 
 
 def processing_mode(response_body: str = "NONE") -> dict[str, Any]:

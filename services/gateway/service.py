@@ -15,13 +15,17 @@ from pathlib import Path
 import grpc
 import msgspec
 import nats
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from nats.aio.msg import Msg
 from tokenizers import Tokenizer
 
+from services.gateway.authz import AccessLogSink, AuthzPicker
+from services.gateway.authz import expire_forever as end_unlogged
 from services.gateway.capture import TraceWriter
 from services.gateway.contract import CONTRACT
 from services.gateway.epp import OFFLOOP_TOKENIZE_CHARS, Picker
+from services.gateway.http1 import OneByOne
 from services.gateway.pieces import PieceTokenizer
 from services.gateway.pool import eds_document
 from services.gateway.request import Tokenize
@@ -48,6 +52,9 @@ class GatewayOptions:
     staleness_s: float | None = None  # override of the profile's metrics staleness bound (data and detector)
     capture: Path | None = None  # write the routed traffic here as a replayable trace (JSONL)
     capture_salt: str = ""  # keys the prefix-block hashes of the trace
+    transport: str = "ext_proc"  # or "ext_authz": HTTP checks on http_port, the access log on grpc_port
+    http_port: int = 9003  # ext_authz checks, /health and /v1/models
+    max_request_s: float = 660.0  # ext_authz: in flight this long without a log entry = the entry was lost
 
 
 def shipped_tokenizer() -> Tokenize:
@@ -111,6 +118,7 @@ class Gateway:
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)
         self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer(), capture=self.capture)
+        self.authz = AuthzPicker(self.picker) if opts.transport == "ext_authz" else None
         self._eds_version = 0
         self.bus: Bus | None = None
 
@@ -142,18 +150,29 @@ class Gateway:
         server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
         server.add_generic_rpc_handlers((health_handler(),))
+        background = [asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, time.time))]
+        http: asyncio.Server | None = None
+        if self.authz is not None:
+            als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(self.authz), server)
+            authz = self.authz
+            http = await asyncio.get_running_loop().create_server(lambda: OneByOne(authz.answer), self.opts.grpc_host,
+                                                                  self.opts.http_port)
+            background.append(asyncio.create_task(end_unlogged(authz, self.opts.max_request_s)))
         server.add_insecure_port(f"{self.opts.grpc_host}:{self.opts.grpc_port}")
         await server.start()
-        expire = asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, time.time))
-        log.info("gantry EPP on %s:%d (profile %s)", self.opts.grpc_host, self.opts.grpc_port, self.opts.profile)
+        log.info("gantry EPP on %s:%d (%s%s, profile %s)", self.opts.grpc_host, self.opts.grpc_port,
+                 self.opts.transport, f" on :{self.opts.http_port}" if http else "", self.opts.profile)
         if ready is not None:
             ready.set()
         try:
             await server.wait_for_termination()
         finally:
-            expire.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expire
+            if http is not None:
+                http.close()
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await server.stop(1.0)
             if self.capture is not None:
                 self.capture.close()

@@ -1,0 +1,154 @@
+"""The picker over Envoy's ``ext_authz`` filter (``--transport ext_authz``): one plain HTTP/1.1 check per request,
+and the request's end from Envoy's gRPC access log.
+
+Request side: Envoy buffers the body and sends headers and body as one HTTP/1.1 request (framing:
+``services.gateway.http1``). The decision is ``Picker.pick``, the same code as the ext_proc path. A decision is
+answered ``200`` with ``x-gateway-destination-endpoint: ip:port[,ip:port...]`` (Envoy copies it to the upstream
+request, where the engines cluster's ``override_host`` policy reads it and walks it on retry),
+``x-gantry-pick-id`` (the picker's id of the request, copied upstream too, so the access log names it) and
+``x-gantry-endpoints`` (copied to the client's response). A refusal is answered with its status (400 / 429 /
+503) and the OpenAI-style JSON error, which Envoy passes to the client as it is.
+
+Response side: no per-request hop. Envoy's ``http_grpc`` access logger keeps one stream to the picker and
+sends batched entries (flushed every few ms); each names the pick id, the upstream host that served, and the
+status. An entry ends the request's in-flight accounting and, when a fallback served it, moves it there first.
+No entry marks prefill done on this path: the engines' own reports (load metrics, KV events) are what the
+core sees of a running request's progress (docs/gateway.md, "The ext_authz transport").
+
+Also served on the same HTTP port: ``GET /health`` (Envoy's active health check, answered on the event loop),
+``GET /v1/models`` (Envoy routes it here as an ordinary upstream, the check disabled on that route) and
+``GET /stats`` (the picker's counters and in-flight books, for a direct client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import msgspec
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from services.gateway.epp import DESTINATION, PICKED, Picker, Refusal, error_body
+from services.gateway.http1 import headers_of, response
+from services.gateway.protocol import HEALTH_PATH, MODELS_PATH, PICK_ID_HEADER, STATS_PATH
+from shared.core.routing import Decision
+
+log = logging.getLogger("gantry.gateway")
+
+JSON = (("content-type", "application/json"),)
+_OK = response(200)
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """What one access-log entry says of a finished request."""
+
+    pick_id: str
+    upstream: str  # ip:port of the engine that served, "" when none did
+    status: int
+
+
+def logged_of(entry: object) -> Logged | None:
+    """The fields the picker reads from an ``HTTPAccessLogEntry`` (None without a pick id: a request the picker
+    did not route, e.g. ``/v1/models`` or a refusal)."""
+    pick_id = entry.request.request_headers.get(PICK_ID_HEADER, "")  # type: ignore[attr-defined]
+    if not pick_id:
+        return None
+    sock = entry.common_properties.upstream_remote_address.socket_address  # type: ignore[attr-defined]
+    upstream = f"{sock.address}:{sock.port_value}" if sock.address else ""
+    return Logged(pick_id, upstream, int(entry.response.response_code.value))  # type: ignore[attr-defined]
+
+
+class AuthzPicker:
+    """The ext_authz answers of one picker replica, and the in-flight requests it routed."""
+
+    def __init__(self, picker: Picker, clock: Callable[[], float] = time.monotonic) -> None:
+        self.picker = picker
+        self.clock = clock
+        self.inflight: dict[str, tuple[Decision, float]] = {}  # pick id -> decision, when it was made
+
+    async def answer(self, head: bytes, body: bytes) -> bytes:
+        """The HTTP answer to one request on the picker's port."""
+        if head.startswith(b"GET "):
+            path = head[4:head.find(b" ", 4)].split(b"?")[0]
+            if path == HEALTH_PATH.encode():
+                return _OK
+            if path == MODELS_PATH.encode():
+                return response(200, self.picker.models(), JSON)
+            if path == STATS_PATH.encode():
+                return response(200, self.stats(), JSON)
+        headers = headers_of(head)
+        if not body:  # as the ext_proc path answers a bodiless request
+            why = f"{headers[':method'] or '?'} {headers[':path']}: a JSON body naming the model is required"
+            return response(400, error_body(400, why), JSON)
+        got = await self.picker.pick(body, headers)
+        if isinstance(got, Refusal):
+            return response(got.code, error_body(got.code, got.message), JSON)
+        rid = got.decision.request_id
+        self.inflight[rid] = (got.decision, self.clock())
+        # deferred assumed-state insertions, after the answer left (it is written when this returns)
+        asyncio.get_running_loop().call_soon(self.picker.router.flush)
+        return response(200, headers=((DESTINATION, got.destination), (PICK_ID_HEADER, rid),
+                                      (PICKED, ",".join(got.decision.endpoints))))
+
+    def stats(self) -> bytes:
+        """What ``GET /stats`` on the picker's port answers (operators, tests): its counters and the requests
+        in flight, in all and per endpoint. Envoy does not route this path here; only a direct client reaches it."""
+        c = self.picker.counters
+        per = {e: s.inflight_requests for e, s in self.picker.router.state.endpoints.items()}
+        return msgspec.json.encode({"picks": c.picks, "refused": c.refused, "finished": c.finished,
+                                    "moved": c.moved, "inflight": len(self.inflight), "endpoints": per})
+
+    def finished(self, entry: Logged) -> bool:
+        """An access-log entry ended a request: charge it to the engine that served it, then end it. False when
+        this replica did not route it (another replica did, or it was already ended)."""
+        held = self.inflight.pop(entry.pick_id, None)
+        if held is None:
+            return False
+        decision = held[0]
+        if entry.upstream:
+            self.picker.served(decision, entry.upstream)
+        self.picker.router.finished(decision.request_id)
+        self.picker.counters.finished += 1
+        return True
+
+    def expire(self, max_age_s: float) -> int:
+        """End the requests in flight for longer than any request may last: their log entries were lost (the
+        access-log stream broke while they ran). Returns how many."""
+        cutoff = self.clock() - max_age_s
+        old = [rid for rid, (_, t) in self.inflight.items() if t < cutoff]
+        for rid in old:
+            self.finished(Logged(rid, "", 0))
+        if old:
+            log.warning("%d requests in flight past %.0f s had no access-log entry: ended", len(old), max_age_s)
+        return len(old)
+
+
+class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # generated, untyped
+    """Envoy's gRPC access-log stream into the picker's books."""
+
+    def __init__(self, authz: AuthzPicker) -> None:
+        self.authz = authz
+        self.entries = 0
+
+    async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],  # gRPC name
+                               context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
+        """One Envoy worker's log stream (open as long as Envoy runs)."""
+        async for msg in request_iterator:
+            for entry in msg.http_logs.log_entry:
+                self.entries += 1
+                got = logged_of(entry)
+                if got is not None:
+                    self.authz.finished(got)
+        return als_pb2.StreamAccessLogsResponse()
+
+
+async def expire_forever(authz: AuthzPicker, max_age_s: float, every_s: float = 10.0) -> None:
+    """``AuthzPicker.expire`` every ``every_s`` seconds, until cancelled."""
+    while True:
+        await asyncio.sleep(every_s)
+        authz.expire(max_age_s)

@@ -1,0 +1,136 @@
+"""Just enough HTTP/1.1 server framing for Envoy's ``ext_authz`` checks: an ``asyncio.Protocol`` (run on uvloop)
+that cuts a kept-alive connection into requests (head, ``content-length`` body) and writes each answer in order.
+
+Why not a framework: the picker's check is one small request per client request, and every microsecond of
+Python on it is latency Envoy waits for (docs/gateway.md, "Cheaper hops to Python"). What Envoy sends is
+narrow, so what this does not understand closes the connection rather than guessing at the framing: a head
+past ``MAX_HEAD_BYTES``, a missing, negative, garbled, conflicting or too large ``content-length`` on a
+request that has a body, or any ``transfer-encoding``. An answer that raises closes the connection too (the
+check then fails on Envoy's side, and its failure mode decides). Nothing here crashes the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+log = logging.getLogger("gantry.gateway")
+
+MAX_HEAD_BYTES = 64 << 10  # request line and headers; Envoy's own default limit is 60 KiB
+MAX_BODY_BYTES = 32 << 20  # the largest body a check may carry (the picker refuses larger ones as 400 anyway)
+MALFORMED = -1
+
+Answer = Callable[[bytes, bytes], "bytes | Awaitable[bytes]"]
+"""Request head (request line and headers, without the blank line) and body -> the whole HTTP response, at
+once or when awaited."""
+
+
+def content_length(head: bytes, limit: int = MAX_BODY_BYTES) -> int:
+    """The body length a request head announces: 0 without ``content-length``, ``MALFORMED`` when the value is
+    not a non-negative integer, exceeds ``limit``, is given twice with different values, or the head asks for a
+    ``transfer-encoding`` (not supported here)."""
+    found: int | None = None
+    for line in head.split(b"\r\n")[1:]:
+        name = line[:18].lower()
+        if name.startswith(b"transfer-encoding:"):
+            return MALFORMED
+        if name.startswith(b"content-length:"):
+            value = line[15:].strip()
+            if not value.isdigit() or len(value) > 12 or int(value) > limit:
+                return MALFORMED
+            if found is not None and found != int(value):
+                return MALFORMED
+            found = int(value)
+    return found or 0
+
+
+def headers_of(head: bytes) -> dict[str, str]:
+    """Lower-cased header names to values, plus ``:method`` and ``:path`` from the request line (as the picker
+    reads Envoy's ext_proc headers); an unreadable request line gives empty pseudo-headers."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    out = {":method": parts[0] if len(parts) == 3 else "", ":path": parts[1] if len(parts) == 3 else ""}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        out[key.strip().lower()] = value.strip()
+    return out
+
+
+def response(code: int, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A whole HTTP/1.1 response (kept alive)."""
+    extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers)
+    return b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s\r\n%s" % (code, _REASONS.get(code, b"X"), len(body), extra,
+                                                                  body)
+
+
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 429: b"Too Many Requests",
+            500: b"Internal Server Error", 503: b"Service Unavailable"}
+
+
+class OneByOne(asyncio.Protocol):
+    """One connection: requests in, answers out in order. Envoy's HTTP/1.1 pool never pipelines; a client that
+    does waits, its next request read only once the previous answer is written."""
+
+    def __init__(self, answer: Answer, max_body: int = MAX_BODY_BYTES) -> None:
+        self.answer = answer
+        self.max_body = max_body
+        self.buf = b""
+        self.busy = False  # an answer is being awaited
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._next()
+
+    def _next(self) -> None:
+        while not self.busy and self.transport is not None:
+            end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
+            if end < 0:
+                if len(self.buf) > MAX_HEAD_BYTES:  # no end of head in sight: not a request this reads
+                    self._close()
+                return
+            length = content_length(self.buf[:end], self.max_body)
+            if length < 0:  # the framing is unknown: nothing after this head can be cut into requests
+                self._close()
+                return
+            need = end + 4 + length
+            if len(self.buf) < need:
+                return  # the body is still coming
+            head, body, self.buf = self.buf[:end], self.buf[end + 4:need], self.buf[need:]
+            try:
+                out = self.answer(head, body)
+            except Exception:
+                log.exception("ext_authz answer failed; connection closed")
+                self._close()
+                return
+            if isinstance(out, bytes):
+                self.transport.write(out)
+            else:
+                self.busy = True
+                asyncio.ensure_future(out).add_done_callback(self._answered)
+
+    def _answered(self, fut: asyncio.Future[bytes]) -> None:
+        self.busy = False
+        if fut.cancelled() or fut.exception() is not None:
+            if not fut.cancelled():
+                log.error("ext_authz answer failed; connection closed", exc_info=fut.exception())
+            self._close()
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(fut.result())
+            self._next()
+
+    def _close(self) -> None:
+        self.buf = b""
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None

@@ -1,0 +1,154 @@
+"""The picker over Envoy's ext_authz transport without a network: each check answered with the same decision as
+the ext_proc path (the fallback list Envoy routes on, or the refusal's status and JSON error), the request kept
+in flight until Envoy's access log ends it, and a fallback's load moved to the endpoint that served."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import msgspec
+from envoy.config.core.v3 import address_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf import wrappers_pb2
+
+from services.gateway.authz import AccessLogSink, AuthzPicker, Logged, logged_of
+from services.gateway.epp import DESTINATION, PICKED
+from services.gateway.protocol import PICK_ID_HEADER
+from tests.unit.services.test_gateway_picker import chat, picker, report
+
+CHAT_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gantry-picker\r\nx-request-id: r1"
+
+
+def _split(out: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, body = out.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    hs = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split(" ")[1]), hs, body
+
+
+def _entry(pick_id: str, upstream: str, code: int = 200) -> accesslog_pb2.HTTPAccessLogEntry:
+    ip, port = upstream.rsplit(":", 1) if upstream else ("", "0")
+    entry = accesslog_pb2.HTTPAccessLogEntry(
+        request=accesslog_pb2.HTTPRequestProperties(request_headers={PICK_ID_HEADER: pick_id} if pick_id else {}),
+        response=accesslog_pb2.HTTPResponseProperties(response_code=wrappers_pb2.UInt32Value(value=code)))
+    if ip:
+        entry.common_properties.upstream_remote_address.CopyFrom(address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=ip, port_value=int(port))))
+    return entry
+
+
+async def test_a_decision_is_a_200_naming_the_list_and_the_request_stays_in_flight_until_logged() -> None:
+    p, router = picker(report("a", 8001), report("b", 8002))
+    authz = AuthzPicker(p)
+    code, hs, _ = _split(await authz.answer(CHAT_HEAD, chat()))
+    assert code == 200
+    assert set(hs[DESTINATION].split(",")) == {"127.0.0.1:8001", "127.0.0.1:8002"}
+    assert hs[PICKED].split(",")[0] in {"a", "b"} and hs[PICK_ID_HEADER].startswith("r1#")
+    assert sum(s.inflight_requests for s in router.state.endpoints.values()) == 1
+    first = hs[DESTINATION].split(",")[0]
+    assert authz.finished(Logged(hs[PICK_ID_HEADER], first, 200))
+    assert sum(s.inflight_requests for s in router.state.endpoints.values()) == 0
+    assert not authz.finished(Logged(hs[PICK_ID_HEADER], first, 200))  # a duplicate entry changes nothing
+    assert p.counters.finished == 1 and p.counters.moved == 0
+
+
+async def test_a_request_served_by_a_fallback_is_moved_there_before_it_ends() -> None:
+    p, router = picker(report("a", 8001), report("b", 8002))
+    authz = AuthzPicker(p)
+    _, hs, _ = _split(await authz.answer(CHAT_HEAD, chat("y" * 400)))
+    first, second = hs[DESTINATION].split(",")
+    assert first != second
+    authz.finished(Logged(hs[PICK_ID_HEADER], second, 200))
+    assert p.counters.moved == 1
+    assert all(s.inflight_requests == 0 and s.inflight_tokens == 0 for s in router.state.endpoints.values())
+
+
+async def test_refusals_carry_their_status_and_an_openai_style_error() -> None:
+    p, _ = picker(report("a", 8001, model="other"))
+    authz = AuthzPicker(p)
+    code, hs, body = _split(await authz.answer(CHAT_HEAD, chat()))
+    assert code == 503 and hs["content-type"] == "application/json"
+    assert msgspec.json.decode(body)["error"]["code"] == 503
+    for bad in (b"{not json", b"[]", b'{"model": 3}'):
+        code, _, body = _split(await authz.answer(CHAT_HEAD, bad))
+        assert code == 400 and msgspec.json.decode(body)["error"]["code"] == 400
+    code, _, _ = _split(await authz.answer(b"POST /v1/chat/completions HTTP/1.1\r\nhost: p", b""))
+    assert code == 400
+    # a bodiless request is not counted, as on ext_proc
+    assert authz.inflight == {} and p.counters.refused == {503: 1, 400: 3}
+
+
+async def test_a_sheddable_request_on_a_saturated_pool_is_a_429() -> None:
+    p, _ = picker(report("a", 8001, waiting=50))
+    authz = AuthzPicker(p)
+    code, _, body = _split(await authz.answer(CHAT_HEAD + b"\r\nx-gantry-priority: -1", chat()))
+    assert code == 429 and msgspec.json.decode(body)["error"]["code"] == 429
+
+
+async def test_health_and_models_are_answered_without_a_decision() -> None:
+    p, _ = picker(report("a", 8001))
+    authz = AuthzPicker(p)
+    assert _split(await authz.answer(b"GET /health HTTP/1.1\r\nhost: x", b""))[0] == 200
+    code, _, body = _split(await authz.answer(b"GET /v1/models?x=1 HTTP/1.1\r\nhost: x", b""))
+    assert code == 200 and [m["id"] for m in msgspec.json.decode(body)["data"]] == ["m"]
+    assert p.counters.picks == 0
+
+
+async def test_stats_show_the_requests_in_flight_per_endpoint() -> None:
+    p, _ = picker(report("a", 8001))
+    authz = AuthzPicker(p)
+    await authz.answer(CHAT_HEAD, chat())
+    code, _, body = _split(await authz.answer(b"GET /stats HTTP/1.1\r\nhost: x", b""))
+    got = msgspec.json.decode(body)
+    assert code == 200 and got["inflight"] == 1 and got["endpoints"] == {"a": 1} and got["picks"] == 1
+
+
+async def test_requests_whose_log_entries_were_lost_are_ended_after_the_longest_request() -> None:
+    p, router = picker(report("a", 8001))
+    now = [0.0]
+    authz = AuthzPicker(p, clock=lambda: now[0])
+    await authz.answer(CHAT_HEAD, chat())
+    now[0] = 100.0
+    assert authz.expire(600.0) == 0
+    now[0] = 601.0
+    assert authz.expire(600.0) == 1
+    assert router.state.endpoints["a"].inflight_requests == 0
+
+
+def test_an_access_log_entry_is_read_for_its_pick_id_upstream_and_status() -> None:
+    assert logged_of(_entry("r#1", "127.0.0.1:8002", 200)) == Logged("r#1", "127.0.0.1:8002", 200)
+    assert logged_of(_entry("r#1", "", 503)) == Logged("r#1", "", 503)
+    assert logged_of(_entry("", "127.0.0.1:8002")) is None  # not a routed request (e.g. /v1/models)
+
+
+async def test_the_access_log_stream_ends_the_requests_this_replica_routed_and_ignores_others() -> None:
+    p, router = picker(report("a", 8001))
+    authz = AuthzPicker(p)
+    _, hs, _ = _split(await authz.answer(CHAT_HEAD, chat()))
+    sink = AccessLogSink(authz)
+
+    async def stream() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        msg = als_pb2.StreamAccessLogsMessage()
+        msg.http_logs.log_entry.extend([_entry("other#x", "127.0.0.1:8001"), _entry("", ""),
+                                        _entry(hs[PICK_ID_HEADER], "127.0.0.1:8001")])
+        yield msg
+
+    await sink.StreamAccessLogs(stream(), _no_context())
+    assert sink.entries == 3 and authz.inflight == {}
+    assert router.state.endpoints["a"].inflight_requests == 0
+
+
+def _no_context() -> grpc.aio.ServicerContext:
+    return None  # type: ignore[return-value]  # the sink never touches its context
+
+
+async def test_the_router_is_flushed_after_the_answer() -> None:
+    p, router = picker(report("a", 8001))
+    flushed: list[int] = []
+    router.flush = lambda: flushed.append(1)  # type: ignore[method-assign]
+    await AuthzPicker(p).answer(CHAT_HEAD, chat())
+    await asyncio.sleep(0)
+    assert flushed == [1]

@@ -1,0 +1,158 @@
+"""The picker's HTTP/1.1 framing for Envoy's ext_authz checks: every request on a kept-alive connection is
+answered in order; what the framing cannot cut safely (bad lengths, endless heads, chunked bodies, a failing
+answer) closes that connection and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from bench.noop_authz import answer
+from services.gateway.http1 import MALFORMED, MAX_HEAD_BYTES, Answer, OneByOne, content_length, headers_of, response
+
+
+@asynccontextmanager
+async def connected(reply: Answer) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A live server answering with ``reply``, and one client connection to it."""
+    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(reply), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+
+
+def test_the_answer_allows_the_request_and_names_its_destination() -> None:
+    assert answer("127.0.0.1:8001") == (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
+                                        b"x-gateway-destination-endpoint: 127.0.0.1:8001\r\n\r\n")
+
+
+def test_content_length_is_read_case_insensitively_and_absent_means_no_body() -> None:
+    assert content_length(b"POST /x HTTP/1.1\r\nContent-Length: 12") == 12
+    assert content_length(b"GET /health HTTP/1.1\r\nhost: a") == 0
+
+
+def test_a_negative_huge_or_garbled_content_length_is_malformed() -> None:
+    for value in (b"-5", b"12abc", b"", b"9" * 40, b"1e3", b" +4"):
+        assert content_length(b"POST /x HTTP/1.1\r\ncontent-length: " + value) == MALFORMED
+    assert content_length(b"POST /x HTTP/1.1\r\ncontent-length: 101", limit=100) == MALFORMED
+
+
+def test_conflicting_lengths_and_any_transfer_encoding_are_malformed() -> None:
+    assert content_length(b"POST /x HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4") == MALFORMED
+    assert content_length(b"POST /x HTTP/1.1\r\ncontent-length: 3\r\nContent-Length: 3") == 3
+    assert content_length(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked") == MALFORMED
+
+
+def test_headers_are_read_as_the_picker_reads_them() -> None:
+    got = headers_of(b"POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\nX-Gantry-Priority:  -1")
+    assert got[":method"] == "POST" and got[":path"] == "/v1/chat/completions"
+    assert got["x-gantry-priority"] == "-1"
+    assert headers_of(b"garbage")[":method"] == ""
+
+
+def test_a_response_carries_its_length_and_headers() -> None:
+    assert response(429, b"{}", (("content-type", "application/json"),)) == (
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}")
+
+
+def _ok(head: bytes, body: bytes) -> bytes:
+    return response(200, body)
+
+
+async def _closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server wrote before closing the connection."""
+    got = b""
+    while chunk := await asyncio.wait_for(reader.read(65536), 5):
+        got += chunk
+    return got
+
+
+async def test_a_head_that_never_ends_closes_the_connection() -> None:
+    async with connected(_ok) as (reader, writer):
+        writer.write(b"POST /a HTTP/1.1\r\nx: " + b"y" * (MAX_HEAD_BYTES + 10))
+        await writer.drain()
+        assert await _closed(reader) == b""
+
+
+async def test_a_body_over_the_limit_closes_the_connection_before_it_is_read() -> None:
+    async with connected(_ok) as (reader, writer):
+        writer.write(b"POST /a HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % (1 << 40))
+        await writer.drain()
+        assert await _closed(reader) == b""
+
+
+async def test_a_failing_answer_closes_only_its_connection() -> None:
+    async def fail(head: bytes, body: bytes) -> bytes:
+        if body == b"bad":
+            raise RuntimeError("boom")
+        return response(200, body)
+
+    async with connected(fail) as (reader, writer):
+        writer.write(b"POST /a HTTP/1.1\r\ncontent-length: 3\r\n\r\nbad")
+        assert await _closed(reader) == b""
+    async with connected(fail) as (reader, writer):  # the server goes on answering
+        writer.write(b"POST /a HTTP/1.1\r\ncontent-length: 2\r\n\r\nok")
+        assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+
+
+async def test_pipelined_requests_wait_for_the_awaited_answer_before_them() -> None:
+    async def slow_first(head: bytes, body: bytes) -> bytes:
+        if body == b"1":
+            await asyncio.sleep(0.05)
+        return response(200, body)
+
+    async with connected(slow_first) as (reader, writer):
+        writer.write(b"POST /a HTTP/1.1\r\ncontent-length: 1\r\n\r\n1POST /b HTTP/1.1\r\ncontent-length: 1\r\n\r\n2")
+        got = b""
+        while not got.endswith(b"2"):
+            got += await asyncio.wait_for(reader.read(1024), 5)
+    assert got.index(b"\r\n\r\n1") < got.index(b"\r\n\r\n2")
+
+
+async def test_a_malformed_head_closes_the_connection_without_an_answer() -> None:
+    seen: list[bytes] = []
+
+    def reply(head: bytes, body: bytes) -> bytes:
+        seen.append(body)
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+    async with connected(reply) as (reader, writer):
+        writer.write(b"POST /a HTTP/1.1\r\ncontent-length: -3\r\n\r\nabc")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(1024), 5) == b""  # closed, nothing answered
+    assert seen == []
+
+
+async def test_requests_on_one_connection_are_answered_in_order_even_when_split_across_reads() -> None:
+    seen: list[bytes] = []
+
+    def reply(head: bytes, body: bytes) -> bytes:
+        seen.append(body)
+        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+    async with connected(reply) as (reader, writer):
+        first = b"POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello"
+        second = b"POST /b HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc"
+        writer.write(first[:20])  # the head arrives in pieces, then the rest with the next request
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(first[20:] + second)
+        got = b""
+        while got.count(b"\r\n\r\n") < 2 or not got.endswith(b"abc"):
+            got += await asyncio.wait_for(reader.read(1024), 5)
+    assert seen == [b"hello", b"abc"]
+    assert got.index(b"hello") < got.index(b"abc")
+
+
+async def test_an_awaited_answer_is_written_when_it_is_ready() -> None:
+    async def later(_head: bytes, _body: bytes) -> bytes:
+        await asyncio.sleep(0.01)
+        return b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    async with connected(later) as (reader, writer):
+        writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 204")
