@@ -40,9 +40,11 @@ from services.gateway.protocol import (
     MODELS_PATH,
     PICK_ID_HEADER,
     PRIORITY_HEADER,
+    RELAYED_5XX,
     REQUEST_ID_HEADER,
     SESSION_HEADER,
     STREAMED_RESPONSE_MODE,
+    authz_status,
     processing_mode,
 )
 
@@ -212,6 +214,19 @@ def _ext_authz(o: EnvoyOptions) -> dict[str, Any]:
     )
 
 
+def _local_replies(o: EnvoyOptions) -> dict[str, Any]:
+    """ext_authz: the picker's 5xx refusals come back as shifted 4xx denials (``protocol.authz_status``); give the
+    client the real status. Only denials by the check (response flag UAEX) with those exact codes are mapped."""
+    if not (o.ext_proc and o.transport is PickerTransport.EXT_AUTHZ):
+        return {}
+    mappers = [{"filter": {"and_filter": {"filters": [
+        {"response_flag_filter": {"flags": ["UAEX"]}},
+        {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+            "default_value": authz_status(code), "runtime_key": f"gantry.authz_status_{code}"}}}}]}},
+        "status_code": code} for code in RELAYED_5XX]
+    return {"local_reply_config": {"mappers": mappers}}
+
+
 def _picker_filter(o: EnvoyOptions) -> list[dict[str, Any]]:
     if not o.ext_proc:
         return []
@@ -348,6 +363,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
         http_filters=[_model_to_metadata(), *_picker_filter(o),
                       _typed("envoy.filters.http.router", "envoy.extensions.filters.http.router.v3.Router")],
         access_log=_access_log(o),
+        **_local_replies(o),
     )
     return {
         "node": {"id": "gantry-gateway", "cluster": "gantry"},

@@ -6,8 +6,9 @@ Request side: Envoy buffers the body and sends headers and body as one HTTP/1.1 
 answered ``200`` with ``x-gateway-destination-endpoint: ip:port[,ip:port...]`` (Envoy copies it to the upstream
 request, where the engines cluster's ``override_host`` policy reads it and walks it on retry),
 ``x-gantry-pick-id`` (the picker's id of the request, copied upstream too, so the access log names it) and
-``x-gantry-endpoints`` (copied to the client's response). A refusal is answered with its status (400 / 429 /
-503) and the OpenAI-style JSON error, which Envoy passes to the client as it is.
+``x-gantry-endpoints`` (copied to the client's response). A refusal is answered with its status (400 / 429;
+a 503 or 504 shifted into 4xx, ``protocol.authz_status``, since Envoy would take a 5xx for a failed check) and
+the OpenAI-style JSON error, which Envoy passes to the client (the 5xx restored by its local-reply mapper).
 
 Response side: no per-request hop. Envoy's ``http_grpc`` access logger keeps one stream to the picker and
 sends batched entries (flushed every few ms); each names the pick id, the upstream host that served, and the
@@ -34,7 +35,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from services.gateway.epp import DESTINATION, PICKED, Picker, Refusal, error_body
 from services.gateway.http1 import headers_of, response
-from services.gateway.protocol import HEALTH_PATH, MODELS_PATH, PICK_ID_HEADER, STATS_PATH
+from services.gateway.protocol import HEALTH_PATH, MODELS_PATH, PICK_ID_HEADER, STATS_PATH, authz_status
 from shared.core.routing import Decision
 
 log = logging.getLogger("gantry.gateway")
@@ -87,7 +88,7 @@ class AuthzPicker:
             return response(400, error_body(400, why), JSON)
         got = await self.picker.pick(body, headers)
         if isinstance(got, Refusal):
-            return response(got.code, error_body(got.code, got.message), JSON)
+            return response(authz_status(got.code), error_body(got.code, got.message), JSON)
         rid = got.decision.request_id
         self.inflight[rid] = (got.decision, self.clock())
         # deferred assumed-state insertions, after the answer left (it is written when this returns)

@@ -30,6 +30,21 @@ PICK_ID_HEADER = "x-gantry-pick-id"
 and read back from Envoy's access log (``services.gateway.authz``)."""
 HEALTH_PATH = "/health"  # ext_authz transport: Envoy's active health check of the picker's HTTP port
 MODELS_PATH = "/v1/models"  # ext_authz transport: routed to the picker's HTTP port, unchecked
+RELAYED_5XX = (500, 502, 503, 504)
+"""ext_authz transport: Envoy takes a 5xx answer from the check as the check failing (its failure mode then
+decides: refuse with 500, or route without the picker). The picker's own 5xx refusals (503 no endpoint, 504
+queue expiry) therefore travel as ``status - AUTHZ_5XX_SHIFT`` (unassigned 4xx codes) and Envoy's local-reply
+mapper turns them back into the 5xx before the client sees them."""
+AUTHZ_5XX_SHIFT = 50
+
+
+def authz_status(code: int) -> int:
+    """The status the picker answers Envoy's check with for a refusal of ``code`` (see ``RELAYED_5XX``)."""
+    if code in RELAYED_5XX:
+        return code - AUTHZ_5XX_SHIFT
+    return 500 - AUTHZ_5XX_SHIFT if code >= 500 else code
+
+
 STATS_PATH = "/stats"  # ext_authz transport: the picker's counters and in-flight books (direct clients only)
 
 

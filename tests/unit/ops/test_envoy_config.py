@@ -20,6 +20,7 @@ from ops.envoy import (
     main,
 )
 from services.gateway.pool import eds_document
+from services.gateway.protocol import MODELS_PATH, PICK_ID_HEADER, authz_status
 from shared.core.routing import Endpoint
 
 
@@ -159,6 +160,42 @@ def test_the_ext_authz_transport_keeps_the_failure_mode(failure_mode: FailureMod
     cfg = _cfg(transport=PickerTransport.EXT_AUTHZ, failure_mode=failure_mode)
     authz = next(f["typed_config"] for f in _filters(cfg) if f["name"] == "envoy.filters.http.ext_authz")
     assert authz["failure_mode_allow"] is (failure_mode is FailureMode.FAIL_OPEN)
+
+
+def _hcm(cfg: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return out
+
+
+def test_the_ext_authz_transport_sends_every_request_end_to_every_picker_replica_over_grpc() -> None:
+    cfg = _cfg(transport=PickerTransport.EXT_AUTHZ, als_port=(5, 6), als_flush_s=0.02)
+    logs = [a for a in _hcm(cfg)["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
+    assert len(logs) == 2
+    for i, (log, port) in enumerate(zip(logs, (5, 6), strict=True)):
+        common = log["typed_config"]["common_config"]
+        assert common["buffer_flush_interval"] == "0.02s"
+        assert log["typed_config"]["additional_request_headers_to_log"] == [PICK_ID_HEADER]
+        cluster = _cluster(cfg, common["grpc_service"]["envoy_grpc"]["cluster_name"])
+        addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert addr["socket_address"]["port_value"] == port, i
+    assert not [a for a in _hcm(_cfg())["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
+
+
+def test_the_ext_authz_transport_routes_models_to_the_picker_unchecked() -> None:
+    routes = _hcm(_cfg(transport=PickerTransport.EXT_AUTHZ))["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes[0]["match"] == {"path": MODELS_PATH} and routes[0]["route"]["cluster"] == EPP_CLUSTER
+    assert routes[0]["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] is True
+    assert len(_hcm(_cfg())["route_config"]["virtual_hosts"][0]["routes"]) == 1  # ext_proc answers it itself
+
+
+def test_the_ext_authz_transport_restores_the_pickers_shifted_5xx_refusals() -> None:
+    mappers = _hcm(_cfg(transport=PickerTransport.EXT_AUTHZ))["local_reply_config"]["mappers"]
+    restored = {m["filter"]["and_filter"]["filters"][1]["status_code_filter"]["comparison"]["value"]["default_value"]:
+                m["status_code"] for m in mappers}
+    assert restored[authz_status(503)] == 503 and restored[authz_status(504)] == 504
+    assert all(m["filter"]["and_filter"]["filters"][0] == {"response_flag_filter": {"flags": ["UAEX"]}}
+               for m in mappers)
+    assert "local_reply_config" not in _hcm(_cfg())
 
 
 def test_another_processing_mode_replaces_the_pickers_exchange() -> None:

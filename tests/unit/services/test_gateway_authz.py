@@ -16,7 +16,7 @@ from google.protobuf import wrappers_pb2
 
 from services.gateway.authz import AccessLogSink, AuthzPicker, Logged, logged_of
 from services.gateway.epp import DESTINATION, PICKED
-from services.gateway.protocol import PICK_ID_HEADER
+from services.gateway.protocol import PICK_ID_HEADER, RELAYED_5XX, authz_status
 from tests.unit.services.test_gateway_picker import chat, picker, report
 
 CHAT_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gantry-picker\r\nx-request-id: r1"
@@ -70,7 +70,7 @@ async def test_refusals_carry_their_status_and_an_openai_style_error() -> None:
     p, _ = picker(report("a", 8001, model="other"))
     authz = AuthzPicker(p)
     code, hs, body = _split(await authz.answer(CHAT_HEAD, chat()))
-    assert code == 503 and hs["content-type"] == "application/json"
+    assert code == 453 and hs["content-type"] == "application/json"  # Envoy's mapper makes it 503 again
     assert msgspec.json.decode(body)["error"]["code"] == 503
     for bad in (b"{not json", b"[]", b'{"model": 3}'):
         code, _, body = _split(await authz.answer(CHAT_HEAD, bad))
@@ -116,6 +116,11 @@ async def test_requests_whose_log_entries_were_lost_are_ended_after_the_longest_
     now[0] = 601.0
     assert authz.expire(600.0) == 1
     assert router.state.endpoints["a"].inflight_requests == 0
+
+
+def test_the_pickers_5xx_refusals_travel_as_4xx_and_the_others_unchanged() -> None:
+    assert [authz_status(c) for c in (400, 429, 500, 503, 504, 599)] == [400, 429, 450, 453, 454, 450]
+    assert all(400 <= authz_status(c) < 500 for c in RELAYED_5XX)
 
 
 def test_an_access_log_entry_is_read_for_its_pick_id_upstream_and_status() -> None:
