@@ -42,6 +42,7 @@ log = logging.getLogger("gantry.gateway")
 
 JSON = (("content-type", "application/json"),)
 _OK = response(200)
+MAX_IN_FLIGHT = 100_000  # beyond this many unended requests the oldest are let go (memory bound)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +68,9 @@ def logged_of(entry: object) -> Logged | None:
 class AuthzPicker:
     """The ext_authz answers of one picker replica, and the in-flight requests it routed."""
 
-    def __init__(self, picker: Picker, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, picker: Picker) -> None:
         self.picker = picker
-        self.clock = clock
-        self.inflight: dict[str, tuple[Decision, float]] = {}  # pick id -> decision, when it was made
+        self.inflight: dict[str, Decision] = {}  # pick id -> its decision, until the access log ends it
 
     async def answer(self, head: bytes, body: bytes) -> bytes:
         """The HTTP answer to one request on the picker's port."""
@@ -90,7 +90,7 @@ class AuthzPicker:
         if isinstance(got, Refusal):
             return response(authz_status(got.code), error_body(got.code, got.message), JSON)
         rid = got.decision.request_id
-        self.inflight[rid] = (got.decision, self.clock())
+        self.inflight[rid] = got.decision
         # deferred assumed-state insertions, after the answer left (it is written when this returns)
         asyncio.get_running_loop().call_soon(self.picker.router.flush)
         return response(200, headers=((DESTINATION, got.destination), (PICK_ID_HEADER, rid),
@@ -107,26 +107,26 @@ class AuthzPicker:
     def finished(self, entry: Logged) -> bool:
         """An access-log entry ended a request: charge it to the engine that served it, then end it. False when
         this replica did not route it (another replica did, or it was already ended)."""
-        held = self.inflight.pop(entry.pick_id, None)
-        if held is None:
+        decision = self.inflight.pop(entry.pick_id, None)
+        if decision is None:
             return False
-        decision = held[0]
         if entry.upstream:
             self.picker.served(decision, entry.upstream)
         self.picker.router.finished(decision.request_id)
         self.picker.counters.finished += 1
         return True
 
-    def expire(self, max_age_s: float) -> int:
-        """End the requests in flight for longer than any request may last: their log entries were lost (the
-        access-log stream broke while they ran). Returns how many."""
-        cutoff = self.clock() - max_age_s
-        old = [rid for rid, (_, t) in self.inflight.items() if t < cutoff]
-        for rid in old:
-            self.finished(Logged(rid, "", 0))
-        if old:
-            log.warning("%d requests in flight past %.0f s had no access-log entry: ended", len(old), max_age_s)
-        return len(old)
+    def expire(self, now: float, max_age_s: float, keep: int = MAX_IN_FLIGHT) -> int:
+        """End the requests in flight for longer than any request may last, and the oldest past ``keep``: their
+        log entries were lost (the access-log stream broke while they ran, or Envoy dropped a full buffer).
+        Returns how many."""
+        gone = self.picker.router.expire_flights(now, max_age_s, keep)
+        for rid in gone:
+            if self.inflight.pop(rid, None) is not None:
+                self.picker.counters.finished += 1
+        if gone:
+            log.warning("%d requests in flight had no access-log entry (oldest %s): ended", len(gone), gone[0])
+        return len(gone)
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # generated, untyped
@@ -148,8 +148,9 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         return als_pb2.StreamAccessLogsResponse()
 
 
-async def expire_forever(authz: AuthzPicker, max_age_s: float, every_s: float = 10.0) -> None:
-    """``AuthzPicker.expire`` every ``every_s`` seconds, until cancelled."""
+async def expire_forever(authz: AuthzPicker, max_age_s: float, clock: Callable[[], float] = time.time,
+                         every_s: float = 1.0) -> None:
+    """``AuthzPicker.expire`` every ``every_s`` seconds, until cancelled (``clock``: the picker's own)."""
     while True:
         await asyncio.sleep(every_s)
-        authz.expire(max_age_s)
+        authz.expire(clock(), max_age_s)

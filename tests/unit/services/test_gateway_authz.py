@@ -17,7 +17,7 @@ from google.protobuf import wrappers_pb2
 from services.gateway.authz import AccessLogSink, AuthzPicker, Logged, logged_of
 from services.gateway.epp import DESTINATION, PICKED
 from services.gateway.protocol import PICK_ID_HEADER, RELAYED_5XX, authz_status
-from tests.unit.services.test_gateway_picker import chat, picker, report
+from tests.unit.services.test_gateway_picker import NOW, chat, picker, report
 
 CHAT_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gantry-picker\r\nx-request-id: r1"
 
@@ -107,15 +107,21 @@ async def test_stats_show_the_requests_in_flight_per_endpoint() -> None:
 
 
 async def test_requests_whose_log_entries_were_lost_are_ended_after_the_longest_request() -> None:
-    p, router = picker(report("a", 8001))
-    now = [0.0]
-    authz = AuthzPicker(p, clock=lambda: now[0])
+    p, router = picker(report("a", 8001))  # decides at NOW + 0.01
+    authz = AuthzPicker(p)
     await authz.answer(CHAT_HEAD, chat())
-    now[0] = 100.0
-    assert authz.expire(600.0) == 0
-    now[0] = 601.0
-    assert authz.expire(600.0) == 1
-    assert router.state.endpoints["a"].inflight_requests == 0
+    assert authz.expire(NOW + 100, 600.0) == 0
+    assert authz.expire(NOW + 601, 600.0) == 1
+    assert router.state.endpoints["a"].inflight_requests == 0 and authz.inflight == {}
+
+
+async def test_past_the_in_flight_bound_the_oldest_requests_are_let_go() -> None:
+    p, router = picker(report("a", 8001))
+    authz = AuthzPicker(p)
+    for _ in range(3):
+        await authz.answer(CHAT_HEAD, chat())
+    assert authz.expire(NOW, 600.0, keep=1) == 2
+    assert router.state.endpoints["a"].inflight_requests == 1 and len(authz.inflight) == 1
 
 
 def test_the_pickers_5xx_refusals_travel_as_4xx_and_the_others_unchanged() -> None:
