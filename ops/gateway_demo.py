@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from ops.envoy import EnvoyOptions, start_envoy
+from ops.envoy import EnvoyOptions, PickerTransport, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port, start_nats, stop_processes, wait_http
 
 MODEL = "demo-model"
@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engines", type=int, default=3, help="emulated model servers")
     p.add_argument("--workdir", type=Path, default=Path(".gantry/gateway-demo"))
     p.add_argument("--capture", type=Path, default=None, help="also record the routed traffic as a trace here")
+    p.add_argument("--transport", choices=[t.value for t in PickerTransport], default=PickerTransport.EXT_PROC.value,
+                   help="how Envoy asks the picker (docs/gateway.md, \"The ext_authz transport\")")
     a = p.parse_args(argv)
+    transport = PickerTransport(a.transport)
+    if transport is PickerTransport.EXT_AUTHZ and a.capture:
+        p.error("--capture needs --transport ext_proc")
     if not 1 <= a.engines <= 16:
         p.error("--engines must be between 1 and 16")
     a.workdir.mkdir(parents=True, exist_ok=True)
@@ -58,13 +63,17 @@ def main(argv: list[str] | None = None) -> None:
                 stdout=logs, stderr=subprocess.STDOUT))
             wait_http(f"http://127.0.0.1:{port}/health", procs[-1])
         eds = (a.workdir / "eds" / "engines.json").resolve()
-        epp = free_port()
+        grpc_port, http_port = free_port(), free_port()
         extra = ["--capture", str(a.capture)] if a.capture else []
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "services.gateway", "--nats-url", nats.url, "--eds-path", str(eds),
-             "--grpc-port", str(epp), *extra], stdout=logs, stderr=subprocess.STDOUT))
+             "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--transport", transport.value, *extra],
+            stdout=logs, stderr=subprocess.STDOUT))
+        # ext_authz: checks on the picker's HTTP port, the access log to its gRPC port
+        epp, als = (http_port, grpc_port) if transport is PickerTransport.EXT_AUTHZ else (grpc_port, ())
         servers.append(start_envoy(EnvoyOptions(listen_port=a.port, admin_port=free_port(), epp_port=epp,
-                                                eds_path=eds), a.workdir / "envoy"))
+                                                als_port=als, transport=transport, eds_path=eds),
+                                   a.workdir / "envoy"))
         _wait_routable(f"http://127.0.0.1:{a.port}", procs[-1])
         print(f"gateway on http://127.0.0.1:{a.port} (model {MODEL!r}, {a.engines} emulated engines)\n"
               f"  curl -s localhost:{a.port}/v1/chat/completions -H 'content-type: application/json' \\\n"

@@ -113,7 +113,9 @@ def test_gantry_gateway_without_nats_says_so_in_one_line(tmp_path: Path) -> None
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:")
 
 
-def test_the_demo_gateway_routes_a_chat_completion_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["ext_proc", "ext_authz"])
+def test_the_demo_gateway_routes_a_chat_completion_and_stops_everything_on_ctrl_c(tmp_path: Path,
+                                                                                  transport: str) -> None:
     import os
     import signal
     import time
@@ -124,7 +126,7 @@ def test_the_demo_gateway_routes_a_chat_completion_and_stops_everything_on_ctrl_
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ops.gateway_demo", "--port", str(port), "--engines", "2",
-                             "--workdir", str(tmp_path / "demo")], cwd=REPO, stdout=subprocess.PIPE,
+                             "--workdir", str(tmp_path / "demo"), "--transport", transport], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
