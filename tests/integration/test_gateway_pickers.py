@@ -126,8 +126,8 @@ def test_the_demo_gateway_routes_a_chat_completion_and_stops_everything_on_ctrl_
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ops.gateway_demo", "--port", str(port), "--engines", "2",
-                             "--workdir", str(tmp_path / "demo"), "--transport", transport], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--workdir", str(tmp_path / "demo"), "--transport", transport], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
         lines = []
