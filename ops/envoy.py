@@ -35,6 +35,7 @@ from typing import Any
 
 from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
 from services.gateway.protocol import (
+    CHECK_PREFIX,
     FAIRNESS_HEADER,
     HEALTH_PATH,
     MODELS_PATH,
@@ -198,6 +199,7 @@ def _ext_authz(o: EnvoyOptions) -> dict[str, Any]:
         EXT_AUTHZ, "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         http_service={"server_uri": {"uri": "http://gantry-picker", "cluster": EPP_CLUSTER,
                                      "timeout": f"{o.epp_timeout_s}s"},
+                      "path_prefix": CHECK_PREFIX,
                       "authorization_response": {
                           # the destination for override_host; the pick id for the access log's entry
                           "allowed_upstream_headers": {"patterns": [{"exact": DESTINATION},

@@ -1,14 +1,15 @@
 """The picker over Envoy's ``ext_authz`` filter (``--transport ext_authz``): one plain HTTP/1.1 check per request,
 and the request's end from Envoy's gRPC access log.
 
-Request side: Envoy buffers the body and sends headers and body as one HTTP/1.1 request (framing:
-``services.gateway.http1``). The decision is ``Picker.pick``, the same code as the ext_proc path. A decision is
-answered ``200`` with ``x-gateway-destination-endpoint: ip:port[,ip:port...]`` (Envoy copies it to the upstream
-request, where the engines cluster's ``override_host`` policy reads it and walks it on retry),
-``x-gantry-pick-id`` (the picker's id of the request, copied upstream too, so the access log names it) and
-``x-gantry-endpoints`` (copied to the client's response). A refusal is answered with its status (400 / 429;
-a 503 or 504 shifted into 4xx, ``protocol.authz_status``, since Envoy would take a 5xx for a failed check) and
-the OpenAI-style JSON error, which Envoy passes to the client (the 5xx restored by its local-reply mapper).
+Request side: Envoy buffers the body and sends headers and body as one HTTP/1.1 request, its path the
+client's under ``CHECK_PREFIX`` (framing: ``services.gateway.http1``). The decision is ``Picker.pick``, the
+same code as the ext_proc path. A decision is answered ``200`` with ``x-gateway-destination-endpoint:
+ip:port[,ip:port...]`` (Envoy copies it to the upstream request, where the engines cluster's ``override_host``
+policy reads it and walks it on retry), ``x-gantry-pick-id`` (the picker's id of the request, copied upstream
+too, so the access log names it) and ``x-gantry-endpoints`` (copied to the client's response). A refusal is
+answered with its status (400 / 429; a 503 or 504 shifted into 4xx, ``protocol.authz_status``, since Envoy
+would take a 5xx for a failed check) and the OpenAI-style JSON error, which Envoy passes to the client (the
+5xx restored by its local-reply mapper).
 
 Response side: no per-request hop. Envoy's ``http_grpc`` access logger keeps one stream to the picker and
 sends batched entries (flushed every few ms); each names the pick id, the upstream host that served, and the
@@ -35,13 +36,14 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from services.gateway.epp import DESTINATION, PICKED, Picker, Refusal, error_body
 from services.gateway.http1 import headers_of, response
-from services.gateway.protocol import HEALTH_PATH, MODELS_PATH, PICK_ID_HEADER, STATS_PATH, authz_status
+from services.gateway.protocol import CHECK_PREFIX, HEALTH_PATH, MODELS_PATH, PICK_ID_HEADER, STATS_PATH, authz_status
 from shared.core.routing import Decision
 
 log = logging.getLogger("gantry.gateway")
 
 JSON = (("content-type", "application/json"),)
 _OK = response(200)
+_CHECKS = CHECK_PREFIX + "/"
 MAX_IN_FLIGHT = 100_000  # beyond this many unended requests the oldest are let go (memory bound)
 
 
@@ -73,16 +75,13 @@ class AuthzPicker:
         self.inflight: dict[str, Decision] = {}  # pick id -> its decision, until the access log ends it
 
     async def answer(self, head: bytes, body: bytes) -> bytes:
-        """The HTTP answer to one request on the picker's port."""
-        if head.startswith(b"GET "):
-            path = head[4:head.find(b" ", 4)].split(b"?")[0]
-            if path == HEALTH_PATH.encode():
-                return _OK
-            if path == MODELS_PATH.encode():
-                return response(200, self.picker.models(), JSON)
-            if path == STATS_PATH.encode():
-                return response(200, self.stats(), JSON)
+        """The HTTP answer to one request on the picker's port: a check (its path under ``CHECK_PREFIX``, where
+        Envoy sends them) or one of the picker's own GETs."""
         headers = headers_of(head)
+        path = headers[":path"]
+        if not path.startswith(_CHECKS):
+            return self._own(headers[":method"], path.split("?")[0])
+        headers[":path"] = path[len(CHECK_PREFIX):]  # the client's path, as the ext_proc path sees it
         if not body:  # as the ext_proc path answers a bodiless request
             why = f"{headers[':method'] or '?'} {headers[':path']}: a JSON body naming the model is required"
             return response(400, error_body(400, why), JSON)
@@ -95,6 +94,15 @@ class AuthzPicker:
         asyncio.get_running_loop().call_soon(self.picker.router.flush)
         return response(200, headers=((DESTINATION, got.destination), (PICK_ID_HEADER, rid),
                                       (PICKED, ",".join(got.decision.endpoints))))
+
+    def _own(self, method: str, path: str) -> bytes:
+        if method == "GET" and path == HEALTH_PATH:
+            return _OK
+        if method == "GET" and path == MODELS_PATH:
+            return response(200, self.picker.models(), JSON)
+        if method == "GET" and path == STATS_PATH:
+            return response(200, self.stats(), JSON)
+        return response(404, error_body(404, f"{method or '?'} {path}: not a path of the picker"), JSON)
 
     def stats(self) -> bytes:
         """What ``GET /stats`` on the picker's port answers (operators, tests): its counters and the requests

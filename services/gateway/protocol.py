@@ -28,6 +28,9 @@ SESSION_HEADER = "x-session-id"
 PICK_ID_HEADER = "x-gantry-pick-id"
 """ext_authz transport: the picker's id of a routed request, set on the upstream request by the check's answer
 and read back from Envoy's access log (``services.gateway.authz``)."""
+CHECK_PREFIX = "/check"
+"""ext_authz transport: Envoy sends each check to the client's path under this prefix, so a client's own
+``/health`` or ``/stats`` is a check like any other request and never the picker's endpoint of that name."""
 HEALTH_PATH = "/health"  # ext_authz transport: Envoy's active health check of the picker's HTTP port
 MODELS_PATH = "/v1/models"  # ext_authz transport: routed to the picker's HTTP port, unchecked
 RELAYED_5XX = (500, 502, 503, 504)

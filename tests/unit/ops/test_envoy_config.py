@@ -20,7 +20,7 @@ from ops.envoy import (
     main,
 )
 from services.gateway.pool import eds_document
-from services.gateway.protocol import MODELS_PATH, PICK_ID_HEADER, authz_status
+from services.gateway.protocol import CHECK_PREFIX, MODELS_PATH, PICK_ID_HEADER, authz_status
 from shared.core.routing import Endpoint
 
 
@@ -138,6 +138,7 @@ def test_the_ext_authz_transport_sends_body_and_headers_in_one_http_check_and_fo
     assert "envoy.filters.http.ext_authz" in names and "envoy.filters.http.ext_proc" not in names
     authz = next(f["typed_config"] for f in _filters(cfg) if f["name"] == "envoy.filters.http.ext_authz")
     assert authz["http_service"]["server_uri"]["cluster"] == EPP_CLUSTER
+    assert authz["http_service"]["path_prefix"] == CHECK_PREFIX  # checks never collide with the picker's own paths
     assert authz["with_request_body"] == {"max_request_bytes": 1024, "allow_partial_message": False,
                                           "pack_as_bytes": True}
     # the header the engines cluster's override_host policy reads goes upstream with the allowed request

@@ -19,7 +19,7 @@ from services.gateway.epp import DESTINATION, PICKED
 from services.gateway.protocol import PICK_ID_HEADER, RELAYED_5XX, authz_status
 from tests.unit.services.test_gateway_picker import NOW, chat, picker, report
 
-CHAT_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gantry-picker\r\nx-request-id: r1"
+CHAT_HEAD = b"POST /check/v1/chat/completions HTTP/1.1\r\nhost: gantry-picker\r\nx-request-id: r1"
 
 
 def _split(out: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -75,8 +75,8 @@ async def test_refusals_carry_their_status_and_an_openai_style_error() -> None:
     for bad in (b"{not json", b"[]", b'{"model": 3}'):
         code, _, body = _split(await authz.answer(CHAT_HEAD, bad))
         assert code == 400 and msgspec.json.decode(body)["error"]["code"] == 400
-    code, _, _ = _split(await authz.answer(b"POST /v1/chat/completions HTTP/1.1\r\nhost: p", b""))
-    assert code == 400
+    code, _, body = _split(await authz.answer(b"POST /check/v1/chat/completions HTTP/1.1\r\nhost: p", b""))
+    assert code == 400 and "POST /v1/chat/completions: a JSON body" in msgspec.json.decode(body)["error"]["message"]
     # a bodiless request is not counted, as on ext_proc
     assert authz.inflight == {} and p.counters.refused == {503: 1, 400: 3}
 
@@ -94,6 +94,15 @@ async def test_health_and_models_are_answered_without_a_decision() -> None:
     assert _split(await authz.answer(b"GET /health HTTP/1.1\r\nhost: x", b""))[0] == 200
     code, _, body = _split(await authz.answer(b"GET /v1/models?x=1 HTTP/1.1\r\nhost: x", b""))
     assert code == 200 and [m["id"] for m in msgspec.json.decode(body)["data"]] == ["m"]
+    assert p.counters.picks == 0
+
+
+async def test_a_clients_request_for_the_pickers_own_paths_is_a_check_like_any_other() -> None:
+    p, _ = picker(report("a", 8001))
+    authz = AuthzPicker(p)
+    code, _, body = _split(await authz.answer(b"GET /check/health HTTP/1.1\r\nhost: x", b""))
+    assert code == 400 and "GET /health" in msgspec.json.decode(body)["error"]["message"]
+    assert _split(await authz.answer(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x", chat()))[0] == 404
     assert p.counters.picks == 0
 
 
