@@ -228,49 +228,52 @@ def test_malformed_body_is_400_and_the_picker_keeps_serving(gateway: Gateway, en
                       timeout=10).status_code == 200
 
 
+def shed_and_kept(url: str, eng: Engine) -> tuple[int, int]:
+    """With ``eng`` (one request at a time) queued past the saturation threshold: the statuses of a sheddable
+    and of a normal request sent through the gateway at ``url``."""
+
+    async def load() -> tuple[int, int]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            busy = [asyncio.create_task(c.post(f"{url}/v1/chat/completions",
+                                               json=_chat(f"long {i}", 400, False))) for i in range(10)]
+            deadline = time.monotonic() + 20
+            while True:  # until the engine reports a queue past the threshold
+                text = (await c.get(f"http://{eng.address}/metrics")).text
+                m = re.search(r"^vllm:num_requests_waiting\{[^}]*\} (\S+)$", text, re.M)
+                if m and float(m.group(1)) >= 7:
+                    break
+                assert time.monotonic() < deadline, "engine never queued"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # its next report reached the picker
+            shed = await c.post(f"{url}/v1/chat/completions", json=_chat("may drop", 2, False),
+                                headers={"x-gantry-priority": "-1"})
+            kept = await c.post(f"{url}/v1/chat/completions", json=_chat("must keep", 2, False),
+                                headers={"x-gantry-priority": "0"}, timeout=120)
+            for t in busy:
+                t.cancel()
+            return shed.status_code, kept.status_code
+
+    return asyncio.run(load())
+
+
 def test_sheddable_request_is_429_when_the_pool_is_saturated(gateway: Gateway, nats_server: ServerProcess,
                                                              tmp_path: Path) -> None:
     # one slow engine that runs one request at a time: queued requests saturate it (queue threshold 5)
     eng = _start_engine(nats_server.url, "gw-busy", tmp_path, "--max-num-seqs", "1", "--speedup", "1")
     try:
         _wait_routable(gateway, 1)
-
-        async def load() -> tuple[int, int, list[int]]:
-            async with httpx.AsyncClient(timeout=60) as c:
-                busy = [asyncio.create_task(c.post(f"{gateway.url}/v1/chat/completions",
-                                                   json=_chat(f"long {i}", 400, False))) for i in range(10)]
-                deadline = time.monotonic() + 20
-                while True:  # until the engine reports a queue past the threshold
-                    text = (await c.get(f"http://{eng.address}/metrics")).text
-                    m = re.search(r"^vllm:num_requests_waiting\{[^}]*\} (\S+)$", text, re.M)
-                    if m and float(m.group(1)) >= 7:
-                        break
-                    assert time.monotonic() < deadline, "engine never queued"
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(0.2)  # its next report reached the picker
-                shed = await c.post(f"{gateway.url}/v1/chat/completions", json=_chat("may drop", 2, False),
-                                    headers={"x-gantry-priority": "-1"})
-                kept = await c.post(f"{gateway.url}/v1/chat/completions", json=_chat("must keep", 2, False),
-                                    headers={"x-gantry-priority": "0"}, timeout=120)
-                for t in busy:
-                    t.cancel()
-                return shed.status_code, kept.status_code, []
-
-        shed, kept, _ = asyncio.run(load())
-        assert shed == 429
-        assert kept == 200
+        assert shed_and_kept(gateway.url, eng) == (429, 200)
     finally:
         _stop(eng.proc)
 
 
-def test_killed_endpoint_falls_back_to_the_next_in_the_list(gateway: Gateway, engines: list[Engine],
-                                                            nats_server: ServerProcess) -> None:
-    _wait_routable(gateway, len(engines))
-    dead, alive = engines
+def after_endpoint_kill(url: str, nats_url: str, dead: Engine, alive: Engine) -> list[str]:
+    """Kill ``dead`` while the picker keeps hearing it as idle (its last report, replayed), send 12 requests
+    through the gateway at ``url``, check each was served by ``alive`` (and counted there); returns the
+    picker's lists of those that chose the dead endpoint first (at least one, each falling back to ``alive``)."""
 
     async def replay_dead_reports(stop: asyncio.Event) -> None:
-        # the picker's view lags reality: it keeps hearing the dead server as idle (its last report, replayed)
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_url)
         try:
             while not stop.is_set():
                 msg = EngineMetrics(instance_id=dead.instance, model=MODEL, url=f"http://{dead.address}",
@@ -291,7 +294,7 @@ def test_killed_endpoint_falls_back_to_the_next_in_the_list(gateway: Gateway, en
         try:
             async with httpx.AsyncClient(timeout=30) as c:
                 for i in range(12):
-                    r = await c.post(f"{gateway.url}/v1/chat/completions", json=_chat(f"after kill {i}", 2, False))
+                    r = await c.post(f"{url}/v1/chat/completions", json=_chat(f"after kill {i}", 2, False))
                     out.append((r.status_code, r.headers.get(PICKED, ""), r.headers.get(SERVED, "")))
         finally:
             stop.set()
@@ -305,10 +308,18 @@ def test_killed_endpoint_falls_back_to_the_next_in_the_list(gateway: Gateway, en
     rerouted = [picked for _, picked, _ in results if picked.split(",")[0] == dead.instance]
     assert rerouted, f"the picker never chose the dead endpoint first: {results}"
     assert all(p.split(",")[1:] == [alive.instance] for p in rerouted)
-    # the picker saw where each rerouted request was served and moved its in-flight load there
-    assert gateway.log.read_text().count(f"served by fallback {alive.instance}") == len(rerouted)
     time.sleep(0.05)
     assert alive.requests_served() == before + len(results)
+    return rerouted
+
+
+def test_killed_endpoint_falls_back_to_the_next_in_the_list(gateway: Gateway, engines: list[Engine],
+                                                            nats_server: ServerProcess) -> None:
+    _wait_routable(gateway, len(engines))
+    dead, alive = engines
+    rerouted = after_endpoint_kill(gateway.url, nats_server.url, dead, alive)
+    # the picker saw where each rerouted request was served and moved its in-flight load there
+    assert gateway.log.read_text().count(f"served by fallback {alive.instance}") == len(rerouted)
 
 
 def test_killed_picker_replica_requests_keep_flowing_through_the_others(gateway3: Gateway,

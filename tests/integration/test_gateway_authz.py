@@ -5,8 +5,6 @@ the request landed (the engine's own counters) and in the picker's books (its ``
 
 from __future__ import annotations
 
-import asyncio
-import re
 import signal
 import subprocess
 import sys
@@ -16,14 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import pytest
 
 from ops.envoy import SERVED, EnvoyOptions, FailureMode, PickerTransport, start_envoy
 from ops.servers import ServerProcess, free_port
 from services.gateway.epp import PICKED
-from shared.bus import subjects
-from shared.bus.messages import EngineMetrics, encode
 from tests.integration.test_gateway import (
     _SKIP,
     MODEL,
@@ -35,6 +30,8 @@ from tests.integration.test_gateway import (
     _start_engine,
     _stop,
     _wait_routable,
+    after_endpoint_kill,
+    shed_and_kept,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -149,31 +146,7 @@ def test_sheddable_request_is_429_when_the_pool_is_saturated(gateway: AuthzGatew
     eng = _start_engine(nats_server.url, "gw-busy", tmp_path, "--max-num-seqs", "1", "--speedup", "1")
     try:
         _wait_routable(gateway, 1)
-
-        async def load() -> tuple[int, int]:
-            async with httpx.AsyncClient(timeout=60) as c:
-                busy = [asyncio.create_task(c.post(f"{gateway.url}/v1/chat/completions",
-                                                   json=_chat(f"long {i}", 400, False))) for i in range(10)]
-                deadline = time.monotonic() + 20
-                while True:  # until the engine reports a queue past the threshold
-                    text = (await c.get(f"http://{eng.address}/metrics")).text
-                    m = re.search(r"^vllm:num_requests_waiting\{[^}]*\} (\S+)$", text, re.M)
-                    if m and float(m.group(1)) >= 7:
-                        break
-                    assert time.monotonic() < deadline, "engine never queued"
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(0.2)
-                shed = await c.post(f"{gateway.url}/v1/chat/completions", json=_chat("may drop", 2, False),
-                                    headers={"x-gantry-priority": "-1"})
-                kept = await c.post(f"{gateway.url}/v1/chat/completions", json=_chat("must keep", 2, False),
-                                    headers={"x-gantry-priority": "0"}, timeout=120)
-                for t in busy:
-                    t.cancel()
-                return shed.status_code, kept.status_code
-
-        shed, kept = asyncio.run(load())
-        assert shed == 429
-        assert kept == 200
+        assert shed_and_kept(gateway.url, eng) == (429, 200)
     finally:
         _stop(eng.proc)
 
@@ -182,50 +155,12 @@ def test_killed_endpoint_falls_back_and_the_load_moves_to_the_one_that_served(
         gateway: AuthzGateway, engines: list[Engine], nats_server: ServerProcess) -> None:
     _wait_routable(gateway, len(engines))
     dead, alive = engines
-
-    async def replay_dead_reports(stop: asyncio.Event) -> None:
-        nc = await nats.connect(nats_server.url)
-        try:
-            while not stop.is_set():
-                msg = EngineMetrics(instance_id=dead.instance, model=MODEL, url=f"http://{dead.address}",
-                                    ts=time.time(), num_requests_running=0, num_requests_waiting=0,
-                                    kv_cache_usage_perc=0.0, block_size=16, num_gpu_blocks=400)
-                await nc.publish(subjects.engine_metrics(dead.instance), encode(msg))
-                await asyncio.sleep(0.03)
-        finally:
-            await nc.drain()
-
-    dead.proc.send_signal(signal.SIGKILL)
-    dead.proc.wait(5)
     moved = _settled(gateway)["moved"]
-
-    async def drive() -> list[tuple[int, str, str]]:
-        stop = asyncio.Event()
-        task = asyncio.create_task(replay_dead_reports(stop))
-        out = []
-        try:
-            async with httpx.AsyncClient(timeout=30) as c:
-                for i in range(12):
-                    r = await c.post(f"{gateway.url}/v1/chat/completions", json=_chat(f"after kill {i}", 2, False))
-                    out.append((r.status_code, r.headers.get(PICKED, ""), r.headers.get(SERVED, "")))
-        finally:
-            stop.set()
-            await task
-        return out
-
-    before = alive.requests_served()
-    results = asyncio.run(drive())
-    assert all(code == 200 for code, _, _ in results), results
-    assert all(served == alive.address for _, _, served in results), results
-    rerouted = [picked for _, picked, _ in results if picked.split(",")[0] == dead.instance]
-    assert rerouted, f"the picker never chose the dead endpoint first: {results}"
-    assert all(p.split(",")[1:] == [alive.instance] for p in rerouted)
+    rerouted = after_endpoint_kill(gateway.url, nats_server.url, dead, alive)
     books = _settled(gateway)
     assert books["moved"] - moved == len(rerouted)  # the access log named the fallback that served each
     assert books["inflight"] == 0 and set(books["endpoints"].values()) == {0}
     assert gateway.log.read_text().count(f"served by fallback {alive.instance}") == len(rerouted)
-    time.sleep(0.05)
-    assert alive.requests_served() == before + len(results)
 
 
 def _after_picker_killed(nats_url: str, tmp_path: Path, failure_mode: FailureMode,
