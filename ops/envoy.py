@@ -192,6 +192,16 @@ def _ext_proc(o: EnvoyOptions) -> dict[str, Any]:
     )
 
 
+def _check_retry_policy(o: EnvoyOptions) -> dict[str, Any]:
+    """ext_authz: a check refused at connect or reset before its answer is sent again to another replica (as
+    ext_proc streams are: ``_epp_retry_policy``). A replica that died while deciding leaves no books behind."""
+    return {"retry_on": "connect-failure,refused-stream,reset", "num_retries": o.epp_retries,
+            "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+            "retry_host_predicate": [_typed("envoy.retry_host_predicates.previous_hosts",
+                                            "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")],
+            "host_selection_retry_max_attempts": 5}
+
+
 def _ext_authz(o: EnvoyOptions) -> dict[str, Any]:
     """The picker as an HTTP authorization service: headers and buffered body in one HTTP/1.1 request; a 200
     answer's destination header goes upstream, any other answer goes to the client as it is."""
@@ -200,6 +210,8 @@ def _ext_authz(o: EnvoyOptions) -> dict[str, Any]:
         http_service={"server_uri": {"uri": "http://gantry-picker", "cluster": EPP_CLUSTER,
                                      "timeout": f"{o.epp_timeout_s}s"},
                       "path_prefix": CHECK_PREFIX,
+                      # a check that cannot reach a replica (gone, not yet ejected) goes to another one
+                      "retry_policy": _check_retry_policy(o),
                       "authorization_response": {
                           # the destination for override_host; the pick id for the access log's entry
                           "allowed_upstream_headers": {"patterns": [{"exact": DESTINATION},

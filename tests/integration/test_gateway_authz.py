@@ -41,36 +41,42 @@ if _SKIP:
 
 class AuthzGateway(Gateway):
     http_port: int = 0
+    http_ports: tuple[int, ...] = ()
 
-    def stats(self) -> dict[str, Any]:
-        """The picker's books, from its own port (not routed by Envoy)."""
-        out: dict[str, Any] = httpx.get(f"http://127.0.0.1:{self.http_port}/stats", timeout=5).json()
+    def stats(self, port: int = 0) -> dict[str, Any]:
+        """A picker's books, from its own port (not routed by Envoy; default: the first replica's)."""
+        out: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port or self.http_port}/stats", timeout=5).json()
         return out
 
 
-def _authz_gateway(nats_url: str, tmp_path: Path,
-                   failure_mode: FailureMode = FailureMode.FAIL_CLOSE) -> Iterator[AuthzGateway]:
+def _authz_gateway(nats_url: str, tmp_path: Path, failure_mode: FailureMode = FailureMode.FAIL_CLOSE,
+                   replicas: int = 1) -> Iterator[AuthzGateway]:
     eds = tmp_path / "eds" / "engines.json"
     eds.parent.mkdir()
-    http_port, grpc_port = free_port(), free_port()
+    http_ports, grpc_ports = tuple(free_port() for _ in range(replicas)), tuple(free_port() for _ in range(replicas))
     log = tmp_path / "picker.log"
+    pickers = []
     with log.open("wb") as fh:
-        picker = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway", "--transport", "ext_authz", "--nats-url", nats_url,
-             "--eds-path", str(eds), "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--expire-s", "2"],
-            cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        for http_port, grpc_port in zip(http_ports, grpc_ports, strict=True):
+            pickers.append(subprocess.Popen(
+                [sys.executable, "-m", "services.gateway", "--transport", "ext_authz", "--nats-url", nats_url,
+                 "--eds-path", str(eds), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+                 "--expire-s", "2", "--staleness-s", "2"], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT))
     envoy = None
     try:
-        opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=http_port, als_port=grpc_port,
-                            eds_path=eds, failure_mode=failure_mode, transport=PickerTransport.EXT_AUTHZ)
+        opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=http_ports,
+                            als_port=grpc_ports, eds_path=eds, failure_mode=failure_mode,
+                            transport=PickerTransport.EXT_AUTHZ)
         envoy = start_envoy(opts, tmp_path / "envoy")
-        gw = AuthzGateway(envoy.url, [picker], envoy, log, opts.admin_port)
-        gw.http_port = http_port
+        gw = AuthzGateway(envoy.url, pickers, envoy, log, opts.admin_port)
+        gw.http_port = http_ports[0]
+        gw.http_ports = http_ports
         yield gw
     finally:
         if envoy is not None:
             envoy.stop()
-        _stop(picker)
+        for p in pickers:
+            _stop(p)
 
 
 @pytest.fixture
@@ -195,3 +201,32 @@ def test_fail_open_with_the_picker_dead_serves_on_the_models_servers(nats_server
     assert _after_picker_killed(nats_server.url, tmp_path, FailureMode.FAIL_OPEN, engines) == [200] * 5
     time.sleep(0.05)
     assert sum(e.requests_served() for e in engines) == before + 6
+
+
+def test_killed_picker_replica_checks_go_to_the_others_and_each_keeps_only_its_own_books(
+        nats_server: ServerProcess, tmp_path: Path, engines: list[Engine]) -> None:
+    gen = _authz_gateway(nats_server.url, tmp_path, replicas=3)
+    gw = next(gen)
+    try:
+        _wait_routable(gw, len(engines))
+        time.sleep(1.0)  # every replica heard the engines
+        gw.pickers[0].send_signal(signal.SIGKILL)
+        gw.pickers[0].wait(5)
+        codes = []
+        for i in range(30):
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat(f"after picker kill {i}", 2, False), timeout=30)
+            codes.append(r.status_code)
+            time.sleep(0.05)
+        assert codes == [200] * 30  # a check the dead replica refused was sent to a live one
+        live = gw.http_ports[1:]
+        deadline = time.monotonic() + 5
+        while any(gw.stats(p)["inflight"] for p in live) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        books = [gw.stats(p) for p in live]
+        # every replica heard every request's end, and ended exactly the ones it routed
+        assert [b["inflight"] for b in books] == [0, 0]
+        assert all(set(b["endpoints"].values()) == {0} for b in books)
+        assert all(b["finished"] == b["picks"] for b in books)
+        assert sum(b["picks"] for b in books) >= 30
+    finally:
+        gen.close()

@@ -139,6 +139,8 @@ def test_the_ext_authz_transport_sends_body_and_headers_in_one_http_check_and_fo
     authz = next(f["typed_config"] for f in _filters(cfg) if f["name"] == "envoy.filters.http.ext_authz")
     assert authz["http_service"]["server_uri"]["cluster"] == EPP_CLUSTER
     assert authz["http_service"]["path_prefix"] == CHECK_PREFIX  # checks never collide with the picker's own paths
+    retry = authz["http_service"]["retry_policy"]  # a check a dead replica refused goes to another
+    assert "connect-failure" in retry["retry_on"] and retry["retry_host_predicate"]
     assert authz["with_request_body"] == {"max_request_bytes": 1024, "allow_partial_message": False,
                                           "pack_as_bytes": True}
     # the header the engines cluster's override_host policy reads goes upstream with the allowed request
