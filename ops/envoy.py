@@ -247,9 +247,11 @@ def _picker_filter(o: EnvoyOptions) -> list[dict[str, Any]]:
     return [_ext_authz(o) if o.transport is PickerTransport.EXT_AUTHZ else _ext_proc(o)]
 
 
-def _models_route() -> dict[str, Any]:
-    """ext_authz: ``GET /v1/models`` answered by a picker replica as an ordinary upstream, unchecked."""
-    return {"match": {"path": MODELS_PATH}, "route": {"cluster": EPP_CLUSTER},
+def _models_route(o: EnvoyOptions) -> dict[str, Any]:
+    """ext_authz: ``GET /v1/models`` answered by a picker replica as an ordinary upstream, unchecked; a replica
+    that refuses the connection (gone, or not listening yet while Envoy's panic mode spreads requests over
+    every replica) is passed over for another."""
+    return {"match": {"path": MODELS_PATH}, "route": {"cluster": EPP_CLUSTER, "retry_policy": _check_retry_policy(o)},
             "typed_per_filter_config": {EXT_AUTHZ: {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
                 "disabled": True}}}
@@ -257,7 +259,7 @@ def _models_route() -> dict[str, Any]:
 
 def _routes(o: EnvoyOptions) -> list[dict[str, Any]]:
     if o.ext_proc and o.transport is PickerTransport.EXT_AUTHZ:
-        return [_models_route(), _route(o)]
+        return [_models_route(o), _route(o)]
     return [_route(o)]
 
 

@@ -188,6 +188,7 @@ def test_the_ext_authz_transport_routes_models_to_the_picker_unchecked() -> None
     routes = _hcm(_cfg(transport=PickerTransport.EXT_AUTHZ))["route_config"]["virtual_hosts"][0]["routes"]
     assert routes[0]["match"] == {"path": MODELS_PATH} and routes[0]["route"]["cluster"] == EPP_CLUSTER
     assert routes[0]["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] is True
+    assert "connect-failure" in routes[0]["route"]["retry_policy"]["retry_on"]  # a replica not listening: the next
     assert len(_hcm(_cfg())["route_config"]["virtual_hosts"][0]["routes"]) == 1  # ext_proc answers it itself
 
 
