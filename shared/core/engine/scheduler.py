@@ -90,6 +90,9 @@ class Scheduler:
         self.sending: list[tuple[float, Request]] = []  # P/D prefill side: (release time, finished request)
         self.kv_bytes_per_token = 0
         self.kv_transfer_time: Callable[[int], float] = _no_transfer_time  # seconds to move n tokens' KV
+        # the leading one-token decodes of a step in one tight loop (see ``schedule``); off, every request goes
+        # through the general loop: the differential test runs both and compares them step by step
+        self.fused_decode = True
 
     # -- intake ---------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -178,11 +181,38 @@ class Scheduler:
         kvread = 0
 
         # running pass
-        sched_append, nums_append, sampling_append = sched.append, nums.append, sampling.append
         caching = kv.enable_caching
         last_pos = mml - 1  # a request never computes past max_model_len - 1 tokens
         nrun = len(running)
         i = 0
+        if self.fused_decode:
+            # The leading run of one-token decodes, in one tight loop: exactly what the general loop below does
+            # for n = 1 when the blocks it needs are free (no preemption), with the three per-request list
+            # appends replaced by slices of ``running`` afterwards. The first request that is not such a
+            # decode (a prefill chunk, max_model_len, a block the pool cannot give) hands over to the general
+            # loop at its index. A steady decode step is only this loop.
+            lim = nrun if nrun < budget else budget
+            while i < lim:
+                req = running[i]
+                nt = req.num_tokens
+                if nt - req.num_computed_tokens != 1 or nt > last_pos:
+                    break
+                if nt > req.num_slots:  # its next token starts a block
+                    need = -(-nt // bs) - len(req.block_ids)
+                    if need > kv.num_free:
+                        break  # the general loop preempts
+                    kv.allocate(req, need)
+                if caching and nt >= req.next_full:
+                    kv.cache_full_blocks(req, nt)
+                req.num_computed_tokens = nt
+                kvread += nt
+                i += 1
+            if i:
+                out.scheduled = sched = running[:i]
+                out.num_scheduled = nums = [1] * i
+                out.sampling = sampling = running[:i]
+                budget -= i
+        sched_append, nums_append, sampling_append = sched.append, nums.append, sampling.append
         while i < nrun and budget > 0:
             req = running[i]
             c = req.num_computed_tokens
