@@ -80,6 +80,11 @@ class SocketWriter:
         self._q: queue.SimpleQueue[list[tuple[Conn, bytes, bool]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # held by whoever is sending: the thread, or the loop for a small step
+        # batches handed to the thread, and those it has sent (each counter written by one thread only): the
+        # loop sends inline only when they are equal, so a small step never overtakes a big one still queued
+        self._put = 0
+        self._done = 0
+        self.direct = False  # between begin() and flush(): the loop holds the lock, sinks may os.write themselves
 
     def open(self, fd: int) -> Conn:
         """A connection for a dup of ``fd`` (the caller's descriptor stays its own)."""
@@ -88,22 +93,52 @@ class SocketWriter:
             self._thread.start()
         return Conn(os.dup(fd), asyncio.get_running_loop())
 
+    def begin(self, writes: int) -> None:
+        """A step is about to hand out ``writes`` chunks: if that is few and the thread is idle, take the lock
+        until :meth:`flush`, so that sinks write their chunks straight to their sockets (``direct``) instead
+        of queueing a tuple each for a second pass."""
+        if writes <= INLINE_MAX and self._idle_locked():
+            self.direct = True
+
+    def _idle_locked(self) -> bool:
+        """Take the lock if the thread has nothing of ours left to send (True: the caller holds the lock)."""
+        if self._put != self._done or not self._lock.acquire(blocking=False):
+            return False
+        if self._put != self._done:  # it finished taking a batch but not sending it
+            self._lock.release()
+            return False
+        return True
+
     def flush(self) -> None:
         """Hand this step's writes to the thread (one hand-off per step)."""
         pending = self.pending
+        if self.direct:
+            self.direct = False
+            try:
+                rest = self._send_all_inline(pending) if pending else []
+            finally:
+                self._lock.release()
+            pending.clear()
+            if rest:
+                self._hand_over(rest)
+            return
         if not pending:
             return
-        if len(pending) <= INLINE_MAX and self._lock.acquire(blocking=False):
+        if len(pending) <= INLINE_MAX and self._idle_locked():
             try:
                 rest = self._send_all_inline(pending)
             finally:
                 self._lock.release()
             pending.clear()
             if rest:
-                self._q.put(rest)  # slow readers: the thread keeps retrying them
+                self._hand_over(rest)  # slow readers: the thread keeps retrying them
             return
         batch = pending.copy()
         pending.clear()  # in place: every sink appends to this very list
+        self._hand_over(batch)
+
+    def _hand_over(self, batch: list[tuple[Conn, bytes, bool]]) -> None:
+        self._put += 1
         self._q.put(batch)
 
     @staticmethod
@@ -155,12 +190,27 @@ class SocketWriter:
                     c.release()
                 return
             with self._lock:
+                write = os.write
                 for conn, data, last in batch:
-                    conn.send(data)
-                    if last:
-                        conn.closing = True
-                    if conn.backlog or conn.closing:
+                    if last or conn.backlog or conn.dead:
+                        conn.send(data)
+                        if last:
+                            conn.closing = True
+                        if conn.backlog or conn.closing:
+                            waiting.add(conn)
+                        continue
+                    try:  # the common case without a method call: a whole chunk to a socket that takes it
+                        n = write(conn.fd, data)
+                    except BlockingIOError:
+                        n = 0
+                    except OSError:
+                        conn.dead = True
+                        continue
+                    if n < len(data):
+                        conn.backlog = data[n:]
                         waiting.add(conn)
+                if batch:
+                    self._done += 1
                 for conn in list(waiting):
                     if conn.backlog:
                         conn.send(b"")

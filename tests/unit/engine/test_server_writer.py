@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from services.engine_server.sse import SseSink
 from services.engine_server.writer import INLINE_MAX, SocketWriter
 
 
@@ -101,3 +102,64 @@ async def test_big_steps_go_through_the_thread_small_ones_inline_with_the_same_b
         for srv, cli in pairs:
             srv.close()
             cli.close()
+
+
+async def test_sinks_write_a_small_step_themselves_and_a_slow_readers_rest_still_arrives_whole() -> None:
+    writer = SocketWriter()
+    slow_srv, slow_cli = _pair()
+    fast_srv, fast_cli = _pair(1 << 20)
+    slow_sink = SseSink("a", "m", 0, False, False, lambda t: b'"%d"' % t, eos=-1)
+    fast_sink = SseSink("b", "m", 0, False, False, lambda t: b'"%d"' % t, eos=-1)
+    slow_sink.attach_writer(writer.open(slow_srv.fileno()), writer)
+    fast_sink.attach_writer(writer.open(fast_srv.fileno()), writer)
+    try:
+        direct = 0
+        for step in range(300):  # the slow socket fills up after a few dozen chunks: its rest is the thread's
+            writer.begin(2)
+            direct += writer.direct
+            assert slow_sink.token(step) and fast_sink.token(step)
+            writer.flush()
+            assert not writer.direct
+        assert direct >= 10
+        writer.begin(INLINE_MAX + 1)  # a big step is the thread's
+        assert not writer.direct
+        writer.flush()
+        got_fast, got = b"", b""
+        for _ in range(400):
+            got_fast += _drain(fast_cli)
+            got += _drain(slow_cli)
+            if got.count(b"data: ") == got_fast.count(b"data: ") == 300:
+                break
+            await asyncio.sleep(0.01)
+        assert got_fast.count(b"data: ") == 300 and got_fast.index(b'"0"') < got_fast.index(b'"299"')
+        texts = [int(line.split(b'"text":"')[1].split(b'"')[0]) for line in got.split(b"\r\n") if b"data: " in line]
+        assert texts == list(range(300))  # every chunk, in order, although most went through the backlog
+    finally:
+        writer.close()
+        for s in (slow_srv, slow_cli, fast_srv, fast_cli):
+            s.close()
+
+
+async def test_a_small_step_does_not_overtake_a_big_one_the_thread_has_not_sent() -> None:
+    writer = SocketWriter()
+    srv, cli = _pair(1 << 20)
+    conn = writer.open(srv.fileno())
+    try:
+        with writer._lock:  # the thread is busy: the big step stays queued
+            writer.pending.extend((conn, b"big%d;" % i, False) for i in range(INLINE_MAX + 1))
+            writer.flush()
+        writer.begin(1)  # the lock is free now, but the big batch may not be out yet
+        direct = writer.direct
+        writer.pending.append((conn, b"small;", False))
+        writer.flush()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            got = _drain(cli)
+            if got.endswith(b"small;") or not direct:
+                break
+        got += _drain(cli)
+        assert got == b"".join(b"big%d;" % i for i in range(INLINE_MAX + 1)) + b"small;"
+    finally:
+        writer.close()
+        srv.close()
+        cli.close()
