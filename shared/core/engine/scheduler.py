@@ -486,8 +486,10 @@ class Scheduler:
             k = req.num_output_tokens
             toks = req.all_token_ids
             if toks is not None:
-                s = req.sampled_token_ids
-                toks.append(s[k] if s is not None and k < len(s) else req.filler_token)
+                try:  # the common case, without the None and length checks (a try costs nothing in 3.11)
+                    toks.append(req.sampled_token_ids[k])  # type: ignore[index]
+                except (IndexError, TypeError):  # past the sampled tokens, or none given
+                    toks.append(req.filler_token)
             k += 1
             req.num_output_tokens = k
             req.num_tokens += 1
