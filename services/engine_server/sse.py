@@ -42,9 +42,9 @@ def usage(req: Request, completion: int) -> dict[str, Any]:
 class SseSink:
     """One streamed request: encodes its tokens as OpenAI chunks and writes them out (a TokenSink)."""
 
-    __slots__ = ("_conn", "_event", "_fixed", "_frames", "_head", "_pending", "_piece_of", "_pre", "_tail",
-                 "_tail_crlf", "_transport", "_writer", "chat", "created", "done", "eos", "include_usage", "kind",
-                 "model", "pieces", "produced", "rid")
+    __slots__ = ("_conn", "_event", "_fixed", "_framed", "_frames", "_head", "_pending", "_tail", "_tail_crlf",
+                 "_transport", "_writer", "chat", "created", "done", "eos", "include_usage", "kind", "model", "pieces",
+                 "produced", "rid")
 
     def __init__(self, rid: str, model: str, created: int, chat: bool, include_usage: bool,
                  pieces: Callable[[int], bytes], eos: int, table: Mapping[int, bytes] | None = None) -> None:
@@ -52,9 +52,6 @@ class SseSink:
         self.include_usage = include_usage
         self.kind = kind_of(chat)
         self.pieces = pieces
-        # the pieces of common tokens looked up in C (``table.get``), ``pieces`` only for the others: one
-        # Python call less per streamed token
-        self._piece_of: Callable[[int], bytes | None] = table.get if table is not None else pieces
         self.eos = eos
         self.produced = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -74,9 +71,10 @@ class SseSink:
         self._tail = post + b"\n\n"
         self._fixed = len(self._head) + len(self._tail)  # a token's frame is this plus its text
         self._tail_crlf = self._tail + b"\r\n"
-        # the chunk-size line and the frame's head for each length of token text (a handful of lengths): a
-        # token's HTTP chunk is then two concatenations, about half the CPU of formatting four parts
-        self._pre: dict[int, bytes] = {}
+        # a token's chunk is (size line, text + tail) from a table shared by the sinks of one text model with
+        # the same frame sizes, around this sink's head: one dict lookup (in C) and two concatenations per
+        # token; ``pieces`` only for tokens outside ``table``
+        self._framed = _framed_table(table, eos, self._fixed, self._tail_crlf).get
         if chat:
             self._write(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}]))
@@ -88,32 +86,29 @@ class SseSink:
         if conn is not None:
             if conn.dead:
                 return False
-            if token_id != self.eos:
-                self.produced += 1
-                piece = self._piece_of(token_id)
-                if piece is None:
-                    piece = self.pieces(token_id)
-                n = len(piece)
-                pre = self._pre.get(n)
-                if pre is None:
-                    pre = self._pre[n] = b"%x\r\n%b" % (self._fixed + n, self._head)
-                data = pre + piece + self._tail_crlf
-                if self._writer.direct and not conn.backlog:
-                    # a small step on an idle writer (it holds the lock for us): write now, no second pass;
-                    # what the socket did not take (or a dead peer) goes the writer's usual way
-                    try:
-                        k = _write(conn.fd, data)
-                    except BlockingIOError:
-                        k = 0
-                    except OSError:
-                        conn.dead = True
-                        self._pending.append((conn, b"", False))
-                        return True
-                    if k == len(data):
-                        return True
-                    conn.backlog = data[k:]
-                    data = b""
-                self._pending.append((conn, data, False))
+            framed = self._framed(token_id)
+            if framed is None:
+                if token_id == self.eos:
+                    return True
+                framed = self._frame(token_id)
+            self.produced += 1
+            data = framed[0] + self._head + framed[1]
+            if self._writer.direct and not conn.backlog:
+                # a small step on an idle writer (it holds the lock for us): write now, no second pass;
+                # what the socket did not take (or a dead peer) goes the writer's usual way
+                try:
+                    k = _write(conn.fd, data)
+                except BlockingIOError:
+                    k = 0
+                except OSError:
+                    conn.dead = True
+                    self._pending.append((conn, b"", False))
+                    return True
+                if k == len(data):
+                    return True
+                conn.backlog = data[k:]
+                data = b""
+            self._pending.append((conn, data, False))
             return True
         t = self._transport
         if t is not None and t.is_closing():
@@ -153,6 +148,11 @@ class SseSink:
             self.done.set_result(None)
 
     # -- plumbing -------------------------------------------------------------------------------------
+    def _frame(self, token_id: int) -> tuple[bytes, bytes]:
+        """A token outside the table: its HTTP chunk around the head (chunk-size line, text + tail)."""
+        piece = self.pieces(token_id)
+        return b"%x\r\n" % (self._fixed + len(piece)), piece + self._tail_crlf
+
     def _chunk(self, choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> bytes:
         body: dict[str, Any] = {"id": self.rid, "object": self.kind, "created": self.created, "model": self.model,
                                 "choices": choices}
@@ -198,6 +198,24 @@ class SseSink:
                 return
             ev.clear()
             await ev.wait()
+
+
+_FRAMED: dict[tuple[int, int, int, bytes], tuple[object, dict[int, tuple[bytes, bytes]]]] = {}
+
+
+def _framed_table(table: Mapping[int, bytes] | None, eos: int, fixed: int,
+                  tail: bytes) -> dict[int, tuple[bytes, bytes]]:
+    """The framed-token table shared by sinks of ``table`` with this EOS, frame size and tail (own if none)."""
+    if table is None:
+        return {}
+    key = (id(table), eos, fixed, tail)
+    got = _FRAMED.get(key)
+    if got is None or got[0] is not table:
+        # filled at once (the emulated model's vocabulary is a few thousand words: about a ms); the table is
+        # kept alive here, so its id cannot be reused
+        framed = {tid: (b"%x\r\n" % (fixed + len(p)), p + tail) for tid, p in table.items() if tid != eos}
+        got = _FRAMED[key] = (table, framed)
+    return got[1]
 
 
 def kind_of(chat: bool) -> str:

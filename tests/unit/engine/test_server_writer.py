@@ -163,3 +163,29 @@ async def test_a_small_step_does_not_overtake_a_big_one_the_thread_has_not_sent(
         writer.close()
         srv.close()
         cli.close()
+
+
+async def test_a_sink_with_a_shared_table_streams_the_same_bytes_as_one_without() -> None:
+    pieces = {7: b'" seven"', 8: b'" eight"', 999: b'" long word here"'}
+    def piece(t: int) -> bytes:
+        return pieces.get(t, b'"?%d"' % t)
+    writer = SocketWriter()
+    pairs = [_pair(1 << 20) for _ in range(2)]
+    table = {7: pieces[7], 999: pieces[999], 5: b'"eos text"'}  # 8 is outside the table; 5 is EOS
+    sinks = [SseSink("cmpl-x", "m", 3, False, True, piece, eos=5, table=table),
+             SseSink("cmpl-x", "m", 3, False, True, piece, eos=5)]
+    for sink, (srv, _) in zip(sinks, pairs, strict=True):
+        sink.attach_writer(writer.open(srv.fileno()), writer)
+    try:
+        for tok in (7, 8, 999, 123, 5):
+            writer.begin(2)
+            assert all(s.token(tok) for s in sinks)
+            writer.flush()
+        got = [_drain(cli) for _, cli in pairs]
+        assert got[0] == got[1] and got[0].count(b"data: ") == 4 and b"eos text" not in got[0]
+        assert sinks[0].produced == sinks[1].produced == 4
+    finally:
+        writer.close()
+        for srv, cli in pairs:
+            srv.close()
+            cli.close()
