@@ -191,9 +191,9 @@ class Scheduler:
             # appends replaced by slices of ``running`` afterwards. The first request that is not such a
             # decode (a prefill chunk, max_model_len, a block the pool cannot give) hands over to the general
             # loop at its index. A steady decode step is only this loop.
-            lim = nrun if nrun < budget else budget
-            while i < lim:
-                req = running[i]
+            # (every running request takes at least a token, so running never outgrows the budget in practice;
+            # the slice keeps the general loop's "budget > 0" bound all the same)
+            for req in running if nrun <= budget else running[:budget]:
                 nt = req.num_tokens
                 if nt - req.num_computed_tokens != 1 or nt > last_pos:
                     break
