@@ -59,7 +59,6 @@ async def count_steady_steps(streams: int, text: TextModel) -> tuple[int, OpCoun
     wall = [0.0]  # the runner's clock: set to each step's deadline, so no step looks late (a late one resyncs)
     runner = EngineRunner(build_engine(ServerOptions(max_num_seqs=max(256, streams))), clock=lambda: wall[0])
     writer = SocketWriter()
-    runner.on_emit.append(writer.begin)
     runner.on_flush.append(writer.flush)
     loop = asyncio.get_running_loop()
     rng = random.Random(streams)

@@ -199,7 +199,6 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
     sched = runner.engine.scheduler
     writer = SocketWriter()
     app.state.writer = writer
-    runner.on_emit.append(writer.begin)
     runner.on_flush.append(writer.flush)
 
     @app.exception_handler(RequestValidationError)

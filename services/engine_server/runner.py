@@ -102,7 +102,6 @@ class EngineRunner:
         self._in_flight_end = -1.0  # model time the in-flight step ends; -1 while no step is in flight
         self._prev_end = -1.0  # model time the previous step's tokens went out
         self.on_flush: list[Callable[[], None]] = []  # run after each step's tokens were handed to the sinks
-        self.on_emit: list[Callable[[int], None]] = []  # run before a step's tokens go to the sinks, with their count
 
     def model_now(self) -> float:
         """Current model time (seconds since start, times ``speedup``)."""
@@ -219,8 +218,6 @@ class EngineRunner:
         out, start, d, deadline, busy = step
         w2 = self.clock()
         finished = self.engine.finish_step(out, start, d)
-        for begin in self.on_emit:
-            begin(len(out.sampling))
         self._emit(out.sampling, start + d)
         for req in finished:
             self._close(req)

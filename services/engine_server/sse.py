@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,8 +26,6 @@ TRANSPORT_KEY = "gantry.transport"
 """ASGI scope extension holding the connection's asyncio transport."""
 
 _DONE = b"data: [DONE]\n\n"
-_write = os.write
-_NO_WRITER = SocketWriter()  # until attach_writer: never ``direct``
 _compact = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=...) builds an encoder per call
 
 
@@ -42,8 +39,8 @@ def usage(req: Request, completion: int) -> dict[str, Any]:
 class SseSink:
     """One streamed request: encodes its tokens as OpenAI chunks and writes them out (a TokenSink)."""
 
-    __slots__ = ("_conn", "_event", "_fixed", "_framed", "_frames", "_head", "_pending", "_tail", "_tail_crlf",
-                 "_transport", "_writer", "chat", "created", "done", "eos", "include_usage", "kind", "model", "pieces",
+    __slots__ = ("_conn", "_event", "_fast", "_fixed", "_framed", "_frames", "_head", "_pending", "_tail", "_tail_crlf",
+                 "_transport", "chat", "created", "done", "eos", "include_usage", "kind", "model", "pieces",
                  "produced", "rid")
 
     def __init__(self, rid: str, model: str, created: int, chat: bool, include_usage: bool,
@@ -58,7 +55,7 @@ class SseSink:
         self._transport: asyncio.WriteTransport | None = None
         self._conn: Conn | None = None
         self._pending: list[tuple[Conn, bytes, bool]] = []
-        self._writer = _NO_WRITER
+        self._fast: list[tuple[Conn, bytes]] = []
         self._frames: list[bytes] = []
         self._event: asyncio.Event | None = None
         head = _compact({"id": rid, "object": self.kind, "created": created, "model": model})[:-1].encode()
@@ -93,22 +90,10 @@ class SseSink:
                 framed = self._frame(token_id)
             self.produced += 1
             data = framed[0] + self._head + framed[1]
-            if self._writer.direct and not conn.backlog:
-                # a small step on an idle writer (it holds the lock for us): write now, no second pass;
-                # what the socket did not take (or a dead peer) goes the writer's usual way
-                try:
-                    k = _write(conn.fd, data)
-                except BlockingIOError:
-                    k = 0
-                except OSError:
-                    conn.dead = True
-                    self._pending.append((conn, b"", False))
-                    return True
-                if k == len(data):
-                    return True
-                conn.backlog = data[k:]
-                data = b""
-            self._pending.append((conn, data, False))
+            if conn.backlog:
+                self._pending.append((conn, data, False))  # behind its backlog, the careful way
+            else:
+                self._fast.append((conn, data))
             return True
         t = self._transport
         if t is not None and t.is_closing():
@@ -173,7 +158,7 @@ class SseSink:
         """Hand chunks to ``writer``'s thread from now on (after what was produced before the headers)."""
         frames, self._frames = self._frames, []
         self._conn = conn
-        self._writer = writer
+        self._fast = writer.fast
         self._pending = writer.pending
         for f in frames:
             self._pending.append((conn, b"%x\r\n%b\r\n" % (len(f), f), False))

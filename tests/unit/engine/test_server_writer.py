@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from services.engine_server.sse import SseSink
 from services.engine_server.writer import INLINE_MAX, SocketWriter
 
@@ -61,23 +63,30 @@ async def test_a_slow_reader_keeps_a_backlog_and_gets_everything_in_order_once_i
             s.close()
 
 
-async def test_a_peer_that_is_gone_marks_the_connection_dead() -> None:
+@pytest.mark.parametrize("burst", [False, True])
+async def test_a_peer_that_is_gone_marks_the_connection_dead(burst: bool) -> None:
     writer = SocketWriter()
     srv, cli = _pair()
-    conn = writer.open(srv.fileno())
+    other_srv, other_cli = _pair()
+    conn, other = writer.open(srv.fileno()), writer.open(other_srv.fileno())
     cli.close()
     try:
         for _ in range(3):
-            writer.pending.append((conn, b"data", False))
+            if burst:  # between two healthy writes of the same burst
+                writer.fast.extend([(other, b"a"), (conn, b"data"), (other, b"b")])
+            else:
+                writer.pending.append((conn, b"data", False))
             writer.flush()
             await asyncio.sleep(0.01)
         assert conn.dead
         writer.pending.append((conn, b"end", True))
         writer.flush()
         await asyncio.wait_for(conn.flushed, 2)
+        assert not other.dead and _drain(other_cli) == (b"ab" * 3 if burst else b"")
     finally:
         writer.close()
-        srv.close()
+        for s in (srv, other_srv, other_cli):
+            s.close()
 
 
 async def test_big_steps_go_through_the_thread_small_ones_inline_with_the_same_bytes() -> None:
@@ -104,7 +113,7 @@ async def test_big_steps_go_through_the_thread_small_ones_inline_with_the_same_b
             cli.close()
 
 
-async def test_sinks_write_a_small_step_themselves_and_a_slow_readers_rest_still_arrives_whole() -> None:
+async def test_a_burst_of_small_steps_reaches_a_slow_reader_whole_and_in_order_behind_its_backlog() -> None:
     writer = SocketWriter()
     slow_srv, slow_cli = _pair()
     fast_srv, fast_cli = _pair(1 << 20)
@@ -113,17 +122,9 @@ async def test_sinks_write_a_small_step_themselves_and_a_slow_readers_rest_still
     slow_sink.attach_writer(writer.open(slow_srv.fileno()), writer)
     fast_sink.attach_writer(writer.open(fast_srv.fileno()), writer)
     try:
-        direct = 0
         for step in range(300):  # the slow socket fills up after a few dozen chunks: its rest is the thread's
-            writer.begin(2)
-            direct += writer.direct
             assert slow_sink.token(step) and fast_sink.token(step)
             writer.flush()
-            assert not writer.direct
-        assert direct >= 10
-        writer.begin(INLINE_MAX + 1)  # a big step is the thread's
-        assert not writer.direct
-        writer.flush()
         got_fast, got = b"", b""
         for _ in range(400):
             got_fast += _drain(fast_cli)
@@ -148,16 +149,14 @@ async def test_a_small_step_does_not_overtake_a_big_one_the_thread_has_not_sent(
         with writer._lock:  # the thread is busy: the big step stays queued
             writer.pending.extend((conn, b"big%d;" % i, False) for i in range(INLINE_MAX + 1))
             writer.flush()
-        writer.begin(1)  # the lock is free now, but the big batch may not be out yet
-        direct = writer.direct
-        writer.pending.append((conn, b"small;", False))
+        writer.fast.append((conn, b"small;"))  # the lock is free now, but the big batch may not be out yet
         writer.flush()
+        got = b""
         for _ in range(100):
             await asyncio.sleep(0.01)
-            got = _drain(cli)
-            if got.endswith(b"small;") or not direct:
+            got += _drain(cli)
+            if got.endswith(b"small;"):
                 break
-        got += _drain(cli)
         assert got == b"".join(b"big%d;" % i for i in range(INLINE_MAX + 1)) + b"small;"
     finally:
         writer.close()
@@ -178,7 +177,6 @@ async def test_a_sink_with_a_shared_table_streams_the_same_bytes_as_one_without(
         sink.attach_writer(writer.open(srv.fileno()), writer)
     try:
         for tok in (7, 8, 999, 123, 5):
-            writer.begin(2)
             assert all(s.token(tok) for s in sinks)
             writer.flush()
         got = [_drain(cli) for _, cli in pairs]
