@@ -4,8 +4,23 @@ kept-alive HTTP/1.1 connection is answered, in order, with the destination heade
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from bench.noop_authz import OneByOne, answer, content_length
+from bench.noop_authz import Answer, OneByOne, answer, content_length
+
+
+@asynccontextmanager
+async def connected(reply: Answer) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A live server answering with ``reply``, and one client connection to it."""
+    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(reply), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
 
 
 def test_the_answer_allows_the_request_and_names_its_destination() -> None:
@@ -30,14 +45,10 @@ async def test_a_malformed_head_closes_the_connection_without_an_answer() -> Non
         seen.append(body)
         return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 
-    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(reply), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async with connected(reply) as (reader, writer):
         writer.write(b"POST /a HTTP/1.1\r\ncontent-length: -3\r\n\r\nabc")
         await writer.drain()
         assert await asyncio.wait_for(reader.read(1024), 5) == b""  # closed, nothing answered
-        writer.close()
     assert seen == []
 
 
@@ -48,10 +59,7 @@ async def test_requests_on_one_connection_are_answered_in_order_even_when_split_
         seen.append(body)
         return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
 
-    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(reply), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async with connected(reply) as (reader, writer):
         first = b"POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello"
         second = b"POST /b HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc"
         writer.write(first[:20])  # the head arrives in pieces, then the rest with the next request
@@ -61,7 +69,6 @@ async def test_requests_on_one_connection_are_answered_in_order_even_when_split_
         got = b""
         while got.count(b"\r\n\r\n") < 2 or not got.endswith(b"abc"):
             got += await asyncio.wait_for(reader.read(1024), 5)
-        writer.close()
     assert seen == [b"hello", b"abc"]
     assert got.index(b"hello") < got.index(b"abc")
 
@@ -71,10 +78,6 @@ async def test_an_awaited_answer_is_written_when_it_is_ready() -> None:
         await asyncio.sleep(0.01)
         return b"HTTP/1.1 204 No Content\r\n\r\n"
 
-    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(later), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async with connected(later) as (reader, writer):
         writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 204")
-        writer.close()
