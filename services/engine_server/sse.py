@@ -55,7 +55,7 @@ class SseSink:
         self._transport: asyncio.WriteTransport | None = None
         self._conn: Conn | None = None
         self._pending: list[tuple[Conn, bytes, bool]] = []
-        self._fast: list[tuple[Conn, bytes]] = []
+        self._fast: list[tuple[int, bytes, Conn]] = []
         self._frames: list[bytes] = []
         self._event: asyncio.Event | None = None
         head = _compact({"id": rid, "object": self.kind, "created": created, "model": model})[:-1].encode()
@@ -93,7 +93,7 @@ class SseSink:
             if conn.backlog:
                 self._pending.append((conn, data, False))  # behind its backlog, the careful way
             else:
-                self._fast.append((conn, data))
+                self._fast.append((conn.fd, data, conn))
             return True
         t = self._transport
         if t is not None and t.is_closing():

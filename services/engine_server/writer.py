@@ -18,7 +18,6 @@ import contextlib
 import os
 import queue
 import threading
-from operator import attrgetter
 
 RETRY_S = 0.005  # how often backlogged (slow-reading) clients are retried
 INLINE_MAX = 32
@@ -74,9 +73,6 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 Write = tuple[Conn, bytes, bool]  # (connection, bytes, last write of the stream)
-_FD = attrgetter("fd")
-_BACKLOG = attrgetter("backlog")
-_DEAD = attrgetter("dead")
 
 
 class SocketWriter:
@@ -89,9 +85,9 @@ class SocketWriter:
     per token."""
 
     def __init__(self) -> None:
-        self.fast: list[tuple[Conn, bytes]] = []
+        self.fast: list[tuple[int, bytes, Conn]] = []  # (descriptor, whole chunk, connection)
         self.pending: list[Write] = []
-        self._q: queue.SimpleQueue[tuple[list[tuple[Conn, bytes]], list[Write]] | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[tuple[list[tuple[int, bytes, Conn]], list[Write]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # held by whoever is sending: the thread, or the loop for a small step
         # batches handed to the thread, and those it has sent (each counter written by one thread only): the
@@ -122,7 +118,8 @@ class SocketWriter:
             return
         if len(fast) + len(pending) <= INLINE_MAX and self._idle_locked():
             try:
-                rest = self._send_all_inline(burst(fast) + pending) if fast else self._send_all_inline(pending)
+                # the thread is idle: no backlog or death came since the sinks looked
+                rest = self._send_all_inline(burst(fast, False) + pending) if fast else self._send_all_inline(pending)
             finally:
                 self._lock.release()
             fast.clear()
@@ -134,7 +131,7 @@ class SocketWriter:
         fast.clear()  # in place: every sink appends to these very lists
         pending.clear()
 
-    def _hand_over(self, fast: list[tuple[Conn, bytes]], pending: list[Write]) -> None:
+    def _hand_over(self, fast: list[tuple[int, bytes, Conn]], pending: list[Write]) -> None:
         self._put += 1
         self._q.put((fast, pending))
 
@@ -185,7 +182,7 @@ class SocketWriter:
                 return
             fast, pending = batch
             with self._lock:
-                for conn, data, last in burst(fast) + pending if fast else pending:
+                for conn, data, last in burst(fast, True) + pending if fast else pending:
                     conn.send(data)
                     if last:
                         conn.closing = True
@@ -202,16 +199,17 @@ class SocketWriter:
                             conn.release()
 
 
-def burst(fast: list[tuple[Conn, bytes]]) -> list[Write]:
+def burst(fast: list[tuple[int, bytes, Conn]], careful: bool) -> list[Write]:
     """Write each whole chunk to its socket in one C-level pass (whoever holds the writer's lock); returns what
     did not go out whole as writes for the careful path: a partial chunk's rest is the connection's backlog
-    (then ``(conn, b"", False)``), a failed socket is marked dead."""
-    conns, datas = zip(*fast, strict=True)
-    if any(map(_BACKLOG, conns)) or any(map(_DEAD, conns)):
-        # the thread got a backlog (or lost the peer) of one of these since its sink looked: all of them the
-        # careful way, which appends behind the backlog
-        return [(c, d, False) for c, d in fast]
-    fds = list(map(_FD, conns))
+    (then ``(conn, b"", False)``), a failed socket is marked dead. ``careful`` (the thread, which may have
+    given a connection a backlog or lost its peer since its sink looked): any such connection sends the whole
+    step the careful way, which appends behind the backlog."""
+    fds, datas, conns = zip(*fast, strict=True)
+    if careful:
+        for c in conns:  # a Python loop: attrgetter on slots costs more than these few bytecodes
+            if c.backlog or c.dead:
+                return [(c, d, False) for _, d, c in fast]
     sent: list[int] = []
     while True:
         try:  # list.extend keeps what the map produced before an exception

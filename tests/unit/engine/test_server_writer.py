@@ -73,7 +73,7 @@ async def test_a_peer_that_is_gone_marks_the_connection_dead(burst: bool) -> Non
     try:
         for _ in range(3):
             if burst:  # between two healthy writes of the same burst
-                writer.fast.extend([(other, b"a"), (conn, b"data"), (other, b"b")])
+                writer.fast.extend([(other.fd, b"a", other), (conn.fd, b"data", conn), (other.fd, b"b", other)])
             else:
                 writer.pending.append((conn, b"data", False))
             writer.flush()
@@ -149,7 +149,7 @@ async def test_a_small_step_does_not_overtake_a_big_one_the_thread_has_not_sent(
         with writer._lock:  # the thread is busy: the big step stays queued
             writer.pending.extend((conn, b"big%d;" % i, False) for i in range(INLINE_MAX + 1))
             writer.flush()
-        writer.fast.append((conn, b"small;"))  # the lock is free now, but the big batch may not be out yet
+        writer.fast.append((conn.fd, b"small;", conn))  # the lock is free now, but the big batch may not be out yet
         writer.flush()
         got = b""
         for _ in range(100):
