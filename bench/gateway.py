@@ -26,6 +26,9 @@ machine): ``envoy``, the same Envoy config without a picker filter (Envoy alone:
 body-to-metadata filter, router and load-balancing policy); ``noop``, the same config against
 ``bench/noop_ext_proc.py``, a grpcio asyncio ext_proc server on uvloop that answers each message of the
 picker's exchange at once with the picker's mutation for a fixed endpoint (the same engine server);
+``noopsync``, ``nooprw``, ``nooptuned``, the same do-nothing exchange on grpcio's synchronous server (a
+thread pool), on grpc.aio with ``context.read()``/``write()`` instead of async iterators, and on grpc.aio
+with the channel options of ``noop_ext_proc.TUNED_OPTIONS`` (is the ext_proc transport itself cheaper?);
 ``onemsg``, the same do-nothing server sent only the buffered request body (one message per request; Envoy
 accepts the mode, but its router then picks a host before the answer, so it cannot route); ``authz``,
 Envoy's ``ext_authz`` filter (``http_service``, request body buffered) against ``bench/noop_authz.py``, a
@@ -234,6 +237,9 @@ def drive_picks(port: int, streams: int, seconds: float) -> None:
 FLOOR_LABELS = {  # floor path -> its name in the summary
     "envoy": "envoy_alone",
     "noop": "envoy_noop_ext_proc",  # the picker's 3-message exchange against a do-nothing grpcio server
+    "noopsync": "envoy_noop_ext_proc_sync",  # the same exchange, grpcio's sync server (thread pool)
+    "nooprw": "envoy_noop_ext_proc_readwrite",  # grpc.aio, context.read()/write() instead of async iterators
+    "nooptuned": "envoy_noop_ext_proc_tuned",  # grpc.aio with channel options cut (noop_ext_proc.TUNED_OPTIONS)
     "onemsg": "envoy_noop_ext_proc_body_only",  # ext_proc with only the buffered body sent: 1 message
     "authz": "envoy_noop_ext_authz_http",  # ext_authz over HTTP/1.1 to a do-nothing asyncio server
     "authzpick": "envoy_picker_ext_authz_http",  # the same hop, Gantry's picker deciding (bench/authz_picker.py)
@@ -271,6 +277,8 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         "envoy": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
         "noop": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
         "onemsg": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
+        **{f"noop{style}": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0", "--style", style)
+           for style in ("sync", "rw", "tuned")},
         "authz": ("noop_authz.py", "--destination", dest),
         "authzpick": ("authz_picker.py", "--nats-url", nats_url, "--eds-path", str(own_eds),
                       "--grpc-port", str(free_port())),
@@ -285,6 +293,7 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         # the same config without the ext_proc filter (its picker cluster, health-checked, stays)
         "envoy": dict(epp_port=ports.get("envoy", 0), ext_proc=False),
         "noop": dict(epp_port=ports.get("noop", 0)),
+        **{f"noop{style}": dict(epp_port=ports.get(f"noop{style}", 0)) for style in ("sync", "rw", "tuned")},
         # one message per request (the buffered request body)
         "onemsg": dict(epp_port=ports.get("onemsg", 0), ext_proc_mode=ONE_MESSAGE_MODE),
         "authz": dict(epp_port=ports.get("authz", 0), transport=PickerTransport.EXT_AUTHZ),

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc  # 
 from google.protobuf import struct_pb2  # noqa: E402
 
 from services.gateway.epp import DESTINATION, METADATA_NS, PICKED, _set_header  # noqa: E402
-from services.gateway.service import health_handler  # noqa: E402
+from services.gateway.service import HEALTH_SERVICE, SERVING, health_handler  # noqa: E402
 
 
 class NoopAnswers:
@@ -77,10 +78,67 @@ class NoopProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  #
             yield self.answers.answer(msg)
 
 
-async def serve(port: int, destination: str, endpoint_id: str, host: str = "127.0.0.1") -> None:
+class NoopReadWrite(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
+    """The same answers through ``context.read()``/``context.write()`` instead of async iterators (grpc-aio's
+    other streaming API: no async generator wrapped around the handler)."""
+
+    def __init__(self, answers: NoopAnswers) -> None:
+        self.answers = answers
+
+    async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+        """One stream, read and answered message by message until Envoy closes its side."""
+        while (msg := await context.read()) is not grpc.aio.EOF:
+            await context.write(self.answers.answer(msg))
+
+
+class NoopSync(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
+    """The same answers on grpcio's synchronous server (a thread per stream from its pool)."""
+
+    def __init__(self, answers: NoopAnswers) -> None:
+        self.answers = answers
+
+    def Process(self, request_iterator: Iterator[pb.ProcessingRequest],  # gRPC's method name
+                context: grpc.ServicerContext) -> Iterator[pb.ProcessingResponse]:
+        """One stream on a pool thread."""
+        for msg in request_iterator:
+            yield self.answers.answer(msg)
+
+
+def sync_health_handler() -> grpc.GenericRpcHandler:
+    """``grpc.health.v1.Health/Check`` answered SERVING on a pool thread (the sync server's health check)."""
+    return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(
+        lambda _req, _ctx: SERVING, request_deserializer=bytes, response_serializer=bytes)})
+
+
+TUNED_OPTIONS = (  # server channel arguments that drop per-connection/per-stream work Envoy's one connection needs not
+    ("grpc.http2.bdp_probe", 0),  # no bandwidth-delay pings on every data frame burst
+    ("grpc.enable_channelz", 0),  # no per-call channelz accounting
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_concurrent_streams", 1000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.optimization_target", "latency"),
+    ("grpc.default_compression_algorithm", 0),  # none (the default, stated)
+)
+
+STYLES = ("aio", "rw", "sync", "tuned")
+
+
+def serve_sync(port: int, destination: str, endpoint_id: str, host: str = "127.0.0.1", workers: int = 64) -> None:
+    """The sync variant: grpc.server with a thread pool, until killed."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=workers - 4)
+    pb_grpc.add_ExternalProcessorServicer_to_server(NoopSync(NoopAnswers(destination, endpoint_id)), server)
+    server.add_generic_rpc_handlers((sync_health_handler(),))
+    server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+async def serve(port: int, destination: str, endpoint_id: str, host: str = "127.0.0.1", style: str = "aio") -> None:
     """Serve until cancelled or killed."""
-    server = grpc.aio.server()
-    pb_grpc.add_ExternalProcessorServicer_to_server(NoopProcessor(NoopAnswers(destination, endpoint_id)), server)
+    server = grpc.aio.server(options=TUNED_OPTIONS if style == "tuned" else None)
+    answers = NoopAnswers(destination, endpoint_id)
+    servicer = NoopReadWrite(answers) if style == "rw" else NoopProcessor(answers)
+    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers((health_handler(),))
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
@@ -98,8 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--destination", required=True, help="host:port every request is sent to")
     p.add_argument("--endpoint-id", default="noop", help="named in the response header the picker sets")
+    p.add_argument("--style", choices=STYLES, default="aio",
+                   help="aio: grpc.aio with async iterators (as the picker); rw: grpc.aio with context.read/write; "
+                        "sync: grpc.server on a thread pool; tuned: aio with TUNED_OPTIONS")
     a = p.parse_args(argv)
-    uvloop.run(serve(a.port, a.destination, a.endpoint_id))
+    if a.style == "sync":
+        serve_sync(a.port, a.destination, a.endpoint_id)
+        return
+    uvloop.run(serve(a.port, a.destination, a.endpoint_id, style=a.style))
 
 
 if __name__ == "__main__":

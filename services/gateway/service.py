@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from services.gateway.capture import TraceWriter
 from services.gateway.contract import CONTRACT
 from services.gateway.epp import OFFLOOP_TOKENIZE_CHARS, Picker
+from services.gateway.pieces import PieceTokenizer
 from services.gateway.pool import eds_document
 from services.gateway.request import Tokenize
 from shared.assets.tokenizer import TOKENIZER_FILE
@@ -52,11 +53,12 @@ class GatewayOptions:
 def shipped_tokenizer() -> Tokenize:
     """Token ids with the emulated engines' tokenizer (the one they report as their model path)."""
     tok = Tokenizer.from_file(str(TOKENIZER_FILE))
+    by_piece = PieceTokenizer(tok)  # on the event loop: ~5x cheaper than encode for a short ASCII chat
 
     def tokenize(text: str) -> list[int]:
         if len(text) >= OFFLOOP_TOKENIZE_CHARS:  # called on a worker thread: encode_batch frees the GIL
             return list(tok.encode_batch([text])[0].ids)
-        return list(tok.encode(text).ids)
+        return by_piece(text)
 
     return tokenize
 
@@ -77,7 +79,7 @@ def router_config(profile: str, staleness_s: float | None = None) -> RouterConfi
 
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
-_SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse{status: SERVING}, encoded by hand (one varint)
+SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse{status: SERVING}, encoded by hand (one varint)
 
 
 def health_handler() -> grpc.GenericRpcHandler:
@@ -85,7 +87,7 @@ def health_handler() -> grpc.GenericRpcHandler:
     health check fails when the loop stalls as well as when the process is gone."""
 
     async def check(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
-        return _SERVING
+        return SERVING
 
     return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(
         check, request_deserializer=bytes, response_serializer=bytes)})

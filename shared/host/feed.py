@@ -102,6 +102,11 @@ class SnapshotFeed:
         before = self.inventory.get(name)
         self.inventory[name] = ev.worker
         self.last_seen[name] = now
+        if before == ev.worker and self.snapshot.worker(name) is not None:
+            # A periodic re-registration (every worker, every few heartbeats): only liveness moved. Rebuilding the
+            # row would also drop the snapshot's memos (binpack's scores of every GPU) for nothing.
+            self.snapshot.touch(name, now)
+            return None
         self._refresh(name)
         if before is None:
             self._changed(f"worker {name} joined")

@@ -390,12 +390,19 @@ def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, floa
         return None
     parts, total = totals
     shape = batch.mask.shape
-    keys = np.where(batch.mask, np.floor(total * QUANTUM + 0.5), -np.inf).ravel()
-    tied = np.flatnonzero(keys == keys.max())
+    # floor(total × QUANTUM + 0.5) where a candidate is, −inf elsewhere: computed in one buffer (this runs once per
+    # decision over every GPU of the cluster; each temporary array cost as much as a scorer), same values.
+    keys = total * QUANTUM
+    keys += 0.5
+    np.floor(keys, out=keys)
+    keys[~batch.mask] = -np.inf
+    keys = keys.ravel()
+    top = keys == keys.max()
     width = shape[1]
-    if len(tied) == 1:
-        best = int(tied[0])
+    if np.count_nonzero(top) == 1:
+        best = int(np.argmax(top))
     else:  # the first worker by name, then its lowest GPU index (one pass: an empty cluster ties everywhere)
+        tied = np.flatnonzero(top)
         snap = ctx.snapshot
         rows, slots = tied // width, tied % width
         order = (snap.ranks()[rows] << 32) + snap.g_index[rows, slots]

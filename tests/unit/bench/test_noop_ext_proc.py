@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from bench.noop_ext_proc import NoopAnswers, NoopProcessor
+from bench.noop_ext_proc import NoopAnswers, NoopProcessor, NoopSync
 from tests.unit.services.test_gateway_picker import Exchange, body_msg, chat, headers_msg, picker, report, resp_headers
 
 
@@ -32,3 +32,10 @@ async def test_the_stream_ends_when_envoy_closes_its_side() -> None:
 def test_a_message_of_no_known_kind_is_an_error_not_a_wrong_answer() -> None:
     with pytest.raises(ValueError, match="unexpected"):
         NoopAnswers("127.0.0.1:1", "x").answer(pb.ProcessingRequest())
+
+
+def test_the_sync_variant_answers_a_stream_as_the_asyncio_one_does() -> None:
+    answers = NoopAnswers("127.0.0.1:1", "x")
+    exchange = [headers_msg(), body_msg(chat()), resp_headers(served="127.0.0.1:1", content_type="application/json")]
+    got = [a.SerializeToString(deterministic=True) for a in NoopSync(answers).Process(iter(exchange), None)]
+    assert got == [answers.answer(m).SerializeToString(deterministic=True) for m in exchange]

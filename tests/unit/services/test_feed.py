@@ -230,3 +230,17 @@ def test_the_instance_indexes_always_equal_a_rebuild_from_the_instances(
     for inst in f.instances.values():
         rebuilt._index(inst, add=True)
     assert (f.on_worker, f.running_on, f.unreachable) == (rebuilt.on_worker, rebuilt.running_on, rebuilt.unreachable)
+
+
+def test_an_unchanged_reregistration_only_moves_liveness_and_keeps_the_snapshot_memos() -> None:
+    f = feed()
+    f.on_heartbeat(beat(10, 1), now=1.0)
+    f.snapshot.memo["kept"] = True
+    version = f.snapshot.version
+    assert f.on_registered(stored(W, 2), now=14.0) is None
+    assert f.snapshot.memo == {"kept": True}  # no row rebuild
+    assert f.snapshot.state("w1", now=20.0) is WorkerState.READY  # judged from the re-registration
+    assert f.snapshot.gpu_allocatable("w1", 0) == 70 * GIB  # the heartbeat's usage still applies
+    assert f.snapshot.version > version and f.revisions["w1"] == 2
+    assert f.on_registered(stored(TWO, 3), now=15.0) is None  # a changed inventory rebuilds the row
+    assert "kept" not in f.snapshot.memo and f.snapshot.gpu_allocatable("w1", 1) == 80 * GIB
