@@ -256,9 +256,7 @@ class EngineRunner:
             status = req.status
             if st is None or (status is not running and status is not finished):
                 continue
-            toks = req.all_token_ids
-            assert toks is not None
-            if not st.sink.token(toks[-1]):
+            if not st.sink.token(req.all_token_ids[-1]):  # type: ignore[index]  # the server's requests carry ids
                 gone.append(req)
             last = st.last_token_time
             if last < 0:

@@ -39,9 +39,9 @@ def usage(req: Request, completion: int) -> dict[str, Any]:
 class SseSink:
     """One streamed request: encodes its tokens as OpenAI chunks and writes them out (a TokenSink)."""
 
-    __slots__ = ("_conn", "_event", "_fixed", "_frames", "_head", "_pending", "_piece_of", "_pre", "_tail",
-                 "_tail_crlf", "_transport", "chat", "created", "done", "eos", "include_usage", "kind", "model",
-                 "pieces", "produced", "rid")
+    __slots__ = ("_conn", "_event", "_fast", "_fixed", "_framed", "_frames", "_head", "_pending", "_tail", "_tail_crlf",
+                 "_transport", "chat", "created", "done", "eos", "include_usage", "kind", "model", "pieces",
+                 "produced", "rid")
 
     def __init__(self, rid: str, model: str, created: int, chat: bool, include_usage: bool,
                  pieces: Callable[[int], bytes], eos: int, table: Mapping[int, bytes] | None = None) -> None:
@@ -49,15 +49,13 @@ class SseSink:
         self.include_usage = include_usage
         self.kind = kind_of(chat)
         self.pieces = pieces
-        # the pieces of common tokens looked up in C (``table.get``), ``pieces`` only for the others: one
-        # Python call less per streamed token
-        self._piece_of: Callable[[int], bytes | None] = table.get if table is not None else pieces
         self.eos = eos
         self.produced = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._transport: asyncio.WriteTransport | None = None
         self._conn: Conn | None = None
         self._pending: list[tuple[Conn, bytes, bool]] = []
+        self._fast: list[tuple[int, bytes, Conn]] = []
         self._frames: list[bytes] = []
         self._event: asyncio.Event | None = None
         head = _compact({"id": rid, "object": self.kind, "created": created, "model": model})[:-1].encode()
@@ -70,9 +68,10 @@ class SseSink:
         self._tail = post + b"\n\n"
         self._fixed = len(self._head) + len(self._tail)  # a token's frame is this plus its text
         self._tail_crlf = self._tail + b"\r\n"
-        # the chunk-size line and the frame's head for each length of token text (a handful of lengths): a
-        # token's HTTP chunk is then two concatenations, about half the CPU of formatting four parts
-        self._pre: dict[int, bytes] = {}
+        # a token's chunk is (size line, text + tail) from a table shared by the sinks of one text model with
+        # the same frame sizes, around this sink's head: one dict lookup (in C) and two concatenations per
+        # token; ``pieces`` only for tokens outside ``table``
+        self._framed = _framed_table(table, eos, self._fixed, self._tail_crlf).get
         if chat:
             self._write(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}]))
@@ -84,16 +83,17 @@ class SseSink:
         if conn is not None:
             if conn.dead:
                 return False
-            if token_id != self.eos:
-                self.produced += 1
-                piece = self._piece_of(token_id)
-                if piece is None:
-                    piece = self.pieces(token_id)
-                n = len(piece)
-                pre = self._pre.get(n)
-                if pre is None:
-                    pre = self._pre[n] = b"%x\r\n%b" % (self._fixed + n, self._head)
-                self._pending.append((conn, pre + piece + self._tail_crlf, False))
+            framed = self._framed(token_id)
+            if framed is None:
+                if token_id == self.eos:
+                    return True
+                framed = self._frame(token_id)
+            self.produced += 1
+            data = framed[0] + self._head + framed[1]
+            if conn.backlog:
+                self._pending.append((conn, data, False))  # behind its backlog, the careful way
+            else:
+                self._fast.append((conn.fd, data, conn))
             return True
         t = self._transport
         if t is not None and t.is_closing():
@@ -133,6 +133,11 @@ class SseSink:
             self.done.set_result(None)
 
     # -- plumbing -------------------------------------------------------------------------------------
+    def _frame(self, token_id: int) -> tuple[bytes, bytes]:
+        """A token outside the table: its HTTP chunk around the head (chunk-size line, text + tail)."""
+        piece = self.pieces(token_id)
+        return b"%x\r\n" % (self._fixed + len(piece)), piece + self._tail_crlf
+
     def _chunk(self, choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> bytes:
         body: dict[str, Any] = {"id": self.rid, "object": self.kind, "created": self.created, "model": self.model,
                                 "choices": choices}
@@ -153,6 +158,7 @@ class SseSink:
         """Hand chunks to ``writer``'s thread from now on (after what was produced before the headers)."""
         frames, self._frames = self._frames, []
         self._conn = conn
+        self._fast = writer.fast
         self._pending = writer.pending
         for f in frames:
             self._pending.append((conn, b"%x\r\n%b\r\n" % (len(f), f), False))
@@ -177,6 +183,24 @@ class SseSink:
                 return
             ev.clear()
             await ev.wait()
+
+
+_FRAMED: dict[tuple[int, int, int, bytes], tuple[object, dict[int, tuple[bytes, bytes]]]] = {}
+
+
+def _framed_table(table: Mapping[int, bytes] | None, eos: int, fixed: int,
+                  tail: bytes) -> dict[int, tuple[bytes, bytes]]:
+    """The framed-token table shared by sinks of ``table`` with this EOS, frame size and tail (own if none)."""
+    if table is None:
+        return {}
+    key = (id(table), eos, fixed, tail)
+    got = _FRAMED.get(key)
+    if got is None or got[0] is not table:
+        # filled at once (the emulated model's vocabulary is a few thousand words: about a ms); the table is
+        # kept alive here, so its id cannot be reused
+        framed = {tid: (b"%x\r\n" % (fixed + len(p)), p + tail) for tid, p in table.items() if tid != eos}
+        got = _FRAMED[key] = (table, framed)
+    return got[1]
 
 
 def kind_of(chat: bool) -> str:

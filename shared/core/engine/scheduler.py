@@ -90,6 +90,9 @@ class Scheduler:
         self.sending: list[tuple[float, Request]] = []  # P/D prefill side: (release time, finished request)
         self.kv_bytes_per_token = 0
         self.kv_transfer_time: Callable[[int], float] = _no_transfer_time  # seconds to move n tokens' KV
+        # the leading one-token decodes of a step in one tight loop (see ``schedule``); off, every request goes
+        # through the general loop: the differential test runs both and compares them step by step
+        self.fused_decode = True
 
     # -- intake ---------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -178,11 +181,38 @@ class Scheduler:
         kvread = 0
 
         # running pass
-        sched_append, nums_append, sampling_append = sched.append, nums.append, sampling.append
         caching = kv.enable_caching
         last_pos = mml - 1  # a request never computes past max_model_len - 1 tokens
         nrun = len(running)
         i = 0
+        if self.fused_decode:
+            # The leading run of one-token decodes, in one tight loop: exactly what the general loop below does
+            # for n = 1 when the blocks it needs are free (no preemption), with the three per-request list
+            # appends replaced by slices of ``running`` afterwards. The first request that is not such a
+            # decode (a prefill chunk, max_model_len, a block the pool cannot give) hands over to the general
+            # loop at its index. A steady decode step is only this loop.
+            # (every running request takes at least a token, so running never outgrows the budget in practice;
+            # the slice keeps the general loop's "budget > 0" bound all the same)
+            for req in running if nrun <= budget else running[:budget]:
+                nt = req.num_tokens
+                if nt - req.num_computed_tokens != 1 or nt > last_pos:
+                    break
+                if nt > req.num_slots:  # its next token starts a block
+                    need = -(-nt // bs) - len(req.block_ids)
+                    if need > kv.num_free:
+                        break  # the general loop preempts
+                    kv.allocate(req, need)
+                if caching and nt >= req.next_full:
+                    kv.cache_full_blocks(req, nt)
+                req.num_computed_tokens = nt
+                kvread += nt
+                i += 1
+            if i:
+                out.scheduled = sched = running[:i]
+                out.num_scheduled = nums = [1] * i
+                out.sampling = sampling = running[:i]
+                budget -= i
+        sched_append, nums_append, sampling_append = sched.append, nums.append, sampling.append
         while i < nrun and budget > 0:
             req = running[i]
             c = req.num_computed_tokens
@@ -456,8 +486,10 @@ class Scheduler:
             k = req.num_output_tokens
             toks = req.all_token_ids
             if toks is not None:
-                s = req.sampled_token_ids
-                toks.append(s[k] if s is not None and k < len(s) else req.filler_token)
+                try:  # the common case, without the None and length checks (a try costs nothing in 3.11)
+                    toks.append(req.sampled_token_ids[k])  # type: ignore[index]
+                except (IndexError, TypeError):  # past the sampled tokens, or none given
+                    toks.append(req.filler_token)
             k += 1
             req.num_output_tokens = k
             req.num_tokens += 1

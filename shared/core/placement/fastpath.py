@@ -53,8 +53,13 @@ def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int, cpu
         live = live & (snapshot.w_ram_alloc[:n] >= ram_claim)
     if cpu_claim:
         live = live & (snapshot.w_cpu_alloc[:n] >= cpu_claim)
-    ok = pos.mask & snapshot.g_ok[:n] & (snapshot.g_alloc[:n] >= pos.dense_claims) & live[:, None]
-    return np.asarray(ok, dtype=np.bool_)
+    # One buffer, and the per-worker condition applied to whole rows: broadcasting a (rows, 1) column over
+    # the short slot axis cost as much as the three element-wise steps together (this runs every decision).
+    ok: BoolArray = np.greater_equal(snapshot.g_alloc[:n], pos.dense_claims)
+    ok &= pos.mask
+    ok &= snapshot.g_ok[:n]
+    ok[~live] = False
+    return ok
 
 
 def score_positions(

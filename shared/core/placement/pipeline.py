@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared.core.catalog.models import ModelArch
+from shared.core.placement.best_gpu import best_gpu
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import (
     Candidate,
@@ -361,8 +362,8 @@ def _score_reference(
 _Parts = list[tuple[str, FloatArray]]
 
 
-def _batch_totals(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatch) -> tuple[_Parts, FloatArray] | None:
-    """Each scorer's weighted scores and their sum over a fast-path batch; None if a scorer has no fast form."""
+def _batch_parts(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatch) -> _Parts | None:
+    """Each scorer's weighted scores over a fast-path batch; None if a scorer has no fast form."""
     parts: _Parts = []
     for cfg in ctx.profile.scorers:
         scorer = SCORERS[cfg.name].configured(cfg.args, "scorer")
@@ -376,20 +377,51 @@ def _batch_totals(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatc
             return None
         k = factor(cfg, scorer.max_score)
         parts.append((cfg.name, raw if k == 1.0 else raw * k))  # x × 1.0 is x: skipping it changes no bit
-    shape = batch.mask.shape if isinstance(batch, GpuBatch) else (len(batch),)
+    return parts
+
+
+def _sum_parts(parts: _Parts, shape: tuple[int, ...]) -> FloatArray:
     total: FloatArray = np.zeros(shape, dtype=np.float64)
     for _, values in parts:  # 0.0 + a + b + ..., in profile order, as the reference path sums
         np.add(total, values, out=total)  # the same sums, without a new array per scorer
-    return parts, total
+    return total
+
+
+def _batch_totals(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatch) -> tuple[_Parts, FloatArray] | None:
+    """Each scorer's weighted scores and their sum over a fast-path batch; None if a scorer has no fast form."""
+    parts = _batch_parts(ctx, batch)
+    if parts is None:
+        return None
+    shape = batch.mask.shape if isinstance(batch, GpuBatch) else (len(batch),)
+    return parts, _sum_parts(parts, shape)
+
+
+def _breakdown(parts: _Parts, r: int, s: int) -> dict[str, float]:
+    return {name: float(values[r, s if values.shape[1] > 1 else 0]) for name, values in parts}
 
 
 def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, float, dict[str, float]] | None:
-    """(row, slot, total, breakdown) of the best single-GPU candidate, or None if a scorer has no fast path."""
-    totals = _batch_totals(ctx, batch)
-    if totals is None:
+    """(row, slot, total, breakdown) of the best single-GPU candidate, or None if a scorer has no fast path.
+
+    This runs once per decision over every GPU of the cluster: ``best_gpu`` finds the choice from per-row
+    maxima where the scorers' shapes allow it, and ``_pick_summed`` (every GPU's total) otherwise; both
+    choose the same candidate with the same total (property tests compare them on random batches).
+    """
+    parts = _batch_parts(ctx, batch)
+    if parts is None:
         return None
-    parts, total = totals
+    snap = ctx.snapshot
+    found = best_gpu(parts, batch.mask, snap.ranks(), snap.g_index, QUANTUM)
+    if found is None:
+        return _pick_summed(ctx, batch, parts)
+    r, s, total = found
+    return r, s, total, _breakdown(parts, r, s)
+
+
+def _pick_summed(ctx: PlacementContext, batch: GpuBatch, parts: _Parts) -> tuple[int, int, float, dict[str, float]]:
+    """``_score_batch``'s choice from every candidate's total (the general form)."""
     shape = batch.mask.shape
+    total = _sum_parts(parts, shape)
     # floor(total × QUANTUM + 0.5) where a candidate is, −inf elsewhere: computed in one buffer (this runs once per
     # decision over every GPU of the cluster; each temporary array cost as much as a scorer), same values.
     keys = total * QUANTUM
@@ -408,8 +440,7 @@ def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, floa
         order = (snap.ranks()[rows] << 32) + snap.g_index[rows, slots]
         best = int(tied[np.argmin(order)])
     r, s = divmod(best, width)
-    breakdown = {name: float(values[r, s if values.shape[1] > 1 else 0]) for name, values in parts}
-    return r, s, float(total[r, s]), breakdown
+    return r, s, float(total[r, s]), _breakdown(parts, r, s)
 
 
 def _score_sets(

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
+from services.engine_server.sse import SseSink
 from services.engine_server.writer import INLINE_MAX, SocketWriter
 
 
@@ -60,23 +63,30 @@ async def test_a_slow_reader_keeps_a_backlog_and_gets_everything_in_order_once_i
             s.close()
 
 
-async def test_a_peer_that_is_gone_marks_the_connection_dead() -> None:
+@pytest.mark.parametrize("burst", [False, True])
+async def test_a_peer_that_is_gone_marks_the_connection_dead(burst: bool) -> None:
     writer = SocketWriter()
     srv, cli = _pair()
-    conn = writer.open(srv.fileno())
+    other_srv, other_cli = _pair()
+    conn, other = writer.open(srv.fileno()), writer.open(other_srv.fileno())
     cli.close()
     try:
         for _ in range(3):
-            writer.pending.append((conn, b"data", False))
+            if burst:  # between two healthy writes of the same burst
+                writer.fast.extend([(other.fd, b"a", other), (conn.fd, b"data", conn), (other.fd, b"b", other)])
+            else:
+                writer.pending.append((conn, b"data", False))
             writer.flush()
             await asyncio.sleep(0.01)
         assert conn.dead
         writer.pending.append((conn, b"end", True))
         writer.flush()
         await asyncio.wait_for(conn.flushed, 2)
+        assert not other.dead and _drain(other_cli) == (b"ab" * 3 if burst else b"")
     finally:
         writer.close()
-        srv.close()
+        for s in (srv, other_srv, other_cli):
+            s.close()
 
 
 async def test_big_steps_go_through_the_thread_small_ones_inline_with_the_same_bytes() -> None:
@@ -96,6 +106,82 @@ async def test_big_steps_go_through_the_thread_small_ones_inline_with_the_same_b
         expect = b"t%d;" % (INLINE_MAX + 8)
         assert got[0] == b"t1;" + expect + b"end"
         assert all(g == expect + b"end" for g in got[1:])
+    finally:
+        writer.close()
+        for srv, cli in pairs:
+            srv.close()
+            cli.close()
+
+
+async def test_a_burst_of_small_steps_reaches_a_slow_reader_whole_and_in_order_behind_its_backlog() -> None:
+    writer = SocketWriter()
+    slow_srv, slow_cli = _pair()
+    fast_srv, fast_cli = _pair(1 << 20)
+    slow_sink = SseSink("a", "m", 0, False, False, lambda t: b'"%d"' % t, eos=-1)
+    fast_sink = SseSink("b", "m", 0, False, False, lambda t: b'"%d"' % t, eos=-1)
+    slow_sink.attach_writer(writer.open(slow_srv.fileno()), writer)
+    fast_sink.attach_writer(writer.open(fast_srv.fileno()), writer)
+    try:
+        for step in range(300):  # the slow socket fills up after a few dozen chunks: its rest is the thread's
+            assert slow_sink.token(step) and fast_sink.token(step)
+            writer.flush()
+        got_fast, got = b"", b""
+        for _ in range(400):
+            got_fast += _drain(fast_cli)
+            got += _drain(slow_cli)
+            if got.count(b"data: ") == got_fast.count(b"data: ") == 300:
+                break
+            await asyncio.sleep(0.01)
+        assert got_fast.count(b"data: ") == 300 and got_fast.index(b'"0"') < got_fast.index(b'"299"')
+        texts = [int(line.split(b'"text":"')[1].split(b'"')[0]) for line in got.split(b"\r\n") if b"data: " in line]
+        assert texts == list(range(300))  # every chunk, in order, although most went through the backlog
+    finally:
+        writer.close()
+        for s in (slow_srv, slow_cli, fast_srv, fast_cli):
+            s.close()
+
+
+async def test_a_small_step_does_not_overtake_a_big_one_the_thread_has_not_sent() -> None:
+    writer = SocketWriter()
+    srv, cli = _pair(1 << 20)
+    conn = writer.open(srv.fileno())
+    try:
+        with writer._lock:  # the thread is busy: the big step stays queued
+            writer.pending.extend((conn, b"big%d;" % i, False) for i in range(INLINE_MAX + 1))
+            writer.flush()
+        writer.fast.append((conn.fd, b"small;", conn))  # the lock is free now, but the big batch may not be out yet
+        writer.flush()
+        got = b""
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            got += _drain(cli)
+            if got.endswith(b"small;"):
+                break
+        assert got == b"".join(b"big%d;" % i for i in range(INLINE_MAX + 1)) + b"small;"
+    finally:
+        writer.close()
+        srv.close()
+        cli.close()
+
+
+async def test_a_sink_with_a_shared_table_streams_the_same_bytes_as_one_without() -> None:
+    pieces = {7: b'" seven"', 8: b'" eight"', 999: b'" long word here"'}
+    def piece(t: int) -> bytes:
+        return pieces.get(t, b'"?%d"' % t)
+    writer = SocketWriter()
+    pairs = [_pair(1 << 20) for _ in range(2)]
+    table = {7: pieces[7], 999: pieces[999], 5: b'"eos text"'}  # 8 is outside the table; 5 is EOS
+    sinks = [SseSink("cmpl-x", "m", 3, False, True, piece, eos=5, table=table),
+             SseSink("cmpl-x", "m", 3, False, True, piece, eos=5)]
+    for sink, (srv, _) in zip(sinks, pairs, strict=True):
+        sink.attach_writer(writer.open(srv.fileno()), writer)
+    try:
+        for tok in (7, 8, 999, 123, 5):
+            assert all(s.token(tok) for s in sinks)
+            writer.flush()
+        got = [_drain(cli) for _, cli in pairs]
+        assert got[0] == got[1] and got[0].count(b"data: ") == 4 and b"eos text" not in got[0]
+        assert sinks[0].produced == sinks[1].produced == 4
     finally:
         writer.close()
         for srv, cli in pairs:

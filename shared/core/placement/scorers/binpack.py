@@ -22,7 +22,7 @@ from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.scorers.base import Scorer, ratio, ratio_array
 from shared.core.placement.scorers.binpack_memo import row_scores
-from shared.core.placement.snapshot import FloatArray, IntArray
+from shared.core.placement.snapshot import ClusterSnapshot, FloatArray, IntArray
 
 MAX = 100.0
 MAIN_WEIGHT = 5
@@ -70,6 +70,31 @@ def binpack_score(ctx: PlacementContext, cand: Candidate, cpu_weight: float = 0.
     return min((MAIN_WEIGHT * main + sum(subs)) / (MAIN_WEIGHT + len(subs)), MAX)
 
 
+_FEW_ROWS = 2  # the rows a decision moves (its worker, perhaps a replaced one) are rescored in Python floats
+
+
+def _ratio_of(claim: int, allocatable: int) -> float:
+    """``ratio_array`` for one element: the int64 operands converted to doubles, then divided, as numpy does."""
+    if claim <= 0:
+        return 0.0
+    if allocatable <= 0:
+        return 1.0
+    return float(claim) / float(allocatable)
+
+
+def _few_rows(snap: ClusterSnapshot, rows: IntArray, claims: IntArray, ram: int) -> FloatArray:
+    """``score_batch``'s per-slot formula (without the CPU term) over a few rows, element by element: the same
+    IEEE double operations in the same order as the array expression, so the same bits, without the dozen
+    numpy calls that cost more than the arithmetic on a handful of GPUs."""
+    out = []
+    for r, row_claims in zip(rows.tolist(), claims.tolist(), strict=True):
+        ram_ratio = _ratio_of(ram, int(snap.w_ram_alloc[r]))
+        allocs = snap.g_alloc[r].tolist()
+        out.append([min((ram_ratio * 100.0 * 1.0 + _ratio_of(c, a) * 100.0 * 2.0) / 3.0, MAX)
+                    for c, a in zip(row_claims, allocs, strict=True)])
+    return np.array(out, dtype=np.float64).reshape(len(rows), claims.shape[1])
+
+
 class Binpack(Scorer):
     """Packs replicas onto the fullest GPUs that still fit them."""
 
@@ -104,6 +129,8 @@ class Binpack(Scorer):
         ram, cpu = batch.ram_claim, batch.cpu_claim
 
         def score(rows: IntArray | slice, claims: IntArray) -> FloatArray:
+            if not isinstance(rows, slice) and len(rows) <= _FEW_ROWS and self.cpu_weight <= 0:
+                return _few_rows(snap, rows, claims, ram)
             ram_alloc = snap.w_ram_alloc[rows]
             ram_ratio = ratio_array(np.full(len(ram_alloc), ram, dtype=np.int64), ram_alloc)[:, None]
             vram_ratio = ratio_array(claims, snap.g_alloc[rows])

@@ -41,7 +41,7 @@ def row_scores(snap: ClusterSnapshot, claims: IntArray, key: tuple[object, ...],
     memo for ``key`` and these ``claims`` was made. A new array each call (callers may keep it)."""
     rows = snap.rows
     shape = (rows, snap.g_ok.shape[1])
-    full = np.broadcast_to(claims, shape)
+    full = claims if claims.shape == shape else np.broadcast_to(claims, shape)  # the located claims are full
     memos: list[RowScores] = snap.memo.setdefault(_MEMO, [])
     # Compared by value, never by identity: a caller may refill one claims array between calls.
     memo = next((m for m in memos if m.key == key and m.layout == snap.layout and m.scores.shape == shape

@@ -52,14 +52,17 @@ class WorkerFill(Scorer):
         snap = ctx.snapshot
         rows = snap.rows
         t, f = snap.w_vram_total[:rows], snap.w_vram_free[:rows]  # kept per row by the snapshot
-        fill: FloatArray = np.where(t > 0, (t - f) / np.where(t > 0, t, 1), 0.0)
+        some = t > 0
+        fill: FloatArray = np.where(some, (t - f) / np.where(some, t, 1), 0.0)
         return fill
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
         """Fast path: per-row sums over the GPU columns, broadcast over the row's GPUs."""
         if ctx.model.placement_strategy != PlacementStrategy.BINPACK:
             return np.zeros((ctx.snapshot.rows, 1), dtype=np.float64)
-        result: FloatArray = (MAX * (0.0 + self._fill_rows(ctx)) / 1)[:, None]
+        # MAX × x / 1 is x when MAX is 1.0 (this runs every decision): only 0.0 + x, as the reference sums
+        fill = 0.0 + self._fill_rows(ctx)
+        result: FloatArray = (fill if MAX == 1.0 else MAX * fill)[:, None]
         return result
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
