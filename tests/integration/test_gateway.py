@@ -13,18 +13,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nats
 import pytest
 
-from ops.envoy import SERVED, EnvoyOptions, FailureMode, envoy_binary, start_envoy
+from ops.envoy import SERVED, EnvoyOptions, FailureMode, PickerTransport, envoy_binary, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port
 from services.gateway.epp import PICKED
 from shared.bus import subjects
 from shared.bus.messages import EngineMetrics, encode
-
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "gw-model"
@@ -39,8 +38,15 @@ def _envoy_runs() -> str | None:
 
 
 _SKIP = _envoy_runs()
-if _SKIP:
-    pytestmark.append(pytest.mark.skip(reason=_SKIP))
+
+
+def gateway_marks(timeout_s: float) -> list[pytest.MarkDecorator]:
+    """A gateway integration module's marks: integration, its timeout, skipped where Envoy cannot run."""
+    marks = [pytest.mark.integration, pytest.mark.timeout(timeout_s)]
+    return [*marks, pytest.mark.skip(reason=_SKIP)] if _SKIP else marks
+
+
+pytestmark = gateway_marks(120)
 
 
 @dataclass
@@ -100,6 +106,12 @@ class Gateway:
     envoy: ServerProcess
     log: Path
     admin_port: int = 0
+    http_ports: tuple[int, ...] = ()  # ext_authz transport: each replica's HTTP port (checks, /stats)
+
+    def stats(self, port: int = 0) -> dict[str, Any]:
+        """An ext_authz picker's books, from its own port (not routed by Envoy; default: the first replica's)."""
+        out: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port or self.http_ports[0]}/stats", timeout=5).json()
+        return out
 
     def picker_health(self) -> list[str]:
         """Envoy's view of each picker replica (``healthy`` or its failure flags), from its admin API."""
@@ -118,24 +130,30 @@ class Gateway:
 
 
 def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
-             failure_mode: FailureMode = FailureMode.FAIL_CLOSE) -> Iterator[Gateway]:
+             failure_mode: FailureMode = FailureMode.FAIL_CLOSE,
+             transport: PickerTransport = PickerTransport.EXT_PROC) -> Iterator[Gateway]:
+    """``replicas`` pickers behind one Envoy. ext_authz: each replica's checks on an HTTP port of its own, its
+    gRPC port taking Envoy's access log."""
     eds = tmp_path / "eds" / "engines.json"
     eds.parent.mkdir()
     ports = tuple(free_port() for _ in range(replicas))
+    http_ports = tuple(free_port() for _ in range(replicas)) if transport is PickerTransport.EXT_AUTHZ else ()
     log = tmp_path / "picker.log"
     pickers = []
     with log.open("wb") as fh:
-        for port in ports:
+        for i, port in enumerate(ports):
+            http = ("--transport", "ext_authz", "--http-port", str(http_ports[i])) if http_ports else ()
             pickers.append(subprocess.Popen(
-                [sys.executable, "-m", "services.gateway", "--nats-url", nats_url, "--eds-path", str(eds),
+                [sys.executable, "-m", "services.gateway", *http, "--nats-url", nats_url, "--eds-path", str(eds),
                  "--grpc-port", str(port), "--expire-s", "2", *extra], cwd=REPO, stdout=fh,
                 stderr=subprocess.STDOUT))
     envoy = None
     try:
-        opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=ports, eds_path=eds,
-                            failure_mode=failure_mode)
+        opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=http_ports or ports,
+                            als_port=ports if http_ports else (), eds_path=eds, failure_mode=failure_mode,
+                            transport=transport)
         envoy = start_envoy(opts, tmp_path / "envoy")
-        yield Gateway(envoy.url, pickers, envoy, log, opts.admin_port)
+        yield Gateway(envoy.url, pickers, envoy, log, opts.admin_port, http_ports)
     finally:
         if envoy is not None:
             envoy.stop()
@@ -190,13 +208,13 @@ def _wait_routable(gw: Gateway, n: int, timeout: float = 15) -> None:
         time.sleep(0.2)
 
 
-def test_streamed_chat_completion_lands_on_the_endpoint_the_picker_chose(gateway: Gateway,
-                                                                         engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
+def streams_land_where_picked(gw: Gateway, engines: list[Engine], n: int = 6) -> None:
+    """``n`` streamed chat completions, one at a time: each streams all its tokens and is counted by the
+    engine the picker chose first (Envoy's served header) and by no other."""
     by_addr = {e.address: e for e in engines}
-    for i in range(6):
+    for i in range(n):
         before = {e.instance: e.requests_served() for e in engines}
-        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions",
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions",
                           json=_chat(f"request {i} about the cluster", 16), timeout=30) as r:
             assert r.status_code == 200
             lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
@@ -211,21 +229,39 @@ def test_streamed_chat_completion_lands_on_the_endpoint_the_picker_chose(gateway
         assert all(after[e] == before[e] for e in after if e != target.instance)  # ...and no other
 
 
+def test_streamed_chat_completion_lands_on_the_endpoint_the_picker_chose(gateway: Gateway,
+                                                                         engines: list[Engine]) -> None:
+    _wait_routable(gateway, len(engines))
+    streams_land_where_picked(gateway, engines)
+
+
+def no_endpoint_answer(url: str) -> httpx.Response:
+    """The gateway's answer to a chat request for a model no engine serves."""
+    return httpx.post(f"{url}/v1/chat/completions", json={**_chat("hi"), "model": "no-such-model"}, timeout=10)
+
+
+def malformed_then_fine(url: str) -> list[httpx.Response]:
+    """The gateway's answers to malformed bodies (not JSON, not an object, no usable model, no prompt, a large
+    garbage body), then to one good request, last."""
+    bad = [httpx.post(f"{url}/v1/chat/completions", content=body, timeout=10,
+                      headers={"content-type": "application/json"})
+           for body in (b"{not json", b"[]", b'{"model": 3}', b'{"model": "m"}', b"x" * 100_000)]
+    return [*bad, httpx.post(f"{url}/v1/chat/completions", json=_chat("still fine", 2, False), timeout=10)]
+
+
 def test_no_endpoint_for_the_model_is_503(gateway: Gateway, engines: list[Engine]) -> None:
     _wait_routable(gateway, len(engines))
-    r = httpx.post(f"{gateway.url}/v1/chat/completions", json={**_chat("hi"), "model": "no-such-model"}, timeout=10)
+    r = no_endpoint_answer(gateway.url)
     assert r.status_code == 503
     assert "no-such-model" in r.json()["error"]["message"]
 
 
 def test_malformed_body_is_400_and_the_picker_keeps_serving(gateway: Gateway, engines: list[Engine]) -> None:
     _wait_routable(gateway, len(engines))
-    for body in (b"{not json", b"[]", b'{"model": 3}', b'{"model": "m"}', b"x" * 100_000):
-        r = httpx.post(f"{gateway.url}/v1/chat/completions", content=body, timeout=10,
-                       headers={"content-type": "application/json"})
-        assert r.status_code == 400, (body[:20], r.status_code, r.text)
-    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("still fine", 2, False),
-                      timeout=10).status_code == 200
+    *bad, fine = malformed_then_fine(gateway.url)
+    for r in bad:
+        assert r.status_code == 400, (r.request.content[:20], r.status_code, r.text)
+    assert fine.status_code == 200
 
 
 def shed_and_kept(url: str, eng: Engine) -> tuple[int, int]:
@@ -256,15 +292,20 @@ def shed_and_kept(url: str, eng: Engine) -> tuple[int, int]:
     return asyncio.run(load())
 
 
-def test_sheddable_request_is_429_when_the_pool_is_saturated(gateway: Gateway, nats_server: ServerProcess,
-                                                             tmp_path: Path) -> None:
-    # one slow engine that runs one request at a time: queued requests saturate it (queue threshold 5)
-    eng = _start_engine(nats_server.url, "gw-busy", tmp_path, "--max-num-seqs", "1", "--speedup", "1")
+def shed_and_kept_on_a_busy_engine(gw: Gateway, nats_url: str, tmp: Path) -> tuple[int, int]:
+    """``shed_and_kept`` on one slow engine that runs one request at a time (queued requests saturate it: queue
+    threshold 5), started for the purpose and stopped after."""
+    eng = _start_engine(nats_url, "gw-busy", tmp, "--max-num-seqs", "1", "--speedup", "1")
     try:
-        _wait_routable(gateway, 1)
-        assert shed_and_kept(gateway.url, eng) == (429, 200)
+        _wait_routable(gw, 1)
+        return shed_and_kept(gw.url, eng)
     finally:
         _stop(eng.proc)
+
+
+def test_sheddable_request_is_429_when_the_pool_is_saturated(gateway: Gateway, nats_server: ServerProcess,
+                                                             tmp_path: Path) -> None:
+    assert shed_and_kept_on_a_busy_engine(gateway, nats_server.url, tmp_path) == (429, 200)
 
 
 def after_endpoint_kill(url: str, nats_url: str, dead: Engine, alive: Engine) -> list[str]:

@@ -26,7 +26,6 @@ import pytest
 from ops.envoy import SERVED, FailureMode
 from ops.servers import ServerProcess
 from tests.integration.test_gateway import (
-    _SKIP,
     MODEL,
     Engine,
     Gateway,
@@ -36,11 +35,10 @@ from tests.integration.test_gateway import (
     _start_engine,
     _stop,
     _wait_routable,
+    gateway_marks,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-if _SKIP:
-    pytestmark.append(pytest.mark.skip(reason=_SKIP))
+pytestmark = gateway_marks(180)
 
 CONCURRENCY = 6
 AFTER_KILL = 12  # requests started after the kill, at least, before the storm ends

@@ -20,7 +20,6 @@ import pytest
 from bench.gateway_vs_sglang import Workload, drive, requests_of, scrape, server_side
 from ops.servers import ServerProcess
 from tests.integration.test_gateway import (
-    _SKIP,
     MODEL,
     REPO,
     Engine,
@@ -29,11 +28,10 @@ from tests.integration.test_gateway import (
     _engines,
     _gateway,
     _wait_routable,
+    gateway_marks,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-if _SKIP:
-    pytestmark.append(pytest.mark.skip(reason=_SKIP))
+pytestmark = gateway_marks(300)
 
 T = TypeVar("T")
 # engines on this shared host report late under load; the test is about prefix routing, not staleness

@@ -18,7 +18,6 @@ import pytest
 from ops.servers import ServerProcess
 from shared.traces import load_trace
 from tests.integration.test_gateway import (
-    _SKIP,
     MODEL,
     REPO,
     Engine,
@@ -27,11 +26,10 @@ from tests.integration.test_gateway import (
     _gateway,
     _stop,
     _wait_routable,
+    gateway_marks,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-if _SKIP:
-    pytestmark.append(pytest.mark.skip(reason=_SKIP))
+pytestmark = gateway_marks(180)
 
 
 @pytest.fixture
