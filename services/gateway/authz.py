@@ -112,6 +112,15 @@ class AuthzPicker:
         return msgspec.json.encode({"picks": c.picks, "refused": c.refused, "finished": c.finished,
                                     "moved": c.moved, "inflight": len(self.inflight), "endpoints": per})
 
+    def unsent(self, answer: bytes) -> None:
+        """An answer never reached Envoy (it timed out the check or reset the connection while the picker
+        decided): no request carries its pick id, so no access-log entry will end it; end it now rather than
+        leave its load on the endpoint until ``expire``."""
+        rid = headers_of(answer.split(b"\r\n\r\n", 1)[0]).get(PICK_ID_HEADER)
+        if rid is not None and self.inflight.pop(rid, None) is not None:
+            self.picker.router.finished(rid)
+            self.picker.counters.finished += 1
+
     def finished(self, entry: Logged) -> bool:
         """An access-log entry ended a request: charge it to the engine that served it, then end it. False when
         this replica did not route it (another replica did, or it was already ended)."""

@@ -25,9 +25,11 @@ MALFORMED = -1
 Answer = Callable[[bytes, bytes], "bytes | Awaitable[bytes]"]
 """Request head (request line and headers, without the blank line) and body -> the whole HTTP response, at
 once or when awaited."""
+Unsent = Callable[[bytes], None]
+"""Told of an awaited answer its connection closed before (the peer timed out or reset it): it never left."""
 
 
-def content_length(head: bytes, limit: int = MAX_BODY_BYTES) -> int:
+def content_length(head: bytes | bytearray, limit: int = MAX_BODY_BYTES) -> int:
     """The body length a request head announces: 0 without ``content-length``, ``MALFORMED`` when the value is
     not a non-negative integer, exceeds ``limit``, is given twice with different values, or the head asks for a
     ``transfer-encoding`` (not supported here)."""
@@ -73,10 +75,12 @@ class OneByOne(asyncio.Protocol):
     """One connection: requests in, answers out in order. Envoy's HTTP/1.1 pool never pipelines; a client that
     does waits, its next request read only once the previous answer is written."""
 
-    def __init__(self, answer: Answer, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, answer: Answer, max_body: int = MAX_BODY_BYTES, unsent: Unsent | None = None) -> None:
         self.answer = answer
         self.max_body = max_body
-        self.buf = b""
+        self.unsent = unsent
+        # a bytearray: a large body arrives in many reads, and bytes concatenation would copy it once per read
+        self.buf = bytearray()
         self.busy = False  # an answer is being awaited
         self.transport: asyncio.Transport | None = None
 
@@ -85,7 +89,7 @@ class OneByOne(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.buf = b""
+        self.buf = bytearray()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -105,7 +109,8 @@ class OneByOne(asyncio.Protocol):
             need = end + 4 + length
             if len(self.buf) < need:
                 return  # the body is still coming
-            head, body, self.buf = self.buf[:end], self.buf[end + 4:need], self.buf[need:]
+            head, body = bytes(self.buf[:end]), bytes(self.buf[end + 4:need])
+            del self.buf[:need]
             try:
                 out = self.answer(head, body)
             except Exception:
@@ -128,9 +133,11 @@ class OneByOne(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(fut.result())
             self._next()
+        elif self.unsent is not None:
+            self.unsent(fut.result())
 
     def _close(self) -> None:
-        self.buf = b""
+        self.buf = bytearray()
         if self.transport is not None:
             self.transport.close()
             self.transport = None

@@ -155,8 +155,8 @@ class Gateway:
         if self.authz is not None:
             als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(self.authz), server)
             authz = self.authz
-            http = await asyncio.get_running_loop().create_server(lambda: OneByOne(authz.answer), self.opts.grpc_host,
-                                                                  self.opts.http_port)
+            http = await asyncio.get_running_loop().create_server(
+                lambda: OneByOne(authz.answer, unsent=authz.unsent), self.opts.grpc_host, self.opts.http_port)
             background.append(asyncio.create_task(end_unlogged(authz, self.opts.max_request_s)))
         server.add_insecure_port(f"{self.opts.grpc_host}:{self.opts.grpc_port}")
         await server.start()

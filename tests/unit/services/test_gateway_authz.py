@@ -16,6 +16,7 @@ from google.protobuf import wrappers_pb2
 
 from services.gateway.authz import AccessLogSink, AuthzPicker, Logged, logged_of
 from services.gateway.epp import DESTINATION, PICKED
+from services.gateway.http1 import OneByOne
 from services.gateway.protocol import PICK_ID_HEADER, RELAYED_5XX, authz_status
 from tests.unit.services.test_gateway_picker import NOW, chat, picker, report
 
@@ -172,3 +173,37 @@ async def test_the_router_is_flushed_after_the_answer() -> None:
     await AuthzPicker(p).answer(CHAT_HEAD, chat())
     await asyncio.sleep(0)
     assert flushed == [1]
+
+
+async def test_a_decision_whose_answer_never_reached_envoy_is_not_left_in_flight() -> None:
+    p, router = picker(report("a", 8001))
+    authz = AuthzPicker(p)
+    gone = asyncio.Event()
+
+    async def decided_after_the_close(head: bytes, body: bytes) -> bytes:
+        out = await authz.answer(head, body)  # booked in flight...
+        await gone.wait()  # ...while Envoy gives up on the check (its timeout) and closes the connection
+        await asyncio.sleep(0.05)
+        return out
+
+    server = await asyncio.get_running_loop().create_server(
+        lambda: OneByOne(decided_after_the_close, unsent=authz.unsent), "127.0.0.1", 0)
+    async with server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        body = chat()
+        writer.write(CHAT_HEAD + b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        for _ in range(100):
+            if authz.inflight:
+                break
+            await asyncio.sleep(0.01)
+        assert authz.inflight
+        writer.close()
+        gone.set()
+        for _ in range(100):
+            if not authz.inflight:
+                break
+            await asyncio.sleep(0.01)
+    # no request carries its pick id, so no access-log entry would ever end it
+    assert authz.inflight == {} and router.state.endpoints["a"].inflight_requests == 0
+    assert p.counters.picks == p.counters.finished == 1

@@ -5,6 +5,7 @@ answer) closes that connection and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -156,3 +157,54 @@ async def test_an_awaited_answer_is_written_when_it_is_ready() -> None:
     async with connected(later) as (reader, writer):
         writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 204")
+
+
+async def test_an_awaited_answer_whose_connection_closed_first_is_handed_back_unsent() -> None:
+    gone = asyncio.Event()
+    unsent: list[bytes] = []
+
+    async def after_the_close(_head: bytes, body: bytes) -> bytes:
+        await gone.wait()
+        await asyncio.sleep(0.05)  # the server has seen the close by now
+        return response(200, body)
+
+    server = await asyncio.get_running_loop().create_server(
+        lambda: OneByOne(after_the_close, unsent=unsent.append), "127.0.0.1", 0)
+    async with server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        writer.write(b"POST /a HTTP/1.1\r\ncontent-length: 4\r\n\r\nlost")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.close()  # as Envoy does when its check times out
+        gone.set()
+        for _ in range(100):
+            if unsent:
+                break
+            await asyncio.sleep(0.01)
+    assert unsent == [response(200, b"lost")]
+
+
+async def test_a_large_body_arriving_in_many_small_reads_costs_linear_time() -> None:
+    protocols: list[OneByOne] = []
+    answered: list[int] = []
+
+    def make() -> OneByOne:
+        protocols.append(OneByOne(lambda _h, body: answered.append(len(body)) or response(200)))
+        return protocols[-1]
+
+    server = await asyncio.get_running_loop().create_server(make, "127.0.0.1", 0)
+    async with server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        while not protocols:
+            await asyncio.sleep(0.01)
+        size, piece = 16 << 20, b"x" * 4096
+        cpu = time.process_time()
+        # fed straight to the connection's protocol, so the reads are as small as a slow peer's would be
+        protocols[0].data_received(b"POST /a HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % size)
+        for _ in range(size // len(piece)):
+            protocols[0].data_received(piece)
+        cpu = time.process_time() - cpu
+        writer.close()
+    assert answered == [size]
+    # copying the buffer once per read (quadratic) took several seconds of CPU here; linear takes ~10 ms
+    assert cpu < 1.0, cpu
