@@ -82,6 +82,7 @@ class OneByOne(asyncio.Protocol):
         # a bytearray: a large body arrives in many reads, and bytes concatenation would copy it once per read
         self.buf = bytearray()
         self.busy = False  # an answer is being awaited
+        self.paused = False  # reading stopped: a client pipelining behind an awaited answer has sent a full request
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,6 +94,11 @@ class OneByOne(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        if self.busy and len(self.buf) > MAX_HEAD_BYTES + 4 + self.max_body and self.transport is not None:
+            # Bytes pipelined behind an awaited answer are not read until it is written: past one request's
+            # most, stop reading (TCP pushes back on the client) instead of buffering without bound.
+            self.transport.pause_reading()
+            self.paused = True
         self._next()
 
     def _next(self) -> None:
@@ -132,6 +138,9 @@ class OneByOne(asyncio.Protocol):
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(fut.result())
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
             self._next()
         elif self.unsent is not None:
             self.unsent(fut.result())

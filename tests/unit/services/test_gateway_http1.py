@@ -114,6 +114,39 @@ async def test_pipelined_requests_wait_for_the_awaited_answer_before_them() -> N
     assert got.index(b"\r\n\r\n1") < got.index(b"\r\n\r\n2")
 
 
+async def test_a_client_pipelining_behind_an_awaited_answer_is_held_back_not_buffered_and_loses_nothing() -> None:
+    release = asyncio.Event()
+    conns: list[OneByOne] = []
+
+    async def first_waits(head: bytes, body: bytes) -> bytes:
+        if body == b"first":
+            await release.wait()
+        return response(200, body)
+
+    def protocol() -> OneByOne:
+        conns.append(OneByOne(first_waits, max_body=1024))
+        return conns[-1]
+
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        small = b"POST /n HTTP/1.1\r\ncontent-length: 4\r\n\r\nnext"
+        many = 40_000  # ~1.6 MiB pipelined while the first answer waits
+        writer.write(b"POST /f HTTP/1.1\r\ncontent-length: 5\r\n\r\nfirst" + small * many)
+        await asyncio.sleep(0.5)  # the client keeps pushing until TCP stops it
+        assert conns[0].paused
+        held = len(conns[0].buf)
+        assert held < MAX_HEAD_BYTES + 4 + 1024 + (1 << 18)  # one request's most and one read, not 1.6 MiB
+        release.set()
+        got = 0
+        while got < many + 1:
+            chunk = await asyncio.wait_for(reader.read(1 << 16), 10)
+            assert chunk
+            got += chunk.count(b"HTTP/1.1 200")
+        writer.close()
+    assert got == many + 1
+
+
 async def test_a_malformed_head_closes_the_connection_without_an_answer() -> None:
     seen: list[bytes] = []
 
