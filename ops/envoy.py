@@ -163,13 +163,19 @@ def _model_to_metadata() -> dict[str, Any]:
     )
 
 
-def _epp_retry_policy(o: EnvoyOptions) -> dict[str, Any]:
-    """Retries of an ext_proc stream on another replica. Envoy buffers what it sent on the stream, so a
-    stream refused at connect (the replica is gone but not yet ejected), or reset before the picker's first
-    answer, is replayed whole on another replica; once the picker has answered the request headers nothing
-    is retried (a replica dying while it decides on the body fails that one request, or, FailOpen, lets
-    Envoy route it)."""
-    return {"retry_on": "connect-failure,refused-stream,reset,unavailable", "num_retries": o.epp_retries,
+STREAM_RETRY_ON = "connect-failure,refused-stream,reset,unavailable"  # an ext_proc stream (gRPC)
+CHECK_RETRY_ON = "connect-failure,refused-stream,reset"  # an HTTP check or /v1/models
+
+
+def _picker_retry_policy(o: EnvoyOptions, retry_on: str) -> dict[str, Any]:
+    """Retries of a call to the picker on another replica (never the one that just failed it).
+
+    ext_proc: Envoy buffers what it sent on the stream, so a stream refused at connect (the replica is gone
+    but not yet ejected), or reset before the picker's first answer, is replayed whole on another replica;
+    once the picker has answered the request headers nothing is retried (a replica dying while it decides on
+    the body fails that one request, or, FailOpen, lets Envoy route it). ext_authz: a check refused at
+    connect or reset before its answer is sent again; a replica that died while deciding leaves no books."""
+    return {"retry_on": retry_on, "num_retries": o.epp_retries,
             "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
             "retry_host_predicate": [_typed("envoy.retry_host_predicates.previous_hosts",
                                             "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")],
@@ -180,7 +186,7 @@ def _ext_proc(o: EnvoyOptions) -> dict[str, Any]:
     return _typed(
         EXT_PROC, "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         grpc_service={"envoy_grpc": {"cluster_name": EPP_CLUSTER}, "timeout": f"{o.epp_timeout_s}s",
-                      "retry_policy": _epp_retry_policy(o)},
+                      "retry_policy": _picker_retry_policy(o, STREAM_RETRY_ON)},
         # a replica that stopped answering is dropped from the rotation by the cluster's health checks
         failure_mode_allow=o.failure_mode is FailureMode.FAIL_OPEN,
         message_timeout=f"{o.epp_timeout_s}s",
@@ -192,16 +198,6 @@ def _ext_proc(o: EnvoyOptions) -> dict[str, Any]:
     )
 
 
-def _check_retry_policy(o: EnvoyOptions) -> dict[str, Any]:
-    """ext_authz: a check refused at connect or reset before its answer is sent again to another replica (as
-    ext_proc streams are: ``_epp_retry_policy``). A replica that died while deciding leaves no books behind."""
-    return {"retry_on": "connect-failure,refused-stream,reset", "num_retries": o.epp_retries,
-            "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
-            "retry_host_predicate": [_typed("envoy.retry_host_predicates.previous_hosts",
-                                            "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")],
-            "host_selection_retry_max_attempts": 5}
-
-
 def _ext_authz(o: EnvoyOptions) -> dict[str, Any]:
     """The picker as an HTTP authorization service: headers and buffered body in one HTTP/1.1 request; a 200
     answer's destination header goes upstream, any other answer goes to the client as it is."""
@@ -211,7 +207,7 @@ def _ext_authz(o: EnvoyOptions) -> dict[str, Any]:
                                      "timeout": f"{o.epp_timeout_s}s"},
                       "path_prefix": CHECK_PREFIX,
                       # a check that cannot reach a replica (gone, not yet ejected) goes to another one
-                      "retry_policy": _check_retry_policy(o),
+                      "retry_policy": _picker_retry_policy(o, CHECK_RETRY_ON),
                       "authorization_response": {
                           # the destination for override_host; the pick id for the access log's entry
                           "allowed_upstream_headers": {"patterns": [{"exact": DESTINATION},
@@ -251,7 +247,8 @@ def _models_route(o: EnvoyOptions) -> dict[str, Any]:
     """ext_authz: ``GET /v1/models`` answered by a picker replica as an ordinary upstream, unchecked; a replica
     that refuses the connection (gone, or not listening yet while Envoy's panic mode spreads requests over
     every replica) is passed over for another."""
-    return {"match": {"path": MODELS_PATH}, "route": {"cluster": EPP_CLUSTER, "retry_policy": _check_retry_policy(o)},
+    route = {"cluster": EPP_CLUSTER, "retry_policy": _picker_retry_policy(o, CHECK_RETRY_ON)}
+    return {"match": {"path": MODELS_PATH}, "route": route,
             "typed_per_filter_config": {EXT_AUTHZ: {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
                 "disabled": True}}}
