@@ -74,7 +74,8 @@ _FEW_ROWS = 2  # the rows a decision moves (its worker, perhaps a replaced one) 
 
 
 def _ratio_of(claim: int, allocatable: int) -> float:
-    """``ratio_array`` for one element: the int64 operands converted to doubles, then divided, as numpy does."""
+    """``ratio_array`` for one element: the int64 operands converted to doubles, then divided, as numpy does
+    (``ratio`` divides the Python ints exactly, which differs past 2**53)."""
     if claim <= 0:
         return 0.0
     if allocatable <= 0:
@@ -90,8 +91,7 @@ def _few_rows(snap: ClusterSnapshot, rows: IntArray, claims: IntArray, ram: int)
     for r, row_claims in zip(rows.tolist(), claims.tolist(), strict=True):
         ram_ratio = _ratio_of(ram, int(snap.w_ram_alloc[r]))
         allocs = snap.g_alloc[r].tolist()
-        out.append([min((ram_ratio * 100.0 * 1.0 + _ratio_of(c, a) * 100.0 * 2.0) / 3.0, MAX)
-                    for c, a in zip(row_claims, allocs, strict=True)])
+        out.append([min(gpu_score(ram_ratio, _ratio_of(c, a)), MAX) for c, a in zip(row_claims, allocs, strict=True)])
     return np.array(out, dtype=np.float64).reshape(len(rows), claims.shape[1])
 
 
