@@ -67,8 +67,9 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.progress import add_flag, progress  # noqa: E402
-from ops.envoy import TIMING_FIELDS, EnvoyOptions, PickerTransport, start_envoy, wait_routed  # noqa: E402
+from ops.envoy import TIMING_FIELDS, EnvoyOptions, start_envoy, wait_routed  # noqa: E402
 from ops.servers import ServerProcess, free_port, start_nats  # noqa: E402
+from services.gateway.protocol import PickerTransport  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
 MODEL = "bench-model"

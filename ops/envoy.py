@@ -45,6 +45,7 @@ from services.gateway.protocol import (
     REQUEST_ID_HEADER,
     SESSION_HEADER,
     STREAMED_RESPONSE_MODE,
+    PickerTransport,
     authz_status,
     processing_mode,
 )
@@ -60,13 +61,6 @@ PICKER_HEADERS = (REQUEST_ID_HEADER, PRIORITY_HEADER, FAIRNESS_HEADER, SESSION_H
 MODEL_KEY = "model"  # envoy.lb/model: the request's model, for the fallback's subset choice
 ACCESS_LOG_FORMAT = ("[%START_TIME%] %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% "
                      "%RESPONSE_CODE_DETAILS% %UPSTREAM_HOST% %DURATION%ms x-request-id=%REQ(X-REQUEST-ID)%\n")
-
-
-class PickerTransport(StrEnum):
-    """How Envoy asks the picker: gRPC ``ext_proc`` streams, or one plain HTTP/1.1 ``ext_authz`` check."""
-
-    EXT_PROC = "ext_proc"
-    EXT_AUTHZ = "ext_authz"
 
 
 class FailureMode(StrEnum):

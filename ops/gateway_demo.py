@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from ops.envoy import EnvoyOptions, PickerTransport, start_envoy
+from ops.envoy import EnvoyOptions, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port, start_nats, stop_processes, wait_http
+from services.gateway.protocol import PickerTransport
 
 MODEL = "demo-model"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import uvloop
 
+from services.gateway.protocol import PickerTransport
 from services.gateway.service import Gateway, GatewayOptions
 from shared.core.routing import builtin_names
 from shared.host.tasks import run_until_signalled
@@ -30,12 +31,12 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                    help="append every routed request to this JSONL trace (Mooncake-style; `gantry simulate` "
                         "replays it)")
     p.add_argument("--capture-salt", default="", help="key of the trace's prefix-block hashes")
-    p.add_argument("--transport", choices=("ext_proc", "ext_authz"), default="ext_proc",
+    p.add_argument("--transport", type=PickerTransport, choices=list(PickerTransport), default=PickerTransport.EXT_PROC,
                    help="how Envoy asks: ext_proc gRPC streams (GIE protocol), or one HTTP/1.1 ext_authz check per "
                         "request on --http-port with request ends from Envoy's gRPC access log on --grpc-port")
     p.add_argument("--http-port", type=int, default=9003, help="ext_authz checks, /health and /v1/models")
     a = p.parse_args(argv)
-    if a.transport == "ext_authz" and a.capture is not None:
+    if a.transport is PickerTransport.EXT_AUTHZ and a.capture is not None:
         p.error("--capture needs --transport ext_proc (the output length is read from the response body)")
     return GatewayOptions(nats_url=a.nats_url, eds_path=a.eds_path, grpc_host=a.grpc_host, grpc_port=a.grpc_port,
                           profile=a.profile, expire_s=a.expire_s, seed=a.seed, staleness_s=a.staleness_s,

@@ -17,6 +17,7 @@ exchange is cut to what the picker needs:
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -59,3 +60,10 @@ def processing_mode(response_body: str = "NONE") -> dict[str, Any]:
 
 STREAMED_RESPONSE_MODE = processing_mode(response_body="STREAMED")
 """The override the picker sends with its response-headers answer when it needs the response body."""
+
+
+class PickerTransport(StrEnum):
+    """How Envoy asks the picker: gRPC ``ext_proc`` streams, or one plain HTTP/1.1 ``ext_authz`` check."""
+
+    EXT_PROC = "ext_proc"
+    EXT_AUTHZ = "ext_authz"

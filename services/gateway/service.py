@@ -28,6 +28,7 @@ from services.gateway.epp import OFFLOOP_TOKENIZE_CHARS, Picker
 from services.gateway.http1 import OneByOne
 from services.gateway.pieces import PieceTokenizer
 from services.gateway.pool import eds_document
+from services.gateway.protocol import PickerTransport
 from services.gateway.request import Tokenize
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
@@ -52,7 +53,7 @@ class GatewayOptions:
     staleness_s: float | None = None  # override of the profile's metrics staleness bound (data and detector)
     capture: Path | None = None  # write the routed traffic here as a replayable trace (JSONL)
     capture_salt: str = ""  # keys the prefix-block hashes of the trace
-    transport: str = "ext_proc"  # or "ext_authz": HTTP checks on http_port, the access log on grpc_port
+    transport: PickerTransport = PickerTransport.EXT_PROC  # EXT_AUTHZ: HTTP checks on http_port, the log on grpc_port
     http_port: int = 9003  # ext_authz checks, /health and /v1/models
     max_request_s: float = 660.0  # ext_authz: in flight this long without a log entry = the entry was lost
 
@@ -118,7 +119,7 @@ class Gateway:
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)
         self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer(), capture=self.capture)
-        self.authz = AuthzPicker(self.picker) if opts.transport == "ext_authz" else None
+        self.authz = AuthzPicker(self.picker) if opts.transport is PickerTransport.EXT_AUTHZ else None
         self._eds_version = 0
         self.bus: Bus | None = None
 

@@ -19,9 +19,10 @@ import httpx
 import nats
 import pytest
 
-from ops.envoy import SERVED, EnvoyOptions, FailureMode, PickerTransport, envoy_binary, start_envoy
+from ops.envoy import SERVED, EnvoyOptions, FailureMode, envoy_binary, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port
 from services.gateway.epp import PICKED
+from services.gateway.protocol import PickerTransport
 from shared.bus import subjects
 from shared.bus.messages import EngineMetrics, encode
 

@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ops.envoy import FailureMode, PickerTransport
+from ops.envoy import FailureMode
 from ops.servers import ServerProcess
+from services.gateway.protocol import PickerTransport
 from tests.integration.test_gateway import (
     MODEL,
     Engine,
