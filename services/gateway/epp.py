@@ -29,7 +29,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
 from services.gateway.capture import Pending, TraceWriter
-from services.gateway.protocol import REQUEST_ID_HEADER, STREAMED_RESPONSE_MODE
+from services.gateway.protocol import MODELS_PATH, REQUEST_ID_HEADER, STREAMED_RESPONSE_MODE
 from services.gateway.request import BadRequest, Tokenize, parse_request, tokenized
 from shared.core.routing import Decision, Router
 
@@ -242,7 +242,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
 
     def _bodiless(self, headers: dict[str, str]) -> pb.ProcessingResponse:
         path = headers.get(":path", "")
-        if headers.get(":method") == "GET" and path.split("?")[0] == "/v1/models":
+        if headers.get(":method") == "GET" and path.split("?")[0] == MODELS_PATH:
             body = self.models()
             return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
                 status=http_status_pb2.HttpStatus(code=200),

@@ -33,7 +33,7 @@ CHECK_PREFIX = "/check"
 """ext_authz transport: Envoy sends each check to the client's path under this prefix, so a client's own
 ``/health`` or ``/stats`` is a check like any other request and never the picker's endpoint of that name."""
 HEALTH_PATH = "/health"  # ext_authz transport: Envoy's active health check of the picker's HTTP port
-MODELS_PATH = "/v1/models"  # ext_authz transport: routed to the picker's HTTP port, unchecked
+MODELS_PATH = "/v1/models"  # answered by the picker (ext_proc: from the headers; ext_authz: routed to its HTTP port)
 RELAYED_5XX = (500, 502, 503, 504)
 """ext_authz transport: Envoy takes a 5xx answer from the check as the check failing (its failure mode then
 decides: refuse with 500, or route without the picker). The picker's own 5xx refusals (503 no endpoint, 504
