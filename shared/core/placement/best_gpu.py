@@ -27,7 +27,7 @@ _FEW_ROWS = 4  # up to this many best rows are finished in Python floats (usuall
 Part = tuple[str, FloatArray]  # a scorer's name and its weighted scores, shaped like the mask or (rows, 1)
 
 
-def _row_max(values: FloatArray, mask: BoolArray) -> FloatArray:
+def row_max(values: FloatArray, mask: BoolArray) -> FloatArray:
     """Each row's highest value over its candidates (−inf for a row without one).
 
     The maximum is taken down the columns of the transposed copy: a reduction along the short slot axis
@@ -38,7 +38,8 @@ def _row_max(values: FloatArray, mask: BoolArray) -> FloatArray:
     return best
 
 
-def _keys(total: FloatArray, quantum: float) -> FloatArray:
+def keys_of(total: FloatArray, quantum: float) -> FloatArray:
+    """``floor(total × quantum + 0.5)``, element-wise (a new array)."""
     keys = total * quantum
     keys += 0.5
     np.floor(keys, out=keys)
@@ -50,26 +51,35 @@ def best_gpu(
 ) -> tuple[int, int, float] | None:
     """(row, slot, total) of the best candidate of ``mask`` (see the module), or None when this shortcut does
     not apply. ``ranks`` are the rows' positions in name order, ``g_index`` the ``[row, slot]`` GPU indexes."""
-    rows, width = mask.shape
+    rows = mask.shape[0]
     varying = [k for k, (_, v) in enumerate(parts) if v.shape != (rows, 1)]
     if len(varying) > 1 or any(parts[k][1].shape != mask.shape for k in varying):
         return None
     row_total = np.zeros(rows, dtype=np.float64)
     for k, (_, values) in enumerate(parts):  # 0.0 + a + b + ..., in profile order, as the full sum
-        np.add(row_total, _row_max(values, mask) if k in varying else values[:, 0], out=row_total)
+        np.add(row_total, row_max(values, mask) if k in varying else values[:, 0], out=row_total)
     if not varying:  # every part is per worker: a row's candidates all share its total
         row_total[~mask.any(axis=1)] = -np.inf
-    row_keys = _keys(row_total, quantum)
+    row_keys = keys_of(row_total, quantum)
     best_key = row_keys.max()
     if not np.isfinite(best_key):
         return None  # no candidate, or a non-finite score: the full computation says what happens then
-    top_rows = np.flatnonzero(row_keys == best_key)
+    return pick_in_rows(parts, mask, ranks, g_index, quantum, np.flatnonzero(row_keys == best_key), float(best_key))
+
+
+def pick_in_rows(
+    parts: Sequence[Part], mask: BoolArray, ranks: IntArray, g_index: IntArray, quantum: float,
+    top_rows: IntArray, best_key: float,
+) -> tuple[int, int, float] | None:
+    """``best_gpu``'s last step: the best candidate within ``top_rows``, the rows whose best key is ``best_key``
+    (the highest over all rows), each candidate's total summed in full there (None if none reaches it)."""
     if len(top_rows) <= _FEW_ROWS:
-        return _pick_few(parts, mask, ranks, g_index, quantum, top_rows.tolist(), float(best_key))
+        return _pick_few(parts, mask, ranks, g_index, quantum, top_rows.tolist(), best_key)
+    width = mask.shape[1]
     total = np.zeros((len(top_rows), width), dtype=np.float64)
     for _, values in parts:
         np.add(total, values[top_rows], out=total)
-    keys = _keys(total, quantum)
+    keys = keys_of(total, quantum)
     keys[~mask[top_rows]] = -np.inf
     tied_r, tied_s = np.nonzero(keys == best_key)
     if len(tied_r) == 0:

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.core.placement.domain import Decision, ModelSpec
+from shared.core.placement.context import PlacementContext
+from shared.core.placement.domain import Candidate, Decision, ModelSpec
 from shared.core.placement.fitting import GpuBatch
+from shared.core.placement.incremental import fitting_rows, pick_kept
 from shared.core.placement.pipeline import GpuFit, score_gpus
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile
 from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, IntArray
@@ -47,19 +49,7 @@ def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int, cpu
     """``[row, slot]``: a candidate whose worker is present and not cordoned, and whose GPU is schedulable
     and (with the worker's RAM and CPU) still has room: what ``reconcile.still_fits`` checks, for every
     candidate."""
-    n = pos.mask.shape[0]
-    live = snapshot.w_present[:n] & ~snapshot.w_cordoned[:n]
-    if ram_claim:
-        live = live & (snapshot.w_ram_alloc[:n] >= ram_claim)
-    if cpu_claim:
-        live = live & (snapshot.w_cpu_alloc[:n] >= cpu_claim)
-    # One buffer, and the per-worker condition applied to whole rows: broadcasting a (rows, 1) column over
-    # the short slot axis cost as much as the three element-wise steps together (this runs every decision).
-    ok: BoolArray = np.greater_equal(snapshot.g_alloc[:n], pos.dense_claims)
-    ok &= pos.mask
-    ok &= snapshot.g_ok[:n]
-    ok[~live] = False
-    return ok
+    return fitting_rows(snapshot, pos, slice(0, pos.mask.shape[0]), ram_claim, cpu_claim)
 
 
 def score_positions(
@@ -78,6 +68,15 @@ def score_positions(
     """
     if pos.layout != snapshot.layout:
         return None  # located before rows or slots moved (a reused row may now be another worker)
+    ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
+    kept = pick_kept(ctx, pos, ram_claim, cpu_claim)
+    if kept is not None:
+        r, s, total, breakdown, count = kept
+        chosen = Candidate(worker=snapshot.name_of(r), gpu_indexes=(int(snapshot.g_index[r, s]),),
+                           vram_claims=(int(pos.dense_claims[r, s]),), ram_claim=ram_claim, strategy=strategy,
+                           cpu_claim=cpu_claim)
+        return Decision(model=model.name, candidate=chosen, score=total, breakdown=breakdown,
+                        candidates_considered=count)
     mask = still_fitting(snapshot, pos, ram_claim, cpu_claim)
     count = int(np.count_nonzero(mask))
     if count == 0:

@@ -7,7 +7,8 @@ one by one. Both evaluate the same expressions in the same order, so they agree 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -19,6 +20,17 @@ from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
 from shared.core.placement.plugin_args import Configurable
 from shared.core.placement.snapshot import FloatArray, IntArray
+
+
+@dataclass(frozen=True)
+class SlotRows:
+    """A scorer's per-GPU scores in row-local form: ``score(rows)`` gives the ``[row, slot]`` scores of just those
+    rows, to the bit what ``score_batch`` gives for them, and reads nothing but those rows' own columns (the
+    ones ``ClusterSnapshot.w_stamp`` covers) and what ``key`` names. So scores kept from an earlier decision
+    stay exact for every row whose stamp has not moved, while ``key`` is unchanged (``incremental``)."""
+
+    key: tuple[object, ...]
+    score: Callable[[IntArray], FloatArray]
 
 
 class Scorer(Configurable, ABC):
@@ -38,6 +50,12 @@ class Scorer(Configurable, ABC):
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray | None:
         """Fast path: one score per multi-GPU candidate of ``batch``; None when not supported."""
+        return None
+
+    def slot_rows(self, ctx: PlacementContext, claims: IntArray, ram_claim: int, cpu_claim: int) -> SlotRows | None:
+        """``score_batch`` in row-local form (see ``SlotRows``) for single-GPU candidates claiming ``claims``
+        (full ``[row, slot]`` shape), when this scorer's per-GPU scores read only their own worker's row; None
+        otherwise (anything normalised over the workers): decisions then take the full path."""
         return None
 
     def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray | None:

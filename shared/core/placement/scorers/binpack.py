@@ -20,7 +20,7 @@ from shared.core.placement.domain import Candidate
 from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
-from shared.core.placement.scorers.base import Scorer, ratio, ratio_array
+from shared.core.placement.scorers.base import Scorer, SlotRows, ratio, ratio_array
 from shared.core.placement.scorers.binpack_memo import row_scores
 from shared.core.placement.snapshot import ClusterSnapshot, FloatArray, IntArray
 
@@ -122,6 +122,19 @@ class Binpack(Scorer):
         """Reference path."""
         return [binpack_score(ctx, c, self.cpu_weight) for c in candidates]
 
+    def _rows(self, snap: ClusterSnapshot, rows: IntArray | slice, claims: IntArray, ram: int, cpu: int) -> FloatArray:
+        """The per-slot formula over the given rows (``claims``: those rows' claims): element-wise, so any
+        subset of rows gets each element's value to the bit."""
+        if not isinstance(rows, slice) and len(rows) <= _FEW_ROWS and self.cpu_weight <= 0:
+            return _few_rows(snap, rows, claims, ram)
+        ram_alloc = snap.w_ram_alloc[rows]
+        ram_ratio = ratio_array(np.full(len(ram_alloc), ram, dtype=np.int64), ram_alloc)[:, None]
+        vram_ratio = ratio_array(claims, snap.g_alloc[rows])
+        per_slot = self._with_cpu((ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0, cpu,
+                                  snap.w_cpu_alloc[rows])
+        result: FloatArray = np.minimum(per_slot, MAX)
+        return result
+
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
         """Fast path: the same formula over the ``[row, slot]`` columns (rows that did not move since the last
         decision keep their scores: ``binpack_memo``)."""
@@ -129,17 +142,19 @@ class Binpack(Scorer):
         ram, cpu = batch.ram_claim, batch.cpu_claim
 
         def score(rows: IntArray | slice, claims: IntArray) -> FloatArray:
-            if not isinstance(rows, slice) and len(rows) <= _FEW_ROWS and self.cpu_weight <= 0:
-                return _few_rows(snap, rows, claims, ram)
-            ram_alloc = snap.w_ram_alloc[rows]
-            ram_ratio = ratio_array(np.full(len(ram_alloc), ram, dtype=np.int64), ram_alloc)[:, None]
-            vram_ratio = ratio_array(claims, snap.g_alloc[rows])
-            per_slot = self._with_cpu((ram_ratio * 100.0 * 1.0 + vram_ratio * 100.0 * 2.0) / 3.0, cpu,
-                                      snap.w_cpu_alloc[rows])
-            result: FloatArray = np.minimum(per_slot, MAX)
-            return result
+            return self._rows(snap, rows, claims, ram, cpu)
 
         return row_scores(snap, batch.claims, (ram, cpu, self.cpu_weight), score)
+
+    def slot_rows(self, ctx: PlacementContext, claims: IntArray, ram_claim: int, cpu_claim: int) -> SlotRows:
+        """Row-local: a GPU's score reads its worker's allocatable RAM and CPU, its own allocatable VRAM (all
+        stamped row columns) and the claims."""
+        snap = ctx.snapshot
+
+        def score(rows: IntArray) -> FloatArray:
+            return self._rows(snap, rows, claims[rows], ram_claim, cpu_claim)
+
+        return SlotRows(key=(self.name, ram_claim, cpu_claim, self.cpu_weight), score=score)
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
         """Fast path for multi-GPU candidates: the maximum GPU score of each set."""

@@ -10,11 +10,11 @@ from shared.core.placement.domain import Candidate, PlacementStrategy
 from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
-from shared.core.placement.scorers.base import Scorer
+from shared.core.placement.scorers.base import Scorer, SlotRows
 from shared.core.placement.scorers.binpack import Binpack
 from shared.core.placement.scorers.fragmentation import Fragmentation
 from shared.core.placement.scorers.spread import Spread
-from shared.core.placement.snapshot import FloatArray
+from shared.core.placement.snapshot import FloatArray, IntArray
 
 
 class Placement(Scorer):
@@ -38,6 +38,10 @@ class Placement(Scorer):
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray | None:
         """Fast path."""
         return self._pick(ctx).score_batch(ctx, batch)
+
+    def slot_rows(self, ctx: PlacementContext, claims: IntArray, ram_claim: int, cpu_claim: int) -> SlotRows | None:
+        """Row-local form: the model's strategy's, if it has one."""
+        return self._pick(ctx).slot_rows(ctx, claims, ram_claim, cpu_claim)
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray | None:
         """Fast path for multi-GPU candidates."""
