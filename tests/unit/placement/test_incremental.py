@@ -109,7 +109,7 @@ class ColumnScorer(Scorer):
         return np.array([[self.table.get(r, 0.0)] for r in range(ctx.snapshot.rows)], dtype=np.float64).reshape(-1, 1)
 
 
-EMB = ModelSpec(name="m", source="m", weight_bytes=2 * GIB, categories=(Category.EMBEDDING,),
+EMB = ModelSpec(name="m", source="m", weight_bytes=2 * GIB, categories=(Category.EMBEDDING,), ram_claim=16 * GIB,
                 placement_strategy=PlacementStrategy.BINPACK)
 
 
@@ -166,11 +166,12 @@ def test_kept_rows_decide_as_the_full_path_through_events(parts, model, profile,
             placed.append(f"r{n}")
         elif kind == "release" and placed:
             snap.remove_instance(placed.pop(pick % len(placed)))
-        elif kind == "usage":
+        elif kind == "usage":  # some GPUs (or the RAM) taken or freed by processes Gantry does not manage
             w = snap.worker(name)
             assert w is not None
-            gpus = tuple(msgspec.structs.replace(g, vram_used=g.vram_used + pick * GIB // 8) for g in w.gpus)
-            snap.update_usage(msgspec.structs.replace(w, gpus=gpus, ram_used=w.ram_used + pick * GIB))
+            gpus = tuple(msgspec.structs.replace(g, vram_used=g.vram_total * ((pick + g.index) % 3) // 2)
+                         for g in w.gpus)
+            snap.update_usage(msgspec.structs.replace(w, gpus=gpus, ram_used=w.ram_total * (pick % 3) // 2))
         elif kind == "cordon":
             w = snap.worker(name)
             assert w is not None
@@ -221,9 +222,16 @@ def test_kept_rows_pick_as_the_full_path_over_tied_and_signed_zero_scores(table_
     for n in range(data.draw(st.integers(1, 12))):
         got = score_positions(snap, EMB, pos, ram, strategy, table_scorers, cpu)
         assert bits(got) == bits(full_path(snap, EMB, pos, ram, cpu, strategy, table_scorers))
-        kind = data.draw(st.sampled_from(["table", "column", "assume"]))
+        kind = data.draw(st.sampled_from(["table", "column", "assume", "usage"]))
         r = data.draw(st.integers(0, workers - 1))
-        if kind == "table":
+        if kind == "usage":  # a GPU or the RAM taken or freed outside Gantry: candidates stop or start fitting
+            w = snap.worker(snap.name_of(r))
+            assert w is not None
+            taken = data.draw(st.integers(0, gpus - 1))
+            ram = data.draw(st.sampled_from([0, 0, w.ram_total]))
+            snap.update_usage(msgspec.structs.replace(w, ram_used=ram, gpus=tuple(
+                msgspec.structs.replace(g, vram_used=g.vram_total if g.index == taken else 0) for g in w.gpus)))
+        elif kind == "table":
             TableScorer.table[(r, data.draw(st.integers(0, gpus - 1)))] = data.draw(st.sampled_from(VALUES))
             restamp(snap, r)
         elif kind == "column":
