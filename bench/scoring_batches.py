@@ -19,12 +19,15 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import msgspec
 
+import services.scoring.service as scoring_service
 from services.filter.service import FilterService
 from services.fitting.service import FittingService
 from services.scoring.service import ScoringService
@@ -62,12 +65,31 @@ def spec(n: int) -> ModelSpec:
                      placement_strategy=PlacementStrategy.BINPACK)
 
 
-def run(batches: int, per_batch: int, workers: int, models: int) -> tuple[list[float], list[float], str]:
-    """Per-batch scoring CPU seconds (whole stage, and the decisions alone) and the outcomes' digest."""
+class _Timed:
+    """Thread CPU time spent in one function (the decision proper: ``score_columns``)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn, self.seconds, self.calls = fn, 0.0, 0
+
+    def __call__(self, *args: Any) -> Any:
+        t = time.thread_time()
+        try:
+            return self.fn(*args)
+        finally:
+            self.seconds += time.thread_time() - t
+            self.calls += 1
+
+
+def run(
+    batches: int, per_batch: int, workers: int, models: int, skip: int
+) -> tuple[list[float], list[float], float, str]:
+    """Per-batch scoring CPU seconds (whole stage, and its ``score`` calls), CPU seconds per decision proper
+    (``score_columns``, after the first ``skip`` batches) and the outcomes' digest."""
     clock = [NOW]
     settings = Settings()
     stages = [kind(settings, clock=lambda: clock[0]) for kind in (FilterService, FittingService, ScoringService)]
     flt, fit, sc = stages
+    decide = scoring_service.score_columns = _Timed(scoring_service.score_columns)
     assert isinstance(flt, FilterService) and isinstance(fit, FittingService) and isinstance(sc, ScoringService)
     fleet = [Worker(name=f"w{i}", gpus=tuple(Gpu(index=g, product="H100-SXM-80GB", vram_total=80 * GIB)
                                              for g in range(8)), ram_total=1024 * GIB, last_heartbeat=NOW)
@@ -83,6 +105,8 @@ def run(batches: int, per_batch: int, workers: int, models: int) -> tuple[list[f
     core: list[float] = []
     sent = 0
     for b in range(batches):
+        if b == skip:
+            decide.seconds, decide.calls = 0.0, 0
         items = []
         for _ in range(per_batch):
             n = sent % models
@@ -127,7 +151,7 @@ def run(batches: int, per_batch: int, workers: int, models: int) -> tuple[list[f
                     used[g] += c
                 hb = Heartbeat(worker=w, seq=sent, gpus=tuple(GpuUsage(index=g, vram_used=u) for g, u in used.items()))
                 sc.feed.on_heartbeat(hb, clock[0])
-    return whole, core, digest.hexdigest()
+    return whole, core, decide.seconds / max(decide.calls, 1), digest.hexdigest()
 
 
 def main() -> None:
@@ -139,12 +163,13 @@ def main() -> None:
     p.add_argument("--models", type=int, default=50)
     p.add_argument("--skip", type=int, default=20, help="first batches not timed (caches warming)")
     a = p.parse_args()
-    whole, core, digest = run(a.batches, a.per_batch, a.workers, a.models)
+    whole, core, decision, digest = run(a.batches, a.per_batch, a.workers, a.models, a.skip)
     whole, core = whole[a.skip:], core[a.skip:]
     n = a.per_batch
     print(json.dumps({
         "us_per_decision_stage": round(sum(whole) / len(whole) / n * 1e6, 1),
-        "us_per_decision_core": round(sum(core) / len(core) / n * 1e6, 1),
+        "us_per_decision_score": round(sum(core) / len(core) / n * 1e6, 1),
+        "us_per_decision_proper": round(decision * 1e6, 1),
         "p50_batch_us": round(statistics.median(whole) * 1e6, 1),
         "digest": digest[:16],
     }))

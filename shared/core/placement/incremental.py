@@ -19,6 +19,7 @@ takes the full path. Property tests compare the two over random clusters, events
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from shared.core.placement.fastpath import Positions
 
 _MEMO = "incremental.kept"
+_FEW_ROWS = 4  # up to this many moved rows are refreshed in Python values
 _KEPT = 8  # kept states (one per candidate set and varying-part key in use: models of one shape share one)
 
 Picked = tuple[int, int, float, dict[str, float], int]  # row, slot, total, breakdown, candidates still fitting
@@ -87,6 +89,32 @@ def _fill(kept: _Kept, rows: IntArray | slice, snap: ClusterSnapshot, ram: int, 
     kept.counts[rows] = counts
 
 
+def _fill_few(kept: _Kept, rows: list[int], snap: ClusterSnapshot, ram: int, cpu: int, form: SlotRows,
+              k: float) -> None:
+    """``_fill`` for a few rows (a decision moves one or two) in Python values: the same comparisons, and each
+    row's best the largest value over its candidates as numpy's reduction gives it (a NaN wins; the sign of a
+    zero best does not matter: ``0.0 + x`` sums it into a row total the same way either way), without the
+    dozen numpy calls that cost more than the work on a handful of GPUs."""
+    raw = form.score(np.array(rows, dtype=np.int64))
+    values = raw if k == 1.0 else raw * k
+    pos = kept.pos
+    for i, r in enumerate(rows):
+        live = bool(snap.w_present[r]) and not snap.w_cordoned[r] and (not ram or snap.w_ram_alloc[r] >= ram) \
+            and (not cpu or snap.w_cpu_alloc[r] >= cpu)
+        mask = [live and m and ok and a >= c for m, ok, a, c in zip(
+            pos.mask[r].tolist(), snap.g_ok[r].tolist(), snap.g_alloc[r].tolist(), pos.dense_claims[r].tolist(),
+            strict=True)]
+        row = values[i].tolist()
+        fitting = [v for v, m in zip(row, mask, strict=True) if m]
+        count = len(fitting)
+        best = -math.inf if not fitting else math.nan if any(v != v for v in fitting) else max(fitting)
+        kept.count += count - int(kept.counts[r])
+        kept.counts[r] = count
+        kept.mask[r] = mask
+        kept.values[r] = row
+        kept.best[r] = best
+
+
 def _kept(snap: ClusterSnapshot, pos: Positions, ram: int, cpu: int, form: SlotRows, k: float) -> _Kept:
     """The state for this candidate set and varying part, brought up to date (made on first use)."""
     memos: dict[tuple[object, ...], _Kept] = snap.memo.setdefault(_MEMO, {})
@@ -104,9 +132,13 @@ def _kept(snap: ClusterSnapshot, pos: Positions, ram: int, cpu: int, form: SlotR
         memos[key] = kept
         return kept
     moved = np.flatnonzero(stamp != kept.stamp)
-    if len(moved):
-        _fill(kept, slice(0, len(stamp)) if len(moved) > len(stamp) // 4 else moved, snap, ram, cpu, form, k)
-        kept.stamp[moved] = stamp[moved]
+    if len(moved) > len(stamp) // 4:
+        _fill(kept, slice(0, len(stamp)), snap, ram, cpu, form, k)
+    elif len(moved) > _FEW_ROWS:
+        _fill(kept, moved, snap, ram, cpu, form, k)
+    elif len(moved):
+        _fill_few(kept, moved.tolist(), snap, ram, cpu, form, k)
+    kept.stamp[moved] = stamp[moved]
     return kept
 
 

@@ -481,13 +481,23 @@ class ClusterSnapshot:
         """Record the readiness of a model source's files on one worker."""
         self.version += 1
         self._files.setdefault(model_file.source, {})[model_file.worker] = model_file
-        self._ready_cache.pop(model_file.source, None)
+        self._ready_changed(model_file.source, model_file.worker, model_file.state == ModelFileState.READY)
 
     def remove_model_file(self, source: str, worker: str) -> None:
         """Forget a model source's files on one worker."""
         self.version += 1
         self._files.get(source, {}).pop(worker, None)
-        self._ready_cache.pop(source, None)
+        self._ready_changed(source, worker, False)
+
+    def _ready_changed(self, source: str, worker: str, ready: bool) -> None:
+        """Keep ``ready_file_rows``' flags for ``source`` current: one flag set in place (every placement moves
+        a model's files somewhere, and rebuilding the column from every record cost more than scoring it)."""
+        cached = self._ready_cache.get(source)
+        row = self._row.get(worker)
+        if cached is not None and row is not None and cached.shape[0] == len(self._names):
+            cached[row] = ready
+        else:
+            self._ready_cache.pop(source, None)
 
     def model_file_ready(self, source: str, worker: str) -> bool:
         """Whether ``source``'s files are READY on ``worker``."""
@@ -703,7 +713,8 @@ class ClusterSnapshot:
         return per_worker, per_gpu
 
     def ready_file_rows(self, source: str) -> BoolArray:
-        """Per-row flag: ``source``'s files are READY there (read-only, cached until the records change)."""
+        """Per-row flag: ``source``'s files are READY there (read-only: kept, and updated in place as the records
+        change; callers use it at once)."""
         cached = self._ready_cache.get(source)
         if cached is not None and cached.shape[0] == len(self._names):
             return cached
