@@ -72,16 +72,27 @@ class _Timed:
         self.fn, self.seconds, self.calls = fn, 0.0, 0
 
     def __call__(self, *args: Any) -> Any:
+        if self.count_calls:
+            sys.setprofile(self._count)
         t = time.thread_time()
         try:
             return self.fn(*args)
         finally:
             self.seconds += time.thread_time() - t
+            sys.setprofile(None)
             self.calls += 1
+
+    count_calls = False
+    function_calls = 0
+
+    def _count(self, frame: object, event: str, arg: object) -> None:
+        """A deterministic proxy of the work: every Python and C function call made by a decision."""
+        if event in ("call", "c_call"):
+            self.function_calls += 1
 
 
 def run(
-    batches: int, per_batch: int, workers: int, models: int, skip: int
+    batches: int, per_batch: int, workers: int, models: int, skip: int, count_calls: bool = False
 ) -> tuple[list[float], list[float], float, str]:
     """Per-batch scoring CPU seconds (whole stage, and its ``score`` calls), CPU seconds per decision proper
     (``score_columns``, after the first ``skip`` batches) and the outcomes' digest."""
@@ -90,6 +101,7 @@ def run(
     stages = [kind(settings, clock=lambda: clock[0]) for kind in (FilterService, FittingService, ScoringService)]
     flt, fit, sc = stages
     decide = scoring_service.score_columns = _Timed(scoring_service.score_columns)
+    decide.count_calls = count_calls
     assert isinstance(flt, FilterService) and isinstance(fit, FittingService) and isinstance(sc, ScoringService)
     fleet = [Worker(name=f"w{i}", gpus=tuple(Gpu(index=g, product="H100-SXM-80GB", vram_total=80 * GIB)
                                              for g in range(8)), ram_total=1024 * GIB, last_heartbeat=NOW)
@@ -106,7 +118,7 @@ def run(
     sent = 0
     for b in range(batches):
         if b == skip:
-            decide.seconds, decide.calls = 0.0, 0
+            decide.seconds, decide.calls, decide.function_calls = 0.0, 0, 0
         items = []
         for _ in range(per_batch):
             n = sent % models
@@ -151,6 +163,8 @@ def run(
                     used[g] += c
                 hb = Heartbeat(worker=w, seq=sent, gpus=tuple(GpuUsage(index=g, vram_used=u) for g, u in used.items()))
                 sc.feed.on_heartbeat(hb, clock[0])
+    if count_calls:
+        print(json.dumps({"function_calls_per_decision": round(decide.function_calls / max(decide.calls, 1), 1)}))
     return whole, core, decide.seconds / max(decide.calls, 1), digest.hexdigest()
 
 
@@ -162,8 +176,10 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1000)
     p.add_argument("--models", type=int, default=50)
     p.add_argument("--skip", type=int, default=20, help="first batches not timed (caches warming)")
+    p.add_argument("--count-calls", action="store_true", help="also count the function calls of each decision "
+                   "(a deterministic proxy; slows the timing down)")
     a = p.parse_args()
-    whole, core, decision, digest = run(a.batches, a.per_batch, a.workers, a.models, a.skip)
+    whole, core, decision, digest = run(a.batches, a.per_batch, a.workers, a.models, a.skip, a.count_calls)
     whole, core = whole[a.skip:], core[a.skip:]
     n = a.per_batch
     print(json.dumps({
