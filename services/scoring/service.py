@@ -42,7 +42,7 @@ class ScoringService(PlacementService):
     )
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        self._located: dict[tuple[tuple[str, ...], bytes, bytes, int], Positions | None] = {}
+        self._located: dict[tuple[int, bytes, bytes, int], tuple[tuple[str, ...], Positions | None]] = {}
         self._located_layout = -1
         self.names = NameLists()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -117,12 +117,15 @@ class ScoringService(PlacementService):
         if self._located_layout != self.snapshot.layout:  # rows moved: every remembered position is stale
             self._located.clear()
             self._located_layout = self.snapshot.layout
-        key = (cset.workers, cset.gpus, cset.claims, cset.claim)
-        if key not in self._located:
+        # The worker list by identity (``self.names`` hands out one tuple per distinct list; hashing a thousand
+        # names per decision cost more than the lookup), held in the entry so that its id cannot be reused.
+        key = (id(cset.workers), cset.gpus, cset.claims, cset.claim)
+        hit = self._located.get(key)
+        if hit is None or hit[0] is not cset.workers:
             if len(self._located) >= 256:
                 self._located.clear()
-            self._located[key] = locate(self.snapshot, cset)
-        return self._located[key]
+            hit = self._located[key] = (cset.workers, locate(self.snapshot, cset))
+        return hit[1]
 
     def _reference(self, spec: ModelSpec, candidates: Sequence[Candidate]) -> Decision | None:
         live = [c for c in candidates if still_fits(self.snapshot, c)]

@@ -95,8 +95,9 @@ def _fill_few(kept: _Kept, rows: list[int], snap: ClusterSnapshot, ram: int, cpu
     row's best the largest value over its candidates as numpy's reduction gives it (a NaN wins; the sign of a
     zero best does not matter: ``0.0 + x`` sums it into a row total the same way either way), without the
     dozen numpy calls that cost more than the work on a handful of GPUs."""
-    raw = form.score(np.array(rows, dtype=np.int64))
-    values = raw if k == 1.0 else raw * k
+    listed: list[list[float]] = []
+    if form.score_row is None:
+        listed = form.score(np.array(rows, dtype=np.int64)).tolist()
     pos = kept.pos
     for i, r in enumerate(rows):
         live = bool(snap.w_present[r]) and not snap.w_cordoned[r] and (not ram or snap.w_ram_alloc[r] >= ram) \
@@ -104,7 +105,9 @@ def _fill_few(kept: _Kept, rows: list[int], snap: ClusterSnapshot, ram: int, cpu
         mask = [live and m and ok and a >= c for m, ok, a, c in zip(
             pos.mask[r].tolist(), snap.g_ok[r].tolist(), snap.g_alloc[r].tolist(), pos.dense_claims[r].tolist(),
             strict=True)]
-        row = values[i].tolist()
+        row = form.score_row(r) if form.score_row is not None else listed[i]
+        if k != 1.0:
+            row = [v * k for v in row]  # as ``pipeline._batch_parts`` weighs a part: the same IEEE products
         fitting = [v for v, m in zip(row, mask, strict=True) if m]
         count = len(fitting)
         best = -math.inf if not fitting else math.nan if any(v != v for v in fitting) else max(fitting)

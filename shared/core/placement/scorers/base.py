@@ -31,6 +31,7 @@ class SlotRows:
 
     key: tuple[object, ...]
     score: Callable[[IntArray], FloatArray]
+    score_row: Callable[[int], list[float]] | None = None  # optional: one row's scores as Python floats, same bits
 
 
 class Scorer(Configurable, ABC):

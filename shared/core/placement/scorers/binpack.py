@@ -87,12 +87,15 @@ def _few_rows(snap: ClusterSnapshot, rows: IntArray, claims: IntArray, ram: int)
     """``score_batch``'s per-slot formula (without the CPU term) over a few rows, element by element: the same
     IEEE double operations in the same order as the array expression, so the same bits, without the dozen
     numpy calls that cost more than the arithmetic on a handful of GPUs."""
-    out = []
-    for r, row_claims in zip(rows.tolist(), claims.tolist(), strict=True):
-        ram_ratio = _ratio_of(ram, int(snap.w_ram_alloc[r]))
-        allocs = snap.g_alloc[r].tolist()
-        out.append([min(gpu_score(ram_ratio, _ratio_of(c, a)), MAX) for c, a in zip(row_claims, allocs, strict=True)])
+    out = [_row_values(snap, r, row_claims, ram) for r, row_claims in zip(rows.tolist(), claims.tolist(), strict=True)]
     return np.array(out, dtype=np.float64).reshape(len(rows), claims.shape[1])
+
+
+def _row_values(snap: ClusterSnapshot, r: int, claims: list[int], ram: int) -> list[float]:
+    """One row of ``_few_rows``, as Python floats."""
+    ram_ratio = _ratio_of(ram, int(snap.w_ram_alloc[r]))
+    allocs = snap.g_alloc[r].tolist()
+    return [min(gpu_score(ram_ratio, _ratio_of(c, a)), MAX) for c, a in zip(claims, allocs, strict=True)]
 
 
 class Binpack(Scorer):
@@ -154,7 +157,11 @@ class Binpack(Scorer):
         def score(rows: IntArray) -> FloatArray:
             return self._rows(snap, rows, claims[rows], ram_claim, cpu_claim)
 
-        return SlotRows(key=(self.name, ram_claim, cpu_claim, self.cpu_weight), score=score)
+        def one(row: int) -> list[float]:
+            return _row_values(snap, row, claims[row].tolist(), ram_claim)
+
+        return SlotRows(key=(self.name, ram_claim, cpu_claim, self.cpu_weight), score=score,
+                        score_row=one if self.cpu_weight <= 0 else None)
 
     def score_sets(self, ctx: PlacementContext, batch: GpuSetBatch) -> FloatArray:
         """Fast path for multi-GPU candidates: the maximum GPU score of each set."""
