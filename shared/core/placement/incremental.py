@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from shared.core.placement.fastpath import Positions
 
 _MEMO = "incremental.kept"
+_COLUMNS = "incremental.columns"
 _FEW_ROWS = 4  # up to this many moved rows are refreshed in Python values
 _KEPT = 8  # kept states (one per candidate set and varying-part key in use: models of one shape share one)
 
@@ -145,6 +146,34 @@ def _kept(snap: ClusterSnapshot, pos: Positions, ram: int, cpu: int, form: SlotR
     return kept
 
 
+@dataclass
+class _Column:
+    """A row-local per-worker column as of each row's ``stamp``."""
+
+    layout: int
+    stamp: IntArray
+    values: FloatArray
+
+
+def _column(snap: ClusterSnapshot, form: SlotRows) -> FloatArray:
+    """A row-local column (unweighted, as ``score_batch`` returns it), its moved rows recomputed."""
+    memos: dict[tuple[object, ...], _Column] = snap.memo.setdefault(_COLUMNS, {})
+    rows = snap.rows
+    stamp = snap.w_stamp[:rows]
+    kept = memos.get(form.key)
+    if kept is None or kept.layout != snap.layout or len(kept.stamp) != rows:
+        if len(memos) >= _KEPT:
+            memos.clear()
+        kept = memos[form.key] = _Column(layout=snap.layout, stamp=stamp.copy(),
+                                         values=form.score(np.arange(rows, dtype=np.int64)))
+        return kept.values
+    moved = np.flatnonzero(stamp != kept.stamp)
+    if len(moved):
+        kept.values[moved] = form.score(moved)
+        kept.stamp[moved] = stamp[moved]
+    return kept.values
+
+
 def _varying(ctx: PlacementContext, scorers: Sequence[tuple[float, Scorer]], claims: IntArray, ram: int,
              cpu: int) -> tuple[int, SlotRows] | None:
     """The one scorer whose scores vary within rows, in row-local form; None if none or several offer one."""
@@ -185,7 +214,8 @@ def pick_kept(ctx: PlacementContext, pos: Positions, ram_claim: int, cpu_claim: 
             parts.append((cfg.name, kept.values))
             np.add(row_total, kept.best, out=row_total)  # 0.0 + a + b + ..., in profile order, as best_gpu sums
             continue
-        raw = scorer.score_batch(ctx, batch)
+        column = scorer.column_rows(ctx)
+        raw = _column(snap, column) if column is not None else scorer.score_batch(ctx, batch)
         if raw is None or raw.shape != (rows, 1):
             return None  # a second part varies within rows (or has no fast form): the full path decides
         values = raw if k == 1.0 else raw * k

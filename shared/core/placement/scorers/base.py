@@ -59,6 +59,11 @@ class Scorer(Configurable, ABC):
         otherwise (anything normalised over the workers): decisions then take the full path."""
         return None
 
+    def column_rows(self, ctx: PlacementContext) -> SlotRows | None:
+        """A per-worker ``score_batch`` column (``(rows, 1)``) in row-local form: ``score(rows)`` gives those rows'
+        values as ``(len(rows), 1)``. Kept between decisions like ``slot_rows``; None: computed afresh each time."""
+        return None
+
     def score_rows(self, ctx: PlacementContext, batch: RowBatch) -> FloatArray | None:
         """Fast path: one score per CPU-only candidate (worker row) of ``batch``; None when not supported."""
         return None

@@ -16,8 +16,8 @@ from shared.core.placement.domain import Candidate, PlacementStrategy
 from shared.core.placement.fitting.cpu_only import RowBatch
 from shared.core.placement.fitting.multi_gpu import GpuSetBatch
 from shared.core.placement.fitting.single_gpu import GpuBatch
-from shared.core.placement.scorers.base import Scorer
-from shared.core.placement.snapshot import FloatArray
+from shared.core.placement.scorers.base import Scorer, SlotRows
+from shared.core.placement.snapshot import FloatArray, IntArray
 
 MAX = 1.0
 
@@ -48,13 +48,27 @@ class WorkerFill(Scorer):
             out.append(MAX * sum(worker_fill(ctx, n) for n in names) / len(names))
         return out
 
-    def _fill_rows(self, ctx: PlacementContext) -> FloatArray:
+    def _fill_rows(self, ctx: PlacementContext, rows: IntArray | slice | None = None) -> FloatArray:
         snap = ctx.snapshot
-        rows = snap.rows
-        t, f = snap.w_vram_total[:rows], snap.w_vram_free[:rows]  # kept per row by the snapshot
+        if rows is None:
+            rows = slice(0, snap.rows)
+        t, f = snap.w_vram_total[rows], snap.w_vram_free[rows]  # kept per row by the snapshot
         some = t > 0
         fill: FloatArray = np.where(some, (t - f) / np.where(some, t, 1), 0.0)
         return fill
+
+    def column_rows(self, ctx: PlacementContext) -> SlotRows:
+        """Row-local: a worker's fill reads its own VRAM totals (stamped row columns) and the model's strategy."""
+        binpack = ctx.model.placement_strategy == PlacementStrategy.BINPACK
+
+        def score(rows: IntArray) -> FloatArray:
+            if not binpack:
+                return np.zeros((len(rows), 1), dtype=np.float64)
+            fill = 0.0 + self._fill_rows(ctx, rows)  # as score_batch: the same element-wise expressions
+            result: FloatArray = (fill if MAX == 1.0 else MAX * fill)[:, None]
+            return result
+
+        return SlotRows(key=(self.name, binpack), score=score)
 
     def score_batch(self, ctx: PlacementContext, batch: GpuBatch) -> FloatArray:
         """Fast path: per-row sums over the GPU columns, broadcast over the row's GPUs."""
