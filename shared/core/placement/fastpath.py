@@ -8,8 +8,6 @@ result to ``run_scoring`` on the same candidates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from shared.core.placement.context import PlacementContext
@@ -17,32 +15,9 @@ from shared.core.placement.domain import Candidate, Decision, ModelSpec
 from shared.core.placement.fitting import GpuBatch
 from shared.core.placement.incremental import fitting_rows, pick_kept
 from shared.core.placement.pipeline import GpuFit, score_gpus
+from shared.core.placement.positions import Positions as Positions  # re-exported: callers import it from here
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile
-from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, IntArray
-
-
-@dataclass(frozen=True)
-class Positions:
-    """Candidates located in one snapshot's ``[row, slot]`` layout.
-
-    The candidates as dense ``[row, slot]`` matrices (which GPUs, what claim), the form the vectorised
-    scorers take: built once per candidate set, so scoring each replica only re-checks room. Valid while
-    the snapshot's ``layout`` is the one recorded here.
-    """
-
-    layout: int
-    mask: BoolArray
-    dense_claims: IntArray
-
-    @classmethod
-    def of(cls, snapshot: ClusterSnapshot, rows: IntArray, slots: IntArray, claims: IntArray) -> Positions:
-        """The candidates at ``(rows[i], slots[i])`` claiming ``claims[i]``, densely over the current rows."""
-        shape = (snapshot.rows, snapshot.g_ok.shape[1])
-        mask = np.zeros(shape, dtype=np.bool_)
-        dense = np.zeros(shape, dtype=np.int64)
-        mask[rows, slots] = True
-        dense[rows, slots] = claims
-        return cls(layout=snapshot.layout, mask=mask, dense_claims=dense)
+from shared.core.placement.snapshot import BoolArray, ClusterSnapshot
 
 
 def still_fitting(snapshot: ClusterSnapshot, pos: Positions, ram_claim: int, cpu_claim: int = 0) -> BoolArray:

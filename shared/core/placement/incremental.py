@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,12 +29,10 @@ from shared.core.placement.best_gpu import keys_of, pick_in_rows, row_max
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.fitting import GpuBatch
 from shared.core.placement.pipeline import QUANTUM, factor
+from shared.core.placement.positions import Positions
 from shared.core.placement.scorers import SCORERS
 from shared.core.placement.scorers.base import Scorer, SlotRows
 from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, FloatArray, IntArray
-
-if TYPE_CHECKING:
-    from shared.core.placement.fastpath import Positions
 
 _MEMO = "incremental.kept"
 _COLUMNS = "incremental.columns"
