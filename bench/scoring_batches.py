@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,13 +75,19 @@ class _Timed:
     def __call__(self, *args: Any) -> Any:
         if self.count_calls:
             sys.setprofile(self._count)
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
         t = time.thread_time()
         try:
             return self.fn(*args)
         finally:
             self.seconds += time.thread_time() - t
             sys.setprofile(None)
+            if self.count_calls:
+                self.peak_bytes += tracemalloc.get_traced_memory()[1] - base
             self.calls += 1
+
+    peak_bytes = 0
 
     count_calls = False
     function_calls = 0
@@ -102,6 +109,8 @@ def run(
     flt, fit, sc = stages
     decide = scoring_service.score_columns = _Timed(scoring_service.score_columns)
     decide.count_calls = count_calls
+    if count_calls:
+        tracemalloc.start()
     assert isinstance(flt, FilterService) and isinstance(fit, FittingService) and isinstance(sc, ScoringService)
     fleet = [Worker(name=f"w{i}", gpus=tuple(Gpu(index=g, product="H100-SXM-80GB", vram_total=80 * GIB)
                                              for g in range(8)), ram_total=1024 * GIB, last_heartbeat=NOW)
@@ -118,7 +127,7 @@ def run(
     sent = 0
     for b in range(batches):
         if b == skip:
-            decide.seconds, decide.calls, decide.function_calls = 0.0, 0, 0
+            decide.seconds, decide.calls, decide.function_calls, decide.peak_bytes = 0.0, 0, 0, 0
         items = []
         for _ in range(per_batch):
             n = sent % models
@@ -164,7 +173,9 @@ def run(
                 hb = Heartbeat(worker=w, seq=sent, gpus=tuple(GpuUsage(index=g, vram_used=u) for g, u in used.items()))
                 sc.feed.on_heartbeat(hb, clock[0])
     if count_calls:
-        print(json.dumps({"function_calls_per_decision": round(decide.function_calls / max(decide.calls, 1), 1)}))
+        n = max(decide.calls, 1)
+        print(json.dumps({"function_calls_per_decision": round(decide.function_calls / n, 1),
+                          "peak_extra_bytes_per_decision": round(decide.peak_bytes / n)}))
     return whole, core, decide.seconds / max(decide.calls, 1), digest.hexdigest()
 
 
@@ -177,7 +188,7 @@ def main() -> None:
     p.add_argument("--models", type=int, default=50)
     p.add_argument("--skip", type=int, default=20, help="first batches not timed (caches warming)")
     p.add_argument("--count-calls", action="store_true", help="also count the function calls of each decision "
-                   "(a deterministic proxy; slows the timing down)")
+                   "and the peak memory it allocates (deterministic proxies; they slow the timing down)")
     a = p.parse_args()
     whole, core, decision, digest = run(a.batches, a.per_batch, a.workers, a.models, a.skip, a.count_calls)
     whole, core = whole[a.skip:], core[a.skip:]
