@@ -159,13 +159,15 @@ class StateWriter:
         """Tell every snapshot what was stored (the feeds follow these events, not raw registrations). One that
         cannot be sent is stored and announced again at the next flush, under a newer revision."""
         for name, revision in revisions.items():
+            event = WorkerRegisteredEvent(worker=regs[name], revision=revision)
             try:
-                await self.service.bus.publish(
-                    subjects.EVENT_WORKER_REGISTERED, WorkerRegisteredEvent(worker=regs[name], revision=revision)
-                )
+                await self.service.bus.publish(subjects.EVENT_WORKER_REGISTERED, event)
             except Exception as exc:
                 log.warning("registration of %s stored, not announced (again at the next flush): %s", name, exc)
                 self.registrations.setdefault(name, regs[name])
+                continue
+            if not self.service.hears_itself:  # the bus does not echo it back: our own snapshot takes it here
+                self.service.feed.on_registered(event, self.service.clock())
 
     async def ask_to_register(self, worker: str | None) -> None:
         """Ask one worker (or all) to re-register; per worker at most once every few seconds."""

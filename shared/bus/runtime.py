@@ -136,8 +136,9 @@ async def prepare(nc: Client, settings: Settings, consumers: Sequence[tuple[str,
         await ensure_consumer(js, stream, durable, subject, settings)
 
 
-def make_broker(settings: Settings) -> NatsBroker:
-    """A FastStream NATS broker with quiet per-message logging (it costs throughput)."""
+def make_broker(settings: Settings, no_echo: bool = False) -> NatsBroker:
+    """A FastStream NATS broker with quiet per-message logging (it costs throughput); ``no_echo``: the server
+    does not deliver the connection's own publishes back to its subscriptions."""
     quiet = logging.getLogger("gantry.faststream")
     quiet.setLevel(logging.WARNING)
     options = nats_options(settings)
@@ -145,7 +146,7 @@ def make_broker(settings: Settings) -> NatsBroker:
     security = BaseSecurity(ssl_context=tls) if tls is not None else None  # FastStream's way to take a context
     return NatsBroker(
         settings.nats_url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1, security=security,
-        inbox_prefix=options["inbox_prefix"],
+        inbox_prefix=options["inbox_prefix"], no_echo=no_echo,
     )
 
 
