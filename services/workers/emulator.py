@@ -126,8 +126,10 @@ class Fleet:
         self.workers = {w.worker.name: w for w in make_workers(cfg)}
         self.paused: set[str] = set()  # workers whose heartbeats are suppressed
         self._tasks: set[asyncio.Task[None]] = set()
-        # per worker: reports made this moment, not sent yet, and what each of their makers waits on
-        self._outbox: dict[str, list[tuple[InstanceStatus, asyncio.Future[None]]]] = {}
+        # per worker: reports made this moment, not sent yet, and the one future their makers wait on
+        self._outbox: dict[str, tuple[list[InstanceStatus], asyncio.Future[None]]] = {}
+        # (worker, source) -> set once a download under way is over (those needing the file wait on it)
+        self._downloads: dict[tuple[str, str], asyncio.Event] = {}
 
     async def start(self) -> None:
         """Subscribe to worker commands and register every worker."""
@@ -186,8 +188,7 @@ class Fleet:
             return
         try:
             if verb == "assign":
-                for cmd in _assignments(msg.data):
-                    self._spawn(self._assign(w, cmd))
+                self._assign_all(w, _assignments(msg.data))
             elif verb == "drain":
                 self._spawn(self._drain(w, decode(msg.data, DrainInstance)))
             elif verb == "delete":
@@ -200,22 +201,22 @@ class Fleet:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _status(self, w: EmulatedWorker, iid: str, state: InstanceState, **kw: object) -> None:
-        """Report on one instance; returns once the report is stored (or given up on). Reports a worker makes
+    async def _report(self, w: EmulatedWorker, reports: list[InstanceStatus]) -> None:
+        """Report on instances; returns once the reports are stored (or given up on). Reports a worker makes
         at the same moment (instances assigned together reach STARTING together) travel as one message."""
-        msg = InstanceStatus(instance_id=iid, worker=w.worker.name, state=state, **kw)  # type: ignore[arg-type]
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        box = self._outbox.setdefault(w.worker.name, [])
-        box.append((msg, done))
-        if len(box) == 1:  # the first of this moment's reports: send them all once the moment is over
-            asyncio.get_running_loop().call_soon(self._spawn, self._send_reports(w.worker.name))
-        await done
+        box = self._outbox.get(w.worker.name)
+        if box is None:  # the first of this moment's reports: send them all once the moment is over
+            loop = asyncio.get_running_loop()
+            box = self._outbox[w.worker.name] = ([], loop.create_future())
+            loop.call_soon(self._spawn, self._send_reports(w.worker.name))
+        box[0].extend(reports)
+        await box[1]
 
     async def _send_reports(self, worker: str) -> None:
-        batch = self._outbox.pop(worker, [])
-        if not batch:
+        box = self._outbox.pop(worker, None)
+        if box is None:
             return
-        reports = tuple(msg for msg, _ in batch)
+        reports, done = tuple(box[0]), box[1]
         tags = [f"{m.instance_id}:{_tag(m)}" for m in reports]
         # Named by content: a re-send after a lost acknowledgement is dropped by the stream's duplicate window.
         msg_id = f"{worker}:" + hashlib.blake2b("|".join(tags).encode(), digest_size=12).hexdigest()
@@ -229,53 +230,75 @@ class Fleet:
                     await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
             log.warning("worker %s could not report %s", worker, ", ".join(tags))
         finally:
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+            if not done.done():
+                done.set_result(None)
 
-    async def _assign(self, w: EmulatedWorker, cmd: AssignInstance) -> None:
-        if cmd.instance_id in w.instances:
-            return  # re-sent assignment: already running it
-        inst = EmulatedInstance(cmd.instance_id, cmd.model, cmd.source, cmd.gpu_indexes, cmd.vram_claims)
-        w.instances[inst.id] = inst
+    def _assign_all(self, w: EmulatedWorker, cmds: tuple[AssignInstance, ...]) -> None:
+        """Take on the instances of one assign message. Those of one model source start together, as one
+        task: they wait for the same download, then go STARTING and RUNNING at the same moments (each is
+        still reported on its own, in the worker's report of that moment)."""
+        by_source: dict[str, list[EmulatedInstance]] = {}
+        for cmd in cmds:
+            if cmd.instance_id in w.instances:
+                continue  # re-sent assignment: already running it
+            inst = EmulatedInstance(cmd.instance_id, cmd.model, cmd.source, cmd.gpu_indexes, cmd.vram_claims)
+            w.instances[inst.id] = inst
+            by_source.setdefault(cmd.source, []).append(inst)
+        for source, insts in by_source.items():
+            self._spawn(self._start(w, source, insts))
+
+    async def _start(self, w: EmulatedWorker, source: str, insts: list[EmulatedInstance]) -> None:
         # No SCHEDULED report: the commit recorded that already. The first report is STARTING.
-        if cmd.source and w.files.get(cmd.source) != ModelFileState.READY:
-            await self._download(w, cmd.source)
+        if source and w.files.get(source) != ModelFileState.READY:
+            await self._download(w, source)
         await asyncio.sleep(self.cfg.start_delay_s / 2)
-        if w.instances.get(inst.id) is not inst:
-            return
-        inst.state = InstanceState.STARTING
-        await self._status(w, inst.id, InstanceState.STARTING)
+        insts = await self._advance(w, insts, InstanceState.STARTING)
         await asyncio.sleep(self.cfg.start_delay_s / 2)
-        if w.instances.get(inst.id) is not inst:
-            return
-        inst.state = InstanceState.RUNNING
-        await self._status(w, inst.id, InstanceState.RUNNING)
+        await self._advance(w, insts, InstanceState.RUNNING)
+
+    async def _advance(
+        self, w: EmulatedWorker, insts: list[EmulatedInstance], state: InstanceState
+    ) -> list[EmulatedInstance]:
+        """Move the instances the worker still runs to ``state`` and report them; returns those."""
+        live = [inst for inst in insts if w.instances.get(inst.id) is inst]
+        for inst in live:
+            inst.state = state
+        if live:
+            name = w.worker.name
+            await self._report(w, [InstanceStatus(instance_id=i.id, worker=name, state=state) for i in live])
+        return live
 
     async def _download(self, w: EmulatedWorker, source: str) -> None:
-        if w.files.get(source) == ModelFileState.DOWNLOADING:
-            while w.files.get(source) == ModelFileState.DOWNLOADING:
-                await asyncio.sleep(0.05)
+        key = (w.worker.name, source)
+        under_way = self._downloads.get(key)
+        if under_way is not None:
+            await under_way.wait()
             return
-        w.files[source] = ModelFileState.DOWNLOADING
-        upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.DOWNLOADING)
-        await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
-        await asyncio.sleep(self.cfg.download_delay_s)
-        w.files[source] = ModelFileState.READY
-        upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.READY, progress=1.0)
-        await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
+        under_way = self._downloads[key] = asyncio.Event()
+        try:
+            w.files[source] = ModelFileState.DOWNLOADING
+            upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.DOWNLOADING)
+            await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
+            await asyncio.sleep(self.cfg.download_delay_s)
+            w.files[source] = ModelFileState.READY
+            upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.READY, progress=1.0)
+            await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
+        finally:
+            del self._downloads[key]
+            under_way.set()
 
     async def _drain(self, w: EmulatedWorker, cmd: DrainInstance) -> None:
         inst = w.instances.get(cmd.instance_id)
         if inst is None:
             return
         inst.state = InstanceState.DRAINING
-        await self._status(w, inst.id, InstanceState.DRAINING, idle=True)
+        await self._report(w, [InstanceStatus(instance_id=inst.id, worker=w.worker.name, state=inst.state, idle=True)])
 
     async def _delete(self, w: EmulatedWorker, cmd: DeleteInstance) -> None:
         inst = w.instances.pop(cmd.instance_id, None)
         if inst is not None:
-            await self._status(w, cmd.instance_id, inst.state, deleted=True)
+            await self._report(w, [InstanceStatus(instance_id=inst.id, worker=w.worker.name, state=inst.state,
+                                                  deleted=True)])
 
 
 def _assignments(data: bytes) -> tuple[AssignInstance, ...]:
