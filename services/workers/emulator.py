@@ -83,22 +83,27 @@ class EmulatedWorker:
     instances: dict[str, EmulatedInstance] = field(default_factory=dict)
     files: dict[str, ModelFileState] = field(default_factory=dict)
     seq: int = 0
+    # Usage per GPU and instance ids as of the last heartbeat, until ``changed``: a worker packed with
+    # hundreds of instances would otherwise sum and sort them all for every heartbeat.
+    _usage: tuple[tuple[GpuUsage, ...], tuple[str, ...]] | None = field(default=None, repr=False)
+
+    def changed(self) -> None:
+        """Its instances were added or removed: the next heartbeat counts them again."""
+        self._usage = None
 
     def heartbeat(self) -> Heartbeat:
         """Current usage: each GPU's VRAM is what the instances on it claim."""
-        used = {g.index: 0 for g in self.worker.gpus}
-        for inst in self.instances.values():
-            for idx, claim in zip(inst.gpu_indexes, inst.vram_claims, strict=False):
-                if idx in used:
-                    used[idx] += claim
+        if self._usage is None:
+            used = {g.index: 0 for g in self.worker.gpus}
+            for inst in self.instances.values():
+                for idx, claim in zip(inst.gpu_indexes, inst.vram_claims, strict=False):
+                    if idx in used:
+                        used[idx] += claim
+            gpus = tuple(GpuUsage(index=i, vram_used=u) for i, u in used.items())
+            self._usage = (gpus, tuple(sorted(self.instances)))
         self.seq += 1
-        return Heartbeat(
-            worker=self.worker.name,
-            seq=self.seq,
-            ram_used=0,
-            gpus=tuple(GpuUsage(index=i, vram_used=u) for i, u in used.items()),
-            instances=tuple(sorted(self.instances)),
-        )
+        gpus, ids = self._usage
+        return Heartbeat(worker=self.worker.name, seq=self.seq, ram_used=0, gpus=gpus, instances=ids)
 
 
 def make_workers(cfg: FleetConfig) -> list[EmulatedWorker]:
@@ -243,6 +248,7 @@ class Fleet:
                 continue  # re-sent assignment: already running it
             inst = EmulatedInstance(cmd.instance_id, cmd.model, cmd.source, cmd.gpu_indexes, cmd.vram_claims)
             w.instances[inst.id] = inst
+            w.changed()
             by_source.setdefault(cmd.source, []).append(inst)
         for source, insts in by_source.items():
             self._spawn(self._start(w, source, insts))
@@ -276,10 +282,11 @@ class Fleet:
             return
         under_way = self._downloads[key] = asyncio.Event()
         try:
-            w.files[source] = ModelFileState.DOWNLOADING
-            upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.DOWNLOADING)
-            await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
-            await asyncio.sleep(self.cfg.download_delay_s)
+            if self.cfg.download_delay_s > 0:  # a file that is there at once is only ever reported READY
+                w.files[source] = ModelFileState.DOWNLOADING
+                upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.DOWNLOADING)
+                await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
+                await asyncio.sleep(self.cfg.download_delay_s)
             w.files[source] = ModelFileState.READY
             upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.READY, progress=1.0)
             await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
@@ -297,6 +304,7 @@ class Fleet:
     async def _delete(self, w: EmulatedWorker, cmd: DeleteInstance) -> None:
         inst = w.instances.pop(cmd.instance_id, None)
         if inst is not None:
+            w.changed()
             await self._report(w, [InstanceStatus(instance_id=inst.id, worker=w.worker.name, state=inst.state,
                                                   deleted=True)])
 
