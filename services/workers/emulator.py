@@ -239,24 +239,28 @@ class Fleet:
                 done.set_result(None)
 
     def _assign_all(self, w: EmulatedWorker, cmds: tuple[AssignInstance, ...]) -> None:
-        """Take on the instances of one assign message. Those of one model source start together, as one
-        task: they wait for the same download, then go STARTING and RUNNING at the same moments (each is
-        still reported on its own, in the worker's report of that moment)."""
-        by_source: dict[str, list[EmulatedInstance]] = {}
+        """Take on the instances of one assign message. Those whose files are there (or come at once) start
+        together, as one task, and those waiting on a download start together once it is over: each group goes
+        STARTING and RUNNING at the same moments (each instance still reported on its own, in the worker's
+        report of that moment)."""
+        groups: dict[str, list[EmulatedInstance]] = {}
         for cmd in cmds:
             if cmd.instance_id in w.instances:
                 continue  # re-sent assignment: already running it
             inst = EmulatedInstance(cmd.instance_id, cmd.model, cmd.source, cmd.gpu_indexes, cmd.vram_claims)
             w.instances[inst.id] = inst
             w.changed()
-            by_source.setdefault(cmd.source, []).append(inst)
-        for source, insts in by_source.items():
-            self._spawn(self._start(w, source, insts))
+            ready = not inst.source or w.files.get(inst.source) == ModelFileState.READY
+            fetching = self.cfg.download_delay_s > 0 and not ready
+            groups.setdefault(inst.source if fetching else "", []).append(inst)
+        for insts in groups.values():
+            self._spawn(self._start(w, insts))
 
-    async def _start(self, w: EmulatedWorker, source: str, insts: list[EmulatedInstance]) -> None:
+    async def _start(self, w: EmulatedWorker, insts: list[EmulatedInstance]) -> None:
+        for source in dict.fromkeys(inst.source for inst in insts):
+            if source and w.files.get(source) != ModelFileState.READY:
+                await self._download(w, source)
         # No SCHEDULED report: the commit recorded that already. The first report is STARTING.
-        if source and w.files.get(source) != ModelFileState.READY:
-            await self._download(w, source)
         await asyncio.sleep(self.cfg.start_delay_s / 2)
         insts = await self._advance(w, insts, InstanceState.STARTING)
         await asyncio.sleep(self.cfg.start_delay_s / 2)
