@@ -10,7 +10,7 @@ were freed), which is what the reconciler retries on.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -173,6 +173,13 @@ class SnapshotFeed:
         )
         if freed:
             self._changed(f"resources freed by {ev.instance.id}")
+
+    def on_instances(self, events: Iterable[InstanceEvent]) -> None:
+        """Apply instance changes in order, as ``on_instance`` does one by one (each touched worker's usage is
+        recomputed once, after the last of them)."""
+        with self.snapshot.batched():
+            for ev in events:
+                self.on_instance(ev)
 
     def on_worker_removed(self, name: str) -> None:
         """Drop a worker that left the state (forgotten or removed by an operator) from every view."""
