@@ -290,3 +290,14 @@ def test_instance_changes_applied_as_a_batch_leave_the_snapshot_as_one_by_one(
     batched.on_instances(events[cut:])
     assert snapshot_columns(batched.snapshot) == snapshot_columns(one_by_one.snapshot)
     assert batched.snapshot.instances() == one_by_one.snapshot.instances()
+
+
+def test_a_heartbeat_is_checked_again_against_a_new_inventory() -> None:
+    f = feed()
+    two = Heartbeat(worker="w1", seq=1, gpus=(GpuUsage(index=0, vram_used=GIB), GpuUsage(index=1, vram_used=GIB)))
+    assert f.on_registered(stored(TWO, 2), now=0.5) is None
+    assert f.on_heartbeat(two, now=1.0) is None
+    assert f.on_registered(stored(W, 3), now=1.5) is None  # GPU 1 left the inventory
+    assert f.on_heartbeat(msgspec.structs.replace(two, seq=2), now=2.0) is not None
+    f.on_worker_removed("w1")
+    assert f.on_heartbeat(msgspec.structs.replace(two, seq=3), now=3.0) is not None
