@@ -248,7 +248,6 @@ def test_an_explanation_of_why_nothing_fits_is_never_lent_to_another_model() -> 
 
 def test_fitting_asks_the_core_for_what_a_spec_needs_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     import services.fitting.service as fitting
-
     from shared.core.placement.pipeline import requirements as real
 
     svc = stage(FittingService)
