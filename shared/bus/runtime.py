@@ -70,6 +70,9 @@ class Bus:
 
     async def publish_js_many(self, items: Sequence[tuple[str, msgspec.Struct, str]]) -> None:
         """Several durable publishes in flight at once (one round trip of latency, not n)."""
+        if len(items) == 1:  # most batches publish one message: no task and gathering future for it
+            await self.publish_js(*items[0])
+            return
         await asyncio.gather(*(self.publish_js(s, m, i) for s, m, i in items))
 
     async def dead_letter(self, subject: str, reason: str, payload: bytes = b"") -> None:

@@ -313,8 +313,7 @@ class PlacementService:
             async def on_instance(body: bytes) -> None:
                 batch = self._quiet_decode(body, InstanceEvents)
                 if batch is not None:
-                    for ev in batch.events:
-                        feed.on_instance(ev)
+                    feed.on_instances(batch.events)
 
             # One subscription for both instance subjects: their order between themselves is kept.
             both = Feed.PROGRESS in wanted
