@@ -1,6 +1,7 @@
 """The picker's engine-feed relay with a real nats-server and its real child process: every engine report
-reaches the picker once, each kind (load reports, KV events) in the order published, several per frame; a child that dies is replaced and the feed goes
-on; a child whose picker is gone (its stdin closed) exits by itself."""
+reaches the picker once, each kind (load reports, KV events) in the order published, several per frame; a
+child that dies is replaced and the feed goes on; a child whose picker is gone (its stdin closed) exits by
+itself."""
 
 from __future__ import annotations
 
