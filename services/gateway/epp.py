@@ -13,6 +13,7 @@ the ext_proc stream, which Envoy holds open until the HTTP request ends, marks t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -115,6 +116,10 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         self.counters = Counters()
         self.capture = capture  # record routed requests as a replayable trace
         self.capturing: dict[str, Pending] = {}  # request id -> its trace line in the making
+        # request ids unique across replicas and restarts (a random 64-bit prefix per picker, then a count):
+        # a uuid4 per request cost a getrandom system call on every decision
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._ids = itertools.count()
 
     async def pick(self, body: bytes, headers: dict[str, str]) -> Picked | Refusal:
         """The decision on a complete request body, whatever the transport (``pick_now``, awaited when it
@@ -128,7 +133,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         flight until ``router.finished``; the caller flushes the router once its answer has left. (At once: an
         answer that needs no task costs the event loop no extra turns before it is written.)"""
         # the picker's own id: a client-chosen x-request-id could collide with another request in flight
-        rid = f"{headers.get(REQUEST_ID, '')[:64]}#{uuid.uuid4().hex}"
+        rid = f"{headers.get(REQUEST_ID, '')[:64]}#{self._id_prefix}{next(self._ids):x}"
         try:
             req, _stream = parse_request(rid, body, headers)
             if self.tokenize is not None:
