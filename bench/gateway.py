@@ -278,7 +278,7 @@ class Floor:
 
 def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
                 procs: list[subprocess.Popen[bytes]], which: list[str], nats_url: str,
-                picker_args: tuple[str, ...] = ()) -> Floor:
+                picker_args: tuple[str, ...] = (), als_flush_s: float | None = None) -> Floor:
     """Start the floor paths' do-nothing servers and Envoys (the same config and EDS file as the gateway;
     only the picker's transport and server differ)."""
     dest = f"127.0.0.1:{eport}"
@@ -319,7 +319,7 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         "onemsg": dict(epp_port=ports.get("onemsg", 0), ext_proc_mode=ONE_MESSAGE_MODE),
         "authz": dict(epp_port=ports.get("authz", 0), transport=PickerTransport.EXT_AUTHZ),
         "authzgw": dict(epp_port=ports.get("authzgw", 0), transport=PickerTransport.EXT_AUTHZ, eds_path=own_eds,
-                        als_port=als_port),
+                        als_port=als_port, **({} if als_flush_s is None else {"als_flush_s": als_flush_s})),
     }
     for path in which:
         extra = options[path]
@@ -349,6 +349,8 @@ def main() -> None:
     p.add_argument("--picker-arg", action="append", default=[],
                    help="passed on to each Gantry picker (python -m services.gateway), "
                         "e.g. --picker-arg=--feed-window-ms=-1")
+    p.add_argument("--als-flush-ms", type=float, default=None,
+                   help="authzgw: Envoy's access-log batching interval (default: ops.envoy's)")
     p.add_argument("--out", default="", help="file stem under docs/benchmarks/ (default: by rate and --floor)")
     p.add_argument("--no-write", action="store_true", help="print only (do not write docs/benchmarks)")
     p.add_argument("--drive-picks", type=int, default=0, help=argparse.SUPPRESS)
@@ -392,7 +394,8 @@ def main() -> None:
         if a.floor:
             which = a.floor_paths.split(",")
             floor = start_floor(tmp, eport, eds, envoys, procs, [p for p in which if p != "gateway"],
-                                nats.url, tuple(a.picker_arg))
+                                nats.url, tuple(a.picker_arg),
+                                None if a.als_flush_ms is None else a.als_flush_ms / 1000)
             # interleaving order: each path follows a different one, the real picker last as before; without
             # it (not listed) the floor paths alone share the machine
             paths = {"direct": eport, **floor.paths, **({"gateway": envoy.port} if "gateway" in which else {})}
