@@ -181,7 +181,10 @@ class FeedRelay:
             try:
                 while True:
                     batch = await self._read(self.proc.stdout)
-                    await self.deliver(batch)
+                    try:
+                        await self.deliver(batch)
+                    except Exception:  # as a NATS callback that raises: logged, the feed goes on
+                        log.exception("engine feed: a frame of %d messages failed to apply", len(batch))
                     self.frames += 1
             except (asyncio.IncompleteReadError, ValueError, msgspec.DecodeError) as err:
                 log.error("engine feed relay lost (%r); starting another", err)
