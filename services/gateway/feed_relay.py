@@ -7,10 +7,11 @@ picker's event loop each message cost nats-py's Python protocol parsing, a queue
 task and a callback before it was applied (with the apply itself, 0.6-0.7 ms of the picker's 2.1 ms of CPU
 per request in a 400 requests/s bench run), and a check arriving meanwhile waited for it (docs/gateway.md,
 "The engine feed"). The child (``python -m services.gateway.feed_relay``) does the NATS side, on the other
-core when one is free, and writes what arrived in one frame per ``window_s``; the picker reads one frame per
+core when one is free, and writes what arrived in one frame per ``window_s`` (a message after a quiet window goes
+at once, the rest of a burst one window after the previous frame); the picker reads one frame per
 wake-up and applies every message in it in arrival order (per subscription, as nats-py delivers them), with
 the same code as before (``shared.host.engine_feed``: decoding, dead letters, the pool, the KV numbering). A
-message reaches the routing core at most ``window_s`` later than it would have.
+message reaches the routing core at most ``window_s`` (plus one process hop) later than it would have.
 
 Framing on the child's stdout: a 4-byte big-endian length, then a msgpack array of ``Relayed``; an empty
 frame right after the child has subscribed says it is ready. The child exits when its stdin closes (the
@@ -83,8 +84,11 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0)
 
     loop = asyncio.get_running_loop()
     pending: list[Relayed] = []
+    last = 0.0  # when the last frame was written (loop time)
 
     def flush() -> None:
+        nonlocal last
+        last = loop.time()
         data = frame(pending)
         pending.clear()
         view = memoryview(data)
@@ -95,7 +99,9 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0)
         async def take(msg: object) -> None:
             pending.append(Relayed(kind, msg.subject, msg.data, time.time()))  # type: ignore[attr-defined]
             if len(pending) == 1:
-                loop.call_later(window_s, flush)
+                # at most one frame per window, and no wait for a message after a quiet window: a lone report
+                # goes at once, the rest of a burst follows together one window after the previous frame
+                loop.call_at(max(loop.time(), last + window_s), flush)
         return take
 
     nc = await nats.connect(nats_url, max_reconnect_attempts=-1)
