@@ -27,6 +27,17 @@ class RequestHistograms:
     output_len: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
     iteration_tokens: Histogram = field(default_factory=lambda: Histogram(_ITERATION_BUCKETS))
     cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache at first scheduling
+    # steps by their token count, not yet in ``iteration_tokens``: the step loop counts here (a dict update, no
+    # bucket search) and :meth:`fold_steps` moves them into the histogram when the metrics are read
+    step_tokens: dict[int, int] = field(default_factory=dict)
+
+    def fold_steps(self) -> Histogram:
+        """``iteration_tokens`` with every step counted so far (what the metrics read)."""
+        pending, self.step_tokens = self.step_tokens, {}
+        hist = self.iteration_tokens
+        for n, count in pending.items():
+            hist.observe(n, count)
+        return hist
 
     def finished(self, req: Request, last_token_time: float) -> None:
         """Per-request figures of a request that ended normally (vLLM's definitions)."""

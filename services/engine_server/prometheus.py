@@ -113,7 +113,7 @@ class EngineCollector(Collector):
              h.inference),
             ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", h.prompt_len),
             ("vllm:request_generation_tokens", "Number of generation tokens processed.", h.output_len),
-            ("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", h.iteration_tokens),
+            ("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", h.fold_steps()),
         ):
             yield _histogram(name, doc, hist, lab)
         yield _one(g, "gantry:engine_clock_lag_seconds",

@@ -172,22 +172,24 @@ class EngineRunner:
                 eng.now = target
         self._begin()
 
-    def _begin(self) -> None:
-        """Apply aborts, then schedule the next step and arm the timer for its end (or go idle)."""
+    def _begin(self, wall: float = -1.0) -> None:
+        """Apply aborts, then schedule the next step and arm the timer for its end (or go idle). ``wall``: the
+        clock read just now by the caller (the previous step's end), so the step needs no reading of its own."""
         if self._aborts:
             self._apply_aborts()
+            wall = -1.0  # that took time
         eng = self.engine
         if not eng.has_work():
             return  # idle until submit() kicks
         # Busy steps chain back to back in model time and the timers aim at absolute deadlines, so timer
         # overshoot is caught up on the next step; only a loop that falls behind by more than MAX_LAG_S of
         # wall time (overload) resynchronises, and then its steps honestly start late.
-        now = self.model_now()
+        w0 = self.clock() if wall < 0 else wall
+        now = (w0 - self.t0) * self.speedup
         if eng.now < now - MAX_LAG_S * self.speedup:
             self._fell_behind((now - eng.now) / self.speedup)
             eng.now = now
         start = eng.now
-        w0 = self.clock()
         out, d = eng.schedule_step()
         loop = self._loop
         assert loop is not None
@@ -223,14 +225,19 @@ class EngineRunner:
             self._close(req)
         for flush in self.on_flush:
             flush()
-        self.hists.iteration_tokens.observe(out.num_tokens)
+        sizes = self.hists.step_tokens  # folded into the iteration_tokens histogram when metrics are read
+        n = out.num_tokens
+        sizes[n] = sizes.get(n, 0) + 1
         w3 = self.clock()
         lag = self.lag
-        lag.record(w3 - deadline)
+        late = w3 - deadline  # ClockLag.record, inline: one call less per step
+        lag.last_s = late
+        if late > lag.max_s:
+            lag.max_s = late
         lag.busy_s += busy + (w3 - w2)
         lag.steps += 1
         self._step = None  # only now: an abort raised while emitting must not kick a second chain
-        self._begin()
+        self._begin(w3)
 
     def _fell_behind(self, lag_s: float) -> None:
         lag = self.lag
@@ -248,7 +255,7 @@ class EngineRunner:
     def _emit(self, sampled: list[Request], t: float) -> None:
         streams, hists = self.streams, self.hists
         prev, steady = self._prev_end, 0
-        gone: list[Request] = []
+        gone: list[Request] | None = None  # allocated only when a client went away
         running, finished = RequestStatus.RUNNING, RequestStatus.FINISHED
         get = streams.get
         for req in sampled:
@@ -257,6 +264,8 @@ class EngineRunner:
             if st is None or (status is not running and status is not finished):
                 continue
             if not st.sink.token(req.all_token_ids[-1]):  # type: ignore[index]  # the server's requests carry ids
+                if gone is None:
+                    gone = []
                 gone.append(req)
             last = st.last_token_time
             if last < 0:
@@ -273,8 +282,9 @@ class EngineRunner:
         if steady:
             hists.itl.observe(t - prev, steady)
         self._prev_end = t
-        for req in gone:
-            self.abort(req)
+        if gone is not None:
+            for req in gone:
+                self.abort(req)
 
     def _close(self, req: Request) -> None:
         st = self.streams.pop(req.req_id, None)

@@ -26,6 +26,7 @@ TRANSPORT_KEY = "gantry.transport"
 """ASGI scope extension holding the connection's asyncio transport."""
 
 _DONE = b"data: [DONE]\n\n"
+_join = b"".join
 _compact = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=...) builds an encoder per call
 
 
@@ -89,7 +90,7 @@ class SseSink:
                     return True
                 framed = self._frame(token_id)
             self.produced += 1
-            data = framed[0] + self._head + framed[1]
+            data = _join((framed[0], self._head, framed[1]))  # one copy; ``a + b + c`` makes two
             if conn.backlog:
                 self._pending.append((conn, data, False))  # behind its backlog, the careful way
             else:

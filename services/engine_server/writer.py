@@ -119,7 +119,12 @@ class SocketWriter:
         if len(fast) + len(pending) <= INLINE_MAX and self._idle_locked():
             try:
                 # the thread is idle: no backlog or death came since the sinks looked
-                rest = self._send_all_inline(burst(fast, False) + pending) if fast else self._send_all_inline(pending)
+                if pending:
+                    rest = self._send_all_inline(burst(fast, False) + pending if fast else pending)
+                else:  # a decode step: only whole chunks; the careful path only for what did not go out whole
+                    rest = burst(fast, False)
+                    if rest:
+                        rest = self._send_all_inline(rest)
             finally:
                 self._lock.release()
             fast.clear()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import msgspec
@@ -82,9 +81,6 @@ class FilterService(PlacementService):
             if survivors is None:
                 survivors = named[key] = tuple(self.snapshot.names_where(mask))
             results[model] = FilterResult(model=spec.name, survivors=survivors, reports=reports)
-        items_by_model = defaultdict(list)
-        for item in req.items:
-            items_by_model[item.model].append(item)
         ok = {m: r for m, r in results.items() if r.survivors}
         kept = tuple(i for i in req.items if i.model in ok)
         failed = []

@@ -28,6 +28,7 @@ from shared.host.feed import Feed
 from shared.host.service import PlacementService
 
 FITTED_WORKERS_PER_MESSAGE = 16_384
+SHAPES_KEPT = 1024  # distinct model shapes remembered (a bound, not a working-set estimate)
 
 
 class FittingService(PlacementService):
@@ -50,7 +51,12 @@ class FittingService(PlacementService):
         # (spec, survivors) -> (when, result). Candidates are a superset check, not a verdict: scoring
         # re-checks each against its live snapshot and the ledger's compare-and-set has the last word,
         # so reusing them for a fraction of a second only costs candidates that appeared meanwhile.
-        self._fits: dict[tuple[bytes, tuple[str, ...]], tuple[float, FitResult | CandidateSet]] = {}
+        # Keyed by the survivor list's identity (lists arrive canonical, see ``NameLists``), which the entry
+        # holds on to: hashing a cluster-sized tuple of names on every lookup cost more than the fit it saved.
+        self._fits: dict[tuple[bytes, int], tuple[tuple[str, ...], float, FitResult | CandidateSet]] = {}
+        # What a spec asks for and the fit key it makes, by ``shape_key``: the estimate reparses the backend
+        # parameters and redoes the arithmetic for every model of every message otherwise.
+        self._shapes: dict[bytes, tuple[ResourceRequest | Reason, bytes]] = {}
         self.names = NameLists()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -89,22 +95,39 @@ class FittingService(PlacementService):
             self._arch[key] = resolve_arch(spec)
         return self._arch[key]
 
+    def requirements(self, spec: ModelSpec) -> tuple[ResourceRequest | Reason, bytes]:
+        """The core's resource request for ``spec`` (or why there is none) and its ``fit_key``, remembered per
+        ``shape_key``: models of one shape, and the same model from message to message, ask the same."""
+        key = shape_key(spec)
+        hit = self._shapes.get(key)
+        if hit is None:
+            request = requirements(spec, self.arch(spec))
+            shape = fit_key(spec, request) if isinstance(request, ResourceRequest) else b""
+            if len(self._shapes) >= SHAPES_KEPT:
+                self._shapes.clear()
+            hit = self._shapes[key] = (request, shape)
+        return hit
+
     def fit_model(
-        self, spec: ModelSpec, request: ResourceRequest, survivors: tuple[str, ...]
+        self, spec: ModelSpec, request: ResourceRequest, survivors: tuple[str, ...], shape: bytes | None = None
     ) -> FitResult | CandidateSet:
-        """The core's fitting for one model (columns when single-GPU), reused for ``fit_cache_s``."""
+        """The core's fitting for one model (columns when single-GPU), reused for ``fit_cache_s``; ``shape``
+        is ``fit_key(spec, request)`` when the caller has it already."""
         ttl = self.settings.fit_cache_s
         if ttl <= 0:
             return self._fit_now(spec, request, survivors)
         now = self.clock()
-        key = (fit_key(spec, request), survivors)
+        key = (shape if shape is not None else fit_key(spec, request), id(survivors))
         hit = self._fits.get(key)
-        if hit is not None and now - hit[0] < ttl and (shared := _shared(hit[1], spec.name)) is not None:
+        if (
+            hit is not None and hit[0] is survivors and now - hit[1] < ttl
+            and (shared := _shared(hit[2], spec.name)) is not None
+        ):
             return shared
         res = self._fit_now(spec, request, survivors)
         if len(self._fits) > 256:
-            self._fits = {k: v for k, v in self._fits.items() if now - v[0] < ttl}
-        self._fits[key] = (now, res)
+            self._fits = {k: v for k, v in self._fits.items() if now - v[1] < ttl}
+        self._fits[key] = (survivors, now, res)
         return res
 
     def _fit_now(
@@ -127,12 +150,11 @@ class FittingService(PlacementService):
             if flt is None:
                 verdicts[model] = Unschedulable(model=model, message="no filter result for this model")
                 continue
-            request = requirements(spec, self.arch(spec))
+            request, shape = self.requirements(spec)
             if isinstance(request, Reason):
                 verdicts[model] = Unschedulable(model=model, message=request.message, reasons=(request,))
                 continue
-            assert isinstance(request, ResourceRequest)
-            res = self.fit_model(spec, request, flt.survivors)
+            res = self.fit_model(spec, request, flt.survivors, shape)
             if isinstance(res, CandidateSet):
                 columns[model] = res
                 results[model] = FitResult(model=model, strategy=res.strategy)
@@ -177,6 +199,14 @@ class FittingService(PlacementService):
                 sub, {m: results[m] for m in models}, {m: columns[m] for m in models if m in columns}
             ))
         return out
+
+
+def shape_key(spec: ModelSpec) -> bytes:
+    """All a spec's resource request and ``fit_key`` depend on: the spec whole, but for the replica count
+    beyond what either reads of it (the estimate reads it only to split a manual GPU selection among
+    replicas; ``fit_key`` only as one-or-several). Scale commands change nothing else."""
+    replicas = spec.replicas if spec.gpu_selector is not None else min(spec.replicas, 2)
+    return msgspec.json.encode(msgspec.structs.replace(spec, replicas=replicas))
 
 
 def fit_key(spec: ModelSpec, request: ResourceRequest) -> bytes:

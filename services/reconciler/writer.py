@@ -80,12 +80,8 @@ class StateWriter:
             if forged:
                 await svc.bus.dead_letter(subjects.HEARTBEAT, forged, body)
                 return
-            # Checked against the stored inventory (which the feed follows), or a registration not stored yet.
-            stored, pending = svc.feed.inventory.get(hb.worker), self.registrations.get(hb.worker)
-            reason = check_heartbeat(hb, stored)
-            if reason and pending is not None and check_heartbeat(hb, pending) is None:
-                reason = None
-            if unlike_stored(hb, stored) and not bad_worker_name(hb.worker):
+            reason, ask = judge_heartbeat(hb, svc.feed.inventory.get(hb.worker), self.registrations.get(hb.worker))
+            if ask:
                 await self.ask_to_register(hb.worker)  # its own registration repairs what is stored of it
             if reason:
                 await svc.bus.dead_letter(subjects.HEARTBEAT, reason, body)
@@ -159,13 +155,15 @@ class StateWriter:
         """Tell every snapshot what was stored (the feeds follow these events, not raw registrations). One that
         cannot be sent is stored and announced again at the next flush, under a newer revision."""
         for name, revision in revisions.items():
+            event = WorkerRegisteredEvent(worker=regs[name], revision=revision)
             try:
-                await self.service.bus.publish(
-                    subjects.EVENT_WORKER_REGISTERED, WorkerRegisteredEvent(worker=regs[name], revision=revision)
-                )
+                await self.service.bus.publish(subjects.EVENT_WORKER_REGISTERED, event)
             except Exception as exc:
                 log.warning("registration of %s stored, not announced (again at the next flush): %s", name, exc)
                 self.registrations.setdefault(name, regs[name])
+                continue
+            if not self.service.hears_itself:  # the bus does not echo it back: our own snapshot takes it here
+                self.service.feed.on_registered(event, self.service.clock())
 
     async def ask_to_register(self, worker: str | None) -> None:
         """Ask one worker (or all) to re-register; per worker at most once every few seconds."""
@@ -215,6 +213,19 @@ class StateWriter:
                 self.files.setdefault(k3, f)
             raise
         await self.announce(regs, revisions)
+
+
+def judge_heartbeat(hb: Heartbeat, stored: Worker | None, pending: Worker | None) -> tuple[str | None, bool]:
+    """Why a heartbeat is refused (None: stored), checked against the stored inventory (which the feed follows)
+    or a registration not stored yet; and whether to ask its worker to register again (it speaks of a worker or
+    GPUs the stored inventory does not have)."""
+    refused = reason = check_heartbeat(hb, stored)
+    if reason and pending is not None and check_heartbeat(hb, pending) is None:
+        reason = None
+    # Only a heartbeat the stored inventory refused can be unlike it (unknown worker or GPU): the usual one,
+    # accepted, skips that second look at its GPUs (every worker, every few seconds).
+    ask = refused is not None and unlike_stored(hb, stored) and not bad_worker_name(hb.worker)
+    return reason, ask
 
 
 def unlike_stored(hb: Heartbeat, stored: Worker | None) -> bool:

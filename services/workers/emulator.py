@@ -83,22 +83,27 @@ class EmulatedWorker:
     instances: dict[str, EmulatedInstance] = field(default_factory=dict)
     files: dict[str, ModelFileState] = field(default_factory=dict)
     seq: int = 0
+    # Usage per GPU and instance ids as of the last heartbeat, until ``changed``: a worker packed with
+    # hundreds of instances would otherwise sum and sort them all for every heartbeat.
+    _usage: tuple[tuple[GpuUsage, ...], tuple[str, ...]] | None = field(default=None, repr=False)
+
+    def changed(self) -> None:
+        """Its instances were added or removed: the next heartbeat counts them again."""
+        self._usage = None
 
     def heartbeat(self) -> Heartbeat:
         """Current usage: each GPU's VRAM is what the instances on it claim."""
-        used = {g.index: 0 for g in self.worker.gpus}
-        for inst in self.instances.values():
-            for idx, claim in zip(inst.gpu_indexes, inst.vram_claims, strict=False):
-                if idx in used:
-                    used[idx] += claim
+        if self._usage is None:
+            used = {g.index: 0 for g in self.worker.gpus}
+            for inst in self.instances.values():
+                for idx, claim in zip(inst.gpu_indexes, inst.vram_claims, strict=False):
+                    if idx in used:
+                        used[idx] += claim
+            gpus = tuple(GpuUsage(index=i, vram_used=u) for i, u in used.items())
+            self._usage = (gpus, tuple(sorted(self.instances)))
         self.seq += 1
-        return Heartbeat(
-            worker=self.worker.name,
-            seq=self.seq,
-            ram_used=0,
-            gpus=tuple(GpuUsage(index=i, vram_used=u) for i, u in used.items()),
-            instances=tuple(sorted(self.instances)),
-        )
+        gpus, ids = self._usage
+        return Heartbeat(worker=self.worker.name, seq=self.seq, ram_used=0, gpus=gpus, instances=ids)
 
 
 def make_workers(cfg: FleetConfig) -> list[EmulatedWorker]:
@@ -126,8 +131,10 @@ class Fleet:
         self.workers = {w.worker.name: w for w in make_workers(cfg)}
         self.paused: set[str] = set()  # workers whose heartbeats are suppressed
         self._tasks: set[asyncio.Task[None]] = set()
-        # per worker: reports made this moment, not sent yet, and what each of their makers waits on
-        self._outbox: dict[str, list[tuple[InstanceStatus, asyncio.Future[None]]]] = {}
+        # per worker: reports made this moment, not sent yet, and the one future their makers wait on
+        self._outbox: dict[str, tuple[list[InstanceStatus], asyncio.Future[None]]] = {}
+        # (worker, source) -> set once a download under way is over (those needing the file wait on it)
+        self._downloads: dict[tuple[str, str], asyncio.Event] = {}
 
     async def start(self) -> None:
         """Subscribe to worker commands and register every worker."""
@@ -186,8 +193,7 @@ class Fleet:
             return
         try:
             if verb == "assign":
-                for cmd in _assignments(msg.data):
-                    self._spawn(self._assign(w, cmd))
+                self._assign_all(w, _assignments(msg.data))
             elif verb == "drain":
                 self._spawn(self._drain(w, decode(msg.data, DrainInstance)))
             elif verb == "delete":
@@ -200,22 +206,22 @@ class Fleet:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _status(self, w: EmulatedWorker, iid: str, state: InstanceState, **kw: object) -> None:
-        """Report on one instance; returns once the report is stored (or given up on). Reports a worker makes
+    async def _report(self, w: EmulatedWorker, reports: list[InstanceStatus]) -> None:
+        """Report on instances; returns once the reports are stored (or given up on). Reports a worker makes
         at the same moment (instances assigned together reach STARTING together) travel as one message."""
-        msg = InstanceStatus(instance_id=iid, worker=w.worker.name, state=state, **kw)  # type: ignore[arg-type]
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        box = self._outbox.setdefault(w.worker.name, [])
-        box.append((msg, done))
-        if len(box) == 1:  # the first of this moment's reports: send them all once the moment is over
-            asyncio.get_running_loop().call_soon(self._spawn, self._send_reports(w.worker.name))
-        await done
+        box = self._outbox.get(w.worker.name)
+        if box is None:  # the first of this moment's reports: send them all once the moment is over
+            loop = asyncio.get_running_loop()
+            box = self._outbox[w.worker.name] = ([], loop.create_future())
+            loop.call_soon(self._spawn, self._send_reports(w.worker.name))
+        box[0].extend(reports)
+        await box[1]
 
     async def _send_reports(self, worker: str) -> None:
-        batch = self._outbox.pop(worker, [])
-        if not batch:
+        box = self._outbox.pop(worker, None)
+        if box is None:
             return
-        reports = tuple(msg for msg, _ in batch)
+        reports, done = tuple(box[0]), box[1]
         tags = [f"{m.instance_id}:{_tag(m)}" for m in reports]
         # Named by content: a re-send after a lost acknowledgement is dropped by the stream's duplicate window.
         msg_id = f"{worker}:" + hashlib.blake2b("|".join(tags).encode(), digest_size=12).hexdigest()
@@ -229,53 +235,82 @@ class Fleet:
                     await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
             log.warning("worker %s could not report %s", worker, ", ".join(tags))
         finally:
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+            if not done.done():
+                done.set_result(None)
 
-    async def _assign(self, w: EmulatedWorker, cmd: AssignInstance) -> None:
-        if cmd.instance_id in w.instances:
-            return  # re-sent assignment: already running it
-        inst = EmulatedInstance(cmd.instance_id, cmd.model, cmd.source, cmd.gpu_indexes, cmd.vram_claims)
-        w.instances[inst.id] = inst
+    def _assign_all(self, w: EmulatedWorker, cmds: tuple[AssignInstance, ...]) -> None:
+        """Take on the instances of one assign message. Those whose files are there (or come at once) start
+        together, as one task, and those waiting on a download start together once it is over: each group goes
+        STARTING and RUNNING at the same moments (each instance still reported on its own, in the worker's
+        report of that moment)."""
+        groups: dict[str, list[EmulatedInstance]] = {}
+        for cmd in cmds:
+            if cmd.instance_id in w.instances:
+                continue  # re-sent assignment: already running it
+            inst = EmulatedInstance(cmd.instance_id, cmd.model, cmd.source, cmd.gpu_indexes, cmd.vram_claims)
+            w.instances[inst.id] = inst
+            w.changed()
+            ready = not inst.source or w.files.get(inst.source) == ModelFileState.READY
+            fetching = self.cfg.download_delay_s > 0 and not ready
+            groups.setdefault(inst.source if fetching else "", []).append(inst)
+        for insts in groups.values():
+            self._spawn(self._start(w, insts))
+
+    async def _start(self, w: EmulatedWorker, insts: list[EmulatedInstance]) -> None:
+        for source in dict.fromkeys(inst.source for inst in insts):
+            if source and w.files.get(source) != ModelFileState.READY:
+                await self._download(w, source)
         # No SCHEDULED report: the commit recorded that already. The first report is STARTING.
-        if cmd.source and w.files.get(cmd.source) != ModelFileState.READY:
-            await self._download(w, cmd.source)
         await asyncio.sleep(self.cfg.start_delay_s / 2)
-        if w.instances.get(inst.id) is not inst:
-            return
-        inst.state = InstanceState.STARTING
-        await self._status(w, inst.id, InstanceState.STARTING)
+        insts = await self._advance(w, insts, InstanceState.STARTING)
         await asyncio.sleep(self.cfg.start_delay_s / 2)
-        if w.instances.get(inst.id) is not inst:
-            return
-        inst.state = InstanceState.RUNNING
-        await self._status(w, inst.id, InstanceState.RUNNING)
+        await self._advance(w, insts, InstanceState.RUNNING)
+
+    async def _advance(
+        self, w: EmulatedWorker, insts: list[EmulatedInstance], state: InstanceState
+    ) -> list[EmulatedInstance]:
+        """Move the instances the worker still runs to ``state`` and report them; returns those."""
+        live = [inst for inst in insts if w.instances.get(inst.id) is inst]
+        for inst in live:
+            inst.state = state
+        if live:
+            name = w.worker.name
+            await self._report(w, [InstanceStatus(instance_id=i.id, worker=name, state=state) for i in live])
+        return live
 
     async def _download(self, w: EmulatedWorker, source: str) -> None:
-        if w.files.get(source) == ModelFileState.DOWNLOADING:
-            while w.files.get(source) == ModelFileState.DOWNLOADING:
-                await asyncio.sleep(0.05)
+        key = (w.worker.name, source)
+        under_way = self._downloads.get(key)
+        if under_way is not None:
+            await under_way.wait()
             return
-        w.files[source] = ModelFileState.DOWNLOADING
-        upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.DOWNLOADING)
-        await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
-        await asyncio.sleep(self.cfg.download_delay_s)
-        w.files[source] = ModelFileState.READY
-        upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.READY, progress=1.0)
-        await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
+        under_way = self._downloads[key] = asyncio.Event()
+        try:
+            if self.cfg.download_delay_s > 0:  # a file that is there at once is only ever reported READY
+                w.files[source] = ModelFileState.DOWNLOADING
+                upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.DOWNLOADING)
+                await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
+                await asyncio.sleep(self.cfg.download_delay_s)
+            w.files[source] = ModelFileState.READY
+            upd = ModelFileUpdate(worker=w.worker.name, source=source, state=ModelFileState.READY, progress=1.0)
+            await self.nc.publish(subjects.worker_files(w.worker.name), encode(upd))
+        finally:
+            del self._downloads[key]
+            under_way.set()
 
     async def _drain(self, w: EmulatedWorker, cmd: DrainInstance) -> None:
         inst = w.instances.get(cmd.instance_id)
         if inst is None:
             return
         inst.state = InstanceState.DRAINING
-        await self._status(w, inst.id, InstanceState.DRAINING, idle=True)
+        await self._report(w, [InstanceStatus(instance_id=inst.id, worker=w.worker.name, state=inst.state, idle=True)])
 
     async def _delete(self, w: EmulatedWorker, cmd: DeleteInstance) -> None:
         inst = w.instances.pop(cmd.instance_id, None)
         if inst is not None:
-            await self._status(w, cmd.instance_id, inst.state, deleted=True)
+            w.changed()
+            await self._report(w, [InstanceStatus(instance_id=inst.id, worker=w.worker.name, state=inst.state,
+                                                  deleted=True)])
 
 
 def _assignments(data: bytes) -> tuple[AssignInstance, ...]:

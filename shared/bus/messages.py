@@ -7,7 +7,7 @@ message and a consumer rejects (dead-letters) a version newer than it knows. Dom
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 
@@ -54,6 +54,7 @@ from shared.core.placement.domain import (
 )
 
 SCHEMA_VERSION = 1
+H = TypeVar("H", tuple[str, ...], tuple[FilterReport, ...], bytes)
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=False):
@@ -166,55 +167,83 @@ class PlacementRequest(Message, frozen=True, kw_only=True):
 
 
 class FilteredModel(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """One model's filter outcome inside a PlacementFiltered: its survivor set (by position) and reports."""
+    """One model's filter outcome inside a PlacementFiltered: its survivor set and its reports (by position
+    in the message's tables; ``reports`` inline when ``report_set`` is -1)."""
 
     survivors: int  # index into PlacementFiltered.survivor_sets
     reports: tuple[FilterReport, ...] = ()
+    report_set: int = -1  # index into PlacementFiltered.report_sets
 
 
 class PlacementFiltered(Message, frozen=True, kw_only=True):
     """Filter output: the core's FilterResult per model of the request (models with survivors only).
 
     Survivor lists are cluster-sized and usually identical across the models of a request, so each
-    distinct list travels once in ``survivor_sets`` and models point at it.
+    distinct list travels once in ``survivor_sets`` and models point at it; so do the filters' reports
+    (one per filter and model: most of the message when they travelled with each model).
     """
 
     request: PlacementRequest
     survivor_sets: tuple[tuple[str, ...], ...]
     filtered: dict[str, FilteredModel]
+    report_sets: tuple[tuple[FilterReport, ...], ...] = ()
 
     @classmethod
     def of(cls, request: PlacementRequest, results: dict[str, FilterResult]) -> PlacementFiltered:
-        """Pack FilterResults, each distinct survivor list once."""
-        sets: dict[tuple[str, ...], int] = {}
-        # One list object shared by several models is hashed once (a cluster-sized tuple hashes every name).
-        by_id: dict[int, int] = {}
-        filtered = {}
-        for model, res in results.items():
-            k = by_id.get(id(res.survivors))
-            if k is None:
-                k = by_id[id(res.survivors)] = sets.setdefault(res.survivors, len(sets))
-            filtered[model] = FilteredModel(survivors=k, reports=res.reports)
-        return cls(request=request, survivor_sets=tuple(sets), filtered=filtered)
+        """Pack FilterResults, each distinct survivor list and report list once."""
+        survivors = _Table[tuple[str, ...]]()
+        reports = _Table[tuple[FilterReport, ...]]()
+        filtered = {
+            model: FilteredModel(survivors=survivors.index(res.survivors), report_set=reports.index(res.reports))
+            for model, res in results.items()
+        }
+        return cls(request=request, survivor_sets=survivors.rows(), filtered=filtered, report_sets=reports.rows())
 
     def result(self, model: str) -> FilterResult | None:
         """The core's FilterResult of one model, or None if the model was not filtered here."""
         got = self.filtered.get(model)
         if got is None:
             return None
-        return FilterResult(model=model, survivors=self.survivor_sets[got.survivors], reports=got.reports)
+        reports = got.reports if got.report_set < 0 else self.report_sets[got.report_set]
+        return FilterResult(model=model, survivors=self.survivor_sets[got.survivors], reports=reports)
+
+
+class _Table(Generic[H]):
+    """The distinct values of a message's table, each numbered once. A value object shared by several models
+    is hashed once (a cluster-sized tuple hashes every name; a mask, every byte): the table is keyed by
+    identity first, and holds each value it has seen so that no identity is reused while it is in use."""
+
+    def __init__(self) -> None:
+        self._by_value: dict[H, int] = {}
+        self._by_id: dict[int, tuple[H, int]] = {}
+
+    def index(self, value: H) -> int:
+        """``value``'s row, a new one if no equal value has one yet."""
+        seen = self._by_id.get(id(value))
+        if seen is not None:
+            return seen[1]
+        k = self._by_value.setdefault(value, len(self._by_value))
+        self._by_id[id(value)] = (value, k)
+        return k
+
+    def rows(self) -> tuple[H, ...]:
+        """The distinct values, by row."""
+        return tuple(self._by_value)
 
 
 class FittedColumns(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """One model's CandidateSet on the wire; its worker list is ``PlacementFitted.worker_sets[workers]``."""
+    """One model's CandidateSet on the wire; its worker list is ``PlacementFitted.worker_sets[workers]``, its
+    GPU masks and claims ``PlacementFitted.byte_sets[gpus_set]`` and ``[claims_set]`` (inline when -1)."""
 
     strategy: str
     workers: int
-    gpus: bytes
+    gpus: bytes = b""
     claim: int = 0
     claims: bytes = b""
     ram_claim: int = 0
     cpu_claim: int = 0  # milli-cores
+    gpus_set: int = -1
+    claims_set: int = -1
 
 
 class PlacementFitted(Message, frozen=True, kw_only=True):
@@ -223,31 +252,31 @@ class PlacementFitted(Message, frozen=True, kw_only=True):
     Single-GPU candidates travel as ``columns`` (the core's compact CandidateSet; the model's FitResult
     then has no candidates, only strategy and reasons); any other shape as FitResult candidates. Worker
     lists are cluster-sized and mostly shared by the models of a message, so each distinct list travels
-    once in ``worker_sets`` (and decodes into one tuple the models share).
+    once in ``worker_sets`` (and decodes into one tuple the models share); so does each distinct GPU mask
+    and claims column, in ``byte_sets`` (models of one shape have equal ones).
     """
 
     request: PlacementRequest
     fitted: dict[str, FitResult]
     worker_sets: tuple[tuple[str, ...], ...] = ()
     columns: dict[str, FittedColumns] = {}
+    byte_sets: tuple[bytes, ...] = ()
 
     @classmethod
     def of(
         cls, request: PlacementRequest, fitted: dict[str, FitResult], columns: dict[str, CandidateSet]
     ) -> PlacementFitted:
-        """Pack the candidates, each distinct worker list once."""
-        sets: dict[tuple[str, ...], int] = {}
-        by_id: dict[int, int] = {}  # as in PlacementFiltered.of: a shared list object is hashed once
-        packed = {}
-        for model, c in columns.items():
-            k = by_id.get(id(c.workers))
-            if k is None:
-                k = by_id[id(c.workers)] = sets.setdefault(c.workers, len(sets))
-            packed[model] = FittedColumns(
-                strategy=c.strategy, workers=k, gpus=c.gpus, claim=c.claim, claims=c.claims, ram_claim=c.ram_claim,
-                cpu_claim=c.cpu_claim,
+        """Pack the candidates, each distinct worker list, mask and claims column once."""
+        workers = _Table[tuple[str, ...]]()
+        blobs = _Table[bytes]()
+        packed = {
+            model: FittedColumns(
+                strategy=c.strategy, workers=workers.index(c.workers), gpus_set=blobs.index(c.gpus), claim=c.claim,
+                claims_set=blobs.index(c.claims) if c.claims else -1, ram_claim=c.ram_claim, cpu_claim=c.cpu_claim,
             )
-        return cls(request=request, fitted=fitted, worker_sets=tuple(sets), columns=packed)
+            for model, c in columns.items()
+        }
+        return cls(request=request, fitted=fitted, worker_sets=workers.rows(), columns=packed, byte_sets=blobs.rows())
 
     def candidate_set(self, model: str) -> CandidateSet | None:
         """The core's CandidateSet of one model, or None if its candidates are not columns."""
@@ -255,8 +284,10 @@ class PlacementFitted(Message, frozen=True, kw_only=True):
         if c is None:
             return None
         return CandidateSet(
-            model=model, strategy=c.strategy, workers=self.worker_sets[c.workers], gpus=c.gpus, claim=c.claim,
-            claims=c.claims, ram_claim=c.ram_claim, cpu_claim=c.cpu_claim,
+            model=model, strategy=c.strategy, workers=self.worker_sets[c.workers],
+            gpus=c.gpus if c.gpus_set < 0 else self.byte_sets[c.gpus_set], claim=c.claim,
+            claims=c.claims if c.claims_set < 0 else self.byte_sets[c.claims_set], ram_claim=c.ram_claim,
+            cpu_claim=c.cpu_claim,
         )
 
 

@@ -70,6 +70,9 @@ class Bus:
 
     async def publish_js_many(self, items: Sequence[tuple[str, msgspec.Struct, str]]) -> None:
         """Several durable publishes in flight at once (one round trip of latency, not n)."""
+        if len(items) == 1:  # most batches publish one message: no task and gathering future for it
+            await self.publish_js(*items[0])
+            return
         await asyncio.gather(*(self.publish_js(s, m, i) for s, m, i in items))
 
     async def dead_letter(self, subject: str, reason: str, payload: bytes = b"") -> None:
@@ -136,8 +139,9 @@ async def prepare(nc: Client, settings: Settings, consumers: Sequence[tuple[str,
         await ensure_consumer(js, stream, durable, subject, settings)
 
 
-def make_broker(settings: Settings) -> NatsBroker:
-    """A FastStream NATS broker with quiet per-message logging (it costs throughput)."""
+def make_broker(settings: Settings, no_echo: bool = False) -> NatsBroker:
+    """A FastStream NATS broker with quiet per-message logging (it costs throughput); ``no_echo``: the server
+    does not deliver the connection's own publishes back to its subscriptions."""
     quiet = logging.getLogger("gantry.faststream")
     quiet.setLevel(logging.WARNING)
     options = nats_options(settings)
@@ -145,7 +149,7 @@ def make_broker(settings: Settings) -> NatsBroker:
     security = BaseSecurity(ssl_context=tls) if tls is not None else None  # FastStream's way to take a context
     return NatsBroker(
         settings.nats_url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1, security=security,
-        inbox_prefix=options["inbox_prefix"],
+        inbox_prefix=options["inbox_prefix"], no_echo=no_echo,
     )
 
 

@@ -10,7 +10,7 @@ were freed), which is what the reconciler retries on.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -23,7 +23,7 @@ from shared.bus.messages import (
     WorkerRegistration,
 )
 from shared.bus.validate import check_heartbeat, check_registration
-from shared.core.placement.domain import Instance, InstanceState, ModelFile, Worker
+from shared.core.placement.domain import Instance, InstanceState, ModelFile, Worker, WorkerState
 from shared.core.placement.lifecycle import HOLDS_GPUS, ON_WORKER
 from shared.core.placement.reconcile import workers_of
 from shared.core.placement.snapshot import ClusterSnapshot
@@ -53,6 +53,7 @@ class SnapshotFeed:
         self.snapshot = snapshot
         self.inventory: dict[str, Worker] = {}
         self.usage: dict[str, Heartbeat] = {}
+        self._checked: dict[str, Worker] = {}  # worker -> the inventory its last accepted heartbeat was checked with
         self.last_seen: dict[str, float] = {}
         self.cordons: set[str] = set()
         self.instances: dict[str, Instance] = {}  # every known instance, any state
@@ -116,14 +117,21 @@ class SnapshotFeed:
 
     def on_heartbeat(self, hb: Heartbeat, now: float) -> str | None:
         """Apply a heartbeat; a reason if it is invalid (unknown worker or GPU)."""
-        reason = check_heartbeat(hb, self.inventory.get(hb.worker))
-        if reason:
-            return reason
-        was_ready = self.snapshot.state(hb.worker, now).value == "READY"
+        inventory = self.inventory.get(hb.worker)
         prev = self.usage.get(hb.worker)
+        same = prev is not None and prev.gpus == hb.gpus and prev.ram_used == hb.ram_used
+        # The check reads only the usage figures and the inventory: the same figures the last heartbeat passed
+        # with, against the same inventory, pass again (most heartbeats).
+        if not (same and inventory is not None and self._checked.get(hb.worker) is inventory):
+            reason = check_heartbeat(hb, inventory)
+            if reason:
+                return reason
+            assert inventory is not None  # check_heartbeat refuses a worker without one
+            self._checked[hb.worker] = inventory
+        was_ready = self.snapshot.state(hb.worker, now) is WorkerState.READY
         self.usage[hb.worker] = hb
         self.last_seen[hb.worker] = now
-        if prev is not None and prev.gpus == hb.gpus and prev.ram_used == hb.ram_used:
+        if same:
             self.snapshot.touch(hb.worker, now)  # most heartbeats: same usage, only the time moved
         else:
             self._refresh(hb.worker, usage_only=True)
@@ -174,10 +182,18 @@ class SnapshotFeed:
         if freed:
             self._changed(f"resources freed by {ev.instance.id}")
 
+    def on_instances(self, events: Iterable[InstanceEvent]) -> None:
+        """Apply instance changes in order, as ``on_instance`` does one by one (each touched worker's usage is
+        recomputed once, after the last of them)."""
+        with self.snapshot.batched():
+            for ev in events:
+                self.on_instance(ev)
+
     def on_worker_removed(self, name: str) -> None:
         """Drop a worker that left the state (forgotten or removed by an operator) from every view."""
         self.inventory.pop(name, None)
         self.usage.pop(name, None)
+        self._checked.pop(name, None)
         self.last_seen.pop(name, None)
         self.cordons = {c for c in self.cordons if c != name and not c.startswith(name + ":")}
         if self.snapshot.worker(name) is not None:

@@ -80,11 +80,14 @@ class PlacementService:
     # The host observes the placement SLI when a batch of this service's stage is handled; the reconciler
     # observes it itself, at the commit (not every scored replica is committed).
     observes_stage: ClassVar[bool] = True
+    # False: the bus does not deliver this service's own publishes back to it, so a service that publishes the
+    # events its snapshot follows applies them to its feed itself (the reconciler: most instance events).
+    hears_itself: ClassVar[bool] = True
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.clock = clock
-        self.broker = make_broker(settings)
+        self.broker = make_broker(settings, no_echo=not self.hears_itself)
         # FastStream's own app logger always writes ANSI colour codes, into log files too: ours is plain.
         self.app = FastStream(self.broker, logger=APP_LOG)
         self.snapshot = ClusterSnapshot(
@@ -310,8 +313,7 @@ class PlacementService:
             async def on_instance(body: bytes) -> None:
                 batch = self._quiet_decode(body, InstanceEvents)
                 if batch is not None:
-                    for ev in batch.events:
-                        feed.on_instance(ev)
+                    feed.on_instances(batch.events)
 
             # One subscription for both instance subjects: their order between themselves is kept.
             both = Feed.PROGRESS in wanted

@@ -10,7 +10,8 @@ handful of vectorised operations. Every mutation refreshes the touched worker's 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,9 @@ class ClusterSnapshot:
     def __init__(self, config: SnapshotConfig | None = None) -> None:
         self.config = config or SnapshotConfig()
         self.version = 0  # bumped by every mutation
+        # While instance changes are applied as a batch (``batched``): workers whose usage columns are yet to
+        # be recomputed, with the version of their last change.
+        self._deferred: dict[str, int] | None = None
         self.layout = 0  # bumped whenever rows or slots move (positions computed before are stale)
         self._rows_cache: dict[tuple[str, ...], IntArray] = {}
         self._workers: dict[str, Worker] = {}
@@ -328,9 +332,35 @@ class ClusterSnapshot:
         self.w_vendor_bits[row] = bits
         self._refresh_usage(name)
 
-    def _refresh_usage(self, name: str) -> None:
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """Apply several instance changes, recomputing each touched worker's usage columns once at the end
+        instead of after every change: the same values and stamps (each worker's as of its last change), for a
+        fraction of the work when many changes land on few workers. Nothing may read the snapshot meanwhile."""
+        if self._deferred is not None:  # already batching
+            yield
+            return
+        self._deferred = {}
+        try:
+            yield
+        finally:
+            pending, self._deferred = self._deferred, None
+            for name, version in pending.items():
+                self._refresh_usage(name, version)
+
+    def _refresh_instances_usage(self, names: Iterable[str]) -> None:
+        """The usage columns of workers an instance change touched: now, or at the end of the batch."""
+        if self._deferred is None:
+            for name in names:
+                self._refresh_usage(name)
+        else:
+            for name in names:
+                self._deferred[name] = self.version
+
+    def _refresh_usage(self, name: str, stamp: int | None = None) -> None:
         """Recompute the columns that claims, counts and reported usage move (most events change only
-        these: an instance placed or gone, a heartbeat), each GPU column as one row slice."""
+        these: an instance placed or gone, a heartbeat), each GPU column as one row slice; the row is stamped
+        with ``stamp`` (the current version when None)."""
         row = self._row.get(name)
         if row is None:
             return
@@ -360,7 +390,7 @@ class ClusterSnapshot:
         self.w_cpu_alloc[row] = self.cpu_allocatable_of(worker)
         self.w_instances[row] = self._worker_total.get(name, 0)
         self.w_vram_free[row] = free
-        self.w_stamp[row] = self.version
+        self.w_stamp[row] = self.version if stamp is None else stamp
 
     def ram_allocatable_of(self, worker: Worker) -> int:
         """RAM total − max(Gantry claims, reported use) − reserve: external use counts, never below 0."""
@@ -393,8 +423,7 @@ class ClusterSnapshot:
         self._instances[instance.id] = instance
         self._by_model.setdefault(instance.model, {})[instance.id] = instance
         touched |= self._apply(instance, +1)
-        for name in touched:
-            self._refresh_usage(name)
+        self._refresh_instances_usage(touched)
 
     def _track_placed(self, instance_id: str, new: Instance | None) -> None:
         """Drop the instance's entry in the creation-ordered list; a new entry (a new serial) for ``new``."""
@@ -434,8 +463,7 @@ class ClusterSnapshot:
         by_model.pop(instance_id, None)
         if not by_model:
             self._by_model.pop(old.model, None)
-        for name in self._apply(old, -1):
-            self._refresh_usage(name)
+        self._refresh_instances_usage(self._apply(old, -1))
 
     @staticmethod
     def _parts(instance: Instance) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int, int]]:

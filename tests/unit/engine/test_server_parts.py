@@ -97,6 +97,27 @@ def test_metrics_text_uses_vllm_names_and_cumulative_buckets() -> None:
     assert 'num_gpu_blocks="100"' in text
 
 
+async def test_the_tokens_per_step_histogram_counts_every_step_at_each_scrape() -> None:
+    runner = EngineRunner(_engine(), speedup=50.0)
+    runner.start()
+    sinks = [CollectSink() for _ in range(2)]
+    for i, sink in enumerate(sinks):
+        runner.submit(Request(f"r{i}", [i] * 30, max_tokens=4, ignore_eos=True), sink)
+    await asyncio.wait_for(asyncio.gather(*(_drain(s) for s in sinks)), 5)
+
+    def steps_in_histogram() -> float:
+        line = next(ln for ln in _scrape(runner).splitlines() if ln.startswith("vllm:iteration_tokens_total_count"))
+        return float(line.rsplit(" ", 1)[1])
+
+    first = steps_in_histogram()
+    assert first == runner.lag.steps > 0
+    sink = CollectSink()
+    runner.submit(Request("r9", [9] * 30, max_tokens=3, ignore_eos=True), sink)
+    await asyncio.wait_for(_drain(sink), 5)
+    await runner.stop()
+    assert steps_in_histogram() == runner.lag.steps > first  # the second scrape adds the steps run since
+
+
 def test_a_quote_and_backslash_in_the_model_name_are_escaped() -> None:
     text = _scrape(EngineRunner(_engine()), model='my "quoted" \\ model')
     line = next(ln for ln in text.splitlines() if ln.startswith("vllm:num_requests_waiting{"))

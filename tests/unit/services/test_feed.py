@@ -244,3 +244,60 @@ def test_an_unchanged_reregistration_only_moves_liveness_and_keeps_the_snapshot_
     assert f.snapshot.version > version and f.revisions["w1"] == 2
     assert f.on_registered(stored(TWO, 3), now=15.0) is None  # a changed inventory rebuilds the row
     assert "kept" not in f.snapshot.memo and f.snapshot.gpu_allocatable("w1", 1) == 80 * GIB
+
+
+def three_workers() -> SnapshotFeed:
+    f = SnapshotFeed(ClusterSnapshot(SnapshotConfig(heartbeat_interval=5.0, not_ready_after=15.0)))
+    for rev, name in enumerate(("w1", "w2", "w3"), start=1):
+        gpus = (Gpu(index=0, vram_total=80 * GIB), Gpu(index=1, vram_total=80 * GIB))
+        assert f.on_registered(stored(Worker(name=name, gpus=gpus, ram_total=256 * GIB), rev), now=0.0) is None
+    return f
+
+
+def snapshot_columns(snap: ClusterSnapshot) -> dict[str, object]:
+    import numpy as np
+
+    return {k: v.tolist() for k, v in vars(snap).items() if isinstance(v, np.ndarray)} | {"version": snap.version}
+
+
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["i1", "i2", "i3"]),
+            st.sampled_from(list(InstanceState)),
+            st.sampled_from([None, "w1", "w2"]),
+            st.sampled_from([0, 1]),  # GPU
+            st.booleans(),  # with a subordinate on w3
+            st.booleans(),  # removed
+        ),
+        max_size=16,
+    ),
+    cut=st.integers(min_value=0, max_value=16),
+)
+def test_instance_changes_applied_as_a_batch_leave_the_snapshot_as_one_by_one(
+    steps: list[tuple[str, InstanceState, str | None, int, bool, bool]], cut: int
+) -> None:
+    events = []
+    for t, (iid, state, worker, gpu, sub, removed) in enumerate(steps):
+        subs = (SubordinateWorker(worker="w3", gpu_indexes=(1,), vram_claims=(2 * GIB,)),) if sub and worker else ()
+        inst = Instance(id=iid, model="m", state=state, worker=worker, gpu_indexes=(gpu,) if worker else (),
+                        vram_claims=(GIB * (t + 1),) if worker else (), subordinates=subs, created_at=float(t))
+        events.append(InstanceEvent(instance=inst, removed=removed, at=float(t)))
+    one_by_one, batched = three_workers(), three_workers()
+    for ev in events:
+        one_by_one.on_instance(ev)
+    batched.on_instances(events[:cut])  # two batches: the second starts from the first's refreshed rows
+    batched.on_instances(events[cut:])
+    assert snapshot_columns(batched.snapshot) == snapshot_columns(one_by_one.snapshot)
+    assert batched.snapshot.instances() == one_by_one.snapshot.instances()
+
+
+def test_a_heartbeat_is_checked_again_against_a_new_inventory() -> None:
+    f = feed()
+    two = Heartbeat(worker="w1", seq=1, gpus=(GpuUsage(index=0, vram_used=GIB), GpuUsage(index=1, vram_used=GIB)))
+    assert f.on_registered(stored(TWO, 2), now=0.5) is None
+    assert f.on_heartbeat(two, now=1.0) is None
+    assert f.on_registered(stored(W, 3), now=1.5) is None  # GPU 1 left the inventory
+    assert f.on_heartbeat(msgspec.structs.replace(two, seq=2), now=2.0) is not None
+    f.on_worker_removed("w1")
+    assert f.on_heartbeat(msgspec.structs.replace(two, seq=3), now=3.0) is not None

@@ -244,3 +244,44 @@ def test_an_explanation_of_why_nothing_fits_is_never_lent_to_another_model() -> 
     assert calls == ["fit", "fit"]
     assert isinstance(first, PlacementScored) and isinstance(second, PlacementScored)
     assert second.outcomes[0].item.model == "huge-twin"
+
+
+def test_fitting_asks_the_core_for_what_a_spec_needs_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    import services.fitting.service as fitting
+    from shared.core.placement.pipeline import requirements as real
+
+    svc = stage(FittingService)
+    asked: list[str] = []
+
+    def counting(spec: ModelSpec, arch: object = None) -> object:
+        asked.append(spec.name)
+        return real(spec, arch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fitting, "requirements", counting)
+    for replicas in (3, 4, 5):  # scale commands: the request cannot change
+        assert svc.requirements(msgspec.structs.replace(EMB, replicas=replicas))[0] == real(EMB)
+    assert asked == ["emb"]
+
+
+def test_fitting_estimates_a_manual_gpu_selection_for_each_replica_count() -> None:
+    from shared.core.placement.domain import GpuSelector
+    from shared.core.placement.pipeline import requirements
+
+    svc = stage(FittingService)
+    manual = ModelSpec(name="manual", weight_bytes=6 * GIB,
+                       gpu_selector=GpuSelector(gpu_ids=("w0:0", "w0:1", "w1:0", "w1:1")))
+    for replicas in (1, 2, 4, 2, 1):  # the selection is split among replicas: each count asks differently
+        spec = msgspec.structs.replace(manual, replicas=replicas)
+        request, shape = svc.requirements(spec)
+        assert request == requirements(spec)
+        assert shape == fitting_key(spec)
+
+
+def fitting_key(spec: ModelSpec) -> bytes:
+    from services.fitting.service import fit_key
+    from shared.core.placement.domain import ResourceRequest
+    from shared.core.placement.pipeline import requirements
+
+    request = requirements(spec)
+    assert isinstance(request, ResourceRequest)
+    return fit_key(spec, request)

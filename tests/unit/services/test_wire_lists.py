@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from shared.bus.columns import CandidateSet
-from shared.bus.messages import PlacementFitted, PlacementRequest, decode, encode
+from shared.bus.messages import (
+    FilteredModel,
+    FittedColumns,
+    PlacementFiltered,
+    PlacementFitted,
+    PlacementRequest,
+    decode,
+    encode,
+)
 from shared.bus.names import NameLists
-from shared.core.placement.domain import FitResult
+from shared.core.placement.domain import FilterReport, FilterResult, FitResult, Reason
 
 WORKERS = tuple(f"w{i}" for i in range(4))
 
@@ -48,3 +56,49 @@ def test_name_lists_keep_a_bounded_number_of_copies() -> None:
     for i in range(5):
         lists.canonical((f"w{i}",))
     assert len(lists._lists) <= 2
+
+
+def test_models_of_one_shape_send_their_gpu_masks_and_claims_once() -> None:
+    masks, claims = bytes([3, 1, 0, 2]), bytes(range(8))
+    a = CandidateSet(model="a", strategy="spread", workers=WORKERS, gpus=masks, claims=claims)
+    b = CandidateSet(model="b", strategy="spread", workers=WORKERS, gpus=bytes(masks), claims=bytes(claims))
+    c = CandidateSet(model="c", strategy="spread", workers=WORKERS, gpus=bytes([1] * 4), claim=9)
+    msg = fitted(a, b, c)
+    assert msg.byte_sets == (masks, claims, bytes([1] * 4))
+    got = decode(encode(msg), PlacementFitted)
+    assert [got.candidate_set(m) for m in "abc"] == [a, b, c]
+    ga, gb = got.candidate_set("a"), got.candidate_set("b")
+    assert ga is not None and gb is not None and ga.gpus is gb.gpus
+
+
+def test_a_fitted_message_with_inline_columns_still_reads() -> None:
+    inline = PlacementFitted(
+        request=PlacementRequest(batch_id="b", items=(), specs={}), fitted={}, worker_sets=(WORKERS,),
+        columns={"a": FittedColumns(strategy="spread", workers=0, gpus=bytes([3] * 4), claim=7)},
+    )
+    assert decode(encode(inline), PlacementFitted).candidate_set("a") == column_set("a")
+
+
+def test_filter_reports_shared_by_several_models_travel_once() -> None:
+    reports = (FilterReport(filter="labels", kept=3, total=4,
+                            dropped=(Reason(plugin="labels", subject="w3", message="no gold"),)),)
+    other = (FilterReport(filter="labels", kept=4, total=4),)
+    results = {
+        "a": FilterResult(model="a", survivors=WORKERS[:3], reports=reports),
+        "b": FilterResult(model="b", survivors=WORKERS[:3], reports=tuple(reports)),
+        "c": FilterResult(model="c", survivors=WORKERS, reports=other),
+    }
+    msg = PlacementFiltered.of(PlacementRequest(batch_id="b", items=(), specs={}), results)
+    assert msg.report_sets == (reports, other)
+    assert encode(msg).count(b"no gold") == 1
+    got = decode(encode(msg), PlacementFiltered)
+    assert {m: got.result(m) for m in "abc"} == results
+
+
+def test_a_filtered_message_with_inline_reports_still_reads() -> None:
+    reports = (FilterReport(filter="labels", kept=4, total=4),)
+    inline = PlacementFiltered(request=PlacementRequest(batch_id="b", items=(), specs={}), survivor_sets=(WORKERS,),
+                               filtered={"a": FilteredModel(survivors=0, reports=reports)})
+    assert decode(encode(inline), PlacementFiltered).result("a") == FilterResult(
+        model="a", survivors=WORKERS, reports=reports
+    )
