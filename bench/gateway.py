@@ -35,8 +35,9 @@ Envoy's ``ext_authz`` filter (``http_service``, request body buffered) against `
 do-nothing asyncio HTTP/1.1 server answering 200 and the destination header; ``authzgw``, the product picker
 on its ext_authz transport (``python -m services.gateway --transport ext_authz``: the same hop with the real
 decision, request ends from Envoy's gRPC access log); ``gateway``, the product path (ext_proc). Each path reports
-its added latency (p50, p99, vs direct), the CPU microseconds per request of its picker process and of its
-Envoy, and Envoy's phase timings (``<path>_to_upstream_us``: client's first byte to the engine).
+its added latency (p50, p99, vs direct), the CPU microseconds, wake-ups (context switches) and read/write system
+calls per request of its picker process, of the picker's engine-feed relay child (``_relay``) and of its Envoy,
+and Envoy's phase timings (``<path>_to_upstream_us``: client's first byte to the engine).
 
 Run: ``.venv/bin/python bench/gateway.py [--rate 100] [--seconds 10] [--runs 3] [--floor]``. Prints JSON
 lines, the last one the summary; writes docs/benchmarks/<stem>.{json,png} (``--out`` stem; default
@@ -169,6 +170,21 @@ async def interleaved(ports: dict[str, int], rate: float, seconds: float, offset
     return lat, errors
 
 
+def wakeups_and_io(proc: psutil.Process) -> tuple[int, int]:
+    """Context switches (voluntary and not, every thread: each is a wake-up) and read/write-like system calls of
+    a process so far: load-robust proxies of what a request costs, beside CPU time."""
+    ctx = 0
+    try:
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    ctx += int(line.split()[1])
+        io = dict(line.split(": ") for line in Path(f"/proc/{proc.pid}/io").read_text().splitlines())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0, 0
+    return ctx, int(io["syscr"]) + int(io["syscw"])
+
+
 def phases(log: Path) -> dict[str, float]:
     """Median of each Envoy timing field over the successful requests logged (microseconds)."""
     names = list(TIMING_FIELDS)
@@ -261,7 +277,8 @@ class Floor:
 
 
 def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
-                procs: list[subprocess.Popen[bytes]], which: list[str], nats_url: str) -> Floor:
+                procs: list[subprocess.Popen[bytes]], which: list[str], nats_url: str,
+                picker_args: tuple[str, ...] = (), als_flush_s: float | None = None) -> Floor:
     """Start the floor paths' do-nothing servers and Envoys (the same config and EDS file as the gateway;
     only the picker's transport and server differ)."""
     dest = f"127.0.0.1:{eport}"
@@ -285,7 +302,7 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
            for style in ("sync", "rw", "tuned")},
         "authz": ("noop_authz.py", "--destination", dest),
         "authzgw": ("-m", "--transport", "ext_authz", "--nats-url", nats_url, "--eds-path", str(own_eds),
-                    "--grpc-port", str(als_port)),
+                    "--grpc-port", str(als_port), *picker_args),
     }
     ports: dict[str, int] = {}
     for path in which:  # a server per path: its CPU per request is that path's own
@@ -302,7 +319,7 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         "onemsg": dict(epp_port=ports.get("onemsg", 0), ext_proc_mode=ONE_MESSAGE_MODE),
         "authz": dict(epp_port=ports.get("authz", 0), transport=PickerTransport.EXT_AUTHZ),
         "authzgw": dict(epp_port=ports.get("authzgw", 0), transport=PickerTransport.EXT_AUTHZ, eds_path=own_eds,
-                        als_port=als_port),
+                        als_port=als_port, **({} if als_flush_s is None else {"als_flush_s": als_flush_s})),
     }
     for path in which:
         extra = options[path]
@@ -329,6 +346,11 @@ def main() -> None:
     p.add_argument("--floor-paths", default="envoy,noop,authz,gateway",
                    help=f"which paths join direct in a --floor run (of {','.join(FLOOR_LABELS)},gateway); each adds "
                         "--rate requests/s")
+    p.add_argument("--picker-arg", action="append", default=[],
+                   help="passed on to each Gantry picker (python -m services.gateway), "
+                        "e.g. --picker-arg=--feed-window-ms=-1")
+    p.add_argument("--als-flush-ms", type=float, default=None,
+                   help="authzgw: Envoy's access-log batching interval (default: ops.envoy's)")
     p.add_argument("--out", default="", help="file stem under docs/benchmarks/ (default: by rate and --floor)")
     p.add_argument("--no-write", action="store_true", help="print only (do not write docs/benchmarks)")
     p.add_argument("--drive-picks", type=int, default=0, help=argparse.SUPPRESS)
@@ -356,7 +378,7 @@ def main() -> None:
         eds = tmp / "eds" / "engines.json"
         eds.parent.mkdir()
         picker = subprocess.Popen([sys.executable, "-m", "services.gateway", "--nats-url", nats.url,
-                                   "--eds-path", str(eds), "--grpc-port", str(epp_port)],
+                                   "--eds-path", str(eds), "--grpc-port", str(epp_port), *a.picker_arg],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(picker)
         access_log = tmp / "envoy" / "access.log"
@@ -372,7 +394,8 @@ def main() -> None:
         if a.floor:
             which = a.floor_paths.split(",")
             floor = start_floor(tmp, eport, eds, envoys, procs, [p for p in which if p != "gateway"],
-                                nats.url)
+                                nats.url, tuple(a.picker_arg),
+                                None if a.als_flush_ms is None else a.als_flush_ms / 1000)
             # interleaving order: each path follows a different one, the real picker last as before; without
             # it (not listed) the floor paths alone share the machine
             paths = {"direct": eport, **floor.paths, **({"gateway": envoy.port} if "gateway" in which else {})}
@@ -381,16 +404,22 @@ def main() -> None:
             watched.update(floor.watched)
             timing_logs.update(floor.timing_logs)
             ext_procs.update(floor.servers)
+        for name in [n for n in ("picker", *FLOOR_LABELS) if n in watched]:
+            for kid in watched[name].children():  # the picker's engine-feed relay (services.gateway.feed_relay)
+                watched[f"{name}_relay"] = kid
         runs: list[dict[str, float]] = []
         for run in progress(range(a.runs), a.runs, f"gateway runs ({', '.join(paths)})", a.progress):
             time.sleep(1.5)  # Envoy flushes its access log about once a second: the last run's lines are out
             for log in timing_logs.values():
                 log.write_text("")
             cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in watched.items()}
+            counts0 = {k: wakeups_and_io(p) for k, p in watched.items()}
             t0 = time.perf_counter()
             lat, err = asyncio.run(interleaved(paths, a.rate, a.seconds, run * 100_000))
             wall = time.perf_counter() - t0
             cpu = {k: sum(p.cpu_times()[:2]) - cpu0[k] for k, p in watched.items()}
+            counts = {k: tuple(b - a for a, b in zip(counts0[k], wakeups_and_io(p), strict=True))
+                      for k, p in watched.items()}
             res: dict[str, float] = {"load_avg_1m": os.getloadavg()[0]}
             for name in paths:
                 res[f"{name}_p50_ms"] = pct(lat[name], 0.5)
@@ -406,10 +435,18 @@ def main() -> None:
             for proc_name, path in ext_procs.items():  # the warm-up requests are in the CPU window too
                 served = len(lat[path]) + err[path] + WARM
                 res[f"{proc_name}_cpu_us_per_req"] = cpu[proc_name] / served * 1e6
+                for part in (proc_name, f"{proc_name}_relay"):
+                    if part in cpu:
+                        res[f"{part}_cpu_us_per_req"] = cpu[part] / served * 1e6
+                        res[f"{part}_wakeups_per_req"] = counts[part][0] / served
+                        res[f"{part}_rw_syscalls_per_req"] = counts[part][1] / served
             if a.floor:
                 for path in paths:
                     if (env_name := f"envoy_{path}") in cpu:
-                        res[f"{env_name}_cpu_us_per_req"] = cpu[env_name] / (len(lat[path]) + err[path] + WARM) * 1e6
+                        served = len(lat[path]) + err[path] + WARM
+                        res[f"{env_name}_cpu_us_per_req"] = cpu[env_name] / served * 1e6
+                        res[f"{env_name}_wakeups_per_req"] = counts[env_name][0] / served
+                        res[f"{env_name}_rw_syscalls_per_req"] = counts[env_name][1] / served
                 if "gateway" in paths:
                     res["envoy_gateway_cpu_us_per_req"] = cpu["envoy"] / (len(lat["gateway"]) + err["gateway"]
                                                                           + WARM) * 1e6

@@ -84,6 +84,10 @@ class EnvoyOptions:
     connect_timeout_s: float = 1.0
     request_timeout_s: float = 600.0  # whole stream (long generations)
     idle_timeout_s: float = 60.0  # no byte either way
+    # an engine connection idle this long is closed by Envoy: below the engines' own keep-alive (uvicorn's and
+    # vLLM's 5 s), so Envoy never sends a request on a connection the engine is closing at that moment (the
+    # request then failed: reset after it was sent, which is never retried)
+    upstream_idle_timeout_s: float = 3.0
     epp_timeout_s: float = 5.0  # one ext_proc message
     retries: int = 2  # further entries of the fallback list
     epp_health_interval_s: float = 0.25  # active health check of each picker replica
@@ -360,6 +364,14 @@ def _epp_cluster(o: EnvoyOptions) -> dict[str, Any]:
     }
 
 
+def _engine_protocol(o: EnvoyOptions) -> dict[str, Any]:
+    """HTTP/1.1 to the engines (what they speak), kept-alive connections closed before the engine would."""
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "common_http_protocol_options": {"idle_timeout": f"{o.upstream_idle_timeout_s}s"},
+        "explicit_http_config": {"http_protocol_options": {}}}}
+
+
 def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
     """The bootstrap config (v3 API) as a JSON-able dict."""
     hcm = _typed(
@@ -389,6 +401,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
                      "path_config_source": {"path": str(o.eds_path),
                                             "watched_directory": {"path": str(o.eds_path.parent)}},
                      "resource_api_version": "V3"}},
+                 "typed_extension_protocol_options": _engine_protocol(o),
                  "load_balancing_policy": _lb_policy()},
             ],
         },

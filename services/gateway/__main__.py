@@ -35,13 +35,18 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                    help="how Envoy asks: ext_proc gRPC streams (GIE protocol), or one HTTP/1.1 ext_authz check per "
                         "request on --http-port with request ends from Envoy's gRPC access log on --grpc-port")
     p.add_argument("--http-port", type=int, default=9003, help="ext_authz checks, /health and /v1/models")
+    p.add_argument("--feed-window-ms", type=float, default=10.0,
+                   help="the engines' reports are taken by a child process and applied in batches this long "
+                        "(less CPU on the deciding loop; a report reaches the core up to this much later); "
+                        "a negative value subscribes on the deciding loop instead")
     a = p.parse_args(argv)
     if a.transport is PickerTransport.EXT_AUTHZ and a.capture is not None:
         p.error("--capture needs --transport ext_proc (the output length is read from the response body)")
     return GatewayOptions(nats_url=a.nats_url, eds_path=a.eds_path, grpc_host=a.grpc_host, grpc_port=a.grpc_port,
                           profile=a.profile, expire_s=a.expire_s, seed=a.seed, staleness_s=a.staleness_s,
                           capture=a.capture, capture_salt=a.capture_salt, transport=a.transport,
-                          http_port=a.http_port)
+                          http_port=a.http_port,
+                          feed_window_s=a.feed_window_ms / 1000 if a.feed_window_ms >= 0 else None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,14 +27,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 import msgspec
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from services.gateway.epp import DESTINATION, PICKED, Picker, Refusal, error_body
+from services.gateway.epp import DESTINATION, PICKED, Picked, Picker, Refusal, error_body
 from services.gateway.http1 import headers_of, response
 from services.gateway.protocol import CHECK_PREFIX, HEALTH_PATH, MODELS_PATH, PICK_ID_HEADER, STATS_PATH, authz_status
 from shared.core.routing import Decision
@@ -74,9 +74,10 @@ class AuthzPicker:
         self.picker = picker
         self.inflight: dict[str, Decision] = {}  # pick id -> its decision, until the access log ends it
 
-    async def answer(self, head: bytes, body: bytes) -> bytes:
+    def answer(self, head: bytes, body: bytes) -> bytes | Awaitable[bytes]:
         """The HTTP answer to one request on the picker's port: a check (its path under ``CHECK_PREFIX``, where
-        Envoy sends them) or one of the picker's own GETs."""
+        Envoy sends them) or one of the picker's own GETs. At once unless the decision waits for a worker thread
+        (a long prompt): then an awaitable of it."""
         headers = headers_of(head)
         path = headers[":path"]
         if not path.startswith(_CHECKS):
@@ -85,7 +86,15 @@ class AuthzPicker:
         if not body:  # as the ext_proc path answers a bodiless request
             why = f"{headers[':method'] or '?'} {headers[':path']}: a JSON body naming the model is required"
             return response(400, error_body(400, why), JSON)
-        got = await self.picker.pick(body, headers)
+        got = self.picker.pick_now(body, headers)
+        if isinstance(got, Picked | Refusal):
+            return self._checked(got)
+        return self._checked_later(got)
+
+    async def _checked_later(self, got: Awaitable[Picked | Refusal]) -> bytes:
+        return self._checked(await got)
+
+    def _checked(self, got: Picked | Refusal) -> bytes:
         if isinstance(got, Refusal):
             return response(authz_status(got.code), error_body(got.code, got.message), JSON)
         rid = got.decision.request_id

@@ -13,10 +13,11 @@ the ext_proc stream, which Envoy holds open until the HTTP request ends, marks t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -31,7 +32,7 @@ from google.protobuf import json_format, struct_pb2
 from services.gateway.capture import Pending, TraceWriter
 from services.gateway.protocol import MODELS_PATH, REQUEST_ID_HEADER, STREAMED_RESPONSE_MODE
 from services.gateway.request import BadRequest, Tokenize, parse_request, tokenized
-from shared.core.routing import Decision, Router
+from shared.core.routing import Decision, Router, RouteRequest
 
 log = logging.getLogger("gantry.gateway")
 
@@ -115,22 +116,45 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         self.counters = Counters()
         self.capture = capture  # record routed requests as a replayable trace
         self.capturing: dict[str, Pending] = {}  # request id -> its trace line in the making
+        # request ids unique across replicas and restarts (a random 64-bit prefix per picker, then a count):
+        # a uuid4 per request cost a getrandom system call on every decision
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._ids = itertools.count()
 
     async def pick(self, body: bytes, headers: dict[str, str]) -> Picked | Refusal:
-        """The decision on a complete request body, whatever the transport (pure apart from the router's own
-        accounting; a long prompt is tokenized on a worker thread). A decision is in flight until
-        ``router.finished``; the caller flushes the router once its answer has left."""
+        """The decision on a complete request body, whatever the transport (``pick_now``, awaited when it
+        tokenizes on a worker thread)."""
+        got = self.pick_now(body, headers)
+        return got if isinstance(got, Picked | Refusal) else await got
+
+    def pick_now(self, body: bytes, headers: dict[str, str]) -> Picked | Refusal | Awaitable[Picked | Refusal]:
+        """The decision on a complete request body, at once unless the prompt is long enough to be tokenized on
+        a worker thread (then an awaitable of it). Pure apart from the router's own accounting. A decision is in
+        flight until ``router.finished``; the caller flushes the router once its answer has left. (At once: an
+        answer that needs no task costs the event loop no extra turns before it is written.)"""
         # the picker's own id: a client-chosen x-request-id could collide with another request in flight
-        rid = f"{headers.get(REQUEST_ID, '')[:64]}#{uuid.uuid4().hex}"
+        rid = f"{headers.get(REQUEST_ID, '')[:64]}#{self._id_prefix}{next(self._ids):x}"
         try:
             req, _stream = parse_request(rid, body, headers)
             if self.tokenize is not None:
-                # tokenizing costs ~1 s a MB here: on the event loop, one large body stalled every other stream
-                # (Envoy's message timeout, stale engine reports); the shipped tokenizer frees the GIL for these
-                req = (tokenized(req, self.tokenize) if len(req.prompt or "") < OFFLOOP_TOKENIZE_CHARS
-                       else await asyncio.to_thread(tokenized, req, self.tokenize))
+                if len(req.prompt or "") >= OFFLOOP_TOKENIZE_CHARS:
+                    # tokenizing costs ~1 s a MB here: on the event loop, one large body stalled every other
+                    # stream (Envoy's message timeout, stale engine reports); the shipped tokenizer frees the GIL
+                    return self._pick_offloop(req, self.tokenize)
+                req = tokenized(req, self.tokenize)
         except BadRequest as err:
             return self._refused(400, str(err))
+        return self._route(req)
+
+    async def _pick_offloop(self, req: RouteRequest, tokenize: Tokenize) -> Picked | Refusal:
+        try:
+            req = await asyncio.to_thread(tokenized, req, tokenize)
+        except BadRequest as err:
+            return self._refused(400, str(err))
+        return self._route(req)
+
+    def _route(self, req: RouteRequest) -> Picked | Refusal:
+        rid = req.request_id
         now = self.clock()
         out = self.router.route(req, now)
         if not isinstance(out, Decision):

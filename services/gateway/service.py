@@ -17,6 +17,7 @@ import msgspec
 import nats
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from tokenizers import Tokenizer
 
@@ -25,6 +26,7 @@ from services.gateway.authz import expire_forever as end_unlogged
 from services.gateway.capture import TraceWriter
 from services.gateway.contract import CONTRACT
 from services.gateway.epp import OFFLOOP_TOKENIZE_CHARS, Picker
+from services.gateway.feed_relay import FeedRelay, Kind, Relayed
 from services.gateway.http1 import OneByOne
 from services.gateway.pieces import PieceTokenizer
 from services.gateway.pool import eds_document
@@ -56,6 +58,7 @@ class GatewayOptions:
     transport: PickerTransport = PickerTransport.EXT_PROC  # EXT_AUTHZ: HTTP checks on http_port, the log on grpc_port
     http_port: int = 9003  # ext_authz checks, /health and /v1/models
     max_request_s: float = 660.0  # ext_authz: in flight this long without a log entry = the entry was lost
+    feed_window_s: float | None = 0.01  # engine reports via the relay child, batched this long; None: on this loop
 
 
 def shipped_tokenizer() -> Tokenize:
@@ -139,6 +142,25 @@ class Gateway:
         assert self.bus is not None
         await take_kv_events(self.feed, self.bus, msg)
 
+    async def _on_relayed(self, batch: list[Relayed]) -> None:
+        """One frame of the feed relay: each message as if it had arrived here (``at``: when the child took it)."""
+        assert self.bus is not None
+        for msg in batch:
+            if msg.kind is Kind.KV:
+                await take_kv_events(self.feed, self.bus, msg)
+            else:
+                await take_metrics(self.feed, self.bus, msg, msg.at)
+
+    async def _subscribe(self, nc: NATS) -> FeedRelay | None:
+        """The engine feed: through the relay child (``feed_window_s``), or subscribed on this loop."""
+        if self.opts.feed_window_s is not None:
+            relay = FeedRelay(self.opts.nats_url, self.opts.feed_window_s, self._on_relayed)
+            await relay.start()
+            return relay
+        await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._on_metrics)
+        await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._on_kv)
+        return None
+
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
         self.opts.eds_path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,12 +168,13 @@ class Gateway:
             write_eds(self.opts.eds_path, eds_document([], 0))
         nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1)
         self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
-        await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._on_metrics)
-        await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._on_kv)
+        relay = await self._subscribe(nc)
         server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
         server.add_generic_rpc_handlers((health_handler(),))
         background = [asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, time.time))]
+        if relay is not None:
+            background.append(asyncio.create_task(relay.run()))
         http: asyncio.Server | None = None
         if self.authz is not None:
             als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(self.authz), server)
@@ -175,6 +198,8 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await server.stop(1.0)
+            if relay is not None:
+                await relay.stop()
             if self.capture is not None:
                 self.capture.close()
             with contextlib.suppress(Exception):

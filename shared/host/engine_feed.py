@@ -15,9 +15,8 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
-
-from nats.aio.msg import Msg
 
 from shared.bus.messages import EngineKVEvents, EngineMetrics
 from shared.bus.runtime import Bus
@@ -27,6 +26,16 @@ from shared.core.roles import NodeRole
 from shared.core.routing import Endpoint, EndpointMetrics, Router
 
 log = logging.getLogger("gantry.picker")
+
+
+class Delivered(Protocol):
+    """What the feed reads of a message: a NATS ``Msg``, or one relayed from another process."""
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def data(self) -> bytes: ...
 
 
 def address_of(url: str) -> str:
@@ -162,7 +171,7 @@ class EngineFeed:
         return gone
 
 
-async def take_metrics(feed: EngineFeed, bus: Bus, msg: Msg, now: float) -> None:
+async def take_metrics(feed: EngineFeed, bus: Bus, msg: Delivered, now: float) -> None:
     """An engine's state report off the bus into ``feed``; an undecodable one or an address nobody could dial
     goes to the dead letters."""
     m = await bus.decode_or_reject(msg.subject, msg.data, EngineMetrics)
@@ -174,7 +183,7 @@ async def take_metrics(feed: EngineFeed, bus: Bus, msg: Msg, now: float) -> None
         await bus.dead_letter(msg.subject, str(err), msg.data)
 
 
-async def take_kv_events(feed: EngineFeed, bus: Bus, msg: Msg) -> None:
+async def take_kv_events(feed: EngineFeed, bus: Bus, msg: Delivered) -> None:
     """An engine's KV-cache events off the bus into ``feed`` (undecodable ones go to the dead letters)."""
     ev = await bus.decode_or_reject(msg.subject, msg.data, EngineKVEvents)
     if ev is not None:

@@ -205,3 +205,11 @@ def test_the_ext_authz_transport_restores_the_pickers_shifted_5xx_refusals() -> 
 def test_another_processing_mode_replaces_the_pickers_exchange() -> None:
     mode = {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED"}
     assert _ext_proc(_cfg(ext_proc_mode=mode))["processing_mode"] == mode
+
+
+def test_envoy_closes_an_idle_engine_connection_before_the_engine_would() -> None:
+    engines = _cluster(_cfg(), "gantry_engines")
+    opts = engines["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert opts["explicit_http_config"] == {"http_protocol_options": {}}  # HTTP/1.1, as before
+    idle = float(opts["common_http_protocol_options"]["idle_timeout"].rstrip("s"))
+    assert 0 < idle < 5.0  # uvicorn's (and vLLM's) keep-alive: a request on a connection it is closing fails

@@ -5,7 +5,7 @@ in flight until Envoy's access log ends it, and a fallback's load moved to the e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import msgspec
@@ -15,9 +15,10 @@ from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import wrappers_pb2
 
 from services.gateway.authz import AccessLogSink, AuthzPicker, Logged, logged_of
-from services.gateway.epp import DESTINATION, PICKED
+from services.gateway.epp import DESTINATION, OFFLOOP_TOKENIZE_CHARS, PICKED
 from services.gateway.http1 import OneByOne
 from services.gateway.protocol import PICK_ID_HEADER, RELAYED_5XX, authz_status
+from services.gateway.service import shipped_tokenizer
 from tests.unit.services.test_gateway_picker import NOW, chat, picker, report
 
 CHAT_HEAD = b"POST /check/v1/chat/completions HTTP/1.1\r\nhost: gantry-picker\r\nx-request-id: r1"
@@ -28,6 +29,11 @@ def _split(out: bytes) -> tuple[int, dict[str, str], bytes]:
     lines = head.decode().split("\r\n")
     hs = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
     return int(lines[0].split(" ")[1]), hs, body
+
+
+async def _answered(authz: AuthzPicker, head: bytes, body: bytes) -> bytes:
+    out = authz.answer(head, body)
+    return out if isinstance(out, bytes) else await out
 
 
 def _entry(pick_id: str, upstream: str, code: int = 200) -> accesslog_pb2.HTTPAccessLogEntry:
@@ -44,7 +50,7 @@ def _entry(pick_id: str, upstream: str, code: int = 200) -> accesslog_pb2.HTTPAc
 async def test_a_decision_is_a_200_naming_the_list_and_the_request_stays_in_flight_until_logged() -> None:
     p, router = picker(report("a", 8001), report("b", 8002))
     authz = AuthzPicker(p)
-    code, hs, _ = _split(await authz.answer(CHAT_HEAD, chat()))
+    code, hs, _ = _split(await _answered(authz, CHAT_HEAD, chat()))
     assert code == 200
     assert set(hs[DESTINATION].split(",")) == {"127.0.0.1:8001", "127.0.0.1:8002"}
     assert hs[PICKED].split(",")[0] in {"a", "b"} and hs[PICK_ID_HEADER].startswith("r1#")
@@ -59,7 +65,7 @@ async def test_a_decision_is_a_200_naming_the_list_and_the_request_stays_in_flig
 async def test_a_request_served_by_a_fallback_is_moved_there_before_it_ends() -> None:
     p, router = picker(report("a", 8001), report("b", 8002))
     authz = AuthzPicker(p)
-    _, hs, _ = _split(await authz.answer(CHAT_HEAD, chat("y" * 400)))
+    _, hs, _ = _split(await _answered(authz, CHAT_HEAD, chat("y" * 400)))
     first, second = hs[DESTINATION].split(",")
     assert first != second
     authz.finished(Logged(hs[PICK_ID_HEADER], second, 200))
@@ -70,13 +76,13 @@ async def test_a_request_served_by_a_fallback_is_moved_there_before_it_ends() ->
 async def test_refusals_carry_their_status_and_an_openai_style_error() -> None:
     p, _ = picker(report("a", 8001, model="other"))
     authz = AuthzPicker(p)
-    code, hs, body = _split(await authz.answer(CHAT_HEAD, chat()))
+    code, hs, body = _split(await _answered(authz, CHAT_HEAD, chat()))
     assert code == 453 and hs["content-type"] == "application/json"  # Envoy's mapper makes it 503 again
     assert msgspec.json.decode(body)["error"]["code"] == 503
     for bad in (b"{not json", b"[]", b'{"model": 3}'):
-        code, _, body = _split(await authz.answer(CHAT_HEAD, bad))
+        code, _, body = _split(await _answered(authz, CHAT_HEAD, bad))
         assert code == 400 and msgspec.json.decode(body)["error"]["code"] == 400
-    code, _, body = _split(await authz.answer(b"POST /check/v1/chat/completions HTTP/1.1\r\nhost: p", b""))
+    code, _, body = _split(await _answered(authz, b"POST /check/v1/chat/completions HTTP/1.1\r\nhost: p", b""))
     assert code == 400 and "POST /v1/chat/completions: a JSON body" in msgspec.json.decode(body)["error"]["message"]
     # a bodiless request is not counted, as on ext_proc
     assert authz.inflight == {} and p.counters.refused == {503: 1, 400: 3}
@@ -85,15 +91,15 @@ async def test_refusals_carry_their_status_and_an_openai_style_error() -> None:
 async def test_a_sheddable_request_on_a_saturated_pool_is_a_429() -> None:
     p, _ = picker(report("a", 8001, waiting=50))
     authz = AuthzPicker(p)
-    code, _, body = _split(await authz.answer(CHAT_HEAD + b"\r\nx-gantry-priority: -1", chat()))
+    code, _, body = _split(await _answered(authz, CHAT_HEAD + b"\r\nx-gantry-priority: -1", chat()))
     assert code == 429 and msgspec.json.decode(body)["error"]["code"] == 429
 
 
 async def test_health_and_models_are_answered_without_a_decision() -> None:
     p, _ = picker(report("a", 8001))
     authz = AuthzPicker(p)
-    assert _split(await authz.answer(b"GET /health HTTP/1.1\r\nhost: x", b""))[0] == 200
-    code, _, body = _split(await authz.answer(b"GET /v1/models?x=1 HTTP/1.1\r\nhost: x", b""))
+    assert _split(await _answered(authz, b"GET /health HTTP/1.1\r\nhost: x", b""))[0] == 200
+    code, _, body = _split(await _answered(authz, b"GET /v1/models?x=1 HTTP/1.1\r\nhost: x", b""))
     assert code == 200 and [m["id"] for m in msgspec.json.decode(body)["data"]] == ["m"]
     assert p.counters.picks == 0
 
@@ -101,17 +107,17 @@ async def test_health_and_models_are_answered_without_a_decision() -> None:
 async def test_a_clients_request_for_the_pickers_own_paths_is_a_check_like_any_other() -> None:
     p, _ = picker(report("a", 8001))
     authz = AuthzPicker(p)
-    code, _, body = _split(await authz.answer(b"GET /check/health HTTP/1.1\r\nhost: x", b""))
+    code, _, body = _split(await _answered(authz, b"GET /check/health HTTP/1.1\r\nhost: x", b""))
     assert code == 400 and "GET /health" in msgspec.json.decode(body)["error"]["message"]
-    assert _split(await authz.answer(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x", chat()))[0] == 404
+    assert _split(await _answered(authz, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x", chat()))[0] == 404
     assert p.counters.picks == 0
 
 
 async def test_stats_show_the_requests_in_flight_per_endpoint() -> None:
     p, _ = picker(report("a", 8001))
     authz = AuthzPicker(p)
-    await authz.answer(CHAT_HEAD, chat())
-    code, _, body = _split(await authz.answer(b"GET /stats HTTP/1.1\r\nhost: x", b""))
+    await _answered(authz, CHAT_HEAD, chat())
+    code, _, body = _split(await _answered(authz, b"GET /stats HTTP/1.1\r\nhost: x", b""))
     got = msgspec.json.decode(body)
     assert code == 200 and got["inflight"] == 1 and got["endpoints"] == {"a": 1} and got["picks"] == 1
 
@@ -119,7 +125,7 @@ async def test_stats_show_the_requests_in_flight_per_endpoint() -> None:
 async def test_requests_whose_log_entries_were_lost_are_ended_after_the_longest_request() -> None:
     p, router = picker(report("a", 8001))  # decides at NOW + 0.01
     authz = AuthzPicker(p)
-    await authz.answer(CHAT_HEAD, chat())
+    await _answered(authz, CHAT_HEAD, chat())
     assert authz.expire(NOW + 100, 600.0) == 0
     assert authz.expire(NOW + 601, 600.0) == 1
     assert router.state.endpoints["a"].inflight_requests == 0 and authz.inflight == {}
@@ -129,7 +135,7 @@ async def test_past_the_in_flight_bound_the_oldest_requests_are_let_go() -> None
     p, router = picker(report("a", 8001))
     authz = AuthzPicker(p)
     for _ in range(3):
-        await authz.answer(CHAT_HEAD, chat())
+        await _answered(authz, CHAT_HEAD, chat())
     assert authz.expire(NOW, 600.0, keep=1) == 2
     assert router.state.endpoints["a"].inflight_requests == 1 and len(authz.inflight) == 1
 
@@ -148,7 +154,7 @@ def test_an_access_log_entry_is_read_for_its_pick_id_upstream_and_status() -> No
 async def test_the_access_log_stream_ends_the_requests_this_replica_routed_and_ignores_others() -> None:
     p, router = picker(report("a", 8001))
     authz = AuthzPicker(p)
-    _, hs, _ = _split(await authz.answer(CHAT_HEAD, chat()))
+    _, hs, _ = _split(await _answered(authz, CHAT_HEAD, chat()))
     sink = AccessLogSink(authz)
 
     async def stream() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
@@ -170,7 +176,7 @@ async def test_the_router_is_flushed_after_the_answer() -> None:
     p, router = picker(report("a", 8001))
     flushed: list[int] = []
     router.flush = lambda: flushed.append(1)  # type: ignore[method-assign]
-    await AuthzPicker(p).answer(CHAT_HEAD, chat())
+    await _answered(AuthzPicker(p), CHAT_HEAD, chat())
     await asyncio.sleep(0)
     assert flushed == [1]
 
@@ -181,7 +187,7 @@ async def test_a_decision_whose_answer_never_reached_envoy_is_not_left_in_flight
     gone = asyncio.Event()
 
     async def decided_after_the_close(head: bytes, body: bytes) -> bytes:
-        out = await authz.answer(head, body)  # booked in flight...
+        out = await _answered(authz, head, body)  # booked in flight...
         await gone.wait()  # ...while Envoy gives up on the check (its timeout) and closes the connection
         await asyncio.sleep(0.05)
         return out
@@ -207,3 +213,16 @@ async def test_a_decision_whose_answer_never_reached_envoy_is_not_left_in_flight
     # no request carries its pick id, so no access-log entry would ever end it
     assert authz.inflight == {} and router.state.endpoints["a"].inflight_requests == 0
     assert p.counters.picks == p.counters.finished == 1
+
+
+async def test_a_short_prompt_is_answered_at_once_and_a_long_one_after_tokenizing_off_the_loop() -> None:
+    p, router = picker(report("a", 8001))
+    p.tokenize = shipped_tokenizer()
+    authz = AuthzPicker(p)
+    now = authz.answer(CHAT_HEAD, chat())
+    assert isinstance(now, bytes) and _split(now)[0] == 200  # no task, no extra turn of the event loop
+    later = authz.answer(CHAT_HEAD, chat("z " * OFFLOOP_TOKENIZE_CHARS))
+    assert isinstance(later, Awaitable)
+    code, hs, _ = _split(await later)
+    assert code == 200 and hs[DESTINATION] == "127.0.0.1:8001"
+    assert sum(s.inflight_requests for s in router.state.endpoints.values()) == 2

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 
 from ops.envoy import EXT_PROC, EnvoyOptions, envoy_config
 from services.engine_server.textgen import TextModel
-from services.gateway.epp import DESTINATION, METADATA_NS, OFFLOOP_TOKENIZE_CHARS, PICKED, SERVED, Picker
+from services.gateway.epp import DESTINATION, METADATA_NS, OFFLOOP_TOKENIZE_CHARS, PICKED, SERVED, Picked, Picker
 from services.gateway.pool import PoolView, address_of, eds_document, metrics_of
 from services.gateway.protocol import STREAMED_RESPONSE_MODE
 from services.gateway.request import BadRequest, parse_request, tokenized
@@ -343,3 +343,15 @@ async def test_a_streamed_answer_asks_envoy_for_its_chunks_to_see_the_first_toke
         STREAMED_RESPONSE_MODE
     await ex.send(chunk())
     assert router.state.endpoints["a"].inflight_tokens == 0  # prefill done at the first chunk
+
+
+async def test_each_decision_has_its_own_id_carrying_the_clients_and_replicas_do_not_share_ids() -> None:
+    ids: list[str] = []
+    for _ in range(2):  # two replicas (or one restarted)
+        p, router = picker(report("a", 8001))
+        for i in range(50):
+            got = await p.pick(chat(f"q{i}"), {"x-request-id": "client-id"})
+            assert isinstance(got, Picked)
+            router.finished(got.decision.request_id)
+            ids.append(got.decision.request_id)
+    assert len(set(ids)) == len(ids) and all(i.startswith("client-id#") for i in ids)

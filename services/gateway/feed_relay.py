@@ -1,0 +1,221 @@
+"""The engine feed off the deciding process: a child process takes the engines' NATS reports and hands them to
+the picker in batches.
+
+Why: the engines' load reports (every 50-100 ms each) and KV events (one message per engine step that stored
+or evicted blocks) arrive at a rate set by the engines, not by the requests the picker decides. On the
+picker's event loop each message cost nats-py's Python protocol parsing, a queue hop into the subscription's
+task and a callback before it was applied (with the apply itself, 0.6-0.7 ms of the picker's 2.1 ms of CPU
+per request in a 400 requests/s bench run), and a check arriving meanwhile waited for it (docs/gateway.md,
+"The engine feed"). The child (``python -m services.gateway.feed_relay``) does the NATS side, on the other
+core when one is free, and writes what arrived in one frame per ``window_s`` (a message after a quiet window goes
+at once, the rest of a burst one window after the previous frame); the picker reads one frame per
+wake-up and applies every message in it in arrival order (per subscription, as nats-py delivers them), with
+the same code as before (``shared.host.engine_feed``: decoding, dead letters, the pool, the KV numbering). A
+message reaches the routing core at most ``window_s`` (plus one process hop) later than it would have.
+
+Framing on the child's stdout: a 4-byte big-endian length, then a msgpack array of ``Relayed``; an empty
+frame right after the child has subscribed says it is ready. The child exits when its stdin closes (the
+picker is gone, however it died); the picker starts a new child when one dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from enum import IntEnum
+
+import msgspec
+
+from shared.bus import subjects
+
+log = logging.getLogger("gantry.gateway")
+
+LENGTH = struct.Struct("!I")
+MAX_FRAME_BYTES = 64 << 20  # far beyond any window's worth of reports; a larger length is a broken pipe
+READY_TIMEOUT_S = 30.0
+RESTART_DELAY_S = 0.5
+NATS_URL_ENV = "GANTRY_FEED_RELAY_NATS_URL"
+
+
+class Kind(IntEnum):
+    """Which subscription a message came from."""
+
+    METRICS = 0  # subjects.ENGINE_METRICS_ALL
+    KV = 1  # subjects.ENGINE_KV_EVENTS_ALL
+
+
+class Relayed(msgspec.Struct, array_like=True, frozen=True):
+    """One NATS message as the picker's feed reads it (``subject``, ``data``), with when the child received it
+    (the pool's "last heard", as if the picker had received it itself)."""
+
+    kind: Kind
+    subject: str
+    data: bytes
+    at: float
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(list[Relayed]).decode
+
+
+def frame(batch: list[Relayed]) -> bytes:
+    """One frame of the child's output."""
+    payload = _encode(batch)
+    return LENGTH.pack(len(payload)) + payload
+
+
+def unframe(payload: bytes) -> list[Relayed]:
+    """A frame's messages (its payload, without the length)."""
+    return _decode(payload)
+
+
+# -- the child ---------------------------------------------------------------------------------------------
+async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0) -> None:
+    """Subscribe to every engine's reports and KV events and write them to ``out_fd`` in frames, one per
+    ``window_s`` at most, until ``in_fd`` closes."""
+    import nats  # only the child pays for it here
+
+    loop = asyncio.get_running_loop()
+    pending: list[Relayed] = []
+    last = 0.0  # when the last frame was written (loop time)
+
+    def flush() -> None:
+        nonlocal last
+        last = loop.time()
+        data = frame(pending)
+        pending.clear()
+        view = memoryview(data)
+        while view:  # a blocking pipe: the picker reads it as fast as it applies
+            view = view[os.write(out_fd, view):]
+
+    def taker(kind: Kind) -> Callable[[object], Awaitable[None]]:
+        async def take(msg: object) -> None:
+            pending.append(Relayed(kind, msg.subject, msg.data, time.time()))  # type: ignore[attr-defined]
+            if len(pending) == 1:
+                # at most one frame per window, and no wait for a message after a quiet window: a lone report
+                # goes at once, the rest of a burst follows together one window after the previous frame
+                loop.call_at(max(loop.time(), last + window_s), flush)
+        return take
+
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1)
+    await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=taker(Kind.METRICS))
+    await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=taker(Kind.KV))
+    await nc.flush()
+    flush()  # ready: an empty frame
+    gone = asyncio.Event()
+
+    class Watch(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            gone.set()
+
+    await loop.connect_read_pipe(Watch, os.fdopen(in_fd, "rb", buffering=0))
+    await gone.wait()
+    with contextlib.suppress(Exception):
+        await nc.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m services.gateway.feed_relay [--nats-url URL] --window-ms N`` (started by the picker)."""
+    p = argparse.ArgumentParser(prog="python -m services.gateway.feed_relay", description=__doc__)
+    p.add_argument("--nats-url", default=os.environ.get(NATS_URL_ENV),
+                   help=f"default: ${NATS_URL_ENV} (how the picker passes it: a URL with credentials stays out of ps)")
+    p.add_argument("--window-ms", type=float, default=10.0)
+    a = p.parse_args(argv)
+    if not a.nats_url:
+        p.error(f"--nats-url or ${NATS_URL_ENV} is required")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import uvloop
+
+    with contextlib.suppress(BrokenPipeError):  # the picker is gone
+        uvloop.run(relay(a.nats_url, a.window_ms / 1000))
+
+
+# -- the picker's side --------------------------------------------------------------------------------------
+Deliver = Callable[[list[Relayed]], Awaitable[None]]
+
+
+class FeedRelay:
+    """The child process and the frames it writes, handed to ``deliver`` in order (one call per frame)."""
+
+    def __init__(self, nats_url: str, window_s: float, deliver: Deliver) -> None:
+        self.nats_url = nats_url
+        self.window_s = window_s
+        self.deliver = deliver
+        self.proc: asyncio.subprocess.Process | None = None
+        self.frames = 0  # frames applied (tests, operators)
+        self.starts = 0  # children that became ready (more than one: a child died and was replaced)
+
+    async def start(self) -> None:
+        """Start the child; returns once it has subscribed (its first, empty frame). Raises when it does not."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.gateway.feed_relay", "--window-ms", str(self.window_s * 1000),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, NATS_URL_ENV: self.nats_url})
+        assert self.proc.stdout is not None
+        try:
+            await asyncio.wait_for(self._read(self.proc.stdout), READY_TIMEOUT_S)
+        except BaseException:
+            await self._end()
+            raise
+        self.starts += 1
+
+    @staticmethod
+    async def _read(out: asyncio.StreamReader) -> list[Relayed]:
+        (n,) = LENGTH.unpack(await out.readexactly(LENGTH.size))
+        if n > MAX_FRAME_BYTES:
+            raise ValueError(f"feed relay frame of {n} bytes")
+        return unframe(await out.readexactly(n))
+
+    async def run(self) -> None:
+        """Apply frames until cancelled; a child that dies (or writes garbage) is replaced."""
+        while True:
+            if self.proc is None or self.proc.stdout is None:
+                try:
+                    await self.start()
+                except Exception as err:  # NATS unreachable, the child failed: try again
+                    log.error("engine feed relay did not start (%r); retrying", err)
+                    await asyncio.sleep(RESTART_DELAY_S)
+                    continue
+            assert self.proc is not None and self.proc.stdout is not None
+            try:
+                while True:
+                    batch = await self._read(self.proc.stdout)
+                    try:
+                        await self.deliver(batch)
+                    except Exception:  # as a NATS callback that raises: logged, the feed goes on
+                        log.exception("engine feed: a frame of %d messages failed to apply", len(batch))
+                    self.frames += 1
+            except (asyncio.IncompleteReadError, ValueError, msgspec.DecodeError) as err:
+                log.error("engine feed relay lost (%r); starting another", err)
+            await self._end()
+            await asyncio.sleep(RESTART_DELAY_S)
+
+    async def _end(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+    async def stop(self) -> None:
+        """End the child."""
+        await self._end()
+
+
+if __name__ == "__main__":
+    main()
