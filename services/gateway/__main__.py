@@ -35,10 +35,10 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                    help="how Envoy asks: ext_proc gRPC streams (GIE protocol), or one HTTP/1.1 ext_authz check per "
                         "request on --http-port with request ends from Envoy's gRPC access log on --grpc-port")
     p.add_argument("--http-port", type=int, default=9003, help="ext_authz checks, /health and /v1/models")
-    p.add_argument("--feed-window-ms", type=float, default=10.0,
-                   help="the engines' reports are taken by a child process and applied in batches this long "
-                        "(less CPU on the deciding loop; a report reaches the core up to this much later); "
-                        "a negative value subscribes on the deciding loop instead")
+    p.add_argument("--feed-window-ms", type=float, default=-1.0,
+                   help="take the engines' reports in a child process and apply them in batches this long "
+                        "(less CPU on the deciding loop, more in all; a report reaches the core up to this much "
+                        "later); negative (the default): subscribe on the deciding loop")
     a = p.parse_args(argv)
     if a.transport is PickerTransport.EXT_AUTHZ and a.capture is not None:
         p.error("--capture needs --transport ext_proc (the output length is read from the response body)")

@@ -58,7 +58,7 @@ class GatewayOptions:
     transport: PickerTransport = PickerTransport.EXT_PROC  # EXT_AUTHZ: HTTP checks on http_port, the log on grpc_port
     http_port: int = 9003  # ext_authz checks, /health and /v1/models
     max_request_s: float = 660.0  # ext_authz: in flight this long without a log entry = the entry was lost
-    feed_window_s: float | None = 0.01  # engine reports via the relay child, batched this long; None: on this loop
+    feed_window_s: float | None = None  # engine reports via the relay child, batched this long; None: on this loop
 
 
 def shipped_tokenizer() -> Tokenize:

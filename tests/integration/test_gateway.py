@@ -167,6 +167,14 @@ def gateway(nats_server: ServerProcess, tmp_path: Path) -> Iterator[Gateway]:
     yield from _gateway(nats_server.url, tmp_path, 1)
 
 
+@pytest.fixture(params=["on_loop", "relay"])
+def gateway_feed(request: pytest.FixtureRequest, nats_server: ServerProcess, tmp_path: Path) -> Iterator[Gateway]:
+    """One picker taking the engines' reports on its deciding loop (the default), or through its feed relay
+    child (``--feed-window-ms``)."""
+    extra = ("--feed-window-ms", "10") if request.param == "relay" else ()
+    yield from _gateway(nats_server.url, tmp_path, 1, *extra)
+
+
 @pytest.fixture
 def gateway3(nats_server: ServerProcess, tmp_path: Path) -> Iterator[Gateway]:
     # a late engine report (loaded host) must not be mistaken for a picker failure: staleness bound 2 s
@@ -410,11 +418,13 @@ def test_openai_sdk_streams_through_the_gateway_unchanged(gateway: Gateway, engi
     assert "".join(pieces).strip()
 
 
-def test_forged_engine_reports_are_dead_lettered_and_routing_goes_on(gateway: Gateway, engines: list[Engine],
+def test_forged_engine_reports_are_dead_lettered_and_routing_goes_on(gateway_feed: Gateway, engines: list[Engine],
                                                                      nats_server: ServerProcess) -> None:
     from shared.bus.messages import ErrorEvent, decode
 
+    gateway = gateway_feed
     _wait_routable(gateway, len(engines))
+    streams_land_where_picked(gateway, engines, 2)
 
     async def forge() -> list[ErrorEvent]:
         nc = await nats.connect(nats_server.url)
