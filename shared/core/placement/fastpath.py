@@ -52,6 +52,20 @@ def score_positions(
                            cpu_claim=cpu_claim)
         return Decision(model=model.name, candidate=chosen, score=total, breakdown=breakdown,
                         candidates_considered=count)
+    return score_all_positions(snapshot, model, pos, ram_claim, strategy, profile, cpu_claim)
+
+
+def score_all_positions(
+    snapshot: ClusterSnapshot,
+    model: ModelSpec,
+    pos: Positions,
+    ram_claim: int,
+    strategy: str,
+    profile: Profile = DEFAULT_PROFILE,
+    cpu_claim: int = 0,
+) -> Decision | None:
+    """Every located candidate re-checked and scored in full, nothing kept from earlier decisions: the path
+    ``score_positions`` takes when its kept rows do not apply, and the reference its property tests hold it to."""
     mask = still_fitting(snapshot, pos, ram_claim, cpu_claim)
     count = int(np.count_nonzero(mask))
     if count == 0:

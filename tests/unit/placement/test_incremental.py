@@ -27,10 +27,10 @@ from shared.core.placement.domain import (
     ResourceRequest,
     Worker,
 )
-from shared.core.placement.fastpath import Positions, score_positions, still_fitting
+from shared.core.placement.fastpath import Positions, score_all_positions, score_positions
 from shared.core.placement.fitting import GpuBatch
 from shared.core.placement.lifecycle import instance_from_decision
-from shared.core.placement.pipeline import GpuFit, fit_gpus, requirements, run_filters, score_gpus
+from shared.core.placement.pipeline import fit_gpus, requirements, run_filters
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile, ScorerConfig
 from shared.core.placement.scorers import SCORERS
 from shared.core.placement.scorers.base import Scorer, SlotRows
@@ -44,12 +44,7 @@ VALUES = [0.0, -0.0, 0.5, 1.0, 1.0 + 2**-40, 1.0 - 2**-53, 2.5, 66.6666666666666
 def full_path(snap: ClusterSnapshot, model: ModelSpec, pos: Positions, ram: int, cpu: int, strategy: str,
               profile: Profile) -> Decision | None:
     """What ``score_positions`` computed before it kept anything: every candidate re-checked and scored."""
-    mask = still_fitting(snap, pos, ram, cpu)
-    count = int(np.count_nonzero(mask))
-    if count == 0:
-        return None
-    batch = GpuBatch(mask=mask, claims=pos.dense_claims, ram_claim=ram, count=count, cpu_claim=cpu)
-    return score_gpus(snap, model, GpuFit(strategy=strategy, batch=batch), profile)
+    return score_all_positions(snap, model, pos, ram, strategy, profile, cpu)
 
 
 def bits(d: Decision | None) -> object:
