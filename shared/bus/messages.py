@@ -55,6 +55,10 @@ from shared.core.placement.domain import (
 
 SCHEMA_VERSION = 1
 H = TypeVar("H", tuple[str, ...], tuple[FilterReport, ...], bytes)
+# Positions in a message's tables. A negative position would silently pick a row from the end (Python
+# indexing), so only the documented -1 ("inline") is accepted where inline values exist.
+Row = Annotated[int, msgspec.Meta(ge=0)]
+RowOrInline = Annotated[int, msgspec.Meta(ge=-1)]
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=False):
@@ -170,9 +174,9 @@ class FilteredModel(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One model's filter outcome inside a PlacementFiltered: its survivor set and its reports (by position
     in the message's tables; ``reports`` inline when ``report_set`` is -1)."""
 
-    survivors: int  # index into PlacementFiltered.survivor_sets
+    survivors: Row  # index into PlacementFiltered.survivor_sets
     reports: tuple[FilterReport, ...] = ()
-    report_set: int = -1  # index into PlacementFiltered.report_sets
+    report_set: RowOrInline = -1  # index into PlacementFiltered.report_sets
 
 
 class PlacementFiltered(Message, frozen=True, kw_only=True):
@@ -236,14 +240,14 @@ class FittedColumns(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     GPU masks and claims ``PlacementFitted.byte_sets[gpus_set]`` and ``[claims_set]`` (inline when -1)."""
 
     strategy: str
-    workers: int
+    workers: Row
     gpus: bytes = b""
     claim: int = 0
     claims: bytes = b""
     ram_claim: int = 0
     cpu_claim: int = 0  # milli-cores
-    gpus_set: int = -1
-    claims_set: int = -1
+    gpus_set: RowOrInline = -1
+    claims_set: RowOrInline = -1
 
 
 class PlacementFitted(Message, frozen=True, kw_only=True):
