@@ -203,6 +203,12 @@ class PlacementFiltered(Message, frozen=True, kw_only=True):
         }
         return cls(request=request, survivor_sets=survivors.rows(), filtered=filtered, report_sets=reports.rows())
 
+    def __post_init__(self) -> None:
+        # A position past its table is refused at decode (dead-lettered alone), not found later by the handler.
+        for m in self.filtered.values():
+            _in_table(m.survivors, self.survivor_sets, "survivors")
+            _in_table(m.report_set, self.report_sets, "report_set")
+
     def result(self, model: str) -> FilterResult | None:
         """The core's FilterResult of one model, or None if the model was not filtered here."""
         got = self.filtered.get(model)
@@ -210,6 +216,12 @@ class PlacementFiltered(Message, frozen=True, kw_only=True):
             return None
         reports = got.reports if got.report_set < 0 else self.report_sets[got.report_set]
         return FilterResult(model=model, survivors=self.survivor_sets[got.survivors], reports=reports)
+
+
+def _in_table(position: int, table: tuple[object, ...], field: str) -> None:
+    """Raise ValueError when ``position`` is past the end of ``table`` (-1, inline, is always in range)."""
+    if position >= len(table):
+        raise ValueError(f"{field} {position} is past the end of its table ({len(table)} rows)")
 
 
 class _Table(Generic[H]):
@@ -281,6 +293,13 @@ class PlacementFitted(Message, frozen=True, kw_only=True):
             for model, c in columns.items()
         }
         return cls(request=request, fitted=fitted, worker_sets=workers.rows(), columns=packed, byte_sets=blobs.rows())
+
+    def __post_init__(self) -> None:
+        # As in PlacementFiltered: every position within its table, checked at decode.
+        for c in self.columns.values():
+            _in_table(c.workers, self.worker_sets, "workers")
+            _in_table(c.gpus_set, self.byte_sets, "gpus_set")
+            _in_table(c.claims_set, self.byte_sets, "claims_set")
 
     def candidate_set(self, model: str) -> CandidateSet | None:
         """The core's CandidateSet of one model, or None if its candidates are not columns."""

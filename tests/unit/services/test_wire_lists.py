@@ -108,16 +108,17 @@ def test_a_filtered_message_with_inline_reports_still_reads() -> None:
     )
 
 
-@pytest.mark.parametrize("field, value", [("workers", -1), ("gpus_set", -2), ("claims_set", -5)])
-def test_a_fitted_table_position_below_its_range_is_refused_at_decode(field: str, value: int) -> None:
+@pytest.mark.parametrize("field, value", [("workers", -1), ("gpus_set", -2), ("claims_set", -5), ("workers", 1),
+                                          ("gpus_set", 9), ("claims_set", 2**40)])
+def test_a_fitted_table_position_out_of_range_is_refused_at_decode(field: str, value: int) -> None:
     raw = msgspec.json.decode(encode(fitted(column_set("a"))))
     raw["columns"]["a"][field] = value
     with pytest.raises(MessageError, match=field):
         decode(msgspec.json.encode(raw), PlacementFitted)
 
 
-@pytest.mark.parametrize("field, value", [("survivors", -1), ("report_set", -2)])
-def test_a_filtered_table_position_below_its_range_is_refused_at_decode(field: str, value: int) -> None:
+@pytest.mark.parametrize("field, value", [("survivors", -1), ("report_set", -2), ("survivors", 1), ("report_set", 7)])
+def test_a_filtered_table_position_out_of_range_is_refused_at_decode(field: str, value: int) -> None:
     request = PlacementRequest(batch_id="b", items=(), specs={})
     msg = PlacementFiltered.of(request, {"a": FilterResult(model="a", survivors=WORKERS, reports=())})
     raw = msgspec.json.decode(encode(msg))
