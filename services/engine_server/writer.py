@@ -118,11 +118,12 @@ class SocketWriter:
             return
         if len(fast) + len(pending) <= INLINE_MAX and self._idle_locked():
             try:
-                # the thread is idle: no backlog or death came since the sinks looked
+                # careful bursts: the thread may have given a connection a backlog (or lost its peer) after the
+                # sinks looked, while it sent an earlier batch; such a connection's chunk must queue behind it
                 if pending:
-                    rest = self._send_all_inline(burst(fast, False) + pending if fast else pending)
+                    rest = self._send_all_inline(burst(fast, True) + pending if fast else pending)
                 else:  # a decode step: only whole chunks; the careful path only for what did not go out whole
-                    rest = burst(fast, False)
+                    rest = burst(fast, True)
                     if rest:
                         rest = self._send_all_inline(rest)
             finally:
