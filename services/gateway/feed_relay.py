@@ -108,7 +108,11 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0)
     await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=taker(Kind.METRICS))
     await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=taker(Kind.KV))
     await nc.flush()
-    flush()  # ready: an empty frame
+    # ready: an empty frame. Not flush(): reports that arrived while subscribing are already pending, with
+    # their flush scheduled, and the picker discards the ready frame's contents.
+    view = memoryview(frame([]))
+    while view:
+        view = view[os.write(out_fd, view):]
     gone = asyncio.Event()
 
     class Watch(asyncio.Protocol):
