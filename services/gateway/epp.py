@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -116,10 +117,20 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         self.counters = Counters()
         self.capture = capture  # record routed requests as a replayable trace
         self.capturing: dict[str, Pending] = {}  # request id -> its trace line in the making
-        # request ids unique across replicas and restarts (a random 64-bit prefix per picker, then a count):
-        # a uuid4 per request cost a getrandom system call on every decision
+        # request ids unique across replicas and restarts (a random 64-bit prefix per picker, then a count) and
+        # not guessable from one another (a random 64-bit tail each: an id is what ends a request's books in
+        # the access-log transport). The tails come from a pool: a getrandom system call per decision cost more.
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count()
+        self._tails = b""
+        self._tail_at = 0
+
+    def _tail(self) -> str:
+        """64 fresh random bits, hex."""
+        if self._tail_at >= len(self._tails):
+            self._tails, self._tail_at = os.urandom(8 * 512), 0
+        self._tail_at += 8
+        return self._tails[self._tail_at - 8 : self._tail_at].hex()
 
     async def pick(self, body: bytes, headers: dict[str, str]) -> Picked | Refusal:
         """The decision on a complete request body, whatever the transport (``pick_now``, awaited when it
@@ -133,7 +144,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         flight until ``router.finished``; the caller flushes the router once its answer has left. (At once: an
         answer that needs no task costs the event loop no extra turns before it is written.)"""
         # the picker's own id: a client-chosen x-request-id could collide with another request in flight
-        rid = f"{headers.get(REQUEST_ID, '')[:64]}#{self._id_prefix}{next(self._ids):x}"
+        rid = f"{headers.get(REQUEST_ID, '')[:64]}#{self._id_prefix}{next(self._ids):x}-{self._tail()}"
         try:
             req, _stream = parse_request(rid, body, headers)
             if self.tokenize is not None:

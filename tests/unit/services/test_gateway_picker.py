@@ -252,6 +252,19 @@ async def test_two_requests_with_the_same_client_request_id_are_counted_apart() 
     assert router.state.endpoints["a"].inflight_requests == 1
 
 
+def test_a_request_id_cannot_be_guessed_from_the_one_before() -> None:
+    p, router = picker(report("a", 8001))
+    ids = []
+    for _ in range(600):  # past one pool of random tails
+        got = p.pick_now(chat(), {})
+        assert isinstance(got, Picked)
+        ids.append(got.decision.request_id)
+        router.finished(got.decision.request_id)
+    tails = [rid.rsplit("-", 1)[1] for rid in ids]
+    assert all(len(t) == 16 for t in tails)
+    assert len(set(tails)) == len(tails)  # 64 random bits each: a counter alone would give the next one away
+
+
 async def test_client_gone_mid_stream_still_finishes_the_request() -> None:
     p, router = picker(report("a", 8001))
     ex = Exchange(p)
