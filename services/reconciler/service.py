@@ -104,9 +104,9 @@ class Reconciler(PlacementService):
     consumes = CONSUMES
     emits = EMITS
     observes_stage = False  # the SLI is observed at the commit (_observe_commits), not per scored batch
-    # Most instance events are this service's own: its feed takes them as it sends them (``_publish_instances``,
-    # ``_cordon``, the writer's announcements) instead of decoding them again when the bus echoes them back.
-    hears_itself = False
+    # Its own events come back through the bus (``hears_itself``), in the server's order with other replicas'
+    # events: applied locally as sent, a removal could be overtaken by another replica's older RUNNING report
+    # still in flight, which would put the removed instance back in this replica's snapshot.
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self.specs: dict[str, ModelSpec] = {}
@@ -375,7 +375,8 @@ class Reconciler(PlacementService):
         await self.store.set_cordon(cmd.worker, cmd.cordoned, cmd.gpu_index)
         event = CordonEvent(worker=cmd.worker, cordoned=cmd.cordoned, gpu_index=cmd.gpu_index)
         await self.bus.publish(subjects.EVENT_CORDON, event)
-        self.feed.on_cordon(event)  # the bus does not echo our own events (hears_itself)
+        if not self.hears_itself:
+            self.feed.on_cordon(event)
         await raw.ack()
 
     async def _remove_worker(self, data: bytes, raw: Msg) -> None:
@@ -686,8 +687,8 @@ class Reconciler(PlacementService):
         for start in range(0, len(events), EVENTS_PER_MESSAGE):  # NATS messages are bounded
             batch = tuple(events[start : start + EVENTS_PER_MESSAGE])
             await self.bus.publish(subject, InstanceEvents(events=batch))
-            for ev in batch:  # as every other feed will, once sent (the bus does not echo them: hears_itself)
-                feed.on_instance(ev)
+            if not self.hears_itself:
+                feed.on_instances(batch)
 
     async def _publish_removed(self, instances: Iterable[Instance]) -> None:
         await self._publish_instances(instances, removed=True)
