@@ -83,16 +83,24 @@ def fitted(batch_id: str, model: str = "m", **changes: Any) -> PlacementFitted:
     return msgspec.structs.replace(msg, **changes)
 
 
-# Decodable fitting results that make the scoring handler raise: each is a real failure of its code path.
+def _past_the_table() -> bytes:
+    """Columns pointing past the shared worker lists (refused at decode; a constructed message cannot hold it)."""
+    ok = fitted("poison", fitted={}, worker_sets=(("w0",),),
+                columns={"m": FittedColumns(strategy="single_gpu", workers=0, gpus=b"\x01")})
+    raw = msgspec.json.decode(encode(ok))
+    raw["columns"]["m"]["workers"] = 7
+    return msgspec.json.encode(raw)
+
+
+# Fitting results scoring fails on, keyed by what their dead letter says: each a real failure of its code path
+# (the handler raising, or the decoder refusing).
 POISONS = {
-    "KeyError": fitted("poison", model="ghost"),  # an item whose model has no spec in the request
-    "IndexError": fitted(  # columns pointing past the shared worker lists
-        "poison", fitted={}, columns={"m": FittedColumns(strategy="single_gpu", workers=7, gpus=b"\x01")}
-    ),
-    "OverflowError": fitted(  # a claim no int64 holds
+    "KeyError": encode(fitted("poison", model="ghost")),  # an item whose model has no spec in the request
+    "past the end of its table": _past_the_table(),
+    "OverflowError": encode(fitted(  # a claim no int64 holds
         "poison", fitted={}, worker_sets=(("w0",),),
         columns={"m": FittedColumns(strategy="single_gpu", workers=0, gpus=b"\x01", claim=2**70)},
-    ),
+    )),
 }
 
 
@@ -108,7 +116,7 @@ async def test_a_fitting_result_scoring_fails_on_does_not_lose_the_valid_ones_of
     await stack.nc.subscribe(subjects.PLACEMENT_SCORED, cb=on_scored)
     await declare(stack)
     await publish(stack, subjects.PLACEMENT_FITTED, encode(fitted("valid-1")), "valid-1")
-    await publish(stack, subjects.PLACEMENT_FITTED, encode(POISONS[kind]), "poison")
+    await publish(stack, subjects.PLACEMENT_FITTED, POISONS[kind], "poison")
     await publish(stack, subjects.PLACEMENT_FITTED, encode(fitted("valid-2")), "valid-2")
     stack.start_service("scoring")
 
