@@ -39,9 +39,10 @@ CLI = "cli"
 FLEET = "workers"
 ENGINE = "engine_server"
 PICKER = "picker"
+GATEWAY = "gateway"  # the endpoint picker behind Envoy (services.gateway)
 WORKER_PREFIX = "worker-"
 WRITERS = ("reconciler",)
-READERS = ("filter", "fitting", "scoring", CLI)
+READERS = ("filter", "fitting", "scoring", CLI, GATEWAY)  # the gateway reads the instances once at start
 JS = "$JS.API"
 ADMIN_ONLY_API = (
     f"{JS}.STREAM.PURGE.>", f"{JS}.STREAM.DELETE.>", f"{JS}.STREAM.MSG.DELETE.>", f"{JS}.CONSUMER.DELETE.>",
@@ -157,6 +158,8 @@ def permissions(identity: str, contracts: dict[str, Contract] | None = None) -> 
         return contract_permissions(contracts[FLEET], declares_streams=False, identity=FLEET)
     if identity == ENGINE:
         return contract_permissions(contracts[ENGINE], declares_streams=False, identity=ENGINE)
+    if identity == GATEWAY:  # engine reports and instance events in, its dead letters out; no stream API
+        return contract_permissions(contracts[GATEWAY], declares_streams=False, identity=GATEWAY)
     if identity == PICKER:  # a request/reply service: it answers into its requesters' inboxes, nothing else
         base = contract_permissions(contracts[PICKER], declares_streams=False, identity=PICKER)
         return Permissions(base.publish, base.subscribe, base.deny_publish, responds=True)
@@ -179,7 +182,7 @@ def redis_rules(identity: str) -> str | None:
 
 
 PLACEMENT_ROLES = ("filter", "fitting", "scoring", "reconciler")
-ROLES = (ADMIN, CLI, *PLACEMENT_ROLES, FLEET, ENGINE, PICKER)
+ROLES = (ADMIN, CLI, *PLACEMENT_ROLES, FLEET, ENGINE, PICKER, GATEWAY)
 
 
 @dataclass

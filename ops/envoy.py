@@ -470,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--failure-mode", choices=[m.value for m in FailureMode], default=FailureMode.FAIL_CLOSE.value,
                    help="no picker answers: FailClose refuses the request, FailOpen sends it to a server of its "
                         "model chosen by Envoy (GIE endpointPickerRef.failureMode)")
+    p.add_argument("--base-id", type=int, default=None,
+                   help="Envoy's shared-memory id (default: the listen port, so Envoys on one host never clash)")
     a = p.parse_args(argv)
     o = EnvoyOptions(listen_port=a.listen_port, admin_port=a.admin_port, epp_port=tuple(a.epp_port),
                      eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
@@ -482,7 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = a.workdir / "envoy.json"
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
     binary = str(envoy_binary())
-    os.execv(binary, [binary, "-c", str(cfg), "--log-level", "warn", "--concurrency", "1"])
+    base_id = a.base_id if a.base_id is not None else a.listen_port
+    os.execv(binary, [binary, "-c", str(cfg), "--log-level", "warn", "--concurrency", "1", "--base-id", str(base_id)])
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""The local stack behind ``gantry up``: real NATS + Redis, the placement services, emulated workers.
+"""The local stack behind ``gantry up``: real NATS + Redis, the placement services, emulated workers, and
+(``gateway``) the gateway: Gantry's endpoint picker and Envoy in front of the workers' engine servers.
 
 Everything is a child process started from the same commands docker-compose runs
 (``services.SERVICE_COMMANDS``), configured through the same ``GANTRY_*`` environment variables.
 Server data and every process's log live under the project-local ``shared.paths.runtime_dir()``.
 Children run in their own sessions so that the launcher alone decides the shutdown order
-(workers, then services, then servers) and a Ctrl-C in the terminal reaches only the launcher; on
+(the gateway, then workers, then services, then servers) and a Ctrl-C in the terminal reaches only the launcher; on
 Linux they also get SIGTERM if the launcher itself dies, so nothing is ever left running.
 """
 
@@ -26,13 +27,24 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ops.auth import ADMIN, ENGINE, FLEET, AuthError, Credentials, TlsFiles, without_userinfo
-from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, ServerStartError, free_port, start_nats, start_redis
+from ops.servers import (
+    COLOCATED_NATS_CPUS,
+    ServerProcess,
+    ServerStartError,
+    free_port,
+    start_nats,
+    start_redis,
+    wait_for_port,
+)
 from shared.core.placement.domain import GIB
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
 
 PLACEMENT_SERVICES: tuple[str, ...] = ("filter", "fitting", "scoring", "reconciler")
 WORKERS_SERVICE = "workers"
+PICKER_CHILD = "gateway"  # the endpoint picker (python -m services.gateway, identity "gateway")
+ENVOY_CHILD = "envoy"
+GATEWAY_CHILDREN = (ENVOY_CHILD, PICKER_CHILD)  # stopped first, in this order: no new request, then no picker
 STATE_FILE = "stack.json"
 LOCK_FILE = "up.lock"
 
@@ -50,6 +62,7 @@ class WorkerFleet:
     gpu_type: str = "H100-SXM-80GB"
     labels: tuple[str, ...] = ()  # "key=value", given to every worker
     extra: tuple[str, ...] = ()  # more flags of the emulated-workers command (timings, name prefix)
+    engines: bool = False  # an emulated engine server per RUNNING instance (what the gateway routes to)
 
 
 @dataclass
@@ -99,6 +112,7 @@ def worker_argv(fleet: WorkerFleet, base: Sequence[str] | None = None) -> list[s
         "--gpu-product", fleet.gpu_type,
         "--vram-gib", f"{gpu_vram_gib(fleet.gpu_type):g}",
         *(arg for label in fleet.labels for arg in ("--label", label)),
+        *(["--engines"] if fleet.engines else []),
         *fleet.extra,
     ]
 
@@ -185,6 +199,35 @@ class StackLock:
             self._fd = None
 
 
+@dataclass(frozen=True)
+class GatewayPorts:
+    """Where a stack's gateway listens: Envoy's OpenAI endpoint and admin, the picker's ext_proc port, and the
+    endpoint file the picker writes for Envoy."""
+
+    listen: int
+    admin: int
+    picker: int
+    eds: Path
+
+    @property
+    def url(self) -> str:
+        """The OpenAI endpoint clients use."""
+        return f"http://127.0.0.1:{self.listen}"
+
+
+def picker_argv(ports: GatewayPorts) -> list[str]:
+    """The picker of a stack: its pool is placement's RUNNING instances; NATS and Redis URLs (with the
+    identity's credentials) come from the environment, out of ``ps``."""
+    return [sys.executable, "-m", "services.gateway", "--pool-source", "placement", "--eds-path", str(ports.eds),
+            "--grpc-port", str(ports.picker)]
+
+
+def envoy_argv(ports: GatewayPorts, workdir: Path) -> list[str]:
+    """Envoy with the generated config (``python -m ops.envoy`` writes it into ``workdir`` and execs Envoy)."""
+    return [sys.executable, "-m", "ops.envoy", "--listen-port", str(ports.listen), "--admin-port", str(ports.admin),
+            "--epp-port", str(ports.picker), "--eds-path", str(ports.eds), "--workdir", str(workdir)]
+
+
 @dataclass
 class LocalStack:
     """Starts and stops a whole stack; use as a context manager or call start()/stop().
@@ -214,6 +257,9 @@ class LocalStack:
     auth: bool = True  # servers of our own start with an identity per role (ops.auth); off: anyone connects
     credentials: Credentials | None = None  # the servers' identities (external servers: given by the caller)
     tls: bool = False  # NATS over TLS with the home's CA and certificate (ops.tls; generated on first use)
+    gateway: bool = False  # the picker and Envoy, started before the workers (which then need engines)
+    gateway_port: int = 0  # Envoy's listener (0: a free port)
+    gateway_ports: GatewayPorts | None = None
     _tls_files: TlsFiles | None = None
     _lock: StackLock | None = None
     _wrote_state: bool = False
@@ -228,8 +274,7 @@ class LocalStack:
         if self._lock is None:
             self._lock = StackLock(self.home)
         self._lock.acquire()
-        if not self.external_servers:
-            self.check_ports()
+        self.check_ports()
 
     def start(self) -> LocalStack:
         """Servers first, then services, then workers; on any failure, stop what started and raise."""
@@ -238,6 +283,8 @@ class LocalStack:
             if not self.external_servers:
                 self.start_servers()
             self.start_services()
+            if self.gateway:
+                self.start_gateway()
             if self.fleet.count > 0:
                 self.spawn(WORKERS_SERVICE, worker_argv(self.fleet, self.workers_command))
             self.write_state()
@@ -255,12 +302,41 @@ class LocalStack:
             # Workers register once at start: they must find the services already listening.
             asyncio.run(self.wait_services_ready())
 
+    def start_gateway(self, timeout: float = 30.0) -> GatewayPorts:
+        """The picker (pool from placement), then Envoy in front of it; returns once both listen."""
+        from ops.envoy import envoy_binary
+
+        try:
+            envoy_binary()  # a clear error before anything starts
+        except ServerStartError as err:
+            raise StackError(str(err)) from None
+        work = self.home / "gateway"
+        ports = GatewayPorts(listen=self.gateway_port or free_port(), admin=free_port(), picker=free_port(),
+                             eds=work / "eds" / "engines.json")
+        ports.eds.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # the last stack's engines are gone
+            ports.eds.unlink()
+        self.gateway_ports = ports
+        for name, argv, port in ((PICKER_CHILD, picker_argv(ports), ports.picker),
+                                 (ENVOY_CHILD, envoy_argv(ports, work / "envoy"), ports.listen)):
+            child = self.spawn(name, argv)
+            try:
+                wait_for_port(port, child.process, timeout, child.log_path)
+            except ServerStartError as err:
+                raise StackError(f"{name} did not start: {err}") from None
+        return ports
+
     def check_ports(self) -> None:
-        """StackError if NATS's or Redis's port is taken (another stack, most likely)."""
-        for what, port, env in (
-            ("NATS", url_port(self.settings.nats_url, 4222), "GANTRY_NATS_URL"),
-            ("Redis", url_port(self.settings.redis_url, 6379), "GANTRY_REDIS_URL"),
-        ):
+        """StackError if NATS's, Redis's or the gateway's port is taken (another stack, most likely)."""
+        wanted = []
+        if not self.external_servers:
+            wanted += [
+                ("NATS", url_port(self.settings.nats_url, 4222), "GANTRY_NATS_URL"),
+                ("Redis", url_port(self.settings.redis_url, 6379), "GANTRY_REDIS_URL"),
+            ]
+        if self.gateway and self.gateway_port:
+            wanted.append(("The gateway", self.gateway_port, "--gateway-port"))
+        for what, port, env in wanted:
             if port_in_use(port):
                 raise StackError(
                     f"{what} port {port} is already in use (another `gantry up`?); "
@@ -435,10 +511,13 @@ class LocalStack:
         return bool(self.nats and self.nats.alive() and self.redis and self.redis.alive())
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop workers, then services (SIGTERM, then SIGKILL after ``timeout``), then the servers."""
+        """Stop the gateway (Envoy, then the picker), workers, then services (SIGTERM, then SIGKILL after
+        ``timeout``), then the servers."""
+        gateway = [c for name in GATEWAY_CHILDREN for c in self.children if c.name == name]
         workers = [c for c in self.children if c.name == WORKERS_SERVICE]
-        services = [c for c in self.children if c.name != WORKERS_SERVICE]
-        for group in (workers, services):
+        services = [c for c in self.children if c not in gateway and c not in workers]
+        for group in ([c for c in gateway if c.name == ENVOY_CHILD], [c for c in gateway if c.name == PICKER_CHILD],
+                      workers, services):
             _terminate(group, timeout)
         if not self.external_servers:
             for server in (self.redis, self.nats):
@@ -470,6 +549,10 @@ class LocalStack:
             "servers": {s.name: s.process.pid for s in (self.nats, self.redis) if s is not None},
             "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()},
         }
+        if self.gateway_ports is not None:
+            g = self.gateway_ports
+            state["gateway"] = {"url": g.url, "envoy_admin": f"http://127.0.0.1:{g.admin}",
+                                "picker_grpc_port": g.picker, "eds": str(g.eds)}
         tmp = self.home / f".{STATE_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.home / STATE_FILE)  # readers never see half a file

@@ -23,6 +23,7 @@ from ops.cli.errors import CliError
 from ops.cli.web import WebView
 from ops.stack import (
     PLACEMENT_SERVICES,
+    GatewayPorts,
     LocalStack,
     StackError,
     WorkerFleet,
@@ -57,10 +58,19 @@ def up(
     exit_after: Annotated[
         float | None, typer.Option(help="stop cleanly after this many seconds (scripts, trials)")
     ] = None,
+    gateway: Annotated[
+        bool, typer.Option(help="the gateway: Envoy and Gantry's picker in front of an emulated engine server per "
+                                "RUNNING instance (--no-gateway: placement only)")
+    ] = True,
+    gateway_port: Annotated[
+        int, typer.Option(min=0, max=65535, envvar="GANTRY_GATEWAY_PORT",
+                          help="the gateway's OpenAI endpoint (Envoy's listener; 0: a free port)")
+    ] = 8080,
     nats_url: NatsUrlOpt = None,
     redis_url: RedisUrl = None,
 ) -> None:
-    """Start NATS, Redis, the four placement services and emulated workers; Ctrl-C stops everything."""
+    """Start NATS, Redis, the four placement services, emulated workers and the gateway; Ctrl-C stops
+    everything."""
     settings = load(nats_url, redis_url)
     if demo and workers == 0:
         raise CliError("--demo needs workers to place the demo models on: add --workers N", exit_code=2)
@@ -74,7 +84,8 @@ def up(
         except StackError as err:
             raise CliError(str(err), exit_code=2) from None
     home = runtime_dir()
-    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels), home=home, tls=tls)
+    stack = LocalStack(settings, WorkerFleet(workers, gpus, gpu_type, labels, engines=gateway), home=home, tls=tls,
+                       gateway=gateway, gateway_port=gateway_port)
     try:
         stack.preflight()  # the home's lock and free ports, before anything there is written or wiped
     except StackError as err:
@@ -96,7 +107,12 @@ def up(
     settings = stack.settings_for(CLI)  # credentials exist now (generated on the first `gantry up`)
     code = 0
     try:
-        out.print(f"services: {', '.join(PLACEMENT_SERVICES)}; workers: {workers} × {gpus} {gpu_type}")
+        out.print(f"services: {', '.join(PLACEMENT_SERVICES)}; workers: {workers} × {gpus} {gpu_type}"
+                  + (" (an engine server per RUNNING instance)" if gateway else ""))
+        if stack.gateway_ports is not None:
+            g = stack.gateway_ports
+            out.print(f"gateway: {g.url}/v1 (Envoy, admin :{g.admin}; picker on :{g.picker}, pool = RUNNING "
+                      f"instances)")
         asyncio.run(_foreground(stack, settings, out, workers, demo, exit_after))
     except KeyboardInterrupt:
         pass
@@ -146,7 +162,8 @@ async def _foreground(
         web = _start_web(settings, out)
         if demo:
             await _run_demo(stack, settings, redis, out)
-        out.print("Ctrl-C (or `gantry down`) stops everything; try `gantry top` in another terminal")
+        out.print("Ctrl-C (or `gantry down`) stops everything; try `gantry top` in another terminal"
+                  + (" and `gantry gateway --watch`" if stack.gateway_ports is not None else ""))
         await _status_loop(stack, settings, redis, out, started, exit_after)
     finally:
         if web is not None:
@@ -204,6 +221,26 @@ async def _run_demo(stack: LocalStack, settings: Settings, redis: aioredis.Redis
             gpus = ",".join(str(g) for g in inst.gpu_indexes)
             where = f"{inst.worker} GPU {gpus}" if inst.worker else inst.reason or "not placed"
             out.print(f"  {inst.model:<16} {inst.id:<28} {inst.state.value:<9} {where}")
+    if stack.gateway_ports is not None and specs:
+        model = max(specs, key=lambda s: s.replicas).name
+        await asyncio.to_thread(_demo_chat, stack.gateway_ports, model, out)
+
+
+def _demo_chat(ports: GatewayPorts, model: str, out: Console) -> None:
+    """Send one streamed chat completion through the gateway and say where Envoy routed it."""
+    from ops.gateway_routing import chat_once
+
+    url = ports.url
+    try:
+        routed = chat_once(url, model, eds=ports.eds, timeout=30)
+    except RuntimeError as err:
+        out.print(f"[yellow]gateway: {err}[/]")
+        return
+    out.print(f"gateway: a chat completion for {model} was routed to {routed.instance} ({routed.address}); "
+              f"the picker's choices: {routed.choices}")
+    out.print(f"  curl -sN {url}/v1/chat/completions -H 'content-type: application/json' "
+              f"-d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],"
+              f"\"stream\":true}}' -D - | grep -i x-gateway-destination-endpoint-served")
 
 
 async def _status_loop(

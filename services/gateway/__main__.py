@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,13 +13,21 @@ import uvloop
 from services.gateway.protocol import PickerTransport
 from services.gateway.service import Gateway, GatewayOptions
 from shared.core.routing import builtin_names
+from shared.core.routing.pool_source import PoolSource
 from shared.host.tasks import run_until_signalled
 
 
 def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     """Options from the command line."""
     p = argparse.ArgumentParser(prog="python -m services.gateway", description=__doc__)
-    p.add_argument("--nats-url", required=True)
+    p.add_argument("--nats-url", default=os.environ.get("GANTRY_NATS_URL"),
+                   help="default: $GANTRY_NATS_URL (how a stack passes it: a URL with credentials stays out of ps)")
+    p.add_argument("--pool-source", type=PoolSource, choices=list(PoolSource), default=PoolSource.ENGINES,
+                   help="engines: route to every engine that reports (a gateway without placement); placement: only "
+                        "to engines whose instance placement holds RUNNING (`gantry up`, compose)")
+    p.add_argument("--redis-url", default=os.environ.get("GANTRY_REDIS_URL"),
+                   help="the state store, read once at start with --pool-source placement (default: "
+                        "$GANTRY_REDIS_URL)")
     p.add_argument("--eds-path", required=True, type=Path, help="Envoy endpoint file to maintain")
     p.add_argument("--grpc-host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=9002)
@@ -40,13 +49,18 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                         "(less CPU on the deciding loop, more in all; a report reaches the core up to this much "
                         "later); negative (the default): subscribe on the deciding loop")
     a = p.parse_args(argv)
+    if not a.nats_url:
+        p.error("--nats-url or $GANTRY_NATS_URL is required")
+    if a.pool_source is PoolSource.PLACEMENT and not a.redis_url:
+        p.error("--pool-source placement needs --redis-url or $GANTRY_REDIS_URL")
     if a.transport is PickerTransport.EXT_AUTHZ and a.capture is not None:
         p.error("--capture needs --transport ext_proc (the output length is read from the response body)")
     return GatewayOptions(nats_url=a.nats_url, eds_path=a.eds_path, grpc_host=a.grpc_host, grpc_port=a.grpc_port,
                           profile=a.profile, expire_s=a.expire_s, seed=a.seed, staleness_s=a.staleness_s,
                           capture=a.capture, capture_salt=a.capture_salt, transport=a.transport,
                           http_port=a.http_port,
-                          feed_window_s=a.feed_window_ms / 1000 if a.feed_window_ms >= 0 else None)
+                          feed_window_s=a.feed_window_ms / 1000 if a.feed_window_ms >= 0 else None,
+                          pool_source=a.pool_source, redis_url=a.redis_url)
 
 
 def main(argv: list[str] | None = None) -> None:

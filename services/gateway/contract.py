@@ -4,18 +4,22 @@ docs/gateway.md)."""
 from __future__ import annotations
 
 from shared.bus import subjects
-from shared.bus.messages import EngineKVEvents, EngineMetrics, ErrorEvent
+from shared.bus.messages import EngineKVEvents, EngineMetrics, ErrorEvent, InstanceEvents
 from shared.host.contract import Consumes, Contract, Emits
 
 CONTRACT = Contract(
     service="gateway",
     description="Gantry's endpoint picker behind Envoy: routes each request with the routing core, keeping its "
-                "pool and load from the model servers' own reports (every replica reads every report).",
+                "pool and load from the model servers' own reports (every replica reads every report) and, with "
+                "the pool from placement, admitting only engines whose instance is RUNNING.",
     consumes=(
         Consumes(subjects.ENGINE_METRICS_ALL, EngineMetrics, "the pool (an engine joins with its first report, "
                  "leaves when silent) and each engine's load"),
         Consumes(subjects.ENGINE_KV_EVENTS_ALL, EngineKVEvents, "the precise prefix index; a gap in an engine's "
                  "numbering clears what is known of its cache"),
+        Consumes(subjects.EVENT_INSTANCE_ALL, InstanceEvents, "placement's instance changes (--pool-source "
+                 "placement): an engine is routable only while its instance is RUNNING; DRAINING or removed takes "
+                 "it out of the pool at once"),
     ),
     emits=(
         Emits(subjects.dead_letter("gateway"), ErrorEvent, "an engine report it rejected, and why"),

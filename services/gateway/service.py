@@ -34,9 +34,11 @@ from services.gateway.protocol import PickerTransport
 from services.gateway.request import Tokenize
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
+from shared.bus.messages import InstanceEvents
 from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, Router, RouterConfig, builtin_config
-from shared.host.engine_feed import EngineFeed, expire_forever, take_kv_events, take_metrics
+from shared.core.routing.pool_source import PoolSource
+from shared.host.engine_feed import EngineFeed, PlacedInstances, expire_forever, take_kv_events, take_metrics
 
 log = logging.getLogger("gantry.gateway")
 
@@ -59,6 +61,10 @@ class GatewayOptions:
     http_port: int = 9003  # ext_authz checks, /health and /v1/models
     max_request_s: float = 660.0  # ext_authz: in flight this long without a log entry = the entry was lost
     feed_window_s: float | None = None  # engine reports via the relay child, batched this long; None: on this loop
+    # PLACEMENT: route only to engines whose instance placement holds RUNNING (instance events on NATS, the
+    # state store read once at start through redis_url); ENGINES: every engine that reports
+    pool_source: PoolSource = PoolSource.ENGINES
+    redis_url: str | None = None
 
 
 def shipped_tokenizer() -> Tokenize:
@@ -117,7 +123,9 @@ class Gateway:
     def __init__(self, opts: GatewayOptions) -> None:
         self.opts = opts
         self.router = Router(router_config(opts.profile, opts.staleness_s), seed=opts.seed)
-        self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed, ip_only=True)
+        self.placed = PlacedInstances()
+        self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed, ip_only=True,
+                               source=opts.pool_source, placed=self.placed.placed)
         self.pool = self.feed.pool
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)
@@ -141,6 +149,30 @@ class Gateway:
     async def _on_kv(self, msg: Msg) -> None:
         assert self.bus is not None
         await take_kv_events(self.feed, self.bus, msg)
+
+    async def _on_instances(self, msg: Msg) -> None:
+        """Placement's instance events: a change of state can admit an engine or take it out of the pool."""
+        assert self.bus is not None
+        evs = await self.bus.decode_or_reject(msg.subject, msg.data, InstanceEvents)
+        if evs is not None and self.placed.apply(evs):
+            self.feed.placement_changed()
+
+    async def _follow_placement(self, nc: NATS) -> None:
+        """Subscribe to the instance events, then read the instances from the state store (events heard
+        meanwhile are applied after it, in order)."""
+        from shared.state.store import StateStore  # the engines-only picker needs no Redis client
+
+        if not self.opts.redis_url:
+            raise ValueError("--pool-source placement needs the state store's URL (--redis-url or GANTRY_REDIS_URL)")
+        await nc.subscribe(subjects.EVENT_INSTANCE_ALL, cb=self._on_instances)
+        await nc.flush()
+        store = StateStore.from_url(self.opts.redis_url)
+        try:
+            self.placed.load(await store.instances())
+        finally:
+            await store.close()
+        self.feed.placement_changed()
+        log.info("pool from placement: %d instances known", len(self.placed.placed))
 
     async def _on_relayed(self, batch: list[Relayed]) -> None:
         """One frame of the feed relay: each message as if it had arrived here (``at``: when the child took it)."""
@@ -168,6 +200,8 @@ class Gateway:
             write_eds(self.opts.eds_path, eds_document([], 0))
         nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1)
         self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
+        if self.opts.pool_source is PoolSource.PLACEMENT:
+            await self._follow_placement(nc)
         relay = await self._subscribe(nc)
         server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)

@@ -13,17 +13,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from shared.bus.messages import EngineKVEvents, EngineMetrics
+from shared.bus.messages import EngineKVEvents, EngineMetrics, InstanceEvents
 from shared.bus.runtime import Bus
 from shared.core.kv_events import AllBlocksCleared, KVEventBatch
 from shared.core.limits import MAX_POOL_ENDPOINTS
+from shared.core.placement.domain import Instance
 from shared.core.roles import NodeRole
 from shared.core.routing import Endpoint, EndpointMetrics, Router
+from shared.core.routing.pool_source import Placed, PoolSource, refusal
 
 log = logging.getLogger("gantry.picker")
 
@@ -98,27 +100,91 @@ class PoolView:
         return {ep.address: ep.id for ep in self.endpoints.values()}
 
 
+class PlacedInstances:
+    """Placement's instances as a picker follows them: (model, state) by instance id, from the state store at
+    start and the instance events after (each event carries the instance's whole record, in publish order)."""
+
+    def __init__(self) -> None:
+        self.placed: dict[str, Placed] = {}
+        self._buffer: list[InstanceEvents] | None = []  # events heard before the load ends, replayed after it
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the initial state has been read."""
+        return self._buffer is None
+
+    def load(self, instances: Iterable[Instance]) -> None:
+        """The state store's instances, then the events heard while reading them, in order: the store is
+        written before an event is published, so the last buffered event of an instance is never older than
+        what was read."""
+        self.placed.clear()  # in place: the feed holds this mapping
+        self.placed.update((i.id, Placed(i.model, i.state)) for i in instances)
+        buffered, self._buffer = self._buffer or [], None
+        for evs in buffered:
+            self.apply(evs)
+
+    def apply(self, evs: InstanceEvents) -> bool:
+        """One message of instance events; True when some instance's model or state changed (buffered, and
+        False, before the load)."""
+        if self._buffer is not None:
+            self._buffer.append(evs)
+            return False
+        changed = False
+        for ev in evs.events:
+            iid = ev.instance.id
+            if ev.removed:
+                changed |= self.placed.pop(iid, None) is not None
+                continue
+            now = Placed(ev.instance.model, ev.instance.state)
+            if self.placed.get(iid) != now:
+                self.placed[iid] = now
+                changed = True
+        return changed
+
+
 class EngineFeed:
-    """The pool view and the router it feeds; ``on_pool`` hears of every change of the endpoint set."""
+    """The pool view and the router it feeds; ``on_pool`` hears of every change of the routable endpoint set.
+
+    With ``source`` PLACEMENT, an engine that reports is routable only while ``placed`` (kept current by the
+    owner, who calls ``placement_changed`` after each change) holds its instance RUNNING for its model
+    (``shared.core.routing.pool_source``); the rest stay in ``pool`` (their reports and KV numbering are
+    followed) but not in the router nor in ``addresses``.
+    """
 
     def __init__(self, router: Router, expire_s: float = 3.0,
-                 on_pool: Callable[[list[Endpoint]], None] | None = None, ip_only: bool = False) -> None:
+                 on_pool: Callable[[list[Endpoint]], None] | None = None, ip_only: bool = False,
+                 source: PoolSource = PoolSource.ENGINES, placed: Mapping[str, Placed] | None = None) -> None:
         self.router = router
         # Envoy's file-based EDS takes IP addresses only, and one host name in the file makes it reject the
         # whole update (the pool then freezes for every engine): the gateway admits IP literals only
         self.ip_only = ip_only
         self.pool = PoolView(expire_s=expire_s)
         self.on_pool = on_pool
-        self.addresses: dict[str, str] = {}  # endpoint id → host:port
+        self.source = source
+        self.placed: Mapping[str, Placed] = placed if placed is not None else {}
+        self.addresses: dict[str, str] = {}  # routable endpoint id → host:port
+        self.routable: list[Endpoint] = []
         self._kv_seq: dict[str, int] = {}  # next KV message number expected per instance
 
+    def _admitted(self) -> list[Endpoint]:
+        return [e for e in self.pool.endpoints.values()
+                if refusal(self.source, e.id, e.model, self.placed) is None]
+
     def _changed(self) -> None:
-        eps = list(self.pool.endpoints.values())
+        eps = self._admitted()
+        if eps == self.routable:
+            return
+        self.routable = eps
         self.router.set_endpoints(eps)
         self.addresses = {e.id: e.address for e in eps}
         log.info("pool: %s", sorted(self.addresses.items()))
         if self.on_pool is not None:
             self.on_pool(eps)
+
+    def placement_changed(self) -> None:
+        """Placement's instances changed: admit and drop engines accordingly (a DRAINING instance leaves at
+        once; its requests in flight stay booked until they end)."""
+        self._changed()
 
     def on_metrics(self, m: EngineMetrics, now: float) -> None:
         """An engine's state report; raises ValueError (nothing changed) when its URL has no host:port (or no IP
