@@ -459,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m ops.envoy``: write the config for a running picker (or several) and exec Envoy."""
     p = argparse.ArgumentParser(prog="python -m ops.envoy", description="Envoy in front of Gantry's picker")
     p.add_argument("--listen-port", type=int, default=8080)
+    p.add_argument("--listen-host", default="127.0.0.1", help="0.0.0.0 in a container whose port is published")
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--epp-port", type=int, action="append", required=True,
                    help="a picker's gRPC port, or with --transport ext_authz its HTTP port (repeat)")
@@ -474,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="Envoy's shared-memory id (default: the listen port, so Envoys on one host never clash)")
     a = p.parse_args(argv)
     o = EnvoyOptions(listen_port=a.listen_port, admin_port=a.admin_port, epp_port=tuple(a.epp_port),
-                     eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
+                     listen_host=a.listen_host, eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
                      access_log=(a.workdir / "access.log").resolve(), transport=PickerTransport(a.transport),
                      als_port=tuple(a.als_port))
     if o.transport is PickerTransport.EXT_AUTHZ and len(o.als_ports) != len(o.epp_ports):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -15,19 +14,21 @@ from services.gateway.service import Gateway, GatewayOptions
 from shared.core.routing import builtin_names
 from shared.core.routing.pool_source import PoolSource
 from shared.host.tasks import run_until_signalled
+from shared.settings import load_settings
 
 
 def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     """Options from the command line."""
     p = argparse.ArgumentParser(prog="python -m services.gateway", description=__doc__)
-    p.add_argument("--nats-url", default=os.environ.get("GANTRY_NATS_URL"),
-                   help="default: $GANTRY_NATS_URL (how a stack passes it: a URL with credentials stays out of ps)")
+    p.add_argument("--nats-url", default=None,
+                   help="default: the GANTRY_* settings' (GANTRY_NATS_URL, with GANTRY_IDENTITY's secret from the "
+                        "credentials file: how a stack and compose pass it, out of ps)")
     p.add_argument("--pool-source", type=PoolSource, choices=list(PoolSource), default=PoolSource.ENGINES,
                    help="engines: route to every engine that reports (a gateway without placement); placement: only "
                         "to engines whose instance placement holds RUNNING (`gantry up`, compose)")
-    p.add_argument("--redis-url", default=os.environ.get("GANTRY_REDIS_URL"),
-                   help="the state store, read once at start with --pool-source placement (default: "
-                        "$GANTRY_REDIS_URL)")
+    p.add_argument("--redis-url", default=None,
+                   help="the state store, read once at start with --pool-source placement (default: the GANTRY_* "
+                        "settings', as --nats-url)")
     p.add_argument("--eds-path", required=True, type=Path, help="Envoy endpoint file to maintain")
     p.add_argument("--grpc-host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=9002)
@@ -49,10 +50,10 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                         "(less CPU on the deciding loop, more in all; a report reaches the core up to this much "
                         "later); negative (the default): subscribe on the deciding loop")
     a = p.parse_args(argv)
-    if not a.nats_url:
-        p.error("--nats-url or $GANTRY_NATS_URL is required")
-    if a.pool_source is PoolSource.PLACEMENT and not a.redis_url:
-        p.error("--pool-source placement needs --redis-url or $GANTRY_REDIS_URL")
+    if a.nats_url is None or (a.pool_source is PoolSource.PLACEMENT and a.redis_url is None):
+        settings = load_settings()  # only when a URL is missing: a gateway given both reads no settings
+        a.nats_url = a.nats_url or settings.nats_url
+        a.redis_url = a.redis_url or settings.redis_url
     if a.transport is PickerTransport.EXT_AUTHZ and a.capture is not None:
         p.error("--capture needs --transport ext_proc (the output length is read from the response body)")
     return GatewayOptions(nats_url=a.nats_url, eds_path=a.eds_path, grpc_host=a.grpc_host, grpc_port=a.grpc_port,

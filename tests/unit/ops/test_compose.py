@@ -18,7 +18,18 @@ import pytest
 import yaml
 
 from ops.auth import COMPOSE_FILES, permissions, write_compose_secrets
-from ops.stack import PLACEMENT_SERVICES, WORKERS_SERVICE, LocalStack, WorkerFleet, worker_argv
+from ops.stack import (
+    ENVOY_CHILD,
+    PICKER_CHILD,
+    PLACEMENT_SERVICES,
+    WORKERS_SERVICE,
+    GatewayPorts,
+    LocalStack,
+    WorkerFleet,
+    envoy_argv,
+    picker_argv,
+    worker_argv,
+)
 from services import SERVICE_COMMANDS, WORKERS_COMMAND
 from shared.paths import REPO_ROOT
 from shared.settings import Settings
@@ -49,7 +60,7 @@ METRICS_PROFILE = {"prometheus", "grafana"}
 
 def test_compose_declares_servers_placement_services_and_workers(compose: dict[str, Any]) -> None:
     default = {name for name, svc in compose["services"].items() if not svc.get("profiles")}
-    assert default == {"credentials", "nats", "redis", *GANTRY_SERVICES}
+    assert default == {"credentials", "nats", "redis", *GANTRY_SERVICES, PICKER_CHILD, ENVOY_CHILD}
 
 
 def test_the_metrics_profile_adds_prometheus_and_grafana_only(compose: dict[str, Any]) -> None:
@@ -68,6 +79,7 @@ def test_workers_command_is_the_one_gantry_up_runs_for_the_same_fleet(compose: d
         count=int(command[command.index("--count") + 1]),
         gpus=int(command[command.index("--gpus") + 1]),
         gpu_type=command[command.index("--gpu-product") + 1],
+        engines="--engines" in command,
     )
     expected = worker_argv(fleet, WORKERS_COMMAND)
     assert command == ["python", *expected[1:]]
@@ -255,6 +267,43 @@ def test_the_start_order_has_no_cycle(compose: dict[str, Any]) -> None:
         for name in ready:
             del pending[name]
     assert order.index(WORKERS_SERVICE) > max(order.index(s) for s in PLACEMENT_SERVICES)
+
+
+# -- the gateway: the picker and Envoy, as `gantry up` starts them ------------------------------------------------
+
+
+def flags(argv: list[str]) -> dict[str, str]:
+    """``--name value`` pairs of a command line."""
+    return {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--") and not argv[i + 1].startswith("--")}
+
+
+def test_the_gateway_services_run_the_commands_gantry_up_runs(compose: dict[str, Any]) -> None:
+    ports = GatewayPorts(listen=8080, admin=9901, picker=9002, eds=Path("/eds/engines.json"))
+    for name, ours in ((PICKER_CHILD, picker_argv(ports)), (ENVOY_CHILD, envoy_argv(ports, Path("/tmp/envoy")))):
+        command = compose["services"][name]["command"]
+        assert command[:3] == ["python", "-m", ours[2]]
+        spec = importlib.util.find_spec(command[2])
+        assert spec is not None, f"{command[2]} is not importable"
+        theirs = flags(command)
+        theirs.pop("--listen-host", None)  # in a container Envoy listens on every interface of its namespace
+        assert theirs == flags(ours)
+
+
+def test_the_picker_speaks_as_the_gateway_identity_and_takes_its_pool_from_placement(compose: dict[str, Any]) -> None:
+    env = env_of(compose, PICKER_CHILD)
+    assert env["GANTRY_IDENTITY"] == "gateway" and permissions("gateway").subscribe
+    assert flags(compose["services"][PICKER_CHILD]["command"])["--pool-source"] == "placement"
+    assert "--engines" in compose["services"][WORKERS_SERVICE]["command"]
+
+
+def test_the_gateway_lives_in_the_workers_network_namespace_and_starts_after_them(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in (PICKER_CHILD, ENVOY_CHILD):
+        assert services[name]["network_mode"] == f"service:{WORKERS_SERVICE}"  # engines and picker on loopback
+        assert "gantry-eds:/eds" in services[name]["volumes"]
+    assert depends(compose, PICKER_CHILD)[WORKERS_SERVICE] == "service_healthy"
+    assert depends(compose, ENVOY_CHILD) == {PICKER_CHILD: "service_healthy"}
+    assert "127.0.0.1:8080:8080" in services[WORKERS_SERVICE]["ports"]
 
 
 def test_a_default_service_never_waits_on_a_profiled_one(compose: dict[str, Any]) -> None:
