@@ -47,6 +47,7 @@ ENVOY_CHILD = "envoy"
 GATEWAY_CHILDREN = (ENVOY_CHILD, PICKER_CHILD)  # stopped first, in this order: no new request, then no picker
 STATE_FILE = "stack.json"
 LOCK_FILE = "up.lock"
+ENGINE_NATS_URL_ENV = "GANTRY_ENGINE_NATS_URL"  # read by ``python -m services.workers --engines``
 
 
 class StackError(RuntimeError):
@@ -483,6 +484,9 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         env = self.child_env(identity_of(argv))
+        if identity_of(argv) == FLEET and "--engines" in argv and self.credentials is not None:
+            # its engine servers publish as the engine identity: the fleet lends them that, never its own
+            env[ENGINE_NATS_URL_ENV] = self.credentials.url(self.settings.nats_url, ENGINE)
         if name in self.services or name.rsplit("-", 1)[0] in self.services:  # "scoring" or "scoring-1"
             env["GANTRY_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
         with log.open("ab") as out:

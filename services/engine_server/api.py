@@ -239,6 +239,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
         return {
             "model_path": info.model_path, "tokenizer_path": info.model_path,
             "served_model_name": info.served_model_name, "emulated_model": info.catalog_model,
+            "instance_id": info.instance_id,
             "gpu": info.gpu, "tp_size": info.tp, "dp_size": 1, "speedup": info.speedup,
             "context_length": info.max_model_len, "page_size": cfg.block_size,
             "max_total_num_tokens": (cfg.num_gpu_blocks - 1) * cfg.block_size,

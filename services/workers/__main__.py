@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
+import signal
+from urllib.parse import urlsplit, urlunsplit
 
 import uvloop
 
@@ -30,14 +34,49 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
     p.add_argument("--download-delay", type=float, default=0.5, help="seconds until model files are READY")
     p.add_argument("--start-delay", type=float, default=0.2, help="seconds SCHEDULED → RUNNING")
     p.add_argument("--ready-file", action="append", default=[], help="model source already on disk")
+    p.add_argument("--engines", action="store_true",
+                   help="run an emulated engine server per instance (RUNNING once it answers; drains for real)")
+    p.add_argument("--engine-nats-url", default=os.environ.get(ENGINE_NATS_URL_ENV) or None,
+                   help=f"NATS URL the engine servers publish on, as the engine identity (default "
+                        f"${ENGINE_NATS_URL_ENV}, else the fleet's NATS server without the fleet's credentials)")
+    p.add_argument("--engine-start-timeout", type=float, default=30.0, help="seconds a server has to answer /health")
+    p.add_argument("--drain-settle", type=float, default=1.0,
+                   help="seconds a drain lasts at least (requests routed just before it may still arrive)")
+    p.add_argument("--engine-arg", action="append", default=[],
+                   help="one more engine server flag, e.g. --engine-arg=--speedup=4 (repeatable)")
     a = p.parse_args(argv)
     labels = dict(kv.split("=", 1) for kv in a.label)
     return FleetConfig(
         count=a.count, prefix=a.prefix, start_index=a.start_index, gpus=a.gpus, gpu_product=a.gpu_product,
         gpu_vendor=a.gpu_vendor, vram_gib=a.vram_gib, ram_gib=a.ram_gib, labels=labels, cluster=a.cluster,
         heartbeat_interval_s=a.heartbeat_interval, download_delay_s=a.download_delay,
-        start_delay_s=a.start_delay, ready_files=tuple(a.ready_file),
+        start_delay_s=a.start_delay, ready_files=tuple(a.ready_file), engines=a.engines,
+        engine_nats_url=a.engine_nats_url or without_credentials(settings.nats_url),
+        engine_start_timeout_s=a.engine_start_timeout, drain_settle_s=a.drain_settle, engine_args=tuple(a.engine_arg),
     )
+
+
+ENGINE_NATS_URL_ENV = "GANTRY_ENGINE_NATS_URL"
+"""Where ``gantry up`` puts the engine identity's NATS URL for a fleet started with ``--engines``."""
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without any user and password in it (the fleet never lends its own identity to its servers)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=host))
+
+
+async def _run(cfg: FleetConfig, url: str, options: dict[str, object]) -> None:
+    """Run the fleet; with engines, SIGTERM cancels it so that it stops its servers on the way out."""
+    task = asyncio.ensure_future(run_fleet(cfg, url, options))
+    if cfg.engines:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     cfg = parse(argv)
     settings = load_settings()
-    uvloop.run(run_fleet(cfg, settings.nats_url, nats_options(settings)))
+    uvloop.run(_run(cfg, settings.nats_url, nats_options(settings)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ Each worker registers its inventory, heartbeats on core NATS (usage = what its i
 model files READY after a download delay, and drives assigned (SCHEDULED) instances to STARTING, then RUNNING;
 it reports DRAINING instances idle right away (an emulated server has no requests) and deletes instances
 on command. One wildcard subscription serves every worker, so a thousand workers cost one connection.
+
+With ``engines`` on, each instance gets a real emulated engine server (``services.workers.engines``): it is
+RUNNING only once its server answers, ERROR when its server fails to start or dies, idle while DRAINING only
+once its engine has nothing in flight, and its server is stopped when it is deleted or the fleet exits.
+Off (the default), nothing of that is loaded or run.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.aio.client import Client
@@ -39,6 +44,9 @@ from shared.bus.messages import (
 from shared.bus.runtime import js_publish
 from shared.core.placement.domain import GIB, Gpu, GpuUsage, InstanceState, ModelFileState, Worker
 
+if TYPE_CHECKING:
+    from services.workers.engines import EngineSupervisor
+
 log = logging.getLogger("gantry.workers")
 
 
@@ -61,6 +69,11 @@ class FleetConfig:
     download_delay_s: float = 0.5
     start_delay_s: float = 0.2
     ready_files: tuple[str, ...] = ()  # model sources already on disk at start
+    engines: bool = False  # run an emulated engine server per instance
+    engine_nats_url: str | None = None  # the engine identity's NATS URL, handed to the servers
+    engine_start_timeout_s: float = 30.0
+    drain_settle_s: float = 1.0  # a drain younger than this is never idle (requests routed before it may arrive)
+    engine_args: tuple[str, ...] = ()  # more engine server flags
 
 
 @dataclass
@@ -135,6 +148,20 @@ class Fleet:
         self._outbox: dict[str, tuple[list[InstanceStatus], asyncio.Future[None]]] = {}
         # (worker, source) -> set once a download under way is over (those needing the file wait on it)
         self._downloads: dict[tuple[str, str], asyncio.Event] = {}
+        self.engines: EngineSupervisor | None = self._engines() if cfg.engines else None
+
+    def _engines(self) -> EngineSupervisor:
+        # imported here: a fleet without engines (the placement benchmark's thousand workers) loads none of it
+        from services.workers.engines import EngineOptions, EngineSupervisor
+
+        opts = EngineOptions(nats_url=self.cfg.engine_nats_url, start_timeout_s=self.cfg.engine_start_timeout_s,
+                             extra_args=self.cfg.engine_args)
+        return EngineSupervisor(opts, self._engine_exited)
+
+    async def close(self) -> None:
+        """Stop every engine server the fleet started (the fleet is exiting)."""
+        if self.engines is not None:
+            await self.engines.stop_all()
 
     async def start(self) -> None:
         """Subscribe to worker commands and register every worker."""
@@ -264,7 +291,51 @@ class Fleet:
         await asyncio.sleep(self.cfg.start_delay_s / 2)
         insts = await self._advance(w, insts, InstanceState.STARTING)
         await asyncio.sleep(self.cfg.start_delay_s / 2)
+        if self.engines is not None:
+            insts = await self._start_engines(w, insts)
         await self._advance(w, insts, InstanceState.RUNNING)
+
+    async def _start_engines(self, w: EmulatedWorker, insts: list[EmulatedInstance]) -> list[EmulatedInstance]:
+        """Start the instances' servers together; returns those that answer (the others are reported ERROR,
+        which the planner replaces). An instance deleted meanwhile has its server stopped again."""
+        assert self.engines is not None
+        from services.workers.engine_policy import engine_spec_args
+
+        live = [inst for inst in insts if w.instances.get(inst.id) is inst]
+        product, engines = w.worker.gpus[0].product if w.worker.gpus else "", self.engines
+        outcomes = await asyncio.gather(
+            *(engines.start(i.id, i.model, engine_spec_args(i.model, i.source, product, len(i.gpu_indexes)))
+              for i in live),
+            return_exceptions=True,
+        )
+        up, failed = [], []
+        for inst, outcome in zip(live, outcomes, strict=True):
+            if w.instances.get(inst.id) is not inst:  # deleted while its server started
+                await engines.stop(inst.id)
+            elif isinstance(outcome, BaseException):
+                log.warning("worker %s: instance %s failed to start: %s", w.worker.name, inst.id, outcome)
+                inst.state = InstanceState.ERROR
+                failed.append(InstanceStatus(instance_id=inst.id, worker=w.worker.name, state=inst.state,
+                                             message=f"engine server: {outcome}"[:200]))
+            else:
+                up.append(inst)
+        if failed:
+            await self._report(w, failed)
+        return up
+
+    async def _engine_exited(self, instance_id: str, code: int) -> None:
+        """A server stopped on its own: its instance is ERROR (while DRAINING: idle, nothing is in flight)."""
+        for w in self.workers.values():
+            inst = w.instances.get(instance_id)
+            if inst is None:
+                continue
+            log.warning("worker %s: engine server of %s exited with code %s", w.worker.name, instance_id, code)
+            if inst.state is InstanceState.DRAINING:
+                return  # its drain sees the server gone and reports it idle
+            inst.state = InstanceState.ERROR
+            await self._report(w, [InstanceStatus(instance_id=inst.id, worker=w.worker.name, state=inst.state,
+                                                  message=f"engine server exited with code {code}")])
+            return
 
     async def _advance(
         self, w: EmulatedWorker, insts: list[EmulatedInstance], state: InstanceState
@@ -303,12 +374,31 @@ class Fleet:
         if inst is None:
             return
         inst.state = InstanceState.DRAINING
+        if self.engines is not None and self.engines.running(inst.id):
+            await self._wait_drained(w, inst)
+            if w.instances.get(inst.id) is not inst or inst.state is not InstanceState.DRAINING:
+                return  # deleted (the drain timed out) meanwhile
         await self._report(w, [InstanceStatus(instance_id=inst.id, worker=w.worker.name, state=inst.state, idle=True)])
+
+    async def _wait_drained(self, w: EmulatedWorker, inst: EmulatedInstance) -> None:
+        """Until the instance's engine has nothing in flight (polling its /metrics), it stops, or the instance
+        is deleted."""
+        assert self.engines is not None
+        from services.workers.engine_policy import drain_idle
+
+        since = time.monotonic()
+        while w.instances.get(inst.id) is inst and self.engines.running(inst.id):
+            load = await self.engines.load(inst.id)
+            if drain_idle(load, time.monotonic() - since, self.cfg.drain_settle_s):
+                return
+            await asyncio.sleep(self.engines.opts.poll_interval_s)
 
     async def _delete(self, w: EmulatedWorker, cmd: DeleteInstance) -> None:
         inst = w.instances.pop(cmd.instance_id, None)
         if inst is not None:
             w.changed()
+            if self.engines is not None:
+                await self.engines.stop(inst.id)
             await self._report(w, [InstanceStatus(instance_id=inst.id, worker=w.worker.name, state=inst.state,
                                                   deleted=True)])
 
@@ -331,7 +421,9 @@ def _tag(msg: InstanceStatus) -> str:
 async def run_fleet(cfg: FleetConfig, nats_url: str, options: dict[str, Any] | None = None) -> None:
     """Connect (with ``options``: TLS, see ``shared.bus.runtime.nats_options``) and run the fleet until cancelled."""
     nc = await nats.connect(nats_url, max_reconnect_attempts=-1, pending_size=64 * 1024 * 1024, **(options or {}))
+    fleet = Fleet(cfg, nc)
     try:
-        await Fleet(cfg, nc).run()
+        await fleet.run()
     finally:
+        await fleet.close()
         await nc.close()

@@ -1,0 +1,201 @@
+"""The emulated engine servers a fleet runs for its instances (``python -m services.workers --engines``).
+
+One ``python -m services.engine_server`` process per instance, on a free loopback port, publishing on NATS
+as the engine identity (the fleet hands its servers the engine's credentials, never its own). The fleet talks
+to its servers over loopback HTTP only: /health to know a server is up, /metrics (vLLM's names) to know a
+draining one has nothing in flight. Each server is its own session and gets SIGTERM if the fleet dies
+(Linux ``PR_SET_PDEATHSIG``), so a killed fleet leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from services.workers.engine_policy import EngineLoad, parse_load
+
+log = logging.getLogger("gantry.workers.engines")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+# Loaded once here: the pre-exec hook makes a single foreign call in the forked child (nothing that locks).
+_LIBC = _load_libc()
+
+
+def _die_with_fleet() -> None:
+    """Runs in the server's process before exec: SIGTERM it when the fleet dies."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def http_get(port: int, path: str, timeout_s: float) -> tuple[int, bytes]:
+    """GET ``path`` on a loopback port: (status, body). Raises OSError/TimeoutError when nothing answers."""
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            data = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise OSError(f"not an HTTP answer from port {port}") from None
+    return status, body
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the fleet runs its servers."""
+
+    nats_url: str | None = None  # the engine identity's URL (None: the servers do not publish)
+    start_timeout_s: float = 30.0  # longest a server may take to answer /health
+    stop_grace_s: float = 5.0  # SIGTERM, then SIGKILL after this
+    poll_interval_s: float = 0.2  # /health while starting, /metrics while draining
+    extra_args: tuple[str, ...] = ()  # more server flags (e.g. --speedup)
+
+
+@dataclass
+class EngineServer:
+    """One running server process."""
+
+    instance_id: str
+    port: int
+    process: asyncio.subprocess.Process
+    stopping: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def url(self) -> str:
+        """Its base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def exited(self) -> bool:
+        """True once the process has exited (and been reaped)."""
+        return self.process.returncode is not None
+
+
+class EngineSupervisor:
+    """Starts, watches and stops the servers of a fleet's instances."""
+
+    def __init__(self, opts: EngineOptions, on_exit: Callable[[str, int], Awaitable[None]]) -> None:
+        self.opts = opts
+        self.servers: dict[str, EngineServer] = {}
+        self._on_exit = on_exit  # (instance id, exit code) of a server that stopped without being asked to
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    def argv(self, instance_id: str, served_model_name: str, port: int, spec: list[str]) -> list[str]:
+        """The server's command line."""
+        argv = [sys.executable, "-m", "services.engine_server", "--host", "127.0.0.1", "--port", str(port),
+                "--instance-id", instance_id, "--served-model-name", served_model_name,
+                "--disable-uvicorn-access-log", *spec, *self.opts.extra_args]
+        if self.opts.nats_url:
+            argv += ["--nats-url", self.opts.nats_url]
+        return argv
+
+    async def start(self, instance_id: str, served_model_name: str, spec: list[str]) -> EngineServer:
+        """Start the instance's server and wait until it answers /health; on failure the process is stopped
+        and RuntimeError says why."""
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            *self.argv(instance_id, served_model_name, port, spec),
+            stdin=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_fleet,
+        )
+        server = EngineServer(instance_id, port, proc)
+        self.servers[instance_id] = server
+        try:
+            await self._wait_healthy(server)
+        except BaseException:
+            await self.stop(instance_id)
+            raise
+        watcher = asyncio.ensure_future(self._watch(server))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        return server
+
+    async def _wait_healthy(self, server: EngineServer) -> None:
+        deadline = time.monotonic() + self.opts.start_timeout_s
+        while True:
+            if server.exited:
+                raise RuntimeError(f"engine server exited with code {server.process.returncode} at start-up")
+            with contextlib.suppress(OSError, TimeoutError):
+                status, _ = await http_get(server.port, "/health", 2.0)
+                if status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"engine server did not answer /health within {self.opts.start_timeout_s:g} s")
+            await asyncio.sleep(min(0.05, self.opts.poll_interval_s))
+
+    async def _watch(self, server: EngineServer) -> None:
+        code = await server.process.wait()
+        if self.servers.get(server.instance_id) is server and not server.stopping:
+            del self.servers[server.instance_id]
+            await self._on_exit(server.instance_id, code)
+
+    async def load(self, instance_id: str) -> EngineLoad | None:
+        """The server's running and waiting counts from its /metrics; None when it does not answer."""
+        server = self.servers.get(instance_id)
+        if server is None or server.exited:
+            return None
+        try:
+            status, body = await http_get(server.port, "/metrics", 2.0)
+        except (OSError, TimeoutError):
+            return None
+        return parse_load(body.decode(errors="replace")) if status == 200 else None
+
+    def running(self, instance_id: str) -> bool:
+        """True while the instance's server runs."""
+        server = self.servers.get(instance_id)
+        return server is not None and not server.exited
+
+    async def stop(self, instance_id: str) -> None:
+        """Stop the instance's server (SIGTERM, SIGKILL after the grace) and reap it; nothing if none runs."""
+        server = self.servers.pop(instance_id, None)
+        if server is None:
+            return
+        server.stopping = True
+        proc = server.process
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.opts.stop_grace_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    async def stop_all(self) -> None:
+        """Stop every server (the fleet is exiting)."""
+        await asyncio.gather(*(self.stop(i) for i in list(self.servers)), return_exceptions=True)
+        for watcher in list(self._watchers):
+            watcher.cancel()
