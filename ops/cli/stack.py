@@ -230,17 +230,13 @@ def _demo_chat(ports: GatewayPorts, model: str, out: Console) -> None:
     """Send one streamed chat completion through the gateway and say where Envoy routed it."""
     from ops.gateway_routing import chat_once
 
-    url = ports.url
     try:
-        routed = chat_once(url, model, eds=ports.eds, timeout=30)
+        routed = chat_once(ports.url, model, eds=ports.eds, timeout=30)
     except RuntimeError as err:
         out.print(f"[yellow]gateway: {err}[/]")
         return
     out.print(f"gateway: a chat completion for {model} was routed to {routed.instance} ({routed.address}); "
               f"the picker's choices: {routed.choices}")
-    out.print(f"  curl -sN {url}/v1/chat/completions -H 'content-type: application/json' "
-              f"-d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],"
-              f"\"stream\":true}}' -D - | grep -i x-gateway-destination-endpoint-served")
 
 
 async def _status_loop(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -38,6 +39,14 @@ def test_up_demo_reports_both_models_running(stack: Stack) -> None:
     assert "deployed llama-8b: 2 replica(s), spread" in out
     assert "deployed llama-70b: 1 replica(s), binpack" in out
     assert out.count("RUNNING ") >= 3
+
+
+def test_up_demo_sends_a_chat_completion_through_the_gateway_and_says_where_it_went(stack: Stack) -> None:
+    out = " ".join(stack.startup_output.split())  # the terminal may wrap long lines
+    assert re.search(r"gateway: http://127\.0\.0\.1:\d+/v1 \(Envoy", out), out
+    routed = re.search(r"a chat completion for llama-8b was routed to (llama-8b-\w+) \(127\.0\.0\.1:\d+\)", out)
+    assert routed, out
+    assert re.search(rf"llama-8b\s+{routed.group(1)}\s+RUNNING", out)  # a RUNNING instance of the demo
 
 
 def test_models_json_shows_the_demo_models_running(gantry: Gantry) -> None:

@@ -38,7 +38,9 @@ def test_ctrl_c_stops_servers_services_and_workers(tmp_path: Path) -> None:
     state = json.loads((tmp_path / "stack.json").read_text())
     pids = [*state["children"].values(), *state["servers"].values()]
     try:
-        assert sorted(state["children"]) == ["filter", "fitting", "reconciler", "scoring", "workers"]
+        assert sorted(state["children"]) == ["envoy", "filter", "fitting", "gateway", "reconciler", "scoring",
+                                             "workers"]
+        assert state["gateway"]["url"].startswith("http://127.0.0.1:")
         assert all(alive(pid) for pid in pids)
         child.sendintr()
         child.expect("stopping the stack", timeout=10)
