@@ -108,8 +108,8 @@ def start_stack(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """``gantry up --workers 4 --demo --no-gateway``, returned once the demo has reported (the CLI's figures
     stay comparable with earlier runs: no engine servers or Envoy competing for the CPU)."""
     proc = subprocess.Popen(
-        [GANTRY, "up", "--workers", "4", "--demo", "--no-gateway"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
+        [GANTRY, "up", "--workers", "4", "--demo", "--no-gateway"], env=env, stdout=log.open("wb"),
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + UP_TIMEOUT_S
     while READY not in log.read_text(errors="replace"):

@@ -50,9 +50,9 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                         "(less CPU on the deciding loop, more in all; a report reaches the core up to this much "
                         "later); negative (the default): subscribe on the deciding loop")
     a = p.parse_args(argv)
-    if a.nats_url is None or (a.pool_source is PoolSource.PLACEMENT and a.redis_url is None):
-        settings = load_settings()  # only when a URL is missing: a gateway given both reads no settings
-        a.nats_url = a.nats_url or settings.nats_url
+    settings = load_settings()  # GANTRY_*: the URLs when not given, the CA when NATS speaks TLS
+    a.nats_url = a.nats_url or settings.nats_url
+    if a.pool_source is PoolSource.PLACEMENT:
         a.redis_url = a.redis_url or settings.redis_url
     if a.transport is PickerTransport.EXT_AUTHZ and a.capture is not None:
         p.error("--capture needs --transport ext_proc (the output length is read from the response body)")
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                           capture=a.capture, capture_salt=a.capture_salt, transport=a.transport,
                           http_port=a.http_port,
                           feed_window_s=a.feed_window_ms / 1000 if a.feed_window_ms >= 0 else None,
-                          pool_source=a.pool_source, redis_url=a.redis_url)
+                          pool_source=a.pool_source, redis_url=a.redis_url, tls_ca_file=settings.tls_ca_file)
 
 
 def main(argv: list[str] | None = None) -> None:

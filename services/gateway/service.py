@@ -34,10 +34,12 @@ from services.gateway.protocol import PickerTransport
 from services.gateway.request import Tokenize
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
+from shared.bus.connection import nats_options
 from shared.bus.messages import InstanceEvents
 from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, Router, RouterConfig, builtin_config
 from shared.core.routing.pool_source import PoolSource
+from shared.envsettings import EnvSettings
 from shared.host.engine_feed import EngineFeed, PlacedInstances, expire_forever, take_kv_events, take_metrics
 
 log = logging.getLogger("gantry.gateway")
@@ -65,6 +67,7 @@ class GatewayOptions:
     # state store read once at start through redis_url); ENGINES: every engine that reports
     pool_source: PoolSource = PoolSource.ENGINES
     redis_url: str | None = None
+    tls_ca_file: str = ""  # NATS over TLS: the CA to trust (a stack's GANTRY_TLS_CA_FILE)
 
 
 def shipped_tokenizer() -> Tokenize:
@@ -198,7 +201,10 @@ class Gateway:
         self.opts.eds_path.parent.mkdir(parents=True, exist_ok=True)
         if not self.opts.eds_path.exists():  # a replica (re)starting beside others must not empty their pool
             write_eds(self.opts.eds_path, eds_document([], 0))
-        nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1)
+        # as every Gantry client: its identity's own reply inboxes (the only ones it may read), TLS when asked
+        nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1,
+                                **nats_options(EnvSettings(nats_url=self.opts.nats_url,
+                                                           tls_ca_file=self.opts.tls_ca_file)))
         self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
         if self.opts.pool_source is PoolSource.PLACEMENT:
             await self._follow_placement(nc)
