@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone: sets up .venv (Python + pip only needed) and then
-#   ops/dev.sh up     -> starts the local stack (NATS, Redis, services, emulated workers) with the demo
+#   ops/dev.sh up     -> starts the local stack (NATS, Redis, services, emulated workers, the gateway) with the demo
 #   ops/dev.sh test   -> runs the whole test suite (lint, types, import layers, unit, integration)
 set -euo pipefail
 cd "$(dirname "$0")/.."
