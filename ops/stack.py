@@ -479,14 +479,19 @@ class LocalStack:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
+    def env_for(self, argv: Sequence[str]) -> dict[str, str]:
+        """The environment of the child ``argv`` runs: as its own identity; a fleet that runs engine servers
+        (``--engines``) also gets the engine identity's NATS URL to hand them (never its own credentials)."""
+        env = self.child_env(identity_of(argv))
+        if identity_of(argv) == FLEET and "--engines" in argv and self.credentials is not None:
+            env[ENGINE_NATS_URL_ENV] = self.credentials.url(self.settings.nats_url, ENGINE)
+        return env
+
     def spawn(self, name: str, argv: list[str]) -> Child:
         """Start one child with its output in ``logs/<name>.log``."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
-        env = self.child_env(identity_of(argv))
-        if identity_of(argv) == FLEET and "--engines" in argv and self.credentials is not None:
-            # its engine servers publish as the engine identity: the fleet lends them that, never its own
-            env[ENGINE_NATS_URL_ENV] = self.credentials.url(self.settings.nats_url, ENGINE)
+        env = self.env_for(argv)
         if name in self.services or name.rsplit("-", 1)[0] in self.services:  # "scoring" or "scoring-1"
             env["GANTRY_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
         with log.open("ab") as out:

@@ -136,3 +136,15 @@ def test_down_with_a_dead_launcher_recorded_finds_no_stack(tmp_path: Path) -> No
     proc.wait()
     (tmp_path / "stack.json").write_text(json.dumps({"pid": proc.pid}))
     assert running_launcher(tmp_path) is None and stop_running_stack(tmp_path) is None
+
+
+def test_a_fleet_running_engines_is_lent_the_engine_identity_and_keeps_its_own(tmp_path: Path) -> None:
+    from ops.auth import ENGINE, FLEET, Credentials
+
+    creds = Credentials.generate()
+    stack = LocalStack(Settings(nats_url="nats://127.0.0.1:1234"), home=tmp_path, credentials=creds)
+    env = stack.env_for([*WORKERS, "--count", "2", "--engines"])
+    assert env["GANTRY_NATS_URL"] == creds.url("nats://127.0.0.1:1234", FLEET)
+    assert env["GANTRY_ENGINE_NATS_URL"] == creds.url("nats://127.0.0.1:1234", ENGINE)
+    assert "GANTRY_ENGINE_NATS_URL" not in stack.env_for([*WORKERS, "--count", "2"])
+    assert "GANTRY_ENGINE_NATS_URL" not in stack.env_for([*COMMANDS["filter"], "--engines"])

@@ -1,0 +1,79 @@
+"""A fleet's engine servers (``--engines``): the engine spec an instance gets, the load an engine's /metrics
+reports and when a DRAINING instance is idle."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.workers.__main__ import parse, without_credentials
+from services.workers.engine_policy import EngineLoad, drain_idle, engine_spec_args, parse_load
+
+SAMPLE = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 1.0
+vllm:num_requests_running_total_not_this 9.0
+"""
+
+
+def test_an_engines_load_is_read_from_its_prometheus_text_summed_over_ranks() -> None:
+    assert parse_load(SAMPLE) == EngineLoad(running=3, waiting=3)
+
+
+def test_a_missing_or_garbled_family_gives_no_load() -> None:
+    assert parse_load("vllm:num_requests_running 0\n") is None
+    assert parse_load("vllm:num_requests_running nope\nvllm:num_requests_waiting 0\n") is None
+    assert parse_load("") is None
+
+
+def test_the_emulated_servers_own_metrics_parse_to_an_empty_load() -> None:
+    from services.engine_server.prometheus import EngineCollector, registry_for, render
+    from services.engine_server.server import ServerOptions, build
+
+    _, runner = build(ServerOptions())
+    text = render(registry_for(EngineCollector(runner, "m"))).decode()
+    assert parse_load(text) == EngineLoad(running=0, waiting=0)
+
+
+@pytest.mark.parametrize(("load", "age", "idle"), [
+    (EngineLoad(0, 0), 0.5, True),
+    (EngineLoad(0, 0), 0.1, False),  # too young: a request routed before the drain may still arrive
+    (EngineLoad(1, 0), 5.0, False),
+    (EngineLoad(0, 1), 5.0, False),
+    (None, 5.0, False),  # the engine does not say: only the drain timeout ends it
+])
+def test_a_draining_instance_is_idle_once_its_engine_is_empty_and_the_drain_has_settled(
+    load: EngineLoad | None, age: float, idle: bool
+) -> None:
+    assert drain_idle(load, age, settle_s=0.5) is idle
+
+
+def test_a_catalogue_model_gets_its_engine_on_the_workers_gpus() -> None:
+    args = engine_spec_args("llama-3.1-8b", "", "H100-SXM-80GB", 2)
+    assert args[:4] == ["--model", "llama-3.1-8b-instruct", "--tp", "2"]
+    assert args[4] == "--gpu"
+
+
+def test_a_model_is_found_by_its_source_when_its_name_is_not_in_the_catalogue() -> None:
+    assert engine_spec_args("my-llama", "meta-llama/Llama-3.1-8B-Instruct", "H100-SXM-80GB", 1)[1] == (
+        "llama-3.1-8b-instruct")
+
+
+def test_an_unknown_model_gets_the_default_engine_and_an_unknown_gpu_the_default_gpu() -> None:
+    assert engine_spec_args("mystery", "org/mystery", "H100-SXM-80GB", 1) == []
+    assert "--gpu" not in engine_spec_args("llama-3.1-8b", "", "NoSuchGPU", 1)
+
+
+def test_the_fleet_never_lends_its_own_credentials_to_its_servers() -> None:
+    assert without_credentials("nats://workers:s3cret@127.0.0.1:4222") == "nats://127.0.0.1:4222"
+    assert without_credentials("tls://host:4222") == "tls://host:4222"
+
+
+def test_engines_are_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GANTRY_ENGINE_NATS_URL", raising=False)
+    assert parse([]).engines is False
+    on = parse(["--engines", "--engine-nats-url", "nats://engine_server:x@127.0.0.1:4222"])
+    assert on.engines and on.engine_nats_url == "nats://engine_server:x@127.0.0.1:4222"
