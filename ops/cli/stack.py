@@ -223,13 +223,18 @@ async def _run_demo(stack: LocalStack, settings: Settings, redis: aioredis.Redis
             out.print(f"  {inst.model:<16} {inst.id:<28} {inst.state.value:<9} {where}")
     if stack.gateway_ports is not None and specs:
         model = max(specs, key=lambda s: s.replicas).name
-        await asyncio.to_thread(_demo_chat, stack.gateway_ports, model, out)
+        running = {i.id for i in snapshot.instances if i.model == model and i.state is InstanceState.RUNNING}
+        await asyncio.to_thread(_demo_chat, stack.gateway_ports, model, running, out)
 
 
-def _demo_chat(ports: GatewayPorts, model: str, out: Console) -> None:
-    """Send one streamed chat completion through the gateway and say where Envoy routed it."""
-    from ops.gateway_routing import chat_once
+def _demo_chat(ports: GatewayPorts, model: str, running: set[str], out: Console) -> None:
+    """Send one streamed chat completion through the gateway and say where Envoy routed it (once the picker's
+    pool holds the model's RUNNING replicas: each joins with its engine's first report)."""
+    from ops.gateway_routing import chat_once, instances_by_address
 
+    deadline = time.monotonic() + 10
+    while not running <= set(instances_by_address(ports.eds).values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     try:
         routed = chat_once(ports.url, model, eds=ports.eds, timeout=30)
     except RuntimeError as err:
