@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from ops.stack import (
+    GatewayPorts,
     LocalStack,
     StackError,
     WorkerFleet,
+    read_state,
     running_launcher,
     service_argv,
     signal_running_stack,
@@ -148,3 +150,44 @@ def test_a_fleet_running_engines_is_lent_the_engine_identity_and_keeps_its_own(t
     assert env["GANTRY_ENGINE_NATS_URL"] == creds.url("nats://127.0.0.1:1234", ENGINE)
     assert "GANTRY_ENGINE_NATS_URL" not in stack.env_for([*WORKERS, "--count", "2"])
     assert "GANTRY_ENGINE_NATS_URL" not in stack.env_for([*COMMANDS["filter"], "--engines"])
+
+
+STOPPED_IN_ORDER = """
+import os, signal, sys, time
+log, name = sys.argv[1], sys.argv[2]
+def stop(*_):
+    with open(log, "a") as out:
+        out.write(name + "\\n")
+    time.sleep(0.15)  # a child that takes a moment to stop: the next group must wait for it
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+open(log + "." + name, "w").close()  # ready: the handler is in place
+while True:
+    time.sleep(1)
+"""
+
+
+def test_the_gateway_stops_first_envoy_before_the_picker_then_workers_then_services(tmp_path: Path) -> None:
+    stack = LocalStack(Settings(), home=tmp_path, services=("reconciler",), external_servers=True)
+    log = tmp_path / "stopped.log"
+    names = ("reconciler", "workers", "gateway", "envoy")  # started in the order gantry up starts them
+    for name in names:
+        stack.spawn(name, [sys.executable, "-c", STOPPED_IN_ORDER, str(log), name])
+    deadline = time.monotonic() + 20
+    while not all(Path(f"{log}.{name}").exists() for name in names):
+        assert time.monotonic() < deadline, "the children did not start"
+        time.sleep(0.05)
+    stack.stop()
+    assert log.read_text().split() == ["envoy", "gateway", "workers", "reconciler"]
+
+
+def test_the_gateway_state_names_its_url_and_ports(tmp_path: Path) -> None:
+    stack = LocalStack(Settings(), home=tmp_path, services=(), external_servers=True)
+    stack.gateway_ports = GatewayPorts(listen=8080, admin=9901, picker=9002, eds=tmp_path / "eds.json")
+    stack.write_state()
+    state = read_state(tmp_path)
+    assert state is not None and state["gateway"] == {
+        "url": "http://127.0.0.1:8080", "envoy_admin": "http://127.0.0.1:9901", "picker_grpc_port": 9002,
+        "eds": str(tmp_path / "eds.json")}
+    stack.stop()
+    assert read_state(tmp_path) is None
