@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import ssl
 import time
 from collections import deque
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -26,6 +29,14 @@ from shared.host.tasks import cancel_until_done
 log = logging.getLogger("gantry.engine_server")
 
 MAX_KV_BACKLOG = 10_000
+TLS_CA_ENV = "GANTRY_TLS_CA_FILE"  # set for every child of a stack started with --tls
+
+
+def tls_options() -> dict[str, Any]:
+    """NATS over TLS: trust the CA a stack names (its engine servers inherit the variable from the fleet that
+    starts them); nothing without one (nats-py's default context then checks against the system's CAs)."""
+    ca = os.environ.get(TLS_CA_ENV)
+    return {"tls": ssl.create_default_context(cafile=ca)} if ca else {}
 
 
 def snapshot(runner: EngineRunner, instance_id: str, model: str, url: str) -> EngineMetrics:
@@ -83,7 +94,8 @@ class Publisher:
                 await asyncio.sleep(0.1)
                 continue
             try:
-                self._nc = await nats.connect(self.nats_url, connect_timeout=2, max_reconnect_attempts=-1)
+                self._nc = await nats.connect(self.nats_url, connect_timeout=2, max_reconnect_attempts=-1,
+                                              **tls_options())
             except Exception as err:
                 log.warning("publisher: cannot reach NATS at %s: %s", self.nats_url, err)
                 await asyncio.sleep(1.0)
