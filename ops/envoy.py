@@ -507,8 +507,8 @@ def wait_routed(url: str, model: str, timeout: float = 30, need_served: bool = T
         time.sleep(0.2)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m ops.envoy``: write the config for a running picker (or several) and exec Envoy."""
+def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
+    """``python -m ops.envoy``'s options and its working directory."""
     p = argparse.ArgumentParser(prog="python -m ops.envoy", description="Envoy in front of Gantry's picker")
     p.add_argument("--listen-port", type=int, default=8080)
     p.add_argument("--admin-port", type=int, default=9901)
@@ -540,9 +540,15 @@ def main(argv: list[str] | None = None) -> None:
     o = EnvoyOptions(listen_port=a.listen_port, admin_port=a.admin_port, epp_port=epp, als_port=als,
                      eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
                      access_log=(a.workdir / "access.log").resolve(), transport=transport)
-    a.workdir.mkdir(parents=True, exist_ok=True)
+    return o, a.workdir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ops.envoy``: write the config for a running picker (or several) and exec Envoy."""
+    o, workdir = parse_args(argv)
+    workdir.mkdir(parents=True, exist_ok=True)
     ensure_eds(o.eds_path)
-    cfg = a.workdir / "envoy.json"
+    cfg = workdir / "envoy.json"
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
     binary = str(envoy_binary())
     os.execv(binary, [binary, "-c", str(cfg), "--log-level", "warn", "--concurrency", "1"])

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -19,12 +21,13 @@ from typing import Any
 
 import httpx
 import nats
+import psutil
 import pytest
 
 from ops.envoy import SERVED, EnvoyOptions, FailureMode, envoy_binary, picker_sockets, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port
 from services.gateway.epp import PICKED
-from services.gateway.protocol import HTTP_SOCKET, PickerTransport
+from services.gateway.protocol import GRPC_SOCKET, HTTP_SOCKET, PickerTransport
 from shared.bus import subjects
 from shared.bus.messages import EngineMetrics, encode
 
@@ -484,3 +487,21 @@ def test_only_a_streamed_answer_passes_its_chunks_through_the_picker(gateway: Ga
     assert len(chunks) >= 9
     # the picker asked for this body (first chunk = prefill done): its chunks went through it too
     assert _messages_to_picker(gateway) - after_json > 3
+
+
+def private_listeners(gw: Gateway, *sockets: str) -> None:
+    """Each picker listens on no TCP or UDP port, only on ``sockets`` in its own directory: the directory
+    (mode 0700) and the sockets (0600) are its user's alone."""
+    for proc, d in zip(gw.pickers, gw.socket_dirs, strict=True):
+        inet = psutil.Process(proc.pid).net_connections(kind="inet")
+        assert [c for c in inet if c.status == psutil.CONN_LISTEN or not c.raddr] == []  # its NATS client only
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700 and d.stat().st_uid == os.getuid()
+        for name in sockets:
+            st = (d / name).stat()
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_the_picker_is_reached_only_through_its_private_unix_socket(gateway: Gateway, engines: list[Engine]) -> None:
+    _wait_routable(gateway, len(engines))  # Envoy reaches it (the default transport)
+    private_listeners(gateway, GRPC_SOCKET)
+    assert sorted(p.name for p in gateway.socket_dirs[0].iterdir()) == [GRPC_SOCKET]
