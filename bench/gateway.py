@@ -34,7 +34,9 @@ accepts the mode, but its router then picks a host before the answer, so it cann
 Envoy's ``ext_authz`` filter (``http_service``, request body buffered) against ``bench/noop_authz.py``, a
 do-nothing asyncio HTTP/1.1 server answering 200 and the destination header; ``authzgw``, the product picker
 on its ext_authz transport (``python -m services.gateway --transport ext_authz``: the same hop with the real
-decision, request ends from Envoy's gRPC access log); ``gateway``, the product path (ext_proc). Each path reports
+decision, request ends from Envoy's gRPC access log); ``gateway``, the product path (ext_proc). The product pickers
+listen on unix sockets (the default); ``gwtcp`` and ``authzgwtcp`` are the same two pickers reached over TCP
+instead (an A/B of the hop's transport in one interleaved run, e.g. ``--floor-paths gateway,gwtcp``). Each path reports
 its added latency (p50, p99, vs direct), the CPU microseconds, wake-ups (context switches) and read/write system
 calls per request of its picker process, of the picker's engine-feed relay child (``_relay``) and of its Envoy,
 and Envoy's phase timings (``<path>_to_upstream_us``: client's first byte to the engine).
