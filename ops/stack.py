@@ -202,12 +202,12 @@ class StackLock:
 
 @dataclass(frozen=True)
 class GatewayPorts:
-    """Where a stack's gateway listens: Envoy's OpenAI endpoint and admin, the picker's ext_proc port, and the
-    endpoint file the picker writes for Envoy."""
+    """Where a stack's gateway listens: Envoy's OpenAI endpoint and admin, the picker (the directory of its unix
+    sockets, where Envoy shares its host; a TCP port otherwise), and the endpoint file it writes for Envoy."""
 
     listen: int
     admin: int
-    picker: int
+    picker: Path | int
     eds: Path
 
     @property
@@ -220,13 +220,18 @@ def picker_argv(ports: GatewayPorts) -> list[str]:
     """The picker of a stack: its pool is placement's RUNNING instances; NATS and Redis URLs (with the
     identity's credentials) come from the environment, out of ``ps``."""
     return [sys.executable, "-m", "services.gateway", "--pool-source", "placement", "--eds-path", str(ports.eds),
-            "--grpc-port", str(ports.picker)]
+            *_picker_address(ports.picker, "--grpc-port")]
+
+
+def _picker_address(picker: Path | int, port_flag: str) -> list[str]:
+    """The picker's unix-socket directory, or its TCP port under ``port_flag``."""
+    return ["--socket-dir", str(picker)] if isinstance(picker, Path) else [port_flag, str(picker)]
 
 
 def envoy_argv(ports: GatewayPorts, workdir: Path) -> list[str]:
     """Envoy with the generated config (``python -m ops.envoy`` writes it into ``workdir`` and execs Envoy)."""
     return [sys.executable, "-m", "ops.envoy", "--listen-port", str(ports.listen), "--admin-port", str(ports.admin),
-            "--epp-port", str(ports.picker), "--eds-path", str(ports.eds), "--workdir", str(workdir)]
+            *_picker_address(ports.picker, "--epp-port"), "--eds-path", str(ports.eds), "--workdir", str(workdir)]
 
 
 @dataclass
@@ -312,17 +317,23 @@ class LocalStack:
         except ServerStartError as err:
             raise StackError(str(err)) from None
         work = self.home / "gateway"
-        ports = GatewayPorts(listen=self.gateway_port or free_port(), admin=free_port(), picker=free_port(),
+        # the picker on unix sockets in a directory only this user enters: nobody else can reach it
+        ports = GatewayPorts(listen=self.gateway_port or free_port(), admin=free_port(), picker=work / "picker",
                              eds=work / "eds" / "engines.json")
         ports.eds.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):  # the last stack's engines are gone
             ports.eds.unlink()
         self.gateway_ports = ports
-        for name, argv, port in ((PICKER_CHILD, picker_argv(ports), ports.picker),
-                                 (ENVOY_CHILD, envoy_argv(ports, work / "envoy"), ports.listen)):
+        for name, argv, listener in ((PICKER_CHILD, picker_argv(ports), ports.picker),
+                                     (ENVOY_CHILD, envoy_argv(ports, work / "envoy"), ports.listen)):
             child = self.spawn(name, argv)
             try:
-                wait_for_port(port, child.process, timeout, child.log_path)
+                if isinstance(listener, Path):
+                    from services.gateway.protocol import GRPC_SOCKET
+
+                    wait_for_socket(listener / GRPC_SOCKET, child, timeout)
+                else:
+                    wait_for_port(listener, child.process, timeout, child.log_path)
             except ServerStartError as err:
                 raise StackError(f"{name} did not start: {err}") from None
         return ports
@@ -561,7 +572,7 @@ class LocalStack:
         if self.gateway_ports is not None:
             g = self.gateway_ports
             state["gateway"] = {"url": g.url, "envoy_admin": f"http://127.0.0.1:{g.admin}",
-                                "picker_grpc_port": g.picker, "eds": str(g.eds)}
+                                "picker": str(g.picker), "eds": str(g.eds)}
         tmp = self.home / f".{STATE_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.home / STATE_FILE)  # readers never see half a file
@@ -572,6 +583,20 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_for_socket(path: Path, child: Child, timeout: float) -> None:
+    """Until a server accepts connections on the unix socket ``path``; ServerStartError when ``child`` exits
+    first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise ServerStartError(f"exited with code {child.process.returncode}; see {child.log_path}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, contextlib.suppress(OSError):
+            sock.connect(str(path))
+            return
+        time.sleep(0.05)
+    raise ServerStartError(f"no server on {path} within {timeout:.0f}s; see {child.log_path}")
 
 
 def identity_of(argv: Sequence[str]) -> str | None:

@@ -111,7 +111,8 @@ def up(
                   + (" (an engine server per RUNNING instance)" if gateway else ""))
         if stack.gateway_ports is not None:
             g = stack.gateway_ports
-            out.print(f"gateway: {g.url}/v1 (Envoy, admin :{g.admin}; picker on :{g.picker}, pool = RUNNING "
+            picker = f"{_rel(g.picker)}/" if isinstance(g.picker, Path) else f":{g.picker}"
+            out.print(f"gateway: {g.url}/v1 (Envoy, admin :{g.admin}; picker on {picker}, pool = RUNNING "
                       f"instances)")
         asyncio.run(_foreground(stack, settings, out, workers, demo, exit_after))
     except KeyboardInterrupt:

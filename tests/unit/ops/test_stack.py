@@ -187,7 +187,7 @@ def test_the_gateway_state_names_its_url_and_ports(tmp_path: Path) -> None:
     stack.write_state()
     state = read_state(tmp_path)
     assert state is not None and state["gateway"] == {
-        "url": "http://127.0.0.1:8080", "envoy_admin": "http://127.0.0.1:9901", "picker_grpc_port": 9002,
+        "url": "http://127.0.0.1:8080", "envoy_admin": "http://127.0.0.1:9901", "picker": "9002",
         "eds": str(tmp_path / "eds.json")}
     stack.stop()
     assert read_state(tmp_path) is None
