@@ -12,7 +12,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import msgspec
@@ -45,6 +45,9 @@ from shared.core.routing.pool_source import PoolSource
 from shared.envsettings import EnvSettings
 from shared.host.engine_feed import EngineFeed, PlacedInstances, expire_forever, take_kv_events, take_metrics
 
+if TYPE_CHECKING:  # the engines-only picker never loads the Redis client
+    from shared.state.store import StateStore
+
 log = logging.getLogger("gantry.gateway")
 
 DEFAULT_GRPC_PORT = 9002  # TCP, when only the HTTP port is given
@@ -75,6 +78,7 @@ class GatewayOptions:
     pool_source: PoolSource = PoolSource.ENGINES
     redis_url: str | None = None
     tls_ca_file: str = ""  # NATS over TLS: the CA to trust (a stack's GANTRY_TLS_CA_FILE)
+    resync_s: float = 30.0  # PLACEMENT: the instances read from the state store again this often
 
     @property
     def tcp(self) -> bool:
@@ -190,10 +194,10 @@ class Gateway:
         if evs is not None and self.placed.apply(evs):
             self.feed.placement_changed()
 
-    async def _follow_placement(self, nc: NATS) -> None:
+    async def _follow_placement(self, nc: NATS) -> StateStore:
         """Subscribe to the instance events, then read the instances from the state store (events heard
-        meanwhile are applied after it, in order)."""
-        from shared.state.store import StateStore  # the engines-only picker needs no Redis client
+        meanwhile are applied after it, in order); returns the store, kept for the later reads."""
+        from shared.state.store import StateStore  # imported here: the engines-only picker needs no Redis client
 
         if not self.opts.redis_url:
             raise ValueError("--pool-source placement needs the state store's URL (--redis-url or GANTRY_REDIS_URL)")
@@ -201,11 +205,35 @@ class Gateway:
         await nc.flush()
         store = StateStore.from_url(self.opts.redis_url)
         try:
-            self.placed.load(await store.instances())
-        finally:
+            await self._read_instances(store)
+        except BaseException:
             await store.close()
-        self.feed.placement_changed()
+            raise
         log.info("pool from placement: %d instances known", len(self.placed.placed))
+        return store
+
+    async def _read_instances(self, store: StateStore) -> None:
+        """Read every instance from the state store (at start, after a NATS reconnection, and every
+        ``resync_s``: core NATS drops the events of an outage, and a missed DRAINING would keep an instance in
+        the pool until the next read)."""
+        self.placed.reading()
+        got = None
+        try:
+            got = await store.instances()
+        finally:
+            self.placed.load(got)
+            self.feed.placement_changed()
+
+    async def _resync_forever(self, store: StateStore, wake: asyncio.Event) -> None:
+        """Read the instances again every ``resync_s``, or at once when ``wake`` is set (NATS reconnected)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.opts.resync_s)
+            wake.clear()
+            try:
+                await self._read_instances(store)
+            except Exception as err:  # Redis away for a moment: the events keep the pool current meanwhile
+                log.warning("instances not read from the state store (%r); next try in %g s", err, self.opts.resync_s)
 
     async def _on_relayed(self, batch: list[Relayed]) -> None:
         """One frame of the feed relay: each message as if it had arrived here (``at``: when the child took it)."""
@@ -233,8 +261,13 @@ class Gateway:
         if not self.opts.eds_path.exists():  # a replica (re)starting beside others must not empty their pool
             write_eds(self.opts.eds_path, eds_document([], 0))
         async with contextlib.AsyncExitStack() as stack:
+            reconnected = asyncio.Event()
+
+            async def on_reconnect() -> None:
+                reconnected.set()
+
             # as every Gantry client: its identity's own reply inboxes (the only ones it may read), TLS when asked
-            nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1,
+            nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1, reconnected_cb=on_reconnect,
                                     **nats_options(EnvSettings(nats_url=self.opts.nats_url,
                                                                tls_ca_file=self.opts.tls_ca_file)))
             stack.push_async_callback(_drain, nc)
@@ -242,7 +275,9 @@ class Gateway:
                 stack.callback(self.capture.close)
             self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
             if self.opts.pool_source is PoolSource.PLACEMENT:
-                await self._follow_placement(nc)
+                store = await self._follow_placement(nc)
+                stack.push_async_callback(store.close)
+                _background(stack, self._resync_forever(store, reconnected))
             self.relay = await self._subscribe(nc)
             if self.relay is not None:
                 stack.push_async_callback(self.relay.stop)

@@ -113,12 +113,19 @@ class PlacedInstances:
         """Whether the initial state has been read."""
         return self._buffer is None
 
-    def load(self, instances: Iterable[Instance]) -> None:
+    def reading(self) -> None:
+        """A read of the state store starts (again: after a NATS outage the events missed are lost, and a
+        periodic read bounds how long a missed one can mislead): events heard until ``load`` wait for it."""
+        if self._buffer is None:
+            self._buffer = []
+
+    def load(self, instances: Iterable[Instance] | None) -> None:
         """The state store's instances, then the events heard while reading them, in order: the store is
         written before an event is published, so the last buffered event of an instance is never older than
-        what was read."""
-        self.placed.clear()  # in place: the feed holds this mapping
-        self.placed.update((i.id, Placed(i.model, i.state)) for i in instances)
+        what was read. None (the read failed): what is held stands, the events heard meanwhile applied."""
+        if instances is not None:
+            self.placed.clear()  # in place: the feed holds this mapping
+            self.placed.update((i.id, Placed(i.model, i.state)) for i in instances)
         buffered, self._buffer = self._buffer or [], None
         for evs in buffered:
             self.apply(evs)

@@ -99,3 +99,28 @@ def test_the_engines_source_routes_every_reporting_engine() -> None:
     feed.on_metrics(report("anything", 8001), NOW)
     assert sorted(feed.addresses) == ["anything"] and isinstance(router.state.endpoints["anything"].endpoint,
                                                                   Endpoint)
+
+
+def test_a_later_read_of_the_store_corrects_an_event_that_was_missed() -> None:
+    pool = Pool()
+    pool.load(inst("a", S.RUNNING), inst("b", S.RUNNING))
+    pool.feed.on_metrics(report("a", 8001), NOW)
+    pool.feed.on_metrics(report("b", 8002), NOW)
+    # b's DRAINING event was lost in a NATS outage: the next read of the store takes it out
+    pool.placed.reading()
+    pool.hear(events((inst("a", S.RUNNING), False)))  # heard during the read: waits for it
+    pool.load(inst("a", S.RUNNING), inst("b", S.DRAINING))
+    assert pool.routed() == ["a"]
+
+
+def test_a_failed_read_keeps_what_is_held_and_applies_what_was_heard() -> None:
+    pool = Pool()
+    pool.load(inst("a", S.RUNNING), inst("b", S.RUNNING))
+    pool.feed.on_metrics(report("a", 8001), NOW)
+    pool.feed.on_metrics(report("b", 8002), NOW)
+    pool.placed.reading()
+    pool.hear(events((inst("b", S.DRAINING), False)))
+    assert pool.routed() == ["a", "b"]  # still reading
+    pool.placed.load(None)
+    pool.feed.placement_changed()
+    assert pool.placed.loaded and pool.routed() == ["a"]
