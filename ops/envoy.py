@@ -9,6 +9,12 @@ on the header too, but to one host only, so a retry would go back to the dead en
 policy only sends to hosts the cluster knows, so the picker maintains the cluster's endpoints in a watched
 EDS file. The served endpoint goes back to the client in ``x-gateway-destination-endpoint-served``.
 
+Envoy reaches each picker replica on its unix sockets (``pipe`` addresses; a ``Path`` in ``epp_port``), which
+only the stack's user can open, or on a TCP port when given one (Envoy in another container). The first filter
+removes the gateway's own headers from the client's request (every ``x-gantry-*`` but the priority, every
+``x-gateway-destination-endpoint*``): they are what the access log, the override policy and the picker's
+books trust.
+
 When no picker answers (all replicas down, or the one holding the request's ext_proc stream died),
 ``FailureMode`` decides, with the meaning of GIE's ``InferencePool.spec.endpointPickerRef.failureMode``
 (api v1): ``FailClose`` refuses the request, ``FailOpen`` forwards it to an endpoint of Envoy's own choosing.

@@ -147,25 +147,33 @@ def socket_dirs(n: int) -> Iterator[tuple[Path, ...]]:
 
 def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
              failure_mode: FailureMode = FailureMode.FAIL_CLOSE,
-             transport: PickerTransport = PickerTransport.EXT_PROC) -> Iterator[Gateway]:
+             transport: PickerTransport = PickerTransport.EXT_PROC, tcp: bool = False) -> Iterator[Gateway]:
     """``replicas`` pickers behind one Envoy, each on the unix sockets of its own directory (the default
-    transport). ext_authz: checks on each replica's HTTP socket, Envoy's access log to its gRPC socket."""
+    transport; ``tcp``: on ports of 127.0.0.1 instead). ext_authz: checks on each replica's HTTP listener,
+    Envoy's access log to its gRPC one."""
     eds = tmp_path / "eds" / "engines.json"
     eds.parent.mkdir()
     log = tmp_path / "picker.log"
+    authz = transport is PickerTransport.EXT_AUTHZ
     pickers = []
     with contextlib.ExitStack() as stack:
-        dirs = stack.enter_context(socket_dirs(replicas))
+        dirs = () if tcp else stack.enter_context(socket_dirs(replicas))
+        grpc: tuple[int | Path, ...]
+        http: tuple[int | Path, ...]
+        if tcp:
+            grpc, http = tuple(free_port() for _ in range(replicas)), tuple(free_port() for _ in range(replicas))
+            listen = [("--grpc-port", str(g), "--http-port", str(h)) for g, h in zip(grpc, http, strict=True)]
+        else:
+            grpc, http = zip(*(picker_sockets(d) for d in dirs), strict=True)
+            listen = [("--socket-dir", str(d)) for d in dirs]
         with log.open("wb") as fh:
-            for d in dirs:
+            for where in listen:
                 pickers.append(subprocess.Popen(
                     [sys.executable, "-m", "services.gateway", "--transport", transport.value, "--nats-url", nats_url,
-                     "--eds-path", str(eds), "--socket-dir", str(d), "--expire-s", "2", *extra], cwd=REPO,
+                     "--eds-path", str(eds), *where, "--expire-s", "2", *extra], cwd=REPO,
                     stdout=fh, stderr=subprocess.STDOUT))
         for p in pickers:
             stack.callback(_stop, p)
-        grpc, http = zip(*(picker_sockets(d) for d in dirs), strict=True)
-        authz = transport is PickerTransport.EXT_AUTHZ
         opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=http if authz else grpc,
                             als_port=grpc if authz else (), eds_path=eds, failure_mode=failure_mode,
                             transport=transport)
@@ -505,3 +513,20 @@ def test_the_picker_is_reached_only_through_its_private_unix_socket(gateway: Gat
     _wait_routable(gateway, len(engines))  # Envoy reaches it (the default transport)
     private_listeners(gateway, GRPC_SOCKET)
     assert sorted(p.name for p in gateway.socket_dirs[0].iterdir()) == [GRPC_SOCKET]
+
+
+@pytest.mark.parametrize("transport", list(PickerTransport))
+def test_over_tcp_when_asked_the_picker_routes_as_on_its_socket(nats_server: ServerProcess, tmp_path: Path,
+                                                                engines: list[Engine],
+                                                                transport: PickerTransport) -> None:
+    """The explicit TCP option (Envoy in another container): ports given to both sides, nothing else changes."""
+    gen = _gateway(nats_server.url, tmp_path, 1, transport=transport, tcp=True)
+    gw = next(gen)
+    try:
+        _wait_routable(gw, len(engines))
+        inet = psutil.Process(gw.picker.pid).net_connections(kind="inet")
+        assert any(c.status == psutil.CONN_LISTEN for c in inet)
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat("over tcp", 2, False), timeout=10)
+        assert r.status_code == 200 and r.headers[SERVED] in {e.address for e in engines}
+    finally:
+        gen.close()
