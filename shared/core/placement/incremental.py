@@ -20,11 +20,13 @@ takes the full path. Property tests compare the two over random clusters, events
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from shared.core.placement import lru
 from shared.core.placement.best_gpu import keys_of, pick_in_rows, row_max
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.fitting import GpuBatch
@@ -37,7 +39,9 @@ from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, FloatArra
 _MEMO = "incremental.kept"
 _COLUMNS = "incremental.columns"
 _FEW_ROWS = 4  # up to this many moved rows are refreshed in Python values
-_KEPT = 8  # kept states (one per candidate set and varying-part key in use: models of one shape share one)
+# Kept states (one per candidate set and varying-part key in use: models of one shape share one); beyond this many
+# the least recently used is dropped (``lru``).
+_KEPT = 8
 
 Picked = tuple[int, int, float, dict[str, float], int]  # row, slot, total, breakdown, candidates still fitting
 
@@ -118,9 +122,9 @@ def _fill_few(kept: _Kept, rows: list[int], snap: ClusterSnapshot, ram: int, cpu
 
 def _kept(snap: ClusterSnapshot, pos: Positions, ram: int, cpu: int, form: SlotRows, k: float) -> _Kept:
     """The state for this candidate set and varying part, brought up to date (made on first use)."""
-    memos: dict[tuple[object, ...], _Kept] = snap.memo.setdefault(_MEMO, {})
+    memos: OrderedDict[tuple[object, ...], _Kept] = lru.store(snap.memo, _MEMO)
     key = (id(pos), ram, cpu, form.key, k)
-    kept = memos.get(key)
+    kept = lru.used(memos, key)
     stamp = snap.w_stamp[: pos.mask.shape[0]]
     if kept is None or kept.pos is not pos or kept.layout != snap.layout:
         rows, width = pos.mask.shape
@@ -128,10 +132,7 @@ def _kept(snap: ClusterSnapshot, pos: Positions, ram: int, cpu: int, form: SlotR
                      values=np.zeros((rows, width), dtype=np.float64), best=np.full(rows, -np.inf),
                      counts=np.zeros(rows, dtype=np.int64), count=0)
         _fill(kept, slice(0, rows), snap, ram, cpu, form, k)
-        if len(memos) >= _KEPT:
-            memos.clear()
-        memos[key] = kept
-        return kept
+        return lru.keep(memos, key, kept, _KEPT)
     moved = np.flatnonzero(stamp != kept.stamp)
     if len(moved) > len(stamp) // 4:
         _fill(kept, slice(0, len(stamp)), snap, ram, cpu, form, k)
@@ -154,16 +155,13 @@ class _Column:
 
 def _column(snap: ClusterSnapshot, form: SlotRows) -> FloatArray:
     """A row-local column (unweighted, as ``score_batch`` returns it), its moved rows recomputed."""
-    memos: dict[tuple[object, ...], _Column] = snap.memo.setdefault(_COLUMNS, {})
+    memos: OrderedDict[tuple[object, ...], _Column] = lru.store(snap.memo, _COLUMNS)
     rows = snap.rows
     stamp = snap.w_stamp[:rows]
-    kept = memos.get(form.key)
+    kept = lru.used(memos, form.key)
     if kept is None or kept.layout != snap.layout or len(kept.stamp) != rows:
-        if len(memos) >= _KEPT:
-            memos.clear()
-        kept = memos[form.key] = _Column(layout=snap.layout, stamp=stamp.copy(),
-                                         values=form.score(np.arange(rows, dtype=np.int64)))
-        return kept.values
+        kept = _Column(layout=snap.layout, stamp=stamp.copy(), values=form.score(np.arange(rows, dtype=np.int64)))
+        return lru.keep(memos, form.key, kept, _KEPT).values
     moved = np.flatnonzero(stamp != kept.stamp)
     if len(moved):
         kept.values[moved] = form.score(moved)
