@@ -28,6 +28,7 @@ import numpy as np
 
 from shared.core.placement import lru
 from shared.core.placement.best_gpu import keys_of, pick_in_rows, row_max
+from shared.core.placement.choice import GpuPick, Parts, breakdown_at
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.fitting import GpuBatch
 from shared.core.placement.pipeline import QUANTUM, factor
@@ -43,7 +44,7 @@ _FEW_ROWS = 4  # up to this many moved rows are refreshed in Python values
 # the least recently used is dropped (``lru``).
 _KEPT = 8
 
-Picked = tuple[int, int, float, dict[str, float], int]  # row, slot, total, breakdown, candidates still fitting
+Picked = tuple[GpuBatch, GpuPick]  # the candidates still fitting, the choice among them
 
 
 def fitting_rows(snapshot: ClusterSnapshot, pos: Positions, rows: IntArray | slice, ram_claim: int,
@@ -183,8 +184,8 @@ def _varying(ctx: PlacementContext, scorers: Sequence[tuple[float, Scorer]], cla
 
 
 def pick_kept(ctx: PlacementContext, pos: Positions, ram_claim: int, cpu_claim: int) -> Picked | None:
-    """The full path's pick among the candidates of ``pos`` that still fit (row, slot, total, breakdown, how many
-    still fit), from kept per-row state; None when that does not apply (the caller takes the full path)."""
+    """The candidates of ``pos`` that still fit and the full path's pick among them, from kept per-row state; None
+    when that does not apply (the caller takes the full path)."""
     snap = ctx.snapshot
     rows = pos.mask.shape[0]
     if pos.layout != snap.layout or rows != snap.rows:
@@ -202,7 +203,7 @@ def pick_kept(ctx: PlacementContext, pos: Positions, ram_claim: int, cpu_claim: 
         return None
     batch = GpuBatch(mask=kept.mask, claims=pos.dense_claims, ram_claim=ram_claim, count=kept.count,
                      cpu_claim=cpu_claim)
-    parts: list[tuple[str, FloatArray]] = []
+    parts: Parts = []
     row_total = np.zeros(rows, dtype=np.float64)
     for i, ((k, scorer), cfg) in enumerate(zip(scorers, ctx.profile.scorers, strict=True)):
         if i == at:
@@ -225,5 +226,4 @@ def pick_kept(ctx: PlacementContext, pos: Positions, ram_claim: int, cpu_claim: 
     if found is None:
         return None
     r, s, total = found
-    breakdown = {name: float(values[r, s if values.shape[1] > 1 else 0]) for name, values in parts}
-    return r, s, total, breakdown, kept.count
+    return batch, (r, s, total, breakdown_at(parts, r, s))
