@@ -38,4 +38,4 @@ def gpu_decision(snapshot: ClusterSnapshot, model: ModelSpec, batch: GpuBatch, s
     """The decision for ``picked`` among ``batch``'s candidates (all of them considered)."""
     r, s, total, breakdown = picked
     return Decision(model=model.name, candidate=gpu_candidate(snapshot, batch, r, s, strategy), score=total,
-                    breakdown=breakdown, filters=filters, candidates_considered=len(batch))
+                    breakdown=breakdown, filters=filters, candidates_considered=batch.count)

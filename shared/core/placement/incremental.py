@@ -20,7 +20,6 @@ takes the full path. Property tests compare the two over random clusters, events
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -123,9 +122,8 @@ def _fill_few(kept: _Kept, rows: list[int], snap: ClusterSnapshot, ram: int, cpu
 
 def _kept(snap: ClusterSnapshot, pos: Positions, ram: int, cpu: int, form: SlotRows, k: float) -> _Kept:
     """The state for this candidate set and varying part, brought up to date (made on first use)."""
-    memos: OrderedDict[tuple[object, ...], _Kept] = lru.store(snap.memo, _MEMO)
     key = (id(pos), ram, cpu, form.key, k)
-    kept = lru.used(memos, key)
+    kept: _Kept | None = lru.used(snap.memo, _MEMO, key)
     stamp = snap.w_stamp[: pos.mask.shape[0]]
     if kept is None or kept.pos is not pos or kept.layout != snap.layout:
         rows, width = pos.mask.shape
@@ -133,7 +131,8 @@ def _kept(snap: ClusterSnapshot, pos: Positions, ram: int, cpu: int, form: SlotR
                      values=np.zeros((rows, width), dtype=np.float64), best=np.full(rows, -np.inf),
                      counts=np.zeros(rows, dtype=np.int64), count=0)
         _fill(kept, slice(0, rows), snap, ram, cpu, form, k)
-        return lru.keep(memos, key, kept, _KEPT)
+        lru.keep(snap.memo, _MEMO, key, kept, _KEPT)
+        return kept
     moved = np.flatnonzero(stamp != kept.stamp)
     if len(moved) > len(stamp) // 4:
         _fill(kept, slice(0, len(stamp)), snap, ram, cpu, form, k)
@@ -156,13 +155,13 @@ class _Column:
 
 def _column(snap: ClusterSnapshot, form: SlotRows) -> FloatArray:
     """A row-local column (unweighted, as ``score_batch`` returns it), its moved rows recomputed."""
-    memos: OrderedDict[tuple[object, ...], _Column] = lru.store(snap.memo, _COLUMNS)
     rows = snap.rows
     stamp = snap.w_stamp[:rows]
-    kept = lru.used(memos, form.key)
+    kept: _Column | None = lru.used(snap.memo, _COLUMNS, form.key)
     if kept is None or kept.layout != snap.layout or len(kept.stamp) != rows:
         kept = _Column(layout=snap.layout, stamp=stamp.copy(), values=form.score(np.arange(rows, dtype=np.int64)))
-        return lru.keep(memos, form.key, kept, _KEPT).values
+        lru.keep(snap.memo, _COLUMNS, form.key, kept, _KEPT)
+        return kept.values
     moved = np.flatnonzero(stamp != kept.stamp)
     if len(moved):
         kept.values[moved] = form.score(moved)

@@ -3,37 +3,35 @@
 A store emptied whole when full drops every entry the moment one more shape comes into use: each model in steady
 use then falls back to its full path at once (a cliff, at the ninth of eight). Evicting only the least recently
 used entry keeps the models decided often, however many others pass through.
+
+A store is an ``OrderedDict`` under its name in ``ClusterSnapshot.memo`` (so it goes whenever the memo is dropped),
+its least recently used entry first.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, TypeVar
-
-K = TypeVar("K")
-V = TypeVar("V")
+from typing import Any
 
 
-def store(memo: dict[str, Any], name: str) -> OrderedDict[Any, Any]:
-    """The store ``name`` in ``memo`` (``ClusterSnapshot.memo``), made empty on first use."""
-    found: OrderedDict[Any, Any] | None = memo.get(name)
-    if found is None:
-        found = memo[name] = OrderedDict()
-    return found
-
-
-def used(entries: OrderedDict[K, V], key: K) -> V | None:
-    """The entry for ``key``, now the most recently used; None if there is none."""
+def used(memo: dict[str, Any], name: str, key: object) -> Any:
+    """The entry for ``key`` in the store ``name``, now its most recently used; None if there is none."""
+    entries: OrderedDict[object, Any] | None = memo.get(name)
+    if entries is None:
+        return None
     value = entries.get(key)
     if value is not None:
         entries.move_to_end(key)
     return value
 
 
-def keep(entries: OrderedDict[K, V], key: K, value: V, bound: int) -> V:
-    """Store ``value`` as the most recently used entry, evicting the least recently used beyond ``bound``."""
+def keep(memo: dict[str, Any], name: str, key: object, value: Any, bound: int) -> None:
+    """Store ``value`` as the most recently used entry of the store ``name`` (made on first use), evicting the least
+    recently used beyond ``bound``."""
+    entries: OrderedDict[object, Any] | None = memo.get(name)
+    if entries is None:
+        entries = memo[name] = OrderedDict()
     entries[key] = value
     entries.move_to_end(key)  # a replaced entry keeps its old place otherwise
     while len(entries) > bound:
         entries.popitem(last=False)
-    return value
