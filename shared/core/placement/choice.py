@@ -1,8 +1,9 @@
-"""What follows the choice of a single-GPU candidate, in one place: its breakdown, its ``Candidate``, its ``Decision``.
+"""What follows the choice of a candidate, in one place: its breakdown, its ``Candidate``, its ``Decision``.
 
 Three paths choose among a ``[row, slot]`` batch by different means (``pipeline``'s per-row maxima, its every-GPU
 totals, and ``incremental``'s kept rows) and are held to the same decision to the bit by property tests; the tail
-after the choice is this one code, so that those paths can differ only in how they choose.
+after the choice is this one code, so that those paths can differ only in how they choose. A multi-GPU set's or a
+CPU-only worker's decision (``pipeline``) is made by the same ``decision``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ Parts = list[tuple[str, FloatArray]]
 
 GpuPick = tuple[int, int, float, dict[str, float]]
 """A chosen single-GPU candidate: its row, its slot, its total score and that total's breakdown."""
+
+Scored = tuple[Candidate, float, dict[str, float]]
+"""A chosen candidate of any shape, its total score and that total's breakdown."""
 
 
 def breakdown_at(parts: Parts, r: int, s: int) -> dict[str, float]:
@@ -37,5 +41,11 @@ def gpu_decision(snapshot: ClusterSnapshot, model: ModelSpec, batch: GpuBatch, s
                  filters: tuple[FilterReport, ...] = ()) -> Decision:
     """The decision for ``picked`` among ``batch``'s candidates (all of them considered)."""
     r, s, total, breakdown = picked
-    return Decision(model=model.name, candidate=gpu_candidate(snapshot, batch, r, s, strategy), score=total,
-                    breakdown=breakdown, filters=filters, candidates_considered=batch.count)
+    return decision(model, (gpu_candidate(snapshot, batch, r, s, strategy), total, breakdown), filters, batch.count)
+
+
+def decision(model: ModelSpec, scored: Scored, filters: tuple[FilterReport, ...], considered: int) -> Decision:
+    """The decision for a chosen candidate of any shape, after ``filters``, among ``considered`` candidates."""
+    chosen, total, breakdown = scored
+    return Decision(model=model.name, candidate=chosen, score=total, breakdown=breakdown, filters=filters,
+                    candidates_considered=considered)

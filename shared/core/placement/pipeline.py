@@ -16,7 +16,7 @@ import numpy as np
 
 from shared.core.catalog.models import ModelArch
 from shared.core.placement.best_gpu import best_gpu
-from shared.core.placement.choice import GpuPick, Parts, breakdown_at, gpu_candidate, gpu_decision
+from shared.core.placement.choice import GpuPick, Parts, Scored, breakdown_at, decision, gpu_candidate, gpu_decision
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import (
     Candidate,
@@ -46,7 +46,6 @@ from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
 from shared.core.placement.scorers import SCORERS
 from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, FloatArray
 
-_Scored = tuple[Candidate, float, dict[str, float]]  # chosen candidate, total score, breakdown
 QUANTUM = 1e6  # scores are compared in millionths of a point: float noise never decides a tie
 
 
@@ -458,7 +457,7 @@ def _score_sets(
     return best, float(total[best]), {name: float(values[best]) for name, values in parts}
 
 
-def _score_candidates_fast(ctx: PlacementContext, candidates: Sequence[Candidate]) -> _Scored | None:
+def _score_candidates_fast(ctx: PlacementContext, candidates: Sequence[Candidate]) -> Scored | None:
     """Score a candidate list through the column fast path when its shape allows it, else None.
 
     Allowed: every candidate on one worker of the snapshot, with the same GPU count (at least one), the
@@ -541,7 +540,7 @@ def run_scoring(
         ordered = sorted(candidates, key=_candidate_key)
         best, total, breakdown = _score_reference(ctx, ordered)
         scored = (ordered[best], total, breakdown)
-    return _decision(model, scored, filters, len(candidates))
+    return decision(model, scored, tuple(filters), len(candidates))
 
 
 # ------------------------------------------------------------------------------------------- fast path
@@ -637,10 +636,10 @@ def place(
             fitted.candidates = _batch_candidates(ctx, fitted.batch, fitted.strategy or "")
         best, total, breakdown = _score_reference(ctx, fitted.candidates)
         scored = (fitted.candidates[best], total, breakdown)
-    return _decision(model, scored, reports, considered)
+    return decision(model, scored, tuple(reports), considered)
 
 
-def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> _Scored | None:
+def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> Scored | None:
     """The best candidate of a fast-path batch, or None when a scorer lacks the fast form."""
     snap, strategy = ctx.snapshot, fitted.strategy or ""
     if isinstance(fitted.batch, RowBatch):
@@ -676,18 +675,6 @@ def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> _Scored | None:
         return None
     r, s, total, breakdown = single
     return gpu_candidate(snap, fitted.batch, r, s, strategy), total, breakdown
-
-
-def _decision(model: ModelSpec, scored: _Scored, filters: Sequence[FilterReport], considered: int) -> Decision:
-    chosen, total, breakdown = scored
-    return Decision(
-        model=model.name,
-        candidate=chosen,
-        score=total,
-        breakdown=breakdown,
-        filters=tuple(filters),
-        candidates_considered=considered,
-    )
 
 
 # ------------------------------------------------------------------------------------------- scale-down
