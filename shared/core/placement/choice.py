@@ -37,11 +37,11 @@ def gpu_candidate(snapshot: ClusterSnapshot, batch: GpuBatch, r: int, s: int, st
                      ram_claim=batch.ram_claim, strategy=strategy, cpu_claim=batch.cpu_claim)
 
 
-def gpu_decision(snapshot: ClusterSnapshot, model: ModelSpec, batch: GpuBatch, strategy: str, picked: GpuPick,
-                 filters: tuple[FilterReport, ...] = ()) -> Decision:
+def gpu_decision(snapshot: ClusterSnapshot, model: ModelSpec, batch: GpuBatch, strategy: str,
+                 picked: GpuPick) -> Decision:
     """The decision for ``picked`` among ``batch``'s candidates (all of them considered)."""
     r, s, total, breakdown = picked
-    return decision(model, (gpu_candidate(snapshot, batch, r, s, strategy), total, breakdown), filters, batch.count)
+    return decision(model, (gpu_candidate(snapshot, batch, r, s, strategy), total, breakdown), (), batch.count)
 
 
 def decision(model: ModelSpec, scored: Scored, filters: tuple[FilterReport, ...], considered: int) -> Decision:
