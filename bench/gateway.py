@@ -34,7 +34,9 @@ accepts the mode, but its router then picks a host before the answer, so it cann
 Envoy's ``ext_authz`` filter (``http_service``, request body buffered) against ``bench/noop_authz.py``, a
 do-nothing asyncio HTTP/1.1 server answering 200 and the destination header; ``authzgw``, the product picker
 on its ext_authz transport (``python -m services.gateway --transport ext_authz``: the same hop with the real
-decision, request ends from Envoy's gRPC access log); ``gateway``, the product path (ext_proc). Each path reports
+decision, request ends from Envoy's gRPC access log); ``gateway``, the product path (ext_proc). The product pickers
+listen on unix sockets (the default); ``gwtcp`` and ``authzgwtcp`` are the same two pickers reached over TCP
+instead (an A/B of the hop's transport in one interleaved run, e.g. ``--floor-paths gateway,gwtcp``). Each path reports
 its added latency (p50, p99, vs direct), the CPU microseconds, wake-ups (context switches) and read/write system
 calls per request of its picker process, of the picker's engine-feed relay child (``_relay``) and of its Envoy,
 and Envoy's phase timings (``<path>_to_upstream_us``: client's first byte to the engine).
@@ -68,7 +70,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.progress import add_flag, progress  # noqa: E402
-from ops.envoy import TIMING_FIELDS, EnvoyOptions, start_envoy, wait_routed  # noqa: E402
+from ops.envoy import TIMING_FIELDS, EnvoyOptions, picker_sockets, start_envoy, wait_routed  # noqa: E402
 from ops.servers import ServerProcess, free_port, start_nats  # noqa: E402
 from services.gateway.protocol import PickerTransport  # noqa: E402
 
@@ -198,7 +200,7 @@ def phases(log: Path) -> dict[str, float]:
     return out
 
 
-def drive_picks(port: int, streams: int, seconds: float) -> None:
+def drive_picks(target: str, streams: int, seconds: float) -> None:
     """(Driver process) ext_proc streams against the picker as Envoy sends them for a request with a JSON
     answer (request headers, body, response headers, end); prints the number of decisions made."""
     import grpc
@@ -218,7 +220,7 @@ def drive_picks(port: int, streams: int, seconds: float) -> None:
     async def run() -> None:
         done = 0
         refused = 0
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with grpc.aio.insecure_channel(target) as ch:
             stub = pb_grpc.ExternalProcessorStub(ch)
             end = time.perf_counter() + seconds
 
@@ -261,6 +263,8 @@ FLOOR_LABELS = {  # floor path -> its name in the summary
     "onemsg": "envoy_noop_ext_proc_body_only",  # ext_proc with only the buffered body sent: 1 message
     "authz": "envoy_noop_ext_authz_http",  # ext_authz over HTTP/1.1 to a do-nothing asyncio server
     "authzgw": "envoy_gantry_picker_ext_authz",  # the product picker on its ext_authz transport
+    "authzgwtcp": "envoy_gantry_picker_ext_authz_tcp",  # the same, Envoy reaching it over TCP (not unix sockets)
+    "gwtcp": "envoy_gantry_picker_tcp",  # the product picker (ext_proc), Envoy reaching it over TCP
 }
 ONE_MESSAGE_MODE = {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "request_trailer_mode": "SKIP",
                     "response_header_mode": "SKIP", "response_body_mode": "NONE", "response_trailer_mode": "SKIP"}
@@ -286,14 +290,18 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
 
     def server(script: str, *extra: str) -> tuple[int, subprocess.Popen[bytes]]:
         port = free_port()
-        argv = ([sys.executable, "-m", "services.gateway", "--http-port", str(port), *extra] if script == "-m"
+        argv = ([sys.executable, "-m", "services.gateway", *extra] if script == "-m"
                 else [sys.executable, str(REPO / "bench" / script), "--port", str(port), *extra])
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(proc)
         return port, proc
 
-    own_eds = tmp / "eds-authzgw" / "engines.json"  # that picker's own endpoint file (same engine)
-    als_port = free_port()
+    def own_eds(path: str) -> Path:  # a product picker's own endpoint file (same engine)
+        return tmp / f"eds-{path}" / "engines.json"
+
+    # the product pickers listen on their unix sockets (the default), or on TCP ports (the *tcp paths: A/B)
+    als_port, authz_http_port, gwtcp_port = free_port(), free_port(), free_port()
+    authz_grpc, authz_http = picker_sockets(tmp / "authzgw")
     scripts = {  # Envoy alone keeps a (health-checked, unused) picker cluster
         "envoy": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
         "noop": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
@@ -301,8 +309,13 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         **{f"noop{style}": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0", "--style", style)
            for style in ("sync", "rw", "tuned")},
         "authz": ("noop_authz.py", "--destination", dest),
-        "authzgw": ("-m", "--transport", "ext_authz", "--nats-url", nats_url, "--eds-path", str(own_eds),
-                    "--grpc-port", str(als_port), *picker_args),
+        "authzgw": ("-m", "--transport", "ext_authz", "--nats-url", nats_url, "--eds-path", str(own_eds("authzgw")),
+                    "--socket-dir", str(tmp / "authzgw"), *picker_args),
+        "authzgwtcp": ("-m", "--transport", "ext_authz", "--nats-url", nats_url,
+                       "--eds-path", str(own_eds("authzgwtcp")), "--grpc-port", str(als_port),
+                       "--http-port", str(authz_http_port), *picker_args),
+        "gwtcp": ("-m", "--nats-url", nats_url, "--eds-path", str(own_eds("gwtcp")), "--grpc-port", str(gwtcp_port),
+                  *picker_args),
     }
     ports: dict[str, int] = {}
     for path in which:  # a server per path: its CPU per request is that path's own
@@ -310,7 +323,7 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         if path != "envoy":
             out.watched[path] = psutil.Process(proc.pid)
             out.servers[path] = path
-    options = {  # path -> its Envoy
+    options: dict[str, dict[str, Any]] = {  # path -> its Envoy
         # the same config without the ext_proc filter (its picker cluster, health-checked, stays)
         "envoy": dict(epp_port=ports.get("envoy", 0), ext_proc=False),
         "noop": dict(epp_port=ports.get("noop", 0)),
@@ -318,15 +331,19 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         # one message per request (the buffered request body)
         "onemsg": dict(epp_port=ports.get("onemsg", 0), ext_proc_mode=ONE_MESSAGE_MODE),
         "authz": dict(epp_port=ports.get("authz", 0), transport=PickerTransport.EXT_AUTHZ),
-        "authzgw": dict(epp_port=ports.get("authzgw", 0), transport=PickerTransport.EXT_AUTHZ, eds_path=own_eds,
-                        als_port=als_port, **({} if als_flush_s is None else {"als_flush_s": als_flush_s})),
+        "authzgw": dict(epp_port=authz_http, transport=PickerTransport.EXT_AUTHZ, eds_path=own_eds("authzgw"),
+                        als_port=authz_grpc, **({} if als_flush_s is None else {"als_flush_s": als_flush_s})),
+        "authzgwtcp": dict(epp_port=authz_http_port, transport=PickerTransport.EXT_AUTHZ,
+                           eds_path=own_eds("authzgwtcp"), als_port=als_port,
+                           **({} if als_flush_s is None else {"als_flush_s": als_flush_s})),
+        "gwtcp": dict(epp_port=gwtcp_port, eds_path=own_eds("gwtcp")),
     }
     for path in which:
         extra = options[path]
         log = tmp / f"envoy-{path}" / "timing.log"
         extra.setdefault("eds_path", eds)
         env = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(),
-                                       timing_log=log, **extra), tmp / f"envoy-{path}")  # type: ignore[arg-type]
+                                       timing_log=log, **extra), tmp / f"envoy-{path}")
         envoys.append(env)
         wait_routed(env.url, MODEL)
         out.paths[path] = env.port
@@ -353,7 +370,7 @@ def main() -> None:
                    help="authzgw: Envoy's access-log batching interval (default: ops.envoy's)")
     p.add_argument("--out", default="", help="file stem under docs/benchmarks/ (default: by rate and --floor)")
     p.add_argument("--no-write", action="store_true", help="print only (do not write docs/benchmarks)")
-    p.add_argument("--drive-picks", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--drive-picks", default="", help=argparse.SUPPRESS)  # a gRPC target: unix:PATH or host:port
     add_flag(p)
     a = p.parse_args()
     unknown = set(a.floor_paths.split(",")) - {*FLOOR_LABELS, "gateway"}
@@ -374,15 +391,15 @@ def main() -> None:
              "--metrics-interval", "0.05"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         direct = f"http://127.0.0.1:{eport}"
         _wait(f"{direct}/health")
-        epp_port = free_port()
+        epp_socket = picker_sockets(tmp / "picker")[0]  # the default transport: a unix socket
         eds = tmp / "eds" / "engines.json"
         eds.parent.mkdir()
         picker = subprocess.Popen([sys.executable, "-m", "services.gateway", "--nats-url", nats.url,
-                                   "--eds-path", str(eds), "--grpc-port", str(epp_port), *a.picker_arg],
+                                   "--eds-path", str(eds), "--socket-dir", str(tmp / "picker"), *a.picker_arg],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(picker)
         access_log = tmp / "envoy" / "access.log"
-        envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=epp_port,
+        envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=epp_socket,
                                          eds_path=eds, timing_log=access_log), tmp / "envoy")
         envoys.append(envoy)
         wait_routed(envoy.url, MODEL)  # the pool reached the picker and the EDS file reached Envoy
@@ -461,7 +478,7 @@ def main() -> None:
         for run in progress(range(pick_count), pick_count, "gateway picker runs", a.progress):
             c0 = ps.cpu_times()
             t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, __file__, "--drive-picks", str(epp_port), "--streams",
+            out = subprocess.run([sys.executable, __file__, "--drive-picks", f"unix:{epp_socket}", "--streams",
                                   str(a.streams), "--seconds", str(a.seconds)], capture_output=True, check=True)
             wall = time.perf_counter() - t0
             c1 = ps.cpu_times()

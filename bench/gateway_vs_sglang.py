@@ -55,7 +55,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from ops.envoy import EnvoyOptions, start_envoy, wait_routed  # noqa: E402
+from ops.envoy import EnvoyOptions, picker_sockets, start_envoy, wait_routed  # noqa: E402
 from ops.servers import ServerProcess, free_port, start_nats, stop_processes, wait_http  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
@@ -151,17 +151,18 @@ def gantry_front(nats_url: str, replicas: int, workdir: Path, staleness_s: float
     """Envoy + ``replicas`` Gantry pickers."""
     eds = workdir / "eds" / "engines.json"
     eds.parent.mkdir(parents=True, exist_ok=True)
-    ports = tuple(free_port() for _ in range(replicas))
+    dirs = tuple(workdir / f"picker{i}" for i in range(replicas))  # each replica's unix sockets
     procs: list[subprocess.Popen[bytes]] = []
     envoy: ServerProcess | None = None
     try:
         with (workdir / "picker.log").open("ab") as fh:
-            for port in ports:
+            for d in dirs:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "services.gateway", "--nats-url", nats_url, "--eds-path", str(eds),
-                     "--grpc-port", str(port), "--staleness-s", str(staleness_s)],
+                     "--socket-dir", str(d), "--staleness-s", str(staleness_s)],
                     cwd=REPO, stdout=fh, stderr=subprocess.STDOUT))
-        envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=ports,
+        sockets = tuple(picker_sockets(d)[0] for d in dirs)
+        envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=sockets,
                                          eds_path=eds), workdir / "envoy")
         wait_routed(envoy.url, MODEL, timeout=60)
         time.sleep(1.0)  # every replica has heard every engine

@@ -9,6 +9,12 @@ on the header too, but to one host only, so a retry would go back to the dead en
 policy only sends to hosts the cluster knows, so the picker maintains the cluster's endpoints in a watched
 EDS file. The served endpoint goes back to the client in ``x-gateway-destination-endpoint-served``.
 
+Envoy reaches each picker replica on its unix sockets (``pipe`` addresses; a ``Path`` in ``epp_port``), which
+only the stack's user can open, or on a TCP port when given one (Envoy in another container). The first filter
+removes the gateway's own headers from the client's request (every ``x-gantry-*`` but the priority, every
+``x-gateway-destination-endpoint*``): they are what the access log, the override policy and the picker's
+books trust.
+
 When no picker answers (all replicas down, or the one holding the request's ext_proc stream died),
 ``FailureMode`` decides, with the meaning of GIE's ``InferencePool.spec.endpointPickerRef.failureMode``
 (api v1): ``FailClose`` refuses the request, ``FailOpen`` forwards it to an endpoint of Envoy's own choosing.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, replace
@@ -36,8 +43,11 @@ from typing import Any
 from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
 from services.gateway.protocol import (
     CHECK_PREFIX,
+    DEFAULT_SOCKET_DIR,
     FAIRNESS_HEADER,
+    GRPC_SOCKET,
     HEALTH_PATH,
+    HTTP_SOCKET,
     MODELS_PATH,
     PICK_ID_HEADER,
     PRIORITY_HEADER,
@@ -60,7 +70,13 @@ PICKED = "x-gantry-endpoints"  # same name as services.gateway.epp.PICKED
 PICKER_HEADERS = (REQUEST_ID_HEADER, PRIORITY_HEADER, FAIRNESS_HEADER, SESSION_HEADER)  # what the picker reads
 MODEL_KEY = "model"  # envoy.lb/model: the request's model, for the fallback's subset choice
 ACCESS_LOG_FORMAT = ("[%START_TIME%] %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% "
-                     "%RESPONSE_CODE_DETAILS% %UPSTREAM_HOST% %DURATION%ms x-request-id=%REQ(X-REQUEST-ID)%\n")
+                     "%RESPONSE_CODE_DETAILS% %UPSTREAM_HOST% %DURATION%ms x-request-id=%REQ(X-REQUEST-ID)% "
+                     "pick=%REQ(X-GANTRY-PICK-ID)%\n")
+CLIENT_HEADERS = (PRIORITY_HEADER,)
+"""The ``x-gantry-`` request headers a client may send (the picker reads them); every other ``x-gantry-*`` and
+``x-gateway-destination-endpoint*`` header is the gateway's own and is removed from a client's request."""
+PickerAddress = int | Path
+"""A picker listener as Envoy reaches it: a TCP port (on ``EnvoyOptions.epp_host``) or a unix socket's path."""
 
 
 class FailureMode(StrEnum):
@@ -77,7 +93,9 @@ class EnvoyOptions:
 
     listen_port: int
     admin_port: int
-    epp_port: int | tuple[int, ...]  # one picker, or several replicas (health-checked, round robin)
+    # one picker, or several replicas (health-checked, round robin): each a unix socket (a Path, where Envoy shares
+    # the picker's host: only its user can connect) or a TCP port on epp_host (Envoy in another container)
+    epp_port: PickerAddress | tuple[PickerAddress, ...]
     eds_path: Path
     listen_host: str = "127.0.0.1"
     epp_host: str = "127.0.0.1"
@@ -100,18 +118,31 @@ class EnvoyOptions:
     transport: PickerTransport = PickerTransport.EXT_PROC
     ext_proc_mode: dict[str, Any] | None = None  # another ProcessingMode (benchmarks: cheaper exchanges)
     max_body_bytes: int = 8 << 20  # ext_authz: the largest request body buffered for the picker
-    als_port: int | tuple[int, ...] = ()  # ext_authz: each picker replica's gRPC access-log port (same order)
+    als_port: PickerAddress | tuple[PickerAddress, ...] = ()  # ext_authz: each replica's gRPC listener (same order)
     als_flush_s: float = 0.01  # ext_authz: how long Envoy batches access-log entries before sending them
 
     @property
-    def epp_ports(self) -> tuple[int, ...]:
-        """Every picker replica's gRPC port."""
-        return (self.epp_port,) if isinstance(self.epp_port, int) else self.epp_port
+    def epp_ports(self) -> tuple[PickerAddress, ...]:
+        """Every picker replica's gRPC listener (ext_authz: its HTTP one)."""
+        return self.epp_port if isinstance(self.epp_port, tuple) else (self.epp_port,)
 
     @property
-    def als_ports(self) -> tuple[int, ...]:
-        """Every picker replica's gRPC access-log port (ext_authz transport)."""
-        return (self.als_port,) if isinstance(self.als_port, int) else self.als_port
+    def als_ports(self) -> tuple[PickerAddress, ...]:
+        """Every picker replica's gRPC access-log listener (ext_authz transport)."""
+        return self.als_port if isinstance(self.als_port, tuple) else (self.als_port,)
+
+
+def picker_sockets(socket_dir: Path) -> tuple[Path, Path]:
+    """A picker's gRPC and HTTP unix sockets when it runs with ``--socket-dir socket_dir``."""
+    d = socket_dir.resolve()
+    return d / GRPC_SOCKET, d / HTTP_SOCKET
+
+
+def _address(o: EnvoyOptions, target: PickerAddress) -> dict[str, Any]:
+    """An endpoint address of a picker listener: a unix socket (``pipe``) or a TCP port on ``epp_host``."""
+    if isinstance(target, Path):
+        return {"pipe": {"path": str(target)}}
+    return {"socket_address": {"address": o.epp_host, "port_value": target}}
 
 
 def envoy_binary() -> Path:
@@ -148,6 +179,34 @@ def _lb_policy() -> dict[str, Any]:
         fallback_policy={"policies": [{"typed_extension_config": by_model}]},
     )
     return {"policies": [{"typed_extension_config": override}]}
+
+
+def _other_than(word: str) -> str:
+    """An RE2 pattern (no look-ahead there) matching every string but ``word``."""
+    assert re.fullmatch("[a-z0-9-]+", word)  # a header name: nothing to escape
+    alts = [f"{word[:i]}(?:[^{word[i]}].*)?" for i in range(len(word))]
+    return "(?:" + "|".join([*alts, f"{word}.+"]) + ")"
+
+
+def internal_header_pattern() -> str:
+    """The ``x-gantry-*`` request header names a client may not send (every one but ``CLIENT_HEADERS``; Envoy's
+    names are lower-case). With ``x-gateway-destination-endpoint*`` these are the gateway's own, which the picker
+    sets and Envoy's access log, override policy and the picker's books trust."""
+    gantry = "x-gantry-"
+    kept = [h.removeprefix(gantry) for h in CLIENT_HEADERS]
+    assert len(kept) == 1 and all(h.startswith(gantry) for h in CLIENT_HEADERS)  # one exception: _other_than
+    return f"{gantry}{_other_than(kept[0])}"
+
+
+def _strip_internal_headers() -> dict[str, Any]:
+    """First in the chain: a client's ``x-gantry-pick-id`` would otherwise reach the access log (and end another
+    request's books), and its ``x-gateway-destination-endpoint`` would choose the engine when no picker does.
+    (Two rules: Envoy refuses a regular expression whose RE2 program is over 100 instructions.)"""
+    return _typed("envoy.filters.http.header_mutation",
+                  "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                  mutations={"request_mutations": [
+                      {"remove_on_match": {"key_matcher": {"safe_regex": {"regex": internal_header_pattern()}}}},
+                      {"remove_on_match": {"key_matcher": {"prefix": DESTINATION}}}]})
 
 
 def _model_to_metadata() -> dict[str, Any]:
@@ -321,8 +380,8 @@ def _als_clusters(o: EnvoyOptions) -> list[dict[str, Any]]:
     return [{"name": _als_cluster(i), "type": "STATIC", "connect_timeout": "0.25s",
              "typed_extension_protocol_options": h2,
              "load_assignment": {"cluster_name": _als_cluster(i), "endpoints": [{"lb_endpoints": [
-                 {"endpoint": {"address": {"socket_address": {"address": o.epp_host, "port_value": port}}}}]}]}}
-            for i, port in enumerate(o.als_ports)]
+                 {"endpoint": {"address": _address(o, target)}}]}]}}
+            for i, target in enumerate(o.als_ports)]
 
 
 def _access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
@@ -345,8 +404,7 @@ def _epp_cluster(o: EnvoyOptions) -> dict[str, Any]:
         "explicit_http_config": http}}
     check: dict[str, Any] = ({"grpc_health_check": {}} if o.transport is PickerTransport.EXT_PROC
                              else {"http_health_check": {"path": HEALTH_PATH}})
-    pickers = [{"endpoint": {"address": {"socket_address": {"address": o.epp_host, "port_value": port}}}}
-               for port in o.epp_ports]
+    pickers = [{"endpoint": {"address": _address(o, target)}} for target in o.epp_ports]
     every = f"{o.epp_health_interval_s}s"
     return {
         "name": EPP_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
@@ -379,7 +437,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="gantry", codec_type="AUTO",
         route_config={"name": "gantry", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": _routes(o)}]},
-        http_filters=[_model_to_metadata(), *_picker_filter(o),
+        http_filters=[_strip_internal_headers(), _model_to_metadata(), *_picker_filter(o),
                       _typed("envoy.filters.http.router", "envoy.extensions.filters.http.router.v3.Router")],
         access_log=_access_log(o),
         **_local_replies(o),
@@ -455,31 +513,48 @@ def wait_routed(url: str, model: str, timeout: float = 30, need_served: bool = T
         time.sleep(0.2)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m ops.envoy``: write the config for a running picker (or several) and exec Envoy."""
+def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
+    """``python -m ops.envoy``'s options and its working directory."""
     p = argparse.ArgumentParser(prog="python -m ops.envoy", description="Envoy in front of Gantry's picker")
     p.add_argument("--listen-port", type=int, default=8080)
     p.add_argument("--admin-port", type=int, default=9901)
-    p.add_argument("--epp-port", type=int, action="append", required=True,
-                   help="a picker's gRPC port, or with --transport ext_authz its HTTP port (repeat)")
+    p.add_argument("--socket-dir", type=Path, action="append", default=[],
+                   help="a picker's --socket-dir: reach it on its unix sockets (repeat; the default, "
+                        f"{DEFAULT_SOCKET_DIR}, when no --epp-port is given)")
+    p.add_argument("--epp-port", type=int, action="append", default=[],
+                   help="reach a picker on TCP instead (it listens with --grpc-port): its gRPC port, or with "
+                        "--transport ext_authz its HTTP port (repeat)")
     p.add_argument("--transport", choices=[t.value for t in PickerTransport], default=PickerTransport.EXT_PROC.value)
     p.add_argument("--als-port", type=int, action="append", default=[],
-                   help="ext_authz: a picker's gRPC port for the access log (repeat, in --epp-port's order)")
+                   help="ext_authz over TCP: a picker's gRPC port for the access log (repeat, in --epp-port's order)")
     p.add_argument("--eds-path", type=Path, required=True, help="the endpoint file the picker maintains")
     p.add_argument("--workdir", type=Path, default=Path(".gantry/envoy"))
     p.add_argument("--failure-mode", choices=[m.value for m in FailureMode], default=FailureMode.FAIL_CLOSE.value,
                    help="no picker answers: FailClose refuses the request, FailOpen sends it to a server of its "
                         "model chosen by Envoy (GIE endpointPickerRef.failureMode)")
     a = p.parse_args(argv)
-    o = EnvoyOptions(listen_port=a.listen_port, admin_port=a.admin_port, epp_port=tuple(a.epp_port),
+    transport = PickerTransport(a.transport)
+    if a.epp_port and a.socket_dir:
+        p.error("--socket-dir (unix sockets) and --epp-port (TCP) exclude each other")
+    if a.epp_port:
+        epp, als = tuple(a.epp_port), tuple(a.als_port)
+        if transport is PickerTransport.EXT_AUTHZ and len(als) != len(epp):
+            p.error("--transport ext_authz over TCP needs one --als-port per --epp-port")
+    else:
+        grpc, http = zip(*(picker_sockets(d) for d in a.socket_dir or [Path(DEFAULT_SOCKET_DIR)]), strict=True)
+        epp, als = (http, grpc) if transport is PickerTransport.EXT_AUTHZ else (grpc, ())
+    o = EnvoyOptions(listen_port=a.listen_port, admin_port=a.admin_port, epp_port=epp, als_port=als,
                      eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
-                     access_log=(a.workdir / "access.log").resolve(), transport=PickerTransport(a.transport),
-                     als_port=tuple(a.als_port))
-    if o.transport is PickerTransport.EXT_AUTHZ and len(o.als_ports) != len(o.epp_ports):
-        p.error("--transport ext_authz needs one --als-port per --epp-port")
-    a.workdir.mkdir(parents=True, exist_ok=True)
+                     access_log=(a.workdir / "access.log").resolve(), transport=transport)
+    return o, a.workdir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ops.envoy``: write the config for a running picker (or several) and exec Envoy."""
+    o, workdir = parse_args(argv)
+    workdir.mkdir(parents=True, exist_ok=True)
     ensure_eds(o.eds_path)
-    cfg = a.workdir / "envoy.json"
+    cfg = workdir / "envoy.json"
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
     binary = str(envoy_binary())
     os.execv(binary, [binary, "-c", str(cfg), "--log-level", "warn", "--concurrency", "1"])

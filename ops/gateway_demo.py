@@ -8,14 +8,16 @@ and Envoy listening on ``--port``; prints how to send a chat completion and how 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
 
-from ops.envoy import EnvoyOptions, start_envoy
+from ops.envoy import EnvoyOptions, picker_sockets, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port, start_nats, stop_processes, wait_http
 from services.gateway.protocol import PickerTransport
 
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     servers: list[ServerProcess] = []
+    sockets: Path | None = None
 
     def stop(_sig: int = 0, _frame: FrameType | None = None) -> None:
         raise KeyboardInterrupt
@@ -64,14 +67,17 @@ def main(argv: list[str] | None = None) -> None:
                 stdout=logs, stderr=subprocess.STDOUT))
             wait_http(f"http://127.0.0.1:{port}/health", procs[-1])
         eds = (a.workdir / "eds" / "engines.json").resolve()
-        grpc_port, http_port = free_port(), free_port()
+        # the picker on unix sockets only Envoy (this user) can reach; a short directory: a socket's path is
+        # limited to 107 bytes, and the workdir may be deep
+        sockets = Path(tempfile.mkdtemp(prefix="gantry-picker-"))
         extra = ["--capture", str(a.capture)] if a.capture else []
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "services.gateway", "--nats-url", nats.url, "--eds-path", str(eds),
-             "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--transport", transport.value, *extra],
+             "--socket-dir", str(sockets), "--transport", transport.value, *extra],
             stdout=logs, stderr=subprocess.STDOUT))
-        # ext_authz: checks on the picker's HTTP port, the access log to its gRPC port
-        epp, als = (http_port, grpc_port) if transport is PickerTransport.EXT_AUTHZ else (grpc_port, ())
+        # ext_authz: checks on the picker's HTTP socket, the access log to its gRPC socket
+        grpc_socket, http_socket = picker_sockets(sockets)
+        epp, als = (http_socket, grpc_socket) if transport is PickerTransport.EXT_AUTHZ else (grpc_socket, ())
         servers.append(start_envoy(EnvoyOptions(listen_port=a.port, admin_port=free_port(), epp_port=epp,
                                                 als_port=als, transport=transport, eds_path=eds),
                                    a.workdir / "envoy"))
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         stop_processes(procs)
         for s in reversed(servers):
             s.stop()
+        if sockets is not None:
+            shutil.rmtree(sockets, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import uvloop
 
-from services.gateway.protocol import PickerTransport
+from services.gateway.protocol import DEFAULT_SOCKET_DIR, GRPC_SOCKET, HTTP_SOCKET, PickerTransport
 from services.gateway.service import Gateway, GatewayOptions
 from shared.core.routing import builtin_names
 from shared.host.tasks import run_until_signalled
@@ -20,8 +20,14 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     p = argparse.ArgumentParser(prog="python -m services.gateway", description=__doc__)
     p.add_argument("--nats-url", required=True)
     p.add_argument("--eds-path", required=True, type=Path, help="Envoy endpoint file to maintain")
-    p.add_argument("--grpc-host", default="127.0.0.1")
-    p.add_argument("--grpc-port", type=int, default=9002)
+    p.add_argument("--socket-dir", type=Path, default=None,
+                   help=f"listen on unix sockets here ({GRPC_SOCKET}: gRPC, {HTTP_SOCKET}: ext_authz HTTP), in a "
+                        f"directory only this user may enter (default: {DEFAULT_SOCKET_DIR}; the default "
+                        "transport, for Envoy on the same host)")
+    p.add_argument("--grpc-host", default="127.0.0.1", help="TCP listeners' address")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="listen on TCP instead of unix sockets (Envoy in another container: docs/security.md); "
+                        "gRPC on this port")
     p.add_argument("--profile", default="default", choices=builtin_names())
     p.add_argument("--expire-s", type=float, default=3.0, help="drop an endpoint silent this long")
     p.add_argument("--seed", type=int, default=0)
@@ -34,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     p.add_argument("--transport", type=PickerTransport, choices=list(PickerTransport), default=PickerTransport.EXT_PROC,
                    help="how Envoy asks: ext_proc gRPC streams (GIE protocol), or one HTTP/1.1 ext_authz check per "
                         "request on --http-port with request ends from Envoy's gRPC access log on --grpc-port")
-    p.add_argument("--http-port", type=int, default=9003, help="ext_authz checks, /health and /v1/models")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="listen on TCP instead of unix sockets; ext_authz checks, /health and /v1/models on this port")
     p.add_argument("--feed-window-ms", type=float, default=-1.0,
                    help="take the engines' reports in a child process and apply them in batches this long "
                         "(less CPU on the deciding loop, more in all; a report reaches the core up to this much "
@@ -42,10 +49,12 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     a = p.parse_args(argv)
     if a.transport is PickerTransport.EXT_AUTHZ and a.capture is not None:
         p.error("--capture needs --transport ext_proc (the output length is read from the response body)")
+    if a.socket_dir is not None and (a.grpc_port is not None or a.http_port is not None):
+        p.error("--socket-dir (unix sockets) and --grpc-port/--http-port (TCP) exclude each other")
     return GatewayOptions(nats_url=a.nats_url, eds_path=a.eds_path, grpc_host=a.grpc_host, grpc_port=a.grpc_port,
                           profile=a.profile, expire_s=a.expire_s, seed=a.seed, staleness_s=a.staleness_s,
                           capture=a.capture, capture_salt=a.capture_salt, transport=a.transport,
-                          http_port=a.http_port,
+                          http_port=a.http_port, socket_dir=a.socket_dir,
                           feed_window_s=a.feed_window_ms / 1000 if a.feed_window_ms >= 0 else None)
 
 

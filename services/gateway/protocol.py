@@ -67,3 +67,12 @@ class PickerTransport(StrEnum):
 
     EXT_PROC = "ext_proc"
     EXT_AUTHZ = "ext_authz"
+
+
+GRPC_SOCKET = "epp.sock"
+"""The picker's gRPC listener (ext_proc streams, health checks, ext_authz's access log) in its socket directory."""
+HTTP_SOCKET = "authz.sock"
+"""The picker's HTTP listener (ext_authz checks, ``/health``, ``/v1/models``, ``/stats``) in its socket directory."""
+DEFAULT_SOCKET_DIR = ".gantry/picker"
+"""Where the picker listens and Envoy reaches it when neither is told otherwise (relative to the working
+directory): a unix socket in a directory only the stack's user can enter, so no stranger can reach the picker."""

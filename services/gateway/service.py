@@ -9,8 +9,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import msgspec
@@ -28,9 +30,10 @@ from services.gateway.contract import CONTRACT
 from services.gateway.epp import OFFLOOP_TOKENIZE_CHARS, Picker
 from services.gateway.feed_relay import FeedRelay, Kind, Relayed
 from services.gateway.http1 import OneByOne
+from services.gateway.listen import free_socket_path, private_dir, remove, restrict
 from services.gateway.pieces import PieceTokenizer
 from services.gateway.pool import eds_document
-from services.gateway.protocol import PickerTransport
+from services.gateway.protocol import DEFAULT_SOCKET_DIR, GRPC_SOCKET, HTTP_SOCKET, PickerTransport
 from services.gateway.request import Tokenize
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
@@ -40,6 +43,9 @@ from shared.host.engine_feed import EngineFeed, expire_forever, take_kv_events, 
 
 log = logging.getLogger("gantry.gateway")
 
+DEFAULT_GRPC_PORT = 9002  # TCP, when only the HTTP port is given
+DEFAULT_HTTP_PORT = 9003  # TCP, when only the gRPC port is given
+
 
 @dataclass(frozen=True, slots=True)
 class GatewayOptions:
@@ -47,8 +53,8 @@ class GatewayOptions:
 
     nats_url: str
     eds_path: Path
-    grpc_host: str = "127.0.0.1"
-    grpc_port: int = 9002
+    grpc_host: str = "127.0.0.1"  # TCP only
+    grpc_port: int | None = None  # given (or http_port): TCP on grpc_host; neither: unix sockets in socket_dir
     profile: str = "default"
     expire_s: float = 3.0
     seed: int = 0
@@ -56,9 +62,32 @@ class GatewayOptions:
     capture: Path | None = None  # write the routed traffic here as a replayable trace (JSONL)
     capture_salt: str = ""  # keys the prefix-block hashes of the trace
     transport: PickerTransport = PickerTransport.EXT_PROC  # EXT_AUTHZ: HTTP checks on http_port, the log on grpc_port
-    http_port: int = 9003  # ext_authz checks, /health and /v1/models
+    http_port: int | None = None  # ext_authz checks, /health and /v1/models (TCP; 9003 when only grpc_port is given)
     max_request_s: float = 660.0  # ext_authz: in flight this long without a log entry = the entry was lost
     feed_window_s: float | None = None  # engine reports via the relay child, batched this long; None: on this loop
+    socket_dir: Path | None = None  # unix sockets here (GRPC_SOCKET, HTTP_SOCKET); None: DEFAULT_SOCKET_DIR
+
+    @property
+    def tcp(self) -> bool:
+        """Listen on TCP ports (asked for by giving one) rather than on unix sockets (the default)."""
+        return self.grpc_port is not None or self.http_port is not None
+
+    @property
+    def sockets(self) -> Path:
+        """The directory of the unix sockets (when not ``tcp``)."""
+        return (self.socket_dir or Path(DEFAULT_SOCKET_DIR)).resolve()
+
+    def grpc_address(self) -> str:
+        """The gRPC listener, as grpcio takes it."""
+        if self.tcp:
+            return f"{self.grpc_host}:{self.grpc_port if self.grpc_port is not None else DEFAULT_GRPC_PORT}"
+        return f"unix:{self.sockets / GRPC_SOCKET}"
+
+    def http_address(self) -> str:
+        """The HTTP listener (ext_authz), for the log."""
+        if self.tcp:
+            return f"{self.grpc_host}:{self.http_port if self.http_port is not None else DEFAULT_HTTP_PORT}"
+        return f"unix:{self.sockets / HTTP_SOCKET}"
 
 
 def shipped_tokenizer() -> Tokenize:
@@ -125,6 +154,7 @@ class Gateway:
         self.authz = AuthzPicker(self.picker) if opts.transport is PickerTransport.EXT_AUTHZ else None
         self._eds_version = 0
         self.bus: Bus | None = None
+        self.relay: FeedRelay | None = None  # the engine feed's child process, when feed_window_s is set
 
     def pool_addresses(self) -> dict[str, str]:
         """Endpoint id → host:port."""
@@ -162,45 +192,78 @@ class Gateway:
         return None
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        """Serve until cancelled."""
+        """Serve until cancelled. Whatever it started is stopped when it ends, start-up failures included (a
+        listener that cannot bind must not leave the feed relay child or the NATS connection behind)."""
         self.opts.eds_path.parent.mkdir(parents=True, exist_ok=True)
         if not self.opts.eds_path.exists():  # a replica (re)starting beside others must not empty their pool
             write_eds(self.opts.eds_path, eds_document([], 0))
-        nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1)
-        self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
-        relay = await self._subscribe(nc)
-        server = grpc.aio.server()
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
-        server.add_generic_rpc_handlers((health_handler(),))
-        background = [asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, time.time))]
-        if relay is not None:
-            background.append(asyncio.create_task(relay.run()))
-        http: asyncio.Server | None = None
-        if self.authz is not None:
-            als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(self.authz), server)
-            authz = self.authz
-            http = await asyncio.get_running_loop().create_server(
-                lambda: OneByOne(authz.answer, unsent=authz.unsent), self.opts.grpc_host, self.opts.http_port)
-            background.append(asyncio.create_task(end_unlogged(authz, self.opts.max_request_s)))
-        server.add_insecure_port(f"{self.opts.grpc_host}:{self.opts.grpc_port}")
-        await server.start()
-        log.info("gantry EPP on %s:%d (%s%s, profile %s)", self.opts.grpc_host, self.opts.grpc_port,
-                 self.opts.transport, f" on :{self.opts.http_port}" if http else "", self.opts.profile)
-        if ready is not None:
-            ready.set()
-        try:
-            await server.wait_for_termination()
-        finally:
-            if http is not None:
-                http.close()
-            for task in background:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await server.stop(1.0)
-            if relay is not None:
-                await relay.stop()
+        async with contextlib.AsyncExitStack() as stack:
+            nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1)
+            stack.push_async_callback(_drain, nc)
             if self.capture is not None:
-                self.capture.close()
-            with contextlib.suppress(Exception):
-                await nc.drain()
+                stack.callback(self.capture.close)
+            self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
+            self.relay = await self._subscribe(nc)
+            if self.relay is not None:
+                stack.push_async_callback(self.relay.stop)
+                _background(stack, self.relay.run())
+            _background(stack, expire_forever(self.feed, self.opts.expire_s, time.time))
+            server = grpc.aio.server()
+            pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
+            server.add_generic_rpc_handlers((health_handler(),))
+            if self.authz is not None:
+                als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(self.authz), server)
+                await self._serve_http(self.authz, stack)
+                _background(stack, end_unlogged(self.authz, self.opts.max_request_s))
+            self._add_grpc_port(server, stack)
+            await server.start()
+            stack.push_async_callback(server.stop, 1.0)
+            log.info("gantry EPP on %s (%s%s, profile %s)", self.opts.grpc_address(), self.opts.transport,
+                     f" on {self.opts.http_address()}" if self.authz else "", self.opts.profile)
+            if ready is not None:
+                ready.set()
+            await server.wait_for_termination()
+
+    def _add_grpc_port(self, server: grpc.aio.Server, stack: contextlib.AsyncExitStack) -> None:
+        if not self.opts.tcp:
+            path = free_socket_path(private_dir(self.opts.sockets) / GRPC_SOCKET)
+            stack.callback(remove, path)
+        # grpcio reports a port it could not bind by returning 0 (or raising, depending on the version)
+        if server.add_insecure_port(self.opts.grpc_address()) == 0:
+            raise RuntimeError(f"gRPC listener on {self.opts.grpc_address()} could not bind")
+        if not self.opts.tcp:
+            restrict(self.opts.sockets / GRPC_SOCKET)
+
+    async def _serve_http(self, authz: AuthzPicker, stack: contextlib.AsyncExitStack) -> None:
+        """The ext_authz checks' HTTP listener, on a unix socket unless a TCP port was asked for."""
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> OneByOne:
+            return OneByOne(authz.answer, unsent=authz.unsent)
+
+        if self.opts.tcp:
+            port = self.opts.http_port if self.opts.http_port is not None else DEFAULT_HTTP_PORT
+            http = await loop.create_server(protocol, self.opts.grpc_host, port)
+        else:
+            path = free_socket_path(private_dir(self.opts.sockets) / HTTP_SOCKET)
+            http = await loop.create_unix_server(protocol, str(path))
+            stack.callback(remove, path)
+            restrict(path)
+        stack.callback(http.close)
+
+
+def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` as a task cancelled (and awaited) when ``stack`` closes."""
+    task = asyncio.create_task(work)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
+
+
+async def _drain(nc: NATS) -> None:
+    with contextlib.suppress(Exception):
+        await nc.drain()

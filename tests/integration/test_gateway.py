@@ -5,10 +5,14 @@ request landed: the engine's own request counters."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,12 +21,13 @@ from typing import Any
 
 import httpx
 import nats
+import psutil
 import pytest
 
-from ops.envoy import SERVED, EnvoyOptions, FailureMode, envoy_binary, start_envoy
+from ops.envoy import SERVED, EnvoyOptions, FailureMode, envoy_binary, picker_sockets, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port
 from services.gateway.epp import PICKED
-from services.gateway.protocol import PickerTransport
+from services.gateway.protocol import GRPC_SOCKET, HTTP_SOCKET, PickerTransport
 from shared.bus import subjects
 from shared.bus.messages import EngineMetrics, encode
 
@@ -107,17 +112,19 @@ class Gateway:
     envoy: ServerProcess
     log: Path
     admin_port: int = 0
-    http_ports: tuple[int, ...] = ()  # ext_authz transport: each replica's HTTP port (checks, /stats)
+    socket_dirs: tuple[Path, ...] = ()  # each replica's --socket-dir (its unix sockets)
 
-    def stats(self, port: int = 0) -> dict[str, Any]:
-        """An ext_authz picker's books, from its own port (not routed by Envoy; default: the first replica's)."""
-        out: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port or self.http_ports[0]}/stats", timeout=5).json()
+    def stats(self, replica: int = 0) -> dict[str, Any]:
+        """An ext_authz picker replica's books, from its own HTTP socket (not routed by Envoy)."""
+        sock = self.socket_dirs[replica] / HTTP_SOCKET
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as c:
+            out: dict[str, Any] = c.get("http://picker/stats", timeout=5).json()
         return out
 
     def picker_health(self) -> list[str]:
         """Envoy's view of each picker replica (``healthy`` or its failure flags), from its admin API."""
         text = httpx.get(f"http://127.0.0.1:{self.admin_port}/clusters", timeout=5).text
-        return re.findall(r"^gantry_epp::[\d.:]+::health_flags::(\S+)$", text, re.M)
+        return re.findall(r"^gantry_epp::[^:]+::health_flags::(\S+)$", text, re.M)
 
     def envoy_stats(self, prefix: str) -> dict[str, int]:
         """Envoy's counters whose names start with ``prefix`` (admin API)."""
@@ -130,36 +137,49 @@ class Gateway:
         return self.pickers[0]
 
 
+@contextlib.contextmanager
+def socket_dirs(n: int) -> Iterator[tuple[Path, ...]]:
+    """``n`` fresh directories for pickers' unix sockets, under a short path (pytest's ``tmp_path`` can be longer
+    than a socket path may be)."""
+    with tempfile.TemporaryDirectory(prefix="gp-") as root:
+        yield tuple(Path(root) / f"p{i}" for i in range(n))
+
+
 def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
              failure_mode: FailureMode = FailureMode.FAIL_CLOSE,
-             transport: PickerTransport = PickerTransport.EXT_PROC) -> Iterator[Gateway]:
-    """``replicas`` pickers behind one Envoy. ext_authz: each replica's checks on an HTTP port of its own, its
-    gRPC port taking Envoy's access log."""
+             transport: PickerTransport = PickerTransport.EXT_PROC, tcp: bool = False) -> Iterator[Gateway]:
+    """``replicas`` pickers behind one Envoy, each on the unix sockets of its own directory (the default
+    transport; ``tcp``: on ports of 127.0.0.1 instead). ext_authz: checks on each replica's HTTP listener,
+    Envoy's access log to its gRPC one."""
     eds = tmp_path / "eds" / "engines.json"
     eds.parent.mkdir()
-    ports = tuple(free_port() for _ in range(replicas))
-    http_ports = tuple(free_port() for _ in range(replicas)) if transport is PickerTransport.EXT_AUTHZ else ()
     log = tmp_path / "picker.log"
+    authz = transport is PickerTransport.EXT_AUTHZ
     pickers = []
-    with log.open("wb") as fh:
-        for i, port in enumerate(ports):
-            http = ("--transport", "ext_authz", "--http-port", str(http_ports[i])) if http_ports else ()
-            pickers.append(subprocess.Popen(
-                [sys.executable, "-m", "services.gateway", *http, "--nats-url", nats_url, "--eds-path", str(eds),
-                 "--grpc-port", str(port), "--expire-s", "2", *extra], cwd=REPO, stdout=fh,
-                stderr=subprocess.STDOUT))
-    envoy = None
-    try:
-        opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=http_ports or ports,
-                            als_port=ports if http_ports else (), eds_path=eds, failure_mode=failure_mode,
+    with contextlib.ExitStack() as stack:
+        dirs = () if tcp else stack.enter_context(socket_dirs(replicas))
+        grpc: tuple[int | Path, ...]
+        http: tuple[int | Path, ...]
+        if tcp:
+            grpc, http = tuple(free_port() for _ in range(replicas)), tuple(free_port() for _ in range(replicas))
+            listen = [("--grpc-port", str(g), "--http-port", str(h)) for g, h in zip(grpc, http, strict=True)]
+        else:
+            grpc, http = zip(*(picker_sockets(d) for d in dirs), strict=True)
+            listen = [("--socket-dir", str(d)) for d in dirs]
+        with log.open("wb") as fh:
+            for where in listen:
+                pickers.append(subprocess.Popen(
+                    [sys.executable, "-m", "services.gateway", "--transport", transport.value, "--nats-url", nats_url,
+                     "--eds-path", str(eds), *where, "--expire-s", "2", *extra], cwd=REPO,
+                    stdout=fh, stderr=subprocess.STDOUT))
+        for p in pickers:
+            stack.callback(_stop, p)
+        opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=http if authz else grpc,
+                            als_port=grpc if authz else (), eds_path=eds, failure_mode=failure_mode,
                             transport=transport)
         envoy = start_envoy(opts, tmp_path / "envoy")
-        yield Gateway(envoy.url, pickers, envoy, log, opts.admin_port, http_ports)
-    finally:
-        if envoy is not None:
-            envoy.stop()
-        for p in pickers:
-            _stop(p)
+        stack.callback(envoy.stop)
+        yield Gateway(envoy.url, pickers, envoy, log, opts.admin_port, dirs)
 
 
 @pytest.fixture
@@ -475,3 +495,38 @@ def test_only_a_streamed_answer_passes_its_chunks_through_the_picker(gateway: Ga
     assert len(chunks) >= 9
     # the picker asked for this body (first chunk = prefill done): its chunks went through it too
     assert _messages_to_picker(gateway) - after_json > 3
+
+
+def private_listeners(gw: Gateway, *sockets: str) -> None:
+    """Each picker listens on no TCP or UDP port, only on ``sockets`` in its own directory: the directory
+    (mode 0700) and the sockets (0600) are its user's alone."""
+    for proc, d in zip(gw.pickers, gw.socket_dirs, strict=True):
+        inet = psutil.Process(proc.pid).net_connections(kind="inet")
+        assert [c for c in inet if c.status == psutil.CONN_LISTEN or not c.raddr] == []  # its NATS client only
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700 and d.stat().st_uid == os.getuid()
+        for name in sockets:
+            st = (d / name).stat()
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_the_picker_is_reached_only_through_its_private_unix_socket(gateway: Gateway, engines: list[Engine]) -> None:
+    _wait_routable(gateway, len(engines))  # Envoy reaches it (the default transport)
+    private_listeners(gateway, GRPC_SOCKET)
+    assert sorted(p.name for p in gateway.socket_dirs[0].iterdir()) == [GRPC_SOCKET]
+
+
+@pytest.mark.parametrize("transport", list(PickerTransport))
+def test_over_tcp_when_asked_the_picker_routes_as_on_its_socket(nats_server: ServerProcess, tmp_path: Path,
+                                                                engines: list[Engine],
+                                                                transport: PickerTransport) -> None:
+    """The explicit TCP option (Envoy in another container): ports given to both sides, nothing else changes."""
+    gen = _gateway(nats_server.url, tmp_path, 1, transport=transport, tcp=True)
+    gw = next(gen)
+    try:
+        _wait_routable(gw, len(engines))
+        inet = psutil.Process(gw.picker.pid).net_connections(kind="inet")
+        assert any(c.status == psutil.CONN_LISTEN for c in inet)
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat("over tcp", 2, False), timeout=10)
+        assert r.status_code == 200 and r.headers[SERVED] in {e.address for e in engines}
+    finally:
+        gen.close()

@@ -5,6 +5,7 @@ the request landed (the engine's own counters) and in the picker's books (its ``
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -14,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ops.envoy import FailureMode
+from ops.envoy import SERVED, FailureMode
 from ops.servers import ServerProcess
-from services.gateway.protocol import PickerTransport
+from services.gateway.protocol import GRPC_SOCKET, HTTP_SOCKET, PickerTransport
 from tests.integration.test_gateway import (
     MODEL,
     Engine,
@@ -29,6 +30,7 @@ from tests.integration.test_gateway import (
     gateway_marks,
     malformed_then_fine,
     no_endpoint_answer,
+    private_listeners,
     shed_and_kept_on_a_busy_engine,
     streams_land_where_picked,
 )
@@ -159,7 +161,7 @@ def test_killed_picker_replica_checks_go_to_the_others_and_each_keeps_only_its_o
             codes.append(r.status_code)
             time.sleep(0.05)
         assert codes == [200] * 30  # a check the dead replica refused was sent to a live one
-        live = gw.http_ports[1:]
+        live = range(1, len(gw.pickers))
         deadline = time.monotonic() + 5
         while any(gw.stats(p)["inflight"] for p in live) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -169,5 +171,53 @@ def test_killed_picker_replica_checks_go_to_the_others_and_each_keeps_only_its_o
         assert all(set(b["endpoints"].values()) == {0} for b in books)
         assert all(b["finished"] == b["picks"] for b in books)
         assert sum(b["picks"] for b in books) >= 30
+    finally:
+        gen.close()
+
+
+def test_the_picker_is_reached_only_through_its_private_unix_sockets(gateway: Gateway, engines: list[Engine]) -> None:
+    _wait_routable(gateway, len(engines))  # checks on its HTTP socket, the access log on its gRPC one
+    private_listeners(gateway, GRPC_SOCKET, HTTP_SOCKET)
+
+
+def test_a_client_sent_pick_id_never_reaches_the_access_log(gateway: Gateway, engines: list[Engine]) -> None:
+    """A forged ``x-gantry-pick-id`` on a refused or a routed request: Envoy drops it before anything reads it,
+    so the access log (which ends the picker's books) names only the picker's own ids."""
+    _wait_routable(gateway, len(engines))
+    forged = {"x-gantry-pick-id": "forged", "x-gantry-endpoints": "forged"}
+    refused = httpx.post(f"{gateway.url}/v1/chat/completions", json={**_chat("hi"), "model": "no-such-model"},
+                         headers={**forged, "x-request-id": "refused-1"}, timeout=10)
+    routed = httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("forging", 2, False),
+                        headers={**forged, "x-request-id": "routed-1"}, timeout=10)
+    assert (refused.status_code, routed.status_code) == (503, 200)
+    log = gateway.envoy.log_path.parent / "access.log"
+    deadline = time.monotonic() + 10  # Envoy flushes its file log about once a second (later on a busy host)
+    while "x-request-id=routed-1" not in (text := log.read_text()) or "x-request-id=refused-1" not in text:
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.1)
+    picks = dict(re.findall(r"x-request-id=(\S+) pick=(\S+)", text))
+    assert picks["refused-1"] == "-"
+    assert picks["routed-1"].startswith("routed-1#") and "forged" not in picks["routed-1"]
+    books = _settled(gateway)
+    assert books["inflight"] == 0 and books["finished"] == books["picks"]
+
+
+def test_a_client_cannot_choose_the_engine_when_no_picker_decides(nats_server: ServerProcess, tmp_path: Path,
+                                                                 engines: list[Engine]) -> None:
+    """FailOpen with the picker dead: Envoy's own choice among the model's servers, not the destination a client
+    names (the override policy would follow that header)."""
+    gen = _authz_gateway(nats_server.url, tmp_path, FailureMode.FAIL_OPEN)
+    gw = next(gen)
+    try:
+        _wait_routable(gw, len(engines))
+        gw.picker.send_signal(signal.SIGKILL)
+        gw.picker.wait(5)
+        served = []
+        for i in range(6):
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat(f"chosen {i}", 2, False), timeout=10,
+                           headers={"x-gateway-destination-endpoint": engines[0].address})
+            assert r.status_code == 200
+            served.append(r.headers[SERVED])
+        assert set(served) == {e.address for e in engines}  # round robin, both engines
     finally:
         gen.close()

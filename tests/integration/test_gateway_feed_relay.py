@@ -8,14 +8,20 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import nats
+import psutil
 import pytest
 
 from ops.servers import ServerProcess
 from services.gateway.feed_relay import LENGTH, FeedRelay, Kind, Relayed, unframe
+from services.gateway.listen import ListenError
+from services.gateway.protocol import GRPC_SOCKET
+from services.gateway.service import Gateway, GatewayOptions
 from shared.bus import subjects
 from tests.integration.test_gateway import REPO
 
@@ -98,3 +104,32 @@ def test_the_child_exits_when_its_picker_is_gone(nats_server: ServerProcess) -> 
     finally:
         if child.poll() is None:
             child.kill()
+
+
+def test_a_picker_that_fails_to_start_leaves_no_feed_relay_child_behind(nats_server: ServerProcess,
+                                                                        tmp_path: Path) -> None:
+    """The relay child is started before the listeners; one that cannot bind (here: its socket path is taken by
+    a file) ends the start-up, and the child with it, while the process that ran the picker lives on."""
+    me = psutil.Process()
+
+    def relays() -> list[psutil.Process]:
+        return [p for p in me.children(recursive=True)
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "feed_relay" in " ".join(p.cmdline())]
+
+    async def start_and_fail(sockets: Path) -> Gateway:
+        gw = Gateway(GatewayOptions(nats_url=nats_server.url, eds_path=tmp_path / "eds" / "e.json",
+                                    socket_dir=sockets, feed_window_s=0.01))
+        with pytest.raises(ListenError, match="not a socket"):
+            await gw.run()
+        return gw
+
+    assert relays() == []
+    with tempfile.TemporaryDirectory(prefix="gf-") as d:
+        (Path(d) / GRPC_SOCKET).write_text("taken")
+        loop = asyncio.new_event_loop()
+        try:
+            gw = loop.run_until_complete(start_and_fail(Path(d)))
+            assert gw.relay is not None and gw.relay.starts == 1  # it had started
+            assert relays() == []  # checked while the loop (and the picker's process) still live
+        finally:
+            loop.close()

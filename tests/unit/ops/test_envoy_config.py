@@ -3,6 +3,7 @@ replica is taken out, and the model-aware fallback the fail-open mode relies on.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,25 @@ from ops.envoy import (
     FailureMode,
     PickerTransport,
     envoy_config,
+    internal_header_pattern,
     main,
+    parse_args,
 )
 from services.gateway.pool import eds_document
-from services.gateway.protocol import CHECK_PREFIX, MODELS_PATH, PICK_ID_HEADER, authz_status
+from services.gateway.protocol import (
+    CHECK_PREFIX,
+    DEFAULT_SOCKET_DIR,
+    GRPC_SOCKET,
+    MODELS_PATH,
+    PICK_ID_HEADER,
+    authz_status,
+)
 from shared.core.routing import Endpoint
 
 
 def _cfg(**kw: Any) -> dict[str, Any]:
-    return envoy_config(EnvoyOptions(listen_port=1, admin_port=2, epp_port=(3, 4), eds_path=Path("/x/e.json"), **kw))
+    return envoy_config(EnvoyOptions(**{"listen_port": 1, "admin_port": 2, "epp_port": (3, 4),
+                                        "eds_path": Path("/x/e.json"), **kw}))
 
 
 def _filters(cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -213,3 +224,52 @@ def test_envoy_closes_an_idle_engine_connection_before_the_engine_would() -> Non
     assert opts["explicit_http_config"] == {"http_protocol_options": {}}  # HTTP/1.1, as before
     idle = float(opts["common_http_protocol_options"]["idle_timeout"].rstrip("s"))
     assert 0 < idle < 5.0  # uvicorn's (and vLLM's) keep-alive: a request on a connection it is closing fails
+
+
+def _addresses(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e["endpoint"]["address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+
+
+def test_a_picker_given_as_a_path_is_reached_on_its_unix_socket_and_a_port_on_tcp() -> None:
+    sock = Path("/run/p/epp.sock")
+    cfg = _cfg(epp_port=(sock, 7))
+    assert _addresses(_cluster(cfg, EPP_CLUSTER)) == [
+        {"pipe": {"path": "/run/p/epp.sock"}}, {"socket_address": {"address": "127.0.0.1", "port_value": 7}}]
+    authz = _cfg(transport=PickerTransport.EXT_AUTHZ, epp_port=Path("/p/authz.sock"), als_port=sock)
+    assert _addresses(_cluster(authz, EPP_CLUSTER)) == [{"pipe": {"path": "/p/authz.sock"}}]
+    assert _addresses(_cluster(authz, "gantry_als_0")) == [{"pipe": {"path": "/run/p/epp.sock"}}]
+
+
+def test_the_cli_reaches_the_picker_on_its_default_unix_socket_unless_given_a_port() -> None:
+    o, _ = parse_args(["--eds-path", "e.json"])
+    assert o.epp_ports == (Path(DEFAULT_SOCKET_DIR).resolve() / GRPC_SOCKET,) and o.als_ports == ()
+    o, _ = parse_args(["--eds-path", "e.json", "--transport", "ext_authz", "--socket-dir", "/a", "--socket-dir", "/b"])
+    assert o.epp_ports == (Path("/a/authz.sock"), Path("/b/authz.sock"))
+    assert o.als_ports == (Path("/a/epp.sock"), Path("/b/epp.sock"))
+    o, _ = parse_args(["--eds-path", "e.json", "--epp-port", "9002"])
+    assert o.epp_ports == (9002,)
+
+
+def test_the_cli_refuses_a_socket_directory_and_a_port_together(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--eds-path", "e.json", "--epp-port", "1", "--socket-dir", "/a"])
+    assert "exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "stripped"), [
+    ("x-gantry-pick-id", True), ("x-gantry-endpoints", True), ("x-gantry-", True), ("x-gantry-prio", True),
+    ("x-gantry-priorityx", True), ("x-gantry-anything-new", True),
+    ("x-gantry-priority", False), ("x-request-id", False), ("x-session-id", False),
+    ("x-gateway-inference-fairness-id", False), ("content-type", False)])
+def test_the_gateways_own_x_gantry_headers_are_stripped_but_the_clients_priority_is_kept(name: str,
+                                                                                        stripped: bool) -> None:
+    assert bool(re.fullmatch(internal_header_pattern(), name)) is stripped
+
+
+@pytest.mark.parametrize("transport", list(PickerTransport))
+def test_client_sent_gateway_headers_are_removed_before_any_other_filter(transport: PickerTransport) -> None:
+    first = _filters(_cfg(transport=transport))[0]
+    assert first["name"] == "envoy.filters.http.header_mutation"
+    rules = [m["remove_on_match"]["key_matcher"] for m in first["typed_config"]["mutations"]["request_mutations"]]
+    assert rules == [{"safe_regex": {"regex": internal_header_pattern()}}, {"prefix": DESTINATION}]
+    assert len(internal_header_pattern()) < 200  # Envoy refuses an RE2 program over 100 instructions
