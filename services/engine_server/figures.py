@@ -64,6 +64,7 @@ class ClockLag:
 
     def record(self, lag: float) -> None:
         """Note one step's lag."""
+        # EngineRunner._end (runner.py) has these lines inline for every step: change both
         self.last_s = lag
         if lag > self.max_s:
             self.max_s = lag

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from shared.core.placement.choice import gpu_decision
 from shared.core.placement.context import PlacementContext
-from shared.core.placement.domain import Candidate, Decision, ModelSpec
+from shared.core.placement.domain import Decision, ModelSpec
 from shared.core.placement.fitting import GpuBatch
 from shared.core.placement.incremental import fitting_rows, pick_kept
 from shared.core.placement.pipeline import GpuFit, score_gpus
@@ -46,12 +47,8 @@ def score_positions(
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
     kept = pick_kept(ctx, pos, ram_claim, cpu_claim)
     if kept is not None:
-        r, s, total, breakdown, count = kept
-        chosen = Candidate(worker=snapshot.name_of(r), gpu_indexes=(int(snapshot.g_index[r, s]),),
-                           vram_claims=(int(pos.dense_claims[r, s]),), ram_claim=ram_claim, strategy=strategy,
-                           cpu_claim=cpu_claim)
-        return Decision(model=model.name, candidate=chosen, score=total, breakdown=breakdown,
-                        candidates_considered=count)
+        batch, picked = kept
+        return gpu_decision(snapshot, model, batch, strategy, picked)
     return score_all_positions(snapshot, model, pos, ram_claim, strategy, profile, cpu_claim)
 
 

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.core.placement import lru
 from shared.core.placement.best_gpu import keys_of, pick_in_rows, row_max
+from shared.core.placement.choice import GpuPick, Parts, breakdown_at
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.fitting import GpuBatch
 from shared.core.placement.pipeline import QUANTUM, factor
@@ -37,9 +39,11 @@ from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, FloatArra
 _MEMO = "incremental.kept"
 _COLUMNS = "incremental.columns"
 _FEW_ROWS = 4  # up to this many moved rows are refreshed in Python values
-_KEPT = 8  # kept states (one per candidate set and varying-part key in use: models of one shape share one)
+# Kept states (one per candidate set and varying-part key in use: models of one shape share one); beyond this many
+# the least recently used is dropped (``lru``).
+_KEPT = 8
 
-Picked = tuple[int, int, float, dict[str, float], int]  # row, slot, total, breakdown, candidates still fitting
+Picked = tuple[GpuBatch, GpuPick]  # the candidates still fitting, the choice among them
 
 
 def fitting_rows(snapshot: ClusterSnapshot, pos: Positions, rows: IntArray | slice, ram_claim: int,
@@ -118,9 +122,8 @@ def _fill_few(kept: _Kept, rows: list[int], snap: ClusterSnapshot, ram: int, cpu
 
 def _kept(snap: ClusterSnapshot, pos: Positions, ram: int, cpu: int, form: SlotRows, k: float) -> _Kept:
     """The state for this candidate set and varying part, brought up to date (made on first use)."""
-    memos: dict[tuple[object, ...], _Kept] = snap.memo.setdefault(_MEMO, {})
     key = (id(pos), ram, cpu, form.key, k)
-    kept = memos.get(key)
+    kept: _Kept | None = lru.used(snap.memo, _MEMO, key)
     stamp = snap.w_stamp[: pos.mask.shape[0]]
     if kept is None or kept.pos is not pos or kept.layout != snap.layout:
         rows, width = pos.mask.shape
@@ -128,9 +131,7 @@ def _kept(snap: ClusterSnapshot, pos: Positions, ram: int, cpu: int, form: SlotR
                      values=np.zeros((rows, width), dtype=np.float64), best=np.full(rows, -np.inf),
                      counts=np.zeros(rows, dtype=np.int64), count=0)
         _fill(kept, slice(0, rows), snap, ram, cpu, form, k)
-        if len(memos) >= _KEPT:
-            memos.clear()
-        memos[key] = kept
+        lru.keep(snap.memo, _MEMO, key, kept, _KEPT)
         return kept
     moved = np.flatnonzero(stamp != kept.stamp)
     if len(moved) > len(stamp) // 4:
@@ -154,15 +155,12 @@ class _Column:
 
 def _column(snap: ClusterSnapshot, form: SlotRows) -> FloatArray:
     """A row-local column (unweighted, as ``score_batch`` returns it), its moved rows recomputed."""
-    memos: dict[tuple[object, ...], _Column] = snap.memo.setdefault(_COLUMNS, {})
     rows = snap.rows
     stamp = snap.w_stamp[:rows]
-    kept = memos.get(form.key)
+    kept: _Column | None = lru.used(snap.memo, _COLUMNS, form.key)
     if kept is None or kept.layout != snap.layout or len(kept.stamp) != rows:
-        if len(memos) >= _KEPT:
-            memos.clear()
-        kept = memos[form.key] = _Column(layout=snap.layout, stamp=stamp.copy(),
-                                         values=form.score(np.arange(rows, dtype=np.int64)))
+        kept = _Column(layout=snap.layout, stamp=stamp.copy(), values=form.score(np.arange(rows, dtype=np.int64)))
+        lru.keep(snap.memo, _COLUMNS, form.key, kept, _KEPT)
         return kept.values
     moved = np.flatnonzero(stamp != kept.stamp)
     if len(moved):
@@ -185,8 +183,8 @@ def _varying(ctx: PlacementContext, scorers: Sequence[tuple[float, Scorer]], cla
 
 
 def pick_kept(ctx: PlacementContext, pos: Positions, ram_claim: int, cpu_claim: int) -> Picked | None:
-    """The full path's pick among the candidates of ``pos`` that still fit (row, slot, total, breakdown, how many
-    still fit), from kept per-row state; None when that does not apply (the caller takes the full path)."""
+    """The candidates of ``pos`` that still fit and the full path's pick among them, from kept per-row state; None
+    when that does not apply (the caller takes the full path)."""
     snap = ctx.snapshot
     rows = pos.mask.shape[0]
     if pos.layout != snap.layout or rows != snap.rows:
@@ -204,7 +202,7 @@ def pick_kept(ctx: PlacementContext, pos: Positions, ram_claim: int, cpu_claim: 
         return None
     batch = GpuBatch(mask=kept.mask, claims=pos.dense_claims, ram_claim=ram_claim, count=kept.count,
                      cpu_claim=cpu_claim)
-    parts: list[tuple[str, FloatArray]] = []
+    parts: Parts = []
     row_total = np.zeros(rows, dtype=np.float64)
     for i, ((k, scorer), cfg) in enumerate(zip(scorers, ctx.profile.scorers, strict=True)):
         if i == at:
@@ -227,5 +225,4 @@ def pick_kept(ctx: PlacementContext, pos: Positions, ram_claim: int, cpu_claim: 
     if found is None:
         return None
     r, s, total = found
-    breakdown = {name: float(values[r, s if values.shape[1] > 1 else 0]) for name, values in parts}
-    return r, s, total, breakdown, kept.count
+    return batch, (r, s, total, breakdown_at(parts, r, s))

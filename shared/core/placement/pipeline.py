@@ -16,6 +16,7 @@ import numpy as np
 
 from shared.core.catalog.models import ModelArch
 from shared.core.placement.best_gpu import best_gpu
+from shared.core.placement.choice import GpuPick, Parts, Scored, breakdown_at, decision, gpu_candidate, gpu_decision
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import (
     Candidate,
@@ -45,7 +46,6 @@ from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
 from shared.core.placement.scorers import SCORERS
 from shared.core.placement.snapshot import BoolArray, ClusterSnapshot, FloatArray
 
-_Scored = tuple[Candidate, float, dict[str, float]]  # chosen candidate, total score, breakdown
 QUANTUM = 1e6  # scores are compared in millionths of a point: float noise never decides a tie
 
 
@@ -359,12 +359,9 @@ def _score_reference(
     return best, totals[best], {name: values[best] for name, values in parts}
 
 
-_Parts = list[tuple[str, FloatArray]]
-
-
-def _batch_parts(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatch) -> _Parts | None:
+def _batch_parts(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatch) -> Parts | None:
     """Each scorer's weighted scores over a fast-path batch; None if a scorer has no fast form."""
-    parts: _Parts = []
+    parts: Parts = []
     for cfg in ctx.profile.scorers:
         scorer = SCORERS[cfg.name].configured(cfg.args, "scorer")
         if isinstance(batch, GpuBatch):
@@ -380,14 +377,14 @@ def _batch_parts(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatch
     return parts
 
 
-def _sum_parts(parts: _Parts, shape: tuple[int, ...]) -> FloatArray:
+def _sum_parts(parts: Parts, shape: tuple[int, ...]) -> FloatArray:
     total: FloatArray = np.zeros(shape, dtype=np.float64)
     for _, values in parts:  # 0.0 + a + b + ..., in profile order, as the reference path sums
         np.add(total, values, out=total)  # the same sums, without a new array per scorer
     return total
 
 
-def _batch_totals(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatch) -> tuple[_Parts, FloatArray] | None:
+def _batch_totals(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatch) -> tuple[Parts, FloatArray] | None:
     """Each scorer's weighted scores and their sum over a fast-path batch; None if a scorer has no fast form."""
     parts = _batch_parts(ctx, batch)
     if parts is None:
@@ -396,11 +393,7 @@ def _batch_totals(ctx: PlacementContext, batch: GpuBatch | GpuSetBatch | RowBatc
     return parts, _sum_parts(parts, shape)
 
 
-def _breakdown(parts: _Parts, r: int, s: int) -> dict[str, float]:
-    return {name: float(values[r, s if values.shape[1] > 1 else 0]) for name, values in parts}
-
-
-def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, float, dict[str, float]] | None:
+def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> GpuPick | None:
     """(row, slot, total, breakdown) of the best single-GPU candidate, or None if a scorer has no fast path.
 
     This runs once per decision over every GPU of the cluster: ``best_gpu`` finds the choice from per-row
@@ -415,10 +408,10 @@ def _score_batch(ctx: PlacementContext, batch: GpuBatch) -> tuple[int, int, floa
     if found is None:
         return _pick_summed(ctx, batch, parts)
     r, s, total = found
-    return r, s, total, _breakdown(parts, r, s)
+    return r, s, total, breakdown_at(parts, r, s)
 
 
-def _pick_summed(ctx: PlacementContext, batch: GpuBatch, parts: _Parts) -> tuple[int, int, float, dict[str, float]]:
+def _pick_summed(ctx: PlacementContext, batch: GpuBatch, parts: Parts) -> GpuPick:
     """``_score_batch``'s choice from every candidate's total (the general form)."""
     shape = batch.mask.shape
     total = _sum_parts(parts, shape)
@@ -440,7 +433,7 @@ def _pick_summed(ctx: PlacementContext, batch: GpuBatch, parts: _Parts) -> tuple
         order = (snap.ranks()[rows] << 32) + snap.g_index[rows, slots]
         best = int(tied[np.argmin(order)])
     r, s = divmod(best, width)
-    return r, s, float(total[r, s]), _breakdown(parts, r, s)
+    return r, s, float(total[r, s]), breakdown_at(parts, r, s)
 
 
 def _score_sets(
@@ -464,7 +457,7 @@ def _score_sets(
     return best, float(total[best]), {name: float(values[best]) for name, values in parts}
 
 
-def _score_candidates_fast(ctx: PlacementContext, candidates: Sequence[Candidate]) -> _Scored | None:
+def _score_candidates_fast(ctx: PlacementContext, candidates: Sequence[Candidate]) -> Scored | None:
     """Score a candidate list through the column fast path when its shape allows it, else None.
 
     Allowed: every candidate on one worker of the snapshot, with the same GPU count (at least one), the
@@ -547,7 +540,7 @@ def run_scoring(
         ordered = sorted(candidates, key=_candidate_key)
         best, total, breakdown = _score_reference(ctx, ordered)
         scored = (ordered[best], total, breakdown)
-    return _decision(model, scored, filters, len(candidates))
+    return decision(model, scored, tuple(filters), len(candidates))
 
 
 # ------------------------------------------------------------------------------------------- fast path
@@ -590,22 +583,7 @@ def score_gpus(
         return None
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
     scored = _score_batch(ctx, batch)
-    if scored is None:
-        return None
-    r, s, total, breakdown = scored
-    claims = batch.claims
-    claim = int(claims[r, s] if claims.shape == batch.mask.shape else np.broadcast_to(claims, batch.mask.shape)[r, s])
-    chosen = Candidate(
-        worker=snapshot.name_of(r),
-        gpu_indexes=(int(snapshot.g_index[r, s]),),
-        vram_claims=(claim,),
-        ram_claim=batch.ram_claim,
-        strategy=fit.strategy,
-        cpu_claim=batch.cpu_claim,
-    )
-    return Decision(
-        model=model.name, candidate=chosen, score=total, breakdown=breakdown, candidates_considered=len(batch)
-    )
+    return None if scored is None else gpu_decision(snapshot, model, batch, fit.strategy, scored)
 
 
 # ------------------------------------------------------------------------------------------- place
@@ -658,10 +636,10 @@ def place(
             fitted.candidates = _batch_candidates(ctx, fitted.batch, fitted.strategy or "")
         best, total, breakdown = _score_reference(ctx, fitted.candidates)
         scored = (fitted.candidates[best], total, breakdown)
-    return _decision(model, scored, reports, considered)
+    return decision(model, scored, tuple(reports), considered)
 
 
-def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> _Scored | None:
+def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> Scored | None:
     """The best candidate of a fast-path batch, or None when a scorer lacks the fast form."""
     snap, strategy = ctx.snapshot, fitted.strategy or ""
     if isinstance(fitted.batch, RowBatch):
@@ -696,27 +674,7 @@ def _pick_fast(ctx: PlacementContext, fitted: _Fitted) -> _Scored | None:
     if single is None:
         return None
     r, s, total, breakdown = single
-    chosen = Candidate(
-        worker=snap.name_of(r),
-        gpu_indexes=(int(snap.g_index[r, s]),),
-        vram_claims=(int(np.broadcast_to(fitted.batch.claims, fitted.batch.mask.shape)[r, s]),),
-        ram_claim=fitted.batch.ram_claim,
-        strategy=strategy,
-        cpu_claim=fitted.batch.cpu_claim,
-    )
-    return chosen, total, breakdown
-
-
-def _decision(model: ModelSpec, scored: _Scored, filters: Sequence[FilterReport], considered: int) -> Decision:
-    chosen, total, breakdown = scored
-    return Decision(
-        model=model.name,
-        candidate=chosen,
-        score=total,
-        breakdown=breakdown,
-        filters=tuple(filters),
-        candidates_considered=considered,
-    )
+    return gpu_candidate(snap, fitted.batch, r, s, strategy), total, breakdown
 
 
 # ------------------------------------------------------------------------------------------- scale-down

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.core.placement.context import PlacementContext
-from shared.core.placement.domain import Decision, ModelSpec, PlacementStrategy, ResourceRequest
+from shared.core.placement.domain import GIB, Decision, Gpu, ModelSpec, PlacementStrategy, ResourceRequest, Worker
 from shared.core.placement.fastpath import Positions, score_positions
 from shared.core.placement.fitting import GpuBatch
 from shared.core.placement.pipeline import place, run_scoring
@@ -96,3 +96,25 @@ def test_located_candidates_rescored_replica_after_replica_decide_as_run_scoring
         assert (fast.candidate, fast.score, fast.breakdown) == (reference.candidate, reference.score,
                                                                reference.breakdown)
         snap.upsert_instance(instance_from_decision(fast, f"r{n}", created_at=float(n)))
+
+
+def test_a_claim_scored_often_keeps_its_row_scores_while_more_claims_than_are_kept_pass_through() -> None:
+    """One claim scored between each of six others (more than the memos kept): its memo is never rebuilt."""
+    snap = ClusterSnapshot.from_parts([
+        Worker(name=f"w{i}", gpus=tuple(Gpu(index=g, vram_total=80 * GIB) for g in range(4)), ram_total=256 * GIB,
+               last_heartbeat=NOW)
+        for i in range(8)
+    ])
+    model = _binpack(ModelSpec(name="m", source="m", weight_bytes=2 * GIB))
+    ctx = PlacementContext(snapshot=snap, model=model, profile=DEFAULT_PROFILE)
+    binpack = Binpack.configured()
+
+    def memo_of(claim: int) -> object:
+        return next(m for m in snap.memo["binpack.rows"] if int(m.claims[0, 0]) == claim)
+
+    binpack.score_batch(ctx, _every_gpu(snap, 4 * GIB, GIB))
+    hot = memo_of(4 * GIB)
+    for n in range(6):
+        binpack.score_batch(ctx, _every_gpu(snap, (10 + n) * GIB, GIB))
+        binpack.score_batch(ctx, _every_gpu(snap, 4 * GIB, GIB))
+        assert memo_of(4 * GIB) is hot

@@ -265,3 +265,31 @@ def test_binpack_decisions_come_from_kept_rows() -> None:
         assert got is not None and bits(got) == bits(full_path(snap, EMB, pos, ram, cpu, strategy, DEFAULT_PROFILE))
         snap.upsert_instance(instance_from_decision(got, f"r{n}", created_at=float(n)))
     assert snap.memo.get("incremental.kept")
+
+
+def test_models_decided_often_keep_their_rows_while_more_models_than_are_kept_pass_through() -> None:
+    """Two hot models, each decided between every decision of ten others (more than ``_KEPT`` sets in use): the hot
+    ones' kept rows are never rebuilt (the same state object throughout), and every decision is the full path's."""
+    snap = fleet(40, 4)
+    located_sets = [located(snap, EMB) for _ in range(12)]  # each a candidate set of its own (its own kept state)
+    assert all(found is not None for found in located_sets)
+    sets = [found for found in located_sets if found is not None]
+    hot, cold = sets[:2], sets[2:]
+
+    def decide(found: tuple[Positions, int, int, str], n: int) -> None:
+        pos, ram, cpu, strategy = found
+        got = score_positions(snap, EMB, pos, ram, strategy, DEFAULT_PROFILE, cpu)
+        assert got is not None and bits(got) == bits(full_path(snap, EMB, pos, ram, cpu, strategy, DEFAULT_PROFILE))
+        snap.upsert_instance(instance_from_decision(got, f"r{n}", created_at=float(n)))
+
+    def state_of(pos: Positions) -> object:
+        return next(k for k in snap.memo["incremental.kept"].values() if k.pos is pos)
+
+    for n, found in enumerate(hot):
+        decide(found, n)
+    first = [state_of(found[0]) for found in hot]
+    for n, found in enumerate(cold * 2):
+        for h, warm in enumerate(hot):
+            decide(warm, 100 + 10 * n + h)
+        decide(found, 1000 + n)
+    assert all(a is b for a, b in zip((state_of(found[0]) for found in hot), first, strict=True))

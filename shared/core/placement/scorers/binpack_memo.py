@@ -19,7 +19,7 @@ import numpy as np
 from shared.core.placement.snapshot import ClusterSnapshot, FloatArray, IntArray
 
 _MEMO = "binpack.rows"
-_KEPT = 4  # memos kept (one per claim in use: models of one shape share one)
+_KEPT = 4  # memos kept (one per claim in use: models of one shape share one), the least recently used dropped
 
 RowScorer = Callable[[IntArray | slice, IntArray], FloatArray]
 """Scores of the given rows (an index array, or a slice of every row) from those rows' claims."""
@@ -44,15 +44,18 @@ def row_scores(snap: ClusterSnapshot, claims: IntArray, key: tuple[object, ...],
     full = claims if claims.shape == shape else np.broadcast_to(claims, shape)  # the located claims are full
     memos: list[RowScores] = snap.memo.setdefault(_MEMO, [])
     # Compared by value, never by identity: a caller may refill one claims array between calls.
-    memo = next((m for m in memos if m.key == key and m.layout == snap.layout and m.scores.shape == shape
-                 and np.array_equal(m.claims, full)), None)
+    at = next((i for i, m in enumerate(memos) if m.key == key and m.layout == snap.layout
+               and m.scores.shape == shape and np.array_equal(m.claims, full)), -1)
     stamp = snap.w_stamp[:rows]
-    if memo is None:
+    if at < 0:
         memo = RowScores(layout=snap.layout, key=key, claims=full.copy(), stamp=stamp.copy(),
                          scores=score(slice(0, rows), full))
         memos.insert(0, memo)
         del memos[_KEPT:]
         return memo.scores.copy()
+    memo = memos[at]
+    if at:  # the most recently used first, the least last (the one dropped): a claim in steady use stays kept
+        memos.insert(0, memos.pop(at))
     moved = np.flatnonzero(stamp != memo.stamp)
     if len(moved) > rows // 4:
         memo.scores = score(slice(0, rows), full)
