@@ -13,7 +13,8 @@ import uvloop
 
 from services.workers.emulator import FleetConfig, run_fleet
 from shared.bus.runtime import nats_options
-from shared.settings import load_settings
+from shared.envsettings import credentials_path, identity_secret, with_user
+from shared.settings import Settings, load_settings
 
 
 def parse(argv: list[str] | None = None) -> FleetConfig:
@@ -38,7 +39,8 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
                    help="run an emulated engine server per instance (RUNNING once it answers; drains for real)")
     p.add_argument("--engine-nats-url", default=os.environ.get(ENGINE_NATS_URL_ENV) or None,
                    help=f"NATS URL the engine servers publish on, as the engine identity (default "
-                        f"${ENGINE_NATS_URL_ENV}, else the fleet's NATS server without the fleet's credentials)")
+                        f"${ENGINE_NATS_URL_ENV}, else the fleet's NATS server as the engine identity when "
+                        f"GANTRY_CREDENTIALS_FILE holds it, else without credentials)")
     p.add_argument("--engine-start-timeout", type=float, default=30.0, help="seconds a server has to answer /health")
     p.add_argument("--drain-settle", type=float, default=1.0,
                    help="seconds a drain lasts at least (requests routed just before it may still arrive)")
@@ -51,13 +53,24 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
         gpu_vendor=a.gpu_vendor, vram_gib=a.vram_gib, ram_gib=a.ram_gib, labels=labels, cluster=a.cluster,
         heartbeat_interval_s=a.heartbeat_interval, download_delay_s=a.download_delay,
         start_delay_s=a.start_delay, ready_files=tuple(a.ready_file), engines=a.engines,
-        engine_nats_url=a.engine_nats_url or without_credentials(settings.nats_url),
+        engine_nats_url=a.engine_nats_url or engine_url(settings),
         engine_start_timeout_s=a.engine_start_timeout, drain_settle_s=a.drain_settle, engine_args=tuple(a.engine_arg),
     )
 
 
 ENGINE_NATS_URL_ENV = "GANTRY_ENGINE_NATS_URL"
 """Where ``gantry up`` puts the engine identity's NATS URL for a fleet started with ``--engines``."""
+ENGINE_IDENTITY = "engine_server"  # ops.auth.ENGINE (a service does not import ops)
+
+
+def engine_url(settings: Settings) -> str:
+    """The fleet's NATS server as the engine identity, from the credentials file the settings name (compose
+    mounts one in every Gantry container); without credentials when none is named or it lacks the identity."""
+    bare = without_credentials(settings.nats_url)
+    if not settings.credentials_file:  # gantry up lends the URL through the environment instead
+        return bare
+    secret = identity_secret(credentials_path(settings.credentials_file), ENGINE_IDENTITY)
+    return with_user(bare, ENGINE_IDENTITY, secret) if secret else bare
 
 
 def without_credentials(url: str) -> str:

@@ -3,10 +3,14 @@ reports and when a DRAINING instance is idle."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from services.workers.__main__ import parse, without_credentials
+from services.workers.__main__ import engine_url, parse, without_credentials
 from services.workers.engine_policy import EngineLoad, drain_idle, engine_spec_args, parse_load
+from shared.settings import Settings
 
 SAMPLE = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -77,3 +81,11 @@ def test_engines_are_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> No
     assert parse([]).engines is False
     on = parse(["--engines", "--engine-nats-url", "nats://engine_server:x@127.0.0.1:4222"])
     assert on.engines and on.engine_nats_url == "nats://engine_server:x@127.0.0.1:4222"
+
+
+def test_a_compose_fleet_lends_its_servers_the_engine_identity_from_the_credentials_file(tmp_path: Path) -> None:
+    creds = tmp_path / "credentials.json"
+    creds.write_text(json.dumps({"identities": {"engine_server": "e-secret", "workers": "w-secret"}}))
+    settings = Settings(nats_url="nats://workers:w-secret@nats:4222", credentials_file=str(creds))
+    assert engine_url(settings) == "nats://engine_server:e-secret@nats:4222"
+    assert engine_url(Settings(nats_url="nats://workers:w@nats:4222")) == "nats://nats:4222"  # no file named
