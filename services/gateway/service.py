@@ -74,11 +74,15 @@ class GatewayOptions:
     feed_window_s: float | None = None  # engine reports via the relay child, batched this long; None: on this loop
     socket_dir: Path | None = None  # unix sockets here (GRPC_SOCKET, HTTP_SOCKET); None: DEFAULT_SOCKET_DIR
     # PLACEMENT: route only to engines whose instance placement holds RUNNING (instance events on NATS, the
-    # state store read once at start through redis_url); ENGINES: every engine that reports
+    # state store read through redis_url at start, every resync_s and after a NATS reconnection); ENGINES:
+    # every engine that reports
     pool_source: PoolSource = PoolSource.ENGINES
     redis_url: str | None = None
     tls_ca_file: str = ""  # NATS over TLS: the CA to trust (a stack's GANTRY_TLS_CA_FILE)
     resync_s: float = 30.0  # PLACEMENT: the instances read from the state store again this often
+    # PLACEMENT: a read of the instances given up after this long (the store's client alone can retry for about
+    # a minute against an unreachable Redis; the events keep the pool current meanwhile)
+    read_timeout_s: float = 10.0
 
     @property
     def tcp(self) -> bool:
@@ -215,11 +219,12 @@ class Gateway:
     async def _read_instances(self, store: StateStore) -> None:
         """Read every instance from the state store (at start, after a NATS reconnection, and every
         ``resync_s``: core NATS drops the events of an outage, and a missed DRAINING would keep an instance in
-        the pool until the next read)."""
+        the pool until the next read). Events apply at once meanwhile (after the first read), and the read is
+        given up after ``read_timeout_s`` (raising TimeoutError), what is held then standing."""
         self.placed.reading()
         got = None
         try:
-            got = await store.instances()
+            got = await asyncio.wait_for(store.instances(), self.opts.read_timeout_s)
         finally:
             self.placed.load(got)
             self.feed.placement_changed()

@@ -106,7 +106,8 @@ class PlacedInstances:
 
     def __init__(self) -> None:
         self.placed: dict[str, Placed] = {}
-        self._buffer: list[InstanceEvents] | None = []  # events heard before the load ends, replayed after it
+        self._buffer: list[InstanceEvents] | None = []  # events heard before the first load, replayed after it
+        self._touched: set[str] | None = None  # ids events changed since a later read started
 
     @property
     def loaded(self) -> bool:
@@ -114,31 +115,39 @@ class PlacedInstances:
         return self._buffer is None
 
     def reading(self) -> None:
-        """A read of the state store starts (again: after a NATS outage the events missed are lost, and a
-        periodic read bounds how long a missed one can mislead): events heard until ``load`` wait for it."""
+        """A read of the state store starts. Before the first load, events wait for it. On a later read (after
+        a NATS outage the events missed are lost, and a periodic read bounds how long a missed one can mislead)
+        they apply at once, never held back behind a slow store (a DRAINING must take an instance out now),
+        and the instances they touch are remembered so that ``load`` leaves them alone."""
         if self._buffer is None:
-            self._buffer = []
+            self._touched = set()
 
     def load(self, instances: Iterable[Instance] | None) -> None:
-        """The state store's instances, then the events heard while reading them, in order: the store is
-        written before an event is published, so the last buffered event of an instance is never older than
-        what was read. None (the read failed): what is held stands, the events heard meanwhile applied."""
+        """The state store's instances. The first time, then the events heard while reading them, in order:
+        the store is written before an event is published, so the last buffered event of an instance is never
+        older than what was read. On a later read, an instance an event touched meanwhile keeps what the event
+        said (the read may predate it). None (the read failed): what is held stands."""
+        touched, self._touched = self._touched or set(), None
         if instances is not None:
+            kept = {iid: self.placed[iid] for iid in touched if iid in self.placed}
             self.placed.clear()  # in place: the feed holds this mapping
-            self.placed.update((i.id, Placed(i.model, i.state)) for i in instances)
+            self.placed.update((i.id, Placed(i.model, i.state)) for i in instances if i.id not in touched)
+            self.placed.update(kept)
         buffered, self._buffer = self._buffer or [], None
         for evs in buffered:
             self.apply(evs)
 
     def apply(self, evs: InstanceEvents) -> bool:
         """One message of instance events; True when some instance's model or state changed (buffered, and
-        False, before the load)."""
+        False, before the first load)."""
         if self._buffer is not None:
             self._buffer.append(evs)
             return False
         changed = False
         for ev in evs.events:
             iid = ev.instance.id
+            if self._touched is not None:
+                self._touched.add(iid)
             if ev.removed:
                 changed |= self.placed.pop(iid, None) is not None
                 continue

@@ -1,6 +1,7 @@
 """A picker's pool from placement: reporting engines enter the router and the endpoint set only while their
 instance is RUNNING; a drain or a delete takes them out at once; events heard while the instances were being
-read are applied after the read, in order."""
+read are applied after the first read, in order; once loaded, events apply at once, and a later read leaves the
+instances they touched alone."""
 
 from __future__ import annotations
 
@@ -113,14 +114,30 @@ def test_a_later_read_of_the_store_corrects_an_event_that_was_missed() -> None:
     assert pool.routed() == ["a"]
 
 
-def test_a_failed_read_keeps_what_is_held_and_applies_what_was_heard() -> None:
+def test_a_drain_heard_during_a_later_read_takes_the_engine_out_at_once() -> None:
     pool = Pool()
     pool.load(inst("a", S.RUNNING), inst("b", S.RUNNING))
     pool.feed.on_metrics(report("a", 8001), NOW)
     pool.feed.on_metrics(report("b", 8002), NOW)
-    pool.placed.reading()
+    pool.placed.reading()  # a resync starts; the store may take long to answer (or never)
     pool.hear(events((inst("b", S.DRAINING), False)))
-    assert pool.routed() == ["a", "b"]  # still reading
-    pool.placed.load(None)
+    assert pool.routed() == ["a"]  # not held back until the read ends
+    pool.placed.load(None)  # the read failed: what is held stands
     pool.feed.placement_changed()
     assert pool.placed.loaded and pool.routed() == ["a"]
+
+
+def test_a_later_read_leaves_the_instances_heard_of_during_it_alone() -> None:
+    pool = Pool()
+    pool.load(inst("a", S.RUNNING), inst("b", S.RUNNING), inst("c", S.RUNNING))
+    for iid, port in (("a", 8001), ("b", 8002), ("c", 8003)):
+        pool.feed.on_metrics(report(iid, port), NOW)
+    pool.placed.reading()
+    pool.hear(events((inst("b", S.DRAINING), False)))
+    pool.hear(events((inst("c", S.RUNNING), True)))  # deleted
+    # the store answered from before both events: it must not bring b back to RUNNING nor c back at all
+    pool.load(inst("a", S.RUNNING), inst("b", S.RUNNING), inst("c", S.RUNNING))
+    assert pool.routed() == ["a"] and "c" not in pool.placed.placed
+    pool.placed.reading()  # the next read starts afresh: what it says of b stands
+    pool.load(inst("a", S.RUNNING), inst("b", S.RUNNING))
+    assert pool.routed() == ["a", "b"]
