@@ -200,13 +200,15 @@ def internal_header_pattern() -> str:
 
 def _strip_internal_headers() -> dict[str, Any]:
     """First in the chain: a client's ``x-gantry-pick-id`` would otherwise reach the access log (and end another
-    request's books), and its ``x-gateway-destination-endpoint`` would choose the engine when no picker does.
-    (Two rules: Envoy refuses a regular expression whose RE2 program is over 100 instructions.)"""
+    request's books), its ``x-gateway-destination-endpoint`` would choose the engine when no picker does, and
+    its ``x-envoy-*`` would set Envoy's timeout or retries were it ever taken for internal. (Separate rules: Envoy
+    refuses a regular expression whose RE2 program is over 100 instructions.)"""
     return _typed("envoy.filters.http.header_mutation",
                   "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
                   mutations={"request_mutations": [
                       {"remove_on_match": {"key_matcher": {"safe_regex": {"regex": internal_header_pattern()}}}},
-                      {"remove_on_match": {"key_matcher": {"prefix": DESTINATION}}}]})
+                      {"remove_on_match": {"key_matcher": {"prefix": DESTINATION}}},
+                      {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}}]})
 
 
 def _model_to_metadata() -> dict[str, Any]:
@@ -436,6 +438,10 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
         "envoy.filters.network.http_connection_manager",
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="gantry", codec_type="AUTO",
+        # the peer is the client, whatever x-forwarded-for it sends, and no client counts as internal (pinned:
+        # older Envoys, and Envoy 1.40 with its runtime flag off, count private addresses internal), so Envoy
+        # drops a client's x-envoy-* controls (timeout, retries) instead of honouring them
+        use_remote_address=True, xff_num_trusted_hops=0, internal_address_config={"cidr_ranges": []},
         route_config={"name": "gantry", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": _routes(o)}]},
         http_filters=[_strip_internal_headers(), _model_to_metadata(), *_picker_filter(o),
                       _typed("envoy.filters.http.router", "envoy.extensions.filters.http.router.v3.Router")],

@@ -271,5 +271,12 @@ def test_client_sent_gateway_headers_are_removed_before_any_other_filter(transpo
     first = _filters(_cfg(transport=transport))[0]
     assert first["name"] == "envoy.filters.http.header_mutation"
     rules = [m["remove_on_match"]["key_matcher"] for m in first["typed_config"]["mutations"]["request_mutations"]]
-    assert rules == [{"safe_regex": {"regex": internal_header_pattern()}}, {"prefix": DESTINATION}]
+    assert rules == [{"safe_regex": {"regex": internal_header_pattern()}}, {"prefix": DESTINATION},
+                     {"prefix": "x-envoy-"}]
     assert len(internal_header_pattern()) < 200  # Envoy refuses an RE2 program over 100 instructions
+
+
+def test_a_client_is_its_connections_peer_and_never_internal_whatever_it_forwards() -> None:
+    hcm = _hcm(_cfg())
+    assert hcm["use_remote_address"] is True and hcm["xff_num_trusted_hops"] == 0
+    assert hcm["internal_address_config"] == {"cidr_ranges": []}
