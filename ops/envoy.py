@@ -30,6 +30,7 @@ are down or stalled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -92,7 +93,10 @@ class EnvoyOptions:
     """What the generated config needs."""
 
     listen_port: int
-    admin_port: int
+    # Envoy's admin API (stats, /ready, but also /quitquitquit and /drain_listeners, unauthenticated): a unix
+    # socket (a Path) only its user may open (mode 0600), or a TCP port on 127.0.0.1 (any local user reaches it:
+    # throwaway test and benchmark Envoys only)
+    admin_port: PickerAddress
     # one picker, or several replicas (health-checked, round robin): each a unix socket (a Path, where Envoy shares
     # the picker's host: only its user can connect) or a TCP port on epp_host (Envoy in another container)
     epp_port: PickerAddress | tuple[PickerAddress, ...]
@@ -143,6 +147,53 @@ def _address(o: EnvoyOptions, target: PickerAddress) -> dict[str, Any]:
     if isinstance(target, Path):
         return {"pipe": {"path": str(target)}}
     return {"socket_address": {"address": o.epp_host, "port_value": target}}
+
+
+ADMIN_SOCKET_MODE = 0o600
+ADMIN_SOCKET = "admin.sock"
+"""The admin socket's name in ``python -m ops.envoy --admin-socket-dir``'s directory."""
+
+
+def _admin_address(admin: PickerAddress) -> dict[str, Any]:
+    if isinstance(admin, Path):
+        return {"pipe": {"path": str(admin), "mode": ADMIN_SOCKET_MODE}}
+    return {"socket_address": {"address": "127.0.0.1", "port_value": admin}}
+
+
+def admin_get(admin: PickerAddress, path: str, timeout: float = 5.0) -> str:
+    """GET ``path`` (``/ready``, ``/stats?filter=...``, ``/clusters``) from an Envoy's admin API, on its unix
+    socket or TCP port; raises OSError when unreachable, http.client.HTTPException on a broken answer and
+    ValueError on a status other than 200 (stdlib only: container health checks run it)."""
+    import http.client
+    import socket
+
+    conn = http.client.HTTPConnection("127.0.0.1", admin if isinstance(admin, int) else None, timeout=timeout)
+    if isinstance(admin, Path):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(admin))
+        except OSError:
+            sock.close()
+            raise
+        conn.sock = sock
+    try:
+        conn.request("GET", path, headers={"host": "envoy-admin"})
+        r = conn.getresponse()
+        body = r.read().decode()
+    finally:
+        conn.close()
+    if r.status != 200:
+        raise ValueError(f"Envoy admin {path}: {r.status} {body[:200]}")
+    return body
+
+
+def _stale_socket_removed(admin: PickerAddress) -> None:
+    """A socket left by an earlier Envoy: Envoy would not bind over it."""
+    if isinstance(admin, Path):
+        admin.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            admin.unlink()
 
 
 def envoy_binary() -> Path:
@@ -450,7 +501,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
     )
     return {
         "node": {"id": "gantry-gateway", "cluster": "gantry"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": o.admin_port}}},
+        "admin": {"address": _admin_address(o.admin_port)},
         "static_resources": {
             "listeners": [{
                 "name": "gantry",
@@ -488,6 +539,7 @@ def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> Server
     if o.access_log is None:
         o = replace(o, access_log=workdir / "access.log")
     ensure_eds(o.eds_path)
+    _stale_socket_removed(o.admin_port)
     cfg = workdir / "envoy.json"
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
     log = workdir / "envoy.log"
@@ -524,7 +576,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
     p = argparse.ArgumentParser(prog="python -m ops.envoy", description="Envoy in front of Gantry's picker")
     p.add_argument("--listen-port", type=int, default=8080)
     p.add_argument("--listen-host", default="127.0.0.1", help="0.0.0.0 in a container whose port is published")
-    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--admin-socket", type=Path, default=None,
+                   help="Envoy's admin API on this unix socket, only this user may open it (mode 0600); the default")
+    p.add_argument("--admin-port", type=int, default=None,
+                   help="Envoy's admin API on TCP 127.0.0.1 instead (any local user can stop Envoy through it)")
     p.add_argument("--socket-dir", type=Path, action="append", default=[],
                    help="a picker's --socket-dir: reach it on its unix sockets (repeat; the default, "
                         f"{DEFAULT_SOCKET_DIR}, when no --epp-port is given)")
@@ -543,6 +598,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
     transport = PickerTransport(a.transport)
     if a.epp_port and a.socket_dir:
         p.error("--socket-dir (unix sockets) and --epp-port (TCP) exclude each other")
+    if a.admin_port is not None and a.admin_socket is not None:
+        p.error("--admin-socket and --admin-port exclude each other")
+    admin: PickerAddress = (a.admin_port if a.admin_port is not None
+                            else (a.admin_socket or a.workdir / ADMIN_SOCKET).resolve())
     if a.epp_port:
         epp, als = tuple(a.epp_port), tuple(a.als_port)
         if transport is PickerTransport.EXT_AUTHZ and len(als) != len(epp):
@@ -550,7 +609,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
     else:
         grpc, http = zip(*(picker_sockets(d) for d in a.socket_dir or [Path(DEFAULT_SOCKET_DIR)]), strict=True)
         epp, als = (http, grpc) if transport is PickerTransport.EXT_AUTHZ else (grpc, ())
-    o = EnvoyOptions(listen_port=a.listen_port, listen_host=a.listen_host, admin_port=a.admin_port, epp_port=epp,
+    o = EnvoyOptions(listen_port=a.listen_port, listen_host=a.listen_host, admin_port=admin, epp_port=epp,
                      als_port=als,
                      eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
                      access_log=(a.workdir / "access.log").resolve(), transport=transport)
@@ -562,6 +621,7 @@ def main(argv: list[str] | None = None) -> None:
     o, workdir = parse_args(argv)
     workdir.mkdir(parents=True, exist_ok=True)
     ensure_eds(o.eds_path)
+    _stale_socket_removed(o.admin_port)
     cfg = workdir / "envoy.json"
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
     binary = str(envoy_binary())

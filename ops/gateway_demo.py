@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from ops.envoy import EnvoyOptions, picker_sockets, start_envoy
+from ops.envoy import ADMIN_SOCKET, EnvoyOptions, picker_sockets, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port, start_nats, stop_processes, wait_http
 from services.gateway.protocol import PickerTransport
 
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         # ext_authz: checks on the picker's HTTP socket, the access log to its gRPC socket
         grpc_socket, http_socket = picker_sockets(sockets)
         epp, als = (http_socket, grpc_socket) if transport is PickerTransport.EXT_AUTHZ else (grpc_socket, ())
-        servers.append(start_envoy(EnvoyOptions(listen_port=a.port, admin_port=free_port(), epp_port=epp,
+        # Envoy's admin (it can stop Envoy, unauthenticated) on a socket only this user may open, beside the picker's
+        servers.append(start_envoy(EnvoyOptions(listen_port=a.port, admin_port=sockets / ADMIN_SOCKET, epp_port=epp,
                                                 als_port=als, transport=transport, eds_path=eds),
                                    a.workdir / "envoy"))
         _wait_routable(f"http://127.0.0.1:{a.port}", procs[-1])

@@ -1,13 +1,16 @@
-"""Container health check: ``python -m ops.healthcheck SERVICE``.
+"""Container health check: ``python -m ops.healthcheck SERVICE [--listening SOCKET]``.
 
-Healthy means the container's main process (pid 1) is the named service and both servers it depends
-on answer from inside the container with the container's own ``GANTRY_*`` settings. Exit 0 when
-healthy, 1 with a one-line reason otherwise (docker shows it in ``docker inspect``).
+Healthy means the container's main process (pid 1) is the named service, both servers it depends
+on answer from inside the container with the container's own ``GANTRY_*`` settings, and (``--listening``)
+the service accepts connections on its unix socket (the picker: Envoy, waiting on it, must not start
+before it listens). Exit 0 when healthy, 1 with a one-line reason otherwise (docker shows it in
+``docker inspect``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from pathlib import Path
 
@@ -54,13 +57,27 @@ async def servers_answer(settings: Settings, timeout: float = 3.0) -> str | None
     return None
 
 
+def accepts(path: Path, timeout: float = 2.0) -> str | None:
+    """None when a server accepts connections on the unix socket ``path``, else why not."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as err:
+            return f"nothing listens on {path}: {err}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check one service; returns the process exit code."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m ops.healthcheck SERVICE", file=sys.stderr)
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--listening"):
+        print("usage: python -m ops.healthcheck SERVICE [--listening SOCKET]", file=sys.stderr)
         return 2
     service = args[0]
+    if len(args) == 3 and (problem := accepts(Path(args[2]))):
+        print(f"unhealthy: {problem}", file=sys.stderr)
+        return 1
     if not main_process_runs(service):
         print(f"unhealthy: the main process is not services.{service}", file=sys.stderr)
         return 1

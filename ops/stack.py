@@ -206,7 +206,7 @@ class GatewayPorts:
     sockets, where Envoy shares its host; a TCP port otherwise), and the endpoint file it writes for Envoy."""
 
     listen: int
-    admin: int
+    admin: Path | int  # Envoy's admin API: a unix socket only this user may open (mode 0600), or a TCP port
     picker: Path | int
     eds: Path
 
@@ -230,7 +230,8 @@ def _picker_address(picker: Path | int, port_flag: str) -> list[str]:
 
 def envoy_argv(ports: GatewayPorts, workdir: Path) -> list[str]:
     """Envoy with the generated config (``python -m ops.envoy`` writes it into ``workdir`` and execs Envoy)."""
-    return [sys.executable, "-m", "ops.envoy", "--listen-port", str(ports.listen), "--admin-port", str(ports.admin),
+    admin = ["--admin-socket" if isinstance(ports.admin, Path) else "--admin-port", str(ports.admin)]
+    return [sys.executable, "-m", "ops.envoy", "--listen-port", str(ports.listen), *admin,
             *_picker_address(ports.picker, "--epp-port"), "--eds-path", str(ports.eds), "--workdir", str(workdir)]
 
 
@@ -317,8 +318,10 @@ class LocalStack:
         except ServerStartError as err:
             raise StackError(str(err)) from None
         work = self.home / "gateway"
-        # the picker on unix sockets in a directory only this user enters: nobody else can reach it
-        ports = GatewayPorts(listen=self.gateway_port or free_port(), admin=free_port(), picker=work / "picker",
+        # the picker on unix sockets in a directory only this user enters, Envoy's admin on a socket only this
+        # user may open: no other local user can reach either (the admin API stops Envoy, unauthenticated)
+        ports = GatewayPorts(listen=self.gateway_port or free_port(), admin=work / "envoy" / "admin.sock",
+                             picker=work / "picker",
                              eds=work / "eds" / "engines.json")
         ports.eds.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):  # the last stack's engines are gone
@@ -571,7 +574,8 @@ class LocalStack:
         }
         if self.gateway_ports is not None:
             g = self.gateway_ports
-            state["gateway"] = {"url": g.url, "envoy_admin": f"http://127.0.0.1:{g.admin}",
+            admin = f"unix:{g.admin}" if isinstance(g.admin, Path) else f"http://127.0.0.1:{g.admin}"
+            state["gateway"] = {"url": g.url, "envoy_admin": admin,
                                 "picker": str(g.picker), "eds": str(g.eds)}
         tmp = self.home / f".{STATE_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(state, indent=2))

@@ -112,7 +112,8 @@ def up(
         if stack.gateway_ports is not None:
             g = stack.gateway_ports
             picker = f"{_rel(g.picker)}/" if isinstance(g.picker, Path) else f":{g.picker}"
-            out.print(f"gateway: {g.url}/v1 (Envoy, admin :{g.admin}; picker on {picker}, pool = RUNNING "
+            admin = _rel(g.admin) if isinstance(g.admin, Path) else f":{g.admin}"
+            out.print(f"gateway: {g.url}/v1 (Envoy, admin {admin}; picker on {picker}, pool = RUNNING "
                       f"instances)")
         asyncio.run(_foreground(stack, settings, out, workers, demo, exit_after))
     except KeyboardInterrupt:

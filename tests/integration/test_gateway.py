@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import nats
 import psutil
 import pytest
 
-from ops.envoy import SERVED, EnvoyOptions, FailureMode, envoy_binary, picker_sockets, start_envoy
+from ops.envoy import SERVED, EnvoyOptions, FailureMode, admin_get, envoy_binary, picker_sockets, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port
 from services.gateway.epp import PICKED
 from services.gateway.protocol import GRPC_SOCKET, HTTP_SOCKET, PickerTransport
@@ -111,7 +112,7 @@ class Gateway:
     pickers: list[subprocess.Popen[bytes]]
     envoy: ServerProcess
     log: Path
-    admin_port: int = 0
+    admin: Path | int = 0  # Envoy's admin API: its unix socket (mode 0600)
     socket_dirs: tuple[Path, ...] = ()  # each replica's --socket-dir (its unix sockets)
 
     def stats(self, replica: int = 0) -> dict[str, Any]:
@@ -123,13 +124,12 @@ class Gateway:
 
     def picker_health(self) -> list[str]:
         """Envoy's view of each picker replica (``healthy`` or its failure flags), from its admin API."""
-        text = httpx.get(f"http://127.0.0.1:{self.admin_port}/clusters", timeout=5).text
+        text = admin_get(self.admin, "/clusters")
         return re.findall(r"^gantry_epp::[^:]+::health_flags::(\S+)$", text, re.M)
 
     def envoy_stats(self, prefix: str) -> dict[str, int]:
         """Envoy's counters whose names start with ``prefix`` (admin API)."""
-        text = httpx.get(f"http://127.0.0.1:{self.admin_port}/stats", params={"filter": f"^{prefix}"},
-                         timeout=5).text
+        text = admin_get(self.admin, f"/stats?filter=^{quote(prefix)}")
         return {k: int(v) for k, v in re.findall(r"^(\S+): (\d+)$", text, re.M)}
 
     @property
@@ -174,7 +174,8 @@ def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
                     stdout=fh, stderr=subprocess.STDOUT))
         for p in pickers:
             stack.callback(_stop, p)
-        opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=http if authz else grpc,
+        admin = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ga-"))) / "admin.sock"  # short path
+        opts = EnvoyOptions(listen_port=free_port(), admin_port=admin, epp_port=http if authz else grpc,
                             als_port=grpc if authz else (), eds_path=eds, failure_mode=failure_mode,
                             transport=transport)
         envoy = start_envoy(opts, tmp_path / "envoy")
@@ -476,8 +477,7 @@ def test_forged_engine_reports_are_dead_lettered_and_routing_goes_on(gateway_fee
 
 
 def _messages_to_picker(gw: Gateway) -> int:
-    stats = httpx.get(f"http://127.0.0.1:{gw.admin_port}/stats", params={"filter": "ext_proc.stream_msgs_sent"},
-                      timeout=5).text
+    stats = admin_get(gw.admin, "/stats?filter=ext_proc.stream_msgs_sent")
     return sum(int(line.rsplit(" ", 1)[1]) for line in stats.splitlines() if line.strip())
 
 

@@ -31,6 +31,7 @@ from ops.stack import (
     worker_argv,
 )
 from services import SERVICE_COMMANDS, WORKERS_COMMAND
+from services.gateway.protocol import GRPC_SOCKET
 from shared.paths import REPO_ROOT
 from shared.settings import Settings
 
@@ -278,7 +279,8 @@ def flags(argv: list[str]) -> dict[str, str]:
 
 
 def test_the_gateway_services_run_the_commands_gantry_up_runs(compose: dict[str, Any]) -> None:
-    ports = GatewayPorts(listen=8080, admin=9901, picker=9002, eds=Path("/eds/engines.json"))
+    ports = GatewayPorts(listen=8080, admin=Path("/tmp/envoy/admin.sock"), picker=Path("/picker"),
+                         eds=Path("/eds/engines.json"))
     for name, ours in ((PICKER_CHILD, picker_argv(ports)), (ENVOY_CHILD, envoy_argv(ports, Path("/tmp/envoy")))):
         command = compose["services"][name]["command"]
         assert command[:3] == ["python", "-m", ours[2]]
@@ -304,6 +306,27 @@ def test_the_gateway_lives_in_the_workers_network_namespace_and_starts_after_the
     assert depends(compose, PICKER_CHILD)[WORKERS_SERVICE] == "service_healthy"
     assert depends(compose, ENVOY_CHILD) == {PICKER_CHILD: "service_healthy"}
     assert "127.0.0.1:8080:8080" in services[WORKERS_SERVICE]["ports"]
+
+
+def test_the_picker_and_envoys_admin_are_reached_by_no_other_service(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    picker, envoy = (flags(services[n]["command"]) for n in (PICKER_CHILD, ENVOY_CHILD))
+    # no TCP listener in the workers' namespace, where the fleet and every engine server run
+    assert not {"--grpc-port", "--http-port"} & set(picker) and not {"--epp-port", "--admin-port"} & set(envoy)
+    assert picker["--socket-dir"] == envoy["--socket-dir"] == "/picker"
+    mounting = sorted(n for n, svc in services.items() if any(str(v).startswith("gantry-picker:")
+                                                               for v in svc.get("volumes", [])))
+    assert mounting == sorted([PICKER_CHILD, ENVOY_CHILD])
+    # the admin socket lives in Envoy's own container (its workdir), mounted nowhere
+    assert Path(envoy["--admin-socket"]).parent == Path(envoy["--workdir"])
+    assert envoy["--admin-socket"] in " ".join(services[ENVOY_CHILD]["healthcheck"]["test"])
+
+
+def test_envoy_starts_only_once_the_picker_listens(compose: dict[str, Any]) -> None:
+    socket_dir = flags(compose["services"][PICKER_CHILD]["command"])["--socket-dir"]
+    test = compose["services"][PICKER_CHILD]["healthcheck"]["test"]
+    assert test[:5] == ["CMD", "python", "-m", "ops.healthcheck", PICKER_CHILD]
+    assert test[5:] == ["--listening", f"{socket_dir}/{GRPC_SOCKET}"]
 
 
 def test_a_default_service_never_waits_on_a_profiled_one(compose: dict[str, Any]) -> None:

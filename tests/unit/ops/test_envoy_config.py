@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from ops.envoy import (
+    ADMIN_SOCKET,
     DESTINATION,
     EPP_CLUSTER,
     HEALTH_PATH,
@@ -280,3 +281,11 @@ def test_a_client_is_its_connections_peer_and_never_internal_whatever_it_forward
     hcm = _hcm(_cfg())
     assert hcm["use_remote_address"] is True and hcm["xff_num_trusted_hops"] == 0
     assert hcm["internal_address_config"] == {"cidr_ranges": []}
+
+
+def test_envoys_admin_is_a_unix_socket_only_its_user_may_open_unless_a_port_is_asked_for(tmp_path: Path) -> None:
+    o, _ = parse_args(["--eds-path", "e.json", "--workdir", str(tmp_path)])
+    assert o.admin_port == tmp_path / ADMIN_SOCKET
+    assert envoy_config(o)["admin"]["address"] == {"pipe": {"path": str(tmp_path / ADMIN_SOCKET), "mode": 0o600}}
+    o, _ = parse_args(["--eds-path", "e.json", "--admin-port", "9901"])
+    assert envoy_config(o)["admin"]["address"] == {"socket_address": {"address": "127.0.0.1", "port_value": 9901}}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
-from ops.healthcheck import main, main_process_runs
+from ops.healthcheck import accepts, main, main_process_runs
 
 
 def cmdline(tmp_path: Path, *argv: str) -> Path:
@@ -27,3 +28,13 @@ def test_unreadable_cmdline_is_unhealthy(tmp_path: Path) -> None:
 
 def test_usage_error_without_a_service_name() -> None:
     assert main([]) == 2
+
+
+def test_a_service_that_does_not_listen_yet_is_unhealthy(tmp_path: Path) -> None:
+    sock_path = tmp_path / "grpc.sock"
+    assert main(["gateway", "--listening", str(sock_path)]) == 1  # before its process or servers are looked at
+    assert accepts(sock_path) is not None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(sock_path))
+        server.listen()
+        assert accepts(sock_path) is None
