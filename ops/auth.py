@@ -31,6 +31,7 @@ from shared.bus.runtime import inbox_prefix
 from shared.core.limits import bad_worker_name
 from shared.host.contract import Contract
 from shared.settings import CREDENTIALS_FILE, Settings
+from shared.state.store import Keys
 
 NATS_AUTH_FILE = "nats-auth.conf"
 REDIS_CONF_FILE = "redis.conf"
@@ -42,7 +43,10 @@ PICKER = "picker"
 GATEWAY = "gateway"  # the endpoint picker behind Envoy (services.gateway)
 WORKER_PREFIX = "worker-"
 WRITERS = ("reconciler",)
-READERS = ("filter", "fitting", "scoring", CLI, GATEWAY)  # the gateway reads the instances once at start
+READERS = ("filter", "fitting", "scoring", CLI)
+GATEWAY_KEYS = (Keys.inst, Keys.inst_state, Keys.inst_reason)
+"""The only keys the gateway's picker reads: the instances (``StateStore.instances``), at start, every
+``resync_s`` and after a NATS reconnection."""
 JS = "$JS.API"
 ADMIN_ONLY_API = (
     f"{JS}.STREAM.PURGE.>", f"{JS}.STREAM.DELETE.>", f"{JS}.STREAM.MSG.DELETE.>", f"{JS}.CONSUMER.DELETE.>",
@@ -178,6 +182,9 @@ def redis_rules(identity: str) -> str | None:
         return f"{base} +@read +@write +@transaction {safe} +eval +evalsha +script|load +script|exists"
     if identity in READERS:
         return f"{base} +@read {safe}"
+    if identity == GATEWAY:  # the instances' three hashes, nothing else of the store
+        keys = " ".join(f"~{k}" for k in GATEWAY_KEYS)
+        return f"{keys} resetchannels -@all +@connection +@read {safe}"
     return None
 
 

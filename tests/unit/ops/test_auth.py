@@ -71,6 +71,13 @@ def test_readers_get_no_write_in_redis(identity: str) -> None:
     assert rules is not None and "+@write" not in rules and "-@dangerous" in rules and "~gantry:*" in rules
 
 
+def test_the_gateway_may_read_the_instances_hashes_only() -> None:
+    rules = redis_rules("gateway") or ""
+    assert [r for r in rules.split() if r.startswith("~")] == ["~gantry:inst", "~gantry:inst:state",
+                                                                 "~gantry:inst:reason"]
+    assert "+@read" in rules and "+@write" not in rules and "-@dangerous" in rules
+
+
 def test_only_the_reconciler_writes_and_workers_get_no_redis_user() -> None:
     assert "+@write" in (redis_rules("reconciler") or "")
     assert redis_rules("workers") is None and redis_rules("worker-w0") is None and redis_rules("engine_server") is None
