@@ -23,6 +23,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from shared.paths import runtime_dir
 
 CREDENTIALS_FILE = "credentials.json"
+ENGINE_NATS_URL_ENV = "GANTRY_ENGINE_NATS_URL"
+"""The engine identity's NATS URL, handed through the environment (never a command line, which any local user
+can read in /proc): by `gantry up` to a fleet started with ``--engines``, and by that fleet to its servers."""
 PREFIX = "GANTRY_"
 _INT = re.compile(r"(0|[1-9][0-9]{0,8})")
 _FLOAT = re.compile(r"(0|[1-9][0-9]{0,8})(\.[0-9]{1,9})?")
