@@ -233,3 +233,12 @@ async def test_a_reply_later_than_the_timeout_fails_its_connection_and_never_rea
     assert loop.time() - started < 0.6 and relay.connections == 2  # timed out, not answered late
     await asyncio.sleep(0.4)  # the held replies arrive now, on a connection nobody reads any more
     assert await asyncio.gather(echo(args=["c"]), echo(args=["d"])) == [b"c", b"d"]
+
+
+async def test_a_server_still_loading_its_data_is_asked_again(pair: tuple[ScriptConnection, aioredis.Redis]) -> None:
+    lean, client = pair
+    await client.delete("loading-asked")
+    loading_once = lean.script("if redis.call('INCR', KEYS[1]) == 1 then"
+                               " return redis.error_reply('LOADING Redis is loading the dataset in memory') end"
+                               " return 'loaded'")
+    assert await loading_once(keys=["loading-asked"]) == b"loaded"  # as redis-py: LOADING is retried
