@@ -85,8 +85,7 @@ class _Protocol(asyncio.Protocol):
 
     def __init__(self, timeout: float = TIMEOUT_S) -> None:
         self.reader = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
-        self.waiting: deque[asyncio.Future[Any]] = deque()
-        self.sent_at: deque[float] = deque()  # when each waiting command was written, in the same order
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()  # with when each command was written
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self.timeout = timeout
@@ -108,8 +107,7 @@ class _Protocol(asyncio.Protocol):
             if reply is False:
                 return
             if self.waiting:
-                fut = self.waiting.popleft()
-                self.sent_at.popleft()
+                fut, _ = self.waiting.popleft()
                 if not fut.done():  # its caller was cancelled: the reply is read and dropped
                     fut.set_result(reply)
 
@@ -121,21 +119,19 @@ class _Protocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.sent_at.clear()
         while self.waiting:
-            fut = self.waiting.popleft()
+            fut, _ = self.waiting.popleft()
             if not fut.done():
                 fut.set_exception(exc)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Write one packed command; the future gets its reply (an error reply as an exception instance)."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             fut.set_exception(self.lost or ConnectionError("Connection closed."))
             return fut
-        loop = fut.get_loop()
-        self.waiting.append(fut)
-        self.sent_at.append(loop.time())
+        self.waiting.append((fut, loop.time()))
         if self._timer is None:  # one timer per connection, not per command: the hot path pays a time() read
             self._timer = loop.call_later(self.timeout, self._check)
         self.transport.write(packed)
@@ -146,10 +142,10 @@ class _Protocol(asyncio.Protocol):
         behind it would come too late for its caller, and to the wrong caller if handed on); else checked again
         at that deadline."""
         self._timer = None
-        if not self.sent_at:
+        if not self.waiting:
             return
         loop = asyncio.get_running_loop()
-        due = self.sent_at[0] + self.timeout
+        due = self.waiting[0][1] + self.timeout
         if loop.time() < due:
             self._timer = loop.call_at(due, self._check)
             return
@@ -208,20 +204,27 @@ class ScriptConnection:
             try:
                 proto = await self._connected()
                 reply = await proto.send(packed)
-                if isinstance(reply, BusyLoadingError):  # the server is loading its data: the command did not run
-                    raise reply
             except (ConnectionError, TimeoutError, OSError) as exc:
-                self._drop(proto)  # that connection only: a concurrent caller may have opened the current one
-                failures += 1
-                if failures > RETRIES or isinstance(exc, AuthenticationError):  # a refused identity stays refused
-                    if isinstance(exc, (ConnectionError, TimeoutError)):
-                        raise
-                    raise ConnectionError(f"Error connecting to Redis: {exc}") from exc
-                await asyncio.sleep(min(BACKOFF_CAP_S, random.random() * BACKOFF_BASE_S * 2**failures))
+                failures = await self._failed(exc, proto, failures)
                 continue
             if isinstance(reply, RedisError):
+                if isinstance(reply, BusyLoadingError):  # the server is loading its data: the command did not run
+                    failures = await self._failed(reply, proto, failures)
+                    continue
                 raise reply
             return reply
+
+    async def _failed(self, exc: Exception, proto: _Protocol | None, failures: int) -> int:
+        """After a call's ``failures``-th failure: its connection dropped, then the backoff before the next try
+        (the count of failures so far), or ``exc`` raised when the retries are spent or the identity refused."""
+        self._drop(proto)  # that connection only: a concurrent caller may have opened the current one already
+        failures += 1
+        if failures > RETRIES or isinstance(exc, AuthenticationError):  # a refused identity stays refused
+            if isinstance(exc, (ConnectionError, TimeoutError)):
+                raise exc
+            raise ConnectionError(f"Error connecting to Redis: {exc}") from exc
+        await asyncio.sleep(min(BACKOFF_CAP_S, random.random() * BACKOFF_BASE_S * 2**failures))
+        return failures
 
     async def close(self) -> None:
         """Close the connection (a later call opens a new one)."""

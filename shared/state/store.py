@@ -11,6 +11,7 @@ redelivered commit is recognised (idempotent).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import secrets
@@ -50,6 +51,10 @@ SCRIPT_CHUNK = 1000  # instances or reports per script call: every other script'
 def _chunks(seq: Sequence[Any], size: int = SCRIPT_CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
+
+
+_COMMITTER = secrets.token_hex(8) + ":"  # this process's commit calls: unique across processes and restarts
+_COMMIT_CALLS = itertools.count()
 
 
 class InvalidRecord(ValueError):
@@ -664,7 +669,7 @@ class StateStore:
         ``call`` names this commit (a fresh random one by default). The same call sent again (the client retries
         a script whose connection failed after the write: it cannot know whether the script ran) answers "ok"
         for what the first run committed, as the first run did; any other call answers "dup" for it."""
-        call = call or secrets.token_hex(8)
+        call = call or f"{_COMMITTER}{next(_COMMIT_CALLS)}"
         verdicts: list[str | None] = [None] * len(items)
         calls: list[list[Any]] = []  # one item's arguments each
         for n, it in enumerate(items):
