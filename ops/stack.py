@@ -37,6 +37,7 @@ from ops.servers import (
     wait_for_port,
 )
 from shared.core.placement.domain import GIB
+from shared.envsettings import ENGINE_NATS_URL_ENV
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
 
@@ -47,7 +48,6 @@ ENVOY_CHILD = "envoy"
 GATEWAY_CHILDREN = (ENVOY_CHILD, PICKER_CHILD)  # stopped first, in this order: no new request, then no picker
 STATE_FILE = "stack.json"
 LOCK_FILE = "up.lock"
-ENGINE_NATS_URL_ENV = "GANTRY_ENGINE_NATS_URL"  # read by ``python -m services.workers --engines``
 
 
 class StackError(RuntimeError):
@@ -492,7 +492,9 @@ class LocalStack:
 
     def env_for(self, argv: Sequence[str]) -> dict[str, str]:
         """The environment of the child ``argv`` runs: as its own identity; a fleet that runs engine servers
-        (``--engines``) also gets the engine identity's NATS URL to hand them (never its own credentials)."""
+        (``--engines``) also gets the engine identity's NATS URL to hand them. The fleet gives each server an
+        environment of its own with that URL and none of this one's settings or credentials
+        (``services.workers.engines.server_env``)."""
         env = self.child_env(identity_of(argv))
         if identity_of(argv) == FLEET and "--engines" in argv and self.credentials is not None:
             env[ENGINE_NATS_URL_ENV] = self.credentials.url(self.settings.nats_url, ENGINE)

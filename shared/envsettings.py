@@ -18,11 +18,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from shared.paths import runtime_dir
 
 CREDENTIALS_FILE = "credentials.json"
+ENGINE_NATS_URL_ENV = "GANTRY_ENGINE_NATS_URL"
+"""The engine identity's NATS URL, handed through the environment (never a command line, which any local user
+can read in /proc): by `gantry up` to a fleet started with ``--engines``, and by that fleet to its servers."""
 PREFIX = "GANTRY_"
 _INT = re.compile(r"(0|[1-9][0-9]{0,8})")
 _FLOAT = re.compile(r"(0|[1-9][0-9]{0,8})(\.[0-9]{1,9})?")
@@ -142,9 +145,20 @@ def identity_secret(path: Path, identity: str) -> str | None:
 
 
 def with_user(url: str, user: str, secret: str) -> str:
-    """``url`` with ``user:secret`` as its credentials, unless it names a user already or has no host."""
+    """``url`` with ``user:secret`` as its credentials, unless it names a user already or has no host. Both are
+    percent-encoded (RFC 3986 userinfo): a secret holding ``@``, ``:``, ``/`` or ``#`` would otherwise change
+    which host the URL names. The generated secrets (URL-safe base64) come out unchanged. (redis-py decodes
+    userinfo; nats-py does not, so a NATS secret must keep to the unreserved characters, as generated ones do.)"""
     parts = urlsplit(url)
-    if parts.username or not parts.hostname:
+    if "@" in parts.netloc or not parts.hostname:
         return url
-    netloc = f"{user}:{secret}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    _ = parts.port  # ValueError on a port out of range, as before (Settings reports it as the URL's error)
+    netloc = f"{quote(user, safe='')}:{quote(secret, safe='')}@{parts.netloc}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def without_user(url: str) -> str:
+    """``url`` without any user or secret in it: what may be logged, shown or put on a command line."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host))

@@ -24,6 +24,7 @@ from services.engine_server.runner import EngineRunner
 from shared.bus import subjects
 from shared.bus.messages import EngineKVEvents, EngineMetrics, encode
 from shared.core.kv_events import KVEventBatch
+from shared.envsettings import without_user
 from shared.host.tasks import cancel_until_done
 
 log = logging.getLogger("gantry.engine_server")
@@ -97,7 +98,7 @@ class Publisher:
                 self._nc = await nats.connect(self.nats_url, connect_timeout=2, max_reconnect_attempts=-1,
                                               **tls_options())
             except Exception as err:
-                log.warning("publisher: cannot reach NATS at %s: %s", self.nats_url, err)
+                log.warning("publisher: cannot reach NATS at %s: %s", without_user(self.nats_url), err)
                 await asyncio.sleep(1.0)
         return self._nc
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from shared.catalog import load_gpu_spec, load_model_arch
 from shared.core.engine import Engine, KVLink, RooflineStepTime, SchedulerConfig
 from shared.core.engine.step_time import RooflineParams
 from shared.core.roles import NodeRole
+from shared.envsettings import ENGINE_NATS_URL_ENV, without_user
 from shared.host.tasks import cancel_until_done
 
 log = logging.getLogger("gantry.engine_server")
@@ -162,7 +164,7 @@ def startup_line(opts: ServerOptions, info: ServerInfo, engine: Engine) -> str:
             f"{info.catalog_model} on {opts.tp}x {info.gpu}, speedup {opts.speedup:g}) at {info.url}; "
             f"{cfg.num_gpu_blocks} KV blocks of {cfg.block_size} tokens, max_model_len {info.max_model_len}, "
             f"max_num_seqs {cfg.max_num_seqs}{extra}"
-            + (f"; publishing on NATS {opts.nats_url}" if opts.nats_url else ""))
+            + (f"; publishing on NATS {without_user(opts.nats_url)}" if opts.nats_url else ""))
 
 
 def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
@@ -310,7 +312,9 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--policy", choices=["fcfs", "priority"], default=d.policy)
     p.add_argument("--mean-output-len", type=int, default=d.mean_output_len,
                    help="mean natural output length (tokens) before EOS when ignore_eos is off")
-    p.add_argument("--nats-url", default=None, help="publish EngineMetrics on this NATS server")
+    p.add_argument("--nats-url", default=os.environ.get(ENGINE_NATS_URL_ENV) or None,
+                   help=f"publish EngineMetrics on this NATS server (default ${ENGINE_NATS_URL_ENV}: a URL with a "
+                        f"secret belongs there, as a command line is readable by every local user)")
     p.add_argument("--instance-id", default=d.instance_id)
     p.add_argument("--metrics-interval", type=float, default=d.metrics_interval_s, help="seconds between pushes")
     p.add_argument("--no-kv-events", action="store_true", help="do not publish KV-cache events on NATS")

@@ -7,13 +7,12 @@ import asyncio
 import logging
 import os
 import signal
-from urllib.parse import urlsplit, urlunsplit
 
 import uvloop
 
 from services.workers.emulator import FleetConfig, run_fleet
 from shared.bus.runtime import nats_options
-from shared.envsettings import credentials_path, identity_secret, with_user
+from shared.envsettings import ENGINE_NATS_URL_ENV, credentials_path, identity_secret, with_user, without_user
 from shared.settings import Settings, load_settings
 
 
@@ -58,26 +57,17 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
     )
 
 
-ENGINE_NATS_URL_ENV = "GANTRY_ENGINE_NATS_URL"
-"""Where ``gantry up`` puts the engine identity's NATS URL for a fleet started with ``--engines``."""
 ENGINE_IDENTITY = "engine_server"  # ops.auth.ENGINE (a service does not import ops)
 
 
 def engine_url(settings: Settings) -> str:
     """The fleet's NATS server as the engine identity, from the credentials file the settings name (compose
     mounts one in every Gantry container); without credentials when none is named or it lacks the identity."""
-    bare = without_credentials(settings.nats_url)
+    bare = without_user(settings.nats_url)  # the fleet never lends its own identity to its servers
     if not settings.credentials_file:  # gantry up lends the URL through the environment instead
         return bare
     secret = identity_secret(credentials_path(settings.credentials_file), ENGINE_IDENTITY)
     return with_user(bare, ENGINE_IDENTITY, secret) if secret else bare
-
-
-def without_credentials(url: str) -> str:
-    """``url`` without any user and password in it (the fleet never lends its own identity to its servers)."""
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=host))
 
 
 async def _run(cfg: FleetConfig, url: str, options: dict[str, object]) -> None:

@@ -289,19 +289,20 @@ class Fleet:
                 await self._download(w, source)
         # No SCHEDULED report: the commit recorded that already. The first report is STARTING.
         await asyncio.sleep(self.cfg.start_delay_s / 2)
-        insts = await self._advance(w, insts, InstanceState.STARTING)
+        insts = await self._advance(w, insts, InstanceState.SCHEDULED, InstanceState.STARTING)
         await asyncio.sleep(self.cfg.start_delay_s / 2)
         if self.engines is not None:
             insts = await self._start_engines(w, insts)
-        await self._advance(w, insts, InstanceState.RUNNING)
+        await self._advance(w, insts, InstanceState.STARTING, InstanceState.RUNNING)
 
     async def _start_engines(self, w: EmulatedWorker, insts: list[EmulatedInstance]) -> list[EmulatedInstance]:
         """Start the instances' servers together; returns those that answer (the others are reported ERROR,
-        which the planner replaces). An instance deleted meanwhile has its server stopped again."""
+        which the planner replaces). An instance deleted, drained or failed meanwhile has its server stopped again:
+        it never served (its drain reported it idle at once)."""
         assert self.engines is not None
         from services.workers.engine_policy import engine_spec_args
 
-        live = [inst for inst in insts if w.instances.get(inst.id) is inst]
+        live = [inst for inst in insts if w.instances.get(inst.id) is inst and inst.state is InstanceState.STARTING]
         product, engines = w.worker.gpus[0].product if w.worker.gpus else "", self.engines
         outcomes = await asyncio.gather(
             *(engines.start(i.id, i.model, engine_spec_args(i.model, i.source, product, len(i.gpu_indexes)))
@@ -310,8 +311,8 @@ class Fleet:
         )
         up, failed = [], []
         for inst, outcome in zip(live, outcomes, strict=True):
-            if w.instances.get(inst.id) is not inst:  # deleted while its server started
-                await engines.stop(inst.id)
+            if w.instances.get(inst.id) is not inst or inst.state is not InstanceState.STARTING:
+                await engines.stop(inst.id)  # deleted or drained while its server started
             elif isinstance(outcome, BaseException):
                 log.warning("worker %s: instance %s failed to start: %s", w.worker.name, inst.id, outcome)
                 inst.state = InstanceState.ERROR
@@ -338,10 +339,11 @@ class Fleet:
             return
 
     async def _advance(
-        self, w: EmulatedWorker, insts: list[EmulatedInstance], state: InstanceState
+        self, w: EmulatedWorker, insts: list[EmulatedInstance], was: InstanceState, state: InstanceState
     ) -> list[EmulatedInstance]:
-        """Move the instances the worker still runs to ``state`` and report them; returns those."""
-        live = [inst for inst in insts if w.instances.get(inst.id) is inst]
+        """Move the instances the worker still runs that are still ``was`` to ``state`` and report them; returns
+        those. One drained or failed meanwhile (DRAINING, ERROR) stays so: start-up never undoes it."""
+        live = [inst for inst in insts if w.instances.get(inst.id) is inst and inst.state is was]
         for inst in live:
             inst.state = state
         if live:
@@ -373,8 +375,11 @@ class Fleet:
         inst = w.instances.get(cmd.instance_id)
         if inst is None:
             return
+        starting = inst.state in (InstanceState.SCHEDULED, InstanceState.STARTING)
         inst.state = InstanceState.DRAINING
-        if self.engines is not None and self.engines.running(inst.id):
+        # Only a RUNNING instance was ever in a pool: one drained while starting has nothing in flight and is
+        # idle at once (its start stops short, and stops a server under way).
+        if not starting and self.engines is not None and self.engines.running(inst.id):
             await self._wait_drained(w, inst)
             if w.instances.get(inst.id) is not inst or inst.state is not InstanceState.DRAINING:
                 return  # deleted (the drain timed out) meanwhile

@@ -1,8 +1,10 @@
 """The emulated engine servers a fleet runs for its instances (``python -m services.workers --engines``).
 
 One ``python -m services.engine_server`` process per instance, on a free loopback port, publishing on NATS
-as the engine identity (the fleet hands its servers the engine's credentials, never its own). The fleet talks
-to its servers over loopback HTTP only: /health to know a server is up, /metrics (vLLM's names) to know a
+as the engine identity. A server's environment is built afresh (:func:`server_env`): the engine's NATS URL
+(never on its command line, which every local user can read) and what Python and the catalogue need, nothing
+of the fleet's own identity or settings. The fleet talks to its servers over loopback HTTP only: /health and
+/server_info (its instance id) to know a server is up and is the instance's, /metrics (vLLM's names) to know a
 draining one has nothing in flight. Each server is its own session and gets SIGTERM if the fleet dies
 (Linux ``PR_SET_PDEATHSIG``), so a killed fleet leaves nothing running.
 """
@@ -12,15 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
+import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 from services.workers.engine_policy import EngineLoad, parse_load
+from shared.envsettings import ENGINE_NATS_URL_ENV
 
 log = logging.getLogger("gantry.workers.engines")
 
@@ -40,10 +46,28 @@ def _load_libc() -> ctypes.CDLL | None:
 _LIBC = _load_libc()
 
 
-def _die_with_fleet() -> None:
-    """Runs in the server's process before exec: SIGTERM it when the fleet dies."""
+def _die_with_fleet(fleet_pid: int) -> None:
+    """Runs in the server's process before exec: SIGTERM it when the fleet dies. A fleet that died between the
+    fork and this call sends no signal any more: then the server does not start at all."""
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != fleet_pid:
+            os._exit(1)
+
+
+# What a server needs of the fleet's environment: Python's and the locale's own, and where the catalogue (data),
+# the runtime folder and the CA of a TLS stack are. Nothing else: the fleet's GANTRY_NATS_URL, GANTRY_REDIS_URL,
+# GANTRY_IDENTITY and GANTRY_CREDENTIALS_FILE name the workers' identity and its secret.
+_PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH",
+              "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "GANTRY_DATA_DIR", "GANTRY_HOME", "GANTRY_TLS_CA_FILE")
+
+
+def server_env(fleet_env: Mapping[str, str], nats_url: str | None) -> dict[str, str]:
+    """The environment of an engine server: what it needs of ``fleet_env`` and the engine identity's NATS URL."""
+    env = {name: fleet_env[name] for name in _PASSED_ON if name in fleet_env}
+    if nats_url:
+        env[ENGINE_NATS_URL_ENV] = nats_url
+    return env
 
 
 def free_port() -> int:
@@ -114,13 +138,10 @@ class EngineSupervisor:
         self._watchers: set[asyncio.Task[None]] = set()
 
     def argv(self, instance_id: str, served_model_name: str, port: int, spec: list[str]) -> list[str]:
-        """The server's command line."""
-        argv = [sys.executable, "-m", "services.engine_server", "--host", "127.0.0.1", "--port", str(port),
+        """The server's command line (no secret: the NATS URL goes in its environment)."""
+        return [sys.executable, "-m", "services.engine_server", "--host", "127.0.0.1", "--port", str(port),
                 "--instance-id", instance_id, "--served-model-name", served_model_name,
                 "--disable-uvicorn-access-log", *spec, *self.opts.extra_args]
-        if self.opts.nats_url:
-            argv += ["--nats-url", self.opts.nats_url]
-        return argv
 
     async def start(self, instance_id: str, served_model_name: str, spec: list[str]) -> EngineServer:
         """Start the instance's server and wait until it answers /health; on failure the process is stopped
@@ -128,7 +149,8 @@ class EngineSupervisor:
         port = free_port()
         proc = await asyncio.create_subprocess_exec(
             *self.argv(instance_id, served_model_name, port, spec),
-            stdin=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_fleet,
+            stdin=asyncio.subprocess.DEVNULL, env=server_env(os.environ, self.opts.nats_url), start_new_session=True,
+            preexec_fn=partial(_die_with_fleet, os.getpid()),
         )
         server = EngineServer(instance_id, port, proc)
         self.servers[instance_id] = server
@@ -149,11 +171,24 @@ class EngineSupervisor:
                 raise RuntimeError(f"engine server exited with code {server.process.returncode} at start-up")
             with contextlib.suppress(OSError, TimeoutError):
                 status, _ = await http_get(server.port, "/health", 2.0)
-                if status == 200:
+                if status == 200 and await self._serves(server):
                     return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"engine server did not answer /health within {self.opts.start_timeout_s:g} s")
             await asyncio.sleep(min(0.05, self.opts.poll_interval_s))
+
+    @staticmethod
+    async def _serves(server: EngineServer) -> bool:
+        """True when the server on the port is this instance's: the port was free when chosen, but another
+        instance's server may have taken it since (then this one cannot bind and exits)."""
+        status, body = await http_get(server.port, "/server_info", 2.0)
+        if status != 200:
+            return False
+        try:
+            found = json.loads(body).get("instance_id")
+        except (ValueError, AttributeError):
+            return False
+        return bool(found == server.instance_id)
 
     async def _watch(self, server: EngineServer) -> None:
         code = await server.process.wait()

@@ -8,11 +8,12 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import annotated_types
 import pytest
 
-from shared.envsettings import FIELDS, EnvSettings, read
+from shared.envsettings import FIELDS, EnvSettings, read, with_user, without_user
 from shared.settings import Settings
 
 
@@ -133,3 +134,17 @@ def test_a_url_settings_refuses_is_left_to_settings(tmp_path: Path) -> None:
 def test_the_settings_are_immutable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         EnvSettings().nats_url = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("secret", ["p@ss:w/rd#1?%", "plain-Secret_0"])
+def test_a_secret_put_into_a_url_keeps_its_host_and_decodes_back_to_itself(secret: str) -> None:
+    url = with_user("redis://[::1]:6379/0", "gateway", secret)
+    parts = urlsplit(url)
+    assert (parts.hostname, parts.port, parts.path) == ("::1", 6379, "/0")
+    assert (parts.username, unquote(parts.password or "")) == ("gateway", secret)
+    assert without_user(url) == "redis://[::1]:6379/0"
+    assert with_user("nats://x:y@h:4222", "gateway", secret) == "nats://x:y@h:4222"  # names a user already
+
+
+def test_a_generated_secret_goes_into_the_url_as_it_is() -> None:
+    assert with_user("nats://h:4222", "engine_server", "Ab-_9") == "nats://engine_server:Ab-_9@h:4222"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from services.workers.__main__ import engine_url, parse, without_credentials
+from services.workers.__main__ import engine_url, parse
 from services.workers.engine_policy import EngineLoad, drain_idle, engine_spec_args, parse_load
+from services.workers.engines import server_env
 from shared.settings import Settings
 
 SAMPLE = """# HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -71,9 +72,31 @@ def test_an_unknown_model_gets_the_default_engine_and_an_unknown_gpu_the_default
     assert "--gpu" not in engine_spec_args("llama-3.1-8b", "", "NoSuchGPU", 1)
 
 
-def test_the_fleet_never_lends_its_own_credentials_to_its_servers() -> None:
-    assert without_credentials("nats://workers:s3cret@127.0.0.1:4222") == "nats://127.0.0.1:4222"
-    assert without_credentials("tls://host:4222") == "tls://host:4222"
+def test_a_server_gets_the_engine_url_and_none_of_the_fleets_settings_or_credentials() -> None:
+    fleet = {"PATH": "/bin", "PYTHONPATH": "/repo", "GANTRY_DATA_DIR": "/data", "GANTRY_TLS_CA_FILE": "/ca.pem",
+             "GANTRY_NATS_URL": "nats://workers:w@h:4222", "GANTRY_REDIS_URL": "redis://workers:w@h:6379/0",
+             "GANTRY_IDENTITY": "workers", "GANTRY_CREDENTIALS_FILE": "/run/secrets/c.json",
+             "GANTRY_ENGINE_NATS_URL": "nats://engine_server:old@h:4222"}
+    assert server_env(fleet, "nats://engine_server:e@h:4222") == {
+        "PATH": "/bin", "PYTHONPATH": "/repo", "GANTRY_DATA_DIR": "/data", "GANTRY_TLS_CA_FILE": "/ca.pem",
+        "GANTRY_ENGINE_NATS_URL": "nats://engine_server:e@h:4222"}
+    assert "GANTRY_ENGINE_NATS_URL" not in server_env(fleet, None)  # no engine URL: the servers do not publish
+
+
+def test_an_engine_server_reads_its_nats_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.engine_server.server import ServerOptions, build_engine, parse_args, startup_line
+
+    monkeypatch.setenv("GANTRY_ENGINE_NATS_URL", "nats://engine_server:e-s3cret@h:4222")
+    opts = parse_args([])
+    assert opts.nats_url == "nats://engine_server:e-s3cret@h:4222"
+    monkeypatch.delenv("GANTRY_ENGINE_NATS_URL")
+    assert parse_args([]).nats_url is None
+    from services.engine_server.api import ServerInfo
+
+    info = ServerInfo(served_model_name="m", model_path="", catalog_model="c", gpu="g", tp=1, speedup=1.0,
+                      max_model_len=8, url="http://h", created=0, lora_modules=(), instance_id="i")
+    line = startup_line(opts, info, build_engine(ServerOptions(num_gpu_blocks=8)))
+    assert line.endswith("publishing on NATS nats://h:4222")
 
 
 def test_engines_are_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
