@@ -13,12 +13,21 @@ semantics kept where they matter:
 - the identity of the URL (``AUTH user password``) and its database (``SELECT``) on every new connection;
 - connection failures raise ``redis.exceptions.ConnectionError`` and the call is retried on a new connection
   with redis-py's default policy (10 retries, exponential backoff with jitter from 10 ms to 1 s), so callers and
-  their idea of a transient failure (``shared.host.isolation.transient``) see what they saw before;
-- no reply timeout, as redis-py without ``socket_timeout`` (every script's work is bounded by ``SCRIPT_CHUNK``).
+  their idea of a transient failure (``shared.host.isolation.transient``) see what they saw before; a LOADING
+  reply (``BusyLoadingError``: the command did not run) is retried the same way, as redis-py does;
+- a reply timeout of ``TIMEOUT_S`` (redis-py's default ``socket_timeout``; also for connecting): a reply that
+  late means a dead or blackholed server, so the connection is dropped and the call retried as on any
+  connection failure (``redis.exceptions.TimeoutError`` once the retries are spent), and TCP keepalive is on
+  (as redis-py's default): every script's work is bounded by ``SCRIPT_CHUNK``, far below the timeout.
+
+A retried call may already have run on the server (the connection failed after the command was written): the
+scripts are written so that running again is harmless, and the commit answers a replay of the same call as it
+answered the first run (``StateStore.commit``).
 
 Concurrent calls share one connection: commands are pipelined and replies matched in order (Redis runs scripts
 one at a time anyway). A caller cancelled while waiting leaves its reply to be read and dropped; the
-connection stays usable (redis-py closes it instead).
+connection stays usable (redis-py closes it instead). A call that times out fails its connection with every call
+pipelined behind it: a reply arriving after the timeout could otherwise only be handed to the next caller.
 
 Only plain ``redis://[user:password@]host[:port][/db]`` and ``unix://path`` URLs without options are spoken
 here; ``from_url`` answers None for any other (TLS, timeouts or other options in the query), and the store
@@ -28,8 +37,10 @@ keeps redis-py's scripts for those.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import random
+import socket
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
@@ -37,11 +48,20 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 from redis._parsers import BaseParser, Encoder
-from redis.exceptions import AuthenticationError, ConnectionError, InvalidResponse, NoScriptError, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    ConnectionError,
+    InvalidResponse,
+    NoScriptError,
+    RedisError,
+    TimeoutError,
+)
 
 RETRIES = 10  # redis-py's defaults (redis._defaults): retries of a call whose connection failed ...
 BACKOFF_BASE_S = 0.01  # ... with an exponential backoff with jitter from this
 BACKOFF_CAP_S = 1.0  # ... up to this
+TIMEOUT_S = 5.0  # redis-py's default socket timeout: a reply (or a connect) later than this fails the connection
 Arg = str | bytes | int | float
 
 
@@ -63,11 +83,13 @@ def _pack(args: Sequence[Any]) -> bytes:
 class _Protocol(asyncio.Protocol):
     """One connection: commands written as they come, replies handed to their callers in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = TIMEOUT_S) -> None:
         self.reader = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()  # with when each command was written
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
+        self.timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None  # armed while commands wait: checks the oldest's deadline
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)  # uvloop's transports are not asyncio's classes
@@ -85,7 +107,7 @@ class _Protocol(asyncio.Protocol):
             if reply is False:
                 return
             if self.waiting:
-                fut = self.waiting.popleft()
+                fut, _ = self.waiting.popleft()
                 if not fut.done():  # its caller was cancelled: the reply is read and dropped
                     fut.set_result(reply)
 
@@ -94,20 +116,42 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, exc: Exception) -> None:
         self.lost = exc
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self.waiting:
-            fut = self.waiting.popleft()
+            fut, _ = self.waiting.popleft()
             if not fut.done():
                 fut.set_exception(exc)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Write one packed command; the future gets its reply (an error reply as an exception instance)."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             fut.set_exception(self.lost or ConnectionError("Connection closed."))
             return fut
-        self.waiting.append(fut)
+        self.waiting.append((fut, loop.time()))
+        if self._timer is None:  # one timer per connection, not per command: the hot path pays a time() read
+            self._timer = loop.call_later(self.timeout, self._check)
         self.transport.write(packed)
         return fut
+
+    def _check(self) -> None:
+        """The oldest waiting command's deadline: past it, the connection is failed (its reply and any reply
+        behind it would come too late for its caller, and to the wrong caller if handed on); else checked again
+        at that deadline."""
+        self._timer = None
+        if not self.waiting:
+            return
+        loop = asyncio.get_running_loop()
+        due = self.waiting[0][1] + self.timeout
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._check)
+            return
+        self._fail(TimeoutError(f"Timeout reading from Redis: no reply in {self.timeout:g} s"))
+        if self.transport is not None:
+            self.transport.close()
 
 
 class ScriptConnection:
@@ -115,9 +159,10 @@ class ScriptConnection:
 
     def __init__(
         self, *, host: str = "", port: int = 6379, path: str = "", user: str | None = None,
-        password: str | None = None, db: int = 0,
+        password: str | None = None, db: int = 0, timeout: float = TIMEOUT_S,
     ) -> None:
         self._host, self._port, self._path = host, port, path
+        self._timeout = timeout
         self._user, self._password, self._db = user, password, db
         self._proto: _Protocol | None = None
         self._connect_lock = asyncio.Lock()
@@ -155,29 +200,45 @@ class ScriptConnection:
         packed = _pack(args)
         failures = 0
         while True:
+            proto = None
             try:
                 proto = await self._connected()
                 reply = await proto.send(packed)
-            except (ConnectionError, OSError) as exc:
-                self._drop()
-                failures += 1
-                if failures > RETRIES or isinstance(exc, AuthenticationError):  # a refused identity stays refused
-                    if isinstance(exc, ConnectionError):
-                        raise
-                    raise ConnectionError(f"Error connecting to Redis: {exc}") from exc
-                await asyncio.sleep(min(BACKOFF_CAP_S, random.random() * BACKOFF_BASE_S * 2**failures))
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                failures = await self._failed(exc, proto, failures)
                 continue
             if isinstance(reply, RedisError):
+                if isinstance(reply, BusyLoadingError):  # the server is loading its data: the command did not run
+                    failures = await self._failed(reply, proto, failures)
+                    continue
                 raise reply
             return reply
 
+    async def _failed(self, exc: Exception, proto: _Protocol | None, failures: int) -> int:
+        """After a call's ``failures``-th failure: its connection dropped, then the backoff before the next try
+        (the count of failures so far), or ``exc`` raised when the retries are spent or the identity refused."""
+        self._drop(proto)  # that connection only: a concurrent caller may have opened the current one already
+        failures += 1
+        if failures > RETRIES or isinstance(exc, AuthenticationError):  # a refused identity stays refused
+            if isinstance(exc, (ConnectionError, TimeoutError)):
+                raise exc
+            raise ConnectionError(f"Error connecting to Redis: {exc}") from exc
+        await asyncio.sleep(min(BACKOFF_CAP_S, random.random() * BACKOFF_BASE_S * 2**failures))
+        return failures
+
     async def close(self) -> None:
         """Close the connection (a later call opens a new one)."""
-        self._drop()
+        self._drop(self._proto)
 
-    def _drop(self) -> None:
-        proto, self._proto = self._proto, None
-        if proto is not None and proto.transport is not None:
+    def _drop(self, proto: _Protocol | None) -> None:
+        """Close ``proto``; forget it if it is the current connection (None: nothing was connected)."""
+        if proto is None:
+            return
+        if self._proto is proto:
+            self._proto = None
+        if proto.lost is None:
+            proto._fail(ConnectionError("Connection closed after a failure."))
+        if proto.transport is not None:
             proto.transport.close()
 
     async def _connected(self) -> _Protocol:
@@ -187,24 +248,29 @@ class ScriptConnection:
         async with self._connect_lock:  # one connect for all the callers that found none
             proto = self._proto
             if proto is None or proto.lost is not None:
-                self._drop()
-                proto = await self._connect()
+                self._drop(proto)
+                proto = await asyncio.wait_for(self._connect(), self._timeout)
                 self._proto = proto
             return proto
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        made = functools.partial(_Protocol, self._timeout)
         if self._path:
-            _, proto = await loop.create_unix_connection(_Protocol, self._path)
+            _, proto = await loop.create_unix_connection(made, self._path)
         else:
-            _, proto = await loop.create_connection(_Protocol, self._host, self._port)
+            transport, proto = await loop.create_connection(made, self._host, self._port)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # a dead peer's connection is found by the kernel too, as redis-py's default
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         hello: list[tuple[Arg, ...]] = []
         if self._password is not None:
             hello.append(("AUTH", self._user, self._password) if self._user else ("AUTH", self._password))
         if self._db:
             hello.append(("SELECT", self._db))
+        replies: list[asyncio.Future[Any]] = []
         try:
-            replies = [proto.send(_pack(cmd)) for cmd in hello]
+            replies += [proto.send(_pack(cmd)) for cmd in hello]
             for fut in replies:
                 reply = await fut
                 if isinstance(reply, RedisError):
@@ -212,6 +278,9 @@ class ScriptConnection:
         except BaseException:
             if proto.transport is not None:
                 proto.transport.close()
+            for fut in replies:  # failed with the connection (its timeout, say): not awaited any more
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
             raise
         return proto
 

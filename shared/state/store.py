@@ -11,6 +11,7 @@ redelivered commit is recognised (idempotent).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import secrets
@@ -52,6 +53,10 @@ def _chunks(seq: Sequence[Any], size: int = SCRIPT_CHUNK) -> Iterable[Sequence[A
         yield seq[start : start + size]
 
 
+_COMMITTER = secrets.token_hex(8) + ":"  # this process's commit calls: unique across processes and restarts
+_COMMIT_CALLS = itertools.count()
+
+
 class InvalidRecord(ValueError):
     """A record outside the limits of ``shared.core.limits``: the state layer refuses to store it."""
 
@@ -84,6 +89,7 @@ class Keys:
     cpu_cap = P + "cpu:cap"  # worker -> milli-cores (absent: the worker reports no CPU count, never short)
     cpu_used = P + "cpu:used"  # worker -> claimed milli-cores
     claims = P + "claims"  # id -> "g|w:i|bytes;r|w|bytes;c|w|milli-cores"
+    committed_by = P + "claims:by"  # id -> "<commit call>:<item>" that placed it (kept and released with claims)
     desired_seq = P + "desired:seq"  # model -> stream sequence of the scale command applied last
     drains = P + "drains"  # id -> time DRAINING began
     failures = P + "failures"  # id -> {"since": time, "message": str} of ERROR instances
@@ -656,9 +662,14 @@ class StateStore:
 
     # -- ledger ---------------------------------------------------------------------------------------
 
-    async def commit(self, items: Sequence[CommitItem]) -> list[str]:
+    async def commit(self, items: Sequence[CommitItem], *, call: str | None = None) -> list[str]:
         """Commit decisions: per item "ok", "dup", "gone", "full:<field>" (see commit.lua) or "invalid:<why>"
-        (a record outside the limits: never written)."""
+        (a record outside the limits: never written).
+
+        ``call`` names this commit (a fresh random one by default). The same call sent again (the client retries
+        a script whose connection failed after the write: it cannot know whether the script ran) answers "ok"
+        for what the first run committed, as the first run did; any other call answers "dup" for it."""
+        call = call or f"{_COMMITTER}{next(_COMMIT_CALLS)}"
         verdicts: list[str | None] = [None] * len(items)
         calls: list[list[Any]] = []  # one item's arguments each
         for n, it in enumerate(items):
@@ -668,19 +679,20 @@ class StateStore:
             except InvalidRecord as exc:
                 verdicts[n] = f"invalid:{exc}"
                 continue
-            call: list[Any] = [it.instance.id, it.instance.worker, record, len(claims)]
+            one: list[Any] = [it.instance.id, it.instance.worker, record, len(claims)]
             for kind, field, amount in claims:
-                call += [kind, field, amount]
-            calls.append(call)
+                one += [kind, field, amount]
+            calls.append(one)
         keys = [
             Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap, Keys.ram_used, Keys.claims,
             Keys.inst, Keys.inst_state, Keys.inst_reason, Keys.inst_worker, Keys.cpu_cap, Keys.cpu_used,
+            Keys.committed_by,
         ]
         got: list[str] = []
-        for part in _chunks(calls):
-            args: list[Any] = [len(part)]
-            for call in part:
-                args += call
+        for base, part in zip(range(0, len(calls), SCRIPT_CHUNK), _chunks(calls), strict=True):
+            args: list[Any] = [len(part), call, base]
+            for one in part:
+                args += one
             got += [_s(v) for v in await self._commit(keys=keys, args=args)]
         answers = iter(got)
         return [v if v is not None else next(answers) for v in verdicts]
@@ -689,7 +701,7 @@ class StateStore:
         """Free the claims of ``ids`` (idempotent) and remove them, or set them to state ``mode``."""
         keys = [
             Keys.gpu_used, Keys.ram_used, Keys.claims, Keys.inst, Keys.inst_state,
-            Keys.inst_reason, Keys.inst_worker, Keys.model_index, Keys.cpu_used,
+            Keys.inst_reason, Keys.inst_worker, Keys.model_index, Keys.cpu_used, Keys.committed_by,
         ]
         return sum([int(await self._release(keys=keys, args=[mode, *part])) for part in _chunks(ids)])
 

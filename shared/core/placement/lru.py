@@ -11,6 +11,7 @@ its least recently used entry first.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 
@@ -23,6 +24,21 @@ def used(memo: dict[str, Any], name: str, key: object) -> Any:
     if value is not None:
         entries.move_to_end(key)
     return value
+
+
+def first(memo: dict[str, Any], name: str, matches: Callable[[Any], bool]) -> Any:
+    """The most recently used entry of the store ``name`` that ``matches``, now its most recently used; None if
+    none does. For entries found by value rather than by a hashable key (binpack's row scores, matched by their
+    claims array)."""
+    entries: OrderedDict[object, Any] | None = memo.get(name)
+    if entries is None:
+        return None
+    for key in reversed(entries):  # most recently used first: a claim in steady use is found at once
+        value = entries[key]
+        if matches(value):
+            entries.move_to_end(key)
+            return value
+    return None
 
 
 def keep(memo: dict[str, Any], name: str, key: object, value: Any, bound: int) -> None:

@@ -1,15 +1,19 @@
 -- Commit a batch of placement decisions. Each item is atomic over all its GPUs (main and
 -- subordinates) and the RAM and CPU of every worker it touches: all claims are written or none.
 -- KEYS: 1 gpu_cap, 2 gpu_used, 3 ram_cap, 4 ram_used, 5 claims, 6 inst, 7 inst_state,
---       8 inst_reason, 9 inst_worker, 10 cpu_cap, 11 cpu_used
--- ARGV: n, then per item: id, worker, record_json, nclaims, (kind, field, amount) * nclaims
+--       8 inst_reason, 9 inst_worker, 10 cpu_cap, 11 cpu_used, 12 committed_by
+-- ARGV: n, call, base, then per item: id, worker, record_json, nclaims, (kind, field, amount) * nclaims
 --       kind is "g" (GPU VRAM), "r" (worker RAM) or "c" (worker milli-cores); the claims spec is stored for
 --       release. A worker without a CPU capacity reports no CPU count: its CPU claims are counted, never refused.
--- Returns per item: "ok", "dup" (already committed: redelivery), "gone" (no longer PENDING)
+-- Item i of a call is committed as "<call>:<base + i>" (committed_by): a replay of that very call (a client that
+-- resends it after losing the connection, not knowing whether it ran) answers "ok" again for the items it
+-- committed, with nothing written twice, so its caller acts on the verdict the first run gave.
+-- Returns per item: "ok", "dup" (already committed by another call or item: redelivery), "gone" (no longer PENDING)
 -- "full:<field>" (no room: the decision is refused) or "invalid:<field>" (a negative or non-integer amount,
 -- which the layers above refuse already: never written to the ledger).
 local n = tonumber(ARGV[1])
-local pos = 2
+local call, base = ARGV[2], tonumber(ARGV[3])
+local pos = 4
 local out = {}
 for i = 1, n do
   local id, worker, record = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
@@ -17,8 +21,9 @@ for i = 1, n do
   local first = pos + 4
   pos = first + 3 * nclaims
   local verdict = nil
+  local by = call .. ":" .. (base + i)
   if redis.call("HEXISTS", KEYS[5], id) == 1 then
-    verdict = "dup"
+    if redis.call("HGET", KEYS[12], id) == by then verdict = "ok" else verdict = "dup" end
   elseif redis.call("HGET", KEYS[7], id) ~= "PENDING" then
     verdict = "gone"
   else
@@ -57,6 +62,7 @@ for i = 1, n do
     redis.call("HSET", KEYS[6], id, record)
     redis.call("HSET", KEYS[7], id, "SCHEDULED")
     redis.call("HSET", KEYS[9], id, worker)
+    redis.call("HSET", KEYS[12], id, by)
     redis.call("HDEL", KEYS[8], id)
     verdict = "ok"
   end

@@ -1,6 +1,6 @@
 -- Release the claims of instances, idempotently, and either remove them or set a new state.
 -- KEYS: 1 gpu_used, 2 ram_used, 3 claims, 4 inst, 5 inst_state, 6 inst_reason, 7 inst_worker,
---       8 model_index_prefix (the model's set is <prefix><model>), 9 cpu_used
+--       8 model_index_prefix (the model's set is <prefix><model>), 9 cpu_used, 10 committed_by
 -- ARGV: mode ("remove" | state name), then instance ids.
 -- Returns the number of instances whose claims were released.
 local released = 0
@@ -16,6 +16,7 @@ for i = 2, #ARGV do
       redis.call("HINCRBY", usedkey, field, -tonumber(amount))
     end
     redis.call("HDEL", KEYS[3], id)
+    redis.call("HDEL", KEYS[10], id)
     released = released + 1
   end
   if ARGV[1] == "remove" then

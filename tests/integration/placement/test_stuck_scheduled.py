@@ -19,15 +19,28 @@ written straight to the ledger).
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from shared.bus import subjects
-from shared.bus.messages import ItemOutcome, PlacementItem, PlacementScored, encode
+from shared.bus.messages import (
+    DecisionEvent,
+    DecisionEvents,
+    ItemOutcome,
+    PlacementItem,
+    PlacementScored,
+    decode,
+    encode,
+)
 from shared.core.placement.domain import GIB, Candidate, Decision, InstanceState, ModelSpec, Unschedulable
 from shared.core.placement.lifecycle import instance_from_decision
+from shared.host.metrics import COMMITTED, SLI
 from shared.state.store import CommitItem
 
 from .conftest import Stack, wait_until
+from .test_metrics import scrape, value
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -112,3 +125,26 @@ async def test_a_placement_whose_event_was_lost_is_announced_again_and_its_assig
     iid = await a_pending_replica(stack)
     assert await stack.store.commit([CommitItem(instance_from_decision(decision(0), iid))]) == ["ok"]
     await runs_on_w0_gpu0(stack, timeout=30)
+
+
+async def test_a_redelivered_commit_is_announced_and_assigned_but_is_no_placement(stack: Stack) -> None:
+    # What "dup" skips next to "ok" (so a reconciler's own commit, replayed after a lost reply, must not answer
+    # "dup": the placement would go unrecorded): no decision event, no committed count, no SLI observation.
+    # The replica itself is served all the same (assignment re-sent, placement announced).
+    iid = await a_pending_replica(stack)
+    events: list[DecisionEvent] = []
+
+    async def on_decision(msg: Any) -> None:
+        events.extend(decode(msg.data, DecisionEvents).events)
+
+    sub = await stack.nc.subscribe(subjects.EVENT_DECISION, cb=on_decision)
+    item = PlacementItem(instance_id=iid, model=SPEC.name)
+    assert await stack.store.commit([CommitItem(instance_from_decision(decision(0), iid))]) == ["ok"]
+    await publish_scored(stack, ItemOutcome(item=item, decision=decision(0)))
+    await runs_on_w0_gpu0(stack)
+    await stack.nc.flush()
+    await sub.unsubscribe()
+    samples = await asyncio.to_thread(scrape, stack.metrics_ports["reconciler-0"])
+    assert [e.instance_id for e in events] == []
+    assert value(samples, COMMITTED, service="reconciler") == 0
+    assert value(samples, f"{SLI}_count", service="reconciler") == 0

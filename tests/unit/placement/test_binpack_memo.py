@@ -9,6 +9,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shared.core.placement import lru
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import GIB, Decision, Gpu, ModelSpec, PlacementStrategy, ResourceRequest, Worker
 from shared.core.placement.fastpath import Positions, score_positions
@@ -109,8 +110,8 @@ def test_a_claim_scored_often_keeps_its_row_scores_while_more_claims_than_are_ke
     ctx = PlacementContext(snapshot=snap, model=model, profile=DEFAULT_PROFILE)
     binpack = Binpack.configured()
 
-    def memo_of(claim: int) -> object:
-        return next(m for m in snap.memo["binpack.rows"] if int(m.claims[0, 0]) == claim)
+    def memo_of(claim: int) -> object:  # found in the one LRU store's form (``lru``), as binpack finds it
+        return lru.first(snap.memo, "binpack.rows", lambda m: int(m.claims[0, 0]) == claim)
 
     binpack.score_batch(ctx, _every_gpu(snap, 4 * GIB, GIB))
     hot = memo_of(4 * GIB)

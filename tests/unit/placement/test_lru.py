@@ -34,3 +34,11 @@ def test_stores_of_other_names_are_apart_and_nothing_is_found_before_a_store_is_
     assert lru.used(memo, "t", "a") is None and "t" not in memo
     lru.keep(memo, "t", "a", 5, bound=1)
     assert lru.used(memo, "s", "a") == 0 and lru.used(memo, "t", "a") == 5
+
+
+def test_an_entry_found_by_value_is_the_most_recently_used_match_and_becomes_the_most_recently_used() -> None:
+    memo = filled("abc")  # values 0, 1, 2
+    assert lru.first(memo, "s", lambda v: v < 2) == 1  # "b" is more recent than "a"
+    lru.keep(memo, "s", "d", 3, bound=3)  # evicts "a", the least recently used, not the "b" just found
+    assert list(memo["s"]) == ["c", "b", "d"]
+    assert lru.first(memo, "s", lambda v: v > 5) is None and lru.first(memo, "t", lambda v: True) is None

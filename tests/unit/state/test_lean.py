@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from ops.auth import Credentials
 from ops.servers import ServerProcess
-from shared.state import StateStore
+from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, Worker
+from shared.state import CommitItem, StateStore
 from shared.state.lean import ScriptConnection
 
 ECHO = "return {KEYS[1], ARGV[1], tonumber(ARGV[2]), {ARGV[3]}, false}"
@@ -124,3 +127,118 @@ def test_an_unknown_scheme_is_not_spoken() -> None:
 def test_plain_and_unix_urls_get_the_lean_connection() -> None:
     for url in ("redis://u:p@h:1/2", "redis://h", "unix:///tmp/redis.sock"):
         assert StateStore.from_url(url).scripts is not None
+
+
+class _Relay:
+    """A TCP relay in front of the real Redis that can lose what Redis answers on purpose: ``cut`` closes the
+    client's connection instead of passing on the reply to its next EVALSHA (the script ran; the client cannot
+    know it), ``hold`` holds every later reply on the latest connection for that long (a blackholed server, then
+    late replies)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.cut = False
+        self.hold = 0.0
+        self.held = 0  # the connection whose replies are held (by number)
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        mine = self.connections
+        up_r, up_w = await asyncio.open_connection(self.host, self.port)
+        cut = asyncio.Event()
+
+        async def upward() -> None:
+            while data := await client_r.read(65536):
+                if self.cut and b"EVALSHA" in data:
+                    self.cut = False
+                    cut.set()
+                up_w.write(data)
+
+        async def downward() -> None:
+            while data := await up_r.read(65536):
+                if cut.is_set():
+                    client_w.close()
+                    return
+                if self.hold and mine == self.held:
+                    await asyncio.sleep(self.hold)
+                client_w.write(data)
+
+        try:
+            await asyncio.gather(upward(), downward())
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            client_w.close()
+            up_w.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+@pytest.fixture
+async def relayed(redis_server: ServerProcess) -> AsyncIterator[tuple[_Relay, ScriptConnection, StateStore]]:
+    """A store whose scripts go through the relay on a lean connection with a 0.3 s reply timeout."""
+    url = urlsplit(_db(redis_server.url))
+    assert url.hostname and url.port
+    relay = _Relay(url.hostname, url.port)
+    port = await relay.start()
+    lean = ScriptConnection(host="127.0.0.1", port=port, user=url.username, password=url.password, db=3,
+                            timeout=0.3)
+    store = StateStore(aioredis.from_url(_db(redis_server.url)), lean)
+    await store.r.flushdb()
+    yield relay, lean, store
+    await store.close()
+    await relay.close()
+
+
+async def test_a_commit_whose_reply_was_lost_is_replayed_to_the_same_verdict(
+    relayed: tuple[_Relay, ScriptConnection, StateStore],
+) -> None:
+    relay, _, store = relayed
+    await store.register_workers([Worker(name="w1", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=GIB)])
+    token = await store.lock_model("m")
+    assert token
+    await store.create_pending("m", token, [Instance(id="a", model="m")])
+    item = CommitItem(Instance(id="a", model="m", state=InstanceState.SCHEDULED, worker="w1", gpu_indexes=(0,),
+                               vram_claims=(GIB,)))
+    gone = CommitItem(msgspec.structs.replace(item.instance, id="z"))
+    assert await store.commit([gone]) == ["gone"]  # the script is loaded now: the cut cannot fall on NOSCRIPT
+    relay.cut = True  # the commit runs; its reply is lost with the connection; the client sends it again
+    assert await store.commit([item]) == ["ok"]
+    assert relay.connections == 2 and not relay.cut  # it did run twice: once cut, once answered
+    assert await store.ledger() == {"w1:0": (GIB, 80 * GIB)}
+
+
+async def test_a_reply_later_than_the_timeout_fails_its_connection_and_never_reaches_the_next_caller(
+    relayed: tuple[_Relay, ScriptConnection, StateStore],
+) -> None:
+    relay, lean, _ = relayed
+    echo = lean.script("return ARGV[1]")
+    assert await echo(args=["warm"]) == b"warm"
+    relay.hold, relay.held = 0.6, relay.connections  # this connection's replies come after the 0.3 s timeout
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = asyncio.ensure_future(echo(args=["a"]))
+    await asyncio.sleep(0.1)
+    second = asyncio.ensure_future(echo(args=["b"]))  # pipelined behind the late reply on the same connection
+    assert await asyncio.gather(first, second) == [b"a", b"b"]  # each its own, retried on a new connection
+    relay.hold = 0.0
+    assert loop.time() - started < 0.6 and relay.connections == 2  # timed out, not answered late
+    await asyncio.sleep(0.4)  # the held replies arrive now, on a connection nobody reads any more
+    assert await asyncio.gather(echo(args=["c"]), echo(args=["d"])) == [b"c", b"d"]
+
+
+async def test_a_server_still_loading_its_data_is_asked_again(pair: tuple[ScriptConnection, aioredis.Redis]) -> None:
+    lean, client = pair
+    await client.delete("loading-asked")
+    loading_once = lean.script("if redis.call('INCR', KEYS[1]) == 1 then"
+                               " return redis.error_reply('LOADING Redis is loading the dataset in memory') end"
+                               " return 'loaded'")
+    assert await loading_once(keys=["loading-asked"]) == b"loaded"  # as redis-py: LOADING is retried

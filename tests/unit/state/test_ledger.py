@@ -157,3 +157,28 @@ async def test_concurrent_commits_never_overbook(store: StateStore) -> None:
     assert sum(r == ["ok"] for r in results) == 11
     assert await store.overbooked() == []
     assert await store.claims_consistent() == []
+
+
+async def test_a_replayed_commit_call_answers_what_its_first_run_answered_and_claims_once(store: StateStore) -> None:
+    # The client resends a call whose connection failed after the write (it cannot know whether the script ran):
+    # the replay must not turn the first run's "ok" into "dup", whose handling skips what "ok" does (the
+    # placement's decision event and SLI); a replica requested twice in the call stays "ok" then "dup".
+    await store.register_workers([worker("w1")])
+    await pending(store, "a", "b")
+    items = [placed("a", "w1", (0,), 30), placed("a", "w1", (1,), 30), placed("b", "w1", (1,), 10)]
+    first = await store.commit(items, call="c1")
+    assert first == ["ok", "dup", "ok"]
+    assert await store.commit(items, call="c1") == first
+    assert await store.commit(items, call="c2") == ["dup", "dup", "dup"]  # another call: a redelivery
+    ledger = await store.ledger()
+    assert ledger["w1:0"][0] == 30 * GIB and ledger["w1:1"][0] == 10 * GIB
+    assert await store.claims_consistent() == []
+
+
+async def test_release_forgets_which_call_committed_the_replica(store: StateStore) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a")
+    await store.commit([placed("a", "w1", (0,), 30)], call="c1")
+    assert await store.r.hkeys("gantry:claims:by") == [b"a"]
+    await store.release(["a"])
+    assert await store.r.hkeys("gantry:claims:by") == []

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.core.placement import lru
 from shared.core.placement.snapshot import ClusterSnapshot, FloatArray, IntArray
 
 _MEMO = "binpack.rows"
 _KEPT = 4  # memos kept (one per claim in use: models of one shape share one), the least recently used dropped
+# (``lru``: a claim in steady use stays kept)
 
 RowScorer = Callable[[IntArray | slice, IntArray], FloatArray]
 """Scores of the given rows (an index array, or a slice of every row) from those rows' claims."""
@@ -42,20 +44,16 @@ def row_scores(snap: ClusterSnapshot, claims: IntArray, key: tuple[object, ...],
     rows = snap.rows
     shape = (rows, snap.g_ok.shape[1])
     full = claims if claims.shape == shape else np.broadcast_to(claims, shape)  # the located claims are full
-    memos: list[RowScores] = snap.memo.setdefault(_MEMO, [])
     # Compared by value, never by identity: a caller may refill one claims array between calls.
-    at = next((i for i, m in enumerate(memos) if m.key == key and m.layout == snap.layout
-               and m.scores.shape == shape and np.array_equal(m.claims, full)), -1)
+    memo: RowScores | None = lru.first(
+        snap.memo, _MEMO, lambda m: m.key == key and m.layout == snap.layout and m.scores.shape == shape
+        and np.array_equal(m.claims, full))
     stamp = snap.w_stamp[:rows]
-    if at < 0:
+    if memo is None:
         memo = RowScores(layout=snap.layout, key=key, claims=full.copy(), stamp=stamp.copy(),
                          scores=score(slice(0, rows), full))
-        memos.insert(0, memo)
-        del memos[_KEPT:]
+        lru.keep(snap.memo, _MEMO, id(memo), memo, _KEPT)  # its id is unique while it is kept (kept alive)
         return memo.scores.copy()
-    memo = memos[at]
-    if at:  # the most recently used first, the least last (the one dropped): a claim in steady use stays kept
-        memos.insert(0, memos.pop(at))
     moved = np.flatnonzero(stamp != memo.stamp)
     if len(moved) > rows // 4:
         memo.scores = score(slice(0, rows), full)
