@@ -38,6 +38,7 @@ from ops.servers import (
 )
 from shared.core.placement.domain import GIB
 from shared.envsettings import ENGINE_NATS_URL_ENV
+from shared.host.lifetime import die_with_parent
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
 
@@ -143,28 +144,6 @@ def port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.3)
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _load_libc() -> object | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-# Loaded once here so the pre-exec hook below only makes one foreign call (nothing that takes locks).
-_LIBC = _load_libc()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the launcher dies (Linux), never leave orphans."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # type: ignore[attr-defined]
 
 
 class StackLock:
@@ -521,7 +500,7 @@ class LocalStack:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         child = Child(name, argv, proc, log)
         self.children.append(child)

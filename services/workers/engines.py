@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -27,33 +26,9 @@ from functools import partial
 
 from services.workers.engine_policy import EngineLoad, parse_load
 from shared.envsettings import ENGINE_NATS_URL_ENV
+from shared.host.lifetime import die_with_parent
 
 log = logging.getLogger("gantry.workers.engines")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-# Loaded once here: the pre-exec hook makes a single foreign call in the forked child (nothing that locks).
-_LIBC = _load_libc()
-
-
-def _die_with_fleet(fleet_pid: int) -> None:
-    """Runs in the server's process before exec: SIGTERM it when the fleet dies. A fleet that died between the
-    fork and this call sends no signal any more: then the server does not start at all."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != fleet_pid:
-            os._exit(1)
-
 
 # What a server needs of the fleet's environment: Python's and the locale's own, and where the catalogue (data),
 # the runtime folder and the CA of a TLS stack are. Nothing else: the fleet's GANTRY_NATS_URL, GANTRY_REDIS_URL,
@@ -150,7 +125,7 @@ class EngineSupervisor:
         proc = await asyncio.create_subprocess_exec(
             *self.argv(instance_id, served_model_name, port, spec),
             stdin=asyncio.subprocess.DEVNULL, env=server_env(os.environ, self.opts.nats_url), start_new_session=True,
-            preexec_fn=partial(_die_with_fleet, os.getpid()),
+            preexec_fn=partial(die_with_parent, os.getpid()),
         )
         server = EngineServer(instance_id, port, proc)
         self.servers[instance_id] = server
