@@ -1,15 +1,20 @@
 """``gantry gateway``: the endpoints behind the gateway as its pickers see them, from the model servers' own
 reports on NATS (``gantry.engine.metrics.<instance>``): load, KV-cache usage, prefix-cache hit rate and the
 tokens each one served. Nothing is scraped; the view listens for one report interval per frame.
+
+Engines report whether or not a picker routes to them, so each row also says what placement holds of the
+endpoint's instance (its state, read from the state store as ``gantry instances`` reads it) and whether the
+pool rule of a gateway that follows placement admits it (``shared.core.routing.pool_source``): a DRAINING
+instance still reports while its last requests finish, but gets no new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 import typer
@@ -17,10 +22,19 @@ from nats.aio.msg import Msg
 from rich.live import Live
 from rich.table import Table
 
-from ops.cli.common import JsonFlag, NatsUrl, connect_nats, console, load, print_json, run
+from ops.cli.client import read_snapshot
+from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, print_json, run
 from ops.cli.errors import CliError
 from shared.bus import subjects
 from shared.bus.messages import EngineMetrics
+from shared.core.routing.pool_source import Placed, PoolSource, refusal
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from shared.settings import Settings
+
+UNKNOWN = "unknown"  # placement holds no such instance, or placement could not be read
 
 
 def register(app: typer.Typer) -> None:
@@ -43,14 +57,19 @@ class EndpointRow:
     prompt_tokens: int
     generation_tokens: int
     age_s: float  # how old its latest report is
+    state: str  # placement's state of the instance (RUNNING, DRAINING, ...) or "unknown"
+    routable: bool | None  # admitted by the placement pool rule (None: placement could not be read)
+    refusal: str | None  # why not, when it is not
 
 
 def _rate(hits: float, queries: float) -> float | None:
     return hits / queries if queries > 0 else None
 
 
-def rows_of(latest: dict[str, EngineMetrics], previous: dict[str, EngineMetrics], now: float) -> list[EndpointRow]:
-    """Rows sorted by model then instance; the recent hit rate against ``previous`` (the last frame)."""
+def rows_of(latest: dict[str, EngineMetrics], previous: dict[str, EngineMetrics], now: float,
+            placed: Mapping[str, Placed] | None = None) -> list[EndpointRow]:
+    """Rows sorted by model then instance; the recent hit rate against ``previous`` (the last frame); state and
+    routability from ``placed`` (placement's instances by id; None when they could not be read)."""
     out = []
     for iid, m in sorted(latest.items(), key=lambda kv: (kv[1].model, kv[0])):
         old = previous.get(iid)
@@ -61,8 +80,22 @@ def rows_of(latest: dict[str, EngineMetrics], previous: dict[str, EngineMetrics]
         out.append(EndpointRow(iid, m.model, m.url.split("://", 1)[-1], m.num_requests_running,
                                m.num_requests_waiting, m.kv_cache_usage_perc,
                                _rate(m.prefix_cache_hits, m.prefix_cache_queries), recent,
-                               m.prompt_tokens, m.generation_tokens, max(now - m.ts, 0.0)))
+                               m.prompt_tokens, m.generation_tokens, max(now - m.ts, 0.0),
+                               *_placement_of(iid, m.model, placed)))
     return out
+
+
+def _placement_of(iid: str, model: str, placed: Mapping[str, Placed] | None) -> tuple[str, bool | None, str | None]:
+    """(state, routable, why not) of one endpoint under the pool rule of a gateway following placement."""
+    if placed is None:
+        return UNKNOWN, None, "placement not read"
+    inst = placed.get(iid)
+    why = refusal(PoolSource.PLACEMENT, iid, model, placed)
+    return (UNKNOWN if inst is None else inst.state.value), why is None, why
+
+
+def _yes_no(x: bool | None) -> str:
+    return "?" if x is None else "yes" if x else "no"
 
 
 def _pct(x: float | None) -> str:
@@ -72,26 +105,54 @@ def _pct(x: float | None) -> str:
 def table_of(rows: list[EndpointRow]) -> Table:
     """The rows as a table, one line per endpoint."""
     t = Table(title="gateway endpoints (from the model servers' reports; hit = prefix-cache hit tokens / "
-                    "prompt tokens, since start and over the last frame)", title_justify="left")
-    for col in ("model", "endpoint", "address", "run", "wait", "KV", "hit", "hit now", "prompt tok", "gen tok",
-                "age"):
-        t.add_column(col, justify="right" if col not in ("model", "endpoint", "address") else "left", no_wrap=True)
+                    "prompt tokens, since start and over the last frame; pool = routable by a gateway following "
+                    "placement)", title_justify="left")
+    left = ("model", "endpoint", "address", "state", "pool")
+    for col in (*left, "run", "wait", "KV", "hit", "hit now", "prompt tok", "gen tok", "age"):
+        t.add_column(col, justify="left" if col in left else "right", no_wrap=True)
     for r in rows:
-        t.add_row(r.model, r.instance, r.address, str(r.running), str(r.waiting), f"{r.kv_usage:.0%}",
+        t.add_row(r.model, r.instance, r.address, r.state, _yes_no(r.routable), str(r.running), str(r.waiting),
+                  f"{r.kv_usage:.0%}",
                   _pct(r.hit_rate), _pct(r.recent_hit_rate), str(r.prompt_tokens), str(r.generation_tokens),
                   f"{r.age_s * 1000:.0f} ms")
     if not rows:
         t.caption = "no model server reported: none runs, or they publish on another NATS"
+    elif any(r.routable is None for r in rows):
+        t.caption = "placement could not be read (no state store?): state and pool unknown"
     return t
 
 
-async def _listen(nats_url: str | None, window_s: float, frames: int,
-                  show: Callable[[list[EndpointRow]], None] | None = None,
-                  ) -> tuple[dict[str, EngineMetrics], dict[str, EngineMetrics]]:
-    """Collect reports for ``frames`` windows; returns (latest, the frame before)."""
-    nc = await connect_nats(load(nats_url))
+Frame = tuple[dict[str, EngineMetrics], dict[str, EngineMetrics], "Mapping[str, Placed] | None"]
+
+
+async def _connect_store(settings: Settings) -> aioredis.Redis | None:
+    """The state store, or None when it cannot be reached (a gateway demo runs without placement)."""
+    try:
+        return await connect_redis(settings)
+    except CliError:
+        return None
+
+
+async def _placed(redis: aioredis.Redis | None, settings: Settings) -> dict[str, Placed] | None:
+    """Placement's instances by id, read as ``gantry instances`` reads them; None when they cannot be read."""
+    if redis is None:
+        return None
+    try:
+        snapshot = await read_snapshot(redis, settings)
+    except Exception:  # an unreadable store leaves the column unknown, the reports still show
+        return None
+    return {i.id: Placed(i.model, i.state) for i in snapshot.instances}
+
+
+async def _listen(nats_url: str | None, redis_url: str | None, window_s: float, frames: int,
+                  show: Callable[[list[EndpointRow]], None] | None = None) -> Frame:
+    """Collect reports for ``frames`` windows; returns (latest, the frame before, placement's instances)."""
+    settings = load(nats_url, redis_url)
+    nc = await connect_nats(settings)
+    redis = await _connect_store(settings)
     latest: dict[str, EngineMetrics] = {}
     previous: dict[str, EngineMetrics] = {}
+    placed: dict[str, Placed] | None = None
     dec = msgspec.json.Decoder(EngineMetrics)
 
     async def on(msg: Msg) -> None:
@@ -107,11 +168,14 @@ async def _listen(nats_url: str | None, window_s: float, frames: int,
             if i:
                 previous = dict(latest)
             await asyncio.sleep(window_s)
+            placed = await _placed(redis, settings)
             if show is not None:
-                show(rows_of(latest, previous, time.time()))
+                show(rows_of(latest, previous, time.time(), placed))
     finally:
         await nc.drain()
-    return latest, previous
+        if redis is not None:
+            await redis.aclose()
+    return latest, previous, placed
 
 
 def gateway(
@@ -119,14 +183,16 @@ def gateway(
     interval: Annotated[float, typer.Option(min=0.2, max=60.0, help="seconds per frame")] = 1.0,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
+    redis_url: RedisUrl = None,
 ) -> None:
-    """Per endpoint: running / waiting requests, KV usage, prefix-cache hit rate (since start and over the
-    last frame) and tokens served, from the model servers' reports."""
+    """Per endpoint: placement's state of its instance and whether a gateway following placement routes to it,
+    running / waiting requests, KV usage, prefix-cache hit rate (since start and over the last frame) and
+    tokens served, from the model servers' reports."""
     if watch and as_json:
         raise CliError("--watch and --json do not go together", exit_code=2)
     if not watch:
-        latest, previous = run(lambda: _listen(nats_url, interval, 2))
-        rows = rows_of(latest, previous, time.time())
+        latest, previous, placed = run(lambda: _listen(nats_url, redis_url, interval, 2))
+        rows = rows_of(latest, previous, time.time(), placed)
         if as_json:
             print_json([asdict(r) for r in rows])
         else:
@@ -134,5 +200,5 @@ def gateway(
         return
     con = console()
     with Live(table_of([]), console=con, refresh_per_second=4) as live:
-        run(lambda: _listen(nats_url, interval, 1 << 30, lambda rows: live.update(table_of(rows))))
+        run(lambda: _listen(nats_url, redis_url, interval, 1 << 30, lambda rows: live.update(table_of(rows))))
 

@@ -7,6 +7,8 @@ from rich.console import Console
 
 from ops.cli.gateway import rows_of, table_of
 from shared.bus.messages import EngineMetrics
+from shared.core.placement.domain import InstanceState
+from shared.core.routing.pool_source import Placed
 
 
 def report(iid: str, hits: int, queries: int, model: str = "m", ts: float = 100.0, running: int = 0,
@@ -49,3 +51,29 @@ def test_table_shows_load_and_hit_rate_per_endpoint_and_says_when_nothing_report
     con = Console(width=200, record=True)
     con.print(table_of([]))
     assert "no model server reported" in con.export_text()
+
+
+PLACED = {"e1": Placed("m", InstanceState.RUNNING), "e2": Placed("m", InstanceState.DRAINING),
+          "e4": Placed("other", InstanceState.RUNNING)}
+
+
+def test_each_endpoint_shows_its_placement_state_and_whether_the_placement_pool_admits_it() -> None:
+    latest = {iid: report(iid, 0, 0) for iid in ("e1", "e2", "e3", "e4")}
+    rows = {r.instance: r for r in rows_of(latest, {}, now=100.0, placed=PLACED)}
+    assert (rows["e1"].state, rows["e1"].routable, rows["e1"].refusal) == ("RUNNING", True, None)
+    assert (rows["e2"].state, rows["e2"].routable, rows["e2"].refusal) == ("DRAINING", False, "instance is DRAINING")
+    assert (rows["e3"].state, rows["e3"].routable) == ("unknown", False)  # placement never issued this id
+    assert (rows["e4"].state, rows["e4"].routable) == ("RUNNING", False)  # placement's instance serves another model
+    con = Console(width=250, record=True)
+    con.print(table_of(list(rows.values())))
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in con.export_text().splitlines() if "│" in line]
+    by_endpoint = {c[1]: c[3:5] for c in cells}
+    assert by_endpoint["e1"] == ["RUNNING", "yes"] and by_endpoint["e2"] == ["DRAINING", "no"]
+
+
+def test_without_placement_the_state_is_unknown_and_the_table_says_it_could_not_be_read() -> None:
+    (r,) = rows_of({"e1": report("e1", 0, 0)}, {}, now=100.0, placed=None)
+    assert (r.state, r.routable) == ("unknown", None)
+    con = Console(width=250, record=True)
+    con.print(table_of([r]))
+    assert "placement could not be read" in con.export_text()
