@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 
 import uvloop
 
@@ -36,23 +37,27 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
     p.add_argument("--ready-file", action="append", default=[], help="model source already on disk")
     p.add_argument("--engines", action="store_true",
                    help="run an emulated engine server per instance (RUNNING once it answers; drains for real)")
-    p.add_argument("--engine-nats-url", default=os.environ.get(ENGINE_NATS_URL_ENV) or None,
-                   help=f"NATS URL the engine servers publish on, as the engine identity (default "
-                        f"${ENGINE_NATS_URL_ENV}, else the fleet's NATS server as the engine identity when "
-                        f"GANTRY_CREDENTIALS_FILE holds it, else without credentials)")
+    p.add_argument("--engine-nats-url", default=None,
+                   help=f"NATS URL the engine servers publish on, without credentials (a command line is readable "
+                        f"by every local user: a URL with the engine identity's secret goes in "
+                        f"${ENGINE_NATS_URL_ENV}; default that, else the fleet's NATS server as the engine "
+                        f"identity when GANTRY_CREDENTIALS_FILE holds it, else without credentials)")
     p.add_argument("--engine-start-timeout", type=float, default=30.0, help="seconds a server has to answer /health")
     p.add_argument("--drain-settle", type=float, default=1.0,
                    help="seconds a drain lasts at least (requests routed just before it may still arrive)")
     p.add_argument("--engine-arg", action="append", default=[],
                    help="one more engine server flag, e.g. --engine-arg=--speedup=4 (repeatable)")
     a = p.parse_args(argv)
+    if a.engine_nats_url and without_user(a.engine_nats_url) != a.engine_nats_url:
+        sys.exit(f"{p.prog}: error: --engine-nats-url must not hold a user or secret (it would show on the "
+                 f"fleet's command line): put that URL in ${ENGINE_NATS_URL_ENV} instead")
     labels = dict(kv.split("=", 1) for kv in a.label)
     return FleetConfig(
         count=a.count, prefix=a.prefix, start_index=a.start_index, gpus=a.gpus, gpu_product=a.gpu_product,
         gpu_vendor=a.gpu_vendor, vram_gib=a.vram_gib, ram_gib=a.ram_gib, labels=labels, cluster=a.cluster,
         heartbeat_interval_s=a.heartbeat_interval, download_delay_s=a.download_delay,
         start_delay_s=a.start_delay, ready_files=tuple(a.ready_file), engines=a.engines,
-        engine_nats_url=a.engine_nats_url or engine_url(settings),
+        engine_nats_url=a.engine_nats_url or os.environ.get(ENGINE_NATS_URL_ENV) or engine_url(settings),
         engine_start_timeout_s=a.engine_start_timeout, drain_settle_s=a.drain_settle, engine_args=tuple(a.engine_arg),
     )
 

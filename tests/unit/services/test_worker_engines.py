@@ -102,8 +102,20 @@ def test_an_engine_server_reads_its_nats_url_from_the_environment(monkeypatch: p
 def test_engines_are_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GANTRY_ENGINE_NATS_URL", raising=False)
     assert parse([]).engines is False
-    on = parse(["--engines", "--engine-nats-url", "nats://engine_server:x@127.0.0.1:4222"])
-    assert on.engines and on.engine_nats_url == "nats://engine_server:x@127.0.0.1:4222"
+    on = parse(["--engines", "--engine-nats-url", "nats://127.0.0.1:4222"])
+    assert on.engines and on.engine_nats_url == "nats://127.0.0.1:4222"
+
+
+def test_the_engine_identity_secret_comes_from_the_environment_never_the_fleet_command_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GANTRY_ENGINE_NATS_URL", "nats://engine_server:x@127.0.0.1:4222")
+    assert parse([]).engine_nats_url == "nats://engine_server:x@127.0.0.1:4222"
+    with pytest.raises(SystemExit) as refused:
+        parse(["--engine-nats-url", "nats://engine_server:x@127.0.0.1:4222"])
+    assert refused.value.code != 0
+    message = str(refused.value.code)
+    assert "GANTRY_ENGINE_NATS_URL" in message and "\n" not in message and "x@" not in message
 
 
 def test_a_compose_fleet_lends_its_servers_the_engine_identity_from_the_credentials_file(tmp_path: Path) -> None:
