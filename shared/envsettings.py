@@ -148,7 +148,8 @@ def with_user(url: str, user: str, secret: str) -> str:
     """``url`` with ``user:secret`` as its credentials, unless it names a user already or has no host. Both are
     percent-encoded (RFC 3986 userinfo): a secret holding ``@``, ``:``, ``/`` or ``#`` would otherwise change
     which host the URL names. The generated secrets (URL-safe base64) come out unchanged. (redis-py decodes
-    userinfo; nats-py does not, so a NATS secret must keep to the unreserved characters, as generated ones do.)"""
+    userinfo; nats-py does not, so Gantry's NATS connections pass the decoded user and secret explicitly:
+    ``shared.bus.connection.url_credentials``.)"""
     parts = urlsplit(url)
     if "@" in parts.netloc or not parts.hostname:
         return url

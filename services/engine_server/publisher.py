@@ -22,6 +22,7 @@ from nats.aio.client import Client as NatsClient
 
 from services.engine_server.runner import EngineRunner
 from shared.bus import subjects
+from shared.bus.connection import url_credentials
 from shared.bus.messages import EngineKVEvents, EngineMetrics, encode
 from shared.core.kv_events import KVEventBatch
 from shared.envsettings import without_user
@@ -96,7 +97,7 @@ class Publisher:
                 continue
             try:
                 self._nc = await nats.connect(self.nats_url, connect_timeout=2, max_reconnect_attempts=-1,
-                                              **tls_options())
+                                              **tls_options(), **url_credentials(self.nats_url))
             except Exception as err:
                 log.warning("publisher: cannot reach NATS at %s: %s", without_user(self.nats_url), err)
                 await asyncio.sleep(1.0)

@@ -34,6 +34,7 @@ from enum import IntEnum
 import msgspec
 
 from shared.bus import subjects
+from shared.bus.connection import url_credentials
 
 log = logging.getLogger("gantry.gateway")
 
@@ -104,7 +105,7 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0)
                 loop.call_at(max(loop.time(), last + window_s), flush)
         return take
 
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1)
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, **url_credentials(nats_url))  # decoded
     await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=taker(Kind.METRICS))
     await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=taker(Kind.KV))
     await nc.flush()

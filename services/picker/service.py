@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client
@@ -19,6 +18,7 @@ from nats.aio.msg import Msg
 from services.picker.answer import answer, read_picks
 from services.picker.contract import CONTRACT
 from shared.bus import subjects
+from shared.bus.connection import url_credentials
 from shared.bus.messages import MessageError, PickAnswer, PickProgress, PickReply, encode
 from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.routing import Router, builtin_config
@@ -152,8 +152,9 @@ class PickerService:
 
     async def connect(self) -> Client:
         """Connect and subscribe; returns the connection."""
-        identity = urlsplit(self.opts.nats_url).username or ""
-        nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1, inbox_prefix=inbox_prefix(identity))
+        credentials = url_credentials(self.opts.nats_url)  # decoded: nats-py sends the URL's as written
+        nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1,
+                                inbox_prefix=inbox_prefix(credentials.get("user", "")), **credentials)
         self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
         await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._guarded(self.on_metrics))
         await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._guarded(self.on_kv))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ssl
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from shared.envsettings import EnvSettings
@@ -23,11 +23,25 @@ def inbox_prefix(identity: str) -> str:
     return f"{INBOX}.{identity}" if identity else INBOX
 
 
+def url_credentials(url: str) -> dict[str, str]:
+    """The credentials in ``url``'s userinfo, percent-decoded, as nats-py's ``user``/``password`` (or ``token``)
+    options. nats-py sends the userinfo of a URL as written, without decoding it, while Gantry writes URLs with
+    the user and secret percent-encoded (``shared.envsettings.with_user``); explicit options win over the URL's
+    userinfo in nats-py, so a secret holding reserved characters still authenticates."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return {}
+    if parts.password is None:  # nats://TOKEN@host
+        return {"token": unquote(parts.username)}
+    return {"user": unquote(parts.username), "password": unquote(parts.password)}
+
+
 def nats_options(settings: Settings | EnvSettings) -> dict[str, Any]:
-    """Options every Gantry NATS connection takes from the settings: its identity's reply inboxes, and the CA to
-    trust when TLS is on."""
-    identity = settings.identity or urlsplit(settings.nats_url).username or ""
-    options: dict[str, Any] = {"inbox_prefix": inbox_prefix(identity)}
+    """Options every Gantry NATS connection takes from the settings: its credentials (decoded from the URL), its
+    identity's reply inboxes, and the CA to trust when TLS is on."""
+    credentials = url_credentials(settings.nats_url)
+    identity = settings.identity or credentials.get("user") or ""
+    options: dict[str, Any] = {**credentials, "inbox_prefix": inbox_prefix(identity)}
     if settings.tls_ca_file:
         options["tls"] = ssl.create_default_context(cafile=settings.tls_ca_file)
     return options

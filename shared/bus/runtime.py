@@ -17,7 +17,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from faststream.nats import NatsBroker
-from faststream.security import BaseSecurity
+from faststream.security import BaseSecurity, SASLPlaintext
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -28,6 +28,7 @@ from shared.bus.connection import inbox_prefix as inbox_prefix  # re-exported: c
 from shared.bus.connection import nats_options as nats_options  # re-exported
 from shared.bus.messages import ErrorEvent, MessageError, decode, encode
 from shared.bus.streams import consumer_config, ensure_streams
+from shared.envsettings import without_user
 from shared.settings import Settings
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -146,9 +147,15 @@ def make_broker(settings: Settings, no_echo: bool = False) -> NatsBroker:
     quiet.setLevel(logging.WARNING)
     options = nats_options(settings)
     tls = options.get("tls")
-    security = BaseSecurity(ssl_context=tls) if tls is not None else None  # FastStream's way to take a context
+    url = settings.nats_url
+    security: BaseSecurity | None = None  # FastStream's way to take a TLS context and credentials
+    if "user" in options:  # decoded: nats-py would send the URL's percent-encoded userinfo as written
+        security = SASLPlaintext(options["user"], options["password"], ssl_context=tls)
+        url = without_user(url)  # FastStream refuses credentials both in the URL and in ``security``
+    elif tls is not None:
+        security = BaseSecurity(ssl_context=tls)
     return NatsBroker(
-        settings.nats_url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1, security=security,
+        url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1, security=security,
         inbox_prefix=options["inbox_prefix"], no_echo=no_echo,
     )
 
