@@ -70,7 +70,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.progress import add_flag, progress  # noqa: E402
-from ops.envoy import TIMING_FIELDS, EnvoyOptions, picker_sockets, start_envoy, wait_routed  # noqa: E402
+from ops.envoy import ADMIN_SOCKET, TIMING_FIELDS, EnvoyOptions, picker_sockets, start_envoy, wait_routed  # noqa: E402
 from ops.servers import ServerProcess, free_port, start_nats  # noqa: E402
 from services.gateway.protocol import PickerTransport  # noqa: E402
 
@@ -342,14 +342,20 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         extra = options[path]
         log = tmp / f"envoy-{path}" / "timing.log"
         extra.setdefault("eds_path", eds)
-        env = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(),
-                                       timing_log=log, **extra), tmp / f"envoy-{path}")
+        env = start_envoy(bench_envoy(tmp / f"envoy-{path}", timing_log=log, **extra), tmp / f"envoy-{path}")
         envoys.append(env)
         wait_routed(env.url, MODEL)
         out.paths[path] = env.port
         out.watched[f"envoy_{path}"] = psutil.Process(env.process.pid)
         out.timing_logs[f"{path}_"] = log
     return out
+
+
+def bench_envoy(workdir: Path, **options: Any) -> EnvoyOptions:
+    """Options of a bench Envoy run in ``workdir``: any free listen port, and its admin API (which can stop
+    Envoy, unauthenticated) on a unix socket in ``workdir`` that only this user may open, not a TCP port any
+    local user reaches (the benches never read the admin API)."""
+    return EnvoyOptions(listen_port=free_port(), admin_port=(workdir / ADMIN_SOCKET).resolve(), **options)
 
 
 def main() -> None:
@@ -399,8 +405,8 @@ def main() -> None:
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(picker)
         access_log = tmp / "envoy" / "access.log"
-        envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=epp_socket,
-                                         eds_path=eds, timing_log=access_log), tmp / "envoy")
+        envoy = start_envoy(bench_envoy(tmp / "envoy", epp_port=epp_socket, eds_path=eds, timing_log=access_log),
+                            tmp / "envoy")
         envoys.append(envoy)
         wait_routed(envoy.url, MODEL)  # the pool reached the picker and the EDS file reached Envoy
         paths = {"direct": eport, "gateway": envoy.port}

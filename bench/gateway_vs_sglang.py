@@ -55,7 +55,8 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from ops.envoy import EnvoyOptions, picker_sockets, start_envoy, wait_routed  # noqa: E402
+from bench.gateway import bench_envoy  # noqa: E402
+from ops.envoy import picker_sockets, start_envoy, wait_routed  # noqa: E402
 from ops.servers import ServerProcess, free_port, start_nats, stop_processes, wait_http  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
@@ -162,8 +163,7 @@ def gantry_front(nats_url: str, replicas: int, workdir: Path, staleness_s: float
                      "--socket-dir", str(d), "--staleness-s", str(staleness_s)],
                     cwd=REPO, stdout=fh, stderr=subprocess.STDOUT))
         sockets = tuple(picker_sockets(d)[0] for d in dirs)
-        envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=sockets,
-                                         eds_path=eds), workdir / "envoy")
+        envoy = start_envoy(bench_envoy(workdir / "envoy", epp_port=sockets, eds_path=eds), workdir / "envoy")
         wait_routed(envoy.url, MODEL, timeout=60)
         time.sleep(1.0)  # every replica has heard every engine
         yield Front(envoy.url, [p.pid for p in procs] + [envoy.process.pid])
