@@ -178,6 +178,12 @@ async def _listen(nats_url: str | None, redis_url: str | None, window_s: float, 
     return latest, previous, placed
 
 
+async def one_frame(nats_url: str | None, redis_url: str | None, window_s: float) -> list[EndpointRow]:
+    """The rows after listening for two windows (the recent hit rate needs a frame before)."""
+    latest, previous, placed = await _listen(nats_url, redis_url, window_s, 2)
+    return rows_of(latest, previous, time.time(), placed)
+
+
 def gateway(
     watch: Annotated[bool, typer.Option("--watch", help="redraw every --interval until Ctrl-C")] = False,
     interval: Annotated[float, typer.Option(min=0.2, max=60.0, help="seconds per frame")] = 1.0,
@@ -191,8 +197,7 @@ def gateway(
     if watch and as_json:
         raise CliError("--watch and --json do not go together", exit_code=2)
     if not watch:
-        latest, previous, placed = run(lambda: _listen(nats_url, redis_url, interval, 2))
-        rows = rows_of(latest, previous, time.time(), placed)
+        rows = run(lambda: one_frame(nats_url, redis_url, interval))
         if as_json:
             print_json([asdict(r) for r in rows])
         else:

@@ -11,10 +11,13 @@ import time
 import httpx
 import pytest
 
+from ops.auth import CLI
+from ops.cli.gateway import EndpointRow, one_frame
 from ops.envoy import SERVED
 from ops.gateway_routing import instances_by_address
 from ops.stack import GatewayPorts
 from shared.core.placement.domain import GIB, InstanceState, ModelSpec, PlacementStrategy
+from shared.envsettings import without_user
 
 from .conftest import Stack, wait_until
 
@@ -55,6 +58,14 @@ class Stream:
 def endpoint_file(ports: GatewayPorts) -> dict[str, str]:
     """Envoy's endpoint file as the picker wrote it: address → instance id."""
     return instances_by_address(ports.eds)
+
+
+async def gateway_view(stack: Stack) -> list[EndpointRow]:
+    """One frame of ``gantry gateway`` on the stack's servers, as the CLI identity."""
+    settings, creds = stack.launcher.settings, stack.launcher.credentials
+    assert creds is not None
+    nats_url, redis_url = (creds.url(without_user(u), CLI) for u in (settings.nats_url, settings.redis_url))
+    return await one_frame(nats_url, redis_url, 0.2)
 
 
 async def running_engine(http: httpx.AsyncClient, address: str) -> tuple[str, int]:
@@ -111,6 +122,9 @@ async def test_the_gateway_routes_to_running_instances_and_a_drain_finishes_in_f
 
         await wait_until(out_of_the_endpoint_file, 5, "the DRAINING instance out of Envoy's endpoint file")
         assert not streams[drained].task.done(), "the drained instance's stream should still be in flight"
+        # `gantry gateway`, as the CLI identity: both engines report, only the RUNNING one is in the pool
+        rows = {r.instance: (r.state, r.routable) for r in await gateway_view(stack)}
+        assert rows == {drained: ("DRAINING", False), kept: ("RUNNING", True)}, rows
         # no new request reaches the draining instance
         for n in range(4):
             s = Stream(http, ports.url, f"after the drain {n}", 2)
