@@ -4,7 +4,10 @@ gets, what an engine's /metrics says about its load, and when a DRAINING instanc
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.catalog import UnknownGpuError, UnknownModelError, load_gpu_spec, load_model_arch
 
@@ -48,20 +51,20 @@ def engine_spec_args(model: str, source: str, gpu_product: str, gpus: int) -> li
 
 def parse_load(metrics_text: str) -> EngineLoad | None:
     """The running and waiting counts in an engine's Prometheus text (vLLM's metric names; every sample of
-    a family summed, one per engine rank); None when either family is missing."""
+    a family summed, one per engine rank); None when either family is missing, the text is not Prometheus
+    text, or a count is not a finite non-negative number (such an engine's load is unknown, not zero)."""
     found: dict[str, float] = {}
-    for line in metrics_text.splitlines():
-        if not line.startswith("vllm:num_requests_"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in (RUNNING_METRIC, WAITING_METRIC):
-            try:
-                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-            except (ValueError, IndexError):
-                return None
-    if RUNNING_METRIC not in found or WAITING_METRIC not in found:
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            for sample in family.samples:
+                if sample.name in (RUNNING_METRIC, WAITING_METRIC):
+                    found[sample.name] = found.get(sample.name, 0.0) + sample.value
+    except ValueError:
         return None
-    return EngineLoad(running=int(found[RUNNING_METRIC]), waiting=int(found[WAITING_METRIC]))
+    running, waiting = found.get(RUNNING_METRIC, math.nan), found.get(WAITING_METRIC, math.nan)
+    if not (running >= 0 and waiting >= 0 and math.isfinite(running + waiting)):  # NaN fails every comparison
+        return None
+    return EngineLoad(running=int(running), waiting=int(waiting))
 
 
 def drain_idle(load: EngineLoad | None, draining_for_s: float, settle_s: float) -> bool:

@@ -124,3 +124,18 @@ def test_a_compose_fleet_lends_its_servers_the_engine_identity_from_the_credenti
     settings = Settings(nats_url="nats://workers:w-secret@nats:4222", credentials_file=str(creds))
     assert engine_url(settings) == "nats://engine_server:e-secret@nats:4222"
     assert engine_url(Settings(nats_url="nats://workers:w@nats:4222")) == "nats://nats:4222"  # no file named
+
+
+@pytest.mark.parametrize("text", [
+    "vllm:num_requests_running NaN\nvllm:num_requests_waiting 0\n",
+    "vllm:num_requests_running +Inf\nvllm:num_requests_waiting 0\n",
+    "vllm:num_requests_running -3\nvllm:num_requests_waiting 0\n",
+    "vllm:num_requests_running{a=\"1\" 0\nvllm:num_requests_waiting 0\n",
+])
+def test_a_non_finite_negative_or_malformed_count_gives_no_load(text: str) -> None:
+    assert parse_load(text) is None
+
+
+def test_a_sample_with_a_timestamp_is_read_by_its_value() -> None:
+    text = "vllm:num_requests_running 2 1700000000000\nvllm:num_requests_waiting 0 1700000000000\n"
+    assert parse_load(text) == EngineLoad(running=2, waiting=0)
