@@ -29,6 +29,7 @@ from ops.config import NATS_CONFIG
 from shared.bus import streams, subjects
 from shared.bus.runtime import inbox_prefix
 from shared.core.limits import bad_worker_name
+from shared.envsettings import ENGINE_IDENTITY, without_user
 from shared.host.contract import Contract
 from shared.settings import CREDENTIALS_FILE, Settings
 from shared.state.store import Keys
@@ -38,7 +39,7 @@ REDIS_CONF_FILE = "redis.conf"
 ADMIN = "admin"
 CLI = "cli"
 FLEET = "workers"
-ENGINE = "engine_server"
+ENGINE = ENGINE_IDENTITY
 PICKER = "picker"
 GATEWAY = "gateway"  # the endpoint picker behind Envoy (services.gateway)
 WORKER_PREFIX = "worker-"
@@ -274,9 +275,7 @@ def with_userinfo(url: str, user: str, password: str) -> str:
 
 def without_userinfo(url: str) -> str:
     """``url`` without user or secret (for state files and logs)."""
-    parts = urlsplit(url)
-    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return without_user(url)
 
 
 def write_private(path: Path, text: str) -> None:

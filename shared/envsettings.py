@@ -144,6 +144,9 @@ def identity_secret(path: Path, identity: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
+ENGINE_IDENTITY = "engine_server"  # the model servers' bus identity (ops.auth.ENGINE)
+
+
 def with_user(url: str, user: str, secret: str) -> str:
     """``url`` with ``user:secret`` as its credentials, unless it names a user already or has no host. Both are
     percent-encoded (RFC 3986 userinfo): a secret holding ``@``, ``:``, ``/`` or ``#`` would otherwise change

@@ -13,7 +13,14 @@ import uvloop
 
 from services.workers.emulator import FleetConfig, run_fleet
 from shared.bus.runtime import nats_options
-from shared.envsettings import ENGINE_NATS_URL_ENV, credentials_path, identity_secret, with_user, without_user
+from shared.envsettings import (
+    ENGINE_IDENTITY,
+    ENGINE_NATS_URL_ENV,
+    credentials_path,
+    identity_secret,
+    with_user,
+    without_user,
+)
 from shared.settings import Settings, load_settings
 
 
@@ -51,18 +58,18 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
     if a.engine_nats_url and without_user(a.engine_nats_url) != a.engine_nats_url:
         sys.exit(f"{p.prog}: error: --engine-nats-url must not hold a user or secret (it would show on the "
                  f"fleet's command line): put that URL in ${ENGINE_NATS_URL_ENV} instead")
+    if bad := [kv for kv in a.label if "=" not in kv]:
+        p.error(f"--label takes key=value, got {bad[0]!r}")
     labels = dict(kv.split("=", 1) for kv in a.label)
+    lent = (a.engine_nats_url or os.environ.get(ENGINE_NATS_URL_ENV) or engine_url(settings)) if a.engines else None
     return FleetConfig(
         count=a.count, prefix=a.prefix, start_index=a.start_index, gpus=a.gpus, gpu_product=a.gpu_product,
         gpu_vendor=a.gpu_vendor, vram_gib=a.vram_gib, ram_gib=a.ram_gib, labels=labels, cluster=a.cluster,
         heartbeat_interval_s=a.heartbeat_interval, download_delay_s=a.download_delay,
         start_delay_s=a.start_delay, ready_files=tuple(a.ready_file), engines=a.engines,
-        engine_nats_url=a.engine_nats_url or os.environ.get(ENGINE_NATS_URL_ENV) or engine_url(settings),
+        engine_nats_url=lent,
         engine_start_timeout_s=a.engine_start_timeout, drain_settle_s=a.drain_settle, engine_args=tuple(a.engine_arg),
     )
-
-
-ENGINE_IDENTITY = "engine_server"  # ops.auth.ENGINE (a service does not import ops)
 
 
 def engine_url(settings: Settings) -> str:

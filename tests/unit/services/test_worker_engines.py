@@ -110,9 +110,10 @@ def test_the_engine_identity_secret_comes_from_the_environment_never_the_fleet_c
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("GANTRY_ENGINE_NATS_URL", "nats://engine_server:x@127.0.0.1:4222")
-    assert parse([]).engine_nats_url == "nats://engine_server:x@127.0.0.1:4222"
+    assert parse(["--engines"]).engine_nats_url == "nats://engine_server:x@127.0.0.1:4222"
+    assert parse([]).engine_nats_url is None  # no engines, nothing lent (and no credentials file read)
     with pytest.raises(SystemExit) as refused:
-        parse(["--engine-nats-url", "nats://engine_server:x@127.0.0.1:4222"])
+        parse(["--engines", "--engine-nats-url", "nats://engine_server:x@127.0.0.1:4222"])
     assert refused.value.code != 0
     message = str(refused.value.code)
     assert "GANTRY_ENGINE_NATS_URL" in message and "\n" not in message and "x@" not in message
@@ -139,3 +140,10 @@ def test_a_non_finite_negative_or_malformed_count_gives_no_load(text: str) -> No
 def test_a_sample_with_a_timestamp_is_read_by_its_value() -> None:
     text = "vllm:num_requests_running 2 1700000000000\nvllm:num_requests_waiting 0 1700000000000\n"
     assert parse_load(text) == EngineLoad(running=2, waiting=0)
+
+
+def test_a_label_without_an_equals_sign_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        parse(["--label", "gpu-pool"])
+    assert refused.value.code == 2
+    assert "--label takes key=value, got 'gpu-pool'" in capsys.readouterr().err
