@@ -144,6 +144,8 @@ class Fleet:
         self.workers = {w.worker.name: w for w in make_workers(cfg)}
         self.paused: set[str] = set()  # workers whose heartbeats are suppressed
         self._tasks: set[asyncio.Task[None]] = set()
+        self._draining: set[str] = set()  # instances whose engine is being watched until idle
+        self._closing = False
         # per worker: reports made this moment, not sent yet, and the one future their makers wait on
         self._outbox: dict[str, tuple[list[InstanceStatus], asyncio.Future[None]]] = {}
         # (worker, source) -> set once a download under way is over (those needing the file wait on it)
@@ -159,7 +161,13 @@ class Fleet:
         return EngineSupervisor(opts, self._engine_exited)
 
     async def close(self) -> None:
-        """Stop every engine server the fleet started (the fleet is exiting)."""
+        """Stop every engine server the fleet started (the fleet is exiting): first take no more commands and
+        cancel the starts and drains under way, so that no server is started after the servers were listed."""
+        self._closing = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.engines is not None:
             await self.engines.stop_all()
 
@@ -216,7 +224,7 @@ class Fleet:
         parts = msg.subject.split(".")
         name, verb = parts[-2], parts[-1]
         w = self.workers.get(name)
-        if w is None or name in self.paused:
+        if w is None or name in self.paused or self._closing:
             return
         try:
             if verb == "assign":
@@ -380,7 +388,13 @@ class Fleet:
         # Only a RUNNING instance was ever in a pool: one drained while starting has nothing in flight and is
         # idle at once (its start stops short, and stops a server under way).
         if not starting and self.engines is not None and self.engines.running(inst.id):
-            await self._wait_drained(w, inst)
+            if inst.id in self._draining:
+                return  # a repeated drain: the first one's watch reports idle
+            self._draining.add(inst.id)
+            try:
+                await self._wait_drained(w, inst)
+            finally:
+                self._draining.discard(inst.id)
             if w.instances.get(inst.id) is not inst or inst.state is not InstanceState.DRAINING:
                 return  # deleted (the drain timed out) meanwhile
         await self._report(w, [InstanceStatus(instance_id=inst.id, worker=w.worker.name, state=inst.state, idle=True)])

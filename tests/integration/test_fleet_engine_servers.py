@@ -110,3 +110,36 @@ async def test_an_instance_drained_while_its_server_starts_stays_draining_and_is
     finally:
         await fleet.close()
         await nc.close()
+
+
+async def test_a_closing_fleet_cancels_starts_under_way_and_takes_no_new_assignment(
+    nats_server: ServerProcess
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    await ensure_streams(nc.jetstream(), Settings())
+    fleet = Fleet(FleetConfig(count=1, prefix="closing", gpus=2, start_delay_s=0, download_delay_s=0,
+                              engines=True), nc)
+    try:
+        await fleet.start()
+        assert fleet.engines is not None
+
+        def assign(iid: str, gpu: int) -> bytes:
+            one = AssignInstance(instance_id=iid, model="llama-3.1-8b", source="meta-llama/Llama-3.1-8B-Instruct",
+                                 gpu_indexes=(gpu,), vram_claims=(1,))
+            return encode(AssignInstances(instances=(one,)))
+
+        await nc.publish(subjects.worker_assign("closing0"), assign("inst-a", 0))
+        deadline = time.monotonic() + 10
+        while not fleet.engines.servers and time.monotonic() < deadline:  # its server is starting
+            await asyncio.sleep(0.01)
+        started = [s.process.pid for s in fleet.engines.servers.values()]
+        assert started
+        await fleet.close()
+        await nc.publish(subjects.worker_assign("closing0"), assign("inst-b", 1))  # while the fleet shuts down
+        await nc.flush()
+        await asyncio.sleep(0.5)
+        assert not fleet.engines.servers
+        assert all(not Path(f"/proc/{pid}").exists() for pid in started)
+    finally:
+        await fleet.close()
+        await nc.close()
