@@ -67,18 +67,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
-    """Block until something accepts connections on ``port`` or fail with the server's log."""
+def wait_for_port(port: int | Path, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    """Block until something accepts connections on the loopback ``port`` (or the unix socket at that path)
+    or fail with the server's log."""
     deadline = time.monotonic() + timeout
+    where = f"port {port}" if isinstance(port, int) else str(port)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServerStartError(f"server exited with code {proc.returncode}: {_tail(log)}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+            _connect(port)
+            return
         except OSError:
             time.sleep(0.05)
-    raise ServerStartError(f"server did not listen on port {port} within {timeout:.0f}s: {_tail(log)}")
+    raise ServerStartError(f"server did not listen on {where} within {timeout:.0f}s: {_tail(log)}")
+
+
+def _connect(port: int | Path) -> None:
+    if isinstance(port, int):
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        sock.connect(str(port))
 
 
 def _tail(log: Path, lines: int = 5) -> str:

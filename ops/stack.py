@@ -256,11 +256,19 @@ class LocalStack:
         return self.home / "logs"
 
     def preflight(self) -> None:
-        """Take the home's lock, then check the ports: before anything in the home is written or wiped."""
+        """Take the home's lock, then check the ports and that Envoy is installed (with the gateway on):
+        before anything in the home is written or wiped, and before any server starts."""
         if self._lock is None:
             self._lock = StackLock(self.home)
         self._lock.acquire()
         self.check_ports()
+        if self.gateway:
+            from ops.envoy import envoy_binary
+
+            try:
+                envoy_binary()
+            except ServerStartError as err:
+                raise StackError(f"{err}; or run with --no-gateway") from None
 
     def start(self) -> LocalStack:
         """Servers first, then services, then workers; on any failure, stop what started and raise."""
@@ -290,12 +298,6 @@ class LocalStack:
 
     def start_gateway(self, timeout: float = 30.0) -> GatewayPorts:
         """The picker (pool from placement), then Envoy in front of it; returns once both listen."""
-        from ops.envoy import envoy_binary
-
-        try:
-            envoy_binary()  # a clear error before anything starts
-        except ServerStartError as err:
-            raise StackError(str(err)) from None
         work = self.home / "gateway"
         # the picker on unix sockets in a directory only this user enters, Envoy's admin on a socket only this
         # user may open: no other local user can reach either (the admin API stops Envoy, unauthenticated)
@@ -309,13 +311,12 @@ class LocalStack:
         for name, argv, listener in ((PICKER_CHILD, picker_argv(ports), ports.picker),
                                      (ENVOY_CHILD, envoy_argv(ports, work / "envoy"), ports.listen)):
             child = self.spawn(name, argv)
-            try:
-                if isinstance(listener, Path):
-                    from services.gateway.protocol import GRPC_SOCKET
+            if isinstance(listener, Path):
+                from services.gateway.protocol import GRPC_SOCKET
 
-                    wait_for_socket(listener / GRPC_SOCKET, child, timeout)
-                else:
-                    wait_for_port(listener, child.process, timeout, child.log_path)
+                listener = listener / GRPC_SOCKET
+            try:
+                wait_for_port(listener, child.process, timeout, child.log_path)
             except ServerStartError as err:
                 raise StackError(f"{name} did not start: {err}") from None
         return ports
@@ -568,20 +569,6 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def wait_for_socket(path: Path, child: Child, timeout: float) -> None:
-    """Until a server accepts connections on the unix socket ``path``; ServerStartError when ``child`` exits
-    first or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise ServerStartError(f"exited with code {child.process.returncode}; see {child.log_path}")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, contextlib.suppress(OSError):
-            sock.connect(str(path))
-            return
-        time.sleep(0.05)
-    raise ServerStartError(f"no server on {path} within {timeout:.0f}s; see {child.log_path}")
 
 
 def identity_of(argv: Sequence[str]) -> str | None:

