@@ -53,7 +53,9 @@ from shared.core.placement.domain import (
     Worker,
 )
 
-SCHEMA_VERSION = 1
+# 2: filtered and fitted messages carry each report list, GPU mask and claims column once (report_sets,
+# byte_sets); a v1 consumer would read them as empty, so it must refuse them instead.
+SCHEMA_VERSION = 2
 H = TypeVar("H", tuple[str, ...], tuple[FilterReport, ...], bytes)
 # Positions in a message's tables. A negative position would silently pick a row from the end (Python
 # indexing), so only the documented -1 ("inline") is accepted where inline values exist.

@@ -9,6 +9,7 @@ import pytest
 from ops.events import decode_events, event_json, event_model, format_event
 from shared.bus import subjects
 from shared.bus.messages import (
+    SCHEMA_VERSION,
     CordonEvent,
     DecisionEvent,
     DecisionEvents,
@@ -100,7 +101,7 @@ def test_event_model_names_the_model_or_nothing() -> None:
 def test_json_line_carries_subject_time_and_fields() -> None:
     line = json.loads(event_json(subjects.EVENT_MODEL, ModelEvent(model="m", replicas=2), T0))
     assert line == {"subject": subjects.EVENT_MODEL, "stored_at": T0,
-                    "event": {"v": 1, "model": "m", "replicas": 2, "spec": None}}
+                    "event": {"v": SCHEMA_VERSION, "model": "m", "replicas": 2, "spec": None}}
 
 
 def test_a_removed_worker_is_one_line_about_no_model() -> None:

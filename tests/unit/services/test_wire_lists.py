@@ -7,6 +7,7 @@ import pytest
 
 from shared.bus.columns import CandidateSet
 from shared.bus.messages import (
+    SCHEMA_VERSION,
     FilteredModel,
     FittedColumns,
     MessageError,
@@ -125,3 +126,13 @@ def test_a_filtered_table_position_out_of_range_is_refused_at_decode(field: str,
     raw["filtered"]["a"][field] = value
     with pytest.raises(MessageError, match=field):
         decode(msgspec.json.encode(raw), PlacementFiltered)
+
+
+def test_a_consumer_of_the_schema_before_shared_tables_refuses_them_rather_than_reading_empty_columns() -> None:
+    # Version 1 consumers read the inline fields only, which shared tables leave empty: the version must say so,
+    # so that such a consumer dead-letters the message (it refuses a newer version than it knows).
+    masks, claims = bytes([3, 1, 0, 2]), bytes(range(8))
+    shared = fitted(CandidateSet(model="a", strategy="spread", workers=WORKERS, gpus=masks, claims=claims))
+    assert shared.byte_sets and shared.v >= 2
+    wire = msgspec.json.decode(encode(shared))
+    assert wire["v"] == SCHEMA_VERSION >= 2
