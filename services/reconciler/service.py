@@ -375,8 +375,6 @@ class Reconciler(PlacementService):
         await self.store.set_cordon(cmd.worker, cmd.cordoned, cmd.gpu_index)
         event = CordonEvent(worker=cmd.worker, cordoned=cmd.cordoned, gpu_index=cmd.gpu_index)
         await self.bus.publish(subjects.EVENT_CORDON, event)
-        if not self.hears_itself:
-            self.feed.on_cordon(event)
         await raw.ack()
 
     async def _remove_worker(self, data: bytes, raw: Msg) -> None:
@@ -683,12 +681,9 @@ class Reconciler(PlacementService):
     ) -> None:
         now = self.clock()
         events = [InstanceEvent(instance=inst, removed=removed, at=now) for inst in instances]
-        feed = self.feed
         for start in range(0, len(events), EVENTS_PER_MESSAGE):  # NATS messages are bounded
             batch = tuple(events[start : start + EVENTS_PER_MESSAGE])
             await self.bus.publish(subject, InstanceEvents(events=batch))
-            if not self.hears_itself:
-                feed.on_instances(batch)
 
     async def _publish_removed(self, instances: Iterable[Instance]) -> None:
         await self._publish_instances(instances, removed=True)

@@ -161,9 +161,6 @@ class StateWriter:
             except Exception as exc:
                 log.warning("registration of %s stored, not announced (again at the next flush): %s", name, exc)
                 self.registrations.setdefault(name, regs[name])
-                continue
-            if not self.service.hears_itself:  # the bus does not echo it back: our own snapshot takes it here
-                self.service.feed.on_registered(event, self.service.clock())
 
     async def ask_to_register(self, worker: str | None) -> None:
         """Ask one worker (or all) to re-register; per worker at most once every few seconds."""
