@@ -14,7 +14,7 @@ from shared.core.placement.choice import gpu_decision
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Decision, ModelSpec
 from shared.core.placement.fitting import GpuBatch
-from shared.core.placement.incremental import fitting_rows, pick_kept
+from shared.core.placement.incremental import NOTHING_FITS, fitting_rows, pick_kept
 from shared.core.placement.pipeline import GpuFit, score_gpus
 from shared.core.placement.positions import Positions as Positions  # re-exported: callers import it from here
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile
@@ -46,6 +46,8 @@ def score_positions(
         return None  # located before rows or slots moved (a reused row may now be another worker)
     ctx = PlacementContext(snapshot=snapshot, model=model, profile=profile)
     kept = pick_kept(ctx, pos, ram_claim, cpu_claim)
+    if kept is NOTHING_FITS:
+        return None
     if kept is not None:
         batch, picked = kept
         return gpu_decision(snapshot, model, batch, strategy, picked)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
@@ -44,6 +45,16 @@ _FEW_ROWS = 4  # up to this many moved rows are refreshed in Python values
 _KEPT = 8
 
 Picked = tuple[GpuBatch, GpuPick]  # the candidates still fitting, the choice among them
+
+
+class NothingFits(Enum):
+    """``pick_kept``'s answer when its kept rows show no candidate still fits: the full path would re-check
+    every row only to find the same (the kept mask is its ``still_fitting``), so the caller answers at once."""
+
+    NOTHING_FITS = "nothing fits"
+
+
+NOTHING_FITS = NothingFits.NOTHING_FITS
 
 
 def fitting_rows(snapshot: ClusterSnapshot, pos: Positions, rows: IntArray | slice, ram_claim: int,
@@ -182,9 +193,10 @@ def _varying(ctx: PlacementContext, scorers: Sequence[tuple[float, Scorer]], cla
     return found
 
 
-def pick_kept(ctx: PlacementContext, pos: Positions, ram_claim: int, cpu_claim: int) -> Picked | None:
-    """The candidates of ``pos`` that still fit and the full path's pick among them, from kept per-row state; None
-    when that does not apply (the caller takes the full path)."""
+def pick_kept(ctx: PlacementContext, pos: Positions, ram_claim: int,
+              cpu_claim: int) -> Picked | NothingFits | None:
+    """The candidates of ``pos`` that still fit and the full path's pick among them, from kept per-row state;
+    ``NOTHING_FITS`` when none still fits; None when kept state does not apply (the caller takes the full path)."""
     snap = ctx.snapshot
     rows = pos.mask.shape[0]
     if pos.layout != snap.layout or rows != snap.rows:
@@ -199,7 +211,7 @@ def pick_kept(ctx: PlacementContext, pos: Positions, ram_claim: int, cpu_claim: 
     at, form = varying
     kept = _kept(snap, pos, ram_claim, cpu_claim, form, scorers[at][0])
     if kept.count == 0:
-        return None
+        return NOTHING_FITS
     batch = GpuBatch(mask=kept.mask, claims=pos.dense_claims, ram_claim=ram_claim, count=kept.count,
                      cpu_claim=cpu_claim)
     parts: Parts = []

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.core.placement import fastpath, incremental
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import (
     GIB,
@@ -293,3 +294,26 @@ def test_models_decided_often_keep_their_rows_while_more_models_than_are_kept_pa
             decide(warm, 100 + 10 * n + h)
         decide(found, 1000 + n)
     assert all(a is b for a, b in zip((state_of(found[0]) for found in hot), first, strict=True))
+
+
+def test_a_full_cluster_is_answered_from_kept_rows_without_rescanning_every_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    snap = fleet(2, 2)
+    found = located(snap, EMB)
+    assert found is not None
+    pos, ram, cpu, strategy = found
+    for n in range(64):  # place until nothing fits
+        got = score_positions(snap, EMB, pos, ram, strategy, DEFAULT_PROFILE, cpu)
+        if got is None:
+            break
+        snap.upsert_instance(instance_from_decision(got, f"r{n}", created_at=float(n)))
+    assert got is None and full_path(snap, EMB, pos, ram, cpu, strategy, DEFAULT_PROFILE) is None
+    ctx = PlacementContext(snapshot=snap, model=EMB, profile=DEFAULT_PROFILE)
+    assert incremental.pick_kept(ctx, pos, ram, cpu) is incremental.NOTHING_FITS
+
+    def rescan(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the full path re-checked every row")
+
+    monkeypatch.setattr(fastpath, "score_all_positions", rescan)
+    assert score_positions(snap, EMB, pos, ram, strategy, DEFAULT_PROFILE, cpu) is None
