@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -21,7 +22,7 @@ from shared.bus.messages import (
 from shared.bus.names import NameLists
 from shared.catalog import resolve_arch
 from shared.core.catalog.models import ModelArch
-from shared.core.placement import requirements, run_fitting
+from shared.core.placement import lru, requirements, run_fitting
 from shared.core.placement.domain import FitResult, ModelSpec, Reason, ResourceRequest, Unschedulable
 from shared.host.contract import Consumes, Emits
 from shared.host.feed import Feed
@@ -56,7 +57,7 @@ class FittingService(PlacementService):
         self._fits: dict[tuple[bytes, int], tuple[tuple[str, ...], float, FitResult | CandidateSet]] = {}
         # What a spec asks for and the fit key it makes, by ``shape_key``: the estimate reparses the backend
         # parameters and redoes the arithmetic for every model of every message otherwise.
-        self._shapes: dict[bytes, tuple[ResourceRequest | Reason, bytes]] = {}
+        self._shapes: dict[str, Any] = {}  # the "shapes" store (lru): shape_key -> (request, fit key)
         self.names = NameLists()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -99,13 +100,11 @@ class FittingService(PlacementService):
         """The core's resource request for ``spec`` (or why there is none) and its ``fit_key``, remembered per
         ``shape_key``: models of one shape, and the same model from message to message, ask the same."""
         key = shape_key(spec)
-        hit = self._shapes.get(key)
+        hit: tuple[ResourceRequest | Reason, bytes] | None = lru.used(self._shapes, "shapes", key)
         if hit is None:
             request = requirements(spec, self.arch(spec))
-            shape = fit_key(spec, request) if isinstance(request, ResourceRequest) else b""
-            if len(self._shapes) >= SHAPES_KEPT:
-                self._shapes.clear()
-            hit = self._shapes[key] = (request, shape)
+            hit = (request, fit_key(spec, request) if isinstance(request, ResourceRequest) else b"")
+            lru.keep(self._shapes, "shapes", key, hit, SHAPES_KEPT)
         return hit
 
     def fit_model(

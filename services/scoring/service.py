@@ -9,6 +9,7 @@ when the commit is refused (a PENDING event), and expire after a while if neithe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -17,7 +18,7 @@ from shared.bus import streams, subjects
 from shared.bus.columns import CandidateSet, as_candidates, locate, score_columns
 from shared.bus.messages import ItemOutcome, PlacementFitted, PlacementScored
 from shared.bus.names import NameLists
-from shared.core.placement import instance_from_decision, run_scoring
+from shared.core.placement import instance_from_decision, lru, run_scoring
 from shared.core.placement.domain import Candidate, Decision, Instance, ModelSpec, Unschedulable
 from shared.core.placement.fastpath import Positions
 from shared.core.placement.reconcile import still_fits
@@ -26,6 +27,9 @@ from shared.host.feed import Feed
 from shared.host.service import PlacementService
 
 ASSUME_TTL_S = 10.0
+
+
+LOCATED_KEPT = 256  # candidate sets whose positions are remembered (evicting the least recently used)
 
 
 class ScoringService(PlacementService):
@@ -42,7 +46,7 @@ class ScoringService(PlacementService):
     )
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        self._located: dict[tuple[int, bytes, bytes, int], tuple[tuple[str, ...], Positions | None]] = {}
+        self._located: dict[str, Any] = {}  # the "located" store (lru): candidate set -> (workers, positions)
         self._located_layout = -1
         self.names = NameLists()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -120,11 +124,10 @@ class ScoringService(PlacementService):
         # The worker list by identity (``self.names`` hands out one tuple per distinct list; hashing a thousand
         # names per decision cost more than the lookup), held in the entry so that its id cannot be reused.
         key = (id(cset.workers), cset.gpus, cset.claims, cset.claim)
-        hit = self._located.get(key)
+        hit: tuple[tuple[str, ...], Positions | None] | None = lru.used(self._located, "located", key)
         if hit is None or hit[0] is not cset.workers:
-            if len(self._located) >= 256:
-                self._located.clear()
-            hit = self._located[key] = (cset.workers, locate(self.snapshot, cset))
+            hit = (cset.workers, locate(self.snapshot, cset))
+            lru.keep(self._located, "located", key, hit, LOCATED_KEPT)
         return hit[1]
 
     def _reference(self, spec: ModelSpec, candidates: Sequence[Candidate]) -> Decision | None:

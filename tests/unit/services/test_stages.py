@@ -285,3 +285,16 @@ def fitting_key(spec: ModelSpec) -> bytes:
     request = requirements(spec)
     assert isinstance(request, ResourceRequest)
     return fit_key(spec, request)
+
+
+def test_fitting_keeps_a_shape_in_steady_use_while_more_shapes_than_it_keeps_pass_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import services.fitting.service as fitting
+
+    monkeypatch.setattr(fitting, "SHAPES_KEPT", 4)
+    svc = stage(FittingService)
+    hot = svc.requirements(EMB)
+    for n in range(12):  # one more shape after another, the hot one asked for in between
+        svc.requirements(ModelSpec(name=f"m{n}", weight_bytes=(n + 1) * GIB, categories=(Category.EMBEDDING,)))
+        assert svc.requirements(EMB) is hot  # remembered, not worked out again
