@@ -30,7 +30,6 @@ are down or stalled.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
+from services.gateway.listen import ListenError, free_socket_path
 from services.gateway.protocol import (
     CHECK_PREFIX,
     DEFAULT_SOCKET_DIR,
@@ -189,11 +189,15 @@ def admin_get(admin: PickerAddress, path: str, timeout: float = 5.0) -> str:
 
 
 def _stale_socket_removed(admin: PickerAddress) -> None:
-    """A socket left by an earlier Envoy: Envoy would not bind over it."""
+    """A socket left by an earlier Envoy: Envoy would not bind over it. Raises ServerStartError when a live
+    Envoy answers there (another one sharing the workdir keeps its admin path), the path is not a socket, or it
+    is too long for one."""
     if isinstance(admin, Path):
         admin.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            admin.unlink()
+        try:
+            free_socket_path(admin)
+        except ListenError as err:
+            raise ServerStartError(f"Envoy admin socket: {err}") from err
 
 
 def envoy_binary() -> Path:

@@ -27,8 +27,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                    help="engines: route to every engine that reports (a gateway without placement); placement: only "
                         "to engines whose instance placement holds RUNNING (`gantry up`, compose)")
     p.add_argument("--redis-url", default=None,
-                   help="the state store, read once at start with --pool-source placement (default: the GANTRY_* "
-                        "settings', as --nats-url)")
+                   help="the state store, with --pool-source placement: read at start, again periodically and after "
+                        "each NATS reconnection (default: the GANTRY_* settings', as --nats-url)")
     p.add_argument("--eds-path", required=True, type=Path, help="Envoy endpoint file to maintain")
     p.add_argument("--socket-dir", type=Path, default=None,
                    help=f"listen on unix sockets here ({GRPC_SOCKET}: gRPC, {HTTP_SOCKET}: ext_authz HTTP), in a "

@@ -30,11 +30,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
+from typing import Any
 
 import msgspec
 
 from shared.bus import subjects
-from shared.bus.connection import url_credentials
+from shared.bus.connection import nats_options
+from shared.envsettings import EnvSettings
 
 log = logging.getLogger("gantry.gateway")
 
@@ -43,6 +45,7 @@ MAX_FRAME_BYTES = 64 << 20  # far beyond any window's worth of reports; a larger
 READY_TIMEOUT_S = 30.0
 RESTART_DELAY_S = 0.5
 NATS_URL_ENV = "GANTRY_FEED_RELAY_NATS_URL"
+TLS_CA_ENV = "GANTRY_TLS_CA_FILE"  # NATS over TLS: the CA to trust (empty: no TLS), as every Gantry client
 
 
 class Kind(IntEnum):
@@ -78,7 +81,12 @@ def unframe(payload: bytes) -> list[Relayed]:
 
 
 # -- the child ---------------------------------------------------------------------------------------------
-async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0) -> None:
+def connect_options(nats_url: str, tls_ca_file: str) -> dict[str, Any]:
+    """The child's NATS options: those of every Gantry client (credentials from the URL, TLS when a CA is given)."""
+    return nats_options(EnvSettings(nats_url=nats_url, tls_ca_file=tls_ca_file))
+
+
+async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0, tls_ca_file: str = "") -> None:
     """Subscribe to every engine's reports and KV events and write them to ``out_fd`` in frames, one per
     ``window_s`` at most, until ``in_fd`` closes."""
     import nats  # only the child pays for it here
@@ -105,7 +113,7 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0)
                 loop.call_at(max(loop.time(), last + window_s), flush)
         return take
 
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, **url_credentials(nats_url))  # decoded
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, **connect_options(nats_url, tls_ca_file))
     await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=taker(Kind.METRICS))
     await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=taker(Kind.KV))
     await nc.flush()
@@ -132,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nats-url", default=os.environ.get(NATS_URL_ENV),
                    help=f"default: ${NATS_URL_ENV} (how the picker passes it: a URL with credentials stays out of ps)")
     p.add_argument("--window-ms", type=float, default=10.0)
+    p.add_argument("--tls-ca-file", default=os.environ.get(TLS_CA_ENV, ""),
+                   help=f"NATS over TLS: the CA to trust (default: ${TLS_CA_ENV}; empty: no TLS)")
     a = p.parse_args(argv)
     if not a.nats_url:
         p.error(f"--nats-url or ${NATS_URL_ENV} is required")
@@ -139,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     with contextlib.suppress(BrokenPipeError):  # the picker is gone
-        uvloop.run(relay(a.nats_url, a.window_ms / 1000))
+        uvloop.run(relay(a.nats_url, a.window_ms / 1000, tls_ca_file=a.tls_ca_file))
 
 
 # -- the picker's side --------------------------------------------------------------------------------------
@@ -149,8 +159,9 @@ Deliver = Callable[[list[Relayed]], Awaitable[None]]
 class FeedRelay:
     """The child process and the frames it writes, handed to ``deliver`` in order (one call per frame)."""
 
-    def __init__(self, nats_url: str, window_s: float, deliver: Deliver) -> None:
+    def __init__(self, nats_url: str, window_s: float, deliver: Deliver, tls_ca_file: str = "") -> None:
         self.nats_url = nats_url
+        self.tls_ca_file = tls_ca_file
         self.window_s = window_s
         self.deliver = deliver
         self.proc: asyncio.subprocess.Process | None = None
@@ -162,7 +173,7 @@ class FeedRelay:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.gateway.feed_relay", "--window-ms", str(self.window_s * 1000),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, NATS_URL_ENV: self.nats_url})
+            env=self.child_env())
         assert self.proc.stdout is not None
         try:
             await asyncio.wait_for(self._read(self.proc.stdout), READY_TIMEOUT_S)
@@ -170,6 +181,11 @@ class FeedRelay:
             await self._end()
             raise
         self.starts += 1
+
+    def child_env(self) -> dict[str, str]:
+        """The child's environment: this process's, with the NATS URL and the CA to trust (set even when empty:
+        this picker's settings, not a stray variable, decide whether the child uses TLS)."""
+        return {**os.environ, NATS_URL_ENV: self.nats_url, TLS_CA_ENV: self.tls_ca_file}
 
     @staticmethod
     async def _read(out: asyncio.StreamReader) -> list[Relayed]:

@@ -252,7 +252,7 @@ class Gateway:
     async def _subscribe(self, nc: NATS) -> FeedRelay | None:
         """The engine feed: through the relay child (``feed_window_s``), or subscribed on this loop."""
         if self.opts.feed_window_s is not None:
-            relay = FeedRelay(self.opts.nats_url, self.opts.feed_window_s, self._on_relayed)
+            relay = FeedRelay(self.opts.nats_url, self.opts.feed_window_s, self._on_relayed, self.opts.tls_ca_file)
             await relay.start()
             return relay
         await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._on_metrics)

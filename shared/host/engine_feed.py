@@ -217,6 +217,11 @@ class EngineFeed:
             # endpoint's load and keep it looking fresh (never stale) until the clocks met, however long
             raise ValueError(f"report of {m.instance_id} stamped {m.ts - now:.1f} s ahead of this picker's clock "
                              f"(more than {self.pool.expire_s:g} s): clocks out of sync")
+        if self.source is PoolSource.PLACEMENT and m.instance_id not in self.placed:
+            # an id placement never issued (or has deleted): kept out of the pool, else strays and forged ids
+            # would fill it up to its limit and real engines be refused (placement holds its instances from
+            # PENDING on, before their engine can report)
+            return
         if self.pool.observe(m, now):
             self._changed()
         self.router.update_metrics(m.instance_id, metrics_of(m))

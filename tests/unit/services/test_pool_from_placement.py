@@ -58,7 +58,7 @@ def test_an_engine_is_routed_only_while_its_instance_runs() -> None:
     pool.feed.on_metrics(report("a", 8001), NOW)
     pool.feed.on_metrics(report("b", 8002), NOW)
     pool.feed.on_metrics(report("stray", 8003), NOW)  # placement never issued this id
-    assert pool.routed() == ["b"] and pool.in_router() == ["b"]
+    assert pool.routed() == ["b"] and pool.in_router() == ["b"] and "stray" not in pool.feed.pool.endpoints
     pool.hear(events((inst("a", S.RUNNING), False)))
     assert pool.routed() == ["a", "b"]
     pool.hear(events((inst("b", S.DRAINING), False)))  # scale-down: out at once, though it still reports
@@ -66,6 +66,16 @@ def test_an_engine_is_routed_only_while_its_instance_runs() -> None:
     assert pool.routed() == ["a"] and pool.in_router() == ["a"]
     pool.hear(events((inst("a", S.RUNNING), True)))  # deleted
     assert pool.routed() == [] and pool.sets == [["b"], ["a", "b"], ["a"], []]
+
+
+def test_ids_placement_never_issued_take_no_slot_in_the_pool() -> None:
+    pool = Pool()
+    pool.feed.pool.max_endpoints = 2
+    pool.load(inst("a", S.RUNNING))
+    for n in range(5):
+        pool.feed.on_metrics(report(f"forged{n}", 9000 + n), NOW)
+    pool.feed.on_metrics(report("a", 8001), NOW)
+    assert pool.routed() == ["a"] and sorted(pool.feed.pool.endpoints) == ["a"]
 
 
 def test_an_engine_reporting_another_model_than_its_instance_is_not_routed() -> None:
@@ -109,7 +119,7 @@ def test_a_later_read_of_the_store_corrects_an_event_that_was_missed() -> None:
     pool.feed.on_metrics(report("b", 8002), NOW)
     # b's DRAINING event was lost in a NATS outage: the next read of the store takes it out
     pool.placed.reading()
-    pool.hear(events((inst("a", S.RUNNING), False)))  # heard during the read: waits for it
+    pool.hear(events((inst("a", S.RUNNING), False)))  # heard during the read: applies at once, the read keeps it
     pool.load(inst("a", S.RUNNING), inst("b", S.DRAINING))
     assert pool.routed() == ["a"]
 
