@@ -96,8 +96,10 @@ async def test_the_gateway_routes_to_running_instances_and_a_drain_finishes_in_f
     async with httpx.AsyncClient() as http:
         # long streams until each instance serves one (the picker spreads load; distinct prompts, no affinity)
         streams: dict[str, Stream] = {}
+        started: list[Stream] = []  # every long stream, awaited at the end (a task left behind errs at close)
         for n in range(8):
             s = Stream(http, ports.url, f"question {n}: " + "why? " * n, LONG)
+            started.append(s)
             served = await asyncio.wait_for(asyncio.shield(s.served), 20)
             streams.setdefault(endpoint_file(ports).get(served, served), s)
             if streams.keys() == ids:
@@ -131,6 +133,7 @@ async def test_the_gateway_routes_to_running_instances_and_a_drain_finishes_in_f
         # its stream in flight (on a host Envoy no longer lists) still ends whole
         assert await streams[drained].task == (LONG, "length")
         assert await streams[kept].task == (LONG, "length")
+        assert [await s.task for s in started] == [(LONG, "length")] * len(started)
 
     async def deleted() -> bool:
         return [(i.id, i.state) for i in await stack.instances(MODEL.name)] == [(kept, InstanceState.RUNNING)]
