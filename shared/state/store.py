@@ -34,6 +34,7 @@ from shared.core.placement.domain import (
     WorkerUsage,
 )
 from shared.core.placement.lifecycle import ACTIVE
+from shared.state.replay import call_key, prelude
 
 if TYPE_CHECKING:  # the client is passed in: the CLI's read commands read through a lighter one (ops.cli)
     import redis.asyncio as aioredis
@@ -96,6 +97,7 @@ class Keys:
     restarts = P + "restarts"  # model -> {"count": n, "last_at": time} of recent failed-replica replacements
     retries = P + "retries"  # id -> [attempts, next_at, requested_at] of PENDING replicas with a verdict
     registered = P + "workers:rev"  # revision of the last stored inventory (any worker): grows with every store
+    replay = P  # + "replay:<call>" -> a script call's reply, kept a while for a replay (``shared.state.replay``)
 
 
 def _tracking_lib() -> str:
@@ -238,13 +240,16 @@ class StateStore:
         self._commit = register((_LUA / "commit.lua").read_text())
         tracking = _tracking_lib()  # scripts that move instance states keep the per-model sets in step
         self._release = register(tracking + (_LUA / "release.lua").read_text())
-        self._set_state = register(tracking + (_LUA / "set_state.lua").read_text())
-        self._create = register(tracking + (_LUA / "create_pending.lua").read_text())
-        self._mark = register(tracking + (_LUA / "mark_state.lua").read_text())
+        # These answer a replay of a call (a retry after a lost reply) as its first run: their last key names the
+        # call (``shared.state.replay``); the others are harmless run twice (docs/state.md, "Replays").
+        replay = prelude()
+        self._set_state = register(replay + tracking + (_LUA / "set_state.lua").read_text())
+        self._create = register(replay + tracking + (_LUA / "create_pending.lua").read_text())
+        self._mark = register(replay + tracking + (_LUA / "mark_state.lua").read_text())
         self._unlock = register((_LUA / "unlock.lua").read_text())
-        self._converge_up = register(tracking + (_LUA / "converge_up.lua").read_text())
+        self._converge_up = register(replay + tracking + (_LUA / "converge_up.lua").read_text())
         self._forget_worker = register((_LUA / "forget_worker.lua").read_text())
-        self._register = register((_LUA / "register.lua").read_text())
+        self._register = register(replay + (_LUA / "register.lua").read_text())
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -290,7 +295,7 @@ class StateStore:
                 args += [w.name, want, record, w.ram_total, max(w.cpu_total, 0), len(w.gpus)]
                 for g in w.gpus:
                     args += [gpu_field(w.name, g.index), g.vram_total]
-            verdicts = await self._register(keys=keys, args=args)
+            verdicts = await self._register(keys=[*keys, call_key(Keys.replay)], args=args)
             out.update({w.name: _s(v) for w, v in zip(part, verdicts, strict=True)})
         return out
 
@@ -622,6 +627,7 @@ class StateStore:
             prefix_json = _enc.encode(prefix)[1:-1]
             args += [m.model, replicas, spec, m.seq, prefix, prefix_json, head, tail, m.lock_token]
             keys += [Keys.lock + m.model, Keys.model_index + m.model]
+        keys.append(call_key(Keys.replay))
         # One JSON string (see the script): an empty Lua table reads as {}, whose iteration is empty too.
         raw = msgspec.json.decode(await self._converge_up(keys=keys, args=args))
         out = []
@@ -641,7 +647,8 @@ class StateStore:
             for inst in part:
                 args += [inst.id, _enc.encode(inst)]
             made = await self._create(
-                keys=[Keys.lock + model, Keys.model_index + model, Keys.inst, Keys.inst_state], args=args
+                keys=[Keys.lock + model, Keys.model_index + model, Keys.inst, Keys.inst_state, call_key(Keys.replay)],
+                args=args,
             )
             if int(made) < 0:
                 return False
@@ -654,7 +661,7 @@ class StateStore:
         changed = 0
         for part in _chunks(ids):
             args = [token, state.value, ",".join(s.value for s in allowed), model, *part]
-            got = int(await self._mark(keys=[Keys.lock + model, Keys.inst_state], args=args))
+            got = int(await self._mark(keys=[Keys.lock + model, Keys.inst_state, call_key(Keys.replay)], args=args))
             if got < 0:
                 return -1
             changed += got
@@ -710,7 +717,8 @@ class StateStore:
         out: list[InstanceState | None] = []
         for part in _chunks(reports):
             args = [v for iid, worker, state in part for v in (iid, worker, state.value)]
-            raw = await self._set_state(keys=[Keys.inst_state, Keys.inst_worker, Keys.inst], args=args)
+            keys = [Keys.inst_state, Keys.inst_worker, Keys.inst, call_key(Keys.replay)]
+            raw = await self._set_state(keys=keys, args=args)
             out += [InstanceState(_s(p)) if _s(p) else None for p in raw]
         return out
 
