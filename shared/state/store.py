@@ -58,6 +58,11 @@ _COMMITTER = secrets.token_hex(8) + ":"  # this process's commit calls: unique a
 _COMMIT_CALLS = itertools.count()
 
 
+def commit_call() -> str:
+    """A fresh name for one commit call (``StateStore.commit``), unique across processes and restarts."""
+    return f"{_COMMITTER}{next(_COMMIT_CALLS)}"
+
+
 class InvalidRecord(ValueError):
     """A record outside the limits of ``shared.core.limits``: the state layer refuses to store it."""
 
@@ -127,9 +132,13 @@ def gpu_field(worker: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class CommitItem:
-    """One decision to commit: the SCHEDULED record and every claim it makes."""
+    """One decision to commit: the SCHEDULED record and every claim it makes.
+
+    ``by`` names the item as a commit that failed (every reply lost) named it, when this is that commit's retry:
+    if it did land, the item answers "ok" again (see ``StateStore.commit``); "" for a first attempt."""
 
     instance: Instance
+    by: str = ""
 
     def claims(self) -> list[tuple[str, str, int]]:
         """(kind, field, amount) for every GPU (VRAM bytes), worker RAM (bytes) and worker CPU (milli-cores)
@@ -675,8 +684,11 @@ class StateStore:
 
         ``call`` names this commit (a fresh random one by default). The same call sent again (the client retries
         a script whose connection failed after the write: it cannot know whether the script ran) answers "ok"
-        for what the first run committed, as the first run did; any other call answers "dup" for it."""
-        call = call or f"{_COMMITTER}{next(_COMMIT_CALLS)}"
+        for what the first run committed, as the first run did; any other call answers "dup" for it. Item ``n`` of
+        the call is named "<call>:<n>" among the items with a valid record, unless it has a ``by`` of its own: a
+        caller retrying a call that failed outright gives each item the name it had in that call (``by``), so
+        that what the failed call committed answers "ok" again."""
+        call = call or commit_call()
         verdicts: list[str | None] = [None] * len(items)
         calls: list[list[Any]] = []  # one item's arguments each
         for n, it in enumerate(items):
@@ -686,7 +698,7 @@ class StateStore:
             except InvalidRecord as exc:
                 verdicts[n] = f"invalid:{exc}"
                 continue
-            one: list[Any] = [it.instance.id, it.instance.worker, record, len(claims)]
+            one: list[Any] = [it.instance.id, it.by, it.instance.worker, record, len(claims)]
             for kind, field, amount in claims:
                 one += [kind, field, amount]
             calls.append(one)
