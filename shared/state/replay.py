@@ -27,8 +27,9 @@ _CALLS = itertools.count()
 
 
 def call_key(prefix: str) -> str:
-    """A fresh key naming one script call (``prefix`` puts it under the caller's keys and hash tag)."""
-    return f"{prefix}replay:{_CALLER}:{next(_CALLS)}"
+    """A fresh key naming one script call: ``prefix`` (the caller's replay prefix, under its hash tag if any)
+    followed by this process's name for the call."""
+    return f"{prefix}{_CALLER}:{next(_CALLS)}"
 
 
 def prelude() -> str:

@@ -102,7 +102,7 @@ class Keys:
     restarts = P + "restarts"  # model -> {"count": n, "last_at": time} of recent failed-replica replacements
     retries = P + "retries"  # id -> [attempts, next_at, requested_at] of PENDING replicas with a verdict
     registered = P + "workers:rev"  # revision of the last stored inventory (any worker): grows with every store
-    replay = P  # + "replay:<call>" -> a script call's reply, kept a while for a replay (``shared.state.replay``)
+    replay = P + "replay:"  # + call -> a script call's reply, kept a while for a replay (``shared.state.replay``)
 
 
 def _tracking_lib() -> str:
