@@ -15,10 +15,10 @@
 --       prefix as it reads inside a JSON string), record_head, record_tail (a PENDING record is
 --       record_head .. id_prefix_json .. counter .. record_tail), lock token ("": the caller holds no lock)
 -- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}, more (0/1)},
+-- all as one JSON string (an empty list reads {}): Redis 6 sends a nested script reply in one socket write per
+-- nested table, about three per model; a string goes in one.
 -- The last key names the call (shared/state/replay.py): a replay answers the first run's reply (run again, the
 -- replicas it created would be counted as there already and reported unrequested, not created).
--- All as one JSON string (an empty list reads {}): Redis 6 sends a nested script reply in one socket write per
--- nested table, about three per model; a string goes in one.
 local memo = replayed()
 if memo ~= nil then return memo end  -- a replay of this very call (shared/state/replay.py)
 local CHUNK = 1000  -- ids per HMGET: unpack() fails somewhere past 8,000 values

@@ -1,7 +1,8 @@
 -- Deliver output chunks of requests this node serves to their origin's response list, exactly once:
 -- only the lease holder may deliver (a node presumed dead and recovered is fenced out), and a chunk whose
 -- sequence number was already delivered (a retry, or a re-run after recovery) is skipped. The final chunk
--- is always delivered by the lease holder and ends the lease, so a retried final chunk is refused (-1).
+-- is always delivered by the lease holder and ends the lease, so a final chunk sent again in a new call is
+-- refused (-1).
 -- KEYS: 1 leases, 2 delivered sequence numbers, 3 bodies, 4 done, 5 origin's response list, 6 own in-flight set,
 --       7 the call's replay key
 -- ARGV: node, now, response list TTL (s), then (id, seq, finished 0/1, output JSON) quadruples
