@@ -7,6 +7,8 @@ reached → length-capped.
 
 from __future__ import annotations
 
+import contextlib
+
 from shared.core.engine.request import FinishReason, Request
 
 
@@ -39,10 +41,8 @@ def find_stop(req: Request, max_model_len: int) -> tuple[int, FinishReason, int 
         for tok in stops:
             end = limit if at < 0 else at
             if first < end:
-                try:
+                with contextlib.suppress(ValueError):  # not sampled before ``end``
                     at = sampled.index(tok, first, end)
-                except ValueError:
-                    pass
         if at >= 0:
             hit = _token_stops(req, sampled[at])
             assert hit is not None  # every token in ``stops`` stops the request
