@@ -198,8 +198,8 @@ async def wait_ready(nc: Client) -> None:
 
 async def run(args: argparse.Namespace, seed: int, admin_url: str, picker_url: str, tmp: Path) -> dict[str, Any]:
     log = (tmp / f"picker-{seed}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.picker", "--nats-url", picker_url, "--seed", str(seed)],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "services.picker", "--seed", str(seed)], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "GANTRY_NATS_URL": picker_url})
     nc = await nats.connect(admin_url, pending_size=1 << 28)
     engines = Engines(nc, args.endpoints)
     ctx = multiprocessing.get_context("spawn")

@@ -4,6 +4,7 @@ under load (HTTP /metrics and the NATS EngineMetrics push)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from tokenizers import Tokenizer
 from ops.servers import ServerProcess, free_port
 from shared.bus import subjects
 from shared.bus.messages import EngineMetrics, decode
+from shared.envsettings import ENGINE_NATS_URL_ENV
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -33,11 +35,12 @@ def engine_server(nats_server: ServerProcess, tmp_path_factory: pytest.TempPathF
     log = tmp_path_factory.mktemp("engine") / "server.log"
     args = [
         sys.executable, "-m", "services.engine_server", "--port", str(port), "--speedup", "2",
-        "--max-num-seqs", "4", "--num-gpu-blocks", "200", "--nats-url", nats_server.url,
+        "--max-num-seqs", "4", "--num-gpu-blocks", "200",
         "--instance-id", "it-engine", "--metrics-interval", "0.05",
     ]
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(args, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+    with log.open("wb") as fh:  # the URL holds a secret: through the environment, as the fleet passes it
+        proc = subprocess.Popen(args, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, ENGINE_NATS_URL_ENV: nats_server.url})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20

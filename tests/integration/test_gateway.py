@@ -31,6 +31,7 @@ from services.gateway.epp import PICKED
 from services.gateway.protocol import GRPC_SOCKET, HTTP_SOCKET, PickerTransport
 from shared.bus import subjects
 from shared.bus.messages import EngineMetrics, encode
+from shared.envsettings import ENGINE_NATS_URL_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "gw-model"
@@ -88,10 +89,11 @@ def _start_engine(nats_url: str, instance: str, tmp: Path, *extra: str) -> Engin
     port = free_port()
     log = tmp / f"{instance}.log"
     args = [sys.executable, "-m", "services.engine_server", "--port", str(port), "--speedup", "4",
-            "--served-model-name", MODEL, "--num-gpu-blocks", "400", "--nats-url", nats_url,
+            "--served-model-name", MODEL, "--num-gpu-blocks", "400",
             "--instance-id", instance, "--metrics-interval", "0.05", *extra]
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(args, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+    with log.open("wb") as fh:  # the URL holds a secret: through the environment, as the fleet passes it
+        proc = subprocess.Popen(args, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, ENGINE_NATS_URL_ENV: nats_url})
     _wait_http(f"http://127.0.0.1:{port}/health", proc, log)
     return Engine(instance, port, proc)
 
@@ -169,9 +171,9 @@ def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
         with log.open("wb") as fh:
             for where in listen:
                 pickers.append(subprocess.Popen(
-                    [sys.executable, "-m", "services.gateway", "--transport", transport.value, "--nats-url", nats_url,
+                    [sys.executable, "-m", "services.gateway", "--transport", transport.value,
                      "--eds-path", str(eds), *where, "--expire-s", "2", *extra], cwd=REPO,
-                    stdout=fh, stderr=subprocess.STDOUT))
+                    stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "GANTRY_NATS_URL": nats_url}))
         for p in pickers:
             stack.callback(_stop, p)
         admin = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ga-"))) / "admin.sock"  # short path

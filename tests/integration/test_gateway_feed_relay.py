@@ -6,6 +6,7 @@ itself."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import psutil
 import pytest
 
 from ops.servers import ServerProcess
-from services.gateway.feed_relay import LENGTH, FeedRelay, Kind, Relayed, unframe
+from services.gateway.feed_relay import LENGTH, NATS_URL_ENV, FeedRelay, Kind, Relayed, unframe
 from services.gateway.listen import ListenError
 from services.gateway.protocol import GRPC_SOCKET
 from services.gateway.service import Gateway, GatewayOptions
@@ -93,8 +94,8 @@ def test_reports_arrive_once_in_order_batched_and_a_dead_child_is_replaced(nats_
 
 
 def test_the_child_exits_when_its_picker_is_gone(nats_server: ServerProcess) -> None:
-    child = subprocess.Popen([sys.executable, "-m", "services.gateway.feed_relay", "--nats-url", nats_server.url],
-                             cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-m", "services.gateway.feed_relay"], cwd=REPO, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, env={**os.environ, NATS_URL_ENV: nats_server.url})
     try:
         assert child.stdout is not None and child.stdin is not None
         (n,) = LENGTH.unpack(child.stdout.read(LENGTH.size))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -48,8 +49,8 @@ def picker(nats_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory)
     url = nats_server.credentials.url(nats_server.url, "picker")
     log = tmp_path_factory.mktemp("picker") / "picker.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "services.picker", "--nats-url", url], cwd=REPO,
-                                stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "services.picker"], cwd=REPO, stdout=fh,
+                                stderr=subprocess.STDOUT, env={**os.environ, "GANTRY_NATS_URL": url})
     yield proc
     proc.terminate()
     try:
