@@ -80,7 +80,7 @@ from shared.core.placement.planner import (
 from shared.core.placement.reconcile import resync_workers
 from shared.host.feed import Feed
 from shared.host.service import PlacementService, ack_all, guarded, run_batch, settle
-from shared.state.store import CommitItem, ScaleUp
+from shared.state.store import CommitItem, ScaleUp, commit_call
 
 log = logging.getLogger("gantry.reconciler")
 # Each tick resyncs one shard of the workers (their reported instances against the ledger), so every
@@ -90,6 +90,7 @@ RESYNC_SHARDS = 5
 FULL_EVERY = 10  # ticks between full re-converges of every model
 EVENTS_PER_MESSAGE = 1000  # instance changes or decisions per events message (well under 1 MB)
 NOT_REFUSED = frozenset({"ok", "dup", "gone", "unschedulable"})  # other commit verdicts: refused, placed again
+UNANSWERED_KEPT = 4096  # decisions of failed commits whose names are kept for their retry (the oldest go first)
 
 
 def resync_shard_of(worker: str) -> int:
@@ -112,6 +113,9 @@ class Reconciler(PlacementService):
         self.specs: dict[str, ModelSpec] = {}
         self.requested: dict[str, float] = {}  # instance id -> when this process last requested it
         self.seen_placed: dict[str, float] = {}  # instance id -> when first seen committed
+        # Decisions whose commit call failed outright (its replies all lost: it may have landed) -> the names that
+        # call gave them, for the batch's redelivery to send again (``_named``); bounded by UNANSWERED_KEPT.
+        self.unanswered: dict[Instance, list[str]] = {}
         self.last_change = float("-inf")
         self.listening_since = float("-inf")  # set at start: heartbeats before it went unheard here
         self._tasks: set[asyncio.Task[None]] = set()
@@ -556,14 +560,18 @@ class Reconciler(PlacementService):
         for scored in batch:
             specs.update(scored.specs)
         outs = [out for scored in batch for out in scored.outcomes]
-        decided = [
-            (k, CommitItem(instance_from_decision(out.decision, out.item.instance_id,
-                                                  created_at=out.item.requested_at)))
+        decided = self._named([
+            (k, instance_from_decision(out.decision, out.item.instance_id, created_at=out.item.requested_at))
             for k, out in enumerate(outs) if out.decision is not None
-        ]
+        ])
         # Keyed by position, not instance id: a replica requested twice has two outcomes in a batch, and only the
         # first decision of it the ledger took is "ok" (the next is "dup").
-        ledger = dict(zip((k for k, _ in decided), await self.store.commit([c for _, c in decided]), strict=True))
+        try:
+            answers = await self.store.commit([c for _, c in decided])
+        except Exception:  # Redis away (the batch comes back): the call may have landed, its names are kept
+            self._unanswered([c for _, c in decided])
+            raise
+        ledger = dict(zip((k for k, _ in decided), answers, strict=True))
         verdicts = [_verdict(out, ledger.get(k, "")) for k, out in enumerate(outs)]
         # The shared retry book is read only for replicas that will wait (not on the path of a good commit).
         waiting = sorted({v.instance_id for v in verdicts if v.outcome not in ("ok", "dup", "gone")})
@@ -605,6 +613,31 @@ class Reconciler(PlacementService):
         if p.request:
             await asyncio.sleep(p.request_delay())
             await self.request(p.request, self.clock())
+
+    def _named(self, decided: Sequence[tuple[int, Instance]]) -> list[tuple[int, CommitItem]]:
+        """Each decision as a commit item named for this call, or, for a decision of a commit call that failed
+        outright here (the same record: a re-planned replica's decision differs), as that call named it: if that
+        call did land, the ledger answers "ok" again for what it committed (its DecisionEvent, assignment and SLI
+        are not lost to a "dup") and "dup" for anything else."""
+        call = commit_call()
+        out: list[tuple[int, CommitItem]] = []
+        for n, (k, inst) in enumerate(decided):
+            names = self.unanswered.get(inst) if self.unanswered else None
+            by = f"{call}:{n}"
+            if names:
+                by = names.pop(0)
+                if not names:
+                    del self.unanswered[inst]
+            out.append((k, CommitItem(inst, by=by)))
+        return out
+
+    def _unanswered(self, items: Sequence[CommitItem]) -> None:
+        """Keep the names of a failed commit call's items for the retry of their batch (the oldest forgotten
+        beyond UNANSWERED_KEPT: a batch redelivered to another replica, or given up, never comes back here)."""
+        for it in items:
+            self.unanswered.setdefault(it.instance, []).append(it.by)
+        while len(self.unanswered) > UNANSWERED_KEPT:
+            del self.unanswered[next(iter(self.unanswered))]
 
     def _observe_commits(self, committed: Sequence[ItemOutcome], verdicts: Sequence[Commit], now: float) -> None:
         """The placement SLI (scale event -> committed) and the commits the ledger refused."""

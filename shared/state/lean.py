@@ -20,9 +20,14 @@ semantics kept where they matter:
   connection failure (``redis.exceptions.TimeoutError`` once the retries are spent), and TCP keepalive is on
   (as redis-py's default): every script's work is bounded by ``SCRIPT_CHUNK``, far below the timeout.
 
-A retried call may already have run on the server (the connection failed after the command was written): the
-scripts are written so that running again is harmless, and the commit answers a replay of the same call as it
-answered the first run (``StateStore.commit``).
+A retried call may already have run on the server (the connection failed after the command was written). Every
+script was checked run twice per call (``tests/unit/state/test_replay.py``; docs/bus.md, "Replays"):
+
+- ``commit``: a replay answers "ok" again for what the first run committed (``gantry:claims:by``);
+- ``converge_up``, ``create_pending``, ``mark_state``, ``set_state``, ``register``: their last key names the call
+  (``shared.state.replay``); a replay answers the first run's reply and writes nothing;
+- ``release``, ``forget_worker``, ``unlock``: a second run writes nothing more; only a count or flag no caller reads
+  can differ.
 
 Concurrent calls share one connection: commands are pipelined and replies matched in order (Redis runs scripts
 one at a time anyway). A caller cancelled while waiting leaves its reply to be read and dropped; the

@@ -9,6 +9,8 @@ Layout, all keys of a topic under one hash tag (``gantry:q:{topic}:``) so one Re
 - ``resp:<node>`` LIST of output chunks for the requests whose client that node holds;
 - ``sent`` HASH id -> highest chunk delivered; ``done`` ZSET id -> finish time (duplicates refused for a TTL);
 - ``nodes`` ZSET node -> last heartbeat time (liveness is judged by age when read).
+- ``replay:<call>`` STRING a script call's reply, for 300 s: a call sent again after a lost reply answers it
+  (``shared.state.replay``).
 
 Every step that touches several keys is one Lua script with its keys declared; each call does bounded work.
 Decisions (what fits, whom to steal from) come from the pure core (``shared.core.queueing``).
@@ -40,6 +42,7 @@ from shared.core.queueing import (
 from shared.core.queueing.admission import plan_pull
 from shared.core.queueing.local import DUPLICATE
 from shared.core.queueing.stealing import PEERS_PER_SHARD, SHARDS_PER_LOOKUP
+from shared.state.replay import call_key, prelude
 
 _LUA = Path(__file__).parent / "lua"
 _enc = msgspec.json.Encoder()
@@ -141,6 +144,11 @@ class QueueKeys:
         """Heartbeat times by node."""
         return self.base + "nodes"
 
+    @property
+    def replay(self) -> str:
+        """Prefix of the keys naming script calls (each: the call's reply, kept a while for a replay)."""
+        return self.base + "replay:"
+
 
 @dataclass(slots=True)
 class BrokerStats:
@@ -176,10 +184,13 @@ class GlobalBroker:
         self.stats = BrokerStats()
         self._taken: dict[str, QueuedRequest] = {}  # requests this node serves, by id (origin known)
         self._shard_cursor = self.rng.randrange(params.load_shards_num)
-        self._put = client.register_script((_LUA / "q_put.lua").read_text())
-        self._take = client.register_script((_LUA / "q_take.lua").read_text())
-        self._deliver = client.register_script((_LUA / "q_deliver.lua").read_text())
-        self._recover = client.register_script((_LUA / "q_recover.lua").read_text())
+        # Each script's last key names its call: a replay (a retry after a lost reply) answers as the first run
+        # (``shared.state.replay``), under the topic's hash tag.
+        replay = prelude()
+        self._put = client.register_script(replay + (_LUA / "q_put.lua").read_text())
+        self._take = client.register_script(replay + (_LUA / "q_take.lua").read_text())
+        self._deliver = client.register_script(replay + (_LUA / "q_deliver.lua").read_text())
+        self._recover = client.register_script(replay + (_LUA / "q_recover.lua").read_text())
 
     def _now(self, now: float | None) -> float:
         return self.clock() if now is None else now
@@ -194,7 +205,7 @@ class GlobalBroker:
         while True:
             n, finished = await self._recover(
                 keys=[k.nodes, k.req(self.node), k.inflight(self.node), k.load(self.node), k.req(self.node),
-                      k.load(self.node), k.lease],
+                      k.load(self.node), k.lease, call_key(k.replay)],
                 args=[self.node, self.node, t, self.params.expire_period_s, RECOVER_CHUNK, 1])
             moved += max(int(n), 0)
             if int(finished) or int(n) <= 0:
@@ -219,7 +230,7 @@ class GlobalBroker:
             while True:
                 n, finished = await self._recover(
                     keys=[k.nodes, k.req(dead), k.inflight(dead), k.load(dead), k.req(self.node),
-                          k.load(self.node), k.lease],
+                          k.load(self.node), k.lease, call_key(k.replay)],
                     args=[dead, self.node, t, self.params.expire_period_s, RECOVER_CHUNK, 0])
                 if int(n) < 0:
                     break  # it came back
@@ -251,7 +262,8 @@ class GlobalBroker:
             args: list[Any] = [self.node, t, self.params.ttl_s]
             for _, r in chunk:
                 args += [r.request_id, _enc.encode(r)]
-            flags = await self._put(keys=[k.req(self.node), k.body, k.done, k.load(self.node), k.nodes], args=args)
+            keys = [k.req(self.node), k.body, k.done, k.load(self.node), k.nodes, call_key(k.replay)]
+            flags = await self._put(keys=keys, args=args)
             for (pos, r), ok in zip(chunk, flags, strict=True):
                 answers[pos] = (r.request_id, None if int(ok) else DUPLICATE)
                 self.stats.queued += int(ok)
@@ -346,7 +358,7 @@ class GlobalBroker:
             if plan.count == 0:
                 return []
             taken_ids = ids[: plan.count]
-            ok = await self._take(keys=[k.req(src), k.load(src), k.lease, k.inflight(self.node)],
+            ok = await self._take(keys=[k.req(src), k.load(src), k.lease, k.inflight(self.node), call_key(k.replay)],
                                   args=[self.node, src, *taken_ids])
             if not int(ok):
                 self.stats.cas_retries += 1
@@ -383,7 +395,8 @@ class GlobalBroker:
                 o = msgspec.structs.replace(o, served_by=self.node)
             args += [o.request_id, o.seq, 1 if o.finished else 0, _enc.encode(o)]
         flags = await self._deliver(
-            keys=[k.lease, k.sent, k.body, k.done, k.resp(origin), k.inflight(self.node)], args=args)
+            keys=[k.lease, k.sent, k.body, k.done, k.resp(origin), k.inflight(self.node), call_key(k.replay)],
+            args=args)
         refused: list[str] = []
         for o, flag in zip(outs, flags, strict=True):
             if int(flag) < 0:

@@ -34,6 +34,7 @@ from shared.core.placement.domain import (
     WorkerUsage,
 )
 from shared.core.placement.lifecycle import ACTIVE
+from shared.state.replay import call_key, prelude
 
 if TYPE_CHECKING:  # the client is passed in: the CLI's read commands read through a lighter one (ops.cli)
     import redis.asyncio as aioredis
@@ -55,6 +56,11 @@ def _chunks(seq: Sequence[Any], size: int = SCRIPT_CHUNK) -> Iterable[Sequence[A
 
 _COMMITTER = secrets.token_hex(8) + ":"  # this process's commit calls: unique across processes and restarts
 _COMMIT_CALLS = itertools.count()
+
+
+def commit_call() -> str:
+    """A fresh name for one commit call (``StateStore.commit``), unique across processes and restarts."""
+    return f"{_COMMITTER}{next(_COMMIT_CALLS)}"
 
 
 class InvalidRecord(ValueError):
@@ -96,6 +102,7 @@ class Keys:
     restarts = P + "restarts"  # model -> {"count": n, "last_at": time} of recent failed-replica replacements
     retries = P + "retries"  # id -> [attempts, next_at, requested_at] of PENDING replicas with a verdict
     registered = P + "workers:rev"  # revision of the last stored inventory (any worker): grows with every store
+    replay = P + "replay:"  # + call -> a script call's reply, kept a while for a replay (``shared.state.replay``)
 
 
 def _tracking_lib() -> str:
@@ -125,9 +132,13 @@ def gpu_field(worker: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class CommitItem:
-    """One decision to commit: the SCHEDULED record and every claim it makes."""
+    """One decision to commit: the SCHEDULED record and every claim it makes.
+
+    ``by`` names the item as a commit that failed (every reply lost) named it, when this is that commit's retry:
+    if it did land, the item answers "ok" again (see ``StateStore.commit``); "" for a first attempt."""
 
     instance: Instance
+    by: str = ""
 
     def claims(self) -> list[tuple[str, str, int]]:
         """(kind, field, amount) for every GPU (VRAM bytes), worker RAM (bytes) and worker CPU (milli-cores)
@@ -238,13 +249,16 @@ class StateStore:
         self._commit = register((_LUA / "commit.lua").read_text())
         tracking = _tracking_lib()  # scripts that move instance states keep the per-model sets in step
         self._release = register(tracking + (_LUA / "release.lua").read_text())
-        self._set_state = register(tracking + (_LUA / "set_state.lua").read_text())
-        self._create = register(tracking + (_LUA / "create_pending.lua").read_text())
-        self._mark = register(tracking + (_LUA / "mark_state.lua").read_text())
+        # These answer a replay of a call (a retry after a lost reply) as its first run: their last key names the
+        # call (``shared.state.replay``); the others are harmless run twice (docs/state.md, "Replays").
+        replay = prelude()
+        self._set_state = register(replay + tracking + (_LUA / "set_state.lua").read_text())
+        self._create = register(replay + tracking + (_LUA / "create_pending.lua").read_text())
+        self._mark = register(replay + tracking + (_LUA / "mark_state.lua").read_text())
         self._unlock = register((_LUA / "unlock.lua").read_text())
-        self._converge_up = register(tracking + (_LUA / "converge_up.lua").read_text())
+        self._converge_up = register(replay + tracking + (_LUA / "converge_up.lua").read_text())
         self._forget_worker = register((_LUA / "forget_worker.lua").read_text())
-        self._register = register((_LUA / "register.lua").read_text())
+        self._register = register(replay + (_LUA / "register.lua").read_text())
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -290,7 +304,7 @@ class StateStore:
                 args += [w.name, want, record, w.ram_total, max(w.cpu_total, 0), len(w.gpus)]
                 for g in w.gpus:
                     args += [gpu_field(w.name, g.index), g.vram_total]
-            verdicts = await self._register(keys=keys, args=args)
+            verdicts = await self._register(keys=[*keys, call_key(Keys.replay)], args=args)
             out.update({w.name: _s(v) for w, v in zip(part, verdicts, strict=True)})
         return out
 
@@ -622,6 +636,7 @@ class StateStore:
             prefix_json = _enc.encode(prefix)[1:-1]
             args += [m.model, replicas, spec, m.seq, prefix, prefix_json, head, tail, m.lock_token]
             keys += [Keys.lock + m.model, Keys.model_index + m.model]
+        keys.append(call_key(Keys.replay))
         # One JSON string (see the script): an empty Lua table reads as {}, whose iteration is empty too.
         raw = msgspec.json.decode(await self._converge_up(keys=keys, args=args))
         out = []
@@ -641,7 +656,8 @@ class StateStore:
             for inst in part:
                 args += [inst.id, _enc.encode(inst)]
             made = await self._create(
-                keys=[Keys.lock + model, Keys.model_index + model, Keys.inst, Keys.inst_state], args=args
+                keys=[Keys.lock + model, Keys.model_index + model, Keys.inst, Keys.inst_state, call_key(Keys.replay)],
+                args=args,
             )
             if int(made) < 0:
                 return False
@@ -654,7 +670,7 @@ class StateStore:
         changed = 0
         for part in _chunks(ids):
             args = [token, state.value, ",".join(s.value for s in allowed), model, *part]
-            got = int(await self._mark(keys=[Keys.lock + model, Keys.inst_state], args=args))
+            got = int(await self._mark(keys=[Keys.lock + model, Keys.inst_state, call_key(Keys.replay)], args=args))
             if got < 0:
                 return -1
             changed += got
@@ -668,8 +684,11 @@ class StateStore:
 
         ``call`` names this commit (a fresh random one by default). The same call sent again (the client retries
         a script whose connection failed after the write: it cannot know whether the script ran) answers "ok"
-        for what the first run committed, as the first run did; any other call answers "dup" for it."""
-        call = call or f"{_COMMITTER}{next(_COMMIT_CALLS)}"
+        for what the first run committed, as the first run did; any other call answers "dup" for it. Item ``n`` of
+        the call is named "<call>:<n>" among the items with a valid record, unless it has a ``by`` of its own: a
+        caller retrying a call that failed outright gives each item the name it had in that call (``by``), so
+        that what the failed call committed answers "ok" again."""
+        call = call or commit_call()
         verdicts: list[str | None] = [None] * len(items)
         calls: list[list[Any]] = []  # one item's arguments each
         for n, it in enumerate(items):
@@ -679,7 +698,7 @@ class StateStore:
             except InvalidRecord as exc:
                 verdicts[n] = f"invalid:{exc}"
                 continue
-            one: list[Any] = [it.instance.id, it.instance.worker, record, len(claims)]
+            one: list[Any] = [it.instance.id, it.by, it.instance.worker, record, len(claims)]
             for kind, field, amount in claims:
                 one += [kind, field, amount]
             calls.append(one)
@@ -710,7 +729,8 @@ class StateStore:
         out: list[InstanceState | None] = []
         for part in _chunks(reports):
             args = [v for iid, worker, state in part for v in (iid, worker, state.value)]
-            raw = await self._set_state(keys=[Keys.inst_state, Keys.inst_worker, Keys.inst], args=args)
+            keys = [Keys.inst_state, Keys.inst_worker, Keys.inst, call_key(Keys.replay)]
+            raw = await self._set_state(keys=keys, args=args)
             out += [InstanceState(_s(p)) if _s(p) else None for p in raw]
         return out
 

@@ -153,12 +153,15 @@ class KVCache:
             parent = hashes[i - 1] if i else req.hash_root
             toks = req.all_token_ids
             if toks is not None:
-                # every missing block up to b in one C-level pass (the same values block by block)
-                got = chain_hashes(toks[i * bs : (b + 1) * bs], bs, parent, i)
-                if got:
-                    hashes.extend(got)
-                    continue
-                h = block_hash(parent, i, toks[i * bs : (i + 1) * bs])  # a partial block (never cached)
+                if i < b:
+                    # every missing block up to b in one C-level pass (the same values block by block)
+                    got = chain_hashes(toks[i * bs : (b + 1) * bs], bs, parent, i)
+                    if got:
+                        hashes.extend(got)
+                        continue
+                # one block: a decode step filling its block (the common case; a third of chain_hashes' cost
+                # for one block, same value), or a partial block (never cached)
+                h = block_hash(parent, i, toks[i * bs : (i + 1) * bs])
             elif req.prefix_ids is not None and (i + 1) * bs <= req.prompt_len:
                 # trace prefix ids are already chained: (id of the unit, block index) names the content
                 h = hash((req.prefix_ids[i * bs // req.prefix_unit], i))

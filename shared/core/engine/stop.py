@@ -7,6 +7,8 @@ reached → length-capped.
 
 from __future__ import annotations
 
+import contextlib
+
 from shared.core.engine.request import FinishReason, Request
 
 
@@ -18,17 +20,33 @@ def _token_stops(req: Request, tok: int) -> tuple[FinishReason, int | None] | No
     return None
 
 
+def _stopping_tokens(req: Request) -> frozenset[int]:
+    """Every token id that ends ``req`` once ``min_tokens`` is reached (what ``_token_stops`` answers for)."""
+    if not req.ignore_eos and req.eos_token_id is not None:
+        return req.stop_token_ids | {req.eos_token_id}
+    return req.stop_token_ids
+
+
 def find_stop(req: Request, max_model_len: int) -> tuple[int, FinishReason, int | None]:
     """Output length at which ``req`` stops, why, and the stop token (if a stop token ended it)."""
     limit = min(req.max_tokens, max_model_len - req.prompt_len)
     sampled = req.sampled_token_ids or []
-    for k, tok in enumerate(sampled[:limit]):
-        length = k + 1
-        if length < req.min_tokens:
-            continue
-        hit = _token_stops(req, tok)
-        if hit is not None:
-            return length, hit[0], hit[1]
+    stops = _stopping_tokens(req)
+    if stops:
+        # the first sampled token at a length >= min_tokens that stops the request, found in C (``list.index``
+        # per stopping token) rather than by a Python call per sampled token: a server request pre-samples
+        # its whole answer, and with ``ignore_eos`` and no stop tokens there is nothing to look for at all
+        first = max(req.min_tokens - 1, 0)
+        at = -1
+        for tok in stops:
+            end = limit if at < 0 else at
+            if first < end:
+                with contextlib.suppress(ValueError):  # not sampled before ``end``
+                    at = sampled.index(tok, first, end)
+        if at >= 0:
+            hit = _token_stops(req, sampled[at])
+            assert hit is not None  # every token in ``stops`` stops the request
+            return at + 1, hit[0], hit[1]
     if len(sampled) < limit:
         # the filler token repeats from here on: it either stops at the first length allowed, or never
         hit = _token_stops(req, req.filler_token)

@@ -2,12 +2,14 @@
 -- subordinates) and the RAM and CPU of every worker it touches: all claims are written or none.
 -- KEYS: 1 gpu_cap, 2 gpu_used, 3 ram_cap, 4 ram_used, 5 claims, 6 inst, 7 inst_state,
 --       8 inst_reason, 9 inst_worker, 10 cpu_cap, 11 cpu_used, 12 committed_by
--- ARGV: n, call, base, then per item: id, worker, record_json, nclaims, (kind, field, amount) * nclaims
+-- ARGV: n, call, base, then per item: id, by, worker, record_json, nclaims, (kind, field, amount) * nclaims
 --       kind is "g" (GPU VRAM), "r" (worker RAM) or "c" (worker milli-cores); the claims spec is stored for
 --       release. A worker without a CPU capacity reports no CPU count: its CPU claims are counted, never refused.
 -- Item i of a call is committed as "<call>:<base + i>" (committed_by): a replay of that very call (a client that
 -- resends it after losing the connection, not knowing whether it ran) answers "ok" again for the items it
--- committed, with nothing written twice, so its caller acts on the verdict the first run gave.
+-- committed, with nothing written twice, so its caller acts on the verdict the first run gave. An item whose `by` is
+-- not "" is committed as that instead: a caller retrying a commit that failed (its replies all lost) names each item
+-- as the failed call did, and the items that call committed answer "ok" again.
 -- Returns per item: "ok", "dup" (already committed by another call or item: redelivery), "gone" (no longer PENDING)
 -- "full:<field>" (no room: the decision is refused) or "invalid:<field>" (a negative or non-integer amount,
 -- which the layers above refuse already: never written to the ledger).
@@ -16,12 +18,12 @@ local call, base = ARGV[2], tonumber(ARGV[3])
 local pos = 4
 local out = {}
 for i = 1, n do
-  local id, worker, record = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
-  local nclaims = tonumber(ARGV[pos + 3])
-  local first = pos + 4
+  local id, by, worker, record = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3]
+  local nclaims = tonumber(ARGV[pos + 4])
+  local first = pos + 5
   pos = first + 3 * nclaims
   local verdict = nil
-  local by = call .. ":" .. (base + i)
+  if by == "" then by = call .. ":" .. (base + i) end
   if redis.call("HEXISTS", KEYS[5], id) == 1 then
     if redis.call("HGET", KEYS[12], id) == by then verdict = "ok" else verdict = "dup" end
   elseif redis.call("HGET", KEYS[7], id) ~= "PENDING" then

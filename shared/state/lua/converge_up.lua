@@ -4,7 +4,7 @@
 -- when a lock token is given, a lock we no longer hold) is left alone ("busy"); one with more active
 -- replicas than desired is reported ("down"): removing replicas takes the locked path.
 -- KEYS: 1 desired, 2 desired_seq, 3 models, 4 inst, 5 inst_state, 6 inst_reason, then per model:
---       its converge lock, its instance index
+--       its converge lock, its instance index; last, the call's replay key
 -- A model's replicas are counted from its active set (kept by every script that moves a state: the tracking
 -- prelude, ACTIVE_PREFIX and its siblings, comes from shared/state/store.py), built at its first converge.
 -- Work per call is bounded whatever the counts say: desired replicas above max_replicas are refused before
@@ -17,6 +17,10 @@
 -- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}, more (0/1)},
 -- all as one JSON string (an empty list reads {}): Redis 6 sends a nested script reply in one socket write per
 -- nested table, about three per model; a string goes in one.
+-- The last key names the call (shared/state/replay.py): a replay answers the first run's reply (run again, the
+-- replicas it created would be counted as there already and reported unrequested, not created).
+local memo = replayed()
+if memo ~= nil then return memo end  -- a replay of this very call (shared/state/replay.py)
 local CHUNK = 1000  -- ids per HMGET: unpack() fails somewhere past 8,000 values
 -- Calls visit(id, value) for each of ids with its field of hash `key`, read a chunk at a time.
 local function each_field(key, ids, visit)
@@ -30,7 +34,7 @@ local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end
 local models = tonumber(ARGV[2])
 local budget, max_replicas = tonumber(ARGV[3]), tonumber(ARGV[4])
-local out = {}
+local out, wrote = {}, false
 local pos = 5
 for m = 1, models do  -- validate every model before any write: an error must leave nothing half done
   local replicas = tonumber(ARGV[pos + 1 + 9 * (m - 1)])
@@ -56,6 +60,7 @@ for m = 1, models do
         redis.call("HSET", KEYS[1], model, replicas)
         redis.call("HSET", KEYS[2], model, seq)
         applied = 1
+        wrote = true
       end
     end
     local desired = math.min(tonumber(redis.call("HGET", KEYS[1], model) or "0") or 0, max_replicas)
@@ -114,7 +119,9 @@ for m = 1, models do
       local more = 0
       if count + make < desired then more = 1 end
       out[m] = {"ok", applied, desired, created, unrequested, more}
+      if make > 0 then wrote = true end
     end
   end
 end
+if wrote then return remember(cjson.encode(out)) end
 return cjson.encode(out)

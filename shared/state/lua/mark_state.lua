@@ -1,7 +1,11 @@
 -- Set instances to a state (e.g. DRAINING) fenced by the model's converge lock token; only
 -- instances currently in one of the allowed states change.
--- KEYS: 1 lock key, 2 inst_state
+-- KEYS: 1 lock key, 2 inst_state, 3 the call's replay key
 -- ARGV: token, new_state, allowed_states (comma-separated), model, then ids (the model's)
+-- A replay of the call answers the first run's count (run again: 0, or -1 once the lock expired, while the
+-- first run did move them).
+local memo = replayed()
+if memo ~= nil then return memo end  -- a replay of this very call (shared/state/replay.py)
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return -1 end
 local allowed = {}
 for s in string.gmatch(ARGV[3], "[^,]+") do allowed[s] = true end
@@ -14,4 +18,5 @@ for i = 5, #ARGV do
     changed = changed + 1
   end
 end
+if changed > 0 then return remember(changed) end
 return changed

@@ -3,9 +3,13 @@
 -- recoverer's list; its queued requests move to the recoverer's tail, in order. At most max_n per call;
 -- when nothing is left the dead node leaves the node and load tables.
 -- KEYS: 1 nodes (heartbeat times), 2 dead list, 3 dead in-flight set, 4 dead load table, 5 own list,
---       6 own load table, 7 leases
+--       6 own load table, 7 leases, 8 the call's replay key
 -- ARGV: dead node, recovering node, now, expire_s, max_n, force (0/1)
--- Returns {moved, 1 when the dead node is fully recovered}, or {-1, 0} when the node is alive
+-- Returns {moved, 1 when the dead node is fully recovered}, or {-1, 0} when the node is alive. The last key names
+-- the call (shared/state/replay.py): a replay answers the first run's reply (run again, it would move the next
+-- chunk and the count of the first would be lost).
+local memo = replayed()
+if memo ~= nil then return memo end  -- a replay of this very call (shared/state/replay.py)
 local dead, me, now, expire, max_n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 if ARGV[6] ~= "1" then
   local seen = redis.call("ZSCORE", KEYS[1], dead)
@@ -39,5 +43,7 @@ if left == 0 and ARGV[6] ~= "1" then
   redis.call("ZREM", KEYS[1], dead)
   redis.call("ZREM", KEYS[4], dead)
 end
-if left == 0 then return {moved, 1} end
-return {moved, 0}
+local reply = {moved, 0}
+if left == 0 then reply[2] = 1 end
+if moved > 0 then return remember(reply) end
+return reply

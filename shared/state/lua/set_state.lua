@@ -2,11 +2,15 @@
 -- and the transition moves forward (reports may arrive out of order through several consumers; they never
 -- resurrect removed instances or undo DRAINING/UNREACHABLE).
 -- KEYS: 1 inst_state, 2 inst_worker, 3 inst (read only when a report moves an instance out of the active states,
---       or into PENDING: its model's sets follow)
+--       or into PENDING: its model's sets follow), 4 the call's replay key
 -- ARGV: (id, worker, new_state) per report
--- Returns per report the previous state, or "" when the report was ignored.
+-- Returns per report the previous state, or "" when the report was ignored. The last key names the call
+-- (shared/state/replay.py): a replay answers the previous states the first run saw (run again, every report it
+-- applied would read as ignored and the caller would not announce the change).
+local memo = replayed()
+if memo ~= nil then return memo end  -- a replay of this very call (shared/state/replay.py)
 local rank = {SCHEDULED = 1, STARTING = 2, RUNNING = 3}
-local out = {}
+local out, changed = {}, false
 for i = 1, #ARGV, 3 do
   local id, worker, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local cur = redis.call("HGET", KEYS[1], id)
@@ -23,8 +27,10 @@ for i = 1, #ARGV, 3 do
       if model then track(model, id, new) end
     end
     out[#out + 1] = cur
+    changed = true
   else
     out[#out + 1] = ""
   end
 end
+if changed then return remember(out) end
 return out

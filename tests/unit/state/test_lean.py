@@ -18,6 +18,8 @@ from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, Work
 from shared.state import CommitItem, StateStore
 from shared.state.lean import ScriptConnection
 
+from .relay import Relay
+
 ECHO = "return {KEYS[1], ARGV[1], tonumber(ARGV[2]), {ARGV[3]}, false}"
 
 
@@ -129,65 +131,12 @@ def test_plain_and_unix_urls_get_the_lean_connection() -> None:
         assert StateStore.from_url(url).scripts is not None
 
 
-class _Relay:
-    """A TCP relay in front of the real Redis that can lose what Redis answers on purpose: ``cut`` closes the
-    client's connection instead of passing on the reply to its next EVALSHA (the script ran; the client cannot
-    know it), ``hold`` holds every later reply on the latest connection for that long (a blackholed server, then
-    late replies)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.cut = False
-        self.hold = 0.0
-        self.held = 0  # the connection whose replies are held (by number)
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        mine = self.connections
-        up_r, up_w = await asyncio.open_connection(self.host, self.port)
-        cut = asyncio.Event()
-
-        async def upward() -> None:
-            while data := await client_r.read(65536):
-                if self.cut and b"EVALSHA" in data:
-                    self.cut = False
-                    cut.set()
-                up_w.write(data)
-
-        async def downward() -> None:
-            while data := await up_r.read(65536):
-                if cut.is_set():
-                    client_w.close()
-                    return
-                if self.hold and mine == self.held:
-                    await asyncio.sleep(self.hold)
-                client_w.write(data)
-
-        try:
-            await asyncio.gather(upward(), downward())
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            client_w.close()
-            up_w.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-
-
 @pytest.fixture
-async def relayed(redis_server: ServerProcess) -> AsyncIterator[tuple[_Relay, ScriptConnection, StateStore]]:
+async def relayed(redis_server: ServerProcess) -> AsyncIterator[tuple[Relay, ScriptConnection, StateStore]]:
     """A store whose scripts go through the relay on a lean connection with a 0.3 s reply timeout."""
     url = urlsplit(_db(redis_server.url))
     assert url.hostname and url.port
-    relay = _Relay(url.hostname, url.port)
+    relay = Relay(url.hostname, url.port)
     port = await relay.start()
     lean = ScriptConnection(host="127.0.0.1", port=port, user=url.username, password=url.password, db=3,
                             timeout=0.3)
@@ -199,7 +148,7 @@ async def relayed(redis_server: ServerProcess) -> AsyncIterator[tuple[_Relay, Sc
 
 
 async def test_a_commit_whose_reply_was_lost_is_replayed_to_the_same_verdict(
-    relayed: tuple[_Relay, ScriptConnection, StateStore],
+    relayed: tuple[Relay, ScriptConnection, StateStore],
 ) -> None:
     relay, _, store = relayed
     await store.register_workers([Worker(name="w1", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=GIB)])
@@ -210,14 +159,14 @@ async def test_a_commit_whose_reply_was_lost_is_replayed_to_the_same_verdict(
                                vram_claims=(GIB,)))
     gone = CommitItem(msgspec.structs.replace(item.instance, id="z"))
     assert await store.commit([gone]) == ["gone"]  # the script is loaded now: the cut cannot fall on NOSCRIPT
-    relay.cut = True  # the commit runs; its reply is lost with the connection; the client sends it again
+    relay.cuts = 1  # the commit runs; its reply is lost with the connection; the client sends it again
     assert await store.commit([item]) == ["ok"]
-    assert relay.connections == 2 and not relay.cut  # it did run twice: once cut, once answered
+    assert relay.connections == 2 and not relay.cuts  # it did run twice: once cut, once answered
     assert await store.ledger() == {"w1:0": (GIB, 80 * GIB)}
 
 
 async def test_a_reply_later_than_the_timeout_fails_its_connection_and_never_reaches_the_next_caller(
-    relayed: tuple[_Relay, ScriptConnection, StateStore],
+    relayed: tuple[Relay, ScriptConnection, StateStore],
 ) -> None:
     relay, lean, _ = relayed
     echo = lean.script("return ARGV[1]")

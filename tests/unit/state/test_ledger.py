@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -172,6 +173,20 @@ async def test_a_replayed_commit_call_answers_what_its_first_run_answered_and_cl
     assert await store.commit(items, call="c2") == ["dup", "dup", "dup"]  # another call: a redelivery
     ledger = await store.ledger()
     assert ledger["w1:0"][0] == 30 * GIB and ledger["w1:1"][0] == 10 * GIB
+    assert await store.claims_consistent() == []
+
+
+async def test_items_named_as_a_failed_call_named_them_answer_ok_for_what_it_committed(store: StateStore) -> None:
+    # A caller whose commit call failed outright (its replies all lost) sends the items again in a new call under
+    # the names the failed call gave them: what that call committed is "ok" again, anything else is judged anew.
+    await store.register_workers([worker("w1")])
+    await pending(store, "a", "b")
+    assert await store.commit([placed("a", "w1", (0,), 30)], call="lost") == ["ok"]
+    a_again = dataclasses.replace(placed("a", "w1", (0,), 30), by="lost:1")
+    a_elsewhere = dataclasses.replace(placed("a", "w1", (1,), 30), by="lost:9")  # not what "lost" committed
+    b_first = dataclasses.replace(placed("b", "w1", (1,), 10), by="lost:2")  # never committed: committed now
+    assert await store.commit([a_again, a_elsewhere, b_first], call="retry") == ["ok", "dup", "ok"]
+    assert await store.commit([placed("a", "w1", (0,), 30)], call="other") == ["dup"]
     assert await store.claims_consistent() == []
 
 

@@ -54,6 +54,6 @@ async def test_the_commit_script_refuses_a_negative_amount_itself(store: StateSt
     record = msgspec.json.encode(Instance(id="m-1", model="m"))
     keys = ["gantry:gpu:cap", "gantry:gpu:used", "gantry:ram:cap", "gantry:ram:used", "gantry:claims",
             "gantry:inst", "gantry:inst:state", "gantry:inst:reason", "gantry:inst:worker"]
-    got = await store._commit(keys=keys, args=[1, "call", 0, "m-1", "w0", record, 1, "g", "w0:0", -5])
+    got = await store._commit(keys=keys, args=[1, "call", 0, "m-1", "", "w0", record, 1, "g", "w0:0", -5])
     assert [v.decode() for v in got] == ["invalid:w0:0"]
     assert await store.ledger() == {"w0:0": (0, 80 * GIB)}
