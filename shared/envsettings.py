@@ -166,3 +166,14 @@ def without_user(url: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=host))
+
+
+def credentials_on_command_line(flag: str, url: str | None, env: str) -> str | None:
+    """The error for ``url`` given as ``flag`` on a command line when it holds a user or secret, else None.
+
+    A command line is readable by every local user (``ps``), the environment of a process only by its owner. A
+    user alone is refused too: a NATS URL's user part may be a token (``nats://TOKEN@host``)."""
+    if url and "@" in urlsplit(url).netloc:  # (not ``without_user(url) != url``: that rewrites ``unix:///p``)
+        return (f"{flag} must not hold a user or secret (a command line is readable by every local user): "
+                f"put that URL in ${env} instead")
+    return None

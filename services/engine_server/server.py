@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from shared.catalog import load_gpu_spec, load_model_arch
 from shared.core.engine import Engine, KVLink, RooflineStepTime, SchedulerConfig
 from shared.core.engine.step_time import RooflineParams
 from shared.core.roles import NodeRole
-from shared.envsettings import ENGINE_NATS_URL_ENV, without_user
+from shared.envsettings import ENGINE_NATS_URL_ENV, credentials_on_command_line, without_user
 from shared.host.tasks import cancel_until_done
 
 log = logging.getLogger("gantry.engine_server")
@@ -312,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--policy", choices=["fcfs", "priority"], default=d.policy)
     p.add_argument("--mean-output-len", type=int, default=d.mean_output_len,
                    help="mean natural output length (tokens) before EOS when ignore_eos is off")
-    p.add_argument("--nats-url", default=os.environ.get(ENGINE_NATS_URL_ENV) or None,
+    p.add_argument("--nats-url", default=None,
                    help=f"publish EngineMetrics on this NATS server (default ${ENGINE_NATS_URL_ENV}: a URL with a "
                         f"secret belongs there, as a command line is readable by every local user)")
     p.add_argument("--instance-id", default=d.instance_id)
@@ -333,6 +334,9 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--kv-link-latency", type=float, default=d.kv_link_latency_s, help="P/D: seconds per transfer")
     p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no access log line per request")
     a = p.parse_args(argv)
+    if refused := credentials_on_command_line("--nats-url", a.nats_url, ENGINE_NATS_URL_ENV):
+        sys.exit(f"{p.prog}: error: {refused}")
+    a.nats_url = a.nats_url or os.environ.get(ENGINE_NATS_URL_ENV) or None
     if a.speedup <= 0:
         p.error("--speedup must be > 0")
     if a.kv_link_gbps <= 0 or a.kv_link_latency < 0 or a.lora_load_time < 0:

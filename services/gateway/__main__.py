@@ -13,6 +13,7 @@ from services.gateway.protocol import DEFAULT_SOCKET_DIR, GRPC_SOCKET, HTTP_SOCK
 from services.gateway.service import Gateway, GatewayOptions
 from shared.core.routing import builtin_names
 from shared.core.routing.pool_source import PoolSource
+from shared.envsettings import credentials_on_command_line
 from shared.host.tasks import run_until_signalled
 from shared.settings import load_settings
 
@@ -57,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                         "(less CPU on the deciding loop, more in all; a report reaches the core up to this much "
                         "later); negative (the default): subscribe on the deciding loop")
     a = p.parse_args(argv)
+    urls = (("--nats-url", a.nats_url, "GANTRY_NATS_URL"), ("--redis-url", a.redis_url, "GANTRY_REDIS_URL"))
+    for flag, url, env in urls:
+        if refused := credentials_on_command_line(flag, url, env):
+            sys.exit(f"{p.prog}: error: {refused}")
     settings = load_settings()  # GANTRY_*: the URLs when not given, the CA when NATS speaks TLS
     a.nats_url = a.nats_url or settings.nats_url
     if a.pool_source is PoolSource.PLACEMENT:

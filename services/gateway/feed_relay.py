@@ -36,7 +36,7 @@ import msgspec
 
 from shared.bus import subjects
 from shared.bus.connection import nats_options
-from shared.envsettings import EnvSettings
+from shared.envsettings import EnvSettings, credentials_on_command_line
 
 log = logging.getLogger("gantry.gateway")
 
@@ -137,12 +137,15 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0,
 def main(argv: list[str] | None = None) -> None:
     """``python -m services.gateway.feed_relay [--nats-url URL] --window-ms N`` (started by the picker)."""
     p = argparse.ArgumentParser(prog="python -m services.gateway.feed_relay", description=__doc__)
-    p.add_argument("--nats-url", default=os.environ.get(NATS_URL_ENV),
+    p.add_argument("--nats-url", default=None,
                    help=f"default: ${NATS_URL_ENV} (how the picker passes it: a URL with credentials stays out of ps)")
     p.add_argument("--window-ms", type=float, default=10.0)
     p.add_argument("--tls-ca-file", default=os.environ.get(TLS_CA_ENV, ""),
                    help=f"NATS over TLS: the CA to trust (default: ${TLS_CA_ENV}; empty: no TLS)")
     a = p.parse_args(argv)
+    if refused := credentials_on_command_line("--nats-url", a.nats_url, NATS_URL_ENV):
+        sys.exit(f"{p.prog}: error: {refused}")
+    a.nats_url = a.nats_url or os.environ.get(NATS_URL_ENV)
     if not a.nats_url:
         p.error(f"--nats-url or ${NATS_URL_ENV} is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

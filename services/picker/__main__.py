@@ -5,17 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from services.picker.service import PickerOptions, PickerService
 from shared.core.routing import builtin_names
+from shared.envsettings import credentials_on_command_line
 from shared.host.tasks import run_until_signalled
+
+NATS_URL_ENV = "GANTRY_NATS_URL"
 
 
 def parse_args(argv: list[str] | None = None) -> PickerOptions:
     """Options from the command line."""
     p = argparse.ArgumentParser(prog="python -m services.picker", description=__doc__)
-    p.add_argument("--nats-url", required=True)
+    p.add_argument("--nats-url", default=None,
+                   help=f"default: ${NATS_URL_ENV} (a URL with credentials goes there, out of ps)")
     p.add_argument("--profile", default="default", choices=builtin_names())
     p.add_argument("--expire-s", type=float, default=3.0, help="drop an endpoint silent this long")
     p.add_argument("--seed", type=int, default=0)
@@ -24,6 +29,11 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
     p.add_argument("--max-in-flight", type=int, default=100_000,
                    help="requests counted in flight at most (past it the oldest stop counting)")
     a = p.parse_args(argv)
+    if refused := credentials_on_command_line("--nats-url", a.nats_url, NATS_URL_ENV):
+        sys.exit(f"{p.prog}: error: {refused}")
+    a.nats_url = a.nats_url or os.environ.get(NATS_URL_ENV)
+    if not a.nats_url:
+        p.error(f"--nats-url or ${NATS_URL_ENV} is required")
     if not a.expire_s > 0:
         p.error("--expire-s must be > 0")
     if not a.flight_ttl_s > 0:

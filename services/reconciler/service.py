@@ -123,9 +123,15 @@ class Reconciler(PlacementService):
         self.writer = StateWriter(self)
 
     def feeds(self) -> Feed:
-        """Instance claims and states (scale-down ranks by state); file readiness goes to Redis through
-        the state writer's own subscription, not into this snapshot."""
-        return Feed.CLAIMS | Feed.PROGRESS
+        """Instance claims and the states its plans read; file readiness goes to Redis through the state writer's
+        own subscription, not into this snapshot.
+
+        Not start-up progress (SCHEDULED → STARTING → RUNNING, ``Feed.PROGRESS``): every set the planner and the
+        resync read (``lifecycle``: ON_WORKER, HOLDS_GPUS, ACTIVE) holds those three states alike, and scale-down
+        ranks the store's records (``converge``), not this snapshot's. Following them cost every placement two
+        more instance events to decode and apply here (one per report, the reconciler's own, echoed back).
+        """
+        return Feed.CLAIMS
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Commands, scored outcomes and instance status."""

@@ -16,6 +16,7 @@ from shared.bus.runtime import nats_options
 from shared.envsettings import (
     ENGINE_IDENTITY,
     ENGINE_NATS_URL_ENV,
+    credentials_on_command_line,
     credentials_path,
     identity_secret,
     with_user,
@@ -55,9 +56,8 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
     p.add_argument("--engine-arg", action="append", default=[],
                    help="one more engine server flag, e.g. --engine-arg=--speedup=4 (repeatable)")
     a = p.parse_args(argv)
-    if a.engine_nats_url and without_user(a.engine_nats_url) != a.engine_nats_url:
-        sys.exit(f"{p.prog}: error: --engine-nats-url must not hold a user or secret (it would show on the "
-                 f"fleet's command line): put that URL in ${ENGINE_NATS_URL_ENV} instead")
+    if refused := credentials_on_command_line("--engine-nats-url", a.engine_nats_url, ENGINE_NATS_URL_ENV):
+        sys.exit(f"{p.prog}: error: {refused}")
     if bad := [kv for kv in a.label if "=" not in kv]:
         p.error(f"--label takes key=value, got {bad[0]!r}")
     labels = dict(kv.split("=", 1) for kv in a.label)

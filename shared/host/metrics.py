@@ -74,15 +74,26 @@ class ServiceMetrics:
         self.pending = Gauge(PENDING, "Replicas in PENDING (not placed), at the reconciler's last tick",
                              ["service"], registry=r)
         self._server: Any = None
+        # The labelled series of the per-batch observations, looked up once: ``labels()`` validates, locks and
+        # hashes its arguments on every call, and every pulled batch made four such calls.
+        self._pulled: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._stages: dict[str, Any] = {}
 
     # -- observations -----------------------------------------------------------------------------
 
     def batch_pulled(self, consumer: str, subject: str, size: int, backlog: int | None) -> None:
         """A pulled batch of ``size`` messages, and what its consumer still holds."""
-        self.handled.labels(self.service, subject).inc(size)
-        self.batch.labels(self.service, subject).observe(size)
+        series = self._pulled.get((consumer, subject))
+        if series is None:
+            series = self._pulled[(consumer, subject)] = (
+                self.handled.labels(self.service, subject), self.batch.labels(self.service, subject),
+                self.backlog.labels(self.service, consumer),
+            )
+        handled, batch, pending = series
+        handled.inc(size)
+        batch.observe(size)
         if backlog is not None:
-            self.backlog.labels(self.service, consumer).set(backlog)
+            pending.set(backlog)
 
     def dead_letter(self, subject: str) -> None:
         """A message rejected on ``subject``."""
@@ -90,7 +101,10 @@ class ServiceMetrics:
 
     def stage_done(self, requested: Iterable[float], now: float, stage: str | None = None) -> None:
         """Replicas requested at ``requested`` (unix seconds) reached this service's stage at ``now``."""
-        hist = self.sli.labels(self.service, stage or STAGES.get(self.service, self.service))
+        name = stage or STAGES.get(self.service, self.service)
+        hist = self._stages.get(name)
+        if hist is None:
+            hist = self._stages[name] = self.sli.labels(self.service, name)
         for at in requested:
             if at > 0:  # 0: a request from before the field existed, or a hand-made one
                 hist.observe(max(0.0, now - at))

@@ -21,7 +21,7 @@ WORKERS = {subjects.EVENT_WORKER_REGISTERED, subjects.HEARTBEAT, subjects.EVENT_
         (FilterService, set()),
         (FittingService, {subjects.EVENT_INSTANCE}),
         (ScoringService, {subjects.EVENT_INSTANCE, subjects.MODEL_FILE}),
-        (Reconciler, {subjects.EVENT_INSTANCE_ALL}),
+        (Reconciler, {subjects.EVENT_INSTANCE}),
     ],
 )
 def test_each_service_follows_only_the_cluster_events_its_decisions_read(
