@@ -146,13 +146,12 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         # the picker's own id: a client-chosen x-request-id could collide with another request in flight
         rid = f"{headers.get(REQUEST_ID, '')[:64]}#{self._id_prefix}{next(self._ids):x}-{self._tail()}"
         try:
-            req, _stream = parse_request(rid, body, headers)
-            if self.tokenize is not None:
-                if len(req.prompt or "") >= OFFLOOP_TOKENIZE_CHARS:
-                    # tokenizing costs ~1 s a MB here: on the event loop, one large body stalled every other
-                    # stream (Envoy's message timeout, stale engine reports); the shipped tokenizer frees the GIL
-                    return self._pick_offloop(req, self.tokenize)
-                req = tokenized(req, self.tokenize)
+            # a prompt shorter than OFFLOOP_TOKENIZE_CHARS is tokenized as it is parsed
+            req, _stream = parse_request(rid, body, headers, self.tokenize, OFFLOOP_TOKENIZE_CHARS)
+            if self.tokenize is not None and len(req.prompt or "") >= OFFLOOP_TOKENIZE_CHARS:
+                # tokenizing costs ~1 s a MB here: on the event loop, one large body stalled every other
+                # stream (Envoy's message timeout, stale engine reports); the shipped tokenizer frees the GIL
+                return self._pick_offloop(req, self.tokenize)
         except BadRequest as err:
             return self._refused(400, str(err))
         return self._route(req)

@@ -85,6 +85,17 @@ def test_chat_tokens_are_exactly_what_the_emulated_engine_tokenizes() -> None:
     assert list(tokenized(req, shipped_tokenizer()).token_ids or []) == text.chat_prompt(msgs)
 
 
+@pytest.mark.parametrize("body", [chat("why is the sky blue?", max_tokens=3), chat(""),
+                                  msgspec.json.encode({"model": "m", "prompt": "once upon"}),
+                                  msgspec.json.encode({"model": "m", "prompt": [1, 2, 3]})])
+def test_a_prompt_tokenized_as_it_is_parsed_is_the_request_parse_then_tokenize_gives(body: bytes) -> None:
+    tok = shipped_tokenizer()
+    req, stream = parse_request("r", body, {"x-gantry-priority": "-1"})
+    assert parse_request("r", body, {"x-gantry-priority": "-1"}, tok) == (tokenized(req, tok), stream)
+    # a prompt at the bound or longer is left as text (the picker tokenizes it on a worker thread)
+    assert parse_request("r", body, {"x-gantry-priority": "-1"}, tok, tokenize_below=1) == (req, stream)
+
+
 # -- the pool -----------------------------------------------------------------------------------------------
 def test_pool_joins_on_first_report_and_expires_silent_endpoints() -> None:
     view = PoolView(expire_s=2.0)

@@ -1,0 +1,135 @@
+"""CPU of one ext_authz check in process: the picker's answer to Envoy's check (framing, parsing, tokenizing,
+the routing decision, the answer's bytes), then the deferred insertions and the access-log entry that ends it.
+
+Why: the gateway's added latency is mostly what the picker does between a check arriving and its answer
+leaving (docs/gateway.md, "Issue 18: where the picker's time goes"), and wall latency on this shared 2-core
+host moves with load. This is the deterministic part, measured as the thread's CPU time per check.
+
+Setup: ``services.gateway.authz.AuthzPicker`` over the default routing profile and the shipped tokenizer, one
+engine of model ``bench-model`` (as ``bench/gateway.py``), the same request bodies as ``bench/gateway.py``
+(distinct ~60-token chats) and a check head as Envoy sends it. Two modes:
+
+- ``hot``: checks back to back (``--checks`` per run): what the code costs with warm caches;
+- ``cold``: ``--gap-ms`` of sleep before each check (10 ms: one check per 10 ms, as the live picker gets at
+  100 requests/s): what the same code costs when the core did other things, or nothing, in between. On this
+  host a sleeping process runs its next check 2-3x slower than a hot loop.
+
+Run: ``.venv/bin/python bench/gateway_check.py [--runs 5] [--checks 3000] [--cold-checks 300] [--gap-ms 10]``.
+Prints one JSON line per run and a summary line (medians of the runs); writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import msgspec  # noqa: E402
+import uvloop  # noqa: E402
+
+from bench.gateway import MODEL, body  # noqa: E402
+from services.gateway.authz import AuthzPicker, Logged  # noqa: E402
+from services.gateway.epp import Picker  # noqa: E402
+from services.gateway.protocol import PICK_ID_HEADER  # noqa: E402
+from services.gateway.service import router_config, shipped_tokenizer  # noqa: E402
+from shared.bus.messages import EngineMetrics  # noqa: E402
+from shared.core.routing import Router  # noqa: E402
+from shared.host.engine_feed import PoolView, metrics_of  # noqa: E402
+
+ENGINE = "127.0.0.1:8001"
+HEAD = (b"POST /check/v1/chat/completions HTTP/1.1\r\nhost: gantry-picker\r\ncontent-type: application/json\r\n"
+        b"x-request-id: 6f1c2d3e-0000-4000-8000-0123456789ab\r\ncontent-length: %d")
+PICK_ID = PICK_ID_HEADER.encode() + b": "
+
+
+class Bench:
+    """One picker's ext_authz answers over one engine, its clock driven by the bench."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+        self.router = Router(router_config("default"), seed=0)
+        self.report = EngineMetrics(instance_id="e1", model=MODEL, url=f"http://{ENGINE}", ts=self.now,
+                                    num_requests_running=0, num_requests_waiting=0, kv_cache_usage_perc=0.0,
+                                    block_size=16, num_gpu_blocks=3200)
+        view = PoolView()
+        view.observe(self.report, self.now)
+        self.router.set_endpoints(list(view.endpoints.values()))
+        addrs = {e.id: e.address for e in view.endpoints.values()}
+        self.authz = AuthzPicker(Picker(self.router, lambda: addrs, clock=lambda: self.now,
+                                        tokenize=shipped_tokenizer()))
+        self.reported = -1.0
+
+    def check(self, head: bytes, payload: bytes) -> float:
+        """One check: thread CPU seconds of its answer (what Envoy waits for); then the deferred insertions and
+        its access-log entry (off the request's path, not timed)."""
+        self.now += 0.01
+        if self.now - self.reported > 0.05:  # an engine report every 50 ms, as the emulated engines send
+            self.router.update_metrics("e1", metrics_of(msgspec.structs.replace(self.report, ts=self.now)))
+            self.reported = self.now
+        t0 = time.thread_time()
+        out = self.authz.answer(head, payload)
+        spent = time.thread_time() - t0
+        if not isinstance(out, bytes):
+            raise RuntimeError("a bench prompt was tokenized off the loop")
+        self.router.flush()
+        rid = out.split(PICK_ID, 1)[1].split(b"\r\n", 1)[0].decode()
+        self.authz.finished(Logged(rid, ENGINE, 200))
+        return spent
+
+
+def requests(start: int, n: int) -> list[tuple[bytes, bytes]]:
+    """``n`` checks as Envoy sends them (head, body), bodies numbered from ``start``."""
+    out = []
+    for i in range(start, start + n):
+        payload = msgspec.json.encode(body(i))
+        out.append((HEAD % len(payload), payload))
+    return out
+
+
+async def run(checks: int, cold_checks: int, gap_s: float, start: int) -> dict[str, Any]:
+    """One run: ``checks`` back to back, then ``cold_checks`` each after ``gap_s`` of sleep (µs per check)."""
+    b = Bench()
+    hot = [b.check(h, p) for h, p in requests(start, checks)]
+    cold = []
+    for h, p in requests(start + checks, cold_checks):
+        time.sleep(gap_s)  # the whole process idle, as between two checks at 100 requests/s
+        cold.append(b.check(h, p))
+    await asyncio.sleep(0)  # the answers' deferred flushes (already applied above) run here
+    return {"hot_us_mean": round(statistics.fmean(hot) * 1e6, 1), "hot_us_p50": _p(hot, 0.5),
+            "cold_us_p50": _p(cold, 0.5), "cold_us_p90": _p(cold, 0.9)}
+
+
+def _p(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return round(s[min(len(s) - 1, int(q * len(s)))] * 1e6, 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--checks", type=int, default=3000, help="hot checks per run")
+    p.add_argument("--cold-checks", type=int, default=300, help="checks after a sleep, per run")
+    p.add_argument("--gap-ms", type=float, default=10.0, help="sleep before each cold check")
+    a = p.parse_args()
+    rows = []
+    for r in range(a.runs):
+        row = uvloop.run(run(a.checks, a.cold_checks, a.gap_ms / 1000, r * (a.checks + a.cold_checks)))
+        row = {"run": r, "load_avg_1m": round(os.getloadavg()[0], 2), **row}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(json.dumps({"bench": "gateway_check", "runs": a.runs, "checks": a.checks, "cold_checks": a.cold_checks,
+                      "gap_ms": a.gap_ms, **{k: statistics.median(r[k] for r in rows) for k in rows[0]
+                                             if k != "run"}}))
+
+
+if __name__ == "__main__":
+    main()
