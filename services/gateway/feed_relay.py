@@ -57,12 +57,14 @@ class Kind(IntEnum):
 
 class Relayed(msgspec.Struct, array_like=True, frozen=True):
     """One NATS message as the picker's feed reads it (``subject``, ``data``), with when the child received it
-    (the pool's "last heard", as if the picker had received it itself)."""
+    (the pool's "last heard", as if the picker had received it itself), and its NATS headers (an engine's
+    report signature, ``shared.host.report_auth``)."""
 
     kind: Kind
     subject: str
     data: bytes
     at: float
+    headers: dict[str, str] | None = None
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -106,7 +108,8 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0,
 
     def taker(kind: Kind) -> Callable[[object], Awaitable[None]]:
         async def take(msg: object) -> None:
-            pending.append(Relayed(kind, msg.subject, msg.data, time.time()))  # type: ignore[attr-defined]
+            pending.append(Relayed(kind, msg.subject, msg.data, time.time(),  # type: ignore[attr-defined]
+                                   msg.headers))  # type: ignore[attr-defined]
             if len(pending) == 1:
                 # at most one frame per window, and no wait for a message after a quiet window: a lone report
                 # goes at once, the rest of a burst follows together one window after the previous frame

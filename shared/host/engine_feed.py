@@ -26,6 +26,7 @@ from shared.core.placement.domain import Instance
 from shared.core.roles import NodeRole
 from shared.core.routing import Endpoint, EndpointMetrics, Router
 from shared.core.routing.pool_source import Placed, PoolSource, refusal
+from shared.host.report_auth import ReportVerifier
 
 log = logging.getLogger("gantry.picker")
 
@@ -38,6 +39,9 @@ class Delivered(Protocol):
 
     @property
     def data(self) -> bytes: ...
+
+    @property
+    def headers(self) -> dict[str, str] | None: ...
 
 
 def address_of(url: str) -> str:
@@ -165,12 +169,17 @@ class EngineFeed:
     owner, who calls ``placement_changed`` after each change) holds its instance RUNNING for its model
     (``shared.core.routing.pool_source``); the rest stay in ``pool`` (their reports and KV numbering are
     followed) but not in the router nor in ``addresses``.
+
+    With a ``verifier`` (the picker holds the engines' master key), ``take_metrics`` and ``take_kv_events`` drop
+    every message not signed with the key of the instance it claims (``shared.host.report_auth``).
     """
 
     def __init__(self, router: Router, expire_s: float = 3.0,
                  on_pool: Callable[[list[Endpoint]], None] | None = None, ip_only: bool = False,
-                 source: PoolSource = PoolSource.ENGINES, placed: Mapping[str, Placed] | None = None) -> None:
+                 source: PoolSource = PoolSource.ENGINES, placed: Mapping[str, Placed] | None = None,
+                 verifier: ReportVerifier | None = None) -> None:
         self.router = router
+        self.verifier = verifier
         # Envoy's file-based EDS takes IP addresses only, and one host name in the file makes it reject the
         # whole update (the pool then freezes for every engine): the gateway admits IP literals only
         self.ip_only = ip_only
@@ -260,10 +269,12 @@ class EngineFeed:
 
 async def take_metrics(feed: EngineFeed, bus: Bus, msg: Delivered, now: float) -> None:
     """An engine's state report off the bus into ``feed``; an undecodable one or an address nobody could dial
-    goes to the dead letters."""
+    goes to the dead letters; with a verifier, one not signed by the instance it claims is dropped."""
     m = await bus.decode_or_reject(msg.subject, msg.data, EngineMetrics)
     if m is None:
         return
+    if feed.verifier is not None and not feed.verifier.accepts(m.instance_id, msg.data, msg.headers, msg.subject):
+        return  # not signed by the instance it claims: counted and logged, never applied
     try:
         feed.on_metrics(m, now)
     except ValueError as err:
@@ -271,10 +282,14 @@ async def take_metrics(feed: EngineFeed, bus: Bus, msg: Delivered, now: float) -
 
 
 async def take_kv_events(feed: EngineFeed, bus: Bus, msg: Delivered) -> None:
-    """An engine's KV-cache events off the bus into ``feed`` (undecodable ones go to the dead letters)."""
+    """An engine's KV-cache events off the bus into ``feed`` (undecodable ones go to the dead letters; with a
+    verifier, unsigned or forged ones are dropped)."""
     ev = await bus.decode_or_reject(msg.subject, msg.data, EngineKVEvents)
-    if ev is not None:
-        feed.on_kv(ev)
+    if ev is None:
+        return
+    if feed.verifier is not None and not feed.verifier.accepts(ev.instance_id, msg.data, msg.headers, msg.subject):
+        return
+    feed.on_kv(ev)
 
 
 async def expire_forever(feed: EngineFeed, expire_s: float, clock: Callable[[], float]) -> None:
