@@ -32,6 +32,7 @@ from shared.core.engine import Engine, KVLink, RooflineStepTime, SchedulerConfig
 from shared.core.engine.step_time import RooflineParams
 from shared.core.roles import NodeRole
 from shared.envsettings import ENGINE_NATS_URL_ENV, credentials_on_command_line, without_user
+from shared.host.report_auth import REPORT_KEY_ENV, parse_key
 from shared.host.tasks import cancel_until_done
 
 log = logging.getLogger("gantry.engine_server")
@@ -116,6 +117,7 @@ class ServerOptions:
     mean_output_len: int = 128
     nats_url: str | None = None
     instance_id: str = "engine-0"
+    report_key: bytes | None = None  # this instance's own report key (from the environment): reports are signed
     metrics_interval_s: float = 0.075
     gpu_mem_util: float = 0.9
     max_loras: int = 0
@@ -180,8 +182,8 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
                       gpu=gpu.key, tp=opts.tp, speedup=opts.speedup, max_model_len=max_len, url=url,
                       created=int(time.time()), lora_modules=opts.lora_modules, instance_id=opts.instance_id)
     app = create_app(runner, TextModel(opts.mean_output_len), info)
-    pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s) if opts.nats_url \
-        else None
+    pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s,
+                    report_key=opts.report_key) if opts.nats_url else None
     zmq_pub = ZmqKVPublisher(opts.kv_events_zmq, opts.kv_events_topic) if opts.kv_events_zmq else None
     kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
     if zmq_pub is not None:
@@ -337,6 +339,11 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     if refused := credentials_on_command_line("--nats-url", a.nats_url, ENGINE_NATS_URL_ENV):
         sys.exit(f"{p.prog}: error: {refused}")
     a.nats_url = a.nats_url or os.environ.get(ENGINE_NATS_URL_ENV) or None
+    try:  # only through the environment: a command line is readable by every local user
+        report_key = parse_key(os.environ[REPORT_KEY_ENV], f"${REPORT_KEY_ENV}") if os.environ.get(REPORT_KEY_ENV) \
+            else None
+    except ValueError as err:
+        p.error(str(err))
     if a.speedup <= 0:
         p.error("--speedup must be > 0")
     if a.kv_link_gbps <= 0 or a.kv_link_latency < 0 or a.lora_load_time < 0:
@@ -347,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         speedup=a.speedup, block_size=a.block_size, num_gpu_blocks=a.num_gpu_blocks, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         enable_prefix_caching=not a.no_prefix_caching, policy=a.policy, mean_output_len=a.mean_output_len,
-        nats_url=a.nats_url, instance_id=a.instance_id, metrics_interval_s=a.metrics_interval,
+        nats_url=a.nats_url, instance_id=a.instance_id, report_key=report_key, metrics_interval_s=a.metrics_interval,
         kv_events=not a.no_kv_events, kv_events_zmq=a.kv_events_zmq, kv_events_topic=a.kv_events_topic,
         max_loras=a.max_loras, max_cpu_loras=a.max_cpu_loras, lora_modules=loras,
         lora_load_s=a.lora_load_time, role=a.role, kv_link_gbps=a.kv_link_gbps, kv_link_latency_s=a.kv_link_latency,

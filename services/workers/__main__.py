@@ -22,6 +22,7 @@ from shared.envsettings import (
     with_user,
     without_user,
 )
+from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.settings import Settings, load_settings
 
 
@@ -62,12 +63,17 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
         p.error(f"--label takes key=value, got {bad[0]!r}")
     labels = dict(kv.split("=", 1) for kv in a.label)
     lent = (a.engine_nats_url or os.environ.get(ENGINE_NATS_URL_ENV) or engine_url(settings)) if a.engines else None
+    try:
+        master = master_key_text(os.environ, settings.credentials_file) if a.engines else None
+        report_master = parse_key(master, f"${MASTER_KEY_ENV}") if master else None
+    except ValueError as err:
+        p.error(str(err))
     return FleetConfig(
         count=a.count, prefix=a.prefix, start_index=a.start_index, gpus=a.gpus, gpu_product=a.gpu_product,
         gpu_vendor=a.gpu_vendor, vram_gib=a.vram_gib, ram_gib=a.ram_gib, labels=labels, cluster=a.cluster,
         heartbeat_interval_s=a.heartbeat_interval, download_delay_s=a.download_delay,
         start_delay_s=a.start_delay, ready_files=tuple(a.ready_file), engines=a.engines,
-        engine_nats_url=lent,
+        engine_nats_url=lent, engine_report_master=report_master,
         engine_start_timeout_s=a.engine_start_timeout, drain_settle_s=a.drain_settle, engine_args=tuple(a.engine_arg),
     )
 

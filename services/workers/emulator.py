@@ -71,6 +71,7 @@ class FleetConfig:
     ready_files: tuple[str, ...] = ()  # model sources already on disk at start
     engines: bool = False  # run an emulated engine server per instance
     engine_nats_url: str | None = None  # the engine identity's NATS URL, handed to the servers
+    engine_report_master: bytes | None = None  # derives each server's own report key (None: unsigned reports)
     engine_start_timeout_s: float = 30.0
     drain_settle_s: float = 1.0  # a drain younger than this is never idle (requests routed before it may arrive)
     engine_args: tuple[str, ...] = ()  # more engine server flags
@@ -157,7 +158,7 @@ class Fleet:
         from services.workers.engines import EngineOptions, EngineSupervisor
 
         opts = EngineOptions(nats_url=self.cfg.engine_nats_url, start_timeout_s=self.cfg.engine_start_timeout_s,
-                             extra_args=self.cfg.engine_args)
+                             extra_args=self.cfg.engine_args, report_master=self.cfg.engine_report_master)
         return EngineSupervisor(opts, self._engine_exited)
 
     async def close(self) -> None:

@@ -27,6 +27,7 @@ from functools import partial
 from services.workers.engine_policy import EngineLoad, parse_load
 from shared.envsettings import ENGINE_NATS_URL_ENV
 from shared.host.lifetime import die_with_parent
+from shared.host.report_auth import REPORT_KEY_ENV, derive_key
 
 log = logging.getLogger("gantry.workers.engines")
 
@@ -37,11 +38,15 @@ _PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "VIR
               "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "GANTRY_DATA_DIR", "GANTRY_HOME", "GANTRY_TLS_CA_FILE")
 
 
-def server_env(fleet_env: Mapping[str, str], nats_url: str | None) -> dict[str, str]:
-    """The environment of an engine server: what it needs of ``fleet_env`` and the engine identity's NATS URL."""
+def server_env(fleet_env: Mapping[str, str], nats_url: str | None, report_key: bytes | None = None) -> dict[str, str]:
+    """The environment of an engine server: what it needs of ``fleet_env``, the engine identity's NATS URL and
+    its own report key (derived for its instance: never the fleet's master key, so a compromised server can sign
+    only as itself)."""
     env = {name: fleet_env[name] for name in _PASSED_ON if name in fleet_env}
     if nats_url:
         env[ENGINE_NATS_URL_ENV] = nats_url
+    if report_key is not None:
+        env[REPORT_KEY_ENV] = report_key.hex()
     return env
 
 
@@ -80,6 +85,7 @@ class EngineOptions:
     stop_grace_s: float = 5.0  # SIGTERM, then SIGKILL after this
     poll_interval_s: float = 0.2  # /health while starting, /metrics while draining
     extra_args: tuple[str, ...] = ()  # more server flags (e.g. --speedup)
+    report_master: bytes | None = None  # the engines' report master key (None: the servers publish unsigned)
 
 
 @dataclass
@@ -118,14 +124,20 @@ class EngineSupervisor:
                 "--instance-id", instance_id, "--served-model-name", served_model_name,
                 "--disable-uvicorn-access-log", *spec, *self.opts.extra_args]
 
+    def report_key(self, instance_id: str) -> bytes | None:
+        """The key ``instance_id``'s server signs its reports with (None without a master key)."""
+        master = self.opts.report_master
+        return derive_key(master, instance_id) if master is not None else None
+
     async def start(self, instance_id: str, served_model_name: str, spec: list[str]) -> EngineServer:
         """Start the instance's server and wait until it answers /health; on failure the process is stopped
         and RuntimeError says why."""
         port = free_port()
         proc = await asyncio.create_subprocess_exec(
             *self.argv(instance_id, served_model_name, port, spec),
-            stdin=asyncio.subprocess.DEVNULL, env=server_env(os.environ, self.opts.nats_url), start_new_session=True,
-            preexec_fn=partial(die_with_parent, os.getpid()),
+            stdin=asyncio.subprocess.DEVNULL,
+            env=server_env(os.environ, self.opts.nats_url, self.report_key(instance_id)),
+            start_new_session=True, preexec_fn=partial(die_with_parent, os.getpid()),
         )
         server = EngineServer(instance_id, port, proc)
         self.servers[instance_id] = server

@@ -83,6 +83,36 @@ def test_a_server_gets_the_engine_url_and_none_of_the_fleets_settings_or_credent
     assert "GANTRY_ENGINE_NATS_URL" not in server_env(fleet, None)  # no engine URL: the servers do not publish
 
 
+def test_each_server_gets_its_own_derived_report_key_and_never_the_master() -> None:
+    from services.workers.engines import EngineOptions, EngineSupervisor
+    from shared.host.report_auth import derive_key
+
+    async def on_exit(_: str, __: int) -> None:
+        return None
+
+    master = bytes(range(32))
+    fleet = {"PATH": "/bin", "GANTRY_ENGINE_REPORT_MASTER_KEY": master.hex()}
+    sup = EngineSupervisor(EngineOptions(report_master=master), on_exit)
+    env = server_env(fleet, "nats://h:4222", sup.report_key("i-1"))
+    assert env["GANTRY_ENGINE_REPORT_KEY"] == derive_key(master, "i-1").hex()
+    assert master.hex() not in env.values()
+    assert sup.report_key("i-1") != sup.report_key("i-2")
+    unsigned = EngineSupervisor(EngineOptions(), on_exit)
+    assert "GANTRY_ENGINE_REPORT_KEY" not in server_env(fleet, "nats://h:4222", unsigned.report_key("i-1"))
+
+
+def test_an_engine_server_reads_its_report_key_from_the_environment_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.engine_server.server import parse_args
+
+    monkeypatch.setenv("GANTRY_ENGINE_REPORT_KEY", "ab" * 32)
+    assert parse_args([]).report_key == bytes.fromhex("ab" * 32)
+    monkeypatch.delenv("GANTRY_ENGINE_REPORT_KEY")
+    assert parse_args([]).report_key is None
+    monkeypatch.setenv("GANTRY_ENGINE_REPORT_KEY", "not-hex")
+    with pytest.raises(SystemExit):
+        parse_args([])
+
+
 def test_an_engine_server_reads_its_nats_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from services.engine_server.server import ServerOptions, build_engine, parse_args, startup_line
 
