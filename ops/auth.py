@@ -31,6 +31,7 @@ from shared.bus.runtime import inbox_prefix
 from shared.core.limits import bad_worker_name
 from shared.envsettings import ENGINE_IDENTITY, without_user
 from shared.host.contract import Contract
+from shared.host.report_auth import REPORT_MASTER_KEY_FIELD
 from shared.settings import CREDENTIALS_FILE, Settings
 from shared.state.store import Keys
 
@@ -193,16 +194,24 @@ PLACEMENT_ROLES = ("filter", "fitting", "scoring", "reconciler")
 ROLES = (ADMIN, CLI, *PLACEMENT_ROLES, FLEET, ENGINE, PICKER, GATEWAY)
 
 
+def new_report_key() -> str:
+    """A fresh engine report master key (hex, 32 random bytes)."""
+    return secrets.token_hex(32)
+
+
 @dataclass
 class Credentials:
-    """A secret per identity (used for both servers), kept in one 0600 file."""
+    """A secret per identity (used for both servers), and the engines' report master key (hex: each engine
+    server signs its reports with a key derived from it for its instance, ``shared.host.report_auth``), kept in
+    one 0600 file."""
 
     secrets: dict[str, str] = field(default_factory=dict)
+    report_key: str = ""
 
     @classmethod
     def generate(cls, workers: Sequence[str] = ()) -> Credentials:
         """Fresh secrets for every role and for ``workers``' agents."""
-        creds = cls()
+        creds = cls(report_key=new_report_key())
         for name in ROLES:
             creds.secrets[name] = secrets.token_urlsafe(24)
         for worker in workers:
@@ -219,7 +228,9 @@ class Credentials:
         return identity
 
     def rotate(self, identity: str | None = None) -> None:
-        """New secrets for ``identity`` (or every identity)."""
+        """New secrets for ``identity`` (or every identity, and a new report master key)."""
+        if identity is None:
+            self.report_key = new_report_key()
         for name in [identity] if identity else list(self.secrets):
             if name not in self.secrets:
                 raise AuthError(f"no identity named {name!r}")
@@ -238,7 +249,14 @@ class Credentials:
 
     def save(self, path: Path) -> None:
         """Write atomically, readable by the owner only."""
-        write_private(path, json.dumps({"identities": self.secrets}, indent=2, sort_keys=True) + "\n")
+        write_private(path, self.document())
+
+    def document(self) -> str:
+        """The file's text."""
+        doc: dict[str, object] = {"identities": self.secrets}
+        if self.report_key:
+            doc[REPORT_MASTER_KEY_FIELD] = self.report_key
+        return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def load(cls, path: Path) -> Credentials:
@@ -248,18 +266,25 @@ class Credentials:
             found = data["identities"]
             if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
                 raise ValueError("identities must map names to secrets")
+            report_key = data.get(REPORT_MASTER_KEY_FIELD, "")
+            if not isinstance(report_key, str):
+                raise ValueError(f"{REPORT_MASTER_KEY_FIELD} must be hex text")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise AuthError(f"cannot read credentials {path}: {err}") from None
-        return cls(dict(found))
+        return cls(dict(found), report_key)
 
     @classmethod
     def ensure(cls, home: Path) -> Credentials:
-        """The credentials of a stack home, generated on first use; any role missing is added."""
+        """The credentials of a stack home, generated on first use; any role missing (or the report master key,
+        in a home made before there was one) is added."""
         path = home / CREDENTIALS_FILE
         creds = cls.load(path) if path.exists() else cls()
         missing = [name for name in ROLES if name not in creds.secrets]
         for name in missing:
             creds.secrets[name] = secrets.token_urlsafe(24)
+        if not creds.report_key:
+            creds.report_key = new_report_key()
+            missing.append(REPORT_MASTER_KEY_FIELD)
         if missing:
             creds.save(path)
         return creds
@@ -378,11 +403,15 @@ def write_compose_secrets(out: Path) -> bool:
     ``nobody``, Redis as ``redis``). Returns False when they existed already (kept: idempotent)."""
     path = out / COMPOSE_FILES[0]
     if path.exists():
-        Credentials.load(path)  # still readable, or AuthError
+        creds = Credentials.load(path)  # still readable, or AuthError
+        if not creds.report_key:  # a volume made before reports were signed: the key is added, nothing else changes
+            creds.report_key = new_report_key()
+            write_private(path, creds.document())
+            os.chmod(path, 0o644)
         return False
     creds = Credentials.generate()
     texts = (
-        json.dumps({"identities": creds.secrets}, indent=2, sort_keys=True) + "\n",
+        creds.document(),
         nats_config(NATS_CONFIG.read_text(), creds),
         redis_config(creds),
     )

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ops.auth import ADMIN, ENGINE, FLEET, AuthError, Credentials, TlsFiles, without_userinfo
+from ops.auth import ADMIN, ENGINE, FLEET, GATEWAY, AuthError, Credentials, TlsFiles, without_userinfo
 from ops.servers import (
     COLOCATED_NATS_CPUS,
     ServerProcess,
@@ -39,6 +39,7 @@ from ops.servers import (
 from shared.core.placement.domain import GIB
 from shared.envsettings import ENGINE_NATS_URL_ENV
 from shared.host.lifetime import die_with_parent
+from shared.host.report_auth import MASTER_KEY_ENV
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
 
@@ -476,11 +477,18 @@ class LocalStack:
     def env_for(self, argv: Sequence[str]) -> dict[str, str]:
         """The environment of the child ``argv`` runs: as its own identity; a fleet that runs engine servers
         (``--engines``) also gets the engine identity's NATS URL to hand them. The fleet gives each server an
-        environment of its own with that URL and none of this one's settings or credentials
-        (``services.workers.engines.server_env``)."""
-        env = self.child_env(identity_of(argv))
-        if identity_of(argv) == FLEET and "--engines" in argv and self.credentials is not None:
+        environment of its own with that URL, the server's own report key and none of this one's settings or
+        credentials (``services.workers.engines.server_env``). That fleet and the gateway get the engines' report
+        master key (the fleet derives each server's key from it, the gateway checks every report with it); no
+        other child does."""
+        identity = identity_of(argv)
+        env = self.child_env(identity)
+        env.pop(MASTER_KEY_ENV, None)  # never inherited from the launcher's own environment
+        engines = identity == FLEET and "--engines" in argv
+        if engines and self.credentials is not None:
             env[ENGINE_NATS_URL_ENV] = self.credentials.url(self.settings.nats_url, ENGINE)
+        if (engines or identity == GATEWAY) and self.credentials is not None and self.credentials.report_key:
+            env[MASTER_KEY_ENV] = self.credentials.report_key
         return env
 
     def spawn(self, name: str, argv: list[str]) -> Child:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from services.gateway.service import Gateway, GatewayOptions
 from shared.core.routing import builtin_names
 from shared.core.routing.pool_source import PoolSource
 from shared.envsettings import credentials_on_command_line
+from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.host.tasks import run_until_signalled
 from shared.settings import load_settings
 
@@ -66,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     a.nats_url = a.nats_url or settings.nats_url
     if a.pool_source is PoolSource.PLACEMENT:
         a.redis_url = a.redis_url or settings.redis_url
+    try:  # through the environment or the credentials file only: a command line is readable by every local user
+        master = master_key_text(os.environ, settings.credentials_file)
+        report_master = parse_key(master, f"${MASTER_KEY_ENV}") if master else None
+    except ValueError as err:
+        p.error(str(err))
     if a.transport is PickerTransport.EXT_AUTHZ and a.capture is not None:
         p.error("--capture needs --transport ext_proc (the output length is read from the response body)")
     if a.socket_dir is not None and (a.grpc_port is not None or a.http_port is not None):
@@ -75,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                           capture=a.capture, capture_salt=a.capture_salt, transport=a.transport,
                           http_port=a.http_port, socket_dir=a.socket_dir,
                           feed_window_s=a.feed_window_ms / 1000 if a.feed_window_ms >= 0 else None,
-                          pool_source=a.pool_source, redis_url=a.redis_url, tls_ca_file=settings.tls_ca_file)
+                          pool_source=a.pool_source, redis_url=a.redis_url, tls_ca_file=settings.tls_ca_file,
+                          report_master=report_master)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,7 @@ from shared.core.routing import Endpoint, Router, RouterConfig, builtin_config
 from shared.core.routing.pool_source import PoolSource
 from shared.envsettings import EnvSettings
 from shared.host.engine_feed import EngineFeed, PlacedInstances, expire_forever, take_kv_events, take_metrics
+from shared.host.report_auth import ReportVerifier
 
 if TYPE_CHECKING:  # the engines-only picker never loads the Redis client
     from shared.state.store import StateStore
@@ -79,6 +80,9 @@ class GatewayOptions:
     pool_source: PoolSource = PoolSource.ENGINES
     redis_url: str | None = None
     tls_ca_file: str = ""  # NATS over TLS: the CA to trust (a stack's GANTRY_TLS_CA_FILE)
+    # the engines' report master key: a report or KV message not signed with the key of the instance it claims is
+    # dropped (shared.host.report_auth); None (a gateway without placement): every report is taken, as before
+    report_master: bytes | None = None
     resync_s: float = 30.0  # PLACEMENT: the instances read from the state store again this often
     # PLACEMENT: a read of the instances given up after this long (the store's client alone can retry for about
     # a minute against an unreachable Redis; the events keep the pool current meanwhile)
@@ -164,8 +168,9 @@ class Gateway:
         self.opts = opts
         self.router = Router(router_config(opts.profile, opts.staleness_s), seed=opts.seed)
         self.placed = PlacedInstances()
+        verifier = ReportVerifier(opts.report_master) if opts.report_master is not None else None
         self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed, ip_only=True,
-                               source=opts.pool_source, placed=self.placed.placed)
+                               source=opts.pool_source, placed=self.placed.placed, verifier=verifier)
         self.pool = self.feed.pool
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)

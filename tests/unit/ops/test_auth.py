@@ -105,6 +105,17 @@ def test_credentials_are_private_and_generated_once(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert Credentials.ensure(tmp_path).secrets == first.secrets
     assert set(ROLES) <= set(first.secrets)
+    assert len(bytes.fromhex(first.report_key)) == 32
+    assert Credentials.ensure(tmp_path).report_key == first.report_key
+
+
+def test_a_home_made_before_reports_were_signed_gets_a_report_key_and_keeps_its_secrets(tmp_path: Path) -> None:
+    old = Credentials.generate()
+    old.report_key = ""
+    old.save(tmp_path / "credentials.json")
+    creds = Credentials.ensure(tmp_path)
+    assert creds.secrets == old.secrets and creds.report_key
+    assert json.loads((tmp_path / "credentials.json").read_text())["engine_report_key"] == creds.report_key
 
 
 @pytest.mark.parametrize("text", ["", "{", "[]", '{"identities": {"a": 1}}', '{"other": {}}'])

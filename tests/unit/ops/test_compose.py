@@ -168,6 +168,18 @@ def test_compose_secrets_are_generated_once(tmp_path: Path) -> None:
     assert (tmp_path / COMPOSE_FILES[0]).read_text() == first
     assert "authorization" in (tmp_path / "nats.conf").read_text()
     assert "user default off" in (tmp_path / "redis.conf").read_text()
+    assert len(bytes.fromhex(json.loads(first)["engine_report_key"])) == 32  # the fleet's and gateway's
+
+
+def test_compose_secrets_made_before_reports_were_signed_get_a_report_key(tmp_path: Path) -> None:
+    assert write_compose_secrets(tmp_path)
+    path = tmp_path / COMPOSE_FILES[0]
+    doc = json.loads(path.read_text())
+    del doc["engine_report_key"]
+    path.write_text(json.dumps(doc))
+    assert not write_compose_secrets(tmp_path)
+    again = json.loads(path.read_text())
+    assert again["identities"] == doc["identities"] and again["engine_report_key"]
 
 
 def test_gantry_up_children_get_the_same_variables(compose: dict[str, Any]) -> None:

@@ -153,6 +153,21 @@ def test_a_fleet_running_engines_is_lent_the_engine_identity_and_keeps_its_own(t
     assert "GANTRY_ENGINE_NATS_URL" not in stack.env_for([*COMMANDS["filter"], "--engines"])
 
 
+def test_only_the_engine_fleet_and_the_gateway_get_the_report_master_key(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from ops.auth import Credentials
+    from ops.stack import GatewayPorts, picker_argv
+
+    monkeypatch.setenv("GANTRY_ENGINE_REPORT_MASTER_KEY", "ff" * 32)  # the launcher's own: never passed on
+    creds = Credentials.generate()
+    stack = LocalStack(Settings(nats_url="nats://127.0.0.1:1234"), home=tmp_path, credentials=creds)
+    ports = GatewayPorts(listen=1, admin=tmp_path / "a.sock", picker=tmp_path, eds=tmp_path / "eds.json")
+    assert stack.env_for([*WORKERS, "--engines"])["GANTRY_ENGINE_REPORT_MASTER_KEY"] == creds.report_key
+    assert stack.env_for(picker_argv(ports))["GANTRY_ENGINE_REPORT_MASTER_KEY"] == creds.report_key
+    assert "GANTRY_ENGINE_REPORT_MASTER_KEY" not in stack.env_for([*WORKERS, "--count", "2"])
+    assert "GANTRY_ENGINE_REPORT_MASTER_KEY" not in stack.env_for([*COMMANDS["filter"]])
+
+
 STOPPED_IN_ORDER = """
 import os, signal, sys, time
 log, name = sys.argv[1], sys.argv[2]

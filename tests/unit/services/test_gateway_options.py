@@ -27,3 +27,12 @@ def test_capture_options_are_read() -> None:
     opts = parse_args(["--nats-url", "nats://x:1", "--eds-path", "e.json", "--capture", "t.jsonl",
                        "--capture-salt", "s", "--staleness-s", "2"])
     assert opts.capture == Path("t.jsonl") and opts.capture_salt == "s" and opts.staleness_s == 2.0
+
+
+def test_the_report_master_key_comes_from_the_environment_and_none_means_every_report_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GANTRY_CREDENTIALS_FILE", raising=False)
+    monkeypatch.setenv("GANTRY_ENGINE_REPORT_MASTER_KEY", "ab" * 32)
+    assert parse_args(["--nats-url", "nats://x:1", "--eds-path", "e.json"]).report_master == bytes.fromhex("ab" * 32)
+    monkeypatch.delenv("GANTRY_ENGINE_REPORT_MASTER_KEY")
+    assert parse_args(["--nats-url", "nats://x:1", "--eds-path", "e.json"]).report_master is None
