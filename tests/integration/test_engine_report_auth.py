@@ -1,0 +1,99 @@
+"""Engine reports authenticated per instance, end to end: real nats-server, real emulated engine servers (each
+signing with the key its environment hands it), the gateway's own feed (on its loop, and through its relay
+child). A server holding instance A's key but claiming instance B never puts B in the pool nor B's load in the
+router; A's genuine reports are taken."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+
+from ops.auth import ENGINE, Credentials
+from ops.servers import ServerProcess, free_port
+from services.gateway.service import Gateway, GatewayOptions
+from shared.bus.runtime import Bus
+from shared.envsettings import ENGINE_NATS_URL_ENV
+from shared.host.report_auth import REPORT_KEY_ENV, derive_key
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+REPO = Path(__file__).resolve().parents[2]
+MASTER = os.urandom(32)
+
+
+def _engine(nats_url: str, claims: str, key_of: str, tmp: Path) -> subprocess.Popen[bytes]:
+    """An engine server reporting as instance ``claims``, signing with the key of instance ``key_of``."""
+    port = free_port()
+    log = tmp / f"{claims}-{key_of}.log"
+    env = {**os.environ, ENGINE_NATS_URL_ENV: nats_url, REPORT_KEY_ENV: derive_key(MASTER, key_of).hex()}
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "services.engine_server", "--port", str(port),
+                                 "--served-model-name", "auth-model", "--num-gpu-blocks", "400",
+                                 "--instance-id", claims, "--metrics-interval", "0.05"],
+                                cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def servers(nats_server: ServerProcess, credentials: Credentials,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The genuine server of auth-a and a compromised one: it holds auth-a's key and claims auth-b."""
+    tmp = tmp_path_factory.mktemp("engines")
+    url = credentials.url(nats_server.url, ENGINE)
+    procs = [_engine(url, "auth-a", "auth-a", tmp), _engine(url, "auth-b", "auth-a", tmp)]
+    yield
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("window_ms", [None, 10.0], ids=["on_loop", "relay"])
+def test_a_server_claiming_another_instance_is_kept_out_and_the_genuine_one_is_taken(
+        servers: None, nats_server: ServerProcess, tmp_path: Path, window_ms: float | None) -> None:
+    async def scenario() -> None:
+        opts = GatewayOptions(nats_url=nats_server.url, eds_path=tmp_path / "eds.json", report_master=MASTER,
+                              feed_window_s=window_ms / 1000 if window_ms is not None else None)
+        gw = Gateway(opts)
+        nc = await nats.connect(nats_server.url)
+        gw.bus = Bus(nc, "gateway")
+        relay = await gw._subscribe(nc)
+        task = asyncio.create_task(relay.run()) if relay is not None else None
+        verifier = gw.feed.verifier
+        assert verifier is not None
+        try:
+            await _until(lambda: "auth-a" in gw.feed.pool.endpoints and verifier.dropped >= 10)
+            assert set(gw.feed.pool.endpoints) == {"auth-a"}
+            assert "auth-b" not in gw.router.state.endpoints  # no load of auth-b applied either
+            assert gw.router.state.endpoints["auth-a"].metrics is not None
+        finally:
+            if task is not None:
+                task.cancel()
+            if relay is not None:
+                await relay.stop()
+            await nc.close()
+
+    asyncio.run(scenario())
