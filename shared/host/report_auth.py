@@ -63,7 +63,7 @@ def parse_key(text: str, what: str) -> bytes:
 class ReportVerifier:
     """Checks that a report was signed with the key of the instance it claims (a picker given the master key).
 
-    Derived keys are cached per instance id (one HMAC per report instead of three); the cache is cleared when
+    Keyed HMACs are cached per instance id (one hash of the payload per report, no key derivation); cleared when
     it reaches ``max_keys``, so a stream of forged ids costs CPU, not memory. Drops are counted and logged at
     most once per ``log_every_s``.
     """
@@ -71,7 +71,9 @@ class ReportVerifier:
     def __init__(self, master: bytes, max_keys: int = MAX_CACHED_KEYS, log_every_s: float = LOG_EVERY_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._master = master
-        self._keys: dict[str, bytes] = {}
+        # per instance id, an HMAC already keyed with its derived key: a copy of it signs one payload, which skips
+        # deriving the key and hashing the padded key blocks (2.9 -> 1.8 us per 0.5 KB report)
+        self._macs: dict[str, hmac.HMAC] = {}
         self.max_keys = max_keys
         self.log_every_s = log_every_s
         self._clock = clock
@@ -79,21 +81,26 @@ class ReportVerifier:
         self._unlogged = 0
         self.dropped = 0  # reports dropped (operators, tests)
 
-    def key(self, instance_id: str) -> bytes:
-        """The derived key of ``instance_id`` (cached)."""
-        key = self._keys.get(instance_id)
-        if key is None:
-            if len(self._keys) >= self.max_keys:
-                self._keys.clear()
-            key = self._keys[instance_id] = derive_key(self._master, instance_id)
-        return key
+    def _mac(self, instance_id: str) -> hmac.HMAC:
+        mac = self._macs.get(instance_id)
+        if mac is None:
+            if len(self._macs) >= self.max_keys:
+                self._macs.clear()
+            mac = self._macs[instance_id] = hmac.new(derive_key(self._master, instance_id), digestmod=hashlib.sha256)
+        return mac
+
+    def cached(self) -> int:
+        """How many instance ids have a cached key."""
+        return len(self._macs)
 
     def valid(self, instance_id: str, payload: bytes, headers: Mapping[str, str] | None) -> bool:
         """Whether ``payload`` carries a correct signature for ``instance_id`` (no counting, no log)."""
         got = headers.get(SIGNATURE_HEADER) if headers else None
         if got is None:
             return False
-        return hmac.compare_digest(got, sign(self.key(instance_id), payload))
+        mac = self._mac(instance_id).copy()
+        mac.update(payload)
+        return hmac.compare_digest(got, mac.hexdigest())
 
     def accepts(self, instance_id: str, payload: bytes, headers: Mapping[str, str] | None, subject: str) -> bool:
         """``valid``, and a report that is not counted as dropped and logged (bounded rate)."""

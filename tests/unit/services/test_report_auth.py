@@ -111,9 +111,10 @@ def test_dropped_reports_are_counted_and_logged_at_a_bounded_rate(caplog: pytest
 def test_the_key_cache_stays_bounded_under_forged_ids() -> None:
     verifier = ReportVerifier(MASTER, max_keys=8)
     for i in range(100):
-        verifier.key(f"forged-{i}")
-    assert len(verifier._keys) <= 8
-    assert verifier.key("e1") == derive_key(MASTER, "e1")
+        verifier.valid(f"forged-{i}", b"x", {SIGNATURE_HEADER: "00"})
+    assert verifier.cached() <= 8
+    data = report("e1", 8001)
+    assert verifier.valid("e1", data, signed("e1", data).headers)  # a key evicted or not, the verdict holds
 
 
 async def test_a_picker_with_the_master_key_takes_genuine_reports_and_drops_forged_ones() -> None:
