@@ -11,6 +11,7 @@ import sys
 from services.picker.service import PickerOptions, PickerService
 from shared.core.routing import builtin_names
 from shared.envsettings import credentials_on_command_line
+from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.host.tasks import run_until_signalled
 
 NATS_URL_ENV = "GANTRY_NATS_URL"
@@ -40,8 +41,13 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
         p.error("--flight-ttl-s must be > 0")
     if a.max_in_flight < 1:
         p.error("--max-in-flight must be >= 1")
+    try:  # the environment, else the credentials file GANTRY_CREDENTIALS_FILE names (never the command line)
+        master = master_key_text(os.environ, os.environ.get("GANTRY_CREDENTIALS_FILE", ""))
+        report_master = parse_key(master, f"${MASTER_KEY_ENV}") if master else None
+    except ValueError as err:
+        p.error(str(err))
     return PickerOptions(nats_url=a.nats_url, profile=a.profile, expire_s=a.expire_s, seed=a.seed,
-                         flight_ttl_s=a.flight_ttl_s, max_in_flight=a.max_in_flight)
+                         flight_ttl_s=a.flight_ttl_s, max_in_flight=a.max_in_flight, report_master=report_master)
 
 
 def main(argv: list[str] | None = None) -> None:

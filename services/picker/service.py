@@ -23,6 +23,7 @@ from shared.bus.messages import MessageError, PickAnswer, PickProgress, PickRepl
 from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.routing import Router, builtin_config
 from shared.host.engine_feed import EngineFeed, expire_forever, take_kv_events, take_metrics
+from shared.host.report_auth import ReportVerifier
 
 log = logging.getLogger("gantry.picker")
 
@@ -41,6 +42,9 @@ class PickerOptions:
     # it: past these, the request stops counting as in flight (its load and memory released)
     flight_ttl_s: float = 1800.0
     max_in_flight: int = 100_000
+    # the engines' report master key: a message not signed by the instance it claims is dropped
+    # (shared.host.report_auth); None: every report is taken
+    report_master: bytes | None = None
 
 
 @dataclass
@@ -60,7 +64,8 @@ class PickerService:
         self.opts = opts
         self.clock = clock
         self.router = Router(builtin_config(opts.profile), seed=opts.seed)
-        self.feed = EngineFeed(self.router, opts.expire_s)
+        self.feed = EngineFeed(self.router, opts.expire_s, verifier=ReportVerifier(opts.report_master)
+                               if opts.report_master is not None else None)
         self.counters = PickerCounters()
         self.bus: Bus | None = None
 

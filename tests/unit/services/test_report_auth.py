@@ -172,3 +172,14 @@ def test_the_master_key_comes_from_the_environment_else_the_named_credentials_fi
     assert master_key_text({}, "") is None  # no file named: no key (a gateway without placement)
     creds.write_text(json.dumps({"identities": {}}))
     assert master_key_text({}, str(creds)) is None
+
+
+def test_the_nats_picker_checks_reports_when_its_environment_holds_the_master_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.picker.__main__ import parse_args
+
+    monkeypatch.delenv("GANTRY_CREDENTIALS_FILE", raising=False)
+    monkeypatch.setenv(MASTER_KEY_ENV, MASTER.hex())
+    assert parse_args(["--nats-url", "nats://h:4222"]).report_master == MASTER
+    monkeypatch.delenv(MASTER_KEY_ENV)
+    assert parse_args(["--nats-url", "nats://h:4222"]).report_master is None
