@@ -15,8 +15,11 @@ from ops.cli.gateway import EndpointRow, one_frame
 from ops.envoy import SERVED
 from ops.gateway_routing import instances_by_address
 from ops.stack import GatewayPorts
+from shared.bus import subjects
+from shared.bus.messages import EngineMetrics, decode
 from shared.core.placement.domain import GIB, InstanceState, ModelSpec, PlacementStrategy
 from shared.envsettings import without_user
+from shared.host.report_auth import ReportVerifier
 
 from .conftest import Stack, wait_until
 
@@ -67,6 +70,24 @@ async def gateway_view(stack: Stack) -> list[EndpointRow]:
     return await one_frame(nats_url, redis_url, 0.2)
 
 
+async def reports_are_signed_by_their_instance(stack: Stack, ids: set[str]) -> None:
+    """Each engine server the fleet started signs its reports with its own instance's key (the stack's master key
+    is what the gateway checks them with)."""
+    creds = stack.launcher.credentials
+    assert creds is not None and creds.report_key
+    verifier = ReportVerifier(bytes.fromhex(creds.report_key))
+    sub = await stack.nc.subscribe(subjects.ENGINE_METRICS_ALL)
+    seen: set[str] = set()
+    try:
+        while seen != ids:
+            msg = await sub.next_msg(timeout=5)
+            m = decode(msg.data, EngineMetrics)
+            assert verifier.valid(m.instance_id, msg.data, msg.headers), m.instance_id
+            seen.add(m.instance_id)
+    finally:
+        await sub.unsubscribe()
+
+
 async def running_engine(http: httpx.AsyncClient, address: str) -> tuple[str, int]:
     """The engine at ``address``, as it describes itself: its instance id and requests it is running."""
     info = (await http.get(f"http://{address}/server_info")).json()
@@ -92,6 +113,7 @@ async def test_the_gateway_routes_to_running_instances_and_a_drain_finishes_in_f
 
     ids: set[str] = await wait_until(two_routable, 30, "2 RUNNING replicas in Envoy's endpoint file")
     address = {iid: addr for addr, iid in endpoint_file(ports).items()}
+    await reports_are_signed_by_their_instance(stack, ids)
 
     async with httpx.AsyncClient() as http:
         # long streams until each instance serves one (the picker spreads load; distinct prompts, no affinity)
