@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from shared.paths import runtime_dir
 
@@ -168,12 +168,22 @@ def without_user(url: str) -> str:
     return urlunsplit(parts._replace(netloc=host))
 
 
+_QUERY_CREDENTIALS = frozenset({"password", "username", "user", "pass", "token"})  # query names of a secret
+
+
 def credentials_on_command_line(flag: str, url: str | None, env: str) -> str | None:
     """The error for ``url`` given as ``flag`` on a command line when it holds a user or secret, else None.
 
     A command line is readable by every local user (``ps``), the environment of a process only by its owner. A
     user alone is refused too: a NATS URL's user part may be a token (``nats://TOKEN@host``)."""
-    if url and "@" in urlsplit(url).netloc:  # (not ``without_user(url) != url``: that rewrites ``unix:///p``)
+    if not url:
+        return None
+    # nats-py reads a URL without a scheme as "nats://" + it (its user and secret are sent); redis-py takes a
+    # password and user from the query too ("?password=...")
+    parts = urlsplit(url if "://" in url else "nats://" + url)
+    query = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    # (not ``without_user(url) != url``: that rewrites ``unix:///p``)
+    if "@" in parts.netloc or query & _QUERY_CREDENTIALS:
         return (f"{flag} must not hold a user or secret (a command line is readable by every local user): "
                 f"put that URL in ${env} instead")
     return None

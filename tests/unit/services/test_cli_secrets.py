@@ -59,3 +59,15 @@ def test_the_picker_takes_its_url_from_the_environment_and_needs_one(monkeypatch
     monkeypatch.delenv("GANTRY_NATS_URL")
     with pytest.raises(SystemExit):
         picker_args([])
+
+
+@pytest.mark.parametrize("url", ["someone:s3cret@127.0.0.1:4222", "TOKEN@127.0.0.1"])
+def test_a_url_without_a_scheme_is_read_as_the_nats_client_reads_it(url: str) -> None:
+    # nats-py puts "nats://" in front of a URL without one, and then sends its user and secret
+    assert credentials_on_command_line("--nats-url", url, "X") is not None
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?password=s3cret", "unix:///run/redis.sock?password=s3cret",
+                                 "redis://127.0.0.1:6379/0?username=u&password=s3cret"])
+def test_a_secret_in_the_query_counts_as_a_credential_since_redis_py_reads_it_there(url: str) -> None:
+    assert credentials_on_command_line("--redis-url", url, "X") is not None
