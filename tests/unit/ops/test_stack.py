@@ -191,7 +191,10 @@ def test_the_gateway_stops_first_envoy_before_the_picker_then_workers_then_servi
         stack.spawn(name, [sys.executable, "-c", STOPPED_IN_ORDER, str(log), name])
     deadline = time.monotonic() + 20
     while not all(Path(f"{log}.{name}").exists() for name in names):
-        assert time.monotonic() < deadline, "the children did not start"
+        # a failure says which child never got ready, whether it still runs and what it printed
+        late = [(c.name, c.process.poll(), c.log_path.read_text()[-300:]) for c in stack.children
+                if not Path(f"{log}.{c.name}").exists()]
+        assert time.monotonic() < deadline, f"the children did not start: {late}"
         time.sleep(0.05)
     stack.stop()
     assert log.read_text().split() == ["envoy", "gateway", "workers", "reconciler"]
