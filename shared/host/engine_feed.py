@@ -273,8 +273,8 @@ async def take_metrics(feed: EngineFeed, bus: Bus, msg: Delivered, now: float) -
     m = await bus.decode_or_reject(msg.subject, msg.data, EngineMetrics)
     if m is None:
         return
-    if feed.verifier is not None and not feed.verifier.accepts(m.instance_id, msg.data, msg.headers, msg.subject):
-        return  # not signed by the instance it claims: counted and logged, never applied
+    if not await _signed(feed, bus, m.instance_id, msg):
+        return
     try:
         feed.on_metrics(m, now)
     except ValueError as err:
@@ -287,9 +287,17 @@ async def take_kv_events(feed: EngineFeed, bus: Bus, msg: Delivered) -> None:
     ev = await bus.decode_or_reject(msg.subject, msg.data, EngineKVEvents)
     if ev is None:
         return
-    if feed.verifier is not None and not feed.verifier.accepts(ev.instance_id, msg.data, msg.headers, msg.subject):
-        return
-    feed.on_kv(ev)
+    if await _signed(feed, bus, ev.instance_id, msg):
+        feed.on_kv(ev)
+
+
+async def _signed(feed: EngineFeed, bus: Bus, instance_id: str, msg: Delivered) -> bool:
+    """Whether ``msg`` may be applied: no verifier, or signed by ``instance_id``'s key. One that is not is bad
+    input like an undecodable one: counted, logged at a bounded rate and reported on the dead letters."""
+    if feed.verifier is None or feed.verifier.accepts(instance_id, msg.data, msg.headers, msg.subject):
+        return True
+    await bus.dead_letter(msg.subject, f"not signed by instance {instance_id!r}, which it claims", msg.data)
+    return False
 
 
 async def expire_forever(feed: EngineFeed, expire_s: float, clock: Callable[[], float]) -> None:

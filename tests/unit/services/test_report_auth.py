@@ -56,8 +56,19 @@ def feed_with(verifier: ReportVerifier | None) -> EngineFeed:
     return EngineFeed(Router(builtin_config("default")), expire_s=3.0, verifier=verifier)
 
 
-def bus() -> Bus:
-    return Bus(Client(), "test")  # never connected: a report that decodes never reaches the connection
+class RecordingBus(Bus):
+    """A bus whose dead letters are kept here (never connected: nothing else of it is used by the feed)."""
+
+    def __init__(self) -> None:
+        super().__init__(Client(), "test")
+        self.dead: list[tuple[str, str]] = []
+
+    async def dead_letter(self, subject: str, reason: str, payload: bytes = b"") -> None:
+        self.dead.append((subject, reason))
+
+
+def bus() -> RecordingBus:
+    return RecordingBus()
 
 
 def test_the_derived_key_is_hmac_of_the_label_and_the_instance_id() -> None:
@@ -118,13 +129,15 @@ def test_the_key_cache_stays_bounded_under_forged_ids() -> None:
 
 
 async def test_a_picker_with_the_master_key_takes_genuine_reports_and_drops_forged_ones() -> None:
-    feed = feed_with(ReportVerifier(MASTER))
-    await take_metrics(feed, bus(), signed("e1", report("e1", 8001)), NOW)
+    feed, dead = feed_with(ReportVerifier(MASTER)), bus()
+    await take_metrics(feed, dead, signed("e1", report("e1", 8001)), NOW)
     forged = report("e2", 9999, waiting=50)  # e1's server claiming instance e2
-    await take_metrics(feed, bus(), signed("e2", forged, key_of="e1"), NOW)
-    await take_metrics(feed, bus(), Msg("gantry.engine.metrics.e3", report("e3", 9998), None), NOW)
+    await take_metrics(feed, dead, signed("e2", forged, key_of="e1"), NOW)
+    await take_metrics(feed, dead, Msg("gantry.engine.metrics.e3", report("e3", 9998), None), NOW)
     assert set(feed.pool.endpoints) == {"e1"}
     assert feed.verifier is not None and feed.verifier.dropped == 2
+    assert [subject for subject, _ in dead.dead] == ["gantry.engine.metrics.e2", "gantry.engine.metrics.e3"]
+    assert all("not signed by instance" in reason for _, reason in dead.dead)
 
 
 async def test_a_forged_report_does_not_change_a_genuine_instances_load() -> None:
@@ -143,17 +156,19 @@ async def test_kv_events_are_checked_as_reports_are() -> None:
                                                        block_size=16)])
     data = encode(EngineKVEvents(instance_id="e1", model="m", seq=0, batch=batch))
     forged = Msg("gantry.engine.kv.e1", data, signed_headers(derive_key(MASTER, "e2"), data))
-    await take_kv_events(feed, bus(), forged)
+    dead = bus()
+    await take_kv_events(feed, dead, forged)
     assert "e1" not in feed._kv_seq
+    assert [subject for subject, _ in dead.dead] == ["gantry.engine.kv.e1"]
     await take_kv_events(feed, bus(), Msg("gantry.engine.kv.e1", data, signed_headers(derive_key(MASTER, "e1"), data)))
     assert feed._kv_seq["e1"] == 1
 
 
 async def test_a_picker_without_a_master_key_takes_every_report_as_before() -> None:
-    feed = feed_with(None)
-    await take_metrics(feed, bus(), Msg("gantry.engine.metrics.e1", report("e1", 8001), None), NOW)
-    await take_metrics(feed, bus(), signed("e2", report("e2", 8002), key_of="e1"), NOW)
-    assert set(feed.pool.endpoints) == {"e1", "e2"}
+    feed, dead = feed_with(None), bus()
+    await take_metrics(feed, dead, Msg("gantry.engine.metrics.e1", report("e1", 8001), None), NOW)
+    await take_metrics(feed, dead, signed("e2", report("e2", 8002), key_of="e1"), NOW)
+    assert set(feed.pool.endpoints) == {"e1", "e2"} and dead.dead == []
 
 
 def test_a_key_must_be_hex_of_at_least_16_bytes() -> None:
