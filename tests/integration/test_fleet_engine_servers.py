@@ -48,7 +48,11 @@ async def test_a_server_gets_the_engine_url_in_its_environment_and_nothing_of_th
         server = await sup.start("inst-env", "m", [])
         pid = server.process.pid
         cmdline, environ = proc_text(pid, "cmdline"), proc_text(pid, "environ")
-        await asyncio.sleep(0.3)  # the publisher's first attempt to connect is logged
+        logged = ""
+        deadline = time.monotonic() + 10
+        while "publishing on NATS" not in logged and time.monotonic() < deadline:  # its first attempt to connect
+            await asyncio.sleep(0.05)
+            logged += "".join(capfd.readouterr())
     finally:
         await sup.stop_all()
     assert "s3cret" not in cmdline, "a command line is readable by every local user"
@@ -56,7 +60,7 @@ async def test_a_server_gets_the_engine_url_in_its_environment_and_nothing_of_th
     assert FLEET_SECRET not in environ
     assert not {"GANTRY_NATS_URL", "GANTRY_REDIS_URL", "GANTRY_IDENTITY", "GANTRY_CREDENTIALS_FILE"} & {
         line.split("=", 1)[0] for line in environ.splitlines()}
-    logged = "".join(capfd.readouterr())
+    logged += "".join(capfd.readouterr())
     assert "publishing on NATS nats://127.0.0.1:9" in logged
     assert "s3cret" not in logged
 
@@ -102,7 +106,8 @@ async def test_an_instance_drained_while_its_server_starts_stays_draining_and_is
         await nc.publish(subjects.worker_drain("drainstart0"), encode(DrainInstance(instance_id="inst-d")))
         while fleet.engines.servers and time.monotonic() < deadline + 10:  # its start stops short
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # the reports get through
+        while len(reports) < 2 and time.monotonic() < deadline + 10:  # the reports get through
+            await asyncio.sleep(0.05)
         inst = fleet.workers["drainstart0"].instances["inst-d"]
         assert inst.state is InstanceState.DRAINING
         assert reports == [(InstanceState.STARTING, False), (InstanceState.DRAINING, True)]
