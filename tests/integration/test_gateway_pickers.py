@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -36,10 +36,6 @@ pytestmark = gateway_marks(300)
 T = TypeVar("T")
 # engines on this shared host report late under load; the test is about prefix routing, not staleness
 PICKER_ARGS = ("--staleness-s", "2")
-# A replica learns where another one sent a prefix only from the engine's KV events, a moment later through NATS
-# (a lone picker knows at once). Two requests of one group closer than that lag measure the host's load, not the
-# sharing: on a loaded 2-core host the lag reached a few hundred ms, and 3 replicas fell just under 95 % of 1.
-SHARING_GAP_S = 1.0
 
 
 @contextmanager
@@ -50,18 +46,6 @@ def _running(gen: Iterator[T]) -> Iterator[T]:
         gen.close()
 
 
-def _spaced(reqs: list[tuple[float, dict[str, Any]]], gap: float) -> list[tuple[float, dict[str, Any]]]:
-    """The requests with each group's (same system prompt's) next one ``gap`` or more after its previous one."""
-    last: dict[str, float] = {}
-    out = []
-    for t, body in reqs:
-        group = body["messages"][0]["content"]
-        at = max(t, last.get(group, -gap) + gap)
-        last[group] = at
-        out.append((at, body))
-    return sorted(out, key=lambda r: r[0])
-
-
 def _hit_rate(nats_url: str, tmp: Path, replicas: int, w: Workload) -> tuple[float, int, int]:
     """Fresh engines (cold caches) behind ``replicas`` pickers; (hit rate, requests, errors) of the workload."""
     tmp.mkdir()
@@ -70,7 +54,7 @@ def _hit_rate(nats_url: str, tmp: Path, replicas: int, w: Workload) -> tuple[flo
         _wait_routable(gw, len(engines), timeout=90)
         urls = [f"http://{e.address}" for e in engines]
         before = [scrape(u) for u in urls]
-        reqs = [(t, {**body, "model": MODEL}) for t, body in _spaced(requests_of(w), SHARING_GAP_S)]
+        reqs = [(t, {**body, "model": MODEL}) for t, body in requests_of(w)]
         client = asyncio.run(drive(gw.url, reqs))
         after = [scrape(u) for u in urls]
     return server_side(before, after)["hit_rate"], client["requests"], client["errors"]
