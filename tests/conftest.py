@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,14 @@ from ops.servers import ServerProcess, start_nats, start_redis
 # tests start would shrug off the Ctrl-C the tests send it. The suite restores the default for its children.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# Some tests run the picker in this process, and gRPC then keeps threads here with fork handlers of its own. The
+# launcher's children are forked with a Python preexec_fn (``die_with_parent``), a real fork() that runs those
+# handlers: gRPC restarts its poller in the child, the child closes its descriptors before exec, and the poller
+# aborts the child (SIGABRT, "epoll_wait error: Bad file descriptor") before it ever runs its command. That is how
+# a stack's child "never got ready" in later tests (1 spawn in 50 here). Nothing forked by the suite uses gRPC
+# before exec, so gRPC's fork support is off for the session (read when gRPC starts; children inherit it).
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
 
 
 SECURITY_WORKERS = ("w0", "w1", "w2")
