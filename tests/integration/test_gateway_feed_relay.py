@@ -29,10 +29,11 @@ from tests.integration.test_gateway import REPO
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
-async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+async def _until(cond: Callable[[], bool], state: Callable[[], object], timeout: float = 10.0) -> None:
+    """Until ``cond`` holds; a failure says what ``state`` was (what arrived so far)."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert time.monotonic() < deadline, f"not met in {timeout} s: {state()}"
         await asyncio.sleep(0.01)
 
 
@@ -72,7 +73,7 @@ def test_reports_arrive_once_in_order_batched_and_a_dead_child_is_replaced(nats_
         try:
             t0 = time.time()
             sent = await _publish(nats_server.url, "relay-test", 0, 40)
-            await _until(lambda: len(got) >= len(sent))
+            await _until(lambda: len(got) >= len(sent), lambda: (len(got), relay.frames, relay.starts))
             assert _by_kind(got) == _by_kind(sent)
             assert all(t0 <= m.at <= time.time() for m in got)
             assert relay.frames < len(sent)  # several messages per wake-up of the picker
@@ -80,11 +81,11 @@ def test_reports_arrive_once_in_order_batched_and_a_dead_child_is_replaced(nats_
             first = relay.proc
             assert first is not None
             first.kill()
-            await _until(lambda: relay.starts == 2)  # another child has subscribed (its ready frame)
+            await _until(lambda: relay.starts == 2, lambda: (relay.starts, relay.proc))  # another child subscribed
             assert relay.proc is not first
             got.clear()
             sent = await _publish(nats_server.url, "relay-test", 40, 10)
-            await _until(lambda: len(got) >= len(sent))
+            await _until(lambda: len(got) >= len(sent), lambda: (len(got), relay.frames, relay.starts))
             assert _by_kind(got) == _by_kind(sent)
         finally:
             task.cancel()
@@ -113,9 +114,14 @@ def test_a_picker_that_fails_to_start_leaves_no_feed_relay_child_behind(nats_ser
     a file) ends the start-up, and the child with it, while the process that ran the picker lives on."""
     me = psutil.Process()
 
+    def relay(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE and "feed_relay" in " ".join(p.cmdline())
+        except psutil.NoSuchProcess:  # another child of this process that ended meanwhile
+            return False
+
     def relays() -> list[psutil.Process]:
-        return [p for p in me.children(recursive=True)
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "feed_relay" in " ".join(p.cmdline())]
+        return [p for p in me.children(recursive=True) if relay(p)]
 
     async def start_and_fail(sockets: Path) -> Gateway:
         gw = Gateway(GatewayOptions(nats_url=nats_server.url, eds_path=tmp_path / "eds" / "e.json",
