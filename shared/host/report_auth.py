@@ -178,6 +178,10 @@ class ReportVerifier:
         """How many instance ids have a cached key."""
         return len(self._macs)
 
+    def stamped(self) -> int:
+        """How many instances' last stamps are remembered."""
+        return len(self._last)
+
     def check(self, instance_id: str, payload: bytes, headers: Mapping[str, str] | None, kind: int) -> Verdict:
         """The verdict on one message of ``kind`` claiming ``instance_id``; an accepted one's stamp becomes the
         last taken (no counting, no log)."""

@@ -216,6 +216,17 @@ def test_the_key_cache_stays_bounded_under_forged_ids() -> None:
     assert v.check("e1", data, signed("e1", data).headers, METRICS) is Verdict.ACCEPTED  # evicted or not
 
 
+def test_the_stamps_remembered_stay_bounded_and_only_genuine_messages_add_one() -> None:
+    v = verifier(max_keys=4)
+    for i in range(100):
+        v.check(f"forged-{i}", b"x", {SIGNATURE_HEADER: f"{EPOCH}.0." + "0" * 64}, METRICS)
+    assert v.stamped() == 0
+    for i in range(10):
+        data = report(f"e{i}", 8001)
+        assert v.check(f"e{i}", data, signed(f"e{i}", data).headers, METRICS) is Verdict.ACCEPTED
+    assert v.stamped() == 4
+
+
 async def test_a_picker_with_the_master_key_takes_genuine_reports_and_drops_forged_ones() -> None:
     feed, dead = feed_with(verifier()), bus()
     await take_metrics(feed, dead, signed("e1", report("e1", 8001)), NOW)
