@@ -510,6 +510,8 @@ class LocalStack:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # a preexec_fn makes this a real fork(): every fork handler loaded here runs in the child before
+                # exec (gRPC's aborted children this way in the test process, where a picker had run: tests/conftest)
                 preexec_fn=die_with_parent,
             )
         child = Child(name, argv, proc, log)
