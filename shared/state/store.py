@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from shared.core.limits import MAX_REPLICAS, bad_model_name
+from shared.core.limits import MAX_ATTEMPTS, MAX_REPLICAS, bad_model_name
 from shared.core.placement.domain import (
     Gpu,
     Instance,
@@ -228,6 +228,32 @@ def _load(dec: msgspec.json.Decoder[R], raw: bytes | str, what: str) -> R | None
         return None
 
 
+def _time(raw: Any, what: str) -> float:
+    """A stored time, or 0.0 ("long ago", logged) when it is not a finite, non-negative number: a value written
+    past this layer must not crash the reader (one bad entry stopped every periodic check), and an infinite
+    last-seen time would keep a dead worker READY for ever."""
+    try:
+        t = float(raw)
+    except (TypeError, ValueError):
+        t = math.nan
+    if math.isfinite(t) and t >= 0.0:
+        return t
+    log.warning("reading a stored %s of %r as long ago (not a finite time)", what, raw)
+    return 0.0
+
+
+def _record(raw: Any, what: str) -> dict[str, Any] | list[Any] | None:
+    """A stored JSON bookkeeping record (an object or a list), or None (logged) when it is not one."""
+    try:
+        got = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError, TypeError):
+        got = None
+    if isinstance(got, dict | list):
+        return got
+    log.warning("ignoring a stored %s that is not a record: %r", what, raw[:80] if isinstance(raw, bytes) else raw)
+    return None
+
+
 def _checked(dec: msgspec.json.Decoder[Any], raw: bytes, what: str) -> bytes:
     """``raw`` if it decodes within the limits, else InvalidRecord: nothing outside them is stored."""
     try:
@@ -366,7 +392,7 @@ class StateStore:
                 continue
             hb_raw = usage.get(name_b)
             hb = _load(_dec_usage, hb_raw, "heartbeat") if hb_raw else None
-            last = float(seen.get(name_b, 0.0) or 0.0)
+            last = _time(seen.get(name_b, 0.0) or 0.0, "last-seen time")
             out.append(apply_usage(w, hb, last, cordoned))
         return sorted(out, key=lambda w: w.name)
 
@@ -498,7 +524,7 @@ class StateStore:
 
     async def drains(self) -> dict[str, float]:
         """Instances DRAINING and since when."""
-        return {_s(k): float(v) for k, v in (await self.r.hgetall(Keys.drains)).items()}
+        return {_s(k): _time(v, "drain start") for k, v in (await self.r.hgetall(Keys.drains)).items()}
 
     async def forget_drains(self, ids: Sequence[str]) -> None:
         """Drop drain bookkeeping of removed instances."""
@@ -515,11 +541,13 @@ class StateStore:
         await pipe.execute()
 
     async def failures(self) -> dict[str, tuple[float, str]]:
-        """ERROR instances: (since, message)."""
+        """ERROR instances: (since, message). A record that is not one reads as failed long ago (never as
+        failing now again: the first record is kept, so that would put its replacement off for ever)."""
         out = {}
         for k, v in (await self.r.hgetall(Keys.failures)).items():
-            d = msgspec.json.decode(v)
-            out[_s(k)] = (float(d["since"]), str(d.get("message", "")))
+            d = _record(v, "failure")
+            got = d if isinstance(d, dict) else {}
+            out[_s(k)] = (_time(got.get("since"), "failure time"), str(got.get("message", ""))[:1024])
         return out
 
     async def forget_failures(self, ids: Sequence[str]) -> None:
@@ -534,11 +562,14 @@ class StateStore:
             await self.r.hset(Keys.restarts, mapping=mapping)  # type: ignore[arg-type]
 
     async def restarts(self) -> dict[str, tuple[int, float]]:
-        """Per model: (count, last replacement time)."""
+        """Per model: (count, last replacement time); a record that is not one is left out (the count starts
+        again)."""
         out = {}
         for k, v in (await self.r.hgetall(Keys.restarts)).items():
-            d = msgspec.json.decode(v)
-            out[_s(k)] = (int(d["count"]), float(d["last_at"]))
+            d = _record(v, "restart count")
+            count = d.get("count") if isinstance(d, dict) else None
+            if isinstance(count, int) and 0 <= count <= MAX_ATTEMPTS:
+                out[_s(k)] = (count, _time(d.get("last_at") if isinstance(d, dict) else None, "restart time"))
         return out
 
     async def set_retries(self, retries: dict[str, tuple[int, float, float]]) -> None:
@@ -556,9 +587,12 @@ class StateStore:
         else:
             raw = {}
         out = {}
-        for iid, v in raw.items():
-            a, n, r = msgspec.json.decode(v)
-            out[iid] = (int(a), float(n), float("-inf") if r is None else float(r))
+        for iid, v in raw.items():  # a record that is not one is left out: the replica is retried as if new
+            d = _record(v, "retry")
+            if not (isinstance(d, list) and len(d) == 3 and isinstance(d[0], int) and 0 <= d[0] <= MAX_ATTEMPTS):
+                continue
+            a, n, r = d
+            out[iid] = (a, _time(n, "retry time"), float("-inf") if r is None else _time(r, "retry request time"))
         return out
 
     async def forget_retries(self, ids: Sequence[str]) -> None:
