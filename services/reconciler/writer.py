@@ -31,6 +31,7 @@ from shared.bus.validate import (
     impersonation,
 )
 from shared.core.placement.domain import ModelFile, Worker
+from shared.host.throttle import PerKeyThrottle
 
 if TYPE_CHECKING:
     from shared.host.service import PlacementService
@@ -53,7 +54,7 @@ class StateWriter:
         self.beats: dict[str, tuple[Heartbeat, float]] = {}
         self.files: dict[tuple[str, str], ModelFile] = {}
         self._task: asyncio.Task[None] | None = None
-        self._asked: dict[str, float] = {}
+        self._asked = PerKeyThrottle(5.0)
         self._wire()
 
     def _wire(self) -> None:
@@ -166,9 +167,8 @@ class StateWriter:
         """Ask one worker (or all) to re-register; per worker at most once every few seconds."""
         now = self.service.clock()
         key = worker or "*"
-        if now - self._asked.get(key, float("-inf")) < 5.0:
+        if not self._asked.allow(key, now):
             return
-        self._asked[key] = now
         await self.service.bus.publish(subjects.SYNC, SyncRequest(worker=worker))
 
     def start(self) -> None:
