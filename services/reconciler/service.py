@@ -739,14 +739,21 @@ class Reconciler(PlacementService):
                    message=st.message or "")
             for st in batch
         ]
-        known: dict[str, Instance] = {}
+        # The records the planner judges these reports against: the feed's, or the store's where the feed has none
+        # for the reporting worker, read in one round trip for the whole batch (a report of a removed or unknown
+        # instance is read too, and one worker can send 20,000 of them at once), taken in report order.
+        cached: list[Instance | str] = []
         for rep in reports:
             if rep.deleted or rep.idle or rep.state is InstanceState.ERROR:
                 record = self.feed.instances.get(rep.instance_id)
-                if record is None or record.worker != rep.worker:
-                    record = await self.store.instance(rep.instance_id)
-                if record is not None:
-                    known[record.id] = record
+                cached.append(record if record is not None and record.worker == rep.worker else rep.instance_id)
+        read = [c for c in cached if isinstance(c, str)]
+        stored = await self.store.instances_by_id(read) if read else {}
+        known: dict[str, Instance] = {}
+        for c in cached:
+            record = stored.get(c) if isinstance(c, str) else c
+            if record is not None:
+                known[record.id] = record
         changes = [st for st in batch if not (st.deleted or st.idle)]
         if known:
             await self.apply(plan({}, list(known.values()), self.cluster(), reports, now, Book(), self.timings()),

@@ -4,9 +4,10 @@ checks (every tick read all of them) nor stop a snapshot loading, and an infinit
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
-from shared.core.placement.domain import GIB, Gpu, Worker
+from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, Worker
 from shared.state import StateStore
 
 W0 = Worker(name="w0", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=512 * GIB)
@@ -57,3 +58,12 @@ async def test_a_retry_record_that_is_not_one_is_left_out(store: StateStore, raw
 async def test_a_retry_record_with_a_time_that_is_not_one_reads_it_as_long_ago(store: StateStore) -> None:
     await store.r.hset("gantry:retries", "r", b'[1, "later", -3]')
     assert await store.retries() == {"r": (1, 0.0, 0.0)}
+
+
+async def test_an_instance_whose_stored_state_is_none_is_left_out_by_every_reader(store: StateStore) -> None:
+    for iid, state in (("good", "RUNNING"), ("bad", "EXPLODED")):
+        await store.r.hset("gantry:inst", iid, msgspec.json.encode(Instance(id=iid, model="m")))
+        await store.r.hset("gantry:inst:state", iid, state)
+    assert [i.id for i in await store.instances()] == ["good"]
+    assert await store.states(["good", "bad"]) == {"good": InstanceState.RUNNING}
+    assert await store.instance("bad") is None
