@@ -30,6 +30,7 @@ from shared.bus.validate import (
     check_registration,
     impersonation,
 )
+from shared.core.limits import MAX_FILES_PER_WORKER
 from shared.core.placement.domain import ModelFile, Worker
 from shared.host.throttle import PerKeyThrottle
 
@@ -55,6 +56,10 @@ class StateWriter:
         self.files: dict[tuple[str, str], ModelFile] = {}
         self._task: asyncio.Task[None] | None = None
         self._asked = PerKeyThrottle(5.0)
+        # Model sources each worker reported files of through this writer: every one stays in Redis (and in every
+        # scoring snapshot) until its worker leaves, so past MAX_FILES_PER_WORKER a new one is refused. Counted per
+        # writer (replicas split the reports), which bounds what a worker stores to that many per writer run.
+        self.sources: dict[str, set[str]] = {}
         self._wire()
 
     def _wire(self) -> None:
@@ -96,6 +101,8 @@ class StateWriter:
             reason = impersonation(upd.worker, sender) or bad_worker_name(upd.worker)
             if not reason and upd.worker not in self.registrations and upd.worker not in svc.feed.inventory:
                 reason = f"from unknown worker {upd.worker!r} (register first)"
+            if not reason and not self.room_for(upd.worker, upd.source):
+                reason = f"worker {upd.worker} reports files of more than {MAX_FILES_PER_WORKER} model sources"
             if reason:
                 await svc.bus.dead_letter(subjects.MODEL_FILE, f"model file: {reason}", body)
                 return
@@ -106,6 +113,21 @@ class StateWriter:
         svc.listen_reports(subjects.REGISTER, on_register, queue=QUEUE)
         svc.listen_reports(subjects.HEARTBEAT, on_heartbeat, queue=QUEUE)
         svc.listen_reports(subjects.MODEL_FILE, on_file, queue=QUEUE)
+
+    def room_for(self, worker: str, source: str) -> bool:
+        """Whether ``worker``'s files of ``source`` may be stored (counted as stored if so)."""
+        held = self.sources.get(worker)
+        if held is None:
+            if len(self.sources) > 2 * len(self.service.feed.inventory) + 64:  # workers gone: forget their counts
+                known = self.service.feed.inventory
+                self.sources = {w: got for w, got in self.sources.items() if w in known or w in self.registrations}
+            held = self.sources[worker] = set()
+        if source in held:
+            return True
+        if len(held) >= MAX_FILES_PER_WORKER:
+            return False
+        held.add(source)
+        return True
 
     async def store_registrations(self, regs: dict[str, Worker]) -> dict[str, int]:
         """Store the registrations that keep every GPU and the RAM their worker holds claims on (the ledger's view);
