@@ -113,6 +113,12 @@ def _bad_name(kind: str, name: str, pattern: re.Pattern[str], dots: bool) -> str
     return None
 
 
+def decimal(text: str) -> bool:
+    """Whether ``text`` is a plain non-negative decimal number: ASCII digits only (``str.isdigit`` also takes
+    ``'²'`` and other digits that ``int`` refuses, which raised deep inside whoever parsed the text)."""
+    return text.isascii() and text.isdigit()
+
+
 def bad_model_name(name: str) -> str | None:
     """Why ``name`` is not a model name (it may hold dots, as ``llama-3.1-8b``), or None."""
     return _bad_name("model", name, _MODEL_NAME, dots=True)

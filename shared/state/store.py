@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from shared.core.limits import MAX_ATTEMPTS, MAX_REPLICAS, bad_model_name
+from shared.core.limits import MAX_ATTEMPTS, MAX_REPLICAS, bad_model_name, decimal
 from shared.core.placement.domain import (
     Gpu,
     Instance,
@@ -471,7 +471,10 @@ class StateStore:
     async def desired(self) -> dict[str, int]:
         """Desired replicas by model name."""
         raw = await self.r.hgetall(Keys.desired)
-        return {_s(k): min(max(int(v), 0), MAX_REPLICAS) for k, v in raw.items() if _s(v).lstrip("-").isdigit()}
+        got = {_s(k): _s(v) for k, v in raw.items()}
+        # A negative count reads as 0, as it always did; text that is no count ("--5", "²") is left out.
+        return {k: 0 if v.startswith("-") else min(int(v), MAX_REPLICAS) for k, v in got.items()
+                if decimal(v.removeprefix("-"))}
 
     # -- instances -------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from shared.core.limits import MAX_REPLICAS
 from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, Worker
 from shared.state import StateStore
 
@@ -67,3 +68,9 @@ async def test_an_instance_whose_stored_state_is_none_is_left_out_by_every_reade
     assert [i.id for i in await store.instances()] == ["good"]
     assert await store.states(["good", "bad"]) == {"good": InstanceState.RUNNING}
     assert await store.instance("bad") is None
+
+
+async def test_a_desired_count_that_is_no_count_is_left_out_and_a_negative_one_reads_as_zero(store: StateStore) -> None:
+    counts = {"a": b"7", "b": b"-3", "c": "²".encode(), "d": b"--5", "e": b"many", "f": b"99999999"}
+    await store.r.hset("gantry:desired", mapping=counts)  # type: ignore[arg-type]
+    assert await store.desired() == {"a": 7, "b": 0, "f": MAX_REPLICAS}
