@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gantry.writer")
 QUEUE = WRITER_QUEUE
 STORE_ROUNDS = 3  # checks of one registration against what is stored, when other writers or commits move first
+# Replaced registrations held for judging: a worker changing its inventory on every message (or any worker while Redis
+# is away, when nothing is flushed) must not grow the list without end; past this, the oldest go unjudged.
+SUPERSEDED_MAX = 1000
 
 
 class StateWriter:
@@ -52,6 +55,7 @@ class StateWriter:
         # registrations a newer one of the same worker replaced before a flush: never stored, but still judged, so
         # a bad one is dead-lettered although its worker's genuine registration came right after it
         self.superseded: list[Worker] = []
+        self.unjudged = 0  # replaced registrations dropped since the last flush (past SUPERSEDED_MAX)
         self.beats: dict[str, tuple[Heartbeat, float]] = {}
         self.files: dict[tuple[str, str], ModelFile] = {}
         self._task: asyncio.Task[None] | None = None
@@ -75,7 +79,7 @@ class StateWriter:
                 return
             replaced = self.registrations.get(reg.worker.name)
             if replaced is not None and replaced != reg.worker:
-                self.superseded.append(replaced)
+                self.keep_superseded([replaced])
             self.registrations[reg.worker.name] = reg.worker
 
         async def on_heartbeat(body: bytes, sender: str) -> None:
@@ -113,6 +117,14 @@ class StateWriter:
         svc.listen_reports(subjects.REGISTER, on_register, queue=QUEUE)
         svc.listen_reports(subjects.HEARTBEAT, on_heartbeat, queue=QUEUE)
         svc.listen_reports(subjects.MODEL_FILE, on_file, queue=QUEUE)
+
+    def keep_superseded(self, workers: list[Worker]) -> None:
+        """Hold replaced registrations for judging, the newest ``SUPERSEDED_MAX`` at most."""
+        self.superseded.extend(workers)
+        if len(self.superseded) > SUPERSEDED_MAX:
+            dropped = len(self.superseded) - SUPERSEDED_MAX
+            del self.superseded[:dropped]
+            self.unjudged += dropped  # logged once per flush, not once per message
 
     def room_for(self, worker: str, source: str) -> bool:
         """Whether ``worker``'s files of ``source`` may be stored (counted as stored if so)."""
@@ -214,6 +226,9 @@ class StateWriter:
         store = self.service.store
         regs, self.registrations = self.registrations, {}
         superseded, self.superseded = self.superseded, []
+        if self.unjudged:
+            log.warning("%d replaced registrations went unjudged (more than %d waiting)", self.unjudged, SUPERSEDED_MAX)
+            self.unjudged = 0
         beats, self.beats = self.beats, {}
         files, self.files = self.files, {}
         try:
@@ -225,7 +240,8 @@ class StateWriter:
             # Keep what we had (newer reports win) and retry on the next flush.
             for k, v in regs.items():
                 self.registrations.setdefault(k, v)
-            self.superseded[:0] = superseded
+            newer, self.superseded = self.superseded, []
+            self.keep_superseded([*superseded, *newer])
             for k2, b in beats.items():
                 self.beats.setdefault(k2, b)
             for k3, f in files.items():
