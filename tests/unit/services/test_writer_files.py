@@ -1,8 +1,8 @@
 """What one worker's reports can make the state writer hold is bounded: files of at most MAX_FILES_PER_WORKER model
 sources are stored (the rest dead-lettered with why; updates of those it holds still go through), and at most
-SUPERSEDED_MAX replaced registrations wait to be judged, even while nothing is flushed. The reconciler's real state writer
-(in process, not started: its report handler is handed the messages as its subscription would) on the session's real
-NATS and Redis."""
+SUPERSEDED_MAX replaced registrations wait to be judged, even while nothing is flushed. The reconciler's real state
+writer (in process, not started: its report handler is handed the messages as its subscription would) on the session's
+real NATS and Redis."""
 
 from __future__ import annotations
 
