@@ -258,7 +258,9 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
     async def _bad_request(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
         if first.get("type") == "json_invalid":  # its location is a character offset, not a field
-            return _error(400, f"body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})")
+            ctx = first.get("ctx")
+            why = ctx.get("error", "decode error") if isinstance(ctx, dict) else "decode error"
+            return _error(400, f"body is not valid JSON ({why})")
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return _error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
 
