@@ -217,6 +217,42 @@ async def _rest_of_body(first: bytes, receive: Receive) -> bytes | Response | No
             return b"".join(pieces)
 
 
+class CollectedResponse(Response):
+    """A non-streamed answer: the JSON of a request once it ends, or nothing (the request aborted) when the
+    client goes away first. A vanished client's request used to run to its end (up to the whole context of
+    tokens) holding its KV blocks and batch slot; vLLM aborts it too."""
+
+    def __init__(self, sink: CollectSink, answer: Callable[[str, int | None], dict[str, Any]],
+                 on_close: Callable[[], None]) -> None:
+        super().__init__()
+        self.sink = sink
+        self.answer = answer
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Wait for the end or the client's disconnect, whichever comes first."""
+        done = self.sink.done
+        try:
+            if not done.done():
+                gone = asyncio.ensure_future(_disconnected(receive))
+                try:
+                    await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    gone.cancel()
+                if not done.done():
+                    return  # the client went away: nobody to answer (``on_close`` aborts the request)
+            reason, stop_reason = done.result()
+        finally:
+            self.on_close()  # no-op once finished; frees the request if the client vanished or we were cancelled
+        await JSONResponse(self.answer(reason, stop_reason))(scope, receive, send)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the ASGI server reports the client gone (the request's body was read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that hands out ``body`` (already read) first, then defers to the connection's."""
     pending = True
@@ -425,11 +461,14 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
             return _error(400, str(err))
         if isinstance(sink, SseSink):
             return SseResponse(sink, lambda: runner.abort(req), writer)
-        try:
-            reason, stop_reason = await sink.done
-        finally:
-            runner.abort(req)  # no-op once finished; frees the request if the client vanished
-        visible = [t for t in sink.token_ids if t != text.eos_token_id]
+        def answer(reason: str, stop_reason: int | None) -> dict[str, Any]:
+            return _answer(req, sink.token_ids, reason, stop_reason, model, created, chat)
+
+        return CollectedResponse(sink, answer, lambda: runner.abort(req))
+
+    def _answer(req: Request, token_ids: list[int], reason: str, stop_reason: int | None, model: str,
+                created: int, chat: bool) -> dict[str, Any]:
+        visible = [t for t in token_ids if t != text.eos_token_id]
         content = text.detokenize(visible)
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
         if stop_reason is not None:

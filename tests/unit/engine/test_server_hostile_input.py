@@ -191,3 +191,24 @@ async def test_a_large_body_behind_a_small_head_is_served(server: EmbeddedServer
     async with httpx.AsyncClient(base_url=server.url) as client:
         r = await client.post(CMPL, content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200
+
+
+async def test_a_client_gone_before_its_non_streamed_answer_has_its_request_aborted() -> None:
+    srv = EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=200, speedup=1.0, access_log=False))
+    await srv.start()
+    try:
+        body = json.dumps({"prompt": "hi", "max_tokens": 2000, "ignore_eos": True}).encode()  # 20 s of decoding
+        host, port = srv.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%b" % (len(body), body))
+        while not srv.runner.streams:
+            await asyncio.sleep(0.01)
+        writer.close()
+        for _ in range(300):
+            if not srv.runner.streams:
+                break
+            await asyncio.sleep(0.01)
+        assert not srv.runner.streams and not srv.runner.engine.scheduler.running
+    finally:
+        await srv.stop()
