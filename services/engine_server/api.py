@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -28,8 +28,13 @@ from shared.core.engine import Request
 from shared.core.roles import NodeRole
 
 OFFLOOP_TOKENIZE_CHARS = 1024  # about 1-3 ms of tokenizing on this machine
+OFFLOOP_PARSE_BYTES = 256 << 10  # about 20 ms of parsing and validating on this machine
 MAX_BODY_BYTES = 32 << 20
-"""The largest generation request body read (413 beyond): a full context of token ids as JSON is a few MB."""
+"""The largest generation request body read (413 beyond), whatever the context length."""
+BODY_BYTES_PER_TOKEN = 128
+"""A server reads bodies up to this many bytes per token of its context (at least 1 MiB): a whole context as
+JSON token ids is under 8 bytes a token, as text a few (up to 6 per character when escaped); parsing a body
+holds the event loop (C code keeps the GIL), about 70 ms a MB here."""
 SHOWN_NAME_CHARS = 200  # a client's model name is echoed in errors up to this long
 
 
@@ -146,6 +151,7 @@ class ServerApp(FastAPI):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fast_routes: dict[str, tuple[type[BaseModel], Endpoint]] = {}
+        self.body_limit = MAX_BODY_BYTES  # bytes of a generation request body (413 beyond)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Generation requests by the short way, everything else through FastAPI."""
@@ -163,7 +169,7 @@ class ServerApp(FastAPI):
             return  # the client went away before its body arrived
         body: bytes = msg.get("body", b"")
         if msg.get("more_body", False):  # a body in several pieces: joined once (``+=`` copied it per piece)
-            got = await _rest_of_body(body, receive)
+            got = await _rest_of_body(body, receive, self.body_limit)
             if got is None:
                 return
             if isinstance(got, Response):
@@ -171,11 +177,20 @@ class ServerApp(FastAPI):
                 return
             body = got
         model, endpoint = route
-        try:
-            parsed = _parse_json_body(model, scope, body)
-        except RecursionError:  # nested deeper than the JSON decoder can go: FastAPI's own parse would 500
-            await _error(400, "body is not JSON this server can read: nested too deep")(scope, receive, send)
-            return
+        if len(body) > OFFLOOP_PARSE_BYTES:
+            # parsed and judged on a worker thread (the event loop gets the GIL back every switch interval): an
+            # 11 MB body of token ids held the loop, every stream and the engine's steps, for 1.9 s
+            judged = await asyncio.to_thread(_judge_large_body, model, scope, body)
+            if isinstance(judged, Response):
+                await judged(scope, receive, send)
+                return
+            parsed = judged
+        else:
+            try:
+                parsed = _parse_json_body(model, scope, body)
+            except RecursionError:  # nested deeper than the JSON decoder goes: FastAPI's own parse would 500
+                await _error(400, _TOO_DEEP)(scope, receive, send)
+                return
         if parsed is None:
             await super().__call__(scope, _replay(body, receive), send)
             return
@@ -184,7 +199,35 @@ class ServerApp(FastAPI):
         await response(scope, receive, send)
 
 
-def _parse_json_body(model: type[BaseModel], scope: Scope, body: bytes) -> BaseModel | None:
+_TOO_DEEP = "body is not JSON this server can read: nested too deep"
+
+
+def _judge_large_body(model: type[BaseModel], scope: Scope, body: bytes) -> BaseModel | Response | None:
+    """A large body as ``model``, or its 400 judged here as FastAPI would word it (FastAPI would parse it
+    again, on the event loop); None when not typed as JSON (FastAPI refuses that without parsing)."""
+    try:
+        parsed = _parse_json_body(model, scope, body, strict=True)
+    except RecursionError:
+        return _error(400, _TOO_DEEP)
+    except ValidationError as err:
+        return validation_error(err.errors())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        return _error(400, f"body is not valid JSON ({err})")
+    return parsed
+
+
+def validation_error(errors: Sequence[Any]) -> JSONResponse:
+    """The 400 naming a body's first validation error (as pydantic's ``errors()`` lists them)."""
+    first = errors[0] if errors else {"msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        ctx = first.get("ctx")
+        why = ctx.get("error", "decode error") if isinstance(ctx, dict) else "decode error"
+        return _error(400, f"body is not valid JSON ({why})")
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    return _error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+
+
+def _parse_json_body(model: type[BaseModel], scope: Scope, body: bytes, strict: bool = False) -> BaseModel | None:
     """``body`` as ``model`` when it is a valid JSON request; None when FastAPI must judge it."""
     for name, value in scope["headers"]:
         if name == b"content-type":
@@ -194,15 +237,17 @@ def _parse_json_body(model: type[BaseModel], scope: Scope, body: bytes) -> BaseM
             break
     else:
         return None
+    if strict:  # errors raise
+        return model.model_validate(json.loads(body))
     try:
         return model.model_validate(json.loads(body))
     except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
 
 
-async def _rest_of_body(first: bytes, receive: Receive) -> bytes | Response | None:
-    """The whole body after its ``first`` piece; a 413 (closing the connection, the rest unread) past
-    ``MAX_BODY_BYTES``; None when the client went away."""
+async def _rest_of_body(first: bytes, receive: Receive, limit: int) -> bytes | Response | None:
+    """The whole body after its ``first`` piece; a 413 (closing the connection, the rest unread) past ``limit``
+    bytes; None when the client went away."""
     pieces, size = [first], len(first)
     while True:
         msg = await receive()
@@ -210,8 +255,8 @@ async def _rest_of_body(first: bytes, receive: Receive) -> bytes | Response | No
             return None
         piece = msg.get("body", b"")
         size += len(piece)
-        if size > MAX_BODY_BYTES:
-            return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes", close=True)
+        if size > limit:
+            return _error(413, f"request body larger than {limit} bytes", close=True)
         pieces.append(piece)
         if not msg.get("more_body", False):
             return b"".join(pieces)
@@ -285,6 +330,7 @@ def _shown(name: str) -> str:
 def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> ServerApp:
     """The FastAPI app around a running :class:`EngineRunner`."""
     app = ServerApp(title="Gantry emulated model server")
+    app.body_limit = min(MAX_BODY_BYTES, max(1 << 20, BODY_BYTES_PER_TOKEN * info.max_model_len))
     sched = runner.engine.scheduler
     writer = SocketWriter()
     app.state.writer = writer
@@ -292,13 +338,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
-        if first.get("type") == "json_invalid":  # its location is a character offset, not a field
-            ctx = first.get("ctx")
-            why = ctx.get("error", "decode error") if isinstance(ctx, dict) else "decode error"
-            return _error(400, f"body is not valid JSON ({why})")
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return _error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+        return validation_error(exc.errors())
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: HttpRequest, exc: HTTPException) -> JSONResponse:
@@ -416,6 +456,10 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
         """OpenAI completions, streaming or not."""
         p = body.prompt
         one: str | list[int]
+        if not isinstance(p, str) and max(len(p), len(p[0]) if p and isinstance(p[0], list) else 0) > (
+                info.max_model_len):  # judged before the ids are copied and range-checked on the event loop
+            return _error(400, f"prompt has more tokens than this model's maximum context of "
+                               f"{info.max_model_len} tokens")
         if isinstance(p, str):
             one = p
         elif p and isinstance(p[0], (str, list)):
