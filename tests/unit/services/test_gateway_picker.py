@@ -390,3 +390,10 @@ async def test_each_decision_has_its_own_id_carrying_the_clients_and_replicas_do
             router.finished(got.decision.request_id)
             ids.append(got.decision.request_id)
     assert len(set(ids)) == len(ids) and all(i.startswith("client-id#") for i in ids)
+
+
+@pytest.mark.parametrize("client_id", ["ab\ncd", "ab\rHTTP/1.1 200 OK", "a\x00b", "é"])
+async def test_a_client_request_id_with_controls_or_non_ascii_is_left_out_of_the_pick_id(client_id: str) -> None:
+    p, _ = picker(report("a", 8001))
+    got = await p.pick(chat("q"), {"x-request-id": client_id})  # the pick id goes out as a header value
+    assert isinstance(got, Picked) and got.decision.request_id.startswith("#")
