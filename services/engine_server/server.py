@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import uvicorn
@@ -81,8 +83,7 @@ REQUEST_READ_TIMEOUT_S = 30.0
 """Seconds a connection may take to deliver one whole request (head and body) before it is closed: uvicorn
 times out idle connections only after a response, so one that connected and sent nothing, or sent a request
 a byte at a time, was held for ever."""
-_HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                   b"connection: close\r\ncontent-length: %d\r\n\r\n%b")
+_REFUSED = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b"
 
 
 def _http_protocol() -> type[asyncio.Protocol]:
@@ -122,9 +123,17 @@ def _http_protocol() -> type[asyncio.Protocol]:
             super().data_received(data)
 
         def _head_too_large(self) -> None:
-            body = (b'{"error":{"message":"request head larger than %d bytes","type":"BadRequestError",'
-                    b'"param":null,"code":431}}' % MAX_HEAD_BYTES)
-            self.transport.write(_HEAD_TOO_LARGE % (len(body), body))
+            self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+
+        def send_400_response(self, msg: str) -> None:
+            """What the parser cannot frame (lengths that disagree or are negative, bad chunk sizes, not HTTP):
+            a 400 in the OpenAI error shape, as every other refusal (uvicorn's is plain text), then close."""
+            self._refuse(400, msg)
+
+        def _refuse(self, code: int, message: str) -> None:
+            body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None,
+                                         "code": code}}).encode()
+            self.transport.write(_REFUSED % (code, HTTPStatus(code).phrase.encode(), len(body), body))
             self.transport.close()
 
         def on_message_begin(self) -> None:

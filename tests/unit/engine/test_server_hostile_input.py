@@ -175,6 +175,26 @@ async def test_a_request_head_past_the_limit_is_a_431_and_the_connection_closes(
         assert got.startswith(b"HTTP/1.1 431 ") and closed
 
 
+_FRAMING = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+
+
+@pytest.mark.parametrize("sent", [
+    _FRAMING + b"content-length: -1\r\n\r\n{}",
+    _FRAMING + b"content-length: 2\r\ncontent-length: 5\r\n\r\n{}",
+    _FRAMING + b"content-length: 2\r\ntransfer-encoding: chunked\r\n\r\n{}",
+    _FRAMING + b"transfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    _FRAMING + b"transfer-encoding: chunked\r\n\r\nffffffffffffffffffff\r\n{}",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 50,
+], ids=["negative length", "two lengths", "length and chunked", "bad chunk size", "huge chunk size", "TLS hello"])
+async def test_a_request_that_cannot_be_framed_is_a_json_400_and_the_connection_closes(
+    server: EmbeddedServer, sent: bytes
+) -> None:
+    got, closed = await _talk(server, sent)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and closed
+    assert json.loads(body)["error"]["code"] == 400
+
+
 @pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n",
                                   b"POST /v1/completions HTTP/1.1\r\ncontent-type: application/json\r\n"
                                   b"content-length: 100\r\n\r\n{\"prompt\": "],
