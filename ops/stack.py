@@ -496,7 +496,8 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         env = self.env_for(argv)
-        if name in self.services or name.rsplit("-", 1)[0] in self.services:  # "scoring" or "scoring-1"
+        # the placement services ("scoring" or "scoring-1") and the picker (its refused engine reports)
+        if name in self.services or name.rsplit("-", 1)[0] in self.services or name == PICKER_CHILD:
             env["GANTRY_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
         with log.open("ab") as out:
             out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())

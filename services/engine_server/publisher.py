@@ -26,7 +26,7 @@ from shared.bus.connection import url_credentials
 from shared.bus.messages import EngineKVEvents, EngineMetrics, encode
 from shared.core.kv_events import KVEventBatch
 from shared.envsettings import without_user
-from shared.host.report_auth import signed_headers
+from shared.host.report_auth import KV, METRICS, ReportSigner, signed_headers
 from shared.host.tasks import cancel_until_done
 
 log = logging.getLogger("gantry.engine_server")
@@ -64,7 +64,9 @@ class Publisher:
     def __init__(self, runner: EngineRunner, nats_url: str, instance_id: str, model: str, url: str,
                  interval_s: float = 0.075, report_key: bytes | None = None) -> None:
         self.runner, self.nats_url, self.instance_id = runner, nats_url, instance_id
-        self.report_key = report_key  # this instance's own key: every message is signed with it (None: unsigned)
+        # this instance's own key signs every message, stamped with this process's epoch and a number per kind so
+        # that a recorded message cannot be replayed (None: unsigned)
+        self.signer = ReportSigner(report_key) if report_key is not None else None
         self.model, self.url, self.interval_s = model, url, interval_s
         self.kv: deque[KVEventBatch] = deque()
         self.kv_seq = 0  # number of the next KV message
@@ -111,7 +113,7 @@ class Publisher:
             nc = await self._client()
             try:
                 data = encode(snapshot(self.runner, self.instance_id, self.model, self.url))
-                await nc.publish(subject, data, headers=signed_headers(self.report_key, data))
+                await nc.publish(subject, data, headers=signed_headers(self.signer, METRICS, data))
             except Exception as err:
                 log.warning("publisher: metrics publish failed: %s", err)
             await asyncio.sleep(self.interval_s)
@@ -128,7 +130,7 @@ class Publisher:
             msg = EngineKVEvents(instance_id=self.instance_id, model=self.model, seq=self.kv_seq, batch=batch)
             try:
                 data = encode(msg)
-                await nc.publish(subject, data, headers=signed_headers(self.report_key, data))
+                await nc.publish(subject, data, headers=signed_headers(self.signer, KV, data))
             except Exception as err:
                 log.warning("publisher: KV events publish failed (will retry): %s", err)
                 await asyncio.sleep(0.1)

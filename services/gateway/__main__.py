@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                           http_port=a.http_port, socket_dir=a.socket_dir,
                           feed_window_s=a.feed_window_ms / 1000 if a.feed_window_ms >= 0 else None,
                           pool_source=a.pool_source, redis_url=a.redis_url, tls_ca_file=settings.tls_ca_file,
-                          report_master=report_master)
+                          report_master=report_master, metrics_port=settings.metrics_port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,6 +45,7 @@ from shared.core.routing.pool_source import PoolSource
 from shared.envsettings import EnvSettings
 from shared.host.engine_feed import EngineFeed, PlacedInstances, expire_forever, take_kv_events, take_metrics
 from shared.host.report_auth import ReportVerifier
+from shared.host.report_metrics import MetricsServer, registry_for
 
 if TYPE_CHECKING:  # the engines-only picker never loads the Redis client
     from shared.state.store import StateStore
@@ -87,6 +88,7 @@ class GatewayOptions:
     # PLACEMENT: a read of the instances given up after this long (the store's client alone can retry for about
     # a minute against an unreachable Redis; the events keep the pool current meanwhile)
     read_timeout_s: float = 10.0
+    metrics_port: int = 0  # Prometheus /metrics (the refused engine reports) on this port; 0: not served
 
     @property
     def tcp(self) -> bool:
@@ -171,6 +173,7 @@ class Gateway:
         verifier = ReportVerifier(opts.report_master) if opts.report_master is not None else None
         self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed, ip_only=True,
                                source=opts.pool_source, placed=self.placed.placed, verifier=verifier)
+        self.metrics = registry_for(CONTRACT.service, verifier)
         self.pool = self.feed.pool
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)
@@ -281,6 +284,7 @@ class Gateway:
                                     **nats_options(EnvSettings(nats_url=self.opts.nats_url,
                                                                tls_ca_file=self.opts.tls_ca_file)))
             stack.push_async_callback(_drain, nc)
+            stack.callback(MetricsServer(self.metrics, self.opts.metrics_port, CONTRACT.service).close)
             if self.capture is not None:
                 stack.callback(self.capture.close)
             self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())

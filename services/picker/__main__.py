@@ -15,6 +15,7 @@ from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.host.tasks import run_until_signalled
 
 NATS_URL_ENV = "GANTRY_NATS_URL"
+METRICS_PORT_ENV = "GANTRY_METRICS_PORT"  # as every Gantry service: Prometheus /metrics there, 0 (default): none
 
 
 def parse_args(argv: list[str] | None = None) -> PickerOptions:
@@ -46,8 +47,15 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
         report_master = parse_key(master, f"${MASTER_KEY_ENV}") if master else None
     except ValueError as err:
         p.error(str(err))
+    try:
+        metrics_port = int(os.environ.get(METRICS_PORT_ENV) or 0)
+    except ValueError:
+        p.error(f"${METRICS_PORT_ENV} is not a port number")
+    if not 0 <= metrics_port <= 65535:
+        p.error(f"${METRICS_PORT_ENV} is not a port number")
     return PickerOptions(nats_url=a.nats_url, profile=a.profile, expire_s=a.expire_s, seed=a.seed,
-                         flight_ttl_s=a.flight_ttl_s, max_in_flight=a.max_in_flight, report_master=report_master)
+                         flight_ttl_s=a.flight_ttl_s, max_in_flight=a.max_in_flight, report_master=report_master,
+                         metrics_port=metrics_port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.routing import Router, builtin_config
 from shared.host.engine_feed import EngineFeed, expire_forever, take_kv_events, take_metrics
 from shared.host.report_auth import ReportVerifier
+from shared.host.report_metrics import MetricsServer, registry_for
 
 log = logging.getLogger("gantry.picker")
 
@@ -45,6 +46,7 @@ class PickerOptions:
     # the engines' report master key: a message not signed by the instance it claims is dropped
     # (shared.host.report_auth); None: every report is taken
     report_master: bytes | None = None
+    metrics_port: int = 0  # Prometheus /metrics (the refused engine reports) on this port; 0: not served
 
 
 @dataclass
@@ -67,6 +69,7 @@ class PickerService:
         self.feed = EngineFeed(self.router, opts.expire_s, verifier=ReportVerifier(opts.report_master)
                                if opts.report_master is not None else None)
         self.counters = PickerCounters()
+        self.metrics = registry_for(CONTRACT.service, self.feed.verifier)
         self.bus: Bus | None = None
 
     async def on_pick(self, msg: Msg) -> None:
@@ -171,6 +174,7 @@ class PickerService:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
         nc = await self.connect()
+        metrics = MetricsServer(self.metrics, self.opts.metrics_port, CONTRACT.service)
         expire = asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, self.clock))
         flights = asyncio.create_task(self._expire_flights_forever())
         log.info("gantry picker on %s (profile %s)", subjects.PICK, self.opts.profile)
@@ -184,5 +188,6 @@ class PickerService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             log.info("picker: %s", self.counters)
+            metrics.close()
             with contextlib.suppress(Exception):
                 await nc.drain()

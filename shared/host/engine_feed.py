@@ -26,7 +26,7 @@ from shared.core.placement.domain import Instance
 from shared.core.roles import NodeRole
 from shared.core.routing import Endpoint, EndpointMetrics, Router
 from shared.core.routing.pool_source import Placed, PoolSource, refusal
-from shared.host.report_auth import ReportVerifier
+from shared.host.report_auth import ACCEPTED, KV, METRICS, RESTARTED, WHY, ReportVerifier
 
 log = logging.getLogger("gantry.picker")
 
@@ -171,7 +171,8 @@ class EngineFeed:
     followed) but not in the router nor in ``addresses``.
 
     With a ``verifier`` (the picker holds the engines' master key), ``take_metrics`` and ``take_kv_events`` drop
-    every message not signed with the key of the instance it claims (``shared.host.report_auth``).
+    every message not signed with the key of the instance it claims, or not newer than the last one taken of
+    that instance (a replay: ``shared.host.report_auth``).
     """
 
     def __init__(self, router: Router, expire_s: float = 3.0,
@@ -257,6 +258,13 @@ class EngineFeed:
         self._kv_seq[ev.instance_id] = ev.seq + 1
         self.router.apply_kv_events(ev.instance_id, ev.batch)
 
+    def restarted(self, instance_id: str) -> None:
+        """A later process of ``instance_id`` signed a message (the verifier saw a new epoch): its cache starts
+        empty, so what is known of the previous one's goes, and its KV numbering starts over (a KV message of
+        the new process numbered below the old one's would otherwise be ignored as a repeat)."""
+        if self._kv_seq.pop(instance_id, None) is not None:
+            self.router.apply_kv_events(instance_id, KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
+
     def expire(self, now: float) -> list[str]:
         """Drop silent engines (their KV numbering too); returns their ids."""
         gone = self.pool.expire(now)
@@ -269,11 +277,11 @@ class EngineFeed:
 
 async def take_metrics(feed: EngineFeed, bus: Bus, msg: Delivered, now: float) -> None:
     """An engine's state report off the bus into ``feed``; an undecodable one or an address nobody could dial
-    goes to the dead letters; with a verifier, one not signed by the instance it claims is dropped."""
+    goes to the dead letters; with a verifier, so does one not signed by the instance it claims, or replayed."""
     m = await bus.decode_or_reject(msg.subject, msg.data, EngineMetrics)
     if m is None:
         return
-    if not await _signed(feed, bus, m.instance_id, msg):
+    if feed.verifier is not None and not await _signed(feed, feed.verifier, bus, m.instance_id, msg, METRICS):
         return
     try:
         feed.on_metrics(m, now)
@@ -283,20 +291,26 @@ async def take_metrics(feed: EngineFeed, bus: Bus, msg: Delivered, now: float) -
 
 async def take_kv_events(feed: EngineFeed, bus: Bus, msg: Delivered) -> None:
     """An engine's KV-cache events off the bus into ``feed`` (undecodable ones go to the dead letters; with a
-    verifier, unsigned or forged ones are dropped)."""
+    verifier, unsigned, forged or replayed ones too)."""
     ev = await bus.decode_or_reject(msg.subject, msg.data, EngineKVEvents)
     if ev is None:
         return
-    if await _signed(feed, bus, ev.instance_id, msg):
+    if feed.verifier is None or await _signed(feed, feed.verifier, bus, ev.instance_id, msg, KV):
         feed.on_kv(ev)
 
 
-async def _signed(feed: EngineFeed, bus: Bus, instance_id: str, msg: Delivered) -> bool:
-    """Whether ``msg`` may be applied: no verifier, or signed by ``instance_id``'s key. One that is not is bad
-    input like an undecodable one: counted, logged at a bounded rate and reported on the dead letters."""
-    if feed.verifier is None or feed.verifier.accepts(instance_id, msg.data, msg.headers, msg.subject):
+async def _signed(feed: EngineFeed, verifier: ReportVerifier, bus: Bus, instance_id: str, msg: Delivered,
+                  kind: int) -> bool:
+    """Whether ``msg`` may be applied: signed by ``instance_id``'s key and newer than the last message of its
+    kind taken. One that is not is bad input like an undecodable one: counted, logged at a bounded rate and
+    reported on the dead letters. The first message of a restarted server first drops its predecessor's cache."""
+    verdict = verifier.admit(instance_id, msg.data, msg.headers, msg.subject, kind)
+    if verdict is ACCEPTED:
         return True
-    await bus.dead_letter(msg.subject, f"not signed by instance {instance_id!r}, which it claims", msg.data)
+    if verdict is RESTARTED:
+        feed.restarted(instance_id)
+        return True
+    await bus.dead_letter(msg.subject, f"claiming instance {instance_id!r}: {WHY[verdict]}", msg.data)
     return False
 
 

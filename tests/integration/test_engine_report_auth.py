@@ -1,7 +1,7 @@
 """Engine reports authenticated per instance, end to end: real nats-server, real emulated engine servers (each
 signing with the key its environment hands it), the gateway's own feed (on its loop, and through its relay
 child). A server holding instance A's key but claiming instance B never puts B in the pool nor B's load in the
-router; A's genuine reports are taken."""
+router; A's genuine reports are taken, and one of them recorded and published again later is refused."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import pytest
 from ops.auth import ENGINE, Credentials
 from ops.servers import ServerProcess, free_port
 from services.gateway.service import Gateway, GatewayOptions
+from shared.bus import subjects
 from shared.bus.runtime import Bus
 from shared.envsettings import ENGINE_NATS_URL_ENV
-from shared.host.report_auth import REPORT_KEY_ENV, derive_key
+from shared.host.report_auth import METRICS, REPORT_KEY_ENV, Verdict, derive_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -89,6 +90,13 @@ def test_a_server_claiming_another_instance_is_kept_out_and_the_genuine_one_is_t
             assert set(gw.feed.pool.endpoints) == {"auth-a"}
             assert "auth-b" not in gw.router.state.endpoints  # no load of auth-b applied either
             assert gw.router.state.endpoints["auth-a"].metrics is not None
+            # a genuine report of auth-a, recorded off the bus and published again once newer ones were taken
+            sub = await nc.subscribe(subjects.engine_metrics("auth-a"))
+            recorded = await sub.next_msg(timeout=5)
+            await sub.unsubscribe()
+            await asyncio.sleep(0.3)
+            await nc.publish(recorded.subject, recorded.data, headers=recorded.headers)
+            await _until(lambda: verifier.refused[METRICS, Verdict.REPLAYED] >= 1)
         finally:
             if task is not None:
                 task.cancel()

@@ -19,7 +19,7 @@ from shared.bus import subjects
 from shared.bus.messages import EngineMetrics, decode
 from shared.core.placement.domain import GIB, InstanceState, ModelSpec, PlacementStrategy
 from shared.envsettings import without_user
-from shared.host.report_auth import ReportVerifier
+from shared.host.report_auth import METRICS, ReportVerifier, Verdict
 
 from .conftest import Stack, wait_until
 
@@ -82,7 +82,8 @@ async def reports_are_signed_by_their_instance(stack: Stack, ids: set[str]) -> N
         while seen != ids:
             msg = await sub.next_msg(timeout=5)
             m = decode(msg.data, EngineMetrics)
-            assert verifier.valid(m.instance_id, msg.data, msg.headers), m.instance_id
+            verdict = verifier.check(m.instance_id, msg.data, msg.headers, METRICS)
+            assert verdict is Verdict.ACCEPTED, (m.instance_id, verdict)
             seen.add(m.instance_id)
     finally:
         await sub.unsubscribe()

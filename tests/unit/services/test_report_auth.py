@@ -1,5 +1,6 @@
 """Engine reports authenticated per instance: keys derived from one master key, every report and KV message
-signed with its instance's key, and a picker holding the master key taking only what the claimed instance signed."""
+signed with its instance's key and stamped (process epoch, number per kind), and a picker holding the master key
+taking only what the claimed instance signed, newer than what it took last of that instance."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from nats.aio.client import Client
 
 from shared.bus.messages import EngineKVEvents, EngineMetrics, encode
 from shared.bus.runtime import Bus
-from shared.core.kv_events import BlockStored, KVEventBatch
+from shared.core.kv_events import BlockRemoved, BlockStored, KVEventBatch
 from shared.core.routing import Router, builtin_config
 from shared.host.engine_feed import EngineFeed, take_kv_events, take_metrics
 from shared.host.report_auth import (
+    KV,
     MASTER_KEY_ENV,
+    METRICS,
     SIGNATURE_HEADER,
+    ReportSigner,
     ReportVerifier,
+    Verdict,
     derive_key,
     master_key_text,
     parse_key,
@@ -30,6 +35,7 @@ from shared.host.report_auth import (
 
 MASTER = bytes(range(32))
 NOW = 1_000.0
+EPOCH = int(NOW * 1e9)  # a process started at NOW (the verifiers below read NOW off their wall clock)
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,19 @@ def report(instance: str, port: int, waiting: int = 0) -> bytes:
                                 block_size=16, num_gpu_blocks=1000))
 
 
-def signed(instance: str, data: bytes, key_of: str | None = None) -> Msg:
-    """``data`` published on ``instance``'s subject, signed with the key of ``key_of`` (default: the same)."""
-    return Msg(f"gantry.engine.metrics.{instance}", data, signed_headers(derive_key(MASTER, key_of or instance), data))
+def signer(instance: str, epoch: int = EPOCH) -> ReportSigner:
+    return ReportSigner(derive_key(MASTER, instance), epoch)
+
+
+def signed(instance: str, data: bytes, key_of: str | None = None, by: ReportSigner | None = None) -> Msg:
+    """``data`` published on ``instance``'s subject, signed with the key of ``key_of`` (default: the same), by
+    ``by`` when given (its next number), else by a fresh process of epoch EPOCH (number 0)."""
+    by = by or signer(key_of or instance)
+    return Msg(f"gantry.engine.metrics.{instance}", data, signed_headers(by, METRICS, data))
+
+
+def verifier(**kw: object) -> ReportVerifier:
+    return ReportVerifier(MASTER, wall=lambda: NOW, **kw)  # type: ignore[arg-type]
 
 
 def feed_with(verifier: ReportVerifier | None) -> EngineFeed:
@@ -71,6 +87,16 @@ def bus() -> RecordingBus:
     return RecordingBus()
 
 
+def kv_message(instance: str, seq: int, block: int) -> bytes:
+    batch = KVEventBatch(ts=NOW, events=[BlockStored(block_hashes=[block], parent_block_hash=None,
+                                                       token_ids=[0] * 16, block_size=16)])
+    return encode(EngineKVEvents(instance_id=instance, model="m", seq=seq, batch=batch))
+
+
+def kv_signed(instance: str, data: bytes, by: ReportSigner) -> Msg:
+    return Msg(f"gantry.engine.kv.{instance}", data, signed_headers(by, KV, data))
+
+
 def test_the_derived_key_is_hmac_of_the_label_and_the_instance_id() -> None:
     want = hmac.new(MASTER, b"gantry-engine-report\0e1", hashlib.sha256).digest()
     assert derive_key(MASTER, "e1") == want
@@ -78,70 +104,143 @@ def test_the_derived_key_is_hmac_of_the_label_and_the_instance_id() -> None:
     assert derive_key(bytes(32), "e1") != want
 
 
-def test_a_signature_is_the_hex_hmac_of_the_payload() -> None:
+def test_a_signature_is_the_stamp_and_the_hex_hmac_of_the_stamp_and_the_payload() -> None:
     key = derive_key(MASTER, "e1")
-    assert sign(key, b"abc") == hmac.new(key, b"abc", hashlib.sha256).hexdigest()
-    assert signed_headers(key, b"abc") == {SIGNATURE_HEADER: sign(key, b"abc")}
-    assert signed_headers(None, b"abc") is None
+    assert sign(key, b"abc", 17, 3) == "17.3." + hmac.new(key, b"17.3.abc", hashlib.sha256).hexdigest()
+    by = ReportSigner(key, 17)
+    assert signed_headers(by, METRICS, b"abc") == {SIGNATURE_HEADER: sign(key, b"abc", 17, 0)}
+    assert signed_headers(by, METRICS, b"abc") == {SIGNATURE_HEADER: sign(key, b"abc", 17, 1)}
+    assert signed_headers(by, KV, b"abc") == {SIGNATURE_HEADER: sign(key, b"abc", 17, 0)}  # a number per kind
+    assert signed_headers(None, METRICS, b"abc") is None
 
 
-def test_a_report_signed_by_its_instance_is_valid() -> None:
+def test_a_report_signed_by_its_instance_is_accepted() -> None:
     data = report("e1", 8001)
-    assert ReportVerifier(MASTER).valid("e1", data, signed("e1", data).headers)
+    assert verifier().check("e1", data, signed("e1", data).headers, METRICS) is Verdict.ACCEPTED
 
 
-def test_a_report_signed_with_another_instances_key_is_not() -> None:
+def test_a_report_signed_with_another_instances_key_is_forged() -> None:
     data = report("e2", 8001)
-    assert not ReportVerifier(MASTER).valid("e2", data, signed("e2", data, key_of="e1").headers)
+    assert verifier().check("e2", data, signed("e2", data, key_of="e1").headers, METRICS) is Verdict.FORGED
 
 
-def test_a_report_altered_after_signing_is_not_valid() -> None:
+def test_a_report_altered_after_signing_is_forged() -> None:
+    headers = signed("e1", report("e1", 8001)).headers
+    assert verifier().check("e1", report("e1", 8001, waiting=9), headers, METRICS) is Verdict.FORGED
+
+
+def test_a_report_whose_stamp_was_altered_after_signing_is_forged() -> None:
     data = report("e1", 8001)
     headers = signed("e1", data).headers
-    assert not ReportVerifier(MASTER).valid("e1", report("e1", 8001, waiting=9), headers)
+    assert headers is not None
+    bumped = headers[SIGNATURE_HEADER].replace(f"{EPOCH}.0.", f"{EPOCH}.9.", 1)
+    assert verifier().check("e1", data, {SIGNATURE_HEADER: bumped}, METRICS) is Verdict.FORGED
 
 
-def test_a_report_without_a_signature_is_not_valid() -> None:
-    verifier = ReportVerifier(MASTER)
-    assert not verifier.valid("e1", report("e1", 8001), None)
-    assert not verifier.valid("e1", report("e1", 8001), {"Other": "x"})
+def test_a_report_without_a_stamped_signature_is_unsigned() -> None:
+    v, data = verifier(), report("e1", 8001)
+    assert v.check("e1", data, None, METRICS) is Verdict.UNSIGNED
+    assert v.check("e1", data, {"Other": "x"}, METRICS) is Verdict.UNSIGNED
+    unstamped = hmac.new(derive_key(MASTER, "e1"), data, hashlib.sha256).hexdigest()  # as signed before stamps
+    assert v.check("e1", data, {SIGNATURE_HEADER: unstamped}, METRICS) is Verdict.UNSIGNED
 
 
-def test_dropped_reports_are_counted_and_logged_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_replayed_report_is_refused() -> None:
+    v, by, data = verifier(), signer("e1"), report("e1", 8001)
+    first = signed("e1", data, by=by)
+    assert v.check("e1", data, first.headers, METRICS) is Verdict.ACCEPTED
+    assert v.check("e1", data, signed("e1", data, by=by).headers, METRICS) is Verdict.ACCEPTED
+    assert v.check("e1", data, first.headers, METRICS) is Verdict.REPLAYED
+
+
+def test_a_report_older_than_the_last_taken_is_refused_as_reordered() -> None:
+    v, by, data = verifier(), signer("e1"), report("e1", 8001)
+    older, newer = signed("e1", data, by=by), signed("e1", data, by=by)
+    assert v.check("e1", data, newer.headers, METRICS) is Verdict.ACCEPTED
+    assert v.check("e1", data, older.headers, METRICS) is Verdict.REPLAYED
+
+
+def test_load_reports_and_kv_messages_are_numbered_apart() -> None:
+    v, by, data = verifier(), signer("e1"), report("e1", 8001)
+    for _ in range(3):
+        assert v.check("e1", data, signed("e1", data, by=by).headers, METRICS) is Verdict.ACCEPTED
+    kv = kv_message("e1", 0, 1)
+    assert v.check("e1", kv, kv_signed("e1", kv, by).headers, KV) is Verdict.ACCEPTED  # KV number 0 after 3 reports
+
+
+def test_a_restarted_server_counting_from_zero_again_is_accepted() -> None:
+    v, data = verifier(), report("e1", 8001)
+    before = signer("e1", EPOCH - 5_000_000_000)
+    for _ in range(3):
+        assert v.check("e1", data, signed("e1", data, by=before).headers, METRICS) is Verdict.ACCEPTED
+    assert v.check("e1", data, signed("e1", data, by=signer("e1")).headers, METRICS) is Verdict.RESTARTED
+
+
+def test_a_message_of_the_process_before_a_restart_is_refused() -> None:
+    v, data = verifier(), report("e1", 8001)
+    before, after = signer("e1", EPOCH - 5_000_000_000), signer("e1")
+    recorded = [signed("e1", data, by=before) for _ in range(10)]
+    assert v.check("e1", data, recorded[0].headers, METRICS) is Verdict.ACCEPTED
+    assert v.check("e1", data, signed("e1", data, by=after).headers, METRICS) is Verdict.RESTARTED
+    assert v.check("e1", data, recorded[9].headers, METRICS) is Verdict.REPLAYED  # numbered higher, but older
+
+
+def test_a_process_started_too_far_ahead_of_the_pickers_clock_is_refused() -> None:
+    v, data = verifier(max_ahead_s=3.0), report("e1", 8001)
+    ahead = signer("e1", EPOCH + 4_000_000_000)
+    assert v.check("e1", data, signed("e1", data, by=ahead).headers, METRICS) is Verdict.AHEAD
+    within = signer("e1", EPOCH + 2_000_000_000)  # a clock 2 s fast is within the skew a report's time may have
+    assert v.check("e1", data, signed("e1", data, by=within).headers, METRICS) is Verdict.ACCEPTED
+
+
+def test_refused_reports_are_counted_per_kind_and_reason_and_logged_at_a_bounded_rate(
+        caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
-    verifier = ReportVerifier(MASTER, log_every_s=10.0, clock=lambda: now[0])
+    v = verifier(log_every_s=10.0, clock=lambda: now[0])
     for _ in range(50):
-        assert not verifier.accepts("e1", b"x", None, "gantry.engine.metrics.e1")
+        assert v.admit("e1", b"x", None, "gantry.engine.metrics.e1", METRICS) is Verdict.UNSIGNED
     now[0] = 11.0
-    assert not verifier.accepts("e1", b"x", {SIGNATURE_HEADER: "00"}, "gantry.engine.metrics.e1")
-    assert verifier.dropped == 51
+    assert v.admit("e1", b"x", {SIGNATURE_HEADER: "1.2." + "0" * 64}, "gantry.engine.kv.e1", KV) is Verdict.FORGED
+    assert v.dropped == 51
+    assert v.refused[METRICS, Verdict.UNSIGNED] == 50 and v.refused[KV, Verdict.FORGED] == 1
     lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert len(lines) == 2 and "no signature" in lines[0] and "wrong signature" in lines[1]
+    assert len(lines) == 2 and "no stamped signature" in lines[0] and "not signed by" in lines[1]
 
 
 def test_the_key_cache_stays_bounded_under_forged_ids() -> None:
-    verifier = ReportVerifier(MASTER, max_keys=8)
+    v = verifier(max_keys=8)
     for i in range(100):
-        verifier.valid(f"forged-{i}", b"x", {SIGNATURE_HEADER: "00"})
-    assert verifier.cached() <= 8
+        v.check(f"forged-{i}", b"x", {SIGNATURE_HEADER: "1.2." + "0" * 64}, METRICS)
+    assert v.cached() <= 8
     data = report("e1", 8001)
-    assert verifier.valid("e1", data, signed("e1", data).headers)  # a key evicted or not, the verdict holds
+    assert v.check("e1", data, signed("e1", data).headers, METRICS) is Verdict.ACCEPTED  # evicted or not
+
+
+def test_the_stamps_remembered_stay_bounded_and_only_genuine_messages_add_one() -> None:
+    v = verifier(max_keys=4)
+    for i in range(100):
+        v.check(f"forged-{i}", b"x", {SIGNATURE_HEADER: f"{EPOCH}.0." + "0" * 64}, METRICS)
+    assert v.stamped() == 0
+    for i in range(10):
+        data = report(f"e{i}", 8001)
+        assert v.check(f"e{i}", data, signed(f"e{i}", data).headers, METRICS) is Verdict.ACCEPTED
+    assert v.stamped() == 4
 
 
 async def test_a_picker_with_the_master_key_takes_genuine_reports_and_drops_forged_ones() -> None:
-    feed, dead = feed_with(ReportVerifier(MASTER)), bus()
+    feed, dead = feed_with(verifier()), bus()
     await take_metrics(feed, dead, signed("e1", report("e1", 8001)), NOW)
     forged = report("e2", 9999, waiting=50)  # e1's server claiming instance e2
     await take_metrics(feed, dead, signed("e2", forged, key_of="e1"), NOW)
     await take_metrics(feed, dead, Msg("gantry.engine.metrics.e3", report("e3", 9998), None), NOW)
     assert set(feed.pool.endpoints) == {"e1"}
     assert feed.verifier is not None and feed.verifier.dropped == 2
-    assert [subject for subject, _ in dead.dead] == ["gantry.engine.metrics.e2", "gantry.engine.metrics.e3"]
-    assert all("not signed by instance" in reason for _, reason in dead.dead)
+    assert dead.dead == [("gantry.engine.metrics.e2", "claiming instance 'e2': not signed by the instance it claims"),
+                         ("gantry.engine.metrics.e3", "claiming instance 'e3': no stamped signature")]
 
 
 async def test_a_forged_report_does_not_change_a_genuine_instances_load() -> None:
-    feed = feed_with(ReportVerifier(MASTER))
+    feed = feed_with(verifier())
     await take_metrics(feed, bus(), signed("e2", report("e2", 8002, waiting=1)), NOW)
     await take_metrics(feed, bus(), signed("e2", report("e2", 9999, waiting=90), key_of="e1"), NOW + 0.01)
     metrics = feed.router.state.endpoints["e2"].metrics
@@ -149,19 +248,57 @@ async def test_a_forged_report_does_not_change_a_genuine_instances_load() -> Non
     assert feed.pool.endpoints["e2"].address == "127.0.0.1:8002"
 
 
+async def test_a_replayed_idle_report_does_not_replace_a_busy_one_and_goes_to_the_dead_letters() -> None:
+    feed, dead, by = feed_with(verifier()), bus(), signer("e1")
+    idle = signed("e1", report("e1", 8001, waiting=0), by=by)
+    await take_metrics(feed, dead, idle, NOW)
+    await take_metrics(feed, dead, signed("e1", report("e1", 8001, waiting=40), by=by), NOW + 0.1)
+    await take_metrics(feed, dead, idle, NOW + 0.2)
+    metrics = feed.router.state.endpoints["e1"].metrics
+    assert metrics is not None and metrics.waiting == 40
+    assert [reason for _, reason in dead.dead] == ["claiming instance 'e1': a replay (stamp not newer than the "
+                                                   "last taken)"]
+
+
 async def test_kv_events_are_checked_as_reports_are() -> None:
-    feed = feed_with(ReportVerifier(MASTER))
+    feed = feed_with(verifier())
     await take_metrics(feed, bus(), signed("e1", report("e1", 8001)), NOW)
-    batch = KVEventBatch(ts=NOW, events=[BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=[0] * 16,
-                                                       block_size=16)])
-    data = encode(EngineKVEvents(instance_id="e1", model="m", seq=0, batch=batch))
-    forged = Msg("gantry.engine.kv.e1", data, signed_headers(derive_key(MASTER, "e2"), data))
+    data = kv_message("e1", 0, 1)
     dead = bus()
-    await take_kv_events(feed, dead, forged)
+    await take_kv_events(feed, dead, kv_signed("e1", data, signer("e2")))
     assert "e1" not in feed._kv_seq
     assert [subject for subject, _ in dead.dead] == ["gantry.engine.kv.e1"]
-    await take_kv_events(feed, bus(), Msg("gantry.engine.kv.e1", data, signed_headers(derive_key(MASTER, "e1"), data)))
+    await take_kv_events(feed, bus(), kv_signed("e1", data, signer("e1")))
     assert feed._kv_seq["e1"] == 1
+
+
+async def test_a_replayed_kv_message_of_blocks_since_evicted_is_refused() -> None:
+    feed, dead, by = feed_with(verifier()), bus(), signer("e1")
+    await take_metrics(feed, dead, signed("e1", report("e1", 8001), by=by), NOW)
+    stored = kv_signed("e1", kv_message("e1", 0, 7), by)
+    await take_kv_events(feed, dead, stored)
+    evicted = encode(EngineKVEvents(instance_id="e1", model="m", seq=1,
+                                    batch=KVEventBatch(ts=NOW, events=[BlockRemoved(block_hashes=[7])])))
+    await take_kv_events(feed, dead, kv_signed("e1", evicted, by))
+    await take_kv_events(feed, dead, stored)
+    state = feed.router.state
+    assert not state.precise.holds(state.endpoints["e1"].slot, 7)
+    assert [subject for subject, _ in dead.dead] == ["gantry.engine.kv.e1"]
+
+
+async def test_a_restarted_servers_kv_messages_start_from_an_empty_cache_and_are_taken() -> None:
+    feed, dead = feed_with(verifier()), bus()
+    before, after = signer("e1", EPOCH - 5_000_000_000), signer("e1")
+    await take_metrics(feed, dead, signed("e1", report("e1", 8001), by=before), NOW)
+    for seq in range(5):
+        await take_kv_events(feed, dead, kv_signed("e1", kv_message("e1", seq, 100 + seq), before))
+    await take_metrics(feed, dead, signed("e1", report("e1", 8001), by=after), NOW + 0.1)
+    assert "e1" not in feed._kv_seq  # the restart was seen on the load report: the old cache is gone already
+    await take_kv_events(feed, dead, kv_signed("e1", kv_message("e1", 2, 200), after))  # 0 and 1 lost
+    assert feed._kv_seq["e1"] == 3 and dead.dead == []
+    old = kv_signed("e1", kv_message("e1", 9, 109), before)  # recorded before the restart, never delivered
+    await take_kv_events(feed, dead, old)
+    assert feed._kv_seq["e1"] == 3 and [subject for subject, _ in dead.dead] == ["gantry.engine.kv.e1"]
 
 
 async def test_a_picker_without_a_master_key_takes_every_report_as_before() -> None:
