@@ -53,6 +53,7 @@ class ServerInfo:
     created: int = 0  # unix seconds the server started
     lora_modules: tuple[str, ...] = ()  # adapter names served beside the base model
     instance_id: str = "engine-0"
+    vocab_size: int = 0  # the emulated model's (prompt token ids must lie below it); 0: the shipped tokenizer's
 
 
 class StreamOptions(BaseModel):
@@ -433,7 +434,9 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
             filler_token=text.filler, lora=lora, remote_prefill=remote,
         )
 
-    vocab_size = text.vocab_size
+    # the emulated model's vocabulary (a trace of its real token ids replays as sent), at least the shipped
+    # tokenizer's (whose ids a text prompt becomes)
+    vocab_size = max(text.vocab_size, info.vocab_size)
 
     async def _encode(prompt: str) -> list[int] | JSONResponse:
         # long prompts are tokenized on a thread so the step loop keeps its deadlines

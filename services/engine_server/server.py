@@ -251,7 +251,8 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
     url = f"http://{opts.host}:{opts.port}"
     info = ServerInfo(served_model_name=name, model_path=str(TOKENIZER_DIR), catalog_model=arch.key,
                       gpu=gpu.key, tp=opts.tp, speedup=opts.speedup, max_model_len=max_len, url=url,
-                      created=int(time.time()), lora_modules=opts.lora_modules, instance_id=opts.instance_id)
+                      created=int(time.time()), lora_modules=opts.lora_modules, instance_id=opts.instance_id,
+                      vocab_size=arch.vocab_size)
     app = create_app(runner, TextModel(opts.mean_output_len), info)
     pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s,
                     report_key=opts.report_key) if opts.nats_url else None

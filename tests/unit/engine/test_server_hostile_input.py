@@ -28,8 +28,8 @@ _REFUSED: list[tuple[str, str, str, int, str]] = [
     ("a lone surrogate in a chat message", CHAT, '{"messages": [{"role": "user", "content": "\\udfff"}]}', 400,
      "lone surrogate"),
     ("a negative token id", CMPL, '{"prompt": [5, -1], "max_tokens": 2}', 400, "Token id -1 is out of vocabulary"),
-    ("a token id past the vocabulary", CMPL, '{"prompt": [[5, 4096]], "max_tokens": 2}', 400,
-     "Token id 4096 is out of vocabulary"),
+    ("a token id past the emulated model's vocabulary", CMPL, '{"prompt": [[5, 128256]], "max_tokens": 2}', 400,
+     "Token id 128256 is out of vocabulary"),  # (llama-3.1-8b's)
     ("a token id past 64 bits", CMPL, '{"prompt": [1180591620717411303424]}', 400, "out of vocabulary"),
     ("logprobs 0 on completions", CMPL, '{"prompt": "hi", "logprobs": 0}', 400, "logprobs are not supported"),
     ("best_of 0", CMPL, '{"prompt": "hi", "best_of": 0}', 400, "best_of"),
@@ -253,3 +253,8 @@ async def test_a_client_gone_before_its_non_streamed_answer_has_its_request_abor
         assert not srv.runner.streams and not srv.runner.engine.scheduler.running
     finally:
         await srv.stop()
+
+
+async def test_token_ids_of_the_emulated_model_past_the_shipped_tokenizer_are_served(http: httpx.AsyncClient) -> None:
+    r = await http.post(CMPL, json={"prompt": [100_000, 128_255], "max_tokens": 2, "ignore_eos": True})
+    assert r.status_code == 200  # a trace of llama-3.1-8b's real ids replays as sent
