@@ -35,6 +35,7 @@ from tests.integration.test_gateway import (
     _start_engine,
     _stop,
     _wait_routable,
+    every_replica_has_every_engine,
     gateway_marks,
 )
 
@@ -153,8 +154,7 @@ def fail_close(nats_server: ServerProcess, tmp_path: Path) -> Iterator[Gateway]:
 
 def _ready(gw: Gateway, engines: list[Engine]) -> None:
     _wait_routable(gw, len(engines), timeout=60)
-    time.sleep(1.0)  # every replica heard the engines (each keeps its own snapshot)
-    assert gw.picker_health() == ["healthy"] * 3  # each answers Envoy's gRPC health check
+    every_replica_has_every_engine(gw, engines)  # each keeps its own snapshot and answers Envoy's health check
 
 
 def _wait_out(gw: Gateway, n_out: int, timeout: float = 10.0) -> None:

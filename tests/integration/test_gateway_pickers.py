@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ from tests.integration.test_gateway import (
     _engines,
     _gateway,
     _wait_routable,
+    every_replica_has_every_engine,
     gateway_marks,
 )
 
@@ -48,29 +48,13 @@ def _running(gen: Iterator[T]) -> Iterator[T]:
         gen.close()
 
 
-def _every_replica_has_every_engine(gw: Gateway, engines: list[Engine], replicas: int, timeout: float = 60) -> None:
-    """Until Envoy sees every replica healthy and each has logged a pool of every engine. One routable replica is
-    not enough: on a loaded host the workload began while 2 of the 3 replicas were still starting (they listened
-    2.3 s later), they had not heard the KV events of the requests before (nothing replays them), routed those
-    groups by load, and the hit rate of 3 fell under 95 % of 1's (0.648-0.675 against 0.714)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pools = [line for line in gw.log.read_text().splitlines()
-                 if " pool: " in line and all(f"'{e.instance}'" in line for e in engines)]
-        health = gw.picker_health()
-        if health == ["healthy"] * replicas and len(pools) >= replicas:
-            return
-        assert time.monotonic() < deadline, f"replicas not all ready: health {health}, full pools logged {len(pools)}"
-        time.sleep(0.1)
-
-
 def _hit_rate(nats_url: str, tmp: Path, replicas: int, w: Workload) -> tuple[float, int, int]:
     """Fresh engines (cold caches) behind ``replicas`` pickers; (hit rate, requests, errors) of the workload."""
     tmp.mkdir()
     with _running(_engines(nats_url, tmp, 2, "--speedup", "1")) as engines, \
             _running(_gateway(nats_url, tmp, replicas, *PICKER_ARGS)) as gw:
         _wait_routable(gw, len(engines), timeout=90)
-        _every_replica_has_every_engine(gw, engines, replicas)
+        every_replica_has_every_engine(gw, engines)
         urls = [f"http://{e.address}" for e in engines]
         before = [scrape(u) for u in urls]
         reqs = [(t, {**body, "model": MODEL}) for t, body in requests_of(w)]
