@@ -139,7 +139,9 @@ def cli_permissions() -> Permissions:
         *(f"{JS}.CONSUMER.CREATE.{name}" for name in (streams.STREAM_EVENTS, streams.STREAM_DLQ)),
         *(f"{JS}.CONSUMER.CREATE.{name}.>" for name in (streams.STREAM_EVENTS, streams.STREAM_DLQ)),
         *(f"{JS}.CONSUMER.INFO.{name}.>" for name in streams.ALL_STREAMS),
-        "$JS.FC.>", "$JS.ACK.>",
+        # Acks of its own replays only: an ack subject names its stream and consumer, and one of any other stream
+        # would take a message away from the service consuming it (an ack is not checked against its sender).
+        "$JS.FC.>", *(f"$JS.ACK.{name}.>" for name in (streams.STREAM_EVENTS, streams.STREAM_DLQ)),
     ]
     return Permissions(_unique(publish), (f"{subjects.PREFIX}.>", inbox(CLI)), ADMIN_ONLY_API)
 

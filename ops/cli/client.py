@@ -21,7 +21,7 @@ from ops.cli.errors import CliError
 from ops.cli.inputs import read_input_file, worker_name
 from ops.view import ClusterSnapshot, ModelView
 from shared.bus import subjects
-from shared.core.limits import MAX_GPU_INDEX, MAX_REPLICAS, bad_model_name
+from shared.core.limits import MAX_GPU_INDEX, MAX_REPLICAS, bad_model_name, decimal
 from shared.core.placement import lifecycle
 from shared.core.placement.domain import GgufSpec, GpuSelector, ModelSpec, RestartPolicy, Worker, WorkerState
 from shared.state import StateStore
@@ -310,7 +310,7 @@ def parse_target(target: str) -> tuple[str, int | None]:
     worker, sep, index = target.rpartition(":")
     if not sep:
         return worker_name(target), None
-    if not worker or not index.isdigit() or len(index) > 4 or int(index) > MAX_GPU_INDEX:
+    if not worker or not decimal(index) or len(index) > 4 or int(index) > MAX_GPU_INDEX:
         raise CliError(f"expected WORKER or WORKER:GPU-INDEX (0..{MAX_GPU_INDEX}), got {target[:80]!r}", exit_code=2)
     return worker_name(worker), int(index)
 

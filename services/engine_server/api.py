@@ -6,8 +6,9 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI
@@ -15,6 +16,7 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from services.engine_server.prometheus import CONTENT_TYPE, EngineCollector, LoraInfo, registry_for, render
@@ -26,6 +28,14 @@ from shared.core.engine import Request
 from shared.core.roles import NodeRole
 
 OFFLOOP_TOKENIZE_CHARS = 1024  # about 1-3 ms of tokenizing on this machine
+OFFLOOP_PARSE_BYTES = 256 << 10  # about 20 ms of parsing and validating on this machine
+MAX_BODY_BYTES = 32 << 20
+"""The largest generation request body read (413 beyond), whatever the context length."""
+BODY_BYTES_PER_TOKEN = 128
+"""A server reads bodies up to this many bytes per token of its context (at least 1 MiB): a whole context as
+JSON token ids is under 8 bytes a token, as text a few (up to 6 per character when escaped); parsing a body
+holds the event loop (C code keeps the GIL), about 70 ms a MB here."""
+SHOWN_NAME_CHARS = 200  # a client's model name is echoed in errors up to this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +53,7 @@ class ServerInfo:
     created: int = 0  # unix seconds the server started
     lora_modules: tuple[str, ...] = ()  # adapter names served beside the base model
     instance_id: str = "engine-0"
+    vocab_size: int = 0  # the emulated model's (prompt token ids must lie below it); 0: the shipped tokenizer's
 
 
 class StreamOptions(BaseModel):
@@ -64,7 +75,10 @@ class _Common(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     priority: int = 0
     n: int = Field(default=1, ge=1)
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1)
+    # the emulated model does not sample, but the values a real server refuses are refused here too (vLLM)
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     logprobs: Any = None  # completions: int; chat: bool
     top_logprobs: int | None = None
     prompt_logprobs: int | None = None
@@ -75,7 +89,9 @@ class _Common(BaseModel):
         """Why the emulated model cannot serve this request as asked (a 400), or None."""
         if self.n > 1 or (self.best_of or 1) > 1:
             return "n > 1 and best_of > 1 are not supported by this server: send one request per sample"
-        if self.logprobs not in (None, False) or self.top_logprobs or self.prompt_logprobs is not None:
+        # (``is``: ``0 in (None, False)`` holds, and completions' ``logprobs: 0`` asks for the sampled token's)
+        if (self.logprobs is not None and self.logprobs is not False) or self.top_logprobs or (
+                self.prompt_logprobs is not None):
             return "logprobs are not supported by this server (the emulated model has no probabilities)"
         if self.echo:
             return "echo is not supported by this server"
@@ -88,13 +104,22 @@ class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
 
 
+class ContentPart(BaseModel):
+    """One part of a chat message's content; only text parts are read (others, e.g. images, are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = "text"
+    text: str = ""
+
+
 class ChatMessage(BaseModel):
     """One chat message; content may be text or a list of text parts."""
 
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         """The message's text."""
@@ -102,7 +127,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(str(p.get("text", "")) for p in self.content if p.get("type", "text") == "text")
+        return "".join(p.text for p in self.content if p.type == "text")
 
 
 class ChatRequest(_Common):
@@ -127,6 +152,7 @@ class ServerApp(FastAPI):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fast_routes: dict[str, tuple[type[BaseModel], Endpoint]] = {}
+        self.body_limit = MAX_BODY_BYTES  # bytes of a generation request body (413 beyond)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Generation requests by the short way, everything else through FastAPI."""
@@ -139,16 +165,33 @@ class ServerApp(FastAPI):
 
     async def _fast(self, route: tuple[type[BaseModel], Endpoint], scope: Scope, receive: Receive,
                     send: Send) -> None:
-        body = b""
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # the client went away before its body arrived
-            body += msg.get("body", b"")
-            if not msg.get("more_body", False):
-                break
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return  # the client went away before its body arrived
+        body: bytes = msg.get("body", b"")
+        if msg.get("more_body", False):  # a body in several pieces: joined once (``+=`` copied it per piece)
+            got = await _rest_of_body(body, receive, self.body_limit)
+            if got is None:
+                return
+            if isinstance(got, Response):
+                await got(scope, receive, send)
+                return
+            body = got
         model, endpoint = route
-        parsed = _parse_json_body(model, scope, body)
+        if len(body) > OFFLOOP_PARSE_BYTES:
+            # parsed and judged on a worker thread (the event loop gets the GIL back every switch interval): an
+            # 11 MB body of token ids held the loop, every stream and the engine's steps, for 1.9 s
+            judged = await asyncio.to_thread(_judge_large_body, model, scope, body)
+            if isinstance(judged, Response):
+                await judged(scope, receive, send)
+                return
+            parsed = judged
+        else:
+            try:
+                parsed = _parse_json_body(model, scope, body)
+            except RecursionError:  # nested deeper than the JSON decoder goes: FastAPI's own parse would 500
+                await _error(400, _TOO_DEEP)(scope, receive, send)
+                return
         if parsed is None:
             await super().__call__(scope, _replay(body, receive), send)
             return
@@ -157,7 +200,35 @@ class ServerApp(FastAPI):
         await response(scope, receive, send)
 
 
-def _parse_json_body(model: type[BaseModel], scope: Scope, body: bytes) -> BaseModel | None:
+_TOO_DEEP = "body is not JSON this server can read: nested too deep"
+
+
+def _judge_large_body(model: type[BaseModel], scope: Scope, body: bytes) -> BaseModel | Response | None:
+    """A large body as ``model``, or its 400 judged here as FastAPI would word it (FastAPI would parse it
+    again, on the event loop); None when not typed as JSON (FastAPI refuses that without parsing)."""
+    try:
+        parsed = _parse_json_body(model, scope, body, strict=True)
+    except RecursionError:
+        return _error(400, _TOO_DEEP)
+    except ValidationError as err:
+        return validation_error(err.errors())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        return _error(400, f"body is not valid JSON ({err})")
+    return parsed
+
+
+def validation_error(errors: Sequence[Any]) -> JSONResponse:
+    """The 400 naming a body's first validation error (as pydantic's ``errors()`` lists them)."""
+    first = errors[0] if errors else {"msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        ctx = first.get("ctx")
+        why = ctx.get("error", "decode error") if isinstance(ctx, dict) else "decode error"
+        return _error(400, f"body is not valid JSON ({why})")
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    return _error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+
+
+def _parse_json_body(model: type[BaseModel], scope: Scope, body: bytes, strict: bool = False) -> BaseModel | None:
     """``body`` as ``model`` when it is a valid JSON request; None when FastAPI must judge it."""
     for name, value in scope["headers"]:
         if name == b"content-type":
@@ -167,10 +238,65 @@ def _parse_json_body(model: type[BaseModel], scope: Scope, body: bytes) -> BaseM
             break
     else:
         return None
+    if strict:  # errors raise
+        return model.model_validate(json.loads(body))
     try:
         return model.model_validate(json.loads(body))
     except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
+
+
+async def _rest_of_body(first: bytes, receive: Receive, limit: int) -> bytes | Response | None:
+    """The whole body after its ``first`` piece; a 413 (closing the connection, the rest unread) past ``limit``
+    bytes; None when the client went away."""
+    pieces, size = [first], len(first)
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return None
+        piece = msg.get("body", b"")
+        size += len(piece)
+        if size > limit:
+            return _error(413, f"request body larger than {limit} bytes", close=True)
+        pieces.append(piece)
+        if not msg.get("more_body", False):
+            return b"".join(pieces)
+
+
+class CollectedResponse(Response):
+    """A non-streamed answer: the JSON of a request once it ends, or nothing (the request aborted) when the
+    client goes away first. A vanished client's request used to run to its end (up to the whole context of
+    tokens) holding its KV blocks and batch slot; vLLM aborts it too."""
+
+    def __init__(self, sink: CollectSink, answer: Callable[[str, int | None], dict[str, Any]],
+                 on_close: Callable[[], None]) -> None:
+        super().__init__()
+        self.sink = sink
+        self.answer = answer
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Wait for the end or the client's disconnect, whichever comes first."""
+        done = self.sink.done
+        try:
+            if not done.done():
+                gone = asyncio.ensure_future(_disconnected(receive))
+                try:
+                    await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    gone.cancel()
+                if not done.done():
+                    return  # the client went away: nobody to answer (``on_close`` aborts the request)
+            reason, stop_reason = done.result()
+        finally:
+            self.on_close()  # no-op once finished; frees the request if the client vanished or we were cancelled
+        await JSONResponse(self.answer(reason, stop_reason))(scope, receive, send)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the ASGI server reports the client gone (the request's body was read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -187,15 +313,25 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    kind = "NotFoundError" if status == 404 else "BadRequestError" if status == 400 else "InternalServerError"
+_KINDS = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+
+
+def _error(status: int, message: str, *, close: bool = False) -> JSONResponse:
+    """An OpenAI-shaped error (vLLM's ``type`` names); ``close``: end the connection after it (unread input)."""
+    kind = _KINDS.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status)
+                        status_code=status, headers={"connection": "close"} if close else None)
+
+
+def _shown(name: str) -> str:
+    """A client's name as echoed in an error: cut short (a megabyte name must not come back whole)."""
+    return name if len(name) <= SHOWN_NAME_CHARS else name[:SHOWN_NAME_CHARS] + "..."
 
 
 def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> ServerApp:
     """The FastAPI app around a running :class:`EngineRunner`."""
     app = ServerApp(title="Gantry emulated model server")
+    app.body_limit = min(MAX_BODY_BYTES, max(1 << 20, BODY_BYTES_PER_TOKEN * info.max_model_len))
     sched = runner.engine.scheduler
     writer = SocketWriter()
     app.state.writer = writer
@@ -203,9 +339,12 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return _error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+        return validation_error(exc.errors())
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: HttpRequest, exc: HTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body it cannot decode, an unknown path or method) in the OpenAI shape too
+        return _error(exc.status_code, str(exc.detail))
 
     @app.get("/health")
     async def health() -> PlainTextResponse:
@@ -265,7 +404,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
             return None
         if body.model in info.lora_modules:
             return body.model
-        return _error(404, f"The model `{body.model}` does not exist.")
+        return _error(404, f"The model `{_shown(body.model)}` does not exist.")
 
     def _request(body: _Common, prompt_ids: list[int], prefix: str) -> Request | JSONResponse:
         why = body.unsupported()
@@ -281,6 +420,8 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
         rid = f"{prefix}-{uuid.uuid4().hex}"
         prompt_len = len(prompt_ids)
         limit = body.max_completion_tokens or body.max_tokens
+        if limit and body.min_tokens > limit:
+            return _error(400, f"min_tokens must be less than or equal to max_tokens={limit}, got {body.min_tokens}")
         room = info.max_model_len - prompt_len
         if room < 1:
             return _error(400, f"prompt has {prompt_len} tokens; this model's maximum context is "
@@ -293,17 +434,35 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
             filler_token=text.filler, lora=lora, remote_prefill=remote,
         )
 
-    async def _encode(prompt: str) -> list[int]:
+    # the emulated model's vocabulary (a trace of its real token ids replays as sent), at least the shipped
+    # tokenizer's (whose ids a text prompt becomes)
+    vocab_size = max(text.vocab_size, info.vocab_size)
+
+    async def _encode(prompt: str) -> list[int] | JSONResponse:
         # long prompts are tokenized on a thread so the step loop keeps its deadlines
-        if len(prompt) < OFFLOOP_TOKENIZE_CHARS:
-            return text.encode(prompt)
-        return await asyncio.to_thread(text.encode_off_gil, prompt)
+        try:
+            if len(prompt) < OFFLOOP_TOKENIZE_CHARS:
+                return text.encode(prompt)
+            return await asyncio.to_thread(text.encode_off_gil, prompt)
+        except TypeError:  # a lone UTF-16 surrogate (JSON allows "\ud800") is no text the tokenizer takes
+            return _error(400, "prompt is not valid Unicode text (it holds a lone surrogate)")
+
+    def _out_of_vocab(ids: list[int]) -> JSONResponse | None:
+        """A 400 for token ids the model has no token for (vLLM's check), else None."""
+        low, high = min(ids), max(ids)
+        if low < 0 or high >= vocab_size:
+            return _error(400, f"Token id {low if low < 0 else high} is out of vocabulary")
+        return None
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> Any:
         """OpenAI completions, streaming or not."""
         p = body.prompt
         one: str | list[int]
+        if not isinstance(p, str) and max(len(p), len(p[0]) if p and isinstance(p[0], list) else 0) > (
+                info.max_model_len):  # judged before the ids are copied and range-checked on the event loop
+            return _error(400, f"prompt has more tokens than this model's maximum context of "
+                               f"{info.max_model_len} tokens")
         if isinstance(p, str):
             one = p
         elif p and isinstance(p[0], (str, list)):
@@ -314,15 +473,21 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
         else:  # token ids (validated as list[int])
             one = list(map(int, p))  # type: ignore[arg-type]
         ids = await _encode(one) if isinstance(one, str) else one
+        if isinstance(ids, JSONResponse):
+            return ids
         if not ids:
             return _error(400, "prompt is empty")
+        if not isinstance(one, str) and (bad := _out_of_vocab(ids)) is not None:
+            return bad
         return await _serve(body, ids, "cmpl", chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest) -> Any:
         """OpenAI chat completions, streaming or not."""
-        rendered = text.render_chat([(m.role, m.text()) for m in body.messages])
-        return await _serve(body, await _encode(rendered), "chatcmpl", chat=True)
+        ids = await _encode(text.render_chat([(m.role, m.text()) for m in body.messages]))
+        if isinstance(ids, JSONResponse):
+            return ids
+        return await _serve(body, ids, "chatcmpl", chat=True)
 
     async def _serve(body: _Common, ids: list[int], prefix: str, chat: bool) -> Any:
         req = _request(body, ids, prefix)
@@ -343,11 +508,14 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
             return _error(400, str(err))
         if isinstance(sink, SseSink):
             return SseResponse(sink, lambda: runner.abort(req), writer)
-        try:
-            reason, stop_reason = await sink.done
-        finally:
-            runner.abort(req)  # no-op once finished; frees the request if the client vanished
-        visible = [t for t in sink.token_ids if t != text.eos_token_id]
+        def answer(reason: str, stop_reason: int | None) -> dict[str, Any]:
+            return _answer(req, sink.token_ids, reason, stop_reason, model, created, chat)
+
+        return CollectedResponse(sink, answer, lambda: runner.abort(req))
+
+    def _answer(req: Request, token_ids: list[int], reason: str, stop_reason: int | None, model: str,
+                created: int, chat: bool) -> dict[str, Any]:
+        visible = [t for t in token_ids if t != text.eos_token_id]
         content = text.detokenize(visible)
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
         if stop_reason is not None:

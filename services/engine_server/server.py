@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import uvicorn
@@ -74,26 +76,94 @@ class NoDelayH11Protocol(H11Protocol):
         super().connection_made(transport)
 
 
+MAX_HEAD_BYTES = 64 << 10
+"""Request line and headers (431 beyond): uvicorn's httptools protocol sets no bound, so one endless header
+grew without limit (h11's own bound is 16 KiB; Envoy's default 60 KiB)."""
+REQUEST_READ_TIMEOUT_S = 30.0
+"""Seconds a connection may take to deliver one whole request (head and body) before it is closed: uvicorn
+times out idle connections only after a response, so one that connected and sent nothing, or sent a request
+a byte at a time, was held for ever."""
+_REFUSED = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b"
+
+
 def _http_protocol() -> type[asyncio.Protocol]:
     """The httptools-based protocol when httptools is installed (its C parser takes a request in for less CPU
-    than h11), else the h11 one; both with TCP_NODELAY and the transport in the scope."""
+    than h11), else the h11 one; both with TCP_NODELAY and the transport in the scope. The httptools one also
+    bounds a request's head (``MAX_HEAD_BYTES``) and marks when it began reading a request (``reading_since``,
+    which :class:`QuietServer` holds to ``REQUEST_READ_TIMEOUT_S``)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # pragma: no cover - depends on the install
         return NoDelayH11Protocol
 
     class NoDelayHttpToolsProtocol(HttpToolsProtocol):
-        """As :class:`NoDelayH11Protocol`, on httptools."""
+        """As :class:`NoDelayH11Protocol`, on httptools, with the bounds above."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             _with_transport(self)
+            self.head_bytes = 0  # bytes received since the current request's head began, while it is open
+            self.head_open = True
+            self.reading_since: float | None = None  # monotonic time a request began arriving, until complete
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             set_nodelay(transport)
             super().connection_made(transport)
+            self.reading_since = time.monotonic()  # a connection owes its first request
+
+        def data_received(self, data: bytes) -> None:
+            if self.head_open:
+                seen = self.head_bytes + len(data)
+                # past the bound only if the head does not end within it (this read may carry a large body)
+                if seen > MAX_HEAD_BYTES and data.find(b"\r\n\r\n", 0, max(MAX_HEAD_BYTES - self.head_bytes, 0)
+                                                       + 4) < 0:
+                    self._head_too_large()
+                    return
+                self.head_bytes = seen
+            super().data_received(data)
+
+        def _head_too_large(self) -> None:
+            self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+
+        def send_400_response(self, msg: str) -> None:
+            """What the parser cannot frame (lengths that disagree or are negative, bad chunk sizes, not HTTP):
+            a 400 in the OpenAI error shape, as every other refusal (uvicorn's is plain text), then close."""
+            self._refuse(400, msg)
+
+        def _refuse(self, code: int, message: str) -> None:
+            body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None,
+                                         "code": code}}).encode()
+            self.transport.write(_REFUSED % (code, HTTPStatus(code).phrase.encode(), len(body), body))
+            self.transport.close()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self.reading_since is None:
+                self.reading_since = time.monotonic()
+
+        def on_headers_complete(self) -> None:
+            self.head_open, self.head_bytes = False, 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self.head_open, self.reading_since = True, None
+            super().on_message_complete()
 
     return NoDelayHttpToolsProtocol
+
+
+def close_stalled(connections: Iterable[object], now: float, timeout_s: float) -> int:
+    """Close the connections that began a request (or connected) more than ``timeout_s`` before ``now`` and
+    have not delivered it whole; returns how many."""
+    closed = 0
+    for conn in connections:
+        since = getattr(conn, "reading_since", None)
+        if since is not None and now - since > timeout_s:
+            transport = getattr(conn, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.close()
+                closed += 1
+    return closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +201,7 @@ class ServerOptions:
     kv_events_zmq: str | None = None  # also on a ZMQ PUB socket bound here (vLLM's wire format)
     kv_events_topic: str = ""
     access_log: bool = True
+    request_read_timeout_s: float = REQUEST_READ_TIMEOUT_S  # a request must arrive whole within this
 
 
 def build_engine(opts: ServerOptions, *, fast_forward: bool = False) -> Engine:
@@ -180,7 +251,8 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
     url = f"http://{opts.host}:{opts.port}"
     info = ServerInfo(served_model_name=name, model_path=str(TOKENIZER_DIR), catalog_model=arch.key,
                       gpu=gpu.key, tp=opts.tp, speedup=opts.speedup, max_model_len=max_len, url=url,
-                      created=int(time.time()), lora_modules=opts.lora_modules, instance_id=opts.instance_id)
+                      created=int(time.time()), lora_modules=opts.lora_modules, instance_id=opts.instance_id,
+                      vocab_size=arch.vocab_size)
     app = create_app(runner, TextModel(opts.mean_output_len), info)
     pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s,
                     report_key=opts.report_key) if opts.nats_url else None
@@ -221,8 +293,9 @@ class QuietServer(uvicorn.Server):
     """uvicorn's server, waking once a second rather than ten times to refresh its Date header and check for
     exit (an idle wake-up costs tens of µs of CPU on a shared VM); an exit request is noticed at once."""
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(self, config: uvicorn.Config, read_timeout_s: float = REQUEST_READ_TIMEOUT_S) -> None:
         self._exit = asyncio.Event()
+        self.read_timeout_s = read_timeout_s
         super().__init__(config)
 
     @property
@@ -238,13 +311,15 @@ class QuietServer(uvicorn.Server):
             self._exit.clear()
 
     async def main_loop(self) -> None:
-        """Tick once a second (uvicorn refreshes the Date header on every tenth tick) until asked to exit."""
+        """Tick once a second (uvicorn refreshes the Date header on every tenth tick) until asked to exit; each
+        tick closes the connections stalled mid-request (``close_stalled``)."""
         counter = 0
         should_exit = await self.on_tick(counter)
         while not should_exit:
             counter = (counter + 10) % 864000
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._exit.wait(), 1.0)
+            close_stalled(self.server_state.connections, time.monotonic(), self.read_timeout_s)
             should_exit = await self.on_tick(counter)
 
 
@@ -261,7 +336,7 @@ def serve(opts: ServerOptions) -> None:
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     app, _ = build(opts)
-    QuietServer(_uvicorn_config(app, opts)).run()
+    QuietServer(_uvicorn_config(app, opts), opts.request_read_timeout_s).run()
 
 
 class EmbeddedServer:
@@ -270,7 +345,7 @@ class EmbeddedServer:
     def __init__(self, opts: ServerOptions) -> None:
         app, self.runner = build(opts)
         self.url = f"http://{opts.host}:{opts.port}"
-        self._server = QuietServer(_uvicorn_config(app, opts))
+        self._server = QuietServer(_uvicorn_config(app, opts), opts.request_read_timeout_s)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout_s: float = 10.0) -> None:

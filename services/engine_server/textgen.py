@@ -43,6 +43,11 @@ class TextModel:
         self._json: dict[int, bytes] = {tid: json.dumps(self.text[tid]).encode() for tid in words}
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to this, exclusive."""
+        return int(self.tokenizer.get_vocab_size())
+
+    @property
     def json_pieces(self) -> Mapping[int, bytes]:
         """Every word's JSON string literal by token id (what :meth:`json_piece` gives for those ids)."""
         return self._json

@@ -144,7 +144,10 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         flight until ``router.finished``; the caller flushes the router once its answer has left. (At once: an
         answer that needs no task costs the event loop no extra turns before it is written.)"""
         # the picker's own id: a client-chosen x-request-id could collide with another request in flight
-        rid = f"{headers.get(REQUEST_ID, '')[:64]}#{self._id_prefix}{next(self._ids):x}-{self._tail()}"
+        client = headers.get(REQUEST_ID, "")[:64]
+        if not (client.isascii() and client.isprintable()):  # it goes out in a header: no CR, LF or other controls
+            client = ""
+        rid = f"{client}#{self._id_prefix}{next(self._ids):x}-{self._tail()}"
         try:
             # a prompt shorter than OFFLOOP_TOKENIZE_CHARS is tokenized as it is parsed
             req, _stream = parse_request(rid, body, headers, self.tokenize, OFFLOOP_TOKENIZE_CHARS)

@@ -6,7 +6,10 @@ Python on it is latency Envoy waits for (docs/gateway.md, "Cheaper hops to Pytho
 narrow, so what this does not understand closes the connection rather than guessing at the framing: a head
 past ``MAX_HEAD_BYTES``, a missing, negative, garbled, conflicting or too large ``content-length`` on a
 request that has a body, or any ``transfer-encoding``. An answer that raises closes the connection too (the
-check then fails on Envoy's side, and its failure mode decides). Nothing here crashes the server.
+check then fails on Envoy's side, and its failure mode decides), and so does a request that has begun but is not
+whole ``READ_TIMEOUT_S`` later (a client sending a byte at a time would hold its connection and buffer for ever;
+Envoy sends a check at once). An idle connection with nothing buffered stays open: Envoy pools them. Nothing
+here crashes the server.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ log = logging.getLogger("gantry.gateway")
 MAX_HEAD_BYTES = 64 << 10  # request line and headers; Envoy's own default limit is 60 KiB
 MAX_BODY_BYTES = 32 << 20  # the largest body a check may carry (the picker refuses larger ones as 400 anyway)
 MALFORMED = -1
+READ_TIMEOUT_S = 30.0  # a begun request must be whole within this
 
 Answer = Callable[[bytes, bytes], "bytes | Awaitable[bytes]"]
 """Request head (request line and headers, without the blank line) and body -> the whole HTTP response, at
@@ -75,8 +79,11 @@ class OneByOne(asyncio.Protocol):
     """One connection: requests in, answers out in order. Envoy's HTTP/1.1 pool never pipelines; a client that
     does waits, its next request read only once the previous answer is written."""
 
-    def __init__(self, answer: Answer, max_body: int = MAX_BODY_BYTES, unsent: Unsent | None = None) -> None:
+    def __init__(self, answer: Answer, max_body: int = MAX_BODY_BYTES, unsent: Unsent | None = None,
+                 read_timeout_s: float = READ_TIMEOUT_S) -> None:
         self.answer = answer
+        self.read_timeout_s = read_timeout_s
+        self.stall: asyncio.TimerHandle | None = None  # armed while a begun request is not whole
         self.max_body = max_body
         self.unsent = unsent
         # a bytearray: a large body arrives in many reads, and bytes concatenation would copy it once per read
@@ -91,6 +98,7 @@ class OneByOne(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.buf = bytearray()
+        self._unwatch()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -100,6 +108,29 @@ class OneByOne(asyncio.Protocol):
             self.transport.pause_reading()
             self.paused = True
         self._next()
+        if self.buf:  # (a check arrives whole: nothing is left and no timer is armed)
+            self._watch()
+        elif self.stall is not None:
+            self._unwatch()
+
+    def _watch(self) -> None:
+        """A partial request is buffered: it must be whole within ``read_timeout_s`` (an answer being awaited
+        is not the client's delay)."""
+        if self.busy:
+            self._unwatch()
+        elif self.stall is None and self.transport is not None:
+            self.stall = asyncio.get_running_loop().call_later(self.read_timeout_s, self._stalled)
+
+    def _unwatch(self) -> None:
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+
+    def _stalled(self) -> None:
+        self.stall = None
+        if self.buf and not self.busy:
+            log.info("ext_authz connection closed: a request still partial after %.0f s", self.read_timeout_s)
+            self._close()
 
     def _next(self) -> None:
         while not self.busy and self.transport is not None:
@@ -142,11 +173,14 @@ class OneByOne(asyncio.Protocol):
                 self.paused = False
                 self.transport.resume_reading()
             self._next()
+            if self.buf:
+                self._watch()
         elif self.unsent is not None:
             self.unsent(fut.result())
 
     def _close(self) -> None:
         self.buf = bytearray()
+        self._unwatch()
         if self.transport is not None:
             self.transport.close()
             self.transport = None

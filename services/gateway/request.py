@@ -35,6 +35,8 @@ def render_chat(messages: list[tuple[str, str]]) -> str:
 
 
 MAX_TOKEN_ID = 1 << 32  # token ids are below this (the pick protocol's bound; no vocabulary comes near it)
+MAX_PRIORITY = 1 << 31  # priorities lie in [-MAX_PRIORITY, MAX_PRIORITY) (a 32-bit int, as GIE's objectives)
+MAX_MODEL_CHARS = 512  # a model name is echoed in refusals: a megabyte one must not come back whole
 
 
 def _token_ids(prompt: list[Any]) -> list[int] | None:
@@ -95,15 +97,18 @@ def parse_request(request_id: str, body: bytes, headers: Mapping[str, str], toke
     if not isinstance(parsed, dict):
         raise BadRequest("body must be a JSON object")
     model = parsed.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' must be a non-empty string")
+    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS:
+        raise BadRequest(f"'model' must be a non-empty string of at most {MAX_MODEL_CHARS} characters")
     prompt = _prompt_text(parsed)
     try:
         priority = int(headers.get(PRIORITY_HEADER, "0"))
     except ValueError:
         raise BadRequest(f"{PRIORITY_HEADER} must be an integer") from None
+    if not -MAX_PRIORITY <= priority < MAX_PRIORITY:  # a 4000-digit priority became a band of its own
+        raise BadRequest(f"{PRIORITY_HEADER} must lie in [{-MAX_PRIORITY}, {MAX_PRIORITY})")
     max_tokens = parsed.get("max_completion_tokens", parsed.get("max_tokens"))
-    expected = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
+    # (``type``: a bool is an int, and no length; past a token-id's range it is no length an engine serves)
+    expected = max_tokens if type(max_tokens) is int and 0 < max_tokens < MAX_TOKEN_ID else None
     ids, text = (prompt, None) if isinstance(prompt, list) else (None, prompt)
     if tokenize is not None and text and (tokenize_below is None or len(text) < tokenize_below):
         # (one RouteRequest built instead of two: dataclasses.replace on the frozen request cost ~5 us of the

@@ -739,14 +739,21 @@ class Reconciler(PlacementService):
                    message=st.message or "")
             for st in batch
         ]
-        known: dict[str, Instance] = {}
+        # The records the planner judges these reports against: the feed's, or the store's where the feed has none
+        # for the reporting worker, read in one round trip for the whole batch (a report of a removed or unknown
+        # instance is read too, and one worker can send 20,000 of them at once), taken in report order.
+        judged: list[Instance | str] = []  # the feed's record, or the id to read
         for rep in reports:
             if rep.deleted or rep.idle or rep.state is InstanceState.ERROR:
                 record = self.feed.instances.get(rep.instance_id)
-                if record is None or record.worker != rep.worker:
-                    record = await self.store.instance(rep.instance_id)
-                if record is not None:
-                    known[record.id] = record
+                judged.append(record if record is not None and record.worker == rep.worker else rep.instance_id)
+        read = [c for c in judged if isinstance(c, str)]
+        stored = await self.store.instances_by_id(read) if read else {}
+        known: dict[str, Instance] = {}
+        for c in judged:
+            record = stored.get(c) if isinstance(c, str) else c
+            if record is not None:
+                known[record.id] = record
         changes = [st for st in batch if not (st.deleted or st.idle)]
         if known:
             await self.apply(plan({}, list(known.values()), self.cluster(), reports, now, Book(), self.timings()),
@@ -871,7 +878,7 @@ class Reconciler(PlacementService):
         if not stale:
             return
         log.warning("%d replicas PENDING in this feed are not in the store (event lost): announcing them", len(stale))
-        found = [inst for inst in [await self.store.instance(i) for i in stale] if inst is not None]
+        found = list((await self.store.instances_by_id(stale)).values())
         await self._publish_instances(found)
         known = {i.id for i in found}
         feed = self.feed.instances

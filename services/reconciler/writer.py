@@ -30,7 +30,9 @@ from shared.bus.validate import (
     check_registration,
     impersonation,
 )
+from shared.core.limits import MAX_FILES_PER_WORKER
 from shared.core.placement.domain import ModelFile, Worker
+from shared.host.throttle import PerKeyThrottle
 
 if TYPE_CHECKING:
     from shared.host.service import PlacementService
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gantry.writer")
 QUEUE = WRITER_QUEUE
 STORE_ROUNDS = 3  # checks of one registration against what is stored, when other writers or commits move first
+# Replaced registrations held for judging: a worker changing its inventory on every message (or any worker while Redis
+# is away, when nothing is flushed) must not grow the list without end; past this, the oldest go unjudged.
+SUPERSEDED_MAX = 1000
 
 
 class StateWriter:
@@ -50,10 +55,15 @@ class StateWriter:
         # registrations a newer one of the same worker replaced before a flush: never stored, but still judged, so
         # a bad one is dead-lettered although its worker's genuine registration came right after it
         self.superseded: list[Worker] = []
+        self.unjudged = 0  # replaced registrations dropped since the last flush (past SUPERSEDED_MAX)
         self.beats: dict[str, tuple[Heartbeat, float]] = {}
         self.files: dict[tuple[str, str], ModelFile] = {}
         self._task: asyncio.Task[None] | None = None
-        self._asked: dict[str, float] = {}
+        self._asked = PerKeyThrottle(5.0)
+        # Model sources each worker reported files of through this writer: every one stays in Redis (and in every
+        # scoring snapshot) until its worker leaves, so past MAX_FILES_PER_WORKER a new one is refused. Counted per
+        # writer (replicas split the reports), which bounds what a worker stores to that many per writer run.
+        self.sources: dict[str, set[str]] = {}
         self._wire()
 
     def _wire(self) -> None:
@@ -69,7 +79,7 @@ class StateWriter:
                 return
             replaced = self.registrations.get(reg.worker.name)
             if replaced is not None and replaced != reg.worker:
-                self.superseded.append(replaced)
+                self.keep_superseded([replaced])
             self.registrations[reg.worker.name] = reg.worker
 
         async def on_heartbeat(body: bytes, sender: str) -> None:
@@ -95,6 +105,8 @@ class StateWriter:
             reason = impersonation(upd.worker, sender) or bad_worker_name(upd.worker)
             if not reason and upd.worker not in self.registrations and upd.worker not in svc.feed.inventory:
                 reason = f"from unknown worker {upd.worker!r} (register first)"
+            if not reason and not self.room_for(upd.worker, upd.source):
+                reason = f"worker {upd.worker} reports files of more than {MAX_FILES_PER_WORKER} model sources"
             if reason:
                 await svc.bus.dead_letter(subjects.MODEL_FILE, f"model file: {reason}", body)
                 return
@@ -105,6 +117,29 @@ class StateWriter:
         svc.listen_reports(subjects.REGISTER, on_register, queue=QUEUE)
         svc.listen_reports(subjects.HEARTBEAT, on_heartbeat, queue=QUEUE)
         svc.listen_reports(subjects.MODEL_FILE, on_file, queue=QUEUE)
+
+    def keep_superseded(self, workers: list[Worker]) -> None:
+        """Hold replaced registrations for judging, the newest ``SUPERSEDED_MAX`` at most."""
+        self.superseded.extend(workers)
+        if len(self.superseded) > SUPERSEDED_MAX:
+            dropped = len(self.superseded) - SUPERSEDED_MAX
+            del self.superseded[:dropped]
+            self.unjudged += dropped  # logged once per flush, not once per message
+
+    def room_for(self, worker: str, source: str) -> bool:
+        """Whether ``worker``'s files of ``source`` may be stored (counted as stored if so)."""
+        held = self.sources.get(worker)
+        if held is None:
+            if len(self.sources) > 2 * len(self.service.feed.inventory) + 64:  # workers gone: forget their counts
+                known = self.service.feed.inventory
+                self.sources = {w: got for w, got in self.sources.items() if w in known or w in self.registrations}
+            held = self.sources[worker] = set()
+        if source in held:
+            return True
+        if len(held) >= MAX_FILES_PER_WORKER:
+            return False
+        held.add(source)
+        return True
 
     async def store_registrations(self, regs: dict[str, Worker]) -> dict[str, int]:
         """Store the registrations that keep every GPU and the RAM their worker holds claims on (the ledger's view);
@@ -166,9 +201,8 @@ class StateWriter:
         """Ask one worker (or all) to re-register; per worker at most once every few seconds."""
         now = self.service.clock()
         key = worker or "*"
-        if now - self._asked.get(key, float("-inf")) < 5.0:
+        if not self._asked.allow(key, now):
             return
-        self._asked[key] = now
         await self.service.bus.publish(subjects.SYNC, SyncRequest(worker=worker))
 
     def start(self) -> None:
@@ -192,6 +226,9 @@ class StateWriter:
         store = self.service.store
         regs, self.registrations = self.registrations, {}
         superseded, self.superseded = self.superseded, []
+        if self.unjudged:
+            log.warning("%d replaced registrations went unjudged (more than %d waiting)", self.unjudged, SUPERSEDED_MAX)
+            self.unjudged = 0
         beats, self.beats = self.beats, {}
         files, self.files = self.files, {}
         try:
@@ -203,7 +240,8 @@ class StateWriter:
             # Keep what we had (newer reports win) and retry on the next flush.
             for k, v in regs.items():
                 self.registrations.setdefault(k, v)
-            self.superseded[:0] = superseded
+            newer, self.superseded = self.superseded, []
+            self.keep_superseded([*superseded, *newer])
             for k2, b in beats.items():
                 self.beats.setdefault(k2, b)
             for k3, f in files.items():

@@ -48,13 +48,15 @@ def check_registration(reg: WorkerRegistration) -> str | None:
 
 
 def check_heartbeat(hb: Heartbeat, inventory: Worker | None) -> str | None:
-    """A heartbeat must come from a registered worker and name only GPUs it registered."""
+    """A heartbeat must come from a registered worker and name only GPUs it registered, each once."""
     if inventory is None:
         return f"heartbeat from unknown worker {hb.worker!r} (register first)"
     known = {g.index for g in inventory.gpus}
-    unknown = [u.index for u in hb.gpus if u.index not in known]
-    if unknown:
-        return f"heartbeat from {hb.worker} for unknown GPUs {unknown} (registered: {sorted(known)})"
+    named = {u.index for u in hb.gpus}
+    if len(named) != len(hb.gpus):  # two figures for one GPU: neither can be trusted
+        return f"heartbeat from {hb.worker}: duplicate GPU indexes {[u.index for u in hb.gpus]}"
+    if not named <= known:
+        return f"heartbeat from {hb.worker} for unknown GPUs {sorted(named - known)} (registered: {sorted(known)})"
     if hb.ram_used < 0 or any(u.vram_used < 0 for u in hb.gpus):
         return f"heartbeat from {hb.worker}: negative usage"
     return None

@@ -22,6 +22,9 @@ Why each number (``docs/operations.md`` lists them for operators):
 - ``MAX_KV_BLOCKS``: a model server's KV-cache blocks; an H200's 141 GB holds ~4.4M tokens of the
   smallest real KV footprint (~32 KB a token), i.e. ~275k 16-token blocks: 16M is far above, and it bounds
   what a router's precise prefix index holds for one server (it sizes that index from the report);
+- ``MAX_FILES_PER_WORKER``: model sources whose files one worker reports on: every one is kept (in Redis and in
+  every locality-scoring snapshot) until its worker leaves, so a worker reporting ever new sources would grow
+  both without end; a thousand models' weights on one machine is tens of terabytes;
 - ``MAX_MESSAGE_BYTES``: NATS ``max_payload`` (``ops/config/nats.conf``); ``MAX_SPEC_BYTES``: a spec file;
 - nesting depth: unknown JSON fields are skipped by the decoder, which recurses; anything deeper than
   the interpreter allows is refused as invalid (never a RecursionError).
@@ -64,6 +67,7 @@ MAX_INSTANCES_PER_WORKER = 10_000
 MAX_BATCH_ITEMS = 20_000  # items, outcomes or events in one message
 MAX_POOL_ENDPOINTS = 10_000  # model servers one picker routes over (all models); more reports are refused
 MAX_KV_BLOCKS = 1 << 24  # KV blocks one model server reports (a router indexes up to ~1.25x this per server)
+MAX_FILES_PER_WORKER = 1_000  # model sources one worker reports files of; a new one past this is refused
 MAX_LIST = 10_000  # any other list in a message (GPU ids, local paths, parameters)
 
 MAX_MESSAGE_BYTES = 8 * MIB
@@ -107,6 +111,12 @@ def _bad_name(kind: str, name: str, pattern: re.Pattern[str], dots: bool) -> str
     if not pattern.match(name):
         return f"invalid {kind} name {name!r}: " + _GRAMMAR.format(dots=", '.'" if dots else "")
     return None
+
+
+def decimal(text: str) -> bool:
+    """Whether ``text`` is a plain non-negative decimal number: ASCII digits only (``str.isdigit`` also takes
+    ``'²'`` and other digits that ``int`` refuses, which raised deep inside whoever parsed the text)."""
+    return text.isascii() and text.isdigit()
 
 
 def bad_model_name(name: str) -> str | None:

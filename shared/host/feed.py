@@ -140,7 +140,8 @@ class SnapshotFeed:
         return None
 
     def on_file(self, upd: ModelFileUpdate) -> None:
-        """Apply a model-file readiness update."""
+        """Apply a model-file readiness update (one of a new source past the worker's limit is left out: the state
+        writer dead-letters it)."""
         self.snapshot.set_model_file(
             ModelFile(source=upd.source, worker=upd.worker, state=upd.state, progress=upd.progress)
         )

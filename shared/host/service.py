@@ -58,6 +58,7 @@ from shared.host.feed import Feed, SnapshotFeed
 from shared.host.isolation import SplitBatch, ack_all, guarded, isolating, run_batch, settle, transient
 from shared.host.metrics import ServiceMetrics, requested_times
 from shared.host.tasks import cancel_until_done
+from shared.host.throttle import PerKeyThrottle
 from shared.settings import Settings, load_settings
 from shared.state.store import StateStore
 
@@ -105,7 +106,7 @@ class PlacementService:
         self._listens: list[tuple[str, str, RawHandler]] = []
         self._reports: list[tuple[str, str, ReportHandler]] = []
         self._loops: set[asyncio.Task[None]] = set()
-        self._asked: dict[str, float] = {}
+        self._asked = PerKeyThrottle(2.0)  # sync requests per unknown worker heard from
         self.app.on_startup(self._declare)
         self.app.after_startup(self._load)
         self.app_stopping = False  # set first thing at shutdown: background loops check it
@@ -321,8 +322,7 @@ class PlacementService:
 
     async def _ask_to_register(self, worker: str) -> None:
         now = self.clock()
-        if now - self._asked.get(worker, float("-inf")) >= 2.0:
-            self._asked[worker] = now
+        if self._asked.allow(worker, now):
             await self.bus.publish(subjects.SYNC, SyncRequest(worker=worker))
 
     @staticmethod

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from shared.core.limits import MAX_REPLICAS, bad_model_name
+from shared.core.limits import MAX_ATTEMPTS, MAX_REPLICAS, bad_model_name, decimal
 from shared.core.placement.domain import (
     Gpu,
     Instance,
@@ -228,6 +228,53 @@ def _load(dec: msgspec.json.Decoder[R], raw: bytes | str, what: str) -> R | None
         return None
 
 
+def _time(raw: Any, what: str) -> float:
+    """A stored time, or 0.0 ("long ago", logged) when it is not a finite, non-negative number: a value written
+    past this layer must not crash the reader (one bad entry stopped every periodic check), and an infinite
+    last-seen time would keep a dead worker READY for ever."""
+    try:
+        t = float(raw)
+    except (TypeError, ValueError):
+        t = math.nan
+    if math.isfinite(t) and t >= 0.0:
+        return t
+    log.warning("reading a stored %s of %r as long ago (not a finite time)", what, raw)
+    return 0.0
+
+
+def _record(raw: Any, what: str) -> dict[str, Any] | list[Any] | None:
+    """A stored JSON bookkeeping record (an object or a list), or None (logged) when it is not one."""
+    try:
+        got = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError, TypeError):
+        got = None
+    if isinstance(got, dict | list):
+        return got
+    log.warning("ignoring a stored %s that is not a record: %r", what, raw[:80] if isinstance(raw, bytes) else raw)
+    return None
+
+
+def _state(raw: Any) -> InstanceState | None:
+    """A stored instance state, or None (logged) when it is none of them."""
+    try:
+        return InstanceState(_s(raw))
+    except ValueError:
+        log.warning("ignoring a stored instance state that is none: %r", raw)
+        return None
+
+
+def _stored_instance(raw: Any, st: Any, reason: Any) -> Instance | None:
+    """An instance from its stored record, state and reason, or None when it is not there or not readable (a
+    record or state outside today's limits is left out, never raised: every service reads them all at start)."""
+    if raw is None or st is None:
+        return None
+    inst = _load(_dec_inst, raw, "instance")
+    state = _state(st)
+    if inst is None or state is None:
+        return None
+    return msgspec.structs.replace(inst, state=state, reason=_s(reason) if reason is not None else None)
+
+
 def _checked(dec: msgspec.json.Decoder[Any], raw: bytes, what: str) -> bytes:
     """``raw`` if it decodes within the limits, else InvalidRecord: nothing outside them is stored."""
     try:
@@ -366,7 +413,7 @@ class StateStore:
                 continue
             hb_raw = usage.get(name_b)
             hb = _load(_dec_usage, hb_raw, "heartbeat") if hb_raw else None
-            last = float(seen.get(name_b, 0.0) or 0.0)
+            last = _time(seen.get(name_b, 0.0) or 0.0, "last-seen time")
             out.append(apply_usage(w, hb, last, cordoned))
         return sorted(out, key=lambda w: w.name)
 
@@ -424,7 +471,10 @@ class StateStore:
     async def desired(self) -> dict[str, int]:
         """Desired replicas by model name."""
         raw = await self.r.hgetall(Keys.desired)
-        return {_s(k): min(max(int(v), 0), MAX_REPLICAS) for k, v in raw.items() if _s(v).lstrip("-").isdigit()}
+        got = {_s(k): _s(v) for k, v in raw.items()}
+        # A negative count reads as 0, as it always did; text that is no count ("--5", "²") is left out.
+        return {k: 0 if v.startswith("-") else min(int(v), MAX_REPLICAS) for k, v in got.items()
+                if decimal(v.removeprefix("-"))}
 
     # -- instances -------------------------------------------------------------------------------------
 
@@ -449,26 +499,16 @@ class StateStore:
             pipe.hmget(Keys.inst_state, ids)
             pipe.hmget(Keys.inst_reason, ids)
             raws, sts, rs = await pipe.execute()
-        out = []
-        for raw, st, reason in zip(raws, sts, rs, strict=True):
-            if raw is None or st is None:
-                continue
-            inst = _load(_dec_inst, raw, "instance")
-            if inst is None:
-                continue
-            out.append(
-                msgspec.structs.replace(
-                    inst, state=InstanceState(_s(st)), reason=_s(reason) if reason is not None else None
-                )
-            )
-        return sorted(out, key=lambda i: i.id)
+        got = (_stored_instance(raw, st, reason) for raw, st, reason in zip(raws, sts, rs, strict=True))
+        return sorted((i for i in got if i is not None), key=lambda i: i.id)
 
     async def states(self, ids: Sequence[str]) -> dict[str, InstanceState]:
         """The current state of each of ``ids`` that exists (one round trip)."""
         if not ids:
             return {}
         raw = await self.r.hmget(Keys.inst_state, list(ids))
-        return {i: InstanceState(_s(v)) for i, v in zip(ids, raw, strict=True) if v is not None}
+        got = {i: _state(v) for i, v in zip(ids, raw, strict=True) if v is not None}
+        return {i: st for i, st in got.items() if st is not None}
 
     async def instance(self, instance_id: str) -> Instance | None:
         """One instance with its current state, or None."""
@@ -477,14 +517,25 @@ class StateStore:
         pipe.hget(Keys.inst_state, instance_id)
         pipe.hget(Keys.inst_reason, instance_id)
         raw, st, reason = await pipe.execute()
-        if raw is None or st is None:
-            return None
-        inst = _load(_dec_inst, raw, "instance")
-        if inst is None:
-            return None
-        return msgspec.structs.replace(
-            inst, state=InstanceState(_s(st)), reason=_s(reason) if reason is not None else None
-        )
+        return _stored_instance(raw, st, reason)
+
+    async def instances_by_id(self, ids: Sequence[str]) -> dict[str, Instance]:
+        """Those of ``ids`` that exist, with their current state (one round trip, however many ids: a report
+        batch names up to 20,000, and one read each took the status consumer seconds)."""
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(Keys.inst, ids)
+        pipe.hmget(Keys.inst_state, ids)
+        pipe.hmget(Keys.inst_reason, ids)
+        raws, sts, rs = await pipe.execute()
+        out = {}
+        for raw, st, reason in zip(raws, sts, rs, strict=True):
+            inst = _stored_instance(raw, st, reason)
+            if inst is not None:
+                out[inst.id] = inst
+        return out
 
     async def set_reasons(self, reasons: dict[str, str]) -> None:
         """Keep the latest reason of PENDING instances (one round trip)."""
@@ -498,7 +549,7 @@ class StateStore:
 
     async def drains(self) -> dict[str, float]:
         """Instances DRAINING and since when."""
-        return {_s(k): float(v) for k, v in (await self.r.hgetall(Keys.drains)).items()}
+        return {_s(k): _time(v, "drain start") for k, v in (await self.r.hgetall(Keys.drains)).items()}
 
     async def forget_drains(self, ids: Sequence[str]) -> None:
         """Drop drain bookkeeping of removed instances."""
@@ -515,11 +566,13 @@ class StateStore:
         await pipe.execute()
 
     async def failures(self) -> dict[str, tuple[float, str]]:
-        """ERROR instances: (since, message)."""
+        """ERROR instances: (since, message). A record that is not one reads as failed long ago (never as
+        failing now again: the first record is kept, so that would put its replacement off for ever)."""
         out = {}
         for k, v in (await self.r.hgetall(Keys.failures)).items():
-            d = msgspec.json.decode(v)
-            out[_s(k)] = (float(d["since"]), str(d.get("message", "")))
+            d = _record(v, "failure")
+            got = d if isinstance(d, dict) else {}
+            out[_s(k)] = (_time(got.get("since"), "failure time"), str(got.get("message", ""))[:1024])
         return out
 
     async def forget_failures(self, ids: Sequence[str]) -> None:
@@ -534,11 +587,14 @@ class StateStore:
             await self.r.hset(Keys.restarts, mapping=mapping)  # type: ignore[arg-type]
 
     async def restarts(self) -> dict[str, tuple[int, float]]:
-        """Per model: (count, last replacement time)."""
+        """Per model: (count, last replacement time); a record that is not one is left out (the count starts
+        again)."""
         out = {}
         for k, v in (await self.r.hgetall(Keys.restarts)).items():
-            d = msgspec.json.decode(v)
-            out[_s(k)] = (int(d["count"]), float(d["last_at"]))
+            d = _record(v, "restart count")
+            count = d.get("count") if isinstance(d, dict) else None
+            if isinstance(count, int) and 0 <= count <= MAX_ATTEMPTS:
+                out[_s(k)] = (count, _time(d.get("last_at") if isinstance(d, dict) else None, "restart time"))
         return out
 
     async def set_retries(self, retries: dict[str, tuple[int, float, float]]) -> None:
@@ -556,9 +612,12 @@ class StateStore:
         else:
             raw = {}
         out = {}
-        for iid, v in raw.items():
-            a, n, r = msgspec.json.decode(v)
-            out[iid] = (int(a), float(n), float("-inf") if r is None else float(r))
+        for iid, v in raw.items():  # a record that is not one is left out: the replica is retried as if new
+            d = _record(v, "retry")
+            if not (isinstance(d, list) and len(d) == 3 and isinstance(d[0], int) and 0 <= d[0] <= MAX_ATTEMPTS):
+                continue
+            a, n, r = d
+            out[iid] = (a, _time(n, "retry time"), float("-inf") if r is None else _time(r, "retry request time"))
         return out
 
     async def forget_retries(self, ids: Sequence[str]) -> None:
@@ -731,7 +790,7 @@ class StateStore:
             args = [v for iid, worker, state in part for v in (iid, worker, state.value)]
             keys = [Keys.inst_state, Keys.inst_worker, Keys.inst, call_key(Keys.replay)]
             raw = await self._set_state(keys=keys, args=args)
-            out += [InstanceState(_s(p)) if _s(p) else None for p in raw]
+            out += [_state(p) if _s(p) else None for p in raw]
         return out
 
     async def ledger(self) -> dict[str, tuple[int, int]]:

@@ -246,3 +246,29 @@ async def test_the_gateway_reads_the_instances_and_nothing_else_of_the_store(
     finally:
         await store.close()
         await client.aclose()
+
+
+async def test_the_cli_cannot_acknowledge_a_message_a_service_pulled(
+    nats_server: ServerProcess, credentials: Credentials, admin: Client
+) -> None:
+    # The server takes an ack from whoever publishes on the ack subject: the CLI must not be let publish there.
+    stream = f"SEC_{uuid.uuid4().hex[:8].upper()}"
+    js = admin.jetstream()
+    await js.add_stream(name=stream, subjects=[f"sec.{stream}.>"])
+    await js.publish(f"sec.{stream}.x", b"work")
+    sub = await js.pull_subscribe(f"sec.{stream}.x", durable="svc", stream=stream)
+    [msg] = await sub.fetch(1, timeout=5)
+    cli = await as_identity(nats_server, credentials, "cli")
+    assert cli.nc is not None
+    try:
+        await cli.nc.publish(msg.reply, b"+ACK")
+        await cli.nc.flush()
+        for _ in range(50):  # the server's refusal comes back asynchronously (a loaded host: later)
+            if cli.violated(msg.reply.lower()):  # (nats-py reports the subject in lower case)
+                break
+            await asyncio.sleep(0.1)
+        assert cli.violated(msg.reply.lower())
+        assert (await js.consumer_info(stream, "svc")).num_ack_pending == 1
+    finally:
+        await cli.nc.close()
+        await js.delete_stream(stream)

@@ -53,14 +53,12 @@ class PlacementContext:
         selector = self.model.gpu_selector
         if selector is None:
             return ()
-        out: list[tuple[str, int]] = []
+        out: dict[tuple[str, int], None] = {}  # ordered, and a set: 10,000 ids deduplicated by a list took 1 s
         for gpu_id in selector.gpu_ids:
             worker, _, index = gpu_id.rpartition(":")
-            if not worker or not index.isdigit():
+            if not worker or not (index.isascii() and index.isdigit()):  # limits.decimal, inline
                 continue  # reported by the gpu_selector filter, never fatal
-            key = (worker, int(index))
-            if key not in out:
-                out.append(key)
+            out[(worker, int(index))] = None
         return tuple(out)
 
     def gpu_eligible(self, gpu: GpuView) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from shared.core.limits import decimal
 from shared.core.placement.domain import Instance, ModelFile, ModelSpec, Worker
 from shared.core.placement.profile import Profile
 from shared.core.placement.registry import validate_profile
@@ -108,7 +109,7 @@ def _check(s: Scenario) -> None:
     selector = s.model.gpu_selector
     for gpu_id in selector.gpu_ids if selector else ():
         worker, sep, index = gpu_id.rpartition(":")
-        if not sep or not worker or not index.isdigit():
+        if not sep or not worker or not decimal(index):
             raise ScenarioError(f"gpu id {gpu_id!r} is not of the form worker:index")
     if s.model.replicas < 0 or (s.replicas is not None and s.replicas < 1):
         raise ScenarioError("replicas must be at least 1")

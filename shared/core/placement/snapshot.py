@@ -19,6 +19,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from shared.core.limits import MAX_FILES_PER_WORKER
 from shared.core.placement.domain import (
     Instance,
     ModelFile,
@@ -141,6 +142,7 @@ class ClusterSnapshot:
         self._worker_total: dict[str, int] = {}
         self._gpu_total: dict[tuple[str, int], int] = {}
         self._files: dict[str, dict[str, ModelFile]] = {}
+        self._file_count: dict[str, int] = {}  # worker -> sources in _files it has files of
         self._codes: dict[str, dict[str, int]] = {"cluster": {}, "vendor": {}, "type": {}}
         self._type_names: list[tuple[str, str]] = []
         self._rank_dirty = True
@@ -505,16 +507,33 @@ class ClusterSnapshot:
 
     # ---------------------------------------------------------------- model files
 
-    def set_model_file(self, model_file: ModelFile) -> None:
-        """Record the readiness of a model source's files on one worker."""
+    def set_model_file(self, model_file: ModelFile) -> bool:
+        """Record the readiness of a model source's files on one worker; False (nothing recorded) for a new source
+        of a worker that has ``MAX_FILES_PER_WORKER`` already (each is kept until it is removed)."""
+        source, worker = model_file.source, model_file.worker
+        per = self._files.setdefault(source, {})
+        if worker not in per:
+            held = self._file_count.get(worker, 0)
+            if held >= MAX_FILES_PER_WORKER:
+                if not per:
+                    del self._files[source]
+                return False
+            self._file_count[worker] = held + 1
         self.version += 1
-        self._files.setdefault(model_file.source, {})[model_file.worker] = model_file
-        self._ready_changed(model_file.source, model_file.worker, model_file.state == ModelFileState.READY)
+        per[worker] = model_file
+        self._ready_changed(source, worker, model_file.state == ModelFileState.READY)
+        return True
 
     def remove_model_file(self, source: str, worker: str) -> None:
         """Forget a model source's files on one worker."""
         self.version += 1
-        self._files.get(source, {}).pop(worker, None)
+        per = self._files.get(source, {})
+        if per.pop(worker, None) is not None:
+            self._file_count[worker] -= 1
+            if not self._file_count[worker]:
+                del self._file_count[worker]
+            if not per:
+                del self._files[source]
         self._ready_changed(source, worker, False)
 
     def _ready_changed(self, source: str, worker: str, ready: bool) -> None:

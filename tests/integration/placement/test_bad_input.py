@@ -68,6 +68,7 @@ async def test_bad_input_is_dead_lettered_and_valid_work_continues(stack: Stack)
 HEARTBEATS = [
     ("unknown-gpu", encode(Heartbeat(worker="w0", gpus=(GpuUsage(index=42, vram_used=0),))), "unknown GPUs [42]"),
     ("unknown-worker", encode(Heartbeat(worker="stranger")), "unknown worker 'stranger'"),
+    ("gpu-twice", encode(Heartbeat(worker="w0", gpus=(GpuUsage(index=0, vram_used=0),) * 2)), "duplicate GPU indexes"),
     ("wrong-types", b'{"worker": ["w0"]}', "invalid Heartbeat"),
     ("malformed", b"\xff\xfe", "invalid Heartbeat"),
 ]

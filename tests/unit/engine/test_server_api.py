@@ -160,7 +160,7 @@ def _count_short_way(app: Any) -> list[str]:
 
 _BAD_BODIES: list[tuple[str, str, bytes, str, str]] = [
     # (path, content type, body, what the 400 names, case)
-    ("/v1/completions", "application/json", b'{"prompt": [1, 2', "JSON decode error", "truncated JSON"),
+    ("/v1/completions", "application/json", b'{"prompt": [1, 2', "not valid JSON", "truncated JSON"),
     ("/v1/completions", "application/json", b'{"prompt": [1, 2], "max_tokens": 0}', "max_tokens", "max_tokens 0"),
     ("/v1/completions", "application/json", b'{"max_tokens": 3}', "prompt: Field required", "no prompt"),
     ("/v1/completions", "application/json", b'{"prompt": {"a": 1}}', "prompt", "prompt of the wrong type"),

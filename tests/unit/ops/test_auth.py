@@ -50,6 +50,20 @@ def test_no_identity_but_the_admin_may_purge_or_delete(identity: str) -> None:
     assert not any("PURGE" in p or ".DELETE." in p for p in perms.publish)
 
 
+@pytest.mark.parametrize(
+    ("stream", "consumer"),
+    [("GANTRY_PIPE", "filter"), ("GANTRY_PIPE", "reconciler-commit"), ("GANTRY_CMD", "reconciler-cmd"),
+     ("GANTRY_STATUS", "reconciler-status")],
+)
+def test_the_cli_cannot_acknowledge_a_services_messages_away(stream: str, consumer: str) -> None:
+    assert not covered(f"$JS.ACK.{stream}.{consumer}.1.7.7.1700000000000000000.0", permissions("cli").publish)
+
+
+def test_the_cli_may_acknowledge_its_own_replays_of_events_and_dead_letters() -> None:
+    for stream in ("GANTRY_EVENTS", "GANTRY_DLQ"):
+        assert covered(f"$JS.ACK.{stream}.replay1.1.7.7.1700000000000000000.0", permissions("cli").publish)
+
+
 def test_a_worker_agent_speaks_only_for_itself() -> None:
     perms = permissions("worker-w7")
     assert set(perms.publish) == {subjects.worker_register("w7"), subjects.worker_heartbeat("w7"),

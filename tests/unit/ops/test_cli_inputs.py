@@ -59,7 +59,7 @@ def test_model_names_outside_the_grammar_are_refused(args: tuple[str, ...]) -> N
 
 
 @pytest.mark.usefixtures("no_stack")
-@pytest.mark.parametrize("target", ["../w0", "w.0", "w>", "w0:99999999999999"])
+@pytest.mark.parametrize("target", ["../w0", "w.0", "w>", "w0:99999999999999", "w0:²", "w0:٣"])
 def test_cordon_targets_outside_the_grammar_are_refused(target: str) -> None:
     code, err = gantry("cordon", target)
     assert code == 2 and err.count("\n") == 1, err

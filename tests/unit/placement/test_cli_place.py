@@ -99,6 +99,7 @@ def test_malformed_scenario_exits_2_with_one_line(capsys):
         ('{"workers": []}', "invalid scenario"),
         ('{"model": {"name": "m"}, "workers": [{"name": "a"}, {"name": "a"}]}', "duplicate worker names"),
         ('{"model": {"name": "m", "gpu_selector": {"gpu_ids": ["w1"]}}, "workers": []}', "worker:index"),
+        ('{"model": {"name": "m", "gpu_selector": {"gpu_ids": ["w1:\u00b2"]}}, "workers": []}', "worker:index"),
         ('{"model": {"name": "m"}, "workers": [], "surprise": 1}', "invalid scenario"),
     ],
 )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from shared.core.limits import MAX_LIST
 from shared.core.placement.domain import Backend, GpuSelector, ModelSpec
 from shared.core.placement.filters import FILTERS
+from shared.core.placement.filters.backend import version_tuple
 from shared.core.placement.pipeline import run_filters
 from shared.core.placement.profile import DEFAULT_FILTERS, Profile
 from tests.unit.placement.helpers import NOW, ctx, gpu, snapshot, worker
@@ -94,12 +98,28 @@ def test_fast_and_reference_filter_chains_agree():
     assert run_filters(snap, model, NOW) == run_filters(snap, model, NOW, exhaustive=True)
 
 
-def test_malformed_gpu_ids_are_reported_not_fatal():
-    model = ModelSpec(name="m", gpu_selector=GpuSelector(gpu_ids=("w:0", "nonsense", "w:x")))
-    result = run_filters(snapshot(worker("w")), model, NOW)
+@pytest.mark.parametrize("exhaustive", [False, True])
+def test_malformed_gpu_ids_are_reported_not_fatal(exhaustive: bool) -> None:
+    # "²" and "٣" are digits to str.isdigit, not to int(): they raised inside every filter run of the model
+    model = ModelSpec(name="m", gpu_selector=GpuSelector(gpu_ids=("w:0", "nonsense", "w:x", "w:²", "w:٣", "w:-1")))
+    result = run_filters(snapshot(worker("w")), model, NOW, exhaustive=exhaustive)
     report = next(r for r in result.reports if r.filter == "gpu_selector")
-    assert {d.subject for d in report.dropped} == {"nonsense", "w:x"}
+    assert {d.subject for d in report.dropped} == {"nonsense", "w:x", "w:²", "w:٣", "w:-1"}
     assert result.survivors == ("w",)
+
+
+def test_the_most_gpu_ids_a_spec_may_hold_are_filtered_in_linear_time() -> None:
+    ids = tuple(f"w{n // 8}:{n % 8}" for n in range(MAX_LIST))  # a pairwise duplicate check took 1.2 s of CPU
+    model = ModelSpec(name="m", gpu_selector=GpuSelector(gpu_ids=(*ids, *ids)[:MAX_LIST]))
+    started = time.process_time()
+    result = run_filters(snapshot(worker("w0"), worker("w1")), model, NOW)
+    assert time.process_time() - started < 0.3
+    assert result.survivors == ("w0", "w1")
+
+
+@pytest.mark.parametrize(("version", "parsed"), [("12.1.1", (12, 1, 1)), ("12.²", (12, 0)), ("x.٣", (0, 0))])
+def test_runtime_versions_count_parts_that_are_not_plain_numbers_as_zero(version: str, parsed: tuple[int, ...]) -> None:
+    assert version_tuple(version) == parsed
 
 
 @pytest.mark.parametrize(

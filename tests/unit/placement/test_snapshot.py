@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from shared.core.limits import MAX_FILES_PER_WORKER
 from shared.core.placement.domain import GIB, InstanceState, ModelFile, ModelFileState, SubordinateWorker, WorkerState
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
 from tests.unit.placement.helpers import NOW, gpu, instance, snapshot, worker
@@ -127,6 +128,19 @@ def test_sorted_names_of_a_row_mask_follow_renames():
     snap.remove_worker("a")
     snap.upsert_worker(worker("y"))
     assert snap.names_where(snap.w_present[: snap.rows].copy()) == ["m", "y", "z"]
+
+
+def test_a_worker_reporting_files_of_ever_new_sources_is_held_to_the_limit():
+    snap = snapshot(worker("w1"), worker("w2"))
+    ready = ModelFileState.READY
+    for n in range(MAX_FILES_PER_WORKER):
+        assert snap.set_model_file(ModelFile(source=f"s{n}", worker="w1", state=ready))
+    assert not snap.set_model_file(ModelFile(source="one-more", worker="w1", state=ready))
+    assert not snap.model_file_ready("one-more", "w1") and len(snap.model_files()) == MAX_FILES_PER_WORKER
+    assert snap.set_model_file(ModelFile(source="s0", worker="w1", state=ModelFileState.ERROR))  # known: updated
+    assert snap.set_model_file(ModelFile(source="one-more", worker="w2", state=ready))  # another worker's own count
+    snap.remove_model_file("s0", "w1")
+    assert snap.set_model_file(ModelFile(source="one-more", worker="w1", state=ready))  # room again
 
 
 def test_model_file_readiness_is_recorded_per_source_and_worker():

@@ -9,14 +9,18 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
+
 from bench.noop_authz import answer
 from services.gateway.http1 import MALFORMED, MAX_HEAD_BYTES, Answer, OneByOne, content_length, headers_of, response
 
 
 @asynccontextmanager
-async def connected(reply: Answer) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+async def connected(reply: Answer, read_timeout_s: float = 30.0
+                    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     """A live server answering with ``reply``, and one client connection to it."""
-    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(reply), "127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: OneByOne(reply, read_timeout_s=read_timeout_s), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -241,3 +245,33 @@ async def test_a_large_body_arriving_in_many_small_reads_costs_linear_time() -> 
     assert answered == [size]
     # copying the buffer once per read (quadratic) took several seconds of CPU here; linear takes ~10 ms
     assert cpu < 1.0, cpu
+
+
+@pytest.mark.parametrize("sent", [b"POST /a HTTP/1.1\r\ncontent-le",
+                                  b"POST /a HTTP/1.1\r\ncontent-length: 10\r\n\r\nabc"],
+                         ids=["half a head", "a body shorter than its length"])
+async def test_a_request_not_whole_in_time_closes_the_connection(sent: bytes) -> None:
+    async with connected(_ok, read_timeout_s=0.2) as (reader, writer):
+        writer.write(sent)
+        assert await _closed(reader) == b""
+
+
+async def test_a_request_trickled_a_byte_at_a_time_is_closed_when_its_time_is_up() -> None:
+    request = b"POST /a HTTP/1.1\r\ncontent-length: 2\r\n\r\nok"
+    async with connected(_ok, read_timeout_s=0.3) as (reader, writer):
+        t0 = time.perf_counter()
+        for byte in request[:-1]:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.02)  # each byte in time, the whole too slow
+            if reader.at_eof() or writer.is_closing():
+                break
+        assert await _closed(reader) == b"" and time.perf_counter() - t0 < 3
+
+
+async def test_an_idle_connection_and_whole_requests_are_not_timed_out() -> None:
+    async with connected(_ok, read_timeout_s=0.2) as (reader, writer):
+        await asyncio.sleep(0.4)  # idle, nothing buffered: Envoy pools such connections
+        for _ in range(2):
+            writer.write(b"POST /a HTTP/1.1\r\ncontent-length: 2\r\n\r\nok")
+            assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.3)

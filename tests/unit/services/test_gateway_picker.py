@@ -48,15 +48,26 @@ def chat(prompt: str = "hello", model: str = "m", **extra: Any) -> bytes:
     (b'{"model": "m", "messages": []}', "non-empty"),
     (b'{"model": "m", "messages": ["x"]}', "object"),
     (b'{"model": "m", "messages": [{"role": "user", "content": 5}]}', "string"),
+    (b'{"model": "' + b"m" * 100_000 + b'", "prompt": "x"}', "at most 512 characters"),  # echoed in refusals
+    (b'{"model": "m", "prompt": "\\ud800"}', "not JSON"),  # a lone surrogate
+    (b'{"model": "m", "prompt": "x", "temperature": NaN}', "not JSON"),
+    (b'{"model": "m", "prompt": "x", "temperature": 1e400}', "not JSON"),
 ])
 def test_unroutable_bodies_are_refused_with_a_reason(body: bytes, why: str) -> None:
     with pytest.raises(BadRequest, match=why):
         parse_request("r", body, {})
 
 
-def test_priority_header_must_be_an_integer() -> None:
+@pytest.mark.parametrize("value", ["high", "1e400", "9" * 5000, "9" * 4000, str(1 << 31), str(-(1 << 31) - 1)])
+def test_priority_header_must_be_a_32_bit_integer(value: str) -> None:
     with pytest.raises(BadRequest, match="x-gantry-priority"):
-        parse_request("r", chat(), {"x-gantry-priority": "high"})
+        parse_request("r", chat(), {"x-gantry-priority": value})
+
+
+@pytest.mark.parametrize("max_tokens", [True, 0, -3, 10**30, "5", 2.5])
+def test_a_max_tokens_that_is_no_length_an_engine_serves_is_no_expected_length(max_tokens: object) -> None:
+    req, _ = parse_request("r", msgspec.json.encode({"model": "m", "prompt": "x", "max_tokens": max_tokens}), {})
+    assert req.expected_output_tokens is None
 
 
 def test_negative_priority_is_sheddable_and_stream_flag_is_read() -> None:
@@ -379,3 +390,10 @@ async def test_each_decision_has_its_own_id_carrying_the_clients_and_replicas_do
             router.finished(got.decision.request_id)
             ids.append(got.decision.request_id)
     assert len(set(ids)) == len(ids) and all(i.startswith("client-id#") for i in ids)
+
+
+@pytest.mark.parametrize("client_id", ["ab\ncd", "ab\rHTTP/1.1 200 OK", "a\x00b", "é"])
+async def test_a_client_request_id_with_controls_or_non_ascii_is_left_out_of_the_pick_id(client_id: str) -> None:
+    p, _ = picker(report("a", 8001))
+    got = await p.pick(chat("q"), {"x-request-id": client_id})  # the pick id goes out as a header value
+    assert isinstance(got, Picked) and got.decision.request_id.startswith("#")

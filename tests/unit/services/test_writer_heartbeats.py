@@ -29,6 +29,8 @@ def beat(*indexes: int, used: int = 0) -> Heartbeat:
         (beat(0, 1), ONE, TWO, False, True),  # the registration not stored yet knows it: kept, still asked
         (beat(0, 1), None, TWO, False, True),  # first heartbeat right after a registration: kept, asked
         (beat(0, used=-1), TWO, None, True, False),  # negative usage: refused, the inventory is not the problem
+        (beat(0, 0), TWO, None, True, False),  # one GPU twice: refused, the inventory is not the problem
+        (beat(0, 0), ONE, TWO, True, False),  # ... whichever inventory it is checked with
     ],
 )
 def test_heartbeat_verdict_and_whether_its_worker_is_asked_to_register(
@@ -62,3 +64,7 @@ def test_the_ask_matches_comparing_every_heartbeat_with_the_stored_inventory(
         expected = None
     assert reason == expected
     assert asked == (unlike_stored(hb, stored) and not bad_worker_name(hb.worker))
+
+
+def test_a_heartbeat_naming_a_gpu_twice_is_refused_with_the_indexes() -> None:
+    assert check_heartbeat(beat(1, 0, 1), TWO) == "heartbeat from w1: duplicate GPU indexes [1, 0, 1]"

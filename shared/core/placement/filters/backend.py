@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+from shared.core.limits import decimal
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Gpu, Worker
 from shared.core.placement.filters.base import Filter
@@ -58,6 +61,8 @@ class BackendFilter(Filter):
         return result
 
 
+@functools.lru_cache(maxsize=1024)
 def version_tuple(version: str) -> tuple[int, ...]:
-    """``"12.1.1"`` → ``(12, 1, 1)``; non-numeric parts count as 0."""
-    return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
+    """``"12.1.1"`` → ``(12, 1, 1)``; non-numeric parts count as 0. Cached: a cluster has few distinct versions,
+    and a profile with minimum versions parses one per GPU and worker on every filter run."""
+    return tuple(int(part) if decimal(part) else 0 for part in version.split("."))

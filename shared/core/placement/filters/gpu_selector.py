@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from shared.core.limits import decimal
 from shared.core.placement.context import PlacementContext, gpu_type_matches
 from shared.core.placement.domain import Worker
 from shared.core.placement.filters.base import Filter
@@ -60,7 +61,7 @@ class GpuSelectorFilter(Filter):
         """Selected GPU ids whose worker or GPU the cluster does not have."""
         selector = ctx.model.gpu_selector
         raw = selector.gpu_ids if selector is not None else ()
-        out = [g for g in raw if not g.rpartition(":")[0] or not g.rpartition(":")[2].isdigit()]
+        out = [g for g in raw if not g.rpartition(":")[0] or not decimal(g.rpartition(":")[2])]
         for name, index in ctx.selected_ids:
             worker = ctx.snapshot.worker(name)
             if worker is None or all(g.index != index for g in worker.gpus):

@@ -1,0 +1,76 @@
+"""A bookkeeping value in Redis that is not what its reader expects (written past the state layer, by hand or an
+older build) is read as "long ago" or left out: it never raises, so it can neither stop the reconciler's periodic
+checks (every tick read all of them) nor stop a snapshot loading, and an infinite time never keeps a worker alive."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from shared.core.limits import MAX_REPLICAS
+from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, Worker
+from shared.state import StateStore
+
+W0 = Worker(name="w0", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=512 * GIB)
+BAD_TIMES = [b"soon", b"nan", b"inf", b"-inf", b"-5", b""]
+
+
+@pytest.mark.parametrize("raw", BAD_TIMES)
+async def test_a_last_seen_time_that_is_not_a_finite_time_reads_as_long_ago(store: StateStore, raw: bytes) -> None:
+    await store.register_workers([W0], 100.0)
+    await store.r.hset("gantry:seen", "w0", raw)
+    [w] = await store.workers()
+    assert w.last_heartbeat == 0.0
+
+
+@pytest.mark.parametrize("raw", BAD_TIMES)
+async def test_a_drain_start_that_is_not_a_finite_time_reads_as_long_ago(store: StateStore, raw: bytes) -> None:
+    await store.mark_drains(["good"], 50.0)
+    await store.r.hset("gantry:drains", "bad", raw)
+    assert await store.drains() == {"good": 50.0, "bad": 0.0}
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[]", b"7", b'{"since": "x"}', b'{"since": NaN}', b'{"message": 1}',
+                                 b'{"since": 1e999}'])
+async def test_a_failure_record_that_is_not_one_reads_as_failed_long_ago(store: StateStore, raw: bytes) -> None:
+    await store.record_failures({"good": (10.0, "oom")})
+    await store.r.hset("gantry:failures", "bad", raw)
+    got = await store.failures()
+    assert got["good"] == (10.0, "oom")
+    assert got["bad"][0] == 0.0
+
+
+@pytest.mark.parametrize("raw", [b"{", b'{"count": -1, "last_at": 1}', b'{"count": "2", "last_at": 1}', b'"x"',
+                                 b'{"last_at": 1}'])
+async def test_a_restart_record_that_is_not_one_is_left_out(store: StateStore, raw: bytes) -> None:
+    await store.set_restarts({"good": (2, 30.0)})
+    await store.r.hset("gantry:restarts", "bad", raw)
+    assert await store.restarts() == {"good": (2, 30.0)}
+
+
+@pytest.mark.parametrize("raw", [b"[", b"[1, 2]", b'["a", 1, null]', b"[-1, 1, null]", b'{"a": 1}', b"null"])
+async def test_a_retry_record_that_is_not_one_is_left_out(store: StateStore, raw: bytes) -> None:
+    await store.set_retries({"good": (1, 20.0, float("-inf"))})
+    await store.r.hset("gantry:retries", "bad", raw)
+    assert await store.retries() == {"good": (1, 20.0, float("-inf"))}
+    assert await store.retries(["bad", "good"]) == {"good": (1, 20.0, float("-inf"))}
+
+
+async def test_a_retry_record_with_a_time_that_is_not_one_reads_it_as_long_ago(store: StateStore) -> None:
+    await store.r.hset("gantry:retries", "r", b'[1, "later", -3]')
+    assert await store.retries() == {"r": (1, 0.0, 0.0)}
+
+
+async def test_an_instance_whose_stored_state_is_none_is_left_out_by_every_reader(store: StateStore) -> None:
+    for iid, state in (("good", "RUNNING"), ("bad", "EXPLODED")):
+        await store.r.hset("gantry:inst", iid, msgspec.json.encode(Instance(id=iid, model="m")))
+        await store.r.hset("gantry:inst:state", iid, state)
+    assert [i.id for i in await store.instances()] == ["good"]
+    assert await store.states(["good", "bad"]) == {"good": InstanceState.RUNNING}
+    assert await store.instance("bad") is None
+
+
+async def test_a_desired_count_that_is_no_count_is_left_out_and_a_negative_one_reads_as_zero(store: StateStore) -> None:
+    counts = {"a": b"7", "b": b"-3", "c": "²".encode(), "d": b"--5", "e": b"many", "f": b"99999999"}
+    await store.r.hset("gantry:desired", mapping=counts)  # type: ignore[arg-type]
+    assert await store.desired() == {"a": 7, "b": 0, "f": MAX_REPLICAS}
