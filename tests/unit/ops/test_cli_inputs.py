@@ -133,3 +133,18 @@ def test_a_profile_with_a_yaml_error_is_refused_in_one_line(tmp_path: Path) -> N
     profile = tmp_path / "p.yaml"
     profile.write_text("name: [" + "[" * 2000 + "\n")
     refused(("place", "--scenario", str(PLACE_SCENARIO), "--profile", str(profile)), "profile is not valid YAML")
+
+
+@pytest.mark.usefixtures("no_stack")
+def test_a_file_name_with_control_characters_is_shown_escaped_on_one_line(tmp_path: Path) -> None:
+    spec = tmp_path / "odd\nname\x1b[2J.yaml"
+    spec.write_text("name: ../x\n")
+    refused(("deploy", str(spec)), "odd\\nname\\x1b[2J.yaml")
+
+
+@pytest.mark.usefixtures("no_stack")
+def test_deploy_refuses_one_model_named_in_two_files(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("name: m\nvram_claim: 1000\n")
+    second.write_text("name: m\nvram_claim: 2000\nreplicas: 3\n")
+    refused(("deploy", str(first), str(second)), f"model m is in both {first} and {second}")
