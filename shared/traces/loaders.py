@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -69,8 +70,9 @@ def _arrival(path: Path, lineno: int, seconds: float, time_scale: float) -> floa
 
 def load_azure(path: Path, time_scale: float = 1.0, limit: int | None = None) -> list[TraceRequest]:
     """Azure 2023 CSV → requests with arrivals relative to the earliest row read (the first, in a sorted file)."""
-    rows: list[tuple[int, float, int, int]] = []
-    t0 = math.inf
+    out: list[TraceRequest] = []
+    first: float | None = None
+    earliest = math.inf
     reader = csv.DictReader(text for _, text in _lines(path))
     try:
         for lineno, row in enumerate(reader, start=2):
@@ -79,15 +81,19 @@ def load_azure(path: Path, time_scale: float = 1.0, limit: int | None = None) ->
                 plen, olen = int(row["ContextTokens"]), int(row["GeneratedTokens"])
             except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as err:
                 raise TraceError(f"{path.name}:{lineno}: bad row ({err})") from None
-            t0 = min(t0, t)  # a row earlier than the first must not arrive before time zero
+            if first is None:
+                first = t
+            earliest = min(earliest, t)
             if plen < 1 or olen < 1:
                 continue  # nothing to serve
-            rows.append((lineno, t, plen, olen))
-            if limit is not None and len(rows) >= limit:
+            out.append(TraceRequest(_arrival(path, lineno, t - first, time_scale), plen, olen))
+            if limit is not None and len(out) >= limit:
                 break
     except csv.Error as err:
         raise TraceError(f"{path.name}: bad CSV ({err})") from None
-    out = [TraceRequest(_arrival(path, n, t - t0, time_scale), plen, olen) for n, t, plen, olen in rows]
+    if first is not None and earliest < first:  # a row earlier than the first must not arrive before time zero
+        shift = (first - earliest) / time_scale
+        out = [dataclasses.replace(r, arrival_s=r.arrival_s + shift) for r in out]
     out.sort(key=lambda r: r.arrival_s)
     return out
 
