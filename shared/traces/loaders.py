@@ -83,10 +83,14 @@ def load_azure(path: Path, time_scale: float = 1.0, limit: int | None = None) ->
                 raise TraceError(f"{path.name}:{lineno}: bad row ({err})") from None
             if first is None:
                 first = t
-            earliest = min(earliest, t)
+            if t < earliest:
+                earliest = t
             if plen < 1 or olen < 1:
                 continue  # nothing to serve
-            out.append(TraceRequest(_arrival(path, lineno, t - first, time_scale), plen, olen))
+            arrival = (t - first) / time_scale
+            if not math.isfinite(arrival):
+                _arrival(path, lineno, arrival, 1.0)  # raises, naming the line
+            out.append(TraceRequest(arrival, plen, olen))
             if limit is not None and len(out) >= limit:
                 break
     except csv.Error as err:
@@ -113,7 +117,8 @@ def _mooncake_record(path: Path, lineno: int, line: str, time_scale: float) -> T
         raise TraceError(f"{path.name}:{lineno}: bad record ({err})") from None
     if not (math.isfinite(stamp) and stamp >= 0):  # NaN would sort anywhere, inf never arrives
         raise TraceError(f"{path.name}:{lineno}: timestamp must be a finite number of ms >= 0 (got {stamp})")
-    _arrival(path, lineno, tr.arrival_s, 1.0)
+    if not math.isfinite(tr.arrival_s):
+        _arrival(path, lineno, tr.arrival_s, 1.0)  # raises, naming the line
     return tr
 
 
