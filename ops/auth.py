@@ -76,19 +76,14 @@ def _unique(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _stream_declaration() -> list[str]:
-    # Every hosted service declares every stream and durable consumer at start (interest-retention streams
-    # drop what no consumer wants yet): create and update, never purge or delete.
+def _stream_checks(contract: Contract) -> list[str]:
+    # A hosted service checks at start that the streams it reads and its own durable consumers exist; the
+    # launcher provisions them as the admin. No create or update: a service cannot reconfigure a stream or
+    # another service's consumer.
     out = [f"{JS}.INFO"]
-    for cfg in streams.stream_configs(_settings()):
-        out += [f"{JS}.STREAM.INFO.{cfg.name}", f"{JS}.STREAM.CREATE.{cfg.name}", f"{JS}.STREAM.UPDATE.{cfg.name}"]
-    for stream, durable, _ in streams.ALL_CONSUMERS:
-        out += [
-            f"{JS}.CONSUMER.INFO.{stream}.{durable}",
-            f"{JS}.CONSUMER.CREATE.{stream}.{durable}",
-            f"{JS}.CONSUMER.CREATE.{stream}.{durable}.>",
-            f"{JS}.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
-        ]
+    for c in contract.consumes:
+        if c.stream:
+            out += [f"{JS}.STREAM.INFO.{c.stream}", f"{JS}.CONSUMER.INFO.{c.stream}.{c.durable}"]
     return out
 
 
@@ -101,16 +96,17 @@ def inbox(identity: str) -> str:
     return inbox_prefix(identity) + ".>"
 
 
-def contract_permissions(contract: Contract, declares_streams: bool = True, identity: str = "") -> Permissions:
+def contract_permissions(contract: Contract, checks_streams: bool = True, identity: str = "") -> Permissions:
     """NATS rights of a service: publish what it emits, subscribe to what it consumes on core NATS, pull
-    and ack only its own durable consumers, receive replies on its own inboxes."""
+    and ack only its own durable consumers (``checks_streams``: and read their and their streams' info),
+    receive replies on its own inboxes."""
     publish = [e.subject for e in contract.emits]
     subscribe = [c.subject for c in contract.consumes if not c.stream]
     for c in contract.consumes:
         if c.stream:
             publish += [f"{JS}.CONSUMER.MSG.NEXT.{c.stream}.{c.durable}", f"$JS.ACK.{c.stream}.{c.durable}.>"]
-    if declares_streams:
-        publish += _stream_declaration()
+    if checks_streams:
+        publish += _stream_checks(contract)
     return Permissions(_unique(publish), _unique([*subscribe, inbox(identity or contract.service)]), ADMIN_ONLY_API)
 
 
@@ -122,7 +118,7 @@ def bind_worker(pattern: str, worker: str) -> str:
 def worker_permissions(contract: Contract, worker: str) -> Permissions:
     """A real worker agent's rights: its own reports and commands only (``*`` bound to its name)."""
     own = inbox(WORKER_PREFIX + worker)
-    base = contract_permissions(contract, declares_streams=False, identity=WORKER_PREFIX + worker)
+    base = contract_permissions(contract, checks_streams=False, identity=WORKER_PREFIX + worker)
     return Permissions(
         tuple(bind_worker(s, worker) for s in base.publish),
         tuple(s if s == own else bind_worker(s, worker) for s in base.subscribe),
@@ -163,13 +159,13 @@ def permissions(identity: str, contracts: dict[str, Contract] | None = None) -> 
     if identity.startswith(WORKER_PREFIX):
         return worker_permissions(contracts[FLEET], identity.removeprefix(WORKER_PREFIX))
     if identity == FLEET:  # the emulator: one process standing in for every worker it runs
-        return contract_permissions(contracts[FLEET], declares_streams=False, identity=FLEET)
+        return contract_permissions(contracts[FLEET], checks_streams=False, identity=FLEET)
     if identity == ENGINE:
-        return contract_permissions(contracts[ENGINE], declares_streams=False, identity=ENGINE)
+        return contract_permissions(contracts[ENGINE], checks_streams=False, identity=ENGINE)
     if identity == GATEWAY:  # engine reports and instance events in, its dead letters out; no stream API
-        return contract_permissions(contracts[GATEWAY], declares_streams=False, identity=GATEWAY)
+        return contract_permissions(contracts[GATEWAY], checks_streams=False, identity=GATEWAY)
     if identity == PICKER:  # a request/reply service: it answers into its requesters' inboxes, nothing else
-        base = contract_permissions(contracts[PICKER], declares_streams=False, identity=PICKER)
+        base = contract_permissions(contracts[PICKER], checks_streams=False, identity=PICKER)
         return Permissions(base.publish, base.subscribe, base.deny_publish, responds=True)
     if identity in contracts:
         return contract_permissions(contracts[identity])

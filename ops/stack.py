@@ -289,7 +289,10 @@ class LocalStack:
         return self
 
     def start_services(self) -> None:
-        """Every service, ``replicas`` processes each; with ``wait_ready``, until all of them pull."""
+        """Provision the streams and consumers as the admin, then every service, ``replicas`` processes each;
+        with ``wait_ready``, until all of them pull."""
+        if self.services:
+            self.provision()
         for name in self.services:
             for n in range(self.replicas):
                 self.spawn(name if self.replicas == 1 else f"{name}-{n}", service_argv(name, self.commands))
@@ -359,6 +362,15 @@ class LocalStack:
             self.redis = self._start_redis()
         except ServerStartError as err:
             raise StackError(str(err)) from None
+
+    def provision(self) -> None:
+        """Declare every stream and durable consumer as the admin: services may only read them."""
+        from ops.provision import provision
+
+        try:
+            asyncio.run(provision(self.settings_for(ADMIN)))
+        except Exception as err:
+            raise StackError(f"could not provision the streams: {err}") from None
 
     def _start_nats(self) -> ServerProcess:
         return start_nats(

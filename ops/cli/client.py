@@ -273,6 +273,7 @@ async def deploy_files(settings: Settings, files: Iterable[Path], confirm_timeou
     from ops.cli.connect import connect_redis
 
     specs = [load_spec(path) for path in files]
+    _one_file_per_model(specs, list(files))
     redis = await connect_redis(settings)
     try:
         nc = await connect_nats(settings)
@@ -285,6 +286,15 @@ async def deploy_files(settings: Settings, files: Iterable[Path], confirm_timeou
     finally:
         await redis.aclose()
     return specs
+
+
+def _one_file_per_model(specs: Sequence[ModelSpec], files: Sequence[Path]) -> None:
+    """A CliError (exit 2) when two files name the same model: which one should win is the user's call."""
+    first: dict[str, Path] = {}
+    for spec, path in zip(specs, files, strict=True):
+        if spec.name in first:
+            raise CliError(f"model {spec.name} is in both {first[spec.name]} and {path}: deploy one", exit_code=2)
+        first[spec.name] = path
 
 
 async def _confirm_recorded(store: StateStore, specs: Sequence[ModelSpec], timeout: float) -> None:

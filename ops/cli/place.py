@@ -17,6 +17,7 @@ from ops.cli.errors import CliError
 from ops.cli.inputs import MAX_SCENARIO_BYTES, read_input_file
 from shared.catalog import resolve_arch
 from shared.core.catalog.models import ModelArch
+from shared.core.limits import MAX_REPLICAS
 from shared.core.placement import DEFAULT_PROFILE, Profile, place, profile_from_json, profile_from_yaml
 from shared.core.placement.domain import Decision, GgufSpec, ModelSpec, Reason
 from shared.core.placement.gguf_header import gguf_spec_from_reader
@@ -89,7 +90,8 @@ def _decision_doc(number: int, d: Decision) -> dict[str, Any]:
 def place_cmd(
     scenario: Annotated[Path, typer.Option("--scenario", help="scenario JSON file (see docs/placement.md)")],
     replicas: Annotated[
-        int | None, typer.Option("--replicas", min=1, help="replicas to place (default: the scenario's)")
+        int | None,
+        typer.Option("--replicas", min=1, max=MAX_REPLICAS, help="replicas to place (default: the scenario's)"),
     ] = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="profile JSON/YAML file")] = None,
     exhaustive: Annotated[

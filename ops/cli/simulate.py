@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,11 +16,15 @@ from ops.cli.errors import CliError
 from shared.catalog import UnknownGpuError, UnknownModelError, load_gpu_spec, load_model_arch
 from shared.core.engine import CalibratedStepTime, RooflineStepTime, SchedulerConfig
 from shared.core.engine.step_time import RooflineParams
+from shared.core.limits import MAX_GPUS_PER_REPLICA, MAX_REPLICAS
 from shared.core.sim import ROUTERS, ClusterSpec, SimResult, make_router
 from shared.core.sim import simulate as run_sim
 from shared.core.sim.gantry import make_gantry
 from shared.core.sim.routers import Router, is_gantry
 from shared.traces import TRACES, TraceError, load_trace
+
+MAX_ROUTER_REPLICAS = 256  # HA gateways in front of the replicas; each one keeps its own routing state
+MAX_SIM_KV_BLOCKS = 1 << 23  # KV blocks over all replicas (~1 GB of block tables): 300 8B replicas on H100s
 
 
 def build_cluster(
@@ -30,8 +35,8 @@ def build_cluster(
     """A cluster of identical replicas from friendly catalogue names; raises ValueError on bad input."""
     if router not in ROUTERS and not is_gantry(router):
         raise ValueError(f"unknown router {router!r}; known: {', '.join(ROUTERS)}, gantry[:PROFILE]")
-    if router_replicas < 1:
-        raise ValueError("--router-replicas must be >= 1")
+    if not 1 <= router_replicas <= MAX_ROUTER_REPLICAS:
+        raise ValueError(f"--router-replicas must be between 1 and {MAX_ROUTER_REPLICAS} (got {router_replicas})")
     def make() -> Router:
         return make_router(router) if router_replicas == 1 else make_gantry(router, router_replicas)
 
@@ -39,6 +44,8 @@ def build_cluster(
         make()  # an unknown profile fails here, before any simulation
     if replicas < 1 or tp < 1:
         raise ValueError("--replicas and --tp must be >= 1")
+    if replicas > MAX_REPLICAS or tp > MAX_GPUS_PER_REPLICA:
+        raise ValueError(f"--replicas must be <= {MAX_REPLICAS} and --tp <= {MAX_GPUS_PER_REPLICA}")
     arch, spec = load_model_arch(model), load_gpu_spec(gpu)
     step = RooflineStepTime(arch, spec, tp=tp, params=RooflineParams(gpu_mem_utilization=gpu_mem_util))
     blocks = step.kv_capacity_blocks(block_size)
@@ -53,10 +60,15 @@ def build_cluster(
         enable_kv_events=is_gantry(router),
         max_model_len=min(arch.max_position_embeddings or 1 << 30, blocks * block_size),
     )
+    if problems := cfg.problems():
+        raise ValueError("; ".join(problems))
+    if replicas * blocks > MAX_SIM_KV_BLOCKS:  # every replica holds its KV block table in memory
+        raise ValueError(f"{replicas} replicas x {blocks} KV blocks exceed the simulator's {MAX_SIM_KV_BLOCKS} "
+                         "blocks: use fewer replicas or a smaller --tp")
     if calibration is not None:
         ttft_ms, itl_ms, tok_s = calibration
-        if min(calibration) <= 0:
-            raise ValueError("calibration figures must be > 0")
+        if not all(math.isfinite(x) and x > 0 for x in calibration):
+            raise ValueError(f"calibration figures must be finite and > 0 (got {calibration})")
         cal = CalibratedStepTime.from_anchors(ttft_ms / 1000, 1024, itl_ms / 1000, tok_s, batch=256, context=1024)
         return ClusterSpec(replicas, cfg, cal, router=make)
     return ClusterSpec(replicas, cfg, step, router=make)
@@ -101,6 +113,9 @@ def simulate(
 ) -> None:
     """Replay a trace on N emulated replicas in virtual time; print TTFT/ITL/e2e, throughput, KV, preemptions."""
     try:
+        _check_slo(slo_ttft_ms, slo_tpot_ms)
+        if plot is not None and plot.is_dir():  # found before the run, not after minutes of simulation
+            raise ValueError(f"--plot {plot} is a directory; give a .png file name")
         cal = _parse_calibration(calibrated) if calibrated else None
         spec = build_cluster(model, gpu, replicas, tp, router, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens, prefix_caching=not no_prefix_caching,
@@ -134,7 +149,10 @@ def simulate(
     summary["wall_s"] = wall
     summary["speedup_vs_real_time"] = float(summary["makespan_s"]) / wall  # type: ignore[arg-type]
     if plot is not None:
-        write_plot(result, plot)
+        try:
+            write_plot(result, plot)
+        except (OSError, ValueError) as err:
+            raise CliError(f"cannot write --plot {plot}: {err}", exit_code=2) from None
     if as_json:
         typer.echo(json.dumps(summary))
     else:
@@ -161,6 +179,11 @@ def progress_bar(total: int, wanted: bool | None) -> Iterator[Callable[[int, int
             bar.update(task, completed=done)
 
         yield report
+
+
+def _check_slo(ttft_ms: float, tpot_ms: float) -> None:
+    if not all(math.isfinite(x) and x > 0 for x in (ttft_ms, tpot_ms)):
+        raise ValueError(f"--slo-ttft-ms and --slo-tpot-ms must be finite and > 0 (got {ttft_ms}, {tpot_ms})")
 
 
 def _parse_calibration(text: str) -> tuple[float, float, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from shared.core.engine import KVLink
@@ -29,7 +30,10 @@ def parse_kill(text: str | None) -> tuple[int, float] | None:
     try:
         if not sep:
             raise ValueError
-        return int(node), float(at)
+        when = float(at)
+        if not (math.isfinite(when) and when >= 0):
+            raise ValueError
+        return int(node), when
     except ValueError:
         raise ValueError(f"--kill wants NODE@SECONDS, e.g. 0@30 (got {text!r})") from None
 

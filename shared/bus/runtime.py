@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
@@ -27,7 +28,7 @@ from shared.bus import subjects
 from shared.bus.connection import inbox_prefix as inbox_prefix  # re-exported: callers import it from here
 from shared.bus.connection import nats_options as nats_options  # re-exported
 from shared.bus.messages import ErrorEvent, MessageError, decode, encode
-from shared.bus.streams import consumer_config, ensure_streams
+from shared.bus.streams import consumer_config, ensure_streams, stream_configs
 from shared.envsettings import without_user
 from shared.settings import Settings
 
@@ -133,11 +134,72 @@ async def ensure_consumer(js: JetStreamContext, stream: str, durable: str, subje
 
 
 async def prepare(nc: Client, settings: Settings, consumers: Sequence[tuple[str, str, str]]) -> None:
-    """Declare streams and the given (stream, durable, subject) consumers before subscribing."""
+    """The provisioner's step (an identity with the rights, e.g. the admin): declare the streams and the given
+    (stream, durable, subject) consumers before any service subscribes."""
     js = nc.jetstream()
     await ensure_streams(js, settings)
     for stream, durable, subject in consumers:
         await ensure_consumer(js, stream, durable, subject, settings)
+
+
+PROVISION_RETRY_S = 2.0
+
+
+async def missing_declarations(
+    js: JetStreamContext, settings: Settings, consumers: Sequence[tuple[str, str, str]], declare: bool
+) -> list[str]:
+    """The streams of ``consumers`` and those consumers that do not exist (``stream`` or ``stream/durable``).
+    With ``declare`` (a bus without identities, where services declare for themselves) a missing one is
+    created first; a refusal leaves it missing. An existing stream is never updated."""
+    configs = {cfg.name: cfg for cfg in stream_configs(settings)}
+    missing: list[str] = []
+    for stream in dict.fromkeys(s for s, _, _ in consumers):
+        if not await _exists(partial(js.stream_info, stream), partial(js.add_stream, configs[stream]), declare):
+            missing.append(stream)
+    for stream, durable, subject in consumers:
+        config = consumer_config(durable, subject, settings)
+        if stream in missing or not await _exists(
+            partial(js.consumer_info, stream, durable), partial(js.add_consumer, stream, config), declare
+        ):
+            missing.append(f"{stream}/{durable}")
+    return missing
+
+
+async def _exists(
+    info: Callable[[], Awaitable[object]], create: Callable[[], Awaitable[object]], declare: bool
+) -> bool:
+    """Whether ``info`` finds it, or (with ``declare``) ``create`` made it."""
+    try:
+        await info()
+        return True
+    except NotFoundError:
+        pass
+    except Exception as exc:  # NATS away or slow: not known to exist, asked again
+        log.debug("JetStream info failed: %s", exc)
+        return False
+    if not declare:
+        return False
+    try:
+        await create()
+        return True
+    except Exception as exc:  # refused (no rights: the provisioner's job) or raced by a sibling: asked again
+        log.debug("JetStream declaration failed: %s", exc)
+        return False
+
+
+async def await_provisioned(
+    nc: Client, settings: Settings, consumers: Sequence[tuple[str, str, str]], declare: bool, service: str,
+    retry_s: float = PROVISION_RETRY_S,
+) -> None:
+    """Return once the streams and durable consumers a service reads exist; until then say what is missing
+    and ask again every ``retry_s``. Services do not reconfigure streams: provisioning is the launcher's."""
+    js = nc.jetstream()
+    while missing := await missing_declarations(js, settings, consumers, declare):
+        log.warning(
+            "%s waiting for %s to be provisioned (`gantry up` declares them as the admin); retrying in %.0fs",
+            service, ", ".join(missing), retry_s,
+        )
+        await asyncio.sleep(retry_s)
 
 
 def make_broker(settings: Settings, no_echo: bool = False) -> NatsBroker:

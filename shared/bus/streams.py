@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from nats.js import JetStreamContext
@@ -51,7 +52,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS, max_age=24 * 3600, duplicate_window=DUPLICATE_WINDOW_S,
         ),
         # Interest retention: a pipeline message is gone once its one consumer acked it (candidate sets
-        # are large); every service declares every consumer at start, so nothing is published unseen.
+        # are large); every consumer is declared before any service starts, so nothing is published unseen.
         StreamConfig(
             name=STREAM_PIPE, subjects=[subjects.PIPE_ALL], storage=storage,
             retention=RetentionPolicy.INTEREST, max_age=600, duplicate_window=DUPLICATE_WINDOW_S,
@@ -86,17 +87,37 @@ def consumer_config(durable: str, subject: str, settings: Settings) -> ConsumerC
     )
 
 
+def stream_matches(existing: StreamConfig, wanted: StreamConfig) -> bool:
+    """Whether a stream's configuration already is the one Gantry gives it: subjects, storage, retention and
+    limits (a limit Gantry leaves unset must be unlimited on the server, so a shrunk stream does not match)."""
+    if (existing.subjects, existing.storage, existing.retention) != (wanted.subjects, wanted.storage, wanted.retention):
+        return False
+    for name in ("max_msgs", "max_bytes"):  # -1: unlimited
+        if _or(getattr(existing, name), -1) != _or(getattr(wanted, name), -1):
+            return False
+    if not math.isclose(_or(existing.max_age, 0.0), _or(wanted.max_age, 0.0)):  # seconds (0: forever)
+        return False
+    return wanted.duplicate_window is None or math.isclose(_or(existing.duplicate_window, 0.0), wanted.duplicate_window)
+
+
+def _or(value: float | None, unset: float) -> float:
+    return unset if value is None else value
+
+
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
-    """Create the streams, or update them to this configuration (safe from several processes)."""
+    """The provisioner's step: create the missing streams, and update only one whose configuration differs
+    (safe from several processes)."""
     for cfg in stream_configs(settings):
         try:
-            await js.stream_info(cfg.name or "")
+            info = await js.stream_info(cfg.name or "")
         except NotFoundError:
             try:
                 await js.add_stream(cfg)
                 continue
             except Exception:  # another process created it between our calls
-                pass
+                info = await js.stream_info(cfg.name or "")
+        if stream_matches(info.config, cfg):
+            continue
         try:
             await js.update_stream(cfg)
         except Exception as exc:  # e.g. a retention change on an old stream: keep it, say so
@@ -111,7 +132,8 @@ ALL_CONSUMERS = (
     (STREAM_PIPE, CONSUMER_COMMIT, subjects.PLACEMENT_SCORED),
     (STREAM_STATUS, CONSUMER_STATUS, subjects.INSTANCE_STATUS),
 )
-"""Every durable consumer (stream, name, subject); each service declares all of them at start."""
+"""Every durable consumer (stream, name, subject): the provisioner declares all of them before any service starts
+(interest-retention streams drop what no consumer wants yet)."""
 
 
 async def delete_streams(js: JetStreamContext) -> None:

@@ -41,12 +41,12 @@ from shared.bus.runtime import (
     PullHandler,
     RawHandler,
     ReportHandler,
+    await_provisioned,
     listen,
     listen_reports,
     make_broker,
     nats_client,
     nats_options,
-    prepare,
     pull_loop,
 )
 from shared.bus.streams import ALL_CONSUMERS
@@ -184,8 +184,12 @@ class PlacementService:
 
         nc = await nats.connect(self.settings.nats_url, **nats_options(self.settings))
         try:
-            # Every consumer, not only ours: interest-retention streams drop what no consumer wants yet.
-            await prepare(nc, self.settings, ALL_CONSUMERS)
+            # With an identity the launcher provisioned the streams and consumers (this identity may only read
+            # them). Without (a bus without auth) services declare what is missing, every consumer and not only
+            # ours: interest-retention streams drop what no consumer wants yet.
+            declare = not self.settings.identity
+            consumers = ALL_CONSUMERS if declare else self.consumers()
+            await await_provisioned(nc, self.settings, consumers, declare=declare, service=self.name)
         finally:
             await nc.close()
 

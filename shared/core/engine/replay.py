@@ -23,6 +23,7 @@ from shared.core.engine.request import Request
 from shared.core.engine.scheduler import Scheduler
 
 MAX_STEPS = 1_000_000
+MAX_REPLAY_BLOCKS = 1 << 20  # KV blocks in a replay's pool (~100 MB of block objects)
 
 
 class ScenarioError(ValueError):
@@ -69,6 +70,8 @@ def parse_scenario(data: bytes | str) -> Scenario:
         raise ScenarioError(f"invalid scenario: {err}") from None
     cfg = to_config(sc.config)
     problems = cfg.problems()
+    if cfg.num_gpu_blocks > MAX_REPLAY_BLOCKS:  # the pool is built block by block: bound its memory
+        problems.append(f"num_gpu_blocks must be <= {MAX_REPLAY_BLOCKS} (got {cfg.num_gpu_blocks})")
     if problems:
         raise ScenarioError("invalid config: " + "; ".join(problems))
     seen: set[str] = set()
@@ -78,8 +81,8 @@ def parse_scenario(data: bytes | str) -> Scenario:
         if r.id in seen:
             raise ScenarioError(f"{where}: duplicate id")
         seen.add(r.id)
-        if r.arrival_step < 0:
-            raise ScenarioError(f"{where}: arrival_step must be >= 0")
+        if not 0 <= r.arrival_step < MAX_STEPS:  # a later one would step through empty steps, then fail
+            raise ScenarioError(f"{where}: arrival_step must be between 0 and {MAX_STEPS - 1}")
         if not r.prompt_token_ids:
             raise ScenarioError(f"{where}: prompt_token_ids is empty")
         if r.max_tokens < 1:

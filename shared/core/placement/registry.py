@@ -62,8 +62,10 @@ def _decode(data: bytes | str, fmt: str) -> Profile:
         return validate_profile(decode(data, type=Profile))
     except msgspec.ValidationError as err:
         raise ValueError(f"invalid profile: {err}") from None
-    except msgspec.DecodeError as err:
-        raise ValueError(f"profile is not valid {fmt}: {err}") from None
+    except msgspec.DecodeError as err:  # YAML parsers explain on several lines: the CLI prints one
+        raise ValueError(f"profile is not valid {fmt}: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise ValueError(f"profile is not valid {fmt}: nested too deeply") from None
 
 
 def profile_from_json(data: bytes | str) -> Profile:

@@ -6,12 +6,13 @@ Pure: decodes bytes the caller has read. Size fields accept bytes (integers) or 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 import msgspec
 
-from shared.core.limits import decimal
+from shared.core.limits import MAX_REPLICAS, MAX_TIME, decimal
 from shared.core.placement.domain import Instance, ModelFile, ModelSpec, Worker
 from shared.core.placement.profile import Profile
 from shared.core.placement.registry import validate_profile
@@ -63,7 +64,10 @@ def parse_size(value: Any, where: str) -> Any:
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _UNITS:
             raise ScenarioError(f"{where}: {value!r} is not a size (use bytes or e.g. \"80GiB\")")
-        return int(float(match.group(1)) * _UNITS[unit])
+        size = float(match.group(1)) * _UNITS[unit]
+        if not math.isfinite(size):  # hundreds of digits: past the float range, refused here, not by int()
+            raise ScenarioError(f"{where}: {value[:40]!r}... is too large a size")
+        return int(size)
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -113,6 +117,10 @@ def _check(s: Scenario) -> None:
             raise ScenarioError(f"gpu id {gpu_id!r} is not of the form worker:index")
     if s.model.replicas < 0 or (s.replicas is not None and s.replicas < 1):
         raise ScenarioError("replicas must be at least 1")
+    if s.replicas is not None and s.replicas > MAX_REPLICAS:  # each one is a placement run: bound the work
+        raise ScenarioError(f"replicas must be at most {MAX_REPLICAS}")
+    if s.now is not None and not 0 <= s.now <= MAX_TIME:
+        raise ScenarioError(f"now must be between 0 and {MAX_TIME:.0e} seconds")
 
 
 def load_scenario(data: bytes | str) -> Scenario:
@@ -121,6 +129,8 @@ def load_scenario(data: bytes | str) -> Scenario:
         raw = msgspec.json.decode(data)
     except msgspec.DecodeError as err:
         raise ScenarioError(f"not valid JSON: {err}") from None
+    except RecursionError:
+        raise ScenarioError("not valid JSON: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ScenarioError("a scenario is a JSON object with at least \"model\" and \"workers\"")
     try:

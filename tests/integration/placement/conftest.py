@@ -28,6 +28,7 @@ from ops.stack import PLACEMENT_SERVICES, LocalStack, command_argv, service_argv
 from services import WORKERS_COMMAND
 from shared.bus import streams, subjects
 from shared.bus.messages import ErrorEvent, ScaleCommand, encode
+from shared.bus.runtime import prepare
 from shared.bus.streams import delete_streams
 from shared.core.placement.domain import Instance, InstanceState, ModelSpec
 from shared.settings import Settings
@@ -184,10 +185,9 @@ async def stack(
     await store.r.flushdb()
     nc = await nats.connect(nats_server.url)
     await delete_streams(nc.jetstream())
-    launcher = LocalStack(
-        Settings(nats_url=nats_server.url, redis_url=redis_url, **TIMINGS), home=tmp_path, external_servers=True,
-        credentials=nats_server.credentials,
-    )
+    settings = Settings(nats_url=nats_server.url, redis_url=redis_url, **TIMINGS)
+    await prepare(nc, settings, streams.ALL_CONSUMERS)  # the launcher's step, as the admin: services only read
+    launcher = LocalStack(settings, home=tmp_path, external_servers=True, credentials=nats_server.credentials)
     env = launcher.child_env()
     launcher.extra_env = env  # the same dict: what a test changes in ``stack.env`` reaches the next child
     st = Stack(launcher=launcher, env=env, logs=launcher.log_dir, nc=nc, store=store)

@@ -2,7 +2,9 @@
 
 1. a fake worker's heartbeat and registration, to be given replicas;
 2. a forged registration under a real worker's name (and a real worker changing the GPU it holds claims on);
-3. a direct write of the ledger's GPU capacity in Redis.
+3. a direct write of the ledger's GPU capacity in Redis;
+
+and a compromised placement service reconfiguring a stream or another service's durable consumer.
 
 The attacker holds the credentials of another worker agent (``worker-w2``: a compromised agent), or none.
 """
@@ -17,9 +19,10 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 from nats.aio.client import Client
+from nats.js.api import StreamConfig
 
 from ops.auth import Credentials, without_userinfo
-from shared.bus import subjects
+from shared.bus import streams, subjects
 from shared.bus.messages import Heartbeat, WorkerRegistration, encode
 from shared.core.placement.domain import GIB, Gpu, InstanceState, ModelSpec, Worker
 from shared.state.store import Keys, gpu_field
@@ -164,6 +167,34 @@ async def test_a_direct_redis_write_of_the_ledger_is_refused(stack: Stack) -> No
     await wait_until(lambda: settled(stack, "big", 2, 1), 30, "2 RUNNING and 1 PENDING")
     assert await stack.store.overbooked() == []
     assert await stack.store.r.hget(Keys.gpu_cap, gpu_field("w0", 0)) == str(80 * GIB).encode()
+
+
+async def test_a_service_cannot_reconfigure_a_stream_or_another_services_consumer(stack: Stack) -> None:
+    await start(stack)
+    js_admin = stack.nc.jetstream()
+    before = (await js_admin.stream_info(streams.STREAM_CMD)).config
+    nc, errors = await connect_as(stack, "filter")  # a compromised filter, with the filter's own credentials
+    js = nc.jetstream(timeout=1.0)
+    try:
+        shrunk = StreamConfig(name=streams.STREAM_CMD, subjects=[subjects.CMD_ALL], max_msgs=1)
+        with pytest.raises(nats.errors.Error):  # refused by the server: no reply ever comes
+            await js.update_stream(shrunk)
+        with pytest.raises(nats.errors.Error):
+            await js.add_stream(shrunk)
+        rewritten = streams.consumer_config(streams.CONSUMER_SCALE, subjects.SCALE, stack.launcher.settings)
+        with pytest.raises(nats.errors.Error):  # the reconciler's durable, narrowed to scale commands
+            await js.add_consumer(streams.STREAM_CMD, rewritten)
+        await nc.flush()
+        assert any("permissions violation" in e.lower() and "STREAM.UPDATE" in e.upper() for e in errors)
+    finally:
+        await nc.close()
+    after = await js_admin.stream_info(streams.STREAM_CMD)
+    assert (after.config.max_msgs, after.config.subjects) == (before.max_msgs, before.subjects)
+    consumer = await js_admin.consumer_info(streams.STREAM_CMD, streams.CONSUMER_SCALE)
+    assert consumer.config.filter_subject == subjects.CMD_ALL
+    await stack.scale(SMALL, 2)  # the stack still places end to end
+    await wait_until(lambda: settled(stack, "small", 2, 0), 30, "2 RUNNING")
+    assert stack.crashed() == []
 
 
 async def _dead_letter(stack: Stack, fragment: str) -> bool:

@@ -22,7 +22,7 @@ from ops.auth import (
 )
 from ops.stack import identity_of
 from services import SERVICE_COMMANDS, WORKERS_COMMAND
-from shared.bus import subjects
+from shared.bus import streams, subjects
 from shared.bus.validate import check_inventory_change, impersonation
 from shared.core.placement.domain import GIB, Gpu, Worker
 from shared.host.contract import subject_matches
@@ -218,3 +218,36 @@ def test_the_picker_answers_requests_but_publishes_nothing_else_than_dead_letter
     picker_block = picker_block[:picker_block.index("}}")]
     assert "allow_responses: true" in picker_block
     assert conf.count("allow_responses") == 1
+
+
+SERVICES = ("filter", "fitting", "scoring", "reconciler")
+
+
+@pytest.mark.parametrize("identity", [r for r in ROLES if r != ADMIN] + ["worker-w7"])
+@pytest.mark.parametrize("stream", streams.ALL_STREAMS)
+def test_no_identity_but_the_admin_may_create_or_reconfigure_a_stream(identity: str, stream: str) -> None:
+    publish = permissions(identity).publish
+    assert not covered(f"$JS.API.STREAM.CREATE.{stream}", publish)
+    assert not covered(f"$JS.API.STREAM.UPDATE.{stream}", publish)
+
+
+@pytest.mark.parametrize("identity", SERVICES)
+def test_a_service_may_read_its_own_durable_consumers_and_create_none(identity: str) -> None:
+    publish = permissions(identity).publish
+    own = {(c.stream, c.durable) for c in role_contracts()[identity].consumes if c.stream}
+    assert own
+    for stream, durable, _ in streams.ALL_CONSUMERS:
+        assert covered(f"$JS.API.CONSUMER.INFO.{stream}.{durable}", publish) == ((stream, durable) in own)
+        assert covered(f"$JS.API.STREAM.INFO.{stream}", publish) or (stream, durable) not in own
+        for create in (f"CONSUMER.CREATE.{stream}.{durable}", f"CONSUMER.CREATE.{stream}.{durable}.x",
+                       f"CONSUMER.DURABLE.CREATE.{stream}.{durable}"):
+            assert not covered(f"$JS.API.{create}", publish)
+
+
+def test_the_admin_may_provision_every_stream_and_durable_consumer() -> None:
+    publish = permissions(ADMIN).publish
+    for stream in streams.ALL_STREAMS:
+        assert covered(f"$JS.API.STREAM.CREATE.{stream}", publish)
+        assert covered(f"$JS.API.STREAM.UPDATE.{stream}", publish)
+    for stream, durable, _ in streams.ALL_CONSUMERS:
+        assert covered(f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}", publish)

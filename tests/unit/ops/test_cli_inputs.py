@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,65 @@ def test_a_spec_outside_the_limits_is_refused(tmp_path: Path, body: str, says: s
     spec = tmp_path / "m.yaml"
     spec.write_text(body)
     refused(("deploy", str(spec)), says)
+
+
+PLACE_SCENARIO = Path(__file__).resolve().parents[3] / "docs" / "scenarios" / "placement" / "09_nothing_fits.json"
+
+def _placement(**changes: object) -> str:
+    doc = json.loads(PLACE_SCENARIO.read_text())
+    doc.update(changes)
+    return json.dumps(doc)
+
+
+def _replay(config: dict[str, int], arrival_step: int = 0) -> str:
+    request = {"id": "a", "arrival_step": arrival_step, "prompt_token_ids": [1, 2], "max_tokens": 2}
+    return json.dumps({"config": config, "requests": [request]})
+
+
+PLACE, REPLAY = ("place",), ("engine", "replay")
+
+
+@pytest.mark.parametrize(
+    ("command", "body", "says"),
+    [
+        (PLACE, _placement(replicas=10**9), "replicas must be at most"),
+        (PLACE, _placement(now=-1e308), "now must be between 0 and"),
+        (PLACE, _placement(workers=[{"name": "w", "gpus": [{"index": 0, "vram_total": "9" * 400 + "GiB"}]}]),
+         "too large a size"),
+        (PLACE, "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (REPLAY, _replay({"num_gpu_blocks": 10**9}), "num_gpu_blocks must be <="),
+        (REPLAY, _replay({}, arrival_step=10**7), "arrival_step must be between 0 and"),
+    ],
+    ids=["place-replicas", "place-now", "place-size", "place-deep", "replay-pool", "replay-arrival"],
+)
+def test_a_scenario_that_would_hang_or_crash_is_refused(
+    tmp_path: Path, command: tuple[str, ...], body: str, says: str
+) -> None:
+    path = tmp_path / "scenario.json"
+    path.write_text(body)
+    refused((*command, "--scenario", str(path)), says)
+
+
+def test_place_refuses_a_replica_count_past_the_limit() -> None:
+    refused(("place", "--scenario", str(PLACE_SCENARIO), "--replicas", "1000000000"), "--replicas")
+
+
+def test_a_profile_with_a_yaml_error_is_refused_in_one_line(tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: [" + "[" * 2000 + "\n")
+    refused(("place", "--scenario", str(PLACE_SCENARIO), "--profile", str(profile)), "profile is not valid YAML")
+
+
+@pytest.mark.usefixtures("no_stack")
+def test_a_file_name_with_control_characters_is_shown_escaped_on_one_line(tmp_path: Path) -> None:
+    spec = tmp_path / "odd\nname\x1b[2J.yaml"
+    spec.write_text("name: ../x\n")
+    refused(("deploy", str(spec)), "odd\\nname\\x1b[2J.yaml")
+
+
+@pytest.mark.usefixtures("no_stack")
+def test_deploy_refuses_one_model_named_in_two_files(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("name: m\nvram_claim: 1000\n")
+    second.write_text("name: m\nvram_claim: 2000\nreplicas: 3\n")
+    refused(("deploy", str(first), str(second)), f"model m is in both {first} and {second}")

@@ -61,7 +61,7 @@ METRICS_PROFILE = {"prometheus", "grafana"}
 
 def test_compose_declares_servers_placement_services_and_workers(compose: dict[str, Any]) -> None:
     default = {name for name, svc in compose["services"].items() if not svc.get("profiles")}
-    assert default == {"credentials", "nats", "redis", *GANTRY_SERVICES, PICKER_CHILD, ENVOY_CHILD}
+    assert default == {"credentials", "nats", "redis", "streams", *GANTRY_SERVICES, PICKER_CHILD, ENVOY_CHILD}
 
 
 def test_the_metrics_profile_adds_prometheus_and_grafana_only(compose: dict[str, Any]) -> None:
@@ -392,3 +392,11 @@ def test_grafana_writes_no_secret_and_admits_viewers_only(compose: dict[str, Any
     env = env_of(compose, "grafana")
     assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     assert not any("PASSWORD" in key for key in env)
+
+
+@pytest.mark.parametrize("service", PLACEMENT_SERVICES)
+def test_placement_services_wait_for_the_streams_the_admin_provisions(compose: dict[str, Any], service: str) -> None:
+    assert depends(compose, service)["streams"] == "service_completed_successfully"
+    provisioner = compose["services"]["streams"]
+    assert provisioner["command"] == ["python", "-m", "ops.provision"]
+    assert env_of(compose, "streams")["GANTRY_IDENTITY"] == "admin"

@@ -40,6 +40,19 @@ def test_simulate_table_output_names_the_setup() -> None:
         (["--trace", "/nonexistent.csv"], "unknown trace"),
         (["--model", "llama-3.1-70b", "--tp", "1"], "does not fit"),
         (["--calibrated", "1,2"], "--calibrated"),
+        (["--calibrated", "nan,1,1"], "finite and > 0"),
+        (["--replicas", "1" + "0" * 30], "--replicas must be <= "),
+        (["--tp", "1024"], "KV blocks exceed"),
+        (["--replicas", "1000"], "KV blocks exceed"),
+        (["--router", "gantry", "--router-replicas", "1000000000"], "--router-replicas must be between"),
+        (["--max-num-batched-tokens", "0"], "max_num_batched_tokens must be >= 1"),
+        (["--max-num-seqs", "-1"], "max_num_seqs must be >= 1"),
+        (["--time-scale", "nan"], "time scale must be a finite"),
+        (["--time-scale", "1e-320"], "arrival time out of range"),
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--slo-ttft-ms", "inf"], "--slo-ttft-ms"),
+        (["--plot", "."], "is a directory"),
+        (["--plot", "lat.nosuchformat"], "cannot write --plot"),
     ],
 )
 def test_bad_simulate_input_exits_2_with_one_line(
@@ -74,6 +87,7 @@ def test_simulate_with_a_broker_accounts_for_every_request(broker_args: list[str
     (["--broker", "local", "--scheduler", "ttl"], "KEY=VALUE"),
     (["--broker", "local", "--scheduler", "scheduler_nope=1"], "unknown parameter"),
     (["--broker", "global", "--kill", "x"], "--kill wants NODE@SECONDS"),
+    (["--broker", "global", "--kill", "0@nan"], "--kill wants NODE@SECONDS"),
     (["--broker", "local", "--prefill-nodes", "1"], "prefill_nodes needs scheduler_name splitwise"),
     (["--broker", "splitwise", "--kv-gbps", "0"], "--kv-gbps"),
 ])

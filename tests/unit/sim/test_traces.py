@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.traces import TraceError, load_trace
+from shared.traces import TraceError, load_trace, loaders
 
 
 def test_azure_conversation_trace_spans_about_an_hour_from_zero() -> None:
@@ -39,3 +39,52 @@ def test_a_bad_row_is_reported_with_file_and_line(tmp_path: Path) -> None:
 def test_an_unknown_trace_name_lists_the_known_ones() -> None:
     with pytest.raises(TraceError, match="azure-conv"):
         load_trace("nope")
+
+
+def _rec(ts: str, ids: str = "[1]") -> str:
+    return f'{{"timestamp": {ts}, "input_length": 10, "output_length": 5, "hash_ids": {ids}}}\n'
+
+
+AZURE_HEAD = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "says"),
+    [
+        ("nan.jsonl", _rec("0") + _rec("NaN"), "nan.jsonl:2: timestamp must be a finite"),
+        ("inf.jsonl", _rec("Infinity"), "timestamp must be a finite"),
+        ("negative.jsonl", _rec("-1000"), "timestamp must be a finite"),
+        ("overflow.jsonl", _rec("0", "[1e400]"), "overflow.jsonl:1: bad record"),
+        ("binary.csv", AZURE_HEAD + "\xff\xfe,\x00\n", "binary.csv:2: not UTF-8 text"),
+        ("field.csv", AZURE_HEAD + "2023-11-16 18:15:46,10," + "1" * 200_000 + "\n", "bad CSV"),
+        ("line.jsonl", '{"x": "' + "a" * (2 << 20) + '"}\n', "line.jsonl:1: line longer than 1 MiB"),
+    ],
+)
+def test_a_hostile_trace_file_is_refused_naming_file_and_line(tmp_path: Path, name: str, body: str, says: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(body.encode("latin-1") if name.endswith(".csv") else body.encode())
+    with pytest.raises(TraceError, match=says):
+        load_trace(str(path))
+
+
+def test_a_trace_past_the_size_limit_is_refused_before_it_is_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loaders, "MAX_TRACE_BYTES", 1000)
+    path = tmp_path / "long.jsonl"
+    path.write_text(_rec("0") * 100)
+    with pytest.raises(TraceError, match="larger than the limit"):
+        load_trace(str(path))
+    assert len(load_trace(str(path), limit=3)) == 3  # --limit reads only the head
+
+
+def test_an_azure_row_earlier_than_the_first_arrives_at_time_zero(tmp_path: Path) -> None:
+    path = tmp_path / "back.csv"
+    path.write_text(AZURE_HEAD + "2023-11-16 18:15:46.5,10,5\n2023-11-16 18:14:46.5,10,5\n")
+    assert [r.arrival_s for r in load_trace(str(path))] == [0.0, 60.0]
+
+
+@pytest.mark.parametrize(("time_scale", "limit"), [(float("nan"), None), (float("inf"), None), (1.0, 0), (1.0, -1)])
+def test_a_non_finite_time_scale_or_a_limit_below_one_is_refused(time_scale: float, limit: int | None) -> None:
+    with pytest.raises(TraceError):
+        load_trace("mooncake", time_scale, limit)

@@ -1,0 +1,45 @@
+"""When the provisioner leaves a stream alone and when it reconfigures it (shared.bus.streams.stream_matches)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from nats.js.api import RetentionPolicy, StreamConfig
+
+from shared.bus.streams import STREAM_CMD, stream_configs, stream_matches
+from shared.settings import Settings
+
+
+def wanted(name: str = STREAM_CMD) -> StreamConfig:
+    return next(cfg for cfg in stream_configs(Settings()) if cfg.name == name)
+
+
+def as_the_server_reports(cfg: StreamConfig) -> StreamConfig:
+    """The configuration round-tripped through the server's JSON form, with the server's defaults filled in."""
+    reply = {**cfg.as_dict(), "max_consumers": -1, "max_msgs_per_subject": -1, "num_replicas": 1}
+    reply.setdefault("max_msgs", -1)
+    reply.setdefault("max_bytes", -1)
+    return StreamConfig.from_response(reply)
+
+
+def test_a_stream_as_provisioned_matches_and_is_not_updated() -> None:
+    for cfg in stream_configs(Settings()):
+        assert stream_matches(as_the_server_reports(cfg), cfg)
+
+
+def test_a_shrunk_stream_differs_and_is_restored() -> None:
+    shrunk = dataclasses.replace(wanted(), max_msgs=10)
+    assert not stream_matches(as_the_server_reports(shrunk), wanted())
+
+
+def test_a_stream_with_other_retention_or_subjects_differs() -> None:
+    assert not stream_matches(
+        as_the_server_reports(dataclasses.replace(wanted(), retention=RetentionPolicy.WORK_QUEUE)), wanted()
+    )
+    assert not stream_matches(as_the_server_reports(dataclasses.replace(wanted(), subjects=["x.>"])), wanted())
+    assert not stream_matches(as_the_server_reports(dataclasses.replace(wanted(), max_age=60)), wanted())
+
+
+def test_a_limit_gantry_leaves_unlimited_differs_once_set() -> None:
+    assert wanted().max_msgs is None  # the commands' stream keeps every command of its day
+    assert not stream_matches(as_the_server_reports(dataclasses.replace(wanted(), max_bytes=1 << 20)), wanted())
