@@ -152,7 +152,10 @@ def test_killed_picker_replica_checks_go_to_the_others_and_each_keeps_only_its_o
     gw = next(gen)
     try:
         _wait_routable(gw, len(engines))
-        time.sleep(1.0)  # every replica heard the engines
+        deadline = time.monotonic() + 30  # every replica heard every engine (each one's pool, from its own socket)
+        while (heard := [len(gw.stats(p)["endpoints"]) for p in range(len(gw.pickers))]) != [len(engines)] * 3:
+            assert time.monotonic() < deadline, f"picker replicas' pools never filled: {heard} of {len(engines)}"
+            time.sleep(0.05)
         gw.pickers[0].send_signal(signal.SIGKILL)
         gw.pickers[0].wait(5)
         codes = []
