@@ -392,9 +392,14 @@ class LocalStack:
             server.process.wait(10)
 
     def restart_server(self, which: str) -> None:
-        """Start NATS or Redis again on its port and data (after ``kill_server``)."""
+        """Start NATS or Redis again on its port and data (after ``kill_server``); a restarted NATS is
+        provisioned again, as at start, before this returns."""
         if which == "nats":
             self.nats = self._start_nats()
+            if self.services:
+                # With memory storage a restart loses every stream and consumer, and services only wait for
+                # them (they may not declare them): the admin declares them again (a no-op for file storage).
+                self.provision()
         else:
             self.redis = self._start_redis()
         self.write_state()
