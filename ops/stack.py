@@ -12,6 +12,7 @@ Linux they also get SIGTERM if the launcher itself dies, so nothing is ever left
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -21,9 +22,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from ops.auth import ADMIN, ENGINE, FLEET, GATEWAY, AuthError, Credentials, TlsFiles, without_userinfo
@@ -215,6 +217,18 @@ def envoy_argv(ports: GatewayPorts, workdir: Path) -> list[str]:
             *_picker_address(ports.picker, "--epp-port"), "--eds-path", str(ports.eds), "--workdir", str(workdir)]
 
 
+def _run_blocking(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` to its end from synchronous code, also when this thread already runs an event loop (a bench
+    that drives the stack from async code): then on a thread of its own, since a loop cannot be re-entered."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coro)
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gantry-provision") as pool:
+        pool.submit(asyncio.run, coro).result()
+
+
 @dataclass
 class LocalStack:
     """Starts and stops a whole stack; use as a context manager or call start()/stop().
@@ -368,7 +382,7 @@ class LocalStack:
         from ops.provision import provision
 
         try:
-            asyncio.run(provision(self.settings_for(ADMIN)))
+            _run_blocking(provision(self.settings_for(ADMIN)))
         except Exception as err:
             raise StackError(f"could not provision the streams: {err}") from None
 

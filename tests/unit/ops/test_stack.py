@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -290,3 +291,21 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_provisioning_runs_to_its_end_when_called_from_inside_an_event_loop() -> None:
+    """Benchmarks drive the stack from async code: starting it must not re-enter their running loop."""
+    from ops.stack import _run_blocking
+
+    done: list[str] = []
+
+    async def work(tag: str) -> None:
+        await asyncio.sleep(0)
+        done.append(tag)
+
+    async def from_a_loop() -> None:
+        _run_blocking(work("inside a loop"))
+
+    _run_blocking(work("no loop"))
+    asyncio.run(from_a_loop())
+    assert done == ["no loop", "inside a loop"]
