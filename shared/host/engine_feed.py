@@ -266,12 +266,7 @@ class EngineFeed:
             # numbering kept only for members: ids that never join (or left) would otherwise each leave an
             # entry behind forever (the core drops their events anyway)
             return
-        held = self._loading.get(ev.instance_id)
-        if held is not None:  # its snapshot is being applied: the events follow it, in order
-            if len(held) < MAX_HELD_EVENTS:
-                held.append(ev)
-            else:
-                self._kv_seq[ev.instance_id] = -1  # the next event applied shows a gap: the index is rebuilt
+        if self._loading and self._hold(ev):  # empty but while a snapshot applies: one test per message
             return
         expected = self._kv_seq.get(ev.instance_id)
         # a snapshot can be newer than an event 0 still on its way; with signed reports a restart shows as a new
@@ -289,6 +284,17 @@ class EngineFeed:
                 self.want_snapshot(ev.instance_id)
         self._kv_seq[ev.instance_id] = ev.seq + 1
         self.router.apply_kv_events(ev.instance_id, ev.batch)
+
+    def _hold(self, ev: EngineKVEvents) -> bool:
+        """Hold ``ev`` when its engine's snapshot is being applied (it follows the snapshot, in order)."""
+        held = self._loading.get(ev.instance_id)
+        if held is None:
+            return False
+        if len(held) < MAX_HELD_EVENTS:
+            held.append(ev)
+        else:
+            self._kv_seq[ev.instance_id] = -1  # the next event applied shows a gap: the index is rebuilt
+        return True
 
     def restarted(self, instance_id: str) -> None:
         """A later process of ``instance_id`` signed a message (the verifier saw a new epoch): its cache starts
