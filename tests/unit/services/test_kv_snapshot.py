@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
+import pytest
 
 from shared.bus.messages import EngineKVEvents, EngineKVSnapshot, KVSnapshotRequest, decode, encode
 from shared.core.kv_events import BlockRemoved, BlockStored, KVEventBatch
@@ -165,3 +166,14 @@ async def test_an_engine_becoming_routable_and_one_that_lost_events_are_asked_fo
     feed.on_kv(stored(0, 1))
     feed.on_kv(stored(5, 2))  # 1 to 4 lost
     assert asked == ["e1", "e1"]
+
+
+def test_the_largest_snapshot_fits_in_one_nats_message_and_a_larger_one_is_refused() -> None:
+    from shared.bus.messages import MAX_SNAPSHOT_BLOCKS, MessageError
+
+    largest = snapshot(0, [(1 << 64) - 1 - i for i in range(MAX_SNAPSHOT_BLOCKS)])
+    assert len(encode(largest)) < 1 << 20  # nats-server's default max_payload
+    raw = msgspec.to_builtins(largest)
+    raw["block_hashes"].append(1)
+    with pytest.raises(MessageError):
+        decode(msgspec.json.encode(raw), EngineKVSnapshot)
