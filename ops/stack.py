@@ -38,7 +38,7 @@ from ops.servers import (
 )
 from shared.core.placement.domain import GIB
 from shared.envsettings import ENGINE_NATS_URL_ENV
-from shared.host.lifetime import die_with_parent
+from shared.host.lifetime import dying_with_parent
 from shared.host.report_auth import MASTER_KEY_ENV
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
@@ -392,9 +392,14 @@ class LocalStack:
             server.process.wait(10)
 
     def restart_server(self, which: str) -> None:
-        """Start NATS or Redis again on its port and data (after ``kill_server``)."""
+        """Start NATS or Redis again on its port and data (after ``kill_server``); a restarted NATS is
+        provisioned again, as at start, before this returns."""
         if which == "nats":
             self.nats = self._start_nats()
+            if self.services:
+                # With memory storage a restart loses every stream and consumer, and services only wait for
+                # them (they may not declare them): the admin declares them again (a no-op for file storage).
+                self.provision()
         else:
             self.redis = self._start_redis()
         self.write_state()
@@ -515,16 +520,16 @@ class LocalStack:
             out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
             out.flush()
             proc = subprocess.Popen(
-                argv,
+                # The parent-death signal is set by an exec wrapper, not a preexec_fn: a preexec_fn makes this a
+                # real fork() that runs every fork handler loaded here in the child (gRPC's aborted children this
+                # way in the test process, where a picker had run); without one subprocess uses vfork.
+                dying_with_parent(argv, env),
                 cwd=REPO_ROOT,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                # a preexec_fn makes this a real fork(): every fork handler loaded here runs in the child before
-                # exec (gRPC's aborted children this way in the test process, where a picker had run: tests/conftest)
-                preexec_fn=die_with_parent,
             )
         child = Child(name, argv, proc, log)
         self.children.append(child)

@@ -23,12 +23,14 @@ from ops.servers import ServerProcess, start_nats, start_redis
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# Some tests run the picker in this process, and gRPC then keeps threads here with fork handlers of its own. The
-# launcher's children are forked with a Python preexec_fn (``die_with_parent``), a real fork() that runs those
-# handlers: gRPC restarts its poller in the child, the child closes its descriptors before exec, and the poller
-# aborts the child (SIGABRT, "epoll_wait error: Bad file descriptor") before it ever runs its command. That is how
-# a stack's child "never got ready" in later tests (1 spawn in 50 here). Nothing forked by the suite uses gRPC
-# before exec, so gRPC's fork support is off for the session (read when gRPC starts; children inherit it).
+# Some tests run the picker in this process, and gRPC then keeps threads here with fork handlers of its own. A
+# child forked with a Python preexec_fn (``die_with_parent``) is a real fork() that runs those handlers: gRPC
+# restarts its poller in the child, the child closes its descriptors before exec, and the poller aborts the child
+# (SIGABRT, "epoll_wait error: Bad file descriptor") before it ever runs its command. That is how a stack's child
+# "never got ready" in later tests (1 spawn in 50 here). The launcher (ops.stack) no longer forks that way (its
+# children get the signal from an exec wrapper, spawned with vfork: no handler runs); the emulated fleet's engine
+# servers still use the hook. Nothing forked by the suite uses gRPC before exec, so gRPC's fork support stays off
+# for the session (read when gRPC starts; children inherit it).
 os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
 
 

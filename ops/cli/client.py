@@ -165,14 +165,13 @@ def yaml_problem(path: Path, message: str) -> str:
 
 def load_spec(path: Path) -> ModelSpec:
     """Read and validate a model spec file; a CliError with exit code 2 says what is wrong."""
-    import msgspec.yaml
-
     from shared.bus.messages import ScaleCommand
     from shared.bus.validate import check_scale
+    from shared.core import strict_yaml
 
     raw = read_input_file(path, "spec")
     try:
-        data = msgspec.yaml.decode(raw)
+        data = strict_yaml.decode(raw)
     except msgspec.DecodeError as err:
         raise CliError(yaml_problem(path, str(err)), exit_code=2) from None
     except RecursionError:

@@ -1,7 +1,10 @@
-"""Children that do not outlive their parent: the pre-exec hook both process launchers use.
+"""Children that do not outlive their parent.
 
 ``gantry up``'s launcher (``ops.stack``) and the emulated fleet's engine servers (``services.workers``) start
 children that must die with whoever started them, even when that parent is SIGKILLed and can clean up nothing.
+Two ways: ``dying_with_parent(argv, env)`` runs the command through an exec wrapper that sets the signal
+(``pdeathsig_exec.py``; the parent needs no pre-exec hook, so ``subprocess`` spawns with vfork and runs none of
+the parent's fork handlers), and ``die_with_parent``, the pre-exec hook (a real fork).
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+_EXEC_WRAPPER = Path(__file__).with_name("pdeathsig_exec.py")
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -38,3 +44,17 @@ def die_with_parent(parent_pid: int | None = None) -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)
+
+
+def dying_with_parent(argv: Sequence[str], env: Mapping[str, str], parent_pid: int | None = None) -> list[str]:
+    """``argv`` run through the exec wrapper: SIGTERM when this process dies, exit 1 before starting if it is
+    already gone (Linux; elsewhere ``argv`` as is). ``env`` is the environment the command is started with;
+    ``parent_pid`` the parent the child must still have when it starts (default: this process).
+
+    The command keeps the wrapper's pid (it execs in its place). A command that cannot be run is reported on the
+    child's stderr with exit code 127, as a shell does, not raised here."""
+    if _LIBC is None:
+        return list(argv)
+    lc_ctype = env.get("LC_CTYPE")
+    return [sys.executable, "-I", "-S", str(_EXEC_WRAPPER), str(parent_pid or os.getpid()),
+            "-" if lc_ctype is None else f"={lc_ctype}", "--", *argv]

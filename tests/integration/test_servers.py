@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import nats
 import redis.asyncio as aioredis
 
-from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, start_nats
+from ops.auth import ADMIN
+from ops.servers import COLOCATED_NATS_CPUS, ServerProcess, free_port, start_nats
+from ops.stack import LocalStack
 from shared.bus import subjects
+from shared.bus.runtime import nats_options
+from shared.bus.streams import ALL_CONSUMERS, ALL_STREAMS
+from shared.settings import Settings
 
 
 async def test_nats_server_accepts_jetstream_publishes(nats_server: ServerProcess) -> None:
@@ -45,3 +51,25 @@ async def test_metrics_of_an_instance_of_a_dotted_model_reach_the_all_engines_su
     msg = await sub.next_msg(timeout=2.0)
     assert msg.subject == subjects.engine_metrics("llama-3.1-8b-1a2b3c4d00")
     await nc.close()
+
+
+async def test_a_nats_restarted_with_memory_storage_is_provisioned_again(tmp_path: Path) -> None:
+    settings = Settings(nats_url=f"nats://127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                        js_storage="memory")
+    stack = LocalStack(settings, home=tmp_path)  # the default services: none started, the streams are theirs
+    try:
+        await asyncio.to_thread(stack.start_servers)
+        await asyncio.to_thread(stack.provision)
+        stack.kill_server("nats")
+        await asyncio.to_thread(stack.restart_server, "nats")
+        admin = stack.settings_for(ADMIN)
+        nc = await nats.connect(admin.nats_url, **nats_options(admin))
+        try:
+            js = nc.jetstream()
+            assert {s.config.name for s in await js.streams_info()} >= set(ALL_STREAMS)
+            for stream, durable, _ in ALL_CONSUMERS:
+                await js.consumer_info(stream, durable)  # raises NotFoundError if it was lost
+        finally:
+            await nc.close()
+    finally:
+        await asyncio.to_thread(stack.stop)

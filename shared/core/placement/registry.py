@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from shared.core import strict_yaml
 from shared.core.placement.filters import FILTERS
 from shared.core.placement.fitting import FIT_STRATEGIES
 from shared.core.placement.profile import Profile
@@ -57,7 +58,7 @@ def validate_profile(profile: Profile) -> Profile:
 
 
 def _decode(data: bytes | str, fmt: str) -> Profile:
-    decode = msgspec.json.decode if fmt == "JSON" else msgspec.yaml.decode
+    decode = msgspec.json.decode if fmt == "JSON" else strict_yaml.decode
     try:
         return validate_profile(decode(data, type=Profile))
     except msgspec.ValidationError as err:

@@ -17,6 +17,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from shared.core import strict_yaml
 from shared.core.routing.cycle import Cycle
 from shared.core.routing.domain import EndpointState, FilterReport, ProfileResult
 from shared.core.routing.filters import FILTERS
@@ -234,10 +235,10 @@ def build_profiles(config: RouterConfig, plugins: dict[str, Plugin]) -> tuple[di
 
 def decode_config(data: bytes | str, fmt: Literal["yaml", "json"] = "yaml") -> RouterConfig:
     """Parse a router configuration; raises ValueError with one clear message on bad input."""
-    decode = msgspec.yaml.decode if fmt == "yaml" else msgspec.json.decode
+    decode = strict_yaml.decode if fmt == "yaml" else msgspec.json.decode
     try:
         return decode(data, type=RouterConfig)
     except msgspec.ValidationError as err:
         raise ValueError(f"invalid router config: {err}") from None
     except msgspec.DecodeError as err:
-        raise ValueError(f"router config is not valid {fmt.upper()}: {err}") from None
+        raise ValueError(f"router config is not valid {fmt.upper()}: {' '.join(str(err).split())}") from None

@@ -360,13 +360,29 @@ def host_mounts(compose: dict[str, Any], service: str) -> dict[str, str]:
     return mounts
 
 
-def test_prometheus_scrapes_every_placement_service_on_its_metrics_port(compose: dict[str, Any]) -> None:
+METRICS_SERVICES = (*PLACEMENT_SERVICES, PICKER_CHILD)  # the picker: the engine reports it refused
+
+
+def network_host(compose: dict[str, Any], service: str) -> str:
+    """The name other containers reach ``service`` by: its own, or the service whose namespace it shares."""
+    mode = str(compose["services"][service].get("network_mode", ""))
+    return mode.removeprefix("service:") if mode.startswith("service:") else service
+
+
+def test_prometheus_scrapes_every_service_serving_metrics_on_its_metrics_port(compose: dict[str, Any]) -> None:
     config_path = host_mounts(compose, "prometheus")["/etc/prometheus/prometheus.yml"]
     config = yaml.safe_load((REPO_ROOT / config_path).read_text())
     targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    ports = {s: env_of(compose, s)["GANTRY_METRICS_PORT"] for s in PLACEMENT_SERVICES}
-    assert targets == {f"{s}:{port}" for s, port in ports.items()}
+    ports = {s: env_of(compose, s)["GANTRY_METRICS_PORT"] for s in METRICS_SERVICES}
+    assert targets == {f"{network_host(compose, s)}:{port}" for s, port in ports.items()}
     assert all(job["metrics_path"] == "/metrics" for job in config["scrape_configs"])
+
+
+def test_the_gateway_serves_its_metrics_where_prometheus_reaches_it(compose: dict[str, Any]) -> None:
+    # set in the gateway's own environment (not only inherited), nonzero, and reached through the workers' name
+    assert compose["services"][PICKER_CHILD]["environment"]["GANTRY_METRICS_PORT"] == "9100"
+    assert network_host(compose, PICKER_CHILD) == WORKERS_SERVICE
+    assert depends(compose, "prometheus")[PICKER_CHILD] == "service_healthy"
 
 
 def test_grafana_is_provisioned_with_prometheus_and_every_dashboard(compose: dict[str, Any]) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from shared.host.metrics import ServiceMetrics, declared_names
+from shared.host.report_auth import ReportVerifier
+from shared.host.report_metrics import registry_for
 
 DASHBOARDS = sorted((Path(__file__).resolve().parents[3] / "ops" / "grafana").glob("*.json"))
 METRIC = re.compile(r"\b(gantry_[a-z0-9_]+)")
@@ -18,6 +20,16 @@ METRIC = re.compile(r"\b(gantry_[a-z0-9_]+)")
 def load(path: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(path.read_text())
     return data
+
+
+def picker_families() -> set[str]:
+    """The metric families a picker that checks engine reports serves (its refusals)."""
+    return {m.name for m in registry_for("gateway", ReportVerifier(b"k" * 32)).collect()}
+
+
+def picker_names() -> set[str]:
+    """Every sample name of those families (counters: ``_total``)."""
+    return {s.name for m in registry_for("gateway", ReportVerifier(b"k" * 32)).collect() for s in m.samples}
 
 
 def exprs(dashboard: dict[str, Any]) -> list[str]:
@@ -44,7 +56,7 @@ def test_dashboard_is_a_grafana_dashboard(path: Path) -> None:
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_every_expression_names_only_declared_metrics(path: Path) -> None:
-    declared = declared_names()
+    declared = declared_names() | picker_names()
     for expr in exprs(load(path)):
         named = set(METRIC.findall(expr))
         assert named, f"no Gantry metric in {expr!r}"
@@ -53,9 +65,15 @@ def test_every_expression_names_only_declared_metrics(path: Path) -> None:
 
 def test_every_declared_metric_has_a_panel() -> None:
     shown = {name for path in DASHBOARDS for expr in exprs(load(path)) for name in METRIC.findall(expr)}
-    families = {m.name for m in ServiceMetrics("any").registry.collect()}
+    families = {m.name for m in ServiceMetrics("any").registry.collect()} | picker_families()
     for family in families:
         assert any(name.startswith(family) for name in shown), f"{family} is on no dashboard panel"
+
+
+def test_the_refused_engine_reports_have_a_panel_by_service_kind_and_reason() -> None:
+    assert "gantry_engine_reports_rejected_total" in picker_names()
+    panels = [e for path in DASHBOARDS for e in exprs(load(path)) if "gantry_engine_reports_rejected_total" in e]
+    assert panels and all("by (service, kind, reason)" in e for e in panels)
 
 
 def test_an_unknown_metric_is_caught() -> None:

@@ -244,3 +244,49 @@ def test_waiting_for_a_unix_socket_server_returns_once_it_accepts(tmp_path: Path
         server.wait()
     with pytest.raises(ServerStartError, match="exited with code"):
         wait_for_port(path, server, 10, tmp_path / "no.log")
+
+
+LAUNCHER = """
+import os, sys, time
+from pathlib import Path
+from ops.stack import LocalStack
+from shared.settings import Settings
+os.register_at_fork(before=lambda: print("fork handler ran", flush=True))
+stack = LocalStack(Settings(), home=Path(sys.argv[1]), services=(), external_servers=True)
+child = stack.spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+print(child.process.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_is_spawned_without_running_fork_handlers_and_dies_with_a_killed_launcher(tmp_path: Path) -> None:
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path)], stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert launcher.stdout is not None
+    first = launcher.stdout.readline()
+    assert first.strip().isdigit(), first  # "fork handler ran" first: the child was forked, handlers and all
+    sleeper = int(first)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (b"pdeathsig_exec" in _cmdline(sleeper)  # the command, past the wrapper
+                                           or b"time.sleep(60)" not in _cmdline(sleeper)):
+        time.sleep(0.02)
+    launcher.kill()
+    launcher.wait(10)
+    while time.monotonic() < deadline and _cmdline(sleeper) and not _zombie(sleeper):
+        time.sleep(0.05)
+    assert not _cmdline(sleeper) or _zombie(sleeper), "the child outlived its launcher"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
