@@ -160,8 +160,9 @@ def permissions(identity: str, contracts: dict[str, Contract] | None = None) -> 
         return worker_permissions(contracts[FLEET], identity.removeprefix(WORKER_PREFIX))
     if identity == FLEET:  # the emulator: one process standing in for every worker it runs
         return contract_permissions(contracts[FLEET], checks_streams=False, identity=FLEET)
-    if identity == ENGINE:
-        return contract_permissions(contracts[ENGINE], checks_streams=False, identity=ENGINE)
+    if identity == ENGINE:  # its reports out; it answers the pickers' snapshot requests into their inboxes
+        base = contract_permissions(contracts[ENGINE], checks_streams=False, identity=ENGINE)
+        return Permissions(base.publish, base.subscribe, base.deny_publish, responds=True)
     if identity == GATEWAY:  # engine reports and instance events in, its dead letters out; no stream API
         return contract_permissions(contracts[GATEWAY], checks_streams=False, identity=GATEWAY)
     if identity == PICKER:  # a request/reply service: it answers into its requesters' inboxes, nothing else

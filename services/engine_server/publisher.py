@@ -4,17 +4,23 @@
 The step loop only queues KV batches (:meth:`Publisher.take_kv_events` runs after each step); a task sends
 them, numbered, so the loop never waits on NATS. While NATS is unreachable, at most ``MAX_KV_BACKLOG``
 batches wait; older ones are dropped and the numbering shows the gap to consumers.
+
+A picker that first sees this server asks for a snapshot of its prefix cache (``subjects.engine_kv_snapshot``):
+the answer, signed like every report, holds the cached block hashes and the number of the first KV message it
+does not cover, so the picker applies only the events from that one on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -23,10 +29,19 @@ from nats.aio.client import Client as NatsClient
 from services.engine_server.runner import EngineRunner
 from shared.bus import subjects
 from shared.bus.connection import url_credentials
-from shared.bus.messages import EngineKVEvents, EngineMetrics, encode
+from shared.bus.messages import (
+    MAX_SNAPSHOT_BLOCKS,
+    EngineKVEvents,
+    EngineKVSnapshot,
+    EngineMetrics,
+    KVSnapshotRequest,
+    MessageError,
+    decode,
+    encode,
+)
 from shared.core.kv_events import KVEventBatch
 from shared.envsettings import without_user
-from shared.host.report_auth import KV, METRICS, ReportSigner, signed_headers
+from shared.host.report_auth import KV, METRICS, SNAPSHOT, ReportSigner, signed_headers
 from shared.host.tasks import cancel_until_done
 
 log = logging.getLogger("gantry.engine_server")
@@ -73,6 +88,10 @@ class Publisher:
         self.kv_dropped = 0
         self._kv_ready = asyncio.Event()
         self._nc: NatsClient | None = None
+        # takes the engine's KV events not yet queued (those of a step whose tokens have not gone out) into the
+        # queue: a snapshot is of the cache as it is, so its numbering must count them
+        self.flush_kv: Callable[[], None] = lambda: None
+        self.serve_snapshots = False  # answer snapshot requests (only where KV events are published)
 
     def queue_kv(self, batch: KVEventBatch) -> None:
         """Queue one step's KV events for publishing (runs on the step loop; no I/O)."""
@@ -86,6 +105,8 @@ class Publisher:
     async def run(self) -> None:
         """Connect (retrying) and publish until cancelled; a NATS outage never stops serving."""
         tasks = [asyncio.create_task(self._metrics_loop()), asyncio.create_task(self._kv_loop())]
+        if self.serve_snapshots:
+            tasks.append(asyncio.create_task(self._snapshot_service()))
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -138,3 +159,41 @@ class Publisher:
             if self.kv and self.kv[0] is batch:
                 self.kv.popleft()
                 self.kv_seq += 1
+
+    def kv_snapshot(self, nonce: str) -> EngineKVSnapshot:
+        """The prefix cache's block hashes now (the most recently cached ``MAX_SNAPSHOT_BLOCKS``, oldest first)
+        and the number of the first KV message not in them (runs on the event loop, between steps: the cache
+        and the queue agree)."""
+        self.flush_kv()
+        cached = self.runner.engine.scheduler.kv.cached
+        newest = list(itertools.islice(reversed(cached), MAX_SNAPSHOT_BLOCKS))
+        newest.reverse()
+        return EngineKVSnapshot(instance_id=self.instance_id, model=self.model, nonce=nonce,
+                                next_seq=self.kv_seq + len(self.kv), block_hashes=newest, total=len(cached))
+
+    async def _snapshot_service(self) -> None:
+        """Answer requests for this server's prefix-cache snapshot (on its own subject), reconnecting with the
+        client; a malformed request is logged and dropped (the requester times out)."""
+        subject = subjects.engine_kv_snapshot(self.instance_id)
+
+        async def answer(msg: Any) -> None:
+            try:
+                if not msg.reply:
+                    raise MessageError("no reply subject")
+                req = decode(msg.data, KVSnapshotRequest)
+            except MessageError as err:
+                log.warning("publisher: snapshot request refused: %s", err)
+                return
+            data = encode(self.kv_snapshot(req.nonce))
+            try:
+                await nc.publish(msg.reply, data, headers=signed_headers(self.signer, SNAPSHOT, data))
+            except Exception as err:
+                log.warning("publisher: snapshot answer failed: %s", err)
+
+        while True:
+            nc = await self._client()
+            sub = await nc.subscribe(subject, cb=answer)
+            while nc.is_connected or nc.is_reconnecting:  # nats-py resubscribes across reconnections
+                await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()

@@ -268,6 +268,8 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
                     sink(batch)
 
         runner.on_flush.append(fan_out_kv_events)
+        if pub is not None and opts.kv_events:
+            pub.flush_kv, pub.serve_snapshots = fan_out_kv_events, True
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

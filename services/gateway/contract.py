@@ -4,7 +4,7 @@ docs/gateway.md)."""
 from __future__ import annotations
 
 from shared.bus import subjects
-from shared.bus.messages import EngineKVEvents, EngineMetrics, ErrorEvent, InstanceEvents
+from shared.bus.messages import EngineKVEvents, EngineMetrics, ErrorEvent, InstanceEvents, KVSnapshotRequest
 from shared.host.contract import Consumes, Contract, Emits
 
 CONTRACT = Contract(
@@ -22,6 +22,8 @@ CONTRACT = Contract(
                  "it out of the pool at once"),
     ),
     emits=(
+        Emits(subjects.ENGINE_KV_SNAPSHOT_ALL, KVSnapshotRequest, "asks an engine it first routes to (or lost KV "
+              "events of) for its prefix-cache snapshot (request/reply; the answer is signed like its reports)"),
         Emits(subjects.dead_letter("gateway"), ErrorEvent, "an engine report it rejected, and why"),
     ),
 )

@@ -43,7 +43,14 @@ from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, Router, RouterConfig, builtin_config
 from shared.core.routing.pool_source import PoolSource
 from shared.envsettings import EnvSettings
-from shared.host.engine_feed import EngineFeed, PlacedInstances, expire_forever, take_kv_events, take_metrics
+from shared.host.engine_feed import (
+    EngineFeed,
+    PlacedInstances,
+    SnapshotFetcher,
+    expire_forever,
+    take_kv_events,
+    take_metrics,
+)
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import MetricsServer, registry_for
 
@@ -173,6 +180,7 @@ class Gateway:
         verifier = ReportVerifier(opts.report_master) if opts.report_master is not None else None
         self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed, ip_only=True,
                                source=opts.pool_source, placed=self.placed.placed, verifier=verifier)
+        self.snapshots = SnapshotFetcher(self.feed)  # a late or restarted replica learns the engines' caches
         self.metrics = registry_for(CONTRACT.service, verifier)
         self.pool = self.feed.pool
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
@@ -287,7 +295,8 @@ class Gateway:
             stack.callback(MetricsServer(self.metrics, self.opts.metrics_port, CONTRACT.service).close)
             if self.capture is not None:
                 stack.callback(self.capture.close)
-            self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
+            self.bus = self.snapshots.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
+            stack.push_async_callback(self.snapshots.close)
             if self.opts.pool_source is PoolSource.PLACEMENT:
                 store = await self._follow_placement(nc)
                 stack.push_async_callback(store.close)

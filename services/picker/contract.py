@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.bus import subjects
-from shared.bus.messages import EngineKVEvents, EngineMetrics, ErrorEvent, PickProgress, PickRequest
+from shared.bus.messages import EngineKVEvents, EngineMetrics, ErrorEvent, KVSnapshotRequest, PickProgress, PickRequest
 from shared.host.contract import Consumes, Contract, Emits
 
 SERVICE = "picker"
@@ -24,6 +24,8 @@ CONTRACT = Contract(
                  "numbering clears what is known of its cache"),
     ),
     emits=(
+        Emits(subjects.ENGINE_KV_SNAPSHOT_ALL, KVSnapshotRequest, "asks an engine it first routes to (or lost KV "
+              "events of) for its prefix-cache snapshot (request/reply; the answer is signed like its reports)"),
         Emits(subjects.dead_letter(SERVICE), ErrorEvent, "a pick request or engine report it rejected, and why"),
     ),
 )

@@ -22,7 +22,7 @@ from shared.bus.connection import url_credentials
 from shared.bus.messages import MessageError, PickAnswer, PickProgress, PickReply, encode
 from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.routing import Router, builtin_config
-from shared.host.engine_feed import EngineFeed, expire_forever, take_kv_events, take_metrics
+from shared.host.engine_feed import EngineFeed, SnapshotFetcher, expire_forever, take_kv_events, take_metrics
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import MetricsServer, registry_for
 
@@ -68,6 +68,7 @@ class PickerService:
         self.router = Router(builtin_config(opts.profile), seed=opts.seed)
         self.feed = EngineFeed(self.router, opts.expire_s, verifier=ReportVerifier(opts.report_master)
                                if opts.report_master is not None else None)
+        self.snapshots = SnapshotFetcher(self.feed)  # a late or restarted replica learns the engines' caches
         self.counters = PickerCounters()
         self.metrics = registry_for(CONTRACT.service, self.feed.verifier)
         self.bus: Bus | None = None
@@ -163,7 +164,7 @@ class PickerService:
         credentials = url_credentials(self.opts.nats_url)  # decoded: nats-py sends the URL's as written
         nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1,
                                 inbox_prefix=inbox_prefix(credentials.get("user", "")), **credentials)
-        self.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
+        self.bus = self.snapshots.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
         await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._guarded(self.on_metrics))
         await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._guarded(self.on_kv))
         await nc.subscribe(subjects.PICK_PROGRESS, cb=self._guarded(self.on_progress))
@@ -187,6 +188,7 @@ class PickerService:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await self.snapshots.close()
             log.info("picker: %s", self.counters)
             metrics.close()
             with contextlib.suppress(Exception):

@@ -516,6 +516,32 @@ class EngineKVEvents(Message, frozen=True, kw_only=True):
     batch: KVEventBatch
 
 
+MAX_SNAPSHOT_BLOCKS = 20_000
+"""Block hashes in one prefix-cache snapshot: ~0.4 MB of JSON, far below the message bound; a pool holding more
+answers its most recently cached blocks (a subset of a cache is sound for routing: a prefix matches shorter)."""
+Nonce = Annotated[str, msgspec.Meta(min_length=16, max_length=64)]
+
+
+class KVSnapshotRequest(Message, frozen=True, kw_only=True):
+    """A picker asks one model server for its prefix-cache snapshot; ``nonce`` (fresh random text per request)
+    comes back inside the signed answer, so a recorded answer cannot be replayed to a later request."""
+
+    nonce: Nonce
+
+
+class EngineKVSnapshot(Message, frozen=True, kw_only=True):
+    """The block hashes a model server's prefix cache holds (at most ``MAX_SNAPSHOT_BLOCKS``, the most recently
+    cached; ``total`` counts them all) as of its KV-event message ``next_seq``: every event numbered below it is
+    already in the snapshot, every one from it on is not."""
+
+    instance_id: InstanceId
+    model: Text
+    nonce: Nonce
+    next_seq: Seq
+    block_hashes: Annotated[list[int], msgspec.Meta(max_length=MAX_SNAPSHOT_BLOCKS)]
+    total: Count = 0
+
+
 
 # -- the picker's request/reply protocol (core NATS; seed 002's "replacement scheduler" interface) -----
 

@@ -65,6 +65,11 @@ class Bus:
         self._check(subject)
         await self.nc.publish(subject, encode(msg))
 
+    async def request(self, subject: str, msg: msgspec.Struct, timeout_s: float) -> Msg:
+        """A core NATS request; the reply (raises nats' TimeoutError or NoRespondersError without one)."""
+        self._check(subject)
+        return await self.nc.request(subject, encode(msg), timeout=timeout_s)
+
     async def publish_js(self, subject: str, msg: msgspec.Struct, msg_id: str) -> None:
         """Durable publish; waits for the stream's ack. ``msg_id`` dedupes re-publishes."""
         self._check(subject)

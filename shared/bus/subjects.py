@@ -151,6 +151,18 @@ def engine_kv_events(instance: str) -> str:
     return f"{ENGINE_KV_EVENTS}.{instance}"
 
 
+ENGINE_KV_SNAPSHOT = f"{PREFIX}.engine.kvsnap"
+"""KVSnapshotRequest -> EngineKVSnapshot (core NATS request/reply): what a model server's prefix cache holds now,
+asked by a picker that first sees it (a late or restarted replica would otherwise be blind to it until new
+KV events); one subject per instance below, answered by that instance's server only."""
+ENGINE_KV_SNAPSHOT_ALL = f"{ENGINE_KV_SNAPSHOT}.>"
+
+
+def engine_kv_snapshot(instance: str) -> str:
+    """Where the model server of ``instance`` answers requests for its prefix-cache snapshot."""
+    return f"{ENGINE_KV_SNAPSHOT}.{instance}"
+
+
 # -- the endpoint picker (core NATS request/reply) --------------------------------------------------
 PICK = f"{PREFIX}.picker.pick"
 """PickRequest → PickReply (request/reply): where each request goes. Picker replicas share it as a queue group."""

@@ -6,6 +6,11 @@ reporting; the routing core's staleness filter keeps it out of decisions long be
 from the same reports and its cache from its ``EngineKVEvents``, numbered per instance so that a gap (lost
 messages, a restarted server) clears what is known of that cache. Pure apart from the router it feeds:
 messages and ``now`` come in. Nothing is scraped per request.
+
+A picker that starts late (or restarts) would know nothing of what the engines already cache until new events
+came: when an engine becomes routable, and after a gap in its numbering, the picker asks it for a snapshot of its
+prefix cache (``fetch_snapshot``: signed like its reports, bound to the request by a nonce), which replaces what
+is known of that cache; then only the events numbered from the snapshot's ``next_seq`` on are applied.
 """
 
 from __future__ import annotations
@@ -13,22 +18,30 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from shared.bus.messages import EngineKVEvents, EngineMetrics, InstanceEvents
+from shared.bus import subjects
+from shared.bus.messages import EngineKVEvents, EngineKVSnapshot, EngineMetrics, InstanceEvents, KVSnapshotRequest
 from shared.bus.runtime import Bus
-from shared.core.kv_events import AllBlocksCleared, KVEventBatch
+from shared.core.kv_events import AllBlocksCleared, BlockStored, KVEventBatch
 from shared.core.limits import MAX_POOL_ENDPOINTS
 from shared.core.placement.domain import Instance
 from shared.core.roles import NodeRole
 from shared.core.routing import Endpoint, EndpointMetrics, Router
 from shared.core.routing.pool_source import Placed, PoolSource, refusal
-from shared.host.report_auth import ACCEPTED, KV, METRICS, RESTARTED, WHY, ReportVerifier
+from shared.host.report_auth import ACCEPTED, KV, METRICS, RESTARTED, SNAPSHOT, WHY, ReportVerifier
 
 log = logging.getLogger("gantry.picker")
+
+SNAPSHOT_TIMEOUT_S = 2.0  # an engine that does not answer in time (an old server, NATS away) stays as before
+SNAPSHOT_CHUNK = 2048
+"""Block hashes applied per turn of the event loop: a 20k-block snapshot yields ~10 times, so a check waits for
+one chunk (~1 ms), never the whole snapshot."""
+MAX_HELD_EVENTS = 1024  # KV messages of one engine held while its snapshot applies; more count as a gap
 
 
 class Delivered(Protocol):
@@ -178,8 +191,12 @@ class EngineFeed:
     def __init__(self, router: Router, expire_s: float = 3.0,
                  on_pool: Callable[[list[Endpoint]], None] | None = None, ip_only: bool = False,
                  source: PoolSource = PoolSource.ENGINES, placed: Mapping[str, Placed] | None = None,
-                 verifier: ReportVerifier | None = None) -> None:
+                 verifier: ReportVerifier | None = None,
+                 want_snapshot: Callable[[str], None] | None = None) -> None:
         self.router = router
+        # hears the id of an engine whose cache this picker should ask for (it became routable, or lost events)
+        self.want_snapshot = want_snapshot
+        self._loading: dict[str, list[EngineKVEvents]] = {}  # engines whose snapshot is being applied: held events
         self.verifier = verifier
         # Envoy's file-based EDS takes IP addresses only, and one host name in the file makes it reject the
         # whole update (the pool then freezes for every engine): the gateway admits IP literals only
@@ -200,12 +217,16 @@ class EngineFeed:
         eps = self._admitted()
         if eps == self.routable:
             return
+        joined = [e.id for e in eps if e.id not in self.addresses]
         self.routable = eps
         self.router.set_endpoints(eps)
         self.addresses = {e.id: e.address for e in eps}
         log.info("pool: %s", sorted(self.addresses.items()))
         if self.on_pool is not None:
             self.on_pool(eps)
+        if self.want_snapshot is not None:
+            for eid in joined:
+                self.want_snapshot(eid)
 
     def placement_changed(self) -> None:
         """Placement's instances changed: admit and drop engines accordingly (a DRAINING instance leaves at
@@ -245,8 +266,12 @@ class EngineFeed:
             # numbering kept only for members: ids that never join (or left) would otherwise each leave an
             # entry behind forever (the core drops their events anyway)
             return
+        if self._loading and self._hold(ev):  # empty but while a snapshot applies: one test per message
+            return
         expected = self._kv_seq.get(ev.instance_id)
-        if expected is not None and 0 < ev.seq < expected:
+        # a snapshot can be newer than an event 0 still on its way; with signed reports a restart shows as a new
+        # epoch (``restarted``, which forgets the numbering), so there an event 0 below the expected one is old
+        if expected is not None and (ev.seq > 0 or self.verifier is not None) and ev.seq < expected:
             # a message already applied (a redelivery or a replay): applying it again would not be a gap but a
             # step back, and would make the next real message look like one; a restarted server counts from 0
             log.debug("KV events %d of %s already applied (next is %d): ignored", ev.seq, ev.instance_id, expected)
@@ -255,15 +280,60 @@ class EngineFeed:
             log.info("KV events of %s jumped from %d to %d; its precise index is rebuilt",
                      ev.instance_id, expected, ev.seq)
             self.router.apply_kv_events(ev.instance_id, KVEventBatch(ts=ev.batch.ts, events=[AllBlocksCleared()]))
+            if self.want_snapshot is not None:
+                self.want_snapshot(ev.instance_id)
         self._kv_seq[ev.instance_id] = ev.seq + 1
         self.router.apply_kv_events(ev.instance_id, ev.batch)
+
+    def _hold(self, ev: EngineKVEvents) -> bool:
+        """Hold ``ev`` when its engine's snapshot is being applied (it follows the snapshot, in order)."""
+        held = self._loading.get(ev.instance_id)
+        if held is None:
+            return False
+        if len(held) < MAX_HELD_EVENTS:
+            held.append(ev)
+        else:
+            self._kv_seq[ev.instance_id] = -1  # the next event applied shows a gap: the index is rebuilt
+        return True
 
     def restarted(self, instance_id: str) -> None:
         """A later process of ``instance_id`` signed a message (the verifier saw a new epoch): its cache starts
         empty, so what is known of the previous one's goes, and its KV numbering starts over (a KV message of
         the new process numbered below the old one's would otherwise be ignored as a repeat)."""
+        self._loading.pop(instance_id, None)
         if self._kv_seq.pop(instance_id, None) is not None:
             self.router.apply_kv_events(instance_id, KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
+
+    def begin_snapshot(self, snap: EngineKVSnapshot) -> bool:
+        """Start applying an engine's prefix-cache snapshot: what is known of its cache is cleared and its KV
+        events are held until ``end_snapshot``. False (nothing changed) for an engine not in the pool, one whose
+        snapshot is already being applied, or a snapshot older than events already applied (it would undo them;
+        those events keep the index current from here anyway)."""
+        iid = snap.instance_id
+        expected = self._kv_seq.get(iid)
+        if iid not in self.pool.endpoints or iid in self._loading or (expected is not None
+                                                                       and snap.next_seq < expected):
+            return False
+        self._kv_seq[iid] = snap.next_seq
+        self._loading[iid] = []
+        self.router.apply_kv_events(iid, KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
+        return True
+
+    def snapshot_chunk(self, snap: EngineKVSnapshot, start: int, block_size: int) -> bool:
+        """Apply ``SNAPSHOT_CHUNK`` of the snapshot's hashes from ``start``; False once the engine's snapshot was
+        abandoned meanwhile (it restarted or left: what the snapshot said no longer holds)."""
+        if snap.instance_id not in self._loading:
+            return False
+        hashes = snap.block_hashes[start:start + SNAPSHOT_CHUNK]
+        self.router.apply_kv_events(snap.instance_id, KVEventBatch(ts=0.0, events=[
+            BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=[], block_size=block_size)]))
+        return True
+
+    def end_snapshot(self, instance_id: str) -> None:
+        """The snapshot is applied: the events held meanwhile follow it (those it covers are ignored)."""
+        held = self._loading.pop(instance_id, None)
+        for ev in held or ():
+            self.on_kv(ev)
 
     def expire(self, now: float) -> list[str]:
         """Drop silent engines (their KV numbering too); returns their ids."""
@@ -271,6 +341,7 @@ class EngineFeed:
         if gone:
             for eid in gone:
                 self._kv_seq.pop(eid, None)
+                self._loading.pop(eid, None)
             self._changed()
         return gone
 
@@ -319,3 +390,83 @@ async def expire_forever(feed: EngineFeed, expire_s: float, clock: Callable[[], 
     while True:
         await asyncio.sleep(min(1.0, expire_s / 2))
         feed.expire(clock())
+
+
+class _Answer:
+    """A snapshot answer as ``_signed`` reads it, named by the subject it was asked on (the dead letters' key)."""
+
+    def __init__(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        self.subject, self.data, self.headers = subject, data, headers
+
+
+async def fetch_snapshot(feed: EngineFeed, bus: Bus, instance_id: str,
+                         timeout_s: float = SNAPSHOT_TIMEOUT_S) -> bool:
+    """Ask ``instance_id``'s engine for its prefix-cache snapshot and apply it (a chunk per turn of the event
+    loop); True when applied. No answer in time leaves the index as it was; an answer that is undecodable, for
+    another instance or request, or (with a verifier) unsigned, forged or replayed goes to the dead letters."""
+    subject = subjects.engine_kv_snapshot(instance_id)
+    nonce = secrets.token_hex(16)
+    try:
+        reply = await bus.request(subject, KVSnapshotRequest(nonce=nonce), timeout_s)
+    except Exception as err:  # timeout, no responders, NATS away: routing goes on with the events alone
+        log.info("no prefix-cache snapshot from %s (%s)", instance_id, type(err).__name__)
+        return False
+    snap = await bus.decode_or_reject(subject, reply.data, EngineKVSnapshot)
+    if snap is None:
+        return False
+    if snap.instance_id != instance_id or snap.nonce != nonce:
+        await bus.dead_letter(subject, f"snapshot answer for {snap.instance_id!r} to another request", reply.data)
+        return False
+    answer = _Answer(subject, reply.data, reply.headers)
+    if feed.verifier is not None and not await _signed(feed, feed.verifier, bus, instance_id, answer, SNAPSHOT):
+        return False
+    return await apply_snapshot(feed, snap)
+
+
+async def apply_snapshot(feed: EngineFeed, snap: EngineKVSnapshot) -> bool:
+    """Apply a verified snapshot to ``feed``, yielding to the event loop between chunks; True when applied."""
+    ep = feed.pool.endpoints.get(snap.instance_id)
+    if ep is None or not feed.begin_snapshot(snap):
+        return False
+    try:
+        for start in range(0, len(snap.block_hashes), SNAPSHOT_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            if not feed.snapshot_chunk(snap, start, ep.block_size):
+                return False
+    finally:
+        feed.end_snapshot(snap.instance_id)
+    log.info("prefix cache of %s from its snapshot: %d blocks (of %d), events from %d on",
+             snap.instance_id, len(snap.block_hashes), snap.total, snap.next_seq)
+    return True
+
+
+class SnapshotFetcher:
+    """Asks engines for their prefix-cache snapshots in the background (``feed.want_snapshot``), one request per
+    engine at a time; idle until ``bus`` is set (the service connected)."""
+
+    def __init__(self, feed: EngineFeed) -> None:
+        self.feed = feed
+        self.bus: Bus | None = None
+        self._tasks: dict[str, asyncio.Task[bool]] = {}
+        feed.want_snapshot = self.want
+
+    def want(self, instance_id: str) -> None:
+        """Fetch ``instance_id``'s snapshot unless a fetch of it is under way (called on the event loop)."""
+        if self.bus is None or instance_id in self._tasks:
+            return
+        task = asyncio.get_running_loop().create_task(fetch_snapshot(self.feed, self.bus, instance_id))
+        self._tasks[instance_id] = task
+        task.add_done_callback(lambda t: self._done(instance_id, t))
+
+    def _done(self, instance_id: str, task: asyncio.Task[bool]) -> None:
+        self._tasks.pop(instance_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("prefix-cache snapshot of %s not applied: %r", instance_id, task.exception())
+
+    async def close(self) -> None:
+        """Cancel the fetches under way."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -45,10 +45,10 @@ MAX_AHEAD_S = 3.0
 """How far ahead of a picker's clock a new epoch may be: the skew it already allows a load report's time (the
 feed's ``expire_s``, 3 s by default), so replay protection asks no closer clocks than routing did."""
 
-METRICS, KV = 0, 1
-"""The kinds of message, numbered apart: each has its own sequence (a load report and a KV message are
-published by different tasks, and a picker may apply them in either order)."""
-KINDS = ("metrics", "kv")  # label of each kind (metrics, logs)
+METRICS, KV, SNAPSHOT = 0, 1, 2
+"""The kinds of message, numbered apart: each has its own sequence (a load report, a KV message and a prefix-cache
+snapshot answered on request are sent by different tasks, and a picker may apply them in either order)."""
+KINDS = ("metrics", "kv", "snapshot")  # label of each kind (metrics, logs)
 
 
 class Verdict(IntEnum):
@@ -108,10 +108,10 @@ class ReportSigner:
         # unix ns when this process started signing: a restarted server's epoch is later, so its messages are
         # taken although it counts from 0 again, while the previous process's (replayed) ones are not
         self.epoch = time.time_ns() if epoch is None else epoch
-        self._next = [0, 0]
+        self._next = [0] * len(KINDS)
 
     def headers(self, kind: int, payload: bytes) -> dict[str, str]:
-        """The headers to publish ``payload`` of ``kind`` (METRICS, KV) with; each call takes the next number
+        """The headers to publish ``payload`` of ``kind`` (METRICS, KV, SNAPSHOT) with; each call takes the next number
         (a retried publish too: a picker that got both takes both, the KV numbering absorbs the repeat)."""
         seq = self._next[kind]
         self._next[kind] = seq + 1
@@ -154,7 +154,7 @@ class ReportVerifier:
         # than copying an ``hmac.HMAC`` (its Python wrapper): 2.1 -> 1.25 us per 0.5 KB report
         self._macs: dict[str, tuple[Any, Any]] = {}
         # per instance id: [epoch as signed (compared as text: no parsing per message), epoch, last seq of METRICS,
-        # last seq of KV] taken (-1: none yet in this epoch)
+        # of KV, of SNAPSHOT] taken (-1: none yet in this epoch)
         self._last: dict[str, list[Any]] = {}
         self.max_keys = max_keys
         self.log_every_s = log_every_s
@@ -164,7 +164,7 @@ class ReportVerifier:
         self._logged_at: float | None = None
         self._unlogged = 0
         self.dropped = 0  # messages refused, all kinds and reasons (operators, tests)
-        self.refused: dict[tuple[int, Verdict], int] = {(k, v): 0 for k in (METRICS, KV) for v in REFUSALS}
+        self.refused: dict[tuple[int, Verdict], int] = {(k, v): 0 for k in range(len(KINDS)) for v in REFUSALS}
 
     def _mac(self, instance_id: str) -> tuple[Any, Any]:
         mac = self._macs.get(instance_id)
@@ -210,7 +210,7 @@ class ReportVerifier:
             return REPLAYED  # a process older than the one heard last
         if epoch > (self._wall() + self.max_ahead_s) * 1e9:
             return AHEAD
-        fresh: list[Any] = [epoch_text, epoch, -1, -1]
+        fresh: list[Any] = [epoch_text, epoch, *(-1 for _ in KINDS)]
         fresh[2 + kind] = seq
         if last is None and len(self._last) >= self.max_keys:
             del self._last[next(iter(self._last))]  # the instance heard of first (ids are not reused)

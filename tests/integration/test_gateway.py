@@ -244,8 +244,9 @@ def every_replica_has_every_engine(gw: Gateway, engines: list[Engine], timeout: 
     """Until Envoy sees every picker replica healthy and each has logged a pool of every engine. One routable
     replica is not all of them: on a loaded host the hit-rate test's workload began while 2 of its 3 replicas were
     still starting (they listened 2.3 s later); they had not heard the KV events of the requests before (nothing
-    replays them), routed those groups by load, and 3 pickers fell under 95 % of 1's hit rate (0.648-0.675 against
-    0.714)."""
+    replayed them then), routed those groups by load, and 3 pickers fell under 95 % of 1's hit rate (0.648-0.675
+    against 0.714). A replica now takes each engine's prefix-cache snapshot when it joins (docs/gateway.md, "Warm
+    start"); the wait stays so that the comparison measures routing, not start-up."""
     replicas = len(gw.pickers)
     deadline = time.monotonic() + timeout
     while True:

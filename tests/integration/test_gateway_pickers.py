@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,35 @@ def test_three_picker_replicas_keep_the_hit_rate_of_one_within_5_percent(nats_se
     assert n1 == n3 >= 40 and err1 == err3 == 0
     assert one > 0.5  # the workload rewards prefix routing at all
     assert three >= 0.95 * one
+
+
+def _snapshots_applied(gw: Gateway, engines: list[Engine], timeout: float = 30) -> None:
+    """Until the picker logged each engine's prefix cache taken from its snapshot."""
+    deadline = time.monotonic() + timeout
+    while not all(f"prefix cache of {e.instance} from its snapshot" in gw.log.read_text() for e in engines):
+        assert time.monotonic() < deadline, gw.log.read_text()[-2000:]
+        time.sleep(0.1)
+
+
+def test_a_picker_started_after_the_engines_cached_prefixes_routes_each_to_the_engine_holding_it(
+        nats_server: ServerProcess, tmp_path: Path) -> None:
+    # six ~300-token prompts, cached on the engines before any picker runs (sent to them directly): a picker that
+    # knew nothing of those caches would route by load, each to the right engine by chance only (1 in 64)
+    prompts = [f"group {i} shares this long question about prefix routing and caches " * 25 for i in range(6)]
+    with _running(_engines(nats_server.url, tmp_path, 2)) as engines:
+        for i, prompt in enumerate(prompts):
+            r = httpx.post(f"http://{engines[i % 2].address}/v1/chat/completions", json=_chat(prompt, 1, False),
+                           timeout=30)
+            assert r.status_code == 200
+        with _running(_gateway(nats_server.url, tmp_path, 1, *PICKER_ARGS)) as gw:
+            _wait_routable(gw, len(engines), timeout=90)
+            _snapshots_applied(gw, engines)
+            served = []
+            for prompt in prompts:
+                r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat(prompt, 1, False), timeout=30)
+                assert r.status_code == 200
+                served.append(r.headers["x-gateway-destination-endpoint-served"])
+    assert served == [engines[i % 2].address for i in range(len(prompts))]
 
 
 @pytest.fixture

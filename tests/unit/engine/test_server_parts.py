@@ -210,3 +210,29 @@ async def test_long_prompts_are_tokenized_without_holding_up_the_event_loop() ->
     took = time.perf_counter() - t0
     await task
     assert max(gaps) < took / 2  # the loop kept ticking while the thread tokenized
+
+
+async def test_the_cache_snapshot_covers_the_kv_events_not_yet_published_and_numbers_the_next_one() -> None:
+    from services.engine_server.publisher import Publisher
+    from shared.core.kv_events import chain_hashes
+
+    engine = Engine(SchedulerConfig(num_gpu_blocks=100, enable_kv_events=True), MODEL, fast_forward=False)
+    runner = EngineRunner(engine, speedup=50.0)
+    pub = Publisher(runner, "nats://127.0.0.1:1", "e1", "m", "http://127.0.0.1:1")
+
+    def fan_out() -> None:
+        batch = engine.take_kv_events()
+        if batch is not None:
+            pub.queue_kv(batch)
+
+    pub.flush_kv = fan_out
+    runner.start()
+    sink = CollectSink()
+    runner.submit(Request("r0", list(range(64)), max_tokens=2, ignore_eos=True), sink)
+    await asyncio.wait_for(sink.done, 5)
+    await runner.stop()
+    pub.kv_seq = 5  # five messages already published
+    snap = pub.kv_snapshot("n" * 32)
+    assert set(chain_hashes(list(range(64)), engine.scheduler.config.block_size)) <= set(snap.block_hashes)
+    assert snap.next_seq == 5 + len(pub.kv) and len(pub.kv) >= 1  # the queued (unpublished) messages are in it
+    assert snap.total == len(snap.block_hashes) and snap.nonce == "n" * 32

@@ -207,17 +207,31 @@ def test_a_child_runs_as_its_identity_whatever_the_extra_environment(tmp_path: P
     assert env["GANTRY_IDENTITY"] == "filter" and env["GANTRY_FORGET_AFTER_S"] == "6"
 
 
-def test_the_picker_answers_requests_but_publishes_nothing_else_than_dead_letters() -> None:
+def test_the_picker_answers_requests_but_publishes_nothing_else_than_dead_letters_and_snapshot_requests() -> None:
     perms = permissions("picker")
     assert perms.responds
-    assert {p for p in perms.publish if p.startswith(subjects.PREFIX + ".")} == {subjects.dead_letter("picker")}
+    assert {p for p in perms.publish if p.startswith(subjects.PREFIX + ".")} == {
+        subjects.dead_letter("picker"), subjects.ENGINE_KV_SNAPSHOT_ALL}
     assert covered(subjects.PICK, perms.subscribe) and covered(subjects.engine_kv_events("m-1"), perms.subscribe)
     assert not covered(subjects.SCALE, perms.publish)
     conf = nats_authorization(Credentials.generate())
     picker_block = conf[conf.index('user: "picker"'):]
     picker_block = picker_block[:picker_block.index("}}")]
     assert "allow_responses: true" in picker_block
-    assert conf.count("allow_responses") == 1
+    assert conf.count("allow_responses") == 2  # the picker's and the engines' (snapshot answers)
+
+
+def test_only_the_pickers_ask_for_engine_cache_snapshots_and_only_the_engines_answer_them() -> None:
+    snapshot = subjects.engine_kv_snapshot("m-1")
+    askers = {r for r in ROLES if r != ADMIN and covered(snapshot, permissions(r).publish)}
+    answerers = {r for r in ROLES if r != ADMIN and covered(snapshot, permissions(r).subscribe)
+                 and permissions(r).responds}  # the CLI reads every subject but may answer none
+    assert askers == {"picker", "gateway"}
+    assert answerers == {"engine_server"}
+    assert not covered(subjects.engine_kv_events("m-1"), permissions("gateway").publish)
+    engine_block = nats_authorization(Credentials.generate())
+    engine_block = engine_block[engine_block.index('user: "engine_server"'):]
+    assert "allow_responses: true" in engine_block[:engine_block.index("}}")]
 
 
 SERVICES = ("filter", "fitting", "scoring", "reconciler")
