@@ -87,10 +87,7 @@ def load_azure(path: Path, time_scale: float = 1.0, limit: int | None = None) ->
                 earliest = t
             if plen < 1 or olen < 1:
                 continue  # nothing to serve
-            arrival = (t - first) / time_scale
-            if not math.isfinite(arrival):
-                _arrival(path, lineno, arrival, 1.0)  # raises, naming the line
-            out.append(TraceRequest(arrival, plen, olen))
+            out.append(TraceRequest(_arrival(path, lineno, t - first, time_scale), plen, olen))
             if limit is not None and len(out) >= limit:
                 break
     except csv.Error as err:
@@ -106,20 +103,13 @@ def _mooncake_record(path: Path, lineno: int, line: str, time_scale: float) -> T
     try:
         rec = json.loads(line)
         stamp = float(rec["timestamp"])
-        tr = TraceRequest(
-            stamp / 1000.0 / time_scale,
-            int(rec["input_length"]),
-            int(rec["output_length"]),
-            tuple(int(h) for h in rec["hash_ids"]),
-            512,
-        )
+        plen, olen = int(rec["input_length"]), int(rec["output_length"])
+        prefix_ids = tuple(int(h) for h in rec["hash_ids"])
     except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as err:
         raise TraceError(f"{path.name}:{lineno}: bad record ({err})") from None
     if not (math.isfinite(stamp) and stamp >= 0):  # NaN would sort anywhere, inf never arrives
         raise TraceError(f"{path.name}:{lineno}: timestamp must be a finite number of ms >= 0 (got {stamp})")
-    if not math.isfinite(tr.arrival_s):
-        _arrival(path, lineno, tr.arrival_s, 1.0)  # raises, naming the line
-    return tr
+    return TraceRequest(_arrival(path, lineno, stamp / 1000.0, time_scale), plen, olen, prefix_ids, 512)
 
 
 def load_mooncake(path: Path, time_scale: float = 1.0, limit: int | None = None) -> list[TraceRequest]:

@@ -88,3 +88,12 @@ def test_an_azure_row_earlier_than_the_first_arrives_at_time_zero(tmp_path: Path
 def test_a_non_finite_time_scale_or_a_limit_below_one_is_refused(time_scale: float, limit: int | None) -> None:
     with pytest.raises(TraceError):
         load_trace("mooncake", time_scale, limit)
+
+
+def test_an_arrival_pushed_past_the_float_range_by_a_tiny_time_scale_is_refused_naming_the_line(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "far.jsonl"
+    path.write_text(_rec("0") + _rec("1e300"))
+    with pytest.raises(TraceError, match=r"far.jsonl:2: arrival time out of range"):
+        load_trace(str(path), time_scale=1e-300)
