@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -266,13 +266,13 @@ async def send_cordon(nc: NatsClient, command: CordonCommand) -> int:
     return await publish(nc, subjects.CORDON, command, f"cli-{uuid.uuid4().hex}")
 
 
-async def deploy_files(settings: Settings, files: Iterable[Path], confirm_timeout: float = 15.0) -> list[ModelSpec]:
+async def deploy_files(settings: Settings, files: Sequence[Path], confirm_timeout: float = 15.0) -> list[ModelSpec]:
     """Validate every file first, publish one scale command per model (with its spec), and return once
     the reconciler has recorded every spec, so a `gantry scale` right after a deploy finds the model."""
     from ops.cli.connect import connect_redis
 
     specs = [load_spec(path) for path in files]
-    _one_file_per_model(specs, list(files))
+    _one_file_per_model(specs, files)
     redis = await connect_redis(settings)
     try:
         nc = await connect_nats(settings)
