@@ -42,8 +42,8 @@ def run_brokered(reqs: list[TraceRequest], cluster: ClusterSpec, params: Schedul
                  prefill_nodes: int, kv_gbps: float, router_queue: bool, kill: tuple[int, float] | None,
                  slo_ttft_s: float, slo_tpot_s: float) -> dict[str, object]:
     """Run the brokered simulation of ``cluster``'s replicas; the summary with the setup and wall time."""
-    if kv_gbps <= 0:
-        raise ValueError(f"--kv-gbps must be > 0 (got {kv_gbps})")
+    if not (math.isfinite(kv_gbps) and kv_gbps > 0):  # NaN slips past "<= 0" and would poison every KV transfer
+        raise ValueError(f"--kv-gbps must be a finite number > 0 (got {kv_gbps})")
     spec = BrokeredSpec(nodes=cluster.replicas, config=cluster.config, step_model=cluster.step_model,
                         params=params, router_queue=router_queue, skew=skew, prefill_nodes=prefill_nodes,
                         kv_link=KVLink(bandwidth_bytes_s=kv_gbps * 1e9, latency_s=1e-3), kill=kill)

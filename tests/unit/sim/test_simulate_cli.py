@@ -90,6 +90,7 @@ def test_simulate_with_a_broker_accounts_for_every_request(broker_args: list[str
     (["--broker", "global", "--kill", "0@nan"], "--kill wants NODE@SECONDS"),
     (["--broker", "local", "--prefill-nodes", "1"], "prefill_nodes needs scheduler_name splitwise"),
     (["--broker", "splitwise", "--kv-gbps", "0"], "--kv-gbps"),
+    (["--broker", "splitwise", "--prefill-nodes", "1", "--kv-gbps", "nan"], "--kv-gbps"),
 ])
 def test_bad_broker_options_exit_2_with_one_line(args: list[str], message: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
