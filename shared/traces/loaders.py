@@ -75,7 +75,8 @@ def load_azure(path: Path, time_scale: float = 1.0, limit: int | None = None) ->
     earliest = math.inf
     reader = csv.DictReader(text for _, text in _lines(path))
     try:
-        for lineno, row in enumerate(reader, start=2):
+        for row in reader:
+            lineno = reader.line_num  # the file's line (a quoted field may span lines: rows are not lines)
             try:
                 t = _azure_seconds(row["TIMESTAMP"])
                 plen, olen = int(row["ContextTokens"]), int(row["GeneratedTokens"])

@@ -97,3 +97,10 @@ def test_an_arrival_pushed_past_the_float_range_by_a_tiny_time_scale_is_refused_
     path.write_text(_rec("0") + _rec("1e300"))
     with pytest.raises(TraceError, match=r"far.jsonl:2: arrival time out of range"):
         load_trace(str(path), time_scale=1e-300)
+
+
+def test_an_azure_error_names_the_files_line_even_after_a_field_spanning_lines(tmp_path: Path) -> None:
+    path = tmp_path / "multi.csv"
+    path.write_text(AZURE_HEAD + '2023-11-16 18:15:46.5,10,"5\n"\n2023-11-16 18:15:47.5,x,5\n')
+    with pytest.raises(TraceError, match=r"multi.csv:4: bad row"):
+        load_trace(str(path))
