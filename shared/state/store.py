@@ -480,27 +480,28 @@ class StateStore:
 
     async def instances(self, model: str | None = None) -> list[Instance]:
         """Instances (of one model, or all), with their current state and reason."""
-        if model is None:
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hgetall(Keys.inst)
-            pipe.hgetall(Keys.inst_state)
-            pipe.hgetall(Keys.inst_reason)
-            recs, states, reasons = await pipe.execute()
-            ids = list(recs)
-            raws = [recs[i] for i in ids]
-            sts = [states.get(i) for i in ids]
-            rs = [reasons.get(i) for i in ids]
-        else:
-            ids = sorted(await self.r.smembers(Keys.model_index + model))
-            if not ids:
-                return []
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hmget(Keys.inst, ids)
-            pipe.hmget(Keys.inst_state, ids)
-            pipe.hmget(Keys.inst_reason, ids)
-            raws, sts, rs = await pipe.execute()
-        got = (_stored_instance(raw, st, reason) for raw, st, reason in zip(raws, sts, rs, strict=True))
+        if model is not None:
+            return sorted(await self._read(sorted(await self.r.smembers(Keys.model_index + model))),
+                          key=lambda i: i.id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(Keys.inst)
+        pipe.hgetall(Keys.inst_state)
+        pipe.hgetall(Keys.inst_reason)
+        recs, states, reasons = await pipe.execute()
+        got = (_stored_instance(raw, states.get(i), reasons.get(i)) for i, raw in recs.items())
         return sorted((i for i in got if i is not None), key=lambda i: i.id)
+
+    async def _read(self, ids: list[Any]) -> list[Instance]:
+        """Those of ``ids`` that exist and are readable, with their current state and reason (one round trip)."""
+        if not ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(Keys.inst, ids)
+        pipe.hmget(Keys.inst_state, ids)
+        pipe.hmget(Keys.inst_reason, ids)
+        raws, sts, rs = await pipe.execute()
+        got = (_stored_instance(raw, st, reason) for raw, st, reason in zip(raws, sts, rs, strict=True))
+        return [i for i in got if i is not None]
 
     async def states(self, ids: Sequence[str]) -> dict[str, InstanceState]:
         """The current state of each of ``ids`` that exists (one round trip)."""
@@ -522,20 +523,7 @@ class StateStore:
     async def instances_by_id(self, ids: Sequence[str]) -> dict[str, Instance]:
         """Those of ``ids`` that exist, with their current state (one round trip, however many ids: a report
         batch names up to 20,000, and one read each took the status consumer seconds)."""
-        ids = list(dict.fromkeys(ids))
-        if not ids:
-            return {}
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hmget(Keys.inst, ids)
-        pipe.hmget(Keys.inst_state, ids)
-        pipe.hmget(Keys.inst_reason, ids)
-        raws, sts, rs = await pipe.execute()
-        out = {}
-        for raw, st, reason in zip(raws, sts, rs, strict=True):
-            inst = _stored_instance(raw, st, reason)
-            if inst is not None:
-                out[inst.id] = inst
-        return out
+        return {inst.id: inst for inst in await self._read(list(dict.fromkeys(ids)))}
 
     async def set_reasons(self, reasons: dict[str, str]) -> None:
         """Keep the latest reason of PENDING instances (one round trip)."""
