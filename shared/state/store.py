@@ -275,6 +275,16 @@ def _stored_instance(raw: Any, st: Any, reason: Any) -> Instance | None:
     return msgspec.structs.replace(inst, state=state, reason=_s(reason) if reason is not None else None)
 
 
+_REPLICAS_DIGITS = len(str(MAX_REPLICAS))
+
+
+def _replicas(digits: str) -> int:
+    """A stored count of ASCII digits, at most ``MAX_REPLICAS``: never converted whole when it is longer than
+    that (``int`` refuses text of more than 4,300 digits, which raised out of every reader of the counts)."""
+    significant = digits.lstrip("0")
+    return MAX_REPLICAS if len(significant) > _REPLICAS_DIGITS else min(int(significant or "0"), MAX_REPLICAS)
+
+
 def _checked(dec: msgspec.json.Decoder[Any], raw: bytes, what: str) -> bytes:
     """``raw`` if it decodes within the limits, else InvalidRecord: nothing outside them is stored."""
     try:
@@ -473,8 +483,7 @@ class StateStore:
         raw = await self.r.hgetall(Keys.desired)
         got = {_s(k): _s(v) for k, v in raw.items()}
         # A negative count reads as 0, as it always did; text that is no count ("--5", "²") is left out.
-        return {k: 0 if v.startswith("-") else min(int(v), MAX_REPLICAS) for k, v in got.items()
-                if decimal(v.removeprefix("-"))}
+        return {k: 0 if v.startswith("-") else _replicas(v) for k, v in got.items() if decimal(v.removeprefix("-"))}
 
     # -- instances -------------------------------------------------------------------------------------
 
