@@ -760,12 +760,13 @@ class Reconciler(PlacementService):
                              known, now)
         prevs = await self.store.set_states([(st.instance_id, st.worker, st.state) for st in changes])
         moved: list[tuple[str, Instance]] = []  # (subject, record), in report order
-        for st, prev in zip(changes, prevs, strict=True):
-            if prev is None:
-                continue
-            cached = self.feed.instances.get(st.instance_id)
-            record = cached if cached is not None and cached.worker == st.worker else None
-            record = record or await self.store.instance(st.instance_id)
+        applied = [(st, prev) for st, prev in zip(changes, prevs, strict=True) if prev is not None]
+        cached = {st.instance_id: fed for st, _ in applied
+                  if (fed := self.feed.instances.get(st.instance_id)) is not None and fed.worker == st.worker}
+        # The rest in one round trip, as above (one read per report took the status consumer seconds).
+        stored = await self.store.instances_by_id([st.instance_id for st, _ in applied if st.instance_id not in cached])
+        for st, prev in applied:
+            record = cached.get(st.instance_id) or stored.get(st.instance_id)
             if record is not None:
                 progress = prev in ON_WORKER and st.state in ON_WORKER
                 subject = subjects.EVENT_INSTANCE_PROGRESS if progress else subjects.EVENT_INSTANCE

@@ -275,6 +275,16 @@ def _stored_instance(raw: Any, st: Any, reason: Any) -> Instance | None:
     return msgspec.structs.replace(inst, state=state, reason=_s(reason) if reason is not None else None)
 
 
+_REPLICAS_DIGITS = len(str(MAX_REPLICAS))
+
+
+def _replicas(digits: str) -> int:
+    """A stored count of ASCII digits, at most ``MAX_REPLICAS``: never converted whole when it is longer than
+    that (``int`` refuses text of more than 4,300 digits, which raised out of every reader of the counts)."""
+    significant = digits.lstrip("0")
+    return MAX_REPLICAS if len(significant) > _REPLICAS_DIGITS else min(int(significant or "0"), MAX_REPLICAS)
+
+
 def _checked(dec: msgspec.json.Decoder[Any], raw: bytes, what: str) -> bytes:
     """``raw`` if it decodes within the limits, else InvalidRecord: nothing outside them is stored."""
     try:
@@ -473,34 +483,34 @@ class StateStore:
         raw = await self.r.hgetall(Keys.desired)
         got = {_s(k): _s(v) for k, v in raw.items()}
         # A negative count reads as 0, as it always did; text that is no count ("--5", "²") is left out.
-        return {k: 0 if v.startswith("-") else min(int(v), MAX_REPLICAS) for k, v in got.items()
-                if decimal(v.removeprefix("-"))}
+        return {k: 0 if v.startswith("-") else _replicas(v) for k, v in got.items() if decimal(v.removeprefix("-"))}
 
     # -- instances -------------------------------------------------------------------------------------
 
     async def instances(self, model: str | None = None) -> list[Instance]:
         """Instances (of one model, or all), with their current state and reason."""
-        if model is None:
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hgetall(Keys.inst)
-            pipe.hgetall(Keys.inst_state)
-            pipe.hgetall(Keys.inst_reason)
-            recs, states, reasons = await pipe.execute()
-            ids = list(recs)
-            raws = [recs[i] for i in ids]
-            sts = [states.get(i) for i in ids]
-            rs = [reasons.get(i) for i in ids]
-        else:
-            ids = sorted(await self.r.smembers(Keys.model_index + model))
-            if not ids:
-                return []
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hmget(Keys.inst, ids)
-            pipe.hmget(Keys.inst_state, ids)
-            pipe.hmget(Keys.inst_reason, ids)
-            raws, sts, rs = await pipe.execute()
-        got = (_stored_instance(raw, st, reason) for raw, st, reason in zip(raws, sts, rs, strict=True))
+        if model is not None:
+            return sorted(await self._read(sorted(await self.r.smembers(Keys.model_index + model))),
+                          key=lambda i: i.id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(Keys.inst)
+        pipe.hgetall(Keys.inst_state)
+        pipe.hgetall(Keys.inst_reason)
+        recs, states, reasons = await pipe.execute()
+        got = (_stored_instance(raw, states.get(i), reasons.get(i)) for i, raw in recs.items())
         return sorted((i for i in got if i is not None), key=lambda i: i.id)
+
+    async def _read(self, ids: list[Any]) -> list[Instance]:
+        """Those of ``ids`` that exist and are readable, with their current state and reason (one round trip)."""
+        if not ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(Keys.inst, ids)
+        pipe.hmget(Keys.inst_state, ids)
+        pipe.hmget(Keys.inst_reason, ids)
+        raws, sts, rs = await pipe.execute()
+        got = (_stored_instance(raw, st, reason) for raw, st, reason in zip(raws, sts, rs, strict=True))
+        return [i for i in got if i is not None]
 
     async def states(self, ids: Sequence[str]) -> dict[str, InstanceState]:
         """The current state of each of ``ids`` that exists (one round trip)."""
@@ -522,20 +532,7 @@ class StateStore:
     async def instances_by_id(self, ids: Sequence[str]) -> dict[str, Instance]:
         """Those of ``ids`` that exist, with their current state (one round trip, however many ids: a report
         batch names up to 20,000, and one read each took the status consumer seconds)."""
-        ids = list(dict.fromkeys(ids))
-        if not ids:
-            return {}
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hmget(Keys.inst, ids)
-        pipe.hmget(Keys.inst_state, ids)
-        pipe.hmget(Keys.inst_reason, ids)
-        raws, sts, rs = await pipe.execute()
-        out = {}
-        for raw, st, reason in zip(raws, sts, rs, strict=True):
-            inst = _stored_instance(raw, st, reason)
-            if inst is not None:
-                out[inst.id] = inst
-        return out
+        return {inst.id: inst for inst in await self._read(list(dict.fromkeys(ids)))}
 
     async def set_reasons(self, reasons: dict[str, str]) -> None:
         """Keep the latest reason of PENDING instances (one round trip)."""

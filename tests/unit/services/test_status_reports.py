@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import msgspec
 import nats
 import pytest
 
 from ops.servers import ServerProcess
 from services.reconciler.service import Reconciler
-from shared.bus.messages import InstanceStatus
+from shared.bus import subjects
+from shared.bus.messages import InstanceEvents, InstanceStatus
 from shared.bus.runtime import Bus
 from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, Worker
 from shared.settings import Settings
@@ -68,3 +70,22 @@ async def test_instances_by_id_reads_those_that_exist_and_skips_an_unreadable_st
     await rec.store.r.hset("gantry:inst:state", PLACED.id, "RUNNING")
     got = await rec.store.instances_by_id([PLACED.id, "nope", PLACED.id])
     assert list(got) == [PLACED.id] and got[PLACED.id].state is InstanceState.RUNNING
+
+
+async def test_state_changes_of_instances_missing_from_the_feed_are_announced_from_one_read(rec: Reconciler) -> None:
+    many = [Instance(id=f"m-{n}", model="m", state=InstanceState.SCHEDULED, worker="w0", gpu_indexes=(0,),
+                     vram_claims=(GIB // 2,)) for n in range(2, 42)]
+    token = await rec.store.lock_model("m")
+    assert token and await rec.store.create_pending("m", token, [Instance(id=i.id, model="m") for i in many])
+    await rec.store.unlock_model("m", token)
+    assert await rec.store.commit([CommitItem(i) for i in many]) == ["ok"] * len(many)
+    rec.feed.instances.clear()  # the feed has not caught up: every record is read from the store
+    heard = await rec.bus.nc.subscribe(subjects.EVENT_INSTANCE_PROGRESS)
+    before = await commands(rec)
+    await rec.handle_status([InstanceStatus(instance_id=i.id, worker="w0", state=InstanceState.STARTING)
+                             for i in many])
+    # The state script takes about three commands a report; a read each added three more.
+    assert await commands(rec) - before < 4 * len(many)
+    msg = await heard.next_msg(timeout=2)
+    got = msgspec.json.decode(msg.data, type=InstanceEvents).events
+    assert [(e.instance.id, e.instance.state) for e in got] == [(i.id, InstanceState.STARTING) for i in many]

@@ -74,3 +74,9 @@ async def test_a_desired_count_that_is_no_count_is_left_out_and_a_negative_one_r
     counts = {"a": b"7", "b": b"-3", "c": "²".encode(), "d": b"--5", "e": b"many", "f": b"99999999"}
     await store.r.hset("gantry:desired", mapping=counts)  # type: ignore[arg-type]
     assert await store.desired() == {"a": 7, "b": 0, "f": MAX_REPLICAS}
+
+
+async def test_a_desired_count_of_more_digits_than_int_converts_reads_as_the_most_replicas(store: StateStore) -> None:
+    # Python refuses to convert text of more than 4,300 digits: that raised out of every reader of the counts.
+    await store.r.hset("gantry:desired", mapping={"huge": b"9" * 5000, "padded": b"0" * 5000 + b"7"})
+    assert await store.desired() == {"huge": MAX_REPLICAS, "padded": 7}
