@@ -459,17 +459,15 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
         """OpenAI completions, streaming or not."""
         p = body.prompt
         one: str | list[int]
-        if not isinstance(p, str) and max(len(p), len(p[0]) if p and isinstance(p[0], list) else 0) > (
-                info.max_model_len):  # judged before the ids are copied and range-checked on the event loop
-            return _error(400, f"prompt has more tokens than this model's maximum context of "
-                               f"{info.max_model_len} tokens")
-        if isinstance(p, str):
-            one = p
-        elif p and isinstance(p[0], (str, list)):
+        if not isinstance(p, str) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
                 return _error(400, "one prompt per request is supported")
-            first = p[0]
-            one = first if isinstance(first, str) else list(map(int, first))
+            p = p[0]
+        if isinstance(p, str):
+            one = p
+        elif len(p) > info.max_model_len:  # judged before the ids are copied and range-checked on the event loop
+            return _error(400, f"prompt has more tokens than this model's maximum context of "
+                               f"{info.max_model_len} tokens")
         else:  # token ids (validated as list[int])
             one = list(map(int, p))  # type: ignore[arg-type]
         ids = await _encode(one) if isinstance(one, str) else one
