@@ -316,11 +316,16 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 _KINDS = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
 
 
-def _error(status: int, message: str, *, close: bool = False) -> JSONResponse:
-    """An OpenAI-shaped error (vLLM's ``type`` names); ``close``: end the connection after it (unread input)."""
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """An OpenAI-shaped error's JSON (vLLM's ``type`` names), for every refusal the server makes."""
     kind = _KINDS.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status, headers={"connection": "close"} if close else None)
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def _error(status: int, message: str, *, close: bool = False) -> JSONResponse:
+    """An OpenAI-shaped error; ``close``: end the connection after it (unread input)."""
+    return JSONResponse(error_body(status, message), status_code=status,
+                        headers={"connection": "close"} if close else None)
 
 
 def _shown(name: str) -> str:

@@ -176,6 +176,8 @@ async def test_a_request_head_past_the_limit_is_a_431_and_the_connection_closes(
                  b"x-a: b\r\n" * 100_000):  # or a great many
         got, closed = await _talk(server, b"GET /health HTTP/1.1\r\nhost: x\r\n" + head + b"\r\n")
         assert got.startswith(b"HTTP/1.1 431 ") and closed
+        error = json.loads(got.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == 431 and error["type"] == "RequestHeaderFieldsTooLargeError"
 
 
 _FRAMING = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
