@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import msgspec  # noqa: E402
 import uvloop  # noqa: E402
 
-from bench.gateway import MODEL, body  # noqa: E402
+from bench.gateway import MODEL, body, pct  # noqa: E402
 from services.gateway.authz import AuthzPicker, Logged  # noqa: E402
 from services.gateway.epp import Picker  # noqa: E402
 from services.gateway.protocol import PICK_ID_HEADER  # noqa: E402
@@ -109,8 +109,7 @@ async def run(checks: int, cold_checks: int, gap_s: float, start: int) -> dict[s
 
 
 def _p(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return round(s[min(len(s) - 1, int(q * len(s)))] * 1e6, 1)
+    return round(pct(xs, q) * 1e6, 1)
 
 
 def main() -> None:
@@ -120,6 +119,8 @@ def main() -> None:
     p.add_argument("--cold-checks", type=int, default=300, help="checks after a sleep, per run")
     p.add_argument("--gap-ms", type=float, default=10.0, help="sleep before each cold check")
     a = p.parse_args()
+    if min(a.runs, a.checks, a.cold_checks) < 1 or not a.gap_ms >= 0:  # (an empty run has no median to print)
+        p.error("--runs, --checks and --cold-checks must be >= 1, --gap-ms >= 0")
     rows = []
     for r in range(a.runs):
         row = uvloop.run(run(a.checks, a.cold_checks, a.gap_ms / 1000, r * (a.checks + a.cold_checks)))

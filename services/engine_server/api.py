@@ -316,11 +316,16 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 _KINDS = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
 
 
-def _error(status: int, message: str, *, close: bool = False) -> JSONResponse:
-    """An OpenAI-shaped error (vLLM's ``type`` names); ``close``: end the connection after it (unread input)."""
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """An OpenAI-shaped error's JSON (vLLM's ``type`` names), for every refusal the server makes."""
     kind = _KINDS.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status, headers={"connection": "close"} if close else None)
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def _error(status: int, message: str, *, close: bool = False) -> JSONResponse:
+    """An OpenAI-shaped error; ``close``: end the connection after it (unread input)."""
+    return JSONResponse(error_body(status, message), status_code=status,
+                        headers={"connection": "close"} if close else None)
 
 
 def _shown(name: str) -> str:
@@ -459,17 +464,15 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
         """OpenAI completions, streaming or not."""
         p = body.prompt
         one: str | list[int]
-        if not isinstance(p, str) and max(len(p), len(p[0]) if p and isinstance(p[0], list) else 0) > (
-                info.max_model_len):  # judged before the ids are copied and range-checked on the event loop
-            return _error(400, f"prompt has more tokens than this model's maximum context of "
-                               f"{info.max_model_len} tokens")
-        if isinstance(p, str):
-            one = p
-        elif p and isinstance(p[0], (str, list)):
+        if not isinstance(p, str) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
                 return _error(400, "one prompt per request is supported")
-            first = p[0]
-            one = first if isinstance(first, str) else list(map(int, first))
+            p = p[0]
+        if isinstance(p, str):
+            one = p
+        elif len(p) > info.max_model_len:  # judged before the ids are copied and range-checked on the event loop
+            return _error(400, f"prompt has more tokens than this model's maximum context of "
+                               f"{info.max_model_len} tokens")
         else:  # token ids (validated as list[int])
             one = list(map(int, p))  # type: ignore[arg-type]
         ids = await _encode(one) if isinstance(one, str) else one

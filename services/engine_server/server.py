@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.engine_server.access_log import log_config
-from services.engine_server.api import ServerInfo, create_app
+from services.engine_server.api import ServerInfo, create_app, error_body
 from services.engine_server.publisher import Publisher
 from services.engine_server.runner import EngineRunner
 from services.engine_server.sse import TRANSPORT_KEY
@@ -131,8 +131,7 @@ def _http_protocol() -> type[asyncio.Protocol]:
             self._refuse(400, msg)
 
         def _refuse(self, code: int, message: str) -> None:
-            body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None,
-                                         "code": code}}).encode()
+            body = json.dumps(error_body(code, message)).encode()  # (a 431's type names it, as the API's errors)
             self.transport.write(_REFUSED % (code, HTTPStatus(code).phrase.encode(), len(body), body))
             self.transport.close()
 

@@ -148,6 +148,8 @@ class OneByOne(asyncio.Protocol):
                 return  # the body is still coming
             head, body = bytes(self.buf[:end]), bytes(self.buf[end + 4:need])
             del self.buf[:need]
+            if self.stall is not None:  # this request is whole: the next one's time starts when it begins
+                self._unwatch()
             try:
                 out = self.answer(head, body)
             except Exception:

@@ -45,6 +45,9 @@ _REFUSED: list[tuple[str, str, str, int, str]] = [
     ("max_tokens -1", CMPL, '{"prompt": "hi", "max_tokens": -1}', 400, "max_tokens"),
     ("n 1000000", CMPL, '{"prompt": "hi", "n": 1000000}', 400, "n > 1"),
     ("a prompt of 100000 token ids", CMPL, json.dumps({"prompt": [5] * 100_000}), 400, "maximum context"),
+    ("a batch of 100000 prompts", CMPL, json.dumps({"prompt": ["a"] * 100_000}), 400, "one prompt per request"),
+    ("a batch of one prompt of 100000 token ids", CMPL, json.dumps({"prompt": [[5] * 100_000]}), 400,
+     "maximum context"),
     ("a model name with path characters", CMPL, '{"prompt": "hi", "model": "../../etc/passwd"}', 404,
      "The model `../../etc/passwd` does not exist"),
     ("not JSON", CMPL, '{"prompt": ', 400, "body is not valid JSON"),
@@ -173,6 +176,8 @@ async def test_a_request_head_past_the_limit_is_a_431_and_the_connection_closes(
                  b"x-a: b\r\n" * 100_000):  # or a great many
         got, closed = await _talk(server, b"GET /health HTTP/1.1\r\nhost: x\r\n" + head + b"\r\n")
         assert got.startswith(b"HTTP/1.1 431 ") and closed
+        error = json.loads(got.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == 431 and error["type"] == "RequestHeaderFieldsTooLargeError"
 
 
 _FRAMING = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"

@@ -275,3 +275,16 @@ async def test_an_idle_connection_and_whole_requests_are_not_timed_out() -> None
             writer.write(b"POST /a HTTP/1.1\r\ncontent-length: 2\r\n\r\nok")
             assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
             await asyncio.sleep(0.3)
+
+
+async def test_a_request_begun_behind_a_late_but_whole_one_gets_its_own_time() -> None:
+    first = b"POST /a HTTP/1.1\r\ncontent-length: 2\r\n\r\nok"
+    second = first.replace(b"/a", b"/b")
+    async with connected(_ok, read_timeout_s=0.4) as (reader, writer):
+        writer.write(first[:10])
+        await asyncio.sleep(0.25)
+        writer.write(first[10:] + second[:10])  # the first whole in time, the second begun
+        await asyncio.sleep(0.25)  # past the first's deadline, within the second's
+        writer.write(second[10:])
+        for _ in range(2):
+            assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
