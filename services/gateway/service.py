@@ -51,8 +51,9 @@ from shared.host.engine_feed import (
     take_kv_events,
     take_metrics,
 )
+from shared.host.metrics import MetricsServer
 from shared.host.report_auth import ReportVerifier
-from shared.host.report_metrics import MetricsServer, registry_for
+from shared.host.report_metrics import registry_for
 
 if TYPE_CHECKING:  # the engines-only picker never loads the Redis client
     from shared.state.store import StateStore

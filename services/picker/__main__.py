@@ -8,14 +8,16 @@ import logging
 import os
 import sys
 
+from pydantic import ValidationError
+
 from services.picker.service import PickerOptions, PickerService
 from shared.core.routing import builtin_names
 from shared.envsettings import credentials_on_command_line
 from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.host.tasks import run_until_signalled
+from shared.settings import load_settings
 
 NATS_URL_ENV = "GANTRY_NATS_URL"
-METRICS_PORT_ENV = "GANTRY_METRICS_PORT"  # as every Gantry service: Prometheus /metrics there, 0 (default): none
 
 
 def parse_args(argv: list[str] | None = None) -> PickerOptions:
@@ -42,20 +44,19 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
         p.error("--flight-ttl-s must be > 0")
     if a.max_in_flight < 1:
         p.error("--max-in-flight must be >= 1")
+    try:  # GANTRY_*, as every service reads them (the metrics port's bounds, the credentials file)
+        settings = load_settings()
+    except ValidationError as err:
+        first = err.errors()[0]
+        p.error(f"invalid setting GANTRY_{'.'.join(map(str, first['loc'])).upper()}: {first['msg']}")
     try:  # the environment, else the credentials file GANTRY_CREDENTIALS_FILE names (never the command line)
-        master = master_key_text(os.environ, os.environ.get("GANTRY_CREDENTIALS_FILE", ""))
+        master = master_key_text(os.environ, settings.credentials_file)
         report_master = parse_key(master, f"${MASTER_KEY_ENV}") if master else None
     except ValueError as err:
         p.error(str(err))
-    try:
-        metrics_port = int(os.environ.get(METRICS_PORT_ENV) or 0)
-    except ValueError:
-        p.error(f"${METRICS_PORT_ENV} is not a port number")
-    if not 0 <= metrics_port <= 65535:
-        p.error(f"${METRICS_PORT_ENV} is not a port number")
     return PickerOptions(nats_url=a.nats_url, profile=a.profile, expire_s=a.expire_s, seed=a.seed,
                          flight_ttl_s=a.flight_ttl_s, max_in_flight=a.max_in_flight, report_master=report_master,
-                         metrics_port=metrics_port)
+                         metrics_port=settings.metrics_port)
 
 
 def main(argv: list[str] | None = None) -> None:

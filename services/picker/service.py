@@ -23,8 +23,9 @@ from shared.bus.messages import MessageError, PickAnswer, PickProgress, PickRepl
 from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.routing import Router, builtin_config
 from shared.host.engine_feed import EngineFeed, SnapshotFetcher, expire_forever, take_kv_events, take_metrics
+from shared.host.metrics import MetricsServer
 from shared.host.report_auth import ReportVerifier
-from shared.host.report_metrics import MetricsServer, registry_for
+from shared.host.report_metrics import registry_for
 
 log = logging.getLogger("gantry.picker")
 

@@ -73,7 +73,7 @@ class ServiceMetrics:
         self.committed = Counter(COMMITTED, "Replicas committed to a worker", ["service"], registry=r)
         self.pending = Gauge(PENDING, "Replicas in PENDING (not placed), at the reconciler's last tick",
                              ["service"], registry=r)
-        self._server: Any = None
+        self._server: MetricsServer | None = None
         # The labelled series of the per-batch observations, looked up once: ``labels()`` validates, locks and
         # hashes its arguments on every call, and every pulled batch made four such calls.
         self._pulled: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
@@ -118,17 +118,39 @@ class ServiceMetrics:
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # all interfaces: containers expose it
         """Serve ``/metrics`` on ``port`` (0: not at all)."""
-        if port <= 0 or self._server is not None:
-            return
-        try:
-            self._server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        except OSError as err:  # a taken port must not keep the service from placing
-            log.error("%s: metrics not served on port %d: %s", self.service, port, err)
-            return
-        log.info("%s: metrics on :%d/metrics", self.service, port)
+        if self._server is None:
+            server = MetricsServer(self.registry, port, self.service, addr)
+            self._server = server if server.serving else None
 
     def close(self) -> None:
         """Stop serving (tests run several services in one process)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+class MetricsServer:
+    """``/metrics`` of ``registry`` on ``port`` (0: not served) until ``close``; a port that cannot be bound is
+    logged and the service goes on (metrics must not keep it from its work)."""
+
+    def __init__(self, registry: CollectorRegistry, port: int, service: str, addr: str = "0.0.0.0") -> None:
+        self._server: Any = None
+        if port <= 0:
+            return
+        try:  # all interfaces by default: containers expose it
+            self._server, _thread = start_http_server(port, addr=addr, registry=registry)
+        except OSError as err:
+            log.error("%s: metrics not served on port %d: %s", service, port, err)
+            return
+        log.info("%s: metrics on :%d/metrics", service, port)
+
+    @property
+    def serving(self) -> bool:
+        """Whether ``/metrics`` is served (a port was given and could be bound), until ``close``."""
+        return self._server is not None
+
+    def close(self) -> None:
+        """Stop serving."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -56,7 +56,7 @@ class Verdict(IntEnum):
 
     ACCEPTED = 0
     RESTARTED = 1  # accepted, from a later process of an instance already heard: its cache starts empty
-    UNSIGNED = 2  # no stamped signature (none, or one from before stamps)
+    UNSIGNED = 2  # no stamped signature (none, one from before stamps, or a header not shaped as one)
     FORGED = 3  # not signed with the key of the instance it claims (or altered)
     REPLAYED = 4  # genuine, but not newer than the last taken of its instance and kind: a replay, or reordered
     AHEAD = 5  # genuine, from an epoch further ahead of this picker's clock than MAX_AHEAD_S
@@ -186,7 +186,8 @@ class ReportVerifier:
         """The verdict on one message of ``kind`` claiming ``instance_id``; an accepted one's stamp becomes the
         last taken (no counting, no log)."""
         value = headers.get(SIGNATURE_HEADER) if headers else None
-        if value is None or len(value) < _MIN_SIGNATURE or value[_STAMP_END] != ".":
+        # (non-ASCII text would make ``compare_digest`` raise TypeError; ``isascii`` reads a flag of the str)
+        if value is None or len(value) < _MIN_SIGNATURE or value[_STAMP_END] != "." or not value.isascii():
             return UNSIGNED
         inner, outer = self._mac(instance_id)
         inner, outer = inner.copy(), outer.copy()

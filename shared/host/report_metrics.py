@@ -9,21 +9,18 @@ placement services' metrics are, with the same naming (``gantry_..._total``, a `
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
-from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shared.host.report_auth import KINDS, REASONS, ReportVerifier
 
-log = logging.getLogger("gantry.metrics")
-
 REJECTED = "gantry_engine_reports_rejected"
-"""Exposed as ``gantry_engine_reports_rejected_total{service, kind, reason}``: kind ``metrics`` (load reports)
-or ``kv`` (KV-event messages); reason ``unsigned``, ``forged``, ``replayed`` or ``ahead``."""
+"""Exposed as ``gantry_engine_reports_rejected_total{service, kind, reason}``: kind ``metrics`` (load reports),
+``kv`` (KV-event messages) or ``snapshot`` (prefix-cache snapshots answered on request); reason ``unsigned``,
+``forged``, ``replayed`` or ``ahead``."""
 
 
 class RejectedReports(Collector):
@@ -36,7 +33,8 @@ class RejectedReports(Collector):
     def collect(self) -> Iterator[Metric]:
         """The counter family, read off the verifier now."""
         family = CounterMetricFamily(
-            REJECTED, "Engine load reports and KV-event messages the picker refused: unsigned, not signed by the "
+            REJECTED, "Engine load reports, KV-event messages and prefix-cache snapshots the picker refused: unsigned, "
+            "not signed by the "
             "instance they claim (forged), not newer than the last taken of it (replayed), or started too far "
             "ahead of its clock", labels=["service", "kind", "reason"])
         for (kind, verdict), count in self.verifier.refused.items():
@@ -51,26 +49,3 @@ def registry_for(service: str, verifier: ReportVerifier | None) -> CollectorRegi
     if verifier is not None:
         registry.register(RejectedReports(service, verifier))
     return registry
-
-
-class MetricsServer:
-    """``/metrics`` of a picker on ``port`` (0: not served) until ``close``; a port that cannot be bound is
-    logged and routing goes on (metrics must not keep a picker from serving)."""
-
-    def __init__(self, registry: CollectorRegistry, port: int, service: str, addr: str = "0.0.0.0") -> None:
-        self._server: Any = None
-        if port <= 0:
-            return
-        try:  # all interfaces, as the placement services': containers expose it
-            self._server, _thread = start_http_server(port, addr=addr, registry=registry)
-        except OSError as err:
-            log.error("%s: metrics not served on port %d: %s", service, port, err)
-            return
-        log.info("%s: metrics on :%d/metrics", service, port)
-
-    def close(self) -> None:
-        """Stop serving."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -145,6 +145,13 @@ def test_a_report_without_a_stamped_signature_is_unsigned() -> None:
     assert v.check("e1", data, {SIGNATURE_HEADER: unstamped}, METRICS) is Verdict.UNSIGNED
 
 
+def test_a_signature_header_with_characters_beyond_ascii_is_refused_as_unsigned_not_raised() -> None:
+    # hmac.compare_digest raises TypeError on non-ASCII text: one forged header must not escape as an exception
+    v, data = verifier(), report("e1", 8001)
+    assert v.admit("e1", data, {SIGNATURE_HEADER: f"{EPOCH}.0." + "\u00e9" * 64}, "s", METRICS) is Verdict.UNSIGNED
+    assert v.dropped == 1
+
+
 def test_a_replayed_report_is_refused() -> None:
     v, by, data = verifier(), signer("e1"), report("e1", 8001)
     first = signed("e1", data, by=by)

@@ -11,8 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from ops.servers import free_port
 from services.picker.service import PickerOptions, PickerService
 from shared.bus.messages import EngineMetrics, encode
+from shared.host.metrics import MetricsServer
 from shared.host.report_auth import KV, METRICS, SIGNATURE_HEADER, ReportSigner, ReportVerifier, derive_key
-from shared.host.report_metrics import MetricsServer, registry_for
+from shared.host.report_metrics import registry_for
 
 MASTER = bytes(range(32))
 NOW = 1_000.0
