@@ -85,23 +85,47 @@ async def engines(nc: Client) -> AsyncIterator[None]:
             await task
 
 
-async def pick(nc: Client, payload: bytes, timeout: float = 5.0) -> PickReply:
+async def pick(nc: Client, payload: bytes, timeout: float = 15.0) -> PickReply:
     reply = await nc.request(subjects.PICK, payload, timeout=timeout)
     return decode(reply.data, PickReply)
 
 
 async def until_pool_ready(nc: Client) -> None:
-    """Picks answer 503 until the picker has heard every engine (its first reports)."""
-    deadline = time.monotonic() + 20
+    """Until the picker has heard every engine (its first reports): its fallback list (3 long) names all three.
+    Picks answer 503 before the first report; a fixed wait after the first answer did not cover a loaded host."""
+    deadline = time.monotonic() + 30
+    n = 0
     while True:
+        n += 1
         with contextlib.suppress(nats.errors.TimeoutError, nats.errors.NoRespondersError):
-            r = await pick(nc, encode(PickRequest(picks=[PickItem(request_id="probe", model=MODEL, token_ids=[1])])),
-                           timeout=1)
+            probe = PickItem(request_id=f"probe-{n}", model=MODEL, token_ids=[1])
+            r = await pick(nc, encode(PickRequest(picks=[probe])), timeout=2)
             if r.answers and r.answers[0].code == 200:
-                await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=["probe"])))
-                await asyncio.sleep(0.3)  # every engine reported by now (they report together)
-                return
-        assert time.monotonic() < deadline, "the picker never answered with an endpoint"
+                await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=[probe.request_id])))
+                if set(r.answers[0].endpoints) == set(ENGINES):
+                    return
+        assert time.monotonic() < deadline, "the picker never heard every engine"
+        await asyncio.sleep(0.1)
+
+
+SENTINEL = [5_000_000 + t for t in range(64)]  # a prefix no test request shares
+
+
+async def until_kv_events_read(nc: Client) -> None:
+    """Until the picker has read the KV events announced so far: they arrive in order on one subscription, so once
+    a last one (``SENTINEL`` on the third engine) steers a pick, the earlier ones are applied too. (A fixed wait
+    did not cover a loaded host; probing with the tested prompts themselves could teach the picker a wrong place.)"""
+    await announce(nc, ENGINES[0], 0, SENTINEL)
+    deadline = time.monotonic() + 30
+    n = 0
+    while True:
+        n += 1
+        probe = PickItem(request_id=f"sentinel-{n}", model=MODEL, token_ids=SENTINEL)
+        r = await pick(nc, encode(PickRequest(picks=[probe])))
+        await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=[probe.request_id])))
+        if r.answers and r.answers[0].endpoints[:1] == [ENGINES[0]]:
+            return
+        assert time.monotonic() < deadline, f"the picker never followed the sentinel's KV events: {r}"
         await asyncio.sleep(0.1)
 
 
@@ -121,7 +145,7 @@ def test_a_request_lands_where_kv_events_announced_its_prefix(nats_server: Serve
             prompts = {inst: [7_000 * (k + 1) + t for t in range(640)] for k, inst in enumerate(ENGINES)}
             for inst in ("pick-model-e2", "pick-model-e1"):
                 await announce(nc, inst, 0, prompts[inst])
-            await asyncio.sleep(0.3)
+            await until_kv_events_read(nc)
             for round_ in range(3):  # several times: the assumed state of earlier picks must not move it
                 for inst in ("pick-model-e2", "pick-model-e1"):
                     tail = [900_000 + round_ * 100 + t for t in range(32)]
@@ -166,10 +190,10 @@ def test_a_bad_request_is_dead_lettered_and_answered_and_the_service_keeps_picki
             await until_pool_ready(nc)
             r = await pick(nc, payload)
             assert r.error and not r.answers
-            ev = await asyncio.wait_for(dead.get(), 5)
+            ev = await asyncio.wait_for(dead.get(), 15)
             assert ev.service == "picker" and ev.subject == subjects.PICK and ev.reason
             await nc.publish(subjects.PICK, payload)  # without a reply inbox too
-            ev = await asyncio.wait_for(dead.get(), 5)
+            ev = await asyncio.wait_for(dead.get(), 15)
             r = await pick(nc, encode(PickRequest(picks=[PickItem(request_id="after", model=MODEL, token_ids=[5])])))
             assert r.answers[0].code == 200
         await nc.drain()
@@ -197,7 +221,7 @@ def test_a_bad_item_is_answered_400_and_dead_lettered_and_the_valid_items_beside
             assert not r.error
             assert [(a.request_id, a.code) for a in r.answers] == [("ok-0", 200), ("", 400), ("ok-1", 200)]
             assert r.answers[1].reason and r.answers[0].endpoints and r.answers[2].endpoints
-            ev = decode((await dead.next_msg(timeout=5)).data, ErrorEvent)
+            ev = decode((await dead.next_msg(timeout=15)).data, ErrorEvent)
             assert ev.subject == subjects.PICK and "1 of 3 picks invalid; item 1" in ev.reason
             await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=["ok-0", "ok-1"])))
         await nc.drain()
