@@ -19,6 +19,7 @@ from ops.envoy import SERVED, FailureMode
 from ops.servers import ServerProcess
 from services.gateway.protocol import GRPC_SOCKET, HTTP_SOCKET, PickerTransport
 from tests.integration.test_gateway import (
+    AT_ONCE_S,
     MODEL,
     Engine,
     Gateway,
@@ -54,8 +55,9 @@ def engines(nats_server: ServerProcess, tmp_path: Path) -> Iterator[list[Engine]
     yield from _engines(nats_server.url, tmp_path, 2)
 
 
-def _settled(gw: Gateway, timeout: float = 5) -> dict[str, Any]:
-    """The picker's books once nothing is in flight (the access log's entries arrive within its flush interval)."""
+def _settled(gw: Gateway, timeout: float = 15) -> dict[str, Any]:
+    """The picker's books once nothing is in flight (the access log's entries arrive within its flush interval;
+    on a loaded host the picker reads them later)."""
     deadline = time.monotonic() + timeout
     while (got := gw.stats())["inflight"] and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -124,7 +126,7 @@ def _after_picker_killed(nats_url: str, tmp_path: Path, failure_mode: FailureMod
         for i in range(5):
             t = time.monotonic()
             r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat(f"no picker {i}", 2, False), timeout=10)
-            assert time.monotonic() - t < 2.0  # at once, not after a timeout
+            assert time.monotonic() - t < AT_ONCE_S  # at once, not after a timeout
             codes.append(r.status_code)
         return codes
     finally:
@@ -174,7 +176,7 @@ def test_killed_picker_replica_checks_go_to_the_others_and_each_keeps_only_its_o
             time.sleep(0.05)
         assert codes == [200] * 30  # a check the dead replica refused was sent to a live one
         live = range(1, len(gw.pickers))
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15
         while any(gw.stats(p)["inflight"] for p in live) and time.monotonic() < deadline:
             time.sleep(0.05)
         books = [gw.stats(p) for p in live]
