@@ -78,7 +78,7 @@ async def test_a_fake_worker_gets_no_replica(stack: Stack) -> None:
         await nc.publish(subjects.worker_register("w2"), encode(WorkerRegistration(worker=fake)))
         await nc.publish(subjects.worker_heartbeat("w2"), encode(Heartbeat(worker="evil")))
         await nc.flush()
-        await wait_until(lambda: _dead_letter(stack, "impersonation refused"), 10, "impersonation dead letter")
+        await wait_until(lambda: _dead_letter(stack, "impersonation refused"), 30, "impersonation dead letter")
         assert any("permissions violation" in e.lower() and "evil" in e for e in errors)
         # One replica fits per GPU: the real workers take two, the other two wait (no fake worker takes them).
         await stack.scale(SMALL, 4)
@@ -101,7 +101,7 @@ async def test_a_forged_registration_under_a_real_name_is_refused(stack: Stack) 
         await nc.publish(subjects.worker_register("w0"), forged)  # w0's subject: refused by the bus
         await nc.publish(subjects.worker_register("w2"), forged)  # own subject, w0's name: refused by the writer
         await nc.flush()
-        await wait_until(lambda: _dead_letter(stack, "impersonation refused"), 10, "impersonation dead letter")
+        await wait_until(lambda: _dead_letter(stack, "impersonation refused"), 30, "impersonation dead letter")
         assert any("permissions violation" in e.lower() and "w0" in e for e in errors)
         # Three 70 GiB replicas on two 80 GiB GPUs: two run, one waits; nothing is overbooked.
         await stack.scale(BIG, 3)
@@ -124,7 +124,7 @@ async def test_a_worker_cannot_change_a_gpu_it_holds_claims_on(stack: Stack) -> 
     try:
         await nc.publish(subjects.worker_register("w0"), encode(WorkerRegistration(worker=huge_worker("w0"))))
         await nc.flush()
-        await wait_until(lambda: _dead_letter(stack, "while it holds claims"), 10, "inventory-change dead letter")
+        await wait_until(lambda: _dead_letter(stack, "while it holds claims"), 30, "inventory-change dead letter")
         await stack.scale(BIG, 4)
         await wait_until(lambda: settled(stack, "big", 2, 2), 30, "still 2 RUNNING, 2 PENDING")
         assert await stack.store.overbooked() == []
@@ -144,7 +144,7 @@ async def test_a_forged_registration_followed_at_once_by_the_genuine_one_is_stil
         await nc.publish(subjects.worker_register("w0"), encode(WorkerRegistration(worker=huge_worker("w0"))))
         await nc.publish(subjects.worker_register("w0"), encode(WorkerRegistration(worker=real)))
         await nc.flush()
-        await wait_until(lambda: _dead_letter(stack, "while it holds claims"), 10, "inventory-change dead letter")
+        await wait_until(lambda: _dead_letter(stack, "while it holds claims"), 30, "inventory-change dead letter")
         assert await stack.store.r.hget(Keys.gpu_cap, gpu_field("w0", 0)) == str(80 * GIB).encode()
         assert await stack.store.overbooked() == []
     finally:

@@ -137,5 +137,5 @@ async def test_kill_9_of_each_service_during_bursts_loses_nothing(stack: Stack) 
                 reported[iid] = w.name
         return reported == placed
 
-    await wait_until(workers_agree, 10, "worker heartbeats matching the state")
+    await wait_until(workers_agree, 30, "worker heartbeats matching the state")
     assert stack.crashed() == []

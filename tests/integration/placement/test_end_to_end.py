@@ -93,7 +93,7 @@ async def test_start_up_progress_travels_apart_from_what_instances_hold(stack: S
     async def both_running() -> bool:  # the ledger moves before the event is published
         return of(subjects.EVENT_INSTANCE_PROGRESS)[InstanceState.RUNNING] >= 2
 
-    await wait_until(both_running, 10, "RUNNING of both replicas on the progress subject")
+    await wait_until(both_running, 30, "RUNNING of both replicas on the progress subject")
     await asyncio.sleep(0.5)  # anything published late (a duplicate, a stray subject) shows up too
     progress, changed = of(subjects.EVENT_INSTANCE_PROGRESS), of(subjects.EVENT_INSTANCE)
     assert progress == {InstanceState.STARTING: 2, InstanceState.RUNNING: 2}

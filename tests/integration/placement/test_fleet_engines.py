@@ -99,7 +99,7 @@ async def test_engines_serve_their_instances_and_drain_before_stopping(stack: St
     async def both_reporting() -> bool:
         return ids <= urls.keys()
 
-    await wait_until(both_reporting, 5, "both engines reporting on NATS")
+    await wait_until(both_reporting, 15, "both engines reporting on NATS")
     pids = {i: engine_pid(i) for i in ids}
     assert all(pids.values()), pids
 
@@ -119,7 +119,7 @@ async def test_engines_serve_their_instances_and_drain_before_stopping(stack: St
         async def draining() -> str | None:
             return next((i.id for i in await stack.instances(MODEL.name) if i.state is InstanceState.DRAINING), None)
 
-        drained: str = await wait_until(draining, 10, "a DRAINING replica")
+        drained: str = await wait_until(draining, 30, "a DRAINING replica")
         stopped = asyncio.create_task(gone_at(pids[drained] or 0))
         assert not streams[drained].done(), "the stream should still be in flight when the drain starts"
 
@@ -127,7 +127,7 @@ async def test_engines_serve_their_instances_and_drain_before_stopping(stack: St
         assert (chunks, reason) == (STREAM_TOKENS, "length"), "the drained server must finish its stream"
         stopped_at = await asyncio.wait_for(stopped, 15)
         assert stopped_at > ended, "the drained server stopped before its in-flight stream finished"
-        await wait_until(reaped(pids[drained]), 5, "the fleet reaping the server it stopped")
+        await wait_until(reaped(pids[drained]), 15, "the fleet reaping the server it stopped")
         kept = (ids - {drained}).pop()
         assert (await streams[kept])[:2] == (STREAM_TOKENS, "length")
 
@@ -135,7 +135,7 @@ async def test_engines_serve_their_instances_and_drain_before_stopping(stack: St
         insts = await stack.instances(MODEL.name)
         return [(i.id, i.state) for i in insts] == [(kept, InstanceState.RUNNING)]
 
-    await wait_until(one_left, 10, "the drained replica deleted, the other RUNNING")
+    await wait_until(one_left, 30, "the drained replica deleted, the other RUNNING")
     assert pid_alive(pids[kept] or 0)
 
     # The fleet stops on SIGTERM and takes its servers with it.

@@ -59,15 +59,15 @@ async def test_a_forged_inventory_is_stored_announced_and_repaired_everywhere(st
     nc, _ = await connect_as(stack, f"worker-{victim}")
     try:
         announced.clear()
-        await wait_until(lambda: _true(gpus_announced() == [2]), 10, "a periodic registration of the worker")
+        await wait_until(lambda: _true(gpus_announced() == [2]), 30, "a periodic registration of the worker")
         await nc.publish(subjects.worker_register(victim), encode(WorkerRegistration(worker=forged(victim, held))))
         await nc.flush()
     finally:
         await nc.close()
 
     # The writer stored the forged inventory and said so; the worker's own registration then repaired it.
-    await wait_until(lambda: _true(1 in gpus_announced()), 10, "the forged inventory announced as stored")
-    await wait_until(lambda: _true(gpus_announced()[-1] == 2), 10, "the real inventory announced again")
+    await wait_until(lambda: _true(1 in gpus_announced()), 30, "the forged inventory announced as stored")
+    await wait_until(lambda: _true(gpus_announced()[-1] == 2), 30, "the real inventory announced again")
     revisions = [ev.revision for ev in announced if ev.worker.name == victim]
     assert revisions == sorted(revisions), "announcements of one worker leave the writer in store order"
 
@@ -79,7 +79,7 @@ async def test_a_forged_inventory_is_stored_announced_and_repaired_everywhere(st
         return same and mine.ram_total == last.ram_total == 1024 * GIB and await junk(
             stack.store, {"w0", "w1"}, {"solo"}) == []
 
-    await wait_until(agree, 10, f"one inventory everywhere (junk: {await junk(stack.store, {'w0', 'w1'}, {'solo'})})")
+    await wait_until(agree, 30, f"one inventory everywhere (junk: {await junk(stack.store, {'w0', 'w1'}, {'solo'})})")
     # Every GPU is usable again: one replica per GPU on all four, none stranded on a refused commit.
     await stack.scale(ONE_PER_GPU, 4)
     await wait_until(lambda: settled(stack, "solo", 4, 0), 20, "four replicas RUNNING, one per GPU")

@@ -77,7 +77,7 @@ async def a_pending_replica(stack: Stack) -> str:
     stack.start_service("reconciler")
     await stack.wait_ready(workers=1)
     await stack.scale(SPEC, 1)
-    iid: str = await wait_until(lambda: pending_replica(stack), 15, "the PENDING replica")
+    iid: str = await wait_until(lambda: pending_replica(stack), 30, "the PENDING replica")
     return iid
 
 

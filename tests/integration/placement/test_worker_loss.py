@@ -52,8 +52,8 @@ async def test_lost_worker_instances_move_and_the_worker_returns(stack: Stack) -
     async def stale_gone() -> bool:
         return not [i for i in await stack.instances("svc") if i.worker == "x0"]
 
-    await wait_until(stale_gone, 10, "stale x0 instance removed")
-    await wait_until(lambda: stack.store.worker_names(), 5, "workers")
+    await wait_until(stale_gone, 30, "stale x0 instance removed")
+    await wait_until(lambda: stack.store.worker_names(), 15, "workers")
     await stack.scale(MODEL, 5, with_spec=False)
     workers = await wait_until(lambda: running(stack, 5), 20, "5 RUNNING replicas")
     assert "x0" in workers, f"the recovered worker should take the new replica: {workers}"
