@@ -94,7 +94,7 @@ def test_a_server_claiming_another_instance_is_kept_out_and_the_genuine_one_is_t
             assert gw.router.state.endpoints["auth-a"].metrics is not None
             # a genuine report of auth-a, recorded off the bus and published again once newer ones were taken
             sub = await nc.subscribe(subjects.engine_metrics("auth-a"))
-            recorded = await sub.next_msg(timeout=5)
+            recorded = await sub.next_msg(timeout=15)  # reports every 50 ms; a loaded host reads them late
             await sub.unsubscribe()
             await asyncio.sleep(0.3)
             await nc.publish(recorded.subject, recorded.data, headers=recorded.headers)

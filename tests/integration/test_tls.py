@@ -50,7 +50,7 @@ async def test_a_client_trusting_the_ca_connects_and_exchanges_messages(
     try:
         sub = await nc.subscribe("tls.check")
         await nc.publish("tls.check", b"over tls")
-        msg = await sub.next_msg(timeout=5)
+        msg = await sub.next_msg(timeout=15)
         assert msg.data == b"over tls"
         assert nc.connected_url is not None and nc.connected_url.scheme == "tls"
     finally:
