@@ -25,12 +25,14 @@ REFUSED = r"permission|authenticat|NOAUTH|invalid username-password"  # Redis's 
 CONNECT_S = 10  # a connection's handshake on a loaded host (a refusal comes back as soon as the server reads it)
 
 
-async def eventually(cond: Callable[[], bool], what: str, timeout: float = 15) -> None:
+async def eventually(cond: Callable[[], bool], what: str, state: Callable[[], object] = str,
+                     timeout: float = 15) -> None:
     """Until ``cond`` holds. The server's permission errors (and deliveries) reach the client asynchronously: on a
-    loaded host later than any fixed wait; a refusal that never comes still fails, after ``timeout``."""
+    loaded host later than any fixed wait; a refusal that never comes still fails, after ``timeout``, saying
+    ``state()`` (what did arrive)."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, f"not seen in {timeout} s: {what}"
+        assert time.monotonic() < deadline, f"not seen in {timeout} s: {what} (seen: {state()})"
         await asyncio.sleep(0.05)
 
 
@@ -120,7 +122,7 @@ async def test_a_worker_cannot_publish_commands_or_speak_for_another_worker(
     assert worker.nc is not None
     try:
         assert await received(admin, subject, worker.nc, subject) == []
-        await eventually(lambda: worker.violated(subject), f"the violation of {subject}")
+        await eventually(lambda: worker.violated(subject), f"the violation of {subject}", lambda: worker.errors)
     finally:
         await worker.nc.close()
 
@@ -154,7 +156,8 @@ async def test_a_worker_cannot_read_another_workers_assignments(
         for subject in (subjects.worker_assign("w2"), subjects.worker_assign("*"), "gantry.agent.>", ">"):
             await worker.nc.subscribe(subject, cb=keep)
         await worker.nc.flush()
-        await eventually(lambda: worker.violated(subjects.worker_assign("w2")), "the refused subscription")
+        await eventually(lambda: worker.violated(subjects.worker_assign("w2")), "the refused subscription",
+                         lambda: worker.errors)
         await admin.publish(subjects.worker_assign("w2"), b"{}")
         await admin.flush()
         await asyncio.sleep(0.3)
@@ -164,7 +167,7 @@ async def test_a_worker_cannot_read_another_workers_assignments(
         await worker.nc.flush()
         await admin.publish(subjects.worker_assign("w1"), b"{}")
         await admin.flush()
-        await eventually(lambda: bool(got), "w1's own assignment")
+        await eventually(lambda: bool(got), "w1's own assignment", lambda: worker.errors)
         assert [m.subject for m in got] == [subjects.worker_assign("w1")]
     finally:
         await worker.nc.close()
@@ -274,7 +277,7 @@ async def test_the_cli_cannot_acknowledge_a_message_a_service_pulled(
         await cli.nc.publish(msg.reply, b"+ACK")
         await cli.nc.flush()
         # the server's refusal comes back asynchronously (nats-py reports the subject in lower case)
-        await eventually(lambda: cli.violated(msg.reply.lower()), "the refused acknowledgement")
+        await eventually(lambda: cli.violated(msg.reply.lower()), "the refused acknowledgement", lambda: cli.errors)
         assert (await js.consumer_info(stream, "svc")).num_ack_pending == 1
     finally:
         await cli.nc.close()
