@@ -335,9 +335,16 @@ def shed_and_kept(url: str, eng: Engine) -> tuple[int, int]:
                     break
                 assert time.monotonic() < deadline, "engine never queued"
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)  # its next report reached the picker
-            shed = await c.post(f"{url}/v1/chat/completions", json=_chat("may drop", 2, False),
-                                headers={"x-gantry-priority": "-1"})
+            # until the picker has taken a report of that queue (every 50 ms; a loaded host reads them late): a
+            # sheddable request it lets through queues behind the long ones, and is given up after a second
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.TimeoutException):
+                    shed = await c.post(f"{url}/v1/chat/completions", json=_chat("may drop", 2, False),
+                                        headers={"x-gantry-priority": "-1"}, timeout=1)
+                    if shed.status_code != 200:
+                        break
+                assert time.monotonic() < deadline, "the picker never shed while the engine was saturated"
             kept = await c.post(f"{url}/v1/chat/completions", json=_chat("must keep", 2, False),
                                 headers={"x-gantry-priority": "0"}, timeout=120)
             for t in busy:
