@@ -29,7 +29,7 @@ from tests.integration.test_gateway import REPO
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
-async def _until(cond: Callable[[], bool], state: Callable[[], object], timeout: float = 10.0) -> None:
+async def _until(cond: Callable[[], bool], state: Callable[[], object], timeout: float = 30.0) -> None:
     """Until ``cond`` holds; a failure says what ``state`` was (what arrived so far)."""
     deadline = time.monotonic() + timeout
     while not cond():
