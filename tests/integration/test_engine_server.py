@@ -43,7 +43,7 @@ def engine_server(nats_server: ServerProcess, tmp_path_factory: pytest.TempPathF
                                 env={**os.environ, ENGINE_NATS_URL_ENV: nats_server.url})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 90  # a loaded host starts a Python server slowly
         while True:
             try:
                 if httpx.get(f"{base}/health", timeout=0.5).status_code == 200:

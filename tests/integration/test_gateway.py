@@ -75,7 +75,9 @@ class Engine:
         return int(sum(float(v) for v in re.findall(r'^vllm:request_success_total\{[^}]*\} (\S+)$', text, re.M)))
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    """Until ``url`` answers (below 500). On a loaded host a fixture of two engine servers and a gateway took up
+    to 34 s to start here: 30 s for one server was too close."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -183,7 +185,7 @@ def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
         opts = EnvoyOptions(listen_port=free_port(), admin_port=admin, epp_port=http if authz else grpc,
                             als_port=grpc if authz else (), eds_path=eds, failure_mode=failure_mode,
                             transport=transport)
-        envoy = start_envoy(opts, tmp_path / "envoy")
+        envoy = start_envoy(opts, tmp_path / "envoy", timeout=60)  # its start is slower on a loaded host
         stack.callback(envoy.stop)
         yield Gateway(envoy.url, pickers, envoy, log, opts.admin_port, dirs)
 

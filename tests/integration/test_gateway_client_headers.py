@@ -34,7 +34,7 @@ def envoy_engine(nats_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[s
         eds.parent.mkdir()
         eds.write_text(json.dumps(eds_document([Endpoint(id="e1", model=MODEL, address=engine.address)], 1)))
         envoy = start_envoy(EnvoyOptions(listen_port=free_port(), admin_port=admin, epp_port=tmp_path / "no.sock",
-                                         eds_path=eds, ext_proc=False), tmp_path / "envoy")
+                                         eds_path=eds, ext_proc=False), tmp_path / "envoy", timeout=60)
         try:
             yield envoy.url, engine, admin
         finally:
