@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
@@ -62,18 +63,38 @@ def _with_transport(protocol: Any) -> None:
     protocol.app = with_transport
 
 
-class NoDelayH11Protocol(H11Protocol):
-    """HTTP/1.1 protocol (h11) that disables Nagle on every connection, so streamed tokens leave at once, and
-    hands the connection's transport to the app (scope extension :data:`TRANSPORT_KEY`) so token streams can
-    write their chunks directly, one write per stream per engine step."""
+class _EngineIntake(asyncio.Protocol):
+    """What the server adds to either uvicorn HTTP/1.1 protocol (mixed in before it): TCP_NODELAY on every
+    connection, so streamed tokens leave at once; the connection's transport in each request's scope
+    (:data:`TRANSPORT_KEY`), so token streams write their chunks directly, one write per stream per engine step;
+    and ``reading_since``, the monotonic time a request (or a new connection's first) began arriving, None while
+    none is outstanding: :class:`QuietServer` closes a connection whose request is not whole within
+    ``REQUEST_READ_TIMEOUT_S`` of it (``close_stalled``). Each protocol says when a request begins and ends."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _with_transport(self)
+        self.reading_since: float | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         set_nodelay(transport)
         super().connection_made(transport)
+        self.reading_since = time.monotonic()  # a connection owes its first request
+
+
+class NoDelayH11Protocol(_EngineIntake, H11Protocol):
+    """HTTP/1.1 on h11 (the fallback without httptools) with the server's intake (:class:`_EngineIntake`)."""
+
+    def handle_events(self) -> None:
+        """Parse what arrived (uvicorn's), then note whether a request is still arriving: one is while the peer
+        is mid-request (its head partly buffered, or its body arriving); none once it is whole (or refused)."""
+        super().handle_events()
+        state = self.conn.their_state
+        if state is h11.SEND_BODY or (state is h11.IDLE and self.conn.trailing_data[0]):
+            if self.reading_since is None:
+                self.reading_since = time.monotonic()
+        elif state is not h11.IDLE:
+            self.reading_since = None
 
 
 MAX_HEAD_BYTES = 64 << 10
@@ -88,28 +109,21 @@ _REFUSED = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\nconnection: clo
 
 def _http_protocol() -> type[asyncio.Protocol]:
     """The httptools-based protocol when httptools is installed (its C parser takes a request in for less CPU
-    than h11), else the h11 one; both with TCP_NODELAY and the transport in the scope. The httptools one also
-    bounds a request's head (``MAX_HEAD_BYTES``) and marks when it began reading a request (``reading_since``,
-    which :class:`QuietServer` holds to ``REQUEST_READ_TIMEOUT_S``)."""
+    than h11), else the h11 one; both with the server's intake (:class:`_EngineIntake`: TCP_NODELAY, the
+    transport in the scope, a request held to ``REQUEST_READ_TIMEOUT_S``). The httptools one also bounds a
+    request's head (``MAX_HEAD_BYTES``; h11 has its own bound)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # pragma: no cover - depends on the install
+    except ImportError:
         return NoDelayH11Protocol
 
-    class NoDelayHttpToolsProtocol(HttpToolsProtocol):
-        """As :class:`NoDelayH11Protocol`, on httptools, with the bounds above."""
+    class NoDelayHttpToolsProtocol(_EngineIntake, HttpToolsProtocol):
+        """HTTP/1.1 on httptools with the server's intake (:class:`_EngineIntake`) and the head bound above."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            _with_transport(self)
             self.head_bytes = 0  # bytes received since the current request's head began, while it is open
             self.head_open = True
-            self.reading_since: float | None = None  # monotonic time a request began arriving, until complete
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            set_nodelay(transport)
-            super().connection_made(transport)
-            self.reading_since = time.monotonic()  # a connection owes its first request
 
         def data_received(self, data: bytes) -> None:
             if self.head_open:
