@@ -105,15 +105,17 @@ class SnapshotAnswer(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     total: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class SnapshotBuild:
     """One build of the prefix-cache snapshot: valid for every request while ``next_seq`` is still the number of
     the next KV message (no step changed the cache since)."""
 
     next_seq: int
     block_hashes: list[int]
-    encoded: msgspec.Raw
     total: int
+    answers: int = 0  # answers made from it
+    # the hashes' JSON array, made when a second answer needs it (a lone answer encodes the list once, as ever)
+    encoded: msgspec.Raw | None = None
 
 
 class Publisher:
@@ -229,12 +231,18 @@ class Publisher:
         cached = self.runner.engine.scheduler.kv.cached
         newest = list(itertools.islice(reversed(cached), MAX_SNAPSHOT_BLOCKS))
         newest.reverse()
-        self._snap_last = SnapshotBuild(next_seq, newest, msgspec.Raw(msgspec.json.encode(newest)), len(cached))
+        self._snap_last = SnapshotBuild(next_seq, newest, len(cached))
         self.snapshot_builds += 1
         return self._snap_last
 
     def snapshot_answer(self, built: SnapshotBuild, nonce: str) -> bytes:
         """One requester's answer (its nonce) from ``built``: EngineKVSnapshot's JSON."""
+        built.answers += 1
+        if built.answers == 1:
+            return encode(EngineKVSnapshot(instance_id=self.instance_id, model=self.model, nonce=nonce,
+                                           next_seq=built.next_seq, block_hashes=built.block_hashes, total=built.total))
+        if built.encoded is None:
+            built.encoded = msgspec.Raw(msgspec.json.encode(built.block_hashes))
         return encode(SnapshotAnswer(instance_id=self.instance_id, model=self.model, nonce=nonce,
                                      next_seq=built.next_seq, block_hashes=built.encoded, total=built.total))
 

@@ -101,10 +101,11 @@ async def test_a_cache_change_makes_the_next_answer_a_new_build() -> None:
     assert after is not before and after.next_seq == before.next_seq + 1 and pub.snapshot_builds == 2
 
 
-async def test_an_answer_is_the_json_of_the_snapshot_it_stands_for() -> None:
+async def test_every_answer_of_a_build_is_the_json_of_the_snapshot_it_stands_for() -> None:
     _, runner = await cached_engine()
     pub = Publisher(runner, "nats://127.0.0.1:1", "e1", "m", "http://127.0.0.1:1")
     built = pub.snapshot_build()
-    assert pub.snapshot_answer(built, "n" * 32) == encode(pub.kv_snapshot("n" * 32))
-    assert decode(pub.snapshot_answer(built, "n" * 32), EngineKVSnapshot).block_hashes == built.block_hashes
+    nonces = ("a" * 32, "b" * 32, "c" * 32)  # the first answer encodes the list, the others its JSON kept once
+    answers = [pub.snapshot_answer(built, nonce) for nonce in nonces]
+    assert [decode(a, EngineKVSnapshot) for a in answers] == [pub.kv_snapshot(n) for n in nonces]
     assert SnapshotAnswer.__struct_fields__ == EngineKVSnapshot.__struct_fields__
