@@ -24,7 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.engine_server.access_log import log_config
 from services.engine_server.api import ServerInfo, create_app, error_body
-from services.engine_server.publisher import Publisher
+from services.engine_server.publisher import SNAPSHOT_WINDOW_S, Publisher
 from services.engine_server.runner import EngineRunner
 from services.engine_server.sse import TRANSPORT_KEY
 from services.engine_server.textgen import TextModel
@@ -202,6 +202,7 @@ class ServerOptions:
     instance_id: str = "engine-0"
     report_key: bytes | None = None  # this instance's own report key (from the environment): reports are signed
     metrics_interval_s: float = 0.075
+    kv_snapshot_window_s: float = SNAPSHOT_WINDOW_S  # at most one batch of prefix-cache snapshot answers per window
     gpu_mem_util: float = 0.9
     max_loras: int = 0
     max_cpu_loras: int | None = None
@@ -268,7 +269,7 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
                       vocab_size=arch.vocab_size)
     app = create_app(runner, TextModel(opts.mean_output_len), info)
     pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s,
-                    report_key=opts.report_key) if opts.nats_url else None
+                    report_key=opts.report_key, snapshot_window_s=opts.kv_snapshot_window_s) if opts.nats_url else None
     zmq_pub = ZmqKVPublisher(opts.kv_events_zmq, opts.kv_events_topic) if opts.kv_events_zmq else None
     kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
     if zmq_pub is not None:
@@ -410,6 +411,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                         f"secret belongs there, as a command line is readable by every local user)")
     p.add_argument("--instance-id", default=d.instance_id)
     p.add_argument("--metrics-interval", type=float, default=d.metrics_interval_s, help="seconds between pushes")
+    p.add_argument("--kv-snapshot-window", type=float, default=d.kv_snapshot_window_s,
+                   help="seconds: prefix-cache snapshot requests are answered from one build at most once per window")
     p.add_argument("--no-kv-events", action="store_true", help="do not publish KV-cache events on NATS")
     p.add_argument("--kv-events-zmq", default=None, metavar="ENDPOINT",
                    help="also publish KV events on a ZMQ PUB socket bound here, vLLM's format (e.g. tcp://*:5557)")
@@ -436,8 +439,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         p.error(str(err))
     if a.speedup <= 0:
         p.error("--speedup must be > 0")
-    if a.kv_link_gbps <= 0 or a.kv_link_latency < 0 or a.lora_load_time < 0:
-        p.error("--kv-link-gbps must be > 0, --kv-link-latency and --lora-load-time >= 0")
+    if a.kv_link_gbps <= 0 or a.kv_link_latency < 0 or a.lora_load_time < 0 or a.kv_snapshot_window < 0:
+        p.error("--kv-link-gbps must be > 0, --kv-link-latency, --lora-load-time and --kv-snapshot-window >= 0")
     loras = tuple(dict.fromkeys(m.split("=", 1)[0] for m in a.lora_modules))
     return ServerOptions(
         host=a.host, port=a.port, model=a.model, served_model_name=a.served_model_name, gpu=a.gpu, tp=a.tp,
@@ -445,7 +448,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         enable_prefix_caching=not a.no_prefix_caching, policy=a.policy, mean_output_len=a.mean_output_len,
         nats_url=a.nats_url, instance_id=a.instance_id, report_key=report_key, metrics_interval_s=a.metrics_interval,
-        kv_events=not a.no_kv_events, kv_events_zmq=a.kv_events_zmq, kv_events_topic=a.kv_events_topic,
+        kv_snapshot_window_s=a.kv_snapshot_window, kv_events=not a.no_kv_events, kv_events_zmq=a.kv_events_zmq,
+        kv_events_topic=a.kv_events_topic,
         max_loras=a.max_loras, max_cpu_loras=a.max_cpu_loras, lora_modules=loras,
         lora_load_s=a.lora_load_time, role=a.role, kv_link_gbps=a.kv_link_gbps, kv_link_latency_s=a.kv_link_latency,
         access_log=not a.disable_uvicorn_access_log,
