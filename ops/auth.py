@@ -130,7 +130,7 @@ def cli_permissions() -> Permissions:
     """The operator CLI: durable commands, replays of events and dead letters (ephemeral consumers), reads of
     every Gantry subject; no purge or delete."""
     publish = [
-        subjects.SCALE, subjects.CORDON, subjects.REMOVE_WORKER, subjects.SYNC, f"{JS}.INFO",
+        subjects.SCALE, subjects.CORDON, subjects.REMOVE_WORKER, f"{JS}.INFO",
         *(f"{JS}.STREAM.INFO.{name}" for name in streams.ALL_STREAMS),
         *(f"{JS}.CONSUMER.CREATE.{name}" for name in (streams.STREAM_EVENTS, streams.STREAM_DLQ)),
         *(f"{JS}.CONSUMER.CREATE.{name}.>" for name in (streams.STREAM_EVENTS, streams.STREAM_DLQ)),

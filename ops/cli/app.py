@@ -16,7 +16,7 @@ from typer._click import core as click
 from typer._click import exceptions as click_errors
 from typer.core import TyperGroup
 
-from ops.cli.errors import CliError
+from ops.cli.errors import CliError, escaped
 from ops.cli.output import echo
 
 # command -> module under ops/cli that registers it (a module may register several commands)
@@ -96,9 +96,15 @@ def _root(
 
 def usage_line(err: click_errors.UsageError) -> str:
     """A usage mistake as one line: click's message plus where to read the command's options."""
-    message = " ".join(err.format_message().split())
     where = err.ctx.command_path if err.ctx is not None else "gantry"
-    return f"error: {message} (see `{where} --help`)"
+    return f"error: {click_message(err)} (see `{where} --help`)"
+
+
+def click_message(err: click_errors.ClickException) -> str:
+    """Click's message as one safe line: it quotes what the user typed (an option, an extra argument) as is, so
+    it is escaped like every other error line (``ops.cli.errors.escaped``): a newline shows as ``\\n``, a bidi
+    override as ``\\u202e``."""
+    return escaped(err.format_message().strip())
 
 
 def run_app(argv: list[str] | None) -> int:
@@ -112,7 +118,7 @@ def run_app(argv: list[str] | None) -> int:
         echo(usage_line(err), err=True)
         return err.exit_code
     except click_errors.ClickException as err:
-        echo(f"error: {' '.join(err.format_message().split())}", err=True)
+        echo(f"error: {click_message(err)}", err=True)
         return err.exit_code
     except typer.Abort:
         echo("aborted", err=True)

@@ -37,6 +37,8 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 2.0
 STACK_HINT = "is the stack running? start it with `gantry up` (or set --nats-url/--redis-url)"
+URL_FLAGS = {"--nats-url": "GANTRY_NATS_URL", "--redis-url": "GANTRY_REDIS_URL"}
+"""Every command's connection flags, and the environment variable that carries the same URL."""
 
 
 def overrides(nats_url: str | None = None, redis_url: str | None = None) -> dict[str, Any]:
@@ -47,11 +49,23 @@ def overrides(nats_url: str | None = None, redis_url: str | None = None) -> dict
     ca = runtime_dir() / "tls" / "ca.pem"  # `gantry up --tls`'s CA (harmless to a server without TLS)
     if not os.environ.get("GANTRY_TLS_CA_FILE") and ca.exists():
         found["tls_ca_file"] = str(ca)
-    if nats_url:
-        found["nats_url"] = nats_url
-    if redis_url:
-        found["redis_url"] = redis_url
+    for field, flag, url in (("nats_url", "--nats-url", nats_url), ("redis_url", "--redis-url", redis_url)):
+        if url:
+            refuse_secret(flag, url)
+            found[field] = url
     return found
+
+
+def refuse_secret(flag: str, url: str) -> None:
+    """A CliError (exit 2) when ``url``, the value click parsed for ``flag``, holds a user or secret.
+
+    ``ops.cli.main`` refuses such a URL by scanning the raw words before anything runs; this is the same check
+    on the value a command receives, whatever form click took it in (a form the scan does not foresee cannot
+    slip past: the URL flags are the only way a URL gets here, the environment goes through Settings)."""
+    from shared.envsettings import credentials_on_command_line
+
+    if refused := credentials_on_command_line(flag, url, URL_FLAGS[flag]):
+        raise CliError(refused, exit_code=2)
 
 
 def load(nats_url: str | None = None, redis_url: str | None = None) -> Settings:

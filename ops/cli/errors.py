@@ -1,17 +1,36 @@
-"""The one error type CLI commands raise for conditions a user can fix."""
+"""The one error type CLI commands raise for conditions a user can fix, and the one escaping of what an error
+line shows."""
 
 from __future__ import annotations
 
-# Control characters in a message (a file name holding a newline or an escape sequence, echoed back) are shown
-# escaped: the error stays one line on stderr, and a name cannot drive the user's terminal.
-_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+# Characters a message shows escaped, by Unicode category. Control characters (Cc: a newline, an escape
+# sequence) would break the one-line error or drive the user's terminal; format characters (Cf: bidi overrides
+# and isolates, zero-width spaces and joiners, the BOM, invisible tag characters) and the line and paragraph
+# separators (Zl, Zp) make a printed name read differently from what it is ("Trojan Source"). A lone surrogate
+# (Cs) is an undecodable byte of a file name or argument. Everything else, accents, CJK and emoji included,
+# stays as it is.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def escaped(text: str) -> str:
+    """``text`` with every control, format, separator or surrogate character written as Python writes it in a
+    string literal (``\\n``, ``\\x1b``, ``\\u202e``, ``\\U000e0041``): one visible line, and nothing in it acts on
+    the terminal or hides what a name holds. Every error line the CLI prints passes through here."""
+    if text.isprintable():  # the usual message: no Cc/Cf/Cs/Zl/Zp in it (str.isprintable excludes all of them)
+        return text
+    import unicodedata
+
+    return "".join(
+        repr(c)[1:-1] if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text
+    )
 
 
 class CliError(Exception):
-    """Printed as ``error: <message>`` with ``exit_code`` (2 for bad input, 1 otherwise)."""
+    """Printed as ``error: <message>`` with ``exit_code`` (2 for bad input, 1 otherwise); the message is kept
+    escaped (``escaped``), so it prints safely wherever it goes."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message.translate(_ESCAPES))
+        super().__init__(escaped(message))
         self.exit_code = exit_code
 
 

@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-URL_FLAGS = {"--nats-url": "GANTRY_NATS_URL", "--redis-url": "GANTRY_REDIS_URL"}
-"""Every command's connection flags, and the environment variable that carries the same URL."""
+from ops.cli.connect import URL_FLAGS
 
 
 def secret_on_command_line(args: Sequence[str]) -> str | None:
@@ -21,20 +20,36 @@ def secret_on_command_line(args: Sequence[str]) -> str | None:
 
     A command line is readable by every local user (``ps``), a process's environment only by its owner: the
     services refuse such a URL on theirs (``shared.envsettings.credentials_on_command_line``), and so does the
-    CLI, before any command runs (both ``--nats-url URL`` and ``--nats-url=URL``; words after ``--`` are no
-    options)."""
+    CLI, before any command runs: ``--nats-url URL``, ``--nats-url=URL`` or an abbreviation (``url_flag``).
+
+    The scan does not stop at ``--``. It runs before click parses the line, and click takes a ``--`` that follows
+    an option wanting a value as that value (``gantry up --gpu-type -- --nats-url=URL`` would connect with URL),
+    so a ``--`` here need not end the options; and a secret after a real ``--`` is on the command line all the
+    same. No gantry command passes the words after ``--`` to another process or parses them later (they are its
+    positional arguments: spec files, model and worker names, counts), so refusing one there costs nothing
+    legitimate. ``ops.cli.connect.overrides`` checks the value click parsed as well, whatever form it came in."""
     from shared.envsettings import credentials_on_command_line
 
     for i, word in enumerate(args):
-        if word == "--":
-            return None
         flag, eq, inline = word.partition("=")
-        if flag not in URL_FLAGS:
+        if (meant := url_flag(flag)) is None:
             continue
         url = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
-        if refused := credentials_on_command_line(flag, url, URL_FLAGS[flag]):
+        if refused := credentials_on_command_line(flag, url, URL_FLAGS[meant]):
             return refused
     return None
+
+
+def url_flag(word: str) -> str | None:
+    """The URL flag ``word`` names: the flag itself, or a prefix only it starts with (``--nats-u``), as argparse
+    reads an abbreviation. Click takes no abbreviation, but a secret typed after one is on the command line all
+    the same, and click's usage error would print it back (``Got unexpected extra argument(s) (--nats-u=...)``)."""
+    if word in URL_FLAGS:
+        return word
+    if len(word) <= 2 or not word.startswith("--"):
+        return None
+    matches = [flag for flag in URL_FLAGS if flag.startswith(word)]
+    return matches[0] if len(matches) == 1 else None
 
 
 def main(argv: list[str] | None = None) -> None:

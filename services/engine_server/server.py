@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
@@ -23,7 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.engine_server.access_log import log_config
 from services.engine_server.api import ServerInfo, create_app, error_body
-from services.engine_server.publisher import Publisher
+from services.engine_server.publisher import SNAPSHOT_WINDOW_S, Publisher
 from services.engine_server.runner import EngineRunner
 from services.engine_server.sse import TRANSPORT_KEY
 from services.engine_server.textgen import TextModel
@@ -62,18 +63,38 @@ def _with_transport(protocol: Any) -> None:
     protocol.app = with_transport
 
 
-class NoDelayH11Protocol(H11Protocol):
-    """HTTP/1.1 protocol (h11) that disables Nagle on every connection, so streamed tokens leave at once, and
-    hands the connection's transport to the app (scope extension :data:`TRANSPORT_KEY`) so token streams can
-    write their chunks directly, one write per stream per engine step."""
+class _EngineIntake(asyncio.Protocol):
+    """What the server adds to either uvicorn HTTP/1.1 protocol (mixed in before it): TCP_NODELAY on every
+    connection, so streamed tokens leave at once; the connection's transport in each request's scope
+    (:data:`TRANSPORT_KEY`), so token streams write their chunks directly, one write per stream per engine step;
+    and ``reading_since``, the monotonic time a request (or a new connection's first) began arriving, None while
+    none is outstanding: :class:`QuietServer` closes a connection whose request is not whole within
+    ``REQUEST_READ_TIMEOUT_S`` of it (``close_stalled``). Each protocol says when a request begins and ends."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _with_transport(self)
+        self.reading_since: float | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         set_nodelay(transport)
         super().connection_made(transport)
+        self.reading_since = time.monotonic()  # a connection owes its first request
+
+
+class NoDelayH11Protocol(_EngineIntake, H11Protocol):
+    """HTTP/1.1 on h11 (the fallback without httptools) with the server's intake (:class:`_EngineIntake`)."""
+
+    def handle_events(self) -> None:
+        """Parse what arrived (uvicorn's), then note whether a request is still arriving: one is while the peer
+        is mid-request (its head partly buffered, or its body arriving); none once it is whole (or refused)."""
+        super().handle_events()
+        state = self.conn.their_state
+        if state is h11.SEND_BODY or (state is h11.IDLE and self.conn.trailing_data[0]):
+            if self.reading_since is None:
+                self.reading_since = time.monotonic()
+        elif state is not h11.IDLE:
+            self.reading_since = None
 
 
 MAX_HEAD_BYTES = 64 << 10
@@ -88,28 +109,21 @@ _REFUSED = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\nconnection: clo
 
 def _http_protocol() -> type[asyncio.Protocol]:
     """The httptools-based protocol when httptools is installed (its C parser takes a request in for less CPU
-    than h11), else the h11 one; both with TCP_NODELAY and the transport in the scope. The httptools one also
-    bounds a request's head (``MAX_HEAD_BYTES``) and marks when it began reading a request (``reading_since``,
-    which :class:`QuietServer` holds to ``REQUEST_READ_TIMEOUT_S``)."""
+    than h11), else the h11 one; both with the server's intake (:class:`_EngineIntake`: TCP_NODELAY, the
+    transport in the scope, a request held to ``REQUEST_READ_TIMEOUT_S``). The httptools one also bounds a
+    request's head (``MAX_HEAD_BYTES``; h11 has its own bound)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # pragma: no cover - depends on the install
+    except ImportError:
         return NoDelayH11Protocol
 
-    class NoDelayHttpToolsProtocol(HttpToolsProtocol):
-        """As :class:`NoDelayH11Protocol`, on httptools, with the bounds above."""
+    class NoDelayHttpToolsProtocol(_EngineIntake, HttpToolsProtocol):
+        """HTTP/1.1 on httptools with the server's intake (:class:`_EngineIntake`) and the head bound above."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            _with_transport(self)
             self.head_bytes = 0  # bytes received since the current request's head began, while it is open
             self.head_open = True
-            self.reading_since: float | None = None  # monotonic time a request began arriving, until complete
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            set_nodelay(transport)
-            super().connection_made(transport)
-            self.reading_since = time.monotonic()  # a connection owes its first request
 
         def data_received(self, data: bytes) -> None:
             if self.head_open:
@@ -188,6 +202,7 @@ class ServerOptions:
     instance_id: str = "engine-0"
     report_key: bytes | None = None  # this instance's own report key (from the environment): reports are signed
     metrics_interval_s: float = 0.075
+    kv_snapshot_window_s: float = SNAPSHOT_WINDOW_S  # at most one batch of prefix-cache snapshot answers per window
     gpu_mem_util: float = 0.9
     max_loras: int = 0
     max_cpu_loras: int | None = None
@@ -254,7 +269,7 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
                       vocab_size=arch.vocab_size)
     app = create_app(runner, TextModel(opts.mean_output_len), info)
     pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s,
-                    report_key=opts.report_key) if opts.nats_url else None
+                    report_key=opts.report_key, snapshot_window_s=opts.kv_snapshot_window_s) if opts.nats_url else None
     zmq_pub = ZmqKVPublisher(opts.kv_events_zmq, opts.kv_events_topic) if opts.kv_events_zmq else None
     kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
     if zmq_pub is not None:
@@ -396,6 +411,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                         f"secret belongs there, as a command line is readable by every local user)")
     p.add_argument("--instance-id", default=d.instance_id)
     p.add_argument("--metrics-interval", type=float, default=d.metrics_interval_s, help="seconds between pushes")
+    p.add_argument("--kv-snapshot-window", type=float, default=d.kv_snapshot_window_s,
+                   help="seconds: prefix-cache snapshot requests are answered from one build at most once per window")
     p.add_argument("--no-kv-events", action="store_true", help="do not publish KV-cache events on NATS")
     p.add_argument("--kv-events-zmq", default=None, metavar="ENDPOINT",
                    help="also publish KV events on a ZMQ PUB socket bound here, vLLM's format (e.g. tcp://*:5557)")
@@ -422,8 +439,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         p.error(str(err))
     if a.speedup <= 0:
         p.error("--speedup must be > 0")
-    if a.kv_link_gbps <= 0 or a.kv_link_latency < 0 or a.lora_load_time < 0:
-        p.error("--kv-link-gbps must be > 0, --kv-link-latency and --lora-load-time >= 0")
+    if a.kv_link_gbps <= 0 or a.kv_link_latency < 0 or a.lora_load_time < 0 or a.kv_snapshot_window < 0:
+        p.error("--kv-link-gbps must be > 0, --kv-link-latency, --lora-load-time and --kv-snapshot-window >= 0")
     loras = tuple(dict.fromkeys(m.split("=", 1)[0] for m in a.lora_modules))
     return ServerOptions(
         host=a.host, port=a.port, model=a.model, served_model_name=a.served_model_name, gpu=a.gpu, tp=a.tp,
@@ -431,7 +448,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         enable_prefix_caching=not a.no_prefix_caching, policy=a.policy, mean_output_len=a.mean_output_len,
         nats_url=a.nats_url, instance_id=a.instance_id, report_key=report_key, metrics_interval_s=a.metrics_interval,
-        kv_events=not a.no_kv_events, kv_events_zmq=a.kv_events_zmq, kv_events_topic=a.kv_events_topic,
+        kv_snapshot_window_s=a.kv_snapshot_window, kv_events=not a.no_kv_events, kv_events_zmq=a.kv_events_zmq,
+        kv_events_topic=a.kv_events_topic,
         max_loras=a.max_loras, max_cpu_loras=a.max_cpu_loras, lora_modules=loras,
         lora_load_s=a.lora_load_time, role=a.role, kv_link_gbps=a.kv_link_gbps, kv_link_latency_s=a.kv_link_latency,
         access_log=not a.disable_uvicorn_access_log,

@@ -1,12 +1,12 @@
 """Server-sent-event streams of OpenAI chunks, written straight to the connection.
 
 A token's chunk is a fixed per-request frame around the token's pre-escaped JSON text, so streaming a token
-costs a dict lookup, one bytes formatting and one ``transport.write``. The HTTP server (uvicorn with
-:class:`~services.engine_server.server.NoDelayH11Protocol`) puts each connection's transport in the ASGI
-scope under :data:`TRANSPORT_KEY`; the response sends its headers through ASGI (so the server frames the
-body as HTTP/1.1 chunked), writes the token chunks itself in the same chunked framing, and ends through ASGI
-again (the server writes the last chunk and can reuse the connection). Under any other server (no transport
-in the scope, or HTTP/1.0) the same frames go through ASGI ``send``.
+costs a dict lookup, one bytes formatting and one ``transport.write``. The HTTP server (uvicorn with the
+engine server's intake on httptools or h11, ``services.engine_server.server``) puts each connection's
+transport in the ASGI scope under :data:`TRANSPORT_KEY`; the response sends its headers through ASGI (so the
+server frames the body as HTTP/1.1 chunked), writes the token chunks itself in the same chunked framing, and
+ends through ASGI again (the server writes the last chunk and can reuse the connection). Under any other server
+(no transport in the scope, or HTTP/1.0) the same frames go through ASGI ``send``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from shared.bus.messages import (
     PlacementScored,
     RemoveWorkerCommand,
     ScaleCommand,
+    SyncRequest,
     UnschedulableEvent,
     WorkerRegisteredEvent,
     WorkerRegistration,
@@ -64,4 +65,7 @@ EMITS = (
     Emits(subjects.EVENT_WORKER_REMOVED, WorkerRemovedEvent, "a worker left the state (forgotten or removed)"),
     Emits(subjects.EVENT_WORKER_REGISTERED, WorkerRegisteredEvent,
           "a worker's inventory as stored (the snapshots follow these, not raw registrations)"),
+    Emits(subjects.SYNC, SyncRequest, "asks workers to register again: all at start (the state writer may have missed "
+          "them), or one heard from but not stored; the only service allowed to (each ask costs every worker asked a "
+          "registration)"),
 )

@@ -41,6 +41,9 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
     p.add_argument("--label", action="append", default=[], help="worker label key=value (repeatable)")
     p.add_argument("--cluster", default="default")
     p.add_argument("--heartbeat-interval", type=float, default=settings.heartbeat_interval_s)
+    p.add_argument("--sync-window", type=float, default=2.0,
+                   help="seconds: each worker answers sync requests by registering at most once per this window "
+                        "(the first at once, later ones by one registration when it closes)")
     p.add_argument("--download-delay", type=float, default=0.5, help="seconds until model files are READY")
     p.add_argument("--start-delay", type=float, default=0.2, help="seconds SCHEDULED → RUNNING")
     p.add_argument("--ready-file", action="append", default=[], help="model source already on disk")
@@ -59,6 +62,8 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
     a = p.parse_args(argv)
     if refused := credentials_on_command_line("--engine-nats-url", a.engine_nats_url, ENGINE_NATS_URL_ENV):
         sys.exit(f"{p.prog}: error: {refused}")
+    if a.sync_window < 0:
+        p.error(f"--sync-window is a duration in seconds, got {a.sync_window}")
     if bad := [kv for kv in a.label if "=" not in kv]:
         p.error(f"--label takes key=value, got {bad[0]!r}")
     labels = dict(kv.split("=", 1) for kv in a.label)
@@ -71,7 +76,7 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
     return FleetConfig(
         count=a.count, prefix=a.prefix, start_index=a.start_index, gpus=a.gpus, gpu_product=a.gpu_product,
         gpu_vendor=a.gpu_vendor, vram_gib=a.vram_gib, ram_gib=a.ram_gib, labels=labels, cluster=a.cluster,
-        heartbeat_interval_s=a.heartbeat_interval, download_delay_s=a.download_delay,
+        heartbeat_interval_s=a.heartbeat_interval, sync_window_s=a.sync_window, download_delay_s=a.download_delay,
         start_delay_s=a.start_delay, ready_files=tuple(a.ready_file), engines=a.engines,
         engine_nats_url=lent, engine_report_master=report_master,
         engine_start_timeout_s=a.engine_start_timeout, drain_settle_s=a.drain_settle, engine_args=tuple(a.engine_arg),

@@ -42,6 +42,7 @@ from shared.bus.messages import (
     encode,
 )
 from shared.bus.runtime import js_publish
+from shared.core.coalesce import AnswerWindow, Verdict
 from shared.core.placement.domain import GIB, Gpu, GpuUsage, InstanceState, ModelFileState, Worker
 
 if TYPE_CHECKING:
@@ -66,6 +67,12 @@ class FleetConfig:
     cluster: str = "default"
     heartbeat_interval_s: float = 5.0
     register_every: int = 10  # heartbeats between full re-registrations
+    # A worker answers sync requests by registering at most once per this many seconds (the first at once, the
+    # ones within the window by one registration when it closes): any identity allowed to ask makes every worker
+    # re-register with one message, so a flood must not cost a registration per message per worker. 2 s keeps a
+    # restarted reconciler (which asks all at start) waiting at most that long for a worker that just registered,
+    # well inside a heartbeat interval.
+    sync_window_s: float = 2.0
     download_delay_s: float = 0.5
     start_delay_s: float = 0.2
     ready_files: tuple[str, ...] = ()  # model sources already on disk at start
@@ -152,6 +159,8 @@ class Fleet:
         # (worker, source) -> set once a download under way is over (those needing the file wait on it)
         self._downloads: dict[tuple[str, str], asyncio.Event] = {}
         self.engines: EngineSupervisor | None = self._engines() if cfg.engines else None
+        # per worker: when it last registered and whether a sync request waits for its next registration
+        self._sync: dict[str, AnswerWindow] = {}
 
     def _engines(self) -> EngineSupervisor:
         # imported here: a fleet without engines (the placement benchmark's thousand workers) loads none of it
@@ -213,13 +222,39 @@ class Fleet:
         except MessageError:
             return
         names = [req.worker] if req.worker else list(self.workers)
+        now, later = time.monotonic(), []
         for name in names:
             w = self.workers.get(name)
-            if w is not None and name not in self.paused:
+            if w is None or name in self.paused:
+                continue
+            decision = self._window(name).ask(now)
+            if decision.verdict is Verdict.NOW:
                 await self._register(w)
+            elif decision.verdict is Verdict.LATER:
+                later.append((decision.at, name))
+        if later:
+            self._spawn(self._register_when_due(sorted(later)))
+
+    async def _register_when_due(self, due: list[tuple[float, str]]) -> None:
+        """Register each worker once its sync window closes, unless it registered since (that answered)."""
+        for at, name in due:
+            wait = at - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            w = self.workers.get(name)
+            if w is not None and name not in self.paused and self._window(name).due(time.monotonic()):
+                await self._register(w)
+
+    def _window(self, name: str) -> AnswerWindow:
+        window = self._sync.get(name)
+        if window is None:
+            window = self._sync[name] = AnswerWindow(self.cfg.sync_window_s)
+        return window
 
     async def _register(self, w: EmulatedWorker) -> None:
         await self.nc.publish(subjects.worker_register(w.worker.name), encode(WorkerRegistration(worker=w.worker)))
+        # any registration (at start, periodic, asked for) answers the sync requests that came before it
+        self._window(w.worker.name).answered(time.monotonic())
 
     async def _on_command(self, msg: Msg) -> None:
         parts = msg.subject.split(".")

@@ -6,7 +6,8 @@ as the engine identity. A server's environment is built afresh (:func:`server_en
 of the fleet's own identity or settings. The fleet talks to its servers over loopback HTTP only: /health and
 /server_info (its instance id) to know a server is up and is the instance's, /metrics (vLLM's names) to know a
 draining one has nothing in flight. Each server is its own session and gets SIGTERM if the fleet dies
-(Linux ``PR_SET_PDEATHSIG``), so a killed fleet leaves nothing running.
+(Linux ``PR_SET_PDEATHSIG``, set by ``shared.host.lifetime``'s exec wrapper), so a killed fleet leaves nothing
+running.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 
 from services.workers.engine_policy import EngineLoad, parse_load
 from shared.envsettings import ENGINE_NATS_URL_ENV
-from shared.host.lifetime import die_with_parent
+from shared.host.lifetime import dying_with_parent
 from shared.host.report_auth import REPORT_KEY_ENV, derive_key
 
 log = logging.getLogger("gantry.workers.engines")
@@ -133,11 +133,13 @@ class EngineSupervisor:
         """Start the instance's server and wait until it answers /health; on failure the process is stopped
         and RuntimeError says why."""
         port = free_port()
+        env = server_env(os.environ, self.opts.nats_url, self.report_key(instance_id))
+        # The parent-death signal is set by the exec wrapper, not a preexec_fn: a preexec_fn makes this a real
+        # fork() of a threaded process (unsafe; it runs every fork handler loaded here in the child), without
+        # one subprocess spawns with vfork. The server keeps the wrapper's pid.
         proc = await asyncio.create_subprocess_exec(
-            *self.argv(instance_id, served_model_name, port, spec),
-            stdin=asyncio.subprocess.DEVNULL,
-            env=server_env(os.environ, self.opts.nats_url, self.report_key(instance_id)),
-            start_new_session=True, preexec_fn=partial(die_with_parent, os.getpid()),
+            *dying_with_parent(self.argv(instance_id, served_model_name, port, spec), env),
+            stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True,
         )
         server = EngineServer(instance_id, port, proc)
         self.servers[instance_id] = server

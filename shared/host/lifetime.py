@@ -2,21 +2,19 @@
 
 ``gantry up``'s launcher (``ops.stack``) and the emulated fleet's engine servers (``services.workers``) start
 children that must die with whoever started them, even when that parent is SIGKILLed and can clean up nothing.
-Two ways: ``dying_with_parent(argv, env)`` runs the command through an exec wrapper that sets the signal
-(``pdeathsig_exec.py``; the parent needs no pre-exec hook, so ``subprocess`` spawns with vfork and runs none of
-the parent's fork handlers), and ``die_with_parent``, the pre-exec hook (a real fork).
+``dying_with_parent(argv, env)`` runs the command through an exec wrapper that sets the signal
+(``pdeathsig_exec.py``). No pre-exec hook: a ``preexec_fn`` makes ``subprocess`` fork() a threaded parent (unsafe)
+and run every fork handler loaded there in the child; without one it spawns with vfork and runs none.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
 _EXEC_WRAPPER = Path(__file__).with_name("pdeathsig_exec.py")
 
 
@@ -29,21 +27,8 @@ def _load_libc() -> ctypes.CDLL | None:
         return None
 
 
-# Loaded once, in the parent: the hook then makes a single foreign call in the forked child (nothing that locks).
+# Whether the wrapper can set the signal here (Linux's prctl); looked up once.
 _LIBC = _load_libc()
-
-
-def die_with_parent(parent_pid: int | None = None) -> None:
-    """Runs in the child before exec: SIGTERM it when its parent dies (Linux; elsewhere nothing happens).
-
-    With ``parent_pid``, a parent that died between the fork and this call (so no signal will ever come) makes
-    the child exit at once instead of starting as an orphan.
-    """
-    if _LIBC is None:
-        return
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def dying_with_parent(argv: Sequence[str], env: Mapping[str, str], parent_pid: int | None = None) -> list[str]:

@@ -31,7 +31,6 @@ from shared.bus.messages import (
     InstanceEvents,
     MessageError,
     ModelFileUpdate,
-    SyncRequest,
     WorkerRegisteredEvent,
     WorkerRemovedEvent,
     decode,
@@ -106,7 +105,7 @@ class PlacementService:
         self._listens: list[tuple[str, str, RawHandler]] = []
         self._reports: list[tuple[str, str, ReportHandler]] = []
         self._loops: set[asyncio.Task[None]] = set()
-        self._asked = PerKeyThrottle(2.0)  # sync requests per unknown worker heard from
+        self._rereads = PerKeyThrottle(2.0)  # reads of the stored inventory per unknown worker heard from
         self.app.on_startup(self._declare)
         self.app.after_startup(self._load)
         self.app_stopping = False  # set first thing at shutdown: background loops check it
@@ -146,10 +145,10 @@ class PlacementService:
         return tuple(out)
 
     def _host_emits(self) -> tuple[Emits, ...]:
-        return (
-            Emits(subjects.SYNC, SyncRequest, "asks workers (one, or all at start) to register again"),
-            Emits(subjects.dead_letter(self.name), ErrorEvent, "a message this service rejected, and why"),
-        )
+        # No sync requests: one makes every worker register again, so only the state writer (the reconciler, which
+        # stores registrations) may send them (ops.auth derives the bus rights from this). A snapshot that misses a
+        # worker reads its stored inventory instead (``_reread``).
+        return (Emits(subjects.dead_letter(self.name), ErrorEvent, "a message this service rejected, and why"),)
 
     # -- to override ----------------------------------------------------------------------------------
 
@@ -200,10 +199,9 @@ class PlacementService:
             await listen(nc, subject, on_raw, queue)
         for subject, queue, on_report in self._reports:
             await listen_reports(nc, subject, on_report, queue)
+        # Subscribed before loading: an inventory stored after the load is announced to us. One stored before is
+        # loaded; one never stored (the writer was away) is the writer's to ask for (it asks every worker at start).
         await self.feed.load(self.store)
-        # Workers that registered before we subscribed are in Redis only if the writer saw them: ask all
-        # to register again so no worker is missing from this snapshot.
-        await self.bus.publish(subjects.SYNC, SyncRequest())
         self.ready.set()
         await self.started()
         for stream, durable, subject, handler, linger in self._pulls:
@@ -288,8 +286,9 @@ class PlacementService:
             hb = self._quiet_decode(body, Heartbeat)
             if hb is None or hb.worker != sender:
                 return
-            if feed.on_heartbeat(hb, self.clock()) and hb.worker not in feed.inventory:
-                await self._ask_to_register(hb.worker)
+            unknown = feed.on_heartbeat(hb, self.clock()) and hb.worker not in feed.inventory
+            if unknown and await self._reread(hb.worker):
+                feed.on_heartbeat(hb, self.clock())
 
         async def on_file(body: bytes, sender: str) -> None:
             upd = self._quiet_decode(body, ModelFileUpdate)
@@ -324,10 +323,22 @@ class PlacementService:
             both = Feed.PROGRESS in wanted
             self.listen(subjects.EVENT_INSTANCE_ALL if both else subjects.EVENT_INSTANCE, on_instance)
 
-    async def _ask_to_register(self, worker: str) -> None:
-        now = self.clock()
-        if self._asked.allow(worker, now):
-            await self.bus.publish(subjects.SYNC, SyncRequest(worker=worker))
+    async def _reread(self, worker: str) -> bool:
+        """A heartbeat from a worker this snapshot does not hold: its announcement was missed (e.g. while NATS
+        reconnected), or it is not stored yet (the state writer then asks it to register, and its announcement
+        follows). Take its stored inventory, as ``feed.load`` does, at most once every 2 s per worker; True if
+        the snapshot holds it now."""
+        if not self._rereads.allow(worker, self.clock()):
+            return False
+        try:
+            revision, stored = await self.store.stored_inventory(worker)
+        except Exception as exc:  # Redis away: the worker's next periodic registration is announced anyway
+            log.warning("cannot read the stored inventory of %s: %s", worker, exc)
+            return False
+        if stored is None:
+            return False
+        self.feed.on_registered(WorkerRegisteredEvent(worker=stored, revision=revision), self.clock())
+        return worker in self.feed.inventory
 
     @staticmethod
     def _quiet_decode(body: bytes, kind: type[T]) -> T | None:

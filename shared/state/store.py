@@ -370,6 +370,16 @@ class StateStore:
         after this call."""
         return int(await self.r.get(Keys.registered) or 0)
 
+    async def stored_inventory(self, name: str) -> tuple[int, Worker | None]:
+        """``name``'s stored inventory (None: not stored) and a revision it is at least as new as: every inventory
+        stored up to that revision is in it (read first, in the same round trip), as ``registration_revision``
+        is for ``workers()``."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(Keys.registered)
+        pipe.hget(Keys.workers, name)
+        revision, raw = await pipe.execute()
+        return int(revision or 0), (_load(_dec_worker, raw, "worker") if raw else None)
+
     async def held(self, names: Sequence[str]) -> dict[str, Held]:
         """Each stored worker's record and what the ledger holds claimed on its GPUs and RAM (workers not stored
         yet are left out): what a new registration of theirs may not take away."""

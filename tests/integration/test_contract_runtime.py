@@ -11,7 +11,7 @@ import pytest
 from ops.servers import ServerProcess
 from services.scoring.service import ScoringService
 from shared.bus import subjects
-from shared.bus.messages import CordonEvent, SyncRequest
+from shared.bus.messages import CordonEvent, ErrorEvent
 from shared.bus.runtime import Bus
 from shared.settings import Settings
 
@@ -26,7 +26,7 @@ async def test_a_publish_outside_the_contract_is_logged_once_and_declared_ones_a
     try:
         bus = Bus(nc, "scoring", declared=contract.emit_check())
         with caplog.at_level(logging.ERROR, logger="gantry.bus"):
-            await bus.publish(subjects.SYNC, SyncRequest())  # declared by the host for every service
+            await bus.publish(subjects.dead_letter("scoring"), ErrorEvent(service="scoring", subject="x", reason="y"))
             await bus.publish(subjects.EVENT_CORDON, CordonEvent(worker="w1", cordoned=True))  # the reconciler's
             await bus.publish(subjects.EVENT_CORDON, CordonEvent(worker="w1", cordoned=False))
             await nc.flush()

@@ -1,10 +1,14 @@
 """The engine servers of a fleet started with ``--engines``: what each one is given (no secret on its command
 line or in its logs, none of the fleet's own identity in its environment), that a server is taken for its
-instance's only when it says so, and that a drain while an instance starts is never undone by the start."""
+instance's only when it says so, that a drain while an instance starts is never undone by the start, and that a
+server dies with its fleet."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -148,3 +152,48 @@ async def test_a_closing_fleet_cancels_starts_under_way_and_takes_no_new_assignm
     finally:
         await fleet.close()
         await nc.close()
+
+
+FLEET = """
+import asyncio, os
+from services.workers.engines import EngineOptions, EngineSupervisor
+os.register_at_fork(before=lambda: print("fork handler ran", flush=True))
+
+
+async def main() -> None:
+    async def on_exit(instance_id: str, code: int) -> None:
+        pass
+
+    server = await EngineSupervisor(EngineOptions(), on_exit).start("inst-orphan", "m", [])
+    print(server.process.pid, flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_server_is_spawned_without_running_fork_handlers_and_dies_with_a_killed_fleet() -> None:
+    fleet = subprocess.Popen([sys.executable, "-c", FLEET], stdout=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert fleet.stdout is not None
+        first = fleet.stdout.readline()  # once the server answers /health (the fleet's start waits for that)
+        assert first.strip().isdigit(), first  # "fork handler ran" first: the server was forked, handlers and all
+        server = int(first)
+        assert b"services.engine_server" in Path(f"/proc/{server}/cmdline").read_bytes()
+    finally:
+        fleet.kill()
+        fleet.wait(10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(server):
+        time.sleep(0.05)
+    assert not _alive(server), "the server outlived its fleet"
+
+
+def _alive(pid: int) -> bool:
+    """Running, neither gone nor a zombie waiting for its new parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -142,6 +142,31 @@ async def test_a_worker_publishes_its_own_reports(
         await worker.nc.close()
 
 
+@pytest.mark.parametrize("identity", ["filter", "scoring", "cli", "engine_server", "picker", "worker-w1"])
+async def test_no_identity_but_the_state_writer_may_ask_every_worker_to_register(
+    nats_server: ServerProcess, credentials: Credentials, admin: Client, identity: str
+) -> None:
+    asker = await as_identity(nats_server, credentials, identity)
+    assert asker.nc is not None
+    try:
+        assert await received(admin, subjects.SYNC, asker.nc, subjects.SYNC) == []
+        assert asker.violated(subjects.SYNC)
+    finally:
+        await asker.nc.close()
+
+
+async def test_the_state_writer_asks_the_workers_to_register(
+    nats_server: ServerProcess, credentials: Credentials, admin: Client
+) -> None:
+    writer = await as_identity(nats_server, credentials, "reconciler")
+    assert writer.nc is not None
+    try:
+        assert len(await received(admin, subjects.SYNC, writer.nc, subjects.SYNC, expect=1)) == 1
+        assert writer.errors == []
+    finally:
+        await writer.nc.close()
+
+
 async def test_a_worker_cannot_read_another_workers_assignments(
     nats_server: ServerProcess, credentials: Credentials, admin: Client
 ) -> None:

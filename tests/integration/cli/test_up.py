@@ -124,16 +124,19 @@ def test_fresh_beside_a_running_stack_is_refused_and_wipes_nothing(stack: Stack)
 
 def test_down_stops_an_up_running_in_the_background(tmp_path: Path) -> None:
     env = stack_env(tmp_path, free_port(), free_port())
-    # A script's `gantry up &` ignores SIGINT (the shell set it so): down must still stop it.
+    # A script's `gantry up &` ignores SIGINT (the shell set it so): down must still stop it. A shell ignores it and
+    # execs `gantry up` in its place (an ignored signal stays ignored across exec), as such a script does; no
+    # preexec_fn, which would fork this process (threads and fork handlers and all).
     proc = subprocess.Popen(
-        [GANTRY, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        ["sh", "-c", 'trap "" INT; exec "$@"', "sh", GANTRY, "up"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
     )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             if "stops everything" in line:
                 break
+        assert _ignores_sigint(proc.pid)
         down = subprocess.run([GANTRY, "down"], env=env, capture_output=True, text=True, timeout=90)
         assert down.returncode == 0, down.stderr
         assert f"stopped gantry up (pid {proc.pid})" in down.stdout
@@ -142,3 +145,9 @@ def test_down_stops_an_up_running_in_the_background(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def _ignores_sigint(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    ignored = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+    return bool(ignored & (1 << (signal.SIGINT - 1)))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from unittest import mock
 
 import httpx
 import pytest
@@ -63,11 +65,13 @@ def endpoint_file(ports: GatewayPorts) -> dict[str, str]:
 
 
 async def gateway_view(stack: Stack) -> list[EndpointRow]:
-    """One frame of ``gantry gateway`` on the stack's servers, as the CLI identity."""
+    """One frame of ``gantry gateway`` on the stack's servers, as the CLI identity. Its URLs go through the
+    environment, as a user passes them: the CLI refuses a URL holding a secret as a flag's value."""
     settings, creds = stack.launcher.settings, stack.launcher.credentials
     assert creds is not None
     nats_url, redis_url = (creds.url(without_user(u), CLI) for u in (settings.nats_url, settings.redis_url))
-    return await one_frame(nats_url, redis_url, 0.2)
+    with mock.patch.dict(os.environ, {"GANTRY_NATS_URL": nats_url, "GANTRY_REDIS_URL": redis_url}):
+        return await one_frame(None, None, 0.2)
 
 
 async def reports_are_signed_by_their_instance(stack: Stack, ids: set[str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +15,14 @@ import pytest
 
 from ops.servers import free_port
 from services.engine_server import api
-from services.engine_server.server import MAX_HEAD_BYTES, EmbeddedServer, ServerOptions, build, close_stalled
+from services.engine_server.server import (
+    MAX_HEAD_BYTES,
+    EmbeddedServer,
+    NoDelayH11Protocol,
+    ServerOptions,
+    build,
+    close_stalled,
+)
 
 CHAT = "/v1/chat/completions"
 CMPL = "/v1/completions"
@@ -200,17 +208,52 @@ async def test_a_request_that_cannot_be_framed_is_a_json_400_and_the_connection_
     assert json.loads(body)["error"]["code"] == 400
 
 
+@pytest.fixture(params=["httptools", "h11"])
+async def either_parser_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+                               ) -> AsyncIterator[EmbeddedServer]:
+    """``server`` on each HTTP parser: h11 as the server falls back to it when httptools cannot be imported."""
+    if request.param == "h11":
+        monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)  # import raises
+    srv = EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=200, speedup=100.0, access_log=False,
+                                       request_read_timeout_s=0.5))
+    assert srv._server.config.http is not NoDelayH11Protocol or request.param == "h11"
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
 @pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n",
-                                  b"POST /v1/completions HTTP/1.1\r\ncontent-type: application/json\r\n"
+                                  b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                                   b"content-length: 100\r\n\r\n{\"prompt\": "],
                          ids=["nothing", "half a head", "a body shorter than its length"])
 async def test_a_connection_that_does_not_deliver_a_whole_request_in_time_is_closed(
-    server: EmbeddedServer, sent: bytes
+    either_parser_server: EmbeddedServer, sent: bytes
 ) -> None:
-    got, closed = await _talk(server, sent, wait_s=5.0)
+    got, closed = await _talk(either_parser_server, sent, wait_s=5.0)
     assert closed and got == b""
-    async with httpx.AsyncClient(base_url=server.url) as client:  # and the server still serves
+    async with httpx.AsyncClient(base_url=either_parser_server.url) as client:  # and the server still serves
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_connection_whose_request_arrived_whole_is_kept_past_the_read_timeout(
+    either_parser_server: EmbeddedServer
+) -> None:
+    host, port = either_parser_server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for i in range(2):  # the same connection, idle between its requests past the read timeout (0.5 s)
+            if i:
+                await asyncio.sleep(2.0)  # past the timeout and a sweep (once a second), within keep-alive (5 s)
+            writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                          if line.startswith(b"content-length:"))
+            await asyncio.wait_for(reader.readexactly(length), 10)
+    finally:
+        writer.close()
 
 
 def test_only_connections_late_with_their_request_are_closed() -> None:

@@ -221,6 +221,14 @@ def test_the_picker_answers_requests_but_publishes_nothing_else_than_dead_letter
     assert conf.count("allow_responses") == 2  # the picker's and the engines' (snapshot answers)
 
 
+def test_only_the_state_writer_may_ask_the_workers_to_register_again() -> None:
+    # one sync request makes every worker register: the reconciler (which stores registrations) alone may send it
+    askers = {r for r in (*ROLES, "worker-w7") if r != ADMIN and covered(subjects.SYNC, permissions(r).publish)}
+    assert askers == {"reconciler"}
+    assert covered(subjects.SYNC, permissions("workers").subscribe)
+    assert covered(subjects.SYNC, permissions("worker-w7").subscribe)
+
+
 def test_only_the_pickers_ask_for_engine_cache_snapshots_and_only_the_engines_answer_them() -> None:
     snapshot = subjects.engine_kv_snapshot("m-1")
     askers = {r for r in ROLES if r != ADMIN and covered(snapshot, permissions(r).publish)}

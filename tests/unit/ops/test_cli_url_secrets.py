@@ -7,18 +7,30 @@ from __future__ import annotations
 import pytest
 
 from ops.cli.connect import connection_settings
-from ops.cli.main import main, secret_on_command_line
+from ops.cli.errors import CliError
+from ops.cli.main import main, secret_on_command_line, url_flag
 
 SECRET_NATS = "nats://cli:s3cret@127.0.0.1:4222"
 
 REFUSED = [
-    (["models", "--nats-url", SECRET_NATS], "GANTRY_NATS_URL"),  # the read commands' fast path
-    (["gateway", "--redis-url=redis://:s3cret@127.0.0.1:6379/0"], "GANTRY_REDIS_URL"),  # the Typer app
-    (["scale", "m", "2", "--nats-url", "nats://s3cret@127.0.0.1:4222"], "GANTRY_NATS_URL"),  # a NATS token
+    ("fast path", ["models", "--nats-url", SECRET_NATS], "GANTRY_NATS_URL"),
+    ("typer app, inline value", ["gateway", "--redis-url=redis://:s3cret@127.0.0.1:6379/0"], "GANTRY_REDIS_URL"),
+    ("a NATS token", ["scale", "m", "2", "--nats-url", "nats://s3cret@127.0.0.1:4222"], "GANTRY_NATS_URL"),
+    ("no scheme", ["workers", "--nats-url=cli:s3cret@127.0.0.1:4222"], "GANTRY_NATS_URL"),
+    ("secret in the query", ["status", "--redis-url", "redis://127.0.0.1:6379/0?password=s3cret"],
+     "GANTRY_REDIS_URL"),
+    ("second of a repeated option", ["models", "--nats-url", "nats://127.0.0.1:4222", "--nats-url", SECRET_NATS],
+     "GANTRY_NATS_URL"),
+    # click takes this `--` as --model's value, and then --nats-url as an option
+    ("-- as an option's value", ["instances", "--model", "--", f"--nats-url={SECRET_NATS}"], "GANTRY_NATS_URL"),
+    ("after a real --", ["explain", "--", "--nats-url", SECRET_NATS], "GANTRY_NATS_URL"),
+    ("inline after a real --", ["deploy", "--", f"--nats-url={SECRET_NATS}"], "GANTRY_NATS_URL"),
+    ("abbreviation", ["models", "--nats-u", SECRET_NATS], "GANTRY_NATS_URL"),
+    ("abbreviation, inline", ["scale", "m", "2", "--redis=redis://:s3cret@127.0.0.1:6379/0"], "GANTRY_REDIS_URL"),
 ]
 
 
-@pytest.mark.parametrize(("argv", "env"), REFUSED, ids=["fast path", "typer app", "token"])
+@pytest.mark.parametrize(("argv", "env"), [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
 def test_a_url_with_credentials_on_the_command_line_is_refused_in_one_line_naming_its_variable(
         argv: list[str], env: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as refused:
@@ -29,10 +41,35 @@ def test_a_url_with_credentials_on_the_command_line_is_refused_in_one_line_namin
     assert "s3cret" not in err
 
 
-@pytest.mark.parametrize("argv", [["models", "--nats-url", "nats://127.0.0.1:4222"], ["models", "--redis-url="],
-                                  ["explain", "--", "--nats-url", SECRET_NATS], ["models", "--nats-url"]])
-def test_a_url_without_credentials_or_not_an_option_is_left_to_the_command(argv: list[str]) -> None:
+LEFT_TO_THE_COMMAND = [
+    ("no credentials", ["models", "--nats-url", "nats://127.0.0.1:4222"]),
+    ("empty inline value", ["models", "--redis-url="]),
+    ("flag without a value", ["models", "--nats-url"]),
+    ("a prefix of both flags", ["models", "--", SECRET_NATS]),
+    ("another option's value", ["up", "--gpu-type", SECRET_NATS]),
+    ("a positional argument", ["deploy", SECRET_NATS]),
+]
+
+
+@pytest.mark.parametrize("argv", [r[1] for r in LEFT_TO_THE_COMMAND], ids=[r[0] for r in LEFT_TO_THE_COMMAND])
+def test_a_url_without_credentials_or_not_given_to_a_url_option_is_left_to_the_command(argv: list[str]) -> None:
     assert secret_on_command_line(argv) is None
+
+
+@pytest.mark.parametrize(("flag", "meant"), [("--nats-url", "--nats-url"), ("--nats", "--nats-url"),
+                                             ("--n", "--nats-url"), ("--redis-u", "--redis-url"), ("--", None),
+                                             ("--nats-url-x", None), ("-n", None), ("--json", None)])
+def test_a_url_flag_is_named_in_full_or_by_a_prefix_only_it_has(flag: str, meant: str | None) -> None:
+    assert url_flag(flag) == meant
+
+
+@pytest.mark.parametrize(("nats_url", "redis_url"), [(SECRET_NATS, None), (None, "redis://u:s3cret@127.0.0.1/0")])
+def test_a_url_with_credentials_that_reaches_a_command_as_an_option_value_is_refused_there_too(
+        nats_url: str | None, redis_url: str | None) -> None:
+    # the second line of defence: whatever form click took the option in, the value a command gets is checked
+    with pytest.raises(CliError) as refused:
+        connection_settings(nats_url, redis_url)
+    assert refused.value.exit_code == 2 and "s3cret" not in str(refused.value)
 
 
 def test_the_same_url_from_its_variable_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:

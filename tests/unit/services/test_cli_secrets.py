@@ -24,6 +24,12 @@ REFUSING: list[tuple[str, Callable[[list[str]], object], list[str], str]] = [
     ("picker", picker_args, ["--nats-url", SECRET_URL], "GANTRY_NATS_URL"),
     ("feed relay", relay_main, ["--nats-url", SECRET_URL], "GANTRY_FEED_RELAY_NATS_URL"),
     ("fleet", fleet_args, ["--engines", "--engine-nats-url", SECRET_URL], "GANTRY_ENGINE_NATS_URL"),
+    # argparse takes --opt=value and an unambiguous abbreviation too: the check is on the parsed value
+    ("picker, inline", picker_args, [f"--nats-url={SECRET_URL}"], "GANTRY_NATS_URL"),
+    ("picker, abbreviated", picker_args, ["--nats-u", SECRET_URL], "GANTRY_NATS_URL"),
+    ("gateway, abbreviated inline", gateway_args, ["--eds-path", "e.json", "--redis=redis://u:s3cret@h/0"],
+     "GANTRY_REDIS_URL"),
+    ("engine server, abbreviated", engine_args, ["--nats", SECRET_URL], "GANTRY_ENGINE_NATS_URL"),
 ]
 
 
