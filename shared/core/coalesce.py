@@ -22,7 +22,7 @@ class Verdict(enum.Enum):
 
     NOW = "now"  # answer now (and report it with ``answered``)
     LATER = "later"  # answer at ``Decision.at``: a trailing answer is due then (the caller schedules it)
-    JOINED = "joined"  # a trailing answer already scheduled covers it: nothing to do
+    JOINED = "joined"  # a trailing answer scheduled and not due yet covers it: nothing to do
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class AnswerWindow:
 
     Any answer counts, also one sent for another reason (a worker's periodic registration): once sent after a
     request arrived, it satisfies that request, and the trailing answer falls due only if requests came after it.
+    A trailing answer that is due and not reported sent may never go (the caller's send failed, or it skipped it):
+    a request then is decided afresh rather than joining it, so one lost answer cannot swallow every later request.
     """
 
     def __init__(self, every: float) -> None:
@@ -50,7 +52,9 @@ class AnswerWindow:
     def ask(self, now: float) -> Decision:
         """A request arrived at ``now``: when it is to be answered."""
         if self.due_at is not None:
-            return Decision(Verdict.JOINED, self.due_at)
+            if now < self.due_at:
+                return Decision(Verdict.JOINED, self.due_at)
+            return Decision(Verdict.NOW, now)  # the trailing answer is overdue: it went missing, this one goes now
         if self.last is None or now - self.last >= self.every:
             return Decision(Verdict.NOW, now)
         self.due_at = self.last + self.every
