@@ -201,6 +201,10 @@ class PlacementService:
             await listen_reports(nc, subject, on_report, queue)
         # Subscribed before loading: an inventory stored after the load is announced to us. One stored before is
         # loaded; one never stored (the writer was away) is the writer's to ask for (it asks every worker at start).
+        # The flush (a round trip) makes the server hold our subscriptions before we read Redis: nats-py only queues
+        # them, and an announcement the server routes before it holds them reaches no one (a worker stored then
+        # would be missing until its next heartbeat's re-read).
+        await nc.flush()
         await self.feed.load(self.store)
         self.ready.set()
         await self.started()
