@@ -68,6 +68,7 @@ class SnapshotFeed:
         # cannot bring it back), and of the state loaded at start.
         self.revisions: dict[str, int] = {}
         self.loaded_revision = 0
+        self.removals = 0  # workers dropped so far: a read of Redis that a removal overtook may hold a stale one
 
     # -- bootstrap ------------------------------------------------------------------------------------
 
@@ -192,6 +193,7 @@ class SnapshotFeed:
 
     def on_worker_removed(self, name: str) -> None:
         """Drop a worker that left the state (forgotten or removed by an operator) from every view."""
+        self.removals += 1
         self.inventory.pop(name, None)
         self.usage.pop(name, None)
         self._checked.pop(name, None)

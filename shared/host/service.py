@@ -334,12 +334,15 @@ class PlacementService:
         the snapshot holds it now."""
         if not self._rereads.allow(worker, self.clock()):
             return False
+        removals = self.feed.removals
         try:
             revision, stored = await self.store.stored_inventory(worker)
         except Exception as exc:  # Redis away: the worker's next periodic registration is announced anyway
             log.warning("cannot read the stored inventory of %s: %s", worker, exc)
             return False
-        if stored is None:
+        # A removal heard during the read may be this worker's, deleted after we read it (removals carry no
+        # revision): the record is then stale and must not bring it back. The next heartbeat reads again.
+        if stored is None or self.feed.removals != removals:
             return False
         self.feed.on_registered(WorkerRegisteredEvent(worker=stored, revision=revision), self.clock())
         return worker in self.feed.inventory
