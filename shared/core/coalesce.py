@@ -3,8 +3,9 @@
 A request that makes its receiver do a lot of work (every worker re-registering, an engine building its prefix-cache
 snapshot) must not let a flood of such requests multiply that work. ``AnswerWindow`` decides, for one receiver (one
 worker, one engine), when to answer: right away if nothing was answered within the last window (the leading edge,
-so a lone request costs no delay), else once, when the window closes (the trailing edge). Requests arriving while
-that trailing answer is due join it. Every request is thus followed by an answer sent after it arrived, within one
+so a lone request costs no delay), else once, when the window closes (the trailing edge). Requests arriving before
+that trailing answer's time join it (one arriving after it, with the answer not reported sent, is answered at once:
+a lost answer swallows nothing). Every request is thus followed by an answer sent after it arrived, within one
 window: what a requester relies on (a restarted reconciler must hear every worker again, not only those that
 happened to register before it subscribed) still holds, at one answer per window whatever the request rate.
 
