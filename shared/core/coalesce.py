@@ -15,6 +15,7 @@ Pure: the caller passes the time and does the answering.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 
@@ -44,8 +45,8 @@ class AnswerWindow:
     """
 
     def __init__(self, every: float) -> None:
-        if every < 0:
-            raise ValueError(f"a coalescing window is a duration, not {every}")
+        if not 0 <= every < math.inf:  # nan compares false: its due times never come
+            raise ValueError(f"a coalescing window is a finite duration, not {every}")
         self.every = every
         self.last: float | None = None  # when the last answer went out
         self.due_at: float | None = None  # when the trailing answer is due (None: no request waits)
