@@ -270,16 +270,25 @@ class Publisher:
             if decision.at > loop.time():
                 await asyncio.sleep(decision.at - loop.time())
             self._snap_window.answered(loop.time())
-            nc = await self._client()
-            built = self.snapshot_build()  # the cache as of now: every request waiting arrived before
-            for _ in range(min(SNAPSHOT_ANSWERS, len(self._snap_waiting))):
-                reply, nonce = self._snap_waiting.popleft()
-                data = self.snapshot_answer(built, nonce)
-                try:
-                    await nc.publish(reply, data, headers=signed_headers(self.signer, SNAPSHOT, data))
-                except Exception as err:
-                    log.warning("publisher: snapshot answer failed: %s", err)
-                await asyncio.sleep(0)  # a step may run between two answers
+            try:
+                await self._answer_snapshots()
+            except Exception:  # this task also ends run()'s gather: a failed build must not stop metrics and events
+                log.exception("publisher: %d snapshot requests dropped", len(self._snap_waiting))
+                self._snap_waiting.clear()  # the requesters time out and fall back to the KV events
+
+    async def _answer_snapshots(self) -> None:
+        """Answer up to ``SNAPSHOT_ANSWERS`` waiting requests from one build of the cache as of now (every request
+        waiting arrived before it)."""
+        nc = await self._client()
+        built = self.snapshot_build()
+        for _ in range(min(SNAPSHOT_ANSWERS, len(self._snap_waiting))):
+            reply, nonce = self._snap_waiting.popleft()
+            data = self.snapshot_answer(built, nonce)
+            try:
+                await nc.publish(reply, data, headers=signed_headers(self.signer, SNAPSHOT, data))
+            except Exception as err:
+                log.warning("publisher: snapshot answer failed: %s", err)
+            await asyncio.sleep(0)  # a step may run between two answers
 
     async def _snapshot_service(self) -> None:
         """Take requests for this server's prefix-cache snapshot (on its own subject) into the queue, reconnecting

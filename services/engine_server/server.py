@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -439,8 +440,10 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         p.error(str(err))
     if a.speedup <= 0:
         p.error("--speedup must be > 0")
-    if a.kv_link_gbps <= 0 or a.kv_link_latency < 0 or a.lora_load_time < 0 or a.kv_snapshot_window < 0:
-        p.error("--kv-link-gbps must be > 0, --kv-link-latency, --lora-load-time and --kv-snapshot-window >= 0")
+    if a.kv_link_gbps <= 0 or a.kv_link_latency < 0 or a.lora_load_time < 0:
+        p.error("--kv-link-gbps must be > 0, --kv-link-latency and --lora-load-time >= 0")
+    if not 0 <= a.kv_snapshot_window < math.inf:  # nan and inf too: inf answered one request, then none
+        p.error(f"--kv-snapshot-window is a finite duration in seconds, got {a.kv_snapshot_window}")
     loras = tuple(dict.fromkeys(m.split("=", 1)[0] for m in a.lora_modules))
     return ServerOptions(
         host=a.host, port=a.port, model=a.model, served_model_name=a.served_model_name, gpu=a.gpu, tp=a.tp,

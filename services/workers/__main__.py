@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -62,8 +63,8 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
     a = p.parse_args(argv)
     if refused := credentials_on_command_line("--engine-nats-url", a.engine_nats_url, ENGINE_NATS_URL_ENV):
         sys.exit(f"{p.prog}: error: {refused}")
-    if a.sync_window < 0:
-        p.error(f"--sync-window is a duration in seconds, got {a.sync_window}")
+    if not 0 <= a.sync_window < math.inf:  # nan and inf too: a worker would answer one request, then none
+        p.error(f"--sync-window is a finite duration in seconds, got {a.sync_window}")
     if bad := [kv for kv in a.label if "=" not in kv]:
         p.error(f"--label takes key=value, got {bad[0]!r}")
     labels = dict(kv.split("=", 1) for kv in a.label)

@@ -3,8 +3,9 @@
 A request that makes its receiver do a lot of work (every worker re-registering, an engine building its prefix-cache
 snapshot) must not let a flood of such requests multiply that work. ``AnswerWindow`` decides, for one receiver (one
 worker, one engine), when to answer: right away if nothing was answered within the last window (the leading edge,
-so a lone request costs no delay), else once, when the window closes (the trailing edge). Requests arriving while
-that trailing answer is due join it. Every request is thus followed by an answer sent after it arrived, within one
+so a lone request costs no delay), else once, when the window closes (the trailing edge). Requests arriving before
+that trailing answer's time join it (one arriving after it, with the answer not reported sent, is answered at once:
+a lost answer swallows nothing). Every request is thus followed by an answer sent after it arrived, within one
 window: what a requester relies on (a restarted reconciler must hear every worker again, not only those that
 happened to register before it subscribed) still holds, at one answer per window whatever the request rate.
 
@@ -14,6 +15,7 @@ Pure: the caller passes the time and does the answering.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 
@@ -22,7 +24,7 @@ class Verdict(enum.Enum):
 
     NOW = "now"  # answer now (and report it with ``answered``)
     LATER = "later"  # answer at ``Decision.at``: a trailing answer is due then (the caller schedules it)
-    JOINED = "joined"  # a trailing answer already scheduled covers it: nothing to do
+    JOINED = "joined"  # a trailing answer scheduled and not due yet covers it: nothing to do
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,13 @@ class AnswerWindow:
 
     Any answer counts, also one sent for another reason (a worker's periodic registration): once sent after a
     request arrived, it satisfies that request, and the trailing answer falls due only if requests came after it.
+    A trailing answer that is due and not reported sent may never go (the caller's send failed, or it skipped it):
+    a request then is decided afresh rather than joining it, so one lost answer cannot swallow every later request.
     """
 
     def __init__(self, every: float) -> None:
-        if every < 0:
-            raise ValueError(f"a coalescing window is a duration, not {every}")
+        if not 0 <= every < math.inf:  # nan compares false: its due times never come
+            raise ValueError(f"a coalescing window is a finite duration, not {every}")
         self.every = every
         self.last: float | None = None  # when the last answer went out
         self.due_at: float | None = None  # when the trailing answer is due (None: no request waits)
@@ -50,7 +54,9 @@ class AnswerWindow:
     def ask(self, now: float) -> Decision:
         """A request arrived at ``now``: when it is to be answered."""
         if self.due_at is not None:
-            return Decision(Verdict.JOINED, self.due_at)
+            if now < self.due_at:
+                return Decision(Verdict.JOINED, self.due_at)
+            return Decision(Verdict.NOW, now)  # the trailing answer is overdue: it went missing, this one goes now
         if self.last is None or now - self.last >= self.every:
             return Decision(Verdict.NOW, now)
         self.due_at = self.last + self.every

@@ -68,6 +68,8 @@ class SnapshotFeed:
         # cannot bring it back), and of the state loaded at start.
         self.revisions: dict[str, int] = {}
         self.loaded_revision = 0
+        self.removals = 0  # workers dropped so far: a read of Redis that a removal overtook may hold a stale one
+        self._removed_while_loading: set[str] | None = None  # workers dropped while ``load`` reads them
 
     # -- bootstrap ------------------------------------------------------------------------------------
 
@@ -77,8 +79,16 @@ class SnapshotFeed:
         # Read first: every inventory stored up to this revision is in what follows, so announcements up to it
         # are old news, while a newer one (even if it arrived during the load) wins over the loaded record.
         self.loaded_revision = await store.registration_revision()
-        for w in await store.workers():
-            if self.revisions.get(w.name, 0) > self.loaded_revision:
+        # Removals carry no revision: a worker removed while the read below runs may still be in what it returns,
+        # and nothing would drop it again. The names heard removed meanwhile are kept out instead.
+        self._removed_while_loading = set()
+        try:
+            stored = await store.workers()
+            removed = self._removed_while_loading
+        finally:
+            self._removed_while_loading = None
+        for w in stored:
+            if self.revisions.get(w.name, 0) > self.loaded_revision or w.name in removed:
                 continue
             self.inventory[w.name] = w
             self.last_seen[w.name] = w.last_heartbeat
@@ -192,6 +202,9 @@ class SnapshotFeed:
 
     def on_worker_removed(self, name: str) -> None:
         """Drop a worker that left the state (forgotten or removed by an operator) from every view."""
+        self.removals += 1
+        if self._removed_while_loading is not None:
+            self._removed_while_loading.add(name)
         self.inventory.pop(name, None)
         self.usage.pop(name, None)
         self._checked.pop(name, None)

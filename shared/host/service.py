@@ -201,6 +201,10 @@ class PlacementService:
             await listen_reports(nc, subject, on_report, queue)
         # Subscribed before loading: an inventory stored after the load is announced to us. One stored before is
         # loaded; one never stored (the writer was away) is the writer's to ask for (it asks every worker at start).
+        # The flush (a round trip) makes the server hold our subscriptions before we read Redis: nats-py only queues
+        # them, and an announcement the server routes before it holds them reaches no one (a worker stored then
+        # would be missing until its next heartbeat's re-read).
+        await nc.flush()
         await self.feed.load(self.store)
         self.ready.set()
         await self.started()
@@ -330,12 +334,15 @@ class PlacementService:
         the snapshot holds it now."""
         if not self._rereads.allow(worker, self.clock()):
             return False
+        removals = self.feed.removals
         try:
             revision, stored = await self.store.stored_inventory(worker)
         except Exception as exc:  # Redis away: the worker's next periodic registration is announced anyway
             log.warning("cannot read the stored inventory of %s: %s", worker, exc)
             return False
-        if stored is None:
+        # A removal heard during the read may be this worker's, deleted after we read it (removals carry no
+        # revision): the record is then stale and must not bring it back. The next heartbeat reads again.
+        if stored is None or self.feed.removals != removals:
             return False
         self.feed.on_registered(WorkerRegisteredEvent(worker=stored, revision=revision), self.clock())
         return worker in self.feed.inventory

@@ -91,6 +91,16 @@ def test_lora_modules_take_vllm_name_equals_path_form() -> None:
     assert opts.lora_modules == ("a", "b") and opts.max_loras == 2
 
 
+@pytest.mark.parametrize("window", ["nan", "inf", "-1"])
+def test_a_kv_snapshot_window_that_is_not_a_finite_duration_is_refused_in_one_line(
+    window: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--kv-snapshot-window", window])
+    assert refused.value.code == 2
+    assert "--kv-snapshot-window is a finite duration in seconds" in capsys.readouterr().err
+
+
 def test_lora_modules_without_max_loras_is_an_error() -> None:
     from services.engine_server.server import build_engine
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -62,3 +63,16 @@ def test_a_zero_window_answers_every_request() -> None:
 def test_a_negative_window_is_refused() -> None:
     with pytest.raises(ValueError, match="duration"):
         AnswerWindow(-1.0)
+
+
+def test_a_request_after_a_trailing_answer_that_never_went_out_is_answered_at_once() -> None:
+    w = AnswerWindow(2.0)
+    w.answered(10.0)
+    w.ask(10.5)  # a trailing answer falls due at 12.0; the caller never sends it (its send failed, or it skipped it)
+    assert w.ask(13.0) == Decision(Verdict.NOW, 13.0)  # not joined to the lost one, and so never answered
+
+
+@pytest.mark.parametrize("every", [math.nan, math.inf])
+def test_a_window_that_is_not_a_finite_duration_is_refused(every: float) -> None:
+    with pytest.raises(ValueError, match="finite duration"):
+        AnswerWindow(every)

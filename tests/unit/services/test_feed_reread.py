@@ -5,6 +5,7 @@ session's real Redis."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from ops.servers import ServerProcess
 from services.filter.service import FilterService
 from shared.bus import subjects
-from shared.bus.messages import Heartbeat, encode
+from shared.bus.messages import Heartbeat, WorkerRemovedEvent, encode
 from shared.core.placement.domain import GIB, Gpu, GpuUsage, Worker
 from shared.settings import Settings
 
@@ -52,3 +53,15 @@ async def test_a_stored_inventory_older_than_what_the_snapshot_applied_is_ignore
     svc.feed.revisions["w5"] = revision + 1  # an announcement the snapshot applied, then lost the worker again
     await heartbeat(svc, Heartbeat(worker="w5", seq=1))
     assert "w5" not in svc.feed.inventory  # an older record never overwrites a newer announcement
+
+
+async def test_a_worker_removed_while_its_stored_inventory_is_read_stays_out_of_the_snapshot(
+    svc: FilterService,
+) -> None:
+    await svc.store.register_workers([W5], 1.0)  # read as stored: the writer deletes it only after our read
+    [on_removed] = [h for subject, queue, h in svc._listens if subject == subjects.EVENT_WORKER_REMOVED]
+    beat = asyncio.create_task(heartbeat(svc, Heartbeat(worker="w5", seq=1)))
+    await asyncio.sleep(0)  # the handler runs up to its read of Redis and waits for the answer
+    await on_removed(encode(WorkerRemovedEvent(worker="w5")))  # the removal, heard while the read is under way
+    await beat
+    assert "w5" not in svc.feed.inventory and svc.feed.worker("w5") is None  # the stale record does not revive it

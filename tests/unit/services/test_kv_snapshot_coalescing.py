@@ -109,3 +109,31 @@ async def test_every_answer_of_a_build_is_the_json_of_the_snapshot_it_stands_for
     answers = [pub.snapshot_answer(built, nonce) for nonce in nonces]
     assert [decode(a, EngineKVSnapshot) for a in answers] == [pub.kv_snapshot(n) for n in nonces]
     assert SnapshotAnswer.__struct_fields__ == EngineKVSnapshot.__struct_fields__
+
+
+async def test_a_failed_build_drops_its_requests_and_the_engine_answers_the_next_one(
+    publisher: Publisher, nats_server: ServerProcess
+) -> None:
+    real, calls = publisher.snapshot_build, []
+
+    def breaks_once() -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a build that fails")
+        return real()
+
+    publisher.snapshot_build = breaks_once  # type: ignore[method-assign,assignment]
+    nc = await nats.connect(nats_server.url)
+    subject = subjects.engine_kv_snapshot(publisher.instance_id)
+    try:
+        deadline = time.monotonic() + 30  # the first answered request comes after the failed build
+        while True:
+            try:
+                reply = await nc.request(subject, encode(KVSnapshotRequest(nonce="n" * 32)), timeout=2)
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                assert time.monotonic() < deadline, f"no answer after the failed build ({len(calls)} builds)"
+                await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    assert len(calls) >= 2 and decode(reply.data, EngineKVSnapshot).nonce == "n" * 32

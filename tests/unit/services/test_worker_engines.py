@@ -177,3 +177,13 @@ def test_a_label_without_an_equals_sign_is_refused_in_one_line(capsys: pytest.Ca
         parse(["--label", "gpu-pool"])
     assert refused.value.code == 2
     assert "--label takes key=value, got 'gpu-pool'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("window", ["nan", "inf", "-1"])
+def test_a_sync_window_that_is_not_a_finite_duration_is_refused_in_one_line(
+    window: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        parse(["--sync-window", window])
+    assert refused.value.code == 2
+    assert "--sync-window is a finite duration in seconds" in capsys.readouterr().err

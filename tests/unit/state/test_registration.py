@@ -107,3 +107,21 @@ async def test_an_announcement_newer_than_the_load_wins_over_the_loaded_record(s
     f.on_registered(WorkerRegisteredEvent(worker=worker(80), revision=await store.registration_revision() + 1), 1.0)
     await f.load(store)
     assert len(f.inventory["w1"].gpus) == 1
+
+
+async def test_a_worker_removed_while_the_load_reads_the_workers_stays_out_of_the_snapshot(
+    store: StateStore,
+) -> None:
+    await store.register_workers([worker(80, name="w1"), worker(80, name="w2")])
+    f = feed()
+    read = store.workers
+
+    async def overtaken() -> list[Worker]:
+        stale = await read()  # holds w1 still: the writer deletes it right after, then announces the removal
+        f.on_worker_removed("w1")  # heard before the load applies what it read
+        return stale
+
+    store.workers = overtaken  # type: ignore[method-assign]
+    await f.load(store)
+    assert "w1" not in f.inventory and f.snapshot.worker("w1") is None  # removals carry no revision to compare
+    assert "w2" in f.inventory
