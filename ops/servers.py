@@ -15,9 +15,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from ops.config import NATS_CONFIG
+from shared.host.lifetime import dying_with_parent
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -127,10 +128,12 @@ COLOCATED_NATS_CPUS = 1
 def start_nats(
     data_dir: Path, port: int | None = None, timeout: float = 15.0, monitor_port: int | None = None,
     cpus: int | None = None, auth: Credentials | None = None, tls: TlsFiles | None = None,
+    dies_with_parent: bool = False,
 ) -> ServerProcess:
     """Start nats-server with JetStream storing under ``data_dir`` (HTTP monitoring on ``monitor_port``;
     ``cpus``: the Go scheduler's processors, GOMAXPROCS, when NATS shares the machine). With ``auth``, only
-    its identities may connect, each with its own rights (``ops.auth``); the URL returned is the admin's."""
+    its identities may connect, each with its own rights (``ops.auth``); the URL returned is the admin's.
+    ``dies_with_parent``: the server gets SIGTERM when this process dies (``_spawn``)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = data_dir / "nats.log"
@@ -149,9 +152,9 @@ def start_nats(
     ]
     if monitor_port:
         cmd += ["-m", str(monitor_port)]
-    env = {**os.environ, "GOMAXPROCS": str(cpus)} if cpus else None
+    env = {**os.environ, "GOMAXPROCS": str(cpus)} if cpus else dict(os.environ)
     with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        proc = _spawn(cmd, env, out, dies_with_parent)
     wait_for_port(port, proc, timeout, log)
     scheme = "tls" if tls is not None else "nats"
     url = f"{scheme}://127.0.0.1:{port}"
@@ -162,10 +165,11 @@ def start_nats(
 
 def start_redis(
     data_dir: Path, port: int | None = None, password: str | None = None, timeout: float = 15.0,
-    auth: Credentials | None = None,
+    auth: Credentials | None = None, dies_with_parent: bool = False,
 ) -> ServerProcess:
     """Start redis-server with append-only persistence under ``data_dir``. With ``auth``: protected mode,
-    the default user off and one ACL user per identity (``ops.auth``); the URL returned is the admin's."""
+    the default user off and one ACL user per identity (``ops.auth``); the URL returned is the admin's.
+    ``dies_with_parent``: the server gets SIGTERM when this process dies (``_spawn``)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = data_dir / "redis.log"
@@ -186,12 +190,23 @@ def start_redis(
     ]
     if password:
         cmd += ["--requirepass", password]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = _spawn(cmd, dict(os.environ), subprocess.DEVNULL, dies_with_parent)
     wait_for_port(port, proc, timeout, log)
     url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
     if auth is not None:
         url = auth.url(url, "admin")
     return ServerProcess("redis", url, port, proc, log, auth)
+
+
+def _spawn(cmd: list[str], env: dict[str, str], out: IO[bytes] | int, dies_with_parent: bool
+           ) -> subprocess.Popen[bytes]:
+    """A server in a session of its own. ``dies_with_parent`` for ``gantry up``'s servers: its other children die
+    with it (``shared.host.lifetime``), and a launcher killed with SIGKILL must not leave NATS and Redis holding
+    their ports and stores. Off by default: Linux sends the signal when the starting *thread* ends, and a test
+    fixture or a benchmark may start a server from a thread that ends before the server should."""
+    if dies_with_parent:
+        cmd = dying_with_parent(cmd, env)
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60,

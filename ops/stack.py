@@ -389,13 +389,14 @@ class LocalStack:
     def _start_nats(self) -> ServerProcess:
         return start_nats(
             self.home / "nats", port=url_port(self.settings.nats_url, 4222), cpus=COLOCATED_NATS_CPUS,
-            monitor_port=self.nats_monitor_port, auth=self.credentials, tls=self._tls_files,
+            monitor_port=self.nats_monitor_port, auth=self.credentials, tls=self._tls_files, dies_with_parent=True,
         )
 
     def _start_redis(self) -> ServerProcess:
         return start_redis(
             self.home / "redis", port=url_port(self.settings.redis_url, 6379),
             password=None if self.credentials else url_password(self.settings.redis_url), auth=self.credentials,
+            dies_with_parent=True,
         )
 
     def kill_server(self, which: str, sig: int = signal.SIGKILL) -> None:

@@ -309,3 +309,29 @@ def test_provisioning_runs_to_its_end_when_called_from_inside_an_event_loop() ->
     _run_blocking(work("no loop"))
     asyncio.run(from_a_loop())
     assert done == ["no loop", "inside a loop"]
+
+
+SERVERS_LAUNCHER = """
+import sys, time
+from pathlib import Path
+from ops.servers import start_nats, start_redis
+home = Path(sys.argv[1])
+servers = [start_nats(home / "nats", dies_with_parent=True), start_redis(home / "redis", dies_with_parent=True)]
+print(*(s.process.pid for s in servers), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_stacks_nats_and_redis_die_with_a_killed_launcher(tmp_path: Path) -> None:
+    launcher = subprocess.Popen([sys.executable, "-c", SERVERS_LAUNCHER, str(tmp_path)], stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert launcher.stdout is not None
+    pids = [int(p) for p in launcher.stdout.readline().split()]  # each listening: its port answered
+    assert len(pids) == 2 and all(b"pdeathsig_exec" not in _cmdline(p) and _cmdline(p) for p in pids)
+    launcher.kill()
+    launcher.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_cmdline(p) and not _zombie(p) for p in pids):
+        time.sleep(0.05)
+    assert [p for p in pids if _cmdline(p) and not _zombie(p)] == [], "a server outlived its launcher"
