@@ -262,21 +262,32 @@ time.sleep(60)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_child_is_spawned_without_running_fork_handlers_and_dies_with_a_killed_launcher(tmp_path: Path) -> None:
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path)], stdout=subprocess.PIPE,
-                                env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert launcher.stdout is not None
-    first = launcher.stdout.readline()
+    launcher, first = _launch(LAUNCHER, tmp_path)
     assert first.strip().isdigit(), first  # "fork handler ran" first: the child was forked, handlers and all
     sleeper = int(first)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (b"pdeathsig_exec" in _cmdline(sleeper)  # the command, past the wrapper
                                            or b"time.sleep(60)" not in _cmdline(sleeper)):
         time.sleep(0.02)
+    assert _outliving_a_killed(launcher, [sleeper]) == [], "the child outlived its launcher"
+
+
+def _launch(script: str, home: Path) -> tuple[subprocess.Popen[bytes], bytes]:
+    """A launcher running ``script`` on ``home``, and the first line it printed."""
+    launcher = subprocess.Popen([sys.executable, "-c", script, str(home)], stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert launcher.stdout is not None
+    return launcher, launcher.stdout.readline()
+
+
+def _outliving_a_killed(launcher: subprocess.Popen[bytes], pids: list[int]) -> list[int]:
+    """SIGKILL ``launcher``; those of ``pids`` still running (not even a zombie) 20 s later."""
     launcher.kill()
     launcher.wait(10)
-    while time.monotonic() < deadline and _cmdline(sleeper) and not _zombie(sleeper):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_cmdline(p) and not _zombie(p) for p in pids):
         time.sleep(0.05)
-    assert not _cmdline(sleeper) or _zombie(sleeper), "the child outlived its launcher"
+    return [p for p in pids if _cmdline(p) and not _zombie(p)]
 
 
 def _cmdline(pid: int) -> bytes:
@@ -324,14 +335,7 @@ time.sleep(60)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_the_stacks_nats_and_redis_die_with_a_killed_launcher(tmp_path: Path) -> None:
-    launcher = subprocess.Popen([sys.executable, "-c", SERVERS_LAUNCHER, str(tmp_path)], stdout=subprocess.PIPE,
-                                env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert launcher.stdout is not None
-    pids = [int(p) for p in launcher.stdout.readline().split()]  # each listening: its port answered
+    launcher, line = _launch(SERVERS_LAUNCHER, tmp_path)
+    pids = [int(p) for p in line.split()]  # each listening: its port answered
     assert len(pids) == 2 and all(b"pdeathsig_exec" not in _cmdline(p) and _cmdline(p) for p in pids)
-    launcher.kill()
-    launcher.wait(10)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(_cmdline(p) and not _zombie(p) for p in pids):
-        time.sleep(0.05)
-    assert [p for p in pids if _cmdline(p) and not _zombie(p)] == [], "a server outlived its launcher"
+    assert _outliving_a_killed(launcher, pids) == [], "a server outlived its launcher"
