@@ -438,10 +438,10 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
             else None
     except ValueError as err:
         p.error(str(err))
-    if a.speedup <= 0:
-        p.error("--speedup must be > 0")
-    if a.kv_link_gbps <= 0 or a.kv_link_latency < 0 or a.lora_load_time < 0:
-        p.error("--kv-link-gbps must be > 0, --kv-link-latency and --lora-load-time >= 0")
+    if not 0 < a.speedup < math.inf:  # written so that nan fails too (nan <= 0 is False)
+        p.error("--speedup must be > 0 and finite")
+    if not (0 < a.kv_link_gbps < math.inf and 0 <= a.kv_link_latency < math.inf and 0 <= a.lora_load_time < math.inf):
+        p.error("--kv-link-gbps must be > 0, --kv-link-latency and --lora-load-time >= 0, all finite")
     if not 0 <= a.kv_snapshot_window < math.inf:  # nan and inf too: inf answered one request, then none
         p.error(f"--kv-snapshot-window is a finite duration in seconds, got {a.kv_snapshot_window}")
     loras = tuple(dict.fromkeys(m.split("=", 1)[0] for m in a.lora_modules))

@@ -256,3 +256,15 @@ async def test_valid_generation_requests_answer_alike_by_the_short_way_and_throu
     else:
         assert a.keys() == b.keys() and a["usage"] == b["usage"] and a["model"] == b["model"] == "m"
         assert a["choices"][0]["finish_reason"] == b["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("flag", ["--speedup", "--kv-link-gbps", "--kv-link-latency", "--lora-load-time"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_rate_or_duration_that_is_not_finite_and_in_range_is_refused_in_one_line(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        parse_args([flag, value])
+    assert refused.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage, then the error line
+    assert flag in last and "must be" in last and "finite" in last
