@@ -70,7 +70,8 @@ class _EngineIntake(asyncio.Protocol):
     (:data:`TRANSPORT_KEY`), so token streams write their chunks directly, one write per stream per engine step;
     and ``reading_since``, the monotonic time a request (or a new connection's first) began arriving, None while
     none is outstanding: :class:`QuietServer` closes a connection whose request is not whole within
-    ``REQUEST_READ_TIMEOUT_S`` of it (``close_stalled``). Each protocol says when a request begins and ends."""
+    ``REQUEST_READ_TIMEOUT_S`` of it (``close_stalled``; time the server itself paused reading, by flow control,
+    does not count). Each protocol says when a request begins and ends."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -166,17 +167,26 @@ def _http_protocol() -> type[asyncio.Protocol]:
     return NoDelayHttpToolsProtocol
 
 
-def close_stalled(connections: Iterable[object], now: float, timeout_s: float) -> int:
+def close_stalled(connections: Iterable[Any], now: float, timeout_s: float) -> int:
     """Close the connections that began a request (or connected) more than ``timeout_s`` before ``now`` and
-    have not delivered it whole; returns how many."""
+    have not delivered it whole; returns how many.
+
+    Only the client's delay counts: while the server itself has paused reading a connection (uvicorn's flow
+    control, once more than 64 KiB of body waits for an app that has not taken it in, or a pipelined request
+    waits for the answer before it), the client cannot send, so its clock restarts at each sweep until reading
+    resumes (an honest client sending a large body to a slow app was cut off)."""
     closed = 0
     for conn in connections:
-        since = getattr(conn, "reading_since", None)
-        if since is not None and now - since > timeout_s:
-            transport = getattr(conn, "transport", None)
-            if transport is not None and not transport.is_closing():
-                transport.close()
-                closed += 1
+        if getattr(conn, "reading_since", None) is None:
+            continue
+        transport = getattr(conn, "transport", None)
+        if transport is None or transport.is_closing():
+            continue
+        if not transport.is_reading():
+            conn.reading_since = now
+        elif now - conn.reading_since > timeout_s:
+            transport.close()
+            closed += 1
     return closed
 
 
