@@ -3,7 +3,8 @@
 
 The step loop only queues KV batches (:meth:`Publisher.take_kv_events` runs after each step); a task sends
 them, numbered, so the loop never waits on NATS. While NATS is unreachable, at most ``MAX_KV_BACKLOG``
-batches wait; older ones are dropped and the numbering shows the gap to consumers.
+batches wait; older ones are dropped and the numbering shows the gap to consumers (``kv_dropped`` counts them,
+``/metrics`` shows it).
 
 A picker that first sees this server asks for a snapshot of its prefix cache (``subjects.engine_kv_snapshot``):
 the answer, signed like every report, holds the cached block hashes and the number of the first KV message it
@@ -151,6 +152,9 @@ class Publisher:
             self.kv.popleft()
             self.kv_dropped += 1
             self.kv_seq += 1  # the dropped batch keeps its number: consumers see the gap
+            if self.kv_dropped & (self.kv_dropped - 1) == 0:  # the 1st, 2nd, 4th...: not a line a step
+                log.warning("publisher: %d KV event batches dropped (more than %d waiting for NATS)", self.kv_dropped,
+                            MAX_KV_BACKLOG)
         self.kv.append(batch)
         self._kv_ready.set()
 
