@@ -135,6 +135,7 @@ class Publisher:
         self.kv_dropped = 0
         self._kv_ready = asyncio.Event()
         self._nc: NatsClient | None = None
+        self._connecting = asyncio.Lock()
         # takes the engine's KV events not yet queued (those of a step whose tokens have not gone out) into the
         # queue: a snapshot is of the cache as it is, so its numbering must count them
         self.flush_kv: Callable[[], None] = lambda: None
@@ -172,6 +173,16 @@ class Publisher:
                     await self._nc.drain()
 
     async def _client(self) -> NatsClient:
+        nc = self._nc
+        if nc is not None and nc.is_connected:
+            return nc
+        # one connection for every task: NATS lets the engine identity answer a snapshot request only on the
+        # connection it arrived on, and tasks that each opened one when none was up answered on another (refused:
+        # the picker never warmed up) and left the others open
+        async with self._connecting:
+            return await self._connect()
+
+    async def _connect(self) -> NatsClient:
         while self._nc is None or not self._nc.is_connected:
             if self._nc is not None and self._nc.is_reconnecting:
                 await asyncio.sleep(0.1)
