@@ -209,7 +209,8 @@ class Gateway:
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)
         self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer(), capture=self.capture)
-        self.authz = AuthzPicker(self.picker) if opts.transport is PickerTransport.EXT_AUTHZ else None
+        self.authz = (AuthzPicker(self.picker, Connections(opts.idle_timeout_s, opts.max_connections))
+                      if opts.transport is PickerTransport.EXT_AUTHZ else None)
         self._eds_version = 0
         self.bus: Bus | None = None
         self.relay: FeedRelay | None = None  # the engine feed's child process, when feed_window_s is set
@@ -359,7 +360,8 @@ class Gateway:
     async def _serve_http(self, authz: AuthzPicker, stack: contextlib.AsyncExitStack) -> None:
         """The ext_authz checks' HTTP listener, on a unix socket unless a TCP port was asked for."""
         loop = asyncio.get_running_loop()
-        conns = Connections(self.opts.idle_timeout_s, self.opts.max_connections)
+        conns = authz.connections
+        assert conns is not None  # made with the AuthzPicker
         _background(stack, conns.sweep_forever())
 
         def protocol() -> OneByOne:
