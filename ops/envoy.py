@@ -40,7 +40,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
+from ops.servers import ServerProcess, ServerStartError, wait_for_port
 from services.gateway.listen import ListenError, free_socket_path
 from services.gateway.protocol import (
     CHECK_PREFIX,
@@ -557,7 +557,7 @@ def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> Server
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
     log = workdir / "envoy.log"
     args = [str(envoy_binary()), "-c", str(cfg), "--log-level", "warn", "--concurrency", "1",
-            "--base-id", str(free_port())]  # distinct shared-memory id: several Envoys on one host
+            "--disable-hot-restart"]  # no shared memory: several Envoys on one host cannot clash over its id
     with log.open("wb") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT)
     wait_for_port(o.listen_port, proc, timeout, log)
@@ -643,9 +643,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = workdir / "envoy.json"
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
     binary = str(envoy_binary())
-    # the listen port as Envoy's shared-memory id: Envoys on one host never clash (it is unique per host)
-    os.execv(binary, [binary, "-c", str(cfg), "--log-level", "warn", "--concurrency", "1", "--base-id",
-                      str(o.listen_port)])
+    # Gantry never hot-restarts Envoy (a new config is a new process), so no shared memory: several Envoys on one
+    # host cannot clash over its id (a free port picked as the id could be picked twice when Envoys start together)
+    os.execv(binary, [binary, "-c", str(cfg), "--log-level", "warn", "--concurrency", "1", "--disable-hot-restart"])
 
 
 if __name__ == "__main__":
