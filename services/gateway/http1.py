@@ -128,6 +128,7 @@ class Connections:
                 conn.seen, conn.quiet_since = False, now
             elif not conn.busy and not conn.buf and now - conn.quiet_since >= self.idle_timeout_s:
                 conn.close()
+                self.open.discard(conn)  # closed now (its descriptor freed): the next sweep must not count it again
                 closed += 1
         if closed:
             self.idle_closed += closed
@@ -157,6 +158,7 @@ class OneByOne(asyncio.Protocol):
         self.busy = False  # an answer is being awaited
         self.paused = False  # reading stopped: a client pipelining behind an awaited answer has sent a full request
         self.transport: asyncio.Transport | None = None
+        self.closing: asyncio.Transport | None = None  # closed by ``_close``, maybe still flushing answers
         self.conns = conns
         self.seen = True  # activity since the last idle sweep (read by ``Connections.sweep``)
         self.quiet_since = 0.0  # the sweep that last found it active
@@ -174,8 +176,12 @@ class OneByOne(asyncio.Protocol):
             self.conns.open.discard(self)
 
     def close(self) -> None:
-        """Close the connection (``Connections``: it was idle too long)."""
+        """Close the connection now (``Connections``: it was idle too long), answers the peer has not read
+        dropped: a peer that read nothing for that long is not reading, and a close that waited to flush them
+        would hold the descriptor (and its place under the cap) for as long as the peer keeps its end open."""
         self._close()
+        if self.closing is not None:
+            self.closing.abort()
 
     def data_received(self, data: bytes) -> None:
         self.seen = True
@@ -263,5 +269,6 @@ class OneByOne(asyncio.Protocol):
         self.buf = bytearray()
         self._unwatch()
         if self.transport is not None:
+            self.closing = self.transport
             self.transport.close()
             self.transport = None

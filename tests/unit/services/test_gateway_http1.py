@@ -5,6 +5,7 @@ answer) closes that connection and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -419,3 +420,21 @@ async def test_past_the_cap_a_new_connection_is_closed_at_once_and_the_open_ones
         for _, writer in (second, again):
             writer.close()
         extra_writer.close()
+
+
+async def test_an_idle_connection_that_never_reads_its_answers_is_closed_once_and_frees_its_place() -> None:
+    conns = Connections(idle_timeout_s=10.0, max_connections=8)
+    big = response(200, b"x" * (1 << 20))
+    async with bounded(lambda _head, _body: big, conns) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window the kernel does not grow
+        sock.connect(("127.0.0.1", port))
+        _reader, writer = await asyncio.open_connection(sock=sock)  # never read: the answers stay unsent
+        writer.write(CHECK * 16)  # 16 MiB of answers: more than the sockets' buffers take
+        await _until(lambda: len(conns.open) == 1 and not next(iter(conns.open)).buf)
+        now = time.monotonic()
+        for later in (0, 10, 20, 30):  # idle from the first sweep on; closed at the second
+            conns.sweep(now + later)
+        await _until(lambda: not conns.open)  # its descriptor is not held waiting for a reader that never comes
+        writer.close()
+    assert conns.idle_closed == 1
