@@ -480,11 +480,17 @@ class SnapshotFetcher:
         self.feed = feed
         self.bus: Bus | None = None
         self._tasks: dict[str, asyncio.Task[Fetched]] = {}
+        # wanted again while a fetch was under way (its engine lost events meanwhile): the answer under way may be
+        # older than that loss, and then is not applied, so one more fetch follows it
+        self._again: set[str] = set()
         feed.want_snapshot = self.want
 
     def want(self, instance_id: str) -> None:
-        """Fetch ``instance_id``'s snapshot unless a fetch of it is under way (called on the event loop)."""
-        if self.bus is None or instance_id in self._tasks:
+        """Fetch ``instance_id``'s snapshot, or once more after the fetch of it under way (called on the event loop)."""
+        if self.bus is None:
+            return
+        if instance_id in self._tasks:
+            self._again.add(instance_id)
             return
         task = asyncio.get_running_loop().create_task(fetch_snapshot_until_answered(self.feed, self.bus, instance_id))
         self._tasks[instance_id] = task
@@ -492,11 +498,18 @@ class SnapshotFetcher:
 
     def _done(self, instance_id: str, task: asyncio.Task[Fetched]) -> None:
         self._tasks.pop(instance_id, None)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            self._again.discard(instance_id)
+            return
+        if task.exception() is not None:
             log.warning("prefix-cache snapshot of %s not applied: %r", instance_id, task.exception())
+        if instance_id in self._again:
+            self._again.discard(instance_id)
+            self.want(instance_id)
 
     async def close(self) -> None:
-        """Cancel the fetches under way."""
+        """Cancel the fetches under way (and start no more)."""
+        self.bus = None
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

@@ -5,6 +5,7 @@ or answering another request, is refused."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from shared.host.engine_feed import (
     SNAPSHOT_CHUNK,
     EngineFeed,
     Fetched,
+    SnapshotFetcher,
     apply_snapshot,
     fetch_snapshot,
     fetch_snapshot_until_answered,
@@ -236,3 +238,37 @@ def test_the_largest_snapshot_fits_in_one_nats_message_and_a_larger_one_is_refus
     raw["block_hashes"].append(1)
     with pytest.raises(MessageError):
         decode(msgspec.json.encode(raw), EngineKVSnapshot)
+
+
+class HeldBus(RecordingBus):
+    """An engine answering its ``n``-th ask with ``answers[n]`` (next_seq, hashes), the first answer held until
+    ``release`` is set."""
+
+    def __init__(self, answers: list[tuple[int, list[int]]]) -> None:
+        super().__init__()
+        self.answers, self.asked, self.release = answers, 0, asyncio.Event()
+
+    async def request(self, subject: str, msg: msgspec.Struct, timeout_s: float) -> Reply:  # type: ignore[override]
+        self.asked += 1
+        next_seq, hashes = self.answers[self.asked - 1]
+        if self.asked == 1:
+            await self.release.wait()
+        nonce = decode(encode(msg), KVSnapshotRequest).nonce
+        return Reply(encode(snapshot(next_seq, hashes, nonce=nonce)), None)
+
+
+async def test_an_engine_that_lost_events_while_its_snapshot_was_asked_for_is_asked_again_after() -> None:
+    feed = await joined(feed_with(None))
+    fetcher = SnapshotFetcher(feed)
+    fetcher.bus = bus = HeldBus([(3, [1]), (10, [1, 2])])
+    fetcher.want("e1")
+    await asyncio.sleep(0)  # the first ask is under way
+    feed.on_kv(stored(3, 7))
+    feed.on_kv(stored(9, 2))  # 4 to 8 lost: the index is cleared and the snapshot wanted again
+    bus.release.set()  # the first answer, as of event 3, is older than event 9: not applied
+    deadline = time.monotonic() + 10
+    while not holds(feed, 1):
+        assert time.monotonic() < deadline, f"not asked again ({bus.asked} asks)"
+        await asyncio.sleep(0.01)
+    assert bus.asked == 2 and holds(feed, 2)
+    await fetcher.close()
