@@ -178,7 +178,8 @@ def health_handler() -> grpc.GenericRpcHandler:
 
 def grpc_options(idle_timeout_s: float, max_connections: int) -> list[tuple[str, int]]:
     """The gRPC listener's bounds, as the HTTP one's: a connection with no call open for ``idle_timeout_s`` is
-    closed (GOAWAY: a call racing it is refused, never half-run, and Envoy retries it), one that never
+    closed (GOAWAY: a call racing it is refused, never half-run; Envoy does not retry a refused ext_proc stream,
+    so its own idle timeout closes its connections first, ``protocol.envoy_idle_timeout_s``), one that never
     completes the HTTP/2 handshake too, and past ``max_connections`` a new one is closed at once. A long-lived
     call (Envoy's access-log stream, an ext_proc stream) keeps its connection: it is not idle."""
     idle_ms = max(1, round(idle_timeout_s * 1000))
