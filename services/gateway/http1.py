@@ -157,6 +157,7 @@ class OneByOne(asyncio.Protocol):
         self.buf = bytearray()
         self.busy = False  # an answer is being awaited
         self.paused = False  # reading stopped: a client pipelining behind an awaited answer has sent a full request
+        self.unread = False  # the peer is not reading its answers (past the transport's high-water mark)
         self.transport: asyncio.Transport | None = None
         self.closing: asyncio.Transport | None = None  # closed by ``_close``, maybe still flushing answers
         self.conns = conns
@@ -182,6 +183,27 @@ class OneByOne(asyncio.Protocol):
         self._close()
         if self.closing is not None:
             self.closing.abort()
+
+    def pause_writing(self) -> None:
+        """The peer is not reading its answers: answer no more of its requests and stop reading them (TCP
+        pushes back on it) instead of buffering answers without bound; a request left whole in the buffer
+        meanwhile is on the read timeout's clock (the peer's delay)."""
+        self.unread = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """The peer read its answers: answer what it sent meanwhile, and read on."""
+        self.unread = False
+        if self.transport is None:
+            return
+        if not self.paused:
+            self.transport.resume_reading()
+        self._next()
+        if self.buf:
+            self._watch()
+        elif self.stall is not None:
+            self._unwatch()
 
     def data_received(self, data: bytes) -> None:
         self.seen = True
@@ -217,7 +239,7 @@ class OneByOne(asyncio.Protocol):
             self._close()
 
     def _next(self) -> None:
-        while not self.busy and self.transport is not None:
+        while not self.busy and not self.unread and self.transport is not None:
             end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
             if end < 0:
                 if len(self.buf) > MAX_HEAD_BYTES:  # no end of head in sight: not a request this reads
@@ -258,7 +280,8 @@ class OneByOne(asyncio.Protocol):
             self.transport.write(fut.result())
             if self.paused:
                 self.paused = False
-                self.transport.resume_reading()
+                if not self.unread:
+                    self.transport.resume_reading()
             self._next()
             if self.buf:
                 self._watch()

@@ -424,13 +424,13 @@ async def test_past_the_cap_a_new_connection_is_closed_at_once_and_the_open_ones
 
 async def test_an_idle_connection_that_never_reads_its_answers_is_closed_once_and_frees_its_place() -> None:
     conns = Connections(idle_timeout_s=10.0, max_connections=8)
-    big = response(200, b"x" * (1 << 20))
+    big = response(200, b"x" * (16 << 20))  # more than the sockets' buffers take
     async with bounded(lambda _head, _body: big, conns) as port:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window the kernel does not grow
         sock.connect(("127.0.0.1", port))
         _reader, writer = await asyncio.open_connection(sock=sock)  # never read: the answers stay unsent
-        writer.write(CHECK * 16)  # 16 MiB of answers: more than the sockets' buffers take
+        writer.write(CHECK)
         await _until(lambda: len(conns.open) == 1 and not next(iter(conns.open)).buf)
         now = time.monotonic()
         for later in (0, 10, 20, 30):  # idle from the first sweep on; closed at the second
@@ -438,3 +438,31 @@ async def test_an_idle_connection_that_never_reads_its_answers_is_closed_once_an
         await _until(lambda: not conns.open)  # its descriptor is not held waiting for a reader that never comes
         writer.close()
     assert conns.idle_closed == 1
+
+
+async def test_a_client_that_does_not_read_its_answers_is_held_back_not_buffered_and_loses_nothing() -> None:
+    conns: list[OneByOne] = []
+    big = response(200, b"x" * (64 << 10))
+
+    def protocol() -> OneByOne:
+        conns.append(OneByOne(lambda _head, _body: big))
+        return conns[-1]
+
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    async with server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window the kernel does not grow
+        sock.connect(server.sockets[0].getsockname())
+        reader, writer = await asyncio.open_connection(sock=sock)
+        many = 200  # 12.5 MiB of answers asked for in 3.6 KiB of requests, none of them read yet
+        writer.write(b"GET /x HTTP/1.1\r\n\r\n" * many)
+        await _until(lambda: bool(conns) and conns[0].transport is not None and not conns[0].transport.is_reading())
+        transport = conns[0].transport
+        assert transport is not None and transport.get_write_buffer_size() < 1 << 20  # a few answers, not 12 MiB
+        got = b""
+        while len(got) < many * len(big):
+            chunk = await asyncio.wait_for(reader.read(1 << 16), 10)
+            assert chunk
+            got += chunk
+        writer.close()
+    assert got == big * many
