@@ -154,6 +154,28 @@ class PublisherCollector(Collector):
                    "what was cached before them (or lost in a gap).", p.snapshot_dropped, lab)
 
 
+class ZmqOverflowCount(Protocol):
+    """What :class:`ZmqPublisherCollector` reads: how often a ZMQ subscriber's queue was full."""
+
+    overflows: int
+
+
+class ZmqPublisherCollector(Collector):
+    """The ZMQ publisher's overflows on every scrape (it increments one integer, on a failed send only)."""
+
+    def __init__(self, publisher: ZmqOverflowCount, model_name: str) -> None:
+        self.publisher = publisher
+        self.labels = {"model_name": model_name, "engine": "0"}
+
+    def collect(self) -> Iterator[Metric]:
+        """The overflow counter."""
+        yield _one(CounterMetricFamily, "gantry:engine_zmq_kv_subscriber_overflows",
+                   "Times a --kv-events-zmq subscriber's queue (high-water mark) was full when a KV-event batch was "
+                   "sent: it missed that batch and the next ones until it caught up. Non-zero: a ZMQ consumer read "
+                   "too slowly and saw gaps in the sequence frame; this server keeps no replay buffer, so its index "
+                   "of this engine's prefix cache lacks those events.", self.publisher.overflows, self.labels)
+
+
 def registry_for(collector: EngineCollector, *more: Collector) -> CollectorRegistry:
     """A registry of its own per server (several embedded servers may share a process)."""
     reg = CollectorRegistry(auto_describe=False)

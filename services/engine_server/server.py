@@ -20,12 +20,13 @@ from typing import Any
 import h11
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client.registry import Collector
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.engine_server.access_log import log_config
 from services.engine_server.api import ServerInfo, create_app, error_body
-from services.engine_server.prometheus import PublisherCollector
+from services.engine_server.prometheus import PublisherCollector, ZmqPublisherCollector
 from services.engine_server.publisher import SNAPSHOT_WINDOW_S, Publisher
 from services.engine_server.runner import EngineRunner
 from services.engine_server.sse import TRANSPORT_KEY
@@ -281,11 +282,13 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
                       vocab_size=arch.vocab_size)
     pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s,
                     report_key=opts.report_key, snapshot_window_s=opts.kv_snapshot_window_s) if opts.nats_url else None
-    # what the publisher drops shows on /metrics: an operator whose router's prefix index drifts can see why
-    app = create_app(runner, TextModel(opts.mean_output_len), info,
-                     [PublisherCollector(pub, name)] if pub is not None else [])
-    app.state.publisher = pub
     zmq_pub = ZmqKVPublisher(opts.kv_events_zmq, opts.kv_events_topic) if opts.kv_events_zmq else None
+    # what the publishers drop shows on /metrics: an operator whose router's prefix index drifts can see why
+    collectors: list[Collector] = [PublisherCollector(pub, name)] if pub is not None else []
+    if zmq_pub is not None:
+        collectors.append(ZmqPublisherCollector(zmq_pub, name))
+    app = create_app(runner, TextModel(opts.mean_output_len), info, collectors)
+    app.state.publisher, app.state.zmq_publisher = pub, zmq_pub
     kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
     if zmq_pub is not None:
         kv_sinks.append(zmq_pub.publish)
