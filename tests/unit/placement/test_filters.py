@@ -111,9 +111,9 @@ def test_malformed_gpu_ids_are_reported_not_fatal(exhaustive: bool) -> None:
 def test_the_most_gpu_ids_a_spec_may_hold_are_filtered_in_linear_time() -> None:
     ids = tuple(f"w{n // 8}:{n % 8}" for n in range(MAX_LIST))  # a pairwise duplicate check took 1.2 s of CPU
     model = ModelSpec(name="m", gpu_selector=GpuSelector(gpu_ids=(*ids, *ids)[:MAX_LIST]))
-    started = time.process_time()
+    started = time.thread_time()  # this thread only: threads other tests left running must not count
     result = run_filters(snapshot(worker("w0"), worker("w1")), model, NOW)
-    assert time.process_time() - started < 0.3
+    assert time.thread_time() - started < 0.3
     assert result.survivors == ("w0", "w1")
 
 
