@@ -40,7 +40,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ops.servers import ServerProcess, ServerStartError, free_port, wait_for_port
+from ops.servers import ServerProcess, ServerStartError, wait_for_port
 from services.gateway.listen import ListenError, free_socket_path
 from services.gateway.protocol import (
     CHECK_PREFIX,
@@ -51,6 +51,7 @@ from services.gateway.protocol import (
     HTTP_SOCKET,
     MODELS_PATH,
     PICK_ID_HEADER,
+    PICKER_IDLE_TIMEOUT_S,
     PRIORITY_HEADER,
     RELAYED_5XX,
     REQUEST_ID_HEADER,
@@ -58,6 +59,7 @@ from services.gateway.protocol import (
     STREAMED_RESPONSE_MODE,
     PickerTransport,
     authz_status,
+    envoy_idle_timeout_s,
     processing_mode,
 )
 
@@ -111,6 +113,10 @@ class EnvoyOptions:
     # request then failed: reset after it was sent, which is never retried)
     upstream_idle_timeout_s: float = 3.0
     epp_timeout_s: float = 5.0  # one ext_proc message
+    # the pickers' --idle-timeout-s: Envoy closes an idle connection to a picker after envoy_idle_timeout_s of it,
+    # first, so no check is written onto a connection the picker is closing (health checks, every
+    # epp_health_interval_s, keep theirs busy)
+    picker_idle_timeout_s: float = PICKER_IDLE_TIMEOUT_S
     retries: int = 2  # further entries of the fallback list
     epp_health_interval_s: float = 0.25  # active health check of each picker replica
     epp_health_timeout_s: float = 1.0  # a replica this slow to answer its health check counts as down
@@ -431,11 +437,8 @@ def _grpc_access_logs(o: EnvoyOptions) -> list[dict[str, Any]]:
 def _als_clusters(o: EnvoyOptions) -> list[dict[str, Any]]:
     if not (o.ext_proc and o.transport is PickerTransport.EXT_AUTHZ):
         return []
-    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}}}}
     return [{"name": _als_cluster(i), "type": "STATIC", "connect_timeout": "0.25s",
-             "typed_extension_protocol_options": h2,
+             "typed_extension_protocol_options": _picker_protocol(o, {"http2_protocol_options": {}}),
              "load_assignment": {"cluster_name": _als_cluster(i), "endpoints": [{"lb_endpoints": [
                  {"endpoint": {"address": _address(o, target)}}]}]}}
             for i, target in enumerate(o.als_ports)]
@@ -451,14 +454,20 @@ def _access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
     return logs
 
 
+def _picker_protocol(o: EnvoyOptions, http: dict[str, Any]) -> dict[str, Any]:
+    """A picker cluster's protocol (``http``), its idle connections closed before the picker would close them."""
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "common_http_protocol_options": {"idle_timeout": f"{envoy_idle_timeout_s(o.picker_idle_timeout_s)}s"},
+        "explicit_http_config": http}}
+
+
 def _epp_cluster(o: EnvoyOptions) -> dict[str, Any]:
     """The picker replicas: gRPC health-checked, ejected on a refused connection, round robin."""
     # gRPC (ext_proc) needs HTTP/2; the ext_authz picker speaks HTTP/1.1 over kept-alive connections
     http: dict[str, Any] = {"http2_protocol_options": {}} if o.transport is PickerTransport.EXT_PROC else {
         "http_protocol_options": {}}
-    protocol = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": http}}
+    protocol = _picker_protocol(o, http)
     check: dict[str, Any] = ({"grpc_health_check": {}} if o.transport is PickerTransport.EXT_PROC
                              else {"http_health_check": {"path": HEALTH_PATH}})
     pickers = [{"endpoint": {"address": _address(o, target)}} for target in o.epp_ports]
@@ -548,7 +557,7 @@ def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> Server
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
     log = workdir / "envoy.log"
     args = [str(envoy_binary()), "-c", str(cfg), "--log-level", "warn", "--concurrency", "1",
-            "--base-id", str(free_port())]  # distinct shared-memory id: several Envoys on one host
+            "--disable-hot-restart"]  # no shared memory: several Envoys on one host cannot clash over its id
     with log.open("wb") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT)
     wait_for_port(o.listen_port, proc, timeout, log)
@@ -598,7 +607,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
     p.add_argument("--failure-mode", choices=[m.value for m in FailureMode], default=FailureMode.FAIL_CLOSE.value,
                    help="no picker answers: FailClose refuses the request, FailOpen sends it to a server of its "
                         "model chosen by Envoy (GIE endpointPickerRef.failureMode)")
+    p.add_argument("--picker-idle-timeout-s", type=float, default=PICKER_IDLE_TIMEOUT_S,
+                   help="the pickers' --idle-timeout-s: Envoy closes an idle connection to them after half of it")
     a = p.parse_args(argv)
+    if not (a.picker_idle_timeout_s > 0 and a.picker_idle_timeout_s != float("inf")):
+        p.error("--picker-idle-timeout-s must be > 0 and finite")
     transport = PickerTransport(a.transport)
     if a.epp_port and a.socket_dir:
         p.error("--socket-dir (unix sockets) and --epp-port (TCP) exclude each other")
@@ -616,7 +629,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
     o = EnvoyOptions(listen_port=a.listen_port, listen_host=a.listen_host, admin_port=admin, epp_port=epp,
                      als_port=als,
                      eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
-                     access_log=(a.workdir / "access.log").resolve(), transport=transport)
+                     access_log=(a.workdir / "access.log").resolve(), transport=transport,
+                     picker_idle_timeout_s=a.picker_idle_timeout_s)
     return o, a.workdir
 
 
@@ -629,9 +643,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = workdir / "envoy.json"
     cfg.write_text(json.dumps(envoy_config(o), indent=1))
     binary = str(envoy_binary())
-    # the listen port as Envoy's shared-memory id: Envoys on one host never clash (it is unique per host)
-    os.execv(binary, [binary, "-c", str(cfg), "--log-level", "warn", "--concurrency", "1", "--base-id",
-                      str(o.listen_port)])
+    # Gantry never hot-restarts Envoy (a new config is a new process), so no shared memory: several Envoys on one
+    # host cannot clash over its id (a free port picked as the id could be picked twice when Envoys start together)
+    os.execv(binary, [binary, "-c", str(cfg), "--log-level", "warn", "--concurrency", "1", "--disable-hot-restart"])
 
 
 if __name__ == "__main__":

@@ -7,16 +7,19 @@ from __future__ import annotations
 # sequence) would break the one-line error or drive the user's terminal; format characters (Cf: bidi overrides
 # and isolates, zero-width spaces and joiners, the BOM, invisible tag characters) and the line and paragraph
 # separators (Zl, Zp) make a printed name read differently from what it is ("Trojan Source"). A lone surrogate
-# (Cs) is an undecodable byte of a file name or argument. Everything else, accents, CJK and emoji included,
-# stays as it is.
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# (Cs) is an undecodable byte of a file name or argument. Private-use (Co) and unassigned (Cn) code points have no
+# meaning of their own: a terminal font may draw them as anything (icon fonts map letters there), and an unassigned
+# one may be a format character in a newer Unicode than this Python's. Everything else, accents, CJK and emoji
+# included, stays as it is.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"})
 
 
 def escaped(text: str) -> str:
-    """``text`` with every control, format, separator or surrogate character written as Python writes it in a
-    string literal (``\\n``, ``\\x1b``, ``\\u202e``, ``\\U000e0041``): one visible line, and nothing in it acts on
-    the terminal or hides what a name holds. Every error line the CLI prints passes through here."""
-    if text.isprintable():  # the usual message: no Cc/Cf/Cs/Zl/Zp in it (str.isprintable excludes all of them)
+    """``text`` with every control, format, separator, surrogate, private-use or unassigned character written as
+    Python writes it in a string literal (``\\n``, ``\\x1b``, ``\\u202e``, ``\\U000e0041``): one visible line, and
+    nothing in it acts on the terminal or hides what a name holds.
+    Every error line the CLI prints passes through here."""
+    if text.isprintable():  # the usual message: none of those categories (str.isprintable excludes all of them)
         return text
     import unicodedata
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
@@ -333,8 +334,10 @@ def _shown(name: str) -> str:
     return name if len(name) <= SHOWN_NAME_CHARS else name[:SHOWN_NAME_CHARS] + "..."
 
 
-def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> ServerApp:
-    """The FastAPI app around a running :class:`EngineRunner`."""
+def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo,
+               more_metrics: Iterable[Collector] = ()) -> ServerApp:
+    """The FastAPI app around a running :class:`EngineRunner`; ``more_metrics``: figures ``/metrics`` shows beside
+    the engine's (the NATS publisher's)."""
     app = ServerApp(title="Gantry emulated model server")
     app.body_limit = min(MAX_BODY_BYTES, max(1 << 20, BODY_BYTES_PER_TOKEN * info.max_model_len))
     sched = runner.engine.scheduler
@@ -369,7 +372,7 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo) -> Serve
         st = sched.lora_stats()
         return LoraInfo(st.max_loras, tuple(st.running), tuple(st.waiting))
 
-    registry = registry_for(EngineCollector(runner, info.served_model_name, lora_info))
+    registry = registry_for(EngineCollector(runner, info.served_model_name, lora_info), *more_metrics)
 
     @app.get("/metrics")
     async def metrics() -> Response:

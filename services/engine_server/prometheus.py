@@ -126,10 +126,61 @@ class EngineCollector(Collector):
         yield _one(k, "gantry:engine_steps", "Engine steps run.", lag.steps, lab)
 
 
-def registry_for(collector: EngineCollector) -> CollectorRegistry:
+class DropCounts(Protocol):
+    """What :class:`PublisherCollector` reads: the NATS publisher's counts of what it dropped."""
+
+    kv_dropped: int
+    snapshot_dropped: int
+
+
+class PublisherCollector(Collector):
+    """The NATS publisher's drops on every scrape (the publisher only increments two integers; nothing is added
+    to the step loop)."""
+
+    def __init__(self, publisher: DropCounts, model_name: str) -> None:
+        self.publisher = publisher
+        self.labels = {"model_name": model_name, "engine": "0"}
+
+    def collect(self) -> Iterator[Metric]:
+        """Both drop counters."""
+        p, k, lab = self.publisher, CounterMetricFamily, self.labels
+        yield _one(k, "gantry:engine_kv_events_dropped",
+                   "KV-event batches dropped unpublished: NATS was unreachable and the backlog was full. Non-zero: "
+                   "routers following this engine's prefix cache missed those events (a gap in its KV numbering) "
+                   "and misjudged what it caches until a snapshot repaired their index.", p.kv_dropped, lab)
+        yield _one(k, "gantry:engine_kv_snapshot_requests_dropped",
+                   "Prefix-cache snapshot requests dropped unanswered: too many were waiting. Non-zero: a router's "
+                   "request timed out and it went on with KV events alone, so its index of this engine's cache lacks "
+                   "what was cached before them (or lost in a gap).", p.snapshot_dropped, lab)
+
+
+class ZmqOverflowCount(Protocol):
+    """What :class:`ZmqPublisherCollector` reads: how often a ZMQ subscriber's queue was full."""
+
+    overflows: int
+
+
+class ZmqPublisherCollector(Collector):
+    """The ZMQ publisher's overflows on every scrape (it increments one integer, on a failed send only)."""
+
+    def __init__(self, publisher: ZmqOverflowCount, model_name: str) -> None:
+        self.publisher = publisher
+        self.labels = {"model_name": model_name, "engine": "0"}
+
+    def collect(self) -> Iterator[Metric]:
+        """The overflow counter."""
+        yield _one(CounterMetricFamily, "gantry:engine_zmq_kv_subscriber_overflows",
+                   "Times a --kv-events-zmq subscriber's queue (high-water mark) was full when a KV-event batch was "
+                   "sent: it missed that batch and the next ones until it caught up. Non-zero: a ZMQ consumer read "
+                   "too slowly and saw gaps in the sequence frame; this server keeps no replay buffer, so its index "
+                   "of this engine's prefix cache lacks those events.", self.publisher.overflows, self.labels)
+
+
+def registry_for(collector: EngineCollector, *more: Collector) -> CollectorRegistry:
     """A registry of its own per server (several embedded servers may share a process)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(collector)
+    for c in (collector, *more):
+        reg.register(c)
     return reg
 
 

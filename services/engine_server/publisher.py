@@ -3,7 +3,8 @@
 
 The step loop only queues KV batches (:meth:`Publisher.take_kv_events` runs after each step); a task sends
 them, numbered, so the loop never waits on NATS. While NATS is unreachable, at most ``MAX_KV_BACKLOG``
-batches wait; older ones are dropped and the numbering shows the gap to consumers.
+batches wait; older ones are dropped and the numbering shows the gap to consumers (``kv_dropped`` counts them,
+``/metrics`` shows it).
 
 A picker that first sees this server asks for a snapshot of its prefix cache (``subjects.engine_kv_snapshot``):
 the answer, signed like every report, holds the cached block hashes and the number of the first KV message it
@@ -135,6 +136,7 @@ class Publisher:
         self.kv_dropped = 0
         self._kv_ready = asyncio.Event()
         self._nc: NatsClient | None = None
+        self._connecting = asyncio.Lock()
         # takes the engine's KV events not yet queued (those of a step whose tokens have not gone out) into the
         # queue: a snapshot is of the cache as it is, so its numbering must count them
         self.flush_kv: Callable[[], None] = lambda: None
@@ -152,6 +154,9 @@ class Publisher:
             self.kv.popleft()
             self.kv_dropped += 1
             self.kv_seq += 1  # the dropped batch keeps its number: consumers see the gap
+            if self.kv_dropped & (self.kv_dropped - 1) == 0:  # the 1st, 2nd, 4th...: not a line a step
+                log.warning("publisher: %d KV event batches dropped (more than %d waiting for NATS)", self.kv_dropped,
+                            MAX_KV_BACKLOG)
         self.kv.append(batch)
         self._kv_ready.set()
 
@@ -168,6 +173,16 @@ class Publisher:
                 await close_promptly(self._nc)  # bounded: NATS may be gone or not answering
 
     async def _client(self) -> NatsClient:
+        nc = self._nc
+        if nc is not None and nc.is_connected:
+            return nc
+        # one connection for every task: NATS lets the engine identity answer a snapshot request only on the
+        # connection it arrived on, and tasks that each opened one when none was up answered on another (refused:
+        # the picker never warmed up) and left the others open
+        async with self._connecting:
+            return await self._connect()
+
+    async def _connect(self) -> NatsClient:
         while self._nc is None or not self._nc.is_connected:
             if self._nc is not None and self._nc.is_reconnecting:
                 await asyncio.sleep(0.1)

@@ -20,11 +20,13 @@ from typing import Any
 import h11
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client.registry import Collector
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.engine_server.access_log import log_config
 from services.engine_server.api import ServerInfo, create_app, error_body
+from services.engine_server.prometheus import PublisherCollector, ZmqPublisherCollector
 from services.engine_server.publisher import SNAPSHOT_WINDOW_S, Publisher
 from services.engine_server.runner import EngineRunner
 from services.engine_server.sse import TRANSPORT_KEY
@@ -70,7 +72,8 @@ class _EngineIntake(asyncio.Protocol):
     (:data:`TRANSPORT_KEY`), so token streams write their chunks directly, one write per stream per engine step;
     and ``reading_since``, the monotonic time a request (or a new connection's first) began arriving, None while
     none is outstanding: :class:`QuietServer` closes a connection whose request is not whole within
-    ``REQUEST_READ_TIMEOUT_S`` of it (``close_stalled``). Each protocol says when a request begins and ends."""
+    ``REQUEST_READ_TIMEOUT_S`` of it (``close_stalled``; time the server itself paused reading, by flow control,
+    does not count). Each protocol says when a request begins and ends."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -166,17 +169,26 @@ def _http_protocol() -> type[asyncio.Protocol]:
     return NoDelayHttpToolsProtocol
 
 
-def close_stalled(connections: Iterable[object], now: float, timeout_s: float) -> int:
+def close_stalled(connections: Iterable[Any], now: float, timeout_s: float) -> int:
     """Close the connections that began a request (or connected) more than ``timeout_s`` before ``now`` and
-    have not delivered it whole; returns how many."""
+    have not delivered it whole; returns how many.
+
+    Only the client's delay counts: while the server itself has paused reading a connection (uvicorn's flow
+    control, once more than 64 KiB of body waits for an app that has not taken it in, or a pipelined request
+    waits for the answer before it), the client cannot send, so its clock restarts at each sweep until reading
+    resumes (an honest client sending a large body to a slow app was cut off)."""
     closed = 0
     for conn in connections:
-        since = getattr(conn, "reading_since", None)
-        if since is not None and now - since > timeout_s:
-            transport = getattr(conn, "transport", None)
-            if transport is not None and not transport.is_closing():
-                transport.close()
-                closed += 1
+        if getattr(conn, "reading_since", None) is None:
+            continue
+        transport = getattr(conn, "transport", None)
+        if transport is None or transport.is_closing():
+            continue
+        if not transport.is_reading():
+            conn.reading_since = now
+        elif now - conn.reading_since > timeout_s:
+            transport.close()
+            closed += 1
     return closed
 
 
@@ -268,10 +280,15 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
                       gpu=gpu.key, tp=opts.tp, speedup=opts.speedup, max_model_len=max_len, url=url,
                       created=int(time.time()), lora_modules=opts.lora_modules, instance_id=opts.instance_id,
                       vocab_size=arch.vocab_size)
-    app = create_app(runner, TextModel(opts.mean_output_len), info)
     pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s,
                     report_key=opts.report_key, snapshot_window_s=opts.kv_snapshot_window_s) if opts.nats_url else None
     zmq_pub = ZmqKVPublisher(opts.kv_events_zmq, opts.kv_events_topic) if opts.kv_events_zmq else None
+    # what the publishers drop shows on /metrics: an operator whose router's prefix index drifts can see why
+    collectors: list[Collector] = [PublisherCollector(pub, name)] if pub is not None else []
+    if zmq_pub is not None:
+        collectors.append(ZmqPublisherCollector(zmq_pub, name))
+    app = create_app(runner, TextModel(opts.mean_output_len), info, collectors)
+    app.state.publisher, app.state.zmq_publisher = pub, zmq_pub
     kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
     if zmq_pub is not None:
         kv_sinks.append(zmq_pub.publish)

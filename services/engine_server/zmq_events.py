@@ -2,20 +2,36 @@
 
 vLLM's ``ZmqEventPublisher`` (v0.33) sends each batch as a three-frame message: the topic, an 8-byte
 big-endian sequence number, and the msgpack-encoded ``KVEventBatch`` (``shared.core.kv_events.encode_batch``
-writes exactly that). PUB sockets drop messages a slow subscriber cannot take (the sequence shows the gap).
+writes exactly that). A subscriber too slow to take a batch (its queue at the high-water mark) misses it and
+sees the gap in the sequence; the others still get it.
 pyzmq is optional: without it, asking for ZMQ events is a start-up error with one clear line.
+
+The socket is an XPUB (a SUB peer sees a PUB): a plain PUB drops for a full subscriber without telling the
+sender, so nothing could count it. With ``XPUB_NODROP`` a send that a full subscriber cannot take fails at once
+(no frame leaves); only then is the overflow counted and the batch sent again lossily, as a PUB would, so the
+subscribers with room get it. ZMQ then sets the full subscriber aside: it misses every batch until it has read
+part of its queue back (libzmq's low-water mark), and those sends succeed. So ``overflows`` counts each time a
+subscriber fell behind (each is at least one missed batch; how many is only visible in its sequence gap). The
+normal path is one send, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from shared.core.kv_events import KVEventBatch, encode_batch
 
+log = logging.getLogger("gantry.engine_server")
+
+SUBSCRIPTIONS_DRAINED_EVERY = 1024
+"""An XPUB queues every new topic subscription (and last unsubscription) for its owner to read; read and
+discard them once per this many batches so that subscribers coming and going do not grow that queue for ever."""
+
 
 class ZmqKVPublisher:
-    """Binds a PUB socket and sends KV batches in vLLM's framing."""
+    """Binds a PUB-compatible socket and sends KV batches in vLLM's framing; counts subscribers falling behind."""
 
     def __init__(self, endpoint: str, topic: str = "") -> None:
         try:
@@ -23,8 +39,9 @@ class ZmqKVPublisher:
         except ImportError as err:  # pragma: no cover - depends on the install
             raise ValueError("--kv-events-zmq needs pyzmq (pip install pyzmq)") from err
         self._zmq: Any = zmq
-        self._sock: Any = zmq.Context.instance().socket(zmq.PUB)
+        self._sock: Any = zmq.Context.instance().socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.XPUB_NODROP, 1)
         try:
             self._sock.bind(endpoint)
         except zmq.ZMQError as err:
@@ -33,14 +50,38 @@ class ZmqKVPublisher:
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.topic = topic.encode()
         self.seq = 0
+        self.overflows = 0  # times a subscriber's queue was full when a batch was sent
 
     def publish(self, batch: KVEventBatch) -> None:
-        """Send one batch now (never blocks: a full queue drops it, and the numbering shows the gap)."""
+        """Send one batch now (never blocks: a subscriber whose queue is full misses it, and the numbering shows
+        it the gap)."""
         seq = self.seq
         self.seq += 1
+        frames = [self.topic, seq.to_bytes(8, "big"), encode_batch(batch)]
+        try:
+            self._sock.send_multipart(frames, flags=self._zmq.NOBLOCK)
+        except self._zmq.Again:
+            self._send_lossy(frames)
+        if not seq % SUBSCRIPTIONS_DRAINED_EVERY:
+            self._drain_subscriptions()
+
+    def _send_lossy(self, frames: list[bytes]) -> None:
+        """A subscriber's queue is full: count it and send as a PUB does (to those with room)."""
+        self.overflows += 1
+        if self.overflows & (self.overflows - 1) == 0:  # the 1st, 2nd, 4th...: not a line a step
+            log.warning("ZMQ KV events: a subscriber's queue was full (%d times so far): it misses batches until it "
+                        "catches up", self.overflows)
+        zmq, sock = self._zmq, self._sock
+        sock.setsockopt(zmq.XPUB_NODROP, 0)
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        finally:
+            sock.setsockopt(zmq.XPUB_NODROP, 1)
+
+    def _drain_subscriptions(self) -> None:
         with contextlib.suppress(self._zmq.Again):
-            self._sock.send_multipart([self.topic, seq.to_bytes(8, "big"), encode_batch(batch)],
-                                      flags=self._zmq.NOBLOCK)
+            while True:
+                self._sock.recv(flags=self._zmq.NOBLOCK)
 
     def close(self) -> None:
         """Close the socket."""

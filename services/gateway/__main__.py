@@ -10,7 +10,14 @@ from pathlib import Path
 
 import uvloop
 
-from services.gateway.protocol import DEFAULT_SOCKET_DIR, GRPC_SOCKET, HTTP_SOCKET, PickerTransport
+from services.gateway.protocol import (
+    DEFAULT_SOCKET_DIR,
+    GRPC_SOCKET,
+    HTTP_SOCKET,
+    PICKER_IDLE_TIMEOUT_S,
+    PICKER_MAX_CONNECTIONS,
+    PickerTransport,
+)
 from services.gateway.service import Gateway, GatewayOptions
 from shared.core.routing import builtin_names
 from shared.core.routing.pool_source import PoolSource
@@ -59,7 +66,16 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                    help="take the engines' reports in a child process and apply them in batches this long "
                         "(less CPU on the deciding loop, more in all; a report reaches the core up to this much "
                         "later); negative (the default): subscribe on the deciding loop")
+    p.add_argument("--idle-timeout-s", type=float, default=PICKER_IDLE_TIMEOUT_S,
+                   help="close a connection to the picker idle this long (Envoy closes its own after half of it: "
+                        "give ops.envoy the same --picker-idle-timeout-s)")
+    p.add_argument("--max-connections", type=int, default=PICKER_MAX_CONNECTIONS,
+                   help="connections kept open per listener; past it a new one is closed at once")
     a = p.parse_args(argv)
+    if not (a.idle_timeout_s > 0 and a.idle_timeout_s != float("inf")):
+        p.error("--idle-timeout-s must be > 0 and finite")
+    if a.max_connections < 1:
+        p.error("--max-connections must be >= 1")
     urls = (("--nats-url", a.nats_url, "GANTRY_NATS_URL"), ("--redis-url", a.redis_url, "GANTRY_REDIS_URL"))
     for flag, url, env in urls:
         if refused := credentials_on_command_line(flag, url, env):
@@ -83,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                           http_port=a.http_port, socket_dir=a.socket_dir,
                           feed_window_s=a.feed_window_ms / 1000 if a.feed_window_ms >= 0 else None,
                           pool_source=a.pool_source, redis_url=a.redis_url, tls_ca_file=settings.tls_ca_file,
-                          report_master=report_master, metrics_port=settings.metrics_port)
+                          report_master=report_master, metrics_port=settings.metrics_port,
+                          idle_timeout_s=a.idle_timeout_s, max_connections=a.max_connections)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ import msgspec
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from services.gateway.epp import DESTINATION, PICKED, Picked, Picker, Refusal, error_body
-from services.gateway.http1 import headers_of, response
+from services.gateway.http1 import Connections, headers_of, response
 from services.gateway.protocol import CHECK_PREFIX, HEALTH_PATH, MODELS_PATH, PICK_ID_HEADER, STATS_PATH, authz_status
 from shared.core.routing import Decision
 
@@ -70,8 +70,9 @@ def logged_of(entry: object) -> Logged | None:
 class AuthzPicker:
     """The ext_authz answers of one picker replica, and the in-flight requests it routed."""
 
-    def __init__(self, picker: Picker) -> None:
+    def __init__(self, picker: Picker, connections: Connections | None = None) -> None:
         self.picker = picker
+        self.connections = connections  # the HTTP listener's, shown in /stats
         self.inflight: dict[str, Decision] = {}  # pick id -> its decision, until the access log ends it
 
     def answer(self, head: bytes, body: bytes) -> bytes | Awaitable[bytes]:
@@ -115,11 +116,16 @@ class AuthzPicker:
 
     def stats(self) -> bytes:
         """What ``GET /stats`` on the picker's port answers (operators, tests): its counters and the requests
-        in flight, in all and per endpoint. Envoy does not route this path here; only a direct client reaches it."""
+        in flight, in all and per endpoint, and its HTTP listener's connections. Envoy does not route this path
+        here; only a direct client reaches it."""
         c = self.picker.counters
         per = {e: s.inflight_requests for e, s in self.picker.router.state.endpoints.items()}
-        return msgspec.json.encode({"picks": c.picks, "refused": c.refused, "finished": c.finished,
-                                    "moved": c.moved, "inflight": len(self.inflight), "endpoints": per})
+        out: dict[str, object] = {"picks": c.picks, "refused": c.refused, "finished": c.finished, "moved": c.moved,
+                                  "inflight": len(self.inflight), "endpoints": per}
+        if (conns := self.connections) is not None:
+            out["connections"] = {"open": len(conns.open), "max": conns.max_connections, "refused": conns.refused,
+                                  "idle_closed": conns.idle_closed}
+        return msgspec.json.encode(out)
 
     def unsent(self, answer: bytes) -> None:
         """An answer never reached Envoy (it timed out the check or reset the connection while the picker

@@ -8,14 +8,20 @@ past ``MAX_HEAD_BYTES``, a missing, negative, garbled, conflicting or too large 
 request that has a body, or any ``transfer-encoding``. An answer that raises closes the connection too (the
 check then fails on Envoy's side, and its failure mode decides), and so does a request that has begun but is not
 whole ``READ_TIMEOUT_S`` later (a client sending a byte at a time would hold its connection and buffer for ever;
-Envoy sends a check at once). An idle connection with nothing buffered stays open: Envoy pools them. Nothing
-here crashes the server.
+Envoy sends a check at once). Nothing here crashes the server.
+
+Connections are bounded when given a ``Connections`` (the picker's listener): one idle (nothing buffered, no
+answer awaited) for ``idle_timeout_s`` is closed, and past ``max_connections`` open a new one is closed at once.
+Envoy pools its connections to the picker and closes an idle one itself, sooner (``protocol.envoy_idle_timeout_s``),
+so the picker's close never races a check Envoy is writing; what the picker closes is a stranger's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -75,12 +81,72 @@ _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 429: b"Too Many 
             500: b"Internal Server Error", 503: b"Service Unavailable"}
 
 
+REFUSED_LOG_EVERY_S = 10.0  # at most one line this often about connections refused at the cap
+
+
+class Connections:
+    """The open connections of one listener: at most ``max_connections``, each closed once idle for
+    ``idle_timeout_s``. Idle is found by a sweep every ``idle_timeout_s / SWEEPS`` over a flag each
+    connection sets on activity (a byte in, an awaited answer out): a request costs one attribute store, no
+    timer re-armed and no clock read. A connection is closed no sooner than ``idle_timeout_s`` after its last
+    activity, and within ``idle_timeout_s * (1 + 2 / SWEEPS)``."""
+
+    SWEEPS = 4
+
+    def __init__(self, idle_timeout_s: float, max_connections: int) -> None:
+        if not (idle_timeout_s > 0 and math.isfinite(idle_timeout_s)) or max_connections < 1:
+            raise ValueError(f"idle timeout must be > 0 s and finite, connections >= 1 (got {idle_timeout_s} s, "
+                             f"{max_connections})")
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
+        self.open: set[OneByOne] = set()
+        self.refused = 0  # connections closed at once, the cap reached
+        self.idle_closed = 0  # connections closed idle
+        self._refused_logged = 0
+        self._logged_at = -math.inf
+
+    def admit(self, conn: OneByOne) -> bool:
+        """Take a new connection, or count it refused (the caller closes it) when ``max_connections`` are open."""
+        if len(self.open) < self.max_connections:
+            self.open.add(conn)
+            return True
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= REFUSED_LOG_EVERY_S:  # a flood of connections must not flood the log too
+            log.warning("ext_authz: %d connections refused at the cap of %d open (%d in all)",
+                        self.refused - self._refused_logged, self.max_connections, self.refused)
+            self._logged_at, self._refused_logged = now, self.refused
+        return False
+
+    def sweep(self, now: float) -> int:
+        """Close the connections quiet since the sweep ``idle_timeout_s`` or more before ``now`` (monotonic
+        seconds) with nothing buffered and no answer awaited; returns how many. A connection with a begun
+        request is the read timeout's, one awaiting its answer nobody's (the answer is the picker's delay)."""
+        closed = 0
+        for conn in list(self.open):
+            if conn.seen:
+                conn.seen, conn.quiet_since = False, now
+            elif not conn.busy and not conn.buf and now - conn.quiet_since >= self.idle_timeout_s:
+                conn.close()
+                closed += 1
+        if closed:
+            self.idle_closed += closed
+            log.info("ext_authz: %d connections closed, idle %g s or more", closed, self.idle_timeout_s)
+        return closed
+
+    async def sweep_forever(self) -> None:
+        """``sweep`` every ``idle_timeout_s / SWEEPS``, until cancelled."""
+        while True:
+            await asyncio.sleep(self.idle_timeout_s / self.SWEEPS)
+            self.sweep(time.monotonic())
+
+
 class OneByOne(asyncio.Protocol):
     """One connection: requests in, answers out in order. Envoy's HTTP/1.1 pool never pipelines; a client that
     does waits, its next request read only once the previous answer is written."""
 
     def __init__(self, answer: Answer, max_body: int = MAX_BODY_BYTES, unsent: Unsent | None = None,
-                 read_timeout_s: float = READ_TIMEOUT_S) -> None:
+                 read_timeout_s: float = READ_TIMEOUT_S, conns: Connections | None = None) -> None:
         self.answer = answer
         self.read_timeout_s = read_timeout_s
         self.stall: asyncio.TimerHandle | None = None  # armed while a begun request is not whole
@@ -91,16 +157,28 @@ class OneByOne(asyncio.Protocol):
         self.busy = False  # an answer is being awaited
         self.paused = False  # reading stopped: a client pipelining behind an awaited answer has sent a full request
         self.transport: asyncio.Transport | None = None
+        self.conns = conns
+        self.seen = True  # activity since the last idle sweep (read by ``Connections.sweep``)
+        self.quiet_since = 0.0  # the sweep that last found it active
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        if self.conns is not None and not self.conns.admit(self):
+            self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.buf = bytearray()
         self._unwatch()
+        if self.conns is not None:
+            self.conns.open.discard(self)
+
+    def close(self) -> None:
+        """Close the connection (``Connections``: it was idle too long)."""
+        self._close()
 
     def data_received(self, data: bytes) -> None:
+        self.seen = True
         self.buf += data
         if self.busy and len(self.buf) > MAX_HEAD_BYTES + 4 + self.max_body and self.transport is not None:
             # Bytes pipelined behind an awaited answer are not read until it is written: past one request's
@@ -170,6 +248,7 @@ class OneByOne(asyncio.Protocol):
             self._close()
             return
         if self.transport is not None and not self.transport.is_closing():
+            self.seen = True  # its idle time starts when the answer leaves, as the peer's does
             self.transport.write(fut.result())
             if self.paused:
                 self.paused = False

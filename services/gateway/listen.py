@@ -9,7 +9,9 @@ else. A TCP port on 127.0.0.1 is open to every local user, and wider to the netw
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import resource
 import socket
 import stat
 from pathlib import Path
@@ -17,6 +19,9 @@ from pathlib import Path
 DIR_MODE = 0o700
 SOCKET_MODE = 0o600
 MAX_PATH_BYTES = 107  # sun_path holds 108 bytes with its terminating NUL (Linux)
+SPARE_FDS = 256  # what the picker holds besides its listeners' connections (NATS, engines' files, logs, gRPC)
+
+log = logging.getLogger("gantry.gateway")
 
 
 class ListenError(RuntimeError):
@@ -67,3 +72,18 @@ def remove(path: Path) -> None:
     """Remove a socket this picker bound (on stop), if still there."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def fd_room(connections: int) -> int:
+    """Make room for ``connections`` open at once plus ``SPARE_FDS``: the soft limit on open files is raised
+    toward the hard one when lower (a connection cap above it would bound nothing: accepts would fail first).
+    Returns the soft limit now; logs a warning when even the hard limit is short."""
+    need = connections + SPARE_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning("open files limited to %d, below the %d the connection caps need: lower --max-connections",
+                    soft, need)
+    return soft

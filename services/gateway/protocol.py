@@ -76,3 +76,17 @@ HTTP_SOCKET = "authz.sock"
 DEFAULT_SOCKET_DIR = ".gantry/picker"
 """Where the picker listens and Envoy reaches it when neither is told otherwise (relative to the working
 directory): a unix socket in a directory only the stack's user can enter, so no stranger can reach the picker."""
+
+PICKER_IDLE_TIMEOUT_S = 120.0
+"""A connection to the picker idle this long (nothing asked, nothing awaited) is closed by the picker
+(``--idle-timeout-s``): idle connections opened by a stranger must not hold its file descriptors for ever."""
+PICKER_MAX_CONNECTIONS = 1024
+"""Connections the picker keeps open per listener (``--max-connections``); past it a new one is closed at once.
+Envoy opens a few (its pool grows with checks in flight at once; its own circuit breaker stops at 1024)."""
+
+
+def envoy_idle_timeout_s(picker_idle_timeout_s: float) -> float:
+    """How long Envoy keeps an idle connection to a picker whose own idle timeout is ``picker_idle_timeout_s``:
+    half of it, so Envoy always closes first and never writes a check onto a connection the picker is closing
+    at that moment (the check would fail; the engines' keep-alive showed the fault, docs/gateway.md)."""
+    return picker_idle_timeout_s / 2

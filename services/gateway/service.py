@@ -29,11 +29,18 @@ from services.gateway.capture import TraceWriter
 from services.gateway.contract import CONTRACT
 from services.gateway.epp import OFFLOOP_TOKENIZE_CHARS, Picker
 from services.gateway.feed_relay import FeedRelay, Kind, Relayed
-from services.gateway.http1 import OneByOne
-from services.gateway.listen import free_socket_path, private_dir, remove, restrict
+from services.gateway.http1 import Connections, OneByOne
+from services.gateway.listen import fd_room, free_socket_path, private_dir, remove, restrict
 from services.gateway.pieces import PieceTokenizer
 from services.gateway.pool import eds_document
-from services.gateway.protocol import DEFAULT_SOCKET_DIR, GRPC_SOCKET, HTTP_SOCKET, PickerTransport
+from services.gateway.protocol import (
+    DEFAULT_SOCKET_DIR,
+    GRPC_SOCKET,
+    HTTP_SOCKET,
+    PICKER_IDLE_TIMEOUT_S,
+    PICKER_MAX_CONNECTIONS,
+    PickerTransport,
+)
 from services.gateway.request import Tokenize
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
@@ -98,6 +105,11 @@ class GatewayOptions:
     # a minute against an unreachable Redis; the events keep the pool current meanwhile)
     read_timeout_s: float = 10.0
     metrics_port: int = 0  # Prometheus /metrics (the refused engine reports) on this port; 0: not served
+    # a connection to the picker idle this long is closed (Envoy's config closes its own at half of it, first:
+    # ops.envoy's --picker-idle-timeout-s must be this); past max_connections open on a listener, new ones are
+    # closed at once: idle connections opened by a stranger cannot take all the picker's file descriptors
+    idle_timeout_s: float = PICKER_IDLE_TIMEOUT_S
+    max_connections: int = PICKER_MAX_CONNECTIONS
 
     @property
     def tcp(self) -> bool:
@@ -165,6 +177,16 @@ def health_handler() -> grpc.GenericRpcHandler:
         check, request_deserializer=bytes, response_serializer=bytes)})
 
 
+def grpc_options(idle_timeout_s: float, max_connections: int) -> list[tuple[str, int]]:
+    """The gRPC listener's bounds, as the HTTP one's: a connection with no call open for ``idle_timeout_s`` is
+    closed (GOAWAY: a call racing it is refused, never half-run, and Envoy retries it), one that never
+    completes the HTTP/2 handshake too, and past ``max_connections`` a new one is closed at once. A long-lived
+    call (Envoy's access-log stream, an ext_proc stream) keeps its connection: it is not idle."""
+    idle_ms = max(1, round(idle_timeout_s * 1000))
+    return [("grpc.max_connection_idle_ms", idle_ms), ("grpc.server_handshake_timeout_ms", idle_ms),
+            ("grpc.max_allowed_incoming_connections", max_connections)]
+
+
 def write_eds(path: Path, doc: dict[str, object]) -> None:
     """Replace Envoy's endpoint file atomically (Envoy watches the directory for the move)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # replicas sharing the file never share a temp
@@ -188,7 +210,8 @@ class Gateway:
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)
         self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer(), capture=self.capture)
-        self.authz = AuthzPicker(self.picker) if opts.transport is PickerTransport.EXT_AUTHZ else None
+        self.authz = (AuthzPicker(self.picker, Connections(opts.idle_timeout_s, opts.max_connections))
+                      if opts.transport is PickerTransport.EXT_AUTHZ else None)
         self._eds_version = 0
         self.bus: Bus | None = None
         self.relay: FeedRelay | None = None  # the engine feed's child process, when feed_window_s is set
@@ -308,7 +331,8 @@ class Gateway:
                 stack.push_async_callback(self.relay.stop)
                 _background(stack, self.relay.run())
             _background(stack, expire_forever(self.feed, self.opts.expire_s, time.time))
-            server = grpc.aio.server()
+            fd_room(2 * self.opts.max_connections)  # both listeners full, and the rest the picker holds
+            server = grpc.aio.server(options=grpc_options(self.opts.idle_timeout_s, self.opts.max_connections))
             pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
             server.add_generic_rpc_handlers((health_handler(),))
             if self.authz is not None:
@@ -337,9 +361,12 @@ class Gateway:
     async def _serve_http(self, authz: AuthzPicker, stack: contextlib.AsyncExitStack) -> None:
         """The ext_authz checks' HTTP listener, on a unix socket unless a TCP port was asked for."""
         loop = asyncio.get_running_loop()
+        conns = authz.connections
+        assert conns is not None  # made with the AuthzPicker
+        _background(stack, conns.sweep_forever())
 
         def protocol() -> OneByOne:
-            return OneByOne(authz.answer, unsent=authz.unsent)
+            return OneByOne(authz.answer, unsent=authz.unsent, conns=conns)
 
         if self.opts.tcp:
             port = self.opts.http_port if self.opts.http_port is not None else DEFAULT_HTTP_PORT

@@ -21,6 +21,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -38,6 +39,11 @@ from shared.host.report_auth import ACCEPTED, KV, METRICS, RESTARTED, SNAPSHOT, 
 log = logging.getLogger("gantry.picker")
 
 SNAPSHOT_TIMEOUT_S = 2.0  # an engine that does not answer in time (an old server, NATS away) stays as before
+SNAPSHOT_ATTEMPTS_S = (SNAPSHOT_TIMEOUT_S, 4.0, 8.0)
+"""The wait for each ask of an engine that has not answered yet: a busy engine or a loaded host may answer the
+first ask too late (the answer is then dropped), and without another ask the picker would route blind to that
+cache until a gap in its events. Three asks, then the events alone (an old server never answers)."""
+SNAPSHOT_RETRY_PAUSE_S = 0.5  # between two asks (no responders is answered at once: not a tight loop)
 SNAPSHOT_CHUNK = 2048
 """Block hashes applied per turn of the event loop: a 20k-block snapshot yields ~10 times, so a check waits for
 one chunk (~1 ms), never the whole snapshot."""
@@ -399,28 +405,53 @@ class _Answer:
         self.subject, self.data, self.headers = subject, data, headers
 
 
+class Fetched(Enum):
+    """What one ask for a snapshot came to."""
+
+    APPLIED = "applied"
+    NO_ANSWER = "no answer"  # timed out, no responders, NATS away: worth asking again
+    NOT_APPLIED = "not applied"  # answered, but refused (dead-lettered) or older than what is already known
+
+
 async def fetch_snapshot(feed: EngineFeed, bus: Bus, instance_id: str,
-                         timeout_s: float = SNAPSHOT_TIMEOUT_S) -> bool:
-    """Ask ``instance_id``'s engine for its prefix-cache snapshot and apply it (a chunk per turn of the event
-    loop); True when applied. No answer in time leaves the index as it was; an answer that is undecodable, for
-    another instance or request, or (with a verifier) unsigned, forged or replayed goes to the dead letters."""
+                         timeout_s: float = SNAPSHOT_TIMEOUT_S) -> Fetched:
+    """Ask ``instance_id``'s engine once for its prefix-cache snapshot and apply it (a chunk per turn of the event
+    loop). No answer in time leaves the index as it was; an answer that is undecodable, for another instance or
+    request, or (with a verifier) unsigned, forged or replayed goes to the dead letters."""
     subject = subjects.engine_kv_snapshot(instance_id)
     nonce = secrets.token_hex(16)
     try:
         reply = await bus.request(subject, KVSnapshotRequest(nonce=nonce), timeout_s)
     except Exception as err:  # timeout, no responders, NATS away: routing goes on with the events alone
         log.info("no prefix-cache snapshot from %s (%s)", instance_id, type(err).__name__)
-        return False
+        return Fetched.NO_ANSWER
     snap = await bus.decode_or_reject(subject, reply.data, EngineKVSnapshot)
     if snap is None:
-        return False
+        return Fetched.NOT_APPLIED
     if snap.instance_id != instance_id or snap.nonce != nonce:
         await bus.dead_letter(subject, f"snapshot answer for {snap.instance_id!r} to another request", reply.data)
-        return False
+        return Fetched.NOT_APPLIED
     answer = _Answer(subject, reply.data, reply.headers)
     if feed.verifier is not None and not await _signed(feed, feed.verifier, bus, instance_id, answer, SNAPSHOT):
-        return False
-    return await apply_snapshot(feed, snap)
+        return Fetched.NOT_APPLIED
+    return Fetched.APPLIED if await apply_snapshot(feed, snap) else Fetched.NOT_APPLIED
+
+
+async def fetch_snapshot_until_answered(feed: EngineFeed, bus: Bus, instance_id: str,
+                                        attempts_s: Iterable[float] = SNAPSHOT_ATTEMPTS_S,
+                                        pause_s: float = SNAPSHOT_RETRY_PAUSE_S) -> Fetched:
+    """Ask again (waiting ``attempts_s`` for each ask) while the engine has not answered and is still in the pool;
+    an answer, applied or refused, ends it (a refused one is not asked for again: that would invite a flood)."""
+    outcome = Fetched.NO_ANSWER
+    for k, timeout_s in enumerate(attempts_s):
+        if k:
+            await asyncio.sleep(pause_s)
+        if instance_id not in feed.pool.endpoints:
+            break  # it left: nothing to learn of it
+        outcome = await fetch_snapshot(feed, bus, instance_id, timeout_s)
+        if outcome is not Fetched.NO_ANSWER:
+            break
+    return outcome
 
 
 async def apply_snapshot(feed: EngineFeed, snap: EngineKVSnapshot) -> bool:
@@ -448,18 +479,18 @@ class SnapshotFetcher:
     def __init__(self, feed: EngineFeed) -> None:
         self.feed = feed
         self.bus: Bus | None = None
-        self._tasks: dict[str, asyncio.Task[bool]] = {}
+        self._tasks: dict[str, asyncio.Task[Fetched]] = {}
         feed.want_snapshot = self.want
 
     def want(self, instance_id: str) -> None:
         """Fetch ``instance_id``'s snapshot unless a fetch of it is under way (called on the event loop)."""
         if self.bus is None or instance_id in self._tasks:
             return
-        task = asyncio.get_running_loop().create_task(fetch_snapshot(self.feed, self.bus, instance_id))
+        task = asyncio.get_running_loop().create_task(fetch_snapshot_until_answered(self.feed, self.bus, instance_id))
         self._tasks[instance_id] = task
         task.add_done_callback(lambda t: self._done(instance_id, t))
 
-    def _done(self, instance_id: str, task: asyncio.Task[bool]) -> None:
+    def _done(self, instance_id: str, task: asyncio.Task[Fetched]) -> None:
         self._tasks.pop(instance_id, None)
         if not task.cancelled() and task.exception() is not None:
             log.warning("prefix-cache snapshot of %s not applied: %r", instance_id, task.exception())

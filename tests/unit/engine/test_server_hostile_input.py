@@ -5,13 +5,17 @@ and other clients are served meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import httpx
 import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
 
 from ops.servers import free_port
 from services.engine_server import api
@@ -19,7 +23,9 @@ from services.engine_server.server import (
     MAX_HEAD_BYTES,
     EmbeddedServer,
     NoDelayH11Protocol,
+    QuietServer,
     ServerOptions,
+    _http_protocol,
     build,
     close_stalled,
 )
@@ -256,23 +262,139 @@ async def test_a_connection_whose_request_arrived_whole_is_kept_past_the_read_ti
         writer.close()
 
 
+class _Transport:
+    """What ``close_stalled`` reads of a connection's transport."""
+
+    def __init__(self, reading: bool) -> None:
+        self.reading, self.closed = reading, False
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Conn:
+    def __init__(self, since: float | None, reading: bool = True) -> None:
+        self.reading_since, self.transport = since, _Transport(reading)
+
+
 def test_only_connections_late_with_their_request_are_closed() -> None:
-    class Transport:
-        closed = False
-
-        def is_closing(self) -> bool:
-            return self.closed
-
-        def close(self) -> None:
-            self.closed = True
-
-    class Conn:
-        def __init__(self, since: float | None) -> None:
-            self.reading_since, self.transport = since, Transport()
-
-    late, on_time, answering = Conn(10.0), Conn(19.5), Conn(None)
+    late, on_time, answering = _Conn(10.0), _Conn(19.5), _Conn(None)
     assert close_stalled([late, on_time, answering], now=20.0, timeout_s=5.0) == 1
     assert late.transport.closed and not on_time.transport.closed and not answering.transport.closed
+
+
+def test_a_connection_the_server_stopped_reading_is_kept_and_its_clock_restarts() -> None:
+    paused = _Conn(10.0, reading=False)  # flow control: the app has not taken in what arrived
+    assert close_stalled([paused], now=20.0, timeout_s=5.0) == 0 and not paused.transport.closed
+    paused.transport.reading = True  # resumed: from here the client alone is waited on
+    assert close_stalled([paused], now=25.0, timeout_s=5.0) == 0
+    assert close_stalled([paused], now=25.5, timeout_s=5.0) == 1 and paused.transport.closed
+
+
+# -- a request body the app takes in slowly: reading paused by flow control is not the client being slow -------
+T = TypeVar("T")
+
+
+async def _until(found: Callable[[], T | None], what: str) -> T:
+    """Poll until ``found()`` gives something (a slow host gets a generous deadline)."""
+    deadline = time.monotonic() + 30
+    while (got := found()) is None:
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.01)
+    return got
+
+
+class GatedApp:
+    """An ASGI app that takes a request's body in only once ``let`` is set (an app slow to read it), then answers
+    how many body bytes it read."""
+
+    def __init__(self) -> None:
+        self.let = asyncio.Event()
+        self.received = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.let.wait()
+        more = True
+        while more:
+            msg = await receive()
+            self.received += len(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        body = b"%d" % self.received
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(params=["httptools", "h11"])
+async def gated(request: pytest.FixtureRequest) -> AsyncIterator[tuple[QuietServer, GatedApp]]:
+    """The server's HTTP intake (each parser) and read-timeout sweep in front of a :class:`GatedApp`."""
+    app = GatedApp()
+    protocol = NoDelayH11Protocol if request.param == "h11" else _http_protocol()
+    assert protocol is not NoDelayH11Protocol or request.param == "h11"
+    srv = QuietServer(uvicorn.Config(app, host="127.0.0.1", port=free_port(), http=protocol, lifespan="off",
+                                     access_log=False, log_level="warning"), read_timeout_s=30.0)
+    task = asyncio.create_task(srv.serve())
+    await _until(lambda: True if srv.started or task.done() else None, "the server started")
+    if task.done():
+        task.result()  # why it could not start
+    try:
+        yield srv, app
+    finally:
+        app.let.set()
+        srv.should_exit = True
+        with contextlib.suppress(Exception):
+            await task
+
+
+BIG = 1 << 20  # far past uvicorn's read high-water mark (64 KiB) and one socket read (256 KiB)
+
+
+async def _post_paused(srv: QuietServer, sent: int, declared: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection, send a head declaring ``declared`` body bytes and ``sent`` of them at once, and wait until
+    the server paused reading it (the app has not taken the body in: flow control)."""
+    host, port = srv.config.host, srv.config.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % declared + b"x" * sent)
+    await _until(lambda: next((c for c in srv.server_state.connections if not c.transport.is_reading()), None),
+                 "the server paused reading the body")
+    return reader, writer
+
+
+async def test_a_body_the_app_has_not_taken_in_yet_does_not_count_against_its_client(
+    gated: tuple[QuietServer, GatedApp]
+) -> None:
+    srv, app = gated
+    reader, writer = await _post_paused(srv, BIG, BIG)
+    try:
+        # an hour later by the sweep's clock, reading is still paused for the app: the client sent it all at once
+        assert close_stalled(srv.server_state.connections, time.monotonic() + 3600, srv.read_timeout_s) == 0
+        app.let.set()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(reader.readexactly(len(b"%d" % BIG)), 30) == b"%d" % BIG
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_stops_sending_once_its_body_is_taken_in_is_still_cut_off(
+    gated: tuple[QuietServer, GatedApp]
+) -> None:
+    srv, app = gated
+    _, writer = await _post_paused(srv, BIG, 2 * BIG)  # half the body it announced, then nothing
+    try:
+        assert close_stalled(srv.server_state.connections, time.monotonic(), srv.read_timeout_s) == 0
+        app.let.set()
+        await _until(lambda: True if app.received == BIG else None, "the app took in what was sent")
+        # reading resumed and waits on the client alone: past the timeout from now, the connection is closed
+        assert close_stalled(srv.server_state.connections, time.monotonic() + srv.read_timeout_s + 1,
+                             srv.read_timeout_s) == 1
+    finally:
+        writer.close()
 
 
 async def test_a_large_body_behind_a_small_head_is_served(server: EmbeddedServer) -> None:

@@ -44,6 +44,9 @@ ESCAPED = [
     ("paragraph separator", "a\u2029b", "a\\u2029b"),
     ("invisible tag character", "a\U000e0041b", "a\\U000e0041b"),
     ("undecodable byte of a file name", "a\udcffb.yaml", "a\\udcffb.yaml"),
+    ("private-use character (an icon font draws anything there)", "a\ue0b0b", "a\\ue0b0b"),
+    ("supplementary private-use character", "a\U000f0001b", "a\\U000f0001b"),
+    ("unassigned code point", "a\U0003ffffb", "a\\U0003ffffb"),
 ]
 
 READABLE = [
@@ -71,7 +74,8 @@ def test_ordinary_text_is_shown_as_it_is(text: str) -> None:
 
 def test_nothing_escaped_is_left_that_a_terminal_would_act_on_or_hide() -> None:
     every_hostile = "".join(raw for _, raw, _ in ESCAPED)
-    assert all(unicodedata.category(c) not in {"Cc", "Cf", "Cs", "Zl", "Zp"} for c in escaped(every_hostile))
+    unsafe = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}
+    assert all(unicodedata.category(c) not in unsafe for c in escaped(every_hostile))
 
 
 def test_a_cli_error_keeps_its_message_escaped() -> None:

@@ -30,6 +30,7 @@ from services.gateway.protocol import (
     GRPC_SOCKET,
     MODELS_PATH,
     PICK_ID_HEADER,
+    PICKER_IDLE_TIMEOUT_S,
     authz_status,
 )
 from shared.core.routing import Endpoint
@@ -225,6 +226,27 @@ def test_envoy_closes_an_idle_engine_connection_before_the_engine_would() -> Non
     assert opts["explicit_http_config"] == {"http_protocol_options": {}}  # HTTP/1.1, as before
     idle = float(opts["common_http_protocol_options"]["idle_timeout"].rstrip("s"))
     assert 0 < idle < 5.0  # uvicorn's (and vLLM's) keep-alive: a request on a connection it is closing fails
+
+
+def _idle_timeout(cluster: dict[str, Any]) -> float:
+    opts = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    return float(opts["common_http_protocol_options"]["idle_timeout"].rstrip("s"))
+
+
+@pytest.mark.parametrize("transport", list(PickerTransport))
+@pytest.mark.parametrize("picker_idle_s", [1.0, PICKER_IDLE_TIMEOUT_S])
+def test_envoy_closes_an_idle_picker_connection_well_before_the_picker_would(transport: PickerTransport,
+                                                                            picker_idle_s: float) -> None:
+    cfg = _cfg(transport=transport, als_port=(5, 6), picker_idle_timeout_s=picker_idle_s)
+    names = [EPP_CLUSTER, *(["gantry_als_0", "gantry_als_1"] if transport is PickerTransport.EXT_AUTHZ else [])]
+    for name in names:  # checks (or ext_proc streams) and the access-log streams
+        assert 0 < _idle_timeout(_cluster(cfg, name)) <= picker_idle_s / 2, name
+
+
+def test_the_cli_takes_the_pickers_idle_timeout_and_defaults_to_the_pickers_default() -> None:
+    assert parse_args(["--eds-path", "e.json"])[0].picker_idle_timeout_s == PICKER_IDLE_TIMEOUT_S
+    o, _ = parse_args(["--eds-path", "e.json", "--picker-idle-timeout-s", "8"])
+    assert _idle_timeout(_cluster(envoy_config(o), EPP_CLUSTER)) == 4.0
 
 
 def _addresses(cluster: dict[str, Any]) -> list[dict[str, Any]]:

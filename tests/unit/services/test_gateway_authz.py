@@ -226,3 +226,15 @@ async def test_a_short_prompt_is_answered_at_once_and_a_long_one_after_tokenizin
     code, hs, _ = _split(await later)
     assert code == 200 and hs[DESTINATION] == "127.0.0.1:8001"
     assert sum(s.inflight_requests for s in router.state.endpoints.values()) == 2
+
+
+async def test_stats_show_the_listeners_open_refused_and_idle_closed_connections() -> None:
+    from services.gateway.http1 import Connections, OneByOne
+
+    p, _ = picker(report("a", 8001))
+    authz = AuthzPicker(p, Connections(idle_timeout_s=60.0, max_connections=1))
+    assert authz.connections is not None
+    kept, refused = OneByOne(authz.answer), OneByOne(authz.answer)
+    assert authz.connections.admit(kept) and not authz.connections.admit(refused)
+    _, _, body = _split(await _answered(authz, b"GET /stats HTTP/1.1\r\nhost: x", b""))
+    assert msgspec.json.decode(body)["connections"] == {"open": 1, "max": 1, "refused": 1, "idle_closed": 0}

@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 
 from bench.noop_authz import answer
-from services.gateway.http1 import MALFORMED, MAX_HEAD_BYTES, Answer, OneByOne, content_length, headers_of, response
+from services.gateway.http1 import (
+    MALFORMED,
+    MAX_HEAD_BYTES,
+    Answer,
+    Connections,
+    OneByOne,
+    content_length,
+    headers_of,
+    response,
+)
 
 
 @asynccontextmanager
@@ -292,3 +301,121 @@ async def test_a_request_begun_behind_a_late_but_whole_one_gets_its_own_time() -
         writer.write(second[10:])
         for _ in range(2):
             assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+
+
+CHECK = b"POST /a HTTP/1.1\r\ncontent-length: 2\r\n\r\nok"
+
+
+@asynccontextmanager
+async def bounded(reply: Answer, conns: Connections) -> AsyncIterator[int]:
+    """A live server answering with ``reply``, its connections kept by ``conns``; yields its port."""
+    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(reply, conns=conns), "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def _answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(CHECK)
+    return await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll until ``condition`` holds (a slow host gets the whole ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_connection_idle_longer_than_the_idle_timeout_is_closed() -> None:
+    conns = Connections(idle_timeout_s=0.2, max_connections=8)
+    sweeping = asyncio.create_task(conns.sweep_forever())
+    try:
+        async with bounded(_ok, conns) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            t0 = time.monotonic()  # before the connection's last activity (its answer)
+            assert (await _answered(reader, writer)).startswith(b"HTTP/1.1 200")
+            assert await _closed(reader) == b""  # closed by the picker, nothing more written
+            assert time.monotonic() - t0 >= 0.2  # never before the idle timeout
+            writer.close()
+            await _until(lambda: not conns.open)
+    finally:
+        sweeping.cancel()
+    assert conns.idle_closed == 1
+
+
+async def test_a_connection_is_closed_only_after_a_whole_idle_timeout_without_a_byte() -> None:
+    conns = Connections(idle_timeout_s=10.0, max_connections=8)
+    async with bounded(_ok, conns) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _until(lambda: len(conns.open) == 1)
+        now = time.monotonic()
+        conns.sweep(now)
+        conns.sweep(now + 9.9)  # quiet, but not yet for the whole timeout
+        assert (await _answered(reader, writer)).startswith(b"HTTP/1.1 200")  # activity: its idle time restarts
+        conns.sweep(now + 15)
+        conns.sweep(now + 24.9)
+        assert (await _answered(reader, writer)).startswith(b"HTTP/1.1 200")
+        conns.sweep(now + 30)
+        conns.sweep(now + 40)
+        assert await _closed(reader) == b""
+        writer.close()
+
+
+async def test_a_connection_whose_answer_is_awaited_is_not_closed_by_the_idle_sweep() -> None:
+    release = asyncio.Event()
+    conns = Connections(idle_timeout_s=1.0, max_connections=8)
+
+    async def waits(_head: bytes, body: bytes) -> bytes:
+        await release.wait()
+        return response(200, body)
+
+    async with bounded(waits, conns) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(CHECK)
+        await _until(lambda: len(conns.open) == 1 and next(iter(conns.open)).busy)
+        now = time.monotonic()
+        for later in (0, 100, 200, 300):  # the answer is awaited far past the idle timeout
+            conns.sweep(now + later)
+        release.set()
+        assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+        conns.sweep(now + 301)  # the answer just left: its idle time starts now
+        assert (await _answered(reader, writer)).startswith(b"HTTP/1.1 200")
+        writer.close()
+    assert conns.idle_closed == 0
+
+
+async def test_a_request_in_progress_is_left_to_the_read_timeout_not_the_idle_sweep() -> None:
+    conns = Connections(idle_timeout_s=1.0, max_connections=8)
+    async with bounded(_ok, conns) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(CHECK[:10])
+        await _until(lambda: len(conns.open) == 1 and bool(next(iter(conns.open)).buf))
+        now = time.monotonic()
+        for later in (0, 100, 200):
+            conns.sweep(now + later)
+        writer.write(CHECK[10:])
+        assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+        writer.close()
+    assert conns.idle_closed == 0
+
+
+async def test_past_the_cap_a_new_connection_is_closed_at_once_and_the_open_ones_keep_being_answered() -> None:
+    conns = Connections(idle_timeout_s=60.0, max_connections=2)
+    async with bounded(_ok, conns) as port:
+        first = await asyncio.open_connection("127.0.0.1", port)
+        second = await asyncio.open_connection("127.0.0.1", port)
+        await _until(lambda: len(conns.open) == 2)
+        extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", port)
+        extra_writer.write(CHECK)
+        assert await _closed(extra_reader) == b""  # refused: closed without an answer
+        assert conns.refused == 1
+        for reader, writer in (first, second, first):
+            assert (await _answered(reader, writer)).startswith(b"HTTP/1.1 200")
+        first[1].close()  # a place frees up: the next connection is taken
+        await _until(lambda: len(conns.open) == 1)
+        again = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _answered(*again)).startswith(b"HTTP/1.1 200")
+        for _, writer in (second, again):
+            writer.close()
+        extra_writer.close()

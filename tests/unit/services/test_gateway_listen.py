@@ -70,3 +70,19 @@ def test_a_path_that_is_not_a_socket_or_too_long_is_refused(short_dir: Path) -> 
         free_socket_path(plain)
     with pytest.raises(ListenError, match="longer than"):
         free_socket_path(short_dir / ("d" * MAX_PATH_BYTES) / GRPC_SOCKET)
+
+
+def test_the_open_files_limit_is_raised_to_hold_the_connection_caps() -> None:
+    import resource
+
+    from services.gateway.listen import SPARE_FDS, fd_room
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048 + SPARE_FDS:
+        pytest.skip(f"hard limit on open files {hard}: too low to raise the soft one here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+    try:
+        assert fd_room(2048) == 2048 + SPARE_FDS == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert fd_room(10) == 2048 + SPARE_FDS  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

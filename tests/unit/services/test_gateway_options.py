@@ -36,3 +36,24 @@ def test_the_report_master_key_comes_from_the_environment_and_none_means_every_r
     assert parse_args(["--nats-url", "nats://x:1", "--eds-path", "e.json"]).report_master == bytes.fromhex("ab" * 32)
     monkeypatch.delenv("GANTRY_ENGINE_REPORT_MASTER_KEY")
     assert parse_args(["--nats-url", "nats://x:1", "--eds-path", "e.json"]).report_master is None
+
+
+def test_connection_bounds_are_read_and_default_to_what_envoys_config_assumes() -> None:
+    from services.gateway.protocol import PICKER_IDLE_TIMEOUT_S, PICKER_MAX_CONNECTIONS
+
+    opts = parse_args(["--nats-url", "nats://x:1", "--eds-path", "e.json"])
+    assert (opts.idle_timeout_s, opts.max_connections) == (PICKER_IDLE_TIMEOUT_S, PICKER_MAX_CONNECTIONS)
+    opts = parse_args(["--nats-url", "nats://x:1", "--eds-path", "e.json", "--idle-timeout-s", "30",
+                       "--max-connections", "64"])
+    assert (opts.idle_timeout_s, opts.max_connections) == (30.0, 64)
+
+
+@pytest.mark.parametrize("bad", [["--idle-timeout-s", "0"], ["--idle-timeout-s", "nan"], ["--idle-timeout-s", "inf"],
+                                 ["--max-connections", "0"]])
+def test_a_connection_bound_that_bounds_nothing_is_refused_in_one_line(bad: list[str],
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--nats-url", "nats://x:1", "--eds-path", "e.json", *bad])
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert bad[0] in err[-1] and err[-1].startswith("python -m services.gateway: error:")

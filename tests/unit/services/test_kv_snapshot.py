@@ -13,7 +13,15 @@ import pytest
 
 from shared.bus.messages import EngineKVEvents, EngineKVSnapshot, KVSnapshotRequest, decode, encode
 from shared.core.kv_events import BlockRemoved, BlockStored, KVEventBatch
-from shared.host.engine_feed import SNAPSHOT_CHUNK, EngineFeed, apply_snapshot, fetch_snapshot, take_metrics
+from shared.host.engine_feed import (
+    SNAPSHOT_CHUNK,
+    EngineFeed,
+    Fetched,
+    apply_snapshot,
+    fetch_snapshot,
+    fetch_snapshot_until_answered,
+    take_metrics,
+)
 from shared.host.report_auth import SNAPSHOT, ReportSigner, derive_key, signed_headers
 from tests.unit.services.test_report_auth import MASTER, NOW, RecordingBus, feed_with, report, signed, verifier
 
@@ -59,6 +67,21 @@ class AnsweringBus(RecordingBus):
 
     async def request(self, subject: str, msg: msgspec.Struct, timeout_s: float) -> Reply:  # type: ignore[override]
         return self.answer(decode(encode(msg), KVSnapshotRequest))
+
+
+class SlowBus(AnsweringBus):
+    """An engine whose first ``late`` answers come after the asker stopped waiting (or never reach it)."""
+
+    def __init__(self, answer: Callable[[KVSnapshotRequest], Reply], late: int) -> None:
+        super().__init__(answer)
+        self.late = late
+        self.asked = 0
+
+    async def request(self, subject: str, msg: msgspec.Struct, timeout_s: float) -> Reply:  # type: ignore[override]
+        self.asked += 1
+        if self.asked <= self.late:
+            raise TimeoutError
+        return await super().request(subject, msg, timeout_s)
 
 
 def engine(hashes: list[int], key_of: str = "e1", sign: bool = True,
@@ -132,14 +155,14 @@ async def test_a_snapshot_older_than_events_already_applied_is_not_applied() -> 
 async def test_a_signed_snapshot_is_fetched_and_applied() -> None:
     feed = await joined(feed_with(verifier()))
     dead = AnsweringBus(engine([1, 2]))
-    assert await fetch_snapshot(feed, dead, "e1")
+    assert await fetch_snapshot(feed, dead, "e1") is Fetched.APPLIED
     assert holds(feed, 1) and holds(feed, 2) and dead.dead == []
 
 
 async def test_a_snapshot_signed_with_another_instances_key_is_refused() -> None:
     feed = await joined(feed_with(verifier()))
     dead = AnsweringBus(engine([1], key_of="e2"))
-    assert not await fetch_snapshot(feed, dead, "e1")
+    assert await fetch_snapshot(feed, dead, "e1") is Fetched.NOT_APPLIED
     assert not holds(feed, 1)
     assert dead.dead == [("gantry.engine.kvsnap.e1", "claiming instance 'e1': not signed by the instance it claims")]
 
@@ -147,15 +170,51 @@ async def test_a_snapshot_signed_with_another_instances_key_is_refused() -> None
 async def test_an_unsigned_snapshot_is_refused() -> None:
     feed = await joined(feed_with(verifier()))
     dead = AnsweringBus(engine([1], sign=False))
-    assert not await fetch_snapshot(feed, dead, "e1")
+    assert await fetch_snapshot(feed, dead, "e1") is Fetched.NOT_APPLIED
     assert not holds(feed, 1) and len(dead.dead) == 1
 
 
 async def test_a_recorded_snapshot_answering_another_request_is_refused() -> None:
     feed = await joined(feed_with(verifier()))
     dead = AnsweringBus(engine([1], nonce="r" * 32))
-    assert not await fetch_snapshot(feed, dead, "e1")
+    assert await fetch_snapshot(feed, dead, "e1") is Fetched.NOT_APPLIED
     assert not holds(feed, 1) and len(dead.dead) == 1
+
+
+async def test_an_engine_that_answers_too_late_is_asked_again_and_its_snapshot_applied() -> None:
+    feed = await joined(feed_with(verifier()))
+    bus = SlowBus(engine([1, 2]), late=2)
+    assert await fetch_snapshot_until_answered(feed, bus, "e1", (1.0, 1.0, 1.0), 0.0) is Fetched.APPLIED
+    assert bus.asked == 3 and holds(feed, 1) and holds(feed, 2)
+
+
+async def test_an_engine_that_never_answers_is_asked_a_bounded_number_of_times() -> None:
+    feed = await joined(feed_with(verifier()))
+    bus = SlowBus(engine([1]), late=100)
+    assert await fetch_snapshot_until_answered(feed, bus, "e1", (1.0, 1.0, 1.0), 0.0) is Fetched.NO_ANSWER
+    assert bus.asked == 3 and not holds(feed, 1)
+
+
+async def test_a_refused_snapshot_answer_is_not_asked_for_again() -> None:
+    feed = await joined(feed_with(verifier()))
+    bus = SlowBus(engine([1], key_of="e2"), late=0)
+    assert await fetch_snapshot_until_answered(feed, bus, "e1", (1.0, 1.0, 1.0), 0.0) is Fetched.NOT_APPLIED
+    assert bus.asked == 1 and len(bus.dead) == 1
+
+
+async def test_an_engine_that_left_the_pool_is_not_asked_again() -> None:
+    feed = await joined(feed_with(verifier()))
+    asked: list[str] = []
+
+    async def leave_after_first_ask(subject: str, msg: msgspec.Struct, timeout_s: float) -> Reply:
+        asked.append(subject)
+        feed.pool.endpoints.pop("e1")
+        raise TimeoutError
+
+    bus = SlowBus(engine([1]), late=100)
+    bus.request = leave_after_first_ask  # type: ignore[method-assign]
+    assert await fetch_snapshot_until_answered(feed, bus, "e1", (1.0, 1.0, 1.0), 0.0) is Fetched.NO_ANSWER
+    assert asked == ["gantry.engine.kvsnap.e1"]
 
 
 async def test_an_engine_becoming_routable_and_one_that_lost_events_are_asked_for_their_snapshot() -> None:
