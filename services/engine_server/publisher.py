@@ -50,6 +50,7 @@ from shared.bus.messages import (
 from shared.core.coalesce import AnswerWindow
 from shared.core.kv_events import KVEventBatch
 from shared.envsettings import without_user
+from shared.host.disconnect import close_promptly
 from shared.host.report_auth import KV, METRICS, SNAPSHOT, ReportSigner, signed_headers
 from shared.host.tasks import cancel_until_done
 
@@ -168,9 +169,8 @@ class Publisher:
             await asyncio.gather(*tasks)
         finally:
             await cancel_until_done(tasks)  # nats-py's requests can lose one cancel() on Python 3.11
-            if self._nc is not None and self._nc.is_connected:
-                with contextlib.suppress(Exception):
-                    await self._nc.drain()
+            if self._nc is not None:
+                await close_promptly(self._nc)  # bounded: NATS may be gone or not answering
 
     async def _client(self) -> NatsClient:
         nc = self._nc

@@ -50,6 +50,7 @@ from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, Router, RouterConfig, builtin_config
 from shared.core.routing.pool_source import PoolSource
 from shared.envsettings import EnvSettings
+from shared.host.disconnect import close_promptly
 from shared.host.engine_feed import (
     EngineFeed,
     PlacedInstances,
@@ -316,7 +317,7 @@ class Gateway:
             nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1, reconnected_cb=on_reconnect,
                                     **nats_options(EnvSettings(nats_url=self.opts.nats_url,
                                                                tls_ca_file=self.opts.tls_ca_file)))
-            stack.push_async_callback(_drain, nc)
+            stack.push_async_callback(close_promptly, nc)  # bounded: NATS may be gone or not answering
             stack.callback(MetricsServer(self.metrics, self.opts.metrics_port, CONTRACT.service).close)
             if self.capture is not None:
                 stack.callback(self.capture.close)
@@ -390,7 +391,3 @@ def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None
 
     stack.push_async_callback(cancel)
 
-
-async def _drain(nc: NATS) -> None:
-    with contextlib.suppress(Exception):
-        await nc.drain()

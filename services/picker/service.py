@@ -22,6 +22,7 @@ from shared.bus.connection import url_credentials
 from shared.bus.messages import MessageError, PickAnswer, PickProgress, PickReply, encode
 from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.routing import Router, builtin_config
+from shared.host.disconnect import close_promptly
 from shared.host.engine_feed import EngineFeed, SnapshotFetcher, expire_forever, take_kv_events, take_metrics
 from shared.host.metrics import MetricsServer
 from shared.host.report_auth import ReportVerifier
@@ -192,5 +193,4 @@ class PickerService:
             await self.snapshots.close()
             log.info("picker: %s", self.counters)
             metrics.close()
-            with contextlib.suppress(Exception):
-                await nc.drain()
+            await close_promptly(nc)  # bounded: NATS may be gone or not answering

@@ -44,6 +44,7 @@ from shared.bus.messages import (
 from shared.bus.runtime import js_publish
 from shared.core.coalesce import AnswerWindow, Verdict
 from shared.core.placement.domain import GIB, Gpu, GpuUsage, InstanceState, ModelFileState, Worker
+from shared.host.disconnect import close_promptly
 
 if TYPE_CHECKING:
     from services.workers.engines import EngineSupervisor
@@ -481,4 +482,4 @@ async def run_fleet(cfg: FleetConfig, nats_url: str, options: dict[str, Any] | N
         await fleet.run()
     finally:
         await fleet.close()
-        await nc.close()
+        await close_promptly(nc)  # bounded, never raising: NATS may be gone or not answering

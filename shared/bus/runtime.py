@@ -207,9 +207,9 @@ async def await_provisioned(
         await asyncio.sleep(retry_s)
 
 
-def make_broker(settings: Settings, no_echo: bool = False) -> NatsBroker:
-    """A FastStream NATS broker with quiet per-message logging (it costs throughput); ``no_echo``: the server
-    does not deliver the connection's own publishes back to its subscriptions."""
+def make_broker(settings: Settings, no_echo: bool = False, kind: type[NatsBroker] = NatsBroker) -> NatsBroker:
+    """A FastStream NATS broker (of class ``kind``) with quiet per-message logging (it costs throughput);
+    ``no_echo``: the server does not deliver the connection's own publishes back to its subscriptions."""
     quiet = logging.getLogger("gantry.faststream")
     quiet.setLevel(logging.WARNING)
     options = nats_options(settings)
@@ -221,7 +221,7 @@ def make_broker(settings: Settings, no_echo: bool = False) -> NatsBroker:
         url = without_user(url)  # FastStream refuses credentials both in the URL and in ``security``
     elif tls is not None:
         security = BaseSecurity(ssl_context=tls)
-    return NatsBroker(
+    return kind(
         url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1, security=security,
         inbox_prefix=options["inbox_prefix"], no_echo=no_echo,
     )

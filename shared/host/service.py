@@ -14,6 +14,7 @@ import asyncio
 import gc
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -52,6 +53,7 @@ from shared.bus.streams import ALL_CONSUMERS
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile
 from shared.core.placement.registry import profile_from_json, profile_from_yaml
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
+from shared.host.broker import PromptNatsBroker
 from shared.host.contract import Consumes, Contract, Emits, merge, subject_matches
 from shared.host.feed import Feed, SnapshotFeed
 from shared.host.isolation import SplitBatch, ack_all, guarded, isolating, run_batch, settle, transient
@@ -87,7 +89,8 @@ class PlacementService:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.clock = clock
-        self.broker = make_broker(settings, no_echo=not self.hears_itself)
+        # A broker whose stop ends within ~1.5 s, whether NATS answers, is gone or has stopped answering.
+        self.broker = make_broker(settings, no_echo=not self.hears_itself, kind=PromptNatsBroker)
         # FastStream's own app logger always writes ANSI colour codes, into log files too: ours is plain.
         self.app = FastStream(self.broker, logger=APP_LOG)
         self.snapshot = ClusterSnapshot(
@@ -402,23 +405,27 @@ SETTLE_S = 2.0  # how long background tasks get to finish their cancellation at 
 
 
 async def _run_then_settle(service: PlacementService) -> None:
-    """Run the app; once it has shut down, cancel what is left with a bound.
+    """Run the app; once it has shut down (or failed to), cancel what is left with a bound.
 
     A background task (tick, flush, feed) whose client library turns a cancellation into its own error can
     ignore it and loop; the event loop's close would then wait forever. Such a task is named in the log and
     the process exits anyway: its shutdown hooks have run, so nothing is left unacked or unflushed.
     """
-    await service.app.run()
-    me = asyncio.current_task()
-    rest = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-    if not rest:
-        return
-    stuck = await cancel_until_done(rest, timeout=SETTLE_S)
-    if stuck:
-        log.error("shutdown: %d task(s) ignored cancellation: %s", len(stuck),
-                  ", ".join(sorted(t.get_coro().__qualname__ for t in stuck)))  # type: ignore[union-attr]
-        logging.shutdown()
-        os._exit(0)
+    try:
+        await service.app.run()
+    finally:
+        # Also when the shutdown failed: asyncio.run's own cancellation of what is left waits without a bound.
+        me = asyncio.current_task()
+        rest = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        stuck = await cancel_until_done(rest, timeout=SETTLE_S)
+        if stuck:
+            log.error("shutdown: %d task(s) ignored cancellation: %s", len(stuck),
+                      ", ".join(sorted(t.get_coro().__qualname__ for t in stuck)))  # type: ignore[union-attr]
+            failed = sys.exc_info()[0] is not None  # the shutdown raised: log why, exit 1 as the raise would
+            if failed:
+                log.error("shutdown failed", exc_info=True)
+            logging.shutdown()
+            os._exit(1 if failed else 0)
 
 
 def load_profile(name: str) -> Profile:
