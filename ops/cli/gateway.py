@@ -28,6 +28,7 @@ from ops.cli.errors import CliError
 from shared.bus import subjects
 from shared.bus.messages import EngineMetrics
 from shared.core.routing.pool_source import Placed, PoolSource, refusal
+from shared.host.disconnect import close_promptly
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -172,7 +173,7 @@ async def _listen(nats_url: str | None, redis_url: str | None, window_s: float, 
             if show is not None:
                 show(rows_of(latest, previous, time.time(), placed))
     finally:
-        await nc.drain()
+        await close_promptly(nc)  # a watch that only read: NATS gone must not hold the command for 10 s
         if redis is not None:
             await redis.aclose()
     return latest, previous, placed
