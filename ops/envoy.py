@@ -34,6 +34,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -62,6 +63,7 @@ from services.gateway.protocol import (
     envoy_idle_timeout_s,
     processing_mode,
 )
+from services.gateway.tls import CA_FILE, ENVOY_CERT, ENVOY_KEY, PICKER_NAME, TlsError, TlsFiles, envoy_files, present
 
 ENGINES_CLUSTER = "gantry_engines"  # same name as services.gateway.pool.ENGINES_CLUSTER
 EPP_CLUSTER = "gantry_epp"
@@ -130,6 +132,9 @@ class EnvoyOptions:
     max_body_bytes: int = 8 << 20  # ext_authz: the largest request body buffered for the picker
     als_port: PickerAddress | tuple[PickerAddress, ...] = ()  # ext_authz: each replica's gRPC listener (same order)
     als_flush_s: float = 0.01  # ext_authz: how long Envoy batches access-log entries before sending them
+    # mutual TLS to the pickers' TCP ports (services.gateway.tls): Envoy's client certificate and key, and the CA
+    # the picker's certificate (named PICKER_NAME) must be signed by; None: plain TCP, or unix sockets
+    picker_tls: TlsFiles | None = None
 
     @property
     def epp_ports(self) -> tuple[PickerAddress, ...]:
@@ -439,6 +444,7 @@ def _als_clusters(o: EnvoyOptions) -> list[dict[str, Any]]:
         return []
     return [{"name": _als_cluster(i), "type": "STATIC", "connect_timeout": "0.25s",
              "typed_extension_protocol_options": _picker_protocol(o, {"http2_protocol_options": {}}),
+             **_picker_tls(o, "h2"),
              "load_assignment": {"cluster_name": _als_cluster(i), "endpoints": [{"lb_endpoints": [
                  {"endpoint": {"address": _address(o, target)}}]}]}}
             for i, target in enumerate(o.als_ports)]
@@ -452,6 +458,25 @@ def _access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
                            path=str(o.access_log),
                            log_format={"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}))
     return logs
+
+
+def _picker_tls(o: EnvoyOptions, alpn: str) -> dict[str, Any]:
+    """A picker cluster's transport socket: TLS with Envoy's client certificate, the picker's certificate checked
+    against the CA and its name (sent as SNI: the picker is reached by address); nothing without ``picker_tls``."""
+    if (tls := o.picker_tls) is None:
+        return {}
+    context = {
+        "sni": PICKER_NAME,
+        "common_tls_context": {
+            "alpn_protocols": [alpn],  # gRPC servers want h2 negotiated
+            "tls_certificates": [{"certificate_chain": {"filename": str(tls.cert)},
+                                  "private_key": {"filename": str(tls.key)}}],
+            "validation_context": {"trusted_ca": {"filename": str(tls.ca)}, "match_typed_subject_alt_names": [
+                {"san_type": "DNS", "matcher": {"exact": PICKER_NAME}}]},
+        },
+    }
+    return {"transport_socket": _typed("envoy.transport_sockets.tls",
+                                       "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", **context)}
 
 
 def _picker_protocol(o: EnvoyOptions, http: dict[str, Any]) -> dict[str, Any]:
@@ -475,6 +500,7 @@ def _epp_cluster(o: EnvoyOptions) -> dict[str, Any]:
     return {
         "name": EPP_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
         "typed_extension_protocol_options": protocol,
+        **_picker_tls(o, "h2" if o.transport is PickerTransport.EXT_PROC else "http/1.1"),
         "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": pickers}]},
         # grpc.health.v1 on the picker's own event loop: a stalled picker fails it, not only a dead one;
         # two misses in a row take a replica out, one success brings it back
@@ -602,6 +628,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
     p.add_argument("--transport", choices=[t.value for t in PickerTransport], default=PickerTransport.EXT_PROC.value)
     p.add_argument("--als-port", type=int, action="append", default=[],
                    help="ext_authz over TCP: a picker's gRPC port for the access log (repeat, in --epp-port's order)")
+    p.add_argument("--picker-tls-dir", type=Path, default=None,
+                   help=f"with --epp-port: mutual TLS to the pickers (their --tls-dir), Envoy's certificate "
+                        f"{ENVOY_CERT} and key {ENVOY_KEY}, and the {CA_FILE} that signed the pickers' certificate")
     p.add_argument("--eds-path", type=Path, required=True, help="the endpoint file the picker maintains")
     p.add_argument("--workdir", type=Path, default=Path(".gantry/envoy"))
     p.add_argument("--failure-mode", choices=[m.value for m in FailureMode], default=FailureMode.FAIL_CLOSE.value,
@@ -619,6 +648,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
         p.error("--admin-socket and --admin-port exclude each other")
     admin: PickerAddress = (a.admin_port if a.admin_port is not None
                             else (a.admin_socket or a.workdir / ADMIN_SOCKET).resolve())
+    tls = None
+    if a.picker_tls_dir is not None:
+        if not a.epp_port:  # unix sockets: their file modes already admit only the picker's user
+            sys.exit(f"{p.prog}: error: --picker-tls-dir needs --epp-port (unix sockets need no TLS)")
+        try:
+            tls = present(envoy_files(a.picker_tls_dir.resolve()))
+        except TlsError as err:
+            sys.exit(f"{p.prog}: error: {err}")
     if a.epp_port:
         epp, als = tuple(a.epp_port), tuple(a.als_port)
         if transport is PickerTransport.EXT_AUTHZ and len(als) != len(epp):
@@ -630,7 +667,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
                      als_port=als,
                      eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
                      access_log=(a.workdir / "access.log").resolve(), transport=transport,
-                     picker_idle_timeout_s=a.picker_idle_timeout_s)
+                     picker_idle_timeout_s=a.picker_idle_timeout_s, picker_tls=tls)
     return o, a.workdir
 
 

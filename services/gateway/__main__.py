@@ -19,6 +19,7 @@ from services.gateway.protocol import (
     PickerTransport,
 )
 from services.gateway.service import Gateway, GatewayOptions
+from services.gateway.tls import CA_FILE, PICKER_CERT, PICKER_KEY, TlsError, load_picker_tls
 from shared.core.routing import builtin_names
 from shared.core.routing.pool_source import PoolSource
 from shared.envsettings import credentials_on_command_line
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     p.add_argument("--grpc-port", type=int, default=None,
                    help="listen on TCP instead of unix sockets (Envoy in another container: docs/security.md); "
                         "gRPC on this port")
+    p.add_argument("--tls-dir", type=Path, default=None,
+                   help=f"TCP only: mutual TLS on both listeners, only clients with a certificate from this "
+                        f"directory's {CA_FILE} connect (Envoy's); it holds {CA_FILE}, {PICKER_CERT} and {PICKER_KEY} "
+                        "(`python -m ops.tls picker DIR` generates them with Envoy's; docs/security.md)")
     p.add_argument("--profile", default="default", choices=builtin_names())
     p.add_argument("--expire-s", type=float, default=3.0, help="drop an endpoint silent this long")
     p.add_argument("--seed", type=int, default=0)
@@ -93,6 +98,15 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
         p.error("--capture needs --transport ext_proc (the output length is read from the response body)")
     if a.socket_dir is not None and (a.grpc_port is not None or a.http_port is not None):
         p.error("--socket-dir (unix sockets) and --grpc-port/--http-port (TCP) exclude each other")
+    tls = None
+    if a.tls_dir is not None:
+        if a.grpc_port is None and a.http_port is None:  # unix sockets: their file modes already admit only us
+            sys.exit(f"{p.prog}: error: --tls-dir needs --grpc-port/--http-port (unix sockets need no TLS: only "
+                     "their user can open them)")
+        try:
+            tls = load_picker_tls(a.tls_dir)
+        except TlsError as err:
+            sys.exit(f"{p.prog}: error: {err}")
     return GatewayOptions(nats_url=a.nats_url, eds_path=a.eds_path, grpc_host=a.grpc_host, grpc_port=a.grpc_port,
                           profile=a.profile, expire_s=a.expire_s, seed=a.seed, staleness_s=a.staleness_s,
                           capture=a.capture, capture_salt=a.capture_salt, transport=a.transport,
@@ -100,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                           feed_window_s=a.feed_window_ms / 1000 if a.feed_window_ms >= 0 else None,
                           pool_source=a.pool_source, redis_url=a.redis_url, tls_ca_file=settings.tls_ca_file,
                           report_master=report_master, metrics_port=settings.metrics_port,
-                          idle_timeout_s=a.idle_timeout_s, max_connections=a.max_connections)
+                          idle_timeout_s=a.idle_timeout_s, max_connections=a.max_connections, tls=tls)
 
 
 def main(argv: list[str] | None = None) -> None:

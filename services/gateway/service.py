@@ -42,6 +42,7 @@ from services.gateway.protocol import (
     PickerTransport,
 )
 from services.gateway.request import Tokenize
+from services.gateway.tls import HANDSHAKE_TIMEOUT_S, PickerTls
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
 from shared.bus.connection import nats_options
@@ -110,6 +111,9 @@ class GatewayOptions:
     # closed at once: idle connections opened by a stranger cannot take all the picker's file descriptors
     idle_timeout_s: float = PICKER_IDLE_TIMEOUT_S
     max_connections: int = PICKER_MAX_CONNECTIONS
+    # mutual TLS on the TCP listeners (services.gateway.tls): only a client with a certificate from its CA
+    # (Envoy's) connects; None (and always on unix sockets): plain, as before
+    tls: PickerTls | None = None
 
     @property
     def tcp(self) -> bool:
@@ -354,7 +358,13 @@ class Gateway:
             path = free_socket_path(private_dir(self.opts.sockets) / GRPC_SOCKET)
             stack.callback(remove, path)
         # grpcio reports a port it could not bind by returning 0 (or raising, depending on the version)
-        if server.add_insecure_port(self.opts.grpc_address()) == 0:
+        if (tls := self.opts.tls) is not None:
+            creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca,
+                                                require_client_auth=True)
+            bound = server.add_secure_port(self.opts.grpc_address(), creds)
+        else:
+            bound = server.add_insecure_port(self.opts.grpc_address())
+        if bound == 0:
             raise RuntimeError(f"gRPC listener on {self.opts.grpc_address()} could not bind")
         if not self.opts.tcp:
             restrict(self.opts.sockets / GRPC_SOCKET)
@@ -371,7 +381,10 @@ class Gateway:
 
         if self.opts.tcp:
             port = self.opts.http_port if self.opts.http_port is not None else DEFAULT_HTTP_PORT
-            http = await loop.create_server(protocol, self.opts.grpc_host, port)
+            tls = self.opts.tls
+            http = await loop.create_server(
+                protocol, self.opts.grpc_host, port, ssl=tls.context if tls is not None else None,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None)
         else:
             path = free_socket_path(private_dir(self.opts.sockets) / HTTP_SOCKET)
             http = await loop.create_unix_server(protocol, str(path))
