@@ -29,6 +29,7 @@ from ops.envoy import SERVED, EnvoyOptions, FailureMode, admin_get, envoy_binary
 from ops.servers import ServerProcess, ServerStartError, free_port
 from services.gateway.epp import PICKED
 from services.gateway.protocol import GRPC_SOCKET, HTTP_SOCKET, PickerTransport
+from services.gateway.tls import envoy_files
 from shared.bus import subjects
 from shared.bus.messages import EngineMetrics, encode
 from shared.envsettings import ENGINE_NATS_URL_ENV
@@ -121,6 +122,7 @@ class Gateway:
     log: Path
     admin: Path | int = 0  # Envoy's admin API: its unix socket (mode 0600)
     socket_dirs: tuple[Path, ...] = ()  # each replica's --socket-dir (its unix sockets)
+    tcp_ports: tuple[tuple[int, int], ...] = ()  # over TCP: each replica's gRPC and HTTP ports
 
     def stats(self, replica: int = 0) -> dict[str, Any]:
         """An ext_authz picker replica's books, from its own HTTP socket (not routed by Envoy)."""
@@ -154,10 +156,11 @@ def socket_dirs(n: int) -> Iterator[tuple[Path, ...]]:
 
 def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
              failure_mode: FailureMode = FailureMode.FAIL_CLOSE,
-             transport: PickerTransport = PickerTransport.EXT_PROC, tcp: bool = False) -> Iterator[Gateway]:
+             transport: PickerTransport = PickerTransport.EXT_PROC, tcp: bool = False,
+             tls_dir: Path | None = None) -> Iterator[Gateway]:
     """``replicas`` pickers behind one Envoy, each on the unix sockets of its own directory (the default
-    transport; ``tcp``: on ports of 127.0.0.1 instead). ext_authz: checks on each replica's HTTP listener,
-    Envoy's access log to its gRPC one."""
+    transport; ``tcp``: on ports of 127.0.0.1 instead, with mutual TLS from ``tls_dir`` when given). ext_authz:
+    checks on each replica's HTTP listener, Envoy's access log to its gRPC one."""
     eds = tmp_path / "eds" / "engines.json"
     eds.parent.mkdir()
     log = tmp_path / "picker.log"
@@ -169,7 +172,8 @@ def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
         http: tuple[int | Path, ...]
         if tcp:
             grpc, http = tuple(free_port() for _ in range(replicas)), tuple(free_port() for _ in range(replicas))
-            listen = [("--grpc-port", str(g), "--http-port", str(h)) for g, h in zip(grpc, http, strict=True)]
+            tls = ("--tls-dir", str(tls_dir)) if tls_dir is not None else ()
+            listen = [("--grpc-port", str(g), "--http-port", str(h), *tls) for g, h in zip(grpc, http, strict=True)]
         else:
             grpc, http = zip(*(picker_sockets(d) for d in dirs), strict=True)
             listen = [("--socket-dir", str(d)) for d in dirs]
@@ -184,10 +188,11 @@ def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
         admin = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ga-"))) / "admin.sock"  # short path
         opts = EnvoyOptions(listen_port=free_port(), admin_port=admin, epp_port=http if authz else grpc,
                             als_port=grpc if authz else (), eds_path=eds, failure_mode=failure_mode,
-                            transport=transport)
+                            transport=transport, picker_tls=envoy_files(tls_dir) if tls_dir is not None else None)
         envoy = start_envoy(opts, tmp_path / "envoy", timeout=60)  # its start is slower on a loaded host
         stack.callback(envoy.stop)
-        yield Gateway(envoy.url, pickers, envoy, log, opts.admin_port, dirs)
+        ports = tuple((g, h) for g, h in zip(grpc, http, strict=True) if isinstance(g, int) and isinstance(h, int))
+        yield Gateway(envoy.url, pickers, envoy, log, opts.admin_port, dirs, ports)
 
 
 @pytest.fixture
