@@ -85,23 +85,30 @@ class Bench:
         """One check: thread CPU seconds of its answer (what Envoy waits for; with ``framing``, from its bytes
         arriving to its answer written); then the deferred insertions and its access-log entry (off the
         request's path, not timed)."""
-        self.now += 0.01
-        if self.now - self.reported > 0.05:  # an engine report every 50 ms, as the emulated engines send
-            self.router.update_metrics("e1", metrics_of(msgspec.structs.replace(self.report, ts=self.now)))
-            self.reported = self.now
+        self.tick()
         if framing is None:
             t0 = time.thread_time()
             got = self.authz.answer(head, payload)
             spent = time.thread_time() - t0
         else:
             spent, got = framing.check(head + b"\r\n\r\n" + payload)
+        self.settle(got)
+        return spent
+
+    def tick(self) -> None:
+        """The clock 10 ms on (a check every 10 ms), and an engine report when one is due."""
+        self.now += 0.01
+        if self.now - self.reported > 0.05:  # an engine report every 50 ms, as the emulated engines send
+            self.router.update_metrics("e1", metrics_of(msgspec.structs.replace(self.report, ts=self.now)))
+            self.reported = self.now
+
+    def settle(self, got: object) -> None:
+        """After an answer ``got``: the deferred insertions, and the access-log entry that ends its request."""
         if not isinstance(got, bytes):
             raise RuntimeError("a bench prompt was tokenized off the loop")
-        out = got
         self.router.flush()
-        rid = out.split(PICK_ID, 1)[1].split(b"\r\n", 1)[0].decode()
+        rid = got.split(PICK_ID, 1)[1].split(b"\r\n", 1)[0].decode()
         self.authz.finished(Logged(rid, ENGINE, 200))
-        return spent
 
 
 class Framed:

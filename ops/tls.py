@@ -3,6 +3,9 @@
 ``gantry up --tls`` calls ``ensure_tls(home)``: files already in ``home/tls`` (``ca.pem``, ``server.pem``,
 ``server-key.pem``) are used as they are, so an operator may put certificates from their own CA there; otherwise
 they are generated with the ``cryptography`` package (an optional dependency: without it, a clear error).
+
+``python -m ops.tls picker DIR`` (``ensure_picker_tls``) writes the directory for mutual TLS between Envoy and the
+picker over TCP (services.gateway.tls): a CA of its own, the picker's certificate and Envoy's client certificate.
 """
 
 from __future__ import annotations
