@@ -36,7 +36,8 @@ do-nothing asyncio HTTP/1.1 server answering 200 and the destination header; ``a
 on its ext_authz transport (``python -m services.gateway --transport ext_authz``: the same hop with the real
 decision, request ends from Envoy's gRPC access log); ``gateway``, the product path (ext_proc). The product pickers
 listen on unix sockets (the default); ``gwtcp`` and ``authzgwtcp`` are the same two pickers reached over TCP
-instead (an A/B of the hop's transport in one interleaved run, e.g. ``--floor-paths gateway,gwtcp``). Each path reports
+instead (an A/B of the hop's transport in one interleaved run, e.g. ``--floor-paths gateway,gwtcp``); ``gwtls`` and
+``authzgwtls`` the same over TCP with mutual TLS (``--floor-paths gwtcp,gwtls``: what TLS adds). Each path reports
 its added latency (p50, p99, vs direct), the CPU microseconds, wake-ups (context switches) and read/write system
 calls per request of its picker process, of the picker's engine-feed relay child (``_relay``) and of its Envoy,
 and Envoy's phase timings (``<path>_to_upstream_us``: client's first byte to the engine).
@@ -72,7 +73,9 @@ import psutil  # noqa: E402
 from bench.progress import add_flag, progress  # noqa: E402
 from ops.envoy import ADMIN_SOCKET, TIMING_FIELDS, EnvoyOptions, picker_sockets, start_envoy, wait_routed  # noqa: E402
 from ops.servers import ServerProcess, free_port, start_nats  # noqa: E402
+from ops.tls import ensure_picker_tls  # noqa: E402
 from services.gateway.protocol import PickerTransport  # noqa: E402
+from services.gateway.tls import envoy_files  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
 MODEL = "bench-model"
@@ -265,6 +268,8 @@ FLOOR_LABELS = {  # floor path -> its name in the summary
     "authzgw": "envoy_gantry_picker_ext_authz",  # the product picker on its ext_authz transport
     "authzgwtcp": "envoy_gantry_picker_ext_authz_tcp",  # the same, Envoy reaching it over TCP (not unix sockets)
     "gwtcp": "envoy_gantry_picker_tcp",  # the product picker (ext_proc), Envoy reaching it over TCP
+    "gwtls": "envoy_gantry_picker_tcp_mtls",  # the same over TCP with mutual TLS (--tls-dir, --picker-tls-dir)
+    "authzgwtls": "envoy_gantry_picker_ext_authz_tcp_mtls",  # authzgwtcp with mutual TLS
 }
 ONE_MESSAGE_MODE = {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "request_trailer_mode": "SKIP",
                     "response_header_mode": "SKIP", "response_body_mode": "NONE", "response_trailer_mode": "SKIP"}
@@ -301,6 +306,10 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
 
     # the product pickers listen on their unix sockets (the default), or on TCP ports (the *tcp paths: A/B)
     als_port, authz_http_port, gwtcp_port = free_port(), free_port(), free_port()
+    tls_als_port, tls_http_port, gwtls_port = free_port(), free_port(), free_port()
+    tls_dir = tmp / "picker-tls"
+    if {"gwtls", "authzgwtls"} & set(which):
+        ensure_picker_tls(tls_dir)
     authz_grpc, authz_http = picker_sockets(tmp / "authzgw")
     scripts = {  # Envoy alone keeps a (health-checked, unused) picker cluster
         "envoy": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
@@ -316,6 +325,11 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
                        "--http-port", str(authz_http_port), *picker_args),
         "gwtcp": ("-m", "--nats-url", nats_url, "--eds-path", str(own_eds("gwtcp")), "--grpc-port", str(gwtcp_port),
                   *picker_args),
+        "gwtls": ("-m", "--nats-url", nats_url, "--eds-path", str(own_eds("gwtls")), "--grpc-port", str(gwtls_port),
+                  "--tls-dir", str(tls_dir), *picker_args),
+        "authzgwtls": ("-m", "--transport", "ext_authz", "--nats-url", nats_url,
+                       "--eds-path", str(own_eds("authzgwtls")), "--grpc-port", str(tls_als_port),
+                       "--http-port", str(tls_http_port), "--tls-dir", str(tls_dir), *picker_args),
     }
     ports: dict[str, int] = {}
     for path in which:  # a server per path: its CPU per request is that path's own
@@ -337,6 +351,10 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
                            eds_path=own_eds("authzgwtcp"), als_port=als_port,
                            **({} if als_flush_s is None else {"als_flush_s": als_flush_s})),
         "gwtcp": dict(epp_port=gwtcp_port, eds_path=own_eds("gwtcp")),
+        "gwtls": dict(epp_port=gwtls_port, eds_path=own_eds("gwtls"), picker_tls=envoy_files(tls_dir)),
+        "authzgwtls": dict(epp_port=tls_http_port, transport=PickerTransport.EXT_AUTHZ,
+                           eds_path=own_eds("authzgwtls"), als_port=tls_als_port, picker_tls=envoy_files(tls_dir),
+                           **({} if als_flush_s is None else {"als_flush_s": als_flush_s})),
     }
     for path in which:
         extra = options[path]
