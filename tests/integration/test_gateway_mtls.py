@@ -64,7 +64,7 @@ def _client_context(tls_dir: Path, with_cert: Path | None) -> ssl.SSLContext:
 def _exchange(port: int, ctx: ssl.SSLContext, request: bytes) -> bytes:
     """What the picker's port answers ``request`` over TLS; ``b""`` when the handshake or the exchange is refused."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
                 ctx.wrap_socket(raw, server_hostname=PICKER_NAME) as tls:
             tls.sendall(request)
             return tls.recv(65536)
@@ -94,7 +94,7 @@ def _health(port: int, tls_dir: Path, with_cert: Path | None) -> bytes | None:
     with grpc.secure_channel(f"127.0.0.1:{port}", creds,
                              options=[("grpc.ssl_target_name_override", PICKER_NAME)]) as channel:
         try:
-            answer: bytes = channel.unary_unary(HEALTH_CHECK)(b"", timeout=10)
+            answer: bytes = channel.unary_unary(HEALTH_CHECK)(b"", timeout=30)
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err  # refused at the connection, not by the service
             return None
