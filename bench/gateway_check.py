@@ -37,10 +37,10 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -191,6 +191,29 @@ def _p(xs: list[float], q: float) -> float:
     return round(pct(xs, q) * 1e6, 1)
 
 
+V = TypeVar("V")
+
+
+def interleaved(variants: dict[str, V], a: argparse.Namespace,
+                one_run: Callable[[V, int], Coroutine[Any, Any, dict[str, Any]]], summary: dict[str, Any]) -> None:
+    """Run every variant ``a.runs`` times, alternating which goes first (neither always runs on a warmer or cooler
+    host), each on a fresh uvloop with its own requests; print a JSON line per run, then one per variant with the
+    medians (``summary`` and the run settings in it)."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for r in range(a.runs):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            row = uvloop.run(one_run(variants[name], r * (a.checks + a.cold_checks)))
+            row = {"run": r, "variant": name, "load_avg_1m": round(os.getloadavg()[0], 2), **row}
+            print(json.dumps(row), flush=True)
+            rows[name].append(row)
+    for name, got in rows.items():
+        print(json.dumps({**summary, "variant": name, "runs": a.runs, "checks": a.checks,
+                          "cold_checks": a.cold_checks, "gap_ms": a.gap_ms,
+                          **{k: statistics.median(r[k] for r in got) for k in got[0]
+                             if k not in ("run", "variant")}}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5)
@@ -208,20 +231,8 @@ def main() -> None:
     variants: dict[str, ModuleType | None] = {"current": current_http1 if a.framing else None}
     if a.baseline_http1 is not None:
         variants["baseline"] = load_http1(a.baseline_http1)
-    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-    for r in range(a.runs):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))  # neither always runs first
-        for name in order:
-            row = uvloop.run(run(a.checks, a.cold_checks, a.gap_ms / 1000, r * (a.checks + a.cold_checks),
-                                 variants[name]))
-            row = {"run": r, "variant": name, "load_avg_1m": round(os.getloadavg()[0], 2), **row}
-            print(json.dumps(row), flush=True)
-            rows[name].append(row)
-    for name, got in rows.items():
-        print(json.dumps({"bench": "gateway_check", "variant": name, "framing": a.framing, "runs": a.runs,
-                          "checks": a.checks, "cold_checks": a.cold_checks, "gap_ms": a.gap_ms,
-                          **{k: statistics.median(r[k] for r in got) for k in got[0]
-                             if k not in ("run", "variant")}}))
+    interleaved(variants, a, lambda v, start: run(a.checks, a.cold_checks, a.gap_ms / 1000, start, v),
+                {"bench": "gateway_check", "framing": a.framing})
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import socket
 import ssl
 import statistics
@@ -37,9 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import uvloop  # noqa: E402
 
-from bench.gateway_check import Bench, _p, requests  # noqa: E402
+from bench.gateway_check import Bench, _p, interleaved, requests  # noqa: E402
 from ops.tls import ensure_picker_tls  # noqa: E402
 from services.gateway.http1 import Connections, OneByOne  # noqa: E402
 from services.gateway.protocol import PICKER_IDLE_TIMEOUT_S, PICKER_MAX_CONNECTIONS  # noqa: E402
@@ -168,20 +165,8 @@ def main() -> None:
         tls_dir = Path(d)
         ensure_picker_tls(tls_dir)
         variants: dict[str, Path | None] = {"plain": None, "tls": tls_dir}
-        rows: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-        for r in range(a.runs):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))  # neither always runs first
-            for name in order:
-                row = uvloop.run(run(a.checks, a.cold_checks, a.gap_ms / 1000, r * (a.checks + a.cold_checks),
-                                     variants[name]))
-                row = {"run": r, "variant": name, "load_avg_1m": round(os.getloadavg()[0], 2), **row}
-                print(json.dumps(row), flush=True)
-                rows[name].append(row)
-    for name, got in rows.items():
-        print(json.dumps({"bench": "gateway_check_tls", "variant": name, "runs": a.runs, "checks": a.checks,
-                          "cold_checks": a.cold_checks, "gap_ms": a.gap_ms,
-                          **{k: statistics.median(r[k] for r in got) for k in got[0]
-                             if k not in ("run", "variant")}}))
+        interleaved(variants, a, lambda v, start: run(a.checks, a.cold_checks, a.gap_ms / 1000, start, v),
+                    {"bench": "gateway_check_tls"})
 
 
 if __name__ == "__main__":
