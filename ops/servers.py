@@ -7,8 +7,10 @@ fresh machine needs nothing but ``pip install``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,10 +52,14 @@ class ServerProcess:
         return self.process.poll() is None
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Terminate gracefully, then kill if it does not exit in time."""
+        """Terminate gracefully, then kill if it does not exit in time. A server frozen with SIGSTOP (tests stand it
+        in for a host that stopped answering) is continued too, so it takes its SIGTERM instead of waiting out the
+        timeout for the kill."""
         if not self.alive():
             return
         self.process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGCONT)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
