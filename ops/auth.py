@@ -32,6 +32,7 @@ from shared.core.limits import bad_worker_name
 from shared.envsettings import ENGINE_IDENTITY, without_user
 from shared.host.contract import Contract
 from shared.host.report_auth import REPORT_MASTER_KEY_FIELD
+from shared.paths import TlsFiles
 from shared.settings import CREDENTIALS_FILE, Settings
 from shared.state.store import Keys
 
@@ -336,15 +337,6 @@ def nats_authorization(creds: Credentials, contracts: dict[str, Contract] | None
             f"    }}}}"
         )
     return "authorization {\n  users = [\n" + "\n".join(users) + "\n  ]\n}\n"
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """A server's certificate, key and the CA that signed it (PEM files)."""
-
-    cert: Path
-    key: Path
-    ca: Path
 
 
 def nats_config(base: str, creds: Credentials, tls: TlsFiles | None = None) -> str:

@@ -63,7 +63,8 @@ from services.gateway.protocol import (
     envoy_idle_timeout_s,
     processing_mode,
 )
-from services.gateway.tls import CA_FILE, ENVOY_CERT, ENVOY_KEY, PICKER_NAME, TlsError, TlsFiles, envoy_files, present
+from services.gateway.tls import CA_FILE, ENVOY_CERT, ENVOY_KEY, PICKER_NAME, TlsError, envoy_files, present
+from shared.paths import TlsFiles
 
 ENGINES_CLUSTER = "gantry_engines"  # same name as services.gateway.pool.ENGINES_CLUSTER
 EPP_CLUSTER = "gantry_epp"

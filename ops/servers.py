@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
     import httpx
 
-    from ops.auth import Credentials, TlsFiles
+    from ops.auth import Credentials
+    from shared.paths import TlsFiles
 
 
 

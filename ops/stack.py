@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ops.auth import ADMIN, ENGINE, FLEET, GATEWAY, AuthError, Credentials, TlsFiles, without_userinfo
+from ops.auth import ADMIN, ENGINE, FLEET, GATEWAY, AuthError, Credentials, without_userinfo
 from ops.servers import (
     COLOCATED_NATS_CPUS,
     ServerProcess,
@@ -42,7 +42,7 @@ from shared.core.placement.domain import GIB
 from shared.envsettings import ENGINE_NATS_URL_ENV
 from shared.host.lifetime import dying_with_parent
 from shared.host.report_auth import MASTER_KEY_ENV
-from shared.paths import REPO_ROOT, runtime_dir
+from shared.paths import REPO_ROOT, TlsFiles, runtime_dir
 from shared.settings import Settings
 
 PLACEMENT_SERVICES: tuple[str, ...] = ("filter", "fitting", "scoring", "reconciler")

@@ -15,7 +15,7 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-from ops.auth import AuthError, TlsFiles, write_private
+from ops.auth import AuthError, write_private
 from services.gateway.tls import (
     CA_FILE,
     ENVOY_CERT,
@@ -26,6 +26,7 @@ from services.gateway.tls import (
     envoy_files,
     picker_files,
 )
+from shared.paths import TlsFiles
 
 TLS_DIR = "tls"
 VALID_DAYS = 825  # the longest validity macOS and browsers accept for a server certificate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -23,3 +24,13 @@ def runtime_dir() -> Path:
     """Project-local folder for the local stack's server data and logs (git-ignored)."""
     env = os.environ.get("GANTRY_HOME")
     return Path(env) if env else REPO_ROOT / ".gantry"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A certificate, its key and the CA whose signature a peer must bear (PEM files): NATS's server side, the
+    picker's server side, Envoy's client side."""
+
+    cert: Path
+    key: Path
+    ca: Path

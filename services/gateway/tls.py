@@ -15,6 +15,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.paths import TlsFiles
+
 CA_FILE = "ca.pem"
 PICKER_CERT = "picker.pem"
 PICKER_KEY = "picker-key.pem"
@@ -28,15 +30,6 @@ HANDSHAKE_TIMEOUT_S = 10.0  # a connection that has not finished its handshake b
 
 class TlsError(ValueError):
     """A TLS directory the picker or Envoy cannot use (a file missing, unreadable or not matching)."""
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """A certificate, its key and the CA whose signature a peer must bear (PEM paths)."""
-
-    cert: Path
-    key: Path
-    ca: Path
 
 
 def picker_files(tls_dir: Path) -> TlsFiles:

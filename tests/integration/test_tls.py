@@ -10,11 +10,12 @@ from pathlib import Path
 import nats
 import pytest
 
-from ops.auth import Credentials, TlsFiles, without_userinfo
+from ops.auth import Credentials, without_userinfo
 from ops.servers import ServerProcess, free_port, start_nats
 from ops.stack import LocalStack, WorkerFleet
 from ops.tls import ensure_tls
 from shared.bus.runtime import nats_options
+from shared.paths import TlsFiles
 from shared.settings import Settings
 from shared.state import StateStore
 
