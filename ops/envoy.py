@@ -61,6 +61,7 @@ from services.gateway.protocol import (
     PickerTransport,
     authz_status,
     envoy_idle_timeout_s,
+    idle_timeout_error,
     processing_mode,
 )
 from services.gateway.tls import CA_FILE, ENVOY_CERT, ENVOY_KEY, PICKER_NAME, TlsError, envoy_files, present
@@ -640,8 +641,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
     p.add_argument("--picker-idle-timeout-s", type=float, default=PICKER_IDLE_TIMEOUT_S,
                    help="the pickers' --idle-timeout-s: Envoy closes an idle connection to them after half of it")
     a = p.parse_args(argv)
-    if not (a.picker_idle_timeout_s > 0 and a.picker_idle_timeout_s != float("inf")):
-        p.error("--picker-idle-timeout-s must be > 0 and finite")
+    if (why := idle_timeout_error("--picker-idle-timeout-s", a.picker_idle_timeout_s)) is not None:
+        p.error(why)
     transport = PickerTransport(a.transport)
     if a.epp_port and a.socket_dir:
         p.error("--socket-dir (unix sockets) and --epp-port (TCP) exclude each other")

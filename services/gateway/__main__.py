@@ -17,6 +17,8 @@ from services.gateway.protocol import (
     PICKER_IDLE_TIMEOUT_S,
     PICKER_MAX_CONNECTIONS,
     PickerTransport,
+    idle_timeout_error,
+    max_connections_error,
 )
 from services.gateway.service import Gateway, GatewayOptions
 from services.gateway.tls import CA_FILE, PICKER_CERT, PICKER_KEY, TlsError, load_picker_tls
@@ -77,10 +79,10 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     p.add_argument("--max-connections", type=int, default=PICKER_MAX_CONNECTIONS,
                    help="connections kept open per listener; past it a new one is closed at once")
     a = p.parse_args(argv)
-    if not (a.idle_timeout_s > 0 and a.idle_timeout_s != float("inf")):
-        p.error("--idle-timeout-s must be > 0 and finite")
-    if a.max_connections < 1:
-        p.error("--max-connections must be >= 1")
+    for why in (idle_timeout_error("--idle-timeout-s", a.idle_timeout_s),
+                max_connections_error("--max-connections", a.max_connections)):
+        if why is not None:
+            p.error(why)
     urls = (("--nats-url", a.nats_url, "GANTRY_NATS_URL"), ("--redis-url", a.redis_url, "GANTRY_REDIS_URL"))
     for flag, url, env in urls:
         if refused := credentials_on_command_line(flag, url, env):

@@ -83,6 +83,25 @@ PICKER_IDLE_TIMEOUT_S = 120.0
 PICKER_MAX_CONNECTIONS = 1024
 """Connections the picker keeps open per listener (``--max-connections``); past it a new one is closed at once.
 Envoy opens a few (its pool grows with checks in flight at once; its own circuit breaker stops at 1024)."""
+IDLE_TIMEOUT_RANGE_S = (1.0, 86_400.0)
+"""What ``--idle-timeout-s`` may be: the sweep runs every quarter of it (shorter would spin the loop), and its
+milliseconds go into gRPC's 32-bit options (a day is far inside them; longer bounds nothing useful)."""
+MAX_CONNECTIONS_LIMIT = 1_000_000  # past any open-files limit, and inside gRPC's 32-bit option
+
+
+def idle_timeout_error(flag: str, value: float) -> str | None:
+    """Why ``value`` cannot be a picker idle timeout (``flag``: the option it came from), or None."""
+    low, high = IDLE_TIMEOUT_RANGE_S
+    if not low <= value <= high:  # nan compares false
+        return f"{flag} must be between {low:g} and {high:g} seconds, not {value:g}"
+    return None
+
+
+def max_connections_error(flag: str, value: int) -> str | None:
+    """Why ``value`` cannot be a per-listener connection cap, or None."""
+    if not 1 <= value <= MAX_CONNECTIONS_LIMIT:
+        return f"{flag} must be between 1 and {MAX_CONNECTIONS_LIMIT}, not {value}"
+    return None
 
 
 def envoy_idle_timeout_s(picker_idle_timeout_s: float) -> float:

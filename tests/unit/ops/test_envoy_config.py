@@ -249,6 +249,15 @@ def test_the_cli_takes_the_pickers_idle_timeout_and_defaults_to_the_pickers_defa
     assert _idle_timeout(_cluster(envoy_config(o), EPP_CLUSTER)) == 4.0
 
 
+@pytest.mark.parametrize("bad", ["0", "nan", "inf", "-1", "0.0001", "1e308"])
+def test_a_picker_idle_timeout_out_of_the_pickers_own_range_is_refused_in_one_line(
+        bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--eds-path", "e.json", "--picker-idle-timeout-s", bad])
+    assert refused.value.code == 2
+    assert "--picker-idle-timeout-s must be between" in capsys.readouterr().err
+
+
 def _addresses(cluster: dict[str, Any]) -> list[dict[str, Any]]:
     return [e["endpoint"]["address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
 

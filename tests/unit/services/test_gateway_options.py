@@ -49,7 +49,10 @@ def test_connection_bounds_are_read_and_default_to_what_envoys_config_assumes() 
 
 
 @pytest.mark.parametrize("bad", [["--idle-timeout-s", "0"], ["--idle-timeout-s", "nan"], ["--idle-timeout-s", "inf"],
-                                 ["--max-connections", "0"]])
+                                 ["--idle-timeout-s", "-1"], ["--idle-timeout-s", "0.0001"],  # a sweep that spins
+                                 ["--idle-timeout-s", "1e308"],  # its milliseconds overflow gRPC's option
+                                 ["--max-connections", "0"], ["--max-connections", "-5"],
+                                 ["--max-connections", "99999999999999999999"]])
 def test_a_connection_bound_that_bounds_nothing_is_refused_in_one_line(bad: list[str],
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
