@@ -54,12 +54,18 @@ def ensure_tls(home: Path) -> TlsFiles:
 
 def ensure_picker_tls(tls_dir: Path) -> None:
     """A picker's TLS directory (services.gateway.tls): a CA of its own, the picker's server certificate (its
-    name ``PICKER_NAME``) and Envoy's client certificate, generated when any file is missing (keys 0600). The
-    CA's key is not kept: issuing another client later means a new directory, given to both sides."""
+    name ``PICKER_NAME``) and Envoy's client certificate, generated when none of the files is there (keys 0600);
+    kept as it is when all are. Some but not all there (an operator's own files, or one side's copy) raises
+    AuthError: generating would replace a CA and certificates someone else relies on. The CA's key is not kept:
+    issuing another client later means a new directory, given to both sides."""
     tls_dir.mkdir(parents=True, exist_ok=True)
     picker, envoy = picker_files(tls_dir), envoy_files(tls_dir)
-    if all(p.exists() for p in (picker.cert, picker.key, envoy.cert, envoy.key, picker.ca)):
+    there = [p.exists() for p in (picker.cert, picker.key, envoy.cert, envoy.key, picker.ca)]
+    if all(there):
         return
+    if any(there):
+        raise AuthError(f"{tls_dir} holds some of {CA_FILE}, {PICKER_CERT}, {PICKER_KEY}, {ENVOY_CERT} and "
+                        f"{ENVOY_KEY} but not all: not replacing them (complete them, or use an empty directory)")
     issuer = _Issuer.new(f"picker TLS needs the cryptography package (pip install cryptography), or your own "
                          f"{CA_FILE}, {PICKER_CERT}, {PICKER_KEY}, {ENVOY_CERT} and {ENVOY_KEY} in {tls_dir}")
     write_private(picker.ca, issuer.ca_pem())

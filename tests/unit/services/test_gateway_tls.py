@@ -47,6 +47,16 @@ def other_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def test_a_directory_holding_only_some_of_the_files_is_not_overwritten(tmp_path: Path) -> None:
+    from ops.auth import AuthError
+
+    (tmp_path / CA_FILE).write_bytes(b"an operator's own CA")
+    with pytest.raises(AuthError, match="not replacing them"):
+        ensure_picker_tls(tmp_path)
+    assert (tmp_path / CA_FILE).read_bytes() == b"an operator's own CA"
+    assert not (tmp_path / PICKER_KEY).exists()
+
+
 def test_the_generated_directory_is_kept_as_it_is_once_written(tls_dir: Path) -> None:
     before = (tls_dir / CA_FILE).read_bytes()
     ensure_picker_tls(tls_dir)
