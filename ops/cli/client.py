@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from ops.cli.connect import connect_nats
-from ops.cli.errors import CliError
+from ops.cli.errors import CliError, quoted
 from ops.cli.inputs import read_input_file, worker_name
 from ops.view import ClusterSnapshot, ModelView
 from shared.bus import subjects
@@ -89,7 +89,7 @@ async def require_model(redis: aioredis.Redis | RedisReader, name: str) -> Model
     desired: dict[str, int] = found[1]
     if spec is None and name not in desired:
         known = ", ".join(sorted(desired)) or "none deployed yet"
-        raise CliError(f"unknown model {name!r} (known: {known}); deploy it with `gantry deploy FILE.yaml`")
+        raise CliError(f"unknown model {quoted(name)} (known: {known}); deploy it with `gantry deploy FILE.yaml`")
     return spec
 
 
@@ -135,7 +135,7 @@ def _unknown_fields(data: dict[str, object]) -> list[str]:
 
 def _plain_problem(data: dict[str, object]) -> str | None:
     name, replicas = data.get("name"), data.get("replicas")
-    if isinstance(name, str) and (reason := bad_model_name(name)):
+    if isinstance(name, str) and (reason := bad_model_name(name, quoted)):
         return reason
     if isinstance(replicas, int) and replicas < 0:
         return f"negative replicas ({replicas})"
@@ -206,7 +206,7 @@ def unsizable(spec: ModelSpec) -> str | None:
 
     arch = resolve_arch(spec)
     if spec.catalog_model and arch is None:
-        return (f"catalog_model {spec.catalog_model!r} is not in the model catalogue "
+        return (f"catalog_model {quoted(spec.catalog_model)} is not in the model catalogue "
                 "(`gantry catalog` lists the keys)")
     reason = requirements(spec, arch)
     return reason.message if isinstance(reason, Reason) else None
@@ -320,7 +320,9 @@ def parse_target(target: str) -> tuple[str, int | None]:
     if not sep:
         return worker_name(target), None
     if not worker or not decimal(index) or len(index) > 4 or int(index) > MAX_GPU_INDEX:
-        raise CliError(f"expected WORKER or WORKER:GPU-INDEX (0..{MAX_GPU_INDEX}), got {target[:80]!r}", exit_code=2)
+        raise CliError(
+            f"expected WORKER or WORKER:GPU-INDEX (0..{MAX_GPU_INDEX}), got {quoted(target[:80])}", exit_code=2
+        )
     return worker_name(worker), int(index)
 
 
@@ -330,9 +332,9 @@ async def require_worker(redis: aioredis.Redis, name: str, gpu_index: int | None
     worker = workers.get(name)
     if worker is None:
         known = ", ".join(sorted(workers)[:8]) + (" ..." if len(workers) > 8 else "")
-        raise CliError(f"unknown worker {name!r} (known: {known or 'none registered'})")
+        raise CliError(f"unknown worker {quoted(name)} (known: {known or 'none registered'})")
     if gpu_index is not None and gpu_index not in {g.index for g in worker.gpus}:
-        raise CliError(f"worker {name!r} has no GPU {gpu_index} (it has {len(worker.gpus)})")
+        raise CliError(f"worker {quoted(name)} has no GPU {gpu_index} (it has {len(worker.gpus)})")
 
 
 async def with_both(

@@ -25,11 +25,10 @@ from ops.cli.client import (
 )
 from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, run
 from ops.cli.errors import CliError, Interrupted
-from ops.cli.inputs import event_count, model_name, replica_count
+from ops.cli.inputs import event_count, model_name, replica_count, worker_name
 from ops.cli.reads import Stored, replay
 from ops.view import ClusterSnapshot, state_counts
 from shared.bus import subjects
-from shared.core.limits import bad_worker_name
 
 if TYPE_CHECKING:  # NATS and the bus messages (numpy) load only in the commands that use them (issue 17)
     from nats.aio.client import Client as NatsClient
@@ -234,10 +233,8 @@ def workers_remove(
 ) -> None:
     """Forget a worker that is no longer heard from; its replicas are replaced elsewhere. A live worker is
     refused: stop it first (it would register again)."""
+    worker_name(name)
     settings = load(nats_url, redis_url)
-    bad = bad_worker_name(name)
-    if bad:
-        raise CliError(bad, exit_code=2)
 
     async def go() -> int:
         redis = await connect_redis(settings)

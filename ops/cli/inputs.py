@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ops.cli.errors import CliError
+from ops.cli.errors import CliError, quoted
 from shared.core.limits import MAX_REPLICAS, MAX_SPEC_BYTES, MIB, bad_model_name, bad_worker_name
 
 MAX_SCENARIO_BYTES = 64 * MIB  # scenarios carry request lists: larger than a spec, still read whole
@@ -29,7 +29,7 @@ def read_input_file(path: Path, what: str, limit: int = MAX_SPEC_BYTES) -> bytes
 
 def model_name(name: str) -> str:
     """``name`` if it is a valid model name, else a CliError (exit 2)."""
-    reason = bad_model_name(name)
+    reason = bad_model_name(name, quoted)
     if reason:
         raise CliError(reason, exit_code=2)
     return name
@@ -37,7 +37,7 @@ def model_name(name: str) -> str:
 
 def worker_name(name: str) -> str:
     """``name`` if it is a valid worker name, else a CliError (exit 2)."""
-    reason = bad_worker_name(name)
+    reason = bad_worker_name(name, quoted)
     if reason:
         raise CliError(reason, exit_code=2)
     return name

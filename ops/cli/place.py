@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
-from ops.cli.errors import CliError
+from ops.cli.errors import CliError, quoted
 from ops.cli.inputs import MAX_SCENARIO_BYTES, read_input_file
 from shared.catalog import resolve_arch
 from shared.core.catalog.models import ModelArch
@@ -36,7 +36,7 @@ def _arch(model: ModelSpec) -> ModelArch | None:
     """The architecture placement itself would use (``shared.catalog.resolve_arch``)."""
     arch = resolve_arch(model)
     if model.catalog_model and arch is None:
-        raise CliError(f"catalog_model {model.catalog_model!r} is not in the model catalogue", exit_code=2)
+        raise CliError(f"catalog_model {quoted(model.catalog_model)} is not in the model catalogue", exit_code=2)
     return arch
 
 

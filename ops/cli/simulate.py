@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from ops.cli.errors import CliError
+from ops.cli.errors import CliError, quoted
 from shared.catalog import UnknownGpuError, UnknownModelError, load_gpu_spec, load_model_arch
 from shared.core.engine import CalibratedStepTime, RooflineStepTime, SchedulerConfig
 from shared.core.engine.step_time import RooflineParams
@@ -34,7 +34,7 @@ def build_cluster(
 ) -> ClusterSpec:
     """A cluster of identical replicas from friendly catalogue names; raises ValueError on bad input."""
     if router not in ROUTERS and not is_gantry(router):
-        raise ValueError(f"unknown router {router!r}; known: {', '.join(ROUTERS)}, gantry[:PROFILE]")
+        raise ValueError(f"unknown router {quoted(router)}; known: {', '.join(ROUTERS)}, gantry[:PROFILE]")
     if not 1 <= router_replicas <= MAX_ROUTER_REPLICAS:
         raise ValueError(f"--router-replicas must be between 1 and {MAX_ROUTER_REPLICAS} (got {router_replicas})")
     def make() -> Router:
@@ -124,7 +124,7 @@ def simulate(
     except (UnknownModelError, UnknownGpuError, TraceError, ValueError) as err:
         raise CliError(str(err), exit_code=2) from None
     if not reqs:
-        raise CliError(f"trace {trace!r} has no requests", exit_code=2)
+        raise CliError(f"trace {quoted(trace)} has no requests", exit_code=2)
     if broker is not None:
         from ops.cli.simulate_broker import parse_kill, parse_scheduler_options, render_brokered, run_brokered
 
@@ -191,7 +191,7 @@ def _parse_calibration(text: str) -> tuple[float, float, float]:
     try:
         ttft, itl, toks = (float(p) for p in parts)
     except ValueError:
-        raise ValueError(f"--calibrated wants 'TTFT_MS,ITL_MS,TOK_S' (e.g. 27,7.5,12000), got {text!r}") from None
+        raise ValueError(f"--calibrated wants 'TTFT_MS,ITL_MS,TOK_S' (e.g. 27,7.5,12000), got {quoted(text)}") from None
     return ttft, itl, toks
 
 

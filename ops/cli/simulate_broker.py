@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+from ops.cli.errors import quoted
 from shared.core.engine import KVLink
 from shared.core.queueing import SchedulerParams
 from shared.core.sim import BrokeredSpec, ClusterSpec, simulate_brokered
@@ -17,7 +18,7 @@ def parse_scheduler_options(items: list[str], name: str) -> SchedulerParams:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--scheduler wants KEY=VALUE with a seed parameter name (got {item!r})")
+            raise ValueError(f"--scheduler wants KEY=VALUE with a seed parameter name (got {quoted(item)})")
         raw[key.strip()] = value.strip()
     return SchedulerParams.from_mapping(raw)
 
@@ -35,7 +36,7 @@ def parse_kill(text: str | None) -> tuple[int, float] | None:
             raise ValueError
         return int(node), when
     except ValueError:
-        raise ValueError(f"--kill wants NODE@SECONDS, e.g. 0@30 (got {text!r})") from None
+        raise ValueError(f"--kill wants NODE@SECONDS, e.g. 0@30 (got {quoted(text)})") from None
 
 
 def run_brokered(reqs: list[TraceRequest], cluster: ClusterSpec, params: SchedulerParams, *, skew: float | None,

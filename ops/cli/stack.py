@@ -19,7 +19,7 @@ from ops.auth import CLI
 from ops.cli.client import deploy_files, read_snapshot, wait_for
 from ops.cli.common import NatsUrl as NatsUrlOpt
 from ops.cli.common import RedisUrl, connect_redis, load, redact
-from ops.cli.errors import CliError
+from ops.cli.errors import CliError, quoted
 from ops.cli.web import WebView
 from ops.stack import (
     PLACEMENT_SERVICES,
@@ -77,7 +77,7 @@ def up(
     labels = tuple(label or ())
     bad = [item for item in labels if "=" not in item or item.startswith("=")]
     if bad:
-        raise CliError(f"--label expects KEY=VALUE, got {bad[0]!r}", exit_code=2)
+        raise CliError(f"--label expects KEY=VALUE, got {quoted(bad[0])}", exit_code=2)
     if workers:
         try:
             gpu_vram_gib(gpu_type)  # refuse a bad fleet before anything starts

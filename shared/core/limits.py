@@ -33,6 +33,7 @@ Why each number (``docs/operations.md`` lists them for operators):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated
 
 import msgspec
@@ -103,13 +104,15 @@ _WORKER_NAME = re.compile(WORKER_NAME_PATTERN)
 _GRAMMAR = "1-63 letters, digits, '-' or '_'{dots}, starting and ending with a letter or digit"
 
 
-def _bad_name(kind: str, name: str, pattern: re.Pattern[str], dots: bool) -> str | None:
+def _bad_name(
+    kind: str, name: str, pattern: re.Pattern[str], dots: bool, quote: Callable[[str], str]
+) -> str | None:
     if not name:
         return f"empty {kind} name"
     if len(name) > MAX_NAME_LENGTH:
-        return f"invalid {kind} name {name[:40]!r}...: longer than {MAX_NAME_LENGTH} characters"
+        return f"invalid {kind} name {quote(name[:40])}...: longer than {MAX_NAME_LENGTH} characters"
     if not pattern.match(name):
-        return f"invalid {kind} name {name!r}: " + _GRAMMAR.format(dots=", '.'" if dots else "")
+        return f"invalid {kind} name {quote(name)}: " + _GRAMMAR.format(dots=", '.'" if dots else "")
     return None
 
 
@@ -119,11 +122,12 @@ def decimal(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-def bad_model_name(name: str) -> str | None:
-    """Why ``name`` is not a model name (it may hold dots, as ``llama-3.1-8b``), or None."""
-    return _bad_name("model", name, _MODEL_NAME, dots=True)
+def bad_model_name(name: str, quote: Callable[[str], str] = repr) -> str | None:
+    """Why ``name`` is not a model name (it may hold dots, as ``llama-3.1-8b``), or None. The name is shown as
+    ``quote`` writes it: ``repr`` (escaped, for logs and dead letters) unless the caller escapes the whole line."""
+    return _bad_name("model", name, _MODEL_NAME, dots=True, quote=quote)
 
 
-def bad_worker_name(name: str) -> str | None:
-    """Why ``name`` is not a worker name (also a NATS subject token: no dots), or None."""
-    return _bad_name("worker", name, _WORKER_NAME, dots=False)
+def bad_worker_name(name: str, quote: Callable[[str], str] = repr) -> str | None:
+    """Why ``name`` is not a worker name (also a NATS subject token: no dots), or None; ``quote`` as above."""
+    return _bad_name("worker", name, _WORKER_NAME, dots=False, quote=quote)

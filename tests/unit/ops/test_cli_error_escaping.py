@@ -47,6 +47,7 @@ ESCAPED = [
     ("private-use character (an icon font draws anything there)", "a\ue0b0b", "a\\ue0b0b"),
     ("supplementary private-use character", "a\U000f0001b", "a\\U000f0001b"),
     ("unassigned code point", "a\U0003ffffb", "a\\U0003ffffb"),
+    ("a backslash, so that what follows it is never read as an escape", "C:\\spec", "C:\\\\spec"),
 ]
 
 READABLE = [
@@ -58,7 +59,7 @@ READABLE = [
     ("emoji", "🚀 llama 🦙"),
     ("emoji with a variation selector", "\u2764\ufe0f"),
     ("a no-break space", "8\xa0GiB"),
-    ("a backslash and quotes", "C:\\spec 'a' \"b\""),
+    ("quotes", "'a' \"b\""),
 ]
 
 
@@ -70,6 +71,13 @@ def test_control_format_and_separator_characters_are_shown_escaped(raw: str, sho
 @pytest.mark.parametrize("text", [r[1] for r in READABLE], ids=[r[0] for r in READABLE])
 def test_ordinary_text_is_shown_as_it_is(text: str) -> None:
     assert escaped(text) == text
+
+
+def test_a_typed_escape_sequence_reads_differently_from_the_character_it_names() -> None:
+    # the six characters backslash, u, 2, 0, 2, e are text anyone can type; shown as they are, they read exactly
+    # like an escaped U+202E
+    assert escaped("evil\\u202etxt") == "evil\\\\u202etxt"
+    assert escaped("evil\\u202etxt") != escaped("evil\u202etxt")
 
 
 def test_nothing_escaped_is_left_that_a_terminal_would_act_on_or_hide() -> None:
@@ -104,6 +112,25 @@ def error_line(*args: str) -> str:
 def test_a_spec_file_name_with_a_bidi_override_is_shown_escaped(tmp_path: Path) -> None:
     line = error_line("deploy", str(tmp_path / "report\u202elmay.exe"))
     assert "report\\u202elmay.exe" in line and "\u202e" not in line
+
+
+@pytest.mark.usefixtures("no_stack")
+def test_a_spec_file_name_holding_a_typed_escape_sequence_shows_its_backslash_escaped(tmp_path: Path) -> None:
+    line = error_line("deploy", str(tmp_path / "report\\u202elmay.exe"))
+    assert "report\\\\u202elmay.exe" in line
+
+
+@pytest.mark.usefixtures("no_stack")
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [(("delete", "a\\b"), "invalid model name 'a\\\\b'"),
+     (("workers", "remove", "w\\1"), "invalid worker name 'w\\\\1'"),
+     (("cordon", "w\\1:x"), "got 'w\\\\1:x'")],
+    ids=["model name", "worker name", "cordon target"],
+)
+def test_a_backslash_typed_in_a_name_is_escaped_once(args: tuple[str, ...], shown: str) -> None:
+    # quoting a name with repr() escapes it a first time: the line would show a typed backslash as four
+    assert shown in error_line(*args)
 
 
 @pytest.mark.usefixtures("no_stack")
