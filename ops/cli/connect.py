@@ -180,13 +180,37 @@ async def connect_redis(settings: AnySettings, timeout: float = CONNECT_TIMEOUT_
 
 
 def run_async(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    """Run one command's coroutine; Ctrl-C becomes ``Interrupted`` (the caller exits 130)."""
+    """Run one command's coroutine; Ctrl-C becomes ``Interrupted`` (the caller exits 130), a connection lost
+    after it was made (the stack stopped under a ``--wait`` or ``events --follow``) a one-line CliError."""
     import asyncio
 
     try:
         return asyncio.run(_as_coro(coro_fn))
     except KeyboardInterrupt:
         raise Interrupted from None
+    except Exception as err:
+        if (server := lost_server(err)) is None:
+            raise
+        raise CliError(f"lost the connection to {server} ({_short(err)}): {LOST_HINT}") from None
+
+
+LOST_HINT = "did the stack stop? `gantry status` says"
+
+
+def lost_server(err: BaseException) -> str | None:
+    """``"Redis"`` or ``"NATS"`` when ``err`` is that client's error for a server gone or not answering, else
+    None. Only the client modules a command loaded are looked at (importing one here would cost a read command
+    its speed)."""
+    redis_errors = sys.modules.get("redis.exceptions")
+    if redis_errors is not None and isinstance(err, redis_errors.ConnectionError | redis_errors.TimeoutError):
+        return "Redis"
+    nats_errors = sys.modules.get("nats.errors")
+    if nats_errors is not None and isinstance(
+        err, nats_errors.ConnectionClosedError | nats_errors.NoServersError | nats_errors.UnexpectedEOF
+        | nats_errors.StaleConnectionError
+    ):
+        return "NATS"
+    return None
 
 
 async def _as_coro(coro_fn: Callable[[], Awaitable[T]]) -> T:
