@@ -114,6 +114,13 @@ def run_app(argv: list[str] | None) -> int:
     except CliError as err:
         echo(f"error: {err}", err=True)
         return err.exit_code
+    except click_errors.NoArgsIsHelpError as err:
+        # `gantry` or `gantry engine` alone: the help page, as --help shows it. Click makes it a usage error whose
+        # message is the page (one escaped line here, `\n` and all); typer's boxed page prints itself and leaves
+        # the message empty.
+        if page := err.format_message().strip():
+            echo(page)
+        return err.exit_code
     except click_errors.UsageError as err:
         echo(usage_line(err), err=True)
         return err.exit_code

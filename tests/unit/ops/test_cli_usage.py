@@ -85,6 +85,18 @@ def test_errors_carry_no_internal_prefix() -> None:
     assert "scale neg" not in err and "scale llama-8b:" not in err
 
 
+def test_gantry_alone_prints_its_help_page_not_an_error_line() -> None:
+    code, out, err = gantry()
+    assert code == 2 and err == ""
+    assert out.startswith("Usage: gantry") and "\nCommands:\n" in out
+
+
+def test_a_command_group_alone_prints_its_help_page_not_an_empty_error() -> None:
+    code, out, err = gantry("engine")
+    assert code == 2 and err == ""
+    assert "Usage: gantry engine" in out and "random-scenario" in out
+
+
 def test_version_prints_the_package_version() -> None:
     code, out, _ = gantry("--version")
     assert code == 0
