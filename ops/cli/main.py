@@ -55,9 +55,20 @@ def url_flag(word: str) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs ``argv`` (``sys.argv[1:]`` when None) and exits with its status."""
     args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = run(args)
+    except KeyboardInterrupt:
+        # Ctrl-C while the command's modules load (a fifth of a second, before any command can take it): quiet,
+        # with the exit code of an interrupted command
+        code = 130
+    sys.exit(code)
+
+
+def run(args: list[str]) -> int:
+    """The exit status of the command line ``args``: the fast path's, else the Typer app's."""
     if refused := secret_on_command_line(args):
         print(f"error: {refused}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     from ops.cli.fast import dispatch
 
     code = dispatch(args)
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         from ops.cli.app import run_app
 
         code = run_app(args)
-    sys.exit(code)
+    return code
 
 
 def __getattr__(name: str) -> Any:
