@@ -89,9 +89,12 @@ def models(show_all: bool, json_out: bool, nats_url: str | None, redis_url: str 
         ])
         return
     if not snapshot.models:
-        echo("no models deployed; try `gantry deploy ops/demo/llama-3.1-8b.yaml`")
+        echo(NO_MODELS)
         return
     console().print(models_table(snapshot))
+
+
+NO_MODELS = "no models deployed; try `gantry deploy ops/demo/llama-8b.yaml`"  # a demo spec (from the repository)
 
 
 def without_deleted(snapshot: ClusterSnapshot) -> ClusterSnapshot:

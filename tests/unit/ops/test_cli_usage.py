@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,15 @@ def test_a_command_group_alone_prints_its_help_page_not_an_empty_error() -> None
     code, out, err = gantry("engine")
     assert code == 2 and err == ""
     assert "Usage: gantry engine" in out and "random-scenario" in out
+
+
+def test_the_hint_for_a_cluster_without_models_names_a_spec_that_deploys() -> None:
+    from ops.cli.client import load_spec
+    from ops.cli.reads import NO_MODELS
+
+    path = re.search(r"`gantry deploy (\S+)`", NO_MODELS)
+    assert path is not None, NO_MODELS
+    assert load_spec(REPO_ROOT / path.group(1)).replicas >= 1
 
 
 def test_version_prints_the_package_version() -> None:
