@@ -31,6 +31,7 @@ from ops.stack import (
     stop_running_stack,
 )
 from ops.view import ClusterSnapshot, models_table, state_counts
+from shared.core.limits import MAX_GPUS_PER_WORKER
 from shared.core.placement.domain import InstanceState, WorkerState
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
@@ -47,7 +48,7 @@ def register(app: typer.Typer) -> None:
 
 def up(
     workers: Annotated[int, typer.Option(min=0, help="emulated workers to start")] = 0,
-    gpus: Annotated[int, typer.Option(min=1, help="GPUs per emulated worker")] = 8,
+    gpus: Annotated[int, typer.Option(min=1, max=MAX_GPUS_PER_WORKER, help="GPUs per emulated worker")] = 8,
     gpu_type: Annotated[str, typer.Option(help="GPU product of the emulated workers")] = "H100-SXM-80GB",
     label: Annotated[
         list[str] | None, typer.Option(help="label KEY=VALUE for every emulated worker (repeatable)")
@@ -56,7 +57,7 @@ def up(
     fresh: Annotated[bool, typer.Option(help="wipe the stack's stored data (.gantry/) first")] = False,
     tls: Annotated[bool, typer.Option(help="NATS over TLS (a CA and certificate generated into .gantry/tls/)")] = False,
     exit_after: Annotated[
-        float | None, typer.Option(help="stop cleanly after this many seconds (scripts, trials)")
+        float | None, typer.Option(min=0, help="stop cleanly after this many seconds (scripts, trials)")
     ] = None,
     gateway: Annotated[
         bool, typer.Option(help="the gateway: Envoy and Gantry's picker in front of an emulated engine server per "

@@ -68,6 +68,11 @@ USAGE_MISTAKES = [
     (("explain",), "Missing argument"),
     (("delete", "a/b"), "invalid model name"),
     (("place", "--scenario", "x.json", "--replicas", "0"), "Invalid value for '--replicas'"),
+    # refused before anything starts: a worker past the GPU limit never registers (its heartbeats are dead-lettered,
+    # `up` gave up after 30 s), and a negative or NaN --exit-after started the whole stack only to stop it
+    (("up", "--workers", "1", "--gpus", "129"), "Invalid value for '--gpus'"),
+    (("up", "--exit-after", "-5"), "Invalid value for '--exit-after'"),
+    (("up", "--exit-after", "nan"), "Invalid value for '--exit-after'"),
 ]
 
 
