@@ -21,7 +21,7 @@ from typing import Any
 from services.engine_server.kv_replay import ReplayDesk
 
 REQUESTS_PER_PASS = 16
-SENDS_PER_PASS = 64  # ~0.3 ms of sending: the step loop waits at most that for a pass
+SENDS_PER_PASS = 32  # ~0.2 ms of CPU (bench/zmq_replay.py): the most a step waits for a pass
 RETRY_S = 0.05  # how often a replay whose requester's queue is full is tried again
 MAX_FRAME_BYTES = 64  # a request's frames are 0 and 8 bytes long
 
