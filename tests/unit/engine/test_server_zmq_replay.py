@@ -16,7 +16,7 @@ import pytest
 
 from ops.servers import free_port
 from services.engine_server.kv_replay import END_SEQ, ReplayBuffer, ReplayDesk
-from services.engine_server.server import EmbeddedServer, ServerOptions, parse_args
+from services.engine_server.server import EmbeddedServer, ServerOptions, build, parse_args
 from services.engine_server.zmq_replay import ZmqReplayServer
 from shared.core.kv_events import BlockStored, chain_hashes, decode_batch
 
@@ -224,3 +224,9 @@ def test_the_replay_buffer_bound_is_refused_outside_its_range(size: str, capsys:
 def test_the_replay_flags_reach_the_server_options_with_vllms_default_buffer() -> None:
     opts = parse_args(["--kv-events-zmq", "tcp://*:5557", "--kv-events-replay-endpoint", "tcp://*:5558"])
     assert opts.kv_events_replay_endpoint == "tcp://*:5558" and opts.kv_events_replay_buffer == 10_000
+
+
+def test_a_replay_endpoint_that_cannot_be_bound_is_an_error_naming_the_flag() -> None:
+    with pytest.raises(ValueError, match="--kv-events-replay-endpoint: cannot bind nonsense://x"):
+        build(ServerOptions(kv_events_zmq="inproc://gantry-test-replay-bind", kv_events_replay_endpoint="nonsense://x",
+                            access_log=False))
