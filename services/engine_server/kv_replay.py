@@ -2,11 +2,12 @@
 
 vLLM's replay protocol (``ZmqEventPublisher`` in vllm/distributed/kv_events.py, its ``replay_endpoint`` and
 ``buffer_steps`` options): a ROUTER socket keeps the last ``buffer_steps`` (default 10,000) published batches. A
-requester (a REQ socket, or a DEALER that sends the same empty delimiter) sends one frame, the first sequence
-number it wants as 8 big-endian bytes; the ROUTER sees ``[identity, b"", start]``. The answer is one message per
-kept batch numbered ``start`` or later, ``[seq (8 big-endian bytes), msgpack batch]`` (the payload the PUB socket
-sent), then the end marker ``[-1 as 8 signed big-endian bytes, b""]``. A batch no longer kept is simply not
-there: the first number of the answer shows the requester what it lost for good.
+requester (a DEALER that sends an empty delimiter first; a REQ adds one itself but then reads only the first
+message of the answer) sends one frame, the first sequence number it wants as 8 big-endian bytes; the ROUTER
+sees ``[identity, b"", start]``. The answer is one message per kept batch numbered ``start`` or later,
+``[seq (8 big-endian bytes), msgpack batch]`` (the payload the PUB socket sent), then the end marker
+``[-1 as 8 signed big-endian bytes, b""]``. A batch no longer kept is simply not there: the first number of the
+answer shows the requester what it lost for good.
 
 Beyond vLLM, because the answer is served on the server's event loop beside the step loop (vLLM serves it on its
 publisher thread, one request at a time, and ignores a request that is not three frames):
@@ -14,8 +15,9 @@ publisher thread, one request at a time, and ignores a request that is not three
 - a request that is not exactly three frames with an empty delimiter and an 8-byte number, or that asks for a
   negative number or one past the next to be published, gets the end marker alone and is counted ``malformed``
   (vLLM reads any length as an unsigned number, so a "negative" one replays nothing: the same answer);
-- at most ``max_replays`` replays run at once, each requester at most one: others get the end marker (a second
-  one from a requester whose replay runs is ignored, as an end marker would cut that replay short); ``busy``;
+- at most ``max_replays`` replays run at once, each requester at most one: other requests get the end marker,
+  ``busy``; a request (valid or not) from a requester whose replay runs is counted but not answered, as an end
+  marker would read as the end of that replay;
 - a replay is a snapshot of the kept batches when asked, sent as the requester reads; one whose requester has not
   taken a message for ``stall_s`` (its queue stays full) or has gone is dropped, ``abandoned``.
 """
@@ -117,12 +119,11 @@ class ReplayDesk:
             return self._refuse(MALFORMED, None)
         identity = frames[0]
         start = _start(frames, self.buffer.next_seq)
+        running = identity in self._running  # then no answer: an end marker would read as the end of its replay
         if start is None:
-            return self._refuse(MALFORMED, identity)
-        if identity in self._running:
-            return self._refuse(BUSY, None)
-        if len(self._running) >= self.max_replays:
-            return self._refuse(BUSY, identity)
+            return self._refuse(MALFORMED, None if running else identity)
+        if running or len(self._running) >= self.max_replays:
+            return self._refuse(BUSY, None if running else identity)
         self._running[identity] = Replay(identity, *self.buffer.since(start))
         self.replays += 1
         return None

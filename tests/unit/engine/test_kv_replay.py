@@ -162,3 +162,10 @@ def test_replays_in_progress_take_turns_first() -> None:
 def test_the_buffer_holds_at_least_one_batch(capacity: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         ReplayBuffer(capacity)
+
+
+def test_a_malformed_request_while_the_requesters_replay_runs_is_counted_and_not_answered() -> None:
+    desk = ReplayDesk(_buffer(5))
+    replay = _request(desk, [b"a", b"", _seq(3)])
+    assert desk.take([b"a", b"", b"\x00"]) is None  # an end marker would read as the end of its replay
+    assert desk.refused["malformed"] == 1 and desk.in_progress() == [replay]
