@@ -7,6 +7,7 @@ clock: the snapshot carries the time it was taken.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -173,6 +174,14 @@ def _gpu_cell(usage: GpuUsage) -> Text:
     return cell
 
 
+def without_deleted(snapshot: ClusterSnapshot) -> ClusterSnapshot:
+    """The snapshot without models that were deleted (nothing desired and no replica left): what every view lists,
+    as `gantry models` does (its ``--all`` shows them; their specs stay recorded for a later deploy or scale)."""
+    live = {i.model for i in snapshot.instances}
+    kept = tuple(m for m in snapshot.models if m.desired > 0 or m.name in live)
+    return snapshot if len(kept) == len(snapshot.models) else dataclasses.replace(snapshot, models=kept)
+
+
 def summary_line(snapshot: ClusterSnapshot) -> Text:
     """One line: workers by state, GPUs, models, instances by state, time."""
     from rich.text import Text
@@ -256,7 +265,8 @@ def models_table(snapshot: ClusterSnapshot) -> Table:
 
 def render_top(snapshot: ClusterSnapshot, width: int = 160, height: int | None = None) -> RenderableType:
     """The whole `gantry top` screen for one snapshot: the full grid when ``width`` holds it, else compact
-    cells (one line per worker), cut to ``height`` lines when given."""
+    cells (one line per worker), cut to ``height`` lines when given. Deleted models are not listed."""
+    snapshot = without_deleted(snapshot)
     if width >= full_grid_width(snapshot):
         full = _full_top(snapshot)
         if height is None or _height(full, width) <= height:

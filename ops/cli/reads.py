@@ -10,7 +10,6 @@ Redis that drops packets is reported after two connect timeouts, not one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +36,7 @@ from ops.view import (
     models_table,
     pending_groups,
     state_counts,
+    without_deleted,
 )
 from shared.bus import subjects
 from shared.core.placement.domain import Instance, InstanceState, WorkerState
@@ -104,13 +104,6 @@ def models(show_all: bool, json_out: bool, nats_url: str | None, redis_url: str 
 
 
 NO_MODELS = "no models deployed; try `gantry deploy ops/demo/llama-8b.yaml`"  # a demo spec (from the repository)
-
-
-def without_deleted(snapshot: ClusterSnapshot) -> ClusterSnapshot:
-    """The snapshot without models that were deleted: nothing desired and no replica left."""
-    live = {i.model for i in snapshot.instances}
-    kept = tuple(m for m in snapshot.models if m.desired > 0 or m.name in live)
-    return dataclasses.replace(snapshot, models=kept)
 
 
 def _instance_row(inst: Instance) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from ops.stack import (
     gpu_vram_gib,
     stop_running_stack,
 )
-from ops.view import ClusterSnapshot, models_table, state_counts
+from ops.view import ClusterSnapshot, models_table, state_counts, without_deleted
 from shared.core.limits import MAX_GPUS_PER_WORKER
 from shared.core.placement.domain import InstanceState, WorkerState
 from shared.paths import REPO_ROOT, runtime_dir
@@ -218,7 +218,7 @@ async def _run_demo(stack: LocalStack, settings: Settings, redis: aioredis.Redis
     except TimeoutError:
         snapshot = await read_snapshot(redis, settings)
         out.print("[yellow]demo: not every replica is RUNNING after 60 s; see `gantry explain MODEL`[/]")
-    out.print(models_table(snapshot))
+    out.print(models_table(without_deleted(snapshot)))
     for inst in sorted(snapshot.instances, key=lambda i: (i.model, i.id)):
         if inst.model in wanted:
             gpus = ",".join(str(g) for g in inst.gpu_indexes)
@@ -276,7 +276,7 @@ def status_line(stack: LocalStack, snapshot: ClusterSnapshot) -> Text:
     line = Text("● ", style="green" if alive == len(stack.children) else "red")
     line.append(f"{time.strftime('%H:%M:%S')}  processes {alive}/{len(stack.children)}  ")
     line.append(f"workers {_ready_workers(snapshot)}/{len(snapshot.workers)} ready  ")
-    line.append(f"models {len(snapshot.models)}  instances ")
+    line.append(f"models {len(without_deleted(snapshot).models)}  instances ")
     line.append(" ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
     return line
 

@@ -185,13 +185,14 @@ class Reader:
         self.nc: Any = None
 
     async def snapshot(self) -> ClusterSnapshot:
-        """The cluster as the CLI reads it."""
+        """The cluster as the CLI reads it, deleted models left out as `gantry models` leaves them out."""
         from ops.cli.client import read_snapshot
         from ops.cli.common import connect_redis
+        from ops.view import without_deleted
 
         if self.redis is None:
             self.redis = await connect_redis(self.settings)
-        return await read_snapshot(self.redis, self.settings)
+        return without_deleted(await read_snapshot(self.redis, self.settings))
 
     async def events(self, count: int = EVENTS_SHOWN) -> list[str]:
         """The newest ``count`` events of the event stream, newest first, formatted as `gantry events` does."""

@@ -162,6 +162,16 @@ def test_top_header_counts_instances_by_state_at_the_snapshot_time() -> None:
     assert "PENDING=1" in header and "RUNNING=1" in header
 
 
+def test_top_leaves_out_a_deleted_model_as_gantry_models_does() -> None:
+    text = screen(snapshot(
+        models=(ModelView("kept", 1), ModelView("gone", 0), ModelView("draining", 0)),
+        instances=(inst("a", "kept", InstanceState.RUNNING, "w1", (0,)),
+                   inst("b", "draining", InstanceState.DRAINING, "w2", (0,))),
+    ))
+    assert "models 2 " in text.splitlines()[0]
+    assert "kept" in text and "draining" in text and "gone" not in text
+
+
 def test_the_models_table_counts_failed_replicas_apart_from_running_ones() -> None:
     from ops.view import models_table
 
