@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from ops.cli.errors import CliError, Interrupted
+from ops.cli.errors import CliError, Interrupted, quoted
 from ops.cli.output import echo
 from shared.paths import runtime_dir
 
@@ -118,7 +118,20 @@ async def connect_nats(settings: AnySettings, timeout: float = CONNECT_TIMEOUT_S
             timeout=timeout + 1,
         )
     except (TimeoutError, OSError, nats.errors.Error) as err:
+        if isinstance(err, nats.errors.AuthorizationError) or "authorization violation" in str(err).lower():
+            raise CliError(refused_credentials("NATS", settings.nats_url, settings)) from None
         raise CliError(f"cannot reach NATS at {redact(settings.nats_url)} ({_short(err)}): {STACK_HINT}") from None
+
+
+def refused_credentials(server: str, url: str, settings: AnySettings) -> str:
+    """The error for a server that answered but refused the CLI's identity: most often the CLI reads another
+    home's credentials than the `gantry up` that started the stack (another checkout, GANTRY_HOME unset)."""
+    from shared.envsettings import credentials_path
+
+    path = credentials_path(settings.credentials_file)
+    found = "" if path.is_file() else ", which does not exist"
+    return (f"{server} at {redact(url)} refused identity {quoted(settings.identity)} (secret read from {path}{found}):"
+            " run the CLI with the GANTRY_HOME (or GANTRY_CREDENTIALS_FILE) of the `gantry up` running the stack")
 
 
 def import_nats(url: str) -> ModuleType:
@@ -171,6 +184,8 @@ async def connect_redis(settings: AnySettings, timeout: float = CONNECT_TIMEOUT_
         await client.ping()
     except Exception as err:  # redis raises several unrelated types for "not there"
         await client.aclose()
+        if isinstance(err, redis.exceptions.AuthenticationError):
+            raise CliError(refused_credentials("Redis", settings.redis_url, settings)) from None
         if isinstance(err, ConnectionRefusedError | redis.exceptions.ConnectionError) and "111" in str(err):
             err = ConnectionRefusedError("connection refused")
         raise CliError(

@@ -14,7 +14,7 @@ import pexpect
 import pyte
 import pytest
 
-from tests.integration.cli.conftest import GANTRY, Result, Stack
+from tests.integration.cli.conftest import GANTRY, Result, Stack, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +25,17 @@ def spec_file(tmp_path: Path, name: str, body: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(body)
     return path
+
+
+@pytest.mark.parametrize("args", [["models"], ["events", "--last", "1"]], ids=["redis", "nats"])
+def test_a_cli_without_the_stacks_credentials_is_told_so_not_that_the_stack_is_down(
+    stack: Stack, tmp_path: Path, args: list[str]
+) -> None:
+    # another checkout, or GANTRY_HOME not set as for the `gantry up` that runs the stack: no secret for `cli`
+    result = run_cli(args, {**stack.env, "GANTRY_HOME": str(tmp_path)})
+    assert result.code == 1 and result.err.count("\n") == 1, result.err
+    assert "refused identity 'cli'" in result.err and f"{tmp_path}/credentials.json, which does not exist" in result.err
+    assert "is the stack running" not in result.err
 
 
 def test_a_model_named_freely_is_placed_by_its_hugging_face_source(gantry: Gantry, tmp_path: Path) -> None:
