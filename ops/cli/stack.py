@@ -132,9 +132,10 @@ def down(
     timeout: Annotated[float, typer.Option(min=0, help="seconds to wait for the stack to stop")] = 60.0,
 ) -> None:
     """Stop the stack a `gantry up` runs, in the foreground of another terminal or in the background."""
-    got = stop_running_stack(runtime_dir(), timeout)
+    home = runtime_dir()
+    got = stop_running_stack(home, timeout)
     if got is None:
-        raise CliError("no running stack found (nothing live recorded in .gantry/stack.json)")
+        raise CliError(f"no running stack found (nothing live recorded in {_rel(home)}/stack.json)")
     pid, stopped = got
     if not stopped:
         raise CliError(f"asked gantry up (pid {pid}) to stop; still running after {timeout:g}s")

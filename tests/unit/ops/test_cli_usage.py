@@ -112,6 +112,12 @@ def test_the_hint_for_a_cluster_without_models_names_a_spec_that_deploys() -> No
     assert load_spec(REPO_ROOT / path.group(1)).replicas >= 1
 
 
+def test_down_without_a_stack_names_the_home_it_looked_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GANTRY_HOME", str(tmp_path))
+    code, _, err = gantry("down")
+    assert code == 1 and err == f"error: no running stack found (nothing live recorded in {tmp_path}/stack.json)\n"
+
+
 def test_version_prints_the_package_version() -> None:
     code, out, _ = gantry("--version")
     assert code == 0
