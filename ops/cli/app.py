@@ -9,6 +9,7 @@ exit code, never as a traceback or a box.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
@@ -94,9 +95,13 @@ def _root(
     """Gantry: placement and request scheduling for LLM inference clusters."""
 
 
-def usage_line(err: click_errors.UsageError) -> str:
-    """A usage mistake as one line: click's message plus where to read the command's options."""
-    where = err.ctx.command_path if err.ctx is not None else "gantry"
+def usage_line(err: click_errors.UsageError, argv: Sequence[str] = ()) -> str:
+    """A usage mistake as one line: click's message plus where to read the command's options (the command named
+    first in ``argv`` when click's error has no context, as for an option missing its value)."""
+    if err.ctx is not None:
+        where = err.ctx.command_path
+    else:
+        where = "gantry" + (f" {argv[0]}" if argv and argv[0] in COMMANDS else "")
     return f"error: {click_message(err)} (see `{where} --help`)"
 
 
@@ -122,7 +127,7 @@ def run_app(argv: list[str] | None) -> int:
             echo(page)
         return err.exit_code
     except click_errors.UsageError as err:
-        echo(usage_line(err), err=True)
+        echo(usage_line(err, argv or ()), err=True)
         return err.exit_code
     except click_errors.ClickException as err:
         echo(f"error: {click_message(err)}", err=True)

@@ -86,6 +86,11 @@ def test_a_usage_error_names_the_help_to_read() -> None:
     assert "(see `gantry scale --help`)" in err
 
 
+@pytest.mark.parametrize("args", [("instances", "-m"), ("scale", "m", "1", "--timeout")])
+def test_an_option_missing_its_value_names_the_commands_help(args: tuple[str, ...]) -> None:
+    assert one_line_refusal(args, "requires an argument").endswith(f"(see `gantry {args[0]} --help`)\n")
+
+
 def test_errors_carry_no_internal_prefix() -> None:
     err = one_line_refusal(("scale", "llama-8b", "-1"), "replicas")
     assert "scale neg" not in err and "scale llama-8b:" not in err
