@@ -26,7 +26,7 @@ from shared.paths import runtime_dir
 if TYPE_CHECKING:  # imported where used: a CLI call loads only what its command needs (issue 17)
     import redis.asyncio as aioredis
     from nats.aio.client import Client as NatsClient
-    from rich.console import Console
+    from rich.console import Console, RenderableType
 
     from shared.envsettings import EnvSettings
     from shared.settings import Settings
@@ -239,11 +239,17 @@ def print_json(data: Any) -> None:
     echo(json.dumps(msgspec.to_builtins(data), indent=2, sort_keys=True))
 
 
-def console() -> Console:
-    """The console tables are printed on (wide enough not to wrap in captured output)."""
+def console(fit: RenderableType | None = None) -> Console:
+    """The console tables are printed on (wide enough not to wrap in captured output), and wide enough for
+    ``fit``'s columns when given: a narrower console cuts cells short ("44.…" for a hit rate of 44.4%)."""
     from rich.console import Console
+    from rich.measure import Measurement
 
-    return Console(highlight=False, soft_wrap=True, width=max(120, Console().width))
+    width = max(120, Console().width)
+    if fit is not None:
+        roomy = Console(width=1000)
+        width = max(width, Measurement.get(roomy, roomy.options, fit).maximum)
+    return Console(highlight=False, soft_wrap=True, width=width)
 
 
 def _short(err: BaseException) -> str:

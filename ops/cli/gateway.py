@@ -202,7 +202,8 @@ def gateway(
         if as_json:
             print_json([asdict(r) for r in rows])
         else:
-            console().print(table_of(rows))
+            table = table_of(rows)
+            console(fit=table).print(table)
         return
     con = console()
     with Live(table_of([]), console=con, refresh_per_second=4) as live:

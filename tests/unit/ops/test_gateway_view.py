@@ -53,6 +53,18 @@ def test_table_shows_load_and_hit_rate_per_endpoint_and_says_when_nothing_report
     assert "no model server reported" in con.export_text()
 
 
+def test_the_one_shot_table_is_printed_whole_however_narrow_the_output() -> None:
+    from ops.cli.connect import console
+
+    long_id = "llama-3.1-70b-instruct-0123456789ab00"
+    table = table_of(rows_of({long_id: report(long_id, 4, 9, model="llama-3.1-70b-instruct")}, {}, now=100.0))
+    out = console(fit=table)
+    with out.capture() as captured:
+        out.print(table)
+    assert long_id in captured.get() and "44.4%" in captured.get() and "prompt tok" in captured.get()
+    assert "…" not in captured.get()
+
+
 PLACED = {"e1": Placed("m", InstanceState.RUNNING), "e2": Placed("m", InstanceState.DRAINING),
           "e4": Placed("other", InstanceState.RUNNING)}
 
