@@ -75,6 +75,16 @@ def test_status_reports_launcher_servers_workers_and_models(gantry: Gantry) -> N
     assert any(line.startswith("models: ") and "RUNNING" in line for line in lines)
 
 
+def test_status_json_has_the_launcher_servers_workers_and_models(gantry: Gantry) -> None:
+    result = gantry("status", "--json")
+    assert result.code == 0, result.err
+    status = json.loads(result.out)
+    assert status["launcher"]["running"] and status["launcher"]["processes"]["reconciler"] == "up"
+    assert status["nats"]["reachable"] and status["redis"]["reachable"]
+    assert status["workers"]["by_state"]["READY"] == status["workers"]["total"] == 4
+    assert status["models"]["total"] >= 2 and status["models"]["replicas_by_state"]["RUNNING"] >= 3
+
+
 def test_events_last_n_prints_n_events_of_the_model_asked_for(gantry: Gantry) -> None:
     result = gantry("events", "--last", "2", "--model", "llama-8b", "--json")
     assert result.code == 0, result.err

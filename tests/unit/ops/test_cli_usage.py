@@ -249,3 +249,12 @@ def test_status_without_a_stack_says_so_in_one_line_and_exits_1(
     assert code == 1
     assert out.startswith("gantry up: not running from ")
     assert err.startswith("error: cannot reach NATS") and err.count("\n") == 1
+
+
+def test_status_json_without_a_stack_prints_no_text_for_a_script_to_misread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GANTRY_HOME", str(tmp_path))
+    code, out, err = gantry("status", "--json")
+    assert code == 1 and out == ""
+    assert err.startswith("error: cannot reach NATS") and err.count("\n") == 1
