@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,7 @@ from services.gateway.protocol import (
     PickerTransport,
 )
 from services.gateway.request import Tokenize
-from services.gateway.tls import HANDSHAKE_TIMEOUT_S, PickerTls
+from services.gateway.tls import HANDSHAKE_TIMEOUT_S, PickerTls, TlsListener, tls_listener
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
 from shared.bus.connection import nats_options
@@ -381,16 +381,22 @@ class Gateway:
 
         if self.opts.tcp:
             port = self.opts.http_port if self.opts.http_port is not None else DEFAULT_HTTP_PORT
-            tls = self.opts.tls
-            http = await loop.create_server(
-                protocol, self.opts.grpc_host, port, ssl=tls.context if tls is not None else None,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None)
+            http = await tcp_http_listener(protocol, self.opts.grpc_host, port, self.opts.tls, conns)
         else:
             path = free_socket_path(private_dir(self.opts.sockets) / HTTP_SOCKET)
             http = await loop.create_unix_server(protocol, str(path))
             stack.callback(remove, path)
             restrict(path)
         stack.callback(http.close)
+
+
+async def tcp_http_listener(app: Callable[[], OneByOne], host: str, port: int, tls: PickerTls | None,
+                            conns: Connections) -> asyncio.AbstractServer | TlsListener:
+    """The HTTP listener on TCP (ext_authz checks): ``app`` per connection; with ``tls``, behind mutual TLS with
+    each handshake counted under ``conns``'s cap from its accept (``tls.TlsListener``)."""
+    if tls is None:
+        return await asyncio.get_running_loop().create_server(app, host, port)
+    return await tls_listener(app, host, port, tls.context, conns, HANDSHAKE_TIMEOUT_S)
 
 
 def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:
