@@ -1,11 +1,16 @@
 """Envoy closes its idle connections to the picker before the picker would, so the picker's idle close never
-races a check Envoy is writing: real Envoy on the ext_authz transport, the picker's own HTTP/1.1 server (its
+races a check Envoy is writing; and when it does (the picker's idle timeout set below Envoy's), the check is sent
+again and the client sees nothing: real Envoy on the ext_authz transport, the picker's own HTTP/1.1 server (its
 framing and idle sweep) in this process answering checks and ``/v1/models``."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -56,4 +61,67 @@ async def test_checks_before_and_after_an_idle_spell_are_answered_and_envoy_clos
     finally:
         await asyncio.to_thread(envoy.stop)
         sweeping.cancel()
+        server.close()
+
+
+def _unread_request(conns: Connections) -> OneByOne | None:
+    """The picker connection holding a check (or a ``/v1/models``) the picker has not read yet (peeked at, left in
+    place), if any."""
+    for conn in list(conns.open):
+        if conn.transport is None:
+            continue
+        with socket.socket(fileno=os.dup(conn.transport.get_extra_info("socket").fileno())) as peek:
+            try:
+                head = peek.recv(16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+        if head.startswith((b"POST " + CHECK_PREFIX.encode(), b"GET /v1/models")):
+            return conn
+    return None
+
+
+def _retries(admin: int) -> int:
+    stats = admin_get(admin, "/stats?filter=gantry_epp.upstream_rq_retry$")
+    found = re.search(r"upstream_rq_retry: (\d+)", stats)
+    return int(found.group(1)) if found else 0
+
+
+async def test_a_check_racing_the_pickers_idle_close_is_sent_again_and_no_client_request_fails(
+        tmp_path: Path) -> None:
+    """The picker's idle timeout below Envoy's (an operator gave them apart): the picker's sweep closes Envoy's pooled
+    connection at the worst moment, with a request on the wire that it has not read, in each of 4 rounds (one with a
+    long prompt: a check body past Envoy's 64 KiB retry buffer of streams; one ``/v1/models``, routed to the
+    picker as an ordinary upstream)."""
+    conns = Connections(PICKER_IDLE_S, max_connections=64)  # no sweep task: this test sweeps, at the worst moment
+    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(_answer, conns=conns), "127.0.0.1", 0)
+    opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=server.sockets[0].getsockname()[1],
+                        als_port=free_port(), eds_path=tmp_path / "eds" / "engines.json",
+                        transport=PickerTransport.EXT_AUTHZ, picker_idle_timeout_s=120.0)  # Envoy's: 60 s
+    envoy = await asyncio.to_thread(start_envoy, opts, tmp_path / "envoy", 60)
+    assert isinstance(opts.admin_port, int)
+    try:
+        with httpx.Client(base_url=envoy.url, timeout=30) as client, ThreadPoolExecutor(1) as pool:
+            def ask(prompt: str) -> int:
+                """A chat completion (the picker refuses its check: 429), or with "models" ``/v1/models`` (200)."""
+                if prompt == "models":
+                    return client.get("/v1/models").status_code
+                body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+                return client.post("/v1/chat/completions", json=body).status_code
+
+            assert await asyncio.to_thread(ask, "warm") == 429  # Envoy now pools a connection to the picker
+            for prompt, picker_answer in (("short", 429), ("long " * 20_000, 429), ("models", 200), ("short", 429)):
+                # From here to the await, the picker's loop is held: the request Envoy writes stays unread, as
+                # when it arrives in the very turn the sweep closes its connection.
+                conns.sweep(time.monotonic())  # every connection quiet from now on
+                sent = pool.submit(ask, prompt)
+                deadline = time.monotonic() + 30
+                while (racing := _unread_request(conns)) is None:
+                    assert time.monotonic() < deadline, "Envoy never wrote the request"
+                    time.sleep(0.001)
+                conns.sweep(time.monotonic() + PICKER_IDLE_S)  # the picker's idle close, the request unread
+                assert racing not in conns.open
+                assert await asyncio.wrap_future(sent) == picker_answer  # the picker's own, not Envoy's 500 / 503
+        assert await asyncio.to_thread(_retries, opts.admin_port) >= 4  # each race was met, and sent again
+    finally:
+        await asyncio.to_thread(envoy.stop)
         server.close()
