@@ -13,7 +13,8 @@ Envoy sends a check at once). Nothing here crashes the server.
 Connections are bounded when given a ``Connections`` (the picker's listener): one idle (nothing buffered, no
 answer awaited) for ``idle_timeout_s`` is closed, and past ``max_connections`` open a new one is closed at once.
 Envoy pools its connections to the picker and closes an idle one itself, sooner (``protocol.envoy_idle_timeout_s``),
-so the picker's close never races a check Envoy is writing; what the picker closes is a stranger's.
+so the picker's close does not race a check Envoy is writing; what the picker closes is a stranger's (and if the two
+timeouts were given apart, a check the close cuts, never read here, is sent again by Envoy: docs/gateway.md).
 """
 
 from __future__ import annotations

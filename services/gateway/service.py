@@ -106,8 +106,9 @@ class GatewayOptions:
     # a minute against an unreachable Redis; the events keep the pool current meanwhile)
     read_timeout_s: float = 10.0
     metrics_port: int = 0  # Prometheus /metrics (the refused engine reports) on this port; 0: not served
-    # a connection to the picker idle this long is closed (Envoy's config closes its own at half of it, first:
-    # ops.envoy's --picker-idle-timeout-s must be this); past max_connections open on a listener, new ones are
+    # a connection to the picker idle this long is closed (Envoy's config closes its own at half of it, first, given
+    # the same as ops.envoy's --picker-idle-timeout-s; given apart, what the picker's close cuts is retried by Envoy,
+    # docs/gateway.md); past max_connections open (or handshaking) on a listener, new ones are
     # closed at once: idle connections opened by a stranger cannot take all the picker's file descriptors
     idle_timeout_s: float = PICKER_IDLE_TIMEOUT_S
     max_connections: int = PICKER_MAX_CONNECTIONS
@@ -183,8 +184,9 @@ def health_handler() -> grpc.GenericRpcHandler:
 
 def grpc_options(idle_timeout_s: float, max_connections: int) -> list[tuple[str, int]]:
     """The gRPC listener's bounds, as the HTTP one's: a connection with no call open for ``idle_timeout_s`` is
-    closed (GOAWAY: a call racing it is refused, never half-run; Envoy does not retry a refused ext_proc stream,
-    so its own idle timeout closes its connections first, ``protocol.envoy_idle_timeout_s``), one that never
+    closed (an immediate GOAWAY: a call racing it is refused, never half-run, and Envoy's ext_proc retry policy sends
+    it again; Envoy's own idle timeout usually closes its connections first, ``protocol.envoy_idle_timeout_s``), one
+    that never
     completes the HTTP/2 handshake too, and past ``max_connections`` a new one is closed at once. A long-lived
     call (Envoy's access-log stream, an ext_proc stream) keeps its connection: it is not idle."""
     idle_ms = max(1, round(idle_timeout_s * 1000))
