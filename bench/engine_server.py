@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil  # type: ignore[import-untyped]
@@ -189,16 +190,31 @@ def server_cpu_s(proc: psutil.Process) -> float:
     return total / 1e9
 
 
+def server_wakeups(proc: psutil.Process) -> dict[str, int]:
+    """Voluntary context switches of ``proc`` so far, per thread name (each is one sleep and one wake-up: on this
+    host a wake-up after a few ms idle is what costs, docs/engine.md round 10)."""
+    out: dict[str, int] = {}
+    try:
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            name = fields["Name"].strip()
+            out[name] = out.get(name, 0) + int(fields["voluntary_ctxt_switches"])
+    except (OSError, ValueError, KeyError):
+        return {}
+    return out
+
+
 def one_run(port: int, proc: psutil.Process, opts: ServerOptions, n: int, tokens: int, seed: int,
-            speedup: float = 1.0) -> dict[str, float]:
+            speedup: float = 1.0) -> dict[str, Any]:
     """N streams at once; client vs model TPOT p50 and server CPU per token (the model's times in wall seconds
     at ``speedup``, the server's)."""
     prompts = _prompts(n, seed)
-    c0, s0 = proc.cpu_times(), server_cpu_s(proc)
+    c0, s0, v0 = proc.cpu_times(), server_cpu_s(proc), server_wakeups(proc)
     w0, k0 = time.perf_counter(), time.process_time()
     results = asyncio.run(_run_streams(port, prompts, tokens))
     wall, client_cpu = time.perf_counter() - w0, time.process_time() - k0
-    c1, s1 = proc.cpu_times(), server_cpu_s(proc)
+    c1, s1, v1 = proc.cpu_times(), server_cpu_s(proc), server_wakeups(proc)
     good = [i for i, r in enumerate(results) if r.error is None and len(r.times) == r.tokens == tokens]
     streamed = sum(r.tokens for r in results)
     cpu = s1 - s0
@@ -231,18 +247,26 @@ def one_run(port: int, proc: psutil.Process, opts: ServerOptions, n: int, tokens
         "server_sys_share": (c1.system - c0.system) / ticks if ticks else 0.0,
         "client_cpu_us_per_token": 1e6 * client_cpu / max(streamed, 1), "wall_s": wall,
         "tokens": streamed, **_lag(port),
+        # per thread: one decode step per token of a stream, so wake-ups / tokens × streams is per step
+        "server_wakeups_per_step": {k: round((v1.get(k, 0) - v0.get(k, 0)) * n / max(streamed, 1), 2)
+                                    for k in v1 if v1.get(k, 0) != v0.get(k, 0)},
     }
 
 
-def _median_rows(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for i in range(len(runs[0])):
-        keys = runs[0][i].keys()
-        rows.append({k: statistics.median(r[i][k] for r in runs) for k in keys})
+        row: dict[str, Any] = {}
+        for k, v in runs[0][i].items():
+            if isinstance(v, dict):  # per thread: the median of each thread's figure
+                row[k] = {t: statistics.median(r[i][k].get(t, 0) for r in runs) for t in v}
+            else:
+                row[k] = statistics.median(r[i][k] for r in runs)
+        rows.append(row)
     return rows
 
 
-def plot(rows: list[dict[str, float]], png: Path) -> None:
+def plot(rows: list[dict[str, Any]], png: Path) -> None:
     """TPOT error and CPU per token against concurrency."""
     import matplotlib
 
@@ -303,7 +327,7 @@ def main() -> None:
     # access lines and block the server's event loop in the middle of a run
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed after the server stops, in the finally below
     server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
-    runs: list[list[dict[str, float]]] = []
+    runs: list[list[dict[str, Any]]] = []
     try:
         _wait_up(opts.port, server)
         proc = psutil.Process(server.pid)

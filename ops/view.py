@@ -45,6 +45,8 @@ class ClusterSnapshot:
     worker_states: dict[str, WorkerState] = field(default_factory=dict)
     instances: tuple[Instance, ...] = ()
     models: tuple[ModelView, ...] = ()
+    # stored worker records that break today's limits (no service's snapshot holds them): worker -> why
+    invalid_workers: dict[str, str] = field(default_factory=dict)
 
 
 class GpuUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +68,18 @@ class GpuUsage(msgspec.Struct, frozen=True, kw_only=True):
         if self.total <= 0:
             return 0.0
         return min(1.0, max(self.used, self.claimed) / self.total)
+
+
+INVALID_STATE = "INVALID_RECORD"
+"""The state `gantry workers --json` gives a worker known only by a stored record that breaks today's limits."""
+
+
+def invalid_lines(snapshot: ClusterSnapshot) -> list[str]:
+    """One line per worker whose stored record no snapshot holds (it breaks today's limits), with why and the fix."""
+    return [
+        f"{name}: invalid stored record: {why} (left out of placement; `gantry workers remove {name}` clears it)"
+        for name, why in sorted(snapshot.invalid_workers.items())
+    ]
 
 
 def gpu_holders(instances: Iterable[Instance]) -> dict[tuple[str, int], list[tuple[str, int]]]:

@@ -49,8 +49,8 @@ async def read_snapshot(
 ) -> ClusterSnapshot:
     """Workers (with liveness at ``now``), instances and models, read from the state layer."""
     store = _store(redis)
-    workers, instances, specs, desired = await _all(
-        redis, store.workers(), store.instances(model), store.models(), store.desired()
+    (workers, invalid), instances, specs, desired = await _all(
+        redis, store.worker_records(), store.instances(model), store.models(), store.desired()
     )
     taken_at = time.time() if now is None else now
     states = {w.name: worker_state(w, taken_at, settings.not_ready_after_s) for w in workers}
@@ -62,6 +62,7 @@ async def read_snapshot(
         worker_states=states,
         instances=tuple(instances),
         models=models,
+        invalid_workers=invalid,
     )
 
 
@@ -258,7 +259,13 @@ def removal(snapshot: ClusterSnapshot, name: str, settings: Settings) -> WorkerR
 
     cluster = Cluster(last_seen={w.name: w.last_heartbeat for w in snapshot.workers})
     timings = Timings(not_ready_after=settings.not_ready_after_s)
-    return remove_worker(name, snapshot.instances, cluster, snapshot.taken_at, timings)
+    invalid = name in snapshot.invalid_workers
+    return remove_worker(name, snapshot.instances, cluster, snapshot.taken_at, timings, invalid_record=invalid)
+
+
+def gone(snapshot: ClusterSnapshot, name: str) -> bool:
+    """Whether ``name`` has left the state: no worker of that name, and no stored record of it (valid or not)."""
+    return name not in snapshot.invalid_workers and all(w.name != name for w in snapshot.workers)
 
 
 async def send_cordon(nc: NatsClient, command: CordonCommand) -> int:

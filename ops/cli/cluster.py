@@ -12,6 +12,7 @@ import typer
 from ops.cli import reads
 from ops.cli.client import (
     deploy_files,
+    gone,
     parse_target,
     read_snapshot,
     removal,
@@ -254,7 +255,7 @@ def workers_remove(
             finally:
                 await nc.close()
             try:
-                await wait_for(redis, settings, lambda s: all(w.name != name for w in s.workers), timeout)
+                await wait_for(redis, settings, lambda s: gone(s, name), timeout)
             except TimeoutError:
                 raise CliError(
                     f"sent, but {name} was not removed within {timeout:g}s: see `gantry events --dead-letters`"

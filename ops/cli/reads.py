@@ -28,7 +28,16 @@ from ops.cli.connect import (
 )
 from ops.cli.inputs import model_name
 from ops.cli.output import echo
-from ops.view import ClusterSnapshot, gib, gpu_usage, models_table, pending_groups, state_counts
+from ops.view import (
+    INVALID_STATE,
+    ClusterSnapshot,
+    gib,
+    gpu_usage,
+    invalid_lines,
+    models_table,
+    pending_groups,
+    state_counts,
+)
 from shared.bus import subjects
 from shared.core.placement.domain import Instance, InstanceState, WorkerState
 
@@ -151,10 +160,17 @@ def workers(json_out: bool, nats_url: str | None, redis_url: str | None) -> None
                 "gpus": [u for u in usage if u.worker == w.name],
             }
             for w in sorted(snapshot.workers, key=lambda w: w.name)
+        ] + [
+            {"name": name, "state": INVALID_STATE, "invalid_record": why}
+            for name, why in sorted(snapshot.invalid_workers.items())
         ])
         return
-    if not snapshot.workers:
+    if not snapshot.workers and not snapshot.invalid_workers:
         echo("no workers registered; start some with `gantry up --workers 4`")
+        return
+    for line in invalid_lines(snapshot):
+        echo(line)
+    if not snapshot.workers:
         return
     from rich.table import Table
 

@@ -395,7 +395,13 @@ class Reconciler(PlacementService):
             return
         now = self.clock()
         bad = bad_worker_name(cmd.worker)
-        step = bad or remove_worker(cmd.worker, list(self.feed.instances.values()), self.cluster(), now, self.timings())
+        # A worker no snapshot holds may still be stored under a record that breaks today's limits: clearing it is
+        # what the operator asks for (the check reads Redis only then).
+        invalid = not bad and cmd.worker not in self.feed.last_seen and bool(
+            await self.store.invalid_workers([cmd.worker])
+        )
+        step = bad or remove_worker(cmd.worker, list(self.feed.instances.values()), self.cluster(), now,
+                                    self.timings(), invalid_record=invalid)
         if isinstance(step, str):
             await self.bus.dead_letter(raw.subject, f"workers remove: {step}", data)
             await raw.ack()
@@ -842,7 +848,8 @@ class Reconciler(PlacementService):
     async def tick(self, full: bool = False, resync_shard: int | None = None) -> None:
         """One planner step over every known instance (liveness, drain timeouts, failed replicas, PENDING
         retries, forgotten workers), then the level-triggered resync (of the workers in ``resync_shard`` of
-        ``RESYNC_SHARDS``, or of all); ``full`` also re-converges every model."""
+        ``RESYNC_SHARDS``, or of all); ``full`` also re-converges every model and reports stored worker records
+        that break today's limits (``StateWriter.report_invalid``)."""
         now = self.clock()
         if full:
             self.specs.update(await self.store.models())  # models another replica was told about
@@ -868,6 +875,7 @@ class Reconciler(PlacementService):
             await self._announce_stale(overdue_pending(list(records.values()), self.requested, now,
                                                        3 * self.settings.ack_wait_s))
             await self.converge_and_request(sorted((await self.store.desired()).keys()))
+            await self.writer.report_invalid()  # stored records every snapshot left out, each reported once
 
     async def _announce_stale(self, ids: Sequence[str]) -> None:
         """Of replicas the feed shows PENDING, announce again those the store holds otherwise (placed, or gone):

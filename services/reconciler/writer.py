@@ -32,7 +32,9 @@ from shared.bus.validate import (
 )
 from shared.core.limits import MAX_FILES_PER_WORKER
 from shared.core.placement.domain import ModelFile, Worker
+from shared.core.placement.records import invalid_reports
 from shared.host.throttle import PerKeyThrottle
+from shared.state.store import Keys
 
 if TYPE_CHECKING:
     from shared.host.service import PlacementService
@@ -43,6 +45,7 @@ STORE_ROUNDS = 3  # checks of one registration against what is stored, when othe
 # Replaced registrations held for judging: a worker changing its inventory on every message (or any worker while Redis
 # is away, when nothing is flushed) must not grow the list without end; past this, the oldest go unjudged.
 SUPERSEDED_MAX = 1000
+INVALID_SUBJECT = Keys.workers  # dead letters of invalid stored records name the Redis key they were read from
 
 
 class StateWriter:
@@ -196,6 +199,26 @@ class StateWriter:
             except Exception as exc:
                 log.warning("registration of %s stored, not announced (again at the next flush): %s", name, exc)
                 self.registrations.setdefault(name, regs[name])
+
+    async def report_invalid(self) -> dict[str, str]:
+        """Look for stored worker records that break today's limits among those this snapshot does not hold (every
+        snapshot leaves them out, so their workers vanish without a word), and dead-letter each once with its key
+        and reason (again only if its reason changes); returns them all (worker -> why). Runs in the periodic
+        check, so one reconciler replica at a time."""
+        svc, store = self.service, self.service.store
+        unseen = sorted(await store.worker_names() - svc.feed.inventory.keys())
+        invalid = await store.invalid_workers(unseen)
+        todo = invalid_reports(invalid, await store.reported_invalid())
+        for name, why in todo.report.items():
+            shown = name[:64]  # a key written past the state layer can be of any length
+            await svc.bus.dead_letter(
+                INVALID_SUBJECT, f"stored record of worker {shown} left out of every snapshot: {why} "
+                f"(its next valid registration replaces it; `gantry workers remove {shown}` clears it)",
+            )
+        if todo.report or todo.forget:
+            await store.mark_reported(todo.report, todo.forget)
+        svc.metrics.invalid_workers.labels(svc.name).set(len(invalid))
+        return invalid
 
     async def ask_to_register(self, worker: str | None) -> None:
         """Ask one worker (or all) to re-register; per worker at most once every few seconds."""

@@ -1,7 +1,7 @@
 """What each service consumes and emits, declared once, and the AsyncAPI contract generated from it.
 
 A host service lists its ``Consumes`` and ``Emits`` (class attributes); the host adds what every service
-reads and writes (the snapshot feed, sync requests, dead letters). The same declarations
+reads and writes (the snapshot feed, dead letters). The same declarations
 
 - bind the runtime: ``PlacementService.pull`` and ``listen`` refuse a subject the service did not declare,
   and the bus logs an error for a publish on an undeclared subject;

@@ -10,6 +10,7 @@ were freed), which is what the reconciler retries on.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable, Iterable
 
 import msgspec
@@ -29,6 +30,7 @@ from shared.core.placement.reconcile import workers_of
 from shared.core.placement.snapshot import ClusterSnapshot
 from shared.state.store import StateStore, apply_usage, gpu_field
 
+log = logging.getLogger("gantry.feed")
 # Instances whose claims are live in the ledger (the one set: see lifecycle).
 HOLDING = HOLDS_GPUS
 
@@ -83,10 +85,13 @@ class SnapshotFeed:
         # and nothing would drop it again. The names heard removed meanwhile are kept out instead.
         self._removed_while_loading = set()
         try:
-            stored = await store.workers()
+            stored, invalid = await store.worker_records()
             removed = self._removed_while_loading
         finally:
             self._removed_while_loading = None
+        if invalid:  # reported on the bus once, by the state writer; each snapshot only logs what it left out
+            log.warning("left out %d stored worker record(s) that break today's limits: %s", len(invalid),
+                        "; ".join(f"{name[:64]}: {why}" for name, why in sorted(invalid.items())[:3]))
         for w in stored:
             if self.revisions.get(w.name, 0) > self.loaded_revision or w.name in removed:
                 continue

@@ -38,6 +38,7 @@ DEAD_LETTERS = "gantry_dead_letters_total"
 REFUSALS = "gantry_commit_refusals_total"
 COMMITTED = "gantry_placements_committed_total"
 PENDING = "gantry_pending_replicas"
+INVALID_WORKERS = "gantry_invalid_stored_workers"
 
 STAGES = {"filter": "filtered", "fitting": "fitted", "scoring": "scored", "reconciler": "committed"}
 """The SLI stage each service observes (the reconciler's is the commit: the SLI proper)."""
@@ -73,6 +74,10 @@ class ServiceMetrics:
         self.committed = Counter(COMMITTED, "Replicas committed to a worker", ["service"], registry=r)
         self.pending = Gauge(PENDING, "Replicas in PENDING (not placed), at the reconciler's last tick",
                              ["service"], registry=r)
+        self.invalid_workers = Gauge(
+            INVALID_WORKERS, "Stored worker records that break today's limits (left out of every snapshot), at the "
+            "reconciler's last full check", ["service"], registry=r,
+        )
         self._server: MetricsServer | None = None
         # The labelled series of the per-batch observations, looked up once: ``labels()`` validates, locks and
         # hashes its arguments on every call, and every pulled batch made four such calls.

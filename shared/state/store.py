@@ -34,6 +34,7 @@ from shared.core.placement.domain import (
     WorkerUsage,
 )
 from shared.core.placement.lifecycle import ACTIVE
+from shared.core.placement.records import read_worker
 from shared.state.replay import call_key, prelude
 
 if TYPE_CHECKING:  # the client is passed in: the CLI's read commands read through a lighter one (ops.cli)
@@ -102,6 +103,8 @@ class Keys:
     restarts = P + "restarts"  # model -> {"count": n, "last_at": time} of recent failed-replica replacements
     retries = P + "retries"  # id -> [attempts, next_at, requested_at] of PENDING replicas with a verdict
     registered = P + "workers:rev"  # revision of the last stored inventory (any worker): grows with every store
+    # worker -> why its stored record is invalid today, as the state writer reported it (once per reason)
+    invalid = P + "workers:invalid"
     replay = P + "replay:"  # + call -> a script call's reply, kept a while for a replay (``shared.state.replay``)
 
 
@@ -226,6 +229,15 @@ def _load(dec: msgspec.json.Decoder[R], raw: bytes | str, what: str) -> R | None
     except (msgspec.DecodeError, RecursionError) as exc:
         log.warning("ignoring a stored %s outside the limits: %s", what, exc)
         return None
+
+
+def _worker(key: Any, raw: bytes | str) -> Worker | None:
+    """A stored worker record, or None (logged) when it breaks today's limits (``records.read_worker``)."""
+    got = read_worker(_s(key), raw)
+    if isinstance(got, str):
+        log.warning("ignoring the stored record of worker %r: %s", _s(key)[:64], got)
+        return None
+    return got
 
 
 def _time(raw: Any, what: str) -> float:
@@ -378,7 +390,7 @@ class StateStore:
         pipe.get(Keys.registered)
         pipe.hget(Keys.workers, name)
         revision, raw = await pipe.execute()
-        return int(revision or 0), (_load(_dec_worker, raw, "worker") if raw else None)
+        return int(revision or 0), (_worker(name, raw) if raw else None)
 
     async def held(self, names: Sequence[str]) -> dict[str, Held]:
         """Each stored worker's record and what the ledger holds claimed on its GPUs and RAM (workers not stored
@@ -389,7 +401,7 @@ class StateStore:
         stored = {name: raw for name, raw in zip(names, raws, strict=True) if raw}
         if not stored:
             return {}
-        workers = {name: _load(_dec_worker, raw, "worker") for name, raw in stored.items()}
+        workers = {name: _worker(name, raw) for name, raw in stored.items()}
         fields = [gpu_field(w.name, g.index) for w in workers.values() if w is not None for g in w.gpus]
         pipe = self.r.pipeline(transaction=False)
         pipe.hmget(Keys.gpu_used, fields or ["-"])
@@ -418,7 +430,13 @@ class StateStore:
         await pipe.execute()
 
     async def workers(self) -> list[Worker]:
-        """Every known worker: inventory + last heartbeat + latest usage + cordons applied."""
+        """Every known worker: inventory + last heartbeat + latest usage + cordons applied (a record that breaks
+        today's limits is left out: ``worker_records`` says which and why)."""
+        return (await self.worker_records())[0]
+
+    async def worker_records(self) -> tuple[list[Worker], dict[str, str]]:
+        """Every known worker, as ``workers``, and each stored record left out as invalid today: worker -> the
+        one-line reason. One bad record never hides the good ones."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(Keys.workers)
         pipe.hgetall(Keys.seen)
@@ -427,15 +445,38 @@ class StateStore:
         inv, seen, usage, cordon = await pipe.execute()
         cordoned = {_s(k) for k in cordon}
         out = []
+        invalid: dict[str, str] = {}
         for name_b, raw in inv.items():
-            w = _load(_dec_worker, raw, "worker")
-            if w is None:
+            w = read_worker(_s(name_b), raw)
+            if isinstance(w, str):
+                invalid[_s(name_b)] = w
                 continue
             hb_raw = usage.get(name_b)
             hb = _load(_dec_usage, hb_raw, "heartbeat") if hb_raw else None
             last = _time(seen.get(name_b, 0.0) or 0.0, "last-seen time")
             out.append(apply_usage(w, hb, last, cordoned))
-        return sorted(out, key=lambda w: w.name)
+        return sorted(out, key=lambda w: w.name), invalid
+
+    async def invalid_workers(self, names: Sequence[str]) -> dict[str, str]:
+        """Of the stored records of ``names`` (absent ones left out), each invalid today: worker -> why."""
+        if not names:
+            return {}
+        raws = await self.r.hmget(Keys.workers, list(names))
+        got = {name: read_worker(name, raw) for name, raw in zip(names, raws, strict=True) if raw is not None}
+        return {name: why for name, why in got.items() if isinstance(why, str)}
+
+    async def reported_invalid(self) -> dict[str, str]:
+        """Invalid stored records already reported: worker -> the reason reported."""
+        return {_s(k): _s(v) for k, v in (await self.r.hgetall(Keys.invalid)).items()}
+
+    async def mark_reported(self, report: Mapping[str, str], forget: Sequence[str]) -> None:
+        """Remember the invalid records reported (so each is reported once), forget those since repaired or gone."""
+        pipe = self.r.pipeline(transaction=False)
+        if report:
+            pipe.hset(Keys.invalid, mapping=dict(report))  # type: ignore[arg-type]
+        if forget:
+            pipe.hdel(Keys.invalid, *forget)
+        await pipe.execute()
 
     async def worker_names(self) -> set[str]:
         """Names of registered workers."""
@@ -636,7 +677,15 @@ class StateStore:
         """Remove a worker from the state in one step: "ok"; "alive" if heard after ``cutoff``; "holds" if
         claims remain on it (release its instances first). ``cutoff`` None skips the liveness check."""
         raw = await self.r.hget(Keys.workers, name)
-        gpus = [gpu_field(name, g.index) for g in _dec_worker.decode(raw).gpus] if raw else []
+        stored = read_worker(name, raw) if raw else None
+        if isinstance(stored, str):
+            # A record that breaks today's limits names no GPUs one can trust: take the ledger's own fields of the
+            # worker, so its capacity leaves with it (and claims on any of them still refuse the removal).
+            found = self.r.hscan_iter(Keys.gpu_cap, match=_glob_prefix(name + ":"), count=1000)
+            gpus = [_s(k) async for k, _ in found]
+            gpus = [g for g in gpus if g.rpartition(":")[0] == name and decimal(g.rpartition(":")[2])]
+        else:
+            gpus = [gpu_field(name, g.index) for g in stored.gpus] if stored else []
         files = [_s(k) async for k, _ in self.r.hscan_iter(Keys.files, match=_glob_escape("|" + name), count=1000)]
         files = [f for f in files if f.rsplit("|", 1)[-1] == name]
         keys = [Keys.workers, Keys.seen, Keys.usage, Keys.cordon, Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap,
@@ -825,6 +874,11 @@ class StateStore:
         fields = set(total) | {f for f, v in used.items() if v}
         return [f"{f}: ledger {used.get(f, 0)} != claims {total.get(f, 0)}" for f in sorted(fields)
                 if used.get(f, 0) != total.get(f, 0)]
+
+
+def _glob_prefix(prefix: str) -> str:
+    """A HSCAN pattern matching fields that start with ``prefix`` literally."""
+    return _glob_escape(prefix)[1:] + "*"
 
 
 def _glob_escape(suffix: str) -> str:

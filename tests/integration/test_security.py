@@ -16,7 +16,7 @@ import redis.exceptions
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from ops.auth import Credentials, without_userinfo
+from ops.auth import ADMIN, ROLES, Credentials, without_userinfo
 from ops.servers import ServerProcess
 from shared.bus import subjects
 
@@ -142,7 +142,11 @@ async def test_a_worker_publishes_its_own_reports(
         await worker.nc.close()
 
 
-@pytest.mark.parametrize("identity", ["filter", "scoring", "cli", "engine_server", "picker", "worker-w1"])
+# Every identity of the stack but the admin and the state writer (the reconciler), and a worker agent.
+NOT_THE_WRITER = [r for r in ROLES if r not in (ADMIN, "reconciler")] + ["worker-w1"]
+
+
+@pytest.mark.parametrize("identity", NOT_THE_WRITER)
 async def test_no_identity_but_the_state_writer_may_ask_every_worker_to_register(
     nats_server: ServerProcess, credentials: Credentials, admin: Client, identity: str
 ) -> None:

@@ -522,17 +522,27 @@ class WorkerRemoval:
 
 
 def remove_worker(
-    worker: str, instances: Sequence[Instance], cluster: Cluster, now: float, timings: Timings = Timings()
+    worker: str, instances: Sequence[Instance], cluster: Cluster, now: float, timings: Timings = Timings(),
+    invalid_record: bool = False,
 ) -> WorkerRemoval | str:
     """``gantry workers remove``: a plan, or why not (one line). A live worker is refused: it would register
-    again at once, and its replicas are running; stop it (or let it go NOT_READY) first."""
+    again at once, and its replicas are running; stop it (or let it go NOT_READY) first. A worker known only by a
+    stored record that breaks today's limits (``invalid_record``: no snapshot holds it) may be removed: that is how
+    an operator clears the record (the state layer's removal still refuses it while claims remain on it, or if the
+    worker was heard since it went silent)."""
     if worker not in cluster.last_seen:
-        return f"unknown worker {worker!r}"
+        if not invalid_record:
+            return f"unknown worker {worker!r}"
+        return _removal(worker, instances)
     age = silent_for(cluster.last_seen[worker], now)
     if age < timings.not_ready_after:
         on = sum(1 for i in instances if worker in workers_of(i) and i.state in HOLDS_GPUS)
         held = f", holds {on} replica(s)" if on else ""
         return f"worker {worker} is alive (heard {age:.1f} s ago{held}); stop it first or it registers again"
+    return _removal(worker, instances)
+
+
+def _removal(worker: str, instances: Sequence[Instance]) -> WorkerRemoval:
     mine = sorted(i.id for i in instances if worker in workers_of(i))
     models = sorted({i.model for i in instances if worker in workers_of(i)})
     return WorkerRemoval(worker=worker, forget=tuple(mine), models=tuple(models))

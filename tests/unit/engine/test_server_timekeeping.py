@@ -272,3 +272,19 @@ def test_the_benchmark_counts_server_cpu_finer_than_clock_ticks() -> None:
         pass
     spent, k = server_cpu_s(proc) - a, time.process_time() - k0
     assert 0.5 * k <= spent <= 2 * k + 0.02  # this process's own busy loop, seen through the same counter
+
+
+def test_the_benchmark_counts_each_sleep_of_the_server_as_a_wake_up() -> None:
+    import os
+    import time
+
+    import psutil
+
+    from bench.engine_server import server_wakeups
+
+    proc = psutil.Process(os.getpid())
+    before = sum(server_wakeups(proc).values())
+    for _ in range(5):
+        time.sleep(0.002)  # each sleep gives the core up once and is woken once
+    woken = sum(server_wakeups(proc).values()) - before
+    assert 5 <= woken <= 50  # this thread's five, and whatever the test runner's threads did meanwhile

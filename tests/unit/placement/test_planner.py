@@ -339,6 +339,14 @@ def test_removing_a_silent_worker_forgets_everything_placed_on_it() -> None:
     assert (got.forget, got.models) == (("a", "b"), ("m", "n"))
 
 
+def test_a_worker_known_only_by_an_invalid_stored_record_may_be_removed() -> None:
+    # no snapshot holds it (its record breaks today's limits): removing it is how an operator clears the record
+    insts = [inst("a", S.UNREACHABLE, worker="w9"), inst("c", worker="w1")]
+    got = remove_worker("w9", insts, LIVE, NOW, T, invalid_record=True)
+    assert not isinstance(got, str)
+    assert (got.worker, got.forget, got.models) == ("w9", ("a",), ("m",))
+
+
 def test_refused_commits_of_one_batch_wait_for_the_shortest_backoff() -> None:
     verdicts = [Commit("a", "m", "full:w1:0", attempt=1), Commit("b", "m", "full:w1:1", attempt=0)]
     got = plan({}, [], LIVE, verdicts, NOW, Book(), T)

@@ -80,3 +80,32 @@ async def test_a_desired_count_of_more_digits_than_int_converts_reads_as_the_mos
     # Python refuses to convert text of more than 4,300 digits: that raised out of every reader of the counts.
     await store.r.hset("gantry:desired", mapping={"huge": b"9" * 5000, "padded": b"0" * 5000 + b"7"})
     assert await store.desired() == {"huge": MAX_REPLICAS, "padded": 7}
+
+
+W1 = Worker(name="w1", gpus=(Gpu(index=0, vram_total=80 * GIB), Gpu(index=1, vram_total=80 * GIB)), ram_total=GIB)
+PAST_LIMIT = b'{"name": "w1", "gpus": [{"index": 5000, "vram_total": 1}]}'  # GPU index past MAX_GPU_INDEX
+
+
+async def test_a_worker_record_outside_todays_limits_is_left_out_and_named_with_why(store: StateStore) -> None:
+    await store.register_workers([W0, W1], 100.0)
+    await store.r.hset("gantry:workers", "w1", PAST_LIMIT)  # written by an older build, or by hand
+    workers, invalid = await store.worker_records()
+    assert [w.name for w in workers] == ["w0"] == [w.name for w in await store.workers()]
+    assert list(invalid) == ["w1"] and "$.gpus[0].index" in invalid["w1"]
+    assert await store.invalid_workers(["w0", "w1", "absent"]) == invalid
+
+
+async def test_a_worker_record_outside_todays_limits_is_forgotten_with_its_ledger_capacity(store: StateStore) -> None:
+    await store.register_workers([W0, W1], 100.0)
+    await store.r.hset("gantry:workers", "w1", PAST_LIMIT)
+    assert await store.forget_worker("w1", cutoff=None) == "ok"
+    assert await store.worker_names() == {"w0"}
+    assert sorted(await store.ledger()) == ["w0:0"]  # w1's two GPUs left the ledger with it
+
+
+async def test_an_invalid_worker_record_with_claims_on_its_gpus_is_not_forgotten(store: StateStore) -> None:
+    await store.register_workers([W1], 100.0)
+    await store.r.hset("gantry:gpu:used", "w1:1", 5)  # a replica still holds VRAM there
+    await store.r.hset("gantry:workers", "w1", b"{not json")
+    assert await store.forget_worker("w1", cutoff=None) == "holds"
+    assert await store.worker_names() == {"w1"}

@@ -114,14 +114,14 @@ async def test_a_worker_removed_while_the_load_reads_the_workers_stays_out_of_th
 ) -> None:
     await store.register_workers([worker(80, name="w1"), worker(80, name="w2")])
     f = feed()
-    read = store.workers
+    read = store.worker_records
 
-    async def overtaken() -> list[Worker]:
+    async def overtaken() -> tuple[list[Worker], dict[str, str]]:
         stale = await read()  # holds w1 still: the writer deletes it right after, then announces the removal
         f.on_worker_removed("w1")  # heard before the load applies what it read
         return stale
 
-    store.workers = overtaken  # type: ignore[method-assign]
+    store.worker_records = overtaken  # type: ignore[method-assign]
     await f.load(store)
     assert "w1" not in f.inventory and f.snapshot.worker("w1") is None  # removals carry no revision to compare
     assert "w2" in f.inventory
