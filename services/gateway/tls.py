@@ -153,6 +153,7 @@ class TlsListener:
 async def tls_listener(app: Callable[[], OneByOne], host: str, port: int, context: ssl.SSLContext,
                        conns: Connections, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> TlsListener:
     """A ``TlsListener`` on ``host``:``port`` (0: any free port), listening when this returns."""
-    sock = socket.create_server((host, port), backlog=100)  # SO_REUSEADDR, as create_server sets it
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.create_server(address[:2], family=family, backlog=100)  # SO_REUSEADDR, as create_server sets it
     sock.setblocking(False)
     return TlsListener(sock, app, context, conns, timeout_s)
