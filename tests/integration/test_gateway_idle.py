@@ -19,11 +19,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from ops.envoy import EnvoyOptions, admin_get, start_envoy
 from ops.servers import free_port
+from services.gateway.authz import AuthzPicker
 from services.gateway.http1 import Connections, OneByOne, headers_of, response
 from services.gateway.protocol import CHECK_PREFIX, HEALTH_PATH, PickerTransport
 from services.gateway.service import grpc_options, health_handler
 from tests.integration.test_gateway import gateway_marks
-from tests.unit.services.test_gateway_picker import picker
+from tests.unit.services.test_gateway_picker import picker, report
 
 pytestmark = gateway_marks(60)
 
@@ -94,10 +95,12 @@ async def test_a_check_racing_the_pickers_idle_close_is_sent_again_and_no_client
         tmp_path: Path) -> None:
     """The picker's idle timeout below Envoy's (an operator gave them apart): the picker's sweep closes Envoy's pooled
     connection at the worst moment, with a request on the wire that it has not read, in each of 4 rounds (one with a
-    long prompt: a check body past Envoy's 64 KiB retry buffer of streams; one ``/v1/models``, routed to the
-    picker as an ordinary upstream)."""
+    long prompt, a check body of 100 kB; one ``/v1/models``, routed to the picker as an ordinary upstream). The
+    picker's own ext_authz answers, one engine in its pool: each chat completion is booked once, never twice."""
     conns = Connections(PICKER_IDLE_S, max_connections=64)  # no sweep task: this test sweeps, at the worst moment
-    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(_answer, conns=conns), "127.0.0.1", 0)
+    authz = AuthzPicker(picker(report("a", free_port()))[0], conns)
+    server = await asyncio.get_running_loop().create_server(lambda: OneByOne(authz.answer, conns=conns), "127.0.0.1",
+                                                            0)
     opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_port=server.sockets[0].getsockname()[1],
                         als_port=free_port(), eds_path=tmp_path / "eds" / "engines.json",
                         transport=PickerTransport.EXT_AUTHZ, picker_idle_timeout_s=120.0)  # Envoy's: 60 s
@@ -106,14 +109,15 @@ async def test_a_check_racing_the_pickers_idle_close_is_sent_again_and_no_client
     try:
         with httpx.Client(base_url=envoy.url, timeout=30) as client, ThreadPoolExecutor(1) as pool:
             def ask(prompt: str) -> int:
-                """A chat completion (the picker refuses its check: 429), or with "models" ``/v1/models`` (200)."""
+                """A chat completion (routed by the picker's answer to an engine Envoy does not know: its 503; a
+                failed check is Envoy's 500), or with "models" ``/v1/models`` (the picker's 200)."""
                 if prompt == "models":
                     return client.get("/v1/models").status_code
                 body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
                 return client.post("/v1/chat/completions", json=body).status_code
 
-            assert await asyncio.to_thread(ask, "warm") == 429  # Envoy now pools a connection to the picker
-            for prompt, picker_answer in (("short", 429), ("long " * 20_000, 429), ("models", 200), ("short", 429)):
+            assert await asyncio.to_thread(ask, "warm") == 503  # Envoy now pools a connection to the picker
+            for prompt, picker_answer in (("short", 503), ("long " * 20_000, 503), ("models", 200), ("short", 503)):
                 # From here to the await, the picker's loop is held: the request Envoy writes stays unread, as
                 # when it arrives in the very turn the sweep closes its connection.
                 conns.sweep(time.monotonic())  # every connection quiet from now on
@@ -124,8 +128,10 @@ async def test_a_check_racing_the_pickers_idle_close_is_sent_again_and_no_client
                     time.sleep(0.001)
                 conns.sweep(time.monotonic() + PICKER_IDLE_S)  # the picker's idle close, the request unread
                 assert racing not in conns.open
-                assert await asyncio.wrap_future(sent) == picker_answer  # the picker's own, not Envoy's 500 / 503
+                assert await asyncio.wrap_future(sent) == picker_answer  # answered by the picker, not Envoy's 500
         assert await asyncio.to_thread(_retries, opts.admin_port) >= 4  # each race was met, and sent again
+        # each chat's first check was never read: 4 chats, 4 picks, 4 bookings (no access log here to end them)
+        assert authz.picker.counters.picks == 4 and len(authz.inflight) == 4
     finally:
         await asyncio.to_thread(envoy.stop)
         server.close()
