@@ -160,20 +160,45 @@ class ZmqOverflowCount(Protocol):
     overflows: int
 
 
-class ZmqPublisherCollector(Collector):
-    """The ZMQ publisher's overflows on every scrape (it increments one integer, on a failed send only)."""
+class ReplayCounts(Protocol):
+    """What :class:`ZmqPublisherCollector` reads of a replay endpoint: replays answered, requests refused."""
 
-    def __init__(self, publisher: ZmqOverflowCount, model_name: str) -> None:
+    replays: int
+    refused: dict[str, int]
+
+
+class ZmqPublisherCollector(Collector):
+    """The ZMQ publisher's overflows on every scrape (it increments one integer, on a failed send only), and with a
+    replay endpoint its replays and refusals."""
+
+    def __init__(self, publisher: ZmqOverflowCount, model_name: str, replay: ReplayCounts | None = None) -> None:
         self.publisher = publisher
+        self.replay = replay
         self.labels = {"model_name": model_name, "engine": "0"}
 
     def collect(self) -> Iterator[Metric]:
-        """The overflow counter."""
+        """The overflow counter; the replay counters when there is a replay endpoint."""
         yield _one(CounterMetricFamily, "gantry:engine_zmq_kv_subscriber_overflows",
                    "Times a --kv-events-zmq subscriber's queue (high-water mark) was full when a KV-event batch was "
                    "sent: it missed that batch and the next ones until it caught up. Non-zero: a ZMQ consumer read "
-                   "too slowly and saw gaps in the sequence frame; this server keeps no replay buffer, so its index "
-                   "of this engine's prefix cache lacks those events.", self.publisher.overflows, self.labels)
+                   "too slowly and saw gaps in the sequence frame; unless it asked the replay endpoint "
+                   "(--kv-events-replay-endpoint) for them, its index of this engine's prefix cache lacks those "
+                   "events.", self.publisher.overflows, self.labels)
+        if self.replay is None:
+            return
+        yield _one(CounterMetricFamily, "gantry:engine_zmq_kv_replays",
+                   "Replay requests answered on --kv-events-replay-endpoint: each got the kept KV-event batches from "
+                   "the number it asked for on, then the end marker.", self.replay.replays, self.labels)
+        fam = CounterMetricFamily(
+            "gantry:engine_zmq_kv_replay_refused",
+            "Replay requests refused or cut short, by reason: malformed (not vLLM's request frames, or a sequence "
+            "number never sent), busy (too many replays at once, or one already running for that requester), "
+            "abandoned (the requester stopped reading or left mid-replay). Each refused one got the end marker "
+            "alone. Non-zero: a consumer that asked did not get what it missed.",
+            labels=[*self.labels, "reason"])
+        for reason, n in self.replay.refused.items():
+            fam.add_metric([*self.labels.values(), reason], n)
+        yield fam
 
 
 def registry_for(collector: EngineCollector, *more: Collector) -> CollectorRegistry:

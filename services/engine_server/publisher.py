@@ -78,8 +78,9 @@ def tls_options() -> dict[str, Any]:
     return {"tls": ssl.create_default_context(cafile=ca)} if ca else {}
 
 
-def snapshot(runner: EngineRunner, instance_id: str, model: str, url: str) -> EngineMetrics:
-    """The current figures as a bus message."""
+def snapshot(runner: EngineRunner, instance_id: str, model: str, url: str, *, kv_events_dropped: int = 0,
+             kv_snapshot_requests_dropped: int = 0) -> EngineMetrics:
+    """The current figures as a bus message (with what the publisher dropped, as it says)."""
     s = runner.engine.scheduler
     c = s.counters
     lora = s.lora_stats()
@@ -91,6 +92,7 @@ def snapshot(runner: EngineRunner, instance_id: str, model: str, url: str) -> En
         prefix_cache_queries=c.prefix_queries, prefix_cache_hits=c.prefix_hits, num_preemptions=c.preemptions,
         prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens, role=s.config.role.value,
         num_requests_waiting_for_remote_kv=len(s.remote_wait), clock_lag_s=max(runner.lag.last_s, 0.0),
+        kv_events_dropped=kv_events_dropped, kv_snapshot_requests_dropped=kv_snapshot_requests_dropped,
     )
 
 
@@ -160,6 +162,11 @@ class Publisher:
         self.kv.append(batch)
         self._kv_ready.set()
 
+    def report(self) -> EngineMetrics:
+        """The figures pushed on each tick, with what this publisher dropped so far."""
+        return snapshot(self.runner, self.instance_id, self.model, self.url, kv_events_dropped=self.kv_dropped,
+                        kv_snapshot_requests_dropped=self.snapshot_dropped)
+
     async def run(self) -> None:
         """Connect (retrying) and publish until cancelled; a NATS outage never stops serving."""
         tasks = [asyncio.create_task(self._metrics_loop()), asyncio.create_task(self._kv_loop())]
@@ -200,7 +207,7 @@ class Publisher:
         while True:
             nc = await self._client()
             try:
-                data = encode(snapshot(self.runner, self.instance_id, self.model, self.url))
+                data = encode(self.report())
                 await nc.publish(subject, data, headers=signed_headers(self.signer, METRICS, data))
             except Exception as err:
                 log.warning("publisher: metrics publish failed: %s", err)

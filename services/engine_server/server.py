@@ -26,12 +26,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.engine_server.access_log import log_config
 from services.engine_server.api import ServerInfo, create_app, error_body
+from services.engine_server.kv_replay import MAX_REPLAY_BUFFER_BATCHES, REPLAY_BUFFER_BATCHES, ReplayBuffer, ReplayDesk
 from services.engine_server.prometheus import PublisherCollector, ZmqPublisherCollector
 from services.engine_server.publisher import SNAPSHOT_WINDOW_S, Publisher
 from services.engine_server.runner import EngineRunner
 from services.engine_server.sse import TRANSPORT_KEY
 from services.engine_server.textgen import TextModel
 from services.engine_server.zmq_events import ZmqKVPublisher
+from services.engine_server.zmq_replay import ZmqReplayServer
 from shared.assets.tokenizer import TOKENIZER_DIR
 from shared.catalog import load_gpu_spec, load_model_arch
 from shared.core.engine import Engine, KVLink, RooflineStepTime, SchedulerConfig
@@ -227,6 +229,8 @@ class ServerOptions:
     kv_events: bool = True  # publish KV-cache events (with a NATS URL)
     kv_events_zmq: str | None = None  # also on a ZMQ PUB socket bound here (vLLM's wire format)
     kv_events_topic: str = ""
+    kv_events_replay_endpoint: str | None = None  # a ZMQ ROUTER bound here replays kept batches (vLLM's protocol)
+    kv_events_replay_buffer: int = REPLAY_BUFFER_BATCHES  # batches kept for replay (vLLM's buffer_steps)
     access_log: bool = True
     request_read_timeout_s: float = REQUEST_READ_TIMEOUT_S  # a request must arrive whole within this
 
@@ -282,13 +286,13 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
                       vocab_size=arch.vocab_size)
     pub = Publisher(runner, opts.nats_url, opts.instance_id, name, url, opts.metrics_interval_s,
                     report_key=opts.report_key, snapshot_window_s=opts.kv_snapshot_window_s) if opts.nats_url else None
-    zmq_pub = ZmqKVPublisher(opts.kv_events_zmq, opts.kv_events_topic) if opts.kv_events_zmq else None
+    zmq_pub, replay = _zmq_kv_events(opts)
     # what the publishers drop shows on /metrics: an operator whose router's prefix index drifts can see why
     collectors: list[Collector] = [PublisherCollector(pub, name)] if pub is not None else []
     if zmq_pub is not None:
-        collectors.append(ZmqPublisherCollector(zmq_pub, name))
+        collectors.append(ZmqPublisherCollector(zmq_pub, name, replay.desk if replay is not None else None))
     app = create_app(runner, TextModel(opts.mean_output_len), info, collectors)
-    app.state.publisher, app.state.zmq_publisher = pub, zmq_pub
+    app.state.publisher, app.state.zmq_publisher, app.state.zmq_replay = pub, zmq_pub, replay
     kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
     if zmq_pub is not None:
         kv_sinks.append(zmq_pub.publish)
@@ -307,20 +311,35 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         runner.t0 = runner.clock()
         runner.start()
-        task = asyncio.create_task(pub.run()) if pub is not None else None
+        tasks = [asyncio.create_task(s.run()) for s in (pub, replay) if s is not None]
         log.info("%s", startup_line(opts, info, engine))
         try:
             yield
         finally:
-            if task is not None:
-                await cancel_until_done([task])
+            await cancel_until_done(tasks)
             await runner.stop()
             app.state.writer.close()
-            if zmq_pub is not None:
-                zmq_pub.close()
+            for sock in (zmq_pub, replay):
+                if sock is not None:
+                    sock.close()
 
     app.router.lifespan_context = lifespan
     return app, runner
+
+
+def _zmq_kv_events(opts: ServerOptions) -> tuple[ZmqKVPublisher | None, ZmqReplayServer | None]:
+    """The ZMQ KV-event publisher and its replay endpoint, as ``opts`` ask (each None when not)."""
+    if not opts.kv_events_zmq:
+        return None, None
+    if not opts.kv_events_replay_endpoint:
+        return ZmqKVPublisher(opts.kv_events_zmq, opts.kv_events_topic), None
+    kept = ReplayBuffer(opts.kv_events_replay_buffer)
+    pub = ZmqKVPublisher(opts.kv_events_zmq, opts.kv_events_topic, replay=kept)
+    try:
+        return pub, ZmqReplayServer(opts.kv_events_replay_endpoint, ReplayDesk(kept))
+    except ValueError:
+        pub.close()
+        raise
 
 
 class QuietServer(uvicorn.Server):
@@ -435,6 +454,11 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--kv-events-zmq", default=None, metavar="ENDPOINT",
                    help="also publish KV events on a ZMQ PUB socket bound here, vLLM's format (e.g. tcp://*:5557)")
     p.add_argument("--kv-events-topic", default="", help="ZMQ topic frame of KV events (vLLM's default: empty)")
+    p.add_argument("--kv-events-replay-endpoint", default=None, metavar="ENDPOINT",
+                   help="with --kv-events-zmq: a ZMQ ROUTER bound here replays kept batches from a sequence number "
+                        "on to a subscriber that saw a gap, vLLM's replay protocol (e.g. tcp://*:5558)")
+    p.add_argument("--kv-events-replay-buffer", type=int, default=d.kv_events_replay_buffer, metavar="BATCHES",
+                   help=f"KV-event batches kept for replay (vLLM's buffer_steps; 1 to {MAX_REPLAY_BUFFER_BATCHES:,})")
     p.add_argument("--max-loras", type=int, default=d.max_loras, help="LoRA adapters per batch (0 = LoRA off)")
     p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded (default max-loras)")
     p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME[=PATH]",
@@ -461,6 +485,11 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         p.error("--kv-link-gbps must be > 0, --kv-link-latency and --lora-load-time >= 0, all finite")
     if not 0 <= a.kv_snapshot_window < math.inf:  # nan and inf too: inf answered one request, then none
         p.error(f"--kv-snapshot-window is a finite duration in seconds, got {a.kv_snapshot_window}")
+    if a.kv_events_replay_endpoint and not a.kv_events_zmq:
+        p.error("--kv-events-replay-endpoint replays the batches of --kv-events-zmq: give that too")
+    if not 1 <= a.kv_events_replay_buffer <= MAX_REPLAY_BUFFER_BATCHES:
+        p.error(f"--kv-events-replay-buffer is a number of batches from 1 to {MAX_REPLAY_BUFFER_BATCHES:,}, "
+                f"got {a.kv_events_replay_buffer}")
     loras = tuple(dict.fromkeys(m.split("=", 1)[0] for m in a.lora_modules))
     return ServerOptions(
         host=a.host, port=a.port, model=a.model, served_model_name=a.served_model_name, gpu=a.gpu, tp=a.tp,
@@ -469,7 +498,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         enable_prefix_caching=not a.no_prefix_caching, policy=a.policy, mean_output_len=a.mean_output_len,
         nats_url=a.nats_url, instance_id=a.instance_id, report_key=report_key, metrics_interval_s=a.metrics_interval,
         kv_snapshot_window_s=a.kv_snapshot_window, kv_events=not a.no_kv_events, kv_events_zmq=a.kv_events_zmq,
-        kv_events_topic=a.kv_events_topic,
+        kv_events_topic=a.kv_events_topic, kv_events_replay_endpoint=a.kv_events_replay_endpoint,
+        kv_events_replay_buffer=a.kv_events_replay_buffer,
         max_loras=a.max_loras, max_cpu_loras=a.max_cpu_loras, lora_modules=loras,
         lora_load_s=a.lora_load_time, role=a.role, kv_link_gbps=a.kv_link_gbps, kv_link_latency_s=a.kv_link_latency,
         access_log=not a.disable_uvicorn_access_log,

@@ -13,6 +13,9 @@ subscribers with room get it. ZMQ then sets the full subscriber aside: it misses
 part of its queue back (libzmq's low-water mark), and those sends succeed. So ``overflows`` counts each time a
 subscriber fell behind (each is at least one missed batch; how many is only visible in its sequence gap). The
 normal path is one send, as before.
+
+With a replay endpoint (``zmq_replay``), each batch sent is also kept, the same bytes, in a bounded
+``ReplayBuffer``: a subscriber that sees a gap asks for what it missed there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import logging
 from typing import Any
 
+from services.engine_server.kv_replay import ReplayBuffer
 from shared.core.kv_events import KVEventBatch, encode_batch
 
 log = logging.getLogger("gantry.engine_server")
@@ -33,7 +37,7 @@ discard them once per this many batches so that subscribers coming and going do 
 class ZmqKVPublisher:
     """Binds a PUB-compatible socket and sends KV batches in vLLM's framing; counts subscribers falling behind."""
 
-    def __init__(self, endpoint: str, topic: str = "") -> None:
+    def __init__(self, endpoint: str, topic: str = "", replay: ReplayBuffer | None = None) -> None:
         try:
             import zmq
         except ImportError as err:  # pragma: no cover - depends on the install
@@ -51,17 +55,21 @@ class ZmqKVPublisher:
         self.topic = topic.encode()
         self.seq = 0
         self.overflows = 0  # times a subscriber's queue was full when a batch was sent
+        self.replay = replay  # keeps each batch sent for the replay endpoint (numbered as the sequence frame)
 
     def publish(self, batch: KVEventBatch) -> None:
         """Send one batch now (never blocks: a subscriber whose queue is full misses it, and the numbering shows
         it the gap)."""
         seq = self.seq
         self.seq += 1
-        frames = [self.topic, seq.to_bytes(8, "big"), encode_batch(batch)]
+        payload = encode_batch(batch)
+        frames = [self.topic, seq.to_bytes(8, "big"), payload]
         try:
             self._sock.send_multipart(frames, flags=self._zmq.NOBLOCK)
         except self._zmq.Again:
             self._send_lossy(frames)
+        if self.replay is not None:
+            self.replay.add(payload)
         if not seq % SUBSCRIPTIONS_DRAINED_EVERY:
             self._drain_subscriptions()
 

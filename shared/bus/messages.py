@@ -500,6 +500,11 @@ class EngineMetrics(Message, frozen=True, kw_only=True):
     role: Text = "mixed"  # P/D role: prefill | decode | mixed (shared.core.roles.NodeRole)
     num_requests_waiting_for_remote_kv: Count = 0  # decode side: admitted, waiting for the prefill's KV
     clock_lag_s: Time = 0.0  # how far the emulated engine trails its clock (0 when it keeps time)
+    # what the server's NATS publisher dropped since it started (its /metrics has them too): KV-event batches (the
+    # backlog was full: consumers saw a gap) and prefix-cache snapshot requests (their requester timed out). 0 from
+    # a server older than these fields; a reader older than them ignores them.
+    kv_events_dropped: Count = 0
+    kv_snapshot_requests_dropped: Count = 0
 
 
 class EngineKVEvents(Message, frozen=True, kw_only=True):

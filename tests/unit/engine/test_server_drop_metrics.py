@@ -6,13 +6,16 @@ nothing it queues leaves and each drop is reached by queueing one past its bound
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from fastapi import FastAPI
 
 from services.engine_server.publisher import MAX_KV_BACKLOG, MAX_SNAPSHOT_WAITING, Publisher
 from services.engine_server.server import ServerOptions, build
+from shared.bus.messages import EngineMetrics, Message, decode, encode
 from shared.core.kv_events import KVEventBatch
 
 LABELS = '{engine="0",model_name="m"}'
@@ -66,3 +69,52 @@ async def test_the_drop_counters_say_what_a_non_zero_value_means(app: FastAPI) -
     helps = {ln.split(" ")[2]: ln for ln in text.splitlines() if ln.startswith("# HELP gantry:engine_kv_")}
     assert "Non-zero" in helps["gantry:engine_kv_events_dropped_total"]
     assert "Non-zero" in helps["gantry:engine_kv_snapshot_requests_dropped_total"]
+
+
+DROP_FIELDS = {"kv_events_dropped", "kv_snapshot_requests_dropped"}
+
+
+def _as_an_older_reader(data: bytes) -> Any:
+    """``data`` decoded by a reader built before the drop counters joined EngineMetrics: the same declaration
+    without those fields."""
+    fields: list[Any] = []
+    for f in msgspec.structs.fields(EngineMetrics):
+        if f.name in DROP_FIELDS:
+            continue
+        if f.default is not msgspec.NODEFAULT:
+            fields.append((f.name, f.type, f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, f.type, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, f.type))
+    older = msgspec.defstruct("EngineMetrics", fields, bases=(Message,), kw_only=True, frozen=True)
+    return decode(data, older)
+
+
+async def test_the_pushed_report_carries_what_the_publisher_dropped(app: FastAPI) -> None:
+    pub = _publisher(app)
+    for _ in range(MAX_KV_BACKLOG + 3):
+        pub.queue_kv(KVEventBatch(ts=0.0, events=[]))
+    for i in range(MAX_SNAPSHOT_WAITING + 2):
+        pub.ask_snapshot(f"_INBOX.{i}", "n" * 32)
+    report = decode(encode(pub.report()), EngineMetrics)  # as a picker reads it off the bus
+    assert (report.kv_events_dropped, report.kv_snapshot_requests_dropped) == (3, 2)
+
+
+def test_a_report_from_a_server_without_the_drop_counters_reads_as_nothing_dropped(app: FastAPI) -> None:
+    sent = msgspec.json.decode(encode(_publisher(app).report()))
+    for name in DROP_FIELDS:
+        del sent[name]
+    report = decode(msgspec.json.encode(sent), EngineMetrics)
+    assert (report.kv_events_dropped, report.kv_snapshot_requests_dropped) == (0, 0)
+
+
+def test_a_reader_without_the_drop_counters_still_reads_a_report_that_has_them(app: FastAPI) -> None:
+    pub = _publisher(app)
+    for _ in range(MAX_KV_BACKLOG + 1):
+        pub.queue_kv(KVEventBatch(ts=0.0, events=[]))
+    report = pub.report()
+    assert report.kv_events_dropped == 1
+    older = _as_an_older_reader(encode(report))
+    assert not DROP_FIELDS & set(older.__struct_fields__)
+    assert older.instance_id == report.instance_id and older.num_gpu_blocks == report.num_gpu_blocks
