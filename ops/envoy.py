@@ -119,7 +119,8 @@ class EnvoyOptions:
     epp_timeout_s: float = 5.0  # one ext_proc message
     # the pickers' --idle-timeout-s: Envoy closes an idle connection to a picker after envoy_idle_timeout_s of it,
     # first, so no check is written onto a connection the picker is closing (health checks, every
-    # epp_health_interval_s, keep theirs busy)
+    # epp_health_interval_s, keep theirs busy); given apart, the check or stream the picker's close cuts is sent
+    # again (CHECK_RETRY_ON and STREAM_RETRY_ON: reset, refused-stream)
     picker_idle_timeout_s: float = PICKER_IDLE_TIMEOUT_S
     retries: int = 2  # further entries of the fallback list
     epp_health_interval_s: float = 0.25  # active health check of each picker replica
@@ -290,6 +291,8 @@ def _model_to_metadata() -> dict[str, Any]:
     )
 
 
+# reset (HTTP/1.1) and refused-stream (grpc's idle GOAWAY) also cover a request written onto a connection the picker
+# closes idle at that moment: never read by the picker, so sent again without a double booking (docs/gateway.md)
 STREAM_RETRY_ON = "connect-failure,refused-stream,reset,unavailable"  # an ext_proc stream (gRPC)
 CHECK_RETRY_ON = "connect-failure,refused-stream,reset"  # an HTTP check or /v1/models
 

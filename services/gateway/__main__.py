@@ -74,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                         "(less CPU on the deciding loop, more in all; a report reaches the core up to this much "
                         "later); negative (the default): subscribe on the deciding loop")
     p.add_argument("--idle-timeout-s", type=float, default=PICKER_IDLE_TIMEOUT_S,
-                   help="close a connection to the picker idle this long (Envoy closes its own after half of it: "
-                        "give ops.envoy the same --picker-idle-timeout-s)")
+                   help="close a connection to the picker idle this long (Envoy closes its own after half of it "
+                        "when ops.envoy is given the same --picker-idle-timeout-s; if not, Envoy retries what the "
+                        "close cuts)")
     p.add_argument("--max-connections", type=int, default=PICKER_MAX_CONNECTIONS,
                    help="connections kept open per listener; past it a new one is closed at once")
     a = p.parse_args(argv)

@@ -123,7 +123,8 @@ class AuthzPicker:
         out: dict[str, object] = {"picks": c.picks, "refused": c.refused, "finished": c.finished, "moved": c.moved,
                                   "inflight": len(self.inflight), "endpoints": per}
         if (conns := self.connections) is not None:
-            out["connections"] = {"open": len(conns.open), "max": conns.max_connections, "refused": conns.refused,
+            out["connections"] = {"open": len(conns.open), "handshaking": len(conns.handshaking),
+                                  "max": conns.max_connections, "refused": conns.refused,
                                   "idle_closed": conns.idle_closed}
         return msgspec.json.encode(out)
 

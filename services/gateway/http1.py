@@ -13,7 +13,8 @@ Envoy sends a check at once). Nothing here crashes the server.
 Connections are bounded when given a ``Connections`` (the picker's listener): one idle (nothing buffered, no
 answer awaited) for ``idle_timeout_s`` is closed, and past ``max_connections`` open a new one is closed at once.
 Envoy pools its connections to the picker and closes an idle one itself, sooner (``protocol.envoy_idle_timeout_s``),
-so the picker's close never races a check Envoy is writing; what the picker closes is a stranger's.
+so the picker's close does not race a check Envoy is writing; what the picker closes is a stranger's (and if the two
+timeouts were given apart, a check the close cuts, never read here, is sent again by Envoy: docs/gateway.md).
 """
 
 from __future__ import annotations
@@ -100,23 +101,49 @@ class Connections:
         self.idle_timeout_s = idle_timeout_s
         self.max_connections = max_connections
         self.open: set[OneByOne] = set()
+        # TLS connections accepted and still in their handshake (``tls.TlsListener``): each holds a descriptor as an
+        # open one does, so they count under ``max_connections`` too (the handshake timeout alone bounds their time)
+        self.handshaking: set[OneByOne] = set()
         self.refused = 0  # connections closed at once, the cap reached
         self.idle_closed = 0  # connections closed idle
         self._refused_logged = 0
         self._logged_at = -math.inf
 
     def admit(self, conn: OneByOne) -> bool:
-        """Take a new connection, or count it refused (the caller closes it) when ``max_connections`` are open."""
-        if len(self.open) < self.max_connections:
+        """Take a new connection, or count it refused (the caller closes it) when ``max_connections`` are open
+        or handshaking. A connection counted since its accept (``handshake_begins``) keeps the place it holds."""
+        if conn in self.handshaking:
+            self.handshaking.discard(conn)
             self.open.add(conn)
             return True
+        if len(self.open) + len(self.handshaking) < self.max_connections:
+            self.open.add(conn)
+            return True
+        self._refuse()
+        return False
+
+    def handshake_begins(self, conn: OneByOne) -> bool:
+        """Count a TLS connection from its accept, through its handshake, until it is ``admit``-ted or
+        ``handshake_ends``; False (counted refused, the caller closes it) when ``max_connections`` are open or
+        handshaking."""
+        if len(self.open) + len(self.handshaking) < self.max_connections:
+            self.handshaking.add(conn)
+            return True
+        self._refuse()
+        return False
+
+    def handshake_ends(self, conn: OneByOne) -> None:
+        """The handshake of ``conn`` is over: its place is freed unless it was ``admit``-ted (the handshake
+        failed, timed out, or the peer left)."""
+        self.handshaking.discard(conn)
+
+    def _refuse(self) -> None:
         self.refused += 1
         now = time.monotonic()
         if now - self._logged_at >= REFUSED_LOG_EVERY_S:  # a flood of connections must not flood the log too
             log.warning("ext_authz: %d connections refused at the cap of %d open (%d in all)",
                         self.refused - self._refused_logged, self.max_connections, self.refused)
             self._logged_at, self._refused_logged = now, self.refused
-        return False
 
     def sweep(self, now: float) -> int:
         """Close the connections quiet since the sweep ``idle_timeout_s`` or more before ``now`` (monotonic

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,7 @@ from services.gateway.protocol import (
     PickerTransport,
 )
 from services.gateway.request import Tokenize
-from services.gateway.tls import HANDSHAKE_TIMEOUT_S, PickerTls
+from services.gateway.tls import HANDSHAKE_TIMEOUT_S, PickerTls, TlsListener, tls_listener
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
 from shared.bus.connection import nats_options
@@ -106,8 +106,9 @@ class GatewayOptions:
     # a minute against an unreachable Redis; the events keep the pool current meanwhile)
     read_timeout_s: float = 10.0
     metrics_port: int = 0  # Prometheus /metrics (the refused engine reports) on this port; 0: not served
-    # a connection to the picker idle this long is closed (Envoy's config closes its own at half of it, first:
-    # ops.envoy's --picker-idle-timeout-s must be this); past max_connections open on a listener, new ones are
+    # a connection to the picker idle this long is closed (Envoy's config closes its own at half of it, first, given
+    # the same as ops.envoy's --picker-idle-timeout-s; given apart, what the picker's close cuts is retried by Envoy,
+    # docs/gateway.md); past max_connections open (or handshaking) on a listener, new ones are
     # closed at once: idle connections opened by a stranger cannot take all the picker's file descriptors
     idle_timeout_s: float = PICKER_IDLE_TIMEOUT_S
     max_connections: int = PICKER_MAX_CONNECTIONS
@@ -183,8 +184,9 @@ def health_handler() -> grpc.GenericRpcHandler:
 
 def grpc_options(idle_timeout_s: float, max_connections: int) -> list[tuple[str, int]]:
     """The gRPC listener's bounds, as the HTTP one's: a connection with no call open for ``idle_timeout_s`` is
-    closed (GOAWAY: a call racing it is refused, never half-run; Envoy does not retry a refused ext_proc stream,
-    so its own idle timeout closes its connections first, ``protocol.envoy_idle_timeout_s``), one that never
+    closed (an immediate GOAWAY: a call racing it is refused, never half-run, and Envoy's ext_proc retry policy sends
+    it again; Envoy's own idle timeout usually closes its connections first, ``protocol.envoy_idle_timeout_s``), one
+    that never
     completes the HTTP/2 handshake too, and past ``max_connections`` a new one is closed at once. A long-lived
     call (Envoy's access-log stream, an ext_proc stream) keeps its connection: it is not idle."""
     idle_ms = max(1, round(idle_timeout_s * 1000))
@@ -381,16 +383,22 @@ class Gateway:
 
         if self.opts.tcp:
             port = self.opts.http_port if self.opts.http_port is not None else DEFAULT_HTTP_PORT
-            tls = self.opts.tls
-            http = await loop.create_server(
-                protocol, self.opts.grpc_host, port, ssl=tls.context if tls is not None else None,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None)
+            http = await tcp_http_listener(protocol, self.opts.grpc_host, port, self.opts.tls, conns)
         else:
             path = free_socket_path(private_dir(self.opts.sockets) / HTTP_SOCKET)
             http = await loop.create_unix_server(protocol, str(path))
             stack.callback(remove, path)
             restrict(path)
         stack.callback(http.close)
+
+
+async def tcp_http_listener(app: Callable[[], OneByOne], host: str, port: int, tls: PickerTls | None,
+                            conns: Connections) -> asyncio.AbstractServer | TlsListener:
+    """The HTTP listener on TCP (ext_authz checks): ``app`` per connection; with ``tls``, behind mutual TLS with
+    each handshake counted under ``conns``'s cap from its accept (``tls.TlsListener``)."""
+    if tls is None:
+        return await asyncio.get_running_loop().create_server(app, host, port)
+    return await tls_listener(app, host, port, tls.context, conns, HANDSHAKE_TIMEOUT_S)
 
 
 def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:

@@ -11,11 +11,19 @@ the handshake and per-message encryption would cost every check and protect noth
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
 import ssl
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from services.gateway.http1 import Connections, OneByOne
 from shared.paths import TlsFiles
+
+log = logging.getLogger("gantry.gateway")
 
 CA_FILE = "ca.pem"
 PICKER_CERT = "picker.pem"
@@ -83,3 +91,69 @@ def load_picker_tls(tls_dir: Path) -> PickerTls:
     files = picker_files(tls_dir)
     context = server_context(files)
     return PickerTls(files.cert.read_bytes(), files.key.read_bytes(), files.ca.read_bytes(), context)
+
+
+class TlsListener:
+    """A TCP listener whose connections are secured one by one (``ssl.SSLContext``, the loop's own TLS, as
+    ``create_server(ssl=...)`` would): each counts under ``conns``'s cap from its accept, through its handshake
+    (``Connections.handshake_begins``), so stalled handshakes cannot hold descriptors past the cap. With
+    ``create_server(ssl=...)`` the application saw a connection only once its handshake ended: up to
+    ``timeout_s`` each, any number of them were outside the cap. After the handshake the connection is its
+    ``app``'s as before (the check path is unchanged)."""
+
+    RETRY_ACCEPT_S = 0.1  # out of descriptors: accept again after this (the cap's slack is what frees them)
+
+    def __init__(self, sock: socket.socket, app: Callable[[], OneByOne], context: ssl.SSLContext, conns: Connections,
+                 timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+        self.sockets = [sock]
+        self.app = app
+        self.context = context
+        self.conns = conns
+        self.timeout_s = timeout_s
+        self._tasks: set[asyncio.Task[None]] = set()  # the accept loop and each handshake (the loop holds tasks weakly)
+        self._run(self._accept_forever())
+
+    def _run(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(self.sockets[0])
+            except OSError as err:  # EMFILE and the like: the listener stays
+                log.warning("ext_authz: accept failed (%s); again in %g s", err, self.RETRY_ACCEPT_S)
+                await asyncio.sleep(self.RETRY_ACCEPT_S)
+                continue
+            conn = self.app()
+            if not self.conns.handshake_begins(conn):
+                sock.close()  # at the cap: closed before a byte of TLS
+                continue
+            self._run(self._secure(sock, conn))
+
+    async def _secure(self, sock: socket.socket, conn: OneByOne) -> None:
+        """The handshake; ``conn`` is told of the connection (and ``admit``-s it) when it succeeds."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: conn, sock, ssl=self.context, ssl_handshake_timeout=self.timeout_s)
+        except Exception as err:  # refused, timed out or reset: the loop closed the connection
+            log.debug("ext_authz TLS handshake failed: %r", err)
+        finally:
+            self.conns.handshake_ends(conn)
+
+    def close(self) -> None:
+        """Stop listening; handshakes in progress are abandoned (their connections closed)."""
+        for task in list(self._tasks):
+            task.cancel()
+        self.sockets[0].close()
+
+
+async def tls_listener(app: Callable[[], OneByOne], host: str, port: int, context: ssl.SSLContext,
+                       conns: Connections, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> TlsListener:
+    """A ``TlsListener`` on ``host``:``port`` (0: any free port), listening when this returns."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.create_server(address[:2], family=family, backlog=100)  # SO_REUSEADDR, as create_server sets it
+    sock.setblocking(False)
+    return TlsListener(sock, app, context, conns, timeout_s)

@@ -1,6 +1,7 @@
 """Envoy and the picker over TCP with mutual TLS (``--tls-dir``/``--picker-tls-dir``): requests route through real
-Envoy, and a client straight at the picker's ports without Envoy's certificate (none, or one from another CA) is
-refused at the handshake and books nothing."""
+Envoy, a client straight at the picker's ports without Envoy's certificate (none, or one from another CA) is
+refused at the handshake and books nothing, and connections stalled in their handshake fill the picker's cap
+without cutting Envoy's own."""
 
 from __future__ import annotations
 
@@ -142,4 +143,36 @@ def test_a_client_without_envoys_certificate_is_refused_and_books_nothing(nats_s
         assert _exchange(http_port, _client_context(ours, ours), _get(HEALTH_PATH)).startswith(b"HTTP/1.1 200")
         assert _health(grpc_port, ours, ours) is not None
     finally:
+        gen.close()
+
+
+def test_stalled_handshakes_fill_the_cap_and_envoys_own_connection_keeps_routing(nats_server: ServerProcess,
+                                                                                 tmp_path: Path, engine: list[Engine],
+                                                                                 tls_dirs: tuple[Path, Path]) -> None:
+    ours, _ = tls_dirs
+    cap = 6  # Envoy holds 2 or 3 of them (its checks, its health checks, /v1/models)
+    gen = _gateway(nats_server.url, tmp_path, 1, "--max-connections", str(cap), transport=PickerTransport.EXT_AUTHZ,
+                   tcp=True, tls_dir=ours)
+    gw = next(gen)
+    stalled: list[socket.socket] = []
+    try:
+        _wait_routable(gw, 1)
+        http_port = gw.tcp_ports[0][1]
+        # connections that never send a ClientHello: those past the cap are closed at once, the others hold the
+        # remaining places (for the 10 s handshake timeout), all accepted before the next connection
+        stalled = [socket.create_connection(("127.0.0.1", http_port)) for _ in range(cap)]
+        assert _exchange(http_port, _client_context(ours, ours), _get(HEALTH_PATH)) == b""  # even Envoy's cert
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat("behind stalled handshakes", 2, False), timeout=10)
+        assert r.status_code == 200 and r.headers[SERVED] == engine[0].address  # on Envoy's open connection
+        for sock in stalled:
+            sock.close()
+        deadline = time.monotonic() + 30  # the picker sees them go (and frees their places) on its own time
+        while not (answer := _exchange(http_port, _client_context(ours, ours), _get("/stats"))):
+            assert time.monotonic() < deadline, "the stalled handshakes' places never came back"
+            time.sleep(0.05)
+        conns = json.loads(answer.split(b"\r\n\r\n", 1)[1])["connections"]
+        assert conns["handshaking"] == 0 and conns["refused"] >= 2 and conns["max"] == cap
+    finally:
+        for sock in stalled:
+            sock.close()
         gen.close()

@@ -228,6 +228,19 @@ def test_envoy_closes_an_idle_engine_connection_before_the_engine_would() -> Non
     assert 0 < idle < 5.0  # uvicorn's (and vLLM's) keep-alive: a request on a connection it is closing fails
 
 
+def test_whatever_the_pickers_idle_close_cuts_before_its_answer_is_sent_again() -> None:
+    """A check, a ``/v1/models`` or an ext_proc stream written on a connection the picker is closing idle (its idle
+    timeout set below Envoy's) is reset (HTTP/1.1) or refused (grpc's GOAWAY): ``reset`` / ``refused-stream`` send
+    it again (tests/integration/test_gateway_idle.py: without them the client gets a 500)."""
+    authz = _cfg(transport=PickerTransport.EXT_AUTHZ)
+    check = next(f["typed_config"] for f in _filters(authz) if f["name"] == "envoy.filters.http.ext_authz")
+    models = _hcm(authz)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    stream = _ext_proc(_cfg())["grpc_service"]
+    for retry in (check["http_service"]["retry_policy"], models["retry_policy"]):
+        assert "reset" in retry["retry_on"].split(",")  # not reset-before-request: the request was sent
+    assert {"reset", "refused-stream"} <= set(stream["retry_policy"]["retry_on"].split(","))
+
+
 def _idle_timeout(cluster: dict[str, Any]) -> float:
     opts = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     return float(opts["common_http_protocol_options"]["idle_timeout"].rstrip("s"))

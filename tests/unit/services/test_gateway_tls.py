@@ -4,29 +4,40 @@ context admitting only a client whose certificate its CA signed."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+import uvloop
 
 from ops.envoy import EPP_CLUSTER, EnvoyOptions, envoy_config
 from ops.envoy import parse_args as envoy_args
 from ops.tls import ensure_picker_tls
 from services.gateway.__main__ import parse_args as picker_args
+from services.gateway.authz import AuthzPicker
+from services.gateway.http1 import Connections, OneByOne, headers_of
 from services.gateway.protocol import PickerTransport
+from services.gateway.service import tcp_http_listener
 from services.gateway.tls import (
     CA_FILE,
     ENVOY_KEY,
     PICKER_KEY,
     PICKER_NAME,
     envoy_files,
+    load_picker_tls,
     picker_files,
     server_context,
+    tls_listener,
 )
+from tests.unit.services.test_gateway_picker import picker, report
 
 BASE = ["--nats-url", "nats://x:1", "--eds-path", "e.json"]
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -177,3 +188,85 @@ def test_the_pickers_server_context_admits_only_a_client_certificate_from_its_ca
     assert _handshake(server, _client(envoy.ca, (envoy.cert, envoy.key)))
     assert not _handshake(server, _client(envoy.ca, None))
     assert not _handshake(server, _client(envoy.ca, (stranger.cert, stranger.key)))
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``cond`` on the loop until it holds (a loaded host may be slow); fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def _secured(port: int, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=PICKER_NAME),
+                                  30)
+
+
+async def _stats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> dict[str, Any]:
+    writer.write(b"GET /stats HTTP/1.1\r\nhost: gantry-picker\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(headers_of(head[:-4])["content-length"])
+    stats: dict[str, Any] = msgspec.json.decode(await reader.readexactly(length))
+    return stats
+
+
+async def _listener(tls_dir: Path, conns: Connections) -> tuple[asyncio.AbstractServer, int]:
+    p, _ = picker(report("a", 8001))
+    authz = AuthzPicker(p, conns)
+    server = await tcp_http_listener(lambda: OneByOne(authz.answer, unsent=authz.unsent, conns=conns), "127.0.0.1",
+                                     0, load_picker_tls(tls_dir), conns)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_connections_still_in_their_tls_handshake_count_against_the_cap_and_envoys_keeps_working(
+        tls_dir: Path) -> None:
+    envoy = envoy_files(tls_dir)
+    ctx = _client(envoy.ca, (envoy.cert, envoy.key))
+
+    async def scenario() -> None:
+        conns = Connections(idle_timeout_s=60.0, max_connections=4)
+        server, port = await _listener(tls_dir, conns)
+        stalled: list[socket.socket] = []
+        try:
+            established = await _secured(port, ctx)  # Envoy's connection, open before the flood
+            assert (await _stats(*established))["connections"]["open"] == 1
+            # three connections that never send their ClientHello: accepted (in order) before the next one
+            stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+            with pytest.raises(OSError):  # ssl.SSLError or a reset: closed at once, before its handshake
+                await _secured(port, ctx)
+            stats = (await _stats(*established))["connections"]  # Envoy's connection still answered
+            assert stats == {"open": 1, "handshaking": 3, "max": 4, "refused": 1, "idle_closed": 0}
+            for sock in stalled:
+                sock.close()
+            await _until(lambda: not conns.handshaking)  # their places are free again
+            second = await _secured(port, ctx)
+            assert (await _stats(*second))["connections"]["open"] == 2
+            for _, writer in (established, second):
+                writer.close()
+            await _until(lambda: not conns.open)
+        finally:
+            for sock in stalled:
+                sock.close()
+            server.close()
+
+    uvloop.run(scenario())
+
+
+def test_a_stalled_tls_handshake_is_dropped_after_the_handshake_timeout_and_frees_its_place(tls_dir: Path) -> None:
+    async def scenario() -> None:
+        conns = Connections(idle_timeout_s=60.0, max_connections=1)
+        app = lambda: OneByOne(lambda _h, _b: b"", conns=conns)  # noqa: E731
+        server = await tls_listener(app, "127.0.0.1", 0, server_context(picker_files(tls_dir)), conns, timeout_s=0.5)
+        try:
+            with socket.create_connection(("127.0.0.1", server.sockets[0].getsockname()[1])) as sock:
+                await _until(lambda: len(conns.handshaking) == 1)
+                await _until(lambda: not conns.handshaking)  # dropped by the picker, not by this client
+                sock.settimeout(30)
+                assert sock.recv(1) == b""  # the picker closed it
+            assert conns.refused == 0 and not conns.open
+        finally:
+            server.close()
+
+    uvloop.run(scenario())
