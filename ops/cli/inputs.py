@@ -9,7 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ops.cli.errors import CliError, quoted
-from shared.core.limits import MAX_REPLICAS, MAX_SPEC_BYTES, MIB, bad_model_name, bad_worker_name
+from shared.core.limits import (
+    MAX_LABELS,
+    MAX_REPLICAS,
+    MAX_SPEC_BYTES,
+    MAX_TEXT,
+    MIB,
+    bad_model_name,
+    bad_worker_name,
+)
 
 MAX_SCENARIO_BYTES = 64 * MIB  # scenarios carry request lists: larger than a spec, still read whole
 MAX_EVENTS_SHOWN = 100_000  # `events --last`: past events read back and printed at most
@@ -41,6 +49,22 @@ def worker_name(name: str) -> str:
     if reason:
         raise CliError(reason, exit_code=2)
     return name
+
+
+def worker_labels(items: tuple[str, ...]) -> tuple[str, ...]:
+    """``items`` (``KEY=VALUE`` each) if they make labels a worker may carry (``shared.core.limits``: at most
+    MAX_LABELS keys, each key and value at most MAX_TEXT characters), else a CliError (exit 2). A worker beyond them
+    never registers: its heartbeats are dead-lettered."""
+    bad = [item for item in items if "=" not in item or item.startswith("=")]
+    if bad:
+        raise CliError(f"--label expects KEY=VALUE, got {quoted(bad[0][:80])}", exit_code=2)
+    keys = {item.split("=", 1)[0] for item in items}
+    if len(keys) > MAX_LABELS:
+        raise CliError(f"at most {MAX_LABELS} labels per worker, got {len(keys)}", exit_code=2)
+    if long := [item for item in items if any(len(part) > MAX_TEXT for part in item.split("=", 1))]:
+        raise CliError(f"a label's key and value are at most {MAX_TEXT} characters each, got "
+                       f"{quoted(long[0][:40])}... ({len(long[0])} characters)", exit_code=2)
+    return items
 
 
 def replica_count(replicas: int) -> int:

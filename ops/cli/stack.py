@@ -19,7 +19,8 @@ from ops.auth import CLI
 from ops.cli.client import deploy_files, read_snapshot, wait_for
 from ops.cli.common import NatsUrl as NatsUrlOpt
 from ops.cli.common import RedisUrl, connect_redis, load, redact
-from ops.cli.errors import CliError, quoted
+from ops.cli.errors import CliError
+from ops.cli.inputs import worker_labels
 from ops.cli.web import WebView
 from ops.stack import (
     PLACEMENT_SERVICES,
@@ -75,10 +76,7 @@ def up(
     settings = load(nats_url, redis_url)
     if demo and workers == 0:
         raise CliError("--demo needs workers to place the demo models on: add --workers N", exit_code=2)
-    labels = tuple(label or ())
-    bad = [item for item in labels if "=" not in item or item.startswith("=")]
-    if bad:
-        raise CliError(f"--label expects KEY=VALUE, got {quoted(bad[0])}", exit_code=2)
+    labels = worker_labels(tuple(label or ()))
     if workers:
         try:
             gpu_vram_gib(gpu_type)  # refuse a bad fleet before anything starts

@@ -73,6 +73,9 @@ USAGE_MISTAKES = [
     (("up", "--workers", "1", "--gpus", "129"), "Invalid value for '--gpus'"),
     (("up", "--exit-after", "-5"), "Invalid value for '--exit-after'"),
     (("up", "--exit-after", "nan"), "Invalid value for '--exit-after'"),
+    (("up", "--workers", "1", *(arg for i in range(65) for arg in ("--label", f"k{i}=v"))), "at most 64 labels"),
+    (("up", "--workers", "1", "--label", "zone=" + "a" * 1025), "at most 1024 characters each"),
+    (("up", "--workers", "1", "--label", "zone"), "--label expects KEY=VALUE, got 'zone'"),
 ]
 
 
