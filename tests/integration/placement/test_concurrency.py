@@ -63,15 +63,48 @@ class LedgerChecker:
             raise AssertionError("the ledger checker failed while the test ran") from self._task.exception()
 
 
-async def settled(stack: Stack, desired: dict[str, int]) -> bool:
+class Settling:
+    """A settle check's verdict; falsy while unsettled, and then its repr says what is off (a timeout prints it)."""
+
+    def __init__(self, off: str = "", stack: Stack | None = None) -> None:
+        self.off = off
+        self.stack = stack
+
+    def __bool__(self) -> bool:
+        return not self.off
+
+    def __repr__(self) -> str:
+        if not self.off or self.stack is None:
+            return self.off or "settled"
+        return f"{self.off}; services' last warnings: {service_warnings(self.stack)}"
+
+
+def service_warnings(stack: Stack, per_log: int = 3) -> dict[str, list[str]]:
+    """The last few warning or error lines of each process's log: why a stack did not settle, kept in the failure
+    message (the test's tmp dir, logs included, is gone a few sessions later)."""
+    out = {}
+    for log in sorted(stack.logs.glob("*.log")):
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if "WARNING" in ln or "ERROR" in ln]
+        if lines:
+            out[log.stem] = [ln[:300] for ln in lines[-per_log:]]
+    return out
+
+
+async def settled(stack: Stack, desired: dict[str, int]) -> Settling:
     """Every model has exactly its desired replicas, each RUNNING or PENDING with a reason."""
     insts = await stack.instances()
     per_model = Counter(i.model for i in insts)
-    if any(per_model.get(m, 0) != n for m, n in desired.items()):
-        return False
-    return all(
-        i.state is InstanceState.RUNNING or (i.state is InstanceState.PENDING and i.reason) for i in insts
-    )
+    wrong = {m: (per_model.get(m, 0), n) for m, n in desired.items() if per_model.get(m, 0) != n}
+    if wrong:
+        return Settling(f"replicas (have, want) off for {len(wrong)} models: {dict(sorted(wrong.items())[:8])}", stack)
+    stuck = [i for i in insts
+             if not (i.state is InstanceState.RUNNING or (i.state is InstanceState.PENDING and i.reason))]
+    if stuck:
+        states = Counter(i.state.value for i in stuck)
+        sample = [(i.id, i.state.value, i.worker) for i in stuck[:5]]
+        return Settling(f"{len(stuck)} replicas neither RUNNING nor PENDING with a reason: {dict(states)}, "
+                        f"e.g. {sample}", stack)
+    return Settling()
 
 
 async def assert_ledger_sound(stack: Stack) -> None:
