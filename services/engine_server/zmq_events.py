@@ -34,24 +34,34 @@ SUBSCRIPTIONS_DRAINED_EVERY = 1024
 discard them once per this many batches so that subscribers coming and going do not grow that queue for ever."""
 
 
+def bound_socket(kind: str, endpoint: str, flag: str, options: dict[str, int]) -> tuple[Any, Any, str]:
+    """pyzmq, a socket of ``kind`` (``"XPUB"``, ``"ROUTER"``) with LINGER 0 and ``options`` (names of ZMQ
+    options) bound to ``endpoint``, and the endpoint it bound (a ``*`` port resolved). Without pyzmq, or when the
+    bind fails, a ``ValueError`` naming the server's ``flag``: a start-up error of one line."""
+    try:
+        import zmq
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ValueError(f"{flag} needs pyzmq (pip install pyzmq)") from err
+    sock: Any = zmq.Context.instance().socket(getattr(zmq, kind))
+    sock.setsockopt(zmq.LINGER, 0)
+    for name, value in options.items():
+        sock.setsockopt(getattr(zmq, name), value)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as err:
+        sock.close()
+        raise ValueError(f"{flag}: cannot bind {endpoint}: {err}") from err
+    return zmq, sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
 class ZmqKVPublisher:
     """Binds a PUB-compatible socket and sends KV batches in vLLM's framing; counts subscribers falling behind."""
 
     def __init__(self, endpoint: str, topic: str = "", replay: ReplayBuffer | None = None) -> None:
-        try:
-            import zmq
-        except ImportError as err:  # pragma: no cover - depends on the install
-            raise ValueError("--kv-events-zmq needs pyzmq (pip install pyzmq)") from err
+        zmq, sock, bound = bound_socket("XPUB", endpoint, "--kv-events-zmq", {"XPUB_NODROP": 1})
         self._zmq: Any = zmq
-        self._sock: Any = zmq.Context.instance().socket(zmq.XPUB)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.XPUB_NODROP, 1)
-        try:
-            self._sock.bind(endpoint)
-        except zmq.ZMQError as err:
-            self._sock.close()
-            raise ValueError(f"--kv-events-zmq: cannot bind {endpoint}: {err}") from err
-        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock: Any = sock
+        self.endpoint: str = bound
         self.topic = topic.encode()
         self.seq = 0
         self.overflows = 0  # times a subscriber's queue was full when a batch was sent

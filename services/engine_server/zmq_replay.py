@@ -19,6 +19,7 @@ import contextlib
 from typing import Any
 
 from services.engine_server.kv_replay import ReplayDesk
+from services.engine_server.zmq_events import bound_socket
 
 REQUESTS_PER_PASS = 16
 SENDS_PER_PASS = 32  # ~0.2 ms of CPU (bench/zmq_replay.py): the most a step waits for a pass
@@ -30,21 +31,11 @@ class ZmqReplayServer:
     """Binds the replay ROUTER socket and answers requests as ``desk`` decides, until cancelled."""
 
     def __init__(self, endpoint: str, desk: ReplayDesk) -> None:
-        try:
-            import zmq
-        except ImportError as err:  # pragma: no cover - depends on the install
-            raise ValueError("--kv-events-replay-endpoint needs pyzmq (pip install pyzmq)") from err
+        zmq, sock, bound = bound_socket("ROUTER", endpoint, "--kv-events-replay-endpoint",
+                                        {"ROUTER_MANDATORY": 1, "MAXMSGSIZE": MAX_FRAME_BYTES})
         self._zmq: Any = zmq
-        self._sock: Any = zmq.Context.instance().socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        try:
-            self._sock.bind(endpoint)
-        except zmq.ZMQError as err:
-            self._sock.close()
-            raise ValueError(f"--kv-events-replay-endpoint: cannot bind {endpoint}: {err}") from err
-        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock: Any = sock
+        self.endpoint: str = bound
         self.desk = desk
 
     async def run(self) -> None:

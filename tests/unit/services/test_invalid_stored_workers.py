@@ -15,11 +15,12 @@ from nats.aio.msg import Msg
 from ops.servers import ServerProcess
 from services.reconciler.service import Reconciler
 from shared.bus import subjects
-from shared.bus.messages import ErrorEvent, RemoveWorkerCommand, decode, encode
+from shared.bus.messages import RemoveWorkerCommand, encode
 from shared.bus.runtime import Bus
 from shared.core.placement.domain import GIB, Gpu, Worker
 from shared.host.metrics import INVALID_WORKERS
 from shared.settings import Settings
+from tests.unit.services.dead_letters import dead_letters
 
 GOOD = Worker(name="w0", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=GIB)
 PAST_LIMIT = b'{"name": "w9", "gpus": [{"index": 5000, "vram_total": 1}]}'  # GPU index past MAX_GPU_INDEX
@@ -36,17 +37,6 @@ async def rec(redis_server: ServerProcess, nats_server: ServerProcess) -> AsyncI
     yield r
     await nc.close()
     await r.store.close()
-
-
-async def dead_letters(nc: Client) -> list[ErrorEvent]:
-    got: list[ErrorEvent] = []
-
-    async def keep(msg: Msg) -> None:
-        got.append(decode(msg.data, ErrorEvent))
-
-    await nc.subscribe(subjects.dead_letter("reconciler"), cb=keep)
-    await nc.flush()
-    return got
 
 
 async def delivered(nc: Client) -> None:

@@ -11,20 +11,19 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ops.servers import ServerProcess, free_port
 from services.reconciler.service import Reconciler
 from services.reconciler.writer import SUPERSEDED_MAX
 from shared.bus import subjects
-from shared.bus.messages import ErrorEvent, ModelFileUpdate, WorkerRegistration, decode, encode
+from shared.bus.messages import ModelFileUpdate, WorkerRegistration, encode
 from shared.bus.runtime import Bus
 from shared.core.limits import MAX_FILES_PER_WORKER
 from shared.core.placement.domain import GIB, Gpu, ModelFileState, Worker
 from shared.settings import Settings
 from shared.state import StateStore
+from tests.unit.services.dead_letters import dead_letters
 
 W0 = Worker(name="w0", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=64 * GIB)
 
@@ -45,17 +44,6 @@ async def rec(redis_server: ServerProcess, nats_server: ServerProcess) -> AsyncI
 async def file_report(rec: Reconciler, source: str, state: ModelFileState = ModelFileState.READY) -> None:
     [on_file] = [h for subject, _, h in rec._reports if subject == subjects.MODEL_FILE]
     await on_file(encode(ModelFileUpdate(worker="w0", source=source, state=state)), subjects.worker_files("w0"))
-
-
-async def dead_letters(nc: Client) -> list[ErrorEvent]:
-    got: list[ErrorEvent] = []
-
-    async def keep(msg: Msg) -> None:
-        got.append(decode(msg.data, ErrorEvent))
-
-    await nc.subscribe(subjects.dead_letter("reconciler"), cb=keep)
-    await nc.flush()
-    return got
 
 
 async def test_files_of_more_sources_than_the_limit_are_dead_lettered_and_known_ones_still_stored(
