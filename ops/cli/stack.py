@@ -32,7 +32,7 @@ from ops.stack import (
     stop_running_stack,
 )
 from ops.view import ClusterSnapshot, models_table, state_counts, without_deleted
-from shared.core.limits import MAX_GPUS_PER_WORKER
+from shared.core.limits import MAX_EMULATED_WORKERS, MAX_GPUS_PER_WORKER
 from shared.core.placement.domain import InstanceState, WorkerState
 from shared.paths import REPO_ROOT, runtime_dir
 from shared.settings import Settings
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
 
 
 def up(
-    workers: Annotated[int, typer.Option(min=0, help="emulated workers to start")] = 0,
+    workers: Annotated[int, typer.Option(min=0, max=MAX_EMULATED_WORKERS, help="emulated workers to start")] = 0,
     gpus: Annotated[int, typer.Option(min=1, max=MAX_GPUS_PER_WORKER, help="GPUs per emulated worker")] = 8,
     gpu_type: Annotated[str, typer.Option(help="GPU product of the emulated workers")] = "H100-SXM-80GB",
     label: Annotated[

@@ -14,6 +14,7 @@ import uvloop
 
 from services.workers.emulator import FleetConfig, run_fleet
 from shared.bus.runtime import nats_options
+from shared.core.limits import MAX_EMULATED_WORKERS, MAX_GPUS_PER_WORKER
 from shared.envsettings import (
     ENGINE_IDENTITY,
     ENGINE_NATS_URL_ENV,
@@ -25,6 +26,29 @@ from shared.envsettings import (
 )
 from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.settings import Settings, load_settings
+
+# flag -> (least, most) of the numbers a fleet can run with; each comparison is False for NaN, so NaN is refused
+_RANGES: dict[str, tuple[float, float]] = {
+    "count": (0, MAX_EMULATED_WORKERS),
+    "start_index": (0, 1e9),
+    "gpus": (0, MAX_GPUS_PER_WORKER),
+    "vram_gib": (1e-3, 1e9),  # NaN or inf crashed the fleet at start (a traceback); 0 GiB is refused at registration
+    "ram_gib": (1e-3, 1e9),
+    "heartbeat_interval": (0.01, 3600.0),  # 0 spun the loop and flooded the bus with heartbeats
+    "download_delay": (0.0, 86400.0),
+    "start_delay": (0.0, 86400.0),
+    "engine_start_timeout": (0.1, 86400.0),
+    "drain_settle": (0.0, 86400.0),
+}
+
+
+def out_of_range(a: argparse.Namespace) -> str | None:
+    """Why a number on the command line is one no fleet can run with (None: every one is in range)."""
+    for name, (least, most) in _RANGES.items():
+        value = getattr(a, name)
+        if not least <= value <= most:
+            return f"--{name.replace('_', '-')} must be in [{least:g}, {most:g}], got {value}"
+    return None
 
 
 def parse(argv: list[str] | None = None) -> FleetConfig:
@@ -65,6 +89,8 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
         sys.exit(f"{p.prog}: error: {refused}")
     if not 0 <= a.sync_window < math.inf:  # nan and inf too: a worker would answer one request, then none
         p.error(f"--sync-window is a finite duration in seconds, got {a.sync_window}")
+    if why := out_of_range(a):
+        p.error(why)
     if bad := [kv for kv in a.label if "=" not in kv]:
         p.error(f"--label takes key=value, got {bad[0]!r}")
     labels = dict(kv.split("=", 1) for kv in a.label)

@@ -53,6 +53,7 @@ MAX_LABELS = 64
 
 MAX_REPLICAS = 10_000
 MAX_GPUS_PER_WORKER = 128
+MAX_EMULATED_WORKERS = 100_000  # workers one emulated fleet process runs (the benches' largest: a few thousand)
 MAX_GPU_INDEX = 1023
 MAX_GPUS_PER_REPLICA = 1024
 MAX_GPU_VRAM = 4 * TIB

@@ -71,6 +71,7 @@ USAGE_MISTAKES = [
     # refused before anything starts: a worker past the GPU limit never registers (its heartbeats are dead-lettered,
     # `up` gave up after 30 s), and a negative or NaN --exit-after started the whole stack only to stop it
     (("up", "--workers", "1", "--gpus", "129"), "Invalid value for '--gpus'"),
+    (("up", "--workers", "100001"), "Invalid value for '--workers'"),  # one fleet process emulates at most 100,000
     (("up", "--exit-after", "-5"), "Invalid value for '--exit-after'"),
     (("up", "--exit-after", "nan"), "Invalid value for '--exit-after'"),
     (("up", "--workers", "1", *(arg for i in range(65) for arg in ("--label", f"k{i}=v"))), "at most 64 labels"),

@@ -1,0 +1,28 @@
+"""`python -m services.workers` refuses numbers no fleet can run with, in one line, before it connects: a zero
+heartbeat interval sent heartbeats back to back, a NaN or infinite VRAM crashed the fleet with a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.workers.__main__ import parse
+
+
+@pytest.mark.parametrize("args", [
+    ["--count", "-1"], ["--count", "100001"], ["--start-index", "-1"], ["--gpus", "-1"], ["--gpus", "129"],
+    ["--vram-gib", "nan"], ["--vram-gib", "0"], ["--vram-gib", "inf"], ["--ram-gib", "-1"],
+    ["--heartbeat-interval", "0"], ["--heartbeat-interval", "nan"], ["--heartbeat-interval", "1e9"],
+    ["--download-delay", "-1"], ["--start-delay", "inf"], ["--engine-start-timeout", "0"], ["--drain-settle", "nan"],
+])
+def test_a_number_out_of_range_is_refused_in_one_line(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse(args)
+    assert exc.value.code == 2
+    why = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage first, then the one line of why
+    assert why.startswith("python -m services.workers: error: " + args[0])
+
+
+def test_the_shapes_the_stack_and_the_tests_use_are_accepted() -> None:
+    cfg = parse(["--count", "4", "--gpus", "2", "--heartbeat-interval", "0.2", "--download-delay", "3"])
+    assert cfg.count == 4 and cfg.gpus == 2
+    assert parse(["--count", "0", "--gpus", "128", "--start-delay", "0"]).gpus == 128
