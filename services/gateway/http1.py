@@ -116,18 +116,19 @@ class Connections:
             self.handshaking.discard(conn)
             self.open.add(conn)
             return True
-        if len(self.open) + len(self.handshaking) < self.max_connections:
-            self.open.add(conn)
-            return True
-        self._refuse()
-        return False
+        return self._take(self.open, conn)
 
     def handshake_begins(self, conn: OneByOne) -> bool:
         """Count a TLS connection from its accept, through its handshake, until it is ``admit``-ted or
         ``handshake_ends``; False (counted refused, the caller closes it) when ``max_connections`` are open or
         handshaking."""
+        return self._take(self.handshaking, conn)
+
+    def _take(self, into: set[OneByOne], conn: OneByOne) -> bool:
+        """Put ``conn`` in ``into`` if open and handshaking connections leave room under the cap, else count it
+        refused."""
         if len(self.open) + len(self.handshaking) < self.max_connections:
-            self.handshaking.add(conn)
+            into.add(conn)
             return True
         self._refuse()
         return False
