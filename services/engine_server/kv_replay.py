@@ -34,8 +34,9 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 REPLAY_BUFFER_BATCHES = 10_000
 """Batches kept for replay unless told otherwise: vLLM's ``buffer_steps`` default."""
 
-MAX_REPLAY_BUFFER_BATCHES = 10_000_000
-"""The most ``--kv-events-replay-buffer`` accepts (gigabytes of batches: a larger number is a typo)."""
+MAX_REPLAY_BUFFER_BATCHES = 1_000_000
+"""The most ``--kv-events-replay-buffer`` accepts: 100 × vLLM's default, already ~1.3 GB of 16-stream batches and
+more at higher concurrency (the bound is in batches, not bytes); ten million would let a typo take ~13 GB."""
 
 MAX_REPLAYS = 8
 """Replays in progress at once: each holds a snapshot of up to the whole buffer (references, 64 bytes a batch)."""

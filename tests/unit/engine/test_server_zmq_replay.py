@@ -213,7 +213,7 @@ def test_the_replay_endpoint_needs_zmq_kv_events(capsys: pytest.CaptureFixture[s
     assert exc.value.code != 0 and "--kv-events-zmq" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("size", ["0", "-1", "10000001"])
+@pytest.mark.parametrize("size", ["0", "-1", "1000001", "10000000"])
 def test_the_replay_buffer_bound_is_refused_outside_its_range(size: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         parse_args(["--kv-events-zmq", "tcp://*:5557", "--kv-events-replay-endpoint", "tcp://*:5558",
