@@ -102,6 +102,7 @@ class EngineRunner:
         self._in_flight_end = -1.0  # model time the in-flight step ends; -1 while no step is in flight
         self._prev_end = -1.0  # model time the previous step's tokens went out
         self.on_flush: list[Callable[[], None]] = []  # run after each step's tokens were handed to the sinks
+        self.on_close: Callable[[Request, str, float], None] | None = None  # (request, finish, end in model time)
 
     def model_now(self) -> float:
         """Current model time (seconds since start, times ``speedup``)."""
@@ -294,6 +295,9 @@ class EngineRunner:
         reason = req.finish_reason or FinishReason.LENGTH
         if reason is not FinishReason.ABORT:
             self.hists.finished(req, st.last_token_time)
+        if self.on_close is not None:
+            end = req.finish_time
+            self.on_close(req, reason.value, end if end >= 0 else self.model_now())
         st.sink.finish(req, reason.value, req.stop_reason)
 
     def _apply_aborts(self) -> None:

@@ -29,6 +29,7 @@ from services.engine_server.api import ServerInfo, create_app, error_body
 from services.engine_server.kv_replay import MAX_REPLAY_BUFFER_BATCHES, REPLAY_BUFFER_BATCHES, ReplayBuffer, ReplayDesk
 from services.engine_server.prometheus import PublisherCollector, ZmqPublisherCollector
 from services.engine_server.publisher import SNAPSHOT_WINDOW_S, Publisher
+from services.engine_server.request_log import RequestLog, open_request_log
 from services.engine_server.runner import EngineRunner
 from services.engine_server.sse import TRANSPORT_KEY
 from services.engine_server.textgen import TextModel
@@ -232,6 +233,7 @@ class ServerOptions:
     kv_events_replay_endpoint: str | None = None  # a ZMQ ROUTER bound here replays kept batches (vLLM's protocol)
     kv_events_replay_buffer: int = REPLAY_BUFFER_BATCHES  # batches kept for replay (vLLM's buffer_steps)
     access_log: bool = True
+    request_log: str | None = None  # append one JSON line of exact timings per ended request here
     request_read_timeout_s: float = REQUEST_READ_TIMEOUT_S  # a request must arrive whole within this
 
 
@@ -293,6 +295,9 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
         collectors.append(ZmqPublisherCollector(zmq_pub, name, replay.desk if replay is not None else None))
     app = create_app(runner, TextModel(opts.mean_output_len), info, collectors)
     app.state.publisher, app.state.zmq_publisher, app.state.zmq_replay = pub, zmq_pub, replay
+    request_log = RequestLog(open_request_log(opts.request_log)) if opts.request_log else None
+    if request_log is not None:
+        runner.on_close = request_log.write
     kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
     if zmq_pub is not None:
         kv_sinks.append(zmq_pub.publish)
@@ -319,6 +324,8 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
             await cancel_until_done(tasks)
             await runner.stop()
             app.state.writer.close()
+            if request_log is not None:
+                request_log.close()
             for sock in (zmq_pub, replay):
                 if sock is not None:
                     sock.close()
@@ -470,6 +477,9 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                    help="P/D: KV transfer bandwidth between prefill and decode engines (Gbit/s)")
     p.add_argument("--kv-link-latency", type=float, default=d.kv_link_latency_s, help="P/D: seconds per transfer")
     p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no access log line per request")
+    p.add_argument("--request-log", default=None, metavar="PATH",
+                   help="append one JSON line per ended request with its exact server-side timings (TTFT, queue, "
+                        "e2e, cached tokens) to this file; the /metrics histograms only bucket them")
     a = p.parse_args(argv)
     if refused := credentials_on_command_line("--nats-url", a.nats_url, ENGINE_NATS_URL_ENV):
         sys.exit(f"{p.prog}: error: {refused}")
@@ -490,6 +500,11 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     if not 1 <= a.kv_events_replay_buffer <= MAX_REPLAY_BUFFER_BATCHES:
         p.error(f"--kv-events-replay-buffer is a number of batches from 1 to {MAX_REPLAY_BUFFER_BATCHES:,}, "
                 f"got {a.kv_events_replay_buffer}")
+    if a.request_log:
+        try:  # refused now, in one line, rather than as a traceback once the server starts
+            open_request_log(a.request_log).close()
+        except OSError as err:
+            p.error(f"--request-log {a.request_log}: {err.strerror or err}")
     loras = tuple(dict.fromkeys(m.split("=", 1)[0] for m in a.lora_modules))
     return ServerOptions(
         host=a.host, port=a.port, model=a.model, served_model_name=a.served_model_name, gpu=a.gpu, tp=a.tp,
@@ -502,5 +517,5 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         kv_events_replay_buffer=a.kv_events_replay_buffer,
         max_loras=a.max_loras, max_cpu_loras=a.max_cpu_loras, lora_modules=loras,
         lora_load_s=a.lora_load_time, role=a.role, kv_link_gbps=a.kv_link_gbps, kv_link_latency_s=a.kv_link_latency,
-        access_log=not a.disable_uvicorn_access_log,
+        access_log=not a.disable_uvicorn_access_log, request_log=a.request_log or None,
     )

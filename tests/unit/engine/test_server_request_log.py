@@ -1,0 +1,145 @@
+"""``--request-log``: one line per ended request with the exact timings the histograms only bucket; a bad path
+is refused at start in one line, a failing disk turns the log off and never the server."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ops.servers import free_port
+from services.engine_server.request_log import RequestLog, open_request_log
+from services.engine_server.runner import CollectSink, EngineRunner
+from services.engine_server.server import EmbeddedServer, ServerOptions, parse_args
+from shared.core.engine import CalibratedStepTime, Engine, Request, SchedulerConfig
+
+STEP_S = 0.005
+
+
+def _runner() -> EngineRunner:
+    eng = Engine(SchedulerConfig(num_gpu_blocks=100), CalibratedStepTime(base_s=STEP_S, per_token_s=0.0),
+                 fast_forward=False)
+    return EngineRunner(eng, speedup=1.0)
+
+
+def _lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def _drain(runner: EngineRunner) -> None:
+    while runner.streams:
+        await asyncio.sleep(STEP_S)
+
+
+async def test_each_ended_request_is_one_line_with_its_exact_ttft(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    runner, log = _runner(), RequestLog(open_request_log(str(path)))
+    runner.on_close = log.write
+    runner.start()
+    reqs = [Request(f"r{i}", [i + 1] * 40, max_tokens=3, ignore_eos=True) for i in range(3)]
+    for req in reqs:
+        runner.submit(req, CollectSink())
+    await _drain(runner)
+    await runner.stop()
+    log.close()
+    by_id = {rec["id"]: rec for rec in _lines(path)}
+    assert sorted(by_id) == ["r0", "r1", "r2"]
+    for req in reqs:
+        rec = by_id[req.req_id]
+        assert rec["ttft_s"] == pytest.approx(req.ttft, abs=1e-6)
+        assert rec["e2e_s"] == pytest.approx(req.e2e, abs=1e-6)
+        assert rec["queue_s"] == pytest.approx(req.queue_time, abs=1e-6)
+        assert (rec["prompt_tokens"], rec["output_tokens"], rec["finish"]) == (40, 3, "length")
+    assert runner.hists.ttft.total == len(by_id)  # the same requests the histogram counted
+
+
+async def test_a_request_aborted_before_its_first_token_is_logged_without_a_ttft(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    runner, log = _runner(), RequestLog(open_request_log(str(path)))
+    runner.on_close = log.write
+    req = Request("gone", [1] * 40, max_tokens=3, ignore_eos=True)
+    runner.submit(req, CollectSink())
+    runner.abort(req)  # before any step ran
+    runner.start()
+    await _drain(runner)
+    await runner.stop()
+    (rec,) = _lines(path)
+    assert (rec["id"], rec["finish"], rec["ttft_s"]) == ("gone", "abort", None)
+
+
+class FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.writes = 0
+
+    def write(self, data: bytes) -> int:
+        self.writes += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_full_disk_turns_the_log_off_once_and_requests_keep_completing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    disk = FullDisk()
+    runner, log = _runner(), RequestLog(disk)  # type: ignore[arg-type]
+    runner.on_close = log.write
+    runner.start()
+    sinks = [CollectSink() for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger="gantry.engine_server"):
+        for i, sink in enumerate(sinks):
+            runner.submit(Request(f"r{i}", [i + 1] * 20, max_tokens=2, ignore_eos=True), sink)
+            await asyncio.wait_for(sink.done, 5)
+    await runner.stop()
+    assert all(len(s.token_ids) == 2 for s in sinks)
+    assert disk.writes == 1 and disk.closed and log.written == 0
+    assert [r.message for r in caplog.records].count(
+        "request log write failed ([Errno 28] No space left on device): the request log is off from now on") == 1
+
+
+def test_the_log_appends_to_what_an_earlier_server_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b'{"id":"earlier"}\n')
+    log = RequestLog(open_request_log(str(path)))
+    log.write(Request("later", [1] * 4, max_tokens=1), "abort", 0.5)
+    log.close()
+    assert [rec["id"] for rec in _lines(path)] == ["earlier", "later"]
+
+
+@pytest.mark.parametrize("where", ["missing-dir/requests.jsonl", ".", "fifo"])
+def test_a_request_log_that_cannot_be_opened_is_refused_in_one_line(
+        where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    os.mkfifo(tmp_path / "fifo")  # nobody reads it: opening must fail at once, not hang the start
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--request-log", str(tmp_path / where)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m services.engine_server: error: --request-log ")
+
+
+async def test_a_served_chat_completion_is_logged_under_its_response_id(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    srv = EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=200, speedup=20.0, served_model_name="m",
+                                       request_log=str(path)))
+    await srv.start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url) as c:
+            r = await c.post("/v1/chat/completions", json={
+                "model": "m", "max_tokens": 4, "ignore_eos": True, "messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        await srv.stop()
+    body = r.json()
+    (rec,) = _lines(path)
+    assert rec["id"] == body["id"]
+    assert rec["output_tokens"] == body["usage"]["completion_tokens"] == 4
+    assert rec["prompt_tokens"] == body["usage"]["prompt_tokens"]
+    assert rec["finish"] == "length" and isinstance(rec["ttft_s"], float) and rec["ttft_s"] > 0
