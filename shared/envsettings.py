@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from shared.paths import runtime_dir
 
@@ -93,10 +93,25 @@ def read(overrides: Mapping[str, object], environ: Mapping[str, str] | None = No
                 return None
             values[name] = value
     values.update(overrides)
+    if redis_url_problem(str(values.get("redis_url", ""))):  # Settings says what is wrong with it
+        return None
     try:
         return with_credentials(EnvSettings(**values))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a Redis URL that redis-py would accept anyway, else None.
+
+    redis-py reads the database from a ``redis://`` URL's path and, when the path is not a number, silently uses
+    database 0: ``redis://host:6379/gantry`` would put the state beside whatever else lives in 0."""
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss"):
+        db = unquote(parts.path).strip("/")  # as redis-py reads it
+        if db and not (db.isascii() and db.isdigit()):
+            return f"the database (the path of the URL) must be a number, got {db!r}"
+    return None
 
 
 def _plain(spec: dataclasses.Field[object], text: str) -> object | None:

@@ -14,12 +14,15 @@ most 1,000 instances.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+import sys
+from collections.abc import Mapping
+
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.envsettings import CREDENTIALS_FILE, credentials_path, identity_secret, with_user
+from shared.envsettings import CREDENTIALS_FILE, credentials_path, identity_secret, redis_url_problem, with_user
 
-__all__ = ["CREDENTIALS_FILE", "Settings", "load_settings"]
+__all__ = ["CREDENTIALS_FILE", "Settings", "load_settings", "load_settings_or_exit", "setting_error"]
 
 
 class Settings(BaseSettings):
@@ -80,6 +83,13 @@ class Settings(BaseSettings):
         0.2, ge=0, description="fitting reuses a model's candidates this long (scoring re-checks them); 0: off"
     )
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_db_is_a_number(cls, url: str) -> str:
+        if problem := redis_url_problem(url):
+            raise ValueError(problem)
+        return url
+
     @model_validator(mode="after")
     def _credentials(self) -> Settings:
         # URLs that name a user keep it (explicit wins); otherwise the identity's secret from the file.
@@ -95,3 +105,25 @@ class Settings(BaseSettings):
 def load_settings() -> Settings:
     """Settings from the current environment."""
     return Settings()
+
+
+def setting_error(err: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """The first invalid setting of ``err`` in one line, named as the environment spells it, or as ``flags``
+    (field -> command-line flag) says it was given."""
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+    if not field:
+        return f"invalid settings: {message}"
+    given = (flags or {}).get(field)
+    return f"invalid {given}: {message}" if given else f"invalid setting GANTRY_{field.upper()}: {message}"
+
+
+def load_settings_or_exit(prog: str) -> Settings:
+    """Settings from the current environment; an invalid value ends the process with one line that names it
+    (exit status 2, as a command-line error), not a validation traceback."""
+    try:
+        return Settings()
+    except ValidationError as err:
+        print(f"{prog}: error: {setting_error(err)}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -72,15 +72,14 @@ def load(nats_url: str | None = None, redis_url: str | None = None) -> Settings:
     """Settings with any flag overrides applied; invalid environment values become a CliError."""
     from pydantic import ValidationError
 
-    from shared.settings import Settings
+    from shared.settings import Settings, setting_error
 
     try:
         return Settings(**overrides(nats_url, redis_url))
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        what = f"setting GANTRY_{field.upper()}" if field else "connection setting"
-        raise CliError(f"invalid {what}: {first['msg']}", exit_code=2) from None
+        given = {"nats_url": "--nats-url", "redis_url": "--redis-url"}
+        flags = {field: flag for field, flag in given.items() if field in overrides(nats_url, redis_url)}
+        raise CliError(setting_error(err, flags), exit_code=2) from None
 
 
 def connection_settings(nats_url: str | None = None, redis_url: str | None = None) -> AnySettings:

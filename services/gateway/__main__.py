@@ -24,10 +24,10 @@ from services.gateway.service import Gateway, GatewayOptions
 from services.gateway.tls import CA_FILE, PICKER_CERT, PICKER_KEY, TlsError, load_picker_tls
 from shared.core.routing import builtin_names
 from shared.core.routing.pool_source import PoolSource
-from shared.envsettings import credentials_on_command_line
+from shared.envsettings import credentials_on_command_line, redis_url_problem
 from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.host.tasks import run_until_signalled
-from shared.settings import load_settings
+from shared.settings import load_settings_or_exit
 
 
 def parse_args(argv: list[str] | None = None) -> GatewayOptions:
@@ -88,7 +88,9 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     for flag, url, env in urls:
         if refused := credentials_on_command_line(flag, url, env):
             sys.exit(f"{p.prog}: error: {refused}")
-    settings = load_settings()  # GANTRY_*: the URLs when not given, the CA when NATS speaks TLS
+    if a.redis_url and (problem := redis_url_problem(a.redis_url)):
+        p.error(f"--redis-url: {problem}")
+    settings = load_settings_or_exit(p.prog)  # GANTRY_*: the URLs when not given, the CA when NATS speaks TLS
     a.nats_url = a.nats_url or settings.nats_url
     if a.pool_source is PoolSource.PLACEMENT:
         a.redis_url = a.redis_url or settings.redis_url

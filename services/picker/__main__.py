@@ -15,7 +15,7 @@ from shared.core.routing import builtin_names
 from shared.envsettings import credentials_on_command_line
 from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.host.tasks import run_until_signalled
-from shared.settings import load_settings
+from shared.settings import load_settings, setting_error
 
 NATS_URL_ENV = "GANTRY_NATS_URL"
 
@@ -47,8 +47,7 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
     try:  # GANTRY_*, as every service reads them (the metrics port's bounds, the credentials file)
         settings = load_settings()
     except ValidationError as err:
-        first = err.errors()[0]
-        p.error(f"invalid setting GANTRY_{'.'.join(map(str, first['loc'])).upper()}: {first['msg']}")
+        p.error(setting_error(err))
     try:  # the environment, else the credentials file GANTRY_CREDENTIALS_FILE names (never the command line)
         master = master_key_text(os.environ, settings.credentials_file)
         report_master = parse_key(master, f"${MASTER_KEY_ENV}") if master else None

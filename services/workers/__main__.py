@@ -25,7 +25,9 @@ from shared.envsettings import (
     without_user,
 )
 from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, load_settings_or_exit
+
+PROG = "python -m services.workers"
 
 # flag -> (least, most) of the numbers a fleet can run with; each comparison is False for NaN, so NaN is refused
 _RANGES: dict[str, tuple[float, float]] = {
@@ -53,8 +55,8 @@ def out_of_range(a: argparse.Namespace) -> str | None:
 
 def parse(argv: list[str] | None = None) -> FleetConfig:
     """Fleet shape from the command line (timings default to the GANTRY_* settings)."""
-    settings = load_settings()
-    p = argparse.ArgumentParser(prog="python -m services.workers", description=__doc__)
+    settings = load_settings_or_exit(PROG)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--count", type=int, default=4, help="number of workers")
     p.add_argument("--prefix", default="w", help="worker name prefix")
     p.add_argument("--start-index", type=int, default=0, help="first worker number")
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     logging.basicConfig(level=logging.WARNING)
     cfg = parse(argv)
-    settings = load_settings()
+    settings = load_settings_or_exit(PROG)
     uvloop.run(_run(cfg, settings.nats_url, nats_options(settings)))
 
 

@@ -60,7 +60,7 @@ from shared.host.isolation import SplitBatch, ack_all, guarded, isolating, run_b
 from shared.host.metrics import ServiceMetrics, requested_times
 from shared.host.tasks import cancel_until_done
 from shared.host.throttle import PerKeyThrottle
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, load_settings_or_exit
 from shared.state.store import StateStore
 
 log = logging.getLogger("gantry.service")
@@ -398,7 +398,14 @@ def serve(factory: Callable[[Settings], PlacementService]) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     APP_LOG.setLevel(logging.INFO)
-    uvloop.run(_run_then_settle(factory(load_settings())))
+    uvloop.run(_run_then_settle(factory(load_settings_or_exit(_prog()))))
+
+
+def _prog() -> str:
+    """How the running service was started, for its error lines (``python -m services.filter``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = spec.name.removesuffix(".__main__") if spec is not None else ""
+    return f"python -m {name}" if name else "gantry service"
 
 
 SETTLE_S = 2.0  # how long background tasks get to finish their cancellation at shutdown

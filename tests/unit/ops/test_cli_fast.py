@@ -106,6 +106,13 @@ def test_a_bad_environment_value_is_the_same_one_line_error(monkeypatch: pytest.
     assert fast[0] == 2 and fast[2].startswith("error: invalid setting GANTRY_NOT_READY_AFTER_S: "), fast
 
 
+def test_a_bad_url_flag_is_named_as_the_flag_not_as_the_environment() -> None:
+    fast = outcome(main, ["models", "--redis-url", "redis://127.0.0.1:1/gantry"])
+    assert fast == outcome(run_app, ["models", "--redis-url", "redis://127.0.0.1:1/gantry"])
+    assert fast[0] == 2 and fast[2] == (
+        "error: invalid --redis-url: the database (the path of the URL) must be a number, got 'gantry'\n"), fast
+
+
 SLOW_MODULES = ("typer", "click", "pydantic", "pydantic_settings", "numpy", "redis", "asyncio")
 # each read command on an empty database, and how it ends there
 ON_EMPTY_STATE = [(["models"], 0), (["workers", "--json"], 0), (["instances"], 0), (["instances", "-m", "x"], 1),
