@@ -11,6 +11,7 @@ instance still reports while its last requests finish, but gets no new one.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -186,7 +187,8 @@ async def one_frame(nats_url: str | None, redis_url: str | None, window_s: float
 
 
 def gateway(
-    watch: Annotated[bool, typer.Option("--watch", help="redraw every --interval until Ctrl-C")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="redraw every --interval until Ctrl-C (to a pipe: a table per "
+                                        "frame; with --json: a JSON line per frame)")] = False,
     interval: Annotated[float, typer.Option(min=0.2, max=60.0, help="seconds per frame")] = 1.0,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
@@ -195,8 +197,6 @@ def gateway(
     """Per endpoint: placement's state of its instance and whether a gateway following placement routes to it,
     running / waiting requests, KV usage, prefix-cache hit rate (since start and over the last frame) and
     tokens served, from the model servers' reports."""
-    if watch and as_json:
-        raise CliError("--watch and --json do not go together", exit_code=2)
     if not watch:
         rows = run(lambda: one_frame(nats_url, redis_url, interval))
         if as_json:
@@ -205,7 +205,38 @@ def gateway(
             table = table_of(rows)
             console(fit=table).print(table)
         return
+    if as_json:
+        run(lambda: _listen(nats_url, redis_url, interval, 1 << 30, _json_lines()))
+    else:
+        _watch(nats_url, redis_url, interval)
+
+
+def _json_lines() -> Callable[[list[EndpointRow]], None]:
+    """``--watch --json``: one line per frame (a JSON array of the rows), flushed, for a script or a log to follow."""
+    encode = msgspec.json.Encoder(order="sorted").encode
+
+    def show(rows: list[EndpointRow]) -> None:
+        sys.stdout.write(encode([asdict(r) for r in rows]).decode() + "\n")
+        sys.stdout.flush()
+
+    return show
+
+
+def _watch(nats_url: str | None, redis_url: str | None, interval: float) -> None:
+    """Redraw the table in place on a terminal; to a pipe or a file, where a live display shows only its last frame
+    and only on exit, print each frame under its time instead."""
     con = console()
-    with Live(table_of([]), console=con, refresh_per_second=4) as live:
-        run(lambda: _listen(nats_url, redis_url, interval, 1 << 30, lambda rows: live.update(table_of(rows))))
+    if con.is_terminal:
+        with Live(table_of([]), console=con, refresh_per_second=4) as live:
+            run(lambda: _listen(nats_url, redis_url, interval, 1 << 30, lambda rows: live.update(table_of(rows))))
+        return
+
+    def show(rows: list[EndpointRow]) -> None:
+        table = table_of(rows)
+        wide = console(fit=table)  # as a one-shot `gantry gateway` prints it: no cell cut short
+        wide.print(f"gantry gateway at {time.strftime('%H:%M:%S')}")
+        wide.print(table)
+        wide.file.flush()
+
+    run(lambda: _listen(nats_url, redis_url, interval, 1 << 30, show))
 

@@ -1,11 +1,17 @@
 """``gantry gateway``: rows built from the model servers' reports (load, KV usage, hit rate since start and
-over the last frame)."""
+over the last frame); ``--watch`` to a pipe prints every frame, with ``--json`` one line each."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
 from rich.console import Console
 
-from ops.cli.gateway import rows_of, table_of
+import ops.cli.gateway as gw
+from ops.cli.gateway import EndpointRow, rows_of, table_of
 from shared.bus.messages import EngineMetrics
 from shared.core.placement.domain import InstanceState
 from shared.core.routing.pool_source import Placed
@@ -89,3 +95,35 @@ def test_without_placement_the_state_is_unknown_and_the_table_says_it_could_not_
     con = Console(width=250, record=True)
     con.print(table_of([r]))
     assert "placement could not be read" in con.export_text()
+
+
+def _frames(rows: list[list[EndpointRow]]) -> Callable[..., Coroutine[Any, Any, object]]:
+    """``_listen`` as a watch sees it: each frame's rows handed to ``show``, then the end (Ctrl-C, NATS gone)."""
+    async def listen(nats_url: object, redis_url: object, window_s: float, frames: int,
+                     show: Callable[[list[EndpointRow]], None] | None = None) -> object:
+        assert show is not None and frames > len(rows)
+        for frame in rows:
+            show(frame)
+        return None
+    return listen
+
+
+def test_watch_to_a_pipe_prints_every_frame_as_it_comes(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    first = rows_of({"e1": report("e1", 5, 10)}, {}, now=100.0)
+    second = rows_of({"e1": report("e1", 90, 100)}, {"e1": report("e1", 5, 10)}, now=101.0)
+    monkeypatch.setattr(gw, "_listen", _frames([first, second]))
+    gw.gateway(watch=True, interval=1.0)
+    frames = capsys.readouterr().out.split("gantry gateway at ")[1:]
+    assert len(frames) == 2  # a live display would have printed one frame, on exit
+    assert "50.0%" in frames[0] and "90.0%" in frames[1]
+
+
+def test_watch_with_json_prints_one_json_line_per_frame(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    frame = rows_of({"e1": report("e1", 9, 10)}, {}, now=100.0)
+    monkeypatch.setattr(gw, "_listen", _frames([frame, frame, []]))
+    gw.gateway(watch=True, interval=1.0, as_json=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert [len(json.loads(line)) for line in lines] == [1, 1, 0]
+    assert json.loads(lines[0])[0]["instance"] == "e1" and json.loads(lines[0])[0]["hit_rate"] == 0.9
