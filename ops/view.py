@@ -195,7 +195,15 @@ def summary_line(snapshot: ClusterSnapshot) -> Text:
     kinds = f" ({', '.join(products)})" if products else ""
     line.append(f"GPUs {gpus}{kinds}  models {len(snapshot.models)}  instances ")
     line.append(" ".join(f"{state}={n}" for state, n in sorted(counts.items())) or "none")
+    _append_invalid(line, snapshot)
     return line
+
+
+def _append_invalid(line: Text, snapshot: ClusterSnapshot) -> None:
+    """The count of worker records left out of placement as invalid, in red, when there are any: they hold no
+    GPU cell, so without it a fleet short of workers would look healthy."""
+    if snapshot.invalid_workers:
+        line.append(f"  invalid worker records {len(snapshot.invalid_workers)} (`gantry workers`)", style="bold red")
 
 
 def workers_grid(snapshot: ClusterSnapshot) -> Table:
@@ -292,6 +300,7 @@ def _full_top(snapshot: ClusterSnapshot) -> RenderableType:
     from rich.text import Text
 
     parts: list[RenderableType] = [summary_line(snapshot)]
+    parts.extend(Text(line, style="red") for line in invalid_lines(snapshot))
     if snapshot.workers:
         parts.append(workers_grid(snapshot))
     else:
@@ -354,6 +363,9 @@ def compact_top(snapshot: ClusterSnapshot, width: int = 80, height: int = 24) ->
     for row in usage:
         by_worker[row.worker].append(row)
     head = [_fit(compact_summary(snapshot), width)]
+    if snapshot.invalid_workers:  # its own line: at the end of the summary a narrow screen would cut it off
+        head.append(_fit(Text(f"invalid worker records {len(snapshot.invalid_workers)}: `gantry workers`",
+                              style="bold red"), width))
     workers: list[Text] = []
     for w in sorted(snapshot.workers, key=lambda w: w.name):
         state = snapshot.worker_states.get(w.name, WorkerState.NOT_READY)
@@ -372,7 +384,7 @@ def compact_top(snapshot: ClusterSnapshot, width: int = 80, height: int = 24) ->
         for model, reason, ids in pending_groups(snapshot)
     ] or [Text("no pending replicas", style="dim")]
     footer = Text("Ctrl-C to quit", style="dim")
-    room = max(height - 3, 3)  # less the summary, legend and footer lines
+    room = max(height - 2 - len(head), 3)  # less the summary (and invalid-record) lines, legend and footer
     models = _cut(models, max(1, room // 3), "model(s); `gantry models`", width)
     pending = _cut(pending, max(1, room // 4), "pending reason(s); `gantry explain MODEL`", width)
     workers = _cut(workers, max(1, room - len(models) - len(pending)), "worker(s); `gantry workers`", width)

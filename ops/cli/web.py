@@ -22,7 +22,16 @@ import msgspec
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from ops.view import ClusterSnapshot, GpuUsage, clock, gib, gpu_usage, pending_groups, state_counts
+from ops.view import (
+    ClusterSnapshot,
+    GpuUsage,
+    clock,
+    gib,
+    gpu_usage,
+    invalid_lines,
+    pending_groups,
+    state_counts,
+)
 from shared.core.placement.domain import WorkerState
 from shared.settings import Settings
 
@@ -38,6 +47,7 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:18px 0 6px}
 .worker{background:#fff;border:1px solid #d5d9e0;border-radius:6px;padding:8px;min-width:260px}
 .worker h3{font-size:14px;margin:0 0 6px} .state{font-size:12px;padding:1px 6px;border-radius:8px;margin-left:6px}
 .READY{background:#d8f3dc} .NOT_READY{background:#f8d7da} .MAINTENANCE{background:#fff3cd}
+.invalid{color:#a4161a;margin:4px 0}
 .gpus{display:grid;grid-template-columns:repeat(4,1fr);gap:4px}
 .gpu{border:1px solid #ccd;border-radius:4px;padding:3px;font-size:11px;background:#fafbfc}
 .gpu.cordoned{border-color:#d39e00;background:#fff8e1}
@@ -136,10 +146,14 @@ def render_content(snapshot: ClusterSnapshot, events: Sequence[str]) -> str:
         f"{clock(snapshot.taken_at)} UTC · workers {len(snapshot.workers)} ({ready} ready) · GPUs {gpus} · "
         f"models {len(snapshot.models)} · instances "
         + (" ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
+        + (f" · invalid worker records {len(snapshot.invalid_workers)}" if snapshot.invalid_workers else "")
     )
     shown = "\n".join(_e(line) for line in events) or "no events yet"
+    # a record placement leaves out holds no GPU card: listed above the map, or the fleet would look whole
+    invalid = "".join(f'<p class="invalid" data-invalid-worker="{_e(name)}">{_e(line)}</p>'
+                      for name, line in zip(sorted(snapshot.invalid_workers), invalid_lines(snapshot), strict=True))
     return (
-        f'<div class="summary" id="summary">{_e(summary)}</div>'
+        f'<div class="summary" id="summary">{_e(summary)}</div>{invalid}'
         f"<h2>GPU map</h2>{render_workers(snapshot)}"
         f"<h2>models</h2>{render_models(snapshot)}"
         f'<h2>recent events</h2><pre class="events" id="events">{shown}</pre>'
@@ -165,6 +179,7 @@ def state_json(snapshot: ClusterSnapshot, events: Sequence[str]) -> dict[str, An
              "cordoned": w.cordoned}
             for w in sorted(snapshot.workers, key=lambda w: w.name)
         ],
+        "invalid_workers": [{"name": name, "why": why} for name, why in sorted(snapshot.invalid_workers.items())],
         "gpus": [msgspec.to_builtins(u) for u in gpu_usage(snapshot)],
         "models": [
             {"name": m.name, "desired": m.desired,

@@ -1,6 +1,8 @@
 """`gantry workers` shows a worker whose stored record breaks today's limits (no snapshot holds it, so it would
 otherwise vanish without a word) as "invalid stored record: <reason>", with the way to clear it; the operator's
-removal is planned for it as for a silent worker. Read from the session's real Redis, as the command reads it."""
+removal is planned for it as for a silent worker. Read from the session's real Redis, as the command reads it.
+`gantry top` and the web view count such records in their summaries and list them, so a fleet short of workers
+does not look whole."""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
+from rich.console import Console
 
 from ops.cli import reads
 from ops.cli.client import removal
+from ops.cli.web import render_content, state_json
 from ops.servers import ServerProcess
-from ops.view import ClusterSnapshot
+from ops.view import ClusterSnapshot, compact_top, render_top, summary_line
 from shared.core.placement.domain import GIB, Gpu, Worker
 from shared.settings import Settings
 from shared.state import StateStore
@@ -58,3 +62,33 @@ def test_removing_a_worker_known_only_by_an_invalid_record_is_planned() -> None:
     step = removal(snapshot, "w9", Settings())
     assert not isinstance(step, str) and step.worker == "w9"
     assert removal(ClusterSnapshot(taken_at=100.0), "w9", Settings()) == "unknown worker 'w9'"
+
+
+def _with_invalid() -> ClusterSnapshot:
+    return ClusterSnapshot(taken_at=100.0, workers=(GOOD,), invalid_workers={"w9": "$.gpus[0].index: too large"})
+
+
+def test_top_counts_invalid_records_in_its_summary_and_lists_them_when_there_is_room() -> None:
+    full = Console(width=200, color_system=None)
+    with full.capture() as cap:
+        full.print(render_top(_with_invalid()))
+    out = cap.get()
+    assert "invalid worker records 1" in out.splitlines()[0]
+    assert "w9: invalid stored record: $.gpus[0].index: too large" in out and "gantry workers remove w9" in out
+    small = Console(width=80, color_system=None)
+    with small.capture() as cap:
+        small.print(compact_top(_with_invalid(), 80, 24))
+    assert "invalid worker records 1" in cap.get()
+
+
+def test_the_web_view_lists_invalid_records_above_the_gpu_map_and_in_its_json() -> None:
+    html = render_content(_with_invalid(), [])
+    assert "invalid worker records 1" in html
+    assert html.index('data-invalid-worker="w9"') < html.index("GPU map")
+    assert state_json(_with_invalid(), [])["invalid_workers"] == [{"name": "w9", "why": "$.gpus[0].index: too large"}]
+
+
+def test_views_of_a_fleet_without_invalid_records_do_not_mention_them() -> None:
+    snapshot = ClusterSnapshot(taken_at=100.0, workers=(GOOD,))
+    assert "invalid" not in render_content(snapshot, []) and state_json(snapshot, [])["invalid_workers"] == []
+    assert "invalid" not in summary_line(snapshot).plain
