@@ -484,13 +484,15 @@ def summarize(rows: list[dict[str, Any]], setups: list[str], groups: list[int]) 
             sel = [r for r in rows if r["groups"] == g and r["setup"] == s]
             if not sel:
                 continue
-            # rows of an older run (--from-rows) have no exact TTFTs: nan, and the checks then use the histogram's
-            med = {k: statistics.median(r.get(k, float("nan")) for r in sel) for k in keys}
+            # rows of an older run (--from-rows) have no exact TTFTs: the median of the rows that have them (nan when
+            # none has), and the checks then use the histogram's
+            med = {k: _median([r[k] for r in sel if k in r and not math.isnan(r[k])]) for k in keys}
             med["errors"] = sum(r["errors"] for r in sel)
             med["requests"] = sum(r["requests"] for r in sel)
             exact[str(g)][s] = med
             table[str(g)][s] = {k: round(v, 5) if k in keys else v for k, v in med.items()}
     checks: dict[str, bool] = {}
+    decided_by: dict[str, str] = {}  # which p90 each TTFT check compared
     for gk, by in exact.items():
         gan, sgl, three = by.get("gantry"), by.get("sglang-cache_aware"), by.get("gantry-3")
         if gan and sgl:
@@ -499,11 +501,16 @@ def summarize(rows: list[dict[str, Any]], setups: list[str], groups: list[int]) 
             exact_known = not (math.isnan(gan["ttft_exact_p90_s"]) or math.isnan(sgl["ttft_exact_p90_s"]))
             key = "ttft_exact_p90_s" if exact_known else "ttft_p90_s"
             checks[f"{gk}_ttft_p90_le_sglang"] = gan[key] <= sgl[key]
+            decided_by[gk] = "exact (request logs)" if exact_known else "histogram (interpolated)"
             checks[f"{gk}_ttft_p90_hist_le_sglang"] = gan["ttft_p90_s"] <= sgl["ttft_p90_s"]
             checks[f"{gk}_zero_errors"] = gan["errors"] == 0
         if gan and three:
             checks[f"{gk}_3_pickers_hit_within_5pct"] = three["hit_rate"] >= 0.95 * gan["hit_rate"]
-    return {"table": table, "checks": checks}
+    return {"table": table, "checks": checks, "ttft_p90_checked_on": decided_by}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def plot(summary: dict[str, Any], setups: list[str], groups: list[int], path: Path) -> None:
@@ -516,7 +523,9 @@ def plot(summary: dict[str, Any], setups: list[str], groups: list[int], path: Pa
         xs = [j + i * width for j in range(len(groups))]
         by = [summary["table"][str(g)].get(s, {}) for g in groups]
         axes[0].bar(xs, [b.get("hit_rate", 0) for b in by], width, label=s)
-        axes[1].bar(xs, [1e3 * b.get("ttft_exact_p90_s", 0) for b in by], width, label=s)
+        # the exact p90 where the rows have it, else the interpolated one (rows of an older run)
+        axes[1].bar(xs, [1e3 * (b.get("ttft_exact_p90_s") if not math.isnan(b.get("ttft_exact_p90_s", math.nan))
+                                else b.get("ttft_p90_s", 0)) for b in by], width, label=s)
     for ax, title in ((axes[0], "prefix-cache hit rate (engines' counters)"),
                       (axes[1], "TTFT p90, server side, exact (ms)")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{g} groups" for g in groups])

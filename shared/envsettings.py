@@ -104,13 +104,18 @@ def read(overrides: Mapping[str, object], environ: Mapping[str, str] | None = No
 def redis_url_problem(url: str) -> str | None:
     """What is wrong with ``url`` as a Redis URL that redis-py would accept anyway, else None.
 
-    redis-py reads the database from a ``redis://`` URL's path and, when the path is not a number, silently uses
-    database 0: ``redis://host:6379/gantry`` would put the state beside whatever else lives in 0."""
+    redis-py reads the database from a ``redis://`` URL's path and, when the path is not a number (or a number too
+    long for ``int``), silently uses database 0: ``redis://host:6379/gantry`` would put the state beside whatever
+    else lives in 0. A ``?db=`` in the query wins over the path, so a path naming another database is refused too."""
     parts = urlsplit(url)
-    if parts.scheme in ("redis", "rediss"):
-        db = unquote(parts.path).strip("/")  # as redis-py reads it
-        if db and not (db.isascii() and db.isdigit()):
-            return f"the database (the path of the URL) must be a number, got {db!r}"
+    if parts.scheme not in ("redis", "rediss"):
+        return None
+    db = unquote(parts.path).strip("/")  # as redis-py reads it
+    if db and not (db.isascii() and db.isdigit() and len(db) <= 5):
+        return f"the database (the path of the URL) must be a number, got {db[:40]!r}"
+    query = [v.strip() for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "db"]
+    if db and query and query[0].isascii() and query[0].isdigit() and len(query[0]) <= 5 and int(query[0]) != int(db):
+        return f"the URL names two databases: {db} in its path, {query[0]} in its query (redis-py uses the query's)"
     return None
 
 

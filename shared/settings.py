@@ -110,9 +110,14 @@ def load_settings() -> Settings:
 def setting_error(err: ValidationError, flags: Mapping[str, str] | None = None) -> str:
     """The first invalid setting of ``err`` in one line, named as the environment spells it, or as ``flags``
     (field -> command-line flag) says it was given."""
-    first = err.errors()[0]
+    errors = err.errors()
+    first = errors[0]
     field = ".".join(str(part) for part in first["loc"])
-    message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+    message = str(first["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):  # pydantic's wording for a validator's own exception
+        message = message.removeprefix(prefix)
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
     if not field:
         return f"invalid settings: {message}"
     given = (flags or {}).get(field)

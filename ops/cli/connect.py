@@ -74,11 +74,12 @@ def load(nats_url: str | None = None, redis_url: str | None = None) -> Settings:
 
     from shared.settings import Settings, setting_error
 
+    found = overrides(nats_url, redis_url)
     try:
-        return Settings(**overrides(nats_url, redis_url))
+        return Settings(**found)
     except ValidationError as err:
         given = {"nats_url": "--nats-url", "redis_url": "--redis-url"}
-        flags = {field: flag for field, flag in given.items() if field in overrides(nats_url, redis_url)}
+        flags = {field: flag for field, flag in given.items() if field in found}
         raise CliError(setting_error(err, flags), exit_code=2) from None
 
 

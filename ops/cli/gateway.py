@@ -188,7 +188,7 @@ async def one_frame(nats_url: str | None, redis_url: str | None, window_s: float
 
 def gateway(
     watch: Annotated[bool, typer.Option("--watch", help="redraw every --interval until Ctrl-C (to a pipe: a table per "
-                                        "frame; with --json: a JSON line per frame)")] = False,
+                                        "frame; with --json: a JSON line per frame, {at, rows})")] = False,
     interval: Annotated[float, typer.Option(min=0.2, max=60.0, help="seconds per frame")] = 1.0,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
@@ -212,11 +212,13 @@ def gateway(
 
 
 def _json_lines() -> Callable[[list[EndpointRow]], None]:
-    """``--watch --json``: one line per frame (a JSON array of the rows), flushed, for a script or a log to follow."""
+    """``--watch --json``: one line per frame, ``{"at": unix seconds, "rows": [...]}``, flushed, for a script or a
+    log to follow (the time keeps an empty frame meaningful and a saved log in order)."""
     encode = msgspec.json.Encoder(order="sorted").encode
 
     def show(rows: list[EndpointRow]) -> None:
-        sys.stdout.write(encode([asdict(r) for r in rows]).decode() + "\n")
+        frame = {"at": round(time.time(), 3), "rows": [asdict(r) for r in rows]}
+        sys.stdout.write(encode(frame).decode() + "\n")
         sys.stdout.flush()
 
     return show

@@ -3,14 +3,14 @@
 Why: vLLM's latency histograms (which ``/metrics`` mirrors) have 10 ms-wide buckets between 10 and 20 ms, so a
 TTFT quantile read from them is interpolated and can sit several ms from the true one (the shared-prefix bench
 at 32 groups: 19.4 ms interpolated, 14.2 ms exact). Whoever compares routers or tunes a profile on these servers
-needs the exact figures, per request; this log gives them without a scrape and without touching the hot path
-of requests that never reach it (written once, when the request ends).
+needs the exact figures, per request; this log gives them without a scrape and without touching the per-token
+path (a line is made when a request ends, and the lines of one step are written together after it).
 
 Each line (times in model seconds, as the histograms): ``id``, ``arrival_s`` (since the server started),
-``ttft_s``, ``queue_s`` (null when the request ended before it was scheduled or before its first token),
-``e2e_s``, ``prompt_tokens``, ``cached_tokens`` (prompt tokens served from the prefix cache), ``output_tokens``,
-``finish`` (``stop``, ``length`` or ``abort``) and ``unix_s`` (the wall clock at the end, to line it up with
-other logs). The file is opened for appending, so a rotation by copy-and-truncate keeps working; it is not
+``ttft_s`` (null when the request ended before its first token), ``queue_s`` (null when it ended before it was
+first scheduled), ``e2e_s``, ``prompt_tokens``, ``cached_tokens`` (prompt tokens served from the prefix cache),
+``output_tokens``, ``finish`` (``stop``, ``length`` or ``abort``) and ``unix_s`` (the wall clock at the end, to line
+it up with other logs). The file is opened for appending, so a rotation by copy-and-truncate keeps working; it is not
 rotated here.
 """
 
@@ -22,7 +22,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import IO
 
 import msgspec
 
@@ -58,44 +57,79 @@ def record_of(req: Request, finish: str, end_s: float, unix_s: float) -> Request
         unix_s=round(unix_s, 3))
 
 
-def open_request_log(path: str) -> IO[bytes]:
-    """``path`` opened for appending (raises OSError with the reason: a missing directory, no permission, a
-    directory, a pipe nobody reads)."""
+def open_request_log(path: str) -> int:
+    """A descriptor of ``path`` opened for appending (raises OSError with the reason: a missing directory, no
+    permission, a directory, a pipe nobody reads)."""
     if Path(path).is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory")
     # non-blocking: opening a FIFO without a reader fails at once (ENXIO) instead of hanging the server's start,
-    # and a full pipe fails a write (which turns the log off) instead of stalling the step loop; regular files
+    # and a full pipe refuses a write (which turns the log off) instead of stalling the step loop; regular files
     # are unaffected
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
-    return os.fdopen(fd, "ab", buffering=0)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
 
 
 class RequestLog:
-    """Appends one :class:`RequestRecord` line per ended request; a failed write (a full disk) is reported once
-    and turns the log off, never the server."""
+    """Collects one :class:`RequestRecord` line per ended request and appends them once per engine step
+    (``flush``, run after each step's tokens went out: one ``write`` for all the requests that ended in it).
+    A failed or short write (a full disk, a full pipe) is reported once and turns the log off, never the server;
+    nothing here raises into the step loop."""
 
-    def __init__(self, fh: IO[bytes]) -> None:
-        self._fh: IO[bytes] | None = fh
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        self.path = path
+        self._given = fd  # already open (the command line opened it to check it): used as it is
+        self._fd: int | None = None
+        self._pending = bytearray()
         self._encode = msgspec.json.Encoder().encode
-        self.written = 0
+        self.written = 0  # lines the file took
+        self.lost = 0  # lines dropped: the log was off (a failed write) or not open
+
+    def open(self) -> None:
+        """Open the file, or take the descriptor given (at the server's start; raises OSError as
+        :func:`open_request_log`)."""
+        if self._fd is None:
+            given, self._given = self._given, None
+            self._fd = given if given is not None else open_request_log(self.path)
 
     def write(self, req: Request, finish: str, end_s: float) -> None:
-        """Log ``req``, which ended at model time ``end_s``."""
-        fh = self._fh
-        if fh is None:
+        """Note ``req``, which ended at model time ``end_s``; it reaches the file at the next :meth:`flush`."""
+        if self._fd is None:
+            self.lost += 1
             return
         try:
-            # one unbuffered write per line: a reader sees whole lines as soon as the request ends
-            fh.write(self._encode(record_of(req, finish, end_s, time.time())) + b"\n")
-        except OSError as err:
-            log.warning("request log write failed (%s): the request log is off from now on", err)
-            self.close()
+            self._pending += self._encode(record_of(req, finish, end_s, time.time()))
+            self._pending += b"\n"
+        except Exception:  # a record that cannot be encoded must not stop the step that ended it
+            log.exception("request log: request %r could not be recorded", req.req_id)
+            self.lost += 1
+
+    def flush(self) -> None:
+        """Append the lines noted since the last flush in one write."""
+        pending, fd = self._pending, self._fd
+        if not pending or fd is None:
             return
-        self.written += 1
+        lines = pending.count(b"\n")
+        try:
+            n = os.write(fd, pending)
+        except OSError as err:  # a full pipe (EAGAIN), a full disk (ENOSPC), a reader gone (EPIPE)
+            self._off(f"{err.strerror or err}", lines)
+            return
+        if n != len(pending):  # a short write would leave half a line for the next to continue
+            self._off(f"short write ({n} of {len(pending)} bytes)", lines)
+            return
+        pending.clear()
+        self.written += lines
+
+    def _off(self, why: str, lines: int) -> None:
+        log.warning("request log %s: write failed (%s): the request log is off from now on", self.path, why)
+        self.lost += lines
+        self._pending.clear()
+        self.close()
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
-        fh, self._fh = self._fh, None
-        if fh is not None:
+        """Write what is pending and close the file (idempotent)."""
+        if self._pending and self._fd is not None:
+            self.flush()
+        fd, self._fd = self._fd, None
+        if fd is not None:
             with contextlib.suppress(OSError):
-                fh.close()
+                os.close(fd)

@@ -295,10 +295,13 @@ class EngineRunner:
         reason = req.finish_reason or FinishReason.LENGTH
         if reason is not FinishReason.ABORT:
             self.hists.finished(req, st.last_token_time)
+        st.sink.finish(req, reason.value, req.stop_reason)
         if self.on_close is not None:
             end = req.finish_time
-            self.on_close(req, reason.value, end if end >= 0 else self.model_now())
-        st.sink.finish(req, reason.value, req.stop_reason)
+            try:  # an observer's failure must not skip the rest of the step (and with it every later step)
+                self.on_close(req, reason.value, end if end >= 0 else self.model_now())
+            except Exception:
+                log.exception("on_close hook failed for request %r", req.req_id)
 
     def _apply_aborts(self) -> None:
         aborts, self._aborts = self._aborts, []

@@ -234,6 +234,7 @@ class ServerOptions:
     kv_events_replay_buffer: int = REPLAY_BUFFER_BATCHES  # batches kept for replay (vLLM's buffer_steps)
     access_log: bool = True
     request_log: str | None = None  # append one JSON line of exact timings per ended request here
+    request_log_fd: int | None = None  # that file, already open (the command line opens it to check it)
     request_read_timeout_s: float = REQUEST_READ_TIMEOUT_S  # a request must arrive whole within this
 
 
@@ -295,9 +296,10 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
         collectors.append(ZmqPublisherCollector(zmq_pub, name, replay.desk if replay is not None else None))
     app = create_app(runner, TextModel(opts.mean_output_len), info, collectors)
     app.state.publisher, app.state.zmq_publisher, app.state.zmq_replay = pub, zmq_pub, replay
-    request_log = RequestLog(open_request_log(opts.request_log)) if opts.request_log else None
-    if request_log is not None:
+    request_log = RequestLog(opts.request_log, opts.request_log_fd) if opts.request_log else None
+    if request_log is not None:  # opened with the server's start, closed with its stop
         runner.on_close = request_log.write
+        runner.on_flush.append(request_log.flush)
     kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
     if zmq_pub is not None:
         kv_sinks.append(zmq_pub.publish)
@@ -314,11 +316,14 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        runner.t0 = runner.clock()
-        runner.start()
-        tasks = [asyncio.create_task(s.run()) for s in (pub, replay) if s is not None]
-        log.info("%s", startup_line(opts, info, engine))
+        tasks: list[asyncio.Task[None]] = []
         try:
+            if request_log is not None:
+                request_log.open()
+            runner.t0 = runner.clock()
+            runner.start()
+            tasks = [asyncio.create_task(s.run()) for s in (pub, replay) if s is not None]
+            log.info("%s", startup_line(opts, info, engine))
             yield
         finally:
             await cancel_until_done(tasks)
@@ -479,7 +484,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no access log line per request")
     p.add_argument("--request-log", default=None, metavar="PATH",
                    help="append one JSON line per ended request with its exact server-side timings (TTFT, queue, "
-                        "e2e, cached tokens) to this file; the /metrics histograms only bucket them")
+                        "e2e, cached tokens) to this file or pipe; the /metrics histograms only bucket them")
     a = p.parse_args(argv)
     if refused := credentials_on_command_line("--nats-url", a.nats_url, ENGINE_NATS_URL_ENV):
         sys.exit(f"{p.prog}: error: {refused}")
@@ -500,9 +505,10 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     if not 1 <= a.kv_events_replay_buffer <= MAX_REPLAY_BUFFER_BATCHES:
         p.error(f"--kv-events-replay-buffer is a number of batches from 1 to {MAX_REPLAY_BUFFER_BATCHES:,}, "
                 f"got {a.kv_events_replay_buffer}")
+    log_fd = None
     if a.request_log:
-        try:  # refused now, in one line, rather than as a traceback once the server starts
-            open_request_log(a.request_log).close()
+        try:  # opened now, so a bad path is refused in one line, and kept: a FIFO's reader must not see it close
+            log_fd = open_request_log(a.request_log)
         except OSError as err:
             p.error(f"--request-log {a.request_log}: {err.strerror or err}")
     loras = tuple(dict.fromkeys(m.split("=", 1)[0] for m in a.lora_modules))
@@ -517,5 +523,5 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         kv_events_replay_buffer=a.kv_events_replay_buffer,
         max_loras=a.max_loras, max_cpu_loras=a.max_cpu_loras, lora_modules=loras,
         lora_load_s=a.lora_load_time, role=a.role, kv_link_gbps=a.kv_link_gbps, kv_link_latency_s=a.kv_link_latency,
-        access_log=not a.disable_uvicorn_access_log, request_log=a.request_log or None,
+        access_log=not a.disable_uvicorn_access_log, request_log=a.request_log or None, request_log_fd=log_fd,
     )

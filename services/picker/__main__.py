@@ -8,14 +8,12 @@ import logging
 import os
 import sys
 
-from pydantic import ValidationError
-
 from services.picker.service import PickerOptions, PickerService
 from shared.core.routing import builtin_names
 from shared.envsettings import credentials_on_command_line
 from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.host.tasks import run_until_signalled
-from shared.settings import load_settings, setting_error
+from shared.settings import load_settings_or_exit
 
 NATS_URL_ENV = "GANTRY_NATS_URL"
 
@@ -44,10 +42,7 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
         p.error("--flight-ttl-s must be > 0")
     if a.max_in_flight < 1:
         p.error("--max-in-flight must be >= 1")
-    try:  # GANTRY_*, as every service reads them (the metrics port's bounds, the credentials file)
-        settings = load_settings()
-    except ValidationError as err:
-        p.error(setting_error(err))
+    settings = load_settings_or_exit(p.prog)  # GANTRY_*, as every service reads them (metrics port, credentials file)
     try:  # the environment, else the credentials file GANTRY_CREDENTIALS_FILE names (never the command line)
         master = master_key_text(os.environ, settings.credentials_file)
         report_master = parse_key(master, f"${MASTER_KEY_ENV}") if master else None

@@ -405,7 +405,7 @@ def _prog() -> str:
     """How the running service was started, for its error lines (``python -m services.filter``)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     name = spec.name.removesuffix(".__main__") if spec is not None else ""
-    return f"python -m {name}" if name else "gantry service"
+    return f"python -m {name}" if name else os.path.basename(sys.argv[0]) or "gantry service"
 
 
 SETTLE_S = 2.0  # how long background tasks get to finish their cancellation at shutdown

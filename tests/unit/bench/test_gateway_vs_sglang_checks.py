@@ -50,10 +50,19 @@ def test_an_exact_p90_above_sglangs_fails_even_when_the_interpolated_one_is_belo
     assert checks["32_ttft_p90_le_sglang"] is False
 
 
-def test_rows_without_request_logs_fall_back_to_the_histogram() -> None:
-    checks = summarize([_row("gantry", 0.0196), _row("sglang-cache_aware", 0.0195)],
-                       ["gantry", "sglang-cache_aware"], [32])["checks"]
-    assert checks["32_ttft_p90_le_sglang"] is False
+def test_rows_without_request_logs_fall_back_to_the_histogram_and_say_so() -> None:
+    summary = summarize([_row("gantry", 0.0196), _row("sglang-cache_aware", 0.0195)],
+                        ["gantry", "sglang-cache_aware"], [32])
+    assert summary["checks"]["32_ttft_p90_le_sglang"] is False
+    assert summary["ttft_p90_checked_on"] == {"32": "histogram (interpolated)"}
+
+
+def test_older_rows_mixed_with_newer_ones_take_the_median_of_those_with_exact_figures() -> None:
+    rows = [_row("gantry", 0.0196), _row("gantry", 0.0196, exact_p90_s=0.0141),
+            _row("gantry", 0.0196, exact_p90_s=0.0145), _row("sglang-cache_aware", 0.0195, exact_p90_s=0.0144)]
+    summary = summarize(rows, ["gantry", "sglang-cache_aware"], [32])
+    assert summary["table"]["32"]["gantry"]["ttft_exact_p90_s"] == 0.0143  # of 0.0141 and 0.0145, not of a nan
+    assert summary["ttft_p90_checked_on"] == {"32": "exact (request logs)"}
 
 
 @pytest.mark.parametrize(("q", "values", "expected"), [

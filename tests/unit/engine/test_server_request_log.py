@@ -1,20 +1,21 @@
-"""``--request-log``: one line per ended request with the exact timings the histograms only bucket; a bad path
-is refused at start in one line, a failing disk turns the log off and never the server."""
+"""``--request-log``: one line per ended request with the exact timings the histograms only bucket, written once per
+step; a bad path is refused at start in one line, a full disk or pipe turns the log off and never the server, a
+FIFO's reader gets every line."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
 from ops.servers import free_port
-from services.engine_server.request_log import RequestLog, open_request_log
+from services.engine_server.request_log import RequestLog
 from services.engine_server.runner import CollectSink, EngineRunner
 from services.engine_server.server import EmbeddedServer, ServerOptions, parse_args
 from shared.core.engine import CalibratedStepTime, Engine, Request, SchedulerConfig
@@ -28,6 +29,15 @@ def _runner() -> EngineRunner:
     return EngineRunner(eng, speedup=1.0)
 
 
+def _logged(runner: EngineRunner, path: Path) -> RequestLog:
+    """A request log on ``path`` wired into ``runner`` as the server wires it."""
+    log = RequestLog(str(path))
+    log.open()
+    runner.on_close = log.write
+    runner.on_flush.append(log.flush)
+    return log
+
+
 def _lines(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -39,8 +49,8 @@ async def _drain(runner: EngineRunner) -> None:
 
 async def test_each_ended_request_is_one_line_with_its_exact_ttft(tmp_path: Path) -> None:
     path = tmp_path / "requests.jsonl"
-    runner, log = _runner(), RequestLog(open_request_log(str(path)))
-    runner.on_close = log.write
+    runner = _runner()
+    log = _logged(runner, path)
     runner.start()
     reqs = [Request(f"r{i}", [i + 1] * 40, max_tokens=3, ignore_eos=True) for i in range(3)]
     for req in reqs:
@@ -61,57 +71,85 @@ async def test_each_ended_request_is_one_line_with_its_exact_ttft(tmp_path: Path
 
 async def test_a_request_aborted_before_its_first_token_is_logged_without_a_ttft(tmp_path: Path) -> None:
     path = tmp_path / "requests.jsonl"
-    runner, log = _runner(), RequestLog(open_request_log(str(path)))
-    runner.on_close = log.write
+    runner = _runner()
+    log = _logged(runner, path)
     req = Request("gone", [1] * 40, max_tokens=3, ignore_eos=True)
     runner.submit(req, CollectSink())
     runner.abort(req)  # before any step ran
     runner.start()
     await _drain(runner)
     await runner.stop()
+    log.close()
     (rec,) = _lines(path)
-    assert (rec["id"], rec["finish"], rec["ttft_s"]) == ("gone", "abort", None)
+    assert (rec["id"], rec["finish"], rec["ttft_s"], rec["queue_s"]) == ("gone", "abort", None, None)
 
 
-class FullDisk:
-    """A file whose writes fail as on a full disk."""
+async def test_a_full_pipe_turns_the_log_off_once_and_requests_keep_completing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads: the pipe fills up
+    try:
+        runner = _runner()
+        log = _logged(runner, fifo)
+        runner.start()
+        with caplog.at_level(logging.WARNING, logger="gantry.engine_server"):
+            for batch in range(40):  # ~40 lines a batch, ~7 kB: the 64 kB pipe is full within a few batches
+                sinks = [CollectSink() for _ in range(40)]
+                for i, sink in enumerate(sinks):
+                    runner.submit(Request(f"r{batch}-{i}", [i + 1] * 20, max_tokens=1, ignore_eos=True), sink)
+                await asyncio.wait_for(asyncio.gather(*(s.done for s in sinks)), 10)
+                if log.lost:
+                    break
+        last = [CollectSink() for _ in range(3)]  # the server goes on after the log is off
+        for i, sink in enumerate(last):
+            runner.submit(Request(f"after-{i}", [i + 1] * 20, max_tokens=2, ignore_eos=True), sink)
+        await asyncio.wait_for(asyncio.gather(*(s.done for s in last)), 10)
+        await runner.stop()
+    finally:
+        os.close(reader)
+    assert all(len(s.token_ids) == 2 for s in last)
+    assert log.lost > 0 and log.written > 0
+    warnings = [r.message for r in caplog.records if "request log" in r.message]
+    assert len(warnings) == 1 and "the request log is off from now on" in warnings[0]
 
-    def __init__(self) -> None:
-        self.closed = False
-        self.writes = 0
 
-    def write(self, data: bytes) -> int:
-        self.writes += 1
-        raise OSError(errno.ENOSPC, "No space left on device")
+async def test_a_fifo_with_a_reader_gets_every_line_from_a_served_request(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the reader is there before the server starts
+    opts = parse_args(["--request-log", str(fifo), "--port", str(free_port()), "--num-gpu-blocks", "200",
+                       "--speedup", "20", "--served-model-name", "m"])  # the check must not end the reader's file
+    os.set_blocking(reader, True)
+    got: list[bytes] = []
 
-    def close(self) -> None:
-        self.closed = True
+    def read_to_the_end() -> None:  # a reader such as `cat`: it stops at the first end of file
+        while chunk := os.read(reader, 65536):
+            got.append(chunk)
 
-
-async def test_a_full_disk_turns_the_log_off_once_and_requests_keep_completing(
-        caplog: pytest.LogCaptureFixture) -> None:
-    disk = FullDisk()
-    runner, log = _runner(), RequestLog(disk)  # type: ignore[arg-type]
-    runner.on_close = log.write
-    runner.start()
-    sinks = [CollectSink() for _ in range(3)]
-    with caplog.at_level(logging.WARNING, logger="gantry.engine_server"):
-        for i, sink in enumerate(sinks):
-            runner.submit(Request(f"r{i}", [i + 1] * 20, max_tokens=2, ignore_eos=True), sink)
-            await asyncio.wait_for(sink.done, 5)
-    await runner.stop()
-    assert all(len(s.token_ids) == 2 for s in sinks)
-    assert disk.writes == 1 and disk.closed and log.written == 0
-    assert [r.message for r in caplog.records].count(
-        "request log write failed ([Errno 28] No space left on device): the request log is off from now on") == 1
+    reading = threading.Thread(target=read_to_the_end, daemon=True)
+    reading.start()
+    srv = EmbeddedServer(opts)
+    await srv.start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url) as c:
+            r = await c.post("/v1/chat/completions", json={
+                "model": "m", "max_tokens": 2, "ignore_eos": True, "messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        await srv.stop()
+    await asyncio.to_thread(reading.join, 10)
+    os.close(reader)
+    (line,) = b"".join(got).splitlines()
+    assert json.loads(line)["id"] == r.json()["id"]
 
 
 def test_the_log_appends_to_what_an_earlier_server_wrote(tmp_path: Path) -> None:
     path = tmp_path / "requests.jsonl"
     path.write_bytes(b'{"id":"earlier"}\n')
-    log = RequestLog(open_request_log(str(path)))
+    log = RequestLog(str(path))
+    log.open()
     log.write(Request("later", [1] * 4, max_tokens=1), "abort", 0.5)
-    log.close()
+    log.close()  # what is pending is written on close
     assert [rec["id"] for rec in _lines(path)] == ["earlier", "later"]
 
 

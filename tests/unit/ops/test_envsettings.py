@@ -150,18 +150,19 @@ def test_a_generated_secret_goes_into_the_url_as_it_is() -> None:
     assert with_user("nats://h:4222", "engine_server", "Ab-_9") == "nats://engine_server:Ab-_9@h:4222"
 
 
-@pytest.mark.parametrize("url", ["redis://h:6379/abc", "rediss://h/0x1", "redis://h/1/2", "redis://h/%41"])
+@pytest.mark.parametrize("url", ["redis://h:6379/abc", "rediss://h/0x1", "redis://h/1/2", "redis://h/%41",
+                                 "redis://h/" + "1" * 5000, "redis://h/5?db=0", "REDIS://h/gantry"])
 def test_a_redis_database_that_is_not_a_number_is_refused_not_read_as_database_0(
         url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # redis-py takes any non-numeric path as database 0: the state would land beside whatever lives there
     assert read({}, {"GANTRY_REDIS_URL": url}) is None  # left to Settings, which says why
     monkeypatch.setenv("GANTRY_REDIS_URL", url)
-    with pytest.raises(ValueError, match=r"the database .* must be a number"):
+    with pytest.raises(ValueError, match=r"the database .* must be a number|the URL names two databases"):
         Settings()
 
 
 @pytest.mark.parametrize("url", ["redis://h:6379/0", "redis://h", "redis://h/", "rediss://h/15",
-                                 "redis://h/%31", "unix:///run/redis.sock?db=2"])
+                                 "redis://h/%31", "unix:///run/redis.sock?db=2", "redis://h/3?db=3", "redis://h?db=4"])
 def test_a_numbered_or_absent_redis_database_is_accepted(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     mine = read({}, {"GANTRY_REDIS_URL": url})
     assert mine is not None and mine.redis_url == url

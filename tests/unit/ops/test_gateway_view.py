@@ -124,6 +124,7 @@ def test_watch_with_json_prints_one_json_line_per_frame(monkeypatch: pytest.Monk
     frame = rows_of({"e1": report("e1", 9, 10)}, {}, now=100.0)
     monkeypatch.setattr(gw, "_listen", _frames([frame, frame, []]))
     gw.gateway(watch=True, interval=1.0, as_json=True)
-    lines = capsys.readouterr().out.splitlines()
-    assert [len(json.loads(line)) for line in lines] == [1, 1, 0]
-    assert json.loads(lines[0])[0]["instance"] == "e1" and json.loads(lines[0])[0]["hit_rate"] == 0.9
+    frames = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [len(f["rows"]) for f in frames] == [1, 1, 0]  # an empty frame still says when it was
+    assert all(isinstance(f["at"], float) for f in frames) and frames[0]["at"] <= frames[2]["at"]
+    assert frames[0]["rows"][0]["instance"] == "e1" and frames[0]["rows"][0]["hit_rate"] == 0.9

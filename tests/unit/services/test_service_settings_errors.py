@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 @pytest.mark.parametrize(("module", "argv"), [
     ("services.filter", []), ("services.reconciler", []), ("services.workers", []),
-    ("services.gateway", ["--eds-path", "unused.json"]),
+    ("services.gateway", ["--eds-path", "unused.json"]), ("services.picker", ["--nats-url", "nats://127.0.0.1:1"]),
 ])
 @pytest.mark.parametrize(("key", "value", "why"), [
     ("GANTRY_REDIS_URL", "redis://127.0.0.1:1/gantry",
