@@ -8,11 +8,26 @@ exactly as typer would, goes to the Typer app, which runs the same command funct
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
-from ops.cli.connect import URL_FLAGS
+
+def _interrupted_while_loading(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C before ``main`` runs: exit as an interrupted command, without a traceback from inside an import."""
+    os._exit(130)
+
+
+# The console script imports this module before ``main`` can catch anything, and the imports below take tens of
+# ms; a Ctrl-C then printed a KeyboardInterrupt traceback from deep inside importlib. Only in the console script:
+# a test or a program importing this module keeps its own Ctrl-C.
+if os.path.basename(sys.argv[0]) == "gantry" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+from ops.cli.connect import URL_FLAGS  # noqa: E402
 
 
 def secret_on_command_line(args: Sequence[str]) -> str | None:
@@ -55,6 +70,8 @@ def url_flag(word: str) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs ``argv`` (``sys.argv[1:]`` when None) and exits with its status."""
     args = sys.argv[1:] if argv is None else list(argv)
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is main's to handle
     try:
         code = run(args)
     except KeyboardInterrupt:
