@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -40,6 +41,20 @@ def _logged(runner: EngineRunner, path: Path) -> RequestLog:
 
 def _lines(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def _one_chat(srv: EmbeddedServer, max_tokens: int) -> dict[str, Any]:
+    """Start ``srv``, serve one chat completion of ``max_tokens`` tokens, stop it; the response body."""
+    await srv.start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url) as c:
+            r = await c.post("/v1/chat/completions", json={
+                "model": "m", "max_tokens": max_tokens, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        await srv.stop()
+    body: dict[str, Any] = r.json()
+    return body
 
 
 async def _drain(runner: EngineRunner) -> None:
@@ -129,18 +144,11 @@ async def test_a_fifo_with_a_reader_gets_every_line_from_a_served_request(tmp_pa
 
     reading = threading.Thread(target=read_to_the_end, daemon=True)
     reading.start()
-    srv = EmbeddedServer(opts)
-    await srv.start()
-    try:
-        async with httpx.AsyncClient(base_url=srv.url) as c:
-            r = await c.post("/v1/chat/completions", json={
-                "model": "m", "max_tokens": 2, "ignore_eos": True, "messages": [{"role": "user", "content": "hi"}]})
-    finally:
-        await srv.stop()
+    body = await _one_chat(EmbeddedServer(opts), max_tokens=2)
     await asyncio.to_thread(reading.join, 10)
     os.close(reader)
     (line,) = b"".join(got).splitlines()
-    assert json.loads(line)["id"] == r.json()["id"]
+    assert json.loads(line)["id"] == body["id"]
 
 
 def test_the_log_appends_to_what_an_earlier_server_wrote(tmp_path: Path) -> None:
@@ -166,16 +174,8 @@ def test_a_request_log_that_cannot_be_opened_is_refused_in_one_line(
 
 async def test_a_served_chat_completion_is_logged_under_its_response_id(tmp_path: Path) -> None:
     path = tmp_path / "requests.jsonl"
-    srv = EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=200, speedup=20.0, served_model_name="m",
-                                       request_log=str(path)))
-    await srv.start()
-    try:
-        async with httpx.AsyncClient(base_url=srv.url) as c:
-            r = await c.post("/v1/chat/completions", json={
-                "model": "m", "max_tokens": 4, "ignore_eos": True, "messages": [{"role": "user", "content": "hi"}]})
-    finally:
-        await srv.stop()
-    body = r.json()
+    body = await _one_chat(EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=200, speedup=20.0,
+                                                        served_model_name="m", request_log=str(path))), max_tokens=4)
     (rec,) = _lines(path)
     assert rec["id"] == body["id"]
     assert rec["output_tokens"] == body["usage"]["completion_tokens"] == 4
