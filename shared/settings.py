@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.envsettings import CREDENTIALS_FILE, credentials_path, identity_secret, redis_url_problem, with_user
 
-__all__ = ["CREDENTIALS_FILE", "Settings", "load_settings", "load_settings_or_exit", "setting_error"]
+__all__ = ["CREDENTIALS_FILE", "Settings", "load_settings_or_exit", "setting_error"]
 
 
 class Settings(BaseSettings):
@@ -100,11 +100,6 @@ class Settings(BaseSettings):
             self.nats_url = with_user(self.nats_url, self.identity, secret)
             self.redis_url = with_user(self.redis_url, self.identity, secret)
         return self
-
-
-def load_settings() -> Settings:
-    """Settings from the current environment."""
-    return Settings()
 
 
 def setting_error(err: ValidationError, flags: Mapping[str, str] | None = None) -> str:
