@@ -506,6 +506,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         p.error(f"--kv-events-replay-buffer is a number of batches from 1 to {MAX_REPLAY_BUFFER_BATCHES:,}, "
                 f"got {a.kv_events_replay_buffer}")
     log_fd = None
+    if a.request_log == "":  # given, but empty: not the same as not asking for a log
+        p.error("--request-log needs a file path")
     if a.request_log:
         try:  # opened now, so a bad path is refused in one line, and kept: a FIFO's reader must not see it close
             log_fd = open_request_log(a.request_log)

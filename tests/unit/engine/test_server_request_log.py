@@ -161,12 +161,12 @@ def test_the_log_appends_to_what_an_earlier_server_wrote(tmp_path: Path) -> None
     assert [rec["id"] for rec in _lines(path)] == ["earlier", "later"]
 
 
-@pytest.mark.parametrize("where", ["missing-dir/requests.jsonl", ".", "fifo"])
+@pytest.mark.parametrize("where", ["missing-dir/requests.jsonl", ".", "fifo", "x" * 5000, ""])
 def test_a_request_log_that_cannot_be_opened_is_refused_in_one_line(
         where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     os.mkfifo(tmp_path / "fifo")  # nobody reads it: opening must fail at once, not hang the start
     with pytest.raises(SystemExit) as exc:
-        parse_args(["--request-log", str(tmp_path / where)])
+        parse_args(["--request-log", str(tmp_path / where) if where else ""])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("python -m services.engine_server: error: --request-log ")
