@@ -70,16 +70,17 @@ class ZmqKVPublisher:
     def publish(self, batch: KVEventBatch) -> None:
         """Send one batch now (never blocks: a subscriber whose queue is full misses it, and the numbering shows
         it the gap)."""
-        seq = self.seq
-        self.seq += 1
         payload = encode_batch(batch)
+        seq = self.seq
+        # numbered and kept together, before the send (which may raise): the replay's numbers stay the PUB's
+        self.seq += 1
+        if self.replay is not None:
+            self.replay.add(payload)
         frames = [self.topic, seq.to_bytes(8, "big"), payload]
         try:
             self._sock.send_multipart(frames, flags=self._zmq.NOBLOCK)
         except self._zmq.Again:
             self._send_lossy(frames)
-        if self.replay is not None:
-            self.replay.add(payload)
         if not seq % SUBSCRIPTIONS_DRAINED_EVERY:
             self._drain_subscriptions()
 

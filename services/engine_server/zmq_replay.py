@@ -24,7 +24,7 @@ from services.engine_server.zmq_events import bound_socket
 REQUESTS_PER_PASS = 16
 SENDS_PER_PASS = 32  # ~0.2 ms of CPU (bench/zmq_replay.py): the most a step waits for a pass
 RETRY_S = 0.05  # how often a replay whose requester's queue is full is tried again
-MAX_FRAME_BYTES = 64  # a request's frames are 0 and 8 bytes long
+MAX_FRAME_BYTES = 1024  # a request's frames are 0 and 8 bytes; the handshake carries the routing id (ZMTP: up to 255)
 
 
 class ZmqReplayServer:
@@ -63,7 +63,7 @@ class ZmqReplayServer:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if (reply := desk.take(frames)) is not None:
+            if (reply := desk.take(frames, now)) is not None:
                 with contextlib.suppress(zmq.ZMQError):  # full or gone: a refused requester is owed nothing more
                     sock.send_multipart(reply, flags=zmq.NOBLOCK)
         budget = SENDS_PER_PASS

@@ -71,6 +71,43 @@ def test_a_replay_is_the_buffer_as_it_was_when_asked_batches_added_later_are_not
     assert [f[2] for f in _drain(replay)] == [_seq(1), _seq(2), END_SEQ]
 
 
+def test_batches_evicted_before_their_turn_are_skipped_and_the_jump_shows_the_loss() -> None:
+    buf = _buffer(5, capacity=5)
+    replay = _request(ReplayDesk(buf), [b"id", b"", _seq(0)])
+    assert replay.next_frames() == [b"id", b"", _seq(0), b"batch 0"]
+    replay.advance()
+    for i in range(5, 8):  # three more published while the requester reads: 0, 1 and 2 leave the buffer
+        buf.add(f"batch {i}".encode())
+    sent = _drain(replay)  # 5 .. 7 were published after it asked: not part of it
+    assert [f[2] for f in sent] == [_seq(3), _seq(4), END_SEQ] and sent[0][3] == b"batch 3"
+
+
+def test_a_replay_copies_nothing_whatever_the_buffer_holds() -> None:
+    buf = _buffer(200_000, capacity=200_000)
+    replay = _request(ReplayDesk(buf), [b"id", b"", _seq(0)])
+    assert (replay.cursor, replay.end) == (0, 200_000) and replay.buffer is buf  # two numbers, not a snapshot
+    assert replay.next_frames() == [b"id", b"", _seq(0), b"batch 0"]
+
+
+def test_the_buffer_gives_only_kept_batches() -> None:
+    buf = _buffer(7, capacity=3)
+    assert (buf.first_seq, buf.next_seq, buf.get(4), buf.get(6)) == (4, 7, b"batch 4", b"batch 6")
+    for seq in (3, 7, -1):
+        with pytest.raises(IndexError):
+            buf.get(seq)
+
+
+def test_a_replay_still_running_after_the_longest_replay_time_is_abandoned() -> None:
+    desk = ReplayDesk(_buffer(5), max_replay_s=120.0)
+    assert desk.take([b"slow", b"", _seq(0)], now=1000.0) is None
+    [replay] = desk.in_progress()
+    replay.advance()  # it keeps reading, just often enough never to stall
+    desk.expire(now=1119.9)
+    assert desk.in_progress() == [replay]
+    desk.expire(now=1120.0)
+    assert desk.in_progress() == [] and desk.refused["abandoned"] == 1
+
+
 @pytest.mark.parametrize("frames", [
     [b"id", b"", b"\x00" * 7],  # short
     [b"id", b"", b"\x00" * 9],  # long

@@ -114,6 +114,23 @@ async def test_a_late_subscriber_sees_the_gap_and_replays_the_batches_it_missed(
     assert await _metric(srv, f"gantry:engine_zmq_kv_replays_total{LABELS}") == 1
 
 
+@pytest.mark.parametrize("routing_id", [b"a" * 36, b"r" * 255], ids=["uuid-sized", "longest"])
+async def test_a_requester_with_a_long_routing_id_is_served(
+        server: tuple[EmbeddedServer, str, str], actx: Any, routing_id: bytes) -> None:
+    # the frame-size bound also applies to the handshake that carries the id: at 64 bytes a str(uuid4()) id (36
+    # bytes) was disconnected before its request arrived and waited for ever
+    srv, _, rep = server
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        r = await http.post("/v1/completions", json={"prompt": list(range(100, 148)), "max_tokens": 1,
+                                                      "ignore_eos": True})
+        assert r.status_code == 200
+    dealer = actx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.ROUTING_ID, routing_id)
+    dealer.connect(rep)
+    replayed = await _replay(dealer, _seq(0))
+    assert replayed and replayed[0][0] == 0
+
+
 async def test_a_malformed_request_gets_the_end_marker_is_counted_on_metrics_and_the_next_replay_works(
         server: tuple[EmbeddedServer, str, str], actx: Any) -> None:
     srv, _, rep = server
