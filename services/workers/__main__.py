@@ -12,7 +12,7 @@ import sys
 
 import uvloop
 
-from services.workers.emulator import FleetConfig, run_fleet
+from services.workers.emulator import FleetConfig, fleet_problem, run_fleet
 from shared.bus.runtime import nats_options
 from shared.core.limits import MAX_EMULATED_WORKERS, MAX_GPUS_PER_WORKER
 from shared.envsettings import (
@@ -95,14 +95,18 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
         p.error(why)
     if bad := [kv for kv in a.label if "=" not in kv]:
         p.error(f"--label takes key=value, got {bad[0]!r}")
-    labels = dict(kv.split("=", 1) for kv in a.label)
+    pairs = [kv.split("=", 1) for kv in a.label]
+    labels = dict(pairs)
+    if len(labels) < len(pairs):  # the last would win, silently
+        twice = next(k for i, (k, _) in enumerate(pairs) if k in {key for key, _ in pairs[:i]})
+        p.error(f"--label {twice!r} is given more than once")
     lent = (a.engine_nats_url or os.environ.get(ENGINE_NATS_URL_ENV) or engine_url(settings)) if a.engines else None
     try:
         master = master_key_text(os.environ, settings.credentials_file) if a.engines else None
         report_master = parse_key(master, f"${MASTER_KEY_ENV}") if master else None
     except ValueError as err:
         p.error(str(err))
-    return FleetConfig(
+    cfg = FleetConfig(
         count=a.count, prefix=a.prefix, start_index=a.start_index, gpus=a.gpus, gpu_product=a.gpu_product,
         gpu_vendor=a.gpu_vendor, vram_gib=a.vram_gib, ram_gib=a.ram_gib, labels=labels, cluster=a.cluster,
         heartbeat_interval_s=a.heartbeat_interval, sync_window_s=a.sync_window, download_delay_s=a.download_delay,
@@ -110,6 +114,9 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
         engine_nats_url=lent, engine_report_master=report_master,
         engine_start_timeout_s=a.engine_start_timeout, drain_settle_s=a.drain_settle, engine_args=tuple(a.engine_arg),
     )
+    if why := fleet_problem(cfg):  # a worker the state would refuse: every heartbeat dead-lettered
+        p.error(why)
+    return cfg
 
 
 def engine_url(settings: Settings) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -130,18 +131,28 @@ class EmulatedWorker:
 
 def make_workers(cfg: FleetConfig) -> list[EmulatedWorker]:
     """The fleet's workers, named ``<prefix><n>``."""
-    out = []
-    for n in range(cfg.start_index, cfg.start_index + cfg.count):
-        gpus = tuple(
-            Gpu(index=i, vendor=cfg.gpu_vendor, product=cfg.gpu_product, vram_total=int(cfg.vram_gib * GIB))
-            for i in range(cfg.gpus)
-        )
-        w = Worker(
-            name=f"{cfg.prefix}{n}", cluster=cfg.cluster, labels=dict(cfg.labels), gpus=gpus,
-            ram_total=int(cfg.ram_gib * GIB),
-        )
-        out.append(EmulatedWorker(worker=w, files=dict.fromkeys(cfg.ready_files, ModelFileState.READY)))
-    return out
+    return [EmulatedWorker(worker=_worker(cfg, n), files=dict.fromkeys(cfg.ready_files, ModelFileState.READY))
+            for n in range(cfg.start_index, cfg.start_index + cfg.count)]
+
+
+def fleet_problem(cfg: FleetConfig) -> str | None:
+    """Why the workers ``cfg`` describes would be refused where they register (the message schema's limits: name,
+    labels, VRAM and RAM sizes), else None. Every heartbeat of such a worker would be dead-lettered; the first and
+    the last worker stand for all (only their numbers differ, and the last has the longest name)."""
+    for n in {cfg.start_index, cfg.start_index + max(cfg.count - 1, 0)}:
+        worker = _worker(cfg, n)
+        try:
+            msgspec.convert(msgspec.to_builtins(worker), Worker)
+        except msgspec.ValidationError as err:
+            return f"worker {worker.name[:80]!r} would be refused: {err}"
+    return None
+
+
+def _worker(cfg: FleetConfig, n: int) -> Worker:
+    gpus = tuple(Gpu(index=i, vendor=cfg.gpu_vendor, product=cfg.gpu_product, vram_total=int(cfg.vram_gib * GIB))
+                 for i in range(cfg.gpus))
+    return Worker(name=f"{cfg.prefix}{n}", cluster=cfg.cluster, labels=dict(cfg.labels), gpus=gpus,
+                  ram_total=int(cfg.ram_gib * GIB))
 
 
 class Fleet:
