@@ -99,7 +99,7 @@ def service_argv(name: str, commands: Mapping[str, Sequence[str]] | None = None)
 
         commands = SERVICE_COMMANDS
     if name not in commands:
-        raise StackError(f"no service named {name!r} (known: {', '.join(sorted(commands))})")
+        raise StackError(f"no service named '{name}' (known: {', '.join(sorted(commands))})")  # the CLI escapes it
     return command_argv(commands[name])
 
 
@@ -129,7 +129,7 @@ def gpu_vram_gib(gpu_type: str) -> float:
     try:
         return load_gpu_spec(gpu_type).mem_bytes / GIB
     except UnknownGpuError:
-        raise StackError(f"unknown GPU type {gpu_type!r} (known: {', '.join(gpu_names())})") from None
+        raise StackError(f"unknown GPU type '{gpu_type}' (known: {', '.join(gpu_names())})") from None  # escaped there
 
 
 def url_port(url: str, default: int) -> int:

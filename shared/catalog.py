@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Protocol
@@ -17,18 +18,34 @@ from shared.core.catalog import GpuSpec, ModelArch, arch_from_config, gpu_spec_f
 from shared.paths import data_dir
 
 
-class UnknownModelError(KeyError):
+class UnknownNameError(KeyError):
+    """No catalogue entry matches ``name``; ``message`` says so with the quoting its reader needs."""
+
+    what = "name"
+
+    def __init__(self, name: str, known: str) -> None:
+        super().__init__(name)
+        self.name, self.known = name, known
+
+    def message(self, quote: Callable[[str], str] = repr) -> str:
+        """The error line, ``name`` written by ``quote``: ``repr`` (escaped, for logs) unless the caller escapes the
+        whole line itself (the CLI: a repr then would show a backslash doubled twice)."""
+        return f"unknown {self.what} {quote(self.name)}: {self.known}"
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+class UnknownModelError(UnknownNameError):
     """No model in the catalogue matches the name."""
 
-    def __str__(self) -> str:
-        return str(self.args[0])
+    what = "model"
 
 
-class UnknownGpuError(KeyError):
+class UnknownGpuError(UnknownNameError):
     """No GPU in the spec table matches the name."""
 
-    def __str__(self) -> str:
-        return str(self.args[0])
+    what = "GPU"
 
 
 def _norm(name: str) -> str:
@@ -72,9 +89,7 @@ def load_model_arch(name: str) -> ModelArch:
     archs, aliases = _models()
     key = aliases.get(_norm(name))
     if key is None:
-        raise UnknownModelError(
-            f"unknown model {name!r}: not in the catalogue ({len(archs)} models; e.g. {', '.join(list(archs)[:4])})"
-        )
+        raise UnknownModelError(name, f"not in the catalogue ({len(archs)} models; e.g. {', '.join(list(archs)[:4])})")
     return archs[key]
 
 
@@ -142,5 +157,5 @@ def load_gpu_spec(name: str) -> GpuSpec:
     specs, aliases = _gpus()
     key = aliases.get(_norm(name))
     if key is None:
-        raise UnknownGpuError(f"unknown GPU {name!r}: not in the spec table ({', '.join(sorted(specs)[:6])}, ...)")
+        raise UnknownGpuError(name, f"not in the spec table ({', '.join(sorted(specs)[:6])}, ...)")
     return specs[key]

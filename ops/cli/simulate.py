@@ -121,7 +121,9 @@ def simulate(
                              max_num_batched_tokens=max_num_batched_tokens, prefix_caching=not no_prefix_caching,
                              calibration=cal, router_replicas=router_replicas)
         reqs = load_trace(trace, time_scale, limit)
-    except (UnknownModelError, UnknownGpuError, TraceError, ValueError) as err:
+    except (UnknownModelError, UnknownGpuError) as err:
+        raise CliError(err.message(quoted), exit_code=2) from None
+    except (TraceError, ValueError) as err:
         raise CliError(str(err), exit_code=2) from None
     if not reqs:
         raise CliError(f"trace {quoted(trace)} has no requests", exit_code=2)

@@ -125,8 +125,11 @@ def test_a_spec_file_name_holding_a_typed_escape_sequence_shows_its_backslash_es
     ("args", "shown"),
     [(("delete", "a\\b"), "invalid model name 'a\\\\b'"),
      (("workers", "remove", "w\\1"), "invalid worker name 'w\\\\1'"),
-     (("cordon", "w\\1:x"), "got 'w\\\\1:x'")],
-    ids=["model name", "worker name", "cordon target"],
+     (("cordon", "w\\1:x"), "got 'w\\\\1:x'"),
+     (("simulate", "--model", "a\\b"), "unknown model 'a\\\\b': not in the catalogue"),
+     (("simulate", "--gpu", "a\\b"), "unknown GPU 'a\\\\b': not in the spec table"),
+     (("up", "--workers", "1", "--gpu-type", "a\\b"), "unknown GPU type 'a\\\\b' (known: ")],
+    ids=["model name", "worker name", "cordon target", "catalogue model", "catalogue GPU", "fleet GPU type"],
 )
 def test_a_backslash_typed_in_a_name_is_escaped_once(args: tuple[str, ...], shown: str) -> None:
     # quoting a name with repr() escapes it a first time: the line would show a typed backslash as four
