@@ -96,7 +96,9 @@ def cluster_state(snapshot: ClusterSnapshot) -> dict[str, Any]:
     live = without_deleted(snapshot).models
     return {
         "workers": {"total": len(snapshot.workers),
-                    "by_state": dict(sorted(Counter(s.value for s in snapshot.worker_states.values()).items()))},
+                    "by_state": dict(sorted(Counter(s.value for s in snapshot.worker_states.values()).items())),
+                    # records placement leaves out: they hold no GPU, so a fleet short of workers would look whole
+                    "invalid_records": sorted(snapshot.invalid_workers)},
         "models": {"total": len(live), "desired": sum(m.desired for m in live),
                    "replicas_by_state": dict(sorted(state_counts(snapshot.instances).items()))},
     }
@@ -111,6 +113,8 @@ def cluster_lines(snapshot: ClusterSnapshot) -> list[str]:
     else:
         counts = ", ".join(f"{k} {v}" for k, v in workers["by_state"].items())
         worker_line = f"workers: {workers['total']} ({counts})"
+    if invalid := workers["invalid_records"]:
+        worker_line += f"; {len(invalid)} invalid stored record(s), left out of placement (`gantry workers`)"
     if not models["total"]:
         return [worker_line, "models: none deployed"]
     shown = ", ".join(f"{k} {v}" for k, v in models["replicas_by_state"].items()) or "no replicas"

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from ops.cli import reads
 from ops.cli.client import removal
+from ops.cli.status import cluster_lines, cluster_state
 from ops.cli.web import render_content, state_json
 from ops.servers import ServerProcess
 from ops.view import ClusterSnapshot, compact_top, render_top, summary_line
@@ -92,3 +93,11 @@ def test_views_of_a_fleet_without_invalid_records_do_not_mention_them() -> None:
     snapshot = ClusterSnapshot(taken_at=100.0, workers=(GOOD,))
     assert "invalid" not in render_content(snapshot, []) and state_json(snapshot, [])["invalid_workers"] == []
     assert "invalid" not in summary_line(snapshot).plain
+
+
+def test_status_counts_invalid_records_beside_the_workers_and_lists_them_in_json() -> None:
+    line, _ = cluster_lines(_with_invalid())
+    assert line.endswith("; 1 invalid stored record(s), left out of placement (`gantry workers`)")
+    assert cluster_state(_with_invalid())["workers"]["invalid_records"] == ["w9"]
+    healthy = ClusterSnapshot(taken_at=100.0, workers=(GOOD,))
+    assert "invalid" not in cluster_lines(healthy)[0] and cluster_state(healthy)["workers"]["invalid_records"] == []
