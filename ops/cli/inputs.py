@@ -58,7 +58,11 @@ def worker_labels(items: tuple[str, ...]) -> tuple[str, ...]:
     bad = [item for item in items if "=" not in item or item.startswith("=")]
     if bad:
         raise CliError(f"--label expects KEY=VALUE, got {quoted(bad[0][:80])}", exit_code=2)
-    keys = {item.split("=", 1)[0] for item in items}
+    given = [item.split("=", 1)[0] for item in items]
+    keys = set(given)
+    if len(keys) < len(given):  # the fleet refuses it too: the last would win, silently
+        twice = next(k for i, k in enumerate(given) if k in given[:i])
+        raise CliError(f"--label {quoted(twice[:80])} is given more than once", exit_code=2)
     if len(keys) > MAX_LABELS:
         raise CliError(f"at most {MAX_LABELS} labels per worker, got {len(keys)}", exit_code=2)
     if long := [item for item in items if any(len(part) > MAX_TEXT for part in item.split("=", 1))]:

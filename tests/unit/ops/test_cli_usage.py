@@ -77,6 +77,7 @@ USAGE_MISTAKES = [
     (("up", "--workers", "1", *(arg for i in range(65) for arg in ("--label", f"k{i}=v"))), "at most 64 labels"),
     (("up", "--workers", "1", "--label", "zone=" + "a" * 1025), "at most 1024 characters each"),
     (("up", "--workers", "1", "--label", "zone"), "--label expects KEY=VALUE, got 'zone'"),
+    (("up", "--workers", "1", "--label", "zone=a", "--label", "zone=b"), "--label 'zone' is given more than once"),
 ]
 
 
