@@ -62,6 +62,10 @@ class EndpointRow:
     state: str  # placement's state of the instance (RUNNING, DRAINING, ...) or "unknown"
     routable: bool | None  # admitted by the placement pool rule (None: placement could not be read)
     refusal: str | None  # why not, when it is not
+    # what its NATS publisher dropped since start: KV-event messages (the routers' prefix index drifts for it) and
+    # prefix-cache snapshot requests (a router that asked rebuilt its view late)
+    kv_events_dropped: int = 0
+    kv_snapshot_requests_dropped: int = 0
 
 
 def _rate(hits: float, queries: float) -> float | None:
@@ -83,7 +87,8 @@ def rows_of(latest: dict[str, EngineMetrics], previous: dict[str, EngineMetrics]
                                m.num_requests_waiting, m.kv_cache_usage_perc,
                                _rate(m.prefix_cache_hits, m.prefix_cache_queries), recent,
                                m.prompt_tokens, m.generation_tokens, max(now - m.ts, 0.0),
-                               *_placement_of(iid, m.model, placed)))
+                               *_placement_of(iid, m.model, placed), m.kv_events_dropped,
+                               m.kv_snapshot_requests_dropped))
     return out
 
 
@@ -110,13 +115,13 @@ def table_of(rows: list[EndpointRow]) -> Table:
                     "prompt tokens, since start and over the last frame; pool = routable by a gateway following "
                     "placement)", title_justify="left")
     left = ("model", "endpoint", "address", "state", "pool")
-    for col in (*left, "run", "wait", "KV", "hit", "hit now", "prompt tok", "gen tok", "age"):
+    for col in (*left, "run", "wait", "KV", "hit", "hit now", "prompt tok", "gen tok", "KV ev lost", "age"):
         t.add_column(col, justify="left" if col in left else "right", no_wrap=True)
     for r in rows:
         t.add_row(r.model, r.instance, r.address, r.state, _yes_no(r.routable), str(r.running), str(r.waiting),
                   f"{r.kv_usage:.0%}",
                   _pct(r.hit_rate), _pct(r.recent_hit_rate), str(r.prompt_tokens), str(r.generation_tokens),
-                  f"{r.age_s * 1000:.0f} ms")
+                  str(r.kv_events_dropped), f"{r.age_s * 1000:.0f} ms")
     if not rows:
         t.caption = "no model server reported: none runs, or they publish on another NATS"
     elif any(r.routable is None for r in rows):

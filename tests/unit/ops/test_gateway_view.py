@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import msgspec
 import pytest
 from rich.console import Console
 
@@ -23,6 +24,19 @@ def report(iid: str, hits: int, queries: int, model: str = "m", ts: float = 100.
                          num_requests_running=running, num_requests_waiting=waiting, kv_cache_usage_perc=0.25,
                          block_size=16, num_gpu_blocks=100, prefix_cache_hits=hits, prefix_cache_queries=queries,
                          prompt_tokens=queries, generation_tokens=7)
+
+
+def test_what_a_server_dropped_for_its_routers_is_shown_per_endpoint() -> None:
+    # the counts every pushed report carries: a router's prefix index drifts for a server that dropped KV events
+    lossy = msgspec.structs.replace(report("e1", 9, 10), kv_events_dropped=42, kv_snapshot_requests_dropped=3)
+    (r,) = rows_of({"e1": lossy}, {}, now=100.0)
+    assert (r.kv_events_dropped, r.kv_snapshot_requests_dropped) == (42, 3)
+    con = Console(width=250, color_system=None)
+    with con.capture() as cap:
+        con.print(table_of([r]))
+    header, row = (line for line in cap.get().splitlines() if "KV ev lost" in line or "e1" in line)
+    cells = dict(zip((c.strip() for c in header.split("┃")), (c.strip() for c in row.split("│")), strict=True))
+    assert cells["KV ev lost"] == "42"
 
 
 def test_hit_rate_since_start_and_over_the_last_frame() -> None:
