@@ -85,6 +85,13 @@ def _unread_request(conns: Connections) -> OneByOne | None:
     return None
 
 
+def _pooled(admin: int) -> int:
+    """The connections Envoy holds open to the picker for checks (its health checks' not counted)."""
+    stats = admin_get(admin, "/stats?filter=gantry_epp.upstream_cx_active$")
+    found = re.search(r"upstream_cx_active: (\d+)", stats)
+    return int(found.group(1)) if found else 0
+
+
 def _retries(admin: int) -> int:
     stats = admin_get(admin, "/stats?filter=gantry_epp.upstream_rq_retry$")
     found = re.search(r"upstream_rq_retry: (\d+)", stats)
@@ -116,8 +123,14 @@ async def test_a_check_racing_the_pickers_idle_close_is_sent_again_and_no_client
                 body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
                 return client.post("/v1/chat/completions", json=body).status_code
 
-            assert await asyncio.to_thread(ask, "warm") == 503  # Envoy now pools a connection to the picker
+            chats = 0
             for prompt, picker_answer in (("short", 503), ("long " * 20_000, 503), ("models", 200), ("short", 503)):
+                # Envoy must pool a connection to the picker first: the loop is held below, so a connection opened
+                # for the request would never be accepted. Its pool is empty at the start, and again whenever the
+                # previous race's reset ejected the picker (a local-origin failure), which drains the pool.
+                while await asyncio.to_thread(_pooled, opts.admin_port) == 0:
+                    assert await asyncio.to_thread(ask, "warm") == 503
+                    chats += 1
                 # From here to the await, the picker's loop is held: the request Envoy writes stays unread, as
                 # when it arrives in the very turn the sweep closes its connection.
                 conns.sweep(time.monotonic())  # every connection quiet from now on
@@ -129,9 +142,11 @@ async def test_a_check_racing_the_pickers_idle_close_is_sent_again_and_no_client
                 conns.sweep(time.monotonic() + PICKER_IDLE_S)  # the picker's idle close, the request unread
                 assert racing not in conns.open
                 assert await asyncio.wrap_future(sent) == picker_answer  # answered by the picker, not Envoy's 500
+                chats += prompt != "models"
         assert await asyncio.to_thread(_retries, opts.admin_port) >= 4  # each race was met, and sent again
-        # each chat's first check was never read: 4 chats, 4 picks, 4 bookings (no access log here to end them)
-        assert authz.picker.counters.picks == 4 and len(authz.inflight) == 4
+        # each raced chat's first check was never read: one pick and one booking per chat (no access log here to
+        # end them)
+        assert authz.picker.counters.picks == chats and len(authz.inflight) == chats
     finally:
         await asyncio.to_thread(envoy.stop)
         server.close()
@@ -213,7 +228,7 @@ async def test_an_ext_proc_stream_racing_the_pickers_idle_goaway_is_retried_and_
         tmp_path: Path) -> None:
     """The picker's gRPC idle timeout below Envoy's: grpc's idle close is an immediate GOAWAY (the last stream id
     it took, code INTERNAL_ERROR, then the connection closed), so a stream Envoy starts while it is on the wire is
-    never taken; Envoy sends it again (its ext_proc retry policy), and the client never sees it. 2 rounds."""
+    never taken; Envoy sends it again (its ext_proc retry policy), and the client never sees it. 2 asks crossed."""
     server = grpc.aio.server(options=grpc_options(1.0, 64))
     p, _ = picker()  # no engine: every request is refused by the picker itself (its own answer, not Envoy's 500)
     pb_grpc.add_ExternalProcessorServicer_to_server(p, server)
@@ -234,19 +249,22 @@ async def test_an_ext_proc_stream_racing_the_pickers_idle_goaway_is_retried_and_
 
             refused = await ask()
             assert refused == 503  # the picker's refusal: no engine (a failed stream is Envoy's 500)
+            asks_crossed = 0
             for _ in range(12):
-                if delay.crossed == 2:
+                if asks_crossed == 2:
                     break
                 # grpc closes an idle connection after 1 s, usually: now and then it never does (5 of ~55
                 # connections on this host); such a connection is dropped and the next one waited for
                 if await _held_within(delay, delay.held, 10.0):
                     crossed = delay.crossed
                     assert await ask() == refused  # crossed the GOAWAY; sent again, answered by the picker
-                    assert delay.crossed > crossed
+                    # On a loaded host the health checks' connection can be the one that idled: its next check
+                    # crosses the GOAWAY instead, the ask takes the other connection, and the round is not counted.
+                    asks_crossed += delay.crossed > crossed
                 else:
                     delay.drop_quiet()
                     assert await ask() == refused
-            assert delay.crossed == 2
+            assert asks_crossed == 2
     finally:
         await asyncio.to_thread(envoy.stop)
         relay.close()
