@@ -26,6 +26,7 @@ machine): ``envoy``, the same Envoy config without a picker filter (Envoy alone:
 body-to-metadata filter, router and load-balancing policy); ``noop``, the same config against
 ``bench/noop_ext_proc.py``, a grpcio asyncio ext_proc server on uvloop that answers each message of the
 picker's exchange at once with the picker's mutation for a fixed endpoint (the same engine server);
+``nooph2``, the same exchange on the picker's own HTTP/2 server (``services.gateway.h2grpc``);
 ``noopsync``, ``nooprw``, ``nooptuned``, the same do-nothing exchange on grpcio's synchronous server (a
 thread pool), on grpc.aio with ``context.read()``/``write()`` instead of async iterators, and on grpc.aio
 with the channel options of ``noop_ext_proc.TUNED_OPTIONS`` (is the ext_proc transport itself cheaper?);
@@ -261,6 +262,7 @@ FLOOR_LABELS = {  # floor path -> its name in the summary
     "envoy": "envoy_alone",
     "noop": "envoy_noop_ext_proc",  # the picker's 3-message exchange against a do-nothing grpcio server
     "noopsync": "envoy_noop_ext_proc_sync",  # the same exchange, grpcio's sync server (thread pool)
+    "nooph2": "envoy_noop_ext_proc_h2",  # the same exchange on the picker's own HTTP/2 server (h2grpc)
     "nooprw": "envoy_noop_ext_proc_readwrite",  # grpc.aio, context.read()/write() instead of async iterators
     "nooptuned": "envoy_noop_ext_proc_tuned",  # grpc.aio with channel options cut (noop_ext_proc.TUNED_OPTIONS)
     "onemsg": "envoy_noop_ext_proc_body_only",  # ext_proc with only the buffered body sent: 1 message
@@ -316,7 +318,7 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         "noop": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
         "onemsg": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
         **{f"noop{style}": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0", "--style", style)
-           for style in ("sync", "rw", "tuned")},
+           for style in ("sync", "rw", "tuned", "h2")},
         "authz": ("noop_authz.py", "--destination", dest),
         "authzgw": ("-m", "--transport", "ext_authz", "--nats-url", nats_url, "--eds-path", str(own_eds("authzgw")),
                     "--socket-dir", str(tmp / "authzgw"), *picker_args),
@@ -341,7 +343,7 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         # the same config without the ext_proc filter (its picker cluster, health-checked, stays)
         "envoy": dict(epp_port=ports.get("envoy", 0), ext_proc=False),
         "noop": dict(epp_port=ports.get("noop", 0)),
-        **{f"noop{style}": dict(epp_port=ports.get(f"noop{style}", 0)) for style in ("sync", "rw", "tuned")},
+        **{f"noop{style}": dict(epp_port=ports.get(f"noop{style}", 0)) for style in ("sync", "rw", "tuned", "h2")},
         # one message per request (the buffered request body)
         "onemsg": dict(epp_port=ports.get("onemsg", 0), ext_proc_mode=ONE_MESSAGE_MODE),
         "authz": dict(epp_port=ports.get("authz", 0), transport=PickerTransport.EXT_AUTHZ),

@@ -13,6 +13,7 @@ A bench tool, not a product part. Run: ``python bench/noop_ext_proc.py --port P 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 
+from services.gateway.calls import SERVING, health_call  # noqa: E402
 from services.gateway.epp import DESTINATION, METADATA_NS, PICKED, _set_header  # noqa: E402
-from services.gateway.service import HEALTH_SERVICE, SERVING, health_handler  # noqa: E402
+from services.gateway.h2grpc import H2Connection  # noqa: E402
+from services.gateway.http1 import Connections  # noqa: E402
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
 class NoopAnswers:
@@ -104,6 +109,16 @@ class NoopSync(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gene
             yield self.answers.answer(msg)
 
 
+def health_handler() -> grpc.GenericRpcHandler:
+    """``grpc.health.v1.Health/Check`` answered SERVING on grpc.aio's event loop."""
+
+    async def check(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+        return SERVING
+
+    return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(
+        check, request_deserializer=bytes, response_serializer=bytes)})
+
+
 def sync_health_handler() -> grpc.GenericRpcHandler:
     """``grpc.health.v1.Health/Check`` answered SERVING on a pool thread (the sync server's health check)."""
     return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(
@@ -120,7 +135,7 @@ TUNED_OPTIONS = (  # server channel arguments that drop per-connection/per-strea
     ("grpc.default_compression_algorithm", 0),  # none (the default, stated)
 )
 
-STYLES = ("aio", "rw", "sync", "tuned")
+STYLES = ("aio", "rw", "sync", "tuned", "h2")
 
 
 def serve_sync(port: int, destination: str, endpoint_id: str, host: str = "127.0.0.1", workers: int = 64) -> None:
@@ -133,8 +148,31 @@ def serve_sync(port: int, destination: str, endpoint_id: str, host: str = "127.0
     server.wait_for_termination()
 
 
+async def serve_h2(port: int, destination: str, endpoint_id: str, host: str = "127.0.0.1") -> None:
+    """The same answers on the picker's own HTTP/2 server (``services.gateway.h2grpc``), until cancelled."""
+    answers = NoopAnswers(destination, endpoint_id)
+    parse = pb.ProcessingRequest.FromString
+
+    async def process(raw: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for data in raw:
+            yield answers.answer(parse(data)).SerializeToString()
+
+    methods = {"/envoy.service.ext_proc.v3.ExternalProcessor/Process": process,
+               f"/{HEALTH_SERVICE}/Check": health_call}
+    conns = Connections(3600.0, 1024)
+    server = await asyncio.get_running_loop().create_server(lambda: H2Connection(methods, conns, 1 << 24), host,
+                                                            port)
+    try:
+        await asyncio.get_running_loop().create_future()
+    finally:
+        server.close()
+
+
 async def serve(port: int, destination: str, endpoint_id: str, host: str = "127.0.0.1", style: str = "aio") -> None:
     """Serve until cancelled or killed."""
+    if style == "h2":
+        await serve_h2(port, destination, endpoint_id, host)
+        return
     server = grpc.aio.server(options=TUNED_OPTIONS if style == "tuned" else None)
     answers = NoopAnswers(destination, endpoint_id)
     servicer = NoopReadWrite(answers) if style == "rw" else NoopProcessor(answers)
@@ -158,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--endpoint-id", default="noop", help="named in the response header the picker sets")
     p.add_argument("--style", choices=STYLES, default="aio",
                    help="aio: grpc.aio with async iterators (as the picker); rw: grpc.aio with context.read/write; "
-                        "sync: grpc.server on a thread pool; tuned: aio with TUNED_OPTIONS")
+                        "sync: grpc.server on a thread pool; tuned: aio with TUNED_OPTIONS; h2: the picker's own "
+                        "HTTP/2 server")
     a = p.parse_args(argv)
     if a.style == "sync":
         serve_sync(a.port, a.destination, a.endpoint_id)

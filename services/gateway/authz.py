@@ -30,7 +30,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
 import msgspec
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
@@ -170,7 +169,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         self.entries = 0
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],  # gRPC name
-                               context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
+                               context: object) -> als_pb2.StreamAccessLogsResponse:
         """One Envoy worker's log stream (open as long as Envoy runs)."""
         async for msg in request_iterator:
             for entry in msg.http_logs.log_entry:

@@ -21,7 +21,6 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import grpc
 import msgspec
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -216,7 +215,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
             {"id": m, "object": "model", "owned_by": "gantry"} for m in models]})
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # gRPC's method name
-                      context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.ProcessingResponse, None]:
+                      context: object) -> AsyncGenerator[pb.ProcessingResponse, None]:
         """One HTTP request's ext_proc stream."""
         headers: dict[str, str] = {}
         decision: Decision | None = None

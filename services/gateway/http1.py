@@ -85,6 +85,20 @@ _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 429: b"Too Many 
 REFUSED_LOG_EVERY_S = 10.0  # at most one line this often about connections refused at the cap
 
 
+class Swept(asyncio.Protocol):
+    """A connection under a ``Connections``' cap and idle sweep: it flags its activity in ``seen``, says when
+    an answer is awaited (``busy``: not idle) or a request is partly read (``buf``), and closes when told."""
+
+    seen: bool
+    quiet_since: float
+    buf: bytearray
+    busy: bool  # an answer is awaited or a call open: not idle, whatever the time
+
+    def close(self) -> None:
+        """Close the connection now (idle too long)."""
+        raise NotImplementedError
+
+
 class Connections:
     """The open connections of one listener: at most ``max_connections``, each closed once idle for
     ``idle_timeout_s``. Idle is found by a sweep every ``idle_timeout_s / SWEEPS`` over a flag each
@@ -100,16 +114,16 @@ class Connections:
                              f"{max_connections})")
         self.idle_timeout_s = idle_timeout_s
         self.max_connections = max_connections
-        self.open: set[OneByOne] = set()
+        self.open: set[Swept] = set()
         # TLS connections accepted and still in their handshake (``tls.TlsListener``): each holds a descriptor as an
         # open one does, so they count under ``max_connections`` too (the handshake timeout alone bounds their time)
-        self.handshaking: set[OneByOne] = set()
+        self.handshaking: set[Swept] = set()
         self.refused = 0  # connections closed at once, the cap reached
         self.idle_closed = 0  # connections closed idle
         self._refused_logged = 0
         self._logged_at = -math.inf
 
-    def admit(self, conn: OneByOne) -> bool:
+    def admit(self, conn: Swept) -> bool:
         """Take a new connection, or count it refused (the caller closes it) when ``max_connections`` are open
         or handshaking. A connection counted since its accept (``handshake_begins``) keeps the place it holds."""
         if conn in self.handshaking:
@@ -118,13 +132,13 @@ class Connections:
             return True
         return self._take(self.open, conn)
 
-    def handshake_begins(self, conn: OneByOne) -> bool:
+    def handshake_begins(self, conn: Swept) -> bool:
         """Count a TLS connection from its accept, through its handshake, until it is ``admit``-ted or
         ``handshake_ends``; False (counted refused, the caller closes it) when ``max_connections`` are open or
         handshaking."""
         return self._take(self.handshaking, conn)
 
-    def _take(self, into: set[OneByOne], conn: OneByOne) -> bool:
+    def _take(self, into: set[Swept], conn: Swept) -> bool:
         """Put ``conn`` in ``into`` if open and handshaking connections leave room under the cap, else count it
         refused."""
         if len(self.open) + len(self.handshaking) < self.max_connections:
@@ -133,7 +147,7 @@ class Connections:
         self._refuse()
         return False
 
-    def handshake_ends(self, conn: OneByOne) -> None:
+    def handshake_ends(self, conn: Swept) -> None:
         """The handshake of ``conn`` is over: its place is freed unless it was ``admit``-ted (the handshake
         failed, timed out, or the peer left)."""
         self.handshaking.discard(conn)
@@ -170,7 +184,7 @@ class Connections:
             self.sweep(time.monotonic())
 
 
-class OneByOne(asyncio.Protocol):
+class OneByOne(Swept):
     """One connection: requests in, answers out in order. Envoy's HTTP/1.1 pool never pipelines; a client that
     does waits, its next request read only once the previous answer is written."""
 

@@ -14,21 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import msgspec
 import nats
-from envoy.service.accesslog.v3 import als_pb2_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from tokenizers import Tokenizer
 
 from services.gateway.authz import AccessLogSink, AuthzPicker
 from services.gateway.authz import expire_forever as end_unlogged
+from services.gateway.calls import picker_methods
 from services.gateway.capture import TraceWriter
 from services.gateway.contract import CONTRACT
 from services.gateway.epp import OFFLOOP_TOKENIZE_CHARS, Picker
 from services.gateway.feed_relay import FeedRelay, Kind, Relayed
+from services.gateway.h2grpc import H2Connection
 from services.gateway.http1 import Connections, OneByOne
 from services.gateway.listen import fd_room, free_socket_path, private_dir, remove, restrict
 from services.gateway.pieces import PieceTokenizer
@@ -41,7 +40,7 @@ from services.gateway.protocol import (
     PICKER_MAX_CONNECTIONS,
     PickerTransport,
 )
-from services.gateway.request import Tokenize
+from services.gateway.request import MAX_BODY_BYTES, Tokenize
 from services.gateway.tls import HANDSHAKE_TIMEOUT_S, PickerTls, TlsListener, tls_listener
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
@@ -167,31 +166,7 @@ def router_config(profile: str, staleness_s: float | None = None) -> RouterConfi
                                                                                 staleness_s=staleness_s)))
 
 
-HEALTH_SERVICE = "grpc.health.v1.Health"
-SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse{status: SERVING}, encoded by hand (one varint)
-
-
-def health_handler() -> grpc.GenericRpcHandler:
-    """``grpc.health.v1.Health/Check`` answered SERVING from the picker's own event loop, so Envoy's active
-    health check fails when the loop stalls as well as when the process is gone."""
-
-    async def check(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
-        return SERVING
-
-    return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(
-        check, request_deserializer=bytes, response_serializer=bytes)})
-
-
-def grpc_options(idle_timeout_s: float, max_connections: int) -> list[tuple[str, int]]:
-    """The gRPC listener's bounds, as the HTTP one's: a connection with no call open for ``idle_timeout_s`` is
-    closed (an immediate GOAWAY: a call racing it is refused, never half-run, and Envoy's ext_proc retry policy sends
-    it again; Envoy's own idle timeout usually closes its connections first, ``protocol.envoy_idle_timeout_s``), one
-    that never
-    completes the HTTP/2 handshake too, and past ``max_connections`` a new one is closed at once. A long-lived
-    call (Envoy's access-log stream, an ext_proc stream) keeps its connection: it is not idle."""
-    idle_ms = max(1, round(idle_timeout_s * 1000))
-    return [("grpc.max_connection_idle_ms", idle_ms), ("grpc.server_handshake_timeout_ms", idle_ms),
-            ("grpc.max_allowed_incoming_connections", max_connections)]
+MAX_MESSAGE_BYTES = MAX_BODY_BYTES + (1 << 20)  # an ext_proc message: the largest body the picker reads, and more
 
 
 def write_eds(path: Path, doc: dict[str, object]) -> None:
@@ -339,37 +314,39 @@ class Gateway:
                 _background(stack, self.relay.run())
             _background(stack, expire_forever(self.feed, self.opts.expire_s, time.time))
             fd_room(2 * self.opts.max_connections)  # both listeners full, and the rest the picker holds
-            server = grpc.aio.server(options=grpc_options(self.opts.idle_timeout_s, self.opts.max_connections))
-            pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
-            server.add_generic_rpc_handlers((health_handler(),))
             if self.authz is not None:
-                als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(self.authz), server)
                 await self._serve_http(self.authz, stack)
                 _background(stack, end_unlogged(self.authz, self.opts.max_request_s))
-            self._add_grpc_port(server, stack)
-            await server.start()
-            stack.push_async_callback(server.stop, 1.0)
+            await self._serve_grpc(stack)
             log.info("gantry EPP on %s (%s%s, profile %s)", self.opts.grpc_address(), self.opts.transport,
                      f" on {self.opts.http_address()}" if self.authz else "", self.opts.profile)
             if ready is not None:
                 ready.set()
-            await server.wait_for_termination()
+            await asyncio.get_running_loop().create_future()  # serve until cancelled
 
-    def _add_grpc_port(self, server: grpc.aio.Server, stack: contextlib.AsyncExitStack) -> None:
-        if not self.opts.tcp:
-            path = free_socket_path(private_dir(self.opts.sockets) / GRPC_SOCKET)
-            stack.callback(remove, path)
-        # grpcio reports a port it could not bind by returning 0 (or raising, depending on the version)
-        if (tls := self.opts.tls) is not None:
-            creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca,
-                                                require_client_auth=True)
-            bound = server.add_secure_port(self.opts.grpc_address(), creds)
+    async def _serve_grpc(self, stack: contextlib.AsyncExitStack) -> None:
+        """The gRPC listener (ext_proc, the health check; the access log with ext_authz): the picker's own
+        HTTP/2 server (``h2grpc``) on a unix socket unless a TCP port was asked for."""
+        conns = Connections(self.opts.idle_timeout_s, self.opts.max_connections)
+        _background(stack, conns.sweep_forever())
+        methods = picker_methods(self.picker, AccessLogSink(self.authz) if self.authz is not None else None)
+
+        def protocol() -> H2Connection:
+            return H2Connection(methods, conns, MAX_MESSAGE_BYTES)
+
+        if self.opts.tcp:
+            port = self.opts.grpc_port if self.opts.grpc_port is not None else DEFAULT_GRPC_PORT
+            tls = self.opts.tls
+            grpc: asyncio.AbstractServer | TlsListener = (
+                await asyncio.get_running_loop().create_server(protocol, self.opts.grpc_host, port) if tls is None
+                else await tls_listener(protocol, self.opts.grpc_host, port, tls.h2_context, conns,
+                                        HANDSHAKE_TIMEOUT_S))
         else:
-            bound = server.add_insecure_port(self.opts.grpc_address())
-        if bound == 0:
-            raise RuntimeError(f"gRPC listener on {self.opts.grpc_address()} could not bind")
-        if not self.opts.tcp:
-            restrict(self.opts.sockets / GRPC_SOCKET)
+            path = free_socket_path(private_dir(self.opts.sockets) / GRPC_SOCKET)
+            grpc = await asyncio.get_running_loop().create_unix_server(protocol, str(path))
+            stack.callback(remove, path)
+            restrict(path)
+        stack.callback(grpc.close)
 
     async def _serve_http(self, authz: AuthzPicker, stack: contextlib.AsyncExitStack) -> None:
         """The ext_authz checks' HTTP listener, on a unix socket unless a TCP port was asked for."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.gateway.http1 import Connections, OneByOne
+from services.gateway.http1 import Connections, Swept
 from shared.paths import TlsFiles
 
 log = logging.getLogger("gantry.gateway")
@@ -68,7 +68,8 @@ class PickerTls:
     cert: bytes
     key: bytes
     ca: bytes
-    context: ssl.SSLContext
+    context: ssl.SSLContext  # the HTTP/1.1 listener's (ext_authz checks)
+    h2_context: ssl.SSLContext  # the gRPC listener's: the same, with h2 offered in ALPN (gRPC clients require it)
 
 
 def server_context(files: TlsFiles) -> ssl.SSLContext:
@@ -90,7 +91,9 @@ def load_picker_tls(tls_dir: Path) -> PickerTls:
     """The picker's TLS from ``tls_dir`` (CA_FILE, PICKER_CERT, PICKER_KEY); raises TlsError."""
     files = picker_files(tls_dir)
     context = server_context(files)
-    return PickerTls(files.cert.read_bytes(), files.key.read_bytes(), files.ca.read_bytes(), context)
+    h2_context = server_context(files)
+    h2_context.set_alpn_protocols(["h2"])
+    return PickerTls(files.cert.read_bytes(), files.key.read_bytes(), files.ca.read_bytes(), context, h2_context)
 
 
 class TlsListener:
@@ -103,7 +106,7 @@ class TlsListener:
 
     RETRY_ACCEPT_S = 0.1  # out of descriptors: accept again after this (the cap's slack is what frees them)
 
-    def __init__(self, sock: socket.socket, app: Callable[[], OneByOne], context: ssl.SSLContext, conns: Connections,
+    def __init__(self, sock: socket.socket, app: Callable[[], Swept], context: ssl.SSLContext, conns: Connections,
                  timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
         self.sockets = [sock]
         self.app = app
@@ -133,7 +136,7 @@ class TlsListener:
                 continue
             self._run(self._secure(sock, conn))
 
-    async def _secure(self, sock: socket.socket, conn: OneByOne) -> None:
+    async def _secure(self, sock: socket.socket, conn: Swept) -> None:
         """The handshake; ``conn`` is told of the connection (and ``admit``-s it) when it succeeds."""
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
@@ -150,7 +153,7 @@ class TlsListener:
         self.sockets[0].close()
 
 
-async def tls_listener(app: Callable[[], OneByOne], host: str, port: int, context: ssl.SSLContext,
+async def tls_listener(app: Callable[[], Swept], host: str, port: int, context: ssl.SSLContext,
                        conns: Connections, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> TlsListener:
     """A ``TlsListener`` on ``host``:``port`` (0: any free port), listening when this returns."""
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]

@@ -113,31 +113,6 @@ def test_cli_refuses_an_unknown_failure_mode(capsys: pytest.CaptureFixture[str])
     assert exit_.value.code == 2 and "FailSometimes" in capsys.readouterr().err
 
 
-def test_the_picker_answers_grpc_health_checks_serving() -> None:
-    import asyncio
-
-    import grpc
-
-    from ops.servers import free_port
-    from services.gateway.service import HEALTH_SERVICE, health_handler
-
-    async def ask() -> bytes:
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((health_handler(),))
-        port = free_port()
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                check = ch.unary_unary(f"/{HEALTH_SERVICE}/Check", request_serializer=bytes,
-                                       response_deserializer=bytes)
-                return bytes(await check(b"", timeout=5))
-        finally:
-            await server.stop(None)
-
-    assert asyncio.run(ask()) == b"\x08\x01"  # HealthCheckResponse{status: SERVING}
-
-
 def test_without_ext_proc_only_the_picker_filter_is_left_out() -> None:
     with_picker = [f["name"] for f in _filters(_cfg())]
     alone = [f["name"] for f in _filters(_cfg(ext_proc=False))]

@@ -1,6 +1,7 @@
-"""The picker's gRPC listener is bounded as its HTTP one (``services.gateway.service.grpc_options``): a connection
-with no call open is closed once idle, a long-lived call (Envoy's access-log stream) keeps its connection, and
-past the cap a new connection is closed at once while the open ones keep working."""
+"""The picker's gRPC listener (its own HTTP/2 server, ``services.gateway.h2grpc``) is bounded as its HTTP one, by
+the same ``http1.Connections``: a connection with no call open is closed once idle, a long-lived call (Envoy's
+access-log stream) keeps its connection, and past the cap a new connection is closed at once while the open ones
+keep working."""
 
 from __future__ import annotations
 
@@ -10,29 +11,30 @@ from contextlib import asynccontextmanager
 
 import grpc
 
-from services.gateway.service import grpc_options
+from services.gateway.h2grpc import H2Connection
+from services.gateway.http1 import Connections
 
 # what an HTTP/2 client sends first: the preface and an empty SETTINGS frame (then nothing: an idle connection)
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
-async def _echo(requests: AsyncIterator[bytes], _context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+async def _echo(requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     async for msg in requests:
         yield msg
 
 
 @asynccontextmanager
 async def serving(idle_timeout_s: float, max_connections: int) -> AsyncIterator[int]:
-    """A gRPC server with the picker's bounds and one echo stream method; yields its port."""
-    server = grpc.aio.server(options=grpc_options(idle_timeout_s, max_connections))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "t.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(_echo)}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    """The picker's gRPC server with its bounds and one echo stream method; yields its port."""
+    conns = Connections(idle_timeout_s, max_connections)
+    sweeping = asyncio.create_task(conns.sweep_forever())
+    server = await asyncio.get_running_loop().create_server(
+        lambda: H2Connection({"/t.Echo/Stream": _echo}, conns, 1 << 20), "127.0.0.1", 0)
     try:
-        yield port
+        yield server.sockets[0].getsockname()[1]
     finally:
-        await server.stop(0)
+        sweeping.cancel()
+        server.close()
 
 
 async def _idle_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -1,0 +1,647 @@
+"""The picker's own gRPC server: HTTP/2 on the picker's event loop, for the few methods Envoy calls
+(ext_proc's ``Process``, the health check).
+
+Why not grpcio: a grpcio asyncio server costs ~1.5 ms of CPU and adds ~1.5 ms p50 per ext_proc exchange on
+this kind of host doing nothing at all (``bench/gateway.py --floor``, docs/gateway.md): each message crosses
+grpc core's threads, its poller and the event loop. Here a message costs one ``data_received`` turn: frames
+parsed, the method's async iterator fed, its answer written in the same turn when it is ready.
+
+Scope: gRPC over HTTP/2 (RFC 7540) as a server, no server push, no compression (a compressed message is
+refused), no trailers from the peer beyond ending its side. Limits a stranger cannot talk past: at most
+``MAX_STREAMS`` concurrent calls (more are refused with REFUSED_STREAM), messages up to ``max_message``
+bytes, header blocks up to ``MAX_HEADER_BLOCK``, every peer byte inside the flow-control windows it was
+granted, a connection that resets more than ``MAX_RESETS`` calls a second (HTTP/2 rapid reset) or keeps
+asking for control answers it does not read is sent GOAWAY and closed. Idle connections and the cap on
+connections are ``http1.Connections``' (the same sweep and accounting as the HTTP/1.1 listener)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Final, cast
+
+import hpack
+
+from services.gateway import h2frames as f
+from services.gateway.http1 import Connections, Swept
+
+log = logging.getLogger("gantry.gateway")
+
+Handler = Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
+"""One gRPC method: the call's request messages in, its response messages out (raw protobuf bytes); a
+``CallError`` ends the call with that status, any other exception with INTERNAL."""
+
+MAX_STREAMS: Final = 4096  # concurrent calls per connection (Envoy opens another connection beyond)
+MAX_HEADER_BLOCK: Final = 16 << 10  # a call's header block, compressed (Envoy's are ~100 bytes)
+MAX_FRAME: Final = 1 << 20  # the largest frame the peer may send us (fewer frames for a large request body)
+CONNECTION_WINDOW: Final = 1 << 30  # bytes in flight to us on a connection, replenished as they arrive
+MAX_BUFFERED: Final = 256 << 20  # bytes of unread messages on one connection before it is called abusive
+MAX_RESETS: Final = 2000  # calls the peer may cancel per second on a connection (rapid reset guard)
+ERROR_LOG_EVERY_S: Final = 10.0
+
+
+class CallError(Exception):
+    """Ends a call with gRPC ``status`` and ``message`` (raised by a handler)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Inbox:
+    """One call's request messages, in order, as its handler's async iterator. Taking a message grants the
+    peer its bytes back in the stream's window, so unread messages are bounded by the window."""
+
+    __slots__ = ("_ended", "_msgs", "_taken", "_waiter")
+
+    def __init__(self, taken: Callable[[int], None]) -> None:
+        self._msgs: collections.deque[bytes] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+        self._taken = taken
+
+    def put(self, msg: bytes) -> None:
+        """A whole message arrived."""
+        self._msgs.append(msg)
+        self._wake()
+
+    def end(self) -> None:
+        """The peer ended its side: no more messages."""
+        self._ended = True
+        self._wake()
+
+    def drop(self) -> int:
+        """Forget the messages not taken (the call is over); returns their framed bytes."""
+        n = sum(len(m) + 5 for m in self._msgs)
+        self._msgs.clear()
+        return n
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def __aiter__(self) -> Inbox:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._msgs:
+            if self._ended:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        msg = self._msgs.popleft()
+        self._taken(len(msg) + 5)
+        return msg
+
+
+class Stream:
+    """One call on a connection: what has arrived of its current message, its inbox and handler, and what waits
+    for the peer's window to be sent."""
+
+    __slots__ = (
+        "headers_sent",
+        "id",
+        "inbox",
+        "partial",
+        "pending",
+        "recv_window",
+        "remote_done",
+        "send_window",
+        "task",
+        "trailers",
+        "unacked",
+    )
+
+    def __init__(self, sid: int, send_window: int, recv_window: int, taken: Callable[[int], None]) -> None:
+        self.id = sid
+        self.inbox = Inbox(taken)
+        self.task: asyncio.Task[None] | None = None
+        self.partial = bytearray()
+        self.recv_window = recv_window
+        self.unacked = 0  # bytes the handler took, not yet granted back to the peer
+        self.send_window = send_window
+        self.pending = bytearray()  # DATA payload waiting for window
+        self.headers_sent = False
+        self.remote_done = False
+        self.trailers: bytes | None = None  # the trailer block, once the handler ended, sent after ``pending``
+
+
+class H2Connection(Swept):
+    """One HTTP/2 connection from Envoy (or any gRPC client) to the picker's methods (path → ``Handler``)."""
+
+    def __init__(self, methods: dict[str, Handler], conns: Connections, max_message: int) -> None:
+        self.methods = methods
+        self.conns = conns
+        self.max_message = max_message
+        self.stream_window = max_message + 5 + 1024  # one whole message fits: it is taken only once whole
+        self.transport: asyncio.Transport | None = None
+        self.closing: asyncio.Transport | None = None
+        self.buf = bytearray()  # read, not yet a whole frame (``Connections.sweep`` reads it too)
+        self.seen = True  # activity since the last idle sweep
+        self.quiet_since = 0.0
+        self.streams: dict[int, Stream] = {}
+        self.busy = False  # a call is open: not idle (``Connections.sweep``), whatever the time
+        self.last_id = 0  # the highest stream id the peer opened
+        self.preface = False
+        self.decoder = hpack.Decoder()
+        self.decoder.max_header_list_size = MAX_HEADER_BLOCK * 4
+        self.continuing: tuple[int, int, bytearray] | None = None  # stream, flags, header block so far
+        self.peer_window = f.DEFAULT_WINDOW  # the peer's initial stream window (its SETTINGS)
+        self.peer_frame = f.DEFAULT_FRAME
+        self.send_window = f.DEFAULT_WINDOW  # connection-level, toward the peer
+        self.recv_window = CONNECTION_WINDOW
+        self.recv_unacked = 0
+        self.buffered = 0  # bytes of messages received and not yet taken, every stream
+        self.going = False  # GOAWAY sent or received: no new calls
+        self.unread = False  # the peer is not reading what we write
+        self.resets = 0
+        self.reset_second = 0.0
+
+    # --- transport events -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = tr = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        if not self.conns.admit(self):
+            self._abort()
+            return
+        tr.write(f.settings({
+            f.MAX_CONCURRENT_STREAMS: MAX_STREAMS, f.INITIAL_WINDOW_SIZE: self.stream_window,
+            f.MAX_FRAME_SIZE: MAX_FRAME, f.MAX_HEADER_LIST_SIZE: MAX_HEADER_BLOCK * 4, f.ENABLE_PUSH: 0})
+            + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.conns.open.discard(self)
+        for st in list(self.streams.values()):
+            if st.task is not None:
+                st.task.cancel()
+        self.streams.clear()
+        self.busy = False
+        self.buf = bytearray()
+
+    def pause_writing(self) -> None:
+        self.unread = True
+
+    def resume_writing(self) -> None:
+        self.unread = False
+
+    def close(self) -> None:
+        """Close now (``Connections``: idle too long): GOAWAY first, so a call the peer is sending meanwhile is
+        known unprocessed (the peer may send it again)."""
+        self._goaway(f.NO_ERROR, b"idle")
+
+    def data_received(self, data: bytes) -> None:
+        self.seen = True
+        self.buf += data
+        if not self.preface:
+            if len(self.buf) < len(f.PREFACE):
+                if not f.PREFACE.startswith(bytes(self.buf)):
+                    self._abort()
+                return
+            if not self.buf.startswith(f.PREFACE):
+                self._abort()
+                return
+            del self.buf[:len(f.PREFACE)]
+            self.preface = True
+        buf = self.buf
+        while len(buf) >= 9 and self.transport is not None:
+            size = int.from_bytes(buf[:3], "big")
+            if size > MAX_FRAME:
+                self._goaway(f.FRAME_SIZE_ERROR, b"frame too large")
+                return
+            if len(buf) < 9 + size:
+                return
+            kind, flags = buf[3], buf[4]
+            sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            payload = bytes(buf[9:9 + size])
+            del buf[:9 + size]
+            try:
+                self._frame(kind, flags, sid, payload)
+            except _ConnectionError as err:
+                self._goaway(err.code, err.debug)
+                return
+
+    # --- frames -----------------------------------------------------------------------------------------
+
+    def _frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+        if self.continuing is not None and kind != f.CONTINUATION:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"header block interrupted")
+        if kind == f.DATA:
+            self._data(flags, sid, payload)
+        elif kind == f.HEADERS:
+            self._headers(flags, sid, payload)
+        elif kind == f.CONTINUATION:
+            self._continuation(flags, sid, payload)
+        elif kind == f.RST_STREAM:
+            self._rst(sid, payload)
+        elif kind == f.SETTINGS:
+            self._settings(flags, sid, payload)
+        elif kind == f.PING:
+            if sid != 0 or len(payload) != 8:
+                raise _ConnectionError(f.PROTOCOL_ERROR if sid else f.FRAME_SIZE_ERROR, b"bad PING")
+            if not flags & f.ACK:
+                self._control(f.frame(f.PING, f.ACK, 0, payload))
+        elif kind == f.WINDOW_UPDATE:
+            self._window_update(sid, payload)
+        elif kind == f.GOAWAY:
+            if sid != 0:
+                raise _ConnectionError(f.PROTOCOL_ERROR, b"GOAWAY on a stream")
+            self.going = True
+            if not self.streams:
+                self._goaway(f.NO_ERROR, b"")
+        elif kind == f.PUSH_PROMISE:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"push from a client")
+        elif kind == f.PRIORITY and sid == 0:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"PRIORITY on stream 0")
+        # PRIORITY on a stream, and frame types we do not know, are ignored (RFC 7540 §4.1, §5.3)
+
+    def _settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"SETTINGS on a stream")
+        if flags & f.ACK:
+            if payload:
+                raise _ConnectionError(f.FRAME_SIZE_ERROR, b"SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise _ConnectionError(f.FRAME_SIZE_ERROR, b"SETTINGS length")
+        for at in range(0, len(payload), 6):
+            key, value = int.from_bytes(payload[at:at + 2], "big"), int.from_bytes(payload[at + 2:at + 6], "big")
+            if key == f.INITIAL_WINDOW_SIZE:
+                if value > f.MAX_WINDOW:
+                    raise _ConnectionError(f.FLOW_CONTROL_ERROR, b"initial window too large")
+                delta, self.peer_window = value - self.peer_window, value
+                for st in self.streams.values():
+                    st.send_window += delta
+                    if st.send_window > f.MAX_WINDOW:
+                        raise _ConnectionError(f.FLOW_CONTROL_ERROR, b"window overflow")
+            elif key == f.MAX_FRAME_SIZE:
+                if not f.DEFAULT_FRAME <= value <= f.MAX_FRAME_LIMIT:
+                    raise _ConnectionError(f.PROTOCOL_ERROR, b"bad MAX_FRAME_SIZE")
+                self.peer_frame = value
+            elif key == f.ENABLE_PUSH and value > 1:
+                raise _ConnectionError(f.PROTOCOL_ERROR, b"bad ENABLE_PUSH")
+        self._control(f.frame(f.SETTINGS, f.ACK, 0))
+        self._flush_all()
+
+    def _window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(f.FRAME_SIZE_ERROR, b"WINDOW_UPDATE length")
+        inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if sid == 0:
+            if inc == 0:
+                raise _ConnectionError(f.PROTOCOL_ERROR, b"zero window increment")
+            self.send_window += inc
+            if self.send_window > f.MAX_WINDOW:
+                raise _ConnectionError(f.FLOW_CONTROL_ERROR, b"connection window overflow")
+            self._flush_all()
+            return
+        st = self.streams.get(sid)
+        if st is None:
+            if sid > self.last_id:
+                raise _ConnectionError(f.PROTOCOL_ERROR, b"WINDOW_UPDATE on an idle stream")
+            return  # a stream we closed: it may still be in flight
+        if inc == 0:
+            self._fail(st, f.GRPC_INTERNAL, "zero window increment", f.PROTOCOL_ERROR)
+            return
+        st.send_window += inc
+        if st.send_window > f.MAX_WINDOW:
+            self._fail(st, f.GRPC_INTERNAL, "stream window overflow", f.FLOW_CONTROL_ERROR)
+            return
+        self._flush(st)
+
+    def _rst(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(f.FRAME_SIZE_ERROR, b"RST_STREAM length")
+        if sid == 0:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"RST_STREAM on stream 0")
+        if sid > self.last_id:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"RST_STREAM on an idle stream")
+        st = self.streams.pop(sid, None)
+        if st is None:
+            return
+        self._forget(st)
+        if st.task is not None:
+            st.task.cancel()  # the handler's own cleanup runs (its finally), nothing more is written
+        now = time.monotonic()
+        if now - self.reset_second >= 1.0:
+            self.reset_second, self.resets = now, 0
+        self.resets += 1
+        if self.resets > MAX_RESETS:
+            raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many resets")
+        self._idle_check()
+
+    def _headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"HEADERS on stream 0")
+        at, end = 0, len(payload)
+        if flags & f.PADDED:
+            if not payload:
+                raise _ConnectionError(f.PROTOCOL_ERROR, b"padding")
+            at, end = 1, len(payload) - payload[0]
+        if flags & f.PRIORITY_FLAG:
+            at += 5
+        if end < at:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"padding longer than the frame")
+        block = bytearray(payload[at:end])
+        if flags & f.END_HEADERS:
+            self._header_block(flags, sid, block)
+        else:
+            self.continuing = (sid, flags, block)
+
+    def _continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        if self.continuing is None or self.continuing[0] != sid:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"CONTINUATION out of place")
+        block = self.continuing[2]
+        block += payload
+        if len(block) > MAX_HEADER_BLOCK:
+            raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"header block too large")
+        if flags & f.END_HEADERS:
+            first_flags = self.continuing[1]
+            self.continuing = None
+            self._header_block(first_flags, sid, block)
+
+    def _header_block(self, flags: int, sid: int, block: bytearray) -> None:
+        if len(block) > MAX_HEADER_BLOCK:
+            raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"header block too large")
+        try:  # always decoded, even for a call refused: the decoder's table must follow the peer's
+            fields = self.decoder.decode(bytes(block), raw=True)
+        except hpack.HPACKError as err:
+            raise _ConnectionError(f.COMPRESSION_ERROR, str(err).encode()[:64]) from None
+        st = self.streams.get(sid)
+        if st is not None:  # trailers: only the end of the peer's side
+            if not flags & f.END_STREAM:
+                raise _ConnectionError(f.PROTOCOL_ERROR, b"trailers without END_STREAM")
+            self._remote_end(st)
+            return
+        if sid <= self.last_id:
+            return  # a stream already closed (we ended it while the peer was still sending)
+        if sid % 2 == 0:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"even stream id from a client")
+        self.last_id = sid
+        if self.going:
+            return  # after our GOAWAY: not processed (the peer knows from its last stream id)
+        if len(self.streams) >= MAX_STREAMS:
+            self._control(f.rst_stream(sid, f.REFUSED_STREAM))
+            return
+        st = Stream(sid, self.peer_window, self.stream_window, functools.partial(self._taken, sid))
+        self.streams[sid] = st
+        self.busy = True
+        handler, refusal = self._route(dict(fields))
+        if handler is None:
+            st.remote_done = bool(flags & f.END_STREAM)
+            self._refuse(st, refusal)
+            return
+        if flags & f.END_STREAM:
+            self._remote_end(st)
+        st.task = asyncio.get_running_loop().create_task(self._call(st, handler))
+
+    def _route(self, fields: dict[bytes, bytes]) -> tuple[Handler | None, str]:
+        if fields.get(b":method") != b"POST":
+            return None, "a gRPC call is a POST"
+        handler = self.methods.get(fields.get(b":path", b"").decode("latin-1"))
+        if handler is None:
+            return None, f"no method {fields.get(b':path', b'')[:128]!r}"
+        if not fields.get(b"content-type", b"").startswith(b"application/grpc"):
+            return None, "not a gRPC content type"
+        if fields.get(b"grpc-encoding", b"identity") != b"identity":
+            return None, "compressed calls are not accepted"
+        return handler, ""
+
+    def _data(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(f.PROTOCOL_ERROR, b"DATA on stream 0")
+        self.recv_window -= len(payload)
+        if self.recv_window < 0:
+            raise _ConnectionError(f.FLOW_CONTROL_ERROR, b"connection window exceeded")
+        self.recv_unacked += len(payload)
+        if self.recv_unacked >= CONNECTION_WINDOW // 2:  # granted back as it arrives; MAX_BUFFERED bounds memory
+            self._control(f.window_update(0, self.recv_unacked))
+            self.recv_window += self.recv_unacked
+            self.recv_unacked = 0
+        st = self.streams.get(sid)
+        if st is None:
+            if sid > self.last_id:
+                raise _ConnectionError(f.PROTOCOL_ERROR, b"DATA on an idle stream")
+            return  # a stream we ended: the peer had sent this before it knew
+        if st.remote_done:
+            self._fail(st, f.GRPC_INTERNAL, "data after the end of the call", f.STREAM_CLOSED)
+            return
+        st.recv_window -= len(payload)
+        if st.recv_window < 0:
+            self._fail(st, f.GRPC_INTERNAL, "stream window exceeded", f.FLOW_CONTROL_ERROR)
+            return
+        data = payload
+        if flags & f.PADDED:
+            if not payload or payload[0] >= len(payload):
+                raise _ConnectionError(f.PROTOCOL_ERROR, b"padding")
+            data = payload[1:len(payload) - payload[0]]
+            st.unacked += len(payload) - len(data)  # padding is granted back at once with the next update
+        self._messages(st, data)
+        if flags & f.END_STREAM and sid in self.streams:
+            self._remote_end(st)
+
+    def _messages(self, st: Stream, data: bytes) -> None:
+        """Cut ``data`` (after what came before on the stream) into messages for the handler."""
+        part = st.partial
+        part += data
+        while len(part) >= 5:
+            if part[0] != 0:
+                self._fail(st, f.GRPC_INTERNAL, "compressed message without an encoding", f.NO_ERROR)
+                return
+            size = int.from_bytes(part[1:5], "big")
+            if size > self.max_message:
+                self._fail(st, f.GRPC_RESOURCE_EXHAUSTED,
+                           f"message of {size} bytes, more than {self.max_message}", f.NO_ERROR)
+                return
+            if len(part) < 5 + size:
+                return
+            msg = bytes(part[5:5 + size])
+            del part[:5 + size]
+            self.buffered += size + 5
+            if self.buffered > MAX_BUFFERED:
+                raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many unread messages")
+            st.inbox.put(msg)
+
+    def _remote_end(self, st: Stream) -> None:
+        st.remote_done = True
+        if st.partial:
+            self._fail(st, f.GRPC_INTERNAL, "call ended inside a message", f.NO_ERROR)
+            return
+        st.inbox.end()
+
+    def _taken(self, sid: int, n: int) -> None:
+        """The handler of ``sid`` took a message of ``n`` framed bytes: grant them back to the peer."""
+        self.buffered -= n
+        st = self.streams.get(sid)
+        if st is None or st.remote_done:
+            return
+        st.unacked += n
+        if st.unacked >= self.stream_window // 2:
+            st.recv_window += st.unacked
+            self._write(f.window_update(sid, st.unacked))
+            st.unacked = 0
+
+    # --- calls ------------------------------------------------------------------------------------------
+
+    async def _call(self, st: Stream, handler: Handler) -> None:
+        status, text = f.GRPC_OK, ""
+        try:
+            async for out in handler(st.inbox):
+                self._send(st, f.message(out))
+        except CallError as err:
+            status, text = err.status, err.message
+        except asyncio.CancelledError:
+            raise  # reset by the peer or the connection lost: nothing more to write
+        except Exception:
+            log.exception("gRPC call on stream %d failed", st.id)
+            status, text = f.GRPC_INTERNAL, "the picker failed on this call"
+        self._end(st, status, text)
+
+    def _send(self, st: Stream, payload: bytes) -> None:
+        st.pending += payload
+        self._flush(st)
+
+    def _end(self, st: Stream, status: int, text: str) -> None:
+        """The handler is done: trailers after whatever is still waiting for window."""
+        st.trailers = f.trailers(status, text, only=not st.headers_sent and not st.pending)
+        self._flush(st)
+
+    def _refuse(self, st: Stream, why: str) -> None:
+        self._end(st, f.GRPC_UNIMPLEMENTED, why)
+
+    def _fail(self, st: Stream, status: int, why: str, rst_code: int) -> None:
+        """End a call the peer broke: its handler cancelled, the status sent when nothing was yet, then reset."""
+        if st.task is not None:
+            st.task.cancel()
+            st.task = None
+        st.pending.clear()
+        if not st.headers_sent:
+            self._write(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, st.id, f.trailers(status, why, only=True)))
+        self._write(f.rst_stream(st.id, rst_code))
+        self.streams.pop(st.id, None)
+        self._forget(st)
+        self._idle_check()
+
+    def _forget(self, st: Stream) -> None:
+        """A stream's unread bytes no longer count against the connection."""
+        self.buffered -= st.inbox.drop()
+
+    def _flush(self, st: Stream) -> None:
+        """Write what the windows allow of ``st``'s waiting data, and its trailers once that is all out."""
+        if self.transport is None:
+            return
+        out = []
+        if not st.headers_sent and (st.pending or st.trailers is not None):
+            st.headers_sent = True
+            if st.trailers is not None and not st.pending:  # trailers only: one block ends the call
+                out.append(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, st.id, st.trailers))
+                self._write(b"".join(out))
+                self._closed(st)
+                return
+            out.append(f.frame(f.HEADERS, f.END_HEADERS, st.id, f.RESPONSE_HEADERS))
+        while st.pending:
+            n = min(len(st.pending), st.send_window, self.send_window, self.peer_frame)
+            if n <= 0:
+                break
+            out.append(f.frame(f.DATA, 0, st.id, bytes(st.pending[:n])))
+            del st.pending[:n]
+            st.send_window -= n
+            self.send_window -= n
+        done = st.trailers is not None and not st.pending
+        if done:
+            assert st.trailers is not None
+            out.append(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, st.id, st.trailers))
+        if out:
+            self._write(b"".join(out))
+        if done:
+            self._closed(st)
+
+    def _flush_all(self) -> None:
+        for st in list(self.streams.values()):
+            if st.pending or st.trailers is not None:
+                self._flush(st)
+
+    def _closed(self, st: Stream) -> None:
+        """Our side is done: a peer still sending is told to stop (gRPC's way: RST_STREAM NO_ERROR)."""
+        if not st.remote_done:
+            self._write(f.rst_stream(st.id, f.NO_ERROR))
+        self.streams.pop(st.id, None)
+        self._forget(st)
+        self._idle_check()
+
+    def _idle_check(self) -> None:
+        """After a stream ended: the connection is idle when none is left (and closes if it is going)."""
+        self.busy = bool(self.streams)
+        self.seen = True  # its idle time starts when its last call ends
+        if not self.streams and self.going:
+            self._goaway(f.NO_ERROR, b"")
+
+    # --- writing ----------------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def _control(self, data: bytes) -> None:
+        """An answer the protocol owes the peer (PING and SETTINGS acknowledgements, refusals): a peer that
+        asks for them without reading what is written is abusive, not slow."""
+        if self.unread:
+            raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"not reading")
+        self._write(data)
+
+    def _goaway(self, code: int, debug: bytes) -> None:
+        self.going = True
+        if self.transport is not None:
+            self.transport.write(f.goaway(self.last_id, code, debug))
+            if code != f.NO_ERROR:
+                _error_log.closed(code, debug)
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.closing = self.transport
+            self.transport.close()
+            self.transport = None
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+
+
+class _ErrorLog:
+    """Connections closed for a protocol error: logged at most every ``ERROR_LOG_EVERY_S`` (a peer sending junk in
+    a loop must not flood the log), each line with how many since the last."""
+
+    def __init__(self) -> None:
+        self.count = self.logged = 0
+        self.at = -math.inf
+
+    def closed(self, code: int, debug: bytes) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.at >= ERROR_LOG_EVERY_S:
+            log.warning("gRPC connection closed: %s (HTTP/2 error %d; %d such closes since the last line)",
+                        debug.decode(errors="replace"), code, self.count - self.logged)
+            self.at, self.logged = now, self.count
+
+
+_error_log = _ErrorLog()
+
+
+class _ConnectionError(Exception):
+    """A connection-level protocol error: GOAWAY with ``code``, then close."""
+
+    def __init__(self, code: int, debug: bytes) -> None:
+        super().__init__(debug)
+        self.code = code
+        self.debug = debug

@@ -1,0 +1,378 @@
+"""The picker's own HTTP/2 gRPC server (``services.gateway.h2grpc``): what a real gRPC client gets from it
+(grpcio's), and what a broken or hostile peer gets (raw frames): a clear HTTP/2 or gRPC error for that peer or
+call alone, never a dead server, a stalled call beside it or unbounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+import hpack
+import pytest
+
+from services.gateway import h2frames as f
+from services.gateway import h2grpc
+from services.gateway.calls import HEALTH_CHECK, SERVING, health_call
+from services.gateway.h2grpc import CallError, H2Connection
+from services.gateway.http1 import Connections
+
+MAX_MESSAGE = 1 << 20
+ENDED: list[str] = []  # calls whose handler saw its end (normal or cancelled)
+
+
+async def _echo(requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for msg in requests:
+            if msg == b"boom":
+                raise RuntimeError("handler bug")
+            if msg == b"refuse":
+                raise CallError(9, "refused by the handler")
+            yield msg
+    finally:
+        ENDED.append("echo")
+
+
+async def _slow(requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for _ in requests:
+            await asyncio.sleep(3600)
+        yield b""
+    finally:
+        ENDED.append("slow")
+
+
+METHODS = {"/t.Echo/Stream": _echo, "/t.Echo/Slow": _slow, HEALTH_CHECK: health_call}
+
+
+@asynccontextmanager
+async def serving(max_connections: int = 64) -> AsyncIterator[int]:
+    """The server on a free port with the test methods; yields the port."""
+    conns = Connections(60.0, max_connections)
+    server = await asyncio.get_running_loop().create_server(lambda: H2Connection(METHODS, conns, MAX_MESSAGE),
+                                                            "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def _echo_once(port: int, payload: bytes = b"still here") -> bytes:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream("/t.Echo/Stream")()
+        await call.write(payload)
+        got = await call.read()
+        await call.done_writing()
+        assert isinstance(got, bytes)
+        return got
+
+
+# --- a real gRPC client ------------------------------------------------------------------------------------
+
+
+async def test_a_health_check_is_answered_serving() -> None:
+    async with serving() as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        check = ch.unary_unary(HEALTH_CHECK, request_serializer=bytes, response_deserializer=bytes)
+        assert await check(b"", timeout=5) == SERVING
+
+
+async def test_a_stream_call_gets_its_answers_in_order_and_ends_ok() -> None:
+    async with serving() as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream("/t.Echo/Stream")()
+        for i in range(50):
+            await call.write(b"m%d" % i)
+            assert await call.read() == b"m%d" % i
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_message_larger_than_the_windows_and_frames_arrives_whole() -> None:
+    big = bytes(random.Random(1).getrandbits(8) for _ in range(MAX_MESSAGE - 100))
+    async with serving() as port:
+        assert await _echo_once(port, big) == big
+
+
+async def test_many_calls_at_once_on_one_connection_each_get_their_own_answers() -> None:
+    async with serving() as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async def one(i: int) -> bytes:
+            call = ch.stream_stream("/t.Echo/Stream")()
+            await call.write(b"%d" % i)
+            got = await call.read()
+            await call.done_writing()
+            assert isinstance(got, bytes)
+            return got
+
+        assert await asyncio.gather(*(one(i) for i in range(200))) == [b"%d" % i for i in range(200)]
+
+
+async def test_an_unknown_method_is_unimplemented() -> None:
+    async with serving() as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await ch.unary_unary("/t.Nope/X", request_serializer=bytes, response_deserializer=bytes)(b"", timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_message_over_the_limit_fails_that_call_only() -> None:
+    async with serving() as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream("/t.Echo/Stream")()
+        await call.write(b"x" * (MAX_MESSAGE + 1))
+        assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await _echo_once(port) == b"still here"
+
+
+async def test_a_failing_handler_ends_its_call_internal_and_the_server_serves_on() -> None:
+    async with serving() as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream("/t.Echo/Stream")()
+        await call.write(b"boom")
+        assert await call.code() == grpc.StatusCode.INTERNAL
+        refused = ch.stream_stream("/t.Echo/Stream")()
+        await refused.write(b"refuse")
+        assert await refused.code() == grpc.StatusCode.FAILED_PRECONDITION  # the handler's own status (9)
+        assert await refused.details() == "refused by the handler"
+        assert await _echo_once(port) == b"still here"
+
+
+async def test_a_call_the_client_cancels_ends_its_handler() -> None:
+    ENDED.clear()
+    async with serving() as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream("/t.Echo/Slow")()
+        await call.write(b"wait")
+        await asyncio.sleep(0.2)
+        call.cancel()
+        for _ in range(100):
+            if "slow" in ENDED:
+                break
+            await asyncio.sleep(0.02)
+        assert "slow" in ENDED  # its finally ran: a picker's books for the request are closed
+
+
+# --- raw frames ---------------------------------------------------------------------------------------------
+
+
+class Peer:
+    """A hand-driven HTTP/2 client: frames out as given, frames in as they come."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.encoder = hpack.Encoder()
+        self.buf = b""
+
+    def send(self, *frames: bytes) -> None:
+        self.writer.write(b"".join(frames))
+
+    def headers(self, sid: int, path: str = "/t.Echo/Stream", flags: int = f.END_HEADERS) -> bytes:
+        block = self.encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", path),
+                                     (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
+        return f.frame(f.HEADERS, flags, sid, block)
+
+    async def frames(self, timeout: float = 5.0) -> list[tuple[int, int, int, bytes]]:
+        """Frames until the server closes the connection (or ``timeout`` passes quietly)."""
+        out = []
+        while True:
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
+            except TimeoutError:
+                break
+            self.buf += chunk
+            while len(self.buf) >= 9 and len(self.buf) >= 9 + int.from_bytes(self.buf[:3], "big"):
+                n = int.from_bytes(self.buf[:3], "big")
+                out.append((self.buf[3], self.buf[4], int.from_bytes(self.buf[5:9], "big"), self.buf[9:9 + n]))
+                self.buf = self.buf[9 + n:]
+            if not chunk:
+                break
+        return out
+
+    async def until(self, kind: int, timeout: float = 5.0) -> tuple[int, int, int, bytes]:
+        """The next frame of ``kind`` (others skipped)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while loop.time() < end:
+            while len(self.buf) >= 9 and len(self.buf) >= 9 + int.from_bytes(self.buf[:3], "big"):
+                n = int.from_bytes(self.buf[:3], "big")
+                got = (self.buf[3], self.buf[4], int.from_bytes(self.buf[5:9], "big"), self.buf[9:9 + n])
+                self.buf = self.buf[9 + n:]
+                if got[0] == kind:
+                    return got
+            chunk = await asyncio.wait_for(self.reader.read(65536), end - loop.time())
+            if not chunk:
+                break
+            self.buf += chunk
+        raise AssertionError(f"no frame of type {kind}")
+
+
+@asynccontextmanager
+async def peer(port: int, settings: dict[int, int] | None = None) -> AsyncIterator[Peer]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f.PREFACE + f.settings(settings or {}))
+    try:
+        yield Peer(reader, writer)
+    finally:
+        writer.close()
+
+
+def _goaway_code(frames: list[tuple[int, int, int, bytes]]) -> int | None:
+    codes = [int.from_bytes(p[4:8], "big") for kind, _, _, p in frames if kind == f.GOAWAY]
+    return codes[0] if codes else None
+
+
+async def test_a_peer_without_the_http2_preface_is_closed() -> None:
+    async with serving() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        got = await asyncio.wait_for(reader.read(), 5)  # read to the close
+        types, at = [], 0
+        while at < len(got):
+            types.append(got[at + 3])
+            at += 9 + int.from_bytes(got[at:at + 3], "big")
+        assert types == [f.SETTINGS, f.WINDOW_UPDATE]  # only the server's preface, sent as it accepted
+        writer.close()
+        assert await _echo_once(port) == b"still here"
+
+
+@pytest.mark.parametrize(("name", "frames", "code"), [
+    ("a frame over the size we allow", [b"\xff\xff\xff" + bytes((f.DATA, 0)) + (1).to_bytes(4, "big")],
+     f.FRAME_SIZE_ERROR),
+    ("DATA on a stream never opened", [f.frame(f.DATA, 0, 5, b"\x00\x00\x00\x00\x00")], f.PROTOCOL_ERROR),
+    ("a header block that does not decode", [f.frame(f.HEADERS, f.END_HEADERS, 1, b"\xff\xff\xff\xff\xff")],
+     f.COMPRESSION_ERROR),
+    ("a stream id a client may not use", [f.frame(f.HEADERS, f.END_HEADERS, 2, b"\x83")], f.PROTOCOL_ERROR),
+    ("a push from the client", [f.frame(f.PUSH_PROMISE, f.END_HEADERS, 1, b"\x00\x00\x00\x02")],
+     f.PROTOCOL_ERROR),
+    ("a SETTINGS frame of a bad length", [f.frame(f.SETTINGS, 0, 0, b"\x00\x04\x00")], f.FRAME_SIZE_ERROR),
+    ("a window over 2^31 - 1", [f.settings({f.INITIAL_WINDOW_SIZE: 2**31})], f.FLOW_CONTROL_ERROR),
+    ("a zero window increment", [f.window_update(0, 0)], f.PROTOCOL_ERROR),
+    ("a connection window pushed past 2^31 - 1", [f.window_update(0, 2**31 - 1)], f.FLOW_CONTROL_ERROR),
+    ("a CONTINUATION with no HEADERS before it", [f.frame(f.CONTINUATION, f.END_HEADERS, 1, b"\x83")],
+     f.PROTOCOL_ERROR),
+    ("a RST_STREAM on stream 0", [f.rst_stream(0, 0)], f.PROTOCOL_ERROR),
+    ("a PING of a bad length", [f.frame(f.PING, 0, 0, b"1234")], f.FRAME_SIZE_ERROR),
+])
+async def test_a_broken_peer_is_sent_goaway_with_the_error_and_the_server_serves_on(
+        name: str, frames: list[bytes], code: int) -> None:
+    async with serving() as port:
+        async with peer(port) as p:
+            p.send(*frames)
+            assert _goaway_code(await p.frames()) == code, name
+        assert await _echo_once(port) == b"still here"
+
+
+async def test_a_header_block_interrupted_by_another_frame_is_a_protocol_error() -> None:
+    async with serving() as port, peer(port) as p:
+        block = p.headers(1, flags=0)  # no END_HEADERS: a CONTINUATION must follow
+        p.send(block, f.frame(f.PING, 0, 0, b"12345678"))
+        assert _goaway_code(await p.frames()) == f.PROTOCOL_ERROR
+
+
+async def test_a_header_block_split_over_continuations_is_one_call() -> None:
+    async with serving() as port, peer(port) as p:
+        whole = p.headers(1)[9:]
+        p.send(f.frame(f.HEADERS, 0, 1, whole[:3]), f.frame(f.CONTINUATION, 0, 1, whole[3:6]),
+               f.frame(f.CONTINUATION, f.END_HEADERS, 1, whole[6:]),
+               f.frame(f.DATA, f.END_STREAM, 1, f.message(b"hello")))
+        data = await p.until(f.DATA)
+        assert data[2] == 1 and data[3] == f.message(b"hello")
+
+
+async def test_a_ping_is_answered_with_its_own_payload() -> None:
+    async with serving() as port, peer(port) as p:
+        p.send(f.frame(f.PING, 0, 0, b"abcdefgh"))
+        _, flags, _, payload = await p.until(f.PING)
+        assert flags & f.ACK and payload == b"abcdefgh"
+
+
+async def test_answers_wait_for_the_peers_window_and_flow_when_it_opens() -> None:
+    async with serving() as port, peer(port, {f.INITIAL_WINDOW_SIZE: 4}) as p:
+        p.send(p.headers(1), f.frame(f.DATA, 0, 1, f.message(b"0123456789")))
+        first = await p.until(f.DATA)
+        assert first[3] == f.message(b"0123456789")[:4]  # the 4 bytes the window allows
+        p.send(f.window_update(1, 100))
+        rest = await p.until(f.DATA)
+        assert first[3] + rest[3] == f.message(b"0123456789")
+
+
+async def test_data_beyond_the_streams_window_resets_that_stream_with_a_flow_control_error() -> None:
+    async with serving() as port:
+        conns = Connections(60.0, 4)
+        server = await asyncio.get_running_loop().create_server(lambda: H2Connection(METHODS, conns, 8),
+                                                                "127.0.0.1", 0)  # windows of 8 + 5 + 1024 bytes
+        small = server.sockets[0].getsockname()[1]
+        async with peer(small) as p:
+            p.send(p.headers(1), f.frame(f.DATA, 0, 1, bytes(2000)))
+            _, _, sid, payload = await p.until(f.RST_STREAM)
+            assert sid == 1 and int.from_bytes(payload, "big") == f.FLOW_CONTROL_ERROR
+        server.close()
+        assert await _echo_once(port) == b"still here"
+
+
+async def test_a_compressed_message_fails_its_call_and_not_the_connection() -> None:
+    async with serving() as port, peer(port) as p:
+        p.send(p.headers(1), f.frame(f.DATA, 0, 1, b"\x01\x00\x00\x00\x01z"))
+        _, flags, sid, block = await p.until(f.HEADERS)
+        assert sid == 1 and flags & f.END_STREAM
+        assert ("grpc-status", "13") in hpack.Decoder().decode(block)
+        p.send(p.headers(3), f.frame(f.DATA, f.END_STREAM, 3, f.message(b"next")))
+        data = await p.until(f.DATA)
+        assert data[2] == 3 and data[3] == f.message(b"next")
+
+
+async def test_calls_past_the_concurrent_limit_are_refused_and_the_open_ones_go_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h2grpc, "MAX_STREAMS", 2)
+    async with serving() as port, peer(port) as p:
+        p.send(p.headers(1, "/t.Echo/Slow"), p.headers(3, "/t.Echo/Slow"), p.headers(5, "/t.Echo/Slow"))
+        _, _, sid, payload = await p.until(f.RST_STREAM)
+        assert sid == 5 and int.from_bytes(payload, "big") == f.REFUSED_STREAM
+
+
+async def test_a_peer_resetting_calls_faster_than_the_limit_is_sent_goaway(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h2grpc, "MAX_RESETS", 20)
+    async with serving() as port:
+        async with peer(port) as p:
+            p.send(*(p.headers(sid) + f.rst_stream(sid, f.CANCEL) for sid in range(1, 80, 2)))
+            assert _goaway_code(await p.frames()) == f.ENHANCE_YOUR_CALM
+        assert await _echo_once(port) == b"still here"
+
+
+async def test_random_bytes_after_the_preface_never_take_the_server_down() -> None:
+    rng = random.Random(7)
+    async with serving() as port:
+        for _ in range(40):
+            async with peer(port) as p:
+                garbage = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 400)))
+                p.send(p.headers(1), garbage)
+                await p.frames(timeout=0.2)
+        assert await _echo_once(port) == b"still here"
+
+
+class _Transport(asyncio.Transport):
+    """A transport that keeps what is written (for a peer that reads nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = b""
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += bytes(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_a_peer_asking_for_pings_while_not_reading_is_sent_goaway_and_closed() -> None:
+    conn = H2Connection(METHODS, Connections(60.0, 4), MAX_MESSAGE)
+    tr = _Transport()
+    conn.connection_made(tr)
+    conn.data_received(f.PREFACE + f.settings({}))
+    conn.pause_writing()  # the transport's buffer is past its high-water mark: the peer is not reading
+    conn.data_received(f.frame(f.PING, 0, 0, b"12345678"))
+    assert tr.closed and f.goaway(0, f.ENHANCE_YOUR_CALM, b"not reading") in tr.out
