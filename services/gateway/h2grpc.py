@@ -10,9 +10,14 @@ Scope: gRPC over HTTP/2 (RFC 7540) as a server, no server push, no compression (
 refused), no trailers from the peer beyond ending its side. Limits a stranger cannot talk past: at most
 ``MAX_STREAMS`` concurrent calls (more are refused with REFUSED_STREAM), messages up to ``max_message``
 bytes, header blocks up to ``MAX_HEADER_BLOCK``, every peer byte inside the flow-control windows it was
-granted, a connection that resets more than ``MAX_RESETS`` calls a second (HTTP/2 rapid reset) or keeps
-asking for control answers it does not read is sent GOAWAY and closed. Idle connections and the cap on
-connections are ``http1.Connections``' (the same sweep and accounting as the HTTP/1.1 listener)."""
+granted and at most ``MAX_BUFFERED`` bytes held per connection (whole or partial messages), a handler's
+answers written only as fast as the peer takes them (it is not asked for the next one before), a frame
+begun must end within ``READ_TIMEOUT_S``. A connection is sent GOAWAY and closed when it has more than
+``MAX_RESETS`` calls a second reset (by itself, or by us for its errors: HTTP/2 rapid reset and its
+"made you reset" variant), asks for more than ``MAX_CONTROL`` PING/SETTINGS answers a second, or keeps asking
+for them while not reading. Every frame costs work bounded by its own size (no walk over every stream). Idle
+connections and the cap on connections are ``http1.Connections``' (the same sweep and accounting as the
+HTTP/1.1 listener)."""
 
 from __future__ import annotations
 
@@ -41,7 +46,11 @@ MAX_HEADER_BLOCK: Final = 16 << 10  # a call's header block, compressed (Envoy's
 MAX_FRAME: Final = 1 << 20  # the largest frame the peer may send us (fewer frames for a large request body)
 CONNECTION_WINDOW: Final = 1 << 30  # bytes in flight to us on a connection, replenished as they arrive
 MAX_BUFFERED: Final = 256 << 20  # bytes of unread messages on one connection before it is called abusive
-MAX_RESETS: Final = 2000  # calls the peer may cancel per second on a connection (rapid reset guard)
+MAX_RESETS: Final = 2000  # calls per second a connection may have reset (rapid reset guard)
+MAX_CONTROL: Final = 1000  # PING and SETTINGS frames per second a connection may send
+MAX_UNREAD_CONTROL: Final = 64  # control answers owed to a peer not reading, before it is dropped
+MAX_SETTINGS: Final = 32  # entries in one SETTINGS frame (RFC 7540 defines 6)
+READ_TIMEOUT_S: Final = 30.0  # a frame (or the preface) begun must be whole within this, unless frames progress
 ERROR_LOG_EVERY_S: Final = 10.0
 
 
@@ -108,6 +117,7 @@ class Stream:
     for the peer's window to be sent."""
 
     __slots__ = (
+        "drained",
         "headers_sent",
         "id",
         "inbox",
@@ -115,24 +125,27 @@ class Stream:
         "pending",
         "recv_window",
         "remote_done",
-        "send_window",
+        "send_credit",
         "task",
         "trailers",
         "unacked",
     )
 
-    def __init__(self, sid: int, send_window: int, recv_window: int, taken: Callable[[int], None]) -> None:
+    def __init__(self, sid: int, recv_window: int, taken: Callable[[int], None]) -> None:
         self.id = sid
         self.inbox = Inbox(taken)
         self.task: asyncio.Task[None] | None = None
         self.partial = bytearray()
         self.recv_window = recv_window
         self.unacked = 0  # bytes the handler took, not yet granted back to the peer
-        self.send_window = send_window
+        # its send window less the peer's initial one: a SETTINGS change of that moves every stream's window in
+        # O(1) (a peer can send SETTINGS as often as the budget lets it)
+        self.send_credit = 0
         self.pending = bytearray()  # DATA payload waiting for window
         self.headers_sent = False
         self.remote_done = False
         self.trailers: bytes | None = None  # the trailer block, once the handler ended, sent after ``pending``
+        self.drained: asyncio.Future[None] | None = None  # the handler waiting for its answers to leave
 
 
 class H2Connection(Swept):
@@ -142,7 +155,9 @@ class H2Connection(Swept):
         self.methods = methods
         self.conns = conns
         self.max_message = max_message
-        self.stream_window = max_message + 5 + 1024  # one whole message fits: it is taken only once whole
+        # one whole message always fits: a message is granted back only once taken, so the window is topped up
+        # whenever less than a whole one is left (``_taken``)
+        self.stream_window = max_message + 5 + 1024
         self.transport: asyncio.Transport | None = None
         self.closing: asyncio.Transport | None = None
         self.buf = bytearray()  # read, not yet a whole frame (``Connections.sweep`` reads it too)
@@ -160,11 +175,15 @@ class H2Connection(Swept):
         self.send_window = f.DEFAULT_WINDOW  # connection-level, toward the peer
         self.recv_window = CONNECTION_WINDOW
         self.recv_unacked = 0
-        self.buffered = 0  # bytes of messages received and not yet taken, every stream
+        self.buffered = 0  # bytes of messages (whole or partial) received and not yet taken, every stream
+        self.blocked: set[int] = set()  # streams with answers waiting for window
         self.going = False  # GOAWAY sent or received: no new calls
         self.unread = False  # the peer is not reading what we write
-        self.resets = 0
-        self.reset_second = 0.0
+        self.owed = 0  # control answers written while it was not reading
+        self.resets = Budget(MAX_RESETS)
+        self.controls = Budget(MAX_CONTROL)
+        self.stall: asyncio.TimerHandle | None = None  # armed while a frame is partly read
+        self.frames = 0  # frames read (a stalled read is one that made no progress)
 
     # --- transport events -------------------------------------------------------------------------------
 
@@ -185,14 +204,23 @@ class H2Connection(Swept):
             if st.task is not None:
                 st.task.cancel()
         self.streams.clear()
+        self.blocked.clear()
         self.busy = False
         self.buf = bytearray()
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
 
     def pause_writing(self) -> None:
+        """The peer is not reading: handlers wait before their next answer (``_call``)."""
         self.unread = True
 
     def resume_writing(self) -> None:
-        self.unread = False
+        """The peer read: handlers whose answers are all out go on."""
+        self.unread, self.owed = False, 0
+        for st in list(self.streams.values()):
+            if not st.pending:
+                _wake(st)
 
     def close(self) -> None:
         """Close now (``Connections``: idle too long): GOAWAY first, so a call the peer is sending meanwhile is
@@ -206,12 +234,33 @@ class H2Connection(Swept):
             if len(self.buf) < len(f.PREFACE):
                 if not f.PREFACE.startswith(bytes(self.buf)):
                     self._abort()
+                elif self.stall is None:
+                    self.stall = asyncio.get_running_loop().call_later(READ_TIMEOUT_S, self._stalled, -1)
                 return
             if not self.buf.startswith(f.PREFACE):
                 self._abort()
                 return
             del self.buf[:len(f.PREFACE)]
             self.preface = True
+        self._read_frames()
+        if self.buf and self.stall is None and self.transport is not None:
+            self.stall = asyncio.get_running_loop().call_later(READ_TIMEOUT_S, self._stalled, self.frames)
+        elif not self.buf and self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+
+    def _stalled(self, frames_then: int) -> None:
+        """A frame has been partly read for ``READ_TIMEOUT_S``: closed, unless whole frames came meanwhile (a
+        large body arriving slowly)."""
+        self.stall = None
+        if not self.buf or self.transport is None:
+            return
+        if self.frames > frames_then:
+            self.stall = asyncio.get_running_loop().call_later(READ_TIMEOUT_S, self._stalled, self.frames)
+            return
+        self._goaway(f.PROTOCOL_ERROR, b"a frame left partial")
+
+    def _read_frames(self) -> None:
         buf = self.buf
         while len(buf) >= 9 and self.transport is not None:
             size = int.from_bytes(buf[:3], "big")
@@ -220,6 +269,7 @@ class H2Connection(Swept):
                 return
             if len(buf) < 9 + size:
                 return
+            self.frames += 1
             kind, flags = buf[3], buf[4]
             sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
             payload = bytes(buf[9:9 + size])
@@ -248,6 +298,8 @@ class H2Connection(Swept):
         elif kind == f.PING:
             if sid != 0 or len(payload) != 8:
                 raise _ConnectionError(f.PROTOCOL_ERROR if sid else f.FRAME_SIZE_ERROR, b"bad PING")
+            if not self.controls.take():
+                raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many PING frames")
             if not flags & f.ACK:
                 self._control(f.frame(f.PING, f.ACK, 0, payload))
         elif kind == f.WINDOW_UPDATE:
@@ -273,24 +325,24 @@ class H2Connection(Swept):
             return
         if len(payload) % 6:
             raise _ConnectionError(f.FRAME_SIZE_ERROR, b"SETTINGS length")
+        if len(payload) > 6 * MAX_SETTINGS or not self.controls.take():
+            raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many settings")
+        window = self.peer_window
         for at in range(0, len(payload), 6):
             key, value = int.from_bytes(payload[at:at + 2], "big"), int.from_bytes(payload[at + 2:at + 6], "big")
             if key == f.INITIAL_WINDOW_SIZE:
                 if value > f.MAX_WINDOW:
                     raise _ConnectionError(f.FLOW_CONTROL_ERROR, b"initial window too large")
-                delta, self.peer_window = value - self.peer_window, value
-                for st in self.streams.values():
-                    st.send_window += delta
-                    if st.send_window > f.MAX_WINDOW:
-                        raise _ConnectionError(f.FLOW_CONTROL_ERROR, b"window overflow")
+                window = value  # applied once, the last one given
             elif key == f.MAX_FRAME_SIZE:
                 if not f.DEFAULT_FRAME <= value <= f.MAX_FRAME_LIMIT:
                     raise _ConnectionError(f.PROTOCOL_ERROR, b"bad MAX_FRAME_SIZE")
                 self.peer_frame = value
             elif key == f.ENABLE_PUSH and value > 1:
                 raise _ConnectionError(f.PROTOCOL_ERROR, b"bad ENABLE_PUSH")
+        self.peer_window = window  # every stream's window moves with it (``Stream.send_credit``)
         self._control(f.frame(f.SETTINGS, f.ACK, 0))
-        self._flush_all()
+        self._flush_blocked()
 
     def _window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -302,7 +354,7 @@ class H2Connection(Swept):
             self.send_window += inc
             if self.send_window > f.MAX_WINDOW:
                 raise _ConnectionError(f.FLOW_CONTROL_ERROR, b"connection window overflow")
-            self._flush_all()
+            self._flush_blocked()
             return
         st = self.streams.get(sid)
         if st is None:
@@ -312,8 +364,8 @@ class H2Connection(Swept):
         if inc == 0:
             self._fail(st, f.GRPC_INTERNAL, "zero window increment", f.PROTOCOL_ERROR)
             return
-        st.send_window += inc
-        if st.send_window > f.MAX_WINDOW:
+        st.send_credit += inc
+        if self.peer_window + st.send_credit > f.MAX_WINDOW:
             self._fail(st, f.GRPC_INTERNAL, "stream window overflow", f.FLOW_CONTROL_ERROR)
             return
         self._flush(st)
@@ -331,11 +383,8 @@ class H2Connection(Swept):
         self._forget(st)
         if st.task is not None:
             st.task.cancel()  # the handler's own cleanup runs (its finally), nothing more is written
-        now = time.monotonic()
-        if now - self.reset_second >= 1.0:
-            self.reset_second, self.resets = now, 0
-        self.resets += 1
-        if self.resets > MAX_RESETS:
+        self.blocked.discard(sid)
+        if not self.resets.take():
             raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many resets")
         self._idle_check()
 
@@ -392,7 +441,7 @@ class H2Connection(Swept):
         if len(self.streams) >= MAX_STREAMS:
             self._control(f.rst_stream(sid, f.REFUSED_STREAM))
             return
-        st = Stream(sid, self.peer_window, self.stream_window, functools.partial(self._taken, sid))
+        st = Stream(sid, self.stream_window, functools.partial(self._taken, sid))
         self.streams[sid] = st
         self.busy = True
         handler, refusal = self._route(dict(fields))
@@ -453,6 +502,9 @@ class H2Connection(Swept):
         """Cut ``data`` (after what came before on the stream) into messages for the handler."""
         part = st.partial
         part += data
+        self.buffered += len(data)  # held until taken (or the call ends), whole or not
+        if self.buffered > MAX_BUFFERED:
+            raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many unread bytes")
         while len(part) >= 5:
             if part[0] != 0:
                 self._fail(st, f.GRPC_INTERNAL, "compressed message without an encoding", f.NO_ERROR)
@@ -466,9 +518,6 @@ class H2Connection(Swept):
                 return
             msg = bytes(part[5:5 + size])
             del part[:5 + size]
-            self.buffered += size + 5
-            if self.buffered > MAX_BUFFERED:
-                raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many unread messages")
             st.inbox.put(msg)
 
     def _remote_end(self, st: Stream) -> None:
@@ -485,7 +534,7 @@ class H2Connection(Swept):
         if st is None or st.remote_done:
             return
         st.unacked += n
-        if st.unacked >= self.stream_window // 2:
+        if st.unacked >= self.stream_window // 2 or st.recv_window < self.max_message + 5:
             st.recv_window += st.unacked
             self._write(f.window_update(sid, st.unacked))
             st.unacked = 0
@@ -497,14 +546,38 @@ class H2Connection(Swept):
         try:
             async for out in handler(st.inbox):
                 self._send(st, f.message(out))
+                if st.pending or self.unread:  # the peer has not taken the last answer: no next one yet
+                    await self._drained(st)
         except CallError as err:
             status, text = err.status, err.message
         except asyncio.CancelledError:
-            raise  # reset by the peer or the connection lost: nothing more to write
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                self._drop(st)
+                raise  # reset by the peer or the connection lost: nothing more to write
+            log.error("gRPC call on stream %d: its handler raised CancelledError uncancelled", st.id)
+            status, text = f.GRPC_INTERNAL, "the picker failed on this call"
         except Exception:
             log.exception("gRPC call on stream %d failed", st.id)
             status, text = f.GRPC_INTERNAL, "the picker failed on this call"
         self._end(st, status, text)
+
+    async def _drained(self, st: Stream) -> None:
+        """Until ``st``'s answers have all left and the peer is reading."""
+        while (st.pending or self.unread) and self.transport is not None and self.streams.get(st.id) is st:
+            st.drained = asyncio.get_running_loop().create_future()
+            try:
+                await st.drained
+            finally:
+                st.drained = None
+
+    def _drop(self, st: Stream) -> None:
+        """Forget ``st`` if it is still held (its handler is gone)."""
+        if self.streams.get(st.id) is st:
+            self.streams.pop(st.id)
+            self.blocked.discard(st.id)
+            self._forget(st)
+            self._idle_check()
 
     def _send(self, st: Stream, payload: bytes) -> None:
         st.pending += payload
@@ -528,12 +601,16 @@ class H2Connection(Swept):
             self._write(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, st.id, f.trailers(status, why, only=True)))
         self._write(f.rst_stream(st.id, rst_code))
         self.streams.pop(st.id, None)
+        self.blocked.discard(st.id)
         self._forget(st)
         self._idle_check()
+        if not self.resets.take():  # a peer making us reset its calls is resetting them too
+            raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many calls reset for errors")
 
     def _forget(self, st: Stream) -> None:
         """A stream's unread bytes no longer count against the connection."""
-        self.buffered -= st.inbox.drop()
+        self.buffered -= st.inbox.drop() + len(st.partial)
+        st.partial.clear()
 
     def _flush(self, st: Stream) -> None:
         """Write what the windows allow of ``st``'s waiting data, and its trailers once that is all out."""
@@ -549,13 +626,19 @@ class H2Connection(Swept):
                 return
             out.append(f.frame(f.HEADERS, f.END_HEADERS, st.id, f.RESPONSE_HEADERS))
         while st.pending:
-            n = min(len(st.pending), st.send_window, self.send_window, self.peer_frame)
+            n = min(len(st.pending), self.peer_window + st.send_credit, self.send_window, self.peer_frame)
             if n <= 0:
                 break
             out.append(f.frame(f.DATA, 0, st.id, bytes(st.pending[:n])))
             del st.pending[:n]
-            st.send_window -= n
+            st.send_credit -= n
             self.send_window -= n
+        if st.pending:
+            self.blocked.add(st.id)
+        else:
+            self.blocked.discard(st.id)
+            if not self.unread:
+                _wake(st)
         done = st.trailers is not None and not st.pending
         if done:
             assert st.trailers is not None
@@ -565,9 +648,13 @@ class H2Connection(Swept):
         if done:
             self._closed(st)
 
-    def _flush_all(self) -> None:
-        for st in list(self.streams.values()):
-            if st.pending or st.trailers is not None:
+    def _flush_blocked(self) -> None:
+        """The windows grew: send what waited for them (only the streams that wait, not every one)."""
+        for sid in list(self.blocked):
+            st = self.streams.get(sid)
+            if st is None:
+                self.blocked.discard(sid)
+            else:
                 self._flush(st)
 
     def _closed(self, st: Stream) -> None:
@@ -575,6 +662,7 @@ class H2Connection(Swept):
         if not st.remote_done:
             self._write(f.rst_stream(st.id, f.NO_ERROR))
         self.streams.pop(st.id, None)
+        self.blocked.discard(st.id)
         self._forget(st)
         self._idle_check()
 
@@ -595,7 +683,9 @@ class H2Connection(Swept):
         """An answer the protocol owes the peer (PING and SETTINGS acknowledgements, refusals): a peer that
         asks for them without reading what is written is abusive, not slow."""
         if self.unread:
-            raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"not reading")
+            self.owed += 1
+            if self.owed > MAX_UNREAD_CONTROL:
+                raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"not reading")
         self._write(data)
 
     def _goaway(self, code: int, debug: bytes) -> None:
@@ -616,6 +706,30 @@ class H2Connection(Swept):
         if self.transport is not None:
             self.transport.abort()
             self.transport = None
+
+
+class Budget:
+    """At most ``per_second`` events in any one-second window that starts with an event."""
+
+    __slots__ = ("per_second", "since", "used")
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self.used = 0
+        self.since = -math.inf
+
+    def take(self) -> bool:
+        """Count one event; False when it is over the budget."""
+        now = time.monotonic()
+        if now - self.since >= 1.0:
+            self.since, self.used = now, 0
+        self.used += 1
+        return self.used <= self.per_second
+
+
+def _wake(st: Stream) -> None:
+    if st.drained is not None and not st.drained.done():
+        st.drained.set_result(None)
 
 
 class _ErrorLog:

@@ -374,5 +374,110 @@ def test_a_peer_asking_for_pings_while_not_reading_is_sent_goaway_and_closed() -
     conn.connection_made(tr)
     conn.data_received(f.PREFACE + f.settings({}))
     conn.pause_writing()  # the transport's buffer is past its high-water mark: the peer is not reading
+    conn.data_received(f.frame(f.PING, 0, 0, b"12345678") * h2grpc.MAX_UNREAD_CONTROL)
+    assert not tr.closed  # a slow reader's pings are still answered, up to a point
     conn.data_received(f.frame(f.PING, 0, 0, b"12345678"))
     assert tr.closed and f.goaway(0, f.ENHANCE_YOUR_CALM, b"not reading") in tr.out
+
+
+async def test_a_frame_left_partial_closes_the_connection_after_the_read_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h2grpc, "READ_TIMEOUT_S", 0.2)
+    async with serving() as port:
+        async with peer(port) as p:
+            p.send(b"\x00\x00\x10\x00")  # 4 bytes of a frame header, then silence
+            assert _goaway_code(await p.frames(timeout=3)) == f.PROTOCOL_ERROR
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"PRI * HT")  # part of the preface, then silence
+        await asyncio.wait_for(reader.read(), 3)  # closed
+        writer.close()
+        assert await _echo_once(port) == b"still here"
+
+
+@pytest.mark.parametrize(("name", "frames"), [
+    ("a SETTINGS frame of too many entries", lambda: [f.frame(f.SETTINGS, 0, 0, b"\x00\x09\x00\x00\x00\x00" * 33)]),
+    ("SETTINGS frames faster than the budget", lambda: [f.settings({f.INITIAL_WINDOW_SIZE: 100})] * 1001),
+    ("PINGs faster than the budget", lambda: [f.frame(f.PING, 0, 0, b"12345678")] * 1001),
+])
+async def test_a_peer_flooding_control_frames_is_sent_goaway(name: str, frames: object) -> None:
+    async with serving() as port, peer(port) as p:
+        assert callable(frames)
+        p.send(*frames())
+        assert _goaway_code(await p.frames()) == f.ENHANCE_YOUR_CALM, name
+
+
+async def test_partial_messages_count_against_the_connections_bytes_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h2grpc, "MAX_BUFFERED", 100_000)
+    async with serving() as port, peer(port) as p:
+        # each call begins a message of 100 kB and sends 30 kB of it: none is whole, all are held
+        p.send(*(p.headers(sid) + f.frame(f.DATA, 0, sid, (100_000).to_bytes(5, "big") + bytes(30_000))
+                 for sid in (1, 3, 5, 7)))
+        assert _goaway_code(await p.frames()) == f.ENHANCE_YOUR_CALM
+
+
+async def test_a_handler_is_not_asked_for_its_next_answer_while_the_peer_takes_none() -> None:
+    asked: list[int] = []
+
+    async def counting(requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for msg in requests:
+            asked.append(len(msg))
+            yield msg
+
+    conns = Connections(60.0, 4)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: H2Connection({"/t.Echo/Stream": counting}, conns, MAX_MESSAGE), "127.0.0.1", 0)
+    async with peer(server.sockets[0].getsockname()[1], {f.INITIAL_WINDOW_SIZE: 0}) as p:
+        p.send(p.headers(1), *(f.frame(f.DATA, 0, 1, f.message(b"x" * 100)) for _ in range(5)))
+        await p.until(f.HEADERS)  # the answer's headers went; its data waits for window
+        await asyncio.sleep(0.2)
+        assert asked == [100]  # the second message is not taken: its answer would pile up unsent
+        p.send(f.window_update(1, 10_000))
+        await p.until(f.DATA)
+        for _ in range(50):
+            if len(asked) == 5:
+                break
+            await asyncio.sleep(0.02)
+        assert asked == [100] * 5
+    server.close()
+
+
+async def test_a_whole_message_of_the_largest_size_fits_after_smaller_ones() -> None:
+    async with serving() as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream("/t.Echo/Stream")()
+        for payload in (b"s" * 2000, b"b" * (MAX_MESSAGE - 10), b"t" * 3000, b"c" * MAX_MESSAGE):
+            await call.write(payload)
+            assert await call.read() == payload
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_calls_failed_for_their_errors_count_as_resets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h2grpc, "MAX_RESETS", 20)
+    async with serving() as port, peer(port) as p:
+        # each call sends a compressed message: we end it and reset it, which the peer made us do
+        p.send(*(p.headers(sid) + f.frame(f.DATA, 0, sid, b"\x01\x00\x00\x00\x01z") for sid in range(1, 80, 2)))
+        assert _goaway_code(await p.frames()) == f.ENHANCE_YOUR_CALM
+
+
+async def test_a_handler_raising_cancelled_error_uncancelled_ends_its_call_internal() -> None:
+    async def inner_cancelled(requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            fut = asyncio.get_running_loop().create_future()
+            fut.cancel()
+            await fut  # CancelledError, though nobody cancelled the call's task
+        yield b""
+
+    conns = Connections(60.0, 4)
+    made: list[H2Connection] = []
+
+    def conn() -> H2Connection:
+        made.append(H2Connection({"/t.X/Y": inner_cancelled}, conns, MAX_MESSAGE))
+        return made[-1]
+
+    server = await asyncio.get_running_loop().create_server(conn, "127.0.0.1", 0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}") as ch:
+        call = ch.stream_stream("/t.X/Y")()
+        await call.write(b"go")
+        assert await call.code() == grpc.StatusCode.INTERNAL
+        assert made[0].streams == {} and not made[0].busy  # nothing left open: the connection can go idle
+    server.close()
