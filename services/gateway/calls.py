@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from services.gateway.authz import AccessLogSink
 from services.gateway.epp import Picker
 from services.gateway.h2frames import GRPC_INVALID_ARGUMENT
-from services.gateway.h2grpc import CallError, Handler
+from services.gateway.h2stream import CallError, Handler
 
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"

@@ -126,7 +126,7 @@ class GatewayOptions:
         return (self.socket_dir or Path(DEFAULT_SOCKET_DIR)).resolve()
 
     def grpc_address(self) -> str:
-        """The gRPC listener, as grpcio takes it."""
+        """The gRPC listener: ``host:port``, or ``unix:PATH`` (as Envoy and the log name it)."""
         if self.tcp:
             return f"{self.grpc_host}:{self.grpc_port if self.grpc_port is not None else DEFAULT_GRPC_PORT}"
         return f"unix:{self.sockets / GRPC_SOCKET}"
