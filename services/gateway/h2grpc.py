@@ -31,7 +31,7 @@ from typing import Final, cast
 import hpack
 
 from services.gateway import h2frames as f
-from services.gateway.h2stream import Budget, CallError, Handler, Stream, wake
+from services.gateway.h2stream import MESSAGE_COST, Budget, CallError, Handler, Stream, wake
 from services.gateway.http1 import Connections, Swept
 
 log = logging.getLogger("gantry.gateway")
@@ -45,6 +45,7 @@ MAX_RESETS: Final = 2000  # calls per second a connection may have reset (rapid 
 MAX_CONTROL: Final = 1000  # PING and SETTINGS frames per second a connection may send
 MAX_UNREAD_CONTROL: Final = 64  # control answers owed to a peer not reading, before it is dropped
 MAX_SETTINGS: Final = 32  # entries in one SETTINGS frame (RFC 7540 defines 6)
+MAX_WINDOW_CHANGES: Final = 10  # increases of the peer's initial window per second
 READ_TIMEOUT_S: Final = 30.0  # a frame (or the preface) begun must be whole within this, unless frames progress
 ERROR_LOG_EVERY_S: Final = 10.0
 
@@ -77,12 +78,16 @@ class H2Connection(Swept):
         self.recv_window = CONNECTION_WINDOW
         self.recv_unacked = 0
         self.buffered = 0  # bytes of messages (whole or partial) received and not yet taken, every stream
-        self.blocked: set[int] = set()  # streams with answers waiting for window
+        # streams with answers waiting for window, in order: for the connection's, for their own (dicts as ordered
+        # sets: a connection WINDOW_UPDATE serves the first ones until the window is spent, never walks them all)
+        self.conn_blocked: dict[int, None] = {}
+        self.stream_blocked: dict[int, None] = {}
         self.going = False  # GOAWAY sent or received: no new calls
         self.unread = False  # the peer is not reading what we write
         self.owed = 0  # control answers written while it was not reading
         self.resets = Budget(MAX_RESETS)
         self.controls = Budget(MAX_CONTROL)
+        self.window_changes = Budget(MAX_WINDOW_CHANGES)
         self.stall: asyncio.TimerHandle | None = None  # armed while a frame is partly read
         self.frames = 0  # frames read (a stalled read is one that made no progress)
 
@@ -105,7 +110,8 @@ class H2Connection(Swept):
             if st.task is not None:
                 st.task.cancel()
         self.streams.clear()
-        self.blocked.clear()
+        self.conn_blocked.clear()
+        self.stream_blocked.clear()
         self.busy = False
         self.buf = bytearray()
         if self.stall is not None:
@@ -113,12 +119,17 @@ class H2Connection(Swept):
             self.stall = None
 
     def pause_writing(self) -> None:
-        """The peer is not reading: handlers wait before their next answer (``_call``)."""
+        """The peer is not reading: handlers wait before their next answer (``_call``), and nothing more is read
+        from it (every frame could owe it an answer: a refusal, a reset, a PING's) until it reads."""
         self.unread = True
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         """The peer read: handlers whose answers are all out go on."""
         self.unread, self.owed = False, 0
+        if self.transport is not None:
+            self.transport.resume_reading()
         for st in list(self.streams.values()):
             if not st.pending:
                 wake(st)
@@ -241,9 +252,12 @@ class H2Connection(Swept):
                 self.peer_frame = value
             elif key == f.ENABLE_PUSH and value > 1:
                 raise _ConnectionError(f.PROTOCOL_ERROR, b"bad ENABLE_PUSH")
-        self.peer_window = window  # every stream's window moves with it (``Stream.send_credit``)
+        grew, self.peer_window = window > self.peer_window, window  # every stream's window moves with it
         self._control(f.frame(f.SETTINGS, f.ACK, 0))
-        self._flush_blocked()
+        if grew:
+            if not self.window_changes.take():  # each walks the waiting streams: a peer sets it once, not often
+                raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"initial window changed too often")
+            self._flush_stream_blocked()
 
     def _window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -255,7 +269,7 @@ class H2Connection(Swept):
             self.send_window += inc
             if self.send_window > f.MAX_WINDOW:
                 raise _ConnectionError(f.FLOW_CONTROL_ERROR, b"connection window overflow")
-            self._flush_blocked()
+            self._flush_conn_blocked()
             return
         st = self.streams.get(sid)
         if st is None:
@@ -284,8 +298,10 @@ class H2Connection(Swept):
         self._forget(st)
         if st.task is not None:
             st.task.cancel()  # the handler's own cleanup runs (its finally), nothing more is written
-        self.blocked.discard(sid)
-        if not self.resets.take():
+        self._unblock(sid)
+        # only a call reset before any answer counts (rapid reset): Envoy ends every ext_proc stream it is done
+        # with by END_STREAM and then a reset, after the picker's answers
+        if not st.headers_sent and not self.resets.take():
             raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many resets")
         self._idle_check()
 
@@ -394,7 +410,7 @@ class H2Connection(Swept):
             if not payload or payload[0] >= len(payload):
                 raise _ConnectionError(f.PROTOCOL_ERROR, b"padding")
             data = payload[1:len(payload) - payload[0]]
-            st.unacked += len(payload) - len(data)  # padding is granted back at once with the next update
+            self._grant(st, len(payload) - len(data))  # padding holds nothing: its window is free at once
         self._messages(st, data)
         if flags & f.END_STREAM and sid in self.streams:
             self._remote_end(st)
@@ -419,6 +435,9 @@ class H2Connection(Swept):
                 return
             msg = bytes(part[5:5 + size])
             del part[:5 + size]
+            self.buffered += MESSAGE_COST  # what holding it costs beyond its bytes (a flood of tiny messages)
+            if self.buffered > MAX_BUFFERED:
+                raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many unread bytes")
             st.inbox.put(msg)
 
     def _remote_end(self, st: Stream) -> None:
@@ -430,14 +449,20 @@ class H2Connection(Swept):
 
     def _taken(self, sid: int, n: int) -> None:
         """The handler of ``sid`` took a message of ``n`` framed bytes: grant them back to the peer."""
-        self.buffered -= n
+        self.buffered -= n + MESSAGE_COST
         st = self.streams.get(sid)
-        if st is None or st.remote_done:
+        if st is not None:
+            self._grant(st, n)
+
+    def _grant(self, st: Stream, n: int) -> None:
+        """``n`` more bytes of ``st``'s window are free: granted back once half the window is, or sooner when less
+        than a whole message would fit."""
+        if st.remote_done:
             return
         st.unacked += n
         if st.unacked >= self.stream_window // 2 or st.recv_window < self.max_message + 5:
             st.recv_window += st.unacked
-            self._write(f.window_update(sid, st.unacked))
+            self._write(f.window_update(st.id, st.unacked))
             st.unacked = 0
 
     # --- calls ------------------------------------------------------------------------------------------
@@ -476,7 +501,7 @@ class H2Connection(Swept):
         """Forget ``st`` if it is still held (its handler is gone)."""
         if self.streams.get(st.id) is st:
             self.streams.pop(st.id)
-            self.blocked.discard(st.id)
+            self._unblock(st.id)
             self._forget(st)
             self._idle_check()
 
@@ -502,7 +527,7 @@ class H2Connection(Swept):
             self._write(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, st.id, f.trailers(status, why, only=True)))
         self._write(f.rst_stream(st.id, rst_code))
         self.streams.pop(st.id, None)
-        self.blocked.discard(st.id)
+        self._unblock(st.id)
         self._forget(st)
         self._idle_check()
         if not self.resets.take():  # a peer making us reset its calls is resetting them too
@@ -534,12 +559,11 @@ class H2Connection(Swept):
             del st.pending[:n]
             st.send_credit -= n
             self.send_window -= n
-        if st.pending:
-            self.blocked.add(st.id)
-        else:
-            self.blocked.discard(st.id)
-            if not self.unread:
-                wake(st)
+        self._unblock(st.id)
+        if st.pending:  # out of window: the connection's if it is spent, else the stream's own
+            (self.conn_blocked if self.send_window <= 0 else self.stream_blocked)[st.id] = None
+        elif not self.unread:
+            wake(st)
         done = st.trailers is not None and not st.pending
         if done:
             assert st.trailers is not None
@@ -549,12 +573,27 @@ class H2Connection(Swept):
         if done:
             self._closed(st)
 
-    def _flush_blocked(self) -> None:
-        """The windows grew: send what waited for them (only the streams that wait, not every one)."""
-        for sid in list(self.blocked):
+    def _unblock(self, sid: int) -> None:
+        self.conn_blocked.pop(sid, None)
+        self.stream_blocked.pop(sid, None)
+
+    def _flush_conn_blocked(self) -> None:
+        """The connection's window grew: the streams waiting for it, first come first served, until it is spent
+        again (work bounded by what the window lets out, not by how many streams wait)."""
+        while self.send_window > 0 and self.conn_blocked:
+            sid = next(iter(self.conn_blocked))
             st = self.streams.get(sid)
             if st is None:
-                self.blocked.discard(sid)
+                del self.conn_blocked[sid]
+            else:
+                self._flush(st)  # re-queued at the end if still waiting
+
+    def _flush_stream_blocked(self) -> None:
+        """The peer's initial window grew (SETTINGS, budgeted): every stream waiting on its own window."""
+        for sid in list(self.stream_blocked):
+            st = self.streams.get(sid)
+            if st is None:
+                self.stream_blocked.pop(sid, None)
             else:
                 self._flush(st)
 
@@ -563,7 +602,7 @@ class H2Connection(Swept):
         if not st.remote_done:
             self._write(f.rst_stream(st.id, f.NO_ERROR))
         self.streams.pop(st.id, None)
-        self.blocked.discard(st.id)
+        self._unblock(st.id)
         self._forget(st)
         self._idle_check()
 
@@ -598,10 +637,18 @@ class H2Connection(Swept):
         self._close()
 
     def _close(self) -> None:
+        """Close, the calls cancelled: flushing what is written first, unless the peer is not reading (a close that
+        waited for it would hold the connection, its calls and its place under the cap as long as it likes)."""
         if self.transport is not None:
             self.closing = self.transport
-            self.transport.close()
+            if self.unread:
+                self.transport.abort()
+            else:
+                self.transport.close()
             self.transport = None
+        for st in list(self.streams.values()):
+            if st.task is not None:
+                st.task.cancel()
 
     def _abort(self) -> None:
         if self.transport is not None:

@@ -355,6 +355,8 @@ class _Transport(asyncio.Transport):
         super().__init__()
         self.out = b""
         self.closed = False
+        self.aborted = False
+        self.reading = True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.out += bytes(data)
@@ -363,10 +365,16 @@ class _Transport(asyncio.Transport):
         self.closed = True
 
     def abort(self) -> None:
-        self.closed = True
+        self.closed = self.aborted = True
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False  # what the peer sent before is already read (the test feeds it)
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
 
 def test_a_peer_asking_for_pings_while_not_reading_is_sent_goaway_and_closed() -> None:
@@ -482,3 +490,85 @@ async def test_a_handler_raising_cancelled_error_uncancelled_ends_its_call_inter
         assert await call.code() == grpc.StatusCode.INTERNAL
         assert made[0].streams == {} and not made[0].busy  # nothing left open: the connection can go idle
     server.close()
+
+
+def _fed(conn: H2Connection, tr: _Transport, settings: dict[int, int] | None = None) -> None:
+    conn.connection_made(tr)
+    conn.data_received(f.PREFACE + f.settings(settings or {}))
+
+
+def _call_frames(enc: hpack.Encoder, sid: int, path: str = "/t.Echo/Stream") -> bytes:
+    return f.frame(f.HEADERS, f.END_HEADERS, sid, enc.encode([(":method", "POST"), (":path", path),
+                                                             ("content-type", "application/grpc")]))
+
+
+async def test_a_connection_window_update_serves_waiting_calls_only_as_far_as_it_reaches() -> None:
+    conn, tr, enc = H2Connection(METHODS, Connections(60.0, 4), MAX_MESSAGE), _Transport(), hpack.Encoder()
+    _fed(conn, tr)
+    conn.send_window = 0  # the peer has granted the connection nothing more
+    for sid in range(1, 200, 2):
+        conn.data_received(_call_frames(enc, sid) + f.frame(f.DATA, 0, sid, f.message(b"0123456789")))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(conn.conn_blocked) == 100
+    before = len(tr.out)
+    conn.data_received(f.window_update(0, 15))  # one whole answer (5 + 10 bytes), no more
+    assert len(conn.conn_blocked) == 99  # the first call's answer left; the others still wait, untouched
+    assert len(tr.out) - before < 100
+    conn.connection_lost(None)
+
+
+def test_the_peers_initial_window_grown_too_often_is_sent_goaway() -> None:
+    conn, tr = H2Connection(METHODS, Connections(60.0, 4), MAX_MESSAGE), _Transport()
+    _fed(conn, tr)
+    for size in range(70_000, 70_000 + h2grpc.MAX_WINDOW_CHANGES + 1):
+        conn.data_received(f.settings({f.INITIAL_WINDOW_SIZE: size}))  # each one larger: each walks the waiting
+    assert tr.closed and f.goaway(0, f.ENHANCE_YOUR_CALM, b"initial window changed too often") in tr.out
+
+
+async def test_a_peer_not_reading_is_not_read_and_its_close_is_an_abort() -> None:
+    conn, tr, enc = H2Connection(METHODS, Connections(60.0, 4), MAX_MESSAGE), _Transport(), hpack.Encoder()
+    _fed(conn, tr)
+    conn.data_received(_call_frames(enc, 1, "/t.Echo/Slow") + f.frame(f.DATA, 0, 1, f.message(b"x")))
+    await asyncio.sleep(0)
+    conn.pause_writing()
+    assert not tr.reading  # nothing more is read until it reads: no answers owed to it pile up
+    conn.close()  # the idle sweep, or an error: it must not wait for a peer that never reads
+    await asyncio.sleep(0)
+    assert tr.aborted and "slow" in ENDED  # its call's handler ended too
+
+
+async def test_tiny_messages_count_against_the_connections_bound_beyond_their_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h2grpc, "MAX_BUFFERED", 64 * 100)
+    conn, tr, enc = H2Connection(METHODS, Connections(60.0, 4), MAX_MESSAGE), _Transport(), hpack.Encoder()
+    _fed(conn, tr)
+    conn.data_received(_call_frames(enc, 1, "/t.Echo/Slow") + f.frame(f.DATA, 0, 1, f.message(b"")))
+    await asyncio.sleep(0)  # the handler sleeps on its first message: the rest queue up
+    conn.data_received(f.frame(f.DATA, 0, 1, f.message(b"") * 120))  # 600 bytes on the wire
+    assert tr.closed and f.goaway(1, f.ENHANCE_YOUR_CALM, b"too many unread bytes") in tr.out
+
+
+async def test_envoys_close_of_an_answered_call_is_not_counted_as_a_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h2grpc, "MAX_RESETS", 5)
+    conn, tr, enc = H2Connection(METHODS, Connections(60.0, 4), MAX_MESSAGE), _Transport(), hpack.Encoder()
+    _fed(conn, tr)
+    for sid in range(1, 60, 2):
+        conn.data_received(_call_frames(enc, sid) + f.frame(f.DATA, 0, sid, f.message(b"m")))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the answer leaves
+        conn.data_received(f.frame(f.DATA, f.END_STREAM, sid, b"") + f.rst_stream(sid, f.CANCEL))  # as Envoy ends it
+    assert not tr.closed
+
+
+async def test_a_padded_message_of_the_largest_size_still_fits_its_window() -> None:
+    conn, tr, enc = H2Connection(METHODS, Connections(60.0, 4), 40_000), _Transport(), hpack.Encoder()
+    _fed(conn, tr)
+    whole = f.message(b"p" * 40_000)
+    chunks = [whole[i:i + 200] for i in range(0, len(whole), 200)]  # 201 frames, each padded with 255 bytes
+    conn.data_received(_call_frames(enc, 1) + b"".join(
+        f.frame(f.DATA, f.PADDED, 1, bytes((255,)) + c + bytes(255)) for c in chunks))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert tr.out.count(b"p") >= 40_000  # echoed whole (no reset): the padding never held its window
+    conn.connection_lost(None)
