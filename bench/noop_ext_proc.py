@@ -28,9 +28,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 
-from services.gateway.calls import SERVING, health_call  # noqa: E402
+from services.gateway.calls import HEALTH_CHECK, PROCESS, SERVING, health_call  # noqa: E402
 from services.gateway.epp import DESTINATION, METADATA_NS, PICKED, _set_header  # noqa: E402
 from services.gateway.h2grpc import H2Connection  # noqa: E402
+from services.gateway.h2stream import Handler  # noqa: E402
 from services.gateway.http1 import Connections  # noqa: E402
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -157,8 +158,7 @@ async def serve_h2(port: int, destination: str, endpoint_id: str, host: str = "1
         async for data in raw:
             yield answers.answer(parse(data)).SerializeToString()
 
-    methods = {"/envoy.service.ext_proc.v3.ExternalProcessor/Process": process,
-               f"/{HEALTH_SERVICE}/Check": health_call}
+    methods: dict[str, Handler] = {PROCESS: process, HEALTH_CHECK: health_call}
     conns = Connections(3600.0, 1024)
     server = await asyncio.get_running_loop().create_server(lambda: H2Connection(methods, conns, 1 << 24), host,
                                                             port)

@@ -24,15 +24,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
 from typing import Final, cast
 
 import hpack
 
 from services.gateway import h2frames as f
-from services.gateway.h2stream import MESSAGE_COST, Budget, CallError, Handler, Stream, wake
+from services.gateway.h2stream import Budget, CallError, Handler, Stream, wake
 from services.gateway.http1 import Connections, Swept
+from shared.host.throttle import PerKeyThrottle
 
 log = logging.getLogger("gantry.gateway")
 
@@ -48,6 +48,9 @@ MAX_SETTINGS: Final = 32  # entries in one SETTINGS frame (RFC 7540 defines 6)
 MAX_WINDOW_CHANGES: Final = 10  # increases of the peer's initial window per second
 READ_TIMEOUT_S: Final = 30.0  # a frame (or the preface) begun must be whole within this, unless frames progress
 ERROR_LOG_EVERY_S: Final = 10.0
+MESSAGE_COST: Final = 64
+"""Bytes a message not yet taken is counted for beyond its own (its object and queue slot): a flood of tiny
+messages must reach the connection's bound as its memory does."""
 
 
 class H2Connection(Swept):
@@ -535,7 +538,8 @@ class H2Connection(Swept):
 
     def _forget(self, st: Stream) -> None:
         """A stream's unread bytes no longer count against the connection."""
-        self.buffered -= st.inbox.drop() + len(st.partial)
+        count, framed = st.inbox.drop()
+        self.buffered -= framed + count * MESSAGE_COST + len(st.partial)
         st.partial.clear()
 
     def _flush(self, st: Stream) -> None:
@@ -657,20 +661,19 @@ class H2Connection(Swept):
 
 
 class _ErrorLog:
-    """Connections closed for a protocol error: logged at most every ``ERROR_LOG_EVERY_S`` (a peer sending junk in
-    a loop must not flood the log), each line with how many since the last."""
+    """Connections closed for a protocol error: logged at most every ``ERROR_LOG_EVERY_S`` per kind of error (a
+    peer sending junk in a loop must not flood the log), each line with how many closes since the last line."""
 
     def __init__(self) -> None:
         self.count = self.logged = 0
-        self.at = -math.inf
+        self.throttle = PerKeyThrottle(ERROR_LOG_EVERY_S)
 
     def closed(self, code: int, debug: bytes) -> None:
         self.count += 1
-        now = time.monotonic()
-        if now - self.at >= ERROR_LOG_EVERY_S:
+        if self.throttle.allow(str(code), time.monotonic()):
             log.warning("gRPC connection closed: %s (HTTP/2 error %d; %d such closes since the last line)",
                         debug.decode(errors="replace"), code, self.count - self.logged)
-            self.at, self.logged = now, self.count
+            self.logged = self.count
 
 
 _error_log = _ErrorLog()

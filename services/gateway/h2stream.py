@@ -10,10 +10,6 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 
-MESSAGE_COST = 64
-"""Bytes a message not yet taken is counted for beyond its own (its object and queue slot): a flood of tiny
-messages must reach the connection's bound as its memory does."""
-
 Handler = Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
 """One gRPC method: the call's request messages in, its response messages out (raw protobuf bytes); a
 ``CallError`` ends the call with that status, any other exception with INTERNAL."""
@@ -50,11 +46,11 @@ class Inbox:
         self._ended = True
         self._wake()
 
-    def drop(self) -> int:
-        """Forget the messages not taken (the call is over); returns their framed bytes and their cost."""
-        n = sum(len(m) + 5 + MESSAGE_COST for m in self._msgs)
+    def drop(self) -> tuple[int, int]:
+        """Forget the messages not taken (the call is over); returns how many and their framed bytes."""
+        got = len(self._msgs), sum(len(m) + 5 for m in self._msgs)
         self._msgs.clear()
-        return n
+        return got
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

@@ -572,3 +572,14 @@ async def test_a_padded_message_of_the_largest_size_still_fits_its_window() -> N
         await asyncio.sleep(0)
     assert tr.out.count(b"p") >= 40_000  # echoed whole (no reset): the padding never held its window
     conn.connection_lost(None)
+
+
+async def test_a_small_header_block_that_decodes_huge_is_a_compression_error() -> None:
+    # HPACK bomb: one 4,000-byte value put in the table, then referenced 2,000 times (one byte each): 2 kB on the
+    # wire, 8 MB decoded
+    stored = hpack.Encoder().encode([("x-big", "v" * 4000)], huffman=False)  # indexed on the way: entry 62
+    async with serving() as port:
+        async with peer(port) as p:
+            p.send(f.frame(f.HEADERS, f.END_HEADERS, 1, stored + b"\xbe" * 2000))
+            assert _goaway_code(await p.frames()) == f.COMPRESSION_ERROR
+        assert await _echo_once(port) == b"still here"
