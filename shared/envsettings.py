@@ -111,12 +111,19 @@ def redis_url_problem(url: str) -> str | None:
     if parts.scheme not in ("redis", "rediss"):
         return None
     db = unquote(parts.path).strip("/")  # as redis-py reads it
-    if db and not (db.isascii() and db.isdigit() and len(db) <= 5):
+    if db and not _db_number(db):
         return f"the database (the path of the URL) must be a number, got {db[:40]!r}"
-    query = [v.strip() for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "db"]
-    if db and query and query[0].isascii() and query[0].isdigit() and len(query[0]) <= 5 and int(query[0]) != int(db):
+    # as redis-py reads the query: blank values dropped (``?db=&db=3`` is database 3)
+    query = [v.strip() for k, v in parse_qsl(parts.query) if k == "db"]
+    if db and query and _db_number(query[0]) and int(query[0]) != int(db):
         return f"the URL names two databases: {db} in its path, {query[0]} in its query (redis-py uses the query's)"
     return None
+
+
+def _db_number(text: str) -> bool:
+    """A Redis database number as the URL may give it: plain ASCII digits, at most 5 (settings sit below the core:
+    no ``limits.decimal`` here)."""
+    return text.isascii() and text.isdigit() and len(text) <= 5
 
 
 def _plain(spec: dataclasses.Field[object], text: str) -> object | None:

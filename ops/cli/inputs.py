@@ -17,6 +17,7 @@ from shared.core.limits import (
     MIB,
     bad_model_name,
     bad_worker_name,
+    first_repeat,
 )
 
 MAX_SCENARIO_BYTES = 64 * MIB  # scenarios carry request lists: larger than a spec, still read whole
@@ -60,8 +61,7 @@ def worker_labels(items: tuple[str, ...]) -> tuple[str, ...]:
         raise CliError(f"--label expects KEY=VALUE, got {quoted(bad[0][:80])}", exit_code=2)
     given = [item.split("=", 1)[0] for item in items]
     keys = set(given)
-    if len(keys) < len(given):  # the fleet refuses it too: the last would win, silently
-        twice = next(k for i, k in enumerate(given) if k in given[:i])
+    if (twice := first_repeat(given)) is not None:  # the fleet refuses it too: the last would win, silently
         raise CliError(f"--label {quoted(twice[:80])} is given more than once", exit_code=2)
     if len(keys) > MAX_LABELS:
         raise CliError(f"at most {MAX_LABELS} labels per worker, got {len(keys)}", exit_code=2)

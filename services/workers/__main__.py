@@ -14,7 +14,7 @@ import uvloop
 
 from services.workers.emulator import FleetConfig, fleet_problem, run_fleet
 from shared.bus.runtime import nats_options
-from shared.core.limits import MAX_EMULATED_WORKERS, MAX_GPUS_PER_WORKER
+from shared.core.limits import MAX_EMULATED_WORKERS, MAX_GPUS_PER_WORKER, first_repeat
 from shared.envsettings import (
     ENGINE_IDENTITY,
     ENGINE_NATS_URL_ENV,
@@ -97,8 +97,7 @@ def parse(argv: list[str] | None = None) -> FleetConfig:
         p.error(f"--label takes key=value, got {bad[0]!r}")
     pairs = [kv.split("=", 1) for kv in a.label]
     labels = dict(pairs)
-    if len(labels) < len(pairs):  # the last would win, silently
-        twice = next(k for i, (k, _) in enumerate(pairs) if k in {key for key, _ in pairs[:i]})
+    if (twice := first_repeat(key for key, _ in pairs)) is not None:  # the last would win, silently
         p.error(f"--label {twice!r} is given more than once")
     lent = (a.engine_nats_url or os.environ.get(ENGINE_NATS_URL_ENV) or engine_url(settings)) if a.engines else None
     try:

@@ -33,7 +33,7 @@ Why each number (``docs/operations.md`` lists them for operators):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated
 
 import msgspec
@@ -121,6 +121,16 @@ def decimal(text: str) -> bool:
     """Whether ``text`` is a plain non-negative decimal number: ASCII digits only (``str.isdigit`` also takes
     ``'²'`` and other digits that ``int`` refuses, which raised deep inside whoever parsed the text)."""
     return text.isascii() and text.isdigit()
+
+
+def first_repeat(keys: Iterable[str]) -> str | None:
+    """The first key seen a second time in ``keys``, else None (one pass: a huge list costs what it is long)."""
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 def bad_model_name(name: str, quote: Callable[[str], str] = repr) -> str | None:

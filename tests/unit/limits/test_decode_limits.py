@@ -21,7 +21,7 @@ from shared.bus.messages import (
     WorkerRegistration,
     decode,
 )
-from shared.core.limits import MAX_GPU_VRAM, MAX_GPUS_PER_WORKER, MAX_MESSAGE_BYTES, MAX_REPLICAS
+from shared.core.limits import MAX_GPU_VRAM, MAX_GPUS_PER_WORKER, MAX_MESSAGE_BYTES, MAX_REPLICAS, first_repeat
 
 GIB = 1 << 30
 
@@ -116,3 +116,11 @@ def test_a_message_past_the_size_limit_is_refused_before_decoding() -> None:
 )
 def test_values_at_the_limits_decode(kind: type[msgspec.Struct], payload: Any) -> None:
     assert decode(_raw(payload), kind) is not None
+
+
+@pytest.mark.parametrize(("keys", "repeat"), [
+    ([], None), (["a"], None), (["a", "b", "c"], None), (["a", "b", "a"], "a"), (["a", "b", "b", "a"], "b"),
+    ([str(i) for i in range(100_000)] + ["99999"], "99999"),  # one pass: a huge list costs what it is long
+])
+def test_first_repeat_names_the_first_key_seen_twice(keys: list[str], repeat: str | None) -> None:
+    assert first_repeat(keys) == repeat

@@ -151,7 +151,8 @@ def test_a_generated_secret_goes_into_the_url_as_it_is() -> None:
 
 
 @pytest.mark.parametrize("url", ["redis://h:6379/abc", "rediss://h/0x1", "redis://h/1/2", "redis://h/%41",
-                                 "redis://h/" + "1" * 5000, "redis://h/5?db=0", "REDIS://h/gantry"])
+                                 "redis://h/" + "1" * 5000, "redis://h/5?db=0", "redis://h/5?db=&db=3",
+                                 "REDIS://h/gantry"])
 def test_a_redis_database_that_is_not_a_number_is_refused_not_read_as_database_0(
         url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # redis-py takes any non-numeric path as database 0: the state would land beside whatever lives there
