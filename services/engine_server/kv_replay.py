@@ -91,7 +91,7 @@ class Replay:
     buffer: ReplayBuffer
     cursor: int  # the number of the next batch to send
     end: int  # the buffer's next number when asked: batches published later are not part of this replay
-    started: float = 0.0
+    started: float
     blocked_since: float | None = None  # when a send first found its queue full (None: the last send went out)
     done: bool = False  # the end marker went out
 
@@ -126,7 +126,7 @@ class ReplayDesk:
     _running: dict[bytes, Replay] = field(default_factory=dict, init=False, repr=False)  # by requester, in order
     _turn: int = field(default=0, init=False, repr=False)
 
-    def take(self, frames: list[bytes], now: float = 0.0) -> list[bytes] | None:
+    def take(self, frames: list[bytes], now: float) -> list[bytes] | None:
         """One message the ROUTER received at ``now``. Starts a replay and returns None, or returns the end marker to
         send once to a refused requester (None too when there is no one to answer or answering would mislead)."""
         if not frames:

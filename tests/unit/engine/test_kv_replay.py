@@ -30,7 +30,7 @@ def _drain(replay: Replay) -> list[list[bytes]]:
 
 
 def _request(desk: ReplayDesk, frames: list[bytes]) -> Replay:
-    assert desk.take(frames) is None
+    assert desk.take(frames, now=0.0) is None
     [replay] = [r for r in desk.in_progress() if r.identity == frames[0]]
     return replay
 
@@ -123,21 +123,21 @@ def test_a_replay_still_running_after_the_longest_replay_time_is_abandoned() -> 
         "ahead", "huge"])
 def test_a_malformed_request_is_answered_with_the_end_marker_alone_and_counted(frames: list[bytes]) -> None:
     desk = ReplayDesk(_buffer(5))
-    assert desk.take(frames) == [b"id", b"", END_SEQ, b""]
+    assert desk.take(frames, now=0.0) == [b"id", b"", END_SEQ, b""]
     assert desk.refused == {"malformed": 1, "busy": 0, "abandoned": 0}
     assert desk.in_progress() == [] and desk.replays == 0
 
 
 def test_a_message_without_an_identity_is_counted_and_not_answered() -> None:
     desk = ReplayDesk(_buffer(1))
-    assert desk.take([]) is None and desk.refused["malformed"] == 1 and desk.in_progress() == []
+    assert desk.take([], now=0.0) is None and desk.refused["malformed"] == 1 and desk.in_progress() == []
 
 
 def test_requests_beyond_the_replays_in_progress_limit_are_answered_with_the_end_marker_and_counted_busy() -> None:
     desk = ReplayDesk(_buffer(5), max_replays=2)
     _request(desk, [b"a", b"", _seq(0)])
     _request(desk, [b"b", b"", _seq(0)])
-    assert desk.take([b"c", b"", _seq(0)]) == [b"c", b"", END_SEQ, b""]
+    assert desk.take([b"c", b"", _seq(0)], now=0.0) == [b"c", b"", END_SEQ, b""]
     assert desk.refused["busy"] == 1 and len(desk.in_progress()) == 2
 
 
@@ -154,7 +154,7 @@ def test_a_finished_replay_frees_its_place() -> None:
 def test_a_second_request_while_the_requesters_replay_runs_is_ignored_and_counted_busy() -> None:
     desk = ReplayDesk(_buffer(5))
     replay = _request(desk, [b"a", b"", _seq(3)])
-    assert desk.take([b"a", b"", _seq(0)]) is None  # an end marker now would cut its replay short for it
+    assert desk.take([b"a", b"", _seq(0)], now=0.0) is None  # an end marker now would cut its replay short for it
     assert desk.refused["busy"] == 1 and desk.in_progress() == [replay]
     assert [f[2] for f in _drain(replay)] == [_seq(3), _seq(4), END_SEQ]
 
@@ -204,5 +204,5 @@ def test_the_buffer_holds_at_least_one_batch(capacity: int) -> None:
 def test_a_malformed_request_while_the_requesters_replay_runs_is_counted_and_not_answered() -> None:
     desk = ReplayDesk(_buffer(5))
     replay = _request(desk, [b"a", b"", _seq(3)])
-    assert desk.take([b"a", b"", b"\x00"]) is None  # an end marker would read as the end of its replay
+    assert desk.take([b"a", b"", b"\x00"], now=0.0) is None  # an end marker would read as the end of its replay
     assert desk.refused["malformed"] == 1 and desk.in_progress() == [replay]
