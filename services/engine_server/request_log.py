@@ -63,16 +63,19 @@ def open_request_log(path: str) -> int:
     if Path(path).is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory")
     # non-blocking: opening a FIFO without a reader fails at once (ENXIO) instead of hanging the server's start,
-    # and a full pipe refuses a write (which turns the log off) instead of stalling the step loop; regular files
-    # are unaffected
+    # and a full pipe refuses a write (the lines wait, ``RequestLog.flush``) instead of stalling the step loop;
+    # regular files are unaffected
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+
+
+MAX_PENDING = 64 << 10  # bytes of lines a pipe has not taken yet before the log gives up on its reader
 
 
 class RequestLog:
     """Collects one :class:`RequestRecord` line per ended request and appends them once per engine step
     (``flush``, run after each step's tokens went out: one ``write`` for all the requests that ended in it).
-    A failed or short write (a full disk, a full pipe) is reported once and turns the log off, never the server;
-    nothing here raises into the step loop."""
+    A failed write (a full disk, a reader gone) or a reader that does not keep up is reported once and turns the
+    log off, never the server; nothing here raises into the step loop."""
 
     def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
@@ -88,7 +91,10 @@ class RequestLog:
         :func:`open_request_log`)."""
         if self._fd is None:
             given, self._given = self._given, None
-            self._fd = given if given is not None else open_request_log(self.path)
+            # a copy of the descriptor given: this log closes its own at the stop, and the number the options
+            # hold stays the file's (a second server built from the same options must not write to whatever
+            # later reuses a closed number)
+            self._fd = os.dup(given) if given is not None else open_request_log(self.path)
 
     def write(self, req: Request, finish: str, end_s: float) -> None:
         """Note ``req``, which ended at model time ``end_s``; it reaches the file at the next :meth:`flush`."""
@@ -103,21 +109,23 @@ class RequestLog:
             self.lost += 1
 
     def flush(self) -> None:
-        """Append the lines noted since the last flush in one write."""
+        """Append the lines noted since the last flush in one write. What a pipe does not take (a reader a little
+        behind) waits for the next flush, so a line cut by a short write is finished by the next one; past
+        ``MAX_PENDING`` bytes waiting (a reader that does not keep up) the log is turned off."""
         pending, fd = self._pending, self._fd
         if not pending or fd is None:
             return
-        lines = pending.count(b"\n")
         try:
             n = os.write(fd, pending)
-        except OSError as err:  # a full pipe (EAGAIN), a full disk (ENOSPC), a reader gone (EPIPE)
-            self._off(f"{err.strerror or err}", lines)
+        except BlockingIOError:  # a full pipe: nothing taken this time
+            n = 0
+        except OSError as err:  # a full disk (ENOSPC), a reader gone (EPIPE)
+            self._off(f"{err.strerror or err}", pending.count(b"\n"))
             return
-        if n != len(pending):  # a short write would leave half a line for the next to continue
-            self._off(f"short write ({n} of {len(pending)} bytes)", lines)
-            return
-        pending.clear()
-        self.written += lines
+        self.written += pending.count(b"\n", 0, n)
+        del pending[:n]
+        if len(pending) > MAX_PENDING:
+            self._off(f"the reader is not keeping up ({len(pending)} bytes waiting)", pending.count(b"\n"))
 
     def _off(self, why: str, lines: int) -> None:
         log.warning("request log %s: write failed (%s): the request log is off from now on", self.path, why)

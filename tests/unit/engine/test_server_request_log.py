@@ -5,6 +5,7 @@ FIFO's reader gets every line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -127,6 +128,36 @@ async def test_a_full_pipe_turns_the_log_off_once_and_requests_keep_completing(
     assert log.lost > 0 and log.written > 0
     warnings = [r.message for r in caplog.records if "request log" in r.message]
     assert len(warnings) == 1 and "the request log is off from now on" in warnings[0]
+
+
+async def test_a_reader_a_little_behind_gets_every_line_whole(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    got = bytearray()
+    try:
+        runner = _runner()
+        log = _logged(runner, fifo)
+        runner.start()
+        for batch in range(12):  # ~7 kB a batch: the 64 kB pipe is full by the 10th; the reader catches up after it
+            sinks = [CollectSink() for _ in range(40)]
+            for i, sink in enumerate(sinks):
+                runner.submit(Request(f"r{batch}-{i}", [i + 1] * 20, max_tokens=1, ignore_eos=True), sink)
+            await asyncio.wait_for(asyncio.gather(*(s.done for s in sinks)), 10)
+            if batch == 10:
+                with contextlib.suppress(BlockingIOError):
+                    while chunk := os.read(reader, 1 << 16):
+                        got += chunk
+        await runner.stop()
+        log.flush()  # what was still waiting
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(reader, 1 << 16):
+                got += chunk
+    finally:
+        os.close(reader)
+    lines = got.decode().splitlines()
+    assert log.lost == 0 and len(lines) == log.written == 480  # a short write was finished by the next, none lost
+    assert [json.loads(line)["id"] for line in lines] == [f"r{b}-{i}" for b in range(12) for i in range(40)]
 
 
 async def test_a_fifo_with_a_reader_gets_every_line_from_a_served_request(tmp_path: Path) -> None:
