@@ -519,15 +519,19 @@ def plot(summary: dict[str, Any], setups: list[str], groups: list[int], path: Pa
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.8 / max(len(setups), 1)
+    # each group's bars show the p90 its verdict compared (``summarize``): never one router's exact figure beside
+    # another's interpolated one
+    exact = {g: summary.get("ttft_p90_checked_on", {}).get(str(g), "").startswith("exact") for g in groups}
     for i, s in enumerate(setups):
         xs = [j + i * width for j in range(len(groups))]
         by = [summary["table"][str(g)].get(s, {}) for g in groups]
         axes[0].bar(xs, [b.get("hit_rate", 0) for b in by], width, label=s)
-        # the exact p90 where the rows have it, else the interpolated one (rows of an older run)
-        axes[1].bar(xs, [1e3 * (b.get("ttft_exact_p90_s") if not math.isnan(b.get("ttft_exact_p90_s", math.nan))
-                                else b.get("ttft_p90_s", 0)) for b in by], width, label=s)
+        p90s = [1e3 * b.get("ttft_exact_p90_s" if exact[g] else "ttft_p90_s", 0)
+                for g, b in zip(groups, by, strict=True)]
+        axes[1].bar(xs, p90s, width, label=s)
+    p90 = "exact" if all(exact.values()) else "interpolated" if not any(exact.values()) else "exact where logged"
     for ax, title in ((axes[0], "prefix-cache hit rate (engines' counters)"),
-                      (axes[1], "TTFT p90, server side, exact (ms)")):
+                      (axes[1], f"TTFT p90, server side, {p90} (ms)")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{g} groups" for g in groups])
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
