@@ -78,6 +78,14 @@ async def test_bad_heartbeats_are_dead_lettered_and_good_ones_still_recorded(sta
     stack.start_workers("fleet", "--count", "1", "--gpus", "2", "--heartbeat-interval", "0.2")
     stack.start_service("reconciler")
     await wait_until(lambda: stack.store.worker_names(), 20, "registered worker")
+    # heartbeats are core NATS (no replay): the reconciler's heartbeat subscription must be live before the first
+    # bad one is sent, which a heartbeat recorded after the registration shows (on a loaded CI host it was not yet)
+    registered = (await stack.store.workers())[0].last_heartbeat
+
+    async def beating() -> bool:
+        return (await stack.store.workers())[0].last_heartbeat > registered
+
+    await wait_until(beating, 15, "a heartbeat recorded after the registration")
     for name, payload, fragment in HEARTBEATS:
         await stack.nc.publish(subjects.worker_heartbeat("stranger" if name == "unknown-worker" else "w0"), payload)
         await wait_until(lambda f=fragment: dead_letter_with(stack, "reconciler", f), 30, f"dead letter for {name}")
