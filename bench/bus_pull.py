@@ -38,7 +38,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig  # 
 
 from ops.servers import start_nats  # noqa: E402
 from shared.bus.messages import PlacementItem, PlacementRequest, decode, encode  # noqa: E402
-from shared.bus.runtime import pull_loop  # noqa: E402
+from shared.bus.pull import pull_loop  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
 STREAM, SUBJECT, BATCH = "BENCH", "bench.pull", 64

@@ -1,4 +1,5 @@
-"""Publishing, pull loops and raw subscriptions shared by every Gantry service (straight on nats-py).
+"""Publishing and raw subscriptions shared by every Gantry service (straight on nats-py; pull loops:
+``shared.bus.pull``).
 
 JetStream publishes carry a ``Nats-Msg-Id`` so a re-publish after a crash is dropped by the stream's
 duplicate window; rejected input goes to the dead-letter subject as an ErrorEvent.
@@ -7,7 +8,6 @@ duplicate window; rejected input goes to the dead-letter subject as an ErrorEven
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -225,130 +225,6 @@ def make_broker(settings: Settings, no_echo: bool = False, kind: type[NatsBroker
         url, logger=quiet, log_level=logging.DEBUG, max_reconnect_attempts=-1, security=security,
         inbox_prefix=options["inbox_prefix"], no_echo=no_echo,
     )
-
-
-PullHandler = Callable[[list[Msg]], Awaitable[None]]
-
-
-JS_API = "$JS.API"
-PULL_EXPIRES_S = 5.0  # an open pull request lasts this long; an idle loop asks again after it
-PULL_IDLE_CHECK_S = 0.5  # how often an idle loop checks that its request is still outstanding
-
-
-async def pull_loop(
-    nc: Client, stream: str, durable: str, subject: str, batch: int, handler: PullHandler, linger: float = 0.0
-) -> None:
-    """Consume a durable pull consumer forever, handing each batch (raw messages) to ``handler``.
-
-    One pull request for up to ``batch`` messages is kept open on the server; messages arrive as soon as
-    they are stored and are handled right away, together with whatever else has arrived meanwhile (so
-    batches fill up under load and a lone message is never held back). A new request goes out as soon as
-    the open one is used up or expires. nats-py's ``fetch`` is not used: its lingering request can keep a
-    message that arrived in the client waiting for later ones, which put tens of milliseconds on every hop
-    at light load. Handlers ack (or nak) themselves: a batch left unacked (a crash) is redelivered by
-    JetStream after the ack wait. ``subject`` names the consumer's filter (for logs).
-
-    ``linger`` (seconds): while messages keep coming, the next batch starts no sooner than ``linger`` after
-    the previous one did, so that it gathers more: under load, fewer and larger batches mean far fewer
-    round trips (and wake-ups) for every stage downstream. Messages keep coming when the previous batch
-    was partial but not lone, or when it started less than ``linger`` after the one before it (a steady
-    stream of lone messages: 500 a second would otherwise make 500 batches). A lone message after a quiet
-    period (light load) is never held back.
-    """
-    inbox = nc.new_inbox()
-    arrived: asyncio.Queue[Msg] = asyncio.Queue()
-
-    async def on_message(msg: Msg) -> None:
-        arrived.put_nowait(msg)
-
-    sub = await nc.subscribe(inbox, cb=on_message)
-    left = 0  # messages the open request may still deliver
-    asked_at = float("-inf")
-    reconnects = nc.stats["reconnects"]
-
-    async def ask() -> None:
-        nonlocal left, asked_at, reconnects
-        req = {"batch": batch, "expires": int(PULL_EXPIRES_S * 1e9)}
-        reconnects = nc.stats["reconnects"]
-        try:
-            await nc.publish(f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}", msgspec.json.encode(req), reply=inbox)
-        except Exception as exc:  # NATS away, draining, buffer full: the idle check below asks again
-            log.warning("pull request for %s not sent: %s", subject, exc)
-            left = 0
-            return
-        left, asked_at = batch, time.monotonic()
-
-    def lost() -> bool:
-        # No request outstanding, a reconnect (the server forgot our request), or neither messages nor
-        # the expiry notice for longer than a request lives.
-        stale = time.monotonic() - asked_at > PULL_EXPIRES_S + 1.0
-        return left <= 0 or stale or nc.stats["reconnects"] != reconnects
-
-    last_start = prev_start = float("-inf")  # when the last two batches started
-    last_size = 0
-
-    def flowing(size: int) -> bool:
-        # Messages keep coming: the last batch gathered several (but not a full batch), or it followed the
-        # one before it within a linger period.
-        return size > 1 or 1 < last_size < batch or last_start - prev_start < linger
-
-    try:
-        await ask()
-        while True:
-            try:
-                first = await asyncio.wait_for(arrived.get(), PULL_IDLE_CHECK_S)
-            except TimeoutError:
-                if lost():
-                    await ask()
-                continue
-            got = [first]
-            while not arrived.empty() and len(got) < batch:
-                got.append(arrived.get_nowait())
-            msgs = []
-            unavailable = False
-            for msg in got:
-                status = JetStreamContext.is_status_msg(msg)
-                if not status:
-                    msgs.append(msg)
-                    left -= 1
-                elif status in ("408", "409"):  # the request expired or was closed by the server
-                    left = 0
-                elif status == "503":  # JetStream not answering (yet): ask again after a pause
-                    left, unavailable = 0, True
-            if unavailable:
-                await asyncio.sleep(0.5)
-            if lost():
-                await ask()
-            if not msgs:
-                continue
-            if linger > 0 and len(msgs) < batch and flowing(len(msgs)):
-                rest = linger - (time.monotonic() - last_start)  # at most one batch per linger period
-                if rest > 0:
-                    await asyncio.sleep(rest)
-                    while not arrived.empty() and len(msgs) < batch:
-                        more = arrived.get_nowait()
-                        status = JetStreamContext.is_status_msg(more)
-                        if not status:
-                            msgs.append(more)
-                            left -= 1
-                        elif status in ("408", "409", "503"):
-                            left = 0
-                    if lost():
-                        await ask()
-            prev_start, last_start, last_size = last_start, time.monotonic(), len(msgs)
-            try:
-                await handler(msgs)
-            except Exception:  # the handler's own guard failed (e.g. NATS away while nak'ing): go on
-                log.exception("handler for %s failed; messages will be redelivered", subject)
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-        # Delivered to us but not handled: hand them back now rather than after the ack wait.
-        while not arrived.empty():
-            msg = arrived.get_nowait()
-            if not JetStreamContext.is_status_msg(msg):
-                with contextlib.suppress(Exception):
-                    await msg.nak()
 
 
 RawHandler = Callable[[bytes], Awaitable[None]]

@@ -19,7 +19,8 @@ import nats.js.errors
 import redis.exceptions
 from nats.aio.msg import Msg
 
-from shared.bus.runtime import Bus, PullHandler
+from shared.bus.pull import PullHandler
+from shared.bus.runtime import Bus
 from shared.settings import Settings
 
 log = logging.getLogger("gantry.service")

@@ -36,9 +36,9 @@ from shared.bus.messages import (
     WorkerRemovedEvent,
     decode,
 )
+from shared.bus.pull import PullHandler, pull_loop
 from shared.bus.runtime import (
     Bus,
-    PullHandler,
     RawHandler,
     ReportHandler,
     await_provisioned,
@@ -47,7 +47,6 @@ from shared.bus.runtime import (
     make_broker,
     nats_client,
     nats_options,
-    pull_loop,
 )
 from shared.bus.streams import ALL_CONSUMERS
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile

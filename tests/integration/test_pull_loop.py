@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 from ops.servers import ServerProcess, start_nats
-from shared.bus.runtime import PULL_EXPIRES_S, pull_loop
+from shared.bus.pull import PULL_EXPIRES_S, pull_loop
 from shared.host.tasks import cancel_until_done
 
 LINGER = 1.0  # a lone message must go through in half of it: long enough for a loaded host
