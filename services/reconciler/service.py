@@ -79,6 +79,7 @@ from shared.core.placement.planner import (
 )
 from shared.core.placement.reconcile import resync_workers
 from shared.host.feed import Feed
+from shared.host.isolation import Retry
 from shared.host.service import PlacementService, ack_all, guarded, run_batch, settle
 from shared.state.store import CommitItem, ScaleUp, commit_call
 
@@ -410,7 +411,7 @@ class Reconciler(PlacementService):
         await self._delete(records, tell_worker=False)
         outcome = await self.store.forget_worker(cmd.worker, cutoff=now - self.settings.not_ready_after_s)
         if outcome == "holds":  # a commit raced the release: redeliver and try again
-            raise RuntimeError(f"worker {cmd.worker} still holds claims")
+            raise Retry(f"worker {cmd.worker} still holds claims")
         if outcome == "alive":
             await self.bus.dead_letter(raw.subject, f"workers remove: worker {cmd.worker} came back", data)
         else:
@@ -492,23 +493,37 @@ class Reconciler(PlacementService):
         finally:
             await self.store.unlock_model(model, token)
 
+    async def _same_model(self, out: ItemOutcome) -> ItemOutcome:
+        """``out``, or, for a decision naming another model than its replica's (a scoring bug or a forged
+        message: committed, it would count in the wrong model's replicas for good), a dead letter and the replica
+        placed again."""
+        d = out.decision
+        if d is None or d.model == out.item.model:
+            return out
+        why = f"a decision for model {d.model!r} on replica {out.item.instance_id} of model {out.item.model!r}"
+        await self.bus.dead_letter(subjects.PLACEMENT_SCORED, why, msgspec.json.encode(out))
+        return ItemOutcome(item=out.item, retry=True)
+
     def _needs_request(self, iid: str, now: float) -> bool:
         return needs_request(self.requested.get(iid), now, 3 * self.settings.ack_wait_s)
 
     async def _remove(
         self, model: str, token: str, pending: Sequence[Instance], placed: Sequence[Instance], now: float
     ) -> None:
-        """Remove PENDING replicas outright and drain placed ones (under the model's lock)."""
+        """Remove PENDING replicas outright and drain placed ones (under the model's lock). Only what the store
+        changed is announced: a PENDING replica committed since it was read stays placed (the next converge
+        drains it if it is one too many), a placed one that failed meanwhile is not drained."""
         if pending:
-            await self.store.release([i.id for i in pending])
-            await self._publish_removed(pending)
+            gone = set(await self.store.remove_pending([i.id for i in pending]))
+            await self._publish_removed([i for i in pending if i.id in gone])
         if placed:
-            ids = [i.id for i in placed]
-            await self.store.mark_state(model, token, InstanceState.DRAINING, ACTIVE, ids)
-            await self.store.mark_drains(ids, now)
-            drained = [msgspec.structs.replace(i, state=InstanceState.DRAINING) for i in placed]
-            await self._publish_instances(drained)
-            for inst in placed:
+            moved = await self.store.mark_state(model, token, InstanceState.DRAINING, ACTIVE, [i.id for i in placed])
+            if moved is None:
+                raise TimeoutError(f"lost the converge lock of {model}")
+            draining = [i for i in placed if i.id in set(moved)]
+            await self.store.mark_drains([i.id for i in draining], now)
+            await self._publish_instances([msgspec.structs.replace(i, state=InstanceState.DRAINING) for i in draining])
+            for inst in draining:
                 assert inst.worker is not None
                 await self.bus.publish(subjects.worker_drain(inst.worker), DrainInstance(instance_id=inst.id))
 
@@ -571,7 +586,7 @@ class Reconciler(PlacementService):
         specs: dict[str, ModelSpec] = {}
         for scored in batch:
             specs.update(scored.specs)
-        outs = [out for scored in batch for out in scored.outcomes]
+        outs = [await self._same_model(out) for scored in batch for out in scored.outcomes]
         decided = self._named([
             (k, instance_from_decision(out.decision, out.item.instance_id, created_at=out.item.requested_at))
             for k, out in enumerate(outs) if out.decision is not None
@@ -870,7 +885,9 @@ class Reconciler(PlacementService):
         await self.apply(p, records, now)
         if stale := [i for i in failures if i not in records]:
             await self.store.forget_failures(stale)
-        await self._resync(records, now, resync_shard)
+        # the feed as it is now, not as the tick began: a replica committed and reported by its worker during the
+        # awaits above is placed there, not a stray to delete
+        await self._resync(dict(self.feed.instances), self.clock(), resync_shard)
         if full:
             await self._announce_stale(overdue_pending(list(records.values()), self.requested, now,
                                                        3 * self.settings.ack_wait_s))

@@ -133,6 +133,11 @@ class ModelFileUpdate(Message, frozen=True, kw_only=True):
     progress: Fraction = 0.0
 
 
+WORKER_REPORTED = frozenset({InstanceState.SCHEDULED, InstanceState.STARTING, InstanceState.RUNNING,
+                             InstanceState.ERROR})
+"""The states a worker's own report may move one of its replicas to (idle and deleted reports carry any)."""
+
+
 class InstanceStatus(Message, frozen=True, kw_only=True):
     """A worker's report on one of its instances. ``deleted`` confirms removal."""
 
@@ -142,6 +147,12 @@ class InstanceStatus(Message, frozen=True, kw_only=True):
     idle: bool = False  # while DRAINING: no request in flight any more
     deleted: bool = False
     message: Text | None = None
+
+    def __post_init__(self) -> None:
+        # PENDING, DRAINING and UNREACHABLE are the reconciler's to set: a worker moving its own replica there
+        # (an ERROR one back to PENDING kept its GPU claims and was never replaced) is refused at decode.
+        if not (self.idle or self.deleted) and self.state not in WORKER_REPORTED:
+            raise ValueError(f"a worker cannot report state {self.state.value}")
 
 
 class InstanceReports(Message, frozen=True, kw_only=True):

@@ -50,9 +50,16 @@ class SplitBatch(Exception):
     loop's ``isolating`` wrapper hands the batch's messages to the handler again one at a time."""
 
 
+class Retry(Exception):
+    """A race another attempt resolves (e.g. a commit landed while a worker was being forgotten): the message is
+    redelivered, never dead-lettered."""
+
+
 # Failures of the infrastructure, not of a message: NATS or Redis away or busy, a lock not obtained in time
-# (builtin TimeoutError and ConnectionError are OSErrors). Anything else a handler raises is the message's.
+# (builtin TimeoutError and ConnectionError are OSErrors), or a race another attempt resolves. Anything else a
+# handler raises is the message's.
 TRANSIENT: tuple[type[BaseException], ...] = (
+    Retry,
     OSError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,

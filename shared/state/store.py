@@ -317,13 +317,13 @@ class StateStore:
         register: Callable[[str], Any] = scripts.script if scripts is not None else client.register_script
         self._commit = register((_LUA / "commit.lua").read_text())
         tracking = _tracking_lib()  # scripts that move instance states keep the per-model sets in step
-        self._release = register(tracking + (_LUA / "release.lua").read_text())
         # These answer a replay of a call (a retry after a lost reply) as its first run: their last key names the
         # call (``shared.state.replay``); the others are harmless run twice (docs/state.md, "Replays").
         replay = prelude()
         self._set_state = register(replay + tracking + (_LUA / "set_state.lua").read_text())
         self._create = register(replay + tracking + (_LUA / "create_pending.lua").read_text())
         self._mark = register(replay + tracking + (_LUA / "mark_state.lua").read_text())
+        self._release = register(replay + tracking + (_LUA / "release.lua").read_text())
         self._unlock = register((_LUA / "unlock.lua").read_text())
         self._converge_up = register(replay + tracking + (_LUA / "converge_up.lua").read_text())
         self._forget_worker = register((_LUA / "forget_worker.lua").read_text())
@@ -780,16 +780,17 @@ class StateStore:
 
     async def mark_state(
         self, model: str, token: str, state: InstanceState, allowed: Iterable[InstanceState], ids: Sequence[str]
-    ) -> int:
-        """Move ``ids`` currently in ``allowed`` states to ``state`` under the lock; -1 if lock lost."""
-        changed = 0
+    ) -> list[str] | None:
+        """Move ``ids`` currently in ``allowed`` states to ``state`` under the lock: the ids moved, or None if the
+        lock was lost (then a part may have moved: the caller's plan is void, the next converge plans again)."""
+        moved: list[str] = []
         for part in _chunks(ids):
             args = [token, state.value, ",".join(s.value for s in allowed), model, *part]
-            got = int(await self._mark(keys=[Keys.lock + model, Keys.inst_state, call_key(Keys.replay)], args=args))
-            if got < 0:
-                return -1
-            changed += got
-        return changed
+            got = await self._mark(keys=[Keys.lock + model, Keys.inst_state, call_key(Keys.replay)], args=args)
+            if not isinstance(got, list):  # -1: the token no longer holds the lock
+                return None
+            moved += [_s(v) for v in got]
+        return moved
 
     # -- ledger ---------------------------------------------------------------------------------------
 
@@ -833,11 +834,19 @@ class StateStore:
 
     async def release(self, ids: Sequence[str], mode: str = "remove") -> int:
         """Free the claims of ``ids`` (idempotent) and remove them, or set them to state ``mode``."""
-        keys = [
-            Keys.gpu_used, Keys.ram_used, Keys.claims, Keys.inst, Keys.inst_state,
-            Keys.inst_reason, Keys.inst_worker, Keys.model_index, Keys.cpu_used, Keys.committed_by,
-        ]
-        return sum([int(await self._release(keys=keys, args=[mode, *part])) for part in _chunks(ids)])
+        return sum([int(await self._release(keys=self._release_keys(), args=[mode, *part])) for part in _chunks(ids)])
+
+    @staticmethod
+    def _release_keys() -> list[str]:
+        return [Keys.gpu_used, Keys.ram_used, Keys.claims, Keys.inst, Keys.inst_state, Keys.inst_reason,
+                Keys.inst_worker, Keys.model_index, Keys.cpu_used, Keys.committed_by, call_key(Keys.replay)]
+
+    async def remove_pending(self, ids: Sequence[str]) -> list[str]:
+        """Remove those of ``ids`` still PENDING (one committed meanwhile stays): the ids removed."""
+        out: list[str] = []
+        for part in _chunks(ids):
+            out += [_s(v) for v in await self._release(keys=self._release_keys(), args=["remove_pending", *part])]
+        return out
 
     async def set_states(self, reports: Sequence[tuple[str, str, InstanceState]]) -> list[InstanceState | None]:
         """Apply (instance id, worker, state) reports in order, in one call; each one's previous state or None."""

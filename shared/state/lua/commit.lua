@@ -12,7 +12,16 @@
 -- as the failed call did, and the items that call committed answer "ok" again.
 -- Returns per item: "ok", "dup" (already committed by another call or item: redelivery), "gone" (no longer PENDING)
 -- "full:<field>" (no room: the decision is refused) or "invalid:<field>" (a negative or non-integer amount,
--- which the layers above refuse already: never written to the ledger).
+-- which the layers above refuse already, or "invalid:model", a record of another model than the PENDING one:
+-- never written to the ledger).
+-- true when the stored record names a model and the decision's record another (a stored record that does not
+-- decode is left to the layers that report invalid records)
+local function other_model(stored, record)
+  if not stored then return false end
+  local ok, old = pcall(cjson.decode, stored)
+  if not ok or type(old) ~= "table" or type(old["model"]) ~= "string" then return false end
+  return old["model"] ~= cjson.decode(record)["model"]
+end
 local n = tonumber(ARGV[1])
 local call, base = ARGV[2], tonumber(ARGV[3])
 local pos = 4
@@ -28,6 +37,8 @@ for i = 1, n do
     if redis.call("HGET", KEYS[12], id) == by then verdict = "ok" else verdict = "dup" end
   elseif redis.call("HGET", KEYS[7], id) ~= "PENDING" then
     verdict = "gone"
+  elseif other_model(redis.call("HGET", KEYS[6], id), record) then
+    verdict = "invalid:model"  -- a decision for another model than the replica's: never written
   else
     for c = 0, nclaims - 1 do
       local kind, field = ARGV[first + 3 * c], ARGV[first + 3 * c + 1]

@@ -14,7 +14,8 @@ local out, changed = {}, false
 for i = 1, #ARGV, 3 do
   local id, worker, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local cur = redis.call("HGET", KEYS[1], id)
-  local ok = cur and redis.call("HGET", KEYS[2], id) == worker
+  -- a worker reports only these states (PENDING, DRAINING and UNREACHABLE are the reconciler's to set)
+  local ok = cur and (rank[new] ~= nil or new == "ERROR") and redis.call("HGET", KEYS[2], id) == worker
     and cur ~= "DRAINING" and cur ~= "UNREACHABLE" and cur ~= "PENDING" and cur ~= new
   if ok and new ~= "ERROR" and cur ~= "ERROR" then
     local rc, rn = rank[cur], rank[new]

@@ -81,6 +81,10 @@ REFUSED: list[tuple[str, type[msgspec.Struct], Any]] = [
     ("instance id with a newline", InstanceStatus, {"instance_id": "m-1\n", "worker": "w0", "state": "RUNNING"}),
     ("worker >", CordonCommand, {"worker": ">"}),
     ("status worker *", InstanceStatus, {"instance_id": "m-1", "worker": "*", "state": "RUNNING"}),
+    # states only the reconciler sets
+    ("worker reports PENDING", InstanceStatus, {"instance_id": "m-1", "worker": "w0", "state": "PENDING"}),
+    ("worker reports DRAINING", InstanceStatus, {"instance_id": "m-1", "worker": "w0", "state": "DRAINING"}),
+    ("worker reports UNREACHABLE", InstanceStatus, {"instance_id": "m-1", "worker": "w0", "state": "UNREACHABLE"}),
     ("file progress NaN-like", ModelFileUpdate, {"worker": "w0", "source": "s", "state": "READY", "progress": 1e400}),
     ("1 MB source", ModelFileUpdate, {"worker": "w0", "source": "x" * (1 << 20), "state": "READY"}),
 ]
@@ -112,6 +116,9 @@ def test_a_message_past_the_size_limit_is_refused_before_decoding() -> None:
         (WorkerRegistration, {"worker": worker(gpus=[{"index": 7, "vram_total": MAX_GPU_VRAM}])}),
         (AssignInstance, {"instance_id": "m-ab01", "model": "m", "gpu_indexes": [0], "vram_claims": [0]}),
         (CordonCommand, {"worker": "rack3_host2", "gpu_index": 3}),
+        # a draining replica's idle report and a removal's confirmation carry the state the worker last knew
+        (InstanceStatus, {"instance_id": "m-1", "worker": "w0", "state": "DRAINING", "idle": True}),
+        (InstanceStatus, {"instance_id": "m-1", "worker": "w0", "state": "DRAINING", "deleted": True}),
     ],
 )
 def test_values_at_the_limits_decode(kind: type[msgspec.Struct], payload: Any) -> None:

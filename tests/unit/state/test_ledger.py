@@ -110,6 +110,13 @@ async def test_release_to_unreachable_keeps_the_record(store: StateStore) -> Non
         (InstanceState.SCHEDULED, InstanceState.RUNNING, True),
         (InstanceState.RUNNING, InstanceState.ERROR, True),
         (InstanceState.ERROR, InstanceState.RUNNING, True),
+        # the reconciler's states are never a worker's to report, from any state (an ERROR replica moved back to
+        # PENDING kept its claims and was never replaced)
+        (InstanceState.ERROR, InstanceState.PENDING, False),
+        (InstanceState.ERROR, InstanceState.DRAINING, False),
+        (InstanceState.ERROR, InstanceState.UNREACHABLE, False),
+        (InstanceState.RUNNING, InstanceState.DRAINING, False),
+        (InstanceState.SCHEDULED, InstanceState.PENDING, False),
     ],
 )
 async def test_status_reports_follow_allowed_transitions(
@@ -121,6 +128,28 @@ async def test_status_reports_follow_allowed_transitions(
     await store.r.hset("gantry:inst:state", "a", start.value)
     (prev,) = await store.set_states([("a", "w1", report)])
     assert (prev is not None) is applied
+
+
+async def test_a_decision_naming_another_model_than_its_pending_replica_is_refused_unwritten(
+    store: StateStore,
+) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a")
+    other = dataclasses.replace(placed("a", "w1", (0,), 10), instance=Instance(
+        id="a", model="other", state=InstanceState.SCHEDULED, worker="w1", gpu_indexes=(0,), vram_claims=(10 * GIB,)))
+    assert await store.commit([other]) == ["invalid:model"]
+    assert (await store.ledger())["w1:0"] == (0, 80 * GIB)
+    assert (await store.instance("a")).state is InstanceState.PENDING  # type: ignore[union-attr]
+
+
+async def test_a_scale_down_removes_only_the_replicas_still_pending(store: StateStore) -> None:
+    await store.register_workers([worker("w1")])
+    await pending(store, "a", "b")
+    assert await store.commit([placed("a", "w1", (0,), 10)]) == ["ok"]  # placed since the scale-down read them
+    assert await store.remove_pending(["a", "b", "gone"]) == ["b"]
+    assert (await store.instance("a")).state is InstanceState.SCHEDULED  # type: ignore[union-attr]
+    assert await store.instance("b") is None
+    assert (await store.ledger())["w1:0"] == (10 * GIB, 80 * GIB)
 
 
 async def test_status_report_from_another_worker_is_ignored(store: StateStore) -> None:

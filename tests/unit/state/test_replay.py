@@ -160,14 +160,22 @@ async def test_a_replayed_forget_worker_answers_ok_and_changes_nothing_more(stor
     runs.assert_same_replies()
 
 
-async def test_a_replayed_mark_state_answers_the_count_it_moved(store: StateStore) -> None:
+async def test_a_replayed_mark_state_answers_the_ids_it_moved(store: StateStore) -> None:
     await store.register_workers([W1])
     await pending(store, "a")
     assert await store.commit([placed("a")]) == ["ok"]
     token = await store.lock_model("m")
     assert token
     runs = twice(store, "_mark", store.r)
-    assert await store.mark_state("m", token, InstanceState.DRAINING, ACTIVE, ["a"]) == 1
+    assert await store.mark_state("m", token, InstanceState.DRAINING, ACTIVE, ["a"]) == ["a"]
+    runs.assert_harmless()
+    runs.assert_same_replies()
+
+
+async def test_a_replayed_scale_down_removal_answers_the_replicas_it_removed(store: StateStore) -> None:
+    await pending(store, "a", "b")
+    runs = twice(store, "_release", store.r)
+    assert await store.remove_pending(["a", "b"]) == ["a", "b"]
     runs.assert_harmless()
     runs.assert_same_replies()
 
