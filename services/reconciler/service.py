@@ -559,9 +559,11 @@ class Reconciler(PlacementService):
             models = {i.model for i in chunk}
             req = PlacementRequest(batch_id=batch_id, items=chunk, specs={m: specs[m] for m in models})
             out.append((subjects.PLACEMENT_REQUESTED, req, f"req:{batch_id}"))
-            for i in chunk:
-                self.requested[i.instance_id] = now
         await self.bus.publish_js_many(out)
+        # only once stored: marked before, a failed publish (the batch is redelivered) left the replicas "requested"
+        # and unasked for three ack waits; a part that did go out is asked again, which the commit recognises
+        for i in items:
+            self.requested[i.instance_id] = now
 
     async def request(self, asks: Sequence[Ask], now: float) -> None:
         """Publish the plan's placement requests (a model without a known spec cannot be requested)."""

@@ -203,3 +203,13 @@ async def test_an_operators_removal_racing_a_commit_is_redelivered_not_dead_lett
     assert [m.data.split(b" ")[0] for m in acks] == [b"-NAK"]  # handed back to the stream: tried again later
     assert await rec.store.worker_names() == {"w0"}
 
+
+
+async def test_a_placement_request_that_was_not_stored_leaves_its_replicas_unrequested(rec: Reconciler) -> None:
+    async def nats_away(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("nats away")
+
+    rec.bus.publish_js_many = nats_away  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await rec.publish_items([PlacementItem(instance_id="x", model="m")], {"m": SPEC}, 1.0)
+    assert "x" not in rec.requested  # asked again as soon as the batch comes back, not three ack waits later
