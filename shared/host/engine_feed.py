@@ -245,10 +245,15 @@ class EngineFeed:
         if self.ip_only:
             host = address_of(m.url).rsplit(":", 1)[0].strip("[]")
             try:
-                ipaddress.ip_address(host)
+                ip = ipaddress.ip_address(host)
             except ValueError:
                 raise ValueError(f"engine url {m.url!r}: this picker's Envoy dials IP addresses only (a host name "
                                  f"in its endpoint file makes it reject every pool update)") from None
+            if getattr(ip, "scope_id", None):
+                # Python reads an IPv6 zone (fe80::1%eth0, any text after the %), Envoy does not: it rejected the
+                # whole endpoint file, and every later one while that engine kept reporting
+                raise ValueError(f"engine url {m.url!r}: an IPv6 address with a zone, which Envoy's endpoint file "
+                                 f"does not take")
         if m.ts - now > self.pool.expire_s:
             # the core keeps the newest report and ignores older ones: one stamped far ahead would freeze the
             # endpoint's load and keep it looking fresh (never stale) until the clocks met, however long

@@ -142,6 +142,17 @@ def test_the_gateway_feed_refuses_an_engine_url_naming_a_host_that_envoys_endpoi
     assert feed.addresses == {"e2": "[::1]:8002", "e1": "127.0.0.1:8001"}
 
 
+@pytest.mark.parametrize("url", ["http://[fe80::1%25eth0]:8002", "http://[fe80::1%nosuch]:8002",
+                                 "http://[fe80::1%lo]:8002"])
+def test_the_gateway_feed_refuses_an_ipv6_zone_which_envoys_endpoint_file_cannot_take(url: str) -> None:
+    pools: list[list[Endpoint]] = []
+    feed = EngineFeed(Router(builtin_config("default")), on_pool=pools.append, ip_only=True)
+    with pytest.raises(ValueError, match="zone"):
+        feed.on_metrics(msgspec.structs.replace(report(), instance_id="e2", url=url), NOW)
+    feed.on_metrics(report(), NOW)
+    assert feed.addresses == {"e1": "127.0.0.1:8001"}
+
+
 def test_past_the_pool_bound_a_new_instance_is_refused_and_the_members_keep_reporting() -> None:
     feed = EngineFeed(Router(builtin_config("default")))
     feed.pool.max_endpoints = 2
