@@ -24,6 +24,7 @@ from shared.core.limits import (
     Attempt,
     BlockSize,
     Count,
+    EngineRequests,
     Fraction,
     GpuIndex,
     InstanceId,
@@ -495,8 +496,8 @@ class EngineMetrics(Message, frozen=True, kw_only=True):
     model: Text
     url: Text  # base URL of the OpenAI-compatible API
     ts: Time  # unix seconds when sampled
-    num_requests_running: Count
-    num_requests_waiting: Count
+    num_requests_running: EngineRequests
+    num_requests_waiting: EngineRequests
     kv_cache_usage_perc: Fraction
     block_size: BlockSize
     num_gpu_blocks: KvBlocks
@@ -509,7 +510,7 @@ class EngineMetrics(Message, frozen=True, kw_only=True):
     generation_tokens: Count = 0
     max_loras: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIST)] = 0  # LoRA slots per batch (vLLM: max_loras); 0 = off
     role: Text = "mixed"  # P/D role: prefill | decode | mixed (shared.core.roles.NodeRole)
-    num_requests_waiting_for_remote_kv: Count = 0  # decode side: admitted, waiting for the prefill's KV
+    num_requests_waiting_for_remote_kv: EngineRequests = 0  # decode side: admitted, waiting for the prefill's KV
     clock_lag_s: Time = 0.0  # how far the emulated engine trails its clock (0 when it keeps time)
     # what the server's NATS publisher dropped since it started (its /metrics has them too): KV-event batches (the
     # backlog was full: consumers saw a gap) and prefix-cache snapshot requests (their requester timed out). 0 from

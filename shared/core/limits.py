@@ -68,6 +68,7 @@ MAX_SCORE = 1e15
 MAX_INSTANCES_PER_WORKER = 10_000
 MAX_BATCH_ITEMS = 20_000  # items, outcomes or events in one message
 MAX_POOL_ENDPOINTS = 10_000  # model servers one picker routes over (all models); more reports are refused
+MAX_ENGINE_REQUESTS = 100_000  # requests one model server reports running or waiting
 MAX_KV_BLOCKS = 1 << 24  # KV blocks one model server reports (a router indexes up to ~1.25x this per server)
 MAX_FILES_PER_WORKER = 1_000  # model sources one worker reports files of; a new one past this is refused
 MAX_LIST = 10_000  # any other list in a message (GPU ids, local paths, parameters)
@@ -91,6 +92,9 @@ Layers = Annotated[int, msgspec.Meta(ge=0, le=MAX_LAYERS)]
 Tokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)]
 Attempt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPTS)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]  # a non-negative counter (requests, tokens)
+# one engine's requests running or waiting at a moment: far past any real server's queue, low enough that one report
+# cannot flatten a pool's min-max queue scores or dominate its saturation mean
+EngineRequests = Annotated[int, msgspec.Meta(ge=0, le=MAX_ENGINE_REQUESTS)]
 Seq = Count  # a message's number in its sender's sequence
 KvBlocks = Annotated[int, msgspec.Meta(ge=0, le=MAX_KV_BLOCKS)]  # 0: not reported
 BlockSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)]

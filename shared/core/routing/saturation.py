@@ -65,10 +65,14 @@ class UtilizationDetector:
         return m.waiting > self._q_limit or m.kv_usage > self._kv_limit
 
     def pool(self, endpoints: Sequence[EndpointState], now: float) -> float:
-        """Mean ``s_e`` over the pool; 1.0 for an empty pool."""
+        """Mean ``s_e`` over the pool, each at most 1; 1.0 for an empty pool.
+
+        GIE's mean takes ``s_e`` as it is; here an endpoint past its thresholds counts as full, as a stale one
+        does: the pool reaches 1 only when no endpoint has room, and one endpoint's long queue (or one report's
+        absurd one) cannot shed sheddable traffic the others have room for."""
         if not endpoints:
             return 1.0
-        return sum(self.endpoint(st, now) for st in endpoints) / len(endpoints)
+        return sum(min(1.0, self.endpoint(st, now)) for st in endpoints) / len(endpoints)
 
     def has_headroom(self, endpoints: Sequence[EndpointState], now: float) -> bool:
         """True when at least one endpoint is not saturated (flow control may dispatch)."""

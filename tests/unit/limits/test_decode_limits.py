@@ -12,6 +12,7 @@ import pytest
 from shared.bus.messages import (
     AssignInstance,
     CordonCommand,
+    EngineMetrics,
     Heartbeat,
     InstanceStatus,
     MessageError,
@@ -81,6 +82,9 @@ REFUSED: list[tuple[str, type[msgspec.Struct], Any]] = [
     ("instance id with a newline", InstanceStatus, {"instance_id": "m-1\n", "worker": "w0", "state": "RUNNING"}),
     ("worker >", CordonCommand, {"worker": ">"}),
     ("status worker *", InstanceStatus, {"instance_id": "m-1", "worker": "*", "state": "RUNNING"}),
+    ("engine queue past any real server's", EngineMetrics, {
+        "instance_id": "e1", "model": "m", "url": "http://127.0.0.1:8001", "ts": 1.0, "num_requests_running": 0,
+        "num_requests_waiting": (1 << 63) - 1, "kv_cache_usage_perc": 0.0}),
     # states only the reconciler sets
     ("worker reports PENDING", InstanceStatus, {"instance_id": "m-1", "worker": "w0", "state": "PENDING"}),
     ("worker reports DRAINING", InstanceStatus, {"instance_id": "m-1", "worker": "w0", "state": "DRAINING"}),

@@ -66,6 +66,18 @@ def test_sheddable_request_is_shed_429_when_the_pool_is_saturated_others_still_r
     assert isinstance(r.route(req("c", priority=0), NOW), Decision)
 
 
+@pytest.mark.parametrize("waiting", [6, 40, 100_000])
+def test_one_endpoint_past_its_thresholds_sheds_nothing_while_the_others_have_room(waiting: int) -> None:
+    # GIE's unclamped mean would shed here once one queue passed 5 x the pool size (3 idle endpoints: 20)
+    r = router(PREFIX_ONLY, pool(met(waiting=waiting), met(), met(), met()))
+    assert isinstance(r.route(req("s", priority=-1), NOW), Decision)
+
+
+def test_a_pool_with_every_endpoint_full_sheds_whatever_the_mix_of_queue_and_cache() -> None:
+    r = router(PREFIX_ONLY, pool(met(waiting=5), met(kv=0.8), met(waiting=100_000, kv=1.0)))
+    assert isinstance(out := r.route(req("s", priority=-1), NOW), Refusal) and out.code == SHED
+
+
 def test_filters_emptying_the_pool_refuse_with_each_filters_reason() -> None:
     state = pool(met(ts=NOW - 5), met(ts=NOW - 5))
     r = Router(builtin_config("default"), state)
