@@ -16,7 +16,17 @@ from google.protobuf import json_format
 
 from ops.envoy import EXT_PROC, EnvoyOptions, envoy_config
 from services.engine_server.textgen import TextModel
-from services.gateway.epp import DESTINATION, METADATA_NS, OFFLOOP_TOKENIZE_CHARS, PICKED, SERVED, Picked, Picker
+from services.gateway.epp import (
+    DESTINATION,
+    METADATA_NS,
+    OFFLOOP_PARSE_BYTES,
+    OFFLOOP_TOKENIZE_CHARS,
+    PICKED,
+    SERVED,
+    Picked,
+    Picker,
+    Refusal,
+)
 from services.gateway.pool import PoolView, address_of, eds_document, metrics_of
 from services.gateway.protocol import STREAMED_RESPONSE_MODE
 from services.gateway.request import BadRequest, parse_request, tokenized
@@ -341,6 +351,28 @@ async def test_a_long_prompt_is_tokenized_off_the_event_loop_so_other_streams_go
         resp, decision = await p.decide(chat("word " * (OFFLOOP_TOKENIZE_CHARS // 5 + 1)), {})
     assert other_stream.count >= 5 and decision is not None and resp.HasField("request_body")
     assert router.state.endpoints["a"].inflight_tokens > OFFLOOP_TOKENIZE_CHARS // 5  # routed on its token ids
+
+
+@pytest.mark.parametrize("body", [
+    msgspec.json.encode({"model": "m", "prompt": list(range(OFFLOOP_PARSE_BYTES // 4))}),  # token ids
+    chat(messages=[{"role": "user", "content": "hi"}] * (OFFLOOP_PARSE_BYTES // 32)),  # many short messages
+])
+async def test_a_large_body_is_read_off_the_event_loop_and_routed(body: bytes) -> None:
+    # read inline, 8 MB of token ids held every other check and stream for ~250 ms
+    p, router = picker(report("a", 8001))
+    p.tokenize = shipped_tokenizer()
+    got = p.pick_now(body, {})
+    assert not isinstance(got, Picked | Refusal)  # an awaitable: the reading happens on a worker thread
+    picked = await got
+    assert isinstance(picked, Picked) and router.state.endpoints["a"].inflight_tokens > 1000
+
+
+async def test_a_large_unreadable_body_is_refused_400_from_the_worker_thread() -> None:
+    p, router = picker(report("a", 8001))
+    got = p.pick_now(msgspec.json.encode({"model": "m", "prompt": [-1] * OFFLOOP_PARSE_BYTES}), {})
+    refused = await got  # type: ignore[misc]
+    assert isinstance(refused, Refusal) and refused.code == 400 and "token ids" in refused.message
+    assert router.state.in_flight() == 0
 
 
 async def test_models_listing_is_answered_by_the_picker() -> None:
