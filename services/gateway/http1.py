@@ -200,6 +200,10 @@ class OneByOne(Swept):
         self.busy = False  # an answer is being awaited
         self.paused = False  # reading stopped: a client pipelining behind an awaited answer has sent a full request
         self.unread = False  # the peer is not reading its answers (past the transport's high-water mark)
+        # where the head of the request begun in ``buf`` ends and how many bytes the request needs, once that head
+        # is read: a body trickling in is then one comparison a read, not its head searched and parsed again (1.5 ms
+        # a read for a 60 KiB head)
+        self.cut: tuple[int, int] | None = None
         self.transport: asyncio.Transport | None = None
         self.closing: asyncio.Transport | None = None  # closed by ``_close``, maybe still flushing answers
         self.conns = conns
@@ -214,6 +218,7 @@ class OneByOne(Swept):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.buf = bytearray()
+        self.cut = None
         self._unwatch()
         if self.conns is not None:
             self.conns.open.discard(self)
@@ -282,18 +287,21 @@ class OneByOne(Swept):
 
     def _next(self) -> None:
         while not self.busy and not self.unread and self.transport is not None:
-            end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
-            if end < 0:
-                if len(self.buf) > MAX_HEAD_BYTES:  # no end of head in sight: not a request this reads
+            if self.cut is None:
+                end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
+                if end < 0:
+                    if len(self.buf) > MAX_HEAD_BYTES:  # no end of head in sight: not a request this reads
+                        self._close()
+                    return
+                length = content_length(self.buf[:end], self.max_body)
+                if length < 0:  # the framing is unknown: nothing after this head can be cut into requests
                     self._close()
-                return
-            length = content_length(self.buf[:end], self.max_body)
-            if length < 0:  # the framing is unknown: nothing after this head can be cut into requests
-                self._close()
-                return
-            need = end + 4 + length
+                    return
+                self.cut = (end, end + 4 + length)
+            end, need = self.cut
             if len(self.buf) < need:
                 return  # the body is still coming
+            self.cut = None
             head, body = bytes(self.buf[:end]), bytes(self.buf[end + 4:need])
             del self.buf[:need]
             if self.stall is not None:  # this request is whole: the next one's time starts when it begins
@@ -332,6 +340,7 @@ class OneByOne(Swept):
 
     def _close(self) -> None:
         self.buf = bytearray()
+        self.cut = None
         self._unwatch()
         if self.transport is not None:
             self.closing = self.transport
