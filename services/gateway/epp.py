@@ -51,6 +51,7 @@ _STREAM_BODY = json_format.ParseDict(STREAMED_RESPONSE_MODE, processing_mode_pb2
 # the plain acknowledgements, built once (never mutated: gRPC only serializes them)
 _HEADERS_ACK = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _CHUNK_ACK = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_BODY_ACK = pb.ProcessingResponse(request_body=pb.BodyResponse())
 
 
 @dataclass
@@ -242,6 +243,9 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                         return
                     yield _HEADERS_ACK
                 elif kind == "request_body":
+                    if decision is not None:  # one decision a stream: another body (not Envoy's buffered mode)
+                        yield _BODY_ACK  # passes unread, booking nothing (booked again, the first never ended)
+                        continue
                     resp, decision = await self.decide(msg.request_body.body, headers)
                     yield resp
                     self.router.flush()  # deferred assumed-state insertions, after the answer left

@@ -297,6 +297,19 @@ def test_a_request_id_cannot_be_guessed_from_the_one_before() -> None:
     assert len(set(tails)) == len(tails)  # 64 random bits each: a counter alone would give the next one away
 
 
+async def test_a_second_request_body_on_one_stream_books_nothing_and_the_stream_ends_its_one_request() -> None:
+    p, router = picker(report("a", 8001))
+    ex = Exchange(p)
+    await ex.send(headers_msg())
+    first = await ex.send(body_msg(chat()))
+    again = await ex.send(body_msg(chat("another")))
+    assert first.request_body.response.header_mutation.set_headers  # routed once
+    assert again.HasField("request_body") and not again.request_body.response.header_mutation.set_headers
+    assert router.state.in_flight() == 1 and p.counters.picks == 1
+    await ex.gen.aclose()  # Envoy closed the stream: the HTTP request is over
+    assert router.state.in_flight() == 0
+
+
 async def test_client_gone_mid_stream_still_finishes_the_request() -> None:
     p, router = picker(report("a", 8001))
     ex = Exchange(p)
