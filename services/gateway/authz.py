@@ -156,6 +156,14 @@ class AuthzPicker:
         for rid in gone:
             if self.inflight.pop(rid, None) is not None:
                 self.picker.counters.finished += 1
+        # and the books of requests whose endpoint left the pool (the router dropped their flights with it): with
+        # their log entries lost, nothing else ever ends them
+        state = self.picker.router.state
+        left = [rid for rid in self.inflight if not state.flying(rid)]
+        for rid in left:
+            del self.inflight[rid]
+            self.picker.counters.finished += 1
+        gone += left
         if gone:
             log.warning("%d requests in flight had no access-log entry (oldest %s): ended", len(gone), gone[0])
         return len(gone)

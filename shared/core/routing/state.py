@@ -309,6 +309,10 @@ class PoolState:
         """Requests dispatched and not yet finished."""
         return len(self._flights)
 
+    def flying(self, request_id: str) -> bool:
+        """Whether ``request_id`` is dispatched and not yet finished (its endpoint may have left since: then not)."""
+        return request_id in self._flights
+
     # -- derived --------------------------------------------------------------------------------------
     def is_stale(self, st: EndpointState, now: float) -> bool:
         """No metrics, or metrics older than the staleness bound."""

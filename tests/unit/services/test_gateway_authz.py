@@ -131,6 +131,19 @@ async def test_requests_whose_log_entries_were_lost_are_ended_after_the_longest_
     assert router.state.endpoints["a"].inflight_requests == 0 and authz.inflight == {}
 
 
+async def test_the_books_of_requests_whose_endpoint_left_and_whose_log_entries_were_lost_are_ended() -> None:
+    p, router = picker(report("a", 8001), report("b", 8002))
+    authz = AuthzPicker(p)
+    for _ in range(20):
+        await _answered(authz, CHAT_HEAD, chat())
+    leaving = next(iter(authz.inflight.values())).endpoint
+    on_it = [rid for rid, d in authz.inflight.items() if d.endpoint == leaving]
+    staying = [st.endpoint for e, st in router.state.endpoints.items() if e != leaving]
+    router.set_endpoints(staying)  # it left the pool (drained, or silent)
+    assert authz.expire(NOW + 1, 600.0) == len(on_it)  # long before any request's age limit
+    assert len(authz.inflight) == 20 - len(on_it) and all(router.state.flying(rid) for rid in authz.inflight)
+
+
 async def test_past_the_in_flight_bound_the_oldest_requests_are_let_go() -> None:
     p, router = picker(report("a", 8001))
     authz = AuthzPicker(p)
