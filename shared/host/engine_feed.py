@@ -214,6 +214,10 @@ class EngineFeed:
         self.addresses: dict[str, str] = {}  # routable endpoint id → host:port
         self.routable: list[Endpoint] = []
         self._kv_seq: dict[str, int] = {}  # next KV message number expected per instance
+        # per instance whose numbering last jumped forward, the number expected before the jump, until a snapshot
+        # or the numbering's return confirms which numbering is the engine's (a forged or misnumbered message far
+        # ahead would otherwise make every real one look already applied, and refuse the snapshot that heals it)
+        self._kv_gap: dict[str, int] = {}
 
     def _admitted(self) -> list[Endpoint]:
         return [e for e in self.pool.endpoints.values()
@@ -279,21 +283,30 @@ class EngineFeed:
             return
         if self._loading and self._hold(ev):  # empty but while a snapshot applies: one test per message
             return
-        expected = self._kv_seq.get(ev.instance_id)
-        # a snapshot can be newer than an event 0 still on its way; with signed reports a restart shows as a new
-        # epoch (``restarted``, which forgets the numbering), so there an event 0 below the expected one is old
-        if expected is not None and (ev.seq > 0 or self.verifier is not None) and ev.seq < expected:
-            # a message already applied (a redelivery or a replay): applying it again would not be a gap but a
-            # step back, and would make the next real message look like one; a restarted server counts from 0
-            log.debug("KV events %d of %s already applied (next is %d): ignored", ev.seq, ev.instance_id, expected)
-            return
+        iid = ev.instance_id
+        expected = self._kv_seq.get(iid)
         if expected is not None and ev.seq != expected:
-            log.info("KV events of %s jumped from %d to %d; its precise index is rebuilt",
-                     ev.instance_id, expected, ev.seq)
-            self.router.apply_kv_events(ev.instance_id, KVEventBatch(ts=ev.batch.ts, events=[AllBlocksCleared()]))
+            # a snapshot can be newer than an event 0 still on its way; with signed reports a restart shows as a
+            # new epoch (``restarted``, which forgets the numbering), so there an event 0 below the expected one
+            # is old
+            behind = (ev.seq > 0 or self.verifier is not None) and ev.seq < expected
+            before_jump = self._kv_gap.get(iid)
+            if behind and (before_jump is None or ev.seq < before_jump):
+                # a message already applied (a redelivery or a replay): applying it again would not be a gap but
+                # a step back, and would make the next real message look like one; a restarted server counts
+                # from 0
+                log.debug("KV events %d of %s already applied (next is %d): ignored", ev.seq, iid, expected)
+                return
+            # a gap, a restart, or (behind) a message numbered between the last jump's two ends: that jump was
+            # not the engine's own numbering, this one is
+            log.info("KV events of %s jumped from %d to %d; its precise index is rebuilt", iid, expected, ev.seq)
+            self._kv_gap.pop(iid, None)
+            if ev.seq > expected >= 0:
+                self._kv_gap[iid] = expected
+            self.router.apply_kv_events(iid, KVEventBatch(ts=ev.batch.ts, events=[AllBlocksCleared()]))
             if self.want_snapshot is not None:
-                self.want_snapshot(ev.instance_id)
-        self._kv_seq[ev.instance_id] = ev.seq + 1
+                self.want_snapshot(iid)
+        self._kv_seq[iid] = ev.seq + 1
         self.router.apply_kv_events(ev.instance_id, ev.batch)
 
     def _hold(self, ev: EngineKVEvents) -> bool:
@@ -312,6 +325,7 @@ class EngineFeed:
         empty, so what is known of the previous one's goes, and its KV numbering starts over (a KV message of
         the new process numbered below the old one's would otherwise be ignored as a repeat)."""
         self._loading.pop(instance_id, None)
+        self._kv_gap.pop(instance_id, None)
         if self._kv_seq.pop(instance_id, None) is not None:
             self.router.apply_kv_events(instance_id, KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
 
@@ -322,9 +336,11 @@ class EngineFeed:
         those events keep the index current from here anyway)."""
         iid = snap.instance_id
         expected = self._kv_seq.get(iid)
-        if iid not in self.pool.endpoints or iid in self._loading or (expected is not None
-                                                                       and snap.next_seq < expected):
+        # after an unconfirmed jump the snapshot's numbering is the engine's own, whatever the jump said
+        if iid not in self.pool.endpoints or iid in self._loading or (
+                expected is not None and snap.next_seq < expected and iid not in self._kv_gap):
             return False
+        self._kv_gap.pop(iid, None)
         self._kv_seq[iid] = snap.next_seq
         self._loading[iid] = []
         self.router.apply_kv_events(iid, KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
@@ -352,6 +368,7 @@ class EngineFeed:
         if gone:
             for eid in gone:
                 self._kv_seq.pop(eid, None)
+                self._kv_gap.pop(eid, None)
                 self._loading.pop(eid, None)
             self._changed()
         return gone

@@ -121,6 +121,27 @@ def test_a_repeated_kv_events_message_changes_nothing_and_the_next_one_is_not_ta
     assert router.state.precise.blocks_of(router.state.endpoints["e1"].slot) == 4
 
 
+def test_one_message_numbered_far_ahead_does_not_make_the_engines_real_messages_look_already_applied() -> None:
+    router = Router(builtin_config("default"))
+    feed = EngineFeed(router, expire_s=3.0)  # no verifier: any client on the KV subject can send one
+    feed.on_metrics(report(), NOW)
+    for m in (kv(0, 1), kv(1, 2), kv((1 << 63) - 1), kv(2, 3), kv(3, 4), kv(4, 5)):
+        feed.on_kv(m)
+    slot = router.state.endpoints["e1"].slot
+    # the forged jump cleared the index once; the engine's own numbering then took over again
+    assert [router.state.precise.holds(slot, h) for h in (3, 4, 5)] == [True] * 3
+
+
+def test_a_message_older_than_a_real_gap_is_still_a_repeat() -> None:
+    router = Router(builtin_config("default"))
+    feed = EngineFeed(router, expire_s=3.0)
+    feed.on_metrics(report(), NOW)
+    for m in (kv(0, 1), kv(1, 2), kv(5, 6), kv(1, 2), kv(6, 7)):  # 2-4 lost, then 1 delivered again
+        feed.on_kv(m)
+    slot = router.state.endpoints["e1"].slot
+    assert router.state.precise.blocks_of(slot) == 2 and router.state.precise.holds(slot, 7)
+
+
 def test_kv_events_numbered_from_0_again_are_a_restarted_server_and_clear_its_index() -> None:
     router = Router(builtin_config("default"))
     feed = EngineFeed(router, expire_s=3.0)

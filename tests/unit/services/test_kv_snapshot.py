@@ -272,3 +272,15 @@ async def test_an_engine_that_lost_events_while_its_snapshot_was_asked_for_is_as
         await asyncio.sleep(0.01)
     assert bus.asked == 2 and holds(feed, 2)
     await fetcher.close()
+
+
+async def test_after_a_jump_far_ahead_the_engines_snapshot_sets_the_numbering_back() -> None:
+    feed = await joined(feed_with(None))
+    feed.on_kv(stored(0, 1))
+    feed.on_kv(stored((1 << 63) - 1))  # one message numbered far ahead (forged, or two engines under one id)
+    snap = snapshot(5, [1, 2])
+    assert feed.begin_snapshot(snap)  # the engine's own figures: accepted
+    assert feed.snapshot_chunk(snap, 0, 16)
+    feed.end_snapshot("e1")
+    feed.on_kv(stored(5, 3))
+    assert holds(feed, 1) and holds(feed, 2) and holds(feed, 3)
