@@ -48,7 +48,7 @@ from shared.bus.messages import (
     encode,
 )
 from shared.core.coalesce import AnswerWindow
-from shared.core.kv_events import KVEventBatch
+from shared.core.kv_events import KVEventBatch, split_batch
 from shared.envsettings import without_user
 from shared.host.disconnect import close_promptly
 from shared.host.report_auth import KV, METRICS, SNAPSHOT, ReportSigner, signed_headers
@@ -151,7 +151,12 @@ class Publisher:
         self.snapshot_dropped = 0  # requests dropped with the queue full
 
     def queue_kv(self, batch: KVEventBatch) -> None:
-        """Queue one step's KV events for publishing (runs on the step loop; no I/O)."""
+        """Queue one step's KV events for publishing, as messages each within the followers' bound (runs on the
+        step loop; no I/O)."""
+        for part in split_batch(batch):
+            self._queue(part)
+
+    def _queue(self, batch: KVEventBatch) -> None:
         if len(self.kv) >= MAX_KV_BACKLOG:
             self.kv.popleft()
             self.kv_dropped += 1

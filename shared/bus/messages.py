@@ -12,7 +12,7 @@ from typing import Annotated, Any, Generic, TypeVar
 import msgspec
 
 from shared.bus.columns import CandidateSet
-from shared.core.kv_events import KVEventBatch
+from shared.core.kv_events import MAX_BATCH_BLOCKS, KVEventBatch
 from shared.core.limits import (
     MAX_BATCH_ITEMS,
     MAX_GPUS_PER_WORKER,
@@ -531,6 +531,11 @@ class EngineKVEvents(Message, frozen=True, kw_only=True):
     model: Text
     seq: Seq
     batch: KVEventBatch
+
+    def __post_init__(self) -> None:
+        # applied at once by every follower: bounded in all, not only per list (``kv_events.split_batch``)
+        if (blocks := self.batch.blocks()) > MAX_BATCH_BLOCKS:
+            raise ValueError(f"{blocks} block hashes in one message (at most {MAX_BATCH_BLOCKS})")
 
 
 MAX_SNAPSHOT_BLOCKS = 20_000

@@ -18,8 +18,15 @@ import zlib
 from collections.abc import Sequence
 from itertools import accumulate, count
 from operator import xor
+from typing import Annotated
 
 import msgspec
+
+MAX_BATCH_BLOCKS = 65_536
+"""Block hashes one batch may carry in all: an engine step stores or frees far fewer (its token budget over the
+block size: 512 at 8,192 tokens of 16), and one message applies at once, on the loop of whoever follows the engine
+(unbounded, 8 MB of hashes held a picker's loop 170-600 ms)."""
+Hashes = Annotated[list[int], msgspec.Meta(max_length=MAX_BATCH_BLOCKS)]
 
 
 class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True, frozen=True):
@@ -29,9 +36,9 @@ class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 class BlockStored(KVCacheEvent, frozen=True):
     """Full blocks entered the prefix cache, in sequence order."""
 
-    block_hashes: list[int]
+    block_hashes: Hashes
     parent_block_hash: int | None
-    token_ids: list[int]
+    token_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_BATCH_BLOCKS * 16)]
     block_size: int
     lora_id: int | None = None
     medium: str | None = None
@@ -40,7 +47,7 @@ class BlockStored(KVCacheEvent, frozen=True):
 class BlockRemoved(KVCacheEvent, frozen=True):
     """Blocks left the prefix cache (evicted or freed without a hash)."""
 
-    block_hashes: list[int]
+    block_hashes: Hashes
     medium: str | None = None
 
 
@@ -55,8 +62,50 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     """Events of one engine step (or one flush), stamped with the engine's clock in seconds."""
 
     ts: float
-    events: list[KVEvent]
+    events: Annotated[list[KVEvent], msgspec.Meta(max_length=MAX_BATCH_BLOCKS)]
     data_parallel_rank: int | None = None
+
+    def blocks(self) -> int:
+        """Block hashes carried in all."""
+        return sum(len(e.block_hashes) for e in self.events if not isinstance(e, AllBlocksCleared))
+
+
+def split_batch(batch: KVEventBatch, most: int = MAX_BATCH_BLOCKS) -> list[KVEventBatch]:
+    """``batch`` as consecutive batches of at most ``most`` block hashes each, in order (a long fast-forward's
+    events in one batch would be refused whole by the engine's followers). A stored run cut in two goes on from
+    its last block: the second part's parent is the first part's last hash."""
+    if batch.blocks() <= most:
+        return [batch]
+    parts: list[KVEventBatch] = []
+    events: list[KVEvent] = []
+    room = most
+
+    def close() -> None:
+        nonlocal events, room
+        if events:
+            parts.append(KVEventBatch(ts=batch.ts, events=events, data_parallel_rank=batch.data_parallel_rank))
+        events, room = [], most
+
+    for ev in batch.events:
+        if isinstance(ev, AllBlocksCleared):
+            events.append(ev)
+            continue
+        hashes, start = ev.block_hashes, 0
+        while start < len(hashes):
+            if room == 0:
+                close()
+            take = hashes[start:start + room]
+            if isinstance(ev, BlockStored):
+                parent = ev.parent_block_hash if start == 0 else hashes[start - 1]
+                tokens = ev.token_ids[start * ev.block_size:(start + len(take)) * ev.block_size]
+                events.append(BlockStored(block_hashes=take, parent_block_hash=parent, token_ids=tokens,
+                                          block_size=ev.block_size, lora_id=ev.lora_id, medium=ev.medium))
+            else:
+                events.append(BlockRemoved(block_hashes=take, medium=ev.medium))
+            start += len(take)
+            room -= len(take)
+    close()
+    return parts
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from shared.core.engine import Engine, Request, SchedulerConfig
 from shared.core.engine.step_time import CalibratedStepTime
 from shared.core.kv_events import (
@@ -10,12 +14,14 @@ from shared.core.kv_events import (
     BlockRemoved,
     BlockStored,
     KVEvent,
+    KVEventBatch,
     block_hash,
     chain_hashes,
     chain_root,
     decode_batch,
     encode_batch,
     lora_int_id,
+    split_batch,
 )
 from tests.unit.engine.conftest import make_scheduler, run_step
 
@@ -160,3 +166,55 @@ def test_a_fast_forwarded_decode_run_reports_the_same_events_as_single_steps() -
     slow = _events_of_run(False)
     assert len(stored(slow)) > 10
     assert fast == slow
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_batch_past_the_bound_splits_into_parts_within_it_that_say_the_same_in_order(seed: int) -> None:
+    rng = random.Random(seed)
+    events: list[KVEvent] = []
+    for _ in range(rng.randint(1, 12)):
+        n = rng.randint(0, 40)
+        kind = rng.random()
+        if kind < 0.5:
+            hashes = [rng.getrandbits(63) for _ in range(n)]
+            events.append(BlockStored(block_hashes=hashes, parent_block_hash=rng.choice([None, 7]),
+                                      token_ids=[rng.randint(0, 9) for _ in range(4 * n)], block_size=4, lora_id=3))
+        elif kind < 0.9:
+            events.append(BlockRemoved(block_hashes=[rng.getrandbits(63) for _ in range(n)]))
+        else:
+            events.append(AllBlocksCleared())
+    batch = KVEventBatch(ts=5.0, events=events, data_parallel_rank=1)
+    most = rng.randint(1, 30)
+    parts = split_batch(batch, most)
+    assert all(p.blocks() <= most and p.ts == 5.0 and p.data_parallel_rank == 1 for p in parts)
+
+    def flat(bs: list[KVEventBatch]) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        for b in bs:
+            for e in b.events:
+                out += [("cleared", 0)] if isinstance(e, AllBlocksCleared) else [
+                    (type(e).__name__, h) for h in e.block_hashes]
+        return out
+
+    assert flat(parts) == flat([batch])  # the same blocks, the same order
+    for e in (e for p in parts for e in p.events):
+        if isinstance(e, BlockStored):
+            assert len(e.token_ids) == 4 * len(e.block_hashes) and e.lora_id == 3
+
+
+def test_a_stored_run_cut_in_parts_goes_on_from_each_parts_last_block() -> None:
+    run = BlockStored(block_hashes=list(range(100, 110)), parent_block_hash=42, token_ids=list(range(20)),
+                      block_size=2)
+    parts = split_batch(KVEventBatch(ts=1.0, events=[run]), 4)
+    pieces = [e for p in parts for e in p.events]
+    assert all(isinstance(e, BlockStored) for e in pieces)
+    assert [(e.parent_block_hash, e.block_hashes, e.token_ids) for e in pieces] == [  # type: ignore[union-attr]
+        (42, [100, 101, 102, 103], list(range(0, 8))),
+        (103, [104, 105, 106, 107], list(range(8, 16))),
+        (107, [108, 109], list(range(16, 20))),
+    ]
+
+
+def test_a_batch_within_the_bound_is_left_whole() -> None:
+    batch = KVEventBatch(ts=1.0, events=[BlockRemoved(block_hashes=[1, 2, 3])])
+    assert split_batch(batch, 3) == [batch]

@@ -236,3 +236,18 @@ async def test_the_cache_snapshot_covers_the_kv_events_not_yet_published_and_num
     assert set(chain_hashes(list(range(64)), engine.scheduler.config.block_size)) <= set(snap.block_hashes)
     assert snap.next_seq == 5 + len(pub.kv) and len(pub.kv) >= 1  # the queued (unpublished) messages are in it
     assert snap.total == len(snap.block_hashes) and snap.nonce == "n" * 32
+
+
+def test_a_step_batch_past_the_followers_bound_is_queued_as_several_messages_in_order() -> None:
+    from services.engine_server.publisher import Publisher
+    from shared.bus.messages import EngineKVEvents, decode, encode
+    from shared.core.kv_events import MAX_BATCH_BLOCKS, BlockRemoved, KVEventBatch
+
+    engine = Engine(SchedulerConfig(num_gpu_blocks=100, enable_kv_events=True), MODEL, fast_forward=False)
+    pub = Publisher(EngineRunner(engine, speedup=50.0), "nats://127.0.0.1:1", "e1", "m", "http://127.0.0.1:1")
+    hashes = list(range(MAX_BATCH_BLOCKS + 10))  # a long fast-forward's events, say
+    pub.queue_kv(KVEventBatch(ts=1.0, events=[BlockRemoved(block_hashes=hashes)]))
+    sent = [decode(encode(EngineKVEvents(instance_id="e1", model="m", seq=n, batch=b)), EngineKVEvents)
+            for n, b in enumerate(pub.kv)]  # each one a message its followers take
+    assert [h for m in sent for e in m.batch.events for h in e.block_hashes] == hashes  # type: ignore[union-attr]
+    assert len(sent) == 2

@@ -12,6 +12,7 @@ import pytest
 from shared.bus.messages import (
     AssignInstance,
     CordonCommand,
+    EngineKVEvents,
     EngineMetrics,
     Heartbeat,
     InstanceStatus,
@@ -85,6 +86,8 @@ REFUSED: list[tuple[str, type[msgspec.Struct], Any]] = [
     ("engine queue past any real server's", EngineMetrics, {
         "instance_id": "e1", "model": "m", "url": "http://127.0.0.1:8001", "ts": 1.0, "num_requests_running": 0,
         "num_requests_waiting": (1 << 63) - 1, "kv_cache_usage_perc": 0.0}),
+    ("KV events past the bound in all", EngineKVEvents, {"instance_id": "e1", "model": "m", "seq": 0, "batch": [
+        1.0, [["BlockStored", list(range(40_000)), None, [], 16], ["BlockRemoved", list(range(40_000))]]]}),
     # states only the reconciler sets
     ("worker reports PENDING", InstanceStatus, {"instance_id": "m-1", "worker": "w0", "state": "PENDING"}),
     ("worker reports DRAINING", InstanceStatus, {"instance_id": "m-1", "worker": "w0", "state": "DRAINING"}),
