@@ -42,6 +42,7 @@ log = logging.getLogger("gantry.gateway")
 
 LENGTH = struct.Struct("!I")
 MAX_FRAME_BYTES = 64 << 20  # far beyond any window's worth of reports; a larger length is a broken pipe
+FRAME_BUDGET_BYTES = MAX_FRAME_BYTES // 2  # the child writes a frame early rather than pass this (a message <= 8 MB)
 READY_TIMEOUT_S = 30.0
 RESTART_DELAY_S = 0.5
 NATS_URL_ENV = "GANTRY_FEED_RELAY_NATS_URL"
@@ -95,19 +96,30 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0,
 
     loop = asyncio.get_running_loop()
     pending: list[Relayed] = []
+    held = 0  # bytes of the messages pending
     last = 0.0  # when the last frame was written (loop time)
 
     def flush() -> None:
-        nonlocal last
+        nonlocal last, held
+        if not pending:  # written early (the budget), before the window's own flush came
+            return
         last = loop.time()
         data = frame(pending)
         pending.clear()
+        held = 0
         view = memoryview(data)
         while view:  # a blocking pipe: the picker reads it as fast as it applies
             view = view[os.write(out_fd, view):]
 
     def taker(kind: Kind) -> Callable[[object], Awaitable[None]]:
         async def take(msg: object) -> None:
+            nonlocal held
+            size = len(msg.data)  # type: ignore[attr-defined]
+            if held + size > FRAME_BUDGET_BYTES:
+                # a burst of large messages in a long window: written now rather than past the reader's frame
+                # bound (which would end this child and lose the whole frame, every engine's reports in it)
+                flush()
+            held += size
             pending.append(Relayed(kind, msg.subject, msg.data, time.time(),  # type: ignore[attr-defined]
                                    msg.headers))  # type: ignore[attr-defined]
             if len(pending) == 1:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,3 +141,45 @@ def test_a_picker_that_fails_to_start_leaves_no_feed_relay_child_behind(nats_ser
             assert relays() == []  # checked while the loop (and the picker's process) still live
         finally:
             loop.close()
+
+
+def test_a_burst_of_large_messages_goes_out_in_frames_within_the_budget_not_one_past_the_readers_bound(
+        nats_server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a long window gathering a burst of 8 MB messages made one frame past MAX_FRAME_BYTES: the picker then ended
+    # the child and lost every engine's reports in that frame
+    from services.gateway import feed_relay
+
+    budget, size, n = 1 << 20, 300_000, 12
+    monkeypatch.setattr(feed_relay, "FRAME_BUDGET_BYTES", budget, raising=False)
+    frames: list[list[Relayed]] = []
+    out_r, out_w = os.pipe()
+    in_r, in_w = os.pipe()
+
+    def reader() -> None:  # the picker's side: reads as the child writes (its writes block on a full pipe)
+        with os.fdopen(out_r, "rb") as pipe:
+            while head := pipe.read(LENGTH.size):
+                (length,) = LENGTH.unpack(head)
+                frames.append(unframe(pipe.read(length)))
+
+    async def scenario() -> None:
+        child = asyncio.create_task(feed_relay.relay(nats_server.url, 1.0, out_w, in_r))
+        await _until(lambda: len(frames) >= 1, lambda: frames)  # the ready frame
+        nc = await nats.connect(nats_server.url)
+        for i in range(n):
+            await nc.publish(subjects.engine_kv_events("burst"), bytes([i]) * size)
+        await nc.flush()
+        await nc.close()
+        await _until(lambda: sum(len(f) for f in frames) >= n, lambda: [len(f) for f in frames], timeout=20)
+        os.close(in_w)
+        await asyncio.wait_for(child, 10)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.close(out_w)  # (the child took ``in_r`` and closed it)
+        thread.join(5)
+    got = frames[1:]
+    assert [m.data[0] for f in got for m in f] == list(range(n))  # every message, in order
+    assert len(got) > 1 and all(sum(len(m.data) for m in f) <= budget for f in got)
