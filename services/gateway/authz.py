@@ -62,7 +62,8 @@ def logged_of(entry: object) -> Logged | None:
     if not pick_id:
         return None
     sock = entry.common_properties.upstream_remote_address.socket_address  # type: ignore[attr-defined]
-    upstream = f"{sock.address}:{sock.port_value}" if sock.address else ""
+    host = f"[{sock.address}]" if ":" in sock.address else sock.address  # as the pool writes an IPv6 engine
+    upstream = f"{host}:{sock.port_value}" if sock.address else ""
     return Logged(pick_id, upstream, int(entry.response.response_code.value))  # type: ignore[attr-defined]
 
 

@@ -164,6 +164,11 @@ def test_an_access_log_entry_is_read_for_its_pick_id_upstream_and_status() -> No
     assert logged_of(_entry("", "127.0.0.1:8002")) is None  # not a routed request (e.g. /v1/models)
 
 
+def test_an_ipv6_upstream_is_read_as_the_pool_writes_its_address() -> None:
+    # bare, it never matched the pool's "[::1]:8002": a request a fallback served was never counted as moved
+    assert logged_of(_entry("r#1", "::1:8002", 200)) == Logged("r#1", "[::1]:8002", 200)
+
+
 async def test_the_access_log_stream_ends_the_requests_this_replica_routed_and_ignores_others() -> None:
     p, router = picker(report("a", 8001))
     authz = AuthzPicker(p)
