@@ -125,7 +125,8 @@ class AuthzPicker:
         if (conns := self.connections) is not None:
             out["connections"] = {"open": len(conns.open), "handshaking": len(conns.handshaking),
                                   "max": conns.max_connections, "refused": conns.refused,
-                                  "idle_closed": conns.idle_closed}
+                                  "idle_closed": conns.idle_closed, "held_bytes": conns.held,
+                                  "closed_over_held": conns.over_held}
         return msgspec.json.encode(out)
 
     def unsent(self, answer: bytes) -> None:

@@ -32,6 +32,9 @@ MAX_HEAD_BYTES = 64 << 10  # request line and headers; Envoy's own default limit
 MAX_BODY_BYTES = 32 << 20  # the largest body a check may carry (the picker refuses larger ones as 400 anyway)
 MALFORMED = -1
 READ_TIMEOUT_S = 30.0  # a begun request must be whole within this
+# request bytes all of a listener's HTTP/1.1 connections may hold at once: each may hold a head and a body while they
+# arrive (up to ~32 MiB for READ_TIMEOUT_S), so a thousand slow clients could otherwise hold tens of GiB
+MAX_HELD_BYTES = 512 << 20
 
 Answer = Callable[[bytes, bytes], "bytes | Awaitable[bytes]"]
 """Request head (request line and headers, without the blank line) and body -> the whole HTTP response, at
@@ -120,6 +123,9 @@ class Connections:
         self.handshaking: set[Swept] = set()
         self.refused = 0  # connections closed at once, the cap reached
         self.idle_closed = 0  # connections closed idle
+        self.held = 0  # request bytes buffered by the open HTTP/1.1 connections, all together
+        self.max_held = MAX_HELD_BYTES
+        self.over_held = 0  # connections closed for taking the buffered bytes past ``max_held``
         self._refused_logged = 0
         self._logged_at = -math.inf
 
@@ -217,8 +223,7 @@ class OneByOne(Swept):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.buf = bytearray()
-        self.cut = None
+        self._drop_buffer()
         self._unwatch()
         if self.conns is not None:
             self.conns.open.discard(self)
@@ -254,6 +259,15 @@ class OneByOne(Swept):
 
     def data_received(self, data: bytes) -> None:
         self.seen = True
+        if (conns := self.conns) is not None:
+            if conns.held + len(data) > conns.max_held:
+                # the listener's budget is spent: the connection whose bytes would pass it goes (one closed for
+                # this rather than the process's memory), its partial request with it
+                conns.over_held += 1
+                log.warning("ext_authz: connection closed, %d bytes already held by all connections", conns.held)
+                self._close()
+                return
+            conns.held += len(data)
         self.buf += data
         if self.busy and len(self.buf) > MAX_HEAD_BYTES + 4 + self.max_body and self.transport is not None:
             # Bytes pipelined behind an awaited answer are not read until it is written: past one request's
@@ -304,6 +318,8 @@ class OneByOne(Swept):
             self.cut = None
             head, body = bytes(self.buf[:end]), bytes(self.buf[end + 4:need])
             del self.buf[:need]
+            if self.conns is not None:
+                self.conns.held -= need
             if self.stall is not None:  # this request is whole: the next one's time starts when it begins
                 self._unwatch()
             try:
@@ -338,9 +354,14 @@ class OneByOne(Swept):
         elif self.unsent is not None:
             self.unsent(fut.result())
 
-    def _close(self) -> None:
+    def _drop_buffer(self) -> None:
+        if self.conns is not None:
+            self.conns.held -= len(self.buf)
         self.buf = bytearray()
         self.cut = None
+
+    def _close(self) -> None:
+        self._drop_buffer()
         self._unwatch()
         if self.transport is not None:
             self.closing = self.transport

@@ -256,4 +256,4 @@ async def test_stats_show_the_listeners_open_refused_and_idle_closed_connections
     assert authz.connections.admit(kept) and not authz.connections.admit(refused)
     _, _, body = _split(await _answered(authz, b"GET /stats HTTP/1.1\r\nhost: x", b""))
     assert msgspec.json.decode(body)["connections"] == {"open": 1, "handshaking": 0, "max": 1, "refused": 1,
-                                                            "idle_closed": 0}
+                                                            "idle_closed": 0, "held_bytes": 0, "closed_over_held": 0}

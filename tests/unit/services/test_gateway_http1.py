@@ -286,6 +286,25 @@ class Sink(asyncio.Transport):
         pass
 
 
+async def test_past_the_listeners_budget_the_connection_whose_bytes_would_pass_it_is_closed() -> None:
+    conns = Connections(60.0, 10)
+    conns.max_held = 1_000
+    answered: list[int] = []
+    a, b = (OneByOne(lambda _h, body: answered.append(len(body)) or response(200), conns=conns) for _ in range(2))
+    ta, tb = Sink(), Sink()
+    a.connection_made(ta)
+    b.connection_made(tb)
+    a.data_received(b"POST /a HTTP/1.1\r\ncontent-length: 900\r\n\r\n" + b"x" * 500)  # partial, 540 held
+    b.data_received(b"POST /b HTTP/1.1\r\ncontent-length: 10\r\n\r\n")
+    b.data_received(b"y" * 500)  # would pass 1,000: b goes, its bytes with it
+    assert tb.closed and not ta.closed and conns.over_held == 1
+    a.data_received(b"x" * 400)  # a's request is whole: answered, its bytes no longer held
+    assert answered == [900] and conns.held == 0
+    a.data_received(b"POST /a HTTP/1.1\r\ncontent-length: 9\r\n\r\nabc")
+    a.connection_lost(None)
+    assert conns.held == 0
+
+
 async def test_a_body_trickled_behind_a_large_head_reads_that_head_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # each read parsed the whole head again: 1.5 ms of CPU per 1-byte read behind a 60 KiB head
     reads: list[int] = []
