@@ -100,17 +100,26 @@ def load_azure(path: Path, time_scale: float = 1.0, limit: int | None = None) ->
     return out
 
 
+MOONCAKE_UNIT = 512  # tokens named by one Mooncake hash id
+
+
 def _mooncake_record(path: Path, lineno: int, line: str, time_scale: float) -> TraceRequest:
     try:
         rec = json.loads(line)
         stamp = float(rec["timestamp"])
         plen, olen = int(rec["input_length"]), int(rec["output_length"])
-        prefix_ids = tuple(int(h) for h in rec["hash_ids"])
+        ids = rec["hash_ids"]
+        if not isinstance(ids, list):  # a string would be read digit by digit
+            raise TypeError(f"hash_ids must be a list (got {type(ids).__name__})")
+        prefix_ids = tuple(int(h) for h in ids)
     except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as err:
         raise TraceError(f"{path.name}:{lineno}: bad record ({err})") from None
     if not (math.isfinite(stamp) and stamp >= 0):  # NaN would sort anywhere, inf never arrives
         raise TraceError(f"{path.name}:{lineno}: timestamp must be a finite number of ms >= 0 (got {stamp})")
-    return TraceRequest(_arrival(path, lineno, stamp / 1000.0, time_scale), plen, olen, prefix_ids, 512)
+    if plen > 0 and len(prefix_ids) < -(-plen // MOONCAKE_UNIT):  # each prompt block's content is named by an id
+        raise TraceError(f"{path.name}:{lineno}: {len(prefix_ids)} hash_ids name {len(prefix_ids) * MOONCAKE_UNIT} "
+                         f"tokens, input_length is {plen} (one id per {MOONCAKE_UNIT}-token block, the last partial)")
+    return TraceRequest(_arrival(path, lineno, stamp / 1000.0, time_scale), plen, olen, prefix_ids, MOONCAKE_UNIT)
 
 
 def load_mooncake(path: Path, time_scale: float = 1.0, limit: int | None = None) -> list[TraceRequest]:

@@ -58,6 +58,12 @@ AZURE_HEAD = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
         ("binary.csv", AZURE_HEAD + "\xff\xfe,\x00\n", "binary.csv:2: not UTF-8 text"),
         ("field.csv", AZURE_HEAD + "2023-11-16 18:15:46,10," + "1" * 200_000 + "\n", "bad CSV"),
         ("line.jsonl", '{"x": "' + "a" * (2 << 20) + '"}\n', "line.jsonl:1: line longer than 1 MiB"),
+        # fewer ids than the prompt's 512-token blocks: the replay named blocks past the list's end
+        ("short.jsonl", '{"timestamp": 0, "input_length": 2000, "output_length": 10, "hash_ids": [1]}\n',
+         "short.jsonl:1: 1 hash_ids name 512 tokens, input_length is 2000"),
+        ("empty.jsonl", '{"timestamp": 0, "input_length": 20, "output_length": 10, "hash_ids": []}\n',
+         "empty.jsonl:1: 0 hash_ids"),
+        ("digits.jsonl", _rec("0", '"123"'), "digits.jsonl:1: bad record .hash_ids must be a list"),
     ],
 )
 def test_a_hostile_trace_file_is_refused_naming_file_and_line(tmp_path: Path, name: str, body: str, says: str) -> None:
