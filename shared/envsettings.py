@@ -107,7 +107,10 @@ def redis_url_problem(url: str) -> str | None:
     redis-py reads the database from a ``redis://`` URL's path and, when the path is not a number (or a number too
     long for ``int``), silently uses database 0: ``redis://host:6379/gantry`` would put the state beside whatever
     else lives in 0. A ``?db=`` in the query wins over the path, so a path naming another database is refused too."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as err:  # a bracketed host that is no IP address, or an unclosed bracket
+        return f"not a valid URL ({err})"
     if parts.scheme not in ("redis", "rediss"):
         return None
     db = unquote(parts.path).strip("/")  # as redis-py reads it
@@ -190,7 +193,10 @@ def with_user(url: str, user: str, secret: str) -> str:
 
 def without_user(url: str) -> str:
     """``url`` without any user or secret in it: what may be logged, shown or put on a command line."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # nothing of it is shown: its secret could be anywhere in it
+        return "(a URL that does not parse)"
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=host))
 
@@ -207,7 +213,10 @@ def credentials_on_command_line(flag: str, url: str | None, env: str) -> str | N
         return None
     # nats-py reads a URL without a scheme as "nats://" + it (its user and secret are sent); redis-py takes a
     # password and user from the query too ("?password=...")
-    parts = urlsplit(url if "://" in url else "nats://" + url)
+    try:
+        parts = urlsplit(url if "://" in url else "nats://" + url)
+    except ValueError as err:  # a bracketed host that is no IP address, or an unclosed bracket
+        return f"{flag}: not a valid URL ({err})"
     query = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
     # (not ``without_user(url) != url``: that rewrites ``unix:///p``)
     if "@" in parts.netloc or query & _QUERY_CREDENTIALS:

@@ -169,3 +169,15 @@ def test_a_numbered_or_absent_redis_database_is_accepted(url: str, monkeypatch: 
     assert mine is not None and mine.redis_url == url
     monkeypatch.setenv("GANTRY_REDIS_URL", url)
     assert Settings().redis_url == url
+
+
+@pytest.mark.parametrize("url", ["redis://[::1", "redis://[zz]/0", "nats://[::1", "nats://[nothost]:4222"])
+def test_a_url_that_does_not_parse_is_an_error_line_never_a_traceback_and_never_shown(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.envsettings import credentials_on_command_line, redis_url_problem
+
+    said = credentials_on_command_line("--nats-url", url, "GANTRY_NATS_URL")
+    assert said is not None and said.startswith("--nats-url: not a valid URL") and "\n" not in said
+    if url.startswith("redis"):
+        assert (problem := redis_url_problem(url)) is not None and problem.startswith("not a valid URL")
+    assert without_user(url.replace("//", "//u:secret@")) == "(a URL that does not parse)"
