@@ -9,17 +9,22 @@ This module holds the data only, so plugins may read a profile without importing
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
+MAX_WEIGHT = 1e6
+"""A scorer's weight and rescaled maximum lie within this (NaN, infinities and overflowing products are refused)."""
+Weight = Annotated[float, msgspec.Meta(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
+MaxScore = Annotated[float, msgspec.Meta(gt=0, le=MAX_WEIGHT)]
 
-class ScorerConfig(msgspec.Struct, frozen=True, kw_only=True):
+
+class ScorerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One enabled scorer: its contribution is ``raw × weight``, rescaled to ``max_score`` when set."""
 
     name: str
-    weight: float = 1.0
-    max_score: float | None = None  # rescale the scorer's natural maximum to this value
+    weight: Weight = 1.0
+    max_score: MaxScore | None = None  # rescale the scorer's natural maximum to this value
     args: dict[str, Any] = {}  # the scorer's typed parameters (its ``Args`` struct), checked on load
 
 
@@ -51,7 +56,7 @@ DEFAULT_BACKEND_SUPPORT: dict[str, tuple[str, ...]] = {
 }
 
 
-class Profile(msgspec.Struct, frozen=True, kw_only=True):
+class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The plugin chains placement runs, and their settings."""
 
     name: str = "default"

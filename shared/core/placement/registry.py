@@ -13,7 +13,7 @@ import msgspec
 from shared.core import strict_yaml
 from shared.core.placement.filters import FILTERS
 from shared.core.placement.fitting import FIT_STRATEGIES
-from shared.core.placement.profile import Profile
+from shared.core.placement.profile import MAX_WEIGHT, Profile
 from shared.core.placement.scaledown import SCALE_DOWN_SCORERS
 from shared.core.placement.scorers import SCORERS
 
@@ -52,6 +52,10 @@ def validate_profile(profile: Profile) -> Profile:
         problems += [f"args for {kind} {n!r}, which the profile does not run" for n in sorted(given) if n not in chain]
     if profile.max_worker_combinations < 1:
         problems.append("max_worker_combinations must be at least 1")
+    for sc in (*profile.scorers, *profile.scale_down_scorers):  # (a profile built in Python skips decode's bounds)
+        if not abs(sc.weight) <= MAX_WEIGHT or (sc.max_score is not None and not 0 < sc.max_score <= MAX_WEIGHT):
+            problems.append(f"scorer {sc.name!r}: weight and max_score must be finite, |weight| <= {MAX_WEIGHT:g} "
+                            f"and 0 < max_score <= {MAX_WEIGHT:g}")
     if problems:
         raise ValueError(f"profile {profile.name!r}: " + "; ".join(problems))
     return profile

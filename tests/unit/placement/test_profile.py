@@ -44,6 +44,13 @@ def test_json_profile_loads():
         ('{"max_worker_combinations": 0}', "at least 1"),
         ('{"scorers": [{"weight": 1}]}', "invalid profile"),
         ("{", "not valid JSON"),
+        # a weight or maximum that is no number to multiply by: numpy's argmin of nothing, or an overflow warning
+        ('{"scorers": [{"name": "placement", "weight": 1e308}]}', "scorers[0].weight"),
+        ('{"scorers": [{"name": "placement", "max_score": 0}]}', "scorers[0].max_score"),
+        ('{"scale_down_scorers": [{"name": "placement", "weight": -1e9}]}', "scale_down_scorers[0].weight"),
+        # a misspelt key was dropped and the defaults ran, as a spec file's would not be
+        ('{"scorer": [{"name": "placement"}]}', "unknown field `scorer`"),
+        ('{"scorers": [{"name": "placement", "wieght": 5}]}', "unknown field `wieght`"),
     ],
 )
 def test_bad_profiles_are_rejected_with_one_line(text, fragment):
@@ -86,3 +93,12 @@ def test_valid_plugin_args_load_and_reach_the_plugin():
     binpack, fragmentation = (SCORERS[s.name].configured(s.args) for s in profile.scorers)
     assert binpack.args.cpu_weight == 2.5  # type: ignore[attr-defined]
     assert fragmentation.args.window == 64  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -float("inf"), 1e7])
+def test_a_profile_built_in_python_with_a_weight_that_is_no_number_is_refused(weight):
+    from shared.core.placement.profile import Profile, ScorerConfig
+    from shared.core.placement.registry import validate_profile
+
+    with pytest.raises(ValueError, match="must be finite"):
+        validate_profile(Profile(scorers=(ScorerConfig(name="placement", weight=weight),)))
