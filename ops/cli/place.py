@@ -53,7 +53,7 @@ def _gguf(model: ModelSpec, base: Path) -> GgufSpec | None:
 
     try:
         return gguf_spec_from_reader(GGUFReader(path))
-    except (ValueError, OSError) as err:
+    except Exception as err:  # a parser of untrusted bytes (IndexError, KeyError, struct.error...): unreadable
         raise CliError(f"cannot read GGUF header of {path}: {err}", exit_code=2) from None
 
 

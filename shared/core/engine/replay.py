@@ -87,6 +87,12 @@ def parse_scenario(data: bytes | str) -> Scenario:
             raise ScenarioError(f"{where}: prompt_token_ids is empty")
         if r.max_tokens < 1:
             raise ScenarioError(f"{where}: max_tokens must be >= 1")
+        # its prefill chunks and one step a token at the least: arriving later it could not finish, and the replay
+        # would print every step up to the limit before saying so
+        least = -(-len(r.prompt_token_ids) // cfg.max_num_batched_tokens) + r.max_tokens
+        if r.arrival_step + least > MAX_STEPS:
+            raise ScenarioError(f"{where}: arriving at step {r.arrival_step} it needs {least} steps at the least, "
+                                f"past the replay's {MAX_STEPS}")
         if cfg.max_model_len is not None and len(r.prompt_token_ids) >= cfg.max_model_len:
             raise ScenarioError(f"{where}: prompt does not fit max_model_len {cfg.max_model_len}")
         longest = min(len(r.prompt_token_ids) + r.max_tokens, cfg.model_len_limit)

@@ -73,17 +73,22 @@ def parse_size(value: Any, where: str) -> Any:
     return value
 
 
-def _sizes(obj: Any, where: str = "$") -> Any:
+SIZES_DEPTH = 16  # no size field lies deeper in a scenario; below it values are left to the schema's own checks
+
+
+def _sizes(obj: Any, where: str = "$", depth: int = 0) -> Any:
+    if depth > SIZES_DEPTH:  # (a 700-deep list under a field the schema refuses overflowed Python's recursion here)
+        return obj
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():
             path = f"{where}.{key}"
             if key in SIZE_FIELDS:
                 value = [parse_size(v, path) for v in value] if isinstance(value, list) else parse_size(value, path)
-            out[key] = _sizes(value, path)
+            out[key] = _sizes(value, path, depth + 1)
         return out
     if isinstance(obj, list):
-        return [_sizes(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [_sizes(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(obj)]
     return obj
 
 
@@ -137,6 +142,8 @@ def load_scenario(data: bytes | str) -> Scenario:
         scenario = msgspec.convert(_sizes(raw), Scenario)
     except msgspec.ValidationError as err:
         raise ScenarioError(f"invalid scenario: {err}") from None
+    except RecursionError:  # within the decoder's depth but past Python's: two frames a level in ``_sizes``
+        raise ScenarioError("not valid JSON: nested too deeply") from None
     _check(scenario)
     if scenario.profile is not None:
         try:

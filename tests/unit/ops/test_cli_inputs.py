@@ -114,8 +114,13 @@ PLACE, REPLAY = ("place",), ("engine", "replay")
         (PLACE, "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         (REPLAY, _replay({"num_gpu_blocks": 10**9}), "num_gpu_blocks must be <="),
         (REPLAY, _replay({}, arrival_step=10**7), "arrival_step must be between 0 and"),
+        # within the decoder's depth, past Python's in the size pass: a 3,000-line RecursionError
+        (PLACE, _placement(description="DEEP").replace('"DEEP"', "[" * 700 + "]" * 700), "at `$.description`"),
+        # a request that cannot finish before the step limit: a million lines printed, then the error
+        (REPLAY, _replay({}, arrival_step=999_999), "needs 3 steps at the least"),
     ],
-    ids=["place-replicas", "place-now", "place-size", "place-deep", "replay-pool", "replay-arrival"],
+    ids=["place-replicas", "place-now", "place-size", "place-deep", "replay-pool", "replay-arrival", "place-deep-sizes",
+         "replay-too-late"],
 )
 def test_a_scenario_that_would_hang_or_crash_is_refused(
     tmp_path: Path, command: tuple[str, ...], body: str, says: str
@@ -123,6 +128,17 @@ def test_a_scenario_that_would_hang_or_crash_is_refused(
     path = tmp_path / "scenario.json"
     path.write_text(body)
     refused((*command, "--scenario", str(path)), says)
+
+
+@pytest.mark.parametrize("header", [b"GGUF", b"GGUF\x03\x00\x00\x00", b"GGUF\x03\x00\x00\x00" + b"\xff" * 64])
+def test_a_corrupt_gguf_source_is_refused_in_one_line(tmp_path: Path, header: bytes) -> None:
+    source = tmp_path / "model.gguf"
+    source.write_bytes(header)  # the magic, then a truncated or garbled header: the reader raised IndexError
+    path = tmp_path / "scenario.json"
+    doc = json.loads(_placement())
+    doc["model"]["source"] = str(source)
+    path.write_text(json.dumps(doc))
+    refused(("place", "--scenario", str(path)), "cannot read GGUF header")
 
 
 def test_place_refuses_a_replica_count_past_the_limit() -> None:
