@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,9 +70,23 @@ def build_cluster(
         ttft_ms, itl_ms, tok_s = calibration
         if not all(math.isfinite(x) and x > 0 for x in calibration):
             raise ValueError(f"calibration figures must be finite and > 0 (got {calibration})")
+        # beyond these the step model's coefficients overflow or vanish: nothing completes, figures are NaN
+        if not (ttft_ms <= 1e6 and itl_ms <= 1e6 and 1e-3 <= tok_s <= 1e9):
+            raise ValueError(f"calibration figures out of range: TTFT and ITL at most 1e6 ms, throughput between "
+                             f"1e-3 and 1e9 tokens/s (got {calibration})")
         cal = CalibratedStepTime.from_anchors(ttft_ms / 1000, 1024, itl_ms / 1000, tok_s, batch=256, context=1024)
         return ClusterSpec(replicas, cfg, cal, router=make)
     return ClusterSpec(replicas, cfg, step, router=make)
+
+
+def _json(doc: object) -> str:
+    """``doc`` as strict JSON: a figure that is no number (NaN, an infinity) is an error, never a bare ``NaN``
+    token that jq or a JavaScript or Go reader refuses after a run that said it succeeded."""
+    try:
+        return json.dumps(doc, allow_nan=False)
+    except ValueError:
+        raise CliError("the run produced figures that are not numbers (did any request complete?)",
+                       exit_code=1) from None
 
 
 def simulate(
@@ -120,6 +135,8 @@ def simulate(
         spec = build_cluster(model, gpu, replicas, tp, router, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens, prefix_caching=not no_prefix_caching,
                              calibration=cal, router_replicas=router_replicas)
+        if not trace.strip():  # (an empty path is the current directory)
+            raise TraceError("--trace is empty: give a trace name or a CSV/JSONL path")
         reqs = load_trace(trace, time_scale, limit)
     except (UnknownModelError, UnknownGpuError) as err:
         raise CliError(err.message(quoted), exit_code=2) from None
@@ -137,7 +154,7 @@ def simulate(
                               slo_tpot_s=slo_tpot_ms / 1000)
         except ValueError as err:
             raise CliError(str(err), exit_code=2) from None
-        typer.echo(json.dumps(bs) if as_json else render_brokered(bs))
+        typer.echo(_json(bs) if as_json else render_brokered(bs))
         return
     t0 = time.perf_counter()
     with progress_bar(len(reqs), progress) as report:
@@ -156,7 +173,7 @@ def simulate(
         except (OSError, ValueError) as err:
             raise CliError(f"cannot write --plot {plot}: {err}", exit_code=2) from None
     if as_json:
-        typer.echo(json.dumps(summary))
+        typer.echo(_json(summary))
     else:
         typer.echo(render(summary))
 
@@ -248,5 +265,11 @@ def write_plot(result: SimResult, path: Path) -> None:
     axes[1].set_xlabel("arrival time (s)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    # a failed or interrupted write leaves the old plot whole (the suffix kept: it names the format)
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        fig.savefig(partial, dpi=100)
+        os.replace(partial, path)
+    finally:
+        plt.close(fig)
+        partial.unlink(missing_ok=True)

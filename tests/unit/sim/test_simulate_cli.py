@@ -53,6 +53,9 @@ def test_simulate_table_output_names_the_setup() -> None:
         (["--slo-ttft-ms", "inf"], "--slo-ttft-ms"),
         (["--plot", "."], "is a directory"),
         (["--plot", "lat.nosuchformat"], "cannot write --plot"),
+        (["--trace", ""], "--trace is empty"),  # was "cannot read .: Is a directory"
+        # the step model's coefficients overflow: 0 requests completed, exit 0, NaN in the JSON
+        (["--calibrated", "1e308,1e308,1e-308"], "calibration figures out of range"),
     ],
 )
 def test_bad_simulate_input_exits_2_with_one_line(
@@ -115,3 +118,20 @@ def test_simulate_draws_no_bar_into_a_pipe_by_default(capsys: pytest.CaptureFixt
         main(["simulate", "--trace", "mooncake", "--replicas", "1", "--limit", "50", "--json"])
     _, err = capsys.readouterr()
     assert done.value.code == 0 and "simulating" not in err
+
+
+def test_a_summary_holding_a_figure_that_is_no_number_is_an_error_not_invalid_json() -> None:
+    from ops.cli.errors import CliError
+    from ops.cli.simulate import _json
+
+    assert _json({"p50": 1.5}) == '{"p50": 1.5}'
+    with pytest.raises(CliError, match="not numbers"):
+        _json({"kv_usage": {"mean_busy": float("nan")}})
+
+
+def test_a_failed_plot_write_leaves_no_partial_file_behind(tmp_path: Path) -> None:
+    plot = tmp_path / "lat.png"
+    plot.write_bytes(b"previous plot")
+    with pytest.raises(SystemExit):
+        main(["simulate", "--limit", "10", "--no-progress", "--plot", str(tmp_path / "lat.nosuchformat")])
+    assert plot.read_bytes() == b"previous plot" and sorted(p.name for p in tmp_path.iterdir()) == ["lat.png"]
