@@ -354,6 +354,9 @@ def events(
             what = "dead letters: no message was rejected" if dead_letters else "events yet"
             typer.echo(f"no {what}" + (f" for {model}" if model else ""))
 
+    if not follow:  # Ctrl-C during a replay interrupts it: a script must not read success (130)
+        run(go)
+        return
     with contextlib.suppress(typer.Exit):
         run(go)  # Ctrl-C ends --follow: that is how it is meant to stop
 

@@ -111,3 +111,20 @@ def test_a_removed_worker_is_one_line_about_no_model() -> None:
     (event,) = decode_events(EVENT_WORKER_REMOVED, encode(WorkerRemovedEvent(worker="x0", reason="silent")))
     assert event_model(event) == ""
     assert format_event(event, 0.0) == "--:--:-- worker gone   x0 (silent)"
+
+
+@pytest.mark.parametrize(("args", "code"), [((), 130), (("--follow",), 0)])
+def test_ctrl_c_interrupts_a_replay_of_events_but_is_how_following_them_ends(
+        args: tuple[str, ...], code: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer
+
+    from ops.cli import cluster
+    from ops.cli.main import main
+
+    def interrupted(go: object) -> None:  # what the CLI's runner makes of a Ctrl-C
+        raise typer.Exit(130)
+
+    monkeypatch.setattr(cluster, "run", interrupted)
+    with pytest.raises(SystemExit) as ended:
+        main(["events", *args])
+    assert (ended.value.code or 0) == code
