@@ -22,7 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from services.engine_server.prometheus import CONTENT_TYPE, EngineCollector, LoraInfo, registry_for, render
 from services.engine_server.runner import CollectSink, EngineRunner
-from services.engine_server.sse import SseResponse, SseSink, usage
+from services.engine_server.sse import SseResponse, SseSink, disconnected, usage
 from services.engine_server.textgen import TextModel
 from services.engine_server.writer import SocketWriter
 from shared.core.engine import Request
@@ -281,7 +281,7 @@ class CollectedResponse(Response):
         done = self.sink.done
         try:
             if not done.done():
-                gone = asyncio.ensure_future(_disconnected(receive))
+                gone = asyncio.ensure_future(disconnected(receive))
                 try:
                     await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -292,12 +292,6 @@ class CollectedResponse(Response):
         finally:
             self.on_close()  # no-op once finished; frees the request if the client vanished or we were cancelled
         await JSONResponse(self.answer(reason, stop_reason))(scope, receive, send)
-
-
-async def _disconnected(receive: Receive) -> None:
-    """Returns once the ASGI server reports the client gone (the request's body was read before)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -435,6 +429,9 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo,
             return _error(400, f"prompt has {prompt_len} tokens; this model's maximum context is "
                                f"{info.max_model_len} tokens")
         max_tokens = min(limit, room) if limit else (room if prefix == "chatcmpl" else min(16, room))
+        if not limit and body.min_tokens > max_tokens:  # the default length: checked against it as vLLM does
+            return _error(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got "
+                               f"{body.min_tokens}")
         return Request(
             rid, prompt_ids, max_tokens=max_tokens, min_tokens=body.min_tokens,
             stop_token_ids=body.stop_token_ids, eos_token_id=text.eos_token_id, ignore_eos=body.ignore_eos,

@@ -209,6 +209,27 @@ def kind_of(chat: bool) -> str:
     return "chat.completion.chunk" if chat else "text_completion"
 
 
+async def disconnected(receive: Receive) -> None:
+    """Returns once the ASGI server reports the client gone (the request's body was read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _pumped_unless_gone(sink: SseSink, send: Send, receive: Receive) -> bool:
+    """``sink.pump(send)`` until the request ends (True), or until the client goes away first (False)."""
+    pump = asyncio.ensure_future(sink.pump(send))
+    gone = asyncio.ensure_future(disconnected(receive))
+    try:
+        await asyncio.wait((pump, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pump, gone):
+            task.cancel()
+    if pump.done() and not pump.cancelled():
+        pump.result()  # its own failure, if any, is the response's
+        return True
+    return False
+
+
 class SseResponse(Response):
     """An event-stream response fed by an :class:`SseSink` (see the module docstring)."""
 
@@ -234,11 +255,16 @@ class SseResponse(Response):
                 await self.sink.done
                 self.writer.flush()
                 await conn.flushed
+                if conn.dead:  # it stopped reading (or left): nothing more to say, its connection goes too
+                    transport.abort()
+                    return
             elif transport is not None and not transport.is_closing():
                 self.sink.attach(transport)
                 await self.sink.done
-            else:
-                await self.sink.pump(send)
+            elif transport is not None:
+                return  # the client left before the headers went out: ``on_close`` aborts the request
+            elif not await _pumped_unless_gone(self.sink, send, receive):
+                return  # (ASGI drops sends to a client that left: only its disconnect tells)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.on_close()  # no-op once finished; frees the request if the handler was cancelled

@@ -49,6 +49,9 @@ _REFUSED: list[tuple[str, str, str, int, str]] = [
     ("best_of 0", CMPL, '{"prompt": "hi", "best_of": 0}', 400, "best_of"),
     ("min_tokens above max_tokens", CMPL, '{"prompt": "hi", "max_tokens": 2, "min_tokens": 10}', 400,
      "min_tokens must be less than or equal to max_tokens=2"),
+    # without max_tokens it was silently ignored: the completions default is 16 tokens, as vLLM's
+    ("min_tokens above the default length", CMPL, '{"prompt": "hi", "min_tokens": 100000}', 400,
+     "min_tokens must be less than or equal to max_tokens=16"),
     ("a NaN temperature", CMPL, '{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
     ("an infinite temperature", CMPL, '{"prompt": "hi", "temperature": Infinity}', 400, "temperature"),
     ("a negative temperature", CMPL, '{"prompt": "hi", "temperature": -1}', 400, "temperature"),

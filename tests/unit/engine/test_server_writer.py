@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 
+from services.engine_server import writer as writer_mod
 from services.engine_server.sse import SseSink
 from services.engine_server.writer import INLINE_MAX, SocketWriter
 
@@ -187,3 +189,75 @@ async def test_a_sink_with_a_shared_table_streams_the_same_bytes_as_one_without(
         for srv, cli in pairs:
             srv.close()
             cli.close()
+
+
+async def test_a_peer_that_stops_reading_costs_linear_time_and_is_given_up_past_the_backlog_bound() -> None:
+    # the backlog was joined anew at every chunk: quadratic CPU (9 s of the writer for 40,000 tokens), GIL held
+    writer = SocketWriter()
+    srv, cli = _pair()
+    conn = writer.open(srv.fileno())
+    try:
+        chunk = b"x" * 512
+        cpu = time.thread_time()
+        sent = 0
+        with writer._lock:
+            while not conn.dead:
+                conn.send(chunk)
+                sent += len(chunk)
+        cpu = time.thread_time() - cpu
+        assert sent <= writer_mod.MAX_BACKLOG_BYTES + (1 << 20) and not conn.backlog
+        assert cpu < 1.0, cpu  # ~16,000 chunks into a socket nobody reads
+    finally:
+        writer.close()
+        srv.close()
+        cli.close()
+
+
+async def test_a_peer_alive_but_reading_nothing_is_given_up_after_the_stall_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # its connection (and handler) was held after its request ended, for as long as the client kept it open
+    monkeypatch.setattr(writer_mod, "STALL_S", 0.3)
+    writer = SocketWriter()
+    srv, cli = _pair()
+    conn = writer.open(srv.fileno())
+    try:
+        for i in range(64):  # far more than the socket buffers hold, far less than the backlog bound
+            writer.pending.append((conn, b"y" * 4096, i == 63))
+            writer.flush()
+        await asyncio.wait_for(conn.flushed, 5)  # released once the stall time passed
+        assert conn.dead and not conn.backlog
+    finally:
+        writer.close()
+        srv.close()
+        cli.close()
+
+
+class _Closing:
+    """The client's transport, already closing when the response headers go out."""
+
+    def is_closing(self) -> bool:
+        return True
+
+    def get_extra_info(self, name: str) -> object:
+        return None
+
+
+@pytest.mark.parametrize("transport", [_Closing(), None], ids=["transport closing", "ASGI only"])
+async def test_a_stream_whose_client_left_before_the_headers_is_closed_not_run_to_its_end(transport: object) -> None:
+    # it streamed into nothing for its whole length (20,000 tokens), its KV blocks and batch slot held
+    from services.engine_server.sse import TRANSPORT_KEY, SseResponse
+
+    closed: list[bool] = []
+    sink = SseSink("a", "m", 0, False, False, lambda t: b'"%d"' % t, eos=-1)
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "http_version": "1.1", "extensions": {TRANSPORT_KEY: transport} if transport else {}}
+    await asyncio.wait_for(SseResponse(sink, lambda: closed.append(True))(scope, receive, send), 2)  # type: ignore[arg-type]
+    assert closed == [True] and not sink.done.done()  # on_close aborts the request; it never finished
+    assert [m["type"] for m in sent] == ["http.response.start"]
