@@ -180,8 +180,10 @@ class EngineRunner:
             self._apply_aborts()
             wall = -1.0  # that took time
         eng = self.engine
-        if not eng.has_work():
+        if not eng.has_work() and not eng.scheduler.sending:
             return  # idle until submit() kicks
+        # (a prefill server's last hand-offs still hold their KV blocks until sent: the steps below free them when
+        # the transfer ends, then park; idle at once, they stayed held, the reported usage stale, until a request)
         # Busy steps chain back to back in model time and the timers aim at absolute deadlines, so timer
         # overshoot is caught up on the next step; only a loop that falls behind by more than MAX_LAG_S of
         # wall time (overload) resynchronises, and then its steps honestly start late.

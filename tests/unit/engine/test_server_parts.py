@@ -251,3 +251,26 @@ def test_a_step_batch_past_the_followers_bound_is_queued_as_several_messages_in_
             for n, b in enumerate(pub.kv)]  # each one a message its followers take
     assert [h for m in sent for e in m.batch.events for h in e.block_hashes] == hashes  # type: ignore[union-attr]
     assert len(sent) == 2
+
+
+async def test_an_idle_prefill_server_frees_its_last_hand_offs_blocks_once_sent() -> None:
+    # the runner went idle with the hand-off's blocks held: the reported KV usage stayed up until a request came
+    from shared.core.engine import KVLink
+    from shared.core.roles import NodeRole
+
+    link = KVLink(bandwidth_bytes_s=1e9, latency_s=0.05)
+    engine = Engine(SchedulerConfig(num_gpu_blocks=100, role=NodeRole.PREFILL), MODEL, fast_forward=False,
+                    kv_link=link, kv_bytes_per_token=1000)
+    runner = EngineRunner(engine, speedup=1.0)
+    runner.start()
+    sink = CollectSink()
+    runner.submit(Request("p", [1] * 64, max_tokens=10), sink)
+    await asyncio.wait_for(sink.done, 5)
+    held = engine.scheduler.kv.num_used
+    assert held > 0  # still sending
+    for _ in range(100):  # the transfer takes ~50 ms
+        if engine.scheduler.kv.num_used == 0:
+            break
+        await asyncio.sleep(0.01)
+    await runner.stop()
+    assert engine.scheduler.kv.num_used == 0 and not engine.scheduler.sending
