@@ -349,6 +349,11 @@ class LocalStack:
             ]
         if self.gateway and self.gateway_port:
             wanted.append(("The gateway", self.gateway_port, "--gateway-port"))
+        seen: dict[int, str] = {}
+        for what, port, env in wanted:  # (on one host: a port named twice would start one server, the other fail)
+            if port in seen:
+                raise StackError(f"{what} and {seen[port]} are both given port {port}: choose another with {env}")
+            seen[port] = what
         for what, port, env in wanted:
             if port_in_use(port):
                 raise StackError(

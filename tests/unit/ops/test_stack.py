@@ -90,6 +90,16 @@ def test_a_taken_port_stops_the_start_with_a_hint(tmp_path: Path) -> None:
             stack.start()
 
 
+def test_nats_and_redis_given_one_port_stop_the_start_naming_both(tmp_path: Path) -> None:
+    # the services read NATS's greeting as a Redis reply; the operator saw only "fitting exited with code 1"
+    port = free_port()
+    stack = LocalStack(Settings(nats_url=f"nats://127.0.0.1:{port}", redis_url=f"redis://127.0.0.1:{port}/0"),
+                       home=tmp_path, services=())
+    with pytest.raises(StackError, match=f"Redis and NATS are both given port {port}"):
+        stack.start()
+    assert not (tmp_path / "nats").exists()  # refused before any server was written or started
+
+
 # -- launcher safety (issue 12, case 9) ------------------------------------------------------------------
 
 
