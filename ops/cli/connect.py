@@ -188,10 +188,13 @@ async def connect_redis(settings: AnySettings, timeout: float = CONNECT_TIMEOUT_
             raise CliError(refused_credentials("Redis", settings.redis_url, settings)) from None
         if isinstance(err, ConnectionRefusedError | redis.exceptions.ConnectionError) and "111" in str(err):
             err = ConnectionRefusedError("connection refused")
-        raise CliError(
-            f"cannot reach Redis at {redact(settings.redis_url)} ({_short(err)}): {STACK_HINT}"
-        ) from None
+        raise redis_unreachable(settings, err) from None
     return client
+
+
+def redis_unreachable(settings: AnySettings, err: BaseException) -> CliError:
+    """The one line saying Redis could not be read."""
+    return CliError(f"cannot reach Redis at {redact(settings.redis_url)} ({_short(err)}): {STACK_HINT}")
 
 
 def run_async(coro_fn: Callable[[], Awaitable[T]]) -> T:

@@ -23,6 +23,7 @@ from ops.cli.connect import (
     connection_settings,
     console,
     print_json,
+    redis_unreachable,
     run_async,
 )
 from ops.cli.inputs import model_name
@@ -58,10 +59,14 @@ def read_cluster(settings: AnySettings, model: str | None = None) -> ClusterSnap
 
     try:
         reader = redis_reader.RedisReader.connect(settings.redis_url, CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S + 3)
+    except redis_reader.ReaderTimedOut as err:
+        raise redis_unreachable(settings, err) from None  # (asked again through redis-py: twice the wait)
     except redis_reader.ReaderFailed:
         return run_async(lambda: _snapshot(settings, model))
     try:
         return redis_reader.run(_read(reader, settings, model))
+    except redis_reader.ReaderTimedOut as err:
+        raise redis_unreachable(settings, err) from None
     except redis_reader.ReaderFailed:
         pass  # read again below, through redis-py
     finally:

@@ -27,6 +27,10 @@ class ReaderFailed(Exception):
     """This connection cannot do what was asked: read through redis-py instead."""
 
 
+class ReaderTimedOut(ReaderFailed):
+    """Redis took the connection but answered nothing in time: redis-py would wait as long again, to the same end."""
+
+
 class RedisReader:
     """Blocking RESP2 connection offering the read calls ``StateStore`` makes, as awaitables that never suspend."""
 
@@ -72,6 +76,8 @@ class RedisReader:
         try:
             self._sock.sendall(b"".join(_encode(c) for c in commands))
             return [_convert(str(c[0]), self._reply()) for c in commands]
+        except TimeoutError:
+            raise ReaderTimedOut("no answer in time") from None
         except (OSError, ValueError, IndexError) as err:
             raise ReaderFailed(str(err) or type(err).__name__) from None
 

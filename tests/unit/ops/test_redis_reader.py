@@ -149,3 +149,24 @@ def test_a_read_that_waits_on_anything_else_is_refused() -> None:
 
     with pytest.raises(ReaderFailed):
         run(suspends())
+
+
+def test_a_redis_that_takes_the_connection_but_never_answers_is_given_up_once_not_twice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the reader timed out, then redis-py waited as long again: 10 s for one line
+    import socket
+    import time
+
+    from ops.cli import reads
+    from ops.cli.errors import CliError
+    from shared.settings import Settings
+
+    monkeypatch.setattr(reads, "CONNECT_TIMEOUT_S", 0.3)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        t0 = time.monotonic()
+        with pytest.raises(CliError, match="cannot reach Redis .*no answer in time"):
+            reads.read_cluster(Settings(redis_url=url))
+        assert time.monotonic() - t0 < 5.0  # the reader's one wait (3.3 s here), not redis-py's after it
