@@ -146,6 +146,7 @@ def _plain_problem(data: dict[str, object]) -> str | None:
 
 
 _MARK = re.compile(r'^\s*in ".*", line (\d+), column (\d+)$')
+_POSITION = re.compile(r'^\s*in ".*", position (\d+)$')  # the reader's mark (a character no YAML may hold)
 
 
 def yaml_problem(path: Path, message: str) -> str:
@@ -156,6 +157,8 @@ def yaml_problem(path: Path, message: str) -> str:
         mark = _MARK.match(line)
         if mark:
             where = (int(mark.group(1)), int(mark.group(2)))
+        elif _POSITION.match(line):
+            continue  # not the problem: the line before it says what it is
         elif line.strip():
             problem = line.strip()
     if where is None:

@@ -79,8 +79,10 @@ def test_a_spec_file_past_the_size_limit_is_refused_without_reading_it(tmp_path:
 @pytest.mark.parametrize(
     ("body", "says"),
     [("name: m\nreplicas: 1000000000\n", "replicas"), ("name: m\nvram_claim: -85899345920\n", "vram_claim"),
-     ("name: ../../etc/passwd\n", "name"), ("name: m\nworker_selector: " + "[" * 3000 + "]" * 3000 + "\n", "m")],
-    ids=["replicas", "negative-claim", "name", "deep"],
+     ("name: ../../etc/passwd\n", "name"), ("name: m\nworker_selector: " + "[" * 3000 + "]" * 3000 + "\n", "m"),
+     # the reader's position mark was shown as the problem, the problem left out
+     ("name: m\x00\nreplicas: 1\n", "unacceptable character #x0000")],
+    ids=["replicas", "negative-claim", "name", "deep", "nul"],
 )
 def test_a_spec_outside_the_limits_is_refused(tmp_path: Path, body: str, says: str) -> None:
     spec = tmp_path / "m.yaml"
