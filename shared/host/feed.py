@@ -105,14 +105,17 @@ class SnapshotFeed:
 
     # -- events ---------------------------------------------------------------------------------------
 
-    def on_registered(self, ev: WorkerRegisteredEvent, now: float) -> str | None:
+    def on_registered(self, ev: WorkerRegisteredEvent, now: float, read: bool = False) -> str | None:
         """Apply an inventory the state writer stored, unless this snapshot holds that one or a newer one
-        (duplicates and announcements overtaken by a newer store are ignored); a reason if it is invalid."""
+        (duplicates and announcements overtaken by a newer store are ignored); a reason if it is invalid.
+        ``read``: read from the store just now for a worker this snapshot lacks (as of ``ev.revision``, the store's
+        own): applied even at the revision the snapshot last saw, which a reordered removal may have undone."""
         reason = check_registration(WorkerRegistration(worker=ev.worker))
         if reason:
             return reason
         name = ev.worker.name
-        if ev.revision <= max(self.revisions.get(name, 0), self.loaded_revision):
+        seen = max(self.revisions.get(name, 0), self.loaded_revision)
+        if ev.revision < seen or (ev.revision == seen and not (read and name not in self.inventory)):
             return None
         self.revisions[name] = ev.revision
         before = self.inventory.get(name)
@@ -155,8 +158,11 @@ class SnapshotFeed:
         return None
 
     def on_file(self, upd: ModelFileUpdate) -> None:
-        """Apply a model-file readiness update (one of a new source past the worker's limit is left out: the state
-        writer dead-letters it)."""
+        """Apply a model-file readiness update of a worker this snapshot holds, as the state writer stores them (one
+        of a worker it does not hold, or of a new source past the worker's limit, is left out: the state writer
+        dead-letters those)."""
+        if upd.worker not in self.inventory:
+            return
         self.snapshot.set_model_file(
             ModelFile(source=upd.source, worker=upd.worker, state=upd.state, progress=upd.progress)
         )
@@ -217,6 +223,9 @@ class SnapshotFeed:
         self.cordons = {c for c in self.cordons if c != name and not c.startswith(name + ":")}
         if self.snapshot.worker(name) is not None:
             self.snapshot.remove_worker(name)
+        # its files go with it, as the store drops them: a worker back under this name starts with none
+        for f in [f for f in self.snapshot.model_files() if f.worker == name]:
+            self.snapshot.remove_model_file(f.source, name)
 
     def on_cordon(self, ev: CordonEvent) -> None:
         """Apply a cordon change to the worker (or GPU)."""

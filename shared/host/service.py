@@ -11,6 +11,7 @@ alone); the decoded ones are handled as one batch, with poison isolation (``shar
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -64,6 +65,7 @@ from shared.state.store import StateStore
 
 log = logging.getLogger("gantry.service")
 APP_LOG = logging.getLogger("gantry.app")  # start and stop of the app (INFO), through the root handler
+REREAD_TIMEOUT_S = 2.0  # a read of an unknown worker's stored inventory gives up after this (Redis not answering)
 T = TypeVar("T", bound=msgspec.Struct)
 # Young-generation collections every 10,000 allocations instead of 700: each decision allocates
 # thousands of short-lived objects, and collecting them 15x less often costs no memory worth counting.
@@ -108,6 +110,7 @@ class PlacementService:
         self._reports: list[tuple[str, str, ReportHandler]] = []
         self._loops: set[asyncio.Task[None]] = set()
         self._rereads = PerKeyThrottle(2.0)  # reads of the stored inventory per unknown worker heard from
+        self._reading: dict[str, asyncio.Future[None]] = {}  # worker -> its read in flight (at most one each)
         self.app.on_startup(self._declare)
         self.app.after_startup(self._load)
         self.app_stopping = False  # set first thing at shutdown: background loops check it
@@ -292,9 +295,12 @@ class PlacementService:
             hb = self._quiet_decode(body, Heartbeat)
             if hb is None or hb.worker != sender:
                 return
-            unknown = feed.on_heartbeat(hb, self.clock()) and hb.worker not in feed.inventory
-            if unknown and await self._reread(hb.worker):
-                feed.on_heartbeat(hb, self.clock())
+            if feed.on_heartbeat(hb, self.clock()) and hb.worker not in feed.inventory and hb.worker not in (
+                    reading := self._reading):
+                # read beside the feed, not in it: awaited here, a Redis that took the read and never answered
+                # held every later heartbeat of every worker (all NOT_READY 15 s later, nothing placed)
+                reading[hb.worker] = task = asyncio.ensure_future(self._reread_then(hb))
+                task.add_done_callback(functools.partial(_forget, reading, hb.worker))
 
         async def on_file(body: bytes, sender: str) -> None:
             upd = self._quiet_decode(body, ModelFileUpdate)
@@ -329,6 +335,11 @@ class PlacementService:
             both = Feed.PROGRESS in wanted
             self.listen(subjects.EVENT_INSTANCE_ALL if both else subjects.EVENT_INSTANCE, on_instance)
 
+    async def _reread_then(self, hb: Heartbeat) -> None:
+        """``_reread`` the heartbeat's worker, then apply the heartbeat if the snapshot holds the worker now."""
+        if await self._reread(hb.worker):
+            self.feed.on_heartbeat(hb, self.clock())
+
     async def _reread(self, worker: str) -> bool:
         """A heartbeat from a worker this snapshot does not hold: its announcement was missed (e.g. while NATS
         reconnected), or it is not stored yet (the state writer then asks it to register, and its announcement
@@ -338,7 +349,7 @@ class PlacementService:
             return False
         removals = self.feed.removals
         try:
-            revision, stored = await self.store.stored_inventory(worker)
+            revision, stored = await asyncio.wait_for(self.store.stored_inventory(worker), REREAD_TIMEOUT_S)
         except Exception as exc:  # Redis away: the worker's next periodic registration is announced anyway
             log.warning("cannot read the stored inventory of %s: %s", worker, exc)
             return False
@@ -346,7 +357,7 @@ class PlacementService:
         # revision): the record is then stale and must not bring it back. The next heartbeat reads again.
         if stored is None or self.feed.removals != removals:
             return False
-        self.feed.on_registered(WorkerRegisteredEvent(worker=stored, revision=revision), self.clock())
+        self.feed.on_registered(WorkerRegisteredEvent(worker=stored, revision=revision), self.clock(), read=True)
         return worker in self.feed.inventory
 
     @staticmethod
@@ -455,3 +466,8 @@ __all__ = [
     "settle",
     "transient",
 ]
+
+
+def _forget(reading: dict[str, asyncio.Future[None]], worker: str, _done: object) -> None:
+    """A worker's read is over (done, failed or cancelled): the next unknown heartbeat may read again."""
+    reading.pop(worker, None)

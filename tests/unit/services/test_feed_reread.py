@@ -29,8 +29,11 @@ async def svc(redis_server: ServerProcess) -> AsyncIterator[FilterService]:
 
 
 async def heartbeat(svc: FilterService, hb: Heartbeat) -> None:
+    """The heartbeat handed to the handler, then the read of the stored inventory it started (beside the feed)."""
     [on_beat] = [h for subject, queue, h in svc._reports if subject == subjects.HEARTBEAT and not queue]
     await on_beat(encode(hb), subjects.worker_heartbeat(hb.worker))
+    if (reading := svc._reading.get(hb.worker)) is not None:
+        await reading
 
 
 async def test_a_snapshot_that_missed_a_workers_announcement_takes_its_stored_inventory_at_its_heartbeat(
@@ -60,8 +63,16 @@ async def test_a_worker_removed_while_its_stored_inventory_is_read_stays_out_of_
 ) -> None:
     await svc.store.register_workers([W5], 1.0)  # read as stored: the writer deletes it only after our read
     [on_removed] = [h for subject, queue, h in svc._listens if subject == subjects.EVENT_WORKER_REMOVED]
+    began = asyncio.Event()
+    read = svc.store.stored_inventory
+
+    async def reading(worker: str) -> tuple[int, Worker | None]:
+        began.set()
+        return await read(worker)
+
+    svc.store.stored_inventory = reading  # type: ignore[method-assign]
     beat = asyncio.create_task(heartbeat(svc, Heartbeat(worker="w5", seq=1)))
-    await asyncio.sleep(0)  # the handler runs up to its read of Redis and waits for the answer
+    await began.wait()  # the read of Redis is under way
     await on_removed(encode(WorkerRemovedEvent(worker="w5")))  # the removal, heard while the read is under way
     await beat
     assert "w5" not in svc.feed.inventory and svc.feed.worker("w5") is None  # the stale record does not revive it

@@ -237,7 +237,8 @@ def test_connections_still_in_their_tls_handshake_count_against_the_cap_and_envo
             with pytest.raises(OSError):  # ssl.SSLError or a reset: closed at once, before its handshake
                 await _secured(port, ctx)
             stats = (await _stats(*established))["connections"]  # Envoy's connection still answered
-            assert stats == {"open": 1, "handshaking": 3, "max": 4, "refused": 1, "idle_closed": 0}
+            assert stats == {"open": 1, "handshaking": 3, "max": 4, "refused": 1, "idle_closed": 0, "held_bytes": 0,
+                             "closed_over_held": 0}
             for sock in stalled:
                 sock.close()
             await _until(lambda: not conns.handshaking)  # their places are free again
