@@ -60,6 +60,12 @@ class FittingService(PlacementService):
         self._shapes: dict[str, Any] = {}  # the "shapes" store (lru): shape_key -> (request, fit key)
         self.names = NameLists()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # resources freed or a worker joined: a "nothing fits" kept from before would answer the retry that very
+        # change triggers (its figures out of date), and the replica then waited its 1-8 s pending backoff
+        self.feed.listeners.append(self._forget_fits)
+
+    def _forget_fits(self, _why: str) -> None:
+        self._fits.clear()
 
     def feeds(self) -> Feed:
         """Claims decide what fits; file readiness and start-up progress do not."""

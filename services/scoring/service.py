@@ -85,6 +85,9 @@ class ScoringService(PlacementService):
         located: dict[str, tuple[CandidateSet | None, Positions | None]] = {}
         for item in req.items:
             spec = req.specs[item.model]
+            # scored again (a redelivery, or its batch handed back one message at a time after a poison one): its
+            # own earlier guess must not count against it ("all candidates were taken" for a replica with room)
+            self.feed.forget_assumption(item.instance_id)
             decision: Decision | None = None
             considered = 0
             if item.model not in located:

@@ -176,12 +176,17 @@ class SnapshotFeed:
         """Drop assumptions whose outcome never arrived (the commit message may have been lost)."""
         for iid, at in list(self.assumed.items()):
             if now - at > ttl:
-                del self.assumed[iid]
-                real = self.instances.get(iid)
-                if real is not None:
-                    self._put_instance(real)
-                else:
-                    self.snapshot.remove_instance(iid)
+                self.forget_assumption(iid)
+
+    def forget_assumption(self, iid: str) -> None:
+        """Drop this snapshot's assumed placement of ``iid`` (its known record, if any, counts again)."""
+        if self.assumed.pop(iid, None) is None:
+            return
+        real = self.instances.get(iid)
+        if real is not None:
+            self._put_instance(real)
+        else:
+            self.snapshot.remove_instance(iid)
 
     def on_instance(self, ev: InstanceEvent) -> None:
         """Apply an instance change; freed resources count as a cluster change."""

@@ -73,6 +73,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     nats.errors.StaleConnectionError,
     nats.errors.TimeoutError,
     nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,  # no stream answered a publish (JetStream restoring after a restart)
 )
 _TRANSIENT_REDIS_REPLIES = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
 
