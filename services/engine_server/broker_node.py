@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 from shared.core.engine import Engine, Request
@@ -19,6 +20,7 @@ from shared.core.queueing import Output, PullBudget
 from shared.state.queue import GlobalBroker
 
 IDLE_POLL_S = 0.002
+QUEUE_WAITS_KEPT = 1_000_000
 
 
 class BrokerNode:
@@ -35,7 +37,8 @@ class BrokerNode:
         self.clock = clock
         self.t0 = clock()
         self.served = 0
-        self.queue_waits: list[float] = []  # wall seconds from put to pull, per request pulled
+        # wall seconds from put to pull, per request pulled: the most recent (a long-running node kept them all)
+        self.queue_waits: deque[float] = deque(maxlen=QUEUE_WAITS_KEPT)
 
     def model_now(self) -> float:
         """Model time (seconds since start, times ``speedup``)."""
@@ -47,7 +50,8 @@ class BrokerNode:
         cfg = s.config
         return PullBudget(available_blocks=s.kv.num_free, block_size=cfg.block_size,
                           reserved_output_blocks=self.reserved, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                          batch=cfg.max_num_seqs - len(s.running) - len(s.waiting))
+                          batch=cfg.max_num_seqs - len(s.running) - len(s.waiting),
+                          total_blocks=cfg.num_gpu_blocks - 1)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set (or the task is cancelled: a kill)."""

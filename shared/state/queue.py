@@ -18,8 +18,10 @@ Decisions (what fits, whom to steal from) come from the pure core (``shared.core
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,9 @@ from shared.core.queueing.admission import plan_pull
 from shared.core.queueing.local import DUPLICATE
 from shared.core.queueing.stealing import PEERS_PER_SHARD, SHARDS_PER_LOOKUP
 from shared.state.replay import call_key, prelude
+
+log = logging.getLogger("gantry.queue")
+SERVED_IDS_KEPT = 100_000
 
 _LUA = Path(__file__).parent / "lua"
 _enc = msgspec.json.Encoder()
@@ -161,7 +166,8 @@ class BrokerStats:
     recovered: int = 0
     refused_results: int = 0
     cas_retries: int = 0
-    served_ids: list[str] = field(default_factory=list)
+    # the most recent finished ids (a long-running node kept every one: ~100 B a request, never let go)
+    served_ids: deque[str] = field(default_factory=lambda: deque(maxlen=SERVED_IDS_KEPT))
 
 
 class GlobalBroker:
@@ -352,27 +358,37 @@ class GlobalBroker:
             ids = [_s(i) for i in await self.r.lrange(k.req(src), 0, limit - 1)]
             if not ids:
                 return None
-            bodies = await self.r.hmget(k.body, ids)
-            head = [_decode_request(b) for b in bodies]
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hmget(k.body, ids)
+            pipe.hmget(k.sent, ids)
+            bodies, sent = await pipe.execute()
+            # a request put back by the recovery of a dead node after it had answered part of its stream was
+            # handed to an engine once: re-run, not answered "expired" (a second chunk 0 after a real one)
+            head = [req if req is None or s is None else msgspec.structs.replace(req, arrival_s=t)
+                    for req, s in zip(map(_decode_request, bodies), sent, strict=True)]
             plan = plan_pull(head, budget, t, self.params.ttl_s)
             if plan.count == 0:
                 return []
             taken_ids = ids[: plan.count]
-            ok = await self._take(keys=[k.req(src), k.load(src), k.lease, k.inflight(self.node), call_key(k.replay)],
-                                  args=[self.node, src, *taken_ids])
+            ok = await self._take(keys=[k.req(src), k.load(src), k.lease, k.inflight(self.node), k.nodes,
+                                        call_key(k.replay)],
+                                  args=[self.node, src, t, *taken_ids])
             if not int(ok):
                 self.stats.cas_retries += 1
                 continue
-            return await self._after_take(src, head[: plan.count], set(plan.expired), t)
+            return await self._after_take(src, taken_ids, head[: plan.count], set(plan.expired), t)
         return []
 
-    async def _after_take(self, src: str, taken: Sequence[QueuedRequest | None], expired: set[int],
-                          t: float) -> list[QueuedRequest]:
+    async def _after_take(self, src: str, ids: Sequence[str], taken: Sequence[QueuedRequest | None],
+                          expired: set[int], t: float) -> list[QueuedRequest]:
         out: list[QueuedRequest] = []
         answers: list[Output] = []
+        unreadable = [rid for rid, req in zip(ids, taken, strict=True) if req is None]
+        if unreadable:  # a queued id without a readable body: nothing to serve, nobody to answer
+            await self._let_go(unreadable)
         for i, req in enumerate(taken):
             if req is None:
-                continue  # a queued id without a body: nothing to serve, nobody to answer
+                continue
             self._taken[req.request_id] = req
             if i in expired:
                 answers.append(expiry_answer(req, t, self.params.ttl_s, self.node))
@@ -386,6 +402,18 @@ class GlobalBroker:
             self.stats.expired += len(answers)
             await self.put_results(answers, t)
         return out
+
+    async def _let_go(self, ids: Sequence[str]) -> None:
+        """Drop the lease, the in-flight entry and the body of ids just taken whose body does not read (corrupt, or
+        written by another version): kept, they came back at every restart and refused their id for good."""
+        k = self.keys
+        log.warning("%d queued requests with unreadable bodies dropped (first %r)", len(ids), ids[0])
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(k.lease, *ids)
+        pipe.srem(k.inflight(self.node), *ids)
+        pipe.hdel(k.body, *ids)
+        pipe.hdel(k.sent, *ids)
+        await pipe.execute()
 
     async def _deliver_to(self, origin: str, outs: Sequence[Output], t: float) -> list[str]:
         k = self.keys

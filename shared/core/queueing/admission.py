@@ -41,6 +41,7 @@ class PullBudget:
     max_num_batched_tokens: int = 8192
     batch: int = 1
     chunked: ChunkedQuota | None = None
+    total_blocks: int | None = None  # the engine's whole KV cache: a head request past it can never fit
 
     def problem(self) -> str | None:
         """Why the budget is malformed, or None."""
@@ -72,6 +73,10 @@ def admit(queue: Sequence[QueuedRequest], budget: PullBudget) -> int:
         tokens += n
         blocks += required_blocks(n, budget.block_size) + budget.reserved_output_blocks
         if blocks > budget.available_blocks:
+            if taken == 0 and budget.total_blocks is not None and blocks > budget.total_blocks:
+                # it can never fit: taken, for the engine to refuse (400), rather than hold every request queued
+                # behind it until its TTL (all answered 408)
+                taken = 1
             break
         if quota is not None:
             if n > quota.long_prefill_token_threshold:

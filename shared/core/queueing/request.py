@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import enum
+import math
 
 import msgspec
+
+MAX_TOKENS = 1 << 24  # a prompt or an answer longer than any model's context (limits.MAX_CONTEXT)
+MAX_PRIORITY = 1 << 31
 
 
 class ErrorCode(enum.IntEnum):
@@ -30,13 +34,20 @@ class QueuedRequest(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 0
 
     def problem(self) -> str | None:
-        """Why the request cannot be queued, or None."""
-        if not self.request_id or len(self.request_id) > 256:
+        """Why the request cannot be queued, or None. (A Struct built in Python checks no type: a NaN or
+        fractional number stored here no longer read back as a request, and the request was lost unanswered.)"""
+        if type(self.request_id) is not str or not self.request_id or len(self.request_id) > 256:
             return "request_id must be 1..256 characters"
-        if self.prompt_len < 0:
-            return f"prompt_len must be >= 0 (got {self.prompt_len})"
-        if self.max_tokens < 1:
-            return f"max_tokens must be >= 1 (got {self.max_tokens})"
+        if type(self.prompt_len) is not int or not 0 <= self.prompt_len <= MAX_TOKENS:
+            return f"prompt_len must be an integer in [0, {MAX_TOKENS}] (got {self.prompt_len!r})"
+        if type(self.max_tokens) is not int or not 1 <= self.max_tokens <= MAX_TOKENS:
+            return f"max_tokens must be an integer in [1, {MAX_TOKENS}] (got {self.max_tokens!r})"
+        if type(self.priority) is not int or not -MAX_PRIORITY <= self.priority < MAX_PRIORITY:
+            return f"priority must be a 32-bit integer (got {self.priority!r})"
+        if type(self.arrival_s) not in (int, float) or not math.isfinite(self.arrival_s):
+            return f"arrival_s must be a finite number (got {self.arrival_s!r})"
+        if type(self.origin) is not str or len(self.origin) > 256:
+            return "origin must be a string of at most 256 characters"
         return None
 
 

@@ -214,3 +214,41 @@ def test_plan_pull_takes_a_queue_of_only_expired_requests_whole() -> None:
     olds = [QueuedRequest(request_id=str(i), prompt_len=10**6, max_tokens=1, arrival_s=0.0) for i in range(3)]
     plan = plan_pull(olds, PullBudget(available_blocks=10, block_size=16, batch=3), now=100.0, ttl_s=1.0)
     assert (plan.count, plan.expired) == (3, (0, 1, 2))
+
+
+# -- found by an adversarial review -------------------------------------------------------------------------------
+
+def test_a_chunk_delivered_again_reaches_the_client_once() -> None:
+    b = LocalBroker(SchedulerParams(ttl_s=10))
+    b.put_requests([req("a")], 0.0)
+    b.get_requests(BIG, 0.0)
+    final = Output(request_id="a", seq=0, finished=True)
+    assert b.put_results([final]) == [] and b.put_results([final]) == ["a"]  # a retried delivery
+    assert [o.seq for o in b.get_results(1.0)["a"]] == [0]
+
+
+def test_an_id_answered_within_the_ttl_is_refused_as_a_duplicate_not_served_again() -> None:
+    b = LocalBroker(SchedulerParams(ttl_s=10))
+    b.put_requests([req("a")], 0.0)
+    b.get_requests(BIG, 0.0)
+    b.put_results([Output(request_id="a", seq=0, finished=True)])
+    b.get_results(1.0)
+    assert b.put_requests([req("a")], 2.0) == [("a", "duplicated request_id")]
+    assert b.put_requests([req("a")], 12.0) == [("a", None)]  # past the TTL the id is free again
+
+
+def test_an_output_for_a_request_still_queued_is_dropped_and_the_broker_goes_on() -> None:
+    # accepted, it made the broker forget a queued request, and every later call raised KeyError
+    b = LocalBroker(SchedulerParams(ttl_s=10))
+    b.put_requests([req("a"), req("b")], 0.0)
+    assert b.put_results([Output(request_id="a", seq=0, finished=True)]) == ["a"]  # a late output of an older run
+    assert b.get_results(1.0) == {}
+    assert b.get_requests(PullBudget(available_blocks=0, block_size=4), 20.0) == []  # both expire, answered
+    answered = b.get_results(20.0)
+    assert sorted(answered) == ["a", "b"] and all(v[0].error_code == ErrorCode.EXPIRED for v in answered.values())
+
+
+def test_a_request_no_engine_of_this_size_can_hold_is_taken_to_be_refused_not_left_at_the_head() -> None:
+    small = PullBudget(available_blocks=10, block_size=16, reserved_output_blocks=0, batch=4, total_blocks=10)
+    assert admit([req("huge", prompt=10_000), req("ok")], small) == 1
+    assert admit([req("huge", prompt=10_000)], PullBudget(available_blocks=10, block_size=16, batch=4)) == 0

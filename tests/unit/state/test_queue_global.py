@@ -258,3 +258,83 @@ async def test_the_seed_connection_parameters_reach_redis(redis_server: ServerPr
         assert await b.queued() == 1
     finally:
         await r.aclose()
+
+
+# -- found by an adversarial review: bad numbers, a request that never fits, leaks, a second chunk 0 --------------
+
+@pytest.mark.parametrize("bad", [dict(prompt_len=float("nan")), dict(prompt_len=4.5), dict(priority=float("nan")),
+                                 dict(priority=0.5), dict(max_tokens=True), dict(arrival_s=float("inf"))])
+async def test_a_request_whose_numbers_are_not_integers_is_refused_not_queued_and_lost(
+        broker: Factory, bad: dict[str, object]) -> None:
+    # stored, it no longer read back: leased, skipped, never answered, its id refused for good
+    me = broker("me")
+    fields: dict[str, object] = {"request_id": "bad", "prompt_len": 4, "max_tokens": 2, "arrival_s": 0.0, **bad}
+    [(rid, why)] = await me.put_requests([QueuedRequest(**fields)], now=0.0)  # type: ignore[arg-type]
+    assert rid == "bad" and why is not None and why.startswith("invalid request")
+    assert await me.queued() == 0
+
+
+async def test_a_taken_request_whose_body_does_not_read_lets_go_of_its_lease_and_its_id(
+        broker: Factory, client: aioredis.Redis) -> None:
+    me = broker("me")
+    await me.put_requests([req("corrupt"), req("fine")], now=0.0)
+    await client.hset(me.keys.body, "corrupt", b'{"request_id": "corrupt", "prompt_len": null}')  # another version
+    got = await me.get_requests(BUDGET, now=1.0)
+    assert [r.request_id for r in got] == ["fine"]
+    assert await client.hget(me.keys.lease, "corrupt") is None
+    assert not await client.sismember(me.keys.inflight("me"), "corrupt")
+    await me.start(now=2.0)  # a restart puts back what it was serving: "fine", never the unreadable one
+    assert await me.queued_ids() == ["fine"]
+    assert await me.put_requests([req("corrupt")], now=3.0) == [("corrupt", None)]  # its id is free again
+
+
+async def test_a_request_no_engine_of_this_size_can_ever_hold_is_handed_on_not_left_to_block_the_queue(
+        broker: Factory) -> None:
+    # it sat at the head until its TTL, every request behind it answered 408
+    me = broker("me")
+    await me.put_requests([req("huge", prompt=10**6), req("ok")], now=0.0)
+    small = PullBudget(available_blocks=100, block_size=4, reserved_output_blocks=0, batch=2, total_blocks=100)
+    got = await me.get_requests(small, now=1.0)
+    assert [r.request_id for r in got] == ["huge"]  # for the engine to refuse (400)
+    assert [r.request_id for r in await me.get_requests(small, now=1.0)] == ["ok"]
+
+
+async def test_the_finished_ids_kept_for_the_ttl_do_not_grow_past_what_the_ttl_holds(
+        broker: Factory, client: aioredis.Redis) -> None:
+    # trimmed by at most 100 a put, they grew by 400 a round of 500
+    params = SchedulerParams(name="global", ttl_s=10, sync_period_s=1, expire_period_s=3)
+    me = broker("me", params)
+    big = PullBudget(available_blocks=10**6, block_size=4, reserved_output_blocks=0, batch=500)
+    for rnd in range(6):
+        t = rnd * 100.0
+        await me.put_requests([req(f"r{rnd}-{i}") for i in range(500)], now=t)
+        got = await me.get_requests(big, now=t)
+        await me.put_results([Output(request_id=r.request_id, seq=0, finished=True) for r in got], now=t)
+    assert await client.zcard(me.keys.done) <= 500 + 500  # the last round's, and at most one round before it
+
+
+async def test_a_node_that_takes_before_its_first_heartbeat_is_known_so_its_leases_are_recovered(
+        broker: Factory, client: aioredis.Redis) -> None:
+    owner, thief = broker("owner"), broker("thief")
+    await owner.heartbeat(0.0)
+    await owner.put_requests([req("x1"), req("x2")], now=0.0)
+    [stolen] = await thief.get_requests(PullBudget(available_blocks=100, block_size=4, batch=1), now=1.0)
+    assert await client.zscore(thief.keys.nodes, "thief") is not None
+    await owner.heartbeat(20.0)
+    assert await owner.recover_dead(now=20.0) >= 1  # the thief died holding it: it comes back
+    assert stolen.request_id in await owner.queued_ids()
+
+
+async def test_a_recovered_request_that_had_begun_its_answer_is_run_again_not_answered_expired(
+        broker: Factory) -> None:
+    # its acceptance time was past the TTL: "expired" went out as a second chunk 0 after a real one
+    dead, alive = broker("dead"), broker("alive")
+    await dead.heartbeat(0.0)
+    await dead.put_requests([req("long")], now=0.0)
+    assert len(await dead.get_requests(BUDGET, now=0.0)) == 1
+    assert await dead.put_results([Output(request_id="long", seq=0, num_tokens=1)], now=1.0) == []  # a token
+    await alive.heartbeat(150.0)
+    assert await alive.recover_dead(now=150.0) == 1  # TTL 100 s: long past it
+    assert [r.request_id for r in await alive.get_requests(BUDGET, now=150.0)] == ["long"]  # run again
+    chunks = (await dead.get_results())["long"]
+    assert [(c.seq, c.error_code) for c in chunks] == [(0, 0)]

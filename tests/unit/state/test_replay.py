@@ -276,7 +276,7 @@ async def test_a_replayed_final_chunk_is_delivered_once_and_not_refused(client: 
     assert await me.put_results(chunks) == []
     runs.assert_harmless()
     runs.assert_same_replies()
-    assert me.stats.served_ids == ["a"] and me.stats.refused_results == 0
+    assert list(me.stats.served_ids) == ["a"] and me.stats.refused_results == 0
     assert [o.seq for o in (await me.get_results())["a"]] == [0, 1]
 
 
