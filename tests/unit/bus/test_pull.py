@@ -92,15 +92,9 @@ async def test_an_expired_or_closed_request_is_replaced_at_once(code: str) -> No
     assert len(nc.published) == 2
 
 
-async def test_jetstream_not_ready_is_asked_again_only_after_a_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_jetstream_not_ready_is_asked_again_only_after_a_pause(slept: list[float]) -> None:
     c, nc, _ = consumer()
     await c.ask()
-    slept: list[float] = []
-
-    async def sleep(s: float) -> None:
-        slept.append(s)
-
-    monkeypatch.setattr(asyncio, "sleep", sleep)
     c.arrived.put_nowait(status("503"))
     assert await c.next_batch() == []
     assert slept == [UNAVAILABLE_PAUSE_S] and len(nc.published) == 2
@@ -135,18 +129,26 @@ async def test_a_batch_never_exceeds_its_size_the_rest_waits_for_the_next() -> N
     assert c.arrived.qsize() == 2
 
 
-async def test_a_lone_message_after_a_quiet_spell_is_not_held_for_the_linger(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    c, _, _ = consumer(linger=10.0)
-    slept: list[float] = []
+@pytest.fixture
+def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every ``asyncio.sleep`` asked for, none taken."""
+    asked: list[float] = []
 
     async def sleep(s: float) -> None:
-        slept.append(s)
+        asked.append(s)
 
     monkeypatch.setattr(asyncio, "sleep", sleep)
+    return asked
+
+
+@pytest.mark.parametrize("arrived", [1, 2], ids=["a lone message", "several"])
+async def test_the_first_batch_after_a_quiet_spell_is_never_held_for_the_linger(
+        arrived: int, slept: list[float]) -> None:
+    c, _, _ = consumer(batch=8, linger=10.0)
     await c.ask()
-    c.arrived.put_nowait(message())
-    assert len(await c.next_batch()) == 1 and slept == []
+    for _ in range(arrived):
+        c.arrived.put_nowait(message())
+    assert len(await c.next_batch()) == arrived and slept == []
 
 
 async def test_a_partial_batch_right_after_another_lingers_to_gather_more(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,20 +165,6 @@ async def test_a_partial_batch_right_after_another_lingers_to_gather_more(monkey
     c.arrived.put_nowait(message())
     got = await c.next_batch()
     assert len(got) == 3 and got[-1] is late
-
-
-async def test_the_first_batch_after_a_quiet_spell_is_never_held(monkeypatch: pytest.MonkeyPatch) -> None:
-    c, _, _ = consumer(batch=8, linger=10.0)
-    slept: list[float] = []
-
-    async def sleep(s: float) -> None:
-        slept.append(s)
-
-    monkeypatch.setattr(asyncio, "sleep", sleep)
-    await c.ask()
-    c.arrived.put_nowait(message())
-    c.arrived.put_nowait(message())
-    assert len(await c.next_batch()) == 2 and slept == []
 
 
 async def test_a_failing_handler_does_not_end_the_loop() -> None:
