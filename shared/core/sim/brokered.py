@@ -319,7 +319,8 @@ class _Sim:
         return PullBudget(available_blocks=s.kv.num_free, block_size=cfg.block_size,
                           reserved_output_blocks=self.spec.reserved_output_blocks,
                           max_num_batched_tokens=cfg.max_num_batched_tokens,
-                          batch=cfg.max_num_seqs - len(s.running) - len(s.waiting))
+                          batch=cfg.max_num_seqs - len(s.running) - len(s.waiting),
+                          total_blocks=cfg.num_gpu_blocks - 1)  # one past it is rejected, not left at the head
 
     def _pull(self, nd: _Node, t: float) -> int:
         """Hand the node's engine what fits from its queue (or stolen); how many requests it got."""

@@ -133,3 +133,13 @@ def test_the_router_queue_answers_expiry_from_the_routing_cores_flow_control() -
     params = SchedulerParams(name="local", ttl_s=0.5)
     s = accounted(run("local", skew=1.0, router_queue=True, params=params, tr=trace(rate=200.0)))
     assert int(s["expired"]) > 0 and s["completed"] + s["expired"] == 600  # type: ignore[operator, call-overload]
+
+
+def test_a_request_larger_than_any_engines_cache_is_rejected_at_once_not_left_to_block_its_queue() -> None:
+    # it sat at the head of its node's queue until its TTL, every request behind it expiring too
+    huge = TraceRequest(0.0, CFG.num_gpu_blocks * CFG.block_size * 2, 10)
+    rest = [TraceRequest(0.01 * (i + 1), 200, 20) for i in range(40)]
+    res = run("local", [huge, *rest], params=SchedulerParams(name="local", ttl_s=30))
+    s = accounted(res)
+    assert res.outcomes[0].status == "rejected" and "KV blocks" in res.outcomes[0].reason
+    assert s["completed"] == 40 and s["expired"] == 0
