@@ -80,7 +80,8 @@ class H2Connection(Swept):
         self.send_window = f.DEFAULT_WINDOW  # connection-level, toward the peer
         self.recv_window = CONNECTION_WINDOW
         self.recv_unacked = 0
-        self.buffered = 0  # bytes of messages (whole or partial) received and not yet taken, every stream
+        self._buffered = 0  # bytes of messages (whole or partial) received and not yet taken, every stream
+        self._counted = True  # its bytes count in the listener's (until it closes)
         # streams with answers waiting for window, in order: for the connection's, for their own (dicts as ordered
         # sets: a connection WINDOW_UPDATE serves the first ones until the window is spent, never walks them all)
         self.conn_blocked: dict[int, None] = {}
@@ -93,6 +94,29 @@ class H2Connection(Swept):
         self.window_changes = Budget(MAX_WINDOW_CHANGES)
         self.stall: asyncio.TimerHandle | None = None  # armed while a frame is partly read
         self.frames = 0  # frames read (a stalled read is one that made no progress)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of messages (whole or partial) received and not yet taken, every stream; counted in the
+        listener's too (``Connections.held``) while the connection is open."""
+        return self._buffered
+
+    @buffered.setter
+    def buffered(self, n: int) -> None:
+        if self._counted:
+            self.conns.held += n - self._buffered
+        self._buffered = n
+
+    def _let_go(self) -> None:
+        """The connection is closing: what it held no longer counts in the listener's (once)."""
+        if self._counted:
+            self.conns.held -= self._buffered
+            self._counted = False
+
+    def _too_much_held(self) -> bool:
+        """This connection's unread bytes past its bound, or the listener's past its budget (a thousand peers
+        each under its own bound could otherwise hold hundreds of GiB)."""
+        return self._buffered > MAX_BUFFERED or self.conns.held > self.conns.max_held
 
     # --- transport events -------------------------------------------------------------------------------
 
@@ -107,6 +131,7 @@ class H2Connection(Swept):
             + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._let_go()
         self.transport = None
         self.conns.open.discard(self)
         for st in list(self.streams.values()):
@@ -423,7 +448,7 @@ class H2Connection(Swept):
         part = st.partial
         part += data
         self.buffered += len(data)  # held until taken (or the call ends), whole or not
-        if self.buffered > MAX_BUFFERED:
+        if self._too_much_held():
             raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many unread bytes")
         while len(part) >= 5:
             if part[0] != 0:
@@ -439,7 +464,7 @@ class H2Connection(Swept):
             msg = bytes(part[5:5 + size])
             del part[:5 + size]
             self.buffered += MESSAGE_COST  # what holding it costs beyond its bytes (a flood of tiny messages)
-            if self.buffered > MAX_BUFFERED:
+            if self._too_much_held():
                 raise _ConnectionError(f.ENHANCE_YOUR_CALM, b"too many unread bytes")
             st.inbox.put(msg)
 
@@ -643,6 +668,7 @@ class H2Connection(Swept):
     def _close(self) -> None:
         """Close, the calls cancelled: flushing what is written first, unless the peer is not reading (a close that
         waited for it would hold the connection, its calls and its place under the cap as long as it likes)."""
+        self._let_go()
         if self.transport is not None:
             self.closing = self.transport
             if self.unread:
@@ -655,6 +681,7 @@ class H2Connection(Swept):
                 st.task.cancel()
 
     def _abort(self) -> None:
+        self._let_go()
         if self.transport is not None:
             self.transport.abort()
             self.transport = None

@@ -583,3 +583,26 @@ async def test_a_small_header_block_that_decodes_huge_is_a_compression_error() -
             p.send(f.frame(f.HEADERS, f.END_HEADERS, 1, stored + b"\xbe" * 2000))
             assert _goaway_code(await p.frames()) == f.COMPRESSION_ERROR
         assert await _echo_once(port) == b"still here"
+
+
+async def test_the_listeners_connections_together_hold_no_more_than_its_budget_and_let_go_when_closed() -> None:
+    # each under its own bound, a thousand peers could hold hundreds of GiB
+    conns = Connections(60.0, 4)
+    conns.max_held = 300_000
+    a, b = (H2Connection(METHODS, conns, MAX_MESSAGE) for _ in range(2))
+    ta, tb = _Transport(), _Transport()
+    enc_a, enc_b = hpack.Encoder(), hpack.Encoder()
+    _fed(a, ta)
+    _fed(b, tb)
+    partial = (1_000_000).to_bytes(5, "big") + bytes(16_000)  # a message begun, never whole: all held
+    for sid in (1, 3, 5, 7, 9, 11, 13, 15):
+        a.data_received(_call_frames(enc_a, sid) + f.frame(f.DATA, 0, sid, partial))
+    assert not ta.closed and conns.held > 100_000
+    for sid in range(1, 41, 2):  # b's bytes would take the listener past its budget: b goes
+        b.data_received(_call_frames(enc_b, sid) + f.frame(f.DATA, 0, sid, partial))
+        if tb.closed:
+            break
+    assert tb.closed and f.goaway(sid, f.ENHANCE_YOUR_CALM, b"too many unread bytes") in tb.out and not ta.closed
+    b.connection_lost(None)
+    a.connection_lost(None)
+    assert conns.held == 0
