@@ -21,6 +21,7 @@ from shared.bus import subjects
 from shared.bus.connection import url_credentials
 from shared.bus.messages import MessageError, PickAnswer, PickProgress, PickReply, encode
 from shared.bus.runtime import Bus, inbox_prefix
+from shared.core.limits import MAX_MESSAGE_BYTES
 from shared.core.routing import Router, builtin_config
 from shared.host.disconnect import close_promptly
 from shared.host.engine_feed import EngineFeed, SnapshotFetcher, expire_forever, take_kv_events, take_metrics
@@ -31,6 +32,10 @@ from shared.host.report_metrics import registry_for
 log = logging.getLogger("gantry.picker")
 
 PICK_CHUNK = 256  # picks routed between two yields to the event loop (~25 ms at ~100 µs a pick)
+
+
+class ReplyTooLarge(Exception):
+    """The answers to one pick message would not fit in one NATS reply."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,20 +103,36 @@ class PickerService:
             await self.bus.dead_letter(msg.subject, f"{len(bad)} of {len(items)} picks invalid; item {i}: {why}",
                                        msg.data)
         answers: list[PickAnswer] = []
-        for start in range(0, len(items), PICK_CHUNK):
-            if start:
-                # a message may hold 20,000 picks (~2 s of routing): let the engines' reports and the pool's
-                # expiry run between chunks, or every endpoint looks stale, then silent, and leaves the pool
-                await asyncio.sleep(0)
-            now, addresses = self.clock(), self.feed.addresses
-            answers += [answer(self.router, item, addresses, now) for item in items[start:start + PICK_CHUNK]]
+        try:
+            for start in range(0, len(items), PICK_CHUNK):
+                if start:
+                    # a message may hold 20,000 picks (~2 s of routing): let the engines' reports and the pool's
+                    # expiry run between chunks, or every endpoint looks stale, then silent, and leaves the pool
+                    await asyncio.sleep(0)
+                now, addresses = self.clock(), self.feed.addresses
+                answers += [answer(self.router, item, addresses, now) for item in items[start:start + PICK_CHUNK]]
+            reply = encode(PickReply(answers=answers))
+            if len(reply) > self.max_reply():  # (each answer repeats its id and adds endpoints: larger than asked)
+                raise ReplyTooLarge(f"a reply of {len(reply)} bytes, past the {self.max_reply()} NATS carries: "
+                                    f"send fewer picks a message")
+            await msg.respond(reply)
+        except BaseException:
+            # nobody got these picks: booked, they loaded their endpoints as phantoms for the whole flight TTL
+            for a in answers:
+                if a.code == 200:
+                    self.router.finished(a.request_id)
+            raise
         for a in answers:
             if a.code == 200:
                 self.counters.picks += 1
             else:
                 self.counters.refused[a.code] = self.counters.refused.get(a.code, 0) + 1
-        await msg.respond(encode(PickReply(answers=answers)))
         self.router.flush()  # the assumed-state insertions, after the reply left
+
+    def max_reply(self) -> int:
+        """The largest reply the connection's server takes (its ``max_payload``; the project's bound without one)."""
+        nc = getattr(self.bus, "nc", None)
+        return int(getattr(nc, "max_payload", 0) or MAX_MESSAGE_BYTES)
 
     async def on_progress(self, msg: Msg) -> None:
         """First tokens and ends of placed requests (ids this replica did not place are ignored)."""

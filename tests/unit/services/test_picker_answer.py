@@ -133,3 +133,29 @@ async def test_a_pick_request_without_a_reply_inbox_is_dead_lettered_and_nothing
     svc.bus = cast(Bus, FakeBus())
     await svc.on_pick(cast(Msg, NoInbox()))
     assert svc.router.state.in_flight() == 0 and dead and "reply inbox" in dead[0]
+
+
+@pytest.mark.parametrize("fails", ["too large", "nats away"])
+async def test_picks_whose_reply_never_left_are_not_counted_in_flight(fails: str) -> None:
+    # booked before the reply, they loaded their endpoints as phantoms for the whole flight TTL (1,800 s)
+    svc = PickerService(PickerOptions(nats_url="nats://unused"), clock=lambda: NOW)
+    svc.router = router("e0")
+    svc.feed.addresses = {"e0": "h:1"}
+
+    class SmallServer:
+        max_payload = 2_000 if fails == "too large" else 8 << 20
+
+    class FakeBus:
+        nc = SmallServer()
+
+    class FakeMsg:
+        subject, reply = "gantry.picker.pick", "inbox"
+        data = encode(PickRequest(picks=[PickItem(request_id=f"r{i}", model="m", token_ids=[i]) for i in range(50)]))
+
+        async def respond(self, data: bytes) -> None:
+            raise ConnectionError("nats away")
+
+    svc.bus = cast(Bus, FakeBus())
+    with pytest.raises(Exception, match=r"send fewer picks|nats away"):
+        await svc.on_pick(cast(Msg, FakeMsg()))  # (the service's guard answers "internal error" and dead-letters)
+    assert svc.router.state.in_flight() == 0 and svc.counters.picks == 0
