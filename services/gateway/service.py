@@ -167,13 +167,19 @@ def router_config(profile: str, staleness_s: float | None = None) -> RouterConfi
 
 
 MAX_MESSAGE_BYTES = MAX_BODY_BYTES + (1 << 20)  # an ext_proc message: the largest body the picker reads, and more
+EDS_RETRY_S = 1.0  # how often a failed write of the endpoint file is tried again
 
 
 def write_eds(path: Path, doc: dict[str, object]) -> None:
-    """Replace Envoy's endpoint file atomically (Envoy watches the directory for the move)."""
+    """Replace Envoy's endpoint file atomically (Envoy watches the directory for the move); raises OSError, leaving
+    no temporary file behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # replicas sharing the file never share a temp
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class Gateway:
@@ -195,6 +201,7 @@ class Gateway:
         self.authz = (AuthzPicker(self.picker, Connections(opts.idle_timeout_s, opts.max_connections))
                       if opts.transport is PickerTransport.EXT_AUTHZ else None)
         self._eds_version = 0
+        self._eds_stale = False  # the last write of the endpoint file failed: written again each EDS_RETRY_S
         self.bus: Bus | None = None
         self.relay: FeedRelay | None = None  # the engine feed's child process, when feed_window_s is set
 
@@ -204,7 +211,23 @@ class Gateway:
 
     def _pool_changed(self, eps: list[Endpoint]) -> None:
         self._eds_version += 1
-        write_eds(self.opts.eds_path, eds_document(eps, self._eds_version))
+        try:
+            write_eds(self.opts.eds_path, eds_document(eps, self._eds_version))
+            self._eds_stale = False
+        except OSError as err:
+            # the pool moved on (the router has it), the file did not: written again until it is, or Envoy keeps a
+            # draining host and never hears of a new one (the feed sees no change to report after this one)
+            if not self._eds_stale:
+                log.error("cannot write Envoy's endpoint file %s (%s): retrying every second", self.opts.eds_path,
+                          err)
+            self._eds_stale = True
+
+    async def _rewrite_eds_forever(self) -> None:
+        """Write the endpoint file again while the last write failed."""
+        while True:
+            await asyncio.sleep(EDS_RETRY_S)
+            if self._eds_stale:
+                self._pool_changed(self.feed.routable)
 
     async def _on_metrics(self, msg: Msg) -> None:
         assert self.bus is not None
@@ -313,6 +336,7 @@ class Gateway:
                 stack.push_async_callback(self.relay.stop)
                 _background(stack, self.relay.run())
             _background(stack, expire_forever(self.feed, self.opts.expire_s, time.time))
+            _background(stack, self._rewrite_eds_forever())
             fd_room(2 * self.opts.max_connections)  # both listeners full, and the rest the picker holds
             if self.authz is not None:
                 await self._serve_http(self.authz, stack)

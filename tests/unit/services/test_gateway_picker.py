@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -442,3 +443,32 @@ async def test_a_client_request_id_with_controls_or_non_ascii_is_left_out_of_the
     p, _ = picker(report("a", 8001))
     got = await p.pick(chat("q"), {"x-request-id": client_id})  # the pick id goes out as a header value
     assert isinstance(got, Picked) and got.decision.request_id.startswith("#")
+
+
+def test_a_failed_write_of_envoys_endpoint_file_is_retried_until_it_holds_the_pool(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the feed saw no change after the failed write: Envoy kept a draining host (and never heard of new ones)
+    from services.gateway import service
+    from services.gateway.service import Gateway, GatewayOptions
+
+    eds = tmp_path / "engines.json"
+    gw = Gateway(GatewayOptions(nats_url="nats://unused", eds_path=eds))
+    real = service.write_eds
+
+    def disk_full(path: Path, doc: dict[str, object]) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(service, "write_eds", disk_full)
+    gw.feed.on_metrics(report("a", 8001), NOW)
+    assert gw._eds_stale and not eds.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(service, "write_eds", real)
+    gw._pool_changed(gw.feed.routable)  # what the retry loop does each second while the file is stale
+    assert not gw._eds_stale and "127.0.0.1" in eds.read_text()
+
+
+def test_a_failed_endpoint_file_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    from services.gateway.service import write_eds
+
+    with pytest.raises(OSError):
+        write_eds(tmp_path / "missing-dir" / "engines.json", {"resources": []})
+    assert list(tmp_path.iterdir()) == []
