@@ -27,6 +27,7 @@ import msgspec
 log = logging.getLogger("gantry.gateway")
 
 BLOCK = 512  # Mooncake's prefix unit (shared.traces.load_mooncake reads ids as 512-token blocks)
+MAX_CAPTURE_BYTES = 128 << 20  # a capture stops growing here: the most ``gantry simulate --trace`` reads
 _MASK = (1 << 63) - 1
 # at most 18 digits: int() of a longer run (an upstream's garbage) raised inside the stream's handler
 _USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,18})(?!\d)')
@@ -99,22 +100,58 @@ def record_of(p: Pending, start: float) -> TraceRecord | None:
     """The trace line of a finished request, or None when it is not replayable (failed, or nothing generated)."""
     if p.status != 200 or p.input_length < 1 or p.output.tokens < 1:
         return None
-    return TraceRecord(timestamp=round((p.arrival - start) * 1000.0, 3), input_length=p.input_length,
+    # (never negative: a wall clock stepped back wrote one, and the loader refuses a whole file for one line)
+    return TraceRecord(timestamp=max(0.0, round((p.arrival - start) * 1000.0, 3)), input_length=p.input_length,
                        output_length=p.output.tokens, hash_ids=p.hash_ids, time=round(p.arrival, 6), model=p.model)
 
 
+def _repaired(fh: IO[bytes]) -> int:
+    """The size of the capture open in ``fh`` once a last line left unfinished is cut off."""
+    size = fh.seek(0, 2)
+    if size == 0:
+        return 0
+    with open(fh.name, "rb") as reader:
+        reader.seek(max(0, size - 1))
+        if reader.read(1) == b"\n":
+            return size
+        tail = max(0, size - (1 << 20))  # a line is far shorter than a MiB
+        reader.seek(tail)
+        keep = tail + reader.read().rfind(b"\n") + 1  # 0 when no line of it is whole
+    fh.truncate(keep)
+    log.warning("trace capture %s: an unfinished last line (a picker killed while writing it) cut off", fh.name)
+    return keep
+
+
+def _first_start(path: Path) -> float:
+    """The run start the file's first record was counted from (its wall time less its timestamp)."""
+    with path.open("rb") as reader:
+        first = reader.readline(1 << 20)
+    try:
+        rec = msgspec.json.decode(first, type=TraceRecord)
+        return rec.time - rec.timestamp / 1000.0
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise ValueError(f"{path}: its first line is not a capture record ({err}): capture to another file") from None
+
+
 class TraceWriter:
-    """Appends records to a JSONL file (one line each, flushed: a killed picker loses at most a line)."""
+    """Appends records to a JSONL file (one line each, flushed: a killed picker loses at most a line).
+
+    A file that already holds a capture is continued, not restarted: a line a killed picker left unfinished is cut
+    off (it made the whole file unreadable, and the next line appended to it too), and timestamps go on from the
+    file's first record (each run counted from its own start: replayed, two runs hours apart overlaid at time 0). A
+    file stops growing at ``MAX_CAPTURE_BYTES``, the most a replay reads."""
 
     def __init__(self, path: Path, start: float, salt: bytes = b"") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.start = start
         self.salt = salt
         self.written = 0
         self.skipped = 0
         self.failed = 0  # lines lost to write errors
+        self.dropped = 0  # lines past MAX_CAPTURE_BYTES
         self._fh: IO[bytes] = path.open("ab")
+        self.size = _repaired(self._fh)
+        self.start = _first_start(path) if self.size else start
         self._enc = msgspec.json.Encoder()
 
     def begin(self, arrival: float, model: str, token_ids: Sequence[int]) -> Pending:
@@ -127,9 +164,17 @@ class TraceWriter:
         if rec is None:
             self.skipped += 1
             return
+        line = self._enc.encode(rec) + b"\n"
+        if self.size + len(line) > MAX_CAPTURE_BYTES:
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("trace capture to %s is full (%d MiB, the most a replay reads): lines are dropped",
+                            self.path, MAX_CAPTURE_BYTES >> 20)
+            return
         try:
-            self._fh.write(self._enc.encode(rec) + b"\n")
+            self._fh.write(line)
             self._fh.flush()
+            self.size += len(line)
         except (OSError, ValueError) as err:  # a full disk (or a closed file) must not break routing
             self.failed += 1
             if self.failed == 1:

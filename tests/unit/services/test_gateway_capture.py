@@ -147,3 +147,56 @@ def test_a_write_error_loses_the_line_not_the_picker() -> None:
     w.finish(p)
     assert (w.written, w.failed) == (0, 1)
     w.close()
+
+
+# -- a capture across restarts, kills and clock steps ----------------------------------------------------------------
+def _pending(arrival: float, n: int = 600) -> Pending:
+    p = Pending(arrival, "m", n, block_ids(list(range(n))), status=200)
+    p.output.usage = 10  # the response said so
+    return p
+
+
+def test_a_restarted_picker_continues_the_files_timeline_and_the_replay_keeps_the_gap(tmp_path: Path) -> None:
+    # each run counted from its own start: replayed, two runs 2.5 h apart were overlaid at time 0
+    path = tmp_path / "trace.jsonl"
+    first = TraceWriter(path, start=1_000.0)
+    first.finish(_pending(1_060.0))
+    first.close()
+    second = TraceWriter(path, start=10_000.0)  # a later run appends
+    second.finish(_pending(10_030.0))
+    second.close()
+    assert [round(r.arrival_s) for r in load_trace(str(path))] == [60, 9_030]  # one timeline, the gap kept
+
+
+def test_a_line_a_killed_picker_left_unfinished_is_cut_off_when_the_capture_is_opened_again(tmp_path: Path) -> None:
+    # it made the whole file unreadable, and the next run's first line was appended to it
+    path = tmp_path / "trace.jsonl"
+    w = TraceWriter(path, start=1_000.0)
+    w.finish(_pending(1_001.0))
+    w.close()
+    with path.open("ab") as fh:
+        fh.write(b'{"timestamp": 2000.0, "input_len')  # killed mid-write
+    w = TraceWriter(path, start=2_000.0)
+    w.finish(_pending(2_010.0))
+    w.close()
+    assert len(load_trace(str(path))) == 2
+
+
+def test_a_wall_clock_stepped_back_never_writes_a_negative_timestamp(tmp_path: Path) -> None:
+    path = tmp_path / "trace.jsonl"
+    w = TraceWriter(path, start=1_000.0)
+    w.finish(_pending(999.5))  # NTP stepped the clock back half a second
+    w.close()
+    assert [r.arrival_s for r in load_trace(str(path))] == [0.0]
+
+
+def test_a_capture_stops_growing_at_what_a_replay_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.gateway import capture
+
+    monkeypatch.setattr(capture, "MAX_CAPTURE_BYTES", 2_000)
+    path = tmp_path / "trace.jsonl"
+    w = TraceWriter(path, start=1_000.0)
+    for i in range(100):
+        w.finish(_pending(1_000.0 + i, n=20))
+    w.close()
+    assert path.stat().st_size <= 2_000 and w.dropped > 0 and w.written + w.dropped == 100
