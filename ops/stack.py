@@ -536,6 +536,7 @@ class LocalStack:
         # the placement services ("scoring" or "scoring-1") and the picker (its refused engine reports)
         if name in self.services or name.rsplit("-", 1)[0] in self.services or name == PICKER_CHILD:
             env["GANTRY_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
+            env["GANTRY_METRICS_HOST"] = "127.0.0.1"  # a laptop's stack: not every interface (a container publishes)
         with log.open("ab") as out:
             out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
             out.flush()

@@ -66,6 +66,7 @@ class EnvSettings:
     pending_retry_max_s: float = field(default=8.0, metadata=_gt0())
     forget_after_s: float = field(default=600.0, metadata=_gt0())
     metrics_port: int = field(default=0, metadata={"ge": 0, "le": 65535})
+    metrics_host: str = "0.0.0.0"
     web_port: int = field(default=8470, metadata={"ge": 0, "le": 65535})
     fit_cache_s: float = field(default=0.2, metadata=_ge0())
 

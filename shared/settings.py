@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         0, ge=0, le=65535, description="port of the service's Prometheus /metrics endpoint; 0: not served"
     )
+    metrics_host: str = Field(
+        "0.0.0.0", description="address /metrics is served on (all interfaces: a container's port is published; "
+        "`gantry up` serves it on 127.0.0.1)"
+    )
     web_port: int = Field(
         8470, ge=0, le=65535, description="port of the web view `gantry up` serves on 127.0.0.1; 0: none"
     )

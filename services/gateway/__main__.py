@@ -119,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
                           feed_window_s=a.feed_window_ms / 1000 if a.feed_window_ms >= 0 else None,
                           pool_source=a.pool_source, redis_url=a.redis_url, tls_ca_file=settings.tls_ca_file,
                           report_master=report_master, metrics_port=settings.metrics_port,
+                          metrics_host=settings.metrics_host,
                           idle_timeout_s=a.idle_timeout_s, max_connections=a.max_connections, tls=tls)
 
 

@@ -105,6 +105,7 @@ class GatewayOptions:
     # a minute against an unreachable Redis; the events keep the pool current meanwhile)
     read_timeout_s: float = 10.0
     metrics_port: int = 0  # Prometheus /metrics (the refused engine reports) on this port; 0: not served
+    metrics_host: str = "0.0.0.0"  # ... on this address (``gantry up``: 127.0.0.1)
     # a connection to the picker idle this long is closed (Envoy's config closes its own at half of it, first, given
     # the same as ops.envoy's --picker-idle-timeout-s; given apart, what the picker's close cuts is retried by Envoy,
     # docs/gateway.md); past max_connections open (or handshaking) on a listener, new ones are
@@ -322,7 +323,8 @@ class Gateway:
                                     **nats_options(EnvSettings(nats_url=self.opts.nats_url,
                                                                tls_ca_file=self.opts.tls_ca_file)))
             stack.push_async_callback(close_promptly, nc)  # bounded: NATS may be gone or not answering
-            stack.callback(MetricsServer(self.metrics, self.opts.metrics_port, CONTRACT.service).close)
+            metrics = MetricsServer(self.metrics, self.opts.metrics_port, CONTRACT.service, self.opts.metrics_host)
+            stack.callback(metrics.close)
             if self.capture is not None:
                 stack.callback(self.capture.close)
             self.bus = self.snapshots.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())

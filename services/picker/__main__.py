@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
         p.error(str(err))
     return PickerOptions(nats_url=a.nats_url, profile=a.profile, expire_s=a.expire_s, seed=a.seed,
                          flight_ttl_s=a.flight_ttl_s, max_in_flight=a.max_in_flight, report_master=report_master,
-                         metrics_port=settings.metrics_port)
+                         metrics_port=settings.metrics_port, metrics_host=settings.metrics_host)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,6 +54,7 @@ class PickerOptions:
     # (shared.host.report_auth); None: every report is taken
     report_master: bytes | None = None
     metrics_port: int = 0  # Prometheus /metrics (the refused engine reports) on this port; 0: not served
+    metrics_host: str = "0.0.0.0"  # ... on this address (``gantry up``: 127.0.0.1)
 
 
 @dataclass
@@ -198,7 +199,7 @@ class PickerService:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
         nc = await self.connect()
-        metrics = MetricsServer(self.metrics, self.opts.metrics_port, CONTRACT.service)
+        metrics = MetricsServer(self.metrics, self.opts.metrics_port, CONTRACT.service, self.opts.metrics_host)
         expire = asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, self.clock))
         flights = asyncio.create_task(self._expire_flights_forever())
         log.info("gantry picker on %s (profile %s)", subjects.PICK, self.opts.profile)

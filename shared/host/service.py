@@ -198,7 +198,7 @@ class PlacementService:
             await nc.close()
 
     async def _load(self) -> None:
-        self.metrics.serve(self.settings.metrics_port)
+        self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
         nc = nats_client(self.broker)
         for subject, queue, on_raw in self._listens:
             await listen(nc, subject, on_raw, queue)

@@ -349,3 +349,20 @@ def test_the_stacks_nats_and_redis_die_with_a_killed_launcher(tmp_path: Path) ->
     pids = [int(p) for p in line.split()]  # each listening: its port answered
     assert len(pids) == 2 and all(b"pdeathsig_exec" not in _cmdline(p) and _cmdline(p) for p in pids)
     assert _outliving_a_killed(launcher, pids) == [], "a server outlived its launcher"
+
+
+def test_the_stacks_services_serve_their_metrics_on_loopback_only(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # every interface by default (a container publishes the port); a laptop's stack put /metrics on the network
+    from ops import stack as stack_module
+
+    seen: dict[str, str] = {}
+
+    class Popen:  # the child as spawned: its environment is what it serves by
+        def __init__(self, argv: list[str], env: dict[str, str], **kwargs: object) -> None:
+            seen.update(env)
+            self.pid = 0
+
+    monkeypatch.setattr(stack_module.subprocess, "Popen", Popen)
+    LocalStack(Settings(), home=tmp_path, services=("filter",)).spawn("filter", ["python", "-m", "services.filter"])
+    assert seen["GANTRY_METRICS_HOST"] == "127.0.0.1" and seen["GANTRY_METRICS_PORT"] != "0"
