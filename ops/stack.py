@@ -672,12 +672,29 @@ def pid_alive(pid: int) -> bool:
 
 
 def running_launcher(home: Path | None = None) -> int | None:
-    """The pid of the live ``gantry up`` recorded in the state file, or None."""
+    """The pid of the live ``gantry up`` recorded in the state file, or None. Only while the home's lock is held:
+    a state file a killed launcher left names a pid the system may have given another process since (``gantry
+    down`` then stopped that one)."""
     state = read_state(home)
     pid = state.get("pid") if state else None
-    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid) or not lock_held(home or runtime_dir()):
         return None
     return pid
+
+
+def lock_held(home: Path) -> bool:
+    """Whether a live launcher holds the home's lock (the kernel lets go of a dead one's)."""
+    try:
+        fd = os.open(home / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True  # held (exclusively) by the launcher
+    finally:
+        os.close(fd)
+    return False
 
 
 def signal_running_stack(home: Path | None = None, sig: int = signal.SIGTERM) -> int | None:

@@ -16,6 +16,7 @@ import pytest
 
 from ops.servers import ServerStartError, free_port, wait_for_port
 from ops.stack import (
+    LOCK_FILE,
     GatewayPorts,
     LocalStack,
     StackError,
@@ -130,8 +131,10 @@ def test_a_refused_stack_leaves_the_running_stacks_state_file_alone(tmp_path: Pa
 
 def test_down_stops_a_launcher_that_ignores_sigint(tmp_path: Path) -> None:
     # A `gantry up &` from a script ignores SIGINT (the shell set it so): down must use SIGTERM and wait.
-    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ok', flush=True); time.sleep(60)"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    code = ("import fcntl, os, signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "  # as a launcher
+            "print('ok', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / LOCK_FILE)], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"ok\n"
         (tmp_path / "stack.json").write_text(json.dumps({"pid": proc.pid}))
@@ -143,6 +146,18 @@ def test_down_stops_a_launcher_that_ignores_sigint(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_down_never_signals_a_live_process_that_holds_no_stacks_lock(tmp_path: Path) -> None:
+    # a state file a killed launcher left behind, its pid since given to another process: down killed that one
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "stack.json").write_text(json.dumps({"pid": other.pid}))
+        assert running_launcher(tmp_path) is None and stop_running_stack(tmp_path) is None
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_down_with_a_dead_launcher_recorded_finds_no_stack(tmp_path: Path) -> None:
