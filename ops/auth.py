@@ -307,9 +307,13 @@ def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600, atomically (readers never see half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # (never through a link someone put at the temporary name; on disk before it takes the file's place: a crash
+    # must not leave an empty credentials file behind)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
     os.chmod(tmp, 0o600)
     tmp.replace(path)
 

@@ -366,7 +366,10 @@ class LocalStack:
         generated on first use, unless ``auth`` is off)."""
         self.check_ports()
         if self.auth and self.credentials is None:
-            self.credentials = Credentials.ensure(self.home)
+            try:
+                self.credentials = Credentials.ensure(self.home)
+            except AuthError as err:  # an empty or corrupt file (a crash while it was written): one line, not a trace
+                raise StackError(f"{err}: remove it, and `gantry up` makes new credentials") from None
         if self.tls and self._tls_files is None:
             from ops.tls import ensure_tls
 

@@ -381,3 +381,13 @@ def test_the_stacks_services_serve_their_metrics_on_loopback_only(tmp_path: Path
     monkeypatch.setattr(stack_module.subprocess, "Popen", Popen)
     LocalStack(Settings(), home=tmp_path, services=("filter",)).spawn("filter", ["python", "-m", "services.filter"])
     assert seen["GANTRY_METRICS_HOST"] == "127.0.0.1" and seen["GANTRY_METRICS_PORT"] != "0"
+
+
+@pytest.mark.parametrize("content", ["", "{", '{"identities": 5}'])
+def test_an_unreadable_credentials_file_stops_the_start_in_one_line(tmp_path: Path, content: str) -> None:
+    (tmp_path / "credentials.json").write_text(content)  # a crash while it was written, or a hand edit
+    stack = LocalStack(Settings(nats_url=f"nats://127.0.0.1:{free_port()}",
+                                redis_url=f"redis://127.0.0.1:{free_port()}/0"), home=tmp_path, services=())
+    with pytest.raises(StackError, match="cannot read credentials .*remove it") as err:
+        stack.start()
+    assert "\n" not in str(err.value)
