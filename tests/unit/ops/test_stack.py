@@ -388,6 +388,6 @@ def test_an_unreadable_credentials_file_stops_the_start_in_one_line(tmp_path: Pa
     (tmp_path / "credentials.json").write_text(content)  # a crash while it was written, or a hand edit
     stack = LocalStack(Settings(nats_url=f"nats://127.0.0.1:{free_port()}",
                                 redis_url=f"redis://127.0.0.1:{free_port()}/0"), home=tmp_path, services=())
-    with pytest.raises(StackError, match="cannot read credentials .*remove it") as err:
+    with pytest.raises(StackError, match=r"cannot read credentials .*remove it") as err:
         stack.start()
     assert "\n" not in str(err.value)
