@@ -240,3 +240,13 @@ def test_compact_cells_tag_the_model_and_mark_free_and_cordoned_gpus() -> None:
 def test_a_wide_terminal_keeps_the_full_grid() -> None:
     lines = rendered_lines(tour_snapshot(4), 160, 60)
     assert any("GPU7" in line for line in lines)
+
+
+@pytest.mark.parametrize("width", [160, 40], ids=["full grid", "compact"])
+def test_a_gpu_product_with_terminal_escapes_is_shown_harmless(width: int) -> None:
+    # printed raw, a worker's product could clear the screen and draw "all workers READY" in its place
+    evil = Gpu(index=0, product="\x1b[2J\x1b[31mFAKE: all workers READY\x07", vram_total=80 * GIB)
+    shot = snapshot(workers=(Worker(name="w1", gpus=(evil,), last_heartbeat=T0),),
+                    worker_states={"w1": WorkerState.READY})
+    out = screen(shot, width)
+    assert "\x1b" not in out and "\x07" not in out
