@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ops.view import (
     ClusterSnapshot,
@@ -244,6 +245,9 @@ class Reader:
                 await self.nc.close()
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
 def build_app(settings: Settings) -> FastAPI:
     """The web view's application."""
     reader = Reader(settings)
@@ -253,7 +257,10 @@ def build_app(settings: Settings) -> FastAPI:
         yield
         await reader.close()
 
-    app = FastAPI(title="Gantry", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="Gantry", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # served on loopback, asked for by a loopback name only: a page elsewhere whose name an attacker points at
+    # 127.0.0.1 (DNS rebinding) gets 400, not the cluster's state
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_NAMES))
 
     async def read() -> tuple[ClusterSnapshot, list[str]] | str:
         """The state, or one line saying why it cannot be read (servers away: the page says so, no traceback

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from ops.cli.web import render_content, render_page, state_json
 from ops.view import ClusterSnapshot, ModelView
 from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, Worker, WorkerState
@@ -83,7 +85,7 @@ def test_servers_away_give_a_one_line_503_not_a_traceback() -> None:
 
     closed = free_port()  # nothing listens there
     settings = Settings(nats_url=f"nats://127.0.0.1:{closed}", redis_url=f"redis://127.0.0.1:{closed}/0")
-    with TestClient(build_app(settings)) as client:
+    with TestClient(build_app(settings), base_url="http://127.0.0.1") as client:
         for path in ("/", "/fragment"):
             resp = client.get(path)
             assert resp.status_code == 503
@@ -91,3 +93,19 @@ def test_servers_away_give_a_one_line_503_not_a_traceback() -> None:
             assert "Traceback" not in resp.text
         api = client.get("/api/state")
         assert api.status_code == 503 and api.json()["error"].startswith("cluster state unavailable")
+
+
+@pytest.mark.parametrize(("host", "code"), [("evil.example", 400), ("127.0.0.1:8470", 503), ("localhost", 503)])
+def test_the_web_view_answers_only_a_loopback_name(host: str, code: int) -> None:
+    # any Host was served: a page whose name an attacker points at 127.0.0.1 (DNS rebinding) read the cluster
+    from fastapi.testclient import TestClient
+
+    from ops.cli.web import build_app
+    from ops.servers import free_port
+    from shared.settings import Settings
+
+    closed = free_port()
+    settings = Settings(nats_url=f"nats://127.0.0.1:{closed}", redis_url=f"redis://127.0.0.1:{closed}/0")
+    with TestClient(build_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.get("/api/state", headers={"host": host}).status_code == code  # (503: no servers here)
+        assert client.get("/openapi.json").status_code == 404
