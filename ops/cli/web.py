@@ -220,7 +220,7 @@ class Reader:
         from shared.bus import subjects
         from shared.bus.streams import STREAM_EVENTS
 
-        if self.nc is None:
+        if self.nc is None or self.nc.is_closed:  # gave up reconnecting (NATS restarted): a fresh connection
             self.nc = await connect_nats(self.settings)
         js = self.nc.jetstream()
         try:

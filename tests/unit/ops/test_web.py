@@ -109,3 +109,32 @@ def test_the_web_view_answers_only_a_loopback_name(host: str, code: int) -> None
     with TestClient(build_app(settings), base_url="http://127.0.0.1") as client:
         assert client.get("/api/state", headers={"host": host}).status_code == code  # (503: no servers here)
         assert client.get("/openapi.json").status_code == 404
+
+
+async def test_the_event_reader_opens_a_new_connection_once_its_old_one_gave_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # opened once and never again: after a NATS restart every page said "connection closed" until relaunched
+    from ops.cli import common, web
+    from shared.settings import Settings
+
+    class Closed:
+        is_closed = True
+
+    opened: list[object] = []
+
+    class Fresh:
+        is_closed = False
+
+        def jetstream(self) -> object:
+            raise RuntimeError("read on the new connection")
+
+    async def connect(settings: object) -> Fresh:
+        opened.append(settings)
+        return Fresh()
+
+    monkeypatch.setattr(common, "connect_nats", connect)
+    reader = web.Reader(Settings())
+    reader.nc = Closed()
+    with pytest.raises(RuntimeError, match="new connection"):
+        await reader.events()
+    assert len(opened) == 1
