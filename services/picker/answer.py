@@ -29,7 +29,7 @@ def read_picks(data: bytes) -> list[PickItem | str]:
     only when the message as a whole fails is it read again item by item.
     """
     try:
-        return list(decode(data, PickRequest).picks)
+        return _once(list(decode(data, PickRequest).picks))
     except MessageError as whole:
         envelope = decode(data, _Picks)  # the message itself unreadable: MessageError, as before
         out: list[PickItem | str] = []
@@ -40,7 +40,22 @@ def read_picks(data: bytes) -> list[PickItem | str]:
                 out.append(str(exc))
         if all(isinstance(it, PickItem) for it in out):
             raise whole from None  # the items are fine: what failed is the message's own framing
-        return out
+        return _once(out)
+
+
+def _once(items: list[PickItem | str]) -> list[PickItem | str]:
+    """``items`` with each request id after its first an invalid item: routed twice, both were answered, the books
+    counted one, and the one end message freed the first's load while the second ran."""
+    seen: set[str] = set()
+    out: list[PickItem | str] = []
+    for it in items:
+        if isinstance(it, PickItem):
+            if it.request_id in seen:
+                out.append(f"request_id {it.request_id!r} twice in one message")
+                continue
+            seen.add(it.request_id)
+        out.append(it)
+    return out
 
 
 def route_request(item: PickItem) -> RouteRequest:

@@ -64,8 +64,10 @@ def test_the_messages_round_trip_and_bounds_hold() -> None:
 
 def test_a_bad_item_is_read_as_its_reason_and_the_items_beside_it_as_items() -> None:
     ok = {"request_id": "a", "model": "m", "token_ids": [1]}
-    items = read_picks(msgspec.json.encode({"picks": [ok, {"request_id": "b", "model": "m", "token_ids": [-1]}, ok]}))
-    assert items[0] == items[2] == PickItem(request_id="a", model="m", token_ids=[1])
+    items = read_picks(msgspec.json.encode({"picks": [ok, {"request_id": "b", "model": "m", "token_ids": [-1]},
+                                                      {**ok, "request_id": "c"}]}))
+    assert items[0] == PickItem(request_id="a", model="m", token_ids=[1])
+    assert items[2] == PickItem(request_id="c", model="m", token_ids=[1])
     assert isinstance(items[1], str) and "token_ids" in items[1]
 
 
@@ -159,3 +161,13 @@ async def test_picks_whose_reply_never_left_are_not_counted_in_flight(fails: str
     with pytest.raises(Exception, match=r"send fewer picks|nats away"):
         await svc.on_pick(cast(Msg, FakeMsg()))  # (the service's guard answers "internal error" and dead-letters)
     assert svc.router.state.in_flight() == 0 and svc.counters.picks == 0
+
+
+def test_a_request_id_twice_in_one_message_is_answered_once_and_the_second_is_a_bad_item() -> None:
+    # both were routed and answered; the books counted one, and its one end freed the first's load mid-run
+    data = encode(PickRequest(picks=[PickItem(request_id="a", model="m", token_ids=[1]),
+                                     PickItem(request_id="b", model="m", token_ids=[2]),
+                                     PickItem(request_id="a", model="m", token_ids=[3])]))
+    first, second, again = read_picks(data)
+    assert isinstance(first, PickItem) and isinstance(second, PickItem)
+    assert again == "request_id 'a' twice in one message"
