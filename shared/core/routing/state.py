@@ -129,9 +129,19 @@ class PoolState:
 
     def remove(self, endpoint_id: str) -> None:
         """Forget an endpoint: its cache knowledge and in-flight requests go with it."""
+        if self._forget_endpoint(endpoint_id):
+            self._drop_flights({endpoint_id})
+
+    def _drop_flights(self, gone: set[str]) -> None:
+        """Forget the requests in flight on endpoints that left (one pass, however many left)."""
+        for rid in [rid for rid, f in self._flights.items() if f.endpoint in gone]:
+            del self._flights[rid]
+
+    def _forget_endpoint(self, endpoint_id: str) -> bool:
+        """Forget an endpoint but its flights; False if it was not known."""
         st = self.endpoints.pop(endpoint_id, None)
         if st is None:
-            return
+            return False
         self._changed()
         pool = self.by_model.get(st.endpoint.model, [])
         if st in pool:
@@ -147,14 +157,16 @@ class PoolState:
         self._free_slots.append(st.slot)
         self.step_models.pop(endpoint_id, None)
         self._prefill_rate.pop(endpoint_id, None)
-        for rid in [rid for rid, f in self._flights.items() if f.endpoint == endpoint_id]:
-            del self._flights[rid]
+        return True
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Make the pool exactly ``endpoints`` (placement's RUNNING instances)."""
         wanted = {e.id: e for e in endpoints}
-        for eid in [eid for eid in self.endpoints if eid not in wanted]:
-            self.remove(eid)
+        # their flights in one pass: one pass per endpoint cost endpoints x flights (0.22 s for 200 leaving with
+        # 100,000 requests in flight, picks and reports waiting)
+        gone = {eid for eid in [e for e in self.endpoints if e not in wanted] if self._forget_endpoint(eid)}
+        if gone:
+            self._drop_flights(gone)
         for e in wanted.values():
             cur = self.endpoints.get(e.id)
             if cur is None or cur.endpoint != e:
