@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from services.gateway.protocol import FAIRNESS_HEADER, PRIORITY_HEADER, SESSION_HEADER
+from shared.core.limits import MAX_PRIORITY
 from shared.core.routing import RouteRequest
 
 __all__ = ["FAIRNESS_HEADER", "PRIORITY_HEADER", "SESSION_HEADER", "BadRequest", "Tokenize", "parse_request",
@@ -35,7 +36,6 @@ def render_chat(messages: list[tuple[str, str]]) -> str:
 
 
 MAX_TOKEN_ID = 1 << 32  # token ids are below this (the pick protocol's bound; no vocabulary comes near it)
-MAX_PRIORITY = 1 << 31  # priorities lie in [-MAX_PRIORITY, MAX_PRIORITY) (a 32-bit int, as GIE's objectives)
 MAX_MODEL_CHARS = 512  # a model name is echoed in refusals: a megabyte one must not come back whole
 
 

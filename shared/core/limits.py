@@ -62,6 +62,7 @@ MAX_MILLICORES = 100_000_000  # CPU in milli-cores: 100,000 cores
 MAX_MODEL_BYTES = 1 << 52  # a replica's whole claim or a model's weights (MAX_GPUS_PER_REPLICA × MAX_GPU_VRAM)
 MAX_LAYERS = 100_000
 MAX_CONTEXT = 1 << 24
+MAX_PRIORITY = 1 << 31  # priorities lie in [-MAX_PRIORITY, MAX_PRIORITY): a 32-bit int, as GIE's objectives
 MAX_ATTEMPTS = 1_000_000
 MAX_TIME = 1e11  # seconds since the epoch (year 5138): times are finite and non-negative
 MAX_SCORE = 1e15

@@ -7,8 +7,8 @@ import math
 
 import msgspec
 
-MAX_TOKENS = 1 << 24  # a prompt or an answer longer than any model's context (limits.MAX_CONTEXT)
-MAX_PRIORITY = 1 << 31
+from shared.core.limits import MAX_CONTEXT as MAX_TOKENS  # a prompt or answer longer than any model's context
+from shared.core.limits import MAX_PRIORITY
 
 
 class ErrorCode(enum.IntEnum):
