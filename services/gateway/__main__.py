@@ -135,7 +135,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     # on uvloop, as the other services: 10-13% less picker CPU per pick than asyncio's own loop (bench/gateway.py
     # picks driver, A/B in one window)
-    uvloop.run(run_until_signalled(Gateway(opts).run()))
+    try:
+        gateway = Gateway(opts)
+    except (OSError, ValueError) as err:  # e.g. a --capture file that is not a capture, or cannot be opened
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    uvloop.run(run_until_signalled(gateway.run()))
 
 
 if __name__ == "__main__":

@@ -60,3 +60,16 @@ def test_a_connection_bound_that_bounds_nothing_is_refused_in_one_line(bad: list
     assert exit_.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert bad[0] in err[-1] and err[-1].startswith("python -m services.gateway: error:")
+
+
+def test_a_capture_file_that_holds_something_else_stops_the_start_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from services.gateway.__main__ import main
+
+    other = tmp_path / "notes.jsonl"
+    other.write_text("not a capture\n")  # appended to, it would have been mixed into the trace
+    with pytest.raises(SystemExit) as ended:
+        main(["--nats-url", "nats://127.0.0.1:1", "--eds-path", str(tmp_path / "eds.json"), "--capture", str(other)])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.startswith("error: ") and "not a capture record" in err
+    assert len(err.strip().splitlines()) == 1
