@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from ops.text import escaped
 from shared.core.placement.domain import GIB, Instance, InstanceState, ModelSpec, Worker, WorkerState
 from shared.core.placement.lifecycle import HOLDS_GPUS
 
@@ -75,16 +76,10 @@ INVALID_STATE = "INVALID_RECORD"
 """The state `gantry workers --json` gives a worker known only by a stored record that breaks today's limits."""
 
 
-def shown(text: str) -> str:
-    """Worker-reported text as a terminal may print it: every control character (an escape sequence could clear
-    the screen and draw a fake status) as a visible ``?``."""
-    return text if text.isprintable() else "".join(ch if ch.isprintable() else "?" for ch in text)
-
-
 def invalid_lines(snapshot: ClusterSnapshot) -> list[str]:
     """One line per worker whose stored record no snapshot holds (it breaks today's limits), with why and the fix."""
     return [
-        f"{name}: invalid stored record: {shown(why)} (left out of placement; `gantry workers remove {name}` "
+        f"{name}: invalid stored record: {escaped(why)} (left out of placement; `gantry workers remove {name}` "
         "clears it)"
         for name, why in sorted(snapshot.invalid_workers.items())
     ]
@@ -120,7 +115,7 @@ def gpu_usage(snapshot: ClusterSnapshot) -> list[GpuUsage]:
                 GpuUsage(
                     worker=worker.name,
                     index=gpu.index,
-                    product=shown(gpu.product),
+                    product=escaped(gpu.product),
                     total=gpu.vram_total,
                     used=gpu.vram_used,
                     claimed=claimed,
@@ -195,7 +190,7 @@ def summary_line(snapshot: ClusterSnapshot) -> Text:
 
     workers = Counter(state.value for state in snapshot.worker_states.values())
     gpus = sum(len(w.gpus) for w in snapshot.workers)
-    products = sorted({shown(g.product) for w in snapshot.workers for g in w.gpus if g.product})
+    products = sorted({escaped(g.product) for w in snapshot.workers for g in w.gpus if g.product})
     counts = state_counts(snapshot.instances)
     line = Text(f"gantry top  {clock(snapshot.taken_at)} UTC  ", style="bold")
     line.append(f"workers {len(snapshot.workers)} ({workers.get('READY', 0)} ready)  ")

@@ -51,8 +51,12 @@ class Conn:
 
     def _bound(self) -> None:
         if len(self.backlog) > MAX_BACKLOG_BYTES:
-            self.dead = True
-            self.backlog = bytearray()
+            self.give_up()
+
+    def give_up(self) -> None:
+        """The peer is not reading (too far behind, or for too long): its request is aborted, its bytes dropped."""
+        self.dead = True
+        self.backlog = bytearray()
 
     def send(self, data: bytes) -> None:
         """Write what the socket takes now; keep the rest (whoever holds the writer's lock)."""
@@ -231,8 +235,7 @@ class SocketWriter:
                         if len(conn.backlog) < before or not conn.progress_at:
                             conn.progress_at = now
                         elif now - conn.progress_at > STALL_S:  # alive but reading nothing, for that long
-                            conn.dead = True
-                            conn.backlog = bytearray()
+                            conn.give_up()
                     if not conn.backlog:
                         conn.progress_at = 0.0  # a later backlog's clock starts when it does
                     if not conn.backlog or conn.dead:

@@ -150,8 +150,12 @@ class TraceWriter:
         self.failed = 0  # lines lost to write errors
         self.dropped = 0  # lines past MAX_CAPTURE_BYTES
         self._fh: IO[bytes] = path.open("ab")
-        self.size = _repaired(self._fh)
-        self.start = _first_start(path) if self.size else start
+        try:
+            self.size = _repaired(self._fh)
+            self.start = _first_start(path) if self.size else start
+        except BaseException:
+            self._fh.close()
+            raise
         self._enc = msgspec.json.Encoder()
 
     def begin(self, arrival: float, model: str, token_ids: Sequence[int]) -> Pending:

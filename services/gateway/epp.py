@@ -164,16 +164,16 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
             return self._refused(400, str(err))
         return self._route(req)
 
-    async def _parse_offloop(self, rid: str, body: bytes, headers: dict[str, str]) -> Picked | Refusal:
-        try:
-            req, _stream = await asyncio.to_thread(parse_request, rid, body, headers, self.tokenize)
-        except BadRequest as err:
-            return self._refused(400, str(err))
-        return self._route(req)
+    def _parse_offloop(self, rid: str, body: bytes, headers: dict[str, str]) -> Awaitable[Picked | Refusal]:
+        return self._route_offloop(lambda: parse_request(rid, body, headers, self.tokenize)[0])
 
-    async def _pick_offloop(self, req: RouteRequest, tokenize: Tokenize) -> Picked | Refusal:
+    def _pick_offloop(self, req: RouteRequest, tokenize: Tokenize) -> Awaitable[Picked | Refusal]:
+        return self._route_offloop(lambda: tokenized(req, tokenize))
+
+    async def _route_offloop(self, read: Callable[[], RouteRequest]) -> Picked | Refusal:
+        """Route the request ``read`` makes on a worker thread (a 400 for what it cannot read)."""
         try:
-            req = await asyncio.to_thread(tokenized, req, tokenize)
+            req = await asyncio.to_thread(read)
         except BadRequest as err:
             return self._refused(400, str(err))
         return self._route(req)

@@ -98,10 +98,14 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0,
     pending: list[Relayed] = []
     held = 0  # bytes of the messages pending
     last = 0.0  # when the last frame was written (loop time)
+    due: asyncio.TimerHandle | None = None  # the pending messages' flush
 
     def flush() -> None:
-        nonlocal last, held
-        if not pending:  # written early (the budget), before the window's own flush came
+        nonlocal last, held, due
+        if due is not None:  # (written early, for the budget: the window's own flush is not needed any more)
+            due.cancel()
+            due = None
+        if not pending:
             return
         last = loop.time()
         data = frame(pending)
@@ -113,7 +117,7 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0,
 
     def taker(kind: Kind) -> Callable[[object], Awaitable[None]]:
         async def take(msg: object) -> None:
-            nonlocal held
+            nonlocal held, due
             size = len(msg.data)  # type: ignore[attr-defined]
             if held + size > FRAME_BUDGET_BYTES:
                 # a burst of large messages in a long window: written now rather than past the reader's frame
@@ -125,7 +129,7 @@ async def relay(nats_url: str, window_s: float, out_fd: int = 1, in_fd: int = 0,
             if len(pending) == 1:
                 # at most one frame per window, and no wait for a message after a quiet window: a lone report
                 # goes at once, the rest of a burst follows together one window after the previous frame
-                loop.call_at(max(loop.time(), last + window_s), flush)
+                due = loop.call_at(max(loop.time(), last + window_s), flush)
         return take
 
     nc = await nats.connect(nats_url, max_reconnect_attempts=-1, **connect_options(nats_url, tls_ca_file))

@@ -520,7 +520,8 @@ class Reconciler(PlacementService):
             moved = await self.store.mark_state(model, token, InstanceState.DRAINING, ACTIVE, [i.id for i in placed])
             if moved is None:
                 raise TimeoutError(f"lost the converge lock of {model}")
-            draining = [i for i in placed if i.id in set(moved)]
+            moved_ids = set(moved)
+            draining = [i for i in placed if i.id in moved_ids]
             await self.store.mark_drains([i.id for i in draining], now)
             await self._publish_instances([msgspec.structs.replace(i, state=InstanceState.DRAINING) for i in draining])
             for inst in draining:
