@@ -22,6 +22,7 @@ from ops.cli.common import RedisUrl, connect_redis, load, redact
 from ops.cli.errors import CliError
 from ops.cli.inputs import worker_labels
 from ops.cli.web import WebView
+from ops.servers import ServerStartError
 from ops.stack import (
     PLACEMENT_SERVICES,
     GatewayPorts,
@@ -254,6 +255,7 @@ async def _status_loop(
     with Live(Text("..."), console=out, refresh_per_second=2, transient=True) as live:
         last_plain = ""
         while exit_after is None or time.monotonic() - started < exit_after:
+            await _restart_servers(stack, restarts, out)
             _restart_dead(stack, restarts, out)
             try:
                 snapshot = await read_snapshot(redis, settings)
@@ -278,6 +280,27 @@ def status_line(stack: LocalStack, snapshot: ClusterSnapshot) -> Text:
     line.append(f"models {len(without_deleted(snapshot).models)}  instances ")
     line.append(" ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
     return line
+
+
+async def _restart_servers(stack: LocalStack, restarts: dict[str, int], out: Console) -> None:
+    """Start a crashed NATS or Redis again on its port and data, up to RESTART_LIMIT each: the services, workers
+    and picker reconnect by themselves, but nothing works until the server is back."""
+    for which, server in (("nats", stack.nats), ("redis", stack.redis)):
+        if server is None or server.alive():
+            continue
+        key = f"server {which}"  # not a child's name: children are named after services and workers
+        count = restarts.get(key, 0)
+        if count > RESTART_LIMIT:
+            continue  # given up on, and said so
+        restarts[key] = count + 1
+        if count == RESTART_LIMIT:
+            out.print(f"[red]{which} keeps crashing; not restarting it. See {_rel(server.log_path)}[/]")
+            continue
+        out.print(f"[yellow]{which} exited with code {server.process.returncode}; restarting[/]")
+        try:
+            await asyncio.to_thread(stack.restart_server, which)
+        except (ServerStartError, StackError) as err:  # e.g. its port taken meanwhile: tried again next second
+            out.print(f"[red]{which} did not start again: {err}[/]")
 
 
 def _restart_dead(stack: LocalStack, restarts: dict[str, int], out: Console) -> None:

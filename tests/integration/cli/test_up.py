@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pexpect
 import pytest
 
 from ops.servers import free_port
-from tests.integration.cli.conftest import GANTRY, Stack, spawn, stack_env
+from tests.integration.cli.conftest import GANTRY, Stack, drain, run_cli, spawn, stack_env
+
+DEMO = Path(__file__).resolve().parents[3] / "ops" / "demo"
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +95,39 @@ def test_a_crashed_service_is_restarted(stack: Stack) -> None:
         assert time.monotonic() < deadline, stack.output()[-2000:]
         time.sleep(0.2)
     assert alive(scoring_pid())
+
+
+def test_a_crashed_server_is_restarted_and_a_model_deployed_after_it_runs(tmp_path: Path) -> None:
+    env = stack_env(tmp_path, free_port(), free_port())
+    child = spawn(["up", "--workers", "1", "--gpus", "2", "--no-gateway"], env, timeout=90)
+    log = tmp_path / "up-output.txt"
+    child.logfile_read = log.open("w", encoding="utf-8")
+    child.expect("stack is up: 1 worker\\(s\\) READY")
+    reader = threading.Thread(target=drain, args=(child,), daemon=True)
+    reader.start()
+
+    def server_pid(which: str) -> int:
+        return int(json.loads((tmp_path / "stack.json").read_text())["servers"][which])
+
+    try:
+        for which in ("nats", "redis"):
+            killed = server_pid(which)
+            os.kill(killed, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while f"{which} exited with code -9; restarting" not in log.read_text() or server_pid(which) == killed:
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+            assert alive(server_pid(which))
+        spec = tmp_path / "m.yaml"
+        spec.write_text((DEMO / "llama-8b.yaml").read_text().replace("replicas: 2", "replicas: 1"))
+        deployed = run_cli(["deploy", str(spec), "--wait"], env)
+        assert deployed.code == 0, deployed.err + log.read_text()[-2000:]
+        assert "llama-8b: 1/1 RUNNING" in deployed.out
+        assert run_cli(["down"], env).code == 0
+        reader.join(timeout=40)
+    finally:
+        child.close(force=True)
+        child.logfile_read.close()
 
 
 def test_demo_without_workers_is_refused_before_anything_starts(tmp_path: Path) -> None:
