@@ -276,6 +276,7 @@ class LocalStack:
         if self._lock is None:
             self._lock = StackLock(self.home)
         self._lock.acquire()
+        self.write_state()  # at once: `gantry down` and `gantry status` find a launcher that is still starting
         self.check_ports()
         if self.gateway:
             from ops.envoy import envoy_binary
@@ -675,14 +676,41 @@ def pid_alive(pid: int) -> bool:
 
 
 def running_launcher(home: Path | None = None) -> int | None:
-    """The pid of the live ``gantry up`` recorded in the state file, or None. Only while the home's lock is held:
-    a state file a killed launcher left names a pid the system may have given another process since (``gantry
-    down`` then stopped that one)."""
-    state = read_state(home)
-    pid = state.get("pid") if state else None
-    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid) or not lock_held(home or runtime_dir()):
+    """The pid of the live ``gantry up`` of this home, or None: the one its state file records, or while it starts
+    (before that file is written) the one its lock file names. Either only if that process holds the home's lock
+    file open while the lock is held: a file a killed launcher left names a pid the system may have given another
+    process since (``gantry down`` then stopped that one)."""
+    home = home or runtime_dir()
+    if not lock_held(home):
         return None
-    return pid
+    state = read_state(home)
+    recorded = state.get("pid") if state else None
+    for pid in (recorded, _lock_file_pid(home)):
+        if isinstance(pid, int) and pid > 0 and pid_alive(pid) and _has_open(pid, home / LOCK_FILE):
+            return pid
+    return None
+
+
+def _lock_file_pid(home: Path) -> int | None:
+    try:
+        text = (home / LOCK_FILE).read_text()[:32].strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open (its descriptors in /proc; False when they cannot be read)."""
+    target = os.path.realpath(path)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+    return False
 
 
 def lock_held(home: Path) -> bool:

@@ -21,6 +21,7 @@ from ops.stack import (
     LocalStack,
     StackError,
     WorkerFleet,
+    lock_held,
     read_state,
     running_launcher,
     service_argv,
@@ -116,9 +117,33 @@ def test_a_second_launcher_on_the_same_home_is_refused_before_it_writes_anything
     LocalStack(Settings(), home=tmp_path, services=(), external_servers=True).preflight()  # free again
 
 
+_LAUNCHER = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+             "fcntl.flock(fd, fcntl.LOCK_EX); {write}print('ok', flush=True); time.sleep(60)")
+
+
+def _launcher(lock: Path, write_pid: bool) -> subprocess.Popen[bytes]:
+    """A process holding the home's lock as a starting ``gantry up`` does (its pid written into it, or not yet)."""
+    write = "os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode()); " if write_pid else ""
+    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER.format(write=write), str(lock)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ok\n"
+    return proc
+
+
 def test_a_refused_stack_leaves_the_running_stacks_state_file_alone(tmp_path: Path) -> None:
+    launcher = _launcher(tmp_path / LOCK_FILE, write_pid=True)
     state = tmp_path / "stack.json"
-    state.write_text('{"pid": 1, "nats_url": "nats://127.0.0.1:4222"}')
+    state.write_text(json.dumps({"pid": launcher.pid, "nats_url": "nats://127.0.0.1:4222"}))
+    try:
+        stack = LocalStack(Settings(), home=tmp_path, services=())
+        with pytest.raises(StackError, match=f"another `gantry up` \\(pid {launcher.pid}\\)"):
+            stack.start()
+        assert json.loads(state.read_text())["pid"] == launcher.pid
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def test_a_stack_refused_for_a_taken_port_removes_the_state_file_it_wrote(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -126,7 +151,7 @@ def test_a_refused_stack_leaves_the_running_stacks_state_file_alone(tmp_path: Pa
         stack = LocalStack(Settings(nats_url=f"nats://127.0.0.1:{port}"), home=tmp_path, services=())
         with pytest.raises(StackError, match="already in use"):
             stack.start()
-    assert state.read_text() == '{"pid": 1, "nats_url": "nats://127.0.0.1:4222"}'
+    assert not (tmp_path / "stack.json").exists() and not lock_held(tmp_path)
 
 
 def test_down_stops_a_launcher_that_ignores_sigint(tmp_path: Path) -> None:
@@ -158,6 +183,43 @@ def test_down_never_signals_a_live_process_that_holds_no_stacks_lock(tmp_path: P
     finally:
         other.kill()
         other.wait()
+
+
+def test_down_finds_a_launcher_still_starting_by_its_lock_file(tmp_path: Path) -> None:
+    launcher = _launcher(tmp_path / LOCK_FILE, write_pid=True)  # no state file yet: it writes one once started
+    try:
+        assert running_launcher(tmp_path) == launcher.pid
+        assert stop_running_stack(tmp_path, timeout=10) == (launcher.pid, True)
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def test_down_never_signals_a_process_a_stale_file_names_while_a_new_launcher_takes_the_lock(tmp_path: Path) -> None:
+    # a killed launcher's state and lock files both name its pid, since given to another process; a new launcher has
+    # just taken the lock and not yet written its own pid: neither file names a process that holds the lock
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (tmp_path / LOCK_FILE).write_text(str(other.pid))
+    (tmp_path / "stack.json").write_text(json.dumps({"pid": other.pid}))
+    launcher = _launcher(tmp_path / LOCK_FILE, write_pid=False)
+    try:
+        assert running_launcher(tmp_path) is None and stop_running_stack(tmp_path) is None
+        assert other.poll() is None
+    finally:
+        for proc in (other, launcher):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_starting_stack_records_its_launcher_as_soon_as_it_holds_the_lock(tmp_path: Path) -> None:
+    stack = LocalStack(Settings(), home=tmp_path, services=(), external_servers=True)
+    try:
+        stack.preflight()
+        assert json.loads((tmp_path / "stack.json").read_text())["pid"] == os.getpid()
+        assert running_launcher(tmp_path) == os.getpid()
+    finally:
+        stack.stop()
+    assert not (tmp_path / "stack.json").exists()
 
 
 def test_down_with_a_dead_launcher_recorded_finds_no_stack(tmp_path: Path) -> None:
