@@ -184,7 +184,7 @@ def redis_rules(identity: str) -> str | None:
         return f"{base} +@read +@write +@transaction {safe} +eval +evalsha +script|load +script|exists"
     if identity in READERS:
         return f"{base} +@read {safe}"
-    if identity == GATEWAY:  # the instances' three hashes, nothing else of the store
+    if identity in (GATEWAY, PICKER):  # the instances' three hashes (pool from placement), nothing else
         keys = " ".join(f"~{k}" for k in GATEWAY_KEYS)
         return f"{keys} resetchannels -@all +@connection +@read {safe}"
     return None

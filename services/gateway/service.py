@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import nats
@@ -45,7 +45,6 @@ from services.gateway.tls import HANDSHAKE_TIMEOUT_S, PickerTls, TlsListener, tl
 from shared.assets.tokenizer import TOKENIZER_FILE
 from shared.bus import subjects
 from shared.bus.connection import nats_options
-from shared.bus.messages import InstanceEvents
 from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, Router, RouterConfig, builtin_config
 from shared.core.routing.pool_source import PoolSource
@@ -60,11 +59,9 @@ from shared.host.engine_feed import (
     take_metrics,
 )
 from shared.host.metrics import MetricsServer
+from shared.host.placement_follow import PlacementFollower
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
-
-if TYPE_CHECKING:  # the engines-only picker never loads the Redis client
-    from shared.state.store import StateStore
 
 log = logging.getLogger("gantry.gateway")
 
@@ -194,6 +191,7 @@ class Gateway:
         self.feed = EngineFeed(self.router, opts.expire_s, on_pool=self._pool_changed, ip_only=True,
                                source=opts.pool_source, placed=self.placed.placed, verifier=verifier)
         self.snapshots = SnapshotFetcher(self.feed)  # a late or restarted replica learns the engines' caches
+        self.follower = PlacementFollower(self.feed, self.placed, opts.redis_url, opts.resync_s, opts.read_timeout_s)
         self.metrics = registry_for(CONTRACT.service, verifier)
         self.pool = self.feed.pool
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
@@ -238,55 +236,6 @@ class Gateway:
         assert self.bus is not None
         await take_kv_events(self.feed, self.bus, msg)
 
-    async def _on_instances(self, msg: Msg) -> None:
-        """Placement's instance events: a change of state can admit an engine or take it out of the pool."""
-        assert self.bus is not None
-        evs = await self.bus.decode_or_reject(msg.subject, msg.data, InstanceEvents)
-        if evs is not None and self.placed.apply(evs):
-            self.feed.placement_changed()
-
-    async def _follow_placement(self, nc: NATS) -> StateStore:
-        """Subscribe to the instance events, then read the instances from the state store (events heard
-        meanwhile are applied after it, in order); returns the store, kept for the later reads."""
-        from shared.state.store import StateStore  # imported here: the engines-only picker needs no Redis client
-
-        if not self.opts.redis_url:
-            raise ValueError("--pool-source placement needs the state store's URL (--redis-url or GANTRY_REDIS_URL)")
-        await nc.subscribe(subjects.EVENT_INSTANCE_ALL, cb=self._on_instances)
-        await nc.flush()
-        store = StateStore.from_url(self.opts.redis_url)
-        try:
-            await self._read_instances(store)
-        except BaseException:
-            await store.close()
-            raise
-        log.info("pool from placement: %d instances known", len(self.placed.placed))
-        return store
-
-    async def _read_instances(self, store: StateStore) -> None:
-        """Read every instance from the state store (at start, after a NATS reconnection, and every
-        ``resync_s``: core NATS drops the events of an outage, and a missed DRAINING would keep an instance in
-        the pool until the next read). Events apply at once meanwhile (after the first read), and the read is
-        given up after ``read_timeout_s`` (raising TimeoutError), what is held then standing."""
-        self.placed.reading()
-        got = None
-        try:
-            got = await asyncio.wait_for(store.instances(), self.opts.read_timeout_s)
-        finally:
-            self.placed.load(got)
-            self.feed.placement_changed()
-
-    async def _resync_forever(self, store: StateStore, wake: asyncio.Event) -> None:
-        """Read the instances again every ``resync_s``, or at once when ``wake`` is set (NATS reconnected)."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self.opts.resync_s)
-            wake.clear()
-            try:
-                await self._read_instances(store)
-            except Exception as err:  # Redis away for a moment: the events keep the pool current meanwhile
-                log.warning("instances not read from the state store (%r); next try in %g s", err, self.opts.resync_s)
-
     async def _on_relayed(self, batch: list[Relayed]) -> None:
         """One frame of the feed relay: each message as if it had arrived here (``at``: when the child took it)."""
         assert self.bus is not None
@@ -330,9 +279,9 @@ class Gateway:
             self.bus = self.snapshots.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
             stack.push_async_callback(self.snapshots.close)
             if self.opts.pool_source is PoolSource.PLACEMENT:
-                store = await self._follow_placement(nc)
+                store = await self.follower.start(nc, self.bus)
                 stack.push_async_callback(store.close)
-                _background(stack, self._resync_forever(store, reconnected))
+                _background(stack, self.follower.resync_forever(store, reconnected))
             self.relay = await self._subscribe(nc)
             if self.relay is not None:
                 stack.push_async_callback(self.relay.stop)

@@ -10,7 +10,8 @@ import sys
 
 from services.picker.service import PickerOptions, PickerService
 from shared.core.routing import builtin_names
-from shared.envsettings import credentials_on_command_line
+from shared.core.routing.pool_source import PoolSource
+from shared.envsettings import credentials_on_command_line, redis_url_problem
 from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.host.tasks import run_until_signalled
 from shared.settings import load_settings_or_exit
@@ -30,9 +31,18 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
                    help="a picked request whose end was never reported stops counting as in flight after this long")
     p.add_argument("--max-in-flight", type=int, default=100_000,
                    help="requests counted in flight at most (past it the oldest stop counting)")
+    p.add_argument("--pool-source", type=PoolSource, choices=list(PoolSource), default=PoolSource.ENGINES,
+                   help="engines: pick among every engine that reports; placement: only engines whose instance "
+                        "placement holds RUNNING (a DRAINING one leaves at once)")
+    p.add_argument("--redis-url", default=None,
+                   help="the state store, with --pool-source placement: read at start, again periodically and after "
+                        "each NATS reconnection (default: the GANTRY_* settings')")
     a = p.parse_args(argv)
-    if refused := credentials_on_command_line("--nats-url", a.nats_url, NATS_URL_ENV):
-        sys.exit(f"{p.prog}: error: {refused}")
+    for flag, url, env in (("--nats-url", a.nats_url, NATS_URL_ENV), ("--redis-url", a.redis_url, "GANTRY_REDIS_URL")):
+        if refused := credentials_on_command_line(flag, url, env):
+            sys.exit(f"{p.prog}: error: {refused}")
+    if a.redis_url and (problem := redis_url_problem(a.redis_url)):
+        p.error(f"--redis-url: {problem}")
     a.nats_url = a.nats_url or os.environ.get(NATS_URL_ENV)
     if not a.nats_url:
         p.error(f"--nats-url or ${NATS_URL_ENV} is required")
@@ -43,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
     if a.max_in_flight < 1:
         p.error("--max-in-flight must be >= 1")
     settings = load_settings_or_exit(p.prog)  # GANTRY_*, as every service reads them (metrics port, credentials file)
+    if a.pool_source is PoolSource.PLACEMENT:
+        a.redis_url = a.redis_url or settings.redis_url
     try:  # the environment, else the credentials file GANTRY_CREDENTIALS_FILE names (never the command line)
         master = master_key_text(os.environ, settings.credentials_file)
         report_master = parse_key(master, f"${MASTER_KEY_ENV}") if master else None
@@ -50,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
         p.error(str(err))
     return PickerOptions(nats_url=a.nats_url, profile=a.profile, expire_s=a.expire_s, seed=a.seed,
                          flight_ttl_s=a.flight_ttl_s, max_in_flight=a.max_in_flight, report_master=report_master,
-                         metrics_port=settings.metrics_port, metrics_host=settings.metrics_host)
+                         metrics_port=settings.metrics_port, metrics_host=settings.metrics_host,
+                         pool_source=a.pool_source, redis_url=a.redis_url)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from shared.bus import subjects
-from shared.bus.messages import EngineKVEvents, EngineMetrics, ErrorEvent, KVSnapshotRequest, PickProgress, PickRequest
+from shared.bus.messages import (
+    EngineKVEvents,
+    EngineMetrics,
+    ErrorEvent,
+    InstanceEvents,
+    KVSnapshotRequest,
+    PickProgress,
+    PickRequest,
+)
 from shared.host.contract import Consumes, Contract, Emits
 
 SERVICE = "picker"
@@ -22,6 +30,9 @@ CONTRACT = Contract(
                  "leaves when silent) and each engine's load"),
         Consumes(subjects.ENGINE_KV_EVENTS_ALL, EngineKVEvents, "the precise prefix index; a gap in an engine's "
                  "numbering clears what is known of its cache"),
+        Consumes(subjects.EVENT_INSTANCE_ALL, InstanceEvents, "placement's instance changes (--pool-source "
+                 "placement): an engine is picked only while its instance is RUNNING; DRAINING or removed takes it "
+                 "out of the pool at once"),
     ),
     emits=(
         Emits(subjects.ENGINE_KV_SNAPSHOT_ALL, KVSnapshotRequest, "asks an engine it first routes to (or lost KV "

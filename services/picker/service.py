@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import nats
 from nats.aio.client import Client
@@ -23,11 +24,23 @@ from shared.bus.messages import MessageError, PickAnswer, PickProgress, PickRepl
 from shared.bus.runtime import Bus, inbox_prefix
 from shared.core.limits import MAX_MESSAGE_BYTES
 from shared.core.routing import Router, builtin_config
+from shared.core.routing.pool_source import PoolSource
 from shared.host.disconnect import close_promptly
-from shared.host.engine_feed import EngineFeed, SnapshotFetcher, expire_forever, take_kv_events, take_metrics
+from shared.host.engine_feed import (
+    EngineFeed,
+    PlacedInstances,
+    SnapshotFetcher,
+    expire_forever,
+    take_kv_events,
+    take_metrics,
+)
 from shared.host.metrics import MetricsServer
+from shared.host.placement_follow import PlacementFollower
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
+
+if TYPE_CHECKING:  # an engines-only picker never loads the Redis client
+    from shared.state.store import StateStore
 
 log = logging.getLogger("gantry.picker")
 
@@ -55,6 +68,12 @@ class PickerOptions:
     report_master: bytes | None = None
     metrics_port: int = 0  # Prometheus /metrics (the refused engine reports) on this port; 0: not served
     metrics_host: str = "0.0.0.0"  # ... on this address (``gantry up``: 127.0.0.1)
+    # PLACEMENT: pick only engines whose instance placement holds RUNNING (instance events on NATS, the state store
+    # read through redis_url at start, every resync_s and after a NATS reconnection); ENGINES: every engine reporting
+    pool_source: PoolSource = PoolSource.ENGINES
+    redis_url: str | None = None
+    resync_s: float = 30.0
+    read_timeout_s: float = 10.0  # PLACEMENT: a read of the instances given up after this long
 
 
 @dataclass
@@ -74,8 +93,12 @@ class PickerService:
         self.opts = opts
         self.clock = clock
         self.router = Router(builtin_config(opts.profile), seed=opts.seed)
+        self.placed = PlacedInstances()
         self.feed = EngineFeed(self.router, opts.expire_s, verifier=ReportVerifier(opts.report_master)
-                               if opts.report_master is not None else None)
+                               if opts.report_master is not None else None, source=opts.pool_source,
+                               placed=self.placed.placed)
+        self.follower = PlacementFollower(self.feed, self.placed, opts.redis_url, opts.resync_s, opts.read_timeout_s)
+        self.reconnected = asyncio.Event()  # set by a NATS reconnection: placement is read again at once
         self.snapshots = SnapshotFetcher(self.feed)  # a late or restarted replica learns the engines' caches
         self.counters = PickerCounters()
         self.metrics = registry_for(CONTRACT.service, self.feed.verifier)
@@ -186,7 +209,10 @@ class PickerService:
     async def connect(self) -> Client:
         """Connect and subscribe; returns the connection."""
         credentials = url_credentials(self.opts.nats_url)  # decoded: nats-py sends the URL's as written
-        nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1,
+        async def on_reconnect() -> None:
+            self.reconnected.set()
+
+        nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1, reconnected_cb=on_reconnect,
                                 inbox_prefix=inbox_prefix(credentials.get("user", "")), **credentials)
         self.bus = self.snapshots.bus = Bus(nc, CONTRACT.service, declared=CONTRACT.emit_check())
         await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._guarded(self.on_metrics))
@@ -199,19 +225,32 @@ class PickerService:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
         nc = await self.connect()
+        store: StateStore | None = None
+        if self.opts.pool_source is PoolSource.PLACEMENT:
+            assert self.bus is not None
+            try:
+                store = await self.follower.start(nc, self.bus)
+            except BaseException:
+                await close_promptly(nc)
+                raise
         metrics = MetricsServer(self.metrics, self.opts.metrics_port, CONTRACT.service, self.opts.metrics_host)
         expire = asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, self.clock))
         flights = asyncio.create_task(self._expire_flights_forever())
+        tasks = [expire, flights]
+        if store is not None:
+            tasks.append(asyncio.create_task(self.follower.resync_forever(store, self.reconnected)))
         log.info("gantry picker on %s (profile %s)", subjects.PICK, self.opts.profile)
         if ready is not None:
             ready.set()
         try:
             await asyncio.Event().wait()
         finally:
-            for task in (expire, flights):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if store is not None:
+                await store.close()
             await self.snapshots.close()
             log.info("picker: %s", self.counters)
             metrics.close()

@@ -228,3 +228,73 @@ def test_a_bad_item_is_answered_400_and_dead_lettered_and_the_valid_items_beside
 
     asyncio.run(main())
     assert picker.poll() is None
+
+
+PLACED_DB = 13  # this test's own database: the picker reads every instance stored there
+
+
+def test_with_the_pool_from_placement_a_draining_instance_is_picked_no_more(
+        nats_server: ServerProcess, redis_server: ServerProcess, tmp_path: Path) -> None:
+    import redis
+
+    from shared.bus.messages import InstanceEvent, InstanceEvents
+    from shared.core.placement.domain import Instance, InstanceState
+    from shared.state.store import Keys
+
+    creds = nats_server.credentials
+    assert creds is not None
+    def url(identity: str) -> str:  # the server's URL names database 0
+        return creds.url(redis_server.url, identity).rsplit("/", 1)[0] + f"/{PLACED_DB}"
+
+    admin = redis.Redis.from_url(url("admin"))
+    admin.flushdb()
+    placed = {inst: Instance(id=inst, model=MODEL, state=InstanceState.RUNNING, worker="w1") for inst in ENGINES}
+    admin.hset(Keys.inst, mapping={i: msgspec.json.encode(v) for i, v in placed.items()})
+    admin.hset(Keys.inst_state, mapping={i: "RUNNING" for i in ENGINES[:2]})  # the third never placed RUNNING
+    admin.hset(Keys.inst_state, ENGINES[2], "PENDING")
+    env = {**os.environ, "GANTRY_NATS_URL": creds.url(nats_server.url, "picker"),
+           "GANTRY_REDIS_URL": url("picker")}
+    log = tmp_path / "picker.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "services.picker", "--pool-source", "placement"], cwd=REPO,
+                                stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+    async def endpoints(nc: Client, n: int) -> list[str]:
+        item = PickItem(request_id=f"placed-{n}", model=MODEL, token_ids=[1, 2, 3])
+        try:
+            r = await pick(nc, encode(PickRequest(picks=[item])), timeout=2)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):  # still starting
+            return []
+        await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=[item.request_id])))
+        return sorted(r.answers[0].endpoints) if r.answers and r.answers[0].code == 200 else []
+
+    async def until(nc: Client, want: list[str]) -> None:
+        deadline = time.monotonic() + 30
+        n = 0
+        while (got := await endpoints(nc, n)) != want:
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                f"picked among {got}, wanted {want}\n{log.read_text()[-2000:]}")
+            n += 1
+            await asyncio.sleep(0.1)
+
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        async with engines(nc):
+            await until(nc, sorted(ENGINES[:2]))  # every engine reports; only RUNNING instances are picked
+            drained = msgspec.structs.replace(placed[ENGINES[0]], state=InstanceState.DRAINING)
+            admin.hset(Keys.inst_state, ENGINES[0], "DRAINING")  # as the reconciler: the store, then the event
+            await nc.publish(subjects.EVENT_INSTANCE, encode(InstanceEvents(events=(InstanceEvent(instance=drained),))))
+            await until(nc, [ENGINES[1]])
+        await nc.drain()
+
+    try:
+        asyncio.run(main())
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        admin.flushdb()
+        admin.close()

@@ -85,8 +85,9 @@ def test_readers_get_no_write_in_redis(identity: str) -> None:
     assert rules is not None and "+@write" not in rules and "-@dangerous" in rules and "~gantry:*" in rules
 
 
-def test_the_gateway_may_read_the_instances_hashes_only() -> None:
-    rules = redis_rules("gateway") or ""
+@pytest.mark.parametrize("identity", ["gateway", "picker"])
+def test_the_pickers_may_read_the_instances_hashes_only(identity: str) -> None:
+    rules = redis_rules(identity) or ""
     assert [r for r in rules.split() if r.startswith("~")] == ["~gantry:inst", "~gantry:inst:state",
                                                                  "~gantry:inst:reason"]
     assert "+@read" in rules and "+@write" not in rules and "-@dangerous" in rules

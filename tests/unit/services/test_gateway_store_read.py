@@ -32,7 +32,7 @@ async def test_a_state_store_that_never_answers_does_not_hold_the_read_for_long(
     store = StateStore.from_url(opts.redis_url or "")
     try:
         start = time.monotonic()
-        reading = asyncio.ensure_future(gw._read_instances(store))
+        reading = asyncio.ensure_future(gw.follower.read(store))
         await asyncio.sleep(0.05)
         drained = Instance(id="a", model="m", state=InstanceState.DRAINING, worker="w1")
         gw.placed.apply(InstanceEvents(events=(InstanceEvent(instance=drained, removed=False, at=0.0),)))
