@@ -165,7 +165,10 @@ class LocalBroker:
         return len(self._held)
 
     def reset(self) -> None:
-        """Forget everything (engine restart)."""
+        """Forget every request held (engine restart): queued, handed to the engine, and their outputs not taken;
+        a late output of one is then dropped. The finished ids are kept: a replay of one is still refused."""
         self._queue.clear()
         self._held.clear()
         self._responses.clear()
+        self._dispatched.clear()
+        self._unordered = False

@@ -24,13 +24,20 @@ CHUNK = 32  # blocks hashed per round of a match: hashing stops at most this far
 PROBE = 8  # blocks of a chunk the memo does not hold that a match hashes before the rest
 
 
-def text_hashes(text: str, block_chars: int, parent: int) -> list[int]:
+def text_hashes(text: str, block_chars: int, parent: int, max_blocks: int | None = None) -> list[int]:
     """Chained hashes of full ``block_chars`` blocks of ``text`` (an int of the UTF-8 bytes per block, so
-    the value is the same in every process: only str/bytes hashing is salted by PYTHONHASHSEED)."""
+    the value is the same in every process: only str/bytes hashing is salted by PYTHONHASHSEED); at most
+    ``max_blocks`` of them, and only as much of the text read as they need."""
     out: list[int] = []
     h = parent
+    if max_blocks is not None:
+        # every character is at least one byte: these characters hold the first max_blocks byte blocks whole
+        text = text[: max(0, max_blocks) * block_chars]
     data = text.encode("utf-8")
-    for start in range(0, len(data) - block_chars + 1, block_chars):
+    end = len(data) - block_chars + 1
+    if max_blocks is not None:
+        end = min(end, max(0, max_blocks) * block_chars)
+    for start in range(0, end, block_chars):
         h = hash((h, int.from_bytes(data[start : start + block_chars], "little")))
         out.append(h)
     return out
@@ -149,7 +156,7 @@ class BlockHashes:
             self._hashes = []
             self.total = min(len(request.token_ids) // block_size, max_blocks)
         elif request.prompt:
-            self._hashes = text_hashes(request.prompt, block_size * CHARS_PER_TOKEN, self._parent)[:max_blocks]
+            self._hashes = text_hashes(request.prompt, block_size * CHARS_PER_TOKEN, self._parent, max_blocks)
             self.total = len(self._hashes)
         else:
             self._hashes = []

@@ -10,6 +10,7 @@ the configuration loads; the error names the plugin and the field.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -218,8 +219,9 @@ def build_profiles(config: RouterConfig, plugins: dict[str, Plugin]) -> tuple[di
             elif isinstance(plugin, Filter):
                 filters.append(plugin)
             elif isinstance(plugin, Scorer):
-                if not ref.weight >= 0:
-                    problems.append(f"profile {spec.name!r}: weight of {ref.ref!r} must be >= 0 (got {ref.weight})")
+                if not 0 <= ref.weight < math.inf:  # inf × a score of 0 is NaN, which would win the max
+                    problems.append(f"profile {spec.name!r}: weight of {ref.ref!r} must be finite and >= 0 "
+                                    f"(got {ref.weight})")
                 scorers.append((plugin, ref.weight))
             elif isinstance(plugin, Picker):
                 pickers.append(plugin)

@@ -23,6 +23,7 @@ from shared.core.routing.domain import (
     Decision,
     Endpoint,
     EndpointMetrics,
+    EndpointState,
     Outcome,
     Refusal,
     RouteRequest,
@@ -130,9 +131,19 @@ class Router:
 
     def has_headroom(self, model: str, now: float) -> bool:
         """Some endpoint of the pool is neither saturated (detector) nor at the in-flight cap."""
+        return bool(self._with_room(self.state.pool(model), now, first=True))
+
+    def _with_room(self, pool: list[EndpointState], now: float, first: bool = False) -> list[EndpointState]:
+        """The endpoints of ``pool`` neither saturated nor at the in-flight cap (``first``: stop at the first)."""
         cap = self.config.flow_control.max_inflight_per_endpoint
         sat = self.detector.saturated
-        return any(st.inflight_requests < cap and not sat(st, now) for st in self.state.pool(model))
+        out = []
+        for st in pool:
+            if st.inflight_requests < cap and not sat(st, now):
+                out.append(st)
+                if first:
+                    break
+        return out
 
     def submit(self, request: RouteRequest, now: float) -> Outcome | None:
         """Route now, or queue (None) when flow control is on and the pool has no headroom or a queue ahead.
@@ -143,7 +154,7 @@ class Router:
             return self.route(request, now)
         fc = self.flow(request.model)
         if not len(fc) and self.has_headroom(request.model, now):
-            return self.route(request, now)
+            return self.route(request, now, with_room=True)
         return fc.enqueue(request, now)
 
     def dispatch(self, now: float) -> list[Outcome]:
@@ -155,7 +166,7 @@ class Router:
                 req = fc.pop()
                 if req is None:
                     break
-                out.append(self.route(req, now))
+                out.append(self.route(req, now, with_room=True))
         return out
 
     def queued(self) -> int:
@@ -163,13 +174,17 @@ class Router:
         return sum(len(fc) for fc in self._flows.values())
 
     # -- decisions ------------------------------------------------------------------------------------
-    def route(self, request: RouteRequest, now: float, *, commit: bool = True, explain: bool = False) -> Outcome:
-        """Decide where ``request`` goes at ``now``."""
+    def route(self, request: RouteRequest, now: float, *, commit: bool = True, explain: bool = False,
+              with_room: bool = False) -> Outcome:
+        """Decide where ``request`` goes at ``now`` (``with_room``: among the endpoints with headroom only, as flow
+        control dispatches: the endpoint with room opens the gate, so it must be where the request may go)."""
         if self._pending:
             self.flush()
         pool = self.state.pool(request.model)
         if not pool:
             return Refusal(request.request_id, NO_ENDPOINT, f"no endpoint serves model {request.model!r}")
+        if with_room:
+            pool = self._with_room(pool, now) or pool  # (none: the caller checked; route as without)
         adm = self.config.admission
         if request.sheddable and adm.shed_sheddable:
             sat = self.detector.pool(pool, now)

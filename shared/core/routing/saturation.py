@@ -38,6 +38,9 @@ class DetectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return out
 
 
+BELOW_FULL = 1.0 - 1e-9  # an endpoint with room counts at most this: a mean over any pool stays under 1
+
+
 class UtilizationDetector:
     """Saturation per endpoint and for a pool, from the endpoints' state reports."""
 
@@ -72,7 +75,10 @@ class UtilizationDetector:
         absurd one) cannot shed sheddable traffic the others have room for."""
         if not endpoints:
             return 1.0
-        return sum(min(1.0, self.endpoint(st, now)) for st in endpoints) / len(endpoints)
+        # an endpoint counts 1 only when ``saturated`` says so (strictly past its limits): at exactly queue 5 or KV 0.8
+        # it still has room, and a pool of such endpoints must not shed what each of them would admit
+        return sum(1.0 if self.saturated(st, now) else min(BELOW_FULL, self.endpoint(st, now))
+                   for st in endpoints) / len(endpoints)
 
     def has_headroom(self, endpoints: Sequence[EndpointState], now: float) -> bool:
         """True when at least one endpoint is not saturated (flow control may dispatch)."""

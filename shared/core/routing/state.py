@@ -10,6 +10,7 @@ look idlest (llm-d-router #298, #1599). Every update is idempotent per request i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -92,6 +93,7 @@ class PoolState:
         self.step_models: dict[str, StepTimeModel] = {}
         self._prefill_rate: dict[str, float] = {}
         self._flights: dict[str, _Flight] = {}
+        self._newest_flight = -math.inf  # the latest dispatch stamp: the flights' stamps never decrease in order
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._masks: dict[str, int] = {}
@@ -264,6 +266,9 @@ class PoolState:
         if st is None or request_id in self._flights:
             return
         tokens = max(int(uncached_tokens), 0)
+        if now < self._newest_flight:
+            self._clock_stepped_back(now)
+        self._newest_flight = now
         self._flights[request_id] = _Flight(endpoint_id, tokens, now)
         st.inflight_requests += 1
         st.inflight_tokens += tokens
@@ -304,6 +309,14 @@ class PoolState:
         st = self.endpoints.get(f.endpoint)
         if st is not None:
             st.inflight_requests -= 1
+
+    def _clock_stepped_back(self, now: float) -> None:
+        """The caller's clock went back (an NTP step, a VM resumed): flights stamped after ``now`` count from ``now``,
+        so the stamps stay in dispatch order and ``expire_flights`` (which stops at the first young one) reaches
+        every old flight behind them. They expire at most a TTL after the step, never a step's length late."""
+        for f in self._flights.values():
+            if f.since > now:
+                f.since = now
 
     def expire_flights(self, before: float, keep: int) -> list[str]:
         """Count as finished every request dispatched before ``before``, and the oldest past ``keep`` in flight;

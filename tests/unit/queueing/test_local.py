@@ -125,6 +125,15 @@ def test_a_result_for_an_unknown_id_is_dropped() -> None:
     assert b.get_results(0.0) == {}
 
 
+def test_after_a_reset_a_late_output_of_the_previous_run_is_dropped() -> None:
+    b = LocalBroker()
+    b.put_requests([req("a")], 0.0)
+    assert [r.request_id for r in b.get_requests(BIG, 0.0)] == ["a"]
+    b.reset()  # the engine restarted: what it was running is gone
+    assert b.put_results([Output(request_id="a", seq=0)]) == ["a"]
+    assert b.get_results(0.0) == {} and not b.has_request("a")
+
+
 def test_admission_stops_at_the_first_request_that_does_not_fit_in_blocks() -> None:
     b = LocalBroker()
     b.put_requests([req("a", 32), req("b", 64), req("c", 1)], 0.0)  # 2+1, 4+1 blocks, 1+1

@@ -74,6 +74,35 @@ def test_duplicate_ids_queue_once_and_cancel_removes() -> None:
     assert len(fc) == 1 and fc.cancel("a") and not fc.cancel("a") and len(fc) == 0
 
 
+def test_requests_leaving_out_of_order_are_reclaimed_while_nothing_is_dispatched() -> None:
+    for ordering in ("fcfs", "edf"):
+        fc = FlowController(FlowConfig(ttl_s=1.0, max_queued=100, ordering=ordering))
+        for step in range(20_000):  # a saturated pool: nothing pops; clients leave, the TTL answers the rest
+            now = step * 0.01
+            fc.enqueue(req(f"r{step}", tenant=f"t{step % 7}", priority=step % 3), now)
+            if step % 3 == 0:
+                fc.cancel(f"r{step}")
+            fc.expire(now)
+            # each of the 21 queues (7 tenants x 3 bands) and the expiry heap may hold up to 64 dead entries more
+            assert fc.held() <= 2 * len(fc) + 22 * 64, (ordering, step, fc.held(), len(fc))
+
+
+def test_dispatched_requests_leave_the_expiry_heap_long_before_their_ttl() -> None:
+    fc = FlowController(FlowConfig(ttl_s=900))
+    for i in range(10_000):
+        fc.enqueue(req(f"r{i}"), 0)
+        assert fc.pop() is not None
+    assert len(fc) == 0 and fc.held() <= 2 * 64
+
+
+def test_a_fairness_id_at_its_bound_is_refused_while_others_still_queue() -> None:
+    fc = FlowController(FlowConfig(max_queued_per_band=10, max_queued_per_tenant=4))
+    assert [fc.enqueue(req(f"f{i}", tenant="flood"), 0) for i in range(4)] == [None] * 4
+    refused = fc.enqueue(req("f4", tenant="flood"), 0)
+    assert isinstance(refused, Refusal) and refused.code == QUEUE_FULL and "fairness id" in refused.reason
+    assert fc.enqueue(req("v", tenant="victim"), 0) is None
+
+
 FLOW = """
 plugins: [{type: queue-scorer}]
 flow_control: {enabled: true, max_inflight_per_endpoint: 1}
@@ -88,6 +117,20 @@ def test_router_queues_without_headroom_and_dispatches_when_it_returns() -> None
     r.finished("a")
     out = r.dispatch(NOW)
     assert [o.request_id for o in out] == ["b"] and isinstance(out[0], Decision)
+
+
+def test_requests_flow_control_lets_go_land_only_on_endpoints_with_room() -> None:
+    # e0 has the shortest queue (the queue scorer's favourite) but its KV cache is past the threshold; e1 has room:
+    # the gate opens for e1, so e1 is where the requests go, up to its cap, and the rest wait for it
+    r = router(FLOW.replace("max_inflight_per_endpoint: 1", "max_inflight_per_endpoint: 2"),
+               pool(met(waiting=0, kv=0.95), met(waiting=4, kv=0.1)))
+    outs = [r.submit(req(f"r{i}"), NOW) for i in range(5)]
+    assert [o.endpoint for o in outs if isinstance(o, Decision)] == ["e1", "e1"] and r.queued() == 3
+    assert r.dispatch(NOW) == []
+    r.finished("r0")
+    out = r.dispatch(NOW)
+    assert [(o.request_id, o.endpoint) for o in out if isinstance(o, Decision)] == [("r2", "e1")]
+    assert r.state.endpoints["e0"].inflight_requests == 0
 
 
 def test_router_never_queues_sheddable_traffic() -> None:

@@ -78,6 +78,19 @@ def test_text_hashes_are_stable_and_chained() -> None:
     assert text_hashes("y" + "x" * 199, 64, 0)[1] != a[1]  # chained: a different first block changes the rest
 
 
+def test_text_hashes_read_only_the_blocks_they_keep() -> None:
+    text = "aé€😀" * 5_000  # one to four bytes a character
+    whole = text_hashes(text, 64, 7)
+    for n in (0, 1, 3, len(whole), len(whole) + 5):
+        assert text_hashes(text, 64, 7, n) == whole[:n]
+
+
+def test_text_past_the_kept_blocks_is_never_read() -> None:
+    # a lone surrogate cannot be encoded: reading past the 100 kept blocks would raise
+    text = "x" * (64 * 100) + "\ud800" * (1 << 20)
+    assert text_hashes(text, 64, 0, 100) == text_hashes("x" * (64 * 100), 64, 0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(ops=st.lists(st.tuples(st.integers(0, 5), st.lists(st.integers(0, 40), max_size=30)), max_size=60),
        cap=st.integers(1, 20))

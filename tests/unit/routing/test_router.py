@@ -28,7 +28,9 @@ profiles:
     ("plugins: [{type: prefix-cache-scorer, parameters: {source: exact}}]", "source must be one of"),
     ("plugins: [{type: queue-scorer}]\nprofiles: [{name: p, plugins: [{ref: q}]}]", "no plugin named 'q'"),
     ("plugins: [{type: queue-scorer}]\nprofiles: [{name: p, plugins: [{ref: queue-scorer, weight: -1}]}]",
-     "weight of 'queue-scorer' must be >= 0"),
+     "weight of 'queue-scorer' must be finite and >= 0"),
+    ("plugins: [{type: queue-scorer}]\nprofiles: [{name: p, plugins: [{ref: queue-scorer, weight: .inf}]}]",
+     "weight of 'queue-scorer' must be finite and >= 0 (got inf)"),
     ("plugins: [{type: random-picker}, {type: max-score-picker}]", "one picker allowed"),
     ("plugins: [{type: queue-scorer}]\nshadow: [x]", "shadow: no profile named 'x'"),
     ("plugins: [{type: queue-scorer}]\nhandler: {type: pd}", "no profile named 'decode'"),
@@ -74,8 +76,15 @@ def test_one_endpoint_past_its_thresholds_sheds_nothing_while_the_others_have_ro
 
 
 def test_a_pool_with_every_endpoint_full_sheds_whatever_the_mix_of_queue_and_cache() -> None:
-    r = router(PREFIX_ONLY, pool(met(waiting=5), met(kv=0.8), met(waiting=100_000, kv=1.0)))
+    r = router(PREFIX_ONLY, pool(met(waiting=6), met(kv=0.81), met(waiting=100_000, kv=1.0)))
     assert isinstance(out := r.route(req("s", priority=-1), NOW), Refusal) and out.code == SHED
+
+
+def test_a_pool_at_exactly_its_thresholds_still_admits_sheddable_requests() -> None:
+    # saturated means queue > 5 or KV > 0.8 (the spec, the saturation filter, flow control's headroom): at 5 / 0.8
+    # every endpoint still has room
+    r = router(PREFIX_ONLY, pool(met(waiting=5), met(kv=0.8), met(waiting=5, kv=0.8)))
+    assert isinstance(r.route(req("s", priority=-1), NOW), Decision)
 
 
 def test_filters_emptying_the_pool_refuse_with_each_filters_reason() -> None:
@@ -169,6 +178,14 @@ def test_pd_handler_disaggregates_long_uncached_prompts_only() -> None:
     assert isinstance(short, Decision) and short.prefill is None
 
 
+def test_pd_over_mixed_endpoints_choosing_one_endpoint_for_both_legs_books_it_once() -> None:
+    state = pool(met(waiting=0), met(waiting=3), roles=(NodeRole.MIXED, NodeRole.MIXED))
+    r = router(PD, state)
+    out = r.route(req("q", tokens=1000, seed=1), NOW)
+    assert isinstance(out, Decision) and (out.endpoint, out.prefill) == ("e0", None)
+    assert (state.endpoints["e0"].inflight_requests, state.endpoints["e0"].inflight_tokens) == (1, 1000)
+
+
 def test_shadow_profile_scores_without_acting_and_exports_disagreement() -> None:
     yaml = """
 plugins:
@@ -227,6 +244,16 @@ def test_a_request_whose_end_is_never_reported_stops_loading_its_endpoint_after_
     assert r.state.in_flight() == 1 and r.state.endpoints["e0"].inflight_requests == 1
     r.finished("lost")  # its end, reported late, changes nothing
     assert r.state.endpoints["e0"].inflight_requests == 1
+
+
+def test_after_the_clock_steps_back_lost_requests_still_stop_loading_their_endpoint_a_max_age_later() -> None:
+    r = router(PREFIX_ONLY, pool(met(ts=NOW + 3600)))
+    r.state.dispatched("before-step", "e0", 16, NOW + 3600)  # the clock ran an hour fast, then NTP stepped it back
+    for i in range(10):
+        r.state.dispatched(f"after-step-{i}", "e0", 16, NOW + i)
+    assert r.expire_flights(NOW + 10 + 60, max_age_s=30, keep=100) == [
+        "before-step", *(f"after-step-{i}" for i in range(10))]
+    assert r.state.endpoints["e0"].inflight_requests == 0
 
 
 def test_past_the_in_flight_bound_the_oldest_requests_are_let_go_first() -> None:

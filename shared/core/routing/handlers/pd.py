@@ -58,4 +58,7 @@ class PdHandler(Handler):
             return HandlerOutcome(results, p.decode_profile)
         prefill = self.profiles[p.prefill_profile].run(cycle, pool, explain)
         results[p.prefill_profile] = prefill
-        return HandlerOutcome(results, p.decode_profile, p.prefill_profile if prefill.endpoints else None)
+        # over mixed endpoints the prefill profile may choose the decode endpoint itself: that is an aggregated
+        # request (no prefill leg), not one booked twice on the same endpoint
+        split = bool(prefill.endpoints) and prefill.endpoints[0] != decode.endpoints[0]
+        return HandlerOutcome(results, p.decode_profile, p.prefill_profile if split else None)
