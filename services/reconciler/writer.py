@@ -226,7 +226,7 @@ class StateWriter:
         key = worker or "*"
         if not self._asked.allow(key, now):
             return
-        await self.service.bus.publish(subjects.SYNC, SyncRequest(worker=worker))
+        await self.service.bus.publish(subjects.SYNC, SyncRequest(by="reconciler", worker=worker))
 
     def start(self) -> None:
         """Ask every worker to register (we may have missed them), then flush in the background."""

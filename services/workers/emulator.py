@@ -229,6 +229,10 @@ class Fleet:
             await self.nc.publish(subjects.worker_heartbeat(w.worker.name), encode(w.heartbeat()))
 
     async def _on_sync(self, msg: Msg) -> None:
+        # a stream's delivery keeps its own subject: one a client pointed here (a consumer's deliver subject, a pull's
+        # reply) is not an ask, whatever its payload reads as
+        if msg.subject != subjects.SYNC:
+            return
         try:
             req = decode(msg.data, SyncRequest)
         except MessageError:

@@ -110,8 +110,11 @@ class WorkerRegistration(Message, frozen=True, kw_only=True):
 
 
 class SyncRequest(Message, frozen=True, kw_only=True):
-    """Ask workers to send their WorkerRegistration now (``worker`` None: every worker)."""
+    """Ask workers to send their WorkerRegistration now (``worker`` None: every worker). ``by`` (who asks) is
+    required: JSON the server itself publishes on a subject a client chose (a JetStream publish acknowledgement sent
+    to a forged reply subject, a consumer's delivery) then never reads as an ask."""
 
+    by: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     worker: WorkerName | None = None
 
 

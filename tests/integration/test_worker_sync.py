@@ -48,7 +48,7 @@ async def test_a_flood_of_sync_requests_costs_each_worker_one_registration_per_w
     try:
         await fleet.start()  # each worker registers once: its window starts
         for _ in range(200):
-            await nc.publish(subjects.SYNC, encode(SyncRequest()))
+            await nc.publish(subjects.SYNC, encode(SyncRequest(by="test")))
         await nc.flush()
         flood_sent = time.monotonic()
         names = list(fleet.workers)
@@ -71,10 +71,54 @@ async def test_a_requester_that_subscribed_after_the_workers_registered_still_he
     try:
         await fleet.start()  # registered before anyone below listened, so inside every worker's window
         stop = await registrations(nc, "late", heard)  # as a restarted reconciler: subscribe, then ask all
-        await nc.publish(subjects.SYNC, encode(SyncRequest()))
-        await nc.publish(subjects.SYNC, encode(SyncRequest(worker="late1")))  # e.g. an unknown heartbeat's ask
+        await nc.publish(subjects.SYNC, encode(SyncRequest(by="test")))
+        await nc.publish(subjects.SYNC, encode(SyncRequest(by="test", worker="late1")))  # an unknown heartbeat
         await until(lambda: set(heard) >= set(fleet.workers), "every worker registering again")
         await stop()
     finally:
         await fleet.close()
         await nc.close()
+
+
+async def test_what_the_server_publishes_on_a_chosen_subject_never_reads_as_a_sync(
+    nats_server: ServerProcess
+) -> None:
+    # only the reconciler (and the admin) may publish on gantry.worker.sync; but a JetStream publish acknowledgement
+    # goes to whatever reply subject the publisher names, and a consumer delivers wherever its creator says
+    import json
+
+    from ops.auth import Credentials
+    from shared.bus import streams
+    from shared.bus.messages import UnschedulableEvent
+    from shared.settings import Settings
+
+    admin = await nats.connect(nats_server.url)
+    creds = nats_server.credentials
+    assert isinstance(creds, Credentials)
+    await streams.ensure_streams(admin.jetstream(), Settings())
+    await admin.jetstream().publish(subjects.EVENT_UNSCHEDULABLE,
+                                    encode(UnschedulableEvent(instance_id="x-1", model="x", message="no", at=1.0)))
+    fleet = Fleet(FleetConfig(count=3, prefix="forge", gpus=1, sync_window_s=0.1), admin)
+    heard: dict[str, list[float]] = {}
+    try:
+        await fleet.start()
+        await asyncio.sleep(0.3)  # past every worker's window: a real ask now is answered at once
+        stop = await registrations(admin, "forge", heard)
+        worker = await nats.connect(creds.url(nats_server.url, "worker-w1"), inbox_prefix="_INBOX.worker-w1")
+        await worker.publish(subjects.instance_status("w1"), b'{"reports": []}', reply=subjects.SYNC)
+        cli = await nats.connect(creds.url(nats_server.url, "cli"), inbox_prefix="_INBOX.cli")
+        config = {"name": "forged", "deliver_subject": subjects.SYNC, "ack_policy": "none",
+                  "filter_subject": subjects.EVENT_UNSCHEDULABLE}
+        made = await cli.request(f"$JS.API.CONSUMER.CREATE.{streams.STREAM_EVENTS}.forged",
+                                 json.dumps({"stream_name": streams.STREAM_EVENTS, "config": config}).encode(), 5)
+        assert "error" not in json.loads(made.data)
+        await asyncio.sleep(1.0)
+        assert heard == {}  # neither the ack nor the delivered event made a worker register
+        await admin.publish(subjects.SYNC, encode(SyncRequest(by="test")))  # a real ask still works
+        await until(lambda: set(heard) >= set(fleet.workers), "every worker registering again")
+        await stop()
+        await worker.close()
+        await cli.close()
+    finally:
+        await fleet.close()
+        await admin.close()
