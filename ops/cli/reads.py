@@ -248,8 +248,9 @@ def explain(model: str, json_out: bool, nats_url: str | None, redis_url: str | N
             echo(f"  {report.filter}: kept {report.kept}/{report.total}")
             for reason in report.dropped[:5]:
                 echo(f"    {reason.subject or '(request)'}: {reason.message}")
-            if len(report.dropped) > 5:
-                echo(f"    ... {len(report.dropped) - 5} more")
+            dropped = max(report.total - report.kept, len(report.dropped))  # a verdict carries the first reasons only
+            if dropped > 5:
+                echo(f"    ... {dropped - 5} more")
         for reason in verdict.reasons[:10]:
             echo(f"  {reason.plugin} {reason.subject or '(request)'}: {reason.message}")
 

@@ -91,7 +91,7 @@ class FilterService(PlacementService):
             elif res.survivors:
                 continue
             else:
-                un = Unschedulable(model=item.model, message=filters_message(res.reports), filters=res.reports)
+                un = Unschedulable.of(item.model, filters_message(res.reports), filters=res.reports)
             failed.append(ItemOutcome(item=item, unschedulable=un))
         passed = None
         if kept:

@@ -166,9 +166,8 @@ class FittingService(PlacementService):
             elif res.candidates:
                 results[model] = res
             else:
-                verdicts[model] = Unschedulable(
-                    model=model, message=res.message or "no candidate fits", filters=flt.reports, reasons=res.reasons
-                )
+                verdicts[model] = Unschedulable.of(model, res.message or "no candidate fits", filters=flt.reports,
+                                                   reasons=res.reasons)
         failed = tuple(ItemOutcome(item=i, unschedulable=verdicts[i.model]) for i in req.items if i.model in verdicts)
         scored = PlacementScored(batch_id=req.batch_id, outcomes=failed) if failed else None
         return self.pack(req, results, columns), scored

@@ -9,6 +9,7 @@ the collector's pauses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Protocol
 
@@ -317,6 +318,9 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     candidates_considered: int = 0
 
 
+MAX_EXPLAINED = 16  # drop reasons per filter, and fit reasons, that a verdict carries (its counts stay whole)
+
+
 class Unschedulable(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Why a replica cannot be placed now: filter counts and the best-effort fit message."""
 
@@ -324,6 +328,17 @@ class Unschedulable(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     message: str
     filters: tuple[FilterReport, ...] = ()
     reasons: tuple[Reason, ...] = ()
+
+    @classmethod
+    def of(cls, model: str, message: str, filters: Sequence[FilterReport] = (),
+           reasons: Sequence[Reason] = ()) -> Unschedulable:
+        """A verdict with at most ``MAX_EXPLAINED`` reasons per filter and fit reasons (each filter's kept and total
+        stay whole): it travels once per replica, so a reason per worker made a 64-replica verdict on 1,200 workers
+        larger than a NATS message may be."""
+        return cls(model=model, message=message,
+                   filters=tuple(f if len(f.dropped) <= MAX_EXPLAINED else msgspec.structs.replace(
+                       f, dropped=f.dropped[:MAX_EXPLAINED]) for f in filters),
+                   reasons=tuple(reasons[:MAX_EXPLAINED]))
 
 
 PlacementResult = Decision | Unschedulable

@@ -24,7 +24,8 @@ def filters_message(reports: list[FilterReport] | tuple[FilterReport, ...]) -> s
     detail = ""
     if last is not None:
         shown = "; ".join(f"{d.subject}: {d.message}" for d in last.dropped[:3])
-        more = f" (+{len(last.dropped) - 3} more)" if len(last.dropped) > 3 else ""
+        dropped = max(last.total - last.kept, len(last.dropped))  # a verdict carries the first reasons only
+        more = f" (+{dropped - 3} more)" if dropped > 3 else ""
         detail = f" [{last.filter}: {shown}{more}]"
     return f"no worker passed the filters: {counts}{detail}"
 

@@ -620,15 +620,10 @@ def place(
     else:
         survivors, reports = _filter_fast(ctx)
     if not survivors.any():
-        return Unschedulable(model=model.name, message=filters_message(reports), filters=tuple(reports))
+        return Unschedulable.of(model.name, filters_message(reports), filters=reports)
     fitted = _fit(ctx, survivors, exhaustive)
     if not fitted.found:
-        return Unschedulable(
-            model=model.name,
-            message=unfit_message(ctx, survivors),
-            filters=tuple(reports),
-            reasons=tuple(fitted.reasons),
-        )
+        return Unschedulable.of(model.name, unfit_message(ctx, survivors), filters=reports, reasons=fitted.reasons)
     scored = _pick_fast(ctx, fitted)
     considered = len(fitted.batch) if fitted.batch is not None else len(fitted.candidates)
     if scored is None:

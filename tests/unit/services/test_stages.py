@@ -60,6 +60,25 @@ def test_filter_sends_unschedulable_straight_to_scored_when_nothing_survives() -
     assert outcome.unschedulable is not None and outcome.unschedulable.filters
 
 
+def test_a_verdict_of_nothing_surviving_stays_small_whatever_the_fleet() -> None:
+    from shared.bus.messages import encode
+    from shared.core.placement.domain import MAX_EXPLAINED
+
+    svc = FilterService(Settings(), clock=lambda: NOW)
+    for i in range(1_200):  # a 64-replica request whose selector matches no node: a reason per node per replica
+        svc.snapshot.upsert_worker(Worker(name=f"gpu-node-{i:05d}", labels={"tier": "silver"}, last_heartbeat=NOW,
+                                          gpus=tuple(Gpu(index=g, vram_total=80 * GIB) for g in range(8)),
+                                          ram_total=1024 * GIB))
+    passed, failed = svc.filter_request(request(GOLD, 64))
+    assert passed is None and failed is not None and len(failed.outcomes) == 64
+    verdict = failed.outcomes[0].unschedulable
+    assert verdict is not None
+    emptied = [r for r in verdict.filters if r.kept == 0][0]
+    assert (emptied.total, len(emptied.dropped)) == (1_200, MAX_EXPLAINED)  # the counts whole, the first reasons
+    assert "+1197 more" in verdict.message
+    assert len(encode(failed)) < 1 << 20  # it was 8.6 MB: past what NATS carries, and dead-lettered as poison
+
+
 @pytest.mark.parametrize(("spec", "fragment"), [(HUGE, "GiB"), (UNKNOWN_SIZE, "size unknown")])
 def test_fitting_explains_what_cannot_be_placed(spec: ModelSpec, fragment: str) -> None:
     svc = stage(FittingService)
