@@ -30,6 +30,12 @@ PULL_IDLE_CHECK_S = 0.5  # how often an idle loop checks that its request is sti
 UNAVAILABLE_PAUSE_S = 0.5  # JetStream answered 503 (not ready): ask again after this
 ENDED = ("408", "409")  # the open request expired, or the server closed it
 UNAVAILABLE = "503"
+# 409s that come back on every request (the consumer was changed or deleted under the loop): asked again at once they
+# spun at ~2,500 requests a second, handling nothing; re-asked after a growing pause instead, and said (as an error)
+PERSISTENT_409 = ("Exceeded MaxRequestBatch", "Exceeded MaxRequestExpires", "Exceeded MaxRequestMaxBytes",
+                  "Exceeded MaxWaiting", "Consumer is push based", "Consumer Deleted")
+REFUSED_PAUSE_S = (0.5, PULL_EXPIRES_S)  # the first pause after such a 409, and the longest
+REFUSED_LOG_EVERY_S = 60.0
 
 
 class PullConsumer:
@@ -50,6 +56,9 @@ class PullConsumer:
         self.asked_at = float("-inf")
         self.reconnects = nc.stats["reconnects"]
         self.unavailable = False  # a 503 came since the last request went out
+        self.refusal = ""  # a persistent 409's description, since the last request went out
+        self.pause = REFUSED_PAUSE_S[0]  # before the next request after such a 409 (doubling up to the longest)
+        self.said: dict[str, float] = {}  # refusal -> when last logged
         self.last_start = self.prev_start = float("-inf")  # when the last two batches started
         self.last_size = 0
 
@@ -94,10 +103,26 @@ class PullConsumer:
         if not status:
             into.append(msg)
             self.left -= 1
+            self.pause = REFUSED_PAUSE_S[0]
         elif status in ENDED:
             self.left = 0
+            if status == "409":
+                self.refused(str((msg.headers or {}).get("Description", "")))
         elif status == UNAVAILABLE:
             self.left, self.unavailable = 0, True
+
+    def refused(self, why: str) -> None:
+        """A 409 ended the open request. A consumer allowing smaller batches than asked gets them; one changed or
+        deleted in another way makes the next request wait (``renew``)."""
+        if why.startswith("Exceeded MaxRequestBatch"):
+            allowed = why.rsplit(" ", 1)[-1]
+            if allowed.isdigit() and 0 < int(allowed) < self.batch:
+                log.warning("consumer for %s takes at most %s messages a request (asked %d): asking for that",
+                            self.subject, allowed, self.batch)
+                self.batch = int(allowed)
+                return
+        if why.startswith(PERSISTENT_409):
+            self.refusal = why
 
     def gather(self, into: list[Msg]) -> None:
         """Whatever has already arrived, up to a full batch."""
@@ -110,6 +135,16 @@ class PullConsumer:
             return
         if self.unavailable:
             await asyncio.sleep(UNAVAILABLE_PAUSE_S)
+        if self.refusal:
+            now = time.monotonic()
+            if now - self.said.get(self.refusal, float("-inf")) >= REFUSED_LOG_EVERY_S:
+                self.said[self.refusal] = now
+                log.error("pull requests for %s refused (%s): is the consumer changed or gone? asking again every "
+                          "few seconds; `python -m ops.provision` declares it as the services expect", self.subject,
+                          self.refusal)
+            self.refusal = ""
+            await asyncio.sleep(self.pause)
+            self.pause = min(2 * self.pause, REFUSED_PAUSE_S[1])
         await self.ask()
 
     async def next_batch(self) -> list[Msg]:

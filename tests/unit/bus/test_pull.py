@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
-from shared.bus.pull import PULL_EXPIRES_S, UNAVAILABLE_PAUSE_S, PullConsumer
+from shared.bus.pull import PULL_EXPIRES_S, REFUSED_PAUSE_S, UNAVAILABLE_PAUSE_S, PullConsumer
 
 
 class FakeClient:
@@ -52,8 +52,9 @@ def message(data: bytes = b"x") -> Nakked:
     return Nakked(None, subject="s", data=data)  # type: ignore[arg-type]  # never reaches a client
 
 
-def status(code: str) -> Msg:
-    return Msg(None, subject="_INBOX.test", headers={"Status": code})  # type: ignore[arg-type]
+def status(code: str, description: str = "") -> Msg:
+    headers = {"Status": code, **({"Description": description} if description else {})}
+    return Msg(None, subject="_INBOX.test", headers=headers)  # type: ignore[arg-type]
 
 
 def consumer(batch: int = 4, linger: float = 0.0) -> tuple[PullConsumer, FakeClient, list[list[Msg]]]:
@@ -205,3 +206,27 @@ async def test_messages_delivered_but_not_handled_are_handed_back_when_the_loop_
     with pytest.raises(asyncio.CancelledError):
         await task
     assert [m.nakked for m in waiting] == [True, True] and not first.nakked  # the handler owns its batch
+
+
+@pytest.mark.parametrize("why", ["Exceeded MaxRequestExpires of 1s", "Consumer is push based", "Consumer Deleted",
+                                 "Exceeded MaxWaiting"])
+async def test_a_409_that_every_request_would_get_is_asked_again_only_after_a_growing_pause(
+        slept: list[float], why: str, caplog: pytest.LogCaptureFixture) -> None:
+    c, nc, _ = consumer()
+    await c.ask()
+    for _ in range(6):  # before: a new request at once each time, ~2,500 a second, nothing handled, nothing said
+        c.arrived.put_nowait(status("409", why))
+        assert await c.next_batch() == []
+    assert slept == [0.5, 1.0, 2.0, 4.0, PULL_EXPIRES_S, PULL_EXPIRES_S] and len(nc.published) == 7
+    assert [r.levelname for r in caplog.records if why in r.getMessage()] == ["ERROR"]  # said once, not per request
+    c.arrived.put_nowait(message())  # the consumer is back as it should be
+    await c.next_batch()
+    assert c.pause == REFUSED_PAUSE_S[0]
+
+
+async def test_a_consumer_that_allows_smaller_batches_is_asked_for_those(slept: list[float]) -> None:
+    c, nc, _ = consumer(batch=64)
+    await c.ask()
+    c.arrived.put_nowait(status("409", "Exceeded MaxRequestBatch of 10"))
+    assert await c.next_batch() == []
+    assert slept == [] and nc.published[-1][1]["batch"] == 10

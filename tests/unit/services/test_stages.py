@@ -73,7 +73,7 @@ def test_a_verdict_of_nothing_surviving_stays_small_whatever_the_fleet() -> None
     assert passed is None and failed is not None and len(failed.outcomes) == 64
     verdict = failed.outcomes[0].unschedulable
     assert verdict is not None
-    emptied = [r for r in verdict.filters if r.kept == 0][0]
+    emptied = next(r for r in verdict.filters if r.kept == 0)
     assert (emptied.total, len(emptied.dropped)) == (1_200, MAX_EXPLAINED)  # the counts whole, the first reasons
     assert "+1197 more" in verdict.message
     assert len(encode(failed)) < 1 << 20  # it was 8.6 MB: past what NATS carries, and dead-lettered as poison
