@@ -42,6 +42,19 @@ def test_a_hosted_service_consumes_exactly_what_it_declares(kind: type[Placement
     assert declared_consumers == pulled
 
 
+# sent from outside Gantry's declared parties: a pick requester (a gateway of someone else's, a bench) and its progress
+EXTERNAL_SENDERS = {subjects.PICK, subjects.PICK_PROGRESS}
+
+
+def test_everything_a_party_receives_some_party_declares_it_sends() -> None:
+    parties = contracts()
+    sent = [e.subject for c in parties for e in c.emits]
+    unsent = [(c.service, d.subject) for c in parties for d in c.consumes
+              if d.subject not in EXTERNAL_SENDERS
+              and not any(subject_matches(d.subject, s) or subject_matches(s, d.subject) for s in sent)]
+    assert unsent == []
+
+
 def test_a_subscription_outside_the_contract_is_refused() -> None:
     class Sneaky(FilterService):
         def register(self) -> None:
