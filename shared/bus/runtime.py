@@ -28,7 +28,7 @@ from shared.bus import subjects
 from shared.bus.connection import inbox_prefix as inbox_prefix  # re-exported: callers import it from here
 from shared.bus.connection import nats_options as nats_options  # re-exported
 from shared.bus.messages import ErrorEvent, MessageError, decode, encode
-from shared.bus.streams import consumer_config, ensure_streams, stream_configs
+from shared.bus.streams import consumer_config, consumer_matches, ensure_streams, stream_configs
 from shared.envsettings import without_user
 from shared.settings import Settings
 
@@ -128,14 +128,20 @@ async def js_publish(
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, durable: str, subject: str, settings: Settings) -> None:
-    """Create a durable pull consumer with Gantry's ack/redelivery policy if it does not exist."""
+    """Create a durable pull consumer with Gantry's ack/redelivery policy, or bring an existing one to it: a consumer
+    kept from before a change of ``GANTRY_MAX_DELIVER`` or ``GANTRY_ACK_WAIT_S`` gave up on a message at its old
+    limit while the services judged "last delivery" by the new one (the message vanished with no dead letter)."""
+    wanted = consumer_config(durable, subject, settings)
     try:
-        await js.consumer_info(stream, durable)
+        info = await js.consumer_info(stream, durable)
     except NotFoundError:
         try:
-            await js.add_consumer(stream, consumer_config(durable, subject, settings))
+            await js.add_consumer(stream, wanted)
         except Exception:  # created concurrently by a sibling replica
             await js.consumer_info(stream, durable)
+        return
+    if not consumer_matches(info.config, wanted):
+        await js.add_consumer(stream, wanted)  # JetStream updates what may change of a durable (these fields may)
 
 
 async def prepare(nc: Client, settings: Settings, consumers: Sequence[tuple[str, str, str]]) -> None:

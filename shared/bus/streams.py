@@ -87,6 +87,17 @@ def consumer_config(durable: str, subject: str, settings: Settings) -> ConsumerC
     )
 
 
+def consumer_matches(existing: ConsumerConfig, wanted: ConsumerConfig) -> bool:
+    """Whether a consumer's configuration already is Gantry's: its filter, ack wait, deliveries and backoff."""
+    if (existing.filter_subject, existing.max_deliver, existing.max_ack_pending) != (
+            wanted.filter_subject, wanted.max_deliver, wanted.max_ack_pending):
+        return False
+    if not math.isclose(_or(existing.ack_wait, 0.0), _or(wanted.ack_wait, 0.0)):
+        return False
+    got, want = list(existing.backoff or ()), list(wanted.backoff or ())
+    return len(got) == len(want) and all(math.isclose(a, b) for a, b in zip(got, want, strict=True))
+
+
 def stream_matches(existing: StreamConfig, wanted: StreamConfig) -> bool:
     """Whether a stream's configuration already is the one Gantry gives it: subjects, storage, retention and
     limits (a limit Gantry leaves unset must be unlimited on the server, so a shrunk stream does not match)."""

@@ -123,3 +123,22 @@ async def wait_until(cond: Callable[[], bool], timeout: float) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+async def test_provisioning_again_brings_a_kept_consumer_to_the_changed_redelivery_settings(
+        nats_server: ServerProcess) -> None:
+    from shared.bus.runtime import ensure_consumer
+    from shared.settings import Settings
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(name="REPROVISION", subjects=["reprovision.>"])
+    try:
+        old, new = Settings(max_deliver=3, ack_wait_s=1.0), Settings(max_deliver=6, ack_wait_s=2.0)
+        await ensure_consumer(js, "REPROVISION", "c", "reprovision.>", old)  # yesterday's deployment
+        await ensure_consumer(js, "REPROVISION", "c", "reprovision.>", new)  # GANTRY_MAX_DELIVER changed since
+        config = (await js.consumer_info("REPROVISION", "c")).config
+        assert (config.max_deliver, config.ack_wait, config.backoff) == (6, 2.0, [2.0, 4.0, 8.0, 16.0, 32.0])
+    finally:
+        await js.delete_stream("REPROVISION")
+        await nc.close()
