@@ -10,7 +10,10 @@ a bounded number of times.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -55,11 +58,24 @@ class Retry(Exception):
     redelivered, never dead-lettered."""
 
 
+BOUND_OF_ACK_WAIT = 0.75  # a pulled batch's handling is cut off after this share of the ack wait
+
+
+class TooSlow(Exception):
+    """Handling a pulled batch outlasted most of the ack wait (after which JetStream hands it to a sibling anyway):
+    cut off.
+    A batch of several is handled again one message at a time, each under the same bound; a lone message that still
+    outlasts it is retried like an infrastructure failure (a slow Redis looks the same), and dead-lettered once its
+    deliveries run out. Before the bound, one message whose handling never ended stopped its consumer on every
+    replica, and its valid batch-mates ran out of deliveries with no dead letter."""
+
+
 # Failures of the infrastructure, not of a message: NATS or Redis away or busy, a lock not obtained in time
 # (builtin TimeoutError and ConnectionError are OSErrors), or a race another attempt resolves. Anything else a
 # handler raises is the message's.
 TRANSIENT: tuple[type[BaseException], ...] = (
     Retry,
+    TooSlow,
     OSError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -152,29 +168,53 @@ async def run_batch(
 
 def isolating(service: Hosted, subject: str, handler: PullHandler) -> PullHandler:
     """``handler`` for pulled batches, with poison isolation: if it fails on a batch of several messages
-    (``SplitBatch``, or anything it let escape), each message it has not settled yet is handed to it again on
-    its own; whatever a lone message still raises settles that message alone (``settle``)."""
+    (``SplitBatch``, ``TooSlow``, or anything it let escape), each message it has not settled yet is handed to it
+    again on its own; whatever a lone message still raises settles that message alone (``settle``). Each call is
+    bounded by the ack wait (``TooSlow``)."""
+    # under the ack wait, with room to say "in progress" for the messages still waiting before JetStream redelivers
+    bound = service.settings.ack_wait_s * BOUND_OF_ACK_WAIT
+
+    async def bounded(raws: list[Msg]) -> None:
+        cut = asyncio.timeout(bound)
+        try:
+            async with cut:
+                await handler(raws)
+        except TimeoutError as exc:
+            if cut.expired():  # the bound's, not a TimeoutError the handler raised (that one is transient as it is)
+                raise TooSlow(f"handling {len(raws)} message(s) took longer than {bound:g} s (of the "
+                              f"{service.settings.ack_wait_s:g} s ack wait)") from exc
+            raise
 
     async def handle(raws: list[Msg]) -> None:
         try:
-            await handler(raws)
+            await bounded(raws)
             return
         except Exception as exc:
             if len(raws) == 1:
                 await _settle_escaped(service, subject, raws[0], exc)
                 return
-            if transient(exc):  # NATS or Redis away: every message would fail alone too; retry them later
+            if transient(exc) and not isinstance(exc, TooSlow):
+                # NATS or Redis away: every message would fail alone too; retry them later
                 log.warning("%s: a batch on %s failed: %s", service.name, subject, failure_reason(exc))
                 await settle(service, subject, raws, exc)
                 return
             if not isinstance(exc, SplitBatch):
                 log.warning("%s: a batch on %s raised %s: handling each message alone", service.name, subject,
                             failure_reason(exc))
-        for raw in raws:
+        touched = float("-inf")
+        for i, raw in enumerate(raws):
             if raw.is_acked:
                 continue  # handled before the failure (acked), or settled already (dead-lettered)
+            if time.monotonic() - touched > bound / 2:
+                # the ones still waiting restart their ack wait: handled alone, one after another, they would
+                # otherwise be redelivered to a sibling meanwhile (a cut-off batch already used one whole wait)
+                touched = time.monotonic()
+                for waiting in raws[i:]:
+                    if not waiting.is_acked:
+                        with contextlib.suppress(Exception):
+                            await waiting.in_progress()
             try:
-                await handler([raw])
+                await bounded([raw])
             except Exception as exc:
                 await _settle_escaped(service, subject, raw, exc)
 

@@ -75,6 +75,8 @@ class Probe(PlacementService):
             kind, _, _ = req.batch_id.partition(":")
             if kind in HANDLER_FAILURES:
                 raise HANDLER_FAILURES[kind]
+            if kind == "hang":
+                await asyncio.Event().wait()  # a handler stuck on this message (an await that never ends)
             if kind == "flaky" and self.flaky_left.get(req.batch_id, 0) > 0:
                 self.flaky_left[req.batch_id] -= 1
                 raise ConnectionError("redis went away")  # the infrastructure, not the message
@@ -213,3 +215,36 @@ async def test_an_infrastructure_failure_is_retried_not_dead_lettered(harness: H
 
 async def _applied(probe: Probe, *batch_ids: str) -> bool:
     return all(b in probe.applied for b in batch_ids)
+
+
+async def few_deliveries(harness: Harness) -> None:
+    """Two deliveries a message (the second 2 s after the first times out), re-provisioned: a message cut off on each
+    is dead-lettered within seconds."""
+    harness.settings = harness.settings.model_copy(update={"max_deliver": 2})
+    await prepare(harness.nc, harness.settings, streams.ALL_CONSUMERS)
+
+
+async def test_a_message_whose_handling_never_ends_is_cut_off_and_its_batch_mates_are_applied(
+    harness: Harness
+) -> None:
+    await few_deliveries(harness)
+    await harness.publish("valid:1")
+    await harness.publish("hang:poison")
+    await harness.publish("valid:2")
+    probe = await harness.start()
+    await harness.publish("valid:3")  # behind the stuck batch
+    await wait_until(lambda: _applied(probe, "valid:1", "valid:2", "valid:3"), 3 * SETTLE_S,
+                     "the valid requests applied")
+    stuck = lambda: [e for e in harness.dead("TooSlow") if "hang:poison" in e.payload]  # noqa: E731
+    await wait_until(lambda: _async(bool(stuck())), 3 * SETTLE_S, "the stuck request dead-lettered")
+    assert "gave up after 2 deliveries: TooSlow" in stuck()[0].reason
+    # the ones behind the stuck one ran once: the batch was not redelivered while they were handled alone (the one
+    # before it ran in the cut-off batch and again alone: handling is idempotent)
+    assert probe.applied.count("valid:2") == probe.applied.count("valid:3") == 1
+    await wait_until(harness.settled, SETTLE_S, "every message acked or terminated")
+    await harness.publish("valid:4")  # the consumer goes on
+    await wait_until(lambda: _applied(probe, "valid:4"), SETTLE_S, "a later request applied")
+
+
+async def _async(value: bool) -> bool:
+    return value
