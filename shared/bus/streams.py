@@ -12,6 +12,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -33,6 +34,7 @@ STREAM_DLQ = "GANTRY_DLQ"
 ALL_STREAMS = (STREAM_CMD, STREAM_PIPE, STREAM_STATUS, STREAM_EVENTS, STREAM_DLQ)
 
 DUPLICATE_WINDOW_S = 120.0
+STATUS_MAX_MSG_BYTES = 1 << 20  # a worker's status report (thousands of instance reports fit)
 
 # Durable consumer names: replicas of a service share one, so JetStream spreads work between them.
 CONSUMER_SCALE = "reconciler-cmd"
@@ -46,20 +48,26 @@ CONSUMER_STATUS = "reconciler-status"
 def stream_configs(settings: Settings) -> list[StreamConfig]:
     """The five streams: durable commands, pipeline and status; replayable events and dead letters."""
     storage = StorageType.MEMORY if settings.js_storage == "memory" else StorageType.FILE
+    # Each stream has its own share of the server's store (208 MiB in all, under the local stack's 256 MB of memory
+    # storage), and a full one refuses new messages (discard new: nothing unhandled is thrown away): one worker
+    # flooding its status subject filled the whole store in 17 s, and every identity's durable publishes failed.
     return [
         StreamConfig(
             name=STREAM_CMD, subjects=[subjects.CMD_ALL], storage=storage,
             retention=RetentionPolicy.LIMITS, max_age=24 * 3600, duplicate_window=DUPLICATE_WINDOW_S,
+            max_bytes=16 << 20, discard=DiscardPolicy.NEW,
         ),
         # Interest retention: a pipeline message is gone once its one consumer acked it (candidate sets
         # are large); every consumer is declared before any service starts, so nothing is published unseen.
         StreamConfig(
             name=STREAM_PIPE, subjects=[subjects.PIPE_ALL], storage=storage,
             retention=RetentionPolicy.INTEREST, max_age=600, duplicate_window=DUPLICATE_WINDOW_S,
+            max_bytes=64 << 20, discard=DiscardPolicy.NEW,
         ),
         StreamConfig(
             name=STREAM_STATUS, subjects=[subjects.INSTANCE_STATUS], storage=storage,
             retention=RetentionPolicy.INTEREST, max_age=3600, duplicate_window=DUPLICATE_WINDOW_S,
+            max_bytes=32 << 20, max_msg_size=STATUS_MAX_MSG_BYTES, discard=DiscardPolicy.NEW,
         ),
         StreamConfig(
             name=STREAM_EVENTS, subjects=[subjects.EVENTS_ALL], storage=storage,
@@ -103,9 +111,11 @@ def stream_matches(existing: StreamConfig, wanted: StreamConfig) -> bool:
     limits (a limit Gantry leaves unset must be unlimited on the server, so a shrunk stream does not match)."""
     if (existing.subjects, existing.storage, existing.retention) != (wanted.subjects, wanted.storage, wanted.retention):
         return False
-    for name in ("max_msgs", "max_bytes"):  # -1: unlimited
+    for name in ("max_msgs", "max_bytes", "max_msg_size"):  # -1: unlimited
         if _or(getattr(existing, name), -1) != _or(getattr(wanted, name), -1):
             return False
+    if (existing.discard or DiscardPolicy.OLD) != (wanted.discard or DiscardPolicy.OLD):
+        return False
     if not math.isclose(_or(existing.max_age, 0.0), _or(wanted.max_age, 0.0)):  # seconds (0: forever)
         return False
     return wanted.duplicate_window is None or math.isclose(_or(existing.duplicate_window, 0.0), wanted.duplicate_window)

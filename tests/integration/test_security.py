@@ -311,3 +311,36 @@ async def test_the_cli_cannot_acknowledge_a_message_a_service_pulled(
     finally:
         await cli.nc.close()
         await js.delete_stream(stream)
+
+
+async def test_one_worker_flooding_its_status_subject_fills_only_the_status_stream(
+        nats_server: ServerProcess, credentials: Credentials) -> None:
+    import nats.js.errors
+
+    from shared.bus import streams
+    from shared.bus.runtime import js_publish, prepare
+    from shared.settings import Settings
+
+    admin = await nats.connect(nats_server.url)
+    js = admin.jetstream()
+    await streams.delete_streams(js)
+    await prepare(admin, Settings(js_storage="memory"), streams.ALL_CONSUMERS)  # the reconciler's consumer: kept
+    worker = await nats.connect(credentials.url(nats_server.url, "worker-w1"), inbox_prefix="_INBOX.worker-w1")
+    cli = await nats.connect(credentials.url(nats_server.url, "cli"), inbox_prefix="_INBOX.cli")
+    try:
+        with pytest.raises(nats.js.errors.APIError, match="message size exceeds maximum"):
+            await js_publish(worker, subjects.instance_status("w1"), b"x" * (streams.STATUS_MAX_MSG_BYTES + 1), "big")
+        blob = b"x" * (streams.STATUS_MAX_MSG_BYTES // 2)
+        refused = None
+        for i in range(200):  # 100 MiB offered: the stream's 32 MiB share fills, nothing else does
+            try:
+                await js_publish(worker, subjects.instance_status("w1"), blob, f"fill-{i}")
+            except nats.js.errors.APIError as err:
+                refused = err
+                break
+        assert refused is not None and (await js.stream_info(streams.STREAM_STATUS)).state.bytes <= 32 << 20
+        await js_publish(cli, subjects.SCALE, b'{"model": "m", "replicas": 1}', "scale-after-flood")  # still stored
+    finally:
+        await streams.delete_streams(js)
+        for nc in (worker, cli, admin):
+            await nc.close()
