@@ -186,7 +186,9 @@ def redis_rules(identity: str) -> str | None:
         return f"{base} +@read {safe}"
     if identity in (GATEWAY, PICKER):  # the instances' three hashes (pool from placement), nothing else
         keys = " ".join(f"~{k}" for k in GATEWAY_KEYS)
-        return f"{keys} resetchannels -@all +@connection +@read {safe}"
+        # the hash reads by name: +@read also grants the keyless SCAN, RANDOMKEY and DBSIZE, which list every key
+        # name of the store whatever the key patterns
+        return f"{keys} resetchannels -@all +@connection +hgetall +hget +hmget {safe}"
     return None
 
 

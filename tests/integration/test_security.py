@@ -272,19 +272,23 @@ async def test_the_reconciler_writes_and_a_reader_reads_gantry_keys_only(
         await reader.aclose()
 
 
-async def test_the_gateway_reads_the_instances_and_nothing_else_of_the_store(
-    redis_server: ServerProcess, credentials: Credentials
+@pytest.mark.parametrize("identity", ["gateway", "picker"])
+async def test_the_pickers_read_the_instances_and_nothing_else_of_the_store(
+    redis_server: ServerProcess, credentials: Credentials, identity: str
 ) -> None:
     from shared.state.store import StateStore
 
-    store = StateStore.from_url(credentials.url(redis_server.url, "gateway"))
-    client = redis_as(redis_server, credentials, "gateway")
+    store = StateStore.from_url(credentials.url(redis_server.url, identity))
+    client = redis_as(redis_server, credentials, identity)
     try:
         assert isinstance(await store.instances(), list)  # what its pool from placement reads
         with pytest.raises(redis.exceptions.NoPermissionError):
             await client.hgetall("gantry:gpu:cap")  # the ledger, the workers, the requests: not its business
         with pytest.raises(redis.exceptions.NoPermissionError):
             await client.hset("gantry:inst:state", "x", "RUNNING")
+        for keyless in (("SCAN", "0"), ("RANDOMKEY",), ("DBSIZE",)):  # they list the key names of the whole store
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await client.execute_command(*keyless)
     finally:
         await store.close()
         await client.aclose()

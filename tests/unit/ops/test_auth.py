@@ -90,7 +90,7 @@ def test_the_pickers_may_read_the_instances_hashes_only(identity: str) -> None:
     rules = redis_rules(identity) or ""
     assert [r for r in rules.split() if r.startswith("~")] == ["~gantry:inst", "~gantry:inst:state",
                                                                  "~gantry:inst:reason"]
-    assert "+@read" in rules and "+@write" not in rules and "-@dangerous" in rules
+    assert "+hgetall" in rules and "+@read" not in rules and "+@write" not in rules and "-@dangerous" in rules
 
 
 def test_only_the_reconciler_writes_and_workers_get_no_redis_user() -> None:
