@@ -16,6 +16,7 @@ permission table, adds a worker identity and rotates secrets (docs/security.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -382,11 +383,25 @@ class ServerConfigs:
     redis: Path
 
 
-def write_server_configs(creds: Credentials, home: Path, tls: TlsFiles | None = None) -> ServerConfigs:
-    """Render both servers' configurations into ``home`` (0600: they hold the secrets)."""
-    nats_path, redis_path = home / NATS_AUTH_FILE, home / REDIS_CONF_FILE
+NATS_DIR = "nats"  # a stack home's NATS data and configuration (``LocalStack``)
+REDIS_DIR = "redis"
+
+
+def write_server_configs(creds: Credentials, home: Path) -> ServerConfigs:
+    """Render both servers' configurations where a stack home's servers read them (0600: they hold the secrets), so
+    ``nats-server --signal reload`` applies new users and revokes old ones at once; Redis reads its users when it
+    starts. NATS keeps its TLS block when the configuration it runs with has one."""
+    nats_path, redis_path = home / NATS_DIR / NATS_AUTH_FILE, home / REDIS_DIR / REDIS_CONF_FILE
+    tls = None
+    with contextlib.suppress(OSError):
+        if "\ntls {" in nats_path.read_text():
+            from ops.tls import tls_files
+
+            tls = tls_files(home)
+    nats_path.parent.mkdir(parents=True, exist_ok=True)
+    redis_path.parent.mkdir(parents=True, exist_ok=True)
     write_private(nats_path, nats_config(NATS_CONFIG.read_text(), creds, tls))
-    write_private(redis_path, redis_config(creds, tls))
+    write_private(redis_path, redis_config(creds))
     return ServerConfigs(nats_path, redis_path)
 
 
@@ -474,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"and the secret from {home / CREDENTIALS_FILE}")
         else:
             creds.rotate(args.identity)
-            print("secrets renewed: restart the stack (`gantry down`, `gantry up`) to apply them")
+            print("secrets renewed: restart the stack (`gantry down`, `gantry up`) to apply them everywhere")
         creds.save(home / CREDENTIALS_FILE)
         write_server_configs(creds, home)
     except AuthError as err:

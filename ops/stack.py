@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ops.auth import ADMIN, ENGINE, FLEET, GATEWAY, AuthError, Credentials, without_userinfo
+from ops.auth import ADMIN, ENGINE, FLEET, GATEWAY, NATS_DIR, REDIS_DIR, AuthError, Credentials, without_userinfo
 from ops.servers import (
     COLOCATED_NATS_CPUS,
     ServerProcess,
@@ -397,13 +397,13 @@ class LocalStack:
 
     def _start_nats(self) -> ServerProcess:
         return start_nats(
-            self.home / "nats", port=url_port(self.settings.nats_url, 4222), cpus=COLOCATED_NATS_CPUS,
+            self.home / NATS_DIR, port=url_port(self.settings.nats_url, 4222), cpus=COLOCATED_NATS_CPUS,
             monitor_port=self.nats_monitor_port, auth=self.credentials, tls=self._tls_files, dies_with_parent=True,
         )
 
     def _start_redis(self) -> ServerProcess:
         return start_redis(
-            self.home / "redis", port=url_port(self.settings.redis_url, 6379),
+            self.home / REDIS_DIR, port=url_port(self.settings.redis_url, 6379),
             password=None if self.credentials else url_password(self.settings.redis_url), auth=self.credentials,
             dies_with_parent=True,
         )

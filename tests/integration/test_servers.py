@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import nats
+import pytest
 import redis.asyncio as aioredis
 
 from ops.auth import ADMIN
@@ -74,3 +75,35 @@ async def test_a_nats_restarted_with_memory_storage_is_provisioned_again(tmp_pat
             await nc.close()
     finally:
         await asyncio.to_thread(stack.stop)
+
+
+async def _connects(url: str) -> bool:
+    try:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=0)
+    except Exception:
+        return False
+    await nc.close()
+    return True
+
+
+def test_a_worker_added_and_a_secret_rotated_apply_at_a_nats_reload(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+    import time
+
+    from ops.auth import Credentials, main
+
+    monkeypatch.setenv("GANTRY_HOME", str(tmp_path))
+    creds = Credentials.ensure(tmp_path)  # as `gantry up` does first
+    server = start_nats(tmp_path / "nats", auth=creds)
+    try:
+        old_cli = creds.url(server.url, "cli")
+        assert main(["add-worker", "gpu-node-17"]) == 0 and main(["rotate", "cli"]) == 0
+        server.process.send_signal(signal.SIGHUP)  # nats-server --signal reload
+        time.sleep(1.0)
+        new = Credentials.load(tmp_path / "credentials.json")
+        assert asyncio.run(_connects(new.url(server.url, "worker-gpu-node-17")))  # before: refused
+        assert asyncio.run(_connects(new.url(server.url, "cli")))  # before: refused
+        assert not asyncio.run(_connects(old_cli))  # before: still connected
+    finally:
+        server.stop()
