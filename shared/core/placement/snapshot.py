@@ -79,6 +79,16 @@ def _ndarray(shape: tuple[int, ...], dtype: type, fill: object = 0) -> npt.NDArr
     return np.full(shape, fill, dtype=dtype)
 
 
+SHARED_VENDOR_BIT = 62  # vendors past the first 62 seen share this bit of the int64 vendor mask
+
+
+def vendor_bit(code: int) -> int:
+    """The bit of vendor code ``code``: its own for the first ``SHARED_VENDOR_BIT`` vendors, then a shared one. (A
+    bit per code overflowed the int64 column at the 64th vendor: one registration naming 64 vendors made every
+    snapshot fail to add any worker with a new vendor, and every service fail at start.)"""
+    return min(code, SHARED_VENDOR_BIT)
+
+
 class ClusterSnapshot:
     """Workers, instances and model-file readiness, with derived allocatable resources.
 
@@ -214,6 +224,12 @@ class ClusterSnapshot:
         self._count_cache.clear()
         self._moved()
 
+    def vendor_bit(self, vendor: str) -> int | None:
+        """The bit of ``vendor`` in ``w_vendor_bits`` (None: never seen); ``SHARED_VENDOR_BIT`` is shared by every
+        vendor past the first ones, and a test on it is only a first cut (``backend-filter`` then checks exactly)."""
+        code = self._codes["vendor"].get(vendor)
+        return None if code is None else vendor_bit(code)
+
     def _code(self, kind: str, value: str) -> int:
         codes = self._codes[kind]
         code = codes.get(value)
@@ -314,7 +330,7 @@ class ClusterSnapshot:
         bits = 0
         total = 0
         for slot, gpu in enumerate(worker.gpus):
-            bits |= 1 << self._code("vendor", gpu.vendor)
+            bits |= 1 << vendor_bit(self._code("vendor", gpu.vendor))
             total += gpu.vram_total
             self.g_exists[row, slot] = True
             self.g_ok[row, slot] = gpu.schedulable

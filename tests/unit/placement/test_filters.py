@@ -134,3 +134,18 @@ def test_backend_filter_checks_the_minimum_runtime_version_from_the_profile(runt
     assert bool(plugin.keep_mask(c)[0]) is kept
     if not kept:
         assert "cuda ≥ 12.1" in plugin.check(c, w)
+
+
+def test_a_worker_naming_64_gpu_vendors_joins_and_the_backend_filter_stays_exact() -> None:
+    # one registration naming 64 vendors overflowed the int64 vendor mask: no worker with a new vendor could join
+    # any snapshot after it, and every service failed at start (its snapshot is built from the stored workers)
+    many = worker("many", [gpu(i, vendor=f"v{i}") for i in range(64)])
+    snap = snapshot(worker("cuda"), many)
+    snap.upsert_worker(worker("amd", [gpu(0, vendor="rocm")]))
+    snap.upsert_worker(worker("odd", [gpu(0, vendor="v63")]))  # a vendor past the first 62: on the shared bit
+    for backend in Backend:
+        model = ModelSpec(name="m", backend=backend)
+        assert run_filters(snap, model, NOW) == run_filters(snap, model, NOW, exhaustive=True), backend
+    plugin, c = FILTERS["backend"](), ctx(snap, ModelSpec(name="m"))
+    assert [snap.name_of(r) for r in range(snap.rows) if plugin.keep_mask(c)[r]] == [
+        n for n in ("cuda", "many", "amd", "odd") if plugin.check(c, snap.worker(n)) is None]

@@ -8,7 +8,7 @@ from shared.core.limits import decimal
 from shared.core.placement.context import PlacementContext
 from shared.core.placement.domain import Gpu, Worker
 from shared.core.placement.filters.base import Filter
-from shared.core.placement.snapshot import BoolArray
+from shared.core.placement.snapshot import SHARED_VENDOR_BIT, BoolArray
 
 
 class BackendFilter(Filter):
@@ -50,9 +50,11 @@ class BackendFilter(Filter):
         supported = self._supported(ctx)
         bits = 0
         for vendor in supported:
-            code = snap.code("vendor", vendor)
-            if code is not None:
-                bits |= 1 << code
+            bit = snap.vendor_bit(vendor)
+            if bit == SHARED_VENDOR_BIT:  # shared with other vendors: the mask cannot tell them apart
+                return super().keep_mask(ctx)
+            if bit is not None:
+                bits |= 1 << bit
         rows = snap.rows
         mask: BoolArray = (snap.w_vendor_bits[:rows] & bits) != 0
         if "cpu" in supported:
