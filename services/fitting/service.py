@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,10 +27,13 @@ from shared.core.placement import lru, requirements, run_fitting
 from shared.core.placement.domain import FitResult, ModelSpec, Reason, ResourceRequest, Unschedulable
 from shared.host.contract import Consumes, Emits
 from shared.host.feed import Feed
+from shared.host.isolation import failure_reason
 from shared.host.service import PlacementService
 
 FITTED_WORKERS_PER_MESSAGE = 16_384
 SHAPES_KEPT = 1024  # distinct model shapes remembered (a bound, not a working-set estimate)
+
+log = logging.getLogger("gantry.fitting")
 
 
 class FittingService(PlacementService):
@@ -159,7 +163,12 @@ class FittingService(PlacementService):
             if isinstance(request, Reason):
                 verdicts[model] = Unschedulable(model=model, message=request.message, reasons=(request,))
                 continue
-            res = self.fit_model(spec, request, flt.survivors, shape)
+            try:
+                res = self.fit_model(spec, request, flt.survivors, shape)
+            except Exception as exc:  # a spec the core cannot fit must not take the other models of the message along
+                log.exception("fitting %s failed", model)
+                verdicts[model] = Unschedulable(model=model, message=f"fitting failed: {failure_reason(exc)}")
+                continue
             if isinstance(res, CandidateSet):
                 columns[model] = res
                 results[model] = FitResult(model=model, strategy=res.strategy)

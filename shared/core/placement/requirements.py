@@ -8,6 +8,7 @@ a reason, never a zero (the baseline's zero places models on GPUs far too small)
 from __future__ import annotations
 
 from shared.core.catalog.models import ModelArch, dtype_bytes
+from shared.core.limits import MAX_CONTEXT, MAX_MODEL_BYTES
 from shared.core.placement.domain import (
     GIB,
     Backend,
@@ -125,6 +126,8 @@ def estimate(
         size = derived_gpus_per_replica(selector.gpu_ids, model.replicas)
     heads = arch.num_q_heads if arch else None
     vocab = arch.vocab_size if arch else None
+    if ctx_size is not None and not 0 <= ctx_size <= MAX_CONTEXT:  # 0: the model's own context, as llama.cpp
+        return _reject(f"--ctx-size must be within 0..{MAX_CONTEXT}, got {ctx_size}")
     layers = model.gguf or gguf
     if layers is not None and ctx_size:
         layers = GgufSpec(
@@ -163,6 +166,8 @@ def estimate(
                 "`catalog_model` from `gantry catalog`, or `weight_bytes`)"
             )
         vram = weight_estimate(weights, model)
+    if not 0 <= vram <= MAX_MODEL_BYTES:  # what any GPUs could hold; past it the fitters' int64 columns overflow
+        return _reject(f"a replica would need {gib(vram)} GiB of VRAM ({basis}): outside 0..{gib(MAX_MODEL_BYTES)}")
     if tp is not None and (
         (heads is not None and heads % tp) or (vocab is not None and vocab % tp)
     ):

@@ -173,3 +173,33 @@ def test_two_selected_gpus_and_one_replica_place_one_replica_on_both():
     model = ModelSpec(name="m", weight_bytes=GIB, gpu_selector=GpuSelector(gpu_ids=("w1:0", "w1:1")))
     decision = place(snapshot(worker("w1", 4)), model, NOW)
     assert isinstance(decision, Decision) and decision.candidate.gpu_indexes == (0, 1)
+
+
+_GGUF = GgufSpec(total_layers=40, layer_bytes=300 << 20, non_layer_bytes=700 << 20, kv_bytes_per_token_per_layer=4096)
+
+
+@pytest.mark.parametrize(("spec", "why"), [
+    (ModelSpec(name="a", source="x/a.gguf", backend=Backend.LLAMA_CPP, gguf=_GGUF,
+               backend_parameters=("--ctx-size=-1000000000",)), "--ctx-size must be within 0..16777216"),
+    (ModelSpec(name="b", source="x/b.gguf", backend=Backend.LLAMA_CPP, gguf=_GGUF,
+               backend_parameters=("--ctx-size=100000000000000000000",)), "--ctx-size must be within"),
+    (ModelSpec(name="c", source="x/c.gguf", backend=Backend.LLAMA_CPP,
+               gguf=GgufSpec(total_layers=1, layer_bytes=1, non_layer_bytes=1, kv_bytes_per_token_per_layer=1 << 40,
+                             context_size=1 << 24)), "outside 0.."),
+])
+def test_a_spec_whose_estimate_leaves_the_bounds_is_refused_with_a_reason(spec: ModelSpec, why: str) -> None:
+    # before: a negative claim (-152,576 GiB) that fitting placed, or a claim past 2^63 that crashed fitting's
+    # int64 columns and dead-lettered every model batched with it
+    got = estimate(spec)
+    assert isinstance(got, Reason) and why in got.message
+
+
+def test_a_gguf_whose_layers_take_no_vram_is_not_offloaded_layer_by_layer() -> None:
+    from shared.core.placement.pipeline import place
+    from tests.unit.placement.helpers import NOW, gpu, snapshot, worker
+
+    spec = ModelSpec(name="d", source="x/d.gguf", backend=Backend.LLAMA_CPP, cpu_offloading=True,
+                     gguf=GgufSpec(total_layers=48, layer_bytes=0, non_layer_bytes=40 << 30,
+                                   kv_bytes_per_token_per_layer=0))
+    # the whole model does not fit the 16 GiB GPU: the fitters go on to partial offload, which divided by zero
+    place(snapshot(worker("w", [gpu(0, total=16)], ram=64)), spec, NOW)

@@ -134,6 +134,29 @@ def test_scoring_reports_replicas_whose_candidates_were_all_taken() -> None:
     assert last is not None and "taken while this replica was in flight" in last.message
 
 
+def test_a_model_fitting_cannot_handle_is_unschedulable_alone_and_the_others_are_fitted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    emb2 = ModelSpec(name="emb2", weight_bytes=8 * GIB, categories=(Category.EMBEDDING,))
+    items = (PlacementItem(instance_id="a", model="emb"), PlacementItem(instance_id="b", model="emb2"))
+    passed, _ = stage(FilterService).filter_request(
+        PlacementRequest(batch_id="b1", items=items, specs={"emb": EMB, "emb2": emb2}))
+    assert passed is not None
+    fitting = stage(FittingService)
+    fit_model = fitting.fit_model
+
+    def breaks_on_emb2(spec: ModelSpec, *args: object) -> object:
+        if spec.name == "emb2":  # a spec the core cannot fit (before: an overflow that failed the whole message)
+            raise OverflowError("Python int too large to convert to C long")
+        return fit_model(spec, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fitting, "fit_model", breaks_on_emb2)
+    fitted, scored = fitting.fit(passed)
+    assert [m for f in fitted for m in f.request.specs] == ["emb"]
+    assert scored is not None and [o.item.model for o in scored.outcomes] == ["emb2"]
+    verdict = scored.outcomes[0].unschedulable
+    assert verdict is not None and "fitting failed: OverflowError" in verdict.message
+
+
 def test_filter_sends_a_survivor_list_shared_by_several_models_once() -> None:
     emb2 = ModelSpec(name="emb2", weight_bytes=6 * GIB, categories=(Category.EMBEDDING,))
     items = (PlacementItem(instance_id="a", model="emb"), PlacementItem(instance_id="b", model="emb2"))

@@ -26,6 +26,8 @@ class PartialOffload(FitStrategy):
             return f"{ctx.model.backend} cannot offload layers to the CPU"
         if ctx.req.gguf is None:
             return "per-layer sizes are unknown"
+        if gguf_layer_vram(ctx.req.gguf) <= 0:  # nothing to offload layer by layer (and no layer size to divide by)
+            return "its layers take no VRAM"
         return None
 
     def _layers(self, gpus: Sequence[GpuView], per_layer: int, total: int) -> tuple[list[GpuView], list[int]]:
