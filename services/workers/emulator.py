@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from services.workers.engines import EngineSupervisor
 
 log = logging.getLogger("gantry.workers")
+REPORT_RETRY_MAX_S = 2.0  # the longest pause between two attempts to store a status report
+REPORT_WARN_AFTER = 20  # attempts (~33 s) before a report not yet stored is logged
 
 
 @dataclass(frozen=True)
@@ -314,13 +316,23 @@ class Fleet:
         msg_id = f"{worker}:" + hashlib.blake2b("|".join(tags).encode(), digest_size=12).hexdigest()
         payload = encode(InstanceReports(reports=reports))
         try:
-            for attempt in range(20):  # a status must get through: retry (deduped) while NATS is busy or away
+            # A status must get through: retried (deduped) while NATS or the stream is busy or away, for as long as
+            # it takes. Dropped after ~33 s, a lost STARTING or RUNNING left the replica SCHEDULED in the store for
+            # good, holding its GPU, while the worker ran it (heartbeats name instances, not their states). The
+            # instance's next report waits behind this one, so they are stored in order.
+            attempt = 0
+            while True:
                 try:
                     await js_publish(self.nc, subjects.instance_status(worker), payload, msg_id, timeout=2.0)
+                    if attempt >= REPORT_WARN_AFTER:
+                        log.warning("worker %s reported %s after %d attempts", worker, ", ".join(tags), attempt + 1)
                     return
-                except Exception:
-                    await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
-            log.warning("worker %s could not report %s", worker, ", ".join(tags))
+                except Exception as exc:
+                    attempt += 1
+                    if attempt == REPORT_WARN_AFTER:
+                        log.warning("worker %s cannot report %s yet (%s): still trying", worker, ", ".join(tags),
+                                    exc)
+                    await asyncio.sleep(min(REPORT_RETRY_MAX_S, 0.1 * 2 ** min(attempt, 10)))
         finally:
             if not done.done():
                 done.set_result(None)

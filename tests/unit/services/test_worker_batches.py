@@ -40,3 +40,35 @@ def test_a_report_batch_holds_at_least_one_report() -> None:
         decode(b'{"reports": []}', InstanceReports)
     one = InstanceStatus(instance_id="m-1", worker="w1", state=InstanceState.STARTING)
     assert decode(encode(InstanceReports(reports=(one,))), InstanceReports).reports == (one,)
+
+
+async def test_a_report_is_retried_until_stored_however_long_the_stream_is_away(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # dropped after 20 attempts (~33 s), a lost STARTING or RUNNING left its replica SCHEDULED for good
+    import asyncio
+
+    import nats.js.errors
+
+    import services.workers.emulator as emulator
+
+    sent: list[str] = []
+
+    async def js_publish(nc: object, subject: str, payload: bytes, msg_id: str, timeout: float) -> None:
+        sent.append(msg_id)
+        if len(sent) <= 100:  # minutes of an outage at the longest pause
+            raise nats.js.errors.ServiceUnavailableError
+
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        await real_sleep(0)
+
+    monkeypatch.setattr(emulator, "js_publish", js_publish)
+    monkeypatch.setattr(emulator.asyncio, "sleep", sleep)
+    fleet = emulator.Fleet(emulator.FleetConfig(count=1, gpus=1), nc=None)  # type: ignore[arg-type]
+    w = next(iter(fleet.workers.values()))
+    await fleet._report(w, [InstanceStatus(instance_id="m-1", worker=w.worker.name, state=InstanceState.STARTING)])
+    assert len(sent) == 101 and len(set(sent)) == 1  # one message id throughout: the stream dedupes a re-send
+    assert max(slept) == emulator.REPORT_RETRY_MAX_S
