@@ -14,6 +14,10 @@ __all__ = [
 ]
 
 
+MAX_GPU_NAME = 128  # characters of a GPU's vendor or product name
+MAX_GPU_KINDS = 8  # distinct (vendor, product) in one worker's inventory
+
+
 def check_scale(cmd: ScaleCommand, known: ModelSpec | None) -> str | None:
     """A scale command needs a sane name, replicas ≥ 0, and a spec unless the model is known."""
     reason = bad_model_name(cmd.model)
@@ -42,6 +46,12 @@ def check_registration(reg: WorkerRegistration) -> str | None:
     for g in w.gpus:
         if g.index < 0 or g.vram_total < 0 or g.vram_used < 0:
             return f"register {w.name}: negative value on gpu{g.index}"
+        if len(g.vendor) > MAX_GPU_NAME or len(g.product) > MAX_GPU_NAME:
+            return f"register {w.name}: gpu{g.index}'s vendor or product is longer than {MAX_GPU_NAME} characters"
+    # every service interns each vendor and (vendor, product) it meets for good: a machine has a few kinds
+    kinds = {(g.vendor, g.product) for g in w.gpus}
+    if len(kinds) > MAX_GPU_KINDS:
+        return f"register {w.name}: {len(kinds)} kinds of GPU (vendor, product), more than {MAX_GPU_KINDS}"
     if w.ram_total < 0 or w.ram_used < 0:
         return f"register {w.name}: negative RAM"
     return None

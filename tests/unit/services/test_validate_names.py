@@ -31,3 +31,28 @@ def test_worker_names_refuse_what_would_break_a_subject_token(name: str) -> None
 @pytest.mark.parametrize("name", ["w0", "gpu-node-17", "rack3_host2"])
 def test_plain_worker_names_pass(name: str) -> None:
     assert bad_worker_name(name) is None
+
+
+def _registration(*gpus: object) -> object:
+    from shared.bus.messages import WorkerRegistration
+    from shared.core.placement.domain import GIB, Gpu, Worker
+
+    return WorkerRegistration(worker=Worker(name="w1", gpus=tuple(
+        Gpu(index=i, vram_total=80 * GIB, **kw) for i, kw in enumerate(gpus))))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("gpus", "reason"), [
+    ([{"vendor": f"v{i}"} for i in range(9)], "9 kinds of GPU"),  # every service interns each kind for good
+    ([{"product": "H100-" + "x" * 200}], "longer than 128 characters"),
+])
+def test_an_inventory_of_too_many_or_too_long_gpu_kinds_is_refused(gpus: list[dict[str, str]], reason: str) -> None:
+    from shared.bus.validate import check_registration
+
+    assert reason in (check_registration(_registration(*gpus)) or "")  # type: ignore[arg-type]
+
+
+def test_a_machine_of_a_few_gpu_kinds_registers() -> None:
+    from shared.bus.validate import check_registration
+
+    gpus = [{"product": "H100-SXM-80GB"}] * 6 + [{"vendor": "rocm", "product": "MI300X"}] * 2
+    assert check_registration(_registration(*gpus)) is None  # type: ignore[arg-type]
