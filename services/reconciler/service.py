@@ -77,13 +77,15 @@ from shared.core.placement.planner import (
     plan,
     remove_worker,
 )
-from shared.core.placement.reconcile import resync_workers
+from shared.core.placement.reconcile import deletes_due, resync_workers
 from shared.host.feed import Feed
 from shared.host.isolation import Retry
 from shared.host.service import PlacementService, ack_all, guarded, run_batch, settle
 from shared.state.store import CommitItem, ScaleUp, commit_call
 
 log = logging.getLogger("gantry.reconciler")
+DELETE_RESEND_S = 30.0  # a resync's delete of one instance on one worker is sent again after this long
+MAX_DELETES_PER_RESYNC = 256  # deletes one resync sends one worker
 # Each tick resyncs one shard of the workers (their reported instances against the ledger), so every
 # worker is compared once per RESYNC_SHARDS ticks and no tick compares them all: at thousands of
 # instances a full pass holds the event loop for milliseconds.
@@ -114,6 +116,7 @@ class Reconciler(PlacementService):
         self.specs: dict[str, ModelSpec] = {}
         self.requested: dict[str, float] = {}  # instance id -> when this process last requested it
         self.seen_placed: dict[str, float] = {}  # instance id -> when first seen committed
+        self._deletes_sent: dict[tuple[str, str], float] = {}  # (worker, instance) -> when a resync last deleted it
         # Decisions whose commit call failed outright (its replies all lost: it may have landed) -> the names that
         # call gave them, for the batch's redelivery to send again (``_named``); bounded by UNANSWERED_KEPT.
         self.unanswered: dict[Instance, list[str]] = {}
@@ -931,7 +934,11 @@ class Reconciler(PlacementService):
         for iid in fix.assign:
             inst = instances[iid]
             await self._assign(inst, await self.spec_of(inst.model))
-        for worker, iid in fix.delete:
+        sent = self._deletes_sent
+        for key in [k for k, at in sent.items() if now - at >= DELETE_RESEND_S]:
+            del sent[key]
+        for worker, iid in deletes_due(fix.delete, sent, now, DELETE_RESEND_S, MAX_DELETES_PER_RESYNC):
+            sent[(worker, iid)] = now
             with contextlib.suppress(Exception):
                 await self.bus.publish(subjects.worker_delete(worker), DeleteInstance(instance_id=iid))
 

@@ -7,6 +7,7 @@ gathers inputs, calls these functions, and carries out the result over NATS and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,25 @@ class Resync:
 
     assign: tuple[str, ...]
     delete: tuple[tuple[str, str], ...]  # (worker, instance id)
+
+
+def deletes_due(
+    deletes: Sequence[tuple[str, str]], sent: Mapping[tuple[str, str], float], now: float, resend_s: float,
+    per_worker: int,
+) -> list[tuple[str, str]]:
+    """The (worker, instance) deletes of a resync to send now: not sent within ``resend_s`` (a worker's next
+    heartbeat still names an instance it is deleting), and at most ``per_worker`` for one worker. A heartbeat may
+    name thousands of ids the state does not place there; sent all, at every resync, they were a flood of
+    commands on the reconciler's loop and on NATS that one agent could keep up with one message a second."""
+    out: list[tuple[str, str]] = []
+    count: dict[str, int] = {}
+    for key in deletes:
+        worker = key[0]
+        if now - sent.get(key, -math.inf) < resend_s or count.get(worker, 0) >= per_worker:
+            continue
+        count[worker] = count.get(worker, 0) + 1
+        out.append(key)
+    return out
 
 
 def resync_workers(

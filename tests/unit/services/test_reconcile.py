@@ -104,3 +104,15 @@ def test_a_candidate_cordoned_since_fitting_no_longer_fits(
     w = Worker(name="w1", gpus=gpus, ram_total=64 * GIB, last_heartbeat=1.0, cordoned=worker_cordoned)
     snap = ClusterSnapshot.from_parts(workers=[w])
     assert still_fits(snap, Candidate(worker="w1", gpu_indexes=(0,), vram_claims=(GIB,))) is fits
+
+
+def test_deletes_already_sent_wait_their_resend_time_and_one_worker_gets_a_bounded_number() -> None:
+    from shared.core.placement.reconcile import deletes_due
+
+    ghosts = [("w2", f"ghost-{n:05d}") for n in range(10_000)] + [("w1", "stray")]
+    first = deletes_due(ghosts, {}, 100.0, resend_s=30.0, per_worker=256)
+    assert len(first) == 257 and ("w1", "stray") in first  # the flood is bounded; the other worker still served
+    sent = dict.fromkeys(first, 100.0)
+    again = deletes_due(ghosts, sent, 110.0, resend_s=30.0, per_worker=256)
+    assert not set(again) & set(first) and len(again) == 256  # not re-sent within 30 s: the next ones go
+    assert set(first) <= set(deletes_due(ghosts, sent, 130.0, resend_s=30.0, per_worker=20_000))
