@@ -134,8 +134,9 @@ def cli_permissions() -> Permissions:
     publish = [
         subjects.SCALE, subjects.CORDON, subjects.REMOVE_WORKER, f"{JS}.INFO",
         *(f"{JS}.STREAM.INFO.{name}" for name in streams.ALL_STREAMS),
+        # ephemeral consumers only (the stream's bare create subject refuses a durable name): a durable one outlives
+        # the CLI and the server's restarts, and a thousand of them refused every later replay
         *(f"{JS}.CONSUMER.CREATE.{name}" for name in (streams.STREAM_EVENTS, streams.STREAM_DLQ)),
-        *(f"{JS}.CONSUMER.CREATE.{name}.>" for name in (streams.STREAM_EVENTS, streams.STREAM_DLQ)),
         *(f"{JS}.CONSUMER.INFO.{name}.>" for name in streams.ALL_STREAMS),
         # Acks of its own replays only: an ack subject names its stream and consumer, and one of any other stream
         # would take a message away from the service consuming it (an ack is not checked against its sender).

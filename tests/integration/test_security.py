@@ -4,12 +4,14 @@ purge and write, with the identities and rights of ``ops.auth`` that every stack
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -348,3 +350,43 @@ async def test_one_worker_flooding_its_status_subject_fills_only_the_status_stre
         await streams.delete_streams(js)
         for nc in (worker, cli, admin):
             await nc.close()
+
+
+async def test_the_cli_replays_events_but_cannot_create_a_durable_consumer(
+        nats_server: ServerProcess, credentials: Credentials) -> None:
+    import json
+
+    from ops.cli.reads import replay
+    from shared.bus import streams
+    from shared.bus.messages import UnschedulableEvent, encode
+    from shared.settings import Settings
+
+    admin = await nats.connect(nats_server.url)
+    js = admin.jetstream()
+    await streams.delete_streams(js)
+    await streams.ensure_streams(js, Settings(js_storage="memory"))
+    await js.publish(subjects.EVENT_UNSCHEDULABLE, encode(UnschedulableEvent(instance_id="x-1", model="x",
+                                                                             message="no fit", at=1.0)))
+    errors: list[str] = []
+
+    async def on_error(err: Exception) -> None:
+        errors.append(str(err))
+
+    cli = await nats.connect(credentials.url(nats_server.url, "cli"), inbox_prefix="_INBOX.cli", error_cb=on_error)
+    try:
+        got = [m async for m in replay(cli.jetstream(), subjects.EVENTS_ALL, 1, until=1, stream=streams.STREAM_EVENTS)]
+        assert [m.subject for m in got] == [subjects.EVENT_UNSCHEDULABLE]  # its replays still work
+        config = {"durable_name": "kept-for-ever", "ack_policy": "explicit"}
+        for subject in (f"$JS.API.CONSUMER.CREATE.{streams.STREAM_EVENTS}.kept-for-ever",
+                        f"$JS.API.CONSUMER.DURABLE.CREATE.{streams.STREAM_EVENTS}.kept-for-ever",
+                        f"$JS.API.CONSUMER.CREATE.{streams.STREAM_EVENTS}"):
+            with contextlib.suppress(nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                answer = await cli.request(subject, json.dumps({"stream_name": streams.STREAM_EVENTS,
+                                                                "config": config}).encode(), timeout=1)
+                assert "error" in json.loads(answer.data), subject
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.consumer_info(streams.STREAM_EVENTS, "kept-for-ever")
+    finally:
+        await streams.delete_streams(js)
+        await cli.close()
+        await admin.close()
