@@ -28,12 +28,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ops.config import NATS_CONFIG
 from shared.bus import streams, subjects
+from shared.bus.exhausted import advisory_subject, get_subject
 from shared.bus.runtime import inbox_prefix
 from shared.core.limits import bad_worker_name
 from shared.envsettings import ENGINE_IDENTITY, without_user
 from shared.host.contract import Contract
 from shared.host.report_auth import REPORT_MASTER_KEY_FIELD
-from shared.paths import TlsFiles
+from shared.paths import TlsFiles, tls_files
 from shared.settings import CREDENTIALS_FILE, Settings
 from shared.state.store import Keys
 
@@ -106,7 +107,9 @@ def contract_permissions(contract: Contract, checks_streams: bool = True, identi
     subscribe = [c.subject for c in contract.consumes if not c.stream]
     for c in contract.consumes:
         if c.stream:
-            publish += [f"{JS}.CONSUMER.MSG.NEXT.{c.stream}.{c.durable}", f"$JS.ACK.{c.stream}.{c.durable}.>"]
+            publish += [f"{JS}.CONSUMER.MSG.NEXT.{c.stream}.{c.durable}", f"$JS.ACK.{c.stream}.{c.durable}.>",
+                        get_subject(c.stream)]  # a message its consumer gave up on, read back to dead-letter it
+            subscribe.append(advisory_subject(c.stream, c.durable))
     if checks_streams:
         publish += _stream_checks(contract)
     return Permissions(_unique(publish), _unique([*subscribe, inbox(identity or contract.service)]), ADMIN_ONLY_API)
@@ -396,8 +399,6 @@ def write_server_configs(creds: Credentials, home: Path) -> ServerConfigs:
     tls = None
     with contextlib.suppress(OSError):
         if "\ntls {" in nats_path.read_text():
-            from ops.tls import tls_files
-
             tls = tls_files(home)
     nats_path.parent.mkdir(parents=True, exist_ok=True)
     redis_path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,18 +26,11 @@ from services.gateway.tls import (
     envoy_files,
     picker_files,
 )
-from shared.paths import TlsFiles
+from shared.paths import TlsFiles, tls_files
 
-TLS_DIR = "tls"
 VALID_DAYS = 825  # the longest validity macOS and browsers accept for a server certificate
 SERVER_NAMES = ("localhost", "nats", "redis")
 SERVER_IPS = ("127.0.0.1", "::1")
-
-
-def tls_files(home: Path) -> TlsFiles:
-    """Where a stack home keeps its CA, certificate and key."""
-    base = home / TLS_DIR
-    return TlsFiles(cert=base / "server.pem", key=base / "server-key.pem", ca=base / "ca.pem")
 
 
 def ensure_tls(home: Path) -> TlsFiles:

@@ -34,3 +34,12 @@ class TlsFiles:
     cert: Path
     key: Path
     ca: Path
+
+
+TLS_DIR = "tls"  # in a stack home
+
+
+def tls_files(home: Path) -> TlsFiles:
+    """Where a stack home keeps its CA, certificate and key."""
+    base = home / TLS_DIR
+    return TlsFiles(cert=base / "server.pem", key=base / "server-key.pem", ca=base / "ca.pem")

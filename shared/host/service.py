@@ -11,6 +11,7 @@ alone); the decoded ones are handled as one batch, with poison isolation (``shar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -26,6 +27,7 @@ from faststream import FastStream
 from nats.aio.msg import Msg
 
 from shared.bus import subjects
+from shared.bus.exhausted import watch_exhausted
 from shared.bus.messages import (
     CordonEvent,
     ErrorEvent,
@@ -214,6 +216,7 @@ class PlacementService:
         self.ready.set()
         await self.started()
         for stream, durable, subject, handler, linger in self._pulls:
+            await watch_exhausted(nc, stream, durable, self._exhausted)
             loop = pull_loop(nc, stream, durable, subject, self.settings.batch_max, handler, linger)
             task = asyncio.ensure_future(loop)
             self._loops.add(task)
@@ -223,6 +226,13 @@ class PlacementService:
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
+
+    async def _exhausted(self, subject: str, data: bytes, deliveries: int) -> None:
+        """A message one of this service's consumers gave up on without the host's last-delivery verdict (killed at
+        each delivery, acks lost): dead-lettered, so it does not vanish unseen."""
+        with contextlib.suppress(Exception):  # NATS away: the advisory is gone with it, as the message was already
+            await self.bus.dead_letter(subject, f"no delivery of {deliveries} was acknowledged (the consumer gave up "
+                                                "on it: the service died or lost NATS while handling it)", data)
 
     async def _mark_stopping(self) -> None:
         self.app_stopping = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,4 +142,35 @@ async def test_provisioning_again_brings_a_kept_consumer_to_the_changed_redelive
         assert (config.max_deliver, config.ack_wait, config.backoff) == (6, 2.0, [2.0, 4.0, 8.0, 16.0, 32.0])
     finally:
         await js.delete_stream("REPROVISION")
+        await nc.close()
+
+
+async def test_a_message_a_consumer_gives_up_on_is_read_back_for_its_dead_letter(nats_server: ServerProcess) -> None:
+    from shared.bus.exhausted import watch_exhausted
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(name="EXHAUST", subjects=["exhaust.>"])
+    await js.add_consumer("EXHAUST", ConsumerConfig(durable_name="c", ack_wait=0.5, max_deliver=2))
+    given_up: list[tuple[str, bytes, int]] = []
+
+    async def on_exhausted(subject: str, data: bytes, deliveries: int) -> None:
+        given_up.append((subject, data, deliveries))
+
+    await watch_exhausted(nc, "EXHAUST", "c", on_exhausted)
+    try:
+        await js.publish("exhaust.a", b"work")
+        sub = await js.pull_subscribe_bind("c", "EXHAUST")
+        for _ in range(2):  # delivered twice and never acknowledged: a handler killed each time
+            assert [m.data for m in await sub.fetch(1, timeout=5)] == [b"work"]
+            await asyncio.sleep(0.7)
+        with contextlib.suppress(nats.errors.TimeoutError):  # the next pull (a service always has one open)
+            await sub.fetch(1, timeout=1)
+        deadline = time.monotonic() + 10
+        while not given_up:
+            assert time.monotonic() < deadline, "no max-deliveries advisory handed on"
+            await asyncio.sleep(0.05)
+        assert given_up == [("exhaust.a", b"work", 2)]
+    finally:
+        await js.delete_stream("EXHAUST")
         await nc.close()

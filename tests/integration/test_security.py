@@ -390,3 +390,34 @@ async def test_the_cli_replays_events_but_cannot_create_a_durable_consumer(
         await streams.delete_streams(js)
         await cli.close()
         await admin.close()
+
+
+@pytest.mark.parametrize("identity", ["filter", "fitting", "scoring", "reconciler"])
+async def test_a_service_may_hear_what_its_consumers_give_up_on_and_read_it_back(
+        nats_server: ServerProcess, credentials: Credentials, identity: str) -> None:
+    from shared.bus import streams
+    from shared.bus.exhausted import advisory_subject, get_subject
+
+    errors: list[str] = []
+
+    async def on_error(err: Exception) -> None:
+        errors.append(str(err))
+
+    nc = await nats.connect(credentials.url(nats_server.url, identity), inbox_prefix=f"_INBOX.{identity}",
+                            error_cb=on_error)
+    try:
+        mine = [(s, d) for s, d, _ in streams.ALL_CONSUMERS if d.startswith(identity)]
+        assert mine
+        for stream, durable in mine:
+            await nc.subscribe(advisory_subject(stream, durable))
+            with contextlib.suppress(nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                await nc.request(get_subject(stream), b'{"seq": 1}', timeout=0.5)
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        assert errors == []
+        await nc.subscribe(advisory_subject(streams.STREAM_PIPE, "someone-else"))  # and no other consumer's
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        assert any("permissions violation" in e for e in errors)
+    finally:
+        await nc.close()
