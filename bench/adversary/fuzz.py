@@ -100,7 +100,7 @@ def targets(worker: str, model: ModelSpec, instance: Instance) -> list[Target]:
                 ("seq",): count, ("instances",): lst}),
         Target(subjects.worker_files(worker), {"worker": worker, "source": model.source, "state": "READY"},
                {("worker",): name, ("state",): enum, ("progress",): frac, ("source",): text}),
-        Target(subjects.SYNC, {"worker": worker}, {("worker",): name}),
+        Target(subjects.SYNC, {"by": "fuzz", "worker": worker}, {("worker",): name, ("by",): text}),
         Target(subjects.instance_status(worker), {"instance_id": instance.id, "worker": worker, "state": "RUNNING"},
                {("instance_id",): name, ("worker",): name, ("state",): enum, ("message",): text}, jetstream=True),
         Target(subjects.PLACEMENT_REQUESTED, request,

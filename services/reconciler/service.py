@@ -18,6 +18,7 @@ import functools
 import itertools
 import logging
 import secrets
+import time
 import zlib
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -934,11 +935,11 @@ class Reconciler(PlacementService):
         for iid in fix.assign:
             inst = instances[iid]
             await self._assign(inst, await self.spec_of(inst.model))
-        sent = self._deletes_sent
-        for key in [k for k, at in sent.items() if now - at >= DELETE_RESEND_S]:
+        sent, tick = self._deletes_sent, time.monotonic()  # (a wall clock stepped back held deletes back as long)
+        for key in [k for k, at in sent.items() if tick - at >= DELETE_RESEND_S]:
             del sent[key]
-        for worker, iid in deletes_due(fix.delete, sent, now, DELETE_RESEND_S, MAX_DELETES_PER_RESYNC):
-            sent[(worker, iid)] = now
+        for worker, iid in deletes_due(fix.delete, sent, tick, DELETE_RESEND_S, MAX_DELETES_PER_RESYNC):
+            sent[(worker, iid)] = tick
             with contextlib.suppress(Exception):
                 await self.bus.publish(subjects.worker_delete(worker), DeleteInstance(instance_id=iid))
 

@@ -48,6 +48,8 @@ def check_registration(reg: WorkerRegistration) -> str | None:
             return f"register {w.name}: negative value on gpu{g.index}"
         if len(g.vendor) > MAX_GPU_NAME or len(g.product) > MAX_GPU_NAME:
             return f"register {w.name}: gpu{g.index}'s vendor or product is longer than {MAX_GPU_NAME} characters"
+    if len(w.cluster) > MAX_GPU_NAME:  # interned for good by every service, as the GPU kinds
+        return f"register {w.name}: cluster name longer than {MAX_GPU_NAME} characters"
     # every service interns each vendor and (vendor, product) it meets for good: a machine has a few kinds
     kinds = {(g.vendor, g.product) for g in w.gpus}
     if len(kinds) > MAX_GPU_KINDS:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -201,24 +200,34 @@ def isolating(service: Hosted, subject: str, handler: PullHandler) -> PullHandle
             if not isinstance(exc, SplitBatch):
                 log.warning("%s: a batch on %s raised %s: handling each message alone", service.name, subject,
                             failure_reason(exc))
-        touched = float("-inf")
-        for i, raw in enumerate(raws):
-            if raw.is_acked:
-                continue  # handled before the failure (acked), or settled already (dead-lettered)
-            if time.monotonic() - touched > bound / 2:
-                # the ones still waiting restart their ack wait: handled alone, one after another, they would
-                # otherwise be redelivered to a sibling meanwhile (a cut-off batch already used one whole wait)
-                touched = time.monotonic()
-                for waiting in raws[i:]:
-                    if not waiting.is_acked:
-                        with contextlib.suppress(Exception):
-                            await waiting.in_progress()
-            try:
-                await bounded([raw])
-            except Exception as exc:
-                await _settle_escaped(service, subject, raw, exc)
+        # the ones not settled yet restart their ack wait, now and every quarter of it while they are handled alone,
+        # one after another: they would otherwise be redelivered to a sibling meanwhile (the cut-off batch already
+        # used most of one wait, and one message alone may take three quarters of another)
+        keep = asyncio.ensure_future(_in_progress(raws, service.settings.ack_wait_s / 4))
+        try:
+            for raw in raws:
+                if raw.is_acked:
+                    continue  # handled before the failure (acked), or settled already (dead-lettered)
+                try:
+                    await bounded([raw])
+                except Exception as exc:
+                    await _settle_escaped(service, subject, raw, exc)
+        finally:
+            keep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep
 
     return handle
+
+
+async def _in_progress(raws: Sequence[Msg], every_s: float) -> None:
+    """Tell JetStream the messages of ``raws`` not yet settled are still being worked on, every ``every_s``."""
+    while True:
+        for raw in raws:
+            if not raw.is_acked:
+                with contextlib.suppress(Exception):
+                    await raw.in_progress()
+        await asyncio.sleep(every_s)
 
 
 async def _settle_escaped(service: Hosted, subject: str, raw: Msg, exc: BaseException) -> None:

@@ -14,7 +14,7 @@ import gc
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 import nats
@@ -248,3 +248,42 @@ async def test_a_message_whose_handling_never_ends_is_cut_off_and_its_batch_mate
 
 async def _async(value: bool) -> bool:
     return value
+
+
+class Slow(Probe):
+    """The probe, with a slow (healthy) kind of request, and a count of the requests it is handling right now
+    (shared by every replica of a test: two at once on one request is a double handling)."""
+
+    running: ClassVar[dict[str, int]] = {}
+    overlaps: ClassVar[list[str]] = []
+
+    async def handle(self, batch: Sequence[PlacementRequest]) -> None:
+        for req in batch:
+            self.running[req.batch_id] = self.running.get(req.batch_id, 0) + 1
+            if self.running[req.batch_id] > 1:
+                self.overlaps.append(req.batch_id)
+            try:
+                if req.batch_id.startswith("slow:"):
+                    await asyncio.sleep(0.3 * self.settings.ack_wait_s)  # a slow Redis, say: healthy all the same
+                await super().handle([req])
+            finally:
+                self.running[req.batch_id] -= 1
+
+
+async def test_a_cut_off_batchs_messages_are_never_handled_by_a_sibling_while_still_held(harness: Harness) -> None:
+    await harness.publish("slow:0")
+    await harness.publish("hang:1")
+    await harness.publish("valid:2")
+    a = Slow(harness.settings)
+    harness.probe = a
+    await a.app.start()
+    await asyncio.sleep(0.3)  # replica a has pulled the batch of three
+    b = Slow(harness.settings)  # a sibling replica, as every placement service runs with
+    await b.app.start()
+    try:
+        await wait_until(lambda: _async("valid:2" in a.applied + b.applied), 3 * SETTLE_S, "valid:2 applied")
+        await asyncio.sleep(2 * harness.settings.ack_wait_s)  # past the time a redelivery would have taken
+    finally:
+        await b.app.stop()
+    # before, the in-progress refreshes left gaps longer than the ack wait: valid:2 went to b while a still held it
+    assert (a.applied + b.applied).count("valid:2") == 1 and Slow.overlaps == []

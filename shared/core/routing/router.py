@@ -183,14 +183,26 @@ class Router:
         pool = self.state.pool(request.model)
         if not pool:
             return Refusal(request.request_id, NO_ENDPOINT, f"no endpoint serves model {request.model!r}")
-        if with_room:
-            pool = self._with_room(pool, now) or pool  # (none: the caller checked; route as without)
+        if with_room and self.config.handler.type == "single":
+            # (P/D is left whole: its prefill and decode endpoints have room of their own; narrowed, a pool whose room
+            # was all on the prefill side refused every request at the decode profile's role filter)
+            roomy = self._with_room(pool, now)
+            if roomy and len(roomy) < len(pool):
+                got = self._decide(request, roomy, now, commit, explain)
+                if isinstance(got, Decision):
+                    return got
+                # the profile's own filters dropped every endpoint with room (a LoRA, a label): as without room
         adm = self.config.admission
         if request.sheddable and adm.shed_sheddable:
             sat = self.detector.pool(pool, now)
             if sat >= 1.0:
                 return Refusal(request.request_id, SHED, f"pool of {request.model!r} saturated ({sat:.2f} >= 1), "
                                                          f"sheddable request (priority {request.priority}) dropped")
+        return self._decide(request, pool, now, commit, explain)
+
+    def _decide(self, request: RouteRequest, pool: list[EndpointState], now: float, commit: bool,
+                explain: bool) -> Outcome:
+        """The handler's decision over ``pool`` (committed when asked), or its refusal."""
         cycle = Cycle(request, self.state, now, self.rng)
         self.last_cycle = cycle
         out = self.handler.run(cycle, pool, explain)

@@ -51,8 +51,9 @@ def test_the_durable_streams_each_have_a_share_of_the_store_and_refuse_when_full
     from shared.bus.streams import STREAM_PIPE, STREAM_STATUS
 
     configs = stream_configs(Settings(js_storage="memory"))
-    for name in (STREAM_CMD, STREAM_PIPE, STREAM_STATUS):  # nothing unhandled is discarded to make room
+    for name in (STREAM_PIPE, STREAM_STATUS):  # nothing unhandled is discarded to make room
         assert wanted(name).max_bytes and wanted(name).discard is DiscardPolicy.NEW
+    assert wanted(STREAM_CMD).max_bytes and wanted(STREAM_CMD).discard is DiscardPolicy.OLD  # handled ones go first
     assert sum(cfg.max_bytes or 0 for cfg in configs) < 256 << 20  # the local stack's memory store holds them all
-    assert not stream_matches(as_the_server_reports(dataclasses.replace(wanted(), discard=DiscardPolicy.OLD)),
+    assert not stream_matches(as_the_server_reports(dataclasses.replace(wanted(), discard=DiscardPolicy.NEW)),
                               wanted())
