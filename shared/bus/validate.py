@@ -5,17 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from shared.bus.messages import Heartbeat, ScaleCommand, WorkerRegistration
-from shared.core.limits import MAX_REPLICAS, bad_model_name, bad_worker_name
+from shared.core.limits import MAX_GPU_KINDS_PER_WORKER, MAX_GPU_NAME, MAX_REPLICAS, bad_model_name, bad_worker_name
 from shared.core.placement.domain import ModelSpec, Worker
 
 __all__ = [
     "bad_model_name", "bad_worker_name", "check_heartbeat", "check_inventory_change", "check_registration",
     "check_scale", "impersonation",
 ]
-
-
-MAX_GPU_NAME = 128  # characters of a GPU's vendor or product name
-MAX_GPU_KINDS = 8  # distinct (vendor, product) in one worker's inventory
 
 
 def check_scale(cmd: ScaleCommand, known: ModelSpec | None) -> str | None:
@@ -52,8 +48,8 @@ def check_registration(reg: WorkerRegistration) -> str | None:
         return f"register {w.name}: cluster name longer than {MAX_GPU_NAME} characters"
     # every service interns each vendor and (vendor, product) it meets for good: a machine has a few kinds
     kinds = {(g.vendor, g.product) for g in w.gpus}
-    if len(kinds) > MAX_GPU_KINDS:
-        return f"register {w.name}: {len(kinds)} kinds of GPU (vendor, product), more than {MAX_GPU_KINDS}"
+    if len(kinds) > MAX_GPU_KINDS_PER_WORKER:
+        return f"register {w.name}: {len(kinds)} kinds of GPU (vendor, product), more than {MAX_GPU_KINDS_PER_WORKER}"
     if w.ram_total < 0 or w.ram_used < 0:
         return f"register {w.name}: negative RAM"
     return None

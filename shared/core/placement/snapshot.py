@@ -19,7 +19,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from shared.core.limits import MAX_FILES_PER_WORKER
+from shared.core.limits import MAX_FILES_PER_WORKER, MAX_GPU_KINDS_PER_WORKER
 from shared.core.placement.domain import (
     Instance,
     ModelFile,
@@ -79,6 +79,7 @@ def _ndarray(shape: tuple[int, ...], dtype: type, fill: object = 0) -> npt.NDArr
     return np.full(shape, fill, dtype=dtype)
 
 
+CODES_SLACK = 4096  # codes past what the present workers can use before the tables are renumbered
 SHARED_VENDOR_BIT = 62  # vendors past the first 62 seen share this bit of the int64 vendor mask
 
 
@@ -275,6 +276,24 @@ class ClusterSnapshot:
         self.memo.clear()
         self._slot[name] = new_slots
         self._refresh(name)
+        rows = len(self._row)
+        if (len(self._codes["type"]) > CODES_SLACK + MAX_GPU_KINDS_PER_WORKER * rows
+                or len(self._codes["cluster"]) > CODES_SLACK + rows):
+            self._compact_codes()
+
+    def _compact_codes(self) -> None:
+        """Forget the cluster, vendor and GPU-kind codes no present worker uses (every row renumbered): interned for
+        good, they grew with each re-registration naming new ones (20,000 of one worker: 70 MiB in every service,
+        and every GPU-type match scanned them all). Codes live only within one call, so renumbering between calls
+        is safe."""
+        self._codes = {kind: {} for kind in self._codes}
+        self._type_names = []
+        self.g_type[:, :] = -1
+        for name in list(self._row):
+            self._refresh(name)
+        self._count_cache.clear()
+        self.memo.clear()
+        self._moved()
 
     def touch(self, name: str, last_heartbeat: float) -> None:
         """A heartbeat that changed nothing but the time: only liveness moves (no row recompute)."""

@@ -149,3 +149,20 @@ def test_a_worker_naming_64_gpu_vendors_joins_and_the_backend_filter_stays_exact
     plugin, c = FILTERS["backend"](), ctx(snap, ModelSpec(name="m"))
     assert [snap.name_of(r) for r in range(snap.rows) if plugin.keep_mask(c)[r]] == [
         n for n in ("cuda", "many", "amd", "odd") if plugin.check(c, snap.worker(n)) is None]
+
+
+def test_a_worker_re_registering_with_new_gpu_names_leaves_a_bounded_table_and_the_same_verdicts() -> None:
+    from shared.core.placement.domain import GpuSelector
+    from shared.core.placement.snapshot import CODES_SLACK
+
+    snap = snapshot(worker("steady", [gpu(0, product="H100-SXM-80GB"), gpu(1, product="A100-80GB")]))
+    for i in range(3 * CODES_SLACK // 8):  # each registration names 8 new kinds and a new cluster
+        snap.upsert_worker(worker("churn", [gpu(g, product=f"X{i}-{g}") for g in range(8)], cluster=f"c{i}"))
+    assert len(snap.type_names()) <= CODES_SLACK + 8 * 2  # it grew by 8 codes a registration, for good
+    assert len(snap._codes["cluster"]) <= CODES_SLACK + 2
+    snap.upsert_worker(worker("churn", [gpu(g, product=f"Xlast-{g}") for g in range(8)]))  # the default cluster
+    for wanted, survivors in (("H100-SXM-80GB", ("steady",)), ("A100-80GB", ("steady",)),
+                              ("Xlast-3", ("churn",)), ("X0-0", ())):
+        model = ModelSpec(name="m", gpu_selector=GpuSelector(gpu_type=wanted))
+        got = run_filters(snap, model, NOW)
+        assert got == run_filters(snap, model, NOW, exhaustive=True) and got.survivors == survivors, wanted
