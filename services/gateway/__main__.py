@@ -25,6 +25,7 @@ from services.gateway.tls import CA_FILE, PICKER_CERT, PICKER_KEY, TlsError, loa
 from shared.core.routing import builtin_names
 from shared.core.routing.pool_source import PoolSource
 from shared.envsettings import credentials_on_command_line, redis_url_problem
+from shared.host.placement_follow import add_pool_arguments
 from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.host.tasks import run_until_signalled
 from shared.settings import load_settings_or_exit
@@ -36,12 +37,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     p.add_argument("--nats-url", default=None,
                    help="default: the GANTRY_* settings' (GANTRY_NATS_URL, with GANTRY_IDENTITY's secret from the "
                         "credentials file: how a stack and compose pass it, out of ps)")
-    p.add_argument("--pool-source", type=PoolSource, choices=list(PoolSource), default=PoolSource.ENGINES,
-                   help="engines: route to every engine that reports (a gateway without placement); placement: only "
-                        "to engines whose instance placement holds RUNNING (`gantry up`, compose)")
-    p.add_argument("--redis-url", default=None,
-                   help="the state store, with --pool-source placement: read at start, again periodically and after "
-                        "each NATS reconnection (default: the GANTRY_* settings', as --nats-url)")
+    add_pool_arguments(p)
     p.add_argument("--eds-path", required=True, type=Path, help="Envoy endpoint file to maintain")
     p.add_argument("--socket-dir", type=Path, default=None,
                    help=f"listen on unix sockets here ({GRPC_SOCKET}: gRPC, {HTTP_SOCKET}: ext_authz HTTP), in a "

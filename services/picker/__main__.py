@@ -12,6 +12,7 @@ from services.picker.service import PickerOptions, PickerService
 from shared.core.routing import builtin_names
 from shared.core.routing.pool_source import PoolSource
 from shared.envsettings import credentials_on_command_line, redis_url_problem
+from shared.host.placement_follow import add_pool_arguments
 from shared.host.report_auth import MASTER_KEY_ENV, master_key_text, parse_key
 from shared.host.tasks import run_until_signalled
 from shared.settings import load_settings_or_exit
@@ -31,12 +32,7 @@ def parse_args(argv: list[str] | None = None) -> PickerOptions:
                    help="a picked request whose end was never reported stops counting as in flight after this long")
     p.add_argument("--max-in-flight", type=int, default=100_000,
                    help="requests counted in flight at most (past it the oldest stop counting)")
-    p.add_argument("--pool-source", type=PoolSource, choices=list(PoolSource), default=PoolSource.ENGINES,
-                   help="engines: pick among every engine that reports; placement: only engines whose instance "
-                        "placement holds RUNNING (a DRAINING one leaves at once)")
-    p.add_argument("--redis-url", default=None,
-                   help="the state store, with --pool-source placement: read at start, again periodically and after "
-                        "each NATS reconnection (default: the GANTRY_* settings')")
+    add_pool_arguments(p)
     a = p.parse_args(argv)
     for flag, url, env in (("--nats-url", a.nats_url, NATS_URL_ENV), ("--redis-url", a.redis_url, "GANTRY_REDIS_URL")):
         if refused := credentials_on_command_line(flag, url, env):

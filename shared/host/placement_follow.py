@@ -9,6 +9,7 @@ instance in the pool until the next read).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -20,6 +21,7 @@ from nats.aio.msg import Msg
 from shared.bus import subjects
 from shared.bus.messages import InstanceEvents
 from shared.bus.runtime import Bus
+from shared.core.routing.pool_source import PoolSource
 from shared.host.engine_feed import EngineFeed, PlacedInstances
 
 if TYPE_CHECKING:  # an engines-only picker never loads the Redis client
@@ -87,3 +89,13 @@ class PlacementFollower:
                 await self.read(store)
             except Exception as err:  # Redis away for a moment: the events keep the pool current meanwhile
                 log.warning("instances not read from the state store (%r); next try in %g s", err, self.resync_s)
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--pool-source`` and ``--redis-url``, as both pickers take them."""
+    parser.add_argument("--pool-source", type=PoolSource, choices=list(PoolSource), default=PoolSource.ENGINES,
+                        help="engines: every engine that reports (no placement runs); placement: only engines whose "
+                             "instance placement holds RUNNING, a DRAINING one leaving at once (`gantry up`, compose)")
+    parser.add_argument("--redis-url", default=None,
+                        help="the state store, with --pool-source placement: read at start, again periodically and "
+                             "after each NATS reconnection (default: the GANTRY_* settings')")

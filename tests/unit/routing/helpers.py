@@ -54,3 +54,16 @@ def ids(endpoints: list[EndpointState]) -> list[str]:
 def router(yaml: str, state: PoolState | None = None, seed: int = 0) -> Router:
     """A router from YAML text."""
     return Router(decode_config(yaml), state, seed)
+
+
+PD = """
+plugins:
+  - {type: role-filter, name: prefill-role, parameters: {phase: prefill}}
+  - {type: role-filter, name: decode-role, parameters: {phase: decode}}
+  - {type: queue-scorer}
+profiles:
+  - {name: prefill, plugins: [{ref: prefill-role}, {ref: queue-scorer}]}
+  - {name: decode, plugins: [{ref: decode-role}, {ref: queue-scorer}]}
+handler: {type: pd, parameters: {non_cached_tokens: 100}}
+"""
+"""A P/D router: decode always, prefill elsewhere for prompts of 100 uncached tokens or more."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shared.core.routing import EXPIRED, QUEUE_FULL, Decision, Refusal
 from shared.core.routing.flow_control import FlowConfig, FlowController
-from tests.unit.routing.helpers import NOW, met, pool, req, router
+from tests.unit.routing.helpers import NOW, PD, met, pool, req, router
 
 
 def drain(fc: FlowController) -> list[str]:
@@ -149,17 +149,7 @@ def test_router_never_queues_sheddable_traffic() -> None:
     assert isinstance(out, Refusal) and out.code == 429
 
 
-PD_FLOW = """
-plugins:
-  - {type: role-filter, name: prefill-role, parameters: {phase: prefill}}
-  - {type: role-filter, name: decode-role, parameters: {phase: decode}}
-  - {type: queue-scorer}
-profiles:
-  - {name: prefill, plugins: [{ref: prefill-role}, {ref: queue-scorer}]}
-  - {name: decode, plugins: [{ref: decode-role}, {ref: queue-scorer}]}
-handler: {type: pd, parameters: {non_cached_tokens: 100}}
-flow_control: {enabled: true, max_inflight_per_endpoint: 4}
-"""
+PD_FLOW = PD + "flow_control: {enabled: true, max_inflight_per_endpoint: 4}\n"
 
 
 def test_pd_requests_flow_control_lets_go_are_routed_when_the_room_is_on_the_prefill_side() -> None:

@@ -8,7 +8,7 @@ from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, K
 from shared.core.roles import NodeRole
 from shared.core.routing import NO_ENDPOINT, SHED, Decision, Refusal, builtin_config, builtin_names
 from shared.core.routing.router import Router
-from tests.unit.routing.helpers import NOW, met, pool, req, router
+from tests.unit.routing.helpers import NOW, PD, met, pool, req, router
 
 PREFIX_ONLY = """
 plugins:
@@ -154,16 +154,6 @@ def test_kv_events_drive_the_precise_index() -> None:
     assert r.apply_kv_events("unknown", KVEventBatch(ts=NOW, events=[AllBlocksCleared()])) == 0
 
 
-PD = """
-plugins:
-  - {type: role-filter, name: prefill-role, parameters: {phase: prefill}}
-  - {type: role-filter, name: decode-role, parameters: {phase: decode}}
-  - {type: queue-scorer}
-profiles:
-  - {name: prefill, plugins: [{ref: prefill-role}, {ref: queue-scorer}]}
-  - {name: decode, plugins: [{ref: decode-role}, {ref: queue-scorer}]}
-handler: {type: pd, parameters: {non_cached_tokens: 100}}
-"""
 
 
 def test_pd_handler_disaggregates_long_uncached_prompts_only() -> None:
