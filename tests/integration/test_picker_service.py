@@ -48,16 +48,25 @@ def picker(nats_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory)
     assert nats_server.credentials is not None
     url = nats_server.credentials.url(nats_server.url, "picker")
     log = tmp_path_factory.mktemp("picker") / "picker.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "services.picker"], cwd=REPO, stdout=fh,
-                                stderr=subprocess.STDOUT, env={**os.environ, "GANTRY_NATS_URL": url})
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with running_picker({"GANTRY_NATS_URL": url}, log) as proc:
+        yield proc
     print(log.read_text()[-3000:])
+
+
+@contextlib.contextmanager
+def running_picker(env: dict[str, str], log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m services.picker ARGS`` with ``env`` added, its output in ``log``; stopped on the way out."""
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "services.picker", *args], cwd=REPO, stdout=fh,
+                                stderr=subprocess.STDOUT, env={**os.environ, **env})
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def metrics(instance: str, i: int) -> EngineMetrics:
@@ -252,12 +261,8 @@ def test_with_the_pool_from_placement_a_draining_instance_is_picked_no_more(
     admin.hset(Keys.inst, mapping={i: msgspec.json.encode(v) for i, v in placed.items()})
     admin.hset(Keys.inst_state, mapping={i: "RUNNING" for i in ENGINES[:2]})  # the third never placed RUNNING
     admin.hset(Keys.inst_state, ENGINES[2], "PENDING")
-    env = {**os.environ, "GANTRY_NATS_URL": creds.url(nats_server.url, "picker"),
-           "GANTRY_REDIS_URL": url("picker")}
+    env = {"GANTRY_NATS_URL": creds.url(nats_server.url, "picker"), "GANTRY_REDIS_URL": url("picker")}
     log = tmp_path / "picker.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "services.picker", "--pool-source", "placement"], cwd=REPO,
-                                stdout=fh, stderr=subprocess.STDOUT, env=env)
 
     async def endpoints(nc: Client, n: int) -> list[str]:
         item = PickItem(request_id=f"placed-{n}", model=MODEL, token_ids=[1, 2, 3])
@@ -288,13 +293,9 @@ def test_with_the_pool_from_placement_a_draining_instance_is_picked_no_more(
         await nc.drain()
 
     try:
-        asyncio.run(main())
-        assert proc.poll() is None
+        with running_picker(env, log, "--pool-source", "placement") as proc:
+            asyncio.run(main())
+            assert proc.poll() is None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         admin.flushdb()
         admin.close()
