@@ -50,15 +50,16 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     storage = StorageType.MEMORY if settings.js_storage == "memory" else StorageType.FILE
     # Each stream has its own share of the server's store (208 MiB in all, under the local stack's 256 MB of memory
     # storage): one worker flooding its status subject filled the whole store in 17 s, and every identity's durable
-    # publishes failed. The pipeline and status streams hold only what is not handled yet (interest): full, they
-    # refuse new messages (discard new), nothing unhandled is thrown away. The commands' stream keeps handled
-    # commands for a day: full, it drops its oldest (refusing new ones would refuse `gantry scale` after ~16 MiB of
-    # commands in a day, an autoscaler's every few seconds).
+    # publishes failed. Each holds only what is not handled yet (interest: a message goes once its consumer acked
+    # it), and full, refuses new messages (discard new): nothing unhandled is ever thrown away, and the sender hears
+    # of it. (The commands' stream kept handled commands for a day: full, it would have refused `gantry scale` after
+    # ~16 MiB of commands in a day, an autoscaler's every few seconds; dropping its oldest instead lost commands the
+    # reconciler had not read.)
     return [
         StreamConfig(
             name=STREAM_CMD, subjects=[subjects.CMD_ALL], storage=storage,
-            retention=RetentionPolicy.LIMITS, max_age=24 * 3600, duplicate_window=DUPLICATE_WINDOW_S,
-            max_bytes=16 << 20, discard=DiscardPolicy.OLD,
+            retention=RetentionPolicy.INTEREST, max_age=24 * 3600, duplicate_window=DUPLICATE_WINDOW_S,
+            max_bytes=16 << 20, discard=DiscardPolicy.NEW,
         ),
         # Interest retention: a pipeline message is gone once its one consumer acked it (candidate sets
         # are large); every consumer is declared before any service starts, so nothing is published unseen.

@@ -82,9 +82,11 @@ class _TenantQueue:
         self.live = 0
         self.dead = 0
 
-    def push(self, it: _Item) -> None:
+    def push(self, it: _Item, front: bool = False) -> None:
         if self.edf:
             heapq.heappush(self.heap, it)
+        elif front:
+            self.items.appendleft(it)
         else:
             self.items.append(it)
         self.live += 1
@@ -138,6 +140,7 @@ class FlowController:
         self._ids: dict[str, _Item] = {}
         self._seq = 0
         self._size = 0
+        self._last: _Item | None = None  # the request ``pop`` returned last (``putback``)
 
     def __len__(self) -> int:
         """Requests waiting."""
@@ -240,7 +243,27 @@ class FlowController:
     def _dispatched(self, it: _Item) -> RouteRequest:
         request = self._take(it)  # dead first: a rebuild of the expiry heap must leave its entry out
         self._left_expiry()
+        self._last = it
         return request
+
+    def putback(self) -> None:
+        """Return the request ``pop`` returned last to where it was (the head of its fairness id's queue, its
+        arrival, deadline and expiry as they were): none of the endpoints with room could take it."""
+        it, self._last = self._last, None
+        if it is None or it.request.request_id in self._ids:
+            return
+        again = _Item(it.key, it.seq, it.request, it.enqueued_at, it.expires_at, it.band, it.tenant)
+        tenants = self._bands.get(it.band)
+        if tenants is None:
+            tenants = self._bands[it.band] = OrderedDict()
+        q = tenants.get(it.tenant)
+        if q is None:
+            q = tenants[it.tenant] = _TenantQueue(self.config.ordering == "edf")
+        q.push(again, front=True)
+        heapq.heappush(self._expiry, (again.expires_at, again.seq, again))
+        self._ids[again.request.request_id] = again
+        self._band_size[again.band] = self._band_size.get(again.band, 0) + 1
+        self._size += 1
 
     def cancel(self, request_id: str) -> bool:
         """Remove a queued request (client went away); False when it is not queued."""

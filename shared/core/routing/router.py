@@ -38,6 +38,11 @@ from shared.core.routing.state import DataConfig, PoolState
 PREFILL_SUFFIX = "#prefill"  # in-flight key of a disaggregated request's prefill leg
 
 
+NO_ROOM = Refusal("", 0, "no endpoint with room takes this request")
+"""``route(..., with_room=True)``'s answer when the profile's filters drop every endpoint with room: flow control
+keeps the request waiting (never given to a client)."""
+
+
 class Router:
     """A configured routing core over one pool state."""
 
@@ -154,7 +159,9 @@ class Router:
             return self.route(request, now)
         fc = self.flow(request.model)
         if not len(fc) and self.has_headroom(request.model, now):
-            return self.route(request, now, with_room=True)
+            out = self.route(request, now, with_room=True)
+            if out is not NO_ROOM:
+                return out
         return fc.enqueue(request, now)
 
     def dispatch(self, now: float) -> list[Outcome]:
@@ -162,11 +169,17 @@ class Router:
         out: list[Outcome] = []
         for model, fc in self._flows.items():
             out += fc.expire(now)
-            while len(fc) and self.has_headroom(model, now):
+            tries = len(fc)  # each waiting request is tried once a call: one that no endpoint with room takes waits
+            while tries and self.has_headroom(model, now):
+                tries -= 1
                 req = fc.pop()
                 if req is None:
                     break
-                out.append(self.route(req, now, with_room=True))
+                got = self.route(req, now, with_room=True)
+                if got is NO_ROOM:
+                    fc.putback()
+                else:
+                    out.append(got)
         return out
 
     def queued(self) -> int:
@@ -189,9 +202,9 @@ class Router:
             roomy = self._with_room(pool, now)
             if roomy and len(roomy) < len(pool):
                 got = self._decide(request, roomy, now, commit, explain)
-                if isinstance(got, Decision):
-                    return got
-                # the profile's own filters dropped every endpoint with room (a LoRA, a label): as without room
+                # the profile's own filters dropped every endpoint with room (a LoRA, a label): it waits for room it
+                # can use (routed to the busy ones, it piled onto them past their cap; refused, it was a 503)
+                return got if isinstance(got, Decision) else NO_ROOM
         adm = self.config.admission
         if request.sheddable and adm.shed_sheddable:
             sat = self.detector.pool(pool, now)

@@ -41,7 +41,7 @@ def test_a_stream_with_other_retention_or_subjects_differs() -> None:
 
 
 def test_a_limit_gantry_leaves_unlimited_differs_once_set() -> None:
-    assert wanted().max_msgs is None  # the commands' stream keeps every command of its day
+    assert wanted().max_msgs is None  # no count limit on the commands waiting: bytes bound them
     assert not stream_matches(as_the_server_reports(dataclasses.replace(wanted(), max_bytes=1 << 20)), wanted())
 
 
@@ -51,9 +51,9 @@ def test_the_durable_streams_each_have_a_share_of_the_store_and_refuse_when_full
     from shared.bus.streams import STREAM_PIPE, STREAM_STATUS
 
     configs = stream_configs(Settings(js_storage="memory"))
-    for name in (STREAM_PIPE, STREAM_STATUS):  # nothing unhandled is discarded to make room
+    for name in (STREAM_CMD, STREAM_PIPE, STREAM_STATUS):  # nothing unhandled is discarded to make room...
         assert wanted(name).max_bytes and wanted(name).discard is DiscardPolicy.NEW
-    assert wanted(STREAM_CMD).max_bytes and wanted(STREAM_CMD).discard is DiscardPolicy.OLD  # handled ones go first
+        assert wanted(name).retention is RetentionPolicy.INTEREST  # ...and what is handled does not stay
     assert sum(cfg.max_bytes or 0 for cfg in configs) < 256 << 20  # the local stack's memory store holds them all
-    assert not stream_matches(as_the_server_reports(dataclasses.replace(wanted(), discard=DiscardPolicy.NEW)),
+    assert not stream_matches(as_the_server_reports(dataclasses.replace(wanted(), discard=DiscardPolicy.OLD)),
                               wanted())

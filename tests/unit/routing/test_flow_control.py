@@ -163,7 +163,7 @@ def test_pd_requests_flow_control_lets_go_are_routed_when_the_room_is_on_the_pre
     assert [(o.endpoint, o.prefill) for o in out if isinstance(o, Decision)] == [("e1", "e0")]
 
 
-def test_when_a_profiles_filters_drop_every_endpoint_with_room_it_routes_as_without_room() -> None:
+def test_a_request_no_endpoint_with_room_can_take_waits_for_room_it_can_use() -> None:
     from shared.core.roles import NodeRole
 
     yaml = """
@@ -174,6 +174,26 @@ profiles:
   - {name: decode, plugins: [{ref: decode-role}, {ref: queue-scorer}]}
 flow_control: {enabled: true, max_inflight_per_endpoint: 4}
 """
-    r = router(yaml, pool(met(waiting=0), met(waiting=6), roles=(NodeRole.PREFILL, NodeRole.DECODE)))
-    out = r.submit(req("a"), NOW)  # the room is the prefill endpoint's, which this profile never takes
-    assert isinstance(out, Decision) and out.endpoint == "e1"
+    state = pool(met(waiting=0), met(waiting=6), roles=(NodeRole.PREFILL, NodeRole.DECODE))
+    r = router(yaml, state)
+    # the room is the prefill endpoint's, which this profile never takes: before, the request went to the busy
+    # decode endpoint (50 of them piled past its cap of 4), and the idle one kept the gate open for good
+    assert [r.submit(req(f"r{i}"), NOW) for i in range(50)] == [None] * 50 and r.queued() == 50
+    assert r.dispatch(NOW) == [] and r.queued() == 50 and state.endpoints["e1"].inflight_requests == 0
+    state.update_metrics("e1", met(waiting=0))  # the decode endpoint has room again: up to its cap
+    out = r.dispatch(NOW)
+    assert [o.endpoint for o in out if isinstance(o, Decision)] == ["e1"] * 4 and r.queued() == 46
+    assert [o.request_id for o in out] == ["r0", "r1", "r2", "r3"]  # in their order: none lost its place
+
+
+def test_a_request_put_back_keeps_its_place_and_its_expiry() -> None:
+    for ordering in ("fcfs", "edf"):
+        fc = FlowController(FlowConfig(ttl_s=10, ordering=ordering))
+        fc.enqueue(req("a"), 0)
+        fc.enqueue(req("b"), 1)
+        popped = fc.pop()
+        assert popped is not None and popped.request_id == "a"
+        fc.putback()  # no endpoint with room could take it
+        assert len(fc) == 2 and "a" in fc
+        assert [r.request_id for r in fc.expire(10.0)] == ["a"]  # still 10 s from when it arrived
+        assert drain(fc) == ["b"] and fc.held() <= 2 * 64
