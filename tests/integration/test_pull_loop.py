@@ -174,3 +174,35 @@ async def test_a_message_a_consumer_gives_up_on_is_read_back_for_its_dead_letter
     finally:
         await js.delete_stream("EXHAUST")
         await nc.close()
+
+
+async def test_a_full_commands_stream_refuses_new_commands_and_keeps_the_unread_ones(
+        nats_server: ServerProcess) -> None:
+    import nats.js.errors
+    from nats.js.api import AckPolicy
+
+    from shared.bus.streams import STREAM_CMD, stream_configs
+    from shared.settings import Settings
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.delete_stream(STREAM_CMD)
+    try:
+        await js.add_stream(next(c for c in stream_configs(Settings(js_storage="memory")) if c.name == STREAM_CMD))
+        await js.add_consumer(STREAM_CMD, ConsumerConfig(durable_name="reconciler-cmd", ack_policy=AckPolicy.EXPLICIT,
+                                                         filter_subject="gantry.cmd.>"))
+        await js.publish("gantry.cmd.scale", b'{"model": "llama-70b", "replicas": 4}')  # not read yet
+        refused = None
+        for _ in range(40):  # ~20 MiB of later commands, the reconciler away
+            try:
+                await js.publish("gantry.cmd.scale", b"x" * (512 << 10))
+            except nats.js.errors.APIError as err:
+                refused = err
+                break
+        assert refused is not None  # the sender hears it (before: the oldest, unread command was dropped instead)
+        sub = await js.pull_subscribe("gantry.cmd.>", durable="reconciler-cmd", stream=STREAM_CMD)
+        assert (await sub.fetch(1, timeout=5))[0].data.startswith(b'{"model": "llama-70b"')
+    finally:
+        await js.delete_stream(STREAM_CMD)
+        await nc.close()
