@@ -20,7 +20,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from ops.servers import ServerProcess
+from ops.servers import ServerProcess, stop_processes
 from shared.bus import subjects
 from shared.bus.messages import (
     EngineKVEvents,
@@ -62,11 +62,7 @@ def running_picker(env: dict[str, str], log: Path, *args: str) -> Iterator[subpr
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_processes([proc], grace_s=10)
 
 
 def metrics(instance: str, i: int) -> EngineMetrics:

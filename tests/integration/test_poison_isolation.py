@@ -271,6 +271,8 @@ class Slow(Probe):
 
 
 async def test_a_cut_off_batchs_messages_are_never_handled_by_a_sibling_while_still_held(harness: Harness) -> None:
+    Slow.running.clear()
+    Slow.overlaps.clear()
     await harness.publish("slow:0")
     await harness.publish("hang:1")
     await harness.publish("valid:2")
