@@ -110,7 +110,8 @@ class SglangCacheAware:
 
 def spec_for(router: str, blocks: int) -> ClusterSpec:
     """3 replicas as the live bench runs them (``--num-gpu-blocks blocks``)."""
-    name = "rr" if router == "sglang-ca" or router.startswith("file:") else router
+    # a profile file is a Gantry router: its engines publish KV events as the built-in profiles' do
+    name = "rr" if router == "sglang-ca" else "gantry" if router.startswith("file:") else router
     spec = build_cluster("llama-3.1-8b", "H100-SXM-80GB", 3, router=name)
     cfg = replace(spec.config, num_gpu_blocks=blocks, max_model_len=min(spec.config.max_model_len or blocks * BLOCK,
                                                                         blocks * BLOCK))

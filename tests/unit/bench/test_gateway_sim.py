@@ -54,3 +54,15 @@ def test_cache_aware_routes_to_the_least_loaded_worker_only_when_both_imbalance_
     assert ca.pick(ENGINES, 0.0, req("c", list(range(10)), 160)) == 1
     first.finish_time = 1.0  # finished requests leave the load: 1/1/0 after "a" is done
     assert ca.pick(ENGINES, 2.0, req("d", list(range(10)), 160)) == 0
+
+
+def test_a_profile_file_runs_on_engines_that_publish_kv_events_as_the_built_in_profiles_do(tmp_path: Any) -> None:
+    from pathlib import Path
+
+    from bench.gateway_sim import spec_for
+
+    profile = Path(tmp_path) / "p.yaml"
+    profile.write_text((Path(__file__).resolve().parents[3] / "shared/core/routing/profiles/default.yaml").read_text())
+    built_in, from_file = spec_for("gantry", 3200), spec_for(f"file:{profile}", 3200)
+    assert built_in.config.enable_kv_events and from_file.config.enable_kv_events
+    assert not spec_for("sglang-ca", 3200).config.enable_kv_events  # sglang-router reads no KV events

@@ -6,12 +6,14 @@ import pytest
 
 from shared.core.engine import CalibratedStepTime
 from shared.core.routing import Endpoint
+from shared.core.routing.domain import EndpointMetrics
 from shared.core.routing.scorers import SCORERS
 from shared.core.routing.scorers.active_requests import ActiveParams
-from shared.core.routing.scorers.no_hit_lru import NoHitParams
+from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer, NoHitParams
 from shared.core.routing.scorers.predicted_latency import LatencyParams, predicted_ttft
 from shared.core.routing.scorers.prefix import PrefixParams, prefix_score
 from shared.core.routing.scorers.token_load import TokenLoadParams
+from shared.core.routing.state import PoolState
 from tests.unit.routing.helpers import cands, cycle, met, pool, req
 
 
@@ -231,3 +233,84 @@ def test_no_hit_lru_partial_room_is_a_fraction(room: float) -> None:
     from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
 
     assert NoHitLruScorer.check(NoHitParams(partial_room=room))
+
+
+def _cold_pool_with_recency() -> tuple[PoolState, NoHitLruScorer]:
+    """Three endpoints that each took a cold request (e0 least recently, e2 last) and a cold prompt."""
+    state = pool(met(), met(), met())
+    s = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3))
+    for eid in ("e0", "e1", "e2"):
+        s.picked(cycle(state), state.endpoints[eid])
+    return state, s
+
+
+@pytest.mark.parametrize(("busy", "expected"), [
+    # e0 (least recent) has a request in flight from this router: idle e1 and e2 lead, in recency order
+    ({"e0": (1, met())}, [0.5, 0.75, 0.5]),
+    # e0's own count is zero but its last report shows a request running (another replica's): not idle
+    ({"e0": (0, met(running=1))}, [0.5, 0.75, 0.5]),
+    # ... or waiting
+    ({"e0": (0, met(waiting=2)), "e1": (2, met())}, [0.5, 0.25, 0.5]),
+    # everyone busy or everyone idle: recency alone
+    ({"e0": (1, met()), "e1": (1, met()), "e2": (1, met())}, [1.0, 0.5, 0.0]),
+    ({}, [1.0, 0.5, 0.0]),
+])
+def test_no_hit_lru_sends_a_cold_request_to_an_idle_endpoint_first(
+        busy: dict[str, tuple[int, EndpointMetrics]], expected: list[float]) -> None:
+    state, s = _cold_pool_with_recency()
+    for eid, (inflight, m) in busy.items():
+        state.endpoints[eid].inflight_requests = inflight
+        state.update_metrics(eid, m)
+    got = s.score(cycle(state, req(tokens=160, seed=4)), cands(state))
+    assert got == pytest.approx(expected)
+
+
+def test_no_hit_lru_leaves_warm_requests_to_the_other_scorers_when_endpoints_are_idle() -> None:
+    state, s = _cold_pool_with_recency()
+    state.endpoints["e0"].inflight_requests = 1
+    warm = req(tokens=160, seed=4)
+    state.remember("e0", cycle(state, warm).chain.all())
+    assert s.score(cycle(state, warm), cands(state)) is None
+
+
+def test_no_hit_lru_a_partial_holder_with_room_leads_even_when_busy() -> None:
+    from shared.core.routing.domain import RouteRequest
+
+    state, s = _cold_pool_with_recency()
+    family = [7] * 16
+
+    def chat(group: int) -> RouteRequest:
+        return RouteRequest(f"g{group}", "m", token_ids=family + [group * 1000 + i for i in range(144)])
+
+    state.remember("e1", cycle(state, chat(1)).chain.all())
+    state.endpoints["e1"].inflight_requests = 3
+    assert s.score(cycle(state, chat(2)), cands(state)) == [0.5, 1.0, 0.0]
+
+
+def test_no_hit_lru_a_partial_holder_half_full_of_other_prefixes_gives_way_to_an_idle_endpoint() -> None:
+    from shared.core.routing.domain import RouteRequest
+    from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
+
+    state = pool(met(), met(), met())
+    for i in range(3):
+        state.upsert(Endpoint(id=f"e{i}", model="m", num_gpu_blocks=100))
+    family = [7] * 16
+
+    def chat(group: int) -> RouteRequest:
+        return RouteRequest(f"g{group}", "m", token_ids=family + [group * 1000 + i for i in range(144)])
+
+    state.remember("e1", cycle(state, chat(1)).chain.all())
+    state.precise.add(state.endpoints["e1"].slot, list(range(10**6, 10**6 + 50)))  # half its blocks cached
+    state.endpoints["e1"].inflight_requests = 1
+    state.endpoints["e0"].inflight_requests = 1
+    s = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3))
+    for eid in ("e0", "e1", "e2"):
+        s.picked(cycle(state), state.endpoints[eid])
+    assert s.score(cycle(state, chat(2)), cands(state)) == pytest.approx([0.5, 0.25, 0.5])  # e2 idle: it leads
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_no_hit_lru_idle_first_is_a_fraction(bad: float) -> None:
+    from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
+
+    assert NoHitLruScorer.check(NoHitParams(idle_first=bad))
