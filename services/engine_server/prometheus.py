@@ -201,6 +201,32 @@ class ZmqPublisherCollector(Collector):
         yield fam
 
 
+class RequestLogCounts(Protocol):
+    """What :class:`RequestLogCollector` reads: lines the request log's file took and lines it dropped."""
+
+    written: int
+    lost: int
+
+
+class RequestLogCollector(Collector):
+    """The request log's lines on every scrape: a log turned off by a full disk or a slow reader is seen here, not
+    only in one warning line (the log keeps two integers; nothing is added to the step loop)."""
+
+    def __init__(self, request_log: RequestLogCounts, model_name: str) -> None:
+        self.request_log = request_log
+        self.labels = {"model_name": model_name, "engine": "0"}
+
+    def collect(self) -> Iterator[Metric]:
+        """Both line counters."""
+        r, k, lab = self.request_log, CounterMetricFamily, self.labels
+        yield _one(k, "gantry:engine_request_log_lines_written",
+                   "Ended requests whose line the --request-log file or pipe took.", r.written, lab)
+        yield _one(k, "gantry:engine_request_log_lines_lost",
+                   "Ended requests whose line was dropped: the log was turned off (a full disk, a reader gone or not "
+                   "keeping up) or not open. Non-zero: the log no longer holds every request, so figures read from it "
+                   "(exact TTFT quantiles) cover only part of the traffic.", r.lost, lab)
+
+
 def registry_for(collector: EngineCollector, *more: Collector) -> CollectorRegistry:
     """A registry of its own per server (several embedded servers may share a process)."""
     reg = CollectorRegistry(auto_describe=False)

@@ -27,7 +27,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from services.engine_server.access_log import log_config
 from services.engine_server.api import ServerInfo, create_app, error_body
 from services.engine_server.kv_replay import MAX_REPLAY_BUFFER_BATCHES, REPLAY_BUFFER_BATCHES, ReplayBuffer, ReplayDesk
-from services.engine_server.prometheus import PublisherCollector, ZmqPublisherCollector
+from services.engine_server.prometheus import PublisherCollector, RequestLogCollector, ZmqPublisherCollector
 from services.engine_server.publisher import SNAPSHOT_WINDOW_S, Publisher
 from services.engine_server.request_log import RequestLog, open_request_log
 from services.engine_server.runner import EngineRunner
@@ -294,12 +294,14 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
     collectors: list[Collector] = [PublisherCollector(pub, name)] if pub is not None else []
     if zmq_pub is not None:
         collectors.append(ZmqPublisherCollector(zmq_pub, name, replay.desk if replay is not None else None))
-    app = create_app(runner, TextModel(opts.mean_output_len), info, collectors)
-    app.state.publisher, app.state.zmq_publisher, app.state.zmq_replay = pub, zmq_pub, replay
     request_log = RequestLog(opts.request_log, opts.request_log_fd) if opts.request_log else None
     if request_log is not None:  # opened with the server's start, closed with its stop
         runner.on_close = request_log.write
         runner.on_flush.append(request_log.flush)
+        collectors.append(RequestLogCollector(request_log, name))
+    app = create_app(runner, TextModel(opts.mean_output_len), info, collectors)
+    app.state.publisher, app.state.zmq_publisher, app.state.zmq_replay = pub, zmq_pub, replay
+    app.state.request_log = request_log
     kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
     if zmq_pub is not None:
         kv_sinks.append(zmq_pub.publish)
@@ -408,9 +410,9 @@ class EmbeddedServer:
     """A server running as a task in the caller's event loop (e.g. one per instance of an emulated worker)."""
 
     def __init__(self, opts: ServerOptions) -> None:
-        app, self.runner = build(opts)
+        self.app, self.runner = build(opts)
         self.url = f"http://{opts.host}:{opts.port}"
-        self._server = QuietServer(_uvicorn_config(app, opts), opts.request_read_timeout_s)
+        self._server = QuietServer(_uvicorn_config(self.app, opts), opts.request_read_timeout_s)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout_s: float = 10.0) -> None:

@@ -212,3 +212,26 @@ async def test_a_served_chat_completion_is_logged_under_its_response_id(tmp_path
     assert rec["output_tokens"] == body["usage"]["completion_tokens"] == 4
     assert rec["prompt_tokens"] == body["usage"]["prompt_tokens"]
     assert rec["finish"] == "length" and isinstance(rec["ttft_s"], float) and rec["ttft_s"] > 0
+
+
+async def test_the_request_logs_lines_written_and_lost_are_on_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    srv = EmbeddedServer(ServerOptions(port=free_port(), num_gpu_blocks=200, speedup=20.0, served_model_name="m",
+                                       request_log=str(path)))
+    await srv.start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url) as c:
+            for _ in range(2):
+                r = await c.post("/v1/chat/completions", json={
+                    "model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 200
+            log = srv.app.state.request_log
+            assert isinstance(log, RequestLog)
+            log.lost += 3  # as a full disk would have dropped three lines
+            metrics = (await c.get("/metrics")).text
+    finally:
+        await srv.stop()
+    samples = {ln.split("{")[0]: float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
+               if ln.startswith("gantry:engine_request_log_lines_")}
+    assert samples == {"gantry:engine_request_log_lines_written_total": 2.0,
+                       "gantry:engine_request_log_lines_lost_total": 3.0}
