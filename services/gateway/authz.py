@@ -35,7 +35,15 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from services.gateway.epp import DESTINATION, PICKED, Picked, Picker, Refusal, error_body
 from services.gateway.http1 import Connections, headers_of, response
-from services.gateway.protocol import CHECK_PREFIX, HEALTH_PATH, MODELS_PATH, PICK_ID_HEADER, STATS_PATH, authz_status
+from services.gateway.protocol import (
+    CHECK_PREFIX,
+    HEALTH_PATH,
+    MODELS_PATH,
+    PICK_ID_HEADER,
+    STATS_PATH,
+    answered,
+    authz_status,
+)
 from shared.core.routing import Decision
 
 log = logging.getLogger("gantry.gateway")
@@ -146,7 +154,7 @@ class AuthzPicker:
             return False
         if entry.upstream:
             self.picker.served(decision, entry.upstream)
-        self.picker.router.finished(decision.request_id)
+        self.picker.router.finished(decision.request_id, answered(entry.status))
         self.picker.counters.finished += 1
         return True
 

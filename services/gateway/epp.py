@@ -30,7 +30,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
 from services.gateway.capture import Pending, TraceWriter
-from services.gateway.protocol import MODELS_PATH, REQUEST_ID_HEADER, STREAMED_RESPONSE_MODE
+from services.gateway.protocol import MODELS_PATH, REQUEST_ID_HEADER, STREAMED_RESPONSE_MODE, answered
 from services.gateway.request import BadRequest, Tokenize, parse_request, tokenized
 from shared.core.routing import Decision, Router, RouteRequest
 
@@ -233,6 +233,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         headers: dict[str, str] = {}
         decision: Decision | None = None
         first = True
+        ok: bool | None = None  # did the engine answer (a status under 500)? None: no answer seen
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("request")
@@ -255,8 +256,9 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                     got = _headers(msg.response_headers)
                     if decision is not None:
                         self.served(decision, got.get(SERVED, ""))
+                        code = got.get(":status", "")
+                        ok = answered(code)
                         if (pending := self.capturing.get(decision.request_id)) is not None:
-                            code = got.get(":status", "")
                             pending.status = int(code) if code.isdigit() else 0
                     mutation = pb.HeaderMutation(
                         set_headers=[_set_header(PICKED, ",".join(decision.endpoints))] if decision else [])
@@ -268,7 +270,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                     elif decision is not None:
                         # a whole answer (JSON): the engine is done with it, though Envoy still sends the body
                         # and holds the stream open until then; the next request must not see it in flight
-                        self.router.finished(decision.request_id)
+                        self.router.finished(decision.request_id, ok)
                     yield answer
                     if msg.response_headers.end_of_stream:
                         return
@@ -286,7 +288,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                     yield self._ack(kind)
         finally:
             if decision is not None:  # ended one way or another (done, client gone, upstream failed)
-                self.router.finished(decision.request_id)
+                self.router.finished(decision.request_id, ok)
                 self.counters.finished += 1
                 pending = self.capturing.pop(decision.request_id, None)
                 if pending is not None and self.capture is not None:

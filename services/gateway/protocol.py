@@ -109,3 +109,10 @@ def envoy_idle_timeout_s(picker_idle_timeout_s: float) -> float:
     half of it, so Envoy always closes first and never writes a check onto a connection the picker is closing
     at that moment (the check would fail; the engines' keep-alive showed the fault, docs/gateway.md)."""
     return picker_idle_timeout_s / 2
+
+
+def answered(status: int | str) -> bool | None:
+    """Whether the engine answered a request whose response carried ``status``: False for a 5xx (its error, or
+    Envoy's when no engine of the list took it), True below; None when no status came (the client left first)."""
+    code = int(status) if isinstance(status, int) or status.isdigit() else 0
+    return None if code <= 0 else code < 500

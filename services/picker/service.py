@@ -168,6 +168,8 @@ class PickerService:
             self.router.first_token(rid)
         for rid in p.finished:
             self.router.finished(rid)
+        for rid in p.failed:
+            self.router.finished(rid, ok=False)
 
     async def on_metrics(self, msg: Msg) -> None:
         """An engine's state report (joins it to the pool)."""

@@ -123,7 +123,7 @@ def position_table(position: dict[int, int]) -> npt.NDArray[np.intp]:
 class EndpointState:
     """An endpoint with its latest metrics and the router's own in-flight accounting."""
 
-    __slots__ = ("_cols", "_pos", "_rate", "_tokens", "endpoint", "id", "inflight_requests", "metrics",
+    __slots__ = ("_cols", "_pos", "_rate", "_tokens", "endpoint", "failing", "id", "inflight_requests", "metrics",
                  "prefill_rate", "slot")
 
     def __init__(self, endpoint: Endpoint, slot: int) -> None:
@@ -132,6 +132,9 @@ class EndpointState:
         self.slot = slot  # bit position in the prefix indexes
         self.metrics: EndpointMetrics | None = None
         self.inflight_requests = 0  # sent by this router and not yet seen finishing
+        # the last request of this router that ended here failed (an error answer, or the proxy moved it away),
+        # and none has succeeded since: an endpoint that fails fast looks idle, and must not be taken for it
+        self.failing = False
         self._cols: PoolColumns | None = None
         self._pos = 0
         self._tokens = 0  # uncached prompt tokens sent and not yet prefilled (first token unseen)

@@ -116,10 +116,11 @@ class Router:
         self.state.first_token(request_id + PREFILL_SUFFIX)
         self.state.finished(request_id + PREFILL_SUFFIX)
 
-    def finished(self, request_id: str) -> None:
-        """The request ended (any way)."""
+    def finished(self, request_id: str, ok: bool | None = None) -> None:
+        """The request ended (any way); ``ok``: its endpoint answered it (True), failed it (False: an error answer
+        or none), or not known (None)."""
         self.state.finished(request_id + PREFILL_SUFFIX)
-        self.state.finished(request_id)
+        self.state.finished(request_id, ok)
 
     def expire_flights(self, now: float, max_age_s: float, keep: int) -> list[str]:
         """Count as finished the requests in flight longer than ``max_age_s`` and the oldest past ``keep``

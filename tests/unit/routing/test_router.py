@@ -300,3 +300,55 @@ def test_many_endpoints_leaving_drop_their_flights_in_one_pass(monkeypatch: pyte
     r.state.set_endpoints([Endpoint(id="e0", model="m")])
     assert len(passes) == 1 and len(passes[0]) == 199
     assert r.state.in_flight() == 10 and list(r.state.endpoints) == ["e0"]
+
+
+def _share_of_cold_prompts_to_a_broken_engine(how: str, seed: int) -> float:
+    """Three engines; e0 fails every request at once ("error": the caller hears a failed end; "refused": the proxy
+    moves the request to the next endpoint of the list) while its reports say nothing runs there; e1 and e2 take
+    1 s a request. Cold prompts at 20/s for 20 s; the share whose first choice was e0."""
+    import heapq
+    import random
+
+    from shared.core.routing import Endpoint, EndpointMetrics, RouteRequest
+
+    rng = random.Random(seed)
+    r = Router(builtin_config("default"), seed=seed)
+    r.set_endpoints([Endpoint(id=f"e{i}", model="m", num_gpu_blocks=3200) for i in range(3)])
+    running = {"e0": 0, "e1": 0, "e2": 0}
+    ends: list[tuple[float, str, str]] = []
+    t = report = 0.0
+    picks = to_broken = 0
+    while t < 20.0:
+        t += rng.expovariate(20.0)
+        while ends and ends[0][0] <= t:
+            _, rid, ep = heapq.heappop(ends)
+            r.finished(rid, ok=True)
+            running[ep] -= 1
+        while report <= t:  # every engine reports every 50 ms, e0 truthfully: nothing running
+            for ep, n in running.items():
+                r.update_metrics(ep, EndpointMetrics(ts=report, running=n, kv_usage=min(n / 64, 1)))
+            report += 0.05
+        rid = f"r{picks}"
+        picks += 1
+        out = r.route(RouteRequest(rid, "m", token_ids=[rng.randrange(1 << 30) for _ in range(512)]), t)
+        assert isinstance(out, Decision)
+        ep = out.endpoint
+        if ep == "e0":
+            to_broken += 1
+            if how == "error":
+                r.finished(rid, ok=False)
+                continue
+            ep = out.endpoints[1]
+            r.state.moved(rid, ep)
+        r.first_token(rid)
+        running[ep] += 1
+        heapq.heappush(ends, (t + 1.0, rid, ep))
+    return to_broken / picks
+
+
+@pytest.mark.parametrize("how", ["error", "refused"])
+def test_an_engine_that_fails_every_request_at_once_draws_no_more_than_its_share_of_cold_prompts(how: str) -> None:
+    # It is never busy, so it would look idle to the no-hit scorer's idle rule and draw nearly every cold prompt
+    # (90 % with an error answer, 99 % refusing connections, before failures were reported to the core).
+    shares = [_share_of_cold_prompts_to_a_broken_engine(how, seed) for seed in range(2)]
+    assert max(shares) < 0.4, shares

@@ -14,7 +14,7 @@ from shared.core.routing.scorers.predicted_latency import LatencyParams, predict
 from shared.core.routing.scorers.prefix import PrefixParams, prefix_score
 from shared.core.routing.scorers.token_load import TokenLoadParams
 from shared.core.routing.state import PoolState
-from tests.unit.routing.helpers import cands, cycle, met, pool, req
+from tests.unit.routing.helpers import NOW, cands, cycle, met, pool, req
 
 
 def score(name: str, state: object, request: object = None, params: object = None) -> list[float] | None:
@@ -246,14 +246,11 @@ def _cold_pool_with_recency() -> tuple[PoolState, NoHitLruScorer]:
 
 @pytest.mark.parametrize(("busy", "expected"), [
     # e0 (least recent) has a request in flight from this router: idle e1 and e2 lead, in recency order
-    ({"e0": (1, met())}, [0.5, 0.75, 0.5]),
+    ({"e0": (1, met())}, [0.4, 0.8, 0.6]),
     # e0's own count is zero but its last report shows a request running (another replica's): not idle
-    ({"e0": (0, met(running=1))}, [0.5, 0.75, 0.5]),
+    ({"e0": (0, met(running=1))}, [0.4, 0.8, 0.6]),
     # ... or waiting
-    ({"e0": (0, met(waiting=2)), "e1": (2, met())}, [0.5, 0.25, 0.5]),
-    # everyone busy or everyone idle: recency alone
-    ({"e0": (1, met()), "e1": (1, met()), "e2": (1, met())}, [1.0, 0.5, 0.0]),
-    ({}, [1.0, 0.5, 0.0]),
+    ({"e0": (0, met(waiting=2)), "e1": (2, met())}, [0.4, 0.2, 0.6]),
 ])
 def test_no_hit_lru_sends_a_cold_request_to_an_idle_endpoint_first(
         busy: dict[str, tuple[int, EndpointMetrics]], expected: list[float]) -> None:
@@ -263,6 +260,64 @@ def test_no_hit_lru_sends_a_cold_request_to_an_idle_endpoint_first(
         state.update_metrics(eid, m)
     got = s.score(cycle(state, req(tokens=160, seed=4)), cands(state))
     assert got == pytest.approx(expected)
+    idle = [v for eid, v in zip(("e0", "e1", "e2"), got, strict=True) if eid not in busy]
+    assert min(idle) > max(v for eid, v in zip(("e0", "e1", "e2"), got, strict=True) if eid in busy)
+
+
+@pytest.mark.parametrize("busy", [("e0", "e1", "e2"), ()])
+def test_no_hit_lru_is_recency_alone_when_all_endpoints_are_busy_or_all_idle(busy: tuple[str, ...]) -> None:
+    state, s = _cold_pool_with_recency()
+    for eid in busy:
+        state.endpoints[eid].inflight_requests = 1
+    assert s.score(cycle(state, req(tokens=160, seed=4)), cands(state)) == [1.0, 0.5, 0.0]
+
+
+def test_no_hit_lru_an_idle_endpoint_leads_even_when_it_took_the_last_cold_request() -> None:
+    state = pool(met(running=1), met())
+    s = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3))
+    for eid in ("e0", "e1"):  # e1 took the last cold prompt and is done; e0 still runs its own
+        s.picked(cycle(state), state.endpoints[eid])
+    state.endpoints["e0"].inflight_requests = 1
+    got = s.score(cycle(state, req(tokens=160, seed=4)), cands(state))
+    assert got is not None and got[1] > got[0]
+
+
+@pytest.mark.parametrize("how", ["error answer", "moved away by the proxy"])
+def test_no_hit_lru_gives_no_idle_lead_to_an_endpoint_whose_last_request_failed(how: str) -> None:
+    state, s = _cold_pool_with_recency()
+    state.endpoints["e1"].inflight_requests = 1  # e1 busy; e0 and e2 look idle
+    state.dispatched("bad", "e0", 100, NOW)
+    if how == "error answer":
+        state.finished("bad", ok=False)
+    else:
+        state.moved("bad", "e2")
+        state.finished("bad", ok=True)
+    got = s.score(cycle(state, req(tokens=160, seed=4)), cands(state))
+    assert got == pytest.approx([0.4, 0.2, 0.6])  # e0 scored as busy: only e2 leads
+
+
+@pytest.mark.parametrize("recovery", ["a first token", "a request answered"])
+def test_a_failing_endpoint_takes_the_idle_lead_again_once_it_serves(recovery: str) -> None:
+    state, s = _cold_pool_with_recency()
+    state.endpoints["e1"].inflight_requests = 1
+    state.dispatched("bad", "e0", 100, NOW)
+    state.finished("bad", ok=False)
+    state.dispatched("good", "e0", 100, NOW)
+    if recovery == "a first token":
+        state.first_token("good")
+    state.finished("good", ok=True if recovery == "a request answered" else None)
+    assert not state.endpoints["e0"].failing
+    got = s.score(cycle(state, req(tokens=160, seed=4)), cands(state))
+    assert got == pytest.approx([1.0, 0.2, 0.6])
+
+
+def test_an_end_of_unknown_outcome_leaves_failing_as_it_was() -> None:
+    state = pool(met())
+    state.dispatched("bad", "e0", 100, NOW)
+    state.finished("bad", ok=False)
+    state.dispatched("gone", "e0", 100, NOW)
+    state.finished("gone")  # the client left before any answer
+    assert state.endpoints["e0"].failing
 
 
 def test_no_hit_lru_leaves_warm_requests_to_the_other_scorers_when_endpoints_are_idle() -> None:
@@ -306,7 +361,7 @@ def test_no_hit_lru_a_partial_holder_half_full_of_other_prefixes_gives_way_to_an
     s = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3))
     for eid in ("e0", "e1", "e2"):
         s.picked(cycle(state), state.endpoints[eid])
-    assert s.score(cycle(state, chat(2)), cands(state)) == pytest.approx([0.5, 0.25, 0.5])  # e2 idle: it leads
+    assert s.score(cycle(state, chat(2)), cands(state)) == pytest.approx([0.4, 0.2, 0.6])  # e2 idle: it leads
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5])

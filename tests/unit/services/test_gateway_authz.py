@@ -73,6 +73,15 @@ async def test_a_request_served_by_a_fallback_is_moved_there_before_it_ends() ->
     assert all(s.inflight_requests == 0 and s.inflight_tokens == 0 for s in router.state.endpoints.values())
 
 
+async def test_an_access_log_entry_of_a_5xx_marks_the_endpoint_failing_and_a_2xx_clears_it() -> None:
+    p, router = picker(report("a", 8001))
+    authz = AuthzPicker(p)
+    for code, failing in ((502, True), (200, False), (0, False)):  # 0: no response (the client left): unknown
+        _, hs, _ = _split(await _answered(authz, CHAT_HEAD, chat()))
+        authz.finished(Logged(hs[PICK_ID_HEADER], "127.0.0.1:8001" if code else "", code))
+        assert router.state.endpoints["a"].failing is failing
+
+
 async def test_refusals_carry_their_status_and_an_openai_style_error() -> None:
     p, _ = picker(report("a", 8001, model="other"))
     authz = AuthzPicker(p)

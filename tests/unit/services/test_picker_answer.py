@@ -10,7 +10,7 @@ from nats.aio.msg import Msg
 
 from services.picker.answer import BAD_ITEM, answer, read_picks, route_request
 from services.picker.service import PICK_CHUNK, PickerOptions, PickerService
-from shared.bus.messages import MessageError, PickItem, PickReply, PickRequest, decode, encode
+from shared.bus.messages import MessageError, PickItem, PickProgress, PickReply, PickRequest, decode, encode
 from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, EndpointMetrics, Router, builtin_config
 from tests.unit.services.loop_turns import loop_turns
@@ -171,3 +171,26 @@ def test_a_request_id_twice_in_one_message_is_answered_once_and_the_second_is_a_
     first, second, again = read_picks(data)
     assert isinstance(first, PickItem) and isinstance(second, PickItem)
     assert again == "request_id 'a' twice in one message"
+
+
+async def test_progress_naming_a_failed_request_marks_its_engine_failing_and_a_finished_one_says_nothing() -> None:
+    svc = PickerService(PickerOptions(nats_url="nats://unused"), clock=lambda: NOW)
+    svc.router = router("e0")
+    for rid in ("bad", "later"):
+        answer(svc.router, PickItem(request_id=rid, model="m", token_ids=[1]), {"e0": "h:1"}, NOW)
+
+    class RealBus:  # decode_or_reject as the service's bus does it
+        async def decode_or_reject(self, subject: str, body: bytes, kind: type[PickProgress]) -> PickProgress:
+            return decode(body, kind)
+
+    class Progress:
+        subject = "gantry.picker.progress"
+
+        def __init__(self, p: PickProgress) -> None:
+            self.data = encode(p)
+
+    svc.bus = cast(Bus, RealBus())
+    await svc.on_progress(cast(Msg, Progress(PickProgress(failed=["bad"]))))
+    assert svc.router.state.endpoints["e0"].failing
+    await svc.on_progress(cast(Msg, Progress(PickProgress(finished=["later"]))))  # an end of unknown outcome
+    assert svc.router.state.endpoints["e0"].failing and svc.router.state.in_flight() == 0

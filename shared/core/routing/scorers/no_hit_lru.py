@@ -22,17 +22,19 @@ hit rate by -1.2, -0.7 and +0.3 points: there the caches overflow and group plac
 
 Why ``idle_first``: a cold prompt is a long prefill, and on an endpoint that is running anything it starts
 only after the step in flight (a decode step: several ms) and then shares its steps with the running decodes.
-On an idle endpoint it starts at once. So when some endpoints are idle and others not (nothing in flight from
-this router *and*, by the endpoint's last report, nothing running or waiting: the report covers other router
-replicas and clients, the router's own count covers what the report is too old to show), the idle ones lead:
-the score is ``(1 - idle_first) × recency + idle_first`` for them and ``(1 - idle_first) × recency`` for the
-others. A qualifying partial holder still leads (its blocks are a hit). On the gateway bench's 128-group
-workload in virtual time (``bench/gateway_sim.py``, 30 seeds) the exact TTFT p90 fell from 26.1 to 25.0 ms,
-under the sglang-router model's 25.9 ms in 30 of 30 seeds (12 of 30 before), at no cost in hit rate: the
-requests above the p90 there are cold prefills, and what they waited for was the step in flight. With
-``partial_room`` 0.9 the holder preference outlived the point where it pays (a holder half full of other
-prefixes evicts them for one shared block) and kept the idle rule from cold prompts: 0.5 (the hit rate rose
-from 0.628 to 0.631 at 128 groups; at 32 groups, where caches stay a quarter full, nothing changes).
+On an idle endpoint it starts at once. So when some endpoints are idle and others not, the idle ones lead: the
+score is ``(1 - idle_first) × recency + idle_first`` for them and ``(1 - idle_first) × recency`` for the others
+(above 0.5, every idle endpoint outranks every busy one). Idle: nothing in flight from this router, nothing running
+or waiting by the endpoint's last report (which covers other router replicas and clients, where the router's own
+count covers what the report is too old to show), and not ``failing``: an engine that fails every request at once
+is never busy, and without that it drew nearly every cold prompt. A qualifying partial holder still leads (its
+blocks are a hit), and before any cold request was taken it leads too. On the gateway bench's 128-group workload
+in virtual time (``bench/gateway_sim.py``, 30 seeds) the exact TTFT p90 fell from 26.1 to 25.0 ms, under the
+sglang-router model's 25.9 ms in 30 of 30 seeds (12 of 30 before): the requests above the p90 there are cold
+prefills, and what they waited for was the step in flight. With ``partial_room`` 0.9 the holder preference outlived
+the point where it pays (a holder half full of other prefixes evicts them for one shared block) and kept the idle
+rule from cold prompts: 0.5 (the 128-group hit rate rose from 0.628 to 0.630; at 32 groups, where caches stay a
+quarter full, nothing changes). docs/gateway.md has the figures, Mooncake's included.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class NoHitParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     cold_below: float = 0.0
     prefer_partial: bool = True  # a cold request's longest partial holder leads (unless it took the last one)
     partial_room: float = 0.5  # ... and only while less than this fraction of the holder's KV blocks is cached
-    idle_first: float = 0.5  # an idle endpoint's lead for a cold request (0: recency alone)
+    idle_first: float = 0.6  # an idle endpoint's lead for a cold request (0: recency alone; > 0.5: ahead of all busy)
 
 
 class NoHitLruScorer(Scorer):
@@ -109,8 +111,8 @@ class NoHitLruScorer(Scorer):
         if f > 0:
             idle = [_idle(st) for st in cands]
             if any(idle) and not all(idle):
-                out = [(1 - f) * v + (f if i else 0.0) for i, v in zip(idle, out, strict=True)]
-        return None if all(v == out[0] for v in out) else out
+                return [(1 - f) * v + (f if i else 0.0) for i, v in zip(idle, out, strict=True)]
+        return out if self._recent else None  # nobody took a cold request yet: the same for all
 
     def _recency(self, cands: list[EndpointState]) -> list[float]:
         """1 for an endpoint that never took a cold request, else 1 (least recent) .. 0 (most recent)."""
@@ -144,6 +146,7 @@ class NoHitLruScorer(Scorer):
 
 
 def _idle(st: EndpointState) -> bool:
-    """Nothing in flight from this router and, by the last report (if any), nothing running or waiting."""
+    """Nothing in flight from this router and, by the last report (if any), nothing running or waiting; and not
+    failing (an engine that fails every request at once is never busy, and would draw every cold prompt)."""
     m = st.metrics
-    return st.inflight_requests == 0 and (m is None or m.running + m.waiting == 0)
+    return st.inflight_requests == 0 and not st.failing and (m is None or m.running + m.waiting == 0)
