@@ -120,10 +120,16 @@ def position_table(position: dict[int, int]) -> npt.NDArray[np.intp]:
     return table
 
 
+FAILED_HOLD_S = 10.0
+"""How long a failure keeps an endpoint from counting as idle (each failure renews it): an engine failing every
+request it gets keeps failing within it, and a healthy one that failed once (a restart, a reset connection) is not
+kept from cold prompts for good; the core hears of a success only on a request it placed there."""
+
+
 class EndpointState:
     """An endpoint with its latest metrics and the router's own in-flight accounting."""
 
-    __slots__ = ("_cols", "_pos", "_rate", "_tokens", "endpoint", "failing", "id", "inflight_requests", "metrics",
+    __slots__ = ("_cols", "_pos", "_rate", "_tokens", "endpoint", "failed_at", "id", "inflight_requests", "metrics",
                  "prefill_rate", "slot")
 
     def __init__(self, endpoint: Endpoint, slot: int) -> None:
@@ -132,14 +138,18 @@ class EndpointState:
         self.slot = slot  # bit position in the prefix indexes
         self.metrics: EndpointMetrics | None = None
         self.inflight_requests = 0  # sent by this router and not yet seen finishing
-        # the last request of this router that ended here failed (an error answer, or the proxy moved it away),
-        # and none has succeeded since: an endpoint that fails fast looks idle, and must not be taken for it
-        self.failing = False
+        # when a request of this router last failed here (an error answer, or the proxy moved it away), unless one
+        # succeeded since: an endpoint that fails fast looks idle, and must not be taken for it (``failing``)
+        self.failed_at: float | None = None
         self._cols: PoolColumns | None = None
         self._pos = 0
         self._tokens = 0  # uncached prompt tokens sent and not yet prefilled (first token unseen)
         self.prefill_rate = 0.0  # peak prefill tokens/s (set by the pool state from the GPU's step-time model)
         self._rate = 0.0  # prefill tokens/s left beside the running decodes (refreshed with metrics)
+
+    def failing(self, now: float) -> bool:
+        """A request failed here less than ``FAILED_HOLD_S`` before ``now`` and none succeeded since."""
+        return self.failed_at is not None and now - self.failed_at < FAILED_HOLD_S
 
     def attach(self, cols: PoolColumns | None, pos: int = 0) -> None:
         """Mirror this endpoint's load into ``cols`` at ``pos`` from now on (None: detach)."""

@@ -118,8 +118,14 @@ class Router:
 
     def finished(self, request_id: str, ok: bool | None = None) -> None:
         """The request ended (any way); ``ok``: its endpoint answered it (True), failed it (False: an error answer
-        or none), or not known (None)."""
-        self.state.finished(request_id + PREFILL_SUFFIX)
+        or none), or not known (None). A P/D request that failed before its first token failed on its prefill leg
+        (the decode endpoint's part had not begun); after it, on the decode endpoint."""
+        prefill = request_id + PREFILL_SUFFIX
+        if ok is False and self.state.flying(prefill):
+            self.state.finished(prefill, False)
+            self.state.finished(request_id)
+            return
+        self.state.finished(prefill, ok)
         self.state.finished(request_id, ok)
 
     def expire_flights(self, now: float, max_age_s: float, keep: int) -> list[str]:

@@ -285,7 +285,7 @@ class PoolState:
         if old is not None:
             old.inflight_requests -= 1
             old.inflight_tokens -= pending
-            old.failing = True  # the proxy gave up on it (connect failure, refused or reset before the request)
+            old.failed_at = self._newest_flight  # the proxy gave up on it (connect failure, refused or reset)
         f.endpoint = endpoint_id
         st.inflight_requests += 1
         st.inflight_tokens += pending
@@ -300,11 +300,12 @@ class PoolState:
         st = self.endpoints.get(f.endpoint)
         if st is not None:
             st.inflight_tokens -= f.tokens
-            st.failing = False  # it produced output: it works
+            st.failed_at = None  # it produced output: it works
 
     def finished(self, request_id: str, ok: bool | None = None) -> None:
         """The request ended (done, failed or cancelled); ``ok``: whether its endpoint answered it (False: an error
-        answer or none; None: not known, e.g. the client left), which sets or clears the endpoint's ``failing``."""
+        answer or none; None: not known, e.g. the client left), which marks or clears the endpoint's failure (dated
+        by the newest dispatch: the core keeps no clock of its own, and an end carries none)."""
         f = self._flights.get(request_id)
         if f is not None and not f.prefilled:  # a first token is a success; a failed request had none
             f.prefilled = True
@@ -318,7 +319,7 @@ class PoolState:
         if st is not None:
             st.inflight_requests -= 1
             if ok is not None:
-                st.failing = not ok
+                st.failed_at = None if ok else self._newest_flight
 
     def _clock_stepped_back(self, now: float) -> None:
         """The caller's clock went back (an NTP step, a VM resumed): flights stamped after ``now`` count from ``now``,

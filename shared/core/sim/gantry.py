@@ -127,7 +127,7 @@ class GantryRouter:
         self._live.pop(request.req_id, None)
         owner = self._owner.pop(request.req_id, None)
         if owner is not None:
-            owner.finished(request.req_id, ok=False)
+            owner.finished(request.req_id, ok=True)  # it answered, with a refusal of the request (a 400)
 
 
 def make_gantry(spec: str, replicas: int = 1) -> GantryRouter:

@@ -6,7 +6,7 @@ import pytest
 
 from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from shared.core.roles import NodeRole
-from shared.core.routing import NO_ENDPOINT, SHED, Decision, Refusal, builtin_config, builtin_names
+from shared.core.routing import NO_ENDPOINT, SHED, Decision, EndpointMetrics, Refusal, builtin_config, builtin_names
 from shared.core.routing.router import Router
 from tests.unit.routing.helpers import NOW, PD, met, pool, req, router
 
@@ -174,6 +174,20 @@ def test_pd_over_mixed_endpoints_choosing_one_endpoint_for_both_legs_books_it_on
     out = r.route(req("q", tokens=1000, seed=1), NOW)
     assert isinstance(out, Decision) and (out.endpoint, out.prefill) == ("e0", None)
     assert (state.endpoints["e0"].inflight_requests, state.endpoints["e0"].inflight_tokens) == (1, 1000)
+
+
+@pytest.mark.parametrize(("first_token", "blamed"), [(False, "e0"), (True, "e1")])
+def test_a_pd_request_that_fails_is_blamed_on_the_leg_it_failed_in(first_token: bool, blamed: str) -> None:
+    # before its first token the prefill endpoint had not finished its part; after it, the decode endpoint failed
+    state = pool(met(), met(), roles=(NodeRole.PREFILL, NodeRole.DECODE))
+    r = router(PD, state)
+    out = r.route(req("l", tokens=320, seed=1), NOW)
+    assert isinstance(out, Decision) and (out.endpoint, out.prefill) == ("e1", "e0")
+    if first_token:
+        r.first_token("l")
+    r.finished("l", ok=False)
+    assert {eid for eid, st in state.endpoints.items() if st.failed_at is not None} == {blamed}
+    assert state.in_flight() == 0
 
 
 def test_shadow_profile_scores_without_acting_and_exports_disagreement() -> None:
@@ -344,6 +358,33 @@ def _share_of_cold_prompts_to_a_broken_engine(how: str, seed: int) -> float:
         running[ep] += 1
         heapq.heappush(ends, (t + 1.0, rid, ep))
     return to_broken / picks
+
+
+def test_an_engine_that_failed_once_gets_cold_prompts_again_after_the_hold() -> None:
+    # only a success of a request placed there could clear the mark, and the idle rule would place none there while
+    # another endpoint is idle: at light load one failure would keep it from every cold prompt for good
+    import random
+
+    from shared.core.routing import Endpoint, RouteRequest
+    from shared.core.routing.domain import FAILED_HOLD_S
+
+    rng = random.Random(0)
+    r = Router(builtin_config("default"), seed=0)
+    r.set_endpoints([Endpoint(id=f"e{i}", model="m", num_gpu_blocks=3200) for i in range(4)])
+    t, taken = 0.0, 0
+    for k in range(200):  # one cold prompt every 0.5 s, each done before the next: every endpoint idle
+        for i in range(4):
+            r.update_metrics(f"e{i}", EndpointMetrics(ts=t))
+        out = r.route(RouteRequest(f"r{k}", "m", token_ids=[rng.randrange(1 << 30) for _ in range(512)]), t)
+        assert isinstance(out, Decision)
+        if k == 0:
+            r.state.dispatched("boom", "e0", 10, t)
+            r.finished("boom", ok=False)  # e0 failed once, then works
+        elif out.endpoint == "e0" and t > FAILED_HOLD_S:
+            taken += 1
+        r.finished(f"r{k}", ok=True)
+        t += 0.5
+    assert taken >= 200 // 4 // 2  # about its share (recency spreads a quarter each) once the hold lapsed
 
 
 @pytest.mark.parametrize("how", ["error", "refused"])

@@ -306,7 +306,7 @@ def test_a_failing_endpoint_takes_the_idle_lead_again_once_it_serves(recovery: s
     if recovery == "a first token":
         state.first_token("good")
     state.finished("good", ok=True if recovery == "a request answered" else None)
-    assert not state.endpoints["e0"].failing
+    assert state.endpoints["e0"].failed_at is None
     got = s.score(cycle(state, req(tokens=160, seed=4)), cands(state))
     assert got == pytest.approx([1.0, 0.2, 0.6])
 
@@ -317,7 +317,7 @@ def test_an_end_of_unknown_outcome_leaves_failing_as_it_was() -> None:
     state.finished("bad", ok=False)
     state.dispatched("gone", "e0", 100, NOW)
     state.finished("gone")  # the client left before any answer
-    assert state.endpoints["e0"].failing
+    assert state.endpoints["e0"].failed_at is not None
 
 
 def test_no_hit_lru_leaves_warm_requests_to_the_other_scorers_when_endpoints_are_idle() -> None:
@@ -369,3 +369,15 @@ def test_no_hit_lru_idle_first_is_a_fraction(bad: float) -> None:
     from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer
 
     assert NoHitLruScorer.check(NoHitParams(idle_first=bad))
+
+
+def test_a_failure_keeps_the_idle_lead_off_its_endpoint_for_the_hold_only() -> None:
+    from shared.core.routing.domain import FAILED_HOLD_S
+
+    state, s = _cold_pool_with_recency()
+    state.endpoints["e1"].inflight_requests = 1
+    state.dispatched("bad", "e0", 100, NOW)
+    state.finished("bad", ok=False)
+    during = s.score(cycle(state, req(tokens=160, seed=4), now=NOW + FAILED_HOLD_S - 1), cands(state))
+    after = s.score(cycle(state, req(tokens=160, seed=4), now=NOW + FAILED_HOLD_S), cands(state))
+    assert during == pytest.approx([0.4, 0.2, 0.6]) and after == pytest.approx([1.0, 0.2, 0.6])

@@ -417,12 +417,12 @@ async def test_a_json_answer_is_not_streamed_through_the_picker_and_ends_with_th
 @pytest.mark.parametrize(("status", "failing"), [("500", True), ("503", True), ("200", False), ("429", False)])
 async def test_an_engines_error_answer_marks_it_failing_and_an_answer_clears_it(status: str, failing: bool) -> None:
     p, router = picker(report("a", 8001))
-    router.state.endpoints["a"].failing = not failing  # what the answer must turn over
+    router.state.endpoints["a"].failed_at = None if failing else NOW  # what the answer must turn over
     ex = Exchange(p)
     await ex.send(headers_msg())
     await ex.send(body_msg(chat()))
     await ex.send(resp_headers(served="127.0.0.1:8001", content_type="application/json", status=status))
-    assert router.state.endpoints["a"].failing is failing
+    assert (router.state.endpoints["a"].failed_at is not None) is failing
 
 
 async def test_a_request_envoy_moved_off_its_endpoint_marks_that_endpoint_failing() -> None:
@@ -433,17 +433,18 @@ async def test_a_request_envoy_moved_off_its_endpoint_marks_that_endpoint_failin
     first, second = resp.request_body.response.header_mutation.set_headers[0].header.raw_value.decode().split(",")
     ids = {"127.0.0.1:8001": "a", "127.0.0.1:8002": "b"}
     await ex.send(resp_headers(served=second, content_type="application/json", status="200"))
-    assert router.state.endpoints[ids[first]].failing and not router.state.endpoints[ids[second]].failing
+    assert router.state.endpoints[ids[first]].failed_at is not None
+    assert router.state.endpoints[ids[second]].failed_at is None
 
 
 async def test_a_client_gone_before_any_answer_says_nothing_of_the_endpoint() -> None:
     p, router = picker(report("a", 8001))
-    router.state.endpoints["a"].failing = True
+    router.state.endpoints["a"].failed_at = NOW
     ex = Exchange(p)
     await ex.send(headers_msg())
     await ex.send(body_msg(chat()))
     await ex.gen.aclose()
-    assert router.state.endpoints["a"].failing and router.state.in_flight() == 0
+    assert router.state.endpoints["a"].failed_at == NOW and router.state.in_flight() == 0
 
 
 async def test_a_streamed_answer_asks_envoy_for_its_chunks_to_see_the_first_token() -> None:

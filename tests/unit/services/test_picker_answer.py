@@ -191,6 +191,6 @@ async def test_progress_naming_a_failed_request_marks_its_engine_failing_and_a_f
 
     svc.bus = cast(Bus, RealBus())
     await svc.on_progress(cast(Msg, Progress(PickProgress(failed=["bad"]))))
-    assert svc.router.state.endpoints["e0"].failing
+    assert svc.router.state.endpoints["e0"].failing(NOW)
     await svc.on_progress(cast(Msg, Progress(PickProgress(finished=["later"]))))  # an end of unknown outcome
-    assert svc.router.state.endpoints["e0"].failing and svc.router.state.in_flight() == 0
+    assert svc.router.state.endpoints["e0"].failing(NOW) and svc.router.state.in_flight() == 0

@@ -26,8 +26,9 @@ On an idle endpoint it starts at once. So when some endpoints are idle and other
 score is ``(1 - idle_first) × recency + idle_first`` for them and ``(1 - idle_first) × recency`` for the others
 (above 0.5, every idle endpoint outranks every busy one). Idle: nothing in flight from this router, nothing running
 or waiting by the endpoint's last report (which covers other router replicas and clients, where the router's own
-count covers what the report is too old to show), and not ``failing``: an engine that fails every request at once
-is never busy, and without that it drew nearly every cold prompt. A qualifying partial holder still leads (its
+count covers what the report is too old to show), and not failing (a request failed there in the last
+``FAILED_HOLD_S``, 10 s, and none succeeded since): an engine that fails every request at once is never busy, and
+without that it drew nearly every cold prompt. A qualifying partial holder still leads (its
 blocks are a hit), and before any cold request was taken it leads too. On the gateway bench's 128-group workload
 in virtual time (``bench/gateway_sim.py``, 30 seeds) the exact TTFT p90 fell from 26.1 to 25.0 ms, under the
 sglang-router model's 25.9 ms in 30 of 30 seeds (12 of 30 before): the requests above the p90 there are cold
@@ -109,7 +110,7 @@ class NoHitLruScorer(Scorer):
                 return [1.0 if h else v / 2 for h, v in zip(holders, out, strict=True)]
         f = self.params.idle_first
         if f > 0:
-            idle = [_idle(st) for st in cands]
+            idle = [_idle(st, cycle.now) for st in cands]
             if any(idle) and not all(idle):
                 return [(1 - f) * v + (f if i else 0.0) for i, v in zip(idle, out, strict=True)]
         return out if self._recent else None  # nobody took a cold request yet: the same for all
@@ -145,8 +146,8 @@ class NoHitLruScorer(Scorer):
             recent.popitem(last=False)
 
 
-def _idle(st: EndpointState) -> bool:
+def _idle(st: EndpointState, now: float) -> bool:
     """Nothing in flight from this router and, by the last report (if any), nothing running or waiting; and not
     failing (an engine that fails every request at once is never busy, and would draw every cold prompt)."""
     m = st.metrics
-    return st.inflight_requests == 0 and not st.failing and (m is None or m.running + m.waiting == 0)
+    return st.inflight_requests == 0 and (m is None or m.running + m.waiting == 0) and not st.failing(now)
