@@ -622,7 +622,7 @@ class PickProgress(Message, frozen=True, kw_only=True):
     """Requests whose first token arrived and requests that ended, for the pickers' in-flight accounting; every
     picker replica reads it and ignores ids it did not place (idempotent). ``finished``: ended with an answer from
     their engine, or with no outcome known; ``failed``: ended because their engine failed them (an error answer,
-    or none), which keeps that engine from being taken for idle until it serves again."""
+    or none), which keeps that engine from counting as idle for 10 s or until it serves again."""
 
     first_token: RequestIds = []
     finished: RequestIds = []
