@@ -259,7 +259,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                         code = got.get(":status", "")
                         ok = answered(code)
                         if (pending := self.capturing.get(decision.request_id)) is not None:
-                            pending.status = int(code) if code.isdigit() else 0
+                            pending.status = int(code) if code.isascii() and code.isdigit() else 0
                     mutation = pb.HeaderMutation(
                         set_headers=[_set_header(PICKED, ",".join(decision.endpoints))] if decision else [])
                     answer = pb.ProcessingResponse(response_headers=pb.HeadersResponse(

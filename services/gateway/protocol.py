@@ -114,5 +114,5 @@ def envoy_idle_timeout_s(picker_idle_timeout_s: float) -> float:
 def answered(status: int | str) -> bool | None:
     """Whether the engine answered a request whose response carried ``status``: False for a 5xx (its error, or
     Envoy's when no engine of the list took it), True below; None when no status came (the client left first)."""
-    code = int(status) if isinstance(status, int) or status.isdigit() else 0
+    code = status if isinstance(status, int) else int(status) if status.isascii() and status.isdigit() else 0
     return None if code <= 0 else code < 500

@@ -505,3 +505,13 @@ def test_a_failed_endpoint_file_write_leaves_no_temporary_file(tmp_path: Path) -
     with pytest.raises(OSError):
         write_eds(tmp_path / "missing-dir" / "engines.json", {"resources": []})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    ("200", True), ("404", True), ("500", False), ("504", False), (503, False), (200, True),
+    ("", None), ("0", None), (0, None), ("abc", None), ("²", None), ("٣٠٠", None),  # none, or no number we read
+])
+def test_an_answer_is_a_status_under_500_and_no_status_says_nothing(status: int | str, expected: bool | None) -> None:
+    from services.gateway.protocol import answered
+
+    assert answered(status) is expected
