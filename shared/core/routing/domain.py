@@ -124,13 +124,17 @@ FAILED_HOLD_S = 10.0
 """How long a failure keeps an endpoint from counting as idle (each failure renews it): an engine failing every
 request it gets keeps failing within it, and a healthy one that failed once (a restart, a reset connection) is not
 kept from cold prompts for good; the core hears of a success only on a request it placed there."""
+BROKEN_STREAK = 3
+"""Failures in a row (within the hold) after which an endpoint is broken: left out of the pool the router decides
+over (unless every endpoint is), so warm requests stop following their prefix onto it; once the hold lapses, the
+next request may try it again."""
 
 
 class EndpointState:
     """An endpoint with its latest metrics and the router's own in-flight accounting."""
 
-    __slots__ = ("_cols", "_pos", "_rate", "_tokens", "endpoint", "failed_at", "id", "inflight_requests", "metrics",
-                 "prefill_rate", "slot")
+    __slots__ = ("_cols", "_pos", "_rate", "_tokens", "endpoint", "fail_streak", "failed_at", "id",
+                 "inflight_requests", "metrics", "prefill_rate", "slot")
 
     def __init__(self, endpoint: Endpoint, slot: int) -> None:
         self.endpoint = endpoint
@@ -141,6 +145,7 @@ class EndpointState:
         # when a request of this router last failed here (an error answer, or the proxy moved it away), unless one
         # succeeded since: an endpoint that fails fast looks idle, and must not be taken for it (``failing``)
         self.failed_at: float | None = None
+        self.fail_streak = 0  # failures in a row since the last success
         self._cols: PoolColumns | None = None
         self._pos = 0
         self._tokens = 0  # uncached prompt tokens sent and not yet prefilled (first token unseen)
@@ -150,6 +155,20 @@ class EndpointState:
     def failing(self, now: float) -> bool:
         """A request failed here less than ``FAILED_HOLD_S`` before ``now`` and none succeeded since."""
         return self.failed_at is not None and now - self.failed_at < FAILED_HOLD_S
+
+    def broken(self, now: float) -> bool:
+        """Failing, and its last ``BROKEN_STREAK`` requests here all failed."""
+        return self.fail_streak >= BROKEN_STREAK and self.failing(now)
+
+    def failed(self, when: float) -> None:
+        """A request of this router failed here (its ``when``: the router's newest dispatch)."""
+        self.failed_at = when
+        self.fail_streak += 1
+
+    def served(self) -> None:
+        """A request of this router was answered here: no longer failing."""
+        self.failed_at = None
+        self.fail_streak = 0
 
     def attach(self, cols: PoolColumns | None, pos: int = 0) -> None:
         """Mirror this endpoint's load into ``cols`` at ``pos`` from now on (None: detach)."""

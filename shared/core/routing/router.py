@@ -203,6 +203,7 @@ class Router:
         pool = self.state.pool(request.model)
         if not pool:
             return Refusal(request.request_id, NO_ENDPOINT, f"no endpoint serves model {request.model!r}")
+        pool = self.state.working(pool, now)  # an endpoint failing request after request takes none (one a hold)
         if with_room and self.config.handler.type == "single":
             # (P/D is left whole: its prefill and decode endpoints have room of their own; narrowed, a pool whose room
             # was all on the prefill side refused every request at the decode profile's role filter)
@@ -272,6 +273,4 @@ class Router:
                 continue
             for plugin in self.profiles[name].learners:
                 plugin.picked(cycle, chosen)
-
-
 

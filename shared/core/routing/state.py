@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from shared.core.engine.step_time import StepTimeModel
 from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from shared.core.routing.domain import Endpoint, EndpointMetrics, EndpointState, PoolColumns
+from shared.core.routing.domain import BROKEN_STREAK, Endpoint, EndpointMetrics, EndpointState, PoolColumns
 from shared.core.routing.hashing import ChunkMemo
 from shared.core.routing.prefix_index import DEFAULT_CAPACITY, PrefixIndex
 
@@ -93,6 +93,7 @@ class PoolState:
         self.step_models: dict[str, StepTimeModel] = {}
         self._prefill_rate: dict[str, float] = {}
         self._flights: dict[str, _Flight] = {}
+        self.streaking: set[str] = set()  # endpoints whose last BROKEN_STREAK requests here failed
         self._newest_flight = -math.inf  # the latest dispatch stamp: the flights' stamps never decrease in order
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -142,6 +143,7 @@ class PoolState:
     def _forget_endpoint(self, endpoint_id: str) -> bool:
         """Forget an endpoint but its flights; False if it was not known."""
         st = self.endpoints.pop(endpoint_id, None)
+        self.streaking.discard(endpoint_id)
         if st is None:
             return False
         self._changed()
@@ -285,7 +287,7 @@ class PoolState:
         if old is not None:
             old.inflight_requests -= 1
             old.inflight_tokens -= pending
-            old.failed_at = self._newest_flight  # the proxy gave up on it (connect failure, refused or reset)
+            self._failed(old)  # the proxy gave up on it (connect failure, refused or reset)
         f.endpoint = endpoint_id
         st.inflight_requests += 1
         st.inflight_tokens += pending
@@ -300,7 +302,7 @@ class PoolState:
         st = self.endpoints.get(f.endpoint)
         if st is not None:
             st.inflight_tokens -= f.tokens
-            st.failed_at = None  # it produced output: it works
+            self._served(st)  # it produced output: it works
 
     def finished(self, request_id: str, ok: bool | None = None) -> None:
         """The request ended (done, failed or cancelled); ``ok``: whether its endpoint answered it (False: an error
@@ -318,8 +320,10 @@ class PoolState:
         st = self.endpoints.get(f.endpoint)
         if st is not None:
             st.inflight_requests -= 1
-            if ok is not None:
-                st.failed_at = None if ok else self._newest_flight
+            if ok is True:
+                self._served(st)
+            elif ok is False:
+                self._failed(st)
 
     def _clock_stepped_back(self, now: float) -> None:
         """The caller's clock went back (an NTP step, a VM resumed): flights stamped after ``now`` count from ``now``,
@@ -346,6 +350,24 @@ class PoolState:
     def in_flight(self) -> int:
         """Requests dispatched and not yet finished."""
         return len(self._flights)
+
+    def _failed(self, st: EndpointState) -> None:
+        st.failed(self._newest_flight)  # dated by the newest dispatch: the core keeps no clock, an end carries none
+        if st.fail_streak >= BROKEN_STREAK:
+            self.streaking.add(st.id)
+
+    def _served(self, st: EndpointState) -> None:
+        st.served()
+        self.streaking.discard(st.id)
+
+    def working(self, pool: list[EndpointState], now: float) -> list[EndpointState]:
+        """``pool`` without its broken endpoints (``EndpointState.broken``), or all of it when every one is broken
+        (a request is not refused for it). The pool list itself when none is on a failure streak (the usual case,
+        one set lookup)."""
+        if not self.streaking:
+            return pool
+        kept = [st for st in pool if not (st.id in self.streaking and st.broken(now))]
+        return kept if kept and len(kept) < len(pool) else pool
 
     def flying(self, request_id: str) -> bool:
         """Whether ``request_id`` is dispatched and not yet finished (its endpoint may have left since: then not)."""

@@ -6,7 +6,16 @@ import pytest
 
 from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from shared.core.roles import NodeRole
-from shared.core.routing import NO_ENDPOINT, SHED, Decision, EndpointMetrics, Refusal, builtin_config, builtin_names
+from shared.core.routing import (
+    NO_ENDPOINT,
+    SHED,
+    Decision,
+    EndpointMetrics,
+    Refusal,
+    RouteRequest,
+    builtin_config,
+    builtin_names,
+)
 from shared.core.routing.router import Router
 from tests.unit.routing.helpers import NOW, PD, met, pool, req, router
 
@@ -393,3 +402,62 @@ def test_an_engine_that_fails_every_request_at_once_draws_no_more_than_its_share
     # (90 % with an error answer, 99 % refusing connections, before failures were reported to the core).
     shares = [_share_of_cold_prompts_to_a_broken_engine(how, seed) for seed in range(2)]
     assert max(shares) < 0.4, shares
+
+
+def _warm_on_e0() -> tuple[Router, RouteRequest]:
+    """Three endpoints, e0 holding the prompt's prefix (its KV events): the prompt's first choice is e0."""
+    state = pool(met(), met(), met())
+    r = Router(builtin_config("default"), state)
+    q = req("warm", tokens=512, seed=3)
+    chain = r.route(q, NOW, commit=False)  # (the chain of block hashes the router computes for it)
+    assert isinstance(chain, Decision)
+    hashes = list(r.last_cycle.chain.all()) if r.last_cycle is not None else []
+    state.apply_kv_events("e0", KVEventBatch(ts=NOW, events=[
+        BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=[], block_size=16)]))
+    return r, q
+
+
+def _fail_on(r: Router, endpoint: str, times: int, now: float) -> None:
+    for k in range(times):
+        r.state.dispatched(f"x{endpoint}{k}{now}", endpoint, 10, now)
+        r.finished(f"x{endpoint}{k}{now}", ok=False)
+
+
+@pytest.mark.parametrize(("failures", "first"), [(0, "e0"), (2, "e0"), (3, "e1-or-e2")])
+def test_an_endpoint_whose_last_three_requests_failed_takes_no_request_for_the_hold(failures: int, first: str) -> None:
+    r, q = _warm_on_e0()
+    _fail_on(r, "e0", failures, NOW)
+    out = r.route(q, NOW)
+    assert isinstance(out, Decision)
+    assert out.endpoint == "e0" if first == "e0" else "e0" not in out.endpoints  # even holding the prefix
+
+
+def test_a_broken_endpoint_is_tried_again_once_the_hold_lapses_and_leads_after_a_success() -> None:
+    from shared.core.routing.domain import FAILED_HOLD_S
+
+    r, q = _warm_on_e0()
+    _fail_on(r, "e0", 3, NOW)
+    later = NOW + FAILED_HOLD_S
+    for eid in ("e0", "e1", "e2"):
+        r.update_metrics(eid, EndpointMetrics(ts=later))
+    probe = r.route(RouteRequest("probe", "m", token_ids=q.token_ids), later)
+    assert isinstance(probe, Decision) and probe.endpoint == "e0"
+    r.finished("probe", ok=True)
+    assert r.state.endpoints["e0"].fail_streak == 0 and not r.state.streaking
+
+
+def test_when_every_endpoint_is_broken_the_pool_is_left_whole() -> None:
+    state = pool(met(), met())
+    r = Router(builtin_config("default"), state)
+    for eid in ("e0", "e1"):
+        _fail_on(r, eid, 3, NOW)
+    assert state.streaking == {"e0", "e1"}
+    assert isinstance(r.route(req("q", tokens=64), NOW), Decision)
+
+
+def test_a_removed_endpoint_leaves_the_failure_streak_set() -> None:
+    state = pool(met(), met())
+    r = Router(builtin_config("default"), state)
+    _fail_on(r, "e0", 3, NOW)
+    state.remove("e0")
+    assert not state.streaking
