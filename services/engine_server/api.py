@@ -329,9 +329,9 @@ def _shown(name: str) -> str:
 
 
 def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo,
-               more_metrics: Iterable[Collector] = ()) -> ServerApp:
+               more_metrics: Iterable[Collector] = (), *, fail_generations: bool = False) -> ServerApp:
     """The FastAPI app around a running :class:`EngineRunner`; ``more_metrics``: figures ``/metrics`` shows beside
-    the engine's (the NATS publisher's)."""
+    the engine's (the NATS publisher's); ``fail_generations``: every completion is answered 500 (chaos tests)."""
     app = ServerApp(title="Gantry emulated model server")
     app.body_limit = min(MAX_BODY_BYTES, max(1 << 20, BODY_BYTES_PER_TOKEN * info.max_model_len))
     sched = runner.engine.scheduler
@@ -493,6 +493,8 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo,
         return await _serve(body, ids, "chatcmpl", chat=True)
 
     async def _serve(body: _Common, ids: list[int], prefix: str, chat: bool) -> Any:
+        if fail_generations:
+            return _error(500, "this server fails every generation (--fail-generations)")
         req = _request(body, ids, prefix)
         if isinstance(req, JSONResponse):
             return req

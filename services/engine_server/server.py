@@ -234,6 +234,9 @@ class ServerOptions:
     kv_events_replay_buffer: int = REPLAY_BUFFER_BATCHES  # batches kept for replay (vLLM's buffer_steps)
     access_log: bool = True
     request_log: str | None = None  # append one JSON line of exact timings per ended request here
+    # chaos: answer every generation with a 500 while reports, KV events and /metrics go on (an engine whose model
+    # broke but whose process lives: what routing must stop sending to)
+    fail_generations: bool = False
     request_log_fd: int | None = None  # that file, already open (the command line opens it to check it)
     request_read_timeout_s: float = REQUEST_READ_TIMEOUT_S  # a request must arrive whole within this
 
@@ -299,7 +302,7 @@ def build(opts: ServerOptions) -> tuple[FastAPI, EngineRunner]:
         runner.on_close = request_log.write
         runner.on_flush.append(request_log.flush)
         collectors.append(RequestLogCollector(request_log, name))
-    app = create_app(runner, TextModel(opts.mean_output_len), info, collectors)
+    app = create_app(runner, TextModel(opts.mean_output_len), info, collectors, fail_generations=opts.fail_generations)
     app.state.publisher, app.state.zmq_publisher, app.state.zmq_replay = pub, zmq_pub, replay
     app.state.request_log = request_log
     kv_sinks = [s.queue_kv for s in (pub,) if s is not None and opts.kv_events]
@@ -487,6 +490,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--request-log", default=None, metavar="PATH",
                    help="append one JSON line per ended request with its exact server-side timings (TTFT, queue, "
                         "e2e, cached tokens) to this file or pipe; the /metrics histograms only bucket them")
+    p.add_argument("--fail-generations", action="store_true",
+                   help="chaos: answer every completion with a 500, reporting as usual (broken model, live process)")
     a = p.parse_args(argv)
     if refused := credentials_on_command_line("--nats-url", a.nats_url, ENGINE_NATS_URL_ENV):
         sys.exit(f"{p.prog}: error: {refused}")
@@ -528,4 +533,5 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         max_loras=a.max_loras, max_cpu_loras=a.max_cpu_loras, lora_modules=loras,
         lora_load_s=a.lora_load_time, role=a.role, kv_link_gbps=a.kv_link_gbps, kv_link_latency_s=a.kv_link_latency,
         access_log=not a.disable_uvicorn_access_log, request_log=a.request_log or None, request_log_fd=log_fd,
+        fail_generations=a.fail_generations,
     )
