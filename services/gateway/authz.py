@@ -154,7 +154,7 @@ class AuthzPicker:
             return False
         if entry.upstream:
             self.picker.served(decision, entry.upstream)
-        self.picker.router.finished(decision.request_id, answered(entry.status))
+        self.picker.router.finished(decision.request_id, answered(entry.status), self.picker.clock())
         self.picker.counters.finished += 1
         return True
 

@@ -30,7 +30,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
 from services.gateway.capture import Pending, TraceWriter
-from services.gateway.protocol import MODELS_PATH, REQUEST_ID_HEADER, STREAMED_RESPONSE_MODE, answered
+from services.gateway.protocol import MODELS_PATH, OVERLOADED, REQUEST_ID_HEADER, STREAMED_RESPONSE_MODE, answered
 from services.gateway.request import BadRequest, Tokenize, parse_request, tokenized
 from shared.core.routing import Decision, Router, RouteRequest
 
@@ -216,8 +216,8 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
     def served(self, decision: Decision, served: str) -> None:
         """Charge the request to the endpoint that actually served it (Envoy may have walked the list)."""
         actual = {a: e for e, a in self.addresses().items()}.get(served)
-        if actual is not None and actual != decision.endpoint and self.router.state.moved(decision.request_id,
-                                                                                           actual):
+        if actual is not None and actual != decision.endpoint and self.router.state.moved(
+                decision.request_id, actual, self.clock()):
             self.counters.moved += 1
             log.info("request %s served by fallback %s (picked %s)", decision.request_id, actual, decision.endpoint)
 
@@ -257,7 +257,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                     if decision is not None:
                         self.served(decision, got.get(SERVED, ""))
                         code = got.get(":status", "")
-                        ok = answered(code)
+                        ok = answered(code, overloaded=OVERLOADED in got)
                         if (pending := self.capturing.get(decision.request_id)) is not None:
                             pending.status = int(code) if code.isascii() and code.isdigit() else 0
                     mutation = pb.HeaderMutation(
@@ -270,7 +270,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                     elif decision is not None:
                         # a whole answer (JSON): the engine is done with it, though Envoy still sends the body
                         # and holds the stream open until then; the next request must not see it in flight
-                        self.router.finished(decision.request_id, ok)
+                        self.router.finished(decision.request_id, ok, self.clock())
                     yield answer
                     if msg.response_headers.end_of_stream:
                         return
@@ -288,7 +288,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                     yield self._ack(kind)
         finally:
             if decision is not None:  # ended one way or another (done, client gone, upstream failed)
-                self.router.finished(decision.request_id, ok)
+                self.router.finished(decision.request_id, ok, self.clock())
                 self.counters.finished += 1
                 pending = self.capturing.pop(decision.request_id, None)
                 if pending is not None and self.capture is not None:

@@ -111,8 +111,15 @@ def envoy_idle_timeout_s(picker_idle_timeout_s: float) -> float:
     return picker_idle_timeout_s / 2
 
 
-def answered(status: int | str) -> bool | None:
+OVERLOADED = "x-envoy-overloaded"  # on Envoy's own 503 when its circuit breakers overflowed
+
+
+def answered(status: int | str, *, overloaded: bool = False) -> bool | None:
     """Whether the engine answered a request whose response carried ``status``: False for a 5xx (its error, or
-    Envoy's when no engine of the list took it), True below; None when no status came (the client left first)."""
+    Envoy's when no engine of the list took it), True below; None when no status came (the client left first), for a
+    504 (a timeout: a long generation that outlived Envoy's idle timeout says nothing against the engine, and a
+    client could take a healthy engine out with three of them) and for Envoy's overflow 503 (``overloaded``)."""
     code = status if isinstance(status, int) else int(status) if status.isascii() and status.isdigit() else 0
-    return None if code <= 0 else code < 500
+    if code <= 0 or code == 504 or (overloaded and code == 503):
+        return None
+    return code < 500

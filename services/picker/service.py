@@ -169,7 +169,7 @@ class PickerService:
         for rid in p.finished:
             self.router.finished(rid)
         for rid in p.failed:
-            self.router.finished(rid, ok=False)
+            self.router.finished(rid, ok=False, now=self.clock())
 
     async def on_metrics(self, msg: Msg) -> None:
         """An engine's state report (joins it to the pool)."""

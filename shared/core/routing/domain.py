@@ -125,9 +125,9 @@ FAILED_HOLD_S = 10.0
 request it gets keeps failing within it, and a healthy one that failed once (a restart, a reset connection) is not
 kept from cold prompts for good; the core hears of a success only on a request it placed there."""
 BROKEN_STREAK = 3
-"""Failures in a row (within the hold) after which an endpoint is broken: left out of the pool the router decides
-over (unless every endpoint is), so warm requests stop following their prefix onto it; once the hold lapses, the
-next request may try it again."""
+"""Failures in a row (each within the hold of the one before) after which an endpoint is broken: left out of the
+pool the router decides over, so warm requests stop following their prefix onto it, until the hold lapses (a new
+streak then starts) or a request succeeds there. At most half a pool is left out (``PoolState.working``)."""
 
 
 class EndpointState:
@@ -153,17 +153,19 @@ class EndpointState:
         self._rate = 0.0  # prefill tokens/s left beside the running decodes (refreshed with metrics)
 
     def failing(self, now: float) -> bool:
-        """A request failed here less than ``FAILED_HOLD_S`` before ``now`` and none succeeded since."""
-        return self.failed_at is not None and now - self.failed_at < FAILED_HOLD_S
+        """A request failed here less than ``FAILED_HOLD_S`` from ``now`` and none succeeded since (a failure dated
+        past ``now``, the clock having stepped back, counts only within the hold, never for the step's length)."""
+        return self.failed_at is not None and abs(now - self.failed_at) < FAILED_HOLD_S
 
     def broken(self, now: float) -> bool:
-        """Failing, and its last ``BROKEN_STREAK`` requests here all failed."""
+        """Failing, and ``BROKEN_STREAK`` requests here failed in a row, each within the hold of the one before."""
         return self.fail_streak >= BROKEN_STREAK and self.failing(now)
 
     def failed(self, when: float) -> None:
-        """A request of this router failed here (its ``when``: the router's newest dispatch)."""
+        """A request of this router failed here at ``when``. A streak counts only failures within the hold of each
+        other: an engine that failed three times an hour apart is not broken."""
+        self.fail_streak = self.fail_streak + 1 if self.failing(when) else 1
         self.failed_at = when
-        self.fail_streak += 1
 
     def served(self) -> None:
         """A request of this router was answered here: no longer failing."""

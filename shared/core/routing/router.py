@@ -116,17 +116,18 @@ class Router:
         self.state.first_token(request_id + PREFILL_SUFFIX)
         self.state.finished(request_id + PREFILL_SUFFIX)
 
-    def finished(self, request_id: str, ok: bool | None = None) -> None:
+    def finished(self, request_id: str, ok: bool | None = None, now: float | None = None) -> None:
         """The request ended (any way); ``ok``: its endpoint answered it (True), failed it (False: an error answer
         or none), or not known (None). A P/D request that failed before its first token failed on its prefill leg
-        (the decode endpoint's part had not begun); after it, on the decode endpoint."""
+        (the decode endpoint's part had not begun); after it, on the decode endpoint. ``now``: when (the caller's
+        clock; by default the newest dispatch), which dates a failure."""
         prefill = request_id + PREFILL_SUFFIX
         if ok is False and self.state.flying(prefill):
-            self.state.finished(prefill, False)
+            self.state.finished(prefill, False, now)
             self.state.finished(request_id)
             return
-        self.state.finished(prefill, ok)
-        self.state.finished(request_id, ok)
+        self.state.finished(prefill, ok, now)
+        self.state.finished(request_id, ok, now)
 
     def expire_flights(self, now: float, max_age_s: float, keep: int) -> list[str]:
         """Count as finished the requests in flight longer than ``max_age_s`` and the oldest past ``keep``
@@ -143,7 +144,7 @@ class Router:
 
     def has_headroom(self, model: str, now: float) -> bool:
         """Some endpoint of the pool is neither saturated (detector) nor at the in-flight cap."""
-        return bool(self._with_room(self.state.pool(model), now, first=True))
+        return bool(self._with_room(self.state.working(self.state.pool(model), now), now, first=True))
 
     def _with_room(self, pool: list[EndpointState], now: float, first: bool = False) -> list[EndpointState]:
         """The endpoints of ``pool`` neither saturated nor at the in-flight cap (``first``: stop at the first)."""
@@ -203,11 +204,13 @@ class Router:
         pool = self.state.pool(request.model)
         if not pool:
             return Refusal(request.request_id, NO_ENDPOINT, f"no endpoint serves model {request.model!r}")
-        pool = self.state.working(pool, now)  # an endpoint failing request after request takes none (one a hold)
+        whole, pool = pool, self.state.working(pool, now)  # an endpoint failing request after request takes none
         if with_room and self.config.handler.type == "single":
             # (P/D is left whole: its prefill and decode endpoints have room of their own; narrowed, a pool whose room
             # was all on the prefill side refused every request at the decode profile's role filter)
             roomy = self._with_room(pool, now)
+            if not roomy and len(pool) < len(whole):
+                return NO_ROOM  # the room is on the broken endpoints only: routed past the others' cap, it piled up
             if roomy and len(roomy) < len(pool):
                 got = self._decide(request, roomy, now, commit, explain)
                 # the profile's own filters dropped every endpoint with room (a LoRA, a label): it waits for room it
@@ -219,7 +222,10 @@ class Router:
             if sat >= 1.0:
                 return Refusal(request.request_id, SHED, f"pool of {request.model!r} saturated ({sat:.2f} >= 1), "
                                                          f"sheddable request (priority {request.priority}) dropped")
-        return self._decide(request, pool, now, commit, explain)
+        got = self._decide(request, pool, now, commit, explain)
+        if isinstance(got, Refusal) and len(pool) < len(whole):  # e.g. a P/D role left with its broken ones only
+            return self._decide(request, whole, now, commit, explain)
+        return got
 
     def _decide(self, request: RouteRequest, pool: list[EndpointState], now: float, commit: bool,
                 explain: bool) -> Outcome:

@@ -275,7 +275,7 @@ class PoolState:
         st.inflight_requests += 1
         st.inflight_tokens += tokens
 
-    def moved(self, request_id: str, endpoint_id: str) -> bool:
+    def moved(self, request_id: str, endpoint_id: str, now: float | None = None) -> bool:
         """The request was served by ``endpoint_id`` instead (the proxy walked the fallback list): its load
         moves there, uncached tokens included. False when the request or the endpoint is unknown."""
         f = self._flights.get(request_id)
@@ -287,7 +287,7 @@ class PoolState:
         if old is not None:
             old.inflight_requests -= 1
             old.inflight_tokens -= pending
-            self._failed(old)  # the proxy gave up on it (connect failure, refused or reset)
+            self._failed(old, now)  # the proxy gave up on it (connect failure, refused or reset)
         f.endpoint = endpoint_id
         st.inflight_requests += 1
         st.inflight_tokens += pending
@@ -304,7 +304,7 @@ class PoolState:
             st.inflight_tokens -= f.tokens
             self._served(st)  # it produced output: it works
 
-    def finished(self, request_id: str, ok: bool | None = None) -> None:
+    def finished(self, request_id: str, ok: bool | None = None, now: float | None = None) -> None:
         """The request ended (done, failed or cancelled); ``ok``: whether its endpoint answered it (False: an error
         answer or none; None: not known, e.g. the client left), which marks or clears the endpoint's failure (dated
         by the newest dispatch: the core keeps no clock of its own, and an end carries none)."""
@@ -323,7 +323,7 @@ class PoolState:
             if ok is True:
                 self._served(st)
             elif ok is False:
-                self._failed(st)
+                self._failed(st, now)
 
     def _clock_stepped_back(self, now: float) -> None:
         """The caller's clock went back (an NTP step, a VM resumed): flights stamped after ``now`` count from ``now``,
@@ -332,6 +332,9 @@ class PoolState:
         for f in self._flights.values():
             if f.since > now:
                 f.since = now
+        for st in self.endpoints.values():  # a failure dated after ``now`` holds from ``now``, not for the step
+            if st.failed_at is not None and st.failed_at > now:
+                st.failed_at = now
 
     def expire_flights(self, before: float, keep: int) -> list[str]:
         """Count as finished every request dispatched before ``before``, and the oldest past ``keep`` in flight;
@@ -351,8 +354,9 @@ class PoolState:
         """Requests dispatched and not yet finished."""
         return len(self._flights)
 
-    def _failed(self, st: EndpointState) -> None:
-        st.failed(self._newest_flight)  # dated by the newest dispatch: the core keeps no clock, an end carries none
+    def _failed(self, st: EndpointState, now: float | None) -> None:
+        # dated by the caller's clock; else by the newest dispatch (the core keeps no clock of its own)
+        st.failed(self._newest_flight if now is None else now)
         if st.fail_streak >= BROKEN_STREAK:
             self.streaking.add(st.id)
 
@@ -361,13 +365,19 @@ class PoolState:
         self.streaking.discard(st.id)
 
     def working(self, pool: list[EndpointState], now: float) -> list[EndpointState]:
-        """``pool`` without its broken endpoints (``EndpointState.broken``), or all of it when every one is broken
-        (a request is not refused for it). The pool list itself when none is on a failure streak (the usual case,
-        one set lookup)."""
+        """``pool`` without its broken endpoints (``EndpointState.broken``), at most half of it left out (the most
+        recently failed first: a stranger whose requests fail cannot put a model's traffic on one engine, and a
+        pool of one is never emptied). The pool list itself when none is on a failure streak (one set lookup)."""
         if not self.streaking:
             return pool
-        kept = [st for st in pool if not (st.id in self.streaking and st.broken(now))]
-        return kept if kept and len(kept) < len(pool) else pool
+        broken = [st for st in pool if st.id in self.streaking and st.broken(now)]
+        room = len(pool) // 2
+        if not broken or not room:
+            return pool
+        if len(broken) > room:
+            broken = sorted(broken, key=lambda st: st.failed_at or 0.0, reverse=True)[:room]
+        out = set(map(id, broken))
+        return [st for st in pool if id(st) not in out]
 
     def flying(self, request_id: str) -> bool:
         """Whether ``request_id`` is dispatched and not yet finished (its endpoint may have left since: then not)."""

@@ -461,3 +461,70 @@ def test_a_removed_endpoint_leaves_the_failure_streak_set() -> None:
     _fail_on(r, "e0", 3, NOW)
     state.remove("e0")
     assert not state.streaking
+
+
+FLOW_CAP_2 = """
+plugins: [{type: queue-scorer}]
+flow_control: {enabled: true, max_inflight_per_endpoint: 2}
+"""
+
+
+def test_a_broken_endpoint_does_not_keep_the_flow_control_gate_open_for_the_others() -> None:
+    r = router(FLOW_CAP_2, pool(met(), met(), met(), met()))
+    _fail_on(r, "e0", 3, NOW)  # e0 takes nothing for the hold, and has all the room in the world
+    for i in range(50):
+        r.submit(req(f"r{i}"), NOW)
+    assert all(r.state.endpoints[e].inflight_requests <= 2 for e in ("e1", "e2", "e3"))
+    assert r.state.endpoints["e0"].inflight_requests == 0 and r.queued() == 50 - 6
+
+
+def test_a_clock_step_back_does_not_keep_a_broken_endpoint_out_for_the_steps_length() -> None:
+    r = router("plugins: [{type: queue-scorer}]\n", pool(met(), met()))
+    t0 = 1_000_000.0
+    _fail_on(r, "e0", 3, t0)
+    for dt in (60.0, 1800.0):  # after the wall clock stepped back an hour
+        now = t0 - 3600.0 + dt
+        for e in ("e0", "e1"):
+            r.update_metrics(e, met(ts=now))
+        assert not r.state.endpoints["e0"].broken(now)
+        assert [st.id for st in r.state.working(r.state.pool("m"), now)] == ["e0", "e1"]
+
+
+def test_a_failure_is_dated_by_the_callers_clock_when_it_gives_one() -> None:
+    r = router("plugins: [{type: queue-scorer}]\n", pool(met(), met()))
+    r.state.dispatched("slow", "e0", 10, NOW)  # dispatched at NOW, timed out a minute later
+    r.finished("slow", ok=False, now=NOW + 60)
+    assert r.state.endpoints["e0"].failing(NOW + 65) and not r.state.endpoints["e0"].failing(NOW + 75)
+
+
+def test_a_streak_counts_failures_within_the_hold_of_each_other_only() -> None:
+    from shared.core.routing.domain import FAILED_HOLD_S
+
+    r = router("plugins: [{type: queue-scorer}]\n", pool(met(), met()))
+    for k in range(3):  # three failures, each past the hold of the one before
+        r.state.dispatched(f"f{k}", "e0", 10, NOW)
+        r.finished(f"f{k}", ok=False, now=NOW + k * (FAILED_HOLD_S + 1))
+    assert r.state.endpoints["e0"].fail_streak == 1 and not r.state.streaking
+
+
+def test_failing_requests_cannot_leave_more_than_half_a_pool_out() -> None:
+    n = 8
+    r = Router(builtin_config("default"), pool(*(met() for _ in range(n))), seed=0)
+    for e in r.state.endpoints:
+        _fail_on(r, e, 3, NOW)  # a stranger whose requests fail at once, on every engine
+    out = r.route(req("legit", tokens=64), NOW)
+    assert isinstance(out, Decision)
+    assert len(r.state.working(r.state.pool("m"), NOW)) == n // 2
+    assert len(r.state.working(r.state.pool("m")[:1], NOW)) == 1  # a pool of one is never emptied
+
+
+def test_a_pd_model_whose_decode_endpoints_are_all_broken_is_still_served() -> None:
+    state = pool(met(), met(), roles=(NodeRole.PREFILL, NodeRole.DECODE))
+    r = router(PD, state)
+    for i in range(3):  # short prompts (no prefill leg) failed on the only decode endpoint
+        out = r.route(req(f"f{i}", tokens=32, seed=i), NOW)
+        assert isinstance(out, Decision) and (out.endpoint, out.prefill) == ("e1", None)
+        r.finished(f"f{i}", ok=False, now=NOW)
+    assert state.endpoints["e1"].broken(NOW)
+    for i, n in enumerate((32, 320)):
+        assert isinstance(r.route(req(f"n{i}", tokens=n, seed=50 + i), NOW), Decision)

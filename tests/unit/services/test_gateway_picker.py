@@ -508,10 +508,16 @@ def test_a_failed_endpoint_file_write_leaves_no_temporary_file(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("status", "expected"), [
-    ("200", True), ("404", True), ("500", False), ("504", False), (503, False), (200, True),
+    ("200", True), ("404", True), ("500", False), ("502", False), (503, False), (200, True), ("504", None),
     ("", None), ("0", None), (0, None), ("abc", None), ("²", None), ("٣٠٠", None),  # none, or no number we read
 ])
 def test_an_answer_is_a_status_under_500_and_no_status_says_nothing(status: int | str, expected: bool | None) -> None:
     from services.gateway.protocol import answered
 
     assert answered(status) is expected
+
+
+def test_envoys_overflow_503_says_nothing_of_the_engine_and_an_engines_503_does() -> None:
+    from services.gateway.protocol import answered
+
+    assert answered("503", overloaded=True) is None and answered("503") is False
