@@ -255,13 +255,22 @@ async def test_inflight_counts_from_dispatch_through_first_chunk_to_end_of_strea
     assert st.inflight_requests == 0
 
 
-async def test_request_served_by_a_fallback_moves_its_load_there() -> None:
+async def _routed_over_a_and_b() -> tuple[Picker, Router, Exchange, str, str]:
+    """A request routed over engines a and b (ports 8001, 8002): the exchange, its list's first and second address."""
     p, router = picker(report("a", 8001), report("b", 8002))
     ex = Exchange(p)
     await ex.send(headers_msg())
     resp = await ex.send(body_msg(chat("y" * 400)))
     first, second = resp.request_body.response.header_mutation.set_headers[0].header.raw_value.decode().split(",")
-    ids = {"127.0.0.1:8001": "a", "127.0.0.1:8002": "b"}
+    return p, router, ex, first, second
+
+
+ADDRESS_OF = {"127.0.0.1:8001": "a", "127.0.0.1:8002": "b"}
+
+
+async def test_request_served_by_a_fallback_moves_its_load_there() -> None:
+    p, router, ex, first, second = await _routed_over_a_and_b()
+    ids = ADDRESS_OF
     picked, fallback = router.state.endpoints[ids[first]], router.state.endpoints[ids[second]]
     tokens = picked.inflight_tokens
     await ex.send(resp_headers(served=second, content_type=SSE))  # Envoy could not reach the first
@@ -426,12 +435,8 @@ async def test_an_engines_error_answer_marks_it_failing_and_an_answer_clears_it(
 
 
 async def test_a_request_envoy_moved_off_its_endpoint_marks_that_endpoint_failing() -> None:
-    p, router = picker(report("a", 8001), report("b", 8002))
-    ex = Exchange(p)
-    await ex.send(headers_msg())
-    resp = await ex.send(body_msg(chat("y" * 400)))
-    first, second = resp.request_body.response.header_mutation.set_headers[0].header.raw_value.decode().split(",")
-    ids = {"127.0.0.1:8001": "a", "127.0.0.1:8002": "b"}
+    _, router, ex, first, second = await _routed_over_a_and_b()
+    ids = ADDRESS_OF
     await ex.send(resp_headers(served=second, content_type="application/json", status="200"))
     assert router.state.endpoints[ids[first]].failed_at is not None
     assert router.state.endpoints[ids[second]].failed_at is None
