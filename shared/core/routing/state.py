@@ -306,24 +306,21 @@ class PoolState:
 
     def finished(self, request_id: str, ok: bool | None = None, now: float | None = None) -> None:
         """The request ended (done, failed or cancelled); ``ok``: whether its endpoint answered it (False: an error
-        answer or none; None: not known, e.g. the client left), which marks or clears the endpoint's failure (dated
-        by the newest dispatch: the core keeps no clock of its own, and an end carries none)."""
-        f = self._flights.get(request_id)
-        if f is not None and not f.prefilled:  # a first token is a success; a failed request had none
-            f.prefilled = True
-            st = self.endpoints.get(f.endpoint)
-            if st is not None:
-                st.inflight_tokens -= f.tokens
+        answer or none; None: not known, e.g. the client left), which marks or clears the endpoint's failure, dated
+        ``now`` (the caller's clock; None: the newest dispatch, the core keeping no clock of its own)."""
         f = self._flights.pop(request_id, None)
         if f is None:
             return
         st = self.endpoints.get(f.endpoint)
-        if st is not None:
-            st.inflight_requests -= 1
-            if ok is True:
-                self._served(st)
-            elif ok is False:
-                self._failed(st, now)
+        if st is None:
+            return
+        if not f.prefilled:  # its prefill no longer loads the endpoint (not a success: a failed request had none)
+            st.inflight_tokens -= f.tokens
+        st.inflight_requests -= 1
+        if ok is True:
+            self._served(st)
+        elif ok is False:
+            self._failed(st, now)
 
     def _clock_stepped_back(self, now: float) -> None:
         """The caller's clock went back (an NTP step, a VM resumed): flights stamped after ``now`` count from ``now``,
@@ -359,6 +356,8 @@ class PoolState:
         st.failed(self._newest_flight if now is None else now)
         if st.fail_streak >= BROKEN_STREAK:
             self.streaking.add(st.id)
+        else:  # a new streak began (the last one's hold had lapsed)
+            self.streaking.discard(st.id)
 
     def _served(self, st: EndpointState) -> None:
         st.served()
@@ -367,17 +366,23 @@ class PoolState:
     def working(self, pool: list[EndpointState], now: float) -> list[EndpointState]:
         """``pool`` without its broken endpoints (``EndpointState.broken``), at most half of it left out (the most
         recently failed first: a stranger whose requests fail cannot put a model's traffic on one engine, and a
-        pool of one is never emptied). The pool list itself when none is on a failure streak (one set lookup)."""
+        pool of one is never emptied). The pool list itself when no endpoint is broken: ``streaking`` holds the
+        few that may be, and those whose hold lapsed leave it here, so the usual route pays one set test."""
         if not self.streaking:
             return pool
-        broken = [st for st in pool if st.id in self.streaking and st.broken(now)]
+        broken = set()
+        for eid in list(self.streaking):
+            st = self.endpoints.get(eid)
+            if st is None or not st.failing(now):
+                self.streaking.discard(eid)  # its hold lapsed: the next failure starts a new streak
+            elif st.broken(now):
+                broken.add(eid)
         room = len(pool) // 2
         if not broken or not room:
             return pool
-        if len(broken) > room:
-            broken = sorted(broken, key=lambda st: st.failed_at or 0.0, reverse=True)[:room]
-        out = set(map(id, broken))
-        return [st for st in pool if id(st) not in out]
+        mine = sorted((st for st in pool if st.id in broken), key=lambda st: st.failed_at or 0.0, reverse=True)
+        out = {st.id for st in mine[:room]}
+        return [st for st in pool if st.id not in out] if out else pool
 
     def flying(self, request_id: str) -> bool:
         """Whether ``request_id`` is dispatched and not yet finished (its endpoint may have left since: then not)."""

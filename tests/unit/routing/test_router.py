@@ -528,3 +528,16 @@ def test_a_pd_model_whose_decode_endpoints_are_all_broken_is_still_served() -> N
     assert state.endpoints["e1"].broken(NOW)
     for i, n in enumerate((32, 320)):
         assert isinstance(r.route(req(f"n{i}", tokens=n, seed=50 + i), NOW), Decision)
+
+
+def test_an_endpoint_whose_hold_lapsed_leaves_the_streak_set_so_routes_pay_one_set_test_again() -> None:
+    from shared.core.routing.domain import FAILED_HOLD_S
+
+    r = router("plugins: [{type: queue-scorer}]\n", pool(met(), met(), met()))
+    _fail_on(r, "e0", 3, NOW)
+    whole = r.state.pool("m")
+    assert len(r.state.working(whole, NOW)) == 2 and r.state.streaking == {"e0"}
+    assert r.state.working(whole, NOW + FAILED_HOLD_S + 1) is whole and not r.state.streaking
+    r.state.dispatched("again", "e0", 10, NOW + FAILED_HOLD_S + 2)
+    r.finished("again", ok=False, now=NOW + FAILED_HOLD_S + 2)  # one failure after the hold: a new streak of 1
+    assert r.state.endpoints["e0"].fail_streak == 1 and not r.state.streaking
