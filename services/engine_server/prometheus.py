@@ -52,6 +52,11 @@ def _histogram(name: str, doc: str, h: Histogram, labels: dict[str, str]) -> His
     return fam
 
 
+def engine_labels(model_name: str) -> dict[str, str]:
+    """vLLM's labels on every engine family (one engine per server, so ``engine`` is always 0)."""
+    return {"model_name": model_name, "engine": "0"}
+
+
 def _one(kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, doc: str, value: float,
          labels: dict[str, str]) -> Metric:
     fam = kind(name, doc, labels=list(labels))
@@ -64,7 +69,7 @@ class EngineCollector(Collector):
 
     def __init__(self, runner: FigureSource, model_name: str, lora: Callable[[], LoraInfo] = LoraInfo) -> None:
         self.runner = runner
-        self.labels = {"model_name": model_name, "engine": "0"}
+        self.labels = engine_labels(model_name)
         self.lora = lora
 
     def collect(self) -> Iterator[Metric]:
@@ -139,7 +144,7 @@ class PublisherCollector(Collector):
 
     def __init__(self, publisher: DropCounts, model_name: str) -> None:
         self.publisher = publisher
-        self.labels = {"model_name": model_name, "engine": "0"}
+        self.labels = engine_labels(model_name)
 
     def collect(self) -> Iterator[Metric]:
         """Both drop counters."""
@@ -174,7 +179,7 @@ class ZmqPublisherCollector(Collector):
     def __init__(self, publisher: ZmqOverflowCount, model_name: str, replay: ReplayCounts | None = None) -> None:
         self.publisher = publisher
         self.replay = replay
-        self.labels = {"model_name": model_name, "engine": "0"}
+        self.labels = engine_labels(model_name)
 
     def collect(self) -> Iterator[Metric]:
         """The overflow counter; the replay counters when there is a replay endpoint."""
@@ -214,7 +219,7 @@ class RequestLogCollector(Collector):
 
     def __init__(self, request_log: RequestLogCounts, model_name: str) -> None:
         self.request_log = request_log
-        self.labels = {"model_name": model_name, "engine": "0"}
+        self.labels = engine_labels(model_name)
 
     def collect(self) -> Iterator[Metric]:
         """Both line counters."""
