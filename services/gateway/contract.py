@@ -4,7 +4,14 @@ docs/gateway.md)."""
 from __future__ import annotations
 
 from shared.bus import subjects
-from shared.bus.messages import EngineKVEvents, EngineMetrics, ErrorEvent, InstanceEvents, KVSnapshotRequest
+from shared.bus.messages import (
+    EndpointOutcomes,
+    EngineKVEvents,
+    EngineMetrics,
+    ErrorEvent,
+    InstanceEvents,
+    KVSnapshotRequest,
+)
 from shared.host.contract import Consumes, Contract, Emits
 
 CONTRACT = Contract(
@@ -20,10 +27,15 @@ CONTRACT = Contract(
         Consumes(subjects.EVENT_INSTANCE_ALL, InstanceEvents, "placement's instance changes (--pool-source "
                  "placement): an engine is routable only while its instance is RUNNING; DRAINING or removed takes "
                  "it out of the pool at once"),
+        Consumes(subjects.GATEWAY_OUTCOMES, EndpointOutcomes, "the other picker replicas' engine failures, counted "
+                 "as this replica's own (its own messages and duplicates dropped)"),
     ),
     emits=(
         Emits(subjects.ENGINE_KV_SNAPSHOT_ALL, KVSnapshotRequest, "asks an engine it first routes to (or lost KV "
               "events of) for its prefix-cache snapshot (request/reply; the answer is signed like its reports)"),
+        Emits(subjects.GATEWAY_OUTCOMES, EndpointOutcomes, "each engine failure it saw, and the first success "
+              "after failures, every 50 ms when there are any: every replica leaves a broken engine out after "
+              "three failures in all"),
         Emits(subjects.dead_letter("gateway"), ErrorEvent, "an engine report it rejected, and why"),
     ),
 )

@@ -30,6 +30,7 @@ from services.gateway.feed_relay import FeedRelay, Kind, Relayed
 from services.gateway.h2grpc import H2Connection
 from services.gateway.http1 import Connections, OneByOne
 from services.gateway.listen import fd_room, free_socket_path, private_dir, remove, restrict
+from services.gateway.outcomes import OutcomeShare
 from services.gateway.pieces import PieceTokenizer
 from services.gateway.pool import eds_document
 from services.gateway.protocol import (
@@ -196,6 +197,7 @@ class Gateway:
         self.pool = self.feed.pool
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)
+        self.outcomes = OutcomeShare(self.router.state)  # engine failures told to and by the other replicas
         self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer(), capture=self.capture)
         self.authz = (AuthzPicker(self.picker, Connections(opts.idle_timeout_s, opts.max_connections))
                       if opts.transport is PickerTransport.EXT_AUTHZ else None)
@@ -235,6 +237,14 @@ class Gateway:
     async def _on_kv(self, msg: Msg) -> None:
         assert self.bus is not None
         await take_kv_events(self.feed, self.bus, msg)
+
+    async def _take_outcomes(self, nc: NATS) -> None:
+        """Count the other replicas' engine failures as this one's own (``OutcomeShare``)."""
+        await nc.subscribe(subjects.GATEWAY_OUTCOMES, cb=self._on_outcomes)
+
+    async def _on_outcomes(self, msg: Msg) -> None:
+        assert self.bus is not None
+        await self.outcomes.on_message(self.bus, msg)
 
     async def _on_relayed(self, batch: list[Relayed]) -> None:
         """One frame of the feed relay: each message as if it had arrived here (``at``: when the child took it)."""
@@ -283,6 +293,8 @@ class Gateway:
                 stack.push_async_callback(store.close)
                 _background(stack, self.follower.resync_forever(store, reconnected))
             self.relay = await self._subscribe(nc)
+            await self._take_outcomes(nc)
+            _background(stack, self.outcomes.send_forever(self.bus))
             if self.relay is not None:
                 stack.push_async_callback(self.relay.stop)
                 _background(stack, self.relay.run())

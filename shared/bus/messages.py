@@ -592,6 +592,23 @@ class PickItem(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unkno
     cache_salt: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)] = 0
 
 
+class EndpointOutcome(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=False):
+    """One engine's news at one gateway replica: a request failed there (``failed``), or one succeeded there after
+    failures (not ``failed``)."""
+
+    endpoint: InstanceId
+    failed: bool
+
+
+class EndpointOutcomes(Message, frozen=True, kw_only=True):
+    """What one gateway replica (``replica``, random per process start) saw of its engines' failures since its last
+    message (``seq``, counting from 0 per replica, so a duplicate is dropped), oldest first."""
+
+    replica: Annotated[str, msgspec.Meta(min_length=8, max_length=64)]
+    seq: Seq
+    outcomes: Annotated[list[EndpointOutcome], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
 class PickRequest(Message, frozen=True, kw_only=True):
     """One or more requests to place (request/reply: the reply is a ``PickReply``, answers in the same order)."""
 

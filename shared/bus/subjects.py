@@ -163,6 +163,12 @@ def engine_kv_snapshot(instance: str) -> str:
     return f"{ENGINE_KV_SNAPSHOT}.{instance}"
 
 
+GATEWAY_OUTCOMES = f"{PREFIX}.gateway.outcomes"
+"""EndpointOutcomes (core NATS, every gateway replica): engines that failed requests at one replica, or served again
+after failing, counted by every other replica as its own, so an engine failing every request is left out after three
+failures in all rather than three per replica; stale by at most ``OUTCOMES_EVERY_S`` (the gateway's) and a NATS hop."""
+
+
 # -- the endpoint picker (core NATS request/reply) --------------------------------------------------
 PICK = f"{PREFIX}.picker.pick"
 """PickRequest → PickReply (request/reply): where each request goes. Picker replicas share it as a queue group."""

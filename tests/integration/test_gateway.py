@@ -435,11 +435,13 @@ def test_killed_endpoint_falls_back_to_the_next_in_the_list(gateway: Gateway, en
     assert gateway.log.read_text().count(f"served by fallback {alive.instance}") == len(rerouted)
 
 
+@pytest.mark.parametrize("replicas", [1, 3])
 def test_an_engine_failing_every_request_is_left_out_after_three_failures(nats_server: ServerProcess,
-                                                                            tmp_path: Path) -> None:
+                                                                            tmp_path: Path, replicas: int) -> None:
     # Its process lives and reports as idle; only its answers are 500s. A conversation whose first turn went there
     # (it was the only engine then) is sent back there by the picker's memory of its decisions: without the failure
-    # signal every later turn failed too, with the good engine beside it.
+    # signal every later turn failed too, with the good engine beside it. With three picker replicas the three
+    # failures count in all (each replica tells the others), not three per replica.
     system = "You are a careful assistant for the fleet. " * 40  # the conversation's long shared prefix
 
     def turn(c: httpx.Client, url: str, i: int) -> tuple[int, str]:
@@ -450,21 +452,27 @@ def test_an_engine_failing_every_request_is_left_out_after_three_failures(nats_s
 
     broken = _start_engine(nats_server.url, "gw-broken", tmp_path, "--fail-generations")
     started = [broken]
+    # one first turn per replica (Envoy spreads the picker streams): each replica remembers the conversation there
+    firsts = 1 if replicas == 1 else 3
     try:
-        with contextlib.contextmanager(_gateway)(nats_server.url, tmp_path, 1) as gw, httpx.Client(timeout=30) as c:
+        with (contextlib.contextmanager(_gateway)(nats_server.url, tmp_path, replicas) as gw,
+              httpx.Client(timeout=30) as c):
             every_replica_has_every_engine(gw, [broken])
-            first = turn(c, gw.url, 0)
+            first = [turn(c, gw.url, -k) for k in range(firsts)]
             started.append(good := _start_engine(nats_server.url, "gw-good", tmp_path))
             every_replica_has_every_engine(gw, [broken, good])
             answers = [turn(c, gw.url, i) for i in range(1, 21)]
     finally:
         for e in started:
             _stop(e.proc)
-    assert first == (500, broken.address)
+    assert first == [(500, broken.address)] * firsts
     failed = [a for a in answers if a[0] != 200]
-    assert 1 <= len(failed) <= 2, answers  # with the first turn, its streak of 3; then it is out for the hold
-    assert all(code == 500 for code, _ in failed), answers
-    assert all(a == (200, good.address) for a in answers[-15:]), answers
+    if replicas == 1:
+        assert 1 <= len(failed) <= 2, answers  # with the first turn, its streak of 3; then it is out for the hold
+        assert all(code == 500 for code, _ in failed), answers
+        assert all(a == (200, good.address) for a in answers[-15:]), answers
+    else:  # three failures in all, one at each replica: every replica counts the engine broken, none tries it again
+        assert answers == [(200, good.address)] * len(answers), answers
 
 
 def test_killed_picker_replica_requests_keep_flowing_through_the_others(gateway3: Gateway,

@@ -11,6 +11,7 @@ look idlest (llm-d-router #298, #1599). Every update is idempotent per request i
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,6 +25,9 @@ from shared.core.routing.prefix_index import DEFAULT_CAPACITY, PrefixIndex
 T = TypeVar("T")
 
 DEFAULT_PREFILL_TOKENS_PER_S = 15_928.0  # llm-d peakPrefillThroughput default (Qwen-32B on H100)
+OUTCOMES_KEPT = 4096
+"""Failure news held for the caller to share (``PoolState.share_outcomes``); past it the oldest go: a caller that
+stopped draining cannot make the core hold memory without bound, and its peers only learn a few failures late."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,8 @@ class PoolState:
         self._prefill_rate: dict[str, float] = {}
         self._flights: dict[str, _Flight] = {}
         self.streaking: set[str] = set()  # endpoints whose last BROKEN_STREAK requests here failed
+        # (endpoint id, failed) for each failure here and each first success after one, for peers (None: not shared)
+        self.outcomes: deque[tuple[str, bool]] | None = None
         self._newest_flight = -math.inf  # the latest dispatch stamp: the flights' stamps never decrease in order
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -351,17 +357,50 @@ class PoolState:
         """Requests dispatched and not yet finished."""
         return len(self._flights)
 
-    def _failed(self, st: EndpointState, now: float | None) -> None:
+    def share_outcomes(self) -> None:
+        """From now on, keep each failure of a request here and each first success after failures in
+        ``outcomes`` (for the caller to tell the other router replicas, which apply them with ``peer_outcome``)."""
+        if self.outcomes is None:
+            self.outcomes = deque(maxlen=OUTCOMES_KEPT)
+
+    def take_outcomes(self) -> list[tuple[str, bool]]:
+        """The outcomes kept since the last call, oldest first (empty when not sharing)."""
+        if not self.outcomes:
+            return []
+        out = list(self.outcomes)
+        self.outcomes.clear()
+        return out
+
+    def peer_outcome(self, endpoint_id: str, failed: bool, now: float) -> bool:
+        """Another replica saw a request fail at ``endpoint_id`` (``failed``) or succeed there after failures: counted
+        as if it were this router's own, so a broken engine is left out after ``BROKEN_STREAK`` failures in all, not
+        that many per replica. Not kept in ``outcomes`` (no echo). False for an endpoint this router does not know."""
+        st = self.endpoints.get(endpoint_id)
+        if st is None:
+            return False
+        if failed:
+            self._failed(st, now, tell=False)  # dated on arrival here: a NATS hop after the failure
+        else:
+            self._served(st, tell=False)
+        return True
+
+    def _failed(self, st: EndpointState, now: float | None, tell: bool = True) -> None:
         # dated by the caller's clock; else by the newest dispatch (the core keeps no clock of its own)
         st.failed(self._newest_flight if now is None else now)
         if st.fail_streak >= BROKEN_STREAK:
             self.streaking.add(st.id)
         else:  # a new streak began (the last one's hold had lapsed)
             self.streaking.discard(st.id)
+        if tell and self.outcomes is not None:
+            self.outcomes.append((st.id, True))
 
-    def _served(self, st: EndpointState) -> None:
+    def _served(self, st: EndpointState, tell: bool = True) -> None:
+        if st.failed_at is None:
+            return  # the usual case: nothing to clear, nothing to tell
         st.served()
         self.streaking.discard(st.id)
+        if tell and self.outcomes is not None:
+            self.outcomes.append((st.id, False))
 
     def working(self, pool: list[EndpointState], now: float) -> list[EndpointState]:
         """``pool`` without its broken endpoints (``EndpointState.broken``), at most half of it left out (the most

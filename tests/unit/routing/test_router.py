@@ -541,3 +541,88 @@ def test_an_endpoint_whose_hold_lapsed_leaves_the_streak_set_so_routes_pay_one_s
     r.state.dispatched("again", "e0", 10, NOW + FAILED_HOLD_S + 2)
     r.finished("again", ok=False, now=NOW + FAILED_HOLD_S + 2)  # one failure after the hold: a new streak of 1
     assert r.state.endpoints["e0"].fail_streak == 1 and not r.state.streaking
+
+
+# -- failures shared between router replicas (the gateway's picker replicas) --------------------------------------
+
+def _replicas(n: int) -> list[Router]:
+    out = [router("plugins: [{type: queue-scorer}]\n", pool(met(), met(), met())) for _ in range(n)]
+    for r in out:
+        r.state.share_outcomes()
+    return out
+
+
+def _tell(src: Router, dst: Router, now: float) -> None:
+    for eid, failed in src.state.take_outcomes():
+        dst.state.peer_outcome(eid, failed, now)
+
+
+def test_a_replica_keeps_each_failure_it_saw_for_its_peers() -> None:
+    (r,) = _replicas(1)
+    _fail_on(r, "e0", 2, NOW)
+    r.state.dispatched("moved", "e1", 10, NOW)
+    r.state.moved("moved", "e2", NOW)  # the proxy gave up on e1
+    assert r.state.take_outcomes() == [("e0", True), ("e0", True), ("e1", True)]
+    assert r.state.take_outcomes() == []  # taken once
+
+
+def test_failures_at_three_replicas_leave_the_engine_out_at_each() -> None:
+    rs = _replicas(3)
+    for r in rs:
+        _fail_on(r, "e0", 1, NOW)  # one failure at each replica: none would count it broken alone
+    for src in rs:
+        for dst in rs:
+            if dst is not src:
+                for eid, failed in list(src.state.outcomes or ()):
+                    dst.state.peer_outcome(eid, failed, NOW)
+    for r in rs:
+        assert r.state.endpoints["e0"].broken(NOW)
+        assert [st.id for st in r.state.working(r.state.pool("m"), NOW)] == ["e1", "e2"]
+
+
+def test_a_peers_failure_is_not_kept_for_the_peers_again() -> None:
+    a, b = _replicas(2)
+    _fail_on(a, "e0", 1, NOW)
+    _tell(a, b, NOW)
+    assert b.state.endpoints["e0"].failing(NOW) and b.state.take_outcomes() == []
+
+
+def test_a_success_after_failures_is_shared_and_clears_the_peers_streak() -> None:
+    a, b = _replicas(2)
+    _fail_on(a, "e0", 3, NOW)
+    _tell(a, b, NOW)
+    assert b.state.endpoints["e0"].broken(NOW)
+    a.state.dispatched("ok", "e0", 10, NOW)
+    a.finished("ok", ok=True, now=NOW)
+    assert a.state.take_outcomes() == [("e0", False)]
+    b.state.peer_outcome("e0", False, NOW)
+    assert not b.state.endpoints["e0"].failing(NOW) and not b.state.streaking
+
+
+def test_successes_on_a_healthy_engine_are_not_news() -> None:
+    (r,) = _replicas(1)
+    for i in range(5):
+        r.state.dispatched(f"ok{i}", "e1", 10, NOW)
+        r.first_token(f"ok{i}")
+        r.finished(f"ok{i}", ok=True, now=NOW)
+    assert r.state.take_outcomes() == []
+
+
+def test_a_peers_outcome_for_an_unknown_engine_is_ignored() -> None:
+    (r,) = _replicas(1)
+    assert not r.state.peer_outcome("nobody", True, NOW)
+    assert all(st.failed_at is None for st in r.state.endpoints.values())
+
+
+def test_a_router_that_does_not_share_keeps_no_outcomes() -> None:
+    r = router("plugins: [{type: queue-scorer}]\n", pool(met(), met()))
+    _fail_on(r, "e0", 3, NOW)
+    assert r.state.outcomes is None and r.state.take_outcomes() == []
+
+
+def test_outcomes_nobody_takes_are_bounded() -> None:
+    from shared.core.routing.state import OUTCOMES_KEPT
+
+    (r,) = _replicas(1)
+    _fail_on(r, "e0", OUTCOMES_KEPT + 10, NOW)
+    assert len(r.state.take_outcomes()) == OUTCOMES_KEPT
