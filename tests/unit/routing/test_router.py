@@ -626,3 +626,10 @@ def test_outcomes_nobody_takes_are_bounded() -> None:
     (r,) = _replicas(1)
     _fail_on(r, "e0", OUTCOMES_KEPT + 10, NOW)
     assert len(r.state.take_outcomes()) == OUTCOMES_KEPT
+
+
+def test_a_cold_lora_prompt_goes_to_the_engine_with_its_adapter_active_not_to_an_idle_one_without_it() -> None:
+    for seed in range(10):
+        state = pool(met(running=4, active_loras=("a",)), met(), met(), adapters=(frozenset({"a"}),) * 3, max_loras=2)
+        out = Router(builtin_config("default"), state, seed=seed).route(req(f"q{seed}", 800, seed + 7, lora="a"), NOW)
+        assert isinstance(out, Decision) and out.endpoint == "e0"

@@ -264,6 +264,22 @@ def test_no_hit_lru_sends_a_cold_request_to_an_idle_endpoint_first(
     assert min(idle) > max(v for eid, v in zip(("e0", "e1", "e2"), got, strict=True) if eid in busy)
 
 
+@pytest.mark.parametrize(("metrics", "expected"), [
+    # e0 runs a request with the adapter active; e1 and e2 idle without it: no idle lead (they would load it first)
+    ((met(running=1, active_loras=("a",)), met(), met()), [1.0, 0.5, 0.0]),
+    # e0 busy with it, e2 idle with it: e2 alone leads
+    ((met(running=1, active_loras=("a",)), met(), met(active_loras=("a",))), [0.4, 0.2, 0.6]),
+    # nobody has it active: every engine would load it, so idleness alone decides (e0 busy)
+    ((met(running=1), met(), met()), [0.4, 0.8, 0.6]),
+])
+def test_no_hit_lru_gives_a_lora_request_the_idle_lead_only_where_its_adapter_is_active(
+        metrics: tuple[EndpointMetrics, ...], expected: list[float]) -> None:
+    state, s = _cold_pool_with_recency()
+    for eid, m in zip(("e0", "e1", "e2"), metrics, strict=True):
+        state.update_metrics(eid, m)
+    assert s.score(cycle(state, req(tokens=160, seed=4, lora="a")), cands(state)) == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("busy", [("e0", "e1", "e2"), ()])
 def test_no_hit_lru_is_recency_alone_when_all_endpoints_are_busy_or_all_idle(busy: tuple[str, ...]) -> None:
     state, s = _cold_pool_with_recency()

@@ -35,7 +35,10 @@ sglang-router model's 25.9 ms in 30 of 30 seeds (12 of 30 before): the requests 
 prefills, and what they waited for was the step in flight. With ``partial_room`` 0.9 the holder preference outlived
 the point where it pays (a holder half full of other prefixes evicts them for one shared block) and kept the idle
 rule from cold prompts: 0.5 (the 128-group hit rate rose from 0.628 to 0.630; at 32 groups, where caches stay a
-quarter full, nothing changes). docs/gateway.md has the figures, Mooncake's included.
+quarter full, nothing changes). docs/gateway.md has the figures, Mooncake's included. For a LoRA request, when
+some endpoint has its adapter active, only idle endpoints with it active lead: an idle one without it would first
+load the adapter (and may evict another one); before this, the idle lead outweighed the LoRA affinity scorer and
+sent such prompts to idle engines without the adapter even when its holder ran a single request.
 """
 
 from __future__ import annotations
@@ -111,6 +114,8 @@ class NoHitLruScorer(Scorer):
         f = self.params.idle_first
         if f > 0:
             idle = [_idle(st, cycle.now) for st in cands]
+            if (adapter := cycle.request.lora) and any(idle):
+                idle = _ready(idle, cands, adapter)
             if any(idle) and not all(idle):
                 return [(1 - f) * v + (f if i else 0.0) for i, v in zip(idle, out, strict=True)]
         return out if self._recent else None  # nobody took a cold request yet: the same for all
@@ -144,6 +149,15 @@ class NoHitLruScorer(Scorer):
         recent[endpoint.id] = None
         while len(recent) > self.params.lru_size:
             recent.popitem(last=False)
+
+
+def _ready(idle: list[bool], cands: list[EndpointState], adapter: str) -> list[bool]:
+    """For a LoRA request, only idle endpoints with the adapter active lead when any endpoint has it active: an idle
+    one without it would load it (and may evict another adapter) before the prefill starts."""
+    active = [st.metrics is not None and adapter in st.metrics.active_loras for st in cands]
+    if not any(active):
+        return idle  # every endpoint would load it: idleness alone decides
+    return [i and a for i, a in zip(idle, active, strict=True)]
 
 
 def _idle(st: EndpointState, now: float) -> bool:
