@@ -164,7 +164,7 @@ class Profile:
                 if not scorer.bounded and not (v[v.argmin()] >= 0.0 and v[v.argmax()] <= 1.0):
                     v = np.where(v > 1.0, 1.0, np.where(v >= 0.0, v, 0.0))
                 if totals is None:
-                    totals = v * w  # a new array: the scorer's own (perhaps memoised) one is never written
+                    totals = v * w  # a new array: the scorer's own (perhaps a pool column) is never written
                 else:
                     totals += v if w == 1.0 else v * w  # (x × 1.0 is x exactly: one temporary fewer)
         return totals if totals is not None else np.zeros(n)

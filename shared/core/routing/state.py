@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from shared.core.engine.step_time import StepTimeModel
 from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from shared.core.routing.domain import BROKEN_STREAK, Endpoint, EndpointMetrics, EndpointState, PoolColumns
 from shared.core.routing.hashing import ChunkMemo
 from shared.core.routing.prefix_index import DEFAULT_CAPACITY, PrefixIndex
-
-T = TypeVar("T")
 
 DEFAULT_PREFILL_TOKENS_PER_S = 15_928.0  # llm-d peakPrefillThroughput default (Qwen-32B on H100)
 OUTCOMES_KEPT = 4096
@@ -105,10 +102,6 @@ class PoolState:
         self._next_slot = 0
         self._masks: dict[str, int] = {}
         self._columns: dict[str, PoolColumns] = {}  # built on demand, dropped when a pool's membership changes
-        # values derived from the endpoints and their reported metrics only (not from in-flight load or the
-        # indexes), computed once per change of those instead of per decision; see ``memo``
-        self.version = 0
-        self._memo: dict[object, object] = {}
 
     # -- endpoints ------------------------------------------------------------------------------------
     def upsert(self, endpoint: Endpoint, step_model: StepTimeModel | None = None) -> EndpointState:
@@ -128,7 +121,6 @@ class PoolState:
             self._columns.pop(endpoint.model, None)
         else:
             st.endpoint = endpoint
-        self._changed()
         if step_model is not None:
             self.step_models[endpoint.id] = step_model
         self._prefill_rate.pop(endpoint.id, None)
@@ -152,7 +144,6 @@ class PoolState:
         self.streaking.discard(endpoint_id)
         if st is None:
             return False
-        self._changed()
         pool = self.by_model.get(st.endpoint.model, [])
         if st in pool:
             pool.remove(st)
@@ -216,23 +207,9 @@ class PoolState:
             return False
         if st.metrics is not None and metrics.ts < st.metrics.ts:
             return False
-        st.metrics = metrics
+        st.report(metrics)
         st.effective_rate = effective_rate(st)
-        self._changed()
         return True
-
-    def _changed(self) -> None:
-        self.version += 1
-        if self._memo:
-            self._memo = {}
-
-    def memo(self, key: object, compute: Callable[[], T]) -> T:
-        """``compute()``, cached until the next endpoint or metrics change (it must read nothing else)."""
-        try:
-            return self._memo[key]  # type: ignore[return-value]
-        except KeyError:
-            v = self._memo[key] = compute()
-            return v
 
     def apply_kv_events(self, endpoint_id: str, batch: KVEventBatch) -> int:
         """Apply an engine's KV events to the precise index; returns the events applied (0: unknown endpoint)."""

@@ -157,3 +157,37 @@ def test_columns_follow_every_load_change_and_pool_change() -> None:
     assert now.position == {e.slot: i for i, e in enumerate(state.pool("m"))}
     state.endpoints["e1"].inflight_tokens = 5
     assert now.tokens.tolist() == [5, 70, 0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(specs=endpoint_specs, later=st.lists(st.tuples(st.integers(0, 11), metrics.filter(lambda m: m is not None)),
+                                            max_size=8),
+       gone=st.lists(st.integers(0, 11), max_size=3), now=st.floats(NOW - 1, NOW + 1))
+def test_the_pools_report_columns_score_and_filter_exactly_as_each_endpoints_report(
+        specs: list[tuple[EndpointMetrics | None, int, int, bool]], later: list[tuple[int, EndpointMetrics]],
+        gone: list[int], now: float) -> None:
+    # The whole pool reads the report columns (written by each report); a filtered candidate list reads each
+    # endpoint's own report. Reports arriving after the columns were built, and endpoints leaving, included.
+    from shared.core.routing.filters.draining import DrainingFilter
+    from shared.core.routing.filters.stale import StaleMetricsFilter, StaleParams
+    from shared.core.routing.scorers.kv_utilization import KvUtilizationScorer
+    from shared.core.routing.scorers.queue import QueueScorer
+
+    state = build(specs)
+    state.columns("m")
+    for i, m in later:
+        state.update_metrics(f"e{i}", m)
+    for i in gone:
+        state.remove(f"e{i}")
+    pool = cands(state)
+    if not pool:
+        return
+    c = cycle(state, now=now)
+    for scorer in (QueueScorer("q", None), KvUtilizationScorer("k", None)):
+        whole, each = scorer.score(c, pool), scorer.score(c, list(pool))
+        assert (whole is None) == (each is None)
+        if whole is not None and each is not None:
+            assert list(map(float, whole)) == list(map(float, each))
+    stale = StaleMetricsFilter("s", StaleParams())
+    assert stale.filter(c, pool) == [e for e in pool if e.metrics is not None and e.metrics.ts >= now - 0.2]
+    assert DrainingFilter("d", None).filter(c, pool) == [e for e in pool if e.metrics is None or not e.metrics.draining]

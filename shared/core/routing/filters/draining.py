@@ -15,10 +15,7 @@ class DrainingFilter(Filter):
 
     def filter(self, cycle: Cycle, cands: list[EndpointState]) -> list[EndpointState]:
         """Keep endpoints whose last report does not say draining."""
-        model = cycle.request.model
-        pool = cycle.state.pool(model)
         # candidates are a subset of the pool: when no endpoint of the pool drains, nothing to drop
-        if not cycle.state.memo(("draining", model), lambda: any(st.metrics is not None and st.metrics.draining
-                                                                 for st in pool)):
+        if not cycle.state.columns(cycle.request.model).draining.any():
             return cands
         return [st for st in cands if (m := st.metrics) is None or not m.draining]

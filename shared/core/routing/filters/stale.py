@@ -41,12 +41,9 @@ class StaleMetricsFilter(Filter):
     def filter(self, cycle: Cycle, cands: list[EndpointState]) -> list[EndpointState]:
         """Keep endpoints whose metrics are at most the bound old."""
         oldest = cycle.now - self._bound(cycle)
-        model = cycle.request.model
-        pool = cycle.state.pool(model)
         # candidates are a subset of the pool: when its oldest report is fresh enough, nothing to drop
-        if cycle.state.memo(("oldest-report", model), lambda: min(
-                (m.ts if (m := st.metrics) is not None else float("-inf") for st in pool),
-                default=float("-inf"))) >= oldest:
+        ts = cycle.state.columns(cycle.request.model).ts
+        if len(ts) and ts[ts.argmin()] >= oldest:
             return cands
         return [st for st in cands if (m := st.metrics) is not None and m.ts >= oldest]
 

@@ -6,6 +6,7 @@ Endpoints without metrics count as the longest queue seen.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from shared.core.routing.cycle import Cycle
 from shared.core.routing.domain import EndpointState
@@ -20,21 +21,24 @@ class QueueScorer(Scorer):
 
     def score(self, cycle: Cycle, cands: list[EndpointState]) -> Scores | None:
         """Min-max of ``waiting``."""
-        pool = cycle.state.pool(cycle.request.model)
-        waiting = cycle.state.memo(("waiting", cycle.request.model), lambda: {
-            st: (m.waiting if (m := st.metrics) is not None else -1) for st in pool})
-        if cands is pool:  # nothing filtered: the normalised scores depend on the reports only
-            return cycle.state.memo(("queue-score", cycle.request.model), lambda: _array(
-                min_max(_with_worst(list(map(waiting.__getitem__, pool))))))
-        return min_max(_with_worst(list(map(waiting.__getitem__, cands))))
+        cols = cycle.pool_columns(cands)
+        if cols is not None:  # nothing filtered: the pool's column, kept by the reports
+            return _min_max_column(cols.waiting)
+        return min_max(_with_worst([(m.waiting if (m := st.metrics) is not None else -1) for st in cands]))
 
 
-def _array(scores: list[float] | None) -> Scores | None:
-    """A memoised score list as a read-only array (the profile adds it to its totals without a conversion)."""
-    if scores is None:
+def _min_max_column(q: npt.NDArray[np.float64]) -> Scores | None:
+    """``min_max(_with_worst(q))`` on an array: the same floats, element by element."""
+    if len(q) == 0:
         return None
-    out = np.array(scores, dtype=np.float64)
-    out.flags.writeable = False
+    lo = q[q.argmin()]
+    if lo < 0:  # endpoints without metrics count as the longest queue seen
+        q = np.where(q < 0, q[q.argmax()], q)
+        lo = q[q.argmin()]
+    hi = q[q.argmax()]
+    if hi <= lo:
+        return None
+    out: npt.NDArray[np.float64] = (hi - q) * (1.0 / (hi - lo))
     return out
 
 
