@@ -103,13 +103,20 @@ class PoolColumns:
     every report dropped per-pool values rebuilt by the next decision, ~4 ms at 10,000 endpoints).
     """
 
-    __slots__ = ("draining", "kv_free", "members", "position", "rate", "table", "tokens", "ts", "waiting")
+    __slots__ = ("busy", "draining", "failed_at", "kv_free", "members", "position", "prefill", "rate", "requests",
+                 "table", "tokens", "ts", "waiting")
 
     def __init__(self, members: list[EndpointState]) -> None:
         n = len(members)
         self.members = members  # the pool list itself: a candidate list that *is* it reads these columns
         self.tokens: npt.NDArray[np.float64] = np.fromiter((st.inflight_tokens for st in members), np.float64, n)
         self.rate: npt.NDArray[np.float64] = np.fromiter((st.effective_rate for st in members), np.float64, n)
+        self.prefill: npt.NDArray[np.float64] = np.fromiter((st.prefill_rate for st in members), np.float64, n)
+        self.requests: npt.NDArray[np.float64] = np.fromiter((st.inflight_requests for st in members), np.float64, n)
+        # when a request last failed there, NaN when none did or one succeeded since (``EndpointState.failing``)
+        self.failed_at: npt.NDArray[np.float64] = np.fromiter(
+            (math.nan if (f := st.failed_at) is None else f for st in members), np.float64, n)
+        self.busy: npt.NDArray[np.float64] = np.empty(n)  # the report's running + waiting; 0: no report
         self.waiting: npt.NDArray[np.float64] = np.empty(n)  # the report's queue; -1: no report
         self.kv_free: npt.NDArray[np.float64] = np.empty(n)  # ``kv_free`` of the report
         self.ts: npt.NDArray[np.float64] = np.empty(n)  # when the report was sampled; -inf: no report
@@ -123,9 +130,10 @@ class PoolColumns:
     def report(self, pos: int, m: EndpointMetrics | None) -> None:
         """The endpoint at ``pos`` reported ``m`` (None: it has not reported)."""
         if m is None:
-            self.waiting[pos], self.ts[pos], self.draining[pos] = -1.0, -math.inf, False
+            self.waiting[pos], self.ts[pos], self.draining[pos], self.busy[pos] = -1.0, -math.inf, False, 0.0
         else:
             self.waiting[pos], self.ts[pos], self.draining[pos] = m.waiting, m.ts, m.draining
+            self.busy[pos] = m.running + m.waiting
         self.kv_free[pos] = kv_free(m)
 
 
@@ -157,23 +165,21 @@ streak then starts) or a request succeeds there. At most half a pool is left out
 class EndpointState:
     """An endpoint with its latest metrics and the router's own in-flight accounting."""
 
-    __slots__ = ("_cols", "_pos", "_rate", "_tokens", "endpoint", "fail_streak", "failed_at", "id",
-                 "inflight_requests", "metrics", "prefill_rate", "slot")
+    __slots__ = ("_cols", "_failed_at", "_peak", "_pos", "_rate", "_requests", "_tokens", "endpoint", "fail_streak",
+                 "id", "metrics", "slot")
 
     def __init__(self, endpoint: Endpoint, slot: int) -> None:
         self.endpoint = endpoint
         self.id = endpoint.id
         self.slot = slot  # bit position in the prefix indexes
         self.metrics: EndpointMetrics | None = None
-        self.inflight_requests = 0  # sent by this router and not yet seen finishing
-        # when a request of this router last failed here (an error answer, or the proxy moved it away), unless one
-        # succeeded since: an endpoint that fails fast looks idle, and must not be taken for it (``failing``)
-        self.failed_at: float | None = None
-        self.fail_streak = 0  # failures in a row since the last success
         self._cols: PoolColumns | None = None
         self._pos = 0
+        self._requests = 0
+        self._failed_at: float | None = None
+        self.fail_streak = 0  # failures in a row since the last success
         self._tokens = 0  # uncached prompt tokens sent and not yet prefilled (first token unseen)
-        self.prefill_rate = 0.0  # peak prefill tokens/s (set by the pool state from the GPU's step-time model)
+        self._peak = 0.0
         self._rate = 0.0  # prefill tokens/s left beside the running decodes (refreshed with metrics)
 
     def report(self, metrics: EndpointMetrics) -> None:
@@ -208,6 +214,29 @@ class EndpointState:
         self._pos = pos
 
     @property
+    def inflight_requests(self) -> int:
+        """Requests sent here by this router and not yet seen finishing."""
+        return self._requests
+
+    @inflight_requests.setter
+    def inflight_requests(self, value: int) -> None:
+        self._requests = value
+        if self._cols is not None:
+            self._cols.requests[self._pos] = value
+
+    @property
+    def failed_at(self) -> float | None:
+        """When a request of this router last failed here (an error answer, or the proxy moved it away), unless one
+        succeeded since: an endpoint that fails fast looks idle, and must not be taken for it (``failing``)."""
+        return self._failed_at
+
+    @failed_at.setter
+    def failed_at(self, value: float | None) -> None:
+        self._failed_at = value
+        if self._cols is not None:
+            self._cols.failed_at[self._pos] = math.nan if value is None else value
+
+    @property
     def inflight_tokens(self) -> int:
         """Uncached prompt tokens sent by this router and not yet prefilled (first token unseen)."""
         return self._tokens
@@ -217,6 +246,17 @@ class EndpointState:
         self._tokens = value
         if self._cols is not None:
             self._cols.tokens[self._pos] = value
+
+    @property
+    def prefill_rate(self) -> float:
+        """Peak prefill tokens/s (set by the pool state from the GPU's step-time model)."""
+        return self._peak
+
+    @prefill_rate.setter
+    def prefill_rate(self, value: float) -> None:
+        self._peak = value
+        if self._cols is not None:
+            self._cols.prefill[self._pos] = value
 
     @property
     def effective_rate(self) -> float:

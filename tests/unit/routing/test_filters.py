@@ -90,6 +90,21 @@ def test_affinity_filter_opens_when_the_sticky_endpoint_is_too_far_behind() -> N
     assert run("prefix-affinity-filter", AffinityParams(source="approximate"), state, r) == ["e0"]
 
 
+@pytest.mark.parametrize("gpu", ["default", "ten times faster"])
+def test_affinity_filter_gate_over_the_whole_pool_sees_a_gpu_change_made_after_its_columns(gpu: str) -> None:
+    from shared.core.engine import CalibratedStepTime
+
+    # e0 holds the prompt, 20,000 tokens queued (1.26 s at 15,928 tok/s); e1 holds nothing, 200,000 queued: at the
+    # default rate 12.6 s (the gate stays shut), on a GPU ~60x faster 0.2 s (more than 1 s better: it opens)
+    state, r = warm_pool(10, inflight_hot=20_000, inflight_cold=200_000)
+    state.columns("m")
+    if gpu != "default":
+        state.upsert(state.endpoints["e1"].endpoint, CalibratedStepTime(base_s=1e-4, per_token_s=1e-6))
+    f = PrefixAffinityFilter("a", AffinityParams(source="approximate", max_ttft_penalty_s=1.0))
+    kept = ids(f.filter(cycle(state, r), state.pool("m")))  # the pool list itself: read from its columns
+    assert kept == (["e0"] if gpu == "default" else ["e0", "e1"])
+
+
 def test_affinity_filter_explores_with_its_probability() -> None:
     state, r = warm_pool(10)
     f = PrefixAffinityFilter("a", AffinityParams(source="approximate", exploration_probability=1.0))

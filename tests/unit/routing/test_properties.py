@@ -179,7 +179,7 @@ def test_the_pools_report_columns_score_and_filter_exactly_as_each_endpoints_rep
         state.update_metrics(f"e{i}", m)
     for i in gone:
         state.remove(f"e{i}")
-    pool = cands(state)
+    pool = state.pool("m")  # the pool list itself: the columns are read
     if not pool:
         return
     c = cycle(state, now=now)
@@ -191,3 +191,72 @@ def test_the_pools_report_columns_score_and_filter_exactly_as_each_endpoints_rep
     stale = StaleMetricsFilter("s", StaleParams())
     assert stale.filter(c, pool) == [e for e in pool if e.metrics is not None and e.metrics.ts >= now - 0.2]
     assert DrainingFilter("d", None).filter(c, pool) == [e for e in pool if e.metrics is None or not e.metrics.draining]
+
+
+quiet_metrics = st.one_of(st.none(), st.builds(EndpointMetrics, ts=st.just(NOW), waiting=st.integers(0, 1),
+                                                running=st.integers(0, 1),
+                                                active_loras=st.lists(st.sampled_from("ab"), max_size=1).map(tuple)))
+quiet_specs = st.lists(st.tuples(quiet_metrics, st.integers(0, 1), st.just(0), st.just(False)), min_size=2,
+                       max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=quiet_specs, failed=st.lists(st.tuples(st.integers(0, 7), st.floats(NOW - 15, NOW + 5)), max_size=4),
+       served=st.lists(st.integers(0, 7), max_size=2), moved=st.lists(st.integers(0, 7), max_size=4),
+       took=st.lists(st.integers(0, 7), min_size=1, max_size=6), lora=st.one_of(st.none(), st.sampled_from("abc")))
+def test_no_hit_lru_scores_the_whole_pool_from_its_columns_as_it_scores_each_endpoint(
+        specs: list[tuple[EndpointMetrics | None, int, int, bool]], failed: list[tuple[int, float]], served: list[int],
+        moved: list[int], took: list[int], lora: str | None) -> None:
+    # Failures, successes and in-flight changes after the columns were built reach them (the whole pool reads the
+    # columns; a filtered candidate list reads each endpoint). Quiet engines, so that idleness decides often.
+    from shared.core.routing.scorers.no_hit_lru import NoHitLruScorer, NoHitParams
+
+    state = build(specs)
+    state.columns("m")
+    n = len(specs)
+    for i, when in failed:
+        state.dispatched(f"f{i}{when}", f"e{i % n}", 10, min(when, NOW))
+        state.finished(f"f{i}{when}", ok=False, now=when)
+    for i in served:
+        state.dispatched(f"s{i}", f"e{i % n}", 10, NOW)
+        state.finished(f"s{i}", ok=True, now=NOW)
+    for i in moved:
+        st_ = state.endpoints[f"e{i % n}"]
+        st_.inflight_requests = 1 - st_.inflight_requests
+    s = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3))
+    for i in took:
+        s.picked(cycle(state), state.endpoints[f"e{i % n}"])
+    pool = state.pool("m")  # the pool list itself: the columns are read
+    c = cycle(state, RouteRequest("cold", "m", token_ids=list(range(64)), lora=lora))
+    whole, each = s.score(c, pool), s.score(c, list(pool))
+    assert (whole is None) == (each is None)
+    if whole is not None and each is not None:
+        assert list(map(float, whole)) == list(map(float, each))
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=endpoint_specs, held=st.lists(st.tuples(st.integers(0, 11), st.sampled_from([0, 5, 10, 12])), max_size=8),
+       penalty=st.sampled_from([0.0, 1.0, 5.0]),
+       later=st.lists(st.tuples(st.integers(0, 11), st.sampled_from([0, 20_000, 200_000])), min_size=1, max_size=6),
+       faster=st.lists(st.integers(0, 11), max_size=3))
+def test_prefix_affinity_gates_the_whole_pool_from_its_columns_as_it_gates_each_endpoint(
+        specs: list[tuple[EndpointMetrics | None, int, int, bool]], held: list[tuple[int, int]], penalty: float,
+        later: list[tuple[int, int]], faster: list[int]) -> None:
+    # The load gate's estimates over the whole pool come from its columns (in-flight tokens, peak prefill rates);
+    # over a filtered list, from each endpoint. In-flight and GPU changes after the columns were built included.
+    from shared.core.routing.filters.prefix_affinity import AffinityParams, PrefixAffinityFilter
+
+    state = build(specs)
+    n = len(specs)
+    prompt = list(range(200))  # 12 full blocks
+    for i, blocks in held:  # endpoint i holds the prompt's first ``blocks`` blocks
+        state.remember(f"e{i % n}", cycle(state, RouteRequest("h", "m", token_ids=prompt[:blocks * 16])).chain.all())
+    state.columns("m")
+    for i, tokens in later:
+        state.endpoints[f"e{i % n}"].inflight_tokens = tokens
+    for i in faster:  # placement says the endpoint runs on a GPU ten times faster now
+        state.upsert(state.endpoints[f"e{i % n}"].endpoint, CalibratedStepTime(base_s=1e-4, per_token_s=1e-6))
+    f = PrefixAffinityFilter("a", AffinityParams(source="approximate", max_ttft_penalty_s=penalty))
+    pool = state.pool("m")
+    c = cycle(state, RouteRequest("q", "m", token_ids=prompt))
+    assert [e.id for e in f.filter(c, pool)] == [e.id for e in f.filter(c, list(pool))]

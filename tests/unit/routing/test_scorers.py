@@ -127,7 +127,7 @@ def test_no_hit_lru_spreads_cold_requests_and_is_neutral_for_warm_ones() -> None
     assert s.score(cold, cands(state)) is None  # nobody took a cold request yet
     s.picked(cold, state.endpoints["e1"])
     s.picked(cold, state.endpoints["e0"])
-    assert s.score(cold, cands(state)) == [0.0, 1.0, 1.0]  # e2 never used; e1 least recent; e0 most recent
+    assert list(s.score(cold, cands(state))) == [0.0, 1.0, 1.0]  # e2 never used; e1 least recent; e0 most recent
     state.remember("e2", cold.chain.all())
     warm = cycle(state, req(tokens=32, seed=9))
     assert s.score(warm, cands(state)) is None  # neutral 0.5 everywhere
@@ -152,7 +152,7 @@ def test_no_hit_lru_with_cold_below_treats_a_shared_template_block_as_cold() -> 
         s.picked(cycle(state), state.endpoints["e0"])  # and then one to e0
     new_group = cycle(state, chat(2))  # 1 of its 10 blocks is cached on e0: warm for llm-d's rule
     assert llm_d.score(new_group, cands(state)) is None
-    assert ours.score(new_group, cands(state)) == [0.0, 1.0, 1.0]  # spread: e0 took the last cold one
+    assert list(ours.score(new_group, cands(state))) == [0.0, 1.0, 1.0]  # spread: e0 took the last cold one
     assert ours.score(cycle(state, chat(1)), cands(state)) is None  # group 1 itself is warm (10 of 10)
 
 
@@ -176,7 +176,7 @@ def test_no_hit_lru_prefers_a_partial_holder_unless_it_took_the_last_cold_reques
     s = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3, prefer_partial=prefer))
     for eid in ("e0", "e1", "e2"):  # each took a cold request: e0 least recently, e2 last
         s.picked(cycle(state), state.endpoints[eid])
-    assert s.score(cycle(state, chat(2)), cands(state)) == expected  # group 2: 1 of 10 blocks cached: cold
+    assert list(s.score(cycle(state, chat(2)), cands(state))) == expected  # group 2: 1 of 10 blocks cached: cold
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5])
@@ -225,7 +225,7 @@ def test_no_hit_lru_does_not_prefer_a_partial_holder_whose_cache_is_nearly_full(
     s = NoHitLruScorer("n", NoHitParams(source="approximate", cold_below=0.3))
     for eid in ("e0", "e1", "e2"):
         s.picked(cycle(state), state.endpoints[eid])
-    assert s.score(cycle(state, chat(2)), cands(state)) == [1.0, 0.5, 0.0]  # plain recency: spreading wins
+    assert list(s.score(cycle(state, chat(2)), cands(state))) == [1.0, 0.5, 0.0]  # plain recency: spreading wins
 
 
 @pytest.mark.parametrize("room", [0.0, -0.5, 1.5])
@@ -285,7 +285,7 @@ def test_no_hit_lru_is_recency_alone_when_all_endpoints_are_busy_or_all_idle(bus
     state, s = _cold_pool_with_recency()
     for eid in busy:
         state.endpoints[eid].inflight_requests = 1
-    assert s.score(cycle(state, req(tokens=160, seed=4)), cands(state)) == [1.0, 0.5, 0.0]
+    assert list(s.score(cycle(state, req(tokens=160, seed=4)), cands(state))) == [1.0, 0.5, 0.0]
 
 
 def test_no_hit_lru_an_idle_endpoint_leads_even_when_it_took_the_last_cold_request() -> None:
@@ -355,7 +355,7 @@ def test_no_hit_lru_a_partial_holder_with_room_leads_even_when_busy() -> None:
 
     state.remember("e1", cycle(state, chat(1)).chain.all())
     state.endpoints["e1"].inflight_requests = 3
-    assert s.score(cycle(state, chat(2)), cands(state)) == [0.5, 1.0, 0.0]
+    assert list(s.score(cycle(state, chat(2)), cands(state))) == [0.5, 1.0, 0.0]
 
 
 def test_no_hit_lru_a_partial_holder_half_full_of_other_prefixes_gives_way_to_an_idle_endpoint() -> None:

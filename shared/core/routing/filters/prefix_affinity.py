@@ -13,9 +13,10 @@ uses one calibrated constant, 15,928 tok/s, for the whole pool; a heterogeneous 
 from __future__ import annotations
 
 import msgspec
+import numpy as np
 
 from shared.core.routing.cycle import PREFIX_SOURCES, Cycle
-from shared.core.routing.domain import EndpointState
+from shared.core.routing.domain import EndpointState, PoolColumns
 from shared.core.routing.plugin import Filter
 
 
@@ -31,6 +32,17 @@ class AffinityParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 def estimated_ttft(cycle: Cycle, st: EndpointState, source: str) -> float:
     """Seconds to prefill what is queued on ``st`` plus this request's uncached tokens there."""
     return (st.inflight_tokens + cycle.uncached_tokens(st, source)) / st.prefill_rate
+
+
+def _best_cold(cycle: Cycle, cols: PoolColumns, source: str, need: float) -> float:
+    """The least ``estimated_ttft`` among the pool's endpoints holding less than ``need`` blocks of the prompt."""
+    idx, blocks = cycle.holders(cols.members, source)
+    matched = np.zeros(len(cols.members))
+    matched[idx] = blocks
+    prompt = cycle.request.num_prompt_tokens
+    uncached = prompt - np.minimum(matched * cycle.state.config.block_size, prompt)
+    est = (cols.tokens + uncached) / cols.prefill
+    return float(est[matched < need].min())
 
 
 class PrefixAffinityFilter(Filter):
@@ -73,7 +85,11 @@ class PrefixAffinityFilter(Filter):
         if not sticky or len(sticky) == len(cands):
             return cands
         best_sticky = min(estimated_ttft(cycle, st, p.source) for st in sticky)
-        best_cold = min(estimated_ttft(cycle, st, p.source) for st in cands if matches.get(st.slot, 0) < need)
+        cols = cycle.pool_columns(cands)
+        if cols is not None:  # nothing filtered before: every endpoint's estimate at once, from the pool's columns
+            best_cold = _best_cold(cycle, cols, p.source, need)
+        else:
+            best_cold = min(estimated_ttft(cycle, st, p.source) for st in cands if matches.get(st.slot, 0) < need)
         if best_sticky - best_cold > p.max_ttft_penalty_s:
             return cands
         return sticky

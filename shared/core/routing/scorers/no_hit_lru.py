@@ -43,13 +43,16 @@ sent such prompts to idle engines without the adapter even when its holder ran a
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 from shared.core.routing.cycle import PREFIX_SOURCES, Cycle
-from shared.core.routing.domain import EndpointState
-from shared.core.routing.plugin import Scorer
+from shared.core.routing.domain import FAILED_HOLD_S, EndpointState, PoolColumns
+from shared.core.routing.plugin import Scorer, Scores
 
 NEUTRAL = 0.5
 
@@ -101,43 +104,56 @@ class NoHitLruScorer(Scorer):
         below, total = self.params.cold_below, cycle.chain.total
         return below > 0 and total > 0 and max(m.values()) < below * total
 
-    def score(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
-        """1 for never-used, else by recency; a partial holder or else an idle endpoint leads; warm: None."""
+    def score(self, cycle: Cycle, cands: list[EndpointState]) -> Scores | None:
+        """1 for never-used, else by recency; a partial holder or else an idle endpoint leads; warm: None. Arrays
+        over the pool's columns when nothing was filtered (a cold prompt over 10,000 endpoints walks only the
+        endpoints that took cold prompts and the partial holders in Python)."""
         if not self._cold(cycle):
             return None
         assert isinstance(self.params, NoHitParams)
-        out = self._recency(cands)
+        cols = cycle.pool_columns(cands)
+        out = self._recency(cycle, cands, cols)
         if self.params.prefer_partial:
             holders = self._partial_holders(cycle, cands)
-            if any(holders):  # the holder leads; the others keep their order, half as strong
-                return [1.0 if h else v / 2 for h, v in zip(holders, out, strict=True)]
+            if holders.any():  # the holder leads; the others keep their order, half as strong
+                return np.where(holders, 1.0, out / 2)
         f = self.params.idle_first
         if f > 0:
-            idle = [_idle(st, cycle.now) for st in cands]
-            if (adapter := cycle.request.lora) and any(idle):
+            idle = _idle(cycle, cands, cols)
+            if (adapter := cycle.request.lora) and idle.any():
                 idle = _ready(idle, cands, adapter)
-            if any(idle) and not all(idle):
-                return [(1 - f) * v + (f if i else 0.0) for i, v in zip(idle, out, strict=True)]
+            if idle.any() and not idle.all():
+                return (1 - f) * out + np.where(idle, f, 0.0)
         return out if self._recent else None  # nobody took a cold request yet: the same for all
 
-    def _recency(self, cands: list[EndpointState]) -> list[float]:
+    def _recency(self, cycle: Cycle, cands: list[EndpointState], cols: PoolColumns | None) -> npt.NDArray[np.float64]:
         """1 for an endpoint that never took a cold request, else 1 (least recent) .. 0 (most recent)."""
-        rank = {eid: i for i, eid in enumerate(self._recent)}  # 0 = least recent
-        top = max(len(rank) - 1, 1)
-        return [1.0 if (r := rank.get(st.id)) is None else 1.0 - r / top for st in cands]
+        out = np.ones(len(cands))
+        if not self._recent:
+            return out
+        top = max(len(self._recent) - 1, 1)
+        where = cols.position if cols is not None else {st.slot: i for i, st in enumerate(cands)}
+        endpoints = cycle.state.endpoints
+        for r, eid in enumerate(self._recent):  # 0 = least recent
+            st = endpoints.get(eid)
+            if st is not None and (i := where.get(st.slot)) is not None:
+                out[i] = 1.0 - r / top
+        return out
 
-    def _partial_holders(self, cycle: Cycle, cands: list[EndpointState]) -> list[bool]:
+    def _partial_holders(self, cycle: Cycle, cands: list[EndpointState]) -> npt.NDArray[np.bool_]:
         """Endpoints holding the longest partial prefix that did not take the last cold request and have room."""
         assert isinstance(self.params, NoHitParams)
-        m = cycle.matches(self.params.source)
-        best = max((m.get(st.slot, 0) for st in cands), default=0)
-        if best <= 0:
-            return [False] * len(cands)
+        out = np.zeros(len(cands), dtype=np.bool_)
+        idx, blocks = cycle.holders(cands, self.params.source)
+        if not len(blocks) or (best := blocks.max()) <= 0:
+            return out
         last = next(reversed(self._recent), None)
         room = self.params.partial_room
         precise = cycle.state.precise
-        return [m.get(st.slot, 0) == best and st.id != last
-                and precise.blocks_of(st.slot) < room * (st.endpoint.num_gpu_blocks or 1 << 62) for st in cands]
+        for i in idx[blocks == best].tolist():
+            st = cands[i]
+            out[i] = st.id != last and precise.blocks_of(st.slot) < room * (st.endpoint.num_gpu_blocks or 1 << 62)
+        return out
 
     def picked(self, cycle: Cycle, endpoint: EndpointState) -> None:
         """A cold request went to ``endpoint``: it becomes the most recent."""
@@ -151,17 +167,29 @@ class NoHitLruScorer(Scorer):
             recent.popitem(last=False)
 
 
-def _ready(idle: list[bool], cands: list[EndpointState], adapter: str) -> list[bool]:
+def _ready(idle: npt.NDArray[np.bool_], cands: list[EndpointState], adapter: str) -> npt.NDArray[np.bool_]:
     """For a LoRA request, only idle endpoints with the adapter active lead when any endpoint has it active: an idle
     one without it would load it (and may evict another adapter) before the prefill starts."""
-    active = [st.metrics is not None and adapter in st.metrics.active_loras for st in cands]
-    if not any(active):
+    active = np.fromiter((st.metrics is not None and adapter in st.metrics.active_loras for st in cands), np.bool_,
+                         len(cands))
+    if not active.any():
         return idle  # every endpoint would load it: idleness alone decides
-    return [i and a for i, a in zip(idle, active, strict=True)]
+    return idle & active
 
 
-def _idle(st: EndpointState, now: float) -> bool:
-    """Nothing in flight from this router and, by the last report (if any), nothing running or waiting; and not
-    failing (an engine that fails every request at once is never busy, and would draw every cold prompt)."""
-    m = st.metrics
-    return st.inflight_requests == 0 and (m is None or m.running + m.waiting == 0) and not st.failing(now)
+def _idle(cycle: Cycle, cands: list[EndpointState], cols: PoolColumns | None) -> npt.NDArray[np.bool_]:
+    """Per candidate: nothing in flight from this router and, by the last report (if any), nothing running or
+    waiting; and not failing (an engine that fails every request at once is never busy, and would draw every cold
+    prompt). ``EndpointState.failing``, over the pool's columns when given."""
+    if cols is not None:
+        requests, busy, failed_at = cols.requests, cols.busy, cols.failed_at
+    else:
+        n = len(cands)
+        requests = np.fromiter((st.inflight_requests for st in cands), np.float64, n)
+        busy = np.fromiter((m.running + m.waiting if (m := st.metrics) is not None else 0 for st in cands),
+                           np.float64, n)
+        failed_at = np.fromiter((math.nan if (f := st.failed_at) is None else f for st in cands), np.float64, n)
+    with np.errstate(invalid="ignore"):  # NaN (never failed, or served since) compares False: not failing
+        failing = np.abs(cycle.now - failed_at) < FAILED_HOLD_S
+    out: npt.NDArray[np.bool_] = (requests == 0) & (busy == 0) & ~failing
+    return out
