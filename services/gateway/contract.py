@@ -34,8 +34,8 @@ CONTRACT = Contract(
         Emits(subjects.ENGINE_KV_SNAPSHOT_ALL, KVSnapshotRequest, "asks an engine it first routes to (or lost KV "
               "events of) for its prefix-cache snapshot (request/reply; the answer is signed like its reports)"),
         Emits(subjects.GATEWAY_OUTCOMES, EndpointOutcomes, "each engine failure it saw, and the first success "
-              "after failures, every 50 ms when there are any: every replica leaves a broken engine out after "
-              "three failures in all"),
+              "after failures, every 50 ms when there are any, and each second the engines it counts as failing: "
+              "every replica leaves a broken engine out after three failures in all, one started later too"),
         Emits(subjects.dead_letter("gateway"), ErrorEvent, "an engine report it rejected, and why"),
     ),
 )

@@ -3,7 +3,9 @@
 Each replica learns that an engine fails from the requests it placed there itself. With N replicas behind one
 Envoy, an engine that fails every request would so take ``BROKEN_STREAK`` failures at each of them before every
 replica left it out, and a replica that never sent there would still count it idle. So each replica tells the
-others what it saw (every failure, and the first success after failures) and counts what they tell it as its own.
+others what it saw (every failure, and the first success after failures) and counts what they tell it as its own;
+every ``DIGEST_EVERY_S`` it also names the engines it counts as failing now, so a replica that starts later (or
+lost a message) leaves out what the others leave out, without anyone's hold being renewed by the telling.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from nats.aio.msg import Msg
 
 from shared.bus import subjects
-from shared.bus.messages import EndpointOutcome, EndpointOutcomes
+from shared.bus.messages import EndpointOutcome, EndpointOutcomes, FailingEndpoint
 from shared.bus.runtime import Bus
 from shared.core.routing.state import PoolState
 
@@ -27,6 +29,12 @@ log = logging.getLogger(__name__)
 OUTCOMES_EVERY_S = 0.05
 """How often a replica sends what it saw (when it saw anything): the staleness bound of a peer's failure, beside
 a NATS hop; a cold prompt placed meanwhile may still go to the engine."""
+DIGEST_EVERY_S = 1.0
+"""How often a replica names the engines it counts as failing (only when there are some)."""
+MAX_LATE_S = 2.0
+"""A message sent longer ago than this by the receiver's clock (or dated that far ahead: clocks apart) is dropped:
+NATS buffers what a disconnected client publishes and delivers it on reconnect, and minutes-old failures must not
+start a new hold at the peers. Clocks of the replicas' hosts must agree within it (NTP does by far)."""
 KNOWN_REPLICAS = 256
 """Replicas whose last message number is remembered (for dropping duplicates); past it the least recent goes."""
 LOG_EVERY_S = 10.0
@@ -44,22 +52,33 @@ class OutcomeShare:
         self._last: OrderedDict[str, int] = OrderedDict()  # replica -> the last message number taken from it
         self.applied = 0  # peers' outcomes counted here
         self.duplicates = 0  # messages dropped as already taken
+        self.late = 0  # messages dropped as sent too long ago
+        self.unsent = 0  # messages dropped while NATS was away
         self._logged = -LOG_EVERY_S
 
-    def outgoing(self) -> EndpointOutcomes | None:
-        """What this replica saw since the last call, as one message (None: nothing)."""
+    def outgoing(self, digest: bool = False) -> EndpointOutcomes | None:
+        """What this replica saw since the last call, as one message, with (``digest``) the engines it counts as
+        failing now (None: nothing to tell)."""
+        now = self.clock()
         news = self.state.take_outcomes()
-        if not news:
+        failing = self.state.failing_digest(now) if digest else []
+        if not news and not failing:
             return None
-        msg = EndpointOutcomes(replica=self.replica, seq=self._seq,
-                               outcomes=[EndpointOutcome(endpoint=e, failed=f) for e, f in news])
+        msg = EndpointOutcomes(replica=self.replica, seq=self._seq, sent_at=now,
+                               outcomes=[EndpointOutcome(endpoint=e, failed=f) for e, f in news],
+                               failing=[FailingEndpoint(endpoint=e, streak=k, age_s=a) for e, k, a in failing])
         self._seq += 1
         return msg
 
     def take(self, msg: EndpointOutcomes) -> int:
-        """Count a peer's outcomes as this replica's own; returns how many applied (0 for this replica's own
-        message, a duplicate or an older one, and for engines this replica does not know)."""
+        """Count a peer's outcomes as this replica's own and take its digest where it says more; returns how many
+        applied (0 for this replica's own message, a duplicate or an older one, one delivered late, and for engines
+        this replica does not know)."""
         if msg.replica == self.replica:
+            return 0
+        now = self.clock()
+        if abs(now - msg.sent_at) > MAX_LATE_S:
+            self.late += 1
             return 0
         last = self._last.get(msg.replica)
         if last is not None and msg.seq <= last:
@@ -69,8 +88,9 @@ class OutcomeShare:
         self._last.move_to_end(msg.replica)
         while len(self._last) > KNOWN_REPLICAS:
             self._last.popitem(last=False)
-        now = self.clock()
-        n = sum(self.state.peer_outcome(o.endpoint, o.failed, now) for o in msg.outcomes)
+        state = self.state
+        n = sum(state.peer_outcome(o.endpoint, o.failed, now, msg.sent_at) for o in msg.outcomes)
+        n += sum(state.peer_failing(f.endpoint, f.streak, f.age_s, now) for f in msg.failing)
         self.applied += n
         return n
 
@@ -81,17 +101,26 @@ class OutcomeShare:
             self.take(got)
 
     async def send_forever(self, bus: Bus) -> None:
-        """Every ``OUTCOMES_EVERY_S``, send what this replica saw, if anything. A send that fails is logged (at most
-        every ``LOG_EVERY_S``) and its outcomes dropped: the peers learn of the next failure instead."""
+        """Every ``OUTCOMES_EVERY_S``, send what this replica saw, if anything, and every ``DIGEST_EVERY_S`` the
+        engines it counts as failing. While NATS is away nothing is sent (the client would buffer it and deliver it
+        late) and the news is dropped; a send that fails is logged (at most every ``LOG_EVERY_S``) and dropped too:
+        the peers learn of the next failure, and of a broken engine from the next digest."""
+        next_digest = 0.0
         while True:
             await asyncio.sleep(OUTCOMES_EVERY_S)
-            msg = self.outgoing()
+            now = time.monotonic()
+            digest = now >= next_digest
+            if digest:
+                next_digest = now + DIGEST_EVERY_S
+            msg = self.outgoing(digest)
             if msg is None:
+                continue
+            if not bus.nc.is_connected:
+                self.unsent += 1
                 continue
             try:
                 await bus.publish(subjects.GATEWAY_OUTCOMES, msg)
             except Exception as err:  # NATS gone or reconnecting: the picker keeps deciding
-                now = time.monotonic()
                 if now - self._logged >= LOG_EVERY_S:
                     self._logged = now
                     log.warning("cannot tell the other picker replicas of %d engine outcomes: %s",

@@ -600,13 +600,26 @@ class EndpointOutcome(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbi
     failed: bool
 
 
+class FailingEndpoint(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=False):
+    """An engine one gateway replica counts as failing: ``streak`` failures in a row, the last ``age_s`` ago."""
+
+    endpoint: InstanceId
+    streak: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+    age_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TIME)]
+
+
 class EndpointOutcomes(Message, frozen=True, kw_only=True):
-    """What one gateway replica (``replica``, random per process start) saw of its engines' failures since its last
-    message (``seq``, counting from 0 per replica, so a duplicate is dropped), oldest first."""
+    """What one gateway replica (``replica``, random per process start) saw of its engines since its last message
+    (``outcomes``, oldest first), and, now and then, which engines it counts as failing now (``failing``: a replica
+    that started later learns of an engine the others already leave out). ``seq`` counts from 0 per replica (a
+    duplicate is dropped); ``sent_at`` (the sender's clock) lets a receiver drop news delivered late (NATS buffers
+    what a disconnected client publishes and sends it on reconnect)."""
 
     replica: Annotated[str, msgspec.Meta(min_length=8, max_length=64)]
     seq: Seq
-    outcomes: Annotated[list[EndpointOutcome], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+    sent_at: Time
+    outcomes: Annotated[list[EndpointOutcome], msgspec.Meta(max_length=MAX_BATCH_ITEMS)] = []
+    failing: Annotated[list[FailingEndpoint], msgspec.Meta(max_length=MAX_BATCH_ITEMS)] = []
 
 
 class PickRequest(Message, frozen=True, kw_only=True):

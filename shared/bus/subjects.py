@@ -166,7 +166,9 @@ def engine_kv_snapshot(instance: str) -> str:
 GATEWAY_OUTCOMES = f"{PREFIX}.gateway.outcomes"
 """EndpointOutcomes (core NATS, every gateway replica): engines that failed requests at one replica, or served again
 after failing, counted by every other replica as its own, so an engine failing every request is left out after three
-failures in all rather than three per replica; stale by at most ``OUTCOMES_EVERY_S`` (the gateway's) and a NATS hop."""
+failures in all rather than three per replica; each second, too, the engines a replica counts as failing (for
+replicas started later). Stale by at most ``OUTCOMES_EVERY_S`` (the gateway's) and a NATS hop; a message sent more
+than ``MAX_LATE_S`` ago is dropped."""
 
 
 # -- the endpoint picker (core NATS request/reply) --------------------------------------------------

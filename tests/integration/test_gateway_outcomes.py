@@ -17,13 +17,14 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from ops.auth import ADMIN, ENGINE, GATEWAY, Credentials
-from ops.servers import ServerProcess
+from ops.servers import ServerProcess, free_port, start_nats
 from services.gateway.service import Gateway, GatewayOptions
 from shared.bus import subjects
 from shared.bus.connection import nats_options
 from shared.bus.messages import EndpointOutcome, EndpointOutcomes, ErrorEvent
 from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint
+from shared.core.routing.domain import FAILED_HOLD_S
 from shared.envsettings import EnvSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -42,28 +43,42 @@ async def _connect(url: str) -> NATS:
     return await nats.connect(url, **nats_options(EnvSettings(nats_url=url)))
 
 
+class _Replicas(list[Gateway]):
+    """Gateway replicas' routers, each knowing the three engines, sharing outcomes as ``Gateway.run`` does."""
+
+    def __init__(self, url: str, tmp: Path) -> None:
+        super().__init__()
+        self.url, self.tmp = url, tmp
+        self.conns: list[NATS] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, **connect: float) -> Gateway:
+        """One more replica (``connect``: nats-py reconnection settings)."""
+        gw = Gateway(GatewayOptions(nats_url=self.url, eds_path=self.tmp / f"eds{len(self)}.json"))
+        gw.router.set_endpoints([Endpoint(e, "m", f"127.0.0.1:{9000 + k}") for k, e in enumerate(ENGINES)])
+        nc = await nats.connect(self.url, max_reconnect_attempts=-1, **connect,  # type: ignore[arg-type]
+                                **nats_options(EnvSettings(nats_url=self.url)))
+        self.conns.append(nc)
+        gw.bus = Bus(nc, "gateway")
+        await gw._take_outcomes(nc)
+        await nc.flush()
+        self.tasks.append(asyncio.create_task(gw.outcomes.send_forever(gw.bus)))
+        self.append(gw)
+        return gw
+
+
 @contextlib.asynccontextmanager
-async def _replicas(n: int, url: str, tmp: Path) -> AsyncIterator[list[Gateway]]:
-    """``n`` gateway replicas' routers, each knowing the three engines, sharing outcomes as ``Gateway.run`` does."""
-    gws: list[Gateway] = []
-    conns: list[NATS] = []
-    tasks: list[asyncio.Task[None]] = []
+async def _replicas(n: int, url: str, tmp: Path) -> AsyncIterator[_Replicas]:
+    """``n`` replicas (more can be started), stopped on exit."""
+    out = _Replicas(url, tmp)
     try:
-        for i in range(n):
-            gw = Gateway(GatewayOptions(nats_url=url, eds_path=tmp / f"eds{i}.json"))
-            gw.router.set_endpoints([Endpoint(e, "m", f"127.0.0.1:{9000 + k}") for k, e in enumerate(ENGINES)])
-            nc = await _connect(url)
-            conns.append(nc)
-            gw.bus = Bus(nc, "gateway")
-            await gw._take_outcomes(nc)
-            await nc.flush()
-            tasks.append(asyncio.create_task(gw.outcomes.send_forever(gw.bus)))
-            gws.append(gw)
-        yield gws
+        for _ in range(n):
+            await out.start()
+        yield out
     finally:
-        for t in tasks:
+        for t in out.tasks:
             t.cancel()
-        for nc in conns:
+        for nc in out.conns:
             await nc.close()
 
 
@@ -108,7 +123,7 @@ def test_a_stranger_cannot_report_failures_and_malformed_or_replayed_reports_are
 
     async def scenario() -> None:
         async with _replicas(1, gw_url, tmp_path) as (gw,):
-            forged = msgspec.json.encode(EndpointOutcomes(replica="stranger-1", seq=0, outcomes=[
+            forged = msgspec.json.encode(EndpointOutcomes(replica="stranger-1", seq=0, sent_at=time.time(), outcomes=[
                 EndpointOutcome(endpoint="out-e2", failed=True)] * 3))
             engine = await _connect(credentials.url(nats_server.url, ENGINE))  # an engine's identity may not
             errors: list[Exception] = []
@@ -128,7 +143,7 @@ def test_a_stranger_cannot_report_failures_and_malformed_or_replayed_reports_are
             await peer.publish(subjects.GATEWAY_OUTCOMES, b'{"replica": "x", "seq": -1, "outcomes": "no"}')
             reason = msgspec.json.decode((await dead.next_msg(timeout=10)).data, type=ErrorEvent).reason
             assert "outcomes" in reason or "seq" in reason or "replica" in reason, reason
-            one = msgspec.json.encode(EndpointOutcomes(replica="peer-0001", seq=7, outcomes=[
+            one = msgspec.json.encode(EndpointOutcomes(replica="peer-0001", seq=7, sent_at=time.time(), outcomes=[
                 EndpointOutcome(endpoint="out-e2", failed=True)]))
             for _ in range(3):  # the same message three times (a replay): one failure, not a broken engine
                 await peer.publish(subjects.GATEWAY_OUTCOMES, one)
@@ -138,4 +153,49 @@ def test_a_stranger_cannot_report_failures_and_malformed_or_replayed_reports_are
             assert st.fail_streak == 1 and not st.broken(time.time())
             await peer.close()
             await admin.close()
+    asyncio.run(scenario())
+
+
+def test_a_replica_started_after_an_engine_broke_leaves_it_out_without_failures_of_its_own(
+        nats_server: ServerProcess, credentials: Credentials, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with _replicas(2, credentials.url(nats_server.url, GATEWAY), tmp_path) as gws:
+            a, b = gws
+            for k in range(3):
+                _fail(a, "out-e1", f"f{k}")
+            await _until(lambda: b.router.state.endpoints["out-e1"].broken(time.time()))
+            late = await gws.start()  # nobody routes to out-e1 any more: only the others' digests can tell it
+            await _until(lambda: late.router.state.endpoints["out-e1"].broken(time.time()), timeout=5)
+            assert late.router.state.endpoints["out-e1"].failed_at == pytest.approx(
+                a.router.state.endpoints["out-e1"].failed_at, abs=0.2)  # dated as the failures are: no new hold
+    asyncio.run(scenario())
+
+
+def test_failures_seen_while_nats_was_away_do_not_start_a_new_hold_at_the_peers(tmp_path: Path) -> None:
+    # nats-py buffers what a disconnected client publishes and delivers it on reconnect; dated on arrival, those
+    # failures used to keep a recovered engine out at every peer for another 10 s
+    creds = Credentials.generate()
+    port = free_port()
+    first = start_nats(tmp_path / "n1", port=port, auth=creds)
+    url = creds.url(f"nats://127.0.0.1:{port}", GATEWAY)
+
+    async def scenario() -> None:
+        async with _replicas(0, url, tmp_path) as gws:
+            a = await gws.start(reconnect_time_wait=1.0)
+            b = await gws.start(reconnect_time_wait=0.2)  # back first, so it hears whatever a flushes
+            first.stop()
+            await asyncio.sleep(0.3)
+            t0 = time.time()
+            for k in range(3):
+                _fail(a, "out-e0", f"f{k}")
+            await asyncio.sleep(2.5)
+            second = start_nats(tmp_path / "n2", port=port, auth=creds)
+            try:
+                await _until(lambda: all(nc.is_connected for nc in gws.conns), timeout=15)
+                await _until(lambda: b.router.state.endpoints["out-e0"].broken(time.time()), timeout=5)  # a's digest
+                st = b.router.state.endpoints["out-e0"]
+                assert st.failed_at is not None and st.failed_at <= t0 + 0.5, st.failed_at - t0
+                assert not st.broken(t0 + FAILED_HOLD_S + 0.5)  # out at b exactly as long as at a
+            finally:
+                second.stop()
     asyncio.run(scenario())

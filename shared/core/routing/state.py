@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 from shared.core.engine.step_time import StepTimeModel
 from shared.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from shared.core.routing.domain import BROKEN_STREAK, Endpoint, EndpointMetrics, EndpointState, PoolColumns
+from shared.core.routing.domain import (
+    BROKEN_STREAK,
+    FAILED_HOLD_S,
+    Endpoint,
+    EndpointMetrics,
+    EndpointState,
+    PoolColumns,
+)
 from shared.core.routing.hashing import ChunkMemo
 from shared.core.routing.prefix_index import DEFAULT_CAPACITY, PrefixIndex
 
@@ -97,6 +104,7 @@ class PoolState:
         self.streaking: set[str] = set()  # endpoints whose last BROKEN_STREAK requests here failed
         # (endpoint id, failed) for each failure here and each first success after one, for peers (None: not shared)
         self.outcomes: deque[tuple[str, bool]] | None = None
+        self._cleared: dict[str, float] = {}  # endpoint -> when a success last cleared its failures (peers' digests)
         self._newest_flight = -math.inf  # the latest dispatch stamp: the flights' stamps never decrease in order
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -142,6 +150,7 @@ class PoolState:
         """Forget an endpoint but its flights; False if it was not known."""
         st = self.endpoints.pop(endpoint_id, None)
         self.streaking.discard(endpoint_id)
+        self._cleared.pop(endpoint_id, None)
         if st is None:
             return False
         pool = self.by_model.get(st.endpoint.model, [])
@@ -348,17 +357,43 @@ class PoolState:
         self.outcomes.clear()
         return out
 
-    def peer_outcome(self, endpoint_id: str, failed: bool, now: float) -> bool:
+    def peer_outcome(self, endpoint_id: str, failed: bool, now: float, sent_at: float | None = None) -> bool:
         """Another replica saw a request fail at ``endpoint_id`` (``failed``) or succeed there after failures: counted
         as if it were this router's own, so a broken engine is left out after ``BROKEN_STREAK`` failures in all, not
-        that many per replica. Not kept in ``outcomes`` (no echo). False for an endpoint this router does not know."""
+        that many per replica; a failure it sent (``sent_at``) before a success seen here is old news. Not kept in
+        ``outcomes`` (no echo). False for an endpoint this router does not know, and for old news."""
         st = self.endpoints.get(endpoint_id)
-        if st is None:
+        if st is None or (failed and sent_at is not None and sent_at <= self._cleared.get(endpoint_id, -math.inf)):
             return False
         if failed:
             self._failed(st, now, tell=False)  # dated on arrival here: a NATS hop after the failure
         else:
-            self._served(st, tell=False)
+            self._served(st, tell=False, now=now)
+        return True
+
+    def failing_digest(self, now: float) -> list[tuple[str, int, float]]:
+        """(endpoint, streak, seconds since its last failure) of every endpoint failing at ``now``: what a replica that
+        started later (or missed messages) needs to leave out the engines the others leave out."""
+        return [(st.id, st.fail_streak, max(now - st.failed_at, 0.0)) for st in self.endpoints.values()
+                if st.failed_at is not None and st.failing(now)]
+
+    def peer_failing(self, endpoint_id: str, streak: int, age_s: float, now: float) -> bool:
+        """Another replica counts ``endpoint_id`` as failing: ``streak`` failures in a row, the last ``age_s`` ago.
+        Taken where it says more than this router knows (a later start, a lost message): the longer streak, the later
+        failure, dated as the peer dates it (telling never renews a hold), and never over a success seen here after
+        that failure. Not kept in ``outcomes``. False when nothing changed."""
+        st = self.endpoints.get(endpoint_id)
+        at = now - age_s
+        if st is None or streak < 1 or not age_s < FAILED_HOLD_S or at <= self._cleared.get(endpoint_id, -math.inf):
+            return False
+        if st.failed_at is not None and st.failing(now):
+            if streak <= st.fail_streak and at <= st.failed_at:
+                return False
+            st.fail_streak, st.failed_at = max(st.fail_streak, streak), max(st.failed_at, at)
+        else:
+            st.fail_streak, st.failed_at = streak, at
+        if st.fail_streak >= BROKEN_STREAK:
+            self.streaking.add(st.id)
         return True
 
     def _failed(self, st: EndpointState, now: float | None, tell: bool = True) -> None:
@@ -371,11 +406,13 @@ class PoolState:
         if tell and self.outcomes is not None:
             self.outcomes.append((st.id, True))
 
-    def _served(self, st: EndpointState, tell: bool = True) -> None:
+    def _served(self, st: EndpointState, tell: bool = True, now: float | None = None) -> None:
         if st.failed_at is None:
             return  # the usual case: nothing to clear, nothing to tell
         st.served()
         self.streaking.discard(st.id)
+        # a peer's digest naming a failure before this success must not bring it back
+        self._cleared[st.id] = self._newest_flight if now is None else now
         if tell and self.outcomes is not None:
             self.outcomes.append((st.id, False))
 

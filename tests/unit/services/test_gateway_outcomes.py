@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from services.gateway.outcomes import KNOWN_REPLICAS, OutcomeShare
+import pytest
+
+from services.gateway.outcomes import KNOWN_REPLICAS, MAX_LATE_S, OutcomeShare
 from shared.bus.messages import EndpointOutcome, EndpointOutcomes
 from shared.core.routing import Endpoint
 from shared.core.routing.state import PoolState
@@ -17,8 +19,14 @@ def _share(replica: str = "me-000001") -> OutcomeShare:
     return OutcomeShare(state, clock=lambda: NOW, replica=replica)
 
 
-def _msg(replica: str, seq: int, endpoint: str = "e0", failed: bool = True) -> EndpointOutcomes:
-    return EndpointOutcomes(replica=replica, seq=seq, outcomes=[EndpointOutcome(endpoint=endpoint, failed=failed)])
+def _msg(replica: str, seq: int, endpoint: str = "e0", failed: bool = True, sent_at: float = NOW) -> EndpointOutcomes:
+    return EndpointOutcomes(replica=replica, seq=seq, sent_at=sent_at,
+                            outcomes=[EndpointOutcome(endpoint=endpoint, failed=failed)])
+
+
+def _fail(s: OutcomeShare, tag: str, endpoint: str = "e0") -> None:
+    s.state.dispatched(tag, endpoint, 1, NOW)
+    s.state.finished(tag, ok=False, now=NOW)
 
 
 def test_nothing_seen_sends_nothing() -> None:
@@ -58,3 +66,64 @@ def test_the_replicas_remembered_are_bounded() -> None:
     for i in range(KNOWN_REPLICAS + 10):
         s.take(_msg(f"peer-{i:06d}", 0, endpoint="nobody"))
     assert len(s._last) == KNOWN_REPLICAS
+
+
+@pytest.mark.parametrize("sent", [NOW - MAX_LATE_S - 0.5, NOW + MAX_LATE_S + 0.5])
+def test_a_message_sent_too_long_ago_or_dated_ahead_is_dropped(sent: float) -> None:
+    # NATS delivers what a disconnected replica published once it reconnects: those failures are old news
+    s = _share()
+    assert s.take(_msg("peer-0001", 0, sent_at=sent)) == 0 and s.late == 1
+    assert s.state.endpoints["e0"].failed_at is None
+
+
+def test_a_replica_started_after_an_engine_broke_leaves_it_out_from_a_peers_digest() -> None:
+    a, c = _share("replica-a"), _share("replica-c")
+    for k in range(3):
+        _fail(a, f"f{k}")
+    a.outgoing()  # its failures went out before c started
+    assert a.outgoing() is None  # no news since: nothing to send
+    digest = a.outgoing(digest=True)
+    assert digest is not None and [(f.endpoint, f.streak) for f in digest.failing] == [("e0", 3)]
+    assert c.take(digest) == 1 and c.state.endpoints["e0"].broken(NOW)
+
+
+def test_a_digest_does_not_renew_the_hold() -> None:
+    from shared.core.routing.domain import FAILED_HOLD_S
+
+    a = _share("replica-a")
+    for k in range(3):
+        _fail(a, f"f{k}")
+    a.outgoing()  # its failures went out long before c started
+    later = NOW + FAILED_HOLD_S - 1
+    a.clock = lambda: later
+    digest = a.outgoing(digest=True)
+    assert digest is not None and digest.failing[0].age_s == pytest.approx(FAILED_HOLD_S - 1)
+    c = _share("replica-c")
+    c.clock = lambda: later
+    c.take(digest)
+    st = c.state.endpoints["e0"]
+    assert st.broken(later) and not st.broken(NOW + FAILED_HOLD_S + 0.01)  # out until a's hold ends, no longer
+
+
+def test_a_digest_naming_a_failure_before_a_success_seen_here_is_ignored() -> None:
+    a, b = _share("replica-a"), _share("replica-b")
+    for k in range(3):
+        _fail(a, f"f{k}")
+    news = a.outgoing()
+    assert news is not None and b.take(news) == 3 and b.state.endpoints["e0"].broken(NOW)
+    b.state.dispatched("ok", "e0", 1, NOW + 0.5)  # b tries e0 again later and it answers
+    b.state.finished("ok", ok=True, now=NOW + 0.5)
+    digest = a.outgoing(digest=True)  # a has not heard of that success yet
+    assert digest is not None and not digest.outcomes and b.take(digest) == 0
+    assert not b.state.endpoints["e0"].failing(NOW + 0.6)
+
+
+def test_failures_a_peer_sent_before_a_success_seen_here_do_not_bring_the_engine_back() -> None:
+    a, b = _share("replica-a"), _share("replica-b")
+    _fail(a, "f0")
+    news = a.outgoing()  # sent at NOW, delayed on the way
+    _fail(b, "g0")
+    b.state.dispatched("ok", "e0", 1, NOW + 0.5)
+    b.state.finished("ok", ok=True, now=NOW + 0.5)
+    b.clock = lambda: NOW + 0.6
+    assert news is not None and b.take(news) == 0 and not b.state.endpoints["e0"].failing(NOW + 0.6)
