@@ -7,9 +7,9 @@ scorer and the token-load scorer of every profile of the cycle share one hashing
 from __future__ import annotations
 
 import random
-from itertools import repeat
+from itertools import compress, repeat
 from operator import mul, sub
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +25,7 @@ PREFIX_SOURCES: tuple[str, ...] = ("approximate", "precise", "hybrid")
 class Cycle:
     """One request being routed at ``now`` against ``state``."""
 
-    __slots__ = ("_chain", "_holders", "_lists", "_matches", "now", "request", "rng", "state")
+    __slots__ = ("_chain", "_holders", "_lists", "_matches", "_positions", "now", "request", "rng", "state")
 
     def __init__(self, request: RouteRequest, state: PoolState, now: float, rng: random.Random) -> None:
         self.request = request
@@ -39,6 +39,8 @@ class Cycle:
         self._lists: dict[tuple[str, int], tuple[list[EndpointState], list[int]]] = {}
         self._holders: dict[tuple[str, int], tuple[list[EndpointState], npt.NDArray[np.intp],
                                                    npt.NDArray[np.float64]]] = {}
+        # id(cands) → (cands, positions in the pool's columns) for the sub-lists the filters leave
+        self._positions: dict[int, tuple[list[EndpointState], npt.NDArray[np.intp] | None]] = {}
 
     @property
     def chain(self) -> BlockHashes:
@@ -95,12 +97,56 @@ class Cycle:
             return self.state.columns(model)
         return None
 
+    def positions(self, cands: list[EndpointState]) -> npt.NDArray[np.intp] | None:
+        """``cands``' positions in the pool's columns (computed once per list; None when one is not a member)."""
+        hit = self._positions.get(id(cands))
+        if hit is not None and hit[0] is cands:
+            return hit[1]
+        pos = self.state.columns(self.request.model).positions(cands)
+        self._positions[id(cands)] = (cands, pos)
+        return pos
+
+    def _inverse(self, cands: list[EndpointState]) -> npt.NDArray[np.intp] | None:
+        """Pool position → index in ``cands`` (-1: not a candidate); None when ``cands`` is not a sub-list."""
+        pos = self.positions(cands)
+        if pos is None:
+            return None
+        inv = np.full(len(self.state.pool(self.request.model)), -1, dtype=np.intp)
+        inv[pos] = np.arange(len(cands))
+        return inv
+
+    def keep(self, cands: list[EndpointState], mask: npt.NDArray[np.bool_]) -> list[EndpointState]:
+        """The candidates where ``mask`` (aligned with ``cands``) holds, their positions remembered for the next
+        plugins (a filter's result is read from the columns as the pool is)."""
+        out = list(compress(cands, mask.tolist()))
+        if (pos := self._column_positions(cands)) is not None:
+            self._positions[id(out)] = (out, pos[mask])
+        return out
+
+    def _column_positions(self, cands: list[EndpointState]) -> npt.NDArray[np.intp] | None:
+        if cands is self.state.pool(self.request.model):
+            return np.arange(len(cands))
+        return self.positions(cands)
+
+    def column(self, cands: list[EndpointState], name: str) -> npt.NDArray[Any] | None:
+        """The pool's column ``name`` aligned with ``cands``: the column itself, read-only, for the whole pool; its
+        entries gathered for a sub-list of it; None when ``cands`` is not one (read each endpoint then)."""
+        model = self.request.model
+        cols = self.state.columns(model)
+        arr: npt.NDArray[Any] = getattr(cols, name)
+        if cands is self.state.pool(model):
+            view = arr.view()
+            view.flags.writeable = False  # shared by every plugin until the next report: never written through here
+            return view
+        pos = self.positions(cands)
+        return None if pos is None else arr[pos]
+
     def load_arrays(self, cands: list[EndpointState]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """In-flight uncached tokens and effective prefill rate of each candidate, as arrays aligned with
-        ``cands`` (the pool's own columns, read-only, when ``cands`` is the pool)."""
-        cols = self.pool_columns(cands)
-        if cols is not None:
-            return cols.tokens, cols.rate
+        ``cands`` (from the pool's columns: read-only when ``cands`` is the pool)."""
+        tokens, rate = self.column(cands, "tokens"), self.column(cands, "rate")
+        if tokens is not None and rate is not None:
+            return tokens, rate
         n = len(cands)
         return (np.fromiter((st.inflight_tokens for st in cands), np.float64, n),
                 np.fromiter((st.effective_rate for st in cands), np.float64, n))
@@ -118,6 +164,11 @@ class Cycle:
         if cols is not None:  # every slot of a match belongs to the pool (the pool is the match's candidate mask)
             idx = cols.table[np.fromiter(m, np.intp, len(m))]
             blocks = np.fromiter(m.values(), np.float64, len(m))
+        elif (inv := self._inverse(cands)) is not None:  # a sub-list of the pool: through its positions
+            t = self.state.columns(self.request.model).table[np.fromiter(m, np.intp, len(m))]
+            at = np.where(t >= 0, inv[t], -1)  # (a match names pool members only; -1 guarded all the same)
+            keep = at >= 0
+            idx, blocks = at[keep], np.fromiter(m.values(), np.float64, len(m))[keep]
         else:
             where = {st.slot: i for i, st in enumerate(cands)}
             pairs = [(where[slot], b) for slot, b in m.items() if slot in where]

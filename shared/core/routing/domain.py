@@ -103,8 +103,8 @@ class PoolColumns:
     every report dropped per-pool values rebuilt by the next decision, ~4 ms at 10,000 endpoints).
     """
 
-    __slots__ = ("busy", "draining", "failed_at", "kv_free", "members", "position", "prefill", "rate", "requests",
-                 "table", "tokens", "ts", "waiting")
+    __slots__ = ("busy", "draining", "failed_at", "kv_free", "kv_usage", "members", "position", "prefill", "rate",
+                 "requests", "table", "tokens", "ts", "waiting")
 
     def __init__(self, members: list[EndpointState]) -> None:
         n = len(members)
@@ -119,6 +119,7 @@ class PoolColumns:
         self.busy: npt.NDArray[np.float64] = np.empty(n)  # the report's running + waiting; 0: no report
         self.waiting: npt.NDArray[np.float64] = np.empty(n)  # the report's queue; -1: no report
         self.kv_free: npt.NDArray[np.float64] = np.empty(n)  # ``kv_free`` of the report
+        self.kv_usage: npt.NDArray[np.float64] = np.empty(n)  # the report's own figure; 0: no report
         self.ts: npt.NDArray[np.float64] = np.empty(n)  # when the report was sampled; -inf: no report
         self.draining: npt.NDArray[np.bool_] = np.empty(n, dtype=np.bool_)
         self.position = {st.slot: i for i, st in enumerate(members)}  # index slot → position in the pool
@@ -127,13 +128,26 @@ class PoolColumns:
             self.report(i, st.metrics)
             st.attach(self, i)
 
+    def positions(self, cands: list[EndpointState]) -> npt.NDArray[np.intp] | None:
+        """Each of ``cands``' position in these columns (a sub-list of the pool reads them gathered); None when one
+        of them is not a member."""
+        table = self.table
+        slots = np.fromiter((st.slot for st in cands), np.intp, len(cands))
+        if len(slots) and (slots.min() < 0 or slots.max() >= len(table)):
+            return None
+        pos = table[slots]
+        if len(pos) and pos.min() < 0:
+            return None
+        return pos
+
     def report(self, pos: int, m: EndpointMetrics | None) -> None:
         """The endpoint at ``pos`` reported ``m`` (None: it has not reported)."""
         if m is None:
             self.waiting[pos], self.ts[pos], self.draining[pos], self.busy[pos] = -1.0, -math.inf, False, 0.0
+            self.kv_usage[pos] = 0.0
         else:
             self.waiting[pos], self.ts[pos], self.draining[pos] = m.waiting, m.ts, m.draining
-            self.busy[pos] = m.running + m.waiting
+            self.busy[pos], self.kv_usage[pos] = m.running + m.waiting, m.kv_usage
         self.kv_free[pos] = kv_free(m)
 
 

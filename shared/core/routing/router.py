@@ -14,6 +14,10 @@ reason); ``route`` flushes first, so the next decision always sees it. The calle
 from __future__ import annotations
 
 import random
+from itertools import compress
+from typing import Any
+
+import numpy.typing as npt
 
 from shared.core.kv_events import KVEventBatch
 from shared.core.routing.cycle import Cycle
@@ -148,15 +152,23 @@ class Router:
 
     def _with_room(self, pool: list[EndpointState], now: float, first: bool = False) -> list[EndpointState]:
         """The endpoints of ``pool`` neither saturated nor at the in-flight cap (``first``: stop at the first)."""
+        if not pool:
+            return []
         cap = self.config.flow_control.max_inflight_per_endpoint
-        sat = self.detector.saturated
-        out = []
-        for st in pool:
-            if st.inflight_requests < cap and not sat(st, now):
-                out.append(st)
-                if first:
-                    break
-        return out
+        model = pool[0].endpoint.model
+        cols = self.state.columns(model)
+        pos = None if pool is self.state.pool(model) else cols.positions(pool)
+        if pos is None and pool is not self.state.pool(model):  # not a sub-list of the pool: each endpoint
+            sat = self.detector.saturated
+            return [st for st in pool if st.inflight_requests < cap and not sat(st, now)][:1 if first else None]
+
+        def at(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+            return a if pos is None else a[pos]
+        room = (at(cols.requests) < cap) & ~self.detector.saturated_columns(at(cols.ts), at(cols.waiting),
+                                                                           at(cols.kv_usage), now)
+        if first:
+            return [pool[int(room.argmax())]] if room.any() else []
+        return list(compress(pool, room.tolist()))
 
     def submit(self, request: RouteRequest, now: float) -> Outcome | None:
         """Route now, or queue (None) when flow control is on and the pool has no headroom or a queue ahead.

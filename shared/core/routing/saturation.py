@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 from shared.core.routing.domain import EndpointState
 
@@ -66,6 +68,14 @@ class UtilizationDetector:
         if m is None or now - m.ts > self.config.staleness_s:
             return True
         return m.waiting > self._q_limit or m.kv_usage > self._kv_limit
+
+    def saturated_columns(self, ts: npt.NDArray[np.float64], waiting: npt.NDArray[np.float64],
+                          kv_usage: npt.NDArray[np.float64], now: float) -> npt.NDArray[np.bool_]:
+        """``saturated`` of each endpoint from its report's columns (``ts`` -inf: no report, which counts as
+        saturated as a stale one does)."""
+        out: npt.NDArray[np.bool_] = (now - ts > self.config.staleness_s) | (waiting > self._q_limit) | (
+            kv_usage > self._kv_limit)
+        return out
 
     def pool(self, endpoints: Sequence[EndpointState], now: float) -> float:
         """Mean ``s_e`` over the pool, each at most 1; 1.0 for an empty pool.

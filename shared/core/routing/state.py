@@ -449,15 +449,17 @@ class PoolState:
 
     def prefill_rate(self, st: EndpointState) -> float:
         """Peak prefill tokens/s of the endpoint: one full chunk of ``max_num_batched_tokens`` from an empty
-        context on its own GPU's step-time model (llm-d's default constant when no model is known)."""
+        context on its own GPU's step-time model (llm-d's default constant when no model is known, or when the
+        model's step time is not a positive finite number: the estimates divide by the rate)."""
         rate = self._prefill_rate.get(st.id)
         if rate is None:
             model = self.step_models.get(st.id)
-            if model is None:
-                rate = DEFAULT_PREFILL_TOKENS_PER_S
-            else:
+            rate = DEFAULT_PREFILL_TOKENS_PER_S
+            if model is not None:
                 b = max(st.endpoint.max_num_batched_tokens, 1)
-                rate = b / max(model.step_time(b, 1, 1, b * (b + 1) // 2, b), 1e-9)
+                got = b / max(model.step_time(b, 1, 1, b * (b + 1) // 2, b), 1e-9)
+                if math.isfinite(got) and got > 0:
+                    rate = got
             self._prefill_rate[st.id] = rate
         return rate
 

@@ -105,6 +105,18 @@ def test_affinity_filter_gate_over_the_whole_pool_sees_a_gpu_change_made_after_i
     assert kept == (["e0"] if gpu == "default" else ["e0", "e1"])
 
 
+@pytest.mark.parametrize("base_s", [float("inf"), float("nan")])
+def test_a_gpu_model_without_a_finite_step_time_gives_the_default_peak_prefill_rate(base_s: float) -> None:
+    from shared.core.engine import CalibratedStepTime
+    from shared.core.routing.state import DEFAULT_PREFILL_TOKENS_PER_S
+
+    # the gate's estimates divide by the rate: 0 (an infinite step) raised, NaN kept the gate shut
+    state = pool(met(), met())
+    state.columns("m")
+    st = state.upsert(state.endpoints["e1"].endpoint, CalibratedStepTime(base_s=base_s, per_token_s=1e-5))
+    assert st.prefill_rate == DEFAULT_PREFILL_TOKENS_PER_S == state.columns("m").prefill[1]
+
+
 def test_affinity_filter_explores_with_its_probability() -> None:
     state, r = warm_pool(10)
     f = PrefixAffinityFilter("a", AffinityParams(source="approximate", exploration_probability=1.0))

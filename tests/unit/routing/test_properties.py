@@ -260,3 +260,74 @@ def test_prefix_affinity_gates_the_whole_pool_from_its_columns_as_it_gates_each_
     pool = state.pool("m")
     c = cycle(state, RouteRequest("q", "m", token_ids=prompt))
     assert [e.id for e in f.filter(c, pool)] == [e.id for e in f.filter(c, list(pool))]
+
+
+ops = st.lists(st.tuples(st.sampled_from(["upsert", "faster", "remove", "report", "report", "dispatch", "dispatch",
+                                          "first", "ok", "fail", "unknown", "move", "peer_fail", "peer_ok",
+                                          "peer_digest", "expire", "columns", "faster", "fail"]),
+                         st.integers(0, 5), st.integers(0, 5), st.floats(NOW - 20, NOW + 20)), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=ops, reports=st.lists(metrics.filter(lambda m: m is not None), min_size=1, max_size=4))
+def test_the_pool_columns_always_hold_what_each_endpoint_holds(steps: list[tuple[str, int, int, float]],
+                                                                reports: list[EndpointMetrics]) -> None:
+    # Every writer of an endpoint's figures (reports, dispatches, first tokens, ends, moves, failures told by peers,
+    # re-placement on another GPU, endpoints leaving and joining) reaches its column, whenever the columns were built.
+    import math as m_
+
+    from shared.core.routing.domain import kv_free
+
+    state = PoolState()
+    for k in range(6):  # every endpoint placed, its pool's columns built before anything else happens
+        state.upsert(Endpoint(id=f"e{k}", model="m" if k % 3 else "n"))
+    state.columns("m"), state.columns("n")
+    flights = 0
+    for op, i, j, t in steps:
+        eid, other = f"e{i}", f"e{j}"
+        model = "m" if i % 3 else "n"  # two models: an endpoint's id may come back serving the other one
+        if op == "upsert":
+            state.upsert(Endpoint(id=eid, model=model))
+        elif op == "faster":
+            if eid in state.endpoints:
+                state.upsert(state.endpoints[eid].endpoint, CalibratedStepTime(base_s=1e-4 * (j + 1), per_token_s=1e-6))
+        elif op == "remove":
+            state.remove(eid)
+        elif op == "report":
+            rep = reports[j % len(reports)]
+            state.update_metrics(eid, EndpointMetrics(ts=t, waiting=rep.waiting, running=rep.running,
+                                                      kv_usage=rep.kv_usage, draining=rep.draining))
+        elif op == "dispatch":
+            flights += 1
+            state.dispatched(f"r{flights}", eid, j * 100, t)
+        elif op in ("first", "ok", "fail", "unknown"):
+            rid = f"r{1 + (i * 7 + j) % max(flights, 1)}"
+            if op == "first":
+                state.first_token(rid)
+            else:
+                state.finished(rid, {"ok": True, "fail": False, "unknown": None}[op], t)
+        elif op == "move":
+            state.moved(f"r{1 + i % max(flights, 1)}", other, t)
+        elif op in ("peer_fail", "peer_ok"):
+            state.peer_outcome(eid, op == "peer_fail", t)
+        elif op == "peer_digest":
+            state.peer_failing(eid, j + 1, abs(t - NOW) / 2, t)
+        elif op == "expire":
+            state.expire_flights(t, 3)
+        else:
+            for mdl in ("m", "n"):
+                state.columns(mdl)
+    for mdl in ("m", "n"):
+        cols = state.columns(mdl)
+        for k, e in enumerate(state.pool(mdl)):
+            rep = e.metrics
+            assert cols.members[k] is e
+            assert cols.requests[k] == e.inflight_requests and cols.tokens[k] == e.inflight_tokens
+            assert cols.rate[k] == e.effective_rate and cols.prefill[k] == e.prefill_rate
+            assert (m_.isnan(cols.failed_at[k]) if e.failed_at is None else cols.failed_at[k] == e.failed_at)
+            assert cols.kv_free[k] == kv_free(rep)
+            if rep is None:
+                assert cols.ts[k] == -m_.inf and cols.waiting[k] == -1 and cols.busy[k] == 0 and not cols.draining[k]
+            else:
+                assert (cols.ts[k], cols.waiting[k], cols.busy[k]) == (rep.ts, rep.waiting, rep.running + rep.waiting)
+                assert cols.draining[k] == rep.draining and cols.kv_usage[k] == rep.kv_usage

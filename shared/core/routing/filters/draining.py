@@ -18,4 +18,7 @@ class DrainingFilter(Filter):
         # candidates are a subset of the pool: when no endpoint of the pool drains, nothing to drop
         if not cycle.state.columns(cycle.request.model).draining.any():
             return cands
+        col = cycle.column(cands, "draining")
+        if col is not None:
+            return cycle.keep(cands, ~col)
         return [st for st in cands if (m := st.metrics) is None or not m.draining]

@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from shared.core.routing.cycle import PREFIX_SOURCES, Cycle
-from shared.core.routing.domain import EndpointState, PoolColumns
+from shared.core.routing.domain import EndpointState
 from shared.core.routing.plugin import Filter
 
 
@@ -34,14 +34,18 @@ def estimated_ttft(cycle: Cycle, st: EndpointState, source: str) -> float:
     return (st.inflight_tokens + cycle.uncached_tokens(st, source)) / st.prefill_rate
 
 
-def _best_cold(cycle: Cycle, cols: PoolColumns, source: str, need: float) -> float:
-    """The least ``estimated_ttft`` among the pool's endpoints holding less than ``need`` blocks of the prompt."""
-    idx, blocks = cycle.holders(cols.members, source)
-    matched = np.zeros(len(cols.members))
+def _best_cold(cycle: Cycle, cands: list[EndpointState], source: str, need: float) -> float | None:
+    """The least ``estimated_ttft`` among the candidates holding less than ``need`` blocks of the prompt, every
+    estimate at once from the pool's columns (None when ``cands`` is not a sub-list of the pool)."""
+    tokens, peak = cycle.column(cands, "tokens"), cycle.column(cands, "prefill")
+    if tokens is None or peak is None:
+        return None
+    idx, blocks = cycle.holders(cands, source)
+    matched = np.zeros(len(cands))
     matched[idx] = blocks
     prompt = cycle.request.num_prompt_tokens
     uncached = prompt - np.minimum(matched * cycle.state.config.block_size, prompt)
-    est = (cols.tokens + uncached) / cols.prefill
+    est = (tokens + uncached) / peak
     return float(est[matched < need].min())
 
 
@@ -85,10 +89,8 @@ class PrefixAffinityFilter(Filter):
         if not sticky or len(sticky) == len(cands):
             return cands
         best_sticky = min(estimated_ttft(cycle, st, p.source) for st in sticky)
-        cols = cycle.pool_columns(cands)
-        if cols is not None:  # nothing filtered before: every endpoint's estimate at once, from the pool's columns
-            best_cold = _best_cold(cycle, cols, p.source, need)
-        else:
+        best_cold = _best_cold(cycle, cands, p.source, need)
+        if best_cold is None:  # not a sub-list of the pool: each endpoint's estimate
             best_cold = min(estimated_ttft(cycle, st, p.source) for st in cands if matches.get(st.slot, 0) < need)
         if best_sticky - best_cold > p.max_ttft_penalty_s:
             return cands

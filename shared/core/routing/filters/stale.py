@@ -45,6 +45,9 @@ class StaleMetricsFilter(Filter):
         ts = cycle.state.columns(cycle.request.model).ts
         if len(ts) and ts[ts.argmin()] >= oldest:
             return cands
+        col = cycle.column(cands, "ts")  # -inf where no report came
+        if col is not None:
+            return cycle.keep(cands, col >= oldest)
         return [st for st in cands if (m := st.metrics) is not None and m.ts >= oldest]
 
     def why(self, cycle: Cycle) -> str:

@@ -15,10 +15,8 @@ class KvUtilizationScorer(Scorer):
 
     def score(self, cycle: Cycle, cands: list[EndpointState]) -> Scores:
         """``1 − kv_usage`` clamped to [0, 1]."""
-        cols = cycle.pool_columns(cands)
-        if cols is not None:  # nothing filtered: the pool's column, kept by the reports (never written here)
-            return cols.kv_free
-        return [kv_free(st.metrics) for st in cands]
+        col = cycle.column(cands, "kv_free")  # kept by the reports
+        return col if col is not None else [kv_free(st.metrics) for st in cands]
 
 
 def free_kv(st: EndpointState) -> float:

@@ -51,7 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.core.routing.cycle import PREFIX_SOURCES, Cycle
-from shared.core.routing.domain import FAILED_HOLD_S, EndpointState, PoolColumns
+from shared.core.routing.domain import FAILED_HOLD_S, EndpointState
 from shared.core.routing.plugin import Scorer, Scores
 
 NEUTRAL = 0.5
@@ -111,33 +111,44 @@ class NoHitLruScorer(Scorer):
         if not self._cold(cycle):
             return None
         assert isinstance(self.params, NoHitParams)
-        cols = cycle.pool_columns(cands)
-        out = self._recency(cycle, cands, cols)
+        out = self._recency(cycle, cands)
         if self.params.prefer_partial:
             holders = self._partial_holders(cycle, cands)
             if holders.any():  # the holder leads; the others keep their order, half as strong
                 return np.where(holders, 1.0, out / 2)
         f = self.params.idle_first
         if f > 0:
-            idle = _idle(cycle, cands, cols)
+            idle = _idle(cycle, cands)
             if (adapter := cycle.request.lora) and idle.any():
                 idle = _ready(idle, cands, adapter)
             if idle.any() and not idle.all():
                 return (1 - f) * out + np.where(idle, f, 0.0)
         return out if self._recent else None  # nobody took a cold request yet: the same for all
 
-    def _recency(self, cycle: Cycle, cands: list[EndpointState], cols: PoolColumns | None) -> npt.NDArray[np.float64]:
+    def _recency(self, cycle: Cycle, cands: list[EndpointState]) -> npt.NDArray[np.float64]:
         """1 for an endpoint that never took a cold request, else 1 (least recent) .. 0 (most recent)."""
         out = np.ones(len(cands))
         if not self._recent:
             return out
         top = max(len(self._recent) - 1, 1)
-        where = cols.position if cols is not None else {st.slot: i for i, st in enumerate(cands)}
-        endpoints = cycle.state.endpoints
+        state = cycle.state
+        cols = state.columns(cycle.request.model)
+        where = cols.position  # slot → pool position, then (for a sub-list) → index in ``cands``
+        inv = None if cands is state.pool(cycle.request.model) else cycle.positions(cands)
+        if inv is not None:
+            back = np.full(len(cols.members), -1, dtype=np.intp)
+            back[inv] = np.arange(len(cands))
+            inv = back
+        elif cands is not state.pool(cycle.request.model):  # not a sub-list of the pool: by slot
+            where = {st.slot: i for i, st in enumerate(cands)}
+        endpoints = state.endpoints
         for r, eid in enumerate(self._recent):  # 0 = least recent
             st = endpoints.get(eid)
-            if st is not None and (i := where.get(st.slot)) is not None:
-                out[i] = 1.0 - r / top
+            if st is None or (i := where.get(st.slot)) is None:
+                continue
+            if inv is not None and (i := int(inv[i])) < 0:
+                continue
+            out[i] = 1.0 - r / top
         return out
 
     def _partial_holders(self, cycle: Cycle, cands: list[EndpointState]) -> npt.NDArray[np.bool_]:
@@ -177,13 +188,13 @@ def _ready(idle: npt.NDArray[np.bool_], cands: list[EndpointState], adapter: str
     return idle & active
 
 
-def _idle(cycle: Cycle, cands: list[EndpointState], cols: PoolColumns | None) -> npt.NDArray[np.bool_]:
+def _idle(cycle: Cycle, cands: list[EndpointState]) -> npt.NDArray[np.bool_]:
     """Per candidate: nothing in flight from this router and, by the last report (if any), nothing running or
     waiting; and not failing (an engine that fails every request at once is never busy, and would draw every cold
-    prompt). ``EndpointState.failing``, over the pool's columns when given."""
-    if cols is not None:
-        requests, busy, failed_at = cols.requests, cols.busy, cols.failed_at
-    else:
+    prompt). ``EndpointState.failing``, from the pool's columns."""
+    requests, busy = cycle.column(cands, "requests"), cycle.column(cands, "busy")
+    failed_at = cycle.column(cands, "failed_at")
+    if requests is None or busy is None or failed_at is None:  # not a sub-list of the pool: each endpoint
         n = len(cands)
         requests = np.fromiter((st.inflight_requests for st in cands), np.float64, n)
         busy = np.fromiter((m.running + m.waiting if (m := st.metrics) is not None else 0 for st in cands),

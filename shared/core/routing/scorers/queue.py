@@ -21,9 +21,9 @@ class QueueScorer(Scorer):
 
     def score(self, cycle: Cycle, cands: list[EndpointState]) -> Scores | None:
         """Min-max of ``waiting``."""
-        cols = cycle.pool_columns(cands)
-        if cols is not None:  # nothing filtered: the pool's column, kept by the reports
-            return _min_max_column(cols.waiting)
+        col = cycle.column(cands, "waiting")  # kept by the reports
+        if col is not None:
+            return _min_max_column(col)
         return min_max(_with_worst([(m.waiting if (m := st.metrics) is not None else -1) for st in cands]))
 
 
