@@ -188,6 +188,13 @@ def test_the_pools_report_columns_score_and_filter_exactly_as_each_endpoints_rep
         assert (whole is None) == (each is None)
         if whole is not None and each is not None:
             assert list(map(float, whole)) == list(map(float, each))
+    from shared.core.routing.filters.saturation import SaturationFilter
+    from shared.core.routing.saturation import DetectorConfig
+
+    shed = cycle(state, RouteRequest("shed", "m", priority=-1), now=now)
+    sat = SaturationFilter("sat", DetectorConfig())
+    assert sat.filter(shed, pool) == [e for e in pool if not sat.detector.saturated(e, now)] == sat.filter(
+        shed, list(pool))
     stale = StaleMetricsFilter("s", StaleParams())
     assert stale.filter(c, pool) == [e for e in pool if e.metrics is not None and e.metrics.ts >= now - 0.2]
     assert DrainingFilter("d", None).filter(c, pool) == [e for e in pool if e.metrics is None or not e.metrics.draining]

@@ -38,6 +38,9 @@ class SaturationFilter(Filter):
         if not cycle.request.sheddable:
             return cands
         now, sat = cycle.now, self.detector.saturated
+        ts, waiting, kv = cycle.column(cands, "ts"), cycle.column(cands, "waiting"), cycle.column(cands, "kv_usage")
+        if ts is not None and waiting is not None and kv is not None:
+            return cycle.keep(cands, ~self.detector.saturated_columns(ts, waiting, kv, now))
         return [st for st in cands if not sat(st, now)]
 
     def why(self, cycle: Cycle) -> str:
