@@ -11,6 +11,7 @@ lost a message) leaves out what the others leave out, without anyone's hold bein
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -22,6 +23,7 @@ from nats.aio.msg import Msg
 from shared.bus import subjects
 from shared.bus.messages import EndpointOutcome, EndpointOutcomes, FailingEndpoint
 from shared.bus.runtime import Bus
+from shared.core.routing.domain import FAILED_HOLD_S
 from shared.core.routing.state import PoolState
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,9 @@ class OutcomeShare:
 
     def __init__(self, state: PoolState, clock: Callable[[], float] = time.time, replica: str | None = None) -> None:
         self.state = state
-        state.share_outcomes()
+        self._news = asyncio.Event()  # set when this replica kept an outcome: the sender wakes for it
+        state.share_outcomes(self._news.set)
+        self.failing_until = 0.0  # (this replica's clock) an engine may count as failing until then: digests due
         self.clock = clock
         self.replica = replica or uuid.uuid4().hex
         self._seq = 0
@@ -61,6 +65,8 @@ class OutcomeShare:
         failing now (None: nothing to tell)."""
         now = self.clock()
         news = self.state.take_outcomes()
+        if any(failed for _, failed in news):
+            self.failing_until = now + FAILED_HOLD_S
         failing = self.state.failing_digest(now) if digest else []
         if not news and not failing:
             return None
@@ -91,6 +97,8 @@ class OutcomeShare:
         state = self.state
         n = sum(state.peer_outcome(o.endpoint, o.failed, now, msg.sent_at) for o in msg.outcomes)
         n += sum(state.peer_failing(f.endpoint, f.streak, f.age_s, now) for f in msg.failing)
+        if n:  # it may count engines as failing now: its own digests are due until their hold ends
+            self.failing_until = max(self.failing_until, now + FAILED_HOLD_S)
         self.applied += n
         return n
 
@@ -101,15 +109,20 @@ class OutcomeShare:
             self.take(got)
 
     async def send_forever(self, bus: Bus) -> None:
-        """Every ``OUTCOMES_EVERY_S``, send what this replica saw, if anything, and every ``DIGEST_EVERY_S`` the
-        engines it counts as failing. While NATS is away nothing is sent (the client would buffer it and deliver it
-        late) and the news is dropped; a send that fails is logged (at most every ``LOG_EVERY_S``) and dropped too:
-        the peers learn of the next failure, and of a broken engine from the next digest."""
+        """Send what this replica saw, ``OUTCOMES_EVERY_S`` after it saw it (what comes meanwhile goes along), and
+        every ``DIGEST_EVERY_S`` while an engine may count as failing, the engines it counts as failing; asleep
+        otherwise (no polling). While NATS is away nothing is sent (the client would buffer it and deliver it late)
+        and the news is dropped; a send that fails is logged (at most every ``LOG_EVERY_S``) and dropped too: the
+        peers learn of the next failure, and of a broken engine from the next digest."""
         next_digest = 0.0
         while True:
+            wait = None if self.clock() >= self.failing_until else max(next_digest - time.monotonic(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._news.wait(), wait)
+            self._news.clear()
             await asyncio.sleep(OUTCOMES_EVERY_S)
             now = time.monotonic()
-            digest = now >= next_digest
+            digest = now >= next_digest and self.clock() < self.failing_until
             if digest:
                 next_digest = now + DIGEST_EVERY_S
             msg = self.outgoing(digest)

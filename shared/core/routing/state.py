@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from shared.core.engine.step_time import StepTimeModel
@@ -104,6 +104,7 @@ class PoolState:
         self.streaking: set[str] = set()  # endpoints whose last BROKEN_STREAK requests here failed
         # (endpoint id, failed) for each failure here and each first success after one, for peers (None: not shared)
         self.outcomes: deque[tuple[str, bool]] | None = None
+        self._notify: Callable[[], None] | None = None
         self._cleared: dict[str, float] = {}  # endpoint -> when a success last cleared its failures (peers' digests)
         self._newest_flight = -math.inf  # the latest dispatch stamp: the flights' stamps never decrease in order
         self._free_slots: list[int] = []
@@ -343,11 +344,13 @@ class PoolState:
         """Requests dispatched and not yet finished."""
         return len(self._flights)
 
-    def share_outcomes(self) -> None:
+    def share_outcomes(self, notify: Callable[[], None] | None = None) -> None:
         """From now on, keep each failure of a request here and each first success after failures in
-        ``outcomes`` (for the caller to tell the other router replicas, which apply them with ``peer_outcome``)."""
+        ``outcomes`` (for the caller to tell the other router replicas, which apply them with ``peer_outcome``);
+        ``notify`` is called after each one is kept (the caller's sender then wakes, instead of polling)."""
         if self.outcomes is None:
             self.outcomes = deque(maxlen=OUTCOMES_KEPT)
+        self._notify = notify
 
     def take_outcomes(self) -> list[tuple[str, bool]]:
         """The outcomes kept since the last call, oldest first (empty when not sharing)."""
@@ -405,6 +408,8 @@ class PoolState:
             self.streaking.discard(st.id)
         if tell and self.outcomes is not None:
             self.outcomes.append((st.id, True))
+            if self._notify is not None:
+                self._notify()
 
     def _served(self, st: EndpointState, tell: bool = True, now: float | None = None) -> None:
         if st.failed_at is None:
@@ -415,6 +420,8 @@ class PoolState:
         self._cleared[st.id] = self._newest_flight if now is None else now
         if tell and self.outcomes is not None:
             self.outcomes.append((st.id, False))
+            if self._notify is not None:
+                self._notify()
 
     def working(self, pool: list[EndpointState], now: float) -> list[EndpointState]:
         """``pool`` without its broken endpoints (``EndpointState.broken``), at most half of it left out (the most

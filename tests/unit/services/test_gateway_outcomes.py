@@ -127,3 +127,46 @@ def test_failures_a_peer_sent_before_a_success_seen_here_do_not_bring_the_engine
     b.state.finished("ok", ok=True, now=NOW + 0.5)
     b.clock = lambda: NOW + 0.6
     assert news is not None and b.take(news) == 0 and not b.state.endpoints["e0"].failing(NOW + 0.6)
+
+
+class _Bus:
+    """Stands in for the bus: connected, recording what is published."""
+
+    def __init__(self) -> None:
+        self.sent: list[EndpointOutcomes] = []
+        self.nc = self
+        self.is_connected = True
+
+    async def publish(self, subject: str, msg: EndpointOutcomes) -> None:
+        self.sent.append(msg)
+
+
+def test_the_sender_sleeps_until_there_is_news_then_sends_it_and_digests_while_an_engine_fails() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        import time
+
+        s = _share()
+        s.clock = time.time
+        looked = 0
+        take = s.outgoing
+
+        def counted(digest: bool = False) -> EndpointOutcomes | None:
+            nonlocal looked
+            looked += 1
+            return take(digest)
+
+        s.outgoing = counted  # type: ignore[method-assign]
+        bus = _Bus()
+        task = asyncio.create_task(s.send_forever(bus))  # type: ignore[arg-type]
+        await asyncio.sleep(0.4)
+        assert looked == 0 and not bus.sent  # idle: no polling
+        s.state.dispatched("r", "e0", 1, time.time())
+        s.state.finished("r", ok=False, now=time.time())
+        await asyncio.sleep(1.5)
+        task.cancel()
+        assert [(o.endpoint, o.failed) for o in bus.sent[0].outcomes] == [("e0", True)]
+        assert any(m.failing and m.failing[0].endpoint == "e0" for m in bus.sent[1:])  # then its digest
+
+    asyncio.run(scenario())
