@@ -20,7 +20,7 @@ from typing import Any
 import numpy.typing as npt
 
 from shared.core.kv_events import KVEventBatch
-from shared.core.routing.cycle import Cycle
+from shared.core.routing.cycle import Cycle, wide
 from shared.core.routing.domain import (
     NO_ENDPOINT,
     SHED,
@@ -156,9 +156,10 @@ class Router:
             return []
         cap = self.config.flow_control.max_inflight_per_endpoint
         model = pool[0].endpoint.model
-        cols = self.state.columns(model)
-        pos = None if pool is self.state.pool(model) else cols.positions(pool)
-        if pos is None and pool is not self.state.pool(model):  # not a sub-list of the pool: each endpoint
+        whole = pool is self.state.pool(model)
+        cols = self.state.columns(model) if wide(len(pool)) else None
+        pos = None if cols is None or whole else cols.positions(pool)
+        if cols is None or (pos is None and not whole):  # short, or not a sub-list of the pool: each endpoint
             sat = self.detector.saturated
             return [st for st in pool if st.inflight_requests < cap and not sat(st, now)][:1 if first else None]
 

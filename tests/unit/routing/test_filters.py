@@ -91,8 +91,12 @@ def test_affinity_filter_opens_when_the_sticky_endpoint_is_too_far_behind() -> N
 
 
 @pytest.mark.parametrize("gpu", ["default", "ten times faster"])
-def test_affinity_filter_gate_over_the_whole_pool_sees_a_gpu_change_made_after_its_columns(gpu: str) -> None:
+def test_affinity_filter_gate_over_the_whole_pool_sees_a_gpu_change_made_after_its_columns(
+        gpu: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shared.core.routing.cycle as cyc
     from shared.core.engine import CalibratedStepTime
+
+    monkeypatch.setattr(cyc, "COLUMNS_FROM", 0)  # read from the columns however short the pool
 
     # e0 holds the prompt, 20,000 tokens queued (1.26 s at 15,928 tok/s); e1 holds nothing, 200,000 queued: at the
     # default rate 12.6 s (the gate stays shut), on a GPU ~60x faster 0.2 s (more than 1 s better: it opens)

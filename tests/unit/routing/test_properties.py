@@ -3,7 +3,9 @@ and the approximate index stays bounded however much traffic it sees."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from shared.core.routing import (
     Decision,
     Endpoint,
     EndpointMetrics,
+    EndpointState,
     PoolState,
     Refusal,
     Router,
@@ -159,6 +162,36 @@ def test_columns_follow_every_load_change_and_pool_change() -> None:
     assert now.tokens.tolist() == [5, 70, 0]
 
 
+@contextlib.contextmanager
+def columns_from(n: int) -> Iterator[None]:
+    """Lists of at least ``n`` candidates read from the pool's columns (``COLUMNS_FROM``) within the block."""
+    import shared.core.routing.cycle as cyc
+
+    saved, cyc.COLUMNS_FROM = cyc.COLUMNS_FROM, n
+    try:
+        yield
+    finally:
+        cyc.COLUMNS_FROM = saved
+
+
+def _norm(out: object) -> object:
+    if out is None:
+        return None
+    items = list(out)  # type: ignore[call-overload]
+    return [x.id if hasattr(x, "id") else float(x) for x in items]
+
+
+def three_ways(run: Callable[[list[EndpointState]], object], pool: list[EndpointState]) -> object:
+    """``run`` over the pool from its columns, over a copy of it from the columns gathered, and over the pool endpoint
+    by endpoint: the three must agree exactly (each run gets a fresh cycle: it caches per list)."""
+    with columns_from(0):
+        whole, gathered = _norm(run(pool)), _norm(run(list(pool)))
+    with columns_from(1 << 30):
+        each = _norm(run(pool))
+    assert whole == gathered == each
+    return whole
+
+
 @settings(max_examples=150, deadline=None)
 @given(specs=endpoint_specs, later=st.lists(st.tuples(st.integers(0, 11), metrics.filter(lambda m: m is not None)),
                                             max_size=8),
@@ -182,22 +215,21 @@ def test_the_pools_report_columns_score_and_filter_exactly_as_each_endpoints_rep
     pool = state.pool("m")  # the pool list itself: the columns are read
     if not pool:
         return
-    c = cycle(state, now=now)
     for scorer in (QueueScorer("q", None), KvUtilizationScorer("k", None)):
-        whole, each = scorer.score(c, pool), scorer.score(c, list(pool))
-        assert (whole is None) == (each is None)
-        if whole is not None and each is not None:
-            assert list(map(float, whole)) == list(map(float, each))
+        three_ways(lambda cands, sc=scorer: sc.score(cycle(state, now=now), cands), pool)  # type: ignore[misc]
     from shared.core.routing.filters.saturation import SaturationFilter
     from shared.core.routing.saturation import DetectorConfig
 
-    shed = cycle(state, RouteRequest("shed", "m", priority=-1), now=now)
     sat = SaturationFilter("sat", DetectorConfig())
-    assert sat.filter(shed, pool) == [e for e in pool if not sat.detector.saturated(e, now)] == sat.filter(
-        shed, list(pool))
+    shed = RouteRequest("shed", "m", priority=-1)
+    assert three_ways(lambda cands: sat.filter(cycle(state, shed, now=now), cands), pool) == [
+        e.id for e in pool if not sat.detector.saturated(e, now)]
     stale = StaleMetricsFilter("s", StaleParams())
-    assert stale.filter(c, pool) == [e for e in pool if e.metrics is not None and e.metrics.ts >= now - 0.2]
-    assert DrainingFilter("d", None).filter(c, pool) == [e for e in pool if e.metrics is None or not e.metrics.draining]
+    assert three_ways(lambda cands: stale.filter(cycle(state, now=now), cands), pool) == [
+        e.id for e in pool if e.metrics is not None and e.metrics.ts >= now - 0.2]
+    draining = DrainingFilter("d", None)
+    assert three_ways(lambda cands: draining.filter(cycle(state, now=now), cands), pool) == [
+        e.id for e in pool if e.metrics is None or not e.metrics.draining]
 
 
 quiet_metrics = st.one_of(st.none(), st.builds(EndpointMetrics, ts=st.just(NOW), waiting=st.integers(0, 1),
@@ -234,11 +266,8 @@ def test_no_hit_lru_scores_the_whole_pool_from_its_columns_as_it_scores_each_end
     for i in took:
         s.picked(cycle(state), state.endpoints[f"e{i % n}"])
     pool = state.pool("m")  # the pool list itself: the columns are read
-    c = cycle(state, RouteRequest("cold", "m", token_ids=list(range(64)), lora=lora))
-    whole, each = s.score(c, pool), s.score(c, list(pool))
-    assert (whole is None) == (each is None)
-    if whole is not None and each is not None:
-        assert list(map(float, whole)) == list(map(float, each))
+    cold = RouteRequest("cold", "m", token_ids=list(range(64)), lora=lora)
+    three_ways(lambda cands: s.score(cycle(state, cold), cands), pool)
 
 
 @settings(max_examples=300, deadline=None)
@@ -265,8 +294,8 @@ def test_prefix_affinity_gates_the_whole_pool_from_its_columns_as_it_gates_each_
         state.upsert(state.endpoints[f"e{i % n}"].endpoint, CalibratedStepTime(base_s=1e-4, per_token_s=1e-6))
     f = PrefixAffinityFilter("a", AffinityParams(source="approximate", max_ttft_penalty_s=penalty))
     pool = state.pool("m")
-    c = cycle(state, RouteRequest("q", "m", token_ids=prompt))
-    assert [e.id for e in f.filter(c, pool)] == [e.id for e in f.filter(c, list(pool))]
+    q = RouteRequest("q", "m", token_ids=prompt)
+    three_ways(lambda cands: f.filter(cycle(state, q), cands), pool)
 
 
 ops = st.lists(st.tuples(st.sampled_from(["upsert", "faster", "remove", "report", "report", "dispatch", "dispatch",

@@ -16,7 +16,10 @@ class DrainingFilter(Filter):
     def filter(self, cycle: Cycle, cands: list[EndpointState]) -> list[EndpointState]:
         """Keep endpoints whose last report does not say draining."""
         # candidates are a subset of the pool: when no endpoint of the pool drains, nothing to drop
-        if not cycle.state.columns(cycle.request.model).draining.any():
+        pool = cycle.state.pool(cycle.request.model)
+        flags = cycle.column(pool, "draining")
+        if not (flags.any() if flags is not None else any(st.metrics is not None and st.metrics.draining
+                                                           for st in pool)):
             return cands
         col = cycle.column(cands, "draining")
         if col is not None:

@@ -42,10 +42,15 @@ class StaleMetricsFilter(Filter):
         """Keep endpoints whose metrics are at most the bound old."""
         oldest = cycle.now - self._bound(cycle)
         # candidates are a subset of the pool: when its oldest report is fresh enough, nothing to drop
-        ts = cycle.state.columns(cycle.request.model).ts
-        if len(ts) and ts[ts.argmin()] >= oldest:
+        pool = cycle.state.pool(cycle.request.model)
+        ts = cycle.column(pool, "ts")  # -inf where no report came
+        if ts is not None:
+            if len(ts) and ts[ts.argmin()] >= oldest:
+                return cands
+        elif min((m.ts if (m := st.metrics) is not None else float("-inf") for st in pool),
+                 default=float("-inf")) >= oldest:
             return cands
-        col = cycle.column(cands, "ts")  # -inf where no report came
+        col = cycle.column(cands, "ts")
         if col is not None:
             return cycle.keep(cands, col >= oldest)
         return [st for st in cands if (m := st.metrics) is not None and m.ts >= oldest]

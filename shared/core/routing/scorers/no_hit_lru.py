@@ -50,7 +50,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from shared.core.routing.cycle import PREFIX_SOURCES, Cycle
+from shared.core.routing.cycle import PREFIX_SOURCES, Cycle, wide
 from shared.core.routing.domain import FAILED_HOLD_S, EndpointState
 from shared.core.routing.plugin import Scorer, Scores
 
@@ -111,6 +111,8 @@ class NoHitLruScorer(Scorer):
         if not self._cold(cycle):
             return None
         assert isinstance(self.params, NoHitParams)
+        if not wide(len(cands)):
+            return self._score_each(cycle, cands)
         out = self._recency(cycle, cands)
         if self.params.prefer_partial:
             holders = self._partial_holders(cycle, cands)
@@ -124,6 +126,34 @@ class NoHitLruScorer(Scorer):
             if idle.any() and not idle.all():
                 return (1 - f) * out + np.where(idle, f, 0.0)
         return out if self._recent else None  # nobody took a cold request yet: the same for all
+
+    def _score_each(self, cycle: Cycle, cands: list[EndpointState]) -> list[float] | None:
+        """``score`` for a short list, endpoint by endpoint (``COLUMNS_FROM``: the same numbers, fewer calls)."""
+        assert isinstance(self.params, NoHitParams)
+        rank = {eid: i for i, eid in enumerate(self._recent)}  # 0 = least recent
+        top = max(len(rank) - 1, 1)
+        out = [1.0 if (r := rank.get(st.id)) is None else 1.0 - r / top for st in cands]
+        if self.params.prefer_partial:
+            m = cycle.matches(self.params.source)
+            best = max((m.get(st.slot, 0) for st in cands), default=0)
+            if best > 0:
+                last = next(reversed(self._recent), None)
+                room, precise = self.params.partial_room, cycle.state.precise
+                holders = [m.get(st.slot, 0) == best and st.id != last
+                           and precise.blocks_of(st.slot) < room * (st.endpoint.num_gpu_blocks or 1 << 62)
+                           for st in cands]
+                if any(holders):
+                    return [1.0 if h else v / 2 for h, v in zip(holders, out, strict=True)]
+        f = self.params.idle_first
+        if f > 0:
+            idle = [_idle_one(st, cycle.now) for st in cands]
+            if (adapter := cycle.request.lora) and any(idle):
+                active = [st.metrics is not None and adapter in st.metrics.active_loras for st in cands]
+                if any(active):
+                    idle = [i and a for i, a in zip(idle, active, strict=True)]
+            if any(idle) and not all(idle):
+                return [(1 - f) * v + (f if i else 0.0) for i, v in zip(idle, out, strict=True)]
+        return out if self._recent else None
 
     def _recency(self, cycle: Cycle, cands: list[EndpointState]) -> npt.NDArray[np.float64]:
         """1 for an endpoint that never took a cold request, else 1 (least recent) .. 0 (most recent)."""
@@ -186,6 +216,12 @@ def _ready(idle: npt.NDArray[np.bool_], cands: list[EndpointState], adapter: str
     if not active.any():
         return idle  # every endpoint would load it: idleness alone decides
     return idle & active
+
+
+def _idle_one(st: EndpointState, now: float) -> bool:
+    """``_idle`` of one endpoint."""
+    m = st.metrics
+    return st.inflight_requests == 0 and (m is None or m.running + m.waiting == 0) and not st.failing(now)
 
 
 def _idle(cycle: Cycle, cands: list[EndpointState]) -> npt.NDArray[np.bool_]:
