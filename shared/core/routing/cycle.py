@@ -117,7 +117,7 @@ class Cycle:
         self._positions[id(cands)] = (cands, pos)
         return pos
 
-    def _inverse(self, cands: list[EndpointState]) -> npt.NDArray[np.intp] | None:
+    def inverse(self, cands: list[EndpointState]) -> npt.NDArray[np.intp] | None:
         """Pool position → index in ``cands`` (-1: not a candidate); None when ``cands`` is not a sub-list."""
         pos = self.positions(cands)
         if pos is None:
@@ -181,7 +181,7 @@ class Cycle:
         if cols is not None:  # every slot of a match belongs to the pool (the pool is the match's candidate mask)
             idx = cols.table[np.fromiter(m, np.intp, len(m))]
             blocks = np.fromiter(m.values(), np.float64, len(m))
-        elif (inv := self._inverse(cands)) is not None:  # a sub-list of the pool: through its positions
+        elif (inv := self.inverse(cands)) is not None:  # a sub-list of the pool: through its positions
             t = self.state.columns(self.request.model).table[np.fromiter(m, np.intp, len(m))]
             at = np.where(t >= 0, inv[t], -1)  # (a match names pool members only; -1 guarded all the same)
             keep = at >= 0

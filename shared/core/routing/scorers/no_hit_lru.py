@@ -162,15 +162,10 @@ class NoHitLruScorer(Scorer):
             return out
         top = max(len(self._recent) - 1, 1)
         state = cycle.state
-        cols = state.columns(cycle.request.model)
-        where = cols.position  # slot → pool position, then (for a sub-list) → index in ``cands``
-        inv = None if cands is state.pool(cycle.request.model) else cycle.positions(cands)
-        if inv is not None:
-            back = np.full(len(cols.members), -1, dtype=np.intp)
-            back[inv] = np.arange(len(cands))
-            inv = back
-        elif cands is not state.pool(cycle.request.model):  # not a sub-list of the pool: by slot
-            where = {st.slot: i for i, st in enumerate(cands)}
+        where: dict[int, int] = state.columns(cycle.request.model).position  # slot → pool position
+        inv = None  # pool position → index in ``cands`` (a sub-list of the pool)
+        if cands is not state.pool(cycle.request.model) and (inv := cycle.inverse(cands)) is None:
+            where = {st.slot: i for i, st in enumerate(cands)}  # not a sub-list of the pool: by slot
         endpoints = state.endpoints
         for r, eid in enumerate(self._recent):  # 0 = least recent
             st = endpoints.get(eid)
