@@ -83,10 +83,17 @@ class Bus:
         await asyncio.gather(*(self.publish_js(s, m, i) for s, m, i in items))
 
     async def dead_letter(self, subject: str, reason: str, payload: bytes = b"") -> None:
-        """Report a rejected message on the dead-letter subject, and log it."""
-        log.warning("%s rejected a message on %s: %s", self.service, subject, reason)
+        """Report a rejected message on the dead-letter subject, and log it; a rejected message that is itself a
+        dead letter is only logged and counted (``is_dead_letter``)."""
         if self.on_dead_letter is not None:
             self.on_dead_letter(subject)
+        if is_dead_letter(payload):
+            # A dead letter can only come back here through a consumer on the dead-letter stream delivering into one
+            # of our subjects: another one would be stored and delivered again, once more per replica each turn.
+            log.warning("%s rejected a dead letter delivered on %s (not dead-lettered again): %s",
+                        self.service, subject, reason)
+            return
+        log.warning("%s rejected a message on %s: %s", self.service, subject, reason)
         event = ErrorEvent(
             service=self.service, subject=subject, reason=reason,
             payload=payload[:512].decode("utf-8", "replace"), at=time.time(),
@@ -100,6 +107,18 @@ class Bus:
         except MessageError as exc:
             await self.dead_letter(subject, str(exc), body)
             return None
+
+
+def is_dead_letter(payload: bytes) -> bool:
+    """Whether ``payload`` reads as a dead letter (an ``ErrorEvent``: its service, subject and reason); no other
+    message carries those three fields."""
+    if payload[:16].lstrip()[:1] != b"{":  # the quick answer for most rejected payloads
+        return False
+    try:
+        decode(payload, ErrorEvent)
+    except MessageError:
+        return False
+    return True
 
 
 class _PubAck(msgspec.Struct):

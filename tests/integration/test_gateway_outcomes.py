@@ -1,7 +1,7 @@
 """Engine failures shared between gateway replicas over a real nats-server, as each replica connects (the gateway
 identity): a failure seen at one replica counts at the others, so three failures spread over three replicas leave
 the engine out at all of them; a stranger's message on the subject is refused by the server, a malformed one is
-dead-lettered, and a replayed one is dropped."""
+dead-lettered (once: not again when a consumer delivers the dead letter back), and a replayed one is dropped."""
 
 from __future__ import annotations
 
@@ -15,17 +15,20 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from ops.auth import ADMIN, ENGINE, GATEWAY, Credentials
+from ops.auth import ADMIN, CLI, ENGINE, GATEWAY, Credentials
 from ops.servers import ServerProcess, free_port, start_nats
 from services.gateway.service import Gateway, GatewayOptions
 from shared.bus import subjects
-from shared.bus.connection import nats_options
+from shared.bus.connection import inbox_prefix, nats_options
 from shared.bus.messages import EndpointOutcome, EndpointOutcomes, ErrorEvent
 from shared.bus.runtime import Bus
+from shared.bus.streams import STREAM_DLQ, ensure_streams
 from shared.core.routing import Endpoint
 from shared.core.routing.domain import FAILED_HOLD_S
 from shared.envsettings import EnvSettings
+from shared.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -199,3 +202,40 @@ def test_failures_seen_while_nats_was_away_do_not_start_a_new_hold_at_the_peers(
             finally:
                 second.stop()
     asyncio.run(scenario())
+
+
+def test_dead_letters_delivered_back_onto_the_subject_are_not_dead_lettered_again(tmp_path: Path) -> None:
+    # NATS does not check a push consumer's delivery subject against its creator's rights, so the operator CLI's
+    # replay right can point the dead-letter stream at the outcome subject. Each replica rejects what is delivered
+    # there; dead-lettering it again would be stored and delivered again, three more at every turn.
+    creds = Credentials.generate()
+    server = start_nats(tmp_path / "n", auth=creds)
+
+    async def scenario() -> None:
+        admin = await _connect(creds.url(server.url, ADMIN))
+        await ensure_streams(admin.jetstream(), Settings(nats_url=server.url))
+
+        async def stored() -> int:
+            return (await admin.jetstream().stream_info(STREAM_DLQ)).state.messages
+
+        async with _replicas(3, creds.url(server.url, GATEWAY), tmp_path) as gws:
+            cli = await nats.connect(creds.url(server.url, CLI), inbox_prefix=inbox_prefix(CLI))
+            await cli.jetstream().add_consumer(STREAM_DLQ, ConsumerConfig(
+                deliver_subject=subjects.GATEWAY_OUTCOMES, deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.NONE))
+            peer = await _connect(creds.url(server.url, GATEWAY))
+            await peer.publish(subjects.GATEWAY_OUTCOMES, b'{"replica": "x", "seq": -1}')  # one malformed message
+            await peer.flush()
+            deadline = time.monotonic() + 10
+            while await stored() < 3 and time.monotonic() < deadline:  # one dead letter from each replica
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.5)  # a loop goes round in milliseconds
+            assert await stored() == 3
+            assert [gw.outcomes.applied for gw in gws] == [0, 0, 0]
+            await peer.close()
+            await cli.close()
+        await admin.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
