@@ -30,7 +30,6 @@ from services.gateway.feed_relay import FeedRelay, Kind, Relayed
 from services.gateway.h2grpc import H2Connection
 from services.gateway.http1 import Connections, OneByOne
 from services.gateway.listen import fd_room, free_socket_path, private_dir, remove, restrict
-from services.gateway.outcomes import OutcomeShare
 from services.gateway.pieces import PieceTokenizer
 from services.gateway.pool import eds_document
 from services.gateway.protocol import (
@@ -60,6 +59,7 @@ from shared.host.engine_feed import (
     take_metrics,
 )
 from shared.host.metrics import MetricsServer
+from shared.host.outcomes import OutcomeShare
 from shared.host.placement_follow import PlacementFollower
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
@@ -197,7 +197,8 @@ class Gateway:
         self.pool = self.feed.pool
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)
-        self.outcomes = OutcomeShare(self.router.state)  # engine failures told to and by the other replicas
+        # engine failures told to and by the other replicas
+        self.outcomes = OutcomeShare(self.router.state, subjects.GATEWAY_OUTCOMES)
         self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer(), capture=self.capture)
         self.authz = (AuthzPicker(self.picker, Connections(opts.idle_timeout_s, opts.max_connections))
                       if opts.transport is PickerTransport.EXT_AUTHZ else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shared.bus import subjects
 from shared.bus.messages import (
+    EndpointOutcomes,
     EngineKVEvents,
     EngineMetrics,
     ErrorEvent,
@@ -33,10 +34,15 @@ CONTRACT = Contract(
         Consumes(subjects.EVENT_INSTANCE_ALL, InstanceEvents, "placement's instance changes (--pool-source "
                  "placement): an engine is picked only while its instance is RUNNING; DRAINING or removed takes it "
                  "out of the pool at once"),
+        Consumes(subjects.PICKER_OUTCOMES, EndpointOutcomes, "the other picker replicas' engine failures, counted "
+                 "as this replica's own (its own messages and duplicates dropped)"),
     ),
     emits=(
         Emits(subjects.ENGINE_KV_SNAPSHOT_ALL, KVSnapshotRequest, "asks an engine it first routes to (or lost KV "
               "events of) for its prefix-cache snapshot (request/reply; the answer is signed like its reports)"),
+        Emits(subjects.PICKER_OUTCOMES, EndpointOutcomes, "each engine failure of a request it placed, and the "
+              "first success after failures, every 50 ms when there are any, and each second the engines it counts "
+              "as failing: every replica leaves a broken engine out after three failures in all"),
         Emits(subjects.dead_letter(SERVICE), ErrorEvent, "a pick request or engine report it rejected, and why"),
     ),
 )

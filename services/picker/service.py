@@ -35,6 +35,7 @@ from shared.host.engine_feed import (
     take_metrics,
 )
 from shared.host.metrics import MetricsServer
+from shared.host.outcomes import OutcomeShare
 from shared.host.placement_follow import PlacementFollower
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
@@ -100,6 +101,8 @@ class PickerService:
         self.follower = PlacementFollower(self.feed, self.placed, opts.redis_url, opts.resync_s, opts.read_timeout_s)
         self.reconnected = asyncio.Event()  # set by a NATS reconnection: placement is read again at once
         self.snapshots = SnapshotFetcher(self.feed)  # a late or restarted replica learns the engines' caches
+        # failures of the requests this replica placed, told to the others (progress names no endpoint)
+        self.outcomes = OutcomeShare(self.router.state, subjects.PICKER_OUTCOMES)
         self.counters = PickerCounters()
         self.metrics = registry_for(CONTRACT.service, self.feed.verifier)
         self.bus: Bus | None = None
@@ -171,6 +174,11 @@ class PickerService:
         for rid in p.failed:
             self.router.finished(rid, ok=False, now=self.clock())
 
+    async def on_outcomes(self, msg: Msg) -> None:
+        """The other replicas' engine failures (``OutcomeShare``)."""
+        assert self.bus is not None
+        await self.outcomes.on_message(self.bus, msg)
+
     async def on_metrics(self, msg: Msg) -> None:
         """An engine's state report (joins it to the pool)."""
         assert self.bus is not None
@@ -220,6 +228,7 @@ class PickerService:
         await nc.subscribe(subjects.ENGINE_METRICS_ALL, cb=self._guarded(self.on_metrics))
         await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._guarded(self.on_kv))
         await nc.subscribe(subjects.PICK_PROGRESS, cb=self._guarded(self.on_progress))
+        await nc.subscribe(subjects.PICKER_OUTCOMES, cb=self._guarded(self.on_outcomes))
         await nc.subscribe(subjects.PICK, queue=subjects.PICK_QUEUE, cb=self._guarded(self.on_pick))
         await nc.flush()
         return nc
@@ -238,7 +247,8 @@ class PickerService:
         metrics = MetricsServer(self.metrics, self.opts.metrics_port, CONTRACT.service, self.opts.metrics_host)
         expire = asyncio.create_task(expire_forever(self.feed, self.opts.expire_s, self.clock))
         flights = asyncio.create_task(self._expire_flights_forever())
-        tasks = [expire, flights]
+        assert self.bus is not None
+        tasks = [expire, flights, asyncio.create_task(self.outcomes.send_forever(self.bus))]
         if store is not None:
             tasks.append(asyncio.create_task(self.follower.resync_forever(store, self.reconnected)))
         log.info("gantry picker on %s (profile %s)", subjects.PICK, self.opts.profile)

@@ -178,3 +178,6 @@ PICK_QUEUE = "picker"
 """The picker replicas' queue group on ``PICK`` (each request answered by one replica)."""
 PICK_PROGRESS = f"{PREFIX}.picker.progress"
 """PickProgress (core NATS, every replica): first tokens and ends of picked requests (in-flight accounting)."""
+PICKER_OUTCOMES = f"{PREFIX}.picker.outcomes"
+"""EndpointOutcomes (core NATS, every NATS picker replica): what ``GATEWAY_OUTCOMES`` is to the gateway's replicas.
+A request's failure reaches every replica in ``PICK_PROGRESS``, but only the replica that placed it knows where."""

@@ -65,20 +65,21 @@ def running_picker(env: dict[str, str], log: Path, *args: str) -> Iterator[subpr
         stop_processes([proc], grace_s=10)
 
 
-def metrics(instance: str, i: int) -> EngineMetrics:
-    return EngineMetrics(instance_id=instance, model=MODEL, url=f"http://127.0.0.1:{18000 + i}", ts=time.time(),
+def metrics(instance: str, i: int, model: str = MODEL) -> EngineMetrics:
+    port = 18000 + i if model == MODEL else 18100 + i
+    return EngineMetrics(instance_id=instance, model=model, url=f"http://127.0.0.1:{port}", ts=time.time(),
                          num_requests_running=2, num_requests_waiting=0, kv_cache_usage_perc=0.1, block_size=16,
                          num_gpu_blocks=4000)
 
 
 @contextlib.asynccontextmanager
-async def engines(nc: Client) -> AsyncIterator[None]:
+async def engines(nc: Client, model: str = MODEL, instances: tuple[str, ...] = ENGINES) -> AsyncIterator[None]:
     """The three engines report every 50 ms, as model servers do."""
 
     async def report() -> None:
         while True:
-            for i, inst in enumerate(ENGINES):
-                await nc.publish(subjects.engine_metrics(inst), encode(metrics(inst, i)))
+            for i, inst in enumerate(instances):
+                await nc.publish(subjects.engine_metrics(inst), encode(metrics(inst, i, model)))
             await asyncio.sleep(0.05)
 
     task = asyncio.create_task(report())
@@ -295,3 +296,60 @@ def test_with_the_pool_from_placement_a_draining_instance_is_picked_no_more(
     finally:
         admin.flushdb()
         admin.close()
+
+
+SHARING_MODEL = "share-model"  # its own engines: the failures below leave one out at the module's picker too
+SHARING = ("share-model-e0", "share-model-e1", "share-model-e2")
+
+
+def test_three_failures_at_any_replicas_leave_the_engine_out_at_every_replica(
+        nats_server: ServerProcess, tmp_path: Path) -> None:
+    # A request's failure reaches every replica (PickProgress), but only the one that placed it knows where it went:
+    # without sharing, each replica would need three failures of its own before it left the engine out.
+    assert nats_server.credentials is not None
+    env = {"GANTRY_NATS_URL": nats_server.credentials.url(nats_server.url, "picker")}
+
+    async def one_pick(nc: Client, rid: str, tokens: list[int]) -> list[str]:
+        r = await pick(nc, encode(PickRequest(picks=[PickItem(request_id=rid, model=SHARING_MODEL,
+                                                              token_ids=tokens)])))
+        assert r.answers and r.answers[0].code == 200, r
+        return r.answers[0].endpoints
+
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        async with engines(nc, SHARING_MODEL, SHARING):
+            ready = 0
+            for n in range(600):  # every replica has heard every engine: 30 picks in a row name all three
+                with contextlib.suppress(AssertionError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    ready = ready + 1 if set(await one_pick(nc, f"probe-{n}", [n])) == set(SHARING) else 0
+                await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=[f"probe-{n}"])))
+                if ready == 30:
+                    break
+                await asyncio.sleep(0.02)
+            assert ready == 30, "the replicas never heard every engine"
+            failed = 0
+            for n in range(300):  # requests that landed on e0 fail, wherever they were placed
+                rid = f"try-{n}"
+                first = (await one_pick(nc, rid, [10_000 + n, n]))[0]
+                progress = PickProgress(failed=[rid]) if first == SHARING[0] else PickProgress(finished=[rid])
+                await nc.publish(subjects.PICK_PROGRESS, encode(progress))
+                failed += first == SHARING[0]
+                if failed == 3:
+                    break
+            assert failed == 3, "e0 was never picked"
+            await nc.flush()
+            await asyncio.sleep(2.0)  # the placing replicas tell the others within 50 ms and a NATS hop
+            landed = []
+            for n in range(40):
+                landed.append(await one_pick(nc, f"after-{n}", [20_000 + n, n]))
+                await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=[f"after-{n}"])))
+            assert not [eps for eps in landed if SHARING[0] in eps], landed
+        await nc.drain()
+
+    try:
+        with running_picker(env, tmp_path / "a.log") as a, running_picker(env, tmp_path / "b.log") as b:
+            asyncio.run(main())
+            assert a.poll() is None and b.poll() is None
+    finally:
+        for log in ("a.log", "b.log"):
+            print(f"==== {log}\n{(tmp_path / log).read_text(errors='replace')[-3000:]}")

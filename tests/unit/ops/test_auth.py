@@ -208,11 +208,12 @@ def test_a_child_runs_as_its_identity_whatever_the_extra_environment(tmp_path: P
     assert env["GANTRY_IDENTITY"] == "filter" and env["GANTRY_FORGET_AFTER_S"] == "6"
 
 
-def test_the_picker_answers_requests_but_publishes_nothing_else_than_dead_letters_and_snapshot_requests() -> None:
+def test_the_picker_answers_requests_but_publishes_nothing_else_than_dead_letters_snapshot_requests_and_outcomes(
+) -> None:
     perms = permissions("picker")
     assert perms.responds
     assert {p for p in perms.publish if p.startswith(subjects.PREFIX + ".")} == {
-        subjects.dead_letter("picker"), subjects.ENGINE_KV_SNAPSHOT_ALL}
+        subjects.dead_letter("picker"), subjects.ENGINE_KV_SNAPSHOT_ALL, subjects.PICKER_OUTCOMES}
     assert covered(subjects.PICK, perms.subscribe) and covered(subjects.engine_kv_events("m-1"), perms.subscribe)
     assert not covered(subjects.SCALE, perms.publish)
     conf = nats_authorization(Credentials.generate())

@@ -1,13 +1,14 @@
-"""OutcomeShare: what a gateway replica tells its peers of its engines' failures and how it counts theirs."""
+"""OutcomeShare: what a picker replica tells its peers of its engines' failures and how it counts theirs."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.gateway.outcomes import KNOWN_REPLICAS, MAX_LATE_S, OutcomeShare
+from shared.bus import subjects
 from shared.bus.messages import EndpointOutcome, EndpointOutcomes
 from shared.core.routing import Endpoint
 from shared.core.routing.state import PoolState
+from shared.host.outcomes import KNOWN_REPLICAS, MAX_LATE_S, OutcomeShare
 
 NOW = 1_000.0
 
@@ -16,7 +17,7 @@ def _share(replica: str = "me-000001") -> OutcomeShare:
     state = PoolState()
     for e in ("e0", "e1"):
         state.upsert(Endpoint(e, "m"))
-    return OutcomeShare(state, clock=lambda: NOW, replica=replica)
+    return OutcomeShare(state, subjects.GATEWAY_OUTCOMES, clock=lambda: NOW, replica=replica)
 
 
 def _msg(replica: str, seq: int, endpoint: str = "e0", failed: bool = True, sent_at: float = NOW) -> EndpointOutcomes:

@@ -1,11 +1,13 @@
-"""Engine failures shared between gateway replicas (``subjects.GATEWAY_OUTCOMES``).
+"""Engine failures shared between picker replicas: the gateway's (``subjects.GATEWAY_OUTCOMES``) and the NATS
+picker's (``subjects.PICKER_OUTCOMES``), each on its own subject.
 
-Each replica learns that an engine fails from the requests it placed there itself. With N replicas behind one
-Envoy, an engine that fails every request would so take ``BROKEN_STREAK`` failures at each of them before every
-replica left it out, and a replica that never sent there would still count it idle. So each replica tells the
-others what it saw (every failure, and the first success after failures) and counts what they tell it as its own;
-every ``DIGEST_EVERY_S`` it also names the engines it counts as failing now, so a replica that starts later (or
-lost a message) leaves out what the others leave out, without anyone's hold being renewed by the telling.
+Each replica learns that an engine fails from the requests it placed there itself. With N replicas (behind one
+Envoy, or in one NATS queue group), an engine that fails every request would so take ``BROKEN_STREAK`` failures at
+each of them before every replica left it out, and a replica that never sent there would still count it idle. So
+each replica tells the others what it saw (every failure, and the first success after failures) and counts what they
+tell it as its own; every ``DIGEST_EVERY_S`` it also names the engines it counts as failing now, so a replica that
+starts later (or lost a message) leaves out what the others leave out, without anyone's hold being renewed by the
+telling.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from collections.abc import Callable
 
 from nats.aio.msg import Msg
 
-from shared.bus import subjects
 from shared.bus.messages import EndpointOutcome, EndpointOutcomes, FailingEndpoint
 from shared.bus.runtime import Bus
 from shared.core.routing.domain import FAILED_HOLD_S
@@ -45,8 +46,10 @@ LOG_EVERY_S = 10.0
 class OutcomeShare:
     """This replica's engine failures out to the other replicas, theirs into its pool state."""
 
-    def __init__(self, state: PoolState, clock: Callable[[], float] = time.time, replica: str | None = None) -> None:
+    def __init__(self, state: PoolState, subject: str, clock: Callable[[], float] = time.time,
+                 replica: str | None = None) -> None:
         self.state = state
+        self.subject = subject  # where the replicas of one picker service tell each other
         self._news = asyncio.Event()  # set when this replica kept an outcome: the sender wakes for it
         state.share_outcomes(self._news.set)
         self.failing_until = 0.0  # (this replica's clock) an engine may count as failing until then: digests due
@@ -132,7 +135,7 @@ class OutcomeShare:
                 self.unsent += 1
                 continue
             try:
-                await bus.publish(subjects.GATEWAY_OUTCOMES, msg)
+                await bus.publish(self.subject, msg)
             except Exception as err:  # NATS gone or reconnecting: the picker keeps deciding
                 if now - self._logged >= LOG_EVERY_S:
                     self._logged = now
