@@ -59,7 +59,7 @@ from shared.host.engine_feed import (
     take_metrics,
 )
 from shared.host.metrics import MetricsServer
-from shared.host.outcomes import OutcomeShare
+from shared.host.outcomes import OutcomeShare, PeerOutcomeMetrics
 from shared.host.placement_follow import PlacementFollower
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
@@ -199,6 +199,7 @@ class Gateway:
                         if opts.capture is not None else None)
         # engine failures told to and by the other replicas
         self.outcomes = OutcomeShare(self.router.state, subjects.GATEWAY_OUTCOMES)
+        self.metrics.register(PeerOutcomeMetrics(CONTRACT.service, self.outcomes))
         self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer(), capture=self.capture)
         self.authz = (AuthzPicker(self.picker, Connections(opts.idle_timeout_s, opts.max_connections))
                       if opts.transport is PickerTransport.EXT_AUTHZ else None)

@@ -18,9 +18,11 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from nats.aio.msg import Msg
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from shared.bus.messages import EndpointOutcome, EndpointOutcomes, FailingEndpoint
 from shared.bus.runtime import Bus
@@ -141,3 +143,29 @@ class OutcomeShare:
                     self._logged = now
                     log.warning("cannot tell the other picker replicas of %d engine outcomes: %s",
                                 len(msg.outcomes), err)
+
+
+PEER_OUTCOMES = "gantry_peer_outcomes"
+"""Exposed as ``gantry_peer_outcomes_total{service, result}``: the other replicas' engine outcomes counted here
+(``applied``), their messages dropped as already taken (``duplicate``) or sent too long ago (``late``), and this
+replica's own messages not sent while NATS was away (``unsent``)."""
+
+
+class PeerOutcomeMetrics(Collector):
+    """``share``'s counts as one counter family, read when scraped (the sharing itself pays nothing for it)."""
+
+    def __init__(self, service: str, share: OutcomeShare) -> None:
+        self.service = service
+        self.share = share
+
+    def collect(self) -> Iterator[Metric]:
+        """The counter family, read off the share now."""
+        family = CounterMetricFamily(
+            PEER_OUTCOMES, "Engine failures and recoveries told between picker replicas: outcomes counted from the "
+            "others, messages dropped as duplicates or as late, own messages not sent while NATS was away",
+            labels=["service", "result"])
+        s = self.share
+        for result, count in (("applied", s.applied), ("duplicate", s.duplicates), ("late", s.late),
+                              ("unsent", s.unsent)):
+            family.add_metric([self.service, result], count)
+        yield family

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from shared.bus import subjects
 from shared.bus.messages import EndpointOutcome, EndpointOutcomes
 from shared.core.routing import Endpoint
 from shared.core.routing.state import PoolState
-from shared.host.outcomes import KNOWN_REPLICAS, MAX_LATE_S, OutcomeShare
+from shared.host.outcomes import KNOWN_REPLICAS, MAX_LATE_S, OutcomeShare, PeerOutcomeMetrics
 
 NOW = 1_000.0
 
@@ -171,3 +172,15 @@ def test_the_sender_sleeps_until_there_is_news_then_sends_it_and_digests_while_a
         assert any(m.failing and m.failing[0].endpoint == "e0" for m in bus.sent[1:])  # then its digest
 
     asyncio.run(scenario())
+
+
+def test_the_counts_are_exposed_per_result_when_scraped() -> None:
+    share = _share()
+    share.take(_msg("peer-1", 1))
+    share.take(_msg("peer-1", 1))  # a duplicate
+    share.take(_msg("peer-1", 2, sent_at=NOW - MAX_LATE_S - 1))  # late
+    registry = CollectorRegistry()
+    registry.register(PeerOutcomeMetrics("picker", share))
+    text = generate_latest(registry).decode()
+    for result, count in (("applied", 1), ("duplicate", 1), ("late", 1), ("unsent", 0)):
+        assert f'gantry_peer_outcomes_total{{result="{result}",service="picker"}} {count}.0' in text, text
