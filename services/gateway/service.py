@@ -59,7 +59,7 @@ from shared.host.engine_feed import (
     take_metrics,
 )
 from shared.host.metrics import MetricsServer
-from shared.host.outcomes import OutcomeShare, PeerOutcomeMetrics
+from shared.host.outcomes import OutcomeShare
 from shared.host.placement_follow import PlacementFollower
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
@@ -193,13 +193,12 @@ class Gateway:
                                source=opts.pool_source, placed=self.placed.placed, verifier=verifier)
         self.snapshots = SnapshotFetcher(self.feed)  # a late or restarted replica learns the engines' caches
         self.follower = PlacementFollower(self.feed, self.placed, opts.redis_url, opts.resync_s, opts.read_timeout_s)
-        self.metrics = registry_for(CONTRACT.service, verifier)
         self.pool = self.feed.pool
         self.capture = (TraceWriter(opts.capture, time.time(), opts.capture_salt.encode())
                         if opts.capture is not None else None)
         # engine failures told to and by the other replicas
         self.outcomes = OutcomeShare(self.router.state, subjects.GATEWAY_OUTCOMES)
-        self.metrics.register(PeerOutcomeMetrics(CONTRACT.service, self.outcomes))
+        self.metrics = registry_for(CONTRACT.service, verifier, self.outcomes)
         self.picker = Picker(self.router, self.pool_addresses, tokenize=shipped_tokenizer(), capture=self.capture)
         self.authz = (AuthzPicker(self.picker, Connections(opts.idle_timeout_s, opts.max_connections))
                       if opts.transport is PickerTransport.EXT_AUTHZ else None)

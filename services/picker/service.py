@@ -35,7 +35,7 @@ from shared.host.engine_feed import (
     take_metrics,
 )
 from shared.host.metrics import MetricsServer
-from shared.host.outcomes import OutcomeShare, PeerOutcomeMetrics
+from shared.host.outcomes import OutcomeShare
 from shared.host.placement_follow import PlacementFollower
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
@@ -104,8 +104,7 @@ class PickerService:
         # failures of the requests this replica placed, told to the others (progress names no endpoint)
         self.outcomes = OutcomeShare(self.router.state, subjects.PICKER_OUTCOMES)
         self.counters = PickerCounters()
-        self.metrics = registry_for(CONTRACT.service, self.feed.verifier)
-        self.metrics.register(PeerOutcomeMetrics(CONTRACT.service, self.outcomes))
+        self.metrics = registry_for(CONTRACT.service, self.feed.verifier, self.outcomes)
         self.bus: Bus | None = None
 
     async def on_pick(self, msg: Msg) -> None:

@@ -1,4 +1,5 @@
-"""A picker's Prometheus metrics about the engines' reports: how many it refused, per kind and reason.
+"""A picker's Prometheus metrics about the engines' reports: how many it refused, per kind and reason (and the
+failure sharing's counts: ``shared.host.outcomes.PeerOutcomeMetrics``).
 
 A refused report or KV message (unsigned, forged, replayed, started ahead of the picker's clock:
 ``shared.host.report_auth``) otherwise shows only in a rate-limited log line and on the dead letters. The
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shared.host.outcomes import OutcomeShare, PeerOutcomeMetrics
 from shared.host.report_auth import KINDS, REASONS, ReportVerifier
 
 REJECTED = "gantry_engine_reports_rejected"
@@ -42,10 +44,13 @@ class RejectedReports(Collector):
         yield family
 
 
-def registry_for(service: str, verifier: ReportVerifier | None) -> CollectorRegistry:
+def registry_for(service: str, verifier: ReportVerifier | None, outcomes: OutcomeShare | None = None
+                 ) -> CollectorRegistry:
     """A registry of the picker's own (several pickers may live in one test process): the refusals when it
-    checks reports, else nothing."""
+    checks reports, what its replicas tell each other of failing engines (``outcomes``)."""
     registry = CollectorRegistry(auto_describe=True)
     if verifier is not None:
         registry.register(RejectedReports(service, verifier))
+    if outcomes is not None:
+        registry.register(PeerOutcomeMetrics(service, outcomes))
     return registry

@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from shared.core.routing.state import PoolState
 from shared.host.metrics import ServiceMetrics, declared_names
+from shared.host.outcomes import OutcomeShare
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
 
@@ -23,13 +26,17 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def picker_families() -> set[str]:
-    """The metric families a picker that checks engine reports serves (its refusals)."""
-    return {m.name for m in registry_for("gateway", ReportVerifier(b"k" * 32)).collect()}
+    """The metric families a picker that checks engine reports serves (its refusals, its failure sharing)."""
+    return {m.name for m in _picker_registry().collect()}
 
 
 def picker_names() -> set[str]:
     """Every sample name of those families (counters: ``_total``)."""
-    return {s.name for m in registry_for("gateway", ReportVerifier(b"k" * 32)).collect() for s in m.samples}
+    return {s.name for m in _picker_registry().collect() for s in m.samples}
+
+
+def _picker_registry() -> CollectorRegistry:
+    return registry_for("gateway", ReportVerifier(b"k" * 32), OutcomeShare(PoolState(), "gantry.gateway.outcomes"))
 
 
 def exprs(dashboard: dict[str, Any]) -> list[str]:
