@@ -56,6 +56,7 @@ from shared.bus.messages import (
     WorkerRemovedEvent,
     decode,
 )
+from shared.bus.pull import in_stream_order
 from shared.bus.subjects import INSTANCE_STATUS_WORKER_TOKEN as INSTANCE_STATUS_TOKEN
 from shared.bus.validate import bad_worker_name, check_scale, impersonation
 from shared.core.placement import scale_down_order
@@ -250,7 +251,8 @@ class Reconciler(PlacementService):
     # ================================================================ commands
 
     async def handle_commands(self, raws: list[Msg]) -> None:
-        """A pulled batch of commands, in stream order.
+        """A pulled batch of commands, handled in stream order (``in_stream_order``: a redelivered command can arrive
+        behind newer ones, and the last command of a model must be its newest).
 
         Scale commands for one model are coalesced: the last one sets the desired replicas and one
         converge creates every missing replica; the placement requests of the whole batch travel
@@ -259,7 +261,7 @@ class Reconciler(PlacementService):
         model's commands are.
         """
         scales: dict[str, list[tuple[Msg, ScaleCommand, float]]] = {}
-        for raw in raws:
+        for raw in in_stream_order(raws):
             if raw.subject == subjects.CORDON:
                 await guarded(self, raw.subject, [raw], functools.partial(self._cordon, raw.data, raw))
                 continue

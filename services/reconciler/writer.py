@@ -93,6 +93,8 @@ class StateWriter:
             if forged:
                 await svc.bus.dead_letter(subjects.HEARTBEAT, forged, body)
                 return
+            if not svc.ready.is_set():  # heard while the snapshot loads: judged then every worker would be unknown
+                await svc.ready.wait()
             reason, ask = judge_heartbeat(hb, svc.feed.inventory.get(hb.worker), self.registrations.get(hb.worker))
             if ask:
                 await self.ask_to_register(hb.worker)  # its own registration repairs what is stored of it
@@ -106,6 +108,8 @@ class StateWriter:
             if upd is None:
                 return
             reason = impersonation(upd.worker, sender) or bad_worker_name(upd.worker)
+            if not reason and not svc.ready.is_set():  # as for heartbeats: the snapshot first
+                await svc.ready.wait()
             if not reason and upd.worker not in self.registrations and upd.worker not in svc.feed.inventory:
                 reason = f"from unknown worker {upd.worker!r} (register first)"
             if not reason and not self.room_for(upd.worker, upd.source):

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
 
 log = logging.getLogger("gantry.bus")
@@ -185,6 +186,19 @@ class PullConsumer:
             if not JetStreamContext.is_status_msg(msg):
                 with contextlib.suppress(Exception):
                     await msg.nak()
+
+
+def in_stream_order(msgs: list[Msg]) -> list[Msg]:
+    """A pulled batch sorted by stream sequence (stable: two deliveries of one message keep their order).
+
+    A batch comes in arrival order, which is not the stream's: a message whose ack wait ran out (its consumer died
+    holding it, or took too long) is delivered again behind newer messages already on their way, so a handler to
+    which the newest word must win sorts first. A batch with a message that did not come from JetStream (no
+    sequence) is returned as it came."""
+    try:
+        return sorted(msgs, key=lambda m: m.metadata.sequence.stream)
+    except NotJSMessageError:
+        return list(msgs)
 
 
 async def pull_loop(

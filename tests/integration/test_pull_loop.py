@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 from ops.servers import ServerProcess, start_nats
-from shared.bus.pull import PULL_EXPIRES_S, pull_loop
+from shared.bus.pull import PULL_EXPIRES_S, PullConsumer, in_stream_order, pull_loop
 from shared.host.tasks import cancel_until_done
 
 LINGER = 1.0  # a lone message must go through in half of it: long enough for a loaded host
@@ -205,4 +205,34 @@ async def test_a_full_commands_stream_refuses_new_commands_and_keeps_the_unread_
         assert (await sub.fetch(1, timeout=5))[0].data.startswith(b'{"model": "llama-70b"')
     finally:
         await js.delete_stream(STREAM_CMD)
+        await nc.close()
+
+
+async def test_a_redelivery_arrives_behind_newer_messages_and_in_stream_order_puts_it_first(
+        nats_server: ServerProcess) -> None:
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(name="REDELIVER", subjects=["redeliver.>"])
+    await js.add_consumer("REDELIVER", ConsumerConfig(durable_name="c", ack_wait=0.5))
+    batches: list[list[Msg]] = []
+    pc = PullConsumer(nc, "REDELIVER", "c", "redeliver.>", 16, lambda msgs: handle(msgs))
+
+    async def handle(msgs: list[Msg]) -> None:
+        batches.append(msgs)
+        if len(batches) == 1:  # holds "older" unacknowledged (a consumer about to die) while "newer" comes in
+            await js.publish("redeliver.a", b"newer")
+            await wait_until(lambda: pc.arrived.qsize() >= 2, 15)  # "newer", then "older" once its ack wait ran out
+            return
+        await asyncio.gather(*(m.ack() for m in msgs))
+
+    await js.publish("redeliver.a", b"older")
+    loop = asyncio.ensure_future(pc.run())
+    try:
+        await wait_until(lambda: len(batches) >= 2, 15)
+        second = batches[1][:2]
+        assert [(m.data, m.metadata.num_delivered) for m in second] == [(b"newer", 1), (b"older", 2)]
+        assert [m.data for m in in_stream_order(second)] == [b"older", b"newer"]
+    finally:
+        await cancel_until_done([loop])
+        await js.delete_stream("REDELIVER")
         await nc.close()

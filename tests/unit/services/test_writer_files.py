@@ -34,6 +34,7 @@ async def rec(redis_server: ServerProcess, nats_server: ServerProcess) -> AsyncI
     r = Reconciler(Settings(nats_url=nats_server.url, redis_url=url))
     await r.store.r.flushdb()
     r.feed.inventory["w0"] = W0
+    r.ready.set()  # its snapshot loaded: the writer judges reports against it
     nc = await nats.connect(nats_server.url)
     r._bus = Bus(nc, r.name)
     yield r

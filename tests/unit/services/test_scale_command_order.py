@@ -1,0 +1,62 @@
+"""A pulled batch of commands is not in stream order when it holds a redelivery: a command a reconciler took and
+died on comes back after its ack wait, behind newer commands already delivered to its restarted successor. The
+newest command of each model must still win. The real reconciler (in process, not started: its command handler
+driven as its pull loop would) on the session's real NATS and Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from ops.servers import ServerProcess
+from services.reconciler.service import Reconciler
+from shared.bus import streams, subjects
+from shared.bus.messages import PlacementItem, ScaleCommand, encode
+from shared.bus.runtime import Bus
+from shared.core.placement.domain import GIB, Gpu, ModelSpec, Worker
+from shared.settings import Settings
+
+W0 = Worker(name="w0", gpus=tuple(Gpu(index=i, vram_total=80 * GIB) for i in range(8)), ram_total=512 * GIB)
+SPEC = ModelSpec(name="m", vram_claim=GIB, weight_bytes=GIB)
+
+
+@pytest.fixture
+async def rec(redis_server: ServerProcess, nats_server: ServerProcess) -> AsyncIterator[Reconciler]:
+    r = Reconciler(Settings(nats_url=nats_server.url, redis_url=redis_server.url.rsplit("/", 1)[0] + "/12"))
+    await r.store.r.flushdb()
+    await r.store.register_workers([W0], seen_at=r.clock())
+    nc = await nats.connect(nats_server.url)
+    r._bus = Bus(nc, r.name)
+    asked: list[PlacementItem] = []
+
+    async def placement_stream(out: Sequence[tuple[str, Any, str]]) -> None:  # what would go out on JetStream
+        asked.extend(item for _, req, _ in out for item in req.items)
+
+    r.bus.publish_js_many = placement_stream  # type: ignore[method-assign]
+    yield r
+    await nc.close()
+    await r.store.close()
+
+
+def delivered(rec: Reconciler, seq: int, replicas: int, deliveries: int = 1) -> Msg:
+    """A scale command as the command consumer hands it over: its stream sequence and delivery count in the reply
+    subject JetStream acks go to."""
+    reply = f"$JS.ACK.{streams.STREAM_CMD}.{streams.CONSUMER_SCALE}.{deliveries}.{seq}.{seq}.1700000000000000000.0"
+    data = encode(ScaleCommand(model="m", replicas=replicas, spec=SPEC))
+    return Msg(rec.bus.nc, subject=subjects.SCALE, data=data, reply=reply)
+
+
+@pytest.mark.parametrize("applied_before", [None, 8], ids=["first-batch", "after-an-applied-one"])
+async def test_a_redelivered_scale_command_behind_a_newer_one_does_not_undo_it(
+    rec: Reconciler, applied_before: int | None
+) -> None:
+    if applied_before is not None:  # the successor's first batch: commands sent while nothing consumed them
+        await rec.handle_commands([delivered(rec, seq=10, replicas=applied_before)])
+    # Its next batch: the newest command, then one its dead predecessor had taken (back after the ack wait).
+    await rec.handle_commands([delivered(rec, seq=12, replicas=10), delivered(rec, seq=7, replicas=5, deliveries=2)])
+    assert await rec.store.desired() == {"m": 10}
+    assert len(await rec.store.instances("m")) == 10
