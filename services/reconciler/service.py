@@ -389,7 +389,12 @@ class Reconciler(PlacementService):
             await self.bus.dead_letter(raw.subject, why, data)
             await raw.ack()
             return
-        await self.store.set_cordon(cmd.worker, cmd.cordoned, cmd.gpu_index)
+        if not await self.store.set_cordon(cmd.worker, cmd.cordoned, cmd.gpu_index, raw.metadata.sequence.stream):
+            # a redelivery (its ack wait ran out) behind a newer cordon command of the same worker or GPU
+            log.info("cordon of %s (GPU %s) to %s ignored: a newer command was applied", cmd.worker, cmd.gpu_index,
+                     cmd.cordoned)
+            await raw.ack()
+            return
         event = CordonEvent(worker=cmd.worker, cordoned=cmd.cordoned, gpu_index=cmd.gpu_index)
         await self.bus.publish(subjects.EVENT_CORDON, event)
         await raw.ack()

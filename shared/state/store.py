@@ -75,6 +75,7 @@ class Keys:
     seen = P + "seen"  # name -> last heartbeat time (receiver clock)
     usage = P + "usage"  # name -> latest usage JSON (a heartbeat: WorkerUsage fields and more)
     cordon = P + "cordon"  # "worker" or "worker:gpu" -> "1"
+    cordon_seq = P + "cordon:seq"  # "worker" or "worker:gpu" -> stream sequence of the cordon command applied last
     files = P + "files"  # "source|worker" -> ModelFile JSON
     models = P + "models"  # name -> ModelSpec JSON
     desired = P + "desired"  # name -> replicas
@@ -328,6 +329,7 @@ class StateStore:
         self._converge_up = register(replay + tracking + (_LUA / "converge_up.lua").read_text())
         self._forget_worker = register((_LUA / "forget_worker.lua").read_text())
         self._register = register(replay + (_LUA / "register.lua").read_text())
+        self._cordon = register((_LUA / "cordon.lua").read_text())
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -482,13 +484,18 @@ class StateStore:
         """Names of registered workers."""
         return {_s(k) for k in await self.r.hkeys(Keys.workers)}
 
-    async def set_cordon(self, worker: str, cordoned: bool, gpu_index: int | None = None) -> None:
-        """Cordon or uncordon a worker (or one GPU of it)."""
+    async def set_cordon(self, worker: str, cordoned: bool, gpu_index: int | None = None, seq: int = 0) -> bool:
+        """Cordon or uncordon a worker (or one GPU of it) as the command at stream sequence ``seq`` says; False (and
+        nothing written) when a newer command for it was applied already (0: applied whatever came before)."""
         field = worker if gpu_index is None else gpu_field(worker, gpu_index)
-        if cordoned:
-            await self.r.hset(Keys.cordon, field, "1")
-        else:
-            await self.r.hdel(Keys.cordon, field)
+        if seq <= 0:
+            if cordoned:
+                await self.r.hset(Keys.cordon, field, "1")
+            else:
+                await self.r.hdel(Keys.cordon, field)
+            return True
+        applied = await self._cordon(keys=[Keys.cordon, Keys.cordon_seq], args=[field, "1" if cordoned else "0", seq])
+        return bool(applied)
 
     async def cordons(self) -> set[str]:
         """Cordoned workers ("w") and GPUs ("w:i")."""
@@ -689,7 +696,7 @@ class StateStore:
         files = [_s(k) async for k, _ in self.r.hscan_iter(Keys.files, match=_glob_escape("|" + name), count=1000)]
         files = [f for f in files if f.rsplit("|", 1)[-1] == name]
         keys = [Keys.workers, Keys.seen, Keys.usage, Keys.cordon, Keys.gpu_cap, Keys.gpu_used, Keys.ram_cap,
-                Keys.ram_used, Keys.files, Keys.cpu_cap, Keys.cpu_used]
+                Keys.ram_used, Keys.files, Keys.cpu_cap, Keys.cpu_used, Keys.cordon_seq]
         args: list[Any] = [name, "" if cutoff is None else repr(cutoff), len(gpus), *gpus, *files]
         return _s(await self._forget_worker(keys=keys, args=args))
 

@@ -1,6 +1,7 @@
 """A pulled batch of commands is not in stream order when it holds a redelivery: a command a reconciler took and
 died on comes back after its ack wait, behind newer commands already delivered to its restarted successor. The
-newest command of each model must still win. The real reconciler (in process, not started: its command handler
+newest command of each model must still win, and a cordon command redelivered in a later batch than a newer one for
+the same worker or GPU must not undo it. The real reconciler (in process, not started: its command handler
 driven as its pull loop would) on the session's real NATS and Redis."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from nats.aio.msg import Msg
 from ops.servers import ServerProcess
 from services.reconciler.service import Reconciler
 from shared.bus import streams, subjects
-from shared.bus.messages import PlacementItem, ScaleCommand, encode
+from shared.bus.messages import CordonCommand, PlacementItem, ScaleCommand, WorkerRegisteredEvent, encode
 from shared.bus.runtime import Bus
 from shared.core.placement.domain import GIB, Gpu, ModelSpec, Worker
 from shared.settings import Settings
@@ -29,6 +30,7 @@ async def rec(redis_server: ServerProcess, nats_server: ServerProcess) -> AsyncI
     r = Reconciler(Settings(nats_url=nats_server.url, redis_url=redis_server.url.rsplit("/", 1)[0] + "/12"))
     await r.store.r.flushdb()
     await r.store.register_workers([W0], seen_at=r.clock())
+    r.feed.on_registered(WorkerRegisteredEvent(worker=W0, revision=1), r.clock())
     nc = await nats.connect(nats_server.url)
     r._bus = Bus(nc, r.name)
     asked: list[PlacementItem] = []
@@ -60,3 +62,27 @@ async def test_a_redelivered_scale_command_behind_a_newer_one_does_not_undo_it(
     await rec.handle_commands([delivered(rec, seq=12, replicas=10), delivered(rec, seq=7, replicas=5, deliveries=2)])
     assert await rec.store.desired() == {"m": 10}
     assert len(await rec.store.instances("m")) == 10
+
+
+def cordon(rec: Reconciler, seq: int, cordoned: bool, gpu: int | None = None, deliveries: int = 1) -> Msg:
+    """A cordon command as the command consumer hands it over (see ``delivered``)."""
+    reply = f"$JS.ACK.{streams.STREAM_CMD}.{streams.CONSUMER_SCALE}.{deliveries}.{seq}.{seq}.1700000000000000000.0"
+    data = encode(CordonCommand(worker="w0", cordoned=cordoned, gpu_index=gpu))
+    return Msg(rec.bus.nc, subject=subjects.CORDON, data=data, reply=reply)
+
+
+@pytest.mark.parametrize("gpu", [None, 3], ids=["worker", "gpu"])
+async def test_a_redelivered_cordon_in_a_later_batch_than_a_newer_uncordon_does_not_undo_it(
+    rec: Reconciler, gpu: int | None
+) -> None:
+    await rec.handle_commands([cordon(rec, seq=20, cordoned=False, gpu=gpu)])
+    await rec.handle_commands([cordon(rec, seq=15, cordoned=True, gpu=gpu, deliveries=2)])  # its ack wait ran out
+    assert await rec.store.cordons() == set()
+
+
+async def test_a_newer_cordon_and_a_redelivery_of_the_applied_one_still_apply(rec: Reconciler) -> None:
+    await rec.handle_commands([cordon(rec, seq=20, cordoned=True)])
+    await rec.handle_commands([cordon(rec, seq=20, cordoned=True, deliveries=2)])  # its ack was lost: same state
+    assert await rec.store.cordons() == {"w0"}
+    await rec.handle_commands([cordon(rec, seq=21, cordoned=False), cordon(rec, seq=22, cordoned=True, gpu=1)])
+    assert await rec.store.cordons() == {"w0:1"}

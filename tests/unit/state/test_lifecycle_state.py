@@ -14,7 +14,8 @@ def worker(name: str, gpus: int = 2) -> Worker:
 async def seed(store: StateStore, name: str, seen: float) -> None:
     await store.register_workers([worker(name)])
     await store.r.hset(Keys.seen, name, repr(seen))
-    await store.set_cordon(name, True, 1)
+    await store.set_cordon(name, True, 1, seq=5)
+    await store.set_cordon(name, False, seq=6)
     await store.set_model_files([ModelFile(source="org/m", worker=name, state=ModelFileState.READY)])
 
 
@@ -26,6 +27,7 @@ async def test_a_forgotten_worker_leaves_every_hash(store: StateStore) -> None:
     assert [w.name for w in await store.workers()] == ["stays"]
     assert set(await store.ledger()) == {"stays:0", "stays:1"}
     assert await store.cordons() == {"stays:1"}
+    assert set(await store.r.hkeys(Keys.cordon_seq)) == {b"stays", b"stays:1"}
     assert [f.worker for f in await store.model_files()] == ["stays"]
 
 
