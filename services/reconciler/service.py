@@ -276,7 +276,7 @@ class Reconciler(PlacementService):
         now = self.clock()
         wanted = {
             model: ScaleUp(model=model, replicas=cmds[-1][1].replicas, spec=self.specs[model],
-                           seq=cmds[-1][0].metadata.sequence.stream, created_at=now)
+                           seq=cmds[-1][0].metadata.sequence.stream, at=cmds[-1][2], created_at=now)
             for model, cmds in scales.items()
         }
         arrivals = {model: [a for _, _, a in cmds] for model, cmds in scales.items()}
@@ -389,7 +389,9 @@ class Reconciler(PlacementService):
             await self.bus.dead_letter(raw.subject, why, data)
             await raw.ack()
             return
-        if not await self.store.set_cordon(cmd.worker, cmd.cordoned, cmd.gpu_index, raw.metadata.sequence.stream):
+        meta = raw.metadata
+        at = meta.timestamp.timestamp() if meta.timestamp else 0.0
+        if not await self.store.set_cordon(cmd.worker, cmd.cordoned, cmd.gpu_index, meta.sequence.stream, at):
             # a redelivery (its ack wait ran out) behind a newer cordon command of the same worker or GPU
             log.info("cordon of %s (GPU %s) to %s ignored: a newer command was applied", cmd.worker, cmd.gpu_index,
                      cmd.cordoned)

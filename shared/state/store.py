@@ -50,6 +50,11 @@ CONVERGE_BUDGET = 500  # replicas one converge call creates at most: no script r
 SCRIPT_CHUNK = 1000  # instances or reports per script call: every other script's work is bounded by this
 
 
+def _micros(t: float) -> int:
+    """A stream timestamp as the scripts compare it: whole microseconds (exact in Lua's doubles), never negative."""
+    return max(int(t * 1_000_000), 0) if math.isfinite(t) else 0
+
+
 def _chunks(seq: Sequence[Any], size: int = SCRIPT_CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
@@ -188,6 +193,7 @@ class ScaleUp:
     replicas: int | None = None  # None: no scale command, converge to the stored desired replicas
     spec: ModelSpec | None = None
     seq: int = 0  # stream sequence of the scale command (a later applied one wins)
+    at: float = 0.0  # its stream timestamp: a later one wins too (a stream created again restarts its sequence)
     created_at: float = 0.0
     lock_token: str = ""  # the model's converge lock, when the caller holds it
 
@@ -484,9 +490,12 @@ class StateStore:
         """Names of registered workers."""
         return {_s(k) for k in await self.r.hkeys(Keys.workers)}
 
-    async def set_cordon(self, worker: str, cordoned: bool, gpu_index: int | None = None, seq: int = 0) -> bool:
-        """Cordon or uncordon a worker (or one GPU of it) as the command at stream sequence ``seq`` says; False (and
-        nothing written) when a newer command for it was applied already (0: applied whatever came before)."""
+    async def set_cordon(
+        self, worker: str, cordoned: bool, gpu_index: int | None = None, seq: int = 0, at: float = 0.0
+    ) -> bool:
+        """Cordon or uncordon a worker (or one GPU of it) as the command at stream sequence ``seq``, stored at ``at``,
+        says; False (and nothing written) when a newer command for it was applied already (``seq`` 0: applied
+        whatever came before)."""
         field = worker if gpu_index is None else gpu_field(worker, gpu_index)
         if seq <= 0:
             if cordoned:
@@ -494,8 +503,8 @@ class StateStore:
             else:
                 await self.r.hdel(Keys.cordon, field)
             return True
-        applied = await self._cordon(keys=[Keys.cordon, Keys.cordon_seq], args=[field, "1" if cordoned else "0", seq])
-        return bool(applied)
+        flag = "1" if cordoned else "0"
+        return bool(await self._cordon(keys=[Keys.cordon, Keys.cordon_seq], args=[field, flag, seq, _micros(at)]))
 
     async def cordons(self) -> set[str]:
         """Cordoned workers ("w") and GPUs ("w:i")."""
@@ -756,7 +765,7 @@ class StateStore:
             # The script splices ids into the record's JSON: the prefix goes in escaped (a model name may
             # hold quotes or backslashes); the hex counter after it never needs escaping.
             prefix_json = _enc.encode(prefix)[1:-1]
-            args += [m.model, replicas, spec, m.seq, prefix, prefix_json, head, tail, m.lock_token]
+            args += [m.model, replicas, spec, m.seq, _micros(m.at), prefix, prefix_json, head, tail, m.lock_token]
             keys += [Keys.lock + m.model, Keys.model_index + m.model]
         keys.append(call_key(Keys.replay))
         # One JSON string (see the script): an empty Lua table reads as {}, whose iteration is empty too.

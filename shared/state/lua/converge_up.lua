@@ -11,7 +11,8 @@
 -- anything is written (a stored one is read as max_replicas), and at most `budget` replicas are created per
 -- call over all models; a model left short says so (`more` = 1) and the caller calls again.
 -- ARGV: active states (comma-separated), n models, budget, max_replicas, then per model:
---       model, replicas (-1: no scale command), spec_json ("": keep), seq, id_prefix, id_prefix_json (the
+--       model, replicas (-1: no scale command), spec_json ("": keep), seq, at (the command's stream sequence and
+--       its stream timestamp in microseconds: see `newer` below), id_prefix, id_prefix_json (the
 --       prefix as it reads inside a JSON string), record_head, record_tail (a PENDING record is
 --       record_head .. id_prefix_json .. counter .. record_tail), lock token ("": the caller holds no lock)
 -- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}, more (0/1)},
@@ -30,6 +31,16 @@ local function each_field(key, ids, visit)
     for k = first, last do visit(ids[k], values[k - first + 1]) end
   end
 end
+-- Whether a command (stream sequence seq, stored at `at` µs) is to be applied over the last applied one, stored as
+-- "seq:at" (or "seq", before the time was kept): a later sequence, the same one again (a redelivery whose ack was
+-- lost: nothing changes), or a later time. A redelivery behind a newer command has an older sequence and an older
+-- time; a command of a stream deleted and created again (its sequence restarted, Redis kept) a later time.
+local function newer(stored, seq, at)
+  if not stored then return true end
+  local last_seq, last_at = string.match(stored, "^(%d+):?(%d*)$")
+  if not last_seq then return true end
+  return tonumber(last_seq) <= seq or at > (tonumber(last_at) or 0)
+end
 local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end
 local models = tonumber(ARGV[2])
@@ -37,28 +48,28 @@ local budget, max_replicas = tonumber(ARGV[3]), tonumber(ARGV[4])
 local out, wrote = {}, false
 local pos = 5
 for m = 1, models do  -- validate every model before any write: an error must leave nothing half done
-  local replicas = tonumber(ARGV[pos + 1 + 9 * (m - 1)])
+  local replicas = tonumber(ARGV[pos + 1 + 10 * (m - 1)])
   if replicas == nil or replicas > max_replicas or replicas ~= math.floor(replicas) then
-    return redis.error_reply("converge_up: replicas out of range for " .. ARGV[pos + 9 * (m - 1)])
+    return redis.error_reply("converge_up: replicas out of range for " .. ARGV[pos + 10 * (m - 1)])
   end
 end
 for m = 1, models do
   local model, replicas, spec, seq = ARGV[pos], tonumber(ARGV[pos + 1]), ARGV[pos + 2], tonumber(ARGV[pos + 3])
-  local id_prefix, id_json, head, tail = ARGV[pos + 4], ARGV[pos + 5], ARGV[pos + 6], ARGV[pos + 7]
-  local token = ARGV[pos + 8]
+  local at, order = tonumber(ARGV[pos + 4]), ARGV[pos + 3] .. ":" .. ARGV[pos + 4]  -- as stored: "seq:at"
+  local id_prefix, id_json, head, tail = ARGV[pos + 5], ARGV[pos + 6], ARGV[pos + 7], ARGV[pos + 8]
+  local token = ARGV[pos + 9]
   local lock_key, index = KEYS[6 + 2 * m - 1], KEYS[6 + 2 * m]
-  pos = pos + 9
+  pos = pos + 10
   local held = redis.call("GET", lock_key)
   if (token == "" and held) or (token ~= "" and held ~= token) then
     out[m] = {"busy", 0, 0, {}, {}, 0}
   else
     local applied = 0
     if replicas >= 0 then
-      local last = redis.call("HGET", KEYS[2], model)
-      if not last or tonumber(last) <= seq then
+      if newer(redis.call("HGET", KEYS[2], model), seq, at) then
         if spec ~= "" then redis.call("HSET", KEYS[3], model, spec) end
         redis.call("HSET", KEYS[1], model, replicas)
-        redis.call("HSET", KEYS[2], model, seq)
+        redis.call("HSET", KEYS[2], model, order)
         applied = 1
         wrote = true
       end

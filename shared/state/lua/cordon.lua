@@ -1,12 +1,17 @@
 -- Cordon or uncordon a worker or one of its GPUs, unless a command at least as new already did: a command whose
 -- ack wait ran out is delivered again, possibly in a later batch than a newer one for the same field.
 -- KEYS: 1 cordon, 2 cordon_seq. ARGV: field ("worker" or "worker:gpu"), "1" (cordon) or "0" (uncordon), the
--- command's stream sequence.
--- Returns 1 when applied (a redelivery of the last applied command applies again: nothing changes), 0 when stale.
+-- command's stream sequence, its stream timestamp in microseconds.
+-- Newer, as for scale commands (converge_up.lua): a later sequence, the same one again (a redelivery whose ack was
+-- lost: nothing changes), or a later time (a stream deleted and created again restarts its sequence).
+-- Returns 1 when applied, 0 when stale.
 local last = redis.call("HGET", KEYS[2], ARGV[1])
-local seq = tonumber(ARGV[3])
-if last and tonumber(last) > seq then return 0 end
-redis.call("HSET", KEYS[2], ARGV[1], ARGV[3])
+local seq, at = tonumber(ARGV[3]), tonumber(ARGV[4])
+if last then
+  local last_seq, last_at = string.match(last, "^(%d+):?(%d*)$")
+  if last_seq and tonumber(last_seq) > seq and at <= (tonumber(last_at) or 0) then return 0 end
+end
+redis.call("HSET", KEYS[2], ARGV[1], ARGV[3] .. ":" .. ARGV[4])
 if ARGV[2] == "1" then
   redis.call("HSET", KEYS[1], ARGV[1], "1")
 else

@@ -44,10 +44,13 @@ async def rec(redis_server: ServerProcess, nats_server: ServerProcess) -> AsyncI
     await r.store.close()
 
 
-def delivered(rec: Reconciler, seq: int, replicas: int, deliveries: int = 1) -> Msg:
-    """A scale command as the command consumer hands it over: its stream sequence and delivery count in the reply
-    subject JetStream acks go to."""
-    reply = f"$JS.ACK.{streams.STREAM_CMD}.{streams.CONSUMER_SCALE}.{deliveries}.{seq}.{seq}.1700000000000000000.0"
+STORED_NS = 1_700_000_000_000_000_000  # when the stream stored the command (nanoseconds)
+
+
+def delivered(rec: Reconciler, seq: int, replicas: int, deliveries: int = 1, stored_ns: int = STORED_NS) -> Msg:
+    """A scale command as the command consumer hands it over: its stream sequence, delivery count and stream time in
+    the reply subject JetStream acks go to."""
+    reply = f"$JS.ACK.{streams.STREAM_CMD}.{streams.CONSUMER_SCALE}.{deliveries}.{seq}.{seq}.{stored_ns}.0"
     data = encode(ScaleCommand(model="m", replicas=replicas, spec=SPEC))
     return Msg(rec.bus.nc, subject=subjects.SCALE, data=data, reply=reply)
 
@@ -64,9 +67,10 @@ async def test_a_redelivered_scale_command_behind_a_newer_one_does_not_undo_it(
     assert len(await rec.store.instances("m")) == 10
 
 
-def cordon(rec: Reconciler, seq: int, cordoned: bool, gpu: int | None = None, deliveries: int = 1) -> Msg:
+def cordon(rec: Reconciler, seq: int, cordoned: bool, gpu: int | None = None, deliveries: int = 1,
+           stored_ns: int = STORED_NS) -> Msg:
     """A cordon command as the command consumer hands it over (see ``delivered``)."""
-    reply = f"$JS.ACK.{streams.STREAM_CMD}.{streams.CONSUMER_SCALE}.{deliveries}.{seq}.{seq}.1700000000000000000.0"
+    reply = f"$JS.ACK.{streams.STREAM_CMD}.{streams.CONSUMER_SCALE}.{deliveries}.{seq}.{seq}.{stored_ns}.0"
     data = encode(CordonCommand(worker="w0", cordoned=cordoned, gpu_index=gpu))
     return Msg(rec.bus.nc, subject=subjects.CORDON, data=data, reply=reply)
 
@@ -86,3 +90,23 @@ async def test_a_newer_cordon_and_a_redelivery_of_the_applied_one_still_apply(re
     assert await rec.store.cordons() == {"w0"}
     await rec.handle_commands([cordon(rec, seq=21, cordoned=False), cordon(rec, seq=22, cordoned=True, gpu=1)])
     assert await rec.store.cordons() == {"w0:1"}
+
+
+async def test_a_scale_command_of_a_stream_created_again_is_applied_though_its_sequence_restarted(
+    rec: Reconciler,
+) -> None:
+    # The command stream deleted and provisioned again (a new NATS volume, memory storage after a restart) while Redis
+    # kept what it applied: the new commands' sequences start again at 1, but the stream stored them later.
+    await rec.handle_commands([delivered(rec, seq=500, replicas=2)])
+    await rec.handle_commands([delivered(rec, seq=1, replicas=4, stored_ns=STORED_NS + 60 * 10**9)])
+    assert await rec.store.desired() == {"m": 4}
+    await rec.handle_commands([delivered(rec, seq=2, replicas=3, stored_ns=STORED_NS + 61 * 10**9)])
+    assert await rec.store.desired() == {"m": 3}
+
+
+async def test_a_cordon_command_of_a_stream_created_again_is_applied_though_its_sequence_restarted(
+    rec: Reconciler,
+) -> None:
+    await rec.handle_commands([cordon(rec, seq=500, cordoned=True)])
+    await rec.handle_commands([cordon(rec, seq=1, cordoned=False, stored_ns=STORED_NS + 60 * 10**9)])
+    assert await rec.store.cordons() == set()

@@ -78,8 +78,8 @@ async def test_a_replica_count_outside_the_limit_is_refused_before_anything_is_w
 async def test_the_script_itself_refuses_a_count_past_the_limit_and_writes_nothing(store: StateStore) -> None:
     # Defence in depth: a caller that skips the Python check still cannot make the script loop.
     head, tail = _record_template("m", 0.0)
-    args = ["PENDING", 2, CONVERGE_BUDGET, MAX_REPLICAS, "ok", 1, b"", 1, "ok-1", "ok-1", head, tail, "",
-            "m", 10**9, b"", 1, "m-1", "m-1", head, tail, ""]
+    args = ["PENDING", 2, CONVERGE_BUDGET, MAX_REPLICAS, "ok", 1, b"", 1, 0, "ok-1", "ok-1", head, tail, "",
+            "m", 10**9, b"", 1, 0, "m-1", "m-1", head, tail, ""]
     keys = ["gantry:desired", "gantry:desired:seq", "gantry:models", "gantry:inst", "gantry:inst:state",
             "gantry:inst:reason", "gantry:lock:ok", "gantry:model:ok", "gantry:lock:m", "gantry:model:m"]
     with pytest.raises(redis.exceptions.ResponseError, match="replicas out of range"):
