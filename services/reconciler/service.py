@@ -248,6 +248,12 @@ class Reconciler(PlacementService):
         spec = current_spec(command, self.specs.get(model))
         return spec if spec is not None else current_spec(stored=await self.store.model(model))
 
+    async def _stored_spec(self, model: str, commanded: ModelSpec) -> ModelSpec:
+        """The model's spec after the store refused a scale command as older than the one it applied last (a
+        redelivery): the stored one, not the refused command's, which ``_valid_scale`` cached."""
+        self.specs.pop(model, None)
+        return await self.spec_of(model) or commanded
+
     # ================================================================ commands
 
     async def handle_commands(self, raws: list[Msg]) -> None:
@@ -334,6 +340,8 @@ class Reconciler(PlacementService):
             if res.status == "busy":
                 slow[res.model] = up
                 continue
+            if not res.applied and up.replicas is not None:
+                known[res.model] = await self._stored_spec(res.model, known[res.model])
             if res.applied and up.replicas is not None:
                 changed.append(ModelEvent(model=res.model, replicas=up.replicas, spec=up.spec))
             if res.status == "down":
@@ -471,6 +479,8 @@ class Reconciler(PlacementService):
             (res,) = await self.store.converge_up([step], ACTIVE)
             if res.status == "busy":
                 raise TimeoutError(f"lost the converge lock of {model}")
+            if not res.applied and step.replicas is not None:
+                spec_now = await self._stored_spec(model, spec_now)
             if res.applied and step.replicas is not None:
                 event = ModelEvent(model=model, replicas=step.replicas, spec=step.spec)
                 await self.bus.publish(subjects.EVENT_MODEL, ModelEvents(events=(event,)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import msgspec
 import nats
 import pytest
 from nats.aio.msg import Msg
@@ -47,11 +48,12 @@ async def rec(redis_server: ServerProcess, nats_server: ServerProcess) -> AsyncI
 STORED_NS = 1_700_000_000_000_000_000  # when the stream stored the command (nanoseconds)
 
 
-def delivered(rec: Reconciler, seq: int, replicas: int, deliveries: int = 1, stored_ns: int = STORED_NS) -> Msg:
+def delivered(rec: Reconciler, seq: int, replicas: int, deliveries: int = 1, stored_ns: int = STORED_NS,
+              spec: ModelSpec = SPEC) -> Msg:
     """A scale command as the command consumer hands it over: its stream sequence, delivery count and stream time in
     the reply subject JetStream acks go to."""
     reply = f"$JS.ACK.{streams.STREAM_CMD}.{streams.CONSUMER_SCALE}.{deliveries}.{seq}.{seq}.{stored_ns}.0"
-    data = encode(ScaleCommand(model="m", replicas=replicas, spec=SPEC))
+    data = encode(ScaleCommand(model="m", replicas=replicas, spec=spec))
     return Msg(rec.bus.nc, subject=subjects.SCALE, data=data, reply=reply)
 
 
@@ -110,3 +112,13 @@ async def test_a_cordon_command_of_a_stream_created_again_is_applied_though_its_
     await rec.handle_commands([cordon(rec, seq=500, cordoned=True)])
     await rec.handle_commands([cordon(rec, seq=1, cordoned=False, stored_ns=STORED_NS + 60 * 10**9)])
     assert await rec.store.cordons() == set()
+
+
+async def test_a_refused_redelivery_leaves_the_spec_of_the_newer_command(rec: Reconciler) -> None:
+    # The redelivered command carries the model's older spec: refused, it must not become the spec placed with.
+    await rec.handle_commands([delivered(rec, seq=12, replicas=3)])
+    old = msgspec.structs.replace(SPEC, vram_claim=2 * GIB)
+    await rec.handle_commands([delivered(rec, seq=7, replicas=5, deliveries=2, spec=old)])
+    assert await rec.store.desired() == {"m": 3}
+    now = await rec.spec_of("m")
+    assert now is not None and now.vram_claim == GIB
