@@ -79,14 +79,22 @@ class Settling:
         return f"{self.off}; services' last warnings: {service_warnings(self.stack)}"
 
 
+STARTED = "app starting..."  # a hosted service's first log line: a restarted process appends to the same log
+
+
 def service_warnings(stack: Stack, per_log: int = 3) -> dict[str, list[str]]:
-    """The last few warning or error lines of each process's log: why a stack did not settle, kept in the failure
-    message (the test's tmp dir, logs included, is gone a few sessions later)."""
+    """The last few warning or error lines of each process's log since its last start: why a stack did not settle,
+    kept in the failure message (the test's tmp dir, logs included, is gone a few sessions later). A restarted
+    process appends to its predecessor's log, whose lines would otherwise pass for its own."""
     out = {}
     for log in sorted(stack.logs.glob("*.log")):
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if "WARNING" in ln or "ERROR" in ln]
-        if lines:
-            out[log.stem] = [ln[:300] for ln in lines[-per_log:]]
+        lines = log.read_text(errors="replace").splitlines()
+        starts = [k for k, ln in enumerate(lines) if STARTED in ln]
+        since = lines[starts[-1]:] if starts else lines
+        warned = [ln for ln in since if "WARNING" in ln or "ERROR" in ln]
+        label = f"{log.stem} (start {len(starts)})" if len(starts) > 1 else log.stem
+        if warned:
+            out[label] = [ln[:300] for ln in warned[-per_log:]]
     return out
 
 
