@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import random
@@ -50,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -411,6 +413,18 @@ def one_run(setup: str, w: Workload, nats_url: str, blocks: int, workdir: Path,
             "router_cpu_s": cpu}
 
 
+def ensure_sglang_router() -> None:
+    """Install the pinned sglang-router (pyproject's ``peers`` extra) when it is missing: the comparison needs the
+    real router, and ``ops/dev.sh`` installs only what the stack and its tests need."""
+    if importlib.util.find_spec("sglang_router") is not None:
+        return
+    peers = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["peers"]
+    print(f"sglang-router is not installed: installing {' '.join(peers)} (pyproject's 'peers' extra)", file=sys.stderr)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *peers])
+    if done.returncode != 0 or importlib.util.find_spec("sglang_router") is None:
+        sys.exit(f"could not install {' '.join(peers)}: the comparison needs it")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--groups", default="32,128", help="prefix-group counts, comma separated")
@@ -432,6 +446,8 @@ def main() -> None:
     if unknown:
         p.error(f"unknown setups {unknown}; known: {', '.join(SETUPS)}")
     groups = [int(g) for g in a.groups.split(",") if g]
+    if a.from_rows is None and any(s.startswith("sglang") for s in setups):
+        ensure_sglang_router()
     if a.from_rows is not None:
         rows = [json.loads(line) for line in a.from_rows.read_text().splitlines() if line.startswith('{"run"')]
         write(rows, setups, groups, a, psutil.getloadavg()[0])
