@@ -29,6 +29,7 @@ from shared.bus.connection import inbox_prefix as inbox_prefix  # re-exported: c
 from shared.bus.connection import nats_options as nats_options  # re-exported
 from shared.bus.messages import ErrorEvent, MessageError, decode, encode
 from shared.bus.streams import consumer_config, consumer_matches, ensure_streams, stream_configs
+from shared.core.limits import MAX_MESSAGE_BYTES
 from shared.envsettings import without_user
 from shared.settings import Settings
 
@@ -109,14 +110,32 @@ class Bus:
             return None
 
 
+class DeadLetterShape(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An ``ErrorEvent``'s fields and none other (any schema version): what ``Bus.dead_letter`` publishes. A payload
+    with more fields is some other message, whatever else it carries: a forged report with ``service``, ``subject``
+    and ``reason`` added must still reach the dead letters."""
+
+    service: str
+    subject: str
+    reason: str
+    payload: str = ""
+    at: float = 0.0
+    v: int = 0
+
+
+_dead_letter_shape = msgspec.json.Decoder(DeadLetterShape)
+
+
 def is_dead_letter(payload: bytes) -> bool:
-    """Whether ``payload`` reads as a dead letter (an ``ErrorEvent``: its service, subject and reason); no other
-    message carries those three fields."""
+    """Whether ``payload`` is a dead letter: an ``ErrorEvent``'s fields (service, subject and reason at least) and
+    no other."""
     if payload[:16].lstrip()[:1] != b"{":  # the quick answer for most rejected payloads
         return False
+    if len(payload) > MAX_MESSAGE_BYTES:
+        return False
     try:
-        decode(payload, ErrorEvent)
-    except MessageError:
+        _dead_letter_shape.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
         return False
     return True
 

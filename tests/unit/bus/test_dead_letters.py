@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from shared.bus.messages import ErrorEvent, Heartbeat, encode
-from shared.bus.runtime import is_dead_letter
+from shared.bus.runtime import DeadLetterShape, is_dead_letter
 
 LETTER = encode(ErrorEvent(service="gateway", subject="gantry.gateway.outcomes", reason="invalid", payload="{}"))
 
@@ -15,7 +15,10 @@ LETTER = encode(ErrorEvent(service="gateway", subject="gantry.gateway.outcomes",
 @pytest.mark.parametrize(("payload", "expected"), [
     (LETTER, True),
     (b"  \n" + LETTER, True),  # leading whitespace is still JSON
-    (msgspec.json.encode({"service": "x", "subject": "y", "reason": "z", "extra": [1]}), True),
+    (msgspec.json.encode({"service": "x", "subject": "y", "reason": "z"}), True),
+    # another message with the three fields added (a forged report hiding from the dead letters) is not one
+    (msgspec.json.encode({"service": "x", "subject": "y", "reason": "z", "extra": [1]}), False),
+    (msgspec.json.encode({"worker": "w0", "service": "x", "subject": "y", "reason": "z"}), False),
     (encode(Heartbeat(worker="w0")), False),
     (msgspec.json.encode({"service": "x", "subject": "y"}), False),  # no reason
     (msgspec.json.encode({"service": 1, "subject": "y", "reason": "z"}), False),  # wrong type
@@ -26,3 +29,7 @@ LETTER = encode(ErrorEvent(service="gateway", subject="gantry.gateway.outcomes",
 ])
 def test_only_an_error_event_reads_as_a_dead_letter(payload: bytes, expected: bool) -> None:
     assert is_dead_letter(payload) is expected
+
+
+def test_the_shape_checked_is_the_error_events() -> None:
+    assert set(DeadLetterShape.__struct_fields__) == set(ErrorEvent.__struct_fields__)

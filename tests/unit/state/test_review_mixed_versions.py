@@ -1,0 +1,60 @@
+"""Review reproducer: during a rolling upgrade a reconciler of the previous release (its converge script as of
+5a2bb79) runs beside one of this release on the same Redis. The new one stores ``seq:at`` in ``gantry:desired:seq``;
+the old script reads that value with ``tonumber`` and compares it: it must not fail (every scale command of its
+model would be redelivered until given up)."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis.exceptions
+
+from shared.core.limits import MAX_REPLICAS
+from shared.core.placement.domain import GIB, ModelSpec
+from shared.core.placement.reconcile import ACTIVE
+from shared.state import StateStore
+from shared.state.replay import call_key, prelude
+from shared.state.store import CONVERGE_BUDGET, Keys, ScaleUp, _record_template, _tracking_lib
+
+SPEC = ModelSpec(name="m", weight_bytes=2 * GIB)
+PREVIOUS = "5a2bb79"
+REPO = Path(__file__).resolve().parents[3]
+
+
+def previous_script() -> str:
+    """converge_up.lua as the previous release shipped it (skipped where the repository's history is absent)."""
+    if shutil.which("git") is None:
+        pytest.skip("git not found")
+    got = subprocess.run(["git", "show", f"{PREVIOUS}:shared/state/lua/converge_up.lua"], cwd=REPO,
+                         capture_output=True, text=True, check=False)
+    if got.returncode != 0:
+        pytest.skip(f"{PREVIOUS} not in this checkout's history")
+    return got.stdout
+
+
+async def old_scale(store: StateStore, model: str, replicas: int, seq: int) -> list[object]:
+    """One scale command through the previous release's script and argument layout (9 per model, no time)."""
+    script = store.r.register_script(prelude() + _tracking_lib() + previous_script())
+    head, tail = _record_template(model, 0.0)
+    prefix = f"{model}-{secrets.token_hex(4)}"
+    args: list[object] = [",".join(s.value for s in ACTIVE), 1, CONVERGE_BUDGET, MAX_REPLICAS, model, replicas,
+                          msgspec.json.encode(SPEC), seq, prefix, prefix, head, tail, ""]
+    keys = [Keys.desired, Keys.desired_seq, Keys.models, Keys.inst, Keys.inst_state, Keys.inst_reason,
+            Keys.lock + model, Keys.model_index + model, call_key(Keys.replay)]
+    out: list[object] = msgspec.json.decode(await script(keys=keys, args=args))
+    return out
+
+
+async def test_the_previous_releases_script_reads_a_value_this_release_stored(store: StateStore) -> None:
+    await store.converge_up([ScaleUp(model="m", replicas=2, spec=SPEC, seq=10, at=1_700_000_000.0)], ACTIVE)
+    assert await store.r.hget(Keys.desired_seq, "m") == b"10:1700000000000000"
+    try:
+        await old_scale(store, "m", 3, seq=11)  # the old replica's next command
+    except redis.exceptions.ResponseError as err:
+        pytest.fail(f"the previous release's converge fails on the new stored format: {err}")
+    assert (await store.desired())["m"] == 3
