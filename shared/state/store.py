@@ -104,6 +104,7 @@ class Keys:
     claims = P + "claims"  # id -> "g|w:i|bytes;r|w|bytes;c|w|milli-cores"
     committed_by = P + "claims:by"  # id -> "<commit call>:<item>" that placed it (kept and released with claims)
     desired_seq = P + "desired:seq"  # model -> stream sequence of the scale command applied last
+    desired_at = P + "desired:at"  # model -> "seq:at" of it: its stream time (µs) beside the sequence it goes with
     drains = P + "drains"  # id -> time DRAINING began
     failures = P + "failures"  # id -> {"since": time, "message": str} of ERROR instances
     restarts = P + "restarts"  # model -> {"count": n, "last_at": time} of recent failed-replica replacements
@@ -756,7 +757,8 @@ class StateStore:
 
     async def _converge_once(self, models: Sequence[ScaleUp], active: Iterable[InstanceState]) -> list[ScaleUpResult]:
         args: list[Any] = [",".join(s.value for s in active), len(models), CONVERGE_BUDGET, MAX_REPLICAS]
-        keys = [Keys.desired, Keys.desired_seq, Keys.models, Keys.inst, Keys.inst_state, Keys.inst_reason]
+        keys = [Keys.desired, Keys.desired_seq, Keys.models, Keys.inst, Keys.inst_state, Keys.inst_reason,
+                Keys.desired_at]
         for m in models:
             head, tail = _record_template(m.model, m.created_at)
             spec = _enc.encode(m.spec) if m.spec is not None else b""

@@ -3,7 +3,7 @@
 -- as PENDING. A model whose converge lock is held by someone else (a scale-down in progress elsewhere; or,
 -- when a lock token is given, a lock we no longer hold) is left alone ("busy"); one with more active
 -- replicas than desired is reported ("down"): removing replicas takes the locked path.
--- KEYS: 1 desired, 2 desired_seq, 3 models, 4 inst, 5 inst_state, 6 inst_reason, then per model:
+-- KEYS: 1 desired, 2 desired_seq, 3 models, 4 inst, 5 inst_state, 6 inst_reason, 7 desired_at, then per model:
 --       its converge lock, its instance index; last, the call's replay key
 -- A model's replicas are counted from its active set (kept by every script that moves a state: the tracking
 -- prelude, ACTIVE_PREFIX and its siblings, comes from shared/state/store.py), built at its first converge.
@@ -31,15 +31,24 @@ local function each_field(key, ids, visit)
     for k = first, last do visit(ids[k], values[k - first + 1]) end
   end
 end
--- Whether a command (stream sequence seq, stored at `at` µs) is to be applied over the last applied one, stored as
--- "seq:at" (or "seq", before the time was kept): a later sequence, the same one again (a redelivery whose ack was
--- lost: nothing changes), or a later time. A redelivery behind a newer command has an older sequence and an older
--- time; a command of a stream deleted and created again (its sequence restarted, Redis kept) a later time.
-local function newer(stored, seq, at)
+-- Whether a command (stream sequence seq, stored at `at` µs) is to be applied over the last applied one: a later
+-- sequence, the same one again (a redelivery whose ack was lost: nothing changes), or a later time. A redelivery
+-- behind a newer command has an older sequence and an older time; a command of a stream deleted and created again
+-- (its sequence restarted, Redis kept) a later time. The sequence stays alone in desired_seq, as releases before the
+-- time was kept read and write it; the time is in desired_at as "seq:at", trusted only while its sequence is the one
+-- in desired_seq (a previous release's reconciler, in a rolling upgrade, moves the sequence alone). No time known:
+-- the sequence alone decides. ("seq:at" in desired_seq itself is read too: one build stored it there.)
+local function newer(model, seq, at)
+  local stored = redis.call("HGET", KEYS[2], model)
   if not stored then return true end
-  local last_seq, last_at = string.match(stored, "^(%d+):?(%d*)$")
+  local last_seq, inline = string.match(stored, "^(%d+):?(%d*)$")
   if not last_seq then return true end
-  return tonumber(last_seq) <= seq or at > (tonumber(last_at) or 0)
+  if tonumber(last_seq) <= seq then return true end
+  local known_seq, known_at = last_seq, inline
+  if inline == "" then
+    known_seq, known_at = string.match(redis.call("HGET", KEYS[7], model) or "", "^(%d+):(%d+)$")
+  end
+  return known_seq == last_seq and at > tonumber(known_at)
 end
 local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end
@@ -55,10 +64,10 @@ for m = 1, models do  -- validate every model before any write: an error must le
 end
 for m = 1, models do
   local model, replicas, spec, seq = ARGV[pos], tonumber(ARGV[pos + 1]), ARGV[pos + 2], tonumber(ARGV[pos + 3])
-  local at, order = tonumber(ARGV[pos + 4]), ARGV[pos + 3] .. ":" .. ARGV[pos + 4]  -- as stored: "seq:at"
+  local seq_text, at, order = ARGV[pos + 3], tonumber(ARGV[pos + 4]), ARGV[pos + 3] .. ":" .. ARGV[pos + 4]
   local id_prefix, id_json, head, tail = ARGV[pos + 5], ARGV[pos + 6], ARGV[pos + 7], ARGV[pos + 8]
   local token = ARGV[pos + 9]
-  local lock_key, index = KEYS[6 + 2 * m - 1], KEYS[6 + 2 * m]
+  local lock_key, index = KEYS[7 + 2 * m - 1], KEYS[7 + 2 * m]
   pos = pos + 10
   local held = redis.call("GET", lock_key)
   if (token == "" and held) or (token ~= "" and held ~= token) then
@@ -66,10 +75,11 @@ for m = 1, models do
   else
     local applied = 0
     if replicas >= 0 then
-      if newer(redis.call("HGET", KEYS[2], model), seq, at) then
+      if newer(model, seq, at) then
         if spec ~= "" then redis.call("HSET", KEYS[3], model, spec) end
         redis.call("HSET", KEYS[1], model, replicas)
-        redis.call("HSET", KEYS[2], model, order)
+        redis.call("HSET", KEYS[2], model, seq_text)  -- as every release reads it
+        redis.call("HSET", KEYS[7], model, order)  -- "seq:at"
         applied = 1
         wrote = true
       end

@@ -81,7 +81,8 @@ async def test_the_script_itself_refuses_a_count_past_the_limit_and_writes_nothi
     args = ["PENDING", 2, CONVERGE_BUDGET, MAX_REPLICAS, "ok", 1, b"", 1, 0, "ok-1", "ok-1", head, tail, "",
             "m", 10**9, b"", 1, 0, "m-1", "m-1", head, tail, ""]
     keys = ["gantry:desired", "gantry:desired:seq", "gantry:models", "gantry:inst", "gantry:inst:state",
-            "gantry:inst:reason", "gantry:lock:ok", "gantry:model:ok", "gantry:lock:m", "gantry:model:m"]
+            "gantry:inst:reason", "gantry:desired:at", "gantry:lock:ok", "gantry:model:ok", "gantry:lock:m",
+            "gantry:model:m"]
     with pytest.raises(redis.exceptions.ResponseError, match="replicas out of range"):
         await store._converge_up(keys=keys, args=args)
     assert await store.r.keys("*") == []
