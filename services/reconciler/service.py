@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
 
 from services.reconciler.contract import CONSUMES, EMITS
 from services.reconciler.writer import StateWriter
@@ -125,6 +126,11 @@ class Reconciler(PlacementService):
         self.last_change = float("-inf")
         self.listening_since = float("-inf")  # set at start: heartbeats before it went unheard here
         self._tasks: set[asyncio.Task[None]] = set()
+        # When the command stream was created (its epoch, unix s) and the highest sequence heard of it: a command of
+        # a stream created again (sequence restarted) wins by its epoch, never by its own stream time, which a clock
+        # step or a leader change to a lagging node makes older than an earlier command's (``_command_epoch``).
+        self._cmd_epoch: float | None = None
+        self._cmd_highest = 0
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.writer = StateWriter(self)
 
@@ -256,6 +262,28 @@ class Reconciler(PlacementService):
 
     # ================================================================ commands
 
+    async def _command_stream_created(self) -> float:
+        """When the command stream was created (unix s; 0.0 when NATS does not say)."""
+        info = await self.bus.nc.jetstream().stream_info(streams.STREAM_CMD)
+        return info.created.timestamp() if info.created is not None else 0.0
+
+    async def _command_epoch(self, raws: Sequence[Msg]) -> float:
+        """The epoch (creation time) of the stream ``raws`` come from, read again when one of them is lower in
+        sequence than any heard before (a redelivery, or a stream created again). When it cannot be read this raises:
+        the batch is redelivered (a command judged by an epoch it may not have would be acked unapplied)."""
+        try:
+            seqs = [m.metadata.sequence.stream for m in raws]
+        except NotJSMessageError:  # not from JetStream (as ``in_stream_order``): no stream, no epoch
+            return 0.0
+        if not seqs:
+            return self._cmd_epoch or 0.0
+        if self._cmd_epoch is None or min(seqs) < self._cmd_highest:
+            created = await self._command_stream_created()
+            if created != self._cmd_epoch:
+                self._cmd_epoch, self._cmd_highest = created, 0
+        self._cmd_highest = max(self._cmd_highest, *seqs)
+        return self._cmd_epoch or 0.0
+
     async def handle_commands(self, raws: list[Msg]) -> None:
         """A pulled batch of commands, handled in stream order (``in_stream_order``: a redelivered command can arrive
         behind newer ones, and the last command of a model must be its newest).
@@ -267,9 +295,10 @@ class Reconciler(PlacementService):
         model's commands are.
         """
         scales: dict[str, list[tuple[Msg, ScaleCommand, float]]] = {}
+        epoch = await self._command_epoch(raws)
         for raw in in_stream_order(raws):
             if raw.subject == subjects.CORDON:
-                await guarded(self, raw.subject, [raw], functools.partial(self._cordon, raw.data, raw))
+                await guarded(self, raw.subject, [raw], functools.partial(self._cordon, raw.data, raw, epoch))
                 continue
             if raw.subject == subjects.REMOVE_WORKER:
                 await guarded(self, raw.subject, [raw], functools.partial(self._remove_worker, raw.data, raw))
@@ -282,7 +311,7 @@ class Reconciler(PlacementService):
         now = self.clock()
         wanted = {
             model: ScaleUp(model=model, replicas=cmds[-1][1].replicas, spec=self.specs[model],
-                           seq=cmds[-1][0].metadata.sequence.stream, at=cmds[-1][2], created_at=now)
+                           seq=cmds[-1][0].metadata.sequence.stream, at=epoch, created_at=now)
             for model, cmds in scales.items()
         }
         arrivals = {model: [a for _, _, a in cmds] for model, cmds in scales.items()}
@@ -380,7 +409,7 @@ class Reconciler(PlacementService):
         self.specs[cmd.model] = msgspec.structs.replace(spec, replicas=cmd.replicas)
         return cmd
 
-    async def _cordon(self, data: bytes, raw: Msg) -> None:
+    async def _cordon(self, data: bytes, raw: Msg, epoch: float = 0.0) -> None:
         cmd = await self.bus.decode_or_reject(raw.subject, data, CordonCommand)
         if cmd is None:
             await raw.ack()
@@ -397,9 +426,8 @@ class Reconciler(PlacementService):
             await self.bus.dead_letter(raw.subject, why, data)
             await raw.ack()
             return
-        meta = raw.metadata
-        at = meta.timestamp.timestamp() if meta.timestamp else 0.0
-        if not await self.store.set_cordon(cmd.worker, cmd.cordoned, cmd.gpu_index, meta.sequence.stream, at):
+        if not await self.store.set_cordon(cmd.worker, cmd.cordoned, cmd.gpu_index, raw.metadata.sequence.stream,
+                                           epoch):
             # a redelivery (its ack wait ran out) behind a newer cordon command of the same worker or GPU
             log.info("cordon of %s (GPU %s) to %s ignored: a newer command was applied", cmd.worker, cmd.gpu_index,
                      cmd.cordoned)

@@ -40,12 +40,22 @@ async def rec(redis_server: ServerProcess, nats_server: ServerProcess) -> AsyncI
         asked.extend(item for _, req, _ in out for item in req.items)
 
     r.bus.publish_js_many = placement_stream  # type: ignore[method-assign]
+    created(r, STORED_NS / 1e9 - 3600)
     yield r
     await nc.close()
     await r.store.close()
 
 
 STORED_NS = 1_700_000_000_000_000_000  # when the stream stored the command (nanoseconds)
+
+
+def created(rec: Reconciler, at: float) -> None:
+    """The command stream as created at ``at`` (unix s): what the reconciler reads of it (STREAM.INFO)."""
+
+    async def stream_created() -> float:
+        return at
+
+    rec._command_stream_created = stream_created  # type: ignore[method-assign]
 
 
 def delivered(rec: Reconciler, seq: int, replicas: int, deliveries: int = 1, stored_ns: int = STORED_NS,
@@ -100,6 +110,7 @@ async def test_a_scale_command_of_a_stream_created_again_is_applied_though_its_s
     # The command stream deleted and provisioned again (a new NATS volume, memory storage after a restart) while Redis
     # kept what it applied: the new commands' sequences start again at 1, but the stream stored them later.
     await rec.handle_commands([delivered(rec, seq=500, replicas=2)])
+    created(rec, STORED_NS / 1e9 + 30)
     await rec.handle_commands([delivered(rec, seq=1, replicas=4, stored_ns=STORED_NS + 60 * 10**9)])
     assert await rec.store.desired() == {"m": 4}
     await rec.handle_commands([delivered(rec, seq=2, replicas=3, stored_ns=STORED_NS + 61 * 10**9)])
@@ -110,6 +121,7 @@ async def test_a_cordon_command_of_a_stream_created_again_is_applied_though_its_
     rec: Reconciler,
 ) -> None:
     await rec.handle_commands([cordon(rec, seq=500, cordoned=True)])
+    created(rec, STORED_NS / 1e9 + 30)
     await rec.handle_commands([cordon(rec, seq=1, cordoned=False, stored_ns=STORED_NS + 60 * 10**9)])
     assert await rec.store.cordons() == set()
 
