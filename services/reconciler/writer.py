@@ -10,6 +10,7 @@ snapshot follows those announcements, so the services, Redis and the ledger hold
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,10 @@ STORE_ROUNDS = 3  # checks of one registration against what is stored, when othe
 # Replaced registrations held for judging: a worker changing its inventory on every message (or any worker while Redis
 # is away, when nothing is flushed) must not grow the list without end; past this, the oldest go unjudged.
 SUPERSEDED_MAX = 1000
+READY_WAIT_S = 5.0
+"""Longest reports wait for the snapshot load, counted from the first that waited: a load that never ends (Redis
+connected but silent) would otherwise hold each subscription's reports for ever, one behind the other. Past it they
+are judged as they come, against what is loaded (as before reports waited)."""
 INVALID_SUBJECT = Keys.workers  # dead letters of invalid stored records name the Redis key they were read from
 
 
@@ -67,6 +72,7 @@ class StateWriter:
         # scoring snapshot) until its worker leaves, so past MAX_FILES_PER_WORKER a new one is refused. Counted per
         # writer (replicas split the reports), which bounds what a worker stores to that many per writer run.
         self.sources: dict[str, set[str]] = {}
+        self._wait_until: float | None = None  # (event loop time) reports wait for the load until then
         self._wire()
 
     def _wire(self) -> None:
@@ -94,7 +100,7 @@ class StateWriter:
                 await svc.bus.dead_letter(subjects.HEARTBEAT, forged, body)
                 return
             if not svc.ready.is_set():  # heard while the snapshot loads: judged then every worker would be unknown
-                await svc.ready.wait()
+                await self.loaded()
             reason, ask = judge_heartbeat(hb, svc.feed.inventory.get(hb.worker), self.registrations.get(hb.worker))
             if ask:
                 await self.ask_to_register(hb.worker)  # its own registration repairs what is stored of it
@@ -109,7 +115,7 @@ class StateWriter:
                 return
             reason = impersonation(upd.worker, sender) or bad_worker_name(upd.worker)
             if not reason and not svc.ready.is_set():  # as for heartbeats: the snapshot first
-                await svc.ready.wait()
+                await self.loaded()
             if not reason and upd.worker not in self.registrations and upd.worker not in svc.feed.inventory:
                 reason = f"from unknown worker {upd.worker!r} (register first)"
             if not reason and not self.room_for(upd.worker, upd.source):
@@ -124,6 +130,20 @@ class StateWriter:
         svc.listen_reports(subjects.REGISTER, on_register, queue=QUEUE)
         svc.listen_reports(subjects.HEARTBEAT, on_heartbeat, queue=QUEUE)
         svc.listen_reports(subjects.MODEL_FILE, on_file, queue=QUEUE)
+
+    async def loaded(self) -> bool:
+        """Wait for the snapshot load, until ``READY_WAIT_S`` after the first report that waited; whether it ended."""
+        ready = self.service.ready
+        if ready.is_set():
+            return True
+        loop = asyncio.get_running_loop()
+        if self._wait_until is None:
+            self._wait_until = loop.time() + READY_WAIT_S
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ready.wait(), max(0.0, self._wait_until - loop.time()))
+        if not ready.is_set():
+            log.warning("snapshot still loading after %.0f s: reports judged against what is loaded", READY_WAIT_S)
+        return ready.is_set()
 
     def keep_superseded(self, workers: list[Worker]) -> None:
         """Hold replaced registrations for judging, the newest ``SUPERSEDED_MAX`` at most."""
