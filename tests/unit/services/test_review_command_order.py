@@ -5,9 +5,16 @@ and Redis, as ``test_scale_command_order``."""
 
 from __future__ import annotations
 
+import asyncio
+
+import msgspec
+
 from services.reconciler.service import Reconciler
+from shared.bus import subjects
+from shared.bus.messages import CordonEvent
+from shared.core.placement.domain import GIB
 from shared.state.store import Keys
-from tests.unit.services.test_scale_command_order import STORED_NS, cordon, delivered, rec
+from tests.unit.services.test_scale_command_order import SPEC, STORED_NS, cordon, delivered, rec
 
 __all__ = ["rec"]  # the fixture, used by name
 
@@ -46,3 +53,39 @@ async def test_an_older_redelivered_scale_command_does_not_win_over_a_value_stor
     # older in sequence and in time than what was applied.
     await rec.handle_commands([delivered(rec, seq=400, replicas=1, deliveries=2, stored_ns=STORED_NS - 60 * S)])
     assert await rec.store.desired() == {"m": 8}, "a redelivery older than the stored (old format) command won"
+
+
+async def test_a_stale_cordon_tells_no_one(rec: Reconciler) -> None:
+    # The snapshots follow CordonEvents, not Redis: a stale command must not announce the cordon it was refused.
+    told: list[object] = []
+    publish = rec.bus.publish
+
+    async def keep(subject: str, msg: object, *args: object, **kwargs: object) -> None:
+        if subject == subjects.EVENT_CORDON:
+            told.append(msg)
+        await publish(subject, msg, *args, **kwargs)  # type: ignore[arg-type]
+
+    rec.bus.publish = keep  # type: ignore[method-assign]
+    await rec.handle_commands([cordon(rec, seq=20, cordoned=False)])
+    await rec.handle_commands([cordon(rec, seq=15, cordoned=True, deliveries=2)])
+    assert told == [CordonEvent(worker="w0", cordoned=False)]
+
+
+async def test_a_refused_redelivery_on_the_locked_path_leaves_the_spec_of_the_newer_command(rec: Reconciler) -> None:
+    # As test_a_refused_redelivery_leaves_the_spec_of_the_newer_command, with the model's converge lock held by
+    # another reconciler when the batch comes: the command goes the locked way (``converge``).
+    await rec.handle_commands([delivered(rec, seq=12, replicas=3)])
+    token = await rec.store.lock_model("m")
+    assert token is not None
+
+    async def release() -> None:
+        await asyncio.sleep(0.3)
+        await rec.store.unlock_model("m", token)
+
+    releasing = asyncio.ensure_future(release())
+    old = msgspec.structs.replace(SPEC, vram_claim=2 * GIB)
+    await rec.handle_commands([delivered(rec, seq=7, replicas=5, deliveries=2, spec=old)])
+    await releasing
+    assert await rec.store.desired() == {"m": 3}
+    now = await rec.spec_of("m")
+    assert now is not None and now.vram_claim == GIB
