@@ -51,7 +51,7 @@ SCRIPT_CHUNK = 1000  # instances or reports per script call: every other script'
 
 
 def _micros(t: float) -> int:
-    """A stream timestamp as the scripts compare it: whole microseconds (exact in Lua's doubles), never negative."""
+    """A stream's creation time as the scripts compare it: whole microseconds, not negative."""
     return max(int(t * 1_000_000), 0) if math.isfinite(t) else 0
 
 
@@ -104,7 +104,7 @@ class Keys:
     claims = P + "claims"  # id -> "g|w:i|bytes;r|w|bytes;c|w|milli-cores"
     committed_by = P + "claims:by"  # id -> "<commit call>:<item>" that placed it (kept and released with claims)
     desired_seq = P + "desired:seq"  # model -> stream sequence of the scale command applied last
-    desired_at = P + "desired:at"  # model -> "seq:at" of it: its stream time (µs) beside the sequence it goes with
+    desired_at = P + "desired:at"  # model -> "seq:at" of it: its stream's creation time (µs) beside its sequence
     drains = P + "drains"  # id -> time DRAINING began
     failures = P + "failures"  # id -> {"since": time, "message": str} of ERROR instances
     restarts = P + "restarts"  # model -> {"count": n, "last_at": time} of recent failed-replica replacements
@@ -194,7 +194,7 @@ class ScaleUp:
     replicas: int | None = None  # None: no scale command, converge to the stored desired replicas
     spec: ModelSpec | None = None
     seq: int = 0  # stream sequence of the scale command (a later applied one wins)
-    at: float = 0.0  # its stream timestamp: a later one wins too (a stream created again restarts its sequence)
+    at: float = 0.0  # its stream's creation time: a later one wins too (a stream created again restarts its sequence)
     created_at: float = 0.0
     lock_token: str = ""  # the model's converge lock, when the caller holds it
 

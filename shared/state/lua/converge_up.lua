@@ -12,7 +12,7 @@
 -- call over all models; a model left short says so (`more` = 1) and the caller calls again.
 -- ARGV: active states (comma-separated), n models, budget, max_replicas, then per model:
 --       model, replicas (-1: no scale command), spec_json ("": keep), seq, at (the command's stream sequence and
---       its stream timestamp in microseconds: see `newer` below), id_prefix, id_prefix_json (the
+--       its stream's creation time in microseconds: see `newer` below), id_prefix, id_prefix_json (the
 --       prefix as it reads inside a JSON string), record_head, record_tail (a PENDING record is
 --       record_head .. id_prefix_json .. counter .. record_tail), lock token ("": the caller holds no lock)
 -- Returns per model: {status, applied (0/1), desired, {created ids}, {PENDING ids without a reason}, more (0/1)},
@@ -31,10 +31,11 @@ local function each_field(key, ids, visit)
     for k = first, last do visit(ids[k], values[k - first + 1]) end
   end
 end
--- Whether a command (stream sequence seq, stored at `at` µs) is to be applied over the last applied one: a later
--- sequence, the same one again (a redelivery whose ack was lost: nothing changes), or a later time. A redelivery
--- behind a newer command has an older sequence and an older time; a command of a stream deleted and created again
--- (its sequence restarted, Redis kept) a later time. The sequence stays alone in desired_seq, as releases before the
+-- Whether a command (stream sequence seq, of the stream created at `at` µs) is to be applied over the last applied one: a later
+-- sequence, the same one again (a redelivery whose ack was lost: nothing changes), or a later stream. A redelivery
+-- behind a newer command has an older sequence of the same stream; a command of a stream deleted and created again
+-- (its sequence restarted, Redis kept) a later creation time. (Never the message's own stream time: a clock step or
+-- a leader change to a lagging node dates a newer command before an older one.) The sequence stays alone in desired_seq, as releases before the
 -- time was kept read and write it; the time is in desired_at as "seq:at", trusted only while its sequence is the one
 -- in desired_seq (a previous release's reconciler, in a rolling upgrade, moves the sequence alone). No time known:
 -- the sequence alone decides. ("seq:at" in desired_seq itself is read too: one build stored it there.)
