@@ -1,9 +1,9 @@
-"""Review reproducer: the state writer holds a heartbeat or file report heard before the snapshot is loaded until the
-load ends (``svc.ready``). A load that never ends (Redis accepting the connection but not answering: the store has no
-socket timeout) holds it for ever, and a subscription's callbacks run one at a time, so every later report of that
-subject queues behind it: this replica (one of a queue group) silently takes its share of the fleet's reports and
-never answers, where before it dead-lettered them. The reconciler's real state writer (its handlers handed the
-messages as their subscriptions would) on the session's real NATS and Redis; the load is never run."""
+"""The state writer holds a heartbeat or file report heard before the snapshot is loaded until the load ends
+(``svc.ready``), but not for ever: a load that never ends (Redis accepting the connection but not answering) would
+hold every later report of that subject behind it (a subscription's callbacks run one at a time), and this replica
+(one of a queue group) would silently swallow its share of the fleet's reports. Past ``READY_WAIT_S`` reports are
+judged against what is loaded. The reconciler's real state writer (its handlers handed the messages as their
+subscriptions would) on the session's real NATS and Redis; the load is never run."""
 
 from __future__ import annotations
 

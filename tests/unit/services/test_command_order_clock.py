@@ -1,4 +1,4 @@
-"""Review reproducers for the command-ordering rules (scale and cordon): an older command redelivered after a newer
+"""The command-ordering rules (scale and cordon): an older command redelivered after a newer
 one must not win, whatever the stream's clock did between them and whatever the stored value's format. The real
 reconciler (in process, not started: its command handler driven as its pull loop would) on the session's real NATS
 and Redis, as ``test_scale_command_order``."""

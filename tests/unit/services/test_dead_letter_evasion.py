@@ -1,8 +1,8 @@
-"""Review reproducer: a rejected message is kept off the dead letters when it merely reads as an ``ErrorEvent``
-(``is_dead_letter``: any JSON object with string ``service``, ``subject`` and ``reason``, other fields ignored). A
-worker agent forging another worker's heartbeat adds those three fields to its payload: the forgery is then only in a
-log line and a counter, never on the dead-letter stream operators and alerts read. The reconciler's real state writer
-(its report handler handed the message as its subscription would) on the session's real NATS and Redis."""
+"""A rejected message stays off the dead letters only when it is exactly a dead letter (``is_dead_letter``: an
+``ErrorEvent``'s fields and none other). A worker agent forging another worker's heartbeat with ``service``,
+``subject`` and ``reason`` added must still reach the dead-letter stream operators and alerts read. The reconciler's
+real state writer (its report handler handed the message as its subscription would) on the session's real NATS and
+Redis."""
 
 from __future__ import annotations
 
