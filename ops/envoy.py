@@ -47,6 +47,7 @@ from services.gateway.protocol import (
     CHECK_PREFIX,
     DEFAULT_SOCKET_DIR,
     FAIRNESS_HEADER,
+    GATEWAY_HEALTH_PATH,
     GRPC_SOCKET,
     HEALTH_PATH,
     HTTP_SOCKET,
@@ -54,6 +55,7 @@ from services.gateway.protocol import (
     PICK_ID_HEADER,
     PICKER_IDLE_TIMEOUT_S,
     PRIORITY_HEADER,
+    READY_PATH,
     RELAYED_5XX,
     REQUEST_ID_HEADER,
     SESSION_HEADER,
@@ -384,9 +386,16 @@ def _models_route(o: EnvoyOptions) -> dict[str, Any]:
                 "disabled": True}}}
 
 
+def _health_route(o: EnvoyOptions) -> dict[str, Any]:
+    """ext_authz: a client's ``GET /health`` answered by a picker replica's ``READY_PATH``, as ``/v1/models`` is."""
+    models = _models_route(o)
+    route = {**models["route"], "prefix_rewrite": READY_PATH}
+    return {**models, "match": {"path": GATEWAY_HEALTH_PATH}, "route": route}
+
+
 def _routes(o: EnvoyOptions) -> list[dict[str, Any]]:
     if o.ext_proc and o.transport is PickerTransport.EXT_AUTHZ:
-        return [_models_route(o), _route(o)]
+        return [_models_route(o), _health_route(o), _route(o)]
     return [_route(o)]
 
 

@@ -40,6 +40,7 @@ from services.gateway.protocol import (
     HEALTH_PATH,
     MODELS_PATH,
     PICK_ID_HEADER,
+    READY_PATH,
     STATS_PATH,
     answered,
     authz_status,
@@ -118,6 +119,8 @@ class AuthzPicker:
             return _OK
         if method == "GET" and path == MODELS_PATH:
             return response(200, self.picker.models(), JSON)
+        if method == "GET" and path == READY_PATH:
+            return response(*self.picker.health(), JSON)
         if method == "GET" and path == STATS_PATH:
             return response(200, self.stats(), JSON)
         return response(404, error_body(404, f"{method or '?'} {path}: not a path of the picker"), JSON)

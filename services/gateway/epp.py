@@ -30,7 +30,14 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
 from services.gateway.capture import Pending, TraceWriter
-from services.gateway.protocol import MODELS_PATH, OVERLOADED, REQUEST_ID_HEADER, STREAMED_RESPONSE_MODE, answered
+from services.gateway.protocol import (
+    GATEWAY_HEALTH_PATH,
+    MODELS_PATH,
+    OVERLOADED,
+    REQUEST_ID_HEADER,
+    STREAMED_RESPONSE_MODE,
+    answered,
+)
 from services.gateway.request import BadRequest, Tokenize, parse_request, tokenized
 from shared.core.routing import Decision, Router, RouteRequest
 
@@ -221,6 +228,14 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
             self.counters.moved += 1
             log.info("request %s served by fallback %s (picked %s)", decision.request_id, actual, decision.endpoint)
 
+    def health(self) -> tuple[int, bytes]:
+        """The gateway's ``GET /health`` answer (status, JSON body): 200 while the picker knows an endpoint, else 503
+        (nothing could be routed yet: placement has no RUNNING replica, or no engine has reported)."""
+        known = len(self.router.state.endpoints)
+        if known:
+            return 200, msgspec.json.encode({"status": "ok", "endpoints": known})
+        return 503, error_body(503, "the gateway knows no endpoint yet")
+
     def models(self) -> bytes:
         """The ``GET /v1/models`` answer: the models of the endpoints the picker knows."""
         models = sorted({ep.endpoint.model for ep in self.router.state.endpoints.values()})
@@ -296,10 +311,11 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
 
     def _bodiless(self, headers: dict[str, str]) -> pb.ProcessingResponse:
         path = headers.get(":path", "")
-        if headers.get(":method") == "GET" and path.split("?")[0] == MODELS_PATH:
-            body = self.models()
+        get = headers.get(":method") == "GET"
+        if get and path.split("?")[0] in (MODELS_PATH, GATEWAY_HEALTH_PATH):
+            code, body = (200, self.models()) if path.split("?")[0] == MODELS_PATH else self.health()
             return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
-                status=http_status_pb2.HttpStatus(code=200),
+                status=http_status_pb2.HttpStatus(code=code),
                 headers=pb.HeaderMutation(set_headers=[_set_header("content-type", "application/json")]),
                 body=body))
         return immediate(400, f"{headers.get(':method', '?')} {path}: a JSON body naming the model is required")

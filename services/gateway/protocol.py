@@ -33,6 +33,11 @@ CHECK_PREFIX = "/check"
 """ext_authz transport: Envoy sends each check to the client's path under this prefix, so a client's own
 ``/health`` or ``/stats`` is a check like any other request and never the picker's endpoint of that name."""
 HEALTH_PATH = "/health"  # ext_authz transport: Envoy's active health check of the picker's HTTP port
+GATEWAY_HEALTH_PATH = "/health"
+"""A client's ``GET /health`` at the gateway (as vLLM serves it; load generators such as guidellm check it before a
+run): answered by a picker, 200 while it knows an endpoint to route to, 503 before (or without) any. ext_proc: from
+the headers; ext_authz: routed to the picker's ``READY_PATH``."""
+READY_PATH = "/ready"  # ext_authz transport: the picker's answer to a client's GET /health (its HTTP port)
 MODELS_PATH = "/v1/models"  # answered by the picker (ext_proc: from the headers; ext_authz: routed to its HTTP port)
 RELAYED_5XX = (500, 502, 503, 504)
 """ext_authz transport: Envoy takes a 5xx answer from the check as the check failing (its failure mode then

@@ -612,3 +612,25 @@ def test_over_tcp_when_asked_the_picker_routes_as_on_its_socket(nats_server: Ser
         assert r.status_code == 200 and r.headers[SERVED] in {e.address for e in engines}
     finally:
         gen.close()
+
+
+def health_once_the_picker_answers(url: str, timeout: float = 60) -> httpx.Response:
+    """The gateway's ``GET /health`` once a picker answers it (before, Envoy's own refusal: no picker yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{url}/health", timeout=5)
+        if r.headers.get("content-type") == "application/json":
+            return r
+        assert time.monotonic() < deadline, f"no picker answered /health: {r.status_code} {r.text}"
+        time.sleep(0.2)
+
+
+def test_health_is_503_while_the_picker_knows_no_endpoint(gateway: Gateway) -> None:
+    r = health_once_the_picker_answers(gateway.url)
+    assert r.status_code == 503 and "no endpoint" in r.json()["error"]["message"]
+
+
+def test_health_is_200_once_the_picker_knows_an_endpoint(gateway: Gateway, engines: list[Engine]) -> None:
+    _wait_routable(gateway, len(engines))
+    r = httpx.get(f"{gateway.url}/health", timeout=5)  # what load generators (guidellm) check before a run
+    assert r.status_code == 200 and r.json() == {"status": "ok", "endpoints": len(engines)}

@@ -29,6 +29,7 @@ from tests.integration.test_gateway import (
     _wait_routable,
     after_endpoint_kill,
     gateway_marks,
+    health_once_the_picker_answers,
     malformed_then_fine,
     no_endpoint_answer,
     private_listeners,
@@ -78,6 +79,17 @@ def test_models_are_listed_by_the_picker_through_envoy(gateway: Gateway, engines
     _wait_routable(gateway, len(engines))
     got = httpx.get(f"{gateway.url}/v1/models", timeout=5)
     assert got.status_code == 200 and [m["id"] for m in got.json()["data"]] == [MODEL]
+
+
+def test_health_is_503_while_the_picker_knows_no_endpoint(gateway: Gateway) -> None:
+    r = health_once_the_picker_answers(gateway.url)
+    assert r.status_code == 503 and "no endpoint" in r.json()["error"]["message"]
+
+
+def test_health_is_200_once_the_picker_knows_an_endpoint(gateway: Gateway, engines: list[Engine]) -> None:
+    _wait_routable(gateway, len(engines))
+    r = httpx.get(f"{gateway.url}/health", timeout=5)
+    assert r.status_code == 200 and r.json() == {"status": "ok", "endpoints": len(engines)}
 
 
 def test_no_endpoint_for_the_model_is_503(gateway: Gateway, engines: list[Engine]) -> None:
