@@ -58,13 +58,18 @@ def created(rec: Reconciler, at: float) -> None:
     rec._command_stream_created = stream_created  # type: ignore[method-assign]
 
 
+def command(rec: Reconciler, subject: str, data: bytes, seq: int, deliveries: int, stored_ns: int) -> Msg:
+    """A command as the command consumer hands it over: its stream sequence, delivery count and stream time in the
+    reply subject JetStream acks go to."""
+    reply = f"$JS.ACK.{streams.STREAM_CMD}.{streams.CONSUMER_SCALE}.{deliveries}.{seq}.{seq}.{stored_ns}.0"
+    return Msg(rec.bus.nc, subject=subject, data=data, reply=reply)
+
+
 def delivered(rec: Reconciler, seq: int, replicas: int, deliveries: int = 1, stored_ns: int = STORED_NS,
               spec: ModelSpec = SPEC) -> Msg:
-    """A scale command as the command consumer hands it over: its stream sequence, delivery count and stream time in
-    the reply subject JetStream acks go to."""
-    reply = f"$JS.ACK.{streams.STREAM_CMD}.{streams.CONSUMER_SCALE}.{deliveries}.{seq}.{seq}.{stored_ns}.0"
+    """A scale command of model ``m`` as delivered (``command``)."""
     data = encode(ScaleCommand(model="m", replicas=replicas, spec=spec))
-    return Msg(rec.bus.nc, subject=subjects.SCALE, data=data, reply=reply)
+    return command(rec, subjects.SCALE, data, seq, deliveries, stored_ns)
 
 
 @pytest.mark.parametrize("applied_before", [None, 8], ids=["first-batch", "after-an-applied-one"])
@@ -81,10 +86,9 @@ async def test_a_redelivered_scale_command_behind_a_newer_one_does_not_undo_it(
 
 def cordon(rec: Reconciler, seq: int, cordoned: bool, gpu: int | None = None, deliveries: int = 1,
            stored_ns: int = STORED_NS) -> Msg:
-    """A cordon command as the command consumer hands it over (see ``delivered``)."""
-    reply = f"$JS.ACK.{streams.STREAM_CMD}.{streams.CONSUMER_SCALE}.{deliveries}.{seq}.{seq}.{stored_ns}.0"
+    """A cordon command of worker ``w0`` (or one of its GPUs) as delivered (``command``)."""
     data = encode(CordonCommand(worker="w0", cordoned=cordoned, gpu_index=gpu))
-    return Msg(rec.bus.nc, subject=subjects.CORDON, data=data, reply=reply)
+    return command(rec, subjects.CORDON, data, seq, deliveries, stored_ns)
 
 
 @pytest.mark.parametrize("gpu", [None, 3], ids=["worker", "gpu"])
