@@ -256,9 +256,13 @@ class Reconciler(PlacementService):
 
     async def _stored_spec(self, model: str, commanded: ModelSpec) -> ModelSpec:
         """The model's spec after the store refused a scale command as older than the one it applied last (a
-        redelivery): the stored one, not the refused command's, which ``_valid_scale`` cached."""
+        redelivery): the stored one, not the refused command's, which ``_valid_scale`` cached (and now caches)."""
         self.specs.pop(model, None)
-        return await self.spec_of(model) or commanded
+        stored = await self.spec_of(model)
+        if stored is None:
+            return commanded
+        self.specs[model] = stored
+        return stored
 
     # ================================================================ commands
 

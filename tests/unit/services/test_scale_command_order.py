@@ -138,3 +138,4 @@ async def test_a_refused_redelivery_leaves_the_spec_of_the_newer_command(rec: Re
     assert await rec.store.desired() == {"m": 3}
     now = await rec.spec_of("m")
     assert now is not None and now.vram_claim == GIB
+    assert rec.specs["m"].vram_claim == GIB  # cached again: later lookups need no read of Redis
