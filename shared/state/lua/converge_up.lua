@@ -31,25 +31,19 @@ local function each_field(key, ids, visit)
     for k = first, last do visit(ids[k], values[k - first + 1]) end
   end
 end
--- Whether a command (stream sequence seq, of the stream created at `at` µs) is to be applied over the last applied one: a later
--- sequence, the same one again (a redelivery whose ack was lost: nothing changes), or a later stream. A redelivery
--- behind a newer command has an older sequence of the same stream; a command of a stream deleted and created again
--- (its sequence restarted, Redis kept) a later creation time. (Never the message's own stream time: a clock step or
--- a leader change to a lagging node dates a newer command before an older one.) The sequence stays alone in desired_seq, as releases before the
--- time was kept read and write it; the time is in desired_at as "seq:at", trusted only while its sequence is the one
--- in desired_seq (a previous release's reconciler, in a rolling upgrade, moves the sequence alone). No time known:
--- the sequence alone decides. ("seq:at" in desired_seq itself is read too: one build stored it there.)
+-- Whether a command (stream sequence seq, of the stream created at `at` µs) is to be applied over the last applied
+-- one: a later sequence, the same one again (a redelivery whose ack was lost: nothing changes), or a later stream. A
+-- redelivery behind a newer command has an older sequence of the same stream; a command of a stream deleted and
+-- created again (its sequence restarted, Redis kept) a later creation time. (Never the message's own stream time: a
+-- clock step or a leader change to a lagging node dates a newer command before an older one.) The sequence stays
+-- alone in desired_seq, as releases before the time was kept read and write it; the time is in desired_at as
+-- "seq:at", trusted only while its sequence is the one in desired_seq (a previous release's reconciler, in a rolling
+-- upgrade, moves the sequence alone). No time known: the sequence alone decides.
 local function newer(model, seq, at)
-  local stored = redis.call("HGET", KEYS[2], model)
-  if not stored then return true end
-  local last_seq, inline = string.match(stored, "^(%d+):?(%d*)$")
-  if not last_seq then return true end
-  if tonumber(last_seq) <= seq then return true end
-  local known_seq, known_at = last_seq, inline
-  if inline == "" then
-    known_seq, known_at = string.match(redis.call("HGET", KEYS[7], model) or "", "^(%d+):(%d+)$")
-  end
-  return known_seq == last_seq and at > tonumber(known_at)
+  local last_seq = tonumber(string.match(redis.call("HGET", KEYS[2], model) or "", "^(%d+)") or "")
+  if not last_seq or last_seq <= seq then return true end
+  local known_seq, known_at = string.match(redis.call("HGET", KEYS[7], model) or "", "^(%d+):(%d+)$")
+  return known_seq ~= nil and tonumber(known_seq) == last_seq and at > tonumber(known_at)
 end
 local active = {}
 for s in string.gmatch(ARGV[1], "[^,]+") do active[s] = true end

@@ -11,7 +11,7 @@ from shared.core.limits import MAX_REPLICAS
 from shared.core.placement.domain import GIB, Gpu, Instance, InstanceState, ModelSpec, Worker
 from shared.core.placement.reconcile import ACTIVE
 from shared.state import StateStore
-from shared.state.store import CONVERGE_BUDGET, CommitItem, InvalidRecord, ScaleUp, _record_template
+from shared.state.store import CONVERGE_BUDGET, CommitItem, InvalidRecord, Keys, ScaleUp, _record_template
 
 SPEC = ModelSpec(name="m", weight_bytes=2 * GIB)
 
@@ -236,3 +236,25 @@ async def test_a_repeated_id_prefix_never_overwrites_a_replica(
     ids = [i.id for i in first.created + second.created]
     assert len(set(ids)) == 4
     assert (await store.instance(first.created[0].id)).state is InstanceState.RUNNING  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("stored_seq", "stored_at", "seq", "at", "applied"), [
+    (b"not a number", None, 1, 0, True),  # unreadable: the command is applied (as with nothing stored)
+    (b"-5", None, 1, 0, True),
+    (b"12", b"garbage", 7, 2_000_000, False),  # an unreadable time: the sequence alone decides
+    (b"12", b"12:x", 7, 2_000_000, False),
+    (b"12", b"11:1000000", 7, 2_000_000, False),  # a time of another sequence is not trusted
+    (b"12", b"12:1000000", 7, 2_000_000, True),  # a later stream
+    (b"12", b"12:1000000", 7, 1_000_000, False),  # the same stream, an older sequence
+    (b"12", None, 12, 0, True),  # the applied one again
+])
+async def test_what_is_stored_of_the_last_command_decides_only_when_it_reads_whole(
+    store: StateStore, stored_seq: bytes, stored_at: bytes | None, seq: int, at: int, applied: bool
+) -> None:
+    await store.r.hset(Keys.desired, "m", 3)
+    await store.r.hset(Keys.desired_seq, "m", stored_seq)
+    if stored_at is not None:
+        await store.r.hset(Keys.desired_at, "m", stored_at)
+    (res,) = await store.converge_up([ScaleUp(model="m", replicas=5, spec=SPEC, seq=seq, at=at / 1e6)], ACTIVE)
+    assert res.applied is applied
+    assert (await store.desired())["m"] == (5 if applied else 3)
