@@ -110,20 +110,13 @@ class Bus:
             return None
 
 
-class DeadLetterShape(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """An ``ErrorEvent``'s fields and none other (any schema version): what ``Bus.dead_letter`` publishes. A payload
-    with more fields is some other message, whatever else it carries: a forged report with ``service``, ``subject``
-    and ``reason`` added must still reach the dead letters."""
-
-    service: str
-    subject: str
-    reason: str
-    payload: str = ""
-    at: float = 0.0
-    v: int = 0
-
-
-_dead_letter_shape = msgspec.json.Decoder(DeadLetterShape)
+# An ``ErrorEvent``'s fields and none other (any schema version), derived from it so the two cannot drift: a payload
+# with more fields is some other message whatever else it carries, and a forged report with ``service``, ``subject``
+# and ``reason`` added must still reach the dead letters.
+_dead_letter_shape = msgspec.json.Decoder(msgspec.defstruct(
+    "DeadLetterShape", [(f.name, f.type) if f.required else (f.name, f.type, f.default)
+                        for f in msgspec.structs.fields(ErrorEvent)],
+    kw_only=True, forbid_unknown_fields=True))
 
 
 def is_dead_letter(payload: bytes) -> bool:
