@@ -311,9 +311,9 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
 
     def _bodiless(self, headers: dict[str, str]) -> pb.ProcessingResponse:
         path = headers.get(":path", "")
-        get = headers.get(":method") == "GET"
-        if get and path.split("?")[0] in (MODELS_PATH, GATEWAY_HEALTH_PATH):
-            code, body = (200, self.models()) if path.split("?")[0] == MODELS_PATH else self.health()
+        base = path.split("?")[0]
+        if headers.get(":method") == "GET" and base in (MODELS_PATH, GATEWAY_HEALTH_PATH):
+            code, body = (200, self.models()) if base == MODELS_PATH else self.health()
             return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
                 status=http_status_pb2.HttpStatus(code=code),
                 headers=pb.HeaderMutation(set_headers=[_set_header("content-type", "application/json")]),

@@ -413,7 +413,7 @@ class Reconciler(PlacementService):
         self.specs[cmd.model] = msgspec.structs.replace(spec, replicas=cmd.replicas)
         return cmd
 
-    async def _cordon(self, data: bytes, raw: Msg, epoch: float = 0.0) -> None:
+    async def _cordon(self, data: bytes, raw: Msg, epoch: float) -> None:
         cmd = await self.bus.decode_or_reject(raw.subject, data, CordonCommand)
         if cmd is None:
             await raw.ack()
