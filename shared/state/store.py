@@ -80,7 +80,7 @@ class Keys:
     seen = P + "seen"  # name -> last heartbeat time (receiver clock)
     usage = P + "usage"  # name -> latest usage JSON (a heartbeat: WorkerUsage fields and more)
     cordon = P + "cordon"  # "worker" or "worker:gpu" -> "1"
-    cordon_seq = P + "cordon:seq"  # "worker" or "worker:gpu" -> stream sequence of the cordon command applied last
+    cordon_seq = P + "cordon:seq"  # "worker" or "worker:gpu" -> "seq:at" of the cordon command applied last
     files = P + "files"  # "source|worker" -> ModelFile JSON
     models = P + "models"  # name -> ModelSpec JSON
     desired = P + "desired"  # name -> replicas
@@ -494,16 +494,10 @@ class StateStore:
     async def set_cordon(
         self, worker: str, cordoned: bool, gpu_index: int | None = None, seq: int = 0, at: float = 0.0
     ) -> bool:
-        """Cordon or uncordon a worker (or one GPU of it) as the command at stream sequence ``seq``, stored at ``at``,
-        says; False (and nothing written) when a newer command for it was applied already (``seq`` 0: applied
-        whatever came before)."""
+        """Cordon or uncordon a worker (or one GPU of it) as the command at stream sequence ``seq`` of the command
+        stream created at ``at`` says; False (and nothing written) when a newer command for it was applied already
+        (``cordon.lua``)."""
         field = worker if gpu_index is None else gpu_field(worker, gpu_index)
-        if seq <= 0:
-            if cordoned:
-                await self.r.hset(Keys.cordon, field, "1")
-            else:
-                await self.r.hdel(Keys.cordon, field)
-            return True
         flag = "1" if cordoned else "0"
         return bool(await self._cordon(keys=[Keys.cordon, Keys.cordon_seq], args=[field, flag, seq, _micros(at)]))
 
