@@ -38,7 +38,9 @@ on its ext_authz transport (``python -m services.gateway --transport ext_authz``
 decision, request ends from Envoy's gRPC access log); ``gateway``, the product path (ext_proc). The product pickers
 listen on unix sockets (the default); ``gwtcp`` and ``authzgwtcp`` are the same two pickers reached over TCP
 instead (an A/B of the hop's transport in one interleaved run, e.g. ``--floor-paths gateway,gwtcp``); ``gwtls`` and
-``authzgwtls`` the same over TCP with mutual TLS (``--floor-paths gwtcp,gwtls``: what TLS adds). Each path reports
+``authzgwtls`` the same over TCP with mutual TLS (``--floor-paths gwtcp,gwtls``: what TLS adds); ``gie``, the
+product picker with Envoy's ext_proc filter configured as GIE's gateways configure it (both bodies full duplex),
+and ``gielean``, GIE's full-duplex request side with only the response headers after it. Each path reports
 its added latency (p50, p99, vs direct), the CPU microseconds, wake-ups (context switches) and read/write system
 calls per request of its picker process, of the picker's engine-feed relay child (``_relay``) and of its Envoy,
 and Envoy's phase timings (``<path>_to_upstream_us``: client's first byte to the engine).
@@ -75,7 +77,7 @@ from bench.progress import add_flag, progress  # noqa: E402
 from ops.envoy import ADMIN_SOCKET, TIMING_FIELDS, EnvoyOptions, picker_sockets, start_envoy, wait_routed  # noqa: E402
 from ops.servers import ServerProcess, free_port, start_nats  # noqa: E402
 from ops.tls import ensure_picker_tls  # noqa: E402
-from services.gateway.protocol import PickerTransport  # noqa: E402
+from services.gateway.protocol import GIE_PROCESSING_MODE, PickerTransport  # noqa: E402
 from services.gateway.tls import envoy_files  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
@@ -272,7 +274,11 @@ FLOOR_LABELS = {  # floor path -> its name in the summary
     "gwtcp": "envoy_gantry_picker_tcp",  # the product picker (ext_proc), Envoy reaching it over TCP
     "gwtls": "envoy_gantry_picker_tcp_mtls",  # the same over TCP with mutual TLS (--tls-dir, --picker-tls-dir)
     "authzgwtls": "envoy_gantry_picker_ext_authz_tcp_mtls",  # authzgwtcp with mutual TLS
+    "gie": "envoy_gantry_picker_gie_mode",  # the product picker (ext_proc) with Envoy in GIE's full-duplex mode
+    # GIE's request side (one wait), the response headers only: 2 waits a JSON answer
+    "gielean": "envoy_gantry_picker_duplex_request_only",
 }
+DUPLEX_REQUEST_ONLY = {**GIE_PROCESSING_MODE, "response_body_mode": "NONE", "response_trailer_mode": "SKIP"}
 ONE_MESSAGE_MODE = {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "request_trailer_mode": "SKIP",
                     "response_header_mode": "SKIP", "response_body_mode": "NONE", "response_trailer_mode": "SKIP"}
 
@@ -313,6 +319,7 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
     if {"gwtls", "authzgwtls"} & set(which):
         ensure_picker_tls(tls_dir)
     authz_grpc, authz_http = picker_sockets(tmp / "authzgw")
+    duplex = {path: picker_sockets(tmp / path)[0] for path in ("gie", "gielean")}
     scripts = {  # Envoy alone keeps a (health-checked, unused) picker cluster
         "envoy": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
         "noop": ("noop_ext_proc.py", "--destination", dest, "--endpoint-id", "bench-0"),
@@ -332,6 +339,8 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         "authzgwtls": ("-m", "--transport", "ext_authz", "--nats-url", nats_url,
                        "--eds-path", str(own_eds("authzgwtls")), "--grpc-port", str(tls_als_port),
                        "--http-port", str(tls_http_port), "--tls-dir", str(tls_dir), *picker_args),
+        **{path: ("-m", "--nats-url", nats_url, "--eds-path", str(own_eds(path)), "--socket-dir", str(tmp / path),
+                  *picker_args) for path in duplex},
     }
     ports: dict[str, int] = {}
     for path in which:  # a server per path: its CPU per request is that path's own
@@ -357,6 +366,8 @@ def start_floor(tmp: Path, eport: int, eds: Path, envoys: list[ServerProcess],
         "authzgwtls": dict(epp_port=tls_http_port, transport=PickerTransport.EXT_AUTHZ,
                            eds_path=own_eds("authzgwtls"), als_port=tls_als_port, picker_tls=envoy_files(tls_dir),
                            **({} if als_flush_s is None else {"als_flush_s": als_flush_s})),
+        "gie": dict(epp_port=duplex["gie"], eds_path=own_eds("gie"), ext_proc_mode=GIE_PROCESSING_MODE),
+        "gielean": dict(epp_port=duplex["gielean"], eds_path=own_eds("gielean"), ext_proc_mode=DUPLEX_REQUEST_ONLY),
     }
     for path in which:
         extra = options[path]

@@ -1,18 +1,26 @@
 """The ext_proc servicer: one gRPC stream per HTTP request (GIE endpoint picker protocol).
 
-Request headers pass; the buffered request body is parsed and the routing core decides (what Envoy sends
-and why: ``services.gateway.protocol``). The answer goes
-out as the ``x-gateway-destination-endpoint`` header and as dynamic metadata
-``envoy.lb/x-gateway-destination-endpoint`` (``ip:port[,ip:port...]``: the ordered fallback list Envoy walks
-on retry), or as an immediate 503 (no endpoint) / 429 (shed) / 400 (bad request). On the way back the
-response headers name the endpoint that served; only a streamed answer (or a traced one) asks Envoy for
-its body, each chunk acknowledged at once (nothing is buffered), the first marking prefill done. The end of
-the ext_proc stream, which Envoy holds open until the HTTP request ends, marks the request finished.
+The routing core decides on the request's body; the answer goes out as the ``x-gateway-destination-endpoint``
+header and as dynamic metadata ``envoy.lb/x-gateway-destination-endpoint`` (``ip:port[,ip:port...]``: the ordered
+fallback list Envoy walks on retry), or as an immediate 503 (no endpoint) / 429 (shed) / 400 (bad request). Two
+exchanges, told apart by the processing mode Envoy announces on each stream:
+
+- Gantry's buffered one (``protocol.processing_mode()``, what ``ops.envoy`` writes by default): request headers
+  pass; the buffered body is answered with the decision; only a streamed answer (or a traced one) asks Envoy for
+  its response body.
+- GIE's (``protocol.GIE_PROCESSING_MODE``, full duplex): the headers are answered, with the decision, once the
+  body's chunks have all come; the body is then handed back, and so is every response chunk.
+
+In both, the response headers name the endpoint that served.
+
+Response chunks are acknowledged (or handed back) at once, never buffered; the first marks prefill done. The end
+of the ext_proc stream, which Envoy holds open until the HTTP request ends, marks the request finished.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -31,14 +39,18 @@ from google.protobuf import json_format, struct_pb2
 
 from services.gateway.capture import Pending, TraceWriter
 from services.gateway.protocol import (
+    DUPLEX,
     GATEWAY_HEALTH_PATH,
     MODELS_PATH,
     OVERLOADED,
     REQUEST_ID_HEADER,
+    ROUTABLE_BODY_MODES,
     STREAMED_RESPONSE_MODE,
+    SUBSET_KEY,
+    SUBSET_NAMESPACE,
     answered,
 )
-from services.gateway.request import BadRequest, Tokenize, parse_request, tokenized
+from services.gateway.request import MAX_BODY_BYTES, BadRequest, Tokenize, parse_request, tokenized
 from shared.core.routing import Decision, Router, RouteRequest
 
 log = logging.getLogger("gantry.gateway")
@@ -59,6 +71,13 @@ _STREAM_BODY = json_format.ParseDict(STREAMED_RESPONSE_MODE, processing_mode_pb2
 _HEADERS_ACK = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _CHUNK_ACK = pb.ProcessingResponse(response_body=pb.BodyResponse())
 _BODY_ACK = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_REQUEST_TRAILERS_ACK = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_RESPONSE_TRAILERS_ACK = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+ECHO_CHUNK_BYTES = 64 << 10
+"""Full duplex: the request body goes back to Envoy in pieces of at most this size (one gRPC message each), so a
+large body is never one message as large as itself on either side."""
+WARN_EVERY_S = 60.0  # a misconfigured gateway refuses every request: said in the log once a minute, not each time
+_BODY_MODE = processing_mode_pb2.ProcessingMode.BodySendMode
 
 
 @dataclass
@@ -98,6 +117,69 @@ def immediate(code: int, message: str) -> pb.ProcessingResponse:
         body=body, details=message[:200]))
 
 
+@dataclass(slots=True)
+class Exchange:
+    """One ext_proc stream's state: the exchange Envoy announced, the request's headers and body, its decision."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    decision: Decision | None = None
+    duplex_request: bool = False  # FULL_DUPLEX_STREAMED: headers and body chunks come without waiting for answers
+    duplex_response: bool = False  # every response chunk comes, and reaches the client only as handed back
+    unroutable: str | None = None  # a request body mode no decision can be made in (its name)
+    subset: frozenset[str] | None = None  # GIE's subset hint: the addresses the request may go to
+    body: bytearray = field(default_factory=bytearray)  # full duplex: the chunks so far
+    decided: bool = False  # a decision (or refusal) has just been answered: the router's deferred work may run
+    done: bool = False  # nothing more to answer: the stream ends
+    wants_body: bool = False  # the response's chunks matter (a stream's first chunk, a trace's output length)
+    first: bool = True  # no response chunk seen yet
+    ok: bool | None = None  # did the engine answer (a status under 500)? None: no answer seen
+
+    def configure(self, config: pb.ProtocolConfiguration) -> None:
+        """Take the processing mode Envoy announces with a stream's first message (absent: the buffered one)."""
+        request = _BODY_MODE.Name(config.request_body_mode)
+        self.duplex_request = request == DUPLEX
+        self.duplex_response = _BODY_MODE.Name(config.response_body_mode) == DUPLEX
+        self.unroutable = None if request in ROUTABLE_BODY_MODES else request
+
+
+def destination_metadata(destination: str) -> struct_pb2.Struct:
+    """``envoy.lb/x-gateway-destination-endpoint``: the list, as dynamic metadata (the protocol's second channel)."""
+    meta = struct_pb2.Struct()
+    # Struct.update: 3x slower
+    meta.fields[METADATA_NS].struct_value.fields[DESTINATION].string_value = destination
+    return meta
+
+
+def subset_hint(meta: base_pb2.Metadata) -> frozenset[str] | None:
+    """GIE's endpoint subset in the metadata Envoy forwards with a request: the ``ip:port`` addresses it allows, or
+    None when it sets none. A list of strings as the protocol writes it, or one comma-separated string; anything
+    else allows no endpoint (the request is refused 503, as for an empty list)."""
+    ns = meta.filter_metadata.get(SUBSET_NAMESPACE)
+    if ns is None or SUBSET_KEY not in ns.fields:
+        return None
+    value = ns.fields[SUBSET_KEY]
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        return frozenset(v.string_value for v in value.list_value.values if v.WhichOneof("kind") == "string_value")
+    if kind == "string_value":
+        return frozenset(a for part in value.string_value.split(",") if (a := part.strip()))
+    return frozenset()
+
+
+def duplex_answers(destination: str, body: bytes, end: bool) -> list[pb.ProcessingResponse]:
+    """Full duplex: the decision on the request's headers, then its body handed back (Envoy forwards only what the
+    picker returns in this mode) with its length; ``end``: the body ends the request (no trailers follow)."""
+    headers = pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
+            set_headers=[_set_header(DESTINATION, destination), _set_header("content-length", str(len(body)))]))),
+        dynamic_metadata=destination_metadata(destination))
+    cuts = range(0, len(body), ECHO_CHUNK_BYTES) or range(1)
+    return [headers, *(pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
+            body=body[i : i + ECHO_CHUNK_BYTES], end_of_stream=end and i + ECHO_CHUNK_BYTES >= len(body))))))
+        for i in cuts)]
+
+
 @dataclass(frozen=True, slots=True)
 class Picked:
     """A routed request: the core's decision and the ``ip:port[,ip:port...]`` list Envoy walks."""
@@ -134,6 +216,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         self._ids = itertools.count()
         self._tails = b""
         self._tail_at = 0
+        self._warned_at = -WARN_EVERY_S
 
     def _tail(self) -> str:
         """64 fresh random bits, hex."""
@@ -142,50 +225,58 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         self._tail_at += 8
         return self._tails[self._tail_at - 8 : self._tail_at].hex()
 
-    async def pick(self, body: bytes, headers: dict[str, str]) -> Picked | Refusal:
+    async def pick(self, body: bytes, headers: dict[str, str],
+                   subset: frozenset[str] | None = None) -> Picked | Refusal:
         """The decision on a complete request body, whatever the transport (``pick_now``, awaited when it
         tokenizes on a worker thread)."""
-        got = self.pick_now(body, headers)
+        got = self.pick_now(body, headers, subset)
         return got if isinstance(got, Picked | Refusal) else await got
 
-    def pick_now(self, body: bytes, headers: dict[str, str]) -> Picked | Refusal | Awaitable[Picked | Refusal]:
-        """The decision on a complete request body, at once unless the prompt is long enough to be tokenized on
-        a worker thread (then an awaitable of it). Pure apart from the router's own accounting. A decision is in
-        flight until ``router.finished``; the caller flushes the router once its answer has left. (At once: an
-        answer that needs no task costs the event loop no extra turns before it is written.)"""
+    def pick_now(self, body: bytes, headers: dict[str, str], subset: frozenset[str] | None = None,
+                 ) -> Picked | Refusal | Awaitable[Picked | Refusal]:
+        """The decision on a complete request body (among the ``subset`` addresses only, when given), at once unless
+        the prompt is long enough to be tokenized on a worker thread (then an awaitable of it). Pure apart from the
+        router's own accounting. A decision is in flight until ``router.finished``; the caller flushes the router
+        once its answer has left. (At once: an answer that needs no task costs the event loop no extra turns before
+        it is written.)"""
         # the picker's own id: a client-chosen x-request-id could collide with another request in flight
         client = headers.get(REQUEST_ID, "")[:64]
         if not (client.isascii() and client.isprintable()):  # it goes out in a header: no CR, LF or other controls
             client = ""
         rid = f"{client}#{self._id_prefix}{next(self._ids):x}-{self._tail()}"
         if len(body) >= OFFLOOP_PARSE_BYTES:
-            return self._parse_offloop(rid, body, headers)
+            return self._parse_offloop(rid, body, headers, subset)
         try:
             # a prompt shorter than OFFLOOP_TOKENIZE_CHARS is tokenized as it is parsed
             req, _stream = parse_request(rid, body, headers, self.tokenize, OFFLOOP_TOKENIZE_CHARS)
             if self.tokenize is not None and len(req.prompt or "") >= OFFLOOP_TOKENIZE_CHARS:
                 # tokenizing costs ~1 s a MB here: on the event loop, one large body stalled every other
                 # stream (Envoy's message timeout, stale engine reports); the shipped tokenizer frees the GIL
-                return self._pick_offloop(req, self.tokenize)
+                return self._pick_offloop(req, self.tokenize, subset)
         except BadRequest as err:
             return self._refused(400, str(err))
-        return self._route(req)
+        return self._route(req, subset)
 
-    def _parse_offloop(self, rid: str, body: bytes, headers: dict[str, str]) -> Awaitable[Picked | Refusal]:
-        return self._route_offloop(lambda: parse_request(rid, body, headers, self.tokenize)[0])
+    def _parse_offloop(self, rid: str, body: bytes, headers: dict[str, str],
+                       subset: frozenset[str] | None) -> Awaitable[Picked | Refusal]:
+        return self._route_offloop(lambda: parse_request(rid, body, headers, self.tokenize)[0], subset)
 
-    def _pick_offloop(self, req: RouteRequest, tokenize: Tokenize) -> Awaitable[Picked | Refusal]:
-        return self._route_offloop(lambda: tokenized(req, tokenize))
+    def _pick_offloop(self, req: RouteRequest, tokenize: Tokenize,
+                      subset: frozenset[str] | None) -> Awaitable[Picked | Refusal]:
+        return self._route_offloop(lambda: tokenized(req, tokenize), subset)
 
-    async def _route_offloop(self, read: Callable[[], RouteRequest]) -> Picked | Refusal:
+    async def _route_offloop(self, read: Callable[[], RouteRequest],
+                             subset: frozenset[str] | None) -> Picked | Refusal:
         """Route the request ``read`` makes on a worker thread (a 400 for what it cannot read)."""
         try:
             req = await asyncio.to_thread(read)
         except BadRequest as err:
             return self._refused(400, str(err))
-        return self._route(req)
+        return self._route(req, subset)
 
-    def _route(self, req: RouteRequest) -> Picked | Refusal:
+    def _route(self, req: RouteRequest, subset: frozenset[str] | None = None) -> Picked | Refusal:
+        if subset is not None:  # addresses -> the endpoints the core knows at them
+            req = dataclasses.replace(req, subset=frozenset(e for e, a in self.addresses().items() if a in subset))
         rid = req.request_id
         now = self.clock()
         out = self.router.route(req, now)
@@ -205,19 +296,17 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         self.counters.refused[code] = self.counters.refused.get(code, 0) + 1
         return Refusal(code, message)
 
-    async def decide(self, body: bytes, headers: dict[str, str]) -> tuple[pb.ProcessingResponse, Decision | None]:
+    async def decide(self, body: bytes, headers: dict[str, str],
+                     subset: frozenset[str] | None = None) -> tuple[pb.ProcessingResponse, Decision | None]:
         """The ext_proc answer to a complete request body (``pick``, as a ProcessingResponse)."""
-        got = await self.pick(body, headers)
+        got = await self.pick(body, headers, subset)
         if isinstance(got, Refusal):
             return immediate(got.code, got.message), None
-        meta = struct_pb2.Struct()
-        # Struct.update: 3x slower
-        meta.fields[METADATA_NS].struct_value.fields[DESTINATION].string_value = got.destination
         resp = pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(set_headers=[_set_header(DESTINATION, got.destination)]),
                 clear_route_cache=False)),
-            dynamic_metadata=meta)
+            dynamic_metadata=destination_metadata(got.destination))
         return resp, got.decision
 
     def served(self, decision: Decision, served: str) -> None:
@@ -244,70 +333,135 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # gRPC's method name
                       context: object) -> AsyncGenerator[pb.ProcessingResponse, None]:
-        """One HTTP request's ext_proc stream."""
-        headers: dict[str, str] = {}
-        decision: Decision | None = None
-        first = True
-        ok: bool | None = None  # did the engine answer (a status under 500)? None: no answer seen
+        """One HTTP request's ext_proc stream, in the exchange Envoy announces (``Exchange``)."""
+        ex = Exchange()
         try:
             async for msg in request_iterator:
+                if msg.HasField("protocol_config"):  # the first message of the stream
+                    ex.configure(msg.protocol_config)
                 kind = msg.WhichOneof("request")
                 if kind == "request_headers":
-                    headers = _headers(msg.request_headers)
-                    if msg.request_headers.end_of_stream:
-                        yield self._bodiless(headers)
+                    if msg.HasField("metadata_context"):
+                        ex.subset = subset_hint(msg.metadata_context)
+                    answer = self._request_headers(ex, msg.request_headers)
+                    if answer is not None:
+                        yield answer
+                    if ex.done:
                         return
-                    yield _HEADERS_ACK
-                elif kind == "request_body":
-                    if decision is not None:  # one decision a stream: another body (not Envoy's buffered mode)
-                        yield _BODY_ACK  # passes unread, booking nothing (booked again, the first never ended)
-                        continue
-                    resp, decision = await self.decide(msg.request_body.body, headers)
-                    yield resp
-                    self.router.flush()  # deferred assumed-state insertions, after the answer left
-                    if decision is None:
+                elif kind == "request_body" or kind == "request_trailers":
+                    for answer in await self._request_body(ex, msg, kind):
+                        yield answer
+                    if ex.decided:
+                        ex.decided = False
+                        self.router.flush()  # deferred assumed-state insertions, after the answer left
+                    if ex.done:
                         return
                 elif kind == "response_headers":
-                    got = _headers(msg.response_headers)
-                    if decision is not None:
-                        self.served(decision, got.get(SERVED, ""))
-                        code = got.get(":status", "")
-                        ok = answered(code, overloaded=OVERLOADED in got)
-                        if (pending := self.capturing.get(decision.request_id)) is not None:
-                            pending.status = int(code) if code.isascii() and code.isdigit() else 0
-                    mutation = pb.HeaderMutation(
-                        set_headers=[_set_header(PICKED, ",".join(decision.endpoints))] if decision else [])
-                    answer = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-                        response=pb.CommonResponse(header_mutation=mutation)))
-                    if decision is not None and not msg.response_headers.end_of_stream and (
-                            self.capture is not None or got.get("content-type", "").startswith(EVENT_STREAM)):
-                        answer.mode_override.CopyFrom(_STREAM_BODY)  # its chunks: prefill done, output length
-                    elif decision is not None:
-                        # a whole answer (JSON): the engine is done with it, though Envoy still sends the body
-                        # and holds the stream open until then; the next request must not see it in flight
-                        self.router.finished(decision.request_id, ok, self.clock())
-                    yield answer
+                    yield self._response_headers(ex, msg.response_headers)
                     if msg.response_headers.end_of_stream:
                         return
                 elif kind == "response_body":
-                    if first and decision is not None:
-                        first = False
-                        self.router.first_token(decision.request_id)
-                        self.counters.first_tokens += 1
-                    if decision is not None and (pending := self.capturing.get(decision.request_id)) is not None:
-                        pending.output.feed(msg.response_body.body)
-                    yield _CHUNK_ACK
+                    yield self._response_chunk(ex, msg.response_body)
                     if msg.response_body.end_of_stream:
                         return
-                else:  # trailers (not requested) or unknown: acknowledge
-                    yield self._ack(kind)
+                else:  # response trailers (the end of a response that has them) or unknown: acknowledge
+                    yield _RESPONSE_TRAILERS_ACK
         finally:
-            if decision is not None:  # ended one way or another (done, client gone, upstream failed)
-                self.router.finished(decision.request_id, ok, self.clock())
+            if (decision := ex.decision) is not None:  # ended one way or another (done, client gone, upstream failed)
+                self.router.finished(decision.request_id, ex.ok, self.clock())
                 self.counters.finished += 1
                 pending = self.capturing.pop(decision.request_id, None)
                 if pending is not None and self.capture is not None:
                     self.capture.finish(pending)
+
+    def _request_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse | None:
+        ex.headers = _headers(msg)
+        if msg.end_of_stream:
+            ex.done = True
+            return self._bodiless(ex.headers)
+        if ex.unroutable is not None:
+            ex.done = True
+            self._warn_unroutable(ex.unroutable)
+            return immediate(500, f"the gateway is misconfigured: its ext_proc filter sends the request body "
+                                  f"{ex.unroutable}, and the picker can route only on a body sent "
+                                  f"{' or '.join(ROUTABLE_BODY_MODES)}")
+        # full duplex: answered with the destination once the body has come (Envoy holds the headers until then)
+        return None if ex.duplex_request else _HEADERS_ACK
+
+    async def _request_body(self, ex: Exchange, msg: pb.ProcessingRequest, kind: str) -> list[pb.ProcessingResponse]:
+        """The answers to a request body message (or the request's trailers): the decision once the body is whole."""
+        if not ex.duplex_request:
+            if kind == "request_trailers":  # not asked for in the buffered exchange
+                return [_REQUEST_TRAILERS_ACK]
+            if ex.decision is not None:  # one decision a stream: another body (not Envoy's buffered mode)
+                return [_BODY_ACK]  # passes unread, booking nothing (booked again, the first never ended)
+            resp, ex.decision = await self.decide(msg.request_body.body, ex.headers, ex.subset)
+            ex.decided, ex.done = True, ex.decision is None
+            return [resp]
+        if ex.decision is not None:  # the request's trailers after its decision: passed on
+            return [_REQUEST_TRAILERS_ACK] if kind == "request_trailers" else []
+        trailers = kind == "request_trailers"
+        if not trailers:
+            ex.body += msg.request_body.body
+            if len(ex.body) > MAX_BODY_BYTES:
+                ex.done = True
+                return [immediate(413, f"request body over {MAX_BODY_BYTES} bytes")]
+            if not msg.request_body.end_of_stream:
+                return []
+        body, ex.body = bytes(ex.body), bytearray()
+        got = await self.pick(body, ex.headers, ex.subset)
+        ex.decided = True
+        if isinstance(got, Refusal):
+            ex.done = True
+            return [immediate(got.code, got.message)]
+        ex.decision = got.decision
+        answers = duplex_answers(got.destination, body, end=not trailers)
+        return [*answers, _REQUEST_TRAILERS_ACK] if trailers else answers
+
+    def _response_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        got = _headers(msg)
+        decision = ex.decision
+        if decision is not None:
+            self.served(decision, got.get(SERVED, ""))
+            code = got.get(":status", "")
+            ex.ok = answered(code, overloaded=OVERLOADED in got)
+            if (pending := self.capturing.get(decision.request_id)) is not None:
+                pending.status = int(code) if code.isascii() and code.isdigit() else 0
+        mutation = pb.HeaderMutation(
+            set_headers=[_set_header(PICKED, ",".join(decision.endpoints))] if decision else [])
+        answer = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=mutation)))
+        ex.wants_body = decision is not None and not msg.end_of_stream and (
+            self.capture is not None or got.get("content-type", "").startswith(EVENT_STREAM))
+        if ex.wants_body:  # its chunks: prefill done, output length
+            if not ex.duplex_response:  # full duplex sends every chunk anyway (and allows no override)
+                answer.mode_override.CopyFrom(_STREAM_BODY)
+        elif decision is not None:
+            # a whole answer (JSON): the engine is done with it, though Envoy still sends the body and holds the
+            # stream open until then; the next request must not see it in flight
+            self.router.finished(decision.request_id, ex.ok, self.clock())
+        return answer
+
+    def _response_chunk(self, ex: Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        if ex.wants_body and (decision := ex.decision) is not None:
+            if ex.first:
+                ex.first = False
+                self.router.first_token(decision.request_id)
+                self.counters.first_tokens += 1
+            if (pending := self.capturing.get(decision.request_id)) is not None:
+                pending.output.feed(msg.body)
+        if ex.duplex_response:  # the chunk goes on to the client only as the picker hands it back
+            return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
+                    body=msg.body, end_of_stream=msg.end_of_stream)))))
+        return _CHUNK_ACK
+
+    def _warn_unroutable(self, mode: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            log.warning("Envoy sends request bodies %s: every request is refused 500 until its ext_proc filter sends "
+                        "them %s", mode, " or ".join(ROUTABLE_BODY_MODES))
 
     def _bodiless(self, headers: dict[str, str]) -> pb.ProcessingResponse:
         path = headers.get(":path", "")
@@ -319,9 +473,3 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                 headers=pb.HeaderMutation(set_headers=[_set_header("content-type", "application/json")]),
                 body=body))
         return immediate(400, f"{headers.get(':method', '?')} {path}: a JSON body naming the model is required")
-
-    @staticmethod
-    def _ack(kind: str | None) -> pb.ProcessingResponse:
-        if kind == "request_trailers":
-            return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-        return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())

@@ -1,18 +1,21 @@
 """What Envoy's ext_proc filter and Gantry's picker agree on, declared once for both sides (``ops.envoy``
 writes it into Envoy's config, ``services.gateway.epp`` reads and answers by it). Plain data, no imports.
 
-Each ext_proc message Envoy waits for is one picker round trip added to the request's latency, so the
-exchange is cut to what the picker needs:
+Each ext_proc message Envoy waits for is one picker round trip added to the request's latency. Two exchanges:
 
-- the request headers, then the buffered body (the decision). Envoy holds the headers until the body's
-  answer, so the destination is set before its router picks a host. (Skipping the headers message and
-  sending them as attributes with the body saves a round trip, but then Envoy's router picks a host before
+- GIE's (``GIE_PROCESSING_MODE``): both bodies full duplex. Envoy sends the request's headers and
+  its body chunks without waiting; the picker answers the headers with the destination once the body has ended
+  (Envoy holds them until then, so its router picks no host before), then hands the body back. One wait on the
+  request side. The response headers and each response chunk come the same way and are handed back at once.
+- Gantry's buffered one (``processing_mode()``, the default): the request headers, then the buffered body: two
+  waits. The response headers once; the response body is skipped unless the picker asks for it per request with
+  a mode override, for a streamed answer (its first chunk marks prefill done) or when the picker records a trace
+  (output length), so no byte of a whole (JSON) answer passes through the picker. (Skipping the headers message
+  and sending them as attributes with the body saves a round trip, but then Envoy's router picks a host before
   the picker has answered: tried, and requests landed round robin.)
-- the response headers, once (the endpoint that served; the picker's list as a response header). The
-  response body is skipped unless the picker asks for it per request with a mode override: for a streamed
-  answer (its first chunk marks prefill done) or when the picker records a trace (output length). A whole
-  (JSON) answer is finished on the engine when its headers come back.
-- the end of the HTTP request ends the ext_proc stream (Envoy holds it open until then).
+
+In both, a whole (JSON) answer is finished on the engine when its headers come back, and the end of the HTTP
+request ends the ext_proc stream (Envoy holds it open until then).
 """
 
 from __future__ import annotations
@@ -58,13 +61,34 @@ STATS_PATH = "/stats"  # ext_authz transport: the picker's counters and in-fligh
 
 
 def processing_mode(response_body: str = "NONE") -> dict[str, Any]:
-    """An ext_proc ``ProcessingMode`` (proto JSON): request headers and buffered body, response headers."""
+    """The buffered exchange's ``ProcessingMode`` (proto JSON): request headers and buffered body, response
+    headers."""
     return {"request_header_mode": "SEND", "request_body_mode": "BUFFERED", "request_trailer_mode": "SKIP",
             "response_header_mode": "SEND", "response_body_mode": response_body, "response_trailer_mode": "SKIP"}
 
 
 STREAMED_RESPONSE_MODE = processing_mode(response_body="STREAMED")
 """The override the picker sends with its response-headers answer when it needs the response body."""
+
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+"""GIE's endpoint subset: when the proxy sets ``SUBSET_NAMESPACE`` / ``SUBSET_KEY`` (a list of ``ip:port``) in the
+metadata it forwards with a request, the picker chooses only among those endpoints, and answers 503 when none of
+them can take it (an empty list included)."""
+
+DUPLEX = "FULL_DUPLEX_STREAMED"
+GIE_PROCESSING_MODE: dict[str, Any] = {
+    "request_header_mode": "SEND", "request_body_mode": DUPLEX, "request_trailer_mode": "SEND",
+    "response_header_mode": "SEND", "response_body_mode": DUPLEX, "response_trailer_mode": "SEND"}
+"""The ``ProcessingMode`` GIE's own gateways configure (its protocol, ``../shared/research/routing.md`` 1.1): both
+bodies streamed full duplex, trailers sent (Envoy refuses full duplex without them). Envoy sends the request's
+headers and body chunks without waiting; the picker answers the headers (with the destination) once the body has
+ended, then hands the body back, as it must in this mode, and echoes every response chunk. The picker serves
+this exchange and the buffered one (``processing_mode()``) alike, told which by the mode Envoy announces on each
+stream; ``ops.envoy`` writes this one with ``--ext-proc-mode gie``."""
+ROUTABLE_BODY_MODES = ("BUFFERED", DUPLEX)
+"""The request body modes a picker can route on: in the others Envoy lets the request's headers go to its router
+(which picks a host) before the picker has read the body."""
 
 
 class PickerTransport(StrEnum):

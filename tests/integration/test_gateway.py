@@ -157,10 +157,13 @@ def socket_dirs(n: int) -> Iterator[tuple[Path, ...]]:
 def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
              failure_mode: FailureMode = FailureMode.FAIL_CLOSE,
              transport: PickerTransport = PickerTransport.EXT_PROC, tcp: bool = False,
-             tls_dir: Path | None = None) -> Iterator[Gateway]:
+             tls_dir: Path | None = None, ext_proc_mode: dict[str, Any] | None = None,
+             subset_hint: tuple[str, ...] | None = None) -> Iterator[Gateway]:
     """``replicas`` pickers behind one Envoy, each on the unix sockets of its own directory (the default
     transport; ``tcp``: on ports of 127.0.0.1 instead, with mutual TLS from ``tls_dir`` when given). ext_authz:
-    checks on each replica's HTTP listener, Envoy's access log to its gRPC one."""
+    checks on each replica's HTTP listener, Envoy's access log to its gRPC one. ``ext_proc_mode``: the exchange
+    Envoy's ext_proc filter is configured with (None: the buffered one); ``subset_hint``: GIE's endpoint subset set on
+    every request."""
     eds = tmp_path / "eds" / "engines.json"
     eds.parent.mkdir()
     log = tmp_path / "picker.log"
@@ -188,7 +191,8 @@ def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
         admin = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ga-"))) / "admin.sock"  # short path
         opts = EnvoyOptions(listen_port=free_port(), admin_port=admin, epp_port=http if authz else grpc,
                             als_port=grpc if authz else (), eds_path=eds, failure_mode=failure_mode,
-                            transport=transport, picker_tls=envoy_files(tls_dir) if tls_dir is not None else None)
+                            transport=transport, picker_tls=envoy_files(tls_dir) if tls_dir is not None else None,
+                            ext_proc_mode=ext_proc_mode, subset_hint=subset_hint)
         envoy = start_envoy(opts, tmp_path / "envoy", timeout=60)  # its start is slower on a loaded host
         stack.callback(envoy.stop)
         ports = tuple((g, h) for g, h in zip(grpc, http, strict=True) if isinstance(g, int) and isinstance(h, int))

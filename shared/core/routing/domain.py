@@ -46,6 +46,8 @@ class RouteRequest:
     slo_tpot_s: float | None = None
     cache_salt: int = 0
     expected_output_tokens: int | None = None
+    # the endpoint ids the request may go to (GIE's subset hint from the proxy); None: any of its model's pool
+    subset: frozenset[str] | None = None
 
     @property
     def sheddable(self) -> bool:

@@ -217,6 +217,11 @@ class Router:
         pool = self.state.pool(request.model)
         if not pool:
             return Refusal(request.request_id, NO_ENDPOINT, f"no endpoint serves model {request.model!r}")
+        if request.subset is not None:
+            pool = [st for st in pool if st.endpoint.id in request.subset]
+            if not pool:
+                why = f"no endpoint of the request's subset ({len(request.subset)}) serves model {request.model!r}"
+                return Refusal(request.request_id, NO_ENDPOINT, why)
         whole, pool = pool, self.state.working(pool, now)  # an endpoint failing request after request takes none
         if with_room and self.config.handler.type == "single":
             # (P/D is left whole: its prefill and decode endpoints have room of their own; narrowed, a pool whose room

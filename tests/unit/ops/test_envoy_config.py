@@ -308,3 +308,11 @@ def test_envoys_admin_is_a_unix_socket_only_its_user_may_open_unless_a_port_is_a
     assert envoy_config(o)["admin"]["address"] == {"pipe": {"path": str(tmp_path / ADMIN_SOCKET), "mode": 0o600}}
     o, _ = parse_args(["--eds-path", "e.json", "--admin-port", "9901"])
     assert envoy_config(o)["admin"]["address"] == {"socket_address": {"address": "127.0.0.1", "port_value": 9901}}
+
+
+@pytest.mark.parametrize(("flag", "request_body"), [((), "BUFFERED"),
+                                                   (("--ext-proc-mode", "gie"), "FULL_DUPLEX_STREAMED")])
+def test_the_cli_writes_the_buffered_exchange_unless_told_gies(flag: tuple[str, ...], request_body: str,
+                                                                       tmp_path: Path) -> None:
+    o, _ = parse_args(["--eds-path", str(tmp_path / "e.json"), *flag])
+    assert _ext_proc(envoy_config(o))["processing_mode"]["request_body_mode"] == request_body

@@ -70,6 +70,20 @@ def test_unknown_model_is_refused_503() -> None:
     assert isinstance(out, Refusal) and out.code == NO_ENDPOINT and "other" in out.reason
 
 
+def test_a_request_with_a_subset_goes_only_to_endpoints_in_it_even_when_others_score_higher() -> None:
+    r = router(PREFIX_ONLY, pool(met(), met(waiting=4), met(waiting=3)))  # e0 idle: the best everywhere
+    out = r.route(req(subset=frozenset({"e1", "e2"})), NOW)
+    assert isinstance(out, Decision) and out.endpoint == "e2" and set(out.endpoints) <= {"e1", "e2"}
+
+
+@pytest.mark.parametrize("subset", [frozenset(), frozenset({"elsewhere"})])
+def test_a_subset_with_no_endpoint_of_the_pool_is_refused_503(subset: frozenset[str]) -> None:
+    r = router(PREFIX_ONLY, pool(met(), met()))
+    out = r.route(req(subset=subset), NOW)
+    assert isinstance(out, Refusal) and out.code == NO_ENDPOINT and "subset" in out.reason
+    assert r.state.in_flight() == 0
+
+
 def test_sheddable_request_is_shed_429_when_the_pool_is_saturated_others_still_routed() -> None:
     r = router(PREFIX_ONLY, pool(met(waiting=9), met(kv=0.95)))
     shed = r.route(req("s", priority=-1), NOW)

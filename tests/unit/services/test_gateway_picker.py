@@ -15,7 +15,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 
-from ops.envoy import EXT_PROC, EnvoyOptions, envoy_config
+from ops.envoy import EXT_PROC, EXT_PROC_MODES, EnvoyOptions, envoy_config
 from services.engine_server.textgen import TextModel
 from services.gateway.epp import (
     DESTINATION,
@@ -163,12 +163,22 @@ def test_envoy_config_routes_on_the_picker_list_and_streams_responses() -> None:
     assert "override_host" in text and DESTINATION in text
 
 
+def test_envoy_config_in_gies_exchange_streams_both_bodies_full_duplex_with_trailers() -> None:
+    cfg = envoy_config(EnvoyOptions(listen_port=1, admin_port=2, epp_port=3, eds_path=Path("/x/e.json"),
+                                    ext_proc_mode=EXT_PROC_MODES["gie"]))
+    ext_proc = next(f["typed_config"] for f in _hcm(cfg)["http_filters"] if f["name"] == EXT_PROC)
+    mode = ext_proc["processing_mode"]
+    assert mode["request_body_mode"] == mode["response_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert mode["request_trailer_mode"] == mode["response_trailer_mode"] == "SEND"  # Envoy refuses it otherwise
+
+
 def _hcm(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]  # type: ignore[no-any-return]
 
 
 def test_envoy_skips_the_response_body_unless_the_picker_overrides_with_the_mode_it_allows() -> None:
     ext_proc = next(f["typed_config"] for f in _hcm(_envoy_config())["http_filters"] if f["name"] == EXT_PROC)
+    assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert ext_proc["processing_mode"]["response_body_mode"] == "NONE"
     assert ext_proc["allow_mode_override"] is True
     assert ext_proc["allowed_override_modes"] == [STREAMED_RESPONSE_MODE]
