@@ -11,6 +11,7 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
+from nats.aio.subscription import Subscription
 
 from ops.auth import CLI, Credentials
 from ops.servers import ServerProcess, start_nats
@@ -44,6 +45,22 @@ def test_the_url_credentials_are_the_decoded_user_and_secret() -> None:
     assert url_credentials("nats://h:4222") == {}
 
 
+async def delivered(publisher: nats.NATS, sub: Subscription, timeout: float = 10.0) -> bytes:
+    """What ``sub`` receives of ``b"hi"`` published by ``publisher``, sent again every half second until it arrives.
+    Once is not enough here: with nats-server 2.15.1 and nats-py, the first message published to a subscription
+    its client had just flushed was lost in 2-5 % of tries on this host (full-permission users alike; a second one
+    arrived), and a single publish failed this test in a CI run. Delivery is not what it tests; the login is."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        await publisher.publish("gantry.reserved.secret", b"hi")
+        await publisher.flush()  # the message has reached the server (a loaded CI host once took over 3 s without)
+        try:
+            return (await sub.next_msg(timeout=0.5)).data
+        except nats.errors.TimeoutError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+
+
 async def test_a_connection_from_nats_options_authenticates_with_a_reserved_character_secret(
     server: tuple[ServerProcess, str],
 ) -> None:
@@ -56,9 +73,7 @@ async def test_a_connection_from_nats_options_authenticates_with_a_reserved_char
     try:
         sub = await nc.subscribe("gantry.reserved.secret")
         await nc.flush()
-        await admin.publish("gantry.reserved.secret", b"hi")
-        await admin.flush()  # the message has reached the server (a loaded CI host once took over 3 s without)
-        assert (await sub.next_msg(timeout=10)).data == b"hi"
+        assert await delivered(admin, sub) == b"hi"
     finally:
         await nc.close()
         await admin.close()
