@@ -689,6 +689,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
     if (why := idle_timeout_error("--picker-idle-timeout-s", a.picker_idle_timeout_s)) is not None:
         p.error(why)
     transport = PickerTransport(a.transport)
+    if transport is PickerTransport.EXT_AUTHZ and a.ext_proc_mode != "buffered":
+        p.error("--ext-proc-mode needs --transport ext_proc")
     if a.epp_port and a.socket_dir:
         p.error("--socket-dir (unix sockets) and --epp-port (TCP) exclude each other")
     if a.admin_port is not None and a.admin_socket is not None:

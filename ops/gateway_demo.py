@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from ops.envoy import ADMIN_SOCKET, EnvoyOptions, picker_sockets, start_envoy
+from ops.envoy import ADMIN_SOCKET, EXT_PROC_MODES, EnvoyOptions, picker_sockets, start_envoy
 from ops.servers import ServerProcess, ServerStartError, free_port, start_nats, stop_processes, wait_http
 from services.gateway.protocol import PickerTransport
 
@@ -40,10 +40,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--capture", type=Path, default=None, help="also record the routed traffic as a trace here")
     p.add_argument("--transport", choices=[t.value for t in PickerTransport], default=PickerTransport.EXT_PROC.value,
                    help="how Envoy asks the picker (docs/gateway.md, \"The ext_authz transport\")")
+    p.add_argument("--ext-proc-mode", choices=list(EXT_PROC_MODES), default="buffered",
+                   help="ext_proc's exchange: buffered, or gie (both bodies full duplex, as GIE's gateways send them)")
     a = p.parse_args(argv)
     transport = PickerTransport(a.transport)
     if transport is PickerTransport.EXT_AUTHZ and a.capture:
         p.error("--capture needs --transport ext_proc")
+    if transport is PickerTransport.EXT_AUTHZ and a.ext_proc_mode != "buffered":
+        p.error("--ext-proc-mode needs --transport ext_proc")
     if not 1 <= a.engines <= 16:
         p.error("--engines must be between 1 and 16")
     a.workdir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         epp, als = (http_socket, grpc_socket) if transport is PickerTransport.EXT_AUTHZ else (grpc_socket, ())
         # Envoy's admin (it can stop Envoy, unauthenticated) on a socket only this user may open, beside the picker's
         servers.append(start_envoy(EnvoyOptions(listen_port=a.port, admin_port=sockets / ADMIN_SOCKET, epp_port=epp,
-                                                als_port=als, transport=transport, eds_path=eds),
+                                                als_port=als, transport=transport, eds_path=eds,
+                                                ext_proc_mode=EXT_PROC_MODES[a.ext_proc_mode]),
                                    a.workdir / "envoy"))
         _wait_routable(f"http://127.0.0.1:{a.port}", procs[-1])
         print(f"gateway on http://127.0.0.1:{a.port} (model {MODEL!r}, {a.engines} emulated engines)\n"

@@ -146,9 +146,9 @@ def test_gantry_gateway_without_nats_says_so_in_one_line(tmp_path: Path) -> None
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:")
 
 
-@pytest.mark.parametrize("transport", ["ext_proc", "ext_authz"])
+@pytest.mark.parametrize("transport", [("ext_proc",), ("ext_proc", "--ext-proc-mode", "gie"), ("ext_authz",)])
 def test_the_demo_gateway_routes_a_chat_completion_and_stops_everything_on_ctrl_c(tmp_path: Path,
-                                                                                  transport: str) -> None:
+                                                                                  transport: tuple[str, ...]) -> None:
     import os
     import signal
     import time
@@ -159,7 +159,7 @@ def test_the_demo_gateway_routes_a_chat_completion_and_stops_everything_on_ctrl_
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ops.gateway_demo", "--port", str(port), "--engines", "2",
-                             "--workdir", str(tmp_path / "demo"), "--transport", transport], cwd=REPO,
+                             "--workdir", str(tmp_path / "demo"), "--transport", *transport], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None

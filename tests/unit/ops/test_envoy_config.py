@@ -316,3 +316,10 @@ def test_the_cli_writes_the_buffered_exchange_unless_told_gies(flag: tuple[str, 
                                                                        tmp_path: Path) -> None:
     o, _ = parse_args(["--eds-path", str(tmp_path / "e.json"), *flag])
     assert _ext_proc(envoy_config(o))["processing_mode"]["request_body_mode"] == request_body
+
+
+def test_an_ext_proc_mode_with_the_ext_authz_transport_is_refused(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--eds-path", str(tmp_path / "e.json"), "--transport", "ext_authz", "--ext-proc-mode", "gie"])
+    assert err.value.code == 2 and "--ext-proc-mode needs --transport ext_proc" in capsys.readouterr().err
