@@ -76,6 +76,10 @@ _RESPONSE_TRAILERS_ACK = pb.ProcessingResponse(response_trailers=pb.TrailersResp
 ECHO_CHUNK_BYTES = 64 << 10
 """Full duplex: the request body goes back to Envoy in pieces of at most this size (one gRPC message each), so a
 large body is never one message as large as itself on either side."""
+MAX_HELD_BODY_BYTES = 512 << 20
+"""Full duplex: the request body bytes all streams together may hold until their bodies end. The picker takes each
+chunk as it comes, so the transport's windows and its bytes-held bound let go of it: without this, slow uploads on
+many streams each held up to ``MAX_BODY_BYTES`` (4096 streams a connection). Past it a body is refused 503."""
 WARN_EVERY_S = 60.0  # a misconfigured gateway refuses every request: said in the log once a minute, not each time
 _BODY_MODE = processing_mode_pb2.ProcessingMode.BodySendMode
 
@@ -217,6 +221,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         self._tails = b""
         self._tail_at = 0
         self._warned_at = -WARN_EVERY_S
+        self.held_body = 0  # full duplex: body bytes taken and not yet whole, all streams (``MAX_HELD_BODY_BYTES``)
 
     def _tail(self) -> str:
         """64 fresh random bits, hex."""
@@ -367,6 +372,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                 else:  # response trailers (the end of a response that has them) or unknown: acknowledge
                     yield _RESPONSE_TRAILERS_ACK
         finally:
+            self.held_body -= len(ex.body)  # a stream ended mid-body (client gone, refused): its bytes go
             if (decision := ex.decision) is not None:  # ended one way or another (done, client gone, upstream failed)
                 self.router.finished(decision.request_id, ex.ok, self.clock())
                 self.counters.finished += 1
@@ -402,12 +408,19 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
             return [_REQUEST_TRAILERS_ACK] if kind == "request_trailers" else []
         trailers = kind == "request_trailers"
         if not trailers:
-            ex.body += msg.request_body.body
-            if len(ex.body) > MAX_BODY_BYTES:
+            chunk = msg.request_body.body
+            if len(ex.body) + len(chunk) > MAX_BODY_BYTES:
                 ex.done = True
                 return [immediate(413, f"request body over {MAX_BODY_BYTES} bytes")]
+            if self.held_body + len(chunk) > MAX_HELD_BODY_BYTES:
+                ex.done = True
+                full = self._refused(503, "the gateway holds too many request bodies being uploaded: retry")
+                return [immediate(full.code, full.message)]
+            ex.body += chunk
+            self.held_body += len(chunk)
             if not msg.request_body.end_of_stream:
                 return []
+        self.held_body -= len(ex.body)
         body, ex.body = bytes(ex.body), bytearray()
         got = await self.pick(body, ex.headers, ex.subset)
         ex.decided = True

@@ -262,3 +262,25 @@ async def test_a_subset_with_no_endpoint_the_picker_knows_is_refused_503(value: 
     assert refused.immediate_response.status.code == 503
     assert "subset" in msgspec.json.decode(refused.immediate_response.body)["error"]["message"]
     assert router.state.in_flight() == 0
+
+
+# -- what a stream may hold -----------------------------------------------------------------------------------
+async def test_bodies_held_across_streams_are_bounded_and_their_bytes_given_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full duplex: a body comes in chunks the picker takes (the transport's window and its bytes-held bound let go
+    of them) and holds until its end: slow uploads on many streams must not hold more than the picker's bound."""
+    monkeypatch.setattr(epp, "MAX_HELD_BODY_BYTES", 1500)
+    p, router = picker(report("a", 8001))
+    first, second = Duplex(p), Duplex(p)
+    assert await first.send(announced(headers_msg()), body_part(b"x" * 1000, False)) == []
+    (refused,) = await second.send(announced(headers_msg()), body_part(b"y" * 1000, False), expect=1)
+    assert refused.immediate_response.status.code == 503
+    await second.task
+    assert p.held_body == 1000  # the refused stream's bytes given back, the other's still held
+    await first.close()
+    assert p.held_body == 0  # a stream that ends mid-body gives its bytes back
+    third = Duplex(p)
+    await third.send(announced(headers_msg()), body_part(chat(), True), expect=2)
+    assert router.state.in_flight() == 1 and p.held_body == 0  # decided: nothing held
+    await third.close()
+    assert router.state.in_flight() == 0
