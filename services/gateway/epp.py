@@ -340,10 +340,14 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                       context: object) -> AsyncGenerator[pb.ProcessingResponse, None]:
         """One HTTP request's ext_proc stream, in the exchange Envoy announces (``Exchange``)."""
         ex = Exchange()
+        first = True
         try:
             async for msg in request_iterator:
-                if msg.HasField("protocol_config"):  # the first message of the stream
+                # the first message announces the exchange; one announced later would switch it mid-request (the
+                # headers answered twice, or never)
+                if first and msg.HasField("protocol_config"):
                     ex.configure(msg.protocol_config)
+                first = False
                 kind = msg.WhichOneof("request")
                 if kind == "request_headers":
                     if msg.HasField("metadata_context"):

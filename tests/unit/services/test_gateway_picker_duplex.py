@@ -284,3 +284,19 @@ async def test_bodies_held_across_streams_are_bounded_and_their_bytes_given_back
     assert router.state.in_flight() == 1 and p.held_body == 0  # decided: nothing held
     await third.close()
     assert router.state.in_flight() == 0
+
+
+@pytest.mark.parametrize(("first", "later"), [(None, "FULL_DUPLEX_STREAMED"), ("FULL_DUPLEX_STREAMED", "BUFFERED")])
+async def test_a_mode_announced_on_a_later_message_changes_nothing(first: str | None, later: str) -> None:
+    """The exchange is the one the stream's first message announces: a later announcement switching it mid-request
+    answered the headers twice, or never, and the body in the other exchange's form."""
+    p, router = picker(report("a", 8001))
+    ex = Duplex(p)
+    hs = headers_msg() if first is None else announced(headers_msg(), first, first)
+    await ex.send(hs, expect=0 if first else 1)
+    await ex.send(announced(body_part(chat(), True), later, later), expect=1)
+    kinds = [a.WhichOneof("response") for a in ex.answers]
+    assert kinds.count("request_headers") == 1 and kinds[0] == "request_headers"
+    assert router.state.in_flight() == 1
+    await ex.close()
+    assert router.state.in_flight() == 0
