@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import ipaddress
 import itertools
 import logging
 import os
@@ -164,10 +166,27 @@ def subset_hint(meta: base_pb2.Metadata) -> frozenset[str] | None:
     value = ns.fields[SUBSET_KEY]
     kind = value.WhichOneof("kind")
     if kind == "list_value":
-        return frozenset(v.string_value for v in value.list_value.values if v.WhichOneof("kind") == "string_value")
+        return frozenset(canonical_address(v.string_value) for v in value.list_value.values
+                         if v.WhichOneof("kind") == "string_value")
     if kind == "string_value":
-        return frozenset(a for part in value.string_value.split(",") if (a := part.strip()))
+        return frozenset(canonical_address(a) for part in value.string_value.split(",") if (a := part.strip()))
     return frozenset()
+
+
+@functools.lru_cache(maxsize=4096)
+def canonical_address(address: str) -> str:
+    """``host:port`` in one spelling when the host is an IP literal (an IPv6 one compressed, lower case, bracketed),
+    so GIE's subset and the engines' own addresses compare equal however each side writes them (``[fd00::5]`` as
+    a proxy writes a pod's address, ``[fd00:0:0::5]`` as an engine may report itself); anything else as it is.
+    Cached: the pool's addresses are read again for every request that has a subset."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit():
+        return address
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if host[:1] == "[" and host[-1:] == "]" else host)
+    except ValueError:
+        return address
+    return f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
 
 
 def duplex_answers(destination: str, body: bytes, end: bool) -> list[pb.ProcessingResponse]:
@@ -281,7 +300,8 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
 
     def _route(self, req: RouteRequest, subset: frozenset[str] | None = None) -> Picked | Refusal:
         if subset is not None:  # addresses -> the endpoints the core knows at them
-            req = dataclasses.replace(req, subset=frozenset(e for e, a in self.addresses().items() if a in subset))
+            req = dataclasses.replace(req, subset=frozenset(
+                e for e, a in self.addresses().items() if canonical_address(a) in subset))
         rid = req.request_id
         now = self.clock()
         out = self.router.route(req, now)

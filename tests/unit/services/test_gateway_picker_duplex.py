@@ -300,3 +300,18 @@ async def test_a_mode_announced_on_a_later_message_changes_nothing(first: str | 
     assert router.state.in_flight() == 1
     await ex.close()
     assert router.state.in_flight() == 0
+
+
+@pytest.mark.parametrize(("url", "hint"), [
+    ("http://[fd00:0:0::5]:8001", "[fd00::5]:8001"),  # the engine's own spelling of its address, the proxy's canonical
+    ("http://[fd00::5]:8001", "[FD00::0:5]:8001"),
+    ("http://[::ffff:10.0.0.5]:8001", "[::ffff:a00:5]:8001"),
+])
+async def test_a_subset_names_an_ipv6_endpoint_however_either_side_spells_its_address(url: str, hint: str) -> None:
+    p, router = picker(msgspec.structs.replace(report("a", 8001), url=url), report("b", 8002))
+    ex = Duplex(p)
+    await ex.send(with_subset(announced(headers_msg()), [hint]))
+    answers = await ex.send(body_part(chat(), True), expect=2)
+    assert answers[0].HasField("request_headers"), answers[0]  # not a 503
+    assert router.state.endpoints["a"].inflight_requests == 1 and router.state.endpoints["b"].inflight_requests == 0
+    await ex.close()
