@@ -227,8 +227,10 @@ class Router:
             # (P/D is left whole: its prefill and decode endpoints have room of their own; narrowed, a pool whose room
             # was all on the prefill side refused every request at the decode profile's role filter)
             roomy = self._with_room(pool, now)
-            if not roomy and len(pool) < len(whole):
-                return NO_ROOM  # the room is on the broken endpoints only: routed past the others' cap, it piled up
+            # the room that opened the gate is on the broken endpoints only, or outside the request's subset: routed
+            # past the others' cap, it piled up
+            if not roomy and (len(pool) < len(whole) or request.subset is not None):
+                return NO_ROOM
             if roomy and len(roomy) < len(pool):
                 got = self._decide(request, roomy, now, commit, explain)
                 # the profile's own filters dropped every endpoint with room (a LoRA, a label): it waits for room it

@@ -647,3 +647,18 @@ def test_a_cold_lora_prompt_goes_to_the_engine_with_its_adapter_active_not_to_an
         state = pool(met(running=4, active_loras=("a",)), met(), met(), adapters=(frozenset({"a"}),) * 3, max_loras=2)
         out = Router(builtin_config("default"), state, seed=seed).route(req(f"q{seed}", 800, seed + 7, lora="a"), NOW)
         assert isinstance(out, Decision) and out.endpoint == "e0"
+
+
+def test_flow_control_holds_a_subset_request_while_its_subset_has_no_room_though_others_do() -> None:
+    """The gate is the pool's room; a request that may go only to part of it waits for room there (routed to its full
+    endpoints past the cap, it piled onto them while the rest of the pool opened the gate)."""
+    r = router(FLOW_CAP_2, pool(met(), met()))
+    only_e0 = frozenset({"e0"})
+    for i in range(5):
+        r.submit(req(f"s{i}", subset=only_e0), NOW)
+    assert r.state.endpoints["e0"].inflight_requests == 2 and r.state.endpoints["e1"].inflight_requests == 0
+    assert r.queued() == 3
+    assert r.dispatch(NOW) == [] and r.state.endpoints["e0"].inflight_requests == 2  # e1's room is not e0's
+    r.finished("s0", ok=True, now=NOW)
+    (out,) = r.dispatch(NOW)
+    assert isinstance(out, Decision) and out.endpoint == "e0" and r.state.endpoints["e0"].inflight_requests == 2
