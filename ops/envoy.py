@@ -69,6 +69,7 @@ from services.gateway.protocol import (
     idle_timeout_error,
     processing_mode,
 )
+from services.gateway.request import MAX_BODY_BYTES
 from services.gateway.tls import CA_FILE, ENVOY_CERT, ENVOY_KEY, PICKER_NAME, TlsError, envoy_files, present
 from shared.paths import TlsFiles
 
@@ -141,7 +142,10 @@ class EnvoyOptions:
     # ext_proc: GIE's endpoint subset (ip:port) set on every request, as a gateway routing a backend to part of a
     # pool would; the picker chooses only among them (None: no hint, the whole pool)
     subset_hint: tuple[str, ...] | None = None
-    max_body_bytes: int = 8 << 20  # ext_authz: the largest request body buffered for the picker
+    # the largest request body Envoy takes (it buffers one for the picker, and json_to_metadata reads the model from
+    # it); past it Envoy answers 413 itself. Its connection buffer limit, 1 MiB by default, refused a long prompt's
+    # body before (a 128k-token prompt is ~0.5-1 MB of text or token ids); at most the picker's own MAX_BODY_BYTES
+    max_body_bytes: int = 8 << 20
     als_port: PickerAddress | tuple[PickerAddress, ...] = ()  # ext_authz: each replica's gRPC listener (same order)
     als_flush_s: float = 0.01  # ext_authz: how long Envoy batches access-log entries before sending them
     # mutual TLS to the pickers' TCP ports (services.gateway.tls): Envoy's client certificate and key, and the CA
@@ -588,6 +592,7 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
             "listeners": [{
                 "name": "gantry",
                 "address": {"socket_address": {"address": o.listen_host, "port_value": o.listen_port}},
+                "per_connection_buffer_limit_bytes": o.max_body_bytes,
                 "filter_chains": [{"filters": [hcm]}],
             }],
             "clusters": [
@@ -598,6 +603,8 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
                      "path_config_source": {"path": str(o.eds_path),
                                             "watched_directory": {"path": str(o.eds_path.parent)}},
                      "resource_api_version": "V3"}},
+                 # the router keeps a request's body for a retry on the next endpoint of the list
+                 "per_connection_buffer_limit_bytes": o.max_body_bytes,
                  "typed_extension_protocol_options": _engine_protocol(o),
                  "load_balancing_policy": _lb_policy()},
             ],
@@ -685,7 +692,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
                    help="the ext_proc exchange: buffered (the request body buffered, a response body only when the "
                         "picker asks: a picker's death loses no byte) or gie (both bodies full duplex, as GIE's "
                         "gateways send them: lower latency, every byte through the picker)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20,
+                   help=f"the largest request body Envoy takes (413 past it), at most {MAX_BODY_BYTES} (the "
+                        "picker's own bound); a 128k-token prompt is ~0.5-1 MB")
     a = p.parse_args(argv)
+    if not 1 << 16 <= a.max_body_bytes <= MAX_BODY_BYTES:
+        p.error(f"--max-body-bytes must be between {1 << 16} and {MAX_BODY_BYTES}, not {a.max_body_bytes}")
     if (why := idle_timeout_error("--picker-idle-timeout-s", a.picker_idle_timeout_s)) is not None:
         p.error(why)
     transport = PickerTransport(a.transport)
@@ -717,7 +729,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
                      eds_path=a.eds_path.resolve(), failure_mode=FailureMode(a.failure_mode),
                      access_log=(a.workdir / "access.log").resolve(), transport=transport,
                      picker_idle_timeout_s=a.picker_idle_timeout_s, picker_tls=tls,
-                     ext_proc_mode=EXT_PROC_MODES[a.ext_proc_mode])
+                     ext_proc_mode=EXT_PROC_MODES[a.ext_proc_mode], max_body_bytes=a.max_body_bytes)
     return o, a.workdir
 
 

@@ -178,7 +178,13 @@ def canonical_address(address: str) -> str:
     """``host:port`` in one spelling when the host is an IP literal (an IPv6 one compressed, lower case, bracketed),
     so GIE's subset and the engines' own addresses compare equal however each side writes them (``[fd00::5]`` as
     a proxy writes a pod's address, ``[fd00:0:0::5]`` as an engine may report itself); anything else as it is.
-    Cached: the pool's addresses are read again for every request that has a subset."""
+    Cached: the pool's addresses are read again for every request that has a subset. A bare IP (GIE's reference
+    picker matches its subset on pods' IPs alone) comes back as the IP, unbracketed: it names every port there."""
+    bare = address.strip()
+    try:
+        return str(ipaddress.ip_address(bare[1:-1] if bare[:1] == "[" and bare[-1:] == "]" else bare))
+    except ValueError:
+        pass
     host, sep, port = address.strip().rpartition(":")
     if not sep or not port.isascii() or not port.isdigit():
         return address
@@ -187,6 +193,14 @@ def canonical_address(address: str) -> str:
     except ValueError:
         return address
     return f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
+
+
+def _in_subset(address: str, subset: frozenset[str]) -> bool:
+    """Whether the endpoint at canonical ``address`` is in ``subset``: named with its port, or by its IP alone."""
+    if address in subset:
+        return True
+    host = address.rpartition(":")[0]
+    return (host[1:-1] if host[:1] == "[" else host) in subset
 
 
 def duplex_answers(destination: str, body: bytes, end: bool) -> list[pb.ProcessingResponse]:
@@ -299,9 +313,9 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
         return self._route(req, subset)
 
     def _route(self, req: RouteRequest, subset: frozenset[str] | None = None) -> Picked | Refusal:
-        if subset is not None:  # addresses -> the endpoints the core knows at them
+        if subset is not None:  # addresses (or bare IPs) -> the endpoints the core knows there
             req = dataclasses.replace(req, subset=frozenset(
-                e for e, a in self.addresses().items() if canonical_address(a) in subset))
+                e for e, a in self.addresses().items() if _in_subset(canonical_address(a), subset)))
         rid = req.request_id
         now = self.clock()
         out = self.router.route(req, now)
@@ -435,7 +449,8 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
             chunk = msg.request_body.body
             if len(ex.body) + len(chunk) > MAX_BODY_BYTES:
                 ex.done = True
-                return [immediate(413, f"request body over {MAX_BODY_BYTES} bytes")]
+                large = self._refused(413, f"request body over {MAX_BODY_BYTES} bytes")
+                return [immediate(large.code, large.message)]
             if self.held_body + len(chunk) > MAX_HELD_BODY_BYTES:
                 ex.done = True
                 full = self._refused(503, "the gateway holds too many request bodies being uploaded: retry")

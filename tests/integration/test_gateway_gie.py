@@ -25,6 +25,7 @@ from tests.integration.test_gateway import (
     _engines,
     _gateway,
     _wait_routable,
+    bodies_past_envoys_default_buffer,
     gateway_marks,
     malformed_then_fine,
     no_endpoint_answer,
@@ -71,6 +72,14 @@ def test_a_body_envoy_sends_in_many_chunks_reaches_the_engine_whole(gateway: Gat
     assert through.status_code == direct.status_code == 400
     assert through.json() == direct.json()
     assert re.search(r"prompt has \d{6} tokens", through.json()["error"]["message"])
+
+
+def test_a_body_of_megabytes_reaches_the_engine_and_one_past_the_limit_is_refused_413_by_envoy(
+        gateway: Gateway, engines: list[Engine]) -> None:
+    _wait_routable(gateway, len(engines))
+    within, past = bodies_past_envoys_default_buffer(gateway.url)
+    assert within.status_code in (400, 413) and "error" in within.json() and within.headers[SERVED]
+    assert past.status_code == 413 and SERVED not in past.headers
 
 
 def test_no_endpoint_for_the_model_is_503(gateway: Gateway, engines: list[Engine]) -> None:

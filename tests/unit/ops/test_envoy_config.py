@@ -323,3 +323,19 @@ def test_an_ext_proc_mode_with_the_ext_authz_transport_is_refused(tmp_path: Path
     with pytest.raises(SystemExit) as err:
         parse_args(["--eds-path", str(tmp_path / "e.json"), "--transport", "ext_authz", "--ext-proc-mode", "gie"])
     assert err.value.code == 2 and "--ext-proc-mode needs --transport ext_proc" in capsys.readouterr().err
+
+
+def test_envoy_takes_bodies_up_to_the_limit_it_is_given_on_both_sides(tmp_path: Path) -> None:
+    o, _ = parse_args(["--eds-path", str(tmp_path / "e.json"), "--max-body-bytes", str(3 << 20)])
+    cfg = envoy_config(o)
+    assert cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == 3 << 20
+    engines = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "gantry_engines")
+    assert engines["per_connection_buffer_limit_bytes"] == 3 << 20  # kept whole for a retry on the next endpoint
+
+
+@pytest.mark.parametrize("value", ["0", "-1", str(64 << 20)])
+def test_a_body_limit_outside_what_the_picker_reads_is_refused(value: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--eds-path", str(tmp_path / "e.json"), "--max-body-bytes", value])
+    assert "--max-body-bytes must be between" in capsys.readouterr().err

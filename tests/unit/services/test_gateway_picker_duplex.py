@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2
 from services.gateway import epp
 from services.gateway.epp import DESTINATION, ECHO_CHUNK_BYTES, METADATA_NS, PICKED, Picker, subset_hint
 from services.gateway.protocol import SUBSET_KEY, SUBSET_NAMESPACE
-from tests.unit.services.test_gateway_picker import SSE, chat, headers_msg, picker, report, resp_headers
+from tests.unit.services.test_gateway_picker import ADDRESS_OF, SSE, chat, headers_msg, picker, report, resp_headers
 
 MODE = processing_mode_pb2.ProcessingMode
 
@@ -136,7 +136,7 @@ async def test_a_body_past_the_limit_is_refused_413_without_waiting_for_its_end(
     ex = Duplex(p)
     (refused,) = await ex.send(announced(headers_msg()), body_part(b"z" * 600, False), body_part(b"z" * 600, False),
                                expect=1)
-    assert refused.immediate_response.status.code == 413
+    assert refused.immediate_response.status.code == 413 and p.counters.refused == {413: 1}
     assert "over 1000 bytes" in msgspec.json.decode(refused.immediate_response.body)["error"]["message"]
     await ex.task
     assert router.state.in_flight() == 0 and p.counters.picks == 0
@@ -315,3 +315,23 @@ async def test_a_subset_names_an_ipv6_endpoint_however_either_side_spells_its_ad
     assert answers[0].HasField("request_headers"), answers[0]  # not a 503
     assert router.state.endpoints["a"].inflight_requests == 1 and router.state.endpoints["b"].inflight_requests == 0
     await ex.close()
+
+
+@pytest.mark.parametrize(("value", "routed_to"), [
+    (["127.0.0.1"], {"a", "b"}),  # an IP alone, as GIE's reference picker matches: every port there
+    (["[127.0.0.1]"], {"a", "b"}),
+    (["127.0.0.1:8002"], {"b"}),  # with its port: that endpoint only
+    (["127.0.0.2"], set()),
+])
+async def test_a_subset_entry_without_a_port_names_every_endpoint_at_that_ip(value: list[str],
+                                                                          routed_to: set[str]) -> None:
+    p, _ = picker(report("a", 8001), report("b", 8002))
+    ex = Duplex(p)
+    await ex.send(with_subset(announced(headers_msg()), value))
+    answers = await ex.send(body_part(chat(), True), expect=1)
+    if not routed_to:
+        assert answers[0].immediate_response.status.code == 503
+        return
+    listed = answers[0].request_headers.response.header_mutation.set_headers[0].header.raw_value.decode()
+    assert {ADDRESS_OF[a] for a in listed.split(",")} == routed_to
+
