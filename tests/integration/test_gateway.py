@@ -568,26 +568,29 @@ def _messages_to_picker(gw: Gateway) -> int:
     return sum(int(line.rsplit(" ", 1)[1]) for line in stats.splitlines() if line.strip())
 
 
-def bodies_past_envoys_default_buffer(url: str) -> tuple[httpx.Response, httpx.Response]:
+def bodies_past_envoys_default_buffer(gw: Gateway, nats_url: str, tmp: Path) -> tuple[httpx.Response, httpx.Response]:
     """The gateway's answers to a ~3 MB body (past Envoy's 1 MiB default buffer, inside ``max_body_bytes``) and to
-    a ~9.5 MB one (past it): prompts of token ids, so the picker reads them at once."""
+    a ~9.5 MB one (past it), with one engine of a 100k-token context behind it (its own body limit is 12.8 MB, so it
+    reads the first whole and refuses its 380k tokens with a 400 of its own): prompts of token ids, read at once."""
     def ids(n: int) -> bytes:
         return msgspec.json.encode({"model": MODEL, "prompt": list(range(1_000_000, 1_000_000 + n)), "max_tokens": 1})
 
     within, past = ids(380_000), ids(1_180_000)
     assert 2 << 20 < len(within) < 4 << 20 and len(past) > 9 << 20  # EnvoyOptions.max_body_bytes: 8 MiB
-    return (httpx.post(f"{url}/v1/completions", content=within, headers={"content-type": "application/json"},
-                       timeout=60),
-            httpx.post(f"{url}/v1/completions", content=past, headers={"content-type": "application/json"},
-                       timeout=60))
+    with contextlib.contextmanager(_engines)(nats_url, tmp, 1, "--max-model-len", "100000") as engines:
+        _wait_routable(gw, len(engines))
+        return (httpx.post(f"{gw.url}/v1/completions", content=within, headers={"content-type": "application/json"},
+                           timeout=60),
+                httpx.post(f"{gw.url}/v1/completions", content=past, headers={"content-type": "application/json"},
+                           timeout=60))
 
 
 def test_a_body_of_megabytes_reaches_the_engine_and_one_past_the_limit_is_refused_413_by_envoy(
-        gateway: Gateway, engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    within, past = bodies_past_envoys_default_buffer(gateway.url)
-    # the engine's own answer (its context is far shorter), from the endpoint the picker chose
-    assert within.status_code in (400, 413) and "error" in within.json() and within.headers[SERVED]
+        gateway: Gateway, nats_server: ServerProcess, tmp_path: Path) -> None:
+    within, past = bodies_past_envoys_default_buffer(gateway, nats_server.url, tmp_path)
+    # the engine's own answer (it read the whole body and counted the ids), from the endpoint the picker chose
+    assert within.status_code == 400 and "maximum context of 100000" in within.json()["error"]["message"]
+    assert within.headers[SERVED]
     assert past.status_code == 413 and SERVED not in past.headers  # Envoy's: it never left the gateway
 
 
