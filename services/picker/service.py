@@ -46,6 +46,8 @@ if TYPE_CHECKING:  # an engines-only picker never loads the Redis client
 log = logging.getLogger("gantry.picker")
 
 PICK_CHUNK = 256  # picks routed between two yields to the event loop (~25 ms at ~100 µs a pick)
+JOIN_SETTLE_S = 0.3  # reports heard this long before a replica takes picks: every engine reports within 50-200 ms
+JOIN_WAIT_S = 3.0  # and at most this long after it starts: with no engine at all, its 503s still say why
 
 
 class ReplyTooLarge(Exception):
@@ -229,9 +231,30 @@ class PickerService:
         await nc.subscribe(subjects.ENGINE_KV_EVENTS_ALL, cb=self._guarded(self.on_kv))
         await nc.subscribe(subjects.PICK_PROGRESS, cb=self._guarded(self.on_progress))
         await nc.subscribe(subjects.PICKER_OUTCOMES, cb=self._guarded(self.on_outcomes))
-        await nc.subscribe(subjects.PICK, queue=subjects.PICK_QUEUE, cb=self._guarded(self.on_pick))
         await nc.flush()
         return nc
+
+    def warm(self, heard_for_s: float) -> bool:
+        """Whether this replica may take picks: every endpoint of its pool has reported, and reports have been coming
+        in for ``heard_for_s`` (the engines report every 50-200 ms: by then each has been heard)."""
+        endpoints = self.router.state.endpoints.values()
+        return heard_for_s >= JOIN_SETTLE_S and bool(endpoints) and all(st.metrics is not None for st in endpoints)
+
+    async def join_when_warm(self, nc: Client) -> None:
+        """Join the pick queue group once ``warm`` (at most ``JOIN_WAIT_S`` after starting). A replica joining at once
+        took its share of picks before it had heard any engine and refused them 503, "no endpoint serves model",
+        while its peers could route them (a CI run: a second replica started mid-run refused its first pick)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        first_heard: float | None = None
+        while loop.time() - start < JOIN_WAIT_S:
+            if first_heard is None and self.router.state.endpoints:
+                first_heard = loop.time()
+            if first_heard is not None and self.warm(loop.time() - first_heard):
+                break
+            await asyncio.sleep(0.02)
+        await nc.subscribe(subjects.PICK, queue=subjects.PICK_QUEUE, cb=self._guarded(self.on_pick))
+        await nc.flush()
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
@@ -251,6 +274,7 @@ class PickerService:
         tasks = [expire, flights, asyncio.create_task(self.outcomes.send_forever(self.bus))]
         if store is not None:
             tasks.append(asyncio.create_task(self.follower.resync_forever(store, self.reconnected)))
+        await self.join_when_warm(nc)
         log.info("gantry picker on %s (profile %s)", subjects.PICK, self.opts.profile)
         if ready is not None:
             ready.set()

@@ -353,3 +353,46 @@ def test_three_failures_at_any_replicas_leave_the_engine_out_at_every_replica(
     finally:
         for log in ("a.log", "b.log"):
             print(f"==== {log}\n{(tmp_path / log).read_text(errors='replace')[-3000:]}")
+
+
+JOIN_MODEL = "join-model"  # its own engines: nothing else in the module routes on them
+JOINING = ("join-model-e0", "join-model-e1", "join-model-e2")
+
+
+def test_a_replica_started_while_picks_flow_refuses_none_of_them(picker: subprocess.Popen[bytes],
+                                                                  nats_server: ServerProcess, tmp_path: Path) -> None:
+    """A replica joins the pick queue group only once it has heard the engines: joining at once, it took its share of
+    picks and refused them 503 ("no endpoint serves model") while the module's picker could route them."""
+    assert nats_server.credentials is not None
+    env = {"GANTRY_NATS_URL": nats_server.credentials.url(nats_server.url, "picker")}
+
+    async def main() -> list[int]:
+        nc = await nats.connect(nats_server.url)
+        codes: list[int] = []
+        async with engines(nc, JOIN_MODEL, JOINING):
+            for _ in range(500):  # until the module's picker has heard them and answers
+                with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    probe = PickRequest(picks=[PickItem(request_id="warm", model=JOIN_MODEL, token_ids=[1])])
+                    if (await pick(nc, encode(probe), timeout=2)).answers[0].code == 200:
+                        break
+                await asyncio.sleep(0.02)
+            await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=["warm"])))
+            n = 0
+            deadline = time.monotonic() + 6  # past the new replica's start and its longest wait to join
+            while time.monotonic() < deadline:
+                batch = [pick(nc, encode(PickRequest(picks=[PickItem(request_id=f"j{n}-{k}", model=JOIN_MODEL,
+                                                                     token_ids=[n, k])]))) for k in range(8)]
+                for reply in await asyncio.gather(*batch):
+                    codes.extend(a.code for a in reply.answers)
+                await nc.publish(subjects.PICK_PROGRESS,
+                                 encode(PickProgress(finished=[f"j{n}-{k}" for k in range(8)])))
+                n += 1
+        await nc.drain()
+        return codes
+
+    log = tmp_path / "joining.log"
+    with running_picker(env, log) as joining:  # starting (imports, connecting) while the picks below flow
+        codes = asyncio.run(main())
+        text = log.read_text()
+        assert joining.poll() is None and "gantry picker on" in text, text[-2000:]  # it did join, mid-run
+    assert len(codes) > 100 and set(codes) == {200}, sorted(set(codes))

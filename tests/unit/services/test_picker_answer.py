@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import msgspec
@@ -9,7 +10,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from services.picker.answer import BAD_ITEM, answer, read_picks, route_request
-from services.picker.service import PICK_CHUNK, PickerOptions, PickerService
+from services.picker.service import JOIN_SETTLE_S, PICK_CHUNK, PickerOptions, PickerService
 from shared.bus.messages import MessageError, PickItem, PickProgress, PickReply, PickRequest, decode, encode
 from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, EndpointMetrics, Router, builtin_config
@@ -194,3 +195,23 @@ async def test_progress_naming_a_failed_request_marks_its_engine_failing_and_a_f
     assert svc.router.state.endpoints["e0"].failing(NOW)
     await svc.on_progress(cast(Msg, Progress(PickProgress(finished=["later"]))))  # an end of unknown outcome
     assert svc.router.state.endpoints["e0"].failing(NOW) and svc.router.state.in_flight() == 0
+
+
+# -- joining the pick queue -------------------------------------------------------------------------------------
+def _unreported(*ids: str) -> Router:
+    r = Router(builtin_config("default"), seed=0)
+    r.set_endpoints([Endpoint(id=i, model="m", address=f"10.0.0.{k}:8000") for k, i in enumerate(ids)])
+    return r
+
+
+@pytest.mark.parametrize(("pool", "heard_for_s", "warm"), [
+    (lambda: _unreported(), 5.0, False),  # no engine known yet
+    (lambda: _unreported("e0"), 5.0, False),  # known (placement's pool) but never reported
+    (lambda: router("e0", "e1"), 0.1, False),  # reported, but the others may not have yet
+    (lambda: router("e0", "e1"), JOIN_SETTLE_S, True),
+])
+def test_a_replica_takes_picks_only_once_every_engine_of_its_pool_has_reported(
+        pool: Callable[[], Router], heard_for_s: float, warm: bool) -> None:
+    svc = PickerService(PickerOptions(nats_url="nats://unused"), clock=lambda: NOW)
+    svc.router = pool()
+    assert svc.warm(heard_for_s) is warm
