@@ -92,6 +92,9 @@ PickerAddress = int | Path
 """A picker listener as Envoy reaches it: a TCP port (on ``EnvoyOptions.epp_host``) or a unix socket's path."""
 
 
+DEFAULT_MAX_BODY_BYTES = 8 << 20  # EnvoyOptions.max_body_bytes and --max-body-bytes
+
+
 class FailureMode(StrEnum):
     """What Envoy does with a request when no picker answers it (GIE InferencePool v1,
     ``endpointPickerRef.failureMode``; GIE's default is FailClose)."""
@@ -145,7 +148,7 @@ class EnvoyOptions:
     # the largest request body Envoy takes (it buffers one for the picker, and json_to_metadata reads the model from
     # it); past it Envoy answers 413 itself. Its connection buffer limit, 1 MiB by default, refused a long prompt's
     # body before (a 128k-token prompt is ~0.5-1 MB of text or token ids); at most the picker's own MAX_BODY_BYTES
-    max_body_bytes: int = 8 << 20
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     als_port: PickerAddress | tuple[PickerAddress, ...] = ()  # ext_authz: each replica's gRPC listener (same order)
     als_flush_s: float = 0.01  # ext_authz: how long Envoy batches access-log entries before sending them
     # mutual TLS to the pickers' TCP ports (services.gateway.tls): Envoy's client certificate and key, and the CA
@@ -692,7 +695,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EnvoyOptions, Path]:
                    help="the ext_proc exchange: buffered (the request body buffered, a response body only when the "
                         "picker asks: a picker's death loses no byte) or gie (both bodies full duplex, as GIE's "
                         "gateways send them: lower latency, every byte through the picker)")
-    p.add_argument("--max-body-bytes", type=int, default=8 << 20,
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"the largest request body Envoy takes (413 past it), at most {MAX_BODY_BYTES} (the "
                         "picker's own bound); a 128k-token prompt is ~0.5-1 MB")
     a = p.parse_args(argv)

@@ -173,6 +173,14 @@ def subset_hint(meta: base_pb2.Metadata) -> frozenset[str] | None:
     return frozenset()
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP literal ``text`` names (bracketed or not), or None."""
+    try:
+        return ipaddress.ip_address(text[1:-1] if text[:1] == "[" and text[-1:] == "]" else text)
+    except ValueError:
+        return None
+
+
 @functools.lru_cache(maxsize=4096)
 def canonical_address(address: str) -> str:
     """``host:port`` in one spelling when the host is an IP literal (an IPv6 one compressed, lower case, bracketed),
@@ -180,17 +188,12 @@ def canonical_address(address: str) -> str:
     a proxy writes a pod's address, ``[fd00:0:0::5]`` as an engine may report itself); anything else as it is.
     Cached: the pool's addresses are read again for every request that has a subset. A bare IP (GIE's reference
     picker matches its subset on pods' IPs alone) comes back as the IP, unbracketed: it names every port there."""
-    bare = address.strip()
-    try:
-        return str(ipaddress.ip_address(bare[1:-1] if bare[:1] == "[" and bare[-1:] == "]" else bare))
-    except ValueError:
-        pass
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not port.isascii() or not port.isdigit():
-        return address
-    try:
-        ip = ipaddress.ip_address(host[1:-1] if host[:1] == "[" and host[-1:] == "]" else host)
-    except ValueError:
+    text = address.strip()
+    if (bare := _ip(text)) is not None:
+        return str(bare)
+    host, _, port = text.rpartition(":")
+    # a port is at most 5 digits: a longer one is no port (and past 4,300 digits int() itself refuses it)
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or (ip := _ip(host)) is None:
         return address
     return f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
 
@@ -374,14 +377,14 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
                       context: object) -> AsyncGenerator[pb.ProcessingResponse, None]:
         """One HTTP request's ext_proc stream, in the exchange Envoy announces (``Exchange``)."""
         ex = Exchange()
-        first = True
+        opening = True
         try:
             async for msg in request_iterator:
                 # the first message announces the exchange; one announced later would switch it mid-request (the
                 # headers answered twice, or never)
-                if first and msg.HasField("protocol_config"):
+                if opening and msg.HasField("protocol_config"):
                     ex.configure(msg.protocol_config)
-                first = False
+                opening = False
                 kind = msg.WhichOneof("request")
                 if kind == "request_headers":
                     if msg.HasField("metadata_context"):

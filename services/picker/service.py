@@ -248,7 +248,8 @@ class PickerService:
         start = loop.time()
         first_heard: float | None = None
         while loop.time() - start < JOIN_WAIT_S:
-            if first_heard is None and self.router.state.endpoints:
+            # placement's pool lists endpoints before they report: the settling counts from the first report
+            if first_heard is None and any(st.metrics is not None for st in self.router.state.endpoints.values()):
                 first_heard = loop.time()
             if first_heard is not None and self.warm(loop.time() - first_heard):
                 break
