@@ -37,6 +37,8 @@ BODY_BYTES_PER_TOKEN = 128
 JSON token ids is under 8 bytes a token, as text a few (up to 6 per character when escaped); parsing a body
 holds the event loop (C code keeps the GIL), about 70 ms a MB here."""
 SHOWN_NAME_CHARS = 200  # a client's model name is echoed in errors up to this long
+LINGER_BYTES = 64 << 20
+"""Past the body limit, up to this many more bytes are read and dropped before the 413 (a lingering close)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +250,8 @@ def _parse_json_body(model: type[BaseModel], scope: Scope, body: bytes, strict: 
 
 
 async def _rest_of_body(first: bytes, receive: Receive, limit: int) -> bytes | Response | None:
-    """The whole body after its ``first`` piece; a 413 (closing the connection, the rest unread) past ``limit``
-    bytes; None when the client went away."""
+    """The whole body after its ``first`` piece; a 413 past ``limit`` bytes (once the rest is read and dropped, up
+    to ``LINGER_BYTES``; beyond that the connection is closed with it unread); None when the client went away."""
     pieces, size = [first], len(first)
     while True:
         msg = await receive()
@@ -258,10 +260,25 @@ async def _rest_of_body(first: bytes, receive: Receive, limit: int) -> bytes | R
         piece = msg.get("body", b"")
         size += len(piece)
         if size > limit:
+            pieces.clear()
+            if msg.get("more_body", False):
+                await _drop_rest(receive, LINGER_BYTES)
             return _error(413, f"request body larger than {limit} bytes", close=True)
         pieces.append(piece)
         if not msg.get("more_body", False):
             return b"".join(pieces)
+
+
+async def _drop_rest(receive: Receive, most: int) -> None:
+    """Read and drop the rest of a refused body, up to ``most`` bytes: closing with input unread makes the kernel
+    reset the connection, and a reset can reach the client before the refusal it was sent after, which is then
+    lost (a proxy reports a reset instead). A client trickling its rest is cut off by the server's read timeout."""
+    dropped = 0
+    while dropped <= most:
+        msg = await receive()
+        if msg["type"] != "http.request" or not msg.get("more_body", False):
+            return
+        dropped += len(msg.get("body", b""))
 
 
 class CollectedResponse(Response):

@@ -265,6 +265,41 @@ async def test_a_connection_whose_request_arrived_whole_is_kept_past_the_read_ti
         writer.close()
 
 
+async def _post_whole(srv: EmbeddedServer, body: bytes) -> bytes:
+    """The answer to a completion request whose ``body`` is sent whole at once, as a proxy forwards it."""
+    host, port = srv.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(_FRAMING + b"content-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_a_body_past_the_limit_sent_whole_gets_its_413_not_a_reset(either_parser_server: EmbeddedServer) -> None:
+    # Closing with the body's rest unread makes the kernel reset the connection, and a reset that reaches the
+    # client first destroys the 413 it had not read yet (Envoy then reports its own 503 "reset" instead).
+    either_parser_server.app.body_limit = 64 << 10
+    body = b'{"prompt": "' + b"x" * (3 << 20) + b'"}'
+    for _ in range(3):
+        got = await _post_whole(either_parser_server, body)
+        assert got.startswith(b"HTTP/1.1 413 "), got[:80]
+        assert b"larger than 65536 bytes" in got
+
+
+async def test_the_rest_of_a_refused_body_is_dropped_only_up_to_a_bound() -> None:
+    given = 0
+
+    async def endless() -> dict[str, Any]:  # a client that never stops sending
+        nonlocal given
+        given += 1
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+    await asyncio.wait_for(api._drop_rest(endless, 10_000), 5)
+    assert given == 11  # then the connection closes with the rest unread
+
+
 class _Transport:
     """What ``close_stalled`` reads of a connection's transport."""
 
