@@ -34,6 +34,7 @@ from shared.core.placement.domain import Instance
 from shared.core.roles import NodeRole
 from shared.core.routing import Endpoint, EndpointMetrics, Router
 from shared.core.routing.pool_source import Placed, PoolSource, refusal
+from shared.host.contract import Consumes, Emits
 from shared.host.report_auth import ACCEPTED, KV, METRICS, RESTARTED, SNAPSHOT, WHY, ReportVerifier
 
 log = logging.getLogger("gantry.picker")
@@ -48,6 +49,21 @@ SNAPSHOT_CHUNK = 2048
 """Block hashes applied per turn of the event loop: a 20k-block snapshot yields ~10 times, so a check waits for
 one chunk (~1 ms), never the whole snapshot."""
 MAX_HELD_EVENTS = 1024  # KV messages of one engine held while its snapshot applies; more count as a gap
+
+FEED_CONSUMES = (
+    Consumes(subjects.ENGINE_METRICS_ALL, EngineMetrics, "the pool (an engine joins with its first report, leaves "
+             "when silent) and each engine's load"),
+    Consumes(subjects.ENGINE_KV_EVENTS_ALL, EngineKVEvents, "the precise prefix index; a gap in an engine's "
+             "numbering clears what is known of its cache"),
+    Consumes(subjects.EVENT_INSTANCE_ALL, InstanceEvents, "placement's instance changes (--pool-source placement): "
+             "an engine is routable only while its instance is RUNNING; DRAINING or removed takes it out of the "
+             "pool at once"),
+)
+"""What every service keeping an ``EngineFeed`` reads (its contract's share, declared once for them all)."""
+SNAPSHOT_EMITS = Emits(subjects.ENGINE_KV_SNAPSHOT_ALL, KVSnapshotRequest, "asks an engine it first routes to (or "
+                       "lost KV events of) for its prefix-cache snapshot (request/reply; the answer is signed like "
+                       "its reports)")
+"""What an ``EngineFeed`` sends: its asks for a prefix-cache snapshot."""
 
 
 class Delivered(Protocol):
