@@ -351,7 +351,6 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo,
     the engine's (the NATS publisher's); ``fail_generations``: every completion is answered 500 (chaos tests)."""
     app = ServerApp(title="Gantry emulated model server")
     app.body_limit = min(MAX_BODY_BYTES, max(1 << 20, BODY_BYTES_PER_TOKEN * info.max_model_len))
-    sched = runner.engine.scheduler
     writer = SocketWriter()
     app.state.writer = writer
     runner.on_flush.append(writer.flush)
@@ -364,6 +363,19 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo,
     async def _http_error(_: HttpRequest, exc: HTTPException) -> JSONResponse:
         # FastAPI's own refusals (a body it cannot decode, an unknown path or method) in the OpenAI shape too
         return _error(exc.status_code, str(exc.detail))
+
+    _info_routes(app, runner, info, more_metrics)
+    gen = Generation(runner, text, info, writer, fail_generations)
+    app.post("/v1/completions", response_model=None)(gen.completions)
+    app.post("/v1/chat/completions", response_model=None)(gen.chat)
+    app.fast_routes["/v1/completions"] = (CompletionRequest, gen.completions)
+    app.fast_routes["/v1/chat/completions"] = (ChatRequest, gen.chat)
+    return app
+
+
+def _info_routes(app: FastAPI, runner: EngineRunner, info: ServerInfo, more_metrics: Iterable[Collector]) -> None:
+    """The read-only endpoints: health, the model list, Prometheus metrics and SGLang's info and load probes."""
+    sched = runner.engine.scheduler
 
     @app.get("/health")
     async def health() -> PlainTextResponse:
@@ -417,67 +429,24 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo,
         return [{"dp_rank": 0, "num_reqs": len(sched.running) + sched.num_waiting,
                  "num_waiting_reqs": sched.num_waiting, "num_tokens": sched.kv.num_used * sched.config.block_size}]
 
-    def _adapter(body: _Common) -> str | JSONResponse | None:
-        """The LoRA adapter a request names (None for the base model), or a 404 for an unknown model."""
-        if body.model is None or body.model == info.served_model_name:
-            return None
-        if body.model in info.lora_modules:
-            return body.model
-        return _error(404, f"The model `{_shown(body.model)}` does not exist.")
 
-    def _request(body: _Common, prompt_ids: list[int], prefix: str) -> Request | JSONResponse:
-        why = body.unsupported()
-        if why is not None:
-            return _error(400, why)
-        lora = _adapter(body)
-        if isinstance(lora, JSONResponse):
-            return lora
-        # as vLLM without a KV connector, a server that is not a P/D decode engine prefills locally (a prefill
-        # engine refuses the request: the engine says why)
-        remote = bool(body.kv_transfer_params and body.kv_transfer_params.get("do_remote_prefill")) and (
-            sched.config.role is not NodeRole.MIXED)
-        rid = f"{prefix}-{uuid.uuid4().hex}"
-        prompt_len = len(prompt_ids)
-        limit = body.max_completion_tokens or body.max_tokens
-        if limit and body.min_tokens > limit:
-            return _error(400, f"min_tokens must be less than or equal to max_tokens={limit}, got {body.min_tokens}")
-        room = info.max_model_len - prompt_len
-        if room < 1:
-            return _error(400, f"prompt has {prompt_len} tokens; this model's maximum context is "
-                               f"{info.max_model_len} tokens")
-        max_tokens = min(limit, room) if limit else (room if prefix == "chatcmpl" else min(16, room))
-        if not limit and body.min_tokens > max_tokens:  # the default length: checked against it as vLLM does
-            return _error(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got "
-                               f"{body.min_tokens}")
-        return Request(
-            rid, prompt_ids, max_tokens=max_tokens, min_tokens=body.min_tokens,
-            stop_token_ids=body.stop_token_ids, eos_token_id=text.eos_token_id, ignore_eos=body.ignore_eos,
-            priority=body.priority, sampled_token_ids=text.sample(rid, max_tokens, body.ignore_eos),
-            filler_token=text.filler, lora=lora, remote_prefill=remote,
-        )
+class Generation:
+    """The two generation endpoints (completions, chat completions): a request checked as vLLM checks it, handed
+    to the engine, and answered as a stream or as one JSON once it ends."""
 
-    # the emulated model's vocabulary (a trace of its real token ids replays as sent), at least the shipped
-    # tokenizer's (whose ids a text prompt becomes)
-    vocab_size = max(text.vocab_size, info.vocab_size)
+    def __init__(self, runner: EngineRunner, text: TextModel, info: ServerInfo, writer: SocketWriter,
+                 fail_generations: bool = False) -> None:
+        self.runner = runner
+        self.sched = runner.engine.scheduler
+        self.text = text
+        self.info = info
+        self.writer = writer
+        self.fail_generations = fail_generations
+        # the emulated model's vocabulary (a trace of its real token ids replays as sent), at least the shipped
+        # tokenizer's (whose ids a text prompt becomes)
+        self.vocab_size = max(text.vocab_size, info.vocab_size)
 
-    async def _encode(prompt: str) -> list[int] | JSONResponse:
-        # long prompts are tokenized on a thread so the step loop keeps its deadlines
-        try:
-            if len(prompt) < OFFLOOP_TOKENIZE_CHARS:
-                return text.encode(prompt)
-            return await asyncio.to_thread(text.encode_off_gil, prompt)
-        except TypeError:  # a lone UTF-16 surrogate (JSON allows "\ud800") is no text the tokenizer takes
-            return _error(400, "prompt is not valid Unicode text (it holds a lone surrogate)")
-
-    def _out_of_vocab(ids: list[int]) -> JSONResponse | None:
-        """A 400 for token ids the model has no token for (vLLM's check), else None."""
-        low, high = min(ids), max(ids)
-        if low < 0 or high >= vocab_size:
-            return _error(400, f"Token id {low if low < 0 else high} is out of vocabulary")
-        return None
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(self, body: CompletionRequest) -> Any:
         """OpenAI completions, streaming or not."""
         p = body.prompt
         one: str | list[int]
@@ -487,41 +456,103 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo,
             p = p[0]
         if isinstance(p, str):
             one = p
-        elif len(p) > info.max_model_len:  # judged before the ids are copied and range-checked on the event loop
+        elif len(p) > self.info.max_model_len:  # judged before the ids are copied and range-checked on the loop
             return _error(400, f"prompt has more tokens than this model's maximum context of "
-                               f"{info.max_model_len} tokens")
+                               f"{self.info.max_model_len} tokens")
         else:  # token ids (validated as list[int])
             one = list(map(int, p))  # type: ignore[arg-type]
-        ids = await _encode(one) if isinstance(one, str) else one
+        ids = await self._encode(one) if isinstance(one, str) else one
         if isinstance(ids, JSONResponse):
             return ids
         if not ids:
             return _error(400, "prompt is empty")
-        if not isinstance(one, str) and (bad := _out_of_vocab(ids)) is not None:
+        if not isinstance(one, str) and (bad := self._out_of_vocab(ids)) is not None:
             return bad
-        return await _serve(body, ids, "cmpl", chat=False)
+        return await self._serve(body, ids, "cmpl", chat=False)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatRequest) -> Any:
+    async def chat(self, body: ChatRequest) -> Any:
         """OpenAI chat completions, streaming or not."""
-        ids = await _encode(text.render_chat([(m.role, m.text()) for m in body.messages]))
+        ids = await self._encode(self.text.render_chat([(m.role, m.text()) for m in body.messages]))
         if isinstance(ids, JSONResponse):
             return ids
-        return await _serve(body, ids, "chatcmpl", chat=True)
+        return await self._serve(body, ids, "chatcmpl", chat=True)
 
-    async def _serve(body: _Common, ids: list[int], prefix: str, chat: bool) -> Any:
-        if fail_generations:
+    async def _encode(self, prompt: str) -> list[int] | JSONResponse:
+        # long prompts are tokenized on a thread so the step loop keeps its deadlines
+        try:
+            if len(prompt) < OFFLOOP_TOKENIZE_CHARS:
+                return self.text.encode(prompt)
+            return await asyncio.to_thread(self.text.encode_off_gil, prompt)
+        except TypeError:  # a lone UTF-16 surrogate (JSON allows "\ud800") is no text the tokenizer takes
+            return _error(400, "prompt is not valid Unicode text (it holds a lone surrogate)")
+
+    def _out_of_vocab(self, ids: list[int]) -> JSONResponse | None:
+        """A 400 for token ids the model has no token for (vLLM's check), else None."""
+        low, high = min(ids), max(ids)
+        if low < 0 or high >= self.vocab_size:
+            return _error(400, f"Token id {low if low < 0 else high} is out of vocabulary")
+        return None
+
+    def _adapter(self, body: _Common) -> str | JSONResponse | None:
+        """The LoRA adapter a request names (None for the base model), or a 404 for an unknown model."""
+        if body.model is None or body.model == self.info.served_model_name:
+            return None
+        if body.model in self.info.lora_modules:
+            return body.model
+        return _error(404, f"The model `{_shown(body.model)}` does not exist.")
+
+    def _request(self, body: _Common, prompt_ids: list[int], prefix: str) -> Request | JSONResponse:
+        why = body.unsupported()
+        if why is not None:
+            return _error(400, why)
+        lora = self._adapter(body)
+        if isinstance(lora, JSONResponse):
+            return lora
+        # as vLLM without a KV connector, a server that is not a P/D decode engine prefills locally (a prefill
+        # engine refuses the request: the engine says why)
+        remote = bool(body.kv_transfer_params and body.kv_transfer_params.get("do_remote_prefill")) and (
+            self.sched.config.role is not NodeRole.MIXED)
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        max_tokens = self._max_tokens(body, len(prompt_ids), prefix)
+        if isinstance(max_tokens, JSONResponse):
+            return max_tokens
+        text = self.text
+        return Request(
+            rid, prompt_ids, max_tokens=max_tokens, min_tokens=body.min_tokens,
+            stop_token_ids=body.stop_token_ids, eos_token_id=text.eos_token_id, ignore_eos=body.ignore_eos,
+            priority=body.priority, sampled_token_ids=text.sample(rid, max_tokens, body.ignore_eos),
+            filler_token=text.filler, lora=lora, remote_prefill=remote,
+        )
+
+    def _max_tokens(self, body: _Common, prompt_len: int, prefix: str) -> int | JSONResponse:
+        """How many tokens the request may generate (vLLM's defaults and checks), or its 400."""
+        limit = body.max_completion_tokens or body.max_tokens
+        if limit and body.min_tokens > limit:
+            return _error(400, f"min_tokens must be less than or equal to max_tokens={limit}, got {body.min_tokens}")
+        room = self.info.max_model_len - prompt_len
+        if room < 1:
+            return _error(400, f"prompt has {prompt_len} tokens; this model's maximum context is "
+                               f"{self.info.max_model_len} tokens")
+        max_tokens = min(limit, room) if limit else (room if prefix == "chatcmpl" else min(16, room))
+        if not limit and body.min_tokens > max_tokens:  # the default length: checked against it as vLLM does
+            return _error(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got "
+                               f"{body.min_tokens}")
+        return max_tokens
+
+    async def _serve(self, body: _Common, ids: list[int], prefix: str, chat: bool) -> Any:
+        if self.fail_generations:
             return _error(500, "this server fails every generation (--fail-generations)")
-        req = _request(body, ids, prefix)
+        req = self._request(body, ids, prefix)
         if isinstance(req, JSONResponse):
             return req
-        model = req.lora or info.served_model_name
+        model = req.lora or self.info.served_model_name
         created = int(time.time())
+        text, runner = self.text, self.runner
         sink: SseSink | CollectSink
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             sink = SseSink(req.req_id, model, created, chat, include_usage, text.json_piece, text.eos_token_id,
-                          text.json_pieces)
+                           text.json_pieces)
         else:
             sink = CollectSink()
         try:
@@ -529,16 +560,18 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo,
         except ValueError as err:
             return _error(400, str(err))
         if isinstance(sink, SseSink):
-            return SseResponse(sink, lambda: runner.abort(req), writer)
+            return SseResponse(sink, lambda: runner.abort(req), self.writer)
+        collected = sink
+
         def answer(reason: str, stop_reason: int | None) -> dict[str, Any]:
-            return _answer(req, sink.token_ids, reason, stop_reason, model, created, chat)
+            return self._answer(req, collected.token_ids, reason, stop_reason, model, created, chat)
 
-        return CollectedResponse(sink, answer, lambda: runner.abort(req))
+        return CollectedResponse(collected, answer, lambda: runner.abort(req))
 
-    def _answer(req: Request, token_ids: list[int], reason: str, stop_reason: int | None, model: str,
+    def _answer(self, req: Request, token_ids: list[int], reason: str, stop_reason: int | None, model: str,
                 created: int, chat: bool) -> dict[str, Any]:
-        visible = [t for t in token_ids if t != text.eos_token_id]
-        content = text.detokenize(visible)
+        visible = [t for t in token_ids if t != self.text.eos_token_id]
+        content = self.text.detokenize(visible)
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
         if stop_reason is not None:
             choice["stop_reason"] = stop_reason
@@ -553,13 +586,10 @@ def create_app(runner: EngineRunner, text: TextModel, info: ServerInfo,
         }
         handoff = req.kv_handoff
         if handoff is not None:  # a prefill engine: what the decode side needs to pull this request's KV
+            info = self.info
             out["kv_transfer_params"] = {
                 "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": info.instance_id,
                 "remote_request_id": handoff.req_id, "remote_host": info.url, "num_tokens": handoff.num_tokens,
                 "num_bytes": handoff.num_bytes,
             }
         return out
-
-    app.fast_routes["/v1/completions"] = (CompletionRequest, completions)
-    app.fast_routes["/v1/chat/completions"] = (ChatRequest, chat)
-    return app
