@@ -176,7 +176,10 @@ async def test_a_fifo_with_a_reader_gets_every_line_from_a_served_request(tmp_pa
     reading = threading.Thread(target=read_to_the_end, daemon=True)
     reading.start()
     body = await _one_chat(EmbeddedServer(opts), max_tokens=2)
+    assert opts.request_log_fd is not None  # the command line's own descriptor, which its process holds to its exit:
+    os.close(opts.request_log_fd)  # closed as that exit would, so the reader's file ends (not a 10 s join timeout)
     await asyncio.to_thread(reading.join, 10)
+    assert not reading.is_alive()  # the reader saw its file end: the stopped server holds no descriptor of it
     os.close(reader)
     (line,) = b"".join(got).splitlines()
     assert json.loads(line)["id"] == body["id"]
