@@ -296,12 +296,6 @@ def streams_land_where_picked(gw: Gateway, engines: list[Engine], n: int = 6) ->
         assert all(after[e] == before[e] for e in after if e != target.instance)  # ...and no other
 
 
-def test_streamed_chat_completion_lands_on_the_endpoint_the_picker_chose(gateway: Gateway,
-                                                                         engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    streams_land_where_picked(gateway, engines)
-
-
 def no_endpoint_answer(url: str) -> httpx.Response:
     """The gateway's answer to a chat request for a model no engine serves."""
     return httpx.post(f"{url}/v1/chat/completions", json={**_chat("hi"), "model": "no-such-model"}, timeout=10)
@@ -314,21 +308,6 @@ def malformed_then_fine(url: str) -> list[httpx.Response]:
                       headers={"content-type": "application/json"})
            for body in (b"{not json", b"[]", b'{"model": 3}', b'{"model": "m"}', b"x" * 100_000)]
     return [*bad, httpx.post(f"{url}/v1/chat/completions", json=_chat("still fine", 2, False), timeout=10)]
-
-
-def test_no_endpoint_for_the_model_is_503(gateway: Gateway, engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    r = no_endpoint_answer(gateway.url)
-    assert r.status_code == 503
-    assert "no-such-model" in r.json()["error"]["message"]
-
-
-def test_malformed_body_is_400_and_the_picker_keeps_serving(gateway: Gateway, engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    *bad, fine = malformed_then_fine(gateway.url)
-    for r in bad:
-        assert r.status_code == 400, (r.request.content[:20], r.status_code, r.text)
-    assert fine.status_code == 200
 
 
 def shed_and_kept(url: str, eng: Engine) -> tuple[int, int]:
@@ -480,89 +459,6 @@ def test_an_engine_failing_every_request_is_left_out_after_three_failures(nats_s
         assert answers == [(200, good.address)] * len(answers), answers
 
 
-def test_killed_picker_replica_requests_keep_flowing_through_the_others(gateway3: Gateway,
-                                                                        engines: list[Engine]) -> None:
-    _wait_routable(gateway3, len(engines))
-    every_replica_has_every_engine(gateway3, engines)  # each keeps its own snapshot
-    gateway3.pickers[0].send_signal(signal.SIGKILL)
-    gateway3.pickers[0].wait(5)
-    kill_t = time.monotonic()
-
-    async def drive() -> list[tuple[float, int, str]]:
-        out = []
-        async with httpx.AsyncClient(timeout=30) as c:
-            for i in range(40):
-                r = await c.post(f"{gateway3.url}/v1/chat/completions", json=_chat(f"after picker kill {i}", 2, False))
-                out.append((time.monotonic() - kill_t, r.status_code, r.text[:160] if r.status_code != 200 else ""))
-                await asyncio.sleep(0.05)
-        return out
-
-    results = asyncio.run(drive())
-    failed = [(round(t, 2), code, why) for t, code, why in results if code != 200]
-    stats = gateway3.envoy_stats("cluster.gantry_epp.")
-    print("requests refused after the picker kill:", failed, {k: v for k, v in stats.items()
-                                                              if "retry" in k or "ejections_enforced_total" in k})
-    # a stream that cannot reach the dead replica is retried on a live one, and the first refused connection
-    # ejects it: not one request fails (test_gateway_failover.py kills replicas mid-stream)
-    assert not failed, failed
-
-
-def test_openai_sdk_streams_through_the_gateway_unchanged(gateway: Gateway, engines: list[Engine]) -> None:
-    from openai import OpenAI
-
-    _wait_routable(gateway, len(engines))
-    client = OpenAI(base_url=f"{gateway.url}/v1", api_key="none")
-    assert [m.id for m in client.models.list()] == [MODEL]
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello there"}],
-                                            max_tokens=10, stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True})
-    usage = None
-    pieces = []
-    for ev in stream:
-        if ev.usage:
-            usage = ev.usage
-        pieces += [c.delta.content or "" for c in ev.choices]
-    assert usage is not None and usage.completion_tokens == 10
-    assert "".join(pieces).strip()
-
-
-def test_forged_engine_reports_are_dead_lettered_and_routing_goes_on(gateway_feed: Gateway, engines: list[Engine],
-                                                                     nats_server: ServerProcess) -> None:
-    from shared.bus.messages import ErrorEvent, decode
-
-    gateway = gateway_feed
-    _wait_routable(gateway, len(engines))
-    streams_land_where_picked(gateway, engines, 2)
-
-    async def forge() -> list[ErrorEvent]:
-        nc = await nats.connect(nats_server.url)
-        got: list[ErrorEvent] = []
-        sub = await nc.subscribe(subjects.dead_letter("gateway"))
-        bad_url = EngineMetrics(instance_id="forged", model=MODEL, url="http://nowhere", ts=time.time(),
-                                num_requests_running=0, num_requests_waiting=0, kv_cache_usage_perc=0.0,
-                                block_size=16, num_gpu_blocks=1)
-        for subject, payload in ((subjects.engine_metrics("x"), b"{not json"),
-                                 (subjects.engine_kv_events("x"), b'{"instance_id": 5}'),
-                                 (subjects.engine_metrics("forged"), encode(bad_url))):
-            await nc.publish(subject, payload)
-        await nc.flush()
-        deadline = time.monotonic() + 30  # the picker dead-letters each as it reads it: later on a loaded host
-        while len(got) < 3 and time.monotonic() < deadline:
-            try:
-                m = await sub.next_msg(timeout=0.5)
-            except TimeoutError:
-                continue
-            got.append(decode(m.data, ErrorEvent))
-        await nc.drain()
-        return got
-
-    events = asyncio.run(forge())
-    assert len(events) == 3 and all(e.service == "gateway" and e.reason for e in events)
-    assert any("host:port" in e.reason for e in events)
-    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("still routing", 2, False), timeout=10)
-    assert r.status_code == 200 and r.headers[SERVED] in {e.address for e in engines}
-
-
 def _messages_to_picker(gw: Gateway) -> int:
     stats = admin_get(gw.admin, "/stats?filter=ext_proc.stream_msgs_sent")
     return sum(int(line.rsplit(" ", 1)[1]) for line in stats.splitlines() if line.strip())
@@ -594,22 +490,6 @@ def test_a_body_of_megabytes_reaches_the_engine_and_one_past_the_limit_is_refuse
     assert past.status_code == 413 and SERVED not in past.headers  # Envoy's: it never left the gateway
 
 
-def test_only_a_streamed_answer_passes_its_chunks_through_the_picker(gateway: Gateway,
-                                                                     engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    before = _messages_to_picker(gateway)
-    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("whole answer", 8, False), timeout=30)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
-    after_json = _messages_to_picker(gateway)
-    assert after_json - before == 3  # request headers, body, response headers: no round trip for the body
-    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=_chat("streamed answer", 8),
-                      timeout=30) as s:
-        chunks = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
-    assert len(chunks) >= 9
-    # the picker asked for this body (first chunk = prefill done): its chunks went through it too
-    assert _messages_to_picker(gateway) - after_json > 3
-
-
 def private_listeners(gw: Gateway, *sockets: str) -> None:
     """Each picker listens on no TCP or UDP port, only on ``sockets`` in its own directory: the directory
     (mode 0700) and the sockets (0600) are its user's alone."""
@@ -620,29 +500,6 @@ def private_listeners(gw: Gateway, *sockets: str) -> None:
         for name in sockets:
             st = (d / name).stat()
             assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
-
-
-def test_the_picker_is_reached_only_through_its_private_unix_socket(gateway: Gateway, engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))  # Envoy reaches it (the default transport)
-    private_listeners(gateway, GRPC_SOCKET)
-    assert sorted(p.name for p in gateway.socket_dirs[0].iterdir()) == [GRPC_SOCKET]
-
-
-@pytest.mark.parametrize("transport", list(PickerTransport))
-def test_over_tcp_when_asked_the_picker_routes_as_on_its_socket(nats_server: ServerProcess, tmp_path: Path,
-                                                                engines: list[Engine],
-                                                                transport: PickerTransport) -> None:
-    """The explicit TCP option (Envoy in another container): ports given to both sides, nothing else changes."""
-    gen = _gateway(nats_server.url, tmp_path, 1, transport=transport, tcp=True)
-    gw = next(gen)
-    try:
-        _wait_routable(gw, len(engines))
-        inet = psutil.Process(gw.picker.pid).net_connections(kind="inet")
-        assert any(c.status == psutil.CONN_LISTEN for c in inet)
-        r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat("over tcp", 2, False), timeout=10)
-        assert r.status_code == 200 and r.headers[SERVED] in {e.address for e in engines}
-    finally:
-        gen.close()
 
 
 def health_once_the_picker_answers(url: str, timeout: float = 60) -> httpx.Response:
@@ -661,7 +518,163 @@ def test_health_is_503_while_the_picker_knows_no_endpoint(gateway: Gateway) -> N
     assert r.status_code == 503 and "no endpoint" in r.json()["error"]["message"]
 
 
-def test_health_is_200_once_the_picker_knows_an_endpoint(gateway: Gateway, engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    r = httpx.get(f"{gateway.url}/health", timeout=5)  # what load generators (guidellm) check before a run
-    assert r.status_code == 200 and r.json() == {"status": "ok", "endpoints": len(engines)}
+class TestOnEnginesLeftAsFound:
+    """Behaviours that leave the engines (and the plain gateway) as they found them share them: two engines and one
+    gateway for the class, each started once (an engine's start is most of a test's ~2 s setup). Every check here
+    is relative to the engines' counters before it, so the order of the tests does not matter. Tests that kill,
+    add or count engines of their own (the pool's size with none, a busy or a failing engine) keep fresh ones. The
+    tests with gateways of their own come first, before the class's gateway starts: no other picker hears what they
+    publish (the forged reports' dead letters are counted)."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engines(cls, nats_server: ServerProcess,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Engine]]:
+        yield from _engines(nats_server.url, tmp_path_factory.mktemp("engines"), 2)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def gateway(cls, nats_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+        yield from _gateway(nats_server.url, tmp_path_factory.mktemp("gateway"), 1)
+
+    @pytest.mark.parametrize("transport", list(PickerTransport))
+    def test_over_tcp_when_asked_the_picker_routes_as_on_its_socket(self, nats_server: ServerProcess, tmp_path: Path,
+                                                                    engines: list[Engine],
+                                                                    transport: PickerTransport) -> None:
+        """The explicit TCP option (Envoy in another container): ports given to both sides, nothing else changes."""
+        gen = _gateway(nats_server.url, tmp_path, 1, transport=transport, tcp=True)
+        gw = next(gen)
+        try:
+            _wait_routable(gw, len(engines))
+            inet = psutil.Process(gw.picker.pid).net_connections(kind="inet")
+            assert any(c.status == psutil.CONN_LISTEN for c in inet)
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat("over tcp", 2, False), timeout=10)
+            assert r.status_code == 200 and r.headers[SERVED] in {e.address for e in engines}
+        finally:
+            gen.close()
+
+    def test_forged_engine_reports_are_dead_lettered_and_routing_goes_on(self, gateway_feed: Gateway,
+                                                                         engines: list[Engine],
+                                                                         nats_server: ServerProcess) -> None:
+        from shared.bus.messages import ErrorEvent, decode
+
+        gateway = gateway_feed
+        _wait_routable(gateway, len(engines))
+        streams_land_where_picked(gateway, engines, 2)
+
+        async def forge() -> list[ErrorEvent]:
+            nc = await nats.connect(nats_server.url)
+            got: list[ErrorEvent] = []
+            sub = await nc.subscribe(subjects.dead_letter("gateway"))
+            bad_url = EngineMetrics(instance_id="forged", model=MODEL, url="http://nowhere", ts=time.time(),
+                                    num_requests_running=0, num_requests_waiting=0, kv_cache_usage_perc=0.0,
+                                    block_size=16, num_gpu_blocks=1)
+            for subject, payload in ((subjects.engine_metrics("x"), b"{not json"),
+                                     (subjects.engine_kv_events("x"), b'{"instance_id": 5}'),
+                                     (subjects.engine_metrics("forged"), encode(bad_url))):
+                await nc.publish(subject, payload)
+            await nc.flush()
+            deadline = time.monotonic() + 30  # the picker dead-letters each as it reads it: later on a loaded host
+            while len(got) < 3 and time.monotonic() < deadline:
+                try:
+                    m = await sub.next_msg(timeout=0.5)
+                except TimeoutError:
+                    continue
+                got.append(decode(m.data, ErrorEvent))
+            await nc.drain()
+            return got
+
+        events = asyncio.run(forge())
+        assert len(events) == 3 and all(e.service == "gateway" and e.reason for e in events)
+        assert any("host:port" in e.reason for e in events)
+        r = httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("still routing", 2, False), timeout=10)
+        assert r.status_code == 200 and r.headers[SERVED] in {e.address for e in engines}
+
+    def test_killed_picker_replica_requests_keep_flowing_through_the_others(self, gateway3: Gateway,
+                                                                            engines: list[Engine]) -> None:
+        _wait_routable(gateway3, len(engines))
+        every_replica_has_every_engine(gateway3, engines)  # each keeps its own snapshot
+        gateway3.pickers[0].send_signal(signal.SIGKILL)
+        gateway3.pickers[0].wait(5)
+        kill_t = time.monotonic()
+
+        async def drive() -> list[tuple[float, int, str]]:
+            out = []
+            async with httpx.AsyncClient(timeout=30) as c:
+                for i in range(40):
+                    r = await c.post(f"{gateway3.url}/v1/chat/completions",
+                                     json=_chat(f"after picker kill {i}", 2, False))
+                    out.append((time.monotonic() - kill_t, r.status_code, r.text[:160] if r.status_code != 200 else ""))
+                    await asyncio.sleep(0.05)
+            return out
+
+        results = asyncio.run(drive())
+        failed = [(round(t, 2), code, why) for t, code, why in results if code != 200]
+        stats = gateway3.envoy_stats("cluster.gantry_epp.")
+        print("requests refused after the picker kill:", failed, {k: v for k, v in stats.items()
+                                                                  if "retry" in k or "ejections_enforced_total" in k})
+        # a stream that cannot reach the dead replica is retried on a live one, and the first refused connection
+        # ejects it: not one request fails (test_gateway_failover.py kills replicas mid-stream)
+        assert not failed, failed
+
+    def test_streamed_chat_completion_lands_on_the_endpoint_the_picker_chose(self, gateway: Gateway,
+                                                                             engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))
+        streams_land_where_picked(gateway, engines)
+
+    def test_no_endpoint_for_the_model_is_503(self, gateway: Gateway, engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))
+        r = no_endpoint_answer(gateway.url)
+        assert r.status_code == 503
+        assert "no-such-model" in r.json()["error"]["message"]
+
+    def test_malformed_body_is_400_and_the_picker_keeps_serving(self, gateway: Gateway, engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))
+        *bad, fine = malformed_then_fine(gateway.url)
+        for r in bad:
+            assert r.status_code == 400, (r.request.content[:20], r.status_code, r.text)
+        assert fine.status_code == 200
+
+    def test_openai_sdk_streams_through_the_gateway_unchanged(self, gateway: Gateway, engines: list[Engine]) -> None:
+        from openai import OpenAI
+
+        _wait_routable(gateway, len(engines))
+        client = OpenAI(base_url=f"{gateway.url}/v1", api_key="none")
+        assert [m.id for m in client.models.list()] == [MODEL]
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello there"}],
+                                                max_tokens=10, stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True})
+        usage = None
+        pieces = []
+        for ev in stream:
+            if ev.usage:
+                usage = ev.usage
+            pieces += [c.delta.content or "" for c in ev.choices]
+        assert usage is not None and usage.completion_tokens == 10
+        assert "".join(pieces).strip()
+
+    def test_only_a_streamed_answer_passes_its_chunks_through_the_picker(self, gateway: Gateway,
+                                                                         engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))
+        before = _messages_to_picker(gateway)
+        r = httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("whole answer", 8, False), timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        after_json = _messages_to_picker(gateway)
+        assert after_json - before == 3  # request headers, body, response headers: no round trip for the body
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=_chat("streamed answer", 8),
+                          timeout=30) as s:
+            chunks = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert len(chunks) >= 9
+        # the picker asked for this body (first chunk = prefill done): its chunks went through it too
+        assert _messages_to_picker(gateway) - after_json > 3
+
+    def test_the_picker_is_reached_only_through_its_private_unix_socket(self, gateway: Gateway,
+                                                                        engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))  # Envoy reaches it (the default transport)
+        private_listeners(gateway, GRPC_SOCKET)
+        assert sorted(p.name for p in gateway.socket_dirs[0].iterdir()) == [GRPC_SOCKET]
+
+    def test_health_is_200_once_the_picker_knows_an_endpoint(self, gateway: Gateway, engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))
+        r = httpx.get(f"{gateway.url}/health", timeout=5)  # what load generators (guidellm) check before a run
+        assert r.status_code == 200 and r.json() == {"status": "ok", "endpoints": len(engines)}
