@@ -65,48 +65,9 @@ def _settled(gw: Gateway, timeout: float = 15) -> dict[str, Any]:
     return got
 
 
-def test_streamed_chat_lands_on_the_chosen_endpoint_and_the_access_log_ends_it(gateway: Gateway,
-                                                                               engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    finished = _settled(gateway)["finished"]
-    streams_land_where_picked(gateway, engines, 6)
-    books = _settled(gateway)
-    assert books["inflight"] == 0 and set(books["endpoints"].values()) == {0}
-    assert books["finished"] == finished + 6
-
-
-def test_models_are_listed_by_the_picker_through_envoy(gateway: Gateway, engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    got = httpx.get(f"{gateway.url}/v1/models", timeout=5)
-    assert got.status_code == 200 and [m["id"] for m in got.json()["data"]] == [MODEL]
-
-
 def test_health_is_503_while_the_picker_knows_no_endpoint(gateway: Gateway) -> None:
     r = health_once_the_picker_answers(gateway.url)
     assert r.status_code == 503 and "no endpoint" in r.json()["error"]["message"]
-
-
-def test_health_is_200_once_the_picker_knows_an_endpoint(gateway: Gateway, engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    r = httpx.get(f"{gateway.url}/health", timeout=5)
-    assert r.status_code == 200 and r.json() == {"status": "ok", "endpoints": len(engines)}
-
-
-def test_no_endpoint_for_the_model_is_503(gateway: Gateway, engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    r = no_endpoint_answer(gateway.url)
-    assert r.status_code == 503 and r.headers["content-type"] == "application/json"
-    assert "no-such-model" in r.json()["error"]["message"]
-
-
-def test_malformed_body_is_400_and_the_picker_keeps_serving(gateway: Gateway, engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))
-    *bad, fine = malformed_then_fine(gateway.url)
-    for r in bad:
-        assert r.status_code == 400, (r.request.content[:20], r.status_code, r.text)
-        assert r.json()["error"]["code"] == 400
-    assert fine.status_code == 200
-    assert _settled(gateway)["inflight"] == 0
 
 
 def test_sheddable_request_is_429_when_the_pool_is_saturated(gateway: Gateway, nats_server: ServerProcess,
@@ -145,21 +106,6 @@ def _after_picker_killed(nats_url: str, tmp_path: Path, failure_mode: FailureMod
         gen.close()
 
 
-def test_fail_close_with_the_picker_dead_refuses_at_once(nats_server: ServerProcess, tmp_path: Path,
-                                                        engines: list[Engine]) -> None:
-    before = sum(e.requests_served() for e in engines)
-    assert _after_picker_killed(nats_server.url, tmp_path, FailureMode.FAIL_CLOSE, engines) == [500] * 5
-    assert sum(e.requests_served() for e in engines) == before + 1  # only the warm-up request was sent
-
-
-def test_fail_open_with_the_picker_dead_serves_on_the_models_servers(nats_server: ServerProcess, tmp_path: Path,
-                                                                   engines: list[Engine]) -> None:
-    before = sum(e.requests_served() for e in engines)
-    assert _after_picker_killed(nats_server.url, tmp_path, FailureMode.FAIL_OPEN, engines) == [200] * 5
-    time.sleep(0.05)
-    assert sum(e.requests_served() for e in engines) == before + 6
-
-
 def _heard(gw: Gateway, replica: int) -> int:
     """How many engines a picker replica's pool holds; -1 while its socket is not listening yet (one routable
     replica is not all three: on a loaded host the others bound their sockets later, and CI once failed here)."""
@@ -169,81 +115,146 @@ def _heard(gw: Gateway, replica: int) -> int:
         return -1
 
 
-def test_killed_picker_replica_checks_go_to_the_others_and_each_keeps_only_its_own_books(
-        nats_server: ServerProcess, tmp_path: Path, engines: list[Engine]) -> None:
-    gen = _authz_gateway(nats_server.url, tmp_path, replicas=3)
-    gw = next(gen)
-    try:
-        _wait_routable(gw, len(engines))
-        deadline = time.monotonic() + 30  # every replica heard every engine (each one's pool, from its own socket)
-        while (heard := [_heard(gw, p) for p in range(len(gw.pickers))]) != [len(engines)] * 3:
-            assert time.monotonic() < deadline, f"picker replicas' pools never filled: {heard} of {len(engines)}"
-            time.sleep(0.05)
-        gw.pickers[0].send_signal(signal.SIGKILL)
-        gw.pickers[0].wait(5)
-        codes = []
-        for i in range(30):
-            r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat(f"after picker kill {i}", 2, False), timeout=30)
-            codes.append(r.status_code)
-            time.sleep(0.05)
-        assert codes == [200] * 30  # a check the dead replica refused was sent to a live one
-        live = range(1, len(gw.pickers))
-        deadline = time.monotonic() + 15
-        while any(gw.stats(p)["inflight"] for p in live) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        books = [gw.stats(p) for p in live]
-        # every replica heard every request's end, and ended exactly the ones it routed
-        assert [b["inflight"] for b in books] == [0, 0]
-        assert all(set(b["endpoints"].values()) == {0} for b in books)
-        assert all(b["finished"] == b["picks"] for b in books)
-        assert sum(b["picks"] for b in books) >= 30
-    finally:
-        gen.close()
+class TestOnEnginesLeftAsFound:
+    """Behaviours that leave the engines (and the plain gateway) as they found them share them: two engines and one
+    gateway for the class, each started once (an engine's start is most of a test's ~2 s setup). Every check here
+    is relative to the engines' counters and the picker's books before it, so the order of the tests does not
+    matter. Tests that kill, add or count engines of their own (the pool's size with none, a busy engine) keep
+    fresh ones. The tests with gateways of their own come first, before the class's gateway starts."""
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engines(cls, nats_server: ServerProcess,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Engine]]:
+        yield from _engines(nats_server.url, tmp_path_factory.mktemp("engines"), 2)
 
-def test_the_picker_is_reached_only_through_its_private_unix_sockets(gateway: Gateway, engines: list[Engine]) -> None:
-    _wait_routable(gateway, len(engines))  # checks on its HTTP socket, the access log on its gRPC one
-    private_listeners(gateway, GRPC_SOCKET, HTTP_SOCKET)
+    @pytest.fixture(scope="class")
+    @classmethod
+    def gateway(cls, nats_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+        yield from _authz_gateway(nats_server.url, tmp_path_factory.mktemp("gateway"))
 
+    def test_fail_close_with_the_picker_dead_refuses_at_once(self, nats_server: ServerProcess, tmp_path: Path,
+                                                             engines: list[Engine]) -> None:
+        before = sum(e.requests_served() for e in engines)
+        assert _after_picker_killed(nats_server.url, tmp_path, FailureMode.FAIL_CLOSE, engines) == [500] * 5
+        assert sum(e.requests_served() for e in engines) == before + 1  # only the warm-up request was sent
 
-def test_a_client_sent_pick_id_never_reaches_the_access_log(gateway: Gateway, engines: list[Engine]) -> None:
-    """A forged ``x-gantry-pick-id`` on a refused or a routed request: Envoy drops it before anything reads it,
-    so the access log (which ends the picker's books) names only the picker's own ids."""
-    _wait_routable(gateway, len(engines))
-    forged = {"x-gantry-pick-id": "forged", "x-gantry-endpoints": "forged"}
-    refused = httpx.post(f"{gateway.url}/v1/chat/completions", json={**_chat("hi"), "model": "no-such-model"},
-                         headers={**forged, "x-request-id": "refused-1"}, timeout=10)
-    routed = httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("forging", 2, False),
-                        headers={**forged, "x-request-id": "routed-1"}, timeout=10)
-    assert (refused.status_code, routed.status_code) == (503, 200)
-    log = gateway.envoy.log_path.parent / "access.log"
-    deadline = time.monotonic() + 10  # Envoy flushes its file log about once a second (later on a busy host)
-    while "x-request-id=routed-1" not in (text := log.read_text()) or "x-request-id=refused-1" not in text:
-        assert time.monotonic() < deadline, text[-2000:]
-        time.sleep(0.1)
-    picks = dict(re.findall(r"x-request-id=(\S+) pick=(\S+)", text))
-    assert picks["refused-1"] == "-"
-    assert picks["routed-1"].startswith("routed-1#") and "forged" not in picks["routed-1"]
-    books = _settled(gateway)
-    assert books["inflight"] == 0 and books["finished"] == books["picks"]
+    def test_fail_open_with_the_picker_dead_serves_on_the_models_servers(self, nats_server: ServerProcess,
+                                                                         tmp_path: Path,
+                                                                         engines: list[Engine]) -> None:
+        before = sum(e.requests_served() for e in engines)
+        assert _after_picker_killed(nats_server.url, tmp_path, FailureMode.FAIL_OPEN, engines) == [200] * 5
+        time.sleep(0.05)
+        assert sum(e.requests_served() for e in engines) == before + 6
 
+    def test_killed_picker_replica_checks_go_to_the_others_and_each_keeps_only_its_own_books(
+            self, nats_server: ServerProcess, tmp_path: Path, engines: list[Engine]) -> None:
+        gen = _authz_gateway(nats_server.url, tmp_path, replicas=3)
+        gw = next(gen)
+        try:
+            _wait_routable(gw, len(engines))
+            deadline = time.monotonic() + 30  # every replica heard every engine (each one's pool, from its own socket)
+            while (heard := [_heard(gw, p) for p in range(len(gw.pickers))]) != [len(engines)] * 3:
+                assert time.monotonic() < deadline, f"picker replicas' pools never filled: {heard} of {len(engines)}"
+                time.sleep(0.05)
+            gw.pickers[0].send_signal(signal.SIGKILL)
+            gw.pickers[0].wait(5)
+            codes = []
+            for i in range(30):
+                r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat(f"after picker kill {i}", 2, False),
+                               timeout=30)
+                codes.append(r.status_code)
+                time.sleep(0.05)
+            assert codes == [200] * 30  # a check the dead replica refused was sent to a live one
+            live = range(1, len(gw.pickers))
+            deadline = time.monotonic() + 15
+            while any(gw.stats(p)["inflight"] for p in live) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            books = [gw.stats(p) for p in live]
+            # every replica heard every request's end, and ended exactly the ones it routed
+            assert [b["inflight"] for b in books] == [0, 0]
+            assert all(set(b["endpoints"].values()) == {0} for b in books)
+            assert all(b["finished"] == b["picks"] for b in books)
+            assert sum(b["picks"] for b in books) >= 30
+        finally:
+            gen.close()
 
-def test_a_client_cannot_choose_the_engine_when_no_picker_decides(nats_server: ServerProcess, tmp_path: Path,
-                                                                 engines: list[Engine]) -> None:
-    """FailOpen with the picker dead: Envoy's own choice among the model's servers, not the destination a client
-    names (the override policy would follow that header)."""
-    gen = _authz_gateway(nats_server.url, tmp_path, FailureMode.FAIL_OPEN)
-    gw = next(gen)
-    try:
-        _wait_routable(gw, len(engines))
-        gw.picker.send_signal(signal.SIGKILL)
-        gw.picker.wait(5)
-        served = []
-        for i in range(6):
-            r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat(f"chosen {i}", 2, False), timeout=10,
-                           headers={"x-gateway-destination-endpoint": engines[0].address})
-            assert r.status_code == 200
-            served.append(r.headers[SERVED])
-        assert set(served) == {e.address for e in engines}  # round robin, both engines
-    finally:
-        gen.close()
+    def test_a_client_cannot_choose_the_engine_when_no_picker_decides(self, nats_server: ServerProcess, tmp_path: Path,
+                                                                     engines: list[Engine]) -> None:
+        """FailOpen with the picker dead: Envoy's own choice among the model's servers, not the destination a client
+        names (the override policy would follow that header)."""
+        gen = _authz_gateway(nats_server.url, tmp_path, FailureMode.FAIL_OPEN)
+        gw = next(gen)
+        try:
+            _wait_routable(gw, len(engines))
+            gw.picker.send_signal(signal.SIGKILL)
+            gw.picker.wait(5)
+            served = []
+            for i in range(6):
+                r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat(f"chosen {i}", 2, False), timeout=10,
+                               headers={"x-gateway-destination-endpoint": engines[0].address})
+                assert r.status_code == 200
+                served.append(r.headers[SERVED])
+            assert set(served) == {e.address for e in engines}  # round robin, both engines
+        finally:
+            gen.close()
+
+    def test_streamed_chat_lands_on_the_chosen_endpoint_and_the_access_log_ends_it(self, gateway: Gateway,
+                                                                                   engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))
+        finished = _settled(gateway)["finished"]
+        streams_land_where_picked(gateway, engines, 6)
+        books = _settled(gateway)
+        assert books["inflight"] == 0 and set(books["endpoints"].values()) == {0}
+        assert books["finished"] == finished + 6
+
+    def test_models_are_listed_by_the_picker_through_envoy(self, gateway: Gateway, engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))
+        got = httpx.get(f"{gateway.url}/v1/models", timeout=5)
+        assert got.status_code == 200 and [m["id"] for m in got.json()["data"]] == [MODEL]
+
+    def test_health_is_200_once_the_picker_knows_an_endpoint(self, gateway: Gateway, engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))
+        r = httpx.get(f"{gateway.url}/health", timeout=5)
+        assert r.status_code == 200 and r.json() == {"status": "ok", "endpoints": len(engines)}
+
+    def test_no_endpoint_for_the_model_is_503(self, gateway: Gateway, engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))
+        r = no_endpoint_answer(gateway.url)
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json"
+        assert "no-such-model" in r.json()["error"]["message"]
+
+    def test_malformed_body_is_400_and_the_picker_keeps_serving(self, gateway: Gateway, engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))
+        *bad, fine = malformed_then_fine(gateway.url)
+        for r in bad:
+            assert r.status_code == 400, (r.request.content[:20], r.status_code, r.text)
+            assert r.json()["error"]["code"] == 400
+        assert fine.status_code == 200
+        assert _settled(gateway)["inflight"] == 0
+
+    def test_the_picker_is_reached_only_through_its_private_unix_sockets(self, gateway: Gateway,
+                                                                         engines: list[Engine]) -> None:
+        _wait_routable(gateway, len(engines))  # checks on its HTTP socket, the access log on its gRPC one
+        private_listeners(gateway, GRPC_SOCKET, HTTP_SOCKET)
+
+    def test_a_client_sent_pick_id_never_reaches_the_access_log(self, gateway: Gateway, engines: list[Engine]) -> None:
+        """A forged ``x-gantry-pick-id`` on a refused or a routed request: Envoy drops it before anything reads it,
+        so the access log (which ends the picker's books) names only the picker's own ids."""
+        _wait_routable(gateway, len(engines))
+        forged = {"x-gantry-pick-id": "forged", "x-gantry-endpoints": "forged"}
+        refused = httpx.post(f"{gateway.url}/v1/chat/completions", json={**_chat("hi"), "model": "no-such-model"},
+                             headers={**forged, "x-request-id": "refused-1"}, timeout=10)
+        routed = httpx.post(f"{gateway.url}/v1/chat/completions", json=_chat("forging", 2, False),
+                            headers={**forged, "x-request-id": "routed-1"}, timeout=10)
+        assert (refused.status_code, routed.status_code) == (503, 200)
+        log = gateway.envoy.log_path.parent / "access.log"
+        deadline = time.monotonic() + 10  # Envoy flushes its file log about once a second (later on a busy host)
+        while "x-request-id=routed-1" not in (text := log.read_text()) or "x-request-id=refused-1" not in text:
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.1)
+        picks = dict(re.findall(r"x-request-id=(\S+) pick=(\S+)", text))
+        assert picks["refused-1"] == "-"
+        assert picks["routed-1"].startswith("routed-1#") and "forged" not in picks["routed-1"]
+        books = _settled(gateway)
+        assert books["inflight"] == 0 and books["finished"] == books["picks"]
