@@ -22,10 +22,12 @@ from tests.integration.test_gateway import MODEL, Engine, _start_engine, _stop, 
 pytestmark = gateway_marks(60)
 
 
-@pytest.fixture
-def envoy_engine(nats_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[str, Engine, Path]]:
+@pytest.fixture(scope="module")
+def envoy_engine(nats_server: ServerProcess,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Engine, Path]]:
     """Envoy alone (no picker in the chain: its own round robin among the model's endpoints) before one engine;
-    its admin socket."""
+    its admin socket. Shared by the module: no test changes either (each sends its own requests, or reads)."""
+    tmp_path = tmp_path_factory.mktemp("envoy_engine")
     engine = _start_engine(nats_server.url, "e1", tmp_path)
     short = tempfile.TemporaryDirectory(prefix="ga-")  # a socket's path has a length limit pytest's may exceed
     admin = Path(short.name) / ADMIN_SOCKET
