@@ -35,7 +35,7 @@ from shared.host.engine_feed import (
     take_metrics,
 )
 from shared.host.metrics import MetricsServer
-from shared.host.outcomes import OutcomeShare
+from shared.host.outcomes import DIGEST_EVERY_S, OUTCOMES_EVERY_S, OutcomeShare
 from shared.host.placement_follow import PlacementFollower
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
@@ -48,6 +48,10 @@ log = logging.getLogger("gantry.picker")
 PICK_CHUNK = 256  # picks routed between two yields to the event loop (~25 ms at ~100 µs a pick)
 JOIN_SETTLE_S = 0.3  # reports heard this long before a replica takes picks: every engine reports within 50-200 ms
 JOIN_WAIT_S = 3.0  # and at most this long after it starts: with no engine at all, its 503s still say why
+PEERS_HEARD_S = DIGEST_EVERY_S + 2 * OUTCOMES_EVERY_S + 0.1
+"""A replica listens to its peers this long before it takes picks: each names the engines it counts as failing every
+``DIGEST_EVERY_S``, and one joining sooner routed to an engine the others had left out as broken (a CI run: a replica
+started after three failures put the failing engine in its answers' lists)."""
 
 
 class ReplyTooLarge(Exception):
@@ -241,9 +245,11 @@ class PickerService:
         return heard_for_s >= JOIN_SETTLE_S and bool(endpoints) and all(st.metrics is not None for st in endpoints)
 
     async def join_when_warm(self, nc: Client) -> None:
-        """Join the pick queue group once ``warm`` (at most ``JOIN_WAIT_S`` after starting). A replica joining at once
-        took its share of picks before it had heard any engine and refused them 503, "no endpoint serves model",
-        while its peers could route them (a CI run: a second replica started mid-run refused its first pick)."""
+        """Join the pick queue group once ``warm`` and once it has listened to its peers for ``PEERS_HEARD_S`` (at
+        most ``JOIN_WAIT_S`` after starting; called once subscribed to the engines and the peers). A replica joining
+        at once took its share of picks before it had heard any engine and refused them 503, "no endpoint serves
+        model", while its peers could route them (a CI run: a second replica started mid-run refused its first
+        pick), and before the peers' digest of failing engines had come."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         first_heard: float | None = None
@@ -251,7 +257,8 @@ class PickerService:
             # placement's pool lists endpoints before they report: the settling counts from the first report
             if first_heard is None and any(st.metrics is not None for st in self.router.state.endpoints.values()):
                 first_heard = loop.time()
-            if first_heard is not None and self.warm(loop.time() - first_heard):
+            if first_heard is not None and self.warm(loop.time() - first_heard) and (
+                    loop.time() - start >= PEERS_HEARD_S):
                 break
             await asyncio.sleep(0.02)
         await nc.subscribe(subjects.PICK, queue=subjects.PICK_QUEUE, cb=self._guarded(self.on_pick))

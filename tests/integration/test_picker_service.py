@@ -396,3 +396,58 @@ def test_a_replica_started_while_picks_flow_refuses_none_of_them(picker: subproc
         text = log.read_text()
         assert joining.poll() is None and "gantry picker on" in text, text[-2000:]  # it did join, mid-run
     assert len(codes) > 100 and set(codes) == {200}, sorted(set(codes))
+
+
+LATE_MODEL = "late-model"  # its own engines: the failures below leave one out at the module's picker too
+LATE = ("late-model-e0", "late-model-e1", "late-model-e2")
+
+
+def test_a_replica_started_after_an_engine_broke_never_picks_it(picker: subprocess.Popen[bytes],
+                                                               nats_server: ServerProcess, tmp_path: Path) -> None:
+    """A replica joins only once it has listened to its peers for a digest period: joining as soon as it had heard the
+    engines, it answered picks before the module's picker named the broken engine, and listed it."""
+    assert nats_server.credentials is not None
+    env = {"GANTRY_NATS_URL": nats_server.credentials.url(nats_server.url, "picker")}
+
+    async def one_pick(nc: Client, rid: str, tokens: list[int]) -> list[str]:
+        r = await pick(nc, encode(PickRequest(picks=[PickItem(request_id=rid, model=LATE_MODEL, token_ids=tokens)])))
+        assert r.answers and r.answers[0].code == 200, r
+        await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(finished=[rid])))
+        return r.answers[0].endpoints
+
+    async def break_e0(nc: Client) -> None:
+        """Three requests placed on e0 by the module's picker (the only replica) fail."""
+        for n in range(600):  # until it has heard every engine
+            with contextlib.suppress(AssertionError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                if set(await one_pick(nc, f"late-probe-{n}", [n])) == set(LATE):
+                    break
+            await asyncio.sleep(0.02)
+        failed = 0
+        for n in range(300):
+            rid = f"late-try-{n}"
+            r = await pick(nc, encode(PickRequest(picks=[PickItem(request_id=rid, model=LATE_MODEL,
+                                                                  token_ids=[30_000 + n, n])])))
+            on_e0 = r.answers[0].endpoints[0] == LATE[0]
+            await nc.publish(subjects.PICK_PROGRESS, encode(PickProgress(failed=[rid]) if on_e0
+                                                            else PickProgress(finished=[rid])))
+            failed += on_e0
+            if failed == 3:
+                return
+        raise AssertionError("e0 was never picked")
+
+    log = tmp_path / "late.log"
+
+    async def main() -> list[list[str]]:
+        nc = await nats.connect(nats_server.url)
+        async with engines(nc, LATE_MODEL, LATE):
+            await break_e0(nc)
+            with running_picker(env, log) as late:
+                while "gantry picker on" not in log.read_text():  # it joined the queue group
+                    assert late.poll() is None, log.read_text()[-2000:]
+                    await asyncio.sleep(0.02)
+                landed = [await one_pick(nc, f"late-after-{n}", [40_000 + n, n]) for n in range(40)]
+        await nc.drain()
+        return landed
+
+    landed = asyncio.run(main())
+    assert not [eps for eps in landed if LATE[0] in eps], landed
