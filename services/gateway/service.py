@@ -63,6 +63,7 @@ from shared.host.outcomes import OutcomeShare
 from shared.host.placement_follow import PlacementFollower
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
+from shared.host.warmup import until_warm
 
 log = logging.getLogger("gantry.gateway")
 
@@ -301,6 +302,9 @@ class Gateway:
                 _background(stack, self.relay.run())
             _background(stack, expire_forever(self.feed, self.opts.expire_s, time.time))
             _background(stack, self._rewrite_eds_forever())
+            # Envoy sends a replica requests once its listener is up: not before it has heard its engines (else 503
+            # "no endpoint" while the other replicas could route) and its peers' failing engines (shared.host.warmup)
+            await until_warm(self.router.state)
             fd_room(2 * self.opts.max_connections)  # both listeners full, and the rest the picker holds
             if self.authz is not None:
                 await self._serve_http(self.authz, stack)

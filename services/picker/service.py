@@ -35,10 +35,11 @@ from shared.host.engine_feed import (
     take_metrics,
 )
 from shared.host.metrics import MetricsServer
-from shared.host.outcomes import DIGEST_EVERY_S, OUTCOMES_EVERY_S, OutcomeShare
+from shared.host.outcomes import OutcomeShare
 from shared.host.placement_follow import PlacementFollower
 from shared.host.report_auth import ReportVerifier
 from shared.host.report_metrics import registry_for
+from shared.host.warmup import until_warm
 
 if TYPE_CHECKING:  # an engines-only picker never loads the Redis client
     from shared.state.store import StateStore
@@ -46,12 +47,6 @@ if TYPE_CHECKING:  # an engines-only picker never loads the Redis client
 log = logging.getLogger("gantry.picker")
 
 PICK_CHUNK = 256  # picks routed between two yields to the event loop (~25 ms at ~100 µs a pick)
-JOIN_SETTLE_S = 0.3  # reports heard this long before a replica takes picks: every engine reports within 50-200 ms
-JOIN_WAIT_S = 3.0  # and at most this long after it starts: with no engine at all, its 503s still say why
-PEERS_HEARD_S = DIGEST_EVERY_S + 2 * OUTCOMES_EVERY_S + 0.1
-"""A replica listens to its peers this long before it takes picks: each names the engines it counts as failing every
-``DIGEST_EVERY_S``, and one joining sooner routed to an engine the others had left out as broken (a CI run: a replica
-started after three failures put the failing engine in its answers' lists)."""
 
 
 class ReplyTooLarge(Exception):
@@ -238,29 +233,13 @@ class PickerService:
         await nc.flush()
         return nc
 
-    def warm(self, heard_for_s: float) -> bool:
-        """Whether this replica may take picks: every endpoint of its pool has reported, and reports have been coming
-        in for ``heard_for_s`` (the engines report every 50-200 ms: by then each has been heard)."""
-        endpoints = self.router.state.endpoints.values()
-        return heard_for_s >= JOIN_SETTLE_S and bool(endpoints) and all(st.metrics is not None for st in endpoints)
-
     async def join_when_warm(self, nc: Client) -> None:
-        """Join the pick queue group once ``warm`` and once it has listened to its peers for ``PEERS_HEARD_S`` (at
-        most ``JOIN_WAIT_S`` after starting; called once subscribed to the engines and the peers). A replica joining
-        at once took its share of picks before it had heard any engine and refused them 503, "no endpoint serves
-        model", while its peers could route them (a CI run: a second replica started mid-run refused its first
-        pick), and before the peers' digest of failing engines had come."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        first_heard: float | None = None
-        while loop.time() - start < JOIN_WAIT_S:
-            # placement's pool lists endpoints before they report: the settling counts from the first report
-            if first_heard is None and any(st.metrics is not None for st in self.router.state.endpoints.values()):
-                first_heard = loop.time()
-            if first_heard is not None and self.warm(loop.time() - first_heard) and (
-                    loop.time() - start >= PEERS_HEARD_S):
-                break
-            await asyncio.sleep(0.02)
+        """Join the pick queue group once warm (``shared.host.warmup``: its engines and its peers heard, at most 3 s
+        after it starts; called once subscribed to both). A replica joining at once took its share of picks before it
+        had heard any engine and refused them 503, "no endpoint serves model", while its peers could route them (a CI
+        run: a second replica started mid-run refused its first pick); joining as soon as it had heard the engines, it
+        listed an engine its peers had left out as broken until their next digest came (another CI run)."""
+        await until_warm(self.router.state)
         await nc.subscribe(subjects.PICK, queue=subjects.PICK_QUEUE, cb=self._guarded(self.on_pick))
         await nc.flush()
 

@@ -248,8 +248,9 @@ def _wait_routable(gw: Gateway, n: int, timeout: float = 60) -> None:
         r = httpx.post(f"{gw.url}/v1/chat/completions", json=_chat("warm up", 1, False), timeout=10)
         served = {h for h in r.headers.get_list(SERVED)}
         if r.status_code == 200 and served:
-            models = httpx.get(f"{gw.url}/v1/models", timeout=5).json()
-            if [m["id"] for m in models["data"]] == [MODEL] and n:
+            # (with FailOpen a request is served before the picker listens; its model list is Envoy's plain 503 then)
+            listed = httpx.get(f"{gw.url}/v1/models", timeout=5)
+            if listed.status_code == 200 and [m["id"] for m in listed.json()["data"]] == [MODEL] and n:
                 return
         assert time.monotonic() < deadline, f"gateway not routable: {r.status_code} {r.text} " \
                                             f"{gw.log.read_text()[-2000:]}"

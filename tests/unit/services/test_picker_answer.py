@@ -10,10 +10,11 @@ import pytest
 from nats.aio.msg import Msg
 
 from services.picker.answer import BAD_ITEM, answer, read_picks, route_request
-from services.picker.service import JOIN_SETTLE_S, PICK_CHUNK, PickerOptions, PickerService
+from services.picker.service import PICK_CHUNK, PickerOptions, PickerService
 from shared.bus.messages import MessageError, PickItem, PickProgress, PickReply, PickRequest, decode, encode
 from shared.bus.runtime import Bus
 from shared.core.routing import Endpoint, EndpointMetrics, Router, builtin_config
+from shared.host.warmup import SETTLE_S, heard_every_engine
 from tests.unit.services.loop_turns import loop_turns
 
 NOW = 50.0
@@ -208,10 +209,8 @@ def _unreported(*ids: str) -> Router:
     (lambda: _unreported(), 5.0, False),  # no engine known yet
     (lambda: _unreported("e0"), 5.0, False),  # known (placement's pool) but never reported
     (lambda: router("e0", "e1"), 0.1, False),  # reported, but the others may not have yet
-    (lambda: router("e0", "e1"), JOIN_SETTLE_S, True),
+    (lambda: router("e0", "e1"), SETTLE_S, True),
 ])
 def test_a_replica_takes_picks_only_once_every_engine_of_its_pool_has_reported(
         pool: Callable[[], Router], heard_for_s: float, warm: bool) -> None:
-    svc = PickerService(PickerOptions(nats_url="nats://unused"), clock=lambda: NOW)
-    svc.router = pool()
-    assert svc.warm(heard_for_s) is warm
+    assert heard_every_engine(pool().state, heard_for_s) is warm
