@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     ack_wait_s: float = Field(10.0, gt=0, description="JetStream ack wait before redelivery")
     max_deliver: int = Field(6, ge=1, description="JetStream deliveries before a message is given up")
     js_storage: str = Field("file", description="JetStream storage for Gantry streams: file | memory")
+    pipe_max_bytes: int = Field(
+        64 << 20, ge=1 << 10, description="bytes the placement pipeline's stream holds before it refuses new messages"
+    )
     # placement commits
     commit_retries: int = Field(5, ge=0, description="re-placements after refused commits before PENDING")
     commit_backoff_s: float = Field(0.02, ge=0, description="base backoff between refused-commit retries")

@@ -66,7 +66,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         StreamConfig(
             name=STREAM_PIPE, subjects=[subjects.PIPE_ALL], storage=storage,
             retention=RetentionPolicy.INTEREST, max_age=600, duplicate_window=DUPLICATE_WINDOW_S,
-            max_bytes=64 << 20, discard=DiscardPolicy.NEW,
+            max_bytes=settings.pipe_max_bytes, discard=DiscardPolicy.NEW,
         ),
         StreamConfig(
             name=STREAM_STATUS, subjects=[subjects.INSTANCE_STATUS], storage=storage,

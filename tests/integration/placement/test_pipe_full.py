@@ -1,0 +1,100 @@
+"""A pipeline stage down while its input fills the bus: once it starts, the pipeline drains.
+
+The stream holding the fitting stage's input (`placement.filtered`) is filled while fitting is down, with the
+pipeline's byte limit made small (`GANTRY_PIPE_MAX_BYTES`, as the provisioner applies it). Fitting is kept down
+longer than a message's deliveries last (6 × the 2 s ack wait), then started: every replica must be placed within a
+bound, and nothing dead-lettered (every message here is valid work).
+
+When all four stages shared one stream, this stalled: the full stream refused fitting's output too, so fitting
+nak'ed its input and nothing downstream had anything to drain, until deliveries ran out (valid work dead-lettered)
+or messages aged out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import pytest
+
+from shared.bus import streams, subjects
+from shared.bus.runtime import prepare
+from shared.core.placement.domain import GIB, InstanceState, ModelSpec
+
+from .conftest import Stack, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
+
+WORKERS, GPUS = 8, 8
+MODELS = 48  # one replica each, one GPU each: 48 of the 64 GPUs
+LIMIT = 24 << 10  # bytes a pipeline stream holds: a few dozen of these requests and filter results
+DOWN_AFTER_FULL_S = 14.0  # fitting stays down this long once its input is full: longer than 6 deliveries last
+DRAIN_BOUND_S = 30.0
+
+
+def llm(n: int) -> ModelSpec:
+    return ModelSpec(name=f"full{n}", source=f"org/full{n}", weight_bytes=14 * GIB)  # a whole GPU each
+
+
+async def stream_of(stack: Stack, subject: str) -> tuple[str, int]:
+    """The stream that stores ``subject``, and the bytes it holds."""
+    js = stack.nc.jetstream()
+    name = await js.find_stream_name_by_subject(subject)
+    return name, (await js.stream_info(name)).state.bytes
+
+
+async def filter_held_back(stack: Stack) -> bool:
+    """Fitting's input is (nearly) full and the filter has requests it could not pass on."""
+    name, held = await stream_of(stack, subjects.PLACEMENT_FILTERED)
+    requests, _ = await stream_of(stack, subjects.PLACEMENT_REQUESTED)
+    waiting = await stack.nc.jetstream().consumer_info(requests, streams.CONSUMER_FILTER)
+    return held >= LIMIT * 3 // 4 and waiting.num_pending + waiting.num_ack_pending > 0
+
+
+async def all_running(stack: Stack) -> Counter[InstanceState] | None:
+    insts = await stack.instances()
+    states = Counter(i.state for i in insts)
+    if len({i.model for i in insts}) == MODELS and states == Counter({InstanceState.RUNNING: MODELS}):
+        return states
+    return None
+
+
+async def test_a_stage_started_after_its_input_filled_the_bus_drains_it_with_nothing_dead_lettered(
+    stack: Stack,
+) -> None:
+    settings = stack.launcher.settings.model_copy(update={"pipe_max_bytes": LIMIT})
+    await prepare(stack.nc, settings, streams.ALL_CONSUMERS)  # the provisioner's step, with the small limit
+    stack.env["GANTRY_PIPE_MAX_BYTES"] = str(LIMIT)
+    stack.start_workers(
+        "fleet", "--count", str(WORKERS), "--gpus", str(GPUS), "--heartbeat-interval", "0.2",
+        "--start-delay", "0.05", "--download-delay", "0.05",
+    )
+    for service in ("filter", "scoring", "reconciler"):  # fitting is down
+        stack.start_service(service)
+    await stack.wait_ready(workers=WORKERS, timeout=60)
+
+    for n in range(MODELS):  # one request (and one filter result) per model: the linger does not gather them
+        await stack.scale(llm(n), 1)
+        await asyncio.sleep(0.05)
+    await wait_until(lambda: filter_held_back(stack), 30, "fitting's input full, the filter held back")
+    await asyncio.sleep(DOWN_AFTER_FULL_S)
+    held_back = len(stack.dead_letters)
+
+    started = time.monotonic()
+    stack.start_service("fitting")
+
+    async def report() -> str:
+        insts = await stack.instances()
+        reasons = Counter(d.reason.split(":")[0] for d in stack.dead_letters)
+        return (f"{Counter(i.state for i in insts)} after {time.monotonic() - started:.1f} s; "
+                f"{len(stack.dead_letters)} dead letters ({held_back} while fitting was down): {reasons}")
+
+    try:
+        await wait_until(lambda: all_running(stack), DRAIN_BOUND_S, f"all {MODELS} replicas RUNNING", interval=0.2)
+    except AssertionError as err:
+        raise AssertionError(f"{err}: {await report()}") from None
+    print(f"drained: {await report()}")
+    assert stack.dead_letters == [], await report()
+    assert await stack.store.overbooked() == []
+    assert stack.crashed() == []
