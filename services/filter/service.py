@@ -25,7 +25,7 @@ class FilterService(PlacementService):
     name = "filter"
     consumes = (
         Consumes(subjects.PLACEMENT_REQUESTED, PlacementRequest, "replicas to place, with their models' specs",
-                 stream=streams.STREAM_PIPE, durable=streams.CONSUMER_FILTER),
+                 stream=streams.STREAM_REQUESTED, durable=streams.CONSUMER_FILTER),
     )
     emits = (
         Emits(subjects.PLACEMENT_FILTERED, PlacementFiltered, "the workers that passed every filter, per model",
@@ -36,7 +36,7 @@ class FilterService(PlacementService):
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Reads placement requests."""
-        return ((streams.STREAM_PIPE, streams.CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED),)
+        return ((streams.STREAM_REQUESTED, streams.CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED),)
 
     def feeds(self) -> Feed:
         """Filters look at workers only."""
@@ -48,7 +48,7 @@ class FilterService(PlacementService):
         async def on_requested(raws: list[Msg]) -> None:
             await self.consume(raws, PlacementRequest, subjects.PLACEMENT_REQUESTED, self.handle)
 
-        self.pull(streams.STREAM_PIPE, streams.CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED, on_requested)
+        self.pull(streams.STREAM_REQUESTED, streams.CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED, on_requested)
 
     async def handle(self, batch: Sequence[PlacementRequest]) -> None:
         """Filter every model of every request; publish survivors, or the verdict when none survive."""

@@ -42,7 +42,7 @@ class FittingService(PlacementService):
     name = "fitting"
     consumes = (
         Consumes(subjects.PLACEMENT_FILTERED, PlacementFiltered, "filter survivors per model",
-                 stream=streams.STREAM_PIPE, durable=streams.CONSUMER_FITTING),
+                 stream=streams.STREAM_FILTERED, durable=streams.CONSUMER_FITTING),
     )
     emits = (
         Emits(subjects.PLACEMENT_FITTED, PlacementFitted, "candidate placements per model (single-GPU ones as "
@@ -77,7 +77,7 @@ class FittingService(PlacementService):
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Reads filter results."""
-        return ((streams.STREAM_PIPE, streams.CONSUMER_FITTING, subjects.PLACEMENT_FILTERED),)
+        return ((streams.STREAM_FILTERED, streams.CONSUMER_FITTING, subjects.PLACEMENT_FILTERED),)
 
     def register(self) -> None:
         """Batched pull subscriber on placement.filtered."""
@@ -85,7 +85,7 @@ class FittingService(PlacementService):
         async def on_filtered(raws: list[Msg]) -> None:
             await self.consume(raws, PlacementFiltered, subjects.PLACEMENT_FILTERED, self.handle)
 
-        self.pull(streams.STREAM_PIPE, streams.CONSUMER_FITTING, subjects.PLACEMENT_FILTERED, on_filtered)
+        self.pull(streams.STREAM_FILTERED, streams.CONSUMER_FITTING, subjects.PLACEMENT_FILTERED, on_filtered)
 
     async def handle(self, batch: Sequence[PlacementFiltered]) -> None:
         """Fit every model of every message; publish candidates, or the verdict when nothing fits."""

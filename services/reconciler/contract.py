@@ -38,7 +38,7 @@ CONSUMES = (
     Consumes(subjects.REMOVE_WORKER, RemoveWorkerCommand, "forget a worker that is gone, and what it held",
              stream=streams.STREAM_CMD, durable=streams.CONSUMER_SCALE),
     Consumes(subjects.PLACEMENT_SCORED, PlacementScored, "decisions (or why none) to commit to the ledger",
-             stream=streams.STREAM_PIPE, durable=streams.CONSUMER_COMMIT),
+             stream=streams.STREAM_SCORED, durable=streams.CONSUMER_COMMIT),
     Consumes(subjects.INSTANCE_STATUS, InstanceReports, "workers' reports on their instances (a lone InstanceStatus "
              "is read as a report of one)",
              stream=streams.STREAM_STATUS, durable=streams.CONSUMER_STATUS),

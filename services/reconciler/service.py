@@ -58,6 +58,7 @@ from shared.bus.messages import (
     decode,
 )
 from shared.bus.pull import in_stream_order
+from shared.bus.runtime import Publish, StreamFull
 from shared.bus.subjects import INSTANCE_STATUS_WORKER_TOKEN as INSTANCE_STATUS_TOKEN
 from shared.bus.validate import bad_worker_name, check_scale, impersonation
 from shared.core.placement import scale_down_order
@@ -97,6 +98,7 @@ FULL_EVERY = 10  # ticks between full re-converges of every model
 EVENTS_PER_MESSAGE = 1000  # instance changes or decisions per events message (well under 1 MB)
 NOT_REFUSED = frozenset({"ok", "dup", "gone", "unschedulable"})  # other commit verdicts: refused, placed again
 UNANSWERED_KEPT = 4096  # decisions of failed commits whose names are kept for their retry (the oldest go first)
+PIPELINE_FULL = "not requested: the placement pipeline is full (back-pressure); requested again later"
 
 
 def resync_shard_of(worker: str) -> int:
@@ -125,6 +127,8 @@ class Reconciler(PlacementService):
         self.unanswered: dict[Instance, list[str]] = {}
         self.last_change = float("-inf")
         self.listening_since = float("-inf")  # set at start: heartbeats before it went unheard here
+        # since when the pipeline refuses placement requests (None: it takes them); logged once an episode
+        self.refused_since: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # When the command stream was created (its epoch, unix s) and the highest sequence heard of it: a command of
         # a stream created again (sequence restarted) wins by its epoch, never by its own stream time, which a clock
@@ -149,7 +153,7 @@ class Reconciler(PlacementService):
         """Commands, scored outcomes and instance status."""
         return (
             (streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL),
-            (streams.STREAM_PIPE, streams.CONSUMER_COMMIT, subjects.PLACEMENT_SCORED),
+            (streams.STREAM_SCORED, streams.CONSUMER_COMMIT, subjects.PLACEMENT_SCORED),
             (streams.STREAM_STATUS, streams.CONSUMER_STATUS, subjects.INSTANCE_STATUS),
         )
 
@@ -188,7 +192,7 @@ class Reconciler(PlacementService):
 
         self.pull(streams.STREAM_CMD, streams.CONSUMER_SCALE, subjects.CMD_ALL, on_commands,
                   linger=self.settings.command_linger_s)
-        self.pull(streams.STREAM_PIPE, streams.CONSUMER_COMMIT, subjects.PLACEMENT_SCORED, on_scored)
+        self.pull(streams.STREAM_SCORED, streams.CONSUMER_COMMIT, subjects.PLACEMENT_SCORED, on_scored)
         # Status reports (several per placement) are not on the placement path: batch them up.
         self.pull(streams.STREAM_STATUS, streams.CONSUMER_STATUS, subjects.INSTANCE_STATUS, on_status,
                   linger=self.settings.status_linger_s)
@@ -608,18 +612,61 @@ class Reconciler(PlacementService):
         batch id, so a redelivered stage input is deduplicated.
         """
         size = self.settings.batch_max
-        out = []
+        out: list[Publish] = []
+        chunks: dict[str, tuple[PlacementItem, ...]] = {}
         for start in range(0, len(items), size):
             chunk = tuple(items[start : start + size])
             batch_id = secrets.token_hex(12)
             models = {i.model for i in chunk}
             req = PlacementRequest(batch_id=batch_id, items=chunk, specs={m: specs[m] for m in models})
             out.append((subjects.PLACEMENT_REQUESTED, req, f"req:{batch_id}"))
-        await self.bus.publish_js_many(out)
+            chunks[f"req:{batch_id}"] = chunk
+        refused: list[PlacementItem] = []
+        try:
+            await self.bus.publish_js_many(out)
+        except StreamFull as full:
+            refused = [i for _, _, msg_id in full.rest for i in chunks[msg_id]]
+            self._say_refused(full)
+        else:
+            self._say_accepted()
         # only once stored: marked before, a failed publish (the batch is redelivered) left the replicas "requested"
         # and unasked for three ack waits; a part that did go out is asked again, which the commit recognises
+        left = {i.instance_id for i in refused}
         for i in items:
-            self.requested[i.instance_id] = now
+            if i.instance_id not in left:
+                self.requested[i.instance_id] = now
+        if refused:
+            await self._not_requested(refused)
+
+    async def _not_requested(self, items: Sequence[PlacementItem]) -> None:
+        """Replicas whose placement request the full pipeline refused: back-pressure at the entry point, not an error.
+        Whatever asked for them goes on (a scale command is acked, a commit batch too: a full requests stream must
+        not stop the last stage from draining). They wait PENDING with that reason, stored and announced, so the
+        tick's PENDING retries (``planner._pending_retries``: the shared book's backoff, up to
+        ``pending_retry_max_s``) request them again, whichever reconciler replica ticks."""
+        states = await self.store.states([i.instance_id for i in items])
+        fresh = {
+            i.instance_id: i.model for i in items if states.get(i.instance_id) is InstanceState.PENDING
+            and ((known := self.feed.instances.get(i.instance_id)) is None or known.reason != PIPELINE_FULL)
+        }
+        if not fresh:  # refused again: the reason is there already
+            return
+        await self.store.set_reasons(dict.fromkeys(fresh, PIPELINE_FULL))
+        await self._publish_instances([Instance(id=iid, model=model, state=InstanceState.PENDING, reason=PIPELINE_FULL)
+                                       for iid, model in fresh.items()])
+
+    def _say_refused(self, full: StreamFull) -> None:
+        """Log the first refusal of an episode only (every request is refused while the pipeline is full)."""
+        if self.refused_since is None:
+            self.refused_since = self.clock()
+            log.warning("placement requests refused (%s): the replicas wait PENDING and are requested again later; "
+                        "said again when requests go through", full)
+
+    def _say_accepted(self) -> None:
+        if self.refused_since is not None:
+            log.warning("placement requests go through again, after %.1f s of a full pipeline",
+                        self.clock() - self.refused_since)
+            self.refused_since = None
 
     async def request(self, asks: Sequence[Ask], now: float) -> None:
         """Publish the plan's placement requests (a model without a known spec cannot be requested)."""

@@ -38,7 +38,7 @@ class ScoringService(PlacementService):
     name = "scoring"
     consumes = (
         Consumes(subjects.PLACEMENT_FITTED, PlacementFitted, "candidate placements per model",
-                 stream=streams.STREAM_PIPE, durable=streams.CONSUMER_SCORING),
+                 stream=streams.STREAM_FITTED, durable=streams.CONSUMER_SCORING),
     )
     emits = (
         Emits(subjects.PLACEMENT_SCORED, PlacementScored, "one decision (or why none) per replica, to commit",
@@ -57,7 +57,7 @@ class ScoringService(PlacementService):
 
     def consumers(self) -> Sequence[tuple[str, str, str]]:
         """Reads fitting results."""
-        return ((streams.STREAM_PIPE, streams.CONSUMER_SCORING, subjects.PLACEMENT_FITTED),)
+        return ((streams.STREAM_FITTED, streams.CONSUMER_SCORING, subjects.PLACEMENT_FITTED),)
 
     def register(self) -> None:
         """Batched pull subscriber on placement.fitted."""
@@ -65,7 +65,7 @@ class ScoringService(PlacementService):
         async def on_fitted(raws: list[Msg]) -> None:
             await self.consume(raws, PlacementFitted, subjects.PLACEMENT_FITTED, self.handle)
 
-        self.pull(streams.STREAM_PIPE, streams.CONSUMER_SCORING, subjects.PLACEMENT_FITTED, on_fitted)
+        self.pull(streams.STREAM_FITTED, streams.CONSUMER_SCORING, subjects.PLACEMENT_FITTED, on_fitted)
 
     async def handle(self, batch: Sequence[PlacementFitted]) -> None:
         """Score every item; publish the outcomes for the reconciler to commit."""

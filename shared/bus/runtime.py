@@ -37,6 +37,9 @@ T = TypeVar("T", bound=msgspec.Struct)
 
 log = logging.getLogger("gantry.bus")
 
+Publish = tuple[str, msgspec.Struct, str]
+"""A durable publish: subject, message, ``Nats-Msg-Id``."""
+
 
 class Bus:
     """A connected service's publishing side: core, JetStream (deduped) and dead letters.
@@ -72,16 +75,34 @@ class Bus:
         return await self.nc.request(subject, encode(msg), timeout=timeout_s)
 
     async def publish_js(self, subject: str, msg: msgspec.Struct, msg_id: str) -> None:
-        """Durable publish; waits for the stream's ack. ``msg_id`` dedupes re-publishes."""
+        """Durable publish; waits for the stream's ack. ``msg_id`` dedupes re-publishes. Raises ``StreamFull`` when
+        the stream refused it for want of room."""
         self._check(subject)
-        await js_publish(self.nc, subject, encode(msg), msg_id)
+        try:
+            await js_publish(self.nc, subject, encode(msg), msg_id)
+        except nats.js.errors.APIError as exc:
+            if stream_full(exc):
+                raise StreamFull(((subject, msg, msg_id),), str(exc.description)) from exc
+            raise
 
-    async def publish_js_many(self, items: Sequence[tuple[str, msgspec.Struct, str]]) -> None:
-        """Several durable publishes in flight at once (one round trip of latency, not n)."""
+    async def publish_js_many(self, items: Sequence[Publish]) -> None:
+        """Several durable publishes in flight at once (one round trip of latency, not n). When some fail, the
+        first failure that is not a full stream is raised; when only full streams refused some, ``StreamFull`` names
+        every refused one (the others are stored)."""
         if len(items) == 1:  # most batches publish one message: no task and gathering future for it
             await self.publish_js(*items[0])
             return
-        await asyncio.gather(*(self.publish_js(s, m, i) for s, m, i in items))
+        results = await asyncio.gather(*(self.publish_js(s, m, i) for s, m, i in items), return_exceptions=True)
+        refused: list[Publish] = []
+        why = ""
+        for result in results:
+            if isinstance(result, StreamFull):
+                refused += result.rest
+                why = result.why
+            elif isinstance(result, BaseException):
+                raise result
+        if refused:
+            raise StreamFull(tuple(refused), why)
 
     async def dead_letter(self, subject: str, reason: str, payload: bytes = b"") -> None:
         """Report a rejected message on the dead-letter subject, and log it; a rejected message that is itself a
@@ -131,6 +152,33 @@ def is_dead_letter(payload: bytes) -> bool:
     except (msgspec.DecodeError, RecursionError):
         return False
     return True
+
+
+# How JetStream answers a publish it has no room for: the stream at a limit it keeps by refusing new messages ("maximum
+# bytes exceeded", "maximum messages exceeded": err_code 10077, the store's refusal), or the server's whole store full
+# ("insufficient resources": 10023; "insufficient storage resources available": 10047).
+STORE_REFUSED = 10077
+NO_RESOURCES = (10023, 10047)
+
+
+def stream_full(exc: nats.js.errors.APIError) -> bool:
+    """Whether JetStream refused a publish for want of room (back-pressure) rather than for what was published."""
+    if exc.err_code in NO_RESOURCES:
+        return True
+    why = exc.description or ""
+    return exc.err_code == STORE_REFUSED and why.startswith("maximum") and why.endswith("exceeded")
+
+
+class StreamFull(Exception):
+    """Durable publishes refused because their stream is full (it refuses new messages until its consumer drains
+    it): back-pressure, not a failure of the message published. ``rest``: the refused publishes, to make again once
+    there is room (``Bus.publish_js_many``); the ones not named were stored."""
+
+    def __init__(self, rest: tuple[Publish, ...], why: str = "") -> None:
+        self.rest = rest
+        self.why = why
+        subjects_full = ", ".join(sorted({s for s, _, _ in rest}))
+        super().__init__(f"the stream of {subjects_full} is full ({why or 'no room'}): {len(rest)} publish(es) refused")
 
 
 class _PubAck(msgspec.Struct):

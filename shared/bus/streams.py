@@ -27,11 +27,20 @@ if TYPE_CHECKING:  # annotations only: `gantry explain` and `events` read stream
 log = logging.getLogger("gantry.bus")
 
 STREAM_CMD = "GANTRY_CMD"
-STREAM_PIPE = "GANTRY_PIPE"
+# The placement pipeline: one stream per stage's input, each with its own byte limit, so a stage's output never
+# competes with its own input for room. With one stream for all four (an older build's GANTRY_PIPE), a stream filled
+# with one stage's input refused that stage's output as well: the stage nak'ed its input and nothing downstream had
+# anything to drain, until deliveries ran out (valid work dead-lettered) or messages aged out.
+STREAM_REQUESTED = "GANTRY_PIPE_REQUESTED"
+STREAM_FILTERED = "GANTRY_PIPE_FILTERED"
+STREAM_FITTED = "GANTRY_PIPE_FITTED"
+STREAM_SCORED = "GANTRY_PIPE_SCORED"
+PIPE_STREAMS = (STREAM_REQUESTED, STREAM_FILTERED, STREAM_FITTED, STREAM_SCORED)
+LEGACY_PIPE = "GANTRY_PIPE"  # an older build's one pipeline stream; the provisioner retires it (``retire_legacy_pipe``)
 STREAM_STATUS = "GANTRY_STATUS"
 STREAM_EVENTS = "GANTRY_EVENTS"
 STREAM_DLQ = "GANTRY_DLQ"
-ALL_STREAMS = (STREAM_CMD, STREAM_PIPE, STREAM_STATUS, STREAM_EVENTS, STREAM_DLQ)
+ALL_STREAMS = (STREAM_CMD, *PIPE_STREAMS, STREAM_STATUS, STREAM_EVENTS, STREAM_DLQ)
 
 DUPLICATE_WINDOW_S = 120.0
 STATUS_MAX_MSG_BYTES = 1 << 20  # a worker's status report (thousands of instance reports fit)
@@ -45,8 +54,18 @@ CONSUMER_COMMIT = "reconciler-commit"
 CONSUMER_STATUS = "reconciler-status"
 
 
+PIPE_SUBJECTS = {
+    STREAM_REQUESTED: subjects.PLACEMENT_REQUESTED,
+    STREAM_FILTERED: subjects.PLACEMENT_FILTERED,
+    STREAM_FITTED: subjects.PLACEMENT_FITTED,
+    STREAM_SCORED: subjects.PLACEMENT_SCORED,
+}
+"""The subject each pipeline stream stores: the input of one stage."""
+
+
 def stream_configs(settings: Settings) -> list[StreamConfig]:
-    """The five streams: durable commands, pipeline and status; replayable events and dead letters."""
+    """The streams: durable commands, the pipeline's four stage inputs and status; replayable events and dead
+    letters."""
     storage = StorageType.MEMORY if settings.js_storage == "memory" else StorageType.FILE
     # Each stream has its own share of the server's store (208 MiB in all, under the local stack's 256 MB of memory
     # storage): one worker flooding its status subject filled the whole store in 17 s, and every identity's durable
@@ -61,13 +80,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.INTEREST, max_age=24 * 3600, duplicate_window=DUPLICATE_WINDOW_S,
             max_bytes=16 << 20, discard=DiscardPolicy.NEW,
         ),
-        # Interest retention: a pipeline message is gone once its one consumer acked it (candidate sets
-        # are large); every consumer is declared before any service starts, so nothing is published unseen.
-        StreamConfig(
-            name=STREAM_PIPE, subjects=[subjects.PIPE_ALL], storage=storage,
-            retention=RetentionPolicy.INTEREST, max_age=600, duplicate_window=DUPLICATE_WINDOW_S,
-            max_bytes=settings.pipe_max_bytes, discard=DiscardPolicy.NEW,
-        ),
+        *(_pipe_stream(name, subject, storage, settings) for name, subject in PIPE_SUBJECTS.items()),
         StreamConfig(
             name=STREAM_STATUS, subjects=[subjects.INSTANCE_STATUS], storage=storage,
             retention=RetentionPolicy.INTEREST, max_age=3600, duplicate_window=DUPLICATE_WINDOW_S,
@@ -82,6 +95,17 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS, max_age=24 * 3600, max_msgs=100_000, max_bytes=32 << 20,
         ),
     ]
+
+
+def _pipe_stream(name: str, subject: str, storage: StorageType, settings: Settings) -> StreamConfig:
+    # Interest retention: a pipeline message is gone once its one consumer acked it (candidate sets are large);
+    # every consumer is declared before any service starts, so nothing is published unseen. Full, the stream refuses
+    # new messages: the stage feeding it holds its own input until there is room (``shared.host.isolation.hold``).
+    return StreamConfig(
+        name=name, subjects=[subject], storage=storage,
+        retention=RetentionPolicy.INTEREST, max_age=600, duplicate_window=DUPLICATE_WINDOW_S,
+        max_bytes=settings.pipe_max_bytes, discard=DiscardPolicy.NEW,
+    )
 
 
 def consumer_config(durable: str, subject: str, settings: Settings) -> ConsumerConfig:
@@ -130,8 +154,9 @@ def _or(value: float | None, unset: float) -> float:
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
-    """The provisioner's step: create the missing streams, and update only one whose configuration differs
-    (safe from several processes)."""
+    """The provisioner's step: retire an older build's pipeline stream, create the missing streams, and update only
+    one whose configuration differs (safe from several processes)."""
+    await retire_legacy_pipe(js)
     for cfg in stream_configs(settings):
         try:
             info = await js.stream_info(cfg.name or "")
@@ -149,12 +174,36 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             log.warning("stream %s kept its existing configuration: %s", cfg.name, exc)
 
 
+async def retire_legacy_pipe(js: JetStreamContext) -> bool:
+    """Delete an older build's one pipeline stream (``LEGACY_PIPE``), if there is one; True if it was there.
+
+    Its subjects overlap the stage streams', so JetStream refuses to create them beside it. What it still holds is
+    placement work of the older build's services, which are stopped by now (their consumers are its own): the
+    replicas it was placing stay PENDING in Redis, and the reconciler requests them again (its full converge, every
+    ``FULL_EVERY`` ticks, or its PENDING retries), so deleting it loses no replica. A count is logged when it was not
+    empty."""
+    try:
+        info = await js.stream_info(LEGACY_PIPE)
+    except NotFoundError:
+        return False
+    held = info.state.messages
+    if held:
+        log.warning("deleting %s, the pipeline stream of an older Gantry, with %d message(s) in flight: the replicas "
+                    "they were placing stay PENDING and are requested again by the reconciler",
+                    LEGACY_PIPE, held)
+    else:
+        log.info("deleting %s, the (empty) pipeline stream of an older Gantry", LEGACY_PIPE)
+    with contextlib.suppress(NotFoundError):  # deleted meanwhile by another provisioner
+        await js.delete_stream(LEGACY_PIPE)
+    return True
+
+
 ALL_CONSUMERS = (
     (STREAM_CMD, CONSUMER_SCALE, subjects.CMD_ALL),
-    (STREAM_PIPE, CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED),
-    (STREAM_PIPE, CONSUMER_FITTING, subjects.PLACEMENT_FILTERED),
-    (STREAM_PIPE, CONSUMER_SCORING, subjects.PLACEMENT_FITTED),
-    (STREAM_PIPE, CONSUMER_COMMIT, subjects.PLACEMENT_SCORED),
+    (STREAM_REQUESTED, CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED),
+    (STREAM_FILTERED, CONSUMER_FITTING, subjects.PLACEMENT_FILTERED),
+    (STREAM_FITTED, CONSUMER_SCORING, subjects.PLACEMENT_FITTED),
+    (STREAM_SCORED, CONSUMER_COMMIT, subjects.PLACEMENT_SCORED),
     (STREAM_STATUS, CONSUMER_STATUS, subjects.INSTANCE_STATUS),
 )
 """Every durable consumer (stream, name, subject): the provisioner declares all of them before any service starts
@@ -162,7 +211,7 @@ ALL_CONSUMERS = (
 
 
 async def delete_streams(js: JetStreamContext) -> None:
-    """Remove every Gantry stream (tests and `gantry` resets start from nothing)."""
-    for name in ALL_STREAMS:
+    """Remove every Gantry stream, an older build's too (tests and `gantry` resets start from nothing)."""
+    for name in (*ALL_STREAMS, LEGACY_PIPE):
         with contextlib.suppress(NotFoundError):
             await js.delete_stream(name)

@@ -6,6 +6,10 @@ IndexError, OverflowError, RecursionError, anything) it alone is dead-lettered w
 terminated, while the others are handled and acked. Only a failure of the infrastructure itself (NATS or
 Redis away or busy, a lock not obtained in time: ``transient``) sends messages back for a later redelivery,
 a bounded number of times.
+
+A full output stream is neither: it is back-pressure (``hold``). The batch is kept in progress, its refused outputs
+are published again once there is room, and the pull loop waits meanwhile, so the stage holds its input where it is
+instead of spending its deliveries.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -22,7 +27,7 @@ import redis.exceptions
 from nats.aio.msg import Msg
 
 from shared.bus.pull import PullHandler
-from shared.bus.runtime import Bus
+from shared.bus.runtime import Bus, StreamFull
 from shared.settings import Settings
 
 log = logging.getLogger("gantry.service")
@@ -75,6 +80,7 @@ class TooSlow(Exception):
 TRANSIENT: tuple[type[BaseException], ...] = (
     Retry,
     TooSlow,
+    StreamFull,  # held by ``isolating``; a caller that does not hold it retries it later, never dead-letters it
     OSError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -147,6 +153,8 @@ async def guarded(
     try:
         await work()
         return True
+    except StreamFull:
+        raise  # back-pressure: the pull loop's ``isolating`` holds the batch until there is room
     except Exception as exc:
         if len(raws) > 1 and not transient(exc):
             log.warning("%s failed a batch of %d on %s (%s): handling each alone", service.name, len(raws),
@@ -188,6 +196,9 @@ def isolating(service: Hosted, subject: str, handler: PullHandler) -> PullHandle
         try:
             await bounded(raws)
             return
+        except StreamFull as full:
+            await hold(service, subject, raws, full)
+            return
         except Exception as exc:
             if len(raws) == 1:
                 await _settle_escaped(service, subject, raws[0], exc)
@@ -210,6 +221,8 @@ def isolating(service: Hosted, subject: str, handler: PullHandler) -> PullHandle
                     continue  # handled before the failure (acked), or settled already (dead-lettered)
                 try:
                     await bounded([raw])
+                except StreamFull as full:
+                    await hold(service, subject, [raw], full)
                 except Exception as exc:
                     await _settle_escaped(service, subject, raw, exc)
         finally:
@@ -218,6 +231,55 @@ def isolating(service: Hosted, subject: str, handler: PullHandler) -> PullHandle
                 await keep
 
     return handle
+
+
+HOLD_PAUSE_S = (0.05, 1.0)  # the first pause before publishing into a full stream again, and the longest
+HOLD_SAID_EVERY_S = 60.0
+_held_said: dict[tuple[str, str], float] = {}  # (service, subject) -> when a hold was last logged
+
+
+async def hold(service: Hosted, subject: str, raws: Sequence[Msg], full: StreamFull) -> None:
+    """Back-pressure: the handler of ``raws`` did all its work but its last step, the publishes ``full.rest``, which
+    a full stream refused. Publish them again after a growing pause (up to 1 s) until the stream takes them, then ack
+    ``raws``.
+
+    Meanwhile ``raws`` are kept in progress (not redelivered, no delivery spent) and the pull loop, which waits on
+    this, pulls nothing more: a stage whose output stream is full holds its own input where it is, and so on back to
+    the entry point, while the stages downstream drain. Handlers publish their outputs last (a handler that let
+    ``StreamFull`` escape from an earlier step would have the rest of its work skipped). A failure other than a full
+    stream (NATS away) settles ``raws`` as any failure (transient: redelivered later); killed meanwhile, they are
+    redelivered after the ack wait, and their outputs, published again, are deduplicated by the stream."""
+    _say_held(service.name, subject, len(raws), full)
+    keep = asyncio.ensure_future(_in_progress(raws, service.settings.ack_wait_s / 4))
+    rest, pause = full.rest, HOLD_PAUSE_S[0]
+    try:
+        while rest:
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, HOLD_PAUSE_S[1])
+            try:
+                await service.bus.publish_js_many(rest)
+                rest = ()
+            except StreamFull as again:
+                rest = again.rest
+        await ack_all(raws)
+    except Exception as exc:
+        log.warning("%s: holding %d message(s) of %s failed: %s", service.name, len(raws), subject,
+                    failure_reason(exc))
+        await settle(service, subject, raws, exc)
+    finally:
+        keep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keep
+
+
+def _say_held(service: str, subject: str, held: int, full: StreamFull) -> None:
+    """Log a hold once a minute per service and input subject (a full stream holds batch after batch)."""
+    now = time.monotonic()
+    if now - _held_said.get((service, subject), float("-inf")) < HOLD_SAID_EVERY_S:
+        return
+    _held_said[(service, subject)] = now
+    log.warning("%s holds %d message(s) of %s until there is room (back-pressure; said once a minute): %s",
+                service, held, subject, full)
 
 
 async def _in_progress(raws: Sequence[Msg], every_s: float) -> None:

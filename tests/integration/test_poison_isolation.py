@@ -53,7 +53,7 @@ class Probe(PlacementService):
     name = "probe"
     consumes = (
         Consumes(subjects.PLACEMENT_REQUESTED, PlacementRequest, "requests to apply",
-                 stream=streams.STREAM_PIPE, durable=streams.CONSUMER_FILTER),
+                 stream=streams.STREAM_REQUESTED, durable=streams.CONSUMER_FILTER),
     )
 
     def __init__(self, settings: Settings) -> None:
@@ -67,7 +67,7 @@ class Probe(PlacementService):
         async def on_requested(raws: list[Any]) -> None:
             await self.consume(raws, PlacementRequest, subjects.PLACEMENT_REQUESTED, self.handle)
 
-        self.pull(streams.STREAM_PIPE, streams.CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED, on_requested)
+        self.pull(streams.STREAM_REQUESTED, streams.CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED, on_requested)
 
     async def handle(self, batch: Sequence[PlacementRequest]) -> None:
         """Apply requests in order; a poisoned one raises its failure (the ones before it were applied)."""
@@ -109,7 +109,7 @@ class Harness:
 
     async def settled(self) -> bool:
         """Nothing left to deliver and nothing delivered but unacknowledged."""
-        info = await self.nc.jetstream().consumer_info(streams.STREAM_PIPE, streams.CONSUMER_FILTER)
+        info = await self.nc.jetstream().consumer_info(streams.STREAM_REQUESTED, streams.CONSUMER_FILTER)
         return info.num_pending == 0 and info.num_ack_pending == 0
 
     def dead(self, fragment: str) -> list[ErrorEvent]:

@@ -417,7 +417,7 @@ async def test_a_service_may_hear_what_its_consumers_give_up_on_and_read_it_back
         await nc.flush()
         await asyncio.sleep(0.2)
         assert errors == []
-        await nc.subscribe(advisory_subject(streams.STREAM_PIPE, "someone-else"))  # and no other consumer's
+        await nc.subscribe(advisory_subject(streams.STREAM_REQUESTED, "someone-else"))  # and no other consumer's
         await nc.flush()
         await asyncio.sleep(0.2)
         assert any("permissions violation" in e for e in errors)

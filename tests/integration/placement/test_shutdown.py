@@ -52,8 +52,8 @@ async def test_every_service_exits_with_code_zero_within_seconds_of_sigterm(stac
 
 # The consumers each service pulls from once it is ready.
 PULLS = {
-    "fitting": [(streams.STREAM_PIPE, streams.CONSUMER_FITTING)],
-    "reconciler": [(streams.STREAM_CMD, streams.CONSUMER_SCALE), (streams.STREAM_PIPE, streams.CONSUMER_COMMIT),
+    "fitting": [(streams.STREAM_FILTERED, streams.CONSUMER_FITTING)],
+    "reconciler": [(streams.STREAM_CMD, streams.CONSUMER_SCALE), (streams.STREAM_SCORED, streams.CONSUMER_COMMIT),
                    (streams.STREAM_STATUS, streams.CONSUMER_STATUS)],
 }
 

@@ -48,12 +48,34 @@ def test_a_limit_gantry_leaves_unlimited_differs_once_set() -> None:
 def test_the_durable_streams_each_have_a_share_of_the_store_and_refuse_when_full() -> None:
     from nats.js.api import DiscardPolicy
 
-    from shared.bus.streams import STREAM_PIPE, STREAM_STATUS
+    from shared.bus.streams import PIPE_STREAMS, STREAM_STATUS
 
     configs = stream_configs(Settings(js_storage="memory"))
-    for name in (STREAM_CMD, STREAM_PIPE, STREAM_STATUS):  # nothing unhandled is discarded to make room...
+    for name in (STREAM_CMD, *PIPE_STREAMS, STREAM_STATUS):  # nothing unhandled is discarded to make room...
         assert wanted(name).max_bytes and wanted(name).discard is DiscardPolicy.NEW
         assert wanted(name).retention is RetentionPolicy.INTEREST  # ...and what is handled does not stay
     assert sum(cfg.max_bytes or 0 for cfg in configs) < 256 << 20  # the local stack's memory store holds them all
     assert not stream_matches(as_the_server_reports(dataclasses.replace(wanted(), discard=DiscardPolicy.OLD)),
                               wanted())
+
+
+def test_each_pipeline_stage_reads_a_stream_of_its_own_with_its_own_byte_limit() -> None:
+    from shared.bus.streams import ALL_CONSUMERS, PIPE_STREAMS, PIPE_SUBJECTS
+
+    configs = {cfg.name: cfg for cfg in stream_configs(Settings(pipe_max_bytes=1 << 20))}
+    readers = {stream: subject for stream, _, subject in ALL_CONSUMERS if stream in PIPE_STREAMS}
+    assert readers == PIPE_SUBJECTS  # one consumer per pipeline stream, on the one subject it stores
+    for name in PIPE_STREAMS:  # a stage's output goes to the next stream: it never competes with its input for room
+        assert configs[name].subjects == [PIPE_SUBJECTS[name]]
+        assert configs[name].max_bytes == 1 << 20
+
+
+def test_no_two_streams_store_one_subject_and_the_older_builds_pipeline_is_not_provisioned() -> None:
+    from shared.bus import subjects
+    from shared.bus.streams import ALL_STREAMS, LEGACY_PIPE
+
+    names = [cfg.name for cfg in stream_configs(Settings())]
+    assert names == list(ALL_STREAMS) and LEGACY_PIPE not in names
+    stored = [s for cfg in stream_configs(Settings()) for s in cfg.subjects or ()]
+    assert len(stored) == len(set(stored))
+    assert subjects.PIPE_ALL not in stored  # the older build's wildcard, which overlaps every stage's subject

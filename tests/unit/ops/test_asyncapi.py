@@ -59,7 +59,7 @@ def test_a_subscription_outside_the_contract_is_refused() -> None:
     class Sneaky(FilterService):
         def register(self) -> None:
             super().register()
-            self.pull(streams.STREAM_PIPE, streams.CONSUMER_SCORING, subjects.PLACEMENT_FITTED, _nothing)
+            self.pull(streams.STREAM_FITTED, streams.CONSUMER_SCORING, subjects.PLACEMENT_FITTED, _nothing)
 
     with pytest.raises(ValueError, match="not declared"):
         Sneaky(Settings())

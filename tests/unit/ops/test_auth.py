@@ -52,7 +52,7 @@ def test_no_identity_but_the_admin_may_purge_or_delete(identity: str) -> None:
 
 @pytest.mark.parametrize(
     ("stream", "consumer"),
-    [("GANTRY_PIPE", "filter"), ("GANTRY_PIPE", "reconciler-commit"), ("GANTRY_CMD", "reconciler-cmd"),
+    [("GANTRY_PIPE_REQUESTED", "filter"), ("GANTRY_PIPE_SCORED", "reconciler-commit"), ("GANTRY_CMD", "reconciler-cmd"),
      ("GANTRY_STATUS", "reconciler-status")],
 )
 def test_the_cli_cannot_acknowledge_a_services_messages_away(stream: str, consumer: str) -> None:
