@@ -1,13 +1,15 @@
 """A pipeline stage down while its input fills the bus: once it starts, the pipeline drains.
 
-The stream holding the fitting stage's input (`placement.filtered`) is filled while fitting is down, with the
-pipeline's byte limit made small (`GANTRY_PIPE_MAX_BYTES`, as the provisioner applies it). Fitting is kept down
-longer than a message's deliveries last (6 × the 2 s ack wait), then started: every replica must be placed within a
-bound, and nothing dead-lettered (every message here is valid work).
+The stream holding one stage's input is filled while that stage is down (fitting: `placement.filtered`; scoring:
+`placement.fitted`, and the stages before it fill theirs in turn; filter: the requests), with the pipeline's byte
+limit made small (`GANTRY_PIPE_MAX_BYTES`, as the provisioner applies it). The stage is kept down 14 s more (several
+redeliveries' worth at the 2 s ack wait), then started: every replica must be placed within a bound, and nothing
+dead-lettered (every message here is valid work).
 
-When all four stages shared one stream, this stalled: the full stream refused fitting's output too, so fitting
-nak'ed its input and nothing downstream had anything to drain, until deliveries ran out (valid work dead-lettered)
-or messages aged out.
+When all four stages shared one stream, this stalled (the fitting case, measured): the full stream refused fitting's
+output too, so fitting nak'ed its input and nothing downstream had anything to drain; 400 s after fitting started, 1
+replica of 48 was placed and 47 messages of valid work had been dead-lettered after their 6 deliveries, while the
+converge's re-requests kept the stream full until messages would age out (10 min).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240
 WORKERS, GPUS = 8, 8
 MODELS = 48  # one replica each, one GPU each: 48 of the 64 GPUs
 LIMIT = 24 << 10  # bytes a pipeline stream holds: a few dozen of these requests and filter results
-DOWN_AFTER_FULL_S = 14.0  # fitting stays down this long once its input is full: longer than 6 deliveries last
+DOWN_AFTER_FULL_S = 14.0  # the stage stays down this long once its input is full
 DRAIN_BOUND_S = 30.0
 
 
@@ -52,12 +54,15 @@ async def stream_of(stack: Stack, subject: str) -> tuple[str, int]:
     return name, (await js.stream_info(name)).state.bytes
 
 
-async def filter_held_back(stack: Stack) -> bool:
-    """Fitting's input is (nearly) full and the filter has requests it could not pass on."""
-    _, held = await stream_of(stack, subjects.PLACEMENT_FILTERED)
-    requests, _ = await stream_of(stack, subjects.PLACEMENT_REQUESTED)
-    waiting = await stack.nc.jetstream().consumer_info(requests, streams.CONSUMER_FILTER)
-    return held >= LIMIT * 3 // 4 and waiting.num_pending + waiting.num_ack_pending > 0
+INPUT = {"filter": subjects.PLACEMENT_REQUESTED, "fitting": subjects.PLACEMENT_FILTERED,
+         "scoring": subjects.PLACEMENT_FITTED}
+"""The input of each stage a test keeps down."""
+
+
+async def input_full(stack: Stack, down: str) -> bool:
+    """The stopped stage's input stream is (nearly) full."""
+    _, held = await stream_of(stack, INPUT[down])
+    return held >= LIMIT * 3 // 4
 
 
 async def all_running(stack: Stack) -> Counter[InstanceState] | None:
@@ -68,8 +73,9 @@ async def all_running(stack: Stack) -> Counter[InstanceState] | None:
     return None
 
 
+@pytest.mark.parametrize("down", ["fitting", "scoring", "filter"])
 async def test_a_stage_started_after_its_input_filled_the_bus_drains_it_with_nothing_dead_lettered(
-    stack: Stack,
+    stack: Stack, down: str,
 ) -> None:
     settings = stack.launcher.settings.model_copy(update={"pipe_max_bytes": LIMIT})
     await prepare(stack.nc, settings, streams.ALL_CONSUMERS)  # the provisioner's step, with the small limit
@@ -78,26 +84,27 @@ async def test_a_stage_started_after_its_input_filled_the_bus_drains_it_with_not
         "fleet", "--count", str(WORKERS), "--gpus", str(GPUS), "--heartbeat-interval", "0.2",
         "--start-delay", "0.05", "--download-delay", "0.05",
     )
-    for service in ("filter", "scoring", "reconciler"):  # fitting is down
-        stack.start_service(service)
+    for service in ("filter", "fitting", "scoring", "reconciler"):
+        if service != down:
+            stack.start_service(service)
     await stack.wait_ready(workers=WORKERS, timeout=60)
 
     for n in range(MODELS):  # one request (and one filter result) per model: the linger does not gather them
         await stack.scale(llm(n), 1)
         await asyncio.sleep(0.05)
-    await wait_until(lambda: filter_held_back(stack), 30, "fitting's input full, the filter held back")
+    await wait_until(lambda: input_full(stack, down), 30, f"{down}'s input full")
     await asyncio.sleep(DOWN_AFTER_FULL_S)
     held_back = len(lost_work(stack))
 
     started = time.monotonic()
-    stack.start_service("fitting")
+    stack.start_service(down)
 
     async def report() -> str:
         insts = await stack.instances()
         lost = lost_work(stack)
         reasons = Counter(f"{d.service} {d.subject}: {d.reason.split(':')[0]}" for d in lost)
         return (f"{Counter(i.state for i in insts)} after {time.monotonic() - started:.1f} s; "
-                f"{len(lost)} dead letters ({held_back} while fitting was down): {dict(reasons)}")
+                f"{len(lost)} dead letters ({held_back} while {down} was down): {dict(reasons)}")
 
     try:
         await wait_until(lambda: all_running(stack), DRAIN_BOUND_S, f"all {MODELS} replicas RUNNING", interval=0.2)
