@@ -645,15 +645,20 @@ class Reconciler(PlacementService):
         tick's PENDING retries (``planner._pending_retries``: the shared book's backoff, up to
         ``pending_retry_max_s``) request them again, whichever reconciler replica ticks."""
         states = await self.store.states([i.instance_id for i in items])
-        fresh = {
-            i.instance_id: i.model for i in items if states.get(i.instance_id) is InstanceState.PENDING
-            and ((known := self.feed.instances.get(i.instance_id)) is None or known.reason != PIPELINE_FULL)
-        }
-        if not fresh:  # refused again: the reason is there already
-            return
-        await self.store.set_reasons(dict.fromkeys(fresh, PIPELINE_FULL))
-        await self._publish_instances([Instance(id=iid, model=model, state=InstanceState.PENDING, reason=PIPELINE_FULL)
-                                       for iid, model in fresh.items()])
+        fresh: dict[str, Instance] = {}
+        for item in items:
+            known = self.feed.instances.get(item.instance_id)
+            if states.get(item.instance_id) is not InstanceState.PENDING or item.instance_id in fresh:
+                continue  # placed or removed meanwhile
+            if known is not None and known.state is InstanceState.PENDING:
+                if known.reason != PIPELINE_FULL:  # else refused again: the reason is there already
+                    fresh[item.instance_id] = msgspec.structs.replace(known, reason=PIPELINE_FULL)
+            else:
+                fresh[item.instance_id] = Instance(id=item.instance_id, model=item.model, state=InstanceState.PENDING,
+                                                   reason=PIPELINE_FULL)
+        if fresh:
+            await self.store.set_reasons(dict.fromkeys(fresh, PIPELINE_FULL))
+            await self._publish_instances(fresh.values())
 
     def _say_refused(self, full: StreamFull) -> None:
         """Log the first refusal of an episode only (every request is refused while the pipeline is full)."""
@@ -663,6 +668,7 @@ class Reconciler(PlacementService):
                         "said again when requests go through", full)
 
     def _say_accepted(self) -> None:
+        """Log the end of an episode of refusals."""
         if self.refused_since is not None:
             log.warning("placement requests go through again, after %.1f s of a full pipeline",
                         self.clock() - self.refused_since)
