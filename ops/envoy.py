@@ -79,6 +79,7 @@ DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
 EXT_PROC = "envoy.filters.http.ext_proc"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+SUBSET_FILTER = "gantry.subset_hint"  # ext_authz: the header_mutation filter setting EnvoyOptions.subset_hint
 PICKED = "x-gantry-endpoints"  # same name as services.gateway.epp.PICKED
 PICKER_HEADERS = (REQUEST_ID_HEADER, PRIORITY_HEADER, FAIRNESS_HEADER, SESSION_HEADER)  # what the picker reads
 MODEL_KEY = "model"  # envoy.lb/model: the request's model, for the fallback's subset choice
@@ -142,8 +143,9 @@ class EnvoyOptions:
     transport: PickerTransport = PickerTransport.EXT_PROC
     # the ext_proc filter's ProcessingMode: None is the buffered exchange (EXT_PROC_MODES, services.gateway.protocol)
     ext_proc_mode: dict[str, Any] | None = None
-    # ext_proc: GIE's endpoint subset (ip:port) set on every request, as a gateway routing a backend to part of a
-    # pool would; the picker chooses only among them (None: no hint, the whole pool)
+    # GIE's endpoint subset (ip:port) set on every request, as a gateway routing a backend to part of a pool would
+    # (ext_proc: as metadata; ext_authz: as a header); the picker chooses only among them (None: no hint, the whole
+    # pool; empty: none, every request refused 503)
     subset_hint: tuple[str, ...] | None = None
     # the largest request body Envoy takes (it buffers one for the picker, and json_to_metadata reads the model from
     # it); past it Envoy answers 413 itself. Its connection buffer limit, 1 MiB by default, refused a long prompt's
@@ -375,8 +377,9 @@ def _ext_authz(o: EnvoyOptions) -> dict[str, Any]:
                           "allowed_client_headers_on_success": {"patterns": [{"exact": PICKED}]}}},
         with_request_body={"max_request_bytes": o.max_body_bytes, "allow_partial_message": False,
                            "pack_as_bytes": True},
-        # by default only the method, path, host and length go to the check; the picker reads these too
-        allowed_headers={"patterns": [{"exact": h} for h in PICKER_HEADERS]},
+        # by default only the method, path, host and length go to the check; the picker reads these too, and GIE's
+        # subset hint when the gateway sets it (subset_hint, or a filter of the operator's before this one)
+        allowed_headers={"patterns": [{"exact": h} for h in (*PICKER_HEADERS, SUBSET_KEY)]},
         failure_mode_allow=o.failure_mode is FailureMode.FAIL_OPEN,
         status_on_error={"code": 500},  # FailClose refuses as the ext_proc filter does (its default is 403)
         transport_api_version="V3",
@@ -397,10 +400,18 @@ def _local_replies(o: EnvoyOptions) -> dict[str, Any]:
 
 
 def _subset_hint(o: EnvoyOptions) -> list[dict[str, Any]]:
-    """GIE's endpoint subset, fixed for every request (``EnvoyOptions.subset_hint``), as the metadata a gateway sets
-    before the picker's filter."""
-    if o.subset_hint is None or o.transport is PickerTransport.EXT_AUTHZ:
+    """GIE's endpoint subset, fixed for every request (``EnvoyOptions.subset_hint``), set before the picker's filter
+    as a gateway sets it: metadata for ext_proc (GIE's protocol); for ext_authz, which sends an HTTP authorization
+    service no metadata, the header of the same name, comma-separated (``_ext_authz`` forwards it). After the first
+    filter, which removes a client's own: only the gateway names the subset."""
+    if o.subset_hint is None:
         return []
+    if o.transport is PickerTransport.EXT_AUTHZ:
+        # an empty hint stays a header (Envoy drops empty values unless kept): it allows no endpoint, not every one
+        header = {"header": {"key": SUBSET_KEY, "value": ",".join(o.subset_hint)},
+                  "append_action": "OVERWRITE_IF_EXISTS_OR_ADD", "keep_empty_value": True}
+        return [_typed(SUBSET_FILTER, "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                       mutations={"request_mutations": [{"append": header}]})]
     return [_typed("envoy.filters.http.set_metadata", "envoy.extensions.filters.http.set_metadata.v3.Config",
                    metadata=[{"metadata_namespace": SUBSET_NAMESPACE, "value": {SUBSET_KEY: list(o.subset_hint)}}])]
 
@@ -408,7 +419,7 @@ def _subset_hint(o: EnvoyOptions) -> list[dict[str, Any]]:
 def _picker_filter(o: EnvoyOptions) -> list[dict[str, Any]]:
     if not o.ext_proc:
         return []
-    return [_ext_authz(o)] if o.transport is PickerTransport.EXT_AUTHZ else [*_subset_hint(o), _ext_proc(o)]
+    return [*_subset_hint(o), _ext_authz(o) if o.transport is PickerTransport.EXT_AUTHZ else _ext_proc(o)]
 
 
 def _models_route(o: EnvoyOptions) -> dict[str, Any]:

@@ -9,7 +9,8 @@ policy reads it and walks it on retry), ``x-gantry-pick-id`` (the picker's id of
 too, so the access log names it) and ``x-gantry-endpoints`` (copied to the client's response). A refusal is
 answered with its status (400 / 429; a 503 or 504 shifted into 4xx, ``protocol.authz_status``, since Envoy
 would take a 5xx for a failed check) and the OpenAI-style JSON error, which Envoy passes to the client (the
-5xx restored by its local-reply mapper).
+5xx restored by its local-reply mapper). GIE's endpoint subset hint, which ext_proc carries as metadata, comes
+as a request header of the same name (``header_subset``).
 
 Response side: no per-request hop. Envoy's ``http_grpc`` access logger keeps one stream to the picker and
 sends batched entries (flushed every few ms); each names the pick id, the upstream host that served, and the
@@ -34,7 +35,7 @@ import msgspec
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from services.gateway.epp import DESTINATION, PICKED, Picked, Picker, Refusal, error_body
-from services.gateway.http1 import Connections, headers_of, response
+from services.gateway.http1 import Connections, header_values, headers_of, response
 from services.gateway.protocol import (
     CHECK_PREFIX,
     HEALTH_PATH,
@@ -42,9 +43,11 @@ from services.gateway.protocol import (
     PICK_ID_HEADER,
     READY_PATH,
     STATS_PATH,
+    SUBSET_KEY,
     answered,
     authz_status,
 )
+from services.gateway.subset import subset_of_text
 from shared.core.routing import Decision
 
 log = logging.getLogger("gantry.gateway")
@@ -76,6 +79,15 @@ def logged_of(entry: object) -> Logged | None:
     return Logged(pick_id, upstream, int(entry.response.response_code.value))  # type: ignore[attr-defined]
 
 
+def header_subset(head: bytes, headers: dict[str, str]) -> frozenset[str] | None:
+    """GIE's endpoint subset as this transport carries it: the ``SUBSET_KEY`` request header (Envoy sends an HTTP
+    authorization service no metadata), read as the ext_proc path reads its metadata (``subset``); None without
+    one. Repeated lines make one list, as Envoy joins them."""
+    if SUBSET_KEY not in headers:  # one lookup a check: the head is read again only for a hinted request
+        return None
+    return subset_of_text(",".join(header_values(head, SUBSET_KEY)))
+
+
 class AuthzPicker:
     """The ext_authz answers of one picker replica, and the in-flight requests it routed."""
 
@@ -96,7 +108,7 @@ class AuthzPicker:
         if not body:  # as the ext_proc path answers a bodiless request
             why = f"{headers[':method'] or '?'} {headers[':path']}: a JSON body naming the model is required"
             return response(400, error_body(400, why), JSON)
-        got = self.picker.pick_now(body, headers)
+        got = self.picker.pick_now(body, headers, header_subset(head, headers))
         if isinstance(got, Picked | Refusal):
             return self._checked(got)
         return self._checked_later(got)

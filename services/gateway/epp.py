@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
-import ipaddress
 import itertools
 import logging
 import os
@@ -53,6 +51,7 @@ from services.gateway.protocol import (
     answered,
 )
 from services.gateway.request import MAX_BODY_BYTES, BadRequest, Tokenize, parse_request, tokenized
+from services.gateway.subset import NO_ENDPOINT, canonical_address, in_subset, subset_of_entries, subset_of_text
 from shared.core.routing import Decision, Router, RouteRequest
 
 log = logging.getLogger("gantry.gateway")
@@ -158,52 +157,20 @@ def destination_metadata(destination: str) -> struct_pb2.Struct:
 
 def subset_hint(meta: base_pb2.Metadata) -> frozenset[str] | None:
     """GIE's endpoint subset in the metadata Envoy forwards with a request: the ``ip:port`` addresses it allows, or
-    None when it sets none. A list of strings as the protocol writes it, or one comma-separated string; anything
-    else allows no endpoint (the request is refused 503, as for an empty list)."""
+    None when it sets none. A list of strings as the protocol writes it, or one comma-separated string, read as the
+    ext_authz transport reads its header (``subset``); anything else allows no endpoint (the request is refused 503,
+    as for an empty list)."""
     ns = meta.filter_metadata.get(SUBSET_NAMESPACE)
     if ns is None or SUBSET_KEY not in ns.fields:
         return None
     value = ns.fields[SUBSET_KEY]
     kind = value.WhichOneof("kind")
     if kind == "list_value":
-        return frozenset(canonical_address(v.string_value) for v in value.list_value.values
-                         if v.WhichOneof("kind") == "string_value")
+        return subset_of_entries(v.string_value for v in value.list_value.values
+                                 if v.WhichOneof("kind") == "string_value")
     if kind == "string_value":
-        return frozenset(canonical_address(a) for part in value.string_value.split(",") if (a := part.strip()))
-    return frozenset()
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP literal ``text`` names (bracketed or not), or None."""
-    try:
-        return ipaddress.ip_address(text[1:-1] if text[:1] == "[" and text[-1:] == "]" else text)
-    except ValueError:
-        return None
-
-
-@functools.lru_cache(maxsize=4096)
-def canonical_address(address: str) -> str:
-    """``host:port`` in one spelling when the host is an IP literal (an IPv6 one compressed, lower case, bracketed),
-    so GIE's subset and the engines' own addresses compare equal however each side writes them (``[fd00::5]`` as
-    a proxy writes a pod's address, ``[fd00:0:0::5]`` as an engine may report itself); anything else as it is.
-    Cached: the pool's addresses are read again for every request that has a subset. A bare IP (GIE's reference
-    picker matches its subset on pods' IPs alone) comes back as the IP, unbracketed: it names every port there."""
-    text = address.strip()
-    if (bare := _ip(text)) is not None:
-        return str(bare)
-    host, _, port = text.rpartition(":")
-    # a port is at most 5 digits: a longer one is no port (and past 4,300 digits int() itself refuses it)
-    if not (port.isascii() and port.isdigit() and len(port) <= 5) or (ip := _ip(host)) is None:
-        return address
-    return f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
-
-
-def _in_subset(address: str, subset: frozenset[str]) -> bool:
-    """Whether the endpoint at canonical ``address`` is in ``subset``: named with its port, or by its IP alone."""
-    if address in subset:
-        return True
-    host = address.rpartition(":")[0]
-    return (host[1:-1] if host[:1] == "[" else host) in subset
+        return subset_of_text(value.string_value)
+    return NO_ENDPOINT
 
 
 def duplex_answers(destination: str, body: bytes, end: bool) -> list[pb.ProcessingResponse]:
@@ -318,7 +285,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # genera
     def _route(self, req: RouteRequest, subset: frozenset[str] | None = None) -> Picked | Refusal:
         if subset is not None:  # addresses (or bare IPs) -> the endpoints the core knows there
             req = dataclasses.replace(req, subset=frozenset(
-                e for e, a in self.addresses().items() if _in_subset(canonical_address(a), subset)))
+                e for e, a in self.addresses().items() if in_subset(canonical_address(a), subset)))
         rid = req.request_id
         now = self.clock()
         out = self.router.route(req, now)

@@ -74,6 +74,17 @@ def headers_of(head: bytes) -> dict[str, str]:
     return out
 
 
+def header_values(head: bytes, name: str) -> list[str]:
+    """Every value of header ``name`` (lower case) in ``head``, in order: ``headers_of`` keeps only the last of
+    repeated lines, where a list-valued header's lines together make its value (as Envoy joins them)."""
+    out = []
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            out.append(value.strip())
+    return out
+
+
 def response(code: int, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A whole HTTP/1.1 response (kept alive)."""
     extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers)

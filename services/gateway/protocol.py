@@ -74,7 +74,8 @@ SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 """GIE's endpoint subset: when the proxy sets ``SUBSET_NAMESPACE`` / ``SUBSET_KEY`` (a list of ``ip:port``) in the
 metadata it forwards with a request, the picker chooses only among those endpoints, and answers 503 when none of
-them can take it (an empty list included)."""
+them can take it (an empty list included). The ext_authz transport, which forwards no metadata, reads a request
+header named ``SUBSET_KEY`` (comma-separated) instead, the same way (``services.gateway.subset``)."""
 
 DUPLEX = "FULL_DUPLEX_STREAMED"
 GIE_PROCESSING_MODE: dict[str, Any] = {

@@ -124,6 +124,7 @@ class Gateway:
     admin: Path | int = 0  # Envoy's admin API: its unix socket (mode 0600)
     socket_dirs: tuple[Path, ...] = ()  # each replica's --socket-dir (its unix sockets)
     tcp_ports: tuple[tuple[int, int], ...] = ()  # over TCP: each replica's gRPC and HTTP ports
+    envoy_opts: EnvoyOptions | None = None  # what its Envoy was started with (another Envoy may share the pickers)
 
     def stats(self, replica: int = 0) -> dict[str, Any]:
         """An ext_authz picker replica's books, from its own HTTP socket (not routed by Envoy)."""
@@ -197,7 +198,7 @@ def _gateway(nats_url: str, tmp_path: Path, replicas: int, *extra: str,
         envoy = start_envoy(opts, tmp_path / "envoy", timeout=60)  # its start is slower on a loaded host
         stack.callback(envoy.stop)
         ports = tuple((g, h) for g, h in zip(grpc, http, strict=True) if isinstance(g, int) and isinstance(h, int))
-        yield Gateway(envoy.url, pickers, envoy, log, opts.admin_port, dirs, ports)
+        yield Gateway(envoy.url, pickers, envoy, log, opts.admin_port, dirs, ports, opts)
 
 
 @pytest.fixture

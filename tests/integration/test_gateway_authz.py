@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import re
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from ops.envoy import SERVED, FailureMode
-from ops.servers import ServerProcess
-from services.gateway.protocol import GRPC_SOCKET, HTTP_SOCKET, PickerTransport
+from ops.envoy import SERVED, FailureMode, start_envoy
+from ops.servers import ServerProcess, free_port
+from services.gateway.protocol import GRPC_SOCKET, HTTP_SOCKET, SUBSET_KEY, PickerTransport
 from tests.integration.test_gateway import (
     AT_ONCE_S,
     MODEL,
@@ -179,6 +181,41 @@ class TestOnEnginesLeftAsFound:
             assert all(set(b["endpoints"].values()) == {0} for b in books)
             assert all(b["finished"] == b["picks"] for b in books)
             assert sum(b["picks"] for b in books) >= 30
+        finally:
+            gen.close()
+
+    def test_requests_go_only_to_the_endpoints_of_the_subset_the_gateway_names_and_none_known_is_503(
+            self, nats_server: ServerProcess, tmp_path: Path, engines: list[Engine]) -> None:
+        """GIE's subset hint on this transport: the header the gateway sets (``EnvoyOptions.subset_hint``) reaches
+        the check, where ext_proc's metadata could not, and is read as ext_proc reads its metadata. A client's own
+        hint is removed before it."""
+        gen = _gateway(nats_server.url, tmp_path, 1, "--staleness-s", "2", transport=PickerTransport.EXT_AUTHZ,
+                       subset_hint=(engines[1].address,))
+        gw = next(gen)
+        try:
+            _wait_routable(gw, len(engines))
+            before = {e.instance: e.requests_served() for e in engines}
+            served = [httpx.post(f"{gw.url}/v1/chat/completions", json=_chat(f"subset {i}", 2, False), timeout=30,
+                                 headers={SUBSET_KEY: engines[0].address} if i % 2 else {}).headers[SERVED]
+                      for i in range(8)]
+            assert served == [engines[1].address] * 8
+            time.sleep(0.05)
+            assert engines[1].requests_served() == before[engines[1].instance] + 8  # counted where they landed
+            assert engines[0].requests_served() == before[engines[0].instance]  # and none outside the subset
+            # a second Envoy in front of the same picker, its hint naming no engine the picker knows
+            assert gw.envoy_opts is not None
+            with tempfile.TemporaryDirectory(prefix="ga-") as admin:
+                other = start_envoy(replace(gw.envoy_opts, listen_port=free_port(), admin_port=Path(admin) / "a.sock",
+                                            subset_hint=("127.0.0.1:1",), access_log=None), tmp_path / "envoy-none",
+                                    timeout=60)
+                try:
+                    refused = httpx.post(f"{other.url}/v1/chat/completions", json=_chat("no subset", 2, False),
+                                         timeout=30)
+                finally:
+                    other.stop()
+            assert refused.status_code == 503 and "subset" in refused.json()["error"]["message"], refused.text
+            assert engines[0].requests_served() == before[engines[0].instance]
+            assert engines[1].requests_served() == before[engines[1].instance] + 8
         finally:
             gen.close()
 

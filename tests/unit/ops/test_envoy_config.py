@@ -15,6 +15,7 @@ from ops.envoy import (
     EPP_CLUSTER,
     HEALTH_PATH,
     MODEL_KEY,
+    SUBSET_FILTER,
     EnvoyOptions,
     FailureMode,
     PickerTransport,
@@ -31,6 +32,8 @@ from services.gateway.protocol import (
     MODELS_PATH,
     PICK_ID_HEADER,
     PICKER_IDLE_TIMEOUT_S,
+    SUBSET_KEY,
+    SUBSET_NAMESPACE,
     authz_status,
 )
 from shared.core.routing import Endpoint
@@ -294,6 +297,35 @@ def test_client_sent_gateway_headers_are_removed_before_any_other_filter(transpo
     assert rules == [{"safe_regex": {"regex": internal_header_pattern()}}, {"prefix": DESTINATION},
                      {"prefix": "x-envoy-"}]
     assert len(internal_header_pattern()) < 200  # Envoy refuses an RE2 program over 100 instructions
+
+
+@pytest.mark.parametrize(("hint", "value"), [(("10.0.0.1:8000", "[fd00::5]:8000"), "10.0.0.1:8000,[fd00::5]:8000"),
+                                            ((), "")])
+def test_a_fixed_subset_reaches_the_ext_authz_check_as_a_header_only_the_gateway_sets(hint: tuple[str, ...],
+                                                                                       value: str) -> None:
+    """ext_authz sends its check no metadata: the hint is the header of the same key, set after the first filter
+    removes a client's own (its prefix is the destination's), and forwarded to the check. An empty hint is kept
+    as an empty header: no endpoint, not the whole pool."""
+    assert SUBSET_KEY.startswith(DESTINATION)  # a client's is removed first
+    filters = _filters(_cfg(transport=PickerTransport.EXT_AUTHZ, subset_hint=hint))
+    names = [f["name"] for f in filters]
+    assert names[0] == "envoy.filters.http.header_mutation"  # the client's gateway headers removed
+    assert names.index(SUBSET_FILTER) == names.index("envoy.filters.http.ext_authz") - 1
+    assert filters[names.index(SUBSET_FILTER)]["typed_config"]["@type"].endswith("header_mutation.v3.HeaderMutation")
+    (rule,) = filters[names.index(SUBSET_FILTER)]["typed_config"]["mutations"]["request_mutations"]
+    assert rule["append"]["header"] == {"key": SUBSET_KEY, "value": value} and rule["append"]["keep_empty_value"]
+    authz = filters[names.index("envoy.filters.http.ext_authz")]["typed_config"]
+    assert {"exact": SUBSET_KEY} in authz["allowed_headers"]["patterns"]
+    assert "envoy.filters.http.set_metadata" not in names
+
+
+def test_a_fixed_subset_reaches_the_ext_proc_picker_as_gies_metadata() -> None:
+    filters = _filters(_cfg(subset_hint=("10.0.0.1:8000",)))
+    meta = next(f["typed_config"] for f in filters if f["name"] == "envoy.filters.http.set_metadata")
+    assert meta["metadata"] == [{"metadata_namespace": SUBSET_NAMESPACE, "value": {SUBSET_KEY: ["10.0.0.1:8000"]}}]
+    assert SUBSET_NAMESPACE in _ext_proc(_cfg(subset_hint=("10.0.0.1:8000",)))["metadata_options"][
+        "forwarding_namespaces"]["untyped"]
+    assert SUBSET_FILTER not in [f["name"] for f in filters]
 
 
 def test_a_client_is_its_connections_peer_and_never_internal_whatever_it_forwards() -> None:

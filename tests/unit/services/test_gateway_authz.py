@@ -9,17 +9,21 @@ from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import msgspec
+import pytest
 from envoy.config.core.v3 import address_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import wrappers_pb2
 
-from services.gateway.authz import AccessLogSink, AuthzPicker, Logged, logged_of
-from services.gateway.epp import DESTINATION, OFFLOOP_TOKENIZE_CHARS, PICKED
-from services.gateway.http1 import OneByOne
-from services.gateway.protocol import PICK_ID_HEADER, RELAYED_5XX, authz_status
+from services.gateway.authz import AccessLogSink, AuthzPicker, Logged, header_subset, logged_of
+from services.gateway.epp import DESTINATION, OFFLOOP_TOKENIZE_CHARS, PICKED, Refusal, subset_hint
+from services.gateway.http1 import MAX_HEAD_BYTES, OneByOne, headers_of
+from services.gateway.protocol import PICK_ID_HEADER, RELAYED_5XX, SUBSET_KEY, authz_status
 from services.gateway.service import shipped_tokenizer
-from tests.unit.services.test_gateway_picker import NOW, chat, picker, report
+from services.gateway.subset import CACHED_CHARS, MAX_SUBSET_ENTRIES, subset_of_text
+from tests.unit.services.test_gateway_http1 import _closed, connected
+from tests.unit.services.test_gateway_picker import NOW, chat, headers_msg, picker, report
+from tests.unit.services.test_gateway_picker_duplex import with_subset
 
 CHAT_HEAD = b"POST /check/v1/chat/completions HTTP/1.1\r\nhost: gantry-picker\r\nx-request-id: r1"
 
@@ -266,3 +270,124 @@ async def test_stats_show_the_listeners_open_refused_and_idle_closed_connections
     _, _, body = _split(await _answered(authz, b"GET /stats HTTP/1.1\r\nhost: x", b""))
     assert msgspec.json.decode(body)["connections"] == {"open": 1, "handshaking": 0, "max": 1, "refused": 1,
                                                             "idle_closed": 0, "held_bytes": 0, "closed_over_held": 0}
+
+
+# -- GIE's endpoint subset, as this transport carries it (a request header) ---------------------------------------
+def _hinted(*values: str) -> bytes:
+    """The chat check's head with one ``SUBSET_KEY`` line per value."""
+    return CHAT_HEAD + b"".join(f"\r\n{SUBSET_KEY}: {v}".encode("latin-1") for v in values)
+
+
+async def _routed_to(authz: AuthzPicker, head: bytes) -> set[str] | int:
+    """The endpoint ids a check was routed over (its whole list), or the refusal's status as the client sees it."""
+    code, hs, body = _split(await _answered(authz, head, chat()))
+    if code != 200:
+        return int(msgspec.json.decode(body)["error"]["code"])
+    by_address = {a: e for e, a in authz.picker.addresses().items()}
+    return {by_address[a] for a in hs[DESTINATION].split(",")}
+
+
+async def test_a_check_with_a_subset_header_goes_only_to_the_endpoints_it_names() -> None:
+    p, router = picker(report("a", 8001), report("b", 8002, waiting=4))  # a idle: the better one
+    authz = AuthzPicker(p)
+    assert await _routed_to(authz, _hinted("127.0.0.1:8002")) == {"b"}  # b alone, no fallback outside the subset
+    assert router.state.endpoints["b"].inflight_requests == 1 and router.state.endpoints["a"].inflight_requests == 0
+
+
+IPV6 = "http://[fd00:0:0::5]:8001"  # an engine that reports its address in a long spelling
+HINTS = [
+    "127.0.0.1:8002",
+    "127.0.0.1:8002, 127.0.0.1:8003",  # one known, one not: the known one
+    "127.0.0.1",  # an IP alone names every port there
+    "[fd00::5]:8001", "[FD00::0:5]:8001", "fd00::5", "[fd00::5]", "[fd00::0.0.0.5]:8001",  # one IPv6 address
+    "fd00::5:8001",  # not [fd00::5]:8001: an IPv6 address with no port, which no engine has
+    "127.0.0.1:8002,127.0.0.1:8002,,127.0.0.1:08002",  # duplicates, an empty entry, a zero-padded port
+    "", " ", ",,,",  # empty: no endpoint, never the whole pool
+    "127.0.0.1:8004", "10.0.0.1:8002", "127.0.0.1:", "127.0.0.1:99999", "127.0.0.1:-1", "[127.0.0.1:8002",
+    "gw-engine:8002", "not an address", "\x7f\xff;drop", "127.0.0.1:" + "9" * 5000, "::::", "[]:8002",
+]
+
+
+@pytest.mark.parametrize("hint", HINTS)
+async def test_the_subset_header_allows_exactly_what_the_same_hint_in_ext_procs_metadata_allows(hint: str) -> None:
+    """One reading for both transports: the header's answer is the metadata's, as a string and as a list."""
+    reports = (msgspec.structs.replace(report("v6", 8001), url=IPV6), report("a", 8001), report("b", 8002))
+    header = await _routed_to(AuthzPicker(picker(*reports)[0]), _hinted(hint))
+    for value in (hint, hint.split(",")):
+        meta = with_subset(headers_msg(), value).metadata_context
+        p, _ = picker(*reports)
+        got = await p.pick(chat(), {}, subset_hint(meta))
+        metadata = got.code if isinstance(got, Refusal) else set(got.decision.endpoints)
+        assert header == metadata, (hint, value)
+    assert header == 503 or header  # a refusal, or some endpoint: never an empty list
+
+
+async def test_a_subset_header_naming_no_endpoint_the_picker_knows_is_refused_503_and_books_nothing() -> None:
+    p, router = picker(report("a", 8001))
+    authz = AuthzPicker(p)
+    for hint in ("10.9.9.9:1", "", "garbage"):
+        code, _, body = _split(await _answered(authz, _hinted(hint), chat()))
+        assert code == authz_status(503)  # Envoy's local-reply mapper makes it 503 again
+        assert "subset" in msgspec.json.decode(body)["error"]["message"]
+    assert authz.inflight == {} and router.state.in_flight() == 0 and p.counters.refused == {503: 3}
+
+
+async def test_repeated_subset_header_lines_make_one_list_as_envoy_joins_them() -> None:
+    p, _ = picker(report("a", 8001), report("b", 8002), report("c", 8003))
+    authz = AuthzPicker(p)
+    assert await _routed_to(authz, _hinted("127.0.0.1:8001", "127.0.0.1:8002")) == {"a", "b"}
+    assert await _routed_to(authz, _hinted("127.0.0.1:8001,127.0.0.1:8002")) == {"a", "b"}
+    assert await _routed_to(authz, _hinted("", "127.0.0.1:8003")) == {"c"}  # an empty line adds nothing
+
+
+async def test_a_subset_header_as_large_as_envoy_forwards_is_read_and_one_of_too_many_entries_allows_none() -> None:
+    p, _ = picker(report("a", 8001), report("b", 8002))
+    authz = AuthzPicker(p)
+    # ~60 KiB (Envoy's own limit on a request's headers): thousands of unknown entries, the known one last
+    many = ",".join(f"10.{i >> 8 & 255}.{i & 255}.1:80" for i in range(MAX_SUBSET_ENTRIES - 1))
+    assert await _routed_to(authz, _hinted(f"{many},127.0.0.1:8002")) == {"b"}
+    assert await _routed_to(authz, _hinted(f"{many},127.0.0.1:8002,127.0.0.1:8001")) == 503  # one entry too many
+    assert await _routed_to(authz, _hinted("127.0.0.1:8002" + "," * MAX_SUBSET_ENTRIES)) == 503  # empty ones count
+    # the same bound on ext_proc's metadata list, which no header limit bounds
+    assert subset_hint(with_subset(headers_msg(), ["127.0.0.1:8002"] * (MAX_SUBSET_ENTRIES + 1)).metadata_context) \
+        == frozenset()
+
+
+def test_a_hint_string_is_parsed_once_and_a_stream_of_distinct_ones_is_not_kept() -> None:
+    hint = "127.0.0.1:8001,[fd00::5]:8001"
+    assert subset_of_text(hint) is subset_of_text(hint)  # the same hint request after request: parsed once
+    huge = "127.0.0.1:8001," + " " * CACHED_CHARS  # a long one is parsed each time, not held by the cache
+    assert subset_of_text(huge) == {"127.0.0.1:8001"} and subset_of_text(huge) is not subset_of_text(huge)
+
+
+async def test_a_check_without_a_subset_header_reads_no_more_of_its_head() -> None:
+    p, _ = picker(report("a", 8001), report("b", 8002))
+    authz = AuthzPicker(p)
+    assert header_subset(CHAT_HEAD, headers_of(CHAT_HEAD)) is None
+    assert await _routed_to(authz, CHAT_HEAD) == {"a", "b"}  # the whole pool
+
+
+async def test_on_the_wire_a_subset_header_as_large_as_envoy_sends_is_answered_and_a_larger_head_is_closed() -> None:
+    """Envoy refuses a client's headers past 60 KiB; the picker's framing closes a head past ``MAX_HEAD_BYTES``
+    unanswered (the check fails and the failure mode decides), whatever header makes it that long."""
+    p, _ = picker(report("a", 8001), report("b", 8002))
+    authz = AuthzPicker(p)
+    body = chat()
+    filler = ",".join(["10.0.0.1:1"] * 5000)  # ~55 KB
+    fits = _hinted(f"{filler},127.0.0.1:8002") + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    async with connected(authz.answer) as (reader, writer):
+        writer.write(fits)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 453")  # 5,000 entries: past MAX_SUBSET_ENTRIES, so none allowed: 503
+    trimmed = _hinted(",".join(["10.0.0.1:1"] * 4000) + ",127.0.0.1:8002")
+    async with connected(authz.answer) as (reader, writer):
+        writer.write(trimmed + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200") and b"127.0.0.1:8002\r\n" in head
+    too_long = _hinted("127.0.0.1:8002," * (MAX_HEAD_BYTES // 15 + 1))
+    async with connected(authz.answer) as (reader, writer):
+        writer.write(too_long + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        assert await _closed(reader) == b""
