@@ -32,9 +32,11 @@ from tests.integration.test_gateway import (
     after_endpoint_kill,
     gateway_marks,
     health_once_the_picker_answers,
+    listened_after_hearing,
     malformed_then_fine,
     no_endpoint_answer,
     private_listeners,
+    restarted_under_traffic,
     shed_and_kept_on_a_busy_engine,
     streams_land_where_picked,
 )
@@ -58,11 +60,11 @@ def engines(nats_server: ServerProcess, tmp_path: Path) -> Iterator[list[Engine]
     yield from _engines(nats_server.url, tmp_path, 2)
 
 
-def _settled(gw: Gateway, timeout: float = 15) -> dict[str, Any]:
-    """The picker's books once nothing is in flight (the access log's entries arrive within its flush interval;
-    on a loaded host the picker reads them later)."""
+def _settled(gw: Gateway, replica: int = 0, timeout: float = 15) -> dict[str, Any]:
+    """A picker replica's books once nothing is in flight (the access log's entries arrive within its flush
+    interval; on a loaded host the picker reads them later)."""
     deadline = time.monotonic() + timeout
-    while (got := gw.stats())["inflight"] and time.monotonic() < deadline:
+    while (got := gw.stats(replica))["inflight"] and time.monotonic() < deadline:
         time.sleep(0.02)
     return got
 
@@ -152,7 +154,7 @@ class TestOnEnginesLeftAsFound:
         time.sleep(0.05)
         assert sum(e.requests_served() for e in engines) == served + 5
 
-    def test_killed_picker_replica_checks_go_to_the_others_and_each_keeps_only_its_own_books(
+    def test_killed_picker_replica_checks_go_to_the_others_each_keeps_its_own_books_and_restarted_it_decides_again(
             self, nats_server: ServerProcess, tmp_path: Path, engines: list[Engine]) -> None:
         gen = _authz_gateway(nats_server.url, tmp_path, replicas=3)
         gw = next(gen)
@@ -181,6 +183,21 @@ class TestOnEnginesLeftAsFound:
             assert all(set(b["endpoints"].values()) == {0} for b in books)
             assert all(b["finished"] == b["picks"] for b in books)
             assert sum(b["picks"] for b in books) >= 30
+            # the dead replica started again under traffic: no check fails on the way, and once back it decides its
+            # share, whose ends reach it (Envoy's access-log stream to it opened again)
+            run = restarted_under_traffic(gw)
+            failed = [(round(t, 2), code, why) for t, code, why in run.answers if code != 200]
+            print(f"{len(run.answers)} requests, back after {run.back_at:.2f} s, {run.calls_after} calls since;",
+                  "failed:", failed)
+            assert not failed, failed
+            assert sum(0 < t < run.back_at for t, _, _ in run.answers) >= 10
+            assert sum(t > run.back_at for t, _, _ in run.answers) >= 10
+            assert run.calls_after >= 3
+            assert listened_after_hearing(run.log, engines)
+            books = [_settled(gw, p) for p in range(len(gw.pickers))]
+            assert books[0]["picks"] >= run.calls_after  # the restarted replica's own books
+            assert [b["inflight"] for b in books] == [0, 0, 0]
+            assert all(b["finished"] == b["picks"] for b in books)
         finally:
             gen.close()
 
