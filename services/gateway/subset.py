@@ -47,11 +47,15 @@ _cached_subset_of_text = functools.lru_cache(maxsize=64)(_subset_of_text)
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP literal ``text`` names (bracketed or not), or None."""
+    """The IP literal ``text`` names (bracketed or not), or None. An IPv4-mapped IPv6 address is its IPv4 address:
+    a dual-stack proxy writes an IPv4 peer so (``[::ffff:10.0.0.5]``), an engine reports itself as ``10.0.0.5``."""
     try:
-        return ipaddress.ip_address(text[1:-1] if text[:1] == "[" and text[-1:] == "]" else text)
+        ip = ipaddress.ip_address(text[1:-1] if text[:1] == "[" and text[-1:] == "]" else text)
     except ValueError:
         return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 @functools.lru_cache(maxsize=4096)

@@ -308,6 +308,8 @@ async def test_a_mode_announced_on_a_later_message_changes_nothing(first: str | 
     ("http://[fd00:0:0::5]:8001", "[fd00::5]:8001"),  # the engine's own spelling of its address, the proxy's canonical
     ("http://[fd00::5]:8001", "[FD00::0:5]:8001"),
     ("http://[::ffff:10.0.0.5]:8001", "[::ffff:a00:5]:8001"),
+    ("http://127.0.0.1:8001", "[::ffff:127.0.0.1]:8001"),  # an IPv4 engine as a dual-stack proxy writes its address
+    ("http://[::ffff:127.0.0.1]:8001", "127.0.0.1:8001"),
 ])
 async def test_a_subset_names_an_ipv6_endpoint_however_either_side_spells_its_address(url: str, hint: str) -> None:
     p, router = picker(msgspec.structs.replace(report("a", 8001), url=url), report("b", 8002))
