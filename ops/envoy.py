@@ -41,7 +41,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ops.servers import ServerProcess, ServerStartError, wait_for_port
+from ops.servers import ServerProcess, ServerStartError, port_accepts, wait_for_port
 from services.gateway.listen import ListenError, free_socket_path
 from services.gateway.protocol import (
     CHECK_PREFIX,
@@ -606,6 +606,9 @@ def envoy_config(o: EnvoyOptions) -> dict[str, Any]:
             "listeners": [{
                 "name": "gantry",
                 "address": {"socket_address": {"address": o.listen_host, "port_value": o.listen_port}},
+                # Envoy's default on Linux is SO_REUSEPORT, with which a second gateway binds a port another
+                # already serves and the kernel splits the connections between them: the second must fail instead
+                "enable_reuse_port": False,
                 "per_connection_buffer_limit_bytes": o.max_body_bytes,
                 "filter_chains": [{"filters": [hcm]}],
             }],
@@ -638,6 +641,8 @@ def ensure_eds(path: Path) -> None:
 def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> ServerProcess:
     """Write the config under ``workdir`` and start Envoy; returns once the listener accepts. Unless told
     otherwise, the access log goes to ``workdir/access.log``."""
+    if port_accepts(o.listen_port):  # the port check below would take the other server for this Envoy
+        raise ServerStartError(f"port {o.listen_port} is already in use (another gateway?): choose another")
     workdir.mkdir(parents=True, exist_ok=True)
     if o.access_log is None:
         o = replace(o, access_log=workdir / "access.log")

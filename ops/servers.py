@@ -91,6 +91,15 @@ def wait_for_port(port: int | Path, proc: subprocess.Popen[bytes], timeout: floa
     raise ServerStartError(f"server did not listen on {where} within {timeout:.0f}s: {_tail(log)}")
 
 
+def port_accepts(port: int) -> bool:
+    """Whether something already accepts connections on the loopback ``port``."""
+    try:
+        _connect(port)
+    except OSError:
+        return False
+    return True
+
+
 def _connect(port: int | Path) -> None:
     if isinstance(port, int):
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()

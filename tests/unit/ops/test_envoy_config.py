@@ -371,3 +371,41 @@ def test_a_body_limit_outside_what_the_picker_reads_is_refused(value: str, tmp_p
     with pytest.raises(SystemExit):
         parse_args(["--eds-path", str(tmp_path / "e.json"), "--max-body-bytes", value])
     assert "--max-body-bytes must be between" in capsys.readouterr().err
+
+
+def test_the_listener_refuses_a_port_another_gateway_serves() -> None:
+    # Envoy's Linux default (SO_REUSEPORT) let a second gateway bind the first one's port, the kernel then
+    # splitting the connections between two gateways of different models
+    listener = _cfg()["static_resources"]["listeners"][0]
+    assert listener["enable_reuse_port"] is False
+
+
+def test_envoy_is_not_started_on_a_port_something_already_serves(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import subprocess
+
+    import ops.envoy
+
+    started: list[object] = []
+
+    class Running:  # stands in for an Envoy that started (the port check would have found the other server)
+        returncode = None
+
+        def poll(self) -> None:
+            return None
+
+    def popen(args: object, **kw: object) -> Running:
+        started.append(args)
+        return Running()
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        opts = EnvoyOptions(listen_port=port, admin_port=tmp_path / "a.sock", epp_port=(3, 4),
+                            eds_path=tmp_path / "eds" / "e.json")
+        with pytest.raises(ops.envoy.ServerStartError, match=f"port {port} is already in use"):
+            ops.envoy.start_envoy(opts, tmp_path / "envoy")
+    assert started == []
