@@ -77,7 +77,8 @@ def free_port() -> int:
 
 def wait_for_port(port: int | Path, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
     """Block until something accepts connections on the loopback ``port`` (or the unix socket at that path)
-    or fail with the server's log."""
+    or fail with the server's log. A server that does not listen in time is stopped: the caller gets an error,
+    not a process to clean up (a gateway demo given port 0 left its Envoy running)."""
     deadline = time.monotonic() + timeout
     where = f"port {port}" if isinstance(port, int) else str(port)
     while time.monotonic() < deadline:
@@ -88,7 +89,18 @@ def wait_for_port(port: int | Path, proc: subprocess.Popen[bytes], timeout: floa
             return
         except OSError:
             time.sleep(0.05)
+    _stop_unready(proc)
     raise ServerStartError(f"server did not listen on {where} within {timeout:.0f}s: {_tail(log)}")
+
+
+def _stop_unready(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds: a server given up on is not left behind."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
 
 
 def port_accepts(port: int) -> bool:

@@ -34,3 +34,20 @@ def test_a_running_server_is_stopped_gracefully(tmp_path: Path) -> None:
     server = _started(tmp_path)
     server.stop(timeout=30)
     assert server.process.returncode == 0
+
+
+def test_a_server_that_does_not_listen_in_time_is_stopped_not_left_running(tmp_path: Path) -> None:
+    import pytest
+
+    from ops.servers import ServerStartError, free_port, wait_for_port
+
+    proc = subprocess.Popen([sys.executable, "-c", GRACEFUL], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+    try:
+        with pytest.raises(ServerStartError, match="did not listen"):
+            wait_for_port(free_port(), proc, 0.3, tmp_path / "log")
+        assert proc.poll() is not None  # (it took the SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
