@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--ext-proc-mode needs --transport ext_proc")
     if not 1 <= a.engines <= 16:
         p.error("--engines must be between 1 and 16")
+    if not 1 <= a.port <= 65535:  # Envoy's own refusal came after NATS and the engines had started, unreadable
+        p.error("--port must be between 1 and 65535")
     a.workdir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     servers: list[ServerProcess] = []
