@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
+import nats.errors
 import typer
 from nats.aio.msg import Msg
 from rich.live import Live
@@ -175,6 +176,9 @@ async def _listen(nats_url: str | None, redis_url: str | None, window_s: float, 
             if i:
                 previous = dict(latest)
             await asyncio.sleep(window_s)
+            if nc.is_closed:  # (no reconnecting: the CLI's connection closes when NATS goes away)
+                # the stack stopped: its last reports would be shown as if current, frame after frame, forever
+                raise nats.errors.ConnectionClosedError
             placed = await _placed(redis, settings)
             if show is not None:
                 show(rows_of(latest, previous, time.time(), placed))
