@@ -37,7 +37,9 @@ def catalog(
         ])
         return
     if not archs:
-        typer.echo(f"no catalogue model matches {match!r}; `gantry catalog` lists all")
+        text = match or ""  # shown cut short: a 100,000-character argument was echoed back whole
+        shown = repr(text) if len(text) <= 80 else f"{text[:80]!r}... ({len(text)} characters)"
+        typer.echo(f"no catalogue model matches {shown}; `gantry catalog` lists all")
         return
     table = Table()
     for column in ("KEY", "HF ID (source)", "PARAMS", "LAYERS", "KV KiB/TOKEN"):

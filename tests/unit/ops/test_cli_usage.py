@@ -193,6 +193,13 @@ def test_catalog_filters_by_a_fragment() -> None:
     assert [r["key"] for r in json.loads(out)] == ["qwen3-8b"]
 
 
+def test_catalog_says_a_long_fragment_matched_nothing_in_one_short_line() -> None:
+    code, out, _ = gantry("catalog", "z" * 100_000)
+    assert code == 0
+    assert out.count("\n") == 1 and len(out) < 200, out[:300]
+    assert out.startswith(f"no catalogue model matches '{'z' * 80}'... (100000 characters)"), out[:300]
+
+
 HEAVY = ("numpy", "faststream", "fastapi", "aiohttp", "ops.stack", "ops.cli.web", "ops.cli.simulate",
          "shared.core.sim", "shared.core.placement.pipeline", "shared.bus.runtime")
 # what each read command imports after it is looked up (the modules its body imports where it runs)
