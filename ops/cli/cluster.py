@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # NATS and the bus messages (numpy) load only in the commands
 
 Wait = Annotated[bool, typer.Option("--wait", help="wait until every replica is RUNNING")]
 Timeout = Annotated[float, typer.Option(min=0, help="seconds --wait waits before giving up")]
+# cordon, uncordon and workers remove always wait until the reconciler has applied the change
+ApplyTimeout = Annotated[float, typer.Option(min=0, help="seconds to wait until the change is applied")]
 
 
 def register(app: typer.Typer) -> None:
@@ -174,7 +176,7 @@ async def _wait_running(settings: Settings, wanted: dict[str, int], timeout: flo
 
 def cordon(
     target: Annotated[str, typer.Argument(help="WORKER or WORKER:GPU-INDEX", show_default=False)],
-    timeout: Timeout = 10.0,
+    timeout: ApplyTimeout = 10.0,
     nats_url: NatsUrl = None,
     redis_url: RedisUrl = None,
 ) -> None:
@@ -184,7 +186,7 @@ def cordon(
 
 def uncordon(
     target: Annotated[str, typer.Argument(help="WORKER or WORKER:GPU-INDEX", show_default=False)],
-    timeout: Timeout = 10.0,
+    timeout: ApplyTimeout = 10.0,
     nats_url: NatsUrl = None,
     redis_url: RedisUrl = None,
 ) -> None:
@@ -228,7 +230,7 @@ def _cordon(target: str, cordoned: bool, timeout: float, settings: Settings) -> 
 
 def workers_remove(
     name: Annotated[str, typer.Argument(help="a worker that is gone for good", show_default=False)],
-    timeout: Timeout = 10.0,
+    timeout: ApplyTimeout = 10.0,
     nats_url: NatsUrl = None,
     redis_url: RedisUrl = None,
 ) -> None:

@@ -96,6 +96,13 @@ def test_an_option_missing_its_value_names_the_commands_help(args: tuple[str, ..
     assert one_line_refusal(args, "requires an argument").endswith(f"(see `gantry {args[0]} --help`)\n")
 
 
+@pytest.mark.parametrize("command", [("cordon",), ("uncordon",), ("workers", "remove")])
+def test_a_commands_help_names_no_option_it_does_not_have(command: tuple[str, ...]) -> None:
+    code, out, _ = gantry(*command, "--help")
+    assert code == 0 and "--timeout" in out
+    assert "--wait" not in out, out  # (its --timeout was described as "seconds --wait waits")
+
+
 def test_errors_carry_no_internal_prefix() -> None:
     err = one_line_refusal(("scale", "llama-8b", "-1"), "replicas")
     assert "scale neg" not in err and "scale llama-8b:" not in err
