@@ -1,7 +1,8 @@
 """``gantry top``: a live view of the cluster, redrawn from the state layer every interval.
 
 It draws at once ("connecting ...") and fits the terminal: the full grid when it is wide enough, compact
-cells (one line per worker) and a cut to the terminal's height otherwise, e.g. 80×24 (issue 17).
+cells (one line per worker) and a cut to the terminal's height otherwise, e.g. 80×24 (issue 17). To a pipe or a
+file it prints the full view once per interval, one frame under the other.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ async def _top(settings: Settings, interval: float, once: bool) -> None:
         finally:
             await redis.aclose()
         return
+    if not console.is_terminal:
+        await _frames(settings, interval, console)
+        return
     # draw first, then connect: the screen says what it waits for instead of staying blank
     waiting = Text(f"gantry top: connecting to {redact(settings.redis_url)} ...")
     with Live(waiting, console=console, auto_refresh=False, screen=False) as live:
@@ -79,3 +83,24 @@ async def _top(settings: Settings, interval: float, once: bool) -> None:
                 await asyncio.sleep(interval)
         finally:
             await redis.aclose()
+
+
+async def _frames(settings: Settings, interval: float, console: Console) -> None:
+    """To a pipe or a file, a frame after each interval, one under the other: a live display writes nothing
+    there until it stops (`gantry top > top.log`, or `| tee`, stayed empty, and killed, ended empty)."""
+    from rich.text import Text
+
+    from ops.cli.client import read_snapshot
+
+    redis = await connect_redis(settings)
+    try:
+        while True:
+            try:
+                shown = frame(await read_snapshot(redis, settings), console)
+            except Exception as err:  # the stack went away: say so and keep trying, as on a terminal
+                shown = Text(f"cannot read cluster state: {err}")
+            console.print(shown)
+            console.file.flush()
+            await asyncio.sleep(interval)
+    finally:
+        await redis.aclose()
