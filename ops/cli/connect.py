@@ -153,7 +153,9 @@ def import_nats(url: str) -> ModuleType:
 async def _probe(url: str, default_port: int, what: str, timeout: float) -> None:
     import asyncio
 
-    parts = urlsplit(url)
+    # nats-py reads a URL without a scheme ("10.0.0.5:4222", "nats-host") as "nats://" + it: probe that same server
+    # (read as it was, such a URL had no host and the probe knocked at 127.0.0.1's default port instead)
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
     try:
         host, port = parts.hostname or "127.0.0.1", parts.port or default_port
     except ValueError as err:  # a port that is not a number or out of range

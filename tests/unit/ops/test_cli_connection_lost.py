@@ -48,3 +48,21 @@ def test_an_error_of_the_command_itself_is_not_taken_for_a_lost_server() -> None
 
     with pytest.raises(ValueError, match="a bug"):
         run_async(command)
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "nats://127.0.0.1:{port}"])
+def test_the_reachability_probe_knocks_where_nats_py_connects(form: str) -> None:
+    # nats-py takes a URL without a scheme as "nats://" + it; the probe before the connection must look at the
+    # same host and port (it looked at 127.0.0.1's default port: "connection refused" for a NATS that answers)
+    from ops.cli.connect import _probe
+    from ops.servers import free_port
+
+    async def command() -> None:
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            await _probe(form.format(port=port), free_port(), "NATS", 2.0)
+        finally:
+            server.close()
+
+    run_async(command)
