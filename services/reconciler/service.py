@@ -1006,19 +1006,34 @@ class Reconciler(PlacementService):
             await self.writer.report_invalid()  # stored records every snapshot left out, each reported once
 
     async def _announce_stale(self, ids: Sequence[str]) -> None:
-        """Of replicas the feed shows PENDING, announce again those the store holds otherwise (placed, or gone):
-        the event of that change was lost, and every feed (this one first) takes the stored record."""
+        """Of replicas the feed shows PENDING, announce again those the store holds otherwise (placed, or gone), or
+        PENDING with a reason the feed does not show: the event of that change was lost, and every feed (this one
+        first) takes the stored record.
+
+        A stored reason the feed missed (the replica that stored it killed before announcing it, or the event
+        dropped) would otherwise strand the replica: the tick's PENDING retries read the feed, where it has no
+        reason (in flight), and the converge's re-requests read the store, where it has one (not unrequested)."""
         if not ids:
             return
         states = await self.store.states(ids)
         stale = [i for i in ids if states.get(i) is not InstanceState.PENDING]
+        waiting = [i for i in ids if states.get(i) is InstanceState.PENDING]
+        feed = self.feed.instances
+        unheard = [
+            i for i, why in (await self.store.reasons(waiting)).items() if i in feed and feed[i].reason != why
+        ]
+        if unheard:
+            log.warning("%d PENDING replicas have a stored reason this feed does not show (event lost): announcing "
+                        "them", len(unheard))
+            found = [inst for inst in (await self.store.instances_by_id(unheard)).values()
+                     if inst.state is InstanceState.PENDING]
+            await self._publish_instances(found)
         if not stale:
             return
         log.warning("%d replicas PENDING in this feed are not in the store (event lost): announcing them", len(stale))
         found = list((await self.store.instances_by_id(stale)).values())
         await self._publish_instances(found)
         known = {i.id for i in found}
-        feed = self.feed.instances
         await self._publish_removed([feed[i] for i in stale if i not in known and i in feed])
 
     async def _resync(self, instances: dict[str, Instance], now: float, shard: int | None) -> None:

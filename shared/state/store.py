@@ -582,6 +582,13 @@ class StateStore:
         got = {i: _state(v) for i, v in zip(ids, raw, strict=True) if v is not None}
         return {i: st for i, st in got.items() if st is not None}
 
+    async def reasons(self, ids: Sequence[str]) -> dict[str, str]:
+        """The stored reason of each of ``ids`` that has one (one round trip)."""
+        if not ids:
+            return {}
+        raw = await self.r.hmget(Keys.inst_reason, list(ids))
+        return {i: _s(v) for i, v in zip(ids, raw, strict=True) if v is not None}
+
     async def instance(self, instance_id: str) -> Instance | None:
         """One instance with its current state, or None."""
         pipe = self.r.pipeline(transaction=False)
