@@ -58,7 +58,7 @@ from shared.bus.messages import (
     decode,
 )
 from shared.bus.pull import in_stream_order
-from shared.bus.runtime import Publish, StreamFull
+from shared.bus.runtime import Publish, StreamFull, TooLarge
 from shared.bus.subjects import INSTANCE_STATUS_WORKER_TOKEN as INSTANCE_STATUS_TOKEN
 from shared.bus.validate import bad_worker_name, check_scale, impersonation
 from shared.core.placement import scale_down_order
@@ -99,6 +99,8 @@ EVENTS_PER_MESSAGE = 1000  # instance changes or decisions per events message (w
 NOT_REFUSED = frozenset({"ok", "dup", "gone", "unschedulable"})  # other commit verdicts: refused, placed again
 UNANSWERED_KEPT = 4096  # decisions of failed commits whose names are kept for their retry (the oldest go first)
 PIPELINE_FULL = "not requested: the placement pipeline is full (back-pressure); requested again later"
+TOO_LARGE = ("not requested: its placement request is larger than the pipeline's stream holds (GANTRY_PIPE_MAX_BYTES); "
+             "requested again later")
 
 
 def resync_shard_of(worker: str) -> int:
@@ -622,23 +624,32 @@ class Reconciler(PlacementService):
             out.append((subjects.PLACEMENT_REQUESTED, req, f"req:{batch_id}"))
             chunks[f"req:{batch_id}"] = chunk
         refused: list[PlacementItem] = []
+        oversize: list[PlacementItem] = []
         try:
             await self.bus.publish_js_many(out)
         except StreamFull as full:
             refused = [i for _, _, msg_id in full.rest for i in chunks[msg_id]]
             self._say_refused(full)
+        except TooLarge as big:  # never stored, however far the pipeline drains: a reason of its own, not a stall
+            oversize = [i for _, _, msg_id in big.rest for i in chunks[msg_id]]
+            refused = [i for _, _, msg_id in big.full for i in chunks[msg_id]]
+            log.error("placement requests of %d replica(s) not requested: %s", len(oversize), big)
+            if refused:
+                self._say_refused(StreamFull(big.full))
         else:
             self._say_accepted()
         # only once stored: marked before, a failed publish (the batch is redelivered) left the replicas "requested"
         # and unasked for three ack waits; a part that did go out is asked again, which the commit recognises
-        left = {i.instance_id for i in refused}
+        left = {i.instance_id for i in (*refused, *oversize)}
         for i in items:
             if i.instance_id not in left:
                 self.requested[i.instance_id] = now
         if refused:
             await self._not_requested(refused)
+        if oversize:
+            await self._not_requested(oversize, TOO_LARGE)
 
-    async def _not_requested(self, items: Sequence[PlacementItem]) -> None:
+    async def _not_requested(self, items: Sequence[PlacementItem], reason: str = PIPELINE_FULL) -> None:
         """Replicas whose placement request the full pipeline refused: back-pressure at the entry point, not an error.
         Whatever asked for them goes on (a scale command is acked, a commit batch too: a full requests stream must
         not stop the last stage from draining). They wait PENDING with that reason, stored and announced, so the
@@ -651,13 +662,13 @@ class Reconciler(PlacementService):
             if states.get(item.instance_id) is not InstanceState.PENDING or item.instance_id in fresh:
                 continue  # placed or removed meanwhile
             if known is not None and known.state is InstanceState.PENDING:
-                if known.reason != PIPELINE_FULL:  # else refused again: the reason is there already
-                    fresh[item.instance_id] = msgspec.structs.replace(known, reason=PIPELINE_FULL)
+                if known.reason != reason:  # else refused again: the reason is there already
+                    fresh[item.instance_id] = msgspec.structs.replace(known, reason=reason)
             else:
                 fresh[item.instance_id] = Instance(id=item.instance_id, model=item.model, state=InstanceState.PENDING,
-                                                   reason=PIPELINE_FULL)
+                                                   reason=reason)
         if fresh:
-            await self.store.set_reasons(dict.fromkeys(fresh, PIPELINE_FULL))
+            await self.store.set_reasons(dict.fromkeys(fresh, reason))
             await self._publish_instances(fresh.values())
 
     def _say_refused(self, full: StreamFull) -> None:

@@ -28,7 +28,7 @@ from shared.bus import subjects
 from shared.bus.connection import inbox_prefix as inbox_prefix  # re-exported: callers import it from here
 from shared.bus.connection import nats_options as nats_options  # re-exported
 from shared.bus.messages import ErrorEvent, MessageError, decode, encode
-from shared.bus.streams import consumer_config, consumer_matches, ensure_streams, stream_configs
+from shared.bus.streams import consumer_config, consumer_matches, ensure_streams, never_fits, stream_configs
 from shared.core.limits import MAX_MESSAGE_BYTES
 from shared.envsettings import without_user
 from shared.settings import Settings
@@ -50,9 +50,14 @@ class Bus:
 
     def __init__(
         self, nc: Client, service: str, declared: Callable[[str], bool] | None = None,
-        on_dead_letter: Callable[[str], None] | None = None,
+        on_dead_letter: Callable[[str], None] | None = None, stream_bytes: dict[str, int] | None = None,
+        storage: str = "file",
     ) -> None:
         self.nc = nc
+        # subject -> the byte limit of its stream (``streams.stream_limits``): a refused publish larger than that is
+        # ``TooLarge``, not back-pressure; ``storage``: the streams' (their accounting of a message differs)
+        self.stream_bytes = stream_bytes or {}
+        self.storage = storage
         self.on_dead_letter = on_dead_letter  # the service's metrics count rejections per subject
         self.js: JetStreamContext = nc.jetstream()
         self.service = service
@@ -78,12 +83,16 @@ class Bus:
         """Durable publish; waits for the stream's ack. ``msg_id`` dedupes re-publishes. Raises ``StreamFull`` when
         the stream refused it for want of room."""
         self._check(subject)
+        payload = encode(msg)
         try:
-            await js_publish(self.nc, subject, encode(msg), msg_id)
+            await js_publish(self.nc, subject, payload, msg_id)
         except nats.js.errors.APIError as exc:
-            if stream_full(exc):
-                raise StreamFull(((subject, msg, msg_id),), str(exc.description)) from exc
-            raise
+            if not stream_full(exc):
+                raise
+            limit = self.stream_bytes.get(subject)
+            if limit is not None and never_fits(subject, len(payload), msg_id, limit, self.storage):
+                raise TooLarge(((subject, msg, msg_id),), len(payload), limit) from exc
+            raise StreamFull(((subject, msg, msg_id),), str(exc.description)) from exc
 
     async def publish_js_many(self, items: Sequence[Publish]) -> None:
         """Several durable publishes in flight at once (one round trip of latency, not n). When some fail, the
@@ -94,13 +103,19 @@ class Bus:
             return
         results = await asyncio.gather(*(self.publish_js(s, m, i) for s, m, i in items), return_exceptions=True)
         refused: list[Publish] = []
+        too_large: list[TooLarge] = []
         why = ""
         for result in results:
             if isinstance(result, StreamFull):
                 refused += result.rest
                 why = result.why
+            elif isinstance(result, TooLarge):
+                too_large.append(result)
             elif isinstance(result, BaseException):
                 raise result
+        if too_large:  # a failure of those messages, not back-pressure: named with the ones refused for room
+            first = too_large[0]
+            raise TooLarge(tuple(p for t in too_large for p in t.rest), first.size, first.limit, tuple(refused))
         if refused:
             raise StreamFull(tuple(refused), why)
 
@@ -179,6 +194,22 @@ class StreamFull(Exception):
         self.why = why
         subjects_full = ", ".join(sorted({s for s, _, _ in rest}))
         super().__init__(f"the stream of {subjects_full} is full ({why or 'no room'}): {len(rest)} publish(es) refused")
+
+
+class TooLarge(Exception):
+    """Durable publishes refused as a full stream's are ("maximum bytes exceeded"), but each larger than its stream
+    holds when empty: no draining makes room for them, so they are a failure of the messages, never back-pressure (a
+    stage that held its batch for them held it for ever, and its pull loop with it). ``rest``: those publishes;
+    ``full``: others of the same call refused for want of room (those not named were stored)."""
+
+    def __init__(self, rest: tuple[Publish, ...], size: int, limit: int, full: tuple[Publish, ...] = ()) -> None:
+        self.rest = rest
+        self.size = size
+        self.limit = limit
+        self.full = full
+        subjects_big = ", ".join(sorted({s for s, _, _ in rest}))
+        super().__init__(f"{len(rest)} publish(es) on {subjects_big} larger than the stream holds ({size} bytes of "
+                         f"payload, the stream {limit} bytes: GANTRY_PIPE_MAX_BYTES)")
 
 
 class _PubAck(msgspec.Struct):

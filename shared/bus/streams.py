@@ -63,6 +63,24 @@ PIPE_SUBJECTS = {
 """The subject each pipeline stream stores: the input of one stage."""
 
 
+STORED_OVERHEAD = {"file": 34, "memory": 16}
+"""Bytes nats-server counts against a stream's byte limit for a stored message with headers, beyond its subject,
+headers and payload (measured: the largest message an empty stream takes)."""
+_MSG_ID_HEADER = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")  # the header block of a deduplicated publish, less the id
+
+
+def stream_limits(settings: Settings) -> dict[str, int]:
+    """Subject -> the byte limit of the stream that alone stores it (the pipeline's): a publish counted larger can
+    never be stored there, however far its consumer drains it (``never_fits``)."""
+    return dict.fromkeys(PIPE_SUBJECTS.values(), settings.pipe_max_bytes)
+
+
+def never_fits(subject: str, payload: int, msg_id: str, limit: int, storage: str) -> bool:
+    """Whether a deduplicated publish of ``payload`` bytes is larger than an empty stream of ``limit`` bytes takes."""
+    overhead = STORED_OVERHEAD["memory" if storage == "memory" else "file"]
+    return len(subject.encode()) + _MSG_ID_HEADER + len(msg_id.encode()) + payload + overhead > limit
+
+
 def stream_configs(settings: Settings) -> list[StreamConfig]:
     """The streams: durable commands, the pipeline's four stage inputs and status; replayable events and dead
     letters."""

@@ -51,7 +51,7 @@ from shared.bus.runtime import (
     nats_client,
     nats_options,
 )
-from shared.bus.streams import ALL_CONSUMERS
+from shared.bus.streams import ALL_CONSUMERS, stream_limits
 from shared.core.placement.profile import DEFAULT_PROFILE, Profile
 from shared.core.placement.registry import profile_from_json, profile_from_yaml
 from shared.core.placement.snapshot import ClusterSnapshot, SnapshotConfig
@@ -181,7 +181,8 @@ class PlacementService:
         if self._bus is None:
             self._bus = Bus(
                 nats_client(self.broker), self.name, declared=self.contract().emit_check(),
-                on_dead_letter=self.metrics.dead_letter,
+                on_dead_letter=self.metrics.dead_letter, stream_bytes=stream_limits(self.settings),
+                storage=self.settings.js_storage,
             )
         return self._bus
 

@@ -90,3 +90,24 @@ async def test_a_refused_commits_replacement_refused_by_a_full_stream_waits_pend
     request = decode((await js.get_msg(streams.STREAM_REQUESTED, info.state.last_seq)).data or b"", PlacementRequest)
     assert [i.instance_id for i in request.items] == [replica.id]
     assert replica.id in rec.requested and rec.refused_since is None
+
+
+async def test_a_request_larger_than_the_requests_stream_holds_waits_pending_with_its_own_reason(
+    rec: Reconciler,
+) -> None:
+    """Such a request is refused as a full stream's are ("maximum bytes exceeded") although the stream is empty: it
+    is no back-pressure (no draining makes room for it). It is not raised (the scale command or tick goes on), and
+    its replicas wait PENDING with a reason saying so, not "the pipeline is full"."""
+    from services.reconciler.service import TOO_LARGE
+    from shared.bus.messages import PlacementItem as Item
+
+    settings = rec.settings
+    rec._bus = Bus(rec.bus.nc, rec.name, stream_bytes=streams.stream_limits(settings), storage=settings.js_storage)
+    (made,) = await rec.store.converge_up([ScaleUp(model=SPEC.name, replicas=40, spec=SPEC, seq=1)], ACTIVE)
+    items = [Item(instance_id=i.id, model=SPEC.name) for i in made.created]
+    await rec.publish_items(items, {SPEC.name: SPEC}, rec.clock())  # one request of 40: over 2 KiB
+    stored = await rec.store.instances(SPEC.name)
+    assert {i.reason for i in stored} == {TOO_LARGE}
+    assert not rec.requested and rec.refused_since is None
+    info = await rec.bus.nc.jetstream().stream_info(streams.STREAM_REQUESTED)
+    assert info.state.messages == 0
