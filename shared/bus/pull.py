@@ -10,6 +10,7 @@ as soon as the open one is used up, expires, or was forgotten by a server we rec
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -39,20 +40,32 @@ REFUSED_PAUSE_S = (0.5, PULL_EXPIRES_S)  # the first pause after such a 409, and
 REFUSED_LOG_EVERY_S = 60.0
 
 
+class Arrivals(asyncio.Queue[Msg]):
+    """What the open pull request delivered and the loop has not handed on yet, in arrival order; it can be read in
+    place (``waiting``), as the keeper of a long batch does (``PullConsumer.keep_every``)."""
+
+    _queue: collections.deque[Msg]  # the store asyncio.Queue keeps its items in (its subclasses' hook, ``_init``)
+
+    def waiting(self) -> list[Msg]:
+        """The messages waiting, oldest first (a copy: the queue may change while the caller awaits)."""
+        return list(self._queue)
+
+
 class PullConsumer:
     """One durable pull consumer's loop (see ``pull_loop``); its state is the open request's and the recent
     batches' (for the linger)."""
 
     def __init__(self, nc: Client, stream: str, durable: str, subject: str, batch: int, handler: PullHandler,
-                 linger: float = 0.0) -> None:
+                 linger: float = 0.0, keep_every: float = 0.0) -> None:
         self.nc = nc
         self.next_subject = f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.subject = subject  # the consumer's filter, for logs
         self.batch = batch
         self.handler = handler
         self.linger = linger
+        self.keep_every = keep_every  # > 0: while a batch is handled, the arrivals behind it are kept in progress
         self.inbox = nc.new_inbox()
-        self.arrived: asyncio.Queue[Msg] = asyncio.Queue()
+        self.arrived = Arrivals()
         self.left = 0  # messages the open request may still deliver
         self.asked_at = float("-inf")
         self.reconnects = nc.stats["reconnects"]
@@ -174,10 +187,29 @@ class PullConsumer:
 
     async def _handle(self, msgs: list[Msg]) -> None:
         self.prev_start, self.last_start, self.last_size = self.last_start, time.monotonic(), len(msgs)
+        keeper = asyncio.ensure_future(self._keep_arrivals()) if self.keep_every > 0 else None
         try:
             await self.handler(msgs)
         except Exception:  # the handler's own guard failed (e.g. NATS away while nak'ing): go on
             log.exception("handler for %s failed; messages will be redelivered", self.subject)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
+
+    async def _keep_arrivals(self) -> None:
+        """While a batch is handled, tell JetStream every ``keep_every`` that the messages delivered behind it are
+        still ours. The open request keeps delivering during a batch (so they are handed on at once after it), and a
+        batch may take minutes (a stage holding its outputs until a full stream has room: ``isolation.hold``): left
+        alone, each of them ran out its ack wait again and again, was delivered once more each time, and once its
+        deliveries were spent was dead-lettered unhandled."""
+        while True:
+            await asyncio.sleep(self.keep_every)
+            for msg in self.arrived.waiting():
+                if not JetStreamContext.is_status_msg(msg):
+                    with contextlib.suppress(Exception):  # NATS away: it is redelivered later, as before
+                        await msg.in_progress()
 
     async def _hand_back(self) -> None:
         # delivered to us but not handled: back to the stream now rather than after the ack wait
@@ -202,7 +234,8 @@ def in_stream_order(msgs: list[Msg]) -> list[Msg]:
 
 
 async def pull_loop(
-    nc: Client, stream: str, durable: str, subject: str, batch: int, handler: PullHandler, linger: float = 0.0
+    nc: Client, stream: str, durable: str, subject: str, batch: int, handler: PullHandler, linger: float = 0.0,
+    keep_every: float = 0.0,
 ) -> None:
     """Consume a durable pull consumer forever, handing each batch (raw messages) to ``handler``.
 
@@ -215,5 +248,8 @@ async def pull_loop(
     was partial but not lone, or when it started less than ``linger`` after the one before it (a steady
     stream of lone messages: 500 a second would otherwise make 500 batches). A lone message after a quiet
     period (light load) is never held back.
+
+    ``keep_every`` (seconds, below the consumer's ack wait): while a batch is handled, the messages that arrived
+    behind it are kept in progress at this period, so a long batch spends none of their deliveries.
     """
-    await PullConsumer(nc, stream, durable, subject, batch, handler, linger).run()
+    await PullConsumer(nc, stream, durable, subject, batch, handler, linger, keep_every).run()

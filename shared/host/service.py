@@ -218,7 +218,9 @@ class PlacementService:
         await self.started()
         for stream, durable, subject, handler, linger in self._pulls:
             await watch_exhausted(nc, stream, durable, self._exhausted)
-            loop = pull_loop(nc, stream, durable, subject, self.settings.batch_max, handler, linger)
+            # the arrivals behind a long batch are kept in progress as the batch itself is (``isolation``)
+            loop = pull_loop(nc, stream, durable, subject, self.settings.batch_max, handler, linger,
+                             keep_every=self.settings.ack_wait_s / 4)
             task = asyncio.ensure_future(loop)
             self._loops.add(task)
         log.info("%s ready: %d workers, %d instances", self.name, len(self.snapshot), len(self.feed.instances))

@@ -236,3 +236,34 @@ async def test_a_redelivery_arrives_behind_newer_messages_and_in_stream_order_pu
         await cancel_until_done([loop])
         await js.delete_stream("REDELIVER")
         await nc.close()
+
+
+async def test_messages_delivered_behind_a_long_batch_spend_no_delivery_while_it_runs(
+        nats_server: ServerProcess) -> None:
+    """A batch may take minutes (a stage holding its outputs until a full stream has room): what the open request
+    delivered behind it is kept in progress meanwhile, not delivered again at each ack wait until dead-lettered."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(name="BEHIND", subjects=["behind.>"])
+    await js.add_consumer("BEHIND", ConsumerConfig(durable_name="c", ack_wait=1.0, max_deliver=3))
+    batches: list[list[Msg]] = []
+    pc = PullConsumer(nc, "BEHIND", "c", "behind.>", 16, lambda msgs: handle(msgs), keep_every=0.25)
+
+    async def handle(msgs: list[Msg]) -> None:
+        batches.append(msgs)
+        await asyncio.gather(*(m.ack() for m in msgs))
+        if len(batches) == 1:  # a long batch: three ack waits of the message that arrives behind it
+            await js.publish("behind.a", b"behind")
+            await asyncio.sleep(3.5)
+
+    await js.publish("behind.a", b"first")
+    loop = asyncio.ensure_future(pc.run())
+    try:
+        await wait_until(lambda: len(batches) >= 2, 15)
+        await asyncio.sleep(1.5)  # a redelivery, had there been one, would come within an ack wait
+        later = [(m.data, m.metadata.num_delivered) for b in batches[1:] for m in b]
+        assert later == [(b"behind", 1)]
+    finally:
+        await cancel_until_done([loop])
+        await js.delete_stream("BEHIND")
+        await nc.close()

@@ -43,9 +43,13 @@ class Nakked(Msg):
     """A delivered message that records being handed back."""
 
     nakked = False
+    kept = 0
 
     async def nak(self, delay: float | None = None) -> None:
         self.nakked = True
+
+    async def in_progress(self) -> None:
+        self.kept += 1
 
 
 def message(data: bytes = b"x") -> Nakked:
@@ -230,3 +234,28 @@ async def test_a_consumer_that_allows_smaller_batches_is_asked_for_those(slept: 
     c.arrived.put_nowait(status("409", "Exceeded MaxRequestBatch of 10"))
     assert await c.next_batch() == []
     assert slept == [] and nc.published[-1][1]["batch"] == 10
+
+
+@pytest.mark.parametrize("keep_every", [0.02, 0.0], ids=["kept", "not asked to"])
+async def test_while_a_batch_is_handled_the_messages_behind_it_are_kept_in_progress(keep_every: float) -> None:
+    nc = FakeClient()
+    release = asyncio.Event()
+    handled: list[list[Msg]] = []
+
+    async def handler(msgs: list[Msg]) -> None:
+        handled.append(msgs)
+        await release.wait()
+
+    c = PullConsumer(nc, "S", "d", "s.>", 4, handler, keep_every=keep_every)  # type: ignore[arg-type]
+    first, behind = message(b"first"), message(b"behind")
+    task = asyncio.ensure_future(c._handle([first]))
+    c.arrived.put_nowait(behind)
+    c.arrived.put_nowait(status("408"))  # a notice has no delivery to keep
+    await asyncio.sleep(0.15)
+    release.set()
+    await task
+    assert first.kept == 0  # the batch itself is its handler's to keep
+    assert (behind.kept >= 2) is (keep_every > 0)
+    kept_at_end = behind.kept
+    await asyncio.sleep(0.06)
+    assert behind.kept == kept_at_end  # the keeping ends with the batch
