@@ -24,7 +24,7 @@ from ops.cli.client import (
     send_scale,
     wait_for,
 )
-from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, run
+from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, run, seconds
 from ops.cli.errors import CliError, Interrupted
 from ops.cli.inputs import event_count, model_name, replica_count, worker_name
 from ops.cli.reads import Stored, replay
@@ -37,9 +37,9 @@ if TYPE_CHECKING:  # NATS and the bus messages (numpy) load only in the commands
     from shared.settings import Settings
 
 Wait = Annotated[bool, typer.Option("--wait", help="wait until every replica is RUNNING")]
-Timeout = Annotated[float, typer.Option(min=0, help="seconds --wait waits before giving up")]
+Timeout = Annotated[float, seconds(0, help="seconds --wait waits before giving up")]
 # cordon, uncordon and workers remove always wait until the reconciler has applied the change
-ApplyTimeout = Annotated[float, typer.Option(min=0, help="seconds to wait until the change is applied")]
+ApplyTimeout = Annotated[float, seconds(0, help="seconds to wait until the change is applied")]
 
 
 def register(app: typer.Typer) -> None:

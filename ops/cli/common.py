@@ -1,11 +1,12 @@
-"""What every CLI command shares: its connection options, and (from ``ops.cli.connect``, which has no typer)
-settings, fail-fast connections and output helpers.
+"""What every CLI command shares: its connection options, how it reads the durations a user types (``seconds``),
+and (from ``ops.cli.connect``, which has no typer) settings, fail-fast connections and output helpers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -22,12 +23,13 @@ from ops.cli.connect import (
     redact,
     run_async,
 )
-from ops.cli.errors import Interrupted
+from ops.cli.errors import Interrupted, quoted
 from ops.cli.output import echo
 
 __all__ = [
-    "CONNECT_TIMEOUT_S", "STACK_HINT", "JsonFlag", "NatsUrl", "RedisUrl", "connect_nats", "connect_redis",
-    "connection_settings", "console", "echo", "import_nats", "load", "print_json", "redact", "run",
+    "CONNECT_TIMEOUT_S", "MAX_WAIT_S", "STACK_HINT", "JsonFlag", "NatsUrl", "RedisUrl", "connect_nats",
+    "connect_redis", "connection_settings", "console", "echo", "import_nats", "load", "print_json", "redact", "run",
+    "seconds",
 ]
 
 T = TypeVar("T")
@@ -41,6 +43,37 @@ RedisUrl = Annotated[
     typer.Option("--redis-url", help="Redis URL (env GANTRY_REDIS_URL; default redis://127.0.0.1:6379/0)"),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of a table")]
+
+MAX_WAIT_S = 86_400.0
+"""The longest any ``--timeout`` waits (a day): ``inf`` or ``1e400`` waited forever."""
+
+# A number of seconds as the CLI reads it: ASCII digits, a decimal point and an exponent (float() also takes
+# "1_0", " 5" and other scripts' digits, which a typo can produce and nobody means).
+_DECIMAL = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+_SHOWN = 40  # characters of a refused value shown back
+
+
+def seconds(low: float, high: float = MAX_WAIT_S, **option: Any) -> Any:
+    """A typer option (``Annotated[float, seconds(...)]``) for a duration in seconds within ``low..high``, both
+    included. Every duration option takes this one rule: a bound above (``--timeout inf`` waited forever), and a
+    refusal that names the option and the bounds, as a one-line usage error."""
+
+    def parse(value: str | float) -> float:
+        if isinstance(value, float | int):  # the option's default
+            return float(value)
+        text = value.lower()
+        if not _DECIMAL.fullmatch(text) and text.lstrip("+-") not in ("inf", "infinity"):
+            raise typer.BadParameter(f"expected a number of seconds, got {_shown(value)}")
+        number = float(text)
+        if not low <= number <= high:
+            raise typer.BadParameter(f"must be between {low:.15g} and {high:.15g} seconds, got {_shown(value)}")
+        return number
+
+    return typer.Option(min=low, max=high, parser=parse, **option)  # min and max for --help; parse checks
+
+
+def _shown(value: str) -> str:
+    return quoted(value) if len(value) <= _SHOWN else f"{quoted(value[:_SHOWN])}... ({len(value)} characters)"
 
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:

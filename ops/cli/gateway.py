@@ -25,7 +25,18 @@ from rich.live import Live
 from rich.table import Table
 
 from ops.cli.client import read_snapshot
-from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, print_json, run
+from ops.cli.common import (
+    JsonFlag,
+    NatsUrl,
+    RedisUrl,
+    connect_nats,
+    connect_redis,
+    console,
+    load,
+    print_json,
+    run,
+    seconds,
+)
 from ops.cli.errors import CliError
 from shared.bus import subjects
 from shared.bus.messages import EngineMetrics
@@ -198,7 +209,7 @@ async def one_frame(nats_url: str | None, redis_url: str | None, window_s: float
 def gateway(
     watch: Annotated[bool, typer.Option("--watch", help="redraw every --interval until Ctrl-C (to a pipe: a table per "
                                         "frame; with --json: a JSON line per frame, {at, rows})")] = False,
-    interval: Annotated[float, typer.Option(min=0.2, max=60.0, help="seconds per frame")] = 1.0,
+    interval: Annotated[float, seconds(0.2, 60.0, help="seconds per frame")] = 1.0,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
     redis_url: RedisUrl = None,

@@ -18,7 +18,7 @@ from rich.text import Text
 from ops.auth import CLI
 from ops.cli.client import deploy_files, read_snapshot, wait_for
 from ops.cli.common import NatsUrl as NatsUrlOpt
-from ops.cli.common import RedisUrl, connect_redis, load, redact
+from ops.cli.common import RedisUrl, connect_redis, load, redact, seconds
 from ops.cli.errors import CliError
 from ops.cli.inputs import worker_labels
 from ops.cli.web import WebView
@@ -41,6 +41,8 @@ from shared.settings import Settings
 DEMO_DIR = REPO_ROOT / "ops" / "demo"
 RESTART_LIMIT = 5  # restarts of one child before the stack gives up on it (like a crash loop)
 
+MAX_EXIT_AFTER_S = 30 * 86_400.0  # `up --exit-after`: a month at most (a larger one, inf included, meant never)
+
 
 def register(app: typer.Typer) -> None:
     """Add ``up`` and ``down``."""
@@ -59,7 +61,7 @@ def up(
     fresh: Annotated[bool, typer.Option(help="wipe the stack's stored data (.gantry/) first")] = False,
     tls: Annotated[bool, typer.Option(help="NATS over TLS (a CA and certificate generated into .gantry/tls/)")] = False,
     exit_after: Annotated[
-        float | None, typer.Option(min=0, help="stop cleanly after this many seconds (scripts, trials)")
+        float | None, seconds(0, MAX_EXIT_AFTER_S, help="stop cleanly after this many seconds (scripts, trials)")
     ] = None,
     gateway: Annotated[
         bool, typer.Option(help="the gateway: Envoy and Gantry's picker in front of an emulated engine server per "
@@ -128,7 +130,7 @@ def up(
 
 
 def down(
-    timeout: Annotated[float, typer.Option(min=0, help="seconds to wait for the stack to stop")] = 60.0,
+    timeout: Annotated[float, seconds(0, help="seconds to wait for the stack to stop")] = 60.0,
 ) -> None:
     """Stop the stack a `gantry up` runs, in the foreground of another terminal or in the background."""
     home = runtime_dir()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ops.cli.common import NatsUrl, RedisUrl, connect_redis, load, redact, run
+from ops.cli.common import NatsUrl, RedisUrl, connect_redis, load, redact, run, seconds
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
 
 
 def top(
-    interval: Annotated[float, typer.Option(min=0.1, max=3600, help="seconds between redraws")] = 1.0,
+    interval: Annotated[float, seconds(0.1, 3600, help="seconds between redraws")] = 1.0,
     once: Annotated[bool, typer.Option("--once", help="print one frame and exit (for scripts)")] = False,
     nats_url: NatsUrl = None,
     redis_url: RedisUrl = None,

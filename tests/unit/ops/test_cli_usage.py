@@ -78,6 +78,18 @@ USAGE_MISTAKES = [
     (("up", "--workers", "1", "--label", "zone=" + "a" * 1025), "at most 1024 characters each"),
     (("up", "--workers", "1", "--label", "zone"), "--label expects KEY=VALUE, got 'zone'"),
     (("up", "--workers", "1", "--label", "zone=a", "--label", "zone=b"), "--label 'zone' is given more than once"),
+    # every duration has a bound above, named in the refusal: `--wait --timeout inf` (or 1e400) waited forever
+    (("scale", "llama-8b", "1", "--wait", "--timeout", "inf"), "'--timeout': must be between 0 and 86400 seconds"),
+    (("scale", "llama-8b", "1", "--wait", "--timeout", "1e400"), "'--timeout': must be between 0 and 86400 seconds"),
+    (("deploy", "x.yaml", "--wait", "--timeout", "inf"), "'--timeout': must be between 0 and 86400 seconds"),
+    (("delete", "llama-8b", "--timeout", "86401"), "'--timeout': must be between 0 and 86400 seconds"),
+    (("cordon", "w0", "--timeout", "inf"), "'--timeout': must be between 0 and 86400 seconds"),
+    (("uncordon", "w0", "--timeout", "inf"), "'--timeout': must be between 0 and 86400 seconds"),
+    (("workers", "remove", "w0", "--timeout", "inf"), "'--timeout': must be between 0 and 86400 seconds"),
+    (("down", "--timeout", "inf"), "'--timeout': must be between 0 and 86400 seconds"),
+    (("up", "--exit-after", "inf"), "'--exit-after': must be between 0 and 2592000 seconds"),
+    (("top", "--interval", "inf"), "'--interval': must be between 0.1 and 3600 seconds"),
+    (("gateway", "--interval", "1e400"), "'--interval': must be between 0.2 and 60 seconds"),
 ]
 
 
