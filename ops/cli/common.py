@@ -55,13 +55,15 @@ _SHOWN = 40  # characters of a refused value shown back
 
 def seconds(low: float, high: float = MAX_WAIT_S, **option: Any) -> Any:
     """A typer option (``Annotated[float, seconds(...)]``) for a duration in seconds within ``low..high``, both
-    included. Every duration option takes this one rule: a bound above (``--timeout inf`` waited forever), and a
-    refusal that names the option and the bounds, as a one-line usage error."""
+    included. Every duration option takes this one rule: a bound above (``--timeout inf`` waited forever), NaN
+    refused as not a number, and a refusal that names the option and the bounds, as a one-line usage error."""
 
     def parse(value: str | float) -> float:
         if isinstance(value, float | int):  # the option's default
             return float(value)
         text = value.lower()
+        if text in ("nan", "+nan", "-nan"):  # refused by the bounds too, but "not >= 0" misled
+            raise typer.BadParameter(f"{_shown(value)} is not a number")
         if not _DECIMAL.fullmatch(text) and text.lstrip("+-") not in ("inf", "infinity"):
             raise typer.BadParameter(f"expected a number of seconds, got {_shown(value)}")
         number = float(text)

@@ -90,6 +90,11 @@ USAGE_MISTAKES = [
     (("up", "--exit-after", "inf"), "'--exit-after': must be between 0 and 2592000 seconds"),
     (("top", "--interval", "inf"), "'--interval': must be between 0.1 and 3600 seconds"),
     (("gateway", "--interval", "1e400"), "'--interval': must be between 0.2 and 60 seconds"),
+    # NaN is not a number (it was refused as "should be greater than or equal to 0")
+    (("scale", "llama-8b", "1", "--timeout", "nan"), "Invalid value for '--timeout': 'nan' is not a number"),
+    (("down", "--timeout", "NaN"), "Invalid value for '--timeout': 'NaN' is not a number"),
+    (("up", "--exit-after", "-nan"), "Invalid value for '--exit-after': '-nan' is not a number"),
+    (("top", "--interval", "nan"), "Invalid value for '--interval': 'nan' is not a number"),
 ]
 
 
