@@ -24,7 +24,7 @@ from ops.cli.client import (
     send_scale,
     wait_for,
 )
-from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, run, seconds
+from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, run, seconds, whole
 from ops.cli.errors import CliError, Interrupted
 from ops.cli.inputs import event_count, model_name, replica_count, worker_name
 from ops.cli.reads import Stored, replay
@@ -82,7 +82,7 @@ def deploy(
 
 def scale(
     model: Annotated[str, typer.Argument(help="a deployed model's name", show_default=False)],
-    replicas: Annotated[int, typer.Argument(help="desired replicas (0 removes all)", show_default=False)],
+    replicas: Annotated[int, whole(argument=True, help="desired replicas (0 removes all)", show_default=False)],
     wait: Wait = False,
     timeout: Timeout = 60.0,
     nats_url: NatsUrl = None,
@@ -326,7 +326,7 @@ EVENTS_SCAN = 100_000  # messages `events --last N` reads back at most to find N
 
 def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events until Ctrl-C")] = False,
-    last: Annotated[int, typer.Option(help="how many past events to show first (0: none)")] = 20,
+    last: Annotated[int, whole(help="how many past events to show first (0: none)")] = 20,
     model: Annotated[str | None, typer.Option("--model", "-m", help="only this model's events")] = None,
     dead_letters: Annotated[
         bool, typer.Option("--dead-letters", help="show messages services rejected, with the reason")

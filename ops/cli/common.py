@@ -1,5 +1,5 @@
-"""What every CLI command shares: its connection options, how it reads the durations a user types (``seconds``),
-and (from ``ops.cli.connect``, which has no typer) settings, fail-fast connections and output helpers.
+"""What every CLI command shares: its connection options, how it reads the numbers a user types (``seconds``,
+``whole``), and (from ``ops.cli.connect``, which has no typer) settings, fail-fast connections and output helpers.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ops.cli.output import echo
 __all__ = [
     "CONNECT_TIMEOUT_S", "MAX_WAIT_S", "STACK_HINT", "JsonFlag", "NatsUrl", "RedisUrl", "connect_nats",
     "connect_redis", "connection_settings", "console", "echo", "import_nats", "load", "print_json", "redact", "run",
-    "seconds",
+    "seconds", "whole",
 ]
 
 T = TypeVar("T")
@@ -47,10 +47,12 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print machine-readable J
 MAX_WAIT_S = 86_400.0
 """The longest any ``--timeout`` waits (a day): ``inf`` or ``1e400`` waited forever."""
 
-# A number of seconds as the CLI reads it: ASCII digits, a decimal point and an exponent (float() also takes
-# "1_0", " 5" and other scripts' digits, which a typo can produce and nobody means).
+# A number as the CLI reads it: ASCII digits (int() and float() also take "1_0", "+5", " 5" and other scripts'
+# digits, which a typo can produce and nobody means), a decimal point and an exponent for seconds.
+_WHOLE = re.compile(r"-?[0-9]+")
 _DECIMAL = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
 _SHOWN = 40  # characters of a refused value shown back
+_MAX_DIGITS = 4000  # a whole number longer than this is beyond every bound (and int() refuses 4300 digits)
 
 
 def seconds(low: float, high: float = MAX_WAIT_S, **option: Any) -> Any:
@@ -62,7 +64,7 @@ def seconds(low: float, high: float = MAX_WAIT_S, **option: Any) -> Any:
         if isinstance(value, float | int):  # the option's default
             return float(value)
         text = value.lower()
-        if text in ("nan", "+nan", "-nan"):  # refused by the bounds too, but "not >= 0" misled
+        if text in ("nan", "+nan", "-nan"):
             raise typer.BadParameter(f"{_shown(value)} is not a number")
         if not _DECIMAL.fullmatch(text) and text.lstrip("+-") not in ("inf", "infinity"):
             raise typer.BadParameter(f"expected a number of seconds, got {_shown(value)}")
@@ -72,6 +74,32 @@ def seconds(low: float, high: float = MAX_WAIT_S, **option: Any) -> Any:
         return number
 
     return typer.Option(min=low, max=high, parser=parse, **option)  # min and max for --help; parse checks
+
+
+def whole(low: int | None = None, high: int | None = None, **option: Any) -> Any:
+    """A typer option or argument (``Annotated[int, whole(...)]``; ``argument=True`` for an argument) for a whole
+    number written in plain ASCII digits, with an optional minus sign, within ``low..high`` when given (a command
+    may check its own range, with its own message, on what this returns)."""
+    argument = option.pop("argument", False)
+
+    def parse(value: str | int) -> int:
+        if isinstance(value, int):  # the option's default
+            return value
+        if not _WHOLE.fullmatch(value):
+            raise typer.BadParameter(f"expected a whole number in plain digits (0-9), got {_shown(value)}")
+        digits = len(value.lstrip("-0"))
+        if digits > _MAX_DIGITS and low is None and high is None:
+            raise typer.BadParameter(f"too large a number ({digits} digits)")
+        number = int(value) if digits <= _MAX_DIGITS else None  # int() converts at most 4300 digits
+        if number is None or (low is not None and number < low) or (high is not None and number > high):
+            bounds = (f"between {low} and {high}" if low is not None and high is not None
+                      else f"at least {low}" if low is not None else f"at most {high}")
+            raise typer.BadParameter(f"must be {bounds}, got {_shown(value)}")
+        return number
+
+    if argument:
+        return typer.Argument(min=low, max=high, parser=parse, **option)
+    return typer.Option(min=low, max=high, parser=parse, **option)
 
 
 def _shown(value: str) -> str:

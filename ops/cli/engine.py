@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ops.cli.common import whole
 from ops.cli.errors import CliError
 from ops.cli.inputs import MAX_SCENARIO_BYTES, read_input_file
 from ops.vllm_reference import TINY_MODEL
@@ -41,7 +42,7 @@ def replay_cmd(
 
 @engine_app.command("random-scenario")
 def random_scenario_cmd(
-    seed: Annotated[int, typer.Option("--seed", help="the scenario is a function of this seed")] = 0,
+    seed: Annotated[int, whole(help="the scenario is a function of this seed")] = 0,
 ) -> None:
     """Print the seeded random scenario the differential harness uses (replay's schema)."""
     import msgspec
@@ -51,8 +52,8 @@ def random_scenario_cmd(
 
 @engine_app.command("diff-vllm")
 def diff_vllm_cmd(
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="how many random scenarios")] = 200,
-    first_seed: Annotated[int, typer.Option("--first-seed", help="seed of the first scenario")] = 0,
+    seeds: Annotated[int, whole(1, help="how many random scenarios")] = 200,
+    first_seed: Annotated[int, whole(help="seed of the first scenario")] = 0,
     model: Annotated[str, typer.Option("--model", help="model whose config vLLM loads (default: a tiny local one)")] = (
         TINY_MODEL
     ),

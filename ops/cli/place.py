@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
+from ops.cli.common import whole
 from ops.cli.errors import CliError, quoted
 from ops.cli.inputs import MAX_SCENARIO_BYTES, read_input_file
 from shared.catalog import resolve_arch
@@ -91,7 +92,7 @@ def place_cmd(
     scenario: Annotated[Path, typer.Option("--scenario", help="scenario JSON file (see docs/placement.md)")],
     replicas: Annotated[
         int | None,
-        typer.Option("--replicas", min=1, max=MAX_REPLICAS, help="replicas to place (default: the scenario's)"),
+        whole(1, MAX_REPLICAS, help="replicas to place (default: the scenario's)"),
     ] = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="profile JSON/YAML file")] = None,
     exhaustive: Annotated[

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from ops.cli.common import whole
 from ops.cli.errors import CliError, quoted
 from shared.catalog import UnknownGpuError, UnknownModelError, load_gpu_spec, load_model_arch
 from shared.core.engine import CalibratedStepTime, RooflineStepTime, SchedulerConfig
@@ -93,17 +94,17 @@ def simulate(
     trace: Annotated[str, typer.Option(help=f"trace name ({', '.join(TRACES)}) or a CSV/JSONL path")] = "azure-conv",
     model: Annotated[str, typer.Option(help="model name from the catalogue (e.g. llama-3.1-8b)")] = "llama-3.1-8b",
     gpu: Annotated[str, typer.Option(help="GPU name (e.g. H100-SXM-80GB)")] = "H100-SXM-80GB",
-    replicas: Annotated[int, typer.Option(help="number of replicas")] = 16,
-    tp: Annotated[int, typer.Option(help="tensor-parallel GPUs per replica")] = 1,
+    replicas: Annotated[int, whole(help="number of replicas")] = 16,
+    tp: Annotated[int, whole(help="tensor-parallel GPUs per replica")] = 1,
     router: Annotated[str, typer.Option(
         help="rr (round robin), least (least outstanding requests), or gantry[:PROFILE] (the routing core with a "
              "built-in profile: default, gie, approx-prefix, precise-prefix, power-of-two, least-tokens)")] = "rr",
-    router_replicas: Annotated[int, typer.Option(
+    router_replicas: Annotated[int, whole(
         help="gantry routers in front of the replicas (HA gateways behind a round-robin balancer)")] = 1,
     time_scale: Annotated[float, typer.Option(help="divide arrival times by this (2 = twice the rate)")] = 1.0,
-    limit: Annotated[int | None, typer.Option(help="use only the first N requests")] = None,
-    max_num_seqs: Annotated[int, typer.Option(help="running-request cap per replica")] = 256,
-    max_num_batched_tokens: Annotated[int, typer.Option(help="token budget per step")] = 8192,
+    limit: Annotated[int | None, whole(help="use only the first N requests")] = None,
+    max_num_seqs: Annotated[int, whole(help="running-request cap per replica")] = 256,
+    max_num_batched_tokens: Annotated[int, whole(help="token budget per step")] = 8192,
     no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching")] = False,
     calibrated: Annotated[str | None, typer.Option(
         help="use the calibrated step model instead of the roofline: 'TTFT_MS,ITL_MS,TOK_S' = TTFT of a 1k "
@@ -116,7 +117,7 @@ def simulate(
         help="broker parameter KEY=VALUE by the seed's name, durations in seconds or with a unit "
              "(e.g. scheduler_ttl=30s, scheduler_max_size=64); repeatable")] = None,
     skew: Annotated[float | None, typer.Option(help="share of arrivals landing on replica 0 (broker runs)")] = None,
-    prefill_nodes: Annotated[int, typer.Option(help="splitwise: replicas that prefill (the rest decode)")] = 0,
+    prefill_nodes: Annotated[int, whole(help="splitwise: replicas that prefill (the rest decode)")] = 0,
     kv_gbps: Annotated[float, typer.Option(help="splitwise: KV link bandwidth, GB/s")] = 50.0,
     router_queue: Annotated[bool, typer.Option("--router-queue", help="hold requests at the router until a "
                                                "replica has headroom (broker runs)")] = False,

@@ -18,7 +18,7 @@ from rich.text import Text
 from ops.auth import CLI
 from ops.cli.client import deploy_files, read_snapshot, wait_for
 from ops.cli.common import NatsUrl as NatsUrlOpt
-from ops.cli.common import RedisUrl, connect_redis, load, redact, seconds
+from ops.cli.common import RedisUrl, connect_redis, load, redact, seconds, whole
 from ops.cli.errors import CliError
 from ops.cli.inputs import worker_labels
 from ops.cli.web import WebView
@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
 
 
 def up(
-    workers: Annotated[int, typer.Option(min=0, max=MAX_EMULATED_WORKERS, help="emulated workers to start")] = 0,
-    gpus: Annotated[int, typer.Option(min=1, max=MAX_GPUS_PER_WORKER, help="GPUs per emulated worker")] = 8,
+    workers: Annotated[int, whole(0, MAX_EMULATED_WORKERS, help="emulated workers to start")] = 0,
+    gpus: Annotated[int, whole(1, MAX_GPUS_PER_WORKER, help="GPUs per emulated worker")] = 8,
     gpu_type: Annotated[str, typer.Option(help="GPU product of the emulated workers")] = "H100-SXM-80GB",
     label: Annotated[
         list[str] | None, typer.Option(help="label KEY=VALUE for every emulated worker (repeatable)")
@@ -68,8 +68,8 @@ def up(
                                 "RUNNING instance (--no-gateway: placement only)")
     ] = True,
     gateway_port: Annotated[
-        int, typer.Option(min=0, max=65535, envvar="GANTRY_GATEWAY_PORT",
-                          help="the gateway's OpenAI endpoint (Envoy's listener; 0: a free port)")
+        int, whole(0, 65535, envvar="GANTRY_GATEWAY_PORT",
+                   help="the gateway's OpenAI endpoint (Envoy's listener; 0: a free port)")
     ] = 8080,
     nats_url: NatsUrlOpt = None,
     redis_url: RedisUrl = None,

@@ -95,12 +95,29 @@ USAGE_MISTAKES = [
     (("down", "--timeout", "NaN"), "Invalid value for '--timeout': 'NaN' is not a number"),
     (("up", "--exit-after", "-nan"), "Invalid value for '--exit-after': '-nan' is not a number"),
     (("top", "--interval", "nan"), "Invalid value for '--interval': 'nan' is not a number"),
+    # whole numbers in plain ASCII digits only: int() (and typer) read "1_0" as 10, "+5" and " 5" as 5
+    *((("scale", "llama-8b", typed), "Invalid value for 'replicas': expected a whole number in plain digits (0-9)")
+       for typed in ("1_0", "+5", " 5", "5 ", "\u0665", "\uff15", "0x10")),
+    (("events", "--last", "2_0"), "Invalid value for '--last': expected a whole number in plain digits (0-9)"),
+    (("up", "--workers", "1_0"), "Invalid value for '--workers': expected a whole number in plain digits (0-9)"),
+    (("up", "--gpus", "+8"), "Invalid value for '--gpus': expected a whole number in plain digits (0-9)"),
+    (("place", "--scenario", "x.json", "--replicas", "1_0"), "Invalid value for '--replicas': expected a whole"),
+    (("simulate", "--replicas", "1_6"), "Invalid value for '--replicas': expected a whole number in plain digits"),
+    (("engine", "random-scenario", "--seed", "1_0"), "Invalid value for '--seed': expected a whole number"),
+    (("scale", "llama-8b", "9" * 5000), "Invalid value for 'replicas': too large a number (5000 digits)"),
+    (("up", "--workers", "9" * 5000), "Invalid value for '--workers': must be between 0 and 100000, got '999"),
 ]
 
 
-@pytest.mark.parametrize("args,says", USAGE_MISTAKES, ids=[" ".join(a) for a, _ in USAGE_MISTAKES])
+@pytest.mark.parametrize("args,says", USAGE_MISTAKES, ids=[" ".join(a)[:80] for a, _ in USAGE_MISTAKES])
 def test_every_usage_mistake_is_one_line_with_exit_code_2(args: tuple[str, ...], says: str) -> None:
     one_line_refusal(args, says)
+
+
+@pytest.mark.parametrize("args", [("scale", "llama-8b", "007"), ("scale", "llama-8b", "-0"), ("events", "--last", "0")])
+def test_a_whole_number_in_plain_digits_passes_the_input_checks(args: tuple[str, ...]) -> None:
+    code, _, err = gantry(*args)
+    assert code == 1 and "cannot reach" in err, err  # past every input check: only the absent stack stops it
 
 
 def test_a_usage_error_names_the_help_to_read() -> None:
