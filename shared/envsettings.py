@@ -97,6 +97,8 @@ def read(overrides: Mapping[str, object], environ: Mapping[str, str] | None = No
     values.update(overrides)
     if redis_url_problem(str(values.get("redis_url", ""))):  # Settings says what is wrong with it
         return None
+    if any(port_problem(str(values.get(name, ""))) for name in ("nats_url", "redis_url")):
+        return None
     try:
         return with_credentials(EnvSettings(**values))  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -122,6 +124,17 @@ def redis_url_problem(url: str) -> str | None:
     query = [v.strip() for k, v in parse_qsl(parts.query) if k == "db"]
     if db and query and _db_number(query[0]) and int(query[0]) != int(db):
         return f"the URL names two databases: {db} in its path, {query[0]} in its query (redis-py uses the query's)"
+    return None
+
+
+def port_problem(url: str) -> str | None:
+    """What is wrong with ``url``'s port (not a number, or past 0..65535), else None. Found where the setting is
+    validated, so the error names the flag or the variable (whoever parsed the URL next said only "Port out of
+    range"). The text is urllib's, which shows the port alone, never the user or secret before it."""
+    try:
+        _ = urlsplit(url if "://" in url else f"nats://{url}").port  # nats-py reads a URL without a scheme so
+    except ValueError as err:
+        return str(err)
     return None
 
 

@@ -20,7 +20,14 @@ from collections.abc import Mapping
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.envsettings import CREDENTIALS_FILE, credentials_path, identity_secret, redis_url_problem, with_user
+from shared.envsettings import (
+    CREDENTIALS_FILE,
+    credentials_path,
+    identity_secret,
+    port_problem,
+    redis_url_problem,
+    with_user,
+)
 
 __all__ = ["CREDENTIALS_FILE", "Settings", "load_settings_or_exit", "setting_error"]
 
@@ -95,6 +102,15 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_db_is_a_number(cls, url: str) -> str:
         if problem := redis_url_problem(url):
+            raise ValueError(problem)
+        return url
+
+    @field_validator("nats_url", "redis_url")
+    @classmethod
+    def _port_is_a_port(cls, url: str) -> str:
+        # here, not in _credentials below (which adds the secret to the URL and met the port first), so the error
+        # names the setting: "invalid --redis-url: Port out of range 0-65535", not "invalid settings: ..."
+        if problem := port_problem(url):
             raise ValueError(problem)
         return url
 

@@ -4,6 +4,9 @@ any command runs; the same URL from that variable is taken."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from ops.cli.connect import connection_settings
@@ -75,3 +78,35 @@ def test_a_url_with_credentials_that_reaches_a_command_as_an_option_value_is_ref
 def test_the_same_url_from_its_variable_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GANTRY_NATS_URL", SECRET_NATS)
     assert connection_settings().nats_url == SECRET_NATS
+
+
+BAD_PORTS = [
+    (["models", "--redis-url", "redis://127.0.0.1:99999/0"], {}, "invalid --redis-url: Port out of range 0-65535"),
+    (["scale", "m", "1", "--nats-url", "nats://127.0.0.1:99999"], {}, "invalid --nats-url: Port out of range 0-65535"),
+    (["events", "--nats-url=127.0.0.1:99999"], {}, "invalid --nats-url: Port out of range 0-65535"),
+    (["workers"], {"GANTRY_REDIS_URL": "redis://cli:s3cret@127.0.0.1:99999/0"},
+     "invalid setting GANTRY_REDIS_URL: Port out of range 0-65535"),
+    (["events"], {"GANTRY_NATS_URL": "nats://s3cret@127.0.0.1:4z22"},
+     "invalid setting GANTRY_NATS_URL: Port could not be cast to integer value as '4z22'"),
+]
+
+
+@pytest.mark.parametrize("credentials", [True, False], ids=["after gantry up", "no credentials"])
+@pytest.mark.parametrize(("argv", "env", "says"), BAD_PORTS, ids=[" ".join(a) for a, _, _ in BAD_PORTS])
+def test_a_url_whose_port_is_no_port_is_refused_naming_its_flag_or_variable(
+        argv: list[str], env: dict[str, str], says: str, credentials: bool, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not "invalid settings: Port out of range" (the credentials `gantry up` writes met the port first) nor
+    "invalid Redis URL ...": the flag or the variable to fix, and never the secret the URL holds."""
+    monkeypatch.setenv("GANTRY_HOME", str(tmp_path))
+    if credentials:
+        (tmp_path / "credentials.json").write_text(json.dumps({"identities": {"cli": "s3cret"}}))
+    monkeypatch.setenv("GANTRY_NATS_URL", "nats://127.0.0.1:1")
+    monkeypatch.setenv("GANTRY_REDIS_URL", "redis://127.0.0.1:2/0")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err == f"error: {says}\n"
+    assert "s3cret" not in err

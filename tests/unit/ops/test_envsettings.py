@@ -181,3 +181,18 @@ def test_a_url_that_does_not_parse_is_an_error_line_never_a_traceback_and_never_
     if url.startswith("redis"):
         assert (problem := redis_url_problem(url)) is not None and problem.startswith("not a valid URL")
     assert without_user(url.replace("//", "//u:secret@")) == "(a URL that does not parse)"
+
+
+@pytest.mark.parametrize("field", ["nats_url", "redis_url"])
+def test_a_port_out_of_range_is_the_error_of_its_setting_with_or_without_credentials(
+        field: str, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from shared.settings import setting_error
+
+    creds = tmp_path / "credentials.json"
+    creds.write_text(json.dumps({"identities": {"cli": "s3cret"}}))
+    for identity in ("cli", ""):  # with a secret to add, the port was met there: "invalid settings: Port ..."
+        with pytest.raises(ValidationError) as err:
+            Settings(**{field: "x://h:99999/0", "identity": identity, "credentials_file": str(creds)})
+        assert setting_error(err.value) == f"invalid setting GANTRY_{field.upper()}: Port out of range 0-65535"
