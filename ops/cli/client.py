@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -341,10 +341,25 @@ async def require_worker(redis: aioredis.Redis, name: str, gpu_index: int | None
     workers = {w.name: w for w in await StateStore(redis).workers()}
     worker = workers.get(name)
     if worker is None:
-        known = ", ".join(sorted(workers)[:8]) + (" ..." if len(workers) > 8 else "")
-        raise CliError(f"unknown worker {quoted(name)} (known: {known or 'none registered'})")
-    if gpu_index is not None and gpu_index not in {g.index for g in worker.gpus}:
-        raise CliError(f"worker {quoted(name)} has no GPU {gpu_index} (it has {len(worker.gpus)})")
+        raise CliError(unknown_worker(name, workers))
+    indices = sorted(g.index for g in worker.gpus)
+    if gpu_index is not None and gpu_index not in indices:
+        raise CliError(f"worker {quoted(name)} has no GPU {gpu_index} (it has {len(indices)}: {_indices(indices)})")
+
+
+def unknown_worker(name: str, known: Iterable[str]) -> str:
+    """The error for a worker not in the state, naming (the first few of) those that are: every command that
+    names a worker says it alike (cordon, uncordon, workers remove)."""
+    names = sorted(known)
+    shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+    return f"unknown worker {quoted(name)} (known: {shown or 'none registered'})"
+
+
+def _indices(indices: Sequence[int]) -> str:
+    """GPU indices as a range when they are one (``0..7``), else listed (``0, 2, 5``; the first 16)."""
+    if indices and indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}..{indices[-1]}" if len(indices) > 1 else str(indices[0])
+    return ", ".join(map(str, indices[:16])) + (" ..." if len(indices) > 16 else "")
 
 
 async def with_both(

@@ -22,6 +22,7 @@ from ops.cli.client import (
     send_cordon,
     send_remove_worker,
     send_scale,
+    unknown_worker,
     wait_for,
 )
 from ops.cli.common import JsonFlag, NatsUrl, RedisUrl, connect_nats, connect_redis, console, load, run, seconds, whole
@@ -243,6 +244,9 @@ def workers_remove(
         redis = await connect_redis(settings)
         try:
             snapshot = await read_snapshot(redis, settings)
+            known = {w.name for w in snapshot.workers} | set(snapshot.invalid_workers)
+            if name not in known:  # as cordon says it, with the workers there are
+                raise CliError(unknown_worker(name, known))
             step = removal(snapshot, name, settings)
             if isinstance(step, str):
                 raise CliError(step)

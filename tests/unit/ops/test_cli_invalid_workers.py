@@ -6,14 +6,17 @@ does not look whole."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from ops.cli import reads
 from ops.cli.client import removal
+from ops.cli.main import main
 from ops.cli.status import cluster_lines, cluster_state
 from ops.cli.web import render_content, state_json
 from ops.servers import ServerProcess
@@ -101,3 +104,39 @@ def test_status_counts_invalid_records_beside_the_workers_and_lists_them_in_json
     assert cluster_state(_with_invalid())["workers"]["invalid_records"] == ["w9"]
     healthy = ClusterSnapshot(taken_at=100.0, workers=(GOOD,))
     assert "invalid" not in cluster_lines(healthy)[0] and cluster_state(healthy)["workers"]["invalid_records"] == []
+
+
+MORE = (Worker(name="w8", gpus=tuple(Gpu(index=i, vram_total=80 * GIB) for i in range(8)), ram_total=GIB),
+        Worker(name="w3", gpus=tuple(Gpu(index=i, vram_total=80 * GIB) for i in (0, 2, 5)), ram_total=GIB))
+
+
+@pytest.mark.parametrize(("argv", "more", "says"), [
+    # workers remove named none of the workers there are, as cordon does (the invalid record w9 may be removed)
+    (["workers", "remove", "w7"], (), "unknown worker 'w7' (known: w0, w9)"),
+    (["cordon", "w7"], (), "unknown worker 'w7' (known: w0)"),
+    (["uncordon", "w7:0"], (), "unknown worker 'w7' (known: w0)"),
+    # the GPUs it has, not only how many: "has no GPU 8 (it has 8)" left the valid indices to guess
+    (["cordon", "w0:1"], (), "worker 'w0' has no GPU 1 (it has 1: 0)"),
+    (["cordon", "w8:8"], MORE, "worker 'w8' has no GPU 8 (it has 8: 0..7)"),
+    (["uncordon", "w3:1"], MORE, "worker 'w3' has no GPU 1 (it has 3: 0, 2, 5)"),
+])
+async def test_a_worker_or_gpu_that_is_not_there_is_refused_naming_those_that_are(
+    url: str, argv: list[str], more: tuple[Worker, ...], says: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    if more:
+        store = StateStore.from_url(url)
+        await store.register_workers(list(more), 1.0)
+        await store.close()
+    monkeypatch.setenv("GANTRY_HOME", str(tmp_path))  # no credentials: the session's Redis takes none
+    monkeypatch.setenv("GANTRY_NATS_URL", "nats://127.0.0.1:1")  # refused before NATS is needed
+    code = await asyncio.to_thread(_gantry, argv)
+    assert (code, capsys.readouterr().err) == (1, f"error: {says}\n")
+
+
+def _gantry(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
