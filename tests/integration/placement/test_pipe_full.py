@@ -2,8 +2,8 @@
 
 The stream holding one stage's input is filled while that stage is down (fitting: `placement.filtered`; scoring:
 `placement.fitted`, and the stages before it fill theirs in turn; filter: the requests), with the pipeline's byte
-limit made small (`GANTRY_PIPE_MAX_BYTES`, as the provisioner applies it). The stage is kept down 14 s more (several
-redeliveries' worth at the 2 s ack wait), then started: every replica must be placed within a bound, and nothing
+limit made small (`GANTRY_PIPE_MAX_BYTES`, as the provisioner applies it). The stage is kept down 5 s more (more than two ack
+waits of the messages its upstream could not pass on, in the one-stream layout), then started: every replica must be placed within a bound, and nothing
 dead-lettered (every message here is valid work).
 
 When all four stages shared one stream, this stalled (the fitting case, measured): the full stream refused fitting's
@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240
 WORKERS, GPUS = 8, 8
 MODELS = 48  # one replica each, one GPU each: 48 of the 64 GPUs
 LIMIT = 24 << 10  # bytes a pipeline stream holds: a few dozen of these requests and filter results
-DOWN_AFTER_FULL_S = 14.0  # the stage stays down this long once its input is full
+DOWN_AFTER_FULL_S = 5.0  # the stage stays down this long once its input is full (two ack waits and more)
 DRAIN_BOUND_S = 30.0
 
 
