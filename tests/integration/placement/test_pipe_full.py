@@ -2,9 +2,9 @@
 
 The stream holding one stage's input is filled while that stage is down (fitting: `placement.filtered`; scoring:
 `placement.fitted`, and the stages before it fill theirs in turn; filter: the requests), with the pipeline's byte
-limit made small (`GANTRY_PIPE_MAX_BYTES`, as the provisioner applies it). The stage is kept down 5 s more (more than two ack
-waits of the messages its upstream could not pass on, in the one-stream layout), then started: every replica must be placed within a bound, and nothing
-dead-lettered (every message here is valid work).
+limit made small (`GANTRY_PIPE_MAX_BYTES`, as the provisioner applies it). The stage is kept down 5 s more (more
+than two ack waits of what its upstream could not pass on, in the one-stream layout), then started: every replica
+must be placed within a bound, and nothing dead-lettered (every message here is valid work).
 
 When all four stages shared one stream, this stalled (the fitting case, measured): the full stream refused fitting's
 output too, so fitting nak'ed its input and nothing downstream had anything to drain; 400 s after fitting started, 1
