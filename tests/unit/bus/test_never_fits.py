@@ -28,6 +28,7 @@ from shared.bus.runtime import Bus, Publish, StreamFull, TooLarge, prepare
 from shared.host import isolation
 from shared.host.isolation import isolating
 from shared.settings import Settings
+from tests.unit.services.test_backpressure import FakeMsg
 
 LIMIT = 2048  # bytes each pipeline stream holds
 
@@ -95,36 +96,6 @@ async def test_publishing_many_names_the_too_large_ones_and_the_ones_refused_for
         await bus.publish_js_many(items)
     assert [i for _, _, i in raised.value.rest] == ["big"]
     assert [i for _, _, i in raised.value.full] == ["small"]
-
-
-@dataclass
-class Meta:
-    num_delivered: int = 1
-
-
-@dataclass
-class FakeMsg:
-    data: bytes = b"{}"
-    is_acked: bool = False
-    metadata: Meta = field(default_factory=Meta)
-    acks: int = 0
-    naks: int = 0
-    terms: int = 0
-
-    async def ack(self) -> None:
-        self.acks += 1
-        self.is_acked = True
-
-    async def nak(self, delay: float | None = None) -> None:
-        self.naks += 1
-        self.is_acked = True
-
-    async def term(self) -> None:
-        self.terms += 1
-        self.is_acked = True
-
-    async def in_progress(self) -> None:
-        pass
 
 
 @dataclass

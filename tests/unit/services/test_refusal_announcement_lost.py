@@ -12,57 +12,19 @@ as the running service's does (a subscription on the instance event subject)."""
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import AsyncIterator
 
-import nats
-import nats.js.errors
-import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from ops.servers import ServerProcess
 from services.reconciler.service import PIPELINE_FULL, Reconciler
 from shared.bus import streams, subjects
 from shared.bus.messages import InstanceEvents, PlacementItem, PlacementRequest, decode
-from shared.bus.runtime import Bus, prepare
-from shared.core.placement.domain import GIB, Gpu, InstanceState, ModelSpec, Worker
+from shared.core.placement.domain import InstanceState
 from shared.core.placement.lifecycle import ACTIVE
-from shared.settings import Settings
 from shared.state.store import ScaleUp
+from tests.unit.services.test_commit_backpressure import SPEC, fill, rec
 
-SPEC = ModelSpec(name="m", weight_bytes=GIB)
-W0 = Worker(name="w0", gpus=(Gpu(index=0, vram_total=80 * GIB),), ram_total=64 * GIB)
-DB = 7
-LIMIT = 2048  # bytes the requests stream holds: a few messages
-
-
-@pytest.fixture
-async def rec(redis_server: ServerProcess, nats_server: ServerProcess) -> AsyncIterator[Reconciler]:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    settings = Settings(nats_url=nats_server.url, redis_url=url, js_storage="memory", pipe_max_bytes=LIMIT)
-    reconciler = Reconciler(settings)
-    await reconciler.store.r.flushdb()
-    await reconciler.store.register_workers([W0], seen_at=0.0)
-    nc = await nats.connect(nats_server.url)
-    await streams.delete_streams(nc.jetstream())
-    await prepare(nc, settings, [(streams.STREAM_REQUESTED, streams.CONSUMER_FILTER, subjects.PLACEMENT_REQUESTED)])
-    reconciler._bus = Bus(nc, reconciler.name)
-    yield reconciler
-    await streams.delete_streams(nc.jetstream())  # the next test provisions its own
-    await nc.close()
-    await reconciler.store.close()
-
-
-async def fill(nc: Client) -> int:
-    """Publish into the requests stream until it refuses; how many it took."""
-    js = nc.jetstream()
-    for n in itertools.count():
-        try:
-            await js.publish(subjects.PLACEMENT_REQUESTED, b"x" * 200, headers={"Nats-Msg-Id": f"fill-{n}"})
-        except nats.js.errors.APIError:
-            return n
-    raise AssertionError("unreachable")
+__all__ = ["rec"]  # the fixture, used by name
 
 
 async def requested_ids(nc: Client) -> list[str]:
