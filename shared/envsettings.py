@@ -130,11 +130,14 @@ def redis_url_problem(url: str) -> str | None:
 def port_problem(url: str) -> str | None:
     """What is wrong with ``url``'s port (not a number, or past 0..65535), else None. Found where the setting is
     validated, so the error names the flag or the variable (whoever parsed the URL next said only "Port out of
-    range"). The text is urllib's, which shows the port alone, never the user or secret before it."""
+    range"). The port's text is never shown: where a secret holds a '/', '?' or '#' the URL's host part ends
+    there, and what urllib takes for the port is a piece of the secret ("nats://u:ab/cd@h:4222": 'ab')."""
     try:
         _ = urlsplit(url if "://" in url else f"nats://{url}").port  # nats-py reads a URL without a scheme so
     except ValueError as err:
-        return str(err)
+        if str(err).startswith("Port out of range"):  # urllib's, naming no part of the URL
+            return str(err)
+        return "Port is not a number (a user or secret holding '/', '?' or '#' must be percent-encoded)"
     return None
 
 

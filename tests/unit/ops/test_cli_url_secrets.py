@@ -87,7 +87,18 @@ BAD_PORTS = [
     (["workers"], {"GANTRY_REDIS_URL": "redis://cli:s3cret@127.0.0.1:99999/0"},
      "invalid setting GANTRY_REDIS_URL: Port out of range 0-65535"),
     (["events"], {"GANTRY_NATS_URL": "nats://s3cret@127.0.0.1:4z22"},
-     "invalid setting GANTRY_NATS_URL: Port could not be cast to integer value as '4z22'"),
+     "invalid setting GANTRY_NATS_URL: Port is not a number (a user or secret holding '/', '?' or '#' must be "
+     "percent-encoded)"),
+    # a '/' ends the URL's host part inside the secret: urllib took its first piece for the port and said so
+    (["events"], {"GANTRY_NATS_URL": "nats://cli:s3cret/x@127.0.0.1:4222"},
+     "invalid setting GANTRY_NATS_URL: Port is not a number (a user or secret holding '/', '?' or '#' must be "
+     "percent-encoded)"),
+    (["workers"], {"GANTRY_REDIS_URL": "redis://:s3cret?x@127.0.0.1:6379/0"},
+     "invalid setting GANTRY_REDIS_URL: Port is not a number (a user or secret holding '/', '?' or '#' must be "
+     "percent-encoded)"),
+    (["events"], {"GANTRY_NATS_URL": "nats://cli:s3cret#x@127.0.0.1:4222"},
+     "invalid setting GANTRY_NATS_URL: Port is not a number (a user or secret holding '/', '?' or '#' must be "
+     "percent-encoded)"),
 ]
 
 
