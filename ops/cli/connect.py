@@ -91,8 +91,14 @@ def connection_settings(nats_url: str | None = None, redis_url: str | None = Non
     return read(overrides(nats_url, redis_url)) or load(nats_url, redis_url)
 
 
-async def connect_nats(settings: AnySettings, timeout: float = CONNECT_TIMEOUT_S) -> NatsClient:
-    """A NATS connection, or a one-line CliError if the server cannot be reached quickly."""
+RECONNECT_WAIT_S = 0.5  # between a watching connection's tries to reach NATS again
+
+
+async def connect_nats(settings: AnySettings, timeout: float = CONNECT_TIMEOUT_S,
+                       reconnect_s: float = 0.0) -> NatsClient:
+    """A NATS connection, or a one-line CliError if the server cannot be reached quickly. It closes when NATS goes
+    away, unless ``reconnect_s``: then it is reached again for about that long first (a command watching for a
+    while outlives a NATS restarted under it, as `gantry up` restarts a crashed one), and closes after."""
     import asyncio
 
     nats = import_nats(settings.nats_url)
@@ -110,8 +116,9 @@ async def connect_nats(settings: AnySettings, timeout: float = CONNECT_TIMEOUT_S
             nats.connect(
                 settings.nats_url,
                 connect_timeout=max(1, int(timeout)),
-                allow_reconnect=False,
-                max_reconnect_attempts=0,
+                allow_reconnect=reconnect_s > 0,
+                max_reconnect_attempts=max(0, round(reconnect_s / RECONNECT_WAIT_S)),
+                reconnect_time_wait=RECONNECT_WAIT_S,
                 error_cb=_quiet,
                 **nats_options(settings),
             ),

@@ -163,11 +163,16 @@ async def _placed(redis: aioredis.Redis | None, settings: Settings) -> dict[str,
     return {i.id: Placed(i.model, i.state) for i in snapshot.instances}
 
 
+WATCH_RECONNECT_S = 5.0
+"""How long --watch tries to reach NATS again before it ends: a NATS restarted under it (`gantry up` restarts a
+crashed one, on its port) is not the stack stopping (a watch ended at once, the NATS already back)."""
+
+
 async def _listen(nats_url: str | None, redis_url: str | None, window_s: float, frames: int,
                   show: Callable[[list[EndpointRow]], None] | None = None) -> Frame:
     """Collect reports for ``frames`` windows; returns (latest, the frame before, placement's instances)."""
     settings = load(nats_url, redis_url)
-    nc = await connect_nats(settings)
+    nc = await connect_nats(settings, reconnect_s=WATCH_RECONNECT_S if frames > 2 else 0.0)
     redis = await _connect_store(settings)
     latest: dict[str, EngineMetrics] = {}
     previous: dict[str, EngineMetrics] = {}
@@ -187,7 +192,7 @@ async def _listen(nats_url: str | None, redis_url: str | None, window_s: float, 
             if i:
                 previous = dict(latest)
             await asyncio.sleep(window_s)
-            if nc.is_closed:  # (no reconnecting: the CLI's connection closes when NATS goes away)
+            if nc.is_closed:  # NATS went away and did not come back within WATCH_RECONNECT_S
                 # the stack stopped: its last reports would be shown as if current, frame after frame, forever
                 raise nats.errors.ConnectionClosedError
             placed = await _placed(redis, settings)

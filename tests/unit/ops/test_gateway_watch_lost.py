@@ -31,7 +31,7 @@ class GoneAfterFirstFrame:
 def test_watching_the_gateway_ends_with_one_line_when_nats_goes_away(monkeypatch: pytest.MonkeyPatch) -> None:
     shown: list[int] = []
 
-    async def connect(settings: object) -> GoneAfterFirstFrame:
+    async def connect(settings: object, **options: object) -> GoneAfterFirstFrame:
         return GoneAfterFirstFrame()
 
     async def no_store(settings: object) -> None:
