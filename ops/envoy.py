@@ -41,7 +41,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ops.servers import ServerProcess, ServerStartError, port_accepts, wait_for_port
+from ops.servers import ServerProcess, ServerStartError, port_accepts, stop_processes, wait_for_port
 from services.gateway.listen import ListenError, free_socket_path
 from services.gateway.protocol import (
     CHECK_PREFIX,
@@ -655,8 +655,39 @@ def start_envoy(o: EnvoyOptions, workdir: Path, timeout: float = 20.0) -> Server
             "--disable-hot-restart"]  # no shared memory: several Envoys on one host cannot clash over its id
     with log.open("wb") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT)
+    started = time.monotonic()
     wait_for_port(o.listen_port, proc, timeout, log)
+    # what accepts may be another server that bound the port after the check above, this Envoy failing to bind
+    # it ("cannot bind ...: Address already in use") and exiting: it is ours once its admin says LIVE
+    _wait_live(o.admin_port, proc, started + timeout, log)
     return ServerProcess("envoy", f"http://{o.listen_host}:{o.listen_port}", o.listen_port, proc, log)
+
+
+def _wait_live(admin: PickerAddress, proc: subprocess.Popen[bytes], deadline: float, log: Path) -> None:
+    """Until the Envoy ``proc`` is LIVE (its static listener bound: a bind that fails ends it before), or
+    ServerStartError (the process stopped when it does not get there in time)."""
+    import http.client
+
+    while True:
+        if proc.poll() is not None:
+            raise ServerStartError(f"envoy exited with code {proc.returncode}: {_log_tail(log)}")
+        try:
+            admin_get(admin, "/ready", timeout=1.0)
+        except (OSError, ValueError, http.client.HTTPException):
+            if time.monotonic() > deadline:
+                stop_processes([proc])
+                raise ServerStartError(f"envoy was not LIVE in time: {_log_tail(log)}") from None
+            time.sleep(0.05)
+            continue
+        if proc.poll() is None:
+            return
+
+
+def _log_tail(log: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def wait_routed(url: str, model: str, timeout: float = 30, need_served: bool = True) -> None:
