@@ -57,10 +57,11 @@ _SHOWN = 40  # characters of a refused value shown back
 _MAX_DIGITS = 4000  # a whole number longer than this is beyond every bound (and int() refuses 4300 digits)
 
 
-def seconds(low: float, high: float = MAX_WAIT_S, **option: Any) -> Any:
-    """A typer option (``Annotated[float, seconds(...)]``) for a duration in seconds within ``low..high``, both
-    included. Every duration option takes this one rule: a bound above (``--timeout inf`` waited forever), NaN
-    refused as not a number, and a refusal that names the option and the bounds, as a one-line usage error."""
+def seconds(low: float, high: float = MAX_WAIT_S, unit: str = "seconds", **option: Any) -> Any:
+    """A typer option (``Annotated[float, seconds(...)]``) for a duration in seconds (or ``unit``) within
+    ``low..high``, both included. Every duration option takes this one rule: a bound above (``--timeout inf``
+    waited forever), NaN refused as not a number, and a refusal that names the option and the bounds, as a one-line
+    usage error."""
 
     def parse(value: str | float) -> float:
         if isinstance(value, float | int):  # the option's default
@@ -69,10 +70,10 @@ def seconds(low: float, high: float = MAX_WAIT_S, **option: Any) -> Any:
         if text in ("nan", "+nan", "-nan"):
             raise typer.BadParameter(f"{_shown(value)} is not a number")
         if not _DECIMAL.fullmatch(text) and text.lstrip("+-") not in ("inf", "infinity"):
-            raise typer.BadParameter(f"expected a number of seconds, got {_shown(value)}")
+            raise typer.BadParameter(f"expected a number of {unit}, got {_shown(value)}")
         number = float(text)
         if not low <= number <= high:
-            raise typer.BadParameter(f"must be between {low:.15g} and {high:.15g} seconds, got {_shown(value)}")
+            raise typer.BadParameter(f"must be between {low:.15g} and {high:.15g} {unit}, got {_shown(value)}")
         return number
 
     return typer.Option(min=low, max=high, parser=parse, **option)  # min and max for --help; parse checks

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from ops.cli.common import whole
+from ops.cli.common import MAX_WAIT_S, seconds, whole
 from ops.cli.errors import CliError, quoted
 from shared.catalog import UnknownGpuError, UnknownModelError, load_gpu_spec, load_model_arch
 from shared.core.engine import CalibratedStepTime, RooflineStepTime, SchedulerConfig
@@ -26,6 +26,7 @@ from shared.core.sim.routers import Router, is_gantry
 from shared.traces import TRACES, TraceError, load_trace
 
 MAX_ROUTER_REPLICAS = 256  # HA gateways in front of the replicas; each one keeps its own routing state
+SLO_MAX_MS = MAX_WAIT_S * 1000  # a goodput SLO in plain digits (float() read 1_0 as 10, and other scripts' digits)
 MAX_SIM_KV_BLOCKS = 1 << 23  # KV blocks over all replicas (~1 GB of block tables): 300 8B replicas on H100s
 
 
@@ -122,8 +123,10 @@ def simulate(
     router_queue: Annotated[bool, typer.Option("--router-queue", help="hold requests at the router until a "
                                                "replica has headroom (broker runs)")] = False,
     kill: Annotated[str | None, typer.Option(help="NODE@SECONDS: that replica dies then (broker runs)")] = None,
-    slo_ttft_ms: Annotated[float, typer.Option(help="goodput SLO on TTFT (broker runs)")] = 2000.0,
-    slo_tpot_ms: Annotated[float, typer.Option(help="goodput SLO on time per output token (broker runs)")] = 100.0,
+    slo_ttft_ms: Annotated[float, seconds(0, SLO_MAX_MS, "milliseconds", help="goodput SLO on TTFT (broker runs)")
+                           ] = 2000.0,
+    slo_tpot_ms: Annotated[float, seconds(0, SLO_MAX_MS, "milliseconds",
+                                          help="goodput SLO on time per output token (broker runs)")] = 100.0,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--no-progress", help="a progress bar on stderr (default: when stderr is a terminal)")] = None,
 ) -> None:

@@ -104,6 +104,9 @@ USAGE_MISTAKES = [
     (("place", "--scenario", "x.json", "--replicas", "1_0"), "Invalid value for '--replicas': expected a whole"),
     (("simulate", "--replicas", "1_6"), "Invalid value for '--replicas': expected a whole number in plain digits"),
     (("engine", "random-scenario", "--seed", "1_0"), "Invalid value for '--seed': expected a whole number"),
+    # the simulator's goodput SLOs are durations too: float() read "1_0" as 10 and "\uff12" (full width) as 2
+    *((("simulate", opt, typed), f"Invalid value for '{opt}': expected a number of milliseconds, got")
+      for opt in ("--slo-ttft-ms", "--slo-tpot-ms") for typed in ("1_0", "+5", " 5", "\uff12\uff10\uff10\uff10")),
     (("scale", "llama-8b", "9" * 5000), "Invalid value for 'replicas': too large a number (5000 digits)"),
     (("up", "--workers", "9" * 5000), "Invalid value for '--workers': must be between 0 and 100000, got '999"),
 ]
