@@ -670,19 +670,23 @@ def test_health_is_503_while_the_picker_knows_no_endpoint(gateway: Gateway) -> N
     assert r.status_code == 503 and "no endpoint" in r.json()["error"]["message"]
 
 
-class TestOnEnginesLeftAsFound:
-    """Behaviours that leave the engines (and the plain gateway) as they found them share them: two engines and one
-    gateway for the class, each started once (an engine's start is most of a test's ~2 s setup). Every check here
-    is relative to the engines' counters before it, so the order of the tests does not matter. Tests that kill,
-    add or count engines of their own (the pool's size with none, a busy or a failing engine) keep fresh ones. The
-    tests with gateways of their own come first, before the class's gateway starts: no other picker hears what they
-    publish (the forged reports' dead letters are counted)."""
+class OnSharedEngines:
+    """Base of the classes whose tests share two engines (started once per class) and leave them as found."""
 
     @pytest.fixture(scope="class")
     @classmethod
     def engines(cls, nats_server: ServerProcess,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Engine]]:
         yield from _engines(nats_server.url, tmp_path_factory.mktemp("engines"), 2)
+
+
+class TestOnEnginesLeftAsFound(OnSharedEngines):
+    """Behaviours that leave the engines (and the plain gateway) as they found them share them: two engines and one
+    gateway for the class, each started once (an engine's start is most of a test's ~2 s setup). Every check here
+    is relative to the engines' counters before it, so the order of the tests does not matter. Tests that kill,
+    add or count engines of their own (the pool's size with none, a busy or a failing engine) keep fresh ones. The
+    tests with gateways of their own come first, before the class's gateway starts: no other picker hears what they
+    publish (the forged reports' dead letters are counted)."""
 
     @pytest.fixture(scope="class")
     @classmethod

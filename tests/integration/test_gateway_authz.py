@@ -25,6 +25,7 @@ from tests.integration.test_gateway import (
     MODEL,
     Engine,
     Gateway,
+    OnSharedEngines,
     _chat,
     _engines,
     _gateway,
@@ -122,18 +123,12 @@ def _heard(gw: Gateway, replica: int) -> int:
         return -1
 
 
-class TestOnEnginesLeftAsFound:
+class TestOnEnginesLeftAsFound(OnSharedEngines):
     """Behaviours that leave the engines (and the plain gateway) as they found them share them: two engines and one
     gateway for the class, each started once (an engine's start is most of a test's ~2 s setup). Every check here
     is relative to the engines' counters and the picker's books before it, so the order of the tests does not
     matter. Tests that kill, add or count engines of their own (the pool's size with none, a busy engine) keep
     fresh ones. The tests with gateways of their own come first, before the class's gateway starts."""
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def engines(cls, nats_server: ServerProcess,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Engine]]:
-        yield from _engines(nats_server.url, tmp_path_factory.mktemp("engines"), 2)
 
     @pytest.fixture(scope="class")
     @classmethod

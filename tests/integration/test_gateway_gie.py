@@ -21,8 +21,8 @@ from tests.integration.test_gateway import (
     MODEL,
     Engine,
     Gateway,
+    OnSharedEngines,
     _chat,
-    _engines,
     _gateway,
     _wait_routable,
     bodies_past_envoys_default_buffer,
@@ -70,18 +70,12 @@ def subset_gateway(nats_server: ServerProcess, tmp_path: Path, engines: list[Eng
                         subset_hint=(engines[1].address,))
 
 
-class TestOnEnginesLeftAsFound:
+class TestOnEnginesLeftAsFound(OnSharedEngines):
     """Behaviours that leave the engines (and the gateway) as they found them share them: two engines and one
     gateway for the class, each started once (an engine's start is most of a test's ~2 s setup). Every check here
     is relative to the engines' counters before it, so the order of the tests does not matter. Tests that add
     engines of their own (a busy one, one of a 100k-token context) keep a fresh gateway; the gateways that route
     differently (a subset, a body streamed without waiting) are their own, and come first."""
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def engines(cls, nats_server: ServerProcess,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Engine]]:
-        yield from _engines(nats_server.url, tmp_path_factory.mktemp("engines"), 2)
 
     @pytest.fixture(scope="class")
     @classmethod
