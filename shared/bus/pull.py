@@ -64,6 +64,7 @@ class PullConsumer:
         self.handler = handler
         self.linger = linger
         self.keep_every = keep_every  # > 0: while a batch is handled, the arrivals behind it are kept in progress
+        self._keeper: asyncio.Task[None] | None = None  # keeping them, once a batch outlasted keep_every
         self.inbox = nc.new_inbox()
         self.arrived = Arrivals()
         self.left = 0  # messages the open request may still deliver
@@ -187,16 +188,24 @@ class PullConsumer:
 
     async def _handle(self, msgs: list[Msg]) -> None:
         self.prev_start, self.last_start, self.last_size = self.last_start, time.monotonic(), len(msgs)
-        keeper = asyncio.ensure_future(self._keep_arrivals()) if self.keep_every > 0 else None
+        # Most batches end within milliseconds: a timer, not a task per batch, until one outlasts ``keep_every``.
+        timer = (asyncio.get_running_loop().call_later(self.keep_every, self._start_keeping)
+                 if self.keep_every > 0 else None)
         try:
             await self.handler(msgs)
         except Exception:  # the handler's own guard failed (e.g. NATS away while nak'ing): go on
             log.exception("handler for %s failed; messages will be redelivered", self.subject)
         finally:
-            if keeper is not None:
+            if timer is not None:
+                timer.cancel()
+            if (keeper := self._keeper) is not None:
+                self._keeper = None
                 keeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await keeper
+
+    def _start_keeping(self) -> None:
+        self._keeper = asyncio.ensure_future(self._keep_arrivals())
 
     async def _keep_arrivals(self) -> None:
         """While a batch is handled, tell JetStream every ``keep_every`` that the messages delivered behind it are
@@ -205,11 +214,11 @@ class PullConsumer:
         alone, each of them ran out its ack wait again and again, was delivered once more each time, and once its
         deliveries were spent was dead-lettered unhandled."""
         while True:
-            await asyncio.sleep(self.keep_every)
             for msg in self.arrived.waiting():
                 if not JetStreamContext.is_status_msg(msg):
                     with contextlib.suppress(Exception):  # NATS away: it is redelivered later, as before
                         await msg.in_progress()
+            await asyncio.sleep(self.keep_every)
 
     async def _hand_back(self) -> None:
         # delivered to us but not handled: back to the stream now rather than after the ack wait
