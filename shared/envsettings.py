@@ -56,7 +56,7 @@ class EnvSettings:
     ack_wait_s: float = field(default=10.0, metadata=_gt0())
     max_deliver: int = field(default=6, metadata={"ge": 1})
     js_storage: str = "file"
-    pipe_max_bytes: int = field(default=16 << 20, metadata={"ge": 1 << 10})
+    pipe_max_bytes: int = field(default=16 << 20, metadata={"ge": 1 << 10, "le": 1 << 36})
     commit_retries: int = field(default=5, metadata=_ge0())
     commit_backoff_s: float = field(default=0.02, metadata=_ge0())
     batch_max: int = field(default=64, metadata={"ge": 1})

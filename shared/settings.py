@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     max_deliver: int = Field(6, ge=1, description="JetStream deliveries before a message is given up")
     js_storage: str = Field("file", description="JetStream storage for Gantry streams: file | memory")
     pipe_max_bytes: int = Field(
-        16 << 20, ge=1 << 10, description="bytes each of the placement pipeline's four streams (one per stage's "
-        "input) holds before it refuses new messages"
+        16 << 20, ge=1 << 10, le=1 << 36, description="bytes each of the placement pipeline's four streams (one per "
+        "stage's input) holds before it refuses new messages (1 KiB to 64 GiB: past JetStream's 64-bit field a value "
+        "failed only at provisioning)"
     )
     # placement commits
     commit_retries: int = Field(5, ge=0, description="re-placements after refused commits before PENDING")

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import annotated_types
+import pydantic
 import pytest
 
 from shared.envsettings import FIELDS, EnvSettings, read, with_user, without_user
@@ -196,3 +197,9 @@ def test_a_port_out_of_range_is_the_error_of_its_setting_with_or_without_credent
         with pytest.raises(ValidationError) as err:
             Settings(**{field: "x://h:99999/0", "identity": identity, "credentials_file": str(creds)})
         assert setting_error(err.value) == f"invalid setting GANTRY_{field.upper()}: Port out of range 0-65535"
+
+
+@pytest.mark.parametrize("value", [0, 1023, (1 << 36) + 1, 10**30, -1])
+def test_a_pipeline_stream_size_out_of_bounds_is_refused_by_settings(value: int) -> None:
+    with pytest.raises(pydantic.ValidationError, match="pipe_max_bytes"):
+        Settings(pipe_max_bytes=value)
